@@ -1,0 +1,185 @@
+"""The sans-I/O contract every node role implements.
+
+A node is a plain state machine: drivers feed it typed events together with the
+current time (``now``, in seconds, from whichever clock the driver owns) and carry
+out the effects it returns, in order. A node never reads a clock, performs I/O,
+starts a task or draws randomness it was not given at construction.
+
+Ordering rule for drivers: effects are carried out in list order. In particular a
+``Persist`` must be durable before any effect that follows it (an acknowledgement
+is only ever sent after the state it acknowledges has been recorded).
+
+Local misuse (a driver feeding an event the node cannot accept in its state)
+raises ``ProtocolMisuse`` at once. Bad input from a *peer* never raises out of a
+node: the node rejects it and reports why through ``Log`` and ``Metric`` effects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeAlias, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from transport.wire import Message
+
+# An ordered mapping from parameter name to array. Arrays handed to or returned by
+# a node are treated as immutable: nobody writes into an array they did not create.
+Weights: TypeAlias = dict[str, npt.NDArray[np.floating[Any]]]
+
+
+class ProtocolMisuse(RuntimeError):
+    """A driver used a node in a way its contract forbids (a local bug, not peer input)."""
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message arrived from ``peer`` (already authenticated and decoded by the driver)."""
+
+    peer: str
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What a training plan returns: the trained weights, examples seen, metrics."""
+
+    weights: Weights
+    n_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainDone:
+    """A training job started by a ``Train`` effect finished."""
+
+    job: int
+    result: TrainResult
+
+
+@dataclass(frozen=True, slots=True)
+class TrainFailed:
+    """A training job started by a ``Train`` effect failed or was abandoned."""
+
+    job: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUp:
+    """A link to ``peer`` is (again) usable."""
+
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDown:
+    """The link to ``peer`` was lost; messages in flight on it may be gone."""
+
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The time the node asked for through ``next_deadline()`` has come."""
+
+
+Event: TypeAlias = Received | TrainDone | TrainFailed | PeerUp | PeerDown | Deadline
+
+
+# -------------------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Deliver ``msg`` to ``peer`` over the (reliable, ordered) link to it."""
+
+    peer: str
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Train:
+    """Start local training job ``job`` on ``weights`` with ``config``.
+
+    The driver answers with exactly one ``TrainDone`` or ``TrainFailed`` for ``job``.
+    ``weights`` is a snapshot: the job trains on these, whatever happens meanwhile.
+    """
+
+    job: int
+    weights: Weights
+    config: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Record ``data`` durably under ``key`` before any later effect is carried out.
+
+    ``append=False`` replaces what is stored under ``key`` (a checkpoint);
+    ``append=True`` appends ``data`` as one record to the log named ``key``.
+    """
+
+    key: str
+    data: Any
+    append: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """An observation. Counters carry increments, gauges carry the current value.
+
+    Well-known names (the simulator and the runtime both understand these):
+    ``update_applied`` (labels ``src``, ``seq``; value = staleness),
+    ``update_duplicate`` (labels ``src``, ``seq``), ``update_rejected`` (label ``reason``),
+    ``update_late`` (labels ``src``), ``model_version`` (gauge), ``buffer_fill`` (gauge),
+    ``peer_pruned`` (label ``peer``), ``job_timeout`` (label ``site``).
+    """
+
+    name: str
+    value: float = 1.0
+    labels: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """A structured log line."""
+
+    level: str
+    text: str
+    fields: Mapping[str, Any] | None = None
+
+
+Effect: TypeAlias = Send | Train | Persist | Metric | Log
+
+
+# ---------------------------------------------------------------------------- nodes
+
+
+@runtime_checkable
+class Node(Protocol):
+    """What every role (site, aggregator, regional aggregator, gossip peer) provides."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        """Advance the state machine by one event at time ``now``; return effects in order."""
+        ...
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which the node wants a ``Deadline`` event, if any."""
+        ...
+
+
+@runtime_checkable
+class ModelHolder(Protocol):
+    """A node whose current model can be observed (for evaluation and reports)."""
+
+    def current_model(self) -> tuple[int, Weights] | None:
+        """``(version, weights)`` of the model this node holds now, or ``None``."""
+        ...
