@@ -13,11 +13,20 @@ into bytes. Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
+import msgpack
+import numpy as np
 import numpy.typing as npt
+
+from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError, describe
+from transport.limits import Limits as Limits  # re-exported: callers import it from here
+from transport.tensors import DEFAULT_SPEC, decode_tensors, encode_tensors
+from transport.tensors import CodecSpec as CodecSpec  # re-exported
 
 Tensors: TypeAlias = dict[str, npt.NDArray[Any]]
 
@@ -110,3 +119,228 @@ MESSAGE_TYPES: tuple[type, ...] = (
     GossipShare,
     Heartbeat,
 )
+
+
+# =============================================================== envelope codec
+#
+# One message is one msgpack map: {"v": 1, "type": "<name>", <every field>}. Every
+# field is always present (defaults included), so the schema check is exact. A
+# tensor field is {"m": manifest, "p": payload-bin} from ``transport.tensors``.
+# Mappings (config, metrics) hold str -> str | int | float | bool.
+
+WIRE_VERSION = 1
+
+_STR, _INT, _FLOAT, _TENSORS, _MAP = "str", "int", "float", "tensors", "map"
+_SCALAR_TYPES = (str, int, float, bool)
+_TENSOR_FIELD_KEYS = frozenset(("m", "p"))
+_PACK_BUF_SIZE = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class _Schema:
+    name: str
+    make: Callable[..., Message]
+    fields: tuple[tuple[str, str], ...]
+    keys: frozenset[str]  # every key the envelope must have, "v" and "type" included
+
+
+def _schema(name: str, cls: Callable[..., Message], *fields: tuple[str, str]) -> _Schema:
+    return _Schema(name, cls, fields, frozenset(("v", "type", *(f for f, _ in fields))))
+
+
+_SCHEMAS: dict[type, _Schema] = {
+    Hello: _schema("hello", Hello, ("src", _STR), ("role", _STR), ("n_examples", _INT)),
+    ModelBroadcast: _schema(
+        "model_broadcast", ModelBroadcast, ("version", _INT), ("weights", _TENSORS)
+    ),
+    TrainRequest: _schema(
+        "train_request",
+        TrainRequest,
+        ("task", _INT),
+        ("version", _INT),
+        ("weights", _TENSORS),
+        ("config", _MAP),
+    ),
+    Update: _schema(
+        "update",
+        Update,
+        ("src", _STR),
+        ("seq", _INT),
+        ("base_version", _INT),
+        ("delta", _TENSORS),
+        ("n_examples", _INT),
+        ("count", _INT),
+        ("task", _INT),
+        ("metrics", _MAP),
+    ),
+    Ack: _schema("ack", Ack, ("src", _STR), ("seq", _INT)),
+    GossipShare: _schema(
+        "gossip_share", GossipShare, ("src", _STR), ("step", _INT), ("x", _TENSORS), ("w", _FLOAT)
+    ),
+    Heartbeat: _schema("heartbeat", Heartbeat, ("src", _STR), ("step", _INT)),
+}
+_SCHEMAS_BY_NAME: dict[str, _Schema] = {s.name: s for s in _SCHEMAS.values()}
+_DEFAULT_LIMITS = Limits()
+
+
+def message_type_name(cls: type) -> str:
+    """The ``"type"`` a message class has on the wire (``Update`` -> ``"update"``)."""
+    return _SCHEMAS[cls].name
+
+
+def encode(msg: Message, spec: CodecSpec = DEFAULT_SPEC) -> bytes:
+    """Encode ``msg`` as one msgpack envelope; ``spec`` applies to its tensor fields.
+
+    Raises ``TypeError``/``ValueError`` for local misuse (not a message, a field of the
+    wrong type, a tensor dtype outside the whitelist).
+    """
+    schema = _SCHEMAS.get(type(msg))
+    if schema is None:
+        raise TypeError(f"not a wire message: {type(msg).__name__}")
+    env: dict[str, Any] = {"v": WIRE_VERSION, "type": schema.name}
+    buf_size = _PACK_BUF_SIZE
+    for name, kind in schema.fields:
+        value = getattr(msg, name)
+        if kind == _TENSORS:
+            manifest, payload = encode_tensors(value, spec)
+            env[name] = {"m": manifest, "p": payload}
+            buf_size = max(buf_size, len(payload) + _PACK_BUF_SIZE)  # no regrowth copies
+        elif kind == _INT:
+            env[name] = int(operator.index(value))  # numpy ints too; never a bool
+        elif kind == _FLOAT:
+            env[name] = float(value)
+        elif kind == _STR:
+            if not isinstance(value, str):
+                raise TypeError(f"{schema.name}.{name} must be a str, got {value!r}")
+            env[name] = value
+        else:
+            env[name] = _plain_mapping(schema.name, name, value)
+    packed: bytes = msgpack.packb(env, use_bin_type=True, buf_size=buf_size)
+    return packed
+
+
+def _plain_mapping(msg_name: str, field_name: str, value: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{msg_name}.{field_name} keys must be str, got {key!r}")
+        if isinstance(item, np.generic):
+            item = item.item()
+        if not isinstance(item, _SCALAR_TYPES):
+            raise TypeError(
+                f"{msg_name}.{field_name}[{key!r}] must be str, int, float or bool, got {item!r}"
+            )
+        out[key] = item
+    return out
+
+
+def _reject_ext(code: int, data: bytes) -> NoReturn:
+    raise MalformedMessage(f"msgpack ext type {code} is not allowed")
+
+
+def decode(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMITS) -> Message:
+    """Decode one message from a peer, strictly; raises only ``ProtocolError`` subclasses.
+
+    Order: size cap; msgpack with every container and string capped (by ``limits`` and by
+    the input length), no ext types, str map keys, no trailing bytes; then the exact
+    schema of the message type; tensor fields go through ``decode_tensors``.
+
+    ``msgpack.unpackb`` is used rather than a ``msgpack.Unpacker``: it takes the same
+    limits, keeps no state between calls (nothing to reset after an error), reads the
+    input without copying it, and reports trailing bytes itself. Nesting is bounded by
+    msgpack's own stack (1024 levels, ``StackError``) and then by the schema, which never
+    accepts a container where it expects a scalar, so nothing here recurses on peer data.
+    """
+    size = memoryview(data).nbytes if isinstance(data, memoryview) else len(data)
+    if size > limits.max_message_bytes:
+        raise FrameTooLarge(f"message of {size} bytes, limit {limits.max_message_bytes}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            max_str_len=min(limits.max_str_len, size),
+            max_bin_len=min(limits.max_message_bytes, size),
+            max_array_len=min(limits.max_array_len, size),
+            max_map_len=min(limits.max_map_len, size),
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except msgpack.ExtraData:
+        raise MalformedMessage("trailing bytes after the message") from None
+    except msgpack.StackError:
+        raise MalformedMessage("msgpack nesting deeper than 1024 levels") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MalformedMessage(f"invalid msgpack: {exc}") from None
+    if type(obj) is not dict:
+        raise MalformedMessage("a message must be a msgpack map")
+    version = obj.get("v")
+    if type(version) is not int or version != WIRE_VERSION:
+        raise MalformedMessage(
+            f"unsupported wire version {describe(version)} (expected {WIRE_VERSION})"
+        )
+    type_name = obj.get("type")
+    schema = _SCHEMAS_BY_NAME.get(type_name) if type(type_name) is str else None
+    if schema is None:
+        raise MalformedMessage(f"unknown message type {describe(type_name)}")
+    if obj.keys() != schema.keys:
+        missing = sorted(schema.keys - obj.keys())
+        if missing:
+            raise MalformedMessage(f"{schema.name}: missing field {missing[0]!r}")
+        extra = [k for k in obj if k not in schema.keys]
+        raise MalformedMessage(f"{schema.name}: unexpected field {describe(extra[0])}")
+    kwargs: dict[str, Any] = {}
+    for name, kind in schema.fields:
+        value = obj[name]
+        if kind == _INT:
+            if type(value) is not int:
+                raise MalformedMessage(f"{schema.name}.{name} must be an int")
+        elif kind == _STR:
+            if type(value) is not str:
+                raise MalformedMessage(f"{schema.name}.{name} must be a str")
+        elif kind == _TENSORS:
+            value = _decode_tensor_field(schema.name, name, value, limits)
+        elif kind == _FLOAT:
+            value = _check_float(schema.name, name, value, limits)
+        else:
+            _check_mapping(schema.name, name, value, limits)
+        kwargs[name] = value
+    return schema.make(**kwargs)
+
+
+def _decode_tensor_field(msg_name: str, name: str, value: object, limits: Limits) -> Tensors:
+    if type(value) is not dict or value.keys() != _TENSOR_FIELD_KEYS:
+        raise MalformedMessage(f"{msg_name}.{name} must be a map with keys 'm' and 'p'")
+    try:
+        return decode_tensors(value["m"], value["p"], limits)
+    except ProtocolError as exc:
+        raise type(exc)(f"{msg_name}.{name}: {exc}") from None
+
+
+def _check_float(msg_name: str, name: str, value: object, limits: Limits) -> float:
+    if type(value) is int:
+        value = float(value)
+    if type(value) is not float:
+        raise MalformedMessage(f"{msg_name}.{name} must be a float")
+    if limits.reject_nonfinite and not math.isfinite(value):
+        raise MalformedMessage(f"{msg_name}.{name} must be finite, got {value}")
+    return value
+
+
+def _check_mapping(msg_name: str, name: str, value: object, limits: Limits) -> None:
+    if type(value) is not dict:
+        raise MalformedMessage(f"{msg_name}.{name} must be a map")
+    for key, item in value.items():
+        if type(key) is not str:
+            raise MalformedMessage(f"{msg_name}.{name} keys must be str")
+        kind = type(item)
+        if kind is float:
+            if limits.reject_nonfinite and not math.isfinite(item):
+                raise MalformedMessage(f"{msg_name}.{name}[{describe(key)}] must be finite")
+        elif kind is not str and kind is not int and kind is not bool:
+            raise MalformedMessage(
+                f"{msg_name}.{name}[{describe(key)}] must be str, int, float or bool"
+            )

@@ -1,0 +1,368 @@
+"""The child-facing half every tree aggregator shares (root FedBuff/FedAsync/Sync, regions).
+
+* Children are given as ``{child_id: role}``, role "site" (gets training tasks through a
+  ``TaskDispatcher``) or "region" (gets every new ``ModelBroadcast``). A child counts as up
+  from its ``Hello`` until ``PeerDown``; a site's task ends with its answer, ``PeerDown``, a
+  timeout, or a new ``Hello`` from it (a new session may have lost the request).
+* Intake of an ``Update``: sender must be a child speaking for itself and ``seq`` ≥ 1 (else
+  rejected, not acked); an already recorded ``(src, seq)`` is a duplicate: metric + re-ack,
+  never applied again; otherwise the subclass decides (applied / stale / late / rejected)
+  and ``_record`` writes ``Persist("applied", {...}, append=True)`` *then* ``Send(Ack)``.
+  Rejected updates from a child are recorded and acked too, so a poisoned update is not
+  resent forever; the ``outcome`` field of the record says what happened.
+* The "applied" log is also the recovery log: a record carries what is needed to replay it
+  (staleness weight, counts and, for applied updates, the delta). ``restore(snapshot,
+  records)`` loads a checkpoint and replays the records written after it (``n`` > the
+  checkpoint's ``log_n``), reproducing the state the node had acknowledged.
+
+Every handler is O(1) or O(log n) in the number of children, apart from broadcasts, which
+are O(regions) per new model version.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from algorithms.dispatcher import TaskDispatcher
+from algorithms.ledger import AppliedLedger
+from algorithms.node_util import as_generator, unexpected
+from algorithms.protocol import (
+    Deadline,
+    Effect,
+    Event,
+    Log,
+    Metric,
+    PeerDown,
+    PeerUp,
+    Persist,
+    ProtocolMisuse,
+    Received,
+    Send,
+    Weights,
+)
+from algorithms.validation import check_update, is_int
+from transport.wire import Ack, Heartbeat, Hello, Message, ModelBroadcast, TrainRequest, Update
+
+__all__ = ["APPLIED_KEY", "CHECKPOINT_KEY", "ROLES", "AggregatorBase", "Outcome"]
+
+ROLES = ("site", "region")
+APPLIED_KEY = "applied"
+CHECKPOINT_KEY = "checkpoint"
+
+
+class Outcome(enum.Enum):
+    """What an aggregator did with a (new, from-a-child) update."""
+
+    APPLIED = "applied"  # entered the aggregation
+    STALE = "stale"  # older than max_staleness: dropped
+    LATE = "late"  # answered a closed round (synchronous aggregation)
+    REJECTED = "rejected"  # malformed
+
+
+# Enum ``.value`` goes through a descriptor; this runs once per update, so look it up.
+_OUTCOME_NAMES = {o: o.value for o in Outcome}
+
+
+def validate_weights(weights: Weights) -> None:
+    """Local misuse check for an initial model."""
+    if not weights:
+        raise ValueError("the initial model has no tensors")
+    for name, arr in weights.items():
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+            raise ValueError(f"tensor {name!r} must be a floating-point numpy array")
+
+
+class AggregatorBase:
+    """Children, dedup ledger, task dispatch and the Persist-then-Ack discipline."""
+
+    def __init__(
+        self,
+        node_id: str,
+        children: Mapping[str, str],
+        *,
+        concurrency: int,
+        task_timeout_s: float | None,
+        rng: np.random.Generator | int,
+        train_config: Mapping[str, Any] | None,
+        log_deltas: bool,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id must be non-empty")
+        for child, role in children.items():
+            if role not in ROLES:
+                raise ValueError(f"child {child!r} has role {role!r}; roles are {ROLES}")
+        if node_id in children:
+            raise ValueError(f"{node_id!r} cannot be its own child")
+        self._id = node_id
+        self._children = dict(children)
+        self._rng = as_generator(rng)
+        self._dispatcher = TaskDispatcher(
+            [c for c, r in self._children.items() if r == "site"],
+            concurrency=concurrency,
+            task_timeout_s=task_timeout_s,
+            rng=self._rng,
+        )
+        # A dict, not a set: broadcast order must not depend on string hashing.
+        self._regions_up: dict[str, None] = {}
+        self._ledger = AppliedLedger()
+        self._log_n = 0
+        self._train_config: dict[str, Any] = dict(train_config or {})
+        self._log_deltas = log_deltas
+        # Counters (also visible as metrics); handy for tests and reports.
+        self.applied = 0
+        self.duplicates = 0
+        self.rejected = 0
+        self.stale = 0
+        self.late = 0
+        self.timeouts = 0
+
+    # --------------------------------------------------------------- hooks
+    def _model(self) -> tuple[int, Weights] | None:
+        """The model tasks train on and updates are validated against."""
+        raise NotImplementedError
+
+    def _accept(
+        self,
+        peer: str,
+        msg: Update,
+        reason: str | None,
+        version: int,
+        now: float,
+        out: list[Effect],
+    ) -> None:
+        """Decide about a new update from a child (``reason``: why it is malformed, or None)."""
+        raise NotImplementedError
+
+    def _replay(self, record: Mapping[str, Any]) -> None:
+        """Re-apply an "applied" log record during ``restore`` (no effects)."""
+        raise NotImplementedError
+
+    def _on_other(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:
+        """A message from a non-child (the parent, for a regional aggregator)."""
+        if isinstance(msg, Update):
+            self._reject_unacked(peer, msg, "unknown_sender", out)
+        else:
+            out.extend(unexpected(peer, msg, "unknown_sender"))
+
+    def _on_other_link(self, peer: str, up: bool, now: float, out: list[Effect]) -> None:
+        """PeerUp/PeerDown for a non-child."""
+
+    def _on_task_cancelled(self, task: int) -> None:
+        """A task of ours ended without an answer (site down or timed out)."""
+
+    def _fill(self, now: float, out: list[Effect]) -> None:
+        """Start tasks up to the concurrency target (sync rounds override this)."""
+        d = self._dispatcher
+        if d.in_flight >= d.concurrency or d.idle_count == 0:
+            return
+        model = self._model()
+        if model is None:
+            return  # nothing to train yet
+        version, weights = model
+        for task, site in d.start(now):
+            out.append(Send(site, TrainRequest(task, version, weights, self._train_config)))
+
+    # -------------------------------------------------------------- public
+    @property
+    def node_id(self) -> str:
+        return self._id
+
+    @property
+    def children(self) -> Mapping[str, str]:
+        return self._children
+
+    @property
+    def in_flight(self) -> int:
+        """Training tasks currently outstanding."""
+        return self._dispatcher.in_flight
+
+    def next_deadline(self) -> float | None:
+        return self._dispatcher.next_deadline()
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        if isinstance(event, Received):
+            self._on_received(event.peer, event.msg, now, out)
+        elif isinstance(event, Deadline):
+            self._on_deadline(now, out)
+        elif isinstance(event, PeerUp):
+            if event.peer in self._children:
+                pass  # a child counts as up once it has said Hello
+            else:
+                self._on_other_link(event.peer, True, now, out)
+        elif isinstance(event, PeerDown):
+            self._on_peer_down(event.peer, now, out)
+        else:
+            raise ProtocolMisuse(f"{self._id}: aggregators start no training; got {event!r}")
+        self._fill(now, out)
+        return out
+
+    # ------------------------------------------------------------ handlers
+    def _on_received(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:
+        role = self._children.get(peer)
+        if role is None:
+            self._on_other(peer, msg, now, out)
+        elif isinstance(msg, Update):
+            self._on_update(peer, msg, now, out)
+        elif isinstance(msg, Hello):
+            self._on_hello(peer, role, msg, out)
+        elif not isinstance(msg, Heartbeat):
+            out.extend(unexpected(peer, msg, "unexpected_type"))
+
+    def _on_hello(self, peer: str, role: str, msg: Hello, out: list[Effect]) -> None:
+        if msg.src != peer:
+            out.extend(unexpected(peer, msg, "src_mismatch"))
+            return
+        if msg.role != role:
+            out.append(
+                Log("warning", "child announced another role", {"peer": peer, "role": msg.role})
+            )
+        if role == "site":
+            task = self._dispatcher.mark_up(peer)
+            if task is not None:
+                self._on_task_cancelled(task)
+                out.append(
+                    Log("info", "site said Hello again; its task is cancelled", {"peer": peer})
+                )
+            return
+        self._regions_up[peer] = None
+        model = self._model()
+        if model is not None:
+            out.append(Send(peer, ModelBroadcast(model[0], model[1])))
+
+    def _on_peer_down(self, peer: str, now: float, out: list[Effect]) -> None:
+        role = self._children.get(peer)
+        if role is None:
+            self._on_other_link(peer, False, now, out)
+        elif role == "site":
+            task = self._dispatcher.mark_down(peer)
+            if task is not None:
+                self._on_task_cancelled(task)
+        else:
+            self._regions_up.pop(peer, None)
+
+    def _on_deadline(self, now: float, out: list[Effect]) -> None:
+        for task, site in self._dispatcher.expire(now):
+            self.timeouts += 1
+            self._on_task_cancelled(task)
+            out.append(Metric("job_timeout", 1.0, {"site": site}))
+
+    def _on_update(self, peer: str, msg: Update, now: float, out: list[Effect]) -> None:
+        if msg.src != peer:
+            self._reject_unacked(peer, msg, "src_mismatch", out)
+            return
+        if not is_int(msg.seq) or msg.seq < 1:
+            self._reject_unacked(peer, msg, "bad_seq", out)
+            return
+        if self._ledger.seen(msg.src, msg.seq):
+            self.duplicates += 1
+            out.append(Metric("update_duplicate", 1.0, {"src": msg.src, "seq": str(msg.seq)}))
+            out.append(Send(peer, Ack(msg.src, msg.seq)))
+            return
+        model = self._model()
+        if model is None:
+            self._defer(peer, msg, out)
+            return
+        version, reference = model
+        reason = check_update(msg, version, reference)
+        self._accept(peer, msg, reason, version, now, out)
+
+    def _defer(self, peer: str, msg: Update, out: list[Effect]) -> None:
+        """An update arrived before this node has any model (only regions can be there)."""
+        raise ProtocolMisuse(f"{self._id} has no model")
+
+    # ------------------------------------------------------------- helpers
+    def _complete_task(self, peer: str, msg: Update) -> bool:
+        """Free the dispatcher slot of the task this update answers, if still in flight."""
+        return is_int(msg.task) and self._dispatcher.complete(int(msg.task), peer)
+
+    def _record(
+        self,
+        peer: str,
+        msg: Update,
+        outcome: Outcome,
+        version: int,
+        out: list[Effect],
+        *,
+        tau: int | None = None,
+        s: float = 0.0,
+        **extra: Any,
+    ) -> None:
+        """Ledger it, Persist the record, then Ack: the Ack never precedes its Persist."""
+        self._ledger.record(msg.src, msg.seq)
+        self._log_n += 1
+        data: dict[str, Any] = {
+            "n": self._log_n,
+            "src": msg.src,
+            "seq": msg.seq,
+            "outcome": _OUTCOME_NAMES[outcome],
+            "version": version,
+            "base_version": msg.base_version,
+            "tau": tau,
+            "s": s,
+            "n_examples": msg.n_examples,
+            "count": msg.count,
+            **extra,
+        }
+        if outcome is Outcome.APPLIED and self._log_deltas:
+            data["delta"] = msg.delta
+        out.append(Persist(APPLIED_KEY, data, append=True))
+        out.append(Send(peer, Ack(msg.src, msg.seq)))
+
+    def _reject(self, peer: str, msg: Update, reason: str, version: int, out: list[Effect]) -> None:
+        """A malformed update from a child: reported, recorded and acked, never applied."""
+        self.rejected += 1
+        out.append(Metric("update_rejected", 1.0, {"reason": reason}))
+        out.append(
+            Log("warning", "update rejected", {"src": msg.src, "seq": msg.seq, "reason": reason})
+        )
+        self._record(peer, msg, Outcome.REJECTED, version, out, reason=reason)
+
+    def _reject_unacked(self, peer: str, msg: Update, reason: str, out: list[Effect]) -> None:
+        """Rejected without an ack: not from a child we answer for, or unnumbered."""
+        self.rejected += 1
+        out.append(Metric("update_rejected", 1.0, {"reason": reason}))
+        out.append(Log("warning", "update rejected", {"peer": peer, "reason": reason}))
+
+    def _broadcast(self, out: list[Effect]) -> None:
+        """Push the current model to every region child that is up."""
+        if not self._regions_up:
+            return
+        model = self._model()
+        if model is None:
+            return
+        msg = ModelBroadcast(model[0], model[1])
+        out.extend(Send(r, msg) for r in self._regions_up)
+
+    # ---------------------------------------------------------- durability
+    def _base_snapshot(self) -> dict[str, Any]:
+        return {
+            "node_id": self._id,
+            "ledger": self._ledger.snapshot(),
+            "log_n": self._log_n,
+            "next_task": self._dispatcher.next_task,
+        }
+
+    def _base_restore(self, state: Mapping[str, Any]) -> None:
+        if state.get("node_id") != self._id:
+            raise ValueError(f"snapshot of {state.get('node_id')!r}, not {self._id!r}")
+        self._ledger = AppliedLedger.from_snapshot(state["ledger"])
+        self._log_n = int(state["log_n"])
+        self._dispatcher.next_task = max(self._dispatcher.next_task, int(state["next_task"]))
+
+    def _replay_records(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Replay "applied" records written after the loaded snapshot, in order."""
+        for rec in records:
+            n = int(rec["n"])
+            if n <= self._log_n:
+                continue
+            self._ledger.record(str(rec["src"]), int(rec["seq"]))
+            self._log_n = n
+            if rec["outcome"] == Outcome.APPLIED.value:
+                if "delta" not in rec:
+                    raise ValueError("an applied record without its delta cannot be replayed")
+                self._replay(rec)

@@ -1,0 +1,120 @@
+"""FedBuff-style intake shared by the root FedBuff aggregator and regional aggregators.
+
+Server side of FedBuff (Nguyen et al., AISTATS 2022, Alg. 1): each arriving delta with
+staleness τ = version − base_version is discounted by s(τ) and buffered; after K of them the
+buffer is flushed (see ``update_buffer`` for the averaging convention). Deltas older than
+``max_staleness`` are dropped — recorded and acked, but not applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from algorithms.aggregator_base import AggregatorBase, Outcome
+from algorithms.protocol import Effect, Metric, Weights
+from algorithms.staleness import StalenessFn, polynomial
+from algorithms.update_buffer import UpdateBuffer
+from transport.wire import Update
+
+__all__ = ["FEDBUFF_STALENESS", "BufferedAggregator"]
+
+FEDBUFF_STALENESS: StalenessFn = polynomial(0.5)
+
+
+class BufferedAggregator(AggregatorBase):
+    """Adds the buffer, staleness discount and max-staleness drop to ``AggregatorBase``."""
+
+    def __init__(
+        self,
+        node_id: str,
+        children: Mapping[str, str],
+        *,
+        buffer_size: int,
+        concurrency: int,
+        staleness: StalenessFn,
+        max_staleness: int | None,
+        train_config: Mapping[str, Any] | None,
+        task_timeout_s: float | None,
+        rng: np.random.Generator | int,
+        weighting: str,
+        clip_norm: float | None,
+        robust: str,
+        trim_fraction: float,
+        log_deltas: bool,
+    ) -> None:
+        super().__init__(
+            node_id,
+            children,
+            concurrency=concurrency,
+            task_timeout_s=task_timeout_s,
+            rng=rng,
+            train_config=train_config,
+            log_deltas=log_deltas,
+        )
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
+        if not callable(staleness):
+            raise ValueError("staleness must be a staleness function (see algorithms.staleness)")
+        self.buffer_size = buffer_size
+        self.max_staleness = max_staleness
+        self._staleness = staleness
+        self._buffer_args: dict[str, Any] = {
+            "weighting": weighting,
+            "robust": robust,
+            "trim_fraction": trim_fraction,
+            "clip_norm": clip_norm,
+        }
+        # Checks the options now; regions rebuild it once they know the model's shapes.
+        self._buffer = UpdateBuffer({}, **self._buffer_args)
+
+    def _make_buffer(self, template: Weights) -> None:
+        self._buffer = UpdateBuffer(template, **self._buffer_args)
+
+    @property
+    def buffer_fill(self) -> int:
+        return len(self._buffer)
+
+    def _flush_full(self, out: list[Effect]) -> None:
+        """The buffer holds K updates: turn them into a model step or an upward update."""
+        raise NotImplementedError
+
+    def _accept(
+        self,
+        peer: str,
+        msg: Update,
+        reason: str | None,
+        version: int,
+        now: float,
+        out: list[Effect],
+    ) -> None:
+        self._complete_task(peer, msg)
+        if reason is not None:
+            self._reject(peer, msg, reason, version, out)
+            return
+        tau = version - msg.base_version
+        if self.max_staleness is not None and tau > self.max_staleness:
+            self.stale += 1
+            out.append(Metric("update_stale", float(tau), {"src": msg.src}))
+            self._record(peer, msg, Outcome.STALE, version, out, tau=tau)
+            return
+        s = self._staleness(tau)
+        if self._buffer.add(msg.delta, s, msg.n_examples, msg.count):
+            out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
+        self.applied += 1
+        out.append(Metric("update_applied", float(tau), {"src": msg.src, "seq": str(msg.seq)}))
+        self._record(peer, msg, Outcome.APPLIED, version, out, tau=tau, s=s)
+        out.append(Metric("buffer_fill", float(len(self._buffer))))
+        if len(self._buffer) >= self.buffer_size:
+            self._flush_full(out)
+
+    def _replay(self, record: Mapping[str, Any]) -> None:
+        self._buffer.add(
+            record["delta"], float(record["s"]), int(record["n_examples"]), int(record["count"])
+        )
+        if len(self._buffer) >= self.buffer_size:
+            self._flush_full([])

@@ -1,0 +1,190 @@
+"""Keeps up to ``concurrency`` training tasks in flight across an aggregator's sites.
+
+Bookkeeping only (no effects): the owning node turns started tasks into ``TrainRequest``s
+and timeouts into ``Metric("job_timeout")``.
+
+* Up-and-idle sites live in a list with an index dict, so a uniformly random pick (with the
+  node's ``numpy.random.Generator``) and removal by id are O(1) (swap-remove).
+* In-flight tasks: ``task -> (site, deadline)``; deadlines in a min-heap with lazy deletion
+  (entries of completed or cancelled tasks are skipped when they surface), so completion,
+  expiry and ``next_deadline`` are O(log n) amortised.
+* A timed-out task frees its slot; the site stays eligible (it may be slow, not dead).
+  A site going down cancels its task. A site holds at most one task of this dispatcher.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = ["TaskDispatcher"]
+
+
+class TaskDispatcher:
+    """Up/idle/in-flight tracking with random fill to a concurrency target."""
+
+    def __init__(
+        self,
+        sites: Iterable[str],
+        *,
+        concurrency: int,
+        task_timeout_s: float | None,
+        rng: np.random.Generator,
+    ) -> None:
+        if concurrency < 0:
+            raise ValueError(f"concurrency must be >= 0, got {concurrency}")
+        if task_timeout_s is not None and not task_timeout_s > 0.0:
+            raise ValueError(f"task_timeout_s must be > 0 or None, got {task_timeout_s}")
+        self.concurrency = concurrency
+        self.task_timeout_s = task_timeout_s
+        self._rng = rng
+        self._sites = frozenset(sites)
+        self._up: set[str] = set()
+        self._idle: list[str] = []
+        self._idle_pos: dict[str, int] = {}
+        self._tasks: dict[int, tuple[str, float]] = {}  # task -> (site, deadline)
+        self._task_of: dict[str, int] = {}  # site -> its in-flight task
+        self._heap: list[tuple[float, int]] = []
+        self.next_task = 1
+
+    # ------------------------------------------------------------------ queries
+    def knows(self, site: str) -> bool:
+        return site in self._sites
+
+    def is_up(self, site: str) -> bool:
+        return site in self._up
+
+    @property
+    def up_count(self) -> int:
+        return len(self._up)
+
+    @property
+    def idle_count(self) -> int:
+        """Sites that are up and hold no task of ours."""
+        return len(self._idle)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def task_site(self, task: int) -> str | None:
+        entry = self._tasks.get(task)
+        return None if entry is None else entry[0]
+
+    def tasks(self) -> list[int]:
+        return list(self._tasks)
+
+    # ------------------------------------------------------------- idle set ops
+    def _push_idle(self, site: str) -> None:
+        if site not in self._idle_pos:
+            self._idle_pos[site] = len(self._idle)
+            self._idle.append(site)
+
+    def _drop_idle(self, site: str) -> None:
+        pos = self._idle_pos.pop(site, None)
+        if pos is None:
+            return
+        last = self._idle.pop()
+        if last != site:
+            self._idle[pos] = last
+            self._idle_pos[last] = pos
+
+    def _release(self, task: int) -> str:
+        site, _ = self._tasks.pop(task)
+        if self._task_of.get(site) == task:
+            del self._task_of[site]
+            if site in self._up:
+                self._push_idle(site)
+        return site
+
+    # ------------------------------------------------------------------ events
+    def mark_up(self, site: str) -> int | None:
+        """The site (re)introduced itself and is eligible for a task.
+
+        A site that says Hello again while holding a task has started a new session and
+        may have lost the request, so that task is cancelled (returned) rather than left to
+        occupy a slot until a timeout that may not be configured.
+        """
+        if site not in self._sites:
+            return None
+        self._up.add(site)
+        task = self._task_of.pop(site, None)
+        if task is not None:
+            del self._tasks[task]
+        self._push_idle(site)
+        return task
+
+    def mark_down(self, site: str) -> int | None:
+        """The site is unreachable; return the task this cancels, if any."""
+        if site not in self._up:
+            return None
+        self._up.discard(site)
+        self._drop_idle(site)
+        task = self._task_of.pop(site, None)
+        if task is not None:
+            del self._tasks[task]
+        return task
+
+    def complete(self, task: int, site: str) -> bool:
+        """``site`` answered ``task``; free its slot. False if not in flight for that site."""
+        entry = self._tasks.get(task)
+        if entry is None or entry[0] != site:
+            return False
+        self._release(task)
+        return True
+
+    def cancel(self, task: int) -> str | None:
+        """Forget an in-flight task (its answer, if any, will be late); return its site."""
+        if task not in self._tasks:
+            return None
+        return self._release(task)
+
+    def start(self, now: float, limit: int | None = None) -> list[tuple[int, str]]:
+        """Start tasks on random idle up sites until ``concurrency`` are in flight.
+
+        ``limit`` caps how many are started by this call. Returns ``(task, site)`` pairs.
+        """
+        room = self.concurrency - len(self._tasks)
+        if limit is not None:
+            room = min(room, limit)
+        started: list[tuple[int, str]] = []
+        deadline = math.inf if self.task_timeout_s is None else now + self.task_timeout_s
+        while room > 0 and self._idle:
+            # rng.random() is several times cheaper than rng.integers() per scalar draw.
+            i = min(int(self._rng.random() * len(self._idle)), len(self._idle) - 1)
+            site = self._idle[i]
+            self._drop_idle(site)
+            task = self.next_task
+            self.next_task += 1
+            self._tasks[task] = (site, deadline)
+            self._task_of[site] = task
+            if self.task_timeout_s is not None:
+                heapq.heappush(self._heap, (deadline, task))
+            started.append((task, site))
+            room -= 1
+        return started
+
+    def expire(self, now: float) -> list[tuple[int, str]]:
+        """Time out every task whose deadline is ≤ ``now``; return ``(task, site)`` pairs."""
+        expired: list[tuple[int, str]] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, task = heapq.heappop(heap)
+            entry = self._tasks.get(task)
+            if entry is None or entry[1] != deadline:
+                continue  # completed or cancelled earlier: a lazily deleted entry
+            expired.append((task, self._release(task)))
+        return expired
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap:
+            deadline, task = heap[0]
+            entry = self._tasks.get(task)
+            if entry is not None and entry[1] == deadline:
+                return deadline
+            heapq.heappop(heap)  # drop a lazily deleted entry
+        return None

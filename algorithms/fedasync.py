@@ -1,0 +1,174 @@
+"""Root aggregator for fully asynchronous aggregation, one update at a time.
+
+FedAsync, Xie, Koyejo, Gupta, "Asynchronous Federated Optimization", arXiv 1903.03934,
+Alg. 1 (updater thread): on an update trained from model version τ_b at version t,
+
+    α_t = α · s(t − τ_b),    x_new = x_{τ_b} + Δ,    x ← (1 − α_t)·x + α_t·x_new,   t += 1.
+
+x_{τ_b} comes from a bounded history of recent versions (``history``). When the base has
+fallen out of it the node approximates x_{τ_b} by the current x, i.e. x ← x + α_t·Δ, and
+counts it (``history_misses``, metric "fedasync_history_miss"). Deltas older than
+``max_staleness`` are dropped (recorded and acked). Same dispatcher, dedup, rejections and
+Persist-then-Ack as ``FedBuffAggregator``; region children get every new version.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, Outcome, validate_weights
+from algorithms.protocol import Effect, Metric, Persist, Weights
+from algorithms.robust import clip_by_norm
+from algorithms.staleness import StalenessFn, polynomial
+from transport.wire import Update
+
+__all__ = ["FedAsyncAggregator"]
+
+FEDASYNC_STALENESS: StalenessFn = polynomial(0.5)
+
+
+class FedAsyncAggregator(AggregatorBase):
+    """Sans-I/O FedAsync root: ``handle(event, now) -> effects``; holds the global model."""
+
+    def __init__(
+        self,
+        node_id: str,
+        children: Mapping[str, str],
+        weights: Weights,
+        *,
+        alpha: float = 0.6,
+        concurrency: int,
+        staleness: StalenessFn = FEDASYNC_STALENESS,
+        max_staleness: int | None = None,
+        history: int = 16,
+        train_config: Mapping[str, Any] | None = None,
+        task_timeout_s: float | None = None,
+        rng: np.random.Generator | int = 0,
+        clip_norm: float | None = None,
+        checkpoint_every: int = 100,
+        log_deltas: bool = True,
+        version: int = 0,
+    ) -> None:
+        super().__init__(
+            node_id,
+            children,
+            concurrency=concurrency,
+            task_timeout_s=task_timeout_s,
+            rng=rng,
+            train_config=train_config,
+            log_deltas=log_deltas,
+        )
+        validate_weights(weights)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
+        if clip_norm is not None and not clip_norm > 0.0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
+        self.alpha = float(alpha)
+        self.max_staleness = max_staleness
+        self.clip_norm = clip_norm
+        self.checkpoint_every = checkpoint_every
+        self._staleness = staleness
+        self._history_len = history
+        self._version = version
+        self._weights = dict(weights)
+        # version -> weights; the current model is always the newest entry.
+        self._history: OrderedDict[int, Weights] = OrderedDict([(version, self._weights)])
+        self.history_misses = 0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def current_model(self) -> tuple[int, Weights]:
+        return self._version, self._weights
+
+    def _model(self) -> tuple[int, Weights]:
+        return self._version, self._weights
+
+    def _accept(
+        self,
+        peer: str,
+        msg: Update,
+        reason: str | None,
+        version: int,
+        now: float,
+        out: list[Effect],
+    ) -> None:
+        self._complete_task(peer, msg)
+        if reason is not None:
+            self._reject(peer, msg, reason, version, out)
+            return
+        tau = version - msg.base_version
+        if self.max_staleness is not None and tau > self.max_staleness:
+            self.stale += 1
+            out.append(Metric("update_stale", float(tau), {"src": msg.src}))
+            self._record(peer, msg, Outcome.STALE, version, out, tau=tau)
+            return
+        alpha_t = self.alpha * self._staleness(tau)
+        self.applied += 1
+        out.append(Metric("update_applied", float(tau), {"src": msg.src, "seq": str(msg.seq)}))
+        # The record's weight ``s`` is the mixing weight α_t (what a replay needs).
+        self._record(peer, msg, Outcome.APPLIED, version, out, tau=tau, s=alpha_t)
+        if not self._mix(msg.delta, msg.base_version, alpha_t):
+            out.append(Metric("fedasync_history_miss", 1.0, {"src": msg.src}))
+        out.append(Metric("model_version", float(self._version)))
+        self._broadcast(out)
+        if self.checkpoint_every and self._version % self.checkpoint_every == 0:
+            out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
+
+    def _mix(self, delta: Weights, base_version: int, alpha_t: float) -> bool:
+        """x ← (1−α_t)x + α_t(x_base + Δ); return False when x_base was not in the history."""
+        if self.clip_norm is not None:
+            delta, _ = clip_by_norm(delta, self.clip_norm)
+        base = self._history.get(base_version)
+        x = self._weights
+        new: Weights
+        if base is None:
+            self.history_misses += 1
+            new = {k: (v + alpha_t * delta[k]).astype(v.dtype, copy=False) for k, v in x.items()}
+        else:
+            new = {
+                k: ((1.0 - alpha_t) * v + alpha_t * (base[k] + delta[k])).astype(
+                    v.dtype, copy=False
+                )
+                for k, v in x.items()
+            }
+        self._version += 1
+        self._weights = new
+        self._history[self._version] = new
+        while len(self._history) > self._history_len:
+            self._history.popitem(last=False)
+        return base is not None
+
+    def _replay(self, record: Mapping[str, Any]) -> None:
+        self._mix(record["delta"], int(record["base_version"]), float(record["s"]))
+
+    # ---------------------------------------------------------- durability
+    def snapshot(self) -> dict[str, Any]:
+        """Model, version history and ledger (arrays are immutable: shared, not copied)."""
+        return {
+            **self._base_snapshot(),
+            "kind": "fedasync",
+            "version": self._version,
+            "history": list(self._history.items()),
+        }
+
+    def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Load ``snapshot()`` output, then replay the "applied" records written after it."""
+        if state.get("kind") != "fedasync":
+            raise ValueError(f"not a FedAsync snapshot: {state.get('kind')!r}")
+        self._base_restore(state)
+        self._history = OrderedDict((int(v), dict(w)) for v, w in state["history"])
+        self._version = int(state["version"])
+        self._weights = self._history[self._version]
+        self._replay_records(records)

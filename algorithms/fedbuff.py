@@ -1,0 +1,132 @@
+"""Root aggregator for buffered asynchronous aggregation.
+
+FedBuff, Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation",
+AISTATS 2022, Alg. 1 (server side). Sites train whenever they are given a task (the
+dispatcher keeps ``concurrency`` tasks in flight, independent of K); each arriving delta is
+discounted by s(τ), τ = version − base_version, and buffered; after ``buffer_size`` (K)
+updates
+
+    Δ̄ = Σ s(τ_i)·w_i·Δ_i / Σ w_i,      weights ← server_opt.step(weights, Δ̄),   version += 1
+
+(an average normalised by the raw weights, so staleness still discounts; see
+``update_buffer``). Children with role "region" (``RegionalAggregator``) get a
+``ModelBroadcast`` for every new version and on their ``Hello``; their updates count with
+weight ``count`` (uniform weighting) or ``n_examples``.
+
+There is one state (always accepting), so no state enum: the buffer fill is the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from algorithms.aggregator_base import CHECKPOINT_KEY, validate_weights
+from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
+from algorithms.protocol import Effect, Metric, Persist, Weights
+from algorithms.server_opt import ServerOptimizer, ServerSGD
+from algorithms.staleness import StalenessFn
+
+__all__ = ["FedBuffAggregator"]
+
+
+class FedBuffAggregator(BufferedAggregator):
+    """Sans-I/O FedBuff root: ``handle(event, now) -> effects``; holds the global model."""
+
+    def __init__(
+        self,
+        node_id: str,
+        children: Mapping[str, str],
+        weights: Weights,
+        *,
+        buffer_size: int,
+        concurrency: int,
+        staleness: StalenessFn = FEDBUFF_STALENESS,
+        max_staleness: int | None = None,
+        server_opt: ServerOptimizer | None = None,
+        train_config: Mapping[str, Any] | None = None,
+        task_timeout_s: float | None = None,
+        rng: np.random.Generator | int = 0,
+        weighting: str = "uniform",
+        clip_norm: float | None = None,
+        robust: str = "mean",
+        trim_fraction: float = 0.1,
+        checkpoint_every: int = 10,
+        log_deltas: bool = True,
+        version: int = 0,
+    ) -> None:
+        super().__init__(
+            node_id,
+            children,
+            buffer_size=buffer_size,
+            concurrency=concurrency,
+            staleness=staleness,
+            max_staleness=max_staleness,
+            train_config=train_config,
+            task_timeout_s=task_timeout_s,
+            rng=rng,
+            weighting=weighting,
+            clip_norm=clip_norm,
+            robust=robust,
+            trim_fraction=trim_fraction,
+            log_deltas=log_deltas,
+        )
+        validate_weights(weights)
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
+        if version < 0:
+            raise ValueError(f"version must be >= 0, got {version}")
+        self._weights = dict(weights)
+        self._version = version
+        self._opt: ServerOptimizer = server_opt if server_opt is not None else ServerSGD()
+        self.checkpoint_every = checkpoint_every
+        self._make_buffer(self._weights)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def current_model(self) -> tuple[int, Weights]:
+        return self._version, self._weights
+
+    def _model(self) -> tuple[int, Weights]:
+        return self._version, self._weights
+
+    def _flush_full(self, out: list[Effect]) -> None:
+        agg = self._buffer.flush()
+        self._weights = self._opt.step(self._weights, agg.delta)
+        self._version += 1
+        out.append(Metric("model_version", float(self._version)))
+        self._broadcast(out)
+        if self.checkpoint_every and self._version % self.checkpoint_every == 0:
+            out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
+
+    # ---------------------------------------------------------- durability
+    def snapshot(self) -> dict[str, Any]:
+        """Everything needed to resume: model, optimiser, buffer, ledger (arrays copied or
+        immutable). Pair it with the "applied" records written after it for ``restore``."""
+        return {
+            **self._base_snapshot(),
+            "kind": "fedbuff",
+            "version": self._version,
+            "weights": self._weights,
+            "opt": self._opt.snapshot(),
+            "buffer": self._buffer.snapshot(),
+        }
+
+    def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Load ``snapshot()`` output, then replay the "applied" records written after it.
+
+        Children are all considered down afterwards: they say Hello again on reconnect.
+        """
+        if state.get("kind") != "fedbuff":
+            raise ValueError(f"not a FedBuff snapshot: {state.get('kind')!r}")
+        self._base_restore(state)
+        self._version = int(state["version"])
+        self._weights = dict(state["weights"])
+        self._opt.restore(state["opt"])
+        self._make_buffer(self._weights)
+        self._buffer.restore(state["buffer"])
+        self._replay_records(records)

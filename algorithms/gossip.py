@@ -1,0 +1,512 @@
+"""Decentralised gossip peer: asynchronous D-PSGD or push-sum (SGP) mixing with liveness.
+
+Two mixing rules, chosen by ``mode``:
+
+* ``"dpsgd"`` — D-PSGD (Lian et al. 2017, arXiv 1705.09056), made asynchronous. The peer
+  keeps the latest model received from each neighbour and, at each step, mixes
+  ``x ← W_ii·x + Σ_j W_ij·x_j`` over the neighbours it holds a model from; the weight of a
+  neighbour it has not heard from yet, or has pruned or been told is down, goes to
+  ``W_ii`` so the row stays stochastic. With training, the mixed model is trained locally
+  (a ``Train`` job) and on ``TrainDone`` the new model is sent to every live neighbour as
+  ``GossipShare(src, step, x, w=1.0)``, then mixed again and trained again. Without
+  training (pure consensus) the peer mixes and sends every ``gossip_interval_s``.
+  Shares that arrive out of order (older ``step`` than the one held) are ignored.
+
+* ``"pushsum"`` — push-sum (Kempe et al. 2003) / Stochastic Gradient Push (Assran et al.
+  2019, arXiv 1811.10792, Alg. 1). The peer holds ``(x, w)`` and its model is ``x / w``.
+  At each step it keeps the fraction ``W_ii`` (plus the weight of every neighbour it does
+  not send to) and sends ``GossipShare(x=W_ij·x, w=W_ij·w)`` to each live neighbour ``j``.
+  The out-fractions are the peer's own plan weights: they sum to one, so each send
+  conserves mass whatever the graph; for the plan's symmetric Metropolis–Hastings W they
+  are exactly column ``i`` of W (column-stochastic, as SGP requires). Received shares are
+  summed in, in any order, so the network-wide sums of ``x`` and ``w`` (counting shares in
+  flight) are invariant and the average of ``x/w`` converges to the initial average.
+  With training, SGP's step ``x ← x − γ∇F(z)`` is applied as ``x ← x + (z' − z)`` where
+  ``z`` is the model handed to ``Train`` and ``z'`` the trained one. Mass carried by a
+  share is lost only if the share is lost (a lossy codec also perturbs it).
+
+Liveness: every message from a neighbour refreshes its last-seen time. A ``Heartbeat`` is
+sent to a live neighbour when nothing has been sent to it for ``heartbeat_interval_s``
+(heartbeats due within half an interval are batched into the same wake-up). A neighbour
+silent for ``suspect_after_s`` is suspected (``Metric("peer_suspected")``); silent for
+``prune_after_s`` it is pruned: dropped from the mixing, its ``W_ij`` moved to the self
+weight (rows stay stochastic; when both ends prune each other — they see the same
+silence — W stays symmetric and therefore doubly stochastic), ``Metric("peer_pruned")``
+and a ``Log``. A pruned neighbour is still probed with a ``Heartbeat`` every
+``prune_after_s`` so that a healed partition re-forms the graph, and any message from it
+re-admits it. ``PeerDown(j)`` takes ``j`` out of mixing and sending at once, until
+``PeerUp(j)`` restores it (re-admitting it if pruned; its weight returns with it).
+
+Before the first event ``next_deadline()`` is ``0.0`` (start me now); the first event,
+whatever it is, starts the timers at its ``now``. The first pure-consensus step comes at
+a random phase within one interval (from ``rng``) so peers do not step in lock-step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from algorithms.gossip_mixing import FlatLayout, ShareRejectedError, Vector, weighted_mix
+from algorithms.protocol import (
+    Deadline,
+    Effect,
+    Event,
+    Log,
+    Metric,
+    PeerDown,
+    PeerUp,
+    ProtocolMisuse,
+    Received,
+    Send,
+    Train,
+    TrainDone,
+    TrainFailed,
+    Weights,
+)
+from transport.wire import GossipShare, Heartbeat
+
+# Plan weights are floats read from TOML/JSON: accept rows that sum to one within this.
+_ROW_TOLERANCE = 1e-6
+
+
+class GossipMode(Enum):
+    DPSGD = "dpsgd"
+    PUSHSUM = "pushsum"
+
+
+class PeerState(Enum):
+    ALIVE = "alive"
+    SUSPECTED = "suspected"  # silent for suspect_after_s; still mixed and sent to
+    PRUNED = "pruned"  # silent for prune_after_s; out of the mixing, probed rarely
+    DOWN = "down"  # the driver said the link is gone; nothing is sent until PeerUp
+
+
+_SENDABLE = (PeerState.ALIVE, PeerState.SUSPECTED)
+
+
+class _Neighbour:
+    """Mutable per-neighbour bookkeeping (the neighbour count is small, so scans are fine)."""
+
+    __slots__ = ("last_seen", "last_sent", "model", "model_step", "state", "weight")
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+        self.state = PeerState.ALIVE
+        self.last_seen = 0.0
+        self.last_sent = 0.0
+        self.model: Vector | None = None  # D-PSGD only: latest model received
+        self.model_step = -1
+
+
+class GossipPeer:
+    """One gossip peer; see the module docstring for the algorithm."""
+
+    def __init__(
+        self,
+        node_id: str,
+        neighbours: Mapping[str, float],
+        self_weight: float,
+        weights: Weights,
+        *,
+        mode: str = "dpsgd",
+        train_config: Mapping[str, Any] | None = None,
+        gossip_interval_s: float = 1.0,
+        heartbeat_interval_s: float = 2.0,
+        suspect_after_s: float = 6.0,
+        prune_after_s: float = 15.0,
+        rng: np.random.Generator,
+    ) -> None:
+        if not isinstance(node_id, str) or not node_id:
+            raise ValueError("node_id must be a non-empty string")
+        try:
+            self._mode = GossipMode(mode)
+        except ValueError:
+            raise ValueError(f"mode must be 'dpsgd' or 'pushsum', not {mode!r}") from None
+        if node_id in neighbours:
+            raise ValueError(f"peer {node_id!r} lists itself as a neighbour")
+        for peer, w in neighbours.items():
+            if not isinstance(peer, str) or not peer:
+                raise ValueError(f"neighbour ids must be non-empty strings, not {peer!r}")
+            if not math.isfinite(w) or w <= 0.0:
+                raise ValueError(f"mixing weight for {peer!r} must be finite and > 0, not {w}")
+        if not math.isfinite(self_weight) or self_weight < 0.0:
+            raise ValueError(f"self_weight must be finite and >= 0, not {self_weight}")
+        if self._mode is GossipMode.PUSHSUM and self_weight <= 0.0:
+            raise ValueError("push-sum needs self_weight > 0 (the peer must keep some mass)")
+        row = self_weight + math.fsum(neighbours.values())
+        if abs(row - 1.0) > _ROW_TOLERANCE:
+            raise ValueError(f"self_weight + neighbour weights must sum to 1, not {row}")
+        for name, value in (
+            ("gossip_interval_s", gossip_interval_s),
+            ("heartbeat_interval_s", heartbeat_interval_s),
+            ("suspect_after_s", suspect_after_s),
+            ("prune_after_s", prune_after_s),
+        ):
+            if not math.isfinite(value) or value <= 0.0:
+                raise ValueError(f"{name} must be finite and > 0, not {value}")
+        if not heartbeat_interval_s < suspect_after_s < prune_after_s:
+            raise ValueError(
+                "need heartbeat_interval_s < suspect_after_s < prune_after_s "
+                f"(got {heartbeat_interval_s}, {suspect_after_s}, {prune_after_s})"
+            )
+        if not isinstance(rng, np.random.Generator):
+            raise ValueError("rng must be a numpy.random.Generator")
+
+        self._id = node_id
+        self._layout = FlatLayout.of(weights)
+        self._x: Vector = self._layout.flatten(weights)
+        self._w = 1.0  # push-sum weight; stays 1.0 for D-PSGD
+        self._self_weight = float(self_weight)
+        self._nbrs = {peer: _Neighbour(float(w)) for peer, w in neighbours.items()}
+        self._train_config = dict(train_config) if train_config is not None else None
+        self._interval = float(gossip_interval_s)
+        self._hb = float(heartbeat_interval_s)
+        self._suspect = float(suspect_after_s)
+        self._prune = float(prune_after_s)
+        self._rng = rng
+
+        self._started = False
+        self._step = 0
+        self._next_step: float | None = None  # consensus tick, or retry after a failed job
+        self._job = 0
+        self._job_running = False
+        self._job_base: Vector | None = None  # push-sum: the z handed to the running job
+        self._deadline: float | None = 0.0
+        self._model_cache: Weights | None = None
+
+    # ------------------------------------------------------------------ observation
+
+    @property
+    def node_id(self) -> str:
+        return self._id
+
+    @property
+    def mode(self) -> str:
+        return self._mode.value
+
+    def current_model(self) -> tuple[int, Weights]:
+        """``(local step, model)``; the model is ``x / w`` under push-sum."""
+        if self._model_cache is None:
+            vec = self._x / self._w if self._mode is GossipMode.PUSHSUM else self._x
+            self._model_cache = self._layout.unflatten(vec)
+        return self._step, self._model_cache
+
+    def mass(self) -> tuple[float, Weights]:
+        """Push-sum ``(w, x)`` (for D-PSGD ``(1.0, model)``): what conservation is about."""
+        return self._w, self._layout.unflatten(self._x)
+
+    def peer_states(self) -> dict[str, PeerState]:
+        return {peer: n.state for peer, n in self._nbrs.items()}
+
+    def next_deadline(self) -> float | None:
+        return self._deadline
+
+    # --------------------------------------------------------------------- events
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        if not self._started:
+            self._start(now, out)
+        if isinstance(event, Received):
+            self._on_received(event.peer, event, now, out)
+        elif isinstance(event, TrainDone):
+            self._check_job(event.job)
+            self._on_train_done(event.result.weights, now, out)
+        elif isinstance(event, TrainFailed):
+            self._check_job(event.job)
+            self._on_train_failed(event.reason, now, out)
+        elif isinstance(event, PeerUp):
+            self._on_peer_up(event.peer, now, out)
+        elif isinstance(event, PeerDown):
+            self._on_peer_down(event.peer, out)
+        elif isinstance(event, Deadline):
+            self._on_timers(now, out)
+        else:
+            raise ProtocolMisuse(f"GossipPeer cannot handle {type(event).__name__}")
+        self._deadline = self._compute_deadline()
+        return out
+
+    def _start(self, now: float, out: list[Effect]) -> None:
+        self._started = True
+        for n in self._nbrs.values():
+            n.last_seen = now
+            # Stagger heartbeats so a peer's beacons do not all fall on one instant.
+            n.last_sent = now - float(self._rng.uniform(0.0, self._hb))
+        if self._train_config is None:
+            self._next_step = now + float(self._rng.uniform(0.0, self._interval))
+        else:
+            self._begin_training_round(out)
+
+    def _check_job(self, job: int) -> None:
+        if not self._job_running or job != self._job:
+            raise ProtocolMisuse(f"peer {self._id}: no training job {job} is running")
+        self._job_running = False
+
+    # --------------------------------------------------------------- messages in
+
+    def _reject(self, out: list[Effect], peer: str, reason: str) -> None:
+        out.append(Metric("update_rejected", labels={"reason": reason}))
+        out.append(
+            Log(
+                "warning",
+                f"gossip peer {self._id} rejected a message from {peer}: {reason}",
+                {"peer": peer, "reason": reason},
+            )
+        )
+
+    def _on_received(self, peer: str, event: Received, now: float, out: list[Effect]) -> None:
+        n = self._nbrs.get(peer)
+        if n is None:
+            self._reject(out, peer, "unknown peer")
+            return
+        msg = event.msg
+        if not isinstance(msg, GossipShare | Heartbeat):
+            self._reject(out, peer, "unexpected message")
+            return
+        if msg.src != peer:
+            self._reject(out, peer, "src mismatch")
+            return
+        # Any authenticated message from a neighbour proves it is alive.
+        self._refresh(peer, n, now, out)
+        if isinstance(msg, GossipShare):
+            self._on_share(peer, n, msg, out)
+
+    def _on_share(self, peer: str, n: _Neighbour, msg: GossipShare, out: list[Effect]) -> None:
+        step = msg.step
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            self._reject(out, peer, "bad step")
+            return
+        w = msg.w
+        if not isinstance(w, float | int) or isinstance(w, bool) or not math.isfinite(w):
+            self._reject(out, peer, "bad weight")
+            return
+        if self._mode is GossipMode.PUSHSUM and w <= 0.0:
+            self._reject(out, peer, "bad weight")
+            return
+        try:
+            x = self._layout.flatten_untrusted(msg.x)
+        except ShareRejectedError as err:
+            self._reject(out, peer, err.reason)
+            return
+        if self._mode is GossipMode.PUSHSUM:
+            # Mass is additive: sum it in whatever the order, even from a peer marked down.
+            self._x += x
+            self._w += float(w)
+            self._model_cache = None
+        elif n.state is not PeerState.DOWN and step >= n.model_step:
+            n.model = x
+            n.model_step = step
+
+    def _refresh(self, peer: str, n: _Neighbour, now: float, out: list[Effect]) -> None:
+        n.last_seen = max(n.last_seen, now)
+        if n.state is PeerState.SUSPECTED:
+            n.state = PeerState.ALIVE
+            out.append(
+                Log("info", f"gossip peer {self._id}: {peer} is alive again", {"peer": peer})
+            )
+        elif n.state is PeerState.PRUNED:
+            self._readmit(peer, n, now, out, "message received")
+
+    def _readmit(self, peer: str, n: _Neighbour, now: float, out: list[Effect], why: str) -> None:
+        n.state = PeerState.ALIVE
+        n.last_seen = max(n.last_seen, now)
+        out.append(Metric("peer_readmitted", labels={"peer": peer}))
+        out.append(
+            Log(
+                "info",
+                f"gossip peer {self._id} re-admitted {peer} ({why})",
+                {"peer": peer, "weight": n.weight},
+            )
+        )
+
+    # ---------------------------------------------------------------- link events
+
+    def _on_peer_up(self, peer: str, now: float, out: list[Effect]) -> None:
+        n = self._nbrs.get(peer)
+        if n is None:
+            out.append(Log("debug", f"gossip peer {self._id}: PeerUp for non-neighbour {peer}"))
+            return
+        if n.state is PeerState.PRUNED:
+            self._readmit(peer, n, now, out, "peer up")
+        elif n.state is PeerState.DOWN:
+            n.state = PeerState.ALIVE
+            n.last_seen = max(n.last_seen, now)
+            out.append(Log("info", f"gossip peer {self._id}: {peer} is up", {"peer": peer}))
+        else:
+            n.last_seen = max(n.last_seen, now)
+
+    def _on_peer_down(self, peer: str, out: list[Effect]) -> None:
+        n = self._nbrs.get(peer)
+        if n is None:
+            out.append(Log("debug", f"gossip peer {self._id}: PeerDown for non-neighbour {peer}"))
+            return
+        if n.state is not PeerState.DOWN:
+            n.state = PeerState.DOWN
+            n.model = None  # stale by the time it comes back; wait for a fresh share
+            n.model_step = -1
+            out.append(Log("info", f"gossip peer {self._id}: {peer} is down", {"peer": peer}))
+
+    # ------------------------------------------------------------------- training
+
+    def _on_train_done(self, trained: Weights, now: float, out: list[Effect]) -> None:
+        try:
+            z_new = self._layout.flatten_untrusted(trained)
+        except ShareRejectedError as err:
+            self._on_train_failed(f"unusable result: {err.reason}", now, out)
+            return
+        if self._mode is GossipMode.PUSHSUM:
+            assert self._job_base is not None
+            self._x += z_new - self._job_base  # SGP: the local step moves x, not x/w
+            self._job_base = None
+        else:
+            self._x = z_new
+        self._model_cache = None
+        self._step += 1
+        self._share(now, out)
+        self._begin_training_round(out)
+
+    def _on_train_failed(self, reason: str, now: float, out: list[Effect]) -> None:
+        self._job_base = None
+        out.append(Metric("train_failed", labels={"peer": self._id}))
+        out.append(
+            Log("warning", f"gossip peer {self._id}: training failed: {reason}", {"reason": reason})
+        )
+        # Retry one gossip interval later rather than spinning on a failing job.
+        self._next_step = now + self._interval
+
+    def _begin_training_round(self, out: list[Effect]) -> None:
+        assert self._train_config is not None
+        if self._mode is GossipMode.DPSGD:
+            self._mix()
+        self._job += 1
+        self._job_running = True
+        config = dict(self._train_config)
+        # Each job gets its own seed (from the peer's rng, or offset from a fixed one) so
+        # successive rounds do not replay the same minibatch order.
+        if "seed" in config:
+            config["seed"] = int(config["seed"]) + self._job
+        else:
+            config["seed"] = int(self._rng.integers(0, 2**31 - 1))
+        if self._mode is GossipMode.PUSHSUM:
+            self._job_base = self._x / self._w
+        _, model = self.current_model()
+        out.append(Train(self._job, model, config))
+
+    # --------------------------------------------------------------------- mixing
+
+    def _mix(self) -> None:
+        """D-PSGD combine: W_ii·x + Σ W_ij·x_j over neighbours we hold a live model from."""
+        self_w = self._self_weight
+        others: list[tuple[float, Vector]] = []
+        for n in self._nbrs.values():
+            if n.model is not None and n.state in _SENDABLE:
+                others.append((n.weight, n.model))
+            else:
+                self_w += n.weight
+        if others:
+            self._x = weighted_mix(self_w, self._x, others)
+            self._model_cache = None
+
+    def _share(self, now: float, out: list[Effect]) -> None:
+        """Send this step's share to every live neighbour."""
+        if self._mode is GossipMode.DPSGD:
+            _, model = self.current_model()
+            for peer, n in self._nbrs.items():
+                if n.state in _SENDABLE:
+                    out.append(Send(peer, GossipShare(self._id, self._step, model, 1.0)))
+                    n.last_sent = now
+            return
+        kept_x = self._x.copy()
+        kept_w = self._w
+        for peer, n in self._nbrs.items():
+            if n.state not in _SENDABLE:
+                continue
+            share = self._layout.unflatten(self._x * n.weight)
+            # Subtract what actually leaves (after the cast to the model dtype) so the
+            # network-wide mass is conserved to float64 rounding, not float32.
+            kept_x -= self._layout.flatten(share)
+            share_w = self._w * n.weight
+            kept_w -= share_w
+            out.append(Send(peer, GossipShare(self._id, self._step, share, share_w)))
+            n.last_sent = now
+        self._x = kept_x
+        self._w = kept_w
+        self._model_cache = None
+
+    # --------------------------------------------------------------------- timers
+
+    def _on_timers(self, now: float, out: list[Effect]) -> None:
+        self._check_liveness(now, out)
+        if self._next_step is not None and now >= self._next_step:
+            if self._train_config is None:
+                nxt = self._next_step + self._interval
+                self._next_step = nxt if nxt > now else now + self._interval
+                if self._mode is GossipMode.DPSGD:
+                    self._mix()
+                self._step += 1
+                self._model_cache = None
+                self._share(now, out)
+            elif not self._job_running:
+                self._next_step = None
+                self._begin_training_round(out)
+        self._send_heartbeats(now, out)
+
+    def _check_liveness(self, now: float, out: list[Effect]) -> None:
+        for peer, n in self._nbrs.items():
+            if n.state is PeerState.ALIVE and now >= n.last_seen + self._suspect:
+                n.state = PeerState.SUSPECTED
+                out.append(Metric("peer_suspected", labels={"peer": peer}))
+                out.append(
+                    Log(
+                        "warning",
+                        f"gossip peer {self._id} suspects {peer}",
+                        {"peer": peer, "silent_s": now - n.last_seen},
+                    )
+                )
+            if n.state is PeerState.SUSPECTED and now >= n.last_seen + self._prune:
+                n.state = PeerState.PRUNED
+                n.model = None
+                n.model_step = -1
+                out.append(Metric("peer_pruned", labels={"peer": peer}))
+                out.append(
+                    Log(
+                        "warning",
+                        f"gossip peer {self._id} pruned {peer}; its weight "
+                        "moves to the self weight",
+                        {"peer": peer, "weight": n.weight, "silent_s": now - n.last_seen},
+                    )
+                )
+
+    def _send_heartbeats(self, now: float, out: list[Effect]) -> None:
+        due = any(
+            n.state in _SENDABLE and now >= n.last_sent + self._hb for n in self._nbrs.values()
+        )
+        half = 0.5 * self._hb
+        for peer, n in self._nbrs.items():
+            if n.state in _SENDABLE:
+                send = due and now >= n.last_sent + half
+            elif n.state is PeerState.PRUNED:
+                send = now >= n.last_sent + self._prune  # a rare probe
+            else:
+                send = False
+            if send:
+                out.append(Send(peer, Heartbeat(self._id, self._step)))
+                n.last_sent = now
+
+    def _compute_deadline(self) -> float | None:
+        best = math.inf
+        if self._next_step is not None and not self._job_running:
+            best = self._next_step
+        for n in self._nbrs.values():
+            if n.state is PeerState.ALIVE:
+                best = min(best, n.last_seen + self._suspect, n.last_sent + self._hb)
+            elif n.state is PeerState.SUSPECTED:
+                best = min(best, n.last_seen + self._prune, n.last_sent + self._hb)
+            elif n.state is PeerState.PRUNED:
+                best = min(best, n.last_sent + self._prune)
+        return None if best == math.inf else best

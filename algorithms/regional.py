@@ -1,0 +1,243 @@
+"""A regional (edge) aggregator: a FedBuff buffer for its children that forwards one
+aggregated delta upward, and a relay of global models downward.
+
+HierFAVG (Liu et al., "Client-Edge-Cloud Hierarchical Federated Learning", ICC 2020,
+arXiv 1905.06641) generalised to asynchronous buffers at every tier: instead of κ₂ synchronous
+edge rounds per cloud round, the region buffers its children's deltas FedBuff-style
+(Nguyen et al. 2022, Alg. 1), with staleness τ relative to the newest global version it
+knows, and after K of them sends its parent ONE
+
+    Update(src=region, seq=own seq, base_version=newest known version,
+           delta=Σ s(τ_i)·w_i·Δ_i / Σ w_i, n_examples=Σ n_i, count=Σ count_i).
+
+It holds no model of its own: it relays every ``ModelBroadcast`` from the parent to its
+region children and hands the newest global (version, weights) to its sites as tasks.
+Towards its parent it behaves like a site (``Hello(role="region")`` on ``PeerUp``, its
+forwards kept in an ``Outbox`` until acked and resent in order after reconnecting); towards
+its children like the root (dedup ledger, Persist-then-Ack, rejections). Regions nest: the
+parent may itself be a region.
+
+States (``RegionState``): NO_MODEL — nothing to hand out yet: no tasks are dispatched and
+children's updates are held (bounded) until the first model arrives; ACTIVE.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from algorithms.aggregator_base import CHECKPOINT_KEY
+from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
+from algorithms.node_util import unexpected
+from algorithms.outbox import Outbox
+from algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
+from algorithms.staleness import StalenessFn
+from algorithms.validation import is_int
+from algorithms.weights_math import check_compatible
+from transport.wire import Ack, Heartbeat, Hello, Message, ModelBroadcast, Update
+
+__all__ = ["PENDING_KEY", "RegionState", "RegionalAggregator"]
+
+PENDING_KEY = "region/pending"
+
+
+class RegionState(enum.Enum):
+    NO_MODEL = "no_model"
+    ACTIVE = "active"
+
+
+class RegionalAggregator(BufferedAggregator):
+    """Sans-I/O regional aggregator: ``handle(event, now) -> effects``."""
+
+    def __init__(
+        self,
+        node_id: str,
+        parent: str,
+        children: Mapping[str, str],
+        *,
+        buffer_size: int,
+        concurrency: int,
+        staleness: StalenessFn = FEDBUFF_STALENESS,
+        max_staleness: int | None = None,
+        train_config: Mapping[str, Any] | None = None,
+        task_timeout_s: float | None = None,
+        rng: np.random.Generator | int = 0,
+        weighting: str = "uniform",
+        clip_norm: float | None = None,
+        robust: str = "mean",
+        trim_fraction: float = 0.1,
+        checkpoint_every: int = 10,
+        log_deltas: bool = True,
+        max_deferred: int = 10_000,
+    ) -> None:
+        super().__init__(
+            node_id,
+            children,
+            buffer_size=buffer_size,
+            concurrency=concurrency,
+            staleness=staleness,
+            max_staleness=max_staleness,
+            train_config=train_config,
+            task_timeout_s=task_timeout_s,
+            rng=rng,
+            weighting=weighting,
+            clip_norm=clip_norm,
+            robust=robust,
+            trim_fraction=trim_fraction,
+            log_deltas=log_deltas,
+        )
+        if not parent or parent == node_id:
+            raise ValueError(f"bad parent {parent!r} for region {node_id!r}")
+        if parent in children:
+            raise ValueError(f"{parent!r} cannot be both parent and child of {node_id!r}")
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
+        if max_deferred < 0:
+            raise ValueError(f"max_deferred must be >= 0, got {max_deferred}")
+        self.parent = parent
+        self.checkpoint_every = checkpoint_every
+        self.max_deferred = max_deferred
+        self.state = RegionState.NO_MODEL
+        self._global: tuple[int, Weights] | None = None
+        self._outbox = Outbox(PENDING_KEY)
+        self._deferred: list[tuple[str, Update]] = []
+        self._replay_version: int | None = None
+        self.forwarded = 0
+
+    @property
+    def pending(self) -> int:
+        """Forwarded aggregates not yet acknowledged by the parent."""
+        return len(self._outbox)
+
+    @property
+    def seq(self) -> int:
+        return self._outbox.seq
+
+    def current_model(self) -> tuple[int, Weights] | None:
+        """The newest global model relayed through this region (not a model of its own)."""
+        return self._global
+
+    def _model(self) -> tuple[int, Weights] | None:
+        return self._global
+
+    # -------------------------------------------------------------- parent
+    def _on_other_link(self, peer: str, up: bool, now: float, out: list[Effect]) -> None:
+        if peer != self.parent or not up:
+            return  # while the parent is away forwards stay in the outbox
+        out.append(Send(self.parent, Hello(self._id, "region")))
+        out.extend(self._outbox.resend(self.parent))
+
+    def _on_other(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:
+        if peer != self.parent:
+            super()._on_other(peer, msg, now, out)
+        elif isinstance(msg, ModelBroadcast):
+            self._on_model(msg, now, out)
+        elif isinstance(msg, Ack):
+            if msg.src == self._id and is_int(msg.seq):
+                out.extend(self._outbox.ack(int(msg.seq)))
+            else:
+                out.extend(unexpected(peer, msg, "ack_for_other"))
+        elif not isinstance(msg, Heartbeat):
+            out.extend(unexpected(peer, msg, "unexpected_type"))
+
+    def _model_problem(self, msg: ModelBroadcast) -> str | None:
+        if not is_int(msg.version) or msg.version < 0:
+            return "bad_version"
+        if self._global is not None:
+            return check_compatible(self._global[1], msg.weights)
+        if not isinstance(msg.weights, Mapping) or not msg.weights:
+            return "no_tensors"
+        for arr in msg.weights.values():
+            if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+                return "dtype"
+        return None
+
+    def _on_model(self, msg: ModelBroadcast, now: float, out: list[Effect]) -> None:
+        problem = self._model_problem(msg)
+        if problem is not None:
+            out.extend(unexpected(self.parent, msg, f"model_{problem}"))
+            return
+        if self._global is not None and msg.version <= self._global[0]:
+            return  # an old or repeated broadcast (e.g. after a reconnect)
+        first = self._global is None
+        self._global = (int(msg.version), msg.weights)
+        if first:
+            self._make_buffer(msg.weights)
+            self.state = RegionState.ACTIVE
+        self._broadcast(out)
+        if self._deferred:
+            held, self._deferred = self._deferred, []
+            for peer, update in held:
+                self._on_update(peer, update, now, out)
+
+    def _defer(self, peer: str, msg: Update, out: list[Effect]) -> None:
+        if len(self._deferred) >= self.max_deferred:
+            self._reject_unacked(peer, msg, "no_model", out)
+            return
+        self._deferred.append((peer, msg))
+        out.append(Metric("update_deferred", 1.0, {"src": msg.src}))
+
+    # ------------------------------------------------------------- forward
+    def _flush_full(self, out: list[Effect]) -> None:
+        assert self._global is not None
+        version = self._global[0] if self._replay_version is None else self._replay_version
+        agg = self._buffer.flush()
+        update = Update(
+            src=self._id,
+            seq=self._outbox.next_seq(),
+            base_version=version,
+            delta=agg.delta,
+            n_examples=agg.n_examples,
+            count=agg.count,
+        )
+        self.forwarded += 1
+        out.extend(self._outbox.push(self.parent, update))
+        out.append(Metric("region_forward", float(agg.count), {"region": self._id}))
+        if self.checkpoint_every and update.seq % self.checkpoint_every == 0:
+            out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
+            out.append(Log("debug", "region checkpoint", {"seq": update.seq}))
+
+    # ---------------------------------------------------------- durability
+    def snapshot(self) -> dict[str, Any]:
+        """Newest global, buffer, outbox and ledger; pair with later "applied" records."""
+        return {
+            **self._base_snapshot(),
+            "kind": "regional",
+            "global": self._global,
+            "buffer": self._buffer.snapshot() if self._global is not None else None,
+            "outbox": self._outbox.snapshot(),
+        }
+
+    def restore(
+        self,
+        state: Mapping[str, Any],
+        records: Iterable[Mapping[str, Any]] = (),
+        pending_records: Iterable[Mapping[str, Any]] = (),
+    ) -> None:
+        """Load ``snapshot()`` output, then replay the "region/pending" and "applied" records
+        written after it (forwards rebuilt by the replay are resent; the parent dedups)."""
+        if state.get("kind") != "regional":
+            raise ValueError(f"not a regional snapshot: {state.get('kind')!r}")
+        self._base_restore(state)
+        glob = state["global"]
+        self._global = None if glob is None else (int(glob[0]), dict(glob[1]))
+        if self._global is not None:
+            self.state = RegionState.ACTIVE
+            self._make_buffer(self._global[1])
+            self._buffer.restore(state["buffer"])
+        self._outbox.restore(state["outbox"])
+        # Forwards rebuilt from "applied" first (same seqs as before), then the acks.
+        self._replay_records(records)
+        self._outbox.replay(pending_records)
+
+    def _replay(self, record: Mapping[str, Any]) -> None:
+        if self._global is None:
+            raise ValueError("an applied record before any model cannot be replayed")
+        self._replay_version = int(record["version"])
+        try:
+            super()._replay(record)
+        finally:
+            self._replay_version = None

@@ -1,0 +1,201 @@
+"""A hospital site: trains what its aggregator asks for and delivers each delta at least once.
+
+Client side of FedAvg / FedBuff (McMahan et al. 2017; Nguyen et al. 2022, Alg. 1, client):
+receive model w (version v), train locally, return Δ = trained − w with base_version v.
+
+State machine (``SiteState``): IDLE --TrainRequest--> TRAINING --TrainDone/TrainFailed--> IDLE.
+A request that arrives while training is parked (only the newest is kept) and started when the
+current job ends. Each finished job becomes ``Update(seq)`` in an ``Outbox``: persisted, sent,
+kept until the parent's ``Ack``; on ``PeerUp(parent)`` the site says ``Hello`` and resends
+every unacknowledged update in seq order (the parent deduplicates by ``(site, seq)``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from algorithms.node_util import unexpected
+from algorithms.outbox import Outbox
+from algorithms.protocol import (
+    Deadline,
+    Effect,
+    Event,
+    Log,
+    Metric,
+    PeerDown,
+    PeerUp,
+    ProtocolMisuse,
+    Received,
+    Send,
+    Train,
+    TrainDone,
+    TrainFailed,
+    Weights,
+)
+from algorithms.weights_math import check_compatible
+from transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
+
+__all__ = ["SiteNode", "SiteState"]
+
+PENDING_KEY = "site/pending"
+
+
+class SiteState(enum.Enum):
+    IDLE = "idle"
+    TRAINING = "training"
+
+
+class SiteNode:
+    """Sans-I/O site: ``handle(event, now) -> effects``."""
+
+    def __init__(
+        self, site_id: str, parent: str, *, n_examples: int = 0, seed: int | None = None
+    ) -> None:
+        if not site_id or not parent:
+            raise ValueError("site_id and parent must be non-empty")
+        if site_id == parent:
+            raise ValueError("a site cannot be its own parent")
+        self._id = site_id
+        self.parent = parent
+        self.n_examples = n_examples
+        self._seed = seed
+        self.state = SiteState.IDLE
+        self._outbox = Outbox(PENDING_KEY)
+        self._job = 0
+        self._base: Weights | None = None
+        self._base_version = -1
+        self._task = -1
+        self._parked: TrainRequest | None = None
+        self._model: tuple[int, Weights] | None = None
+        self.jobs_failed = 0
+
+    @property
+    def node_id(self) -> str:
+        return self._id
+
+    @property
+    def pending(self) -> int:
+        """Updates sent but not yet acknowledged."""
+        return len(self._outbox)
+
+    @property
+    def seq(self) -> int:
+        return self._outbox.seq
+
+    def current_model(self) -> tuple[int, Weights] | None:
+        """The newest global model this site has seen (broadcast or training request)."""
+        return self._model
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    # ----------------------------------------------------------------- events
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if isinstance(event, Received):
+            return self._on_received(event.peer, event)
+        if isinstance(event, TrainDone):
+            return self._on_done(event)
+        if isinstance(event, TrainFailed):
+            self._check_job(event.job)
+            self.jobs_failed += 1
+            out: list[Effect] = [
+                Log("warning", "training failed", {"job": event.job, "reason": event.reason}),
+                Metric("train_failed"),
+            ]
+            return out + self._finish_job()
+        if isinstance(event, PeerUp):
+            if event.peer != self.parent:
+                return []
+            hello: list[Effect] = [
+                Send(self.parent, Hello(self._id, "site", self.n_examples)),
+            ]
+            return hello + self._outbox.resend(self.parent)
+        if isinstance(event, PeerDown | Deadline):
+            return []  # pending updates stay in the outbox until the link is back
+        raise ProtocolMisuse(f"site cannot handle {type(event).__name__}")
+
+    def _on_received(self, peer: str, event: Received) -> list[Effect]:
+        msg = event.msg
+        if peer != self.parent:
+            return unexpected(peer, msg, "not_parent")
+        if isinstance(msg, TrainRequest):
+            return self._on_request(msg)
+        if isinstance(msg, Ack):
+            if msg.src != self._id:
+                return unexpected(peer, msg, "ack_for_other")
+            return self._outbox.ack(msg.seq)
+        if isinstance(msg, ModelBroadcast):
+            self._remember(msg.version, msg.weights)
+            return []
+        return unexpected(peer, msg, "unexpected_type")
+
+    def _remember(self, version: int, weights: Weights) -> None:
+        if self._model is None or version > self._model[0]:
+            self._model = (version, weights)
+
+    def _on_request(self, req: TrainRequest) -> list[Effect]:
+        self._remember(req.version, req.weights)
+        if self.state is SiteState.TRAINING:
+            # Only the newest request matters: an older one would train a staler model.
+            self._parked = req
+            return []
+        return self._start(req)
+
+    def _start(self, req: TrainRequest) -> list[Effect]:
+        self._job += 1
+        self._base = req.weights
+        self._base_version = req.version
+        self._task = req.task
+        self.state = SiteState.TRAINING
+        config: Mapping[str, Any] = req.config
+        if self._seed is not None:
+            # A distinct, reproducible seed per (site, job).
+            config = {**req.config, "seed": (self._seed * 1_000_003 + self._job) % 2**31}
+        return [Train(self._job, req.weights, config)]
+
+    def _check_job(self, job: int) -> None:
+        if self.state is not SiteState.TRAINING or job != self._job:
+            raise ProtocolMisuse(f"site {self._id}: no training job {job} in progress")
+
+    def _on_done(self, event: TrainDone) -> list[Effect]:
+        self._check_job(event.job)
+        base = self._base
+        assert base is not None
+        result = event.result
+        if check_compatible(base, result.weights) is not None:
+            self.jobs_failed += 1
+            out: list[Effect] = [
+                Log("error", "training returned weights that do not match the model"),
+                Metric("train_failed"),
+            ]
+            return out + self._finish_job()
+        delta = {k: (result.weights[k] - b).astype(b.dtype, copy=False) for k, b in base.items()}
+        update = Update(
+            src=self._id,
+            seq=self._outbox.next_seq(),
+            base_version=self._base_version,
+            delta=delta,
+            n_examples=int(result.n_examples),
+            count=1,
+            task=self._task,
+            metrics=dict(result.metrics),
+        )
+        return self._outbox.push(self.parent, update) + self._finish_job()
+
+    def _finish_job(self) -> list[Effect]:
+        self.state = SiteState.IDLE
+        self._base = None
+        parked, self._parked = self._parked, None
+        return self._start(parked) if parked is not None else []
+
+    # ------------------------------------------------------------- durability
+    def snapshot(self) -> dict[str, Any]:
+        """Outbox and model view; in-flight training is not durable (it is simply redone)."""
+        return {"outbox": self._outbox.snapshot(), "model": self._model}
+
+    def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Load ``snapshot()`` output, then replay "site/pending" records written after it."""
+        self._outbox.restore(state["outbox"], records)
+        self._model = state.get("model")

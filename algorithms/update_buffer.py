@@ -1,0 +1,166 @@
+"""A buffer of K staleness-discounted deltas and its aggregate (FedBuff, Nguyen et al. 2022).
+
+Convention (documented because FedBuff implementations differ): the aggregate is an
+AVERAGE normalised by the raw weights,
+
+    Δ̄ = Σ_i s(τ_i) · w_i · Δ_i  /  Σ_i w_i,
+
+with w_i = the update's ``count`` ("uniform": each site update counts once, a regional
+aggregate of c site updates counts c times) or its ``n_examples`` ("examples"). Dividing by
+Σ w rather than Σ s·w means staleness still discounts: a buffer of stale updates moves the
+model less than a fresh one. (The paper divides by K; FLSim sums and scales the server lr.)
+
+``robust="median"`` / ``"trimmed_mean"`` replace the weighted mean by the coordinate-wise
+median / trimmed mean of the discounted deltas s(τ_i)·Δ_i (unweighted; see ``robust``), and
+``clip_norm`` clips each incoming delta's L2 norm before it is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from algorithms.protocol import Weights
+from algorithms.robust import clip_by_norm, coordinate_median, trimmed_mean
+
+__all__ = ["ROBUST_MODES", "WEIGHTINGS", "Aggregate", "UpdateBuffer"]
+
+WEIGHTINGS = ("uniform", "examples")
+ROBUST_MODES = ("mean", "median", "trimmed_mean")
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """A flushed buffer: the averaged delta and what went into it."""
+
+    delta: Weights
+    n_updates: int
+    n_examples: int
+    count: int
+
+
+class UpdateBuffer:
+    """Holds up to K discounted deltas until ``flush``.
+
+    ``add`` only keeps a reference to the (immutable) delta and its coefficient; the weighted
+    sum is formed once per flush with one matrix product per tensor, which costs far fewer
+    numpy calls than accumulating update by update (small models are call-bound, not
+    FLOP-bound).
+    """
+
+    def __init__(
+        self,
+        template: Weights,
+        *,
+        weighting: str = "uniform",
+        robust: str = "mean",
+        trim_fraction: float = 0.1,
+        clip_norm: float | None = None,
+    ) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if robust not in ROBUST_MODES:
+            raise ValueError(f"robust must be one of {ROBUST_MODES}, got {robust!r}")
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        if clip_norm is not None and not clip_norm > 0.0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        self.weighting = weighting
+        self.robust = robust
+        self.trim_fraction = trim_fraction
+        self.clip_norm = clip_norm
+        self._dtypes = {k: v.dtype for k, v in template.items()}
+        self._shapes = {k: v.shape for k, v in template.items()}
+        self._kept: list[Weights] = []  # deltas as received (or clipped)
+        self._coefs: list[float] = []  # s(τ)·w for each kept delta
+        self._discounts: list[float] = []  # s(τ) for each kept delta (robust modes)
+        self._total_w = 0.0
+        self.n_updates = 0
+        self.n_examples = 0
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.n_updates
+
+    def add(self, delta: Weights, s: float, n_examples: int, count: int) -> bool:
+        """Fold in s·w·Δ; return whether ``delta`` had to be norm-clipped."""
+        clipped = False
+        if self.clip_norm is not None:
+            delta, clipped = clip_by_norm(delta, self.clip_norm)
+        w = float(count if self.weighting == "uniform" else n_examples)
+        self._kept.append(delta)
+        self._coefs.append(s * w)
+        self._discounts.append(s)
+        self._total_w += w
+        self.n_updates += 1
+        self.n_examples += n_examples
+        self.count += count
+        return clipped
+
+    def flush(self) -> Aggregate:
+        """Return the aggregate of everything added since the last flush, and empty the buffer.
+
+        With a total weight of zero (e.g. "examples" weighting and only empty sites) the
+        aggregate is a zero delta.
+        """
+        if self.n_updates == 0:
+            raise ValueError("flush of an empty buffer")
+        delta: Weights
+        if self.robust != "mean":
+            discounted: list[Weights] = [
+                {k: s * np.asarray(v, dtype=np.float64) for k, v in d.items()}
+                for d, s in zip(self._kept, self._discounts, strict=True)
+            ]
+            if self.robust == "median":
+                delta = coordinate_median(discounted)
+            else:
+                delta = trimmed_mean(discounted, self.trim_fraction)
+        elif self._total_w > 0.0:
+            coefs = np.asarray(self._coefs, dtype=np.float64) / self._total_w
+            delta = {}
+            for k, shape in self._shapes.items():
+                stacked = np.stack([d[k] for d in self._kept]).reshape(len(self._kept), -1)
+                delta[k] = (coefs @ stacked).reshape(shape)
+        else:
+            delta = {k: np.zeros(shape) for k, shape in self._shapes.items()}
+        out = Aggregate(
+            delta={k: v.astype(self._dtypes[k], copy=False) for k, v in delta.items()},
+            n_updates=self.n_updates,
+            n_examples=self.n_examples,
+            count=self.count,
+        )
+        self._reset()
+        return out
+
+    def _reset(self) -> None:
+        self._kept = []
+        self._coefs = []
+        self._discounts = []
+        self._total_w = 0.0
+        self.n_updates = 0
+        self.n_examples = 0
+        self.count = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        # Deltas are immutable once received: the snapshot shares them.
+        return {
+            "kept": [dict(d) for d in self._kept],
+            "coefs": list(self._coefs),
+            "discounts": list(self._discounts),
+            "total_w": self._total_w,
+            "n_updates": self.n_updates,
+            "n_examples": self.n_examples,
+            "count": self.count,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self._kept = [dict(d) for d in state["kept"]]
+        self._coefs = [float(c) for c in state["coefs"]]
+        self._discounts = [float(s) for s in state["discounts"]]
+        self._total_w = float(state["total_w"])
+        self.n_updates = int(state["n_updates"])
+        self.n_examples = int(state["n_examples"])
+        self.count = int(state["count"])

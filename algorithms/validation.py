@@ -1,0 +1,41 @@
+"""Checks on an ``Update`` from a peer before anything is done with it.
+
+Each check returns a short reason string (used as the ``update_rejected`` metric label) or
+None. Nothing here raises on malformed input: peers are not trusted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from algorithms.protocol import Weights
+from algorithms.weights_math import check_delta
+from transport.wire import Update
+
+__all__ = ["check_update", "is_int"]
+
+
+def is_int(x: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    t = type(x)
+    if t is int:  # the common case, checked first: this runs several times per update
+        return True
+    return t is not bool and isinstance(x, int | np.integer)
+
+
+def check_update(msg: Update, version: int, reference: Weights) -> str | None:
+    """Why ``msg`` cannot be aggregated into a model at ``version`` shaped like ``reference``.
+
+    ``seq`` and the sender are checked by the caller (they decide dedup and who gets an ack).
+    """
+    if not is_int(msg.base_version) or msg.base_version < 0:
+        return "bad_base_version"
+    if msg.base_version > version:
+        return "future_version"
+    if not is_int(msg.n_examples) or msg.n_examples < 0:
+        return "bad_n_examples"
+    if not is_int(msg.count) or msg.count < 1:
+        return "bad_count"
+    return check_delta(reference, msg.delta)

@@ -1,0 +1,132 @@
+"""Arithmetic on ``Weights`` (ordered name -> array dicts) and checks on peer input.
+
+Every function returns new arrays and never writes into its inputs (arrays handed between
+nodes are treated as immutable), except the ``*_inplace`` helpers, which only ever write into
+an accumulator the caller created itself. Results keep the dtype of the first operand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from algorithms.protocol import Weights
+
+__all__ = [
+    "add",
+    "axpy",
+    "axpy_inplace",
+    "check_compatible",
+    "check_delta",
+    "copy_weights",
+    "is_finite",
+    "l2_norm",
+    "scale",
+    "sub",
+    "weighted_sum",
+    "zeros_like",
+]
+
+
+def zeros_like(w: Weights, dtype: npt.DTypeLike | None = None) -> Weights:
+    """Fresh zero arrays with the names and shapes of ``w``."""
+    return {k: np.zeros_like(v, dtype=dtype) for k, v in w.items()}
+
+
+def copy_weights(w: Weights) -> Weights:
+    """Deep copy (fresh arrays)."""
+    return {k: np.array(v, copy=True) for k, v in w.items()}
+
+
+def add(a: Weights, b: Weights) -> Weights:
+    """a + b."""
+    return {k: (v + b[k]).astype(v.dtype, copy=False) for k, v in a.items()}
+
+
+def sub(a: Weights, b: Weights) -> Weights:
+    """a - b."""
+    return {k: (v - b[k]).astype(v.dtype, copy=False) for k, v in a.items()}
+
+
+def scale(a: Weights, c: float) -> Weights:
+    """c · a."""
+    return {k: (v * c).astype(v.dtype, copy=False) for k, v in a.items()}
+
+
+def axpy(alpha: float, x: Weights, y: Weights) -> Weights:
+    """y + alpha · x (BLAS naming), as new arrays with y's dtypes."""
+    return {k: (v + alpha * x[k]).astype(v.dtype, copy=False) for k, v in y.items()}
+
+
+def axpy_inplace(alpha: float, x: Weights, acc: Weights) -> None:
+    """acc += alpha · x, writing into ``acc`` (which must be the caller's own arrays)."""
+    for k, v in acc.items():
+        v += alpha * x[k]
+
+
+def weighted_sum(ws: Sequence[Weights], coeffs: Sequence[float]) -> Weights:
+    """Σ_i coeffs[i] · ws[i], with the dtypes of ``ws[0]``."""
+    if len(ws) != len(coeffs):
+        raise ValueError(f"{len(ws)} weight sets but {len(coeffs)} coefficients")
+    if not ws:
+        raise ValueError("weighted_sum of nothing")
+    out: Weights = {k: np.zeros(v.shape, dtype=np.float64) for k, v in ws[0].items()}
+    for w, c in zip(ws, coeffs, strict=True):
+        axpy_inplace(float(c), w, out)
+    return {k: v.astype(ws[0][k].dtype, copy=False) for k, v in out.items()}
+
+
+def l2_norm(w: Weights) -> float:
+    """The global L2 norm over all tensors, ‖w‖₂ (accumulated in float64)."""
+    total = 0.0
+    for v in w.values():
+        flat = v.ravel().astype(np.float64, copy=False)
+        total += float(flat @ flat)
+    return math.sqrt(total)
+
+
+def is_finite(w: Weights) -> bool:
+    """True when no tensor holds a NaN or an infinity."""
+    return all(bool(np.isfinite(v).all()) for v in w.values())
+
+
+def check_compatible(reference: Weights, other: Mapping[str, Any]) -> str | None:
+    """Why ``other`` cannot be combined with ``reference``, or None when it can.
+
+    Compatible means: exactly the same tensor names, each value a numpy array of the same
+    shape whose dtype is a real floating type castable to the reference's within its kind
+    (fp16 or fp64 from a codec are fine for an fp32 model; ints and complex are not).
+    Reasons: "not_a_mapping", "names", "not_array", "shape", "dtype".
+    """
+    if not isinstance(other, Mapping):
+        return "not_a_mapping"
+    if len(other) != len(reference):
+        return "names"
+    for name, ref in reference.items():
+        arr = other.get(name)
+        if arr is None:
+            return "names"
+        if not isinstance(arr, np.ndarray):
+            return "not_array"
+        if arr.shape != ref.shape:
+            return "shape"
+        dt = arr.dtype
+        if dt != ref.dtype and (dt.kind != "f" or not np.can_cast(dt, ref.dtype, "same_kind")):
+            return "dtype"
+    return None
+
+
+def check_delta(reference: Weights, delta: Mapping[str, Any]) -> str | None:
+    """``check_compatible`` plus finiteness: the reason to reject a peer's delta, or None."""
+    reason = check_compatible(reference, delta)
+    if reason is not None:
+        return reason
+    isfinite = np.isfinite
+    for arr in delta.values():
+        if not isfinite(arr).all():
+            return "non_finite"
+    return None

@@ -1,0 +1,104 @@
+"""What the ``fedloom`` sub-commands do (argument parsing lives in ``runtime.cli``)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from sim.config_reader import ConfigError
+from sim.runner import ProgressFn, build_plan_for_arm, run_scenario
+from sim.scenario import Scenario, load_scenario
+
+
+def _select_arms(scenario: Scenario, names: Sequence[str] | None) -> list[str] | None:
+    if not names:
+        return None
+    known = [a.name for a in scenario.arms]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"--arm {name!r}: no such arm in {scenario.name} ({', '.join(known)})")
+    return list(names)
+
+
+@contextmanager
+def _progress(console: Console, enabled: bool) -> Iterator[ProgressFn | None]:
+    if not enabled:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.fields[virtual]:>9} virtual"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def update(label: str, done_s: float, total_s: float) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total_s, virtual="0 h")
+            bar.update(tasks[label], completed=min(done_s, total_s), virtual=f"{done_s / 3600:.1f} h")
+
+        yield update
+
+
+def cmd_sim(
+    scenario_path: Path,
+    *,
+    out: Path | None,
+    seed: int | None,
+    arms: Sequence[str] | None,
+    quiet: bool,
+) -> int:
+    from sim.report import summary_table, write_report
+
+    scenario = load_scenario(scenario_path)
+    selected = _select_arms(scenario, arms)
+    out_dir = out if out is not None else Path("runs") / scenario.name
+    # A pipe or a log file gets a wide table rather than one squeezed to 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    if not quiet:
+        console.print(f"[bold]{scenario.name}[/]: {scenario.description}")
+    with _progress(console, enabled=not quiet and sys.stdout.isatty()) as progress:
+        report = run_scenario(scenario, seed=seed, arms=selected, progress=progress, log=None if quiet else console.print)
+    paths = write_report(report, out_dir)
+    console.print(summary_table(report))
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_plan(scenario_path: Path, *, out: Path | None, arm: str | None) -> int:
+    from sim.plots_topology import draw_plan
+    from topology.summary import format_summary
+
+    scenario = load_scenario(scenario_path)
+    chosen = scenario.arms[0] if arm is None else None
+    if arm is not None:
+        matches = [a for a in scenario.arms if a.name == arm]
+        if not matches:
+            known = ", ".join(a.name for a in scenario.arms)
+            raise ConfigError(f"--arm {arm!r}: no such arm in {scenario.name} ({known})")
+        chosen = matches[0]
+    assert chosen is not None
+    plan = build_plan_for_arm(scenario, chosen, seed=scenario.seed)
+    out_dir = out if out is not None else Path("runs") / f"{scenario.name}-plan"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{scenario.name} / arm {chosen.name}")
+    print(format_summary(plan))
+    plan.save(out_dir / "plan.json")
+    draw_plan(plan, out_dir / "topology.png")
+    print(f"wrote {out_dir / 'plan.json'}, {out_dir / 'topology.png'}")
+    return 0

@@ -1,0 +1,519 @@
+"""The simulation driver: runs sans-I/O nodes on the kernel's virtual clock.
+
+It is the simulator's half of the two-driver design (see DESIGN.md):
+
+* events in: ``node.handle(event, now)`` with ``now = kernel.now``;
+* ``Send``    -> ``Network.send`` (size from the real codec, FIFO links, partitions);
+* ``Train``   -> duration from the ``ComputeModel``, dropout from ``Availability``; the job
+  is submitted to the executor now (start snapshot) and joined when its end event fires
+  (``TrainDone``), or ``TrainFailed(job, "dropout")`` is delivered at that time;
+* ``Persist`` -> counted (and kept in ``store`` when ``record_persist``);
+* ``Metric``  -> totals, staleness values, listeners, and the ``InvariantChecker``;
+* ``Log``     -> counted by level, sent to the ``fedloom.sim`` logger at debug level;
+* deadlines   -> after every ``handle`` the node's ``next_deadline()`` is (re)scheduled,
+  replacing the stale entry (cancelled lazily, O(log n)).
+
+At the start every neighbour link (parent/child, gossip peers) is announced to both ends
+with ``PeerUp`` after the link's latency. Effects are carried out in list order, so a
+``Persist`` always precedes the ``Send`` of the acknowledgement that follows it.
+
+Events at the same virtual time run in scheduling order, except that deadlines run after
+the messages and job ends of their instant and observers after everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from algorithms.protocol import (
+    Deadline,
+    Event,
+    Log,
+    Metric,
+    Node,
+    Persist,
+    PeerDown,
+    PeerUp,
+    Received,
+    Send,
+    Train,
+    TrainDone,
+    TrainFailed,
+)
+from sim.availability import Availability
+from sim.compute import ComputeModel
+from sim.executors import Executor, InlineExecutor, Trainer
+from sim.invariants import InvariantChecker
+from sim.kernel import Handle, Kernel, SimulationError, derived_seed
+from sim.network import Codec, CodecPolicy, LinkModel, Network, Partition
+
+logger = logging.getLogger("fedloom.sim")
+
+PRIORITY_EVENT = 0  # messages, link notices, job ends
+PRIORITY_DEADLINE = 1  # after the messages of the same instant
+PRIORITY_OBSERVER = 2  # sees the state after everything of its instant
+
+# A node whose deadline keeps firing at one instant without moving on is stuck.
+_MAX_DEADLINES_PER_INSTANT = 1_000
+
+
+@dataclass(slots=True)
+class SimStats:
+    """What a run did. ``to_dict(wall=False)`` is identical for identical seeds."""
+
+    virtual_time: float = 0.0
+    events: int = 0  # kernel callbacks run
+    deliveries: int = 0  # node.handle calls
+    wall_time_s: float = 0.0
+    messages_sent: int = 0
+    messages_delivered: int = 0
+    messages_blocked: int = 0
+    messages_lost: int = 0
+    bytes_sent: int = 0
+    bytes_by_tier: dict[str, int] = field(default_factory=dict)
+    messages_by_tier: dict[str, int] = field(default_factory=dict)
+    bytes_by_type: dict[str, int] = field(default_factory=dict)
+    encodings: int = 0
+    jobs_started: int = 0
+    jobs_finished: int = 0
+    jobs_dropped: int = 0
+    jobs_abandoned: int = 0  # their node died while they ran
+    persists: int = 0
+    logs_by_level: dict[str, int] = field(default_factory=dict)
+    metric_totals: dict[str, float] = field(default_factory=dict)
+    metric_counts: dict[str, int] = field(default_factory=dict)
+    staleness: list[float] = field(default_factory=list)
+    updates_applied: int = 0
+    updates_duplicated: int = 0
+    deaths: int = 0
+
+    @property
+    def messages_dropped(self) -> int:
+        return self.messages_blocked + self.messages_lost
+
+    def to_dict(self, wall: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "virtual_time": self.virtual_time,
+            "events": self.events,
+            "deliveries": self.deliveries,
+            "messages_sent": self.messages_sent,
+            "messages_delivered": self.messages_delivered,
+            "messages_blocked": self.messages_blocked,
+            "messages_lost": self.messages_lost,
+            "messages_dropped": self.messages_dropped,
+            "bytes_sent": self.bytes_sent,
+            "bytes_by_tier": dict(sorted(self.bytes_by_tier.items())),
+            "messages_by_tier": dict(sorted(self.messages_by_tier.items())),
+            "bytes_by_type": dict(sorted(self.bytes_by_type.items())),
+            "encodings": self.encodings,
+            "jobs_started": self.jobs_started,
+            "jobs_finished": self.jobs_finished,
+            "jobs_dropped": self.jobs_dropped,
+            "jobs_abandoned": self.jobs_abandoned,
+            "persists": self.persists,
+            "logs_by_level": dict(sorted(self.logs_by_level.items())),
+            "metric_totals": dict(sorted(self.metric_totals.items())),
+            "metric_counts": dict(sorted(self.metric_counts.items())),
+            "staleness": list(self.staleness),
+            "updates_applied": self.updates_applied,
+            "updates_duplicated": self.updates_duplicated,
+            "deaths": self.deaths,
+        }
+        if wall:
+            out["wall_time_s"] = self.wall_time_s
+        return out
+
+
+class _Observer:
+    __slots__ = ("fn", "handle", "interval", "k", "t0")
+
+    def __init__(self, interval: float, fn: Callable[[float], Any], t0: float) -> None:
+        self.interval = interval
+        self.fn = fn
+        self.t0 = t0
+        self.k = 0
+        self.handle: Handle | None = None
+
+    @property
+    def next_t(self) -> float:
+        return self.t0 + self.k * self.interval  # no drift from repeated additions
+
+
+MetricListener = Callable[[str, float, Metric], Any]  # (node_id, now, metric)
+
+
+class SimDriver:
+    """Runs ``nodes`` on a virtual clock (see the module docstring).
+
+    ``network`` is the link model (``link(a, b)``; a ``topology.plan.Plan`` works),
+    ``neighbours`` the (a, b) pairs that are parent/child or gossip peers, ``roles`` each
+    node's role (for bytes per tier).
+    """
+
+    def __init__(
+        self,
+        nodes: Mapping[str, Node],
+        roles: Mapping[str, str],
+        network: LinkModel,
+        *,
+        neighbours: Iterable[tuple[str, str]] = (),
+        compute: ComputeModel | None = None,
+        availability: Availability | None = None,
+        trainer: Trainer | None = None,
+        executor: Executor | None = None,
+        seed: int = 0,
+        codecs: CodecPolicy | None = None,
+        codec: Codec | None = None,
+        partitions: Iterable[Partition] = (),
+        start_time: float = 0.0,
+        record_persist: bool = False,
+        keep_logs: bool = False,
+        checker: InvariantChecker | None = None,
+    ) -> None:
+        for key, node in nodes.items():
+            if node.node_id != key:
+                raise ValueError(f"nodes[{key!r}] has node_id {node.node_id!r}")
+        missing = sorted(set(nodes) - set(roles))
+        if missing:
+            raise ValueError(f"roles: no role for node(s) {', '.join(missing[:10])}")
+        self.nodes: dict[str, Node] = dict(nodes)
+        self.roles = dict(roles)
+        self.seed = seed
+        self.kernel = Kernel(seed, start_time)
+        self.network = Network(
+            self.kernel,
+            network,
+            deliver=self._on_message,
+            notify=self._on_link,
+            codec=codec,
+            codecs=codecs,
+            roles=self.roles,
+        )
+        for a, b in neighbours:
+            for n in (a, b):
+                if n not in self.nodes:
+                    raise ValueError(f"neighbours: unknown node {n!r}")
+            self.network.add_neighbours(a, b)
+        self.compute = compute if compute is not None else ComputeModel.from_config({}, seed=seed)
+        self.availability = availability if availability is not None else Availability(seed=seed)
+        self.trainer = trainer
+        if executor is None and trainer is not None:
+            executor = InlineExecutor(trainer)
+        self.executor = executor
+        self.checker = checker if checker is not None else InvariantChecker()
+        self.record_persist = record_persist
+        self.store: dict[str, Any] = {}
+        self.keep_logs = keep_logs
+        self.logs: list[tuple[float, str, Log]] = []
+        self.versions: dict[str, float] = {}  # last model_version gauge per node
+        self._stats = SimStats()
+        self._dead: set[str] = set()
+        self._deadlines: dict[str, tuple[float, Handle]] = {}
+        # Deadlines fired per node at the current instant (to catch a node that never
+        # moves its deadline on, which would otherwise spin forever at one time).
+        self._deadline_instant = -1.0
+        self._deadline_counts: dict[str, int] = {}
+        self._observers: list[_Observer] = []
+        self._metric_listeners: list[MetricListener] = []
+        self._until: float = start_time
+        self._started = False
+        self._debug = False
+        for p in partitions:
+            self.network.add_partition(p)
+        for p in self.availability.partitions():
+            self.network.add_partition(p)
+
+    @classmethod
+    def from_plan(cls, plan: Any, nodes: Mapping[str, Node], **kwargs: Any) -> SimDriver:
+        """A driver for ``nodes`` laid out by a ``topology.plan.Plan`` (roles, links,
+        neighbours from the plan; plan nodes without a running node are left out)."""
+        roles = {k: v for k, v in roles_from_plan(plan).items() if k in nodes}
+        pairs = [(a, b) for a, b in neighbours_from_plan(plan) if a in nodes and b in nodes]
+        return cls(nodes, roles, plan, neighbours=pairs, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def now(self) -> float:
+        return self.kernel.now
+
+    @property
+    def stats(self) -> SimStats:
+        """A snapshot of the run's statistics."""
+        s = self._stats
+        net = self.network.stats
+        s.virtual_time = self.kernel.now
+        s.events = self.kernel.events_processed
+        s.messages_sent = net.messages_sent
+        s.messages_delivered = net.messages_delivered
+        s.messages_blocked = net.messages_blocked
+        s.messages_lost = net.messages_lost
+        s.bytes_sent = net.bytes_sent
+        s.encodings = net.encodings
+        s.bytes_by_tier = dict(self.network.bytes_by_tier)
+        s.messages_by_tier = dict(self.network.messages_by_tier)
+        s.bytes_by_type = dict(self.network.bytes_by_type)
+        s.updates_applied = self.checker.updates_applied
+        s.updates_duplicated = self.checker.updates_duplicated
+        return s
+
+    def is_alive(self, node_id: str) -> bool:
+        return node_id not in self._dead
+
+    def observe(self, interval_s: float, fn: Callable[[float], Any]) -> None:
+        """Call ``fn(now)`` at start_time and every ``interval_s`` after (while running)."""
+        if not interval_s > 0:
+            raise ValueError(f"observe interval_s must be > 0, got {interval_s!r}")
+        self._observers.append(_Observer(interval_s, fn, self.kernel.now))
+
+    def on_metric(self, fn: MetricListener) -> None:
+        """Call ``fn(node_id, now, metric)`` for every ``Metric`` effect."""
+        self._metric_listeners.append(fn)
+
+    def partition(self, nodes: Iterable[str], start_s: float, end_s: float) -> None:
+        """Cut ``nodes`` from the rest during ``[start_s, end_s)`` (start >= now)."""
+        group = frozenset(nodes)
+        unknown = sorted(group - set(self.nodes))
+        if unknown:
+            raise ValueError(f"partition: unknown node(s) {', '.join(unknown)}")
+        self.network.add_partition(Partition(start_s, end_s, group))
+
+    def kill(self, node_id: str, detection_delay_s: float | None = None) -> None:
+        """``node_id`` dies now: it gets no more events; neighbours hear after a delay."""
+        if node_id not in self.nodes:
+            raise ValueError(f"kill: unknown node {node_id!r}")
+        if node_id in self._dead:
+            return
+        delay = self.availability.detection_delay_s if detection_delay_s is None else detection_delay_s
+        self._dead.add(node_id)
+        self._stats.deaths += 1
+        entry = self._deadlines.pop(node_id, None)
+        if entry is not None:
+            Kernel.cancel(entry[1])
+        self.network.kill(node_id, delay)
+
+    def kill_at(self, t: float, node_id: str, detection_delay_s: float | None = None) -> None:
+        self.kernel.schedule_at(t, self.kill, node_id, detection_delay_s)
+
+    def run(self, until: float | None = None, stop: Callable[[], bool] | None = None) -> SimStats:
+        """Run to virtual time ``until`` (or until nothing is left, or ``stop()`` is true)."""
+        if until is None and self._observers:
+            raise ValueError("run(until=None) would never end with observers: give until")
+        if not self._started:
+            self._start()
+        self._until = float("inf") if until is None else until
+        self._debug = logger.isEnabledFor(logging.DEBUG)
+        for obs in self._observers:
+            self._arm(obs)
+        t0 = time.perf_counter()
+        try:
+            self.kernel.run(until, stop)
+        finally:
+            self._stats.wall_time_s += time.perf_counter() - t0
+            self.network.end_burst()
+        return self.stats
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+
+    # ------------------------------------------------------------------- internals
+
+    def _start(self) -> None:
+        self._started = True
+        now = self.kernel.now
+        for death in self.availability.deaths:
+            if death.node not in self.nodes:
+                raise ValueError(f"availability: {death.node!r} is not a node of this run")
+            self.kernel.schedule_at(max(death.at_s, now), self.kill, death.node)
+        self.network.start()
+        for node_id, node in self.nodes.items():
+            self._refresh_deadline(node_id, node, now)
+
+    def _arm(self, obs: _Observer) -> None:
+        if obs.handle is None and obs.next_t <= self._until:
+            t = max(obs.next_t, self.kernel.now)
+            obs.handle = self.kernel.schedule_at(t, self._tick, obs, priority=PRIORITY_OBSERVER)
+
+    def _tick(self, obs: _Observer) -> None:
+        obs.handle = None
+        obs.k += 1
+        obs.fn(self.kernel.now)
+        self._arm(obs)
+
+    def _dispatch(self, node_id: str, event: Event) -> None:
+        node = self.nodes[node_id]
+        now = self.kernel.now
+        self._stats.deliveries += 1
+        try:
+            effects = node.handle(event, now)
+        except Exception as exc:
+            exc.add_note(f"while {node_id} handled {type(event).__name__} at t={now!r}")
+            raise
+        if effects:
+            self._apply(node_id, effects, now)
+        self._refresh_deadline(node_id, node, now)
+
+    def _apply(self, node_id: str, effects: list[Any], now: float) -> None:
+        observe = self.checker.observe
+        for effect in effects:
+            observe(node_id, effect, now)
+            kind = type(effect)
+            if kind is Send:
+                if effect.peer not in self.nodes:
+                    raise SimulationError(
+                        f"{node_id} sent {type(effect.msg).__name__} to unknown node "
+                        f"{effect.peer!r}"
+                    )
+                self.network.send(node_id, effect.peer, effect.msg)
+            elif kind is Metric:
+                self._metric(node_id, effect, now)
+            elif kind is Train:
+                self._train(node_id, effect)
+            elif kind is Persist:
+                self._stats.persists += 1
+                if self.record_persist:
+                    self._persist(effect)
+            elif kind is Log:
+                self._log(node_id, effect, now)
+            else:
+                raise SimulationError(f"{node_id} returned an unknown effect {effect!r}")
+        self.network.end_burst()
+
+    def _metric(self, node_id: str, m: Metric, now: float) -> None:
+        s = self._stats
+        name = m.name
+        s.metric_totals[name] = s.metric_totals.get(name, 0.0) + m.value
+        s.metric_counts[name] = s.metric_counts.get(name, 0) + 1
+        if name == "update_applied":
+            s.staleness.append(m.value)
+        elif name == "model_version":
+            self.versions[node_id] = m.value
+        for fn in self._metric_listeners:
+            fn(node_id, now, m)
+
+    def _persist(self, p: Persist) -> None:
+        if p.append:
+            log = self.store.get(p.key)
+            if not isinstance(log, list):
+                log = self.store[p.key] = []
+            log.append(p.data)
+        else:
+            self.store[p.key] = p.data
+
+    def _log(self, node_id: str, entry: Log, now: float) -> None:
+        levels = self._stats.logs_by_level
+        levels[entry.level] = levels.get(entry.level, 0) + 1
+        if self.keep_logs:
+            self.logs.append((now, node_id, entry))
+        if self._debug:
+            logger.debug(
+                "t=%.6f %s [%s] %s %s", now, node_id, entry.level, entry.text, entry.fields or ""
+            )
+
+    def _train(self, node_id: str, t: Train) -> None:
+        if self.executor is None:
+            raise SimulationError(f"{node_id} asked to train but the driver has no trainer")
+        config = t.config
+        if "seed" not in config:
+            config = {**config, "seed": derived_seed(self.seed, "train", node_id, t.job)}
+        duration = self.compute.duration(node_id)
+        self._stats.jobs_started += 1
+        if self.availability.job_dropped(node_id):
+            self._stats.jobs_dropped += 1
+            self.kernel.schedule_in(duration, self._job_failed, node_id, t.job, "dropout")
+            return
+        ticket = self.executor.submit(node_id, t.weights, config)
+        self.kernel.schedule_in(duration, self._job_done, node_id, t.job, ticket)
+
+    def _job_done(self, node_id: str, job: int, ticket: Any) -> None:
+        assert self.executor is not None
+        if node_id in self._dead:
+            self._stats.jobs_abandoned += 1
+            self.executor.discard(ticket)
+            return
+        result = self.executor.join(ticket)
+        self._stats.jobs_finished += 1
+        self._dispatch(node_id, TrainDone(job, result))
+
+    def _job_failed(self, node_id: str, job: int, reason: str) -> None:
+        if node_id in self._dead:
+            return
+        self._dispatch(node_id, TrainFailed(job, reason))
+
+    def _on_message(self, src: str, dst: str, msg: Any) -> None:
+        if dst in self._dead:  # the network already drops these; kept as a guard
+            return
+        self._dispatch(dst, Received(src, msg))
+
+    def _on_link(self, node_id: str, peer: str, up: bool) -> None:
+        if node_id in self._dead:
+            return
+        self._dispatch(node_id, PeerUp(peer) if up else PeerDown(peer))
+
+    def _refresh_deadline(self, node_id: str, node: Node, now: float) -> None:
+        wanted = node.next_deadline()
+        current = self._deadlines.get(node_id)
+        if current is not None:
+            if wanted == current[0] and current[1][3] is not None:
+                return  # already scheduled for that time
+            Kernel.cancel(current[1])
+            if wanted is None:
+                del self._deadlines[node_id]
+                return
+        elif wanted is None:
+            return
+        t = wanted if wanted > now else now
+        handle = self.kernel.schedule_at(
+            t, self._fire_deadline, node_id, priority=PRIORITY_DEADLINE
+        )
+        self._deadlines[node_id] = (wanted, handle)
+
+    def _fire_deadline(self, node_id: str) -> None:
+        now = self.kernel.now
+        if now != self._deadline_instant:
+            self._deadline_instant = now
+            self._deadline_counts.clear()
+        count = self._deadline_counts.get(node_id, 0) + 1
+        if count > _MAX_DEADLINES_PER_INSTANT:
+            raise SimulationError(
+                f"{node_id} keeps asking for a deadline at t={now!r} without moving it on"
+            )
+        self._deadline_counts[node_id] = count
+        self._dispatch(node_id, Deadline())
+
+
+# ------------------------------------------------------------------ plan adapters
+
+
+def _plan_nodes(plan: Any) -> list[Any]:
+    nodes = plan.nodes
+    values = nodes.values() if isinstance(nodes, Mapping) else nodes
+    return sorted(values, key=lambda n: n.id)
+
+
+def roles_from_plan(plan: Any) -> dict[str, str]:
+    """``{node id: role}`` of a ``topology.plan.Plan``."""
+    return {n.id: n.role for n in _plan_nodes(plan)}
+
+
+def neighbours_from_plan(plan: Any) -> list[tuple[str, str]]:
+    """The parent/child and gossip-peer pairs of a plan, each once, sorted."""
+    pairs: set[tuple[str, str]] = set()
+    for n in _plan_nodes(plan):
+        linked = [getattr(n, "parent", None), *(getattr(n, "children", ()) or ())]
+        linked += list(getattr(n, "peers", ()) or ())
+        for other in linked:
+            if other is not None and other != n.id:
+                a, b = sorted((n.id, other))
+                pairs.add((a, b))
+    return sorted(pairs)
+
+
+def region_nodes(plan: Any, region: str) -> frozenset[str]:
+    """The nodes of ``region`` (its sites and its regional aggregator): a partition group."""
+    return frozenset(n.id for n in _plan_nodes(plan) if getattr(n, "region", None) == region)

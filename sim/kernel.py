@@ -1,0 +1,211 @@
+"""A discrete-event kernel as small as SimPy's core: one heap of timed callbacks.
+
+Entries are ordered by ``(time, priority, sequence)``: earlier first, then lower priority
+value first, then first-scheduled first (ties run FIFO, so a run is a pure function of the
+seed). Cancelling is lazy: the entry stays in the heap with its callback cleared and is
+skipped when popped, which keeps ``cancel`` O(1) and ``schedule_at`` O(log n).
+
+Randomness: the kernel owns no global RNG. ``entity_rng(seed, *keys)`` gives every entity
+(a site's compute draws, its dropout draws, ...) its own ``numpy.random.Generator`` from
+``SeedSequence([seed, *keys])``, with string keys hashed stably (not Python's salted
+``hash``), so adding an entity never shifts another entity's stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import numpy as np
+
+# An opaque, cancellable reference to a scheduled callback (the heap entry itself:
+# [time, priority, sequence, callback | None, args]). Lists compare element-wise in C,
+# which keeps heap operations fast; the sequence number is unique, so the callback is
+# never compared.
+Handle: TypeAlias = list[Any]
+
+_T, _PRIO, _SEQ, _FN, _ARGS = range(5)
+
+
+class SimulationError(RuntimeError):
+    """The simulation was used wrongly (scheduling in the past, a bad time value, ...)."""
+
+
+def stable_key(key: int | str) -> int:
+    """A non-negative integer for ``key`` that is the same in every process and run."""
+    if isinstance(key, bool):
+        raise TypeError("stable_key: bool is not a valid key")
+    if isinstance(key, int):
+        return key & 0xFFFF_FFFF_FFFF_FFFF
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def entity_seed(seed: int, *keys: int | str) -> np.random.SeedSequence:
+    """The seed sequence of the entity named by ``keys`` within run ``seed``."""
+    return np.random.SeedSequence([stable_key(seed), *(stable_key(k) for k in keys)])
+
+
+def entity_rng(seed: int, *keys: int | str) -> np.random.Generator:
+    """An independent generator for one entity (e.g. ``entity_rng(seed, "compute", site)``)."""
+    return np.random.default_rng(entity_seed(seed, *keys))
+
+
+def derived_seed(seed: int, *keys: int | str) -> int:
+    """A deterministic seed in [0, 2**31) for ``keys`` within run ``seed``.
+
+    31 bits so that any consumer (``torch.manual_seed``, ``np.random.RandomState``,
+    ``random.seed``) accepts it. A keyed hash, not a SeedSequence: it is called once per
+    training job and must be cheap.
+    """
+    for k in keys:
+        if isinstance(k, bool) or not isinstance(k, int | str):
+            raise TypeError(f"derived_seed: keys are ints or strings, got {k!r}")
+    text = repr((int(seed), *keys)).encode("utf-8")
+    digest = hashlib.blake2b(text, digest_size=4, person=b"fedloom-seed").digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Kernel:
+    """The event heap and the virtual clock.
+
+    ``schedule_at(t, fn, *args, priority=0)`` runs ``fn(*args)`` when the clock reaches
+    ``t``; ``run(until=...)`` pops events in order. Callbacks may schedule more events,
+    at the current time or later, never earlier.
+    """
+
+    __slots__ = ("_heap", "_now", "_processed", "_seq", "seed")
+
+    def __init__(self, seed: int = 0, start_time: float = 0.0) -> None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"Kernel seed must be a non-negative int, got {seed!r}")
+        if not math.isfinite(start_time):
+            raise ValueError(f"Kernel start_time must be finite, got {start_time!r}")
+        self.seed = seed
+        self._now = float(start_time)
+        self._heap: list[Handle] = []
+        self._seq = 0
+        self._processed = 0
+
+    # ----------------------------------------------------------------- clock and state
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    @property
+    def events_processed(self) -> int:
+        """Callbacks run so far (cancelled entries are not counted)."""
+        return self._processed
+
+    def __len__(self) -> int:
+        """Entries in the heap, including cancelled ones not yet popped."""
+        return len(self._heap)
+
+    def rng(self, *keys: int | str) -> np.random.Generator:
+        """An independent generator for the entity ``keys`` of this run."""
+        return entity_rng(self.seed, *keys)
+
+    # -------------------------------------------------------------------- scheduling
+
+    def schedule_at(
+        self, t: float, fn: Callable[..., Any], *args: Any, priority: int = 0
+    ) -> Handle:
+        """Run ``fn(*args)`` at time ``t`` (>= now). Returns a handle for ``cancel``."""
+        if not t >= self._now:  # also catches NaN
+            raise SimulationError(
+                f"cannot schedule {getattr(fn, '__qualname__', fn)!r} at t={t!r}: "
+                f"it is before now={self._now!r}"
+            )
+        if t == math.inf:
+            raise SimulationError("cannot schedule an event at t=inf")
+        self._seq += 1
+        entry: Handle = [t, priority, self._seq, fn, args]
+        heapq.heappush(self._heap, entry)
+        return entry
+
+    def schedule_in(
+        self, delay: float, fn: Callable[..., Any], *args: Any, priority: int = 0
+    ) -> Handle:
+        """Run ``fn(*args)`` after ``delay`` (>= 0) seconds of virtual time."""
+        if not delay >= 0.0:
+            raise SimulationError(f"delay must be >= 0, got {delay!r}")
+        return self.schedule_at(self._now + delay, fn, *args, priority=priority)
+
+    @staticmethod
+    def cancel(handle: Handle) -> None:
+        """Cancel a scheduled callback (a no-op if it already ran or was cancelled)."""
+        handle[_FN] = None
+        handle[_ARGS] = ()
+
+    @staticmethod
+    def is_pending(handle: Handle) -> bool:
+        """Whether the callback behind ``handle`` has neither run nor been cancelled."""
+        return handle[_FN] is not None
+
+    @staticmethod
+    def time_of(handle: Handle) -> float:
+        t: float = handle[_T]
+        return t
+
+    def peek(self) -> float | None:
+        """The time of the next live event, or ``None`` when nothing is pending."""
+        heap = self._heap
+        while heap and heap[0][_FN] is None:
+            heapq.heappop(heap)
+        return heap[0][_T] if heap else None
+
+    # ----------------------------------------------------------------------- running
+
+    def step(self) -> bool:
+        """Run the next live event. Returns ``False`` when there was none."""
+        heap = self._heap
+        while heap:
+            entry = heapq.heappop(heap)
+            fn = entry[_FN]
+            if fn is None:
+                continue
+            self._now = entry[_T]
+            entry[_FN] = None  # marks it as run: cancel() afterwards is harmless
+            self._processed += 1
+            fn(*entry[_ARGS])
+            return True
+        return False
+
+    def run(self, until: float | None = None, stop: Callable[[], bool] | None = None) -> int:
+        """Run events with time <= ``until`` (all of them when ``None``), in order.
+
+        ``stop`` is checked after every event; the run ends as soon as it returns true.
+        When the run ends because of ``until``, the clock is advanced to ``until``.
+        Returns the number of events run.
+        """
+        if until is not None and not until >= self._now:
+            raise SimulationError(f"run(until={until!r}) is before now={self._now!r}")
+        heap = self._heap
+        pop = heapq.heappop
+        limit = math.inf if until is None else until
+        done = 0
+        try:
+            while heap:
+                entry = heap[0]
+                fn = entry[_FN]
+                if fn is None:
+                    pop(heap)
+                    continue
+                if entry[_T] > limit:
+                    break
+                pop(heap)
+                self._now = entry[_T]
+                entry[_FN] = None
+                done += 1
+                fn(*entry[_ARGS])
+                if stop is not None and stop():
+                    return done
+        finally:
+            self._processed += done
+        if until is not None:
+            self._now = until
+        return done

@@ -1,0 +1,445 @@
+"""Message delivery on the virtual clock: latency, bandwidth, loss, partitions, deaths.
+
+Delivery model (per directed link ``src -> dst``):
+
+* A link is a FIFO byte pipe. A message starts transmitting when the previous one on the
+  same link has finished (``busy_until``), takes ``8 * size / bw_eff`` seconds to
+  serialise, then ``latency_s`` to propagate::
+
+      start   = max(now, busy_until)
+      arrival = start + 8 * size / bw_eff + latency_s
+
+  so a link never reorders its messages (arrivals at equal times keep send order, since
+  the kernel runs ties FIFO).
+* ``size`` is ``len(codec.encode(msg, spec))`` with the real wire codec, and the receiver
+  gets ``codec.decode(bytes)``: a lossy codec changes both the simulated time and what
+  arrives. The spec is chosen per message type (``CodecPolicy``).
+* Loss: links are reliable TCP-like streams, so packet loss does not drop messages; it
+  lowers throughput as in Mathis, Semke, Mahdavi & Ott, "The macroscopic behavior of the
+  TCP congestion avoidance algorithm" (CCR 1997)::
+
+      bw_eff = min(bw, (MSS / RTT) * (1.22 / sqrt(p)))      MSS = 1460 bytes
+
+  with ``RTT`` the sum of both directions' latencies.
+* Partitions: during ``[start, end)`` the nodes of a ``Partition`` are cut from every
+  other node (links inside the set, and outside it, still work). A link that goes down
+  loses everything in flight on it (the TCP connection is reset) and messages sent across
+  the cut while it lasts are lost. At the start both ends of every affected neighbour link
+  (parent/child or gossip peer) get ``PeerDown``; when it heals each end gets ``PeerUp``
+  after the link's latency, so nodes can resend what was not acknowledged.
+* Deaths: a dead node's links go down at once and stay down; its neighbours hear
+  ``PeerDown`` after a detection delay, the dead node hears nothing.
+
+Neighbours are told about their links only on transitions (up, down, up, ...): a node
+never gets two ``PeerDown`` for the same peer in a row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from sim.kernel import Kernel, SimulationError
+
+MSS_BYTES = 1460
+MATHIS_C = 1.22  # sqrt(3/2), periodic-loss constant of Mathis et al. 1997
+
+
+class LinkParams(NamedTuple):
+    """One direction of a link: one-way latency (s), bandwidth (bit/s), packet loss rate."""
+
+    latency_s: float
+    bandwidth_bps: float
+    loss: float = 0.0
+
+
+class LinkModel(Protocol):
+    """Where link parameters come from (a ``topology.plan.Plan`` has this method)."""
+
+    def link(self, src: str, dst: str) -> Any:
+        """``LinkParams``, a ``(latency_s, bandwidth_bps, loss)`` tuple, or an object
+        with those attributes (``topology.specs.Link``)."""
+        ...
+
+
+class Codec(Protocol):
+    """The wire codec: ``transport.wire`` satisfies this (see ``WireCodec``)."""
+
+    def encode(self, msg: Any, spec: Any) -> bytes: ...
+
+    def decode(self, data: bytes) -> Any: ...
+
+
+def link_params(raw: Any) -> LinkParams:
+    """Normalise whatever a ``LinkModel`` returned into ``LinkParams``."""
+    if isinstance(raw, LinkParams):
+        return raw
+    if isinstance(raw, tuple):
+        return LinkParams(*raw)
+    return LinkParams(float(raw.latency_s), float(raw.bandwidth_bps), float(raw.loss))
+
+
+def mathis_bandwidth(
+    bandwidth_bps: float, rtt_s: float, loss: float, mss_bytes: int = MSS_BYTES
+) -> float:
+    """Effective TCP throughput (bit/s) of a link with packet loss ``loss`` (Mathis 1997)."""
+    if loss <= 0.0 or rtt_s <= 0.0:
+        return bandwidth_bps
+    if loss >= 1.0:
+        raise ValueError(f"loss must be < 1, got {loss!r}")
+    cap = (mss_bytes * 8.0 / rtt_s) * (MATHIS_C / math.sqrt(loss))
+    return min(bandwidth_bps, cap)
+
+
+class UniformLinks:
+    """Every directed link has the same parameters (tests, toy scenarios)."""
+
+    def __init__(self, latency_s: float = 0.01, bandwidth_bps: float = 100e6, loss: float = 0.0):
+        if latency_s < 0 or not bandwidth_bps > 0 or not 0 <= loss < 1:
+            raise ValueError("UniformLinks: need latency_s >= 0, bandwidth_bps > 0, 0 <= loss < 1")
+        self._params = LinkParams(latency_s, bandwidth_bps, loss)
+
+    def link(self, src: str, dst: str) -> LinkParams:
+        return self._params
+
+
+class WireCodec:
+    """``transport.wire`` as a ``Codec`` (imported lazily; ``limits`` passed to ``decode``)."""
+
+    def __init__(self, limits: Any = None) -> None:
+        from transport import wire
+
+        self._encode = wire.encode
+        self._decode = wire.decode
+        self._limits = limits
+
+    def encode(self, msg: Any, spec: Any) -> bytes:
+        return self._encode(msg, spec)  # type: ignore[no-any-return]
+
+    def decode(self, data: bytes) -> Any:
+        if self._limits is None:
+            return self._decode(data)
+        return self._decode(data, limits=self._limits)
+
+
+_UPLINK_TYPES = ("Update", "GossipShare")
+_DOWNLINK_TYPES = ("ModelBroadcast", "TrainRequest")
+
+
+class CodecPolicy:
+    """Which codec spec each message type goes with.
+
+    Deltas travelling up (``Update``, ``GossipShare``) use ``up`` (the scenario's codec),
+    models travelling down (``ModelBroadcast``, ``TrainRequest``) use ``down``, everything
+    else ``control``. ``None`` means ``transport.tensors.CodecSpec()`` (fp32).
+    """
+
+    def __init__(self, up: Any = None, down: Any = None, control: Any = None) -> None:
+        default = None
+        if up is None or down is None or control is None:
+            from transport.tensors import CodecSpec
+
+            default = CodecSpec()
+        self.up = default if up is None else up
+        self.down = default if down is None else down
+        self.control = default if control is None else control
+        self._by_type: dict[type, Any] = {}
+
+    def spec_for(self, msg: Any) -> Any:
+        cls = type(msg)
+        spec = self._by_type.get(cls)
+        if spec is None:
+            name = cls.__name__
+            if name in _UPLINK_TYPES:
+                spec = self.up
+            elif name in _DOWNLINK_TYPES:
+                spec = self.down
+            else:
+                spec = self.control
+            self._by_type[cls] = spec
+        return spec
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """During ``[start_s, end_s)`` the ``nodes`` are cut from everyone else."""
+
+    start_s: float
+    end_s: float
+    nodes: frozenset[str]
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start_s) and self.start_s >= 0):
+            raise ValueError(f"Partition.start_s must be finite and >= 0, got {self.start_s!r}")
+        if not self.end_s > self.start_s:
+            raise ValueError(
+                f"Partition.end_s ({self.end_s!r}) must be after start_s ({self.start_s!r})"
+            )
+        if not self.nodes:
+            raise ValueError("Partition.nodes must not be empty")
+        object.__setattr__(self, "nodes", frozenset(self.nodes))
+
+
+class _LinkState:
+    """Mutable state of one directed link."""
+
+    __slots__ = ("busy_until", "bw", "dst", "epoch", "latency", "src", "tier")
+
+    def __init__(self, src: str, dst: str, latency: float, bw: float, tier: str) -> None:
+        self.src = src
+        self.dst = dst
+        self.latency = latency
+        self.bw = bw
+        self.tier = tier
+        self.busy_until = 0.0
+        self.epoch = 0  # bumped whenever the link goes down: in-flight messages are lost
+
+
+@dataclass(slots=True)
+class NetworkStats:
+    messages_sent: int = 0  # accepted onto a link
+    messages_delivered: int = 0
+    messages_blocked: int = 0  # sent while the link was down (partition, death)
+    messages_lost: int = 0  # in flight when the link went down
+    bytes_sent: int = 0
+    encodings: int = 0  # real encode calls (broadcasts share one)
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "messages_sent": self.messages_sent,
+            "messages_delivered": self.messages_delivered,
+            "messages_blocked": self.messages_blocked,
+            "messages_lost": self.messages_lost,
+            "bytes_sent": self.bytes_sent,
+            "encodings": self.encodings,
+        }
+
+
+DeliverFn = Callable[[str, str, Any], None]  # (src, dst, decoded message)
+NotifyFn = Callable[[str, str, bool], None]  # (node, peer, up)
+
+
+class Network:
+    """Moves messages between nodes on the kernel's clock (see the module docstring)."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        links: LinkModel,
+        *,
+        deliver: DeliverFn,
+        notify: NotifyFn,
+        codec: Codec | None = None,
+        codecs: CodecPolicy | None = None,
+        roles: Mapping[str, str] | None = None,
+        neighbours: Iterable[tuple[str, str]] = (),
+        mss_bytes: int = MSS_BYTES,
+    ) -> None:
+        if mss_bytes <= 0:
+            raise ValueError(f"mss_bytes must be positive, got {mss_bytes!r}")
+        self._kernel = kernel
+        self._links = links
+        self._deliver = deliver
+        self._notify = notify
+        self._codec: Codec = codec if codec is not None else WireCodec()
+        self._codecs = codecs if codecs is not None else CodecPolicy()
+        self._roles = dict(roles or {})
+        self._mss = mss_bytes
+        self._states: dict[tuple[str, str], _LinkState] = {}
+        self._incident: dict[str, list[_LinkState]] = {}
+        self._adj: dict[str, set[str]] = {}
+        for a, b in neighbours:
+            self.add_neighbours(a, b)
+        self._partitions: list[frozenset[str]] = []
+        self._dead: set[str] = set()
+        self._notified: dict[tuple[str, str], bool] = {}
+        # Broadcast memo: (id(msg), spec) -> (msg, size, decoded). Holding msg keeps its
+        # id from being reused while the entry lives; cleared by end_burst().
+        self._memo: dict[tuple[int, Any], tuple[Any, int, Any]] = {}
+        self.stats = NetworkStats()
+        self.bytes_by_tier: dict[str, int] = {}
+        self.messages_by_tier: dict[str, int] = {}
+        self.bytes_by_type: dict[str, int] = {}
+
+    # ------------------------------------------------------------------- topology
+
+    def add_neighbours(self, a: str, b: str) -> None:
+        """Declare ``a`` and ``b`` neighbours (they get PeerUp/PeerDown about each other)."""
+        if a == b:
+            raise ValueError(f"a node cannot be its own neighbour: {a!r}")
+        self._adj.setdefault(a, set()).add(b)
+        self._adj.setdefault(b, set()).add(a)
+
+    def neighbours(self, node: str) -> frozenset[str]:
+        return frozenset(self._adj.get(node, ()))
+
+    def _state(self, src: str, dst: str) -> _LinkState:
+        key = (src, dst)
+        st = self._states.get(key)
+        if st is None:
+            if src == dst:
+                raise SimulationError(f"{src!r} cannot send a message to itself")
+            fwd = link_params(self._links.link(src, dst))
+            back = link_params(self._links.link(dst, src))
+            bw = mathis_bandwidth(
+                fwd.bandwidth_bps, fwd.latency_s + back.latency_s, fwd.loss, self._mss
+            )
+            tier = f"{self._roles.get(src, '?')}->{self._roles.get(dst, '?')}"
+            st = _LinkState(src, dst, fwd.latency_s, bw, tier)
+            self._states[key] = st
+            self._incident.setdefault(src, []).append(st)
+            self._incident.setdefault(dst, []).append(st)
+        return st
+
+    def effective_bandwidth(self, src: str, dst: str) -> float:
+        """The bandwidth (bit/s) messages on ``src -> dst`` actually get (after loss)."""
+        return self._state(src, dst).bw
+
+    def latency(self, src: str, dst: str) -> float:
+        return self._state(src, dst).latency
+
+    # -------------------------------------------------------------- connectivity
+
+    def is_dead(self, node: str) -> bool:
+        return node in self._dead
+
+    def connected(self, a: str, b: str) -> bool:
+        """Whether a message from ``a`` to ``b`` can be carried now."""
+        dead = self._dead
+        if dead and (a in dead or b in dead):
+            return False
+        return all((a in g) == (b in g) for g in self._partitions)
+
+    def _tell(self, node: str, peer: str, up: bool) -> None:
+        """Notify ``node`` about ``peer`` if that is a change for it (and it is alive)."""
+        if node in self._dead:
+            return
+        key = (node, peer)
+        if self._notified.get(key, False) == up:
+            return
+        self._notified[key] = up
+        self._notify(node, peer, up)
+
+    def _schedule_up(self, node: str, peer: str) -> None:
+        """``node`` hears ``peer`` is up once a message could travel ``peer -> node``."""
+        st = self._state(peer, node)
+        self._kernel.schedule_in(st.latency, self._up_notice, node, peer, st, st.epoch)
+
+    def _up_notice(self, node: str, peer: str, st: _LinkState, epoch: int) -> None:
+        if st.epoch == epoch and self.connected(node, peer):
+            self._tell(node, peer, True)
+
+    def start(self) -> None:
+        """Announce every neighbour link: each end gets PeerUp after the link's latency."""
+        for a in sorted(self._adj):
+            for b in sorted(self._adj[a]):
+                if self.connected(a, b):
+                    self._schedule_up(a, b)
+
+    def add_partition(self, partition: Partition) -> None:
+        """Schedule a partition window (its start must not be in the past)."""
+        self._kernel.schedule_at(partition.start_s, self._partition_start, partition.nodes)
+        self._kernel.schedule_at(partition.end_s, self._partition_end, partition.nodes)
+
+    def _crossing_neighbours(self, group: frozenset[str]) -> list[tuple[str, str]]:
+        pairs = []
+        for a in sorted(group):
+            for b in sorted(self._adj.get(a, ())):
+                if b not in group:
+                    pairs.append((a, b))
+        return pairs
+
+    def _partition_start(self, group: frozenset[str]) -> None:
+        now = self._kernel.now
+        pairs = self._crossing_neighbours(group)
+        before = [self.connected(a, b) for a, b in pairs]
+        self._partitions.append(group)
+        for st in list(self._incident_of(group)):
+            if (st.src in group) != (st.dst in group):
+                st.epoch += 1
+                st.busy_until = now
+        for (a, b), was_up in zip(pairs, before, strict=True):
+            if was_up:
+                self._tell(a, b, False)
+                self._tell(b, a, False)
+
+    def _partition_end(self, group: frozenset[str]) -> None:
+        self._partitions.remove(group)
+        for a, b in self._crossing_neighbours(group):
+            if self.connected(a, b):
+                self._schedule_up(a, b)
+                self._schedule_up(b, a)
+
+    def _incident_of(self, group: frozenset[str]) -> Iterable[_LinkState]:
+        seen: set[int] = set()
+        for node in sorted(group):
+            for st in self._incident.get(node, ()):
+                if id(st) not in seen:
+                    seen.add(id(st))
+                    yield st
+
+    def kill(self, node: str, detection_delay_s: float = 0.0) -> None:
+        """``node`` dies now: its links go down for good; neighbours hear after a delay."""
+        if not detection_delay_s >= 0:
+            raise ValueError(f"detection_delay_s must be >= 0, got {detection_delay_s!r}")
+        if node in self._dead:
+            return
+        self._dead.add(node)
+        now = self._kernel.now
+        for st in self._incident.get(node, ()):
+            st.epoch += 1
+            st.busy_until = now
+        for peer in sorted(self._adj.get(node, ())):
+            self._kernel.schedule_in(detection_delay_s, self._tell, peer, node, False)
+
+    # -------------------------------------------------------------------- sending
+
+    def encoded(self, msg: Any) -> tuple[int, Any]:
+        """``(size in bytes, decoded copy)`` of ``msg`` with its codec (memoised per burst)."""
+        spec = self._codecs.spec_for(msg)
+        key = (id(msg), spec)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit[1], hit[2]
+        data = self._codec.encode(msg, spec)
+        decoded = self._codec.decode(data)
+        self.stats.encodings += 1
+        self._memo[key] = (msg, len(data), decoded)
+        return len(data), decoded
+
+    def end_burst(self) -> None:
+        """Forget the encodings of the current burst (call after each node's effects)."""
+        if self._memo:
+            self._memo.clear()
+
+    def send(self, src: str, dst: str, msg: Any) -> bool:
+        """Put ``msg`` on the link ``src -> dst``. Returns False if it was lost at once."""
+        st = self._states.get((src, dst)) or self._state(src, dst)
+        stats = self.stats
+        if (self._dead or self._partitions) and not self.connected(src, dst):
+            stats.messages_blocked += 1
+            return False
+        size, decoded = self.encoded(msg)
+        kernel = self._kernel
+        now = kernel.now
+        start = st.busy_until if st.busy_until > now else now
+        finish = start + size * 8.0 / st.bw  # bw may be inf (loopback): 0 s
+        st.busy_until = finish
+        kernel.schedule_at(finish + st.latency, self._arrive, st, st.epoch, decoded)
+        stats.messages_sent += 1
+        stats.bytes_sent += size
+        tier = st.tier
+        self.bytes_by_tier[tier] = self.bytes_by_tier.get(tier, 0) + size
+        self.messages_by_tier[tier] = self.messages_by_tier.get(tier, 0) + 1
+        kind = type(msg).__name__
+        self.bytes_by_type[kind] = self.bytes_by_type.get(kind, 0) + size
+        return True
+
+    def _arrive(self, st: _LinkState, epoch: int, msg: Any) -> None:
+        if st.epoch != epoch:
+            self.stats.messages_lost += 1
+            return
+        self.stats.messages_delivered += 1
+        self._deliver(st.src, st.dst, msg)

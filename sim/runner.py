@@ -1,0 +1,520 @@
+"""Turns a scenario into simulated runs: sites -> plan -> nodes -> driver -> ``ArmResult``.
+
+One arm is one algorithm/topology configuration. Everything random in a run is derived
+from the scenario seed (sites, plan, data, node RNGs, compute and availability draws), so
+the same scenario and seed give the same report apart from wall-clock fields.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from algorithms.fedasync import FedAsyncAggregator
+from algorithms.fedbuff import FedBuffAggregator
+from algorithms.gossip import GossipPeer
+from algorithms.protocol import ModelHolder, Node, Weights
+from algorithms.regional import RegionalAggregator
+from algorithms.server_opt import make_server_opt
+from algorithms.site import SiteNode
+from algorithms.staleness import make_staleness
+from algorithms.sync import SyncAggregator
+from sim.availability import Availability, Death
+from sim.compute import ComputeModel
+from sim.config_reader import ConfigError
+from sim.driver import SimDriver, region_nodes
+from sim.executors import Executor, InlineExecutor, PoolExecutor, WorkloadTrainer
+from sim.kernel import derived_seed, entity_rng
+from sim.network import CodecPolicy, Partition
+from sim.report import ArmResult, Report
+from sim.scenario import Arm, Scenario
+from sim.workloads import Workload
+from topology.gossip import gossip
+from topology.hierarchical import hierarchical
+from topology.plan import Plan
+from topology.specs import Site
+from topology.star import star
+from topology.wan import WanModel
+from transport.tensors import CodecSpec
+
+ProgressFn = Callable[[str, float, float], None]  # (label, virtual seconds done, total)
+LogFn = Callable[[str], None]
+
+ROOT_ID = "root"
+GOSSIP_EVAL_PEERS = 16  # peers whose models are evaluated at each gossip observation
+
+
+# ------------------------------------------------------------------------ building
+
+
+def site_ids(count: int) -> list[str]:
+    width = max(3, len(str(count - 1)))
+    return [f"site-{i:0{width}d}" for i in range(count)]
+
+
+def build_workload(scenario: Scenario, seed: int) -> Workload:
+    try:
+        return Workload.from_config(scenario.data, n_sites=scenario.sites.count, seed=seed)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from None
+
+
+def build_wan(scenario: Scenario) -> WanModel:
+    net = scenario.network
+    rtts = {(a, b): ms / 1000.0 for a, b, ms in net.region_rtt_ms}
+    return WanModel(
+        region_rtt=rtts,
+        default_intra_rtt_s=net.intra_region_rtt_ms / 1000.0,
+        default_inter_rtt_s=net.inter_region_rtt_ms / 1000.0,
+        loss=net.loss,
+    )
+
+
+def build_sites(scenario: Scenario, workload: Workload, seed: int) -> list[Site]:
+    """Sites are spread round-robin over the regions; speeds and inbound flags are seeded."""
+    cfg = scenario.sites
+    rng = entity_rng(seed, "sites")
+    speeds = (
+        rng.lognormal(0.0, cfg.speed_spread, cfg.count) if cfg.speed_spread > 0 else np.ones(cfg.count)
+    )
+    inbound = rng.random(cfg.count) < cfg.inbound_fraction
+    return [
+        Site(
+            id=sid,
+            region=cfg.regions[i % len(cfg.regions)],
+            n_examples=workload.n_examples(i),
+            compute_speed=float(speeds[i]),
+            uplink_bps=cfg.uplink_mbps * 1e6,
+            downlink_bps=cfg.downlink_mbps * 1e6,
+            access_latency_s=cfg.access_latency_ms / 1000.0,
+            inbound=bool(inbound[i]),
+        )
+        for i, sid in enumerate(site_ids(cfg.count))
+    ]
+
+
+def build_plan(scenario: Scenario, arm: Arm, sites: Sequence[Site], seed: int) -> Plan:
+    wan = build_wan(scenario)
+    root_region = scenario.network.root_region
+    try:
+        if arm.topology == "star":
+            return star(sites, ROOT_ID, root_region, wan=wan)
+        if arm.topology == "hierarchical":
+            by = "rtt" if arm.params.clustering == "rtt" else "region"
+            return hierarchical(sites, wan, by=by, root_id=ROOT_ID, seed=seed, root_region=root_region)
+        return gossip(sites, wan, graph=arm.params.graph, k=arm.params.degree, seed=seed)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(f"arm {arm.name!r}: cannot build the {arm.topology} topology: {exc}") from None
+
+
+def build_plan_for_arm(scenario: Scenario, arm: Arm, seed: int) -> Plan:
+    workload = build_workload(scenario, seed)
+    return build_plan(scenario, arm, build_sites(scenario, workload, seed), seed)
+
+
+def _server_opt(arm: Arm) -> Any:
+    p = arm.params
+    if p.server_optimizer == "adam":
+        return make_server_opt("adam", {"lr": p.server_lr})
+    return make_server_opt("sgd", {"lr": p.server_lr, "momentum": p.server_momentum})
+
+
+def _staleness(arm: Arm) -> Any:
+    p = arm.params
+    if p.staleness == "constant":
+        return make_staleness("constant")
+    if p.staleness == "hinge":
+        return make_staleness("hinge", {"a": p.staleness_a, "b": p.staleness_b})
+    return make_staleness("polynomial", {"a": p.staleness_a})
+
+
+def build_nodes(
+    plan: Plan, arm: Arm, weights: Weights, seed: int, n_examples: Mapping[str, int]
+) -> dict[str, Node]:
+    """One state machine per plan node, configured from the arm."""
+    p = arm.params
+    train_config = arm.training.as_dict()
+    nodes: dict[str, Node] = {}
+    for spec in plan.nodes:
+        rng = np.random.default_rng(derived_seed(seed, "node", spec.id))
+        children = {c: plan.node(c).role for c in spec.children}
+        common: dict[str, Any] = {
+            "train_config": train_config,
+            "rng": rng,
+            "clip_norm": p.clip_norm,
+        }
+        node: Node
+        if spec.role == "site":
+            assert spec.parent is not None
+            node = SiteNode(spec.id, spec.parent, n_examples=n_examples.get(spec.id, 0))
+        elif spec.role == "peer":
+            node = GossipPeer(
+                spec.id,
+                dict(spec.mixing),
+                spec.self_weight,
+                weights,
+                mode=p.gossip_mode,
+                train_config=train_config,
+                gossip_interval_s=p.gossip_interval_s,
+                heartbeat_interval_s=p.gossip_interval_s,
+                suspect_after_s=4 * p.gossip_interval_s + 600.0,
+                prune_after_s=8 * p.gossip_interval_s + 1200.0,
+                rng=rng,
+            )
+        elif spec.role == "region":
+            assert spec.parent is not None
+            node = RegionalAggregator(
+                spec.id,
+                spec.parent,
+                children,
+                buffer_size=p.regional_buffer_size,
+                concurrency=p.regional_concurrency,
+                staleness=_staleness(arm),
+                max_staleness=p.max_staleness,
+                task_timeout_s=p.task_timeout_s,
+                weighting=p.weighting,
+                robust=p.robust,
+                log_deltas=False,
+                **common,
+            )
+        else:
+            node = _root(arm, spec.id, children, weights, common)
+        nodes[spec.id] = node
+    return nodes
+
+
+def _root(
+    arm: Arm, node_id: str, children: Mapping[str, str], weights: Weights, common: dict[str, Any]
+) -> Node:
+    p = arm.params
+    hierarchical_root = any(role == "region" for role in children.values())
+    concurrency = max(1, min(p.concurrency, len(children)))
+    if arm.algorithm == "fedbuff":
+        return FedBuffAggregator(
+            node_id,
+            children,
+            weights,
+            buffer_size=p.root_buffer_size if hierarchical_root else p.buffer_size,
+            concurrency=concurrency,
+            staleness=_staleness(arm),
+            max_staleness=p.max_staleness,
+            server_opt=_server_opt(arm),
+            task_timeout_s=p.task_timeout_s,
+            weighting=p.weighting,
+            robust=p.robust,
+            log_deltas=False,
+            **common,
+        )
+    if arm.algorithm == "fedasync":
+        return FedAsyncAggregator(
+            node_id,
+            children,
+            weights,
+            alpha=p.alpha,
+            concurrency=concurrency,
+            staleness=_staleness(arm),
+            max_staleness=p.max_staleness,
+            history=min(p.max_staleness + 1, 256),
+            task_timeout_s=p.task_timeout_s,
+            log_deltas=False,
+            **common,
+        )
+    # fedavg / fedprox: synchronous rounds
+    k = min(p.clients_per_round, len(children))
+    return SyncAggregator(
+        node_id,
+        children,
+        weights,
+        clients_per_round=k,
+        over_selection=p.over_selection,
+        round_timeout_s=p.round_timeout_s,
+        min_cohort=min(p.min_cohort, k),
+        # Over-select from the first round on: wait until enough sites are idle.
+        min_available=min(len(children), math.ceil(p.over_selection * k)),
+        server_opt=_server_opt(arm),
+        robust=p.robust,
+        log_deltas=False,
+        **common,
+    )
+
+
+def build_availability(
+    scenario: Scenario, arm: Arm, plan: Plan, sites: Sequence[Site], seed: int
+) -> tuple[Availability, list[Partition]]:
+    a = arm.availability
+    deaths: list[Death] = []
+    if a.death_fraction > 0:
+        rng = entity_rng(seed, "deaths")
+        ids = [s.id for s in sites]
+        n_dead = int(round(a.death_fraction * len(ids)))
+        for idx in sorted(rng.choice(len(ids), size=n_dead, replace=False)):
+            deaths.append(Death(a.death_at_s, ids[int(idx)]))
+    partitions = [
+        Partition(p.start_s, p.end_s, region_nodes(plan, p.region)) for p in a.partitions
+    ]
+    return Availability(dropout=a.dropout, deaths=deaths, seed=seed), partitions
+
+
+# ------------------------------------------------------------------------- running
+
+
+@dataclass(slots=True)
+class _Run:
+    """The outcome of one simulated run of one arm (one point of a sweep)."""
+
+    result: ArmResult
+    lr: float
+    server_lr: float
+
+
+def _evaluator(
+    plan: Plan, nodes: Mapping[str, Node], workload: Workload, driver_alive: Callable[[str], bool]
+) -> Callable[[], tuple[float, float]]:
+    """Returns a function giving (accuracy, model version) of the run's model now."""
+    if plan.kind == "gossip":
+        peers = [n for n in plan.node_ids("peer")]
+        step = max(1, len(peers) // GOSSIP_EVAL_PEERS)
+        sample = peers[::step][:GOSSIP_EVAL_PEERS]
+
+        def gossip_eval() -> tuple[float, float]:
+            accs, steps = [], []
+            for pid in sample:
+                if not driver_alive(pid):
+                    continue
+                holder = nodes[pid]
+                assert isinstance(holder, ModelHolder)
+                cur = holder.current_model()
+                if cur is None:
+                    continue
+                accs.append(workload.evaluate(cur[1])["accuracy"])
+                steps.append(cur[0])
+            if not accs:
+                return 0.0, 0.0
+            return float(np.mean(accs)), float(np.mean(steps))
+
+        return gossip_eval
+
+    root = nodes[plan.roots[0]]
+    assert isinstance(root, ModelHolder)
+    cache: dict[int, float] = {}
+
+    def root_eval() -> tuple[float, float]:
+        cur = root.current_model()  # type: ignore[union-attr]
+        if cur is None:
+            return 0.0, 0.0
+        version, weights = cur
+        if version not in cache:
+            cache.clear()
+            cache[version] = workload.evaluate(weights)["accuracy"]
+        return cache[version], float(version)
+
+    return root_eval
+
+
+def _make_executor(scenario: Scenario, workload: Workload, ids: Sequence[str]) -> Executor:
+    trainer = WorkloadTrainer(workload, ids)
+    if scenario.executor == "process":
+        return PoolExecutor(trainer, workers=scenario.workers)
+    return InlineExecutor(trainer)
+
+
+def run_once(
+    scenario: Scenario,
+    arm: Arm,
+    workload: Workload,
+    seed: int,
+    *,
+    label: str,
+    progress: ProgressFn | None = None,
+) -> ArmResult:
+    """Simulate one arm with its own parameters (no sweep)."""
+    wall0 = time.perf_counter()
+    sites = build_sites(scenario, workload, seed)
+    plan = build_plan(scenario, arm, sites, seed)
+    init = workload.init_weights(seed)
+    nodes = build_nodes(plan, arm, init, seed, {s.id: s.n_examples for s in sites})
+    availability, partitions = build_availability(scenario, arm, plan, sites, seed)
+    speeds = {s.id: s.compute_speed for s in sites}
+    try:
+        compute = ComputeModel.from_config(arm.compute, seed=seed, speeds=speeds)
+    except ValueError as exc:
+        raise ConfigError(f"arm {arm.name!r}: {exc}") from None
+    codecs = CodecPolicy(
+        up=CodecSpec(kind=arm.codec.up, topk_fraction=arm.codec.topk_fraction),  # type: ignore[arg-type]
+        down=CodecSpec(kind=arm.codec.down),  # type: ignore[arg-type]
+    )
+    executor = _make_executor(scenario, workload, [s.id for s in sites])
+    driver = SimDriver.from_plan(
+        plan,
+        nodes,
+        compute=compute,
+        availability=availability,
+        executor=executor,
+        seed=seed,
+        codecs=codecs,
+        partitions=partitions,
+    )
+    evaluate = _evaluator(plan, nodes, workload, driver.is_alive)
+    series: list[tuple[float, float]] = []
+    versions = [0.0]
+
+    def observe(now: float) -> None:
+        acc, version = evaluate()
+        series.append((now, acc))
+        versions[0] = version
+        if progress is not None:
+            progress(label, now, scenario.duration_s)
+
+    driver.observe(scenario.eval_interval_s, observe)
+    try:
+        stats = driver.run(until=scenario.duration_s)
+    finally:
+        driver.close()
+    if not series or series[-1][0] < scenario.duration_s:
+        observe(scenario.duration_s)
+
+    target = scenario.target_accuracy
+    time_to_target = None
+    if target is not None:
+        time_to_target = next((t for t, acc in series if acc >= target), None)
+    staleness = Counter(int(round(s)) for s in stats.staleness)
+    tiers = dict(stats.bytes_by_tier)
+    bytes_up = sum(v for k, v in tiers.items() if _is_uplink(k))
+    bytes_down = sum(v for k, v in tiers.items() if not _is_uplink(k))
+    totals = stats.metric_totals
+    extra: dict[str, float | int | str] = {
+        "lr": arm.training.lr,
+        "server_lr": arm.params.server_lr,
+        "events": stats.events,
+        "messages_sent": stats.messages_sent,
+        "messages_dropped": stats.messages_dropped,
+        "deaths": stats.deaths,
+        "updates_rejected": int(stats.metric_counts.get("update_rejected", 0)),
+        "duplicates_received": int(stats.metric_counts.get("update_duplicate", 0)),
+        "late_updates": int(stats.metric_counts.get("update_late", 0)),
+        "stale_updates": int(stats.metric_counts.get("update_stale", 0)),
+        "job_timeouts": int(totals.get("job_timeout", 0)),
+        "jobs_per_wall_s": stats.jobs_finished / max(time.perf_counter() - wall0, 1e-9),
+    }
+    return ArmResult(
+        name=arm.name,
+        algorithm=arm.algorithm,
+        topology=arm.topology,
+        final_accuracy=series[-1][1],
+        time_to_target_s=time_to_target,
+        target_accuracy=target,
+        bytes_up=bytes_up,
+        bytes_down=bytes_down,
+        bytes_by_tier=tiers,
+        updates_applied=stats.updates_applied,
+        updates_duplicated=stats.updates_duplicated,
+        max_staleness=max(staleness) if staleness else 0,
+        staleness_histogram=dict(sorted(staleness.items())),
+        accuracy_series=series,
+        wall_seconds=time.perf_counter() - wall0,
+        virtual_seconds=stats.virtual_time,
+        jobs_started=stats.jobs_started,
+        jobs_finished=stats.jobs_finished,
+        jobs_dropped=stats.jobs_dropped,
+        versions=int(versions[0]),
+        extra=extra,
+    )
+
+
+def _is_uplink(tier: str) -> bool:
+    """'site->region', 'region->root', 'site->root' go up; peer traffic counts as up."""
+    src, _, dst = tier.partition("->")
+    order = {"site": 0, "peer": 0, "region": 1, "root": 2}
+    return order.get(src, 0) <= order.get(dst, 0) and not (src == dst and src != "peer")
+
+
+def _better(a: ArmResult, b: ArmResult) -> bool:
+    """Is run ``a`` better than ``b``: sooner to the target, then more accurate."""
+    ta = a.time_to_target_s if a.time_to_target_s is not None else math.inf
+    tb = b.time_to_target_s if b.time_to_target_s is not None else math.inf
+    if ta != tb:
+        return ta < tb
+    return a.final_accuracy > b.final_accuracy
+
+
+def run_arm(
+    scenario: Scenario,
+    arm: Arm,
+    workload: Workload,
+    seed: int,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
+) -> ArmResult:
+    """Run an arm; with a sweep, run every point and keep the best (recorded in ``extra``)."""
+    lrs = arm.lr_sweep or (arm.training.lr,)
+    server_lrs = arm.server_lr_sweep or (arm.params.server_lr,)
+    points = list(itertools.product(lrs, server_lrs))
+    if len(points) == 1:
+        return run_once(scenario, arm, workload, seed, label=arm.name, progress=progress)
+    best: ArmResult | None = None
+    sweep_wall = 0.0
+    tried: list[str] = []
+    for lr, slr in points:
+        variant = replace(
+            arm,
+            training=replace(arm.training, lr=lr),
+            params=replace(arm.params, server_lr=slr),
+        )
+        label = f"{arm.name} lr={lr:g}" + (f" slr={slr:g}" if len(server_lrs) > 1 else "")
+        result = run_once(scenario, variant, workload, seed, label=label, progress=progress)
+        sweep_wall += result.wall_seconds
+        ttt = result.time_to_target_s
+        tried.append(f"{lr:g}/{slr:g}:{'-' if ttt is None else f'{ttt:.0f}s'}:{result.final_accuracy:.3f}")
+        if log is not None:
+            log(
+                f"  {label}: final accuracy {result.final_accuracy:.3f}, time to target "
+                f"{'never' if ttt is None else f'{ttt / 3600:.2f} h'}"
+            )
+        if best is None or _better(result, best):
+            best = result
+    assert best is not None
+    extra = dict(best.extra)
+    extra["sweep"] = " ".join(tried)
+    extra["sweep_points"] = len(points)
+    return replace(best, wall_seconds=sweep_wall, extra=extra)
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    seed: int | None = None,
+    arms: Sequence[str] | None = None,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
+) -> Report:
+    """Run the scenario's arms (all, or the named ones) and gather the report."""
+    run_seed = scenario.seed if seed is None else seed
+    selected = [a for a in scenario.arms if arms is None or a.name in arms]
+    wall0 = time.perf_counter()
+    workload = build_workload(scenario, run_seed)
+    results = [run_arm(scenario, arm, workload, run_seed, progress, log) for arm in selected]
+    meta: dict[str, Any] = {
+        "duration_s": scenario.duration_s,
+        "eval_interval_s": scenario.eval_interval_s,
+        "sites": scenario.sites.count,
+        "data": dict(scenario.data),
+        "workload": workload.describe(),
+        "wall_total_s": time.perf_counter() - wall0,
+    }
+    baseline = scenario.baseline if scenario.baseline in {r.name for r in results} else None
+    if baseline is not None:
+        meta["baseline"] = baseline
+    return Report(
+        scenario=scenario.name,
+        seed=run_seed,
+        description=scenario.description,
+        arms=results,
+        meta=meta,
+    )

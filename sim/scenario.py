@@ -1,0 +1,441 @@
+"""Scenario files: one TOML file describes sites, network, failures, data and the arms to compare.
+
+A scenario has shared sections (``[data]``, ``[sites]``, ``[network]``, ``[compute]``,
+``[availability]``, ``[training]``, ``[codec]``) and one ``[[arms]]`` entry per
+algorithm/topology configuration to compare. An arm may override any shared section with
+a table of the same name (``[arms.training]`` ...). Reading is strict: unknown fields and
+wrong types are reported with the field's path, never a traceback.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sim.config_reader import ConfigError, Table
+
+ALGORITHMS = ("fedavg", "fedprox", "fedasync", "fedbuff", "gossip")
+TOPOLOGIES = ("star", "hierarchical", "gossip")
+GRAPHS = ("ring", "kregular", "exponential", "smallworld")
+CODECS = ("fp32", "fp16", "int8", "topk")
+STALENESS = ("constant", "polynomial", "hinge")
+OPTIMISERS = ("sgd", "adam")
+ROBUST = ("mean", "median", "trimmed_mean")
+
+
+@dataclass(frozen=True, slots=True)
+class SitesConfig:
+    count: int
+    regions: tuple[str, ...]
+    uplink_mbps: float
+    downlink_mbps: float
+    access_latency_ms: float
+    speed_spread: float  # lognormal sigma of per-site compute speed (0 = identical sites)
+    inbound_fraction: float
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    intra_region_rtt_ms: float
+    inter_region_rtt_ms: float
+    loss: float
+    region_rtt_ms: tuple[tuple[str, str, float], ...]
+    root_region: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    region: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AvailabilityConfig:
+    dropout: float
+    death_fraction: float
+    death_at_s: float
+    partitions: tuple[Partition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CodecConfig:
+    up: str
+    down: str
+    topk_fraction: float
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingConfig:
+    lr: float
+    local_steps: int
+    batch_size: int
+    mu: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "local_steps": self.local_steps,
+            "batch_size": self.batch_size,
+            "mu": self.mu,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AlgorithmConfig:
+    """Aggregation parameters; each algorithm reads the ones that concern it."""
+
+    buffer_size: int = 10
+    concurrency: int = 10
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    staleness: str = "polynomial"
+    staleness_a: float = 0.5
+    staleness_b: float = 4.0
+    max_staleness: int = 100
+    alpha: float = 0.6
+    clients_per_round: int = 10
+    over_selection: float = 1.3
+    round_timeout_s: float = 600.0
+    min_cohort: int = 1
+    task_timeout_s: float = 1800.0
+    regional_buffer_size: int = 5
+    regional_concurrency: int = 10
+    root_buffer_size: int = 2
+    robust: str = "mean"
+    clip_norm: float | None = None
+    weighting: str = "uniform"
+    gossip_mode: str = "dpsgd"
+    graph: str = "ring"
+    degree: int = 4
+    gossip_interval_s: float = 60.0
+    clustering: str = "region"
+
+
+_ALGORITHM_FIELDS = frozenset(AlgorithmConfig.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    name: str
+    algorithm: str
+    topology: str
+    params: AlgorithmConfig
+    training: TrainingConfig
+    codec: CodecConfig
+    availability: AvailabilityConfig
+    compute: Mapping[str, Any]
+    lr_sweep: tuple[float, ...] = ()
+    server_lr_sweep: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    seed: int
+    duration_s: float
+    eval_interval_s: float
+    target_accuracy: float | None
+    data: Mapping[str, Any]
+    sites: SitesConfig
+    network: NetworkConfig
+    arms: tuple[Arm, ...]
+    baseline: str | None = None
+    executor: str = "inline"
+    workers: int = 2
+    source: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario file; raise ``ConfigError`` naming the bad field."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: scenario file not found")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file") from None
+    try:
+        return parse_scenario(raw, default_name=p.stem, source=str(p))
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def parse_scenario(
+    raw: Mapping[str, Any], default_name: str = "scenario", source: str = ""
+) -> Scenario:
+    top = Table(raw, "")
+    name = top.str("name", default_name)
+    description = top.str("description", "")
+    seed = top.int("seed", 0, min=0)
+    duration_s = _duration(top, "duration")
+    eval_interval_s = top.float(
+        "eval_interval_s", max(duration_s / 100.0, 1.0), min=0.0, exclusive_min=True
+    )
+    target = top.float("target_accuracy", None, min=0.0, max=1.0)
+    baseline = top.str("baseline", None)
+    executor = top.str("executor", "inline", choices=("inline", "process"))
+    workers = top.int("workers", 2, min=1)
+
+    data = _data(top.table("data"))
+    sites = _sites(top.table("sites"))
+    network = _network(top.table("network"), sites)
+    shared = {
+        "training": dict(top.raw("training", {}) or {}),
+        "codec": dict(top.raw("codec", {}) or {}),
+        "availability": dict(top.raw("availability", {}) or {}),
+        "compute": dict(top.raw("compute", {}) or {}),
+        "algorithm": dict(top.raw("algorithm", {}) or {}),
+    }
+    for key, value in shared.items():
+        if not isinstance(raw.get(key, {}), Mapping):
+            raise top.fail(key, "a table", value)
+
+    arms_raw = top.list("arms")
+    if not arms_raw:
+        raise ConfigError("arms: a scenario needs at least one [[arms]] entry")
+    arms = tuple(_arm(a, i, shared, sites) for i, a in enumerate(arms_raw))
+    names = [a.name for a in arms]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"arms: arm names must be unique, repeated: {', '.join(sorted(dupes))}")
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"baseline: {baseline!r} is not an arm name ({', '.join(names)})")
+    meta = dict(top.table("meta")._data) if top.has("meta") else {}
+    top.finish()
+    return Scenario(
+        name=name,
+        description=description,
+        seed=seed,
+        duration_s=duration_s,
+        eval_interval_s=eval_interval_s,
+        target_accuracy=target,
+        data=data,
+        sites=sites,
+        network=network,
+        arms=arms,
+        baseline=baseline,
+        executor=executor,
+        workers=workers,
+        source=source,
+        meta=meta,
+    )
+
+
+def _duration(t: Table, stem: str) -> float:
+    given = [k for k in (f"{stem}_s", f"{stem}_min", f"{stem}_h") if t.has(k)]
+    if len(given) > 1:
+        raise ConfigError(f"{t.where(given[1])}: give the {stem} once (found {', '.join(given)})")
+    if not given:
+        raise ConfigError(
+            f"{t.where(stem + '_h')}: required field is missing (or {stem}_s / {stem}_min)"
+        )
+    scale = {"_s": 1.0, "_min": 60.0, "_h": 3600.0}[given[0][len(stem) :]]
+    return float(t.float(given[0], min=0.0, exclusive_min=True)) * scale
+
+
+def _data(t: Table) -> dict[str, Any]:
+    # The workload validates its own fields; here we only check the table's shape.
+    out = {k: t.raw(k) for k in list(t._data)}
+    if "dataset" not in out:
+        raise ConfigError(f"{t.where('dataset')}: required field is missing")
+    return out
+
+
+def _sites(t: Table) -> SitesConfig:
+    count = t.int("count", min=1)
+    regions = t.list("regions", ["region-1"])
+    if not regions or not all(isinstance(r, str) and r for r in regions):
+        raise t.fail("regions", "a non-empty list of region names", regions)
+    if len(set(regions)) != len(regions):
+        raise ConfigError(f"{t.where('regions')}: region names must be unique")
+    cfg = SitesConfig(
+        count=count,
+        regions=tuple(regions),
+        uplink_mbps=t.float("uplink_mbps", 50.0, min=0.0, exclusive_min=True),
+        downlink_mbps=t.float("downlink_mbps", 200.0, min=0.0, exclusive_min=True),
+        access_latency_ms=t.float("access_latency_ms", 5.0, min=0.0),
+        speed_spread=t.float("speed_spread", 0.0, min=0.0),
+        inbound_fraction=t.float("inbound_fraction", 0.0, min=0.0, max=1.0),
+    )
+    t.finish()
+    return cfg
+
+
+def _network(t: Table, sites: SitesConfig) -> NetworkConfig:
+    pairs: list[tuple[str, str, float]] = []
+    rtt_table = t.table("region_rtt_ms")
+    for key in list(rtt_table._data):
+        parts = key.split("--")
+        if len(parts) != 2 or not all(p in sites.regions for p in parts):
+            raise ConfigError(
+                f"{rtt_table.where(key)}: keys are 'regionA--regionB' with regions from sites.regions "
+                f"({', '.join(sites.regions)})"
+            )
+        pairs.append((parts[0], parts[1], rtt_table.float(key, min=0.0)))
+    root_region = t.str("root_region", None)
+    if root_region is not None and root_region not in sites.regions:
+        raise ConfigError(f"{t.where('root_region')}: {root_region!r} is not in sites.regions")
+    cfg = NetworkConfig(
+        intra_region_rtt_ms=t.float("intra_region_rtt_ms", 10.0, min=0.0),
+        inter_region_rtt_ms=t.float("inter_region_rtt_ms", 60.0, min=0.0),
+        loss=t.float("loss", 0.0, min=0.0, max=0.5),
+        region_rtt_ms=tuple(pairs),
+        root_region=root_region,
+    )
+    t.finish()
+    return cfg
+
+
+def _merged(shared: Mapping[str, Any], arm: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return {**shared.get(key, {}), **(arm.get(key) or {})}
+
+
+def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) -> Arm:
+    t = Table(raw, f"arms[{index}]")
+    name = t.str("name", f"arm-{index}")
+    algorithm = t.str("algorithm", choices=ALGORITHMS)
+    default_topology = "gossip" if algorithm == "gossip" else "star"
+    topology = t.str("topology", default_topology, choices=TOPOLOGIES)
+    if (algorithm == "gossip") != (topology == "gossip"):
+        raise ConfigError(
+            f"{t.where('topology')}: algorithm 'gossip' goes with topology 'gossip' only"
+        )
+    if topology == "hierarchical" and algorithm in ("fedavg", "fedprox"):
+        raise ConfigError(
+            f"{t.where('topology')}: hierarchical arms use asynchronous regional buffers; "
+            "use algorithm 'fedbuff' or 'fedasync' for the root"
+        )
+    for key in ("training", "codec", "availability", "compute"):
+        if key in raw and not isinstance(raw[key], Mapping):
+            raise t.fail(key, "a table", raw[key])
+        t.raw(key)
+    # Aggregation parameters sit directly in the arm, over the shared [algorithm] table.
+    own_params = {k: t.raw(k) for k in raw if k in _ALGORITHM_FIELDS}
+    training = _training(Table(_merged(shared, raw, "training"), f"{t.where('training')}"))
+    codec = _codec(Table(_merged(shared, raw, "codec"), f"{t.where('codec')}"))
+    availability = _availability(
+        Table(_merged(shared, raw, "availability"), f"{t.where('availability')}"), sites
+    )
+    compute = _merged(shared, raw, "compute")
+    if algorithm == "fedprox" and training.mu == 0.0:
+        raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
+    params = _algorithm(Table({**shared["algorithm"], **own_params}, t.where("").rstrip(".")))
+    lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
+    server_lr_sweep = tuple(float(x) for x in _sweep(t, "server_lr_sweep"))
+    t.finish()
+    return Arm(
+        name=name,
+        algorithm=algorithm,
+        topology=topology,
+        params=params,
+        training=training,
+        codec=codec,
+        availability=availability,
+        compute=compute,
+        lr_sweep=lr_sweep,
+        server_lr_sweep=server_lr_sweep,
+    )
+
+
+def _sweep(t: Table, key: str) -> list[float]:
+    values = t.list(key, [])
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values):
+        raise t.fail(key, "a list of positive numbers", values)
+    return list(values)
+
+
+def _training(t: Table) -> TrainingConfig:
+    cfg = TrainingConfig(
+        lr=t.float("lr", 0.05, min=0.0, exclusive_min=True),
+        local_steps=t.int("local_steps", 5, min=1),
+        batch_size=t.int("batch_size", 10, min=1),
+        mu=t.float("mu", 0.0, min=0.0),
+    )
+    t.finish()
+    return cfg
+
+
+def _codec(t: Table) -> CodecConfig:
+    cfg = CodecConfig(
+        up=t.str("up", "fp32", choices=CODECS),
+        down=t.str("down", "fp32", choices=CODECS),
+        topk_fraction=t.float("topk_fraction", 0.01, min=0.0, max=1.0, exclusive_min=True),
+    )
+    if cfg.down == "topk":
+        raise ConfigError(
+            f"{t.where('down')}: top-k is for deltas; models go down as fp32, fp16 or int8"
+        )
+    t.finish()
+    return cfg
+
+
+def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
+    partitions: list[Partition] = []
+    for i, p in enumerate(t.list("partitions", [])):
+        pt = Table(p, f"{t.where('partitions')}[{i}]")
+        region = pt.str("region", choices=sites.regions)
+        start_s = pt.float("start_h", min=0.0) * 3600.0
+        end_s = pt.float("end_h", min=0.0) * 3600.0
+        if end_s <= start_s:
+            raise ConfigError(f"{pt.where('end_h')}: must be after start_h")
+        pt.finish()
+        partitions.append(Partition(region, start_s, end_s))
+    cfg = AvailabilityConfig(
+        dropout=t.float("dropout", 0.0, min=0.0, max=0.99),
+        death_fraction=t.float("death_fraction", 0.0, min=0.0, max=0.99),
+        death_at_s=t.float("death_at_h", 0.0, min=0.0) * 3600.0,
+        partitions=tuple(partitions),
+    )
+    t.finish()
+    return cfg
+
+
+def _algorithm(t: Table) -> AlgorithmConfig:
+    d = AlgorithmConfig()
+    cfg = AlgorithmConfig(
+        buffer_size=t.int("buffer_size", d.buffer_size, min=1),
+        concurrency=t.int("concurrency", d.concurrency, min=1),
+        server_optimizer=t.str("server_optimizer", d.server_optimizer, choices=OPTIMISERS),
+        server_lr=t.float("server_lr", d.server_lr, min=0.0, exclusive_min=True),
+        server_momentum=t.float("server_momentum", d.server_momentum, min=0.0, max=0.999),
+        staleness=t.str("staleness", d.staleness, choices=STALENESS),
+        staleness_a=t.float("staleness_a", d.staleness_a, min=0.0),
+        staleness_b=t.float("staleness_b", d.staleness_b, min=0.0),
+        max_staleness=t.int("max_staleness", d.max_staleness, min=0),
+        alpha=t.float("alpha", d.alpha, min=0.0, max=1.0, exclusive_min=True),
+        clients_per_round=t.int("clients_per_round", d.clients_per_round, min=1),
+        over_selection=t.float("over_selection", d.over_selection, min=1.0),
+        round_timeout_s=t.float("round_timeout_s", d.round_timeout_s, min=0.0, exclusive_min=True),
+        min_cohort=t.int("min_cohort", d.min_cohort, min=1),
+        task_timeout_s=t.float("task_timeout_s", d.task_timeout_s, min=0.0, exclusive_min=True),
+        regional_buffer_size=t.int("regional_buffer_size", d.regional_buffer_size, min=1),
+        regional_concurrency=t.int("regional_concurrency", d.regional_concurrency, min=1),
+        root_buffer_size=t.int("root_buffer_size", d.root_buffer_size, min=1),
+        robust=t.str("robust", d.robust, choices=ROBUST),
+        clip_norm=t.float("clip_norm", None, min=0.0, exclusive_min=True),
+        weighting=t.str("weighting", d.weighting, choices=("uniform", "examples")),
+        gossip_mode=t.str("gossip_mode", d.gossip_mode, choices=("dpsgd", "pushsum")),
+        graph=t.str("graph", d.graph, choices=GRAPHS),
+        degree=t.int("degree", d.degree, min=1),
+        gossip_interval_s=t.float(
+            "gossip_interval_s", d.gossip_interval_s, min=0.0, exclusive_min=True
+        ),
+        clustering=t.str("clustering", d.clustering, choices=("region", "rtt")),
+    )
+    t.finish()
+    return cfg
+
+
+__all__ = ["ConfigError", "Scenario", "Arm", "load_scenario", "parse_scenario"]

@@ -1,0 +1,190 @@
+from typing import Any
+
+import numpy as np
+import pytest
+
+from algorithms.fedbuff import FedBuffAggregator
+from algorithms.protocol import Effect, ModelHolder, Node, PeerDown, PeerUp, Persist, Send
+from algorithms.regional import RegionalAggregator, RegionState
+from algorithms.site import SiteNode
+from algorithms.staleness import constant
+from tests.algorithms.alg_helpers import (
+    MiniNet,
+    acks,
+    hello,
+    metrics,
+    model,
+    persists,
+    recv,
+    requests,
+    sends,
+    upd,
+)
+from transport.wire import Ack, Hello, ModelBroadcast, Update
+
+CHILDREN = {"s1": "site", "s2": "site", "s3": "site", "sub": "region"}
+
+
+def make(**kw: object) -> RegionalAggregator:
+    args: dict[str, object] = {"buffer_size": 2, "concurrency": 2}
+    args.update(kw)
+    return RegionalAggregator("r1", "root", CHILDREN, **args)  # type: ignore[arg-type]
+
+
+def forwards(out: list[Effect]) -> list[Update]:
+    return [e.msg for e in sends(out, Update) if e.peer == "root" and isinstance(e.msg, Update)]
+
+
+def test_protocols_and_no_model_dispatches_nothing() -> None:
+    r = make()
+    assert isinstance(r, Node) and isinstance(r, ModelHolder)
+    for s in ("s1", "s2", "s3"):
+        assert requests(r.handle(hello(s), 0.0)) == []
+    assert r.state is RegionState.NO_MODEL and r.current_model() is None
+
+
+def test_model_is_relayed_and_used_for_tasks() -> None:
+    r = make()
+    for s in ("s1", "s2"):
+        r.handle(hello(s), 0.0)
+    r.handle(hello("sub", "region"), 0.0)
+    out = r.handle(recv("root", ModelBroadcast(7, model(1.0))), 1.0)
+    [b] = sends(out, ModelBroadcast)
+    assert b.peer == "sub" and b.msg.version == 7  # type: ignore[union-attr]
+    reqs = requests(out)
+    assert len(reqs) == 2 and all(req.version == 7 for _, req in reqs)
+    assert r.state is RegionState.ACTIVE
+    # an older broadcast is ignored, a newer one relayed
+    assert sends(r.handle(recv("root", ModelBroadcast(6, model(0.0))), 1.0), ModelBroadcast) == []
+    assert sends(r.handle(recv("root", ModelBroadcast(8, model(0.0))), 1.0), ModelBroadcast)
+    # a region child saying Hello gets the newest model
+    [b] = sends(r.handle(hello("sub", "region"), 2.0), ModelBroadcast)
+    assert b.msg.version == 8  # type: ignore[union-attr]
+
+
+def test_forwards_one_aggregate_after_k_with_staleness_vs_latest_global() -> None:
+    r = make(weighting="uniform")
+    r.handle(recv("root", ModelBroadcast(3, model(0.0))), 0.0)
+    out1 = r.handle(recv("s1", upd("s1", 1, base=3, value=2.0, n=5)), 1.0)
+    assert forwards(out1) == [] and acks(out1) == [("s1", "s1", 1)]
+    r.handle(recv("root", ModelBroadcast(5, model(0.0))), 1.5)
+    out = r.handle(recv("sub", upd("sub", 1, base=3, value=4.0, n=20, count=3)), 2.0)  # tau = 2
+    [f] = forwards(out)
+    assert (f.src, f.seq, f.base_version, f.n_examples, f.count) == ("r1", 1, 5, 25, 4)
+    expected = (1 * 2.0 + 3 * 4.0 / np.sqrt(3.0)) / 4
+    np.testing.assert_allclose(f.delta["w"], expected, rtol=1e-6)
+    # the forward is persisted before it is sent, and after the child's ack
+    kinds = [
+        ("persist", e.key) if isinstance(e, Persist) else ("send", type(e.msg).__name__)
+        for e in out
+        if isinstance(e, Persist | Send)
+    ]
+    assert kinds == [
+        ("persist", "applied"),
+        ("send", "Ack"),
+        ("persist", "region/pending"),
+        ("send", "Update"),
+    ]
+    assert r.pending == 1
+
+
+def test_resends_unacked_after_parent_reconnect_and_forgets_acked() -> None:
+    r = make(buffer_size=1)
+    r.handle(recv("root", ModelBroadcast(0, model(0.0))), 0.0)
+    for i in (1, 2, 3):
+        r.handle(recv("s1", upd("s1", i)), float(i))
+    assert r.pending == 3
+    out = r.handle(recv("root", Ack("r1", 2)), 4.0)
+    assert persists(out, "region/pending")[0].data == {"op": "ack", "seq": 2}
+    r.handle(PeerDown("root"), 5.0)
+    out = r.handle(PeerUp("root"), 6.0)
+    msgs = [e.msg for e in sends(out)]
+    assert msgs[0] == Hello("r1", "region")
+    assert [m.seq for m in msgs[1:]] == [1, 3]  # type: ignore[union-attr]
+
+
+def test_updates_before_any_model_are_held_then_applied() -> None:
+    r = make(buffer_size=1)
+    out = r.handle(recv("s1", upd("s1", 1, base=0, value=1.0)), 0.0)
+    assert metrics(out, "update_deferred") and not acks(out)
+    out = r.handle(recv("root", ModelBroadcast(0, model(0.0))), 1.0)
+    assert acks(out) == [("s1", "s1", 1)] and len(forwards(out)) == 1
+
+
+def test_dedup_and_rejections_towards_children() -> None:
+    r = make(buffer_size=5)
+    r.handle(recv("root", ModelBroadcast(0, model(0.0))), 0.0)
+    r.handle(recv("s1", upd("s1", 1)), 0.0)
+    out = r.handle(recv("s1", upd("s1", 1)), 0.0)
+    assert metrics(out, "update_duplicate") and acks(out)
+    out = r.handle(recv("s2", upd("s2", 1, base=1)), 0.0)  # newer than anything we know
+    assert metrics(out, "update_rejected")[0].labels == {"reason": "future_version"}
+    out = r.handle(recv("root", upd("root", 1)), 0.0)  # the parent is not a child
+    assert metrics(out, "message_rejected") and not acks(out)
+    out = r.handle(recv("x9", upd("x9", 1)), 0.0)  # nor is a stranger
+    assert metrics(out, "update_rejected")[0].labels == {"reason": "unknown_sender"}
+    out = r.handle(recv("root", ModelBroadcast(1, {"w": np.zeros(2, np.float32)})), 0.0)
+    assert metrics(out, "message_rejected") and r.current_model()[0] == 0  # type: ignore[index]
+
+
+def test_three_tier_tree_end_to_end() -> None:
+    """root <- mid (region) <- low (region) <- sites; and a site directly under mid."""
+    nodes: dict[str, Any] = {
+        "root": FedBuffAggregator(
+            "root",
+            {"mid": "region"},
+            model(0.0),
+            buffer_size=1,
+            concurrency=0,
+            staleness=constant(),
+        ),
+        "mid": RegionalAggregator(
+            "mid", "root", {"low": "region", "a": "site"}, buffer_size=2, concurrency=1
+        ),
+        "low": RegionalAggregator(
+            "low", "mid", {"b": "site", "c": "site"}, buffer_size=2, concurrency=2
+        ),
+        "a": SiteNode("a", "mid"),
+        "b": SiteNode("b", "low"),
+        "c": SiteNode("c", "low"),
+    }
+    net = MiniNet(nodes)
+    for child, parent in (
+        ("mid", "root"),
+        ("low", "mid"),
+        ("a", "mid"),
+        ("b", "low"),
+        ("c", "low"),
+    ):
+        net.link(child, parent, up=True)
+    net.drain()
+    assert len(net.jobs) == 3  # every site got a task with the global model
+    root, mid, low = nodes["root"], nodes["mid"], nodes["low"]
+    for _ in range(4):
+        net.finish_jobs(bump=1.0)
+        net.drain()
+    assert root.version >= 2
+    assert all(n.pending == 0 for k, n in nodes.items() if k != "root")
+    assert (
+        len(metrics([e for n, e in net.effects if n == "root"], "update_applied")) == root.version
+    )
+    # conservation: every site update is counted once, at the root or still in a buffer
+    site_updates = sum(
+        1
+        for n, e in net.effects
+        if n in ("a", "b", "c") and isinstance(e, Send) and isinstance(e.msg, Update)
+    )
+    at_root = {
+        e.msg.seq: e.msg.count
+        for n, e in net.effects
+        if n == "mid" and isinstance(e, Send) and isinstance(e.msg, Update)
+    }
+    assert site_updates == sum(at_root.values()) + mid._buffer.count + low._buffer.count
+    assert mid.current_model() is not None and mid.current_model()[0] == root.version
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        RegionalAggregator("r", "r", {}, buffer_size=1, concurrency=1)
+    with pytest.raises(ValueError):
+        RegionalAggregator("r", "p", {"p": "site"}, buffer_size=1, concurrency=1)

@@ -1,0 +1,161 @@
+from typing import Any
+
+import numpy as np
+import pytest
+
+from algorithms.protocol import (
+    Effect,
+    ModelHolder,
+    Node,
+    PeerDown,
+    PeerUp,
+    Persist,
+    ProtocolMisuse,
+    Send,
+    Train,
+    TrainDone,
+    TrainFailed,
+    TrainResult,
+)
+from algorithms.site import SiteNode, SiteState
+from tests.algorithms.alg_helpers import metrics, model, persists, recv, sends
+from transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
+
+
+def trains(out: list[Effect]) -> list[Train]:
+    return [e for e in out if isinstance(e, Train)]
+
+
+def updates(out: list[Effect]) -> list[Update]:
+    return [e.msg for e in sends(out, Update) if isinstance(e.msg, Update)]
+
+
+def request(task: int = 1, version: int = 0, value: float = 0.0) -> TrainRequest:
+    return TrainRequest(task, version, model(value), {"lr": 0.1})
+
+
+def done(job: int, value: float, n: int = 7) -> TrainDone:
+    return TrainDone(job, TrainResult(model(value), n, {"loss": 0.5}))
+
+
+def test_protocols() -> None:
+    site = SiteNode("s1", "agg")
+    assert isinstance(site, Node) and isinstance(site, ModelHolder)
+    assert site.current_model() is None and site.next_deadline() is None
+
+
+def test_hello_on_parent_up() -> None:
+    site = SiteNode("s1", "agg", n_examples=42)
+    out = site.handle(PeerUp("agg"), 0.0)
+    assert [(e.peer, e.msg) for e in out if isinstance(e, Send)] == [
+        ("agg", Hello("s1", "site", 42))
+    ]
+    assert site.handle(PeerUp("someone"), 0.0) == []
+
+
+def test_train_then_update_with_delta_persisted_before_send() -> None:
+    site = SiteNode("s1", "agg")
+    out = site.handle(recv("agg", request(task=9, version=3, value=1.0)), 0.0)
+    [train] = trains(out)
+    assert dict(train.config) == {"lr": 0.1}
+    assert site.state == SiteState.TRAINING
+    out = site.handle(done(train.job, 1.5), 1.0)
+    assert isinstance(out[0], Persist) and out[0].key == "site/pending" and out[0].append
+    [u] = updates(out)
+    assert (u.src, u.seq, u.base_version, u.task, u.n_examples, u.count) == ("s1", 1, 3, 9, 7, 1)
+    np.testing.assert_allclose(u.delta["w"], 0.5)
+    assert u.delta["w"].dtype == np.float32
+    assert dict(u.metrics) == {"loss": 0.5}
+    assert site.pending == 1 and str(site.state.value) == SiteState.IDLE.value
+
+
+def test_request_while_training_keeps_only_the_newest() -> None:
+    site = SiteNode("s1", "agg")
+    [t1] = trains(site.handle(recv("agg", request(task=1, version=0)), 0.0))
+    assert site.handle(recv("agg", request(task=2, version=1)), 0.1) == []
+    assert site.handle(recv("agg", request(task=3, version=2)), 0.2) == []
+    out = site.handle(done(t1.job, 1.0), 1.0)
+    [t2] = trains(out)
+    assert t2.job != t1.job
+    out = site.handle(done(t2.job, 1.0), 2.0)
+    [u] = updates(out)
+    assert (u.task, u.base_version) == (3, 2)
+    assert trains(out) == []
+
+
+def test_ack_forgets_and_reconnect_resends_in_seq_order() -> None:
+    site = SiteNode("s1", "agg")
+    for i in range(3):
+        [t] = trains(site.handle(recv("agg", request(task=i, version=i)), float(i)))
+        site.handle(done(t.job, 1.0), float(i) + 0.5)
+    assert site.pending == 3
+    out = site.handle(recv("agg", Ack("s1", 2)), 4.0)
+    assert [p.data for p in persists(out)] == [{"op": "ack", "seq": 2}]
+    assert site.pending == 2
+    assert site.handle(recv("agg", Ack("s1", 2)), 4.0) == []  # already forgotten
+    site.handle(PeerDown("agg"), 5.0)
+    out = site.handle(PeerUp("agg"), 6.0)
+    assert isinstance(sends(out)[0].msg, Hello)
+    assert [u.seq for u in updates(out)] == [1, 3]
+
+
+def test_failure_returns_to_idle_and_starts_parked_request() -> None:
+    site = SiteNode("s1", "agg")
+    [t] = trains(site.handle(recv("agg", request(task=1)), 0.0))
+    site.handle(recv("agg", request(task=2)), 0.5)
+    out = site.handle(TrainFailed(t.job, "oom"), 1.0)
+    assert metrics(out, "train_failed") and len(trains(out)) == 1
+    assert site.pending == 0 and site.jobs_failed == 1
+
+
+def test_unknown_job_is_local_misuse() -> None:
+    site = SiteNode("s1", "agg")
+    with pytest.raises(ProtocolMisuse):
+        site.handle(done(5, 1.0), 0.0)
+
+
+def test_incompatible_training_result_is_a_failure_not_an_update() -> None:
+    site = SiteNode("s1", "agg")
+    [t] = trains(site.handle(recv("agg", request()), 0.0))
+    out = site.handle(TrainDone(t.job, TrainResult({"w": np.zeros(1, np.float32)}, 1)), 1.0)
+    assert not updates(out) and metrics(out, "train_failed")
+
+
+def test_messages_from_strangers_are_ignored_with_a_metric() -> None:
+    site = SiteNode("s1", "agg")
+    out = site.handle(recv("evil", request()), 0.0)
+    assert not trains(out) and metrics(out, "message_rejected")
+
+
+def test_broadcast_updates_current_model_only_forward() -> None:
+    site = SiteNode("s1", "agg")
+    site.handle(recv("agg", ModelBroadcast(4, model(4.0))), 0.0)
+    site.handle(recv("agg", ModelBroadcast(2, model(2.0))), 0.0)
+    cm = site.current_model()
+    assert cm is not None and cm[0] == 4
+
+
+def test_seeded_site_gives_each_job_its_own_seed() -> None:
+    site = SiteNode("s1", "agg", seed=7)
+    [t1] = trains(site.handle(recv("agg", request(task=1)), 0.0))
+    site.handle(done(t1.job, 1.0), 1.0)
+    [t2] = trains(site.handle(recv("agg", request(task=2)), 2.0))
+    assert t1.config["seed"] != t2.config["seed"]
+    assert t1.config["lr"] == 0.1
+
+
+def test_restore_from_snapshot_and_log() -> None:
+    site = SiteNode("s1", "agg")
+    log: list[Any] = []
+    for i in range(3):
+        [t] = trains(site.handle(recv("agg", request(task=i)), 0.0))
+        out = site.handle(done(t.job, 1.0), 1.0)
+        log += [p.data for p in persists(out)]
+        if i == 0:
+            snap = site.snapshot()
+            log = []
+    log += [p.data for p in persists(site.handle(recv("agg", Ack("s1", 2)), 2.0))]
+    fresh = SiteNode("s1", "agg")
+    fresh.restore(snap, log)
+    assert fresh.pending == 2 and fresh.seq == 3
+    assert [u.seq for u in updates(fresh.handle(PeerUp("agg"), 3.0))] == [1, 3]

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from algorithms import weights_math as wm
+from tests.algorithms.alg_helpers import model
+
+
+def test_arithmetic_returns_new_arrays_and_keeps_dtype() -> None:
+    a, b = model(1.0), model(2.0)
+    s = wm.add(a, b)
+    assert s["w"].dtype == np.float32
+    np.testing.assert_allclose(s["w"], 3.0)
+    np.testing.assert_allclose(wm.sub(a, b)["b"], -1.0)
+    np.testing.assert_allclose(wm.scale(b, 0.5)["w"], 1.0)
+    np.testing.assert_allclose(wm.axpy(2.0, a, b)["w"], 4.0)
+    np.testing.assert_allclose(a["w"], 1.0)  # inputs untouched
+    np.testing.assert_allclose(b["w"], 2.0)
+
+
+def test_axpy_inplace_and_weighted_sum() -> None:
+    acc = wm.zeros_like(model(), dtype=np.float64)
+    wm.axpy_inplace(3.0, model(1.0), acc)
+    np.testing.assert_allclose(acc["b"], 3.0)
+    ws = wm.weighted_sum([model(1.0), model(3.0)], [0.25, 0.75])
+    np.testing.assert_allclose(ws["w"], 2.5)
+    assert ws["w"].dtype == np.float32
+    with pytest.raises(ValueError):
+        wm.weighted_sum([model()], [1.0, 2.0])
+
+
+def test_l2_norm_is_global_over_tensors() -> None:
+    w = {"a": np.array([3.0], dtype=np.float32), "b": np.array([4.0], dtype=np.float32)}
+    assert wm.l2_norm(w) == pytest.approx(5.0)
+
+
+def test_copy_is_deep() -> None:
+    a = model(1.0)
+    c = wm.copy_weights(a)
+    c["w"][0, 0] = 9.0
+    assert a["w"][0, 0] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("other", "reason"),
+    [
+        ({"w": np.zeros((3, 2), np.float32)}, "names"),
+        ({"w": np.zeros((3, 2), np.float32), "x": np.zeros(2, np.float32)}, "names"),
+        ({"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, "shape"),
+        ({"w": np.zeros((3, 2), np.int32), "b": np.zeros(2, np.float32)}, "dtype"),
+        ({"w": [[0.0] * 2] * 3, "b": np.zeros(2, np.float32)}, "not_array"),
+        ([1, 2], "not_a_mapping"),
+    ],
+)
+def test_compatibility_reasons(other: object, reason: str) -> None:
+    assert wm.check_compatible(model(), other) == reason  # type: ignore[arg-type]
+
+
+def test_codec_dtypes_are_compatible_but_nan_is_not() -> None:
+    half = {k: v.astype(np.float16) for k, v in model(1.0).items()}
+    assert wm.check_delta(model(), half) is None
+    bad = model(1.0)
+    bad["b"] = np.array([np.nan, 0.0], dtype=np.float32)
+    assert wm.check_delta(model(), bad) == "non_finite"
+    assert not wm.is_finite(bad)
+    inf = model(1.0)
+    inf["w"] = np.full((3, 2), np.inf, dtype=np.float32)
+    assert wm.check_delta(model(), inf) == "non_finite"

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sim.kernel import Kernel, SimulationError, derived_seed, entity_rng, stable_key
+
+
+def test_events_run_in_time_order_and_clock_follows() -> None:
+    k = Kernel()
+    seen: list[tuple[float, str]] = []
+    for t, name in [(3.0, "c"), (1.0, "a"), (2.0, "b")]:
+        k.schedule_at(t, lambda n=name: seen.append((k.now, n)))
+    assert k.run() == 3
+    assert seen == [(1.0, "a"), (2.0, "b"), (3.0, "c")]
+    assert k.now == 3.0
+
+
+def test_ties_run_fifo_and_priority_breaks_ties_first() -> None:
+    k = Kernel()
+    seen: list[str] = []
+    k.schedule_at(1.0, seen.append, "late-prio", priority=1)
+    for name in ["x", "y", "z"]:
+        k.schedule_at(1.0, seen.append, name)
+    k.schedule_at(1.0, seen.append, "early-prio", priority=-1)
+    k.run()
+    assert seen == ["early-prio", "x", "y", "z", "late-prio"]
+
+
+def test_events_scheduled_at_now_from_a_callback_run_after_pending_ties() -> None:
+    k = Kernel()
+    seen: list[str] = []
+
+    def first() -> None:
+        seen.append("first")
+        k.schedule_in(0.0, seen.append, "spawned")
+
+    k.schedule_at(1.0, first)
+    k.schedule_at(1.0, seen.append, "second")
+    k.run()
+    assert seen == ["first", "second", "spawned"]
+
+
+def test_cancel_is_lazy_and_idempotent() -> None:
+    k = Kernel()
+    seen: list[int] = []
+    handles = [k.schedule_at(float(i), seen.append, i) for i in range(5)]
+    k.cancel(handles[1])
+    k.cancel(handles[1])
+    k.cancel(handles[3])
+    assert not k.is_pending(handles[1]) and k.is_pending(handles[0])
+    assert k.run() == 3
+    assert seen == [0, 2, 4]
+    assert k.events_processed == 3
+    k.cancel(handles[0])  # already ran: harmless
+    assert k.peek() is None
+
+
+def test_peek_skips_cancelled_entries() -> None:
+    k = Kernel()
+    h = k.schedule_at(1.0, lambda: None)
+    k.schedule_at(2.0, lambda: None)
+    k.cancel(h)
+    assert k.peek() == 2.0
+
+
+def test_scheduling_in_the_past_raises() -> None:
+    k = Kernel(start_time=10.0)
+    with pytest.raises(SimulationError, match="before now"):
+        k.schedule_at(9.0, lambda: None)
+    with pytest.raises(SimulationError):
+        k.schedule_at(math.nan, lambda: None)
+    with pytest.raises(SimulationError):
+        k.schedule_in(-1.0, lambda: None)
+    with pytest.raises(SimulationError):
+        k.schedule_at(math.inf, lambda: None)
+    k.schedule_at(10.0, lambda: None)  # now itself is fine
+
+
+def test_run_until_is_inclusive_and_advances_clock() -> None:
+    k = Kernel()
+    seen: list[float] = []
+    for t in (1.0, 2.0, 3.0):
+        k.schedule_at(t, lambda: seen.append(k.now))
+    assert k.run(until=2.0) == 2
+    assert seen == [1.0, 2.0]
+    assert k.now == 2.0
+    assert k.run(until=2.5) == 0
+    assert k.now == 2.5
+    k.run()
+    assert seen == [1.0, 2.0, 3.0]
+    with pytest.raises(SimulationError):
+        k.run(until=1.0)
+
+
+def test_run_stops_when_predicate_is_true() -> None:
+    k = Kernel()
+    seen: list[int] = []
+    for i in range(10):
+        k.schedule_at(float(i), seen.append, i)
+    k.run(until=100.0, stop=lambda: len(seen) >= 4)
+    assert seen == [0, 1, 2, 3]
+    assert k.now == 3.0
+
+
+def test_step_runs_one_event() -> None:
+    k = Kernel()
+    seen: list[int] = []
+    k.schedule_at(1.0, seen.append, 1)
+    k.schedule_at(2.0, seen.append, 2)
+    assert k.step() and seen == [1]
+    assert k.step() and seen == [1, 2]
+    assert not k.step()
+
+
+def test_bad_constructor_args() -> None:
+    with pytest.raises(ValueError):
+        Kernel(seed=-1)
+    with pytest.raises(ValueError):
+        Kernel(start_time=math.inf)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 20), st.integers(-1, 1), st.booleans()), min_size=1, max_size=60
+    )
+)
+def test_order_is_time_priority_then_fifo(entries: list[tuple[int, int, bool]]) -> None:
+    k = Kernel()
+    seen: list[int] = []
+    expected = []
+    for i, (t, prio, cancel) in enumerate(entries):
+        h = k.schedule_at(float(t), seen.append, i, priority=prio)
+        if cancel:
+            k.cancel(h)
+        else:
+            expected.append((t, prio, i))
+    k.run()
+    assert seen == [i for _, _, i in sorted(expected)]
+
+
+def test_entity_rngs_are_deterministic_and_independent() -> None:
+    a1 = entity_rng(7, "compute", "site-1").random(5)
+    a2 = entity_rng(7, "compute", "site-1").random(5)
+    b = entity_rng(7, "compute", "site-2").random(5)
+    c = entity_rng(8, "compute", "site-1").random(5)
+    assert np.array_equal(a1, a2)
+    assert not np.array_equal(a1, b)
+    assert not np.array_equal(a1, c)
+    assert np.array_equal(Kernel(seed=7).rng("compute", "site-1").random(5), a1)
+
+
+def test_stable_keys_and_derived_seeds() -> None:
+    assert stable_key("abc") == stable_key("abc") != stable_key("abd")
+    assert stable_key(5) == 5
+    with pytest.raises(TypeError):
+        stable_key(True)
+    s = derived_seed(1, "train", "site-1", 3)
+    assert s == derived_seed(1, "train", "site-1", 3)
+    assert 0 <= s < 2**31
+    assert s != derived_seed(1, "train", "site-1", 4)
+    assert s != derived_seed(2, "train", "site-1", 3)
