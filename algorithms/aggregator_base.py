@@ -39,7 +39,7 @@ from algorithms.protocol import (
     PeerDown,
     PeerUp,
     Persist,
-    ProtocolMisuse,
+    ProtocolMisuseError,
     Received,
     Send,
     Weights,
@@ -197,7 +197,7 @@ class AggregatorBase:
         elif isinstance(event, PeerDown):
             self._on_peer_down(event.peer, now, out)
         else:
-            raise ProtocolMisuse(f"{self._id}: aggregators start no training; got {event!r}")
+            raise ProtocolMisuseError(f"{self._id}: aggregators start no training; got {event!r}")
         self._fill(now, out)
         return out
 
@@ -273,7 +273,7 @@ class AggregatorBase:
 
     def _defer(self, peer: str, msg: Update, out: list[Effect]) -> None:
         """An update arrived before this node has any model (only regions can be there)."""
-        raise ProtocolMisuse(f"{self._id} has no model")
+        raise ProtocolMisuseError(f"{self._id} has no model")
 
     # ------------------------------------------------------------- helpers
     def _complete_task(self, peer: str, msg: Update) -> bool:

@@ -60,7 +60,7 @@ from algorithms.protocol import (
     Metric,
     PeerDown,
     PeerUp,
-    ProtocolMisuse,
+    ProtocolMisuseError,
     Received,
     Send,
     Train,
@@ -227,7 +227,7 @@ class GossipPeer:
         elif isinstance(event, Deadline):
             self._on_timers(now, out)
         else:
-            raise ProtocolMisuse(f"GossipPeer cannot handle {type(event).__name__}")
+            raise ProtocolMisuseError(f"GossipPeer cannot handle {type(event).__name__}")
         self._deadline = self._compute_deadline()
         return out
 
@@ -244,7 +244,7 @@ class GossipPeer:
 
     def _check_job(self, job: int) -> None:
         if not self._job_running or job != self._job:
-            raise ProtocolMisuse(f"peer {self._id}: no training job {job} is running")
+            raise ProtocolMisuseError(f"peer {self._id}: no training job {job} is running")
         self._job_running = False
 
     # --------------------------------------------------------------- messages in

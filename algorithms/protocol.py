@@ -10,7 +10,7 @@ Ordering rule for drivers: effects are carried out in list order. In particular 
 is only ever sent after the state it acknowledges has been recorded).
 
 Local misuse (a driver feeding an event the node cannot accept in its state)
-raises ``ProtocolMisuse`` at once. Bad input from a *peer* never raises out of a
+raises ``ProtocolMisuseError`` at once. Bad input from a *peer* never raises out of a
 node: the node rejects it and reports why through ``Log`` and ``Metric`` effects.
 """
 
@@ -30,7 +30,7 @@ from transport.wire import Message
 Weights: TypeAlias = dict[str, npt.NDArray[np.floating[Any]]]
 
 
-class ProtocolMisuse(RuntimeError):
+class ProtocolMisuseError(RuntimeError):
     """A driver used a node in a way its contract forbids (a local bug, not peer input)."""
 
 

@@ -26,7 +26,7 @@ from algorithms.protocol import (
     Metric,
     PeerDown,
     PeerUp,
-    ProtocolMisuse,
+    ProtocolMisuseError,
     Received,
     Send,
     Train,
@@ -114,7 +114,7 @@ class SiteNode:
             return hello + self._outbox.resend(self.parent)
         if isinstance(event, PeerDown | Deadline):
             return []  # pending updates stay in the outbox until the link is back
-        raise ProtocolMisuse(f"site cannot handle {type(event).__name__}")
+        raise ProtocolMisuseError(f"site cannot handle {type(event).__name__}")
 
     def _on_received(self, peer: str, event: Received) -> list[Effect]:
         msg = event.msg
@@ -157,7 +157,7 @@ class SiteNode:
 
     def _check_job(self, job: int) -> None:
         if self.state is not SiteState.TRAINING or job != self._job:
-            raise ProtocolMisuse(f"site {self._id}: no training job {job} in progress")
+            raise ProtocolMisuseError(f"site {self._id}: no training job {job} in progress")
 
     def _on_done(self, event: TrainDone) -> list[Effect]:
         self._check_job(event.job)

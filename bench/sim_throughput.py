@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sim.runner import build_nodes, build_plan, build_sites, build_workload  # noqa: E402
-from sim.scenario import parse_scenario  # noqa: E402
+from sim.runner import build_nodes, build_plan, build_sites, build_workload
+from sim.scenario import parse_scenario
 
 ROUNDS = 5
 PER_ROUND = 100
@@ -32,7 +32,13 @@ SCENARIO = {
     "name": "sim-throughput",
     "seed": 1,
     "duration_h": 1000,
-    "data": {"dataset": "synthetic", "alpha": 1.0, "beta": 1.0, "samples_per_site": 50, "model": "softmax"},
+    "data": {
+        "dataset": "synthetic",
+        "alpha": 1.0,
+        "beta": 1.0,
+        "samples_per_site": 50,
+        "model": "softmax",
+    },
     "sites": {"count": 1000, "regions": ["r0", "r1", "r2", "r3"]},
     "compute": {"distribution": "halfnormal", "min_s": 30, "sd_s": 60},
     "training": {"lr": 0.05, "local_steps": 5, "batch_size": 10},
@@ -61,7 +67,11 @@ def run_sim() -> tuple[int, float]:
     sites = build_sites(scenario, workload, scenario.seed)
     plan = build_plan(scenario, arm, sites, scenario.seed)
     nodes = build_nodes(
-        plan, arm, workload.init_weights(scenario.seed), scenario.seed, {s.id: s.n_examples for s in sites}
+        plan,
+        arm,
+        workload.init_weights(scenario.seed),
+        scenario.seed,
+        {s.id: s.n_examples for s in sites},
     )
     root = nodes["root"]
     driver = SimDriver.from_plan(
@@ -93,7 +103,9 @@ def run_bare() -> tuple[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     sim_rates, bare_rates = [], []
@@ -102,8 +114,10 @@ def main() -> None:
         jobs, bare_wall = run_bare()
         sim_rates.append(updates / wall)
         bare_rates.append(jobs / bare_wall)
-        print(f"run {r + 1}: {updates} updates in {wall:.3f} s -> {updates / wall:,.0f}/s; "
-              f"bare training loop {jobs / bare_wall:,.0f} jobs/s")
+        print(
+            f"run {r + 1}: {updates} updates in {wall:.3f} s -> {updates / wall:,.0f}/s; "
+            f"bare training loop {jobs / bare_wall:,.0f} jobs/s"
+        )
     sim = statistics.median(sim_rates)
     bare = statistics.median(bare_rates)
     print(f"median bare training loop: {bare:,.0f} jobs/s")

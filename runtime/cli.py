@@ -59,8 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         "sub-aggregators, degrees and spectral gap, and write plan.json and topology.png.",
     )
     plan.add_argument("scenario", type=Path, help="scenario TOML file")
-    plan.add_argument("--out", type=Path, default=None, help="output directory (default runs/NAME-plan)")
-    plan.add_argument("--arm", default=None, metavar="NAME", help="arm to plan (default: the first)")
+    plan.add_argument(
+        "--out", type=Path, default=None, help="output directory (default runs/NAME-plan)"
+    )
+    plan.add_argument(
+        "--arm", default=None, metavar="NAME", help="arm to plan (default: the first)"
+    )
     return parser
 
 
@@ -74,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sim":
             from runtime.commands import cmd_sim
 
-            return cmd_sim(args.scenario, out=args.out, seed=args.seed, arms=args.arm, quiet=args.quiet)
+            return cmd_sim(
+                args.scenario, out=args.out, seed=args.seed, arms=args.arm, quiet=args.quiet
+            )
         if args.command == "plan":
             from runtime.commands import cmd_plan
 

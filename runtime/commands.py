@@ -28,7 +28,9 @@ def _select_arms(scenario: Scenario, names: Sequence[str] | None) -> list[str] |
     known = [a.name for a in scenario.arms]
     for name in names:
         if name not in known:
-            raise ConfigError(f"--arm {name!r}: no such arm in {scenario.name} ({', '.join(known)})")
+            raise ConfigError(
+                f"--arm {name!r}: no such arm in {scenario.name} ({', '.join(known)})"
+            )
     return list(names)
 
 
@@ -50,7 +52,9 @@ def _progress(console: Console, enabled: bool) -> Iterator[ProgressFn | None]:
         def update(label: str, done_s: float, total_s: float) -> None:
             if label not in tasks:
                 tasks[label] = bar.add_task(label, total=total_s, virtual="0 h")
-            bar.update(tasks[label], completed=min(done_s, total_s), virtual=f"{done_s / 3600:.1f} h")
+            bar.update(
+                tasks[label], completed=min(done_s, total_s), virtual=f"{done_s / 3600:.1f} h"
+            )
 
         yield update
 
@@ -73,7 +77,13 @@ def cmd_sim(
     if not quiet:
         console.print(f"[bold]{scenario.name}[/]: {scenario.description}")
     with _progress(console, enabled=not quiet and sys.stdout.isatty()) as progress:
-        report = run_scenario(scenario, seed=seed, arms=selected, progress=progress, log=None if quiet else console.print)
+        report = run_scenario(
+            scenario,
+            seed=seed,
+            arms=selected,
+            progress=progress,
+            log=None if quiet else console.print,
+        )
     paths = write_report(report, out_dir)
     console.print(summary_table(report))
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -71,7 +71,9 @@ class Availability:
         seed: int = 0,
     ) -> None:
         if isinstance(dropout, Mapping):
-            self._dropout_by_site = {s: _probability(f"dropout[{s}]", p) for s, p in dropout.items()}
+            self._dropout_by_site = {
+                s: _probability(f"dropout[{s}]", p) for s, p in dropout.items()
+            }
             self._dropout = 0.0
         else:
             self._dropout_by_site = {}

@@ -50,7 +50,7 @@ class Table:
         return ConfigError(f"{self.where(key)}: expected {expected}, got {_show(got)}")
 
     # -- typed accessors ---------------------------------------------------------
-    def str(self, key: str, default: Any = _MISSING, choices: Sequence[str] | None = None) -> Any:
+    def text(self, key: str, default: Any = _MISSING, choices: Sequence[str] | None = None) -> Any:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -64,7 +64,7 @@ class Table:
             )
         return value
 
-    def float(
+    def number(
         self,
         key: str,
         default: Any = _MISSING,
@@ -81,7 +81,7 @@ class Table:
         self._check_range(key, float(value), min, max, exclusive_min)
         return float(value)
 
-    def int(
+    def integer(
         self, key: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
     ) -> Any:
         value = self._get(key, default)
@@ -92,7 +92,7 @@ class Table:
         self._check_range(key, value, min, max, False)
         return value
 
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
+    def flag(self, key: str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -100,7 +100,7 @@ class Table:
             raise self.fail(key, "true or false", value)
         return value
 
-    def list(self, key: str, default: Any = _MISSING) -> Any:
+    def array(self, key: str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value

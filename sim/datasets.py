@@ -259,7 +259,9 @@ class SyntheticFederated:
         x *= self._sqrt_cov32
         x += p.v.astype(np.float32)
         # argmax of softmax(z) is argmax of z; labels come from the stored float32 features
-        y = np.argmax(x @ p.W + p.b, axis=1).astype(np.int64)
+        logits = x @ p.W.astype(np.float32)
+        logits += p.b.astype(np.float32)
+        y = logits.argmax(axis=1).astype(np.int64)
         k = self._n_train(p.n_total)
         return SiteData(train=Split(x[:k], y[:k]), test=Split(x[k:], y[k:]))
 

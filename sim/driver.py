@@ -35,9 +35,9 @@ from algorithms.protocol import (
     Log,
     Metric,
     Node,
-    Persist,
     PeerDown,
     PeerUp,
+    Persist,
     Received,
     Send,
     Train,
@@ -73,6 +73,7 @@ class SimStats:
     messages_delivered: int = 0
     messages_blocked: int = 0
     messages_lost: int = 0
+    messages_rejected: int = 0
     bytes_sent: int = 0
     bytes_by_tier: dict[str, int] = field(default_factory=dict)
     messages_by_tier: dict[str, int] = field(default_factory=dict)
@@ -93,7 +94,8 @@ class SimStats:
 
     @property
     def messages_dropped(self) -> int:
-        return self.messages_blocked + self.messages_lost
+        """Sent but never handed to the receiver (cut link, lost in flight, refused)."""
+        return self.messages_blocked + self.messages_lost + self.messages_rejected
 
     def to_dict(self, wall: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -104,6 +106,7 @@ class SimStats:
             "messages_delivered": self.messages_delivered,
             "messages_blocked": self.messages_blocked,
             "messages_lost": self.messages_lost,
+            "messages_rejected": self.messages_rejected,
             "messages_dropped": self.messages_dropped,
             "bytes_sent": self.bytes_sent,
             "bytes_by_tier": dict(sorted(self.bytes_by_tier.items())),
@@ -215,7 +218,7 @@ class SimDriver:
         self._deadlines: dict[str, tuple[float, Handle]] = {}
         # Deadlines fired per node at the current instant (to catch a node that never
         # moves its deadline on, which would otherwise spin forever at one time).
-        self._deadline_instant = -1.0
+        self._deadline_instant: float | None = None
         self._deadline_counts: dict[str, int] = {}
         self._observers: list[_Observer] = []
         self._metric_listeners: list[MetricListener] = []
@@ -243,7 +246,8 @@ class SimDriver:
 
     @property
     def stats(self) -> SimStats:
-        """A snapshot of the run's statistics."""
+        """The run's statistics, brought up to date (one object, updated in place: use
+        ``to_dict()`` to keep a snapshot)."""
         s = self._stats
         net = self.network.stats
         s.virtual_time = self.kernel.now
@@ -252,11 +256,12 @@ class SimDriver:
         s.messages_delivered = net.messages_delivered
         s.messages_blocked = net.messages_blocked
         s.messages_lost = net.messages_lost
+        s.messages_rejected = net.messages_rejected
         s.bytes_sent = net.bytes_sent
         s.encodings = net.encodings
-        s.bytes_by_tier = dict(self.network.bytes_by_tier)
-        s.messages_by_tier = dict(self.network.messages_by_tier)
-        s.bytes_by_type = dict(self.network.bytes_by_type)
+        s.bytes_by_tier = self.network.bytes_by_tier
+        s.messages_by_tier = self.network.messages_by_tier
+        s.bytes_by_type = self.network.bytes_by_type
         s.updates_applied = self.checker.updates_applied
         s.updates_duplicated = self.checker.updates_duplicated
         return s
@@ -288,7 +293,9 @@ class SimDriver:
             raise ValueError(f"kill: unknown node {node_id!r}")
         if node_id in self._dead:
             return
-        delay = self.availability.detection_delay_s if detection_delay_s is None else detection_delay_s
+        delay = (
+            self.availability.detection_delay_s if detection_delay_s is None else detection_delay_s
+        )
         self._dead.add(node_id)
         self._stats.deaths += 1
         entry = self._deadlines.pop(node_id, None)

@@ -21,7 +21,9 @@ from algorithms.protocol import TrainResult, Weights
 class Trainer(Protocol):
     """Trains one job. Must be deterministic given ``config["seed"]``."""
 
-    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult: ...
+    def __call__(
+        self, node_id: str, weights: Weights, config: Mapping[str, Any]
+    ) -> TrainResult: ...
 
 
 class SitePlanSource(Protocol):

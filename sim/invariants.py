@@ -16,7 +16,7 @@ from typing import Any
 from algorithms.protocol import Metric
 
 
-class InvariantViolation(AssertionError):
+class InvariantViolation(AssertionError):  # noqa: N818 - the name the project uses
     """A run broke a safety invariant (a bug in a node or in the driver)."""
 
 

@@ -29,6 +29,18 @@ Delivery model (per directed link ``src -> dst``):
   after the link's latency, so nodes can resend what was not acknowledged.
 * Deaths: a dead node's links go down at once and stay down; its neighbours hear
   ``PeerDown`` after a detection delay, the dead node hears nothing.
+* Rejections: bytes the receiver's decoder refuses (``transport.errors.ProtocolError``,
+  e.g. a NaN delta) still cross the link, then are dropped on arrival and counted
+  (``messages_rejected``), as a real receiver would refuse them. Encoding errors are
+  local bugs and propagate.
+
+Encoding cost: a broadcast (one message object sent to many peers) is encoded once per
+burst. Models are also sent as many *different* messages carrying the *same* tensors (one
+``TrainRequest`` per site, each with its own task id): for those the tensor part is encoded
+and decoded once and reused. That is exact, not an estimate: a wire envelope is a msgpack
+map whose fields encode independently, so ``size(msg) = size(msg without tensors) +
+size(tensor field) - size(empty tensor field)``, and receivers get the same decoded values
+(arrays are immutable by contract, so sharing them is safe).
 
 Neighbours are told about their links only on transitions (up, down, up, ...): a node
 never gets two ``PeerDown`` for the same peer in a row.
@@ -36,6 +48,7 @@ never gets two ``PeerDown`` for the same peer in a row.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -65,11 +78,25 @@ class LinkModel(Protocol):
 
 
 class Codec(Protocol):
-    """The wire codec: ``transport.wire`` satisfies this (see ``WireCodec``)."""
+    """The wire codec: ``transport.wire`` satisfies this (see ``WireCodec``).
+
+    A codec may list in a ``rejects`` attribute the exception types its ``decode`` raises
+    for bytes a receiver must refuse; those messages are dropped on arrival.
+    """
 
     def encode(self, msg: Any, spec: Any) -> bytes: ...
 
     def decode(self, data: bytes) -> Any: ...
+
+
+class Rejected:
+    """Stands in for a message whose bytes the receiver's decoder refuses."""
+
+    __slots__ = ("kind", "reason")
+
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind = kind
+        self.reason = reason
 
 
 def link_params(raw: Any) -> LinkParams:
@@ -110,19 +137,27 @@ class WireCodec:
 
     def __init__(self, limits: Any = None) -> None:
         from transport import wire
+        from transport.errors import ProtocolError
 
         self._encode = wire.encode
         self._decode = wire.decode
         self._limits = limits
+        self.rejects: tuple[type[Exception], ...] = (ProtocolError,)
 
     def encode(self, msg: Any, spec: Any) -> bytes:
-        return self._encode(msg, spec)  # type: ignore[no-any-return]
+        data: bytes = self._encode(msg, spec)
+        return data
 
     def decode(self, data: bytes) -> Any:
         if self._limits is None:
             return self._decode(data)
         return self._decode(data, limits=self._limits)
 
+
+# Messages whose tensors are often shared by several messages (models sent to many
+# children or neighbours), and the name of their tensor field.
+_SHARED_TENSOR_FIELDS = {"TrainRequest": "weights", "ModelBroadcast": "weights", "GossipShare": "x"}
+_TENSOR_MEMO_SIZE = 4  # recent tensor dicts remembered (a few model versions in flight)
 
 _UPLINK_TYPES = ("Update", "GossipShare")
 _DOWNLINK_TYPES = ("ModelBroadcast", "TrainRequest")
@@ -185,7 +220,7 @@ class Partition:
 class _LinkState:
     """Mutable state of one directed link."""
 
-    __slots__ = ("busy_until", "bw", "dst", "epoch", "latency", "src", "tier")
+    __slots__ = ("busy_until", "bw", "bytes", "dst", "epoch", "latency", "messages", "src", "tier")
 
     def __init__(self, src: str, dst: str, latency: float, bw: float, tier: str) -> None:
         self.src = src
@@ -195,6 +230,8 @@ class _LinkState:
         self.tier = tier
         self.busy_until = 0.0
         self.epoch = 0  # bumped whenever the link goes down: in-flight messages are lost
+        self.bytes = 0  # counted here, summed per tier on demand (keeps send() cheap)
+        self.messages = 0
 
 
 @dataclass(slots=True)
@@ -203,6 +240,7 @@ class NetworkStats:
     messages_delivered: int = 0
     messages_blocked: int = 0  # sent while the link was down (partition, death)
     messages_lost: int = 0  # in flight when the link went down
+    messages_rejected: int = 0  # arrived, but the receiver's decoder refused the bytes
     bytes_sent: int = 0
     encodings: int = 0  # real encode calls (broadcasts share one)
 
@@ -212,6 +250,7 @@ class NetworkStats:
             "messages_delivered": self.messages_delivered,
             "messages_blocked": self.messages_blocked,
             "messages_lost": self.messages_lost,
+            "messages_rejected": self.messages_rejected,
             "bytes_sent": self.bytes_sent,
             "encodings": self.encodings,
         }
@@ -244,6 +283,8 @@ class Network:
         self._deliver = deliver
         self._notify = notify
         self._codec: Codec = codec if codec is not None else WireCodec()
+        self._rejects: tuple[type[Exception], ...] = tuple(getattr(self._codec, "rejects", ()))
+        self.rejections: dict[str, int] = {}  # reason -> count
         self._codecs = codecs if codecs is not None else CodecPolicy()
         self._roles = dict(roles or {})
         self._mss = mss_bytes
@@ -258,10 +299,36 @@ class Network:
         # Broadcast memo: (id(msg), spec) -> (msg, size, decoded). Holding msg keeps its
         # id from being reused while the entry lives; cleared by end_burst().
         self._memo: dict[tuple[int, Any], tuple[Any, int, Any]] = {}
+        # Shared tensors: (type, id(tensors), spec) -> (tensors, extra bytes, decoded
+        # tensors), most recent last; holding the tensors keeps their id from being reused.
+        self._tensor_memo: dict[tuple[type, int, Any], tuple[Any, int, Any]] = {}
+        self.verify_encoding = False  # tests: check every shortcut against a full encode
         self.stats = NetworkStats()
-        self.bytes_by_tier: dict[str, int] = {}
-        self.messages_by_tier: dict[str, int] = {}
-        self.bytes_by_type: dict[str, int] = {}
+        self._bytes_by_type: dict[type, int] = {}
+
+    # --------------------------------------------------------------------- counters
+
+    @property
+    def bytes_by_tier(self) -> dict[str, int]:
+        """Bytes put on links, by ``"<src role>-><dst role>"`` (e.g. ``"site->region"``)."""
+        out: dict[str, int] = {}
+        for st in self._states.values():
+            if st.messages:
+                out[st.tier] = out.get(st.tier, 0) + st.bytes
+        return dict(sorted(out.items()))
+
+    @property
+    def messages_by_tier(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for st in self._states.values():
+            if st.messages:
+                out[st.tier] = out.get(st.tier, 0) + st.messages
+        return dict(sorted(out.items()))
+
+    @property
+    def bytes_by_type(self) -> dict[str, int]:
+        """Bytes put on links, by message type name."""
+        return dict(sorted((cls.__name__, n) for cls, n in self._bytes_by_type.items()))
 
     # ------------------------------------------------------------------- topology
 
@@ -282,10 +349,10 @@ class Network:
             if src == dst:
                 raise SimulationError(f"{src!r} cannot send a message to itself")
             fwd = link_params(self._links.link(src, dst))
-            back = link_params(self._links.link(dst, src))
-            bw = mathis_bandwidth(
-                fwd.bandwidth_bps, fwd.latency_s + back.latency_s, fwd.loss, self._mss
-            )
+            bw = fwd.bandwidth_bps
+            if fwd.loss > 0.0:  # the reverse direction only matters for the RTT
+                back = link_params(self._links.link(dst, src))
+                bw = mathis_bandwidth(bw, fwd.latency_s + back.latency_s, fwd.loss, self._mss)
             tier = f"{self._roles.get(src, '?')}->{self._roles.get(dst, '?')}"
             st = _LinkState(src, dst, fwd.latency_s, bw, tier)
             self._states[key] = st
@@ -403,11 +470,49 @@ class Network:
         hit = self._memo.get(key)
         if hit is not None:
             return hit[1], hit[2]
+        field = _SHARED_TENSOR_FIELDS.get(type(msg).__name__)
+        if field is None:
+            size, decoded = self._encode_decode(msg, spec)
+        else:
+            size, decoded = self._encode_shared(msg, spec, field)
+        self._memo[key] = (msg, size, decoded)
+        return size, decoded
+
+    def _encode_decode(self, msg: Any, spec: Any) -> tuple[int, Any]:
         data = self._codec.encode(msg, spec)
-        decoded = self._codec.decode(data)
         self.stats.encodings += 1
-        self._memo[key] = (msg, len(data), decoded)
-        return len(data), decoded
+        try:
+            return len(data), self._codec.decode(data)
+        except self._rejects as exc:
+            reason = str(getattr(exc, "reason", type(exc).__name__))
+            return len(data), Rejected(type(msg).__name__, reason)
+
+    def _encode_shared(self, msg: Any, spec: Any, field: str) -> tuple[int, Any]:
+        tensors = getattr(msg, field)
+        tkey = (type(msg), id(tensors), spec)
+        memo = self._tensor_memo
+        hit = memo.get(tkey)
+        bare = dataclasses.replace(msg, **{field: {}})
+        bare_size, bare_decoded = self._encode_decode(bare, spec)
+        if hit is None or type(bare_decoded) is Rejected:
+            size, decoded = self._encode_decode(msg, spec)
+            if type(decoded) is Rejected or type(bare_decoded) is Rejected:
+                return size, decoded
+            memo[tkey] = (tensors, size - bare_size, getattr(decoded, field))
+            if len(memo) > _TENSOR_MEMO_SIZE:
+                del memo[next(iter(memo))]
+            return size, decoded
+        memo[tkey] = memo.pop(tkey)  # most recently used last
+        size = bare_size + hit[1]
+        decoded = dataclasses.replace(bare_decoded, **{field: hit[2]})
+        if self.verify_encoding:
+            full_size, full = self._encode_decode(msg, spec)
+            if full_size != size or type(full) is not type(decoded):
+                raise SimulationError(
+                    f"shared-tensor size shortcut is wrong for {type(msg).__name__}: "
+                    f"{size} != {full_size}"
+                )
+        return size, decoded
 
     def end_burst(self) -> None:
         """Forget the encodings of the current burst (call after each node's effects)."""
@@ -416,7 +521,9 @@ class Network:
 
     def send(self, src: str, dst: str, msg: Any) -> bool:
         """Put ``msg`` on the link ``src -> dst``. Returns False if it was lost at once."""
-        st = self._states.get((src, dst)) or self._state(src, dst)
+        st = self._states.get((src, dst))
+        if st is None:
+            st = self._state(src, dst)
         stats = self.stats
         if (self._dead or self._partitions) and not self.connected(src, dst):
             stats.messages_blocked += 1
@@ -428,18 +535,23 @@ class Network:
         finish = start + size * 8.0 / st.bw  # bw may be inf (loopback): 0 s
         st.busy_until = finish
         kernel.schedule_at(finish + st.latency, self._arrive, st, st.epoch, decoded)
+        st.bytes += size
+        st.messages += 1
         stats.messages_sent += 1
         stats.bytes_sent += size
-        tier = st.tier
-        self.bytes_by_tier[tier] = self.bytes_by_tier.get(tier, 0) + size
-        self.messages_by_tier[tier] = self.messages_by_tier.get(tier, 0) + 1
-        kind = type(msg).__name__
-        self.bytes_by_type[kind] = self.bytes_by_type.get(kind, 0) + size
+        by_type = self._bytes_by_type
+        cls = type(msg)
+        by_type[cls] = by_type.get(cls, 0) + size
         return True
 
     def _arrive(self, st: _LinkState, epoch: int, msg: Any) -> None:
         if st.epoch != epoch:
             self.stats.messages_lost += 1
+            return
+        if type(msg) is Rejected:
+            self.stats.messages_rejected += 1
+            key = f"{msg.kind}:{msg.reason}"
+            self.rejections[key] = self.rejections.get(key, 0) + 1
             return
         self.stats.messages_delivered += 1
         self._deliver(st.src, st.dst, msg)

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -82,7 +82,9 @@ def build_sites(scenario: Scenario, workload: Workload, seed: int) -> list[Site]
     cfg = scenario.sites
     rng = entity_rng(seed, "sites")
     speeds = (
-        rng.lognormal(0.0, cfg.speed_spread, cfg.count) if cfg.speed_spread > 0 else np.ones(cfg.count)
+        rng.lognormal(0.0, cfg.speed_spread, cfg.count)
+        if cfg.speed_spread > 0
+        else np.ones(cfg.count)
     )
     inbound = rng.random(cfg.count) < cfg.inbound_fraction
     return [
@@ -107,11 +109,15 @@ def build_plan(scenario: Scenario, arm: Arm, sites: Sequence[Site], seed: int) -
         if arm.topology == "star":
             return star(sites, ROOT_ID, root_region, wan=wan)
         if arm.topology == "hierarchical":
-            by = "rtt" if arm.params.clustering == "rtt" else "region"
-            return hierarchical(sites, wan, by=by, root_id=ROOT_ID, seed=seed, root_region=root_region)
+            by: Literal["region", "rtt"] = "rtt" if arm.params.clustering == "rtt" else "region"
+            return hierarchical(
+                sites, wan, by=by, root_id=ROOT_ID, seed=seed, root_region=root_region
+            )
         return gossip(sites, wan, graph=arm.params.graph, k=arm.params.degree, seed=seed)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise ConfigError(f"arm {arm.name!r}: cannot build the {arm.topology} topology: {exc}") from None
+        raise ConfigError(
+            f"arm {arm.name!r}: cannot build the {arm.topology} topology: {exc}"
+        ) from None
 
 
 def build_plan_for_arm(scenario: Scenario, arm: Arm, seed: int) -> Plan:
@@ -253,12 +259,10 @@ def build_availability(
     if a.death_fraction > 0:
         rng = entity_rng(seed, "deaths")
         ids = [s.id for s in sites]
-        n_dead = int(round(a.death_fraction * len(ids)))
+        n_dead = round(a.death_fraction * len(ids))
         for idx in sorted(rng.choice(len(ids), size=n_dead, replace=False)):
             deaths.append(Death(a.death_at_s, ids[int(idx)]))
-    partitions = [
-        Partition(p.start_s, p.end_s, region_nodes(plan, p.region)) for p in a.partitions
-    ]
+    partitions = [Partition(p.start_s, p.end_s, region_nodes(plan, p.region)) for p in a.partitions]
     return Availability(dropout=a.dropout, deaths=deaths, seed=seed), partitions
 
 
@@ -306,7 +310,7 @@ def _evaluator(
     cache: dict[int, float] = {}
 
     def root_eval() -> tuple[float, float]:
-        cur = root.current_model()  # type: ignore[union-attr]
+        cur = root.current_model()
         if cur is None:
             return 0.0, 0.0
         version, weights = cur
@@ -384,7 +388,7 @@ def run_once(
     time_to_target = None
     if target is not None:
         time_to_target = next((t for t, acc in series if acc >= target), None)
-    staleness = Counter(int(round(s)) for s in stats.staleness)
+    staleness = Counter(round(s) for s in stats.staleness)
     tiers = dict(stats.bytes_by_tier)
     bytes_up = sum(v for k, v in tiers.items() if _is_uplink(k))
     bytes_down = sum(v for k, v in tiers.items() if not _is_uplink(k))
@@ -471,7 +475,9 @@ def run_arm(
         result = run_once(scenario, variant, workload, seed, label=label, progress=progress)
         sweep_wall += result.wall_seconds
         ttt = result.time_to_target_s
-        tried.append(f"{lr:g}/{slr:g}:{'-' if ttt is None else f'{ttt:.0f}s'}:{result.final_accuracy:.3f}")
+        tried.append(
+            f"{lr:g}/{slr:g}:{'-' if ttt is None else f'{ttt:.0f}s'}:{result.final_accuracy:.3f}"
+        )
         if log is not None:
             log(
                 f"  {label}: final accuracy {result.final_accuracy:.3f}, time to target "

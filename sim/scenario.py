@@ -176,17 +176,17 @@ def parse_scenario(
     raw: Mapping[str, Any], default_name: str = "scenario", source: str = ""
 ) -> Scenario:
     top = Table(raw, "")
-    name = top.str("name", default_name)
-    description = top.str("description", "")
-    seed = top.int("seed", 0, min=0)
+    name = top.text("name", default_name)
+    description = top.text("description", "")
+    seed = top.integer("seed", 0, min=0)
     duration_s = _duration(top, "duration")
-    eval_interval_s = top.float(
+    eval_interval_s = top.number(
         "eval_interval_s", max(duration_s / 100.0, 1.0), min=0.0, exclusive_min=True
     )
-    target = top.float("target_accuracy", None, min=0.0, max=1.0)
-    baseline = top.str("baseline", None)
-    executor = top.str("executor", "inline", choices=("inline", "process"))
-    workers = top.int("workers", 2, min=1)
+    target = top.number("target_accuracy", None, min=0.0, max=1.0)
+    baseline = top.text("baseline", None)
+    executor = top.text("executor", "inline", choices=("inline", "process"))
+    workers = top.integer("workers", 2, min=1)
 
     data = _data(top.table("data"))
     sites = _sites(top.table("sites"))
@@ -202,7 +202,7 @@ def parse_scenario(
         if not isinstance(raw.get(key, {}), Mapping):
             raise top.fail(key, "a table", value)
 
-    arms_raw = top.list("arms")
+    arms_raw = top.array("arms")
     if not arms_raw:
         raise ConfigError("arms: a scenario needs at least one [[arms]] entry")
     arms = tuple(_arm(a, i, shared, sites) for i, a in enumerate(arms_raw))
@@ -242,7 +242,7 @@ def _duration(t: Table, stem: str) -> float:
             f"{t.where(stem + '_h')}: required field is missing (or {stem}_s / {stem}_min)"
         )
     scale = {"_s": 1.0, "_min": 60.0, "_h": 3600.0}[given[0][len(stem) :]]
-    return float(t.float(given[0], min=0.0, exclusive_min=True)) * scale
+    return float(t.number(given[0], min=0.0, exclusive_min=True)) * scale
 
 
 def _data(t: Table) -> dict[str, Any]:
@@ -254,8 +254,8 @@ def _data(t: Table) -> dict[str, Any]:
 
 
 def _sites(t: Table) -> SitesConfig:
-    count = t.int("count", min=1)
-    regions = t.list("regions", ["region-1"])
+    count = t.integer("count", min=1)
+    regions = t.array("regions", ["region-1"])
     if not regions or not all(isinstance(r, str) and r for r in regions):
         raise t.fail("regions", "a non-empty list of region names", regions)
     if len(set(regions)) != len(regions):
@@ -263,11 +263,11 @@ def _sites(t: Table) -> SitesConfig:
     cfg = SitesConfig(
         count=count,
         regions=tuple(regions),
-        uplink_mbps=t.float("uplink_mbps", 50.0, min=0.0, exclusive_min=True),
-        downlink_mbps=t.float("downlink_mbps", 200.0, min=0.0, exclusive_min=True),
-        access_latency_ms=t.float("access_latency_ms", 5.0, min=0.0),
-        speed_spread=t.float("speed_spread", 0.0, min=0.0),
-        inbound_fraction=t.float("inbound_fraction", 0.0, min=0.0, max=1.0),
+        uplink_mbps=t.number("uplink_mbps", 50.0, min=0.0, exclusive_min=True),
+        downlink_mbps=t.number("downlink_mbps", 200.0, min=0.0, exclusive_min=True),
+        access_latency_ms=t.number("access_latency_ms", 5.0, min=0.0),
+        speed_spread=t.number("speed_spread", 0.0, min=0.0),
+        inbound_fraction=t.number("inbound_fraction", 0.0, min=0.0, max=1.0),
     )
     t.finish()
     return cfg
@@ -280,17 +280,17 @@ def _network(t: Table, sites: SitesConfig) -> NetworkConfig:
         parts = key.split("--")
         if len(parts) != 2 or not all(p in sites.regions for p in parts):
             raise ConfigError(
-                f"{rtt_table.where(key)}: keys are 'regionA--regionB' with regions from sites.regions "
-                f"({', '.join(sites.regions)})"
+                f"{rtt_table.where(key)}: keys are 'regionA--regionB' with regions from "
+                f"sites.regions ({', '.join(sites.regions)})"
             )
-        pairs.append((parts[0], parts[1], rtt_table.float(key, min=0.0)))
-    root_region = t.str("root_region", None)
+        pairs.append((parts[0], parts[1], rtt_table.number(key, min=0.0)))
+    root_region = t.text("root_region", None)
     if root_region is not None and root_region not in sites.regions:
         raise ConfigError(f"{t.where('root_region')}: {root_region!r} is not in sites.regions")
     cfg = NetworkConfig(
-        intra_region_rtt_ms=t.float("intra_region_rtt_ms", 10.0, min=0.0),
-        inter_region_rtt_ms=t.float("inter_region_rtt_ms", 60.0, min=0.0),
-        loss=t.float("loss", 0.0, min=0.0, max=0.5),
+        intra_region_rtt_ms=t.number("intra_region_rtt_ms", 10.0, min=0.0),
+        inter_region_rtt_ms=t.number("inter_region_rtt_ms", 60.0, min=0.0),
+        loss=t.number("loss", 0.0, min=0.0, max=0.5),
         region_rtt_ms=tuple(pairs),
         root_region=root_region,
     )
@@ -304,10 +304,10 @@ def _merged(shared: Mapping[str, Any], arm: Mapping[str, Any], key: str) -> dict
 
 def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) -> Arm:
     t = Table(raw, f"arms[{index}]")
-    name = t.str("name", f"arm-{index}")
-    algorithm = t.str("algorithm", choices=ALGORITHMS)
+    name = t.text("name", f"arm-{index}")
+    algorithm = t.text("algorithm", choices=ALGORITHMS)
     default_topology = "gossip" if algorithm == "gossip" else "star"
-    topology = t.str("topology", default_topology, choices=TOPOLOGIES)
+    topology = t.text("topology", default_topology, choices=TOPOLOGIES)
     if (algorithm == "gossip") != (topology == "gossip"):
         raise ConfigError(
             f"{t.where('topology')}: algorithm 'gossip' goes with topology 'gossip' only"
@@ -350,7 +350,7 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
 
 
 def _sweep(t: Table, key: str) -> list[float]:
-    values = t.list(key, [])
+    values = t.array(key, [])
     if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values):
         raise t.fail(key, "a list of positive numbers", values)
     return list(values)
@@ -358,10 +358,10 @@ def _sweep(t: Table, key: str) -> list[float]:
 
 def _training(t: Table) -> TrainingConfig:
     cfg = TrainingConfig(
-        lr=t.float("lr", 0.05, min=0.0, exclusive_min=True),
-        local_steps=t.int("local_steps", 5, min=1),
-        batch_size=t.int("batch_size", 10, min=1),
-        mu=t.float("mu", 0.0, min=0.0),
+        lr=t.number("lr", 0.05, min=0.0, exclusive_min=True),
+        local_steps=t.integer("local_steps", 5, min=1),
+        batch_size=t.integer("batch_size", 10, min=1),
+        mu=t.number("mu", 0.0, min=0.0),
     )
     t.finish()
     return cfg
@@ -369,9 +369,9 @@ def _training(t: Table) -> TrainingConfig:
 
 def _codec(t: Table) -> CodecConfig:
     cfg = CodecConfig(
-        up=t.str("up", "fp32", choices=CODECS),
-        down=t.str("down", "fp32", choices=CODECS),
-        topk_fraction=t.float("topk_fraction", 0.01, min=0.0, max=1.0, exclusive_min=True),
+        up=t.text("up", "fp32", choices=CODECS),
+        down=t.text("down", "fp32", choices=CODECS),
+        topk_fraction=t.number("topk_fraction", 0.01, min=0.0, max=1.0, exclusive_min=True),
     )
     if cfg.down == "topk":
         raise ConfigError(
@@ -383,19 +383,19 @@ def _codec(t: Table) -> CodecConfig:
 
 def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
     partitions: list[Partition] = []
-    for i, p in enumerate(t.list("partitions", [])):
+    for i, p in enumerate(t.array("partitions", [])):
         pt = Table(p, f"{t.where('partitions')}[{i}]")
-        region = pt.str("region", choices=sites.regions)
-        start_s = pt.float("start_h", min=0.0) * 3600.0
-        end_s = pt.float("end_h", min=0.0) * 3600.0
+        region = pt.text("region", choices=sites.regions)
+        start_s = pt.number("start_h", min=0.0) * 3600.0
+        end_s = pt.number("end_h", min=0.0) * 3600.0
         if end_s <= start_s:
             raise ConfigError(f"{pt.where('end_h')}: must be after start_h")
         pt.finish()
         partitions.append(Partition(region, start_s, end_s))
     cfg = AvailabilityConfig(
-        dropout=t.float("dropout", 0.0, min=0.0, max=0.99),
-        death_fraction=t.float("death_fraction", 0.0, min=0.0, max=0.99),
-        death_at_s=t.float("death_at_h", 0.0, min=0.0) * 3600.0,
+        dropout=t.number("dropout", 0.0, min=0.0, max=0.99),
+        death_fraction=t.number("death_fraction", 0.0, min=0.0, max=0.99),
+        death_at_s=t.number("death_at_h", 0.0, min=0.0) * 3600.0,
         partitions=tuple(partitions),
     )
     t.finish()
@@ -405,37 +405,37 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
 def _algorithm(t: Table) -> AlgorithmConfig:
     d = AlgorithmConfig()
     cfg = AlgorithmConfig(
-        buffer_size=t.int("buffer_size", d.buffer_size, min=1),
-        concurrency=t.int("concurrency", d.concurrency, min=1),
-        server_optimizer=t.str("server_optimizer", d.server_optimizer, choices=OPTIMISERS),
-        server_lr=t.float("server_lr", d.server_lr, min=0.0, exclusive_min=True),
-        server_momentum=t.float("server_momentum", d.server_momentum, min=0.0, max=0.999),
-        staleness=t.str("staleness", d.staleness, choices=STALENESS),
-        staleness_a=t.float("staleness_a", d.staleness_a, min=0.0),
-        staleness_b=t.float("staleness_b", d.staleness_b, min=0.0),
-        max_staleness=t.int("max_staleness", d.max_staleness, min=0),
-        alpha=t.float("alpha", d.alpha, min=0.0, max=1.0, exclusive_min=True),
-        clients_per_round=t.int("clients_per_round", d.clients_per_round, min=1),
-        over_selection=t.float("over_selection", d.over_selection, min=1.0),
-        round_timeout_s=t.float("round_timeout_s", d.round_timeout_s, min=0.0, exclusive_min=True),
-        min_cohort=t.int("min_cohort", d.min_cohort, min=1),
-        task_timeout_s=t.float("task_timeout_s", d.task_timeout_s, min=0.0, exclusive_min=True),
-        regional_buffer_size=t.int("regional_buffer_size", d.regional_buffer_size, min=1),
-        regional_concurrency=t.int("regional_concurrency", d.regional_concurrency, min=1),
-        root_buffer_size=t.int("root_buffer_size", d.root_buffer_size, min=1),
-        robust=t.str("robust", d.robust, choices=ROBUST),
-        clip_norm=t.float("clip_norm", None, min=0.0, exclusive_min=True),
-        weighting=t.str("weighting", d.weighting, choices=("uniform", "examples")),
-        gossip_mode=t.str("gossip_mode", d.gossip_mode, choices=("dpsgd", "pushsum")),
-        graph=t.str("graph", d.graph, choices=GRAPHS),
-        degree=t.int("degree", d.degree, min=1),
-        gossip_interval_s=t.float(
+        buffer_size=t.integer("buffer_size", d.buffer_size, min=1),
+        concurrency=t.integer("concurrency", d.concurrency, min=1),
+        server_optimizer=t.text("server_optimizer", d.server_optimizer, choices=OPTIMISERS),
+        server_lr=t.number("server_lr", d.server_lr, min=0.0, exclusive_min=True),
+        server_momentum=t.number("server_momentum", d.server_momentum, min=0.0, max=0.999),
+        staleness=t.text("staleness", d.staleness, choices=STALENESS),
+        staleness_a=t.number("staleness_a", d.staleness_a, min=0.0),
+        staleness_b=t.number("staleness_b", d.staleness_b, min=0.0),
+        max_staleness=t.integer("max_staleness", d.max_staleness, min=0),
+        alpha=t.number("alpha", d.alpha, min=0.0, max=1.0, exclusive_min=True),
+        clients_per_round=t.integer("clients_per_round", d.clients_per_round, min=1),
+        over_selection=t.number("over_selection", d.over_selection, min=1.0),
+        round_timeout_s=t.number("round_timeout_s", d.round_timeout_s, min=0.0, exclusive_min=True),
+        min_cohort=t.integer("min_cohort", d.min_cohort, min=1),
+        task_timeout_s=t.number("task_timeout_s", d.task_timeout_s, min=0.0, exclusive_min=True),
+        regional_buffer_size=t.integer("regional_buffer_size", d.regional_buffer_size, min=1),
+        regional_concurrency=t.integer("regional_concurrency", d.regional_concurrency, min=1),
+        root_buffer_size=t.integer("root_buffer_size", d.root_buffer_size, min=1),
+        robust=t.text("robust", d.robust, choices=ROBUST),
+        clip_norm=t.number("clip_norm", None, min=0.0, exclusive_min=True),
+        weighting=t.text("weighting", d.weighting, choices=("uniform", "examples")),
+        gossip_mode=t.text("gossip_mode", d.gossip_mode, choices=("dpsgd", "pushsum")),
+        graph=t.text("graph", d.graph, choices=GRAPHS),
+        degree=t.integer("degree", d.degree, min=1),
+        gossip_interval_s=t.number(
             "gossip_interval_s", d.gossip_interval_s, min=0.0, exclusive_min=True
         ),
-        clustering=t.str("clustering", d.clustering, choices=("region", "rtt")),
+        clustering=t.text("clustering", d.clustering, choices=("region", "rtt")),
     )
     t.finish()
     return cfg
 
 
-__all__ = ["ConfigError", "Scenario", "Arm", "load_scenario", "parse_scenario"]
+__all__ = ["Arm", "ConfigError", "Scenario", "load_scenario", "parse_scenario"]

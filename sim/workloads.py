@@ -33,6 +33,8 @@ from sim.datasets import (
 from sim.models import MODEL_NAMES, make_model
 
 DATASET_NAMES: Final = ("synthetic", *SKLEARN_DATASETS)
+# Site data kept in memory (LRU beyond this); regenerating a site costs more than a job.
+CACHE_BYTES: Final = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +87,8 @@ class Workload:
         seed: int = 0,
         *,
         eval_sites: int = 100,
-        cache_size: int = 256,
+        cache_size: int = 1_000_000,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         model = model if model is not None else ModelSpec()
         if model.name not in MODEL_NAMES:
@@ -99,6 +102,7 @@ class Workload:
         self.seed = int(seed)
         self.eval_sites = int(eval_sites)
         self.cache_size = int(cache_size)
+        self.cache_bytes = int(cache_bytes)
         self._data = _build_dataset(dataset, int(n_sites), self.seed)
         if model.name == "cnn" and math.isqrt(self._data.n_features) ** 2 != self._data.n_features:
             raise ValueError(
@@ -106,6 +110,8 @@ class Workload:
                 f"{dataset.name!r} has {self._data.n_features} features"
             )
         self._plans: OrderedDict[int, TrainingPlan] = OrderedDict()
+        self._sizes: dict[int, int] = {}
+        self._cached_bytes = 0
         self._lock = threading.Lock()
         self._eval: tuple[TrainingPlan, int, int] | None = None  # plan, n_test, sites pooled
 
@@ -118,6 +124,7 @@ class Workload:
             "seed": self.seed,
             "eval_sites": self.eval_sites,
             "cache_size": self.cache_size,
+            "cache_bytes": self.cache_bytes,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -128,6 +135,7 @@ class Workload:
             state["seed"],
             eval_sites=state["eval_sites"],
             cache_size=state["cache_size"],
+            cache_bytes=state["cache_bytes"],
         )
 
     # -- sizes --------------------------------------------------------------------------
@@ -168,11 +176,21 @@ class Workload:
                 return plan
         data = self._data.site(i)  # outside the lock: generation may take a while
         plan = self._make(data.train, data.test)
+        size = _split_bytes(data.train) + _split_bytes(data.test)
         with self._lock:
-            plan = self._plans.setdefault(i, plan)
+            if i not in self._plans:
+                self._plans[i] = plan
+                self._sizes[i] = size
+                self._cached_bytes += size
+            plan = self._plans[i]
             self._plans.move_to_end(i)
-            while len(self._plans) > self.cache_size:
-                self._plans.popitem(last=False)
+            # Keep every site while the data fits the byte budget: regenerating a site's
+            # data costs more than training on it.
+            while len(self._plans) > 1 and (
+                len(self._plans) > self.cache_size or self._cached_bytes > self.cache_bytes
+            ):
+                old, _ = self._plans.popitem(last=False)
+                self._cached_bytes -= self._sizes.pop(old)
         return plan
 
     def _eval_plan(self) -> tuple[TrainingPlan, int, int]:
@@ -314,7 +332,7 @@ def from_config(
         model,
         seed_v,
         eval_sites=_int(d, "eval_sites", 1, default=100),
-        cache_size=_int(d, "cache_size", 1, default=256),
+        cache_size=_int(d, "cache_size", 1, default=1_000_000),
     )
 
 
@@ -361,3 +379,9 @@ def _float(
     if not ok:
         raise ValueError(f"{key}: expected a number {rng}, got {v!r}")
     return f
+
+
+def _split_bytes(split: Split | None) -> int:
+    if split is None:
+        return 0
+    return int(split.x.nbytes) + int(split.y.nbytes)

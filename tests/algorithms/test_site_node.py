@@ -10,7 +10,7 @@ from algorithms.protocol import (
     PeerDown,
     PeerUp,
     Persist,
-    ProtocolMisuse,
+    ProtocolMisuseError,
     Send,
     Train,
     TrainDone,
@@ -110,7 +110,7 @@ def test_failure_returns_to_idle_and_starts_parked_request() -> None:
 
 def test_unknown_job_is_local_misuse() -> None:
     site = SiteNode("s1", "agg")
-    with pytest.raises(ProtocolMisuse):
+    with pytest.raises(ProtocolMisuseError):
         site.handle(done(5, 1.0), 0.0)
 
 

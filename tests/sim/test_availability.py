@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from sim.availability import Availability, ChurnWindow, Death
@@ -89,6 +91,6 @@ def test_from_config_churn_becomes_one_node_partitions() -> None:
         ({"deaths": [{"at_s": 1.0, "fraction": 2.0}]}, "fraction must be"),
     ],
 )
-def test_config_errors_are_clear(cfg: dict, match: str) -> None:
+def test_config_errors_are_clear(cfg: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Availability.from_config(cfg, sites=SITES)

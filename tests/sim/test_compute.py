@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def _draws(model: ComputeModel, site: str, n: int) -> np.ndarray:
         {"distribution": "lognormal", "median_s": 30.0, "sigma": 0.3, "min_s": 2.0},
     ],
 )
-def test_sample_means_match_the_distribution(cfg: dict) -> None:
+def test_sample_means_match_the_distribution(cfg: dict[str, Any]) -> None:
     model = ComputeModel.from_config(cfg, seed=3)
     draws = _draws(model, "site-1", 4000)
     assert draws.min() >= cfg.get("min_s", 0.0)
@@ -95,7 +96,7 @@ def test_empty_config_is_a_constant_minute() -> None:
         ({"distribution": 3}, "must be a string"),
     ],
 )
-def test_config_errors_are_clear(cfg: dict, match: str) -> None:
+def test_config_errors_are_clear(cfg: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         distribution_from_config(cfg)
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -12,7 +12,14 @@ from sim.driver import SimDriver, neighbours_from_plan, region_nodes, roles_from
 from sim.executors import InlineExecutor, PoolExecutor
 from sim.kernel import SimulationError
 from sim.network import UniformLinks
-from tests.conformance.toy_nodes import NoisyTrainer, Pinger, Ponger, ToySite, star
+from tests.conformance.toy_nodes import (
+    NoisyTrainer,
+    Pinger,
+    Ponger,
+    ToyAggregator,
+    ToySite,
+    star,
+)
 from topology.specs import Site
 from topology.star import star as star_plan
 from transport.wire import Heartbeat
@@ -46,6 +53,14 @@ def toy_driver(
     )
 
 
+def agg_of(d: SimDriver) -> ToyAggregator:
+    return cast(ToyAggregator, d.nodes["agg"])
+
+
+def site_of(d: SimDriver, site: str) -> ToySite:
+    return cast(ToySite, d.nodes[site])
+
+
 def test_ping_pong_timing() -> None:
     a, b = Pinger("a", "b", n=5), Ponger("b", "a", n=5)
     d = SimDriver(
@@ -67,7 +82,7 @@ def test_ping_pong_timing() -> None:
 def test_toy_star_runs_and_collects_stats() -> None:
     d = toy_driver(4, record_persist=True)
     stats = d.run(until=60.0)
-    agg = d.nodes["agg"]
+    agg = agg_of(d)
     assert agg.version > 20
     assert stats.updates_applied == agg.version == stats.metric_counts["update_applied"]
     assert stats.updates_duplicated == 0
@@ -87,7 +102,7 @@ def test_same_seed_same_stats_and_other_seed_differs() -> None:
     def run(seed: int) -> dict[str, Any]:
         d = toy_driver(5, seed=seed, availability=Availability(dropout=0.2, seed=seed))
         stats = d.run(until=80.0).to_dict(wall=False)
-        stats["weights"] = d.nodes["agg"].weights["w"].tolist()
+        stats["weights"] = agg_of(d).weights["w"].tolist()
         return stats
 
     first = run(1)
@@ -99,8 +114,8 @@ def test_dropout_delivers_train_failed_and_parent_times_out() -> None:
     av = Availability(dropout=0.5, seed=3)
     d = toy_driver(3, availability=av, keep_logs=True, agg_kwargs={"task_timeout_s": 20.0}, seed=3)
     stats = d.run(until=300.0)
-    agg = d.nodes["agg"]
-    failed = sum(d.nodes[s].failed for s in agg.children)
+    agg = agg_of(d)
+    failed = sum(site_of(d, s).failed for s in agg.children)
     assert stats.jobs_dropped == failed > 0
     assert agg.timeouts > 0
     assert stats.metric_counts["job_timeout"] == agg.timeouts
@@ -110,7 +125,7 @@ def test_dropout_delivers_train_failed_and_parent_times_out() -> None:
 
 
 def _running(d: SimDriver) -> int:
-    return sum(len(d.nodes[s].jobs) for s in d.nodes if s != "agg")
+    return sum(len(site_of(d, s).jobs) for s in d.nodes if s != "agg")
 
 
 def test_killed_site_gets_nothing_and_parent_hears_after_delay() -> None:
@@ -121,19 +136,19 @@ def test_killed_site_gets_nothing_and_parent_hears_after_delay() -> None:
     assert d.is_alive("site-01")
     d.run(until=60.0)
     assert not d.is_alive("site-01")
-    agg = d.nodes["agg"]
+    agg = agg_of(d)
     assert "site-01" not in agg.up
     downs = [(t, log.text) for t, n, log in d.logs if n == "agg" and "down" in log.text]
     assert downs == [(17.0, "site-01 down")]
     assert d.stats.deaths == 1
     assert d.stats.deliveries > before
-    site = d.nodes["site-01"]
+    site = site_of(d, "site-01")
     applied_from_dead = [k for k in agg.applied if k[0] == "site-01"]
     assert all(seq <= site.seq for _, seq in applied_from_dead)
     # Nothing reached the dead site after its death.
     n_msgs = site.seq
     d.run(until=100.0)
-    assert d.nodes["site-01"].seq == n_msgs
+    assert site_of(d, "site-01").seq == n_msgs
 
 
 def test_scheduled_deaths_from_availability() -> None:
@@ -144,7 +159,7 @@ def test_scheduled_deaths_from_availability() -> None:
     d = toy_driver(3, availability=av)
     d.run(until=30.0)
     assert not d.is_alive("site-00") and not d.is_alive("site-02") and d.is_alive("site-01")
-    assert d.nodes["agg"].up == {"site-01"}
+    assert agg_of(d).up == {"site-01"}
 
 
 def test_partition_then_resend_is_deduplicated() -> None:
@@ -157,11 +172,11 @@ def test_partition_then_resend_is_deduplicated() -> None:
     d.partition(["site-00"], 2.2, 5.0)
     stats = d.run(until=20.0)
     assert stats.messages_lost == 1
-    site = d.nodes["site-00"]
+    site = site_of(d, "site-00")
     assert site.seq > 3
     assert 1 not in site.unacked  # resent after PeerUp and acknowledged
     assert stats.updates_duplicated == 0
-    agg = d.nodes["agg"]
+    agg = agg_of(d)
     assert ("site-00", 1) in agg.applied
 
 
@@ -174,7 +189,7 @@ def test_lost_ack_causes_a_duplicate_that_is_not_applied() -> None:
     # The update arrives at the aggregator at 2.5; its Ack would arrive at 3.0: cut at 2.7.
     d.partition(["site-00"], 2.7, 4.0)
     stats = d.run(until=10.0)
-    agg = d.nodes["agg"]
+    agg = agg_of(d)
     assert agg.duplicates >= 1
     assert stats.metric_counts["update_duplicate"] == agg.duplicates
     assert stats.updates_duplicated == 0
@@ -243,10 +258,12 @@ def test_stale_deadline_entries_never_fire() -> None:
     def move(t: float) -> None:
         node.deadline = t
 
+    def move_and_refresh(t: float) -> None:
+        move(t)
+        d._refresh_deadline("m", node, d.now)
+
     for i, t in enumerate([12.0, 8.0, 30.0]):
-        d.kernel.schedule_at(
-            float(i + 1), lambda t=t: (move(t), d._refresh_deadline("m", node, d.now))
-        )
+        d.kernel.schedule_at(float(i + 1), move_and_refresh, t)
     d.run(until=100.0)
     assert node.fired == [30.0]
 
@@ -268,7 +285,7 @@ def test_past_deadline_fires_now_and_stuck_node_is_reported() -> None:
 def test_observer_ticks_on_the_interval_across_runs() -> None:
     d = toy_driver(2)
     seen: list[tuple[float, int]] = []
-    d.observe(10.0, lambda now: seen.append((now, d.nodes["agg"].version)))
+    d.observe(10.0, lambda now: seen.append((now, agg_of(d).version)))
     d.run(until=25.0)
     d.run(until=40.0)
     assert [t for t, _ in seen] == [0.0, 10.0, 20.0, 30.0, 40.0]
@@ -323,7 +340,7 @@ def test_pool_executor_gives_identical_results() -> None:
             stats = d.run(until=40.0).to_dict(wall=False)
         finally:
             d.close()
-        return stats, d.nodes["agg"].weights["w"].tolist()
+        return stats, agg_of(d).weights["w"].tolist()
 
     inline = run(InlineExecutor(NoisyTrainer()))
     pooled = run(PoolExecutor(NoisyTrainer(), workers=2))
@@ -367,7 +384,7 @@ def test_send_to_unknown_node_and_train_without_trainer_raise() -> None:
 
 
 def test_constructor_checks() -> None:
-    nodes, roles, pairs = star(2)
+    nodes, roles, _ = star(2)
     with pytest.raises(ValueError, match="no role"):
         SimDriver(nodes, {"agg": "root"}, UniformLinks())
     with pytest.raises(ValueError, match="unknown node"):
@@ -388,10 +405,8 @@ def test_driver_from_a_real_plan() -> None:
     sites = [Site(f"h{i}", region="eu" if i < 2 else "us") for i in range(4)]
     plan = star_plan(sites)
     assert roles_from_plan(plan) == {"root": "root", **{s.id: "site" for s in sites}}
-    assert neighbours_from_plan(plan) == sorted(("h%d" % i, "root") for i in range(4))
+    assert neighbours_from_plan(plan) == sorted((f"h{i}", "root") for i in range(4))
     assert region_nodes(plan, "eu") == {"h0", "h1"}
-    from tests.conformance.toy_nodes import ToyAggregator
-
     ids = [s.id for s in sites]
     nodes: dict[str, Any] = {"root": ToyAggregator("root", ids, {"w": np.zeros(3, np.float32)})}
     nodes.update({i: ToySite(i, "root") for i in ids})

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sim.kernel import Kernel, SimulationError
 from sim.network import (
@@ -18,7 +20,7 @@ from sim.network import (
     mathis_bandwidth,
 )
 from transport.tensors import CodecSpec
-from transport.wire import Ack, Heartbeat, ModelBroadcast, Update
+from transport.wire import Ack, GossipShare, Heartbeat, ModelBroadcast, TrainRequest, Update
 
 
 @dataclass(frozen=True)
@@ -326,3 +328,79 @@ def _wire() -> Any:
     from sim.network import WireCodec
 
     return WireCodec()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(["fp32", "fp16", "int8", "topk"]),
+    tasks=st.lists(st.integers(-(2**40), 2**40), min_size=2, max_size=5),
+    version=st.integers(0, 2**33),
+    config=st.dictionaries(
+        st.text(min_size=1, max_size=8),
+        st.one_of(
+            st.integers(-(2**31), 2**31),
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.booleans(),
+        ),
+        max_size=3,
+    ),
+)
+def test_shared_tensor_shortcut_is_exact(
+    kind: str, tasks: list[int], version: int, config: dict[str, Any]
+) -> None:
+    from transport import wire
+
+    weights = {"w": np.linspace(-1, 1, 120, dtype=np.float32).reshape(12, 10)}
+    spec = CodecSpec(kind)  # type: ignore[arg-type]
+    policy = CodecPolicy(up=spec, down=spec)
+    _, net, _ = make(links=UniformLinks(0.0, 1e9), codec=_wire(), codecs=policy)
+    net.verify_encoding = True  # every shortcut is checked against a full encode
+    for task in tasks:
+        for msg in (
+            TrainRequest(task, version, weights, config),
+            GossipShare("p" * (task % 7 + 1), task, weights, 0.5),
+            ModelBroadcast(version + task % 3, weights),
+        ):
+            size, decoded = net.encoded(msg)
+            full = wire.encode(msg, spec)
+            assert size == len(full)
+            expected = wire.decode(full)
+            for f in type(msg).__dataclass_fields__:
+                got, want = getattr(decoded, f), getattr(expected, f)
+                if (
+                    isinstance(want, dict)
+                    and want
+                    and isinstance(next(iter(want.values())), np.ndarray)
+                ):
+                    assert all(np.array_equal(got[k], want[k]) for k in want)
+                else:
+                    assert got == want
+            net.end_burst()
+    encodings_full = 3 * len(tasks) * 2  # bare + full on a miss, bare + verify on a hit
+    assert net.stats.encodings == encodings_full
+
+
+def test_model_requests_share_one_tensor_encoding() -> None:
+    weights = {"w": np.ones((30, 30), dtype=np.float32)}
+    k, net, rec = make(links=UniformLinks(0.0, 1e9), codec=_wire())
+    for task in range(10):
+        net.send("root", f"s{task}", TrainRequest(task, 1, weights, {"lr": 0.1}))
+        net.end_burst()
+    k.run()
+    assert net.stats.encodings == 11  # 1 full encode + 10 tensor-less envelopes
+    got = [m for *_, m in rec.delivered]
+    assert [m.task for m in got] == list(range(10))
+    assert all(np.array_equal(m.weights["w"], weights["w"]) for m in got)
+
+
+def test_bytes_the_receiver_refuses_are_dropped_on_arrival() -> None:
+    k, net, rec = make(links=UniformLinks(0.1, 1e6), codec=_wire(), roles={"s": "site"})
+    bad = {"w": np.array([1.0, np.nan], dtype=np.float32)}
+    net.send("s", "r", Update(src="s", seq=1, base_version=0, delta=bad, n_examples=1))
+    net.send("s", "r", TrainRequest(1, 0, {"w": np.ones(2, np.float32)}, {"lr": math.inf}))
+    net.send("s", "r", Ack(src="s", seq=1))
+    k.run()
+    assert [type(m).__name__ for *_, m in rec.delivered] == ["Ack"]
+    assert net.stats.messages_rejected == 2
+    assert net.stats.bytes_sent == sum(net.bytes_by_tier.values()) > 0
+    assert sum(net.rejections.values()) == 2
