@@ -21,7 +21,8 @@ def main() -> None:
         ratio = fp32.bytes_up / arm.bytes_up
         delta = 100 * (arm.final_accuracy - fp32.final_accuracy)
         print(
-            f"{label}: uplink bytes {arm.bytes_up:,} vs fp32 {fp32.bytes_up:,}; accuracy {delta:+.2f} points"
+            f"{label}: uplink bytes {arm.bytes_up:,} vs fp32 {fp32.bytes_up:,}; "
+            f"accuracy {delta:+.2f} points"
         )
         lines.append(f"codec_{label}_byte_reduction: {ratio:.2f} x")
     for line in lines:

@@ -19,7 +19,8 @@ def main() -> None:
     print(f"fault-free: final accuracy {clean.final_accuracy:.3f}, versions {clean.versions}")
     print(
         f"faults: final accuracy {faulty.final_accuracy:.3f}, versions {faulty.versions}, "
-        f"deaths {faulty.extra.get('deaths')}, messages dropped {faulty.extra.get('messages_dropped')}, "
+        f"deaths {faulty.extra.get('deaths')}, "
+        f"messages dropped {faulty.extra.get('messages_dropped')}, "
         f"updates_duplicated {faulty.updates_duplicated}"
     )
     gap = 100 * (clean.final_accuracy - faulty.final_accuracy)

@@ -25,7 +25,8 @@ def main() -> None:
     print(f"training jobs simulated: {arm.jobs_finished:,} of {arm.jobs_started:,} started")
     print(f"updates applied: {arm.updates_applied:,}; duplicated: {arm.updates_duplicated}")
     print(
-        f"final accuracy {arm.final_accuracy:.3f} after {arm.virtual_seconds / 3600:.0f} virtual hours"
+        f"final accuracy {arm.final_accuracy:.3f} "
+        f"after {arm.virtual_seconds / 3600:.0f} virtual hours"
     )
     print(f"wall time (whole scenario, incl. set-up and report): {wall:.1f} s (target <= 120 s)")
     print(f"peak RSS: {peak_gb:.2f} GB (target <= 4 GB)")

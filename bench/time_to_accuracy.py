@@ -28,7 +28,8 @@ def main() -> None:
         t = ttt(name)
         shown = "never" if math.isinf(t) else f"{t / 3600:.2f} h"
         print(
-            f"{name}: time to {report.arms[0].target_accuracy} = {shown}, lr {arms[name].extra['lr']}"
+            f"{name}: time to {report.arms[0].target_accuracy} = {shown}, "
+            f"lr {arms[name].extra['lr']}"
         )
     vs_avg = ttt("fedavg") / ttt("fedbuff")
     vs_async = ttt("fedasync") / ttt("fedbuff")
