@@ -395,6 +395,7 @@ def test_model_requests_share_one_tensor_encoding() -> None:
 
 def test_bytes_the_receiver_refuses_are_dropped_on_arrival() -> None:
     k, net, rec = make(links=UniformLinks(0.1, 1e6), codec=_wire(), roles={"s": "site"})
+    net.decode_lossless = True  # by default fp32 messages are not decoded (lossless)
     bad = {"w": np.array([1.0, np.nan], dtype=np.float32)}
     net.send("s", "r", Update(src="s", seq=1, base_version=0, delta=bad, n_examples=1))
     net.send("s", "r", TrainRequest(1, 0, {"w": np.ones(2, np.float32)}, {"lr": math.inf}))
@@ -404,3 +405,14 @@ def test_bytes_the_receiver_refuses_are_dropped_on_arrival() -> None:
     assert net.stats.messages_rejected == 2
     assert net.stats.bytes_sent == sum(net.bytes_by_tier.values()) > 0
     assert sum(net.rejections.values()) == 2
+
+
+def test_lossless_messages_arrive_as_sent_with_their_encoded_size() -> None:
+    from transport import wire
+
+    k, net, rec = make(links=UniformLinks(0.1, 1e6), codec=_wire(), roles={"s": "site"})
+    msg = Update(src="s", seq=1, base_version=0, delta={"w": np.ones(8, np.float32)}, n_examples=3)
+    net.send("s", "r", msg)
+    k.run()
+    assert [m for *_, m in rec.delivered] == [msg]
+    assert net.stats.bytes_sent == len(wire.encode(msg))
