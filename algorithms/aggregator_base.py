@@ -313,6 +313,30 @@ class AggregatorBase:
         out.append(Persist(APPLIED_KEY, data, append=True))
         out.append(Send(peer, Ack(msg.src, msg.seq)))
 
+    def _admit(
+        self,
+        peer: str,
+        msg: Update,
+        reason: str | None,
+        version: int,
+        max_staleness: int | None,
+        out: list[Effect],
+    ) -> int | None:
+        """The common first steps of an asynchronous aggregator taking an update: free its
+        task slot, reject it if malformed, drop it if too stale. Returns its staleness when
+        it is to be applied, None when it has been dealt with here."""
+        self._complete_task(peer, msg)
+        if reason is not None:
+            self._reject(peer, msg, reason, version, out)
+            return None
+        tau = version - msg.base_version
+        if max_staleness is not None and tau > max_staleness:
+            self.stale += 1
+            out.append(Metric("update_stale", float(tau), {"src": msg.src}))
+            self._record(peer, msg, Outcome.STALE, version, out, tau=tau)
+            return None
+        return tau
+
     def _reject(self, peer: str, msg: Update, reason: str, version: int, out: list[Effect]) -> None:
         """A malformed update from a child: reported, recorded and acked, never applied."""
         self.rejected += 1

@@ -104,15 +104,8 @@ class FedAsyncAggregator(AggregatorBase):
         now: float,
         out: list[Effect],
     ) -> None:
-        self._complete_task(peer, msg)
-        if reason is not None:
-            self._reject(peer, msg, reason, version, out)
-            return
-        tau = version - msg.base_version
-        if self.max_staleness is not None and tau > self.max_staleness:
-            self.stale += 1
-            out.append(Metric("update_stale", float(tau), {"src": msg.src}))
-            self._record(peer, msg, Outcome.STALE, version, out, tau=tau)
+        tau = self._admit(peer, msg, reason, version, self.max_staleness, out)
+        if tau is None:
             return
         alpha_t = self.alpha * self._staleness(tau)
         self.applied += 1
