@@ -16,13 +16,18 @@ def main() -> None:
     report = run("partition-and-deaths.toml")
     clean = report.arm("fault-free")
     faulty = report.arm("partition-and-deaths")
-    print(f"fault-free: final accuracy {clean.final_accuracy:.3f}, versions {clean.versions}")
-    print(
-        f"faults: final accuracy {faulty.final_accuracy:.3f}, versions {faulty.versions}, "
-        f"deaths {faulty.extra.get('deaths')}, "
-        f"messages dropped {faulty.extra.get('messages_dropped')}, "
-        f"updates_duplicated {faulty.updates_duplicated}"
-    )
+    deaths = report.arm("deaths-only")
+    for arm in (clean, faulty, deaths):
+        print(
+            f"{arm.name}: final accuracy {arm.final_accuracy:.3f}, versions {arm.versions}, "
+            f"deaths {arm.extra.get('deaths')}, "
+            f"messages dropped {arm.extra.get('messages_dropped')}, "
+            f"updates_duplicated {arm.updates_duplicated}"
+        )
+    data_loss = 100 * (clean.final_accuracy - deaths.final_accuracy)
+    partition = 100 * (deaths.final_accuracy - faulty.final_accuracy)
+    print(f"cost of the dead sites' data (fault-free - deaths-only): {data_loss:.2f} points")
+    print(f"cost of the partition on top (deaths-only - both faults): {partition:.2f} points")
     gap = 100 * (clean.final_accuracy - faulty.final_accuracy)
     print(f"fault_accuracy_gap: {gap:.2f} points")
 
