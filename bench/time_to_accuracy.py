@@ -27,9 +27,11 @@ def main() -> None:
     for name in ("fedavg", "fedasync", "fedbuff"):
         t = ttt(name)
         shown = "never" if math.isinf(t) else f"{t / 3600:.2f} h"
+        first = float(arms[name].extra.get("first_crossing_s", -1))
+        first_shown = "never" if first < 0 else f"{first / 3600:.2f} h"
         print(
-            f"{name}: time to {report.arms[0].target_accuracy} = {shown}, "
-            f"lr {arms[name].extra['lr']}"
+            f"{name}: sustained (30-min mean) {report.arms[0].target_accuracy} at {shown}; "
+            f"first single evaluation at {first_shown}; lr {arms[name].extra['lr']}"
         )
     vs_avg = ttt("fedavg") / ttt("fedbuff")
     vs_async = ttt("fedasync") / ttt("fedbuff")

@@ -141,6 +141,7 @@ class Scenario:
     duration_s: float
     eval_interval_s: float
     target_accuracy: float | None
+    target_window_s: float
     data: Mapping[str, Any]
     sites: SitesConfig
     network: NetworkConfig
@@ -184,6 +185,7 @@ def parse_scenario(
         "eval_interval_s", max(duration_s / 100.0, 1.0), min=0.0, exclusive_min=True
     )
     target = top.number("target_accuracy", None, min=0.0, max=1.0)
+    target_window_s = top.number("target_window_s", 0.0, min=0.0)
     baseline = top.text("baseline", None)
     executor = top.text("executor", "inline", choices=("inline", "process"))
     workers = top.integer("workers", 2, min=1)
@@ -221,6 +223,7 @@ def parse_scenario(
         duration_s=duration_s,
         eval_interval_s=eval_interval_s,
         target_accuracy=target,
+        target_window_s=target_window_s,
         data=data,
         sites=sites,
         network=network,

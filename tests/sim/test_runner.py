@@ -101,3 +101,14 @@ def test_plan_for_an_arm_follows_its_topology() -> None:
     assert kinds["hier-fedbuff"] == "hierarchical"
     assert kinds["gossip"] == "gossip"
     assert kinds["star-fedbuff"] == "star"
+
+
+def test_time_to_accuracy_first_crossing_and_sustained() -> None:
+    from sim.runner import time_to_accuracy
+
+    series = [(0.0, 0.1), (60.0, 0.9), (120.0, 0.2), (180.0, 0.8), (240.0, 0.8), (300.0, 0.9)]
+    assert time_to_accuracy(series, 0.8, 0.0) == 60.0  # a single spike counts
+    # sustained over 2 minutes, i.e. the evaluations in (t - 120, t]: the spike averages away
+    assert time_to_accuracy(series, 0.8, 120.0) == 240.0
+    assert time_to_accuracy(series, 0.85, 120.0) == 300.0
+    assert time_to_accuracy(series, 0.95, 0.0) is None
