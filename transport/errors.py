@@ -71,3 +71,21 @@ def describe(value: object, limit: int = 40) -> str:
     else:
         return f"a {type(value).__name__}"
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+class HandshakeError(ProtocolError):
+    """A channel handshake failed: garbled or oversize message, bad signature, bad key."""
+
+    reason: ClassVar[str] = "handshake"
+
+
+class PeerRefused(HandshakeError):
+    """The peer authenticated (or claimed) an identity the roster does not allow here."""
+
+    reason: ClassVar[str] = "peer_refused"
+
+
+class RecordError(ProtocolError):
+    """An encrypted record failed: tampered, truncated, reordered, duplicated or misplaced."""
+
+    reason: ClassVar[str] = "record"

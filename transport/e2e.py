@@ -1,0 +1,261 @@
+"""End-to-end signatures: what relays and sub-aggregators carry cannot be forged or redirected.
+
+A site signs each update envelope ``{site, update_id, base_version, recipient,
+n_examples, payload_hash}``; the root signs each global model ``{version, parent, hash}``.
+Hashes are BLAKE2b-256 of the encoded tensor payload, so a relay passes the bytes on
+untouched and the final receiver checks them. The signed bytes are a canonical msgpack
+list headed by a domain label, so an update signature can never pass as a model
+signature (or a handshake one). ``ReplayGuard`` refuses an update id a site has used
+before (replay); ``ModelVersionGuard`` refuses a model version that does not increase
+(rollback). A redirected update fails because the receiver verifies it with its own id
+as ``recipient``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import ClassVar
+
+import msgpack
+
+from transport.errors import ProtocolError
+from transport.identity import Identity, key_text, verify_signature
+from transport.roster import Roster
+
+HASH_BYTES = 32
+_UPDATE_LABEL = "fedloom-update-v1"
+_MODEL_LABEL = "fedloom-model-v1"
+MODEL_SIGNER_ROLES: frozenset[str] = frozenset({"root"})
+
+
+class SignatureError(ProtocolError):
+    """An update or model signature does not match its claimed signer."""
+
+    reason: ClassVar[str] = "bad_signature"
+
+
+class ReplayedUpdateError(ProtocolError):
+    """An update id this site has already used."""
+
+    reason: ClassVar[str] = "replay"
+
+
+class StaleModelError(ProtocolError):
+    """A global model whose version is not newer than the one already held."""
+
+    reason: ClassVar[str] = "stale_model"
+
+
+def payload_hash(payload: bytes | bytearray | memoryview) -> bytes:
+    """BLAKE2b-256 of an encoded tensor payload (what update and model signatures cover)."""
+    return hashlib.blake2b(payload, digest_size=HASH_BYTES).digest()
+
+
+def _int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _hash(name: str, value: bytes) -> bytes:
+    if not isinstance(value, bytes) or len(value) != HASH_BYTES:
+        raise ValueError(f"{name} must be {HASH_BYTES} bytes")
+    return value
+
+
+def update_signed_bytes(
+    site: str,
+    update_id: int,
+    base_version: int,
+    recipient: str,
+    n_examples: int,
+    payload_hash: bytes,
+) -> bytes:
+    packed: bytes = msgpack.packb(
+        [
+            _UPDATE_LABEL,
+            str(site),
+            _int("update_id", update_id),
+            _int("base_version", base_version),
+            str(recipient),
+            _int("n_examples", n_examples),
+            _hash("payload_hash", payload_hash),
+        ],
+        use_bin_type=True,
+    )
+    return packed
+
+
+def model_signed_bytes(version: int, parent: int, model_hash: bytes) -> bytes:
+    packed: bytes = msgpack.packb(
+        [
+            _MODEL_LABEL,
+            _int("version", version),
+            _int("parent", parent),
+            _hash("model_hash", model_hash),
+        ],
+        use_bin_type=True,
+    )
+    return packed
+
+
+def sign_update(
+    identity: Identity,
+    site: str,
+    update_id: int,
+    base_version: int,
+    recipient: str,
+    n_examples: int,
+    payload_hash: bytes,
+) -> bytes:
+    """The 64-byte signature of an update envelope; ``site`` must be the signer's id."""
+    if site != identity.node_id:
+        raise ValueError(f"{identity.node_id!r} cannot sign an update as {site!r}")
+    data = update_signed_bytes(site, update_id, base_version, recipient, n_examples, payload_hash)
+    return identity.sign(data)
+
+
+def verify_update(
+    roster: Roster,
+    signature: bytes,
+    site: str,
+    update_id: int,
+    base_version: int,
+    recipient: str,
+    n_examples: int,
+    payload_hash: bytes,
+) -> None:
+    """Check an update envelope against ``site``'s roster key (``SignatureError`` if not).
+
+    The receiver passes its *own* id as ``recipient`` (so a redirected update fails) and
+    the hash it computed itself over the payload bytes it received.
+    """
+    entry = roster.lookup(site)
+    if entry is None:
+        raise SignatureError(f"update from {site!r}, which is not in the roster")
+    try:
+        data = update_signed_bytes(
+            site, update_id, base_version, recipient, n_examples, payload_hash
+        )
+    except ValueError as exc:
+        raise SignatureError(f"update from {site!r}: {exc}") from None
+    if not verify_signature(entry.public_key, data, signature):
+        raise SignatureError(
+            f"update {update_id} claimed to be from {site!r} for {recipient!r}: signature "
+            f"does not match {site!r}'s key {key_text(entry.public_key)} (forged, altered "
+            "or redirected)"
+        )
+
+
+def sign_model(identity: Identity, version: int, parent: int, model_hash: bytes) -> bytes:
+    """The root's 64-byte signature of global model ``version`` (derived from ``parent``)."""
+    if identity.role not in MODEL_SIGNER_ROLES:
+        raise ValueError(
+            f"only a root signs global models, {identity.node_id!r} is {identity.role}"
+        )
+    return identity.sign(model_signed_bytes(version, parent, model_hash))
+
+
+def verify_model(
+    roster: Roster,
+    signer: str,
+    signature: bytes,
+    version: int,
+    parent: int,
+    model_hash: bytes,
+) -> None:
+    """Check a global model's signature against ``signer``, which must be a root."""
+    entry = roster.lookup(signer)
+    if entry is None:
+        raise SignatureError(f"model signed by {signer!r}, which is not in the roster")
+    if entry.role not in MODEL_SIGNER_ROLES:
+        raise SignatureError(f"model signed by {signer!r}, a {entry.role}, not a root")
+    try:
+        data = model_signed_bytes(version, parent, model_hash)
+    except ValueError as exc:
+        raise SignatureError(f"model from {signer!r}: {exc}") from None
+    if not verify_signature(entry.public_key, data, signature):
+        raise SignatureError(
+            f"model version {version} claimed to be from {signer!r}: signature does not match"
+        )
+
+
+class ReplayGuard:
+    """Per-site set of update ids already accepted; refuses a replay.
+
+    Update ids are positive (sites number updates 1, 2, 3, ..., as ``wire.Update.seq``).
+    Memory stays small when ids mostly increase: per site a floor (every id <= floor was
+    seen; 0 at first) plus the ids seen above it.
+    """
+
+    __slots__ = ("_above", "_floor")
+
+    def __init__(self) -> None:
+        self._floor: dict[str, int] = {}
+        self._above: dict[str, set[int]] = {}
+
+    def seen(self, site: str, update_id: int) -> bool:
+        if update_id <= self._floor.get(site, 0):
+            return True
+        return update_id in self._above.get(site, ())
+
+    def check(self, site: str, update_id: int) -> None:
+        """``ReplayedUpdateError`` if ``(site, update_id)`` was already accepted."""
+        if isinstance(update_id, bool) or not isinstance(update_id, int) or update_id < 1:
+            raise ReplayedUpdateError(f"update id {update_id!r} from {site!r} is not >= 1")
+        if self.seen(site, update_id):
+            raise ReplayedUpdateError(f"update {update_id} from {site!r} was already received")
+
+    def record(self, site: str, update_id: int) -> None:
+        """Remember ``(site, update_id)`` (call once the update is durably recorded)."""
+        floor = self._floor.get(site, 0)
+        if update_id <= floor:
+            return
+        above = self._above.setdefault(site, set())
+        above.add(update_id)
+        # Fold a contiguous run into the floor (amortised O(1) per id).
+        while floor + 1 in above:
+            floor += 1
+            above.discard(floor)
+        self._floor[site] = floor
+        if not above:
+            del self._above[site]
+
+    def accept(self, site: str, update_id: int) -> None:
+        self.check(site, update_id)
+        self.record(site, update_id)
+
+    def snapshot(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Plain data to persist (``from_snapshot`` restores it)."""
+        sites = self._floor.keys() | self._above.keys()
+        return {s: (self._floor.get(s, 0), tuple(sorted(self._above.get(s, ())))) for s in sites}
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, tuple[int, tuple[int, ...]]]) -> ReplayGuard:
+        guard = cls()
+        for site, (floor, above) in data.items():
+            guard._floor[site] = int(floor)
+            for update_id in above:
+                guard.record(site, int(update_id))
+        return guard
+
+
+class ModelVersionGuard:
+    """Refuses a global model version that does not increase (persist ``current``)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: int | None = None) -> None:
+        self.current = current
+
+    def check(self, version: int) -> None:
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise StaleModelError(f"model version {version!r} is not an int")
+        if self.current is not None and version <= self.current:
+            raise StaleModelError(
+                f"model version {version} is not newer than version {self.current} already held"
+            )
+
+    def accept(self, version: int) -> None:
+        self.check(version)
+        self.current = version
