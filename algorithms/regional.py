@@ -167,6 +167,9 @@ class RegionalAggregator(BufferedAggregator):
         if first:
             self._make_buffer(msg.weights)
             self.state = RegionState.ACTIVE
+            # "applied" records replay against a model: checkpoint the first one, so a
+            # restart never meets a record it cannot replay.
+            out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
         self._broadcast(out)
         if self._deferred:
             held, self._deferred = self._deferred, []

@@ -1,0 +1,604 @@
+"""Durable node state: carries out ``Persist`` effects, synchronously, before the next effect.
+
+One directory per node (systemd's ``$STATE_DIRECTORY``)::
+
+    <key>.ckpt        the value last Persisted under <key> with append=False
+                      (key percent-encoded: "site/pending" -> "site%2Fpending.ckpt")
+    wal.<epoch>.log   every append=True record since the checkpoint of that epoch, all
+                      keys in ONE write-ahead log, one frame per batch
+    lock              flock()ed while a store has the directory open
+
+Durability
+* replace: tmp file in the same directory, write, fsync, ``os.replace``, fsync the directory.
+* append: a batch (``apply`` is a batch of one, ``apply_many`` the Persists of one
+  ``handle()`` call) is one frame: one write, one fsync. A frame holds the batch's records in
+  order whatever their keys, so a crash leaves a prefix of whole batches, never a later record
+  without an earlier one (separate per-key files, each fsynced once, could not promise that).
+  Creating a log file fsyncs the directory before the first frame is acknowledged.
+* A failed write or fsync leaves the store broken (every later call raises): after a failed
+  fsync the page cache cannot be trusted, so the daemon must restart and recover.
+
+Checkpoints supersede the log (the compaction rule)
+The checkpoint key (default "checkpoint") holds the node's whole state, which includes the
+effect of every record logged before it. Writing it starts a new epoch: the file records
+epoch E+1, later appends go to ``wal.<E+1>.log``, and once the checkpoint is durable the logs
+of older epochs are deleted. ``load()`` returns the checkpoint and only the records of its
+epoch; older logs are superseded (deleted when ``repair``; ignored otherwise) and a log newer
+than the checkpoint is an error (the checkpoint file was lost). A crash anywhere in between
+leaves either the old checkpoint with its complete log or the new one with an empty log.
+Other keys written with append=False are independent atomic values (``Recovery.values``).
+
+Frames (``.ckpt`` files hold exactly one)::
+
+    b"FLs1" | body length u64 LE | crc32 u32 LE over (length field + body) | body
+    body = head length u32 LE | head = msgpack [tensor manifest, tree] | tensor payload
+
+Torn writes: only the last frame of the live log can be torn (a crash before its fsync
+returned: never acknowledged). A damaged frame (short, bad magic, length past the end,
+checksum mismatch) with no intact frame after it is such a tail: ``load`` drops it and the
+file is truncated there (at once when ``repair``, else before the next append). A damaged
+frame followed by an intact one cannot come from a crash, nor can a damaged ``.ckpt`` (it is
+replaced atomically): ``CorruptStateError`` names the file and offset.
+
+Encoding: msgpack with extension types for tuples, sets, numpy arrays and scalars, and wire
+messages (an outbox persists ``Update`` objects). The arrays of a frame go into one payload
+through the project's tensor codec (``transport.tensors``, fp32, no lz4); dtypes that codec
+would change (float64 optimiser state, float16, ...) are stored as their raw bytes and viewed
+back, so a restore is bit-exact. Never pickle. Decoded arrays are read-only views.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import fcntl
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from algorithms.protocol import Persist
+from transport.limits import Limits
+from transport.tensors import CodecSpec, decode_tensors, encode_tensors
+from transport.wire import MESSAGE_TYPES
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "CorruptStateError",
+    "Recovery",
+    "StateStore",
+    "StoreError",
+    "decode_state",
+    "encode_state",
+]
+
+CHECKPOINT_KEY = "checkpoint"
+
+MAGIC = b"FLs1"
+_HEADER = struct.Struct("<4sQI")  # magic, body length, crc32
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_WAL_RE = re.compile(r"wal\.(\d+)\.log")
+_CKPT_SUFFIX = ".ckpt"
+_TMP_SUFFIX = ".tmp"
+_SCAN_CHUNK = 1 << 20
+
+# Local files, not peer bytes: no size caps worth having, and NaN in a model is the
+# node's business, not the store's.
+_LIMITS = Limits(
+    max_message_bytes=1 << 62,
+    max_decoded_bytes=1 << 62,
+    max_tensors=1 << 31,
+    reject_nonfinite=False,
+)
+_SPEC = CodecSpec(kind="fp32", lz4=False)  # model weights do not compress; fsync dominates
+
+# Extension type codes (part of the file format: never renumber).
+_EXT_ARRAY, _EXT_SCALAR, _EXT_TUPLE, _EXT_SET, _EXT_FROZENSET, _EXT_MESSAGE = 1, 2, 3, 4, 5, 6
+_MESSAGES: dict[str, type] = {cls.__name__: cls for cls in MESSAGE_TYPES}
+# (kind, itemsize) pairs the fp32 codec stores without changing the dtype.
+_CODEC_NATIVE = {("f", 4), ("i", 1), ("i", 2), ("i", 4), ("i", 8), ("u", 1), ("b", 1)}
+
+
+class StoreError(RuntimeError):
+    """The store cannot carry out a request (misuse, or an earlier write failed)."""
+
+
+class CorruptStateError(StoreError):
+    """State on disk is damaged in a way a crash cannot explain."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What ``load`` found: feed it to ``node.restore(checkpoint, records...)``.
+
+    ``checkpoint`` is None when no checkpoint was ever written; then restore a freshly built
+    node's own ``snapshot()`` plus ``logs`` (which then hold every record ever appended).
+    ``logs`` maps each log key to its records after the checkpoint, in append order.
+    ``torn_bytes`` counts bytes of an unacknowledged tail that were dropped.
+    """
+
+    checkpoint: Any | None
+    logs: dict[str, list[Any]]
+    values: dict[str, Any]
+    epoch: int
+    torn_bytes: int = 0
+
+    def records(self, key: str) -> list[Any]:
+        """The records of log ``key`` after the checkpoint (empty if none)."""
+        return self.logs.get(key, [])
+
+
+# ============================================================================= codec
+
+
+class _Encoder:
+    """msgpack ``default`` hook collecting the arrays of one frame."""
+
+    __slots__ = ("arrays",)
+
+    def __init__(self) -> None:
+        self.arrays: list[npt.NDArray[Any]] = []
+
+    def pack(self, obj: Any) -> bytes:
+        data: bytes = msgpack.packb(obj, default=self.default, strict_types=True, use_bin_type=True)
+        return data
+
+    def default(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            return msgpack.ExtType(_EXT_ARRAY, self._array(obj))
+        if isinstance(obj, np.generic):  # before float: np.float64 is a float subclass
+            return msgpack.ExtType(_EXT_SCALAR, self._array(np.asarray(obj)))
+        if isinstance(obj, enum.Enum):
+            raise TypeError(f"cannot persist enum {obj!r}: persist its .value")
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(_EXT_TUPLE, self.pack(list(obj)))
+        if isinstance(obj, frozenset):
+            return msgpack.ExtType(_EXT_FROZENSET, self.pack(list(obj)))
+        if isinstance(obj, set):
+            return msgpack.ExtType(_EXT_SET, self.pack(list(obj)))
+        cls = type(obj)
+        if _MESSAGES.get(cls.__name__) is cls:
+            values = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+            return msgpack.ExtType(_EXT_MESSAGE, self.pack([cls.__name__, values]))
+        if isinstance(obj, Mapping):
+            return dict(obj)
+        if isinstance(obj, list):
+            return list(obj)
+        # Plain subclasses of scalars (bool cannot be subclassed).
+        if isinstance(obj, int):
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, bytes):
+            return bytes(obj)
+        raise TypeError(f"cannot persist a {cls.__module__}.{cls.__qualname__}")
+
+    def _array(self, arr: npt.NDArray[Any]) -> bytes:
+        index = len(self.arrays)
+        dt = arr.dtype
+        if (dt.kind, dt.itemsize) in _CODEC_NATIVE:
+            self.arrays.append(arr)
+            return self.pack([index])
+        if dt.kind not in "biufc" or dt.hasobject or dt.fields is not None:
+            raise TypeError(f"cannot persist an array of dtype {dt}")
+        little = dt.newbyteorder("<")
+        raw = np.ascontiguousarray(arr, dtype=little).reshape(-1).view(np.uint8)
+        self.arrays.append(raw)
+        return self.pack([index, little.str, list(arr.shape)])
+
+
+class _Decoder:
+    """msgpack ``ext_hook`` resolving array references against a frame's tensors."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: Mapping[str, npt.NDArray[Any]]) -> None:
+        self.tensors = tensors
+
+    def unpack(self, data: bytes) -> Any:
+        return msgpack.unpackb(
+            data, ext_hook=self.ext_hook, raw=False, strict_map_key=False, use_list=True
+        )
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code in (_EXT_ARRAY, _EXT_SCALAR):
+            arr = self._array(self.unpack(data))
+            return arr[()] if code == _EXT_SCALAR else arr
+        if code == _EXT_TUPLE:
+            return tuple(self.unpack(data))
+        if code == _EXT_SET:
+            return set(self.unpack(data))
+        if code == _EXT_FROZENSET:
+            return frozenset(self.unpack(data))
+        if code == _EXT_MESSAGE:
+            name, values = self.unpack(data)
+            return _MESSAGES[name](*values)
+        raise ValueError(f"unknown extension type {code}")
+
+    def _array(self, ref: list[Any]) -> npt.NDArray[Any]:
+        arr: npt.NDArray[Any] = self.tensors[str(ref[0])]
+        if len(ref) == 1:
+            return arr
+        dt = np.dtype(ref[1])
+        if dt.kind not in "biufc" or dt.hasobject or dt.fields is not None:
+            raise ValueError(f"dtype {dt} is not one the store writes")
+        out: npt.NDArray[Any] = arr.view(dt).reshape(ref[2])
+        if out.size and out.ctypes.data % dt.alignment:
+            out = out.copy()  # payload offsets are not padded: keep arrays aligned
+            out.flags.writeable = False
+        return out
+
+
+def encode_state(obj: Any) -> list[bytes]:
+    """``obj`` as one frame (header first), in parts to write one after the other.
+
+    Raises ``TypeError`` for something the store cannot represent (local misuse).
+    """
+    enc = _Encoder()
+    tree = enc.pack(obj)
+    manifest, payload = encode_tensors({str(i): a for i, a in enumerate(enc.arrays)}, _SPEC)
+    head: bytes = msgpack.packb([manifest, tree], use_bin_type=True)
+    head_len = _U32.pack(len(head))
+    length = _U64.pack(len(head_len) + len(head) + len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(head, zlib.crc32(head_len, zlib.crc32(length))))
+    return [MAGIC + length + _U32.pack(crc), head_len, head, payload]
+
+
+def decode_state(head: bytes, payload: bytes) -> Any:
+    """Inverse of ``encode_state`` for a frame whose checksum has been verified."""
+    manifest, tree = msgpack.unpackb(head, raw=False, strict_map_key=False, use_list=True)
+    tensors = decode_tensors(manifest, payload, _LIMITS)
+    return _Decoder(tensors).unpack(tree)
+
+
+# ============================================================================ frames
+
+
+class _DamagedFrameError(Exception):
+    """A frame that does not verify (torn or corrupt: the caller decides which)."""
+
+
+def _read_frame(f: BinaryIO, pos: int, size: int) -> tuple[bytes, bytes, int]:
+    """Read and verify the frame at ``pos``: (head, payload, end offset)."""
+    f.seek(pos)
+    header = f.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise _DamagedFrameError("truncated frame header")
+    magic, length, crc = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise _DamagedFrameError("bad frame magic")
+    end = pos + _HEADER.size + length
+    if length < _U32.size or end > size:
+        raise _DamagedFrameError("frame runs past the end of the file")
+    head_len_bytes = f.read(_U32.size)
+    (head_len,) = _U32.unpack(head_len_bytes)
+    if _U32.size + head_len > length:
+        raise _DamagedFrameError("frame head runs past the frame")
+    head = f.read(head_len)
+    payload = f.read(length - _U32.size - head_len)
+    check = zlib.crc32(header[4:12])
+    check = zlib.crc32(payload, zlib.crc32(head, zlib.crc32(head_len_bytes, check)))
+    if check != crc:
+        raise _DamagedFrameError("checksum mismatch")
+    return head, payload, end
+
+
+def _intact_frame_after(f: BinaryIO, pos: int, size: int) -> int | None:
+    """Offset of the first intact frame starting after ``pos``, if any (slow path)."""
+    start = pos + 1
+    while start < size:
+        f.seek(start)
+        chunk = f.read(_SCAN_CHUNK + len(MAGIC) - 1)
+        at = chunk.find(MAGIC)
+        while at != -1:
+            with contextlib.suppress(_DamagedFrameError):
+                _read_frame(f, start + at, size)
+                return start + at
+            at = chunk.find(MAGIC, at + 1)
+        start += _SCAN_CHUNK
+    return None
+
+
+def _decode(path: Path, pos: int, head: bytes, payload: bytes) -> Any:
+    try:
+        return decode_state(head, payload)
+    except Exception as exc:  # codec ProtocolErrors, msgpack's zoo, bad refs: all corruption
+        raise CorruptStateError(f"{path}: frame at offset {pos} does not decode: {exc}") from exc
+
+
+def _scan_log(path: Path) -> tuple[list[Any], int, int]:
+    """Frames of a log: (decoded trees, end of the last good frame, torn bytes)."""
+    trees: list[Any] = []
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                head, payload, end = _read_frame(f, pos, size)
+            except _DamagedFrameError as exc:
+                later = _intact_frame_after(f, pos, size)
+                if later is not None:
+                    raise CorruptStateError(
+                        f"{path}: damaged frame at offset {pos} ({exc}) followed by an intact "
+                        f"frame at offset {later}: not a torn write, the log is corrupt"
+                    ) from None
+                return trees, pos, size - pos
+            trees.append(_decode(path, pos, head, payload))
+            pos = end
+    return trees, pos, 0
+
+
+def _read_single(path: Path) -> Any:
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            head, payload, end = _read_frame(f, 0, size)
+        except _DamagedFrameError as exc:
+            raise CorruptStateError(f"{path}: {exc} (a replaced file is never torn)") from None
+        if end != size:
+            raise CorruptStateError(f"{path}: {size - end} unexpected bytes after the frame")
+        return _decode(path, 0, head, payload)
+
+
+def _write_all(fd: int, parts: Iterable[bytes]) -> int:
+    total = 0
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+            total += n
+    return total
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_name(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a Persist key must be a non-empty str, got {key!r}")
+    return quote(key, safe="") + _CKPT_SUFFIX
+
+
+# ============================================================================= store
+
+
+class StateStore:
+    """Persist effects for one node, durably, in the order they are applied.
+
+    ``load()`` must run first (it decides where the log continues); then ``apply`` /
+    ``apply_many``. Calls are synchronous and serialised by a lock, so a driver may run
+    them in a worker thread. One process at a time: the directory is ``flock``-ed.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, checkpoint_key: str = CHECKPOINT_KEY
+    ) -> None:
+        _file_name(checkpoint_key)
+        self._dir = Path(directory)
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._checkpoint_key = checkpoint_key
+        self._lock = threading.Lock()
+        self._lock_fd: int | None = os.open(self._dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StoreError(
+                f"{self._dir}: another process has this state directory open"
+            ) from None
+        self._loaded = False
+        self._epoch = 0
+        self._wal_fd: int | None = None
+        self._wal_end = 0  # end of the last acknowledged frame of the live log
+        self._broken: BaseException | None = None
+
+    # ---------------------------------------------------------------- public
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the latest checkpoint (0: none yet)."""
+        return self._epoch
+
+    def load(self, *, repair: bool = True) -> Recovery:
+        """Read the checkpoint, the other values and the live log.
+
+        With ``repair`` a torn tail is truncated, and superseded logs and leftover temporary
+        files are deleted (all of which a crash can leave behind).
+        """
+        with self._lock:
+            self._close_wal()
+            checkpoint: Any | None = None
+            values: dict[str, Any] = {}
+            epoch = 0
+            wal_epochs: list[int] = []
+            for name in sorted(os.listdir(self._dir)):
+                path = self._dir / name
+                if name.endswith(_TMP_SUFFIX):
+                    if repair:
+                        path.unlink(missing_ok=True)
+                elif name.endswith(_CKPT_SUFFIX):
+                    key, data, ckpt_epoch = self._read_value(path)
+                    if key == self._checkpoint_key:
+                        checkpoint, epoch = data, ckpt_epoch
+                    else:
+                        values[key] = data
+                elif (match := _WAL_RE.fullmatch(name)) is not None:
+                    wal_epochs.append(int(match.group(1)))
+            logs: dict[str, list[Any]] = {}
+            torn = 0
+            good_end = 0
+            for e in sorted(wal_epochs):
+                path = self._wal_path(e)
+                if e > epoch:
+                    raise CorruptStateError(
+                        f"{path}: a log of epoch {e} but the checkpoint is at epoch {epoch}: "
+                        f"the checkpoint file {self._dir / _file_name(self._checkpoint_key)} "
+                        "is missing or older than its log"
+                    )
+                if e < epoch:
+                    if repair:
+                        path.unlink(missing_ok=True)
+                    continue
+                trees, good_end, torn = _scan_log(path)
+                for tree in trees:
+                    for key, record in tree:
+                        logs.setdefault(key, []).append(record)
+                if torn and repair:
+                    with path.open("r+b") as f:
+                        f.truncate(good_end)
+                        os.fsync(f.fileno())
+            self._epoch = epoch
+            self._wal_end = good_end
+            self._loaded = True
+            self._broken = None
+            return Recovery(checkpoint, logs, values, epoch, torn)
+
+    def apply(self, persist: Persist) -> None:
+        """Carry out one Persist; durable when this returns."""
+        self.apply_many((persist,))
+
+    def apply_many(self, persists: Iterable[Persist]) -> None:
+        """Carry out several Persists in order with as few fsyncs as correctness allows:
+        consecutive appends share one frame and one fsync; a replace flushes them first."""
+        with self._lock:
+            if not self._loaded:
+                raise StoreError("load() must run before apply(): it decides where the log goes on")
+            if self._broken is not None:
+                raise StoreError("an earlier write failed; restart and recover") from self._broken
+            batch: list[list[Any]] = []
+            for p in persists:
+                _file_name(p.key)
+                if p.append:
+                    batch.append([p.key, p.data])
+                    continue
+                if batch:
+                    self._append(batch)
+                    batch = []
+                self._replace(p.key, p.data)
+            if batch:
+                self._append(batch)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_wal()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- private
+    def _wal_path(self, epoch: int) -> Path:
+        return self._dir / f"wal.{epoch:010d}.log"
+
+    def _read_value(self, path: Path) -> tuple[str, Any, int]:
+        tree = _read_single(path)
+        if (
+            not isinstance(tree, dict)
+            or tree.keys() != {"key", "epoch", "data"}
+            or _file_name(str(tree["key"])) != path.name
+        ):
+            raise CorruptStateError(f"{path}: not a value written by this store")
+        epoch = tree["epoch"]
+        if tree["key"] == self._checkpoint_key and (not isinstance(epoch, int) or epoch < 1):
+            raise CorruptStateError(f"{path}: checkpoint without a valid epoch")
+        return str(tree["key"]), tree["data"], int(epoch or 0)
+
+    def _replace(self, key: str, data: Any) -> None:
+        is_checkpoint = key == self._checkpoint_key
+        epoch = self._epoch + 1 if is_checkpoint else None
+        parts = encode_state({"key": key, "epoch": epoch, "data": data})
+        final = self._dir / _file_name(key)
+        tmp = final.with_name(final.name + _TMP_SUFFIX)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _write_all(fd, parts)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            _fsync_dir(self._dir)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            self._broken = exc
+            raise
+        if is_checkpoint:
+            assert epoch is not None
+            self._close_wal()
+            self._epoch = epoch
+            self._wal_end = 0
+            self._drop_superseded_logs()
+
+    def _drop_superseded_logs(self) -> None:
+        # Not fsynced: a log that reappears after a crash is older than the checkpoint,
+        # so load() ignores and deletes it.
+        for name in os.listdir(self._dir):
+            match = _WAL_RE.fullmatch(name)
+            if match is not None and int(match.group(1)) < self._epoch:
+                (self._dir / name).unlink(missing_ok=True)
+
+    def _append(self, batch: list[list[Any]]) -> None:
+        parts = encode_state(batch)  # before any write: a TypeError leaves the file as is
+        fd = self._open_wal()
+        start = self._wal_end
+        try:
+            written = _write_all(fd, parts)
+            os.fsync(fd)
+        except BaseException as exc:
+            self._broken = exc
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)  # no half frame in front of the next one
+            raise
+        self._wal_end = start + written
+
+    def _open_wal(self) -> int:
+        if self._wal_fd is not None:
+            return self._wal_fd
+        path = self._wal_path(self._epoch)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY)
+            if os.fstat(fd).st_size != self._wal_end:
+                os.ftruncate(fd, self._wal_end)  # a torn tail load() did not repair
+                os.fsync(fd)
+        else:
+            self._wal_end = 0
+            _fsync_dir(self._dir)  # the new name must be durable before what is in it
+        os.lseek(fd, self._wal_end, os.SEEK_SET)
+        self._wal_fd = fd
+        return fd
+
+    def _close_wal(self) -> None:
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
