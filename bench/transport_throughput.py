@@ -1,0 +1,344 @@
+"""Secure transport throughput against raw WebSockets (issue 3, "What must be shown" 3).
+
+A site process sends a 100 MB fp32 delta (25M parameters) to an aggregator process over
+loopback WebSockets, end to end: encode, compress, encrypt, send, receive, decrypt and
+decode into tensors (``SecureChannel.send_tensors`` / ``recv_tensors``), and the same
+number of bytes as raw aiohttp WebSocket frames (1 MiB binary frames, compression off)
+in the same run: that is the baseline of the ratio, the fastest raw transfer aiohttp
+does. For context, raw bytes sent as one 100 MB WebSocket message are timed too
+(aiohttp reassembles large messages slowly, so that baseline would flatter the ratio).
+
+Each trial ends when the site gets the aggregator's acknowledgement, sent once the whole
+message has been received (and, for the secure path, decoded). Trials alternate raw and
+secure; figures are medians of 5. The fp16 and int8 rates are effective fp32-equivalent
+rates (100 MB of fp32 parameters per elapsed second). Also: handshake latency (an open
+WebSocket, handshake only) and handshakes per second (16 concurrent dialers, TCP +
+WebSocket + handshake). Every decoded delta is checked against the batch codec's output
+(a BLAKE2b hash, outside the timed window). The CPU time both processes spent per trial
+is printed too: where cores are few, both paths are CPU-bound and the ratio of rates
+follows the ratio of CPU times.
+
+    .venv/bin/python bench/transport_throughput.py [--params 25000000] [--trials 5]
+
+Target: secure fp32 >= 0.6x the raw rate. Prints ``transport_ratio: X.XX x`` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import multiprocessing as mp
+import os
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# Keep this folder off sys.path so that ``transport`` is always the package, in this
+# process and in the spawned ones.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+import nacl.signing  # noqa: E402
+import numpy as np  # noqa: E402
+from aiohttp import web  # noqa: E402
+
+from transport import wire, ws  # noqa: E402
+from transport.channel import (  # noqa: E402
+    ChannelClosed,
+    Gatekeeper,
+    SecureChannel,
+    client_channel,
+)
+from transport.identity import Identity  # noqa: E402
+from transport.records import CHUNK_SIZE  # noqa: E402
+from transport.roster import Roster, RosterEntry  # noqa: E402
+from transport.tensors import CodecKind, CodecSpec, decode_tensors, encode_tensors  # noqa: E402
+
+MB = 1e6
+CODECS: tuple[CodecKind, ...] = ("fp32", "fp16", "int8")
+HANDSHAKES_SEQUENTIAL = 50
+HANDSHAKES_CONCURRENT = 300
+DIALERS = 16
+
+
+def install_loop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def make_delta(params: int) -> dict[str, np.ndarray]:
+    """A model-shaped fp32 delta: one large matrix and a few small tensors."""
+    rng = np.random.default_rng(0)
+    small = {"fc1.bias": 4096, "fc2.weight": 419_000, "fc2.bias": 904}
+    big = params - sum(small.values())
+    shapes = {"fc1.weight": (big // 4096, 4096), **{k: (v,) for k, v in small.items()}}
+    shapes["fc1.extra"] = (big - (big // 4096) * 4096,)
+    return {
+        name: (rng.standard_normal(shape, dtype=np.float32) * 1e-3)
+        for name, shape in shapes.items()
+    }
+
+
+def tensors_hash(tensors: dict[str, np.ndarray]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for name, arr in tensors.items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arr).data)
+    return h.digest()
+
+
+def pki(seeds: dict[str, bytes]) -> tuple[Identity, Identity, Roster]:
+    site = Identity("site-1", "site", nacl.signing.SigningKey(seeds["site"]))
+    agg = Identity("agg", "root", nacl.signing.SigningKey(seeds["agg"]))
+    roster = Roster(1, [RosterEntry(i.node_id, i.role, i.public_key) for i in (site, agg)])
+    return site, agg, roster
+
+
+# ------------------------------------------------------------------ aggregator process
+
+
+def aggregator_main(seeds: dict[str, bytes], nbytes: int, ports: Any, stop: Any) -> None:
+    install_loop()
+    asyncio.run(aggregator(seeds, nbytes, ports, stop))
+
+
+async def aggregator(seeds: dict[str, bytes], nbytes: int, ports: Any, stop: Any) -> None:
+    _, agg, roster = pki(seeds)
+    gate = Gatekeeper(agg, roster)
+
+    async def on_secure(link: ws.WebSocketLink) -> None:
+        channel = await gate.accept(link)
+        try:
+            while True:
+                await channel.recv_message()  # "go": the trial starts now
+                cpu = time.process_time()
+                msg = await channel.recv_tensors()
+                if isinstance(msg, wire.Update):
+                    await channel.send_message(b"ok")  # the site stops its clock here
+                    cpu = time.process_time() - cpu
+                    digest = await asyncio.to_thread(tensors_hash, msg.delta)
+                    await channel.send_message(struct.pack("<d", cpu) + digest)
+        except ChannelClosed:
+            pass
+        finally:
+            await channel.close()
+
+    async def on_raw(request: web.Request) -> web.WebSocketResponse:
+        frame_cap = nbytes if request.path.endswith("-message") else CHUNK_SIZE
+        sock = web.WebSocketResponse(max_msg_size=frame_cap + 1, compress=False)
+        await sock.prepare(request)
+        received = 0
+        cpu = 0.0
+        async for frame in sock:
+            if frame.type is not aiohttp.WSMsgType.BINARY:
+                break
+            if received == 0:
+                cpu = time.process_time()  # a trial starts with its first frame
+            received += len(frame.data)
+            if received >= nbytes:
+                received = 0
+                await sock.send_bytes(b"ok")
+                await sock.send_bytes(struct.pack("<d", time.process_time() - cpu))
+        return sock
+
+    secure = await ws.serve("127.0.0.1", 0, on_secure)
+    app = web.Application()
+    app.router.add_get("/raw", on_raw)
+    app.router.add_get("/raw-message", on_raw)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    raw_port = runner.addresses[0][1]
+    ports.put((secure.url, f"ws://127.0.0.1:{raw_port}/raw"))
+    await asyncio.to_thread(stop.wait)
+    await secure.close()
+    await runner.cleanup()
+
+
+# ------------------------------------------------------------------ site process
+
+
+def site_main(seeds: dict[str, bytes], params: int, trials: int, urls: Any, out: Any) -> None:
+    install_loop()
+    out.put(asyncio.run(site(seeds, params, trials, *urls)))
+
+
+async def timed(fn: Callable[[], Awaitable[None]]) -> float:
+    start = time.perf_counter()
+    await fn()
+    return time.perf_counter() - start
+
+
+async def site(
+    seeds: dict[str, bytes], params: int, trials: int, secure_url: str, raw_url: str
+) -> dict[str, Any]:
+    site_id, _, roster = pki(seeds)
+    delta = make_delta(params)
+    nbytes = sum(a.nbytes for a in delta.values())
+    expected = {
+        c: tensors_hash(decode_tensors(*encode_tensors(delta, CodecSpec(kind=c)))) for c in CODECS
+    }
+    payload = np.concatenate([a.reshape(-1) for a in delta.values()]).tobytes()
+    frames = [payload[i : i + CHUNK_SIZE] for i in range(0, len(payload), CHUNK_SIZE)]
+
+    session = aiohttp.ClientSession()
+    raw = await session.ws_connect(raw_url, max_msg_size=CHUNK_SIZE + 1, compress=0)
+    raw_msg = await session.ws_connect(raw_url + "-message", max_msg_size=nbytes + 1, compress=0)
+    link = await ws.connect(secure_url)
+    channel = await client_channel(link, site_id, roster, "agg")
+
+    async def raw_trial() -> None:
+        for frame in frames:
+            await raw.send_bytes(frame)
+        assert await raw.receive_bytes() == b"ok"
+
+    async def raw_message_trial() -> None:
+        await raw_msg.send_bytes(payload)
+        assert await raw_msg.receive_bytes() == b"ok"
+
+    async def raw_cpu(sock: aiohttp.ClientWebSocketResponse = raw) -> float:
+        (cpu,) = struct.unpack("<d", await sock.receive_bytes())
+        return float(cpu)
+
+    def secure_trial(codec: CodecKind) -> Callable[[], Awaitable[None]]:
+        msg = wire.Update("site-1", 1, 0, delta, n_examples=1000)
+        spec = CodecSpec(kind=codec)
+
+        async def run() -> None:
+            await channel.send_tensors(msg, spec)
+            assert await channel.recv_message() == b"ok"
+
+        return run
+
+    times: dict[str, list[float]] = {"raw": [], "raw_message": [], **{c: [] for c in CODECS}}
+    cpu: dict[str, list[float]] = {name: [] for name in times}  # site + aggregator
+    await raw_trial()  # warm-up (page faults, buffer growth) on every path
+    await raw_cpu()
+    await raw_message_trial()
+    await raw_cpu(raw_msg)
+    await channel.send_message(b"go")
+    await secure_trial("fp32")()
+    await channel.recv_message()
+    for _ in range(trials):
+        site_cpu = time.process_time()
+        times["raw"].append(await timed(raw_trial))
+        cpu["raw"].append(time.process_time() - site_cpu + await raw_cpu())
+        site_cpu = time.process_time()
+        times["raw_message"].append(await timed(raw_message_trial))
+        cpu["raw_message"].append(time.process_time() - site_cpu + await raw_cpu(raw_msg))
+        for codec in CODECS:
+            await channel.send_message(b"go")
+            site_cpu = time.process_time()
+            times[codec].append(await timed(secure_trial(codec)))
+            site_cpu = time.process_time() - site_cpu
+            reply = await channel.recv_message()
+            cpu[codec].append(site_cpu + struct.unpack("<d", reply[:8])[0])
+            if reply[8:] != expected[codec]:
+                raise SystemExit(f"{codec}: the decoded delta differs from the batch codec's")
+    await channel.close()
+    await raw.close()
+    await raw_msg.close()
+    await session.close()
+
+    latencies = []
+    for _ in range(HANDSHAKES_SEQUENTIAL):
+        fresh = await ws.connect(secure_url)
+        start = time.perf_counter()
+        chan = await client_channel(fresh, site_id, roster, "agg")
+        latencies.append(time.perf_counter() - start)
+        await chan.close()
+
+    async def dialer(count: int) -> None:
+        for _ in range(count):
+            chan: SecureChannel = await client_channel(
+                await ws.connect(secure_url), site_id, roster, "agg"
+            )
+            await chan.close()
+
+    start = time.perf_counter()
+    per = HANDSHAKES_CONCURRENT // DIALERS
+    await asyncio.gather(*(dialer(per) for _ in range(DIALERS)))
+    rate = per * DIALERS / (time.perf_counter() - start)
+    return {"nbytes": nbytes, "times": times, "cpu": cpu, "latencies": latencies, "rate": rate}
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=int, default=25_000_000)
+    parser.add_argument("--trials", type=int, default=5)
+    args = parser.parse_args()
+    loop_name = install_loop()
+    load = os.getloadavg()
+    seeds = {"site": os.urandom(32), "agg": os.urandom(32)}
+    ctx = mp.get_context("spawn")
+    ports, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    nbytes = 4 * args.params
+    agg = ctx.Process(target=aggregator_main, args=(seeds, nbytes, ports, stop), daemon=True)
+    agg.start()
+    try:
+        urls = ports.get(timeout=60)
+        site_proc = ctx.Process(
+            target=site_main, args=(seeds, args.params, args.trials, urls, results), daemon=True
+        )
+        site_proc.start()
+        result = results.get(timeout=600)
+        site_proc.join(30)
+    finally:
+        stop.set()
+        agg.join(30)
+        if agg.is_alive():
+            agg.terminate()
+
+    size = result["nbytes"]
+    times = result["times"]
+    rate = {name: size / statistics.median(ts) / MB for name, ts in times.items()}
+    print(
+        f"transport bench: {size / MB:.1f} MB fp32 delta ({args.params:,} parameters), site "
+        f"process -> aggregator process, loopback WebSockets, {loop_name}, {os.cpu_count()} "
+        f"CPUs, load average before {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+    )
+    cpu = {name: statistics.median(values) for name, values in result["cpu"].items()}
+
+    def line(label: str, name: str, unit: str) -> None:
+        runs = ", ".join(f"{t:.3f}" for t in times[name])
+        print(
+            f"{label}: {rate[name]:7.1f} {unit}  (runs, s: {runs}; CPU site + aggregator "
+            f"{cpu[name]:.2f} core-s)"
+        )
+
+    line("raw aiohttp WebSocket, 1 MiB binary frames (the baseline)", "raw", "MB/s")
+    line("raw aiohttp WebSocket, one 100 MB message (context)", "raw_message", "MB/s")
+    line("secure fp32 end to end", "fp32", "MB/s")
+    line("secure fp16 end to end", "fp16", "MB/s fp32-equivalent")
+    line("secure int8 end to end", "int8", "MB/s fp32-equivalent")
+    latency = 1000 * statistics.median(result["latencies"])
+    print(
+        f"handshake latency: median {latency:.2f} ms (open WebSocket, handshake only, "
+        f"{HANDSHAKES_SEQUENTIAL} runs)"
+    )
+    print(
+        f"handshakes per second: {result['rate']:.0f} ({DIALERS} concurrent dialers, "
+        "TCP + WebSocket + handshake + close)"
+    )
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print(f"transport_ratio: {rate['fp32'] / rate['raw']:.2f} x")
+
+
+if __name__ == "__main__":
+    main()

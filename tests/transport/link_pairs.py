@@ -1,0 +1,108 @@
+"""Test fixtures: connected link pairs (in memory, or loopback WebSockets on 127.0.0.1 only),
+identities and a roster, and connected secure channels."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+from transport import ws
+from transport.channel import (
+    DEFAULT_OPTIONS,
+    ChannelOptions,
+    SecureChannel,
+    client_channel,
+    server_channel,
+)
+from transport.identity import Identity
+from transport.links import Link, memory_link_pair
+from transport.roster import Roster, RosterEntry
+
+LINK_KINDS = ("memory", "ws")
+
+
+@contextlib.asynccontextmanager
+async def ws_pair(**options: Any) -> AsyncIterator[tuple[ws.WebSocketLink, ws.WebSocketLink]]:
+    """(client link, server link) over a fresh loopback server; ``options`` go to both ends.
+
+    The close time-out is short by default: a test often leaves one end unread, and then
+    nobody answers the other end's close frame.
+    """
+    options.setdefault("close_timeout", 0.3)
+    accepted: asyncio.Queue[ws.WebSocketLink] = asyncio.Queue()
+    release = asyncio.Event()
+
+    async def on_link(link: ws.WebSocketLink) -> None:
+        await accepted.put(link)
+        await release.wait()
+
+    server = await ws.serve("127.0.0.1", 0, on_link, **options)
+    client: ws.WebSocketLink | None = None
+    try:
+        client = await ws.connect(server.url, **options)
+        yield client, await accepted.get()
+    finally:
+        release.set()
+        if client is not None:
+            await client.close()
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def link_pair(kind: str, **options: Any) -> AsyncIterator[tuple[Link, Link]]:
+    """A connected pair of the given kind (see ``LINK_KINDS``)."""
+    if kind == "memory":
+        a, b = memory_link_pair(**options)
+        try:
+            yield a, b
+        finally:
+            await a.close()
+            await b.close()
+    elif kind == "ws":
+        async with ws_pair(**options) as pair:
+            yield pair
+    else:
+        raise ValueError(kind)
+
+
+# ------------------------------------------------------------------ identities for channels
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """An aggregator and two sites, all in one roster; ``stranger`` is in no roster."""
+
+    server: Identity
+    client: Identity
+    other: Identity
+    stranger: Identity
+    roster: Roster
+
+
+def make_pki() -> Pki:
+    server = Identity.generate("agg", "root")
+    client = Identity.generate("site-1", "site")
+    other = Identity.generate("site-2", "site")
+    stranger = Identity.generate("site-9", "site")
+    roster = Roster(
+        1, [RosterEntry(i.node_id, i.role, i.public_key) for i in (server, client, other)]
+    )
+    return Pki(server, client, other, stranger, roster)
+
+
+async def channel_pair(
+    a: Link,
+    b: Link,
+    pki: Pki,
+    *,
+    options: ChannelOptions = DEFAULT_OPTIONS,
+    client: Identity | None = None,
+) -> tuple[SecureChannel, SecureChannel]:
+    """(client channel on ``a``, server channel on ``b``), handshaking concurrently."""
+    return await asyncio.gather(
+        client_channel(a, client or pki.client, pki.roster, "agg", options=options),
+        server_channel(b, pki.server, pki.roster, options=options),
+    )

@@ -1,0 +1,561 @@
+"""Secure channel: handshake over links, records, streaming tensors, and every rejection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+
+from tests.transport.link_pairs import LINK_KINDS, Pki, channel_pair, link_pair, make_pki
+from transport import wire, ws
+from transport.channel import (
+    STREAM_ABOVE,
+    ChannelClosed,
+    ChannelOptions,
+    ChannelTruncated,
+    Gatekeeper,
+    HandshakeTimeout,
+    SecureChannel,
+    UnexpectedMessage,
+    client_channel,
+    server_channel,
+)
+from transport.errors import (
+    FrameTooLarge,
+    HandshakeError,
+    NonFiniteTensor,
+    PeerRefused,
+    ProtocolError,
+    RecordError,
+)
+from transport.handshake import ClientHandshake
+from transport.identity import Identity
+from transport.links import Link, LinkClosed, memory_link_pair
+from transport.tensors import CodecSpec, decode_tensors, encode_tensors
+
+TIMEOUT_S = 15.0
+HANDSHAKE_FRAMES = 3  # client side: c1, c2, then its stream header
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    return make_pki()
+
+
+@contextlib.asynccontextmanager
+async def channels(
+    kind: str, pki: Pki, options: ChannelOptions | None = None
+) -> AsyncIterator[tuple[SecureChannel, SecureChannel]]:
+    async with link_pair(kind) as (a, b):
+        client, server = await channel_pair(a, b, pki, options=options or ChannelOptions())
+        try:
+            yield client, server
+        finally:
+            await client.close()
+            await server.close()
+
+
+def delta(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "conv.weight": rng.standard_normal((n // 4, 4)).astype(np.float32),
+        "conv.bias": rng.standard_normal(7).astype(np.float32),
+        "steps": np.arange(5, dtype=np.int64),
+        "mask": np.array([True, False, True]),
+    }
+
+
+def update(tensors: dict[str, np.ndarray]) -> wire.Update:
+    return wire.Update("site-1", 3, 7, tensors, n_examples=120, metrics={"loss": 0.5})
+
+
+# ------------------------------------------------------------------ happy paths
+
+
+@pytest.mark.parametrize("kind", LINK_KINDS)
+async def test_small_messages_both_ways(kind: str, pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S), channels(kind, pki) as (client, server):
+        assert server.peer_id == "site-1" and server.peer_role == "site"
+        assert client.peer_id == "agg" and client.peer_role == "root"
+        assert client.transcript_hash == server.transcript_hash
+        for payload in (b"", b"x", os.urandom(1000)):
+            await client.send_message(payload)
+            assert await server.recv_message() == payload
+            await server.send_message(payload[::-1])
+            assert await client.recv_message() == payload[::-1]
+
+
+@pytest.mark.parametrize("kind", LINK_KINDS)
+async def test_twenty_megabyte_message(kind: str, pki: Pki) -> None:
+    big = os.urandom(20 * (1 << 20) + 12345)
+    async with asyncio.timeout(TIMEOUT_S), channels(kind, pki) as (client, server):
+        sending = asyncio.create_task(client.send_message(big))
+        assert await server.recv_message() == big
+        await sending
+        await client.send_message(b"after")  # framing intact after a multi-record message
+        assert await server.recv_message() == b"after"
+
+
+@pytest.mark.parametrize("kind", LINK_KINDS)
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8", "topk"])
+async def test_streamed_tensors_equal_the_batch_codec(kind: str, codec: str, pki: Pki) -> None:
+    tensors = delta(1_500_000)  # 6 MB of fp32: streamed
+    spec = CodecSpec(kind=codec)  # type: ignore[arg-type]
+    expected = decode_tensors(*encode_tensors(tensors, spec))
+    async with asyncio.timeout(TIMEOUT_S), channels(kind, pki) as (client, server):
+        sending = asyncio.create_task(client.send_tensors(update(tensors), spec))
+        got = await server.recv_tensors()
+        await sending
+    assert isinstance(got, wire.Update)
+    assert (got.src, got.seq, got.base_version, got.n_examples) == ("site-1", 3, 7, 120)
+    assert dict(got.metrics) == {"loss": 0.5}
+    assert list(got.delta) == list(expected)
+    for name, arr in expected.items():
+        assert got.delta[name].dtype == arr.dtype
+        assert np.array_equal(got.delta[name], arr)
+        assert not got.delta[name].flags.writeable
+
+
+async def test_small_tensor_messages_are_not_streamed(pki: Pki) -> None:
+    msgs: list[wire.Message] = [
+        update(delta(400)),
+        wire.Ack("site-1", 3),
+        wire.ModelBroadcast(4, {"w": np.ones((3, 3), np.float32)}),
+        wire.Heartbeat("site-1", 9),
+    ]
+    async with asyncio.timeout(TIMEOUT_S), channels("memory", pki) as (client, server):
+        for msg in msgs:
+            await client.send_tensors(msg)
+            got = await server.recv_tensors()
+            assert wire.encode(got) == wire.encode(msg)
+        await client.send_tensors(wire.Ack("site-1", 4))
+        assert wire.decode(await server.recv_message()) == wire.Ack("site-1", 4)
+
+
+async def test_rekey_in_the_middle_of_a_message(pki: Pki) -> None:
+    options = ChannelOptions(rekey_bytes=256 * 1024)
+    big = os.urandom(5 * (1 << 20))
+    tensors = delta(1_000_000)
+    async with asyncio.timeout(TIMEOUT_S), channels("ws", pki, options) as (client, server):
+        sending = asyncio.create_task(client.send_message(big))
+        assert await server.recv_message() == big
+        await sending
+        after_first = client.rekeys
+        assert after_first >= 3  # several times inside one 5 MiB message
+        sending = asyncio.create_task(client.send_tensors(update(tensors)))
+        got = await server.recv_tensors()
+        await sending
+        assert client.rekeys >= after_first + 3  # and inside a streamed one
+        assert isinstance(got, wire.Update)
+        assert np.array_equal(got.delta["conv.weight"], tensors["conv.weight"])
+        await server.send_message(b"still fine")
+        assert await client.recv_message() == b"still fine"
+
+
+@pytest.mark.parametrize("kind", LINK_KINDS)
+async def test_full_duplex_and_orderly_close(kind: str, pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S), link_pair(kind) as (a, b):
+        client, server = await channel_pair(a, b, pki)
+
+        async def talk(channel: SecureChannel, tag: bytes) -> list[bytes]:
+            async def send_all() -> None:
+                for i in range(30):
+                    await channel.send_message(tag * (i * 5000))
+
+            sender = asyncio.create_task(send_all())
+            got = [await channel.recv_message() for _ in range(30)]
+            await sender
+            return got
+
+        got_c, got_s = await asyncio.gather(talk(client, b"c"), talk(server, b"s"))
+        assert got_c == [b"s" * (i * 5000) for i in range(30)]
+        assert got_s == [b"c" * (i * 5000) for i in range(30)]
+        await client.close()
+        with pytest.raises(ChannelClosed):
+            await server.recv_message()
+        assert server.peer_closed
+        with pytest.raises(ChannelClosed):
+            await client.send_message(b"after close")
+        await server.close()
+
+
+async def test_cancelled_idle_receive_leaves_the_channel_usable(pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S), channels("ws", pki) as (client, server):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await server.recv_message()
+        await client.send_message(b"later")
+        assert await server.recv_message() == b"later"
+
+
+# ------------------------------------------------------------------ rejections
+
+
+class TamperLink:
+    """Wraps a link; ``tamper(i, frame)`` returns the frames actually sent for send #i."""
+
+    def __init__(self, inner: Link, tamper: Callable[[int, bytes], list[bytes]]) -> None:
+        self._inner = inner
+        self._tamper = tamper
+        self._sent = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._inner.closed
+
+    async def send(self, data: bytes) -> None:
+        i, self._sent = self._sent, self._sent + 1
+        for frame in self._tamper(i, data):
+            await self._inner.send(frame)
+
+    async def recv(self) -> bytes:
+        return await self._inner.recv()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def flip(frame: bytes, at: int) -> bytes:
+    out = bytearray(frame)
+    out[at % len(out)] ^= 0x40
+    return bytes(out)
+
+
+def make_tamper(kind: str) -> Callable[[int, bytes], list[bytes]]:
+    first = HANDSHAKE_FRAMES  # the first record after the handshake and stream header
+    held: list[bytes] = []
+
+    def tamper(i: int, frame: bytes) -> list[bytes]:
+        if i < first:
+            return [frame]
+        if kind == "flip_body" and i == first + 1:
+            return [flip(frame, len(frame) // 2)]
+        if kind == "flip_mac" and i == first + 1:
+            return [flip(frame, -1)]
+        if kind == "truncate" and i == first + 1:
+            return [frame[:-5]]
+        if kind == "duplicate" and i == first + 1:
+            return [frame, frame]
+        if kind == "drop" and i == first + 1:
+            return []
+        if kind == "reorder" and i == first + 1:
+            held.append(frame)
+            return []
+        if kind == "reorder" and i == first + 2:
+            return [frame, held.pop()]
+        return [frame]
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    "tampering", ["flip_body", "flip_mac", "truncate", "duplicate", "drop", "reorder"]
+)
+async def test_tampered_record_closes_the_channel(tampering: str, pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S):
+        a, b = memory_link_pair()
+        client, server = await channel_pair(TamperLink(a, make_tamper(tampering)), b, pki)
+        await client.send_message(b"record one")
+        for i in range(3):
+            await client.send_message(b"record %d" % (i + 2))
+        assert await server.recv_message() == b"record one"
+        if tampering == "duplicate":
+            assert await server.recv_message() == b"record 2"  # the original; its copy fails
+        with pytest.raises(RecordError, match="authentication"):
+            await server.recv_message()
+        assert server.closed
+        with pytest.raises(ChannelClosed, match="broken"):
+            await server.recv_message()
+        with pytest.raises(ChannelTruncated):
+            await client.recv_message()  # the peer hung up on us, without TAG_FINAL
+
+
+async def test_record_tampered_inside_a_streamed_message(pki: Pki) -> None:
+    tensors = delta(2_000_000)
+    async with asyncio.timeout(TIMEOUT_S):
+        a, b = memory_link_pair()
+
+        def tamper(i: int, frame: bytes) -> list[bytes]:
+            return [flip(frame, 1000)] if i == HANDSHAKE_FRAMES + 4 else [frame]
+
+        client, server = await channel_pair(TamperLink(a, tamper), b, pki)
+        sending = asyncio.create_task(client.send_tensors(update(tensors)))
+        with pytest.raises(RecordError):
+            await server.recv_tensors()
+        with pytest.raises(LinkClosed):
+            await sending
+        assert server.closed
+
+
+@pytest.mark.parametrize("kind", LINK_KINDS)
+async def test_missing_tag_final_is_detected(kind: str, pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S), link_pair(kind) as (a, b):
+        client, server = await channel_pair(a, b, pki)
+        await client.send_message(b"last words")
+        await a.close()  # the link ends, but the channel was never closed
+        assert await server.recv_message() == b"last words"
+        with pytest.raises(ChannelTruncated, match="TAG_FINAL"):
+            await server.recv_message()
+
+
+async def test_eof_in_the_middle_of_a_message(pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S):
+        a, b = memory_link_pair()
+
+        def tamper(i: int, frame: bytes) -> list[bytes]:
+            return [] if i >= HANDSHAKE_FRAMES + 2 else [frame]
+
+        client, server = await channel_pair(TamperLink(a, tamper), b, pki)
+        await client.send_message(os.urandom(3 * (1 << 20)))  # only the first record goes out
+        await a.close()
+        with pytest.raises(ChannelTruncated):
+            await server.recv_message()
+
+
+@pytest.mark.parametrize("kind", LINK_KINDS)
+async def test_oversize_frame_is_rejected(kind: str, pki: Pki) -> None:
+    cap = (1 << 20) + 64
+    async with asyncio.timeout(TIMEOUT_S), link_pair(kind, max_frame=cap) as (a, b):
+        client, server = await channel_pair(a, b, pki)
+        await client.send_message(b"fine")
+        await a.send(bytes(cap + 1))  # below the channel: one frame too large
+        assert await server.recv_message() == b"fine"
+        with pytest.raises(FrameTooLarge):
+            await server.recv_message()
+        assert server.closed
+
+
+async def test_message_above_the_cap_closes_the_channel(pki: Pki) -> None:
+    from transport.limits import Limits
+
+    options = ChannelOptions(limits=Limits(max_message_bytes=2 * (1 << 20)))
+    async with asyncio.timeout(TIMEOUT_S), channels("memory", pki, options) as (client, server):
+        sending = asyncio.create_task(client.send_message(bytes(3 * (1 << 20))))
+        with pytest.raises(FrameTooLarge):
+            await server.recv_message()
+        with contextlib.suppress(LinkClosed):
+            await sending
+        assert server.closed
+
+
+async def test_bad_tensors_are_rejected_and_the_channel_goes_on(pki: Pki) -> None:
+    tensors = delta(1_000_000)
+    tensors["conv.weight"][100, 2] = np.nan
+    assert tensors["conv.weight"].nbytes > STREAM_ABOVE
+    async with asyncio.timeout(TIMEOUT_S), channels("ws", pki) as (client, server):
+        sending = asyncio.create_task(client.send_tensors(update(tensors)))
+        with pytest.raises(NonFiniteTensor, match=r"conv\.weight"):
+            await server.recv_tensors()
+        await sending
+        small = update(delta(100))
+        await client.send_tensors(small)
+        assert isinstance(await server.recv_tensors(), wire.Update)
+        # A tensor stream where bytes are expected is skipped whole, with a clear error.
+        sending = asyncio.create_task(client.send_tensors(update(delta(1_000_000))))
+        with pytest.raises(UnexpectedMessage):
+            await server.recv_message()
+        await sending
+        await client.send_message(b"in sync")
+        assert await server.recv_message() == b"in sync"
+        assert not server.closed
+
+
+async def test_unknown_key_is_refused_before_any_application_data(pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S):
+        a, b = memory_link_pair()
+        frames_read: list[bytes] = []
+
+        class Spy(TamperLink):
+            async def recv(self) -> bytes:
+                frame = await super().recv()
+                frames_read.append(frame)
+                return frame
+
+        spy = Spy(b, lambda i, f: [f])
+        results = await asyncio.gather(
+            client_channel(a, pki.stranger, pki.roster, "agg"),
+            server_channel(spy, pki.server, pki.roster),
+            return_exceptions=True,
+        )
+        client_result, server_result = results
+        assert isinstance(server_result, PeerRefused)
+        assert "unknown key" in str(server_result)
+        assert isinstance(client_result, HandshakeError)
+        assert len(frames_read) == 1  # c1 only: nothing after the refusal was parsed
+        assert spy.closed
+
+
+@pytest.mark.parametrize("who", ["wrong_id", "wrong_role", "wrong_server"])
+async def test_key_under_another_identity_is_refused(who: str, pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S):
+        a, b = memory_link_pair()
+        if who == "wrong_id":  # site-1's key claiming to be site-2
+            client = Identity("site-2", "site", pki.client.signing_key)
+            expected = "agg"
+        elif who == "wrong_role":  # site-1's key claiming the root role
+            client = Identity("site-1", "root", pki.client.signing_key)
+            expected = "agg"
+        else:  # the client dialled site-2 but reached the aggregator
+            client = pki.client
+            expected = "site-2"
+        results = await asyncio.gather(
+            client_channel(a, client, pki.roster, expected),
+            server_channel(b, pki.server, pki.roster),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, HandshakeError) for r in results), results
+        assert any(isinstance(r, PeerRefused) for r in results), results
+
+
+async def test_handshake_timeout(pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S):
+        a, b = memory_link_pair()
+        with pytest.raises(HandshakeTimeout):
+            await server_channel(b, pki.server, pki.roster, timeout=0.2)  # a sends nothing
+        assert b.closed
+        with pytest.raises(LinkClosed):
+            await a.recv()
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00" * 10, os.urandom(4096), os.urandom(5000)])
+async def test_garbage_handshake_is_refused(garbage: bytes, pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S):
+        a, b = memory_link_pair()
+        await a.send(garbage)
+        with pytest.raises(HandshakeError):
+            await server_channel(b, pki.server, pki.roster)
+        assert b.closed
+
+
+async def test_errors_are_protocol_errors_with_reasons() -> None:
+    for cls in (ChannelTruncated, UnexpectedMessage, HandshakeTimeout):
+        assert issubclass(cls, ProtocolError)
+        assert cls.reason
+    assert issubclass(ChannelClosed, LinkClosed)
+
+
+# ------------------------------------------------------------------ a server under abuse
+
+
+@contextlib.asynccontextmanager
+async def secure_echo_server(
+    pki: Pki, **gate_options: float
+) -> AsyncIterator[tuple[ws.WsServer, Gatekeeper]]:
+    gate = Gatekeeper(pki.server, pki.roster, **gate_options)  # type: ignore[arg-type]
+
+    async def on_link(link: ws.WebSocketLink) -> None:
+        channel = await gate.accept(link)
+        try:
+            while True:
+                await channel.send_message(await channel.recv_message())
+        except ChannelClosed:
+            pass
+        finally:
+            await channel.close()
+
+    server = await ws.serve(
+        "127.0.0.1", 0, on_link, idle_timeout=gate.handshake_timeout, close_timeout=0.5
+    )
+    try:
+        yield server, gate
+    finally:
+        await server.close()
+
+
+async def dial(server: ws.WsServer, pki: Pki, identity: Identity | None = None) -> SecureChannel:
+    link = await ws.connect(server.url, close_timeout=0.5)
+    return await client_channel(link, identity or pki.client, pki.roster, "agg")
+
+
+async def echo(channel: SecureChannel, payload: bytes) -> None:
+    await channel.send_message(payload)
+    assert await channel.recv_message() == payload
+
+
+async def test_server_survives_every_rejection(pki: Pki) -> None:
+    async with asyncio.timeout(TIMEOUT_S), secure_echo_server(pki) as (server, gate):
+        with pytest.raises(HandshakeError):
+            await dial(server, pki, pki.stranger)  # unknown key
+        with pytest.raises(HandshakeError):
+            await dial(server, pki, Identity("site-2", "site", pki.client.signing_key))
+        garbage = await ws.connect(server.url, close_timeout=0.5)
+        await garbage.send(os.urandom(300))  # not a handshake
+        with pytest.raises(LinkClosed):
+            await garbage.recv()
+        oversize = await ws.connect(server.url, close_timeout=0.5)
+        await oversize.send(bytes(ws.MAX_FRAME + 1))
+        with pytest.raises(LinkClosed):
+            await oversize.recv()
+        # A tampered record after a good handshake.
+        link = await ws.connect(server.url, close_timeout=0.5)
+        tampered = TamperLink(link, make_tamper("flip_body"))
+        channel = await client_channel(tampered, pki.client, pki.roster, "agg")
+        await echo(channel, b"fine")
+        await channel.send_message(b"tampered")
+        with pytest.raises(ChannelTruncated):
+            await channel.recv_message()
+        # ...and the server still serves an honest client.
+        honest = await dial(server, pki)
+        await echo(honest, b"still here")
+        await honest.close()
+        assert gate.refused == {"peer_refused": 2, "handshake": 1, "too_large": 1}
+        assert gate.accepted == 2
+
+
+async def test_a_thousand_half_open_connections(pki: Pki) -> None:
+    """Silent TCP, half an HTTP request, silent WebSockets and half handshakes, 1,000 in
+    all, while an authenticated link keeps working; the cap and the time-outs bound them."""
+    max_pending = 64
+    async with (
+        asyncio.timeout(40.0),
+        secure_echo_server(pki, max_pending=max_pending, handshake_timeout=2.0) as (server, gate),
+    ):
+        live = await dial(server, pki)
+        await echo(live, b"before")
+        writers: list[asyncio.StreamWriter] = []
+        links: list[ws.WebSocketLink] = []
+
+        async def silent_tcp(partial: bytes) -> None:
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(partial)
+            writers.append(writer)
+
+        async def half_websocket(first_flight: bool) -> None:
+            with contextlib.suppress(LinkClosed):
+                link = await ws.connect(server.url, close_timeout=0.2, heartbeat=None)
+                links.append(link)
+                if first_flight:  # c1, then silence
+                    await link.send(ClientHandshake(pki.client, pki.roster, "agg").start())
+
+        half_http = b"GET /fedloom HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        opened = [silent_tcp(b"") for _ in range(400)]
+        opened += [silent_tcp(half_http) for _ in range(200)]
+        opened += [half_websocket(i % 2 == 0) for i in range(400)]
+        peak_pending = 0
+        for batch in range(0, len(opened), 100):
+            await asyncio.gather(*opened[batch : batch + 100])
+            peak_pending = max(peak_pending, gate.pending)
+            await echo(live, os.urandom(64 * 1024))  # the live link keeps working
+        assert len(writers) + len(links) == 1000
+        assert peak_pending <= max_pending
+        assert gate.refused["busy"] > 0  # the cap was reached, and enforced
+        for _ in range(10):
+            await echo(live, os.urandom(256 * 1024))
+        # Every half-open connection is gone within the time-outs; the live one remains.
+        async with asyncio.timeout(15.0):
+            while gate.pending or server.open_connections > 1:
+                await asyncio.sleep(0.1)
+        assert gate.refused["handshake_timeout"] > 0
+        await echo(live, b"after")
+        fresh = await dial(server, pki)  # and new peers get in again
+        await echo(fresh, b"welcome")
+        await fresh.close()
+        await live.close()
+        for writer in writers:
+            writer.close()
+        for link in links:
+            await link.close()

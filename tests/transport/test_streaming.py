@@ -1,0 +1,306 @@
+"""Streaming tensor codec: the same tensors as the batch codec, and the same rejections."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lz4.block
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from transport.errors import (
+    CodecError,
+    DecompressionBomb,
+    DisallowedDtype,
+    FrameTooLarge,
+    NonFiniteTensor,
+    ProtocolError,
+)
+from transport.limits import Limits
+from transport.streaming import (
+    MIN_PIECE_BYTES,
+    TensorStreamDecoder,
+    TensorStreamEncoder,
+)
+from transport.tensors import CodecSpec, decode_tensors, encode_tensors
+
+Tensors = dict[str, np.ndarray]
+CODECS = ["fp32", "fp16", "int8", "topk"]
+
+
+def stream(
+    tensors: Tensors, spec: CodecSpec, piece: int = MIN_PIECE_BYTES
+) -> tuple[Any, list[bytes]]:
+    encoder = TensorStreamEncoder(tensors, spec, piece=piece)
+    pieces = []
+    while not encoder.done:
+        pieces.append(bytes(encoder.next_piece()))
+    return encoder.manifest, pieces
+
+
+def decode(manifest: Any, pieces: list[bytes], limits: Limits | None = None) -> Tensors:
+    decoder = TensorStreamDecoder(manifest, limits or Limits())
+    for piece in pieces:
+        decoder.feed_piece(piece)
+    return decoder.finish()
+
+
+def assert_same(got: Tensors, expected: Tensors) -> None:
+    assert list(got) == list(expected)
+    for name, arr in expected.items():
+        assert got[name].dtype == arr.dtype, name
+        assert got[name].shape == arr.shape, name
+        assert np.array_equal(got[name], arr), name
+        assert not got[name].flags.writeable
+
+
+def sample_tensors(seed: int = 0) -> Tensors:
+    rng = np.random.default_rng(seed)
+    return {
+        "w": rng.standard_normal((101, 97)).astype(np.float32),
+        "odd": np.array([True, False, True]),  # 3 bytes: later pieces start unaligned
+        "b64": rng.standard_normal(2001),
+        "h": rng.standard_normal(777).astype(np.float16),
+        "steps": np.arange(3000, dtype=np.int16),
+        "empty": np.zeros((0, 4), np.float32),
+        "scalar": np.array(2.5, np.float32),
+        "zeros": np.zeros(20_000, np.float32),  # compresses
+    }
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("lz4", [True, False])
+@pytest.mark.parametrize("piece", [MIN_PIECE_BYTES, 4099, 65_536])
+def test_matches_the_batch_codec(codec: str, lz4: bool, piece: int) -> None:
+    tensors = sample_tensors()
+    spec = CodecSpec(kind=codec, lz4=lz4)  # type: ignore[arg-type]
+    manifest, pieces = stream(tensors, spec, piece)
+    assert len(pieces) == -(-manifest["stored"] // piece)
+    assert_same(decode(manifest, pieces), decode_tensors(*encode_tensors(tensors, spec)))
+
+
+def test_compressible_pieces_shrink_and_random_ones_do_not() -> None:
+    rng = np.random.default_rng(1)
+    tensors = {"z": np.zeros(50_000, np.float32), "r": rng.standard_normal(50_000).astype("f4")}
+    manifest, pieces = stream(tensors, CodecSpec(), 65_536)
+    assert len(pieces[0]) < 65_536  # zeros: an lz4 block
+    assert len(pieces[-2]) == 65_536  # random fp32: sent as it is
+    assert sum(map(len, pieces)) < manifest["stored"]
+
+
+def test_empty_stream() -> None:
+    manifest, pieces = stream({}, CodecSpec())
+    assert manifest["stored"] == 0 and len(pieces) == 1
+    assert decode(manifest, pieces) == {}
+
+
+dtypes = st.sampled_from(["<f4", "<f8", "<f2", "<i8", "<i2", "|i1", "|u1", "|b1"])
+
+
+@st.composite
+def tensor_dicts(draw: st.DrawFn) -> Tensors:
+    out: Tensors = {}
+    for i in range(draw(st.integers(0, 4))):
+        dtype = np.dtype(draw(dtypes))
+        shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=40))
+        elements = (
+            st.floats(-1e4, 1e4, width=16 if dtype.itemsize == 2 else 32)
+            if dtype.kind == "f"
+            else None
+        )
+        out[f"t{i}"] = draw(hnp.arrays(dtype, shape, elements=elements))
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tensors=tensor_dicts(), codec=st.sampled_from(CODECS), lz4=st.booleans())
+def test_matches_the_batch_codec_property(tensors: Tensors, codec: str, lz4: bool) -> None:
+    spec = CodecSpec(kind=codec, lz4=lz4)  # type: ignore[arg-type]
+    manifest, pieces = stream(tensors, spec)
+    assert_same(decode(manifest, pieces), decode_tensors(*encode_tensors(tensors, spec)))
+
+
+# ------------------------------------------------------------------ rejections
+
+
+def good() -> tuple[dict[str, Any], list[bytes]]:
+    return stream(sample_tensors(), CodecSpec(lz4=False))
+
+
+def entry(**fields: Any) -> dict[str, Any]:
+    base = {"name": "x", "codec": "raw", "dtype": "float32", "shape": [4]}
+    base.update(fields)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("manifest", "error"),
+    [
+        (None, CodecError),
+        ({"tensors": [], "stored": 0}, CodecError),
+        ({"tensors": [], "stored": 0, "piece": 4096, "x": 1}, CodecError),
+        ({"tensors": {}, "stored": 0, "piece": 4096}, CodecError),
+        ({"tensors": [], "stored": 0, "piece": 100}, CodecError),
+        ({"tensors": [], "stored": 0, "piece": 1 << 21}, CodecError),
+        ({"tensors": [], "stored": -1, "piece": 4096}, CodecError),
+        ({"tensors": [], "stored": True, "piece": 4096}, CodecError),
+        ({"tensors": [entry()], "stored": 15, "piece": 4096}, CodecError),
+        ({"tensors": [entry(), entry()], "stored": 32, "piece": 4096}, CodecError),
+        ({"tensors": [entry(dtype="object")], "stored": 16, "piece": 4096}, DisallowedDtype),
+        ({"tensors": [entry(codec="pickle")], "stored": 16, "piece": 4096}, CodecError),
+        ({"tensors": [entry(shape=[10**12])], "stored": 4 * 10**12, "piece": 4096}, FrameTooLarge),
+        (
+            {"tensors": [entry(shape=[1 << 20, 1 << 20])], "stored": 0, "piece": 4096},
+            DecompressionBomb,
+        ),
+        (
+            {
+                "tensors": [entry(codec="int8", scale=float("nan"), dtype=None)],
+                "stored": 4,
+                "piece": 4096,
+            },
+            CodecError,
+        ),
+    ],
+)
+def test_bad_manifests(manifest: Any, error: type[ProtocolError]) -> None:
+    with pytest.raises(error):
+        TensorStreamDecoder(manifest)
+
+
+def test_limits_apply_before_allocation() -> None:
+    manifest = {"tensors": [entry(shape=[1 << 20])], "stored": 4 << 20, "piece": 4096}
+    with pytest.raises(FrameTooLarge):
+        TensorStreamDecoder(manifest, Limits(max_message_bytes=1 << 20))
+    with pytest.raises(DecompressionBomb):
+        TensorStreamDecoder(manifest, Limits(max_decoded_bytes=1 << 20))
+    with pytest.raises(CodecError, match="limit 1"):
+        TensorStreamDecoder(
+            {**manifest, "tensors": [entry(), entry(name="y")]}, Limits(max_tensors=1)
+        )
+
+
+def test_int8_non_finite_scale() -> None:
+    manifest = {
+        "tensors": [{"name": "q", "codec": "int8", "shape": [4], "scale": float("inf")}],
+        "stored": 4,
+        "piece": 4096,
+    }
+    with pytest.raises(NonFiniteTensor):
+        TensorStreamDecoder(manifest)
+
+
+def test_piece_sequence_errors() -> None:
+    manifest, pieces = good()
+    with pytest.raises(CodecError, match="more pieces"):
+        decode(manifest, [*pieces, pieces[-1]])
+    decoder = TensorStreamDecoder(manifest)
+    decoder.feed_piece(pieces[0])
+    with pytest.raises(CodecError, match="truncated"):
+        decoder.finish()
+    compressed_short = lz4.block.compress(bytes(100), store_size=False)
+    for bad, match in [
+        (b"", "lz4"),  # shorter than the piece: must be an lz4 block, and is not one
+        (pieces[0][:-1], "lz4"),
+        (pieces[0] + b"x", "expected"),
+        (b"\xff" * 100, "lz4"),
+        (compressed_short, "decompressed to 100 bytes"),
+    ]:
+        with pytest.raises(CodecError, match=match):
+            TensorStreamDecoder(manifest).feed_piece(bad)
+
+
+def raw_stream(entries: list[dict[str, Any]], data: bytes) -> None:
+    manifest = {"tensors": entries, "stored": len(data), "piece": 4096}
+    decode(manifest, [data])
+
+
+def test_bad_values() -> None:
+    with pytest.raises(NonFiniteTensor, match="'x'"):
+        raw_stream([entry()], np.array([1, 2, np.nan, 3], "<f4").tobytes())
+    with pytest.raises(NonFiniteTensor):
+        raw_stream([entry(dtype="float64")], np.array([1, 2, 1e300, 3], "<f8").tobytes())
+    with pytest.raises(NonFiniteTensor):
+        raw_stream(
+            [{"name": "h", "codec": "fp16", "shape": [2]}], np.array([1, np.inf], "<f2").tobytes()
+        )
+    with pytest.raises(CodecError, match="bool"):
+        raw_stream([entry(dtype="bool", shape=[3])], b"\x00\x01\x02")
+    with pytest.raises(CodecError, match="top-k"):
+        topk = {"name": "k", "codec": "topk", "shape": [8], "k": 2, "index": "u8"}
+        raw_stream([topk], np.array([1, 2], "<f4").tobytes() + bytes([5, 3]))  # not increasing
+
+
+def test_nan_split_across_pieces_is_caught() -> None:
+    x = np.ones(5000, np.float32)
+    x[1023] = np.nan  # bytes 4092..4095: straddles nothing, but the next one does
+    x[1024 + 1] = np.inf
+    manifest, pieces = stream({"odd": np.array([True]), "x": x}, CodecSpec(lz4=False))
+    with pytest.raises(NonFiniteTensor):
+        decode(manifest, pieces)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    manifest=st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats()
+        | st.text(max_size=8)
+        | st.binary(max_size=8),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "tensors",
+                        "stored",
+                        "piece",
+                        "name",
+                        "codec",
+                        "dtype",
+                        "shape",
+                        "k",
+                        "index",
+                        "scale",
+                    ]
+                ),
+                children,
+                max_size=5,
+            )
+        ),
+        max_leaves=20,
+    )
+)
+def test_arbitrary_manifests_raise_only_protocol_errors(manifest: Any) -> None:
+    with contextlib.suppress(ProtocolError):
+        TensorStreamDecoder(manifest, Limits(max_decoded_bytes=1 << 24, max_message_bytes=1 << 24))
+
+
+@settings(max_examples=150, deadline=None)
+@given(pieces=st.lists(st.binary(max_size=5000), max_size=4))
+def test_arbitrary_pieces_raise_only_protocol_errors(pieces: list[bytes]) -> None:
+    manifest, _ = good()
+    decoder = TensorStreamDecoder(manifest)
+    with contextlib.suppress(ProtocolError):
+        for piece in pieces:
+            decoder.feed_piece(piece)
+        decoder.finish()
+
+
+def test_encoder_misuse() -> None:
+    with pytest.raises(ValueError, match="piece"):
+        TensorStreamEncoder({}, piece=10)
+    with pytest.raises(ValueError, match="whitelist"):
+        TensorStreamEncoder({"c": np.zeros(3, np.complex64)})
+    with pytest.raises(TypeError):
+        TensorStreamEncoder({1: np.zeros(3)})  # type: ignore[dict-item]
+    encoder = TensorStreamEncoder({})
+    encoder.next_piece()
+    with pytest.raises(ValueError, match="every piece"):
+        encoder.next_piece()

@@ -1,0 +1,209 @@
+"""WebSocket links: the hardening aiohttp does not do by default (loopback only)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from transport import ws
+from transport.errors import FrameTooLarge, MalformedMessage
+from transport.links import LinkClosed
+
+TIMEOUT_S = 10.0
+
+
+@contextlib.asynccontextmanager
+async def echo_server(**options: object) -> AsyncIterator[tuple[ws.WsServer, list[BaseException]]]:
+    """A server that echoes every frame; the errors its links ended with are collected."""
+    errors: list[BaseException] = []
+
+    async def on_link(link: ws.WebSocketLink) -> None:
+        try:
+            while True:
+                await link.send(await link.recv())
+        except LinkClosed:
+            pass
+        except Exception as exc:
+            errors.append(exc)
+            raise
+
+    options.setdefault("close_timeout", 0.5)
+    server = await ws.serve("127.0.0.1", 0, on_link, **options)  # type: ignore[arg-type]
+    try:
+        yield server, errors
+    finally:
+        await server.close()
+
+
+async def wait_for(predicate: object, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+
+
+async def test_echo_and_url() -> None:
+    async with asyncio.timeout(TIMEOUT_S), echo_server() as (server, errors):
+        assert server.url.startswith("ws://127.0.0.1:") and server.url.endswith("/fedloom")
+        link = await ws.connect(server.url)
+        await link.send(b"hello")
+        assert await link.recv() == b"hello"
+        await link.close()
+        assert errors == []
+
+
+async def test_compression_is_never_negotiated() -> None:
+    async with (
+        asyncio.timeout(TIMEOUT_S),
+        echo_server() as (server, _),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.url, compress=15) as raw,  # a client asking for deflate
+    ):
+        assert raw.compress == 0  # the server did not accept permessage-deflate
+        await raw.send_bytes(b"\x00" * 100_000)
+        assert await raw.receive_bytes() == b"\x00" * 100_000
+
+
+async def test_text_frame_closes_with_1003() -> None:
+    async with (
+        asyncio.timeout(TIMEOUT_S),
+        echo_server() as (server, errors),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.url) as raw,
+    ):
+        await raw.send_str("not binary")
+        msg = await raw.receive()
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert raw.close_code == aiohttp.WSCloseCode.UNSUPPORTED_DATA
+        await wait_for(lambda: errors)
+        assert isinstance(errors[0], MalformedMessage)
+
+
+async def test_oversize_frame_closes_with_1009() -> None:
+    async with (
+        asyncio.timeout(TIMEOUT_S),
+        echo_server(max_frame=1000) as (server, errors),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.url) as raw,
+    ):
+        await raw.send_bytes(b"x" * 1000)
+        assert await raw.receive_bytes() == b"x" * 1000  # exactly the cap passes
+        await raw.send_bytes(b"x" * 1001)
+        msg = await raw.receive()
+        assert msg.type is aiohttp.WSMsgType.CLOSE
+        assert raw.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        await wait_for(lambda: errors)
+        assert isinstance(errors[0], FrameTooLarge)
+
+
+async def test_client_rejects_oversize_frames_too() -> None:
+    async def on_link(link: ws.WebSocketLink) -> None:
+        await link.send(b"y" * 5000)
+        with contextlib.suppress(LinkClosed):
+            await link.recv()
+
+    async with asyncio.timeout(TIMEOUT_S):
+        server = await ws.serve("127.0.0.1", 0, on_link, close_timeout=0.5)
+        try:
+            link = await ws.connect(server.url, max_frame=4999, close_timeout=0.5)
+            with pytest.raises(FrameTooLarge):
+                await link.recv()
+            assert link.closed
+        finally:
+            await server.close()
+
+
+async def test_plain_http_is_refused() -> None:
+    async with (
+        asyncio.timeout(TIMEOUT_S),
+        echo_server() as (server, _),
+        aiohttp.ClientSession() as session,
+    ):
+        base = f"http://127.0.0.1:{server.port}"
+        async with session.get(base + "/fedloom") as response:
+            assert response.status == 426
+        async with session.get(base + "/elsewhere") as response:
+            assert response.status == 404
+
+
+async def test_silent_tcp_connection_is_dropped_after_idle_timeout() -> None:
+    async with asyncio.timeout(TIMEOUT_S), echo_server(idle_timeout=0.3) as (server, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        half, half_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        half_writer.write(b"GET /fedloom HTTP/1.1\r\nHost: x\r\n")  # never finished
+        assert await reader.read() == b""  # EOF: the server hung up
+        assert await half.read() == b""
+        writer.close()
+        half_writer.close()
+        await wait_for(lambda: server.open_connections == 0)
+
+
+async def test_connection_cap() -> None:
+    async with asyncio.timeout(TIMEOUT_S), echo_server(max_connections=5) as (server, _):
+        conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(8)]
+        await wait_for(lambda: server.refused_connections == 3)
+        assert server.open_connections == 5
+        for _, writer in conns:
+            writer.close()
+        await wait_for(lambda: server.open_connections == 0)
+        link = await ws.connect(server.url)  # room again
+        await link.send(b"ok")
+        assert await link.recv() == b"ok"
+        await link.close()
+
+
+async def test_a_failing_handler_does_not_stop_the_server() -> None:
+    calls = 0
+
+    async def on_link(link: ws.WebSocketLink) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in one handler")
+        await link.send(await link.recv())
+
+    async with asyncio.timeout(TIMEOUT_S):
+        server = await ws.serve("127.0.0.1", 0, on_link, close_timeout=0.5)
+        try:
+            first = await ws.connect(server.url)
+            with pytest.raises(LinkClosed):
+                await first.recv()
+            second = await ws.connect(server.url)
+            await second.send(b"still serving")
+            assert await second.recv() == b"still serving"
+            await second.close()
+        finally:
+            await server.close()
+
+
+async def test_connect_failure_is_link_closed() -> None:
+    async with asyncio.timeout(TIMEOUT_S), echo_server() as (server, _):
+        port = server.port
+    with pytest.raises(LinkClosed, match="cannot connect"):
+        await ws.connect(f"ws://127.0.0.1:{port}/fedloom", connect_timeout=2.0)
+
+
+async def test_heartbeat_keeps_an_idle_link_alive() -> None:
+    options = {"heartbeat": 0.1, "receive_timeout": 0.4}
+    async with asyncio.timeout(TIMEOUT_S), echo_server(**options) as (server, _):
+        link = await ws.connect(server.url, **options)  # type: ignore[arg-type]
+        await asyncio.sleep(1.0)  # idle for longer than the receive time-out
+        await link.send(b"awake")
+        assert await link.recv() == b"awake"
+        await link.close()
+
+
+def test_options_are_validated() -> None:
+    for bad in (
+        {"max_frame": 0},
+        {"heartbeat": 0.0},
+        {"receive_timeout": -1.0},
+        {"heartbeat": 10.0, "receive_timeout": 5.0},
+    ):
+        with pytest.raises(ValueError):
+            asyncio.run(ws.connect("ws://127.0.0.1:1/fedloom", **bad))
+    with pytest.raises(ValueError):
+        asyncio.run(ws.serve("127.0.0.1", 0, lambda link: asyncio.sleep(0), path="nope"))

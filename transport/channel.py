@@ -1,0 +1,677 @@
+"""Secure channel: a mutually authenticated handshake, then encrypted records, over any Link.
+
+Life of a channel (DESIGN.md, "Channel security"):
+
+1. Handshake (``transport.handshake``, SIGMA style) under ``asyncio.timeout``; a peer
+   whose key, id or role the roster does not admit is refused before any application
+   data is read. Server side, a ``Gatekeeper`` caps concurrent unauthenticated links.
+2. Each side sends its secretstream header, then records (``transport.records``): one
+   frame on the link is one record. A message is one or more records, the last one
+   marking the end of the message; ``close()`` sends ``TAG_FINAL``. A link that ends
+   without ``TAG_FINAL`` raises ``ChannelTruncated``; any record that fails to open
+   (flipped, truncated, reordered, duplicated) closes the channel with ``RecordError``.
+3. Every message starts with a kind byte: ``KIND_BYTES`` (an opaque payload, e.g. one
+   ``wire.encode`` envelope) or ``KIND_TENSORS`` (a streamed tensor message: a header
+   message holding the envelope without its tensors and a stream manifest, then one
+   payload message of pieces, see ``transport.streaming``).
+
+Heavy work (sealing, opening, encoding and decoding pieces) runs in a thread pool:
+libsodium, lz4 and numpy release the GIL, so both cores work. Sending pipelines: the
+record n+1 is encoded and sealed while record n is being written. One record is worked
+on at a time per direction (the stream state is sequential), so order is preserved.
+
+Errors: bad bytes from the peer raise ``ProtocolError`` subclasses. Those that break the
+record stream (``RecordError``, ``ChannelTruncated``, an oversize message) close the
+channel; those inside one well-framed message (a malformed envelope, NaN tensors) skip
+the rest of that message and leave the channel usable. ``ChannelClosed`` (a
+``LinkClosed``) means the channel ended in order.
+"""
+
+# ruff: noqa: N818  (error names follow transport.errors)
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, NoReturn, TypeVar, cast
+
+import msgpack
+import numpy as np
+
+from transport import wire
+from transport.errors import FrameTooLarge, HandshakeError, MalformedMessage, ProtocolError
+from transport.handshake import (
+    HANDSHAKE_TIMEOUT_S,
+    MAX_HANDSHAKE_MESSAGE,
+    ClientHandshake,
+    ServerHandshake,
+    SessionKeys,
+)
+from transport.identity import Identity
+from transport.limits import Limits, MiB
+from transport.links import Link, LinkClosed
+from transport.records import (
+    CHUNK_SIZE,
+    REKEY_BYTES,
+    REKEY_SECONDS,
+    RecordError,
+    RecordReceiver,
+    RecordSender,
+)
+from transport.roster import Roster
+from transport.streaming import TensorStreamDecoder, TensorStreamEncoder
+from transport.tensors import DEFAULT_SPEC, CodecSpec
+
+KIND_BYTES = 0x01
+KIND_TENSORS = 0x02
+_KIND_PREFIX = {KIND_BYTES: b"\x01", KIND_TENSORS: b"\x02"}
+
+DEFAULT_MAX_PENDING = 256
+INLINE_BELOW = 64 * 1024  # records smaller than this are sealed/opened on the loop thread
+STREAM_ABOVE = 1 * MiB  # tensor fields larger than this are streamed piece by piece
+MAX_STREAM_HEADER = 64 * MiB  # envelope without tensors plus the manifest
+DEFAULT_CLOSE_TIMEOUT_S = 5.0
+
+# The one tensor field of each message type that has one.
+TENSOR_FIELDS: dict[type, str] = {
+    wire.ModelBroadcast: "weights",
+    wire.TrainRequest: "weights",
+    wire.Update: "delta",
+    wire.GossipShare: "x",
+}
+
+_T = TypeVar("_T")
+
+
+class ChannelError(ProtocolError):
+    """The channel's framing was broken by the peer."""
+
+    reason: ClassVar[str] = "channel"
+
+
+class ChannelTruncated(ChannelError):
+    """The link ended without ``TAG_FINAL``: a crash, a broken connection, or truncation."""
+
+    reason: ClassVar[str] = "truncated"
+
+
+class UnexpectedMessage(ChannelError):
+    """A message of another kind than the call expects (it was skipped)."""
+
+    reason: ClassVar[str] = "unexpected_message"
+
+
+class GateBusy(ChannelError):
+    """Too many unauthenticated connections are in progress; this one was dropped."""
+
+    reason: ClassVar[str] = "busy"
+
+
+class HandshakeTimeout(HandshakeError):
+    """The handshake did not complete in time."""
+
+    reason: ClassVar[str] = "handshake_timeout"
+
+
+class ChannelClosed(LinkClosed):
+    """The channel ended in order (``TAG_FINAL`` received, or closed locally)."""
+
+
+_DEFAULT_LIMITS = Limits()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelOptions:
+    """Per-channel settings: decoding caps, rekeying, how long ``close`` may take."""
+
+    limits: Limits = _DEFAULT_LIMITS
+    rekey_bytes: int = REKEY_BYTES
+    rekey_seconds: float = REKEY_SECONDS
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.limits, Limits):
+            raise ValueError(f"limits must be a Limits, got {self.limits!r}")
+        if self.close_timeout <= 0:
+            raise ValueError(f"close_timeout must be > 0, got {self.close_timeout}")
+
+
+DEFAULT_OPTIONS = ChannelOptions()
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    """One pool for every channel (not the loop's default one, which training may fill)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="fedloom-channel"
+        )
+    return _pool
+
+
+async def _offload(fn: Callable[..., _T], *args: Any) -> _T:
+    return await asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
+
+
+# ---------------------------------------------------------------------------- handshake
+
+
+async def client_channel(
+    link: Link,
+    identity: Identity,
+    roster: Roster,
+    expected_peer: str | None = None,
+    *,
+    allowed_roles: Collection[str] | None = None,
+    timeout: float = HANDSHAKE_TIMEOUT_S,
+    options: ChannelOptions = DEFAULT_OPTIONS,
+) -> SecureChannel:
+    """Handshake as the dialling side and return the channel (the link is closed on error).
+
+    Raises ``HandshakeError`` (``PeerRefused``, ``HandshakeTimeout``) on failure; a
+    server that refuses us simply closes the link, which reads as a ``HandshakeError``.
+    """
+    handshake = ClientHandshake(identity, roster, expected_peer, allowed_roles=allowed_roles)
+
+    async def run() -> SessionKeys:
+        await link.send(handshake.start())
+        finish = handshake.receive(await _recv_handshake(link))
+        if finish is None:  # pragma: no cover - the client always answers s1
+            raise HandshakeError("handshake ended without the client's last flight")
+        await link.send(finish)
+        return handshake.keys
+
+    return await _establish(link, run, timeout, options)
+
+
+async def server_channel(
+    link: Link,
+    identity: Identity,
+    roster: Roster,
+    *,
+    allowed_roles: Collection[str] | None = None,
+    timeout: float = HANDSHAKE_TIMEOUT_S,
+    options: ChannelOptions = DEFAULT_OPTIONS,
+) -> SecureChannel:
+    """Handshake as the listening side (prefer ``Gatekeeper.accept``, which caps them)."""
+    handshake = ServerHandshake(identity, roster, allowed_roles=allowed_roles)
+
+    async def run() -> SessionKeys:
+        reply = handshake.receive(await _recv_handshake(link))
+        if reply is None:  # pragma: no cover - the server always answers c1
+            raise HandshakeError("handshake ended without the server's flight")
+        await link.send(reply)
+        if handshake.receive(await _recv_handshake(link)) is not None or not handshake.done:
+            raise HandshakeError("handshake did not complete after the client's last flight")
+        return handshake.keys
+
+    return await _establish(link, run, timeout, options)
+
+
+async def _recv_handshake(link: Link) -> bytes:
+    frame = await link.recv()
+    if len(frame) > MAX_HANDSHAKE_MESSAGE:
+        raise HandshakeError(
+            f"handshake message of {len(frame)} bytes, limit {MAX_HANDSHAKE_MESSAGE}"
+        )
+    return frame
+
+
+async def _establish(
+    link: Link,
+    run: Callable[[], Any],
+    timeout: float,
+    options: ChannelOptions,
+) -> SecureChannel:
+    try:
+        async with asyncio.timeout(timeout):
+            keys: SessionKeys = await run()
+            channel = SecureChannel(link, keys, options)
+            await link.send(channel.stream_header)
+    except TimeoutError:
+        await link.close()
+        raise HandshakeTimeout(f"handshake not completed within {timeout} s") from None
+    except LinkClosed as exc:
+        await link.close()
+        raise HandshakeError(
+            f"the link closed during the handshake ({exc}): refused by the peer, or lost"
+        ) from None
+    except BaseException:
+        await link.close()
+        raise
+    return channel
+
+
+class Gatekeeper:
+    """Server-side admission: at most ``max_pending`` links handshaking at once.
+
+    Each admitted link gets ``handshake_timeout`` seconds to authenticate. A link beyond
+    the cap is closed at once (``GateBusy``). ``refused`` counts rejections by reason
+    (``err.reason`` of the error raised), for metrics.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        roster: Roster,
+        *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        allowed_roles: Collection[str] | None = None,
+        options: ChannelOptions = DEFAULT_OPTIONS,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        if handshake_timeout <= 0:
+            raise ValueError(f"handshake_timeout must be > 0, got {handshake_timeout}")
+        self.identity = identity
+        self.roster = roster  # replace it to apply a newer roster to later handshakes
+        self.max_pending = max_pending
+        self.handshake_timeout = handshake_timeout
+        self.allowed_roles = allowed_roles
+        self.options = options
+        self.accepted = 0
+        self.refused: Counter[str] = Counter()
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Links handshaking right now."""
+        return self._pending
+
+    async def accept(self, link: Link) -> SecureChannel:
+        """Authenticate ``link`` or close it and raise (a ``ProtocolError`` or ``LinkClosed``)."""
+        if self._pending >= self.max_pending:
+            self.refused[GateBusy.reason] += 1
+            await link.close()
+            raise GateBusy(f"{self.max_pending} unauthenticated connections already pending")
+        self._pending += 1
+        try:
+            channel = await server_channel(
+                link,
+                self.identity,
+                self.roster,
+                allowed_roles=self.allowed_roles,
+                timeout=self.handshake_timeout,
+                options=self.options,
+            )
+        except ProtocolError as exc:
+            self.refused[exc.reason] += 1
+            raise
+        except LinkClosed:
+            self.refused["link_closed"] += 1
+            raise
+        finally:
+            self._pending -= 1
+        self.accepted += 1
+        return channel
+
+
+# ---------------------------------------------------------------------------- channel
+
+
+class SecureChannel:
+    """Encrypted, authenticated messages over a link (build with ``client_channel`` /
+    ``server_channel``). One task may send while another receives."""
+
+    def __init__(self, link: Link, keys: SessionKeys, options: ChannelOptions) -> None:
+        self._link = link
+        self.peer_id = keys.peer_id
+        self.peer_role = keys.peer_role
+        self.transcript_hash = keys.transcript_hash
+        self._limits = options.limits
+        self._close_timeout = options.close_timeout
+        self._sender = RecordSender(
+            keys.send_key, rekey_bytes=options.rekey_bytes, rekey_seconds=options.rekey_seconds
+        )
+        # A backstop per message (the kind byte included); the exact caps of messages,
+        # stream headers and streamed tensors are checked as they arrive.
+        self._receiver = RecordReceiver(
+            keys.recv_key,
+            max_message_bytes=max(options.limits.max_message_bytes, MAX_STREAM_HEADER) + 1,
+        )
+        self._send_lock = asyncio.Lock()
+        self._recv_lock = asyncio.Lock()
+        self._header_received = False
+        self._records_taken = 0
+        self._failure: BaseException | None = None
+        self._closing = False
+        self._peer_closed = False
+
+    @property
+    def stream_header(self) -> bytes:
+        """This side's secretstream header (sent once, right after the handshake)."""
+        return self._sender.header()
+
+    @property
+    def closed(self) -> bool:
+        """True once closed locally or broken; see also ``peer_closed``."""
+        return self._closing or self._failure is not None
+
+    @property
+    def peer_closed(self) -> bool:
+        """True once the peer's ``TAG_FINAL`` arrived."""
+        return self._peer_closed
+
+    @property
+    def rekeys(self) -> int:
+        """Rekeys this side has done so far (every ``rekey_bytes`` or ``rekey_seconds``)."""
+        return self._sender.rekeys
+
+    # -- sending
+
+    async def send_message(self, payload: bytes | bytearray | memoryview) -> None:
+        """Send one opaque message (any size up to the peer's ``max_message_bytes``)."""
+        async with self._send_lock:
+            await self._send_framed(KIND_BYTES, memoryview(payload).cast("B"))
+
+    async def send_tensors(self, msg: wire.Message, spec: CodecSpec = DEFAULT_SPEC) -> None:
+        """Send a wire message; a large tensor field is streamed piece by piece.
+
+        Do not modify the message's arrays before this returns (they are read while
+        the pieces are produced).
+        """
+        field = TENSOR_FIELDS.get(type(msg))
+        tensors = getattr(msg, field) if field is not None else {}
+        if field is None or sum(np.asarray(v).nbytes for v in tensors.values()) <= STREAM_ABOVE:
+            encoded = wire.encode(msg, spec)
+            await self.send_message(encoded)
+            return
+        encoder = await _offload(TensorStreamEncoder, tensors, spec)
+        envelope = wire.encode(_with_tensors(msg, field, {}), spec)
+        header: bytes = msgpack.packb(
+            {"envelope": envelope, "stream": encoder.manifest}, use_bin_type=True
+        )
+        if len(header) > MAX_STREAM_HEADER:
+            raise ValueError(f"stream header of {len(header)} bytes, limit {MAX_STREAM_HEADER}")
+        count = encoder.n_pieces
+
+        def seal_piece(i: int) -> bytes:
+            return self._sender.seal(encoder.next_piece(), last=i == count - 1, now=_now())
+
+        async with self._send_lock:
+            await self._send_framed(KIND_TENSORS, memoryview(header))
+            await self._pipeline(seal_piece, count, offload=True)
+
+    async def _send_framed(self, kind: int, view: memoryview) -> None:
+        """One message: the kind byte, then ``view``, in records of <= CHUNK_SIZE bytes."""
+        head = CHUNK_SIZE - 1
+        count = 1 + max(0, -(-(view.nbytes - head) // CHUNK_SIZE))
+
+        def seal_chunk(i: int) -> bytes:
+            if i == 0:
+                chunk: bytes | memoryview = b"".join((_KIND_PREFIX[kind], view[:head]))
+            else:
+                start = head + (i - 1) * CHUNK_SIZE
+                chunk = view[start : start + CHUNK_SIZE]
+            return self._sender.seal(chunk, last=i == count - 1, now=_now())
+
+        await self._pipeline(seal_chunk, count, offload=view.nbytes >= INLINE_BELOW)
+
+    async def _pipeline(self, make: Callable[[int], bytes], count: int, *, offload: bool) -> None:
+        """Send ``make(0) .. make(count - 1)``, making record i+1 while record i is sent."""
+        self._check_can_send()
+        try:
+            if not offload:
+                for i in range(count):
+                    await self._link_send(make(i))
+                return
+            pending = asyncio.ensure_future(_offload(make, 0))
+            try:
+                for i in range(count):
+                    record = await pending
+                    if i + 1 < count:
+                        pending = asyncio.ensure_future(_offload(make, i + 1))
+                    await self._link_send(record)
+            finally:
+                if not pending.done():  # stopped early: let the worker finish, ignore it
+                    pending.add_done_callback(_ignore_result)
+        except BaseException as exc:
+            # Part of a message went out (or a sealed record was lost): the stream cannot
+            # continue, whatever the cause (cancelled, link gone, a local bug).
+            await self._break(exc)
+            raise
+
+    async def _link_send(self, record: bytes) -> None:
+        try:
+            await self._link.send(record)
+        except LinkClosed as exc:
+            if self._peer_closed or self._closing:
+                raise ChannelClosed(f"channel closed ({exc})") from None
+            raise
+
+    def _check_can_send(self) -> None:
+        if self._failure is not None:
+            raise ChannelClosed(f"channel broken earlier: {self._failure}")
+        if self._closing:
+            raise ChannelClosed("channel closed")
+
+    # -- receiving
+
+    async def recv_message(self) -> bytes:
+        """The next opaque message; ``UnexpectedMessage`` (skipped) for a tensor stream."""
+        async with self._recv_lock:
+            taken = self._records_taken
+            try:
+                kind, first, end = await self._next_message()
+                if kind == KIND_BYTES:
+                    return await self._collect(first, end, self._limits.max_message_bytes)
+                await self._skip(end)
+                if kind == KIND_TENSORS:
+                    await self._skip(False)  # the payload message that follows the header
+                raise UnexpectedMessage("expected a bytes message, got a tensor stream")
+            except asyncio.CancelledError:
+                await self._cancelled(taken)
+                raise
+
+    async def recv_tensors(self, limits: Limits | None = None) -> wire.Message:
+        """The next wire message, streamed or not, decoded and validated under ``limits``."""
+        limits = self._limits if limits is None else limits
+        async with self._recv_lock:
+            taken = self._records_taken
+            try:
+                kind, first, end = await self._next_message()
+                if kind == KIND_BYTES:
+                    data = await self._collect(first, end, limits.max_message_bytes)
+                    if len(data) < INLINE_BELOW:
+                        return wire.decode(data, limits)
+                    return await _offload(wire.decode, data, limits)
+                header = await self._collect(first, end, MAX_STREAM_HEADER)
+                return await self._recv_stream(header, limits)
+            except asyncio.CancelledError:
+                await self._cancelled(taken)
+                raise
+
+    async def _recv_stream(self, header: bytes, limits: Limits) -> wire.Message:
+        try:
+            if len(header) < INLINE_BELOW:
+                msg, field, decoder = _parse_stream_header(header, limits)
+            else:
+                msg, field, decoder = await _offload(_parse_stream_header, header, limits)
+        except ProtocolError:
+            await self._skip(False)
+            raise
+        failure: list[ProtocolError] = []
+
+        def feed(chunk: bytes) -> None:
+            try:
+                decoder.feed_piece(chunk)
+            except ProtocolError as exc:
+                failure.append(exc)  # the rest of the message is read and dropped
+
+        end = False
+        while not end:
+            _, end = await self._recv_record(None if failure else feed)
+        if failure:
+            raise failure[0]
+        return _with_tensors(msg, field, decoder.finish())
+
+    async def _next_message(self) -> tuple[int, bytes, bool]:
+        chunk, end = await self._recv_record()
+        if not chunk or chunk[0] not in _KIND_PREFIX:
+            await self._skip(end)
+            raise UnexpectedMessage(
+                "message without a known kind byte" if chunk else "empty message (no kind byte)"
+            )
+        return chunk[0], chunk[1:], end
+
+    async def _collect(self, first: bytes, end: bool, cap: int) -> bytes:
+        parts, total = [first], len(first)
+        while not end:
+            chunk, end = await self._recv_record()
+            total += len(chunk)
+            if total > cap:
+                await self._break_with(FrameTooLarge(f"message of more than {cap} bytes"))
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _skip(self, end: bool) -> None:
+        """Read and drop records up to the end of the current message."""
+        while not end:
+            _, end = await self._recv_record()
+
+    async def _recv_record(
+        self, process: Callable[[bytes], None] | None = None
+    ) -> tuple[bytes, bool]:
+        """Read and open the next record: ``(chunk, end_of_message)``; ``process`` gets
+        the chunk in the same worker call (one thread hop per record: on two cores, more
+        stages cost more in hand-offs than they gain)."""
+        if self._failure is not None:
+            raise ChannelClosed(f"channel broken earlier: {self._failure}")
+        if self._peer_closed:
+            raise ChannelClosed("the peer closed the channel")
+        if self._closing:
+            raise ChannelClosed("channel closed")
+        if not self._header_received:
+            header = await self._link_recv()
+            try:
+                self._receiver.start(header)
+            except RecordError as exc:
+                await self._break_with(exc)
+            self._header_received = True
+        frame = await self._link_recv()
+        self._records_taken += 1
+        try:
+            if len(frame) < INLINE_BELOW:
+                chunk, end = self._open(frame, process)
+            else:
+                chunk, end = await _offload(self._open, frame, process)
+        except RecordError as exc:
+            await self._break_with(exc)
+        if self._receiver.closed:
+            self._peer_closed = True
+            raise ChannelClosed("the peer closed the channel")
+        return chunk, end
+
+    def _open(self, frame: bytes, process: Callable[[bytes], None] | None) -> tuple[bytes, bool]:
+        chunk, end = self._receiver.open(frame)
+        if process is not None and not self._receiver.closed:
+            process(chunk)
+        return chunk, end
+
+    async def _link_recv(self) -> bytes:
+        try:
+            return await self._link.recv()
+        except ProtocolError as exc:  # e.g. an oversize or text frame from the link
+            await self._break_with(exc)
+        except LinkClosed as exc:
+            if self._closing:
+                raise ChannelClosed("channel closed") from None
+            await self._break_with(
+                ChannelTruncated(
+                    f"the link ended without TAG_FINAL ({exc}): the peer crashed, the "
+                    "connection broke, or the stream was truncated"
+                )
+            )
+
+    async def _cancelled(self, taken: int) -> None:
+        if self._records_taken != taken:  # a message was half read: the stream is lost
+            await self._break(ChannelError("receive cancelled in the middle of a message"))
+
+    # -- closing
+
+    async def _break(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        await self._link.close()
+
+    async def _break_with(self, exc: ProtocolError) -> NoReturn:
+        await self._break(exc)
+        raise exc
+
+    async def close(self) -> None:
+        """Send ``TAG_FINAL`` (within ``close_timeout``) and close the link; idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._failure is None and not self._sender.closed:
+            try:
+                async with asyncio.timeout(self._close_timeout), self._send_lock:
+                    if self._failure is None:
+                        await self._link.send(self._sender.close())
+            except (LinkClosed, ProtocolError, TimeoutError):
+                pass  # the peer will see a truncated stream; nothing more to do here
+        await self._link.close()
+
+
+def _with_tensors(msg: wire.Message, field: str, tensors: wire.Tensors) -> wire.Message:
+    replaced: wire.Message = dataclasses.replace(cast(Any, msg), **{field: tensors})
+    return replaced
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _reject_ext(code: int, data: bytes) -> NoReturn:
+    raise MalformedMessage(f"msgpack ext type {code} in a stream header")
+
+
+_HEADER_KEYS = frozenset(("envelope", "stream"))
+
+
+def _parse_stream_header(
+    data: bytes, limits: Limits
+) -> tuple[wire.Message, str, TensorStreamDecoder]:
+    """Decode and validate a stream header: (message without tensors, field, decoder)."""
+    size = len(data)
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            max_str_len=min(limits.max_str_len, size),
+            max_bin_len=size,
+            max_array_len=min(limits.max_array_len, size),
+            max_map_len=min(limits.max_map_len, size),
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except msgpack.ExtraData:
+        raise MalformedMessage("trailing bytes after the stream header") from None
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MalformedMessage(f"invalid stream header: {exc}") from None
+    if type(obj) is not dict or obj.keys() != _HEADER_KEYS or type(obj["envelope"]) is not bytes:
+        raise MalformedMessage("stream header must be a map {envelope: bin, stream: map}")
+    msg = wire.decode(obj["envelope"], limits)
+    field = TENSOR_FIELDS.get(type(msg))
+    if field is None:
+        raise MalformedMessage(f"a {type(msg).__name__} has no tensors to stream")
+    if getattr(msg, field):
+        raise MalformedMessage(f"streamed {type(msg).__name__} carries tensors in its envelope")
+    return msg, field, TensorStreamDecoder(obj["stream"], limits)

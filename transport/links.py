@@ -1,0 +1,170 @@
+"""Links: ordered, reliable, message-preserving byte pipes between two nodes.
+
+A ``Link`` carries whole frames (one ``send`` is one ``recv`` on the other side) and is
+what the secure channel runs over. Two implementations satisfy the same conformance
+suite: the in-memory pair below (tests, single-process runs) and the WebSocket link in
+``transport.ws``. Links know nothing about encryption: frames are opaque bytes.
+
+Semantics every link follows:
+
+* ``send`` waits while the peer is slow (bounded buffering: back-pressure, never an
+  unbounded queue) and raises ``LinkClosed`` once either side has closed.
+* ``recv`` returns the next frame, or raises ``LinkClosed`` once the peer closed and every
+  frame it sent before closing has been delivered (``LinkTimeout`` when nothing came
+  within the receive time-out; ``FrameTooLarge`` for a frame above the link's cap, after
+  which the link is closed).
+* ``close`` is idempotent; after it, ``send`` and ``recv`` raise ``LinkClosed`` and frames
+  not yet received are dropped.
+"""
+
+# The names are the shared contract (the brief names them), hence no "Error" suffix.
+# ruff: noqa: N818
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Protocol, runtime_checkable
+
+from transport.errors import FrameTooLarge
+
+DEFAULT_MAX_QUEUE = 16  # frames buffered per direction in a memory link
+
+
+class LinkClosed(ConnectionError):
+    """The link is closed (by either side, or because the connection broke)."""
+
+
+class LinkTimeout(LinkClosed):
+    """Nothing arrived within the receive time-out; the link has been closed."""
+
+
+@runtime_checkable
+class Link(Protocol):
+    """A bidirectional frame pipe (see the module docstring for its exact semantics)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv(self) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+class _Pipe:
+    """One direction of a memory link: a bounded FIFO of frames with a closed flag."""
+
+    def __init__(self, max_queue: int) -> None:
+        self._frames: deque[bytes] = deque()
+        self._max = max_queue
+        self._changed = asyncio.Condition()
+        self.writer_closed = False  # no more frames will be put; queued ones still count
+        self.reader_closed = False  # nobody reads any more; puts fail at once
+
+    async def put(self, frame: bytes) -> None:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: len(self._frames) < self._max or self.reader_closed or self.writer_closed
+            )
+            if self.reader_closed or self.writer_closed:
+                raise LinkClosed("link closed")
+            self._frames.append(frame)
+            self._changed.notify_all()
+
+    async def get(self) -> bytes:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: bool(self._frames) or self.writer_closed or self.reader_closed
+            )
+            if self.reader_closed or not self._frames:
+                raise LinkClosed("link closed by peer" if self.writer_closed else "link closed")
+            frame = self._frames.popleft()
+            self._changed.notify_all()
+            return frame
+
+    async def shut(self, *, reader: bool) -> None:
+        async with self._changed:
+            if reader:
+                self.reader_closed = True
+                self._frames.clear()
+            else:
+                self.writer_closed = True
+            self._changed.notify_all()
+
+
+class MemoryLink:
+    """One end of an in-memory link; make a connected pair with ``memory_link_pair``."""
+
+    def __init__(
+        self,
+        outbound: _Pipe,
+        inbound: _Pipe,
+        *,
+        max_frame: int | None,
+        receive_timeout: float | None,
+    ) -> None:
+        self._out = outbound
+        self._in = inbound
+        self._max_frame = max_frame
+        self._receive_timeout = receive_timeout
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._out.reader_closed
+
+    async def send(self, data: bytes) -> None:
+        if self._closed:
+            raise LinkClosed("link closed")
+        # A copy, as a socket would make: the caller may reuse its buffer.
+        await self._out.put(bytes(data))
+
+    async def recv(self) -> bytes:
+        if self._closed:
+            raise LinkClosed("link closed")
+        try:
+            async with asyncio.timeout(self._receive_timeout):
+                frame = await self._in.get()
+        except TimeoutError:
+            await self.close()
+            raise LinkTimeout(f"nothing received for {self._receive_timeout} s") from None
+        except LinkClosed:
+            self._closed = True
+            await self._out.shut(reader=False)
+            raise
+        if self._max_frame is not None and len(frame) > self._max_frame:
+            await self.close()
+            raise FrameTooLarge(f"frame of {len(frame)} bytes, link limit {self._max_frame}")
+        return frame
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._out.shut(reader=False)
+        await self._in.shut(reader=True)
+
+
+def memory_link_pair(
+    *,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_frame: int | None = None,
+    receive_timeout: float | None = None,
+) -> tuple[MemoryLink, MemoryLink]:
+    """Two connected in-memory links (``a.send`` -> ``b.recv`` and back).
+
+    ``max_queue`` frames may wait per direction before ``send`` blocks (back-pressure);
+    ``max_frame`` and ``receive_timeout`` mirror the WebSocket link's caps.
+    """
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+    if max_frame is not None and max_frame < 1:
+        raise ValueError(f"max_frame must be >= 1, got {max_frame}")
+    if receive_timeout is not None and receive_timeout <= 0:
+        raise ValueError(f"receive_timeout must be > 0, got {receive_timeout}")
+    a_to_b, b_to_a = _Pipe(max_queue), _Pipe(max_queue)
+    a = MemoryLink(a_to_b, b_to_a, max_frame=max_frame, receive_timeout=receive_timeout)
+    b = MemoryLink(b_to_a, a_to_b, max_frame=max_frame, receive_timeout=receive_timeout)
+    return a, b

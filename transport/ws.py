@@ -1,0 +1,324 @@
+"""WebSocket links over aiohttp (the only module of ``transport`` that imports aiohttp).
+
+aiohttp's defaults are permissive (REFERENCES.md, "Transport and crypto pitfalls"):
+4 MiB frames, permessage-deflate on server side, no receive time-out. Here every link
+has a frame cap just above one encrypted record, compression off in both directions
+(deflate would leak plaintext sizes and costs CPU on data that does not compress),
+a heartbeat (ping/pong) and a receive time-out longer than the heartbeat, so an idle
+but live link stays up while a dead one is closed. Only binary frames are accepted: a
+text frame closes the link with code 1003.
+
+The server side also bounds what a connection may cost before it is authenticated:
+an HTTP request must arrive within ``idle_timeout`` (connections that send nothing
+are dropped), and at most ``max_connections`` TCP connections are open at once. The
+cap on unauthenticated WebSocket links and the handshake time-out live in the channel
+layer (``transport.channel.Gatekeeper``), which ``on_link`` is expected to call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
+from transport.links import LinkClosed, LinkTimeout
+from transport.records import MAX_RECORD_BYTES
+
+log = logging.getLogger(__name__)
+
+# The largest frame a secure channel sends: one record (a 1 MiB chunk, its flags byte,
+# tag and MAC). Handshake messages and stream headers are far smaller.
+MAX_FRAME = MAX_RECORD_BYTES
+DEFAULT_PATH = "/fedloom"
+DEFAULT_HEARTBEAT_S = 15.0
+DEFAULT_RECEIVE_TIMEOUT_S = 60.0  # > heartbeat: pongs arrive at least every heartbeat
+DEFAULT_IDLE_TIMEOUT_S = 10.0  # a new TCP connection must send its HTTP upgrade by then
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the peer's close frame
+DEFAULT_MAX_CONNECTIONS = 4096
+
+_WebSocket: TypeAlias = "aiohttp.ClientWebSocketResponse[Any] | web.WebSocketResponse[Any]"
+OnLink = Callable[["WebSocketLink"], Awaitable[None]]
+
+
+class WebSocketLink:
+    """A ``Link`` over one WebSocket connection (client or server side)."""
+
+    def __init__(
+        self,
+        ws: _WebSocket,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        peer: str = "",
+    ) -> None:
+        self._ws = ws
+        self._session = session  # owned by a client link, closed with it
+        self.peer = peer
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.closed
+
+    async def send(self, data: bytes) -> None:
+        if self._ws.closed:
+            raise LinkClosed("link closed")
+        try:
+            await self._ws.send_bytes(data)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+            raise LinkClosed(f"send failed: {exc}") from None
+
+    async def recv(self) -> bytes:
+        try:
+            msg = await self._ws.receive()
+        except TimeoutError:
+            await self.close()
+            raise LinkTimeout("receive time-out: nothing arrived, not even a pong") from None
+        kind = msg.type
+        if kind is aiohttp.WSMsgType.BINARY:
+            data: bytes = msg.data
+            return data
+        if kind is aiohttp.WSMsgType.TEXT:
+            await self._close(aiohttp.WSCloseCode.UNSUPPORTED_DATA, b"binary frames only")
+            raise MalformedMessage("text frame on a binary-only link")
+        if kind is aiohttp.WSMsgType.ERROR:
+            exc = msg.data
+            await self.close()
+            if (
+                isinstance(exc, aiohttp.WebSocketError)
+                and exc.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+            ):
+                raise FrameTooLarge(f"frame rejected: {exc}")
+            if isinstance(exc, aiohttp.WebSocketError):
+                raise _WsProtocolError(f"websocket protocol error: {exc}")
+            raise LinkClosed(f"websocket error: {exc}")
+        # CLOSE, CLOSING, CLOSED (PING/PONG are answered inside aiohttp).
+        await self.close()
+        raise LinkClosed("link closed by peer")
+
+    async def close(self) -> None:
+        await self._close(aiohttp.WSCloseCode.OK, b"")
+
+    async def _close(self, code: int, message: bytes) -> None:
+        with contextlib.suppress(Exception):
+            await self._ws.close(code=code, message=message)
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+
+class _WsProtocolError(ProtocolError):
+    """The peer broke the WebSocket framing rules (bad opcode, bad UTF-8 close reason...)."""
+
+    reason = "websocket"
+
+
+async def connect(
+    url: str,
+    *,
+    max_frame: int = MAX_FRAME,
+    heartbeat: float | None = DEFAULT_HEARTBEAT_S,
+    receive_timeout: float | None = DEFAULT_RECEIVE_TIMEOUT_S,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S,
+) -> WebSocketLink:
+    """Open a WebSocket link to ``url`` (``ws://host:port/fedloom``).
+
+    Raises ``LinkClosed`` when the connection cannot be made (refused, time-out, the
+    server answered without upgrading).
+    """
+    _check_options(max_frame, heartbeat, receive_timeout)
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
+    )
+    try:
+        async with asyncio.timeout(connect_timeout):
+            ws = await session.ws_connect(
+                url,
+                max_msg_size=max_frame + 1,  # aiohttp rejects a frame of exactly its cap
+                heartbeat=heartbeat,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=receive_timeout, ws_close=close_timeout),
+                compress=0,  # never offer permessage-deflate
+                autoping=True,
+                decode_text=False,
+            )
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        await session.close()
+        raise LinkClosed(f"cannot connect to {url}: {exc or type(exc).__name__}") from None
+    except BaseException:
+        await session.close()
+        raise
+    return WebSocketLink(ws, session=session, peer=url)
+
+
+class _CappedServer(web.Server):
+    """aiohttp's low-level server, refusing TCP connections beyond ``max_connections``."""
+
+    def __init__(self, *args: Any, max_connections: int | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_connections = max_connections
+        self.open_connections = 0
+        self.refused_connections = 0
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open_connections += 1
+        if self._max_connections is not None and self.open_connections > self._max_connections:
+            self.refused_connections += 1
+            transport.abort()
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self.open_connections -= 1
+        super().connection_lost(handler, exc)
+
+
+class WsServer:
+    """A listening WebSocket server; ``await server.close()`` stops it and its links."""
+
+    def __init__(
+        self,
+        on_link: OnLink,
+        *,
+        path: str,
+        max_frame: int,
+        heartbeat: float | None,
+        receive_timeout: float | None,
+        idle_timeout: float,
+        close_timeout: float,
+        max_connections: int | None,
+    ) -> None:
+        self._on_link = on_link
+        self._close_timeout = close_timeout
+        self._path = path
+        self._max_frame = max_frame
+        self._heartbeat = heartbeat
+        self._receive_timeout = receive_timeout
+        self._links: set[WebSocketLink] = set()
+        self._server = _CappedServer(
+            self._handle,
+            max_connections=max_connections,
+            handler_cancellation=True,  # a dropped connection cancels its on_link
+            keepalive_timeout=idle_timeout,  # also bounds a connection that never sends
+            access_log=None,
+            max_line_size=4096,
+            max_field_size=4096,
+            max_headers=32,
+        )
+        self._runner = web.ServerRunner(self._server, handle_signals=False, shutdown_timeout=1.0)
+        self.host = ""
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}{self._path}"
+
+    @property
+    def open_connections(self) -> int:
+        """TCP connections open now (authenticated or not)."""
+        return self._server.open_connections
+
+    @property
+    def refused_connections(self) -> int:
+        """TCP connections refused so far because ``max_connections`` were open."""
+        return self._server.refused_connections
+
+    async def start(self, host: str, port: int) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        await site.start()
+        address = self._runner.addresses[0]
+        self.host, self.port = str(address[0]), int(address[1])
+
+    async def close(self) -> None:
+        # Concurrently: each close may wait up to close_timeout for the peer's answer.
+        await asyncio.gather(*(link.close() for link in list(self._links)))
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path != self._path:
+            return web.Response(status=404)
+        ws = web.WebSocketResponse(
+            max_msg_size=self._max_frame + 1,  # aiohttp rejects a frame of exactly its cap
+            heartbeat=self._heartbeat,
+            receive_timeout=self._receive_timeout,
+            timeout=self._close_timeout,
+            compress=False,  # never accept permessage-deflate
+            autoping=True,
+            decode_text=False,
+        )
+        if not ws.can_prepare(request).ok:
+            return web.Response(status=426, text="WebSocket upgrade required")
+        await ws.prepare(request)
+        link = WebSocketLink(ws, peer=str(request.remote))
+        self._links.add(link)
+        try:
+            await self._on_link(link)
+        except (ProtocolError, LinkClosed) as exc:
+            log.info("link from %s ended: %s: %s", link.peer, type(exc).__name__, exc)
+        except Exception:  # the server outlives any one link's bug
+            log.exception("link handler for %s failed", link.peer)
+        finally:
+            self._links.discard(link)
+            await link.close()
+        return ws
+
+
+async def serve(
+    host: str,
+    port: int,
+    on_link: OnLink,
+    *,
+    path: str = DEFAULT_PATH,
+    max_frame: int = MAX_FRAME,
+    heartbeat: float | None = DEFAULT_HEARTBEAT_S,
+    receive_timeout: float | None = DEFAULT_RECEIVE_TIMEOUT_S,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S,
+    max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
+) -> WsServer:
+    """Listen on ``host:port`` (0 picks a free port: see ``server.port``/``server.url``).
+
+    Each accepted WebSocket becomes a ``WebSocketLink`` handed to ``await on_link(link)``,
+    which owns it until it returns; the link is closed afterwards. Errors raised by
+    ``on_link`` are logged, never propagated: one bad peer does not stop the server.
+    """
+    _check_options(max_frame, heartbeat, receive_timeout)
+    if idle_timeout <= 0:
+        raise ValueError(f"idle_timeout must be > 0, got {idle_timeout}")
+    if max_connections is not None and max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+    if not path.startswith("/"):
+        raise ValueError(f"path must start with '/', got {path!r}")
+    server = WsServer(
+        on_link,
+        path=path,
+        max_frame=max_frame,
+        heartbeat=heartbeat,
+        receive_timeout=receive_timeout,
+        idle_timeout=idle_timeout,
+        close_timeout=close_timeout,
+        max_connections=max_connections,
+    )
+    await server.start(host, port)
+    return server
+
+
+def _check_options(max_frame: int, heartbeat: float | None, receive_timeout: float | None) -> None:
+    if max_frame < 1:
+        raise ValueError(f"max_frame must be >= 1, got {max_frame}")
+    if heartbeat is not None and heartbeat <= 0:
+        raise ValueError(f"heartbeat must be > 0 or None, got {heartbeat}")
+    if receive_timeout is not None and receive_timeout <= 0:
+        raise ValueError(f"receive_timeout must be > 0 or None, got {receive_timeout}")
+    if heartbeat is not None and receive_timeout is not None and receive_timeout <= heartbeat:
+        raise ValueError(
+            f"receive_timeout ({receive_timeout}) must exceed heartbeat ({heartbeat}): "
+            "an idle link only receives pongs"
+        )
