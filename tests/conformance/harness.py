@@ -257,5 +257,12 @@ class SimFederation:
             self._driver.close()
 
 
+def _async_federation() -> Federation:
+    # Imported late: async_federation imports this module.
+    from tests.conformance.async_federation import AsyncFederation
+
+    return AsyncFederation()
+
+
 # name -> factory; a real-time driver adds itself here.
-DRIVERS: dict[str, Callable[[], Federation]] = {"sim": SimFederation}
+DRIVERS: dict[str, Callable[[], Federation]] = {"sim": SimFederation, "async": _async_federation}

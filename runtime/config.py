@@ -1,0 +1,520 @@
+"""Daemon configuration: one TOML file per node, read strictly.
+
+Example (a hospital site)::
+
+    role = "site"                     # site | region | root | peer
+    node_id = "hospital-a"
+    state_dir = "/var/lib/fedloom"    # durable state (systemd StateDirectory=)
+    seed = 1
+
+    [identity]
+    key = "/run/credentials/fedloom-site.service/identity.key"
+
+    [roster]
+    path = "/etc/fedloom/roster.toml"
+    consortium_key = "<base64 public key>"   # or consortium_key_file = "consortium.pub"
+
+    [parent]                          # sites and regions dial their parent
+    id = "region-eu"
+    url = "ws://region-eu.example.org:7443/fedloom"
+
+    [plan]                            # the training plan: a built-in workload ...
+    dataset = "breast_cancer"
+    model = "softmax"
+    n_sites = 6                       # ... with this node's share of the data
+    site_index = 0
+    seed = 1
+    # factory = "mypkg.train:make_client"   # ... or any TrainingPlan / NumPyClient factory
+    # [plan.args]                            # keyword arguments for the factory
+
+    [training]                        # lr, local_steps, batch_size, mu
+    [aggregation]                     # aggregators: algorithm + sim.scenario AlgorithmConfig
+    [codec]                           # up, down, topk_fraction
+    [connection]                      # keepalive_s, down_after_s, backoff_base_s, backoff_cap_s
+    [metrics]                         # port (0 = off), host
+    [executor]                        # kind = "thread" | "process", workers
+
+Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``; gossip
+peers have ``[[peers]]`` (id, url optional, weight optional) and may listen. Relative paths
+are relative to the config file. Every mistake raises ``ConfigError`` naming the field
+and what to write instead; unknown fields are refused with a did-you-mean hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sim.config_reader import ConfigError, Table
+from sim.scenario import ALGORITHMS, AlgorithmConfig, CodecConfig, TrainingConfig
+from sim.scenario import _algorithm as _read_algorithm
+from sim.scenario import _codec as _read_codec
+from sim.scenario import _training as _read_training
+from sim.workloads import DATASET_NAMES
+from transport.identity import IdentityError, check_node_id, parse_key
+
+ROLES = ("site", "region", "root", "peer")
+AGGREGATORS = ("region", "root")
+EXECUTORS = ("thread", "process")
+_WORKLOAD_KEYS = frozenset(
+    (
+        "dataset",
+        "model",
+        "hidden",
+        "n_sites",
+        "seed",
+        "eval_sites",
+        "cache_size",
+        "alpha",
+        "beta",
+        "iid",
+        "samples_per_site",
+        "max_samples_per_site",
+        "dirichlet_alpha",
+        "test_fraction",
+        "min_samples_per_site",
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A neighbour: its roster id and, when it accepts connections, its URL."""
+
+    id: str
+    url: str | None = None
+    weight: float | None = None  # gossip mixing weight (None: the daemon decides)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanConfig:
+    """The training plan: a built-in workload (``workload``: the ``sim.workloads`` table,
+    ``site_index``: this node's share) or ``factory`` ("module:callable") with ``args``."""
+
+    workload: Mapping[str, Any] | None = None
+    site_index: int | None = None
+    factory: str | None = None
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    keepalive_s: float = 10.0
+    down_after_s: float = 45.0
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    kind: str = "thread"
+    workers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """A validated daemon configuration (see the module docstring)."""
+
+    role: str
+    node_id: str
+    state_dir: Path
+    identity_key: Path
+    roster_path: Path
+    # The trusted consortium public key: given inline, or read from consortium_key_file
+    # (read when the files are checked; see ``read_consortium_key``).
+    consortium_key: bytes | None
+    consortium_key_file: Path | None = None
+    seed: int = 0
+    listen: tuple[str, int] | None = None
+    parent: Endpoint | None = None
+    children: tuple[str, ...] = ()
+    peers: tuple[Endpoint, ...] = ()
+    plan: PlanConfig | None = None
+    training: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(lr=0.05, local_steps=5, batch_size=10, mu=0.0)
+    )
+    algorithm: str = "fedbuff"
+    aggregation: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    codec: CodecConfig = field(
+        default_factory=lambda: CodecConfig(up="fp32", down="fp32", topk_fraction=0.01)
+    )
+    connection: ConnectionConfig = field(default_factory=ConnectionConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: no metrics endpoint
+    source: Path | None = None
+
+    @property
+    def is_aggregator(self) -> bool:
+        return self.role in AGGREGATORS
+
+    def read_consortium_key(self) -> bytes:
+        """The consortium public key (reading ``consortium_key_file`` if that is how it
+        was given); ``ConfigError`` naming the field when it cannot be read."""
+        if self.consortium_key is not None:
+            return self.consortium_key
+        assert self.consortium_key_file is not None
+        return _read_key_file(self.consortium_key_file)
+
+
+def load_config(path: str | Path, *, check_files: bool = True) -> DaemonConfig:
+    """Read and validate a daemon config file (``ConfigError`` on any mistake)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read the config file ({exc})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(raw, base_dir=p.parent, check_files=check_files, source=p)
+
+
+def parse_config(
+    raw: Mapping[str, Any],
+    *,
+    base_dir: Path | None = None,
+    check_files: bool = False,
+    source: Path | None = None,
+) -> DaemonConfig:
+    """Validate a parsed TOML document; relative paths are resolved against ``base_dir``."""
+    base = base_dir if base_dir is not None else Path.cwd()
+    t = Table(raw, "")
+    role = t.text("role", choices=ROLES)
+    node_id = _node_id(t)
+    seed = t.integer("seed", 0, min=0)
+    state_dir = _path(t, "state_dir", base)
+
+    ident = t.table("identity")
+    if not t.has("identity"):
+        raise ConfigError(
+            "identity.key: required field is missing (create a key with "
+            f"`fedloom keygen --id {node_id} --role {role} --out DIR`)"
+        )
+    identity_key = _path(ident, "key", base)
+    ident.finish()
+
+    roster_t = t.table("roster")
+    if not t.has("roster"):
+        raise ConfigError(
+            "roster.path: required field is missing (the consortium's signed roster file)"
+        )
+    roster_path = _path(roster_t, "path", base)
+    consortium_key, consortium_key_file = _consortium_key(roster_t, base)
+    roster_t.finish()
+
+    listen = _listen(t) if t.has("listen") else None
+    t.table("listen")  # mark seen even when absent
+    parent = _endpoint(t.table("parent"), url_required=True) if t.has("parent") else None
+    children = tuple(_ids(t, "children"))
+    peers = tuple(_peers(t, node_id))
+    plan = _plan(t.table("plan")) if t.has("plan") else None
+    training = _read_training(t.table("training"))
+    algorithm, aggregation = _aggregation(t.table("aggregation"))
+    codec = _read_codec(t.table("codec"))
+    connection = _connection(t.table("connection"))
+    executor = _executor(t.table("executor"))
+    metrics = t.table("metrics")
+    metrics_host = metrics.text("host", "127.0.0.1")
+    metrics_port = metrics.integer("port", 0, min=0, max=65535)
+    metrics.finish()
+    t.finish()
+
+    cfg = DaemonConfig(
+        role=role,
+        node_id=node_id,
+        state_dir=state_dir,
+        identity_key=identity_key,
+        roster_path=roster_path,
+        consortium_key=consortium_key,
+        consortium_key_file=consortium_key_file,
+        seed=seed,
+        listen=listen,
+        parent=parent,
+        children=children,
+        peers=peers,
+        plan=plan,
+        training=training,
+        algorithm=algorithm,
+        aggregation=aggregation,
+        codec=codec,
+        connection=connection,
+        executor=executor,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        source=source,
+    )
+    _check_role(cfg)
+    if check_files:
+        _check_files(cfg)
+        cfg = dataclasses.replace(cfg, consortium_key=cfg.read_consortium_key())
+    return cfg
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _node_id(t: Table) -> str:
+    value = t.text("node_id")
+    try:
+        return check_node_id(value)
+    except IdentityError as exc:
+        raise ConfigError(f"node_id: {exc}") from None
+
+
+def _path(t: Table, key: str, base: Path) -> Path:
+    value = t.text(key)
+    if not value.strip():
+        raise ConfigError(f"{t.where(key)}: expected a path, got an empty string")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _consortium_key(t: Table, base: Path) -> tuple[bytes | None, Path | None]:
+    given = [k for k in ("consortium_key", "consortium_key_file") if t.has(k)]
+    if len(given) != 1:
+        which = "both" if given else "neither"
+        raise ConfigError(
+            f"{t.where('consortium_key')}: give the consortium public key once, either as "
+            f'consortium_key = "<base64>" or consortium_key_file = "PATH" (found {which})'
+        )
+    if given[0] == "consortium_key_file":
+        return None, _path(t, "consortium_key_file", base)
+    try:
+        return parse_key(t.text("consortium_key"), t.where("consortium_key")), None
+    except IdentityError as exc:
+        raise ConfigError(f"{exc} (the consortium's 32-byte Ed25519 public key)") from None
+
+
+def _read_key_file(path: Path) -> bytes:
+    where = f"roster.consortium_key_file ({path})"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read ({exc})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if len(lines) != 1:
+        raise ConfigError(f"{where}: expected one line holding the base64 public key")
+    try:
+        return parse_key(lines[0].split()[-1], where)  # a keygen .pub line: "<id> <role> <key>"
+    except IdentityError as exc:
+        raise ConfigError(f"{exc} (the consortium's 32-byte Ed25519 public key)") from None
+
+
+def _listen(t: Table) -> tuple[str, int]:
+    lt = t.table("listen")
+    host = lt.text("host", "0.0.0.0")
+    port = lt.integer("port", min=0, max=65535)
+    lt.finish()
+    return host, port
+
+
+def _check_url(t: Table, key: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConfigError(
+            f"{t.where(key)}: expected a WebSocket URL like ws://host:port/fedloom, got {url!r}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"{t.where(key)}: bad port in {url!r}") from None
+    return url
+
+
+def _endpoint(t: Table, *, url_required: bool) -> Endpoint:
+    node = t.text("id")
+    try:
+        check_node_id(node)
+    except IdentityError as exc:
+        raise ConfigError(f"{t.where('id')}: {exc}") from None
+    url = t.text("url") if url_required else t.text("url", None)
+    if url is not None:
+        _check_url(t, "url", url)
+    weight = t.number("weight", None, min=0.0, exclusive_min=True)
+    t.finish()
+    return Endpoint(node, url, weight)
+
+
+def _ids(t: Table, key: str) -> list[str]:
+    values = t.array(key, [])
+    for i, v in enumerate(values):
+        try:
+            check_node_id(v)
+        except IdentityError as exc:
+            raise ConfigError(f"{t.where(key)}[{i}]: {exc}") from None
+    if len(set(values)) != len(values):
+        dup = next(v for v in values if values.count(v) > 1)
+        raise ConfigError(f"{t.where(key)}: {dup!r} is listed twice")
+    return list(values)
+
+
+def _peers(t: Table, node_id: str) -> list[Endpoint]:
+    out: list[Endpoint] = []
+    for i, raw in enumerate(t.array("peers", [])):
+        out.append(_endpoint(Table(raw, f"peers[{i}]"), url_required=False))
+    ids = [p.id for p in out]
+    if node_id in ids:
+        raise ConfigError(f"peers[{ids.index(node_id)}].id: a node cannot be its own peer")
+    if len(set(ids)) != len(ids):
+        dup = next(v for v in ids if ids.count(v) > 1)
+        raise ConfigError(f"peers: {dup!r} is listed twice")
+    return out
+
+
+def _plan(t: Table) -> PlanConfig:
+    if t.has("factory"):
+        factory = t.text("factory")
+        module, sep, attr = factory.partition(":")
+        if not sep or not module or not attr:
+            raise ConfigError(
+                f'{t.where("factory")}: expected "module:callable" '
+                f'(e.g. "mypkg.train:make_client"), got {factory!r}'
+            )
+        args = dict(t.table("args")._data)
+        clash = sorted(k for k in t._data if k in _WORKLOAD_KEYS or k == "site_index")
+        if clash:
+            raise ConfigError(
+                f"{t.where(clash[0])}: a plan with a factory takes its settings from "
+                "plan.args; remove this field or the factory"
+            )
+        t.finish()
+        return PlanConfig(factory=factory, args=args)
+    if not t.has("dataset"):
+        raise ConfigError(
+            f"{t.where('dataset')}: required field is missing: give a built-in data set "
+            f'({", ".join(DATASET_NAMES)}) or factory = "module:callable"'
+        )
+    t.text("dataset", choices=DATASET_NAMES)
+    n_sites = t.integer("n_sites", min=1)
+    site_index = t.integer("site_index", None, min=0)
+    if site_index is not None and site_index >= n_sites:
+        raise ConfigError(
+            f"{t.where('site_index')}: {site_index} is out of range for n_sites = {n_sites} "
+            f"(use 0 .. {n_sites - 1})"
+        )
+    workload = {k: t.raw(k) for k in t._data if k in _WORKLOAD_KEYS}
+    t.finish()
+    # The workload reader checks types, ranges and dataset-specific fields.
+    from sim.workloads import from_config
+
+    try:
+        from_config(workload)
+    except ValueError as exc:
+        raise ConfigError(f"{t.where('')[:-1] or 'plan'}.{exc}") from None
+    return PlanConfig(workload=workload, site_index=site_index)
+
+
+def _aggregation(t: Table) -> tuple[str, AlgorithmConfig]:
+    algorithm = t.text("algorithm", "fedbuff", choices=ALGORITHMS)
+    params = {k: v for k, v in t._data.items() if k != "algorithm"}
+    return algorithm, _read_algorithm(Table(params, t.where("").rstrip(".")))
+
+
+def _connection(t: Table) -> ConnectionConfig:
+    d = ConnectionConfig()
+    cfg = ConnectionConfig(
+        keepalive_s=t.number("keepalive_s", d.keepalive_s, min=0.0, exclusive_min=True),
+        down_after_s=t.number("down_after_s", d.down_after_s, min=0.0, exclusive_min=True),
+        backoff_base_s=t.number("backoff_base_s", d.backoff_base_s, min=0.0, exclusive_min=True),
+        backoff_cap_s=t.number("backoff_cap_s", d.backoff_cap_s, min=0.0, exclusive_min=True),
+    )
+    if cfg.down_after_s <= cfg.keepalive_s:
+        raise ConfigError(
+            f"{t.where('down_after_s')}: must exceed keepalive_s ({cfg.keepalive_s}); "
+            "an idle but live peer only sends keep-alives (3-5x keepalive_s is typical)"
+        )
+    if cfg.backoff_cap_s < cfg.backoff_base_s:
+        raise ConfigError(
+            f"{t.where('backoff_cap_s')}: must be >= backoff_base_s ({cfg.backoff_base_s})"
+        )
+    t.finish()
+    return cfg
+
+
+def _executor(t: Table) -> ExecutorConfig:
+    cfg = ExecutorConfig(
+        kind=t.text("kind", "thread", choices=EXECUTORS),
+        workers=t.integer("workers", 1, min=1, max=256),
+    )
+    t.finish()
+    return cfg
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_role(cfg: DaemonConfig) -> None:
+    role = cfg.role
+    if role in ("site", "region") and cfg.parent is None:
+        raise ConfigError(
+            f'parent: required for a {role}: add [parent] with id = "..." and '
+            'url = "ws://host:port/fedloom"'
+        )
+    if role in ("root", "peer") and cfg.parent is not None:
+        raise ConfigError(f"parent: a {role} has no parent; remove the [parent] table")
+    if role == "site" and cfg.listen is not None:
+        raise ConfigError(
+            "listen: sites only dial out (hospital firewalls); remove the [listen] table"
+        )
+    if role in AGGREGATORS:
+        if cfg.listen is None:
+            raise ConfigError(
+                f"listen: required for a {role}: add [listen] with port = N (and host)"
+            )
+        if not cfg.children:
+            raise ConfigError(
+                f"children: required for a {role}: list the ids of the nodes it aggregates"
+            )
+        if cfg.node_id in cfg.children:
+            raise ConfigError("children: a node cannot be its own child")
+    elif cfg.children:
+        raise ConfigError(f"children: only aggregators have children; remove it for a {role}")
+    if role == "peer":
+        if not cfg.peers:
+            raise ConfigError("peers: a gossip peer needs at least one [[peers]] entry")
+        if cfg.listen is None and all(p.url is None for p in cfg.peers):
+            raise ConfigError(
+                "peers: this peer does not listen and no peer has a url: nobody can connect; "
+                "add [listen] or a url to a peer"
+            )
+    elif cfg.peers:
+        raise ConfigError(f"peers: only gossip peers have [[peers]]; remove them for a {role}")
+    if role in ("site", "peer", "root") and cfg.plan is None:
+        what = "train" if role != "root" else "build the initial model"
+        raise ConfigError(
+            f"plan: a {role} needs a training plan to {what}: add [plan] with dataset = ... "
+            'or factory = "module:callable"'
+        )
+    plan = cfg.plan
+    if (
+        plan is not None
+        and plan.workload is not None
+        and role in ("site", "peer")
+        and plan.site_index is None
+    ):
+        raise ConfigError(
+            f"plan.site_index: required for a {role} using a built-in data set "
+            "(which share of the data this node holds, 0 .. n_sites-1)"
+        )
+
+
+def _check_files(cfg: DaemonConfig) -> None:
+    if not cfg.identity_key.is_file():
+        raise ConfigError(
+            f"identity.key: {cfg.identity_key} not found (create it with `fedloom keygen "
+            f"--id {cfg.node_id} --role {cfg.role} --out DIR`)"
+        )
+    if not cfg.roster_path.is_file():
+        raise ConfigError(
+            f"roster.path: {cfg.roster_path} not found (the consortium signs it with "
+            "`fedloom roster sign`)"
+        )

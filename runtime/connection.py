@@ -1,0 +1,309 @@
+"""One connection to one peer: wire messages over a link, keep-alives, progress time-outs.
+
+A ``Connection`` owns a ``MessagePipe`` (whole wire messages in and out) and runs three
+jobs for it in one ``TaskGroup``:
+
+* the reader: decodes what arrives and hands it to ``deliver``; bad bytes from the peer
+  (any ``ProtocolError``) end the connection with the reason logged;
+* the writer: drains a per-connection send queue in order; when it has had nothing to
+  send for ``keepalive_s`` it sends a keep-alive (a ``Heartbeat`` with ``step = -1``,
+  swallowed by the receiving connection, never shown to the node);
+* the watchdog: the connection is declared dead when *nothing* arrived (no frame of any
+  message, no keep-alive) for ``down_after_s``. Progress is counted per frame, so a
+  100 MB model crawling over a slow uplink keeps its connection alive as long as bytes
+  move, while a silent peer is dropped after ``down_after_s``: no fixed transfer deadline.
+
+``abort(reason)`` (synchronous) closes the connection from outside; ``is_open()`` turns
+false at once, which is what the driver uses to drop messages of a dead connection still
+waiting in its inbox. Sending never blocks the node: ``send`` queues, and a peer that lets
+``max_queue`` messages pile up is disconnected (the protocols resend after ``PeerUp``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from sim.network import CodecPolicy
+from transport import wire
+from transport.channel import TENSOR_FIELDS, ChannelTruncated, SecureChannel
+from transport.errors import ProtocolError
+from transport.limits import Limits
+from transport.links import Link, LinkClosed
+from transport.wire import Heartbeat, Message
+
+log = logging.getLogger("fedloom.runtime.connection")
+
+KEEPALIVE_STEP = -1  # Heartbeat.step of a connection-level keep-alive
+OFFLOAD_ABOVE = 64 * 1024  # tensor bytes above which encoding/decoding runs in a thread
+DEFAULT_MAX_QUEUE = 256
+
+
+class ProgressLink:
+    """A ``Link`` wrapper that stamps the (monotonic) time of every frame received."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.last_progress = time.monotonic()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.link.closed
+
+    async def send(self, data: bytes) -> None:
+        await self.link.send(data)
+        self.bytes_out += len(data)
+
+    async def recv(self) -> bytes:
+        frame = await self.link.recv()
+        self.last_progress = time.monotonic()
+        self.bytes_in += len(frame)
+        return frame
+
+    async def close(self) -> None:
+        await self.link.close()
+
+
+class MessagePipe(Protocol):
+    """Whole wire messages over one link; ``progress`` is the link it runs on."""
+
+    @property
+    def progress(self) -> ProgressLink: ...
+
+    async def send(self, msg: Message) -> None: ...
+
+    async def recv(self) -> Message:
+        """The next message; ``ProtocolError`` for bad bytes, ``LinkClosed`` at the end."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def tensor_bytes(msg: Message) -> int:
+    """Bytes of the tensor field of ``msg`` (0 for control messages)."""
+    field = TENSOR_FIELDS.get(type(msg))
+    if field is None:
+        return 0
+    return sum(int(np.asarray(v).nbytes) for v in getattr(msg, field).values())
+
+
+class WirePipe:
+    """Plain (unencrypted) wire envelopes over a link: in-process runs and tests."""
+
+    def __init__(
+        self, link: Link, *, codecs: CodecPolicy | None = None, limits: Limits | None = None
+    ) -> None:
+        self._progress = link if isinstance(link, ProgressLink) else ProgressLink(link)
+        self._codecs = codecs if codecs is not None else CodecPolicy()
+        self._limits = limits if limits is not None else Limits()
+
+    @property
+    def progress(self) -> ProgressLink:
+        return self._progress
+
+    async def send(self, msg: Message) -> None:
+        spec = self._codecs.spec_for(msg)
+        if tensor_bytes(msg) > OFFLOAD_ABOVE:
+            data = await asyncio.to_thread(wire.encode, msg, spec)
+        else:
+            data = wire.encode(msg, spec)
+        await self._progress.send(data)
+
+    async def recv(self) -> Message:
+        data = await self._progress.recv()
+        if len(data) > OFFLOAD_ABOVE:
+            return await asyncio.to_thread(wire.decode, data, self._limits)
+        return wire.decode(data, self._limits)
+
+    async def close(self) -> None:
+        await self._progress.close()
+
+
+class ChannelPipe:
+    """Wire messages over an authenticated, encrypted ``SecureChannel``.
+
+    ``progress`` must be the ``ProgressLink`` the channel was built on, so that every
+    record counts as progress (a large message is many records).
+    """
+
+    def __init__(
+        self,
+        channel: SecureChannel,
+        progress: ProgressLink,
+        *,
+        codecs: CodecPolicy | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.channel = channel
+        self._progress = progress
+        self._codecs = codecs if codecs is not None else CodecPolicy()
+        self._limits = limits
+
+    @property
+    def progress(self) -> ProgressLink:
+        return self._progress
+
+    async def send(self, msg: Message) -> None:
+        await self.channel.send_tensors(msg, self._codecs.spec_for(msg))
+
+    async def recv(self) -> Message:
+        return await self.channel.recv_tensors(self._limits)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def check_timeouts(keepalive_s: float | None, down_after_s: float | None, max_queue: int) -> None:
+    """Raise ``ValueError`` for connection settings that cannot work."""
+    if keepalive_s is not None and not keepalive_s > 0:
+        raise ValueError(f"keepalive_s must be > 0 or None, got {keepalive_s}")
+    if down_after_s is not None and not down_after_s > 0:
+        raise ValueError(f"down_after_s must be > 0 or None, got {down_after_s}")
+    if keepalive_s is not None and down_after_s is not None and down_after_s <= keepalive_s:
+        raise ValueError(
+            f"down_after_s ({down_after_s}) must exceed keepalive_s ({keepalive_s}): "
+            "an idle but live peer only sends keep-alives"
+        )
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+
+
+class _Ended(Exception):  # noqa: N818 - internal signal, not an error
+    """Raised inside a connection's task group to end it; carries the reason."""
+
+
+Deliver = Callable[["Connection", Message], Awaitable[None]]
+
+
+class Connection:
+    """Reader, writer, keep-alive and progress watchdog for one peer (see module doc)."""
+
+    def __init__(
+        self,
+        peer: str,
+        pipe: MessagePipe,
+        *,
+        local_id: str,
+        keepalive_s: float | None = None,
+        down_after_s: float | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ) -> None:
+        check_timeouts(keepalive_s, down_after_s, max_queue)
+        self.peer = peer
+        self.pipe = pipe
+        self.local_id = local_id
+        self.keepalive_s = keepalive_s
+        self.down_after_s = down_after_s
+        self.max_queue = max_queue
+        self.reason: str | None = None  # why it ended (None while open)
+        self.messages_in = 0
+        self.messages_out = 0
+        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._stop = asyncio.Event()
+
+    def is_open(self) -> bool:
+        return self.reason is None
+
+    def send(self, msg: Message) -> bool:
+        """Queue ``msg``; False if the connection is closed (or just closed for overflow)."""
+        if self.reason is not None:
+            return False
+        if self._queue.qsize() >= self.max_queue:
+            self.abort(f"send queue overflow ({self.max_queue} messages waiting)")
+            return False
+        self._queue.put_nowait(msg)
+        return True
+
+    def abort(self, reason: str) -> None:
+        """Close from outside (synchronous): stops delivering at once, tears down soon."""
+        if self.reason is None:
+            self.reason = reason
+        self._stop.set()
+
+    async def run(self, deliver: Deliver) -> str:
+        """Run until the link ends, the peer misbehaves, or ``abort``; return the reason.
+
+        A job that ends the connection records why and sets the stop event; it does not
+        raise, so the task group never cancels this task on its own (which would blur a
+        real cancellation of ``run`` with the connection ending by itself).
+        """
+        try:
+            async with asyncio.TaskGroup() as tg:
+                jobs = [
+                    tg.create_task(self._until_ended(self._reader, deliver)),
+                    tg.create_task(self._until_ended(self._writer)),
+                ]
+                if self.down_after_s is not None:
+                    watchdog = self._until_ended(self._watchdog, self.down_after_s)
+                    jobs.append(tg.create_task(watchdog))
+                await self._stop.wait()
+                for job in jobs:
+                    job.cancel()
+        finally:
+            if self.reason is None:
+                self.reason = "cancelled"
+            self._stop.set()
+            await self.pipe.close()
+        return self.reason
+
+    async def _until_ended(self, job: Callable[..., Awaitable[None]], *args: Any) -> None:
+        try:
+            await job(*args)
+        except _Ended as exc:
+            self.abort(str(exc))
+
+    async def _reader(self, deliver: Deliver) -> None:
+        while True:
+            try:
+                msg = await self.pipe.recv()
+            except ChannelTruncated as exc:  # a crash or a broken connection, not bad bytes
+                raise _Ended(f"connection lost: {exc}") from None
+            except ProtocolError as exc:
+                reason = getattr(exc, "reason", type(exc).__name__)
+                log.warning(
+                    "closing the connection to %s: bad bytes (%s): %s",
+                    self.peer,
+                    reason,
+                    exc,
+                    extra={"peer": self.peer, "reason": reason},
+                )
+                raise _Ended(f"bad bytes from the peer ({reason}): {exc}") from None
+            except LinkClosed as exc:
+                raise _Ended(f"link closed: {exc}") from None
+            if type(msg) is Heartbeat and msg.step == KEEPALIVE_STEP:
+                continue
+            if self.reason is not None:
+                return
+            self.messages_in += 1
+            await deliver(self, msg)
+
+    async def _writer(self) -> None:
+        keepalive = self.keepalive_s
+        while True:
+            msg: Message
+            try:
+                async with asyncio.timeout(keepalive):
+                    msg = await self._queue.get()
+            except TimeoutError:
+                msg = Heartbeat(self.local_id, KEEPALIVE_STEP)
+            else:
+                self.messages_out += 1
+            try:
+                await self.pipe.send(msg)
+            except LinkClosed as exc:
+                raise _Ended(f"link closed while sending: {exc}") from None
+
+    async def _watchdog(self, down_after_s: float) -> None:
+        progress = self.pipe.progress
+        while True:
+            idle = time.monotonic() - progress.last_progress
+            if idle >= down_after_s:
+                raise _Ended(f"nothing received for {idle:.1f} s (limit {down_after_s} s)")
+            await asyncio.sleep(down_after_s - idle)

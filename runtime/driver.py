@@ -1,0 +1,387 @@
+"""The asyncio driver: runs one sans-I/O node on the real clock.
+
+It is the runtime's half of the two-driver design (DESIGN.md); ``sim/driver.py`` is the
+other. One task reads one inbox of events and calls ``node.handle(event, now)`` with
+``now = clock()`` (``loop.time()`` by default), then carries out the effects in order:
+
+* ``Persist`` -> the store's ``apply_many`` in a thread. All consecutive ``Persist``
+  effects are committed as one batch, and the batch is durable before any effect that
+  follows it is carried out (so an ``Ack`` never precedes the record it acknowledges);
+* ``Send``    -> ``peers.send(peer, msg)`` (queued on the peer's connection, which
+  encodes it, in a thread when large; dropped when the peer is not connected);
+* ``Train``   -> the trainer runs in ``executor``; the job posts ``TrainDone`` or, when
+  it raises, ``TrainFailed(job, reason)`` (logged with the traceback);
+* ``Metric``  -> the ``metrics`` sink; ``Log`` -> the ``logging`` module, structured;
+* deadlines   -> after every ``handle`` the node's ``next_deadline()`` becomes the one
+  time-out (``asyncio.timeout_at``) on the wait for the next event; a due deadline is
+  handled before further inbox events, so a busy inbox cannot starve it.
+
+Structured concurrency: the peer set and every training job are tasks of one
+``TaskGroup``; ``stop()`` ends ``run()``, which cancels them (a job already running in
+a worker thread finishes there, its result is discarded). A bug in the node (an
+exception out of ``handle``) ends ``run()`` with that exception.
+
+``clock`` and ``time_scale`` let a federation run on a sped-up clock: node time advances
+``time_scale`` seconds per second of ``loop.time()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from algorithms.protocol import (
+    Deadline,
+    Effect,
+    Event,
+    Log,
+    Metric,
+    Node,
+    Persist,
+    Send,
+    Train,
+    TrainDone,
+    TrainFailed,
+    TrainResult,
+    Weights,
+)
+from runtime.peers import PeerSet, Valid
+from sim.executors import Trainer
+from sim.kernel import derived_seed
+
+node_log = logging.getLogger("fedloom.node")
+log = logging.getLogger("fedloom.runtime.driver")
+
+MetricSink = Callable[[Metric], None]
+DEFAULT_MAX_INBOX = 1024
+# A node whose deadline keeps firing without moving on is stuck (a bug, not a load spike).
+_MAX_STUCK_DEADLINES = 1_000
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+class Store(Protocol):
+    """Durable state: ``runtime.store.StateStore`` (tests may use an in-memory one)."""
+
+    def apply_many(self, items: Sequence[Persist]) -> None:
+        """Make every item durable, in order, before returning."""
+        ...
+
+
+@dataclass(slots=True)
+class DriverStats:
+    """What the driver did (counters, updated in place)."""
+
+    events: int = 0  # node.handle calls
+    stale_events: int = 0  # messages dropped because their connection had gone
+    deadlines: int = 0
+    sends: int = 0
+    sends_dropped: int = 0  # the peer was not connected
+    persists: int = 0
+    commits: int = 0  # store batches
+    jobs_started: int = 0
+    jobs_done: int = 0
+    jobs_failed: int = 0
+
+
+class _Stop:
+    """Inbox sentinel that ends ``run``."""
+
+
+_STOP = _Stop()
+
+
+class AsyncDriver:
+    """Runs ``node`` on an asyncio loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        peers: PeerSet,
+        trainer: Trainer | None = None,
+        executor: cf.Executor | None = None,
+        store: Store | None = None,
+        clock: Callable[[], float] | None = None,
+        time_scale: float = 1.0,
+        metrics: MetricSink | None = None,
+        seed: int = 0,
+        max_inbox: int = DEFAULT_MAX_INBOX,
+    ) -> None:
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+        if max_inbox < 1:
+            raise ValueError(f"max_inbox must be >= 1, got {max_inbox}")
+        self.node = node
+        self.node_id = node.node_id
+        self.peers = peers
+        self.trainer = trainer
+        self.store = store
+        self.metrics = metrics
+        self.seed = seed
+        self.time_scale = float(time_scale)
+        self.max_inbox = max_inbox
+        self.stats = DriverStats()
+        self._clock = clock
+        self._executor = executor
+        self._own_executor: cf.ThreadPoolExecutor | None = None
+        self._store_pool: cf.ThreadPoolExecutor | None = None
+        self._inbox: asyncio.Queue[tuple[Event | _Stop, Valid | None]] = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._jobs: dict[int, asyncio.Task[None]] = {}
+        self._deadline_at: float | None = None  # loop time of the node's next deadline
+        self._last_wanted: float | None = None
+        self._stuck = 0
+        self._last_now = float("-inf")
+        self._running = False
+        self._stopping = False
+
+    # ------------------------------------------------------------------ public API
+
+    def now(self) -> float:
+        """The node's clock now (``loop.time()`` unless a clock was given)."""
+        if self._clock is not None:
+            return self._clock()
+        return asyncio.get_running_loop().time()
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def post_nowait(self, event: Event, valid: Valid | None = None) -> None:
+        """Queue ``event``; if ``valid`` is given it is checked when the event comes up,
+        and the event is dropped when it returns False (its connection has gone)."""
+        self._inbox.put_nowait((event, valid))
+
+    async def post(self, event: Event, valid: Valid | None = None) -> None:
+        """Queue ``event``, waiting while ``max_inbox`` events are already waiting."""
+        while self._inbox.qsize() >= self.max_inbox and not self._stopping:
+            self._room.clear()
+            await self._room.wait()
+        self._inbox.put_nowait((event, valid))
+
+    def stop(self) -> None:
+        """Make ``run()`` return soon (training jobs and connections are cancelled)."""
+        if not self._stopping:
+            self._stopping = True
+            self._room.set()
+            self._inbox.put_nowait((_STOP, None))
+
+    async def run(self) -> None:
+        """Drive the node until ``stop()``; re-raises a bug in the node or peer set."""
+        if self._running:
+            raise RuntimeError(f"{self.node_id}: driver is already running")
+        self._running = True
+        self._store_pool = cf.ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.node_id}")
+        if self._executor is None and self.trainer is not None:
+            self._own_executor = cf.ThreadPoolExecutor(
+                1, thread_name_prefix=f"train-{self.node_id}"
+            )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                peers = tg.create_task(self.peers.run(self), name=f"peers {self.node_id}")
+                try:
+                    await self._serve()
+                finally:
+                    peers.cancel()
+                    for job in list(self._jobs.values()):
+                        job.cancel()
+        finally:
+            self._tg = None
+            self._running = False
+            self._store_pool.shutdown(wait=False)
+            if self._own_executor is not None:
+                self._own_executor.shutdown(wait=False, cancel_futures=True)
+                self._own_executor = None
+
+    # ------------------------------------------------------------------- internals
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._refresh_deadline(loop)
+        inbox = self._inbox
+        while not self._stopping:
+            event: Event | _Stop
+            due = self._deadline_at
+            if due is not None and loop.time() >= due:
+                event = Deadline()
+            else:
+                try:
+                    async with asyncio.timeout_at(due):
+                        event, valid = await inbox.get()
+                except TimeoutError:
+                    event = Deadline()
+                else:
+                    if not self._room.is_set() and inbox.qsize() < self.max_inbox:
+                        self._room.set()
+                    if valid is not None and not valid():
+                        self.stats.stale_events += 1
+                        continue
+            if isinstance(event, _Stop):
+                break
+            await self._dispatch(event, loop)
+
+    async def _dispatch(self, event: Event, loop: asyncio.AbstractEventLoop) -> None:
+        now = self.now()
+        if now < self._last_now:
+            now = self._last_now  # handle() sees a clock that never goes back
+        self._last_now = now
+        self.stats.events += 1
+        is_deadline = type(event) is Deadline
+        if is_deadline:
+            self.stats.deadlines += 1
+        try:
+            effects = self.node.handle(event, now)
+        except Exception as exc:
+            exc.add_note(f"while {self.node_id} handled {type(event).__name__} at t={now!r}")
+            raise
+        if effects:
+            await self._carry_out(effects)
+        self._refresh_deadline(loop, now if is_deadline else None)
+
+    async def _carry_out(self, effects: list[Effect]) -> None:
+        batch: list[Persist] = []
+        for effect in effects:
+            kind = type(effect)
+            if kind is Persist:
+                batch.append(effect)  # type: ignore[arg-type]
+                continue
+            if batch:
+                await self._commit(batch)
+                batch = []
+            if kind is Send:
+                self._send(effect)  # type: ignore[arg-type]
+            elif kind is Metric:
+                self._metric(effect)  # type: ignore[arg-type]
+            elif kind is Log:
+                self._log(effect)  # type: ignore[arg-type]
+            elif kind is Train:
+                self._train(effect)  # type: ignore[arg-type]
+            else:
+                raise RuntimeError(f"{self.node_id} returned an unknown effect {effect!r}")
+        if batch:
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[Persist]) -> None:
+        self.stats.persists += len(batch)
+        self.stats.commits += 1
+        if self.store is None:
+            return
+        loop = asyncio.get_running_loop()
+        # Shielded: once started, a commit completes even if run() is being cancelled.
+        await asyncio.shield(loop.run_in_executor(self._store_pool, self.store.apply_many, batch))
+
+    def _send(self, effect: Send) -> None:
+        if self.peers.send(effect.peer, effect.msg):
+            self.stats.sends += 1
+        else:
+            self.stats.sends_dropped += 1
+            log.debug(
+                "%s: %s to %s dropped: not connected",
+                self.node_id,
+                type(effect.msg).__name__,
+                effect.peer,
+                extra={"node": self.node_id, "peer": effect.peer},
+            )
+
+    def _metric(self, m: Metric) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics(m)
+        except Exception:  # observability must not take the node down
+            log.exception("%s: metrics sink failed on %s", self.node_id, m.name)
+
+    def _log(self, entry: Log) -> None:
+        level = _LEVELS.get(entry.level.lower(), logging.INFO)
+        if not node_log.isEnabledFor(level):
+            return
+        fields = dict(entry.fields or {})
+        detail = " ".join(f"{k}={v}" for k, v in fields.items())
+        node_log.log(
+            level,
+            "%s: %s%s",
+            self.node_id,
+            entry.text,
+            f" ({detail})" if detail else "",
+            extra={"node": self.node_id, "fields": fields},
+        )
+
+    def _train(self, t: Train) -> None:
+        assert self._tg is not None
+        self.stats.jobs_started += 1
+        config: Mapping[str, Any] = t.config
+        if "seed" not in config:
+            config = {**config, "seed": derived_seed(self.seed, "train", self.node_id, t.job)}
+        task = self._tg.create_task(
+            self._train_job(t.job, t.weights, config), name=f"train {self.node_id}#{t.job}"
+        )
+        self._jobs[t.job] = task
+        task.add_done_callback(lambda _: self._jobs.pop(t.job, None))
+
+    async def _train_job(self, job: int, weights: Weights, config: Mapping[str, Any]) -> None:
+        if self.trainer is None:
+            self._job_failed(job, "this node has no trainer configured")
+            return
+        executor = self._executor if self._executor is not None else self._own_executor
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(
+                executor, self.trainer, self.node_id, weights, config
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "%s: training job %d failed: %s: %s",
+                self.node_id,
+                job,
+                type(exc).__name__,
+                exc,
+                exc_info=True,
+                extra={"node": self.node_id, "job": job},
+            )
+            self._job_failed(job, f"{type(exc).__name__}: {exc}")
+            return
+        if not isinstance(result, TrainResult):
+            self._job_failed(job, f"the trainer returned {type(result).__name__}, not TrainResult")
+            return
+        self.stats.jobs_done += 1
+        self.post_nowait(TrainDone(job, result))
+
+    def _job_failed(self, job: int, reason: str) -> None:
+        self.stats.jobs_failed += 1
+        self.post_nowait(TrainFailed(job, reason))
+
+    def _refresh_deadline(
+        self, loop: asyncio.AbstractEventLoop, fired_at: float | None = None
+    ) -> None:
+        wanted = self.node.next_deadline()
+        if wanted is None:
+            self._deadline_at = None
+            self._stuck = 0
+            return
+        if fired_at is not None and wanted <= fired_at and wanted == self._last_wanted:
+            self._stuck += 1
+            if self._stuck > _MAX_STUCK_DEADLINES:
+                raise RuntimeError(
+                    f"{self.node_id} keeps asking for a deadline at t={wanted!r} "
+                    "without moving it on"
+                )
+        else:
+            self._stuck = 0
+        self._last_wanted = wanted
+        self._deadline_at = loop.time() + (wanted - self.now()) / self.time_scale

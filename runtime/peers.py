@@ -1,0 +1,566 @@
+"""Peer sets: how a driver reaches its neighbours, and how their messages reach it.
+
+A ``PeerSet`` turns connections into driver events: ``PeerUp(peer)`` when a connection
+to ``peer`` is usable, ``Received(peer, msg)`` for each message, ``PeerDown(peer)`` when
+it ends. ``send(peer, msg)`` queues a message on the current connection (or drops it when
+there is none, which the protocols absorb: they resend after the next ``PeerUp``).
+
+Guarantees to the node: per peer, events alternate ``PeerUp`` ... ``PeerDown``; every
+``Received`` from a connection is posted with a validity check, so the driver drops the
+ones still waiting in its inbox once that connection has gone (a node never sees a
+message from a peer between its ``PeerDown`` and the next ``PeerUp``).
+
+Implementations:
+
+* ``MemoryNetwork`` / ``MemoryPeers``: in-process links (``transport.links``) between
+  drivers in one event loop, with partitions and kills (tests, the conformance suite).
+* ``NetworkPeers``: daemons. Sites dial out (WebSocket + ``SecureChannel``) and reconnect
+  with jittered exponential back-off; aggregators listen and admit roster members only.
+  Messages are wire-decoded; bad bytes close that connection, never the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from algorithms.protocol import Event, PeerDown, PeerUp, Received
+from runtime.connection import (
+    DEFAULT_MAX_QUEUE,
+    ChannelPipe,
+    Connection,
+    MessagePipe,
+    ProgressLink,
+    WirePipe,
+    check_timeouts,
+)
+from sim.network import CodecPolicy
+from transport.channel import DEFAULT_OPTIONS, ChannelOptions, Gatekeeper, client_channel
+from transport.errors import ProtocolError
+from transport.identity import Identity
+from transport.limits import Limits
+from transport.links import Link, LinkClosed, memory_link_pair
+from transport.roster import Roster
+from transport.wire import Message
+
+log = logging.getLogger("fedloom.runtime.peers")
+
+Valid = Callable[[], bool]
+
+
+class EventSink(Protocol):
+    """Where a peer set posts events (the driver's inbox)."""
+
+    def post_nowait(self, event: Event, valid: Valid | None = None) -> None:
+        """Post at once (link events, job ends): never waits, never drops."""
+        ...
+
+    async def post(self, event: Event, valid: Valid | None = None) -> None:
+        """Post, waiting while the inbox is full (back-pressure onto the links)."""
+        ...
+
+
+class PeerSet(Protocol):
+    """The driver's view of its neighbours (see the module docstring)."""
+
+    async def run(self, sink: EventSink) -> None:
+        """Connect, accept and deliver until cancelled."""
+        ...
+
+    def send(self, peer: str, msg: Message) -> bool:
+        """Queue ``msg`` for ``peer``; False (message dropped) when not connected."""
+        ...
+
+    def connected(self) -> frozenset[str]:
+        """Peers with an open connection now."""
+        ...
+
+
+class ConnectionTable:
+    """The open connection per peer, shared by every peer set.
+
+    ``open`` installs a connection (posting ``PeerUp``; an older connection to the same
+    peer is dropped first, posting its ``PeerDown``), ``serve`` runs it and drops it when
+    it ends. Whoever removes a connection from the table posts its ``PeerDown``, so each
+    ``PeerUp`` is matched by exactly one ``PeerDown``.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.sink: EventSink | None = None
+        self._conns: dict[str, Connection] = {}
+        self.sent = 0
+        self.dropped = 0  # messages for peers without a connection
+
+    def connected(self) -> frozenset[str]:
+        return frozenset(self._conns)
+
+    def get(self, peer: str) -> Connection | None:
+        return self._conns.get(peer)
+
+    def send(self, peer: str, msg: Message) -> bool:
+        conn = self._conns.get(peer)
+        if conn is None or not conn.send(msg):
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def open(self, conn: Connection) -> None:
+        old = self._conns.get(conn.peer)
+        if old is not None:
+            self.drop(old, "replaced by a newer connection")
+        self._conns[conn.peer] = conn
+        log.info("%s: connected to %s", self.node_id, conn.peer, extra={"peer": conn.peer})
+        if self.sink is not None:
+            self.sink.post_nowait(PeerUp(conn.peer))
+
+    def drop(self, conn: Connection, reason: str) -> None:
+        conn.abort(reason)
+        if self._conns.get(conn.peer) is not conn:
+            return
+        del self._conns[conn.peer]
+        log.info(
+            "%s: connection to %s ended: %s",
+            self.node_id,
+            conn.peer,
+            conn.reason,
+            extra={"peer": conn.peer, "reason": conn.reason},
+        )
+        if self.sink is not None:
+            self.sink.post_nowait(PeerDown(conn.peer))
+
+    async def serve(self, conn: Connection) -> str:
+        """Run an opened connection to its end, then drop it; return why it ended."""
+        reason = "cancelled"
+        try:
+            reason = await conn.run(self._deliver)
+        finally:
+            self.drop(conn, reason)
+        return reason
+
+    def drop_all(self, reason: str) -> None:
+        for conn in list(self._conns.values()):
+            self.drop(conn, reason)
+
+    async def _deliver(self, conn: Connection, msg: Message) -> None:
+        if self.sink is not None:
+            await self.sink.post(Received(conn.peer, msg), conn.is_open)
+
+
+async def _forever() -> None:
+    await asyncio.get_running_loop().create_future()
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+class MemoryNetwork:
+    """In-process links between the peer sets of drivers sharing one event loop.
+
+    ``link(a, b)`` makes ``a`` and ``b`` neighbours: whenever both peer sets run and the
+    pair is not cut, a memory link joins them (``PeerUp`` on both ends). Messages go
+    through the real wire codec (``codecs``), so what a node sends is what a remote
+    node would decode. ``partition``/``heal`` cut and restore pairs; ``isolate`` cuts
+    a node from everyone (a kill). Cutting is synchronous: messages of the cut
+    connections that were not yet handled are dropped.
+    """
+
+    def __init__(
+        self,
+        *,
+        codecs: CodecPolicy | None = None,
+        limits: Limits | None = None,
+        keepalive_s: float | None = None,
+        down_after_s: float | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ) -> None:
+        check_timeouts(keepalive_s, down_after_s, max_queue)
+        self.codecs = codecs if codecs is not None else CodecPolicy()
+        self.limits = limits
+        self.keepalive_s = keepalive_s
+        self.down_after_s = down_after_s
+        self.max_queue = max_queue
+        self._members: dict[str, MemoryPeers] = {}
+        self._neighbours: dict[str, set[str]] = {}
+        self._cut: set[frozenset[str]] = set()
+        self._isolated: set[str] = set()
+
+    def peers(self, node_id: str) -> MemoryPeers:
+        """The peer set of ``node_id`` (one per node)."""
+        member = self._members.get(node_id)
+        if member is None:
+            member = self._members[node_id] = MemoryPeers(self, node_id)
+            self._neighbours.setdefault(node_id, set())
+        return member
+
+    def link(self, a: str, b: str) -> None:
+        if a == b:
+            raise ValueError(f"link: a node cannot be its own neighbour ({a!r})")
+        self.peers(a)
+        self.peers(b)
+        self._neighbours[a].add(b)
+        self._neighbours[b].add(a)
+        self._maybe_connect(a, b)
+
+    def neighbours(self, node_id: str) -> frozenset[str]:
+        return frozenset(self._neighbours.get(node_id, ()))
+
+    def partition(self, group: Iterable[str]) -> list[tuple[str, str]]:
+        """Cut every neighbour pair with one end in ``group``; return the pairs cut."""
+        inside = set(group)
+        unknown = sorted(inside - set(self._members))
+        if unknown:
+            raise ValueError(f"partition: unknown node(s) {', '.join(unknown)}")
+        pairs = sorted((a, b) for a in inside for b in self._neighbours[a] if b not in inside)
+        for a, b in pairs:
+            self.cut(a, b)
+        return pairs
+
+    def heal(self, pairs: Iterable[tuple[str, str]]) -> None:
+        for a, b in pairs:
+            self.restore(a, b)
+
+    def cut(self, a: str, b: str) -> None:
+        self._cut.add(frozenset((a, b)))
+        self._disconnect(a, b, "link cut (partition)")
+
+    def restore(self, a: str, b: str) -> None:
+        self._cut.discard(frozenset((a, b)))
+        self._maybe_connect(a, b)
+
+    def isolate(self, node_id: str) -> None:
+        """Cut ``node_id`` from everyone for good (its neighbours get ``PeerDown`` now)."""
+        self.peers(node_id)
+        self._isolated.add(node_id)
+        for other in sorted(self._neighbours[node_id]):
+            self._disconnect(node_id, other, f"{node_id} is gone")
+
+    # -- internals
+
+    def _attached(self, node_id: str) -> None:
+        for other in sorted(self._neighbours[node_id]):
+            self._maybe_connect(node_id, other)
+
+    def _maybe_connect(self, a: str, b: str) -> None:
+        pa, pb = self._members[a], self._members[b]
+        if not (pa.running and pb.running) or frozenset((a, b)) in self._cut:
+            return
+        if a in self._isolated or b in self._isolated:
+            return
+        if pa.table.get(b) is not None or pb.table.get(a) is not None:
+            return
+        la, lb = memory_link_pair(max_queue=16)
+        pa.spawn(self._connection(a, b, la))
+        pb.spawn(self._connection(b, a, lb))
+
+    def _connection(self, local: str, peer: str, link: Link) -> Connection:
+        pipe: MessagePipe = WirePipe(link, codecs=self.codecs, limits=self.limits)
+        return Connection(
+            peer,
+            pipe,
+            local_id=local,
+            keepalive_s=self.keepalive_s,
+            down_after_s=self.down_after_s,
+            max_queue=self.max_queue,
+        )
+
+    def _disconnect(self, a: str, b: str, reason: str) -> None:
+        for local, peer in ((a, b), (b, a)):
+            member = self._members.get(local)
+            conn = member.table.get(peer) if member is not None else None
+            if member is not None and conn is not None:
+                member.table.drop(conn, reason)
+
+
+class MemoryPeers:
+    """One node's peer set on a ``MemoryNetwork`` (make it with ``network.peers(id)``)."""
+
+    def __init__(self, network: MemoryNetwork, node_id: str) -> None:
+        self.network = network
+        self.node_id = node_id
+        self.table = ConnectionTable(node_id)
+        self.running = False
+        self._tg: asyncio.TaskGroup | None = None
+
+    def send(self, peer: str, msg: Message) -> bool:
+        return self.table.send(peer, msg)
+
+    def connected(self) -> frozenset[str]:
+        return self.table.connected()
+
+    async def run(self, sink: EventSink) -> None:
+        if self.running:
+            raise RuntimeError(f"{self.node_id}: this peer set is already running")
+        self.table.sink = sink
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.running = True
+                self.network._attached(self.node_id)
+                await _forever()
+        finally:
+            self.running = False
+            self._tg = None
+            self.table.drop_all("peer set stopped")
+
+    def spawn(self, conn: Connection) -> None:
+        assert self._tg is not None
+        self.table.open(conn)
+        self._tg.create_task(self.table.serve(conn), name=f"{self.node_id}->{conn.peer}")
+
+
+# ----------------------------------------------------------------------------- network
+
+
+@dataclass(frozen=True, slots=True)
+class DialTarget:
+    """A neighbour this node connects to: its roster id and WebSocket URL."""
+
+    peer: str
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Jittered exponential back-off for reconnecting: the n-th wait after a failure is
+    uniform in ``[0.5, 1] * min(cap_s, base_s * 2**n)``; a successful handshake resets n."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.base_s > 0:
+            raise ValueError(f"backoff base_s must be > 0, got {self.base_s}")
+        if not self.cap_s >= self.base_s:
+            raise ValueError(f"backoff cap_s ({self.cap_s}) must be >= base_s ({self.base_s})")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        ceiling = min(self.cap_s, self.base_s * 2.0 ** min(attempt, 62))
+        return ceiling * rng.uniform(0.5, 1.0)
+
+
+def gossip_dial_targets(
+    node_id: str, peers: Iterable[tuple[str, str | None]], *, listening: bool
+) -> list[DialTarget]:
+    """The gossip neighbours ``node_id`` dials, so that each pair opens one connection.
+
+    ``peers`` are ``(id, url or None)``. A peer without a URL dials us. When both ends
+    listen, the smaller id dials (both must list each other's URL); a node that does not
+    listen (a hospital behind its firewall) dials every peer that has a URL.
+    """
+    return [
+        DialTarget(peer, url)
+        for peer, url in peers
+        if url is not None and (not listening or node_id < peer)
+    ]
+
+
+Connect = Callable[[str], Awaitable[Link]]
+OnLink = Callable[[Any], Awaitable[None]]
+
+
+class Listener(Protocol):
+    async def close(self) -> None: ...
+
+
+Serve = Callable[[str, int, OnLink], Awaitable[Listener]]
+
+
+async def _ws_connect(url: str) -> Link:
+    from transport import ws
+
+    return await ws.connect(url)
+
+
+async def _ws_serve(host: str, port: int, on_link: OnLink) -> Listener:
+    from transport import ws
+
+    return await ws.serve(host, port, on_link)
+
+
+class NetworkPeers:
+    """Peers over authenticated, encrypted links (see the module docstring).
+
+    ``dial``: neighbours this node connects to (a site's parent; gossip peers). Each has
+    a task that connects, handshakes (expecting that roster id), runs the connection,
+    and after any failure or drop waits a jittered exponential back-off and tries again.
+    ``listen``: ``(host, port)`` to accept on (aggregators); only roster members with a
+    role in ``allowed_roles`` and, if given, an id in ``accept_from`` are admitted. A peer
+    that reconnects replaces its older connection.
+
+    ``connect``/``serve`` default to ``transport.ws``; tests may pass in-memory ones.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        roster: Roster,
+        *,
+        dial: Sequence[DialTarget] = (),
+        listen: tuple[str, int] | None = None,
+        accept_from: Collection[str] | None = None,
+        allowed_roles: Collection[str] | None = None,
+        codecs: CodecPolicy | None = None,
+        limits: Limits | None = None,
+        keepalive_s: float = 10.0,
+        down_after_s: float = 45.0,
+        backoff: Backoff | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        options: ChannelOptions = DEFAULT_OPTIONS,
+        connect: Connect = _ws_connect,
+        serve: Serve = _ws_serve,
+        rng: random.Random | None = None,
+    ) -> None:
+        ids = [t.peer for t in dial]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"dial: a peer is listed twice in {ids}")
+        if identity.node_id in ids:
+            raise ValueError(f"dial: {identity.node_id!r} cannot dial itself")
+        self.identity = identity
+        self.roster = roster
+        self.dial = tuple(dial)
+        self.listen = listen
+        self.accept_from = None if accept_from is None else frozenset(accept_from)
+        self.codecs = codecs if codecs is not None else CodecPolicy()
+        self.limits = limits
+        self.keepalive_s = keepalive_s
+        self.down_after_s = down_after_s
+        self.backoff = backoff if backoff is not None else Backoff()
+        self.max_queue = max_queue
+        self.options = options
+        self._connect = connect
+        self._serve = serve
+        self._rng = rng if rng is not None else random.Random()
+        self.table = ConnectionTable(identity.node_id)
+        self.gate = Gatekeeper(identity, roster, allowed_roles=allowed_roles, options=options)
+        self.listener: Listener | None = None
+        self.dial_failures = 0
+        self.refused = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self._accepted: set[asyncio.Future[None]] = set()  # served inbound connections
+        self._closing = False
+        check_timeouts(keepalive_s, down_after_s, max_queue)
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def listen_url(self) -> str | None:
+        """The URL peers reach this node at, once listening (``None`` before/without)."""
+        url = getattr(self.listener, "url", None)
+        return url if isinstance(url, str) else None
+
+    def send(self, peer: str, msg: Message) -> bool:
+        return self.table.send(peer, msg)
+
+    def connected(self) -> frozenset[str]:
+        return self.table.connected()
+
+    async def run(self, sink: EventSink) -> None:
+        self.table.sink = sink
+        self._closing = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                if self.listen is not None:
+                    host, port = self.listen
+                    self.listener = await self._serve(host, port, self._accept)
+                for target in self.dial:
+                    tg.create_task(self._dial_loop(target), name=f"dial {target.peer}")
+                try:
+                    await _forever()
+                finally:
+                    self._closing = True  # before the dial loops are cancelled
+        finally:
+            self._tg = None
+            self.table.drop_all("peer set stopped")
+            if self._accepted:  # let inbound connections close in order (TAG_FINAL)
+                await asyncio.wait(self._accepted, timeout=self.options.close_timeout)
+            if self.listener is not None:
+                listener, self.listener = self.listener, None
+                with contextlib.suppress(Exception):
+                    await listener.close()
+
+    def _connection(self, peer: str, pipe: MessagePipe) -> Connection:
+        return Connection(
+            peer,
+            pipe,
+            local_id=self.node_id,
+            keepalive_s=self.keepalive_s,
+            down_after_s=self.down_after_s,
+            max_queue=self.max_queue,
+        )
+
+    async def _dial_loop(self, target: DialTarget) -> None:
+        attempt = 0
+        while True:
+            try:
+                link = ProgressLink(await self._connect(target.url))
+                channel = await client_channel(
+                    link, self.identity, self.roster, target.peer, options=self.options
+                )
+            except (LinkClosed, ProtocolError, OSError) as exc:
+                if self._closing:  # a cancellation may surface as a failed connect
+                    return
+                self.dial_failures += 1
+                delay = self.backoff.delay(attempt, self._rng)
+                attempt += 1
+                log.info(
+                    "%s: cannot reach %s at %s (%s); retrying in %.1f s",
+                    self.node_id,
+                    target.peer,
+                    target.url,
+                    exc,
+                    delay,
+                    extra={"peer": target.peer, "url": target.url, "retry_s": delay},
+                )
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0  # reset on success
+            conn = self._connection(target.peer, ChannelPipe(channel, link, **self._pipe_opts()))
+            self.table.open(conn)
+            await self.table.serve(conn)
+            if self._closing:
+                return
+            # Dropped: wait a little before redialling (a flapping link must not spin).
+            await asyncio.sleep(self.backoff.delay(attempt, self._rng))
+            attempt += 1
+
+    def _pipe_opts(self) -> dict[str, Any]:
+        return {"codecs": self.codecs, "limits": self.limits}
+
+    async def _accept(self, raw: Link) -> None:
+        link = ProgressLink(raw)
+        try:
+            channel = await self.gate.accept(link)
+        except (ProtocolError, LinkClosed) as exc:
+            self.refused += 1
+            log.info("%s: refused a connection: %s", self.node_id, exc, extra={"reason": str(exc)})
+            return
+        peer = channel.peer_id
+        if self.accept_from is not None and peer not in self.accept_from:
+            self.refused += 1
+            log.warning(
+                "%s: refused %s: not a neighbour of this node",
+                self.node_id,
+                peer,
+                extra={"peer": peer, "reason": "not_a_neighbour"},
+            )
+            await channel.close()
+            return
+        conn = self._connection(peer, ChannelPipe(channel, link, **self._pipe_opts()))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._accepted.add(done)
+        try:
+            self.table.open(conn)
+            await self.table.serve(conn)
+        finally:
+            self._accepted.discard(done)
+            done.set_result(None)

@@ -1,0 +1,309 @@
+"""Training plans in the runtime, and an adapter for Flower-shaped clients.
+
+The driver trains through a ``Trainer``: ``trainer(node_id, weights, config) ->
+TrainResult`` (the same shape the simulator uses), run in an executor. Here:
+
+* ``PlanTrainer(plan)``: a ``Trainer`` over one ``TrainingPlan`` (picklable when the plan
+  is, so it also runs in a process pool);
+* ``SitePlan(workload, i)``: site ``i``'s plan of a ``sim.workloads.Workload``, built on
+  first use in whichever process trains (it pickles to the workload's specs only);
+* ``NumPyClientPlan(client)``: any object shaped like Flower's ``NumPyClient``
+  (``get_parameters(config)``, ``fit(parameters, config)``, ``evaluate(parameters,
+  config)``) as a ``TrainingPlan``, without importing flwr. Parameters are named
+  ``"p0"``, ``"p1"``, ... in the client's order;
+* ``plan_from_config`` / ``load_factory``: a plan from a daemon's ``[plan]`` table;
+* ``make_executor``: the thread or process pool jobs run in.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import math
+import multiprocessing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from algorithms.protocol import TrainResult, Weights
+from algorithms.training import TrainingPlan
+from sim.config_reader import ConfigError
+
+_SCALARS = (bool, int, float, str, bytes)
+
+
+class PlanTrainer:
+    """A driver ``Trainer`` that runs ``plan.train`` (the node id is not needed)."""
+
+    def __init__(self, plan: TrainingPlan) -> None:
+        self.plan = plan
+
+    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        return self.plan.train(weights, config)
+
+
+class SitePlan:
+    """Site ``index``'s training plan of ``workload``, built lazily; pickles small."""
+
+    def __init__(self, workload: Any, index: int) -> None:
+        if not 0 <= index < workload.n_sites:
+            raise ValueError(f"site index {index} out of range 0 .. {workload.n_sites - 1}")
+        self.workload = workload
+        self.index = index
+
+    def _plan(self) -> TrainingPlan:
+        plan: TrainingPlan = self.workload.site_plan(self.index)
+        return plan
+
+    def init(self, seed: int) -> Weights:
+        weights: Weights = self.workload.init_weights(seed)
+        return weights
+
+    def train(self, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        return self._plan().train(weights, config)
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        return self._plan().evaluate(weights)
+
+
+# ---------------------------------------------------------------------- Flower adapter
+
+
+def param_name(i: int) -> str:
+    return f"p{i}"
+
+
+class NumPyClientPlan:
+    """A ``TrainingPlan`` over an object with Flower's ``NumPyClient`` shape.
+
+    The client's parameter list becomes ``{"p0": ..., "p1": ..., ...}``. Floating arrays
+    keep their dtype; integer or boolean ones (e.g. a batch-norm counter) travel as
+    float32 and are handed back to the client in their own dtype. Arrays the client
+    returns are copied, so it may keep updating its own buffers. A client that returns
+    the wrong number or shapes of arrays raises ``ValueError`` (the driver reports the
+    job as failed). ``config`` is passed to ``fit`` as a plain dict of scalars.
+    """
+
+    def __init__(self, client: Any) -> None:
+        for method in ("get_parameters", "fit", "evaluate"):
+            if not callable(getattr(client, method, None)):
+                raise TypeError(
+                    f"NumPyClientPlan: {type(client).__name__} has no {method}() method "
+                    "(expected Flower's NumPyClient shape)"
+                )
+        self.client = client
+        self._layout: list[tuple[tuple[int, ...], np.dtype[Any]]] | None = None
+
+    # -- TrainingPlan
+
+    def init(self, seed: int) -> Weights:
+        """The client's current parameters (``seed`` is the client's business)."""
+        params = self._arrays(self.client.get_parameters({}), "get_parameters")
+        self._layout = [(a.shape, a.dtype) for a in params]
+        return self._to_weights(params)
+
+    def train(self, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        out = self.client.fit(self._to_params(weights), _flower_config(config))
+        if not isinstance(out, tuple | list) or len(out) != 3:
+            raise ValueError(
+                f"NumPyClient.fit must return (parameters, num_examples, metrics), got {_show(out)}"
+            )
+        params, n_examples, metrics = out
+        trained = self._to_weights(self._arrays(params, "fit"))
+        n = _count(n_examples, "fit")
+        return TrainResult(trained, n, _float_metrics(metrics, "fit"))
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        out = self.client.evaluate(self._to_params(weights), {})
+        if not isinstance(out, tuple | list) or len(out) != 3:
+            raise ValueError(
+                f"NumPyClient.evaluate must return (loss, num_examples, metrics), got {_show(out)}"
+            )
+        loss, n_examples, metrics = out
+        result = _float_metrics(metrics, "evaluate")
+        result["loss"] = _number(loss, "evaluate: loss")
+        result.setdefault("accuracy", math.nan)
+        result["n_examples"] = float(_count(n_examples, "evaluate"))
+        return result
+
+    # -- conversions
+
+    def _expected(self) -> list[tuple[tuple[int, ...], np.dtype[Any]]]:
+        if self._layout is None:
+            params = self._arrays(self.client.get_parameters({}), "get_parameters")
+            self._layout = [(a.shape, a.dtype) for a in params]
+        return self._layout
+
+    def _to_params(self, weights: Weights) -> list[npt.NDArray[Any]]:
+        layout = self._expected()
+        names = [param_name(i) for i in range(len(layout))]
+        if set(weights) != set(names):
+            missing = [n for n in names if n not in weights]
+            extra = sorted(set(weights) - set(names))
+            raise ValueError(
+                f"weights do not match the client's {len(layout)} parameters "
+                f"(missing {missing[:5]}, unexpected {extra[:5]})"
+            )
+        out: list[npt.NDArray[Any]] = []
+        for name, (shape, dtype) in zip(names, layout, strict=True):
+            arr = np.asarray(weights[name])
+            if arr.shape != shape:
+                raise ValueError(f"{name}: shape {arr.shape}, the client expects {shape}")
+            # A copy: the client may train in place, and our arrays are shared.
+            out.append(np.array(arr, dtype=dtype, copy=True))
+        return out
+
+    def _arrays(self, params: Any, where: str) -> list[npt.NDArray[Any]]:
+        if not isinstance(params, Sequence) or isinstance(params, str | bytes):
+            raise ValueError(
+                f"NumPyClient.{where} must return a list of arrays, got {_show(params)}"
+            )
+        arrays = [np.array(p, copy=True) for p in params]
+        for i, a in enumerate(arrays):
+            if a.dtype.kind not in "fiub":
+                raise ValueError(f"NumPyClient.{where}: parameter {i} has dtype {a.dtype}")
+        layout = self._layout
+        if layout is not None and where == "fit":
+            if len(arrays) != len(layout):
+                raise ValueError(
+                    f"NumPyClient.fit returned {len(arrays)} arrays, expected {len(layout)}"
+                )
+            for i, (a, (shape, _)) in enumerate(zip(arrays, layout, strict=True)):
+                if a.shape != shape:
+                    raise ValueError(f"NumPyClient.fit: p{i} has shape {a.shape}, expected {shape}")
+        return arrays
+
+    def _to_weights(self, arrays: list[npt.NDArray[Any]]) -> Weights:
+        out: Weights = {}
+        for i, a in enumerate(arrays):
+            out[param_name(i)] = a if a.dtype.kind == "f" else a.astype(np.float32)
+        return out
+
+
+def _flower_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k): v for k, v in config.items() if isinstance(v, _SCALARS)}
+
+
+def _float_metrics(metrics: Any, where: str) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"NumPyClient.{where}: metrics must be a dict, got {_show(metrics)}")
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool | int | float | np.integer | np.floating):
+            out[str(k)] = float(v)  # strings and bytes are Flower-only extras: dropped
+    return out
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"NumPyClient.{where}: num_examples must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"NumPyClient.{what} must be a number, got {_show(value)}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"NumPyClient.{what} must be a number, got {_show(value)}") from None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ------------------------------------------------------------------------ from config
+
+
+def load_factory(path: str) -> Callable[..., Any]:
+    """The callable named by ``"package.module:attribute"`` (``ConfigError`` if absent)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f'plan.factory: expected "module:callable", got {path!r}')
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"plan.factory: cannot import {module_name!r}: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(f"plan.factory: {module_name!r} has no attribute {attr!r}")
+    if not callable(obj):
+        raise ConfigError(f"plan.factory: {path!r} is not callable")
+    fn: Callable[..., Any] = obj
+    return fn
+
+
+def as_plan(obj: Any, where: str = "plan") -> TrainingPlan:
+    """``obj`` itself if it is a ``TrainingPlan``, wrapped if it is NumPyClient-shaped."""
+    if all(callable(getattr(obj, m, None)) for m in ("init", "train", "evaluate")):
+        plan: TrainingPlan = obj
+        return plan
+    if all(callable(getattr(obj, m, None)) for m in ("get_parameters", "fit", "evaluate")):
+        return NumPyClientPlan(obj)
+    raise ConfigError(
+        f"{where}: {type(obj).__name__} is neither a TrainingPlan (init/train/evaluate) nor "
+        "a NumPyClient (get_parameters/fit/evaluate)"
+    )
+
+
+def plan_from_config(plan: Any, *, seed: int = 0) -> TrainingPlan:
+    """The training plan of a daemon's ``runtime.config.PlanConfig``.
+
+    A built-in workload gives ``SitePlan(workload, site_index)`` (or, with no site index,
+    e.g. at the root, a plan whose ``init`` and ``evaluate`` use the global test set); a
+    factory is called with ``plan.args`` as keyword arguments.
+    """
+    if plan.factory is not None:
+        factory = load_factory(plan.factory)
+        try:
+            made = factory(**dict(plan.args))
+        except TypeError as exc:
+            raise ConfigError(f"plan.args: calling {plan.factory} failed: {exc}") from None
+        return as_plan(made, f"plan.factory {plan.factory}")
+    from sim.workloads import from_config
+
+    try:
+        workload = from_config(plan.workload, seed=seed)
+    except ValueError as exc:
+        raise ConfigError(f"plan.{exc}") from None
+    if plan.site_index is not None:
+        return SitePlan(workload, plan.site_index)
+    return GlobalPlan(workload)
+
+
+class GlobalPlan:
+    """A workload's model without local data: ``init`` and global-test-set ``evaluate``."""
+
+    def __init__(self, workload: Any) -> None:
+        self.workload = workload
+
+    def init(self, seed: int) -> Weights:
+        weights: Weights = self.workload.init_weights(seed)
+        return weights
+
+    def train(self, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        raise RuntimeError("this node has no local data to train on (plan.site_index unset)")
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        result: dict[str, float] = self.workload.evaluate(weights)
+        return result
+
+
+def make_executor(kind: str = "thread", workers: int = 1) -> cf.Executor:
+    """The pool training jobs run in: threads (numpy and torch release the GIL) or
+    processes (isolation; started with ``spawn``, which torch needs)."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if kind == "thread":
+        return cf.ThreadPoolExecutor(workers, thread_name_prefix="fedloom-train")
+    if kind == "process":
+        return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    raise ValueError(f"executor kind must be 'thread' or 'process', got {kind!r}")

@@ -1,0 +1,294 @@
+"""Daemon config files: the shipped examples parse, every mistake names its field and fix."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime.config import DaemonConfig, Endpoint, load_config, parse_config
+from sim.config_reader import ConfigError
+from transport.identity import Identity, key_text
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
+CONSORTIUM = key_text(Identity.generate("consortium", "consortium").public_key)
+
+
+def site_raw() -> dict[str, Any]:
+    return {
+        "role": "site",
+        "node_id": "hospital-a",
+        "state_dir": "state",
+        "seed": 3,
+        "identity": {"key": "keys/hospital-a.key"},
+        "roster": {"path": "roster.toml", "consortium_key": CONSORTIUM},
+        "parent": {"id": "region-eu", "url": "ws://region-eu.example.org:7443/fedloom"},
+        "plan": {"dataset": "breast_cancer", "n_sites": 6, "site_index": 2, "seed": 1},
+        "training": {"lr": 0.1},
+        "codec": {"up": "fp16"},
+        "connection": {"keepalive_s": 5.0, "down_after_s": 20.0},
+    }
+
+
+def root_raw() -> dict[str, Any]:
+    raw = site_raw()
+    del raw["parent"]
+    raw.update(role="root", node_id="root", children=["region-eu", "region-us"])
+    raw["listen"] = {"port": 7443}
+    raw["plan"] = {"dataset": "breast_cancer", "n_sites": 6}
+    raw["aggregation"] = {"algorithm": "fedasync", "alpha": 0.7, "concurrency": 4}
+    return raw
+
+
+def parse(raw: dict[str, Any]) -> DaemonConfig:
+    return parse_config(raw, base_dir=Path("/etc/fedloom"))
+
+
+@pytest.mark.parametrize("name", ["site", "region", "aggregator", "peer"])
+def test_the_shipped_examples_parse(name: str) -> None:
+    cfg = load_config(EXAMPLES / f"{name}.toml", check_files=False)
+    assert cfg.node_id and cfg.role in ("site", "region", "root", "peer")
+    assert cfg.source == EXAMPLES / f"{name}.toml"
+
+
+def test_a_site_config_is_read_into_typed_fields() -> None:
+    cfg = parse(site_raw())
+    assert cfg.role == "site" and cfg.node_id == "hospital-a" and cfg.seed == 3
+    assert cfg.state_dir == Path("/etc/fedloom/state")  # relative to the config file
+    assert cfg.identity_key == Path("/etc/fedloom/keys/hospital-a.key")
+    assert cfg.consortium_key is not None and len(cfg.consortium_key) == 32
+    assert cfg.parent == Endpoint("region-eu", "ws://region-eu.example.org:7443/fedloom")
+    assert cfg.listen is None and cfg.children == ()
+    assert cfg.plan is not None and cfg.plan.site_index == 2
+    assert cfg.plan.workload == {"dataset": "breast_cancer", "n_sites": 6, "seed": 1}
+    assert cfg.training.lr == 0.1 and cfg.training.local_steps == 5  # defaults filled in
+    assert cfg.codec.up == "fp16" and cfg.codec.down == "fp32"
+    assert cfg.connection.keepalive_s == 5.0 and cfg.connection.down_after_s == 20.0
+    assert cfg.metrics_port == 0 and cfg.executor.kind == "thread"
+
+
+def test_a_root_config_reads_aggregation_parameters() -> None:
+    cfg = parse(root_raw())
+    assert cfg.is_aggregator and cfg.listen == ("0.0.0.0", 7443)
+    assert cfg.children == ("region-eu", "region-us")
+    assert cfg.algorithm == "fedasync"
+    assert cfg.aggregation.alpha == 0.7 and cfg.aggregation.concurrency == 4
+    assert cfg.aggregation.buffer_size == 10  # sim.scenario.AlgorithmConfig default
+
+
+def test_a_gossip_peer_config() -> None:
+    raw = site_raw()
+    del raw["parent"]
+    raw.update(role="peer", listen={"host": "127.0.0.1", "port": 0})
+    raw["peers"] = [{"id": "hospital-b", "url": "ws://b:1/fedloom", "weight": 0.3}, {"id": "c"}]
+    cfg = parse(raw)
+    assert cfg.peers == (Endpoint("hospital-b", "ws://b:1/fedloom", 0.3), Endpoint("c"))
+
+
+def test_a_factory_plan_keeps_its_arguments() -> None:
+    raw = site_raw()
+    raw["plan"] = {"factory": "hospital.train:make_client", "args": {"data_dir": "/srv/x"}}
+    cfg = parse(raw)
+    assert cfg.plan is not None
+    assert cfg.plan.factory == "hospital.train:make_client"
+    assert cfg.plan.args == {"data_dir": "/srv/x"}
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    *parents, key = dotted.split(".")
+    table = out
+    for p in parents:
+        table = table.setdefault(p, {})
+    if value is _DELETE:
+        table.pop(key, None)
+    else:
+        table[key] = value
+    return out
+
+
+_DELETE = object()
+
+SITE_MISTAKES: list[tuple[str, Any, str]] = [
+    ("role", "hospital", "'hospital' is not one of site, region, root, peer"),
+    ("role", _DELETE, "role: required field is missing"),
+    ("node_id", "bad id!", "node_id: invalid node id"),
+    ("seeed", 1, "seeed: unknown field (did you mean 'seed'?)"),
+    ("identity", _DELETE, "fedloom keygen --id hospital-a --role site"),
+    ("roster.consortium_key", "not base64!", "roster.consortium_key: not valid base64"),
+    ("roster.consortium_key_file", "c.pub", "either as consortium_key"),
+    ("parent", _DELETE, "parent: required for a site"),
+    ("parent.url", "http://x:1/", "parent.url: expected a WebSocket URL"),
+    ("parent.url", "ws://x:99999/f", "parent.url: bad port"),
+    ("listen", {"port": 7443}, "sites only dial out"),
+    ("children", ["a"], "only aggregators have children"),
+    ("plan", _DELETE, "plan: a site needs a training plan"),
+    ("plan.dataset", "mnist", "plan.dataset: 'mnist' is not one of"),
+    ("plan.site_index", 6, "plan.site_index: 6 is out of range for n_sites = 6 (use 0 .. 5)"),
+    ("plan.site_index", _DELETE, "plan.site_index: required for a site"),
+    ("plan.dirichlet_alpha", -1.0, "plan.dirichlet_alpha: expected a number > 0.0"),
+    ("plan.alpha", 1.0, "plan.alpha: only valid for dataset 'synthetic'"),
+    ("plan.factory", "nocolon", 'plan.factory: expected "module:callable"'),
+    ("training.lr", 0, "training.lr: expected a number > 0.0"),
+    ("codec.up", "fp8", "codec.up: 'fp8' is not one of"),
+    ("connection.down_after_s", 5.0, "connection.down_after_s: must exceed keepalive_s"),
+    ("connection.backoff_cap_s", 0.1, "connection.backoff_cap_s: must be >= backoff_base_s"),
+    ("aggregation.buffer_sise", 3, "aggregation.buffer_sise: unknown field (did you mean"),
+    ("aggregation.algorithm", "fedsgd", "aggregation.algorithm: 'fedsgd' is not one of"),
+    ("metrics.port", 70000, "metrics.port: expected a number <= 65535"),
+    ("executor.kind", "gpu", "executor.kind: 'gpu' is not one of thread, process"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), SITE_MISTAKES)
+def test_site_mistakes_name_the_field_and_the_fix(field: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(_set(site_raw(), field, value))
+    assert message in str(info.value)
+
+
+ROOT_MISTAKES: list[tuple[str, Any, str]] = [
+    ("listen", _DELETE, "listen: required for a root: add [listen] with port = N"),
+    ("children", _DELETE, "children: required for a root"),
+    ("children", ["root"], "children: a node cannot be its own child"),
+    ("children", ["a", "a"], "children: 'a' is listed twice"),
+    ("parent", {"id": "x", "url": "ws://x:1/f"}, "parent: a root has no parent"),
+    ("plan", _DELETE, "plan: a root needs a training plan to build the initial model"),
+    ("listen.port", -1, "listen.port: expected a number >= 0"),
+    ("aggregation.alpha", 2.0, "aggregation.alpha: expected a number <= 1.0"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), ROOT_MISTAKES)
+def test_root_mistakes_name_the_field_and_the_fix(field: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(_set(root_raw(), field, value))
+    assert message in str(info.value)
+
+
+def test_peer_mistakes() -> None:
+    raw = site_raw()
+    del raw["parent"]
+    raw["role"] = "peer"
+    with pytest.raises(ConfigError, match="at least one"):
+        parse(raw)
+    raw["peers"] = [{"id": "b"}]
+    with pytest.raises(ConfigError, match="nobody can connect"):
+        parse(raw)
+    raw["peers"] = [{"id": "b", "url": "ws://b:1/f"}, {"id": "b"}]
+    with pytest.raises(ConfigError, match="'b' is listed twice"):
+        parse(raw)
+    raw["peers"] = [{"id": "hospital-a", "url": "ws://b:1/f"}]
+    with pytest.raises(ConfigError, match="its own peer"):
+        parse(raw)
+
+
+def test_files_are_checked_with_a_hint(tmp_path: Path) -> None:
+    raw = site_raw()
+    text = "\n".join(
+        [
+            'role = "site"',
+            'node_id = "hospital-a"',
+            'state_dir = "state"',
+            "[identity]",
+            'key = "hospital-a.key"',
+            "[roster]",
+            'path = "roster.toml"',
+            f'consortium_key = "{CONSORTIUM}"',
+            "[parent]",
+            'id = "agg"',
+            'url = "ws://127.0.0.1:7443/fedloom"',
+            "[plan]",
+            'dataset = "breast_cancer"',
+            "n_sites = 2",
+            "site_index = 1",
+        ]
+    )
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="fedloom keygen --id hospital-a"):
+        load_config(path)
+    Identity.generate("hospital-a", "site").save(tmp_path)
+    with pytest.raises(ConfigError, match=r"roster\.path: .* not found"):
+        load_config(path)
+    (tmp_path / "roster.toml").write_text("version = 1\n")
+    cfg = load_config(path)
+    assert cfg.identity_key == tmp_path / "hospital-a.key"
+    assert cfg.consortium_key is not None
+    assert raw["node_id"] == cfg.node_id
+
+
+def test_consortium_key_from_a_public_key_file(tmp_path: Path) -> None:
+    consortium = Identity.generate("consortium", "consortium")
+    _, public = consortium.save(tmp_path)
+    raw = _set(site_raw(), "roster.consortium_key", _DELETE)
+    raw["roster"]["consortium_key_file"] = str(public)
+    cfg = parse(raw)
+    assert cfg.consortium_key is None and cfg.consortium_key_file == public
+    assert cfg.read_consortium_key() == consortium.public_key
+    raw["roster"]["consortium_key_file"] = str(tmp_path / "missing.pub")
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse(raw).read_consortium_key()
+
+
+def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("role = [unclosed")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+_KNOWN_TOP = set(site_raw()) | {
+    "listen",
+    "children",
+    "peers",
+    "aggregation",
+    "executor",
+    "metrics",
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.from_regex(r"[a-z_]{1,12}", fullmatch=True), value=st.integers())
+def test_any_unknown_top_level_field_is_refused_by_name(key: str, value: int) -> None:
+    if key in _KNOWN_TOP:
+        return
+    raw = site_raw()
+    raw[key] = value
+    with pytest.raises(ConfigError) as info:
+        parse(raw)
+    assert str(info.value).startswith(f"{key}: unknown field")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    keepalive=st.floats(0.01, 100.0),
+    factor=st.floats(1.01, 20.0),
+    base=st.floats(0.01, 5.0),
+    cap_factor=st.floats(1.0, 100.0),
+)
+def test_valid_connection_settings_round_trip(
+    keepalive: float, factor: float, base: float, cap_factor: float
+) -> None:
+    raw = site_raw()
+    raw["connection"] = {
+        "keepalive_s": keepalive,
+        "down_after_s": keepalive * factor,
+        "backoff_base_s": base,
+        "backoff_cap_s": base * cap_factor,
+    }
+    c = parse(raw).connection
+    assert (c.keepalive_s, c.down_after_s) == (keepalive, keepalive * factor)
+    assert (c.backoff_base_s, c.backoff_cap_s) == (base, base * cap_factor)
+
+
+def test_examples_are_valid_toml_with_known_roles() -> None:
+    roles = {tomllib.loads(p.read_text())["role"] for p in EXAMPLES.glob("*.toml")}
+    assert roles <= {"site", "region", "root", "peer"}
