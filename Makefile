@@ -1,11 +1,12 @@
-# fedloom: `make demo` runs the default scenario, `make test` runs the whole suite.
-# Both create or update the virtual environment in .venv by themselves.
+# fedloom: `make demo` runs a real local federation, `make sim-demo` the default simulator
+# scenario, `make test` runs the whole suite.
+# Each creates or updates the virtual environment in .venv by itself.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean venv
+.PHONY: demo sim-demo test lint bench clean venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,7 +20,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
+# A real local federation: root, 2 regions, 6 hospital daemons on 127.0.0.1 (< 2 minutes).
 demo: $(STAMP)
+	$(BIN)/fedloom demo
+
+# The default scenario in the simulator (report, CSV series and plots in runs/demo).
+sim-demo: $(STAMP)
 	$(BIN)/fedloom sim scenarios/hospitals.toml --out runs/demo
 
 test: $(STAMP)

@@ -119,11 +119,17 @@ class UpdateBuffer:
             else:
                 delta = trimmed_mean(discounted, self.trim_fraction)
         elif self._total_w > 0.0:
-            coefs = np.asarray(self._coefs, dtype=np.float64) / self._total_w
+            coefs = [c / self._total_w for c in self._coefs]
             delta = {}
             for k, shape in self._shapes.items():
-                stacked = np.stack([d[k] for d in self._kept]).reshape(len(self._kept), -1)
-                delta[k] = (coefs @ stacked).reshape(shape)
+                # Accumulate in the model's dtype, in place: stacking K large deltas and
+                # upcasting them to float64 costs more than the sum itself.
+                acc = np.zeros(shape, dtype=self._dtypes[k])
+                tmp = np.empty_like(acc)
+                for c, d in zip(coefs, self._kept, strict=True):
+                    np.multiply(d[k], c, out=tmp, casting="unsafe")
+                    acc += tmp
+                delta[k] = acc
         else:
             delta = {k: np.zeros(shape) for k, shape in self._shapes.items()}
         out = Aggregate(

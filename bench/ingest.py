@@ -1,0 +1,303 @@
+"""An aggregator's sustained ingest rate under 100 concurrent sites (issue 4, item 3).
+
+Two processes on loopback (127.0.0.1):
+
+* the aggregator: ``FedBuffAggregator`` (``--buffer`` 10, concurrency 100, a 1M-parameter
+  fp32 model) run by the runtime's ``AsyncDriver`` behind ``NetworkPeers`` (listening,
+  roster members only), with its durable ``StateStore`` on as a daemon runs it (each update
+  record, delta included, is in the fsynced write-ahead log before its ack; a checkpoint
+  every 10 versions); ``--no-store`` turns it off to show what the disk costs;
+* the load generator: 100 sites in one process, each its own ``NetworkPeers`` connection
+  (WebSocket + handshake against the roster + encrypted records) and ``AsyncDriver``. The
+  site node is a light stand-in for ``SiteNode``: it says ``Hello`` and answers every
+  ``TrainRequest`` at once with an ``Update`` of a fixed delta, coded fp16 on the wire
+  (``CodecSpec(kind="fp16")``), no training, no site store. Models go down as fp32 (the
+  daemon's default ``codec.down``), one ``TrainRequest`` per task, as FedBuff does.
+
+The figure is the aggregator's applied counter (``update_applied`` metrics, counted in the
+aggregator process) over the steady window: from ``--warmup`` seconds after the first
+applied update to the end of ``--seconds``. Peak RSS is the aggregator's
+``getrusage(RUSAGE_SELF).ru_maxrss``. Both processes share this machine's cores, so the
+load generator's work (decoding 4 MB models, encoding deltas) competes with the aggregator's.
+
+    .venv/bin/python bench/ingest.py [--sites 100] [--seconds 20] [--buffer 10] [--no-store]
+
+Prints ``ingest: N updates/s`` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# Keep this folder off sys.path so that package names always resolve to the project's
+# packages, in this process and in the spawned ones.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import nacl.signing  # noqa: E402
+import numpy as np  # noqa: E402
+
+from algorithms.fedbuff import FedBuffAggregator  # noqa: E402
+from algorithms.protocol import Effect, Event, Metric, PeerUp, Received, Send, Weights  # noqa: E402
+from runtime.driver import AsyncDriver  # noqa: E402
+from runtime.peers import DialTarget, NetworkPeers  # noqa: E402
+from runtime.store import StateStore  # noqa: E402
+from sim.network import CodecPolicy  # noqa: E402
+from transport.identity import Identity  # noqa: E402
+from transport.roster import Roster, RosterEntry  # noqa: E402
+from transport.tensors import CodecSpec  # noqa: E402
+from transport.wire import Hello, TrainRequest, Update  # noqa: E402
+
+
+def install_loop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def site_ids(n: int) -> list[str]:
+    return [f"site-{i:03d}" for i in range(n)]
+
+
+def make_model(params: int) -> Weights:
+    rng = np.random.default_rng(0)
+    small = {"fc1.bias": 1000, "fc2.weight": 10_000, "fc2.bias": 10}
+    big = params - sum(small.values())
+    shapes: dict[str, tuple[int, ...]] = {"fc1.weight": (big // 1000, 1000)}
+    shapes["fc1.extra"] = (big - (big // 1000) * 1000,)
+    shapes.update({k: (v,) for k, v in small.items()})
+    return {k: rng.standard_normal(s, dtype=np.float32) * 0.05 for k, s in shapes.items()}
+
+
+def pki(seeds: Mapping[str, bytes]) -> tuple[dict[str, Identity], Roster]:
+    ids = {
+        n: Identity(n, "root" if n == "agg" else "site", nacl.signing.SigningKey(seed))
+        for n, seed in seeds.items()
+    }
+    roster = Roster(1, [RosterEntry(i.node_id, i.role, i.public_key) for i in ids.values()])
+    return ids, roster
+
+
+class EchoSite:
+    """Answers each TrainRequest at once with a fixed delta (a load generator's site)."""
+
+    def __init__(self, site_id: str, delta: Weights) -> None:
+        self._id = site_id
+        self.delta = delta
+        self.seq = 0
+
+    @property
+    def node_id(self) -> str:
+        return self._id
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if isinstance(event, PeerUp):
+            return [Send("agg", Hello(self._id, "site", 1000))]
+        if isinstance(event, Received) and isinstance(event.msg, TrainRequest):
+            req = event.msg
+            self.seq += 1
+            update = Update(self._id, self.seq, req.version, self.delta, 1000, task=req.task)
+            return [Send("agg", update)]
+        return []  # Acks, PeerDown: nothing to do
+
+
+# ------------------------------------------------------------------ aggregator process
+
+
+def aggregator_main(args: dict[str, Any], urls: Any, out: Any) -> None:
+    install_loop()
+    out.put(asyncio.run(aggregator(args, urls)))
+
+
+async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
+    ids, roster = pki(args["seeds"])
+    sites = site_ids(args["sites"])
+    applied: list[float] = []
+    versions = 0
+    rejected = 0
+
+    def sink(m: Metric) -> None:
+        nonlocal versions, rejected
+        if m.name == "update_applied":
+            applied.append(time.perf_counter())
+        elif m.name == "model_version":
+            versions += 1
+        elif m.name == "update_rejected":
+            rejected += 1
+
+    node = FedBuffAggregator(
+        "agg",
+        {s: "site" for s in sites},
+        make_model(args["params"]),
+        buffer_size=args["buffer"],
+        concurrency=len(sites),
+        rng=0,
+    )
+    store = None
+    if args["store"]:
+        store = StateStore(Path(args["state"]) / "agg")
+        store.load()
+    peers = NetworkPeers(ids["agg"], roster, listen=("127.0.0.1", 0), accept_from=set(sites))
+    driver = AsyncDriver(node, peers=peers, store=store, metrics=sink)
+    run = asyncio.ensure_future(driver.run())
+    while peers.listen_url is None:
+        await asyncio.sleep(0.01)
+    urls.put(peers.listen_url)
+    started = time.perf_counter()
+    while not applied:
+        if time.perf_counter() - started > 120:
+            raise SystemExit("no update applied within 120 s")
+        await asyncio.sleep(0.05)
+    first = applied[0]
+    peak_conns = 0
+    per_second: list[int] = []
+    while time.perf_counter() < first + args["seconds"]:
+        before = len(applied)
+        await asyncio.sleep(1.0)
+        per_second.append(len(applied) - before)
+        peak_conns = max(peak_conns, len(peers.connected()))
+    end = time.perf_counter()
+    driver.stop()
+    await run
+    if store is not None:
+        store.close()
+    window_start = first + args["warmup"]
+    in_window = sum(1 for t in applied if window_start <= t <= end)
+    return {
+        "rate": in_window / (end - window_start),
+        "window": end - window_start,
+        "in_window": in_window,
+        "applied": len(applied),
+        "versions": versions,
+        "rejected": rejected,
+        "per_second": per_second,
+        "peak_conns": peak_conns,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+# ------------------------------------------------------------------ load generator
+
+
+def load_main(args: dict[str, Any], url: str) -> None:
+    install_loop()
+    asyncio.run(load(args, url))
+
+
+async def load(args: dict[str, Any], url: str) -> None:
+    ids, roster = pki(args["seeds"])
+    rng = np.random.default_rng(1)
+    delta = {
+        k: (rng.standard_normal(v.shape, dtype=np.float32) * 1e-3).astype(np.float16)
+        for k, v in make_model(args["params"]).items()
+    }
+    delta32 = {k: v.astype(np.float32) for k, v in delta.items()}  # exact in fp16
+    codecs = CodecPolicy(up=CodecSpec(kind="fp16"))
+    drivers = []
+    for s in site_ids(args["sites"]):
+        peers = NetworkPeers(ids[s], roster, dial=[DialTarget("agg", url)], codecs=codecs)
+        drivers.append(AsyncDriver(EchoSite(s, delta32), peers=peers))
+    async with asyncio.TaskGroup() as tg:
+        for d in drivers:
+            tg.create_task(d.run())  # until the main process terminates this one
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=100)
+    parser.add_argument("--params", type=int, default=1_000_000)
+    parser.add_argument("--buffer", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--no-store", dest="store", action="store_false")
+    a = parser.parse_args()
+    if not 0 <= a.warmup < a.seconds:
+        parser.error("--warmup must be in [0, --seconds)")
+    loop_name = install_loop()
+    load_avg = os.getloadavg()
+    ctx = mp.get_context("spawn")
+    urls: Any = ctx.Queue()
+    results: Any = ctx.Queue()
+    procs: list[Any] = []
+    with tempfile.TemporaryDirectory(prefix="fedloom-ingest-") as state:
+        args = {
+            "seeds": {n: os.urandom(32) for n in ("agg", *site_ids(a.sites))},
+            "sites": a.sites,
+            "params": a.params,
+            "buffer": a.buffer,
+            "seconds": a.seconds,
+            "warmup": a.warmup,
+            "store": a.store,
+            "state": state,
+        }
+        try:
+            agg = ctx.Process(target=aggregator_main, args=(args, urls, results), daemon=True)
+            agg.start()
+            procs.append(agg)
+            url = urls.get(timeout=120)
+            gen = ctx.Process(target=load_main, args=(args, url), daemon=True)
+            gen.start()
+            procs.append(gen)
+            result = results.get(timeout=a.seconds + 240)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+
+    print(
+        f"ingest bench: FedBuff aggregator (buffer {a.buffer}, concurrency {a.sites}), "
+        f"{a.params:,}-parameter fp32 model, {a.sites} site connections from one load-generator "
+        f"process, loopback, encrypted WebSockets, deltas fp16 up, models fp32 down, {loop_name}, "
+        f"{os.cpu_count()} CPUs, load average before {load_avg[0]:.2f} / {load_avg[1]:.2f} / "
+        f"{load_avg[2]:.2f}"
+    )
+    print(
+        "durable store: "
+        + (
+            "ON (WAL record with the delta + fsync before each ack; checkpoint every 10 versions)"
+            if a.store
+            else "OFF (--no-store)"
+        )
+    )
+    print(f"updates applied per second (1 s samples): {result['per_second']}")
+    print(
+        f"applied {result['applied']} updates in all, {result['versions']} model versions, "
+        f"{result['rejected']} rejected, {result['peak_conns']} connections at peak"
+    )
+    print(
+        f"steady window: {result['window']:.1f} s ({a.warmup:.0f} s after the first update to "
+        f"the end), {result['in_window']} updates applied"
+    )
+    print(f"aggregator peak RSS: {result['rss_mb']:.0f} MB")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print(f"ingest: {result['rate']:.0f} updates/s")
+
+
+if __name__ == "__main__":
+    main()

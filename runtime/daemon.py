@@ -1,0 +1,850 @@
+"""``fedloom run``: one node (site, region, root or gossip peer) as a long-running daemon.
+
+Start-up (``open_daemon``), all before anything touches the network:
+
+1. read the identity key and the signed roster; refuse an identity the roster does not list
+   (with that key and role), and neighbours it does not list;
+2. build the training plan (sites and peers train with it, the root builds its initial
+   model from it and evaluates with it);
+3. open the state directory (``StateStore``, flock-ed: one daemon per directory), ``load``
+   it and restore the node from its checkpoint plus the log records written after it;
+4. write a fresh checkpoint of the restored node (compaction: the log starts empty).
+
+Then ``serve`` runs the node under ``AsyncDriver`` with a ``NetworkPeers`` (sites and
+regions dial their parent with jittered exponential back-off; aggregators listen and admit
+their children only; gossip peers do both), the store for ``Persist`` effects and a
+``MetricsSink`` for ``Metric`` effects (served on ``/metrics`` and ``/healthz`` when
+``[metrics] port`` is set). systemd (``Type=notify``): ``READY=1`` once recovery is done, the
+listener is bound and the dialled links are up (or after ``ready_wait_s`` without them: a
+hospital must not be restart-looped because its aggregator is down); ``WATCHDOG=1`` from the
+event loop at half ``$WATCHDOG_USEC``; on SIGTERM or SIGINT ``STOPPING=1``, the driver stops
+after the event it is handling, connections close in order, a last checkpoint is written and
+the process exits 0.
+
+Nodes that hold a model and have an evaluation (the root, gossip peers) evaluate it every
+``eval_interval_s`` on their plan's test set and export ``fedloom_eval_accuracy`` and
+``fedloom_eval_loss`` (and log the figures).
+
+``load_node(cfg)`` restores a node from its state directory without running it (reports,
+the demo, tests): the same recovery the daemon performs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from algorithms import regional as regional_mod
+from algorithms import site as site_mod
+from algorithms.aggregator_base import APPLIED_KEY
+from algorithms.fedasync import FedAsyncAggregator
+from algorithms.fedbuff import FedBuffAggregator
+from algorithms.gossip import GossipPeer
+from algorithms.protocol import Metric, ModelHolder, Node, Persist
+from algorithms.regional import RegionalAggregator
+from algorithms.server_opt import make_server_opt
+from algorithms.site import SiteNode
+from algorithms.staleness import make_staleness
+from algorithms.sync import SyncAggregator
+from algorithms.training import TrainingPlan
+from runtime import systemd
+from runtime.config import DaemonConfig, load_config
+from runtime.driver import AsyncDriver
+from runtime.peers import Backoff, DialTarget, NetworkPeers, gossip_dial_targets
+from runtime.store import CHECKPOINT_KEY, CorruptStateError, Recovery, StateStore, StoreError
+from runtime.trainer import PlanTrainer, SitePlan, make_executor, plan_from_config
+from sim.config_reader import ConfigError
+from sim.kernel import derived_seed
+from sim.network import CodecPolicy
+from transport.identity import Identity, IdentityError
+from transport.roster import Roster, RosterError
+from transport.tensors import CodecSpec
+
+__all__ = [
+    "DEFAULT_EVAL_INTERVAL_S",
+    "READY_WAIT_S",
+    "Daemon",
+    "DaemonError",
+    "build_node",
+    "configure_logging",
+    "load_node",
+    "open_daemon",
+    "restore_node",
+    "run_daemon",
+    "serve",
+]
+
+log = logging.getLogger("fedloom.daemon")
+
+READY_WAIT_S = 10.0  # longest wait for the dialled links before READY=1 anyway
+DEFAULT_EVAL_INTERVAL_S = 60.0
+OBSERVE_INTERVAL_S = 1.0  # connected peers, bytes, buffer fill -> metrics
+# After SIGTERM, connections get this long to close in order (TAG_FINAL, close frames)
+# before whatever is still running is cancelled again (systemd's stop timeout is longer).
+STOP_GRACE_S = 6.0
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start or had to stop (not a config mistake): one line, exit 1."""
+
+
+# =================================================================== identity and roster
+
+
+def load_identity(cfg: DaemonConfig) -> Identity:
+    try:
+        identity = Identity.load(cfg.identity_key)
+    except IdentityError as exc:
+        raise ConfigError(f"identity.key: {exc}") from None
+    if identity.node_id != cfg.node_id:
+        raise ConfigError(
+            f"identity.key: {cfg.identity_key} is the key of {identity.node_id!r}, but node_id "
+            f"is {cfg.node_id!r}; point identity.key at {cfg.node_id}.key"
+        )
+    return identity
+
+
+def load_roster(cfg: DaemonConfig, identity: Identity) -> Roster:
+    """The verified roster; it must list this node with this key and role."""
+    try:
+        roster = Roster.load(cfg.roster_path, cfg.read_consortium_key())
+    except (RosterError, ValueError, OSError) as exc:
+        raise ConfigError(f"roster.path: {exc}") from None
+    me = roster.lookup(cfg.node_id)
+    if me is None:
+        raise ConfigError(
+            f"roster.path: {cfg.node_id!r} is not in roster version {roster.version}; ask the "
+            f"consortium to add the line: {identity.public_line()}"
+        )
+    if me.public_key != identity.public_key:
+        raise ConfigError(
+            f"identity.key: roster version {roster.version} lists another public key for "
+            f"{cfg.node_id!r}; ask the consortium to list: {identity.public_line()}"
+        )
+    if me.role != cfg.role:
+        raise ConfigError(
+            f"role: the roster lists {cfg.node_id!r} as a {me.role}, the config says {cfg.role}"
+        )
+    return roster
+
+
+def _neighbour_role(roster: Roster, node_id: str, where: str, allowed: tuple[str, ...]) -> str:
+    entry = roster.lookup(node_id)
+    if entry is None:
+        raise ConfigError(f"{where}: {node_id!r} is not in roster version {roster.version}")
+    if entry.role not in allowed:
+        raise ConfigError(
+            f"{where}: {node_id!r} is a {entry.role} in the roster; expected {' or '.join(allowed)}"
+        )
+    return entry.role
+
+
+def child_roles(cfg: DaemonConfig, roster: Roster) -> dict[str, str]:
+    """``{child: "site" | "region"}`` from the roster (the config lists ids only)."""
+    return {
+        c: _neighbour_role(roster, c, f"children[{i}]", ("site", "region"))
+        for i, c in enumerate(cfg.children)
+    }
+
+
+def check_neighbours(cfg: DaemonConfig, roster: Roster) -> None:
+    if cfg.parent is not None:
+        _neighbour_role(roster, cfg.parent.id, "parent.id", ("region", "root"))
+    for i, p in enumerate(cfg.peers):
+        _neighbour_role(roster, p.id, f"peers[{i}].id", ("peer",))
+
+
+# ========================================================================== the node
+
+
+def build_plan(cfg: DaemonConfig) -> TrainingPlan | None:
+    """The node's training plan (``None`` for a region: it neither trains nor evaluates)."""
+    if cfg.plan is None:
+        return None
+    return plan_from_config(cfg.plan, seed=cfg.seed)
+
+
+def _n_examples(plan: TrainingPlan | None) -> int:
+    if isinstance(plan, SitePlan):
+        return int(plan.workload.n_examples(plan.index))
+    return 0
+
+
+def _staleness(cfg: DaemonConfig) -> Any:
+    p = cfg.aggregation
+    if p.staleness == "constant":
+        return make_staleness("constant")
+    if p.staleness == "hinge":
+        return make_staleness("hinge", {"a": p.staleness_a, "b": p.staleness_b})
+    return make_staleness("polynomial", {"a": p.staleness_a})
+
+
+def _server_opt(cfg: DaemonConfig) -> Any:
+    p = cfg.aggregation
+    if p.server_optimizer == "adam":
+        return make_server_opt("adam", {"lr": p.server_lr})
+    return make_server_opt("sgd", {"lr": p.server_lr, "momentum": p.server_momentum})
+
+
+def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> Node:
+    """A fresh state machine for ``cfg.role``, configured from the config (not restored)."""
+    p = cfg.aggregation
+    rng = np.random.default_rng(derived_seed(cfg.seed, "node", cfg.node_id))
+    train_config = cfg.training.as_dict()
+    check_neighbours(cfg, roster)
+    if cfg.role == "site":
+        assert cfg.parent is not None
+        return SiteNode(cfg.node_id, cfg.parent.id, n_examples=_n_examples(plan))
+    if cfg.role == "peer":
+        assert plan is not None
+        return _gossip_peer(cfg, plan, rng)
+    children = child_roles(cfg, roster)
+    n_sites = sum(1 for r in children.values() if r == "site")
+    concurrency = max(1, min(p.concurrency, n_sites)) if n_sites else 1
+    common: dict[str, Any] = {"train_config": train_config, "rng": rng, "clip_norm": p.clip_norm}
+    if cfg.role == "region":
+        assert cfg.parent is not None
+        if cfg.algorithm != "fedbuff":
+            raise ConfigError(
+                f"aggregation.algorithm: a region buffers its sites FedBuff-style; write "
+                f'algorithm = "fedbuff" (the root may run {cfg.algorithm})'
+            )
+        return RegionalAggregator(
+            cfg.node_id,
+            cfg.parent.id,
+            children,
+            buffer_size=p.buffer_size,
+            concurrency=concurrency,
+            staleness=_staleness(cfg),
+            max_staleness=p.max_staleness,
+            task_timeout_s=p.task_timeout_s,
+            weighting=p.weighting,
+            robust=p.robust,
+            **common,
+        )
+    return _root(cfg, children, plan, concurrency, common)
+
+
+def _root(
+    cfg: DaemonConfig,
+    children: Mapping[str, str],
+    plan: TrainingPlan | None,
+    concurrency: int,
+    common: dict[str, Any],
+) -> Node:
+    assert plan is not None
+    p = cfg.aggregation
+    weights = plan.init(cfg.seed)
+    if cfg.algorithm == "fedbuff":
+        return FedBuffAggregator(
+            cfg.node_id,
+            children,
+            weights,
+            buffer_size=p.buffer_size,
+            concurrency=concurrency,
+            staleness=_staleness(cfg),
+            max_staleness=p.max_staleness,
+            server_opt=_server_opt(cfg),
+            task_timeout_s=p.task_timeout_s,
+            weighting=p.weighting,
+            robust=p.robust,
+            **common,
+        )
+    if cfg.algorithm == "fedasync":
+        return FedAsyncAggregator(
+            cfg.node_id,
+            children,
+            weights,
+            alpha=p.alpha,
+            concurrency=concurrency,
+            staleness=_staleness(cfg),
+            max_staleness=p.max_staleness,
+            history=min(p.max_staleness + 1, 256),
+            task_timeout_s=p.task_timeout_s,
+            **common,
+        )
+    if cfg.algorithm in ("fedavg", "fedprox"):
+        k = min(p.clients_per_round, len(children))
+        return SyncAggregator(
+            cfg.node_id,
+            children,
+            weights,
+            clients_per_round=k,
+            over_selection=p.over_selection,
+            round_timeout_s=p.round_timeout_s,
+            min_cohort=min(p.min_cohort, k),
+            min_available=min(len(children), math.ceil(p.over_selection * k)),
+            server_opt=_server_opt(cfg),
+            robust=p.robust,
+            **common,
+        )
+    raise ConfigError(
+        f'aggregation.algorithm: a root runs fedbuff, fedasync, fedavg or fedprox, not "'
+        f'{cfg.algorithm}" (gossip needs role = "peer")'
+    )
+
+
+def _gossip_peer(cfg: DaemonConfig, plan: TrainingPlan, rng: np.random.Generator) -> GossipPeer:
+    p = cfg.aggregation
+    given = [e.weight for e in cfg.peers]
+    if all(w is None for w in given):
+        # Without the neighbours' degrees Metropolis-Hastings is out of reach: mix uniformly.
+        share = 1.0 / (len(cfg.peers) + 1)
+        neighbours = {e.id: share for e in cfg.peers}
+        self_weight = share
+    elif any(w is None for w in given):
+        raise ConfigError("peers: give a weight to every peer or to none")
+    else:
+        neighbours = {e.id: float(e.weight) for e in cfg.peers if e.weight is not None}
+        self_weight = 1.0 - sum(neighbours.values())
+        if self_weight < -1e-9:
+            raise ConfigError(
+                f"peers: the weights sum to {sum(neighbours.values()):.6g} > 1; the rest "
+                "(1 - sum) is this node's own weight"
+            )
+        self_weight = max(self_weight, 0.0)
+    interval = p.gossip_interval_s
+    return GossipPeer(
+        cfg.node_id,
+        neighbours,
+        self_weight,
+        plan.init(cfg.seed),
+        mode=p.gossip_mode,
+        train_config=cfg.training.as_dict(),
+        gossip_interval_s=interval,
+        heartbeat_interval_s=interval,
+        suspect_after_s=4 * interval + cfg.connection.down_after_s,
+        prune_after_s=8 * interval + 2 * cfg.connection.down_after_s,
+        rng=rng,
+    )
+
+
+def restore_node(node: Node, recovery: Recovery) -> None:
+    """Load the checkpoint (or the fresh node's own state) and replay the log after it."""
+    state = recovery.checkpoint
+    if isinstance(node, SiteNode):
+        node.restore(
+            state if state is not None else node.snapshot(),
+            recovery.records(site_mod.PENDING_KEY),
+        )
+    elif isinstance(node, RegionalAggregator):
+        node.restore(
+            state if state is not None else node.snapshot(),
+            recovery.records(APPLIED_KEY),
+            recovery.records(regional_mod.PENDING_KEY),
+        )
+    elif isinstance(node, FedBuffAggregator | FedAsyncAggregator | SyncAggregator):
+        node.restore(state if state is not None else node.snapshot(), recovery.records(APPLIED_KEY))
+    # A gossip peer keeps no durable state: after a restart it mixes back in from its
+    # neighbours' models.
+
+
+def _has_snapshot(node: Node) -> bool:
+    return callable(getattr(node, "snapshot", None))
+
+
+# ======================================================================== the daemon
+
+
+@dataclass(slots=True)
+class Daemon:
+    """Everything ``open_daemon`` prepared; ``serve`` runs it, ``close`` releases it."""
+
+    cfg: DaemonConfig
+    identity: Identity
+    roster: Roster
+    plan: TrainingPlan | None
+    node: Node
+    store: StateStore
+    recovery: Recovery
+    started: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _open_store(cfg: DaemonConfig) -> tuple[StateStore, Recovery]:
+    try:
+        store = StateStore(cfg.state_dir)
+    except StoreError as exc:
+        raise ConfigError(f"state_dir: {exc} (is this node already running?)") from None
+    except OSError as exc:
+        raise ConfigError(f"state_dir: cannot open {cfg.state_dir}: {exc.strerror}") from None
+    try:
+        return store, store.load()
+    except CorruptStateError as exc:
+        store.close()
+        raise DaemonError(f"state_dir: {exc}") from None
+    except BaseException:
+        store.close()
+        raise
+
+
+def _recover(cfg: DaemonConfig, node: Node, recovery: Recovery) -> None:
+    try:
+        restore_node(node, recovery)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"state_dir: {cfg.state_dir} holds state this {cfg.role} cannot restore ({exc}); "
+            "point state_dir at this node's own directory"
+        ) from None
+
+
+def open_daemon(cfg: DaemonConfig) -> Daemon:
+    """Identity, roster, plan, node, and recovery from ``cfg.state_dir`` (see module doc)."""
+    identity = load_identity(cfg)
+    roster = load_roster(cfg, identity)
+    plan = build_plan(cfg)
+    node = build_node(cfg, roster, plan)
+    store, recovery = _open_store(cfg)
+    try:
+        _recover(cfg, node, recovery)
+        if _has_snapshot(node):
+            # Compaction: from here on the log holds only what happens after this start.
+            store.apply(Persist(CHECKPOINT_KEY, node.snapshot()))  # type: ignore[attr-defined]
+    except BaseException:
+        store.close()
+        raise
+    return Daemon(cfg, identity, roster, plan, node, store, recovery)
+
+
+def load_node(cfg: DaemonConfig) -> Node:
+    """The node as a restart would recover it from ``cfg.state_dir`` (nothing is written
+    except the repair of a torn log tail). The daemon must not be running."""
+    identity = load_identity(cfg)
+    roster = load_roster(cfg, identity)
+    node = build_node(cfg, roster, build_plan(cfg))
+    store, recovery = _open_store(cfg)
+    try:
+        _recover(cfg, node, recovery)
+    finally:
+        store.close()
+    return node
+
+
+def _recovery_summary(recovery: Recovery) -> str:
+    records = sum(len(v) for v in recovery.logs.values())
+    if recovery.checkpoint is None and not records:
+        return "fresh start (no saved state)"
+    ckpt = "a checkpoint" if recovery.checkpoint is not None else "no checkpoint"
+    torn = f", dropped a torn tail of {recovery.torn_bytes} bytes" if recovery.torn_bytes else ""
+    return f"recovered {ckpt} (epoch {recovery.epoch}) and {records} log records{torn}"
+
+
+# ------------------------------------------------------------------------ networking
+
+
+def build_peers(d: Daemon) -> NetworkPeers:
+    cfg = d.cfg
+    dial: list[DialTarget] = []
+    accept_from: list[str] | None = None
+    if cfg.parent is not None:
+        assert cfg.parent.url is not None
+        dial.append(DialTarget(cfg.parent.id, cfg.parent.url))
+    if cfg.role == "peer":
+        dial = gossip_dial_targets(
+            cfg.node_id, [(p.id, p.url) for p in cfg.peers], listening=cfg.listen is not None
+        )
+        accept_from = [p.id for p in cfg.peers]
+    elif cfg.children:
+        accept_from = list(cfg.children)
+    codec = cfg.codec
+    codecs = CodecPolicy(
+        up=CodecSpec(kind=codec.up, topk_fraction=codec.topk_fraction),  # type: ignore[arg-type]
+        down=CodecSpec(kind=codec.down),  # type: ignore[arg-type]
+    )
+    conn = cfg.connection
+    return NetworkPeers(
+        d.identity,
+        d.roster,
+        dial=dial,
+        listen=cfg.listen,
+        accept_from=accept_from,
+        codecs=codecs,
+        keepalive_s=conn.keepalive_s,
+        down_after_s=conn.down_after_s,
+        backoff=Backoff(base_s=conn.backoff_base_s, cap_s=conn.backoff_cap_s),
+        rng=random.Random(derived_seed(cfg.seed, "backoff", cfg.node_id)),
+    )
+
+
+# ---------------------------------------------------------------------- housekeeping
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until ``stop``; True when stopping."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    return stop.is_set()
+
+
+async def _announce_ready(
+    d: Daemon, peers: NetworkPeers, sink: Any, stop: asyncio.Event, wait_s: float
+) -> None:
+    """READY=1 once listening and the dialled links are up (or after ``wait_s`` anyway)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + wait_s
+    wanted = frozenset(t.peer for t in peers.dial)
+    while not stop.is_set():
+        listening = d.cfg.listen is None or peers.listen_url is not None
+        missing = wanted - peers.connected()
+        if listening and (not missing or loop.time() >= give_up):
+            break
+        await asyncio.sleep(0.05)
+    if stop.is_set():
+        return
+    parts = [f"{d.cfg.node_id} ({d.cfg.role})"]
+    if peers.listen_url is not None:
+        parts.append(f"listening on {peers.listen_url}")
+    if wanted:
+        missing = wanted - peers.connected()
+        parts.append(f"waiting for {', '.join(sorted(missing))}" if missing else "links up")
+    text = "; ".join(parts)
+    systemd.ready(text)
+    sink.set_ready(True)
+    log.info(
+        "ready: %s",
+        text,
+        extra={"node": d.cfg.node_id, "listen_url": peers.listen_url, "ready": True},
+    )
+
+
+async def _observe(d: Daemon, peers: NetworkPeers, sink: Any, stop: asyncio.Event) -> None:
+    """Connected peers, bytes on the wire and buffer fill, into the metrics, every second."""
+    seen: dict[int, tuple[int, int]] = {}
+    node: Any = d.node
+    while True:
+        sink.set_connected_peers(len(peers.connected()))
+        current: dict[int, tuple[int, int]] = {}
+        for peer in peers.connected():
+            conn = peers.table.get(peer)
+            if conn is None:
+                continue
+            progress = conn.pipe.progress
+            key = id(progress)
+            last_in, last_out = seen.get(key, (0, 0))
+            sink.add_bytes("received", max(0, progress.bytes_in - last_in))
+            sink.add_bytes("sent", max(0, progress.bytes_out - last_out))
+            current[key] = (progress.bytes_in, progress.bytes_out)
+        seen = current
+        fill = getattr(node, "buffer_fill", None)
+        if isinstance(fill, int):
+            sink(Metric("buffer_fill", float(fill)))
+        if await _sleep_or_stop(stop, OBSERVE_INTERVAL_S):
+            return
+
+
+async def _on_event(
+    event: asyncio.Event, stop: asyncio.Event, action: Callable[[str], None]
+) -> None:
+    """Call ``action`` when ``event`` is set (unless ``stop`` comes first)."""
+    waiter = asyncio.ensure_future(event.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        stopper.cancel()
+    if event.is_set():
+        action("shutdown requested")
+
+
+def _model_of(node: Node) -> tuple[int, Any] | None:
+    if isinstance(node, ModelHolder):
+        return node.current_model()
+    return None
+
+
+async def _evaluate(d: Daemon, sink: Any, stop: asyncio.Event, interval_s: float) -> None:
+    """Evaluate the node's model on its plan's test set whenever it has changed."""
+    from prometheus_client import Gauge
+
+    plan = d.plan
+    assert plan is not None
+    accuracy = Gauge(
+        "fedloom_eval_accuracy", "Accuracy of the current model.", registry=sink.registry
+    )
+    loss = Gauge("fedloom_eval_loss", "Loss of the current model.", registry=sink.registry)
+    version_g = Gauge(
+        "fedloom_eval_model_version", "Model version last evaluated.", registry=sink.registry
+    )
+    last: int | None = None
+    while True:
+        model = _model_of(d.node)
+        if model is not None and model[0] != last:
+            version, weights = model
+            try:
+                result = await asyncio.to_thread(plan.evaluate, weights)
+            except Exception:  # a broken evaluation must not take the node down
+                log.exception("%s: evaluating model v%d failed", d.cfg.node_id, version)
+            else:
+                last = version
+                acc = float(result.get("accuracy", math.nan))
+                lss = float(result.get("loss", math.nan))
+                accuracy.set(acc)
+                loss.set(lss)
+                version_g.set(version)
+                log.info(
+                    "%s: model v%d: accuracy %.4f, loss %.4f",
+                    d.cfg.node_id,
+                    version,
+                    acc,
+                    lss,
+                    extra={"node": d.cfg.node_id, "version": version, "accuracy": acc, "loss": lss},
+                )
+        if await _sleep_or_stop(stop, interval_s):
+            return
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedloom")
+    except PackageNotFoundError:
+        return "dev"
+
+
+async def serve(
+    d: Daemon,
+    *,
+    eval_interval_s: float | None = None,
+    ready_wait_s: float = READY_WAIT_S,
+    install_signals: bool = True,
+    shutdown: asyncio.Event | None = None,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT or until ``shutdown`` is set (see the module
+    docstring). ``eval_interval_s`` None: the default for the role."""
+    from runtime.health import start_observability
+    from runtime.metrics import MetricsSink
+
+    cfg = d.cfg
+    loop = asyncio.get_running_loop()
+    sink = MetricsSink(per_source=True)
+    sink.set_info(cfg.node_id, cfg.role, _package_version())
+    model = _model_of(d.node)
+    if model is not None:
+        sink(Metric("model_version", float(model[0])))
+    peers = build_peers(d)
+    executor: cf.Executor | None = None
+    trainer = None
+    if cfg.role in ("site", "peer") and d.plan is not None:
+        trainer = PlanTrainer(d.plan)
+        executor = make_executor(cfg.executor.kind, cfg.executor.workers)
+    driver = AsyncDriver(
+        d.node,
+        peers=peers,
+        trainer=trainer,
+        executor=executor,
+        store=d.store,
+        metrics=sink,
+        seed=cfg.seed,
+    )
+    stop = asyncio.Event()
+    main = asyncio.current_task()
+    outside = asyncio.all_tasks(loop)  # tasks not ours to cancel (in-process callers)
+    finished = False
+
+    def force_stop() -> None:
+        # A task that swallowed its cancellation (e.g. one whose link ended at the same
+        # moment) would keep the daemon alive after SIGTERM: cancel what is left, again.
+        if finished:
+            return
+        pending = [
+            t
+            for t in asyncio.all_tasks(loop)
+            if t is not main and t not in outside and not t.done()
+        ]
+        log.warning(
+            "%s: still stopping after %.1f s; cancelling %d task(s): %s",
+            cfg.node_id,
+            STOP_GRACE_S,
+            len(pending),
+            ", ".join(sorted(t.get_name() for t in pending))[:500],
+            extra={"node": cfg.node_id},
+        )
+        for task in pending:
+            task.cancel()
+        loop.call_later(1.0, force_stop)
+
+    def request_stop(why: str) -> None:
+        if stop.is_set():
+            return
+        log.info("%s: %s: shutting down", cfg.node_id, why, extra={"node": cfg.node_id})
+        systemd.stopping()
+        sink.set_ready(False)
+        stop.set()
+        driver.stop()
+        loop.call_later(STOP_GRACE_S, force_stop)
+
+    signals = (signal.SIGTERM, signal.SIGINT) if install_signals else ()
+    for sig in signals:
+        loop.add_signal_handler(sig, request_stop, sig.name)
+    interval = eval_interval_s
+    if interval is None:
+        interval = DEFAULT_EVAL_INTERVAL_S if cfg.role in ("root", "peer") else 0.0
+    evaluating = interval > 0 and d.plan is not None and isinstance(d.node, ModelHolder)
+    obs = None
+    try:
+        if cfg.metrics_port:
+            try:
+                obs = await start_observability(sink, cfg.metrics_host, cfg.metrics_port)
+            except OSError as exc:
+                raise DaemonError(
+                    f"metrics: cannot listen on {cfg.metrics_host}:{cfg.metrics_port}: {exc}"
+                ) from None
+        log.info(
+            "%s (%s): %s",
+            cfg.node_id,
+            cfg.role,
+            _recovery_summary(d.recovery),
+            extra={"node": cfg.node_id, "epoch": d.recovery.epoch},
+        )
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(driver.run(), name=f"driver {cfg.node_id}")
+            tg.create_task(_announce_ready(d, peers, sink, stop, ready_wait_s))
+            tg.create_task(systemd.watchdog_loop(stop))
+            tg.create_task(_observe(d, peers, sink, stop))
+            if evaluating:
+                tg.create_task(_evaluate(d, sink, stop, interval))
+            if shutdown is not None:
+                tg.create_task(_on_event(shutdown, stop, request_stop))
+            try:
+                await run
+            finally:
+                stop.set()  # the helpers end with the driver, whichever way it ended
+    except* OSError as group:
+        if cfg.listen is None or peers.listen_url is not None:
+            raise
+        host, port = cfg.listen
+        raise DaemonError(
+            f"listen: cannot listen on {host}:{port}: {group.exceptions[0]}"
+        ) from None
+    finally:
+        finished = True
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        if obs is not None:
+            await obs.stop()
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+    if _has_snapshot(d.node):
+        d.store.apply(Persist(CHECKPOINT_KEY, d.node.snapshot()))  # type: ignore[attr-defined]
+    log.info("%s: stopped cleanly", cfg.node_id, extra={"node": cfg.node_id})
+
+
+# --------------------------------------------------------------------------- logging
+
+_STANDARD_ATTRS = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
+) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and every ``extra`` field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(levels: list[str] | None = None, fmt: str = "auto") -> None:
+    """Log to stderr. ``levels``: ``"info"`` or ``"logger=debug"`` items (the last bare
+    level is the root level); ``fmt``: ``json``, ``text``, or ``auto`` (text on a TTY)."""
+    root_level = logging.INFO
+    per_logger: dict[str, int] = {}
+    for item in levels or []:
+        name, sep, level = item.rpartition("=")
+        value = logging.getLevelName(level.strip().upper())
+        if not isinstance(value, int):
+            raise ConfigError(f"--log-level {item!r}: unknown level (debug, info, warning, error)")
+        if sep:
+            per_logger[name.strip()] = value
+        else:
+            root_level = value
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if use_json
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(root_level)
+    # aiohttp logs every refused upgrade and dropped socket at INFO: noise for operators.
+    logging.getLogger("aiohttp").setLevel(max(root_level, logging.WARNING))
+    for name, value in per_logger.items():
+        logging.getLogger(name).setLevel(value)
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def _new_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run_daemon(
+    config: Path,
+    *,
+    eval_interval_s: float | None = None,
+    ready_wait_s: float = READY_WAIT_S,
+) -> int:
+    """``fedloom run``: load, recover, serve until SIGTERM; 0 on a clean stop.
+
+    Config mistakes raise ``ConfigError`` (exit 2 from the CLI); a daemon that cannot run
+    (corrupt state, a port in use) logs one line and returns 1.
+    """
+    cfg = load_config(config)
+    try:
+        d = open_daemon(cfg)
+    except DaemonError as exc:
+        log.error("%s: %s", cfg.node_id, exc)
+        return EXIT_FAILED
+    try:
+        with asyncio.Runner(loop_factory=_new_loop_factory()) as runner:
+            runner.run(serve(d, eval_interval_s=eval_interval_s, ready_wait_s=ready_wait_s))
+    except DaemonError as exc:
+        log.error("%s: %s", cfg.node_id, exc, extra={"node": cfg.node_id})
+        return EXIT_FAILED
+    finally:
+        d.close()
+    return EXIT_OK
