@@ -509,6 +509,7 @@ class NetworkPeers:
             except (LinkClosed, ProtocolError, OSError) as exc:
                 if self._closing:  # a cancellation may surface as a failed connect
                     return
+                _reraise_pending_cancel()
                 self.dial_failures += 1
                 delay = self.backoff.delay(attempt, self._rng)
                 attempt += 1
@@ -529,6 +530,9 @@ class NetworkPeers:
             await self.table.serve(conn)
             if self._closing:
                 return
+            # On 3.11 a link that ends as the task is cancelled can swallow the
+            # cancellation: honour it rather than redial forever after a shutdown.
+            _reraise_pending_cancel()
             # Dropped: wait a little before redialling (a flapping link must not spin).
             await asyncio.sleep(self.backoff.delay(attempt, self._rng))
             attempt += 1
@@ -564,3 +568,10 @@ class NetworkPeers:
         finally:
             self._accepted.discard(done)
             done.set_result(None)
+
+
+def _reraise_pending_cancel() -> None:
+    """Raise ``CancelledError`` if the running task has a cancellation pending."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
