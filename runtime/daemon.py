@@ -41,7 +41,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +56,7 @@ from algorithms.fedbuff import FedBuffAggregator
 from algorithms.gossip import GossipPeer
 from algorithms.protocol import Metric, ModelHolder, Node, Persist
 from algorithms.regional import RegionalAggregator
-from algorithms.server_opt import make_server_opt
 from algorithms.site import SiteNode
-from algorithms.staleness import make_staleness
 from algorithms.sync import SyncAggregator
 from algorithms.training import TrainingPlan
 from runtime import systemd
@@ -67,6 +65,7 @@ from runtime.driver import AsyncDriver
 from runtime.peers import Backoff, DialTarget, NetworkPeers, gossip_dial_targets
 from runtime.store import CHECKPOINT_KEY, CorruptStateError, Recovery, StateStore, StoreError
 from runtime.trainer import PlanTrainer, SitePlan, make_executor, plan_from_config
+from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root
 from sim.config_reader import ConfigError
 from sim.kernel import derived_seed
 from sim.network import CodecPolicy
@@ -186,22 +185,6 @@ def _n_examples(plan: TrainingPlan | None) -> int:
     return 0
 
 
-def _staleness(cfg: DaemonConfig) -> Any:
-    p = cfg.aggregation
-    if p.staleness == "constant":
-        return make_staleness("constant")
-    if p.staleness == "hinge":
-        return make_staleness("hinge", {"a": p.staleness_a, "b": p.staleness_b})
-    return make_staleness("polynomial", {"a": p.staleness_a})
-
-
-def _server_opt(cfg: DaemonConfig) -> Any:
-    p = cfg.aggregation
-    if p.server_optimizer == "adam":
-        return make_server_opt("adam", {"lr": p.server_lr})
-    return make_server_opt("sgd", {"lr": p.server_lr, "momentum": p.server_momentum})
-
-
 def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> Node:
     """A fresh state machine for ``cfg.role``, configured from the config (not restored)."""
     p = cfg.aggregation
@@ -217,7 +200,6 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
     children = child_roles(cfg, roster)
     n_sites = sum(1 for r in children.values() if r == "site")
     concurrency = max(1, min(p.concurrency, n_sites)) if n_sites else 1
-    common: dict[str, Any] = {"train_config": train_config, "rng": rng, "clip_norm": p.clip_norm}
     if cfg.role == "region":
         assert cfg.parent is not None
         if cfg.algorithm != "fedbuff":
@@ -225,78 +207,32 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
                 f"aggregation.algorithm: a region buffers its sites FedBuff-style; write "
                 f'algorithm = "fedbuff" (the root may run {cfg.algorithm})'
             )
-        return RegionalAggregator(
+        return build_region(
             cfg.node_id,
             cfg.parent.id,
             children,
+            p,
             buffer_size=p.buffer_size,
             concurrency=concurrency,
-            staleness=_staleness(cfg),
-            max_staleness=p.max_staleness,
-            task_timeout_s=p.task_timeout_s,
-            weighting=p.weighting,
-            robust=p.robust,
-            **common,
+            train_config=train_config,
+            rng=rng,
         )
-    return _root(cfg, children, plan, concurrency, common)
-
-
-def _root(
-    cfg: DaemonConfig,
-    children: Mapping[str, str],
-    plan: TrainingPlan | None,
-    concurrency: int,
-    common: dict[str, Any],
-) -> Node:
     assert plan is not None
-    p = cfg.aggregation
-    weights = plan.init(cfg.seed)
-    if cfg.algorithm == "fedbuff":
-        return FedBuffAggregator(
-            cfg.node_id,
-            children,
-            weights,
-            buffer_size=p.buffer_size,
-            concurrency=concurrency,
-            staleness=_staleness(cfg),
-            max_staleness=p.max_staleness,
-            server_opt=_server_opt(cfg),
-            task_timeout_s=p.task_timeout_s,
-            weighting=p.weighting,
-            robust=p.robust,
-            **common,
+    if cfg.algorithm not in ROOT_ALGORITHMS:
+        raise ConfigError(
+            f'aggregation.algorithm: a root runs fedbuff, fedasync, fedavg or fedprox, not "'
+            f'{cfg.algorithm}" (gossip needs role = "peer")'
         )
-    if cfg.algorithm == "fedasync":
-        return FedAsyncAggregator(
-            cfg.node_id,
-            children,
-            weights,
-            alpha=p.alpha,
-            concurrency=concurrency,
-            staleness=_staleness(cfg),
-            max_staleness=p.max_staleness,
-            history=min(p.max_staleness + 1, 256),
-            task_timeout_s=p.task_timeout_s,
-            **common,
-        )
-    if cfg.algorithm in ("fedavg", "fedprox"):
-        k = min(p.clients_per_round, len(children))
-        return SyncAggregator(
-            cfg.node_id,
-            children,
-            weights,
-            clients_per_round=k,
-            over_selection=p.over_selection,
-            round_timeout_s=p.round_timeout_s,
-            min_cohort=min(p.min_cohort, k),
-            min_available=min(len(children), math.ceil(p.over_selection * k)),
-            server_opt=_server_opt(cfg),
-            robust=p.robust,
-            **common,
-        )
-    raise ConfigError(
-        f'aggregation.algorithm: a root runs fedbuff, fedasync, fedavg or fedprox, not "'
-        f'{cfg.algorithm}" (gossip needs role = "peer")'
+    return build_root(
+        cfg.algorithm,
+        cfg.node_id,
+        children,
+        plan.init(cfg.seed),
+        p,
+        buffer_size=p.buffer_size,
+        concurrency=concurrency,
+        train_config=train_config,
+        rng=rng,
     )
 
 

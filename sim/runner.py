@@ -17,15 +17,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from algorithms.fedasync import FedAsyncAggregator
-from algorithms.fedbuff import FedBuffAggregator
 from algorithms.gossip import GossipPeer
 from algorithms.protocol import ModelHolder, Node, Weights
-from algorithms.regional import RegionalAggregator
-from algorithms.server_opt import make_server_opt
 from algorithms.site import SiteNode
-from algorithms.staleness import make_staleness
-from algorithms.sync import SyncAggregator
+from sim.aggregators import build_region, build_root
 from sim.availability import Availability, Death
 from sim.compute import ComputeModel
 from sim.config_reader import ConfigError
@@ -125,22 +120,6 @@ def build_plan_for_arm(scenario: Scenario, arm: Arm, seed: int) -> Plan:
     return build_plan(scenario, arm, build_sites(scenario, workload, seed), seed)
 
 
-def _server_opt(arm: Arm) -> Any:
-    p = arm.params
-    if p.server_optimizer == "adam":
-        return make_server_opt("adam", {"lr": p.server_lr})
-    return make_server_opt("sgd", {"lr": p.server_lr, "momentum": p.server_momentum})
-
-
-def _staleness(arm: Arm) -> Any:
-    p = arm.params
-    if p.staleness == "constant":
-        return make_staleness("constant")
-    if p.staleness == "hinge":
-        return make_staleness("hinge", {"a": p.staleness_a, "b": p.staleness_b})
-    return make_staleness("polynomial", {"a": p.staleness_a})
-
-
 def build_nodes(
     plan: Plan, arm: Arm, weights: Weights, seed: int, n_examples: Mapping[str, int]
 ) -> dict[str, Node]:
@@ -151,11 +130,6 @@ def build_nodes(
     for spec in plan.nodes:
         rng = np.random.default_rng(derived_seed(seed, "node", spec.id))
         children = {c: plan.node(c).role for c in spec.children}
-        common: dict[str, Any] = {
-            "train_config": train_config,
-            "rng": rng,
-            "clip_norm": p.clip_norm,
-        }
         node: Node
         if spec.role == "site":
             assert spec.parent is not None
@@ -176,79 +150,33 @@ def build_nodes(
             )
         elif spec.role == "region":
             assert spec.parent is not None
-            node = RegionalAggregator(
+            node = build_region(
                 spec.id,
                 spec.parent,
                 children,
+                p,
                 buffer_size=p.regional_buffer_size,
                 concurrency=p.regional_concurrency,
-                staleness=_staleness(arm),
-                max_staleness=p.max_staleness,
-                task_timeout_s=p.task_timeout_s,
-                weighting=p.weighting,
-                robust=p.robust,
-                log_deltas=False,
-                **common,
+                train_config=train_config,
+                rng=rng,
+                log_deltas=False,  # the simulator never restarts a node from its log
             )
         else:
-            node = _root(arm, spec.id, children, weights, common)
+            hierarchical_root = any(role == "region" for role in children.values())
+            node = build_root(
+                arm.algorithm,
+                spec.id,
+                children,
+                weights,
+                p,
+                buffer_size=p.root_buffer_size if hierarchical_root else p.buffer_size,
+                concurrency=max(1, min(p.concurrency, len(children))),
+                train_config=train_config,
+                rng=rng,
+                log_deltas=False,
+            )
         nodes[spec.id] = node
     return nodes
-
-
-def _root(
-    arm: Arm, node_id: str, children: Mapping[str, str], weights: Weights, common: dict[str, Any]
-) -> Node:
-    p = arm.params
-    hierarchical_root = any(role == "region" for role in children.values())
-    concurrency = max(1, min(p.concurrency, len(children)))
-    if arm.algorithm == "fedbuff":
-        return FedBuffAggregator(
-            node_id,
-            children,
-            weights,
-            buffer_size=p.root_buffer_size if hierarchical_root else p.buffer_size,
-            concurrency=concurrency,
-            staleness=_staleness(arm),
-            max_staleness=p.max_staleness,
-            server_opt=_server_opt(arm),
-            task_timeout_s=p.task_timeout_s,
-            weighting=p.weighting,
-            robust=p.robust,
-            log_deltas=False,
-            **common,
-        )
-    if arm.algorithm == "fedasync":
-        return FedAsyncAggregator(
-            node_id,
-            children,
-            weights,
-            alpha=p.alpha,
-            concurrency=concurrency,
-            staleness=_staleness(arm),
-            max_staleness=p.max_staleness,
-            history=min(p.max_staleness + 1, 256),
-            task_timeout_s=p.task_timeout_s,
-            log_deltas=False,
-            **common,
-        )
-    # fedavg / fedprox: synchronous rounds
-    k = min(p.clients_per_round, len(children))
-    return SyncAggregator(
-        node_id,
-        children,
-        weights,
-        clients_per_round=k,
-        over_selection=p.over_selection,
-        round_timeout_s=p.round_timeout_s,
-        min_cohort=min(p.min_cohort, k),
-        # Over-select from the first round on: wait until enough sites are idle.
-        min_available=min(len(children), math.ceil(p.over_selection * k)),
-        server_opt=_server_opt(arm),
-        robust=p.robust,
-        log_deltas=False,
-        **common,
-    )
 
 
 def build_availability(

@@ -1,0 +1,138 @@
+"""Aggregator state machines built from an ``AlgorithmConfig``.
+
+One factory for the simulator's scenario arms and the runtime's daemon configs, so a
+scenario and a deployment with the same parameters run the same nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from algorithms.fedasync import FedAsyncAggregator
+from algorithms.fedbuff import FedBuffAggregator
+from algorithms.protocol import Node, Weights
+from algorithms.regional import RegionalAggregator
+from algorithms.server_opt import ServerOptimizer, make_server_opt
+from algorithms.staleness import StalenessFn, make_staleness
+from algorithms.sync import SyncAggregator
+from sim.scenario import AlgorithmConfig
+
+ROOT_ALGORITHMS = ("fedbuff", "fedasync", "fedavg", "fedprox")
+
+
+def staleness_fn(p: AlgorithmConfig) -> StalenessFn:
+    if p.staleness == "constant":
+        return make_staleness("constant")
+    if p.staleness == "hinge":
+        return make_staleness("hinge", {"a": p.staleness_a, "b": p.staleness_b})
+    return make_staleness("polynomial", {"a": p.staleness_a})
+
+
+def server_optimizer(p: AlgorithmConfig) -> ServerOptimizer:
+    if p.server_optimizer == "adam":
+        return make_server_opt("adam", {"lr": p.server_lr})
+    return make_server_opt("sgd", {"lr": p.server_lr, "momentum": p.server_momentum})
+
+
+def build_root(
+    algorithm: str,
+    node_id: str,
+    children: Mapping[str, str],
+    weights: Weights,
+    p: AlgorithmConfig,
+    *,
+    buffer_size: int,
+    concurrency: int,
+    train_config: Mapping[str, Any],
+    rng: np.random.Generator,
+    log_deltas: bool = True,
+) -> Node:
+    """The top aggregator for ``algorithm`` (fedbuff, fedasync, fedavg or fedprox)."""
+    common: dict[str, Any] = {
+        "train_config": train_config,
+        "rng": rng,
+        "clip_norm": p.clip_norm,
+        "log_deltas": log_deltas,
+    }
+    if algorithm == "fedbuff":
+        return FedBuffAggregator(
+            node_id,
+            children,
+            weights,
+            buffer_size=buffer_size,
+            concurrency=concurrency,
+            staleness=staleness_fn(p),
+            max_staleness=p.max_staleness,
+            server_opt=server_optimizer(p),
+            task_timeout_s=p.task_timeout_s,
+            weighting=p.weighting,
+            robust=p.robust,
+            **common,
+        )
+    if algorithm == "fedasync":
+        return FedAsyncAggregator(
+            node_id,
+            children,
+            weights,
+            alpha=p.alpha,
+            concurrency=concurrency,
+            staleness=staleness_fn(p),
+            max_staleness=p.max_staleness,
+            history=min(p.max_staleness + 1, 256),
+            task_timeout_s=p.task_timeout_s,
+            **common,
+        )
+    if algorithm in ("fedavg", "fedprox"):
+        k = min(p.clients_per_round, len(children))
+        return SyncAggregator(
+            node_id,
+            children,
+            weights,
+            clients_per_round=k,
+            over_selection=p.over_selection,
+            round_timeout_s=p.round_timeout_s,
+            min_cohort=min(p.min_cohort, k),
+            # Over-select from the first round on: wait until enough sites are idle.
+            min_available=min(len(children), math.ceil(p.over_selection * k)),
+            server_opt=server_optimizer(p),
+            robust=p.robust,
+            # An open round does not survive a restart, so its deltas are never replayed.
+            **{**common, "log_deltas": False},
+        )
+    known = ", ".join(ROOT_ALGORITHMS)
+    raise ValueError(f"no root aggregator for algorithm {algorithm!r} ({known})")
+
+
+def build_region(
+    node_id: str,
+    parent: str,
+    children: Mapping[str, str],
+    p: AlgorithmConfig,
+    *,
+    buffer_size: int,
+    concurrency: int,
+    train_config: Mapping[str, Any],
+    rng: np.random.Generator,
+    log_deltas: bool = True,
+) -> RegionalAggregator:
+    """A regional FedBuff buffer between its sites and ``parent``."""
+    return RegionalAggregator(
+        node_id,
+        parent,
+        children,
+        buffer_size=buffer_size,
+        concurrency=concurrency,
+        staleness=staleness_fn(p),
+        max_staleness=p.max_staleness,
+        task_timeout_s=p.task_timeout_s,
+        weighting=p.weighting,
+        robust=p.robust,
+        train_config=train_config,
+        rng=rng,
+        clip_norm=p.clip_norm,
+        log_deltas=log_deltas,
+    )
