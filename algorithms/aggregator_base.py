@@ -337,6 +337,21 @@ class AggregatorBase:
             return None
         return tau
 
+    def _record_applied(
+        self,
+        peer: str,
+        msg: Update,
+        version: int,
+        tau: int,
+        s: float,
+        out: list[Effect],
+        **extra: Any,
+    ) -> None:
+        """Count an update as applied: the metric, then its durable record and ack."""
+        self.applied += 1
+        out.append(Metric("update_applied", float(tau), {"src": msg.src, "seq": str(msg.seq)}))
+        self._record(peer, msg, Outcome.APPLIED, version, out, tau=tau, s=s, **extra)
+
     def _reject(self, peer: str, msg: Update, reason: str, version: int, out: list[Effect]) -> None:
         """A malformed update from a child: reported, recorded and acked, never applied."""
         self.rejected += 1
@@ -390,3 +405,27 @@ class AggregatorBase:
                 if "delta" not in rec:
                     raise ValueError("an applied record without its delta cannot be replayed")
                 self._replay(rec)
+
+
+class OwnModel:
+    """The model a root aggregator owns: its version and weights."""
+
+    _version: int
+    _weights: Weights
+
+    def _init_model(self, weights: Weights, version: int) -> None:
+        validate_weights(weights)
+        if version < 0:
+            raise ValueError(f"version must be >= 0, got {version}")
+        self._weights = dict(weights)
+        self._version = version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def current_model(self) -> tuple[int, Weights]:
+        return self._version, self._weights
+
+    def _model(self) -> tuple[int, Weights]:
+        return self._version, self._weights

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import AggregatorBase, Outcome
+from algorithms.aggregator_base import AggregatorBase
 from algorithms.protocol import Effect, Metric, Weights
 from algorithms.staleness import StalenessFn, polynomial
 from algorithms.update_buffer import UpdateBuffer
@@ -98,9 +98,7 @@ class BufferedAggregator(AggregatorBase):
         s = self._staleness(tau)
         if self._buffer.add(msg.delta, s, msg.n_examples, msg.count):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
-        self.applied += 1
-        out.append(Metric("update_applied", float(tau), {"src": msg.src, "seq": str(msg.seq)}))
-        self._record(peer, msg, Outcome.APPLIED, version, out, tau=tau, s=s)
+        self._record_applied(peer, msg, version, tau, s, out)
         out.append(Metric("buffer_fill", float(len(self._buffer))))
         if len(self._buffer) >= self.buffer_size:
             self._flush_full(out)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, Outcome, validate_weights
+from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, OwnModel
 from algorithms.protocol import Effect, Metric, Persist, Weights
 from algorithms.robust import clip_by_norm
 from algorithms.staleness import StalenessFn, polynomial
@@ -31,7 +31,7 @@ __all__ = ["FedAsyncAggregator"]
 FEDASYNC_STALENESS: StalenessFn = polynomial(0.5)
 
 
-class FedAsyncAggregator(AggregatorBase):
+class FedAsyncAggregator(OwnModel, AggregatorBase):
     """Sans-I/O FedAsync root: ``handle(event, now) -> effects``; holds the global model."""
 
     def __init__(
@@ -62,7 +62,7 @@ class FedAsyncAggregator(AggregatorBase):
             train_config=train_config,
             log_deltas=log_deltas,
         )
-        validate_weights(weights)
+        self._init_model(weights, version)
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         if history < 1:
@@ -79,21 +79,9 @@ class FedAsyncAggregator(AggregatorBase):
         self.checkpoint_every = checkpoint_every
         self._staleness = staleness
         self._history_len = history
-        self._version = version
-        self._weights = dict(weights)
         # version -> weights; the current model is always the newest entry.
         self._history: OrderedDict[int, Weights] = OrderedDict([(version, self._weights)])
         self.history_misses = 0
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def current_model(self) -> tuple[int, Weights]:
-        return self._version, self._weights
-
-    def _model(self) -> tuple[int, Weights]:
-        return self._version, self._weights
 
     def _accept(
         self,
@@ -108,10 +96,8 @@ class FedAsyncAggregator(AggregatorBase):
         if tau is None:
             return
         alpha_t = self.alpha * self._staleness(tau)
-        self.applied += 1
-        out.append(Metric("update_applied", float(tau), {"src": msg.src, "seq": str(msg.seq)}))
         # The record's weight ``s`` is the mixing weight α_t (what a replay needs).
-        self._record(peer, msg, Outcome.APPLIED, version, out, tau=tau, s=alpha_t)
+        self._record_applied(peer, msg, version, tau, alpha_t, out)
         if not self._mix(msg.delta, msg.base_version, alpha_t):
             out.append(Metric("fedasync_history_miss", 1.0, {"src": msg.src}))
         out.append(Metric("model_version", float(self._version)))

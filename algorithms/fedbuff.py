@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, validate_weights
+from algorithms.aggregator_base import CHECKPOINT_KEY, OwnModel
 from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
 from algorithms.protocol import Effect, Metric, Persist, Weights
 from algorithms.server_opt import ServerOptimizer, ServerSGD
@@ -32,7 +32,7 @@ from algorithms.staleness import StalenessFn
 __all__ = ["FedBuffAggregator"]
 
 
-class FedBuffAggregator(BufferedAggregator):
+class FedBuffAggregator(OwnModel, BufferedAggregator):
     """Sans-I/O FedBuff root: ``handle(event, now) -> effects``; holds the global model."""
 
     def __init__(
@@ -73,26 +73,12 @@ class FedBuffAggregator(BufferedAggregator):
             trim_fraction=trim_fraction,
             log_deltas=log_deltas,
         )
-        validate_weights(weights)
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
-        if version < 0:
-            raise ValueError(f"version must be >= 0, got {version}")
-        self._weights = dict(weights)
-        self._version = version
+        self._init_model(weights, version)
         self._opt: ServerOptimizer = server_opt if server_opt is not None else ServerSGD()
         self.checkpoint_every = checkpoint_every
         self._make_buffer(self._weights)
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def current_model(self) -> tuple[int, Weights]:
-        return self._version, self._weights
-
-    def _model(self) -> tuple[int, Weights]:
-        return self._version, self._weights
 
     def _flush_full(self, out: list[Effect]) -> None:
         agg = self._buffer.flush()

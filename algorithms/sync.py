@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, Outcome, validate_weights
+from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, Outcome, OwnModel
 from algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
 from algorithms.server_opt import ServerOptimizer, ServerSGD
 from algorithms.update_buffer import UpdateBuffer
@@ -41,7 +41,7 @@ class RoundState(enum.Enum):
     COLLECTING = "collecting"
 
 
-class SyncAggregator(AggregatorBase):
+class SyncAggregator(OwnModel, AggregatorBase):
     """Sans-I/O FedAvg/FedProx root: ``handle(event, now) -> effects``; holds the model."""
 
     def __init__(
@@ -98,15 +98,13 @@ class SyncAggregator(AggregatorBase):
             train_config=train_config,
             log_deltas=log_deltas,
         )
-        validate_weights(weights)
+        self._init_model(weights, version)
         self.clients_per_round = k
         self.selected_per_round = selected
         self.round_timeout_s = round_timeout_s
         self.min_cohort = cohort
         self.min_available = available
         self.checkpoint_every = checkpoint_every
-        self._weights = dict(weights)
-        self._version = version
         self._opt: ServerOptimizer = server_opt if server_opt is not None else ServerSGD()
         self._buffer = UpdateBuffer(
             self._weights,
@@ -122,16 +120,6 @@ class SyncAggregator(AggregatorBase):
         self._deadline: float | None = None
         self.rounds_closed = 0
         self.rounds_abandoned = 0
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def current_model(self) -> tuple[int, Weights]:
-        return self._version, self._weights
-
-    def _model(self) -> tuple[int, Weights]:
-        return self._version, self._weights
 
     def next_deadline(self) -> float | None:
         return self._deadline
@@ -186,10 +174,8 @@ class SyncAggregator(AggregatorBase):
             return
         if self._buffer.add(msg.delta, 1.0, msg.n_examples, msg.count):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
-        self.applied += 1
         self._round_members.append((msg.src, msg.seq))
-        out.append(Metric("update_applied", 0.0, {"src": msg.src, "seq": str(msg.seq)}))
-        self._record(peer, msg, Outcome.APPLIED, version, out, tau=0, s=1.0, round=self.round)
+        self._record_applied(peer, msg, version, 0, 1.0, out, round=self.round)
         out.append(Metric("buffer_fill", float(len(self._buffer))))
         if len(self._buffer) >= self.clients_per_round:
             self._close_round("quorum", out)
