@@ -40,14 +40,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# Keep this folder off sys.path so that package names always resolve to the project's
-# packages, in this process and in the spawned ones.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import nacl.signing  # noqa: E402
 import numpy as np  # noqa: E402
+from _multiproc import install_loop, model_weights, pki, stop_processes  # noqa: E402
 
 from algorithms.fedbuff import FedBuffAggregator  # noqa: E402
 from algorithms.protocol import Effect, Event, Metric, PeerUp, Received, Send, Weights  # noqa: E402
@@ -55,19 +52,8 @@ from runtime.driver import AsyncDriver  # noqa: E402
 from runtime.peers import DialTarget, NetworkPeers  # noqa: E402
 from runtime.store import StateStore  # noqa: E402
 from sim.network import CodecPolicy  # noqa: E402
-from transport.identity import Identity  # noqa: E402
-from transport.roster import Roster, RosterEntry  # noqa: E402
 from transport.tensors import CodecSpec  # noqa: E402
 from transport.wire import Hello, TrainRequest, Update  # noqa: E402
-
-
-def install_loop() -> str:
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
 
 
 def site_ids(n: int) -> list[str]:
@@ -75,22 +61,12 @@ def site_ids(n: int) -> list[str]:
 
 
 def make_model(params: int) -> Weights:
-    rng = np.random.default_rng(0)
     small = {"fc1.bias": 1000, "fc2.weight": 10_000, "fc2.bias": 10}
-    big = params - sum(small.values())
-    shapes: dict[str, tuple[int, ...]] = {"fc1.weight": (big // 1000, 1000)}
-    shapes["fc1.extra"] = (big - (big // 1000) * 1000,)
-    shapes.update({k: (v,) for k, v in small.items()})
-    return {k: rng.standard_normal(s, dtype=np.float32) * 0.05 for k, s in shapes.items()}
+    return model_weights(params, 1000, small, 0.05)
 
 
-def pki(seeds: Mapping[str, bytes]) -> tuple[dict[str, Identity], Roster]:
-    ids = {
-        n: Identity(n, "root" if n == "agg" else "site", nacl.signing.SigningKey(seed))
-        for n, seed in seeds.items()
-    }
-    roster = Roster(1, [RosterEntry(i.node_id, i.role, i.public_key) for i in ids.values()])
-    return ids, roster
+def roles_of(seeds: Mapping[str, bytes]) -> dict[str, str]:
+    return {n: "root" if n == "agg" else "site" for n in seeds}
 
 
 class EchoSite:
@@ -128,7 +104,7 @@ def aggregator_main(args: dict[str, Any], urls: Any, out: Any) -> None:
 
 
 async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
-    ids, roster = pki(args["seeds"])
+    ids, roster = pki(roles_of(args["seeds"]), args["seeds"])
     sites = site_ids(args["sites"])
     applied: list[float] = []
     versions = 0
@@ -203,7 +179,7 @@ def load_main(args: dict[str, Any], url: str) -> None:
 
 
 async def load(args: dict[str, Any], url: str) -> None:
-    ids, roster = pki(args["seeds"])
+    ids, roster = pki(roles_of(args["seeds"]), args["seeds"])
     rng = np.random.default_rng(1)
     delta = {
         k: (rng.standard_normal(v.shape, dtype=np.float32) * 1e-3).astype(np.float16)
@@ -261,14 +237,7 @@ def main() -> None:
             procs.append(gen)
             result = results.get(timeout=a.seconds + 240)
         finally:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-            for p in procs:
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
+            stop_processes(procs)
 
     print(
         f"ingest bench: FedBuff aggregator (buffer {a.buffer}, concurrency {a.sites}), "

@@ -44,15 +44,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# Keep this folder off sys.path so that package names always resolve to the project's
-# packages, in this process and in the spawned ones.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
-import nacl.signing  # noqa: E402
 import numpy as np  # noqa: E402
+from _multiproc import install_loop, model_weights, pki, stop_processes  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from algorithms.protocol import Metric, TrainResult, Weights  # noqa: E402
@@ -61,8 +58,6 @@ from algorithms.sync import SyncAggregator  # noqa: E402
 from runtime.driver import AsyncDriver  # noqa: E402
 from runtime.peers import DialTarget, NetworkPeers  # noqa: E402
 from runtime.store import StateStore  # noqa: E402
-from transport.identity import Identity  # noqa: E402
-from transport.roster import Roster, RosterEntry  # noqa: E402
 
 MB = 1e6
 FRAME = 1 << 20
@@ -70,34 +65,13 @@ SITES = ("site-1", "site-2")
 RAW_TRIALS = 3
 
 
-def install_loop() -> str:
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
 def make_model(params: int) -> Weights:
     """A model-shaped fp32 weight set: one large matrix and a few small tensors."""
-    rng = np.random.default_rng(0)
     small = {"fc1.bias": 4096, "fc2.weight": 419_000, "fc2.bias": 904}
-    big = params - sum(small.values())
-    rows = big // 4096
-    shapes: dict[str, tuple[int, ...]] = {
-        "fc1.weight": (rows, 4096),
-        "fc1.extra": (big - rows * 4096,),
-        **{k: (v,) for k, v in small.items()},
-    }
-    return {k: rng.standard_normal(s, dtype=np.float32) * 0.05 for k, s in shapes.items()}
+    return model_weights(params, 4096, small, 0.05)
 
 
-def pki(seeds: Mapping[str, bytes]) -> tuple[dict[str, Identity], Roster]:
-    roles = {"agg": "root", **{s: "site" for s in SITES}}
-    ids = {n: Identity(n, roles[n], nacl.signing.SigningKey(seeds[n])) for n in roles}
-    roster = Roster(1, [RosterEntry(i.node_id, i.role, i.public_key) for i in ids.values()])
-    return ids, roster
+ROLES = {"agg": "root", **{s: "site" for s in SITES}}
 
 
 class NoiseTrainer:
@@ -163,7 +137,7 @@ async def raw_baseline(nbytes: int, urls: Any) -> list[float]:
 
 
 async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
-    ids, roster = pki(args["seeds"])
+    ids, roster = pki(ROLES, args["seeds"])
     model = make_model(args["params"])
     nbytes = sum(int(a.nbytes) for a in model.values())
     raw = await raw_baseline(nbytes, urls)
@@ -228,7 +202,7 @@ async def raw_echo(url: str, nbytes: int) -> None:
 
 
 async def site(args: dict[str, Any], site_id: str, raw_url: str, url_q: Any) -> None:
-    ids, roster = pki(args["seeds"])
+    ids, roster = pki(ROLES, args["seeds"])
     model = make_model(args["params"])
     trainer = NoiseTrainer(model, seed=SITES.index(site_id) + 1)
     nbytes = sum(int(a.nbytes) for a in model.values())
@@ -284,14 +258,7 @@ def main() -> None:
                 agg_urls.put(agg_url)
             result = results.get(timeout=a.timeout + 60)
         finally:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-            for p in procs:
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
+            stop_processes(procs)
 
     size = result["nbytes"]
     rounds = result["rounds"]

@@ -39,15 +39,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# Keep this folder off sys.path so that ``transport`` is always the package, in this
-# process and in the spawned ones.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
-import nacl.signing  # noqa: E402
 import numpy as np  # noqa: E402
+from _multiproc import install_loop, model_weights, pki  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from transport import wire, ws  # noqa: E402
@@ -59,7 +56,7 @@ from transport.channel import (  # noqa: E402
 )
 from transport.identity import Identity  # noqa: E402
 from transport.records import CHUNK_SIZE  # noqa: E402
-from transport.roster import Roster, RosterEntry  # noqa: E402
+from transport.roster import Roster  # noqa: E402
 from transport.tensors import CodecKind, CodecSpec, decode_tensors, encode_tensors  # noqa: E402
 
 MB = 1e6
@@ -69,26 +66,10 @@ HANDSHAKES_CONCURRENT = 300
 DIALERS = 16
 
 
-def install_loop() -> str:
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
 def make_delta(params: int) -> dict[str, np.ndarray]:
     """A model-shaped fp32 delta: one large matrix and a few small tensors."""
-    rng = np.random.default_rng(0)
     small = {"fc1.bias": 4096, "fc2.weight": 419_000, "fc2.bias": 904}
-    big = params - sum(small.values())
-    shapes = {"fc1.weight": (big // 4096, 4096), **{k: (v,) for k, v in small.items()}}
-    shapes["fc1.extra"] = (big - (big // 4096) * 4096,)
-    return {
-        name: (rng.standard_normal(shape, dtype=np.float32) * 1e-3)
-        for name, shape in shapes.items()
-    }
+    return model_weights(params, 4096, small, 1e-3)
 
 
 def tensors_hash(tensors: dict[str, np.ndarray]) -> bytes:
@@ -99,11 +80,9 @@ def tensors_hash(tensors: dict[str, np.ndarray]) -> bytes:
     return h.digest()
 
 
-def pki(seeds: dict[str, bytes]) -> tuple[Identity, Identity, Roster]:
-    site = Identity("site-1", "site", nacl.signing.SigningKey(seeds["site"]))
-    agg = Identity("agg", "root", nacl.signing.SigningKey(seeds["agg"]))
-    roster = Roster(1, [RosterEntry(i.node_id, i.role, i.public_key) for i in (site, agg)])
-    return site, agg, roster
+def identities(seeds: dict[str, bytes]) -> tuple[Identity, Identity, Roster]:
+    ids, roster = pki({"site-1": "site", "agg": "root"}, {"site-1": seeds["site"], **seeds})
+    return ids["site-1"], ids["agg"], roster
 
 
 # ------------------------------------------------------------------ aggregator process
@@ -115,7 +94,7 @@ def aggregator_main(seeds: dict[str, bytes], nbytes: int, ports: Any, stop: Any)
 
 
 async def aggregator(seeds: dict[str, bytes], nbytes: int, ports: Any, stop: Any) -> None:
-    _, agg, roster = pki(seeds)
+    _, agg, roster = identities(seeds)
     gate = Gatekeeper(agg, roster)
 
     async def on_secure(link: ws.WebSocketLink) -> None:
@@ -185,7 +164,7 @@ async def timed(fn: Callable[[], Awaitable[None]]) -> float:
 async def site(
     seeds: dict[str, bytes], params: int, trials: int, secure_url: str, raw_url: str
 ) -> dict[str, Any]:
-    site_id, _, roster = pki(seeds)
+    site_id, _, roster = identities(seeds)
     delta = make_delta(params)
     nbytes = sum(a.nbytes for a in delta.values())
     expected = {
