@@ -210,7 +210,13 @@ class SyntheticFederated:
         _check_site(i, self._n_sites)
         n = self._n_total.get(i)
         if n is None:
-            n = self._draw_n_total(self._site_rng(i))
+            if self.samples_per_site is not None:
+                # A fixed size needs no draw (site() still advances its own stream past it).
+                n = self.samples_per_site
+                if self.max_samples_per_site is not None:
+                    n = min(n, self.max_samples_per_site)
+            else:
+                n = self._draw_n_total(self._site_rng(i))
             self._n_total[i] = n
         return n
 
