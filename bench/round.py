@@ -10,18 +10,22 @@ records, the wire codec (fp32 both ways, lz4 on: the defaults of a daemon).
 weights plus a fixed small noise tensor, computed once at start-up.
 
 Durable stores are on, as a daemon runs them (a ``StateStore`` per process in a temporary
-directory, with the daemon's defaults): the aggregator writes each update's record, delta
-included, to its write-ahead log and fsyncs it before acking, and checkpoints the new model
-(100 MB, fsynced) after every round before the next round's requests go out; each site
-writes its update to its outbox log (fsync) before sending it. ``--no-store`` runs without
-stores, to show what the disk costs.
+directory, with the daemon's defaults): the aggregator writes each update's record (its
+ids and outcome; a synchronous round does not log deltas) to its write-ahead log and fsyncs
+it before its ack can be delivered, and checkpoints the new model (100 MB, fsynced) after
+every round, before the next round's requests can be delivered; each site writes its
+update to its outbox log (fsync) before the update can be delivered. "Before it can be
+delivered": the driver streams a message while the write it depends on is being fsynced
+and holds back only its last record until the write is durable (``runtime/driver.py``).
+``--no-store`` runs without stores, to show what the disk costs.
 
 Round time is measured inside the aggregator process: from the ``round_started`` metric
 (emitted right after the round's ``TrainRequest``s are queued) to the ``model_version``
 metric of the round's aggregate (the new model applied). One warm-up round, then the median
-of ``--rounds`` (5). Baseline, in the same run and between the same processes: the same
-bytes as raw aiohttp WebSocket frames (1 MiB binary, no encryption, no codec): 100 MB down
-to each site at once and 100 MB back up from each.
+of ``--rounds`` (5). The round *cycle* (one ``round_started`` to the next, so the
+checkpoint between rounds included) is printed beside it. Baseline, in the same run and
+between the same processes: the same bytes as raw aiohttp WebSocket frames (1 MiB binary,
+no encryption, no codec): 100 MB down to each site at once and 100 MB back up from each.
 
     .venv/bin/python bench/round.py [--params 25000000] [--rounds 5] [--no-store]
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import multiprocessing as mp
 import os
 import statistics
@@ -171,7 +176,14 @@ async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
     if store is not None:
         store.close()
     rounds = [a - s for s, a in zip(started, applied, strict=False)]
-    return {"nbytes": nbytes, "raw": raw, "rounds": rounds, "stats": driver.stats}
+    cycles = [b - a for a, b in itertools.pairwise(started[1:])]  # warm-up excluded
+    return {
+        "nbytes": nbytes,
+        "raw": raw,
+        "rounds": rounds,
+        "cycles": cycles,
+        "stats": driver.stats,
+    }
 
 
 # ------------------------------------------------------------------ site process
@@ -271,9 +283,10 @@ def main() -> None:
     print(
         "durable stores: "
         + (
-            "ON (aggregator: WAL record with delta + fsync before each ack, "
-            f"{size / MB:.0f} MB checkpoint + fsync per round; sites: outbox record + fsync "
-            "before sending)"
+            "ON (aggregator: WAL record + fsync before each ack is delivered, "
+            f"{size / MB:.0f} MB checkpoint + fsync per round before the next requests are "
+            "delivered; sites: outbox record with the delta + fsync before the update is "
+            "delivered)"
             if a.store
             else "OFF (--no-store)"
         )
@@ -288,6 +301,12 @@ def main() -> None:
         f"up, 1 MiB frames, no crypto/codec): median {raw:.3f} s (runs: {runs})"
     )
     print(f"round / raw: {median / raw:.2f} x; reference Flower 1.41 gRPC no TLS: 5.4 s")
+    if result["cycles"]:
+        cycle = statistics.median(result["cycles"])
+        print(
+            f"round cycle (round start to next round start, checkpoint included): median "
+            f"{cycle:.3f} s over {len(result['cycles'])}"
+        )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"round_time: {median:.2f} s")
 

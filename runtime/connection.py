@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from runtime.signing import EndToEnd
 from sim.network import CodecPolicy
 from transport import wire
 from transport.channel import TENSOR_FIELDS, ChannelTruncated, SecureChannel
@@ -42,6 +43,9 @@ log = logging.getLogger("fedloom.runtime.connection")
 KEEPALIVE_STEP = -1  # Heartbeat.step of a connection-level keep-alive
 OFFLOAD_ABOVE = 64 * 1024  # tensor bytes above which encoding/decoding runs in a thread
 DEFAULT_MAX_QUEUE = 256
+
+# A durable write in progress: a message sent "after" it may not be delivered before it.
+Gate = asyncio.Future[None]
 
 
 class ProgressLink:
@@ -77,7 +81,9 @@ class MessagePipe(Protocol):
     @property
     def progress(self) -> ProgressLink: ...
 
-    async def send(self, msg: Message) -> None: ...
+    async def send(self, msg: Message, after: Gate | None = None) -> None:
+        """Send ``msg``; with ``after``, its last byte leaves only once ``after`` is done."""
+        ...
 
     async def recv(self) -> Message:
         """The next message; ``ProtocolError`` for bad bytes, ``LinkClosed`` at the end."""
@@ -108,12 +114,14 @@ class WirePipe:
     def progress(self) -> ProgressLink:
         return self._progress
 
-    async def send(self, msg: Message) -> None:
+    async def send(self, msg: Message, after: Gate | None = None) -> None:
         spec = self._codecs.spec_for(msg)
         if tensor_bytes(msg) > OFFLOAD_ABOVE:
             data = await asyncio.to_thread(wire.encode, msg, spec)
         else:
             data = wire.encode(msg, spec)
+        if after is not None:
+            await asyncio.shield(after)  # not cancelled by us: others wait on it too
         await self._progress.send(data)
 
     async def recv(self) -> Message:
@@ -130,7 +138,10 @@ class ChannelPipe:
     """Wire messages over an authenticated, encrypted ``SecureChannel``.
 
     ``progress`` must be the ``ProgressLink`` the channel was built on, so that every
-    record counts as progress (a large message is many records).
+    record counts as progress (a large message is many records). With ``e2e`` (daemons
+    always have one) updates and models are signed as they are sent and checked as they
+    arrive, against the channel's authenticated peer (``runtime.signing``); a refused
+    message raises its ``ProtocolError`` from ``recv``.
     """
 
     def __init__(
@@ -140,21 +151,29 @@ class ChannelPipe:
         *,
         codecs: CodecPolicy | None = None,
         limits: Limits | None = None,
+        e2e: EndToEnd | None = None,
     ) -> None:
         self.channel = channel
         self._progress = progress
         self._codecs = codecs if codecs is not None else CodecPolicy()
         self._limits = limits
+        self.e2e = e2e
 
     @property
     def progress(self) -> ProgressLink:
         return self._progress
 
-    async def send(self, msg: Message) -> None:
-        await self.channel.send_tensors(msg, self._codecs.spec_for(msg))
+    async def send(self, msg: Message, after: Gate | None = None) -> None:
+        spec = self._codecs.spec_for(msg)
+        if self.e2e is not None:
+            msg = await self.e2e.seal(msg, self.channel.peer_id, spec)
+        await self.channel.send_tensors(msg, spec, after=after)
 
     async def recv(self) -> Message:
-        return await self.channel.recv_tensors(self._limits)
+        msg = await self.channel.recv_tensors(self._limits)
+        if self.e2e is not None:
+            await self.e2e.check(msg, self.channel.peer_id)
+        return msg
 
     async def close(self) -> None:
         await self.channel.close()
@@ -205,20 +224,25 @@ class Connection:
         self.reason: str | None = None  # why it ended (None while open)
         self.messages_in = 0
         self.messages_out = 0
-        self._queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Message, Gate | None]] = asyncio.Queue()
         self._stop = asyncio.Event()
 
     def is_open(self) -> bool:
         return self.reason is None
 
-    def send(self, msg: Message) -> bool:
-        """Queue ``msg``; False if the connection is closed (or just closed for overflow)."""
+    def send(self, msg: Message, after: Gate | None = None) -> bool:
+        """Queue ``msg``; False if the connection is closed (or just closed for overflow).
+
+        With ``after`` (the driver's pending durable write), the message is encoded and
+        streamed at once but its last record waits for ``after``: the peer cannot act on
+        it before what precedes it is on disk, and a failed write breaks the connection.
+        """
         if self.reason is not None:
             return False
         if self._queue.qsize() >= self.max_queue:
             self.abort(f"send queue overflow ({self.max_queue} messages waiting)")
             return False
-        self._queue.put_nowait(msg)
+        self._queue.put_nowait((msg, after))
         return True
 
     def abort(self, reason: str) -> None:
@@ -288,15 +312,16 @@ class Connection:
         keepalive = self.keepalive_s
         while True:
             msg: Message
+            after: Gate | None = None
             try:
                 async with asyncio.timeout(keepalive):
-                    msg = await self._queue.get()
+                    msg, after = await self._queue.get()
             except TimeoutError:
                 msg = Heartbeat(self.local_id, KEEPALIVE_STEP)
             else:
                 self.messages_out += 1
             try:
-                await self.pipe.send(msg)
+                await self.pipe.send(msg, after)
             except LinkClosed as exc:
                 raise _Ended(f"link closed while sending: {exc}") from None
 

@@ -582,6 +582,7 @@ async def serve(
     if model is not None:
         sink(Metric("model_version", float(model[0])))
     peers = build_peers(d)
+    peers.e2e.report = sink  # refused signatures count as rejected updates/messages
     executor: cf.Executor | None = None
     trainer = None
     if cfg.role in ("site", "peer") and d.plan is not None:

@@ -5,10 +5,16 @@ other. One task reads one inbox of events and calls ``node.handle(event, now)`` 
 ``now = clock()`` (``loop.time()`` by default), then carries out the effects in order:
 
 * ``Persist`` -> the store's ``apply_many`` in a thread. All consecutive ``Persist``
-  effects are committed as one batch, and the batch is durable before any effect that
-  follows it is carried out (so an ``Ack`` never precedes the record it acknowledges);
-* ``Send``    -> ``peers.send(peer, msg)`` (queued on the peer's connection, which
-  encodes it, in a thread when large; dropped when the peer is not connected);
+  effects are committed as one batch. A batch is durable before any message sent after
+  it can be *delivered*: the driver does not wait for the disk, it hands the commit to
+  the connections as a gate (``peers.send(..., after=commit)``), and each message is
+  encoded, encrypted and streamed at once while its last record waits for the gate. So
+  an ``Ack`` never reaches a peer before the record it acknowledges is on disk, yet a
+  100 MB update travels while its outbox copy is being fsynced. At most one commit is
+  in flight (the next one waits for it, which bounds the memory held by pending
+  writes), and a failed commit stops the driver with its exception;
+* ``Send``    -> ``peers.send(peer, msg, after)`` (queued on the peer's connection,
+  which encodes it, in a thread when large; dropped when the peer is not connected);
 * ``Train``   -> the trainer runs in ``executor``; the job posts ``TrainDone`` or, when
   it raises, ``TrainFailed(job, reason)`` (logged with the traceback);
 * ``Metric``  -> the ``metrics`` sink; ``Log`` -> the ``logging`` module, structured;
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,6 +154,8 @@ class AsyncDriver:
         self._last_now = float("-inf")
         self._running = False
         self._stopping = False
+        self._commit_pending: asyncio.Future[None] | None = None  # the last store write
+        self._failure: BaseException | None = None  # a failed commit: run() raises it
 
     # ------------------------------------------------------------------ public API
 
@@ -195,12 +204,19 @@ class AsyncDriver:
                 peers = tg.create_task(self.peers.run(self), name=f"peers {self.node_id}")
                 try:
                     await self._serve()
+                    if self._failure is not None:
+                        raise self._failure
                 finally:
                     peers.cancel()
                     for job in list(self._jobs.values()):
                         job.cancel()
         finally:
             self._tg = None
+            pending = self._commit_pending
+            if pending is not None and not pending.done():
+                # Whatever ends run(), a write already handed to the disk completes.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pending)
             self._running = False
             self._store_pool.shutdown(wait=False)
             if self._own_executor is not None:
@@ -276,16 +292,42 @@ class AsyncDriver:
             await self._commit(batch)
 
     async def _commit(self, batch: list[Persist]) -> None:
+        """Start writing ``batch``; the sends that follow are gated on it (``_gate``)."""
         self.stats.persists += len(batch)
         self.stats.commits += 1
         if self.store is None:
             return
+        previous = self._commit_pending
+        if previous is not None:
+            # Shielded: once started, a commit completes even if run() is being cancelled.
+            await asyncio.shield(previous)  # raises if it failed
         loop = asyncio.get_running_loop()
-        # Shielded: once started, a commit completes even if run() is being cancelled.
-        await asyncio.shield(loop.run_in_executor(self._store_pool, self.store.apply_many, batch))
+        commit = loop.run_in_executor(self._store_pool, self.store.apply_many, batch)
+        commit.add_done_callback(self._commit_done)
+        self._commit_pending = commit
+
+    def _commit_done(self, commit: asyncio.Future[None]) -> None:
+        if commit.cancelled() or commit.exception() is None:
+            return
+        if self._failure is None:
+            self._failure = commit.exception()
+            log.error("%s: durable write failed: %s", self.node_id, self._failure)
+        self.stop()
+
+    def _gate(self) -> asyncio.Future[None] | None:
+        """The write a message sent now must not overtake (None when all are on disk)."""
+        pending = self._commit_pending
+        if (
+            pending is not None
+            and pending.done()
+            and not pending.cancelled()
+            and pending.exception() is None
+        ):
+            self._commit_pending = pending = None  # on disk: nothing to wait for
+        return pending
 
     def _send(self, effect: Send) -> None:
-        if self.peers.send(effect.peer, effect.msg):
+        if self.peers.send(effect.peer, effect.msg, self._gate()):
             self.stats.sends += 1
         else:
             self.stats.sends_dropped += 1

@@ -34,11 +34,13 @@ from runtime.connection import (
     DEFAULT_MAX_QUEUE,
     ChannelPipe,
     Connection,
+    Gate,
     MessagePipe,
     ProgressLink,
     WirePipe,
     check_timeouts,
 )
+from runtime.signing import EndToEnd
 from sim.network import CodecPolicy
 from transport.channel import DEFAULT_OPTIONS, ChannelOptions, Gatekeeper, client_channel
 from transport.errors import ProtocolError
@@ -72,8 +74,11 @@ class PeerSet(Protocol):
         """Connect, accept and deliver until cancelled."""
         ...
 
-    def send(self, peer: str, msg: Message) -> bool:
-        """Queue ``msg`` for ``peer``; False (message dropped) when not connected."""
+    def send(self, peer: str, msg: Message, after: Gate | None = None) -> bool:
+        """Queue ``msg`` for ``peer``; False (message dropped) when not connected.
+
+        ``after``: the message is not delivered before this future is done (see
+        ``Connection.send``)."""
         ...
 
     def connected(self) -> frozenset[str]:
@@ -103,9 +108,9 @@ class ConnectionTable:
     def get(self, peer: str) -> Connection | None:
         return self._conns.get(peer)
 
-    def send(self, peer: str, msg: Message) -> bool:
+    def send(self, peer: str, msg: Message, after: Gate | None = None) -> bool:
         conn = self._conns.get(peer)
-        if conn is None or not conn.send(msg):
+        if conn is None or not conn.send(msg, after):
             self.dropped += 1
             return False
         self.sent += 1
@@ -288,8 +293,8 @@ class MemoryPeers:
         self.running = False
         self._tg: asyncio.TaskGroup | None = None
 
-    def send(self, peer: str, msg: Message) -> bool:
-        return self.table.send(peer, msg)
+    def send(self, peer: str, msg: Message, after: Gate | None = None) -> bool:
+        return self.table.send(peer, msg, after)
 
     def connected(self) -> frozenset[str]:
         return self.table.connected()
@@ -394,6 +399,10 @@ class NetworkPeers:
     role in ``allowed_roles`` and, if given, an id in ``accept_from`` are admitted. A peer
     that reconnects replaces its older connection.
 
+    Every connection signs and checks updates and models end to end with ``e2e`` (built
+    from ``identity`` and ``roster`` unless given; it cannot be turned off), see
+    ``runtime.signing``.
+
     ``connect``/``serve`` default to ``transport.ws``; tests may pass in-memory ones.
     """
 
@@ -416,14 +425,18 @@ class NetworkPeers:
         connect: Connect = _ws_connect,
         serve: Serve = _ws_serve,
         rng: random.Random | None = None,
+        e2e: EndToEnd | None = None,
     ) -> None:
         ids = [t.peer for t in dial]
         if len(set(ids)) != len(ids):
             raise ValueError(f"dial: a peer is listed twice in {ids}")
         if identity.node_id in ids:
             raise ValueError(f"dial: {identity.node_id!r} cannot dial itself")
+        if e2e is not None and e2e.node_id != identity.node_id:
+            raise ValueError(f"e2e signs as {e2e.node_id!r}, not as {identity.node_id!r}")
         self.identity = identity
         self.roster = roster
+        self.e2e = e2e if e2e is not None else EndToEnd(identity, roster)
         self.dial = tuple(dial)
         self.listen = listen
         self.accept_from = None if accept_from is None else frozenset(accept_from)
@@ -457,8 +470,8 @@ class NetworkPeers:
         url = getattr(self.listener, "url", None)
         return url if isinstance(url, str) else None
 
-    def send(self, peer: str, msg: Message) -> bool:
-        return self.table.send(peer, msg)
+    def send(self, peer: str, msg: Message, after: Gate | None = None) -> bool:
+        return self.table.send(peer, msg, after)
 
     def connected(self) -> frozenset[str]:
         return self.table.connected()
@@ -538,7 +551,7 @@ class NetworkPeers:
             attempt += 1
 
     def _pipe_opts(self) -> dict[str, Any]:
-        return {"codecs": self.codecs, "limits": self.limits}
+        return {"codecs": self.codecs, "limits": self.limits, "e2e": self.e2e}
 
     async def _accept(self, raw: Link) -> None:
         link = ProgressLink(raw)

@@ -36,7 +36,7 @@ import dataclasses
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, NoReturn, TypeVar, cast
 
@@ -156,8 +156,12 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-async def _offload(fn: Callable[..., _T], *args: Any) -> _T:
+async def offload(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn(*args)`` in the channels' thread pool (heavy calls that release the GIL)."""
     return await asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
+
+
+_offload = offload
 
 
 # ---------------------------------------------------------------------------- handshake
@@ -372,8 +376,20 @@ class SecureChannel:
         async with self._send_lock:
             await self._send_framed(KIND_BYTES, memoryview(payload).cast("B"))
 
-    async def send_tensors(self, msg: wire.Message, spec: CodecSpec = DEFAULT_SPEC) -> None:
+    async def send_tensors(
+        self,
+        msg: wire.Message,
+        spec: CodecSpec = DEFAULT_SPEC,
+        *,
+        after: Awaitable[None] | None = None,
+    ) -> None:
         """Send a wire message; a large tensor field is streamed piece by piece.
+
+        With ``after``, everything is encoded, sealed and sent at once except the
+        message's last record, which waits for ``after`` (the peer cannot decode a
+        message without it). A daemon streams a 100 MB update while the write that must
+        precede its delivery is still being fsynced. If ``after`` raises, the channel
+        breaks and the message is never delivered.
 
         Do not modify the message's arrays before this returns (they are read while
         the pieces are produced).
@@ -382,6 +398,8 @@ class SecureChannel:
         tensors = getattr(msg, field) if field is not None else {}
         if field is None or sum(np.asarray(v).nbytes for v in tensors.values()) <= STREAM_ABOVE:
             encoded = wire.encode(msg, spec)
+            if after is not None:
+                await asyncio.shield(after)  # not cancelled by us: others wait on it too
             await self.send_message(encoded)
             return
         encoder = await _offload(TensorStreamEncoder, tensors, spec)
@@ -398,7 +416,7 @@ class SecureChannel:
 
         async with self._send_lock:
             await self._send_framed(KIND_TENSORS, memoryview(header))
-            await self._pipeline(seal_piece, count, offload=True)
+            await self._pipeline(seal_piece, count, offload=True, after=after)
 
     async def _send_framed(self, kind: int, view: memoryview) -> None:
         """One message: the kind byte, then ``view``, in records of <= CHUNK_SIZE bytes."""
@@ -415,13 +433,24 @@ class SecureChannel:
 
         await self._pipeline(seal_chunk, count, offload=view.nbytes >= INLINE_BELOW)
 
-    async def _pipeline(self, make: Callable[[int], bytes], count: int, *, offload: bool) -> None:
-        """Send ``make(0) .. make(count - 1)``, making record i+1 while record i is sent."""
+    async def _pipeline(
+        self,
+        make: Callable[[int], bytes],
+        count: int,
+        *,
+        offload: bool,
+        after: Awaitable[None] | None = None,
+    ) -> None:
+        """Send ``make(0) .. make(count - 1)``, making record i+1 while record i is sent;
+        the last record waits for ``after`` (if given)."""
         self._check_can_send()
         try:
             if not offload:
                 for i in range(count):
-                    await self._link_send(make(i))
+                    record = make(i)
+                    if after is not None and i == count - 1:
+                        await asyncio.shield(after)  # not cancelled by us: others wait on it too
+                    await self._link_send(record)
                 return
             pending = asyncio.ensure_future(_offload(make, 0))
             try:
@@ -429,6 +458,8 @@ class SecureChannel:
                     record = await pending
                     if i + 1 < count:
                         pending = asyncio.ensure_future(_offload(make, i + 1))
+                    elif after is not None:
+                        await asyncio.shield(after)  # not cancelled by us: others wait on it too
                     await self._link_send(record)
             finally:
                 if not pending.done():  # stopped early: let the worker finish, ignore it

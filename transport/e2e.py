@@ -1,26 +1,39 @@
 """End-to-end signatures: what relays and sub-aggregators carry cannot be forged or redirected.
 
-A site signs each update envelope ``{site, update_id, base_version, recipient,
-n_examples, payload_hash}``; the root signs each global model ``{version, parent, hash}``.
-Hashes are BLAKE2b-256 of the encoded tensor payload, so a relay passes the bytes on
-untouched and the final receiver checks them. The signed bytes are a canonical msgpack
-list headed by a domain label, so an update signature can never pass as a model
-signature (or a handshake one). ``ReplayGuard`` refuses an update id a site has used
-before (replay); ``ModelVersionGuard`` refuses a model version that does not increase
-(rollback). A redirected update fails because the receiver verifies it with its own id
-as ``recipient``.
+A site (or a region, for its own aggregates) signs each update envelope ``{site,
+update_id, base_version, recipient, n_examples, payload_hash}``; the root signs each
+global model ``{version, parent, hash}``. The signed bytes are a canonical msgpack list
+headed by a domain label, so an update signature can never pass as a model signature
+(or a handshake one). A redirected update fails because the receiver verifies it with
+its own id as ``recipient``.
+
+The hash (``tensors_digest``) is SHA-256 over the *decoded* tensors, what the final
+receiver holds: the same whether the message was streamed or sent whole, and whatever
+codec carried it. A sender with a lossy codec hashes what the receiver will decode
+(``digest_as_received``), and a region that relays a model unchanged relays the root's
+proof with it.
+
+``ReplayGuard`` refuses an update id a site has used before (replay);
+``ModelVersionGuard`` refuses a model version older than the newest one accepted
+(rollback), or a second, different model under a version already accepted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import msgpack
+import numpy as np
+import numpy.typing as npt
 
 from transport.errors import ProtocolError
 from transport.identity import Identity, key_text, verify_signature
+from transport.limits import Limits
 from transport.roster import Roster
+from transport.tensors import CodecSpec, Tensors, decode_tensors, encode_tensors
 
 HASH_BYTES = 32
 _UPDATE_LABEL = "fedloom-update-v1"
@@ -40,15 +53,89 @@ class ReplayedUpdateError(ProtocolError):
     reason: ClassVar[str] = "replay"
 
 
+class UnsignedError(SignatureError):
+    """An update or model that carries no signature where one is required."""
+
+    reason: ClassVar[str] = "unsigned"
+
+
+class SenderMismatchError(SignatureError):
+    """An update whose ``src`` is not the authenticated peer that sent it (a relay)."""
+
+    reason: ClassVar[str] = "src_mismatch"
+
+
 class StaleModelError(ProtocolError):
-    """A global model whose version is not newer than the one already held."""
+    """A global model whose version is older than the newest one already accepted."""
 
     reason: ClassVar[str] = "stale_model"
 
 
-def payload_hash(payload: bytes | bytearray | memoryview) -> bytes:
-    """BLAKE2b-256 of an encoded tensor payload (what update and model signatures cover)."""
-    return hashlib.blake2b(payload, digest_size=HASH_BYTES).digest()
+class ModelConflictError(ProtocolError):
+    """A second, different model under a version already accepted."""
+
+    reason: ClassVar[str] = "model_conflict"
+
+
+# ------------------------------------------------------------------------- digests
+
+# Decoding on the sender's side is our own data: no caps, NaN/Inf passed through (the
+# receiver refuses them anyway).
+_SENDER_LIMITS = Limits(
+    max_message_bytes=1 << 62,
+    max_decoded_bytes=1 << 62,
+    max_tensors=1 << 62,
+    max_array_len=1 << 62,
+    max_map_len=1 << 62,
+    max_str_len=1 << 62,
+    reject_nonfinite=False,
+)
+
+
+def tensors_digest(tensors: Mapping[str, npt.NDArray[Any]]) -> bytes:
+    """SHA-256 of a tensor dict as a receiver holds it (what signatures cover).
+
+    Hashed: a canonical header ``msgpack([[name, dtype.str, list(shape)], ...])`` (dtype
+    little-endian), then each array's C-contiguous bytes, in dict order. SHA-256 rather
+    than BLAKE2b: with SHA-NI (OpenSSL) it ran at 1.44 GB/s here against BLAKE2b's
+    0.6 GB/s (measured on 100 MB). hashlib releases the GIL: run it off the event loop
+    for large tensors (~70 ms per 100 MB).
+    """
+    arrays: list[npt.NDArray[Any]] = []
+    header: list[list[Any]] = []
+    for name, value in tensors.items():
+        arr = np.asarray(value)
+        dtype = arr.dtype.newbyteorder("<")  # no copy for a native array on this host
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+        header.append([name, dtype.str, list(arr.shape)])
+        arrays.append(arr)
+    h = hashlib.sha256(msgpack.packb(header, use_bin_type=True))
+    for arr in arrays:
+        if arr.size:
+            h.update(arr.reshape(-1).view(np.uint8).data)
+    return h.digest()
+
+
+def as_received(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec) -> Tensors:
+    """The tensors a receiver decodes from ``tensors`` sent with ``spec``.
+
+    ``fp32`` is lossless up to the cast every float tensor gets (to float32), so it is
+    done here without encoding; lossy codecs (fp16, int8, top-k) are encoded and decoded
+    (``transport.tensors`` and ``transport.streaming`` decode them identically).
+    """
+    if spec.kind == "fp32":
+        out: Tensors = {}
+        for name, value in tensors.items():
+            arr = np.asarray(value)
+            out[name] = arr.astype(np.float32, copy=False) if arr.dtype.kind == "f" else arr
+        return out
+    manifest, payload = encode_tensors(tensors, dataclasses.replace(spec, lz4=False))
+    return decode_tensors(manifest, payload, _SENDER_LIMITS)
+
+
+def digest_as_received(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec) -> bytes:
+    """``tensors_digest`` of what the receiver of ``tensors`` sent with ``spec`` holds."""
+    return tensors_digest(as_received(tensors, spec))
 
 
 def _int(name: str, value: int) -> int:
@@ -128,7 +215,7 @@ def verify_update(
     """Check an update envelope against ``site``'s roster key (``SignatureError`` if not).
 
     The receiver passes its *own* id as ``recipient`` (so a redirected update fails) and
-    the hash it computed itself over the payload bytes it received.
+    the ``tensors_digest`` it computed itself over the delta it decoded.
     """
     entry = roster.lookup(site)
     if entry is None:
@@ -241,21 +328,32 @@ class ReplayGuard:
 
 
 class ModelVersionGuard:
-    """Refuses a global model version that does not increase (persist ``current``)."""
+    """Refuses a model version older than the newest accepted (rollback), and a second,
+    different model (another digest) under the newest version. The same model again is
+    fine: an aggregator hands out many tasks on one version."""
 
-    __slots__ = ("current",)
+    __slots__ = ("current", "digest")
 
-    def __init__(self, current: int | None = None) -> None:
+    def __init__(self, current: int | None = None, digest: bytes | None = None) -> None:
         self.current = current
+        self.digest = digest
 
-    def check(self, version: int) -> None:
+    def check(self, version: int, digest: bytes) -> None:
         if isinstance(version, bool) or not isinstance(version, int):
             raise StaleModelError(f"model version {version!r} is not an int")
-        if self.current is not None and version <= self.current:
+        if self.current is None or version > self.current:
+            return
+        if version < self.current:
             raise StaleModelError(
-                f"model version {version} is not newer than version {self.current} already held"
+                f"model version {version} is older than version {self.current} already held"
+            )
+        if self.digest is not None and digest != self.digest:
+            raise ModelConflictError(
+                f"a second, different model under version {version} (digest "
+                f"{digest.hex()[:16]}..., held {self.digest.hex()[:16]}...)"
             )
 
-    def accept(self, version: int) -> None:
-        self.check(version)
+    def accept(self, version: int, digest: bytes) -> None:
+        self.check(version, digest)
         self.current = version
+        self.digest = digest

@@ -9,6 +9,11 @@ into bytes. Conventions:
 * ``seq`` numbers a source's updates 1, 2, 3, ... and never repeats; receivers apply
   each ``(src, seq)`` at most once and acknowledge it after recording it durably.
 * ``version`` numbers the models issued by the root aggregator; it only increases.
+* ``sig`` fields carry end-to-end signatures (``transport.e2e``): a site or region signs
+  its own ``Update``; the root signs each model version ``{version, parent, digest}``
+  and regions relay that proof (``signer``, ``parent``, ``sig``) unchanged. Empty
+  defaults mean "unsigned": the simulator and in-memory runs do not sign; daemons
+  refuse unsigned updates and models.
 """
 
 from __future__ import annotations
@@ -42,10 +47,16 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class ModelBroadcast:
-    """A new model version, pushed from the root down the tree (relayed by regions)."""
+    """A new model version, pushed from the root down the tree (relayed by regions).
+
+    ``signer``/``parent``/``sig``: the root's signature of ``{version, parent, digest}``.
+    """
 
     version: int
     weights: Tensors
+    signer: str = ""
+    parent: int = 0
+    sig: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +67,9 @@ class TrainRequest:
     version: int
     weights: Tensors
     config: Mapping[str, Any] = field(default_factory=dict)
+    signer: str = ""  # the root's model signature, as in ModelBroadcast
+    parent: int = 0
+    sig: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +79,8 @@ class Update:
     ``n_examples`` is the number of training examples behind the delta and
     ``count`` the number of site updates folded into it (1 for a site, more for a
     regional aggregator forwarding an aggregate). ``task`` echoes the request that
-    caused it (-1 when unsolicited).
+    caused it (-1 when unsolicited). ``sig`` is ``src``'s signature of the envelope
+    ``{src, seq, base_version, recipient, n_examples, digest of delta}``.
     """
 
     src: str
@@ -76,6 +91,7 @@ class Update:
     count: int = 1
     task: int = -1
     metrics: Mapping[str, float] = field(default_factory=dict)
+    sig: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +142,13 @@ MESSAGE_TYPES: tuple[type, ...] = (
 # One message is one msgpack map: {"v": 1, "type": "<name>", <every field>}. Every
 # field is always present (defaults included), so the schema check is exact. A
 # tensor field is {"m": manifest, "p": payload-bin} from ``transport.tensors``.
-# Mappings (config, metrics) hold str -> str | int | float | bool.
+# Mappings (config, metrics) hold str -> str | int | float | bool. A bin field (a
+# signature) is a msgpack bin of at most MAX_BIN_BYTES.
 
 WIRE_VERSION = 1
+MAX_BIN_BYTES = 256  # bin fields hold 64-byte signatures; anything longer is refused
 
-_STR, _INT, _FLOAT, _TENSORS, _MAP = "str", "int", "float", "tensors", "map"
+_STR, _INT, _FLOAT, _TENSORS, _MAP, _BIN = "str", "int", "float", "tensors", "map", "bin"
 _SCALAR_TYPES = (str, int, float, bool)
 _TENSOR_FIELD_KEYS = frozenset(("m", "p"))
 _PACK_BUF_SIZE = 1 << 16
@@ -151,7 +169,13 @@ def _schema(name: str, cls: Callable[..., Message], *fields: tuple[str, str]) ->
 _SCHEMAS: dict[type, _Schema] = {
     Hello: _schema("hello", Hello, ("src", _STR), ("role", _STR), ("n_examples", _INT)),
     ModelBroadcast: _schema(
-        "model_broadcast", ModelBroadcast, ("version", _INT), ("weights", _TENSORS)
+        "model_broadcast",
+        ModelBroadcast,
+        ("version", _INT),
+        ("weights", _TENSORS),
+        ("signer", _STR),
+        ("parent", _INT),
+        ("sig", _BIN),
     ),
     TrainRequest: _schema(
         "train_request",
@@ -160,6 +184,9 @@ _SCHEMAS: dict[type, _Schema] = {
         ("version", _INT),
         ("weights", _TENSORS),
         ("config", _MAP),
+        ("signer", _STR),
+        ("parent", _INT),
+        ("sig", _BIN),
     ),
     Update: _schema(
         "update",
@@ -172,6 +199,7 @@ _SCHEMAS: dict[type, _Schema] = {
         ("count", _INT),
         ("task", _INT),
         ("metrics", _MAP),
+        ("sig", _BIN),
     ),
     Ack: _schema("ack", Ack, ("src", _STR), ("seq", _INT)),
     GossipShare: _schema(
@@ -212,6 +240,14 @@ def encode(msg: Message, spec: CodecSpec = DEFAULT_SPEC) -> bytes:
         elif kind == _STR:
             if not isinstance(value, str):
                 raise TypeError(f"{schema.name}.{name} must be a str, got {value!r}")
+            env[name] = value
+        elif kind == _BIN:
+            if type(value) is not bytes:
+                raise TypeError(f"{schema.name}.{name} must be bytes, got {type(value).__name__}")
+            if len(value) > MAX_BIN_BYTES:
+                raise ValueError(
+                    f"{schema.name}.{name} has {len(value)} bytes, limit {MAX_BIN_BYTES}"
+                )
             env[name] = value
         else:
             env[name] = _plain_mapping(schema.name, name, value)
@@ -301,6 +337,13 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMIT
         elif kind == _STR:
             if type(value) is not str:
                 raise MalformedMessage(f"{schema.name}.{name} must be a str")
+        elif kind == _BIN:
+            if type(value) is not bytes:
+                raise MalformedMessage(f"{schema.name}.{name} must be bytes (a msgpack bin)")
+            if len(value) > MAX_BIN_BYTES:
+                raise MalformedMessage(
+                    f"{schema.name}.{name} has {len(value)} bytes, limit {MAX_BIN_BYTES}"
+                )
         elif kind == _TENSORS:
             value = _decode_tensor_field(schema.name, name, value, limits)
         elif kind == _FLOAT:

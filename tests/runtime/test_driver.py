@@ -67,7 +67,11 @@ class ScriptNode:
 
 
 class FakePeers:
-    """A peer set that records sends into a shared journal and delivers nothing itself."""
+    """A peer set that records sends into a shared journal and delivers nothing itself.
+
+    A send gated on a pending write (``after``) is journalled as queued at once and as
+    ``"send"`` (delivered) once the gate is done, as a connection would deliver it.
+    """
 
     def __init__(self, journal: list[Any], connected: Sequence[str] = ("p",)) -> None:
         self.journal = journal
@@ -83,10 +87,19 @@ class FakePeers:
             self.cancelled = True
             raise
 
-    def send(self, peer: str, msg: Message) -> bool:
+    def send(self, peer: str, msg: Message, after: asyncio.Future[None] | None = None) -> bool:
         if peer not in self._connected:
             return False
-        self.journal.append(("send", peer, msg))
+        if after is None:
+            self.journal.append(("send", peer, msg))
+            return True
+        self.journal.append(("queued", peer, msg))
+
+        def deliver(gate: asyncio.Future[None]) -> None:
+            if not gate.cancelled() and gate.exception() is None:
+                self.journal.append(("send", peer, msg))
+
+        after.add_done_callback(deliver)
         return True
 
     def connected(self) -> frozenset[str]:
@@ -126,7 +139,7 @@ def add_one(node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainR
     return TrainResult({k: v + 1 for k, v in weights.items()}, 7, {"loss": 0.5})
 
 
-async def test_persists_are_committed_before_the_effects_that_follow() -> None:
+async def test_persists_are_durable_before_the_messages_that_follow_are_delivered() -> None:
     journal: list[Any] = []
     ack = Ack("s", 1)
 
@@ -151,19 +164,79 @@ async def test_persists_are_committed_before_the_effects_that_follow() -> None:
 
     async def body() -> None:
         driver.post_nowait(Received("p", Heartbeat("p", 0)))
-        await until(lambda: len(journal) == 6)
+        await until(lambda: sum(e[0] in ("send", "commit") for e in journal if e != "seen") == 5)
 
     await run_driver(driver, body)
-    assert journal == [
-        "seen",
+    assert journal[0] == "seen"
+    order = [e[0] if e[0] != "commit" else e for e in journal[1:] if e[0] != "queued"]
+    assert order == [
         ("commit", ["log", "model"]),
-        ("send", "p", ack),
+        "send",  # the first ack, delivered only once its record is on disk
         ("commit", ["log"]),
-        ("send", "p", ack),
+        "send",
         ("commit", ["tail"]),
     ]
     assert driver.stats.persists == 4 and driver.stats.commits == 3
     assert all(name.startswith("store-") for name in store.threads)  # never on the loop
+
+
+class GatedStore:
+    """A store whose writes wait for ``release`` (a slow disk), or fail with ``error``."""
+
+    def __init__(self, journal: list[Any], error: Exception | None = None) -> None:
+        self.journal = journal
+        self.error = error
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def apply_many(self, items: Sequence[Persist]) -> None:
+        self.started.set()
+        self.release.wait(LIMIT)
+        if self.error is not None:
+            raise self.error
+        self.journal.append(("commit", [p.key for p in items]))
+
+
+def persist_then_send(event: Event, now: float) -> list[Effect]:
+    if not isinstance(event, Received):
+        return []
+    return [Persist("outbox", 1, append=True), Send("p", Ack("s", 1))]
+
+
+async def test_a_message_is_streamed_while_its_write_is_on_the_way_to_disk() -> None:
+    journal: list[Any] = []
+    store = GatedStore(journal)
+    node = ScriptNode("n", persist_then_send)
+    driver = AsyncDriver(node, peers=FakePeers(journal), store=store)
+
+    async def body() -> None:
+        driver.post_nowait(Received("p", Heartbeat("p", 0)))
+        await until(lambda: any(e[0] == "queued" for e in journal))
+        assert store.started.is_set() and journal == [("queued", "p", Ack("s", 1))]
+        driver.post_nowait(Received("p", Heartbeat("p", 1)))  # the node is not blocked
+        await until(lambda: len(node.seen) == 2)
+        store.release.set()
+        await until(lambda: sum(e[0] == "send" for e in journal) == 2)
+
+    await run_driver(driver, body)
+    kinds = [e[0] for e in journal]
+    assert kinds.index("commit") < kinds.index("send")
+    assert driver.stats.commits == 2
+
+
+async def test_a_failed_write_stops_the_driver_and_its_message_is_never_delivered() -> None:
+    journal: list[Any] = []
+    store = GatedStore(journal, error=OSError(28, "No space left on device"))
+    node = ScriptNode("n", persist_then_send)
+    driver = AsyncDriver(node, peers=FakePeers(journal), store=store)
+    store.release.set()
+    driver.post_nowait(Received("p", Heartbeat("p", 0)))
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with asyncio.timeout(LIMIT):
+            await driver.run()
+    assert info.group_contains(OSError, match="No space left")
+    assert not any(e[0] == "send" for e in journal)
+    assert not driver.running
 
 
 async def test_sends_to_unconnected_peers_are_dropped_and_counted() -> None:

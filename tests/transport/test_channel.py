@@ -120,6 +120,37 @@ async def test_streamed_tensors_equal_the_batch_codec(kind: str, codec: str, pki
         assert not got.delta[name].flags.writeable
 
 
+@pytest.mark.parametrize("size", [400, 1_500_000])  # one record, and streamed
+async def test_a_gated_message_is_delivered_only_once_its_gate_is_done(
+    size: int, pki: Pki
+) -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    msg = update(delta(size))
+    async with asyncio.timeout(TIMEOUT_S), channels("memory", pki) as (client, server):
+        sending = asyncio.create_task(client.send_tensors(msg, after=gate))
+        receiving = asyncio.create_task(server.recv_tensors())
+        await asyncio.sleep(0.2)  # everything but the last record may move meanwhile
+        assert not receiving.done() and not sending.done()
+        gate.set_result(None)
+        got = await receiving
+        await sending
+    assert isinstance(got, wire.Update) and got.seq == msg.seq
+
+
+async def test_a_failed_gate_breaks_the_channel_and_the_message_never_arrives(pki: Pki) -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async with asyncio.timeout(TIMEOUT_S), channels("memory", pki) as (client, server):
+        sending = asyncio.create_task(client.send_tensors(update(delta(1_500_000)), after=gate))
+        receiving = asyncio.create_task(server.recv_tensors())
+        await asyncio.sleep(0.05)
+        gate.set_exception(OSError(28, "No space left on device"))
+        with pytest.raises(OSError):
+            await sending
+        assert client.closed
+        with pytest.raises((ProtocolError, LinkClosed)):
+            await receiving
+
+
 async def test_small_tensor_messages_are_not_streamed(pki: Pki) -> None:
     msgs: list[wire.Message] = [
         update(delta(400)),

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import msgpack
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transport.e2e import (
+    ModelConflictError,
     ModelVersionGuard,
     ReplayedUpdateError,
     ReplayGuard,
     SignatureError,
     StaleModelError,
-    payload_hash,
+    as_received,
+    digest_as_received,
     sign_model,
     sign_update,
+    tensors_digest,
     verify_model,
     verify_update,
 )
 from transport.identity import Identity
 from transport.roster import Roster, RosterEntry
-from transport.tensors import CodecSpec, encode_tensors
+from transport.streaming import TensorStreamDecoder, TensorStreamEncoder
+from transport.tensors import CodecKind, CodecSpec, decode_tensors, encode_tensors
 
 ROOT = Identity.generate("root", "root")
 REGION = Identity.generate("region-eu", "region")
@@ -31,8 +38,8 @@ SITE_B = Identity.generate("site-b", "site")
 ROSTER = Roster(
     1, [RosterEntry(i.node_id, i.role, i.public_key) for i in (ROOT, REGION, SITE_A, SITE_B)]
 )
-PAYLOAD = b"encoded tensor payload"
-HASH = payload_hash(PAYLOAD)
+HASH = tensors_digest({"w": np.arange(6, dtype=np.float32)})
+OTHER_HASH = tensors_digest({"w": np.arange(7, dtype=np.float32)})
 UPDATE: dict[str, Any] = dict(
     site="site-a",
     update_id=7,
@@ -43,14 +50,80 @@ UPDATE: dict[str, Any] = dict(
 )
 
 
-def test_payload_hash_is_blake2b_256_of_the_encoded_payload() -> None:
-    import hashlib
+def test_tensors_digest_is_sha256_of_a_canonical_header_and_the_bytes() -> None:
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([True, False])
+    header = msgpack.packb([["w", "<f4", [2, 3]], ["b", "|b1", [2]]], use_bin_type=True)
+    want = hashlib.sha256(header + w.tobytes() + b.tobytes()).digest()
+    assert tensors_digest({"w": w, "b": b}) == want
+    assert len(want) == 32
+    # Layout, byte order and contiguity do not matter; names, order, shapes and dtypes do.
+    assert tensors_digest({"w": np.asfortranarray(w), "b": b}) == want
+    assert tensors_digest({"w": w.astype(">f4"), "b": b}) == want
+    for other in (
+        {"b": b, "w": w},
+        {"v": w, "b": b},
+        {"w": w.reshape(3, 2), "b": b},
+        {"w": w.astype(np.float64), "b": b},
+        {"w": w, "b": b.astype(np.uint8)},
+    ):
+        assert tensors_digest(other) != want
+    assert tensors_digest({}) == hashlib.sha256(msgpack.packb([])).digest()
 
-    import numpy as np
 
-    _, payload = encode_tensors({"w": np.arange(6, dtype=np.float32)}, CodecSpec())
-    assert payload_hash(payload) == hashlib.blake2b(payload, digest_size=32).digest()
-    assert len(HASH) == 32
+def mixed_tensors(n: int = 5_000) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        "w": rng.standard_normal((n // 50, 50)).astype(np.float32),
+        "w64": rng.standard_normal(n),  # float64: travels as float32
+        "h": rng.standard_normal(7).astype(np.float16),
+        "steps": np.arange(5, dtype=np.int64),
+        "mask": rng.random(9) < 0.5,
+        "empty": np.zeros((0, 3), np.float32),
+        "zero": np.zeros(300, np.float32),
+    }
+
+
+def streamed(tensors: dict[str, np.ndarray], spec: CodecSpec) -> dict[str, np.ndarray]:
+    encoder = TensorStreamEncoder(tensors, spec, piece=4096)
+    decoder = TensorStreamDecoder(encoder.manifest)
+    while not encoder.done:
+        decoder.feed_piece(encoder.next_piece())
+    return decoder.finish()
+
+
+KINDS: tuple[CodecKind, ...] = ("fp32", "fp16", "int8", "topk")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("lz4", [True, False])
+def test_streamed_and_whole_messages_decode_to_the_same_digest(kind: CodecKind, lz4: bool) -> None:
+    # What signatures cover must not depend on how the message travelled.
+    tensors = mixed_tensors()
+    spec = CodecSpec(kind, topk_fraction=0.05, lz4=lz4)
+    whole = decode_tensors(*encode_tensors(tensors, spec))
+    assert tensors_digest(streamed(tensors, spec)) == tensors_digest(whole)
+    # ... and the sender predicts it without sending anything.
+    assert digest_as_received(tensors, spec) == tensors_digest(whole)
+    for name, arr in as_received(tensors, spec).items():
+        assert arr.dtype == whole[name].dtype and arr.shape == whole[name].shape
+
+
+def test_int8_digests_agree_across_the_streaming_encoders_chunked_scale() -> None:
+    # More than 2**20 elements: the streaming encoder finds the scale chunk by chunk.
+    x = {"big": np.random.default_rng(2).standard_normal((1 << 20) + 5).astype(np.float32)}
+    spec = CodecSpec("int8")
+    assert tensors_digest(streamed(x, spec)) == digest_as_received(x, spec)
+
+
+def test_lossy_codecs_change_the_digest_and_fp32_only_casts() -> None:
+    tensors = mixed_tensors()
+    own = tensors_digest(
+        {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+    )
+    assert digest_as_received(tensors, CodecSpec("fp32")) == own
+    for kind in ("fp16", "int8", "topk"):
+        assert digest_as_received(tensors, CodecSpec(kind)) != own  # type: ignore[arg-type]
 
 
 def test_update_signed_by_its_site_verifies() -> None:
@@ -66,7 +139,7 @@ def test_update_signed_by_its_site_verifies() -> None:
         ("base_version", 4),
         ("n_examples", 1_000_000),  # inflating its weight in the average
         ("recipient", "root"),  # redirected by the relay
-        ("payload_hash", payload_hash(b"another delta")),
+        ("payload_hash", OTHER_HASH),
         ("site", "site-b"),
     ],
 )
@@ -101,7 +174,7 @@ def test_update_from_unknown_site_or_with_bad_fields_is_refused() -> None:
 def test_model_signed_by_the_root_verifies_and_alterations_fail() -> None:
     sig = sign_model(ROOT, 5, 4, HASH)
     verify_model(ROSTER, "root", sig, 5, 4, HASH)
-    for version, parent, model_hash in [(6, 4, HASH), (5, 3, HASH), (5, 4, payload_hash(b"x"))]:
+    for version, parent, model_hash in [(6, 4, HASH), (5, 3, HASH), (5, 4, OTHER_HASH)]:
         with pytest.raises(SignatureError, match="does not match"):
             verify_model(ROSTER, "root", sig, version, parent, model_hash)
 
@@ -178,14 +251,17 @@ def test_replay_guard_accepts_each_id_exactly_once(ids: list[int]) -> None:
             accepted.add(update_id)
 
 
-def test_model_with_older_or_equal_version_is_refused() -> None:
+def test_model_with_an_older_version_or_a_conflicting_model_is_refused() -> None:
     guard = ModelVersionGuard()
-    guard.accept(3)
-    with pytest.raises(StaleModelError, match="version 2 is not newer than version 3"):
-        guard.accept(2)
+    guard.accept(3, HASH)
+    with pytest.raises(StaleModelError, match="version 2 is older than version 3"):
+        guard.accept(2, HASH)
+    guard.accept(3, HASH)  # the same model again: many tasks share one version
+    with pytest.raises(ModelConflictError, match="a second, different model under version 3"):
+        guard.accept(3, OTHER_HASH)
+    guard.accept(4, OTHER_HASH)
+    assert (guard.current, guard.digest) == (4, OTHER_HASH)
     with pytest.raises(StaleModelError):
-        guard.accept(3)
-    guard.accept(4)
-    assert ModelVersionGuard(current=guard.current).current == 4
-    with pytest.raises(StaleModelError):
-        ModelVersionGuard(current=4).accept(1)
+        ModelVersionGuard(current=4).accept(1, HASH)
+    with pytest.raises(StaleModelError, match="not an int"):
+        guard.accept("5", HASH)  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ from transport.wire import (
 )
 
 KINDS: tuple[CodecKind, ...] = ("fp32", "fp16", "int8", "topk")
+SIG = bytes(range(64))  # a signature's size (the wire does not check signatures)
 
 
 def model(seed: int = 0) -> dict[str, np.ndarray[Any, Any]]:
@@ -71,6 +72,9 @@ def all_messages() -> list[Message]:
             metrics={"loss": 0.25, "accuracy": 0.9},
         ),
         Update(src="s", seq=1, base_version=0, delta={}, n_examples=0),
+        Update(src="s", seq=2, base_version=1, delta=model(5), n_examples=3, sig=SIG),
+        ModelBroadcast(version=8, weights=model(6), signer="root", parent=7, sig=SIG),
+        TrainRequest(task=4, version=8, weights=model(7), signer="root", parent=7, sig=SIG),
         Ack(src="site-1", seq=4),
         GossipShare(src="p3", step=11, x=model(4), w=0.5),
         Heartbeat(src="p3", step=2),
@@ -139,6 +143,39 @@ def test_envelope_layout() -> None:
     assert isinstance(env["delta"]["p"], bytes)
     assert [e["name"] for e in env["delta"]["m"]["tensors"]] == ["w", "b"]
     assert env["count"] == 1 and env["task"] == -1 and env["metrics"] == {}
+    assert env["sig"] == b""  # unsigned by default (the simulator, in-memory runs)
+    model_env = envelope(ModelBroadcast(version=2, weights={}, signer="r", parent=1, sig=SIG))
+    assert (model_env["signer"], model_env["parent"], model_env["sig"]) == ("r", 1, SIG)
+
+
+def test_signature_fields_must_be_bytes_of_bounded_length() -> None:
+    # Encoding: local misuse raises TypeError/ValueError.
+    for bad in ("ab", bytearray(b"ab"), memoryview(b"ab"), None):
+        unsigned = Update(src="a", seq=1, base_version=0, delta={}, n_examples=1)
+        with pytest.raises(TypeError, match=r"update\.sig must be bytes"):
+            encode(dataclasses.replace(unsigned, sig=bad))
+    with pytest.raises(ValueError, match="limit 256"):
+        encode(ModelBroadcast(version=1, weights={}, sig=bytes(wire.MAX_BIN_BYTES + 1)))
+    # Decoding: a peer's str, int, nil, array or oversize bin is a MalformedMessage.
+    for msg in (
+        Update(src="a", seq=1, base_version=0, delta={}, n_examples=1),
+        ModelBroadcast(version=1, weights={}),
+        TrainRequest(task=1, version=1, weights={}),
+    ):
+        env = envelope(msg)
+        name = message_type_name(type(msg))
+        for bad in ("text", 7, None, [1, 2], bytes(wire.MAX_BIN_BYTES + 1)):
+            env["sig"] = bad
+            with pytest.raises(MalformedMessage, match=rf"{name}\.sig"):
+                decode(pack(env))
+        env["sig"] = bytes(wire.MAX_BIN_BYTES)
+        got = decode(pack(env))
+        assert isinstance(got, Update | ModelBroadcast | TrainRequest)
+        assert got.sig == bytes(wire.MAX_BIN_BYTES)
+    env = envelope(ModelBroadcast(version=1, weights={}))
+    env["signer"] = b"root"
+    with pytest.raises(MalformedMessage, match=r"model_broadcast\.signer must be a str"):
+        decode(pack(env))
 
 
 def test_schema_covers_every_message_field() -> None:

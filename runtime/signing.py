@@ -1,0 +1,308 @@
+"""End-to-end signatures on the wire: what a daemon signs as it sends and checks as it receives.
+
+One ``EndToEnd`` per node: ``NetworkPeers`` builds it from the node's identity and roster
+(it cannot be switched off) and hands it to the ``ChannelPipe`` of every authenticated
+connection. The algorithms stay sans-I/O and unsigned; in-memory runs (``MemoryPeers``,
+the simulator) do not sign. Envelopes and the digest: ``transport.e2e``.
+
+Sending (``seal``; the recipient is the connection's authenticated peer):
+
+* an ``Update`` whose ``src`` is this node (a site's delta, a region's aggregate): signed
+  ``{src, seq, base_version, recipient, n_examples, digest}``, the digest taken over the
+  delta as the recipient will decode it (a lossy codec is applied first);
+* a ``TrainRequest``/``ModelBroadcast`` of version v from the root: the root signs
+  ``{v, parent, digest}`` once per version (cached: one model goes to many children;
+  ``parent`` is the previous version it signed, 0 at first);
+* the same from a region: it relays the root's proof for v that it verified on receipt
+  (kept for the newest few versions). Without one it sends the model unsigned and warns
+  once per version: the receiver will refuse it.
+
+Receiving (``check``) raises a ``ProtocolError`` subclass, so the connection ends with
+the reason logged and the daemon lives on:
+
+* ``Update``: ``src`` must be the authenticated peer (updates travel one hop), and the
+  signature must verify with this node as recipient and the digest of the decoded delta;
+* ``TrainRequest``/``ModelBroadcast``: signed by a root of the roster over the digest of
+  the decoded weights; then the node's ``ModelVersionGuard`` refuses a version older than
+  the newest accepted, or a different model under that version.
+
+Replays need no guard here: a signed update can only be replayed identically, and the
+aggregators' ledger applies each ``(src, seq)`` once and re-acks a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from algorithms.protocol import Metric
+from transport.channel import offload
+from transport.e2e import (
+    MODEL_SIGNER_ROLES,
+    ModelVersionGuard,
+    SenderMismatchError,
+    UnsignedError,
+    digest_as_received,
+    sign_model,
+    sign_update,
+    tensors_digest,
+    verify_model,
+    verify_update,
+)
+from transport.errors import ProtocolError
+from transport.identity import Identity
+from transport.roster import Roster
+from transport.tensors import CodecSpec
+from transport.wire import Message, ModelBroadcast, TrainRequest, Update
+
+__all__ = ["KEEP_VERSIONS", "EndToEnd", "ModelProof", "Report"]
+
+log = logging.getLogger("fedloom.runtime.signing")
+
+KEEP_VERSIONS = 4  # model versions whose proofs (and signatures) are kept
+INLINE_BELOW = 64 * 1024  # tensor bytes hashed on the event loop; more go to a thread
+
+ModelMessage: TypeAlias = TrainRequest | ModelBroadcast
+Report = Callable[[Metric], None]
+_V = TypeVar("_V")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProof:
+    """The root's signature of one model version, as carried by a model message."""
+
+    signer: str
+    version: int
+    parent: int
+    sig: bytes
+    digest: bytes
+
+
+def _nbytes(tensors: Mapping[str, npt.NDArray[Any]]) -> int:
+    return sum(int(np.asarray(v).nbytes) for v in tensors.values())
+
+
+async def _digest(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec | None) -> bytes:
+    """Digest of ``tensors`` as decoded (``spec`` None: they are already the decoded ones)."""
+    if spec is None:
+        if _nbytes(tensors) < INLINE_BELOW:
+            return tensors_digest(tensors)
+        return await offload(tensors_digest, tensors)
+    if _nbytes(tensors) < INLINE_BELOW:
+        return digest_as_received(tensors, spec)
+    return await offload(digest_as_received, tensors, spec)
+
+
+class _Once:
+    """One computation per key (in flight or done), for the newest ``keep`` versions."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.tasks: dict[Any, asyncio.Future[Any]] = {}
+
+    def versions(self) -> list[int]:
+        return [_version_of(key) for key in self.tasks]
+
+    async def get(self, key: Any, make: Callable[[], Awaitable[_V]]) -> _V:
+        task = self.tasks.get(key)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self.tasks[key] = asyncio.ensure_future(make())
+            while len(self.tasks) > self.keep:
+                del self.tasks[min(self.tasks, key=_version_of)]
+        # Shielded: one caller going away (its connection closed) must not cancel the
+        # computation the others are waiting for.
+        result: _V = await asyncio.shield(task)
+        return result
+
+
+def _version_of(key: Any) -> int:
+    """Keys are a version or a (version, ...) tuple."""
+    return int(key[0]) if isinstance(key, tuple) else int(key)
+
+
+class EndToEnd:
+    """One node's signing of what it sends and checking of what it receives (module doc).
+
+    ``report`` (optional) gets a ``Metric("update_rejected" | "message_rejected",
+    labels={"reason": ...})`` for every refused message; ``rejected`` counts them too.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        roster: Roster,
+        *,
+        keep_versions: int = KEEP_VERSIONS,
+        report: Report | None = None,
+    ) -> None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        self.identity = identity
+        self.roster = roster
+        self.report = report
+        self.keep_versions = keep_versions
+        self.guard = ModelVersionGuard()
+        self.rejected: Counter[str] = Counter()
+        self.unsigned_sent = 0
+        self._signed = _Once(keep_versions)  # root: version -> its ModelProof
+        self._relay_ok = _Once(keep_versions)  # region: (version, spec) -> digest matches
+        self._proofs: dict[int, ModelProof] = {}  # verified models, relayed by a region
+        self._warned: set[int] = set()
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def signs_models(self) -> bool:
+        return self.identity.role in MODEL_SIGNER_ROLES
+
+    # ------------------------------------------------------------------ sending
+
+    async def seal(self, msg: Message, peer: str, spec: CodecSpec) -> Message:
+        """``msg`` with its signature fields filled in for ``peer`` (unchanged if not ours
+        to sign). Never raises for the message's content: a message that cannot be
+        signed goes out unsigned, with an error logged (the receiver refuses it)."""
+        try:
+            if type(msg) is Update:
+                if msg.src != self.node_id:
+                    return msg  # not ours: sent as is, and refused by a verifying peer
+                digest = await _digest(msg.delta, spec)
+                sig = sign_update(
+                    self.identity,
+                    msg.src,
+                    msg.seq,
+                    msg.base_version,
+                    peer,
+                    msg.n_examples,
+                    digest,
+                )
+                return dataclasses.replace(msg, sig=sig)
+            if type(msg) is TrainRequest or type(msg) is ModelBroadcast:
+                return await self._seal_model(msg, spec)
+        except (ValueError, TypeError) as exc:
+            log.error(
+                "%s: cannot sign a %s for %s (%s); sending it unsigned, %s will refuse it",
+                self.node_id,
+                type(msg).__name__,
+                peer,
+                exc,
+                peer,
+                extra={"peer": peer, "reason": "unsignable"},
+            )
+        return msg
+
+    async def _seal_model(self, msg: ModelMessage, spec: CodecSpec) -> Message:
+        version = msg.version
+        if self.signs_models:
+            proof = await self._signed.get(
+                version, lambda: self._sign_model(version, msg.weights, spec)
+            )
+        else:
+            found = self._proofs.get(version)
+            if found is None:
+                self._warn_unsigned(version)
+                return msg
+            proof = found
+            if spec.kind != "fp32":  # a lossy codec may alter the root's weights
+                ok = await self._relay_ok.get(
+                    (version, spec), lambda: self._relay_check(proof, msg, spec)
+                )
+                if not ok:
+                    return msg  # (warned once) sent as relayed; the receiver refuses it
+        return dataclasses.replace(msg, signer=proof.signer, parent=proof.parent, sig=proof.sig)
+
+    async def _sign_model(
+        self, version: int, weights: Mapping[str, npt.NDArray[Any]], spec: CodecSpec
+    ) -> ModelProof:
+        # The previous version this root signed (kept in the cache), 0 at first.
+        parent = max((v for v in self._signed.versions() if v < version), default=0)
+        digest = await _digest(weights, spec)
+        sig = sign_model(self.identity, version, parent, digest)
+        return ModelProof(self.node_id, version, parent, sig, digest)
+
+    async def _relay_check(self, proof: ModelProof, msg: ModelMessage, spec: CodecSpec) -> bool:
+        if await _digest(msg.weights, spec) == proof.digest:
+            return True
+        log.warning(
+            "%s: the %s down codec changes model version %d signed by %s: children will "
+            "refuse it (relay models with fp32 or with the root's own codec)",
+            self.node_id,
+            spec.kind,
+            proof.version,
+            proof.signer,
+            extra={"version": proof.version, "reason": "codec_alters_model"},
+        )
+        return False
+
+    def _warn_unsigned(self, version: int) -> None:
+        self.unsigned_sent += 1
+        if version in self._warned:
+            return
+        self._warned.add(version)
+        while len(self._warned) > self.keep_versions:
+            self._warned.discard(min(self._warned))
+        log.warning(
+            "%s: no root signature for model version %d (not received from the parent "
+            "yet, or too old); sending it unsigned: the receiver will refuse it",
+            self.node_id,
+            version,
+            extra={"version": version, "reason": "no_model_proof"},
+        )
+
+    # ---------------------------------------------------------------- receiving
+
+    async def check(self, msg: Message, peer: str) -> None:
+        """Raise a ``ProtocolError`` subclass unless ``msg`` from ``peer`` is acceptable."""
+        try:
+            if type(msg) is Update:
+                await self._check_update(msg, peer)
+            elif type(msg) is TrainRequest or type(msg) is ModelBroadcast:
+                await self._check_model(msg, peer)
+        except ProtocolError as exc:
+            self.rejected[exc.reason] += 1
+            if self.report is not None:
+                name = "update_rejected" if type(msg) is Update else "message_rejected"
+                self.report(Metric(name, 1.0, {"reason": exc.reason}))
+            raise
+
+    async def _check_update(self, msg: Update, peer: str) -> None:
+        if msg.src != peer:
+            raise SenderMismatchError(
+                f"update {msg.seq} claims to come from {msg.src!r} but {peer!r} sent it "
+                "(updates are accepted from their signer only)"
+            )
+        if not msg.sig:
+            raise UnsignedError(f"update {msg.seq} from {peer!r} is not signed")
+        digest = await _digest(msg.delta, None)
+        verify_update(
+            self.roster,
+            msg.sig,
+            msg.src,
+            msg.seq,
+            msg.base_version,
+            self.node_id,
+            msg.n_examples,
+            digest,
+        )
+
+    async def _check_model(self, msg: ModelMessage, peer: str) -> None:
+        what = "model broadcast" if type(msg) is ModelBroadcast else "training request"
+        if not msg.sig:
+            raise UnsignedError(
+                f"{what} of model version {msg.version} from {peer!r} carries no root signature"
+            )
+        digest = await _digest(msg.weights, None)
+        verify_model(self.roster, msg.signer, msg.sig, msg.version, msg.parent, digest)
+        self.guard.accept(msg.version, digest)
+        self._proofs[msg.version] = ModelProof(msg.signer, msg.version, msg.parent, msg.sig, digest)
+        while len(self._proofs) > self.keep_versions:
+            del self._proofs[min(self._proofs)]
