@@ -6,8 +6,11 @@ out the effects it returns, in order. A node never reads a clock, performs I/O,
 starts a task or draws randomness it was not given at construction.
 
 Ordering rule for drivers: effects are carried out in list order. In particular a
-``Persist`` must be durable before any effect that follows it (an acknowledgement
-is only ever sent after the state it acknowledges has been recorded).
+``Persist`` must be durable before any effect that follows it takes effect outside the
+node: an acknowledgement (or any message) that follows it is never *delivered* before
+the state it depends on has been recorded. A driver may start encoding and streaming
+such a message while the write is in flight, as long as the peer cannot act on it
+before the write is durable (``runtime.driver`` holds back its last record).
 
 Local misuse (a driver feeding an event the node cannot accept in its state)
 raises ``ProtocolMisuseError`` at once. Bad input from a *peer* never raises out of a

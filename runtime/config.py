@@ -2,7 +2,7 @@
 
 Example (a hospital site)::
 
-    role = "site"                     # site | region | root | peer
+    role = "site"                     # site | region | root | peer | relay
     node_id = "hospital-a"
     state_dir = "/var/lib/fedloom"    # durable state (systemd StateDirectory=)
     seed = 1
@@ -35,7 +35,9 @@ Example (a hospital site)::
     [executor]                        # kind = "thread" | "process", workers
 
 Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``; gossip
-peers have ``[[peers]]`` (id, url optional, weight optional) and may listen. Relative paths
+peers have ``[[peers]]`` (id, url optional, weight optional) and may listen. A peer that
+does not listen reaches the neighbours that have no url (and do not listen either)
+through ``[relay]`` (id, url): a ``role = "relay"`` daemon, which only listens. Relative paths
 are relative to the config file. Every mistake raises ``ConfigError`` naming the field
 and what to write instead; unknown fields are refused with a did-you-mean hint.
 """
@@ -58,7 +60,7 @@ from sim.scenario import _training as _read_training
 from sim.workloads import DATASET_NAMES
 from transport.identity import IdentityError, check_node_id, parse_key
 
-ROLES = ("site", "region", "root", "peer")
+ROLES = ("site", "region", "root", "peer", "relay")
 AGGREGATORS = ("region", "root")
 EXECUTORS = ("thread", "process")
 _WORKLOAD_KEYS = frozenset(
@@ -134,6 +136,7 @@ class DaemonConfig:
     parent: Endpoint | None = None
     children: tuple[str, ...] = ()
     peers: tuple[Endpoint, ...] = ()
+    relay: Endpoint | None = None
     plan: PlanConfig | None = None
     training: TrainingConfig = field(
         default_factory=lambda: TrainingConfig(lr=0.05, local_steps=5, batch_size=10, mu=0.0)
@@ -216,6 +219,8 @@ def parse_config(
     parent = _endpoint(t.table("parent"), url_required=True) if t.has("parent") else None
     children = tuple(_ids(t, "children"))
     peers = tuple(_peers(t, node_id))
+    relay = _endpoint(t.table("relay"), url_required=True) if t.has("relay") else None
+    t.table("relay")  # mark seen even when absent
     plan = _plan(t.table("plan")) if t.has("plan") else None
     training = _read_training(t.table("training"))
     algorithm, aggregation = _aggregation(t.table("aggregation"))
@@ -241,6 +246,7 @@ def parse_config(
         parent=parent,
         children=children,
         peers=peers,
+        relay=relay,
         plan=plan,
         training=training,
         algorithm=algorithm,
@@ -481,13 +487,29 @@ def _check_role(cfg: DaemonConfig) -> None:
     if role == "peer":
         if not cfg.peers:
             raise ConfigError("peers: a gossip peer needs at least one [[peers]] entry")
-        if cfg.listen is None and all(p.url is None for p in cfg.peers):
+        unreachable = [p.id for p in cfg.peers if p.url is None] if cfg.listen is None else []
+        if unreachable and cfg.relay is None:
             raise ConfigError(
-                "peers: this peer does not listen and no peer has a url: nobody can connect; "
-                "add [listen] or a url to a peer"
+                f"peers: this peer does not listen and {unreachable[:3]} have no url, so "
+                "neither side can connect; add [listen], a url to those peers, or a [relay] "
+                'with id = "..." and url = "ws://host:port/fedloom" that both sides use'
             )
+        if cfg.relay is not None and not unreachable:
+            raise ConfigError(
+                "relay: every peer is reached directly (this node listens, or each peer has "
+                "a url); remove the [relay] table"
+            )
+        if cfg.relay is not None and cfg.relay.id in {p.id for p in cfg.peers}:
+            raise ConfigError(f"relay.id: {cfg.relay.id!r} is also listed in [[peers]]")
     elif cfg.peers:
         raise ConfigError(f"peers: only gossip peers have [[peers]]; remove them for a {role}")
+    elif cfg.relay is not None:
+        raise ConfigError(f"relay: only gossip peers use a relay; remove it for a {role}")
+    if role == "relay":
+        if cfg.listen is None:
+            raise ConfigError("listen: required for a relay: add [listen] with port = N")
+        if cfg.plan is not None:
+            raise ConfigError("plan: a relay neither trains nor evaluates; remove [plan]")
     if role in ("site", "peer", "root") and cfg.plan is None:
         what = "train" if role != "root" else "build the initial model"
         raise ConfigError(

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,7 +37,9 @@ from transport.channel import TENSOR_FIELDS, ChannelTruncated, SecureChannel
 from transport.errors import ProtocolError
 from transport.limits import Limits
 from transport.links import Link, LinkClosed
-from transport.wire import Heartbeat, Message
+from transport.wire import Heartbeat, Message, Relayed
+
+RELAY_ROLE = "relay"  # the roster role of relays (``algorithms.relay``)
 
 log = logging.getLogger("fedloom.runtime.connection")
 
@@ -46,6 +49,22 @@ DEFAULT_MAX_QUEUE = 256
 
 # A durable write in progress: a message sent "after" it may not be delivered before it.
 Gate = asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """``msg`` for (sending) or from (receiving) ``peer``, carried by a relay.
+
+    Queued on the connection to the relay, it goes out as a signed ``Relayed`` envelope
+    (``transport.relay``); a verified envelope from the relay comes back as a ``Via``
+    naming its signer, and the peer set delivers it as a message from that peer.
+    """
+
+    peer: str
+    msg: Message
+
+
+Outgoing = Message | Via
 
 
 class ProgressLink:
@@ -81,11 +100,11 @@ class MessagePipe(Protocol):
     @property
     def progress(self) -> ProgressLink: ...
 
-    async def send(self, msg: Message, after: Gate | None = None) -> None:
+    async def send(self, msg: Outgoing, after: Gate | None = None) -> None:
         """Send ``msg``; with ``after``, its last byte leaves only once ``after`` is done."""
         ...
 
-    async def recv(self) -> Message:
+    async def recv(self) -> Message | Via:
         """The next message; ``ProtocolError`` for bad bytes, ``LinkClosed`` at the end."""
         ...
 
@@ -114,7 +133,9 @@ class WirePipe:
     def progress(self) -> ProgressLink:
         return self._progress
 
-    async def send(self, msg: Message, after: Gate | None = None) -> None:
+    async def send(self, msg: Outgoing, after: Gate | None = None) -> None:
+        if isinstance(msg, Via):
+            raise TypeError("plain wire pipes carry no relayed messages (daemons use channels)")
         spec = self._codecs.spec_for(msg)
         if tensor_bytes(msg) > OFFLOAD_ABOVE:
             data = await asyncio.to_thread(wire.encode, msg, spec)
@@ -163,17 +184,46 @@ class ChannelPipe:
     def progress(self) -> ProgressLink:
         return self._progress
 
-    async def send(self, msg: Message, after: Gate | None = None) -> None:
+    async def send(self, msg: Outgoing, after: Gate | None = None) -> None:
+        if isinstance(msg, Via):
+            if self.e2e is None:
+                raise TypeError("relaying needs end-to-end signing (an EndToEnd)")
+            envelope = await self.e2e.seal_relayed(
+                msg.peer, msg.msg, self._codecs.spec_for(msg.msg)
+            )
+            await self.channel.send_tensors(envelope, after=after)  # the payload is bytes
+            return
         spec = self._codecs.spec_for(msg)
         if self.e2e is not None:
             msg = await self.e2e.seal(msg, self.channel.peer_id, spec)
         await self.channel.send_tensors(msg, spec, after=after)
 
-    async def recv(self) -> Message:
-        msg = await self.channel.recv_tensors(self._limits)
-        if self.e2e is not None:
+    async def recv(self) -> Message | Via:
+        while True:
+            msg = await self.channel.recv_tensors(self._limits)
+            if self.e2e is None:
+                return msg
+            if type(msg) is Relayed and self.channel.peer_role == RELAY_ROLE:
+                # One bad envelope (a forging peer, a faulty relay) is dropped; the relay
+                # link, which carries other peers' traffic too, stays up.
+                try:
+                    return Via(msg.src, await self.e2e.open_relayed(msg))
+                except ProtocolError as exc:
+                    log.warning(
+                        "dropped a relayed message from %s via %s (%s): %s",
+                        msg.src,
+                        self.channel.peer_id,
+                        exc.reason,
+                        exc,
+                        extra={
+                            "peer": msg.src,
+                            "relay": self.channel.peer_id,
+                            "reason": exc.reason,
+                        },
+                    )
+                    continue
             await self.e2e.check(msg, self.channel.peer_id)
-        return msg
+            return msg
 
     async def close(self) -> None:
         await self.channel.close()
@@ -198,7 +248,7 @@ class _Ended(Exception):  # noqa: N818 - internal signal, not an error
     """Raised inside a connection's task group to end it; carries the reason."""
 
 
-Deliver = Callable[["Connection", Message], Awaitable[None]]
+Deliver = Callable[["Connection", Message | Via], Awaitable[None]]
 
 
 class Connection:
@@ -224,13 +274,13 @@ class Connection:
         self.reason: str | None = None  # why it ended (None while open)
         self.messages_in = 0
         self.messages_out = 0
-        self._queue: asyncio.Queue[tuple[Message, Gate | None]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Outgoing, Gate | None]] = asyncio.Queue()
         self._stop = asyncio.Event()
 
     def is_open(self) -> bool:
         return self.reason is None
 
-    def send(self, msg: Message, after: Gate | None = None) -> bool:
+    def send(self, msg: Outgoing, after: Gate | None = None) -> bool:
         """Queue ``msg``; False if the connection is closed (or just closed for overflow).
 
         With ``after`` (the driver's pending durable write), the message is encoded and
@@ -311,7 +361,7 @@ class Connection:
     async def _writer(self) -> None:
         keepalive = self.keepalive_s
         while True:
-            msg: Message
+            msg: Outgoing
             after: Gate | None = None
             try:
                 async with asyncio.timeout(keepalive):

@@ -56,6 +56,7 @@ from algorithms.fedbuff import FedBuffAggregator
 from algorithms.gossip import GossipPeer
 from algorithms.protocol import Metric, ModelHolder, Node, Persist
 from algorithms.regional import RegionalAggregator
+from algorithms.relay import RelayNode
 from algorithms.site import SiteNode
 from algorithms.sync import SyncAggregator
 from algorithms.training import TrainingPlan
@@ -167,6 +168,8 @@ def check_neighbours(cfg: DaemonConfig, roster: Roster) -> None:
         _neighbour_role(roster, cfg.parent.id, "parent.id", ("region", "root"))
     for i, p in enumerate(cfg.peers):
         _neighbour_role(roster, p.id, f"peers[{i}].id", ("peer",))
+    if cfg.relay is not None:
+        _neighbour_role(roster, cfg.relay.id, "relay.id", ("relay",))
 
 
 # ========================================================================== the node
@@ -197,6 +200,8 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
     if cfg.role == "peer":
         assert plan is not None
         return _gossip_peer(cfg, plan, rng)
+    if cfg.role == "relay":
+        return RelayNode(cfg.node_id)
     children = child_roles(cfg, roster)
     n_sites = sum(1 for r in children.values() if r == "site")
     concurrency = max(1, min(p.concurrency, n_sites)) if n_sites else 1
@@ -390,14 +395,23 @@ def build_peers(d: Daemon) -> NetworkPeers:
     cfg = d.cfg
     dial: list[DialTarget] = []
     accept_from: list[str] | None = None
+    allowed_roles: tuple[str, ...] | None = None
+    routes: dict[str, str] = {}
     if cfg.parent is not None:
         assert cfg.parent.url is not None
         dial.append(DialTarget(cfg.parent.id, cfg.parent.url))
     if cfg.role == "peer":
+        listening = cfg.listen is not None
         dial = gossip_dial_targets(
-            cfg.node_id, [(p.id, p.url) for p in cfg.peers], listening=cfg.listen is not None
+            cfg.node_id, [(p.id, p.url) for p in cfg.peers], listening=listening
         )
         accept_from = [p.id for p in cfg.peers]
+        if cfg.relay is not None and not listening:
+            assert cfg.relay.url is not None
+            dial.append(DialTarget(cfg.relay.id, cfg.relay.url))
+            routes = {p.id: cfg.relay.id for p in cfg.peers if p.url is None}
+    elif cfg.role == "relay":
+        allowed_roles = ("peer",)  # any gossip peer of the roster may use the relay
     elif cfg.children:
         accept_from = list(cfg.children)
     codec = cfg.codec
@@ -412,6 +426,8 @@ def build_peers(d: Daemon) -> NetworkPeers:
         dial=dial,
         listen=cfg.listen,
         accept_from=accept_from,
+        allowed_roles=allowed_roles,
+        routes=routes,
         codecs=codecs,
         keepalive_s=conn.keepalive_s,
         down_after_s=conn.down_after_s,

@@ -146,6 +146,14 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
         ),
         "model_version": (_Rule(gauge, "model_version", "Version of the current model."),),
         "buffer_fill": (_Rule(gauge, "buffer_fill", "Updates waiting in the buffer."),),
+        "relay_forwarded": (_Rule(count, "relay_forwarded", "Envelopes a relay passed on."),),
+        "relay_dropped": (
+            _Rule(count, "relay_dropped", "Envelopes for a peer not connected.", ("reason",)),
+        ),
+        "relay_rejected": (
+            _Rule(count, "relay_rejected", "Messages a relay refused.", ("reason",)),
+        ),
+        "relay_peers": (_Rule(gauge, "relay_peers", "Peers connected to a relay."),),
     }
 
 

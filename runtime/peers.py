@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from runtime.connection import (
     Gate,
     MessagePipe,
     ProgressLink,
+    Via,
     WirePipe,
     check_timeouts,
 )
@@ -95,22 +96,32 @@ class ConnectionTable:
     ``PeerUp`` is matched by exactly one ``PeerDown``.
     """
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, routes: Mapping[str, str] | None = None) -> None:
         self.node_id = node_id
         self.sink: EventSink | None = None
         self._conns: dict[str, Connection] = {}
+        # Peers reached through a relay: {peer: relay}. A routed peer counts as connected
+        # while its relay is (its own liveness is the node's business: gossip heartbeats).
+        self.routes: dict[str, str] = dict(routes or {})
+        self._routed: dict[str, list[str]] = {}
+        for peer, relay in self.routes.items():
+            self._routed.setdefault(relay, []).append(peer)
         self.sent = 0
         self.dropped = 0  # messages for peers without a connection
 
     def connected(self) -> frozenset[str]:
-        return frozenset(self._conns)
+        routed = (p for r in self._conns for p in self._routed.get(r, ()))
+        return frozenset(self._conns).union(routed)
 
     def get(self, peer: str) -> Connection | None:
         return self._conns.get(peer)
 
     def send(self, peer: str, msg: Message, after: Gate | None = None) -> bool:
         conn = self._conns.get(peer)
-        if conn is None or not conn.send(msg, after):
+        out: Message | Via = msg
+        if conn is None and peer in self.routes:
+            conn, out = self._conns.get(self.routes[peer]), Via(peer, msg)
+        if conn is None or not conn.send(out, after):
             self.dropped += 1
             return False
         self.sent += 1
@@ -124,6 +135,8 @@ class ConnectionTable:
         log.info("%s: connected to %s", self.node_id, conn.peer, extra={"peer": conn.peer})
         if self.sink is not None:
             self.sink.post_nowait(PeerUp(conn.peer))
+            for peer in self._routed.get(conn.peer, ()):
+                self.sink.post_nowait(PeerUp(peer))
 
     def drop(self, conn: Connection, reason: str) -> None:
         conn.abort(reason)
@@ -139,6 +152,8 @@ class ConnectionTable:
         )
         if self.sink is not None:
             self.sink.post_nowait(PeerDown(conn.peer))
+            for peer in self._routed.get(conn.peer, ()):
+                self.sink.post_nowait(PeerDown(peer))
 
     async def serve(self, conn: Connection) -> str:
         """Run an opened connection to its end, then drop it; return why it ended."""
@@ -153,9 +168,22 @@ class ConnectionTable:
         for conn in list(self._conns.values()):
             self.drop(conn, reason)
 
-    async def _deliver(self, conn: Connection, msg: Message) -> None:
-        if self.sink is not None:
-            await self.sink.post(Received(conn.peer, msg), conn.is_open)
+    async def _deliver(self, conn: Connection, msg: Message | Via) -> None:
+        if self.sink is None:
+            return
+        if isinstance(msg, Via):
+            if self.routes.get(msg.peer) != conn.peer:
+                log.warning(
+                    "%s: dropped a message from %s relayed by %s, which is not its relay",
+                    self.node_id,
+                    msg.peer,
+                    conn.peer,
+                    extra={"peer": msg.peer, "relay": conn.peer, "reason": "unexpected_relay"},
+                )
+                return
+            await self.sink.post(Received(msg.peer, msg.msg), conn.is_open)
+            return
+        await self.sink.post(Received(conn.peer, msg), conn.is_open)
 
 
 async def _forever() -> None:
@@ -399,6 +427,12 @@ class NetworkPeers:
     role in ``allowed_roles`` and, if given, an id in ``accept_from`` are admitted. A peer
     that reconnects replaces its older connection.
 
+    ``routes``: ``{peer: relay}`` for gossip neighbours this node can neither dial nor be
+    dialled by (both behind firewalls). Messages for such a peer go to its relay (which
+    must be dialled) in a signed envelope; the peer counts as up while the relay link
+    is, and what the relay brings from it is delivered as coming from it once its
+    signature, destination and sequence number check out (``transport.relay``).
+
     Every connection signs and checks updates and models end to end with ``e2e`` (built
     from ``identity`` and ``roster`` unless given; it cannot be turned off), see
     ``runtime.signing``.
@@ -426,12 +460,18 @@ class NetworkPeers:
         serve: Serve = _ws_serve,
         rng: random.Random | None = None,
         e2e: EndToEnd | None = None,
+        routes: Mapping[str, str] | None = None,
     ) -> None:
         ids = [t.peer for t in dial]
         if len(set(ids)) != len(ids):
             raise ValueError(f"dial: a peer is listed twice in {ids}")
         if identity.node_id in ids:
             raise ValueError(f"dial: {identity.node_id!r} cannot dial itself")
+        for peer, relay in (routes or {}).items():
+            if relay not in ids:
+                raise ValueError(f"routes: {peer!r} goes through {relay!r}, which is not dialled")
+            if peer in ids or peer == identity.node_id:
+                raise ValueError(f"routes: {peer!r} is dialled directly (or is this node)")
         if e2e is not None and e2e.node_id != identity.node_id:
             raise ValueError(f"e2e signs as {e2e.node_id!r}, not as {identity.node_id!r}")
         self.identity = identity
@@ -450,7 +490,7 @@ class NetworkPeers:
         self._connect = connect
         self._serve = serve
         self._rng = rng if rng is not None else random.Random()
-        self.table = ConnectionTable(identity.node_id)
+        self.table = ConnectionTable(identity.node_id, routes)
         self.gate = Gatekeeper(identity, roster, allowed_roles=allowed_roles, options=options)
         self.listener: Listener | None = None
         self.dial_failures = 0

@@ -28,6 +28,11 @@ the reason logged and the daemon lives on:
 
 Replays need no guard here: a signed update can only be replayed identically, and the
 aggregators' ledger applies each ``(src, seq)`` once and re-acks a duplicate.
+
+Relayed gossip (``seal_relayed``/``open_relayed``): a share or heartbeat for a neighbour
+reached through a relay is wrapped in a ``Relayed`` envelope signed by this node; one
+that arrives from a relay is opened only if its signature, destination and sequence
+number check out (``transport.relay``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from algorithms.protocol import Metric
-from transport.channel import offload
+from transport.channel import TENSOR_FIELDS, offload
 from transport.e2e import (
     MODEL_SIGNER_ROLES,
     ModelVersionGuard,
@@ -59,9 +64,10 @@ from transport.e2e import (
 )
 from transport.errors import ProtocolError
 from transport.identity import Identity
+from transport.relay import RelayInbox, RelaySender
 from transport.roster import Roster
 from transport.tensors import CodecSpec
-from transport.wire import Message, ModelBroadcast, TrainRequest, Update
+from transport.wire import Message, ModelBroadcast, Relayed, TrainRequest, Update
 
 __all__ = ["KEEP_VERSIONS", "EndToEnd", "ModelProof", "Report"]
 
@@ -84,6 +90,11 @@ class ModelProof:
     parent: int
     sig: bytes
     digest: bytes
+
+
+def _relayed_bytes(msg: Message) -> int:
+    field = TENSOR_FIELDS.get(type(msg))
+    return _nbytes(getattr(msg, field)) if field is not None else 0
 
 
 def _nbytes(tensors: Mapping[str, npt.NDArray[Any]]) -> int:
@@ -156,6 +167,8 @@ class EndToEnd:
         self._relay_ok = _Once(keep_versions)  # region: (version, spec) -> digest matches
         self._proofs: dict[int, ModelProof] = {}  # verified models, relayed by a region
         self._warned: set[int] = set()
+        self._relay_out = RelaySender(identity)
+        self._relay_in = RelayInbox(identity.node_id, roster)
 
     @property
     def node_id(self) -> str:
@@ -258,7 +271,25 @@ class EndToEnd:
             extra={"version": version, "reason": "no_model_proof"},
         )
 
+    async def seal_relayed(self, dst: str, msg: Message, spec: CodecSpec) -> Relayed:
+        """``msg`` for ``dst`` in an envelope signed by this node (sent via a relay)."""
+        if _relayed_bytes(msg) < INLINE_BELOW:
+            return self._relay_out.seal(dst, msg, spec)
+        return await offload(self._relay_out.seal, dst, msg, spec)
+
     # ---------------------------------------------------------------- receiving
+
+    async def open_relayed(self, env: Relayed) -> Message:
+        """The verified message inside ``env`` (a ``ProtocolError`` subclass if not)."""
+        try:
+            if _relayed_bytes(env) < INLINE_BELOW:
+                return self._relay_in.open(env)
+            return await offload(self._relay_in.open, env)
+        except ProtocolError as exc:
+            self.rejected[exc.reason] += 1
+            if self.report is not None:
+                self.report(Metric("message_rejected", 1.0, {"reason": exc.reason}))
+            raise
 
     async def check(self, msg: Message, peer: str) -> None:
         """Raise a ``ProtocolError`` subclass unless ``msg`` from ``peer`` is acceptable."""

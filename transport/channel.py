@@ -83,6 +83,7 @@ TENSOR_FIELDS: dict[type, str] = {
     wire.TrainRequest: "weights",
     wire.Update: "delta",
     wire.GossipShare: "x",
+    wire.Relayed: "payload",
 }
 
 _T = TypeVar("_T")

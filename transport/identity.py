@@ -24,7 +24,7 @@ import nacl.signing
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 # Roles of the daemons (topology.plan.ROLES) plus the consortium key that signs rosters.
-ROLES: tuple[str, ...] = ("root", "region", "site", "peer", "consortium")
+ROLES: tuple[str, ...] = ("root", "region", "site", "peer", "relay", "consortium")
 # Ids appear in file names, public lines and TOML: keep them to a safe, printable set.
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 PRIVATE_SUFFIX = ".key"

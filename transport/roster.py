@@ -46,7 +46,7 @@ from transport.identity import (
     verify_signature,
 )
 
-NODE_ROLES: tuple[str, ...] = ("root", "region", "site", "peer")
+NODE_ROLES: tuple[str, ...] = ("root", "region", "site", "peer", "relay")
 MAX_ENTRIES = 200_000
 MAX_ENDPOINTS = 16
 MAX_ENDPOINT_LEN = 512

@@ -124,7 +124,25 @@ class Heartbeat:
     step: int = 0
 
 
-Message: TypeAlias = Hello | ModelBroadcast | TrainRequest | Update | Ack | GossipShare | Heartbeat
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """A message from ``src`` for ``dst`` that travels through a relay (``transport.relay``).
+
+    ``payload`` holds one ``uint8`` tensor, the encoded inner message; ``seq`` increases
+    with every envelope ``src`` sends; ``sig`` is ``src``'s signature of
+    ``{src, dst, seq, digest of the payload}``. The relay forwards it untouched.
+    """
+
+    src: str
+    dst: str
+    seq: int
+    payload: Tensors
+    sig: bytes = b""
+
+
+Message: TypeAlias = (
+    Hello | ModelBroadcast | TrainRequest | Update | Ack | GossipShare | Heartbeat | Relayed
+)
 
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello,
@@ -134,6 +152,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     Ack,
     GossipShare,
     Heartbeat,
+    Relayed,
 )
 
 
@@ -206,6 +225,15 @@ _SCHEMAS: dict[type, _Schema] = {
         "gossip_share", GossipShare, ("src", _STR), ("step", _INT), ("x", _TENSORS), ("w", _FLOAT)
     ),
     Heartbeat: _schema("heartbeat", Heartbeat, ("src", _STR), ("step", _INT)),
+    Relayed: _schema(
+        "relayed",
+        Relayed,
+        ("src", _STR),
+        ("dst", _STR),
+        ("seq", _INT),
+        ("payload", _TENSORS),
+        ("sig", _BIN),
+    ),
 }
 _SCHEMAS_BY_NAME: dict[str, _Schema] = {s.name: s for s in _SCHEMAS.values()}
 _DEFAULT_LIMITS = Limits()

@@ -49,10 +49,10 @@ def parse(raw: dict[str, Any]) -> DaemonConfig:
     return parse_config(raw, base_dir=Path("/etc/fedloom"))
 
 
-@pytest.mark.parametrize("name", ["site", "region", "aggregator", "peer"])
+@pytest.mark.parametrize("name", ["site", "region", "aggregator", "peer", "relay"])
 def test_the_shipped_examples_parse(name: str) -> None:
     cfg = load_config(EXAMPLES / f"{name}.toml", check_files=False)
-    assert cfg.node_id and cfg.role in ("site", "region", "root", "peer")
+    assert cfg.node_id and cfg.role in ("site", "region", "root", "peer", "relay")
     assert cfg.source == EXAMPLES / f"{name}.toml"
 
 
@@ -178,14 +178,45 @@ def test_peer_mistakes() -> None:
     with pytest.raises(ConfigError, match="at least one"):
         parse(raw)
     raw["peers"] = [{"id": "b"}]
-    with pytest.raises(ConfigError, match="nobody can connect"):
+    with pytest.raises(ConfigError, match=r"neither side can connect; add \[listen\]"):
         parse(raw)
+    raw["peers"] = [{"id": "b"}, {"id": "c", "url": "ws://c:1/f"}]  # b alone is unreachable
+    with pytest.raises(ConfigError, match=r"\['b'\] have no url.*\[relay\]"):
+        parse(raw)
+    raw["relay"] = {"id": "b", "url": "ws://r:1/f"}
+    with pytest.raises(ConfigError, match=r"relay\.id: 'b' is also listed"):
+        parse(raw)
+    raw["relay"] = {"id": "relay-1", "url": "ws://r:1/f"}
+    cfg = parse(raw)
+    assert cfg.relay is not None and cfg.relay.id == "relay-1"
+    raw["peers"] = [{"id": "c", "url": "ws://c:1/f"}]
+    with pytest.raises(ConfigError, match="every peer is reached directly"):
+        parse(raw)
+    del raw["relay"]
     raw["peers"] = [{"id": "b", "url": "ws://b:1/f"}, {"id": "b"}]
     with pytest.raises(ConfigError, match="'b' is listed twice"):
         parse(raw)
     raw["peers"] = [{"id": "hospital-a", "url": "ws://b:1/f"}]
     with pytest.raises(ConfigError, match="its own peer"):
         parse(raw)
+
+
+def test_relay_mistakes() -> None:
+    raw = site_raw()
+    for key in ("parent", "plan"):
+        del raw[key]
+    raw["role"] = "relay"
+    with pytest.raises(ConfigError, match="listen: required for a relay"):
+        parse(raw)
+    raw["listen"] = {"port": 7443}
+    assert parse(raw).role == "relay"
+    raw["plan"] = {"dataset": "digits", "n_sites": 2, "site_index": 0}
+    with pytest.raises(ConfigError, match="a relay neither trains"):
+        parse(raw)
+    site = site_raw()
+    site["relay"] = {"id": "relay-1", "url": "ws://r:1/f"}
+    with pytest.raises(ConfigError, match="only gossip peers use a relay"):
+        parse(site)
 
 
 def test_files_are_checked_with_a_hint(tmp_path: Path) -> None:
@@ -291,4 +322,4 @@ def test_valid_connection_settings_round_trip(
 
 def test_examples_are_valid_toml_with_known_roles() -> None:
     roles = {tomllib.loads(p.read_text())["role"] for p in EXAMPLES.glob("*.toml")}
-    assert roles <= {"site", "region", "root", "peer"}
+    assert roles <= {"site", "region", "root", "peer", "relay"}

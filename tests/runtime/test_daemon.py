@@ -92,6 +92,7 @@ def test_a_gossip_peer_mixes_uniformly_without_weights(fed: Federation, tmp_path
         "path": str(tmp_path / "peers.toml"),
         "consortium_key_file": str(tmp_path / "c.pub"),
     }
+    cfg["listen"] = {"port": 0}  # p-2 has no url: it dials p-1
     parsed = parse_config(cfg, check_files=True)
     node = build_node(parsed, load_roster(parsed, load_identity(parsed)), build_plan(parsed))
     assert isinstance(node, GossipPeer)

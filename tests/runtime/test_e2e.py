@@ -32,6 +32,7 @@ from runtime.demo import (
     Federation,
     NodeFiles,
     daemon_env,
+    free_port,
     sample,
     scrape,
     write_federation,
@@ -301,6 +302,74 @@ def test_site_not_in_roster_is_refused_and_the_aggregator_lives_on(
     assert "connected to site-x" not in cluster["region-a"].log_text()
     assert applied(region, "site-x") == 0
     check_clean_exit(cluster)
+
+
+# ------------------------------------------------------------------------ gossip relay
+
+
+def test_firewalled_gossip_peers_reach_each_other_through_a_relay(tmp_path: Path) -> None:
+    """Two peers that accept no inbound connection gossip via a relay daemon."""
+    relay, peers = Identity.generate("relay", "relay"), ["peer-a", "peer-b"]
+    identities = [relay, *(Identity.generate(p, "peer") for p in peers)]
+    consortium = Identity.generate("consortium", "consortium")
+    write_roster(tmp_path / "roster.toml", identities, consortium)
+    (tmp_path / "consortium.pub").write_text(consortium.public_line() + "\n")
+    relay_port = free_port()
+    procs: list[DaemonProcess] = []
+    for ident in identities:
+        node_id = ident.node_id
+        ident.save(tmp_path / "keys")
+        cfg: dict[str, Any] = {
+            "role": ident.role,
+            "node_id": node_id,
+            "state_dir": str(tmp_path / "state" / node_id),
+            "identity": {"key": str(tmp_path / "keys" / f"{node_id}.key")},
+            "roster": {
+                "path": str(tmp_path / "roster.toml"),
+                "consortium_key_file": str(tmp_path / "consortium.pub"),
+            },
+            "metrics": {"host": "127.0.0.1", "port": free_port()},
+        }
+        if node_id == "relay":
+            cfg["listen"] = {"host": "127.0.0.1", "port": relay_port}
+        else:
+            index = peers.index(node_id)
+            cfg["peers"] = [{"id": peers[1 - index]}]  # no url, and no [listen]: firewalled
+            cfg["relay"] = {"id": "relay", "url": f"ws://127.0.0.1:{relay_port}/fedloom"}
+            cfg["plan"] = {**SYNTHETIC, "n_sites": 2, "site_index": index, "seed": 1}
+            cfg["aggregation"] = {"algorithm": "gossip", "gossip_interval_s": 0.5}
+        path = tmp_path / f"{node_id}.toml"
+        path.write_text(tomli_w.dumps(cfg))
+        files = NodeFiles(
+            node_id,
+            ident.role,
+            path,
+            tmp_path / "state" / node_id,
+            tmp_path / f"{node_id}.log",
+            listen_port=relay_port if node_id == "relay" else 0,
+            metrics_port=cfg["metrics"]["port"],
+        )
+        procs.append(DaemonProcess(files))
+    try:
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            wait_ready(proc)
+        relay_files = procs[0].files
+        wait_for(
+            "the relay to pass on shares both ways",
+            lambda: metric(relay_files, "fedloom_relay_forwarded_total") >= 20,
+        )
+        for proc in procs[1:]:
+            text = proc.log_text()
+            assert "connected to relay" in text
+            assert metric(proc.files, "fedloom_peers_pruned_total", peer=peers[0]) == 0
+            assert metric(proc.files, "fedloom_peers_pruned_total", peer=peers[1]) == 0
+            assert "dropped a relayed message" not in text
+        assert metric(relay_files, "fedloom_relay_peers") == 2
+    finally:
+        codes = {p.node_id: p.stop() for p in procs}
+    assert all(c == 0 for c in codes.values()), codes
 
 
 # ------------------------------------------------------------------------- the demo

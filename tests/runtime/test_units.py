@@ -128,6 +128,7 @@ EXAMPLE_UNIT = {
     "peer.toml": "fedloom-site.service",
     "aggregator.toml": "fedloom-aggregator.service",
     "region.toml": "fedloom-aggregator.service",
+    "relay.toml": "fedloom-aggregator.service",
 }
 
 

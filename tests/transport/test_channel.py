@@ -121,9 +121,7 @@ async def test_streamed_tensors_equal_the_batch_codec(kind: str, codec: str, pki
 
 
 @pytest.mark.parametrize("size", [400, 1_500_000])  # one record, and streamed
-async def test_a_gated_message_is_delivered_only_once_its_gate_is_done(
-    size: int, pki: Pki
-) -> None:
+async def test_a_gated_message_is_delivered_only_once_its_gate_is_done(size: int, pki: Pki) -> None:
     gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     msg = update(delta(size))
     async with asyncio.timeout(TIMEOUT_S), channels("memory", pki) as (client, server):
