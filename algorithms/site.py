@@ -8,6 +8,13 @@ A request that arrives while training is parked (only the newest is kept) and st
 current job ends. Each finished job becomes ``Update(seq)`` in an ``Outbox``: persisted, sent,
 kept until the parent's ``Ack``; on ``PeerUp(parent)`` the site says ``Hello`` and resends
 every unacknowledged update in seq order (the parent deduplicates by ``(site, seq)``).
+
+Compaction: each pending update is logged with its delta, so the log grows by a model's
+size per update. Whenever an ``Ack`` empties the outbox the site writes a checkpoint of
+what must survive a restart (the seq counter; nothing is pending), which supersedes and
+deletes the log: a site daemon's disk use stays bounded however long it runs. The model
+view is left out of that checkpoint (it would cost a model-sized write per round); after
+a restart the site learns the model again from its next request.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from algorithms.aggregator_base import CHECKPOINT_KEY
 from algorithms.node_util import unexpected
 from algorithms.outbox import Outbox
 from algorithms.protocol import (
@@ -26,6 +34,7 @@ from algorithms.protocol import (
     Metric,
     PeerDown,
     PeerUp,
+    Persist,
     ProtocolMisuseError,
     Received,
     Send,
@@ -125,7 +134,10 @@ class SiteNode:
         if isinstance(msg, Ack):
             if msg.src != self._id:
                 return unexpected(peer, msg, "ack_for_other")
-            return self._outbox.ack(msg.seq)
+            acked = self._outbox.ack(msg.seq)
+            if acked and not len(self._outbox):
+                acked.append(Persist(CHECKPOINT_KEY, self._drained_snapshot()))
+            return acked
         if isinstance(msg, ModelBroadcast):
             self._remember(msg.version, msg.weights)
             return []
@@ -194,6 +206,10 @@ class SiteNode:
     def snapshot(self) -> dict[str, Any]:
         """Outbox and model view; in-flight training is not durable (it is simply redone)."""
         return {"outbox": self._outbox.snapshot(), "model": self._model}
+
+    def _drained_snapshot(self) -> dict[str, Any]:
+        """The compaction checkpoint: an empty outbox (its seq counter) and no model view."""
+        return {"outbox": self._outbox.snapshot(), "model": None}
 
     def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
         """Load ``snapshot()`` output, then replay "site/pending" records written after it."""

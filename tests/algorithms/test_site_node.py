@@ -159,3 +159,25 @@ def test_restore_from_snapshot_and_log() -> None:
     fresh.restore(snap, log)
     assert fresh.pending == 2 and fresh.seq == 3
     assert [u.seq for u in updates(fresh.handle(PeerUp("agg"), 3.0))] == [1, 3]
+
+
+def test_a_drained_outbox_is_checkpointed_so_the_log_stays_bounded() -> None:
+    site = SiteNode("s1", "agg")
+    seqs = []
+    for i in range(2):  # two updates in flight
+        [t] = trains(site.handle(recv("agg", request(task=i, version=i)), float(i)))
+        [u] = updates(site.handle(done(t.job, 1.0), float(i)))
+        seqs.append(u.seq)
+    out = site.handle(recv("agg", Ack("s1", seqs[0])), 5.0)
+    assert [p.key for p in persists(out)] == ["site/pending"]  # one still pending: no checkpoint
+    out = site.handle(recv("agg", Ack("s1", seqs[1])), 6.0)
+    ack, ckpt = persists(out)
+    assert (ack.key, ack.append) == ("site/pending", True)
+    assert (ckpt.key, ckpt.append) == ("checkpoint", False)  # after the ack record
+    assert ckpt.data == {"outbox": {"seq": 2, "pending": []}, "model": None}
+    assert persists(site.handle(recv("agg", Ack("s1", seqs[1])), 7.0)) == []  # a repeat: nothing
+    fresh = SiteNode("s1", "agg")
+    fresh.restore(ckpt.data)
+    [t] = trains(fresh.handle(recv("agg", request(task=5, version=5)), 8.0))
+    [u] = updates(fresh.handle(done(t.job, 1.0), 9.0))
+    assert u.seq == 3  # numbering goes on after a restart from the compacted state

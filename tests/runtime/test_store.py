@@ -21,6 +21,7 @@ from algorithms.protocol import (
     Persist,
     Received,
     Send,
+    Train,
     TrainDone,
     TrainResult,
 )
@@ -518,3 +519,27 @@ def test_recovered_region_equals_one_that_never_crashed(tmp_path: Path, n: int) 
     back = recover(tmp_path, make_region, "applied", "region/pending")
     same(back.snapshot(), live.snapshot())
     assert back.pending == live.pending and back.seq == live.seq
+
+
+def test_a_long_running_site_keeps_its_state_directory_small(tmp_path: Path) -> None:
+    """Each update is logged with its delta; the checkpoint a drained outbox writes
+    deletes those logs, so the directory does not grow with the number of rounds."""
+    site = SiteNode("s1", "agg")
+    weights = {"w": np.zeros(250_000, np.float32)}  # 1 MB per logged delta
+    sizes = []
+    with StateStore(tmp_path) as store:
+        store.load()
+        for r in range(8):
+            out = site.handle(Received("agg", TrainRequest(r, r, weights)), float(r))
+            [train] = [e for e in out if isinstance(e, Train)]
+            done = TrainDone(train.job, TrainResult({"w": weights["w"] + 1}, 5))
+            out = site.handle(done, float(r))
+            store.apply_many([e for e in out if isinstance(e, Persist)])
+            out = site.handle(Received("agg", Ack("s1", r + 1)), float(r))
+            store.apply_many([e for e in out if isinstance(e, Persist)])
+            sizes.append(sum(f.stat().st_size for f in tmp_path.iterdir()))
+    assert max(sizes) < 100_000  # no delta left on disk once acknowledged
+    _, recovery = reopen(tmp_path)
+    restored = SiteNode("s1", "agg")
+    restored.restore(recovery.checkpoint, recovery.records("site/pending"))
+    assert restored.seq == 8 and restored.pending == 0
