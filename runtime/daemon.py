@@ -599,6 +599,7 @@ async def serve(
         sink(Metric("model_version", float(model[0])))
     peers = build_peers(d)
     peers.e2e.report = sink  # refused signatures count as rejected updates/messages
+    peers.on_link_rtt = sink.observe_link_rtt  # sampled at every connection's handshake
     executor: cf.Executor | None = None
     trainer = None
     if cfg.role in ("site", "peer") and d.plan is not None:

@@ -43,7 +43,13 @@ from runtime.connection import (
 )
 from runtime.signing import EndToEnd
 from sim.network import CodecPolicy
-from transport.channel import DEFAULT_OPTIONS, ChannelOptions, Gatekeeper, client_channel
+from transport.channel import (
+    DEFAULT_OPTIONS,
+    ChannelOptions,
+    Gatekeeper,
+    SecureChannel,
+    client_channel,
+)
 from transport.errors import ProtocolError
 from transport.identity import Identity
 from transport.limits import Limits
@@ -495,6 +501,8 @@ class NetworkPeers:
         self.listener: Listener | None = None
         self.dial_failures = 0
         self.refused = 0
+        # Called with (peer, seconds) for every connection's handshake round trip.
+        self.on_link_rtt: Callable[[str, float], None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._accepted: set[asyncio.Future[None]] = set()  # served inbound connections
         self._closing = False
@@ -578,6 +586,7 @@ class NetworkPeers:
                 await asyncio.sleep(delay)
                 continue
             attempt = 0  # reset on success
+            self._observe_rtt(channel)
             conn = self._connection(target.peer, ChannelPipe(channel, link, **self._pipe_opts()))
             self.table.open(conn)
             await self.table.serve(conn)
@@ -589,6 +598,11 @@ class NetworkPeers:
             # Dropped: wait a little before redialling (a flapping link must not spin).
             await asyncio.sleep(self.backoff.delay(attempt, self._rng))
             attempt += 1
+
+    def _observe_rtt(self, channel: SecureChannel) -> None:
+        rtt = channel.handshake_rtt_s
+        if self.on_link_rtt is not None and rtt is not None:
+            self.on_link_rtt(channel.peer_id, rtt)
 
     def _pipe_opts(self) -> dict[str, Any]:
         return {"codecs": self.codecs, "limits": self.limits, "e2e": self.e2e}
@@ -612,6 +626,7 @@ class NetworkPeers:
             )
             await channel.close()
             return
+        self._observe_rtt(channel)
         conn = self._connection(peer, ChannelPipe(channel, link, **self._pipe_opts()))
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._accepted.add(done)

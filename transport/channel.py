@@ -185,13 +185,16 @@ async def client_channel(
     """
     handshake = ClientHandshake(identity, roster, expected_peer, allowed_roles=allowed_roles)
 
-    async def run() -> SessionKeys:
+    async def run() -> tuple[SessionKeys, float]:
+        sent = _now()
         await link.send(handshake.start())
-        finish = handshake.receive(await _recv_handshake(link))
+        reply = await _recv_handshake(link)
+        rtt = _now() - sent  # one network round trip plus the server's ~0.3 ms of crypto
+        finish = handshake.receive(reply)
         if finish is None:  # pragma: no cover - the client always answers s1
             raise HandshakeError("handshake ended without the client's last flight")
         await link.send(finish)
-        return handshake.keys
+        return handshake.keys, rtt
 
     return await _establish(link, run, timeout, options)
 
@@ -208,14 +211,17 @@ async def server_channel(
     """Handshake as the listening side (prefer ``Gatekeeper.accept``, which caps them)."""
     handshake = ServerHandshake(identity, roster, allowed_roles=allowed_roles)
 
-    async def run() -> SessionKeys:
+    async def run() -> tuple[SessionKeys, float]:
         reply = handshake.receive(await _recv_handshake(link))
         if reply is None:  # pragma: no cover - the server always answers c1
             raise HandshakeError("handshake ended without the server's flight")
+        sent = _now()
         await link.send(reply)
-        if handshake.receive(await _recv_handshake(link)) is not None or not handshake.done:
+        finish = await _recv_handshake(link)
+        rtt = _now() - sent  # one network round trip plus the client's crypto
+        if handshake.receive(finish) is not None or not handshake.done:
             raise HandshakeError("handshake did not complete after the client's last flight")
-        return handshake.keys
+        return handshake.keys, rtt
 
     return await _establish(link, run, timeout, options)
 
@@ -231,14 +237,15 @@ async def _recv_handshake(link: Link) -> bytes:
 
 async def _establish(
     link: Link,
-    run: Callable[[], Any],
+    run: Callable[[], Awaitable[tuple[SessionKeys, float]]],
     timeout: float,
     options: ChannelOptions,
 ) -> SecureChannel:
     try:
         async with asyncio.timeout(timeout):
-            keys: SessionKeys = await run()
+            keys, rtt = await run()
             channel = SecureChannel(link, keys, options)
+            channel.handshake_rtt_s = rtt
             await link.send(channel.stream_header)
     except TimeoutError:
         await link.close()
@@ -349,6 +356,9 @@ class SecureChannel:
         self._failure: BaseException | None = None
         self._closing = False
         self._peer_closed = False
+        # The handshake's round trip (seconds): a sample of the link's RTT, taken before
+        # any data moves (set by ``client_channel``/``server_channel``).
+        self.handshake_rtt_s: float | None = None
 
     @property
     def stream_header(self) -> bytes:

@@ -367,6 +367,8 @@ def test_firewalled_gossip_peers_reach_each_other_through_a_relay(tmp_path: Path
             assert metric(proc.files, "fedloom_peers_pruned_total", peer=peers[1]) == 0
             assert "dropped a relayed message" not in text
         assert metric(relay_files, "fedloom_relay_peers") == 2
+        assert metric(relay_files, "fedloom_link_rtt_seconds_count") >= 2  # one per handshake
+        assert metric(relay_files, "fedloom_link_rtt_last_seconds", peer="peer-a") > 0
     finally:
         codes = {p.node_id: p.stop() for p in procs}
     assert all(c == 0 for c in codes.values()), codes

@@ -184,6 +184,32 @@ async def test_only_neighbours_routed_through_the_relay_get_through(
         assert not w.got("peer-b", "peer-c")
 
 
+async def test_every_connection_reports_its_handshake_round_trip() -> None:
+    hub = Hub()
+    relay = make_peers(hub, RELAY, listen=("relay", 0), allowed_roles=("peer",))
+    samples: list[tuple[str, str, float]] = []
+    relay.on_link_rtt = lambda peer, s: samples.append(("relay", peer, s))
+    tasks = [asyncio.ensure_future(relay.run(Sink()))]
+    try:
+        async with asyncio.timeout(LIMIT):
+            await until(lambda: relay.listen_url is not None)
+            assert relay.listen_url is not None
+            a = make_peers(hub, A, dial=[DialTarget("relay", relay.listen_url)])
+            a.on_link_rtt = lambda peer, s: samples.append(("peer-a", peer, s))
+            tasks.append(asyncio.ensure_future(a.run(Sink())))
+            await until(lambda: len(samples) == 2)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        hub.close()
+    assert sorted((me, peer) for me, peer, _ in samples) == [
+        ("peer-a", "relay"),
+        ("relay", "peer-a"),
+    ]
+    assert all(s > 0 for _, _, s in samples)
+
+
 async def test_the_routed_peer_goes_down_with_the_relay() -> None:
     async with asyncio.timeout(LIMIT), world() as w:
         w.relay_driver.stop()

@@ -82,6 +82,8 @@ async def test_small_messages_both_ways(kind: str, pki: Pki) -> None:
         assert server.peer_id == "site-1" and server.peer_role == "site"
         assert client.peer_id == "agg" and client.peer_role == "root"
         assert client.transcript_hash == server.transcript_hash
+        for side in (client, server):  # each side samples the link's round trip
+            assert side.handshake_rtt_s is not None and 0 < side.handshake_rtt_s < TIMEOUT_S
         for payload in (b"", b"x", os.urandom(1000)):
             await client.send_message(payload)
             assert await server.recv_message() == payload
