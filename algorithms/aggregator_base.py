@@ -125,6 +125,10 @@ class AggregatorBase:
         """The model tasks train on and updates are validated against."""
         raise NotImplementedError
 
+    def _model_proof(self) -> dict[str, Any]:
+        """Signature fields sent with the model (a region relays the root's; see regional)."""
+        return {}
+
     def _accept(
         self,
         peer: str,
@@ -163,8 +167,10 @@ class AggregatorBase:
         if model is None:
             return  # nothing to train yet
         version, weights = model
+        proof = self._model_proof()
         for task, site in d.start(now):
-            out.append(Send(site, TrainRequest(task, version, weights, self._train_config)))
+            req = TrainRequest(task, version, weights, self._train_config, **proof)
+            out.append(Send(site, req))
 
     # -------------------------------------------------------------- public
     @property
@@ -232,7 +238,7 @@ class AggregatorBase:
         self._regions_up[peer] = None
         model = self._model()
         if model is not None:
-            out.append(Send(peer, ModelBroadcast(model[0], model[1])))
+            out.append(Send(peer, ModelBroadcast(model[0], model[1], **self._model_proof())))
 
     def _on_peer_down(self, peer: str, now: float, out: list[Effect]) -> None:
         role = self._children.get(peer)
@@ -374,7 +380,7 @@ class AggregatorBase:
         model = self._model()
         if model is None:
             return
-        msg = ModelBroadcast(model[0], model[1])
+        msg = ModelBroadcast(model[0], model[1], **self._model_proof())
         out.extend(Send(r, msg) for r in self._regions_up)
 
     # ---------------------------------------------------------- durability

@@ -102,6 +102,7 @@ class RegionalAggregator(BufferedAggregator):
         self.max_deferred = max_deferred
         self.state = RegionState.NO_MODEL
         self._global: tuple[int, Weights] | None = None
+        self._proof: tuple[str, int, bytes] = ("", 0, b"")  # root's (signer, parent, sig)
         self._outbox = Outbox(PENDING_KEY)
         self._deferred: list[tuple[str, Update]] = []
         self._replay_version: int | None = None
@@ -122,6 +123,12 @@ class RegionalAggregator(BufferedAggregator):
 
     def _model(self) -> tuple[int, Weights] | None:
         return self._global
+
+    def _model_proof(self) -> dict[str, Any]:
+        """The root's signature of the global model, relayed with it unchanged (and kept
+        in the checkpoint with the model, so a restarted region can still prove it)."""
+        signer, parent, sig = self._proof
+        return {"signer": signer, "parent": parent, "sig": sig} if sig else {}
 
     # -------------------------------------------------------------- parent
     def _on_other_link(self, peer: str, up: bool, now: float, out: list[Effect]) -> None:
@@ -164,6 +171,7 @@ class RegionalAggregator(BufferedAggregator):
             return  # an old or repeated broadcast (e.g. after a reconnect)
         first = self._global is None
         self._global = (int(msg.version), msg.weights)
+        self._proof = (msg.signer, msg.parent, msg.sig)
         if first:
             self._make_buffer(msg.weights)
             self.state = RegionState.ACTIVE
@@ -210,6 +218,7 @@ class RegionalAggregator(BufferedAggregator):
             **self._base_snapshot(),
             "kind": "regional",
             "global": self._global,
+            "proof": self._proof,
             "buffer": self._buffer.snapshot() if self._global is not None else None,
             "outbox": self._outbox.snapshot(),
         }
@@ -227,6 +236,8 @@ class RegionalAggregator(BufferedAggregator):
         self._base_restore(state)
         glob = state["global"]
         self._global = None if glob is None else (int(glob[0]), dict(glob[1]))
+        signer, parent, sig = state.get("proof", ("", 0, b""))  # older checkpoints: none
+        self._proof = (str(signer), int(parent), bytes(sig))
         if self._global is not None:
             self.state = RegionState.ACTIVE
             self._make_buffer(self._global[1])

@@ -62,6 +62,20 @@ def test_model_is_relayed_and_used_for_tasks() -> None:
     assert b.msg.version == 8  # type: ignore[union-attr]
 
 
+def test_the_roots_signature_travels_with_the_model_and_survives_a_restart() -> None:
+    r = make()
+    r.handle(hello("sub", "region"), 0.0)
+    signed = ModelBroadcast(7, model(1.0), signer="root", parent=6, sig=b"s" * 64)
+    out = r.handle(recv("root", signed), 1.0)
+    [b] = sends(out, ModelBroadcast)
+    assert (b.msg.signer, b.msg.parent, b.msg.sig) == ("root", 6, b"s" * 64)  # type: ignore[union-attr]
+    [ckpt] = [p for p in persists(out) if p.key == "checkpoint"]
+    again = make()
+    again.restore(ckpt.data)
+    reqs = requests(again.handle(hello("s1"), 2.0))
+    assert [(q.version, q.signer, q.parent, q.sig) for _, q in reqs] == [(7, "root", 6, b"s" * 64)]
+
+
 def test_forwards_one_aggregate_after_k_with_staleness_vs_latest_global() -> None:
     r = make(weighting="uniform")
     r.handle(recv("root", ModelBroadcast(3, model(0.0))), 0.0)

@@ -469,3 +469,17 @@ def test_random_signature_fields_raise_only_protocol_errors(
     with pytest.raises(ProtocolError):
         asyncio.run(e2e.check(msg, "site-1"))
     assert sum(e2e.rejected.values()) == 1
+
+
+async def test_a_restarted_region_relays_the_proof_its_node_kept() -> None:
+    """No broadcast verified since the restart, but the node restored the root's proof
+    with its model: the request goes out as the node made it, and the site accepts it."""
+    w = weights(3)
+    digest = digest_as_received(w, FP32)
+    req = TrainRequest(1, 5, w, signer="root", parent=4, sig=sign_model(ROOT, 5, 4, digest))
+    region = EndToEnd(REGION, ROSTER)
+    sent = await region.seal(req, "site-1", FP32)
+    assert sent is req and region.unsigned_sent == 0
+    await EndToEnd(SITE, ROSTER).check(sent, "region")  # verifies against the root's key
+    unsigned = await region.seal(dataclasses.replace(req, sig=b"", signer=""), "site-1", FP32)
+    assert not unsigned.sig and region.unsigned_sent == 1  # nothing to relay: sent unsigned
