@@ -16,7 +16,10 @@ WebSocket, handshake only) and handshakes per second (16 concurrent dialers, TCP
 WebSocket + handshake). Every decoded delta is checked against the batch codec's output
 (a BLAKE2b hash, outside the timed window). The CPU time both processes spent per trial
 is printed too: where cores are few, both paths are CPU-bound and the ratio of rates
-follows the ratio of CPU times.
+follows the ratio of CPU times. A last line bounds what any implementation could reach
+here: the raw path's CPU time plus the CPU time of sealing and opening the same bytes in
+the record layer (measured in this process), divided by the number of CPUs, is the
+shortest possible secure transfer on this machine.
 
     .venv/bin/python bench/transport_throughput.py [--params 25000000] [--trials 5]
 
@@ -257,6 +260,28 @@ async def site(
 # ------------------------------------------------------------------ main
 
 
+def record_layer_cpu(nbytes: int) -> float:
+    """CPU seconds (median of 3) to seal and open ``nbytes`` as 1 MiB secretstream records:
+    work the secure path must do on top of what the raw path does."""
+    from transport.records import CHUNK_SIZE, RecordReceiver, RecordSender
+
+    # Pieces are views of one large buffer, as the encoder hands them over (so memory
+    # traffic is what the real path pays, not a cache-hot 1 MiB buffer sealed again).
+    data = memoryview(np.random.default_rng(0).bytes(nbytes))
+    count = -(-nbytes // CHUNK_SIZE)
+    runs = []
+    for _ in range(3):
+        key = os.urandom(32)
+        sender, receiver = RecordSender(key), RecordReceiver(key)
+        receiver.start(sender.header())
+        start = time.process_time()
+        for i in range(count):
+            piece = data[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
+            receiver.open(sender.seal(piece, last=i == count - 1, now=0.0))
+        runs.append(time.process_time() - start)
+    return statistics.median(runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=25_000_000)
@@ -314,6 +339,16 @@ def main() -> None:
     print(
         f"handshakes per second: {result['rate']:.0f} ({DIALERS} concurrent dialers, "
         "TCP + WebSocket + handshake + close)"
+    )
+    crypto = record_layer_cpu(size)
+    cores = os.cpu_count() or 1
+    floor_s = (cpu["raw"] + crypto) / cores
+    raw_s = statistics.median(times["raw"])
+    print(
+        f"CPU-bound ceiling here: the raw path's {cpu['raw']:.2f} core-s + sealing and opening "
+        f"{size / MB:.0f} MB in the record layer {crypto:.2f} core-s (measured in this "
+        f"process), spread perfectly over {cores} CPUs, take >= {floor_s:.3f} s: secure fp32 "
+        f"<= {size / floor_s / MB:.0f} MB/s, ratio <= {raw_s / floor_s:.2f} x"
     )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"transport_ratio: {rate['fp32'] / rate['raw']:.2f} x")
