@@ -33,7 +33,7 @@ from transport.errors import ProtocolError
 from transport.identity import Identity, key_text, verify_signature
 from transport.limits import Limits
 from transport.roster import Roster
-from transport.tensors import CodecSpec, Tensors, decode_tensors, encode_tensors
+from transport.tensors import CodecSpec, Tensors, _to_fp16, decode_tensors, encode_tensors
 
 HASH_BYTES = 32
 _UPDATE_LABEL = "fedloom-update-v1"
@@ -120,14 +120,24 @@ def as_received(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec) -> Ten
     """The tensors a receiver decodes from ``tensors`` sent with ``spec``.
 
     ``fp32`` is lossless up to the cast every float tensor gets (to float32), so it is
-    done here without encoding; lossy codecs (fp16, int8, top-k) are encoded and decoded
-    (``transport.tensors`` and ``transport.streaming`` decode them identically).
+    done here without encoding; ``fp16`` is the codec's own saturating cast and back (no
+    payload built); int8 and top-k are encoded and decoded (``transport.tensors`` and
+    ``transport.streaming`` decode every codec identically, which the tests check).
     """
+    out: Tensors = {}
     if spec.kind == "fp32":
-        out: Tensors = {}
         for name, value in tensors.items():
             arr = np.asarray(value)
             out[name] = arr.astype(np.float32, copy=False) if arr.dtype.kind == "f" else arr
+        return out
+    if spec.kind == "fp16":  # the codec's own cast and its decode, without the payload
+        for name, value in tensors.items():
+            arr = np.asarray(value)
+            if arr.dtype.kind != "f":
+                out[name] = arr  # travels raw
+                continue
+            half = _to_fp16(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
+            out[name] = half.astype(np.float32).reshape(arr.shape)
         return out
     manifest, payload = encode_tensors(tensors, dataclasses.replace(spec, lz4=False))
     return decode_tensors(manifest, payload, _SENDER_LIMITS)
