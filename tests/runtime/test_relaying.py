@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,8 +16,8 @@ import pytest
 from algorithms.protocol import Effect, Event, PeerDown, PeerUp, Received, Send
 from algorithms.relay import RelayNode
 from runtime.driver import AsyncDriver
-from runtime.peers import Backoff, DialTarget, NetworkPeers
-from tests.runtime.test_signatures import LIMIT, Hub, Sink, until
+from runtime.peers import DialTarget, NetworkPeers
+from tests.runtime.test_signatures import LIMIT, Hub, Sink, node, until
 from transport.identity import Identity
 from transport.relay import PAYLOAD
 from transport.roster import Roster, RosterEntry
@@ -78,17 +77,7 @@ class World:
 
 
 def make_peers(hub: Hub, identity: Identity, **kwargs: Any) -> NetworkPeers:
-    return NetworkPeers(
-        identity,
-        ROSTER,
-        connect=hub.connect,
-        serve=hub.serve,
-        backoff=Backoff(base_s=0.01, cap_s=0.05),
-        keepalive_s=1.0,
-        down_after_s=10.0,
-        rng=random.Random(0),
-        **kwargs,
-    )
+    return node(hub, identity, roster=ROSTER, **kwargs)
 
 
 def peers_of(hub: Hub, identity: Identity, url: str, routes: dict[str, str]) -> NetworkPeers:

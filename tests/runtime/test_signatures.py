@@ -108,10 +108,10 @@ class Listener:
         self.hub.servers.pop(self.url, None)
 
 
-def node(hub: Hub, identity: Identity, **kwargs: Any) -> NetworkPeers:
+def node(hub: Hub, identity: Identity, *, roster: Roster = ROSTER, **kwargs: Any) -> NetworkPeers:
     return NetworkPeers(
         identity,
-        ROSTER,
+        roster,
         connect=hub.connect,
         serve=hub.serve,
         backoff=Backoff(base_s=0.01, cap_s=0.05),
