@@ -70,7 +70,7 @@ import numpy.typing as npt
 
 from algorithms.protocol import Persist
 from transport.limits import Limits
-from transport.tensors import CodecSpec, decode_tensors, encode_tensors
+from transport.tensors import CodecSpec, decode_tensors, encode_tensor_parts
 from transport.wire import MESSAGE_TYPES
 
 __all__ = [
@@ -243,19 +243,25 @@ class _Decoder:
         return out
 
 
-def encode_state(obj: Any) -> list[bytes]:
+def encode_state(obj: Any) -> list[bytes | memoryview]:
     """``obj`` as one frame (header first), in parts to write one after the other.
 
+    The tensor payload is not joined: its parts are views of the state's own arrays,
+    written straight from there (a 100 MB checkpoint is not copied once more first).
     Raises ``TypeError`` for something the store cannot represent (local misuse).
     """
     enc = _Encoder()
     tree = enc.pack(obj)
-    manifest, payload = encode_tensors({str(i): a for i, a in enumerate(enc.arrays)}, _SPEC)
+    entries, payload = encode_tensor_parts({str(i): a for i, a in enumerate(enc.arrays)}, _SPEC)
+    manifest = {"lz4": False, "tensors": entries}
     head: bytes = msgpack.packb([manifest, tree], use_bin_type=True)
     head_len = _U32.pack(len(head))
-    length = _U64.pack(len(head_len) + len(head) + len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(head, zlib.crc32(head_len, zlib.crc32(length))))
-    return [MAGIC + length + _U32.pack(crc), head_len, head, payload]
+    size = sum(part.nbytes for part in payload)
+    length = _U64.pack(len(head_len) + len(head) + size)
+    crc = zlib.crc32(head, zlib.crc32(head_len, zlib.crc32(length)))
+    for part in payload:
+        crc = zlib.crc32(part, crc)
+    return [MAGIC + length + _U32.pack(crc), head_len, head, *payload]
 
 
 def decode_state(head: bytes, payload: bytes) -> Any:
@@ -354,7 +360,7 @@ def _read_single(path: Path) -> Any:
         return _decode(path, 0, head, payload)
 
 
-def _write_all(fd: int, parts: Iterable[bytes]) -> int:
+def _write_all(fd: int, parts: Iterable[bytes | memoryview]) -> int:
     total = 0
     for part in parts:
         view = memoryview(part)

@@ -150,6 +150,22 @@ def encode_tensors(
     Raises ``TypeError``/``ValueError`` for local misuse: a non-str name or a dtype
     outside the whitelist. NaN/Inf are encoded as they are (the receiver rejects them).
     """
+    entries, parts = encode_tensor_parts(tensors, spec)
+    # Joining the arrays' buffers is the one copy of the data.
+    payload = b"".join(parts)
+    packed = _lz4_if_smaller(payload) if spec.lz4 else None
+    if packed is None:
+        return {"lz4": False, "tensors": entries}, payload
+    return {"lz4": True, "tensors": entries}, packed
+
+
+def encode_tensor_parts(
+    tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec = DEFAULT_SPEC
+) -> tuple[list[dict[str, Any]], list[memoryview]]:
+    """The manifest entries of ``tensors`` and their stored bytes, one buffer per piece,
+    in payload order: ``b"".join(parts)`` is the uncompressed payload of
+    ``encode_tensors``. Raw tensors are views of the caller's arrays (no copy), so a
+    writer can hand them to the OS directly; do not modify the arrays meanwhile."""
     entries: list[dict[str, Any]] = []
     parts: list[memoryview] = []
     for name, value in tensors.items():
@@ -190,12 +206,7 @@ def encode_tensors(
             )
             parts.append(values.data)
             parts.append(index.data)
-    # Joining the arrays' buffers is the one copy of the data.
-    payload = b"".join(parts)
-    packed = _lz4_if_smaller(payload) if spec.lz4 else None
-    if packed is None:
-        return {"lz4": False, "tensors": entries}, payload
-    return {"lz4": True, "tensors": entries}, packed
+    return entries, parts
 
 
 def _lz4_if_smaller(payload: bytes) -> bytes | None:

@@ -160,9 +160,9 @@ _trees = st.recursive(
 def test_any_tree_round_trips(tree: Any) -> None:
     from runtime.store import decode_state
 
-    header, head_len, head, payload = encode_state(tree)
+    header, head_len, head, *payload = encode_state(tree)
     assert len(header) == 16 and int.from_bytes(head_len, "little") == len(head)
-    same(decode_state(head, payload), tree)
+    same(decode_state(bytes(head), b"".join(payload)), tree)
 
 
 # ------------------------------------------------------------------------ torn writes

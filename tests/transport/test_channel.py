@@ -317,9 +317,13 @@ async def test_record_tampered_inside_a_streamed_message(pki: Pki) -> None:
         sending = asyncio.create_task(client.send_tensors(update(tensors)))
         with pytest.raises(RecordError):
             await server.recv_tensors()
-        with pytest.raises(LinkClosed):
-            await sending
         assert server.closed
+        # The sender may have queued every record before the server broke the link (a
+        # race, not a fault); either way nothing more goes through.
+        with contextlib.suppress(LinkClosed):
+            await sending
+        with pytest.raises((LinkClosed, ChannelClosed)):
+            await client.send_message(b"more")
 
 
 @pytest.mark.parametrize("kind", LINK_KINDS)
