@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -10,8 +11,16 @@ import nacl.signing
 import numpy as np
 
 from algorithms.protocol import Weights
+from runtime.malloc_tuning import malloc_env
 from transport.identity import Identity
 from transport.roster import Roster, RosterEntry
+
+
+def daemon_malloc() -> str:
+    """Give the processes this benchmark starts the daemons' malloc settings (they are
+    read at process start: call before starting any); returns them for the report."""
+    os.environ.update(malloc_env(os.environ))
+    return os.environ["GLIBC_TUNABLES"]
 
 
 def install_loop() -> str:

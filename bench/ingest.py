@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from _multiproc import install_loop, model_weights, pki, stop_processes  # noqa: E402
+from _multiproc import daemon_malloc, install_loop, model_weights, pki, stop_processes  # noqa: E402
 
 from algorithms.fedbuff import FedBuffAggregator  # noqa: E402
 from algorithms.protocol import Effect, Event, Metric, PeerUp, Received, Send, Weights  # noqa: E402
@@ -211,6 +211,7 @@ def main() -> None:
     if not 0 <= a.warmup < a.seconds:
         parser.error("--warmup must be in [0, --seconds)")
     loop_name = install_loop()
+    malloc = daemon_malloc()  # before any process starts
     load_avg = os.getloadavg()
     ctx = mp.get_context("spawn")
     urls: Any = ctx.Queue()
@@ -254,6 +255,7 @@ def main() -> None:
             else "OFF (--no-store)"
         )
     )
+    print(f"malloc: GLIBC_TUNABLES={malloc} (as the systemd units set it)")
     print(f"updates applied per second (1 s samples): {result['per_second']}")
     print(
         f"applied {result['applied']} updates in all, {result['versions']} model versions, "

@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:
 
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
-from _multiproc import install_loop, model_weights, pki, stop_processes  # noqa: E402
+from _multiproc import daemon_malloc, install_loop, model_weights, pki, stop_processes  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from algorithms.protocol import Metric, TrainResult, Weights  # noqa: E402
@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     a = parser.parse_args()
     loop_name = install_loop()
+    malloc = daemon_malloc()  # before any process starts
     load = os.getloadavg()
     ctx = mp.get_context("spawn")
     urls: Any = ctx.Queue()
@@ -291,6 +292,7 @@ def main() -> None:
             else "OFF (--no-store)"
         )
     )
+    print(f"malloc: GLIBC_TUNABLES={malloc} (as the systemd units set it)")
     print(f"warm-up round: {rounds[0]:.3f} s")
     for i, t in enumerate(rounds[1:], 1):
         print(f"round {i}: {t:.3f} s")

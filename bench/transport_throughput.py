@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
-from _multiproc import install_loop, model_weights, pki  # noqa: E402
+from _multiproc import daemon_malloc, install_loop, model_weights, pki  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from transport import wire, ws  # noqa: E402
@@ -288,6 +288,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args()
     loop_name = install_loop()
+    malloc = daemon_malloc()  # before any process starts
     load = os.getloadavg()
     seeds = {"site": os.urandom(32), "agg": os.urandom(32)}
     ctx = mp.get_context("spawn")
@@ -317,6 +318,7 @@ def main() -> None:
         f"process -> aggregator process, loopback WebSockets, {loop_name}, {os.cpu_count()} "
         f"CPUs, load average before {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
     )
+    print(f"malloc: GLIBC_TUNABLES={malloc} (as the systemd units set it)")
     cpu = {name: statistics.median(values) for name, values in result["cpu"].items()}
 
     def line(label: str, name: str, unit: str) -> None:

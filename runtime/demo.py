@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
+from runtime.malloc_tuning import malloc_env
 from transport.identity import Identity
 from transport.roster import Roster, RosterEntry, sign
 
@@ -275,7 +276,7 @@ _PREEXEC = _pdeathsig()
 
 
 def daemon_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = malloc_env(os.environ)  # as the systemd units run the daemons
     path = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
     env.pop("NOTIFY_SOCKET", None)

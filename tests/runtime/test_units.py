@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.malloc_tuning import GLIBC_TUNABLES
+
 UNITS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNITS = ["fedloom-site.service", "fedloom-aggregator.service"]
 MAX_EXPOSURE = 2.0  # systemd's "OK"
@@ -56,6 +58,8 @@ def test_unit_has_the_required_directives(unit: str) -> None:
     assert one["Service.StateDirectory"].startswith("fedloom")
     assert one["Service.LoadCredential"] == "identity.key:/etc/fedloom/identity.key"
     assert one["Service.UMask"] == "0077"
+    # The daemons' malloc settings, the same string fedloom demo and the benchmarks use.
+    assert one["Service.Environment"] == f"GLIBC_TUNABLES={GLIBC_TUNABLES}"
     assert re.fullmatch(
         r"/usr/bin/env fedloom run --config /etc/fedloom/\w+\.toml", one["Service.ExecStart"]
     )
