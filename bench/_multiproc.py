@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,9 +18,13 @@ from transport.roster import Roster, RosterEntry
 
 
 def daemon_malloc() -> str:
-    """Give the processes this benchmark starts the daemons' malloc settings (they are
-    read at process start: call before starting any); returns them for the report."""
-    os.environ.update(malloc_env(os.environ))
+    """Run this benchmark and the processes it starts with the daemons' malloc settings;
+    returns them for the report. glibc reads them at process start, so a process started
+    without them re-executes itself once with them (call this first thing in ``main``)."""
+    if "GLIBC_TUNABLES" not in os.environ:
+        os.environ.update(malloc_env(os.environ))
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     return os.environ["GLIBC_TUNABLES"]
 
 

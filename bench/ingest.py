@@ -200,6 +200,7 @@ async def load(args: dict[str, Any], url: str) -> None:
 
 
 def main() -> None:
+    malloc = daemon_malloc()  # first: it may re-execute this process
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=100)
     parser.add_argument("--params", type=int, default=1_000_000)
@@ -211,7 +212,6 @@ def main() -> None:
     if not 0 <= a.warmup < a.seconds:
         parser.error("--warmup must be in [0, --seconds)")
     loop_name = install_loop()
-    malloc = daemon_malloc()  # before any process starts
     load_avg = os.getloadavg()
     ctx = mp.get_context("spawn")
     urls: Any = ctx.Queue()

@@ -234,6 +234,7 @@ async def site(args: dict[str, Any], site_id: str, raw_url: str, url_q: Any) -> 
 
 
 def main() -> None:
+    malloc = daemon_malloc()  # first: it may re-execute this process
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=25_000_000)
     parser.add_argument("--rounds", type=int, default=5)
@@ -241,7 +242,6 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     a = parser.parse_args()
     loop_name = install_loop()
-    malloc = daemon_malloc()  # before any process starts
     load = os.getloadavg()
     ctx = mp.get_context("spawn")
     urls: Any = ctx.Queue()

@@ -283,12 +283,12 @@ def record_layer_cpu(nbytes: int) -> float:
 
 
 def main() -> None:
+    malloc = daemon_malloc()  # first: it may re-execute this process
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=25_000_000)
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args()
     loop_name = install_loop()
-    malloc = daemon_malloc()  # before any process starts
     load = os.getloadavg()
     seeds = {"site": os.urandom(32), "agg": os.urandom(32)}
     ctx = mp.get_context("spawn")
