@@ -37,6 +37,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -63,6 +64,7 @@ from algorithms.training import TrainingPlan
 from runtime import systemd
 from runtime.config import DaemonConfig, load_config
 from runtime.driver import AsyncDriver
+from runtime.malloc_tuning import GLIBC_TUNABLES
 from runtime.peers import Backoff, DialTarget, NetworkPeers, gossip_dial_targets
 from runtime.store import CHECKPOINT_KEY, CorruptStateError, Recovery, StateStore, StoreError
 from runtime.trainer import PlanTrainer, SitePlan, make_executor, plan_from_config
@@ -674,6 +676,14 @@ async def serve(
             _recovery_summary(d.recovery),
             extra={"node": cfg.node_id, "epoch": d.recovery.epoch},
         )
+        if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
+            log.info(
+                "%s: started without GLIBC_TUNABLES; model-sized buffers will be mapped and "
+                "zeroed afresh every round (the systemd units set GLIBC_TUNABLES=%s)",
+                cfg.node_id,
+                GLIBC_TUNABLES,
+                extra={"node": cfg.node_id},
+            )
         async with asyncio.TaskGroup() as tg:
             run = tg.create_task(driver.run(), name=f"driver {cfg.node_id}")
             tg.create_task(_announce_ready(d, peers, sink, stop, ready_wait_s))
