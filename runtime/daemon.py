@@ -339,6 +339,33 @@ def _open_store(cfg: DaemonConfig) -> tuple[StateStore, Recovery]:
         raise
 
 
+ROSTER_SEEN_KEY = "roster-seen"  # the newest roster this node has used: version and digest
+
+
+def _check_roster_is_current(roster: Roster, recovery: Recovery, store: StateStore) -> None:
+    """Refuse a roster older than one this node has already used (a rollback could
+    re-admit a revoked key), or a different roster under the same version; remember a
+    newer one durably before anything else happens."""
+    seen = recovery.values.get(ROSTER_SEEN_KEY)
+    if seen is not None:
+        version = int(seen["version"])
+        if roster.version < version:
+            raise ConfigError(
+                f"roster.path: roster version {roster.version} is older than version {version}, "
+                "which this node has already used; install the consortium's current roster "
+                "(an older one may still admit revoked keys)"
+            )
+        if roster.version == version:
+            if roster.digest != bytes(seen["digest"]):
+                raise ConfigError(
+                    f"roster.path: this is not the roster version {version} this node used "
+                    "before (same version, other content); the consortium must give a "
+                    "changed roster a new version"
+                )
+            return
+    store.apply(Persist(ROSTER_SEEN_KEY, {"version": roster.version, "digest": roster.digest}))
+
+
 def _recover(cfg: DaemonConfig, node: Node, recovery: Recovery) -> None:
     try:
         restore_node(node, recovery)
@@ -357,6 +384,7 @@ def open_daemon(cfg: DaemonConfig) -> Daemon:
     node = build_node(cfg, roster, plan)
     store, recovery = _open_store(cfg)
     try:
+        _check_roster_is_current(roster, recovery, store)
         _recover(cfg, node, recovery)
         if _has_snapshot(node):
             # Compaction: from here on the log holds only what happens after this start.

@@ -127,10 +127,12 @@ def _write_toml(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(tomli_w.dumps(dict(data)), encoding="utf-8")
 
 
-def write_roster(path: Path, identities: Sequence[Identity], consortium: Identity) -> None:
+def write_roster(
+    path: Path, identities: Sequence[Identity], consortium: Identity, *, version: int = 1
+) -> None:
     """Sign a roster of ``identities`` with ``consortium`` and write it to ``path``."""
     entries = [RosterEntry(i.node_id, i.role, i.public_key) for i in identities]
-    unsigned = Roster(1, entries).to_toml()
+    unsigned = Roster(version, entries).to_toml()
     path.write_text(sign(unsigned, consortium), encoding="utf-8")
 
 

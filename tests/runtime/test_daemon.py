@@ -22,7 +22,7 @@ from algorithms.site import PENDING_KEY, SiteNode
 from runtime import daemon as daemon_mod
 from runtime import systemd as systemd_mod
 from runtime.cli import main
-from runtime.config import load_config, parse_config
+from runtime.config import DaemonConfig, load_config, parse_config
 from runtime.daemon import (
     JsonFormatter,
     build_node,
@@ -152,6 +152,31 @@ def test_a_key_the_roster_does_not_list_is_refused_at_start(
     assert main(["run", "--config", str(path)]) == 2
     err = one_line(capsys)
     assert "identity.key" in err and "another public key" in err and other.public_line() in err
+
+
+def test_a_roster_older_than_one_already_used_is_refused(fed: Federation, tmp_path: Path) -> None:
+    nodes = [Identity.load(fed.config(n)["identity"]["key"]) for n in fed.nodes]
+    consortium = Identity.generate("consortium", "consortium")
+    (tmp_path / "c.pub").write_text(consortium.public_line() + "\n")
+    cfg = fed.config("site-1")
+
+    def with_roster(version: int, extra: list[Identity]) -> DaemonConfig:
+        path = tmp_path / f"roster-{version}-{len(extra)}.toml"
+        write_roster(path, nodes + extra, consortium, version=version)
+        cfg["roster"] = {"path": str(path), "consortium_key_file": str(tmp_path / "c.pub")}
+        (tmp_path / "site.toml").write_text(tomli_w.dumps(cfg))
+        return load_config(tmp_path / "site.toml")
+
+    open_daemon(with_roster(2, [])).close()  # version 2 is now remembered
+    with pytest.raises(ConfigError, match="roster version 1 is older than version 2"):
+        open_daemon(with_roster(1, []))
+    intruder = [Identity.generate("site-9", "site")]
+    with pytest.raises(ConfigError, match="same version, other content"):
+        open_daemon(with_roster(2, intruder))
+    open_daemon(with_roster(2, [])).close()  # the same roster again
+    open_daemon(with_roster(3, intruder)).close()  # a newer one, and then the old is refused
+    with pytest.raises(ConfigError, match="older than version 3"):
+        open_daemon(with_roster(2, []))
 
 
 def test_a_second_daemon_on_one_state_dir_is_refused(
