@@ -94,10 +94,10 @@ def _positive_seconds(text: str) -> float:
 def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = sub.add_parser(
         "run",
-        help="run one node (site, region, root or gossip peer) as a daemon",
+        help="run one node (site, region, root, gossip peer or relay) as a daemon",
         description="Recover the node from its state directory, connect (sites dial out, "
-        "aggregators listen), and run until SIGTERM. Under systemd (Type=notify) it sends "
-        "READY=1, WATCHDOG=1 and STOPPING=1. See deploy/examples/ for configs.",
+        "aggregators and relays listen), and run until SIGTERM. Under systemd (Type=notify) it "
+        "sends READY=1, WATCHDOG=1 and STOPPING=1. See deploy/examples/ for configs.",
     )
     run.add_argument(
         "--config", type=Path, required=True, metavar="FILE.toml", help="daemon config file"
