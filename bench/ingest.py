@@ -145,17 +145,23 @@ async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
     first = applied[0]
     peak_conns = 0
     per_second: list[int] = []
+    window_start = first + args["warmup"]
+    cpu_start: tuple[float, float] | None = None  # (wall, CPU) where the window starts
     while time.perf_counter() < first + args["seconds"]:
         before = len(applied)
         await asyncio.sleep(1.0)
         per_second.append(len(applied) - before)
         peak_conns = max(peak_conns, len(peers.connected()))
+        if cpu_start is None and time.perf_counter() >= window_start:
+            cpu_start = (time.perf_counter(), time.process_time())
     end = time.perf_counter()
+    assert cpu_start is not None
+    cpu_wall, cpu_used = end - cpu_start[0], time.process_time() - cpu_start[1]
+    applied_cpu_window = sum(1 for t in applied if cpu_start[0] <= t <= end)
     driver.stop()
     await run
     if store is not None:
         store.close()
-    window_start = first + args["warmup"]
     in_window = sum(1 for t in applied if window_start <= t <= end)
     return {
         "rate": in_window / (end - window_start),
@@ -167,6 +173,8 @@ async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
         "per_second": per_second,
         "peak_conns": peak_conns,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_share": cpu_used / cpu_wall,
+        "cpu_per_update": cpu_used / max(1, applied_cpu_window),
     }
 
 
@@ -266,6 +274,12 @@ def main() -> None:
         f"the end), {result['in_window']} updates applied"
     )
     print(f"aggregator peak RSS: {result['rss_mb']:.0f} MB")
+    per_update = result["cpu_per_update"]
+    print(
+        f"aggregator CPU: {result['cpu_share']:.2f} of a CPU over the window, "
+        f"{1000 * per_update:.1f} ms per applied update (it shares {os.cpu_count()} CPUs with "
+        f"the load generator; alone on one CPU that is <= {1 / per_update:.0f} updates/s)"
+    )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     print(f"ingest: {result['rate']:.0f} updates/s")
 
