@@ -78,6 +78,7 @@ class SiteNode:
         self._task = -1
         self._parked: TrainRequest | None = None
         self._model: tuple[int, Weights] | None = None
+        self._newest_version = -1  # kept through compaction: a floor against rollbacks
         self.jobs_failed = 0
 
     @property
@@ -92,6 +93,12 @@ class SiteNode:
     @property
     def seq(self) -> int:
         return self._outbox.seq
+
+    @property
+    def newest_version(self) -> int:
+        """The newest model version this site has been given (-1: none yet); survives a
+        restart, so a runtime can refuse older models after one (``runtime.signing``)."""
+        return self._newest_version
 
     def current_model(self) -> tuple[int, Weights] | None:
         """The newest global model this site has seen (broadcast or training request)."""
@@ -146,6 +153,7 @@ class SiteNode:
     def _remember(self, version: int, weights: Weights) -> None:
         if self._model is None or version > self._model[0]:
             self._model = (version, weights)
+        self._newest_version = max(self._newest_version, version)
 
     def _on_request(self, req: TrainRequest) -> list[Effect]:
         self._remember(req.version, req.weights)
@@ -205,13 +213,24 @@ class SiteNode:
     # ------------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
         """Outbox and model view; in-flight training is not durable (it is simply redone)."""
-        return {"outbox": self._outbox.snapshot(), "model": self._model}
+        return {
+            "outbox": self._outbox.snapshot(),
+            "model": self._model,
+            "newest_version": self._newest_version,
+        }
 
     def _drained_snapshot(self) -> dict[str, Any]:
         """The compaction checkpoint: an empty outbox (its seq counter) and no model view."""
-        return {"outbox": self._outbox.snapshot(), "model": None}
+        return {
+            "outbox": self._outbox.snapshot(),
+            "model": None,
+            "newest_version": self._newest_version,
+        }
 
     def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
         """Load ``snapshot()`` output, then replay "site/pending" records written after it."""
         self._outbox.restore(state["outbox"], records)
         self._model = state.get("model")
+        newest = state.get("newest_version", -1)  # older checkpoints: from the model
+        model_version = self._model[0] if self._model is not None else -1
+        self._newest_version = max(int(newest), int(model_version))

@@ -72,6 +72,7 @@ from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root
 from sim.config_reader import ConfigError
 from sim.kernel import derived_seed
 from sim.network import CodecPolicy
+from transport.e2e import ModelVersionGuard
 from transport.identity import Identity, IdentityError
 from transport.roster import Roster, RosterError
 from transport.tensors import CodecSpec
@@ -409,6 +410,16 @@ def load_node(cfg: DaemonConfig) -> Node:
     return node
 
 
+def model_floor(node: Node) -> int | None:
+    """The newest global model version a restored site or region has held (None: none)."""
+    if isinstance(node, SiteNode):
+        return node.newest_version if node.newest_version >= 0 else None
+    if isinstance(node, RegionalAggregator):
+        model = node.current_model()
+        return None if model is None else int(model[0])
+    return None
+
+
 def _recovery_summary(recovery: Recovery) -> str:
     records = sum(len(v) for v in recovery.logs.values())
     if recovery.checkpoint is None and not records:
@@ -629,6 +640,9 @@ async def serve(
         sink(Metric("model_version", float(model[0])))
     peers = build_peers(d)
     peers.e2e.report = sink  # refused signatures count as rejected updates/messages
+    floor = model_floor(d.node)
+    if floor is not None:  # no rollback to a model older than one held before the restart
+        peers.e2e.guard = ModelVersionGuard(floor)
     peers.on_link_rtt = sink.observe_link_rtt  # sampled at every connection's handshake
     executor: cf.Executor | None = None
     trainer = None

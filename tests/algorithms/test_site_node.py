@@ -174,10 +174,12 @@ def test_a_drained_outbox_is_checkpointed_so_the_log_stays_bounded() -> None:
     ack, ckpt = persists(out)
     assert (ack.key, ack.append) == ("site/pending", True)
     assert (ckpt.key, ckpt.append) == ("checkpoint", False)  # after the ack record
-    assert ckpt.data == {"outbox": {"seq": 2, "pending": []}, "model": None}
+    assert ckpt.data == {"outbox": {"seq": 2, "pending": []}, "model": None, "newest_version": 1}
     assert persists(site.handle(recv("agg", Ack("s1", seqs[1])), 7.0)) == []  # a repeat: nothing
     fresh = SiteNode("s1", "agg")
     fresh.restore(ckpt.data)
+    assert fresh.newest_version == 1
     [t] = trains(fresh.handle(recv("agg", request(task=5, version=5)), 8.0))
     [u] = updates(fresh.handle(done(t.job, 1.0), 9.0))
     assert u.seq == 3  # numbering goes on after a restart from the compacted state
+    assert fresh.newest_version == 5  # and the rollback floor with it (1 before request 5)

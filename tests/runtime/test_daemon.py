@@ -31,11 +31,13 @@ from runtime.daemon import (
     load_identity,
     load_node,
     load_roster,
+    model_floor,
     open_daemon,
     serve,
 )
 from runtime.demo import ROOT_ID, DaemonProcess, Federation, write_federation, write_roster
 from sim.config_reader import ConfigError
+from transport.e2e import ModelVersionGuard, StaleModelError
 from transport.identity import Identity
 from transport.wire import Update
 
@@ -96,6 +98,23 @@ def test_a_gossip_peer_mixes_uniformly_without_weights(fed: Federation, tmp_path
     parsed = parse_config(cfg, check_files=True)
     node = build_node(parsed, load_roster(parsed, load_identity(parsed)), build_plan(parsed))
     assert isinstance(node, GossipPeer)
+
+
+def test_a_restarted_site_refuses_models_older_than_it_held(fed: Federation) -> None:
+    cfg = load_config(fed.nodes["site-1"].config)
+    d = open_daemon(cfg)
+    try:
+        assert model_floor(d.node) is None  # a fresh site has held no model
+        state = {"outbox": {"seq": 4, "pending": []}, "model": None, "newest_version": 7}
+        d.store.apply(Persist("checkpoint", state))
+    finally:
+        d.close()
+    site = load_node(cfg)
+    assert model_floor(site) == 7  # serve() seeds the signature guard with it
+    guard = ModelVersionGuard(model_floor(site))
+    with pytest.raises(StaleModelError, match="older than version 7"):
+        guard.check(6, b"d" * 32)
+    guard.check(7, b"d" * 32)
 
 
 def test_recovery_restores_an_unacknowledged_update(fed: Federation) -> None:
