@@ -7,7 +7,7 @@ fresh memory, paid for in page faults and the kernel zeroing 100 MB each time. K
 allocations up to 256 MiB on the heap, and up to 1 GiB of freed memory at its top, lets
 the next round reuse the same pages. Measured on this 2-CPU machine: ten 100 MB array
 operations 0.24 -> 0.15 s; ``bench/round.py`` (100 MB FedAvg round) 1.72-1.81 -> 1.51-1.64
-s; ``bench/transport_throughput.py`` secure fp32 ~300 -> ~490 MB/s. The price is resident
+s; ``bench/transport_throughput.py`` secure fp32 ~300 -> 390-490 MB/s. The price is resident
 memory: it stays at its high-water mark between rounds instead of dropping.
 
 Tunables are read when a process starts, so they travel in its environment: the systemd
