@@ -65,6 +65,7 @@ from transport.records import (
 )
 from transport.roster import Roster
 from transport.streaming import TensorStreamDecoder, TensorStreamEncoder
+from transport.strict_msgpack import unpack_strict
 from transport.tensors import DEFAULT_SPEC, CodecSpec
 
 KIND_BYTES = 0x01
@@ -677,10 +678,6 @@ def _ignore_result(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _reject_ext(code: int, data: bytes) -> NoReturn:
-    raise MalformedMessage(f"msgpack ext type {code} in a stream header")
-
-
 _HEADER_KEYS = frozenset(("envelope", "stream"))
 
 
@@ -689,25 +686,15 @@ def _parse_stream_header(
 ) -> tuple[wire.Message, str, TensorStreamDecoder]:
     """Decode and validate a stream header: (message without tensors, field, decoder)."""
     size = len(data)
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            max_str_len=min(limits.max_str_len, size),
-            max_bin_len=size,
-            max_array_len=min(limits.max_array_len, size),
-            max_map_len=min(limits.max_map_len, size),
-            max_ext_len=0,
-        )
-    except ProtocolError:
-        raise
-    except msgpack.ExtraData:
-        raise MalformedMessage("trailing bytes after the stream header") from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise MalformedMessage(f"invalid stream header: {exc}") from None
+    obj = unpack_strict(
+        data,
+        what="stream header",
+        error=MalformedMessage,
+        max_str=min(limits.max_str_len, size),
+        max_bin=size,
+        max_array=min(limits.max_array_len, size),
+        max_map=min(limits.max_map_len, size),
+    )
     if type(obj) is not dict or obj.keys() != _HEADER_KEYS or type(obj["envelope"]) is not bytes:
         raise MalformedMessage("stream header must be a map {envelope: bin, stream: map}")
     msg = wire.decode(obj["envelope"], limits)

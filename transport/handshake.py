@@ -33,7 +33,7 @@ import hmac
 import os
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import msgpack
 import nacl.bindings
@@ -44,6 +44,7 @@ from transport.errors import PeerRefused as PeerRefused  # re-exported
 from transport.errors import ProtocolError, describe
 from transport.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, verify_signature
 from transport.roster import Roster
+from transport.strict_msgpack import unpack_strict
 
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_HANDSHAKE_MESSAGE = 4096
@@ -117,10 +118,6 @@ def _pack(obj: object) -> bytes:
     return packed
 
 
-def _reject_ext(code: int, data: bytes) -> NoReturn:
-    raise HandshakeError(f"handshake message with msgpack ext type {code}")
-
-
 def _unpack(
     data: bytes | bytearray | memoryview, kind: str, keys: frozenset[str]
 ) -> dict[str, Any]:
@@ -129,25 +126,15 @@ def _unpack(
         raise HandshakeError(
             f"{kind}: handshake message of {size} bytes, limit {MAX_HANDSHAKE_MESSAGE}"
         )
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            max_str_len=_MAX_STR,
-            max_bin_len=SIGNATURE_BYTES,
-            max_array_len=_MAX_SUITES,
-            max_map_len=16,
-            max_ext_len=0,
-        )
-    except ProtocolError:
-        raise
-    except msgpack.ExtraData:
-        raise HandshakeError(f"{kind}: trailing bytes after the handshake message") from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise HandshakeError(f"{kind}: garbled handshake message ({exc})") from None
+    obj = unpack_strict(
+        data,
+        what=f"{kind} handshake message",
+        error=HandshakeError,
+        max_str=_MAX_STR,
+        max_bin=SIGNATURE_BYTES,
+        max_array=_MAX_SUITES,
+        max_map=16,
+    )
     if type(obj) is not dict:
         raise HandshakeError(f"{kind}: a handshake message must be a msgpack map")
     if obj.get("t") != kind:

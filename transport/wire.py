@@ -22,7 +22,7 @@ import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeAlias
+from typing import Any, TypeAlias
 
 import msgpack
 import numpy as np
@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError, describe
 from transport.limits import Limits as Limits  # re-exported: callers import it from here
+from transport.strict_msgpack import unpack_strict
 from transport.tensors import DEFAULT_SPEC, decode_tensors, encode_tensors
 from transport.tensors import CodecSpec as CodecSpec  # re-exported
 
@@ -298,10 +299,6 @@ def _plain_mapping(msg_name: str, field_name: str, value: Mapping[str, Any]) -> 
     return out
 
 
-def _reject_ext(code: int, data: bytes) -> NoReturn:
-    raise MalformedMessage(f"msgpack ext type {code} is not allowed")
-
-
 def decode(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMITS) -> Message:
     """Decode one message from a peer, strictly; raises only ``ProtocolError`` subclasses.
 
@@ -309,36 +306,24 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMIT
     the input length), no ext types, str map keys, no trailing bytes; then the exact
     schema of the message type; tensor fields go through ``decode_tensors``.
 
-    ``msgpack.unpackb`` is used rather than a ``msgpack.Unpacker``: it takes the same
-    limits, keeps no state between calls (nothing to reset after an error), reads the
-    input without copying it, and reports trailing bytes itself. Nesting is bounded by
-    msgpack's own stack (1024 levels, ``StackError``) and then by the schema, which never
-    accepts a container where it expects a scalar, so nothing here recurses on peer data.
+    The msgpack step is ``transport.strict_msgpack.unpack_strict`` (shared with stream
+    headers and handshake flights). Nesting is bounded by msgpack's own stack (1024
+    levels) and then by the schema, which never accepts a container where it expects a
+    scalar, so nothing here recurses on peer data.
     """
     size = memoryview(data).nbytes if isinstance(data, memoryview) else len(data)
     if size > limits.max_message_bytes:
         raise FrameTooLarge(f"message of {size} bytes, limit {limits.max_message_bytes}")
-    try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=False,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            max_str_len=min(limits.max_str_len, size),
-            max_bin_len=min(limits.max_message_bytes, size),
-            max_array_len=min(limits.max_array_len, size),
-            max_map_len=min(limits.max_map_len, size),
-            max_ext_len=0,
-        )
-    except ProtocolError:
-        raise
-    except msgpack.ExtraData:
-        raise MalformedMessage("trailing bytes after the message") from None
-    except msgpack.StackError:
-        raise MalformedMessage("msgpack nesting deeper than 1024 levels") from None
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise MalformedMessage(f"invalid msgpack: {exc}") from None
+    obj = unpack_strict(
+        data,
+        what="message",
+        error=MalformedMessage,
+        max_str=min(limits.max_str_len, size),
+        max_bin=min(limits.max_message_bytes, size),
+        max_array=min(limits.max_array_len, size),
+        max_map=min(limits.max_map_len, size),
+        use_list=False,
+    )
     if type(obj) is not dict:
         raise MalformedMessage("a message must be a msgpack map")
     version = obj.get("v")
