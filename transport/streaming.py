@@ -42,11 +42,9 @@ from transport.errors import CodecError, DecompressionBomb, FrameTooLarge, NonFi
 from transport.limits import Limits
 from transport.records import CHUNK_SIZE
 from transport.tensors import (
-    _DTYPES,
     _F16,
     _F32,
     _F32_TINY,
-    _NAME_BY_KIND_SIZE,
     DEFAULT_LIMITS,
     DEFAULT_SPEC,
     CodecSpec,
@@ -56,6 +54,7 @@ from transport.tensors import (
     _parse_entry,
     _to_fp16,
     _to_topk,
+    raw_entry,
     topk_count,
 )
 
@@ -172,19 +171,11 @@ class TensorStreamEncoder:
     def _encode_entry(
         name: str, arr: npt.NDArray[Any], spec: CodecSpec
     ) -> tuple[dict[str, Any], _Source]:
-        dtype_name = _NAME_BY_KIND_SIZE.get((arr.dtype.kind, arr.dtype.itemsize))
-        if dtype_name is None:
-            raise ValueError(
-                f"tensor {name!r} has dtype {arr.dtype}, not in the whitelist {sorted(_DTYPES)}"
-            )
+        raw = raw_entry(name, arr, spec)
+        if raw is not None:
+            return raw[0], _raw_source(raw[1])
         shape = list(arr.shape)
-        if arr.dtype.kind != "f" or spec.kind == "fp32":
-            if arr.dtype.kind == "f":
-                dtype_name = "float32"
-            stored = np.ascontiguousarray(arr, dtype=_DTYPES[dtype_name])
-            entry: dict[str, Any] = {"name": name, "codec": "raw", "dtype": dtype_name}
-            entry["shape"] = shape
-            return entry, _raw_source(stored)
+        entry: dict[str, Any]
         x = np.ascontiguousarray(arr, dtype=_F32).reshape(-1)
         if spec.kind == "fp16":
             entry = {"name": name, "codec": "fp16", "shape": shape}
@@ -293,8 +284,8 @@ class TensorStreamDecoder:
         self._entries: list[_Entry] = []
         names: set[str] = set()
         stored_total = decoded_total = 0
-        for i, raw_entry in enumerate(raw_entries):
-            entry = _parse_entry(i, raw_entry, limits)
+        for i, item in enumerate(raw_entries):
+            entry = _parse_entry(i, item, limits)
             if entry.name in names:
                 raise CodecError(f"tensor name {describe(entry.name)} appears twice")
             names.add(entry.name)

@@ -159,6 +159,26 @@ def encode_tensors(
     return {"lz4": True, "tensors": entries}, packed
 
 
+def raw_entry(
+    name: str, arr: npt.NDArray[Any], spec: CodecSpec
+) -> tuple[dict[str, Any], npt.NDArray[Any]] | None:
+    """A tensor's manifest entry and stored array when it travels raw under ``spec``
+    (every non-float; floats with ``fp32``, as float32), else None: the codec applies.
+    Raises ``ValueError`` for a dtype outside the whitelist. Shared by the batch and the
+    streaming encoders, so both write the same entries."""
+    dtype_name = _NAME_BY_KIND_SIZE.get((arr.dtype.kind, arr.dtype.itemsize))
+    if dtype_name is None:
+        raise ValueError(
+            f"tensor {name!r} has dtype {arr.dtype}, not in the whitelist {sorted(_DTYPES)}"
+        )
+    if arr.dtype.kind == "f" and spec.kind != "fp32":
+        return None
+    if arr.dtype.kind == "f":
+        dtype_name = "float32"
+    stored = np.ascontiguousarray(arr, dtype=_DTYPES[dtype_name])
+    return {"name": name, "codec": "raw", "dtype": dtype_name, "shape": list(arr.shape)}, stored
+
+
 def encode_tensor_parts(
     tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec = DEFAULT_SPEC
 ) -> tuple[list[dict[str, Any]], list[memoryview]]:
@@ -172,19 +192,12 @@ def encode_tensor_parts(
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be str, got {name!r}")
         arr = np.asarray(value)
-        dtype_name = _NAME_BY_KIND_SIZE.get((arr.dtype.kind, arr.dtype.itemsize))
-        if dtype_name is None:
-            raise ValueError(
-                f"tensor {name!r} has dtype {arr.dtype}, not in the whitelist {sorted(_DTYPES)}"
-            )
-        shape = list(arr.shape)
-        if arr.dtype.kind != "f" or spec.kind == "fp32":
-            if arr.dtype.kind == "f":
-                dtype_name = "float32"
-            stored = np.ascontiguousarray(arr, dtype=_DTYPES[dtype_name])
-            entries.append({"name": name, "codec": "raw", "dtype": dtype_name, "shape": shape})
-            parts.append(stored.data)
+        raw = raw_entry(name, arr, spec)
+        if raw is not None:
+            entries.append(raw[0])
+            parts.append(raw[1].data)
             continue
+        shape = list(arr.shape)
         x = np.ascontiguousarray(arr, dtype=_F32).reshape(-1)
         if spec.kind == "fp16":
             entries.append({"name": name, "codec": "fp16", "shape": shape})
