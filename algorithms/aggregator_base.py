@@ -76,6 +76,13 @@ def validate_weights(weights: Weights) -> None:
             raise ValueError(f"tensor {name!r} must be a floating-point numpy array")
 
 
+def checkpoint_interval(checkpoint_every: int) -> int:
+    """A validated "checkpoint every N versions (or forwards)" setting; 0 means never."""
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
+    return checkpoint_every
+
+
 class AggregatorBase:
     """Children, dedup ledger, task dispatch and the Persist-then-Ack discipline."""
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, OwnModel
+from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, OwnModel, checkpoint_interval
 from algorithms.protocol import Effect, Metric, Persist, Weights
 from algorithms.robust import clip_by_norm
 from algorithms.staleness import StalenessFn, polynomial
@@ -71,12 +71,10 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
             raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
         if clip_norm is not None and not clip_norm > 0.0:
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
         self.alpha = float(alpha)
         self.max_staleness = max_staleness
         self.clip_norm = clip_norm
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = checkpoint_interval(checkpoint_every)
         self._staleness = staleness
         self._history_len = history
         # version -> weights; the current model is always the newest entry.

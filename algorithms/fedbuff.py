@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, OwnModel
+from algorithms.aggregator_base import CHECKPOINT_KEY, OwnModel, checkpoint_interval
 from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
 from algorithms.protocol import Effect, Metric, Persist, Weights
 from algorithms.server_opt import ServerOptimizer, ServerSGD
@@ -73,11 +73,9 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
             trim_fraction=trim_fraction,
             log_deltas=log_deltas,
         )
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
         self._init_model(weights, version)
         self._opt: ServerOptimizer = server_opt if server_opt is not None else ServerSGD()
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = checkpoint_interval(checkpoint_every)
         self._make_buffer(self._weights)
 
     def _flush_full(self, out: list[Effect]) -> None:

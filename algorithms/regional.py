@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY
+from algorithms.aggregator_base import CHECKPOINT_KEY, checkpoint_interval
 from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
 from algorithms.node_util import unexpected
 from algorithms.outbox import Outbox
@@ -93,12 +93,10 @@ class RegionalAggregator(BufferedAggregator):
             raise ValueError(f"bad parent {parent!r} for region {node_id!r}")
         if parent in children:
             raise ValueError(f"{parent!r} cannot be both parent and child of {node_id!r}")
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
         if max_deferred < 0:
             raise ValueError(f"max_deferred must be >= 0, got {max_deferred}")
         self.parent = parent
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = checkpoint_interval(checkpoint_every)
         self.max_deferred = max_deferred
         self.state = RegionState.NO_MODEL
         self._global: tuple[int, Weights] | None = None

@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, Outcome, OwnModel
+from algorithms.aggregator_base import (
+    CHECKPOINT_KEY,
+    AggregatorBase,
+    Outcome,
+    OwnModel,
+    checkpoint_interval,
+)
 from algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
 from algorithms.server_opt import ServerOptimizer, ServerSGD
 from algorithms.update_buffer import UpdateBuffer
@@ -79,8 +85,6 @@ class SyncAggregator(OwnModel, AggregatorBase):
         available = k if min_available is None else min_available
         if available < 1:
             raise ValueError(f"min_available must be >= 1, got {min_available}")
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
         regions = [c for c, r in children.items() if r == "region"]
         if regions:
             # A region's aggregate answers no round task: every one of them would be late.
@@ -104,7 +108,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self.round_timeout_s = round_timeout_s
         self.min_cohort = cohort
         self.min_available = available
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = checkpoint_interval(checkpoint_every)
         self._opt: ServerOptimizer = server_opt if server_opt is not None else ServerSGD()
         self._buffer = UpdateBuffer(
             self._weights,
