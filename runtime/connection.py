@@ -28,12 +28,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-
 from runtime.signing import EndToEnd
 from sim.network import CodecPolicy
 from transport import wire
-from transport.channel import TENSOR_FIELDS, ChannelTruncated, SecureChannel
+from transport.channel import ChannelTruncated, SecureChannel, tensor_bytes
 from transport.errors import ProtocolError
 from transport.limits import Limits
 from transport.links import Link, LinkClosed
@@ -109,14 +107,6 @@ class MessagePipe(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def tensor_bytes(msg: Message) -> int:
-    """Bytes of the tensor field of ``msg`` (0 for control messages)."""
-    field = TENSOR_FIELDS.get(type(msg))
-    if field is None:
-        return 0
-    return sum(int(np.asarray(v).nbytes) for v in getattr(msg, field).values())
 
 
 class WirePipe:

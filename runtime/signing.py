@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from algorithms.protocol import Metric
-from transport.channel import TENSOR_FIELDS, offload
+from transport.channel import offload, tensor_bytes
 from transport.e2e import (
     MODEL_SIGNER_ROLES,
     ModelVersionGuard,
@@ -90,11 +90,6 @@ class ModelProof:
     parent: int
     sig: bytes
     digest: bytes
-
-
-def _relayed_bytes(msg: Message) -> int:
-    field = TENSOR_FIELDS.get(type(msg))
-    return _nbytes(getattr(msg, field)) if field is not None else 0
 
 
 def _nbytes(tensors: Mapping[str, npt.NDArray[Any]]) -> int:
@@ -275,7 +270,7 @@ class EndToEnd:
 
     async def seal_relayed(self, dst: str, msg: Message, spec: CodecSpec) -> Relayed:
         """``msg`` for ``dst`` in an envelope signed by this node (sent via a relay)."""
-        if _relayed_bytes(msg) < INLINE_BELOW:
+        if tensor_bytes(msg) < INLINE_BELOW:
             return self._relay_out.seal(dst, msg, spec)
         return await offload(self._relay_out.seal, dst, msg, spec)
 
@@ -284,7 +279,7 @@ class EndToEnd:
     async def open_relayed(self, env: Relayed) -> Message:
         """The verified message inside ``env`` (a ``ProtocolError`` subclass if not)."""
         try:
-            if _relayed_bytes(env) < INLINE_BELOW:
+            if tensor_bytes(env) < INLINE_BELOW:
                 return self._relay_in.open(env)
             return await offload(self._relay_in.open, env)
         except ProtocolError as exc:

@@ -90,6 +90,14 @@ TENSOR_FIELDS: dict[type, str] = {
 _T = TypeVar("_T")
 
 
+def tensor_bytes(msg: wire.Message) -> int:
+    """Bytes of the tensor field of ``msg`` (0 for control messages)."""
+    field = TENSOR_FIELDS.get(type(msg))
+    if field is None:
+        return 0
+    return sum(int(np.asarray(v).nbytes) for v in getattr(msg, field).values())
+
+
 class ChannelError(ProtocolError):
     """The channel's framing was broken by the peer."""
 
@@ -407,14 +415,13 @@ class SecureChannel:
         the pieces are produced).
         """
         field = TENSOR_FIELDS.get(type(msg))
-        tensors = getattr(msg, field) if field is not None else {}
-        if field is None or sum(np.asarray(v).nbytes for v in tensors.values()) <= STREAM_ABOVE:
+        if field is None or tensor_bytes(msg) <= STREAM_ABOVE:
             encoded = wire.encode(msg, spec)
             if after is not None:
                 await asyncio.shield(after)  # not cancelled by us: others wait on it too
             await self.send_message(encoded)
             return
-        encoder = await _offload(TensorStreamEncoder, tensors, spec)
+        encoder = await _offload(TensorStreamEncoder, getattr(msg, field), spec)
         envelope = wire.encode(_with_tensors(msg, field, {}), spec)
         header: bytes = msgpack.packb(
             {"envelope": envelope, "stream": encoder.manifest}, use_bin_type=True
