@@ -20,7 +20,7 @@ from transport.identity import (
     parse_public_line,
     write_atomic,
 )
-from transport.roster import MAX_ROSTER_BYTES, Roster, RosterError, sign
+from transport.roster import Roster, RosterError, read_small_text, sign
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -46,19 +46,7 @@ def cmd_keygen(node_id: str, role: str, out: Path, *, force: bool = False) -> in
 
 
 def _read_text(path: Path, what: str) -> str:
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_ROSTER_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot read ({exc.strerror})") from None
-    if len(raw) > MAX_ROSTER_BYTES:
-        raise ConfigError(f"{what} {path}: larger than {MAX_ROSTER_BYTES} bytes")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
+    return read_small_text(path, what, ConfigError)
 
 
 def cmd_roster_sign(unsigned: Path, *, key: Path, out: Path) -> int:

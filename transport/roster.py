@@ -229,7 +229,7 @@ class Roster:
     @classmethod
     def load(cls, path: str | os.PathLike[str], consortium_key: bytes) -> Roster:
         """``loads`` a file; errors name the file."""
-        text = _read_text(Path(path))
+        text = read_small_text(Path(path))
         try:
             return cls.loads(text, consortium_key)
         except RosterError as exc:
@@ -293,20 +293,22 @@ class RosterStore:
 # ---------------------------------------------------------------- parsing helpers
 
 
-def _read_text(path: Path) -> str:
+def read_small_text(path: Path, what: str = "roster", error: type[Exception] = RosterError) -> str:
+    """A UTF-8 file of at most ``MAX_ROSTER_BYTES`` (a roster, a public key line); every
+    problem is one ``error`` naming ``what`` and the path."""
     try:
         with path.open("rb") as fh:
             raw = fh.read(MAX_ROSTER_BYTES + 1)
     except FileNotFoundError:
-        raise RosterError(f"{path}: roster file not found") from None
+        raise error(f"{what} {path}: file not found") from None
     except OSError as exc:
-        raise RosterError(f"{path}: cannot read roster ({exc.strerror})") from None
+        raise error(f"{what} {path}: cannot read ({exc.strerror})") from None
     if len(raw) > MAX_ROSTER_BYTES:
-        raise RosterError(f"{path}: roster larger than {MAX_ROSTER_BYTES} bytes")
+        raise error(f"{what} {path}: larger than {MAX_ROSTER_BYTES} bytes")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise RosterError(f"{path}: roster is not UTF-8 text") from None
+        raise error(f"{what} {path}: not UTF-8 text") from None
 
 
 def _parse_toml(text: str) -> dict[str, Any]:
