@@ -282,7 +282,8 @@ async def listening(port: int, timeout: float = 10.0) -> None:
             return
 
 
-async def test_serve_stops_on_request_and_leaves_a_checkpoint(fed: Federation) -> None:
+async def serve_root_then_shut_down(fed: Federation) -> DaemonConfig:
+    """Serve the root until it listens, ask it to stop, and wait (bounded) for the end."""
     cfg = load_config(fed.nodes[ROOT_ID].config)
     d = open_daemon(cfg)
     shutdown = asyncio.Event()
@@ -293,6 +294,11 @@ async def test_serve_stops_on_request_and_leaves_a_checkpoint(fed: Federation) -
         await asyncio.wait_for(task, 10)
     finally:
         d.close()
+    return cfg
+
+
+async def test_serve_stops_on_request_and_leaves_a_checkpoint(fed: Federation) -> None:
+    cfg = await serve_root_then_shut_down(fed)
     node = load_node(cfg)
     assert isinstance(node, FedBuffAggregator) and node.version == 0
 
@@ -307,14 +313,5 @@ async def test_a_task_that_swallows_its_cancellation_cannot_block_shutdown(
 
     monkeypatch.setattr(systemd_mod, "watchdog_loop", stubborn)
     monkeypatch.setattr(daemon_mod, "STOP_GRACE_S", 0.1)
-    cfg = load_config(fed.nodes[ROOT_ID].config)
-    d = open_daemon(cfg)
-    shutdown = asyncio.Event()
-    try:
-        task = asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
-        await listening(fed.nodes[ROOT_ID].listen_port)
-        shutdown.set()
-        await asyncio.wait_for(task, 10)
-    finally:
-        d.close()
+    await serve_root_then_shut_down(fed)
     assert "still stopping" in caplog.text
