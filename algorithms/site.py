@@ -221,11 +221,7 @@ class SiteNode:
 
     def _drained_snapshot(self) -> dict[str, Any]:
         """The compaction checkpoint: an empty outbox (its seq counter) and no model view."""
-        return {
-            "outbox": self._outbox.snapshot(),
-            "model": None,
-            "newest_version": self._newest_version,
-        }
+        return {**self.snapshot(), "model": None}
 
     def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
         """Load ``snapshot()`` output, then replay "site/pending" records written after it."""
