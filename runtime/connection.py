@@ -78,7 +78,7 @@ class ProgressLink:
     def closed(self) -> bool:
         return self.link.closed
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         await self.link.send(data)
         self.bytes_out += len(data)
 

@@ -51,6 +51,7 @@ from transport.handshake import (
     ClientHandshake,
     ServerHandshake,
     SessionKeys,
+    suites_for,
 )
 from transport.identity import Identity
 from transport.limits import Limits, MiB
@@ -59,6 +60,7 @@ from transport.records import (
     CHUNK_SIZE,
     REKEY_BYTES,
     REKEY_SECONDS,
+    Record,
     RecordError,
     RecordReceiver,
     RecordSender,
@@ -137,14 +139,18 @@ _DEFAULT_LIMITS = Limits()
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChannelOptions:
-    """Per-channel settings: decoding caps, rekeying, how long ``close`` may take."""
+    """Per-channel settings: decoding caps, rekeying, how long ``close`` may take, and the
+    record ciphers to offer or accept (preferred first; None: every cipher, the fastest on
+    this CPU first)."""
 
     limits: Limits = _DEFAULT_LIMITS
     rekey_bytes: int = REKEY_BYTES
     rekey_seconds: float = REKEY_SECONDS
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S
+    ciphers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        suites_for(self.ciphers)  # raises ValueError naming the known ciphers
         if not isinstance(self.limits, Limits):
             raise ValueError(f"limits must be a Limits, got {self.limits!r}")
         if self.close_timeout <= 0:
@@ -192,7 +198,9 @@ async def client_channel(
     Raises ``HandshakeError`` (``PeerRefused``, ``HandshakeTimeout``) on failure; a
     server that refuses us simply closes the link, which reads as a ``HandshakeError``.
     """
-    handshake = ClientHandshake(identity, roster, expected_peer, allowed_roles=allowed_roles)
+    handshake = ClientHandshake(
+        identity, roster, expected_peer, allowed_roles=allowed_roles, ciphers=options.ciphers
+    )
 
     async def run() -> tuple[SessionKeys, float]:
         sent = _now()
@@ -218,7 +226,9 @@ async def server_channel(
     options: ChannelOptions = DEFAULT_OPTIONS,
 ) -> SecureChannel:
     """Handshake as the listening side (prefer ``Gatekeeper.accept``, which caps them)."""
-    handshake = ServerHandshake(identity, roster, allowed_roles=allowed_roles)
+    handshake = ServerHandshake(
+        identity, roster, allowed_roles=allowed_roles, ciphers=options.ciphers
+    )
 
     async def run() -> tuple[SessionKeys, float]:
         reply = handshake.receive(await _recv_handshake(link))
@@ -349,13 +359,18 @@ class SecureChannel:
         self.transcript_hash = keys.transcript_hash
         self._limits = options.limits
         self._close_timeout = options.close_timeout
+        self.cipher = keys.cipher
         self._sender = RecordSender(
-            keys.send_key, rekey_bytes=options.rekey_bytes, rekey_seconds=options.rekey_seconds
+            keys.send_key,
+            cipher=keys.cipher,
+            rekey_bytes=options.rekey_bytes,
+            rekey_seconds=options.rekey_seconds,
         )
         # A backstop per message (the kind byte included); the exact caps of messages,
         # stream headers and streamed tensors are checked as they arrive.
         self._receiver = RecordReceiver(
             keys.recv_key,
+            cipher=keys.cipher,
             max_message_bytes=max(options.limits.max_message_bytes, MAX_STREAM_HEADER) + 1,
         )
         self._send_lock = asyncio.Lock()
@@ -371,7 +386,7 @@ class SecureChannel:
 
     @property
     def stream_header(self) -> bytes:
-        """This side's secretstream header (sent once, right after the handshake)."""
+        """This side's record stream header (sent once, right after the handshake)."""
         return self._sender.header()
 
     @property
@@ -430,7 +445,7 @@ class SecureChannel:
             raise ValueError(f"stream header of {len(header)} bytes, limit {MAX_STREAM_HEADER}")
         count = encoder.n_pieces
 
-        def seal_piece(i: int) -> bytes:
+        def seal_piece(i: int) -> Record:
             return self._sender.seal(encoder.next_piece(), last=i == count - 1, now=_now())
 
         async with self._send_lock:
@@ -442,7 +457,7 @@ class SecureChannel:
         head = CHUNK_SIZE - 1
         count = 1 + max(0, -(-(view.nbytes - head) // CHUNK_SIZE))
 
-        def seal_chunk(i: int) -> bytes:
+        def seal_chunk(i: int) -> Record:
             if i == 0:
                 chunk: bytes | memoryview = b"".join((_KIND_PREFIX[kind], view[:head]))
             else:
@@ -454,7 +469,7 @@ class SecureChannel:
 
     async def _pipeline(
         self,
-        make: Callable[[int], bytes],
+        make: Callable[[int], Record],
         count: int,
         *,
         offload: bool,
@@ -489,7 +504,7 @@ class SecureChannel:
             await self._break(exc)
             raise
 
-    async def _link_send(self, record: bytes) -> None:
+    async def _link_send(self, record: Record) -> None:
         try:
             await self._link.send(record)
         except LinkClosed as exc:
@@ -550,20 +565,26 @@ class SecureChannel:
             raise
         failure: list[ProtocolError] = []
 
-        def feed(chunk: bytes) -> None:
+        def feed(chunk: Record, direct: bool) -> None:
             try:
-                decoder.feed_piece(chunk)
+                if direct:
+                    decoder.feed_direct()
+                else:
+                    decoder.feed_piece(chunk)
             except ProtocolError as exc:
                 failure.append(exc)  # the rest of the message is read and dropped
 
         end = False
         while not end:
-            _, end = await self._recv_record(None if failure else feed)
+            if failure:
+                _, end = await self._recv_record()
+            else:
+                _, end = await self._recv_record(feed, decoder.direct_target)
         if failure:
             raise failure[0]
         return _with_tensors(msg, field, decoder.finish())
 
-    async def _next_message(self) -> tuple[int, bytes, bool]:
+    async def _next_message(self) -> tuple[int, Record, bool]:
         chunk, end = await self._recv_record()
         if not chunk or chunk[0] not in _KIND_PREFIX:
             await self._skip(end)
@@ -572,7 +593,7 @@ class SecureChannel:
             )
         return chunk[0], chunk[1:], end
 
-    async def _collect(self, first: bytes, end: bool, cap: int) -> bytes:
+    async def _collect(self, first: Record, end: bool, cap: int) -> bytes:
         parts, total = [first], len(first)
         while not end:
             chunk, end = await self._recv_record()
@@ -580,7 +601,7 @@ class SecureChannel:
             if total > cap:
                 await self._break_with(FrameTooLarge(f"message of more than {cap} bytes"))
             parts.append(chunk)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
     async def _skip(self, end: bool) -> None:
         """Read and drop records up to the end of the current message."""
@@ -588,11 +609,14 @@ class SecureChannel:
             _, end = await self._recv_record()
 
     async def _recv_record(
-        self, process: Callable[[bytes], None] | None = None
-    ) -> tuple[bytes, bool]:
+        self,
+        process: Callable[[Record, bool], None] | None = None,
+        target: Callable[[], memoryview | None] | None = None,
+    ) -> tuple[Record, bool]:
         """Read and open the next record: ``(chunk, end_of_message)``; ``process`` gets
         the chunk in the same worker call (one thread hop per record: on two cores, more
-        stages cost more in hand-offs than they gain)."""
+        stages cost more in hand-offs than they gain), with True if it was decrypted
+        straight into the memory ``target()`` named."""
         if self._failure is not None:
             raise ChannelClosed(f"channel broken earlier: {self._failure}")
         if self._peer_closed:
@@ -610,9 +634,9 @@ class SecureChannel:
         self._records_taken += 1
         try:
             if len(frame) < INLINE_BELOW:
-                chunk, end = self._open(frame, process)
+                chunk, end = self._open(frame, process, target)
             else:
-                chunk, end = await _offload(self._open, frame, process)
+                chunk, end = await _offload(self._open, frame, process, target)
         except RecordError as exc:
             await self._break_with(exc)
         if self._receiver.closed:
@@ -620,10 +644,16 @@ class SecureChannel:
             raise ChannelClosed("the peer closed the channel")
         return chunk, end
 
-    def _open(self, frame: bytes, process: Callable[[bytes], None] | None) -> tuple[bytes, bool]:
-        chunk, end = self._receiver.open(frame)
+    def _open(
+        self,
+        frame: bytes,
+        process: Callable[[Record, bool], None] | None,
+        target: Callable[[], memoryview | None] | None,
+    ) -> tuple[Record, bool]:
+        into = None if target is None else target()
+        chunk, end = self._receiver.open(frame, into)
         if process is not None and not self._receiver.closed:
-            process(chunk)
+            process(chunk, into is not None and chunk is into)
         return chunk, end
 
     async def _link_recv(self) -> bytes:

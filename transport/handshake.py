@@ -31,7 +31,7 @@ import enum
 import hashlib
 import hmac
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,14 +43,17 @@ from transport.errors import HandshakeError as HandshakeError  # re-exported
 from transport.errors import PeerRefused as PeerRefused  # re-exported
 from transport.errors import ProtocolError, describe
 from transport.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, verify_signature
+from transport.records import CIPHERS, preferred_ciphers
 from transport.roster import Roster
 from transport.strict_msgpack import unpack_strict
 
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_HANDSHAKE_MESSAGE = 4096
 HANDSHAKE_VERSION = 1
-SUITE = "x25519-ed25519-blake2b-xchacha20poly1305-secretstream"
-SUITES: tuple[str, ...] = (SUITE,)
+_SUITE_PREFIX = "x25519-ed25519-blake2b-"
+# Every suite this node speaks: key exchange, identity signatures and key binding are
+# fixed; the record cipher (``transport.records``) is what the suites differ in.
+SUITES: tuple[str, ...] = tuple(_SUITE_PREFIX + cipher for cipher in CIPHERS)
 NONCE_BYTES = 32
 SESSION_KEY_BYTES = 32
 
@@ -96,9 +99,29 @@ class SessionKeys:
     peer_id: str
     peer_role: str
     transcript_hash: bytes
+    cipher: str  # the record cipher both sides agreed on (``transport.records.CIPHERS``)
 
     def __repr__(self) -> str:  # keep keys out of logs
-        return f"SessionKeys(peer_id={self.peer_id!r}, peer_role={self.peer_role!r})"
+        return (
+            f"SessionKeys(peer_id={self.peer_id!r}, peer_role={self.peer_role!r}, "
+            f"cipher={self.cipher!r})"
+        )
+
+
+def suites_for(ciphers: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Handshake suites for record ciphers in order of preference (default: the fastest
+    first on this CPU, ``transport.records.preferred_ciphers``)."""
+    chosen = preferred_ciphers() if ciphers is None else tuple(ciphers)
+    unknown = [c for c in chosen if c not in CIPHERS]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(
+            f"record ciphers must be distinct names from {', '.join(CIPHERS)}; got {list(chosen)}"
+        )
+    return tuple(_SUITE_PREFIX + c for c in chosen)
+
+
+def _cipher_of(suite: str) -> str:
+    return suite.removeprefix(_SUITE_PREFIX)
 
 
 class _State(enum.Enum):
@@ -223,10 +246,15 @@ class _Base:
         "_nonce",
         "_roster",
         "_state",
+        "_suites",
     )
 
     def __init__(
-        self, identity: Identity, roster: Roster, allowed_roles: Collection[str] | None
+        self,
+        identity: Identity,
+        roster: Roster,
+        allowed_roles: Collection[str] | None,
+        ciphers: Sequence[str] | None,
     ) -> None:
         if not isinstance(identity, Identity):
             raise TypeError(f"identity must be an Identity, got {type(identity).__name__}")
@@ -235,6 +263,7 @@ class _Base:
         self._identity = identity
         self._roster = roster
         self._allowed = None if allowed_roles is None else frozenset(allowed_roles)
+        self._suites = suites_for(ciphers)
         self._kx_pk, self._kx_sk = nacl.bindings.crypto_kx_keypair()
         self._nonce = os.urandom(NONCE_BYTES)
         self._keys: SessionKeys | None = None
@@ -276,8 +305,11 @@ class ClientHandshake(_Base):
         expected_peer: str | None = None,
         *,
         allowed_roles: Collection[str] | None = None,
+        ciphers: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(identity, roster, allowed_roles)
+        """``ciphers``: the record ciphers to offer, preferred first (default: all, the
+        fastest on this CPU first)."""
+        super().__init__(identity, roster, allowed_roles, ciphers)
         self._expected_peer = expected_peer
         self._c1_fields: list[Any] = []
 
@@ -289,7 +321,7 @@ class ClientHandshake(_Base):
         self._c1_fields = [
             "c1",
             HANDSHAKE_VERSION,
-            list(SUITES),
+            list(self._suites),
             ident.node_id,
             ident.role,
             ident.public_key,
@@ -325,7 +357,7 @@ class ClientHandshake(_Base):
         msg = _unpack(data, "s1", _S1_KEYS)
         version = _field_version(msg, "s1")
         suite = _field_str(msg, "s1", "suite")
-        if suite not in SUITES:
+        if suite not in self._suites:
             raise HandshakeError(f"s1: server chose suite {describe(suite)}, which was not offered")
         peer_id = _field_str(msg, "s1", "id")
         role = _field_str(msg, "s1", "role")
@@ -364,6 +396,7 @@ class ClientHandshake(_Base):
                 peer_id=peer_id,
                 peer_role=role,
                 transcript_hash=transcript_hash,
+                cipher=_cipher_of(suite),
             )
         )
         return _pack({"t": "c2", "sig": client_sig})
@@ -372,7 +405,7 @@ class ClientHandshake(_Base):
 class ServerHandshake(_Base):
     """The listening side (an aggregator)."""
 
-    __slots__ = ("_client_kx", "_peer_id", "_peer_pk", "_peer_role", "_transcript")
+    __slots__ = ("_client_kx", "_peer_id", "_peer_pk", "_peer_role", "_suite", "_transcript")
 
     def __init__(
         self,
@@ -380,9 +413,13 @@ class ServerHandshake(_Base):
         roster: Roster,
         *,
         allowed_roles: Collection[str] | None = None,
+        ciphers: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(identity, roster, allowed_roles)
+        """``ciphers``: the record ciphers to accept (default: all); the client's order
+        of preference decides among them."""
+        super().__init__(identity, roster, allowed_roles, ciphers)
         self._state = _State.AWAIT_CLIENT_HELLO
+        self._suite = ""
         self._transcript: Any = None
         self._client_kx = b""
         self._peer_id = ""
@@ -410,10 +447,12 @@ class ServerHandshake(_Base):
         suites = msg["suites"]
         if type(suites) is not list or not all(type(s) is str for s in suites):
             raise HandshakeError("c1.suites must be a list of strings")
-        chosen = next((s for s in suites if s in SUITES), None)
+        chosen = next((s for s in suites if s in self._suites), None)
         if chosen is None:
+            offered = ", ".join(describe(s) for s in suites[:_MAX_SUITES]) or "none"
             raise HandshakeError(
-                f"c1: no common cipher suite (offered {len(suites)}, this node has {SUITE})"
+                f"c1: no common cipher suite (offered {offered}; "
+                f"this node accepts {', '.join(self._suites)})"
             )
         peer_id = _field_str(msg, "c1", "id")
         role = _field_str(msg, "c1", "role")
@@ -444,6 +483,7 @@ class ServerHandshake(_Base):
         self._transcript = transcript
         self._client_kx = kx
         self._peer_id, self._peer_role, self._peer_pk = peer_id, role, pk
+        self._suite = chosen
         self._state = _State.AWAIT_CLIENT_FINISH
         reply = dict(
             zip(("t", "v", "suite", "id", "role", "pk", "kx", "n"), s1_fields, strict=True)
@@ -475,6 +515,7 @@ class ServerHandshake(_Base):
                 peer_id=self._peer_id,
                 peer_role=self._peer_role,
                 transcript_hash=transcript_hash,
+                cipher=_cipher_of(self._suite),
             )
         )
 

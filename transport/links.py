@@ -46,7 +46,7 @@ class Link(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    async def send(self, data: bytes) -> None: ...
+    async def send(self, data: bytes | bytearray | memoryview) -> None: ...
 
     async def recv(self) -> bytes: ...
 
@@ -115,7 +115,7 @@ class MemoryLink:
     def closed(self) -> bool:
         return self._closed or self._out.reader_closed
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise LinkClosed("link closed")
         # A copy, as a socket would make: the caller may reuse its buffer.

@@ -345,6 +345,42 @@ class TensorStreamDecoder:
         self._received += expected
         self._consume(memoryview(data))
 
+    def direct_target(self) -> memoryview | None:
+        """Where the next piece may be written as it arrives, or None.
+
+        That is the destination of its bytes inside a float32 tensor, when the whole
+        piece falls inside one such tensor sent raw (the fp32 codec): the record layer
+        then decrypts straight into the tensor. If the piece turns out to be compressed
+        it will not fit exactly, so use ``feed_piece``; if it was written here, call
+        ``feed_direct`` (which validates it) instead."""
+        if self.done or self._carry or self._index >= len(self._entries):
+            return None
+        entry = self._entries[self._index]
+        expected = self.expected_piece()
+        if (
+            entry.codec != "raw"
+            or entry.dtype != _F32
+            or expected > entry.stored - self._entry_bytes
+            or expected % 4
+        ):
+            return None
+        flat = self._outputs[self._index].view(np.uint8)
+        return flat.data[self._entry_bytes : self._entry_bytes + expected]
+
+    def feed_direct(self) -> None:
+        """The next piece is already in ``direct_target()``'s memory: check and take it."""
+        expected = self.expected_piece()
+        entry = self._entries[self._index]
+        count = expected // 4
+        start = self._element
+        _check_finite(entry, self._outputs[self._index][start : start + count], self._limits)
+        self._pieces_fed += 1
+        self._received += expected
+        self._element = start + count
+        self._entry_bytes += expected
+        if self._entry_bytes == entry.stored:
+            self._complete(entry)
+
     def finish(self) -> Tensors:
         """The decoded tensors; ``CodecError`` if the stream ended early."""
         if not self.done or self._index != len(self._entries):

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import aiohttp
 from aiohttp import web
@@ -66,11 +66,12 @@ class WebSocketLink:
     def closed(self) -> bool:
         return self._ws.closed
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         if self._ws.closed:
             raise LinkClosed("link closed")
         try:
-            await self._ws.send_bytes(data)
+            # aiohttp takes any bytes-like object (its annotation says bytes).
+            await self._ws.send_bytes(cast(bytes, data))
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             raise LinkClosed(f"send failed: {exc}") from None
 

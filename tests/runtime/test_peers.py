@@ -154,7 +154,7 @@ class SlowLink:
     def closed(self) -> bool:
         return self.inner.closed
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send(data)
 
     async def recv(self) -> bytes:

@@ -238,7 +238,7 @@ class TamperLink:
     def closed(self) -> bool:
         return self._inner.closed
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         i, self._sent = self._sent, self._sent + 1
         for frame in self._tamper(i, data):
             await self._inner.send(frame)
