@@ -30,7 +30,8 @@ Example (a hospital site)::
     [training]                        # lr, local_steps, batch_size, mu
     [aggregation]                     # aggregators: algorithm + sim.scenario AlgorithmConfig
     [codec]                           # up, down, topk_fraction
-    [connection]                      # keepalive_s, down_after_s, backoff_base_s, backoff_cap_s
+    [connection]                      # keepalive_s, down_after_s, backoff_base_s, backoff_cap_s,
+                                      # ciphers (record ciphers, preferred first)
     [metrics]                         # port (0 = off), host
     [executor]                        # kind = "thread" | "process", workers
 
@@ -45,6 +46,7 @@ and what to write instead; unknown fields are refused with a did-you-mean hint.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ from sim.scenario import _codec as _read_codec
 from sim.scenario import _training as _read_training
 from sim.workloads import DATASET_NAMES
 from transport.identity import IdentityError, check_node_id, parse_key
+from transport.records import CIPHERS
 
 ROLES = ("site", "region", "root", "peer", "relay")
 AGGREGATORS = ("region", "root")
@@ -110,6 +113,9 @@ class ConnectionConfig:
     down_after_s: float = 45.0
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
+    # Record ciphers to offer and accept, preferred first; None: all of them, the
+    # fastest on this CPU first (``transport.records.preferred_ciphers``).
+    ciphers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,6 +438,7 @@ def _connection(t: Table) -> ConnectionConfig:
         down_after_s=t.number("down_after_s", d.down_after_s, min=0.0, exclusive_min=True),
         backoff_base_s=t.number("backoff_base_s", d.backoff_base_s, min=0.0, exclusive_min=True),
         backoff_cap_s=t.number("backoff_cap_s", d.backoff_cap_s, min=0.0, exclusive_min=True),
+        ciphers=_ciphers(t),
     )
     if cfg.down_after_s <= cfg.keepalive_s:
         raise ConfigError(
@@ -444,6 +451,24 @@ def _connection(t: Table) -> ConnectionConfig:
         )
     t.finish()
     return cfg
+
+
+def _ciphers(t: Table) -> tuple[str, ...] | None:
+    names = t.array("ciphers", None)
+    if names is None:
+        return None
+    if not names:
+        raise ConfigError(f"{t.where('ciphers')}: name at least one of {', '.join(CIPHERS)}")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or name not in CIPHERS:
+            hint = difflib.get_close_matches(str(name), CIPHERS, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(
+                f"{t.where('ciphers')}[{i}]: {name!r} is not one of {', '.join(CIPHERS)}{extra}"
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{t.where('ciphers')}: a cipher is named twice")
+    return tuple(names)
 
 
 def _executor(t: Table) -> ExecutorConfig:

@@ -72,6 +72,7 @@ from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root
 from sim.config_reader import ConfigError
 from sim.kernel import derived_seed
 from sim.network import CodecPolicy
+from transport.channel import ChannelOptions
 from transport.e2e import ModelVersionGuard
 from transport.identity import Identity, IdentityError
 from transport.roster import Roster, RosterError
@@ -474,6 +475,7 @@ def build_peers(d: Daemon) -> NetworkPeers:
         down_after_s=conn.down_after_s,
         backoff=Backoff(base_s=conn.backoff_base_s, cap_s=conn.backoff_cap_s),
         rng=random.Random(derived_seed(cfg.seed, "backoff", cfg.node_id)),
+        options=ChannelOptions(ciphers=conn.ciphers),
     )
 
 

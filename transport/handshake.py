@@ -449,7 +449,7 @@ class ServerHandshake(_Base):
             raise HandshakeError("c1.suites must be a list of strings")
         chosen = next((s for s in suites if s in self._suites), None)
         if chosen is None:
-            offered = ", ".join(describe(s) for s in suites[:_MAX_SUITES]) or "none"
+            offered = ", ".join(repr(s[:80]) for s in suites[:_MAX_SUITES]) or "none"
             raise HandshakeError(
                 f"c1: no common cipher suite (offered {offered}; "
                 f"this node accepts {', '.join(self._suites)})"

@@ -69,7 +69,13 @@ def test_a_site_config_is_read_into_typed_fields() -> None:
     assert cfg.training.lr == 0.1 and cfg.training.local_steps == 5  # defaults filled in
     assert cfg.codec.up == "fp16" and cfg.codec.down == "fp32"
     assert cfg.connection.keepalive_s == 5.0 and cfg.connection.down_after_s == 20.0
+    assert cfg.connection.ciphers is None  # every cipher, the fastest here first
     assert cfg.metrics_port == 0 and cfg.executor.kind == "thread"
+
+
+def test_record_ciphers_can_be_pinned() -> None:
+    raw = _set(site_raw(), "connection.ciphers", ["xchacha20poly1305-secretstream"])
+    assert parse(raw).connection.ciphers == ("xchacha20poly1305-secretstream",)
 
 
 def test_a_root_config_reads_aggregation_parameters() -> None:
@@ -138,6 +144,11 @@ SITE_MISTAKES: list[tuple[str, Any, str]] = [
     ("codec.up", "fp8", "codec.up: 'fp8' is not one of"),
     ("connection.down_after_s", 5.0, "connection.down_after_s: must exceed keepalive_s"),
     ("connection.backoff_cap_s", 0.1, "connection.backoff_cap_s: must be >= backoff_base_s"),
+    ("connection.ciphers", "aegis256-stream", "connection.ciphers: expected a list"),
+    ("connection.ciphers", [], "connection.ciphers: name at least one of"),
+    ("connection.ciphers", ["aegis256"], "ciphers[0]: 'aegis256' is not one of"),
+    ("connection.ciphers", ["aegis256"], "(did you mean 'aegis256-stream'?)"),
+    ("connection.ciphers", ["aegis256-stream"] * 2, "connection.ciphers: a cipher is named twice"),
     ("aggregation.buffer_sise", 3, "aggregation.buffer_sise: unknown field (did you mean"),
     ("aggregation.algorithm", "fedsgd", "aggregation.algorithm: 'fedsgd' is not one of"),
     ("metrics.port", 70000, "metrics.port: expected a number <= 65535"),

@@ -35,6 +35,8 @@ from transport.errors import (
 from transport.handshake import ClientHandshake
 from transport.identity import Identity
 from transport.links import Link, LinkClosed, memory_link_pair
+from transport.records import CIPHER_AEGIS256, CIPHERS
+from transport.streaming import TensorStreamDecoder
 from transport.tensors import CodecSpec, decode_tensors, encode_tensors
 
 TIMEOUT_S = 15.0
@@ -57,6 +59,11 @@ async def channels(
         finally:
             await client.close()
             await server.close()
+
+
+def pinned(cipher: str, **kw: int) -> ChannelOptions:
+    """Options that make both ends use one record cipher."""
+    return ChannelOptions(ciphers=(cipher,), **kw)
 
 
 def delta(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -102,13 +109,17 @@ async def test_twenty_megabyte_message(kind: str, pki: Pki) -> None:
         assert await server.recv_message() == b"after"
 
 
+@pytest.mark.parametrize("cipher", CIPHERS)
 @pytest.mark.parametrize("kind", LINK_KINDS)
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8", "topk"])
-async def test_streamed_tensors_equal_the_batch_codec(kind: str, codec: str, pki: Pki) -> None:
+async def test_streamed_tensors_equal_the_batch_codec(
+    kind: str, codec: str, cipher: str, pki: Pki
+) -> None:
     tensors = delta(1_500_000)  # 6 MB of fp32: streamed
     spec = CodecSpec(kind=codec)  # type: ignore[arg-type]
     expected = decode_tensors(*encode_tensors(tensors, spec))
-    async with asyncio.timeout(TIMEOUT_S), channels(kind, pki) as (client, server):
+    async with asyncio.timeout(TIMEOUT_S), channels(kind, pki, pinned(cipher)) as (client, server):
+        assert client.cipher == server.cipher == cipher
         sending = asyncio.create_task(client.send_tensors(update(tensors), spec))
         got = await server.recv_tensors()
         await sending
@@ -120,6 +131,46 @@ async def test_streamed_tensors_equal_the_batch_codec(kind: str, codec: str, pki
         assert got.delta[name].dtype == arr.dtype
         assert np.array_equal(got.delta[name], arr)
         assert not got.delta[name].flags.writeable
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
+async def test_fp32_pieces_are_decrypted_straight_into_the_tensors(
+    cipher: str, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AEGIS-256 records holding raw fp32 pieces open into the tensor's own memory;
+    # compressed pieces (zeros) and pieces that straddle tensors take the copying path.
+    counts = {"direct": 0, "copied": 0}
+    feed_direct, feed_piece = TensorStreamDecoder.feed_direct, TensorStreamDecoder.feed_piece
+
+    def counting_direct(self: TensorStreamDecoder) -> None:
+        counts["direct"] += 1
+        feed_direct(self)
+
+    def counting_piece(self: TensorStreamDecoder, piece: bytes | bytearray | memoryview) -> None:
+        counts["copied"] += 1
+        feed_piece(self, piece)
+
+    monkeypatch.setattr(TensorStreamDecoder, "feed_direct", counting_direct)
+    monkeypatch.setattr(TensorStreamDecoder, "feed_piece", counting_piece)
+    tensors = delta(2_000_000)  # 8 MB of fp32 noise: 8 pieces, most of them direct
+    tensors["zeros"] = np.zeros(1_000_000, dtype=np.float32)  # 4 MB that lz4 shrinks
+    async with (
+        asyncio.timeout(TIMEOUT_S),
+        channels("memory", pki, pinned(cipher)) as (
+            client,
+            server,
+        ),
+    ):
+        sending = asyncio.create_task(client.send_tensors(update(tensors)))
+        got = await server.recv_tensors()
+        await sending
+    assert isinstance(got, wire.Update)
+    for name, arr in tensors.items():
+        assert np.array_equal(got.delta[name], arr)
+    if cipher == CIPHER_AEGIS256:
+        assert counts["direct"] >= 6 and counts["copied"] >= 4
+    else:  # PyNaCl's secretstream returns fresh bytes: every piece is copied
+        assert counts["direct"] == 0 and counts["copied"] >= 12
 
 
 @pytest.mark.parametrize("size", [400, 1_500_000])  # one record, and streamed
@@ -167,8 +218,9 @@ async def test_small_tensor_messages_are_not_streamed(pki: Pki) -> None:
         assert wire.decode(await server.recv_message()) == wire.Ack("site-1", 4)
 
 
-async def test_rekey_in_the_middle_of_a_message(pki: Pki) -> None:
-    options = ChannelOptions(rekey_bytes=256 * 1024)
+@pytest.mark.parametrize("cipher", CIPHERS)
+async def test_rekey_in_the_middle_of_a_message(cipher: str, pki: Pki) -> None:
+    options = pinned(cipher, rekey_bytes=256 * 1024)
     big = os.urandom(5 * (1 << 20))
     tensors = delta(1_000_000)
     async with asyncio.timeout(TIMEOUT_S), channels("ws", pki, options) as (client, server):
@@ -267,6 +319,8 @@ def make_tamper(kind: str) -> Callable[[int, bytes], list[bytes]]:
             return [flip(frame, len(frame) // 2)]
         if kind == "flip_mac" and i == first + 1:
             return [flip(frame, -1)]
+        if kind == "flip_flags" and i == first + 1:  # aegis256: the flags byte in clear
+            return [flip(frame, 0)]
         if kind == "truncate" and i == first + 1:
             return [frame[:-5]]
         if kind == "duplicate" and i == first + 1:
@@ -283,13 +337,16 @@ def make_tamper(kind: str) -> Callable[[int, bytes], list[bytes]]:
     return tamper
 
 
+@pytest.mark.parametrize("cipher", CIPHERS)
 @pytest.mark.parametrize(
-    "tampering", ["flip_body", "flip_mac", "truncate", "duplicate", "drop", "reorder"]
+    "tampering", ["flip_body", "flip_mac", "flip_flags", "truncate", "duplicate", "drop", "reorder"]
 )
-async def test_tampered_record_closes_the_channel(tampering: str, pki: Pki) -> None:
+async def test_tampered_record_closes_the_channel(tampering: str, cipher: str, pki: Pki) -> None:
     async with asyncio.timeout(TIMEOUT_S):
         a, b = memory_link_pair()
-        client, server = await channel_pair(TamperLink(a, make_tamper(tampering)), b, pki)
+        client, server = await channel_pair(
+            TamperLink(a, make_tamper(tampering)), b, pki, options=pinned(cipher)
+        )
         await client.send_message(b"record one")
         for i in range(3):
             await client.send_message(b"record %d" % (i + 2))
@@ -305,7 +362,8 @@ async def test_tampered_record_closes_the_channel(tampering: str, pki: Pki) -> N
             await client.recv_message()  # the peer hung up on us, without TAG_FINAL
 
 
-async def test_record_tampered_inside_a_streamed_message(pki: Pki) -> None:
+@pytest.mark.parametrize("cipher", CIPHERS)
+async def test_record_tampered_inside_a_streamed_message(cipher: str, pki: Pki) -> None:
     tensors = delta(2_000_000)
     async with asyncio.timeout(TIMEOUT_S):
         a, b = memory_link_pair()
@@ -313,7 +371,7 @@ async def test_record_tampered_inside_a_streamed_message(pki: Pki) -> None:
         def tamper(i: int, frame: bytes) -> list[bytes]:
             return [flip(frame, 1000)] if i == HANDSHAKE_FRAMES + 4 else [frame]
 
-        client, server = await channel_pair(TamperLink(a, tamper), b, pki)
+        client, server = await channel_pair(TamperLink(a, tamper), b, pki, options=pinned(cipher))
         sending = asyncio.create_task(client.send_tensors(update(tensors)))
         with pytest.raises(RecordError):
             await server.recv_tensors()
@@ -377,11 +435,15 @@ async def test_message_above_the_cap_closes_the_channel(pki: Pki) -> None:
         assert server.closed
 
 
-async def test_bad_tensors_are_rejected_and_the_channel_goes_on(pki: Pki) -> None:
+@pytest.mark.parametrize("cipher", CIPHERS)
+@pytest.mark.parametrize("row", [100, 200_000])  # in the first piece, and further on
+async def test_bad_tensors_are_rejected_and_the_channel_goes_on(
+    row: int, cipher: str, pki: Pki
+) -> None:
     tensors = delta(1_000_000)
-    tensors["conv.weight"][100, 2] = np.nan
+    tensors["conv.weight"][row, 2] = np.inf if row > 1000 else np.nan
     assert tensors["conv.weight"].nbytes > STREAM_ABOVE
-    async with asyncio.timeout(TIMEOUT_S), channels("ws", pki) as (client, server):
+    async with asyncio.timeout(TIMEOUT_S), channels("ws", pki, pinned(cipher)) as (client, server):
         sending = asyncio.create_task(client.send_tensors(update(tensors)))
         with pytest.raises(NonFiniteTensor, match=r"conv\.weight"):
             await server.recv_tensors()

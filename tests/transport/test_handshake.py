@@ -16,12 +16,15 @@ from transport.errors import HandshakeError, PeerRefused, ProtocolError
 from transport.handshake import (
     _LOW_ORDER_POINTS,
     MAX_HANDSHAKE_MESSAGE,
+    SUITES,
     ClientHandshake,
     ServerHandshake,
     is_low_order,
     keys_match,
+    suites_for,
 )
 from transport.identity import Identity
+from transport.records import CIPHER_AEGIS256, CIPHER_SECRETSTREAM, preferred_ciphers
 from transport.roster import Roster, RosterEntry
 
 ROOT = Identity.generate("root", "root")
@@ -89,6 +92,64 @@ def test_every_handshake_derives_fresh_keys() -> None:
 def test_a_region_can_dial_the_root_and_sites_can_dial_a_region() -> None:
     assert run(*pair(REGION, ROOT))[1].keys.peer_role == "region"
     assert run(*pair(SITE_B, REGION))[0].keys.peer_id == "region-eu"
+
+
+# ------------------------------------------------------------------ record cipher
+
+
+def test_the_clients_first_offered_cipher_that_the_server_accepts_wins() -> None:
+    for ciphers in ([CIPHER_AEGIS256, CIPHER_SECRETSTREAM], [CIPHER_SECRETSTREAM]):
+        client, server = run(
+            ClientHandshake(SITE_A, ROSTER, ciphers=ciphers), ServerHandshake(ROOT, ROSTER)
+        )
+        assert client.keys.cipher == server.keys.cipher == ciphers[0]
+    only_aegis = ServerHandshake(ROOT, ROSTER, ciphers=[CIPHER_AEGIS256])
+    client, server = run(ClientHandshake(SITE_A, ROSTER), only_aegis)
+    assert client.keys.cipher == server.keys.cipher == CIPHER_AEGIS256
+    assert CIPHER_AEGIS256 in repr(client.keys)
+
+
+def test_by_default_the_fastest_cipher_here_is_offered_first() -> None:
+    client, _ = run(*pair())
+    assert client.keys.cipher == preferred_ciphers()[0]
+    assert set(unpack(ClientHandshake(SITE_A, ROSTER).start())["suites"]) == set(SUITES)
+
+
+def test_no_common_cipher_is_refused_with_both_lists() -> None:
+    client = ClientHandshake(SITE_A, ROSTER, ciphers=[CIPHER_SECRETSTREAM])
+    server = ServerHandshake(ROOT, ROSTER, ciphers=[CIPHER_AEGIS256])
+    with pytest.raises(HandshakeError, match="no common cipher suite") as info:
+        server.receive(client.start())
+    assert "secretstream" in str(info.value) and "aegis256" in str(info.value)
+
+
+def test_a_downgraded_cipher_offer_is_detected_by_the_client() -> None:
+    # A man in the middle strips the faster cipher from c1: the server's signature
+    # covers the c1 it saw, so the client (which signed nothing yet) refuses.
+    client, server = pair()
+    c1 = client.start()
+    stripped = edit(c1, suites=[SUITES[-1]])
+    with pytest.raises(HandshakeError, match="signature"):
+        client.receive(server.receive(stripped) or b"")
+
+
+def test_a_cipher_the_client_did_not_offer_is_refused() -> None:
+    client = ClientHandshake(SITE_A, ROSTER, ciphers=[CIPHER_SECRETSTREAM])
+    s1 = ServerHandshake(ROOT, ROSTER).receive(
+        ClientHandshake(SITE_A, ROSTER, ciphers=[CIPHER_AEGIS256]).start()
+    )
+    client.start()
+    with pytest.raises(HandshakeError, match="not offered"):
+        client.receive(s1 or b"")
+
+
+def test_unknown_cipher_names_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="record ciphers must be distinct names"):
+        ClientHandshake(SITE_A, ROSTER, ciphers=["rot13"])
+    with pytest.raises(ValueError, match="record ciphers must be distinct names"):
+        ServerHandshake(ROOT, ROSTER, ciphers=[])
+    with pytest.raises(ValueError, match="record ciphers must be distinct names"):
+        suites_for([CIPHER_AEGIS256, CIPHER_AEGIS256])
 
 
 # ------------------------------------------------------------------ roster refusals

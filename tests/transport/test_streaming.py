@@ -49,6 +49,23 @@ def decode(manifest: Any, pieces: list[bytes], limits: Limits | None = None) -> 
     return decoder.finish()
 
 
+def decode_direct(manifest: Any, pieces: list[bytes], limits: Limits | None = None) -> Tensors:
+    """As the channel does with AEGIS-256: a piece that fits ``direct_target()`` exactly
+    is written there (decrypted, in the channel) and taken with ``feed_direct``."""
+    decoder = TensorStreamDecoder(manifest, limits or Limits())
+    for piece in pieces:
+        target = decoder.direct_target()
+        if target is not None and target.nbytes == len(piece):
+            target[:] = piece
+            decoder.feed_direct()
+        else:
+            decoder.feed_piece(piece)
+    return decoder.finish()
+
+
+DECODERS = [decode, decode_direct]
+
+
 def assert_same(got: Tensors, expected: Tensors) -> None:
     assert list(got) == list(expected)
     for name, arr in expected.items():
@@ -72,15 +89,42 @@ def sample_tensors(seed: int = 0) -> Tensors:
     }
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("lz4", [True, False])
 @pytest.mark.parametrize("piece", [MIN_PIECE_BYTES, 4099, 65_536])
-def test_matches_the_batch_codec(codec: str, lz4: bool, piece: int) -> None:
+def test_matches_the_batch_codec(codec: str, lz4: bool, piece: int, decoder: Any) -> None:
     tensors = sample_tensors()
     spec = CodecSpec(kind=codec, lz4=lz4)  # type: ignore[arg-type]
     manifest, pieces = stream(tensors, spec, piece)
     assert len(pieces) == -(-manifest["stored"] // piece)
-    assert_same(decode(manifest, pieces), decode_tensors(*encode_tensors(tensors, spec)))
+    assert_same(decoder(manifest, pieces), decode_tensors(*encode_tensors(tensors, spec)))
+
+
+def test_direct_targets_are_whole_fp32_pieces_inside_one_tensor() -> None:
+    rng = np.random.default_rng(2)
+    tensors = {
+        "b": np.ones(3, np.float32),  # 12 bytes: the next tensor starts inside piece 0
+        "w": rng.standard_normal(10_000).astype(np.float32),
+        "h": np.arange(5000, dtype=np.int16),  # raw, but not float32
+    }
+    manifest, pieces = stream(tensors, CodecSpec(lz4=False), MIN_PIECE_BYTES)
+    decoder = TensorStreamDecoder(manifest)
+    kinds = []
+    for piece in pieces:
+        target = decoder.direct_target()
+        kinds.append(target is not None)
+        if target is not None:
+            assert target.nbytes == len(piece) and not target.readonly
+            target[:] = piece
+            decoder.feed_direct()
+        else:
+            decoder.feed_piece(piece)
+    spec = CodecSpec(lz4=False)
+    assert_same(decoder.finish(), decode_tensors(*encode_tensors(tensors, spec)))
+    # piece 0 holds "b" and the start of "w"; then "w" only, until the piece that
+    # straddles "w" and "h"; int16 pieces are never written directly.
+    assert kinds[0] is False and all(kinds[1:9]) and not any(kinds[9:])
 
 
 def test_compressible_pieces_shrink_and_random_ones_do_not() -> None:
@@ -121,7 +165,9 @@ def tensor_dicts(draw: st.DrawFn) -> Tensors:
 def test_matches_the_batch_codec_property(tensors: Tensors, codec: str, lz4: bool) -> None:
     spec = CodecSpec(kind=codec, lz4=lz4)  # type: ignore[arg-type]
     manifest, pieces = stream(tensors, spec)
-    assert_same(decode(manifest, pieces), decode_tensors(*encode_tensors(tensors, spec)))
+    expected = decode_tensors(*encode_tensors(tensors, spec))
+    assert_same(decode(manifest, pieces), expected)
+    assert_same(decode_direct(manifest, pieces), expected)
 
 
 # ------------------------------------------------------------------ rejections
@@ -235,13 +281,23 @@ def test_bad_values() -> None:
         raw_stream([topk], np.array([1, 2], "<f4").tobytes() + bytes([5, 3]))  # not increasing
 
 
-def test_nan_split_across_pieces_is_caught() -> None:
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_nan_split_across_pieces_is_caught(decoder: Any) -> None:
     x = np.ones(5000, np.float32)
     x[1023] = np.nan  # bytes 4092..4095: straddles nothing, but the next one does
     x[1024 + 1] = np.inf
     manifest, pieces = stream({"odd": np.array([True]), "x": x}, CodecSpec(lz4=False))
     with pytest.raises(NonFiniteTensor):
-        decode(manifest, pieces)
+        decoder(manifest, pieces)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_written_directly_are_caught(value: float) -> None:
+    x = np.ones(5000, np.float32)
+    x[3000] = value  # inside the third piece, which goes direct
+    manifest, pieces = stream({"x": x}, CodecSpec(lz4=False))
+    with pytest.raises(NonFiniteTensor, match="'x'"):
+        decode_direct(manifest, pieces)
 
 
 @settings(max_examples=150, deadline=None)
