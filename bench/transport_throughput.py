@@ -225,9 +225,9 @@ async def site(
     await raw_cpu()
     await raw_message_trial()
     await raw_cpu(raw_msg)
-    for chan in (channel, pinned):
+    for codec, chan in secure.values():
         await chan.send_message(b"go")
-        await secure_trial("fp32", chan)()
+        await secure_trial(codec, chan)()
         await chan.recv_message()
     for _ in range(trials):
         site_cpu = time.process_time()

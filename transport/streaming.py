@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from transport.errors import CodecError, DecompressionBomb, FrameTooLarge, NonFiniteTensor, describe
+from transport.half import half_to_float
 from transport.limits import Limits
 from transport.records import CHUNK_SIZE
 from transport.tensors import (
@@ -49,6 +50,7 @@ from transport.tensors import (
     DEFAULT_SPEC,
     CodecSpec,
     Tensors,
+    _all_finite,
     _decode_topk,
     _Entry,
     _parse_entry,
@@ -457,14 +459,17 @@ class TensorStreamDecoder:
             src = np.frombuffer(data, dtype=entry.dtype, count=count)
             if entry.dtype.kind == "b" and src.view(np.uint8).max() > 1:
                 raise CodecError(f"tensor {describe(entry.name)}: bool bytes other than 0/1")
-            with np.errstate(over="ignore"):
-                dst[...] = src  # float16/64 -> float32, checked below
+            if entry.dtype == _F16:
+                half_to_float(src, out=dst)
+            else:
+                with np.errstate(over="ignore"):
+                    dst[...] = src  # float64 -> float32, checked below
             if entry.dtype.kind == "f":
                 _check_finite(entry, dst, limits)
         elif entry.codec == "fp16":
             half = np.frombuffer(data, dtype=_F16, count=count)
             _check_finite(entry, half, limits)
-            dst[...] = half
+            half_to_float(half, out=dst)
         else:  # int8: x ~= q * scale, in float32 as decode_tensors computes it
             q = np.frombuffer(data, dtype=np.int8, count=count)
             np.multiply(q, np.float32(entry.scale), out=dst)
@@ -484,5 +489,5 @@ def _allocate(entry: _Entry) -> npt.NDArray[Any]:
 
 
 def _check_finite(entry: _Entry, arr: npt.NDArray[Any], limits: Limits) -> None:
-    if limits.reject_nonfinite and not np.isfinite(arr).all():
+    if limits.reject_nonfinite and not _all_finite(arr):
         raise NonFiniteTensor(f"tensor {describe(entry.name)} contains NaN or Inf")

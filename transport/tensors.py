@@ -49,6 +49,7 @@ from transport.errors import (
     NonFiniteTensor,
     describe,
 )
+from transport.half import half_all_finite, half_to_float, to_half
 from transport.limits import Limits
 
 # Same alias as ``transport.wire.Tensors`` (not imported from there: wire imports us).
@@ -243,13 +244,12 @@ def _lz4_if_smaller(payload: bytes) -> bytes | None:
 
 
 def _to_fp16(x: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
-    with np.errstate(over="ignore"):
-        h = x.astype(_F16)
-    overflow = np.isinf(h)
-    if overflow.any():
+    h = to_half(x)
+    if not half_all_finite(h):
+        overflow = np.isinf(h)
         # Saturate finite values beyond fp16's range; genuine Inf stays Inf.
-        fix = overflow & np.isfinite(x)
-        h[fix] = np.copysign(_F16_MAX, x[fix])
+        fix = overflow & np.isfinite(x.reshape(-1))
+        h[fix] = np.copysign(_F16_MAX, x.reshape(-1)[fix])
     return h
 
 
@@ -498,6 +498,12 @@ _FINITE_CHUNK = 1 << 20  # elements per isfinite() call: bounds its temporary to
 
 
 def _all_finite(arr: npt.NDArray[Any]) -> bool:
+    if arr.dtype == _F16:
+        return half_all_finite(arr)
+    if arr.dtype.kind == "f":
+        # min and max propagate NaN and reach +-Inf: two passes without a temporary,
+        # faster than isfinite() and its boolean array.
+        return arr.size == 0 or (math.isfinite(arr.min()) and math.isfinite(arr.max()))
     flat = arr.reshape(-1)
     if flat.size <= _FINITE_CHUNK:
         return bool(np.isfinite(flat).all())
@@ -516,9 +522,11 @@ def _decode_raw(
     if dtype.kind == "b" and entry.size and arr.view(np.uint8).max() > 1:
         raise CodecError(f"tensor {describe(entry.name)}: bool bytes other than 0/1")
     if dtype.kind == "f":
-        if dtype != _F32:
+        if dtype == _F16:
+            arr = half_to_float(arr)  # float tensors always decode as float32
+        elif dtype != _F32:
             with np.errstate(over="ignore"):
-                arr = arr.astype(_F32)  # float tensors always decode as float32
+                arr = arr.astype(_F32)
         _check_finite(entry.name, arr, limits)
     return arr.reshape(entry.shape)
 
@@ -528,7 +536,7 @@ def _decode_fp16(
 ) -> npt.NDArray[Any]:
     half = np.frombuffer(buf, dtype=_F16, count=entry.size, offset=offset)
     _check_finite(entry.name, half, limits)
-    return half.astype(_F32).reshape(entry.shape)
+    return half_to_float(half).reshape(entry.shape)
 
 
 def _decode_int8(buf: bytes | bytearray, offset: int, entry: _Entry) -> npt.NDArray[Any]:
