@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import socket
@@ -26,6 +27,7 @@ from runtime.config import DaemonConfig, load_config, parse_config
 from runtime.daemon import (
     JsonFormatter,
     build_node,
+    build_peers,
     build_plan,
     configure_logging,
     load_identity,
@@ -39,6 +41,7 @@ from runtime.demo import ROOT_ID, DaemonProcess, Federation, write_federation, w
 from sim.config_reader import ConfigError
 from transport.e2e import ModelVersionGuard, StaleModelError
 from transport.identity import Identity
+from transport.records import CIPHER_SECRETSTREAM
 from transport.wire import Update
 
 SYNTHETIC = {"dataset": "synthetic", "model": "softmax"}
@@ -115,6 +118,19 @@ def test_a_restarted_site_refuses_models_older_than_it_held(fed: Federation) -> 
     with pytest.raises(StaleModelError, match="older than version 7"):
         guard.check(6, b"d" * 32)
     guard.check(7, b"d" * 32)
+
+
+def test_the_configured_record_ciphers_reach_the_channels(fed: Federation) -> None:
+    cfg = load_config(fed.nodes["site-1"].config)
+    pinned = dataclasses.replace(
+        cfg, connection=dataclasses.replace(cfg.connection, ciphers=(CIPHER_SECRETSTREAM,))
+    )
+    for config, expected in ((cfg, None), (pinned, (CIPHER_SECRETSTREAM,))):
+        d = open_daemon(config)
+        try:
+            assert build_peers(d).options.ciphers == expected
+        finally:
+            d.close()
 
 
 def test_recovery_restores_an_unacknowledged_update(fed: Federation) -> None:

@@ -21,9 +21,10 @@ from runtime.peers import (
     gossip_dial_targets,
 )
 from transport import wire, ws
-from transport.channel import client_channel, server_channel
+from transport.channel import ChannelOptions, client_channel, server_channel
 from transport.identity import Identity
 from transport.links import Link, memory_link_pair
+from transport.records import CIPHER_AEGIS256, CIPHER_SECRETSTREAM
 from transport.roster import Roster, RosterEntry
 from transport.wire import Ack, Heartbeat, Update
 
@@ -351,6 +352,31 @@ async def test_a_roster_member_that_is_not_a_neighbour_is_refused(pki: Pki) -> N
         site_task = tg.create_task(site.run(Sink()))
         await until(lambda: agg.refused >= 1)
         assert agg.connected() == frozenset()
+        site_task.cancel()
+        agg_task.cancel()
+
+
+async def test_record_ciphers_are_negotiated_and_a_mismatch_is_refused(pki: Pki) -> None:
+    only_aegis = ChannelOptions(ciphers=(CIPHER_AEGIS256,))
+    agg = peers(pki.agg, pki.roster, listen=("127.0.0.1", 0), options=only_aegis)
+    agg_sink = Sink()
+    async with asyncio.timeout(LIMIT), asyncio.TaskGroup() as tg:
+        agg_task = tg.create_task(agg.run(agg_sink))
+        await until(lambda: agg.listen_url is not None)
+        assert agg.listen_url is not None
+        # A site that speaks only secretstream has no cipher in common: refused, clearly.
+        old = ChannelOptions(ciphers=(CIPHER_SECRETSTREAM,))
+        stale = peers(pki.site, pki.roster, dial=[DialTarget("agg", agg.listen_url)], options=old)
+        stale_task = tg.create_task(stale.run(Sink()))
+        await until(lambda: agg.refused >= 1 and stale.dial_failures >= 1)
+        assert agg.connected() == frozenset()
+        stale_task.cancel()
+        # A site offering both (the default) gets through, and the aggregator lives on.
+        site = peers(pki.site, pki.roster, dial=[DialTarget("agg", agg.listen_url)])
+        site_task = tg.create_task(site.run(Sink()))
+        await until(lambda: "site-1" in agg.connected())
+        assert site.send("agg", Update("site-1", 1, 0, delta(), 10))
+        await until(lambda: any(isinstance(e, Received) for e in agg_sink.events()))
         site_task.cancel()
         agg_task.cancel()
 
