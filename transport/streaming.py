@@ -23,8 +23,10 @@ shrinks the piece: fp32 weights do not compress, and then a piece goes out as a 
 the tensor's own memory, with no copy on this side.
 
 Memory on the receiving side: the decoded arrays (checked against ``max_decoded_bytes``
-before anything is allocated), plus, for top-k tensors only, their stored bytes (small by
-design). Nothing is buffered beyond what the validated manifest declares.
+before anything is allocated; large ones reuse the memory of earlier decoded tensors that
+are no longer referenced, ``transport.buffer_pool``), plus, for top-k tensors only, their
+stored bytes (small by design). Nothing is buffered beyond what the validated manifest
+declares.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import lz4.block
 import numpy as np
 import numpy.typing as npt
 
+from transport.buffer_pool import DECODED
 from transport.errors import CodecError, DecompressionBomb, FrameTooLarge, NonFiniteTensor, describe
 from transport.half import half_to_float
 from transport.limits import Limits
@@ -484,8 +487,8 @@ def _stored_itemsize(entry: _Entry) -> int:
 
 def _allocate(entry: _Entry) -> npt.NDArray[Any]:
     if entry.codec == "raw" and entry.dtype.kind != "f":
-        return np.empty(entry.size, dtype=entry.dtype)
-    return np.empty(entry.size, dtype=_F32)
+        return DECODED.empty(entry.size, entry.dtype)
+    return DECODED.empty(entry.size, _F32)
 
 
 def _check_finite(entry: _Entry, arr: npt.NDArray[Any], limits: Limits) -> None:
