@@ -31,7 +31,8 @@ Example (a hospital site)::
     [aggregation]                     # aggregators: algorithm + sim.scenario AlgorithmConfig
     [codec]                           # up, down, topk_fraction
     [connection]                      # keepalive_s, down_after_s, backoff_base_s, backoff_cap_s,
-                                      # ciphers (record ciphers, preferred first)
+                                      # ciphers (record ciphers, preferred first),
+                                      # offload ("auto" | "pool": where records are sealed)
     [metrics]                         # port (0 = off), host
     [executor]                        # kind = "thread" | "process", workers
 
@@ -60,6 +61,7 @@ from sim.scenario import _algorithm as _read_algorithm
 from sim.scenario import _codec as _read_codec
 from sim.scenario import _training as _read_training
 from sim.workloads import DATASET_NAMES
+from transport.channel import OFFLOAD_MODES
 from transport.identity import IdentityError, check_node_id, parse_key
 from transport.records import CIPHERS
 
@@ -116,6 +118,9 @@ class ConnectionConfig:
     # Record ciphers to offer and accept, preferred first; None: all of them, the
     # fastest on this CPU first (``transport.records.preferred_ciphers``).
     ciphers: tuple[str, ...] | None = None
+    # Where records are sealed/opened: "auto" (cheap AEGIS records on the event loop) or
+    # "pool" (every large record in the thread pool; for machines with cores to spare).
+    offload: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +444,7 @@ def _connection(t: Table) -> ConnectionConfig:
         backoff_base_s=t.number("backoff_base_s", d.backoff_base_s, min=0.0, exclusive_min=True),
         backoff_cap_s=t.number("backoff_cap_s", d.backoff_cap_s, min=0.0, exclusive_min=True),
         ciphers=_ciphers(t),
+        offload=t.text("offload", d.offload, choices=OFFLOAD_MODES),
     )
     if cfg.down_after_s <= cfg.keepalive_s:
         raise ConfigError(

@@ -475,7 +475,7 @@ def build_peers(d: Daemon) -> NetworkPeers:
         down_after_s=conn.down_after_s,
         backoff=Backoff(base_s=conn.backoff_base_s, cap_s=conn.backoff_cap_s),
         rng=random.Random(derived_seed(cfg.seed, "backoff", cfg.node_id)),
-        options=ChannelOptions(ciphers=conn.ciphers),
+        options=ChannelOptions(ciphers=conn.ciphers, offload=conn.offload),
     )
 
 

@@ -81,6 +81,7 @@ KIND_TENSORS = 0x02
 _KIND_PREFIX = {KIND_BYTES: b"\x01", KIND_TENSORS: b"\x02"}
 
 DEFAULT_MAX_PENDING = 256
+OFFLOAD_MODES = ("auto", "pool")
 INLINE_BELOW = 64 * 1024  # records smaller than this are sealed/opened on the loop thread
 STREAM_ABOVE = 1 * MiB  # tensor fields larger than this are streamed piece by piece
 MAX_STREAM_HEADER = 64 * MiB  # envelope without tensors plus the manifest
@@ -145,18 +146,23 @@ _DEFAULT_LIMITS = Limits()
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ChannelOptions:
-    """Per-channel settings: decoding caps, rekeying, how long ``close`` may take, and the
+    """Per-channel settings: decoding caps, rekeying, how long ``close`` may take, the
     record ciphers to offer or accept (preferred first; None: every cipher, the fastest on
-    this CPU first)."""
+    this CPU first), and where records are sealed and opened: ``"auto"`` keeps cheap
+    AEGIS-256 records on the loop thread (see the module docstring), ``"pool"`` sends
+    every large record to the thread pool (for machines with cores to spare)."""
 
     limits: Limits = _DEFAULT_LIMITS
     rekey_bytes: int = REKEY_BYTES
     rekey_seconds: float = REKEY_SECONDS
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S
     ciphers: tuple[str, ...] | None = None
+    offload: str = "auto"
 
     def __post_init__(self) -> None:
         suites_for(self.ciphers)  # raises ValueError naming the known ciphers
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
         if not isinstance(self.limits, Limits):
             raise ValueError(f"limits must be a Limits, got {self.limits!r}")
         if self.close_timeout <= 0:
@@ -370,7 +376,7 @@ class SecureChannel:
         # costs in CPU on two cores, so such records stay on the loop thread unless codec
         # work (fp16/int8 conversion) comes with them; secretstream records (~1 ms) go to
         # the pool.
-        self._cheap_records = keys.cipher == CIPHER_AEGIS256
+        self._cheap_records = keys.cipher == CIPHER_AEGIS256 and options.offload == "auto"
         self._sender = RecordSender(
             keys.send_key,
             cipher=keys.cipher,

@@ -76,6 +76,7 @@ def test_a_site_config_is_read_into_typed_fields() -> None:
 def test_record_ciphers_can_be_pinned() -> None:
     raw = _set(site_raw(), "connection.ciphers", ["xchacha20poly1305-secretstream"])
     assert parse(raw).connection.ciphers == ("xchacha20poly1305-secretstream",)
+    assert parse(_set(raw, "connection.offload", "pool")).connection.offload == "pool"
 
 
 def test_a_root_config_reads_aggregation_parameters() -> None:
@@ -149,6 +150,7 @@ SITE_MISTAKES: list[tuple[str, Any, str]] = [
     ("connection.ciphers", ["aegis256"], "ciphers[0]: 'aegis256' is not one of"),
     ("connection.ciphers", ["aegis256"], "(did you mean 'aegis256-stream'?)"),
     ("connection.ciphers", ["aegis256-stream"] * 2, "connection.ciphers: a cipher is named twice"),
+    ("connection.offload", "gpu", "connection.offload: 'gpu' is not one of auto, pool"),
     ("aggregation.buffer_sise", 3, "aggregation.buffer_sise: unknown field (did you mean"),
     ("aggregation.algorithm", "fedsgd", "aggregation.algorithm: 'fedsgd' is not one of"),
     ("metrics.port", 70000, "metrics.port: expected a number <= 65535"),

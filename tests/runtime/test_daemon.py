@@ -120,15 +120,19 @@ def test_a_restarted_site_refuses_models_older_than_it_held(fed: Federation) -> 
     guard.check(7, b"d" * 32)
 
 
-def test_the_configured_record_ciphers_reach_the_channels(fed: Federation) -> None:
+def test_the_configured_record_settings_reach_the_channels(fed: Federation) -> None:
     cfg = load_config(fed.nodes["site-1"].config)
     pinned = dataclasses.replace(
-        cfg, connection=dataclasses.replace(cfg.connection, ciphers=(CIPHER_SECRETSTREAM,))
+        cfg,
+        connection=dataclasses.replace(
+            cfg.connection, ciphers=(CIPHER_SECRETSTREAM,), offload="pool"
+        ),
     )
-    for config, expected in ((cfg, None), (pinned, (CIPHER_SECRETSTREAM,))):
+    for config, ciphers, offload in ((cfg, None, "auto"), (pinned, (CIPHER_SECRETSTREAM,), "pool")):
         d = open_daemon(config)
         try:
-            assert build_peers(d).options.ciphers == expected
+            options = build_peers(d).options
+            assert (options.ciphers, options.offload) == (ciphers, offload)
         finally:
             d.close()
 

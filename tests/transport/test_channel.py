@@ -13,6 +13,7 @@ import pytest
 from tests.transport.link_pairs import LINK_KINDS, Pki, channel_pair, link_pair, make_pki
 from transport import wire, ws
 from transport.channel import (
+    OFFLOAD_MODES,
     STREAM_ABOVE,
     ChannelClosed,
     ChannelOptions,
@@ -61,9 +62,9 @@ async def channels(
             await server.close()
 
 
-def pinned(cipher: str, **kw: int) -> ChannelOptions:
+def pinned(cipher: str, offload: str = "auto", **kw: int) -> ChannelOptions:
     """Options that make both ends use one record cipher."""
-    return ChannelOptions(ciphers=(cipher,), **kw)
+    return ChannelOptions(ciphers=(cipher,), offload=offload, **kw)
 
 
 def delta(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -133,9 +134,10 @@ async def test_streamed_tensors_equal_the_batch_codec(
         assert not got.delta[name].flags.writeable
 
 
+@pytest.mark.parametrize("offload", OFFLOAD_MODES)
 @pytest.mark.parametrize("cipher", CIPHERS)
 async def test_fp32_pieces_are_decrypted_straight_into_the_tensors(
-    cipher: str, pki: Pki, monkeypatch: pytest.MonkeyPatch
+    cipher: str, offload: str, pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # AEGIS-256 records holding raw fp32 pieces open into the tensor's own memory;
     # compressed pieces (zeros) and pieces that straddle tensors take the copying path.
@@ -154,13 +156,8 @@ async def test_fp32_pieces_are_decrypted_straight_into_the_tensors(
     monkeypatch.setattr(TensorStreamDecoder, "feed_piece", counting_piece)
     tensors = delta(2_000_000)  # 8 MB of fp32 noise: 8 pieces, most of them direct
     tensors["zeros"] = np.zeros(1_000_000, dtype=np.float32)  # 4 MB that lz4 shrinks
-    async with (
-        asyncio.timeout(TIMEOUT_S),
-        channels("memory", pki, pinned(cipher)) as (
-            client,
-            server,
-        ),
-    ):
+    options = pinned(cipher, offload)
+    async with asyncio.timeout(TIMEOUT_S), channels("memory", pki, options) as (client, server):
         sending = asyncio.create_task(client.send_tensors(update(tensors)))
         got = await server.recv_tensors()
         await sending
@@ -526,6 +523,13 @@ async def test_garbage_handshake_is_refused(garbage: bytes, pki: Pki) -> None:
         with pytest.raises(HandshakeError):
             await server_channel(b, pki.server, pki.roster)
         assert b.closed
+
+
+def test_bad_channel_options_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="offload must be one of"):
+        ChannelOptions(offload="gpu")
+    with pytest.raises(ValueError, match="record ciphers must be distinct names"):
+        ChannelOptions(ciphers=("rot13",))
 
 
 async def test_errors_are_protocol_errors_with_reasons() -> None:
