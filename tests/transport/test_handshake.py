@@ -109,6 +109,18 @@ def test_the_clients_first_offered_cipher_that_the_server_accepts_wins() -> None
     assert CIPHER_AEGIS256 in repr(client.keys)
 
 
+def test_nodes_of_the_previous_release_still_agree_on_secretstream() -> None:
+    # The previous release offered and accepted only the secretstream suite.
+    old_server = ServerHandshake(ROOT, ROSTER, ciphers=[CIPHER_SECRETSTREAM])
+    client, _ = run(ClientHandshake(SITE_A, ROSTER), old_server)
+    assert client.keys.cipher == CIPHER_SECRETSTREAM
+    old_client = ClientHandshake(SITE_A, ROSTER, ciphers=[CIPHER_SECRETSTREAM])
+    _, server = run(old_client, ServerHandshake(ROOT, ROSTER))
+    assert server.keys.cipher == CIPHER_SECRETSTREAM
+    # ... under the very suite name the previous release put on the wire.
+    assert "x25519-ed25519-blake2b-xchacha20poly1305-secretstream" in SUITES
+
+
 def test_by_default_the_fastest_cipher_here_is_offered_first() -> None:
     client, _ = run(*pair())
     assert client.keys.cipher == preferred_ciphers()[0]
