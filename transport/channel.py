@@ -467,7 +467,7 @@ class SecureChannel:
 
         async with self._send_lock:
             await self._send_framed(KIND_TENSORS, memoryview(header))
-            cheap = self._cheap_records and spec.kind in ("fp32", "topk")
+            cheap = self._cheap_records and not encoder.computes_pieces
             await self._pipeline(seal_piece, count, offload=not cheap, after=after)
 
     async def _send_framed(self, kind: int, view: memoryview) -> None:

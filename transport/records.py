@@ -65,7 +65,6 @@ KEY_BYTES = 32
 
 _SS_ABYTES: int = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
 _AEGIS_ABYTES: int = sodium.crypto_aead_aegis256_ABYTES
-_AEGIS_PREFIX = HEADER_BYTES
 # Per record: the cipher's MAC (and secretstream's tag byte), plus one flags byte (always
 # for aegis256; only on REKEY records for secretstream).
 RECORD_OVERHEAD: dict[str, int] = {
@@ -93,7 +92,7 @@ _REKEY_PERSON = b"fedloom-rekey"
 assert sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES == HEADER_BYTES
 assert sodium.crypto_secretstream_xchacha20poly1305_KEYBYTES == KEY_BYTES
 assert sodium.crypto_aead_aegis256_KEYBYTES == KEY_BYTES
-assert sodium.crypto_aead_aegis256_NPUBBYTES == _AEGIS_PREFIX + 8
+assert sodium.crypto_aead_aegis256_NPUBBYTES == HEADER_BYTES + 8  # header || u64 counter
 
 Chunk = bytes | bytearray | memoryview
 Record = bytes | bytearray | memoryview  # what seal() makes and open() returns

@@ -91,6 +91,7 @@ class _Source:
     stored: int
     itemsize: int  # stored bytes per element (1 for byte-addressed sources)
     convert: Callable[[int, int], memoryview]
+    computed: bool  # pieces are computed (fp16/int8), not views of the tensor's memory
 
 
 def _bytes_of(arr: npt.NDArray[Any]) -> memoryview:
@@ -99,13 +100,15 @@ def _bytes_of(arr: npt.NDArray[Any]) -> memoryview:
 
 def _raw_source(arr: npt.NDArray[Any]) -> _Source:
     view = _bytes_of(arr)
-    return _Source(len(view), 1, lambda i0, i1: view[i0:i1])
+    return _Source(len(view), 1, lambda i0, i1: view[i0:i1], computed=False)
 
 
 def _dense_source(
     size: int, itemsize: int, encode: Callable[[int, int], npt.NDArray[Any]]
 ) -> _Source:
-    return _Source(size * itemsize, itemsize, lambda i0, i1: _bytes_of(encode(i0, i1)))
+    return _Source(
+        size * itemsize, itemsize, lambda i0, i1: _bytes_of(encode(i0, i1)), computed=True
+    )
 
 
 def _int8_scale(x: npt.NDArray[np.float32]) -> tuple[float, np.float32 | None]:
@@ -167,6 +170,8 @@ class TensorStreamEncoder:
         self.stored = sum(s.stored for s in self._sources)
         self.piece = piece
         self.n_pieces = n_pieces(self.stored, piece)
+        # True when making a piece converts values (fp16/int8), not just slices memory.
+        self.computes_pieces = any(s.computed for s in self._sources)
         self.manifest: dict[str, Any] = {"tensors": entries, "stored": self.stored, "piece": piece}
         self._pieces_made = 0
         self._source = 0  # index of the source the next byte comes from

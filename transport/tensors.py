@@ -246,10 +246,10 @@ def _lz4_if_smaller(payload: bytes) -> bytes | None:
 def _to_fp16(x: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
     h = to_half(x)
     if not half_all_finite(h):
-        overflow = np.isinf(h)
         # Saturate finite values beyond fp16's range; genuine Inf stays Inf.
-        fix = overflow & np.isfinite(x.reshape(-1))
-        h[fix] = np.copysign(_F16_MAX, x.reshape(-1)[fix])
+        flat = x.reshape(-1)
+        fix = np.isinf(h) & np.isfinite(flat)
+        h[fix] = np.copysign(_F16_MAX, flat[fix])
     return h
 
 
@@ -494,22 +494,13 @@ def _check_finite(name: str, arr: npt.NDArray[Any], limits: Limits) -> None:
         raise NonFiniteTensor(f"tensor {describe(name)} contains NaN or Inf")
 
 
-_FINITE_CHUNK = 1 << 20  # elements per isfinite() call: bounds its temporary to 1 MiB
-
-
 def _all_finite(arr: npt.NDArray[Any]) -> bool:
     if arr.dtype == _F16:
         return half_all_finite(arr)
-    if arr.dtype.kind == "f":
-        # min and max propagate NaN and reach +-Inf: two passes without a temporary,
-        # faster than isfinite() and its boolean array.
-        return arr.size == 0 or (math.isfinite(arr.min()) and math.isfinite(arr.max()))
-    flat = arr.reshape(-1)
-    if flat.size <= _FINITE_CHUNK:
-        return bool(np.isfinite(flat).all())
-    return all(
-        np.isfinite(flat[i : i + _FINITE_CHUNK]).all() for i in range(0, flat.size, _FINITE_CHUNK)
-    )
+    if arr.dtype.kind != "f":
+        return True  # integers and bools have no NaN or Inf
+    # min and max propagate NaN and reach +-Inf: two passes with no temporary array.
+    return arr.size == 0 or (math.isfinite(arr.min()) and math.isfinite(arr.max()))
 
 
 def _decode_raw(
