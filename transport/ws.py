@@ -25,11 +25,15 @@ from typing import Any, TypeAlias, cast
 
 import aiohttp
 from aiohttp import web
+from aiohttp._websocket.reader import WebSocketDataQueue
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
+from aiohttp.http import WebSocketWriter
 from aiohttp.web_protocol import RequestHandler
 
 from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
 from transport.links import LinkClosed, LinkTimeout
 from transport.records import MAX_RECORD_BYTES
+from transport.ws_frames import FrameParser, Opcode
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,58 @@ class WebSocketLink:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+class _FrameReader:
+    """aiohttp's payload-parser interface (``feed_data``/``feed_eof``) over ``FrameParser``:
+    the messages it completes go to the response's queue, as aiohttp's own reader would
+    put them there, and a framing error fails the queue with the close code to send."""
+
+    def __init__(self, queue: WebSocketDataQueue, max_message: int) -> None:
+        self.queue = queue
+        self._parser = FrameParser(max_message, require_mask=True)
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        parser = self._parser
+        if parser.error is not None:
+            return True, b""
+        for message in parser.feed(data):
+            if message.opcode is Opcode.CLOSE:
+                self.queue.feed_data(
+                    aiohttp.WSMessage(aiohttp.WSMsgType.CLOSE, message.close_code, message.reason),
+                    0,
+                )
+            else:
+                kind = aiohttp.WSMsgType(message.opcode)
+                self.queue.feed_data(aiohttp.WSMessage(kind, message.data, ""), len(message.data))
+        if parser.error is not None:
+            self.queue.set_exception(aiohttp.WebSocketError(parser.error.code, parser.error.reason))
+            return True, b""
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self.queue.feed_eof()
+
+
+class _WebSocketResponse(web.WebSocketResponse):
+    """aiohttp's server-side WebSocket with fedloom's frame reader (``transport.ws_frames``:
+    one copy of each payload instead of five). Everything else (the upgrade, heartbeat,
+    close handshake, the writer) is aiohttp's; this repeats what
+    ``WebSocketResponse._post_start`` does, with the other reader."""
+
+    def _post_start(
+        self, request: web.BaseRequest, protocol: str | None, writer: WebSocketWriter
+    ) -> None:
+        self._ws_protocol = protocol
+        self._writer = writer
+        self._reset_heartbeat()
+        loop = self._loop
+        assert loop is not None
+        self._reader = WebSocketDataQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=loop)
+        parser = _FrameReader(self._reader, self._max_msg_size - 1)
+        callback = None if self._heartbeat is None else self._on_data_received
+        request.protocol.set_parser(parser, data_received_cb=callback)  # type: ignore[arg-type]
+        request.protocol.keep_alive(False)
 
 
 class _WsProtocolError(ProtocolError):
@@ -245,7 +301,7 @@ class WsServer:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path != self._path:
             return web.Response(status=404)
-        ws = web.WebSocketResponse(
+        ws = _WebSocketResponse(
             max_msg_size=self._max_frame + 1,  # aiohttp rejects a frame of exactly its cap
             heartbeat=self._heartbeat,
             receive_timeout=self._receive_timeout,
