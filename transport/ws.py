@@ -149,7 +149,7 @@ class _FrameReader:
         self.queue.feed_eof()
 
 
-class _WebSocketResponse(web.WebSocketResponse):
+class OneCopyWebSocketResponse(web.WebSocketResponse):
     """aiohttp's server-side WebSocket with fedloom's frame reader (``transport.ws_frames``:
     one copy of each payload instead of five). Everything else (the upgrade, heartbeat,
     close handshake, the writer) is aiohttp's; this repeats what
@@ -301,7 +301,7 @@ class WsServer:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path != self._path:
             return web.Response(status=404)
-        ws = _WebSocketResponse(
+        ws = OneCopyWebSocketResponse(
             max_msg_size=self._max_frame + 1,  # aiohttp rejects a frame of exactly its cap
             heartbeat=self._heartbeat,
             receive_timeout=self._receive_timeout,
