@@ -82,7 +82,7 @@ class ProgressLink:
         await self.link.send(data)
         self.bytes_out += len(data)
 
-    async def recv(self) -> bytes:
+    async def recv(self) -> bytes | memoryview:
         frame = await self.link.recv()
         self.last_progress = time.monotonic()
         self.bytes_in += len(frame)

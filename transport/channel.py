@@ -257,7 +257,7 @@ async def server_channel(
     return await _establish(link, run, timeout, options)
 
 
-async def _recv_handshake(link: Link) -> bytes:
+async def _recv_handshake(link: Link) -> bytes | memoryview:
     frame = await link.recv()
     if len(frame) > MAX_HANDSHAKE_MESSAGE:
         raise HandshakeError(
@@ -670,7 +670,7 @@ class SecureChannel:
 
     def _open(
         self,
-        frame: bytes,
+        frame: bytes | memoryview,
         process: Callable[[Record, bool], None] | None,
         into: memoryview | None,
     ) -> tuple[Record, bool]:
@@ -679,7 +679,7 @@ class SecureChannel:
             process(chunk, into is not None and chunk is into)
         return chunk, end
 
-    async def _link_recv(self) -> bytes:
+    async def _link_recv(self) -> bytes | memoryview:
         try:
             return await self._link.recv()
         except ProtocolError as exc:  # e.g. an oversize or text frame from the link

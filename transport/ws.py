@@ -79,7 +79,7 @@ class WebSocketLink:
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             raise LinkClosed(f"send failed: {exc}") from None
 
-    async def recv(self) -> bytes:
+    async def recv(self) -> bytes | memoryview:
         try:
             msg = await self._ws.receive()
         except TimeoutError:
@@ -87,7 +87,7 @@ class WebSocketLink:
             raise LinkTimeout("receive time-out: nothing arrived, not even a pong") from None
         kind = msg.type
         if kind is aiohttp.WSMsgType.BINARY:
-            data: bytes = msg.data
+            data: bytes | memoryview = msg.data  # a view for large frames (ws_frames)
             return data
         if kind is aiohttp.WSMsgType.TEXT:
             await self._close(aiohttp.WSCloseCode.UNSUPPORTED_DATA, b"binary frames only")

@@ -74,7 +74,7 @@ _DATA_OPCODES: Final = frozenset({Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINAR
 # Payloads from this size on are handed on as views of their buffer; smaller ones (every
 # handshake message, control frame and stream header) as ``bytes``, which every
 # consumer handles and which costs nothing to copy at that size.
-VIEW_FROM_BYTES: Final = 4096
+VIEW_FROM_BYTES: Final = 64 * 1024
 # The repeated mask is built once per frame for at most this many bytes (it stays in
 # the CPU cache); longer socket reads are unmasked in slices of this size.
 _UNMASK_SLICE: Final = 256 * 1024
