@@ -39,7 +39,15 @@ from typing import Final
 
 import numpy as np
 
-__all__ = ["CloseCode", "FrameParser", "FramingError", "Message", "Opcode"]
+__all__ = [
+    "CloseCode",
+    "FrameParser",
+    "FramingError",
+    "Message",
+    "Opcode",
+    "apply_mask",
+    "mask_pattern",
+]
 
 
 class Opcode(IntEnum):
@@ -190,12 +198,7 @@ class FrameParser:
                 f"Message size {length + self._fragments_size} exceeds limit {self.max_message}",
             )
         self._check_sequence()
-        pattern_size = min(length, _UNMASK_SLICE) + 3
-        self._mask_pattern = (
-            np.frombuffer(bytes(head[at : at + 4]) * (pattern_size // 4 + 1), dtype=np.uint8)
-            if masked
-            else None
-        )
+        self._mask_pattern = mask_pattern(bytes(head[at : at + 4]), length) if masked else None
         self._head.clear()
         self._head_size = 2
         # np.empty, not bytearray: every byte is written before it is read.
@@ -240,19 +243,10 @@ class FrameParser:
         at, size = self._filled, len(piece)
         target = self._payload[at : at + size]
         source = np.frombuffer(piece, dtype=np.uint8)
-        pattern = self._mask_pattern
-        if pattern is None:
+        if self._mask_pattern is None:
             target[:] = source
         else:
-            # Byte i of the payload is XORed with key byte i % 4 (RFC 6455 §5.3).
-            for start in range(0, size, _UNMASK_SLICE):
-                stop = min(start + _UNMASK_SLICE, size)
-                phase = (at + start) % 4
-                np.bitwise_xor(
-                    source[start:stop],
-                    pattern[phase : phase + stop - start],
-                    out=target[start:stop],
-                )
+            apply_mask(source, self._mask_pattern, at, target)
         self._filled = at + size
 
     def _end_frame(self, messages: list[Message]) -> None:
@@ -275,6 +269,25 @@ class FrameParser:
             self._fragments_size = 0
         data = payload.data if len(payload) >= VIEW_FROM_BYTES else payload.tobytes()
         messages.append(Message(opcode, data))
+
+
+def mask_pattern(key: bytes, payload_size: int) -> np.ndarray:
+    """The 4-byte masking ``key`` repeated, as ``apply_mask`` needs it for a payload of
+    ``payload_size`` bytes (at most one slice long: it stays in the CPU cache)."""
+    size = min(payload_size, _UNMASK_SLICE) + 3  # + the largest phase
+    return np.frombuffer(key * (size // 4 + 1), dtype=np.uint8)
+
+
+def apply_mask(source: np.ndarray, pattern: np.ndarray, offset: int, out: np.ndarray) -> None:
+    """Write ``source``, the payload bytes from ``offset`` on, masked or unmasked (the
+    same XOR) into ``out``: byte i of a payload is XORed with key byte i % 4 (RFC 6455
+    §5.3). One vectorised pass, which is also the copy."""
+    for start in range(0, len(source), _UNMASK_SLICE):
+        stop = min(start + _UNMASK_SLICE, len(source))
+        phase = (offset + start) % 4
+        np.bitwise_xor(
+            source[start:stop], pattern[phase : phase + stop - start], out=out[start:stop]
+        )
 
 
 def _control_message(opcode: Opcode, payload: bytes) -> Message:

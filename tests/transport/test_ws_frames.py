@@ -761,3 +761,70 @@ async def test_server_fails_with_1002_where_aiohttp_would_not(bad: bytes) -> Non
             while not errors:
                 await asyncio.sleep(0.02)
         assert isinstance(errors[0], ProtocolError)  # the link saw a framing error
+
+
+# --- the client-side writer ------------------------------------------------------------
+
+
+class _CapturingTransport:
+    """Just enough of an asyncio transport for aiohttp's frame writer: keeps the writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+
+@pytest.mark.parametrize("size", [0, 125, 4095, 4096, 65_535, 65_536, 300_001, ws.MAX_FRAME])
+@pytest.mark.parametrize("as_view", [False, True])
+def test_masking_writer_frames_parse_identically_in_both_readers(size: int, as_view: bool) -> None:
+    # Sizes on both sides of the one-pass threshold and of each length encoding; the
+    # channel hands the writer memoryviews of numpy buffers, callers may hand it bytes.
+    payload = noise(size, seed=size)
+    transport = _CapturingTransport()
+    writer = ws._MaskingWriter(None, transport, use_mask=True)  # type: ignore[arg-type]
+    writer._write_websocket_frame(
+        memoryview(payload) if as_view else payload, aiohttp.WSMsgType.BINARY, 0
+    )
+    stream = b"".join(transport.writes)
+    assert stream[1] & 0x80, "client frames are masked"
+    if size >= VIEW_FROM_BYTES:
+        assert payload not in stream, "the payload went out unmasked"
+    expected = [(int(BINARY), payload, "")]
+    assert aiohttp_parse([stream], ws.MAX_FRAME) == (expected, None)
+    assert fedloom_parse([stream], ws.MAX_FRAME) == (expected, None)
+
+
+def test_masking_writer_uses_a_fresh_key_per_frame() -> None:
+    transport = _CapturingTransport()
+    writer = ws._MaskingWriter(None, transport, use_mask=True)  # type: ignore[arg-type]
+    payload = noise(100_000)
+    for _ in range(2):
+        writer._write_websocket_frame(payload, aiohttp.WSMsgType.BINARY, 0)
+    first, second = transport.writes
+    assert first[10:14] != second[10:14]  # 2 header bytes + 8 length bytes, then the key
+    assert first[14:] != second[14:]
+
+
+async def test_client_links_use_the_masking_writer() -> None:
+    async def on_link(link: ws.WebSocketLink) -> None:
+        await link.send(await link.recv())
+
+    server = await ws.serve("127.0.0.1", 0, on_link, close_timeout=0.5)
+    try:
+        link = await ws.connect(server.url)
+        try:
+            assert isinstance(link._ws, ws.OneCopyClientWebSocketResponse)
+            assert isinstance(link._ws._writer, ws._MaskingWriter)
+            payload = noise(ws.MAX_FRAME, seed=7)
+            async with asyncio.timeout(10):
+                await link.send(memoryview(payload))
+                assert bytes(await link.recv()) == payload
+        finally:
+            await link.close()
+    finally:
+        await server.close()
