@@ -18,10 +18,42 @@ from transport.channel import (
     server_channel,
 )
 from transport.identity import Identity
-from transport.links import Link, memory_link_pair
+from transport.links import Link, LinkClosed, memory_link_pair
 from transport.roster import Roster, RosterEntry
 
 LINK_KINDS = ("memory", "ws")
+
+
+@contextlib.asynccontextmanager
+async def echo_server(
+    *, seen: list[object] | None = None, **options: Any
+) -> AsyncIterator[tuple[ws.WsServer, list[BaseException]]]:
+    """A loopback server that echoes every frame; the errors its links ended with are
+    collected, and ``seen`` (if given) gets each server-side link's aiohttp response
+    object and the type of each frame it received."""
+    errors: list[BaseException] = []
+
+    async def on_link(link: ws.WebSocketLink) -> None:
+        if seen is not None:
+            seen.append(link._ws)
+        try:
+            while True:
+                data = await link.recv()
+                if seen is not None:
+                    seen.append(type(data))
+                await link.send(data)
+        except LinkClosed:
+            pass
+        except Exception as exc:
+            errors.append(exc)
+            raise
+
+    options.setdefault("close_timeout", 0.5)
+    server = await ws.serve("127.0.0.1", 0, on_link, **options)
+    try:
+        yield server, errors
+    finally:
+        await server.close()
 
 
 @contextlib.asynccontextmanager

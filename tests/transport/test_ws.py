@@ -4,39 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
+from tests.transport.link_pairs import echo_server
 from transport import ws
 from transport.errors import FrameTooLarge, MalformedMessage
 from transport.links import LinkClosed
 
 TIMEOUT_S = 10.0
-
-
-@contextlib.asynccontextmanager
-async def echo_server(**options: object) -> AsyncIterator[tuple[ws.WsServer, list[BaseException]]]:
-    """A server that echoes every frame; the errors its links ended with are collected."""
-    errors: list[BaseException] = []
-
-    async def on_link(link: ws.WebSocketLink) -> None:
-        try:
-            while True:
-                await link.send(await link.recv())
-        except LinkClosed:
-            pass
-        except Exception as exc:
-            errors.append(exc)
-            raise
-
-    options.setdefault("close_timeout", 0.5)
-    server = await ws.serve("127.0.0.1", 0, on_link, **options)  # type: ignore[arg-type]
-    try:
-        yield server, errors
-    finally:
-        await server.close()
 
 
 async def wait_for(predicate: object, timeout: float = 5.0) -> None:

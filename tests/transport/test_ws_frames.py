@@ -8,13 +8,12 @@ so the expected payloads do not share code with the parser under test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import random
 import re
 import struct
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Iterable, Sequence
+from typing import TypeAlias
 
 import aiohttp
 import pytest
@@ -23,9 +22,9 @@ from aiohttp.base_protocol import BaseProtocol
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
+from tests.transport.link_pairs import echo_server
 from transport import ws
 from transport.errors import ProtocolError
-from transport.links import LinkClosed
 from transport.ws_frames import VIEW_FROM_BYTES, CloseCode, FrameParser, Message, Opcode
 
 TIMEOUT_S = 10.0
@@ -664,42 +663,13 @@ def test_same_messages_and_close_code_as_aiohttp(data: st.DataObject) -> None:
 # --- through the server ----------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def echo_server(
-    **options: Any,
-) -> AsyncIterator[tuple[ws.WsServer, list[object], list[BaseException]]]:
-    """A server that echoes every frame; records each server-side link's response object
-    and payload type, and the errors the links ended with."""
-    seen: list[object] = []
-    errors: list[BaseException] = []
-
-    async def on_link(link: ws.WebSocketLink) -> None:
-        seen.append(link._ws)
-        try:
-            while True:
-                data = await link.recv()
-                seen.append(type(data))
-                await link.send(data)
-        except LinkClosed:
-            pass
-        except Exception as exc:
-            errors.append(exc)
-            raise
-
-    options.setdefault("close_timeout", 0.5)
-    server = await ws.serve("127.0.0.1", 0, on_link, **options)
-    try:
-        yield server, seen, errors
-    finally:
-        await server.close()
-
-
 async def test_server_uses_fedloom_reader_and_echoes_a_full_size_record() -> None:
     payload = noise(ws.MAX_FRAME, 11)
     assert len(payload) == (1 << 20) + 33  # one record: the largest frame a link sends
+    seen: list[object] = []
     async with (
         asyncio.timeout(TIMEOUT_S),
-        echo_server() as (server, seen, errors),
+        echo_server(seen=seen) as (server, errors),
         aiohttp.ClientSession() as session,
         session.ws_connect(server.url, max_msg_size=0) as raw,
     ):
@@ -745,7 +715,7 @@ async def _read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     ],
 )
 async def test_server_fails_with_1002_where_aiohttp_would_not(bad: bytes) -> None:
-    async with asyncio.timeout(TIMEOUT_S), echo_server() as (server, _, errors):
+    async with asyncio.timeout(TIMEOUT_S), echo_server() as (server, errors):
         reader, writer = await _upgrade(server.port)
         try:
             writer.write(frame(BINARY, b"hello"))  # a valid frame first: echoed
