@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import aiohttp
 import pytest
@@ -164,9 +165,9 @@ async def test_connect_failure_is_link_closed() -> None:
 
 
 async def test_heartbeat_keeps_an_idle_link_alive() -> None:
-    options = {"heartbeat": 0.1, "receive_timeout": 0.4}
+    options: dict[str, Any] = {"heartbeat": 0.1, "receive_timeout": 0.4}
     async with asyncio.timeout(TIMEOUT_S), echo_server(**options) as (server, _):
-        link = await ws.connect(server.url, **options)  # type: ignore[arg-type]
+        link = await ws.connect(server.url, **options)
         await asyncio.sleep(1.0)  # idle for longer than the receive time-out
         await link.send(b"awake")
         assert await link.recv() == b"awake"
