@@ -8,6 +8,12 @@ a heartbeat (ping/pong) and a receive time-out longer than the heartbeat, so an 
 but live link stays up while a dead one is closed. Only binary frames are accepted: a
 text frame closes the link with code 1003.
 
+Payload bytes are handled once on each side: servers install fedloom's frame reader
+(``transport.ws_frames``) in place of aiohttp's, which unmasks each payload in the copy
+that assembles it, and clients mask each large frame in the pass that copies it into the
+frame (``_MaskingWriter``). Both hook into aiohttp internals, hence the pin on aiohttp
+3.14.x in pyproject; ``tests/transport/test_ws_frames.py`` checks that they are in use.
+
 The server side also bounds what a connection may cost before it is authenticated:
 an HTTP request must arrive within ``idle_timeout`` (connections that send nothing
 are dropped), and at most ``max_connections`` TCP connections are open at once. The
