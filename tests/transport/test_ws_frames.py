@@ -731,6 +731,12 @@ async def test_server_fails_with_1002_where_aiohttp_would_not(bad: bytes) -> Non
             while not errors:
                 await asyncio.sleep(0.02)
         assert isinstance(errors[0], ProtocolError)  # the link saw a framing error
+        link = await ws.connect(server.url)  # and the server goes on serving others
+        try:
+            await link.send(b"still here")
+            assert await link.recv() == b"still here"
+        finally:
+            await link.close()
 
 
 # --- the client-side writer ------------------------------------------------------------
