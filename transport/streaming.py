@@ -41,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from transport.buffer_pool import DECODED
-from transport.errors import CodecError, DecompressionBomb, FrameTooLarge, NonFiniteTensor, describe
+from transport.errors import CodecError, DecompressionBomb, FrameTooLarge, describe
 from transport.half import half_to_float
 from transport.limits import Limits
 from transport.records import CHUNK_SIZE
@@ -53,7 +53,7 @@ from transport.tensors import (
     DEFAULT_SPEC,
     CodecSpec,
     Tensors,
-    _all_finite,
+    _check_finite,
     _decode_topk,
     _Entry,
     _parse_entry,
@@ -383,7 +383,7 @@ class TensorStreamDecoder:
         entry = self._entries[self._index]
         count = expected // 4
         start = self._element
-        _check_finite(entry, self._outputs[self._index][start : start + count], self._limits)
+        _check_finite(entry.name, self._outputs[self._index][start : start + count], self._limits)
         self._pieces_fed += 1
         self._received += expected
         self._element = start + count
@@ -473,10 +473,10 @@ class TensorStreamDecoder:
                 with np.errstate(over="ignore"):
                     dst[...] = src  # float64 -> float32, checked below
             if entry.dtype.kind == "f":
-                _check_finite(entry, dst, limits)
+                _check_finite(entry.name, dst, limits)
         elif entry.codec == "fp16":
             half = np.frombuffer(data, dtype=_F16, count=count)
-            _check_finite(entry, half, limits)
+            _check_finite(entry.name, half, limits)
             half_to_float(half, out=dst)
         else:  # int8: x ~= q * scale, in float32 as decode_tensors computes it
             q = np.frombuffer(data, dtype=np.int8, count=count)
@@ -494,8 +494,3 @@ def _allocate(entry: _Entry) -> npt.NDArray[Any]:
     if entry.codec == "raw" and entry.dtype.kind != "f":
         return DECODED.empty(entry.size, entry.dtype)
     return DECODED.empty(entry.size, _F32)
-
-
-def _check_finite(entry: _Entry, arr: npt.NDArray[Any], limits: Limits) -> None:
-    if limits.reject_nonfinite and not _all_finite(arr):
-        raise NonFiniteTensor(f"tensor {describe(entry.name)} contains NaN or Inf")
