@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
@@ -41,7 +40,7 @@ from aiohttp.web_protocol import RequestHandler
 from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
 from transport.links import LinkClosed, LinkTimeout
 from transport.records import MAX_RECORD_BYTES
-from transport.ws_frames import FrameParser, Opcode, apply_mask, mask_pattern
+from transport.ws_frames import FrameParser, Opcode, masked_frame
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +54,7 @@ DEFAULT_IDLE_TIMEOUT_S = 10.0  # a new TCP connection must send its HTTP upgrade
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the peer's close frame
 DEFAULT_MAX_CONNECTIONS = 4096
+_MASK_IN_ONE_PASS_FROM = 4096  # bytes; below, aiohttp's copies cost less than numpy calls
 
 _WebSocket: TypeAlias = "aiohttp.ClientWebSocketResponse[Any] | web.WebSocketResponse[Any]"
 OnLink = Callable[["WebSocketLink"], Awaitable[None]]
@@ -191,23 +191,10 @@ class _MaskingWriter(WebSocketWriter):
             return
         if self.transport.is_closing():
             raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
-        first = 0x80 | rsv | opcode  # FIN: fedloom never fragments a message
-        if size < 1 << 16:
-            header = _FRAME_HEAD_16.pack(first, 0x80 | 126, size)
-        else:
-            header = _FRAME_HEAD_64.pack(first, 0x80 | 127, size)
         key = self.get_random_bits().to_bytes(4, "big")
-        frame = np.empty(len(header) + 4 + size, dtype=np.uint8)
-        start = len(header) + 4
-        frame[:start] = np.frombuffer(header + key, dtype=np.uint8)
-        apply_mask(source, mask_pattern(key, size), 0, frame[start:])
+        frame = masked_frame(0x80 | rsv | opcode, source, key)  # FIN set, as aiohttp does
         self.transport.write(frame.data)  # the transport may keep it: it is never reused
         self._output_size += len(frame)
-
-
-_MASK_IN_ONE_PASS_FROM = 4096  # below, aiohttp's copies cost less than the numpy calls
-_FRAME_HEAD_16 = struct.Struct("!BBH")
-_FRAME_HEAD_64 = struct.Struct("!BBQ")
 
 
 class OneCopyClientWebSocketResponse(aiohttp.ClientWebSocketResponse):

@@ -47,6 +47,7 @@ __all__ = [
     "Opcode",
     "apply_mask",
     "mask_pattern",
+    "masked_frame",
 ]
 
 
@@ -77,6 +78,8 @@ _ALLOWED_WIRE_CLOSE_CODES: Final = frozenset(
 _CLOSE_CODE = struct.Struct("!H")
 _LENGTH_16 = struct.Struct("!H")
 _LENGTH_64 = struct.Struct("!Q")
+_MASKED_HEAD_16 = struct.Struct("!BBH")
+_MASKED_HEAD_64 = struct.Struct("!BBQ")
 _DATA_OPCODES: Final = frozenset({Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY})
 
 # Payloads from this size on are handed on as views of their buffer; smaller ones (every
@@ -290,10 +293,25 @@ def apply_mask(source: np.ndarray, pattern: np.ndarray, offset: int, out: np.nda
         )
 
 
+def masked_frame(first_byte: int, payload: np.ndarray, key: bytes) -> np.ndarray:
+    """One client frame (RFC 6455 §5.2): header, the 4-byte masking ``key``, and
+    ``payload`` (uint8) masked in the same pass that copies it into the frame."""
+    size = payload.size
+    if size < 126:
+        header = bytes((first_byte, 0x80 | size))
+    elif size < 1 << 16:
+        header = _MASKED_HEAD_16.pack(first_byte, 0x80 | 126, size)
+    else:
+        header = _MASKED_HEAD_64.pack(first_byte, 0x80 | 127, size)
+    start = len(header) + 4
+    frame = np.empty(start + size, dtype=np.uint8)
+    frame[:start] = np.frombuffer(header + key, dtype=np.uint8)
+    apply_mask(payload, mask_pattern(key, size), 0, frame[start:])
+    return frame
+
+
 def _control_message(opcode: Opcode, payload: bytes) -> Message:
-    if opcode is not Opcode.CLOSE:
-        return Message(opcode, payload)
-    if not payload:
+    if opcode is not Opcode.CLOSE or not payload:
         return Message(opcode, payload)
     if len(payload) == 1:
         raise _fail(CloseCode.PROTOCOL_ERROR, f"Invalid close frame: {payload!r}")
