@@ -160,7 +160,8 @@ class ChannelOptions:
     offload: str = "auto"
 
     def __post_init__(self) -> None:
-        suites_for(self.ciphers)  # raises ValueError naming the known ciphers
+        if self.ciphers is not None:
+            suites_for(self.ciphers)  # raises ValueError naming the known ciphers
         if self.offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {self.offload!r}")
         if not isinstance(self.limits, Limits):
