@@ -59,6 +59,8 @@ from transport.tensors import (
     _parse_entry,
     _to_fp16,
     _to_topk,
+    check_int8_finite,
+    int8_scale,
     raw_entry,
     topk_count,
 )
@@ -118,7 +120,7 @@ def _int8_scale(x: npt.NDArray[np.float32]) -> tuple[float, np.float32 | None]:
     # max |x| in slices (no full-size temporary); NaN in any slice propagates through np.max.
     maxima = [np.abs(x[i : i + _MAX_CHUNK_ELEMS]).max() for i in range(0, x.size, _MAX_CHUNK_ELEMS)]
     amax = float(np.max(maxima))
-    scale = np.float32(amax / 127.0)
+    scale = int8_scale(amax)
     if not math.isfinite(scale):
         return float(scale), None  # the receiver rejects a non-finite scale
     if scale == 0.0:
@@ -480,7 +482,9 @@ class TensorStreamDecoder:
             half_to_float(half, out=dst)
         else:  # int8: x ~= q * scale, in float32 as decode_tensors computes it
             q = np.frombuffer(data, dtype=np.int8, count=count)
-            np.multiply(q, np.float32(entry.scale), out=dst)
+            with np.errstate(over="ignore"):
+                np.multiply(q, np.float32(entry.scale), out=dst)
+            check_int8_finite(entry, dst, limits)
         self._element = start + count
 
 

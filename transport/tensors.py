@@ -82,7 +82,15 @@ _F32 = _DTYPES["float32"]
 _F16_MAX = float(np.finfo(np.float16).max)
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = np.float32(np.finfo(np.float32).smallest_subnormal)
-_MAX_INT8_SCALE = _F32_MAX / 127.0  # q * scale must stay finite in float32
+# The largest float32 scale with 127 * scale finite in float32 (F32_MAX / 127 itself
+# rounds up to a float32 whose product with 127 overflows). Up to _SAFE_INT8_SCALE every
+# q in [-128, 127] decodes finite; above it only q = -128 can overflow, and the decoder
+# checks its output (an honest encoder never writes -128).
+_MAX_INT8_SCALE = float(np.nextafter(np.float32(_F32_MAX / 127.0), np.float32(0)))
+_SAFE_INT8_SCALE = _F32_MAX / 128.0  # exact: a power-of-two division
+# numpy refuses an array whose product of non-zero dimensions times its itemsize exceeds
+# intp (even when a zero dimension makes it empty); no dtype here is wider than 8 bytes.
+_MAX_EXTENT = (2**63 - 1) // 8
 
 _INDEX_DTYPES: dict[str, np.dtype[Any]] = {
     "u8": np.dtype("<u1"),
@@ -257,7 +265,7 @@ def _to_int8(x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.int8], float]:
     if x.size == 0:
         return np.zeros(0, np.int8), 0.0
     amax = float(np.abs(x).max())  # NaN propagates, so a NaN tensor gets a NaN scale
-    scale = np.float32(amax / 127.0)  # the float32 the receiver will multiply by
+    scale = int8_scale(amax)  # the float32 the receiver will multiply by
     if not math.isfinite(scale):
         # The receiver rejects a non-finite scale; the values do not matter.
         return np.zeros(x.size, np.int8), float(scale)
@@ -267,6 +275,16 @@ def _to_int8(x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.int8], float]:
         scale = _F32_TINY  # amax / 127 underflowed
     scaled = x / scale
     return np.rint(scaled, out=scaled).astype(np.int8), float(scale)
+
+
+def int8_scale(amax: float) -> np.float32:
+    """The int8 codec's scale for a tensor whose largest magnitude is ``amax``: amax / 127,
+    capped where 127 * scale would overflow float32 (so the receiver accepts it). A NaN or
+    infinite ``amax`` gives a non-finite scale, which the receiver rejects."""
+    scale = np.float32(amax / 127.0)
+    if math.isfinite(scale) and scale > _MAX_INT8_SCALE:
+        return np.float32(_MAX_INT8_SCALE)
+    return scale
 
 
 def _to_topk(
@@ -365,7 +383,7 @@ def decode_tensors(manifest: object, payload: object, limits: Limits = DEFAULT_L
         elif entry.codec == "fp16":
             arr = _decode_fp16(buf, offset, entry, limits)
         elif entry.codec == "int8":
-            arr = _decode_int8(buf, offset, entry)
+            arr = _decode_int8(buf, offset, entry, limits)
         else:
             arr = _decode_topk(buf, offset, entry, limits)
         arr.flags.writeable = False
@@ -409,7 +427,7 @@ def _parse_entry(i: int, entry: object, limits: Limits) -> _Entry:
             raise CodecError(f"tensor {describe(name)}: int8 scale must be a float")
         if not math.isfinite(scale):
             raise NonFiniteTensor(f"tensor {describe(name)}: int8 scale is {scale}")
-        if not 0.0 <= scale <= _MAX_INT8_SCALE:
+        if not 0.0 <= scale <= _MAX_INT8_SCALE:  # else q * scale overflows float32
             raise CodecError(
                 f"tensor {describe(name)}: int8 scale {scale} outside [0, {_MAX_INT8_SCALE}]"
             )
@@ -435,8 +453,9 @@ def _parse_shape(name: str, shape: object, limits: Limits) -> tuple[tuple[int, .
         raise CodecError(
             f"tensor {describe(name)}: {len(shape)} dimensions, limit {limits.max_ndim}"
         )
-    cap = limits.max_decoded_bytes
+    cap = min(limits.max_decoded_bytes, _MAX_EXTENT)
     size = 1
+    extent = 1  # the product numpy checks: a zero dimension does not make it 0
     for dim in shape:
         if type(dim) is not int or dim < 0:
             raise CodecError(f"tensor {describe(name)}: shape must hold non-negative ints")
@@ -445,6 +464,12 @@ def _parse_shape(name: str, shape: object, limits: Limits) -> tuple[tuple[int, .
                 f"tensor {describe(name)}: dimension {dim} exceeds max_decoded_bytes={cap}"
             )
         size *= dim
+        extent *= max(dim, 1)
+        if extent > cap:  # checked per dimension, so the ints stay below cap**2
+            raise DecompressionBomb(
+                f"tensor {describe(name)}: its non-zero dimensions multiply to more than "
+                f"max_decoded_bytes={cap} (numpy cannot shape an array like it)"
+            )
     if size > cap:
         raise DecompressionBomb(
             f"tensor {describe(name)}: {size} elements exceed max_decoded_bytes={cap}"
@@ -530,11 +555,21 @@ def _decode_fp16(
     return half_to_float(half).reshape(entry.shape)
 
 
-def _decode_int8(buf: bytes | bytearray, offset: int, entry: _Entry) -> npt.NDArray[Any]:
+def _decode_int8(
+    buf: bytes | bytearray, offset: int, entry: _Entry, limits: Limits
+) -> npt.NDArray[Any]:
     q = np.frombuffer(buf, dtype=np.int8, count=entry.size, offset=offset)
     out = q.astype(_F32)
-    out *= np.float32(entry.scale)
+    with np.errstate(over="ignore"):
+        out *= np.float32(entry.scale)
+    check_int8_finite(entry, out, limits)
     return out.reshape(entry.shape)
+
+
+def check_int8_finite(entry: _Entry, out: npt.NDArray[Any], limits: Limits) -> None:
+    """Reject decoded int8 values that overflowed: only q = -128 can, above the safe scale."""
+    if entry.scale > _SAFE_INT8_SCALE:
+        _check_finite(entry.name, out, limits)
 
 
 def _decode_topk(
