@@ -32,7 +32,7 @@ from runtime.signing import EndToEnd
 from sim.network import CodecPolicy
 from transport import wire
 from transport.channel import ChannelTruncated, SecureChannel, tensor_bytes
-from transport.errors import ProtocolError
+from transport.errors import MalformedMessage, ProtocolError
 from transport.limits import Limits
 from transport.links import Link, LinkClosed
 from transport.wire import Heartbeat, Message, Relayed
@@ -63,6 +63,20 @@ class Via:
 
 
 Outgoing = Message | Via
+
+
+def undecodable(peer: str, exc: Exception) -> ProtocolError:
+    """The protocol error for an unexpected exception raised while decoding ``peer``'s
+    bytes (a decoder bug, not a declared rejection): logged with its traceback, it ends
+    that connection only, as bad bytes do."""
+    log.warning(
+        "unexpected %s while decoding a message from %s",
+        type(exc).__name__,
+        peer,
+        exc_info=exc,
+        extra={"peer": peer, "reason": "undecodable"},
+    )
+    return MalformedMessage(f"undecodable message ({type(exc).__name__}: {exc})")
 
 
 class ProgressLink:
@@ -137,9 +151,14 @@ class WirePipe:
 
     async def recv(self) -> Message:
         data = await self._progress.recv()
-        if len(data) > OFFLOAD_ABOVE:
-            return await asyncio.to_thread(wire.decode, data, self._limits)
-        return wire.decode(data, self._limits)
+        try:
+            if len(data) > OFFLOAD_ABOVE:
+                return await asyncio.to_thread(wire.decode, data, self._limits)
+            return wire.decode(data, self._limits)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # not BaseException: a cancellation stays one
+            raise undecodable("a plain link", exc) from exc
 
     async def close(self) -> None:
         await self._progress.close()
@@ -189,6 +208,14 @@ class ChannelPipe:
         await self.channel.send_tensors(msg, spec, after=after)
 
     async def recv(self) -> Message | Via:
+        try:
+            return await self._recv()
+        except (ProtocolError, LinkClosed):
+            raise
+        except Exception as exc:  # not BaseException: a cancellation stays one
+            raise undecodable(self.channel.peer_id, exc) from exc
+
+    async def _recv(self) -> Message | Via:
         while True:
             msg = await self.channel.recv_tensors(self._limits)
             if self.e2e is None:
@@ -322,6 +349,15 @@ class Connection:
             await job(*args)
         except _Ended as exc:
             self.abort(str(exc))
+        except Exception as exc:  # a bug in one job ends this connection, not the process
+            log.warning(
+                "closing the connection to %s: unexpected %s",
+                self.peer,
+                type(exc).__name__,
+                exc_info=exc,
+                extra={"peer": self.peer, "reason": "unexpected_error"},
+            )
+            self.abort(f"unexpected {type(exc).__name__}: {exc}")
 
     async def _reader(self, deliver: Deliver) -> None:
         while True:
