@@ -17,6 +17,14 @@ Implementations:
 * ``NetworkPeers``: daemons. Sites dial out (WebSocket + ``SecureChannel``) and reconnect
   with jittered exponential back-off; aggregators listen and admit roster members only.
   Messages are wire-decoded; bad bytes close that connection, never the daemon.
+
+Rosters are the peer set's business, not the node's: ``NetworkPeers.set_roster`` swaps a
+newer roster in (handshakes, end-to-end signatures), closes every connection of a peer it
+no longer admits with that key and role, and pushes it to the peers that dialled this node
+(its children). ``RosterUpdate`` messages are consumed here and never reach the node: a
+dialler announces the version it holds, a parent answers an older one with its roster,
+and a roster pushed by a parent goes to ``on_roster`` (the daemon verifies, persists and
+installs it, ``runtime.roster_updates``).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any, Protocol
 from algorithms.protocol import Event, PeerDown, PeerUp, Received
 from runtime.connection import (
     DEFAULT_MAX_QUEUE,
+    LIFETIME_GRACE,
     ChannelPipe,
     Connection,
     Gate,
@@ -54,8 +63,8 @@ from transport.errors import ProtocolError
 from transport.identity import Identity
 from transport.limits import Limits
 from transport.links import Link, LinkClosed, memory_link_pair
-from transport.roster import Roster
-from transport.wire import Message
+from transport.roster import Roster, RosterEntry
+from transport.wire import Message, RosterUpdate
 
 log = logging.getLogger("fedloom.runtime.peers")
 
@@ -114,6 +123,8 @@ class ConnectionTable:
             self._routed.setdefault(relay, []).append(peer)
         self.sent = 0
         self.dropped = 0  # messages for peers without a connection
+        # Where ``RosterUpdate`` messages go (the peer set's own control traffic).
+        self.control: Callable[[Connection, RosterUpdate], Awaitable[None]] | None = None
 
     def connected(self) -> frozenset[str]:
         routed = (p for r in self._conns for p in self._routed.get(r, ()))
@@ -166,6 +177,16 @@ class ConnectionTable:
         reason = "cancelled"
         try:
             reason = await conn.run(self._deliver)
+        except Exception as exc:  # one connection's failure never reaches the peer set
+            reason = f"unexpected {type(exc).__name__}: {exc}"
+            log.warning(
+                "%s: connection to %s failed: %s",
+                self.node_id,
+                conn.peer,
+                reason,
+                exc_info=exc,
+                extra={"peer": conn.peer, "reason": "unexpected_error"},
+            )
         finally:
             self.drop(conn, reason)
         return reason
@@ -175,9 +196,15 @@ class ConnectionTable:
             self.drop(conn, reason)
 
     async def _deliver(self, conn: Connection, msg: Message | Via) -> None:
+        if type(msg) is RosterUpdate:
+            if self.control is not None:
+                await self.control(conn, msg)
+            return
         if self.sink is None:
             return
         if isinstance(msg, Via):
+            if type(msg.msg) is RosterUpdate:
+                return  # rosters come from a parent, never through a relay
             if self.routes.get(msg.peer) != conn.peer:
                 log.warning(
                     "%s: dropped a message from %s relayed by %s, which is not its relay",
@@ -567,20 +594,23 @@ class NetworkPeers:
                 channel = await client_channel(
                     link, self.identity, self.roster, target.peer, options=self.options
                 )
-            except (LinkClosed, ProtocolError, OSError) as exc:
+            except Exception as exc:  # LinkClosed, ProtocolError, OSError; anything else
                 if self._closing:  # a cancellation may surface as a failed connect
                     return
                 _reraise_pending_cancel()
                 self.dial_failures += 1
                 delay = self.backoff.delay(attempt, self._rng)
                 attempt += 1
-                log.info(
+                expected = isinstance(exc, LinkClosed | ProtocolError | OSError)
+                log.log(
+                    logging.INFO if expected else logging.WARNING,
                     "%s: cannot reach %s at %s (%s); retrying in %.1f s",
                     self.node_id,
                     target.peer,
                     target.url,
                     exc,
                     delay,
+                    exc_info=None if expected else exc,  # a bug: keep its traceback
                     extra={"peer": target.peer, "url": target.url, "retry_s": delay},
                 )
                 await asyncio.sleep(delay)
@@ -614,6 +644,17 @@ class NetworkPeers:
         except (ProtocolError, LinkClosed) as exc:
             self.refused += 1
             log.info("%s: refused a connection: %s", self.node_id, exc, extra={"reason": str(exc)})
+            return
+        except Exception as exc:  # a bug in the handshake ends this connection only
+            self.refused += 1
+            log.warning(
+                "%s: refused a connection: unexpected %s",
+                self.node_id,
+                type(exc).__name__,
+                exc_info=exc,
+                extra={"reason": "unexpected_error"},
+            )
+            await link.close()
             return
         peer = channel.peer_id
         if self.accept_from is not None and peer not in self.accept_from:
