@@ -17,14 +17,6 @@ Implementations:
 * ``NetworkPeers``: daemons. Sites dial out (WebSocket + ``SecureChannel``) and reconnect
   with jittered exponential back-off; aggregators listen and admit roster members only.
   Messages are wire-decoded; bad bytes close that connection, never the daemon.
-
-Rosters are the peer set's business, not the node's: ``NetworkPeers.set_roster`` swaps a
-newer roster in (handshakes, end-to-end signatures), closes every connection of a peer it
-no longer admits with that key and role, and pushes it to the peers that dialled this node
-(its children). ``RosterUpdate`` messages are consumed here and never reach the node: a
-dialler announces the version it holds, a parent answers an older one with its roster,
-and a roster pushed by a parent goes to ``on_roster`` (the daemon verifies, persists and
-installs it, ``runtime.roster_updates``).
 """
 
 from __future__ import annotations
@@ -40,7 +32,6 @@ from typing import Any, Protocol
 from algorithms.protocol import Event, PeerDown, PeerUp, Received
 from runtime.connection import (
     DEFAULT_MAX_QUEUE,
-    LIFETIME_GRACE,
     ChannelPipe,
     Connection,
     Gate,
@@ -63,8 +54,8 @@ from transport.errors import ProtocolError
 from transport.identity import Identity
 from transport.limits import Limits
 from transport.links import Link, LinkClosed, memory_link_pair
-from transport.roster import Roster, RosterEntry
-from transport.wire import Message, RosterUpdate
+from transport.roster import Roster
+from transport.wire import Message
 
 log = logging.getLogger("fedloom.runtime.peers")
 
@@ -123,8 +114,6 @@ class ConnectionTable:
             self._routed.setdefault(relay, []).append(peer)
         self.sent = 0
         self.dropped = 0  # messages for peers without a connection
-        # Where ``RosterUpdate`` messages go (the peer set's own control traffic).
-        self.control: Callable[[Connection, RosterUpdate], Awaitable[None]] | None = None
 
     def connected(self) -> frozenset[str]:
         routed = (p for r in self._conns for p in self._routed.get(r, ()))
@@ -196,15 +185,9 @@ class ConnectionTable:
             self.drop(conn, reason)
 
     async def _deliver(self, conn: Connection, msg: Message | Via) -> None:
-        if type(msg) is RosterUpdate:
-            if self.control is not None:
-                await self.control(conn, msg)
-            return
         if self.sink is None:
             return
         if isinstance(msg, Via):
-            if type(msg.msg) is RosterUpdate:
-                return  # rosters come from a parent, never through a relay
             if self.routes.get(msg.peer) != conn.peer:
                 log.warning(
                     "%s: dropped a message from %s relayed by %s, which is not its relay",
