@@ -21,10 +21,25 @@ checks the two parsers against each other on arbitrary frame streams):
 * a close frame with a one-byte body or a code not allowed on the wire: 1002; a close
   reason that is not UTF-8: ``INVALID_TEXT`` (1007).
 
-Two differences are deliberate. A server MUST fail a connection whose client sends an
-unmasked frame (RFC 6455 §5.1): aiohttp's reader accepts it, this parser answers 1002.
-And close code 1006 is for local use only (§7.4.1): aiohttp accepts it on the wire,
-this parser answers 1002.
+Some differences are deliberate (``DELIBERATE_DIFFERENCES`` in the tests lists them):
+
+* a server MUST fail a connection whose client sends an unmasked frame (RFC 6455 §5.1):
+  aiohttp's reader accepts it, this parser answers 1002;
+* close code 1006 is for local use only (§7.4.1), and §7.4 defines nothing from 5000
+  on: aiohttp accepts both on the wire, this parser answers 1002;
+* a 64-bit payload length whose most significant bit is set breaks §5.2 (that bit MUST
+  be 0): 1002 here, where aiohttp answers 1009.
+
+And two limits bound what an unauthenticated peer can make a server hold (every link
+is unauthenticated until its handshake ends). The fragments of a message are unmasked
+into one growing buffer, never larger than ``max_message``, so the memory a parser holds
+is at most ``max_message`` bytes of message plus one frame header and the repeated
+masking key, however the message is cut. Fragmenting is legal (§5.4) but no fedloom
+peer does it, so this parser refuses, with ``POLICY_VIOLATION`` (1008: a local policy,
+not an RFC rule; aiohttp accepts both): an empty non-final data frame, which would cost
+a header's parsing and add nothing, so that a stream of them could run for ever without
+ever completing a message; and more than ``max_fragments`` non-final frames in one
+message, which bounds the work one message can ask for.
 
 The parser never raises on bad input: ``feed`` returns the messages completed before
 the first error and records the error in ``error``; the parser then ignores its input.
@@ -67,14 +82,18 @@ class CloseCode(IntEnum):
 
     PROTOCOL_ERROR = 1002
     INVALID_TEXT = 1007
+    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
 
 
 # Close codes below 3000 that may appear on the wire (1005, 1006 and 1015 are reserved
-# for local use and 1004 is unassigned); 3000-4999 belong to applications and libraries.
+# for local use and 1004 is unassigned); 3000-4999 belong to applications and libraries,
+# and nothing is defined from 5000 on.
 _ALLOWED_WIRE_CLOSE_CODES: Final = frozenset(
     {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
 )
+_LAST_CLOSE_CODE: Final = 4999
+_LENGTH_64_MSB: Final = 1 << 63  # must be 0 (RFC 6455 §5.2)
 _CLOSE_CODE = struct.Struct("!H")
 _LENGTH_16 = struct.Struct("!H")
 _LENGTH_64 = struct.Struct("!Q")
@@ -89,6 +108,12 @@ VIEW_FROM_BYTES: Final = 64 * 1024
 # The repeated mask is built once per frame for at most this many bytes (it stays in
 # the CPU cache); longer socket reads are unmasked in slices of this size.
 _UNMASK_SLICE: Final = 256 * 1024
+# Non-final frames allowed in one message (fedloom peers send none; a proxy that cuts
+# a 1 MiB record into 1 KiB frames still fits).
+DEFAULT_MAX_FRAGMENTS: Final = 1024
+# A fragmented message's buffer starts at this size (or its first fragment's) and
+# doubles as fragments arrive, up to max_message.
+_FIRST_MESSAGE_BUFFER: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,13 +152,25 @@ class FrameParser:
     States: reading a frame header (``_head`` collects up to 14 bytes: 2, then the
     extended length, then the masking key), reading a payload into ``_payload``, or
     failed (``error`` set; all further input is ignored).
+
+    ``max_message`` may be changed between calls to ``feed`` (a server raises it once
+    its peer is authenticated); it applies from the next frame header on.
     """
 
-    def __init__(self, max_message: int, *, require_mask: bool = True) -> None:
+    def __init__(
+        self,
+        max_message: int,
+        *,
+        require_mask: bool = True,
+        max_fragments: int = DEFAULT_MAX_FRAGMENTS,
+    ) -> None:
         if max_message < 0:
             raise ValueError(f"max_message must be >= 0, got {max_message}")
+        if max_fragments < 0:
+            raise ValueError(f"max_fragments must be >= 0, got {max_fragments}")
         self.max_message = max_message
         self.require_mask = require_mask
+        self.max_fragments = max_fragments
         self.error: FramingError | None = None
         self._head = bytearray()
         self._head_size = 2
@@ -143,10 +180,12 @@ class FrameParser:
         self._payload: np.ndarray | None = None
         self._filled = 0
         self._mask_pattern: np.ndarray | None = None  # the masking key, repeated
-        # A fragmented data message in progress (opcode CONTINUATION: none).
+        # A fragmented data message in progress (opcode CONTINUATION: none): its bytes
+        # so far are _message[:_message_size], from _fragments non-final frames.
         self._message_opcode = Opcode.CONTINUATION
-        self._fragments: list[np.ndarray] = []
-        self._fragments_size = 0
+        self._message: np.ndarray | None = None
+        self._message_size = 0
+        self._fragments = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Parse ``data`` (the next bytes received) and return the messages it completed.
@@ -175,6 +214,7 @@ class FrameParser:
                         self._end_frame(messages)
         except _FramingFailureError as failed:
             self.error = failed.error
+            self._payload = self._message = None  # nothing more will be read into them
         return messages
 
     def _parse_head(self, messages: list[Message]) -> None:
@@ -194,21 +234,48 @@ class FrameParser:
         elif length == 127:
             length = _LENGTH_64.unpack_from(head, 2)[0]
             at = 10
+            if length & _LENGTH_64_MSB:
+                raise _fail(CloseCode.PROTOCOL_ERROR, "64-bit payload length with its MSB set")
         masked = bool(head[1] & 0x80)
-        if self._opcode in _DATA_OPCODES and length > self.max_message - self._fragments_size:
+        data = self._opcode in _DATA_OPCODES
+        if data and length > self.max_message - self._message_size:
             raise _fail(
                 CloseCode.MESSAGE_TOO_BIG,
-                f"Message size {length + self._fragments_size} exceeds limit {self.max_message}",
+                f"Message size {length + self._message_size} exceeds limit {self.max_message}",
             )
         self._check_sequence()
         self._mask_pattern = mask_pattern(bytes(head[at : at + 4]), length) if masked else None
         self._head.clear()
         self._head_size = 2
-        # np.empty, not bytearray: every byte is written before it is read.
-        self._payload = np.empty(length, dtype=np.uint8)
+        if data and (not self._fin or self._opcode is Opcode.CONTINUATION):
+            self._payload = self._fragment_target(length)
+        else:
+            # np.empty, not bytearray: every byte is written before it is read.
+            self._payload = np.empty(length, dtype=np.uint8)
         self._filled = 0
         if length == 0:
             self._end_frame(messages)
+
+    def _fragment_target(self, length: int) -> np.ndarray:
+        """Where a fragment's payload goes: the next ``length`` bytes of the message
+        buffer, grown (at most to ``max_message``) if need be."""
+        if not self._fin:
+            if length == 0:
+                raise _fail(CloseCode.POLICY_VIOLATION, "Empty non-final data frame")
+            if self._fragments >= self.max_fragments:
+                raise _fail(
+                    CloseCode.POLICY_VIOLATION,
+                    f"More than {self.max_fragments} fragments in one message",
+                )
+        start, stop = self._message_size, self._message_size + length
+        buffer = self._message
+        if buffer is None or len(buffer) < stop:
+            capacity = max(stop, _FIRST_MESSAGE_BUFFER, 2 * (0 if buffer is None else len(buffer)))
+            grown = np.empty(min(capacity, self.max_message), dtype=np.uint8)
+            if buffer is not None:
+                grown[:start] = buffer[:start]
+            self._message = buffer = grown
+        return buffer[start:stop]
 
     def _check_first_bytes(self, first: int, second: int) -> None:
         if first & 0x70:
@@ -262,14 +329,14 @@ class FrameParser:
         if not self._fin:
             if opcode is not Opcode.CONTINUATION:
                 self._message_opcode = opcode
-            self._fragments.append(payload)
-            self._fragments_size += len(payload)
+            self._message_size += len(payload)  # written in place into _message
+            self._fragments += 1
             return
         if opcode is Opcode.CONTINUATION:
             opcode, self._message_opcode = self._message_opcode, Opcode.CONTINUATION
-            payload = np.concatenate([*self._fragments, payload])
-            self._fragments.clear()
-            self._fragments_size = 0
+            assert self._message is not None
+            payload = self._message[: self._message_size + len(payload)]
+            self._message, self._message_size, self._fragments = None, 0, 0
         data = payload.data if len(payload) >= VIEW_FROM_BYTES else payload.tobytes()
         messages.append(Message(opcode, data))
 
@@ -316,7 +383,7 @@ def _control_message(opcode: Opcode, payload: bytes) -> Message:
     if len(payload) == 1:
         raise _fail(CloseCode.PROTOCOL_ERROR, f"Invalid close frame: {payload!r}")
     code = _CLOSE_CODE.unpack_from(payload)[0]
-    if code < 3000 and code not in _ALLOWED_WIRE_CLOSE_CODES:
+    if code > _LAST_CLOSE_CODE or (code < 3000 and code not in _ALLOWED_WIRE_CLOSE_CODES):
         raise _fail(CloseCode.PROTOCOL_ERROR, f"Invalid close code: {code}")
     try:
         reason = payload[2:].decode("utf-8")
