@@ -30,15 +30,18 @@ Replays need no guard here: a signed update can only be replayed identically, an
 aggregators' ledger applies each ``(src, seq)`` once and re-acks a duplicate.
 
 Relayed gossip (``seal_relayed``/``open_relayed``): a share or heartbeat for a neighbour
-reached through a relay is wrapped in a ``Relayed`` envelope signed by this node; one
-that arrives from a relay is opened only if its signature, destination and sequence
-number check out (``transport.relay``).
+reached through a relay is encrypted to that neighbour and signed by this node in a
+``Relayed`` envelope; one that arrives from a relay is opened only if its signature,
+destination, sequence number and ciphertext check out (``transport.relay``). The sequence
+numbers, sent and accepted, are kept durably when ``relay_seq`` has a store
+(``runtime.relay_seq``): an accepted envelope's floor is written before it is delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -49,6 +52,7 @@ import numpy as np
 import numpy.typing as npt
 
 from algorithms.protocol import Metric
+from runtime.relay_seq import RelaySeqState
 from transport.channel import offload, tensor_bytes
 from transport.e2e import (
     MODEL_SIGNER_ROLES,
@@ -139,6 +143,7 @@ class EndToEnd:
 
     ``report`` (optional) gets a ``Metric("update_rejected" | "message_rejected",
     labels={"reason": ...})`` for every refused message; ``rejected`` counts them too.
+    ``relay_seq`` keeps the relayed envelopes' numbers (default: in memory only).
     """
 
     def __init__(
@@ -148,6 +153,7 @@ class EndToEnd:
         *,
         keep_versions: int = KEEP_VERSIONS,
         report: Report | None = None,
+        relay_seq: RelaySeqState | None = None,
     ) -> None:
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
@@ -162,8 +168,10 @@ class EndToEnd:
         self._relay_ok = _Once(keep_versions)  # region: (version, spec) -> digest matches
         self._proofs: dict[int, ModelProof] = {}  # verified models, relayed by a region
         self._warned: set[int] = set()
-        self._relay_out = RelaySender(identity)
-        self._relay_in = RelayInbox(identity.node_id, roster)
+        self.relay_seq = relay_seq if relay_seq is not None else RelaySeqState()
+        self._relay_out = RelaySender(identity, roster, last=self.relay_seq.sent)
+        self._relay_in = RelayInbox(identity, roster, floors=self.relay_seq.seen)
+        self.relay_seq.bind(self._relay_in.floors)
 
     @property
     def node_id(self) -> str:
@@ -269,19 +277,30 @@ class EndToEnd:
         )
 
     async def seal_relayed(self, dst: str, msg: Message, spec: CodecSpec) -> Relayed:
-        """``msg`` for ``dst`` in an envelope signed by this node (sent via a relay)."""
+        """``msg`` for ``dst`` in an envelope encrypted to ``dst`` and signed by this node
+        (sent via a relay); its number is durably reserved before it goes out."""
+        seq = self._relay_out.next_seq()  # numbered on the loop: in the order sent
+        await self.relay_seq.reserve(seq)
+        seal = functools.partial(self._relay_out.seal, dst, msg, spec, seq=seq)
         if tensor_bytes(msg) < INLINE_BELOW:
-            return self._relay_out.seal(dst, msg, spec)
-        return await offload(self._relay_out.seal, dst, msg, spec)
+            return seal()
+        return await offload(seal)
 
     # ---------------------------------------------------------------- receiving
 
     async def open_relayed(self, env: Relayed) -> Message:
-        """The verified message inside ``env`` (a ``ProtocolError`` subclass if not)."""
+        """The verified message inside ``env`` (a ``ProtocolError`` subclass if not),
+        returned once its sequence number is durably recorded as seen."""
         try:
             if tensor_bytes(env) < INLINE_BELOW:
-                return self._relay_in.open(env)
-            return await offload(self._relay_in.open, env)
+                inner = self._relay_in.unseal(env)
+            else:
+                inner = await offload(self._relay_in.unseal, env)
+            # Check-and-set on the loop (atomic against other relay links), written
+            # before delivery: a restart cannot accept this envelope again.
+            self._relay_in.admit(env.src, env.seq)
+            await self.relay_seq.persist()
+            return inner
         except ProtocolError as exc:
             self.rejected[exc.reason] += 1
             if self.report is not None:
