@@ -31,6 +31,7 @@ Example (a hospital site)::
     [aggregation]                     # aggregators: algorithm + sim.scenario AlgorithmConfig
     [codec]                           # up, down, topk_fraction
     [connection]                      # keepalive_s, down_after_s, backoff_base_s, backoff_cap_s,
+                                      # max_session_s (a session's maximum lifetime),
                                       # ciphers (record ciphers, preferred first),
                                       # offload ("auto" | "pool": where records are sealed)
     [metrics]                         # port (0 = off), host
@@ -109,6 +110,9 @@ class PlanConfig:
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
+MAX_SESSION_S = 30 * 86400.0  # a month: a revoked key must not keep a session for longer
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionConfig:
     keepalive_s: float = 10.0
@@ -121,6 +125,9 @@ class ConnectionConfig:
     # Where records are sealed/opened: "auto" (cheap AEGIS records on the event loop) or
     # "pool" (every large record in the thread pool; for machines with cores to spare).
     offload: str = "auto"
+    # A session's maximum lifetime: then it closes between two messages and the dialler
+    # reconnects with a fresh handshake against the current roster (revocation backstop).
+    max_session_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +452,9 @@ def _connection(t: Table) -> ConnectionConfig:
         backoff_cap_s=t.number("backoff_cap_s", d.backoff_cap_s, min=0.0, exclusive_min=True),
         ciphers=_ciphers(t),
         offload=t.text("offload", d.offload, choices=OFFLOAD_MODES),
+        max_session_s=t.number(
+            "max_session_s", d.max_session_s, min=0.0, max=MAX_SESSION_S, exclusive_min=True
+        ),
     )
     if cfg.down_after_s <= cfg.keepalive_s:
         raise ConfigError(

@@ -13,6 +13,13 @@ jobs for it in one ``TaskGroup``:
   100 MB model crawling over a slow uplink keeps its connection alive as long as bytes
   move, while a silent peer is dropped after ``down_after_s``: no fixed transfer deadline.
 
+With ``max_session_s`` the connection also has a maximum lifetime, so that no session
+outlives the roster it was admitted under: once it is reached, the writer finishes the
+message it is sending and the connection ends between two messages (the dialler then
+reconnects with a fresh handshake against the current roster); if that takes longer than
+``LIFETIME_GRACE`` more of the lifetime, it ends anyway. Nothing acknowledged is lost
+either way: what was queued behind is resent after the next ``PeerUp``, as after any drop.
+
 ``abort(reason)`` (synchronous) closes the connection from outside; ``is_open()`` turns
 false at once, which is what the driver uses to drop messages of a dead connection still
 waiting in its inbox. Sending never blocks the node: ``send`` queues, and a peer that lets
@@ -44,6 +51,7 @@ log = logging.getLogger("fedloom.runtime.connection")
 KEEPALIVE_STEP = -1  # Heartbeat.step of a connection-level keep-alive
 OFFLOAD_ABOVE = 64 * 1024  # tensor bytes above which encoding/decoding runs in a thread
 DEFAULT_MAX_QUEUE = 256
+LIFETIME_GRACE = 0.1  # of max_session_s: how long a message in flight may delay the end
 
 # A durable write in progress: a message sent "after" it may not be delivered before it.
 Gate = asyncio.Future[None]
@@ -265,6 +273,11 @@ class _Ended(Exception):  # noqa: N818 - internal signal, not an error
     """Raised inside a connection's task group to end it; carries the reason."""
 
 
+class _Expired:
+    """Queued by the lifetime job: the writer ends the connection when it reaches it,
+    i.e. between two messages."""
+
+
 Deliver = Callable[["Connection", Message | Via], Awaitable[None]]
 
 
@@ -280,18 +293,22 @@ class Connection:
         keepalive_s: float | None = None,
         down_after_s: float | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        max_session_s: float | None = None,
     ) -> None:
         check_timeouts(keepalive_s, down_after_s, max_queue)
+        if max_session_s is not None and not max_session_s > 0:
+            raise ValueError(f"max_session_s must be > 0 or None, got {max_session_s}")
         self.peer = peer
         self.pipe = pipe
         self.local_id = local_id
         self.keepalive_s = keepalive_s
         self.down_after_s = down_after_s
         self.max_queue = max_queue
+        self.max_session_s = max_session_s
         self.reason: str | None = None  # why it ended (None while open)
         self.messages_in = 0
         self.messages_out = 0
-        self._queue: asyncio.Queue[tuple[Outgoing, Gate | None]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Outgoing | _Expired, Gate | None]] = asyncio.Queue()
         self._stop = asyncio.Event()
 
     def is_open(self) -> bool:
@@ -334,6 +351,9 @@ class Connection:
                 if self.down_after_s is not None:
                     watchdog = self._until_ended(self._watchdog, self.down_after_s)
                     jobs.append(tg.create_task(watchdog))
+                if self.max_session_s is not None:
+                    lifetime = self._until_ended(self._lifetime, self.max_session_s)
+                    jobs.append(tg.create_task(lifetime))
                 await self._stop.wait()
                 for job in jobs:
                     job.cancel()
@@ -387,7 +407,7 @@ class Connection:
     async def _writer(self) -> None:
         keepalive = self.keepalive_s
         while True:
-            msg: Outgoing
+            msg: Outgoing | _Expired
             after: Gate | None = None
             try:
                 async with asyncio.timeout(keepalive):
@@ -395,11 +415,22 @@ class Connection:
             except TimeoutError:
                 msg = Heartbeat(self.local_id, KEEPALIVE_STEP)
             else:
+                if isinstance(msg, _Expired):
+                    raise _Ended(f"session reached its maximum lifetime ({self.max_session_s} s)")
                 self.messages_out += 1
             try:
                 await self.pipe.send(msg, after)
             except LinkClosed as exc:
                 raise _Ended(f"link closed while sending: {exc}") from None
+
+    async def _lifetime(self, max_session_s: float) -> None:
+        await asyncio.sleep(max_session_s)
+        self._queue.put_nowait((_Expired(), None))  # after what is queued: sent first
+        await asyncio.sleep(max_session_s * LIFETIME_GRACE)
+        raise _Ended(
+            f"session reached its maximum lifetime ({max_session_s} s) and a message in "
+            f"flight held it open {max_session_s * LIFETIME_GRACE:.1f} s longer"
+        )
 
     async def _watchdog(self, down_after_s: float) -> None:
         progress = self.pipe.progress

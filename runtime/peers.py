@@ -17,6 +17,14 @@ Implementations:
 * ``NetworkPeers``: daemons. Sites dial out (WebSocket + ``SecureChannel``) and reconnect
   with jittered exponential back-off; aggregators listen and admit roster members only.
   Messages are wire-decoded; bad bytes close that connection, never the daemon.
+
+Rosters are the peer set's business, not the node's: ``NetworkPeers.set_roster`` swaps a
+newer roster in (handshakes, end-to-end signatures), closes every connection of a peer it
+no longer admits with that key and role, and pushes it to the peers that dialled this node
+(its children). ``RosterUpdate`` messages are consumed here and never reach the node: a
+dialler announces the version it holds, a parent answers an older one with its roster,
+and a roster pushed by a parent goes to ``on_roster`` (the daemon verifies, persists and
+installs it, ``runtime.roster_updates``).
 """
 
 from __future__ import annotations
@@ -54,8 +62,8 @@ from transport.errors import ProtocolError
 from transport.identity import Identity
 from transport.limits import Limits
 from transport.links import Link, LinkClosed, memory_link_pair
-from transport.roster import Roster
-from transport.wire import Message
+from transport.roster import Roster, RosterEntry
+from transport.wire import Message, RosterUpdate
 
 log = logging.getLogger("fedloom.runtime.peers")
 
@@ -114,6 +122,8 @@ class ConnectionTable:
             self._routed.setdefault(relay, []).append(peer)
         self.sent = 0
         self.dropped = 0  # messages for peers without a connection
+        # Where ``RosterUpdate`` messages go (the peer set's own control traffic).
+        self.control: Callable[[Connection, RosterUpdate], Awaitable[None]] | None = None
 
     def connected(self) -> frozenset[str]:
         routed = (p for r in self._conns for p in self._routed.get(r, ()))
@@ -185,9 +195,15 @@ class ConnectionTable:
             self.drop(conn, reason)
 
     async def _deliver(self, conn: Connection, msg: Message | Via) -> None:
+        if type(msg) is RosterUpdate:
+            if self.control is not None:
+                await self.control(conn, msg)
+            return
         if self.sink is None:
             return
         if isinstance(msg, Via):
+            if type(msg.msg) is RosterUpdate:
+                return  # rosters come from a parent, never through a relay
             if self.routes.get(msg.peer) != conn.peer:
                 log.warning(
                     "%s: dropped a message from %s relayed by %s, which is not its relay",
@@ -419,6 +435,11 @@ class Listener(Protocol):
 
 
 Serve = Callable[[str, int, OnLink], Awaitable[Listener]]
+OnRoster = Callable[[str, RosterUpdate], Awaitable[None]]
+
+# Lifetimes are drawn in [1 - LIFETIME_JITTER, 1] * max_session_s, so that the children
+# of an aggregator that all connected at its start do not all reconnect at once.
+LIFETIME_JITTER = 0.1
 
 
 async def _ws_connect(url: str) -> Link:
@@ -453,6 +474,14 @@ class NetworkPeers:
     from ``identity`` and ``roster`` unless given; it cannot be turned off), see
     ``runtime.signing``.
 
+    ``max_session_s``: every connection ends after at most this long (between two
+    messages, ``runtime.connection``) and a dialled one is re-established with a fresh
+    handshake, so no session outlives the roster that admitted it.
+
+    ``set_roster`` installs a newer roster into the running peer set (see the module
+    docstring); ``on_roster`` receives the rosters a dialled peer (a parent) pushes that
+    claim to be newer than ours, for the caller to verify and install.
+
     ``connect``/``serve`` default to ``transport.ws``; tests may pass in-memory ones.
     """
 
@@ -477,6 +506,8 @@ class NetworkPeers:
         rng: random.Random | None = None,
         e2e: EndToEnd | None = None,
         routes: Mapping[str, str] | None = None,
+        max_session_s: float | None = None,
+        roster_text: str = "",
     ) -> None:
         ids = [t.peer for t in dial]
         if len(set(ids)) != len(ids):
@@ -490,8 +521,13 @@ class NetworkPeers:
                 raise ValueError(f"routes: {peer!r} is dialled directly (or is this node)")
         if e2e is not None and e2e.node_id != identity.node_id:
             raise ValueError(f"e2e signs as {e2e.node_id!r}, not as {identity.node_id!r}")
+        if max_session_s is not None and not max_session_s > 0:
+            raise ValueError(f"max_session_s must be > 0 or None, got {max_session_s}")
         self.identity = identity
         self.roster = roster
+        self.roster_text = roster_text  # the signed text of ``roster``, pushed to children
+        self.on_roster: OnRoster | None = None
+        self.max_session_s = max_session_s
         self.e2e = e2e if e2e is not None else EndToEnd(identity, roster)
         self.dial = tuple(dial)
         self.listen = listen
@@ -507,6 +543,11 @@ class NetworkPeers:
         self._serve = serve
         self._rng = rng if rng is not None else random.Random()
         self.table = ConnectionTable(identity.node_id, routes)
+        self.table.control = self._roster_message
+        # The roster entry each open connection was admitted with, and which side dialled.
+        self._admitted: dict[Connection, RosterEntry] = {}
+        self._inbound: set[Connection] = set()
+        self._answered: set[Connection] = set()  # inbound links already sent our roster
         self.gate = Gatekeeper(identity, roster, allowed_roles=allowed_roles, options=options)
         self.listener: Listener | None = None
         self.dial_failures = 0
@@ -560,6 +601,9 @@ class NetworkPeers:
                     await listener.close()
 
     def _connection(self, peer: str, pipe: MessagePipe) -> Connection:
+        lifetime = self.max_session_s
+        if lifetime is not None:
+            lifetime *= 1.0 - LIFETIME_JITTER * self._rng.random()
         return Connection(
             peer,
             pipe,
@@ -567,15 +611,79 @@ class NetworkPeers:
             keepalive_s=self.keepalive_s,
             down_after_s=self.down_after_s,
             max_queue=self.max_queue,
+            max_session_s=lifetime,
         )
+
+    # ------------------------------------------------------------------- rosters
+
+    def set_roster(self, roster: Roster, text: str) -> list[str]:
+        """Use ``roster`` (already verified and newer) from now on: for handshakes, for
+        end-to-end signatures, and for every open connection, which is closed when the
+        roster no longer lists its peer with the key and role it was admitted with.
+        Pushes ``text`` to the peers that dialled this node; returns the peers cut off."""
+        self.roster = roster
+        self.roster_text = text
+        self.gate.roster = roster
+        self.e2e.use_roster(roster)
+        revoked = []
+        for conn, entry in list(self._admitted.items()):
+            if _admits(roster, entry):
+                continue
+            revoked.append(conn.peer)
+            self.table.drop(conn, f"revoked by roster version {roster.version}")
+        if text:
+            for conn in list(self._inbound):
+                if conn.is_open():
+                    self._answered.add(conn)
+                    conn.send(RosterUpdate(roster.version, text))
+        return sorted(set(revoked))
+
+    def _admit(self, conn: Connection, used: Roster, inbound: bool) -> bool:
+        """Track ``conn`` (authenticated against ``used``); False if the roster changed
+        during its handshake and no longer admits its peer."""
+        entry = used.lookup(conn.peer)
+        if entry is None or (used is not self.roster and not _admits(self.roster, entry)):
+            return False
+        self._admitted[conn] = entry
+        if inbound:
+            self._inbound.add(conn)
+        return True
+
+    def _forget(self, conn: Connection) -> None:
+        self._admitted.pop(conn, None)
+        self._inbound.discard(conn)
+        self._answered.discard(conn)
+
+    async def _roster_message(self, conn: Connection, msg: RosterUpdate) -> None:
+        if conn in self._inbound:
+            # A child: it only says which version it holds; we never take a roster from it.
+            if msg.text:
+                log.warning(
+                    "%s: ignored a roster pushed by %s (rosters come from a parent)",
+                    self.node_id,
+                    conn.peer,
+                    extra={"peer": conn.peer, "reason": "roster_from_child"},
+                )
+            elif (
+                msg.version < self.roster.version
+                and self.roster_text
+                and conn not in self._answered  # once per connection: no amplification
+            ):
+                self._answered.add(conn)
+                conn.send(RosterUpdate(self.roster.version, self.roster_text))
+            return
+        if not msg.text or msg.version <= self.roster.version or self.on_roster is None:
+            return  # an announcement, or not newer than ours by its own account
+        await self.on_roster(conn.peer, msg)
 
     async def _dial_loop(self, target: DialTarget) -> None:
         attempt = 0
         while True:
+            roster = self.roster
             try:
                 link = ProgressLink(await self._connect(target.url))
                 channel = await client_channel(
-                    link, self.identity, self.roster, target.peer, options=self.options
+                    link, self.identity, roster, target.peer, options=self.options
                 )
             except Exception as exc:  # LinkClosed, ProtocolError, OSError; anything else
                 if self._closing:  # a cancellation may surface as a failed connect
@@ -598,11 +706,21 @@ class NetworkPeers:
                 )
                 await asyncio.sleep(delay)
                 continue
-            attempt = 0  # reset on success
             self._observe_rtt(channel)
             conn = self._connection(target.peer, ChannelPipe(channel, link, **self._pipe_opts()))
-            self.table.open(conn)
-            await self.table.serve(conn)
+            if not self._admit(conn, roster, inbound=False):
+                await channel.close()
+                log.info("%s: %s was revoked during its handshake", self.node_id, target.peer)
+                await asyncio.sleep(self.backoff.delay(attempt, self._rng))
+                attempt += 1
+                continue
+            attempt = 0  # reset on success
+            try:
+                self.table.open(conn)
+                conn.send(RosterUpdate(self.roster.version))  # "this is the roster I hold"
+                await self.table.serve(conn)
+            finally:
+                self._forget(conn)
             if self._closing:
                 return
             # On 3.11 a link that ends as the task is cancelled can swallow the
@@ -622,6 +740,7 @@ class NetworkPeers:
 
     async def _accept(self, raw: Link) -> None:
         link = ProgressLink(raw)
+        roster = self.gate.roster  # the one this handshake is checked against
         try:
             channel = await self.gate.accept(link)
         except (ProtocolError, LinkClosed) as exc:
@@ -652,14 +771,31 @@ class NetworkPeers:
             return
         self._observe_rtt(channel)
         conn = self._connection(peer, ChannelPipe(channel, link, **self._pipe_opts()))
+        if not self._admit(conn, roster, inbound=True):
+            self.refused += 1
+            log.warning(
+                "%s: refused %s: revoked during its handshake",
+                self.node_id,
+                peer,
+                extra={"peer": peer, "reason": "revoked"},
+            )
+            await channel.close()
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._accepted.add(done)
         try:
             self.table.open(conn)
             await self.table.serve(conn)
         finally:
+            self._forget(conn)
             self._accepted.discard(done)
             done.set_result(None)
+
+
+def _admits(roster: Roster, entry: RosterEntry) -> bool:
+    """Whether ``roster`` still lists ``entry``'s node with the same key and role."""
+    now = roster.lookup(entry.node_id)
+    return now is not None and now.public_key == entry.public_key and now.role == entry.role
 
 
 def _reraise_pending_cancel() -> None:

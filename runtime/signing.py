@@ -177,6 +177,11 @@ class EndToEnd:
     def node_id(self) -> str:
         return self.identity.node_id
 
+    def use_roster(self, roster: Roster) -> None:
+        """Check signatures against ``roster`` from now on (a newer one was installed)."""
+        self.roster = roster
+        self._relay_in.roster = roster
+
     @property
     def signs_models(self) -> bool:
         return self.identity.role in MODEL_SIGNER_ROLES

@@ -141,8 +141,31 @@ class Relayed:
     sig: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class RosterUpdate:
+    """A signed roster (``transport.roster`` TOML text) for the receiver to install.
+
+    Handled by the runtime's peer set, never shown to a node. A parent pushes its roster
+    down the tree; a child announces the version it holds with ``text = ""`` when it
+    connects, so that a parent with a newer one sends it. The receiver verifies the
+    consortium signature itself (the sender vouches for nothing) and installs only a
+    roster newer than its own.
+    """
+
+    version: int
+    text: str = ""
+
+
 Message: TypeAlias = (
-    Hello | ModelBroadcast | TrainRequest | Update | Ack | GossipShare | Heartbeat | Relayed
+    Hello
+    | ModelBroadcast
+    | TrainRequest
+    | Update
+    | Ack
+    | GossipShare
+    | Heartbeat
+    | Relayed
+    | RosterUpdate
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -154,6 +177,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     GossipShare,
     Heartbeat,
     Relayed,
+    RosterUpdate,
 )
 
 
@@ -235,6 +259,7 @@ _SCHEMAS: dict[type, _Schema] = {
         ("payload", _TENSORS),
         ("sig", _BIN),
     ),
+    RosterUpdate: _schema("roster_update", RosterUpdate, ("version", _INT), ("text", _STR)),
 }
 _SCHEMAS_BY_NAME: dict[str, _Schema] = {s.name: s for s in _SCHEMAS.values()}
 _DEFAULT_LIMITS = Limits()
