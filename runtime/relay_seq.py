@@ -24,16 +24,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from algorithms.protocol import Persist
-from runtime.store import StateStore
 from transport.channel import offload
 
 __all__ = ["RELAY_SEQ_KEY", "RESERVE_NS", "RelaySeqState"]
 
 RELAY_SEQ_KEY = "relay-seq"
 RESERVE_NS = 3600 * 10**9  # numbers a sender reserves per write (an hour of time_ns)
+
+
+class Store(Protocol):
+    """What is written to: ``runtime.store.StateStore`` (durable when ``apply`` returns)."""
+
+    def apply(self, persist: Persist) -> None: ...
 
 
 def _parse(recovered: Any) -> tuple[int, dict[str, int]]:
@@ -57,7 +62,7 @@ class RelaySeqState:
     ``None`` at first. ``sent`` and ``seen`` are where a sender and an inbox start from.
     """
 
-    def __init__(self, store: StateStore | None = None, recovered: Any = None) -> None:
+    def __init__(self, store: Store | None = None, recovered: Any = None) -> None:
         self._store = store
         self.sent, self.seen = _parse(recovered)
         self._reserve_to = self.sent  # the reservation the next write carries

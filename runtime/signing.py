@@ -281,6 +281,14 @@ class EndToEnd:
             extra={"version": version, "reason": "no_model_proof"},
         )
 
+    def keep_relay_seq(self, state: RelaySeqState) -> None:
+        """Keep the relayed envelopes' numbers in ``state`` from now on (durably if it has
+        a store; the daemon's is its state directory): resume from what it recovered."""
+        self.relay_seq = state
+        self._relay_out.last = max(self._relay_out.last, state.sent)
+        self._relay_in.restore(state.seen)
+        state.bind(self._relay_in.floors)
+
     async def seal_relayed(self, dst: str, msg: Message, spec: CodecSpec) -> Relayed:
         """``msg`` for ``dst`` in an envelope encrypted to ``dst`` and signed by this node
         (sent via a relay); its number is durably reserved before it goes out."""

@@ -237,6 +237,11 @@ class RelayInbox:
         """The last ``seq`` accepted from each source (a copy)."""
         return dict(self._last)
 
+    def restore(self, floors: Mapping[str, int]) -> None:
+        """Raise the floors to ``floors`` (as kept durably before a restart)."""
+        for src, seq in floors.items():
+            self._last[src] = max(self._last.get(src, 0), seq)
+
     def open(self, msg: wire.Relayed) -> wire.Message:
         """The verified inner message, its ``seq`` admitted; a ``ProtocolError`` subclass
         for anything else."""

@@ -38,6 +38,8 @@ from runtime.demo import (
     write_federation,
     write_roster,
 )
+from runtime.relay_seq import RELAY_SEQ_KEY
+from runtime.store import StateStore
 from transport.identity import Identity
 
 pytestmark = pytest.mark.timeout(90)
@@ -383,6 +385,10 @@ def test_firewalled_gossip_peers_reach_each_other_through_a_relay(tmp_path: Path
     finally:
         codes = {p.node_id: p.stop() for p in procs}
     assert all(c == 0 for c in codes.values()), codes
+    for index, node_id in enumerate(peers):  # relay numbers kept for after a restart
+        with StateStore(tmp_path / "state" / node_id) as store:
+            kept = store.load().values[RELAY_SEQ_KEY]
+        assert kept["seen"][peers[1 - index]] > 0 and kept["sent"] > time.time_ns()
 
 
 # ------------------------------------------------------------------------- the demo
