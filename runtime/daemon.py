@@ -19,7 +19,10 @@ listener is bound and the dialled links are up (or after ``ready_wait_s`` withou
 hospital must not be restart-looped because its aggregator is down); ``WATCHDOG=1`` from the
 event loop at half ``$WATCHDOG_USEC``; on SIGTERM or SIGINT ``STOPPING=1``, the driver stops
 after the event it is handling, connections close in order, a last checkpoint is written and
-the process exits 0.
+the process exits 0. On SIGHUP the daemon re-reads ``roster.path`` and installs it if it is a
+newer signed roster (``runtime.roster_updates``: revoked peers are cut off at once and the
+roster is pushed to the children); a roster installed while running is kept in the state
+directory and used by the next start if ``roster.path`` is older.
 
 Nodes that hold a model and have an evaluation (the root, gossip peers) evaluate it every
 ``eval_interval_s`` on their plan's test set and export ``fedloom_eval_accuracy`` and
@@ -67,6 +70,7 @@ from runtime.driver import AsyncDriver
 from runtime.malloc_tuning import GLIBC_TUNABLES
 from runtime.peers import Backoff, DialTarget, NetworkPeers, gossip_dial_targets
 from runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
+from runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
 from runtime.store import CHECKPOINT_KEY, CorruptStateError, Recovery, StateStore, StoreError
 from runtime.trainer import PlanTrainer, SitePlan, make_executor, plan_from_config
 from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root
@@ -76,7 +80,7 @@ from sim.network import CodecPolicy
 from transport.channel import ChannelOptions
 from transport.e2e import ModelVersionGuard
 from transport.identity import Identity, IdentityError
-from transport.roster import Roster, RosterError
+from transport.roster import Roster, RosterError, read_small_text
 from transport.tensors import CodecSpec
 
 __all__ = [
@@ -127,10 +131,24 @@ def load_identity(cfg: DaemonConfig) -> Identity:
 
 def load_roster(cfg: DaemonConfig, identity: Identity) -> Roster:
     """The verified roster; it must list this node with this key and role."""
+    return load_roster_text(cfg, identity)[0]
+
+
+def load_roster_text(cfg: DaemonConfig, identity: Identity) -> tuple[Roster, str]:
+    """``load_roster`` and the signed text it was read from (pushed to children)."""
     try:
-        roster = Roster.load(cfg.roster_path, cfg.read_consortium_key())
+        text = read_small_text(cfg.roster_path)
+        try:
+            roster = Roster.loads(text, cfg.read_consortium_key())
+        except RosterError as exc:
+            raise type(exc)(f"{cfg.roster_path}: {exc}") from None
     except (RosterError, ValueError, OSError) as exc:
         raise ConfigError(f"roster.path: {exc}") from None
+    _check_lists_me(cfg, identity, roster)
+    return roster, text
+
+
+def _check_lists_me(cfg: DaemonConfig, identity: Identity, roster: Roster) -> None:
     me = roster.lookup(cfg.node_id)
     if me is None:
         raise ConfigError(
@@ -146,7 +164,6 @@ def load_roster(cfg: DaemonConfig, identity: Identity) -> Roster:
         raise ConfigError(
             f"role: the roster lists {cfg.node_id!r} as a {me.role}, the config says {cfg.role}"
         )
-    return roster
 
 
 def _neighbour_role(roster: Roster, node_id: str, where: str, allowed: tuple[str, ...]) -> str:
@@ -320,6 +337,7 @@ class Daemon:
     store: StateStore
     recovery: Recovery
     started: float = field(default_factory=time.monotonic)
+    roster_text: str = ""  # the signed text of ``roster`` (pushed to children)
 
     def close(self) -> None:
         self.store.close()
@@ -342,16 +360,36 @@ def _open_store(cfg: DaemonConfig) -> tuple[StateStore, Recovery]:
         raise
 
 
-ROSTER_SEEN_KEY = "roster-seen"  # the newest roster this node has used: version and digest
+def _current_roster(
+    cfg: DaemonConfig,
+    identity: Identity,
+    roster: Roster,
+    text: str,
+    recovery: Recovery,
+    store: StateStore,
+) -> tuple[Roster, str]:
+    """The roster to start with: ``roster`` from the file, or a newer one this node
+    installed while running (kept with its text in the state directory).
 
-
-def _check_roster_is_current(roster: Roster, recovery: Recovery, store: StateStore) -> None:
-    """Refuse a roster older than one this node has already used (a rollback could
+    Refuse a file roster older than one this node has already used (a rollback could
     re-admit a revoked key), or a different roster under the same version; remember a
     newer one durably before anything else happens."""
     seen = recovery.values.get(ROSTER_SEEN_KEY)
     if seen is not None:
         version = int(seen["version"])
+        kept = seen.get("text")
+        if roster.version < version and isinstance(kept, str):
+            newer = _kept_roster(cfg, identity, kept, version, bytes(seen["digest"]))
+            log.info(
+                "%s: roster.path holds roster version %d; using version %d, installed while "
+                "running and kept in %s",
+                cfg.node_id,
+                roster.version,
+                version,
+                cfg.state_dir,
+                extra={"node": cfg.node_id, "roster_version": version},
+            )
+            return newer, kept
         if roster.version < version:
             raise ConfigError(
                 f"roster.path: roster version {roster.version} is older than version {version}, "
@@ -365,8 +403,37 @@ def _check_roster_is_current(roster: Roster, recovery: Recovery, store: StateSto
                     "before (same version, other content); the consortium must give a "
                     "changed roster a new version"
                 )
-            return
+            return roster, text
     store.apply(Persist(ROSTER_SEEN_KEY, {"version": roster.version, "digest": roster.digest}))
+    return roster, text
+
+
+def _kept_roster(
+    cfg: DaemonConfig, identity: Identity, text: str, version: int, digest: bytes
+) -> Roster:
+    """The roster kept in the state directory, verified again (the directory is not
+    trusted more than the file)."""
+    try:
+        roster = Roster.loads(text, cfg.read_consortium_key())
+    except (RosterError, ValueError) as exc:
+        raise DaemonError(
+            f"state_dir: the roster kept in {cfg.state_dir} is invalid: {exc}"
+        ) from None
+    if roster.version != version or roster.digest != digest:
+        raise DaemonError(f"state_dir: the roster kept in {cfg.state_dir} is not version {version}")
+    _check_lists_me(cfg, identity, roster)
+    return roster
+
+
+def _persist_roster(d: Daemon) -> Callable[[Roster, str], None]:
+    """Keep an installed roster (and its text) in the state directory, durably."""
+
+    def persist(roster: Roster, text: str) -> None:
+        value = {"version": roster.version, "digest": roster.digest, "text": text}
+        d.store.apply(Persist(ROSTER_SEEN_KEY, value))
+        d.roster, d.roster_text = roster, text
+
+    return persist
 
 
 def _recover(cfg: DaemonConfig, node: Node, recovery: Recovery) -> None:
@@ -382,12 +449,14 @@ def _recover(cfg: DaemonConfig, node: Node, recovery: Recovery) -> None:
 def open_daemon(cfg: DaemonConfig) -> Daemon:
     """Identity, roster, plan, node, and recovery from ``cfg.state_dir`` (see module doc)."""
     identity = load_identity(cfg)
-    roster = load_roster(cfg, identity)
+    roster, text = load_roster_text(cfg, identity)
     plan = build_plan(cfg)
     node = build_node(cfg, roster, plan)
     store, recovery = _open_store(cfg)
     try:
-        _check_roster_is_current(roster, recovery, store)
+        kept, text = _current_roster(cfg, identity, roster, text, recovery, store)
+        if kept is not roster:  # children's roles come from the roster in use
+            roster, node = kept, build_node(cfg, kept, plan)
         _recover(cfg, node, recovery)
         if _has_snapshot(node):
             # Compaction: from here on the log holds only what happens after this start.
@@ -395,7 +464,7 @@ def open_daemon(cfg: DaemonConfig) -> Daemon:
     except BaseException:
         store.close()
         raise
-    return Daemon(cfg, identity, roster, plan, node, store, recovery)
+    return Daemon(cfg, identity, roster, plan, node, store, recovery, roster_text=text)
 
 
 def load_node(cfg: DaemonConfig) -> Node:
@@ -477,6 +546,8 @@ def build_peers(d: Daemon) -> NetworkPeers:
         backoff=Backoff(base_s=conn.backoff_base_s, cap_s=conn.backoff_cap_s),
         rng=random.Random(derived_seed(cfg.seed, "backoff", cfg.node_id)),
         options=ChannelOptions(ciphers=conn.ciphers, offload=conn.offload),
+        max_session_s=conn.max_session_s,
+        roster_text=d.roster_text,
     )
 
 
@@ -562,6 +633,28 @@ async def _on_event(
         action("shutdown requested")
 
 
+async def _reload_on_hangup(
+    keeper: RosterKeeper, hangup: asyncio.Event, stop: asyncio.Event
+) -> None:
+    """Re-read ``roster.path`` whenever ``hangup`` is set (SIGHUP), until ``stop``."""
+    while True:
+        waiter = asyncio.ensure_future(hangup.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            stopper.cancel()
+        if stop.is_set():
+            return
+        hangup.clear()
+        log.info("%s: SIGHUP: re-reading %s", keeper.identity.node_id, keeper.path)
+        try:
+            await keeper.reload_file()
+        except Exception:  # a bug in one reload must not end the daemon
+            log.exception("%s: reloading the roster failed", keeper.identity.node_id)
+
+
 def _model_of(node: Node) -> tuple[int, Any] | None:
     if isinstance(node, ModelHolder):
         return node.current_model()
@@ -628,9 +721,11 @@ async def serve(
     ready_wait_s: float = READY_WAIT_S,
     install_signals: bool = True,
     shutdown: asyncio.Event | None = None,
+    hangup: asyncio.Event | None = None,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT or until ``shutdown`` is set (see the module
-    docstring). ``eval_interval_s`` None: the default for the role."""
+    docstring); re-read the roster on SIGHUP or whenever ``hangup`` is set.
+    ``eval_interval_s`` None: the default for the role."""
     from runtime.health import start_observability
     from runtime.metrics import MetricsSink
 
@@ -649,6 +744,17 @@ async def serve(
     if floor is not None:  # no rollback to a model older than one held before the restart
         peers.e2e.guard = ModelVersionGuard(floor)
     peers.on_link_rtt = sink.observe_link_rtt  # sampled at every connection's handshake
+    keeper = RosterKeeper(
+        d.identity,
+        d.roster.consortium_key,
+        d.roster,
+        d.roster_text,
+        persist=_persist_roster(d),
+        path=cfg.roster_path,
+    )
+    keeper.attach(peers)
+    if hangup is None:
+        hangup = asyncio.Event()
     executor: cf.Executor | None = None
     trainer = None
     if cfg.role in ("site", "peer") and d.plan is not None:
@@ -703,6 +809,8 @@ async def serve(
     signals = (signal.SIGTERM, signal.SIGINT) if install_signals else ()
     for sig in signals:
         loop.add_signal_handler(sig, request_stop, sig.name)
+    if install_signals:
+        loop.add_signal_handler(signal.SIGHUP, hangup.set)
     interval = eval_interval_s
     if interval is None:
         interval = DEFAULT_EVAL_INTERVAL_S if cfg.role in ("root", "peer") else 0.0
@@ -736,6 +844,7 @@ async def serve(
             tg.create_task(_announce_ready(d, peers, sink, stop, ready_wait_s))
             tg.create_task(systemd.watchdog_loop(stop))
             tg.create_task(_observe(d, peers, sink, stop))
+            tg.create_task(_reload_on_hangup(keeper, hangup, stop))
             if evaluating:
                 tg.create_task(_evaluate(d, sink, stop, interval))
             if shutdown is not None:
@@ -755,6 +864,8 @@ async def serve(
         finished = True
         for sig in signals:
             loop.remove_signal_handler(sig)
+        if install_signals:
+            loop.remove_signal_handler(signal.SIGHUP)
         if obs is not None:
             await obs.stop()
         if executor is not None:
