@@ -181,6 +181,7 @@ class EndToEnd:
         """Check signatures against ``roster`` from now on (a newer one was installed)."""
         self.roster = roster
         self._relay_in.roster = roster
+        self._relay_out.roster = roster  # envelopes are sealed to listed keys only
 
     @property
     def signs_models(self) -> bool:
