@@ -3,15 +3,16 @@
 Two gossip neighbours that both refuse inbound connections cannot open a link to each
 other. Each dials a relay instead, and sends what it has for the other as a
 ``Relayed(src, dst, seq, payload, sig)`` envelope: ``payload`` is the encoded inner
-message and ``sig`` the sender's end-to-end signature of ``{src, dst, seq, digest}``
-(``transport.relay``). The relay passes an envelope from its hop source to its
-destination if that one is connected, and drops it otherwise (gossip absorbs loss: the
-sender's liveness timers suspect and prune a neighbour that stays silent). It is the
-forwarding half of a TURN server (RFC 8656) with the relay unable to forge, alter or
-redirect what it carries: the destination checks the signature against the roster and
-refuses a ``seq`` it has already seen from that source.
+message encrypted to ``dst`` and ``sig`` the sender's end-to-end signature of
+``{src, dst, seq, digest of the payload}`` (``transport.relay``). The relay passes an
+envelope from its hop source to its destination if that one is connected, and drops it
+otherwise (gossip absorbs loss: the sender's liveness timers suspect and prune a
+neighbour that stays silent). It is the forwarding half of a TURN server (RFC 8656) with
+the relay unable to read, forge, alter, redirect or replay what it carries: only the
+destination holds the key, it checks the signature against the roster, and it refuses a
+``seq`` not above the last it accepted from that source (a floor kept across restarts).
 
-The relay holds no model and no durable state, and never opens a payload. It checks
+The relay holds no model and no durable state, and cannot open a payload. It checks
 only what it can check without trusting the payload: the envelope's ``src`` is the
 authenticated peer it came from (no injecting traffic in another peer's name), and the
 destination is not that same peer. Bounded work per event: O(1).

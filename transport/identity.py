@@ -3,8 +3,10 @@
 The private file is a small TOML document written with mode 0600 (tmp file -> fsync ->
 ``os.replace`` -> fsync the directory); the public half travels as one printable line,
 ``"<id> <role> <base64 public key>"``, which is what an operator pastes into a roster.
-The identity key only signs (handshake transcripts, update envelopes, models, rosters);
-key exchange uses separate ephemeral ``crypto_kx`` keys (one key per purpose).
+The identity key signs (handshake transcripts, update envelopes, models, rosters); the
+handshake's key exchange uses separate ephemeral ``crypto_kx`` keys. Its one other use:
+relayed envelopes are encrypted to it, converted to X25519 (``transport.relay``, which
+says why that joint use is sound), so the roster needs one key per node.
 """
 
 from __future__ import annotations

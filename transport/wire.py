@@ -129,9 +129,10 @@ class Heartbeat:
 class Relayed:
     """A message from ``src`` for ``dst`` that travels through a relay (``transport.relay``).
 
-    ``payload`` holds one ``uint8`` tensor, the encoded inner message; ``seq`` increases
-    with every envelope ``src`` sends; ``sig`` is ``src``'s signature of
-    ``{src, dst, seq, digest of the payload}``. The relay forwards it untouched.
+    ``payload`` holds one ``uint8`` tensor, the encoded inner message encrypted to
+    ``dst``; ``seq`` increases with every envelope ``src`` sends; ``sig`` is ``src``'s
+    signature of ``{src, dst, seq, digest of the payload}``. The relay forwards it
+    untouched.
     """
 
     src: str
