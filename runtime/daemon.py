@@ -454,9 +454,9 @@ def open_daemon(cfg: DaemonConfig) -> Daemon:
     node = build_node(cfg, roster, plan)
     store, recovery = _open_store(cfg)
     try:
-        kept, text = _current_roster(cfg, identity, roster, text, recovery, store)
-        if kept is not roster:  # children's roles come from the roster in use
-            roster, node = kept, build_node(cfg, kept, plan)
+        # A newer roster kept in the state directory replaces the file's for the links;
+        # the node keeps the children of its config (revoked ones are refused at the door).
+        roster, text = _current_roster(cfg, identity, roster, text, recovery, store)
         _recover(cfg, node, recovery)
         if _has_snapshot(node):
             # Compaction: from here on the log holds only what happens after this start.
