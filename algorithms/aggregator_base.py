@@ -8,6 +8,18 @@
   rejected, not acked); an already recorded ``(src, seq)`` is a duplicate: metric + re-ack,
   never applied again; otherwise the subclass decides (applied / stale / late / rejected)
   and ``_record`` writes ``Persist("applied", {...}, append=True)`` *then* ``Send(Ack)``.
+* One child cannot fill a buffer (or flood the log): per aggregation epoch (a flush, a
+  round, ``concurrency`` FedAsync steps) a child gets ``intake.intake_quota`` decisions
+  beyond the answers to tasks this node gave it (a site holds at most one task at a time).
+  An update over the quota is neither recorded nor acked: it is held in memory (at most
+  ``MAX_HELD_SITE`` per site, ``MAX_HELD_REGION`` per region) and decided after the epoch
+  ends; beyond that it is dropped (metric ``update_dropped``, one warning per child and
+  epoch) without any durable write. The child still holds what was not acked and resends it
+  after its next reconnect, so nothing acknowledged is lost. After a restart the sites'
+  resent, now unsolicited, updates are thus taken one per site and epoch.
+* Claims are bounded (``intake.ClaimBounds``): a site's ``count`` must be 1, a region's is
+  clamped to what its subtree could produce, ``n_examples`` to the declared examples; a
+  delta whose L2 norm overflows is rejected ("norm_overflow").
   Rejected updates from a child are recorded and acked too, so a poisoned update is not
   resent forever; the ``outcome`` field of the record says what happened.
 * The "applied" log is also the recovery log: a record carries what is needed to replay it
@@ -22,12 +34,14 @@ are O(regions) per new model version.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from algorithms.dispatcher import TaskDispatcher
+from algorithms.intake import ClaimBounds, intake_quota
 from algorithms.ledger import AppliedLedger
 from algorithms.node_util import as_generator, unexpected
 from algorithms.protocol import (
@@ -44,14 +58,27 @@ from algorithms.protocol import (
     Send,
     Weights,
 )
+from algorithms.server_opt import ServerOptimizer
 from algorithms.validation import check_update, is_int
+from algorithms.weights_math import is_finite, l2_norm
 from transport.wire import Ack, Heartbeat, Hello, Message, ModelBroadcast, TrainRequest, Update
 
-__all__ = ["APPLIED_KEY", "CHECKPOINT_KEY", "ROLES", "AggregatorBase", "Outcome"]
+__all__ = [
+    "APPLIED_KEY",
+    "CHECKPOINT_KEY",
+    "MAX_HELD_REGION",
+    "MAX_HELD_SITE",
+    "ROLES",
+    "AggregatorBase",
+    "Outcome",
+]
 
 ROLES = ("site", "region")
 APPLIED_KEY = "applied"
 CHECKPOINT_KEY = "checkpoint"
+# Updates over a child's quota kept for the next epoch (a region forwards unasked).
+MAX_HELD_SITE = 2
+MAX_HELD_REGION = 8
 
 
 class Outcome(enum.Enum):
@@ -96,6 +123,7 @@ class AggregatorBase:
         rng: np.random.Generator | int,
         train_config: Mapping[str, Any] | None,
         log_deltas: bool,
+        claim_bounds: ClaimBounds | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be non-empty")
@@ -119,6 +147,13 @@ class AggregatorBase:
         self._log_n = 0
         self._train_config: dict[str, Any] = dict(train_config or {})
         self._log_deltas = log_deltas
+        self._bounds = claim_bounds if claim_bounds is not None else ClaimBounds()
+        # Intake quota bookkeeping for the current epoch (not durable: a restart starts one).
+        self._uses: dict[str, int] = {}
+        self._held: dict[str, list[Update]] = {}
+        self._warned: set[str] = set()
+        self._epoch_changed = False
+        self._norm = 0.0  # ‖Δ‖₂ of the update being decided (measured once, at intake)
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
         self.duplicates = 0
@@ -126,6 +161,7 @@ class AggregatorBase:
         self.stale = 0
         self.late = 0
         self.timeouts = 0
+        self.dropped = 0
 
     # --------------------------------------------------------------- hooks
     def _model(self) -> tuple[int, Weights] | None:
@@ -164,6 +200,10 @@ class AggregatorBase:
 
     def _on_task_cancelled(self, task: int) -> None:
         """A task of ours ended without an answer (site down or timed out)."""
+
+    def _epoch_size(self) -> int:
+        """Updates per aggregation epoch (the buffer size K for buffered aggregators)."""
+        return max(1, self._dispatcher.concurrency)
 
     def _fill(self, now: float, out: list[Effect]) -> None:
         """Start tasks up to the concurrency target (sync rounds override this)."""
@@ -211,6 +251,7 @@ class AggregatorBase:
             self._on_peer_down(event.peer, now, out)
         else:
             raise ProtocolMisuseError(f"{self._id}: aggregators start no training; got {event!r}")
+        self._release_held(now, out)
         self._fill(now, out)
         return out
 
@@ -257,6 +298,9 @@ class AggregatorBase:
                 self._on_task_cancelled(task)
         else:
             self._regions_up.pop(peer, None)
+        if role is not None:
+            self._held.pop(peer, None)  # unacked: the child resends them on reconnect
+        self._epoch_changed = True  # fewer children up: the others' quota may have grown
 
     def _on_deadline(self, now: float, out: list[Effect]) -> None:
         for task, site in self._dispatcher.expire(now):
@@ -276,13 +320,75 @@ class AggregatorBase:
             out.append(Metric("update_duplicate", 1.0, {"src": msg.src, "seq": str(msg.seq)}))
             out.append(Send(peer, Ack(msg.src, msg.seq)))
             return
+        if not self._within_quota(peer, msg, out):
+            return
         model = self._model()
         if model is None:
             self._defer(peer, msg, out)
             return
         version, reference = model
         reason = check_update(msg, version, reference)
+        if reason is None:
+            msg, reason = self._check_claims(peer, msg, out)
         self._accept(peer, msg, reason, version, now, out)
+
+    def _check_claims(self, peer: str, msg: Update, out: list[Effect]) -> tuple[Update, str | None]:
+        """Bound count and n_examples (``ClaimBounds``) and measure the delta's norm."""
+        msg, reason, clamped = self._bounds.check(peer, self._children[peer], msg)
+        if reason is not None:
+            return msg, reason
+        for name in clamped:
+            out.append(Metric("update_claim_clamped", 1.0, {"src": peer, "field": name}))
+            out.append(
+                Log("warning", "claim clamped", {"src": peer, "field": name, "seq": msg.seq})
+            )
+        self._norm = l2_norm(msg.delta)  # finite entries can still overflow float64 here
+        if not self._norm < math.inf:
+            return msg, "norm_overflow"
+        return msg, None
+
+    # --------------------------------------------------------------- quota
+    def _within_quota(self, peer: str, msg: Update, out: list[Effect]) -> bool:
+        """May ``msg`` be decided now? Otherwise it is held (region) or dropped, unacked."""
+        if is_int(msg.task) and self._dispatcher.task_site(int(msg.task)) == peer:
+            return True  # answers the task we gave this site: one per task by construction
+        up = self._dispatcher.up_count + len(self._regions_up)
+        if self._uses.get(peer, 0) < intake_quota(self._epoch_size(), up):
+            return True
+        held = self._held.setdefault(peer, [])
+        if any(h.seq == msg.seq for h in held):
+            return False  # a resend of one already held
+        room = MAX_HELD_SITE if self._children[peer] == "site" else MAX_HELD_REGION
+        if len(held) < room:
+            held.append(msg)
+            out.append(Metric("update_held", 1.0, {"src": peer}))
+            return False
+        self.dropped += 1
+        out.append(Metric("update_dropped", 1.0, {"src": peer, "reason": "quota"}))
+        if peer not in self._warned:  # one line per child and epoch, not one per message
+            self._warned.add(peer)
+            out.append(
+                Log(
+                    "warning", "update over the intake quota dropped", {"src": peer, "seq": msg.seq}
+                )
+            )
+        return False
+
+    def _end_epoch(self) -> None:
+        """The buffer was flushed (or the round closed): every child's quota starts again."""
+        self._uses.clear()
+        self._warned.clear()
+        self._epoch_changed = True
+
+    def _release_held(self, now: float, out: list[Effect]) -> None:
+        """Take up held updates once their child may have room (after an epoch ended)."""
+        while self._epoch_changed and self._held:
+            self._epoch_changed = False
+            held, self._held = self._held, {}
+            for peer, updates in held.items():
+                for update in updates:
+                    self._on_update(peer, update, now, out)
+        self._epoch_changed = False
 
     def _defer(self, peer: str, msg: Update, out: list[Effect]) -> None:
         """An update arrived before this node has any model (only regions can be there)."""
@@ -307,6 +413,7 @@ class AggregatorBase:
     ) -> None:
         """Ledger it, Persist the record, then Ack: the Ack never precedes its Persist."""
         self._ledger.record(msg.src, msg.seq)
+        self._uses[msg.src] = self._uses.get(msg.src, 0) + 1
         self._log_n += 1
         data: dict[str, Any] = {
             "n": self._log_n,
@@ -442,3 +549,24 @@ class OwnModel:
 
     def _model(self) -> tuple[int, Weights]:
         return self._version, self._weights
+
+    def _apply_step(self, opt: ServerOptimizer, delta: Weights, out: list[Effect]) -> bool:
+        """weights ← opt.step(weights, delta), unless ``delta`` or the result is not finite:
+        then the step is dropped (loudly) and the previous model and optimiser state stay."""
+        if is_finite(delta):
+            saved = opt.snapshot()
+            with np.errstate(over="ignore", invalid="ignore"):
+                new = opt.step(self._weights, delta)
+            if is_finite(new):
+                self._weights = new
+                return True
+            opt.restore(saved)
+        out.append(Metric("aggregate_nonfinite", 1.0))
+        out.append(
+            Log(
+                "error",
+                "aggregate not finite: step dropped, model kept",
+                {"version": self._version},
+            )
+        )
+        return False

@@ -3,7 +3,8 @@
 Server side of FedBuff (Nguyen et al., AISTATS 2022, Alg. 1): each arriving delta with
 staleness τ = version − base_version is discounted by s(τ) and buffered; after K of them the
 buffer is flushed (see ``update_buffer`` for the averaging convention). Deltas older than
-``max_staleness`` are dropped — recorded and acked, but not applied.
+``max_staleness`` are dropped — recorded and acked, but not applied. Each flush ends an
+intake epoch (``AggregatorBase``: a child's quota of updates starts again).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from algorithms.aggregator_base import AggregatorBase
+from algorithms.intake import ClaimBounds
 from algorithms.protocol import Effect, Metric, Weights
 from algorithms.staleness import StalenessFn, polynomial
 from algorithms.update_buffer import UpdateBuffer
@@ -40,10 +42,11 @@ class BufferedAggregator(AggregatorBase):
         task_timeout_s: float | None,
         rng: np.random.Generator | int,
         weighting: str,
-        clip_norm: float | None,
+        clip_norm: object,
         robust: str,
         trim_fraction: float,
         log_deltas: bool,
+        claim_bounds: ClaimBounds | None = None,
     ) -> None:
         super().__init__(
             node_id,
@@ -53,6 +56,7 @@ class BufferedAggregator(AggregatorBase):
             rng=rng,
             train_config=train_config,
             log_deltas=log_deltas,
+            claim_bounds=claim_bounds,
         )
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
@@ -79,8 +83,12 @@ class BufferedAggregator(AggregatorBase):
     def buffer_fill(self) -> int:
         return len(self._buffer)
 
+    def _epoch_size(self) -> int:
+        return self.buffer_size
+
     def _flush_full(self, out: list[Effect]) -> None:
-        """The buffer holds K updates: turn them into a model step or an upward update."""
+        """The buffer holds K updates: turn them into a model step or an upward update
+        (never one that is not finite); call ``_end_epoch``."""
         raise NotImplementedError
 
     def _accept(
@@ -96,7 +104,7 @@ class BufferedAggregator(AggregatorBase):
         if tau is None:
             return
         s = self._staleness(tau)
-        if self._buffer.add(msg.delta, s, msg.n_examples, msg.count):
+        if self._buffer.add(msg.delta, s, msg.n_examples, msg.count, self._norm):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
         self._record_applied(peer, msg, version, tau, s, out)
         out.append(Metric("buffer_fill", float(len(self._buffer))))

@@ -8,8 +8,11 @@ Alg. 1 (updater thread): on an update trained from model version τ_b at version
 x_{τ_b} comes from a bounded history of recent versions (``history``). When the base has
 fallen out of it the node approximates x_{τ_b} by the current x, i.e. x ← x + α_t·Δ, and
 counts it (``history_misses``, metric "fedasync_history_miss"). Deltas older than
-``max_staleness`` are dropped (recorded and acked). Same dispatcher, dedup, rejections and
-Persist-then-Ack as ``FedBuffAggregator``; region children get every new version.
+``max_staleness`` are dropped (recorded and acked). Same dispatcher, dedup, rejections,
+claim bounds, intake quota (an epoch is ``concurrency`` applied updates) and Persist-then-Ack
+as ``FedBuffAggregator``; region children get every new version. Deltas are norm-clipped
+(``clip_norm="auto"`` by default, see ``robust.NormClip``) and a mix whose result is not
+finite is dropped, keeping the previous model.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from typing import Any
 import numpy as np
 
 from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, OwnModel, checkpoint_interval
-from algorithms.protocol import Effect, Metric, Persist, Weights
-from algorithms.robust import clip_by_norm
+from algorithms.intake import ClaimBounds
+from algorithms.protocol import Effect, Log, Metric, Persist, Weights
+from algorithms.robust import NormClip
 from algorithms.staleness import StalenessFn, polynomial
+from algorithms.weights_math import is_finite, l2_norm
 from transport.wire import Update
 
 __all__ = ["FedAsyncAggregator"]
@@ -48,10 +53,11 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
         train_config: Mapping[str, Any] | None = None,
         task_timeout_s: float | None = None,
         rng: np.random.Generator | int = 0,
-        clip_norm: float | None = None,
+        clip_norm: object = "auto",
         checkpoint_every: int = 100,
         log_deltas: bool = True,
         version: int = 0,
+        claim_bounds: ClaimBounds | None = None,
     ) -> None:
         super().__init__(
             node_id,
@@ -61,6 +67,7 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
             rng=rng,
             train_config=train_config,
             log_deltas=log_deltas,
+            claim_bounds=claim_bounds,
         )
         self._init_model(weights, version)
         if not 0.0 < alpha <= 1.0:
@@ -69,11 +76,10 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
             raise ValueError(f"history must be >= 1, got {history}")
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
-        if clip_norm is not None and not clip_norm > 0.0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        self._clip = NormClip(clip_norm, self._weights)
         self.alpha = float(alpha)
         self.max_staleness = max_staleness
-        self.clip_norm = clip_norm
+        self._applied_in_epoch = 0
         self.checkpoint_every = checkpoint_interval(checkpoint_every)
         self._staleness = staleness
         self._history_len = history
@@ -96,30 +102,53 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
         alpha_t = self.alpha * self._staleness(tau)
         # The record's weight ``s`` is the mixing weight α_t (what a replay needs).
         self._record_applied(peer, msg, version, tau, alpha_t, out)
-        if not self._mix(msg.delta, msg.base_version, alpha_t):
+        mixed = self._mix(msg.delta, msg.base_version, alpha_t, self._norm)
+        if mixed is None:
+            out.append(Metric("aggregate_nonfinite", 1.0))
+            out.append(Log("error", "mix not finite: step dropped, model kept", {"src": msg.src}))
+            return
+        if not mixed:
             out.append(Metric("fedasync_history_miss", 1.0, {"src": msg.src}))
         out.append(Metric("model_version", float(self._version)))
         self._broadcast(out)
         if self.checkpoint_every and self._version % self.checkpoint_every == 0:
             out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
 
-    def _mix(self, delta: Weights, base_version: int, alpha_t: float) -> bool:
-        """x ← (1−α_t)x + α_t(x_base + Δ); return False when x_base was not in the history."""
-        if self.clip_norm is not None:
-            delta, _ = clip_by_norm(delta, self.clip_norm)
+    @property
+    def clip_norm(self) -> float | None:
+        """The clip bound the next delta will meet (None: no clip)."""
+        return self._clip.bound()
+
+    def _epoch_size(self) -> int:
+        return max(1, self._dispatcher.concurrency)
+
+    def _mix(self, delta: Weights, base_version: int, alpha_t: float, norm: float) -> bool | None:
+        """x ← (1−α_t)x + α_t(x_base + Δ); return False when x_base was not in the history,
+        None when the result was not finite (then nothing changes)."""
+        delta, _ = self._clip.apply(delta, norm)
+        self._applied_in_epoch += 1
+        if self._applied_in_epoch >= self._epoch_size():
+            self._applied_in_epoch = 0
+            self._end_epoch()
         base = self._history.get(base_version)
         x = self._weights
         new: Weights
+        with np.errstate(over="ignore", invalid="ignore"):
+            if base is None:
+                new = {
+                    k: (v + alpha_t * delta[k]).astype(v.dtype, copy=False) for k, v in x.items()
+                }
+            else:
+                new = {
+                    k: ((1.0 - alpha_t) * v + alpha_t * (base[k] + delta[k])).astype(
+                        v.dtype, copy=False
+                    )
+                    for k, v in x.items()
+                }
+        if not is_finite(new):
+            return None
         if base is None:
             self.history_misses += 1
-            new = {k: (v + alpha_t * delta[k]).astype(v.dtype, copy=False) for k, v in x.items()}
-        else:
-            new = {
-                k: ((1.0 - alpha_t) * v + alpha_t * (base[k] + delta[k])).astype(
-                    v.dtype, copy=False
-                )
-                for k, v in x.items()
-            }
         self._version += 1
         self._weights = new
         self._history[self._version] = new
@@ -128,7 +157,8 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
         return base is not None
 
     def _replay(self, record: Mapping[str, Any]) -> None:
-        self._mix(record["delta"], int(record["base_version"]), float(record["s"]))
+        delta = record["delta"]
+        self._mix(delta, int(record["base_version"]), float(record["s"]), l2_norm(delta))
 
     # ---------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
@@ -138,6 +168,7 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
             "kind": "fedasync",
             "version": self._version,
             "history": list(self._history.items()),
+            "clip": self._clip.snapshot(),
         }
 
     def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
@@ -148,4 +179,5 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
         self._history = OrderedDict((int(v), dict(w)) for v, w in state["history"])
         self._version = int(state["version"])
         self._weights = self._history[self._version]
+        self._clip.restore(state.get("clip"))  # older checkpoints: no clip history
         self._replay_records(records)

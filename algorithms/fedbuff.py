@@ -11,7 +11,9 @@ updates
 (an average normalised by the raw weights, so staleness still discounts; see
 ``update_buffer``). Children with role "region" (``RegionalAggregator``) get a
 ``ModelBroadcast`` for every new version and on their ``Hello``; their updates count with
-weight ``count`` (uniform weighting) or ``n_examples``.
+weight ``count`` (uniform weighting) or ``n_examples``, both bounded (``intake.ClaimBounds``).
+Deltas are norm-clipped (``clip_norm="auto"`` by default) and a step whose aggregate or
+result is not finite is dropped: the model is never published with a NaN or infinity.
 
 There is one state (always accepting), so no state enum: the buffer fill is the state.
 """
@@ -25,6 +27,7 @@ import numpy as np
 
 from algorithms.aggregator_base import CHECKPOINT_KEY, OwnModel, checkpoint_interval
 from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
+from algorithms.intake import ClaimBounds
 from algorithms.protocol import Effect, Metric, Persist, Weights
 from algorithms.server_opt import ServerOptimizer, ServerSGD
 from algorithms.staleness import StalenessFn
@@ -50,12 +53,13 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         task_timeout_s: float | None = None,
         rng: np.random.Generator | int = 0,
         weighting: str = "uniform",
-        clip_norm: float | None = None,
+        clip_norm: object = "auto",
         robust: str = "mean",
         trim_fraction: float = 0.1,
         checkpoint_every: int = 10,
         log_deltas: bool = True,
         version: int = 0,
+        claim_bounds: ClaimBounds | None = None,
     ) -> None:
         super().__init__(
             node_id,
@@ -72,6 +76,7 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
             robust=robust,
             trim_fraction=trim_fraction,
             log_deltas=log_deltas,
+            claim_bounds=claim_bounds,
         )
         self._init_model(weights, version)
         self._opt: ServerOptimizer = server_opt if server_opt is not None else ServerSGD()
@@ -80,7 +85,9 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
 
     def _flush_full(self, out: list[Effect]) -> None:
         agg = self._buffer.flush()
-        self._weights = self._opt.step(self._weights, agg.delta)
+        self._end_epoch()
+        if not self._apply_step(self._opt, agg.delta, out):
+            return
         self._version += 1
         out.append(Metric("model_version", float(self._version)))
         self._broadcast(out)

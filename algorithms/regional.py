@@ -31,6 +31,7 @@ import numpy as np
 
 from algorithms.aggregator_base import CHECKPOINT_KEY, checkpoint_interval
 from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
+from algorithms.intake import ClaimBounds
 from algorithms.node_util import unexpected
 from algorithms.outbox import Outbox
 from algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
@@ -66,12 +67,13 @@ class RegionalAggregator(BufferedAggregator):
         task_timeout_s: float | None = None,
         rng: np.random.Generator | int = 0,
         weighting: str = "uniform",
-        clip_norm: float | None = None,
+        clip_norm: object = "auto",
         robust: str = "mean",
         trim_fraction: float = 0.1,
         checkpoint_every: int = 10,
         log_deltas: bool = True,
         max_deferred: int = 10_000,
+        claim_bounds: ClaimBounds | None = None,
     ) -> None:
         super().__init__(
             node_id,
@@ -88,6 +90,7 @@ class RegionalAggregator(BufferedAggregator):
             robust=robust,
             trim_fraction=trim_fraction,
             log_deltas=log_deltas,
+            claim_bounds=claim_bounds,
         )
         if not parent or parent == node_id:
             raise ValueError(f"bad parent {parent!r} for region {node_id!r}")
@@ -194,6 +197,11 @@ class RegionalAggregator(BufferedAggregator):
         assert self._global is not None
         version = self._global[0] if self._replay_version is None else self._replay_version
         agg = self._buffer.flush()
+        self._end_epoch()
+        if not agg.finite:
+            out.append(Metric("aggregate_nonfinite", 1.0, {"region": self._id}))
+            out.append(Log("error", "aggregate not finite: not forwarded", {"region": self._id}))
+            return
         update = Update(
             src=self._id,
             seq=self._outbox.next_seq(),

@@ -1,7 +1,14 @@
 """Robust aggregation: norm clipping, coordinate-wise median, coordinate-wise trimmed mean.
 
 * Norm clipping bounds one update's influence: Δ ← Δ · min(1, C / ‖Δ‖₂)
-  (as in DP-FedAvg, McMahan et al. 2018, and robust FL practice).
+  (as in DP-FedAvg, McMahan et al. 2018, and robust FL practice). ``NormClip`` holds the
+  setting of one aggregator: a fixed C, no clip ("off"), or ``"auto"`` (the default): C is
+  ``AUTO_FACTOR`` × the median L2 norm of the last ``AUTO_WINDOW`` accepted deltas (their
+  norms before clipping), and until ``AUTO_MIN_SAMPLES`` have been seen, the norm of the model
+  itself (√(number of parameters) for an all-zero model). A median is moved only by a
+  majority of the window, so a minority of attackers cannot raise C above what honest
+  deltas reach, and an honest delta (typically within a few times the median) is left
+  untouched; a delta whose norm is not finite is refused outright (``norm`` says so).
 * Coordinate-wise median and β-trimmed mean (Yin et al., ICML 2018, "Byzantine-robust
   distributed learning"): per coordinate, sort the n values, drop ⌊βn⌋ from each end, average
   the rest. Both are unweighted over the inputs they are given.
@@ -10,14 +17,84 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import statistics
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from algorithms.protocol import Weights
 from algorithms.weights_math import l2_norm
 
-__all__ = ["clip_by_norm", "coordinate_median", "trimmed_mean"]
+__all__ = [
+    "AUTO_FACTOR",
+    "AUTO_MIN_SAMPLES",
+    "AUTO_WINDOW",
+    "NormClip",
+    "clip_by_norm",
+    "coordinate_median",
+    "parse_clip_norm",
+    "trimmed_mean",
+]
+
+AUTO_FACTOR = 3.0
+AUTO_WINDOW = 32
+AUTO_MIN_SAMPLES = 5
+
+
+def parse_clip_norm(setting: object) -> float | str | None:
+    """A validated clip setting: "auto", None (no clip; also spelt "off"), or a number > 0."""
+    if setting is None or setting == "off":
+        return None
+    if setting == "auto":
+        return "auto"
+    if isinstance(setting, int | float) and not isinstance(setting, bool):
+        value = float(setting)
+        if value > 0.0 and math.isfinite(value):
+            return value
+    raise ValueError(f'clip_norm must be "auto", "off" (or None) or a number > 0, got {setting!r}')
+
+
+class NormClip:
+    """One aggregator's norm clip; ``reference`` is the model (sets the "auto" start)."""
+
+    __slots__ = ("_initial", "_recent", "setting")
+
+    def __init__(self, setting: object, reference: Weights) -> None:
+        self.setting = parse_clip_norm(setting)
+        size = sum(int(v.size) for v in reference.values())
+        norm = l2_norm(reference) if reference else 0.0
+        self._initial = norm if 0.0 < norm < math.inf else max(1.0, math.sqrt(size))
+        self._recent: deque[float] = deque(maxlen=AUTO_WINDOW)
+
+    def bound(self) -> float | None:
+        """The current C (None: no clip)."""
+        if self.setting is None:
+            return None
+        if isinstance(self.setting, float):
+            return self.setting
+        if len(self._recent) < AUTO_MIN_SAMPLES:
+            return self._initial
+        median = statistics.median(self._recent)
+        return AUTO_FACTOR * median if median > 0.0 else self._initial
+
+    def apply(self, delta: Weights, norm: float) -> tuple[Weights, bool]:
+        """Clip ``delta`` (whose finite L2 norm the caller measured) and learn from it."""
+        c = self.bound()
+        if self.setting == "auto":
+            self._recent.append(norm)
+        if c is None or norm <= c:
+            return delta, False
+        factor = c / norm
+        return {k: (v * factor).astype(v.dtype, copy=False) for k, v in delta.items()}, True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"recent": list(self._recent)}
+
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        self._recent.clear()
+        self._recent.extend(float(x) for x in (state or {}).get("recent", ()))
 
 
 def clip_by_norm(delta: Weights, max_norm: float) -> tuple[Weights, bool]:

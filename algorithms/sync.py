@@ -11,6 +11,10 @@ At ``round_timeout_s`` a round with ≥ ``min_cohort`` answers is aggregated any
 fewer is abandoned (its answers discarded, ``rounds_abandoned`` += 1) and a new round starts.
 An update that answers no task of the open round (a closed or abandoned round, or from an
 unselected site) is "late": recorded and acked, never applied (metric "update_late").
+Each round is an intake epoch (``AggregatorBase``): beyond its own round task a site gets
+one decided update per round, so late floods cost no more than one log write per round.
+Claims are bounded and deltas clipped as for FedBuff (``intake``, ``robust.NormClip``), and
+a round whose aggregate or new model is not finite is closed without a step.
 
 States (``RoundState``): WAITING — fewer than ``min_available`` sites are up and idle; a
 round starts as soon as enough are (checked on every event, including Hello and deadlines);
@@ -33,6 +37,7 @@ from algorithms.aggregator_base import (
     OwnModel,
     checkpoint_interval,
 )
+from algorithms.intake import ClaimBounds
 from algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
 from algorithms.server_opt import ServerOptimizer, ServerSGD
 from algorithms.update_buffer import UpdateBuffer
@@ -65,12 +70,13 @@ class SyncAggregator(OwnModel, AggregatorBase):
         train_config: Mapping[str, Any] | None = None,
         rng: np.random.Generator | int = 0,
         weighting: str = "examples",
-        clip_norm: float | None = None,
+        clip_norm: object = "auto",
         robust: str = "mean",
         trim_fraction: float = 0.1,
         checkpoint_every: int = 1,
         log_deltas: bool = False,  # an open round does not survive a restart: no replay
         version: int = 0,
+        claim_bounds: ClaimBounds | None = None,
     ) -> None:
         if clients_per_round < 1:
             raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}")
@@ -101,6 +107,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
             rng=rng,
             train_config=train_config,
             log_deltas=log_deltas,
+            claim_bounds=claim_bounds,
         )
         self._init_model(weights, version)
         self.clients_per_round = k
@@ -150,6 +157,9 @@ class SyncAggregator(OwnModel, AggregatorBase):
     def _on_task_cancelled(self, task: int) -> None:
         self._round_tasks.discard(task)
 
+    def _epoch_size(self) -> int:
+        return self.clients_per_round
+
     def _accept(
         self,
         peer: str,
@@ -176,7 +186,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
             out.append(Metric("update_late", 1.0, {"src": msg.src}))
             self._record(peer, msg, Outcome.LATE, version, out, tau=version - msg.base_version)
             return
-        if self._buffer.add(msg.delta, 1.0, msg.n_examples, msg.count):
+        if self._buffer.add(msg.delta, 1.0, msg.n_examples, msg.count, self._norm):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
         self._round_members.append((msg.src, msg.seq))
         self._record_applied(peer, msg, version, 0, 1.0, out, round=self.round)
@@ -203,7 +213,10 @@ class SyncAggregator(OwnModel, AggregatorBase):
 
     def _close_round(self, why: str, out: list[Effect]) -> None:
         agg = self._buffer.flush()
-        self._weights = self._opt.step(self._weights, agg.delta)
+        if not self._apply_step(self._opt, agg.delta, out):
+            self.rounds_abandoned += 1
+            self._end_round()
+            return
         self._version += 1
         self.rounds_closed += 1
         out.append(Metric("round_closed", float(agg.n_updates), {"reason": why}))
@@ -221,6 +234,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._round_members = []
         self._deadline = None
         self.state = RoundState.WAITING
+        self._end_epoch()
 
     # ---------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:

@@ -12,7 +12,13 @@ model less than a fresh one. (The paper divides by K; FLSim sums and scales the 
 
 ``robust="median"`` / ``"trimmed_mean"`` replace the weighted mean by the coordinate-wise
 median / trimmed mean of the discounted deltas s(τ_i)·Δ_i (unweighted; see ``robust``), and
-``clip_norm`` clips each incoming delta's L2 norm before it is used.
+``clip_norm`` clips each incoming delta's L2 norm before it is used: ``"auto"`` (the default,
+a bound that follows the median norm of recent deltas; see ``robust.NormClip``), a number,
+or None / ``"off"``.
+
+Overflow: the sum is formed in float64 (a handful of float32 deltas near float32's maximum
+cannot overflow it), and ``Aggregate.finite`` says whether the result, cast back to the
+model's dtypes, is finite; callers never publish or forward an aggregate that is not.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from algorithms.protocol import Weights
-from algorithms.robust import clip_by_norm, coordinate_median, trimmed_mean
+from algorithms.robust import NormClip, coordinate_median, trimmed_mean
+from algorithms.weights_math import is_finite, l2_norm
 
 __all__ = ["ROBUST_MODES", "WEIGHTINGS", "Aggregate", "UpdateBuffer"]
 
@@ -40,6 +47,11 @@ class Aggregate:
     n_updates: int
     n_examples: int
     count: int
+
+    @property
+    def finite(self) -> bool:
+        """No NaN or infinity in the delta (as cast to the model's dtypes)."""
+        return is_finite(self.delta)
 
 
 class UpdateBuffer:
@@ -58,7 +70,7 @@ class UpdateBuffer:
         weighting: str = "uniform",
         robust: str = "mean",
         trim_fraction: float = 0.1,
-        clip_norm: float | None = None,
+        clip_norm: object = "auto",
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -66,12 +78,10 @@ class UpdateBuffer:
             raise ValueError(f"robust must be one of {ROBUST_MODES}, got {robust!r}")
         if not 0.0 <= trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
-        if clip_norm is not None and not clip_norm > 0.0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        self._clip = NormClip(clip_norm, template)
         self.weighting = weighting
         self.robust = robust
         self.trim_fraction = trim_fraction
-        self.clip_norm = clip_norm
         self._dtypes = {k: v.dtype for k, v in template.items()}
         self._shapes = {k: v.shape for k, v in template.items()}
         self._kept: list[Weights] = []  # deltas as received (or clipped)
@@ -85,11 +95,20 @@ class UpdateBuffer:
     def __len__(self) -> int:
         return self.n_updates
 
-    def add(self, delta: Weights, s: float, n_examples: int, count: int) -> bool:
-        """Fold in s·w·Δ; return whether ``delta`` had to be norm-clipped."""
-        clipped = False
-        if self.clip_norm is not None:
-            delta, clipped = clip_by_norm(delta, self.clip_norm)
+    @property
+    def clip_norm(self) -> float | None:
+        """The clip bound the next delta will meet (None: no clip)."""
+        return self._clip.bound()
+
+    def add(
+        self, delta: Weights, s: float, n_examples: int, count: int, norm: float | None = None
+    ) -> bool:
+        """Fold in s·w·Δ; return whether ``delta`` had to be norm-clipped.
+
+        ``norm`` is ‖Δ‖₂ if the caller measured it already (it must be finite: callers
+        refuse a delta whose norm overflows before it gets here).
+        """
+        delta, clipped = self._clip.apply(delta, l2_norm(delta) if norm is None else norm)
         w = float(count if self.weighting == "uniform" else n_examples)
         self._kept.append(delta)
         self._coefs.append(s * w)
@@ -122,9 +141,9 @@ class UpdateBuffer:
             coefs = [c / self._total_w for c in self._coefs]
             delta = {}
             for k, shape in self._shapes.items():
-                # Accumulate in the model's dtype, in place: stacking K large deltas and
-                # upcasting them to float64 costs more than the sum itself.
-                acc = np.zeros(shape, dtype=self._dtypes[k])
+                # Accumulate in float64, in place (no stack of K upcast deltas): a sum of
+                # float32 deltas near float32's maximum must not overflow on the way.
+                acc = np.zeros(shape, dtype=np.float64)
                 tmp = np.empty_like(acc)
                 for c, d in zip(coefs, self._kept, strict=True):
                     np.multiply(d[k], c, out=tmp, casting="unsafe")
@@ -132,8 +151,10 @@ class UpdateBuffer:
                 delta[k] = acc
         else:
             delta = {k: np.zeros(shape) for k, shape in self._shapes.items()}
+        with np.errstate(over="ignore"):  # an overflow shows as inf: ``Aggregate.finite``
+            cast = {k: v.astype(self._dtypes[k], copy=False) for k, v in delta.items()}
         out = Aggregate(
-            delta={k: v.astype(self._dtypes[k], copy=False) for k, v in delta.items()},
+            delta=cast,
             n_updates=self.n_updates,
             n_examples=self.n_examples,
             count=self.count,
@@ -160,6 +181,7 @@ class UpdateBuffer:
             "n_updates": self.n_updates,
             "n_examples": self.n_examples,
             "count": self.count,
+            "clip": self._clip.snapshot(),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -170,3 +192,4 @@ class UpdateBuffer:
         self.n_updates = int(state["n_updates"])
         self.n_examples = int(state["n_examples"])
         self.count = int(state["count"])
+        self._clip.restore(state.get("clip"))  # older checkpoints: no clip history

@@ -83,9 +83,10 @@ def weighted_sum(ws: Sequence[Weights], coeffs: Sequence[float]) -> Weights:
 def l2_norm(w: Weights) -> float:
     """The global L2 norm over all tensors, ‖w‖₂ (accumulated in float64)."""
     total = 0.0
-    for v in w.values():
-        flat = v.ravel().astype(np.float64, copy=False)
-        total += float(flat @ flat)
+    with np.errstate(over="ignore"):  # an overflow is reported as inf, for callers to refuse
+        for v in w.values():
+            flat = v.ravel().astype(np.float64, copy=False)
+            total += float(flat @ flat)
     return math.sqrt(total)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from algorithms.fedasync import FedAsyncAggregator
 from algorithms.fedbuff import FedBuffAggregator
+from algorithms.intake import ClaimBounds
 from algorithms.protocol import Node, Weights
 from algorithms.regional import RegionalAggregator
 from algorithms.server_opt import ServerOptimizer, make_server_opt
@@ -38,6 +39,31 @@ def server_optimizer(p: AlgorithmConfig) -> ServerOptimizer:
     return make_server_opt("sgd", {"lr": p.server_lr, "momentum": p.server_momentum})
 
 
+def claim_bounds(
+    p: AlgorithmConfig,
+    *,
+    region_counts: Mapping[str, int] | None = None,
+    site_examples: Mapping[str, int] | None = None,
+    max_examples_per_site: int | None = None,
+) -> ClaimBounds:
+    """What an aggregator believes of its children's ``count`` and ``n_examples`` claims.
+
+    A region child's count is bounded by ``region_counts`` (derived from the topology) or
+    else ``max_region_count`` (0: the children's ``regional_buffer_size``, right for regions
+    of sites); a site's examples by ``site_examples`` or else ``max_examples_per_site``.
+    """
+    default_count = p.max_region_count or p.regional_buffer_size
+    examples = p.max_examples_per_site
+    if max_examples_per_site is not None:
+        examples = min(examples, max_examples_per_site)
+    return ClaimBounds(
+        max_region_count=max(1, default_count),
+        max_examples_per_site=examples,
+        region_counts=dict(region_counts or {}),
+        site_examples=dict(site_examples or {}),
+    )
+
+
 def build_root(
     algorithm: str,
     node_id: str,
@@ -50,6 +76,7 @@ def build_root(
     train_config: Mapping[str, Any],
     rng: np.random.Generator,
     log_deltas: bool = True,
+    bounds: ClaimBounds | None = None,
 ) -> Node:
     """The top aggregator for ``algorithm`` (fedbuff, fedasync, fedavg or fedprox)."""
     common: dict[str, Any] = {
@@ -57,6 +84,7 @@ def build_root(
         "rng": rng,
         "clip_norm": p.clip_norm,
         "log_deltas": log_deltas,
+        "claim_bounds": bounds if bounds is not None else claim_bounds(p),
     }
     if algorithm == "fedbuff":
         return FedBuffAggregator(
@@ -118,6 +146,7 @@ def build_region(
     train_config: Mapping[str, Any],
     rng: np.random.Generator,
     log_deltas: bool = True,
+    bounds: ClaimBounds | None = None,
 ) -> RegionalAggregator:
     """A regional FedBuff buffer between its sites and ``parent``."""
     return RegionalAggregator(
@@ -135,4 +164,5 @@ def build_region(
         rng=rng,
         clip_norm=p.clip_norm,
         log_deltas=log_deltas,
+        claim_bounds=bounds if bounds is not None else claim_bounds(p),
     )

@@ -20,7 +20,7 @@ import numpy as np
 from algorithms.gossip import GossipPeer
 from algorithms.protocol import ModelHolder, Node, Weights
 from algorithms.site import SiteNode
-from sim.aggregators import build_region, build_root
+from sim.aggregators import build_region, build_root, claim_bounds
 from sim.availability import Availability, Death
 from sim.compute import ComputeModel
 from sim.config_reader import ConfigError
@@ -127,9 +127,18 @@ def build_nodes(
     p = arm.params
     train_config = arm.training.as_dict()
     nodes: dict[str, Node] = {}
+    counts = region_count_bounds(plan, p.regional_buffer_size)
+    most_examples = max(n_examples.values(), default=0)
     for spec in plan.nodes:
         rng = np.random.default_rng(derived_seed(seed, "node", spec.id))
         children = {c: plan.node(c).role for c in spec.children}
+        # What each child could honestly claim: from the plan and the sites' data.
+        bounds = claim_bounds(
+            p,
+            region_counts={c: counts[c] for c, r in children.items() if r == "region"},
+            site_examples={c: n_examples.get(c, 0) for c, r in children.items() if r == "site"},
+            max_examples_per_site=most_examples,
+        )
         node: Node
         if spec.role == "site":
             assert spec.parent is not None
@@ -160,6 +169,7 @@ def build_nodes(
                 train_config=train_config,
                 rng=rng,
                 log_deltas=False,  # the simulator never restarts a node from its log
+                bounds=bounds,
             )
         else:
             hierarchical_root = any(role == "region" for role in children.values())
@@ -174,9 +184,29 @@ def build_nodes(
                 train_config=train_config,
                 rng=rng,
                 log_deltas=False,
+                bounds=bounds,
             )
         nodes[spec.id] = node
     return nodes
+
+
+def region_count_bounds(plan: Plan, regional_buffer_size: int) -> dict[str, int]:
+    """The largest ``count`` each region can forward honestly: K times its largest child's
+    (a site counts 1), as its buffer flushes after K updates."""
+    bounds: dict[str, int] = {}
+
+    def bound(node_id: str) -> int:
+        spec = plan.node(node_id)
+        if spec.role != "region":
+            return 1
+        if node_id not in bounds:
+            most = max((bound(c) for c in spec.children), default=1)
+            bounds[node_id] = regional_buffer_size * most
+        return bounds[node_id]
+
+    for spec in plan.nodes:
+        bound(spec.id)
+    return bounds
 
 
 def build_availability(

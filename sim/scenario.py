@@ -107,8 +107,15 @@ class AlgorithmConfig:
     regional_concurrency: int = 10
     root_buffer_size: int = 2
     robust: str = "mean"
-    clip_norm: float | None = None
+    # "auto": a bound that follows the median norm of recent deltas (algorithms.robust);
+    # a number: a fixed bound; None ("off" in TOML): no clip.
+    clip_norm: float | str | None = "auto"
     weighting: str = "uniform"
+    # The largest ``count`` a region child may claim (0: derived from the topology, or the
+    # children's ``regional_buffer_size`` in a daemon), and the largest ``n_examples`` a
+    # site may claim; larger claims are clamped (algorithms.intake).
+    max_region_count: int = 0
+    max_examples_per_site: int = 1_000_000
     gossip_mode: str = "dpsgd"
     graph: str = "ring"
     degree: int = 4
@@ -405,6 +412,18 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
     return cfg
 
 
+def _clip_norm(t: Table, default: float | str | None) -> float | str | None:
+    """``clip_norm``: "auto", "off" or a number > 0."""
+    if not t.has("clip_norm"):
+        return default
+    value = t.raw("clip_norm")
+    if isinstance(value, str):
+        choice = t.text("clip_norm", choices=("auto", "off"))
+        return None if choice == "off" else "auto"
+    clip: float = t.number("clip_norm", min=0.0, exclusive_min=True)
+    return clip
+
+
 def _algorithm(t: Table) -> AlgorithmConfig:
     d = AlgorithmConfig()
     cfg = AlgorithmConfig(
@@ -427,8 +446,10 @@ def _algorithm(t: Table) -> AlgorithmConfig:
         regional_concurrency=t.integer("regional_concurrency", d.regional_concurrency, min=1),
         root_buffer_size=t.integer("root_buffer_size", d.root_buffer_size, min=1),
         robust=t.text("robust", d.robust, choices=ROBUST),
-        clip_norm=t.number("clip_norm", None, min=0.0, exclusive_min=True),
+        clip_norm=_clip_norm(t, d.clip_norm),
         weighting=t.text("weighting", d.weighting, choices=("uniform", "examples")),
+        max_region_count=t.integer("max_region_count", d.max_region_count, min=0),
+        max_examples_per_site=t.integer("max_examples_per_site", d.max_examples_per_site, min=0),
         gossip_mode=t.text("gossip_mode", d.gossip_mode, choices=("dpsgd", "pushsum")),
         graph=t.text("graph", d.graph, choices=GRAPHS),
         degree=t.integer("degree", d.degree, min=1),

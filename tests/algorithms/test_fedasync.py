@@ -10,7 +10,7 @@ SITES = {"s1": "site", "s2": "site", "s3": "site"}
 
 
 def make(**kw: object) -> FedAsyncAggregator:
-    args: dict[str, object] = {"concurrency": 2, "alpha": 0.5}
+    args: dict[str, object] = {"concurrency": 2, "alpha": 0.5, "clip_norm": None}
     args.update(kw)
     return FedAsyncAggregator("root", SITES, model(0.0), **args)  # type: ignore[arg-type]
 

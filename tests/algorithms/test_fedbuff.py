@@ -25,7 +25,7 @@ SITES = {f"s{i}": "site" for i in range(1, 7)}
 
 
 def make(**kw: object) -> FedBuffAggregator:
-    args: dict[str, object] = {"buffer_size": 2, "concurrency": 2}
+    args: dict[str, object] = {"buffer_size": 2, "concurrency": 2, "clip_norm": None}
     args.update(kw)
     children = args.pop("children", SITES)
     return FedBuffAggregator("root", children, model(0.0), **args)  # type: ignore[arg-type]

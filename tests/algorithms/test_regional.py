@@ -26,7 +26,7 @@ CHILDREN = {"s1": "site", "s2": "site", "s3": "site", "sub": "region"}
 
 
 def make(**kw: object) -> RegionalAggregator:
-    args: dict[str, object] = {"buffer_size": 2, "concurrency": 2}
+    args: dict[str, object] = {"buffer_size": 2, "concurrency": 2, "clip_norm": None}
     args.update(kw)
     return RegionalAggregator("r1", "root", CHILDREN, **args)  # type: ignore[arg-type]
 

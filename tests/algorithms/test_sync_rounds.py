@@ -10,7 +10,7 @@ SITES = {f"s{i}": "site" for i in range(1, 9)}
 
 
 def make(**kw: object) -> SyncAggregator:
-    args: dict[str, object] = {"clients_per_round": 2, "round_timeout_s": 10.0}
+    args: dict[str, object] = {"clients_per_round": 2, "round_timeout_s": 10.0, "clip_norm": None}
     args.update(kw)
     return SyncAggregator("root", SITES, model(0.0), **args)  # type: ignore[arg-type]
 
