@@ -179,7 +179,9 @@ class ChannelPipe:
     record counts as progress (a large message is many records). With ``e2e`` (daemons
     always have one) updates and models are signed as they are sent and checked as they
     arrive, against the channel's authenticated peer (``runtime.signing``); a refused
-    message raises its ``ProtocolError`` from ``recv``.
+    message raises its ``ProtocolError`` from ``recv``. Each message decodes under
+    ``limits`` (None: the channel's own); the peer set tightens them to the model's size
+    once it knows the model (``Limits.for_model``).
     """
 
     def __init__(
@@ -194,7 +196,7 @@ class ChannelPipe:
         self.channel = channel
         self._progress = progress
         self._codecs = codecs if codecs is not None else CodecPolicy()
-        self._limits = limits
+        self.limits = limits
         self.e2e = e2e
 
     @property
@@ -225,7 +227,7 @@ class ChannelPipe:
 
     async def _recv(self) -> Message | Via:
         while True:
-            msg = await self.channel.recv_tensors(self._limits)
+            msg = await self.channel.recv_tensors(self.limits)
             if self.e2e is None:
                 return msg
             if type(msg) is Relayed and self.channel.peer_role == RELAY_ROLE:

@@ -80,6 +80,7 @@ from sim.network import CodecPolicy
 from transport.channel import ChannelOptions
 from transport.e2e import ModelVersionGuard
 from transport.identity import Identity, IdentityError
+from transport.limits import ModelLayout
 from transport.roster import Roster, RosterError, read_small_text
 from transport.tensors import CodecSpec
 
@@ -532,7 +533,7 @@ def build_peers(d: Daemon) -> NetworkPeers:
         down=CodecSpec(kind=codec.down),  # type: ignore[arg-type]
     )
     conn = cfg.connection
-    return NetworkPeers(
+    peers = NetworkPeers(
         d.identity,
         d.roster,
         dial=dial,
@@ -549,6 +550,33 @@ def build_peers(d: Daemon) -> NetworkPeers:
         max_session_s=conn.max_session_s,
         roster_text=d.roster_text,
     )
+    layout = model_layout(d)
+    if layout is not None:  # else learned from the first verified model (a fresh region)
+        peers.e2e.set_layout(layout)
+    return peers
+
+
+def model_layout(d: Daemon) -> ModelLayout | None:
+    """The layout of the node's model where it is known at start: the model it holds (a
+    root, a gossip peer, a restored region) or the one its plan builds (a site). Its links
+    then decode under caps of the model's size, and updates and models of another shape
+    are refused before they are hashed (``runtime.signing``)."""
+    model = _model_of(d.node)
+    if model is not None:
+        return ModelLayout.of(model[1])
+    if d.plan is None:
+        return None
+    try:
+        return ModelLayout.of(d.plan.init(d.cfg.seed))
+    except Exception as exc:  # the plan's own code: without a layout the defaults apply
+        log.warning(
+            "%s: cannot build the model template from the plan (%s); links decode under "
+            "the default limits until the first model arrives",
+            d.cfg.node_id,
+            exc,
+            extra={"node": d.cfg.node_id},
+        )
+        return None
 
 
 # ---------------------------------------------------------------------- housekeeping

@@ -60,7 +60,7 @@ from transport.channel import (
 )
 from transport.errors import ProtocolError
 from transport.identity import Identity
-from transport.limits import Limits
+from transport.limits import Limits, ModelLayout
 from transport.links import Link, LinkClosed, memory_link_pair
 from transport.roster import Roster, RosterEntry
 from transport.wire import Message, RosterUpdate
@@ -472,7 +472,9 @@ class NetworkPeers:
 
     Every connection signs and checks updates and models end to end with ``e2e`` (built
     from ``identity`` and ``roster`` unless given; it cannot be turned off), see
-    ``runtime.signing``.
+    ``runtime.signing``. Messages decode under ``limits`` (None: the channel's defaults)
+    until the model's layout is known (``e2e.set_layout``), then under caps of the
+    model's size (``Limits.for_model``) on every link.
 
     ``max_session_s``: every connection ends after at most this long (between two
     messages, ``runtime.connection``) and a dialled one is re-established with a fresh
@@ -534,6 +536,9 @@ class NetworkPeers:
         self.accept_from = None if accept_from is None else frozenset(accept_from)
         self.codecs = codecs if codecs is not None else CodecPolicy()
         self.limits = limits
+        self.e2e.on_layout = self._use_model_limits
+        if self.e2e.layout is not None:
+            self._use_model_limits(self.e2e.layout)
         self.keepalive_s = keepalive_s
         self.down_after_s = down_after_s
         self.backoff = backoff if backoff is not None else Backoff()
@@ -734,6 +739,15 @@ class NetworkPeers:
         rtt = channel.handshake_rtt_s
         if self.on_link_rtt is not None and rtt is not None:
             self.on_link_rtt(channel.peer_id, rtt)
+
+    def _use_model_limits(self, layout: ModelLayout) -> None:
+        """Every link decodes under caps of the model's size from now on: the end-to-end
+        checks know its layout (``EndToEnd.set_layout``: at start, or from the first
+        verified model). Open links change at their next message."""
+        self.limits = Limits.for_model(layout, base=self.limits)
+        for conn in list(self.table._conns.values()):
+            if isinstance(conn.pipe, ChannelPipe):
+                conn.pipe.limits = self.limits
 
     def _pipe_opts(self) -> dict[str, Any]:
         return {"codecs": self.codecs, "limits": self.limits, "e2e": self.e2e}

@@ -26,6 +26,11 @@ the reason logged and the daemon lives on:
   the decoded weights; then the node's ``ModelVersionGuard`` refuses a version older than
   the newest accepted, or a different model under that version.
 
+Once the model's ``ModelLayout`` is known (``set_layout``: the daemon sets it at start
+from its model or plan; a node without either, a fresh region, learns it from the first
+model whose root signature verifies), an update's delta or a model's weights of other
+names, shapes or dtypes is refused (``layout``) before it is hashed.
+
 Replays need no guard here: a signed update can only be replayed identically, and the
 aggregators' ledger applies each ``(src, seq)`` once and re-acks a duplicate.
 
@@ -59,6 +64,7 @@ from transport.e2e import (
     ModelVersionGuard,
     SenderMismatchError,
     UnsignedError,
+    check_layout,
     digest_as_received,
     sign_model,
     sign_update,
@@ -68,6 +74,7 @@ from transport.e2e import (
 )
 from transport.errors import ProtocolError
 from transport.identity import Identity
+from transport.limits import Limits, ModelLayout
 from transport.relay import RelayInbox, RelaySender
 from transport.roster import Roster
 from transport.tensors import CodecSpec
@@ -172,6 +179,9 @@ class EndToEnd:
         self._relay_out = RelaySender(identity, roster, last=self.relay_seq.sent)
         self._relay_in = RelayInbox(identity, roster, floors=self.relay_seq.seen)
         self.relay_seq.bind(self._relay_in.floors)
+        # The model's layout once known (``set_layout``); ``on_layout`` is told of it.
+        self.layout: ModelLayout | None = None
+        self.on_layout: Callable[[ModelLayout], None] | None = None
 
     @property
     def node_id(self) -> str:
@@ -182,6 +192,14 @@ class EndToEnd:
         self.roster = roster
         self._relay_in.roster = roster
         self._relay_out.roster = roster  # envelopes are sealed to listed keys only
+
+    def set_layout(self, layout: ModelLayout) -> None:
+        """Check received updates and models against ``layout`` before hashing them,
+        decode relayed messages under ``Limits.for_model(layout)``, tell ``on_layout``."""
+        self.layout = layout
+        self._relay_in.limits = Limits.for_model(layout, base=self._relay_in.limits)
+        if self.on_layout is not None:
+            self.on_layout(layout)
 
     @property
     def signs_models(self) -> bool:
@@ -343,6 +361,8 @@ class EndToEnd:
             )
         if not msg.sig:
             raise UnsignedError(f"update {msg.seq} from {peer!r} is not signed")
+        if self.layout is not None:
+            check_layout(self.layout, msg.delta, f"update {msg.seq} from {peer!r}")
         digest = await _digest(msg.delta, None)
         verify_update(
             self.roster,
@@ -361,9 +381,13 @@ class EndToEnd:
             raise UnsignedError(
                 f"{what} of model version {msg.version} from {peer!r} carries no root signature"
             )
+        if self.layout is not None:
+            check_layout(self.layout, msg.weights, f"{what} of model version {msg.version}")
         digest = await _digest(msg.weights, None)
         verify_model(self.roster, msg.signer, msg.sig, msg.version, msg.parent, digest)
         self.guard.accept(msg.version, digest)
+        if self.layout is None:  # a node with no model of its own (a region) learns it here
+            self.set_layout(ModelLayout.of(msg.weights))
         self._proofs[msg.version] = ModelProof(msg.signer, msg.version, msg.parent, msg.sig, digest)
         while len(self._proofs) > self.keep_versions:
             del self._proofs[min(self._proofs)]

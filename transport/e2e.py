@@ -11,7 +11,9 @@ The hash (``tensors_digest``) is SHA-256 over the *decoded* tensors, what the fi
 receiver holds: the same whether the message was streamed or sent whole, and whatever
 codec carried it. A sender with a lossy codec hashes what the receiver will decode
 (``digest_as_received``), and a region that relays a model unchanged relays the root's
-proof with it.
+proof with it. A receiver that knows the model's ``ModelLayout`` first checks the
+received tensors against it (``check_layout``: names, shapes and dtypes, no pass over the
+data), so tensors of another shape are refused before anything is hashed.
 
 ``ReplayGuard`` refuses an update id a site has used before (replay);
 ``ModelVersionGuard`` refuses a model version older than the newest one accepted
@@ -31,7 +33,7 @@ import numpy.typing as npt
 
 from transport.errors import ProtocolError
 from transport.identity import Identity, key_text, verify_signature
-from transport.limits import Limits
+from transport.limits import Limits, ModelLayout
 from transport.roster import Roster
 from transport.tensors import CodecSpec, Tensors, _to_fp16, decode_tensors, encode_tensors
 
@@ -63,6 +65,12 @@ class SenderMismatchError(SignatureError):
     """An update whose ``src`` is not the authenticated peer that sent it (a relay)."""
 
     reason: ClassVar[str] = "src_mismatch"
+
+
+class LayoutMismatchError(ProtocolError):
+    """Tensors whose names, shapes or dtypes are not the model's (refused unhashed)."""
+
+    reason: ClassVar[str] = "layout"
 
 
 class StaleModelError(ProtocolError):
@@ -141,6 +149,18 @@ def as_received(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec) -> Ten
         return out
     manifest, payload = encode_tensors(tensors, dataclasses.replace(spec, lz4=False))
     return decode_tensors(manifest, payload, _SENDER_LIMITS)
+
+
+def check_layout(layout: ModelLayout, tensors: object, what: str) -> None:
+    """Raise ``LayoutMismatchError`` unless ``tensors`` are shaped like ``layout``'s model.
+
+    No pass over the data: done before a received update or model is hashed for its
+    signature, so tensors of another model cost the receiver nothing more."""
+    problem = layout.mismatch(tensors)
+    if problem is not None:
+        raise LayoutMismatchError(
+            f"{what}: tensors do not match the model's ({problem}); refused unhashed"
+        )
 
 
 def digest_as_received(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec) -> bytes:
