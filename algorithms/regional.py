@@ -18,7 +18,14 @@ its children like the root (dedup ledger, Persist-then-Ack, rejections). Regions
 parent may itself be a region.
 
 States (``RegionState``): NO_MODEL — nothing to hand out yet: no tasks are dispatched and
-children's updates are held (bounded) until the first model arrives; ACTIVE.
+children's updates are held until the first model arrives; ACTIVE.
+
+Updates held without a model cannot be checked against one, so what they may hold is
+bounded: ``max_deferred`` updates and ``max_deferred_bytes`` of decoded deltas. Beyond
+that an update is refused without an ack; the site keeps it in its outbox and resends it
+after its next reconnect, so nothing acknowledged is lost. (Honest sites only send updates
+for tasks, which need a model: holding is for the rare region that lost its state while
+its sites still had updates pending, so the bound is small.)
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ from algorithms.validation import is_int
 from algorithms.weights_math import check_compatible
 from transport.wire import Ack, Heartbeat, Hello, Message, ModelBroadcast, Update
 
-__all__ = ["PENDING_KEY", "RegionState", "RegionalAggregator"]
+__all__ = ["DEFAULT_MAX_DEFERRED_BYTES", "PENDING_KEY", "RegionState", "RegionalAggregator"]
 
 PENDING_KEY = "region/pending"
+DEFAULT_MAX_DEFERRED_BYTES = 64 << 20  # decoded delta bytes held before the first model
 
 
 class RegionState(enum.Enum):
@@ -73,6 +81,7 @@ class RegionalAggregator(BufferedAggregator):
         checkpoint_every: int = 10,
         log_deltas: bool = True,
         max_deferred: int = 10_000,
+        max_deferred_bytes: int = DEFAULT_MAX_DEFERRED_BYTES,
         claim_bounds: ClaimBounds | None = None,
     ) -> None:
         super().__init__(
@@ -98,14 +107,18 @@ class RegionalAggregator(BufferedAggregator):
             raise ValueError(f"{parent!r} cannot be both parent and child of {node_id!r}")
         if max_deferred < 0:
             raise ValueError(f"max_deferred must be >= 0, got {max_deferred}")
+        if max_deferred_bytes < 0:
+            raise ValueError(f"max_deferred_bytes must be >= 0, got {max_deferred_bytes}")
         self.parent = parent
         self.checkpoint_every = checkpoint_interval(checkpoint_every)
         self.max_deferred = max_deferred
+        self.max_deferred_bytes = max_deferred_bytes
         self.state = RegionState.NO_MODEL
         self._global: tuple[int, Weights] | None = None
         self._proof: tuple[str, int, bytes] = ("", 0, b"")  # root's (signer, parent, sig)
         self._outbox = Outbox(PENDING_KEY)
         self._deferred: list[tuple[str, Update]] = []
+        self.deferred_bytes = 0  # decoded delta bytes in ``_deferred``
         self._replay_version: int | None = None
         self.forwarded = 0
 
@@ -182,14 +195,20 @@ class RegionalAggregator(BufferedAggregator):
         self._broadcast(out)
         if self._deferred:
             held, self._deferred = self._deferred, []
+            self.deferred_bytes = 0
             for peer, update in held:
                 self._on_update(peer, update, now, out)
 
     def _defer(self, peer: str, msg: Update, out: list[Effect]) -> None:
-        if len(self._deferred) >= self.max_deferred:
+        size = _delta_bytes(msg)
+        if (
+            len(self._deferred) >= self.max_deferred
+            or self.deferred_bytes + size > self.max_deferred_bytes
+        ):
             self._reject_unacked(peer, msg, "no_model", out)
             return
         self._deferred.append((peer, msg))
+        self.deferred_bytes += size
         out.append(Metric("update_deferred", 1.0, {"src": msg.src}))
 
     # ------------------------------------------------------------- forward
@@ -261,3 +280,11 @@ class RegionalAggregator(BufferedAggregator):
             super()._replay(record)
         finally:
             self._replay_version = None
+
+
+def _delta_bytes(msg: Update) -> int:
+    """Bytes the update's delta holds (what holding it costs)."""
+    delta = msg.delta
+    if not isinstance(delta, Mapping):
+        return 0
+    return sum(int(getattr(arr, "nbytes", 0)) for arr in delta.values())
