@@ -120,6 +120,8 @@ class Table:
     def _check_range(
         self, key: str, value: float, lo: float | None, hi: float | None, exclusive_lo: bool
     ) -> None:
+        if value != value:  # NaN passes every comparison below
+            raise ConfigError(f"{self.where(key)}: expected a number, got nan")
         if lo is not None and (value < lo or (exclusive_lo and value == lo)):
             op = ">" if exclusive_lo else ">="
             raise ConfigError(f"{self.where(key)}: expected a number {op} {lo}, got {value}")

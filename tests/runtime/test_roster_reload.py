@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def applied(monkeypatch: pytest.MonkeyPatch) -> Applied:
     class Recording(metrics_mod.MetricsSink):
         def __call__(self, metric: Metric) -> None:
             if metric.name == "update_applied":
-                labels = dict(metric.labels)
+                labels = dict(metric.labels or {})
                 record.seen.append((self._node, labels["src"], int(labels["seq"])))
             super().__call__(metric)
 
@@ -165,7 +166,7 @@ async def test_a_revoked_site_is_cut_off_within_seconds_and_its_reconnect_refuse
     ids = ["root", "region-a", "site-1", "site-2", "site-3"]
     async with running(fed, ids, signals_for="region-a") as run:
         for site in ("site-1", "site-2", "site-3"):
-            await until(f"an update of {site}", lambda s=site: applied.of("region-a", s))
+            await until(f"an update of {site}", partial(applied.of, "region-a", site))
 
         publish(fed, 2, leave_out=["site-2"])
         os.kill(os.getpid(), signal.SIGHUP)  # only region-a handles it
