@@ -437,6 +437,11 @@ class Listener(Protocol):
 Serve = Callable[[str, int, OnLink], Awaitable[Listener]]
 OnRoster = Callable[[str, RosterUpdate], Awaitable[None]]
 
+# Rosters up to this size are pushed down the tree; a child decodes them under its
+# default string cap and the smallest model-derived message cap (``Limits.for_model``).
+# A larger roster (thousands of nodes) is installed on each node by a reload.
+MAX_PUSHED_ROSTER = 512 * 1024
+
 # Lifetimes are drawn in [1 - LIFETIME_JITTER, 1] * max_session_s, so that the children
 # of an aggregator that all connected at its start do not all reconnect at once.
 LIFETIME_JITTER = 0.1
@@ -527,6 +532,7 @@ class NetworkPeers:
             raise ValueError(f"max_session_s must be > 0 or None, got {max_session_s}")
         self.identity = identity
         self.roster = roster
+        self._roster_text = ""
         self.roster_text = roster_text  # the signed text of ``roster``, pushed to children
         self.on_roster: OnRoster | None = None
         self.max_session_s = max_session_s
@@ -621,6 +627,26 @@ class NetworkPeers:
 
     # ------------------------------------------------------------------- rosters
 
+    @property
+    def roster_text(self) -> str:
+        """The signed text of ``roster`` that is pushed to children ("" if none is)."""
+        return self._roster_text
+
+    @roster_text.setter
+    def roster_text(self, text: str) -> None:
+        size = len(text.encode())
+        if size > MAX_PUSHED_ROSTER:
+            log.warning(
+                "%s: the roster (%d bytes) is larger than the %d bytes pushed down the "
+                "tree; reload it on every node",
+                self.node_id,
+                size,
+                MAX_PUSHED_ROSTER,
+                extra={"reason": "roster_too_large_to_push"},
+            )
+            text = ""
+        self._roster_text = text
+
     def set_roster(self, roster: Roster, text: str) -> list[str]:
         """Use ``roster`` (already verified and newer) from now on: for handshakes, for
         end-to-end signatures, and for every open connection, which is closed when the
@@ -636,11 +662,11 @@ class NetworkPeers:
                 continue
             revoked.append(conn.peer)
             self.table.drop(conn, f"revoked by roster version {roster.version}")
-        if text:
+        if self.roster_text:
             for conn in list(self._inbound):
                 if conn.is_open():
                     self._answered.add(conn)
-                    conn.send(RosterUpdate(roster.version, text))
+                    conn.send(RosterUpdate(roster.version, self.roster_text))
         return sorted(set(revoked))
 
     def _admit(self, conn: Connection, used: Roster, inbound: bool) -> bool:

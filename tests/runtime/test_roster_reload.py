@@ -26,13 +26,14 @@ from runtime import metrics as metrics_mod
 from runtime.config import load_config
 from runtime.daemon import Daemon, load_node, open_daemon, serve
 from runtime.demo import Federation, write_federation, write_roster
+from runtime.peers import MAX_PUSHED_ROSTER, NetworkPeers
 from runtime.roster_updates import ROSTER_SEEN_KEY
 from runtime.store import StateStore
 from transport import wire, ws
 from transport.channel import Gatekeeper, SecureChannel, client_channel
 from transport.identity import Identity
 from transport.links import Link
-from transport.roster import Roster
+from transport.roster import Roster, RosterEntry
 from transport.wire import RosterUpdate
 
 pytestmark = pytest.mark.timeout(60)
@@ -381,3 +382,16 @@ async def test_sessions_past_max_session_s_are_reestablished_without_losing_or_r
         seqs = applied.of("region-a", src)
         assert len(seqs) == len(set(seqs)), f"an update of {src} was applied twice: {seqs}"
         assert set(seqs) == recorded
+
+
+def test_a_roster_too_large_for_a_child_to_decode_is_not_pushed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A push that a child would refuse as too large would cost it its parent link on
+    every reconnect: such a roster is not pushed (and the log says to reload it)."""
+    me = Identity.generate("region-a", "region")
+    roster = Roster(1, [RosterEntry("region-a", "region", me.public_key)])
+    peers = NetworkPeers(me, roster, roster_text="x" * (MAX_PUSHED_ROSTER + 1))
+    assert peers.roster_text == "" and "reload it on every node" in caplog.text
+    peers.set_roster(roster, "y" * MAX_PUSHED_ROSTER)
+    assert peers.roster_text == "y" * MAX_PUSHED_ROSTER
