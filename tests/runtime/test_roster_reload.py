@@ -316,20 +316,21 @@ async def test_older_forged_or_broken_rosters_are_refused_and_the_daemon_serves_
         await parent.close()
 
 
-async def test_a_child_cannot_push_a_roster_to_its_parent(
+async def test_rosters_flow_down_only_and_a_child_that_connects_late_gets_the_newer_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Rosters flow down the tree only: a site that sends its region a (genuine, newer)
-    roster is ignored; the region keeps its roster and the site's session."""
+    """A site that sends its region a (genuine, newer) roster is ignored: rosters come from
+    parents. A site that connects announcing an older version is sent the region's roster,
+    once per connection however often it asks (no amplification)."""
     caplog.set_level(logging.INFO)
     fed = federation(tmp_path, ["site-1", "site-2"])
     newer = publish(fed, 4, leave_out=["site-2"])
     publish(fed, 1)
     site = Identity.load(fed.workdir / "keys" / "site-1.key")
+    roster = Roster.load(fed.roster, consortium(fed).public_key)
+    url = fed.nodes["region-a"].url
+    assert url is not None
     async with running(fed, ["region-a"]) as run:
-        roster = Roster.load(fed.roster, consortium(fed).public_key)
-        url = fed.nodes["region-a"].url
-        assert url is not None
         channel = await client_channel(await _connect(url), site, roster, "region-a")
         await channel.send_message(wire.encode(RosterUpdate(4, newer)))
         await until(
@@ -337,6 +338,28 @@ async def test_a_child_cannot_push_a_roster_to_its_parent(
         )
         assert run.daemons["region-a"].roster.version == 1 and run.alive()
         await channel.close()
+
+        fed.roster.write_text(newer)
+        run.hangups["region-a"].set()
+        await until("region-a to install v4", lambda: run.daemons["region-a"].roster.version == 4)
+        late = await client_channel(await _connect(url), site, roster, "region-a")
+        for _ in range(3):  # "I hold version 1", three times
+            await late.send_message(wire.encode(RosterUpdate(1)))
+        got = await asyncio.wait_for(roster_updates(late, 1), 5)
+        assert got == [RosterUpdate(4, newer)]
+        with pytest.raises(TimeoutError):  # asked thrice, answered once
+            await asyncio.wait_for(roster_updates(late, 1), 1.0)
+        await late.close()
+
+
+async def roster_updates(channel: SecureChannel, n: int) -> list[RosterUpdate]:
+    """The next ``n`` roster updates on ``channel`` (skipping keep-alives and the like)."""
+    out: list[RosterUpdate] = []
+    while len(out) < n:
+        msg = await channel.recv_tensors()
+        if isinstance(msg, RosterUpdate):
+            out.append(msg)
+    return out
 
 
 async def _connect(url: str) -> Link:
