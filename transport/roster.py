@@ -318,6 +318,8 @@ def _parse_toml(text: str) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RosterError(f"roster is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise RosterError("roster is not valid TOML: nested too deeply") from None
     extra = set(data) - {"version", "nodes", "signature"}
     if extra:
         raise RosterError(f"unknown roster field {sorted(extra)[0]!r}")

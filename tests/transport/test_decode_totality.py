@@ -16,6 +16,7 @@ from transport import wire
 from transport.channel import _parse_stream_header
 from transport.errors import CodecError, DecompressionBomb, NonFiniteTensor, ProtocolError
 from transport.limits import Limits
+from transport.roster import Roster, RosterError
 from transport.streaming import TensorStreamDecoder, TensorStreamEncoder
 from transport.tensors import (
     _MAX_INT8_SCALE,
@@ -242,3 +243,18 @@ def test_fp16_and_topk_extremes_decode_finite() -> None:
     }
     with pytest.raises(NonFiniteTensor):
         decode_tensors(manifest, values.tobytes() + bytes([0, 3]))
+
+
+# ------------------------------------------------------------- roster text (found by bench/fuzz.py)
+
+
+@pytest.mark.parametrize("opener", ["[", "{a = "], ids=["arrays", "inline-tables"])
+@pytest.mark.parametrize("depth", [600, 100_000])
+def test_deeply_nested_roster_text_is_a_roster_error_not_a_recursion_error(
+    opener: str, depth: int
+) -> None:
+    closer = "]" if opener == "[" else "}"
+    text = f"version = 1\nx = {opener * depth}1{closer * depth}\n"
+    for load in (Roster.loads_unsigned, lambda t: Roster.loads(t, bytes(32))):
+        with pytest.raises(RosterError, match="nested too deeply"):
+            load(text)
