@@ -27,7 +27,10 @@ The last line is ``fuzz: N inputs, M unexpected exceptions (target 0)``.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import copy
+import dataclasses
 import math
 import multiprocessing
 import random
@@ -49,11 +52,19 @@ import nacl.signing  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transport import e2e, records, tensors, wire  # noqa: E402
-from transport.channel import _parse_stream_header  # noqa: E402
+from transport.channel import (  # noqa: E402
+    TENSOR_FIELDS,
+    ChannelClosed,
+    ChannelOptions,
+    SecureChannel,
+    _parse_stream_header,
+)
 from transport.errors import ProtocolError  # noqa: E402
-from transport.handshake import ClientHandshake, ServerHandshake  # noqa: E402
+from transport.handshake import ClientHandshake, ServerHandshake, SessionKeys  # noqa: E402
 from transport.identity import Identity  # noqa: E402
 from transport.limits import Limits  # noqa: E402
+from transport.links import memory_link_pair  # noqa: E402
+from transport.records import CHUNK_SIZE  # noqa: E402
 from transport.roster import Roster, RosterEntry  # noqa: E402
 from transport.streaming import TensorStreamDecoder, TensorStreamEncoder  # noqa: E402
 from transport.tensors import CodecSpec  # noqa: E402
@@ -475,8 +486,6 @@ def e2e_target(world: World) -> Target:
 
 
 def _sign(world: World, msg: wire.Message) -> wire.Message:
-    import dataclasses
-
     try:
         if isinstance(msg, wire.Update):
             digest = e2e.tensors_digest(msg.delta)
@@ -683,6 +692,90 @@ def records_target(world: World) -> Target:
     return Target("records", seeds, mutate, run)
 
 
+def channel_target(world: World) -> Target:
+    """A ``SecureChannel``'s receiving side (message assembly: kind bytes, multi-record
+    messages, stream headers, streamed pieces written straight into tensors) fed records
+    that a peer holding the session key sealed around mutated plaintext, as after a
+    completed handshake."""
+    key_out, key_in = bytes(range(32)), bytes(range(32, 64))
+    keys = SessionKeys(key_out, key_in, "agg", "root", bytes(32), records.CIPHERS[0])
+    options = ChannelOptions()
+    rng = np.random.default_rng(2)
+    messages: list[wire.Message] = [
+        wire.Ack("agg", 1),
+        wire.TrainRequest(1, 2, {"w": rng.standard_normal(40).astype(np.float32)}),
+        wire.ModelBroadcast(2, {"w": rng.standard_normal(3000).astype(np.float32)}),
+        wire.Update("agg", 1, 2, {"a": np.zeros(2000, np.float32), "n": np.arange(9)}, 3),
+    ]
+    seeds: list[list[Any]] = []  # [cipher index, [[chunk, ...] per message]]
+    blobs: list[bytes] = []
+    for cipher_index in range(len(records.CIPHERS)):
+        for msg in messages:
+            for spec in world.specs:
+                plain = _channel_plaintext(msg, spec)
+                seeds.append([cipher_index, plain])
+                blobs += [c for m in plain for c in m]
+    loop = asyncio.new_event_loop()
+
+    def mutate(rng: random.Random, i: int) -> Any:
+        cipher_index, plain = seeds[i]
+        if len(plain) == 2 and rng.random() < 0.5:  # a stream: mutate its manifest's tree
+            header = unpack(plain[0][0][1:])
+            header["stream"] = mutate_tree(rng, header["stream"], blobs, rng.choice([1, 2]))
+            with contextlib.suppress(OverflowError, ValueError, TypeError):  # else unchanged
+                plain = [[b"\x02" + pack(header)], plain[1]]
+            return [cipher_index, plain]
+        item = mutate_tree(rng, [cipher_index, plain], blobs, rounds=rng.choice([1, 2, 3]))
+        item[0] = cipher_index  # negotiated, not sent
+        return item
+
+    def run(item: Any) -> None:
+        loop.run_until_complete(_run_channel(item, keys, options, key_in))
+
+    return Target("channel", seeds, mutate, run, weight=2)
+
+
+def _channel_plaintext(msg: wire.Message, spec: CodecSpec) -> list[list[bytes]]:
+    """The record plaintexts ``SecureChannel.send_tensors`` produces for ``msg``: one list
+    of chunks per message (a streamed one is its header message, then its pieces)."""
+    field = TENSOR_FIELDS.get(type(msg))
+    if field is None or not getattr(msg, field):
+        return [_chunks(b"\x01" + wire.encode(msg, spec))]
+    encoder = TensorStreamEncoder(getattr(msg, field), spec, piece=4096)
+    envelope = wire.encode(_with(msg, {}), spec)
+    header = pack({"envelope": envelope, "stream": encoder.manifest})
+    pieces = []
+    while not encoder.done:
+        pieces.append(bytes(encoder.next_piece()))
+    return [_chunks(b"\x02" + header), pieces]
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    return [data[i : i + CHUNK_SIZE] for i in range(0, max(1, len(data)), CHUNK_SIZE)]
+
+
+async def _run_channel(item: Any, keys: SessionKeys, options: ChannelOptions, key: bytes) -> None:
+    cipher_index, plain = item
+    keys = dataclasses.replace(keys, cipher=records.CIPHERS[cipher_index])
+    ours, theirs = memory_link_pair(max_queue=100_000)
+    channel = SecureChannel(ours, keys, options)
+    sender = records.RecordSender(key, cipher=keys.cipher)
+    await theirs.send(sender.header())
+    for message in plain if isinstance(plain, list) else []:
+        chunks = [c for c in message if isinstance(c, bytes)] if isinstance(message, list) else []
+        for n, chunk in enumerate(chunks):
+            await theirs.send(sender.seal(chunk, last=n == len(chunks) - 1, now=0.0))
+    await theirs.send(sender.close())
+    try:
+        while True:
+            await channel.recv_tensors()
+    except ChannelClosed:
+        pass  # the peer's FINAL record: the end of its messages
+    finally:
+        await theirs.close()
+        await ours.close()
+
+
 def hostile_shapes_target(world: World) -> Target:
     """Generated rather than mutated: every tensor message and codec with a tensor whose
     shape is ``hostile_shape``, the payload sized to match what the other fields say."""
@@ -718,8 +811,6 @@ def hostile_shapes_target(world: World) -> Target:
 
 
 def _with(msg: wire.Message, t: dict[str, np.ndarray]) -> wire.Message:
-    import dataclasses
-
     for name in ("weights", "delta", "x"):
         if hasattr(msg, name):
             return dataclasses.replace(msg, **{name: t})  # type: ignore[arg-type]
@@ -736,6 +827,7 @@ TARGET_FACTORIES: list[Callable[[World], Target | str]] = [
     handshake_target,
     roster_target,
     records_target,
+    channel_target,
     hostile_shapes_target,
 ]
 
