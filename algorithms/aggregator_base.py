@@ -17,6 +17,10 @@
   epoch) without any durable write. The child still holds what was not acked and resends it
   after its next reconnect, so nothing acknowledged is lost. After a restart the sites'
   resent, now unsolicited, updates are thus taken one per site and epoch.
+  Region children are under the quota only when the buffer aggregates robustly (median,
+  trimmed mean), whose defence is the variety of its inputs: regions get no tasks, and an
+  honest region that is faster than its siblings would otherwise wait for the slowest one
+  at every flush. Under the mean a region's weight is bounded by its count bound instead.
 * Claims are bounded (``intake.ClaimBounds``): a site's ``count`` must be 1, a region's is
   clamped to what its subtree could produce, ``n_examples`` to the declared examples; a
   delta whose L2 norm overflows is rejected ("norm_overflow").
@@ -153,6 +157,7 @@ class AggregatorBase:
         self._held: dict[str, list[Update]] = {}
         self._warned: set[str] = set()
         self._epoch_changed = False
+        self._region_quota = False  # set by aggregators whose defence is input variety
         self._norm = 0.0  # ‖Δ‖₂ of the update being decided (measured once, at intake)
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
@@ -352,6 +357,8 @@ class AggregatorBase:
         """May ``msg`` be decided now? Otherwise it is held (region) or dropped, unacked."""
         if is_int(msg.task) and self._dispatcher.task_site(int(msg.task)) == peer:
             return True  # answers the task we gave this site: one per task by construction
+        if self._children[peer] == "region" and not self._region_quota:
+            return True
         up = self._dispatcher.up_count + len(self._regions_up)
         if self._uses.get(peer, 0) < intake_quota(self._epoch_size(), up):
             return True

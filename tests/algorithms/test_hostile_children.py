@@ -296,3 +296,24 @@ def test_after_a_restart_resent_unsolicited_updates_are_taken_and_acked_ones_kep
     assert metrics(resent, "update_duplicate")  # s1's acked update is not applied twice
     assert {("s3", "s3", 1), ("evil", "evil", 1), ("s1", "s1", 1)} <= set(acks(resent))
     assert back.version == 1  # 2 replayed + s3 + evil
+
+
+def test_a_flooding_region_gets_its_share_under_median_but_a_fast_one_is_not_slowed() -> None:
+    children = {"r1": "region", "r2": "region"}
+    for robust, expected in (("median", 2), ("mean", 3)):
+        agg = root(children=children, buffer_size=3, robust=robust)
+        for r in children:
+            agg.handle(hello(r, "region"), 0.0)
+        out: list[Effect] = []
+        for seq in range(1, 4):
+            out += agg.handle(recv("r1", upd("r1", seq, value=0.01)), 1.0)
+        # Under the median a region gets its fair share of a buffer (⌈3/2⌉ = 2), its extra
+        # forwards wait (unacked) for the next flush; under the mean an honest region
+        # faster than its sibling fills the buffer alone.
+        assert len(acks(out)) == expected, robust
+        assert agg.version == (1 if robust == "mean" else 0)
+        if robust == "median":
+            assert len(metrics(out, "update_held")) == 1
+            out = agg.handle(recv("r2", upd("r2", 1, value=0.01)), 1.0)
+            assert agg.version == 1 and agg.buffer_fill == 1  # then the held r1 forward
+            assert ("r1", "r1", 3) in acks(out)
