@@ -227,7 +227,7 @@ async def test_a_shape_numpy_cannot_build_drops_the_connection_not_the_site(
     caplog.set_level(logging.WARNING)
     await survives(pki, [plain(make(), field, spec)])
     (record,) = dropped_for(caplog, "decompression_bomb")
-    assert "numpy cannot shape" in record.getMessage()
+    assert "non-zero dimensions multiply" in record.getMessage()
 
 
 @pytest.mark.parametrize("spec", [FP32, TOPK], ids=["fp32", "topk"])
@@ -237,7 +237,7 @@ async def test_a_streamed_shape_numpy_cannot_build_drops_the_connection_not_the_
     caplog.set_level(logging.WARNING)
     await survives(pki, [streamed(spec, monkeypatch)])
     (record,) = dropped_for(caplog, "decompression_bomb")
-    assert "numpy cannot shape" in record.getMessage()
+    assert "non-zero dimensions multiply" in record.getMessage()
 
 
 async def test_the_same_attack_again_and_again_never_keeps_the_site_down(
