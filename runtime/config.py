@@ -33,7 +33,9 @@ Example (a hospital site)::
     [connection]                      # keepalive_s, down_after_s, backoff_base_s, backoff_cap_s,
                                       # max_session_s (a session's maximum lifetime),
                                       # ciphers (record ciphers, preferred first),
-                                      # offload ("auto" | "pool": where records are sealed)
+                                      # offload ("auto" | "pool": where records are sealed),
+                                      # listening: handshake_timeout_s, max_pending,
+                                      # max_pending_per_address (admission before auth)
     [metrics]                         # port (0 = off), host
     [executor]                        # kind = "thread" | "process", workers
 
@@ -62,7 +64,7 @@ from sim.scenario import _algorithm as _read_algorithm
 from sim.scenario import _codec as _read_codec
 from sim.scenario import _training as _read_training
 from sim.workloads import DATASET_NAMES
-from transport.channel import OFFLOAD_MODES
+from transport.channel import DEFAULT_GATE_HANDSHAKE_TIMEOUT_S, DEFAULT_MAX_PENDING, OFFLOAD_MODES
 from transport.identity import IdentityError, check_node_id, parse_key
 from transport.records import CIPHERS
 
@@ -128,6 +130,13 @@ class ConnectionConfig:
     # A session's maximum lifetime: then it closes between two messages and the dialler
     # reconnects with a fresh handshake against the current roster (revocation backstop).
     max_session_s: float = 3600.0
+    # A listening node's admission of unauthenticated connections: how long a handshake
+    # may take, how many may be in progress, and how many of those from one source
+    # address (None: max_pending // 8), so that one host's idle connections cannot keep
+    # the roster's sites out (``transport.channel.GateLimits``).
+    handshake_timeout_s: float = DEFAULT_GATE_HANDSHAKE_TIMEOUT_S
+    max_pending: int = DEFAULT_MAX_PENDING
+    max_pending_per_address: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,7 +464,16 @@ def _connection(t: Table) -> ConnectionConfig:
         max_session_s=t.number(
             "max_session_s", d.max_session_s, min=0.0, max=MAX_SESSION_S, exclusive_min=True
         ),
+        handshake_timeout_s=t.number(
+            "handshake_timeout_s", d.handshake_timeout_s, min=0.0, max=60.0, exclusive_min=True
+        ),
+        max_pending=t.integer("max_pending", d.max_pending, min=1),
+        max_pending_per_address=t.integer("max_pending_per_address", None, min=1),
     )
+    if cfg.max_pending_per_address is not None and cfg.max_pending_per_address > cfg.max_pending:
+        raise ConfigError(
+            f"{t.where('max_pending_per_address')}: must be <= max_pending ({cfg.max_pending})"
+        )
     if cfg.down_after_s <= cfg.keepalive_s:
         raise ConfigError(
             f"{t.where('down_after_s')}: must exceed keepalive_s ({cfg.keepalive_s}); "

@@ -77,7 +77,7 @@ from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root
 from sim.config_reader import ConfigError
 from sim.kernel import derived_seed
 from sim.network import CodecPolicy
-from transport.channel import ChannelOptions
+from transport.channel import ChannelOptions, GateLimits
 from transport.e2e import ModelVersionGuard
 from transport.identity import Identity, IdentityError
 from transport.limits import ModelLayout
@@ -549,6 +549,11 @@ def build_peers(d: Daemon) -> NetworkPeers:
         options=ChannelOptions(ciphers=conn.ciphers, offload=conn.offload),
         max_session_s=conn.max_session_s,
         roster_text=d.roster_text,
+    )
+    peers.gate.limits = GateLimits(
+        max_pending=conn.max_pending,
+        max_pending_per_address=conn.max_pending_per_address,
+        handshake_timeout=conn.handshake_timeout_s,
     )
     layout = model_layout(d)
     if layout is not None:  # else learned from the first verified model (a fresh region)

@@ -782,7 +782,8 @@ class NetworkPeers:
         link = ProgressLink(raw)
         roster = self.gate.roster  # the one this handshake is checked against
         try:
-            channel = await self.gate.accept(link)
+            # WebSocket links know their source address, for the per-address cap.
+            channel = await self.gate.accept(link, address=getattr(raw, "remote_address", None))
         except (ProtocolError, LinkClosed) as exc:
             self.refused += 1
             log.info("%s: refused a connection: %s", self.node_id, exc, extra={"reason": str(exc)})

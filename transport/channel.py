@@ -4,7 +4,8 @@ Life of a channel (DESIGN.md, "Channel security"):
 
 1. Handshake (``transport.handshake``, SIGMA style) under ``asyncio.timeout``; a peer
    whose key, id or role the roster does not admit is refused before any application
-   data is read. Server side, a ``Gatekeeper`` caps concurrent unauthenticated links.
+   data is read. Server side, a ``Gatekeeper`` caps concurrent unauthenticated links,
+   in all and per source address, and gives each a short time to authenticate.
 2. Each side sends its record stream header, then records (``transport.records``, in
    the cipher the handshake agreed on): one frame on the link is one record. A message
    is one or more records, the last one marking the end of the message; ``close()``
@@ -60,7 +61,7 @@ from transport.handshake import (
 )
 from transport.identity import Identity
 from transport.limits import Limits, MiB
-from transport.links import Link, LinkClosed
+from transport.links import Link, LinkClosed, address_key
 from transport.records import (
     CHUNK_SIZE,
     CIPHER_AEGIS256,
@@ -81,6 +82,12 @@ KIND_TENSORS = 0x02
 _KIND_PREFIX = {KIND_BYTES: b"\x01", KIND_TENSORS: b"\x02"}
 
 DEFAULT_MAX_PENDING = 256
+# One source address may hold this share of the pending handshakes (max_pending // 8), so
+# that one host flooding idle upgrades leaves the rest to the roster's sites.
+PENDING_SHARE_PER_ADDRESS = 8
+# Server side, a handshake is one round trip and about a millisecond of crypto: a link
+# that has not authenticated within this many seconds is dropped.
+DEFAULT_GATE_HANDSHAKE_TIMEOUT_S = 5.0
 OFFLOAD_MODES = ("auto", "pool")
 INLINE_BELOW = 64 * 1024  # records smaller than this are sealed/opened on the loop thread
 STREAM_ABOVE = 1 * MiB  # tensor fields larger than this are streamed piece by piece
@@ -129,6 +136,12 @@ class GateBusy(ChannelError):
     """Too many unauthenticated connections are in progress; this one was dropped."""
 
     reason: ClassVar[str] = "busy"
+
+
+class AddressBusy(GateBusy):
+    """Too many unauthenticated connections from this source address; this one was dropped."""
+
+    reason: ClassVar[str] = "busy_address"
 
 
 class HandshakeTimeout(HandshakeError):
@@ -293,12 +306,45 @@ async def _establish(
     return channel
 
 
-class Gatekeeper:
-    """Server-side admission: at most ``max_pending`` links handshaking at once.
+@dataclasses.dataclass(frozen=True, slots=True)
+class GateLimits:
+    """What a ``Gatekeeper`` admits: at most ``max_pending`` links handshaking at once, at
+    most ``max_pending_per_address`` of them from one source address (None: a share of
+    ``max_pending``, ``max_pending // PENDING_SHARE_PER_ADDRESS`` and at least 1), each
+    given ``handshake_timeout`` seconds to authenticate."""
 
-    Each admitted link gets ``handshake_timeout`` seconds to authenticate. A link beyond
-    the cap is closed at once (``GateBusy``). ``refused`` counts rejections by reason
-    (``err.reason`` of the error raised), for metrics.
+    max_pending: int = DEFAULT_MAX_PENDING
+    max_pending_per_address: int | None = None
+    handshake_timeout: float = DEFAULT_GATE_HANDSHAKE_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {self.max_pending}")
+        per_address = self.max_pending_per_address
+        if per_address is not None and not 1 <= per_address <= self.max_pending:
+            raise ValueError(
+                f"max_pending_per_address must be in [1, max_pending={self.max_pending}], "
+                f"got {per_address}"
+            )
+        if not self.handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be > 0, got {self.handshake_timeout}")
+
+    @property
+    def per_address(self) -> int:
+        """The cap per source address, ``max_pending_per_address`` or its default."""
+        if self.max_pending_per_address is not None:
+            return self.max_pending_per_address
+        return max(1, self.max_pending // PENDING_SHARE_PER_ADDRESS)
+
+
+class Gatekeeper:
+    """Server-side admission of unauthenticated links (``GateLimits``, the defaults above).
+
+    A link beyond either cap is closed at once (``GateBusy``, ``AddressBusy``); an
+    admitted one that has not authenticated within the time-out is closed
+    (``HandshakeTimeout``). ``refused`` counts rejections by reason (``err.reason`` of the
+    error raised), for metrics; ``limits`` and ``roster`` may be replaced at any time and
+    apply to later links.
     """
 
     def __init__(
@@ -306,44 +352,57 @@ class Gatekeeper:
         identity: Identity,
         roster: Roster,
         *,
-        max_pending: int = DEFAULT_MAX_PENDING,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        limits: GateLimits | None = None,
         allowed_roles: Collection[str] | None = None,
         options: ChannelOptions = DEFAULT_OPTIONS,
     ) -> None:
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        if handshake_timeout <= 0:
-            raise ValueError(f"handshake_timeout must be > 0, got {handshake_timeout}")
         self.identity = identity
         self.roster = roster  # replace it to apply a newer roster to later handshakes
-        self.max_pending = max_pending
-        self.handshake_timeout = handshake_timeout
+        self.limits = limits if limits is not None else GateLimits()
         self.allowed_roles = allowed_roles
         self.options = options
         self.accepted = 0
         self.refused: Counter[str] = Counter()
         self._pending = 0
+        self._pending_from: Counter[str] = Counter()  # by address_key
 
     @property
     def pending(self) -> int:
         """Links handshaking right now."""
         return self._pending
 
-    async def accept(self, link: Link) -> SecureChannel:
-        """Authenticate ``link`` or close it and raise (a ``ProtocolError`` or ``LinkClosed``)."""
-        if self._pending >= self.max_pending:
-            self.refused[GateBusy.reason] += 1
+    def pending_from(self, address: str | None) -> int:
+        """Links handshaking right now from ``address`` (its ``address_key`` budget)."""
+        return self._pending_from[address_key(address)]
+
+    async def accept(self, link: Link, *, address: str | None = None) -> SecureChannel:
+        """Authenticate ``link`` or close it and raise (a ``ProtocolError`` or ``LinkClosed``).
+
+        ``address`` is where the link comes from (``WebSocketLink.remote_address``), for
+        the per-address cap; links without one share a single budget.
+        """
+        limits, key = self.limits, address_key(address)
+        refusal: GateBusy | None = None
+        if self._pending >= limits.max_pending:
+            refusal = GateBusy(f"{limits.max_pending} unauthenticated connections already pending")
+        elif self._pending_from[key] >= limits.per_address:
+            refusal = AddressBusy(
+                f"{limits.per_address} unauthenticated connections from {key or 'unknown'} "
+                "already pending"
+            )
+        if refusal is not None:
+            self.refused[refusal.reason] += 1
             await link.close()
-            raise GateBusy(f"{self.max_pending} unauthenticated connections already pending")
+            raise refusal
         self._pending += 1
+        self._pending_from[key] += 1
         try:
             channel = await server_channel(
                 link,
                 self.identity,
                 self.roster,
                 allowed_roles=self.allowed_roles,
-                timeout=self.handshake_timeout,
+                timeout=limits.handshake_timeout,
                 options=self.options,
             )
         except ProtocolError as exc:
@@ -354,6 +413,9 @@ class Gatekeeper:
             raise
         finally:
             self._pending -= 1
+            self._pending_from[key] -= 1
+            if not self._pending_from[key]:
+                del self._pending_from[key]
         self.accepted += 1
         return channel
 

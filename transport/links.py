@@ -23,6 +23,7 @@ Semantics every link follows:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections import deque
 from typing import Protocol, runtime_checkable
 
@@ -51,6 +52,24 @@ class Link(Protocol):
     async def recv(self) -> bytes | memoryview: ...
 
     async def close(self) -> None: ...
+
+
+def address_key(address: str | None) -> str:
+    """The budget a source address counts against: an IPv4 address itself (an IPv6-mapped
+    one too), an IPv6 address's /64 (what one subscriber is usually given, so that one
+    host cannot take a fresh budget per address of its prefix). Links whose address is
+    unknown (None or empty) share one budget."""
+    if not address:
+        return ""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])  # without an IPv6 zone
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class _Pipe:

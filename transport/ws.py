@@ -16,14 +16,21 @@ frame (``_MaskingWriter``). Both hook into aiohttp internals, hence the pin on a
 
 The server side also bounds what a connection may cost before it is authenticated:
 an HTTP request must arrive within ``idle_timeout`` (connections that send nothing
-are dropped), and at most ``max_connections`` TCP connections are open at once. The
-cap on unauthenticated WebSocket links and the handshake time-out live in the channel
-layer (``transport.channel.Gatekeeper``), which ``on_link`` is expected to call.
+are dropped); at most ``max_connections`` TCP connections are open at once, and at
+most ``max_connections_per_address`` from one source address (an eighth of them by
+default: one host cannot take every slot); and a client's first ``handshake_messages``
+messages (its handshake flights) may be at most ``max_handshake_message`` bytes, so
+that before it could have authenticated a connection holds a few KiB, not a record
+(``transport.ws_frames``; fragments are bounded too). The cap on unauthenticated
+WebSocket links, per source address too, and the handshake time-out live in the
+channel layer (``transport.channel.Gatekeeper``), which ``on_link`` is expected to
+call with ``link.remote_address``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -38,7 +45,8 @@ from aiohttp.http import WebSocketWriter
 from aiohttp.web_protocol import RequestHandler
 
 from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
-from transport.links import LinkClosed, LinkTimeout
+from transport.handshake import MAX_HANDSHAKE_MESSAGE
+from transport.links import LinkClosed, LinkTimeout, address_key
 from transport.records import MAX_RECORD_BYTES
 from transport.ws_frames import FrameParser, Opcode, masked_frame
 
@@ -54,6 +62,9 @@ DEFAULT_IDLE_TIMEOUT_S = 10.0  # a new TCP connection must send its HTTP upgrade
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the peer's close frame
 DEFAULT_MAX_CONNECTIONS = 4096
+CONNECTION_SHARE_PER_ADDRESS = 8  # default per-address cap: max_connections // 8
+# A secure channel's client sends two handshake flights (c1, c2) before anything else.
+HANDSHAKE_MESSAGES = 2
 _MASK_IN_ONE_PASS_FROM = 4096  # bytes; below, aiohttp's copies cost less than numpy calls
 
 _WebSocket: TypeAlias = "aiohttp.ClientWebSocketResponse[Any] | web.WebSocketResponse[Any]"
@@ -69,10 +80,14 @@ class WebSocketLink:
         *,
         session: aiohttp.ClientSession | None = None,
         peer: str = "",
+        remote_address: str | None = None,
     ) -> None:
         self._ws = ws
         self._session = session  # owned by a client link, closed with it
         self.peer = peer
+        # Server side: the IP address the connection comes from (the TCP peer's, never
+        # a forwarding header), for per-address admission caps.
+        self.remote_address = remote_address
 
     @property
     def closed(self) -> bool:
@@ -131,9 +146,9 @@ class _FrameReader:
     the messages it completes go to the response's queue, as aiohttp's own reader would
     put them there, and a framing error fails the queue with the close code to send."""
 
-    def __init__(self, queue: WebSocketDataQueue, max_message: int) -> None:
+    def __init__(self, queue: WebSocketDataQueue, parser: FrameParser) -> None:
         self.queue = queue
-        self._parser = FrameParser(max_message, require_mask=True)
+        self._parser = parser
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         parser = self._parser
@@ -161,7 +176,15 @@ class OneCopyWebSocketResponse(web.WebSocketResponse):
     """aiohttp's server-side WebSocket with fedloom's frame reader (``transport.ws_frames``:
     one copy of each payload instead of five). Everything else (the upgrade, heartbeat,
     close handshake, the writer) is aiohttp's; this repeats what
-    ``WebSocketResponse._post_start`` does, with the other reader."""
+    ``WebSocketResponse._post_start`` does, with the other reader. The client's first
+    ``handshake_messages`` messages may be at most ``max_handshake_message`` bytes."""
+
+    def __init__(
+        self, *args: Any, handshake_messages: int = 0, max_handshake_message: int = 0, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshake_messages = handshake_messages
+        self._max_handshake_message = max_handshake_message
 
     def _post_start(
         self, request: web.BaseRequest, protocol: str | None, writer: WebSocketWriter
@@ -172,7 +195,15 @@ class OneCopyWebSocketResponse(web.WebSocketResponse):
         loop = self._loop
         assert loop is not None
         self._reader = WebSocketDataQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=loop)
-        parser = _FrameReader(self._reader, self._max_msg_size - 1)
+        parser = _FrameReader(
+            self._reader,
+            FrameParser(
+                self._max_msg_size - 1,
+                require_mask=True,
+                opening_messages=self._handshake_messages,
+                max_opening_message=self._max_handshake_message,
+            ),
+        )
         callback = None if self._heartbeat is None else self._on_data_received
         request.protocol.set_parser(parser, data_received_cb=callback)  # type: ignore[arg-type]
         request.protocol.keep_alive(False)
@@ -259,23 +290,40 @@ async def connect(
 
 
 class _CappedServer(web.Server):
-    """aiohttp's low-level server, refusing TCP connections beyond ``max_connections``."""
+    """aiohttp's low-level server, refusing TCP connections beyond ``max_connections``,
+    or beyond ``max_per_address`` from one source address (``address_key``)."""
 
-    def __init__(self, *args: Any, max_connections: int | None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_connections: int | None, max_per_address: int | None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._max_connections = max_connections
+        self._max_per_address = max_per_address
         self.open_connections = 0
         self.refused_connections = 0
+        self._open_from: collections.Counter[str] = collections.Counter()
+        self._address_of: dict[RequestHandler, str] = {}
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         self.open_connections += 1
-        if self._max_connections is not None and self.open_connections > self._max_connections:
+        peer = transport.get_extra_info("peername")
+        key = address_key(str(peer[0]) if isinstance(peer, tuple) and peer else None)
+        self._address_of[handler] = key
+        self._open_from[key] += 1
+        if (
+            self._max_connections is not None and self.open_connections > self._max_connections
+        ) or (self._max_per_address is not None and self._open_from[key] > self._max_per_address):
             self.refused_connections += 1
             transport.abort()
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         self.open_connections -= 1
+        key = self._address_of.pop(handler, None)
+        if key is not None:
+            self._open_from[key] -= 1
+            if not self._open_from[key]:
+                del self._open_from[key]
         super().connection_lost(handler, exc)
 
 
@@ -293,6 +341,9 @@ class WsServer:
         idle_timeout: float,
         close_timeout: float,
         max_connections: int | None,
+        max_connections_per_address: int | None,
+        handshake_messages: int,
+        max_handshake_message: int,
     ) -> None:
         self._on_link = on_link
         self._close_timeout = close_timeout
@@ -300,10 +351,13 @@ class WsServer:
         self._max_frame = max_frame
         self._heartbeat = heartbeat
         self._receive_timeout = receive_timeout
+        self._handshake_messages = handshake_messages
+        self._max_handshake_message = max_handshake_message
         self._links: set[WebSocketLink] = set()
         self._server = _CappedServer(
             self._handle,
             max_connections=max_connections,
+            max_per_address=max_connections_per_address,
             handler_cancellation=True,  # a dropped connection cancels its on_link
             keepalive_timeout=idle_timeout,  # also bounds a connection that never sends
             access_log=None,
@@ -353,11 +407,13 @@ class WsServer:
             compress=False,  # never accept permessage-deflate
             autoping=True,
             decode_text=False,
+            handshake_messages=self._handshake_messages,
+            max_handshake_message=self._max_handshake_message,
         )
         if not ws.can_prepare(request).ok:
             return web.Response(status=426, text="WebSocket upgrade required")
         await ws.prepare(request)
-        link = WebSocketLink(ws, peer=str(request.remote))
+        link = WebSocketLink(ws, peer=str(request.remote), remote_address=request.remote)
         self._links.add(link)
         try:
             await self._on_link(link)
@@ -383,18 +439,34 @@ async def serve(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT_S,
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
+    max_connections_per_address: int | None = None,
+    handshake_messages: int = HANDSHAKE_MESSAGES,
+    max_handshake_message: int = MAX_HANDSHAKE_MESSAGE,
 ) -> WsServer:
     """Listen on ``host:port`` (0 picks a free port: see ``server.port``/``server.url``).
 
     Each accepted WebSocket becomes a ``WebSocketLink`` handed to ``await on_link(link)``,
     which owns it until it returns; the link is closed afterwards. Errors raised by
     ``on_link`` are logged, never propagated: one bad peer does not stop the server.
+
+    ``max_connections_per_address`` None: ``max_connections // 8`` (at least 1), or no
+    cap when ``max_connections`` is None. ``handshake_messages``: how many of a client's
+    first messages are capped at ``max_handshake_message`` bytes (the flights of a secure
+    channel's handshake); 0 for links that carry something else.
     """
     _check_options(max_frame, heartbeat, receive_timeout)
     if idle_timeout <= 0:
         raise ValueError(f"idle_timeout must be > 0, got {idle_timeout}")
     if max_connections is not None and max_connections < 1:
         raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+    if max_connections_per_address is None and max_connections is not None:
+        max_connections_per_address = max(1, max_connections // CONNECTION_SHARE_PER_ADDRESS)
+    if max_connections_per_address is not None and max_connections_per_address < 1:
+        raise ValueError(
+            f"max_connections_per_address must be >= 1, got {max_connections_per_address}"
+        )
+    if handshake_messages < 0 or max_handshake_message < 0:
+        raise ValueError("handshake_messages and max_handshake_message must be >= 0")
     if not path.startswith("/"):
         raise ValueError(f"path must start with '/', got {path!r}")
     server = WsServer(
@@ -406,6 +478,9 @@ async def serve(
         idle_timeout=idle_timeout,
         close_timeout=close_timeout,
         max_connections=max_connections,
+        max_connections_per_address=max_connections_per_address,
+        handshake_messages=handshake_messages,
+        max_handshake_message=max_handshake_message,
     )
     await server.start(host, port)
     return server

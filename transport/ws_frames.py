@@ -39,7 +39,11 @@ peer does it, so this parser refuses, with ``POLICY_VIOLATION`` (1008: a local p
 not an RFC rule; aiohttp accepts both): an empty non-final data frame, which would cost
 a header's parsing and add nothing, so that a stream of them could run for ever without
 ever completing a message; and more than ``max_fragments`` non-final frames in one
-message, which bounds the work one message can ask for.
+message, which bounds the work one message can ask for. A server can also cap its
+peer's first messages lower (``opening_messages``, ``max_opening_message``): a client
+of a secure channel sends its handshake flights first, so nothing larger has a use
+before its peer could have authenticated, and a data message above that cap fails the
+connection with 1009 as any oversize message does.
 
 The parser never raises on bad input: ``feed`` returns the messages completed before
 the first error and records the error in ``error``; the parser then ignores its input.
@@ -153,8 +157,8 @@ class FrameParser:
     extended length, then the masking key), reading a payload into ``_payload``, or
     failed (``error`` set; all further input is ignored).
 
-    ``max_message`` may be changed between calls to ``feed`` (a server raises it once
-    its peer is authenticated); it applies from the next frame header on.
+    The first ``opening_messages`` data messages may be at most ``max_opening_message``
+    bytes each (never more than ``max_message``); the later ones ``max_message``.
     """
 
     def __init__(
@@ -163,14 +167,23 @@ class FrameParser:
         *,
         require_mask: bool = True,
         max_fragments: int = DEFAULT_MAX_FRAGMENTS,
+        opening_messages: int = 0,
+        max_opening_message: int = 0,
     ) -> None:
-        if max_message < 0:
-            raise ValueError(f"max_message must be >= 0, got {max_message}")
-        if max_fragments < 0:
-            raise ValueError(f"max_fragments must be >= 0, got {max_fragments}")
+        for name, value in (
+            ("max_message", max_message),
+            ("max_fragments", max_fragments),
+            ("opening_messages", opening_messages),
+            ("max_opening_message", max_opening_message),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.max_message = max_message
         self.require_mask = require_mask
         self.max_fragments = max_fragments
+        self.opening_messages = opening_messages
+        self.max_opening_message = min(max_opening_message, max_message)
+        self.data_messages = 0  # data messages completed so far
         self.error: FramingError | None = None
         self._head = bytearray()
         self._head_size = 2
@@ -238,10 +251,10 @@ class FrameParser:
                 raise _fail(CloseCode.PROTOCOL_ERROR, "64-bit payload length with its MSB set")
         masked = bool(head[1] & 0x80)
         data = self._opcode in _DATA_OPCODES
-        if data and length > self.max_message - self._message_size:
+        if data and length > self._cap() - self._message_size:
             raise _fail(
                 CloseCode.MESSAGE_TOO_BIG,
-                f"Message size {length + self._message_size} exceeds limit {self.max_message}",
+                f"Message size {length + self._message_size} exceeds limit {self._cap()}",
             )
         self._check_sequence()
         self._mask_pattern = mask_pattern(bytes(head[at : at + 4]), length) if masked else None
@@ -256,9 +269,15 @@ class FrameParser:
         if length == 0:
             self._end_frame(messages)
 
+    def _cap(self) -> int:
+        """The most bytes the data message being read may have."""
+        if self.data_messages < self.opening_messages:
+            return self.max_opening_message
+        return self.max_message
+
     def _fragment_target(self, length: int) -> np.ndarray:
         """Where a fragment's payload goes: the next ``length`` bytes of the message
-        buffer, grown (at most to ``max_message``) if need be."""
+        buffer, grown (at most to the message cap) if need be."""
         if not self._fin:
             if length == 0:
                 raise _fail(CloseCode.POLICY_VIOLATION, "Empty non-final data frame")
@@ -271,7 +290,7 @@ class FrameParser:
         buffer = self._message
         if buffer is None or len(buffer) < stop:
             capacity = max(stop, _FIRST_MESSAGE_BUFFER, 2 * (0 if buffer is None else len(buffer)))
-            grown = np.empty(min(capacity, self.max_message), dtype=np.uint8)
+            grown = np.empty(min(capacity, self._cap()), dtype=np.uint8)
             if buffer is not None:
                 grown[:start] = buffer[:start]
             self._message = buffer = grown
@@ -338,6 +357,7 @@ class FrameParser:
             payload = self._message[: self._message_size + len(payload)]
             self._message, self._message_size, self._fragments = None, 0, 0
         data = payload.data if len(payload) >= VIEW_FROM_BYTES else payload.tobytes()
+        self.data_messages += 1
         messages.append(Message(opcode, data))
 
 

@@ -79,6 +79,19 @@ def test_record_ciphers_can_be_pinned() -> None:
     assert parse(_set(raw, "connection.offload", "pool")).connection.offload == "pool"
 
 
+def test_admission_before_authentication_is_configurable() -> None:
+    d = parse(root_raw()).connection
+    assert (d.handshake_timeout_s, d.max_pending, d.max_pending_per_address) == (5.0, 256, None)
+    raw = _set(root_raw(), "connection.handshake_timeout_s", 2.5)
+    raw = _set(_set(raw, "connection.max_pending", 64), "connection.max_pending_per_address", 4)
+    conn = parse(raw).connection
+    assert (conn.handshake_timeout_s, conn.max_pending, conn.max_pending_per_address) == (
+        2.5,
+        64,
+        4,
+    )
+
+
 def test_a_root_config_reads_aggregation_parameters() -> None:
     cfg = parse(root_raw())
     assert cfg.is_aggregator and cfg.listen == ("0.0.0.0", 7443)
@@ -151,6 +164,9 @@ SITE_MISTAKES: list[tuple[str, Any, str]] = [
     ("connection.ciphers", ["aegis256"], "(did you mean 'aegis256-stream'?)"),
     ("connection.ciphers", ["aegis256-stream"] * 2, "connection.ciphers: a cipher is named twice"),
     ("connection.offload", "gpu", "connection.offload: 'gpu' is not one of auto, pool"),
+    ("connection.handshake_timeout_s", 0, "connection.handshake_timeout_s: expected a number > 0"),
+    ("connection.max_pending", 0, "connection.max_pending: expected a number >= 1"),
+    ("connection.max_pending_per_address", 300, "must be <= max_pending (256)"),
     ("aggregation.buffer_sise", 3, "aggregation.buffer_sise: unknown field (did you mean"),
     ("aggregation.algorithm", "fedsgd", "aggregation.algorithm: 'fedsgd' is not one of"),
     ("metrics.port", 70000, "metrics.port: expected a number <= 65535"),

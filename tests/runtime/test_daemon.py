@@ -39,6 +39,7 @@ from runtime.daemon import (
 )
 from runtime.demo import ROOT_ID, DaemonProcess, Federation, write_federation, write_roster
 from sim.config_reader import ConfigError
+from transport.channel import GateLimits
 from transport.e2e import ModelVersionGuard, StaleModelError
 from transport.identity import Identity
 from transport.records import CIPHER_SECRETSTREAM
@@ -125,14 +126,22 @@ def test_the_configured_record_settings_reach_the_channels(fed: Federation) -> N
     pinned = dataclasses.replace(
         cfg,
         connection=dataclasses.replace(
-            cfg.connection, ciphers=(CIPHER_SECRETSTREAM,), offload="pool"
+            cfg.connection,
+            ciphers=(CIPHER_SECRETSTREAM,),
+            offload="pool",
+            handshake_timeout_s=2.5,
+            max_pending=64,
         ),
     )
-    for config, ciphers, offload in ((cfg, None, "auto"), (pinned, (CIPHER_SECRETSTREAM,), "pool")):
+    for config, ciphers, offload, gate in (
+        (cfg, None, "auto", GateLimits()),
+        (pinned, (CIPHER_SECRETSTREAM,), "pool", GateLimits(64, handshake_timeout=2.5)),
+    ):
         d = open_daemon(config)
         try:
-            options = build_peers(d).options
-            assert (options.ciphers, options.offload) == (ciphers, offload)
+            peers = build_peers(d)
+            assert (peers.options.ciphers, peers.options.offload) == (ciphers, offload)
+            assert peers.gate.limits == gate  # admission before authentication
         finally:
             d.close()
 

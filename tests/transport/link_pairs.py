@@ -49,6 +49,7 @@ async def echo_server(
             raise
 
     options.setdefault("close_timeout", 0.5)
+    options.setdefault("handshake_messages", 0)  # raw frames, no secure channel
     server = await ws.serve("127.0.0.1", 0, on_link, **options)
     try:
         yield server, errors
@@ -71,7 +72,8 @@ async def ws_pair(**options: Any) -> AsyncIterator[tuple[ws.WebSocketLink, ws.We
         await accepted.put(link)
         await release.wait()
 
-    server = await ws.serve("127.0.0.1", 0, on_link, **options)
+    # Raw frames of any size from the first one (no handshake flights to cap).
+    server = await ws.serve("127.0.0.1", 0, on_link, handshake_messages=0, **options)
     client: ws.WebSocketLink | None = None
     try:
         client = await ws.connect(server.url, **options)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,10 +16,12 @@ from transport import wire, ws
 from transport.channel import (
     OFFLOAD_MODES,
     STREAM_ABOVE,
+    AddressBusy,
     ChannelClosed,
     ChannelOptions,
     ChannelTruncated,
     Gatekeeper,
+    GateLimits,
     HandshakeTimeout,
     SecureChannel,
     UnexpectedMessage,
@@ -544,12 +547,12 @@ async def test_errors_are_protocol_errors_with_reasons() -> None:
 
 @contextlib.asynccontextmanager
 async def secure_echo_server(
-    pki: Pki, **gate_options: float
+    pki: Pki, limits: GateLimits | None = None, **server_options: Any
 ) -> AsyncIterator[tuple[ws.WsServer, Gatekeeper]]:
-    gate = Gatekeeper(pki.server, pki.roster, **gate_options)  # type: ignore[arg-type]
+    gate = Gatekeeper(pki.server, pki.roster, limits=limits)
 
     async def on_link(link: ws.WebSocketLink) -> None:
-        channel = await gate.accept(link)
+        channel = await gate.accept(link, address=link.remote_address)
         try:
             while True:
                 await channel.send_message(await channel.recv_message())
@@ -558,9 +561,8 @@ async def secure_echo_server(
         finally:
             await channel.close()
 
-    server = await ws.serve(
-        "127.0.0.1", 0, on_link, idle_timeout=gate.handshake_timeout, close_timeout=0.5
-    )
+    server_options.setdefault("idle_timeout", gate.limits.handshake_timeout)
+    server = await ws.serve("127.0.0.1", 0, on_link, close_timeout=0.5, **server_options)
     try:
         yield server, gate
     finally:
@@ -611,9 +613,12 @@ async def test_a_thousand_half_open_connections(pki: Pki) -> None:
     """Silent TCP, half an HTTP request, silent WebSockets and half handshakes, 1,000 in
     all, while an authenticated link keeps working; the cap and the time-outs bound them."""
     max_pending = 64
+    # Every connection comes from 127.0.0.1: the caps per address are the global ones here
+    # (test_a_flood_from_one_address_does_not_keep_a_site_out tests those).
+    limits = GateLimits(max_pending, max_pending_per_address=max_pending, handshake_timeout=2.0)
     async with (
         asyncio.timeout(40.0),
-        secure_echo_server(pki, max_pending=max_pending, handshake_timeout=2.0) as (server, gate),
+        secure_echo_server(pki, limits, max_connections_per_address=4096) as (server, gate),
     ):
         live = await dial(server, pki)
         await echo(live, b"before")
@@ -660,3 +665,112 @@ async def test_a_thousand_half_open_connections(pki: Pki) -> None:
             writer.close()
         for link in links:
             await link.close()
+
+
+FLOOD_FROM = "127.0.0.2"  # loopback is all of 127.0.0.0/8: another source address
+UPGRADE = (
+    b"GET /fedloom HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def idle_upgrade(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket upgrade from FLOOD_FROM that then sends nothing: an unauthenticated
+    link held open for as long as the server lets it be."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(FLOOD_FROM, 0))
+    writer.write(UPGRADE)
+    return reader, writer
+
+
+async def flood(port: int, size: int, opened: list[int]) -> None:
+    """Keep ``size`` idle upgrades open from FLOOD_FROM, opening a new one as soon as the
+    server drops one (refused or timed out), until cancelled."""
+
+    async def one_slot() -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                reader, writer = await idle_upgrade(port)
+                opened[0] += 1
+                try:
+                    while await reader.read(4096):  # until the server drops it
+                        pass
+                finally:
+                    writer.close()
+            await asyncio.sleep(0.01)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(size):
+            tg.create_task(one_slot())
+
+
+async def test_a_flood_from_one_address_does_not_keep_a_site_out(pki: Pki) -> None:
+    """The attack: more idle WebSocket upgrades than the gate admits at once, from one
+    address, renewed as soon as the server drops them. A rostered site, from another
+    address, completes its handshake while the flood goes on."""
+    limits = GateLimits(max_pending=16, handshake_timeout=0.5)
+    assert limits.per_address == 2  # max_pending // 8: the rest is for other addresses
+    opened = [0]
+    async with asyncio.timeout(TIMEOUT_S), secure_echo_server(pki, limits) as (server, gate):
+        # Four times max_pending: dropped links free their slot before the attacker sees
+        # their TCP close, so it keeps more open than the gate admits.
+        flooding = asyncio.create_task(flood(server.port, 64, opened))
+        try:
+            # The flood holds its share, is refused beyond it, and renews what times out.
+            async with asyncio.timeout(10.0):
+                while gate.refused["handshake_timeout"] < 2 or gate.pending_from(FLOOD_FROM) < 2:
+                    await asyncio.sleep(0.01)
+            assert gate.refused["busy_address"] > 0
+            for _ in range(5):
+                site = await dial(server, pki)  # from 127.0.0.1, in the middle of the flood
+                await echo(site, b"admitted")
+                await site.close()
+                assert gate.pending_from(FLOOD_FROM) <= limits.per_address
+                assert gate.pending <= limits.max_pending
+            assert not flooding.done()
+        finally:
+            flooding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flooding
+        assert gate.accepted == 5
+        assert opened[0] > 64  # it did renew itself
+
+
+def test_gate_limits_are_validated() -> None:
+    assert GateLimits().per_address == 32 and GateLimits(max_pending=7).per_address == 1
+    assert GateLimits(max_pending=10, max_pending_per_address=10).per_address == 10
+    bad: dict[str, Any]
+    for bad in (
+        {"max_pending": 0},
+        {"max_pending_per_address": 0},
+        {"max_pending": 4, "max_pending_per_address": 5},
+        {"handshake_timeout": 0.0},
+    ):
+        with pytest.raises(ValueError):
+            GateLimits(**bad)
+
+
+async def test_pending_handshakes_are_counted_per_address(pki: Pki) -> None:
+    # Memory links: the address is whatever the caller says it is.
+    gate = Gatekeeper(pki.server, pki.roster, limits=GateLimits(max_pending=4, handshake_timeout=5))
+    held: list[Link] = []
+    tasks: list[asyncio.Task[SecureChannel]] = []
+    for address in ("10.0.0.1", "::ffff:10.0.0.1", "2001:db8::1", "2001:db8::2", None):
+        client, server = memory_link_pair()
+        held.append(client)
+        tasks.append(asyncio.create_task(gate.accept(server, address=address)))
+    await asyncio.sleep(0)
+    # 10.0.0.1 and its IPv4-mapped form are one address, and so is one IPv6 /64.
+    assert [t.done() for t in tasks] == [False, True, False, True, False]
+    for task in (tasks[1], tasks[3]):
+        with pytest.raises(AddressBusy):
+            await task
+    assert gate.pending == 3 and gate.pending_from("10.0.0.1") == 1
+    assert gate.pending_from("2001:db8::ffff") == 1 and gate.pending_from(None) == 1
+    assert gate.refused == {"busy_address": 2}
+    for link in held:
+        await link.close()
+    for task in (tasks[0], tasks[2], tasks[4]):
+        with pytest.raises((ProtocolError, LinkClosed)):
+            await task
+    assert gate.pending == 0 and gate.pending_from("10.0.0.1") == 0

@@ -12,6 +12,7 @@ import pytest
 from tests.transport.link_pairs import echo_server
 from transport import ws
 from transport.errors import FrameTooLarge, MalformedMessage
+from transport.handshake import MAX_HANDSHAKE_MESSAGE
 from transport.links import LinkClosed
 
 TIMEOUT_S = 10.0
@@ -120,7 +121,8 @@ async def test_silent_tcp_connection_is_dropped_after_idle_timeout() -> None:
 
 
 async def test_connection_cap() -> None:
-    async with asyncio.timeout(TIMEOUT_S), echo_server(max_connections=5) as (server, _):
+    options: dict[str, Any] = {"max_connections": 5, "max_connections_per_address": 5}
+    async with asyncio.timeout(TIMEOUT_S), echo_server(**options) as (server, _):
         conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(8)]
         await wait_for(lambda: server.refused_connections == 3)
         assert server.open_connections == 5
@@ -131,6 +133,54 @@ async def test_connection_cap() -> None:
         await link.send(b"ok")
         assert await link.recv() == b"ok"
         await link.close()
+
+
+async def test_connection_cap_per_address() -> None:
+    # The attack: one host opens every TCP connection the server allows and sends
+    # nothing. max_connections // 8 per address: 2 of 16 here.
+    async with asyncio.timeout(TIMEOUT_S), echo_server(max_connections=16) as (server, _):
+        conns = [
+            await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.2", 0))
+            for _ in range(6)
+        ]
+        await wait_for(lambda: server.refused_connections == 4)
+        assert server.open_connections == 2
+        link = await ws.connect(server.url)  # 127.0.0.1 still gets in
+        try:
+            await link.send(b"ok")
+            assert await link.recv() == b"ok"
+        finally:
+            await link.close()
+        for _, writer in conns:
+            writer.close()
+        await wait_for(lambda: server.open_connections == 0)
+
+
+@pytest.mark.parametrize("size", [MAX_HANDSHAKE_MESSAGE + 1, ws.MAX_FRAME])
+@pytest.mark.parametrize("index", [0, 1])
+async def test_the_first_two_messages_are_handshake_sized(size: int, index: int) -> None:
+    # Before its peer could have authenticated (its first two messages are the handshake
+    # flights), a server link accepts no message larger than a handshake message.
+    async with asyncio.timeout(TIMEOUT_S), echo_server(handshake_messages=2) as (server, errors):
+        link = await ws.connect(server.url)
+        try:
+            for message in [b"c1", bytes(size)][1 - index :]:
+                await link.send(message)
+            if index == 1:
+                assert await link.recv() == b"c1"
+            with pytest.raises(LinkClosed):
+                await link.recv()
+        finally:
+            await link.close()
+        await wait_for(lambda: bool(errors))
+        assert isinstance(errors[0], FrameTooLarge)
+        link = await ws.connect(server.url)  # then up to MAX_FRAME: records
+        try:
+            for message in (bytes(MAX_HANDSHAKE_MESSAGE), b"c2", bytes(ws.MAX_FRAME)):
+                await link.send(message)
+                assert await link.recv() == message
+        finally:
+            await link.close()
 
 
 async def test_a_failing_handler_does_not_stop_the_server() -> None:

@@ -517,14 +517,48 @@ def test_a_stream_of_empty_fragments_is_refused_at_the_first() -> None:
     assert parser.error is not None and parser.error.code == POLICY
 
 
-def test_max_message_raised_between_feeds_applies_from_the_next_header() -> None:
-    parser = FrameParser(10)
-    assert parser.feed(frame(BINARY, b"a" * 10)) == [Message(BINARY, b"a" * 10)]
-    parser.max_message = 1000
-    assert parser.feed(frame(BINARY, b"b" * 500)) == [Message(BINARY, b"b" * 500)]
-    small = FrameParser(10)
-    assert small.feed(frame(BINARY, b"b" * 11)) == []
-    assert small.error is not None and small.error.code == TOO_BIG
+def test_opening_messages_have_their_own_cap() -> None:
+    parser = FrameParser(1000, opening_messages=2, max_opening_message=10)
+    stream = (
+        frame(BINARY, b"a" * 10)
+        + frame(PING, b"p")  # control frames do not count
+        + frame(BINARY, b"b" * 6, fin=False)
+        + frame(CONT, b"c" * 4)
+        + frame(BINARY, b"d" * 1000)  # the third message: max_message
+    )
+    assert [normal(m) for m in parser.feed(stream)] == [
+        (BINARY, b"a" * 10, ""),
+        (PING, b"p", ""),
+        (BINARY, b"b" * 6 + b"c" * 4, ""),
+        (BINARY, b"d" * 1000, ""),
+    ]
+    assert parser.error is None
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param(frame(BINARY, b"x" * 11), id="first"),
+        pytest.param(frame(BINARY, b"x") + frame(TEXT, b"y" * 11), id="second"),
+        pytest.param(frame(BINARY, b"x" * 6, fin=False) + frame(CONT, b"y" * 5), id="fragments"),
+        pytest.param(frame(BINARY, declared=1000), id="header-only"),
+    ],
+)
+def test_an_opening_message_above_its_cap_is_too_big(stream: bytes) -> None:
+    parser = FrameParser(1000, opening_messages=2, max_opening_message=10)
+    feed_all(parser, [stream])
+    assert parser.error is not None and parser.error.code == TOO_BIG
+    assert "limit 10" in parser.error.reason
+
+
+def test_memory_held_before_the_opening_messages_end_is_bounded_by_their_cap() -> None:
+    # A fragmented opening message grows its buffer up to the opening cap, not to
+    # max_message (nor to the usual first buffer of 64 KiB).
+    parser = FrameParser(1 << 20, opening_messages=2, max_opening_message=4096, max_fragments=10**9)
+    chunks = [frame(BINARY, b"x", fin=False), frame(CONT, b"x", fin=False) * 4095]
+    assert _held_while_feeding(parser, chunks) <= 4096 + 8 * 1024
+    assert parser.feed(frame(CONT, b"x")) == []
+    assert parser.error is not None and parser.error.code == TOO_BIG
 
 
 def test_oversize_continuation_is_refused_from_its_header() -> None:
@@ -892,6 +926,43 @@ async def test_server_fails_with_1002_where_aiohttp_would_not(bad: bytes) -> Non
             await link.close()
 
 
+@pytest.mark.parametrize(
+    "flood",
+    [
+        pytest.param(
+            frame(BINARY, b"", fin=False) + frame(CONT, b"", fin=False) * 50_000, id="empty"
+        ),
+        pytest.param(
+            frame(BINARY, b"x", fin=False) + frame(CONT, b"x", fin=False) * 50_000, id="one-byte"
+        ),
+    ],
+)
+async def test_server_fails_a_fragment_flood_with_1008_and_serves_others(flood: bytes) -> None:
+    # The attack, over raw TCP before any handshake: one message that never ends, cut
+    # into 50,000 empty or one-byte fragments (350 kB).
+    async with asyncio.timeout(TIMEOUT_S), echo_server() as (server, errors):
+        reader, writer = await _upgrade(server.port)
+        try:
+            writer.write(frame(BINARY, b"hello"))
+            assert await _read_server_frame(reader) == (0x80 | BINARY, b"hello")
+            writer.write(flood)
+            first, body = await _read_server_frame(reader)
+            assert first == 0x80 | CLOSE
+            assert struct.unpack("!H", body[:2])[0] == CloseCode.POLICY_VIOLATION
+        finally:
+            writer.close()
+        async with asyncio.timeout(5.0):
+            while not errors:
+                await asyncio.sleep(0.02)
+        assert isinstance(errors[0], ProtocolError)
+        link = await ws.connect(server.url)  # the server goes on serving a legitimate link
+        try:
+            await link.send(b"still here")
+            assert await link.recv() == b"still here"
+        finally:
+            await link.close()
+
+
 # --- the client-side writer ------------------------------------------------------------
 
 
@@ -943,7 +1014,7 @@ async def test_client_links_use_the_masking_writer() -> None:
     async def on_link(link: ws.WebSocketLink) -> None:
         await link.send(await link.recv())
 
-    server = await ws.serve("127.0.0.1", 0, on_link, close_timeout=0.5)
+    server = await ws.serve("127.0.0.1", 0, on_link, close_timeout=0.5, handshake_messages=0)
     try:
         link = await ws.connect(server.url)
         try:
