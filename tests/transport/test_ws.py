@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import tracemalloc
 from typing import Any
 
 import aiohttp
@@ -235,3 +238,84 @@ def test_options_are_validated() -> None:
             asyncio.run(ws.connect("ws://127.0.0.1:1/fedloom", **bad))
     with pytest.raises(ValueError):
         asyncio.run(ws.serve("127.0.0.1", 0, lambda link: asyncio.sleep(0), path="nope"))
+
+
+async def _hostile_server(
+    frames: list[bytes],
+) -> tuple[asyncio.Server, str]:
+    """A server that upgrades any WebSocket request, then sends ``frames`` (unmasked, as a
+    server does) and waits: a malicious parent as a dialling site meets it."""
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        with contextlib.suppress(ConnectionError):
+            for chunk in frames:
+                writer.write(chunk)
+                await writer.drain()
+            await reader.read()  # until the client goes
+        writer.close()
+
+    server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"ws://127.0.0.1:{port}/fedloom"
+
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _server_frame(opcode: int, payload: bytes, *, fin: bool) -> bytes:
+    assert len(payload) < 126
+    return bytes(((0x80 if fin else 0) | opcode, len(payload))) + payload
+
+
+@pytest.mark.parametrize(
+    ("fragment", "count", "expect"),
+    [
+        # One byte per fragment, a byte more than a record in all: refused (1009).
+        pytest.param(b"x", ws.MAX_FRAME + 1, FrameTooLarge, id="one-byte-past-the-cap"),
+        # Empty fragments, then one byte: aiohttp's client reader holds nothing for them.
+        pytest.param(b"", 200_000, b"x", id="empty"),
+    ],
+)
+async def test_a_dialling_link_bounds_what_a_fragmenting_server_makes_it_hold(
+    fragment: bytes, count: int, expect: object
+) -> None:
+    # The attack, on the client side: the server a site dials (a parent or an impostor,
+    # before or after the handshake) cuts one message into a million fragments. The
+    # client's reader (aiohttp's) gathers fragments into one buffer capped by the link's
+    # max_frame, so it holds at most about a record, never a copy per fragment.
+    body = _server_frame(0x0, fragment, fin=False) * 10_000
+    frames = [_server_frame(0x2, fragment, fin=False)]
+    frames += [body] * ((count - 1) // 10_000)
+    frames += [_server_frame(0x0, fragment, fin=False) * ((count - 1) % 10_000)]
+    frames.append(_server_frame(0x0, b"x" if expect == b"x" else b"", fin=True))
+    server, url = await _hostile_server(frames)
+    tracemalloc.start()
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            link = await ws.connect(url, close_timeout=0.2)
+            try:
+                if isinstance(expect, bytes):
+                    assert await link.recv() == expect
+                else:
+                    with pytest.raises(FrameTooLarge):
+                        await link.recv()
+            finally:
+                await link.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        server.close()
+        await server.wait_closed()
+    # The fragments were sent from buffers allocated before tracemalloc started.
+    assert peak <= 4 * ws.MAX_FRAME
