@@ -64,10 +64,15 @@ def consortium(fed: Federation) -> Identity:
 
 
 def publish(
-    fed: Federation, version: int, leave_out: Iterable[str] = (), signer: Identity | None = None
+    fed: Federation,
+    version: int,
+    leave_out: Iterable[str] = (),
+    signer: Identity | None = None,
+    extra: Iterable[Identity] = (),
 ) -> str:
-    """Write roster ``version`` (without ``leave_out``) to the federation's roster file."""
-    write_roster(fed.roster, identities(fed, leave_out), signer or consortium(fed), version=version)
+    """Write roster ``version`` (without ``leave_out``, with ``extra``) to the roster file."""
+    listed = [*identities(fed, leave_out), *extra]
+    write_roster(fed.roster, listed, signer or consortium(fed), version=version)
     return fed.roster.read_text()
 
 
@@ -159,9 +164,10 @@ async def test_a_revoked_site_is_cut_off_within_seconds_and_its_reconnect_refuse
     tmp_path: Path, applied: Applied, caplog: pytest.LogCaptureFixture
 ) -> None:
     """site-2 and site-3 hold open sessions to their region. A real SIGHUP makes the
-    region read roster v2 without site-2; then the root alone is given v3 without site-3
-    and pushes it down: it reaches the region (and site-1), two tiers below the root,
-    which cuts site-3 off. site-1 trains on throughout."""
+    region read roster v2 without site-2; then the root alone is given v3, which lists
+    site-3 under a new key (its old one was stolen), and pushes it down: it reaches the
+    region (and site-1), two tiers below the root, which cuts the old key's session off.
+    site-1 trains on throughout."""
     caplog.set_level(logging.INFO)
     fed = federation(tmp_path, ["site-1", "site-2", "site-3"])
     ids = ["root", "region-a", "site-1", "site-2", "site-3"]
@@ -197,7 +203,8 @@ async def test_a_revoked_site_is_cut_off_within_seconds_and_its_reconnect_refuse
         )
         assert len(applied.of("region-a", "site-2")) == site2
 
-        publish(fed, 3, leave_out=["site-2", "site-3"])
+        rotated = Identity.generate("site-3", "site")
+        publish(fed, 3, leave_out=["site-2", "site-3"], extra=[rotated])
         run.hangups["root"].set()
         await until(
             "v3 to reach region-a from the root and cut site-3 off",
@@ -207,9 +214,9 @@ async def test_a_revoked_site_is_cut_off_within_seconds_and_its_reconnect_refuse
         )
         await until("site-1 to get v3", lambda: run.daemons["site-1"].roster.version == 3)
         await until(
-            "site-3's reconnect to be refused",
+            "site-3's reconnect with its old key to be refused",
             lambda: logged(
-                caplog, "region-a: refused a connection", "'site-3'", "roster version 3"
+                caplog, "region-a: refused a connection", "roster version 3 lists another key"
             ),
         )
         before = len(applied.of("region-a", "site-1"))
