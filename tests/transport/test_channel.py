@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -774,3 +775,49 @@ async def test_pending_handshakes_are_counted_per_address(pki: Pki) -> None:
         with pytest.raises((ProtocolError, LinkClosed)):
             await task
     assert gate.pending == 0 and gate.pending_from("10.0.0.1") == 0
+
+
+def _masked(first: int, payload: bytes) -> bytes:
+    """A client frame of < 126 bytes, masked with an all-zero key (a valid key)."""
+    return bytes((first, 0x80 | len(payload))) + bytes(4) + payload
+
+
+@pytest.mark.parametrize(
+    ("fragment", "code"),
+    [
+        pytest.param(b"", 1008, id="empty"),  # an empty non-final fragment: at once
+        pytest.param(b"x", 1008, id="one-byte"),  # the 1,025th fragment
+        pytest.param(b"y" * 100, 1009, id="100-bytes"),  # past the 4 KiB handshake cap
+    ],
+)
+async def test_a_fragment_flood_before_authentication_is_cut_off(
+    fragment: bytes, code: int, pki: Pki
+) -> None:
+    """The attack: right after the upgrade, one message that never ends, in 20,000 small
+    or empty fragments. It used to cost the server an array per fragment (hundreds of
+    MB per connection); now the connection is failed within a few KiB, and a rostered
+    site is served meanwhile."""
+    count = 20_000 if len(fragment) < 100 else 1_500  # about 150 kB in all
+    attack = UPGRADE + _masked(0x02, fragment) + _masked(0x00, fragment) * count
+    async with asyncio.timeout(TIMEOUT_S), secure_echo_server(pki) as (server, gate):
+        tracemalloc.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(attack)
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            first, second = await reader.readexactly(2)
+            assert first == 0x88  # a close frame...
+            body = await reader.readexactly(second & 0x7F)
+            assert int.from_bytes(body[:2], "big") == code  # ...saying why
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        writer.close()
+        assert peak <= 1024 * 1024  # the attack's bytes were built before tracing
+        site = await dial(server, pki)
+        await echo(site, b"served")
+        await site.close()
+        assert gate.accepted == 1
+        async with asyncio.timeout(5.0):
+            while sum(gate.refused.values()) != 1:  # the framing error, as the gate saw it
+                await asyncio.sleep(0.01)
