@@ -338,6 +338,7 @@ class Target:
     mutate: Callable[[random.Random, Any], Any]
     run: Callable[[Any], None]
     weight: int = 1
+    close: Callable[[], None] = lambda: None  # after the last input
 
 
 def _bytes_target(name: str, seeds: list[bytes], run: Callable[[bytes], None]) -> Target:
@@ -732,7 +733,7 @@ def channel_target(world: World) -> Target:
     def run(item: Any) -> None:
         loop.run_until_complete(_run_channel(item, keys, options, key_in))
 
-    return Target("channel", seeds, mutate, run, weight=2)
+    return Target("channel", seeds, mutate, run, weight=2, close=loop.close)
 
 
 def _channel_plaintext(msg: wire.Message, spec: CodecSpec) -> list[list[bytes]]:
@@ -773,7 +774,7 @@ async def _run_channel(item: Any, keys: SessionKeys, options: ChannelOptions, ke
         pass  # the peer's FINAL record: the end of its messages
     finally:
         await theirs.close()
-        await ours.close()
+        await channel.close()
 
 
 def hostile_shapes_target(world: World) -> Target:
@@ -906,6 +907,8 @@ def run_worker(args: tuple[int, int, int]) -> tuple[dict[str, TargetStats], list
         elapsed = time.perf_counter() - start
         st.seconds += elapsed
         st.slowest = max(st.slowest, elapsed)
+    for target in targets:
+        target.close()
     return stats, findings
 
 
@@ -922,7 +925,9 @@ class Summary:
 def run_campaign(inputs: int, seed: int = 0, workers: int = 2) -> Summary:
     """Fuzz ``inputs`` inputs over every target, split over ``workers`` processes."""
     start = time.perf_counter()
-    _, skipped = build_targets()
+    probe, skipped = build_targets()  # the workers build their own
+    for target in probe:
+        target.close()
     shares = [inputs // workers + (1 if w < inputs % workers else 0) for w in range(workers)]
     jobs = [(n, seed, w) for w, n in enumerate(shares) if n]
     if workers == 1:
@@ -977,6 +982,9 @@ def replay(path: Path) -> int:
     except Exception:
         traceback.print_exc()
         return 1
+    finally:
+        for t in targets:
+            t.close()
     print(f"{path.name}: decoded without error")
     return 0
 
