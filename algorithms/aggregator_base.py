@@ -8,9 +8,16 @@
   rejected, not acked); an already recorded ``(src, seq)`` is a duplicate: metric + re-ack,
   never applied again; otherwise the subclass decides (applied / stale / late / rejected)
   and ``_record`` writes ``Persist("applied", {...}, append=True)`` *then* ``Send(Ack)``.
-* One child cannot fill a buffer (or flood the log): per aggregation epoch (a flush, a
-  round, ``concurrency`` FedAsync steps) a child gets ``intake.intake_quota`` decisions
-  beyond the answers to tasks this node gave it (a site holds at most one task at a time).
+  Rejected updates from a child are recorded and acked too, so a poisoned update is not
+  resent forever; the ``outcome`` field of the record says what happened.
+* One child cannot fill a buffer (or flood the log). The answer to a task this node gave
+  a site is taken (one per task, and the dispatcher, not the site, decides who gets
+  tasks). Any other update (``task`` unknown, finished or someone else's) is taken only
+  while the child has had fewer than ``intake.intake_quota`` updates decided in this
+  aggregation epoch (a flush, a round, ``concurrency`` FedAsync steps), its fair share of
+  the epoch: one, when there are more children than K. A site whose unasked update was
+  taken in an epoch gets its task answers counted against the same share until the epoch
+  ends (else it would get an unasked update plus its task answer into every buffer).
   An update over the quota is neither recorded nor acked: it is held in memory (at most
   ``MAX_HELD_SITE`` per site, ``MAX_HELD_REGION`` per region) and decided after the epoch
   ends; beyond that it is dropped (metric ``update_dropped``, one warning per child and
@@ -24,8 +31,6 @@
 * Claims are bounded (``intake.ClaimBounds``): a site's ``count`` must be 1, a region's is
   clamped to what its subtree could produce, ``n_examples`` to the declared examples; a
   delta whose L2 norm overflows is rejected ("norm_overflow").
-  Rejected updates from a child are recorded and acked too, so a poisoned update is not
-  resent forever; the ``outcome`` field of the record says what happened.
 * The "applied" log is also the recovery log: a record carries what is needed to replay it
   (staleness weight, counts and, for applied updates, the delta). ``restore(snapshot,
   records)`` loads a checkpoint and replays the records written after it (``n`` > the
@@ -156,8 +161,10 @@ class AggregatorBase:
         self._uses: dict[str, int] = {}
         self._held: dict[str, list[Update]] = {}
         self._warned: set[str] = set()
+        self._unsolicited: set[str] = set()  # children that had an unasked update taken
         self._epoch_changed = False
         self._region_quota = False  # set by aggregators whose defence is input variety
+        self._quota_solicited = True  # see _within_quota (sync rounds: one task per round)
         self._norm = 0.0  # ‖Δ‖₂ of the update being decided (measured once, at intake)
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
@@ -354,19 +361,24 @@ class AggregatorBase:
 
     # --------------------------------------------------------------- quota
     def _within_quota(self, peer: str, msg: Update, out: list[Effect]) -> bool:
-        """May ``msg`` be decided now? Otherwise it is held (region) or dropped, unacked."""
-        if is_int(msg.task) and self._dispatcher.task_site(int(msg.task)) == peer:
-            return True  # answers the task we gave this site: one per task by construction
+        """May ``msg`` be decided now? Otherwise it is held or dropped, unacked."""
+        solicited = is_int(msg.task) and self._dispatcher.task_site(int(msg.task)) == peer
+        if solicited and (not self._quota_solicited or peer not in self._unsolicited):
+            return True  # we chose to give this site the task: one answer per task
         if self._children[peer] == "region" and not self._region_quota:
             return True
         up = self._dispatcher.up_count + len(self._regions_up)
         if self._uses.get(peer, 0) < intake_quota(self._epoch_size(), up):
+            if not solicited:
+                self._unsolicited.add(peer)
             return True
         held = self._held.setdefault(peer, [])
         if any(h.seq == msg.seq for h in held):
             return False  # a resend of one already held
         room = MAX_HELD_SITE if self._children[peer] == "site" else MAX_HELD_REGION
-        if len(held) < room:
+        # The answer to the site's task is always kept (its task stays in flight, so the
+        # site gets no other meanwhile), but only one update may claim that task.
+        if len(held) < room or (solicited and all(h.task != msg.task for h in held)):
             held.append(msg)
             out.append(Metric("update_held", 1.0, {"src": peer}))
             return False
@@ -385,6 +397,7 @@ class AggregatorBase:
         """The buffer was flushed (or the round closed): every child's quota starts again."""
         self._uses.clear()
         self._warned.clear()
+        self._unsolicited.clear()
         self._epoch_changed = True
 
     def _release_held(self, now: float, out: list[Effect]) -> None:

@@ -76,7 +76,8 @@ class NormClip:
             return self.setting
         if len(self._recent) < AUTO_MIN_SAMPLES:
             return self._initial
-        median = statistics.median(self._recent)
+        # The lower median: a window half filled by one attacker still gives an honest norm.
+        median = statistics.median_low(self._recent)
         return AUTO_FACTOR * median if median > 0.0 else self._initial
 
     def apply(self, delta: Weights, norm: float) -> tuple[Weights, bool]:

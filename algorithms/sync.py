@@ -124,6 +124,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
             trim_fraction=trim_fraction,
             clip_norm=clip_norm,
         )
+        self._quota_solicited = False  # one task per site and round
         self.state = RoundState.WAITING
         self.round = 0
         self._round_tasks: set[int] = set()

@@ -115,8 +115,9 @@ class FedBuffUnderChaos(RuleBasedStateMachine):
 
     @rule()
     def heal_and_settle(self) -> None:
-        """Everything reconnects, every message gets through and training goes on: all
-        updates are acked (one held over a site's intake quota once a later flush frees it)."""
+        """Everything reconnects, every message gets through and training goes on (lost
+        tasks time out): all updates are acked, one held over its site's intake quota as
+        soon as a later flush frees a slot for it."""
         for s in SITES:
             if not self.up[s]:
                 self._connect(s)
@@ -126,6 +127,9 @@ class FedBuffUnderChaos(RuleBasedStateMachine):
             if all(n.pending == 0 for n in sites):
                 break
             self.net.finish_jobs(n_examples=5)
+            self.net.drain()
+            self.net.now += 6.0  # past task_timeout_s: a task whose job failed is freed
+            self.net.feed("root", Deadline())
         assert all(n.pending == 0 for n in sites), [n.pending for n in sites]
 
     # -------------------------------------------------------- invariants
