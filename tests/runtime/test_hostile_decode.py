@@ -23,14 +23,15 @@ import numpy as np
 import pytest
 
 from algorithms.protocol import Effect, Event, PeerDown, PeerUp, Received
+from runtime.connection import Connection, ProgressLink, WirePipe
 from runtime.driver import AsyncDriver
-from runtime.peers import Backoff, DialTarget, NetworkPeers
+from runtime.peers import Backoff, ConnectionTable, DialTarget, NetworkPeers
 from runtime.signing import EndToEnd
 from transport import channel as channel_module
 from transport import tensors, wire, ws
 from transport.channel import Gatekeeper, SecureChannel
 from transport.identity import Identity
-from transport.links import Link, LinkClosed
+from transport.links import Link, LinkClosed, memory_link_pair
 from transport.roster import Roster, RosterEntry
 from transport.streaming import TensorStreamEncoder
 from transport.tensors import CodecSpec
@@ -268,3 +269,97 @@ async def test_a_decoder_bug_ends_that_connection_only(
     (record,) = [r for r in caplog.records if getattr(r, "reason", None) == "undecodable"]
     assert record.exc_info is not None and record.exc_info[0] is RuntimeError
     assert len(dropped_for(caplog, "malformed")) == 1
+
+
+# ------------------------------------------------ containment below the channel
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def post_nowait(self, event: Event, valid: Callable[[], bool] | None = None) -> None:
+        self.events.append(event)
+
+    async def post(self, event: Event, valid: Callable[[], bool] | None = None) -> None:
+        self.events.append(event)
+
+
+async def test_a_plain_pipe_turns_a_decoder_bug_into_that_connections_protocol_error(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def buggy(data: Any, limits: Any = None) -> Any:
+        raise RuntimeError("a decoder bug")
+
+    monkeypatch.setattr(wire, "decode", buggy)
+    caplog.set_level(logging.WARNING)
+    sink = Sink()
+    table = ConnectionTable("me")
+    table.sink = sink
+    mine, theirs = memory_link_pair()
+    conn = Connection("peer", WirePipe(mine), local_id="me")
+    table.open(conn)
+    async with asyncio.timeout(LIMIT):
+        served = asyncio.ensure_future(table.serve(conn))
+        await theirs.send(b"anything")
+        reason = await served
+    assert reason.startswith("bad bytes from the peer (malformed)")
+    assert sink.events == [PeerUp("peer"), PeerDown("peer")]
+    (record,) = [r for r in caplog.records if getattr(r, "reason", None) == "undecodable"]
+    assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+
+
+class BrokenPipe:
+    """A pipe whose every method fails with an arbitrary exception."""
+
+    def __init__(self, link: Link) -> None:
+        self.progress = ProgressLink(link)
+
+    async def send(self, msg: Any, after: Any = None) -> None:
+        raise KeyError("send bug")
+
+    async def recv(self) -> Any:
+        raise ZeroDivisionError("recv bug")
+
+    async def close(self) -> None:
+        raise OSError("close bug")
+
+
+async def test_a_connection_whose_every_job_fails_is_dropped_and_the_table_lives_on() -> None:
+    sink = Sink()
+    table = ConnectionTable("me")
+    table.sink = sink
+    mine, _theirs = memory_link_pair()
+    conn = Connection("peer", BrokenPipe(mine), local_id="me", keepalive_s=0.01)
+    table.open(conn)
+    async with asyncio.timeout(LIMIT):
+        reason = await table.serve(conn)  # returns: nothing reaches the caller
+    assert reason.startswith("unexpected")
+    assert sink.events == [PeerUp("peer"), PeerDown("peer")]
+    assert table.connected() == frozenset()
+
+
+async def test_a_dial_that_fails_with_a_bug_is_retried(pki: Pki) -> None:
+    attempts = 0
+
+    async def connect(url: str) -> Link:
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("a bug in connect")
+
+    peers = NetworkPeers(
+        pki.site,
+        pki.roster,
+        dial=[DialTarget("agg", "ws://127.0.0.1:9/")],
+        connect=connect,
+        backoff=Backoff(base_s=0.01, cap_s=0.02),
+        rng=random.Random(0),
+    )
+    async with asyncio.timeout(LIMIT):
+        task = asyncio.ensure_future(peers.run(Sink()))
+        await until(lambda: attempts >= 3)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert peers.dial_failures >= 3
