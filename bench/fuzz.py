@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -51,7 +51,7 @@ import msgpack  # noqa: E402
 import nacl.signing  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transport import e2e, records, tensors, wire  # noqa: E402
+from transport import e2e, records, tensors, wire, ws_frames  # noqa: E402
 from transport.channel import (  # noqa: E402
     TENSOR_FIELDS,
     ChannelClosed,
@@ -777,6 +777,49 @@ async def _run_channel(item: Any, keys: SessionKeys, options: ChannelOptions, ke
         await channel.close()
 
 
+def ws_frames_target(world: World) -> Target:
+    """The WebSocket frame parser of server links, fed a client's masked frames (whole
+    messages, fragments, pings, closes, large lengths) mutated and cut at random points.
+    It never raises: a violation sets ``error`` (the close code), anything raised is
+    unexpected."""
+    key = b"\x01\x02\x03\x04"
+
+    def frame(first: int, payload: bytes) -> bytes:
+        return ws_frames.masked_frame(first, np.frombuffer(payload, np.uint8), key).tobytes()
+
+    wire_bytes = world.wire_seeds()[:40:3]
+    seeds = [
+        frame(0x82, wire_bytes[1]) + frame(0x89, b"ping") + frame(0x82, wire_bytes[2]),
+        frame(0x02, b"x" * 200) + frame(0x00, b"") + frame(0x80, b"y" * 70_000),
+        frame(0x88, b"\x03\xe8bye"),
+        frame(0x81, "é".encode() * 10) + frame(0x8A, b""),
+        frame(0x82, bytes(130)) + frame(0x82, bytes(66_000)),
+        *(frame(0x82, b) for b in wire_bytes),
+    ]
+
+    def mutate(rng: random.Random, i: int) -> list[bytes]:
+        data = seeds[i]
+        for _ in range(rng.randint(1, 4)):
+            data = mutate_bytes(rng, data, seeds)
+        cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.choice([0, 1, 3, 8])))
+        return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+    def run(chunks: list[bytes]) -> None:
+        parser = ws_frames.FrameParser(1 << 20)
+        for chunk in chunks:
+            parser.feed(chunk)
+        if parser.error is not None:  # the declared outcome: the link closes with a code
+            raise FramingRefusedError(f"{parser.error.code}: {parser.error.reason}")
+
+    return Target("ws_frames", seeds, mutate, run)
+
+
+class FramingRefusedError(ProtocolError):
+    """A frame parser's verdict, counted as a declared refusal."""
+
+    reason: ClassVar[str] = "framing"
+
+
 def hostile_shapes_target(world: World) -> Target:
     """Generated rather than mutated: every tensor message and codec with a tensor whose
     shape is ``hostile_shape``, the payload sized to match what the other fields say."""
@@ -829,6 +872,7 @@ TARGET_FACTORIES: list[Callable[[World], Target | str]] = [
     roster_target,
     records_target,
     channel_target,
+    ws_frames_target,
     hostile_shapes_target,
 ]
 

@@ -33,7 +33,7 @@ def test_two_thousand_inputs_raise_nothing_undeclared(fuzz: ModuleType) -> None:
     assert summary.unexpected == 0, [f.text for f in summary.findings]
     assert summary.skipped == []
     names = {"wire", "tensors", "stream", "stream_header", "e2e", "relay", "handshake"}
-    names |= {"roster", "records", "channel", "hostile_shapes"}
+    names |= {"roster", "records", "channel", "ws_frames", "hostile_shapes"}
     assert set(summary.stats) == names
     for name, st in summary.stats.items():
         assert st.inputs > 0 and st.rejected > 0, name  # each target ran and refused
