@@ -899,6 +899,7 @@ async def serve(
             loop.remove_signal_handler(sig)
         if install_signals:
             loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not a kill during the last checkpoint
         if obs is not None:
             await obs.stop()
         if executor is not None:
@@ -989,6 +990,7 @@ def run_daemon(
     (corrupt state, a port in use) logs one line and returns 1.
     """
     cfg = load_config(config)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during recovery: no-op, not a kill
     try:
         d = open_daemon(cfg)
     except DaemonError as exc:
