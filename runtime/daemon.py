@@ -45,6 +45,7 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -626,12 +627,30 @@ async def _announce_ready(
     )
 
 
+def report_refusals(
+    peers: NetworkPeers, sink: Callable[[Metric], None], seen: Counter[str]
+) -> Counter[str]:
+    """Connections refused before authentication since ``seen`` (by the gate's reasons,
+    ``connection_cap`` for TCP connections over the listener's caps) into the metrics;
+    returns the totals, the next call's ``seen``."""
+    totals = Counter(peers.gate.refused)
+    capped = getattr(peers.listener, "refused_connections", 0)
+    if isinstance(capped, int) and capped:
+        totals["connection_cap"] = capped
+    for reason, n in (totals - seen).items():
+        sink(Metric("connection_refused", float(n), labels={"reason": reason}))
+    return totals
+
+
 async def _observe(d: Daemon, peers: NetworkPeers, sink: Any, stop: asyncio.Event) -> None:
-    """Connected peers, bytes on the wire and buffer fill, into the metrics, every second."""
+    """Connected peers, bytes on the wire, refused connections and buffer fill, into the
+    metrics, every second."""
     seen: dict[int, tuple[int, int]] = {}
+    refused: Counter[str] = Counter()
     node: Any = d.node
     while True:
         sink.set_connected_peers(len(peers.connected()))
+        refused = report_refusals(peers, sink, refused)
         current: dict[int, tuple[int, int]] = {}
         for peer in peers.connected():
             conn = peers.table.get(peer)

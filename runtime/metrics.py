@@ -154,6 +154,14 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
             _Rule(count, "relay_rejected", "Messages a relay refused.", ("reason",)),
         ),
         "relay_peers": (_Rule(gauge, "relay_peers", "Peers connected to a relay."),),
+        "connection_refused": (
+            _Rule(
+                total,
+                "connections_refused",
+                "Connections refused before authentication, by reason.",
+                ("reason",),
+            ),
+        ),
     }
 
 

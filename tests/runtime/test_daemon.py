@@ -9,6 +9,8 @@ import json
 import logging
 import socket
 import time
+import types
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +37,11 @@ from runtime.daemon import (
     load_roster,
     model_floor,
     open_daemon,
+    report_refusals,
     serve,
 )
 from runtime.demo import ROOT_ID, DaemonProcess, Federation, write_federation, write_roster
+from runtime.metrics import MetricsSink
 from sim.config_reader import ConfigError
 from transport.channel import GateLimits
 from transport.e2e import ModelVersionGuard, StaleModelError
@@ -144,6 +148,29 @@ def test_the_configured_record_settings_reach_the_channels(fed: Federation) -> N
             assert peers.gate.limits == gate  # admission before authentication
         finally:
             d.close()
+
+
+def test_refused_connections_are_counted_in_the_metrics(fed: Federation) -> None:
+    d = open_daemon(load_config(fed.nodes["root"].config))
+    try:
+        peers = build_peers(d)
+        sink = MetricsSink()
+        seen = report_refusals(peers, sink, Counter())
+        assert seen == Counter()
+        peers.gate.refused.update({"busy_address": 3, "handshake_timeout": 1})
+        peers.listener = types.SimpleNamespace(refused_connections=2, url=None)  # type: ignore[assignment]
+        seen = report_refusals(peers, sink, seen)
+        peers.gate.refused.update({"busy_address": 2})
+        seen = report_refusals(peers, sink, seen)
+        assert seen == Counter(busy_address=5, handshake_timeout=1, connection_cap=2)
+
+        def refused(reason: str) -> float | None:
+            return sink.value("fedloom_connections_refused_total", {"reason": reason})
+
+        assert (refused("busy_address"), refused("handshake_timeout")) == (5, 1)
+        assert refused("connection_cap") == 2
+    finally:
+        d.close()
 
 
 def test_recovery_restores_an_unacknowledged_update(fed: Federation) -> None:
