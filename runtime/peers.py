@@ -54,6 +54,7 @@ from sim.network import CodecPolicy
 from transport.channel import (
     DEFAULT_OPTIONS,
     ChannelOptions,
+    GateBusy,
     Gatekeeper,
     SecureChannel,
     client_channel,
@@ -786,7 +787,11 @@ class NetworkPeers:
             channel = await self.gate.accept(link, address=getattr(raw, "remote_address", None))
         except (ProtocolError, LinkClosed) as exc:
             self.refused += 1
-            log.info("%s: refused a connection: %s", self.node_id, exc, extra={"reason": str(exc)})
+            # A flood is refused by the thousand: counted in the metrics, not logged each.
+            level = logging.DEBUG if isinstance(exc, GateBusy) else logging.INFO
+            log.log(
+                level, "%s: refused a connection: %s", self.node_id, exc, extra={"reason": str(exc)}
+            )
             return
         except Exception as exc:  # a bug in the handshake ends this connection only
             self.refused += 1
