@@ -162,6 +162,7 @@ class AggregatorBase:
         self._held: dict[str, list[Update]] = {}
         self._warned: set[str] = set()
         self._unsolicited: set[str] = set()  # children that had an unasked update taken
+        self._unasked = False  # the update being decided answers no task of ours
         self._epoch_changed = False
         self._region_quota = False  # set by aggregators whose defence is input variety
         self._quota_solicited = True  # see _within_quota (sync rounds: one task per round)
@@ -363,6 +364,7 @@ class AggregatorBase:
     def _within_quota(self, peer: str, msg: Update, out: list[Effect]) -> bool:
         """May ``msg`` be decided now? Otherwise it is held or dropped, unacked."""
         solicited = is_int(msg.task) and self._dispatcher.task_site(int(msg.task)) == peer
+        self._unasked = not solicited  # for the record: replay rebuilds the quota from it
         if solicited and (not self._quota_solicited or peer not in self._unsolicited):
             return True  # we chose to give this site the task: one answer per task
         if self._children[peer] == "region" and not self._region_quota:
@@ -448,6 +450,8 @@ class AggregatorBase:
             "count": msg.count,
             **extra,
         }
+        if self._unasked:
+            data["unasked"] = True
         if outcome is Outcome.APPLIED and self._log_deltas:
             data["delta"] = msg.delta
         out.append(Persist(APPLIED_KEY, data, append=True))
@@ -524,6 +528,9 @@ class AggregatorBase:
             "ledger": self._ledger.snapshot(),
             "log_n": self._log_n,
             "next_task": self._dispatcher.next_task,
+            # The intake quota of the epoch in progress (O(children); rebuilt by replay).
+            "uses": dict(self._uses),
+            "unasked": sorted(self._unsolicited),
         }
 
     def _base_restore(self, state: Mapping[str, Any]) -> None:
@@ -532,6 +539,8 @@ class AggregatorBase:
         self._ledger = AppliedLedger.from_snapshot(state["ledger"])
         self._log_n = int(state["log_n"])
         self._dispatcher.next_task = max(self._dispatcher.next_task, int(state["next_task"]))
+        self._uses = {str(k): int(v) for k, v in state.get("uses", {}).items()}
+        self._unsolicited = {str(c) for c in state.get("unasked", ())}
 
     def _replay_records(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Replay "applied" records written after the loaded snapshot, in order."""
@@ -539,8 +548,13 @@ class AggregatorBase:
             n = int(rec["n"])
             if n <= self._log_n:
                 continue
-            self._ledger.record(str(rec["src"]), int(rec["seq"]))
+            src = str(rec["src"])
+            self._ledger.record(src, int(rec["seq"]))
             self._log_n = n
+            # The decision counted against the child's quota, as it did live.
+            self._uses[src] = self._uses.get(src, 0) + 1
+            if rec.get("unasked") and self._children.get(src) == "site":
+                self._unsolicited.add(src)
             if rec["outcome"] == Outcome.APPLIED.value:
                 if "delta" not in rec:
                     raise ValueError("an applied record without its delta cannot be replayed")

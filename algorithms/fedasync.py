@@ -169,6 +169,7 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
             "version": self._version,
             "history": list(self._history.items()),
             "clip": self._clip.snapshot(),
+            "epoch_applied": self._applied_in_epoch,
         }
 
     def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
@@ -180,4 +181,5 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
         self._version = int(state["version"])
         self._weights = self._history[self._version]
         self._clip.restore(state.get("clip"))  # older checkpoints: no clip history
+        self._applied_in_epoch = int(state.get("epoch_applied", 0))
         self._replay_records(records)

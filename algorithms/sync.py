@@ -265,6 +265,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._weights = dict(state["weights"])
         self._opt.restore(state["opt"])
         self._replay_records(records)
+        self._end_epoch()  # a new round starts: so does every child's quota
 
     def _replay(self, record: Mapping[str, Any]) -> None:
         """An open round does not survive a restart (see ``snapshot``): nothing to redo."""
