@@ -26,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,15 @@ MAX_ENDPOINT_LEN = 512
 MAX_ROSTER_BYTES = 64 << 20
 _SIGNED_LABEL = "fedloom-roster-v1"
 _NODE_KEYS = frozenset(("id", "role", "public_key", "endpoints"))
+# A roster nests two levels ([[nodes]] tables, endpoint arrays). tomllib recurses per
+# nested array or inline table, so deeper text is refused before it is parsed: near
+# Python's recursion limit, finalizers that run meanwhile fail too.
+MAX_NESTING = 16
+_TOML_STRINGS_AND_COMMENTS = re.compile(
+    r'"""(?:\\.|[^\\])*?"""|\'\'\'.*?\'\'\'|"(?:\\.|[^"\\\n])*"|\'[^\'\n]*\'|#[^\n]*',
+    re.DOTALL,
+)
+_BRACKETS = re.compile(r"[\[\]{}]")
 _SIGNATURE_KEYS = frozenset(("consortium_key", "signature"))
 
 
@@ -314,16 +324,29 @@ def read_small_text(path: Path, what: str = "roster", error: type[Exception] = R
 def _parse_toml(text: str) -> dict[str, Any]:
     if len(text) > MAX_ROSTER_BYTES:
         raise RosterError(f"roster larger than {MAX_ROSTER_BYTES} bytes")
+    if _nesting(text) > MAX_NESTING:
+        raise RosterError(f"roster is not valid TOML: nested too deeply (limit {MAX_NESTING})")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RosterError(f"roster is not valid TOML: {exc}") from None
-    except RecursionError:  # tomllib recurses per nested array or inline table
+    except RecursionError:  # nesting the scan above missed
         raise RosterError("roster is not valid TOML: nested too deeply") from None
     extra = set(data) - {"version", "nodes", "signature"}
     if extra:
         raise RosterError(f"unknown roster field {sorted(extra)[0]!r}")
     return data
+
+
+def _nesting(text: str) -> int:
+    """How deeply arrays, tables and inline tables nest in TOML ``text``, brackets inside
+    strings and comments aside: a pre-filter for the parser (what it misses in text that
+    is not valid TOML, the parser's ``RecursionError`` still catches)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_TOML_STRINGS_AND_COMMENTS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _parse_signature(table: object) -> tuple[bytes, bytes]:

@@ -5,6 +5,7 @@ stream headers)."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import lz4.frame
@@ -258,3 +259,18 @@ def test_deeply_nested_roster_text_is_a_roster_error_not_a_recursion_error(
     for load in (Roster.loads_unsigned, lambda t: Roster.loads(t, bytes(32))):
         with pytest.raises(RosterError, match="nested too deeply"):
             load(text)
+
+
+def test_brackets_in_strings_and_comments_are_not_nesting() -> None:
+    deep = "[" * 40
+    text = (
+        "version = 1\n"
+        f"# {deep}\n"
+        "[[nodes]]\n"
+        'id = "site-1"\n'
+        'role = "site"\n'
+        f'public_key = "{base64.b64encode(bytes(range(32))).decode()}"\n'
+        f"endpoints = [\"wss://[::1]:8443/{deep}\", '{deep}']  # {deep}\n"
+    )
+    roster = Roster.loads_unsigned(text)
+    assert roster.lookup("site-1") is not None
