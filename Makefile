@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo sim-demo test lint bench clean venv
+.PHONY: demo sim-demo test lint bench fuzz clean venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/sim_throughput.py
+
+# 1,000,000 hostile inputs through every decoder of peer bytes (about 2-5 minutes here).
+fuzz: $(STAMP)
+	$(BIN)/python bench/fuzz.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
