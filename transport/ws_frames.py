@@ -33,8 +33,9 @@ Some differences are deliberate (``DELIBERATE_DIFFERENCES`` in the tests lists t
 And two limits bound what an unauthenticated peer can make a server hold (every link
 is unauthenticated until its handshake ends). The fragments of a message are unmasked
 into one growing buffer, never larger than ``max_message``, so the memory a parser holds
-is at most ``max_message`` bytes of message plus one frame header and the repeated
-masking key, however the message is cut. Fragmenting is legal (§5.4) but no fedloom
+is at most ``max_message`` bytes of message (half as much again for the moment the
+buffer grows) plus one frame header and the repeated masking key, however the message
+is cut. Fragmenting is legal (§5.4) but no fedloom
 peer does it, so this parser refuses, with ``POLICY_VIOLATION`` (1008: a local policy,
 not an RFC rule; aiohttp accepts both): an empty non-final data frame, which would cost
 a header's parsing and add nothing, so that a stream of them could run for ever without
@@ -116,7 +117,7 @@ _UNMASK_SLICE: Final = 256 * 1024
 # a 1 MiB record into 1 KiB frames still fits).
 DEFAULT_MAX_FRAGMENTS: Final = 1024
 # A fragmented message's buffer starts at this size (or its first fragment's) and
-# doubles as fragments arrive, up to max_message.
+# doubles as fragments arrive, up to the message cap.
 _FIRST_MESSAGE_BUFFER: Final = 64 * 1024
 
 
