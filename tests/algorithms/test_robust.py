@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from algorithms.robust import clip_by_norm, coordinate_median, trimmed_mean
+from algorithms.robust import (
+    AUTO_FACTOR,
+    AUTO_MIN_SAMPLES,
+    NormClip,
+    clip_by_norm,
+    coordinate_median,
+    trimmed_mean,
+)
+from algorithms.weights_math import l2_norm
 
 
 def d(*vals: float) -> dict[str, np.ndarray]:
@@ -36,3 +44,34 @@ def test_trimmed_mean_drops_both_tails() -> None:
         trimmed_mean(deltas, 0.5)
     with pytest.raises(ValueError):
         coordinate_median([])
+
+
+def _delta(norm: float) -> dict[str, np.ndarray]:
+    return {"w": np.array([norm, 0.0], dtype=np.float32)}
+
+
+def test_auto_clip_starts_at_the_model_norm_then_follows_the_median() -> None:
+    clip = NormClip("auto", {"w": np.array([3.0, 4.0], dtype=np.float32)})
+    assert clip.bound() == 5.0  # the model's own norm until enough deltas were seen
+    big, clipped = clip.apply(_delta(50.0), 50.0)
+    assert clipped and l2_norm(big) == pytest.approx(5.0)
+    for _ in range(AUTO_MIN_SAMPLES):
+        clip.apply(_delta(1.0), 1.0)
+    assert clip.bound() == pytest.approx(AUTO_FACTOR * 1.0)
+
+
+def test_auto_clip_is_not_raised_by_a_minority_of_huge_deltas() -> None:
+    clip = NormClip("auto", {"w": np.ones(2, dtype=np.float32)})
+    for i in range(200):  # every other delta is an attacker's (half the window at most)
+        norm = 3e38 if i % 2 else 0.5
+        clip.apply(_delta(norm), norm)
+    assert clip.bound() == pytest.approx(AUTO_FACTOR * 0.5)
+
+
+def test_clip_settings() -> None:
+    assert NormClip(None, {}).bound() is None and NormClip("off", {}).bound() is None
+    assert NormClip(2.0, {}).bound() == 2.0
+    with pytest.raises(ValueError):
+        NormClip(-1.0, {})
+    with pytest.raises(ValueError):
+        NormClip("sometimes", {})

@@ -93,3 +93,17 @@ def test_load_reports_missing_file_and_bad_toml(tmp_path: Path) -> None:
     bad.write_text("name = [unclosed\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_scenario(bad)
+
+
+def test_clip_norm_is_auto_by_default_and_can_be_a_number_or_off() -> None:
+    def clip(**arm: Any) -> object:
+        scenario = parse_scenario(minimal(arms=[{"name": "x", "algorithm": "fedbuff", **arm}]))
+        return scenario.arms[0].params.clip_norm
+
+    assert clip() == "auto"
+    assert clip(clip_norm=2.5) == 2.5
+    assert clip(clip_norm="off") is None
+    with pytest.raises(ConfigError, match="clip_norm"):
+        clip(clip_norm="sometimes")
+    with pytest.raises(ConfigError, match="clip_norm"):
+        clip(clip_norm=0)
