@@ -91,7 +91,7 @@ class RelayNode:
             self.dropped += 1
             return [Metric("relay_dropped", 1.0, {"reason": "not_connected"})]
         self.forwarded += 1
-        return [Send(msg.dst, msg), Metric("relay_forwarded", 1.0)]
+        return [Send(msg.dst, msg), Metric("relay_forwarded", 1.0, {"dst": msg.dst})]
 
     def _reject(self, peer: str, reason: str, detail: str) -> list[Effect]:
         self.rejected += 1

@@ -146,7 +146,9 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
         ),
         "model_version": (_Rule(gauge, "model_version", "Version of the current model."),),
         "buffer_fill": (_Rule(gauge, "buffer_fill", "Updates waiting in the buffer."),),
-        "relay_forwarded": (_Rule(count, "relay_forwarded", "Envelopes a relay passed on."),),
+        "relay_forwarded": (
+            _Rule(count, "relay_forwarded", "Envelopes a relay passed on.", ("dst",)),
+        ),
         "relay_dropped": (
             _Rule(count, "relay_dropped", "Envelopes for a peer not connected.", ("reason",)),
         ),
