@@ -81,7 +81,7 @@ from sim.network import CodecPolicy
 from transport.channel import ChannelOptions, GateLimits
 from transport.e2e import ModelVersionGuard
 from transport.identity import Identity, IdentityError
-from transport.limits import ModelLayout
+from transport.limits import Limits, ModelLayout
 from transport.roster import Roster, RosterError, read_small_text
 from transport.tensors import CodecSpec
 
@@ -557,8 +557,12 @@ def build_peers(d: Daemon) -> NetworkPeers:
         handshake_timeout=conn.handshake_timeout_s,
     )
     layout = model_layout(d)
-    if layout is not None:  # else learned from the first verified model (a fresh region)
+    if layout is not None:
         peers.e2e.set_layout(layout)
+    elif cfg.role == "region":
+        # A fresh region learns the layout from its first verified model; until then
+        # its children have nothing model-sized to send it.
+        peers.inbound_before_model = Limits.before_model()
     return peers
 
 

@@ -543,6 +543,9 @@ class NetworkPeers:
         self.accept_from = None if accept_from is None else frozenset(accept_from)
         self.codecs = codecs if codecs is not None else CodecPolicy()
         self.limits = limits
+        # Links this node accepts while it knows no model (a fresh region): capped small
+        # (``Limits.before_model``) until the model's limits apply to every link.
+        self.inbound_before_model: Limits | None = None
         self.e2e.on_layout = self._use_model_limits
         if self.e2e.layout is not None:
             self._use_model_limits(self.e2e.layout)
@@ -772,7 +775,7 @@ class NetworkPeers:
         checks know its layout (``EndToEnd.set_layout``: at start, or from the first
         verified model). Open links change at their next message."""
         self.limits = Limits.for_model(layout, base=self.limits)
-        for conn in list(self.table._conns.values()):
+        for conn in {*self.table._conns.values(), *self._admitted}:
             if isinstance(conn.pipe, ChannelPipe):
                 conn.pipe.limits = self.limits
 
@@ -816,7 +819,10 @@ class NetworkPeers:
             await channel.close()
             return
         self._observe_rtt(channel)
-        conn = self._connection(peer, ChannelPipe(channel, link, **self._pipe_opts()))
+        opts = self._pipe_opts()
+        if self.e2e.layout is None and self.inbound_before_model is not None:
+            opts["limits"] = self.inbound_before_model
+        conn = self._connection(peer, ChannelPipe(channel, link, **opts))
         if not self._admit(conn, roster, inbound=True):
             self.refused += 1
             log.warning(

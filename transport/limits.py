@@ -26,6 +26,10 @@ MiB = 1 << 20
 # fields, metrics, a roster text: nothing in them is model-sized).
 MODEL_FACTOR = 1.125
 DEFAULT_MODEL_SLACK = 1 * MiB
+# What a node that has no model yet (a fresh region) takes from the peers that dial it:
+# control messages (hello, heartbeats, roster versions) fit, tensors of any real model
+# do not. Its children have nothing to send before it has handed out a model.
+BEFORE_MODEL = 256 * 1024
 _ENTRY_BYTES = 96  # one manifest entry without its name and shape (codec, k, index, scale)
 _DIM_BYTES = 9  # one msgpack int of a shape, at most
 
@@ -63,6 +67,16 @@ class Limits:
                 raise ValueError(f"Limits.{f.name} must be a positive int, got {value!r}")
         if self.max_ndim > 64:
             raise ValueError(f"Limits.max_ndim is at most 64 (numpy's limit), got {self.max_ndim}")
+
+    @classmethod
+    def before_model(cls, base: Limits | None = None) -> Limits:
+        """``base`` capped for links accepted before the model's layout is known: a
+        message of at most ``BEFORE_MODEL`` bytes, decoded or not."""
+        return dataclasses.replace(
+            base if base is not None else cls(),
+            max_message_bytes=BEFORE_MODEL,
+            max_decoded_bytes=BEFORE_MODEL,
+        )
 
     @classmethod
     def for_model(

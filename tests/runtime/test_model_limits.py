@@ -43,7 +43,7 @@ from tests.runtime.test_signatures import (
     until,
 )
 from tests.transport.test_limits import lz4_int8_bomb, topk_bomb, update_bytes
-from transport import ws
+from transport import wire, ws
 from transport.channel import SecureChannel, client_channel
 from transport.e2e import digest_as_received, sign_update
 from transport.errors import ProtocolError
@@ -94,8 +94,6 @@ def wide(elements: int, src: str = "site-1") -> bytes:
 
 def signed(delta: dict[str, np.ndarray]) -> bytes:
     """A correctly signed update of ``delta`` from site-1 to the root, as wire bytes."""
-    from transport import wire
-
     return wire.encode(signed_update(SITE, "root", 1, delta))
 
 
@@ -199,12 +197,14 @@ async def test_memory_per_child_link_stays_bounded(
 async def test_a_region_takes_its_limits_from_the_first_verified_model(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A region has no plan: its links decode under the defaults until the root's model
-    arrives, then every link (the site's, already open, included) under the model's."""
+    """A region has no plan: its children's links decode under ``Limits.before_model``
+    and its parent's under the defaults until the root's model arrives, then every link
+    (the site's, already open, included) under the model's."""
     hub, sink = Hub(), Sink()
     parent = FakeParent(hub, ROOT)
     url = await parent.listen()
     region = node(hub, REGION, listen=("region", 0), dial=[DialTarget("root", url)])
+    region.inbound_before_model = Limits.before_model()  # what the daemon sets for a region
     hashes = Hashes(monkeypatch)
     async with asyncio.timeout(LIMIT), asyncio.TaskGroup() as tg:
         running = tg.create_task(region.run(sink))
@@ -214,11 +214,14 @@ async def test_a_region_takes_its_limits_from_the_first_verified_model(
         site = await dial(hub, region.listen_url, SITE, "region")
         await until(lambda: sink.count(PeerUp("site-1")) == 1)
         assert region.e2e.layout is None and region.limits is None
+        site_conn = region.table.get("site-1")
+        assert site_conn is not None and isinstance(site_conn.pipe, ChannelPipe)
+        assert site_conn.pipe.limits == Limits.before_model()
         await up.send_tensors(signed_model(1, MODEL))
         await until(lambda: len(sink.received()) == 1)
         assert region.e2e.layout == LAYOUT
         assert region.limits == Limits.for_model(LAYOUT)
-        site_conn = region.table.get("site-1")
+        site_conn = region.table.get("site-1")  # the same link, under the model's caps now
         assert site_conn is not None and isinstance(site_conn.pipe, ChannelPipe)
         assert site_conn.pipe.limits == region.limits
         # The open site link now refuses the top-k bomb from its manifest.
@@ -232,6 +235,42 @@ async def test_a_region_takes_its_limits_from_the_first_verified_model(
         assert hashes.calls == hashed
         assert len(sink.received()) == 1
         assert not running.done()
+        await site.close()
+        await up.close()
+        running.cancel()
+    hub.close()
+
+
+async def test_a_fresh_region_takes_nothing_model_sized_from_its_children() -> None:
+    """Before its first model a region (no plan) caps what the peers dialling it send at
+    ``Limits.before_model``: a child's model-sized update ends that link before it is
+    decoded or held, the region lives on, and the site is served once the model came."""
+    hub, sink = Hub(), Sink()
+    parent = FakeParent(hub, ROOT)
+    url = await parent.listen()
+    region = node(hub, REGION, listen=("region", 0), dial=[DialTarget("root", url)])
+    region.inbound_before_model = Limits.before_model()  # what the daemon sets for a region
+    big = wide(Limits.before_model().max_decoded_bytes // 4 + 1)  # lz4: a few KiB on the wire
+    async with asyncio.timeout(LIMIT), asyncio.TaskGroup() as tg:
+        running = tg.create_task(region.run(sink))
+        up = await parent.channels.get()
+        await until(lambda: region.listen_url is not None)
+        assert region.listen_url is not None
+        site = await dial(hub, region.listen_url, SITE, "region")
+        await until(lambda: sink.count(PeerUp("site-1")) == 1)
+        await site.send_message(big)
+        await until(lambda: sink.count(PeerDown("site-1")) == 1)
+        assert sink.received() == [] and not running.done()
+        await up.send_tensors(signed_model(1, MODEL))
+        await until(lambda: len(sink.received()) == 1)
+        again = await dial(hub, region.listen_url, SITE, "region")
+        await until(lambda: sink.count(PeerUp("site-1")) == 2)
+        conn = region.table.get("site-1")
+        assert conn is not None and isinstance(conn.pipe, ChannelPipe)
+        assert conn.pipe.limits == Limits.for_model(LAYOUT)
+        await again.send_message(wire.encode(signed_update(SITE, "region", 1, GOOD)))
+        await until(lambda: len(sink.received()) == 2)
+        await again.close()
         await site.close()
         await up.close()
         running.cancel()
@@ -260,7 +299,9 @@ def test_each_daemon_knows_its_limits_at_start(fed: Any) -> None:
             peers = build_peers(d)
             if node_id == "region-a":
                 assert peers.limits is None and peers.e2e.layout is None
+                assert peers.inbound_before_model == Limits.before_model()
                 continue
+            assert peers.inbound_before_model is None
             assert d.plan is not None
             layout = ModelLayout.of(d.plan.init(d.cfg.seed))
             assert peers.e2e.layout == layout
