@@ -113,6 +113,8 @@ class PlanConfig:
 
 
 MAX_SESSION_S = 30 * 86400.0  # a month: a revoked key must not keep a session for longer
+RELAY_MESSAGE_MIB = 256.0  # a relay's cap on one envelope unless [connection] says otherwise
+MAX_MESSAGE_MIB = 2048.0  # the decoders' own ceiling (``transport.limits.Limits``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,9 @@ class ConnectionConfig:
     handshake_timeout_s: float = DEFAULT_GATE_HANDSHAKE_TIMEOUT_S
     max_pending: int = DEFAULT_MAX_PENDING
     max_pending_per_address: int | None = None
+    # A relay holds no model to derive its decode caps from (other nodes do, see
+    # ``transport.limits.Limits.for_model``): the largest envelope it takes, in MiB.
+    max_message_mib: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +474,9 @@ def _connection(t: Table) -> ConnectionConfig:
         ),
         max_pending=t.integer("max_pending", d.max_pending, min=1),
         max_pending_per_address=t.integer("max_pending_per_address", None, min=1),
+        max_message_mib=t.number(
+            "max_message_mib", None, min=0.0, max=MAX_MESSAGE_MIB, exclusive_min=True
+        ),
     )
     if cfg.max_pending_per_address is not None and cfg.max_pending_per_address > cfg.max_pending:
         raise ConfigError(
@@ -569,6 +577,11 @@ def _check_role(cfg: DaemonConfig) -> None:
             raise ConfigError("listen: required for a relay: add [listen] with port = N")
         if cfg.plan is not None:
             raise ConfigError("plan: a relay neither trains nor evaluates; remove [plan]")
+    elif cfg.connection.max_message_mib is not None:
+        raise ConfigError(
+            "connection.max_message_mib: only a relay takes it; every other node caps "
+            "what it decodes from the size of its model"
+        )
     if role in ("site", "peer", "root") and cfg.plan is None:
         what = "train" if role != "root" else "build the initial model"
         raise ConfigError(

@@ -66,7 +66,7 @@ from algorithms.site import SiteNode
 from algorithms.sync import SyncAggregator
 from algorithms.training import TrainingPlan
 from runtime import systemd
-from runtime.config import DaemonConfig, load_config
+from runtime.config import RELAY_MESSAGE_MIB, DaemonConfig, load_config
 from runtime.driver import AsyncDriver
 from runtime.malloc_tuning import GLIBC_TUNABLES
 from runtime.peers import Backoff, DialTarget, NetworkPeers, gossip_dial_targets
@@ -81,7 +81,7 @@ from sim.network import CodecPolicy
 from transport.channel import ChannelOptions, GateLimits
 from transport.e2e import ModelVersionGuard
 from transport.identity import Identity, IdentityError
-from transport.limits import Limits, ModelLayout
+from transport.limits import Limits, MiB, ModelLayout
 from transport.roster import Roster, RosterError, read_small_text
 from transport.tensors import CodecSpec
 
@@ -563,6 +563,10 @@ def build_peers(d: Daemon) -> NetworkPeers:
         # A fresh region learns the layout from its first verified model; until then
         # its children have nothing model-sized to send it.
         peers.inbound_before_model = Limits.before_model()
+    elif cfg.role == "relay":  # no model ever: the operator's cap on one envelope
+        mib = conn.max_message_mib if conn.max_message_mib is not None else RELAY_MESSAGE_MIB
+        cap = int(mib * MiB)
+        peers.limits = Limits(max_message_bytes=cap, max_decoded_bytes=cap)
     return peers
 
 

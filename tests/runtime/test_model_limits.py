@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tomllib
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,14 +18,16 @@ from typing import Any
 import lz4.frame
 import numpy as np
 import pytest
+import tomli_w
 
 from algorithms.protocol import PeerDown, PeerUp
 from runtime import signing as signing_mod
 from runtime.config import load_config
 from runtime.connection import ChannelPipe, ProgressLink
 from runtime.daemon import build_peers, load_roster, open_daemon, serve
-from runtime.demo import ROOT_ID, write_federation
+from runtime.demo import ROOT_ID, write_federation, write_roster
 from runtime.peers import DialTarget, NetworkPeers
+from sim.config_reader import ConfigError
 from tests.runtime.test_daemon import SYNTHETIC, listening
 from tests.runtime.test_signatures import (
     FP32,
@@ -373,3 +376,46 @@ async def test_a_running_root_refuses_bombs_and_acks_what_follows(
         await asyncio.wait_for(task, 15)
     finally:
         d.close()
+
+
+@pytest.mark.parametrize(("mib", "cap"), [(None, 256 * MiB), (1.5, 3 * MiB // 2)])
+def test_a_relay_caps_envelopes_at_its_configured_size(
+    tmp_path: Path, mib: float | None, cap: int
+) -> None:
+    """A relay holds no model: its links decode under ``[connection] max_message_mib``
+    (256 MiB unless set), never under the decoders' 2 GiB ceiling."""
+    relay, peer = Identity.generate("relay", "relay"), Identity.generate("peer-a", "peer")
+    consortium = Identity.generate("consortium", "consortium")
+    write_roster(tmp_path / "roster.toml", [relay, peer], consortium)
+    (tmp_path / "consortium.pub").write_text(consortium.public_line() + "\n")
+    relay.save(tmp_path / "keys")
+    raw: dict[str, Any] = {
+        "role": "relay",
+        "node_id": "relay",
+        "state_dir": str(tmp_path / "state"),
+        "identity": {"key": str(tmp_path / "keys" / "relay.key")},
+        "roster": {
+            "path": str(tmp_path / "roster.toml"),
+            "consortium_key_file": str(tmp_path / "consortium.pub"),
+        },
+        "listen": {"host": "127.0.0.1", "port": 0},
+    }
+    if mib is not None:
+        raw["connection"] = {"max_message_mib": mib}
+    (tmp_path / "relay.toml").write_text(tomli_w.dumps(raw))
+    d = open_daemon(load_config(tmp_path / "relay.toml"))
+    try:
+        peers = build_peers(d)
+        assert peers.limits is not None and peers.e2e.layout is None
+        assert peers.limits.max_message_bytes == peers.limits.max_decoded_bytes == cap
+    finally:
+        d.close()
+
+
+def test_only_a_relay_takes_max_message_mib(fed: Any) -> None:
+    path = fed.nodes["site-1"].config
+    raw = tomllib.loads(path.read_text())
+    raw["connection"]["max_message_mib"] = 64
+    path.write_text(tomli_w.dumps(raw))
+    with pytest.raises(ConfigError, match="only a relay takes it"):
+        load_config(path)
