@@ -506,10 +506,14 @@ class AggregatorBase:
         self._record(peer, msg, Outcome.REJECTED, version, out, reason=reason)
 
     def _reject_unacked(self, peer: str, msg: Update, reason: str, out: list[Effect]) -> None:
-        """Rejected without an ack: not from a child we answer for, or unnumbered."""
+        """Rejected without an ack: not from a child we answer for, or unnumbered. Nothing
+        is written; the warning is logged once per peer, reason and epoch (no log flood)."""
         self.rejected += 1
         out.append(Metric("update_rejected", 1.0, {"reason": reason}))
-        out.append(Log("warning", "update rejected", {"peer": peer, "reason": reason}))
+        key = f"{peer}\x00{reason}"
+        if key not in self._warned:
+            self._warned.add(key)
+            out.append(Log("warning", "update rejected", {"peer": peer, "reason": reason}))
 
     def _broadcast(self, out: list[Effect]) -> None:
         """Push the current model to every region child that is up."""

@@ -10,8 +10,11 @@ knows, and after K of them sends its parent ONE
     Update(src=region, seq=own seq, base_version=newest known version,
            delta=Σ s(τ_i)·w_i·Δ_i / Σ w_i, n_examples=Σ n_i, count=Σ count_i).
 
-It holds no model of its own: it relays every ``ModelBroadcast`` from the parent to its
-region children and hands the newest global (version, weights) to its sites as tasks.
+Its children's ``count`` and ``n_examples`` claims are bounded, their deltas norm-clipped
+and their updates taken at most a fair share per flush (``aggregator_base``, ``intake``),
+and an aggregate that is not finite is dropped (metric ``aggregate_nonfinite``), never
+forwarded. It holds no model of its own: it relays every ``ModelBroadcast`` from the parent
+to its region children and hands the newest global (version, weights) to its sites as tasks.
 Towards its parent it behaves like a site (``Hello(role="region")`` on ``PeerUp``, its
 forwards kept in an ``Outbox`` until acked and resent in order after reconnecting); towards
 its children like the root (dedup ledger, Persist-then-Ack, rejections). Regions nest: the
