@@ -317,3 +317,12 @@ def test_a_flooding_region_gets_its_share_under_median_but_a_fast_one_is_not_slo
             out = agg.handle(recv("r2", upd("r2", 1, value=0.01)), 1.0)
             assert agg.version == 1 and agg.buffer_fill == 1  # then the held r1 forward
             assert ("r1", "r1", 3) in acks(out)
+
+
+def test_fedasync_without_a_clip_drops_a_mix_that_overflows() -> None:
+    fa = FedAsyncAggregator("root", SITES, model(1.0), concurrency=2, clip_norm=None, alpha=1.0)
+    out = fa.handle(recv("evil", upd("evil", 1, delta=model(NEAR_MAX))), 1.0)
+    assert fa.version == 1 and is_finite(fa.current_model()[1])  # 1 + 0.9·max: finite
+    out = fa.handle(recv("s1", upd("s1", 1, base=1, delta=model(NEAR_MAX))), 1.0)
+    assert metrics(out, "aggregate_nonfinite") and fa.version == 1
+    assert is_finite(fa.current_model()[1])
