@@ -678,10 +678,8 @@ async def _observe(d: Daemon, peers: NetworkPeers, sink: Any, stop: asyncio.Even
             return
 
 
-async def _on_event(
-    event: asyncio.Event, stop: asyncio.Event, action: Callable[[str], None]
-) -> None:
-    """Call ``action`` when ``event`` is set (unless ``stop`` comes first)."""
+async def _either(event: asyncio.Event, stop: asyncio.Event) -> None:
+    """Until ``event`` or ``stop`` is set."""
     waiter = asyncio.ensure_future(event.wait())
     stopper = asyncio.ensure_future(stop.wait())
     try:
@@ -689,6 +687,13 @@ async def _on_event(
     finally:
         waiter.cancel()
         stopper.cancel()
+
+
+async def _on_event(
+    event: asyncio.Event, stop: asyncio.Event, action: Callable[[str], None]
+) -> None:
+    """Call ``action`` when ``event`` is set (unless ``stop`` comes first)."""
+    await _either(event, stop)
     if event.is_set():
         action("shutdown requested")
 
@@ -698,13 +703,7 @@ async def _reload_on_hangup(
 ) -> None:
     """Re-read ``roster.path`` whenever ``hangup`` is set (SIGHUP), until ``stop``."""
     while True:
-        waiter = asyncio.ensure_future(hangup.wait())
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            stopper.cancel()
+        await _either(hangup, stop)
         if stop.is_set():
             return
         hangup.clear()

@@ -22,9 +22,10 @@ from runtime.connection import ProgressLink
 from runtime.daemon import load_roster, open_daemon, serve
 from runtime.demo import ROOT_ID, write_federation
 from tests.runtime.test_daemon import SYNTHETIC, listening
+from tests.runtime.test_model_limits import next_ack
 from tests.runtime.test_signatures import FP32
 from transport import ws
-from transport.channel import SecureChannel, client_channel
+from transport.channel import client_channel
 from transport.e2e import digest_as_received, sign_update
 from transport.identity import Identity
 from transport.wire import Ack, Update
@@ -40,13 +41,6 @@ def fed(tmp_path: Path) -> Any:
         plan=SYNTHETIC,
         root_aggregation={"buffer_size": 2, "weighting": "uniform"},
     )
-
-
-async def next_ack(channel: SecureChannel) -> Ack:
-    while True:
-        msg = await channel.recv_tensors()
-        if isinstance(msg, Ack):
-            return msg
 
 
 @pytest.mark.timeout(60)
