@@ -25,6 +25,29 @@ Two mixing rules, chosen by ``mode``:
   ``z`` is the model handed to ``Train`` and ``z'`` the trained one. Mass carried by a
   share is lost only if the share is lost (a lossy codec also perturbs it).
 
+Trust nothing a neighbour sends (issue 10). A rostered neighbour can still send anything,
+so what it sends is bounded by what the receiver can check:
+
+* D-PSGD mixes by ClippedGossip (He, Karimireddy & Jaggi 2022, arXiv 2202.01545):
+  ``x ← x + Σ_j W_ij·clip(x_j − x, τ)`` with ``clip(z, τ) = z·min(1, τ/‖z‖)``; with nothing
+  clipped this is exactly the D-PSGD mix above, and one neighbour moves the model by at
+  most ``W_ij·τ`` per step whatever it sends. τ is ``clip`` (``"auto"`` by default:
+  ``algorithms.gossip_mixing.DistanceClip`` says how it follows honest distances).
+* Push-sum: a share's weight is refused above ``max_share_weight`` (the factories pass the
+  number of gossip peers, the network's whole mass: an honest share is ``W_ij·w_j`` with
+  ``w_j`` at most that). Refused, not clamped: a clamped share would change the mass
+  without anyone knowing. The share's model ``x_s/w_s`` is then clipped like a D-PSGD
+  neighbour's, to within τ of this peer's model (``x_s ← w_s·(z + clip(x_s/w_s − z, τ))``),
+  so summing it in moves ``x/w`` by at most ``w_s/(w + w_s)·τ``. Weight stays conserved
+  exactly; a clipped share changes the network's sum of ``x`` by what was cut off, which
+  shifts the consensus point by a bounded amount instead of letting one share set it.
+  Honest shares are rarely clipped (τ is a multiple of the honest distances).
+* A share whose norm (or distance, or ``x/w``) is not finite in float64 is refused, so a
+  finite-but-huge tensor cannot overflow the sums.
+
+Each refusal is a ``Metric("update_rejected")`` and a ``Log``; each clipped neighbour
+model a ``Metric("gossip_clipped")``.
+
 Liveness: every message from a neighbour refreshes its last-seen time. A ``Heartbeat`` is
 sent to a live neighbour when nothing has been sent to it for ``heartbeat_interval_s``
 (heartbeats due within half an interval are batched into the same wake-up). A neighbour
@@ -51,7 +74,14 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.gossip_mixing import FlatLayout, ShareRejectedError, Vector, weighted_mix
+from algorithms.gossip_mixing import (
+    DistanceClip,
+    FlatLayout,
+    ShareRejectedError,
+    Vector,
+    clip_step,
+    finite_norm,
+)
 from algorithms.protocol import (
     Deadline,
     Effect,
@@ -72,6 +102,19 @@ from transport.wire import GossipShare, Heartbeat
 
 # Plan weights are floats read from TOML/JSON: accept rows that sum to one within this.
 _ROW_TOLERANCE = 1e-6
+
+
+def share_weight_bound(setting: float | str | None, n_peers: int) -> float | None:
+    """``max_share_weight`` from a config setting: "auto" is the number of gossip peers.
+
+    Every peer starts with push-sum weight 1, so ``n_peers`` is the network's whole mass
+    and no honest share can weigh more; None (``"off"``) takes any finite weight.
+    """
+    if setting == "auto":
+        return float(max(n_peers, 1))
+    if setting is None or isinstance(setting, float | int):
+        return None if setting is None else float(setting)
+    raise ValueError(f'max share weight must be "auto", "off" or a number, not {setting!r}')
 
 
 class GossipMode(Enum):
@@ -119,6 +162,8 @@ class GossipPeer:
         heartbeat_interval_s: float = 2.0,
         suspect_after_s: float = 6.0,
         prune_after_s: float = 15.0,
+        clip: object = "auto",
+        max_share_weight: float | None = None,
         rng: np.random.Generator,
     ) -> None:
         if not isinstance(node_id, str) or not node_id:
@@ -156,11 +201,17 @@ class GossipPeer:
             )
         if not isinstance(rng, np.random.Generator):
             raise ValueError("rng must be a numpy.random.Generator")
+        if max_share_weight is not None and not (
+            math.isfinite(max_share_weight) and max_share_weight > 0.0
+        ):
+            raise ValueError(f"max_share_weight must be finite and > 0, not {max_share_weight}")
 
         self._id = node_id
         self._layout = FlatLayout.of(weights)
         self._x: Vector = self._layout.flatten(weights)
         self._w = 1.0  # push-sum weight; stays 1.0 for D-PSGD
+        self._clip = DistanceClip(clip, self._x)
+        self._max_share_w = None if max_share_weight is None else float(max_share_weight)
         self._self_weight = float(self_weight)
         self._nbrs = {peer: _Neighbour(float(w)) for peer, w in neighbours.items()}
         self._train_config = dict(train_config) if train_config is not None else None
@@ -288,19 +339,46 @@ class GossipPeer:
         if self._mode is GossipMode.PUSHSUM and w <= 0.0:
             self._reject(out, peer, "bad weight")
             return
+        if (
+            self._mode is GossipMode.PUSHSUM
+            and self._max_share_w is not None
+            and w > self._max_share_w
+        ):
+            self._reject(out, peer, "share weight over bound")
+            return
         try:
             x = self._layout.flatten_untrusted(msg.x)
         except ShareRejectedError as err:
             self._reject(out, peer, err.reason)
             return
+        if finite_norm(x) == math.inf:
+            self._reject(out, peer, "norm not finite")
+            return
         if self._mode is GossipMode.PUSHSUM:
-            # Mass is additive: sum it in whatever the order, even from a peer marked down.
-            self._x += x
-            self._w += float(w)
-            self._model_cache = None
+            self._take_mass(peer, x, float(w), out)
         elif n.state is not PeerState.DOWN and step >= n.model_step:
             n.model = x
             n.model_step = step
+
+    def _take_mass(self, peer: str, x: Vector, w: float, out: list[Effect]) -> None:
+        """Sum a push-sum share in, its model ``x/w`` clipped to within τ of ours."""
+        z = self._x / self._w
+        with np.errstate(over="ignore", invalid="ignore"):
+            d = x / w - z  # a tiny w can make x/w overflow
+        dist = finite_norm(d)
+        if dist == math.inf:
+            self._reject(out, peer, "norm not finite")
+            return
+        tau = self._clip.bound()
+        self._clip.observe(peer, dist)
+        d, clipped = clip_step(d, dist, tau)
+        if clipped:
+            x = w * (z + d)
+            out.append(Metric("gossip_clipped", labels={"peer": peer}))
+        # Mass is additive: sum it in whatever the order, even from a peer marked down.
+        self._x += x
+        self._w += w
+        self._model_cache = None
 
     def _refresh(self, peer: str, n: _Neighbour, now: float, out: list[Effect]) -> None:
         n.last_seen = max(n.last_seen, now)
@@ -382,7 +460,7 @@ class GossipPeer:
     def _begin_training_round(self, out: list[Effect]) -> None:
         assert self._train_config is not None
         if self._mode is GossipMode.DPSGD:
-            self._mix()
+            self._mix(out)
         self._job += 1
         self._job_running = True
         config = dict(self._train_config)
@@ -399,17 +477,30 @@ class GossipPeer:
 
     # --------------------------------------------------------------------- mixing
 
-    def _mix(self) -> None:
-        """D-PSGD combine: W_ii·x + Σ W_ij·x_j over neighbours we hold a live model from."""
-        self_w = self._self_weight
-        others: list[tuple[float, Vector]] = []
-        for n in self._nbrs.values():
-            if n.model is not None and n.state in _SENDABLE:
-                others.append((n.weight, n.model))
-            else:
-                self_w += n.weight
-        if others:
-            self._x = weighted_mix(self_w, self._x, others)
+    def _mix(self, out: list[Effect]) -> None:
+        """ClippedGossip: x + Σ W_ij·clip(x_j − x, τ) over neighbours we hold a live model from.
+
+        A neighbour without a model (or not live) contributes nothing, which is D-PSGD's
+        moving its weight to W_ii; τ is fixed before this mix's distances are learnt.
+        """
+        tau = self._clip.bound()
+        step = np.zeros_like(self._x)
+        moved = False
+        for peer, n in self._nbrs.items():
+            if n.model is None or n.state not in _SENDABLE:
+                continue
+            d = n.model - self._x
+            dist = finite_norm(d)
+            if dist == math.inf:  # unreachable after the receipt check; never sum an inf
+                continue
+            self._clip.observe(peer, dist)
+            d, clipped = clip_step(d, dist, tau)
+            if clipped:
+                out.append(Metric("gossip_clipped", labels={"peer": peer}))
+            step += n.weight * d
+            moved = True
+        if moved:
+            self._x = self._x + step
             self._model_cache = None
 
     def _share(self, now: float, out: list[Effect]) -> None:
@@ -447,7 +538,7 @@ class GossipPeer:
                 nxt = self._next_step + self._interval
                 self._next_step = nxt if nxt > now else now + self._interval
                 if self._mode is GossipMode.DPSGD:
-                    self._mix()
+                    self._mix(out)
                 self._step += 1
                 self._model_cache = None
                 self._share(now, out)

@@ -1,14 +1,31 @@
-"""Flat-vector helpers for gossip mixing.
+"""Flat-vector helpers for gossip mixing, and the clip that bounds what a neighbour can do.
 
 A gossip peer mixes whole models at every step. Working on one contiguous float64 vector
 per model (instead of a dict of small tensors) keeps a mix a handful of numpy calls, and
 float64 keeps repeated mixing and push-sum mass bookkeeping from drifting. Tensors leave
 the peer in their original names, shapes and dtypes.
+
+``DistanceClip`` is the radius τ of ClippedGossip (He, Karimireddy & Jaggi 2022, arXiv
+2202.01545): a neighbour's model ``x_j`` enters the mix only as ``clip(x_j − x_i, τ)``,
+so one neighbour moves the model by at most ``W_ij·τ`` per step whatever it sends. The
+paper's adaptive τ needs the Byzantine weight around each peer, which nobody here knows;
+instead τ follows the tree's ``clip_norm = "auto"`` rule (``algorithms.robust``), made
+per neighbour so that sending more often buys no more say: each neighbour keeps its last
+``PER_PEER_WINDOW`` distances ``‖x_j − x_i‖`` (before clipping), and τ is ``AUTO_FACTOR``
+× the lower median, over the neighbours, of each one's own lower median. A minority of
+neighbours cannot raise τ above what honest distances reach (with two neighbours, the lower
+median is the smaller one); honest distances, typically within a few times their median,
+are left alone. Until ``AUTO_MIN_SAMPLES`` distances have been seen, or while the median
+is zero (peers that start from the same model), τ is the norm of the peer's initial model
+(√(number of parameters) for an all-zero model), the tree's starting value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -16,6 +33,10 @@ import numpy as np
 import numpy.typing as npt
 
 from algorithms.protocol import Weights
+from algorithms.robust import AUTO_FACTOR, AUTO_MIN_SAMPLES, parse_clip_norm
+
+# Distances remembered per neighbour for the "auto" clip (a few gossip steps' worth).
+PER_PEER_WINDOW = 32
 
 Vector: TypeAlias = npt.NDArray[np.float64]
 
@@ -104,9 +125,44 @@ class FlatLayout:
         }
 
 
-def weighted_mix(self_weight: float, x: Vector, others: Iterable[tuple[float, Vector]]) -> Vector:
-    """``self_weight·x + Σ w_j·x_j`` as a fresh vector."""
-    out = x * self_weight
-    for w, xj in others:
-        out += w * xj
-    return out
+def finite_norm(v: Vector) -> float:
+    """The L2 norm of ``v``, ``inf`` when it overflows float64 (finite-but-huge entries)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = float(np.linalg.norm(v))
+    return norm if math.isfinite(norm) else math.inf
+
+
+class DistanceClip:
+    """One peer's ClippedGossip radius: "auto" (see the module docstring), a number, or off."""
+
+    __slots__ = ("_initial", "_recent", "setting")
+
+    def __init__(self, setting: object, reference: Vector) -> None:
+        self.setting = parse_clip_norm(setting)
+        norm = finite_norm(reference)
+        self._initial = norm if 0.0 < norm < math.inf else max(1.0, math.sqrt(reference.size))
+        self._recent: dict[str, deque[float]] = {}
+
+    def bound(self) -> float | None:
+        """The current τ (None: no clip)."""
+        if self.setting is None or isinstance(self.setting, float):
+            return self.setting
+        if sum(len(d) for d in self._recent.values()) < AUTO_MIN_SAMPLES:
+            return self._initial
+        median = statistics.median_low(statistics.median_low(d) for d in self._recent.values() if d)
+        return AUTO_FACTOR * median if median > 0.0 else self._initial
+
+    def observe(self, peer: str, distance: float) -> None:
+        """Remember one finite distance to ``peer``'s model (only the "auto" setting learns)."""
+        if self.setting == "auto":
+            recent = self._recent.get(peer)
+            if recent is None:
+                recent = self._recent[peer] = deque(maxlen=PER_PEER_WINDOW)
+            recent.append(distance)
+
+
+def clip_step(d: Vector, norm: float, tau: float | None) -> tuple[Vector, bool]:
+    """``d · min(1, τ/‖d‖)`` given ``‖d‖`` (finite); says whether it was scaled."""
+    if tau is None or norm <= tau:
+        return d, False
+    return d * (tau / norm), True

@@ -58,7 +58,7 @@ from algorithms import site as site_mod
 from algorithms.aggregator_base import APPLIED_KEY
 from algorithms.fedasync import FedAsyncAggregator
 from algorithms.fedbuff import FedBuffAggregator
-from algorithms.gossip import GossipPeer
+from algorithms.gossip import GossipPeer, share_weight_bound
 from algorithms.protocol import Metric, ModelHolder, Node, Persist
 from algorithms.regional import RegionalAggregator
 from algorithms.relay import RelayNode
@@ -223,7 +223,7 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
         return SiteNode(cfg.node_id, cfg.parent.id, n_examples=_n_examples(plan))
     if cfg.role == "peer":
         assert plan is not None
-        return _gossip_peer(cfg, plan, rng)
+        return _gossip_peer(cfg, roster, plan, rng)
     if cfg.role == "relay":
         return RelayNode(cfg.node_id)
     children = child_roles(cfg, roster)
@@ -265,8 +265,12 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
     )
 
 
-def _gossip_peer(cfg: DaemonConfig, plan: TrainingPlan, rng: np.random.Generator) -> GossipPeer:
+def _gossip_peer(
+    cfg: DaemonConfig, roster: Roster, plan: TrainingPlan, rng: np.random.Generator
+) -> GossipPeer:
     p = cfg.aggregation
+    # Push-sum mass: every gossip peer the roster lists starts with weight 1.
+    n_peers = max(sum(1 for e in roster.entries if e.role == "peer"), len(cfg.peers) + 1)
     given = [e.weight for e in cfg.peers]
     if all(w is None for w in given):
         # Without the neighbours' degrees Metropolis-Hastings is out of reach: mix uniformly.
@@ -296,6 +300,8 @@ def _gossip_peer(cfg: DaemonConfig, plan: TrainingPlan, rng: np.random.Generator
         heartbeat_interval_s=interval,
         suspect_after_s=4 * interval + cfg.connection.down_after_s,
         prune_after_s=8 * interval + 2 * cfg.connection.down_after_s,
+        clip=p.gossip_clip,
+        max_share_weight=share_weight_bound(p.gossip_max_share_weight, n_peers),
         rng=rng,
     )
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from algorithms.gossip import GossipPeer
+from algorithms.gossip import GossipPeer, share_weight_bound
 from algorithms.protocol import ModelHolder, Node, Weights
 from algorithms.site import SiteNode
 from sim.aggregators import build_region, build_root, claim_bounds
@@ -129,6 +129,7 @@ def build_nodes(
     nodes: dict[str, Node] = {}
     counts = region_count_bounds(plan, p.regional_buffer_size)
     most_examples = max(n_examples.values(), default=0)
+    n_peers = sum(1 for spec in plan.nodes if spec.role == "peer")
     for spec in plan.nodes:
         rng = np.random.default_rng(derived_seed(seed, "node", spec.id))
         children = {c: plan.node(c).role for c in spec.children}
@@ -155,6 +156,8 @@ def build_nodes(
                 heartbeat_interval_s=p.gossip_interval_s,
                 suspect_after_s=4 * p.gossip_interval_s + 600.0,
                 prune_after_s=8 * p.gossip_interval_s + 1200.0,
+                clip=p.gossip_clip,
+                max_share_weight=share_weight_bound(p.gossip_max_share_weight, n_peers),
                 rng=rng,
             )
         elif spec.role == "region":
@@ -360,6 +363,7 @@ def run_once(
         "messages_dropped": stats.messages_dropped,
         "deaths": stats.deaths,
         "updates_rejected": int(stats.metric_counts.get("update_rejected", 0)),
+        "gossip_clipped": int(stats.metric_counts.get("gossip_clipped", 0)),
         "duplicates_received": int(stats.metric_counts.get("update_duplicate", 0)),
         "late_updates": int(stats.metric_counts.get("update_late", 0)),
         "stale_updates": int(stats.metric_counts.get("update_stale", 0)),

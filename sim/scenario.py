@@ -120,6 +120,12 @@ class AlgorithmConfig:
     graph: str = "ring"
     degree: int = 4
     gossip_interval_s: float = 60.0
+    # What a gossip neighbour can do (algorithms.gossip): "auto", a number or None ("off").
+    # gossip_clip: the ClippedGossip radius τ ("auto" follows recent honest distances).
+    # gossip_max_share_weight: the largest push-sum share weight taken ("auto": the number
+    # of gossip peers in the plan or roster, the network's whole mass).
+    gossip_clip: float | str | None = "auto"
+    gossip_max_share_weight: float | str | None = "auto"
     clustering: str = "region"
 
 
@@ -412,15 +418,15 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
     return cfg
 
 
-def _clip_norm(t: Table, default: float | str | None) -> float | str | None:
-    """``clip_norm``: "auto", "off" or a number > 0."""
-    if not t.has("clip_norm"):
+def _clip_norm(t: Table, default: float | str | None, key: str = "clip_norm") -> float | str | None:
+    """``clip_norm`` (or another ``key`` of that form): "auto", "off" or a number > 0."""
+    if not t.has(key):
         return default
-    value = t.raw("clip_norm")
+    value = t.raw(key)
     if isinstance(value, str):
-        choice = t.text("clip_norm", choices=("auto", "off"))
+        choice = t.text(key, choices=("auto", "off"))
         return None if choice == "off" else "auto"
-    clip: float = t.number("clip_norm", min=0.0, exclusive_min=True)
+    clip: float = t.number(key, min=0.0, exclusive_min=True)
     return clip
 
 
@@ -456,6 +462,8 @@ def _algorithm(t: Table) -> AlgorithmConfig:
         gossip_interval_s=t.number(
             "gossip_interval_s", d.gossip_interval_s, min=0.0, exclusive_min=True
         ),
+        gossip_clip=_clip_norm(t, d.gossip_clip, "gossip_clip"),
+        gossip_max_share_weight=_clip_norm(t, d.gossip_max_share_weight, "gossip_max_share_weight"),
         clustering=t.text("clustering", d.clustering, choices=("region", "rtt")),
     )
     t.finish()
