@@ -210,7 +210,7 @@ class GossipPeer:
         self._layout = FlatLayout.of(weights)
         self._x: Vector = self._layout.flatten(weights)
         self._w = 1.0  # push-sum weight; stays 1.0 for D-PSGD
-        self._clip = DistanceClip(clip, self._x)
+        self._clip = DistanceClip(clip, self._x, neighbours)
         self._max_share_w = None if max_share_weight is None else float(max_share_weight)
         self._self_weight = float(self_weight)
         self._nbrs = {peer: _Neighbour(float(w)) for peer, w in neighbours.items()}
@@ -250,6 +250,10 @@ class GossipPeer:
     def mass(self) -> tuple[float, Weights]:
         """Push-sum ``(w, x)`` (for D-PSGD ``(1.0, model)``): what conservation is about."""
         return self._w, self._layout.unflatten(self._x)
+
+    def clip_radius(self) -> float | None:
+        """The ClippedGossip radius τ the next mix or share is clipped to (None: off)."""
+        return self._clip.bound()
 
     def peer_states(self) -> dict[str, PeerState]:
         return {peer: n.state for peer, n in self._nbrs.items()}

@@ -10,14 +10,19 @@ the peer in their original names, shapes and dtypes.
 so one neighbour moves the model by at most ``W_ij·τ`` per step whatever it sends. The
 paper's adaptive τ needs the Byzantine weight around each peer, which nobody here knows;
 instead τ follows the tree's ``clip_norm = "auto"`` rule (``algorithms.robust``), made
-per neighbour so that sending more often buys no more say: each neighbour keeps its last
-``PER_PEER_WINDOW`` distances ``‖x_j − x_i‖`` (before clipping), and τ is ``AUTO_FACTOR``
-× the lower median, over the neighbours, of each one's own lower median. A minority of
-neighbours cannot raise τ above what honest distances reach (with two neighbours, the lower
-median is the smaller one); honest distances, typically within a few times their median,
-are left alone. Until ``AUTO_MIN_SAMPLES`` distances have been seen, or while the median
-is zero (peers that start from the same model), τ is the norm of the peer's initial model
-(√(number of parameters) for an all-zero model), the tree's starting value.
+per neighbour so that sending more often buys no more say. Each neighbour keeps its last
+``PER_PEER_WINDOW`` distances ``‖x_j − x_i‖`` (before clipping) and proposes a radius,
+``AUTO_FACTOR`` × their lower median; τ is the lower median of the proposals of every
+neighbour in the plan. A neighbour not heard from yet (or whose median is zero: peers that
+start from the same model) proposes the starting radius, the norm of the peer's initial
+model (√(number of parameters) for an all-zero model), as the tree starts; so does
+everyone until ``AUTO_MIN_SAMPLES`` distances have been seen. A minority of neighbours
+cannot raise τ above what honest ones propose (with two neighbours the lower median is the
+smaller proposal, so a lone hostile neighbour next to a silent one gets the starting
+radius), and honest distances, typically within a few times their median, are left
+alone. A peer most of whose neighbours are hostile is not protected (nor is it in the
+paper). Thirty-two distances per neighbour span many gossip steps, so τ lags behind
+consensus as it tightens rather than clipping shares that arrive late.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -37,6 +42,8 @@ from algorithms.robust import AUTO_FACTOR, AUTO_MIN_SAMPLES, parse_clip_norm
 
 # Distances remembered per neighbour for the "auto" clip (a few gossip steps' worth).
 PER_PEER_WINDOW = 32
+# τ never drops below this fraction of the starting radius (float rounding, not a model).
+TAU_FLOOR = 1e-6
 
 Vector: TypeAlias = npt.NDArray[np.float64]
 
@@ -135,30 +142,35 @@ def finite_norm(v: Vector) -> float:
 class DistanceClip:
     """One peer's ClippedGossip radius: "auto" (see the module docstring), a number, or off."""
 
-    __slots__ = ("_initial", "_recent", "setting")
+    __slots__ = ("_initial", "_recent", "_seen", "setting")
 
-    def __init__(self, setting: object, reference: Vector) -> None:
+    def __init__(self, setting: object, reference: Vector, peers: Iterable[str]) -> None:
         self.setting = parse_clip_norm(setting)
         norm = finite_norm(reference)
         self._initial = norm if 0.0 < norm < math.inf else max(1.0, math.sqrt(reference.size))
-        self._recent: dict[str, deque[float]] = {}
+        self._recent = {peer: deque[float](maxlen=PER_PEER_WINDOW) for peer in peers}
+        self._seen = 0
 
     def bound(self) -> float | None:
         """The current τ (None: no clip)."""
         if self.setting is None or isinstance(self.setting, float):
             return self.setting
-        if sum(len(d) for d in self._recent.values()) < AUTO_MIN_SAMPLES:
+        if self._seen < AUTO_MIN_SAMPLES or not self._recent:
             return self._initial
-        median = statistics.median_low(statistics.median_low(d) for d in self._recent.values() if d)
+        tau = statistics.median_low(self._proposal(d) for d in self._recent.values())
+        # Distances at rounding level are noise once peers agree: never clip below this.
+        return max(tau, TAU_FLOOR * self._initial)
+
+    def _proposal(self, recent: deque[float]) -> float:
+        median = statistics.median_low(recent) if recent else 0.0
         return AUTO_FACTOR * median if median > 0.0 else self._initial
 
     def observe(self, peer: str, distance: float) -> None:
-        """Remember one finite distance to ``peer``'s model (only the "auto" setting learns)."""
-        if self.setting == "auto":
-            recent = self._recent.get(peer)
-            if recent is None:
-                recent = self._recent[peer] = deque(maxlen=PER_PEER_WINDOW)
+        """Remember one finite distance to neighbour ``peer``'s model ("auto" learns only)."""
+        recent = self._recent.get(peer)
+        if self.setting == "auto" and recent is not None:
             recent.append(distance)
+            self._seen += 1
 
 
 def clip_step(d: Vector, norm: float, tau: float | None) -> tuple[Vector, bool]:

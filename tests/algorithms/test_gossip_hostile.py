@@ -1,0 +1,263 @@
+"""A rostered gossip neighbour that lies: each test sends the hostile share through
+GossipPeer.handle (the path every driver uses) and checks what it can still do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from algorithms.gossip import GossipPeer, share_weight_bound
+from algorithms.protocol import Deadline, Effect, Event, Metric, Received, Send
+from tests.algorithms.test_gossip import DIM, Loop, exponential, link_latency, metropolis
+from transport.wire import GossipShare
+
+ONES = np.ones((2, 3), dtype=np.float32)
+
+
+def _peer(mode: str, **kw: Any) -> GossipPeer:
+    """``a`` with neighbours ``b`` and ``c`` (W = 0.25 each), model all ones, 3 peers."""
+    opts: dict[str, Any] = {"mode": mode, "max_share_weight": share_weight_bound("auto", 3)}
+    opts.update(kw)
+    return GossipPeer(
+        "a", {"b": 0.25, "c": 0.25}, 0.5, {"w": ONES.copy()}, rng=np.random.default_rng(0), **opts
+    )
+
+
+def _share(x: Any, w: float = 1.0, step: int = 1, src: str = "b") -> Received:
+    return Received(src, GossipShare(src, step, {"w": x}, w))
+
+
+def _rejections(effects: list[Effect]) -> list[str]:
+    return [
+        e.labels["reason"] for e in effects if isinstance(e, Metric) and e.name == "update_rejected"
+    ]
+
+
+def _model(p: GossipPeer) -> np.ndarray:
+    return np.asarray(p.current_model()[1]["w"], dtype=np.float64)
+
+
+def _next_step(p: GossipPeer, now: float) -> tuple[float, list[Effect]]:
+    """Fire timers up to this peer's next gossip step; returns the time and its effects."""
+    step0 = p.current_model()[0]
+    effects: list[Effect] = []
+    while p.current_model()[0] == step0:
+        dl = p.next_deadline()
+        assert dl is not None
+        now = max(now, dl)
+        effects = p.handle(Deadline(), now)
+    return now, effects
+
+
+# ------------------------------------------------------------------------ push-sum
+
+
+def test_pushsum_neighbour_claiming_weight_1e15_is_refused_and_the_model_is_unchanged() -> None:
+    target = np.full((2, 3), 42.0)
+    attack = _share(1e15 * target, w=1e15)
+
+    # Without the bound the attack works: the share's mass swamps ours and x/w = target.
+    naive = _peer("pushsum", clip="off", max_share_weight=None)
+    naive.handle(attack, 0.0)
+    assert np.allclose(_model(naive), target)
+
+    p = _peer("pushsum")
+    p.handle(Deadline(), 0.0)
+    w0, x0 = p.mass()
+    effects = p.handle(attack, 0.5)
+    assert _rejections(effects) == ["share weight over bound"]
+    assert any(isinstance(e, Metric) and e.name == "update_rejected" for e in effects)
+    w1, x1 = p.mass()
+    assert w1 == w0
+    assert np.array_equal(x1["w"], x0["w"])
+    assert np.array_equal(_model(p), ONES)
+    # Still gossiping, and an honest share (W_ij · w_j) is still summed in.
+    _, effects = _next_step(p, 0.5)
+    assert any(isinstance(e, Send) and isinstance(e.msg, GossipShare) for e in effects)
+    w2, _ = p.mass()
+    assert not _rejections(p.handle(_share(0.25 * ONES, w=0.25), 2.0))
+    assert p.mass()[0] == pytest.approx(w2 + 0.25)
+
+
+def test_pushsum_share_just_under_the_bound_moves_x_over_w_by_at_most_tau() -> None:
+    p = _peer("pushsum")
+    tau = p.clip_radius()
+    assert tau is not None
+    w_share = 2.9  # under the bound (3 peers), far from anything honest
+    w0, _ = p.mass()
+    before = _model(p)
+    effects = p.handle(_share(np.full((2, 3), w_share * 1e30), w=w_share), 0.0)
+    assert not _rejections(effects)
+    assert any(isinstance(e, Metric) and e.name == "gossip_clipped" for e in effects)
+    moved = float(np.linalg.norm(_model(p) - before))
+    assert moved <= w_share / (w0 + w_share) * tau * (1 + 1e-6)
+    assert moved > 0.5 * tau  # clipped, not refused: the share still counts
+    # The weight is conserved exactly (only x was cut back to within τ).
+    assert p.mass()[0] == w0 + w_share
+
+
+@pytest.mark.parametrize(
+    ("x", "w"),
+    [
+        (np.full((2, 3), 1e308), 1.0),  # finite, but its norm overflows float64
+        (np.full((2, 3), 1.0), 1e-300),  # x / w overflows
+        (np.full((2, 3), -1.7e308), 2.0),  # x + our x would overflow the sum
+    ],
+)
+def test_pushsum_finite_but_huge_share_cannot_overflow_the_mass(x: np.ndarray, w: float) -> None:
+    p = _peer("pushsum")
+    p.handle(Deadline(), 0.0)
+    w0, x0 = p.mass()
+    assert _rejections(p.handle(_share(x, w=w), 0.5)) == ["norm not finite"]
+    w1, x1 = p.mass()
+    assert w1 == w0 and np.array_equal(x1["w"], x0["w"])
+    _next_step(p, 0.5)
+    assert np.isfinite(p.mass()[1]["w"]).all() and np.isfinite(_model(p)).all()
+
+
+# -------------------------------------------------------------------------- D-PSGD
+
+
+def test_dpsgd_neighbour_sending_1e30_moves_the_model_at_most_w_tau_per_step() -> None:
+    hostile = np.full((2, 3), 1e30, dtype=np.float32)  # finite in float32
+    naive = _peer("dpsgd", clip="off")
+    naive.handle(_share(hostile), 0.0)
+    _next_step(naive, 0.0)
+    assert np.abs(_model(naive)).max() > 1e29  # one step without the clip
+
+    p = _peer("dpsgd")
+    now = 0.0
+    start = _model(p)
+    clipped = 0
+    for step in range(1, 31):
+        # b sends 1e30 before every step; c (honest) is silent, so only b moves the model.
+        p.handle(_share(hostile, step=step), now)
+        tau = p.clip_radius()
+        assert tau is not None
+        before = _model(p)
+        now, effects = _next_step(p, now)
+        clipped += sum(1 for e in effects if isinstance(e, Metric) and e.name == "gossip_clipped")
+        assert np.linalg.norm(_model(p) - before) <= 0.25 * tau * (1 + 1e-6)
+        # b cannot raise τ alone: the silent neighbour proposes the starting radius.
+        assert tau <= np.linalg.norm(ONES) * (1 + 1e-6)
+    assert clipped == 30
+    assert np.linalg.norm(_model(p) - start) <= 30 * 0.25 * np.linalg.norm(ONES) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("x", [np.full((2, 3), 1e308), np.full((2, 3), -1.7e308)])
+def test_dpsgd_share_whose_norm_overflows_is_refused(x: np.ndarray) -> None:
+    p = _peer("dpsgd")
+    assert _rejections(p.handle(_share(x), 0.0)) == ["norm not finite"]
+    _next_step(p, 0.0)
+    assert np.array_equal(_model(p), ONES)
+
+
+# ------------------------------------------------------------- networks of peers
+
+
+class HostilePeer:
+    """Sends ``payload`` (with weight ``w``) to its victims once a second, ignores all input."""
+
+    def __init__(self, node_id: str, victims: list[str], payload: np.ndarray, w: float) -> None:
+        self.node_id = node_id
+        self.victims = victims
+        self.payload = payload
+        self.w = w
+        self.at: float | None = 0.0
+        self.step = 0
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if not isinstance(event, Deadline):
+            return []
+        self.at = now + 1.0
+        self.step += 1
+        msg = GossipShare(self.node_id, self.step, {"w": self.payload}, self.w)
+        return [Send(v, msg) for v in self.victims]
+
+    def next_deadline(self) -> float | None:
+        return self.at
+
+
+def _network(mode: str, clip: object, hostile: bool) -> tuple[dict[str, Any], np.ndarray, float]:
+    """8 honest peers on an exponential graph, plus (if ``hostile``) p8 wired to p0 and p3."""
+    adj = exponential(8)
+    if hostile:
+        adj[8] = {0, 3}
+        adj[0].add(8)
+        adj[3].add(8)
+    mh = metropolis(adj)
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=DIM) * 3
+    init = {i: base + rng.normal(size=DIM) for i in range(8)}
+    nodes: dict[str, Any] = {
+        f"p{i}": GossipPeer(
+            f"p{i}",
+            mh[i][0],
+            mh[i][1],
+            {"w": init[i].reshape(2, 3)},
+            mode=mode,
+            clip=clip,
+            max_share_weight=share_weight_bound("auto", len(adj)),
+            gossip_interval_s=1.0,
+            heartbeat_interval_s=1.0,
+            suspect_after_s=3.0,
+            prune_after_s=6.0,
+            rng=np.random.default_rng(i),
+        )
+        for i in range(8)
+    }
+    if hostile:
+        payload = np.full((2, 3), 1e30 * (1.0 if mode == "dpsgd" else 2.0), np.float32)
+        nodes["p8"] = HostilePeer("p8", ["p0", "p3"], payload, 1.0 if mode == "dpsgd" else 2.0)
+    truth = np.mean(list(init.values()), axis=0)
+    spread = max(float(np.linalg.norm(v - truth)) for v in init.values())
+    return nodes, truth, spread
+
+
+def _honest(nodes: dict[str, Any]) -> np.ndarray:
+    return np.stack([_model(nodes[f"p{i}"]).ravel() for i in range(8)])
+
+
+@pytest.mark.parametrize("mode", ["dpsgd", "pushsum"])
+def test_honest_consensus_with_the_clip_on_converges_to_the_average(mode: str) -> None:
+    runs = []
+    for clip in ("auto", "off"):
+        nodes, truth, spread = _network(mode, clip, hostile=False)
+        loop = Loop(nodes, link_latency(4))
+        loop.start()
+        loop.run(60.0)
+        # Honest peers that start near one model are never clipped or refused...
+        assert not loop.metrics("gossip_clipped")
+        assert not loop.metrics("update_rejected")
+        runs.append(_honest(nodes))
+    xs, xs_off = runs
+    # ... so the clip changes nothing: the same run as without it, to the last bit.
+    assert np.array_equal(xs, xs_off)
+    assert np.abs(xs - xs.mean(axis=0)).max() < 1e-6 * spread
+    if mode == "pushsum":
+        assert np.allclose(xs.mean(axis=0), truth, atol=1e-9 * spread)
+    else:  # asynchronous D-PSGD agrees on a point near, not at, the average
+        assert np.linalg.norm(xs.mean(axis=0) - truth) < 0.25 * spread
+
+
+@pytest.mark.parametrize("mode", ["dpsgd", "pushsum"])
+def test_a_hostile_neighbour_cannot_drag_a_gossip_network_away(mode: str) -> None:
+    """p8 sends 1e30 models (push-sum: with the largest weight it may) every second."""
+    nodes, truth, spread = _network(mode, "off", hostile=True)
+    loop = Loop(nodes, link_latency(5))
+    loop.start()
+    loop.run(20.0)
+    assert np.abs(_honest(nodes)).max() > 1e20  # without the clip the network is captured
+
+    nodes, truth, spread = _network(mode, "auto", hostile=True)
+    loop = Loop(nodes, link_latency(5))
+    loop.start()
+    loop.run(120.0)
+    xs = _honest(nodes)
+    assert loop.metrics("gossip_clipped")
+    # The honest peers still agree, and where they agree is a bounded distance from their
+    # average (ClippedGossip's guarantee: an error proportional to the hostile weight).
+    assert np.abs(xs - xs.mean(axis=0)).max() < 1e-2 * spread
+    assert np.linalg.norm(xs.mean(axis=0) - truth) < 10 * spread
