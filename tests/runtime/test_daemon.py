@@ -19,7 +19,7 @@ import tomli_w
 
 from algorithms.fedbuff import FedBuffAggregator
 from algorithms.gossip import GossipPeer
-from algorithms.protocol import Persist
+from algorithms.protocol import Metric, Persist, Received
 from algorithms.regional import RegionalAggregator
 from algorithms.site import PENDING_KEY, SiteNode
 from runtime import daemon as daemon_mod
@@ -47,7 +47,7 @@ from transport.channel import GateLimits
 from transport.e2e import ModelVersionGuard, StaleModelError
 from transport.identity import Identity
 from transport.records import CIPHER_SECRETSTREAM
-from transport.wire import Update
+from transport.wire import GossipShare, Update
 
 SYNTHETIC = {"dataset": "synthetic", "model": "softmax"}
 
@@ -106,6 +106,17 @@ def test_a_gossip_peer_mixes_uniformly_without_weights(fed: Federation, tmp_path
     parsed = parse_config(cfg, check_files=True)
     node = build_node(parsed, load_roster(parsed, load_identity(parsed)), build_plan(parsed))
     assert isinstance(node, GossipPeer)
+    # Neighbours are bounded by default: a share may weigh at most the roster's 3 peers.
+    _, model = node.current_model()
+    heavy = Received("p-2", GossipShare("p-2", 1, model, 3.5))
+    rejected = [e for e in node.handle(heavy, 0.0) if isinstance(e, Metric)]
+    assert [m.labels for m in rejected] == [{"reason": "share weight over bound"}]
+    assert node.clip_radius() is not None
+    cfg["aggregation"].update(gossip_clip=0.5, gossip_max_share_weight="off")
+    parsed = parse_config(cfg, check_files=True)
+    node = build_node(parsed, load_roster(parsed, load_identity(parsed)), build_plan(parsed))
+    assert isinstance(node, GossipPeer) and node.clip_radius() == 0.5
+    assert not [e for e in node.handle(heavy, 0.0) if isinstance(e, Metric)]
 
 
 def test_a_restarted_site_refuses_models_older_than_it_held(fed: Federation) -> None:

@@ -107,3 +107,16 @@ def test_clip_norm_is_auto_by_default_and_can_be_a_number_or_off() -> None:
         clip(clip_norm="sometimes")
     with pytest.raises(ConfigError, match="clip_norm"):
         clip(clip_norm=0)
+
+
+def test_gossip_bounds_are_auto_by_default_and_can_be_a_number_or_off() -> None:
+    def params(**arm: Any) -> tuple[object, object]:
+        arms = [{"name": "x", "algorithm": "gossip", "topology": "gossip", **arm}]
+        p = parse_scenario(minimal(arms=arms)).arms[0].params
+        return p.gossip_clip, p.gossip_max_share_weight
+
+    assert params() == ("auto", "auto")
+    assert params(gossip_clip=2.0, gossip_max_share_weight="off") == (2.0, None)
+    assert params(gossip_clip="off", gossip_max_share_weight=4) == (None, 4.0)
+    with pytest.raises(ConfigError, match="gossip_max_share_weight"):
+        params(gossip_max_share_weight=-1)
