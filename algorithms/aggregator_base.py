@@ -246,6 +246,14 @@ class AggregatorBase:
         """Training tasks currently outstanding."""
         return self._dispatcher.in_flight
 
+    @property
+    def claim_bounds(self) -> ClaimBounds:
+        return self._bounds
+
+    def set_claim_bounds(self, bounds: ClaimBounds) -> None:
+        """Bound later updates' claims by ``bounds`` (a newer roster declares them)."""
+        self._bounds = bounds
+
     def next_deadline(self) -> float | None:
         return self._dispatcher.next_deadline()
 
