@@ -105,7 +105,7 @@ class BufferedAggregator(AggregatorBase):
         if tau is None:
             return
         s = self._staleness(tau)
-        if self._buffer.add(msg.delta, s, msg.n_examples, msg.count, self._norm):
+        if self._buffer.add(msg.delta, s, msg.n_examples, msg.count, self._norm, msg.src):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
         self._record_applied(peer, msg, version, tau, s, out)
         out.append(Metric("buffer_fill", float(len(self._buffer))))
@@ -114,7 +114,11 @@ class BufferedAggregator(AggregatorBase):
 
     def _replay(self, record: Mapping[str, Any]) -> None:
         self._buffer.add(
-            record["delta"], float(record["s"]), int(record["n_examples"]), int(record["count"])
+            record["delta"],
+            float(record["s"]),
+            int(record["n_examples"]),
+            int(record["count"]),
+            src=str(record["src"]),
         )
         if len(self._buffer) >= self.buffer_size:
             self._flush_full([])

@@ -102,7 +102,7 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
         alpha_t = self.alpha * self._staleness(tau)
         # The record's weight ``s`` is the mixing weight α_t (what a replay needs).
         self._record_applied(peer, msg, version, tau, alpha_t, out)
-        mixed = self._mix(msg.delta, msg.base_version, alpha_t, self._norm)
+        mixed = self._mix(msg.delta, msg.base_version, alpha_t, self._norm, msg.src)
         if mixed is None:
             out.append(Metric("aggregate_nonfinite", 1.0))
             out.append(Log("error", "mix not finite: step dropped, model kept", {"src": msg.src}))
@@ -122,10 +122,13 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
     def _epoch_size(self) -> int:
         return max(1, self._dispatcher.concurrency)
 
-    def _mix(self, delta: Weights, base_version: int, alpha_t: float, norm: float) -> bool | None:
+    def _mix(
+        self, delta: Weights, base_version: int, alpha_t: float, norm: float, src: str
+    ) -> bool | None:
         """x ← (1−α_t)x + α_t(x_base + Δ); return False when x_base was not in the history,
-        None when the result was not finite (then nothing changes)."""
-        delta, _ = self._clip.apply(delta, norm)
+        None when the result was not finite (then nothing changes). ``src`` sent Δ (the
+        clip it meets is learnt from the others' norms)."""
+        delta, _ = self._clip.apply(delta, norm, src)
         self._applied_in_epoch += 1
         if self._applied_in_epoch >= self._epoch_size():
             self._applied_in_epoch = 0
@@ -158,7 +161,13 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
 
     def _replay(self, record: Mapping[str, Any]) -> None:
         delta = record["delta"]
-        self._mix(delta, int(record["base_version"]), float(record["s"]), l2_norm(delta))
+        self._mix(
+            delta,
+            int(record["base_version"]),
+            float(record["s"]),
+            l2_norm(delta),
+            str(record["src"]),
+        )
 
     # ---------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:

@@ -3,12 +3,13 @@
 * Norm clipping bounds one update's influence: Δ ← Δ · min(1, C / ‖Δ‖₂)
   (as in DP-FedAvg, McMahan et al. 2018, and robust FL practice). ``NormClip`` holds the
   setting of one aggregator: a fixed C, no clip ("off"), or ``"auto"`` (the default): C is
-  ``AUTO_FACTOR`` × the median L2 norm of the last ``AUTO_WINDOW`` accepted deltas (their
-  norms before clipping), and until ``AUTO_MIN_SAMPLES`` have been seen, the norm of the model
-  itself (√(number of parameters) for an all-zero model). A median is moved only by a
-  majority of the window, so a minority of attackers cannot raise C above what honest
-  deltas reach, and an honest delta (typically within a few times the median) is left
-  untouched; a delta whose norm is not finite is refused outright (``norm`` says so).
+  ``AUTO_FACTOR`` × the lower median L2 norm of the recent accepted deltas (at most
+  ``AUTO_WINDOW``) of the OTHER senders, each learnt as clipped (min(‖Δ‖, C)), and until
+  ``AUTO_MIN_SAMPLES`` of those are known, the norm of the model itself (√(number of
+  parameters) for an all-zero model). A child thus never raises the bound it meets itself,
+  however many updates it supplies, and colluders raise it at most ``AUTO_FACTOR``-fold per
+  window; an honest delta (typically within a few times the median) is left untouched; a
+  delta whose norm is not finite is refused outright (callers measure the norm).
 * Coordinate-wise median and β-trimmed mean (Yin et al., ICML 2018, "Byzantine-robust
   distributed learning"): per coordinate, sort the n values, drop ⌊βn⌋ from each end, average
   the rest. Both are unweighted over the inputs they are given.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +30,7 @@ from algorithms.weights_math import l2_norm
 __all__ = [
     "AUTO_FACTOR",
     "AUTO_MIN_SAMPLES",
+    "AUTO_PER_SENDER",
     "AUTO_WINDOW",
     "NormClip",
     "clip_by_norm",
@@ -41,6 +42,7 @@ __all__ = [
 AUTO_FACTOR = 3.0
 AUTO_WINDOW = 32
 AUTO_MIN_SAMPLES = 5
+AUTO_PER_SENDER = AUTO_WINDOW // 2
 
 
 def parse_clip_norm(setting: object) -> float | str | None:
@@ -57,7 +59,19 @@ def parse_clip_norm(setting: object) -> float | str | None:
 
 
 class NormClip:
-    """One aggregator's norm clip; ``reference`` is the model (sets the "auto" start)."""
+    """One aggregator's norm clip; ``reference`` is the model (sets the "auto" start).
+
+    The "auto" bound applied to an update from ``src`` is learnt from the OTHER senders'
+    recent norms only (entries of ``src`` in the window are skipped), so no child can raise
+    the bound it is itself clipped by, however many updates it supplies: its bound is
+    ``AUTO_FACTOR`` × the lower median of the others' norms, or the starting bound while
+    fewer than ``AUTO_MIN_SAMPLES`` of them are known. What is learnt is the norm AFTER
+    clipping (min(‖Δ‖, C)), so even several colluding senders that supply most updates can
+    raise the bound at most ``AUTO_FACTOR``-fold per window turnover, not to their own
+    norm at once. One sender holds at most ``AUTO_PER_SENDER`` entries of the window (its
+    newest entry replaces its own oldest), so a flood cannot push the others' norms out and
+    send the bound back to its start. Each update costs O(``AUTO_WINDOW``).
+    """
 
     __slots__ = ("_initial", "_recent", "setting")
 
@@ -66,36 +80,55 @@ class NormClip:
         size = sum(int(v.size) for v in reference.values())
         norm = l2_norm(reference) if reference else 0.0
         self._initial = norm if 0.0 < norm < math.inf else max(1.0, math.sqrt(size))
-        self._recent: deque[float] = deque(maxlen=AUTO_WINDOW)
+        # (sender, clipped norm), oldest first; sender None: unattributed (never skipped).
+        self._recent: list[tuple[str | None, float]] = []
 
-    def bound(self) -> float | None:
-        """The current C (None: no clip)."""
+    def bound(self, src: str | None = None) -> float | None:
+        """The C an update from ``src`` meets now (None: no clip)."""
         if self.setting is None:
             return None
         if isinstance(self.setting, float):
             return self.setting
-        if len(self._recent) < AUTO_MIN_SAMPLES:
+        others = [n for s, n in self._recent if s is None or s != src]
+        if len(others) < AUTO_MIN_SAMPLES:
             return self._initial
         # The lower median: a window half filled by one attacker still gives an honest norm.
-        median = statistics.median_low(self._recent)
+        median = statistics.median_low(others)
         return AUTO_FACTOR * median if median > 0.0 else self._initial
 
-    def apply(self, delta: Weights, norm: float) -> tuple[Weights, bool]:
-        """Clip ``delta`` (whose finite L2 norm the caller measured) and learn from it."""
-        c = self.bound()
+    def apply(self, delta: Weights, norm: float, src: str | None = None) -> tuple[Weights, bool]:
+        """Clip ``delta`` from ``src`` (whose finite L2 norm the caller measured) and learn
+        its clipped norm."""
+        c = self.bound(src)
         if self.setting == "auto":
-            self._recent.append(norm)
+            self._learn(src, norm if c is None else min(norm, c))
         if c is None or norm <= c:
             return delta, False
         factor = c / norm
         return {k: (v * factor).astype(v.dtype, copy=False) for k, v in delta.items()}, True
 
+    def _learn(self, src: str | None, norm: float) -> None:
+        recent = self._recent
+        if src is not None:
+            mine = [i for i, (s, _) in enumerate(recent) if s == src]
+            if len(mine) >= AUTO_PER_SENDER:
+                del recent[mine[0]]
+        recent.append((src, norm))
+        if len(recent) > AUTO_WINDOW:
+            del recent[0]
+
     def snapshot(self) -> dict[str, Any]:
-        return {"recent": list(self._recent)}
+        return {"recent": [[s, n] for s, n in self._recent]}
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
-        self._recent.clear()
-        self._recent.extend(float(x) for x in (state or {}).get("recent", ()))
+        self._recent = []
+        for item in (state or {}).get("recent", ()):
+            if isinstance(item, list | tuple):  # (sender, norm)
+                s, n = item
+                self._recent.append((None if s is None else str(s), float(n)))
+            else:  # older checkpoints: norms without senders
+                self._recent.append((None, float(item)))
+        del self._recent[:-AUTO_WINDOW]
 
 
 def clip_by_norm(delta: Weights, max_norm: float) -> tuple[Weights, bool]:

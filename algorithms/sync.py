@@ -187,7 +187,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
             out.append(Metric("update_late", 1.0, {"src": msg.src}))
             self._record(peer, msg, Outcome.LATE, version, out, tau=version - msg.base_version)
             return
-        if self._buffer.add(msg.delta, 1.0, msg.n_examples, msg.count, self._norm):
+        if self._buffer.add(msg.delta, 1.0, msg.n_examples, msg.count, self._norm, msg.src):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
         self._round_members.append((msg.src, msg.seq))
         self._record_applied(peer, msg, version, 0, 1.0, out, round=self.round)

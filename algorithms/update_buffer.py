@@ -101,14 +101,22 @@ class UpdateBuffer:
         return self._clip.bound()
 
     def add(
-        self, delta: Weights, s: float, n_examples: int, count: int, norm: float | None = None
+        self,
+        delta: Weights,
+        s: float,
+        n_examples: int,
+        count: int,
+        norm: float | None = None,
+        src: str | None = None,
     ) -> bool:
         """Fold in s·w·Δ; return whether ``delta`` had to be norm-clipped.
 
         ``norm`` is ‖Δ‖₂ if the caller measured it already (it must be finite: callers
-        refuse a delta whose norm overflows before it gets here).
+        refuse a delta whose norm overflows before it gets here); ``src`` is its sender,
+        whose own norms do not set the "auto" clip it meets (``robust.NormClip``).
         """
-        delta, clipped = self._clip.apply(delta, l2_norm(delta) if norm is None else norm)
+        measured = l2_norm(delta) if norm is None else norm
+        delta, clipped = self._clip.apply(delta, measured, src)
         w = float(count if self.weighting == "uniform" else n_examples)
         self._kept.append(delta)
         self._coefs.append(s * w)
