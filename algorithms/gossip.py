@@ -43,7 +43,8 @@ so what it sends is bounded by what the receiver can check:
   shifts the consensus point by a bounded amount instead of letting one share set it.
   Honest shares are rarely clipped (τ is a multiple of the honest distances).
 * A share whose norm (or distance, or ``x/w``) is not finite in float64 is refused, so a
-  finite-but-huge tensor cannot overflow the sums.
+  finite-but-huge tensor cannot overflow the sums; with the bounds turned off, a share
+  that would still make ``x`` or ``w`` non-finite is refused too.
 
 Each refusal is a ``Metric("update_rejected")`` and a ``Log``; each clipped neighbour
 model a ``Metric("gossip_clipped")``.
@@ -380,7 +381,13 @@ class GossipPeer:
             x = w * (z + d)
             out.append(Metric("gossip_clipped", labels={"peer": peer}))
         # Mass is additive: sum it in whatever the order, even from a peer marked down.
-        self._x += x
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_x = self._x + x
+        if not (np.isfinite(new_x).all() and math.isfinite(self._w + w)):
+            # Reachable only with the bounds turned off: never hold a non-finite mass.
+            self._reject(out, peer, "norm not finite")
+            return
+        self._x = new_x
         self._w += w
         self._model_cache = None
 

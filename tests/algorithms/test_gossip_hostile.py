@@ -261,3 +261,16 @@ def test_a_hostile_neighbour_cannot_drag_a_gossip_network_away(mode: str) -> Non
     # average (ClippedGossip's guarantee: an error proportional to the hostile weight).
     assert np.abs(xs - xs.mean(axis=0)).max() < 1e-2 * spread
     assert np.linalg.norm(xs.mean(axis=0) - truth) < 10 * spread
+
+
+def test_pushsum_with_both_bounds_off_still_never_holds_a_non_finite_mass() -> None:
+    p = _peer("pushsum", clip="off", max_share_weight=None)
+    huge = np.full((2, 3), 1e200)  # finite, but its norm overflows: refused on receipt
+    assert _rejections(p.handle(_share(huge, w=1.0), 0.0)) == ["norm not finite"]
+    # Weights of 1e308 are finite one at a time; the second would make the sum infinite.
+    assert not _rejections(p.handle(_share(ONES, w=1e308), 0.0))
+    w0, x0 = p.mass()
+    assert _rejections(p.handle(_share(ONES, w=1e308, step=2), 0.0)) == ["norm not finite"]
+    w1, x1 = p.mass()
+    assert w1 == w0 and np.isfinite(w1)
+    assert np.array_equal(x1["w"], x0["w"])
