@@ -10,6 +10,12 @@ File format (TOML)::
     public_key = "<base64>"
     endpoints = ["wss://agg.example.org:8443/fedloom"]
 
+    [[nodes]]
+    id = "site-a"
+    role = "site"
+    public_key = "<base64>"
+    examples = 225                   # optional: the training examples the site declares
+
     [signature]                      # added by ``fedloom roster sign``
     consortium_key = "<base64>"
     signature = "<base64 Ed25519 signature>"
@@ -18,6 +24,10 @@ The signature covers a canonical msgpack encoding of the version and the entries
 by id, not the TOML text, so comments and layout do not matter. A node verifies it
 against the consortium key it was configured with (never against the key the file
 names) and, through ``RosterStore``, refuses a roster older than the newest it has seen.
+
+``examples`` (sites only, optional) is what the consortium vouches a site trains on: an
+aggregator weighting by examples clamps the site's ``n_examples`` claims to it. It enters
+the signed bytes only where present, so a roster signed without it verifies unchanged.
 """
 
 from __future__ import annotations
@@ -53,7 +63,9 @@ MAX_ENDPOINTS = 16
 MAX_ENDPOINT_LEN = 512
 MAX_ROSTER_BYTES = 64 << 20
 _SIGNED_LABEL = "fedloom-roster-v1"
-_NODE_KEYS = frozenset(("id", "role", "public_key", "endpoints"))
+_NODE_KEYS = frozenset(("id", "role", "public_key", "endpoints", "examples"))
+# Declared examples stay exact in float64 (they become weights) and fit msgpack's ints.
+MAX_EXAMPLES = 2**53
 # A roster nests two levels ([[nodes]] tables, endpoint arrays). tomllib recurses per
 # nested array or inline table, so deeper text is refused before it is parsed: near
 # Python's recursion limit, finalizers that run meanwhile fail too.
@@ -98,6 +110,7 @@ class RosterEntry:
     role: str
     public_key: bytes
     endpoints: tuple[str, ...] = ()
+    examples: int | None = None  # declared training examples (sites only); None: undeclared
 
     def __post_init__(self) -> None:
         check_node_id(self.node_id)
@@ -112,6 +125,21 @@ class RosterEntry:
             raise ValueError(f"{self.node_id}: endpoints must be a tuple of <= {MAX_ENDPOINTS}")
         for endpoint in self.endpoints:
             _check_endpoint(endpoint)
+        if self.examples is not None:
+            if self.role != "site":
+                raise ValueError(
+                    f"{self.node_id}: examples: only a site declares its training examples, "
+                    f"not a {self.role}"
+                )
+            if (
+                isinstance(self.examples, bool)
+                or not isinstance(self.examples, int)
+                or not 0 <= self.examples <= MAX_EXAMPLES
+            ):
+                raise ValueError(
+                    f"{self.node_id}: examples: expected an int from 0 to 2**53, got "
+                    f"{self.examples!r}"
+                )
 
 
 class Roster:
@@ -181,7 +209,7 @@ class Roster:
     # ------------------------------------------------------------- signing
     def signed_bytes(self) -> bytes:
         """The canonical bytes the consortium signs (independent of TOML layout)."""
-        body = [[e.node_id, e.role, e.public_key, list(e.endpoints)] for e in self.entries]
+        body = [_signed_entry(e) for e in self.entries]
         packed: bytes = msgpack.packb([_SIGNED_LABEL, self.version, body], use_bin_type=True)
         return packed
 
@@ -200,6 +228,7 @@ class Roster:
                 f'role = "{e.role}"',
                 f'public_key = "{key_text(e.public_key)}"',
                 f"endpoints = [{endpoints}]",
+                *([] if e.examples is None else [f"examples = {e.examples}"]),
                 "",
             ]
         if signature is not None:
@@ -250,6 +279,15 @@ class Roster:
         """Parse a roster without checking any signature (for signing it)."""
         data = _parse_toml(text)
         return _roster_from(data, b"")
+
+
+def _signed_entry(e: RosterEntry) -> list[Any]:
+    # ``examples`` only where declared: every roster signed before the field existed
+    # still has the same bytes, and so still verifies.
+    body: list[Any] = [e.node_id, e.role, e.public_key, list(e.endpoints)]
+    if e.examples is not None:
+        body.append(e.examples)
+    return body
 
 
 def sign(unsigned_toml: str, consortium_identity: Identity) -> str:
@@ -391,11 +429,12 @@ def _entry_from(index: int, node: object) -> RosterEntry:
     missing = sorted({"id", "role", "public_key"} - set(node))
     if missing:
         raise RosterError(f"{where}: missing field {missing[0]!r}")
-    node_id, role, key, endpoints = (
+    node_id, role, key, endpoints, examples = (
         node["id"],
         node["role"],
         node["public_key"],
         node.get("endpoints", []),
+        node.get("examples"),
     )
     if isinstance(node_id, str):
         where = f"{where} ({node_id})"
@@ -404,6 +443,6 @@ def _entry_from(index: int, node: object) -> RosterEntry:
     if not isinstance(endpoints, list):
         raise RosterError(f"{where}.endpoints: expected an array of strings")
     try:
-        return RosterEntry(node_id, role, parse_key(key, "public_key"), tuple(endpoints))
+        return RosterEntry(node_id, role, parse_key(key, "public_key"), tuple(endpoints), examples)
     except ValueError as exc:  # IdentityError included
         raise RosterError(f"{where}: {exc}") from None
