@@ -31,9 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Container,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -454,10 +463,12 @@ async def _ws_connect(url: str) -> Link:
     return await ws.connect(url)
 
 
-async def _ws_serve(host: str, port: int, on_link: OnLink) -> Listener:
+async def _ws_serve(
+    host: str, port: int, on_link: OnLink, known: Container[str] | None = None
+) -> Listener:
     from transport import ws
 
-    return await ws.serve(host, port, on_link)
+    return await ws.serve(host, port, on_link, known=known)
 
 
 class NetworkPeers:
@@ -510,7 +521,7 @@ class NetworkPeers:
         max_queue: int = DEFAULT_MAX_QUEUE,
         options: ChannelOptions = DEFAULT_OPTIONS,
         connect: Connect = _ws_connect,
-        serve: Serve = _ws_serve,
+        serve: Serve | None = None,
         rng: random.Random | None = None,
         e2e: EndToEnd | None = None,
         routes: Mapping[str, str] | None = None,
@@ -555,7 +566,6 @@ class NetworkPeers:
         self.max_queue = max_queue
         self.options = options
         self._connect = connect
-        self._serve = serve
         self._rng = rng if rng is not None else random.Random()
         self.table = ConnectionTable(identity.node_id, routes)
         self.table.control = self._roster_message
@@ -564,6 +574,8 @@ class NetworkPeers:
         self._inbound: set[Connection] = set()
         self._answered: set[Connection] = set()  # inbound links already sent our roster
         self.gate = Gatekeeper(identity, roster, allowed_roles=allowed_roles, options=options)
+        # The TCP listener keeps a reserve for the addresses the gate knows, too.
+        self._serve = serve or functools.partial(_ws_serve, known=self.gate.known)
         self.listener: Listener | None = None
         self.dial_failures = 0
         self.refused = 0

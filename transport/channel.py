@@ -5,7 +5,8 @@ Life of a channel (DESIGN.md, "Channel security"):
 1. Handshake (``transport.handshake``, SIGMA style) under ``asyncio.timeout``; a peer
    whose key, id or role the roster does not admit is refused before any application
    data is read. Server side, a ``Gatekeeper`` caps concurrent unauthenticated links,
-   in all and per source address, and gives each a short time to authenticate.
+   in all and per source address, keeps a reserve of them for addresses rostered peers
+   recently authenticated from, and gives each a short time to authenticate.
 2. Each side sends its record stream header, then records (``transport.records``, in
    the cipher the handshake agreed on): one frame on the link is one record. A message
    is one or more records, the last one marking the end of the message; ``close()``
@@ -61,7 +62,7 @@ from transport.handshake import (
 )
 from transport.identity import Identity
 from transport.limits import Limits, MiB
-from transport.links import Link, LinkClosed, address_key
+from transport.links import KnownAddresses, Link, LinkClosed, address_key
 from transport.records import (
     CHUNK_SIZE,
     CIPHER_AEGIS256,
@@ -85,6 +86,9 @@ DEFAULT_MAX_PENDING = 256
 # One source address may hold this share of the pending handshakes (max_pending // 8), so
 # that one host flooding idle upgrades leaves the rest to the roster's sites.
 PENDING_SHARE_PER_ADDRESS = 8
+# This share of them (max_pending // 4) is kept for source addresses a rostered peer
+# recently authenticated from, so that a flood from many addresses cannot hold them all.
+PENDING_SHARE_RESERVED = 4
 # Server side, a handshake is one round trip and about a millisecond of crypto: a link
 # that has not authenticated within this many seconds is dropped.
 DEFAULT_GATE_HANDSHAKE_TIMEOUT_S = 5.0
@@ -311,11 +315,14 @@ class GateLimits:
     """What a ``Gatekeeper`` admits: at most ``max_pending`` links handshaking at once, at
     most ``max_pending_per_address`` of them from one source address (None: a share of
     ``max_pending``, ``max_pending // PENDING_SHARE_PER_ADDRESS`` and at least 1), each
-    given ``handshake_timeout`` seconds to authenticate."""
+    given ``handshake_timeout`` seconds to authenticate. ``reserved_for_known`` of them
+    (None: ``max_pending // PENDING_SHARE_RESERVED``) only links from addresses that a
+    rostered peer recently authenticated from may take; the others share the rest."""
 
     max_pending: int = DEFAULT_MAX_PENDING
     max_pending_per_address: int | None = None
     handshake_timeout: float = DEFAULT_GATE_HANDSHAKE_TIMEOUT_S
+    reserved_for_known: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_pending < 1:
@@ -328,6 +335,11 @@ class GateLimits:
             )
         if not self.handshake_timeout > 0:
             raise ValueError(f"handshake_timeout must be > 0, got {self.handshake_timeout}")
+        reserved = self.reserved_for_known
+        if reserved is not None and not 0 <= reserved < self.max_pending:
+            raise ValueError(
+                f"reserved_for_known must be in [0, max_pending={self.max_pending}), got {reserved}"
+            )
 
     @property
     def per_address(self) -> int:
@@ -335,6 +347,13 @@ class GateLimits:
         if self.max_pending_per_address is not None:
             return self.max_pending_per_address
         return max(1, self.max_pending // PENDING_SHARE_PER_ADDRESS)
+
+    @property
+    def reserved(self) -> int:
+        """Pending slots only known addresses may take, ``reserved_for_known`` or its default."""
+        if self.reserved_for_known is not None:
+            return self.reserved_for_known
+        return self.max_pending // PENDING_SHARE_RESERVED
 
 
 class Gatekeeper:
@@ -345,6 +364,12 @@ class Gatekeeper:
     (``HandshakeTimeout``). ``refused`` counts rejections by reason (``err.reason`` of the
     error raised), for metrics; ``limits`` and ``roster`` may be replaced at any time and
     apply to later links.
+
+    ``known`` remembers where rostered peers authenticated from (every accepted link's
+    address, and the IP literals among the roster's endpoints): links from there may
+    take the ``GateLimits.reserved`` slots too, links from anywhere else share the
+    rest. A peer's first connection ever (or since this process started) from an
+    address not in its roster entry counts as unknown.
     """
 
     def __init__(
@@ -355,8 +380,10 @@ class Gatekeeper:
         limits: GateLimits | None = None,
         allowed_roles: Collection[str] | None = None,
         options: ChannelOptions = DEFAULT_OPTIONS,
+        known: KnownAddresses | None = None,
     ) -> None:
         self.identity = identity
+        self.known = known if known is not None else KnownAddresses()
         self.roster = roster  # replace it to apply a newer roster to later handshakes
         self.limits = limits if limits is not None else GateLimits()
         self.allowed_roles = allowed_roles
@@ -364,7 +391,19 @@ class Gatekeeper:
         self.accepted = 0
         self.refused: Counter[str] = Counter()
         self._pending = 0
+        self._pending_unknown = 0  # of them, from addresses not in ``known``
         self._pending_from: Counter[str] = Counter()  # by address_key
+
+    @property
+    def roster(self) -> Roster:
+        return self._roster
+
+    @roster.setter
+    def roster(self, roster: Roster) -> None:
+        self._roster = roster
+        self.known.forget_peers(entry.node_id for entry in roster.entries)
+        for entry in roster.entries:
+            self.known.seed(entry.node_id, entry.endpoints)
 
     @property
     def pending(self) -> int:
@@ -382,9 +421,15 @@ class Gatekeeper:
         the per-address cap; links without one share a single budget.
         """
         limits, key = self.limits, address_key(address)
+        known = key in self.known
         refusal: GateBusy | None = None
         if self._pending >= limits.max_pending:
             refusal = GateBusy(f"{limits.max_pending} unauthenticated connections already pending")
+        elif not known and self._pending_unknown >= limits.max_pending - limits.reserved:
+            refusal = GateBusy(
+                f"{limits.max_pending - limits.reserved} unauthenticated connections from "
+                "addresses not seen to authenticate already pending"
+            )
         elif self._pending_from[key] >= limits.per_address:
             refusal = AddressBusy(
                 f"{limits.per_address} unauthenticated connections from {key or 'unknown'} "
@@ -395,6 +440,7 @@ class Gatekeeper:
             await link.close()
             raise refusal
         self._pending += 1
+        self._pending_unknown += not known
         self._pending_from[key] += 1
         try:
             channel = await server_channel(
@@ -413,9 +459,11 @@ class Gatekeeper:
             raise
         finally:
             self._pending -= 1
+            self._pending_unknown -= not known
             self._pending_from[key] -= 1
             if not self._pending_from[key]:
                 del self._pending_from[key]
+        self.known.add(key, channel.peer_id)
         self.accepted += 1
         return channel
 

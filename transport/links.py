@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 from transport.errors import FrameTooLarge
@@ -70,6 +71,80 @@ def address_key(address: str | None) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+DEFAULT_KNOWN_ADDRESSES = 4096
+KNOWN_ADDRESSES_PER_PEER = 4
+
+
+class KnownAddresses:
+    """Source addresses (``address_key``) that rostered peers recently authenticated
+    from: admission keeps a reserve of its slots for them, so a flood from addresses
+    never seen to authenticate cannot keep a returning site out.
+
+    In memory only, bounded: at most ``per_peer`` addresses per peer id (its latest; a
+    rostered peer cannot make a whole prefix "known") and ``capacity`` in all (least
+    recently authenticated out first). Unknown source addresses ("") are never known.
+    """
+
+    def __init__(
+        self, capacity: int = DEFAULT_KNOWN_ADDRESSES, per_peer: int = KNOWN_ADDRESSES_PER_PEER
+    ) -> None:
+        if capacity < 1 or per_peer < 1:
+            raise ValueError(f"capacity and per_peer must be >= 1, got {capacity}, {per_peer}")
+        self.capacity = capacity
+        self.per_peer = per_peer
+        self._peer_of: OrderedDict[str, str] = OrderedDict()  # key -> peer, oldest first
+        self._of_peer: dict[str, deque[str]] = {}  # peer -> its keys, oldest first
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._peer_of
+
+    def __len__(self) -> int:
+        return len(self._peer_of)
+
+    def add(self, key: str, peer: str) -> None:
+        """``peer`` authenticated from ``key`` (an ``address_key``) just now."""
+        if not key:
+            return
+        self._remove(key)
+        self._peer_of[key] = peer
+        keys = self._of_peer.setdefault(peer, deque())
+        keys.append(key)
+        if len(keys) > self.per_peer:
+            self._remove(keys[0])
+        while len(self._peer_of) > self.capacity:
+            self._remove(next(iter(self._peer_of)))
+
+    def seed(self, peer: str, endpoints: Iterable[str]) -> None:
+        """Know the IP literals among ``peer``'s roster endpoints (URLs) before it ever
+        connects: a node that listens there usually dials from there too. Host names
+        are not resolved (no DNS lookups on the admission path)."""
+        for url in endpoints:
+            host = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
+            host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                continue
+            if address_key(host) not in self:
+                self.add(address_key(host), peer)
+
+    def forget_peers(self, keep: Iterable[str]) -> None:
+        """Drop the addresses of every peer not in ``keep`` (a newer roster's ids)."""
+        listed = set(keep)
+        for peer in [p for p in self._of_peer if p not in listed]:
+            for key in list(self._of_peer[peer]):
+                self._remove(key)
+
+    def _remove(self, key: str) -> None:
+        peer = self._peer_of.pop(key, None)
+        if peer is None:
+            return
+        keys = self._of_peer[peer]
+        keys.remove(key)
+        if not keys:
+            del self._of_peer[peer]
 
 
 class _Pipe:

@@ -18,7 +18,10 @@ The server side also bounds what a connection may cost before it is authenticate
 an HTTP request must arrive within ``idle_timeout`` (connections that send nothing
 are dropped); at most ``max_connections`` TCP connections are open at once, and at
 most ``max_connections_per_address`` from one source address (an eighth of them by
-default: one host cannot take every slot); and a client's first ``handshake_messages``
+default: one host cannot take every slot; with ``known``, a quarter of them is kept for
+the addresses rostered peers recently authenticated from, as the channel's gate does,
+so that a flood from a few addresses cannot hold them all); and a client's first
+``handshake_messages``
 messages (its handshake flights) may be at most ``max_handshake_message`` bytes, so
 that before it could have authenticated a connection holds a few KiB, not a record
 (``transport.ws_frames``; fragments are bounded too). The cap on unauthenticated
@@ -33,7 +36,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any, TypeAlias, cast
 
 import aiohttp
@@ -63,6 +66,7 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the peer's close frame
 DEFAULT_MAX_CONNECTIONS = 4096
 CONNECTION_SHARE_PER_ADDRESS = 8  # default per-address cap: max_connections // 8
+CONNECTION_SHARE_RESERVED = 4  # with ``known``: max_connections // 4 kept for known addresses
 # A secure channel's client sends two handshake flights (c1, c2) before anything else.
 HANDSHAKE_MESSAGES = 2
 _MASK_IN_ONE_PASS_FROM = 4096  # bytes; below, aiohttp's copies cost less than numpy calls
@@ -291,36 +295,54 @@ async def connect(
 
 class _CappedServer(web.Server):
     """aiohttp's low-level server, refusing TCP connections beyond ``max_connections``,
-    or beyond ``max_per_address`` from one source address (``address_key``)."""
+    or beyond ``max_per_address`` from one source address (``address_key``); with
+    ``known``, connections from addresses not in it may hold only ``max_connections``
+    less a reserve (``CONNECTION_SHARE_RESERVED``) together."""
 
     def __init__(
-        self, *args: Any, max_connections: int | None, max_per_address: int | None, **kwargs: Any
+        self,
+        *args: Any,
+        max_connections: int | None,
+        max_per_address: int | None,
+        known: Container[str] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._max_connections = max_connections
         self._max_per_address = max_per_address
+        self._known = known
+        self._max_unknown = max_connections
+        if max_connections is not None and known is not None:
+            self._max_unknown = max_connections - max_connections // CONNECTION_SHARE_RESERVED
         self.open_connections = 0
         self.refused_connections = 0
+        self._open_unknown = 0
         self._open_from: collections.Counter[str] = collections.Counter()
-        self._address_of: dict[RequestHandler, str] = {}
+        self._address_of: dict[RequestHandler, tuple[str, bool]] = {}
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         self.open_connections += 1
         peer = transport.get_extra_info("peername")
         key = address_key(str(peer[0]) if isinstance(peer, tuple) and peer else None)
-        self._address_of[handler] = key
+        known = self._known is not None and key in self._known
+        self._address_of[handler] = (key, known)
         self._open_from[key] += 1
+        self._open_unknown += not known
         if (
-            self._max_connections is not None and self.open_connections > self._max_connections
-        ) or (self._max_per_address is not None and self._open_from[key] > self._max_per_address):
+            (self._max_connections is not None and self.open_connections > self._max_connections)
+            or (self._max_unknown is not None and self._open_unknown > self._max_unknown)
+            or (self._max_per_address is not None and self._open_from[key] > self._max_per_address)
+        ):
             self.refused_connections += 1
             transport.abort()
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         self.open_connections -= 1
-        key = self._address_of.pop(handler, None)
-        if key is not None:
+        entry = self._address_of.pop(handler, None)
+        if entry is not None:
+            key, known = entry
+            self._open_unknown -= not known
             self._open_from[key] -= 1
             if not self._open_from[key]:
                 del self._open_from[key]
@@ -344,6 +366,7 @@ class WsServer:
         max_connections_per_address: int | None,
         handshake_messages: int,
         max_handshake_message: int,
+        known: Container[str] | None = None,
     ) -> None:
         self._on_link = on_link
         self._close_timeout = close_timeout
@@ -358,6 +381,7 @@ class WsServer:
             self._handle,
             max_connections=max_connections,
             max_per_address=max_connections_per_address,
+            known=known,
             handler_cancellation=True,  # a dropped connection cancels its on_link
             keepalive_timeout=idle_timeout,  # also bounds a connection that never sends
             access_log=None,
@@ -442,6 +466,7 @@ async def serve(
     max_connections_per_address: int | None = None,
     handshake_messages: int = HANDSHAKE_MESSAGES,
     max_handshake_message: int = MAX_HANDSHAKE_MESSAGE,
+    known: Container[str] | None = None,
 ) -> WsServer:
     """Listen on ``host:port`` (0 picks a free port: see ``server.port``/``server.url``).
 
@@ -452,7 +477,10 @@ async def serve(
     ``max_connections_per_address`` None: ``max_connections // 8`` (at least 1), or no
     cap when ``max_connections`` is None. ``handshake_messages``: how many of a client's
     first messages are capped at ``max_handshake_message`` bytes (the flights of a secure
-    channel's handshake); 0 for links that carry something else.
+    channel's handshake); 0 for links that carry something else. ``known``: the
+    ``address_key`` of addresses rostered peers recently authenticated from (the gate's
+    ``Gatekeeper.known``); connections from anywhere else hold at most three quarters of
+    ``max_connections`` together.
     """
     _check_options(max_frame, heartbeat, receive_timeout)
     if idle_timeout <= 0:
@@ -481,6 +509,7 @@ async def serve(
         max_connections_per_address=max_connections_per_address,
         handshake_messages=handshake_messages,
         max_handshake_message=max_handshake_message,
+        known=known,
     )
     await server.start(host, port)
     return server

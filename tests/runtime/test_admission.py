@@ -3,17 +3,19 @@
 The attack of issue 10 (item 5): more idle WebSocket upgrades than the aggregator's gate
 admits at once, from one address, renewed as soon as they are dropped. The per-address
 cap only works if the peer set hands the gate each link's source address; this checks
-that it does, end to end.
+that it does, end to end. Then the same flood from many addresses, which the per-address
+cap alone does not stop: the slots kept for addresses that authenticated before do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
-from runtime.peers import DialTarget
+from runtime.peers import DialTarget, NetworkPeers
 from tests.runtime.test_peers import LIMIT, Pki, Sink, peers, pki, until
-from tests.transport.test_channel import FLOOD_FROM, flood
-from transport.channel import GateLimits
+from tests.transport.test_channel import FLOOD_FROM, UPGRADE, flood
+from transport.channel import ChannelOptions, GateLimits
 
 __all__ = ["pki"]  # the fixture, shared with test_peers
 
@@ -47,3 +49,78 @@ async def test_a_flood_of_idle_upgrades_does_not_keep_a_site_from_its_aggregator
         for task in (flooding, site_task, agg_task):
             task.cancel()
     assert opened[0] > 64  # the flood renewed itself
+
+
+FLOOD_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 10)]  # eight source addresses
+
+
+async def flood_from(addresses: list[str], port: int, per_address: int, opened: list[int]) -> None:
+    """Keep ``per_address`` idle upgrades open from each of ``addresses``, opening a new
+    one as soon as the server drops one (refused or timed out), until cancelled."""
+
+    async def one_slot(address: str) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=(address, 0)
+                )
+                writer.write(UPGRADE)
+                opened[0] += 1
+                try:
+                    while await reader.read(4096):  # until the server drops it
+                        pass
+                finally:
+                    writer.close()
+            await asyncio.sleep(0.01)
+
+    async with asyncio.TaskGroup() as tg:
+        for address in addresses:
+            for _ in range(per_address):
+                tg.create_task(one_slot(address))
+
+
+async def test_a_flood_from_many_addresses_does_not_keep_a_returning_site_out(pki: Pki) -> None:
+    """The attack (review finding 4): idle upgrades from eight addresses, each within its
+    per-address cap, renewed as they are dropped: together they hold every slot open to
+    unknown addresses. A rostered site that authenticated from 127.0.0.1 before comes
+    back during the flood and is admitted at its first try, from the reserve."""
+    agg = NetworkPeers(  # the default listener: the TCP caps keep a reserve too
+        pki.agg,
+        pki.roster,
+        listen=("127.0.0.1", 0),
+        accept_from={"site-1"},
+        keepalive_s=0.5,
+        options=ChannelOptions(close_timeout=0.5),
+    )
+    agg.gate.limits = GateLimits(max_pending=16, handshake_timeout=0.5)
+    limits = agg.gate.limits
+    assert (limits.per_address, limits.reserved) == (2, 4)  # 8 x 2 > the 12 unknown slots
+    opened = [0]
+    async with asyncio.timeout(LIMIT), asyncio.TaskGroup() as tg:
+        agg_task = tg.create_task(agg.run(Sink()))
+        await until(lambda: agg.listen_url is not None)
+        assert agg.listen_url is not None
+        port = int(agg.listen_url.rsplit(":", 1)[1].split("/")[0])
+        # The site has been here before (any earlier session from this address).
+        first = peers(pki.site, pki.roster, dial=[DialTarget("agg", agg.listen_url)])
+        first_task = tg.create_task(first.run(Sink()))
+        await until(lambda: "site-1" in agg.connected())
+        first_task.cancel()
+        await until(lambda: "site-1" not in agg.connected())
+        assert "127.0.0.1" in agg.gate.known
+
+        flooding = tg.create_task(flood_from(FLOOD_ADDRESSES, port, 4, opened))
+        unknown = limits.max_pending - limits.reserved
+        # The flood has renewed what timed out, and holds every slot open to it again.
+        await until(lambda: opened[0] > 8 * 4 and agg.gate.refused["handshake_timeout"] > 0)
+        await until(lambda: agg.gate.pending >= unknown and agg.gate.refused["busy"] > 0)
+        site = peers(pki.site, pki.roster, dial=[DialTarget("agg", agg.listen_url)])
+        site_task = tg.create_task(site.run(Sink()))
+        await until(lambda: "site-1" in agg.connected())
+        assert site.dial_failures == 0  # admitted at its first try, mid-flood
+        assert not flooding.done()
+        assert agg.gate.pending - agg.gate.pending_from("127.0.0.1") <= unknown
+        assert all(agg.gate.pending_from(a) <= limits.per_address for a in FLOOD_ADDRESSES)
+        assert not any(a in agg.gate.known for a in FLOOD_ADDRESSES)
+        for task in (flooding, site_task, agg_task):
+            task.cancel()

@@ -740,8 +740,12 @@ async def test_a_flood_from_one_address_does_not_keep_a_site_out(pki: Pki) -> No
 def test_gate_limits_are_validated() -> None:
     assert GateLimits().per_address == 32 and GateLimits(max_pending=7).per_address == 1
     assert GateLimits(max_pending=10, max_pending_per_address=10).per_address == 10
+    assert GateLimits().reserved == 64 and GateLimits(max_pending=3).reserved == 0
+    assert GateLimits(max_pending=10, reserved_for_known=9).reserved == 9
     bad: dict[str, Any]
     for bad in (
+        {"max_pending": 4, "reserved_for_known": 4},
+        {"reserved_for_known": -1},
         {"max_pending": 0},
         {"max_pending_per_address": 0},
         {"max_pending": 4, "max_pending_per_address": 5},

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from transport.errors import FrameTooLarge
-from transport.links import Link, LinkClosed, MemoryLink, memory_link_pair
+from transport.links import KnownAddresses, Link, LinkClosed, MemoryLink, memory_link_pair
 from transport.ws import WebSocketLink
 
 TIMEOUT_S = 5.0
@@ -72,3 +72,33 @@ async def test_frame_cap_closes_both_ends() -> None:
 def test_bad_options(options: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         memory_link_pair(**options)  # type: ignore[arg-type]
+
+
+def test_known_addresses_are_bounded_per_peer_and_in_all() -> None:
+    known = KnownAddresses(capacity=6, per_peer=2)
+    known.add("", "site-1")  # links without an address are never known
+    assert len(known) == 0
+    for i in range(5):  # a peer that authenticates from many addresses: its latest two
+        known.add(f"10.0.0.{i}", "site-1")
+    assert [f"10.0.0.{i}" in known for i in range(5)] == [False, False, False, True, True]
+    for peer in ("site-2", "site-3", "site-4"):
+        known.add(f"{peer}-a", peer)
+        known.add(f"{peer}-b", peer)
+    assert len(known) == 6 and "10.0.0.3" not in known  # the least recent went first
+    known.add("site-2-a", "site-5")  # an address now used by another peer moves to it
+    known.forget_peers(["site-1", "site-3", "site-4", "site-5"])  # site-2 is revoked
+    assert "site-2-b" not in known and "site-2-a" in known and len(known) == 5
+
+
+def test_known_addresses_seeded_from_ip_literal_endpoints() -> None:
+    known = KnownAddresses()
+    known.seed(
+        "region-1",
+        [
+            "wss://192.0.2.7:8443/fedloom",
+            "ws://[2001:db8::1]:9000/fedloom",
+            "wss://region.example.org/fedloom",  # names are not resolved
+            "not a url",
+        ],
+    )
+    assert "192.0.2.7" in known and "2001:db8::/64" in known and len(known) == 2

@@ -159,6 +159,34 @@ async def test_connection_cap_per_address() -> None:
         await wait_for(lambda: server.open_connections == 0)
 
 
+async def test_connections_from_many_addresses_leave_a_reserve_for_known_ones() -> None:
+    # The attack: idle TCP connections from four addresses, each within its cap, hold
+    # every connection the server allows. With ``known``, addresses not in it get three
+    # quarters of max_connections (6 of 8) together; 127.0.0.1, known, still gets in.
+    options: dict[str, Any] = {
+        "max_connections": 8,
+        "max_connections_per_address": 2,
+        "known": {"127.0.0.1"},
+    }
+    async with asyncio.timeout(TIMEOUT_S), echo_server(**options) as (server, _):
+        conns = [
+            await asyncio.open_connection("127.0.0.1", server.port, local_addr=(address, 0))
+            for address in ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+            for _ in range(2)
+        ]
+        await wait_for(lambda: server.refused_connections == 2)
+        assert server.open_connections == 6
+        link = await ws.connect(server.url)  # from the reserve
+        try:
+            await link.send(b"ok")
+            assert await link.recv() == b"ok"
+        finally:
+            await link.close()
+        for _, writer in conns:
+            writer.close()
+        await wait_for(lambda: server.open_connections == 0)
+
+
 @pytest.mark.parametrize("size", [MAX_HANDSHAKE_MESSAGE + 1, ws.MAX_FRAME])
 @pytest.mark.parametrize("index", [0, 1])
 async def test_the_first_two_messages_are_handshake_sized(size: int, index: int) -> None:
