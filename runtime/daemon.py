@@ -55,10 +55,11 @@ import numpy as np
 
 from algorithms import regional as regional_mod
 from algorithms import site as site_mod
-from algorithms.aggregator_base import APPLIED_KEY
+from algorithms.aggregator_base import APPLIED_KEY, AggregatorBase
 from algorithms.fedasync import FedAsyncAggregator
 from algorithms.fedbuff import FedBuffAggregator
 from algorithms.gossip import GossipPeer, share_weight_bound
+from algorithms.intake import ClaimBounds
 from algorithms.protocol import Metric, ModelHolder, Node, Persist
 from algorithms.regional import RegionalAggregator
 from algorithms.relay import RelayNode
@@ -74,7 +75,7 @@ from runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
 from runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
 from runtime.store import CHECKPOINT_KEY, CorruptStateError, Recovery, StateStore, StoreError
 from runtime.trainer import PlanTrainer, SitePlan, make_executor, plan_from_config
-from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root
+from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root, claim_bounds
 from sim.config_reader import ConfigError
 from sim.kernel import derived_seed
 from sim.network import CodecPolicy
@@ -212,6 +213,71 @@ def _n_examples(plan: TrainingPlan | None) -> int:
     return 0
 
 
+def _declared_examples(roster: Roster) -> tuple[dict[str, int], bool]:
+    """``({site: examples} the roster declares, whether it declares every site's)``."""
+    sites = [e for e in roster.entries if e.role == "site"]
+    declared = {e.node_id: e.examples for e in sites if e.examples is not None}
+    return declared, bool(sites) and len(declared) == len(sites)
+
+
+def children_claim_bounds(cfg: DaemonConfig, roster: Roster) -> ClaimBounds:
+    """What this aggregator's children may claim, from the signed roster and the config.
+
+    A site child's ``n_examples`` is clamped to the ``examples`` the roster declares for it,
+    else to ``max_examples_per_site``. When the roster declares every site's examples, that
+    cap becomes the largest declaration, so a region's ``n_examples`` is bounded by its
+    count times an honest site's most (as in the simulator). A region's ``count`` is
+    clamped to ``max_region_count`` (by default the ``regional_buffer_size``): the config
+    names the children, not their subtrees.
+    """
+    declared, every_site = _declared_examples(roster)
+    children = child_roles(cfg, roster)
+    return claim_bounds(
+        cfg.aggregation,
+        site_examples={
+            c: declared[c] for c, r in children.items() if r == "site" and c in declared
+        },
+        max_examples_per_site=max(declared.values()) if every_site else None,
+    )
+
+
+def bound_claims(cfg: DaemonConfig, node: Node, roster: Roster) -> None:
+    """Give an aggregator its children's claim bounds from ``roster`` (at the start and for
+    each newer roster); under ``weighting = "examples"``, warn of what is undeclared."""
+    if not isinstance(node, AggregatorBase):
+        return
+    bounds = children_claim_bounds(cfg, roster)
+    node.set_claim_bounds(bounds)
+    if cfg.aggregation.weighting != "examples":
+        return
+    sites = sorted(c for c, r in node.children.items() if r == "site")
+    undeclared = [c for c in sites if c not in bounds.site_examples]
+    every_site = _declared_examples(roster)[1]
+    where = {"node": cfg.node_id, "roster_version": roster.version, "undeclared": undeclared}
+    cap = bounds.max_examples_per_site
+    if undeclared:
+        log.warning(
+            '%s: weighting = "examples", but roster version %d declares no examples for '
+            "%s: each one's n_examples is clamped only to max_examples_per_site = %d; write "
+            "`examples = N` in their [[nodes]] entries and sign the roster again",
+            cfg.node_id,
+            roster.version,
+            ", ".join(undeclared),
+            cap,
+            extra=where,
+        )
+    if not every_site and len(sites) < len(node.children):
+        log.warning(
+            '%s: weighting = "examples", but roster version %d does not declare every '
+            "site's examples: a region's n_examples is clamped only to its count times "
+            "max_examples_per_site = %d",
+            cfg.node_id,
+            roster.version,
+            cap,
+            extra=where,
+        )
+
+
 def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> Node:
     """A fresh state machine for ``cfg.role``, configured from the config (not restored)."""
     p = cfg.aggregation
@@ -245,6 +311,7 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
             concurrency=concurrency,
             train_config=train_config,
             rng=rng,
+            bounds=children_claim_bounds(cfg, roster),
         )
     assert plan is not None
     if cfg.algorithm not in ROOT_ALGORITHMS:
@@ -262,6 +329,7 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
         concurrency=concurrency,
         train_config=train_config,
         rng=rng,
+        bounds=children_claim_bounds(cfg, roster),
     )
 
 
@@ -465,6 +533,7 @@ def open_daemon(cfg: DaemonConfig) -> Daemon:
         # A newer roster kept in the state directory replaces the file's for the links;
         # the node keeps the children of its config (revoked ones are refused at the door).
         roster, text = _current_roster(cfg, identity, roster, text, recovery, store)
+        bound_claims(cfg, node, roster)
         _recover(cfg, node, recovery)
         if _has_snapshot(node):
             # Compaction: from here on the log holds only what happens after this start.
@@ -816,6 +885,7 @@ async def serve(
         d.roster_text,
         persist=_persist_roster(d),
         path=cfg.roster_path,
+        installed=lambda roster: bound_claims(cfg, d.node, roster),
     )
     keeper.attach(peers)
     if hangup is None:

@@ -128,10 +128,20 @@ def _write_toml(path: Path, data: Mapping[str, Any]) -> None:
 
 
 def write_roster(
-    path: Path, identities: Sequence[Identity], consortium: Identity, *, version: int = 1
+    path: Path,
+    identities: Sequence[Identity],
+    consortium: Identity,
+    *,
+    version: int = 1,
+    examples: Mapping[str, int] | None = None,
 ) -> None:
-    """Sign a roster of ``identities`` with ``consortium`` and write it to ``path``."""
-    entries = [RosterEntry(i.node_id, i.role, i.public_key) for i in identities]
+    """Sign a roster of ``identities`` with ``consortium`` and write it to ``path``;
+    ``examples`` declares sites' training examples (what their parents may weigh them by)."""
+    declared = examples or {}
+    entries = [
+        RosterEntry(i.node_id, i.role, i.public_key, examples=declared.get(i.node_id))
+        for i in identities
+    ]
     unsigned = Roster(version, entries).to_toml()
     path.write_text(sign(unsigned, consortium), encoding="utf-8")
 
@@ -147,13 +157,16 @@ def write_federation(
     region_aggregation: Mapping[str, Any] | None = None,
     connection: Mapping[str, Any] | None = None,
     site_metrics: bool = False,
+    declare_examples: bool = True,
 ) -> Federation:
     """Identities, a signed roster and one config per node for root -> regions -> sites.
 
     Aggregators get a free loopback port each (fixed in their configs, so a restarted
     daemon comes back where its children look for it) and a ``/metrics`` port; sites get
     one only with ``site_metrics``. Layout: ``keys/``, ``roster.toml``, ``consortium.pub``,
-    ``<node>.toml``, ``state/<node>/``, ``logs/<node>.log``.
+    ``<node>.toml``, ``state/<node>/``, ``logs/<node>.log``. With ``declare_examples`` the
+    roster declares each site's real number of training examples (a built-in workload's),
+    so no site can make its parent weigh it by more.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     keys = workdir / "keys"
@@ -251,8 +264,20 @@ def write_federation(
             )
             add(site, 0, free_port() if site_metrics else 0, index)
             index += 1
-    write_roster(workdir / "roster.toml", identities, consortium)
+    examples = site_examples(plan_table, sites) if declare_examples else None
+    write_roster(workdir / "roster.toml", identities, consortium, examples=examples)
     return Federation(workdir, workdir / "roster.toml", pub, plan_table, nodes)
+
+
+def site_examples(plan: Mapping[str, Any], sites: Sequence[str]) -> dict[str, int] | None:
+    """Each site's training examples under a built-in workload ``plan`` (sites in index
+    order), or None for a plan this cannot size (a factory's)."""
+    if "dataset" not in plan:
+        return None
+    from sim.workloads import from_config
+
+    workload = from_config(plan)
+    return {site: int(workload.n_examples(i)) for i, site in enumerate(sites)}
 
 
 # ========================================================================== processes

@@ -111,8 +111,10 @@ def cmd_roster_verify(signed: Path, *, consortium: str) -> int:
         return EXIT_INVALID
     roles = Counter(e.role for e in roster.entries)
     by_role = ", ".join(f"{roles[r]} {r}" for r in ROLES if roles[r])
+    declared = sum(1 for e in roster.entries if e.examples is not None)
+    examples = f"; {declared} of {roles['site']} sites declare examples" if roles["site"] else ""
     print(
         f"roster {signed}: valid, version {roster.version}, {len(roster)} nodes "
-        f"({by_role or 'none'}), signed by consortium key {key_text(key)}"
+        f"({by_role or 'none'}), signed by consortium key {key_text(key)}{examples}"
     )
     return EXIT_OK

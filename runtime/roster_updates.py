@@ -15,6 +15,7 @@ version, digest and text, so a restart never goes back to an older roster), then
 to the peer set (``NetworkPeers.set_roster``): later handshakes and end-to-end signature
 checks use it, every open session of a peer it no longer lists with the same key and
 role is closed at once, and it is pushed to this node's children, which check it again.
+Last, ``installed`` sees it (an aggregator takes the examples it declares for its sites).
 A refused roster is one log line; the daemon keeps the roster it has and serves on.
 """
 
@@ -52,6 +53,7 @@ class RosterKeeper:
         *,
         persist: Persist,
         path: Path | None = None,
+        installed: Callable[[Roster], None] | None = None,
     ) -> None:
         self.identity = identity
         self.consortium_key = consortium_key
@@ -62,6 +64,7 @@ class RosterKeeper:
         self.peers: NetworkPeers | None = None
         self.refused = 0
         self._persist = persist
+        self._installed = installed
         self._lock = asyncio.Lock()  # one install at a time (SIGHUP and a push may race)
 
     @property
@@ -120,6 +123,8 @@ class RosterKeeper:
             self._persist(roster, text)  # durable before anything acts on it
             self.text = text
             revoked = self.peers.set_roster(roster, text) if self.peers is not None else []
+            if self._installed is not None:
+                self._installed(roster)
             log.warning(
                 "%s: installed roster version %d from %s (was version %d); closed the "
                 "sessions of: %s",
