@@ -2,32 +2,48 @@
 
 * Children are given as ``{child_id: role}``, role "site" (gets training tasks through a
   ``TaskDispatcher``) or "region" (gets every new ``ModelBroadcast``). A child counts as up
-  from its ``Hello`` until ``PeerDown``; a site's task ends with its answer, ``PeerDown``, a
-  timeout, or a new ``Hello`` from it (a new session may have lost the request).
+  from its ``Hello`` until ``PeerDown``; a site's task ends with its answer, ``PeerDown`` or
+  a timeout. The runtime reports a new session only after the old one's ``PeerDown``, so a
+  further ``Hello`` in a session changes nothing (metric ``hello_repeated``): no task is
+  cancelled or re-issued and no model re-sent, and a stream of 46-byte Hellos buys nothing.
 * Intake of an ``Update``: sender must be a child speaking for itself and ``seq`` ≥ 1 (else
   rejected, not acked); an already recorded ``(src, seq)`` is a duplicate: metric + re-ack,
   never applied again; otherwise the subclass decides (applied / stale / late / rejected)
   and ``_record`` writes ``Persist("applied", {...}, append=True)`` *then* ``Send(Ack)``.
   Rejected updates from a child are recorded and acked too, so a poisoned update is not
   resent forever; the ``outcome`` field of the record says what happened.
-* One child cannot fill a buffer (or flood the log). The answer to a task this node gave
-  a site is taken (one per task, and the dispatcher, not the site, decides who gets
-  tasks). Any other update (``task`` unknown, finished or someone else's) is taken only
-  while the child has had fewer than ``intake.intake_quota`` updates decided in this
-  aggregation epoch (a flush, a round, ``concurrency`` FedAsync steps), its fair share of
-  the epoch: one, when there are more children than K. A site whose unasked update was
-  taken in an epoch gets its task answers counted against the same share until the epoch
-  ends (else it would get an unasked update plus its task answer into every buffer).
+* One child cannot fill a buffer (or flood the log). A child's share of an aggregation
+  epoch (a flush, a round, ``concurrency`` FedAsync steps) is ``intake.intake_quota``:
+  ⌈K / children up⌉, at least one, where sites whose last task timed out unanswered do not
+  count as up (so a site that takes tasks and never answers cannot stall an epoch; that
+  needs ``task_timeout_s``: without one, robust aggregation waits for every site's share).
+  Unasked updates (``task`` unknown, finished or someone else's) are taken only within it.
+  What else counts depends on what defends the aggregate:
+
+  - Robust aggregation (median, trimmed mean; ``_variety_quota``) needs a variety of
+    inputs, so EVERY update counts against the share: task answers and regions' forwards
+    too. A site that has used its share gets no new task until the epoch ends (the
+    dispatcher benches it), so an honest fast site simply waits for the next flush and has
+    nothing held; a site answering faster than asked still gets at most its share.
+  - The mean (FedBuff's own rule) takes every answer to a task this node gave a site (one
+    per task; the dispatcher, not the site, decides who gets tasks), so a fast honest site
+    supplies many slots of a buffer, as FedBuff intends. What bounds one update there is the
+    norm clip (``robust.NormClip``), whose "auto" bound for a child is learnt from the
+    OTHER children's norms: a fast or hostile site cannot raise the bound it meets. A site
+    whose unasked update was taken in an epoch has its task answers counted against its
+    share until the epoch ends (else it would get an unasked update plus its task answer
+    into every buffer). A region gets no tasks; it may fill at most max(share, K − 1)
+    slots of an epoch, so while another child is up each flush needs at least one update
+    from someone else: a flooding region moves the model at most by the clip per flush and
+    no faster than the other children contribute (with two regions and K = 2 the root
+    alternates between them; the demo and ``scenarios/hospitals.toml`` show no slow-down,
+    their regions being alike).
   An update over the quota is neither recorded nor acked: it is held in memory (at most
   ``MAX_HELD_SITE`` per site, ``MAX_HELD_REGION`` per region) and decided after the epoch
   ends; beyond that it is dropped (metric ``update_dropped``, one warning per child and
   epoch) without any durable write. The child still holds what was not acked and resends it
   after its next reconnect, so nothing acknowledged is lost. After a restart the sites'
   resent, now unsolicited, updates are thus taken one per site and epoch.
-  Region children are under the quota only when the buffer aggregates robustly (median,
-  trimmed mean), whose defence is the variety of its inputs: regions get no tasks, and an
-  honest region that is faster than its siblings would otherwise wait for the slowest one
-  at every flush. Under the mean a region's weight is bounded by its count bound instead.
 * Claims are bounded (``intake.ClaimBounds``): a site's ``count`` must be 1, a region's is
   clamped to what its subtree could produce, ``n_examples`` to the declared examples; a
   delta whose L2 norm overflows is rejected ("norm_overflow").
@@ -37,7 +53,8 @@
   checkpoint's ``log_n``), reproducing the state the node had acknowledged.
 
 Every handler is O(1) or O(log n) in the number of children, apart from broadcasts, which
-are O(regions) per new model version.
+are O(regions) per new model version, and, under robust aggregation, a site coming up, going
+down or timing out, which re-benches the sites that used their share (O(children)).
 """
 
 from __future__ import annotations
@@ -164,7 +181,10 @@ class AggregatorBase:
         self._unsolicited: set[str] = set()  # children that had an unasked update taken
         self._unasked = False  # the update being decided answers no task of ours
         self._epoch_changed = False
-        self._region_quota = False  # set by aggregators whose defence is input variety
+        # Set by aggregators whose defence is the variety of their inputs (median, trimmed
+        # mean): regions and task answers count against the per-epoch share too.
+        self._variety_quota = False
+        self._silent: set[str] = set()  # up sites whose last task timed out unanswered
         self._quota_solicited = True  # see _within_quota (sync rounds: one task per round)
         self._norm = 0.0  # ‖Δ‖₂ of the update being decided (measured once, at intake)
         # Counters (also visible as metrics); handy for tests and reports.
@@ -297,12 +317,13 @@ class AggregatorBase:
                 Log("warning", "child announced another role", {"peer": peer, "role": msg.role})
             )
         if role == "site":
-            task = self._dispatcher.mark_up(peer)
-            if task is not None:
-                self._on_task_cancelled(task)
-                out.append(
-                    Log("info", "site said Hello again; its task is cancelled", {"peer": peer})
-                )
+            if not self._dispatcher.mark_up(peer):
+                out.append(Metric("hello_repeated", 1.0, {"peer": peer}))
+            elif self._variety_quota:
+                self._rebench()  # one more site up: the share may have shrunk
+            return
+        if peer in self._regions_up:  # same session: it has every model already
+            out.append(Metric("hello_repeated", 1.0, {"peer": peer}))
             return
         self._regions_up[peer] = None
         model = self._model()
@@ -321,13 +342,24 @@ class AggregatorBase:
             self._regions_up.pop(peer, None)
         if role is not None:
             self._held.pop(peer, None)  # unacked: the child resends them on reconnect
+        self._silent.discard(peer)
         self._epoch_changed = True  # fewer children up: the others' quota may have grown
+        if self._variety_quota:
+            self._rebench()
 
     def _on_deadline(self, now: float, out: list[Effect]) -> None:
-        for task, site in self._dispatcher.expire(now):
+        expired = self._dispatcher.expire(now)
+        for task, site in expired:
             self.timeouts += 1
             self._on_task_cancelled(task)
             out.append(Metric("job_timeout", 1.0, {"site": site}))
+            if self._dispatcher.is_up(site):
+                self._silent.add(site)
+        if expired and self._variety_quota:
+            # A silent site no longer counts among those sharing an epoch, so the others'
+            # share grows and a site that takes tasks but never answers cannot stall it.
+            self._epoch_changed = True
+            self._rebench()
 
     def _on_update(self, peer: str, msg: Update, now: float, out: list[Effect]) -> None:
         if msg.src != peer:
@@ -373,12 +405,15 @@ class AggregatorBase:
         """May ``msg`` be decided now? Otherwise it is held or dropped, unacked."""
         solicited = is_int(msg.task) and self._dispatcher.task_site(int(msg.task)) == peer
         self._unasked = not solicited  # for the record: replay rebuilds the quota from it
-        if solicited and (not self._quota_solicited or peer not in self._unsolicited):
+        answer_free = not self._quota_solicited or peer not in self._unsolicited
+        if solicited and answer_free and not self._variety_quota:
             return True  # we chose to give this site the task: one answer per task
-        if self._children[peer] == "region" and not self._region_quota:
-            return True
-        up = self._dispatcher.up_count + len(self._regions_up)
-        if self._uses.get(peer, 0) < intake_quota(self._epoch_size(), up):
+        used = self._uses.get(peer, 0)
+        if not self._variety_quota and self._children[peer] == "region":
+            # Under the mean: at most K-1 slots of a flush (or its share, if larger).
+            if used < max(self._quota(), self._epoch_size() - 1):
+                return True
+        elif used < self._quota():
             if not solicited:
                 self._unsolicited.add(peer)
             return True
@@ -403,12 +438,27 @@ class AggregatorBase:
             )
         return False
 
+    def _quota(self) -> int:
+        """A child's share of this epoch among the children up (silent sites left out)."""
+        up = self._dispatcher.up_count - len(self._silent) + len(self._regions_up)
+        return intake_quota(self._epoch_size(), up)
+
+    def _rebench(self) -> None:
+        """Under a variety quota, exactly the sites that used their share get no new task."""
+        d = self._dispatcher
+        d.unbench()
+        quota = self._quota()
+        for child, used in self._uses.items():
+            if used >= quota and self._children.get(child) == "site":
+                d.bench(child)
+
     def _end_epoch(self) -> None:
         """The buffer was flushed (or the round closed): every child's quota starts again."""
         self._uses.clear()
         self._warned.clear()
         self._unsolicited.clear()
         self._epoch_changed = True
+        self._dispatcher.unbench()
 
     def _release_held(self, now: float, out: list[Effect]) -> None:
         """Take up held updates once their child may have room (after an epoch ended)."""
@@ -443,7 +493,10 @@ class AggregatorBase:
     ) -> None:
         """Ledger it, Persist the record, then Ack: the Ack never precedes its Persist."""
         self._ledger.record(msg.src, msg.seq)
-        self._uses[msg.src] = self._uses.get(msg.src, 0) + 1
+        used = self._uses[msg.src] = self._uses.get(msg.src, 0) + 1
+        self._silent.discard(msg.src)  # it answers after all
+        if self._variety_quota and used >= self._quota() and self._children[peer] == "site":
+            self._dispatcher.bench(peer)  # an honest fast site waits for the next epoch
         self._log_n += 1
         data: dict[str, Any] = {
             "n": self._log_n,
@@ -571,6 +624,8 @@ class AggregatorBase:
                 if "delta" not in rec:
                     raise ValueError("an applied record without its delta cannot be replayed")
                 self._replay(rec)
+        if self._variety_quota:
+            self._rebench()
 
 
 class OwnModel:

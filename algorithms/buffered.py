@@ -65,7 +65,7 @@ class BufferedAggregator(AggregatorBase):
         if not callable(staleness):
             raise ValueError("staleness must be a staleness function (see algorithms.staleness)")
         self.buffer_size = buffer_size
-        self._region_quota = robust != "mean"
+        self._variety_quota = robust != "mean"
         self.max_staleness = max_staleness
         self._staleness = staleness
         self._buffer_args: dict[str, Any] = {

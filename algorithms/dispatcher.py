@@ -10,6 +10,9 @@ and timeouts into ``Metric("job_timeout")``.
   expiry and ``next_deadline`` are O(log n) amortised.
 * A timed-out task frees its slot; the site stays eligible (it may be slow, not dead).
   A site going down cancels its task. A site holds at most one task of this dispatcher.
+* A benched site (``bench``) gets no new task until ``unbench``: an aggregator benches a
+  site that has used its share of an aggregation epoch, so that an honest fast site waits
+  for the next epoch rather than answering a task whose answer would have to be held.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class TaskDispatcher:
         self._tasks: dict[int, tuple[str, float]] = {}  # task -> (site, deadline)
         self._task_of: dict[str, int] = {}  # site -> its in-flight task
         self._heap: list[tuple[float, int]] = []
+        self._benched: set[str] = set()
         self.next_task = 1
 
     # ------------------------------------------------------------------ queries
@@ -77,9 +81,16 @@ class TaskDispatcher:
     def tasks(self) -> list[int]:
         return list(self._tasks)
 
+    def holds_task(self, site: str) -> bool:
+        return site in self._task_of
+
+    @property
+    def benched(self) -> frozenset[str]:
+        return frozenset(self._benched)
+
     # ------------------------------------------------------------- idle set ops
     def _push_idle(self, site: str) -> None:
-        if site not in self._idle_pos:
+        if site not in self._idle_pos and site not in self._benched:
             self._idle_pos[site] = len(self._idle)
             self._idle.append(site)
 
@@ -101,24 +112,25 @@ class TaskDispatcher:
         return site
 
     # ------------------------------------------------------------------ events
-    def mark_up(self, site: str) -> int | None:
-        """The site (re)introduced itself and is eligible for a task.
+    def mark_up(self, site: str) -> bool:
+        """The site introduced itself and is eligible for a task; False if it was up already.
 
-        A site that says Hello again while holding a task has started a new session and
-        may have lost the request, so that task is cancelled (returned) rather than left to
-        occupy a slot until a timeout that may not be configured.
+        A site is up from its Hello until ``mark_down`` (its ``PeerDown``), and the runtime
+        ends an older connection (``PeerDown``) before it reports a new one. A Hello from a
+        site that is up was therefore sent on the session that carries its task, which
+        cannot have lost the request: it changes nothing (no cancelled task, no new
+        request, so a stream of Hellos buys no models; a request lost all the same is
+        covered by ``task_timeout_s``).
         """
-        if site not in self._sites:
-            return None
+        if site not in self._sites or site in self._up:
+            return False
         self._up.add(site)
-        task = self._task_of.pop(site, None)
-        if task is not None:
-            del self._tasks[task]
         self._push_idle(site)
-        return task
+        return True
 
     def mark_down(self, site: str) -> int | None:
         """The site is unreachable; return the task this cancels, if any."""
+        self._benched.discard(site)
         if site not in self._up:
             return None
         self._up.discard(site)
@@ -127,6 +139,19 @@ class TaskDispatcher:
         if task is not None:
             del self._tasks[task]
         return task
+
+    def bench(self, site: str) -> None:
+        """Give ``site`` no new task until ``unbench`` (a task in flight stays)."""
+        if site in self._sites:
+            self._benched.add(site)
+            self._drop_idle(site)
+
+    def unbench(self) -> None:
+        """Every benched site that is up and holds no task is eligible again."""
+        benched, self._benched = self._benched, set()
+        for site in benched:
+            if site in self._up and site not in self._task_of:
+                self._push_idle(site)
 
     def complete(self, task: int, site: str) -> bool:
         """``site`` answered ``task``; free its slot. False if not in flight for that site."""

@@ -24,8 +24,10 @@ States (``RegionState``): NO_MODEL — nothing to hand out yet: no tasks are dis
 children's updates are held until the first model arrives; ACTIVE.
 
 Updates held without a model cannot be checked against one, so what they may hold is
-bounded: ``max_deferred`` updates and ``max_deferred_bytes`` of decoded deltas. Beyond
-that an update is refused without an ack; the site keeps it in its outbox and resends it
+bounded: ``max_deferred`` updates and ``max_deferred_bytes`` of decoded deltas, and a
+child's held updates are dropped when it goes down (``PeerDown``: they were never acked, so
+it resends them on its next session, and a revoked child leaves none behind). Beyond that
+an update is refused without an ack; the site keeps it in its outbox and resends it
 after its next reconnect, so nothing acknowledged is lost. (Honest sites only send updates
 for tasks, which need a model: holding is for the rare region that lost its state while
 its sites still had updates pending, so the bound is small.)
@@ -201,6 +203,16 @@ class RegionalAggregator(BufferedAggregator):
             self.deferred_bytes = 0
             for peer, update in held:
                 self._on_update(peer, update, now, out)
+
+    def _on_peer_down(self, peer: str, now: float, out: list[Effect]) -> None:
+        super()._on_peer_down(peer, now, out)
+        if peer in self._children and self._deferred:
+            # Never acked, so the child resends them if it comes back; a child that does
+            # not (revoked, gone) leaves nothing behind to be applied in its name.
+            kept = [(p, u) for p, u in self._deferred if p != peer]
+            if len(kept) != len(self._deferred):
+                self._deferred = kept
+                self.deferred_bytes = sum(_delta_bytes(u) for _, u in kept)
 
     def _defer(self, peer: str, msg: Update, out: list[Effect]) -> None:
         size = _delta_bytes(msg)

@@ -97,11 +97,25 @@ def test_bad_arguments() -> None:
         make(timeout=0.0)
 
 
-def test_hello_again_while_holding_a_task_cancels_it() -> None:
+def test_hello_again_in_the_same_session_keeps_the_task() -> None:
     d = make(n=1, concurrency=1)
-    d.mark_up("s0")
+    assert d.mark_up("s0")
     [(task, _)] = d.start(0.0)
-    assert d.mark_up("s0") == task
-    assert d.in_flight == 0 and d.idle_count == 1
-    assert d.mark_up("s0") is None and d.idle_count == 1
-    assert d.mark_up("stranger") is None
+    assert not d.mark_up("s0")  # same session: the task stays, nothing to start
+    assert d.in_flight == 1 and d.idle_count == 0 and d.task_site(task) == "s0"
+    assert d.mark_down("s0") == task  # a new session follows a PeerDown, which cancels
+    assert d.mark_up("s0") and d.idle_count == 1
+    assert not d.mark_up("stranger")
+
+
+def test_a_benched_site_gets_no_task_until_unbenched() -> None:
+    d = make(n=2, concurrency=2)
+    d.mark_up("s0")
+    d.mark_up("s1")
+    d.bench("s0")
+    assert [site for _, site in d.start(0.0)] == ["s1"]
+    [(task, _)] = [(t, "s1") for t in d.tasks()]
+    d.bench("s1")  # a task in flight stays; its completion does not make s1 idle
+    assert d.complete(task, "s1") and d.idle_count == 0
+    d.unbench()
+    assert sorted(site for _, site in d.start(0.0)) == ["s0", "s1"]

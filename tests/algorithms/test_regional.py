@@ -57,7 +57,10 @@ def test_model_is_relayed_and_used_for_tasks() -> None:
     # an older broadcast is ignored, a newer one relayed
     assert sends(r.handle(recv("root", ModelBroadcast(6, model(0.0))), 1.0), ModelBroadcast) == []
     assert sends(r.handle(recv("root", ModelBroadcast(8, model(0.0))), 1.0), ModelBroadcast)
-    # a region child saying Hello gets the newest model
+    # a region child saying Hello again in the same session gets nothing more; after a
+    # reconnect (PeerDown first, as the runtime reports it) it gets the newest model
+    assert sends(r.handle(hello("sub", "region"), 2.0), ModelBroadcast) == []
+    r.handle(PeerDown("sub"), 2.0)
     [b] = sends(r.handle(hello("sub", "region"), 2.0), ModelBroadcast)
     assert b.msg.version == 8  # type: ignore[union-attr]
 
