@@ -46,7 +46,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,8 +220,10 @@ def _declared_examples(roster: Roster) -> tuple[dict[str, int], bool]:
     return declared, bool(sites) and len(declared) == len(sites)
 
 
-def children_claim_bounds(cfg: DaemonConfig, roster: Roster) -> ClaimBounds:
-    """What this aggregator's children may claim, from the signed roster and the config.
+def children_claim_bounds(
+    cfg: DaemonConfig, roster: Roster, children: Mapping[str, str]
+) -> ClaimBounds:
+    """What this aggregator's ``children`` may claim, from the signed roster and the config.
 
     A site child's ``n_examples`` is clamped to the ``examples`` the roster declares for it,
     else to ``max_examples_per_site``. When the roster declares every site's examples, that
@@ -231,7 +233,6 @@ def children_claim_bounds(cfg: DaemonConfig, roster: Roster) -> ClaimBounds:
     names the children, not their subtrees.
     """
     declared, every_site = _declared_examples(roster)
-    children = child_roles(cfg, roster)
     return claim_bounds(
         cfg.aggregation,
         site_examples={
@@ -246,7 +247,7 @@ def bound_claims(cfg: DaemonConfig, node: Node, roster: Roster) -> None:
     each newer roster); under ``weighting = "examples"``, warn of what is undeclared."""
     if not isinstance(node, AggregatorBase):
         return
-    bounds = children_claim_bounds(cfg, roster)
+    bounds = children_claim_bounds(cfg, roster, node.children)
     node.set_claim_bounds(bounds)
     if cfg.aggregation.weighting != "examples":
         return
@@ -311,7 +312,7 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
             concurrency=concurrency,
             train_config=train_config,
             rng=rng,
-            bounds=children_claim_bounds(cfg, roster),
+            bounds=children_claim_bounds(cfg, roster, children),
         )
     assert plan is not None
     if cfg.algorithm not in ROOT_ALGORITHMS:
@@ -329,7 +330,7 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
         concurrency=concurrency,
         train_config=train_config,
         rng=rng,
-        bounds=children_claim_bounds(cfg, roster),
+        bounds=children_claim_bounds(cfg, roster, children),
     )
 
 

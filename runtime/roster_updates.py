@@ -124,7 +124,14 @@ class RosterKeeper:
             self.text = text
             revoked = self.peers.set_roster(roster, text) if self.peers is not None else []
             if self._installed is not None:
-                self._installed(roster)
+                try:
+                    self._installed(roster)
+                except Exception:  # the roster is in use already; a bug here ends nothing
+                    log.exception(
+                        "%s: acting on roster version %d failed",
+                        self.identity.node_id,
+                        roster.version,
+                    )
             log.warning(
                 "%s: installed roster version %d from %s (was version %d); closed the "
                 "sessions of: %s",
