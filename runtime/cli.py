@@ -177,8 +177,9 @@ def _add_key_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     roster = sub.add_parser(
         "roster",
         help="sign or verify the consortium roster",
-        description="The roster lists who may connect (id, role, public key, endpoints) and "
-        "is signed by the consortium key.",
+        description="The roster lists who may connect (id, role, public key, endpoints; a "
+        "site may declare its training examples, examples = N) and is signed by the "
+        "consortium key.",
     )
     roster_sub = roster.add_subparsers(dest="roster_command", metavar="ACTION")
     sign = roster_sub.add_parser(

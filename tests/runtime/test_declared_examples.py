@@ -243,3 +243,29 @@ def test_roster_sign_keeps_and_verify_counts_declared_examples(
 
 def i_key(ident: Identity) -> str:
     return ident.public_line().split()[2]
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_undeclared_examples_are_warned_of_at_start_by_the_root_and_a_region(
+    tmp_path: Path, weighting: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fed = write_federation(
+        tmp_path / "fed",
+        {"region-a": ["site-1", "site-2"]},
+        plan=SYNTHETIC,
+        root_aggregation={"weighting": weighting},
+        region_aggregation={"weighting": weighting},
+        declare_examples=False,
+    )
+    caplog.set_level(logging.WARNING, logger="fedloom.daemon")
+    for node in (ROOT_ID, "region-a"):
+        open_daemon(load_config(fed.nodes[node].config)).close()
+    warned = [r.getMessage() for r in caplog.records if "weighting" in r.getMessage()]
+    if weighting == "uniform":  # a site's weight is its count, 1: nothing to declare
+        assert warned == []
+        return
+    assert len(warned) == 2
+    root_line, region_line = warned
+    assert root_line.startswith("root:") and "does not declare every site's" in root_line
+    assert "its count times max_examples_per_site = 1000000" in root_line
+    assert region_line.startswith("region-a:") and "site-1, site-2" in region_line
