@@ -1,0 +1,121 @@
+"""A running root daemon (default robust="mean", buffer_size 2 as in the demo) whose rostered
+region floods it (issue 10 review, findings 2 and 7). The hostile region speaks through the
+real WebSocket, channel and end-to-end signatures: 1,000 Hellos buy one model, and 20
+signed, fresh, unasked updates of a huge delta fill at most K - 1 = 1 slot of a flush while
+its sibling is up: the root only moves when the honest region sends, each flush by at most
+the clip, and every honest update is acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from algorithms.fedbuff import FedBuffAggregator
+from algorithms.robust import NormClip
+from algorithms.weights_math import l2_norm, sub
+from runtime.config import load_config
+from runtime.connection import ProgressLink
+from runtime.daemon import load_roster, open_daemon, serve
+from runtime.demo import ROOT_ID, write_federation
+from tests.runtime.test_daemon import SYNTHETIC, listening
+from tests.runtime.test_signatures import FP32
+from transport import ws
+from transport.channel import SecureChannel, client_channel
+from transport.e2e import digest_as_received, sign_update
+from transport.identity import Identity
+from transport.wire import Ack, Hello, ModelBroadcast, Update
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Any:
+    return write_federation(
+        tmp_path / "fed",
+        {"region-a": ["site-1"], "region-b": ["site-2"]},
+        plan=SYNTHETIC,
+        root_aggregation={"buffer_size": 2, "weighting": "uniform"},
+    )
+
+
+class Region:
+    """One rostered region's side of the real channel to the root."""
+
+    def __init__(self, fed: Any, name: str) -> None:
+        cfg = load_config(fed.nodes[name].config)
+        self.name = name
+        self.me = Identity.load(cfg.identity_key)
+        self.roster = load_roster(cfg, self.me)
+        self.url = fed.nodes[ROOT_ID].url
+        self.channel: SecureChannel | None = None
+        self.broadcasts = 0
+        self.acked: list[int] = []
+
+    async def connect(self) -> SecureChannel:
+        link = ProgressLink(await ws.connect(self.url))
+        self.channel = await client_channel(link, self.me, self.roster, ROOT_ID)
+        return self.channel
+
+    def update(self, seq: int, base: int, tensors: dict[str, np.ndarray]) -> Update:
+        digest = digest_as_received(tensors, FP32)
+        sig = sign_update(self.me, self.name, seq, base, ROOT_ID, 10, digest)
+        return Update(self.name, seq, base, tensors, 10, count=1, sig=sig)
+
+    async def until_ack(self, seq: int) -> None:
+        """Read (counting broadcasts and acks) until the root acks ``seq``."""
+        assert self.channel is not None
+        while seq not in self.acked:
+            msg = await self.channel.recv_tensors()
+            if isinstance(msg, ModelBroadcast):
+                self.broadcasts += 1
+            elif isinstance(msg, Ack):
+                self.acked.append(msg.seq)
+
+
+@pytest.mark.timeout(60)
+async def test_a_running_root_bounds_a_flooding_region_and_its_hellos(fed: Any) -> None:
+    d = open_daemon(load_config(fed.nodes[ROOT_ID].config))
+    root = d.node
+    assert isinstance(root, FedBuffAggregator)
+    start = root.current_model()[1]
+    huge = {k: np.full(v.shape, -1e6, np.float32) for k, v in start.items()}
+    small = {k: np.full(v.shape, 0.01, np.float32) for k, v in start.items()}
+    first_bound = NormClip("auto", start).bound()  # r-a's clip: no norms of r-b yet
+    assert first_bound is not None
+    evil, honest = Region(fed, "region-a"), Region(fed, "region-b")
+    shutdown = asyncio.Event()
+    try:
+        task = asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
+        await listening(fed.nodes[ROOT_ID].listen_port)
+        async with asyncio.timeout(30):
+            good = await honest.connect()
+            await good.send_tensors(Hello("region-b", "region"))
+            bad = await evil.connect()
+            for _ in range(1_000):
+                await bad.send_tensors(Hello("region-a", "region"))
+            # The flood: 20 fresh unasked updates; the first is taken, the rest wait.
+            for seq in range(1, 21):
+                await bad.send_tensors(evil.update(seq, 0, huge))
+            await evil.until_ack(1)
+            assert evil.broadcasts == 1  # 1,000 Hellos bought one model
+            assert root.version == 0  # r-a alone cannot flush while r-b is up
+            before = root.current_model()[1]
+            await good.send_tensors(honest.update(1, 0, small))
+            await honest.until_ack(1)
+            assert root.version == 1
+            assert l2_norm(sub(root.current_model()[1], before)) <= first_bound * 1.001
+            for seq in (2, 3):
+                await good.send_tensors(honest.update(seq, root.version, small))
+                await honest.until_ack(seq)
+            # One flush per honest update, each with one slot of r-a's flood at most.
+            assert root.version == 3 and not task.done()
+            drift = l2_norm(sub(root.current_model()[1], start))
+            assert drift <= 3 * first_bound * 1.001
+        await bad.close()
+        await good.close()
+        shutdown.set()
+        await asyncio.wait_for(task, 15)
+    finally:
+        d.close()
