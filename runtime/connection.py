@@ -23,7 +23,9 @@ either way: what was queued behind is resent after the next ``PeerUp``, as after
 ``abort(reason)`` (synchronous) closes the connection from outside; ``is_open()`` turns
 false at once, which is what the driver uses to drop messages of a dead connection still
 waiting in its inbox. Sending never blocks the node: ``send`` queues, and a peer that lets
-``max_queue`` messages pile up is disconnected (the protocols resend after ``PeerUp``).
+``max_queue`` messages, or ``max_queue_bytes`` of their tensors, pile up is disconnected
+(the protocols resend after ``PeerUp``): a peer that reads nothing cannot make this node
+hold more than that for it, however large the messages routed to it (a relay's).
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ log = logging.getLogger("fedloom.runtime.connection")
 KEEPALIVE_STEP = -1  # Heartbeat.step of a connection-level keep-alive
 OFFLOAD_ABOVE = 64 * 1024  # tensor bytes above which encoding/decoding runs in a thread
 DEFAULT_MAX_QUEUE = 256
+# The peer set's default byte cap on a send queue, in messages of the link's size cap
+# (``Limits.max_message_bytes``): a model broadcast and a task to one peer, with room to
+# spare, fit; a peer that lets more pile up is disconnected.
+QUEUE_MESSAGES_OF_CAP = 4
 LIFETIME_GRACE = 0.1  # of max_session_s: how long a message in flight may delay the end
 
 # A durable write in progress: a message sent "after" it may not be delivered before it.
@@ -280,6 +286,12 @@ class _Expired:
     i.e. between two messages."""
 
 
+def queued_bytes(msg: Outgoing) -> int:
+    """What ``msg`` counts against a send queue's byte cap: its tensors' bytes (messages
+    that share arrays, one model sent as a broadcast and a task, count each time)."""
+    return tensor_bytes(msg.msg if isinstance(msg, Via) else msg)
+
+
 Deliver = Callable[["Connection", Message | Via], Awaitable[None]]
 
 
@@ -296,8 +308,11 @@ class Connection:
         down_after_s: float | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
         max_session_s: float | None = None,
+        max_queue_bytes: int | None = None,
     ) -> None:
         check_timeouts(keepalive_s, down_after_s, max_queue)
+        if max_queue_bytes is not None and max_queue_bytes < 1:
+            raise ValueError(f"max_queue_bytes must be >= 1 or None, got {max_queue_bytes}")
         if max_session_s is not None and not max_session_s > 0:
             raise ValueError(f"max_session_s must be > 0 or None, got {max_session_s}")
         self.peer = peer
@@ -307,10 +322,12 @@ class Connection:
         self.down_after_s = down_after_s
         self.max_queue = max_queue
         self.max_session_s = max_session_s
+        self.max_queue_bytes = max_queue_bytes  # may be changed while the connection runs
+        self.queued_bytes = 0  # tensor bytes of the messages waiting in the queue
         self.reason: str | None = None  # why it ended (None while open)
         self.messages_in = 0
         self.messages_out = 0
-        self._queue: asyncio.Queue[tuple[Outgoing | _Expired, Gate | None]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Outgoing | _Expired, Gate | None, int]] = asyncio.Queue()
         self._stop = asyncio.Event()
 
     def is_open(self) -> bool:
@@ -328,7 +345,14 @@ class Connection:
         if self._queue.qsize() >= self.max_queue:
             self.abort(f"send queue overflow ({self.max_queue} messages waiting)")
             return False
-        self._queue.put_nowait((msg, after))
+        size = queued_bytes(msg)
+        cap = self.max_queue_bytes
+        # One message larger than the cap still goes out alone (it is the link's to refuse).
+        if cap is not None and self._queue.qsize() and self.queued_bytes + size > cap:
+            self.abort(f"send queue overflow ({self.queued_bytes} bytes waiting, limit {cap})")
+            return False
+        self.queued_bytes += size
+        self._queue.put_nowait((msg, after, size))
         return True
 
     def abort(self, reason: str) -> None:
@@ -413,7 +437,8 @@ class Connection:
             after: Gate | None = None
             try:
                 async with asyncio.timeout(keepalive):
-                    msg, after = await self._queue.get()
+                    msg, after, size = await self._queue.get()
+                self.queued_bytes -= size
             except TimeoutError:
                 msg = Heartbeat(self.local_id, KEEPALIVE_STEP)
             else:
@@ -427,7 +452,7 @@ class Connection:
 
     async def _lifetime(self, max_session_s: float) -> None:
         await asyncio.sleep(max_session_s)
-        self._queue.put_nowait((_Expired(), None))  # after what is queued: sent first
+        self._queue.put_nowait((_Expired(), None, 0))  # after what is queued: sent first
         await asyncio.sleep(max_session_s * LIFETIME_GRACE)
         raise _Ended(
             f"session reached its maximum lifetime ({max_session_s} s) and a message in "

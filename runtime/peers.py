@@ -49,6 +49,7 @@ from typing import Any, Protocol
 from algorithms.protocol import Event, PeerDown, PeerUp, Received
 from runtime.connection import (
     DEFAULT_MAX_QUEUE,
+    QUEUE_MESSAGES_OF_CAP,
     ChannelPipe,
     Connection,
     Gate,
@@ -527,6 +528,7 @@ class NetworkPeers:
         routes: Mapping[str, str] | None = None,
         max_session_s: float | None = None,
         roster_text: str = "",
+        max_queue_bytes: int | None = None,
     ) -> None:
         ids = [t.peer for t in dial]
         if len(set(ids)) != len(ids):
@@ -564,6 +566,8 @@ class NetworkPeers:
         self.down_after_s = down_after_s
         self.backoff = backoff if backoff is not None else Backoff()
         self.max_queue = max_queue
+        # None: QUEUE_MESSAGES_OF_CAP messages of the links' size cap (``_queue_bytes``).
+        self.max_queue_bytes = max_queue_bytes
         self.options = options
         self._connect = connect
         self._rng = rng if rng is not None else random.Random()
@@ -639,7 +643,17 @@ class NetworkPeers:
             down_after_s=self.down_after_s,
             max_queue=self.max_queue,
             max_session_s=lifetime,
+            max_queue_bytes=self._queue_bytes(),
         )
+
+    def _queue_bytes(self) -> int:
+        """The byte cap on each send queue: a few messages of the size the links decode
+        (the model's once known; a relay's envelope cap), so that a peer that reads
+        nothing holds at most that much of this node's memory."""
+        if self.max_queue_bytes is not None:
+            return self.max_queue_bytes
+        limits = self.limits if self.limits is not None else Limits()
+        return QUEUE_MESSAGES_OF_CAP * limits.max_message_bytes
 
     # ------------------------------------------------------------------- rosters
 
@@ -788,6 +802,7 @@ class NetworkPeers:
         verified model). Open links change at their next message."""
         self.limits = Limits.for_model(layout, base=self.limits)
         for conn in {*self.table._conns.values(), *self._admitted}:
+            conn.max_queue_bytes = self._queue_bytes()
             if isinstance(conn.pipe, ChannelPipe):
                 conn.pipe.limits = self.limits
 
