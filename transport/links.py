@@ -59,7 +59,10 @@ def address_key(address: str | None) -> str:
     """The budget a source address counts against: an IPv4 address itself (an IPv6-mapped
     one too), an IPv6 address's /64 (what one subscriber is usually given, so that one
     host cannot take a fresh budget per address of its prefix). Links whose address is
-    unknown (None or empty) share one budget."""
+    unknown (None or empty) share one budget. IPv4 is not grouped by /24: the sites of
+    one hospital network, or behind one carrier NAT, would share a budget, while whoever
+    rents addresses for a flood gets them in many /24s (``KnownAddresses`` is what keeps
+    a returning site in)."""
     if not address:
         return ""
     try:
