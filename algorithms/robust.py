@@ -118,9 +118,14 @@ class NormClip:
             del recent[0]
 
     def snapshot(self) -> dict[str, Any]:
-        return {"recent": [[s, n] for s, n in self._recent]}
+        # The starting bound too: it still applies to a sender whose others are few, and a
+        # restored node may be built on a later model than the one it started from.
+        return {"recent": [[s, n] for s, n in self._recent], "initial": self._initial}
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
+        initial = float((state or {}).get("initial", self._initial))
+        if 0.0 < initial < math.inf:
+            self._initial = initial
         self._recent = []
         for item in (state or {}).get("recent", ()):
             if isinstance(item, list | tuple):  # (sender, norm)
