@@ -34,20 +34,31 @@ so what it sends is bounded by what the receiver can check:
   most ``W_ij·τ`` per step whatever it sends. τ is ``clip`` (``"auto"`` by default:
   ``algorithms.gossip_mixing.DistanceClip`` says how it follows honest distances).
 * Push-sum: a share's weight is refused above ``max_share_weight`` (the factories pass the
-  number of gossip peers, the network's whole mass: an honest share is ``W_ij·w_j`` with
-  ``w_j`` at most that). Refused, not clamped: a clamped share would change the mass
-  without anyone knowing. The share's model ``x_s/w_s`` is then clipped like a D-PSGD
-  neighbour's, to within τ of this peer's model (``x_s ← w_s·(z + clip(x_s/w_s − z, τ))``),
-  so summing it in moves ``x/w`` by at most ``w_s/(w + w_s)·τ``. Weight stays conserved
-  exactly; a clipped share changes the network's sum of ``x`` by what was cut off, which
-  shifts the consensus point by a bounded amount instead of letting one share set it.
-  Honest shares are rarely clipped (τ is a multiple of the honest distances).
+  number of gossip peers, the network's whole mass; a peer built without it takes 1.0,
+  one peer's starting mass), and a neighbour may push at most ``max_share_weight`` of
+  weight per ``gossip_interval_s`` in all (a token bucket of twice that, so that shares
+  bunched up by the network still pass): many legal shares cannot pile weight onto this
+  peer. Refused, not clamped: a clamped share would change the mass without anyone
+  knowing. So that an honest peer never sends what its neighbour refuses, whatever weight
+  it received, the sender paces itself with the same rate and half the burst: a share to
+  ``j`` carries ``W_ij`` of ``(x, w)`` or, if that weighs more than ``j``'s budget has room
+  for, only as much as fits (none when nothing fits), and the peer keeps the rest. Keeping
+  mass is allowed in push-sum (each sender's column still sums to one), so conservation
+  and the average are unchanged; only the pace of mixing is. The share's model
+  ``x_s/w_s`` is then clipped like a D-PSGD neighbour's, to within τ of this peer's model
+  (``x_s ← w_s·(z + clip(x_s/w_s − z, τ))``), so summing it in moves ``x/w`` by at most
+  ``w_s/(w + w_s)·τ``. Weight stays conserved exactly; a clipped share changes the
+  network's sum of ``x`` by what was cut off, which shifts the consensus point by a
+  bounded amount instead of letting one share set it. Honest shares are rarely clipped (τ
+  is a multiple of the honest distances).
 * A share whose norm (or distance, or ``x/w``) is not finite in float64 is refused, so a
   finite-but-huge tensor cannot overflow the sums; with the bounds turned off, a share
   that would still make ``x`` or ``w`` non-finite is refused too.
 
-Each refusal is a ``Metric("update_rejected")`` and a ``Log``; each clipped neighbour
-model a ``Metric("gossip_clipped")``.
+Each refusal is a ``Metric("update_rejected")``, and a ``Log`` once per neighbour and reason
+per minute (``algorithms.warn_limit``: a neighbour's flood of bad messages is not a flood of
+log lines); each clipped neighbour model a ``Metric("gossip_clipped")``, each share paced
+down a ``Metric("gossip_share_paced")``.
 
 Liveness: every message from a neighbour refreshes its last-seen time. A ``Heartbeat`` is
 sent to a live neighbour when nothing has been sent to it for ``heartbeat_interval_s``
@@ -80,6 +91,7 @@ from algorithms.gossip_mixing import (
     FlatLayout,
     ShareRejectedError,
     Vector,
+    WeightBudget,
     clip_step,
     finite_norm,
 )
@@ -99,10 +111,13 @@ from algorithms.protocol import (
     TrainFailed,
     Weights,
 )
+from algorithms.warn_limit import WarnLimiter
 from transport.wire import GossipShare, Heartbeat
 
 # Plan weights are floats read from TOML/JSON: accept rows that sum to one within this.
 _ROW_TOLERANCE = 1e-6
+# A paced share lighter than this fraction of the budget is not worth a message.
+_MIN_SHARE_FRACTION = 1e-9
 
 
 def share_weight_bound(setting: float | str | None, n_peers: int) -> float | None:
@@ -136,10 +151,21 @@ _SENDABLE = (PeerState.ALIVE, PeerState.SUSPECTED)
 class _Neighbour:
     """Mutable per-neighbour bookkeeping (the neighbour count is small, so scans are fine)."""
 
-    __slots__ = ("last_seen", "last_sent", "model", "model_step", "state", "weight")
+    __slots__ = (
+        "inbound",
+        "last_seen",
+        "last_sent",
+        "model",
+        "model_step",
+        "outbound",
+        "state",
+        "weight",
+    )
 
-    def __init__(self, weight: float) -> None:
+    def __init__(self, weight: float, inbound: WeightBudget | None, outbound: WeightBudget | None):
         self.weight = weight
+        self.inbound = inbound  # push-sum: the weight this neighbour may still push to us
+        self.outbound = outbound  # push-sum: what we may send it without being refused
         self.state = PeerState.ALIVE
         self.last_seen = 0.0
         self.last_sent = 0.0
@@ -164,7 +190,7 @@ class GossipPeer:
         suspect_after_s: float = 6.0,
         prune_after_s: float = 15.0,
         clip: object = "auto",
-        max_share_weight: float | None = None,
+        max_share_weight: float | None = 1.0,
         rng: np.random.Generator,
     ) -> None:
         if not isinstance(node_id, str) or not node_id:
@@ -214,7 +240,11 @@ class GossipPeer:
         self._clip = DistanceClip(clip, self._x, neighbours)
         self._max_share_w = None if max_share_weight is None else float(max_share_weight)
         self._self_weight = float(self_weight)
-        self._nbrs = {peer: _Neighbour(float(w)) for peer, w in neighbours.items()}
+        self._nbrs = {
+            peer: _Neighbour(float(w), *self._budgets(gossip_interval_s))
+            for peer, w in neighbours.items()
+        }
+        self._warn = WarnLimiter()
         self._train_config = dict(train_config) if train_config is not None else None
         self._interval = float(gossip_interval_s)
         self._hb = float(heartbeat_interval_s)
@@ -230,6 +260,15 @@ class GossipPeer:
         self._job_base: Vector | None = None  # push-sum: the z handed to the running job
         self._deadline: float | None = 0.0
         self._model_cache: Weights | None = None
+
+    def _budgets(self, interval_s: float) -> tuple[WeightBudget | None, WeightBudget | None]:
+        """A neighbour's (inbound, outbound) push-sum budgets: ``max_share_weight`` per
+        interval, twice that in a burst inbound and once outbound (see the docstring)."""
+        bound = self._max_share_w
+        if self._mode is not GossipMode.PUSHSUM or bound is None:
+            return None, None
+        rate = bound / interval_s
+        return WeightBudget(2.0 * bound, rate), WeightBudget(bound, rate)
 
     # ------------------------------------------------------------------ observation
 
@@ -305,75 +344,83 @@ class GossipPeer:
 
     # --------------------------------------------------------------- messages in
 
-    def _reject(self, out: list[Effect], peer: str, reason: str) -> None:
+    def _reject(self, out: list[Effect], peer: str, reason: str, now: float) -> None:
         out.append(Metric("update_rejected", labels={"reason": reason}))
-        out.append(
-            Log(
-                "warning",
-                f"gossip peer {self._id} rejected a message from {peer}: {reason}",
-                {"peer": peer, "reason": reason},
+        unlogged = self._warn.due(peer, reason, now)
+        if unlogged is not None:  # one line per neighbour and reason per interval
+            out.append(
+                Log(
+                    "warning",
+                    f"gossip peer {self._id} rejected a message from {peer}: {reason}",
+                    {"peer": peer, "reason": reason, "unlogged_before": unlogged},
+                )
             )
-        )
 
     def _on_received(self, peer: str, event: Received, now: float, out: list[Effect]) -> None:
         n = self._nbrs.get(peer)
         if n is None:
-            self._reject(out, peer, "unknown peer")
+            self._reject(out, peer, "unknown peer", now)
             return
         msg = event.msg
         if not isinstance(msg, GossipShare | Heartbeat):
-            self._reject(out, peer, "unexpected message")
+            self._reject(out, peer, "unexpected message", now)
             return
         if msg.src != peer:
-            self._reject(out, peer, "src mismatch")
+            self._reject(out, peer, "src mismatch", now)
             return
         # Any authenticated message from a neighbour proves it is alive.
         self._refresh(peer, n, now, out)
         if isinstance(msg, GossipShare):
-            self._on_share(peer, n, msg, out)
+            self._on_share(peer, n, msg, now, out)
 
-    def _on_share(self, peer: str, n: _Neighbour, msg: GossipShare, out: list[Effect]) -> None:
+    def _on_share(
+        self, peer: str, n: _Neighbour, msg: GossipShare, now: float, out: list[Effect]
+    ) -> None:
         step = msg.step
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            self._reject(out, peer, "bad step")
+            self._reject(out, peer, "bad step", now)
             return
         w = msg.w
         if not isinstance(w, float | int) or isinstance(w, bool) or not math.isfinite(w):
-            self._reject(out, peer, "bad weight")
+            self._reject(out, peer, "bad weight", now)
             return
         if self._mode is GossipMode.PUSHSUM and w <= 0.0:
-            self._reject(out, peer, "bad weight")
+            self._reject(out, peer, "bad weight", now)
             return
         if (
             self._mode is GossipMode.PUSHSUM
             and self._max_share_w is not None
             and w > self._max_share_w
         ):
-            self._reject(out, peer, "share weight over bound")
+            self._reject(out, peer, "share weight over bound", now)
+            return
+        if n.inbound is not None and w > n.inbound.available(now):
+            self._reject(out, peer, "share weight over budget", now)
             return
         try:
             x = self._layout.flatten_untrusted(msg.x)
         except ShareRejectedError as err:
-            self._reject(out, peer, err.reason)
+            self._reject(out, peer, err.reason, now)
             return
         if finite_norm(x) == math.inf:
-            self._reject(out, peer, "norm not finite")
+            self._reject(out, peer, "norm not finite", now)
             return
         if self._mode is GossipMode.PUSHSUM:
-            self._take_mass(peer, x, float(w), out)
+            if self._take_mass(peer, x, float(w), now, out) and n.inbound is not None:
+                n.inbound.spend(float(w))
         elif n.state is not PeerState.DOWN and step >= n.model_step:
             n.model = x
             n.model_step = step
 
-    def _take_mass(self, peer: str, x: Vector, w: float, out: list[Effect]) -> None:
-        """Sum a push-sum share in, its model ``x/w`` clipped to within τ of ours."""
+    def _take_mass(self, peer: str, x: Vector, w: float, now: float, out: list[Effect]) -> bool:
+        """Sum a push-sum share in, its model ``x/w`` clipped to within τ of ours (True: taken)."""
         z = self._x / self._w
         with np.errstate(over="ignore", invalid="ignore"):
             d = x / w - z  # a tiny w can make x/w overflow
         dist = finite_norm(d)
         if dist == math.inf:
-            self._reject(out, peer, "norm not finite")
-            return
+            self._reject(out, peer, "norm not finite", now)
+            return False
         tau = self._clip.bound()
         self._clip.observe(peer, dist)
         d, clipped = clip_step(d, dist, tau)
@@ -385,11 +432,12 @@ class GossipPeer:
             new_x = self._x + x
         if not (np.isfinite(new_x).all() and math.isfinite(self._w + w)):
             # Reachable only with the bounds turned off: never hold a non-finite mass.
-            self._reject(out, peer, "norm not finite")
-            return
+            self._reject(out, peer, "norm not finite", now)
+            return False
         self._x = new_x
         self._w += w
         self._model_cache = None
+        return True
 
     def _refresh(self, peer: str, n: _Neighbour, now: float, out: list[Effect]) -> None:
         n.last_seen = max(n.last_seen, now)
@@ -450,10 +498,13 @@ class GossipPeer:
             return
         if self._mode is GossipMode.PUSHSUM:
             assert self._job_base is not None
-            self._x += z_new - self._job_base  # SGP: the local step moves x, not x/w
+            update = z_new - self._job_base
+            self._x += update  # SGP: the local step moves x, not x/w
             self._job_base = None
         else:
+            update = z_new - self._x  # D-PSGD trains the mixed model itself
             self._x = z_new
+        self._clip.own_step(finite_norm(update))
         self._model_cache = None
         self._step += 1
         self._share(now, out)
@@ -528,11 +579,21 @@ class GossipPeer:
         for peer, n in self._nbrs.items():
             if n.state not in _SENDABLE:
                 continue
-            share = self._layout.unflatten(self._x * n.weight)
+            fraction = n.weight
+            if n.outbound is not None:  # never more than the neighbour's budget takes
+                room = n.outbound.available(now)
+                if self._w * fraction > room:
+                    out.append(Metric("gossip_share_paced", labels={"peer": peer}))
+                    if room <= _MIN_SHARE_FRACTION * n.outbound.capacity:
+                        continue  # nothing fits: keep it all, send next step
+                    fraction = room / self._w
+            share = self._layout.unflatten(self._x * fraction)
             # Subtract what actually leaves (after the cast to the model dtype) so the
             # network-wide mass is conserved to float64 rounding, not float32.
             kept_x -= self._layout.flatten(share)
-            share_w = self._w * n.weight
+            share_w = self._w * fraction
+            if n.outbound is not None:
+                n.outbound.spend(share_w)
             kept_w -= share_w
             out.append(Send(peer, GossipShare(self._id, self._step, share, share_w)))
             n.last_sent = now
@@ -551,6 +612,7 @@ class GossipPeer:
                 if self._mode is GossipMode.DPSGD:
                     self._mix(out)
                 self._step += 1
+                self._clip.own_step(None)
                 self._model_cache = None
                 self._share(now, out)
             elif not self._job_running:

@@ -1,4 +1,4 @@
-"""Flat-vector helpers for gossip mixing, and the clip that bounds what a neighbour can do.
+"""Flat-vector helpers for gossip mixing, and the bounds on what a neighbour can do.
 
 A gossip peer mixes whole models at every step. Working on one contiguous float64 vector
 per model (instead of a dict of small tensors) keeps a mix a handful of numpy calls, and
@@ -12,17 +12,35 @@ paper's adaptive τ needs the Byzantine weight around each peer, which nobody he
 instead τ follows the tree's ``clip_norm = "auto"`` rule (``algorithms.robust``), made
 per neighbour so that sending more often buys no more say. Each neighbour keeps its last
 ``PER_PEER_WINDOW`` distances ``‖x_j − x_i‖`` (before clipping) and proposes a radius,
-``AUTO_FACTOR`` × their lower median; τ is the lower median of the proposals of every
-neighbour in the plan. A neighbour not heard from yet (or whose median is zero: peers that
-start from the same model) proposes the starting radius, the norm of the peer's initial
-model (√(number of parameters) for an all-zero model), as the tree starts; so does
-everyone until ``AUTO_MIN_SAMPLES`` distances have been seen. A minority of neighbours
-cannot raise τ above what honest ones propose (with two neighbours the lower median is the
-smaller proposal, so a lone hostile neighbour next to a silent one gets the starting
-radius), and honest distances, typically within a few times their median, are left
-alone. A peer most of whose neighbours are hostile is not protected (nor is it in the
-paper). Thirty-two distances per neighbour span many gossip steps, so τ lags behind
-consensus as it tightens rather than clipping shares that arrive late.
+``AUTO_FACTOR`` × their lower median; τ is the median of the proposals of every neighbour
+in the plan (with an even number, the value between the middle two nearest the peer's own
+scale, below). A neighbour not heard from yet (or whose median is zero: peers that start
+from the same model) proposes the starting radius, the norm of the peer's initial model
+(√(number of parameters) for an all-zero model), as the tree starts; so does everyone
+until ``AUTO_MIN_SAMPLES`` distances have been seen.
+
+A strict minority of neighbours can move the median neither above the largest nor below
+the smallest honest proposal. That leaves the tie: with two neighbours (or any even number,
+half of them hostile) the two middle proposals may be one honest and one hostile, and no
+rule on the proposals alone resists both directions: the smaller one lets a neighbour
+echoing the peer's own model at a tiny distance shrink τ to nothing and freeze the peer
+(it no longer moves towards its honest neighbours), the larger one lets a far neighbour
+raise it. So the peer casts the deciding vote from what it knows without any neighbour,
+its own scale: ``AUTO_FACTOR`` × the lower median of its last ``PER_PEER_WINDOW`` local
+training updates ``‖z' − z‖`` (honest neighbours that train between mixes differ by about
+that much or more), or, in pure consensus (no training), the starting radius halved every
+``FLOOR_HALF_LIFE`` of the peer's own steps, which no neighbour can hasten; a frozen peer
+then still closes the initial disagreement, and a hostile half gets at most the larger of
+the honest proposal and that scale. With an odd number of proposals, or with no tie, the
+vote changes nothing; where it does, τ is at least the lower median used before, so an
+honest run that was never clipped is unchanged. Distances at rounding level are never
+clipped (``TAU_FLOOR``). A peer most of whose neighbours are hostile (or whose only
+neighbour is) is not protected (nor is it in the paper). Thirty-two distances per
+neighbour span many gossip steps, so τ lags behind consensus as it tightens rather than
+clipping shares that arrive late.
+
+``WeightBudget`` is a token bucket in push-sum weight, kept per neighbour by
+``algorithms.gossip`` (see its docstring).
 """
 
 from __future__ import annotations
@@ -44,6 +62,8 @@ from algorithms.robust import AUTO_FACTOR, AUTO_MIN_SAMPLES, parse_clip_norm
 PER_PEER_WINDOW = 32
 # τ never drops below this fraction of the starting radius (float rounding, not a model).
 TAU_FLOOR = 1e-6
+# Without training, the floor (the starting radius) halves every this many own steps.
+FLOOR_HALF_LIFE = 32
 
 Vector: TypeAlias = npt.NDArray[np.float64]
 
@@ -142,14 +162,16 @@ def finite_norm(v: Vector) -> float:
 class DistanceClip:
     """One peer's ClippedGossip radius: "auto" (see the module docstring), a number, or off."""
 
-    __slots__ = ("_initial", "_recent", "_seen", "setting")
+    __slots__ = ("_initial", "_own", "_recent", "_seen", "_steps", "setting")
 
     def __init__(self, setting: object, reference: Vector, peers: Iterable[str]) -> None:
         self.setting = parse_clip_norm(setting)
         norm = finite_norm(reference)
         self._initial = norm if 0.0 < norm < math.inf else max(1.0, math.sqrt(reference.size))
         self._recent = {peer: deque[float](maxlen=PER_PEER_WINDOW) for peer in peers}
+        self._own = deque[float](maxlen=PER_PEER_WINDOW)  # own training updates' norms
         self._seen = 0
+        self._steps = 0
 
     def bound(self) -> float | None:
         """The current τ (None: no clip)."""
@@ -157,9 +179,21 @@ class DistanceClip:
             return self.setting
         if self._seen < AUTO_MIN_SAMPLES or not self._recent:
             return self._initial
-        tau = statistics.median_low(self._proposal(d) for d in self._recent.values())
+        proposals = sorted(self._proposal(d) for d in self._recent.values())
+        n = len(proposals)
+        tau = proposals[(n - 1) // 2]
+        if n % 2 == 0:  # any value between the middle two is a median: the one nearest ours
+            tau = min(max(self.own_scale(), tau), proposals[n // 2])
         # Distances at rounding level are noise once peers agree: never clip below this.
         return max(tau, TAU_FLOOR * self._initial)
+
+    def own_scale(self) -> float:
+        """The peer's own vote on τ, which no neighbour can move (see the module docstring)."""
+        own = statistics.median_low(self._own) if self._own else 0.0
+        if own > 0.0:
+            return AUTO_FACTOR * own
+        # No training yet (or none at all): the starting radius, decaying with own steps.
+        return self._initial * math.pow(0.5, self._steps / FLOOR_HALF_LIFE)
 
     def _proposal(self, recent: deque[float]) -> float:
         median = statistics.median_low(recent) if recent else 0.0
@@ -171,6 +205,36 @@ class DistanceClip:
         if self.setting == "auto" and recent is not None:
             recent.append(distance)
             self._seen += 1
+
+    def own_step(self, movement: float | None) -> None:
+        """One step of the peer's own; ``movement`` is its local training update's norm."""
+        self._steps += 1
+        if movement is not None and 0.0 <= movement < math.inf:
+            self._own.append(movement)
+
+
+class WeightBudget:
+    """A token bucket in push-sum weight: ``capacity``, refilled at ``rate`` per second."""
+
+    __slots__ = ("_at", "_level", "capacity", "rate")
+
+    def __init__(self, capacity: float, rate: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self._level = capacity
+        self._at: float | None = None
+
+    def available(self, now: float) -> float:
+        """The weight that may pass at ``now`` (time never runs backwards here)."""
+        if self._at is None or now > self._at:
+            if self._at is not None:
+                self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
+            self._at = now
+        return self._level
+
+    def spend(self, weight: float) -> None:
+        """Take ``weight`` (at most what ``available`` said) out of the bucket."""
+        self._level = max(0.0, self._level - weight)
 
 
 def clip_step(d: Vector, norm: float, tau: float | None) -> tuple[Vector, bool]:

@@ -34,6 +34,7 @@ from algorithms.protocol import (
     TrainDone,
     TrainFailed,
 )
+from algorithms.warn_limit import WarnLimiter
 from transport.wire import Heartbeat, Relayed
 
 __all__ = ["RelayNode"]
@@ -50,6 +51,7 @@ class RelayNode:
         self.forwarded = 0
         self.dropped = 0
         self.rejected = 0
+        self._warn = WarnLimiter()  # one refusal line per peer and reason per minute
 
     @property
     def node_id(self) -> str:
@@ -64,7 +66,7 @@ class RelayNode:
 
     def handle(self, event: Event, now: float) -> list[Effect]:
         if isinstance(event, Received):
-            return self._on_received(event)
+            return self._on_received(event, now)
         if isinstance(event, PeerUp):
             self._up.add(event.peer)
             return [Metric("relay_peers", float(len(self._up)))]
@@ -77,29 +79,28 @@ class RelayNode:
             raise ProtocolMisuseError(f"relay {self._id} never starts training jobs")
         raise ProtocolMisuseError(f"relay {self._id}: unknown event {event!r}")
 
-    def _on_received(self, event: Received) -> list[Effect]:
+    def _on_received(self, event: Received, now: float) -> list[Effect]:
         msg, peer = event.msg, event.peer
         if not isinstance(msg, Relayed):
             if isinstance(msg, Heartbeat):
                 return []  # a peer's liveness beacon to the relay itself: nothing to do
-            return self._reject(peer, "not_relayed", type(msg).__name__)
+            return self._reject(peer, "not_relayed", type(msg).__name__, now)
         if msg.src != peer:
-            return self._reject(peer, "spoofed_src", msg.src)
+            return self._reject(peer, "spoofed_src", msg.src, now)
         if msg.dst == peer:
-            return self._reject(peer, "loop", msg.dst)
+            return self._reject(peer, "loop", msg.dst, now)
         if msg.dst not in self._up:
             self.dropped += 1
             return [Metric("relay_dropped", 1.0, {"reason": "not_connected"})]
         self.forwarded += 1
         return [Send(msg.dst, msg), Metric("relay_forwarded", 1.0, {"dst": msg.dst})]
 
-    def _reject(self, peer: str, reason: str, detail: str) -> list[Effect]:
+    def _reject(self, peer: str, reason: str, detail: str, now: float) -> list[Effect]:
+        """A metric per refused message; a log line per peer and reason per minute at most."""
         self.rejected += 1
-        return [
-            Metric("relay_rejected", 1.0, {"reason": reason}),
-            Log(
-                "warning",
-                "relay refused a message",
-                {"peer": peer, "reason": reason, "detail": detail},
-            ),
-        ]
+        out: list[Effect] = [Metric("relay_rejected", 1.0, {"reason": reason})]
+        unlogged = self._warn.due(peer, reason, now)
+        if unlogged is not None:
+            fields = {"peer": peer, "reason": reason, "detail": detail, "unlogged_before": unlogged}
+            out.append(Log("warning", "relay refused a message", fields))
+        return out
