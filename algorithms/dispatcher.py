@@ -81,13 +81,6 @@ class TaskDispatcher:
     def tasks(self) -> list[int]:
         return list(self._tasks)
 
-    def holds_task(self, site: str) -> bool:
-        return site in self._task_of
-
-    @property
-    def benched(self) -> frozenset[str]:
-        return frozenset(self._benched)
-
     # ------------------------------------------------------------- idle set ops
     def _push_idle(self, site: str) -> None:
         if site not in self._idle_pos and site not in self._benched:
