@@ -19,9 +19,10 @@ Every clamp is reported (metric ``update_claim_clamped`` and a warning) and the 
 values are what the aggregator records, forwards and replays.
 
 Quota. ``intake_quota`` is how many updates one child may have decided per aggregation
-epoch (a buffer flush, a round, ``concurrency`` FedAsync steps) beyond those that answer a
-task the aggregator gave it: its fair share of the epoch among the children that are up,
-at least one. See ``AggregatorBase`` for what happens to updates over it.
+epoch (a buffer flush, a round, ``concurrency`` FedAsync steps): its fair share of the
+epoch among the children that are up, at least one. Under the mean the answers to tasks
+the aggregator gave a site are not counted; under median / trimmed mean they are. See
+``AggregatorBase`` for what counts when and what happens to updates over it.
 """
 
 from __future__ import annotations
@@ -101,5 +102,5 @@ class ClaimBounds:
 
 
 def intake_quota(epoch_size: int, children_up: int) -> int:
-    """Updates per child per epoch beyond task answers: a fair share, at least one."""
+    """Updates per child per epoch (see the module docstring): a fair share, at least one."""
     return max(1, math.ceil(epoch_size / max(1, children_up)))
