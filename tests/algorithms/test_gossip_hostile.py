@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from algorithms.gossip import GossipPeer, share_weight_bound
-from algorithms.protocol import Deadline, Effect, Event, Metric, Received, Send
+from algorithms.gossip_mixing import DistanceClip
+from algorithms.protocol import Deadline, Effect, Event, Log, Metric, Received, Send
 from tests.algorithms.test_gossip import DIM, Loop, exponential, link_latency, metropolis
 from transport.wire import GossipShare
 
@@ -274,3 +275,170 @@ def test_pushsum_with_both_bounds_off_still_never_holds_a_non_finite_mass() -> N
     w1, x1 = p.mass()
     assert w1 == w0 and np.isfinite(w1)
     assert np.array_equal(x1["w"], x0["w"])
+
+
+# ------------------------------------------------- a neighbour that echoes our own model
+
+
+def _echo_run(mode: str, attack: bool, steps: int = 200) -> float:
+    """``v`` at 0 with neighbours n1 (honest, at 1) and evil; evil echoes v's own model.
+
+    Each step evil sends three shares at 1e-9 from v's model (push-sum: weight 1e-6, what
+    v's own shares to it would say), so its proposed radius is tiny; with two neighbours
+    the lower median was that one, and v stopped moving towards n1.
+    """
+    v = GossipPeer(
+        "v",
+        {"n1": 0.3, "evil": 0.3},
+        0.4,
+        {"a": np.zeros(4, np.float32)},
+        mode=mode,
+        max_share_weight=share_weight_bound("auto", 3),
+        rng=np.random.default_rng(0),
+    )
+    honest = np.ones(4, np.float32)
+    for t in range(1, steps + 1):
+        if attack:
+            for k in range(3):
+                echo = v.current_model()[1]["a"].astype(np.float64) + 1e-9
+                w = 1e-6 if mode == "pushsum" else 1.0
+                share = GossipShare("evil", 10 * t + k, {"a": (echo * w).astype(np.float32)}, w)
+                assert not _rejections(v.handle(Received("evil", share), t - 0.6))
+        w = 0.5 if mode == "pushsum" else 1.0
+        share = GossipShare("n1", t, {"a": honest * np.float32(w)}, w)
+        assert not _rejections(v.handle(Received("n1", share), t - 0.5))
+        v.handle(Deadline(), float(t))
+    return float(v.current_model()[1]["a"][0])
+
+
+@pytest.mark.parametrize("mode", ["dpsgd", "pushsum"])
+def test_a_neighbour_echoing_our_model_cannot_freeze_us(mode: str) -> None:
+    honest_only = _echo_run(mode, attack=False)
+    attacked = _echo_run(mode, attack=True)
+    assert honest_only == pytest.approx(1.0, abs=1e-3)
+    # Was 0.333 (push-sum) and 0.657 (D-PSGD): tau shrank to the rounding floor.
+    assert attacked == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_peer_casts_the_deciding_vote_on_a_tied_radius() -> None:
+    """Two neighbours, one hostile: the tie goes to the peer's own scale, both ways."""
+    clip = DistanceClip("auto", np.zeros(4), ["honest", "evil"])
+    for _ in range(16):
+        clip.observe("honest", 1.0)  # proposes AUTO_FACTOR × 1
+        clip.observe("evil", 1e-9)  # an echo: proposes next to nothing
+    for _ in range(8):
+        clip.own_step(0.5)  # own training updates of 0.5: own scale 1.5
+    assert clip.bound() == pytest.approx(1.5)  # not 3e-9: no freeze
+    for _ in range(32):
+        clip.observe("evil", 1e30)  # now far: proposes 3e30
+    assert clip.bound() == pytest.approx(3.0)  # not 3e30: the honest proposal
+    lone = DistanceClip("auto", np.zeros(4), ["honest", "evil", "c"])
+    for _ in range(16):  # an odd number: the median itself, no vote needed
+        lone.observe("honest", 1.0)
+        lone.observe("c", 2.0)
+        lone.observe("evil", 1e-9)
+    lone.own_step(100.0)
+    assert lone.bound() == pytest.approx(3.0)
+
+
+# --------------------------------------------- many legal shares: weight piled onto a peer
+
+
+class FloodingPeer:
+    """Sends ``victim`` ``per_s`` shares a second, each at the share-weight bound, carrying
+    the victim's own model (nothing to clip), and ignores all input."""
+
+    def __init__(self, victim: GossipPeer, w: float, per_s: int) -> None:
+        self.node_id = "evil"
+        self.victim = victim
+        self.w = w
+        self.per_s = per_s
+        self.at: float | None = 0.0
+        self.step = 0
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if not isinstance(event, Deadline):
+            return []
+        self.at = now + 1.0
+        out: list[Effect] = []
+        for _ in range(self.per_s):
+            self.step += 1
+            model = self.victim.current_model()[1]["w"].astype(np.float64)
+            share = GossipShare("evil", self.step, {"w": model * self.w}, self.w)
+            out.append(Send(self.victim.node_id, share))
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self.at
+
+
+def test_legal_shares_piled_on_a_pushsum_peer_cannot_cut_it_off() -> None:
+    """evil floods p0 with 5 shares a second at the bound. p0's weight used to grow until
+    its own shares to honest neighbours broke the bound and were refused (mass lost, p0
+    cut off); now evil's excess is refused and p0 paces what it sends."""
+    adj = exponential(4)
+    adj[4] = {0}
+    adj[0].add(4)
+    mh = metropolis(adj)
+    bound = share_weight_bound("auto", len(adj))
+    assert bound is not None
+    init = {i: np.full((2, 3), float(i)) for i in range(4)}
+    nodes: dict[str, Any] = {
+        f"p{i}": GossipPeer(
+            f"p{i}",
+            {("evil" if p == "p4" else p): w for p, w in mh[i][0].items()},
+            mh[i][1],
+            {"w": init[i]},
+            mode="pushsum",
+            max_share_weight=bound,
+            gossip_interval_s=1.0,
+            heartbeat_interval_s=1.0,
+            suspect_after_s=3.0,
+            prune_after_s=6.0,
+            rng=np.random.default_rng(i),
+        )
+        for i in range(4)
+    }
+    nodes["evil"] = FloodingPeer(nodes["p0"], bound, per_s=5)
+    loop = Loop(nodes, link_latency(6))
+    loop.start()
+    loop.run(60.0)
+    refused = loop.metrics("update_rejected")
+    # Only evil's excess is refused, only by its victim; nothing an honest peer sent.
+    assert refused and {src for src, _ in refused} == {"p0"}
+    assert {m.labels["reason"] for _, m in refused} == {"share weight over budget"}
+    logs = [e for _, src, e in loop.effects if isinstance(e, Log) and src == "p0"]
+    assert 1 <= len([e for e in logs if "rejected" in e.text]) <= 2  # once a minute
+    # evil pushed at most its budget: a burst of 2·bound, then bound per second.
+    w_p0 = nodes["p0"].mass()[0]
+    assert w_p0 < 3 * 2 * bound
+    # The honest peers still agree with p0: it was neither captured nor cut off.
+    xs = np.stack([_model(nodes[f"p{i}"]).ravel() for i in range(4)])
+    assert np.abs(xs - xs.mean(axis=0)).max() < 1e-3
+
+
+def test_a_peer_built_without_a_share_bound_still_has_one() -> None:
+    p = GossipPeer(
+        "a", {"b": 0.5}, 0.5, {"w": ONES.copy()}, mode="pushsum", rng=np.random.default_rng(0)
+    )
+    assert _rejections(p.handle(_share(ONES * 1e15, w=1e15), 0.0)) == ["share weight over bound"]
+    taken = [_rejections(p.handle(_share(ONES, w=1.0, step=s), 0.0)) for s in range(1, 5)]
+    assert taken == [[], [], ["share weight over budget"], ["share weight over budget"]]
+    assert not _rejections(p.handle(_share(ONES, w=1.0, step=9), 1.0))  # refilled
+
+
+# ------------------------------------------------------------------------- log flood
+
+
+def test_a_flood_of_refused_shares_is_one_log_line_a_minute_and_a_metric_each() -> None:
+    p = _peer("pushsum")
+    bad = _share(ONES * 1e9, w=1e9)  # over the weight bound
+    effects = [e for i in range(10_000) for e in p.handle(bad, i * 1e-3)]
+    assert len(_rejections(effects)) == 10_000
+    logs = [e for e in effects if isinstance(e, Log)]
+    assert len(logs) == 1 and logs[0].fields["reason"] == "share weight over bound"
+    later = p.handle(bad, 70.0)  # a minute on: one line, saying how many went unlogged
+    assert [e.fields["unlogged_before"] for e in later if isinstance(e, Log)] == [9_999]
+    # Another reason, or another neighbour, still gets its own line.
+    other = p.handle(_share(ONES, w=-1.0), 70.0)
+    assert [e.fields["reason"] for e in other if isinstance(e, Log)] == ["bad weight"]

@@ -115,3 +115,19 @@ def test_it_only_ever_forwards_authentic_hops_to_connected_peers(
                 if isinstance(e, Send):
                     assert e.msg is msg and src == peer and dst != peer and dst in up
     assert node.connected() == frozenset(up)
+
+
+def test_a_flood_of_refused_messages_is_one_log_line_a_minute_and_a_metric_each() -> None:
+    """A rostered peer sends 10,000 messages the relay refuses: 10,000 metrics, one line."""
+    node = relay_with("evil", "b")
+    bad = Received("evil", Ack("evil", 1))
+    effects = [e for i in range(10_000) for e in node.handle(bad, i * 1e-3)]
+    assert metric_names(effects).count("relay_rejected") == 10_000 and node.rejected == 10_000
+    assert len([e for e in effects if isinstance(e, Log)]) == 1
+    later = node.handle(bad, 70.0)
+    assert [e.fields["unlogged_before"] for e in later if isinstance(e, Log)] == [9_999]
+    spoof = node.handle(Received("evil", envelope("b", "evil")), 70.0)  # another reason
+    assert [e.fields["reason"] for e in spoof if isinstance(e, Log)] == ["spoofed_src"]
+    # The relay still serves honest traffic.
+    out = node.handle(Received("b", envelope("b", "evil")), 71.0)
+    assert [e.peer for e in out if isinstance(e, Send)] == ["evil"]
