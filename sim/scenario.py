@@ -122,8 +122,9 @@ class AlgorithmConfig:
     gossip_interval_s: float = 60.0
     # What a gossip neighbour can do (algorithms.gossip): "auto", a number or None ("off").
     # gossip_clip: the ClippedGossip radius τ ("auto" follows recent honest distances).
-    # gossip_max_share_weight: the largest push-sum share weight taken ("auto": the number
-    # of gossip peers in the plan or roster, the network's whole mass).
+    # gossip_max_share_weight: the largest push-sum share weight taken, and the most weight
+    # a neighbour may push per gossip interval ("auto": the number of gossip peers in the
+    # plan or roster, the network's whole mass).
     gossip_clip: float | str | None = "auto"
     gossip_max_share_weight: float | str | None = "auto"
     clustering: str = "region"
