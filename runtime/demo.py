@@ -194,8 +194,15 @@ def write_federation(
         # objective does) rather than uniformly.
         "weighting": "examples",
     }
-    root_agg = {**agg_defaults, "buffer_size": 2, "concurrency": 10, **(root_aggregation or {})}
     region_agg = {**agg_defaults, "buffer_size": 3, "concurrency": 10, **(region_aggregation or {})}
+    root_agg = {
+        **agg_defaults,
+        "buffer_size": 2,
+        "concurrency": 10,
+        # A region forwards at most one buffer's worth: what the root lets it claim.
+        "regional_buffer_size": region_agg["buffer_size"],
+        **(root_aggregation or {}),
+    }
 
     identities: list[Identity] = []
     nodes: dict[str, NodeFiles] = {}
