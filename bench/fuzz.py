@@ -619,7 +619,13 @@ _TOML_VALUES = [
 
 def roster_target(world: World) -> Target:
     entries = [
-        RosterEntry(i.node_id, i.role, i.public_key, (f"wss://{i.node_id}.example:8443/fl",))
+        RosterEntry(
+            i.node_id,
+            i.role,
+            i.public_key,
+            (f"wss://{i.node_id}.example:8443/fl",),
+            examples=225 if i.role == "site" else None,  # the optional field too
+        )
         for i in (world.root, world.site, world.peer)
     ]
     unsigned = Roster(3, entries).to_toml()
@@ -641,7 +647,9 @@ def roster_target(world: World) -> Target:
             elif op < 0.7:
                 del lines[j]
             elif op < 0.8:
-                lines.insert(j, rng.choice(["[[nodes]]", "[signature]", "[x]", "x = 1", "["]))
+                lines.insert(
+                    j, rng.choice(["[[nodes]]", "[signature]", "[x]", "x = 1", "[", "examples = 3"])
+                )
             else:
                 data = mutate_bytes(rng, "\n".join(lines).encode(), seeds)
                 return data
