@@ -62,7 +62,14 @@ from transport.handshake import (
 )
 from transport.identity import Identity
 from transport.limits import Limits, MiB
-from transport.links import KnownAddresses, Link, LinkClosed, address_key
+from transport.links import (
+    KnownAddresses,
+    Link,
+    LinkClosed,
+    ReserveHolders,
+    address_key,
+    reserve_share,
+)
 from transport.records import (
     CHUNK_SIZE,
     CIPHER_AEGIS256,
@@ -317,7 +324,9 @@ class GateLimits:
     ``max_pending``, ``max_pending // PENDING_SHARE_PER_ADDRESS`` and at least 1), each
     given ``handshake_timeout`` seconds to authenticate. ``reserved_for_known`` of them
     (None: ``max_pending // PENDING_SHARE_RESERVED``) only links from addresses that a
-    rostered peer recently authenticated from may take; the others share the rest."""
+    rostered peer recently authenticated from may take, at most ``reserve_share`` of
+    them per address and per peer (the one it authenticated as); the others share the
+    rest."""
 
     max_pending: int = DEFAULT_MAX_PENDING
     max_pending_per_address: int | None = None
@@ -368,8 +377,10 @@ class Gatekeeper:
     ``known`` remembers where rostered peers authenticated from (every accepted link's
     address, and the IP literals among the roster's endpoints): links from there may
     take the ``GateLimits.reserved`` slots too, links from anywhere else share the
-    rest. A peer's first connection ever (or since this process started) from an
-    address not in its roster entry counts as unknown.
+    rest. One address, and one peer over all the addresses it made known, holds at most
+    ``reserve_share`` of the reserve; beyond that its links share the rest too. A peer's
+    first connection ever (or since this process started) from an address not in its
+    roster entry counts as unknown.
     """
 
     def __init__(
@@ -391,7 +402,8 @@ class Gatekeeper:
         self.accepted = 0
         self.refused: Counter[str] = Counter()
         self._pending = 0
-        self._pending_unknown = 0  # of them, from addresses not in ``known``
+        self._pending_shared = 0  # of them, not in the reserve for known addresses
+        self._reserve = ReserveHolders()
         self._pending_from: Counter[str] = Counter()  # by address_key
 
     @property
@@ -414,6 +426,10 @@ class Gatekeeper:
         """Links handshaking right now from ``address`` (its ``address_key`` budget)."""
         return self._pending_from[address_key(address)]
 
+    def reserved_by(self, peer: str) -> int:
+        """Reserved slots held right now by links from addresses ``peer`` made known."""
+        return self._reserve.held_by(peer)
+
     async def accept(self, link: Link, *, address: str | None = None) -> SecureChannel:
         """Authenticate ``link`` or close it and raise (a ``ProtocolError`` or ``LinkClosed``).
 
@@ -421,14 +437,15 @@ class Gatekeeper:
         the per-address cap; links without one share a single budget.
         """
         limits, key = self.limits, address_key(address)
-        known = key in self.known
+        holder = self.known.peer_of(key)  # who made ``key`` known, if anyone
+        reserved = self._reserve.fits(key, holder, reserve_share(limits.reserved))
         refusal: GateBusy | None = None
         if self._pending >= limits.max_pending:
             refusal = GateBusy(f"{limits.max_pending} unauthenticated connections already pending")
-        elif not known and self._pending_unknown >= limits.max_pending - limits.reserved:
+        elif not reserved and self._pending_shared >= limits.max_pending - limits.reserved:
             refusal = GateBusy(
-                f"{limits.max_pending - limits.reserved} unauthenticated connections from "
-                "addresses not seen to authenticate already pending"
+                f"{limits.max_pending - limits.reserved} unauthenticated connections outside "
+                "the reserve for known addresses already pending"
             )
         elif self._pending_from[key] >= limits.per_address:
             refusal = AddressBusy(
@@ -440,7 +457,9 @@ class Gatekeeper:
             await link.close()
             raise refusal
         self._pending += 1
-        self._pending_unknown += not known
+        self._pending_shared += not reserved
+        if reserved and holder is not None:
+            self._reserve.take(key, holder)
         self._pending_from[key] += 1
         try:
             channel = await server_channel(
@@ -459,7 +478,9 @@ class Gatekeeper:
             raise
         finally:
             self._pending -= 1
-            self._pending_unknown -= not known
+            self._pending_shared -= not reserved
+            if reserved and holder is not None:
+                self._reserve.release(key, holder)
             self._pending_from[key] -= 1
             if not self._pending_from[key]:
                 del self._pending_from[key]

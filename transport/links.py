@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
@@ -106,6 +106,10 @@ class KnownAddresses:
     def __len__(self) -> int:
         return len(self._peer_of)
 
+    def peer_of(self, key: str) -> str | None:
+        """The peer that last authenticated from ``key``; None if ``key`` is not known."""
+        return self._peer_of.get(key)
+
     def add(self, key: str, peer: str) -> None:
         """``peer`` authenticated from ``key`` (an ``address_key``) just now."""
         if not key:
@@ -148,6 +152,46 @@ class KnownAddresses:
         keys.remove(key)
         if not keys:
             del self._of_peer[peer]
+
+
+# One source address, and one rostered peer (over the addresses it made known), may hold
+# at most this share of the slots kept for known addresses (reserve // 8, at least 1):
+# an insider, or a host behind a site's NAT or in its IPv6 /64, leaves the rest of the
+# reserve to the other sites.
+RESERVE_SHARE_PER_HOLDER = 8
+
+
+def reserve_share(reserve: int) -> int:
+    """How many of ``reserve`` slots one address, and one peer, may hold."""
+    return max(1, reserve // RESERVE_SHARE_PER_HOLDER) if reserve > 0 else 0
+
+
+class ReserveHolders:
+    """Who holds the slots kept for known addresses right now, by ``address_key`` and by
+    the peer that made the address known (``KnownAddresses.peer_of``)."""
+
+    def __init__(self) -> None:
+        self._by_key: Counter[str] = Counter()
+        self._by_peer: Counter[str] = Counter()
+
+    def fits(self, key: str, peer: str | None, share: int) -> bool:
+        """Whether a link from ``key`` (known through ``peer``; None: unknown) may take
+        a reserved slot: neither its address nor its peer holds ``share`` already."""
+        return peer is not None and self._by_key[key] < share and self._by_peer[peer] < share
+
+    def take(self, key: str, peer: str) -> None:
+        self._by_key[key] += 1
+        self._by_peer[peer] += 1
+
+    def release(self, key: str, peer: str) -> None:
+        for counts, name in ((self._by_key, key), (self._by_peer, peer)):
+            counts[name] -= 1
+            if counts[name] <= 0:
+                del counts[name]
+
+    def held_by(self, peer: str) -> int:
+        """Reserved slots links known through ``peer`` hold now."""
+        return self._by_peer[peer]
 
 
 class _Pipe:

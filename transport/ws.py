@@ -49,7 +49,14 @@ from aiohttp.web_protocol import RequestHandler
 
 from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
 from transport.handshake import MAX_HANDSHAKE_MESSAGE
-from transport.links import LinkClosed, LinkTimeout, address_key
+from transport.links import (
+    KnownAddresses,
+    LinkClosed,
+    LinkTimeout,
+    ReserveHolders,
+    address_key,
+    reserve_share,
+)
 from transport.records import MAX_RECORD_BYTES
 from transport.ws_frames import FrameParser, Opcode, masked_frame
 
@@ -297,7 +304,9 @@ class _CappedServer(web.Server):
     """aiohttp's low-level server, refusing TCP connections beyond ``max_connections``,
     or beyond ``max_per_address`` from one source address (``address_key``); with
     ``known``, connections from addresses not in it may hold only ``max_connections``
-    less a reserve (``CONNECTION_SHARE_RESERVED``) together."""
+    less a reserve (``CONNECTION_SHARE_RESERVED``) together. One known address, and one
+    peer over the addresses it made known (with a ``KnownAddresses``), holds at most
+    ``reserve_share`` of the reserve; its connections beyond that count as unknown."""
 
     def __init__(
         self,
@@ -312,23 +321,32 @@ class _CappedServer(web.Server):
         self._max_per_address = max_per_address
         self._known = known
         self._max_unknown = max_connections
+        self._share = 0
         if max_connections is not None and known is not None:
-            self._max_unknown = max_connections - max_connections // CONNECTION_SHARE_RESERVED
+            reserve = max_connections // CONNECTION_SHARE_RESERVED
+            self._max_unknown = max_connections - reserve
+            self._share = reserve_share(reserve)
         self.open_connections = 0
         self.refused_connections = 0
-        self._open_unknown = 0
+        self._open_unknown = 0  # connections outside the reserve for known addresses
+        self._reserve = ReserveHolders()
         self._open_from: collections.Counter[str] = collections.Counter()
-        self._address_of: dict[RequestHandler, tuple[str, bool]] = {}
+        # handler -> its address_key, and the peer whose reserve share it holds (if any)
+        self._address_of: dict[RequestHandler, tuple[str, str | None]] = {}
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         self.open_connections += 1
         peer = transport.get_extra_info("peername")
         key = address_key(str(peer[0]) if isinstance(peer, tuple) and peer else None)
-        known = self._known is not None and key in self._known
-        self._address_of[handler] = (key, known)
+        holder = self._holder(key)
+        if not self._reserve.fits(key, holder, self._share):
+            holder = None
+        if holder is not None:
+            self._reserve.take(key, holder)
+        self._address_of[handler] = (key, holder)
         self._open_from[key] += 1
-        self._open_unknown += not known
+        self._open_unknown += holder is None
         if (
             (self._max_connections is not None and self.open_connections > self._max_connections)
             or (self._max_unknown is not None and self._open_unknown > self._max_unknown)
@@ -341,12 +359,21 @@ class _CappedServer(web.Server):
         self.open_connections -= 1
         entry = self._address_of.pop(handler, None)
         if entry is not None:
-            key, known = entry
-            self._open_unknown -= not known
+            key, holder = entry
+            self._open_unknown -= holder is None
+            if holder is not None:
+                self._reserve.release(key, holder)
             self._open_from[key] -= 1
             if not self._open_from[key]:
                 del self._open_from[key]
         super().connection_lost(handler, exc)
+
+    def _holder(self, key: str) -> str | None:
+        """Whose reserve share a connection from ``key`` takes: the peer that made it
+        known (the address itself for a plain container); None if it is not known."""
+        if isinstance(self._known, KnownAddresses):
+            return self._known.peer_of(key)
+        return key if self._known is not None and key in self._known else None
 
 
 class WsServer:

@@ -39,7 +39,7 @@ from transport.errors import (
 )
 from transport.handshake import ClientHandshake
 from transport.identity import Identity
-from transport.links import Link, LinkClosed, memory_link_pair
+from transport.links import Link, LinkClosed, memory_link_pair, reserve_share
 from transport.records import CIPHER_AEGIS256, CIPHERS
 from transport.streaming import TensorStreamDecoder
 from transport.tensors import CodecSpec, decode_tensors, encode_tensors
@@ -779,6 +779,55 @@ async def test_pending_handshakes_are_counted_per_address(pki: Pki) -> None:
         with pytest.raises((ProtocolError, LinkClosed)):
             await task
     assert gate.pending == 0 and gate.pending_from("10.0.0.1") == 0
+
+
+async def _gate_login(gate: Gatekeeper, pki: Pki, identity: Identity, address: str) -> None:
+    """``identity`` authenticates to ``gate`` from ``address`` (a memory link), then leaves."""
+    client, server = memory_link_pair()
+    channels = await asyncio.gather(
+        client_channel(client, identity, pki.roster, "agg"), gate.accept(server, address=address)
+    )
+    for channel in channels:
+        await channel.close()
+
+
+async def test_a_rostered_insider_cannot_hold_the_reserve_for_known_addresses(pki: Pki) -> None:
+    """The attack (second review, finding 4): a rostered site authenticates from two
+    addresses, which makes both known, then holds every idle handshake the per-address
+    cap allows from each (the whole reserve, before); six unknown addresses hold the
+    rest. A returning honest site, from the address it authenticated from before, still
+    completes its handshake: the insider held only its share of the reserve."""
+    gate = Gatekeeper(pki.server, pki.roster, limits=GateLimits(handshake_timeout=5.0))
+    limits = gate.limits
+    share = reserve_share(limits.reserved)
+    assert (limits.max_pending, limits.per_address, limits.reserved, share) == (256, 32, 64, 8)
+    for identity, address in ((pki.other, "10.0.0.1"), (pki.other, "10.0.0.2")):
+        await _gate_login(gate, pki, identity, address)  # the insider, site-2
+    await _gate_login(gate, pki, pki.client, "10.0.0.3")  # the honest site, before
+    assert {gate.known.peer_of(f"10.0.0.{i}") for i in (1, 2, 3)} == {"site-1", "site-2"}
+
+    held: list[Link] = []
+    tasks: list[asyncio.Task[SecureChannel]] = []
+    flood = ["10.0.0.1", "10.0.0.2"] * limits.per_address
+    flood += [f"192.0.2.{i}" for i in range(1, 7) for _ in range(limits.per_address)]
+    for address in flood:
+        client, server = memory_link_pair()
+        held.append(client)  # never sends its flight
+        tasks.append(asyncio.create_task(gate.accept(server, address=address)))
+    await asyncio.sleep(0)
+    outside = limits.max_pending - limits.reserved
+    assert gate.reserved_by("site-2") == share  # of 64; its other links share the 192
+    assert gate.pending == outside + share and gate.refused["busy"] == len(flood) - gate.pending
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            await _gate_login(gate, pki, pki.client, "10.0.0.3")  # admitted mid-flood
+        assert gate.accepted == 4 and gate.reserved_by("site-2") == share
+    finally:
+        for link in held:
+            await link.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, (ProtocolError, LinkClosed)) for r in results)
+    assert gate.pending == 0 and gate.reserved_by("site-2") == 0
 
 
 def _masked(first: int, payload: bytes) -> bytes:

@@ -16,7 +16,7 @@ from tests.transport.link_pairs import echo_server
 from transport import ws
 from transport.errors import FrameTooLarge, MalformedMessage
 from transport.handshake import MAX_HANDSHAKE_MESSAGE
-from transport.links import LinkClosed
+from transport.links import KnownAddresses, LinkClosed
 
 TIMEOUT_S = 10.0
 
@@ -176,6 +176,35 @@ async def test_connections_from_many_addresses_leave_a_reserve_for_known_ones() 
         ]
         await wait_for(lambda: server.refused_connections == 2)
         assert server.open_connections == 6
+        link = await ws.connect(server.url)  # from the reserve
+        try:
+            await link.send(b"ok")
+            assert await link.recv() == b"ok"
+        finally:
+            await link.close()
+        for _, writer in conns:
+            writer.close()
+        await wait_for(lambda: server.open_connections == 0)
+
+
+async def test_a_rostered_insider_cannot_hold_the_tcp_reserve() -> None:
+    # The attack (second review, finding 4): a rostered peer made two addresses known
+    # and holds idle connections from both, as many as its per-address cap allows, while
+    # six unknown addresses hold the rest. It holds only reserve // 8 (at least 1) of the
+    # reserve; the site that made 127.0.0.1 known still gets in.
+    known = KnownAddresses()
+    known.add("127.0.0.1", "site-1")
+    known.add("127.0.0.2", "site-2")
+    known.add("127.0.0.3", "site-2")
+    options: dict[str, Any] = {"max_connections": 16, "known": known}  # reserve 4, 2 each
+    flood = ["127.0.0.2", "127.0.0.3"] * 2 + [f"127.0.0.{i}" for i in range(4, 10)] * 2
+    async with asyncio.timeout(TIMEOUT_S), echo_server(**options) as (server, _):
+        conns = [
+            await asyncio.open_connection("127.0.0.1", server.port, local_addr=(address, 0))
+            for address in flood
+        ]
+        await wait_for(lambda: server.refused_connections == 3)  # 16 tried, 12 + 1 held
+        assert server.open_connections == 13
         link = await ws.connect(server.url)  # from the reserve
         try:
             await link.send(b"ok")
