@@ -51,6 +51,26 @@ so what it sends is bounded by what the receiver can check:
   network's sum of ``x`` by what was cut off, which shifts the consensus point by a
   bounded amount instead of letting one share set it. Honest shares are rarely clipped (τ
   is a multiple of the honest distances).
+* Push-sum mass sink: a neighbour that takes shares and never sends one back (heartbeats
+  keep it alive) used to drain this peer's ``w`` geometrically: the share's ``x`` travels in
+  the model dtype, so once it underflows ``x/w`` is noise, then Inf; under SGP a small ``w``
+  also multiplies every local step by ``1/w``. So the peer keeps per neighbour ``owed``, the
+  weight sent to it minus the weight taken from it, and while it holds less than its
+  starting mass (``w < 1``) a neighbour may owe at most ``UNANSWERED_SHARES`` (3) shares'
+  worth, ``3·W_ij·w``: what would go past that stays with the peer, as for a pruned
+  neighbour (mass conserved), until the neighbour gives mass back
+  (``Metric("gossip_share_withheld")``, a log line a minute). Weight is counted, not
+  messages, so tiny shares buy a sink nothing, and nothing is forgiven with time, so a
+  sink takes a bounded amount in all instead of a fraction of ``w`` every interval.
+  Between honest peers ``owed`` is antisymmetric (what one sends the other takes): one of
+  a pair may wait, only until the other's next share. A peer above its starting mass
+  sends freely, so a neighbour pumping weight in cannot make honest peers withhold from
+  each other. Shares lost on the way (a partition) count as owed; an edge both ends of
+  which lost three shares' worth idles until one of them holds its starting mass again.
+  As a floor, no share is lighter than ``MIN_SHARE_WEIGHT``, and a push-sum self weight
+  below a few thousand ulps of the model dtype (``_min_keep``: a plan's 1e-9 left only
+  rounding in the kept ``x``, a zero model) is raised, the neighbour weights scaled down
+  to keep the row summing to one. D-PSGD shares carry no mass: none of this applies.
 * A share whose norm (or distance, or ``x/w``) is not finite in float64 is refused, so a
   finite-but-huge tensor cannot overflow the sums; with the bounds turned off, a share
   that would still make ``x`` or ``w`` non-finite is refused too.
@@ -118,6 +138,14 @@ from transport.wire import GossipShare, Heartbeat
 _ROW_TOLERANCE = 1e-6
 # A paced share lighter than this fraction of the budget is not worth a message.
 _MIN_SHARE_FRACTION = 1e-9
+# Push-sum: a neighbour may hold at most this many of our shares' weight (W_ij·w each)
+# more than it has sent us; past that, what we would send it stays with us.
+UNANSWERED_SHARES = 3.0
+# Push-sum: no share lighter than this (a peer starts with weight 1), so w stays far
+# above the range where the share's x (in the model dtype) underflows and x/w is noise.
+MIN_SHARE_WEIGHT = 1e-6
+# Push-sum keeps at least this many ulps' worth of its mass (see ``_min_keep``).
+_KEEP_ULPS = 8192.0
 
 
 def share_weight_bound(setting: float | str | None, n_peers: int) -> float | None:
@@ -131,6 +159,17 @@ def share_weight_bound(setting: float | str | None, n_peers: int) -> float | Non
     if setting is None or isinstance(setting, float | int):
         return None if setting is None else float(setting)
     raise ValueError(f'max share weight must be "auto", "off" or a number, not {setting!r}')
+
+
+def _min_keep(dtypes: tuple[np.dtype[Any], ...]) -> float:
+    """The smallest fraction of its mass a push-sum peer may keep at a step.
+
+    What is kept is ``x`` minus the shares as they leave (rounded to the model dtype), so
+    its error is about ``eps`` of ``x`` and its model ``x/w`` is off by ``eps/kept``: with a
+    self weight of 1e-9 and float32 the kept model is pure rounding noise (zero).
+    """
+    eps = max(float(np.finfo(d).eps) for d in dtypes)
+    return min(0.5, _KEEP_ULPS * eps)
 
 
 class GossipMode(Enum):
@@ -158,6 +197,7 @@ class _Neighbour:
         "model",
         "model_step",
         "outbound",
+        "owed",
         "state",
         "weight",
     )
@@ -171,6 +211,7 @@ class _Neighbour:
         self.last_sent = 0.0
         self.model: Vector | None = None  # D-PSGD only: latest model received
         self.model_step = -1
+        self.owed = 0.0  # push-sum: weight sent to it minus weight taken from it
 
 
 class GossipPeer:
@@ -237,6 +278,13 @@ class GossipPeer:
         self._layout = FlatLayout.of(weights)
         self._x: Vector = self._layout.flatten(weights)
         self._w = 1.0  # push-sum weight; stays 1.0 for D-PSGD
+        self._kept_floor: float | None = None  # set when a tiny self weight was raised
+        if self._mode is GossipMode.PUSHSUM:
+            keep = _min_keep(self._layout.dtypes)
+            if self_weight < keep:  # raise it; the out-fractions still sum to one
+                scale = (1.0 - keep) / (1.0 - self_weight)
+                neighbours = {peer: w * scale for peer, w in neighbours.items()}
+                self._kept_floor, self_weight = self_weight, keep
         self._clip = DistanceClip(clip, self._x, neighbours)
         self._max_share_w = None if max_share_weight is None else float(max_share_weight)
         self._self_weight = float(self_weight)
@@ -336,6 +384,15 @@ class GossipPeer:
             self._next_step = now + float(self._rng.uniform(0.0, self._interval))
         else:
             self._begin_training_round(out)
+        if self._kept_floor is not None:
+            out.append(
+                Log(
+                    "warning",
+                    f"gossip peer {self._id}: push-sum self weight {self._kept_floor:.3g} "
+                    f"raised to {self._self_weight:.3g} (below it x/w is rounding noise)",
+                    {"self_weight": self._kept_floor},
+                )
+            )
 
     def _check_job(self, job: int) -> None:
         if not self._job_running or job != self._job:
@@ -406,8 +463,10 @@ class GossipPeer:
             self._reject(out, peer, "norm not finite", now)
             return
         if self._mode is GossipMode.PUSHSUM:
-            if self._take_mass(peer, x, float(w), now, out) and n.inbound is not None:
-                n.inbound.spend(float(w))
+            if self._take_mass(peer, x, float(w), now, out):
+                n.owed -= float(w)  # mass given back: we may send it as much again
+                if n.inbound is not None:
+                    n.inbound.spend(float(w))
         elif n.state is not PeerState.DOWN and step >= n.model_step:
             n.model = x
             n.model_step = step
@@ -579,27 +638,47 @@ class GossipPeer:
         for peer, n in self._nbrs.items():
             if n.state not in _SENDABLE:
                 continue
-            fraction = n.weight
+            share_w = self._w * n.weight
             if n.outbound is not None:  # never more than the neighbour's budget takes
                 room = n.outbound.available(now)
-                if self._w * fraction > room:
+                if share_w > room:
                     out.append(Metric("gossip_share_paced", labels={"peer": peer}))
-                    if room <= _MIN_SHARE_FRACTION * n.outbound.capacity:
-                        continue  # nothing fits: keep it all, send next step
-                    fraction = room / self._w
+                    share_w = room if room > _MIN_SHARE_FRACTION * n.outbound.capacity else 0.0
+            # A neighbour that takes mass and gives none back (a sink) gets no more once
+            # this peer holds less than its starting mass (a peer with more can give).
+            room = UNANSWERED_SHARES * n.weight * self._w - n.owed
+            if self._w < 1.0 and share_w > room:
+                self._withhold(peer, n, now, out)
+                share_w = max(room, 0.0)
+            if share_w < MIN_SHARE_WEIGHT:
+                continue  # keep it all, send next step
+            fraction = n.weight if share_w == self._w * n.weight else share_w / self._w
             share = self._layout.unflatten(self._x * fraction)
             # Subtract what actually leaves (after the cast to the model dtype) so the
             # network-wide mass is conserved to float64 rounding, not float32.
             kept_x -= self._layout.flatten(share)
-            share_w = self._w * fraction
             if n.outbound is not None:
                 n.outbound.spend(share_w)
+            n.owed += share_w
             kept_w -= share_w
             out.append(Send(peer, GossipShare(self._id, self._step, share, share_w)))
             n.last_sent = now
         self._x = kept_x
         self._w = kept_w
         self._model_cache = None
+
+    def _withhold(self, peer: str, n: _Neighbour, now: float, out: list[Effect]) -> None:
+        out.append(Metric("gossip_share_withheld", labels={"peer": peer}))
+        unlogged = self._warn.due(peer, "gives no mass back", now)
+        if unlogged is not None:
+            out.append(
+                Log(
+                    "warning",
+                    f"gossip peer {self._id} withholds shares from {peer}: it holds "
+                    f"{n.owed:.3g} of our weight more than it sent us",
+                    {"peer": peer, "owed": n.owed, "unlogged_before": unlogged},
+                )
+            )
 
     # --------------------------------------------------------------------- timers
 

@@ -392,6 +392,9 @@ def test_peer_down_and_up_move_weight_to_self_and_back() -> None:
         t = p.next_deadline() or 5.0
         effects = p.handle(Deadline(), t)
         sent += [e for e in effects if isinstance(e, Send)]
+        for e in effects:  # c gives its mass back (a neighbour that never does is cut off)
+            if isinstance(e, Send) and isinstance(e.msg, GossipShare):
+                p.handle(Received("c", GossipShare("c", 1, e.msg.x, e.msg.w)), t)
     assert sent and all(s.peer == "c" for s in sent)
     shares = [s.msg for s in sent if isinstance(s.msg, GossipShare)]
     assert shares[0].w == pytest.approx(0.25)  # only c's fraction leaves

@@ -3,16 +3,18 @@ GossipPeer.handle (the path every driver uses) and checks what it can still do."
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import pytest
 
+from algorithms import gossip
 from algorithms.gossip import GossipPeer, share_weight_bound
 from algorithms.gossip_mixing import DistanceClip
 from algorithms.protocol import Deadline, Effect, Event, Log, Metric, Received, Send
 from tests.algorithms.test_gossip import DIM, Loop, exponential, link_latency, metropolis
-from transport.wire import GossipShare
+from transport.wire import GossipShare, Heartbeat
 
 ONES = np.ones((2, 3), dtype=np.float32)
 
@@ -442,3 +444,126 @@ def test_a_flood_of_refused_shares_is_one_log_line_a_minute_and_a_metric_each() 
     # Another reason, or another neighbour, still gets its own line.
     other = p.handle(_share(ONES, w=-1.0), 70.0)
     assert [e.fields["reason"] for e in other if isinstance(e, Log)] == ["bad weight"]
+
+
+# ------------------------------------------------------------------- a push-sum mass sink
+
+
+def _sink_run(
+    intervals: int, mode: str = "pushsum", give_back_from: int | None = None
+) -> dict[str, Any]:
+    """v has neighbours n1 (W 0.3) and evil (W 0.3); n1's only neighbour is v. evil sends
+    heartbeats (so it stays alive) and, from interval ``give_back_from`` on, gives back what
+    it took and returns every share it gets. Everything goes through GossipPeer.handle,
+    in order, once an interval."""
+
+    def mk(me: str, nbrs: dict[str, float], x: float) -> GossipPeer:
+        return GossipPeer(
+            me,
+            nbrs,
+            1 - sum(nbrs.values()),
+            {"w": np.full(4, x, np.float32)},
+            mode=mode,
+            max_share_weight=share_weight_bound("auto", 3),
+            gossip_interval_s=1.0,
+            rng=np.random.default_rng(0),
+        )
+
+    v, n1 = mk("v", {"n1": 0.3, "evil": 0.3}, 1.0), mk("n1", {"v": 0.5}, 3.0)
+    taken_w, taken_x, effects = 0.0, np.zeros(4), []
+    sent_to_evil: list[int] = []  # the intervals in which v sent evil a share
+    for t in range(1, intervals + 1):
+        effects += v.handle(Received("evil", Heartbeat("evil", t)), t - 0.5)
+        if t == give_back_from:  # evil starts sharing: what it took, then an echo each time
+            hoard = {"w": taken_x.reshape(4).astype(np.float32)}
+            effects += v.handle(Received("evil", GossipShare("evil", t, hoard, taken_w)), t - 0.4)
+        for src, dst in ((v, n1), (n1, v)):
+            for e in src.handle(Deadline(), float(t)):
+                effects.append(e)
+                if not (isinstance(e, Send) and isinstance(e.msg, GossipShare)):
+                    continue
+                if e.peer == "evil":
+                    sent_to_evil.append(t)
+                    if give_back_from is not None and t >= give_back_from:
+                        back = GossipShare("evil", t, e.msg.x, e.msg.w)
+                        effects += v.handle(Received("evil", back), t + 0.1)
+                    elif mode == "pushsum":
+                        taken_w += e.msg.w
+                        taken_x += np.asarray(e.msg.x["w"], dtype=np.float64)
+                else:
+                    effects += dst.handle(Received(src.node_id, e.msg), t + 0.1)
+    return {"v": v, "n1": n1, "taken": (taken_w, taken_x), "effects": effects, "sent": sent_to_evil}
+
+
+def test_a_pushsum_neighbour_that_never_shares_back_cannot_drain_its_neighbours() -> None:
+    """Before the fix v's weight halved every ~3 intervals: x/w was noise at t=500 and
+    Inf at t=1000. Now evil gets three shares' worth and nothing more."""
+    run = _sink_run(3000)
+    v, n1 = run["v"], run["n1"]
+    models = [_model(v), _model(n1)]
+    assert all(np.isfinite(m).all() for m in models)
+    # The pair still agree, on a point between their starting models (1 and 3).
+    assert np.abs(models[0] - models[1]).max() < 1e-5
+    assert models[0].min() > 1.0 and models[0].max() < 3.0
+    # evil took a bounded amount early on, then nothing: both keep most of their mass.
+    assert run["sent"] and max(run["sent"]) < 20
+    assert v.mass()[0] > 0.5 and n1.mass()[0] > 0.1
+    # Weight is conserved: what the honest pair hold plus what evil took is what they had
+    # (x is not: the clip cut the pair's first shares to each other, as it should).
+    taken_w, taken_x = run["taken"]
+    assert v.mass()[0] + n1.mass()[0] + taken_w == pytest.approx(2.0, abs=1e-12)
+    assert taken_w < 1.0 and np.isfinite(taken_x).all()
+    withheld = [
+        (e.labels or {}).get("peer")
+        for e in run["effects"]
+        if isinstance(e, Metric) and e.name == "gossip_share_withheld"
+    ]
+    assert withheld.count("evil") > 2900  # every step from then on...
+    assert withheld.count("n1") <= 3  # ... while the honest pair barely wait for each other
+    logs = [e for e in run["effects"] if isinstance(e, Log) and "withholds" in e.text]
+    assert 1 <= len(logs) <= 3000 // 60 + 1  # once a minute, not once a step
+
+
+def test_a_sink_that_shares_again_is_sent_to_again() -> None:
+    run = _sink_run(200, give_back_from=100)
+    sent = run["sent"]
+    assert any(t < 20 for t in sent) and not any(20 <= t < 100 for t in sent)
+    assert set(range(100, 201)) <= set(sent)  # it gives mass back: it gets shares again
+    assert np.isfinite(_model(run["v"])).all()
+
+
+def test_with_the_debt_bound_off_the_mass_floor_still_keeps_x_over_w_finite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defence in depth: no share lighter than MIN_SHARE_WEIGHT, so w stops falling long
+    before the float32 x of a share underflows."""
+    monkeypatch.setattr(gossip, "UNANSWERED_SHARES", math.inf)
+    run = _sink_run(3000)
+    v, n1 = run["v"], run["n1"]
+    assert v.mass()[0] > 1e-9 and n1.mass()[0] > 1e-9
+    for m in (_model(v), _model(n1)):
+        assert np.isfinite(m).all() and m.min() > 1.0 and m.max() < 3.0
+
+
+def test_dpsgd_keeps_sending_to_a_neighbour_that_never_shares() -> None:
+    """D-PSGD shares carry no mass, so a silent-but-alive neighbour drains nothing."""
+    run = _sink_run(50, mode="dpsgd")
+    assert len(run["sent"]) == 50
+    assert not [e for e in run["effects"] if isinstance(e, Metric) and "withheld" in e.name]
+
+
+def test_a_tiny_pushsum_self_weight_is_raised_so_the_model_survives_a_step() -> None:
+    """A plan's self weight of 1e-9 used to leave only rounding in x: the model became 0."""
+    nbrs = {"e": (1 - 1e-9) / 2, "h": (1 - 1e-9) / 2}
+    p = GossipPeer(
+        "v", nbrs, 1e-9, {"w": ONES.copy()}, mode="pushsum", rng=np.random.default_rng(0)
+    )
+    logs = [e for e in p.handle(Deadline(), 0.0) if isinstance(e, Log)]
+    assert logs and "self weight" in logs[0].text
+    _, effects = _next_step(p, 0.0)
+    shares = [e.msg for e in effects if isinstance(e, Send) and isinstance(e.msg, GossipShare)]
+    assert len(shares) == 2
+    w, _ = p.mass()
+    assert w + sum(s.w for s in shares) == pytest.approx(1.0, abs=1e-15)
+    assert w >= 1e-4  # kept: many float32 ulps' worth
+    assert np.allclose(_model(p), 1.0, rtol=1e-3)
