@@ -12,13 +12,21 @@
   and ``_record`` writes ``Persist("applied", {...}, append=True)`` *then* ``Send(Ack)``.
   Rejected updates from a child are recorded and acked too, so a poisoned update is not
   resent forever; the ``outcome`` field of the record says what happened.
-* One child cannot fill a buffer (or flood the log). A child's share of an aggregation
-  epoch (a flush, a round, ``concurrency`` FedAsync steps) is ``intake.intake_quota``:
-  ⌈K / children up⌉, at least one, where sites whose last task timed out unanswered do not
-  count as up (so a site that takes tasks and never answers cannot stall an epoch; that
-  needs ``task_timeout_s``: without one, robust aggregation waits for every site's share).
-  Unasked updates (``task`` unknown, finished or someone else's) are taken only within it.
-  What else counts depends on what defends the aggregate:
+* One child cannot fill a buffer (or flood the log) while others are active. A child's share
+  of an aggregation epoch (a flush, a round, ``concurrency`` FedAsync steps) is
+  ``intake.intake_quota``: ⌈K / n⌉, at least one, n being the child itself and the other
+  ACTIVE children: up, and an update of theirs entered the aggregation, or (a site) they
+  were given the task they hold, within ``quiet_after_s`` (default ``task_timeout_s``, else
+  ``QUIET_AFTER_S``); a site whose last task timed out unanswered is not active. A child
+  that is connected but quiet (a region whose hospitals are offline, a hostile one that
+  says Hello and nothing else, a site holding its task and never answering) thus holds
+  the others back for at most ``quiet_after_s``; one that never sent an update is not
+  active at all, and with no other child active the one sending may fill the epoch (the
+  norm clip still bounds each update). The node asks for a deadline when an active child
+  turns quiet while anything waits, and then takes up what it held. Which children were
+  active is checkpointed; after a restart they count as active for ``quiet_after_s`` from
+  the first event. Unasked updates (``task`` unknown, finished or someone else's) are
+  taken only within the share. What else counts depends on what defends the aggregate:
 
   - Robust aggregation (median, trimmed mean; ``_variety_quota``) needs a variety of
     inputs, so EVERY update counts against the share: task answers and regions' forwards
@@ -33,11 +41,11 @@
     whose unasked update was taken in an epoch has its task answers counted against its
     share until the epoch ends (else it would get an unasked update plus its task answer
     into every buffer). A region gets no tasks; it may fill at most max(share, K − 1)
-    slots of an epoch, so while another child is up each flush needs at least one update
-    from someone else: a flooding region moves the model at most by the clip per flush and
-    no faster than the other children contribute (with two regions and K = 2 the root
-    alternates between them; the demo and ``scenarios/hospitals.toml`` show no slow-down,
-    their regions being alike).
+    slots of an epoch, so while another child is active each flush needs at least one
+    update from someone else: a flooding region moves the model at most by the clip per
+    flush and no faster than the other active children contribute (with two regions and
+    K = 2 the root alternates between them; the demo and ``scenarios/hospitals.toml`` show
+    no slow-down, their regions being alike).
   An update over the quota is neither recorded nor acked: it is held in memory (at most
   ``MAX_HELD_SITE`` per site, ``MAX_HELD_REGION`` per region) and decided after the epoch
   ends; beyond that it is dropped (metric ``update_dropped``, one warning per child and
@@ -53,8 +61,9 @@
   checkpoint's ``log_n``), reproducing the state the node had acknowledged.
 
 Every handler is O(1) or O(log n) in the number of children, apart from broadcasts, which
-are O(regions) per new model version, and, under robust aggregation, a site coming up, going
-down or timing out, which re-benches the sites that used their share (O(children)).
+are O(regions) per new model version, the share of an update (O(children up): who is
+active), and, under robust aggregation, a site coming up, going down or timing out, which
+re-benches the sites that used their share (O(children)).
 """
 
 from __future__ import annotations
@@ -94,6 +103,7 @@ __all__ = [
     "CHECKPOINT_KEY",
     "MAX_HELD_REGION",
     "MAX_HELD_SITE",
+    "QUIET_AFTER_S",
     "ROLES",
     "AggregatorBase",
     "Outcome",
@@ -105,6 +115,9 @@ CHECKPOINT_KEY = "checkpoint"
 # Updates over a child's quota kept for the next epoch (a region forwards unasked).
 MAX_HELD_SITE = 2
 MAX_HELD_REGION = 8
+# A child that applied nothing (and, a site, was given no task) for this long no longer
+# shares epochs, when the aggregator has no task_timeout_s to take instead.
+QUIET_AFTER_S = 120.0
 
 
 class Outcome(enum.Enum):
@@ -150,6 +163,7 @@ class AggregatorBase:
         train_config: Mapping[str, Any] | None,
         log_deltas: bool,
         claim_bounds: ClaimBounds | None = None,
+        quiet_after_s: float | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be non-empty")
@@ -158,8 +172,13 @@ class AggregatorBase:
                 raise ValueError(f"child {child!r} has role {role!r}; roles are {ROLES}")
         if node_id in children:
             raise ValueError(f"{node_id!r} cannot be its own child")
+        if quiet_after_s is None:
+            quiet_after_s = QUIET_AFTER_S if task_timeout_s is None else task_timeout_s
+        if not 0.0 < quiet_after_s < math.inf:
+            raise ValueError(f"quiet_after_s must be > 0 and finite, got {quiet_after_s}")
         self._id = node_id
         self._children = dict(children)
+        self.quiet_after_s = quiet_after_s
         self._rng = as_generator(rng)
         self._dispatcher = TaskDispatcher(
             [c for c, r in self._children.items() if r == "site"],
@@ -185,6 +204,9 @@ class AggregatorBase:
         # mean): regions and task answers count against the per-epoch share too.
         self._variety_quota = False
         self._silent: set[str] = set()  # up sites whose last task timed out unanswered
+        self._last_applied: dict[str, float] = {}  # child -> when its last update entered
+        self._restored_active: set[str] = set()  # active at restore: stamped at the next event
+        self._now = 0.0  # the time of the event being handled
         self._quota_solicited = True  # see _within_quota (sync rounds: one task per round)
         self._norm = 0.0  # ‖Δ‖₂ of the update being decided (measured once, at intake)
         # Counters (also visible as metrics); handy for tests and reports.
@@ -275,14 +297,24 @@ class AggregatorBase:
         self._bounds = bounds
 
     def next_deadline(self) -> float | None:
-        return self._dispatcher.next_deadline()
+        task = self._dispatcher.next_deadline()
+        quiet = self._next_quiet()
+        if quiet is None or (task is not None and task <= quiet):
+            return task
+        return quiet
 
     def handle(self, event: Event, now: float) -> list[Effect]:
         out: list[Effect] = []
+        self._now = now
+        if self._restored_active:
+            for child in self._restored_active:
+                self._last_applied.setdefault(child, now)
+            self._restored_active.clear()
         if isinstance(event, Received):
             self._on_received(event.peer, event.msg, now, out)
         elif isinstance(event, Deadline):
             self._on_deadline(now, out)
+            self._on_quiet()
         elif isinstance(event, PeerUp):
             if event.peer in self._children:
                 pass  # a child counts as up once it has said Hello
@@ -343,6 +375,8 @@ class AggregatorBase:
         if role is not None:
             self._held.pop(peer, None)  # unacked: the child resends them on reconnect
         self._silent.discard(peer)
+        self._last_applied.pop(peer, None)
+        self._restored_active.discard(peer)
         self._epoch_changed = True  # fewer children up: the others' quota may have grown
         if self._variety_quota:
             self._rebench()
@@ -409,11 +443,13 @@ class AggregatorBase:
         if solicited and answer_free and not self._variety_quota:
             return True  # we chose to give this site the task: one answer per task
         used = self._uses.get(peer, 0)
+        quota = self._quota(peer)
         if not self._variety_quota and self._children[peer] == "region":
-            # Under the mean: at most K-1 slots of a flush (or its share, if larger).
-            if used < max(self._quota(), self._epoch_size() - 1):
+            # Under the mean: at most K-1 slots of a flush (or its share, if larger: all
+            # K while no other child is active).
+            if used < max(quota, self._epoch_size() - 1):
                 return True
-        elif used < self._quota():
+        elif used < quota:
             if not solicited:
                 self._unsolicited.add(peer)
             return True
@@ -438,18 +474,59 @@ class AggregatorBase:
             )
         return False
 
-    def _quota(self) -> int:
-        """A child's share of this epoch among the children up (silent sites left out)."""
-        up = self._dispatcher.up_count - len(self._silent) + len(self._regions_up)
-        return intake_quota(self._epoch_size(), up)
+    def _active(self) -> set[str]:
+        """The children an epoch is shared among now: those whose last update entered the
+        aggregation, or (a site) that were given the task they hold, within
+        ``quiet_after_s``; sites whose last task timed out unanswered are left out. A child
+        that is up but quiet (a region whose sites are offline, a hostile one that says
+        Hello and nothing else) thus cannot stall the others for longer than that."""
+        active = {c for c in self._recent_senders() if self._is_up(c)}
+        horizon = self._now - self.quiet_after_s
+        active.update(s for s, t in self._dispatcher.given().items() if t > horizon)
+        active.difference_update(self._silent)
+        return active
+
+    def _recent_senders(self) -> set[str]:
+        """Children an update of which entered the aggregation within ``quiet_after_s``."""
+        horizon = self._now - self.quiet_after_s
+        recent = {c for c, t in self._last_applied.items() if t > horizon}
+        return recent | self._restored_active
+
+    def _is_up(self, child: str) -> bool:
+        return child in self._regions_up or self._dispatcher.is_up(child)
+
+    def _quota(self, peer: str, active: set[str] | None = None) -> int:
+        """``peer``'s share of this epoch among itself and the other active children."""
+        if active is None:
+            active = self._active()
+        sharing = len(active) + (peer not in active)
+        return intake_quota(self._epoch_size(), sharing)
+
+    def _next_quiet(self) -> float | None:
+        """When the next active child turns quiet, if anything waits for that (an update
+        held, a site benched): its share then goes to the others. O(children)."""
+        if not self._held and not (self._variety_quota and self._uses):
+            return None
+        q = self.quiet_after_s
+        times = [t + q for t in self._last_applied.values()]
+        times += [t + q for t in self._dispatcher.given().values()]
+        later = [t for t in times if t > self._now]
+        return min(later, default=None)
+
+    def _on_quiet(self) -> None:
+        """A deadline passed: a child may have turned quiet, so the others' share grown."""
+        if self._held:
+            self._epoch_changed = True
+        if self._variety_quota:
+            self._rebench()
 
     def _rebench(self) -> None:
         """Under a variety quota, exactly the sites that used their share get no new task."""
         d = self._dispatcher
         d.unbench()
-        quota = self._quota()
+        active = self._active()
         for child, used in self._uses.items():
-            if used >= quota and self._children.get(child) == "site":
+            if self._children.get(child) == "site" and used >= self._quota(child, active):
                 d.bench(child)
 
     def _end_epoch(self) -> None:
@@ -492,11 +569,14 @@ class AggregatorBase:
         **extra: Any,
     ) -> None:
         """Ledger it, Persist the record, then Ack: the Ack never precedes its Persist."""
+        d = self._dispatcher
         self._ledger.record(msg.src, msg.seq)
         used = self._uses[msg.src] = self._uses.get(msg.src, 0) + 1
         self._silent.discard(msg.src)  # it answers after all
-        if self._variety_quota and used >= self._quota() and self._children[peer] == "site":
-            self._dispatcher.bench(peer)  # an honest fast site waits for the next epoch
+        if outcome is Outcome.APPLIED:
+            self._last_applied[peer] = self._now  # it shares the epochs (again)
+        if self._variety_quota and self._children[peer] == "site" and used >= self._quota(peer):
+            d.bench(peer)  # an honest fast site waits for the next epoch
         self._log_n += 1
         data: dict[str, Any] = {
             "n": self._log_n,
@@ -596,6 +676,9 @@ class AggregatorBase:
             # The intake quota of the epoch in progress (O(children); rebuilt by replay).
             "uses": dict(self._uses),
             "unasked": sorted(self._unsolicited),
+            # Who shares the epochs: after a restart they count as active for another
+            # quiet_after_s from the first event (the clock itself is not durable).
+            "active": sorted(self._recent_senders()),
         }
 
     def _base_restore(self, state: Mapping[str, Any]) -> None:
@@ -606,6 +689,8 @@ class AggregatorBase:
         self._dispatcher.next_task = max(self._dispatcher.next_task, int(state["next_task"]))
         self._uses = {str(k): int(v) for k, v in state.get("uses", {}).items()}
         self._unsolicited = {str(c) for c in state.get("unasked", ())}
+        self._last_applied = {}
+        self._restored_active = {str(c) for c in state.get("active", ()) if c in self._children}
 
     def _replay_records(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Replay "applied" records written after the loaded snapshot, in order."""
@@ -621,6 +706,7 @@ class AggregatorBase:
             if rec.get("unasked") and self._children.get(src) == "site":
                 self._unsolicited.add(src)
             if rec["outcome"] == Outcome.APPLIED.value:
+                self._restored_active.add(src)
                 if "delta" not in rec:
                     raise ValueError("an applied record without its delta cannot be replayed")
                 self._replay(rec)

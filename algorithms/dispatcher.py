@@ -50,6 +50,7 @@ class TaskDispatcher:
         self._idle_pos: dict[str, int] = {}
         self._tasks: dict[int, tuple[str, float]] = {}  # task -> (site, deadline)
         self._task_of: dict[str, int] = {}  # site -> its in-flight task
+        self._given: dict[str, float] = {}  # site -> when its in-flight task was given
         self._heap: list[tuple[float, int]] = []
         self._benched: set[str] = set()
         self.next_task = 1
@@ -81,6 +82,10 @@ class TaskDispatcher:
     def tasks(self) -> list[int]:
         return list(self._tasks)
 
+    def given(self) -> dict[str, float]:
+        """When each site holding a task was given it (a view: do not modify)."""
+        return self._given
+
     # ------------------------------------------------------------- idle set ops
     def _push_idle(self, site: str) -> None:
         if site not in self._idle_pos and site not in self._benched:
@@ -100,6 +105,7 @@ class TaskDispatcher:
         site, _ = self._tasks.pop(task)
         if self._task_of.get(site) == task:
             del self._task_of[site]
+            self._given.pop(site, None)
             if site in self._up:
                 self._push_idle(site)
         return site
@@ -129,6 +135,7 @@ class TaskDispatcher:
         self._up.discard(site)
         self._drop_idle(site)
         task = self._task_of.pop(site, None)
+        self._given.pop(site, None)
         if task is not None:
             del self._tasks[task]
         return task
@@ -179,6 +186,7 @@ class TaskDispatcher:
             self.next_task += 1
             self._tasks[task] = (site, deadline)
             self._task_of[site] = task
+            self._given[site] = now
             if self.task_timeout_s is not None:
                 heapq.heappush(self._heap, (deadline, task))
             started.append((task, site))

@@ -20,9 +20,10 @@ values are what the aggregator records, forwards and replays.
 
 Quota. ``intake_quota`` is how many updates one child may have decided per aggregation
 epoch (a buffer flush, a round, ``concurrency`` FedAsync steps): its fair share of the
-epoch among the children that are up, at least one. Under the mean the answers to tasks
-the aggregator gave a site are not counted; under median / trimmed mean they are. See
-``AggregatorBase`` for what counts when and what happens to updates over it.
+epoch among itself and the other children that are active (up and heard from lately), at
+least one. Under the mean the answers to tasks the aggregator gave a site are not counted;
+under median / trimmed mean they are. See ``AggregatorBase`` for what counts when, what
+"active" means and what happens to updates over it.
 """
 
 from __future__ import annotations

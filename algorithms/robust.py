@@ -3,13 +3,15 @@
 * Norm clipping bounds one update's influence: Δ ← Δ · min(1, C / ‖Δ‖₂)
   (as in DP-FedAvg, McMahan et al. 2018, and robust FL practice). ``NormClip`` holds the
   setting of one aggregator: a fixed C, no clip ("off"), or ``"auto"`` (the default): C is
-  ``AUTO_FACTOR`` × the lower median L2 norm of the recent accepted deltas (at most
-  ``AUTO_WINDOW``) of the OTHER senders, each learnt as clipped (min(‖Δ‖, C)), and until
-  ``AUTO_MIN_SAMPLES`` of those are known, the norm of the model itself (√(number of
-  parameters) for an all-zero model). A child thus never raises the bound it meets itself,
-  however many updates it supplies, and colluders raise it at most ``AUTO_FACTOR``-fold per
-  window; an honest delta (typically within a few times the median) is left untouched; a
-  delta whose norm is not finite is refused outright (callers measure the norm).
+  ``AUTO_FACTOR`` × the lower median of the OTHER senders' latest norms (one per sender,
+  the ``AUTO_WINDOW`` most recent distinct senders), each learnt as clipped (min(‖Δ‖, C)),
+  and while fewer than ``AUTO_MIN_SAMPLES`` other senders are known, the norm of the model
+  itself (√(number of parameters) for an all-zero model). A child thus never raises the
+  bound it meets itself, however many updates it supplies, and colluders that make up at
+  most half of the other senders cannot raise it above ``AUTO_FACTOR`` × an honest norm
+  (each holds one entry, itself clipped to that bound); an honest delta (typically within
+  a few times the median) is left untouched; a delta whose norm is not finite is refused
+  outright (callers measure the norm).
 * Coordinate-wise median and β-trimmed mean (Yin et al., ICML 2018, "Byzantine-robust
   distributed learning"): per coordinate, sort the n values, drop ⌊βn⌋ from each end, average
   the rest. Both are unweighted over the inputs they are given.
@@ -30,7 +32,6 @@ from algorithms.weights_math import l2_norm
 __all__ = [
     "AUTO_FACTOR",
     "AUTO_MIN_SAMPLES",
-    "AUTO_PER_SENDER",
     "AUTO_WINDOW",
     "NormClip",
     "clip_by_norm",
@@ -42,7 +43,6 @@ __all__ = [
 AUTO_FACTOR = 3.0
 AUTO_WINDOW = 32
 AUTO_MIN_SAMPLES = 5
-AUTO_PER_SENDER = AUTO_WINDOW // 2
 
 
 def parse_clip_norm(setting: object) -> float | str | None:
@@ -62,26 +62,27 @@ class NormClip:
     """One aggregator's norm clip; ``reference`` is the model (sets the "auto" start).
 
     The "auto" bound applied to an update from ``src`` is learnt from the OTHER senders'
-    recent norms only (entries of ``src`` in the window are skipped), so no child can raise
-    the bound it is itself clipped by, however many updates it supplies: its bound is
-    ``AUTO_FACTOR`` × the lower median of the others' norms, or the starting bound while
-    fewer than ``AUTO_MIN_SAMPLES`` of them are known. What is learnt is the norm AFTER
-    clipping (min(‖Δ‖, C)), so even several colluding senders that supply most updates can
-    raise the bound at most ``AUTO_FACTOR``-fold per window turnover, not to their own
-    norm at once. One sender holds at most ``AUTO_PER_SENDER`` entries of the window (its
-    newest entry replaces its own oldest), so a flood cannot push the others' norms out and
-    send the bound back to its start. Each update costs O(``AUTO_WINDOW``).
+    latest norms, one per sender: ``AUTO_FACTOR`` × their lower median, or the starting
+    bound while fewer than ``AUTO_MIN_SAMPLES`` other senders are known. A sender's entry is
+    its newest norm AFTER clipping (min(‖Δ‖, C)), so however many updates it supplies it
+    holds one entry, which is at most the bound it met; it cannot raise its own bound, and
+    colluders move the median only once they outnumber the honest senders among the
+    others. The ``AUTO_WINDOW`` most recently heard distinct senders are kept (a flood from
+    one sender cannot push the others out). An unattributed norm (``src`` None) counts as a
+    sender of its own. Each update costs O(``AUTO_WINDOW``).
     """
 
-    __slots__ = ("_initial", "_recent", "setting")
+    __slots__ = ("_anon", "_initial", "_latest", "setting")
 
     def __init__(self, setting: object, reference: Weights) -> None:
         self.setting = parse_clip_norm(setting)
         size = sum(int(v.size) for v in reference.values())
         norm = l2_norm(reference) if reference else 0.0
         self._initial = norm if 0.0 < norm < math.inf else max(1.0, math.sqrt(size))
-        # (sender, clipped norm), oldest first; sender None: unattributed (never skipped).
-        self._recent: list[tuple[str | None, float]] = []
+        # sender -> its latest clipped norm, least recently heard first; an int key is an
+        # unattributed norm (never equal to a sender's name).
+        self._latest: dict[str | int, float] = {}
+        self._anon = 0
 
     def bound(self, src: str | None = None) -> float | None:
         """The C an update from ``src`` meets now (None: no clip)."""
@@ -89,10 +90,10 @@ class NormClip:
             return None
         if isinstance(self.setting, float):
             return self.setting
-        others = [n for s, n in self._recent if s is None or s != src]
+        others = [n for s, n in self._latest.items() if s != src]
         if len(others) < AUTO_MIN_SAMPLES:
             return self._initial
-        # The lower median: a window half filled by one attacker still gives an honest norm.
+        # The lower median: with up to half the others hostile it is still an honest norm.
         median = statistics.median_low(others)
         return AUTO_FACTOR * median if median > 0.0 else self._initial
 
@@ -108,32 +109,38 @@ class NormClip:
         return {k: (v * factor).astype(v.dtype, copy=False) for k, v in delta.items()}, True
 
     def _learn(self, src: str | None, norm: float) -> None:
-        recent = self._recent
-        if src is not None:
-            mine = [i for i, (s, _) in enumerate(recent) if s == src]
-            if len(mine) >= AUTO_PER_SENDER:
-                del recent[mine[0]]
-        recent.append((src, norm))
-        if len(recent) > AUTO_WINDOW:
-            del recent[0]
+        latest = self._latest
+        key: str | int
+        if src is None:
+            self._anon += 1
+            key = self._anon
+        else:
+            key = src
+        latest.pop(key, None)  # re-inserted last: the most recently heard
+        latest[key] = norm
+        if len(latest) > AUTO_WINDOW:
+            del latest[next(iter(latest))]
 
     def snapshot(self) -> dict[str, Any]:
         # The starting bound too: it still applies to a sender whose others are few, and a
         # restored node may be built on a later model than the one it started from.
-        return {"recent": [[s, n] for s, n in self._recent], "initial": self._initial}
+        recent = [[s if isinstance(s, str) else None, n] for s, n in self._latest.items()]
+        return {"recent": recent, "initial": self._initial}
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
         initial = float((state or {}).get("initial", self._initial))
         if 0.0 < initial < math.inf:
             self._initial = initial
-        self._recent = []
+        self._latest = {}
+        self._anon = 0
+        # Oldest first. Older checkpoints kept several norms per sender (the newest wins)
+        # or bare norms without senders (each unattributed).
         for item in (state or {}).get("recent", ()):
-            if isinstance(item, list | tuple):  # (sender, norm)
+            if isinstance(item, list | tuple):
                 s, n = item
-                self._recent.append((None if s is None else str(s), float(n)))
-            else:  # older checkpoints: norms without senders
-                self._recent.append((None, float(item)))
-        del self._recent[:-AUTO_WINDOW]
+                self._learn(None if s is None else str(s), float(n))
+            else:
+                self._learn(None, float(item))
 
 
 def clip_by_norm(delta: Weights, max_norm: float) -> tuple[Weights, bool]:

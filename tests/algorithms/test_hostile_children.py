@@ -298,27 +298,29 @@ def test_after_a_restart_resent_unsolicited_updates_are_taken_and_acked_ones_kep
     assert back.version == 1  # 2 replayed + s3 + evil
 
 
-def test_a_flooding_region_never_fills_a_flush_alone_while_its_sibling_is_up() -> None:
+def test_a_flooding_region_never_fills_a_flush_alone_while_its_sibling_is_active() -> None:
     children = {"r1": "region", "r2": "region"}
     for robust in ("median", "mean"):
         agg = root(children=children, buffer_size=3, robust=robust)
         for r in children:
             agg.handle(hello(r, "region"), 0.0)
+        agg.handle(recv("r2", upd("r2", 1, value=0.01)), 0.5)  # r2 is active
         out: list[Effect] = []
-        for seq in range(1, 4):
-            out += agg.handle(recv("r1", upd("r1", seq, value=0.01)), 1.0)
+        for seq in range(1, 6):
+            out += agg.handle(recv("r1", upd("r1", seq, base=agg.version, value=0.01)), 1.0)
         # Under the median a region gets its fair share of a buffer (⌈3/2⌉ = 2), under the
-        # mean at most K - 1 = 2 slots; its extra forward waits (unacked) for the next flush.
-        assert len(acks(out)) == 2 and agg.version == 0, robust
+        # mean at most K - 1 = 2 slots: r2 + two of r1 flush; the next buffer takes two
+        # more and r1's fifth forward waits (unacked) for the next flush.
+        assert len(acks(out)) == 4 and agg.version == 1 and agg.buffer_fill == 2, robust
         assert len(metrics(out, "update_held")) == 1
-        out = agg.handle(recv("r2", upd("r2", 1, value=0.01)), 1.0)
-        assert agg.version == 1 and agg.buffer_fill == 1  # then the held r1 forward
-        assert ("r1", "r1", 3) in acks(out)
+        out = agg.handle(recv("r2", upd("r2", 2, base=1, value=0.01)), 1.0)
+        assert agg.version == 2 and agg.buffer_fill == 1  # then the held r1 forward
+        assert ("r1", "r1", 5) in acks(out)
         # Alone (r2 down), r1 has the whole epoch: a region is not paced by one that is gone.
         agg.handle(PeerDown("r2"), 2.0)
-        agg.handle(recv("r1", upd("r1", 4, base=1, value=0.01)), 2.0)
-        agg.handle(recv("r1", upd("r1", 5, base=1, value=0.01)), 2.0)
-        assert agg.version == 2, robust
+        agg.handle(recv("r1", upd("r1", 6, base=2, value=0.01)), 2.0)
+        agg.handle(recv("r1", upd("r1", 7, base=2, value=0.01)), 2.0)
+        assert agg.version == 3, robust
 
 
 def test_fedasync_without_a_clip_drops_a_mix_that_overflows() -> None:

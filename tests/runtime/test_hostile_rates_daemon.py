@@ -1,9 +1,10 @@
 """A running root daemon (default robust="mean", buffer_size 2 as in the demo) whose rostered
-region floods it (issue 10 review, findings 2 and 7). The hostile region speaks through the
-real WebSocket, channel and end-to-end signatures: 1,000 Hellos buy one model, and 20
-signed, fresh, unasked updates of a huge delta fill at most K - 1 = 1 slot of a flush while
-its sibling is up: the root only moves when the honest region sends, each flush by at most
-the clip, and every honest update is acknowledged."""
+region floods it (issue 10 review, findings 2 and 7), or says Hello and then nothing (second
+review, finding 1). The hostile region speaks through the real WebSocket, channel and
+end-to-end signatures: 1,000 Hellos buy one model, and 20 signed, fresh, unasked updates of
+a huge delta fill at most K - 1 = 1 slot of a flush while its sibling is active: the root
+only moves when the honest region sends, each flush by at most the clip, and every honest
+update is acknowledged. A region that is connected but quiet never stalls the root."""
 
 from __future__ import annotations
 
@@ -95,17 +96,16 @@ async def test_a_running_root_bounds_a_flooding_region_and_its_hellos(fed: Any) 
             bad = await evil.connect()
             for _ in range(1_000):
                 await bad.send_tensors(Hello("region-a", "region"))
-            # The flood: 20 fresh unasked updates; the first is taken, the rest wait.
+            await good.send_tensors(honest.update(1, 0, small))  # r-b is active
+            await honest.until_ack(1)
+            # The flood: 20 fresh unasked updates; r-a gets the one slot r-b left, one of
+            # the next flush (K - 1 while r-b is active), and the rest wait or are dropped.
             for seq in range(1, 21):
                 await bad.send_tensors(evil.update(seq, 0, huge))
-            await evil.until_ack(1)
-            assert evil.broadcasts == 1  # 1,000 Hellos bought one model
-            assert root.version == 0  # r-a alone cannot flush while r-b is up
-            before = root.current_model()[1]
-            await good.send_tensors(honest.update(1, 0, small))
-            await honest.until_ack(1)
-            assert root.version == 1
-            assert l2_norm(sub(root.current_model()[1], before)) <= first_bound * 1.001
+            await evil.until_ack(2)
+            assert evil.broadcasts == 2  # 1,000 Hellos bought one model (+ v1's)
+            assert root.version == 1 and root.buffer_fill == 1  # r-a cannot flush alone
+            assert l2_norm(sub(root.current_model()[1], start)) <= first_bound * 1.001
             for seq in (2, 3):
                 await good.send_tensors(honest.update(seq, root.version, small))
                 await honest.until_ack(seq)
@@ -113,7 +113,46 @@ async def test_a_running_root_bounds_a_flooding_region_and_its_hellos(fed: Any) 
             assert root.version == 3 and not task.done()
             drift = l2_norm(sub(root.current_model()[1], start))
             assert drift <= 3 * first_bound * 1.001
+            assert len(evil.acked) <= 4
         await bad.close()
+        await good.close()
+        shutdown.set()
+        await asyncio.wait_for(task, 15)
+    finally:
+        d.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_region_that_says_hello_and_nothing_else_does_not_stall_the_root(
+    fed: Any,
+) -> None:
+    """Second review, finding 1: region-b connects, says Hello and then sends nothing (its
+    hospitals offline for the night, or hostile); region-a's updates still train the root."""
+    d = open_daemon(load_config(fed.nodes[ROOT_ID].config))
+    root = d.node
+    assert isinstance(root, FedBuffAggregator)
+    start = root.current_model()[1]
+    small = {k: np.full(v.shape, 0.01, np.float32) for k, v in start.items()}
+    bound = NormClip("auto", start).bound()
+    assert bound is not None
+    quiet, honest = Region(fed, "region-b"), Region(fed, "region-a")
+    shutdown = asyncio.Event()
+    try:
+        task = asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
+        await listening(fed.nodes[ROOT_ID].listen_port)
+        async with asyncio.timeout(30):
+            mute = await quiet.connect()
+            await mute.send_tensors(Hello("region-b", "region"))
+            good = await honest.connect()
+            await good.send_tensors(Hello("region-a", "region"))
+            for seq in range(1, 7):
+                before = root.current_model()[1]
+                await good.send_tensors(honest.update(seq, root.version, small))
+                await honest.until_ack(seq)
+                assert l2_norm(sub(root.current_model()[1], before)) <= bound * 1.001
+            assert honest.acked == [1, 2, 3, 4, 5, 6] and root.version == 3
+            assert "region-b" in root._regions_up and not task.done()  # still connected
+        await mute.close()
         await good.close()
         shutdown.set()
         await asyncio.wait_for(task, 15)
