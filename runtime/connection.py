@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from algorithms.warn_limit import WarnLimiter
 from runtime.signing import EndToEnd
 from sim.network import CodecPolicy
 from transport import wire
@@ -198,12 +199,16 @@ class ChannelPipe:
         codecs: CodecPolicy | None = None,
         limits: Limits | None = None,
         e2e: EndToEnd | None = None,
+        warn: WarnLimiter | None = None,
     ) -> None:
         self.channel = channel
         self._progress = progress
         self._codecs = codecs if codecs is not None else CodecPolicy()
         self.limits = limits
         self.e2e = e2e
+        # Dropped relayed envelopes: one line per relay and reason a minute (the node's
+        # limiter, shared by its links; the e2e metrics count each one).
+        self._warn = warn if warn is not None else WarnLimiter()
 
     @property
     def progress(self) -> ProgressLink:
@@ -242,18 +247,23 @@ class ChannelPipe:
                 try:
                     return Via(msg.src, await self.e2e.open_relayed(msg))
                 except ProtocolError as exc:
-                    log.warning(
-                        "dropped a relayed message from %s via %s (%s): %s",
-                        msg.src,
-                        self.channel.peer_id,
-                        exc.reason,
-                        exc,
-                        extra={
-                            "peer": msg.src,
-                            "relay": self.channel.peer_id,
-                            "reason": exc.reason,
-                        },
-                    )
+                    relay = self.channel.peer_id
+                    unlogged = self._warn.due(relay, exc.reason, time.monotonic())
+                    if unlogged is not None:  # ``src`` is the sender's claim: not the key
+                        log.warning(
+                            "dropped a relayed message from %s via %s (%s): %s%s",
+                            msg.src,
+                            relay,
+                            exc.reason,
+                            exc,
+                            f" ({unlogged} more dropped since the last line)" if unlogged else "",
+                            extra={
+                                "peer": msg.src,
+                                "relay": relay,
+                                "reason": exc.reason,
+                                "unlogged_before": unlogged,
+                            },
+                        )
                     continue
             await self.e2e.check(msg, self.channel.peer_id)
             return msg

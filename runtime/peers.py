@@ -34,6 +34,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections.abc import (
     Awaitable,
     Callable,
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from algorithms.protocol import Event, PeerDown, PeerUp, Received
+from algorithms.warn_limit import WarnLimiter
 from runtime.connection import (
     DEFAULT_MAX_QUEUE,
     QUEUE_MESSAGES_OF_CAP,
@@ -133,8 +135,18 @@ class ConnectionTable:
             self._routed.setdefault(relay, []).append(peer)
         self.sent = 0
         self.dropped = 0  # messages for peers without a connection
+        self.dropped_relayed = 0  # relayed messages from a relay that is not the sender's
         # Where ``RosterUpdate`` messages go (the peer set's own control traffic).
         self.control: Callable[[Connection, RosterUpdate], Awaitable[None]] | None = None
+        # Messages refused per peer: one log line per peer and reason a minute.
+        self.warn = WarnLimiter()
+
+    def warn_due(self, peer: str, reason: str) -> str | None:
+        """None: stay quiet; else a suffix for the log line (refusals left out before)."""
+        unlogged = self.warn.due(peer, reason, time.monotonic())
+        if unlogged is None:
+            return None
+        return f" ({unlogged} more since the last line)" if unlogged else ""
 
     def connected(self) -> frozenset[str]:
         routed = (p for r in self._conns for p in self._routed.get(r, ()))
@@ -216,13 +228,17 @@ class ConnectionTable:
             if type(msg.msg) is RosterUpdate:
                 return  # rosters come from a parent, never through a relay
             if self.routes.get(msg.peer) != conn.peer:
-                log.warning(
-                    "%s: dropped a message from %s relayed by %s, which is not its relay",
-                    self.node_id,
-                    msg.peer,
-                    conn.peer,
-                    extra={"peer": msg.peer, "relay": conn.peer, "reason": "unexpected_relay"},
-                )
+                self.dropped_relayed += 1
+                more = self.warn_due(conn.peer, "unexpected_relay")
+                if more is not None:
+                    log.warning(
+                        "%s: dropped a message from %s relayed by %s, which is not its relay%s",
+                        self.node_id,
+                        msg.peer,
+                        conn.peer,
+                        more,
+                        extra={"peer": msg.peer, "relay": conn.peer, "reason": "unexpected_relay"},
+                    )
                 return
             await self.sink.post(Received(msg.peer, msg.msg), conn.is_open)
             return
@@ -719,12 +735,15 @@ class NetworkPeers:
         if conn in self._inbound:
             # A child: it only says which version it holds; we never take a roster from it.
             if msg.text:
-                log.warning(
-                    "%s: ignored a roster pushed by %s (rosters come from a parent)",
-                    self.node_id,
-                    conn.peer,
-                    extra={"peer": conn.peer, "reason": "roster_from_child"},
-                )
+                more = self.table.warn_due(conn.peer, "roster_from_child")
+                if more is not None:
+                    log.warning(
+                        "%s: ignored a roster pushed by %s (rosters come from a parent)%s",
+                        self.node_id,
+                        conn.peer,
+                        more,
+                        extra={"peer": conn.peer, "reason": "roster_from_child"},
+                    )
             elif (
                 msg.version < self.roster.version
                 and self.roster_text
@@ -807,7 +826,12 @@ class NetworkPeers:
                 conn.pipe.limits = self.limits
 
     def _pipe_opts(self) -> dict[str, Any]:
-        return {"codecs": self.codecs, "limits": self.limits, "e2e": self.e2e}
+        return {
+            "codecs": self.codecs,
+            "limits": self.limits,
+            "e2e": self.e2e,
+            "warn": self.table.warn,
+        }
 
     async def _accept(self, raw: Link) -> None:
         link = ProgressLink(raw)

@@ -16,26 +16,38 @@ to the peer set (``NetworkPeers.set_roster``): later handshakes and end-to-end s
 checks use it, every open session of a peer it no longer lists with the same key and
 role is closed at once, and it is pushed to this node's children, which check it again.
 Last, ``installed`` sees it (an aggregator takes the examples it declares for its sites).
-A refused roster is one log line; the daemon keeps the roster it has and serves on.
+A refused roster is a metric (``message_rejected``); the daemon keeps the roster it has
+and serves on. Pushed rosters cost a parse each, so one parent's pushes are parsed at a
+bounded rate (``PUSH_BURST`` at once, then one per ``PUSH_INTERVAL_S``: a parent pushes
+once per roster it installs); the rest are refused unparsed. Refusals of pushed rosters
+log one line per parent and reason a minute (``WarnLimiter``), with the count left out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from algorithms.protocol import Metric
+from algorithms.warn_limit import WarnLimiter
 from runtime.peers import NetworkPeers
 from transport.identity import Identity
 from transport.roster import Roster, RosterError, RosterStore, read_small_text
 from transport.wire import RosterUpdate
 
-__all__ = ["ROSTER_SEEN_KEY", "RosterKeeper"]
+__all__ = ["PUSH_BURST", "PUSH_INTERVAL_S", "ROSTER_SEEN_KEY", "RosterKeeper"]
 
 log = logging.getLogger("fedloom.roster")
 
 ROSTER_SEEN_KEY = "roster-seen"  # the newest roster this node has used: version and digest
+
+# One parent's pushes parsed: this many at once, then one per PUSH_INTERVAL_S (a token
+# bucket), so that a parent pushing junk costs a parse every few seconds, not per message.
+PUSH_BURST = 8
+PUSH_INTERVAL_S = 5.0
 
 # (roster, its signed text) -> durable when it returns (the daemon's state store).
 Persist = Callable[[Roster, str], None]
@@ -63,6 +75,9 @@ class RosterKeeper:
         self.store.accept(roster)
         self.peers: NetworkPeers | None = None
         self.refused = 0
+        self.clock: Callable[[], float] = time.monotonic
+        self._warn = WarnLimiter()  # refused pushes: a line per parent and reason a minute
+        self._parses: dict[str, tuple[float, float]] = {}  # parent -> (tokens, at)
         self._persist = persist
         self._installed = installed
         self._lock = asyncio.Lock()  # one install at a time (SIGHUP and a push may race)
@@ -91,19 +106,30 @@ class RosterKeeper:
 
     async def receive(self, peer: str, msg: RosterUpdate) -> None:
         """A roster pushed by ``peer`` (a parent): checked like any other, never trusted."""
+        if not self._may_parse(peer):
+            self._refuse(
+                f"{peer} (pushed)",
+                "pushed too often: not parsed",
+                peer=peer,
+                reason="roster_push_rate",
+            )
+            return
         try:
-            await self.install(msg.text, f"{peer} (pushed)", claimed=msg.version)
+            await self.install(msg.text, f"{peer} (pushed)", claimed=msg.version, peer=peer)
         except Exception:  # a bug here must not end the parent's connection or the daemon
             log.exception("%s: installing a roster from %s failed", self.identity.node_id, peer)
 
-    async def install(self, text: str, source: str, *, claimed: int | None = None) -> Roster | None:
-        """Check ``text`` and use it if newer; the installed roster, or None (logged)."""
+    async def install(
+        self, text: str, source: str, *, claimed: int | None = None, peer: str | None = None
+    ) -> Roster | None:
+        """Check ``text`` and use it if newer; the installed roster, or None (logged).
+        ``peer``: the parent that pushed it (its refusals are rate-limited in the log)."""
         async with self._lock:
             try:
                 roster = await asyncio.to_thread(Roster.loads, text, self.consortium_key)
                 self._check(roster, claimed)
             except (RosterError, ValueError) as exc:
-                self._refuse(source, str(exc))
+                self._refuse(source, str(exc), peer=peer)
                 return None
             current = self.roster
             if roster.version == current.version and roster.digest == current.digest:
@@ -118,7 +144,7 @@ class RosterKeeper:
             try:
                 self.store.accept(roster)
             except RosterError as exc:
-                self._refuse(source, str(exc))
+                self._refuse(source, str(exc), peer=peer)
                 return None
             self._persist(roster, text)  # durable before anything acts on it
             self.text = text
@@ -160,17 +186,39 @@ class RosterKeeper:
                 f"{me.public_line()}"
             )
 
-    def _refuse(self, source: str, why: str) -> None:
+    def _may_parse(self, peer: str) -> bool:
+        """Take a parse from ``peer``'s bucket (``PUSH_BURST``, ``PUSH_INTERVAL_S``)."""
+        now = self.clock()
+        tokens, at = self._parses.get(peer, (float(PUSH_BURST), now))
+        tokens = min(float(PUSH_BURST), tokens + (now - at) / PUSH_INTERVAL_S)
+        if tokens < 1.0:
+            self._parses[peer] = (tokens, now)
+            return False
+        self._parses[peer] = (tokens - 1.0, now)
+        return True
+
+    def _refuse(
+        self, source: str, why: str, *, peer: str | None = None, reason: str = "roster_refused"
+    ) -> None:
+        """Count (and report) a refusal; log it, once a minute per parent and reason."""
         self.refused += 1
+        report = self.peers.e2e.report if self.peers is not None else None
+        if report is not None:
+            report(Metric("message_rejected", 1.0, {"reason": reason}))
+        unlogged = 0 if peer is None else self._warn.due(peer, reason, self.clock())
+        if unlogged is None:
+            return
         log.warning(
-            "%s: refused a roster from %s: %s; keeping roster version %d",
+            "%s: refused a roster from %s: %s; keeping roster version %d%s",
             self.identity.node_id,
             source,
             why,
             self.roster.version,
+            f" ({unlogged} more refused since the last line)" if unlogged else "",
             extra={
                 "source": source,
-                "reason": "roster_refused",
+                "reason": reason,
                 "roster_version": self.roster.version,
+                "unlogged_before": unlogged,
             },
         )

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -171,6 +171,88 @@ async def test_only_neighbours_routed_through_the_relay_get_through(
         await until(lambda: len(w.got("peer-b", "peer-a")) == 1)
         await until(lambda: "which is not its relay" in caplog.text)
         assert not w.got("peer-b", "peer-c")
+
+
+class HalfTamperingRelay(RelayNode):
+    """Flips one payload bit of every second envelope, from the first on."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self.n = 0
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        out = super().handle(event, now)
+        for i, e in enumerate(out):
+            if isinstance(e, Send) and isinstance(e.msg, Relayed):
+                self.n += 1
+                if self.n % 2:
+                    data = e.msg.payload[PAYLOAD].copy()
+                    data[-1] ^= 1
+                    out[i] = Send(e.peer, dataclasses.replace(e.msg, payload={PAYLOAD: data}))
+        return out
+
+
+FLOOD = 2_000
+
+
+def warnings_with(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(r.levelno >= logging.WARNING and text in r.getMessage() for r in caplog.records)
+
+
+async def send_all(
+    peers: NetworkPeers, dst: str, msgs: list[Message], arrived: Callable[[], int]
+) -> None:
+    """Send ``msgs`` to ``dst`` a batch at a time, each once ``arrived()`` (messages the
+    receiver has taken or refused) shows the previous ones through: the send queue is
+    bounded, and overflowing it ends the connection."""
+    for start in range(0, len(msgs), 100):
+        batch = msgs[start : start + 100]
+        for msg in batch:
+            assert peers.send(dst, msg)
+        sent = start + len(batch)
+        while arrived() < sent:
+            await asyncio.sleep(0.005)
+
+
+async def test_a_flood_of_altered_envelopes_makes_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The attack (second review, finding 6): 2,000 envelopes that fail their signature
+    check reach peer-b (here a relay alters them; a forging peer is the same path). Each
+    is counted; the log gets one line per relay and reason a minute, not one each; the
+    relay link stays up and the 2,000 genuine messages in between all arrive."""
+    async with asyncio.timeout(LIMIT), world(HalfTamperingRelay("relay")) as w:
+        caplog.set_level(logging.WARNING)
+        msgs: list[Message] = [Heartbeat("peer-a", i) for i in range(1, 2 * FLOOD + 1)]
+        b = w.peers["peer-b"]
+        await send_all(
+            w.peers["peer-a"],
+            "peer-b",
+            msgs,
+            lambda: len(w.got("peer-b", "peer-a")) + b.e2e.rejected["bad_signature"],
+        )
+        assert w.got("peer-b", "peer-a") == msgs[1::2]  # every genuine one, in order
+        assert w.peers["peer-b"].e2e.rejected["bad_signature"] == FLOOD
+        assert warnings_with(caplog, "dropped a relayed message") == 1
+        assert "relay" in w.peers["peer-b"].connected()
+        assert PeerDown("relay") not in w.sinks["peer-b"].posted
+
+
+async def test_a_flood_from_a_peer_not_routed_through_the_relay_makes_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The attack: a rostered peer (peer-c) that peer-b expects nothing from sends it
+    2,000 properly signed messages through the relay. Each is dropped and counted, with
+    one log line; peer-a's messages still arrive."""
+    async with asyncio.timeout(LIMIT), world() as w:
+        caplog.set_level(logging.WARNING)
+        flood: list[Message] = [Heartbeat("peer-c", i) for i in range(1, FLOOD + 1)]
+        table = w.peers["peer-b"].table
+        await send_all(w.peers["peer-c"], "peer-b", flood, lambda: table.dropped_relayed)
+        assert w.peers["peer-a"].send("peer-b", Heartbeat("peer-a", 1))
+        await until(lambda: len(w.got("peer-b", "peer-a")) == 1)
+        assert not w.got("peer-b", "peer-c")
+        assert warnings_with(caplog, "which is not its relay") == 1
 
 
 async def test_every_connection_reports_its_handshake_round_trip() -> None:
