@@ -16,6 +16,9 @@ from runtime.peers import DialTarget, NetworkPeers
 from tests.runtime.test_peers import LIMIT, Pki, Sink, peers, pki, until
 from tests.transport.test_channel import FLOOD_FROM, UPGRADE, flood
 from transport.channel import ChannelOptions, GateLimits
+from transport.identity import Identity
+from transport.links import reserve_share
+from transport.roster import Roster, RosterEntry
 
 __all__ = ["pki"]  # the fixture, shared with test_peers
 
@@ -122,5 +125,55 @@ async def test_a_flood_from_many_addresses_does_not_keep_a_returning_site_out(pk
         assert agg.gate.pending - agg.gate.pending_from("127.0.0.1") <= unknown
         assert all(agg.gate.pending_from(a) <= limits.per_address for a in FLOOD_ADDRESSES)
         assert not any(a in agg.gate.known for a in FLOOD_ADDRESSES)
+        for task in (flooding, site_task, agg_task):
+            task.cancel()
+
+
+async def test_a_rostered_insider_cannot_keep_a_returning_site_out(pki: Pki) -> None:
+    """The attack (second review, finding 4): a rostered site (site-2) whose roster entry
+    names two IP literals, which makes both addresses known, holds every idle upgrade
+    its per-address cap allows from each of them, and six unknown addresses hold the
+    rest. Before, the insider held the whole reserve and a returning site-1 was refused;
+    now one peer holds at most an eighth of it, and site-1 is admitted at its first try."""
+    insider = Identity.generate("site-2", "site")
+    endpoints = ("ws://127.0.0.2:1/fedloom", "ws://127.0.0.3:1/fedloom")
+    roster = Roster(
+        1, [*pki.roster.entries, RosterEntry("site-2", "site", insider.public_key, endpoints)]
+    )
+    agg = NetworkPeers(
+        pki.agg,
+        roster,
+        listen=("127.0.0.1", 0),
+        accept_from={"site-1", "site-2"},
+        keepalive_s=0.5,
+        options=ChannelOptions(close_timeout=0.5),
+    )
+    agg.gate.limits = GateLimits(max_pending=64, handshake_timeout=0.5)
+    limits = agg.gate.limits
+    assert (limits.per_address, limits.reserved, reserve_share(limits.reserved)) == (8, 16, 2)
+    opened = [0]
+    async with asyncio.timeout(LIMIT), asyncio.TaskGroup() as tg:
+        agg_task = tg.create_task(agg.run(Sink()))
+        await until(lambda: agg.listen_url is not None)
+        assert agg.listen_url is not None
+        port = int(agg.listen_url.rsplit(":", 1)[1].split("/")[0])
+        first = peers(pki.site, roster, dial=[DialTarget("agg", agg.listen_url)])
+        first_task = tg.create_task(first.run(Sink()))
+        await until(lambda: "site-1" in agg.connected())  # site-1 has been here before
+        first_task.cancel()
+        await until(lambda: "site-1" not in agg.connected())
+        assert agg.gate.known.peer_of("127.0.0.2") == "site-2"
+
+        flood = [f"127.0.0.{i}" for i in range(2, 10)]  # the insider's two, six unknown
+        flooding = tg.create_task(flood_from(flood, port, limits.per_address, opened))
+        outside = limits.max_pending - limits.reserved
+        await until(lambda: opened[0] > 8 * 8 and agg.gate.refused["handshake_timeout"] > 0)
+        await until(lambda: agg.gate.pending >= outside and agg.gate.refused["busy"] > 0)
+        assert agg.gate.reserved_by("site-2") <= reserve_share(limits.reserved)
+        site = peers(pki.site, roster, dial=[DialTarget("agg", agg.listen_url)])
+        site_task = tg.create_task(site.run(Sink()))
+        await until(lambda: "site-1" in agg.connected())
+        assert site.dial_failures == 0  # admitted at its first try, mid-flood
+        assert not flooding.done()
         for task in (flooding, site_task, agg_task):
             task.cancel()
