@@ -7,7 +7,15 @@ import asyncio
 import pytest
 
 from transport.errors import FrameTooLarge
-from transport.links import KnownAddresses, Link, LinkClosed, MemoryLink, memory_link_pair
+from transport.links import (
+    KnownAddresses,
+    Link,
+    LinkClosed,
+    MemoryLink,
+    ReserveHolders,
+    memory_link_pair,
+    reserve_share,
+)
 from transport.ws import WebSocketLink
 
 TIMEOUT_S = 5.0
@@ -102,3 +110,22 @@ def test_known_addresses_seeded_from_ip_literal_endpoints() -> None:
         ],
     )
     assert "192.0.2.7" in known and "2001:db8::/64" in known and len(known) == 2
+
+
+def test_reserve_holders_cap_each_address_and_each_peer() -> None:
+    known = KnownAddresses()
+    for key, peer in (("10.0.0.1", "site-2"), ("10.0.0.2", "site-2"), ("10.0.0.3", "site-1")):
+        known.add(key, peer)
+    assert known.peer_of("10.0.0.1") == "site-2" and known.peer_of("192.0.2.1") is None
+    assert [reserve_share(n) for n in (0, 1, 8, 64)] == [0, 1, 1, 8]
+    holders, share = ReserveHolders(), 2
+    taken = []
+    for key in ["10.0.0.1"] * 3 + ["10.0.0.2"] * 3 + ["10.0.0.3"] * 3 + ["192.0.2.1"]:
+        holder = known.peer_of(key)
+        if holders.fits(key, holder, share) and holder is not None:
+            holders.take(key, holder)
+            taken.append(key)
+    # site-2 gets two slots over both its addresses, site-1 two, an unknown address none.
+    assert taken == ["10.0.0.1", "10.0.0.1", "10.0.0.3", "10.0.0.3"]
+    holders.release("10.0.0.1", "site-2")
+    assert holders.held_by("site-2") == 1 and holders.fits("10.0.0.2", "site-2", share)
