@@ -28,7 +28,7 @@ from transport import ws
 from transport.channel import SecureChannel, client_channel
 from transport.e2e import digest_as_received, sign_update
 from transport.identity import Identity
-from transport.wire import Ack, Hello, ModelBroadcast, Update
+from transport.wire import Ack, Heartbeat, Hello, ModelBroadcast, Update
 
 
 @pytest.fixture
@@ -143,6 +143,7 @@ async def test_a_region_that_says_hello_and_nothing_else_does_not_stall_the_root
         async with asyncio.timeout(30):
             mute = await quiet.connect()
             await mute.send_tensors(Hello("region-b", "region"))
+            await mute.send_tensors(Heartbeat("region-b", -1))  # an idle link's keep-alive
             good = await honest.connect()
             await good.send_tensors(Hello("region-a", "region"))
             for seq in range(1, 7):
