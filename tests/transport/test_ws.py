@@ -138,6 +138,19 @@ async def test_connection_cap() -> None:
         await link.close()
 
 
+async def echo_then_release(server: Any, idle: list[tuple[Any, asyncio.StreamWriter]]) -> None:
+    """A link from 127.0.0.1 gets in and is served; then the ``idle`` connections close."""
+    link = await ws.connect(server.url)
+    try:
+        await link.send(b"ok")
+        assert await link.recv() == b"ok"
+    finally:
+        await link.close()
+    for _, writer in idle:
+        writer.close()
+    await wait_for(lambda: server.open_connections == 0)
+
+
 async def test_connection_cap_per_address() -> None:
     # The attack: one host opens every TCP connection the server allows and sends
     # nothing. max_connections // 8 per address: 2 of 16 here.
@@ -148,15 +161,7 @@ async def test_connection_cap_per_address() -> None:
         ]
         await wait_for(lambda: server.refused_connections == 4)
         assert server.open_connections == 2
-        link = await ws.connect(server.url)  # 127.0.0.1 still gets in
-        try:
-            await link.send(b"ok")
-            assert await link.recv() == b"ok"
-        finally:
-            await link.close()
-        for _, writer in conns:
-            writer.close()
-        await wait_for(lambda: server.open_connections == 0)
+        await echo_then_release(server, conns)  # 127.0.0.1 still gets in
 
 
 async def test_connections_from_many_addresses_leave_a_reserve_for_known_ones() -> None:
@@ -176,15 +181,7 @@ async def test_connections_from_many_addresses_leave_a_reserve_for_known_ones() 
         ]
         await wait_for(lambda: server.refused_connections == 2)
         assert server.open_connections == 6
-        link = await ws.connect(server.url)  # from the reserve
-        try:
-            await link.send(b"ok")
-            assert await link.recv() == b"ok"
-        finally:
-            await link.close()
-        for _, writer in conns:
-            writer.close()
-        await wait_for(lambda: server.open_connections == 0)
+        await echo_then_release(server, conns)  # from the reserve
 
 
 async def test_a_rostered_insider_cannot_hold_the_tcp_reserve() -> None:
@@ -205,15 +202,7 @@ async def test_a_rostered_insider_cannot_hold_the_tcp_reserve() -> None:
         ]
         await wait_for(lambda: server.refused_connections == 3)  # 16 tried, 12 + 1 held
         assert server.open_connections == 13
-        link = await ws.connect(server.url)  # from the reserve
-        try:
-            await link.send(b"ok")
-            assert await link.recv() == b"ok"
-        finally:
-            await link.close()
-        for _, writer in conns:
-            writer.close()
-        await wait_for(lambda: server.open_connections == 0)
+        await echo_then_release(server, conns)  # from the reserve
 
 
 @pytest.mark.parametrize("size", [MAX_HANDSHAKE_MESSAGE + 1, ws.MAX_FRAME])
