@@ -12,8 +12,9 @@ the relay unable to read, forge, alter, redirect or replay what it carries: only
 destination holds the key, it checks the signature against the roster, and it refuses a
 ``seq`` not above the last it accepted from that source (a floor kept across restarts).
 
-The relay holds no model and no durable state, and cannot open a payload. It checks
-only what it can check without trusting the payload: the envelope's ``src`` is the
+The relay holds no model and no durable state of its own (its daemon keeps only the
+newest roster), and cannot open a payload. It checks only what it can check without
+trusting the payload: the envelope's ``src`` is the
 authenticated peer it came from (no injecting traffic in another peer's name), and the
 destination is not that same peer. Bounded work per event: O(1).
 """
