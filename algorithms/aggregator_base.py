@@ -17,7 +17,8 @@
   ``intake.intake_quota``: ⌈K / n⌉, at least one, n being the child itself and the other
   ACTIVE children: up, and an update of theirs entered the aggregation, or (a site) they
   were given the task they hold, within ``quiet_after_s`` (default ``task_timeout_s``, else
-  ``QUIET_AFTER_S``); a site whose last task timed out unanswered is not active. A child
+  ``QUIET_AFTER_S``; for a region, which takes no tasks, at most ``QUIET_AFTER_S``); a
+  site whose last task timed out unanswered is not active. A child
   that is connected but quiet (a region whose hospitals are offline, a hostile one that
   says Hello and nothing else, a site holding its task and never answering) thus holds
   the others back for at most ``quiet_after_s``; one that never sent an update is not
@@ -486,10 +487,21 @@ class AggregatorBase:
         active.difference_update(self._silent)
         return active
 
+    def _quiet_after(self, child: str) -> float:
+        """How long after its last update ``child`` still shares the epochs. A region takes
+        no tasks, so the sites' task time-out says nothing about its pace: it is held to
+        ``QUIET_AFTER_S`` at most. Counting a slow region as quiet too early costs little
+        (its siblings may then fill a flush, each delta clipped); counting a quiet one as
+        active holds its siblings back."""
+        if self._children.get(child) == "region":
+            return min(self.quiet_after_s, QUIET_AFTER_S)
+        return self.quiet_after_s
+
     def _recent_senders(self) -> set[str]:
-        """Children an update of which entered the aggregation within ``quiet_after_s``."""
-        horizon = self._now - self.quiet_after_s
-        recent = {c for c, t in self._last_applied.items() if t > horizon}
+        """Children an update of which entered the aggregation within their
+        ``_quiet_after``."""
+        now = self._now
+        recent = {c for c, t in self._last_applied.items() if t > now - self._quiet_after(c)}
         return recent | self._restored_active
 
     def _is_up(self, child: str) -> bool:
@@ -508,7 +520,7 @@ class AggregatorBase:
         if not self._held and not (self._variety_quota and self._uses):
             return None
         q = self.quiet_after_s
-        times = [t + q for t in self._last_applied.values()]
+        times = [t + self._quiet_after(c) for c, t in self._last_applied.items()]
         times += [t + q for t in self._dispatcher.given().values()]
         later = [t for t in times if t > self._now]
         return min(later, default=None)
