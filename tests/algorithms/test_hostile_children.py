@@ -14,7 +14,7 @@ from algorithms.fedasync import FedAsyncAggregator
 from algorithms.fedbuff import FedBuffAggregator
 from algorithms.intake import ClaimBounds
 from algorithms.ledger import MAX_ABOVE, AppliedLedger
-from algorithms.protocol import Effect, Metric, PeerDown, Weights
+from algorithms.protocol import Deadline, Effect, Metric, PeerDown, Weights
 from algorithms.regional import RegionalAggregator
 from algorithms.sync import SyncAggregator
 from algorithms.weights_math import is_finite, l2_norm, sub
@@ -299,28 +299,48 @@ def test_after_a_restart_resent_unsolicited_updates_are_taken_and_acked_ones_kep
 
 
 def test_a_flooding_region_never_fills_a_flush_alone_while_its_sibling_is_active() -> None:
+    """Under the median a region gets its fair share of a buffer while its sibling is
+    active (the mean takes every forward: see the next test)."""
     children = {"r1": "region", "r2": "region"}
-    for robust in ("median", "mean"):
-        agg = root(children=children, buffer_size=3, robust=robust)
-        for r in children:
-            agg.handle(hello(r, "region"), 0.0)
-        agg.handle(recv("r2", upd("r2", 1, value=0.01)), 0.5)  # r2 is active
-        out: list[Effect] = []
-        for seq in range(1, 6):
-            out += agg.handle(recv("r1", upd("r1", seq, base=agg.version, value=0.01)), 1.0)
-        # Under the median a region gets its fair share of a buffer (⌈3/2⌉ = 2), under the
-        # mean at most K - 1 = 2 slots: r2 + two of r1 flush; the next buffer takes two
-        # more and r1's fifth forward waits (unacked) for the next flush.
-        assert len(acks(out)) == 4 and agg.version == 1 and agg.buffer_fill == 2, robust
-        assert len(metrics(out, "update_held")) == 1
-        out = agg.handle(recv("r2", upd("r2", 2, base=1, value=0.01)), 1.0)
-        assert agg.version == 2 and agg.buffer_fill == 1  # then the held r1 forward
-        assert ("r1", "r1", 5) in acks(out)
-        # Alone (r2 down), r1 has the whole epoch: a region is not paced by one that is gone.
-        agg.handle(PeerDown("r2"), 2.0)
-        agg.handle(recv("r1", upd("r1", 6, base=2, value=0.01)), 2.0)
-        agg.handle(recv("r1", upd("r1", 7, base=2, value=0.01)), 2.0)
-        assert agg.version == 3, robust
+    agg = root(children=children, buffer_size=3, robust="median")
+    for r in children:
+        agg.handle(hello(r, "region"), 0.0)
+    agg.handle(recv("r2", upd("r2", 1, value=0.01)), 0.5)  # r2 is active
+    out: list[Effect] = []
+    for seq in range(1, 6):
+        out += agg.handle(recv("r1", upd("r1", seq, base=agg.version, value=0.01)), 1.0)
+    # ⌈3/2⌉ = 2 slots: r2 + two of r1 flush; the next buffer takes two more and r1's
+    # fifth forward waits (unacked) for the next flush.
+    assert len(acks(out)) == 4 and agg.version == 1 and agg.buffer_fill == 2
+    assert len(metrics(out, "update_held")) == 1
+    out = agg.handle(recv("r2", upd("r2", 2, base=1, value=0.01)), 1.0)
+    assert agg.version == 2 and agg.buffer_fill == 1  # then the held r1 forward
+    assert ("r1", "r1", 5) in acks(out)
+    # Alone (r2 down), r1 has the whole epoch: a region is not paced by one that is gone.
+    agg.handle(PeerDown("r2"), 2.0)
+    agg.handle(recv("r1", upd("r1", 6, base=2, value=0.01)), 2.0)
+    agg.handle(recv("r1", upd("r1", 7, base=2, value=0.01)), 2.0)
+    assert agg.version == 3
+
+
+def test_under_the_mean_a_region_forwarding_just_often_enough_paces_nobody() -> None:
+    """The third review's throttle: a region that forwards once every 110 s (enough to
+    count as active) must not hold its sibling's forwards back under the mean; every
+    forward is taken at once and each flush is bounded by the clip."""
+    children = {"r1": "region", "slow": "region"}
+    agg = root(children=children, buffer_size=2, robust="mean")
+    for r in children:
+        agg.handle(hello(r, "region"), 0.0)
+    out: list[Effect] = []
+    for second in range(1, 601):  # ten minutes: r1 forwards every second (seq = second)
+        t = float(second)
+        out += agg.handle(recv("r1", upd("r1", second, base=agg.version, value=0.01)), t)
+        if second % 110 == 0:
+            s = second // 110
+            out += agg.handle(recv("slow", upd("slow", s, base=agg.version, value=0.0)), t)
+        agg.handle(Deadline(), t)
+    assert not metrics(out, "update_held") and not metrics(out, "update_dropped")
+    assert len(acks(out)) == 600 + 5 and agg.version == (600 + 5) // 2
 
 
 def test_fedasync_without_a_clip_drops_a_mix_that_overflows() -> None:

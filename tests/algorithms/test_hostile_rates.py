@@ -165,8 +165,9 @@ def test_a_flooding_region_moves_the_root_at_most_the_clip_per_flush() -> None:
     """Bound (robust="mean", K = 2 as in the demo): each flush moves the model by at most
     the clip the flooding region meets, because every flush is a weighted mean of clipped
     deltas; with one other sender (fewer than AUTO_MIN_SAMPLES) that clip is the model's own
-    norm. While r2 is active, r1 gets at most K - 1 = 1 slot per flush, so the root flushes
-    no more often than r2 contributes."""
+    norm. The mean takes every forward (a slot limit per region would let a region that
+    forwards just often enough to count as active pace its sibling), so the flood buys
+    flushes, each bounded by that clip; under the median it buys only its share."""
     children = {"r1": "region", "r2": "region"}
     agg = FedBuffAggregator("root", children, W0, buffer_size=2, concurrency=0)
     for r in children:
@@ -187,12 +188,11 @@ def test_a_flooding_region_moves_the_root_at_most_the_clip_per_flush() -> None:
             )
             steps.append(l2_norm(sub(agg.current_model()[1], before)))
     assert all(step <= bound * (1 + 1e-5) for step in steps)
-    # Every flush held one r2 update: 20 flushes, r1 in each (and the open buffer) once.
-    assert agg.version == 20 and applied_by(out, "r1") <= 20 + agg.buffer_fill
+    assert agg.version == (20 + 100) // 2 and applied_by(out, "r1") == 100
     assert {("r2", "r2", i) for i in range(1, 21)} <= set(acks(out))  # honest: all taken
-    # 100 flood updates, yet the model drifted no more than 20 flushes' worth of clips.
+    # The model drifted no more than one clip per flush.
     drift = l2_norm(sub(agg.current_model()[1], W0))
-    assert drift <= 20 * bound * (1 + 1e-5)
+    assert drift <= agg.version * bound * (1 + 1e-5)
 
 
 # ----------------------------------------------------------- finding 7: Hello floods

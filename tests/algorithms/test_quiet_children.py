@@ -68,12 +68,14 @@ def test_a_region_that_says_hello_and_nothing_else_does_not_stall_the_root(
 
 
 @pytest.mark.parametrize("task_timeout_s", [None, 1800.0])
-@pytest.mark.parametrize("robust", ROBUST)
+@pytest.mark.parametrize("robust", ["median", "trimmed_mean"])
 def test_a_region_that_falls_quiet_stalls_its_sibling_at_most_quiet_after_s(
     robust: str, task_timeout_s: float | None
 ) -> None:
-    """A region takes no tasks: however long the sites' task time-out (1800 s by default
-    in scenarios and daemons), a quiet region holds its sibling back ``QUIET_AFTER_S``."""
+    """Robust aggregation shares each flush among the active children. A region takes no
+    tasks: however long the sites' task time-out (1800 s by default in scenarios and
+    daemons), a quiet region holds its sibling back ``QUIET_AFTER_S``. (The mean takes
+    every forward and holds nobody back: see test_hostile_children.)"""
     agg = root({"r1": "region", "r2": "region"}, 2, robust, task_timeout_s=task_timeout_s)
     assert agg.quiet_after_s == (task_timeout_s or QUIET_AFTER_S)
     for r in ("r1", "r2"):
@@ -82,7 +84,7 @@ def test_a_region_that_falls_quiet_stalls_its_sibling_at_most_quiet_after_s(
         for r in ("r1", "r2"):
             agg.handle(recv(r, upd(r, seq, agg.version, 0.01)), 10.0 * seq)
     assert agg.version == 3
-    # By night r2 sends nothing. While it is active r1 fills one slot a flush and waits.
+    # By night r2 sends nothing. While it is active r1 fills its share (one slot) and waits.
     out: list[Effect] = []
     for seq in range(4, 7):
         out += agg.handle(recv("r1", upd("r1", seq, agg.version, 0.01)), 31.0)
@@ -100,7 +102,7 @@ def test_a_region_that_falls_quiet_stalls_its_sibling_at_most_quiet_after_s(
     out = []
     for seq in range(9, 12):
         out += agg.handle(recv("r1", upd("r1", seq, agg.version, 0.01)), wake + 11.0)
-    assert len(metrics(out, "update_held")) >= 1  # back to K - 1 (or its share) per flush
+    assert len(metrics(out, "update_held")) >= 1  # back to its share per flush
 
 
 def test_a_site_that_holds_its_task_without_a_timeout_stalls_the_median_for_a_while_only() -> None:

@@ -1,10 +1,10 @@
 """A running root daemon (default robust="mean", buffer_size 2 as in the demo) whose rostered
 region floods it (issue 10 review, findings 2 and 7), or says Hello and then nothing (second
 review, finding 1). The hostile region speaks through the real WebSocket, channel and
-end-to-end signatures: 1,000 Hellos buy one model, and 20 signed, fresh, unasked updates of
-a huge delta fill at most K - 1 = 1 slot of a flush while its sibling is active: the root
-only moves when the honest region sends, each flush by at most the clip, and every honest
-update is acknowledged. A region that is connected but quiet never stalls the root."""
+end-to-end signatures: 1,000 Hellos buy one model, and 20 signed, fresh updates of a huge
+delta are taken (the mean takes every forward) but move the root by at most the clip per
+flush, and every honest update is acknowledged. A region that is connected but quiet never
+stalls the root."""
 
 from __future__ import annotations
 
@@ -98,22 +98,24 @@ async def test_a_running_root_bounds_a_flooding_region_and_its_hellos(fed: Any) 
                 await bad.send_tensors(Hello("region-a", "region"))
             await good.send_tensors(honest.update(1, 0, small))  # r-b is active
             await honest.until_ack(1)
-            # The flood: 20 fresh unasked updates; r-a gets the one slot r-b left, one of
-            # the next flush (K - 1 while r-b is active), and the rest wait or are dropped.
+            # The flood: 20 fresh updates of -1e6. The mean takes every forward (a slot
+            # limit would let a barely active region pace its sibling), so each flush is
+            # bounded by the clip r-a meets: the model's norm, one other sender known.
+            steps = []
             for seq in range(1, 21):
-                await bad.send_tensors(evil.update(seq, 0, huge))
-            await evil.until_ack(2)
-            assert evil.broadcasts == 2  # 1,000 Hellos bought one model (+ v1's)
-            assert root.version == 1 and root.buffer_fill == 1  # r-a cannot flush alone
-            assert l2_norm(sub(root.current_model()[1], start)) <= first_bound * 1.001
+                before = root.current_model()[1]
+                await bad.send_tensors(evil.update(seq, root.version, huge))
+                await evil.until_ack(seq)
+                steps.append(l2_norm(sub(root.current_model()[1], before)))
+            # 1,000 Hellos bought one model; every other broadcast is a new version.
+            assert evil.broadcasts <= 1 + root.version
+            assert all(step <= first_bound * 1.001 for step in steps)
             for seq in (2, 3):
                 await good.send_tensors(honest.update(seq, root.version, small))
                 await honest.until_ack(seq)
-            # One flush per honest update, each with one slot of r-a's flood at most.
-            assert root.version == 3 and not task.done()
+            assert not task.done()
             drift = l2_norm(sub(root.current_model()[1], start))
-            assert drift <= 3 * first_bound * 1.001
-            assert len(evil.acked) <= 4
+            assert drift <= root.version * first_bound * 1.001
         await bad.close()
         await good.close()
         shutdown.set()
