@@ -128,19 +128,42 @@ class NormClip:
         return {"recent": recent, "initial": self._initial}
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
-        initial = float((state or {}).get("initial", self._initial))
-        if 0.0 < initial < math.inf:
+        """Load a ``snapshot()``; ValueError for a value no live clip could have written.
+
+        A checkpoint is this node's own state, protected by the state directory's file
+        permissions: the checks catch corruption (a NaN, a negative or infinite norm
+        would let updates through unclipped), not an attacker who can write the disk."""
+        if state is None:
+            state = {}
+        if not isinstance(state, Mapping):
+            raise ValueError(f"clip: expected a mapping, got {type(state).__name__}")
+        initial = _norm(state.get("initial", self._initial), "clip.initial")
+        if initial > 0.0:
             self._initial = initial
         self._latest = {}
         self._anon = 0
+        recent = state.get("recent", ())
+        if not isinstance(recent, list | tuple):
+            raise ValueError(f"clip.recent: expected a list, got {type(recent).__name__}")
         # Oldest first. Older checkpoints kept several norms per sender (the newest wins)
         # or bare norms without senders (each unattributed).
-        for item in (state or {}).get("recent", ()):
+        for item in recent:
             if isinstance(item, list | tuple):
-                s, n = item
-                self._learn(None if s is None else str(s), float(n))
+                if len(item) != 2 or not (item[0] is None or isinstance(item[0], str)):
+                    raise ValueError(f"clip.recent: expected [sender, norm], got {item!r:.80}")
+                self._learn(item[0], _norm(item[1], "clip.recent"))
             else:
-                self._learn(None, float(item))
+                self._learn(None, _norm(item, "clip.recent"))
+
+
+def _norm(value: object, what: str) -> float:
+    """A restored norm: a finite real >= 0 (0.0 is a zero delta's)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what}: expected a number, got {type(value).__name__}")
+    norm = float(value)
+    if not 0.0 <= norm < math.inf:
+        raise ValueError(f"{what}: {norm} is not a finite norm >= 0")
+    return norm
 
 
 def clip_by_norm(delta: Weights, max_norm: float) -> tuple[Weights, bool]:

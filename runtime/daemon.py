@@ -453,10 +453,9 @@ def _current_roster(
     newer one durably before anything else happens."""
     seen = recovery.values.get(ROSTER_SEEN_KEY)
     if seen is not None:
-        version = int(seen["version"])
-        kept = seen.get("text")
-        if roster.version < version and isinstance(kept, str):
-            newer = _kept_roster(cfg, identity, kept, version, bytes(seen["digest"]))
+        version, digest, kept = _roster_seen(cfg, seen)
+        if roster.version < version and kept is not None:
+            newer = _kept_roster(cfg, identity, kept, version, digest)
             log.info(
                 "%s: roster.path holds roster version %d; using version %d, installed while "
                 "running and kept in %s",
@@ -474,7 +473,7 @@ def _current_roster(
                 "(an older one may still admit revoked keys)"
             )
         if roster.version == version:
-            if roster.digest != bytes(seen["digest"]):
+            if roster.digest != digest:
                 raise ConfigError(
                     f"roster.path: this is not the roster version {version} this node used "
                     "before (same version, other content); the consortium must give a "
@@ -483,6 +482,25 @@ def _current_roster(
             return roster, text
     store.apply(Persist(ROSTER_SEEN_KEY, {"version": roster.version, "digest": roster.digest}))
     return roster, text
+
+
+def _roster_seen(cfg: DaemonConfig, seen: Any) -> tuple[int, bytes, str | None]:
+    """The version, digest and (if kept) text of ``ROSTER_SEEN_KEY``, checked: a corrupt
+    value stops the start with one line, not a traceback."""
+    ok = (
+        isinstance(seen, Mapping)
+        and type(seen.get("version")) is int
+        and seen["version"] >= 0
+        and isinstance(seen.get("digest"), bytes)
+        and (seen.get("text") is None or isinstance(seen["text"], str))
+    )
+    if not ok:
+        raise ConfigError(
+            f"state_dir: {cfg.state_dir} holds a corrupt {ROSTER_SEEN_KEY!r} value "
+            "(expected {'version': int >= 0, 'digest': bytes, 'text': str}); "
+            "point state_dir at this node's own directory"
+        )
+    return seen["version"], seen["digest"], seen.get("text")
 
 
 def _kept_roster(
@@ -516,9 +534,12 @@ def _persist_roster(d: Daemon) -> Callable[[Roster, str], None]:
 def _recover(cfg: DaemonConfig, node: Node, recovery: Recovery) -> None:
     try:
         restore_node(node, recovery)
-    except (ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # any shape the restore code did not expect: one line, exit 2
+        keys = [CHECKPOINT_KEY] if recovery.checkpoint is not None else []
+        keys += [k for k, records in recovery.logs.items() if records]
         raise ConfigError(
-            f"state_dir: {cfg.state_dir} holds state this {cfg.role} cannot restore ({exc}); "
+            f"state_dir: {cfg.state_dir} holds state this {cfg.role} cannot restore "
+            f"(key {', '.join(map(repr, keys)) or 'none'}: {exc!r:.200}); "
             "point state_dir at this node's own directory"
         ) from None
 
@@ -874,7 +895,11 @@ async def serve(
     peers = build_peers(d)
     peers.e2e.report = sink  # refused signatures count as rejected updates/messages
     # Relayed envelopes' numbers outlive a restart: no replay to this node after one.
-    peers.e2e.keep_relay_seq(RelaySeqState(d.store, d.recovery.values.get(RELAY_SEQ_KEY)))
+    try:
+        relay_seq = RelaySeqState(d.store, d.recovery.values.get(RELAY_SEQ_KEY))
+    except ValueError as exc:
+        raise ConfigError(f"state_dir: {cfg.state_dir} holds a corrupt value: {exc}") from None
+    peers.e2e.keep_relay_seq(relay_seq)
     floor = model_floor(d.node)
     if floor is not None:  # no rollback to a model older than one held before the restart
         peers.e2e.guard = ModelVersionGuard(floor)

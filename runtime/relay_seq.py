@@ -41,17 +41,23 @@ class Store(Protocol):
     def apply(self, persist: Persist) -> None: ...
 
 
+def _seq(value: Any) -> bool:
+    return type(value) is int and value >= 0  # numbers follow time_ns: never negative
+
+
 def _parse(recovered: Any) -> tuple[int, dict[str, int]]:
     if recovered is None:
         return 0, {}
     ok = (
         isinstance(recovered, Mapping)
-        and type(recovered.get("sent")) is int
+        and _seq(recovered.get("sent"))
         and isinstance(recovered.get("seen"), Mapping)
-        and all(type(k) is str and type(v) is int for k, v in recovered["seen"].items())
+        and all(type(k) is str and _seq(v) for k, v in recovered["seen"].items())
     )
     if not ok:
-        raise ValueError(f"{RELAY_SEQ_KEY}: expected {{'sent': int, 'seen': {{str: int}}}}")
+        raise ValueError(
+            f"key {RELAY_SEQ_KEY!r}: expected {{'sent': int >= 0, 'seen': {{str: int >= 0}}}}"
+        )
     return int(recovered["sent"]), dict(recovered["seen"])
 
 

@@ -11,6 +11,7 @@ its defaults (robust mean, auto clip).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from algorithms.fedbuff import FedBuffAggregator
 from algorithms.robust import AUTO_FACTOR, AUTO_WINDOW, NormClip
@@ -103,3 +104,28 @@ def test_two_colluding_sites_do_not_take_over_a_fedbuff_root() -> None:
     # Still serving: an honest answer is taken.
     out = agg.handle(recv("s0", upd("s0", 2, agg.version, 0.1, task=task.get("s0", -1))), 3.0)
     assert ("s0", "s0", 2) in acks(out)
+
+
+def test_a_restored_clip_refuses_norms_no_live_clip_learns() -> None:
+    """A NaN, infinite or negative norm in a checkpoint would switch the clip off (every
+    comparison with NaN is false); a zero norm (a zero delta's) is kept."""
+    ref = {"w": np.ones(4, np.float32)}
+    clip = NormClip("auto", ref)
+    clip.restore({"recent": [["a", 0.0], ["b", 1.0]], "initial": 2.0})
+    assert clip.snapshot() == {"recent": [["a", 0.0], ["b", 1.0]], "initial": 2.0}
+    bad: list[object] = [
+        {"recent": [[f"x{i}", float("nan")] for i in range(4)]},
+        {"recent": [[f"x{i}", float("inf")] for i in range(4)]},
+        {"recent": [["a", -1.0]]},
+        {"recent": [-1.0]},
+        {"recent": [["a", "1"]]},
+        {"recent": [["a", 1.0, 2.0]]},
+        {"recent": [[5, 1.0]]},
+        {"recent": 5},
+        {"initial": float("nan")},
+        {"initial": "x"},
+        [1],
+    ]
+    for state in bad:
+        with pytest.raises(ValueError, match="clip"):
+            clip.restore(state)  # type: ignore[arg-type]
