@@ -833,6 +833,15 @@ class NetworkPeers:
             "warn": self.table.warn,
         }
 
+    async def _refuse(self, channel: SecureChannel, why: str, reason: str) -> None:
+        """Close an authenticated channel this node will not serve, saying why."""
+        self.refused += 1
+        peer = channel.peer_id
+        log.warning(
+            "%s: refused %s: %s", self.node_id, peer, why, extra={"peer": peer, "reason": reason}
+        )
+        await channel.close()
+
     async def _accept(self, raw: Link) -> None:
         link = ProgressLink(raw)
         roster = self.gate.roster  # the one this handshake is checked against
@@ -860,14 +869,7 @@ class NetworkPeers:
             return
         peer = channel.peer_id
         if self.accept_from is not None and peer not in self.accept_from:
-            self.refused += 1
-            log.warning(
-                "%s: refused %s: not a neighbour of this node",
-                self.node_id,
-                peer,
-                extra={"peer": peer, "reason": "not_a_neighbour"},
-            )
-            await channel.close()
+            await self._refuse(channel, "not a neighbour of this node", "not_a_neighbour")
             return
         self._observe_rtt(channel)
         opts = self._pipe_opts()
@@ -875,14 +877,7 @@ class NetworkPeers:
             opts["limits"] = self.inbound_before_model
         conn = self._connection(peer, ChannelPipe(channel, link, **opts))
         if not self._admit(conn, roster, inbound=True):
-            self.refused += 1
-            log.warning(
-                "%s: refused %s: revoked during its handshake",
-                self.node_id,
-                peer,
-                extra={"peer": peer, "reason": "revoked"},
-            )
-            await channel.close()
+            await self._refuse(channel, "revoked during its handshake", "revoked")
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._accepted.add(done)
