@@ -11,6 +11,7 @@ import socket
 import time
 import types
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from runtime import systemd as systemd_mod
 from runtime.cli import main
 from runtime.config import DaemonConfig, load_config, parse_config
 from runtime.daemon import (
+    Daemon,
     JsonFormatter,
     build_node,
     build_peers,
@@ -347,6 +349,25 @@ async def listening(port: int, timeout: float = 10.0) -> None:
         else:
             writer.close()
             return
+
+
+@contextlib.asynccontextmanager
+async def running(
+    d: Daemon, port: int, hangup: asyncio.Event | None = None
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Serve ``d`` in process until it listens on ``port``; when the block ends, ask it to
+    stop and wait (bounded) for the end. ``d`` is closed either way."""
+    shutdown = asyncio.Event()
+    try:
+        task = asyncio.create_task(
+            serve(d, install_signals=False, shutdown=shutdown, hangup=hangup)
+        )
+        await listening(port)
+        yield task
+        shutdown.set()
+        await asyncio.wait_for(task, 15)
+    finally:
+        d.close()
 
 
 async def serve_root_then_shut_down(fed: Federation) -> DaemonConfig:

@@ -26,9 +26,9 @@ from algorithms.robust import NormClip
 from runtime.cli import main
 from runtime.config import load_config
 from runtime.connection import ProgressLink
-from runtime.daemon import Daemon, open_daemon, serve
+from runtime.daemon import Daemon, open_daemon
 from runtime.demo import ROOT_ID, Federation, site_examples, write_federation, write_roster
-from tests.runtime.test_daemon import SYNTHETIC, listening
+from tests.runtime.test_daemon import SYNTHETIC, running
 from tests.runtime.test_model_limits import next_ack
 from tests.runtime.test_signatures import FP32
 from transport import ws
@@ -149,12 +149,9 @@ async def test_a_site_claiming_1e12_examples_weighs_what_the_roster_declares(
     caplog.set_level(logging.WARNING, logger="fedloom.daemon")
     d = open_daemon(load_config(fed.nodes[ROOT_ID].config))
     warned = [r.getMessage() for r in caplog.records if "declares no examples" in r.getMessage()]
-    shutdown = asyncio.Event()
-    try:
-        assert isinstance(d.node, FedBuffAggregator)
-        assert dict(d.node.claim_bounds.site_examples) == (examples if declare else {})
-        task = asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
-        await listening(fed.nodes[ROOT_ID].listen_port)
+    assert isinstance(d.node, FedBuffAggregator)
+    assert dict(d.node.claim_bounds.site_examples) == (examples if declare else {})
+    async with running(d, fed.nodes[ROOT_ID].listen_port) as task:
         step, hostile, honest = await attack(d, fed)
         # Declared: the hostile site weighs its declaration, like an honest update of that
         # size. Undeclared: only the config's cap holds, and the flush is the attacker's.
@@ -166,10 +163,6 @@ async def test_a_site_claiming_1e12_examples_weighs_what_the_roster_declares(
         assert (attacker_share < 0.5) if declare else (attacker_share > 0.99)
         assert d.node.claim_bounds.site_examples.get(HOSTILE) == (weight if declare else None)
         assert not task.done()  # clamped, acknowledged, and the root serves on
-        shutdown.set()
-        await asyncio.wait_for(task, 15)
-    finally:
-        d.close()
     if declare:
         assert warned == []
     else:
@@ -185,15 +178,11 @@ async def test_a_newer_roster_declaring_examples_bounds_a_running_root(tmp_path:
     fed = federation(tmp_path, declare=False)
     examples = declared(fed)
     d = open_daemon(load_config(fed.nodes[ROOT_ID].config))
-    shutdown, hangup = asyncio.Event(), asyncio.Event()
-    try:
-        root = d.node
-        assert isinstance(root, FedBuffAggregator)
-        assert dict(root.claim_bounds.site_examples) == {}
-        task = asyncio.create_task(
-            serve(d, install_signals=False, shutdown=shutdown, hangup=hangup)
-        )
-        await listening(fed.nodes[ROOT_ID].listen_port)
+    hangup = asyncio.Event()
+    root = d.node
+    assert isinstance(root, FedBuffAggregator)
+    assert dict(root.claim_bounds.site_examples) == {}
+    async with running(d, fed.nodes[ROOT_ID].listen_port, hangup) as task:
         everyone = [key(fed, n) for n in fed.nodes]
         write_roster(fed.roster, everyone, key(fed, "consortium"), version=2, examples=examples)
         hangup.set()
@@ -208,10 +197,6 @@ async def test_a_newer_roster_declaring_examples_bounds_a_running_root(tmp_path:
         for k in want:
             np.testing.assert_allclose(step[k], want[k], rtol=1e-4, atol=1e-7)
         assert not task.done()
-        shutdown.set()
-        await asyncio.wait_for(task, 15)
-    finally:
-        d.close()
 
 
 def test_roster_sign_keeps_and_verify_counts_declared_examples(

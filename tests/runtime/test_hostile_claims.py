@@ -19,9 +19,9 @@ from algorithms.robust import NormClip
 from algorithms.weights_math import is_finite, l2_norm, sub
 from runtime.config import load_config
 from runtime.connection import ProgressLink
-from runtime.daemon import load_roster, open_daemon, serve
+from runtime.daemon import load_roster, open_daemon
 from runtime.demo import ROOT_ID, write_federation
-from tests.runtime.test_daemon import SYNTHETIC, listening
+from tests.runtime.test_daemon import SYNTHETIC, running
 from tests.runtime.test_model_limits import next_ack
 from tests.runtime.test_signatures import FP32
 from transport import ws
@@ -54,16 +54,13 @@ async def test_a_running_root_bounds_inflated_counts_and_overflowing_deltas(fed:
     start = root.current_model()[1]
     huge = {k: np.full(v.shape, NEAR_MAX, np.float32) for k, v in start.items()}
     small = {k: np.full(v.shape, 0.01, np.float32) for k, v in start.items()}
-    shutdown = asyncio.Event()
 
     def update(seq: int, base: int, tensors: dict[str, np.ndarray], count: int) -> Update:
         digest = digest_as_received(tensors, FP32)
         sig = sign_update(me, "region-a", seq, base, ROOT_ID, 10, digest)
         return Update("region-a", seq, base, tensors, 10, count=count, sig=sig)
 
-    try:
-        task = asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
-        await listening(fed.nodes[ROOT_ID].listen_port)
+    async with running(d, fed.nodes[ROOT_ID].listen_port) as task:
         link = ProgressLink(await ws.connect(fed.nodes[ROOT_ID].url))
         channel = await client_channel(link, me, roster, ROOT_ID)
         async with asyncio.timeout(20):
@@ -87,7 +84,3 @@ async def test_a_running_root_bounds_inflated_counts_and_overflowing_deltas(fed:
         assert root.version == 3 and is_finite(root.current_model()[1])
         await channel.close()
         assert not task.done()
-        shutdown.set()
-        await asyncio.wait_for(task, 15)
-    finally:
-        d.close()

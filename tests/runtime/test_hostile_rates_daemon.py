@@ -20,9 +20,9 @@ from algorithms.robust import NormClip
 from algorithms.weights_math import l2_norm, sub
 from runtime.config import load_config
 from runtime.connection import ProgressLink
-from runtime.daemon import load_roster, open_daemon, serve
+from runtime.daemon import load_roster, open_daemon
 from runtime.demo import ROOT_ID, write_federation
-from tests.runtime.test_daemon import SYNTHETIC, listening
+from tests.runtime.test_daemon import SYNTHETIC, running
 from tests.runtime.test_signatures import FP32
 from transport import ws
 from transport.channel import SecureChannel, client_channel
@@ -86,10 +86,7 @@ async def test_a_running_root_bounds_a_flooding_region_and_its_hellos(fed: Any) 
     first_bound = NormClip("auto", start).bound()  # r-a's clip: no norms of r-b yet
     assert first_bound is not None
     evil, honest = Region(fed, "region-a"), Region(fed, "region-b")
-    shutdown = asyncio.Event()
-    try:
-        task = asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
-        await listening(fed.nodes[ROOT_ID].listen_port)
+    async with running(d, fed.nodes[ROOT_ID].listen_port) as task:
         async with asyncio.timeout(30):
             good = await honest.connect()
             await good.send_tensors(Hello("region-b", "region"))
@@ -118,10 +115,6 @@ async def test_a_running_root_bounds_a_flooding_region_and_its_hellos(fed: Any) 
             assert drift <= root.version * first_bound * 1.001
         await bad.close()
         await good.close()
-        shutdown.set()
-        await asyncio.wait_for(task, 15)
-    finally:
-        d.close()
 
 
 @pytest.mark.timeout(60)
@@ -138,10 +131,7 @@ async def test_a_region_that_says_hello_and_nothing_else_does_not_stall_the_root
     bound = NormClip("auto", start).bound()
     assert bound is not None
     quiet, honest = Region(fed, "region-b"), Region(fed, "region-a")
-    shutdown = asyncio.Event()
-    try:
-        task = asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
-        await listening(fed.nodes[ROOT_ID].listen_port)
+    async with running(d, fed.nodes[ROOT_ID].listen_port) as task:
         async with asyncio.timeout(30):
             mute = await quiet.connect()
             await mute.send_tensors(Hello("region-b", "region"))
@@ -157,7 +147,3 @@ async def test_a_region_that_says_hello_and_nothing_else_does_not_stall_the_root
             assert "region-b" in root._regions_up and not task.done()  # still connected
         await mute.close()
         await good.close()
-        shutdown.set()
-        await asyncio.wait_for(task, 15)
-    finally:
-        d.close()
