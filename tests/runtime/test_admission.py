@@ -10,11 +10,10 @@ cap alone does not stop: the slots kept for addresses that authenticated before 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from runtime.peers import DialTarget, NetworkPeers
 from tests.runtime.test_peers import LIMIT, Pki, Sink, peers, pki, until
-from tests.transport.test_channel import FLOOD_FROM, UPGRADE, flood
+from tests.transport.test_channel import FLOOD_FROM, flood, flood_from
 from transport.channel import ChannelOptions, GateLimits
 from transport.identity import Identity
 from transport.links import reserve_share
@@ -55,31 +54,6 @@ async def test_a_flood_of_idle_upgrades_does_not_keep_a_site_from_its_aggregator
 
 
 FLOOD_ADDRESSES = [f"127.0.0.{i}" for i in range(2, 10)]  # eight source addresses
-
-
-async def flood_from(addresses: list[str], port: int, per_address: int, opened: list[int]) -> None:
-    """Keep ``per_address`` idle upgrades open from each of ``addresses``, opening a new
-    one as soon as the server drops one (refused or timed out), until cancelled."""
-
-    async def one_slot(address: str) -> None:
-        while True:
-            with contextlib.suppress(OSError):
-                reader, writer = await asyncio.open_connection(
-                    "127.0.0.1", port, local_addr=(address, 0)
-                )
-                writer.write(UPGRADE)
-                opened[0] += 1
-                try:
-                    while await reader.read(4096):  # until the server drops it
-                        pass
-                finally:
-                    writer.close()
-            await asyncio.sleep(0.01)
-
-    async with asyncio.TaskGroup() as tg:
-        for address in addresses:
-            for _ in range(per_address):
-                tg.create_task(one_slot(address))
 
 
 async def test_a_flood_from_many_addresses_does_not_keep_a_returning_site_out(pki: Pki) -> None:

@@ -676,22 +676,23 @@ UPGRADE = (
 )
 
 
-async def idle_upgrade(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A WebSocket upgrade from FLOOD_FROM that then sends nothing: an unauthenticated
-    link held open for as long as the server lets it be."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(FLOOD_FROM, 0))
-    writer.write(UPGRADE)
-    return reader, writer
-
-
 async def flood(port: int, size: int, opened: list[int]) -> None:
     """Keep ``size`` idle upgrades open from FLOOD_FROM, opening a new one as soon as the
     server drops one (refused or timed out), until cancelled."""
+    await flood_from([FLOOD_FROM], port, size, opened)
 
-    async def one_slot() -> None:
+
+async def flood_from(addresses: list[str], port: int, per_address: int, opened: list[int]) -> None:
+    """Keep ``per_address`` idle upgrades open from each of ``addresses``, opening a new
+    one as soon as the server drops one (refused or timed out), until cancelled."""
+
+    async def one_slot(address: str) -> None:
         while True:
             with contextlib.suppress(OSError):
-                reader, writer = await idle_upgrade(port)
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=(address, 0)
+                )
+                writer.write(UPGRADE)
                 opened[0] += 1
                 try:
                     while await reader.read(4096):  # until the server drops it
@@ -701,8 +702,9 @@ async def flood(port: int, size: int, opened: list[int]) -> None:
             await asyncio.sleep(0.01)
 
     async with asyncio.TaskGroup() as tg:
-        for _ in range(size):
-            tg.create_task(one_slot())
+        for address in addresses:
+            for _ in range(per_address):
+                tg.create_task(one_slot(address))
 
 
 async def test_a_flood_from_one_address_does_not_keep_a_site_out(pki: Pki) -> None:
