@@ -1,0 +1,1 @@
+"""Failure injection against real daemons: fault proxy, netem detection, chaos runs."""
