@@ -33,12 +33,30 @@ Frames (``.ckpt`` files hold exactly one)::
     b"FLs1" | body length u64 LE | crc32 u32 LE over (length field + body) | body
     body = head length u32 LE | head = msgpack [tensor manifest, tree] | tensor payload
 
-Torn writes: only the last frame of the live log can be torn (a crash before its fsync
-returned: never acknowledged). A damaged frame (short, bad magic, length past the end,
-checksum mismatch) with no intact frame after it is such a tail: ``load`` drops it and the
-file is truncated there (at once when ``repair``, else before the next append). A damaged
-frame followed by an intact one cannot come from a crash, nor can a damaged ``.ckpt`` (it is
-replaced atomically): ``CorruptStateError`` names the file and offset.
+Torn tails and corruption (``scan_log`` tells them apart; ``fedloom state check`` shows it)
+A frame is acknowledged only once its fsync returned, so a crash can damage only the last
+frame of the live log, and only in ways a write that stopped early leaves. The store never
+preallocates or extends a file except by ``os.write`` at its end (``ftruncate`` only
+shrinks), so:
+* a process crash (kill -9, OOM) keeps every byte written so far: the file ends inside the
+  frame, i.e. a short header or a declared body length that runs past the end of the file;
+* an OS crash or power loss before the fsync can also leave the grown size with blocks that
+  were never written, which read back as zeros: a tail that is all zero bytes.
+Such a tail (the first frame of an empty log too: a log is created empty and its name made
+durable before its first frame) was never acknowledged: ``load`` drops it and the file is
+truncated there (at once when ``repair``, else before the next append). Everything else is
+corruption (bit rot, a bad disk, tampering, a copy gone wrong), whatever its position: a
+complete frame with a bad checksum, head length or magic, a frame that does not decode, a
+last frame that verifies once its length field alone is corrected, any damage followed by
+an intact frame, and a damaged ``.ckpt`` (replaced atomically, never torn). ``load``
+refuses it with ``CorruptStateError`` naming the file and byte offset: the frame may hold
+acknowledged updates, which dropping it silently would lose for good (its senders never
+resend). A power loss on a file system that writes a grown file's size before its data can
+leave a complete last frame with zero blocks inside; that, too, is refused rather than
+guessed at, and the operator decides (``fedloom state repair``, see ``runtime.state_cli``).
+
+I/O errors (disk full, read-only file system, EIO, permissions) raise ``StateIOError``, an
+``OSError`` naming the file and what was being done: the environment's fault, not the state's.
 
 Encoding: msgpack with extension types for tuples, sets, numpy arrays and scalars, and wire
 messages (an outbox persists ``Update`` objects). The arrays of a frame go into one payload
@@ -58,7 +76,7 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -76,11 +94,16 @@ from transport.wire import MESSAGE_TYPES
 __all__ = [
     "CHECKPOINT_KEY",
     "CorruptStateError",
+    "Damage",
+    "Frame",
+    "LogScan",
     "Recovery",
+    "StateIOError",
     "StateStore",
     "StoreError",
     "decode_state",
     "encode_state",
+    "scan_log",
 ]
 
 CHECKPOINT_KEY = "checkpoint"
@@ -116,7 +139,37 @@ class StoreError(RuntimeError):
 
 
 class CorruptStateError(StoreError):
-    """State on disk is damaged in a way a crash cannot explain."""
+    """State on disk is damaged in a way a crash cannot explain (``path``, ``offset``: where)."""
+
+    def __init__(self, message: str, *, path: Path | None = None, offset: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+
+class StateIOError(OSError):
+    """The OS refused to read or write the state directory (disk full, read-only, EIO,
+    permissions): the environment's fault, so restartable once fixed. ``errno``,
+    ``strerror`` and ``filename`` are the failed call's; ``str()`` is one line for humans."""
+
+    def __init__(self, action: str, path: str | os.PathLike[str], cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause), os.fspath(path))
+        self.action = action
+
+    def __str__(self) -> str:
+        return f"cannot {self.action} {self.filename}: {self.strerror} (errno {self.errno})"
+
+
+@contextlib.contextmanager
+def _io_errors(action: str, path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise an ``OSError`` as a ``StateIOError`` naming ``path`` (``os.write`` and
+    ``os.fsync`` errors carry no file name)."""
+    try:
+        yield
+    except StateIOError:
+        raise
+    except OSError as exc:
+        raise StateIOError(action, path, exc) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,13 +376,94 @@ def _decode(path: Path, pos: int, head: bytes, payload: bytes) -> Any:
     try:
         return decode_state(head, payload)
     except Exception as exc:  # codec ProtocolErrors, msgpack's zoo, bad refs: all corruption
-        raise CorruptStateError(f"{path}: frame at offset {pos} does not decode: {exc}") from exc
+        raise CorruptStateError(
+            f"{path}: frame at offset {pos} does not decode: {exc}", path=path, offset=pos
+        ) from exc
 
 
-def _scan_log(path: Path) -> tuple[list[Any], int, int]:
-    """Frames of a log: (decoded trees, end of the last good frame, torn bytes)."""
-    trees: list[Any] = []
-    with path.open("rb") as f:
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """An intact frame of a log: bytes ``[start, end)``; ``tree`` when decoded (a batch of
+    ``[key, record]`` pairs), else None."""
+
+    start: int
+    end: int
+    tree: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """Bytes ``[offset, end)`` of ``path`` that are not intact frames. ``torn``: a tail a
+    crash before fsync can leave (never acknowledged); otherwise corruption."""
+
+    path: Path
+    offset: int
+    end: int
+    reason: str
+    torn: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LogScan:
+    """Everything in one log file: its intact frames and damaged ranges, in file order."""
+
+    path: Path
+    size: int
+    frames: list[Frame]
+    damage: list[Damage]
+
+    @property
+    def corruption(self) -> list[Damage]:
+        return [d for d in self.damage if not d.torn]
+
+    @property
+    def good_end(self) -> int:
+        """Where the log goes on: the end of the last intact frame before a torn tail."""
+        torn = [d for d in self.damage if d.torn]
+        return torn[0].offset if torn else self.size
+
+
+def _all_zero(f: BinaryIO, pos: int, size: int) -> bool:
+    f.seek(pos)
+    while pos < size:
+        chunk = f.read(min(_SCAN_CHUNK, size - pos))
+        if not chunk or chunk.count(0) != len(chunk):
+            return False
+        pos += len(chunk)
+    return True
+
+
+def _torn_reason(f: BinaryIO, pos: int, size: int) -> str | None:
+    """Why the damaged last frame at ``pos`` is what a crash before fsync leaves (see the
+    module docstring), or None when no crash can explain it."""
+    if size - pos < _HEADER.size:
+        return f"the file ends inside a frame header ({size - pos} bytes)"
+    if _all_zero(f, pos, size):
+        return f"{size - pos} zero bytes to the end of the file (blocks never written)"
+    f.seek(pos)
+    magic, length, crc = _HEADER.unpack(f.read(_HEADER.size))
+    if magic != MAGIC or pos + _HEADER.size + length <= size:
+        return None  # a complete frame, or a header no write of this store produced
+    # The file ends inside the frame, unless the bytes up to the end ARE the frame and only
+    # its length field is damaged (an acknowledged frame must not pass for a torn one).
+    rest = f.read(size - pos - _HEADER.size)
+    if zlib.crc32(rest, zlib.crc32(_U64.pack(len(rest)))) == crc:
+        return None
+    return f"the file ends inside the frame ({size - pos} of {_HEADER.size + length} bytes)"
+
+
+def _is_batch(tree: Any) -> bool:
+    return isinstance(tree, list) and all(
+        isinstance(kr, list) and len(kr) == 2 and isinstance(kr[0], str) for kr in tree
+    )
+
+
+def scan_log(path: Path, *, decode: bool = True) -> LogScan:
+    """Read a log to the end without changing it: intact frames (decoded if ``decode``) and
+    every damaged range, each classified torn or corrupt. Raises only ``StateIOError``."""
+    frames: list[Frame] = []
+    damage: list[Damage] = []
+    with _io_errors("read state from", path), path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         pos = 0
         while pos < size:
@@ -337,26 +471,63 @@ def _scan_log(path: Path) -> tuple[list[Any], int, int]:
                 head, payload, end = _read_frame(f, pos, size)
             except _DamagedFrameError as exc:
                 later = _intact_frame_after(f, pos, size)
-                if later is not None:
-                    raise CorruptStateError(
-                        f"{path}: damaged frame at offset {pos} ({exc}) followed by an intact "
-                        f"frame at offset {later}: not a torn write, the log is corrupt"
-                    ) from None
-                return trees, pos, size - pos
-            trees.append(_decode(path, pos, head, payload))
+                if later is None:
+                    why = _torn_reason(f, pos, size)
+                    damage.append(Damage(path, pos, size, why or str(exc), torn=why is not None))
+                    break
+                reason = f"{exc}; an intact frame follows at offset {later}"
+                damage.append(Damage(path, pos, later, reason, torn=False))
+                pos = later
+                continue
+            tree = None
+            if decode:
+                try:
+                    tree = decode_state(head, payload)
+                except Exception as exc:  # codec errors, msgpack's zoo, bad refs: corruption
+                    damage.append(Damage(path, pos, end, f"does not decode: {exc}", torn=False))
+                    pos = end
+                    continue
+                if not _is_batch(tree):
+                    damage.append(Damage(path, pos, end, "not a batch of records", torn=False))
+                    pos = end
+                    continue
+            frames.append(Frame(pos, end, tree))
             pos = end
-    return trees, pos, 0
+    return LogScan(path, size, frames, damage)
+
+
+def _scan_log(path: Path) -> tuple[list[Any], int, int]:
+    """Frames of the live log: (decoded trees, where the log goes on, torn bytes); any
+    corruption raises ``CorruptStateError`` naming the first damaged offset."""
+    scan = scan_log(path)
+    if scan.corruption:
+        bad = scan.corruption[0]
+        raise CorruptStateError(
+            f"{path}: damaged frame at offset {bad.offset} ({bad.reason}): not a torn write, "
+            "the log is corrupt (see `fedloom state check`)",
+            path=path,
+            offset=bad.offset,
+        )
+    return [fr.tree for fr in scan.frames], scan.good_end, scan.size - scan.good_end
 
 
 def _read_single(path: Path) -> Any:
-    with path.open("rb") as f:
+    with _io_errors("read state from", path), path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         try:
             head, payload, end = _read_frame(f, 0, size)
         except _DamagedFrameError as exc:
-            raise CorruptStateError(f"{path}: {exc} (a replaced file is never torn)") from None
+            raise CorruptStateError(
+                f"{path}: damaged frame at offset 0 ({exc}; a replaced file is never torn)",
+                path=path,
+                offset=0,
+            ) from None
         if end != size:
-            raise CorruptStateError(f"{path}: {size - end} unexpected bytes after the frame")
+            raise CorruptStateError(
+                f"{path}: {size - end} unexpected bytes after the frame, at offset {end}",
+                path=path,
+                offset=end,
+            )
         return _decode(path, 0, head, payload)
 
 
@@ -401,10 +572,12 @@ class StateStore:
     ) -> None:
         _file_name(checkpoint_key)
         self._dir = Path(directory)
-        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with _io_errors("open the state directory", self._dir):
+            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock_fd = os.open(self._dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._checkpoint_key = checkpoint_key
         self._lock = threading.Lock()
-        self._lock_fd: int | None = os.open(self._dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd: int | None = lock_fd
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -441,11 +614,14 @@ class StateStore:
             values: dict[str, Any] = {}
             epoch = 0
             wal_epochs: list[int] = []
-            for name in sorted(os.listdir(self._dir)):
+            with _io_errors("read state from", self._dir):
+                names = sorted(os.listdir(self._dir))
+            for name in names:
                 path = self._dir / name
                 if name.endswith(_TMP_SUFFIX):
                     if repair:
-                        path.unlink(missing_ok=True)
+                        with _io_errors("remove a leftover temporary file", path):
+                            path.unlink(missing_ok=True)
                 elif name.endswith(_CKPT_SUFFIX):
                     key, data, ckpt_epoch = self._read_value(path)
                     if key == self._checkpoint_key:
@@ -467,14 +643,15 @@ class StateStore:
                     )
                 if e < epoch:
                     if repair:
-                        path.unlink(missing_ok=True)
+                        with _io_errors("remove a superseded log", path):
+                            path.unlink(missing_ok=True)
                     continue
                 trees, good_end, torn = _scan_log(path)
                 for tree in trees:
                     for key, record in tree:
                         logs.setdefault(key, []).append(record)
                 if torn and repair:
-                    with path.open("r+b") as f:
+                    with _io_errors("truncate the torn tail of", path), path.open("r+b") as f:
                         f.truncate(good_end)
                         os.fsync(f.fileno())
             self._epoch = epoch
@@ -545,14 +722,16 @@ class StateStore:
         final = self._dir / _file_name(key)
         tmp = final.with_name(final.name + _TMP_SUFFIX)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                _write_all(fd, parts)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-            _fsync_dir(self._dir)
+            with _io_errors("write state to", tmp):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    _write_all(fd, parts)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            with _io_errors("replace", final):
+                os.replace(tmp, final)
+                _fsync_dir(self._dir)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             self._broken = exc
@@ -574,17 +753,18 @@ class StateStore:
 
     def _append(self, batch: list[list[Any]]) -> None:
         parts = encode_state(batch)  # before any write: a TypeError leaves the file as is
-        fd = self._open_wal()
-        start = self._wal_end
-        try:
-            written = _write_all(fd, parts)
-            os.fsync(fd)
-        except BaseException as exc:
-            self._broken = exc
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)  # no half frame in front of the next one
-            raise
-        self._wal_end = start + written
+        with _io_errors("write state to", self._wal_path(self._epoch)):
+            fd = self._open_wal()
+            start = self._wal_end
+            try:
+                written = _write_all(fd, parts)
+                os.fsync(fd)
+            except BaseException as exc:
+                self._broken = exc
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)  # no half frame in front of the next one
+                raise
+            self._wal_end = start + written
 
     def _open_wal(self) -> int:
         if self._wal_fd is not None:
