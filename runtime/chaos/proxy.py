@@ -107,7 +107,8 @@ class LinkStats:
     accepted: int  # connections accepted and forwarded to the upstream
     refused: int  # connections closed at once because the link refuses
     upstream_failed: int  # connections closed because the upstream could not be reached
-    resets: int  # connections cut with an RST (toxic or reset())
+    resets: int  # connections cut with an RST by a fault (toxic or reset())
+    broken: int  # connections an endpoint ended with an error (RST passed on to the other)
     active: int  # connections open now
     bytes_up: int  # bytes delivered to the upstream
     bytes_down: int  # bytes delivered to the clients
@@ -117,7 +118,7 @@ class LinkStats:
 
 @dataclass
 class _Chunk:
-    data: bytes  # b"" marks the source's end of stream
+    data: memoryview  # empty: the source's end of stream; sliced as it is delivered
     arrived: float
     jitter_u: float  # uniform in [-1, 1]
     loss_u: float  # uniform in [0, 1)
@@ -192,11 +193,17 @@ class _Pipe:
             try:
                 data = await self.src.read(READ_SIZE)
             except (ConnectionError, OSError):
-                self.conn.abort(rst=True)
+                self.conn.abort(rst=True)  # pass an endpoint's RST on to the other one
                 return
             rng = link.rng
             self.queue.append(
-                _Chunk(data, time.monotonic(), rng.uniform(-1, 1), rng.random(), rng.random())
+                _Chunk(
+                    memoryview(data),
+                    time.monotonic(),
+                    rng.uniform(-1, 1),
+                    rng.random(),
+                    rng.random(),
+                )
             )
             self.held += len(data)
             self.wake.set()
@@ -250,7 +257,7 @@ class _Pipe:
                 self.tokens -= len(piece)
             if self.reset_budget is not None:
                 if self.reset_budget <= 0:
-                    self.conn.abort(rst=True)
+                    self.conn.abort(rst=True, injected=True)
                     return
                 piece = piece[: self.reset_budget]
                 self.reset_budget -= len(piece)
@@ -258,17 +265,17 @@ class _Pipe:
             try:
                 await self.dst.drain()
             except (ConnectionError, OSError):
-                self.conn.abort(rst=True)
+                self.conn.abort(rst=True)  # the receiving endpoint went away
                 return
             if len(piece) == len(chunk.data):
                 self.queue.popleft()
             else:
-                chunk.data = chunk.data[len(piece) :]
+                chunk.data = chunk.data[len(piece) :]  # a view: no copy
             self.held -= len(piece)
             link.count_delivered(self.direction, len(piece))
             self.space.set()
             if self.reset_budget == 0:
-                self.conn.abort(rst=True)
+                self.conn.abort(rst=True, injected=True)
                 return
 
 
@@ -305,12 +312,16 @@ class _Conn:
             self.upstream_w.close()
             self._wake_all()
 
-    def abort(self, rst: bool) -> None:
+    def abort(self, rst: bool, injected: bool = False) -> None:
+        """Close both sockets now; ``injected`` counts it as a fault, else as an endpoint's."""
         if self.closing:
             return
         self.closing = True
-        if rst:
+        if injected:
             self.link.resets += 1
+        elif rst:
+            self.link.broken += 1
+        if rst:
             _rst(self.client_w)
             _rst(self.upstream_w)
         else:
@@ -353,6 +364,7 @@ class ProxyLink:
     refused: int = 0
     upstream_failed: int = 0
     resets: int = 0
+    broken: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     port: int = 0
@@ -384,6 +396,7 @@ class ProxyLink:
             refused=self.refused,
             upstream_failed=self.upstream_failed,
             resets=self.resets,
+            broken=self.broken,
             active=len(self.conns),
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
@@ -534,7 +547,7 @@ class FaultNetwork:
         for link in _names(names, self._links):
             for conn in list(link.conns):
                 if not conn.closing:
-                    conn.abort(rst=True)
+                    conn.abort(rst=True, injected=True)
                     cut += 1
         return cut
 
@@ -554,8 +567,13 @@ class FaultNetwork:
                 link.server.close()
             for conn in list(link.conns):
                 conn.abort(rst=False)
-        handlers = {task for link in links for task in link.handlers}
-        if handlers:
+        # A connection accepted just before the listener closed starts its handler later:
+        # look again until none is left (each sees ``closed`` and ends at once).
+        while True:
+            await asyncio.sleep(0)
+            handlers = {task for link in links for task in link.handlers}
+            if not handlers:
+                break
             _, stuck = await asyncio.wait(handlers, timeout=CLOSE_TIMEOUT_S)
             for task in stuck:  # a bug if it happens; never leave a task pending
                 task.cancel()

@@ -21,6 +21,7 @@ from runtime.chaos.proxy import (
     FaultNetwork,
     Toxics,
     _Chunk,
+    _rst,
     _stall_s,
 )
 from runtime.peers import DialTarget
@@ -39,6 +40,7 @@ class Upstream:
         self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
         self.handlers: set[asyncio.Task[Any]] = set()
+        self.ended: list[str] = []  # per connection: "eof" or "reset"
 
     async def start(self) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -55,10 +57,11 @@ class Upstream:
                 if self.echo:
                     writer.write(data)
                     await writer.drain()
+            self.ended.append("eof")
             if writer.can_write_eof():
                 writer.write_eof()
         except (ConnectionError, OSError):
-            pass
+            self.ended.append("reset")
         finally:
             writer.transport.abort()
             self.handlers.discard(task)
@@ -180,7 +183,7 @@ async def test_a_reset_toxic_cuts_mid_transfer_and_later_connections_work() -> N
                     raise asyncio.IncompleteReadError(bytes(got), None)
                 got += data
         assert len(got) == 1000  # cut mid-message, exactly at the budget
-        assert net.stats("l").resets == 1
+        assert (net.stats("l").resets, net.stats("l").broken) == (1, 0)
         writer.close()
         # New connections are accepted; once healed they carry everything.
         net.heal()
@@ -267,8 +270,20 @@ async def test_counters_count_connections_and_bytes() -> None:
         await until(lambda: net.stats("l").active == 0)
         stats = net.stats("l")
         assert (stats.accepted, stats.bytes_up, stats.bytes_down) == (3, 15, 15)
-        assert (stats.refused, stats.resets, stats.held_up, stats.held_down) == (0, 0, 0, 0)
+        assert (stats.refused, stats.resets, stats.broken) == (0, 0, 0)
+        assert (stats.held_up, stats.held_down, stats.upstream_failed) == (0, 0, 0)
         assert net.all_stats() == {"l": stats}
+
+
+async def test_an_endpoint_reset_is_passed_on_and_counted_apart_from_faults() -> None:
+    async with asyncio.timeout(LIMIT), proxied(echo=False) as (net, port, upstream):
+        _, writer = await dial(port)
+        writer.write(b"hello")
+        await until(lambda: bytes(upstream.received) == b"hello")
+        _rst(writer)
+        await until(lambda: upstream.ended == ["reset"])  # an RST, not an end of stream
+        await until(lambda: net.stats("l").active == 0)
+        assert (net.stats("l").broken, net.stats("l").resets) == (1, 0)
 
 
 async def test_an_unreachable_upstream_closes_the_client_and_is_counted() -> None:
