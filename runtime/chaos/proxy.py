@@ -383,12 +383,17 @@ class ProxyLink:
             self.bytes_down += n
 
     def set_toxics(self, direction: Direction, toxics: Toxics) -> None:
-        if direction in ("up", "both"):
-            self.up = toxics
-        if direction in ("down", "both"):
-            self.down = toxics
-        for conn in self.conns:
-            conn.on_toxics(direction)
+        """Replace a direction's toxics; setting equal ones again changes nothing (a reset
+        budget keeps counting), so a runner may re-apply a link's whole state freely."""
+        for side in ("up", "down"):
+            if direction not in (side, "both") or self.toxics(side) == toxics:
+                continue
+            if side == "up":
+                self.up = toxics
+            else:
+                self.down = toxics
+            for conn in self.conns:
+                conn.on_toxics(side)
 
     def stats(self) -> LinkStats:
         return LinkStats(

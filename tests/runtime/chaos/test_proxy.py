@@ -172,10 +172,13 @@ async def test_rate_limits_throughput() -> None:
 
 async def test_a_reset_toxic_cuts_mid_transfer_and_later_connections_work() -> None:
     async with asyncio.timeout(LIMIT), proxied() as (net, port, _):
-        net.apply("l", "down", Toxics(reset_after_bytes=1000))
+        cut = Toxics(reset_after_bytes=1000)
+        net.apply("l", "down", cut)
         reader, writer = await dial(port)
+        writer.write(b"m" * 600)
+        got = bytearray(await read_exactly(reader, 600))
+        net.apply("l", "down", cut)  # the same toxics again: the budget keeps counting
         writer.write(b"m" * 10_000)
-        got = bytearray()
         with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
             while True:
                 data = await reader.read(65536)
