@@ -433,6 +433,20 @@ def test_reordering_is_seen_as_delay() -> None:
     assert _stall_s(toxics, chunk(10, reorder_u=0.3)) == 0.0
 
 
+async def test_each_link_draws_from_its_own_seeded_generator() -> None:
+    draws: list[list[float]] = []
+    for _ in range(2):
+        net = FaultNetwork(seed=3)
+        try:
+            for name in ("a", "b"):
+                await net.add_link(name, ("127.0.0.1", 9))
+            draws.append([net.link(n).rng.random() for n in ("a", "b")])
+        finally:
+            await net.close()
+    assert draws[0] == draws[1]  # the same seed and names: the same draws
+    assert draws[0][0] != draws[0][1]  # links do not share a stream
+
+
 def test_toxics_and_names_are_checked() -> None:
     for bad in (
         {"latency_ms": -1},
