@@ -119,6 +119,7 @@ class LinkStats:
 @dataclass
 class _Chunk:
     data: memoryview  # empty: the source's end of stream; sliced as it is delivered
+    size: int  # as read: the segments a loss is drawn over
     arrived: float
     jitter_u: float  # uniform in [-1, 1]
     loss_u: float  # uniform in [0, 1)
@@ -137,13 +138,15 @@ def _rst(writer: asyncio.StreamWriter) -> None:
 def _stall_s(toxics: Toxics, chunk: _Chunk) -> float:
     """Extra delay of a chunk from loss (retransmission back-off) and reordering."""
     extra = 0.0
-    if toxics.loss > 0 and chunk.data:
-        segments = -(-len(chunk.data) // MSS)
+    if toxics.loss > 0 and chunk.size:
+        segments = -(-chunk.size // MSS)
         hit = 1.0 - (1.0 - toxics.loss) ** segments
         if chunk.loss_u < hit:
             # Inverse CDF of the number of losses r >= 1: P(r >= j) = hit * loss**(j-1).
             tail = chunk.loss_u / hit
-            retries = 1 + int(math.log(tail) / math.log(toxics.loss)) if tail > 0 else 1
+            retries = (
+                1 + int(math.log(tail) / math.log(toxics.loss)) if tail > 0 else MAX_RETRANSMITS
+            )
             retries = min(retries, MAX_RETRANSMITS)
             extra += toxics.rto_ms * (2**retries - 1) / 1000.0
     if toxics.reorder > 0 and chunk.reorder_u < toxics.reorder:
@@ -199,6 +202,7 @@ class _Pipe:
             self.queue.append(
                 _Chunk(
                     memoryview(data),
+                    len(data),
                     time.monotonic(),
                     rng.uniform(-1, 1),
                     rng.random(),

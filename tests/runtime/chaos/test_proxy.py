@@ -412,7 +412,7 @@ async def test_random_toxic_changes_during_a_transfer_never_break_the_proxy(
 
 
 def chunk(size: int, loss_u: float = 0.5, reorder_u: float = 0.5) -> _Chunk:
-    return _Chunk(b"x" * size, 0.0, 0.0, loss_u, reorder_u)
+    return _Chunk(memoryview(b"x" * size), size, 0.0, 0.0, loss_u, reorder_u)
 
 
 def test_loss_is_a_retransmission_stall_that_backs_off() -> None:
@@ -422,6 +422,7 @@ def test_loss_is_a_retransmission_stall_that_backs_off() -> None:
     assert _stall_s(lossy, chunk(MSS, loss_u=0.005)) == pytest.approx(0.6)  # and again: 200+400
     worst = 0.2 * (2**MAX_RETRANSMITS - 1)
     assert _stall_s(lossy, chunk(MSS, loss_u=1e-300)) == pytest.approx(worst)
+    assert _stall_s(lossy, chunk(MSS, loss_u=0.0)) == pytest.approx(worst)
     # A chunk of many segments meets a loss more often: 1 - 0.9**45 is about 0.99.
     assert _stall_s(lossy, chunk(45 * MSS, loss_u=0.9)) > 0
     assert _stall_s(Toxics(), chunk(45 * MSS, loss_u=0.0)) == 0.0
