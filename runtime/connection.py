@@ -42,6 +42,7 @@ from runtime.signing import EndToEnd
 from sim.network import CodecPolicy
 from transport import wire
 from transport.channel import ChannelTruncated, SecureChannel, tensor_bytes
+from transport.error_text import describe
 from transport.errors import MalformedMessage, ProtocolError
 from transport.limits import Limits
 from transport.links import Link, LinkClosed
@@ -91,7 +92,7 @@ def undecodable(peer: str, exc: Exception) -> ProtocolError:
         exc_info=exc,
         extra={"peer": peer, "reason": "undecodable"},
     )
-    return MalformedMessage(f"undecodable message ({type(exc).__name__}: {exc})")
+    return MalformedMessage(f"undecodable message ({type(exc).__name__}: {describe(exc)})")
 
 
 class ProgressLink:
@@ -413,14 +414,14 @@ class Connection:
                 exc_info=exc,
                 extra={"peer": self.peer, "reason": "unexpected_error"},
             )
-            self.abort(f"unexpected {type(exc).__name__}: {exc}")
+            self.abort(f"unexpected {type(exc).__name__}: {describe(exc)}")
 
     async def _reader(self, deliver: Deliver) -> None:
         while True:
             try:
                 msg = await self.pipe.recv()
             except ChannelTruncated as exc:  # a crash or a broken connection, not bad bytes
-                raise _Ended(f"connection lost: {exc}") from None
+                raise _Ended(f"connection lost: {describe(exc)}") from None
             except ProtocolError as exc:
                 reason = getattr(exc, "reason", type(exc).__name__)
                 log.warning(
@@ -430,9 +431,9 @@ class Connection:
                     exc,
                     extra={"peer": self.peer, "reason": reason},
                 )
-                raise _Ended(f"bad bytes from the peer ({reason}): {exc}") from None
+                raise _Ended(f"bad bytes from the peer ({reason}): {describe(exc)}") from None
             except LinkClosed as exc:
-                raise _Ended(f"link closed: {exc}") from None
+                raise _Ended(f"link closed: {describe(exc)}") from None
             if type(msg) is Heartbeat and msg.step == KEEPALIVE_STEP:
                 continue
             if self.reason is not None:
@@ -458,7 +459,7 @@ class Connection:
             try:
                 await self.pipe.send(msg, after)
             except LinkClosed as exc:
-                raise _Ended(f"link closed while sending: {exc}") from None
+                raise _Ended(f"link closed while sending: {describe(exc)}") from None
 
     async def _lifetime(self, max_session_s: float) -> None:
         await asyncio.sleep(max_session_s)

@@ -69,6 +69,7 @@ from algorithms.training import TrainingPlan
 from runtime import systemd
 from runtime.config import RELAY_MESSAGE_MIB, DaemonConfig, load_config
 from runtime.driver import AsyncDriver
+from runtime.log_filters import quiet_client_disconnects
 from runtime.malloc_tuning import GLIBC_TUNABLES
 from runtime.peers import Backoff, DialTarget, NetworkPeers, gossip_dial_targets
 from runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
@@ -747,15 +748,28 @@ def report_refusals(
     return totals
 
 
+def report_duplicates(
+    peers: NetworkPeers, sink: Callable[[Metric], None], seen: Counter[str]
+) -> Counter[str]:
+    """Second sessions refused per peer since ``seen`` (two daemons with one identity)
+    into the metrics; returns the totals, the next call's ``seen``."""
+    totals = Counter(peers.duplicate_identity)
+    for peer, n in (totals - seen).items():
+        sink(Metric("duplicate_identity", float(n), labels={"peer": peer}))
+    return totals
+
+
 async def _observe(d: Daemon, peers: NetworkPeers, sink: Any, stop: asyncio.Event) -> None:
     """Connected peers, bytes on the wire, refused connections and buffer fill, into the
     metrics, every second."""
     seen: dict[int, tuple[int, int]] = {}
     refused: Counter[str] = Counter()
+    duplicates: Counter[str] = Counter()
     node: Any = d.node
     while True:
         sink.set_connected_peers(len(peers.connected()))
         refused = report_refusals(peers, sink, refused)
+        duplicates = report_duplicates(peers, sink, duplicates)
         current: dict[int, tuple[int, int]] = {}
         for peer in peers.connected():
             conn = peers.table.get(peer)
@@ -1090,6 +1104,7 @@ def configure_logging(levels: list[str] | None = None, fmt: str = "auto") -> Non
     root.setLevel(root_level)
     # aiohttp logs every refused upgrade and dropped socket at INFO: noise for operators.
     logging.getLogger("aiohttp").setLevel(max(root_level, logging.WARNING))
+    quiet_client_disconnects()  # a client that went away: one DEBUG line, no traceback
     for name, value in per_logger.items():
         logging.getLogger(name).setLevel(value)
 

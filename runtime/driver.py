@@ -59,6 +59,7 @@ from algorithms.protocol import (
 from runtime.peers import PeerSet, Valid
 from sim.executors import Trainer
 from sim.kernel import derived_seed
+from transport.error_text import describe
 
 node_log = logging.getLogger("fedloom.node")
 log = logging.getLogger("fedloom.runtime.driver")
@@ -392,11 +393,11 @@ class AsyncDriver:
                 self.node_id,
                 job,
                 type(exc).__name__,
-                exc,
+                describe(exc),
                 exc_info=True,
                 extra={"node": self.node_id, "job": job},
             )
-            self._job_failed(job, f"{type(exc).__name__}: {exc}")
+            self._job_failed(job, f"{type(exc).__name__}: {describe(exc)}")
             return
         if not isinstance(result, TrainResult):
             self._job_failed(job, f"the trainer returned {type(result).__name__}, not TrainResult")

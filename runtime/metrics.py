@@ -156,6 +156,15 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
             _Rule(count, "relay_rejected", "Messages a relay refused.", ("reason",)),
         ),
         "relay_peers": (_Rule(gauge, "relay_peers", "Peers connected to a relay."),),
+        "duplicate_identity": (
+            _Rule(
+                total,
+                "duplicate_identity",
+                "Second sessions refused while the peer's first was live (one identity, "
+                "two daemons), by peer.",
+                ("peer",),
+            ),
+        ),
         "connection_refused": (
             _Rule(
                 total,

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from runtime.health import ObservabilityServer, make_app, start_observability, stop_observability
+from runtime.log_filters import quiet_client_disconnects
 from runtime.metrics import HealthSnapshot, MetricsSink
 
 __all__ = [
@@ -175,4 +176,5 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(threshold)
+    quiet_client_disconnects()  # a client that went away: one DEBUG line, no traceback
     return handler

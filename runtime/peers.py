@@ -30,6 +30,7 @@ installs it, ``runtime.roster_updates``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -71,6 +72,7 @@ from transport.channel import (
     SecureChannel,
     client_channel,
 )
+from transport.error_text import describe
 from transport.errors import ProtocolError
 from transport.identity import Identity
 from transport.limits import Limits, ModelLayout
@@ -200,7 +202,7 @@ class ConnectionTable:
         try:
             reason = await conn.run(self._deliver)
         except Exception as exc:  # one connection's failure never reaches the peer set
-            reason = f"unexpected {type(exc).__name__}: {exc}"
+            reason = f"unexpected {type(exc).__name__}: {describe(exc)}"
             log.warning(
                 "%s: connection to %s failed: %s",
                 self.node_id,
@@ -473,6 +475,14 @@ MAX_PUSHED_ROSTER = 512 * 1024
 # of an aggregator that all connected at its start do not all reconnect at once.
 LIFETIME_JITTER = 0.1
 
+# An inbound session counts as live while something arrived on it within this many
+# keep-alive intervals (a live peer sends at least one per interval). A second session of
+# the same identity is refused while the first is live: two daemons with one identity
+# would otherwise replace each other on every redial. A silent one (half-open TCP after
+# a crash or a partition) is replaced, so a restarted daemon is locked out for at most
+# this long.
+LIVE_WITHIN_KEEPALIVES = 2.0
+
 
 async def _ws_connect(url: str) -> Link:
     from transport import ws
@@ -496,7 +506,10 @@ class NetworkPeers:
     and after any failure or drop waits a jittered exponential back-off and tries again.
     ``listen``: ``(host, port)`` to accept on (aggregators); only roster members with a
     role in ``allowed_roles`` and, if given, an id in ``accept_from`` are admitted. A peer
-    that reconnects replaces its older connection.
+    that reconnects replaces its older connection once that one is silent (nothing for
+    ``LIVE_WITHIN_KEEPALIVES`` keep-alive intervals: a crash, a half-open link); while
+    the older one is live the newer session is refused and counted in
+    ``duplicate_identity`` (two daemons with one identity).
 
     ``routes``: ``{peer: relay}`` for gossip neighbours this node can neither dial nor be
     dialled by (both behind firewalls). Messages for such a peer go to its relay (which
@@ -599,6 +612,9 @@ class NetworkPeers:
         self.listener: Listener | None = None
         self.dial_failures = 0
         self.refused = 0
+        # Second sessions refused while the peer's first one was live, per peer id.
+        self.duplicate_identity: collections.Counter[str] = collections.Counter()
+        self._address: dict[Connection, str] = {}  # where each inbound connection came from
         # Called with (peer, seconds) for every connection's handshake round trip.
         self.on_link_rtt: Callable[[str, float], None] | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -727,6 +743,7 @@ class NetworkPeers:
         return True
 
     def _forget(self, conn: Connection) -> None:
+        self._address.pop(conn, None)
         self._admitted.pop(conn, None)
         self._inbound.discard(conn)
         self._answered.discard(conn)
@@ -779,7 +796,7 @@ class NetworkPeers:
                     self.node_id,
                     target.peer,
                     target.url,
-                    exc,
+                    describe(exc),
                     delay,
                     exc_info=None if expected else exc,  # a bug: keep its traceback
                     extra={"peer": target.peer, "url": target.url, "retry_s": delay},
@@ -794,13 +811,17 @@ class NetworkPeers:
                 await asyncio.sleep(self.backoff.delay(attempt, self._rng))
                 attempt += 1
                 continue
-            attempt = 0  # reset on success
+            opened_at = time.monotonic()
             try:
                 self.table.open(conn)
                 conn.send(RosterUpdate(self.roster.version))  # "this is the roster I hold"
                 await self.table.serve(conn)
             finally:
                 self._forget(conn)
+            # The back-off resets only after a session that outlived a keep-alive interval:
+            # one refused at once (another daemon holds this identity) keeps backing off.
+            if time.monotonic() - opened_at >= self.keepalive_s:
+                attempt = 0
             if self._closing:
                 return
             # On 3.11 a link that ends as the task is cancelled can swallow the
@@ -842,6 +863,37 @@ class NetworkPeers:
         )
         await channel.close()
 
+    def _live(self, conn: Connection) -> bool:
+        """Whether ``conn`` heard from its peer recently (see ``LIVE_WITHIN_KEEPALIVES``)."""
+        silent = time.monotonic() - conn.pipe.progress.last_progress
+        return conn.is_open() and silent < LIVE_WITHIN_KEEPALIVES * self.keepalive_s
+
+    async def _refuse_duplicate(
+        self, channel: SecureChannel, old: Connection, address: str
+    ) -> None:
+        """Refuse a second session of ``old``'s peer while ``old`` is live: counted per
+        peer, and a WARNING per peer a minute naming both addresses."""
+        peer = channel.peer_id
+        self.duplicate_identity[peer] += 1
+        more = self.table.warn_due(peer, "duplicate_identity")
+        if more is not None:
+            log.warning(
+                "%s: refused a second session of %s from %s: its session from %s is live "
+                "(two daemons with one identity?)%s",
+                self.node_id,
+                peer,
+                address,
+                self._address.get(old, "?"),
+                more,
+                extra={
+                    "peer": peer,
+                    "address": address,
+                    "live_address": self._address.get(old),
+                    "reason": "duplicate_identity",
+                },
+            )
+        await channel.close()
+
     async def _accept(self, raw: Link) -> None:
         link = ProgressLink(raw)
         roster = self.gate.roster  # the one this handshake is checked against
@@ -852,9 +904,8 @@ class NetworkPeers:
             self.refused += 1
             # A flood is refused by the thousand: counted in the metrics, not logged each.
             level = logging.DEBUG if isinstance(exc, GateBusy) else logging.INFO
-            log.log(
-                level, "%s: refused a connection: %s", self.node_id, exc, extra={"reason": str(exc)}
-            )
+            why = describe(exc)
+            log.log(level, "%s: refused a connection: %s", self.node_id, why, extra={"reason": why})
             return
         except Exception as exc:  # a bug in the handshake ends this connection only
             self.refused += 1
@@ -871,6 +922,11 @@ class NetworkPeers:
         if self.accept_from is not None and peer not in self.accept_from:
             await self._refuse(channel, "not a neighbour of this node", "not_a_neighbour")
             return
+        address = str(getattr(raw, "peer", None) or getattr(raw, "remote_address", "?"))
+        old = self.table.get(peer)
+        if old is not None and old in self._inbound and self._live(old):
+            await self._refuse_duplicate(channel, old, address)
+            return
         self._observe_rtt(channel)
         opts = self._pipe_opts()
         if self.e2e.layout is None and self.inbound_before_model is not None:
@@ -879,6 +935,7 @@ class NetworkPeers:
         if not self._admit(conn, roster, inbound=True):
             await self._refuse(channel, "revoked during its handshake", "revoked")
             return
+        self._address[conn] = address
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._accepted.add(done)
         try:

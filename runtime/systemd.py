@@ -20,6 +20,8 @@ import os
 import socket
 from collections.abc import Mapping
 
+from transport.error_text import describe
+
 __all__ = [
     "extend_timeout",
     "notify",
@@ -62,7 +64,7 @@ def notify(state: str, *, env: Mapping[str, str] | None = None) -> bool:
             sock.connect(addr)
             sock.sendall(state.encode("utf-8"))
     except OSError as exc:
-        _log.warning("systemd notification %r failed: %s", state, exc)
+        _log.warning("systemd notification %r failed: %s", state, describe(exc))
         return False
     return True
 

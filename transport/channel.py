@@ -51,6 +51,7 @@ import msgpack
 import numpy as np
 
 from transport import wire
+from transport.error_text import describe
 from transport.errors import FrameTooLarge, HandshakeError, MalformedMessage, ProtocolError
 from transport.handshake import (
     HANDSHAKE_TIMEOUT_S,
@@ -309,7 +310,7 @@ async def _establish(
     except LinkClosed as exc:
         await link.close()
         raise HandshakeError(
-            f"the link closed during the handshake ({exc}): refused by the peer, or lost"
+            f"the link closed during the handshake ({describe(exc)}): refused by the peer, or lost"
         ) from None
     except BaseException:
         await link.close()
@@ -660,7 +661,7 @@ class SecureChannel:
             await self._link.send(record)
         except LinkClosed as exc:
             if self._peer_closed or self._closing:
-                raise ChannelClosed(f"channel closed ({exc})") from None
+                raise ChannelClosed(f"channel closed ({describe(exc)})") from None
             raise
 
     def _check_can_send(self) -> None:
@@ -821,7 +822,7 @@ class SecureChannel:
                 raise ChannelClosed("channel closed") from None
             await self._break_with(
                 ChannelTruncated(
-                    f"the link ended without TAG_FINAL ({exc}): the peer crashed, the "
+                    f"the link ended without TAG_FINAL ({describe(exc)}): the peer crashed, the "
                     "connection broke, or the stream was truncated"
                 )
             )

@@ -47,6 +47,7 @@ from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import WebSocketWriter
 from aiohttp.web_protocol import RequestHandler
 
+from transport.error_text import describe
 from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
 from transport.handshake import MAX_HANDSHAKE_MESSAGE
 from transport.links import (
@@ -111,7 +112,7 @@ class WebSocketLink:
             # aiohttp takes any bytes-like object (its annotation says bytes).
             await self._ws.send_bytes(cast(bytes, data))
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
-            raise LinkClosed(f"send failed: {exc}") from None
+            raise LinkClosed(f"send failed: {describe(exc)}") from None
 
     async def recv(self) -> bytes | memoryview:
         try:
@@ -133,10 +134,10 @@ class WebSocketLink:
                 isinstance(exc, aiohttp.WebSocketError)
                 and exc.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
             ):
-                raise FrameTooLarge(f"frame rejected: {exc}")
+                raise FrameTooLarge(f"frame rejected: {describe(exc)}")
             if isinstance(exc, aiohttp.WebSocketError):
-                raise _WsProtocolError(f"websocket protocol error: {exc}")
-            raise LinkClosed(f"websocket error: {exc}")
+                raise _WsProtocolError(f"websocket protocol error: {describe(exc)}")
+            raise LinkClosed(f"websocket error: {describe(exc)}")
         # CLOSE, CLOSING, CLOSED (PING/PONG are answered inside aiohttp).
         await self.close()
         raise LinkClosed("link closed by peer")
@@ -293,7 +294,7 @@ async def connect(
             )
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         await session.close()
-        raise LinkClosed(f"cannot connect to {url}: {exc or type(exc).__name__}") from None
+        raise LinkClosed(f"cannot connect to {url}: {describe(exc)}") from None
     except BaseException:
         await session.close()
         raise
@@ -463,8 +464,12 @@ class WsServer:
         )
         if not ws.can_prepare(request).ok:
             return web.Response(status=426, text="WebSocket upgrade required")
-        await ws.prepare(request)
-        link = WebSocketLink(ws, peer=str(request.remote), remote_address=request.remote)
+        try:
+            await ws.prepare(request)
+        except ConnectionError as exc:  # the client went away before our 101 reached it
+            log.debug("upgrade from %s abandoned: %s", _source(request), describe(exc))
+            return ws
+        link = WebSocketLink(ws, peer=_source(request), remote_address=request.remote)
         self._links.add(link)
         try:
             await self._on_link(link)
@@ -476,6 +481,16 @@ class WsServer:
             self._links.discard(link)
             await link.close()
         return ws
+
+
+def _source(request: web.BaseRequest) -> str:
+    """``host:port`` a request came from (two daemons on one host differ by port)."""
+    transport = request.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host = str(peername[0])
+        return f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+    return str(request.remote)
 
 
 async def serve(
