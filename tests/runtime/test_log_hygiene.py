@@ -47,11 +47,11 @@ def test_describe_names_the_type_when_the_text_is_empty() -> None:
     assert describe(LinkClosed("  ")) == "LinkClosed"
     assert describe(OSError(5, "Input/output error")) == "[Errno 5] Input/output error"
 
-    class Broken(Exception):
+    class BrokenTextError(Exception):
         def __str__(self) -> str:
             raise RuntimeError("no text")
 
-    assert describe(Broken()) == "Broken"
+    assert describe(BrokenTextError()) == "BrokenTextError"
 
 
 def test_a_client_reset_becomes_one_debug_line_and_real_errors_stay(
