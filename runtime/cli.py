@@ -6,7 +6,12 @@
     fedloom roster sign UNSIGNED.toml --key KEY --out SIGNED.toml   sign a roster (consortium)
     fedloom roster verify SIGNED.toml --consortium PUBKEY_OR_FILE   check a signed roster
     fedloom run --config FILE.toml                                  run one daemon (systemd-ready)
+    fedloom state check STATE_DIR                                   inspect a node's durable state
+    fedloom state repair STATE_DIR --truncate-at N | --drop-damaged  repair a damaged log
     fedloom demo                                                    a real local federation
+    fedloom chaos SCENARIO.toml [--out DIR] [--backend B]           faults on real daemons
+    fedloom local init DIR [--shape S] [--regions N] [--sites N]    lay out a local federation
+    fedloom local up DIR                                            start every daemon of DIR
 
 User mistakes (a missing file, a bad field) end with one clear line on stderr and exit
 status 2, never a traceback.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -78,7 +84,49 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_key_commands(sub)
     _add_daemon_commands(sub)
+    _add_state_commands(sub)
+    _add_chaos_commands(sub)
     return parser
+
+
+def _add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    chaos = sub.add_parser(
+        "chaos",
+        help="play a scenario's faults on a local federation of real daemons",
+        description="Lay out the scenario's federation in OUT/federation, start every daemon, "
+        "play its timeline of faults (network faults through a fault proxy on every "
+        "child->parent link; kills, pauses, restarts, duplicates; full, read-only or corrupted "
+        "disks; garbage and idle connections), record timeline.jsonl and samples.jsonl "
+        "(/metrics and /healthz every second), stop everything, and run the checker: "
+        "report.json, timeline.png and one verdict line per check. Exit status: 0 when every "
+        "check passes. Scenarios: scenarios/chaos/.",
+    )
+    chaos.add_argument("scenario", type=Path, help="chaos scenario TOML (see scenarios/chaos/)")
+    chaos.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="run directory (runs/chaos/NAME)"
+    )
+    chaos.add_argument(
+        "--backend",
+        choices=("auto", "proxy", "netem"),
+        default="auto",
+        help="network faults through the fault proxy, or tc netem (auto: netem when it works "
+        "here, else the proxy, saying why)",
+    )
+    local = sub.add_parser(
+        "local",
+        help="lay out (init) or start (up) a federation on this machine",
+        description="init writes keys, a signed roster, one config per node and a README.txt "
+        "saying how to start each daemon (state lives in DIR/state); up starts them all.",
+    )
+    local_sub = local.add_subparsers(dest="local_command", metavar="ACTION")
+    init = local_sub.add_parser("init", help="write a local federation into DIR")
+    init.add_argument("dir", type=Path, metavar="DIR", help="a new (or empty) directory")
+    init.add_argument("--shape", choices=("star", "hierarchy"), default="hierarchy")
+    init.add_argument("--regions", type=int, default=2, metavar="N", help="hierarchy (2)")
+    init.add_argument("--sites", type=int, default=4, metavar="N", help="sites in all (4)")
+    init.add_argument("--seed", type=int, default=1, help="data split and model seed")
+    up = local_sub.add_parser("up", help="start every daemon of DIR until Ctrl-C")
+    up.add_argument("dir", type=Path, metavar="DIR", help="a directory from local init")
 
 
 def _positive_seconds(text: str) -> float:
@@ -91,13 +139,60 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    state = sub.add_parser(
+        "state",
+        help="inspect (check) or repair a node's state directory",
+        description="check prints the checkpoint's epoch, the values, the write-ahead log's "
+        "records per key and any damage (file and byte offsets); it changes nothing. repair "
+        "drops bytes from the live log while no daemon runs, keeps the original as a .bak "
+        "file and says what the dropped records meant.",
+    )
+    state_sub = state.add_subparsers(dest="state_command", metavar="ACTION")
+    check = state_sub.add_parser(
+        "check",
+        help="show what a state directory holds and any damage (read only)",
+        description="Exit 0 when `fedloom run` would start from it, 65 when it would refuse "
+        "(corrupt state), 75 when the directory cannot be read.",
+    )
+    check.add_argument("state_dir", type=Path, metavar="STATE_DIR")
+    repair = state_sub.add_parser(
+        "repair",
+        help="drop damaged bytes from the write-ahead log (stop the daemon first)",
+        description="Drop bytes from the live write-ahead log, keeping the original file as "
+        "wal.<epoch>.log.<time>.bak. Refused while a daemon holds the directory's lock. "
+        "Dropped records may be acknowledged updates: the command says, per record kind, "
+        "what is lost and what the parent's ledger absorbs as a resend.",
+    )
+    repair.add_argument("state_dir", type=Path, metavar="STATE_DIR")
+    how = repair.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--truncate-at",
+        type=int,
+        metavar="OFFSET",
+        help="drop everything from this frame boundary on (one `state check` printed)",
+    )
+    how.add_argument(
+        "--drop-damaged",
+        action="store_true",
+        help="drop only the damaged byte ranges, keep every intact frame",
+    )
+
+
 def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from runtime.exit_status import EXIT_STATUS_HELP
+
     run = sub.add_parser(
         "run",
         help="run one node (site, region, root, gossip peer or relay) as a daemon",
-        description="Recover the node from its state directory, connect (sites dial out, "
-        "aggregators and relays listen), and run until SIGTERM. Under systemd (Type=notify) it "
-        "sends READY=1, WATCHDOG=1 and STOPPING=1. See deploy/examples/ for configs.",
+        description=textwrap.fill(
+            "Recover the node from its state directory, connect (sites dial out, "
+            "aggregators and relays listen), and run until SIGTERM. Under systemd "
+            "(Type=notify) it sends READY=1, WATCHDOG=1 and STOPPING=1. See deploy/examples/ "
+            "for configs."
+        ),
+        epilog=EXIT_STATUS_HELP,  # a table: printed as written (RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument(
         "--config", type=Path, required=True, metavar="FILE.toml", help="daemon config file"
@@ -261,6 +356,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 configure_logging(args.log_level, args.log_format)
                 return run_daemon(args.config, eval_interval_s=args.eval_interval)
+        if args.command == "state":
+            from runtime.state_cli import cmd_state_check, cmd_state_repair
+
+            if args.state_command == "check":
+                return cmd_state_check(args.state_dir)
+            if args.state_command == "repair":
+                return cmd_state_repair(
+                    args.state_dir, truncate_at=args.truncate_at, drop_damaged=args.drop_damaged
+                )
+            parser.error("state: choose an action: check or repair")
         if args.command == "demo":
             from runtime.demo import cmd_demo
 
@@ -273,6 +378,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workdir=args.workdir,
                 quiet=args.quiet,
             )
+        if args.command == "chaos":
+            from runtime.chaos.runner import cmd_chaos
+
+            return cmd_chaos(args.scenario, out=args.out, backend=args.backend)
+        if args.command == "local":
+            from runtime.local import cmd_local_init, cmd_local_up
+
+            if args.local_command == "init":
+                return cmd_local_init(
+                    args.dir,
+                    shape=args.shape,
+                    regions=args.regions,
+                    sites=args.sites,
+                    seed=args.seed,
+                )
+            if args.local_command == "up":
+                return cmd_local_up(args.dir)
+            parser.error("local: choose an action: init or up")
     except ConfigError as exc:
         print(f"fedloom: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

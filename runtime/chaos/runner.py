@@ -1,0 +1,660 @@
+"""``fedloom chaos SCENARIO.toml``: play a scenario's faults on a federation of real daemons.
+
+The run (its directory is the contract ``runtime.chaos.checker`` reads, see ``write_run_json``):
+
+1. lay the federation out in ``OUT/federation`` (``runtime.chaos.layout``); put one fault-proxy
+   link (``runtime.chaos.proxy``) in front of every child -> parent connection and point the
+   child's ``[parent] url`` at it; mount a tmpfs on the state directory of every node a disk
+   fault targets (root only; otherwise those faults are skipped, with the reason);
+2. start every daemon (``runtime.demo.Cluster``: own process group, PDEATHSIG), scrape each
+   one's ``/metrics`` and ``/healthz`` every ``sample_interval_s`` into ``samples.jsonl``;
+3. play the timeline into ``timeline.jsonl`` (deliberate kills and pauses logged before they
+   happen), noting every daemon that exits by itself;
+4. at ``duration_s``: SIGTERM everything (SIGKILL after the grace period), lift the disk faults
+   and unmount, close the proxies, rewrite ``run.json``, then run the checker and exit with its
+   status.
+
+Every step of the teardown runs whatever happened before (``finally``), and a run ends by
+itself within ``duration_s`` plus the stop grace, the checker's time aside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import heapq
+import importlib
+import itertools
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from runtime.chaos.faults import (
+    Disks,
+    InputFlood,
+    NothingToCorruptError,
+    Processes,
+    corrupt_state,
+    last_log_line,
+    tmpfs_support,
+)
+from runtime.chaos.layout import lay_out, set_parent_url
+from runtime.chaos.proxy import FaultNetwork, Toxics
+from runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
+from runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
+from runtime.demo import Cluster, Federation
+from sim.config_reader import ConfigError
+
+__all__ = ["BACKENDS", "ChaosRun", "cmd_chaos", "combine_toxics"]
+
+BACKENDS = ("auto", "proxy", "netem")
+PROGRESS_EVERY_S = 10.0
+TICK_S = 0.1
+T = TypeVar("T")
+
+
+def _say(text: str) -> None:
+    print(f"chaos: {text}", file=sys.stderr, flush=True)
+
+
+# ============================================================================== network
+
+
+class ProxyThread:
+    """The fault proxy's event loop on a thread of its own; calls block until done."""
+
+    def __init__(self, seed: int) -> None:
+        self.net = FaultNetwork(seed=seed)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="chaos-proxy", daemon=True
+        )
+        self.thread.start()
+        self._closed = False
+
+    def _await(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        async def wrapped() -> T:
+            return fn()
+
+        return self._await(wrapped())
+
+    def add_link(self, name: str, upstream: tuple[str, int]) -> int:
+        return self._await(self.net.add_link(name, upstream))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._await(self.net.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+
+def combine_toxics(faults: Iterable[Fault], direction: str) -> Toxics:
+    """One direction's toxics from every network fault standing on a link (the worst of
+    each: longest latency, narrowest rate, highest loss...)."""
+    chosen = [f for f in faults if f.direction in ("both", direction)]
+    latency = max(
+        (f.params.get("latency_ms", 0.0) for f in chosen if f.kind == "latency"), default=0.0
+    )
+    jitter = max((f.params.get("jitter_ms", 0.0) for f in chosen), default=0.0)
+    rates = [f.params["rate_kbps"] for f in chosen if f.kind == "bandwidth"]
+    loss = max((f.params["loss"] for f in chosen if f.kind == "loss"), default=0.0)
+    reorders = [f for f in chosen if f.kind == "reorder"]
+    resets = [int(f.params["reset_after_bytes"]) for f in chosen if f.kind == "reset"]
+    return Toxics(
+        latency_ms=latency,
+        jitter_ms=jitter,
+        rate_kbps=min(rates) if rates else 0.0,
+        loss=loss,
+        reorder=max((f.params["reorder"] for f in reorders), default=0.0),
+        reorder_ms=max((f.params["latency_ms"] for f in reorders), default=10.0),
+        reset_after_bytes=min(resets) if resets else None,
+        blackhole=any(f.kind in ("blackhole", "partition") for f in chosen),
+    )
+
+
+# ================================================================================= run
+
+
+@dataclass(order=True)
+class _Due:
+    t: float
+    seq: int
+    action: Callable[[], None] = field(compare=False)
+
+
+class Sampler(threading.Thread):
+    """Scrapes every daemon's ``/metrics`` and ``/healthz`` into ``samples.jsonl``."""
+
+    def __init__(self, fed: Federation, out: JsonLines, timeline: Timeline, interval: float):
+        super().__init__(name="chaos-sampler", daemon=True)
+        self.fed = fed
+        self.out = out
+        self.timeline = timeline
+        self.interval = interval
+        self.latest: dict[str, dict[str, float]] = {}
+        self._halt = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _one(self, node: str, t: float) -> None:
+        url = self.fed.nodes[node].metrics_url
+        if url is None:
+            return
+        timeout = max(0.2, min(1.0, self.interval * 0.8))
+        health = probe_healthz(url, timeout)
+        metrics = scrape_metrics(url, timeout) if health != "down" else None
+        if metrics:
+            self.latest[node] = metrics
+        self.out.write(
+            {"t": round(t, 3), "node": node, "healthz": health, "metrics": metrics or {}}
+        )
+
+    def run(self) -> None:
+        nxt = time.monotonic()
+        while not self._halt.is_set():
+            t = self.timeline.now()
+            futures = [self._pool.submit(self._one, n, t) for n in self.fed.nodes]
+            concurrent.futures.wait(futures)
+            nxt += self.interval
+            self._halt.wait(max(0.0, nxt - time.monotonic()))
+            nxt = max(nxt, time.monotonic() - self.interval)
+
+    def version(self, node: str) -> int | None:
+        v = self.latest.get(node, {}).get("fedloom_model_version")
+        return None if v is None else int(v)
+
+
+class ChaosRun:
+    """One scenario played once into ``out`` (see the module docstring)."""
+
+    def __init__(self, scenario: Scenario, out: Path, *, backend: str = "auto") -> None:
+        self.scen = scenario
+        self.out = out
+        self.backend_asked = backend
+        self.backend = "proxy"
+        self.netem = "not probed"
+        self.skipped: list[str] = []
+        self.rng = random.Random(scenario.seed)
+        self.fed: Federation | None = None
+        self.proxy: ProxyThread | None = None
+        self.disks = Disks()
+        self.procs: Processes | None = None
+        self.sampler: Sampler | None = None
+        self.timeline: Timeline | None = None
+        self.floods: dict[str, list[InputFlood]] = {}
+        self.active_net: dict[str, list[Fault]] = {}
+        self.link_ports: dict[str, int] = {}
+        self.started_unix = 0.0
+        self.t0 = 0.0
+        self.elapsed = 0.0
+        self._queue: list[_Due] = []
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------------ set-up
+    def choose_backend(self) -> None:
+        from runtime.chaos.netem import detect_netem
+
+        support = detect_netem()
+        self.netem = "available" if support.available else support.reason
+        if self.backend_asked == "netem":
+            why = "available, but" if support.available else f"{support.reason};"
+            raise ConfigError(
+                f"--backend netem: tc netem is {why} this version ships no netem backend; "
+                "use --backend proxy"
+            )
+        if self.backend_asked == "auto":
+            _say(f"network faults through the fault proxy (netem: {self.netem})")
+
+    def _prepare_out(self) -> None:
+        out = self.out
+        if out.exists():
+            if not out.is_dir():
+                raise ConfigError(f"--out {out}: exists and is not a directory")
+            if any(out.iterdir()) and not (out / "run.json").exists():
+                raise ConfigError(
+                    f"--out {out}: not empty and not an earlier chaos run; choose another"
+                )
+            _unmount_under(out)
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+
+    def _disk_faults_possible(self) -> bool:
+        """Whether tmpfs disk faults can run; if not, they are skipped with the reason."""
+        if not self.scen.disk_nodes():
+            return True
+        ok, why = tmpfs_support()
+        if not ok:
+            self.skipped += [
+                f"{f.name}: {why}" for f in self.scen.faults if f.kind in ("disk_full", "read_only")
+            ]
+            _say(f"skipping disk_full and read_only faults: {why}")
+        return ok
+
+    def set_up(self) -> None:
+        scen = self.scen
+        self._prepare_out()
+        disks_ok = self._disk_faults_possible()
+        shape = scen.shape
+        fed = lay_out(
+            self.out / "federation",
+            shape.regions,
+            star=shape.kind == "star",
+            seed=scen.seed,
+            plan=shape.plan,
+            training=shape.training,
+            root_aggregation=shape.root_aggregation,
+            region_aggregation=shape.region_aggregation,
+            connection=shape.connection,
+        )
+        self.fed = fed
+        self.proxy = ProxyThread(scen.seed)
+        for link in shape.links:
+            child, parent = link.split("->")
+            port = self.proxy.add_link(link, ("127.0.0.1", fed.nodes[parent].listen_port))
+            self.link_ports[link] = port
+            set_parent_url(fed.nodes[child].config, f"ws://127.0.0.1:{port}/fedloom")
+        if disks_ok:
+            for node in scen.disk_nodes():
+                self.disks.prepare(node, fed.nodes[node].state_dir, scen.run.tmpfs_mb)
+
+    # ------------------------------------------------------------------ run.json
+    def write_run_json(self, *, final: bool) -> None:
+        assert self.fed is not None
+        shape = self.scen.shape
+        nodes: dict[str, Any] = {}
+        for node_id, files in self.fed.nodes.items():
+            rel = self.fed.workdir.relative_to(self.out)
+            base = files.metrics_url
+            nodes[node_id] = {
+                "role": files.role,
+                "parent": shape.parent(node_id),
+                "standby_for": None,
+                "config": str(rel / files.config.name),
+                "state_dir": str(rel / "state" / node_id),
+                "log": str(rel / "logs" / files.log.name),
+                "metrics_url": f"{base}/metrics" if base else None,
+                "healthz_url": f"{base}/healthz" if base else None,
+            }
+        doc = {
+            "scenario": self.scen.name,
+            "scenario_file": str(self.scen.source) if self.scen.source else None,
+            "started_unix": self.started_unix,
+            "duration_s": round(self.elapsed if final else self.scen.duration_s, 3),
+            "resume_within_s": self.scen.resume_within_s,
+            "nodes": nodes,
+            "expect": dict(self.scen.expect),
+            "backend": self.backend,
+            "netem": self.netem,
+            "links": dict(self.link_ports),
+            "skipped": list(self.skipped),
+            "finished": final,
+        }
+        tmp = self.out / "run.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.out / "run.json")
+
+    # ------------------------------------------------------------------ timeline
+    def _at(self, t: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, _Due(t, next(self._seq), action))
+
+    def _schedule(self) -> None:
+        for f in self.scen.faults:
+            if any(s.startswith(f"{f.name}:") for s in self.skipped):
+                continue
+            self._at(f.at_s, functools.partial(self._start_fault, f))
+            if f.end_s is not None:
+                self._at(f.end_s, functools.partial(self._end_fault, f))
+
+    def _start_fault(self, f: Fault) -> None:
+        assert self.procs is not None and self.timeline is not None and self.fed is not None
+        tl, procs = self.timeline, self.procs
+        where = f" for {f.for_s:g} s" if f.for_s is not None else ""
+        _say(f"t={tl.now():.0f}s {f.kind} {', '.join(f.targets)}{where} ({f.name})")
+        if f.kind == "heal":
+            self._heal(f)
+        elif f.is_network:
+            for link in f.targets:
+                self.active_net.setdefault(link, []).append(f)
+            self._reapply(f.targets)
+            detail = {"kind": f.kind, "direction": f.direction, **f.params}
+            tl.event("fault_start", f.name, f.targets, detail)
+        elif f.kind == "kill":
+            procs.kill(f.targets, f.name)
+        elif f.kind == "kill_all":
+            procs.kill(procs.nodes, f.name)
+        elif f.kind == "pause":
+            procs.pause(f.targets, f.name)
+        elif f.kind == "resume":
+            procs.resume(f.targets, f.name)
+        elif f.kind == "restart":
+            if f.for_s is None:
+                procs.restart(f.targets, f.name, graceful=f.graceful)
+            elif f.graceful:
+                procs.terminate(f.targets, f.name)
+            else:
+                procs.kill(f.targets, f.name)
+        elif f.kind == "duplicate":
+            detail = procs.duplicate(f.targets[0], f.name, same_state=f.same_state)
+            tl.event("fault_start", f.name, f.targets, {"kind": f.kind, **detail})
+        elif f.kind == "disk_full":
+            for node in f.targets:
+                detail = self.disks.fill(node)
+                tl.event("fault_start", f.name, [node], {"kind": f.kind, **detail})
+        elif f.kind == "read_only":
+            for node in f.targets:
+                detail = self.disks.set_read_only(node, True)
+                tl.event("fault_start", f.name, [node], {"kind": f.kind, **detail})
+        elif f.kind == "corrupt":
+            self._corrupt(f)
+        elif f.kind in ("garbage", "idle", "upgrade"):
+            self._flood(f)
+        else:  # pragma: no cover - the scenario reader refuses other kinds
+            raise AssertionError(f.kind)
+
+    def _end_fault(self, f: Fault) -> None:
+        assert self.procs is not None and self.timeline is not None
+        tl, procs = self.timeline, self.procs
+        _say(f"t={tl.now():.0f}s end of {f.kind} on {', '.join(f.targets)} ({f.name})")
+        if f.is_network:
+            ended = [link for link in f.targets if f in self.active_net.get(link, [])]
+            for link in ended:
+                self.active_net[link].remove(f)
+            if ended:
+                self._reapply(ended)
+                tl.event("fault_end", f.name, ended, {"kind": f.kind})
+        elif f.kind in ("kill", "restart"):
+            for node in f.targets:
+                if not procs.cluster[node].alive:
+                    procs.start(node, f.name)
+        elif f.kind == "kill_all":
+            for node in procs.nodes:
+                if not procs.cluster[node].alive:
+                    procs.start(node, f.name)
+        elif f.kind == "pause":
+            procs.resume(f.targets, f.name)
+        elif f.kind == "duplicate":
+            for dup, rc in procs.stop_duplicates(f.name):
+                tl.event(
+                    "fault_end",
+                    f.name,
+                    [dup.node],
+                    {"kind": f.kind, "returncode": rc, "exited_by_itself": False},
+                )
+        elif f.kind == "disk_full":
+            for node in f.targets:
+                self.disks.unfill(node)
+            tl.event("fault_end", f.name, f.targets, {"kind": f.kind})
+        elif f.kind == "read_only":
+            for node in f.targets:
+                self.disks.set_read_only(node, False)
+            tl.event("fault_end", f.name, f.targets, {"kind": f.kind})
+        elif f.kind in ("garbage", "idle", "upgrade"):
+            self._end_flood(f)
+
+    def _reapply(self, links: Iterable[str]) -> None:
+        assert self.proxy is not None
+        net = self.proxy.net
+        for link in links:
+            standing = self.active_net.get(link, [])
+            up, down = combine_toxics(standing, "up"), combine_toxics(standing, "down")
+            refuse = any(f.kind == "partition" and f.direction == "both" for f in standing)
+
+            def apply(
+                link: str = link, up: Toxics = up, down: Toxics = down, r: bool = refuse
+            ) -> None:
+                net.apply([link], "up", up)
+                net.apply([link], "down", down)
+                net.refuse([link], r)
+
+            self.proxy.call(apply)
+
+    def _heal(self, f: Fault) -> None:
+        assert self.timeline is not None and self.proxy is not None
+        ended: dict[str, list[str]] = {}
+        for link in f.targets:
+            for g in self.active_net.pop(link, []):
+                ended.setdefault(g.name, []).append(link)
+        for name, links in ended.items():
+            self.timeline.event("fault_end", name, links, {"healed_by": f.name})
+        net = self.proxy.net
+        self.proxy.call(lambda: net.heal(list(f.targets)))
+        self.timeline.event(
+            "fault_end", f.name, f.targets, {"kind": "heal", "ended": sorted(ended)}
+        )
+
+    def _corrupt(self, f: Fault) -> None:
+        assert self.procs is not None and self.timeline is not None and self.fed is not None
+        node = f.targets[0]
+        # A crash, not a clean stop: a clean stop checkpoints and leaves no log to damage.
+        self.procs.kill([node], f.name)
+        try:
+            detail = corrupt_state(self.fed.nodes[node].state_dir, f.where, self.rng)
+        except NothingToCorruptError as exc:
+            detail = {"where": f.where, "skipped": str(exc)}
+            _say(f"{f.name}: nothing corrupted: {exc}")
+        self.timeline.event("fault_start", f.name, [node], {"kind": f.kind, **detail})
+        self.procs.start(node, f.name)
+
+    def _flood(self, f: Fault) -> None:
+        assert self.timeline is not None and self.fed is not None and f.for_s is not None
+        floods = []
+        for node in f.targets:
+            flood = InputFlood(
+                f.kind,
+                self.fed.nodes[node].listen_port,
+                connections=int(f.params["connections"]),
+                size=int(f.params.get("bytes", 0)),
+                duration_s=f.for_s,
+                seed=self.rng.randrange(1 << 30),
+            )
+            flood.start()
+            floods.append(flood)
+        self.floods[f.name] = floods
+        self.timeline.event("fault_start", f.name, f.targets, {"kind": f.kind, **f.params})
+
+    def _end_flood(self, f: Fault) -> None:
+        assert self.timeline is not None
+        floods = self.floods.pop(f.name, [])
+        for flood in floods:
+            flood.stop()
+        stats: dict[str, int] = {}
+        for flood in floods:
+            flood.join(timeout=5)
+            for k, v in flood.stats.items():
+                stats[k] = stats.get(k, 0) + v
+        self.timeline.event("fault_end", f.name, f.targets, {"kind": f.kind, **stats})
+
+    # ------------------------------------------------------------------ main loop
+    def play(self) -> None:
+        assert self.fed is not None
+        scen = self.scen
+        self.started_unix = time.time()
+        self.t0 = time.monotonic()
+        self.timeline = Timeline(self.out / "timeline.jsonl", self.t0)
+        cluster = Cluster(
+            self.fed, args={ROOT_ID: ["--eval-interval", f"{scen.run.eval_interval_s:g}"]}
+        )
+        self.procs = Processes(
+            cluster,
+            self.timeline,
+            stop_grace_s=scen.run.stop_grace_s,
+            restart_exited_after_s=scen.run.restart_exited_after_s,
+            say=_say,
+        )
+        self.write_run_json(final=False)
+        self.procs.start_all()
+        _say(
+            f"{len(self.fed.nodes)} daemons started ({scen.shape.kind}), {len(scen.faults)} "
+            f"faults over {scen.duration_s:g} s; run directory {self.out}"
+        )
+        self.sampler = Sampler(
+            self.fed,
+            JsonLines(self.out / "samples.jsonl"),
+            self.timeline,
+            scen.run.sample_interval_s,
+        )
+        self.sampler.start()
+        self._schedule()
+        next_progress = PROGRESS_EVERY_S
+        while True:
+            now = self.timeline.now()
+            if now >= scen.duration_s:
+                break
+            while self._queue and self._queue[0].t <= now:
+                heapq.heappop(self._queue).action()
+            self.procs.watch(now)
+            for dup, rc in self.procs.finished_duplicates():
+                self.timeline.event(
+                    "fault_end",
+                    dup.fault,
+                    [dup.node],
+                    {
+                        "kind": "duplicate",
+                        "returncode": rc,
+                        "exited_by_itself": True,
+                        "last_log_line": last_log_line(dup.proc.files.log),
+                    },
+                )
+                _say(f"the duplicate of {dup.node} exited by itself (status {rc})")
+            if now >= next_progress:
+                next_progress += PROGRESS_EVERY_S
+                self._progress(now)
+            wait = TICK_S if not self._queue else min(TICK_S, self._queue[0].t - now)
+            time.sleep(max(0.0, min(wait, scen.duration_s - now)))
+
+    def _progress(self, now: float) -> None:
+        assert self.sampler is not None and self.procs is not None and self.fed is not None
+        v = self.sampler.version(ROOT_ID)
+        parts = [f"root v{'?' if v is None else v}"]
+        for node in self.scen.shape.region_ids:
+            fwd = self.sampler.latest.get(node, {}).get("fedloom_region_forwards_total")
+            parts.append(f"{node} {'?' if fwd is None else int(fwd)} forwards")
+        down = sorted(self.procs.down | self.procs.paused)
+        extra = f"; down: {', '.join(down)}" if down else ""
+        _say(f"t={now:.0f}s {', '.join(parts)}{extra}")
+
+    def tear_down(self) -> list[str]:
+        """Stop everything this run started; returns problems met (each also said)."""
+        problems: list[str] = []
+        for name in list(self.floods):
+            for flood in self.floods.pop(name):
+                flood.stop()
+                flood.join(timeout=5)
+        if self.sampler is not None:  # before the stop: no samples of daemons stopped on purpose
+            self.sampler.stop()
+            self.sampler.out.close()
+        if self.procs is not None:
+            with contextlib.suppress(Exception):
+                self.procs.watch(self.timeline.now() if self.timeline else 0.0)
+            codes = self.procs.shutdown()
+            unclean = {k: v for k, v in codes.items() if v not in (0, None)}
+            if unclean:
+                _say(f"exit codes at the end: {unclean}")
+        problems += self.disks.restore()
+        if self.proxy is not None:
+            try:
+                self.proxy.close()
+            except Exception as exc:  # the run's results matter more than a proxy's close
+                problems.append(f"closing the fault proxy: {exc!r}")
+        if self.timeline is not None:
+            self.elapsed = self.timeline.now()
+            self.timeline.close()
+        for p in problems:
+            _say(p)
+        return problems
+
+
+def _unmount_under(path: Path) -> None:
+    """Unmount what an earlier, interrupted run left mounted under ``path``."""
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            points = [ln.split()[1] for ln in fh if len(ln.split()) > 1]
+    except OSError:
+        return
+    for point in sorted(points, reverse=True):
+        if point.startswith(target + "/"):
+            subprocess.run(["umount", "-l", point], capture_output=True, timeout=30, check=False)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_checker(out: Path) -> int:
+    """The checker's verdict on ``out`` as an exit status (0 when it is not installed)."""
+    try:
+        checker = importlib.import_module("runtime.chaos.checker")
+    except ImportError as exc:
+        _say(f"no checker ({exc}); the run directory is {out}")
+        return 0
+    result: Any = checker.check_run(out)
+    if isinstance(result, int):
+        return result
+    status = getattr(result, "exit_status", None)
+    if isinstance(status, int):
+        return status
+    ok = getattr(result, "ok", None)
+    return 0 if ok is True or ok is None else 1
+
+
+def cmd_chaos(scenario: Path, *, out: Path | None = None, backend: str = "auto") -> int:
+    """Run a scenario (see the module docstring); the checker's exit status, 130 on Ctrl-C."""
+    scen = load_scenario(scenario)
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    run = ChaosRun(
+        scen, out if out is not None else Path("runs") / "chaos" / scen.name, backend=backend
+    )
+    run.choose_backend()
+    main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+    interrupted = False
+    try:
+        try:
+            run.set_up()
+            run.play()
+        except KeyboardInterrupt:
+            interrupted = True
+            _say("interrupted; stopping every daemon")
+        finally:
+            # A second Ctrl-C while stopping must not leave daemons or mounts behind.
+            previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            try:
+                run.tear_down()
+                if run.fed is not None:
+                    run.write_run_json(final=True)
+            finally:
+                if previous_int is not None:
+                    signal.signal(signal.SIGINT, previous_int)
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+    if interrupted:
+        return 130
+    _say(f"run finished after {run.elapsed:.1f} s; checking {run.out}")
+    return run_checker(run.out)

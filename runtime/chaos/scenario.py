@@ -1,0 +1,471 @@
+"""Chaos scenarios: a federation's shape, a run length, expectations and a timeline of faults.
+
+A scenario is one TOML file (see ``scenarios/chaos/``)::
+
+    name = "region-partition"          # default: the file's stem
+    duration_s = 60                    # how long the federation runs, faults included
+    seed = 1
+
+    [federation]
+    shape = "hierarchy"                # star: root + sites; hierarchy: root -> regions -> sites
+    regions = 2                        # hierarchy only
+    sites = 4                          # in all, spread evenly over the regions
+    [federation.plan]                  # overrides of runtime.demo.DEMO_PLAN
+    [federation.training]              # overrides of DEMO_TRAINING
+    [federation.root_aggregation]      # overrides of the demo's root [aggregation]
+    [federation.region_aggregation]
+    [federation.connection]
+
+    [run]
+    eval_interval_s = 1.0              # the root evaluates its model this often
+    sample_interval_s = 1.0            # /metrics and /healthz scraped this often
+    restart_exited_after_s = 0         # > 0: restart a daemon that exited by itself, as
+                                       # systemd would (not after status 2 or 65)
+    tmpfs_mb = 32                      # size of the tmpfs a disk fault's node runs on
+    stop_grace_s = 10                  # SIGTERM, then SIGKILL after this long
+
+    [expect]                           # what the checker holds the run to
+    resume_within_s = 30
+    refuses_start = "site-3"
+
+    [[fault]]
+    at_s = 20                          # seconds after the daemons started
+    for_s = 15                         # optional: healed (resumed, restarted...) after this
+    kind = "partition"
+    targets = ["region-0/*"]           # links, groups or nodes (see below)
+    direction = "up"                   # network faults: both | up (child->parent) | down
+
+Targets: a link ``"site-0->region-0"`` (a child's connection to its parent), a node
+``"region-0"`` (network faults: every link that touches it), a group ``"region-0/*"`` (the
+node's children: for network faults their links to it) or ``"all"``.
+
+Every mistake is one ``ConfigError`` naming the field (``fault[2].targets[0]: ...``); this
+module only reads and checks, the runner (``runtime.chaos.runner``) plays the timeline.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sim.config_reader import ConfigError, Table
+
+__all__ = [
+    "DISK_KINDS",
+    "FAULT_KINDS",
+    "INPUT_KINDS",
+    "NETWORK_KINDS",
+    "PROCESS_KINDS",
+    "Fault",
+    "Scenario",
+    "Shape",
+    "load_scenario",
+    "parse_scenario",
+]
+
+NETWORK_KINDS = ("latency", "bandwidth", "loss", "reorder", "reset", "blackhole", "partition")
+PROCESS_KINDS = ("kill", "pause", "resume", "restart", "kill_all", "duplicate")
+DISK_KINDS = ("disk_full", "read_only", "corrupt")
+INPUT_KINDS = ("garbage", "idle", "upgrade")
+FAULT_KINDS = (*NETWORK_KINDS, "heal", *PROCESS_KINDS, *DISK_KINDS, *INPUT_KINDS)
+DIRECTIONS = ("both", "up", "down")
+CORRUPT_WHERE = ("wal_middle", "wal_end", "wal_torn", "checkpoint")
+SHAPES = ("star", "hierarchy")
+ROOT_ID = "root"
+
+# Parameters each kind takes (name -> (default or None when required, lower bound, upper
+# bound)); every fault also takes name, at_s, for_s, kind and targets.
+_Param = tuple[float | None, float, float | None]
+_PARAMS: dict[str, dict[str, _Param]] = {
+    "latency": {"latency_ms": (None, 0.0, 600_000.0), "jitter_ms": (0.0, 0.0, 600_000.0)},
+    "bandwidth": {"rate_kbps": (None, 0.001, None)},
+    "loss": {"loss": (None, 0.0, 0.99)},
+    "reorder": {"reorder": (None, 0.0, 0.99), "latency_ms": (20.0, 0.0, 600_000.0)},
+    "reset": {"reset_after_bytes": (4096.0, 0.0, None)},
+    "garbage": {"connections": (50.0, 1.0, 10_000.0), "bytes": (4096.0, 1.0, 1 << 24)},
+    "idle": {"connections": (50.0, 1.0, 10_000.0)},
+    "upgrade": {"connections": (50.0, 1.0, 10_000.0)},
+}
+_INTEGER_PARAMS = frozenset(("reset_after_bytes", "connections", "bytes"))
+_EXPECT_BOOLS = ("exactly_once", "versions_monotonic", "no_unintended_exits", "healthz", "resumes")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """The federation a scenario runs: ``regions`` maps each region to its sites (a star
+    has one pseudo-entry keyed by the root: its sites are the root's children)."""
+
+    kind: str
+    regions: dict[str, list[str]]
+    plan: Mapping[str, Any] = field(default_factory=dict)
+    training: Mapping[str, Any] = field(default_factory=dict)
+    root_aggregation: Mapping[str, Any] = field(default_factory=dict)
+    region_aggregation: Mapping[str, Any] = field(default_factory=dict)
+    connection: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def sites(self) -> list[str]:
+        return [s for members in self.regions.values() for s in members]
+
+    @property
+    def region_ids(self) -> list[str]:
+        return [r for r in self.regions if r != ROOT_ID]
+
+    @property
+    def nodes(self) -> list[str]:
+        return [ROOT_ID, *self.region_ids, *self.sites]
+
+    def parent(self, node: str) -> str | None:
+        if node in self.region_ids:
+            return ROOT_ID
+        for parent, members in self.regions.items():
+            if node in members:
+                return parent
+        return None
+
+    def children(self, node: str) -> list[str]:
+        if node == ROOT_ID:
+            return list(self.regions.get(ROOT_ID, self.region_ids))
+        return list(self.regions.get(node, []))
+
+    @property
+    def links(self) -> list[str]:
+        """Every child->parent connection, named ``"child->parent"``."""
+        return [f"{n}->{self.parent(n)}" for n in self.nodes if self.parent(n) is not None]
+
+    def listening(self, node: str) -> bool:
+        return node == ROOT_ID or node in self.region_ids
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One timeline entry. ``targets`` are resolved: link names for network faults (and
+    heal), node ids for everything else."""
+
+    name: str
+    kind: str
+    at_s: float
+    for_s: float | None
+    targets: tuple[str, ...]
+    direction: str = "both"
+    params: Mapping[str, float] = field(default_factory=dict)
+    where: str = ""  # corrupt: wal_middle | wal_end | wal_torn | checkpoint
+    same_state: bool = True  # duplicate: share the state directory (else a copy of it)
+    graceful: bool = True  # restart: SIGTERM first (else SIGKILL)
+
+    @property
+    def end_s(self) -> float | None:
+        return None if self.for_s is None else self.at_s + self.for_s
+
+    @property
+    def is_network(self) -> bool:
+        return self.kind in NETWORK_KINDS or self.kind == "heal"
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    eval_interval_s: float = 1.0
+    sample_interval_s: float = 1.0
+    restart_exited_after_s: float = 0.0
+    tmpfs_mb: int = 32
+    stop_grace_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    source: Path | None
+    duration_s: float
+    seed: int
+    shape: Shape
+    run: RunSettings
+    expect: Mapping[str, Any]
+    faults: tuple[Fault, ...]
+    description: str = ""
+
+    @property
+    def resume_within_s(self) -> float:
+        return float(self.expect.get("resume_within_s", 30.0))
+
+    def disk_nodes(self) -> list[str]:
+        """Nodes whose state directory must live on a tmpfs (disk_full, read_only)."""
+        out: list[str] = []
+        for f in self.faults:
+            if f.kind in ("disk_full", "read_only"):
+                out += [t for t in f.targets if t not in out]
+        return out
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and check a scenario file; every problem is one ``ConfigError``."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such scenario file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, expected a scenario .toml file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    try:
+        return parse_scenario(raw, name=p.stem, source=p)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def parse_scenario(
+    raw: Mapping[str, Any], *, name: str = "scenario", source: Path | None = None
+) -> Scenario:
+    t = Table(raw, "")
+    scen_name = t.text("name", name)
+    if not scen_name or any(c in scen_name for c in "/\\") or scen_name.startswith("."):
+        raise ConfigError(f"name: {scen_name!r} cannot name a run directory")
+    description = t.text("description", "")
+    duration = t.number("duration_s", min=1.0, max=24 * 3600.0)
+    seed = t.integer("seed", 1, min=0)
+    shape = _shape(t.table("federation"))
+    run = _run(t.table("run"))
+    faults_raw = t.array("fault", [])
+    faults = _faults(faults_raw, shape, duration)
+    expect = _expect(t.table("expect"), shape)
+    t.finish()
+    return Scenario(
+        scen_name, source, duration, seed, shape, run, expect, faults, description=description
+    )
+
+
+def _table_dict(t: Table, key: str) -> dict[str, Any]:
+    value = t.raw(key, {})
+    if not isinstance(value, Mapping):
+        raise t.fail(key, "a table", value)
+    return dict(value)
+
+
+def _shape(t: Table) -> Shape:
+    kind = t.text("shape", "hierarchy", choices=SHAPES)
+    n_sites = t.integer("sites", 4, min=1, max=200)
+    regions: dict[str, list[str]]
+    if kind == "star":
+        if t.has("regions"):
+            raise ConfigError("federation.regions: a star has no regions; remove it")
+        regions = {ROOT_ID: [f"site-{i}" for i in range(n_sites)]}
+    else:
+        n_regions = t.integer("regions", 2, min=1, max=50)
+        if n_regions > n_sites:
+            raise ConfigError(
+                f"federation.regions: {n_regions} regions for {n_sites} sites leaves a region "
+                "with no site; use at most as many regions as sites"
+            )
+        regions = {f"region-{r}": [] for r in range(n_regions)}
+        for i in range(n_sites):
+            regions[f"region-{i % n_regions}"].append(f"site-{i}")
+    if t.has("standby"):
+        raise ConfigError(
+            "federation.standby: standby regions are not supported yet (the daemons have no "
+            "failover); remove it"
+        )
+    shape = Shape(
+        kind,
+        regions,
+        plan=_table_dict(t, "plan"),
+        training=_table_dict(t, "training"),
+        root_aggregation=_table_dict(t, "root_aggregation"),
+        region_aggregation=_table_dict(t, "region_aggregation"),
+        connection=_table_dict(t, "connection"),
+    )
+    if kind == "star" and shape.region_aggregation:
+        raise ConfigError("federation.region_aggregation: a star has no regions; remove it")
+    t.finish()
+    return shape
+
+
+def _run(t: Table) -> RunSettings:
+    out = RunSettings(
+        eval_interval_s=t.number("eval_interval_s", 1.0, min=0.1, max=600.0),
+        sample_interval_s=t.number("sample_interval_s", 1.0, min=0.2, max=60.0),
+        restart_exited_after_s=t.number("restart_exited_after_s", 0.0, min=0.0, max=3600.0),
+        tmpfs_mb=t.integer("tmpfs_mb", 32, min=1, max=4096),
+        stop_grace_s=t.number("stop_grace_s", 10.0, min=0.5, max=120.0),
+    )
+    t.finish()
+    return out
+
+
+def _expect(t: Table, shape: Shape) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if t.has("resume_within_s"):
+        out["resume_within_s"] = t.number("resume_within_s", min=1.0, exclusive_min=False)
+    else:
+        out["resume_within_s"] = 30.0
+    for key in _EXPECT_BOOLS:
+        if t.has(key):
+            out[key] = t.flag(key)
+    for key in ("refuses_start", "allowed_exits"):
+        if t.has(key):
+            value = t.raw(key)
+            ids = [value] if isinstance(value, str) else value
+            if not isinstance(ids, list) or not all(isinstance(v, str) for v in ids):
+                raise t.fail(key, "a node id or a list of node ids", value)
+            for v in ids:
+                if v not in shape.nodes:
+                    raise ConfigError(f"expect.{key}: {v!r} is not a node ({_show_nodes(shape)})")
+            out[key] = value
+    if t.has("min_version"):
+        out["min_version"] = t.integer("min_version", min=0)
+    if t.has("min_accuracy"):
+        out["min_accuracy"] = t.number("min_accuracy", min=0.0, max=1.0)
+    t.finish()
+    return out
+
+
+def _show_nodes(shape: Shape) -> str:
+    nodes = shape.nodes
+    shown = ", ".join(nodes[:8]) + (", ..." if len(nodes) > 8 else "")
+    return f"nodes: {shown}"
+
+
+def _faults(items: Sequence[Any], shape: Shape, duration: float) -> tuple[Fault, ...]:
+    out: list[Fault] = []
+    names: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"fault[{i}]"
+        f = _fault(Table(item, where), where, shape, duration)
+        if f.name in names:
+            raise ConfigError(f"{where}.name: {f.name!r} names an earlier fault too")
+        names.add(f.name)
+        out.append(f)
+    out.sort(key=lambda f: f.at_s)
+    return tuple(out)
+
+
+def _fault(t: Table, where: str, shape: Shape, duration: float) -> Fault:
+    kind = t.text("kind", choices=FAULT_KINDS)
+    at_s = t.number("at_s", min=0.0)
+    if at_s >= duration:
+        raise ConfigError(f"{where}.at_s: {at_s:g} s is not before duration_s = {duration:g}")
+    for_s = t.number("for_s", None, min=0.0, exclusive_min=True)
+    if for_s is not None and at_s + for_s > duration:
+        raise ConfigError(
+            f"{where}.for_s: the fault would end at {at_s + for_s:g} s, after duration_s = "
+            f"{duration:g}; shorten it or leave it out (until healed)"
+        )
+    if kind in ("resume", "heal") and for_s is not None:
+        raise ConfigError(f"{where}.for_s: a {kind} is instantaneous; remove for_s")
+    if kind in INPUT_KINDS and for_s is None:
+        raise ConfigError(f"{where}.for_s: required for {kind} (how long the connections last)")
+    name = t.text("name", f"{kind}@{at_s:g}")
+    direction = "both"
+    if kind in NETWORK_KINDS:
+        direction = t.text("direction", "both", choices=DIRECTIONS)
+    params: dict[str, float] = {}
+    for key, (default, lo, hi) in _PARAMS.get(kind, {}).items():
+        if key in _INTEGER_PARAMS:
+            value = t.integer(key, default if default is None else int(default), min=int(lo))
+            if hi is not None and value > hi:
+                raise ConfigError(f"{where}.{key}: expected at most {hi:g}, got {value}")
+        else:
+            value = t.number(key, default, min=lo, max=hi, exclusive_min=key in ("rate_kbps",))
+        params[key] = float(value)
+    if kind == "loss" and params["loss"] <= 0.0:
+        raise ConfigError(f"{where}.loss: expected a fraction in (0, 0.99], got 0")
+    if kind == "reorder" and params["reorder"] <= 0.0:
+        raise ConfigError(f"{where}.reorder: expected a fraction in (0, 0.99], got 0")
+    corrupt_where = (
+        t.text("where", "wal_middle", choices=CORRUPT_WHERE) if kind == "corrupt" else ""
+    )
+    same_state = t.flag("same_state", True) if kind == "duplicate" else True
+    graceful = t.flag("graceful", True) if kind == "restart" else True
+    targets = _targets(t, where, kind, shape)
+    t.finish()
+    return Fault(
+        name,
+        kind,
+        at_s,
+        for_s,
+        targets,
+        direction=direction,
+        params=params,
+        where=corrupt_where,
+        same_state=same_state,
+        graceful=graceful,
+    )
+
+
+def _targets(t: Table, where: str, kind: str, shape: Shape) -> tuple[str, ...]:
+    if kind == "kill_all":
+        if t.has("targets"):
+            raise ConfigError(f"{where}.targets: kill_all stops every daemon; remove targets")
+        return tuple(shape.nodes)
+    default: Any = ["all"] if kind == "heal" else None
+    raw = t.array("targets", default) if default is not None else t.array("targets")
+    if not raw:
+        raise ConfigError(f"{where}.targets: name at least one link, node or group")
+    network = kind in NETWORK_KINDS or kind == "heal"
+    resolved: list[str] = []
+    for j, spec in enumerate(raw):
+        here = f"{where}.targets[{j}]"
+        if not isinstance(spec, str):
+            raise ConfigError(f"{here}: expected a string, got {spec!r}")
+        items = _resolve_links(spec, shape, here) if network else _resolve_nodes(spec, shape, here)
+        resolved += [x for x in items if x not in resolved]
+    if kind in INPUT_KINDS:
+        for n in resolved:
+            if not shape.listening(n):
+                raise ConfigError(
+                    f"{where}.targets: {n!r} does not listen (only the root and regions take "
+                    f"connections); {kind} needs a listening node"
+                )
+    if kind in ("corrupt", "duplicate") and len(resolved) != 1:
+        raise ConfigError(f"{where}.targets: {kind} takes exactly one node, got {len(resolved)}")
+    if network and not resolved:
+        raise ConfigError(f"{where}.targets: names no link")
+    return tuple(resolved)
+
+
+def _resolve_links(spec: str, shape: Shape, here: str) -> list[str]:
+    links = shape.links
+    if spec == "all":
+        return links
+    if "->" in spec:
+        if spec not in links:
+            raise ConfigError(
+                f"{here}: {spec!r} is not a link of this federation (links are child->parent, "
+                f"e.g. {links[0]!r})"
+            )
+        return [spec]
+    if spec.endswith("/*"):
+        node = spec[:-2]
+        _node(node, shape, here)
+        kids = shape.children(node)
+        if not kids:
+            raise ConfigError(f"{here}: {node!r} has no children")
+        return [f"{c}->{node}" for c in kids]
+    _node(spec, shape, here)
+    return [link for link in links if spec in link.split("->")]
+
+
+def _resolve_nodes(spec: str, shape: Shape, here: str) -> list[str]:
+    if spec == "all":
+        return shape.nodes
+    if "->" in spec:
+        raise ConfigError(f"{here}: {spec!r} is a link; this fault takes nodes")
+    if spec.endswith("/*"):
+        node = spec[:-2]
+        _node(node, shape, here)
+        kids = shape.children(node)
+        if not kids:
+            raise ConfigError(f"{here}: {node!r} has no children")
+        return kids
+    _node(spec, shape, here)
+    return [spec]
+
+
+def _node(node: str, shape: Shape, here: str) -> None:
+    if node not in shape.nodes:
+        raise ConfigError(
+            f"{here}: {node!r} is not a node of this federation ({_show_nodes(shape)})"
+        )

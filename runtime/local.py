@@ -1,0 +1,125 @@
+"""``fedloom local init DIR`` and ``fedloom local up DIR``: a federation on this machine.
+
+``init`` writes what a federation needs (keys, a signed roster, one config per node, the
+demo's plan and FedBuff at every tier) and a ``README.txt`` saying how to start each daemon;
+``up`` starts every daemon of such a directory (logs in ``DIR/logs/``) and stops them all on
+Ctrl-C or SIGTERM. The layout is ``runtime.chaos.layout``'s, the one ``fedloom chaos`` and the
+demo use.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.chaos.layout import README_NAME, lay_out, read_config, write_readme
+from runtime.demo import Cluster, Federation, NodeFiles
+from sim.config_reader import ConfigError
+
+__all__ = ["cmd_local_init", "cmd_local_up", "read_federation"]
+
+SHAPES = ("star", "hierarchy")
+
+
+def cmd_local_init(directory: Path, *, shape: str, regions: int, sites: int, seed: int) -> int:
+    if shape not in SHAPES:
+        raise ConfigError(f"--shape: {shape!r} is not one of {', '.join(SHAPES)}")
+    if sites < 1:
+        raise ConfigError(f"--sites: expected at least 1, got {sites}")
+    if shape == "hierarchy" and not 1 <= regions <= sites:
+        raise ConfigError(
+            f"--regions: expected 1 to {sites} (one site per region at least), got {regions}"
+        )
+    if directory.exists() and any(directory.iterdir()):
+        raise ConfigError(f"{directory}: exists and is not empty; choose a new directory")
+    if shape == "star":
+        layout = {"root": [f"site-{i}" for i in range(sites)]}
+    else:
+        layout = {f"region-{r}": [] for r in range(regions)}
+        for i in range(sites):
+            layout[f"region-{i % regions}"].append(f"site-{i}")
+    fed = lay_out(directory, layout, star=shape == "star", seed=seed)
+    readme = write_readme(fed)
+    print(
+        f"wrote a {shape} federation of {len(fed.nodes)} nodes to {directory}; "
+        f"how to start it: {readme}"
+    )
+    return 0
+
+
+def read_federation(directory: Path) -> Federation:
+    """The federation ``init`` wrote into ``directory`` (from its configs)."""
+    if not (directory / README_NAME).exists() or not (directory / "roster.toml").exists():
+        raise ConfigError(f"{directory}: not a directory written by `fedloom local init`")
+    nodes: dict[str, NodeFiles] = {}
+    plan: dict[str, Any] = {}
+    for path in sorted(directory.glob("*.toml")):
+        if path.name == "roster.toml":
+            continue
+        try:
+            cfg = read_config(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        node_id, role = cfg.get("node_id"), cfg.get("role")
+        if not isinstance(node_id, str) or not isinstance(role, str):
+            continue
+        listen = int(cfg.get("listen", {}).get("port", 0))
+        metrics = int(cfg.get("metrics", {}).get("port", 0))
+        nodes[node_id] = NodeFiles(
+            node_id,
+            role,
+            path,
+            Path(cfg.get("state_dir", directory / "state" / node_id)),
+            directory / "logs" / f"{node_id}.log",
+            listen,
+            metrics,
+        )
+        if role == "root":
+            plan = dict(cfg.get("plan", {}))
+    if not nodes:
+        raise ConfigError(f"{directory}: no node configs found")
+    return Federation(
+        directory, directory / "roster.toml", directory / "consortium.pub", plan, nodes
+    )
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_local_up(directory: Path) -> int:
+    """Start every daemon of ``directory``; stop them all on Ctrl-C / SIGTERM (exit 0), or
+    report the first that exits by itself (exit 1)."""
+    fed = read_federation(directory)
+    cluster = Cluster(fed)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        cluster.start()
+        for node in fed.nodes.values():
+            where = f" metrics {node.metrics_url}/metrics" if node.metrics_url else ""
+            pid = cluster[node.node_id].pid
+            print(f"  {node.node_id:<12} pid {pid}  log {node.log}{where}", flush=True)
+        print("running; Ctrl-C stops every daemon", flush=True)
+        while True:
+            dead = cluster.dead()
+            if dead:
+                codes = {n: cluster[n].returncode for n in dead}
+                print(
+                    f"fedloom local up: {', '.join(dead)} exited ({codes}); see {directory}/logs",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            codes = cluster.stop()
+            print(f"stopped {len(codes)} daemons", flush=True)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, previous)
