@@ -9,6 +9,9 @@ random and closes as soon as the fastest K have answered,
 
 At ``round_timeout_s`` a round with ≥ ``min_cohort`` answers is aggregated anyway; one with
 fewer is abandoned (its answers discarded, ``rounds_abandoned`` += 1) and a new round starts.
+A round none of whose outstanding tasks can still be answered (their sites went down, or
+answered late) ends at once the same way, with a WARNING: closed with the survivors if they
+are ≥ ``min_cohort``, else abandoned and a new round drawn among the live sites.
 An update that answers no task of the open round (a closed or abandoned round, or from an
 unselected site) is "late": recorded and acked, never applied (metric "update_late").
 Each round is an intake epoch (``AggregatorBase``): beyond its own round task a site gets
@@ -17,8 +20,20 @@ Claims are bounded and deltas clipped as for FedBuff (``intake``, ``robust.NormC
 a round whose aggregate or new model is not finite is closed without a step.
 
 States (``RoundState``): WAITING — fewer than ``min_available`` sites are up and idle; a
-round starts as soon as enough are (checked on every event, including Hello and deadlines);
-COLLECTING — a round is open.
+round starts as soon as enough are (checked on every event, including Hello and deadlines).
+A site that died must not stall the federation for good: once fewer than ``min_available``
+have been idle for ``round_timeout_s`` (``QUIET_AFTER_S`` without one) and at least
+``min_cohort`` are, rounds start with the idle sites (a WARNING once, metric
+``round_degraded`` each time) until ``min_available`` are back. COLLECTING — a round is open.
+
+Durability: the open round survives a restart. Its start is checkpointed (every
+``checkpoint_every``-th round; the model, the round's tasks and the buffer) before any
+``TrainRequest`` leaves, and every answer's "applied" record carries its delta, round and
+task, so ``restore`` rebuilds the round's buffer exactly and counts each answer once; a
+record of a later round closes the one before as the live node did (with ≥ ``min_cohort``
+answers it was aggregated, else abandoned). The clock is not durable: a restored round's
+deadline is ``round_timeout_s`` after the first event. Answers to the tasks of a round whose
+start was not checkpointed are late (only with ``checkpoint_every`` > 1).
 """
 
 from __future__ import annotations
@@ -32,13 +47,14 @@ import numpy as np
 
 from algorithms.aggregator_base import (
     CHECKPOINT_KEY,
+    QUIET_AFTER_S,
     AggregatorBase,
     Outcome,
     OwnModel,
     checkpoint_interval,
 )
 from algorithms.intake import ClaimBounds
-from algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
+from algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
 from algorithms.server_opt import ServerOptimizer, ServerSGD
 from algorithms.update_buffer import UpdateBuffer
 from algorithms.validation import is_int
@@ -74,7 +90,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         robust: str = "mean",
         trim_fraction: float = 0.1,
         checkpoint_every: int = 1,
-        log_deltas: bool = False,  # an open round does not survive a restart: no replay
+        log_deltas: bool = True,  # the open round is rebuilt from its records on restart
         version: int = 0,
         claim_bounds: ClaimBounds | None = None,
     ) -> None:
@@ -117,38 +133,92 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self.min_available = available
         self.checkpoint_every = checkpoint_interval(checkpoint_every)
         self._opt: ServerOptimizer = server_opt if server_opt is not None else ServerSGD()
-        self._buffer = UpdateBuffer(
-            self._weights,
-            weighting=weighting,
-            robust=robust,
-            trim_fraction=trim_fraction,
-            clip_norm=clip_norm,
-        )
+        self._buffer_args: dict[str, Any] = {
+            "weighting": weighting,
+            "robust": robust,
+            "trim_fraction": trim_fraction,
+            "clip_norm": clip_norm,
+        }
+        self._buffer = UpdateBuffer(self._weights, **self._buffer_args)
         self._quota_solicited = False  # one task per site and round
         self.state = RoundState.WAITING
         self.round = 0
-        self._round_tasks: set[int] = set()
+        self._round_tasks: dict[int, str] = {}  # task -> site, outstanding in the open round
         self._round_members: list[tuple[str, int]] = []  # (src, seq) applied this round
+        self._round_lost = False  # a round task ended unanswered (site down, late answer)
+        self._tasks_known = True  # False for a round rebuilt from records alone
         self._deadline: float | None = None
+        self._restart_deadline = False  # a restored open round: deadline from the next event
+        self._short_since: float | None = None  # since when too few sites were idle
+        self._degraded = False  # rounds start below min_available (sites down)
         self.rounds_closed = 0
         self.rounds_abandoned = 0
 
     def next_deadline(self) -> float | None:
+        if self.state is RoundState.WAITING and self._short_since is not None:
+            return self._short_since + self._wait_bound()
         return self._deadline
 
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if self._restart_deadline:
+            self._restart_deadline = False
+            if self.round_timeout_s is not None:
+                self._deadline = now + self.round_timeout_s
+        out = super().handle(event, now)
+        if self.state is RoundState.COLLECTING and self._tasks_known and not self._round_tasks:
+            # No outstanding task can be answered any more: waiting out the deadline
+            # would only stall the federation.
+            self._end_with_survivors(out)
+            self._release_held(now, out)
+            self._fill(now, out)
+        return out
+
     # -------------------------------------------------------------- rounds
+    def _wait_bound(self) -> float:
+        """How long fewer than ``min_available`` idle sites hold back the next round."""
+        return self.round_timeout_s if self.round_timeout_s is not None else QUIET_AFTER_S
+
     def _fill(self, now: float, out: list[Effect]) -> None:
-        """Start a round when none is open and enough sites are up and idle."""
+        """Start a round when none is open and enough sites are up and idle (or, after
+        ``_wait_bound``, at least ``min_cohort``: sites that died must not stall it)."""
         if self.state is RoundState.COLLECTING:
             return
         d = self._dispatcher
-        if d.idle_count < self.min_available or d.in_flight > 0:
+        if d.in_flight > 0:
             return
+        idle = d.idle_count
+        if idle >= self.min_available:
+            self._short_since = None
+            self._degraded = False
+        elif idle < self.min_cohort:
+            return  # not even a cohort: nothing to run (the wait keeps counting)
+        elif self._short_since is None:
+            self._short_since = now
+            return
+        elif not self._degraded and now < self._short_since + self._wait_bound():
+            return
+        else:
+            if not self._degraded:
+                self._degraded = True
+                out.append(
+                    Log(
+                        "warning",
+                        "starting rounds with fewer sites than min_available: the others are "
+                        "down or busy",
+                        {"idle": idle, "min_available": self.min_available, "up": d.up_count},
+                    )
+                )
+            out.append(Metric("round_degraded", 1.0, {"idle": str(idle)}))
         self.round += 1
         self.state = RoundState.COLLECTING
+        self._round_lost = False
+        self._tasks_known = True
         self._deadline = None if self.round_timeout_s is None else now + self.round_timeout_s
         started = d.start(now, limit=self.selected_per_round)
-        self._round_tasks = {task for task, _ in started}
+        self._round_tasks = dict(started)
+        if self.checkpoint_every and self.round % self.checkpoint_every == 0:
+            # Durable before any task leaves: a restart knows the round and its tasks.
+            out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
         for task, site in started:
             out.append(
                 Send(site, TrainRequest(task, self._version, self._weights, self._train_config))
@@ -156,7 +226,26 @@ class SyncAggregator(OwnModel, AggregatorBase):
         out.append(Metric("round_started", float(self.round), {"selected": str(len(started))}))
 
     def _on_task_cancelled(self, task: int) -> None:
-        self._round_tasks.discard(task)
+        if self._round_tasks.pop(task, None) is not None:
+            self._round_lost = True
+
+    def _end_with_survivors(self, out: list[Effect]) -> None:
+        """No task of the round is outstanding (all answered, in a round that drew fewer
+        than K sites, or lost): close it with the answers it has (≥ ``min_cohort``) or
+        abandon it, so that a new round draws among the live sites."""
+        answers = len(self._buffer)
+        if self._round_lost:
+            out.append(
+                Log(
+                    "warning",
+                    "round lost its outstanding tasks (sites down or late): ending it now",
+                    {"round": self.round, "answers": answers, "min_cohort": self.min_cohort},
+                )
+            )
+        if answers >= self.min_cohort:
+            self._close_round("survivors" if self._round_lost else "all_answered", out)
+        else:
+            self._abandon(out)
 
     def _epoch_size(self) -> int:
         return self.clients_per_round
@@ -170,19 +259,21 @@ class SyncAggregator(OwnModel, AggregatorBase):
         now: float,
         out: list[Effect],
     ) -> None:
+        # The round's own task list, not the dispatcher's: it survives a restart.
         in_round = (
             self.state is RoundState.COLLECTING
             and is_int(msg.task)
-            and msg.task in self._round_tasks
-            and self._dispatcher.task_site(msg.task) == peer
+            and self._round_tasks.get(msg.task) == peer
         )
         if in_round:
-            self._round_tasks.discard(msg.task)
+            del self._round_tasks[msg.task]
             self._complete_task(peer, msg)
         if reason is not None:
+            self._round_lost = self._round_lost or in_round
             self._reject(peer, msg, reason, version, out)
             return
         if not in_round or msg.base_version != version:
+            self._round_lost = self._round_lost or in_round
             self.late += 1
             out.append(Metric("update_late", 1.0, {"src": msg.src}))
             self._record(peer, msg, Outcome.LATE, version, out, tau=version - msg.base_version)
@@ -190,7 +281,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         if self._buffer.add(msg.delta, 1.0, msg.n_examples, msg.count, self._norm, msg.src):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
         self._round_members.append((msg.src, msg.seq))
-        self._record_applied(peer, msg, version, 0, 1.0, out, round=self.round)
+        self._record_applied(peer, msg, version, 0, 1.0, out, round=self.round, task=msg.task)
         out.append(Metric("buffer_fill", float(len(self._buffer))))
         if len(self._buffer) >= self.clients_per_round:
             self._close_round("quorum", out)
@@ -201,6 +292,10 @@ class SyncAggregator(OwnModel, AggregatorBase):
         if len(self._buffer) >= self.min_cohort:
             self._close_round("deadline", out)
             return
+        self._abandon(out)
+
+    def _abandon(self, out: list[Effect]) -> None:
+        """Too few answers: discard them (they stay acked and in the ledger)."""
         self.rounds_abandoned += 1
         for src, seq in self._round_members:
             out.append(Metric("update_discarded", 1.0, {"src": src, "seq": str(seq)}))
@@ -223,15 +318,15 @@ class SyncAggregator(OwnModel, AggregatorBase):
         out.append(Metric("round_closed", float(agg.n_updates), {"reason": why}))
         out.append(Metric("model_version", float(self._version)))
         self._end_round()
-        self._broadcast(out)
-        if self.checkpoint_every and self._version % self.checkpoint_every == 0:
-            out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
+        # No Send of the new model here (sync roots have no region children): it leaves
+        # with the next round's tasks, after that round's start is checkpointed.
 
     def _end_round(self) -> None:
         # Stragglers of this round are released: their answers will be late.
         for task in self._dispatcher.tasks():
             self._dispatcher.cancel(task)
-        self._round_tasks = set()
+        self._round_tasks = {}
+        self._round_lost = False
         self._round_members = []
         self._deadline = None
         self.state = RoundState.WAITING
@@ -239,13 +334,8 @@ class SyncAggregator(OwnModel, AggregatorBase):
 
     # ---------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
-        """Model, optimiser, ledger and round counter at a round boundary.
-
-        Answers buffered in an open round are not part of it: after ``restore`` a new round
-        starts, and updates acked in the interrupted round count as discarded. Rounds closed
-        after the checkpoint are not replayed either, hence ``checkpoint_every=1`` by default
-        (one checkpoint per round is cheap next to a round).
-        """
+        """Model, optimiser, ledger, round counter and the open round (its tasks, answers
+        and buffer). Pair it with the "applied" records written after it for ``restore``."""
         return {
             **self._base_snapshot(),
             "kind": "sync",
@@ -253,10 +343,18 @@ class SyncAggregator(OwnModel, AggregatorBase):
             "round": self.round,
             "weights": self._weights,
             "opt": self._opt.snapshot(),
+            "open": self.state is RoundState.COLLECTING,
+            "round_tasks": [[task, site] for task, site in self._round_tasks.items()],
+            "members": [[src, seq] for src, seq in self._round_members],
+            "buffer": self._buffer.snapshot(),
+            "rounds_closed": self.rounds_closed,
+            "rounds_abandoned": self.rounds_abandoned,
         }
 
     def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Load ``snapshot()`` output; records after it are only entered in the ledger."""
+        """Load ``snapshot()`` output, then replay the "applied" records written after it:
+        answers of the open round go back into its buffer (closing it at quorum), and a
+        record of a later round ends the one before as it ended live."""
         if state.get("kind") != "sync":
             raise ValueError(f"not a sync snapshot: {state.get('kind')!r}")
         self._base_restore(state)
@@ -264,8 +362,46 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self.round = int(state["round"])
         self._weights = dict(state["weights"])
         self._opt.restore(state["opt"])
+        self.rounds_closed = int(state.get("rounds_closed", 0))
+        self.rounds_abandoned = int(state.get("rounds_abandoned", 0))
+        self._buffer = UpdateBuffer(self._weights, **self._buffer_args)
+        if "buffer" in state:  # older checkpoints: taken between rounds, none open
+            self._buffer.restore(state["buffer"])
+        open_round = bool(state.get("open", False))
+        self.state = RoundState.COLLECTING if open_round else RoundState.WAITING
+        self._round_tasks = {int(t): str(site) for t, site in state.get("round_tasks", ())}
+        self._round_members = [(str(src), int(seq)) for src, seq in state.get("members", ())]
+        self._round_lost = False
+        self._tasks_known = True
         self._replay_records(records)
-        self._end_epoch()  # a new round starts: so does every child's quota
+        self._restart_deadline = self.state is RoundState.COLLECTING
 
     def _replay(self, record: Mapping[str, Any]) -> None:
-        """An open round does not survive a restart (see ``snapshot``): nothing to redo."""
+        """Re-apply an answer (see ``restore``); rounds end here exactly as they did live."""
+        r = int(record.get("round", self.round))
+        if r != self.round or self.state is RoundState.WAITING:
+            if self.state is RoundState.COLLECTING:
+                # A later round started, so this one ended: by quorum it would have closed
+                # on its own record; otherwise by deadline or losing its tasks, which
+                # aggregate iff min_cohort answers are in.
+                if len(self._buffer) >= self.min_cohort:
+                    self._close_round("deadline", [])
+                else:
+                    self._abandon([])
+            self.round = r
+            self.state = RoundState.COLLECTING
+            self._round_tasks = {}  # its start was not checkpointed: its tasks are unknown
+            self._tasks_known = False
+        task = record.get("task")
+        if isinstance(task, int):
+            self._round_tasks.pop(task, None)
+        self._buffer.add(
+            record["delta"],
+            1.0,
+            int(record["n_examples"]),
+            int(record["count"]),
+            src=str(record["src"]),
+        )
+        self._round_members.append((str(record["src"]), int(record["seq"])))
+        if len(self._buffer) >= self.clients_per_round:
+            self._close_round("quorum", [])

@@ -128,8 +128,7 @@ def build_root(
             min_available=min(len(children), math.ceil(p.over_selection * k)),
             server_opt=server_optimizer(p),
             robust=p.robust,
-            # An open round does not survive a restart, so its deltas are never replayed.
-            **{**common, "log_deltas": False},
+            **common,  # with log_deltas the open round survives a restart
         )
     known = ", ".join(ROOT_ALGORITHMS)
     raise ValueError(f"no root aggregator for algorithm {algorithm!r} ({known})")

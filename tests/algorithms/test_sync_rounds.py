@@ -124,10 +124,12 @@ def test_every_round_checkpoints_by_default() -> None:
     (p1, r1), (p2, r2) = start(agg)
     answer(agg, p1, r1, 1.0)
     out = answer(agg, p2, r2, 1.0)
-    [cp] = persists(out, "checkpoint")
+    [cp] = persists(out, "checkpoint")  # the start of round 2, before its tasks leave
+    first_request = next(i for i, e in enumerate(out) if requests([e]))
+    assert out.index(cp) < first_request
     fresh = make()
     fresh.restore(cp.data)
-    assert fresh.version == 1 and fresh.round == 1
+    assert fresh.version == 1 and fresh.round == 2 and fresh.state is RoundState.COLLECTING
     np.testing.assert_array_equal(fresh.current_model()[1]["w"], agg.current_model()[1]["w"])
 
 
