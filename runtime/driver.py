@@ -17,7 +17,12 @@ other. One task reads one inbox of events and calls ``node.handle(event, now)`` 
   which encodes it, in a thread when large; dropped when the peer is not connected);
 * ``Train``   -> the trainer runs in ``executor``; the job posts ``TrainDone`` or, when
   it raises, ``TrainFailed(job, reason)`` (logged with the traceback);
-* ``Metric``  -> the ``metrics`` sink; ``Log`` -> the ``logging`` module, structured;
+* ``Metric``  -> the ``metrics`` sink, gated like a message: a metric handed out while a
+  write is on its way to disk reaches the sink once that write is durable, in order, so
+  ``/metrics`` never shows a model version (or an applied update) that a crash can take
+  back (issue 13: a root killed while writing the record of v237 showed v237, then came
+  back at v236, which looked like a version published then unpublished);
+  ``Log`` -> the ``logging`` module, structured;
 * deadlines   -> after every ``handle`` the node's ``next_deadline()`` becomes the one
   time-out (``asyncio.timeout_at``) on the wait for the next event; a due deadline is
   handled before further inbox events, so a busy inbox cannot starve it.
@@ -37,6 +42,7 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -157,6 +163,9 @@ class AsyncDriver:
         self._stopping = False
         self._commit_pending: asyncio.Future[None] | None = None  # the last store write
         self._failure: BaseException | None = None  # a failed commit: run() raises it
+        # Metrics waiting for the write they followed (None: no write): shown in order.
+        self._held_metrics: deque[tuple[asyncio.Future[None] | None, Metric]] = deque()
+        self._metrics_hook: asyncio.Future[None] | None = None  # the gate we listen to
 
     # ------------------------------------------------------------------ public API
 
@@ -343,6 +352,30 @@ class AsyncDriver:
     def _metric(self, m: Metric) -> None:
         if self.metrics is None:
             return
+        gate = self._gate()
+        if gate is None and not self._held_metrics:
+            self._show(m)
+            return
+        self._held_metrics.append((gate, m))
+        if gate is not None and gate is not self._metrics_hook:
+            self._metrics_hook = gate
+            gate.add_done_callback(self._release_metrics)
+        self._release_metrics()
+
+    def _release_metrics(self, _: object = None) -> None:
+        """Show held metrics, oldest first, whose write is durable; drop those whose
+        write failed (what they report never happened durably)."""
+        held = self._held_metrics
+        while held:
+            gate, m = held[0]
+            if gate is not None and not gate.done():
+                return
+            held.popleft()
+            if gate is None or (not gate.cancelled() and gate.exception() is None):
+                self._show(m)
+
+    def _show(self, m: Metric) -> None:
+        assert self.metrics is not None
         try:
             self.metrics(m)
         except Exception:  # observability must not take the node down
