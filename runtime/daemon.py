@@ -81,7 +81,7 @@ from sim.config_reader import ConfigError
 from sim.kernel import derived_seed
 from sim.network import CodecPolicy
 from transport.channel import ChannelOptions, GateLimits
-from transport.e2e import ModelVersionGuard
+from transport.e2e import ModelVersionGuard, tensors_digest
 from transport.identity import Identity, IdentityError
 from transport.limits import Limits, MiB, ModelLayout
 from transport.roster import Roster, RosterError, read_small_text
@@ -591,6 +591,17 @@ def model_floor(node: Node) -> int | None:
     return None
 
 
+def model_floor_digest(node: Node, floor: int) -> bytes | None:
+    """The digest of the model a restored site or region holds at version ``floor``, so
+    that a second, different model under that number is noticed after a restart too
+    (metric ``message_rejected{reason="model_conflict"}`` and a warning); None if its
+    weights are not kept."""
+    model = node.current_model() if isinstance(node, SiteNode | RegionalAggregator) else None
+    if model is None or int(model[0]) != floor:
+        return None
+    return tensors_digest(model[1])
+
+
 def _recovery_summary(recovery: Recovery) -> str:
     records = sum(len(v) for v in recovery.logs.values())
     if recovery.checkpoint is None and not records:
@@ -916,7 +927,8 @@ async def serve(
     peers.e2e.keep_relay_seq(relay_seq)
     floor = model_floor(d.node)
     if floor is not None:  # no rollback to a model older than one held before the restart
-        peers.e2e.guard = ModelVersionGuard(floor)
+        # ... nor another model under the version held: its digest is checked too.
+        peers.e2e.guard = ModelVersionGuard(floor, model_floor_digest(d.node, floor))
     peers.on_link_rtt = sink.observe_link_rtt  # sampled at every connection's handshake
     keeper = RosterKeeper(
         d.identity,
