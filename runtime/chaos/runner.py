@@ -56,7 +56,7 @@ from runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
 from runtime.demo import Cluster, Federation
 from sim.config_reader import ConfigError
 
-__all__ = ["BACKENDS", "ChaosRun", "cmd_chaos", "combine_toxics"]
+__all__ = ["BACKENDS", "ChaosRun", "cmd_chaos", "combine_toxics", "execute", "run_checker"]
 
 BACKENDS = ("auto", "proxy", "netem")
 PROGRESS_EVERY_S = 10.0
@@ -622,15 +622,9 @@ def run_checker(out: Path) -> int:
     return 0 if ok is True or ok is None else 1
 
 
-def cmd_chaos(scenario: Path, *, out: Path | None = None, backend: str = "auto") -> int:
-    """Run a scenario (see the module docstring); the checker's exit status, 130 on Ctrl-C."""
-    scen = load_scenario(scenario)
-    if backend not in BACKENDS:
-        raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    run = ChaosRun(
-        scen, out if out is not None else Path("runs") / "chaos" / scen.name, backend=backend
-    )
-    run.choose_backend()
+def execute(run: ChaosRun) -> bool:
+    """Set up, play and tear down ``run`` (the teardown whatever happens); True when it was
+    interrupted (Ctrl-C or SIGTERM), False when it ran its full duration."""
     main = threading.current_thread() is threading.main_thread()
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
     interrupted = False
@@ -654,7 +648,18 @@ def cmd_chaos(scenario: Path, *, out: Path | None = None, backend: str = "auto")
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
-    if interrupted:
+    return interrupted
+
+
+def cmd_chaos(scenario: Path, *, out: Path | None = None, backend: str = "auto") -> int:
+    """Run a scenario (see the module docstring); the checker's exit status, 130 on Ctrl-C."""
+    scen = load_scenario(scenario)
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    where = out if out is not None else Path("runs") / "chaos" / scen.name
+    run = ChaosRun(scen, where, backend=backend)
+    run.choose_backend()
+    if execute(run):
         return 130
     _say(f"run finished after {run.elapsed:.1f} s; checking {run.out}")
     return run_checker(run.out)

@@ -363,12 +363,14 @@ def _fault(t: Table, where: str, shape: Shape, duration: float) -> Fault:
         direction = t.text("direction", "both", choices=DIRECTIONS)
     params: dict[str, float] = {}
     for key, (default, lo, hi) in _PARAMS.get(kind, {}).items():
+        # No default: the parameter is required (Table says "required field is missing").
+        given: tuple[Any, ...] = () if default is None else (default,)
         if key in _INTEGER_PARAMS:
-            value = t.integer(key, default if default is None else int(default), min=int(lo))
+            value = t.integer(key, *(int(g) for g in given), min=int(lo))
             if hi is not None and value > hi:
                 raise ConfigError(f"{where}.{key}: expected at most {hi:g}, got {value}")
         else:
-            value = t.number(key, default, min=lo, max=hi, exclusive_min=key in ("rate_kbps",))
+            value = t.number(key, *given, min=lo, max=hi, exclusive_min=key == "rate_kbps")
         params[key] = float(value)
     if kind == "loss" and params["loss"] <= 0.0:
         raise ConfigError(f"{where}.loss: expected a fraction in (0, 0.99], got 0")

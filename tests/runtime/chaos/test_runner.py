@@ -1,0 +1,154 @@
+"""The chaos runner against real daemons: a short star run with a kill, a restart and (as
+root) a full disk writes a well-formed run directory, and leaves no process or mount behind.
+Also ``fedloom local init`` and the command line's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.chaos.faults import tmpfs_support, wait_gone
+from runtime.chaos.runner import ChaosRun, execute
+from runtime.chaos.scenario import parse_scenario
+from runtime.cli import main
+from runtime.config import load_config
+
+EVENT_KEYS = {"t", "event", "fault", "targets", "detail", "intended"}
+NODE_KEYS = {
+    "role",
+    "parent",
+    "standby_for",
+    "config",
+    "state_dir",
+    "log",
+    "metrics_url",
+    "healthz_url",
+}
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _mounts_under(path: Path) -> list[str]:
+    root = str(path.resolve())
+    with open("/proc/self/mounts", encoding="utf-8") as fh:
+        return [ln.split()[1] for ln in fh if ln.split()[1].startswith(root)]
+
+
+@pytest.mark.timeout(120)
+def test_a_short_star_run_writes_the_run_directory_and_cleans_up(tmp_path: Path) -> None:
+    raw = {
+        "name": "short-star",
+        "duration_s": 16,
+        "federation": {"shape": "star", "sites": 2},
+        "run": {"tmpfs_mb": 8, "stop_grace_s": 5},
+        "expect": {"resume_within_s": 10},
+        "fault": [
+            {"at_s": 6, "for_s": 3, "kind": "kill", "targets": ["site-0"]},
+            {"at_s": 10, "kind": "restart", "targets": ["root"]},
+            {"at_s": 12, "for_s": 2, "kind": "disk_full", "targets": ["site-1"]},
+            {"at_s": 4, "for_s": 4, "kind": "latency", "latency_ms": 30, "targets": ["all"]},
+        ],
+    }
+    out = tmp_path / "run"
+    run = ChaosRun(parse_scenario(raw), out, backend="proxy")
+    assert execute(run) is False
+
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["scenario"] == "short-star" and doc["finished"] is True
+    assert doc["duration_s"] >= 16 and doc["resume_within_s"] == 10
+    assert doc["expect"] == {"resume_within_s": 10.0}
+    assert doc["backend"] == "proxy"
+    assert set(doc["nodes"]) == {"root", "site-0", "site-1"}
+    for node_id, node in doc["nodes"].items():
+        assert set(node) == NODE_KEYS
+        assert (out / node["config"]).is_file() and (out / node["log"]).is_file()
+        assert (out / node["state_dir"]).is_dir()
+        assert node["parent"] == (None if node_id == "root" else "root")
+        assert node["metrics_url"].endswith("/metrics")
+    # Children reach the root through the proxy, not directly.
+    site_cfg = load_config(out / doc["nodes"]["site-0"]["config"])
+    assert site_cfg.parent is not None
+    assert str(doc["links"]["site-0->root"]) in site_cfg.parent.url
+
+    events = _lines(out / "timeline.jsonl")
+    assert all(set(e) == EVENT_KEYS for e in events)
+    kinds = [(e["event"], e["fault"], tuple(e["targets"])) for e in events]
+    kill = kinds.index(("process_kill", "kill@6", ("site-0",)))
+    back = kinds.index(("process_start", "kill@6", ("site-0",)))
+    assert kill < back and events[back]["t"] >= events[kill]["t"] + 3
+    restart = kinds.index(("process_kill", "restart@10", ("root",)))
+    assert kinds[restart + 1] == ("process_start", "restart@10", ("root",))
+    assert ("fault_start", "latency@4", ("site-0->root", "site-1->root")) in kinds
+    assert ("fault_end", "latency@4", ("site-0->root", "site-1->root")) in kinds
+    assert events[-1]["event"] == "process_kill" and events[-1]["detail"]["end"] is True
+    if tmpfs_support()[0]:
+        full = next(e for e in events if e["fault"] == "disk_full@12")
+        assert full["event"] == "fault_start" and full["detail"]["free_bytes"] < 64 * 1024
+    else:
+        assert any(s.startswith("disk_full@12:") for s in doc["skipped"])
+
+    samples = _lines(out / "samples.jsonl")
+    assert {s["node"] for s in samples} == {"root", "site-0", "site-1"}
+    assert {s["healthz"] for s in samples} <= {"ok", "fail", "timeout", "down"}
+    assert all(all(k.startswith("fedloom_") for k in s["metrics"]) for s in samples)
+    versions = [
+        s["metrics"].get("fedloom_model_version", 0) for s in samples if s["node"] == "root"
+    ]
+    assert max(versions) >= 1  # the federation trained
+
+    pids = [e["detail"]["pid"] for e in events if e["event"] == "process_start"]
+    assert len(pids) == 5  # three daemons, one restart after the kill, one of the root
+    assert wait_gone(pids, timeout=5.0) == []
+    assert _mounts_under(tmp_path) == []
+
+
+def test_local_init_writes_a_federation_that_loads(tmp_path: Path, capsys: Any) -> None:
+    target = tmp_path / "fed"
+    assert main(["local", "init", str(target), "--regions", "2", "--sites", "3"]) == 0
+    readme = (target / "README.txt").read_text()
+    assert "fedloom run --config" in readme and str(target / "state") in readme
+    ids = {"root", "region-0", "region-1", "site-0", "site-1", "site-2"}
+    assert {p.stem for p in target.glob("*.toml")} == ids | {"roster"}
+    for node in ids:
+        assert load_config(target / f"{node}.toml").node_id == node  # roster, keys, plan agree
+    star = tmp_path / "star"
+    assert main(["local", "init", str(star), "--shape", "star", "--sites", "2"]) == 0
+    root = load_config(star / "root.toml")
+    assert root.children == ("site-0", "site-1")
+    assert load_config(star / "site-1.toml").parent.id == "root"  # type: ignore[union-attr]
+    assert not (star / "region-0.toml").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["local", "init", "{tmp}/x", "--regions", "5", "--sites", "2"], "--regions: expected 1"),
+        (["local", "init", "{tmp}/x", "--sites", "0"], "--sites: expected at least 1"),
+        (["local", "up", "{tmp}"], "not a directory written by `fedloom local init`"),
+        (["chaos", "{tmp}/missing.toml"], "no such scenario file"),
+    ],
+)
+def test_user_mistakes_are_one_line(
+    tmp_path: Path, capsys: Any, argv: list[str], needle: str
+) -> None:
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_chaos_refuses_to_wipe_a_directory_that_is_not_a_run(tmp_path: Path, capsys: Any) -> None:
+    scen = tmp_path / "s.toml"
+    scen.write_text('duration_s = 5\n[federation]\nshape = "star"\nsites = 1\n')
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("do not delete")
+    assert main(["chaos", str(scen), "--out", str(keep), "--backend", "proxy"]) == 2
+    assert "not empty and not an earlier chaos run" in capsys.readouterr().err
+    assert (keep / "thesis.txt").exists()
+    assert os.listdir(keep) == ["thesis.txt"]
