@@ -95,12 +95,23 @@ re-admits it. ``PeerDown(j)`` takes ``j`` out of mixing and sending at once, unt
 Before the first event ``next_deadline()`` is ``0.0`` (start me now); the first event,
 whatever it is, starts the timers at its ``now``. The first pure-consensus step comes at
 a random phase within one interval (from ``rng``) so peers do not step in lock-step.
+
+Durability (``durable=True``, as daemons run it; issue 13 item 5): the peer keeps its
+model, step, clip history and, under push-sum, its mass ``(x, w)`` and what each neighbour
+owes across a restart. Each step ends with ``Persist(CHECKPOINT_KEY, snapshot())`` *before*
+the step's shares are sent, so a share never leaves while the mass it took away could
+still come back after a crash (that would create mass); each push-sum share taken in is
+appended to ``GOSSIP_IN_KEY`` (the ``x`` and ``w`` summed in), which ``restore`` adds back
+on top of the checkpoint. So a restart conserves the network's mass except for what was
+in flight: shares sent but not yet durably taken in (as for a share lost on a link). The
+neighbours' D-PSGD models, liveness and rate budgets are not kept: they come back within a
+gossip interval.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Any
 
@@ -123,6 +134,7 @@ from algorithms.protocol import (
     Metric,
     PeerDown,
     PeerUp,
+    Persist,
     ProtocolMisuseError,
     Received,
     Send,
@@ -146,6 +158,9 @@ UNANSWERED_SHARES = 3.0
 MIN_SHARE_WEIGHT = 1e-6
 # Push-sum keeps at least this many ulps' worth of its mass (see ``_min_keep``).
 _KEEP_ULPS = 8192.0
+# Durable state (``durable=True``): the whole peer, and the push-sum shares taken since.
+CHECKPOINT_KEY = "checkpoint"
+GOSSIP_IN_KEY = "gossip_in"
 
 
 def share_weight_bound(setting: float | str | None, n_peers: int) -> float | None:
@@ -233,6 +248,7 @@ class GossipPeer:
         clip: object = "auto",
         max_share_weight: float | None = 1.0,
         rng: np.random.Generator,
+        durable: bool = False,
     ) -> None:
         if not isinstance(node_id, str) or not node_id:
             raise ValueError("node_id must be a non-empty string")
@@ -308,6 +324,7 @@ class GossipPeer:
         self._job_base: Vector | None = None  # push-sum: the z handed to the running job
         self._deadline: float | None = 0.0
         self._model_cache: Weights | None = None
+        self.durable = durable
 
     def _budgets(self, interval_s: float) -> tuple[WeightBudget | None, WeightBudget | None]:
         """A neighbour's (inbound, outbound) push-sum budgets: ``max_share_weight`` per
@@ -496,6 +513,8 @@ class GossipPeer:
         self._x = new_x
         self._w += w
         self._model_cache = None
+        if self.durable:  # before anything this mass could leave in: the next step's shares
+            out.append(Persist(GOSSIP_IN_KEY, {"peer": peer, "x": x, "w": w}, append=True))
         return True
 
     def _refresh(self, peer: str, n: _Neighbour, now: float, out: list[Effect]) -> None:
@@ -625,12 +644,21 @@ class GossipPeer:
             self._model_cache = None
 
     def _share(self, now: float, out: list[Effect]) -> None:
-        """Send this step's share to every live neighbour."""
+        """Send this step's share to every live neighbour (after the step's checkpoint,
+        when durable: see the module docstring)."""
+        sends: list[Effect] = []
+        self._make_shares(now, out, sends)
+        if self.durable:
+            out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
+        out.extend(sends)
+
+    def _make_shares(self, now: float, out: list[Effect], sends: list[Effect]) -> None:
+        """The step's ``Send`` effects into ``sends``; (x, w) keeps what does not leave."""
         if self._mode is GossipMode.DPSGD:
             _, model = self.current_model()
             for peer, n in self._nbrs.items():
                 if n.state in _SENDABLE:
-                    out.append(Send(peer, GossipShare(self._id, self._step, model, 1.0)))
+                    sends.append(Send(peer, GossipShare(self._id, self._step, model, 1.0)))
                     n.last_sent = now
             return
         kept_x = self._x.copy()
@@ -661,7 +689,7 @@ class GossipPeer:
                 n.outbound.spend(share_w)
             n.owed += share_w
             kept_w -= share_w
-            out.append(Send(peer, GossipShare(self._id, self._step, share, share_w)))
+            sends.append(Send(peer, GossipShare(self._id, self._step, share, share_w)))
             n.last_sent = now
         self._x = kept_x
         self._w = kept_w
@@ -679,6 +707,58 @@ class GossipPeer:
                     {"peer": peer, "owed": n.owed, "unlogged_before": unlogged},
                 )
             )
+
+    # ----------------------------------------------------------------- durability
+
+    def snapshot(self) -> dict[str, Any]:
+        """The peer's durable state (arrays copied: the store encodes it later)."""
+        return {
+            "kind": "gossip",
+            "node_id": self._id,
+            "mode": self._mode.value,
+            "x": self._x.copy(),
+            "w": self._w,
+            "step": self._step,
+            "job": self._job,
+            "owed": {peer: n.owed for peer, n in self._nbrs.items()},
+            "clip": self._clip.snapshot(),
+        }
+
+    def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
+        """Load ``snapshot()`` output, then add back the push-sum shares taken in after it
+        (``GOSSIP_IN_KEY`` records). ValueError for state this peer cannot have written."""
+        if state.get("kind") != "gossip" or state.get("node_id") != self._id:
+            raise ValueError(f"not a gossip snapshot of {self._id!r}")
+        if state.get("mode") != self._mode.value:
+            raise ValueError(f"a {state.get('mode')!r} snapshot, but this peer runs {self.mode!r}")
+        x = self._vector(state["x"], "x")
+        w = float(state["w"])
+        if not (math.isfinite(w) and (w > 0.0 or self._mode is GossipMode.DPSGD)):
+            raise ValueError(f"push-sum weight must be finite and > 0, got {w!r}")
+        owed = {str(p): float(v) for p, v in dict(state.get("owed", {})).items()}
+        if not all(math.isfinite(v) for v in owed.values()):
+            raise ValueError("owed weights must be finite")
+        self._clip.restore(state.get("clip", {}))
+        for rec in records:
+            peer = str(rec["peer"])
+            taken_w = float(rec["w"])
+            if peer not in self._nbrs or not (math.isfinite(taken_w) and taken_w > 0.0):
+                raise ValueError(f"a share record from {peer!r} of weight {taken_w!r}")
+            x = x + self._vector(rec["x"], "a share record's x")
+            w += taken_w
+            owed[peer] = owed.get(peer, 0.0) - taken_w
+        self._x, self._w = x, w
+        self._step = max(0, int(state["step"]))
+        self._job = max(0, int(state.get("job", 0)))
+        for peer, n in self._nbrs.items():
+            n.owed = owed.get(peer, 0.0)
+        self._model_cache = None
+
+    def _vector(self, value: object, what: str) -> Vector:
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.shape != (self._layout.size,) or not np.isfinite(arr).all():
+            raise ValueError(f"{what}: expected {self._layout.size} finite values")
+        return arr
 
     # --------------------------------------------------------------------- timers
 

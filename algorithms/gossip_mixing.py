@@ -212,6 +212,37 @@ class DistanceClip:
         if movement is not None and 0.0 <= movement < math.inf:
             self._own.append(movement)
 
+    def snapshot(self) -> dict[str, Any]:
+        """What "auto" has learnt, as plain data (``restore`` takes it back)."""
+        return {
+            "initial": self._initial,
+            "recent": {peer: list(d) for peer, d in self._recent.items()},
+            "own": list(self._own),
+            "seen": self._seen,
+            "steps": self._steps,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Load a ``snapshot()``; ValueError for a value no live clip could have written
+        (a NaN, negative or infinite distance would let neighbours through unclipped)."""
+
+        def distance(value: object) -> float:
+            if not isinstance(value, float | int) or not 0.0 <= float(value) < math.inf:
+                raise ValueError(f"clip: a distance must be finite and >= 0, got {value!r:.40}")
+            return float(value)
+
+        initial = distance(state.get("initial", self._initial))
+        if initial > 0.0:
+            self._initial = initial
+        for peer, values in dict(state.get("recent", {})).items():
+            if peer in self._recent:  # a neighbour no longer listed is forgotten
+                self._recent[peer].clear()
+                self._recent[peer].extend(distance(v) for v in values)
+        self._own.clear()
+        self._own.extend(distance(v) for v in state.get("own", ()))
+        self._seen = max(0, int(state.get("seen", 0)))
+        self._steps = max(0, int(state.get("steps", 0)))
+
 
 class WeightBudget:
     """A token bucket in push-sum weight: ``capacity``, refilled at ``rate`` per second."""

@@ -58,7 +58,7 @@ from algorithms import site as site_mod
 from algorithms.aggregator_base import APPLIED_KEY, AggregatorBase
 from algorithms.fedasync import FedAsyncAggregator
 from algorithms.fedbuff import FedBuffAggregator
-from algorithms.gossip import GossipPeer, share_weight_bound
+from algorithms.gossip import GOSSIP_IN_KEY, GossipPeer, share_weight_bound
 from algorithms.intake import ClaimBounds
 from algorithms.protocol import Metric, ModelHolder, Node, Persist
 from algorithms.regional import RegionalAggregator
@@ -373,6 +373,7 @@ def _gossip_peer(
         clip=p.gossip_clip,
         max_share_weight=share_weight_bound(p.gossip_max_share_weight, n_peers),
         rng=rng,
+        durable=True,  # model, step and push-sum mass survive a restart
     )
 
 
@@ -392,8 +393,12 @@ def restore_node(node: Node, recovery: Recovery) -> None:
         )
     elif isinstance(node, FedBuffAggregator | FedAsyncAggregator | SyncAggregator):
         node.restore(state if state is not None else node.snapshot(), recovery.records(APPLIED_KEY))
-    # A gossip peer keeps no durable state: after a restart it mixes back in from its
-    # neighbours' models.
+    elif isinstance(node, GossipPeer):
+        # Its model, step and push-sum mass: the checkpoint of its last step plus the
+        # shares it took in since (the neighbours' models come back within an interval).
+        node.restore(
+            state if state is not None else node.snapshot(), recovery.records(GOSSIP_IN_KEY)
+        )
 
 
 def _has_snapshot(node: Node) -> bool:
