@@ -93,6 +93,9 @@ class Update:
     task: int = -1
     metrics: Mapping[str, float] = field(default_factory=dict)
     sig: bytes = b""
+    # A region's forward: the site updates ``(site, seq)`` folded into it (nested regions
+    # pass their children's on), so a parent can tell whose updates it already has.
+    pairs: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,26 @@ class Ack:
 
     src: str
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Incorporated:
+    """Update ``(src, seq)`` is settled for good: it is in the root's model, or the tree
+    decided never to apply it (stale, rejected). Its sender need not keep it any longer
+    (``algorithms.incorporation``)."""
+
+    src: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Overlap:
+    """Forward ``(src, seq)`` is refused, unrecorded: the parent already took the site
+    updates ``pairs`` (through a standby region). The region rebuilds it without them."""
+
+    src: str
+    seq: int
+    pairs: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +190,8 @@ Message: TypeAlias = (
     | Heartbeat
     | Relayed
     | RosterUpdate
+    | Incorporated
+    | Overlap
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -179,6 +204,8 @@ MESSAGE_TYPES: tuple[type, ...] = (
     Heartbeat,
     Relayed,
     RosterUpdate,
+    Incorporated,
+    Overlap,
 )
 
 
@@ -192,8 +219,11 @@ MESSAGE_TYPES: tuple[type, ...] = (
 
 WIRE_VERSION = 1
 MAX_BIN_BYTES = 256  # bin fields hold 64-byte signatures; anything longer is refused
+# Site updates one forward may name; aggregators bound it further by the region's count.
+MAX_PAIRS = 1 << 16
 
 _STR, _INT, _FLOAT, _TENSORS, _MAP, _BIN = "str", "int", "float", "tensors", "map", "bin"
+_PAIRS = "pairs"  # an array of distinct [str, int >= 1] pairs
 _SCALAR_TYPES = (str, int, float, bool)
 _TENSOR_FIELD_KEYS = frozenset(("m", "p"))
 _PACK_BUF_SIZE = 1 << 16
@@ -245,8 +275,11 @@ _SCHEMAS: dict[type, _Schema] = {
         ("task", _INT),
         ("metrics", _MAP),
         ("sig", _BIN),
+        ("pairs", _PAIRS),
     ),
     Ack: _schema("ack", Ack, ("src", _STR), ("seq", _INT)),
+    Incorporated: _schema("incorporated", Incorporated, ("src", _STR), ("seq", _INT)),
+    Overlap: _schema("overlap", Overlap, ("src", _STR), ("seq", _INT), ("pairs", _PAIRS)),
     GossipShare: _schema(
         "gossip_share", GossipShare, ("src", _STR), ("step", _INT), ("x", _TENSORS), ("w", _FLOAT)
     ),
@@ -304,10 +337,24 @@ def encode(msg: Message, spec: CodecSpec = DEFAULT_SPEC) -> bytes:
                     f"{schema.name}.{name} has {len(value)} bytes, limit {MAX_BIN_BYTES}"
                 )
             env[name] = value
+        elif kind == _PAIRS:
+            env[name] = _plain_pairs(schema.name, name, value)
         else:
             env[name] = _plain_mapping(schema.name, name, value)
     packed: bytes = msgpack.packb(env, use_bin_type=True, buf_size=buf_size)
     return packed
+
+
+def _plain_pairs(msg_name: str, field_name: str, value: Any) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for item in value:
+        src, seq = item
+        if not isinstance(src, str):
+            raise TypeError(f"{msg_name}.{field_name}: site ids must be str, got {src!r}")
+        out.append([src, int(operator.index(seq))])
+    if len(out) > MAX_PAIRS:
+        raise ValueError(f"{msg_name}.{field_name}: {len(out)} pairs, limit {MAX_PAIRS}")
+    return out
 
 
 def _plain_mapping(msg_name: str, field_name: str, value: Mapping[str, Any]) -> dict[str, Any]:
@@ -387,6 +434,8 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMIT
             value = _decode_tensor_field(schema.name, name, value, limits)
         elif kind == _FLOAT:
             value = _check_float(schema.name, name, value, limits)
+        elif kind == _PAIRS:
+            value = _check_pairs(schema.name, name, value)
         else:
             _check_mapping(schema.name, name, value, limits)
         kwargs[name] = value
@@ -409,6 +458,26 @@ def _check_float(msg_name: str, name: str, value: object, limits: Limits) -> flo
         raise MalformedMessage(f"{msg_name}.{name} must be a float")
     if limits.reject_nonfinite and not math.isfinite(value):
         raise MalformedMessage(f"{msg_name}.{name} must be finite, got {value}")
+    return value
+
+
+def _check_pairs(msg_name: str, name: str, value: object) -> tuple[tuple[str, int], ...]:
+    """Distinct ``(str, int >= 1)`` pairs, at most ``MAX_PAIRS`` (strings are already
+    capped by the unpacker)."""
+    if type(value) is not tuple:
+        raise MalformedMessage(f"{msg_name}.{name} must be an array")
+    if len(value) > MAX_PAIRS:
+        raise MalformedMessage(f"{msg_name}.{name} has {len(value)} pairs, limit {MAX_PAIRS}")
+    seen: set[tuple[str, int]] = set()
+    for item in value:
+        if type(item) is not tuple or len(item) != 2:
+            raise MalformedMessage(f"{msg_name}.{name} entries must be [site, seq] arrays")
+        src, seq = item
+        if type(src) is not str or not src or type(seq) is not int or seq < 1:
+            raise MalformedMessage(f"{msg_name}.{name} entries must be [non-empty str, int >= 1]")
+        if item in seen:
+            raise MalformedMessage(f"{msg_name}.{name} names ({src!r}, {seq}) twice")
+        seen.add(item)
     return value
 
 

@@ -142,6 +142,7 @@ def update_bytes(delta: dict[str, Any], src: str = "site-1") -> bytes:
             "task": -1,
             "metrics": {},
             "sig": b"s" * 64,
+            "pairs": [],
         },
         use_bin_type=True,
     )

@@ -1,0 +1,391 @@
+"""Exactly-once at the root across a regional failover: who must keep which update.
+
+Failover (issue 13, item 4): when a regional aggregator stays down, its sites switch to
+the region's elected standby (``SiteNode`` fallbacks). Updates the dead region had
+acknowledged but not yet forwarded must neither be lost nor counted twice. The mechanism:
+
+* **Keep until settled.** A child keeps each update after its parent's ``Ack`` until it
+  learns the update is *settled*: in the root's model, or decided for good (stale,
+  rejected). The root says so with ``Incorporated(src, seq)`` when it records a region's
+  forward; a region passes that on to the children whose updates the forward carried.
+  A child resends what it keeps to whichever parent it has after a reconnect or a
+  failover (``HeldUpdates``, sites); a parent answers a resend it has settled with
+  ``Incorporated`` again, so a lost notice costs one resend.
+* **Forwards name their site updates.** A region's forward carries the ``(site, seq)``
+  pairs folded into it (``Update.pairs``; a nested region passes its children's on). A
+  parent that declares a region child's subtree (``PairLedger``) refuses pairs of sites
+  outside it, more pairs than the forward's count, and — unrecorded, with an
+  ``Overlap`` naming them — a forward carrying pairs it has already taken. So the root
+  counts each site update once, whichever region delivers it, including a dead region
+  that comes back after a partition with an old forward.
+* **A refused region rebuilds.** A region keeps the (clipped, discounted) deltas of each
+  forward until that forward is settled (``RegionForwards``); on ``Overlap`` it rebuilds
+  the aggregate, under the same seq, from the contributions that carry none of the named
+  pairs (those were delivered by the standby), or drops it when nothing is left.
+
+Limits: a contribution from a nested region is one aggregate, so it is kept or dropped
+whole; pairs of it that the parent had not taken are then lost (metric
+``pairs_lost``). Standbys are meant for regions whose children are sites.
+
+All of it is sans-I/O bookkeeping; the nodes persist it through ``Persist`` records
+(``HELD_KEY`` for sites, ``FORWARDS_KEY`` for regions) and their checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from algorithms.ledger import AppliedLedger
+from algorithms.protocol import Effect, Persist, Send, Weights
+from transport.wire import Update
+
+__all__ = [
+    "DEFAULT_FAILOVER_AFTER_S",
+    "DEFAULT_MAX_HELD",
+    "FORWARDS_KEY",
+    "HELD_KEY",
+    "Contribution",
+    "HeldUpdates",
+    "PairLedger",
+    "RegionForwards",
+]
+
+HELD_KEY = "site/held"
+FORWARDS_KEY = "region/forwards"
+DEFAULT_FAILOVER_AFTER_S = 60.0
+# Updates a site keeps after their ack, waiting to be settled; when full it trains no more
+# (backpressure), so its memory and disk stay bounded whatever the tree does.
+DEFAULT_MAX_HELD = 32
+# Kept updates resent at once on a new link (each answer sends the next): they are
+# model-sized and come on top of the outbox's window, whose bytes leave room for one more
+# under the connection's send-queue cap (``algorithms.outbox``).
+HELD_WINDOW = 1
+
+Pair = tuple[str, int]
+
+
+class HeldUpdates:
+    """A child's acknowledged, not yet settled updates (seq order), bounded by ``limit``."""
+
+    __slots__ = ("_held", "_in_flight", "_parent", "_queue", "_since_checkpoint", "limit")
+
+    def __init__(self, limit: int = DEFAULT_MAX_HELD) -> None:
+        if limit < 1:
+            raise ValueError(f"max_held must be >= 1, got {limit}")
+        self.limit = limit
+        self._held: dict[int, Update] = {}
+        self._since_checkpoint = 0  # records logged since the last checkpoint
+        # The resend pass on the current link: seqs still to send, and those sent unanswered.
+        self._parent: str | None = None
+        self._queue: list[int] = []
+        self._in_flight: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @property
+    def full(self) -> bool:
+        return len(self._held) >= self.limit
+
+    def keep(self, update: Update) -> list[Effect]:
+        """Keep an update its parent acknowledged (one append, with the update)."""
+        if update.seq in self._held:
+            return []
+        self._held[update.seq] = update
+        self._since_checkpoint += 1
+        return [Persist(HELD_KEY, {"op": "keep", "update": update}, append=True)]
+
+    def settle(self, seq: int) -> list[Effect]:
+        """Forget ``seq`` (settled; a notice for anything not kept is ignored), and resend
+        the next kept update if this one was being resent."""
+        if self._held.pop(seq, None) is None:
+            return self.answered(seq)
+        self._since_checkpoint += 1
+        out: list[Effect] = [Persist(HELD_KEY, {"op": "settle", "seq": seq}, append=True)]
+        return out + self.answered(seq)
+
+    def resend(self, parent: str) -> list[Effect]:
+        """A (new) link to ``parent``: resend every kept update, oldest first, paced by
+        the parent's answers (``answered``)."""
+        self._parent = parent
+        self._queue = sorted(self._held, reverse=True)  # popped from the end: oldest first
+        self._in_flight.clear()
+        return self._next()
+
+    def answered(self, seq: int) -> list[Effect]:
+        """The parent answered (acked or settled) ``seq``: send the next kept update."""
+        if seq not in self._in_flight:
+            return []
+        self._in_flight.discard(seq)
+        return self._next()
+
+    def link_down(self) -> None:
+        self._parent = None
+        self._queue.clear()
+        self._in_flight.clear()
+
+    def _next(self) -> list[Effect]:
+        out: list[Effect] = []
+        while self._parent is not None and self._queue and len(self._in_flight) < HELD_WINDOW:
+            seq = self._queue.pop()
+            update = self._held.get(seq)
+            if update is not None:
+                self._in_flight.add(seq)
+                out.append(Send(self._parent, update))
+        return out
+
+    def compaction_due(self) -> bool:
+        """A checkpoint (which carries every kept update) is worth writing now: nothing is
+        kept, or the log has grown by twice the bound since the last one."""
+        return not self._held or self._since_checkpoint >= 2 * self.limit
+
+    def checkpointed(self) -> None:
+        self._since_checkpoint = 0
+
+    def snapshot(self) -> list[Update]:
+        return list(self._held.values())
+
+    def restore(self, state: Iterable[Update], records: Iterable[Mapping[str, Any]] = ()) -> None:
+        self._held = {u.seq: u for u in state}
+        for rec in records:
+            if rec["op"] == "keep":
+                update = rec["update"]
+                self._held[int(update.seq)] = update
+            elif rec["op"] == "settle":
+                self._held.pop(int(rec["seq"]), None)
+        self._held = dict(sorted(self._held.items()))
+        self._since_checkpoint = 0
+        self.link_down()
+
+
+class PairLedger:
+    """A parent's record of the site updates it took inside region children's forwards.
+
+    Only region children whose subtree is declared (``set_subtrees``) are checked; for the
+    others pairs are ignored, as before forwards carried them. Bounded like
+    ``AppliedLedger`` (per site: a watermark and at most ``MAX_ABOVE`` seqs above it).
+    """
+
+    __slots__ = ("_ledger", "_subtrees")
+
+    def __init__(self) -> None:
+        self._ledger = AppliedLedger()
+        self._subtrees: dict[str, frozenset[str]] = {}
+
+    def set_subtrees(self, subtrees: Mapping[str, Iterable[str]]) -> None:
+        self._subtrees = {r: frozenset(s) for r, s in subtrees.items()}
+
+    def declared(self, region: str) -> bool:
+        return region in self._subtrees
+
+    def problem(self, region: str, pairs: Sequence[Pair], count: int) -> str | None:
+        """Why a forward from ``region`` claiming ``pairs`` (of ``count`` site updates)
+        is malformed, or None. O(len(pairs))."""
+        if len(pairs) > count:
+            return "pairs_exceed_count"
+        sites = self._subtrees.get(region, frozenset())
+        if any(site not in sites for site, _ in pairs):
+            return "foreign_pairs"
+        if len(set(pairs)) != len(pairs):
+            return "duplicate_pairs"
+        return None
+
+    def overlap(self, pairs: Iterable[Pair]) -> list[Pair]:
+        """The pairs already taken."""
+        return [p for p in pairs if self._ledger.seen(p[0], p[1])]
+
+    def record(self, pairs: Iterable[Pair]) -> None:
+        for site, seq in pairs:
+            self._ledger.record(site, seq)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._ledger.snapshot()
+
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        self._ledger = AppliedLedger.from_snapshot(state or {})
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """One child update inside a region's forward: enough to rebuild the aggregate."""
+
+    src: str
+    seq: int
+    pairs: tuple[Pair, ...]  # the site updates it stands for
+    delta: Weights | None  # as buffered (clipped); None until the flush
+    s: float
+    n_examples: int
+    count: int
+
+
+@dataclass(slots=True)
+class _Forward:
+    update: Update
+    parts: list[Contribution]
+
+
+# The region's rebuild: contributions -> (delta, n_examples, count), or None if not finite.
+Rebuild = Callable[[list[Contribution]], tuple[Weights, int, int] | None]
+
+
+class RegionForwards:
+    """A region's forwards not yet settled, each with its contributions.
+
+    ``note`` records a child update as it enters the buffer, ``flushed`` binds the buffered
+    ones to the forward they became. A forward is settled by the parent's
+    ``Incorporated`` (its children are told in turn) or rebuilt after an ``Overlap``.
+    Memory: one forward's deltas times the forwards the outbox may hold.
+    """
+
+    __slots__ = ("_filling", "_forwards", "_unsettled")
+
+    def __init__(self) -> None:
+        self._filling: list[Contribution] = []
+        self._forwards: dict[int, _Forward] = {}
+        self._unsettled: dict[Pair, int] = {}  # child (src, seq) -> how many hold it
+
+    def __len__(self) -> int:
+        return len(self._forwards)
+
+    def note(self, src: str, seq: int, pairs: Sequence[Pair], n_examples: int, count: int) -> None:
+        c = Contribution(src, seq, tuple(pairs), None, 0.0, n_examples, count)
+        self._filling.append(c)
+        self._hold((src, seq), 1)
+
+    def flushed(self, entries: Sequence[tuple[Weights, float]]) -> list[Contribution]:
+        """The buffer was flushed: its (delta, discount) entries, in order, complete the
+        noted contributions, which are returned (a restored buffer from an older
+        checkpoint has entries without notes: they carry no pairs)."""
+        filling, self._filling = self._filling, []
+        n = len(entries)
+        notes = filling[-n:] if n else []
+        pad = [Contribution("", 0, (), None, 0.0, 0, 0)] * (n - len(notes))
+        return [
+            Contribution(c.src, c.seq, c.pairs, d, s, c.n_examples, c.count)
+            for c, (d, s) in zip(pad + notes, entries, strict=True)
+        ]
+
+    def add(self, update: Update, parts: list[Contribution]) -> None:
+        self._forwards[update.seq] = _Forward(update, parts)
+
+    def settled_now(self, parts: Iterable[Contribution]) -> list[Pair]:
+        """``parts`` will never be forwarded (dropped aggregate): release them."""
+        out = []
+        for c in parts:
+            if c.src:
+                self._hold((c.src, c.seq), -1)
+                out.append((c.src, c.seq))
+        return out
+
+    def unsettled(self, src: str, seq: int) -> bool:
+        return (src, seq) in self._unsettled
+
+    def settle(self, seq: int) -> list[Pair] | None:
+        """Forward ``seq`` is settled: the child updates now settled (None: unknown seq)."""
+        fwd = self._forwards.pop(seq, None)
+        if fwd is None:
+            return None
+        return self.settled_now(fwd.parts)
+
+    def update(self, seq: int) -> Update | None:
+        fwd = self._forwards.get(seq)
+        return None if fwd is None else fwd.update
+
+    def updates(self) -> list[Update]:
+        return [f.update for f in self._forwards.values()]
+
+    def rebuild(
+        self, seq: int, taken: Iterable[Pair], build: Rebuild
+    ) -> tuple[Update | None, list[Pair], list[Pair]] | None:
+        """Forward ``seq`` without every contribution carrying a pair of ``taken``.
+
+        Returns ``(new update or None if nothing is left, settled child updates, site
+        pairs lost)``, or None when ``seq`` is not held. The new update keeps the seq and
+        base version; its signature is made again when it is sent.
+        """
+        fwd = self._forwards.get(seq)
+        if fwd is None:
+            return None
+        gone = set(taken)
+        keep = [c for c in fwd.parts if not gone.intersection(c.pairs)]
+        drop = [c for c in fwd.parts if gone.intersection(c.pairs)]
+        lost = [p for c in drop for p in c.pairs if p not in gone]
+        settled = self.settled_now(drop)
+        built = build(keep) if keep else None
+        if built is None:
+            del self._forwards[seq]
+            return None, settled, lost
+        delta, n_examples, count = built
+        old = fwd.update
+        new = Update(
+            src=old.src,
+            seq=old.seq,
+            base_version=old.base_version,
+            delta=delta,
+            n_examples=n_examples,
+            count=count,
+            task=old.task,
+            metrics=old.metrics,
+            pairs=tuple(p for c in keep for p in c.pairs),
+        )
+        self._forwards[seq] = _Forward(new, keep)
+        return new, settled, lost
+
+    def _hold(self, key: Pair, step: int) -> None:
+        n = self._unsettled.get(key, 0) + step
+        if n > 0:
+            self._unsettled[key] = n
+        else:
+            self._unsettled.pop(key, None)
+
+    # ---------------------------------------------------------- durability
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "filling": [_plain(c) for c in self._filling],
+            "forwards": [
+                {"update": f.update, "parts": [_plain(c) for c in f.parts]}
+                for f in self._forwards.values()
+            ],
+        }
+
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        state = state or {}
+        self._filling = []
+        self._forwards = {}
+        self._unsettled = {}
+        for raw in state.get("filling", ()):
+            c = _contribution(raw)
+            self._filling.append(c)
+            self._hold((c.src, c.seq), 1)
+        for raw in state.get("forwards", ()):
+            parts = [_contribution(p) for p in raw["parts"]]
+            self.add(raw["update"], parts)
+            for c in parts:
+                if c.src:
+                    self._hold((c.src, c.seq), 1)
+
+
+def _plain(c: Contribution) -> dict[str, Any]:
+    return {
+        "src": c.src,
+        "seq": c.seq,
+        "pairs": [list(p) for p in c.pairs],
+        "delta": c.delta,
+        "s": c.s,
+        "n_examples": c.n_examples,
+        "count": c.count,
+    }
+
+
+def _contribution(raw: Mapping[str, Any]) -> Contribution:
+    return Contribution(
+        str(raw["src"]),
+        int(raw["seq"]),
+        tuple((str(p[0]), int(p[1])) for p in raw["pairs"]),
+        None if raw["delta"] is None else dict(raw["delta"]),
+        float(raw["s"]),
+        int(raw["n_examples"]),
+        int(raw["count"]),
+    )
