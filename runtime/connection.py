@@ -460,6 +460,17 @@ class Connection:
                 await self.pipe.send(msg, after)
             except LinkClosed as exc:
                 raise _Ended(f"link closed while sending: {describe(exc)}") from None
+            except Exception as exc:
+                if (
+                    after is None
+                    or not after.done()
+                    or after.cancelled()
+                    or after.exception() is None
+                ):
+                    raise
+                # The durable write this message waited for failed (a full disk): it must
+                # not be sent, and the driver stops the node with the reason. Not a bug here.
+                raise _Ended(f"not sent: the write it waited for failed: {describe(exc)}") from None
 
     async def _lifetime(self, max_session_s: float) -> None:
         await asyncio.sleep(max_session_s)

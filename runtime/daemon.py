@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -69,12 +70,20 @@ from algorithms.training import TrainingPlan
 from runtime import systemd
 from runtime.config import RELAY_MESSAGE_MIB, DaemonConfig, load_config
 from runtime.driver import AsyncDriver
+from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK
 from runtime.log_filters import quiet_client_disconnects
 from runtime.malloc_tuning import GLIBC_TUNABLES
-from runtime.peers import Backoff, DialTarget, NetworkPeers, gossip_dial_targets
+from runtime.peers import Backoff, DialTarget, ListenError, NetworkPeers, gossip_dial_targets
 from runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
 from runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
-from runtime.store import CHECKPOINT_KEY, CorruptStateError, Recovery, StateStore, StoreError
+from runtime.store import (
+    CHECKPOINT_KEY,
+    CorruptStateError,
+    Recovery,
+    StateIOError,
+    StateStore,
+    StoreError,
+)
 from runtime.trainer import PlanTrainer, SitePlan, make_executor, plan_from_config
 from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root, claim_bounds
 from sim.config_reader import ConfigError
@@ -109,12 +118,15 @@ OBSERVE_INTERVAL_S = 1.0  # connected peers, bytes, buffer fill -> metrics
 # After SIGTERM, connections get this long to close in order (TAG_FINAL, close frames)
 # before whatever is still running is cancelled again (systemd's stop timeout is longer).
 STOP_GRACE_S = 6.0
-EXIT_OK = 0
-EXIT_FAILED = 1
 
 
 class DaemonError(RuntimeError):
-    """The daemon cannot start or had to stop (not a config mistake): one line, exit 1."""
+    """The daemon cannot start or had to stop (not a config mistake): one line, and
+    ``exit_code`` (``EXIT_FAILED`` unless the cause is the state's or the environment's)."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # =================================================================== identity and roster
@@ -426,20 +438,49 @@ class Daemon:
         self.store.close()
 
 
+# OS errors on the state directory that a restart cannot fix: state_dir names a file, ...
+_CONFIG_ERRNOS = frozenset({errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG})
+
+
+def stop_reason(exc: BaseException) -> DaemonError | None:
+    """The one line and exit status for an exception that ends the daemon, if expected:
+    damaged state, or the OS refusing the state directory (in a task group too). None:
+    not one of these (a bug: let it raise)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (reason := stop_reason(inner)) is not None:
+                return reason
+        return None
+    if isinstance(exc, DaemonError):
+        return exc
+    if isinstance(exc, CorruptStateError):
+        return DaemonError(
+            f"state_dir: {exc}; see `fedloom state check`", exit_code=EXIT_CORRUPT_STATE
+        )
+    if isinstance(exc, StateIOError):
+        return DaemonError(f"state_dir: {exc}", exit_code=EXIT_ENVIRONMENT)
+    if isinstance(exc, StoreError) and isinstance(exc.__cause__, OSError):
+        cause = exc.__cause__  # a store broken by an earlier failed write
+        return DaemonError(f"state_dir: {exc}: {cause}", exit_code=EXIT_ENVIRONMENT)
+    return None
+
+
 def _open_store(cfg: DaemonConfig) -> tuple[StateStore, Recovery]:
     try:
         store = StateStore(cfg.state_dir)
     except StoreError as exc:
         raise ConfigError(f"state_dir: {exc} (is this node already running?)") from None
     except OSError as exc:
+        if exc.errno not in _CONFIG_ERRNOS:
+            raise DaemonError(f"state_dir: {exc}", exit_code=EXIT_ENVIRONMENT) from None
         raise ConfigError(f"state_dir: cannot open {cfg.state_dir}: {exc.strerror}") from None
     try:
         return store, store.load()
-    except CorruptStateError as exc:
+    except BaseException as exc:
         store.close()
-        raise DaemonError(f"state_dir: {exc}") from None
-    except BaseException:
-        store.close()
+        reason = stop_reason(exc)
+        if reason is not None:
+            raise reason from None
         raise
 
 
@@ -1045,13 +1086,8 @@ async def serve(
                 await run
             finally:
                 stop.set()  # the helpers end with the driver, whichever way it ended
-    except* OSError as group:
-        if cfg.listen is None or peers.listen_url is not None:
-            raise
-        host, port = cfg.listen
-        raise DaemonError(
-            f"listen: cannot listen on {host}:{port}: {group.exceptions[0]}"
-        ) from None
+    except* ListenError as group:
+        raise DaemonError(f"listen: {_leaf(group)}") from None
     finally:
         finished = True
         for sig in signals:
@@ -1066,6 +1102,12 @@ async def serve(
     if _has_snapshot(d.node):
         d.store.apply(Persist(CHECKPOINT_KEY, d.node.snapshot()))  # type: ignore[attr-defined]
     log.info("%s: stopped cleanly", cfg.node_id, extra={"node": cfg.node_id})
+
+
+def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception of a (nested) task-group error."""
+    first = group.exceptions[0]
+    return _leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 # --------------------------------------------------------------------------- logging
@@ -1146,22 +1188,36 @@ def run_daemon(
 ) -> int:
     """``fedloom run``: load, recover, serve until SIGTERM; 0 on a clean stop.
 
-    Config mistakes raise ``ConfigError`` (exit 2 from the CLI); a daemon that cannot run
-    (corrupt state, a port in use) logs one line and returns 1.
+    Config mistakes raise ``ConfigError`` (``EXIT_CONFIG`` from the CLI); a daemon that
+    cannot run logs one line and returns ``EXIT_CORRUPT_STATE`` (damaged state),
+    ``EXIT_ENVIRONMENT`` (the disk refused a read or write: full, read-only, I/O error)
+    or ``EXIT_FAILED`` (anything else expected, e.g. a port in use).
     """
     cfg = load_config(config)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload during recovery: no-op, not a kill
     try:
         d = open_daemon(cfg)
-    except DaemonError as exc:
-        log.error("%s: %s", cfg.node_id, exc)
-        return EXIT_FAILED
+    except Exception as exc:
+        return _stopped(cfg, exc)
     try:
         with asyncio.Runner(loop_factory=_new_loop_factory()) as runner:
             runner.run(serve(d, eval_interval_s=eval_interval_s, ready_wait_s=ready_wait_s))
-    except DaemonError as exc:
-        log.error("%s: %s", cfg.node_id, exc, extra={"node": cfg.node_id})
-        return EXIT_FAILED
+    except Exception as exc:
+        return _stopped(cfg, exc)
     finally:
         d.close()
     return EXIT_OK
+
+
+def _stopped(cfg: DaemonConfig, exc: Exception) -> int:
+    """Log why the daemon stopped in one line and return its exit status (re-raise a bug)."""
+    reason = stop_reason(exc)
+    if reason is None:
+        raise exc
+    log.error(
+        "%s: %s",
+        cfg.node_id,
+        reason,
+        extra={"node": cfg.node_id, "exit_status": reason.exit_code},
+    )
+    return reason.exit_code

@@ -484,6 +484,18 @@ LIFETIME_JITTER = 0.1
 LIVE_WITHIN_KEEPALIVES = 2.0
 
 
+class ListenError(OSError):
+    """Binding the listening socket failed (address in use or not local, no permission):
+    told apart from any other OS error, which is not a listen failure."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.host, self.port, self.cause = host, port, cause
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.host}:{self.port}: {self.cause}"
+
+
 async def _ws_connect(url: str) -> Link:
     from transport import ws
 
@@ -646,7 +658,10 @@ class NetworkPeers:
                 self._tg = tg
                 if self.listen is not None:
                     host, port = self.listen
-                    self.listener = await self._serve(host, port, self._accept)
+                    try:
+                        self.listener = await self._serve(host, port, self._accept)
+                    except OSError as exc:
+                        raise ListenError(host, port, exc) from exc
                 for target in self.dial:
                     tg.create_task(self._dial_loop(target), name=f"dial {target.peer}")
                 try:

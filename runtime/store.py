@@ -103,7 +103,9 @@ __all__ = [
     "StoreError",
     "decode_state",
     "encode_state",
+    "read_value",
     "scan_log",
+    "wal_logs",
 ]
 
 CHECKPOINT_KEY = "checkpoint"
@@ -531,6 +533,30 @@ def _read_single(path: Path) -> Any:
         return _decode(path, 0, head, payload)
 
 
+def wal_logs(directory: Path) -> dict[int, Path]:
+    """The write-ahead logs in ``directory`` by epoch (the live one is the checkpoint's)."""
+    with _io_errors("read state from", directory):
+        names = os.listdir(directory)
+    found = (_WAL_RE.fullmatch(name) for name in names)
+    return {int(m.group(1)): directory / m.group(0) for m in found if m is not None}
+
+
+def read_value(path: Path, checkpoint_key: str = CHECKPOINT_KEY) -> tuple[str, Any, int]:
+    """A ``.ckpt`` file's key, data and epoch (0 unless it is the checkpoint); a damaged
+    one raises ``CorruptStateError``, an unreadable one ``StateIOError``."""
+    tree = _read_single(path)
+    if (
+        not isinstance(tree, dict)
+        or tree.keys() != {"key", "epoch", "data"}
+        or _file_name(str(tree["key"])) != path.name
+    ):
+        raise CorruptStateError(f"{path}: not a value written by this store", path=path)
+    epoch = tree["epoch"]
+    if tree["key"] == checkpoint_key and (not isinstance(epoch, int) or epoch < 1):
+        raise CorruptStateError(f"{path}: checkpoint without a valid epoch", path=path)
+    return str(tree["key"]), tree["data"], int(epoch or 0)
+
+
 def _write_all(fd: int, parts: Iterable[bytes | memoryview]) -> int:
     total = 0
     for part in parts:
@@ -703,17 +729,7 @@ class StateStore:
         return self._dir / f"wal.{epoch:010d}.log"
 
     def _read_value(self, path: Path) -> tuple[str, Any, int]:
-        tree = _read_single(path)
-        if (
-            not isinstance(tree, dict)
-            or tree.keys() != {"key", "epoch", "data"}
-            or _file_name(str(tree["key"])) != path.name
-        ):
-            raise CorruptStateError(f"{path}: not a value written by this store")
-        epoch = tree["epoch"]
-        if tree["key"] == self._checkpoint_key and (not isinstance(epoch, int) or epoch < 1):
-            raise CorruptStateError(f"{path}: checkpoint without a valid epoch")
-        return str(tree["key"]), tree["data"], int(epoch or 0)
+        return read_value(path, self._checkpoint_key)
 
     def _replace(self, key: str, data: Any) -> None:
         is_checkpoint = key == self._checkpoint_key
@@ -733,7 +749,8 @@ class StateStore:
                 os.replace(tmp, final)
                 _fsync_dir(self._dir)
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. EROFS: the failure that counts is exc
+                tmp.unlink(missing_ok=True)
             self._broken = exc
             raise
         if is_checkpoint:

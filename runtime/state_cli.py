@@ -1,0 +1,420 @@
+"""``fedloom state check|repair STATE_DIR``: inspect a node's state directory, and repair
+a damaged write-ahead log by explicit operator action.
+
+``check`` changes nothing: it prints the checkpoint's epoch, the values, the live log's
+records per key, and every damaged range (file, byte offsets, torn or corrupt, and what
+the damaged frame seems to hold when it still decodes). Exit 0 when ``fedloom run`` would
+start, ``EXIT_CORRUPT_STATE`` when it would refuse.
+
+``repair`` drops bytes from the live log, and only when no daemon holds the directory's
+lock: ``--truncate-at OFFSET`` (a frame boundary ``check`` printed) drops everything from
+there; ``--drop-damaged`` drops only the damaged ranges and keeps every intact frame. The
+original file is kept next to it as ``wal.<epoch>.log.<UTC time>.bak`` (a hard link: no
+copy), the repaired one replaces it atomically. It prints what was dropped and what that
+means for the node (see ``MEANING``): an aggregator's dropped "applied" records were
+acknowledged updates, now lost; a site's dropped outbox records are resent or forgotten,
+and the parent's ledger turns any resend into a re-ack.
+
+A damaged ``.ckpt`` is not repaired here (it holds the node's whole state): restore it
+from a backup, or move the directory aside to start the node afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT, EXIT_OK
+from runtime.store import (
+    CHECKPOINT_KEY,
+    CorruptStateError,
+    Damage,
+    LogScan,
+    StateIOError,
+    decode_state,
+    read_value,
+    scan_log,
+    wal_logs,
+)
+from sim.config_reader import ConfigError
+
+__all__ = ["MEANING", "cmd_state_check", "cmd_state_repair"]
+
+
+_HEADER = struct.Struct("<4sQI")
+_U32 = struct.Struct("<I")
+_COPY_CHUNK = 1 << 20
+
+# What dropping a record of each log key means (op "add"/"ack" for outboxes).
+MEANING: dict[tuple[str, str], str] = {
+    ("applied", ""): (
+        "acknowledged updates this aggregator had applied are LOST: their senders were "
+        "acked and will not send them again (unless the ack never reached them), and the "
+        "model will not include them"
+    ),
+    ("site/pending", "add"): (
+        "the site forgets these updates and never resends them; if its parent had not "
+        "applied them, their training work is lost (nothing acknowledged is). The site may "
+        "number new updates with these seqs again, and a parent that applied the old ones "
+        "acks the new ones as duplicates without applying them"
+    ),
+    ("site/pending", "ack"): (
+        "the site resends these updates; its parent's ledger recognises them and acks them "
+        "again without applying them twice"
+    ),
+    ("region/pending", "add"): (
+        "the region forgets these forwards: if the root had not applied them, the site "
+        "updates they carried, which this region acknowledged, are LOST"
+    ),
+    ("region/pending", "ack"): (
+        "the region resends these forwards; the root's ledger recognises them and acks them "
+        "again without applying them twice"
+    ),
+}
+
+
+@dataclass(slots=True)
+class _State:
+    """What ``check`` found."""
+
+    directory: Path
+    epoch: int
+    checkpoint: Path | None
+    values: list[str]
+    bad_values: list[CorruptStateError]
+    live: LogScan | None
+    other_logs: dict[int, Path]
+
+
+# ------------------------------------------------------------------------ reading
+
+
+def _inspect(directory: Path) -> _State:
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such state directory")
+    epoch, checkpoint = 0, None
+    values: list[str] = []
+    bad: list[CorruptStateError] = []
+    for path in sorted(directory.glob("*.ckpt")):
+        try:
+            key, _, value_epoch = read_value(path)
+        except CorruptStateError as exc:
+            bad.append(exc)
+            continue
+        if key == CHECKPOINT_KEY:
+            epoch, checkpoint = value_epoch, path
+        else:
+            values.append(key)
+    logs = wal_logs(directory)
+    live_path = logs.pop(epoch, None)
+    live = scan_log(live_path) if live_path is not None else None
+    return _State(directory, epoch, checkpoint, values, bad, live, logs)
+
+
+def _lock_held(directory: Path) -> bool:
+    """Whether a process (a running daemon) holds the directory's lock; changes nothing."""
+    try:
+        with _io(directory / "lock", "read"):
+            fd = os.open(directory / "lock", os.O_RDONLY)
+    except StateIOError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return False
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases a lock taken here
+    return False
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold the directory's lock (as a daemon does) or refuse: never repair under a daemon."""
+    with _io(directory / "lock", "lock"):
+        fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{directory}: a running daemon holds this state directory's lock; stop it "
+                "first (systemctl stop ...), then repair"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _io(path: Path, action: str) -> Iterator[None]:
+    try:
+        yield
+    except StateIOError:
+        raise
+    except OSError as exc:
+        raise StateIOError(action, path, exc) from exc
+
+
+def _records(tree: Any) -> Counter[str]:
+    return Counter(key for key, _ in tree)
+
+
+def _what(key: str, record: Any) -> tuple[str, str]:
+    """(op, label) of one record, e.g. ("add", "seq 7") or ("", "site-1 seq 4")."""
+    if not isinstance(record, dict):
+        return "", ""
+    op = str(record.get("op", ""))
+    if key == "applied":
+        return "", f"{record.get('src')} seq {record.get('seq')} ({record.get('outcome')})"
+    if "seq" in record:
+        return op, f"seq {record['seq']}"
+    return op, ""
+
+
+def _unverified(path: Path, damage: Damage) -> list[Any] | None:
+    """The records a damaged frame seems to hold when it still decodes (None: unknown)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(damage.offset)
+            raw = f.read(min(damage.end - damage.offset, 1 << 30))
+        _, length, _ = _HEADER.unpack_from(raw)
+        body = raw[_HEADER.size : _HEADER.size + length]
+        (head_len,) = _U32.unpack_from(body)
+        tree = decode_state(body[4 : 4 + head_len], body[4 + head_len :])
+    except Exception:  # it is damaged: any failure means "unknown"
+        return None
+    if not isinstance(tree, list) or not all(isinstance(kr, list) and len(kr) == 2 for kr in tree):
+        return None
+    return tree
+
+
+# ------------------------------------------------------------------------- output
+
+
+def _describe_records(
+    pairs: list[tuple[str, Any]], out: TextIO, indent: str, *, meaning: bool
+) -> None:
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key, record in pairs:
+        op, label = _what(key, record)
+        groups.setdefault((key, op), []).append(label)
+    for (key, op), labels in groups.items():
+        shown = ", ".join(lbl for lbl in labels[:8] if lbl)
+        more = f", ... ({len(labels) - 8} more)" if len(labels) > 8 else ""
+        kind = f" {op}" if op else ""
+        out.write(f"{indent}{len(labels)} {key!r}{kind} record(s){': ' if shown else ''}")
+        out.write(f"{shown}{more}\n")
+        if meaning:
+            text = MEANING.get((key, op)) or MEANING.get((key, ""))
+            out.write(f"{indent}  -> {text or 'no known meaning for this key'}\n")
+
+
+def _role_hint(keys: set[str]) -> str:
+    if "applied" in keys:
+        return (
+            "this is an aggregator's log: a damaged frame may hold acknowledged updates, "
+            "which repairing it loses"
+        )
+    if "site/pending" in keys:
+        return "this is a site's log: a damaged frame holds outbox records (see repair)"
+    return "its contents are unknown"
+
+
+def _print_damage(state: _State, out: TextIO) -> None:
+    assert state.live is not None
+    for d in state.live.damage:
+        kind = "torn tail (never acknowledged)" if d.torn else "CORRUPT"
+        out.write(f"  {d.path.name} bytes {d.offset}..{d.end}: {kind}: {d.reason}\n")
+        if d.torn:
+            continue
+        tree = _unverified(d.path, d)
+        if tree is None:
+            keys = {k for fr in state.live.frames for k in _records(fr.tree)}
+            out.write(f"    does not decode; {_role_hint(keys)}\n")
+        else:
+            out.write("    seems to hold (unverified):\n")
+            _describe_records([(k, r) for k, r in tree], out, "      ", meaning=False)
+
+
+def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
+    """Print what the state directory holds and any damage; exit 0 if a daemon would start."""
+    out = out or sys.stdout
+    try:
+        state = _inspect(directory)
+        held = _lock_held(directory)
+    except StateIOError as exc:
+        print(f"fedloom: error: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    out.write(f"state directory: {directory}\n")
+    if held:
+        out.write("  in use: a running daemon holds its lock (a tail may be mid-write)\n")
+    if state.checkpoint is not None:
+        size = state.checkpoint.stat().st_size
+        out.write(f"checkpoint: epoch {state.epoch} ({state.checkpoint.name}, {size} bytes)\n")
+    else:
+        out.write("checkpoint: none (the log holds every record since the first start)\n")
+    out.write(f"values: {', '.join(state.values) or 'none'}\n")
+    corrupt = bool(state.bad_values)
+    for bad in state.bad_values:
+        out.write(f"  CORRUPT value: {bad}\n")
+    live = state.live
+    if live is None:
+        out.write(f"live log: none (wal.{state.epoch:010d}.log: no records since the checkpoint)\n")
+    else:
+        counts: Counter[str] = Counter()
+        for fr in live.frames:
+            counts.update(_records(fr.tree))
+        per_key = ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
+        out.write(f"live log: {live.path.name}, {live.size} bytes, {len(live.frames)} frames\n")
+        out.write(f"  records per key: {per_key}\n")
+        if live.damage:
+            out.write("damage:\n")
+            _print_damage(state, out)
+            boundaries = sorted({fr.start for fr in live.frames} | {d.offset for d in live.damage})
+            out.write(f"  frame boundaries (for --truncate-at): {_short(boundaries)}\n")
+        corrupt = corrupt or bool(live.corruption)
+    for e, path in sorted(state.other_logs.items()):
+        if e < state.epoch:
+            out.write(f"superseded log: {path.name} (ignored; deleted at the next start)\n")
+        else:
+            corrupt = True
+            out.write(
+                f"  CORRUPT: {path.name} is newer than the checkpoint (epoch {state.epoch}): "
+                "the checkpoint file is missing or older than its log\n"
+            )
+    if corrupt:
+        out.write(
+            "verdict: CORRUPT: `fedloom run` refuses to start; see `fedloom state repair "
+            "--help` (a log can be repaired, a checkpoint must be restored from a backup)\n"
+        )
+        return EXIT_CORRUPT_STATE
+    torn = live is not None and live.good_end < live.size
+    out.write(
+        "verdict: OK"
+        + (" (a torn tail, never acknowledged, is dropped at the next start)" if torn else "")
+        + "\n"
+    )
+    return EXIT_OK
+
+
+def _short(offsets: list[int]) -> str:
+    if len(offsets) <= 12:
+        return ", ".join(map(str, offsets))
+    return ", ".join(map(str, offsets[:4])) + ", ..., " + ", ".join(map(str, offsets[-6:]))
+
+
+# ------------------------------------------------------------------------- repair
+
+
+def cmd_state_repair(
+    directory: Path,
+    *,
+    truncate_at: int | None = None,
+    drop_damaged: bool = False,
+    out: TextIO | None = None,
+) -> int:
+    """Drop damaged bytes from the live log (see the module docstring); keep a backup."""
+    out = out or sys.stdout
+    if (truncate_at is None) == (not drop_damaged):
+        raise ConfigError("state repair: give exactly one of --truncate-at OFFSET, --drop-damaged")
+    try:
+        with _exclusive(directory):
+            return _repair(directory, truncate_at, out)
+    except StateIOError as exc:
+        print(f"fedloom: error: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+
+
+def _repair(directory: Path, truncate_at: int | None, out: TextIO) -> int:
+    state = _inspect(directory)
+    live = state.live
+    if state.bad_values:
+        raise ConfigError(
+            f"{state.bad_values[0]}: a damaged value or checkpoint is not repaired here; "
+            "restore it from a backup"
+        )
+    if live is None:
+        raise ConfigError(f"{directory}: no live log (wal.{state.epoch:010d}.log) to repair")
+    keep: list[tuple[int, int]]  # byte ranges of the live log to keep, in order
+    if truncate_at is not None:
+        boundaries = {fr.start for fr in live.frames} | {d.offset for d in live.damage}
+        boundaries.add(live.size)
+        if truncate_at not in boundaries:
+            raise ConfigError(
+                f"--truncate-at {truncate_at}: not a frame boundary of {live.path.name} "
+                f"(boundaries: {_short(sorted(boundaries))})"
+            )
+        keep = [(0, truncate_at)]
+        dropped = [fr for fr in live.frames if fr.start >= truncate_at]
+        damaged = [d for d in live.damage if d.offset >= truncate_at]
+    else:
+        keep = [(fr.start, fr.end) for fr in live.frames]
+        dropped, damaged = [], list(live.damage)
+    removed = live.size - sum(b - a for a, b in keep)
+    if removed == 0:
+        out.write(f"{live.path.name}: nothing to drop\n")
+        return EXIT_OK
+    seemed = {d.offset: None if d.torn else _unverified(live.path, d) for d in damaged}
+    backup = live.path.with_name(
+        f"{live.path.name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.bak"
+    )
+    _rewrite(live.path, keep, backup)
+    out.write(f"{live.path.name}: dropped {removed} bytes; the original is kept as {backup}\n")
+    for d in damaged:
+        kind = "torn tail" if d.torn else "damaged frame"
+        out.write(f"  {kind} at bytes {d.offset}..{d.end} ({d.reason})\n")
+        tree = seemed[d.offset]
+        if tree is not None:
+            out.write("    it seemed to hold (unverified):\n")
+            _describe_records([(k, r) for k, r in tree], out, "      ", meaning=True)
+        elif not d.torn:
+            keys = {k for fr in live.frames for k in _records(fr.tree)}
+            out.write(f"    it does not decode; {_role_hint(keys)}\n")
+    if dropped:
+        out.write(f"  {len(dropped)} intact frame(s) after offset {truncate_at}, holding:\n")
+        pairs = [(k, r) for fr in dropped for k, r in fr.tree]
+        _describe_records(pairs, out, "    ", meaning=True)
+    out.write("the next `fedloom run` starts from what is left\n")
+    return EXIT_OK
+
+
+def _rewrite(path: Path, keep: list[tuple[int, int]], backup: Path) -> None:
+    """Keep ``path``'s inode as ``backup`` and atomically put the kept ranges in its place."""
+    tmp = path.with_name(path.name + ".repair.tmp")  # a leftover is deleted by load()
+    with _io(backup, "keep a backup as"):
+        os.link(path, backup)
+        _fsync_dir(path.parent)
+    with _io(tmp, "write"), path.open("rb") as src, tmp.open("wb") as dst:
+        for start, end in keep:
+            src.seek(start)
+            left = end - start
+            while left > 0:
+                chunk = src.read(min(_COPY_CHUNK, left))
+                if not chunk:
+                    raise OSError(5, f"{path} shrank while being repaired")
+                dst.write(chunk)
+                left -= len(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    with _io(path, "replace"):
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
