@@ -50,6 +50,7 @@ from sim.config_reader import ConfigError
 __all__ = ["MEANING", "cmd_state_check", "cmd_state_repair"]
 
 
+_CHECKPOINT_FILE = f"{CHECKPOINT_KEY}.ckpt"  # the store's name for it (no "/" to quote)
 _HEADER = struct.Struct("<4sQI")
 _U32 = struct.Struct("<I")
 _COPY_CHUNK = 1 << 20
@@ -115,6 +116,8 @@ def _inspect(directory: Path) -> _State:
         else:
             values.append(key)
     logs = wal_logs(directory)
+    if checkpoint is None and any(b.path == directory / _CHECKPOINT_FILE for b in bad):
+        epoch = max(logs, default=0)  # a damaged checkpoint: show the newest log as the live one
     live_path = logs.pop(epoch, None)
     live = scan_log(live_path) if live_path is not None else None
     return _State(directory, epoch, checkpoint, values, bad, live, logs)
@@ -262,6 +265,8 @@ def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
     if state.checkpoint is not None:
         size = state.checkpoint.stat().st_size
         out.write(f"checkpoint: epoch {state.epoch} ({state.checkpoint.name}, {size} bytes)\n")
+    elif (directory / _CHECKPOINT_FILE).exists():
+        out.write(f"checkpoint: DAMAGED ({_CHECKPOINT_FILE}, see below)\n")
     else:
         out.write("checkpoint: none (the log holds every record since the first start)\n")
     out.write(f"values: {', '.join(state.values) or 'none'}\n")

@@ -296,6 +296,24 @@ def test_repair_truncates_only_at_a_frame_boundary(
     assert isinstance(node, SiteNode) and (node.seq, node.pending) == (1, 1)
 
 
+def test_a_damaged_checkpoint_is_shown_and_not_repaired(
+    fed: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = fed.nodes["site-1"]
+    log = site_with_updates(fed, 1)
+    ckpt = site.state_dir / "checkpoint.ckpt"
+    before = ckpt.read_bytes()
+    ckpt.write_bytes(before[:-1] + bytes([before[-1] ^ 1]))
+    assert main(["state", "check", str(site.state_dir)]) == EXIT_CORRUPT_STATE
+    out = capsys.readouterr().out
+    assert "checkpoint: DAMAGED" in out and f"{ckpt}: damaged frame at offset 0" in out
+    assert f"live log: {log.name}" in out and f"{PENDING_KEY} 1" in out
+    assert main(["state", "repair", str(site.state_dir), "--drop-damaged"]) == EXIT_CONFIG
+    assert "restore it from a backup" in capsys.readouterr().err
+    assert main(["run", "--config", str(site.config)]) == EXIT_CORRUPT_STATE
+    assert str(ckpt) in capsys.readouterr().err
+
+
 # --------------------------------------------------------------- exit status mapping
 
 
