@@ -1,0 +1,788 @@
+"""The chaos checker: proves or refutes, after a run, what the README promises.
+
+Jepsen-style: the checker reads only what a run left behind (the run-directory contract,
+``runtime.chaos.record`` and ``run.json``; the daemons' state directories as the run ended)
+and gives one verdict per property:
+
+* ``exactly_once``: every update a child's outbox considers acknowledged (seq up to its
+  counter, not pending) is in its parent's applied ledger (or that of the parent's
+  standby), and no ledger holds a seq its child never produced; no aggregator recorded one
+  ``(src, seq)`` as applied twice, nor folded one site update into two applied forwards
+  (in the "applied" records still in its write-ahead log). At every tier: site outbox vs
+  region ledger, region forwards vs root ledger. The counts through the tiers (forwards,
+  site updates they carry) go into the verdict's data; what cannot be proven from the
+  final state (updates a region decided stale) is not claimed.
+* ``versions_monotonic``: from the samples, no aggregator's model version decreases while
+  one incarnation runs, and the root's never decreases across a restart (a version
+  published then lost); no site's durable state holds a version above the root's final.
+* ``resumed``: after each fault's end and each intended kill's restart (or pause's
+  resume), the root's version grows within ``resume_within_s`` (unless the run ends first).
+* ``no_unintended_exit``: no daemon exited by itself, except those the scenario expects
+  (``expect.refuses_start``: its log must then name the file and offset, its own verdict
+  ``refuses_start``; ``expect.allowed_exits``).
+* ``healthz``: every daemon answered ``/healthz`` ok in every sample, except while
+  expected down (an intended kill or pause until its restart or resume) and for a
+  start-up grace after each start.
+
+State directories are read on a copy (``StateStore.load`` takes the lock and may repair),
+with ``repair=False``. A missing or unreadable file is a FAIL verdict with its reason,
+never a traceback. ``check_run`` returns the ``Report``; ``runtime.chaos.report`` writes
+``report.json``, ``timeline.png`` and the verdict lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from algorithms.ledger import AppliedLedger
+from algorithms.outbox import Outbox
+from transport.error_text import describe
+
+__all__ = [
+    "START_GRACE_S",
+    "NodeState",
+    "Report",
+    "RunData",
+    "Verdict",
+    "check_run",
+    "load_run",
+    "load_state",
+]
+
+START_GRACE_S = 15.0  # after a process_start, a daemon may be unready this long
+VERSION = "fedloom_model_version"
+AGGREGATORS = ("root", "region")
+OUTBOX_KEYS = {"site": "site/pending", "region": "region/pending"}
+# Expectation keys of a scenario (``runtime.chaos.scenario``) that turn a check off.
+EXPECT_FLAG = {
+    "exactly_once": "exactly_once",
+    "versions_monotonic": "versions_monotonic",
+    "resumed": "resumes",
+    "no_unintended_exit": "no_unintended_exits",
+    "healthz": "healthz",
+}
+# A clear refusal to start names a state file and a byte offset in one line.
+_REFUSAL = re.compile(
+    r"(wal\.\d+\.log|\.ckpt)\b.*\boffset \d+|\boffset \d+.*(wal\.\d+\.log|\.ckpt)"
+)
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One property's outcome: ``detail`` is the one-line reason, ``data`` the evidence."""
+
+    name: str
+    passed: bool
+    detail: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'} {self.name}: {self.detail}"
+
+
+@dataclass(slots=True)
+class Report:
+    """The verdicts of one run, in check order."""
+
+    run_dir: Path
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.verdicts) and all(v.passed for v in self.verdicts)
+
+    @property
+    def exit_status(self) -> int:
+        return 0 if self.ok else 1
+
+    def __getitem__(self, name: str) -> Verdict:
+        for v in self.verdicts:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "ok": self.ok,
+            "verdicts": [
+                {"name": v.name, "passed": v.passed, "detail": v.detail, "data": v.data}
+                for v in self.verdicts
+            ],
+        }
+
+
+# ------------------------------------------------------------------------------ input
+
+
+@dataclass(slots=True)
+class RunData:
+    """``run.json``, the timeline and the samples (bad lines skipped and counted)."""
+
+    run_dir: Path
+    run: dict[str, Any]
+    timeline: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+    problems: list[str]
+
+    @property
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        nodes = self.run.get("nodes")
+        return nodes if isinstance(nodes, dict) else {}
+
+    @property
+    def expect(self) -> dict[str, Any]:
+        expect = self.run.get("expect")
+        return expect if isinstance(expect, dict) else {}
+
+    def role(self, node: str) -> str:
+        return str(self.nodes.get(node, {}).get("role", ""))
+
+    def by_role(self, role: str) -> list[str]:
+        return sorted(n for n in self.nodes if self.role(n) == role)
+
+    @property
+    def end_t(self) -> float:
+        """When the run ended (``duration_s``, else the last line's ``t``)."""
+        duration = self.run.get("duration_s")
+        if isinstance(duration, int | float) and math.isfinite(duration):
+            return float(duration)
+        times = [float(x["t"]) for x in (*self.timeline, *self.samples)]
+        return max(times, default=0.0)
+
+    @property
+    def resume_within_s(self) -> float:
+        for value in (self.expect.get("resume_within_s"), self.run.get("resume_within_s")):
+            if isinstance(value, int | float) and value > 0:
+                return float(value)
+        return 30.0
+
+    def listed(self, key: str) -> set[str]:
+        value = self.expect.get(key)
+        if isinstance(value, str):
+            return {value}
+        if isinstance(value, list):
+            return {str(v) for v in value}
+        return set()
+
+    def versions(self, node: str) -> list[tuple[float, float]]:
+        """(t, model version) of ``node``'s samples that carry one, in time order."""
+        out = []
+        for s in self.samples:
+            if s.get("node") != node:
+                continue
+            value = _metric(s, VERSION)
+            if value is not None:
+                out.append((float(s["t"]), value))
+        return sorted(out)
+
+
+def _metric(sample: Mapping[str, Any], name: str) -> float | None:
+    metrics = sample.get("metrics")
+    if not isinstance(metrics, dict):
+        return None
+    value = metrics.get(name)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _json_lines(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if not path.exists():
+        problems.append(f"{path.name}: missing")
+        return out
+    bad = 0
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("t"), int | float):
+                out.append(obj)
+            else:
+                bad += 1
+    if bad:
+        problems.append(f"{path.name}: {bad} unreadable line(s) skipped")
+    return sorted(out, key=lambda x: float(x["t"]))
+
+
+def load_run(run_dir: Path) -> RunData:
+    """Read ``run_dir``; raises ``ValueError`` only when ``run.json`` is unusable."""
+    problems: list[str] = []
+    path = run_dir / "run.json"
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: {describe(exc)}") from None
+    if not isinstance(run, dict) or not isinstance(run.get("nodes"), dict):
+        raise ValueError(f"{path}: no 'nodes' table")
+    timeline = _json_lines(run_dir / "timeline.jsonl", problems)
+    samples = _json_lines(run_dir / "samples.jsonl", problems)
+    return RunData(run_dir, run, timeline, samples, problems)
+
+
+# ------------------------------------------------------------------------------ state
+
+
+@dataclass(slots=True)
+class NodeState:
+    """What a node's state directory says, reduced to what the checks need."""
+
+    node: str
+    seq: int = 0  # its outbox counter: updates it produced
+    pending: set[int] = field(default_factory=set)  # produced, not acknowledged
+    pending_pairs: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    ledger: AppliedLedger | None = None  # what it recorded from its children
+    pairs: AppliedLedger | None = None  # site updates it incorporated through forwards
+    applied: list[dict[str, Any]] = field(default_factory=list)  # "applied" records in the WAL
+    version: int | None = None  # the model version its durable state holds
+
+    @property
+    def acknowledged(self) -> list[int]:
+        return [s for s in range(1, self.seq + 1) if s not in self.pending]
+
+
+def _copy_state(src: Path, dst: Path) -> None:
+    # The lock file is the live daemon's business; the copy gets a fresh one.
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock"))
+
+
+def load_state(state_dir: Path, node: str, role: str) -> NodeState:
+    """Read ``state_dir`` on a copy (never the run's own files); raises ``ValueError`` with
+    the reason when it cannot be read."""
+    from runtime.store import StateStore, StoreError
+
+    if not state_dir.is_dir():
+        raise ValueError(f"{state_dir}: missing")
+    with tempfile.TemporaryDirectory(prefix="fedloom-check-") as tmp:
+        copy = Path(tmp) / "state"
+        try:
+            _copy_state(state_dir, copy)
+            store = StateStore(copy)
+            try:
+                rec = store.load(repair=False)
+            finally:
+                store.close()
+        except (OSError, StoreError, ValueError) as exc:
+            raise ValueError(f"{state_dir}: {describe(exc)}") from None
+        except Exception as exc:  # a decoder bug must not end the checker
+            why = f"unreadable ({type(exc).__name__}: {describe(exc)})"
+            raise ValueError(f"{state_dir}: {why}") from None
+    try:
+        return _reduce(node, role, rec.checkpoint, rec.logs)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{state_dir}: unexpected content ({describe(exc)})") from None
+
+
+def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> NodeState:
+    state = NodeState(node)
+    cp: Mapping[str, Any] = ckpt if isinstance(ckpt, Mapping) else {}
+    key = OUTBOX_KEYS.get(role)
+    if key is not None:
+        outbox = Outbox(key)
+        outbox.restore(cp.get("outbox") or {"seq": 0, "pending": []}, logs.get(key, []))
+        state.seq = outbox.seq
+        for u in outbox.pending():
+            state.pending.add(int(u.seq))
+            pairs = getattr(u, "pairs", None) or ()
+            state.pending_pairs[int(u.seq)] = [(str(p[0]), int(p[1])) for p in pairs]
+    applied = [r for r in logs.get("applied", []) if isinstance(r, Mapping)]
+    if role in AGGREGATORS or "ledger" in cp or applied:
+        state.ledger = AppliedLedger.from_snapshot(cp.get("ledger") or {})
+        state.pairs = AppliedLedger.from_snapshot(cp.get("pairs") or {})
+        for r in applied:
+            state.ledger.record(str(r["src"]), int(r["seq"]))
+            if r.get("outcome") == "applied":
+                for p in r.get("pairs") or ():
+                    state.pairs.record(str(p[0]), int(p[1]))
+        state.applied = [dict(r) for r in applied]
+    state.version = _durable_version(cp)
+    return state
+
+
+def _durable_version(cp: Mapping[str, Any]) -> int | None:
+    if isinstance(cp.get("version"), int):  # an aggregator that owns its model
+        return int(cp["version"])
+    for key in ("global", "model"):  # a region's global, a site's view
+        value = cp.get(key)
+        if isinstance(value, list | tuple) and value and isinstance(value[0], int):
+            newest = cp.get("newest_version")
+            return max(int(value[0]), int(newest) if isinstance(newest, int) else -1)
+    newest = cp.get("newest_version")
+    return int(newest) if isinstance(newest, int) and newest >= 0 else None
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _off(data: RunData, name: str) -> Verdict | None:
+    key = EXPECT_FLAG.get(name)
+    if key is not None and data.expect.get(key) is False:
+        return Verdict(name, True, f"not held to it (expect.{key} = false)")
+    return None
+
+
+def _parents_of(data: RunData, node: str) -> list[str]:
+    """The node's parent and the parent's standbys (either may have acknowledged it)."""
+    parent = data.nodes.get(node, {}).get("parent")
+    if not isinstance(parent, str) or parent not in data.nodes:
+        return []
+    standbys = [n for n, info in data.nodes.items() if info.get("standby_for") == parent]
+    return [parent, *sorted(standbys)]
+
+
+def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> Verdict:
+    name = "exactly_once"
+    off = _off(data, name)
+    if off is not None:
+        return off
+    unreadable = {n: s for n, s in states.items() if isinstance(s, str)}
+    lost: dict[str, list[int]] = {}
+    phantom: dict[str, dict[str, int]] = {}
+    doubles: dict[str, list[Any]] = {}
+    tiers: dict[str, dict[str, int]] = {}
+    checked = 0
+    for child in sorted(data.nodes):
+        role = data.role(child)
+        if role not in OUTBOX_KEYS:
+            continue
+        parents = _parents_of(data, child)
+        if not parents:
+            continue
+        cs = states.get(child)
+        ledgers = [(p, states.get(p)) for p in parents]
+        if not isinstance(cs, NodeState) or not any(isinstance(s, NodeState) for _, s in ledgers):
+            continue  # reported as unreadable
+        checked += 1
+        known = [(p, s.ledger) for p, s in ledgers if isinstance(s, NodeState) and s.ledger]
+        acked = cs.acknowledged
+        missing = [q for q in acked if not any(led.seen(child, q) for _, led in known)]
+        if missing:
+            lost[child] = missing
+        for p, led in known:
+            mark = led.watermark(child)
+            above = led.snapshot()["above"].get(child, [])
+            top = max([mark, *above])
+            if top > cs.seq:
+                phantom.setdefault(child, {})[p] = top
+        tiers[child] = {
+            "produced": cs.seq,
+            "acknowledged": len(acked),
+            "pending": len(cs.pending),
+            "pending_site_updates": sum(len(v) for v in cs.pending_pairs.values()),
+        }
+    for node, st in sorted(states.items()):
+        if not isinstance(st, NodeState) or not st.applied:
+            continue
+        once = Counter(
+            (str(r["src"]), int(r["seq"])) for r in st.applied if r.get("outcome") == "applied"
+        )
+        twice = [list(k) for k, n in once.items() if n > 1]
+        pair_count = Counter(
+            (str(p[0]), int(p[1]))
+            for r in st.applied
+            if r.get("outcome") == "applied"
+            for p in r.get("pairs") or ()
+        )
+        twice += [["pair", *k] for k, n in pair_count.items() if n > 1]
+        if twice:
+            doubles[node] = twice[:20]
+    root_pairs = _root_pairs(data, states)
+    for root, pairs in root_pairs.items():
+        for site in data.by_role("site"):
+            site_state = states.get(site)
+            if isinstance(site_state, NodeState) and pairs.watermark(site) > site_state.seq:
+                phantom.setdefault(site, {})[f"{root} (pairs)"] = pairs.watermark(site)
+    evidence = {
+        "tiers": tiers,
+        "lost": {k: v[:50] for k, v in lost.items()},
+        "lost_counts": {k: len(v) for k, v in lost.items()},
+        "phantom": phantom,
+        "applied_twice": doubles,
+        "unreadable": unreadable,
+        "root_site_updates": {r: _pair_total(p) for r, p in root_pairs.items()},
+    }
+    problems = []
+    if lost:
+        worst = ", ".join(
+            f"{c} seq {v[0]}" + (f" (+{len(v) - 1})" if len(v) > 1 else "")
+            for c, v in sorted(lost.items())
+        )
+        problems.append(f"acknowledged but in no parent's ledger: {worst}")
+    if phantom:
+        shown = ", ".join(
+            f"{c} up to {max(v.values())} (produced {_seq(states, c)})"
+            for c, v in sorted(phantom.items())
+        )
+        problems.append(f"ledger holds seqs the child never produced: {shown}")
+    if doubles:
+        shown = ", ".join(f"{n}: {v[0]}" for n, v in sorted(doubles.items()))
+        problems.append(f"applied twice: {shown}")
+    if unreadable:
+        problems.append(
+            "unreadable state: " + "; ".join(f"{k}: {v}" for k, v in unreadable.items())
+        )
+    if problems:
+        return Verdict(name, False, "; ".join(problems), evidence)
+    if not checked:
+        return Verdict(name, False, "no child with a readable outbox and parent ledger", evidence)
+    total = sum(t["acknowledged"] for t in tiers.values())
+    pending = sum(t["pending"] for t in tiers.values())
+    return Verdict(
+        name,
+        True,
+        f"{total} acknowledged updates of {checked} children each in a parent's ledger, "
+        f"none applied twice, none unknown to its child ({pending} still pending)",
+        evidence,
+    )
+
+
+def _seq(states: Mapping[str, NodeState | str], node: str) -> int | str:
+    st = states.get(node)
+    return st.seq if isinstance(st, NodeState) else "?"
+
+
+def _root_pairs(data: RunData, states: Mapping[str, NodeState | str]) -> dict[str, AppliedLedger]:
+    out = {}
+    for root in data.by_role("root"):
+        st = states.get(root)
+        if isinstance(st, NodeState) and st.pairs is not None and st.pairs.snapshot()["mark"]:
+            out[root] = st.pairs
+    return out
+
+
+def _pair_total(ledger: AppliedLedger) -> int:
+    snap = ledger.snapshot()
+    return int(sum(snap["mark"].values()) + sum(len(v) for v in snap["above"].values()))
+
+
+def _incarnations(data: RunData, node: str) -> list[float]:
+    """Start times of ``node``'s incarnations (its process_start events)."""
+    return [
+        float(e["t"])
+        for e in data.timeline
+        if e.get("event") == "process_start" and node in (e.get("targets") or [])
+    ]
+
+
+def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verdict:
+    name = "versions_monotonic"
+    off = _off(data, name)
+    if off is not None:
+        return off
+    drops: list[str] = []
+    notes: list[str] = []
+    finals: dict[str, float] = {}
+    for node in sorted(data.nodes):
+        if data.role(node) not in AGGREGATORS:
+            continue
+        series = data.versions(node)
+        starts = _incarnations(data, node)
+        best = -math.inf  # across incarnations
+        prev: tuple[float, float] | None = None
+        for t, v in series:
+            new_life = prev is not None and any(prev[0] < s <= t for s in starts)
+            if prev is not None and not new_life and v < prev[1]:
+                drops.append(f"{node} {prev[1]:g} -> {v:g} at t={t:.1f} s (same incarnation)")
+            if new_life and v < best:
+                text = f"{node} restarted at {v:g} after publishing {best:g} (t={t:.1f} s)"
+                (drops if data.role(node) == "root" else notes).append(text)
+            best = max(best, v)
+            prev = (t, v)
+        if series:
+            finals[node] = series[-1][1]
+    above: list[str] = []
+    for root in data.by_role("root"):
+        st = states.get(root)
+        final = max(
+            finals.get(root, -math.inf),
+            float(st.version)
+            if isinstance(st, NodeState) and st.version is not None
+            else -math.inf,
+        )
+        if not math.isfinite(final):
+            continue
+        for site in data.by_role("site"):
+            ss = states.get(site)
+            if isinstance(ss, NodeState) and ss.version is not None and ss.version > final:
+                above.append(f"{site} holds v{ss.version} above {root}'s final v{final:g}")
+    evidence = {
+        "drops": drops,
+        "region_restart_drops": notes,
+        "final": finals,
+        "sites_above": above,
+    }
+    if not any(data.versions(n) for n in data.nodes if data.role(n) in AGGREGATORS):
+        return Verdict(name, False, f"no {VERSION} sample from any aggregator", evidence)
+    if drops or above:
+        return Verdict(name, False, "; ".join(drops + above), evidence)
+    detail = "every aggregator's version only grew; no site above the root's final version"
+    if notes:
+        detail += f" ({len(notes)} region restart(s) came back older and caught up)"
+    return Verdict(name, True, detail, evidence)
+
+
+def _heal_points(data: RunData) -> list[tuple[float, str]]:
+    """(t, what) after which training must resume: fault ends, restarts after an intended
+    kill, resumes after a pause."""
+    points: list[tuple[float, str]] = []
+    killed: set[str] = set()
+    for e in data.timeline:
+        kind, targets = e.get("event"), [str(x) for x in e.get("targets") or []]
+        detail = _detail(e)
+        if kind == "fault_end":
+            points.append((float(e["t"]), f"end of {e.get('fault')} on {', '.join(targets)}"))
+        elif kind in ("process_kill", "process_pause") and e.get("intended", True):
+            if not detail.get("end"):
+                killed.update(targets)
+        elif kind in ("process_start", "process_resume"):
+            back = [n for n in targets if n in killed]
+            if back:
+                killed.difference_update(back)
+                what = "restart" if kind == "process_start" else "resume"
+                points.append((float(e["t"]), f"{what} of {', '.join(back)}"))
+    return sorted(points)
+
+
+def check_resumed(data: RunData) -> Verdict:
+    name = "resumed"
+    off = _off(data, name)
+    if off is not None:
+        return off
+    roots = data.by_role("root")
+    if not roots:
+        return Verdict(name, False, "run.json names no root")
+    series = sorted(p for r in roots for p in data.versions(r))
+    bound, end = data.resume_within_s, data.end_t
+    late: list[str] = []
+    results: list[dict[str, Any]] = []
+    for t, what in _heal_points(data):
+        before = [v for s, v in series if s <= t]
+        base = max(before) if before else -math.inf
+        grew = next((s for s, v in series if s > t and v > base), None)
+        if grew is not None and grew - t <= bound:
+            results.append({"t": t, "what": what, "resumed_after_s": round(grew - t, 3)})
+        elif t + bound > end and grew is None:
+            results.append({"t": t, "what": what, "resumed_after_s": None, "note": "run ended"})
+        else:
+            after = "never" if grew is None else f"after {grew - t:.1f} s"
+            late.append(f"{what} at t={t:.1f} s: root version grew {after} (bound {bound:g} s)")
+            results.append(
+                {"t": t, "what": what, "resumed_after_s": None if grew is None else grew - t}
+            )
+    evidence = {"bound_s": bound, "points": results}
+    if late:
+        return Verdict(name, False, "; ".join(late), evidence)
+    if not results:
+        return Verdict(name, True, "no fault healed during the run", evidence)
+    unseen = sum(1 for r in results if r.get("note"))
+    detail = f"training resumed within {bound:g} s after {len(results) - unseen} heal(s)"
+    if unseen:
+        detail += f"; {unseen} not observed: run ended"
+    return Verdict(name, True, detail, evidence)
+
+
+def _detail(event: Mapping[str, Any]) -> dict[str, Any]:
+    detail = event.get("detail")
+    return detail if isinstance(detail, dict) else {}
+
+
+def _exits(data: RunData) -> list[dict[str, Any]]:
+    return [e for e in data.timeline if e.get("event") == "process_exit" and not e.get("intended")]
+
+
+def check_exits(data: RunData) -> Verdict:
+    name = "no_unintended_exit"
+    off = _off(data, name)
+    if off is not None:
+        return off
+    excused = data.listed("refuses_start") | data.listed("allowed_exits")
+    bad = []
+    for e in _exits(data):
+        for node in e.get("targets") or []:
+            if node in excused:
+                continue
+            detail = _detail(e)
+            bad.append(
+                f"{node} at t={float(e['t']):.1f} s (status {detail.get('returncode')}: "
+                f"{detail.get('last_log_line', '')})"
+            )
+    if bad:
+        return Verdict(name, False, "exited by itself: " + "; ".join(bad), {"exits": bad})
+    return Verdict(name, True, "no daemon exited except when stopped on purpose", {})
+
+
+def check_refuses_start(data: RunData) -> Verdict | None:
+    nodes = sorted(data.listed("refuses_start"))
+    if not nodes:
+        return None
+    name = "refuses_start"
+    problems, lines = [], {}
+    exited = {n for e in _exits(data) for n in e.get("targets") or []}
+    for node in nodes:
+        if node not in exited:
+            problems.append(f"{node} did not refuse to start (no exit recorded)")
+            continue
+        rel = data.nodes.get(node, {}).get("log") or f"federation/logs/{node}.log"
+        path = data.run_dir / str(rel)
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            problems.append(f"{node}: cannot read {path}: {describe(exc)}")
+            continue
+        clear = [line for line in text.splitlines() if _REFUSAL.search(line)]
+        if not clear:
+            problems.append(f"{node}: no log line names the state file and offset")
+        elif _TRACEBACK in text:
+            problems.append(f"{node}: refused with a traceback, not one clear line")
+        else:
+            lines[node] = clear[-1]
+    if problems:
+        return Verdict(name, False, "; ".join(problems), {"lines": lines})
+    shown = "; ".join(f"{n}: {line.strip()}" for n, line in lines.items())
+    return Verdict(name, True, shown, {"lines": lines})
+
+
+def _down_spans(data: RunData, node: str) -> list[tuple[float, float]]:
+    """When ``node`` is expected not to answer: not yet started, from an intended kill or
+    pause to its restart or resume, after each start until it first answers ok (at most
+    ``START_GRACE_S``), after the end."""
+    spans: list[tuple[float, float]] = []
+    down_from: float | None = -math.inf
+    oks = [
+        float(s["t"]) for s in data.samples if s.get("node") == node and s.get("healthz") == "ok"
+    ]
+    excused = node in data.listed("refuses_start") | data.listed("allowed_exits")
+    for e in data.timeline:
+        if node not in (e.get("targets") or []):
+            continue
+        t, kind = float(e["t"]), e.get("event")
+        if down_from is None and (
+            kind in ("process_kill", "process_pause") or (kind == "process_exit" and excused)
+        ):
+            down_from = t
+        elif kind in ("process_start", "process_resume"):
+            up = t
+            if kind == "process_start":  # until it first answers ok, at most the grace
+                up = min([t + START_GRACE_S, *(s for s in oks if t <= s <= t + START_GRACE_S)])
+            spans.append((down_from if down_from is not None else t, up))
+            down_from = None
+    if down_from is not None:
+        spans.append((down_from, math.inf))
+    return spans
+
+
+def check_healthz(data: RunData) -> Verdict:
+    name = "healthz"
+    off = _off(data, name)
+    if off is not None:
+        return off
+    if not data.samples:
+        return Verdict(name, False, "no samples")
+    failures: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    spans = {n: _down_spans(data, n) for n in data.nodes}
+    started = {n for n in data.nodes if _incarnations(data, n)}
+    # A daemon whose first samples came before the runner logged its start is not excused.
+    end = data.end_t
+    for s in data.samples:
+        node, t, health = s.get("node"), float(s["t"]), s.get("healthz")
+        if node not in data.nodes or health == "ok" or t > end:
+            continue
+        if node in started and any(a <= t <= b for a, b in spans[node]):
+            continue
+        failures[str(node)] += 1
+        first.setdefault(str(node), f"{node} {health} at t={t:.1f} s")
+    evidence = {"failed_samples": dict(failures), "first": first}
+    if failures:
+        return Verdict(
+            name, False, "not ok while expected up: " + "; ".join(first.values()), evidence
+        )
+    return Verdict(
+        name,
+        True,
+        f"every daemon answered ok in all {len(data.samples)} samples when expected up",
+        evidence,
+    )
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def load_states(data: RunData) -> dict[str, NodeState | str]:
+    """Every node's reduced state, or the reason it could not be read."""
+    out: dict[str, NodeState | str] = {}
+    for node, info in sorted(data.nodes.items()):
+        rel = info.get("state_dir") or f"federation/state/{node}"
+        try:
+            out[node] = load_state(data.run_dir / str(rel), node, data.role(node))
+        except ValueError as exc:
+            out[node] = str(exc)
+    return out
+
+
+def check_run(run_dir: Path, *, write: bool = True) -> Report:
+    """Check the run in ``run_dir``; with ``write``, also write ``report.json`` and
+    ``timeline.png`` and print one line per verdict (``runtime.chaos.report``)."""
+    run_dir = Path(run_dir)
+    report = Report(run_dir)
+    try:
+        data = load_run(run_dir)
+    except ValueError as exc:
+        report.verdicts.append(Verdict("run_dir", False, str(exc)))
+    else:
+        report.verdicts.extend(_verdicts(data))
+    if write:
+        from runtime.chaos.report import write_report
+
+        write_report(run_dir, report)
+    return report
+
+
+def _verdicts(data: RunData) -> Iterable[Verdict]:
+    if data.problems:
+        yield Verdict("run_dir", False, "; ".join(data.problems))
+    states = load_states(data)
+    checks: list[tuple[str, Any]] = [
+        ("exactly_once", lambda: check_exactly_once(data, states)),
+        ("versions_monotonic", lambda: check_versions(data, states)),
+        ("resumed", lambda: check_resumed(data)),
+        ("no_unintended_exit", lambda: check_exits(data)),
+        ("refuses_start", lambda: check_refuses_start(data)),
+        ("healthz", lambda: check_healthz(data)),
+    ]
+    for name, check in checks:
+        try:
+            verdict = check()
+        except Exception as exc:  # a checker bug is a failed check, never a traceback
+            verdict = Verdict(name, False, f"checker error: {type(exc).__name__}: {describe(exc)}")
+        if verdict is not None:
+            yield verdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m runtime.chaos.checker RUN_DIR``: the verdicts, exit 1 if any failed."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m runtime.chaos.checker RUN_DIR", file=sys.stderr)
+        return 2
+    return check_run(Path(args[0])).exit_status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,388 @@
+"""The chaos checker on synthetic run directories whose state directories were written by
+real nodes (a FedBuff root, a regional aggregator, two sites) through real StateStores:
+a clean run passes every check, and each kind of failure is refuted by its own verdict."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from algorithms.fedbuff import FedBuffAggregator
+from algorithms.protocol import (
+    Event,
+    PeerUp,
+    Persist,
+    Received,
+    Send,
+    Train,
+    TrainDone,
+    TrainResult,
+)
+from algorithms.regional import RegionalAggregator
+from algorithms.site import SiteNode
+from runtime.chaos.checker import Report, check_run, main
+from runtime.store import StateStore
+
+pytestmark = pytest.mark.timeout(60)
+
+SITES = ("site-0", "site-1")
+STEP_S = 0.01  # simulated seconds per delivered event
+SAMPLE_EVERY = 50  # events between two samples (0.5 s)
+
+
+def model(value: float = 0.0) -> dict[str, np.ndarray]:
+    return {"w": np.full((3, 2), value, dtype=np.float32), "b": np.full(2, value, np.float32)}
+
+
+class Federation:
+    """A root, a region and two sites exchanging messages in one process; every Persist
+    goes to the node's StateStore under ``run/federation/state/<node>``; samples of each
+    node's model version are taken as a scraper would."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.nodes: dict[str, Any] = {
+            "root": FedBuffAggregator(
+                "root", {"region-0": "region"}, model(), buffer_size=2, concurrency=2,
+                checkpoint_every=3,
+            ),
+            "region-0": RegionalAggregator(
+                "region-0", "root", dict.fromkeys(SITES, "site"), buffer_size=2,
+                concurrency=2, checkpoint_every=3,
+            ),
+            **{s: SiteNode(s, "region-0", n_examples=10) for s in SITES},
+        }  # fmt: skip
+        self.stores = {n: StateStore(self.state_dir(n)) for n in self.nodes}
+        for store in self.stores.values():
+            store.load()
+        self.queue: collections.deque[tuple[str, Event]] = collections.deque()
+        for site in SITES:
+            self.queue += [(site, PeerUp("region-0")), ("region-0", PeerUp(site))]
+        self.queue += [("region-0", PeerUp("root")), ("root", PeerUp("region-0"))]
+        self.steps = 0
+        self.samples: list[dict[str, Any]] = []
+        self.timeline: list[dict[str, Any]] = [
+            {"t": 0.0, "event": "process_start", "fault": "start", "targets": [n], "detail": {},
+             "intended": True}
+            for n in self.nodes
+        ]  # fmt: skip
+
+    def state_dir(self, node: str) -> Path:
+        return self.run / "federation" / "state" / node
+
+    @property
+    def t(self) -> float:
+        return round(self.steps * STEP_S, 3)
+
+    def version(self, node: str) -> float | None:
+        n = self.nodes[node]
+        if node == "root":
+            return float(n.version)
+        if node == "region-0":
+            glob = n.snapshot()["global"]
+            return None if glob is None else float(glob[0])
+        return None
+
+    def sample(self) -> None:
+        for node in self.nodes:
+            version = self.version(node)
+            metrics = {} if version is None else {"fedloom_model_version": version}
+            self.samples.append({"t": self.t, "node": node, "healthz": "ok", "metrics": metrics})
+
+    def run_for(self, steps: int) -> None:
+        for _ in range(steps):
+            if not self.queue:
+                break
+            self.steps += 1
+            node, event = self.queue.popleft()
+            for e in self.nodes[node].handle(event, self.t):
+                if isinstance(e, Persist):
+                    self.stores[node].apply(e)
+                elif isinstance(e, Send):
+                    self.queue.append((e.peer, Received(node, e.msg)))
+                elif isinstance(e, Train):
+                    trained = {k: v + 0.01 for k, v in e.weights.items()}
+                    self.queue.append((node, TrainDone(e.job, TrainResult(trained, 10))))
+            if self.steps % SAMPLE_EVERY == 0:
+                self.sample()
+
+    def snapshot_state(self, node: str, to: Path) -> None:
+        """A copy of ``node``'s state directory as it is now (for a rollback)."""
+        shutil.copytree(self.state_dir(node), to, ignore=shutil.ignore_patterns("lock"))
+
+    def finish(self, **run_extra: Any) -> Path:
+        """Close the stores and write run.json, timeline.jsonl and samples.jsonl."""
+        for store in self.stores.values():
+            store.close()
+        self.timeline.append(
+            {"t": self.t, "event": "process_kill", "fault": "end", "targets": list(self.nodes),
+             "detail": {"signal": "SIGTERM", "end": True}, "intended": True}
+        )  # fmt: skip
+        parents = {"root": None, "region-0": "root", **dict.fromkeys(SITES, "region-0")}
+        nodes = {
+            n: {
+                "role": "root" if n == "root" else "region" if n == "region-0" else "site",
+                "parent": parents[n],
+                "standby_for": None,
+                "config": f"federation/{n}.toml",
+                "state_dir": f"federation/state/{n}",
+                "log": f"federation/logs/{n}.log",
+            }
+            for n in self.nodes
+        }
+        run = {
+            "scenario": "synthetic",
+            "started_unix": 0.0,
+            "duration_s": self.t,
+            "resume_within_s": 2.0,
+            "nodes": nodes,
+            "expect": {"resume_within_s": 2.0},
+            "backend": "proxy",
+            "netem": "not needed",
+        }
+        run.update(run_extra)
+        write_run(self.run, run, self.timeline, self.samples)
+        return self.run
+
+
+def write_run(
+    run_dir: Path,
+    run: dict[str, Any],
+    timeline: list[dict[str, Any]],
+    samples: list[dict[str, Any]],
+) -> None:
+    (run_dir / "federation" / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps(run))
+    lines = sorted(timeline, key=lambda e: float(e["t"]))
+    (run_dir / "timeline.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+
+def with_fault(fed: Federation, start: float, end: float, target: str = "site-0->region-0") -> None:
+    for t, event in ((start, "fault_start"), (end, "fault_end")):
+        fed.timeline.append(
+            {"t": t, "event": event, "fault": "latency", "targets": [target], "detail": {},
+             "intended": True}
+        )  # fmt: skip
+
+
+def clean_run(tmp_path: Path, steps: int = 600) -> Federation:
+    fed = Federation(tmp_path / "run")
+    fed.run_for(steps // 2)
+    with_fault(fed, 1.0, fed.t)
+    fed.run_for(steps - steps // 2)
+    return fed
+
+
+def check(run_dir: Path) -> Report:
+    return check_run(run_dir, write=False)
+
+
+def failed(report: Report) -> set[str]:
+    return {v.name for v in report.verdicts if not v.passed}
+
+
+def test_a_clean_run_passes_every_check_and_writes_its_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = clean_run(tmp_path)
+    assert fed.nodes["root"].version >= 5 and fed.nodes["region-0"].seq >= 10
+    report = check_run(fed.finish())
+    assert report.ok, [v.line() for v in report.verdicts]
+    assert {v.name for v in report.verdicts} == {
+        "exactly_once", "versions_monotonic", "resumed", "no_unintended_exit", "healthz",
+    }  # fmt: skip
+    tiers = report["exactly_once"].data["tiers"]
+    assert tiers["site-0"]["acknowledged"] >= 5 and tiers["region-0"]["acknowledged"] >= 5
+    out = capsys.readouterr().out.splitlines()
+    assert out and all(line.startswith("PASS ") for line in out)
+    saved = json.loads((fed.run / "report.json").read_text())
+    assert saved["ok"] is True and len(saved["verdicts"]) == 5
+    assert (fed.run / "timeline.png").stat().st_size > 1000
+    assert main([str(fed.run)]) == 0
+
+
+def test_an_acknowledged_update_missing_from_the_parent_ledger_is_lost(tmp_path: Path) -> None:
+    fed = Federation(tmp_path / "run")
+    fed.run_for(200)
+    fed.snapshot_state("region-0", tmp_path / "region-early")
+    fed.run_for(300)
+    run = fed.finish()
+    # The region comes back from an old copy of its state: acks it gave are forgotten.
+    shutil.rmtree(fed.state_dir("region-0"))
+    shutil.copytree(tmp_path / "region-early", fed.state_dir("region-0"))
+    report = check(run)
+    verdict = report["exactly_once"]
+    assert not verdict.passed and "acknowledged but in no parent's ledger" in verdict.detail
+    assert set(verdict.data["lost"]) >= {"site-0", "site-1"}
+    assert main([str(run)]) == 1
+
+
+def test_a_ledger_entry_the_child_never_produced_is_refuted(tmp_path: Path) -> None:
+    fed = Federation(tmp_path / "run")
+    fed.run_for(200)
+    fed.snapshot_state("site-1", tmp_path / "site-early")
+    fed.run_for(300)
+    run = fed.finish()
+    shutil.rmtree(fed.state_dir("site-1"))  # the site lost its newer state
+    shutil.copytree(tmp_path / "site-early", fed.state_dir("site-1"))
+    verdict = check(run)["exactly_once"]
+    assert not verdict.passed and "never produced" in verdict.detail
+    assert "site-1" in verdict.data["phantom"] and "site-0" not in verdict.data["phantom"]
+
+
+def test_an_update_applied_twice_is_refuted(tmp_path: Path) -> None:
+    fed = Federation(tmp_path / "run")
+    fed.run_for(400)
+    # The root's write-ahead log records one forward as applied a second time.
+    store = fed.stores["root"]
+    records = store.load(repair=False).records("applied")
+    store.close()
+    again = dict(next(r for r in reversed(records) if r["outcome"] == "applied"))
+    again["n"] = max(int(r["n"]) for r in records) + 1
+    with StateStore(fed.state_dir("root")) as reopened:
+        reopened.load(repair=False)
+        reopened.apply(Persist("applied", again, append=True))
+    fed.stores["root"] = StateStore(fed.state_dir("root"))
+    fed.stores["root"].load()
+    run = fed.finish()
+    verdict = check(run)["exactly_once"]
+    assert not verdict.passed and "applied twice" in verdict.detail
+    assert verdict.data["applied_twice"]["root"] == [[again["src"], again["seq"]]]
+
+
+def test_a_version_that_decreases_is_refuted(tmp_path: Path) -> None:
+    fed = clean_run(tmp_path)
+    run = fed.finish()
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    top = max(s["metrics"]["fedloom_model_version"] for s in samples if s["node"] == "root")
+    samples.append({"t": fed.t + 0.002, "node": "root", "healthz": "ok",
+                    "metrics": {"fedloom_model_version": top - 2}})  # fmt: skip
+    run_json = json.loads((run / "run.json").read_text())
+    timeline = [json.loads(x) for x in (run / "timeline.jsonl").read_text().splitlines()]
+    write_run(run, run_json, timeline, samples)
+    verdict = check(run)["versions_monotonic"]
+    assert not verdict.passed and "same incarnation" in verdict.detail
+
+    # Across a restart of the root, too: a version published, then lost.
+    timeline.append({"t": fed.t + 0.0005, "event": "process_kill", "fault": "kill",
+                     "targets": ["root"], "detail": {}, "intended": True})  # fmt: skip
+    timeline.append({"t": fed.t + 0.001, "event": "process_start", "fault": "kill",
+                     "targets": ["root"], "detail": {}, "intended": True})  # fmt: skip
+    write_run(run, run_json, timeline, samples)
+    verdict = check(run)["versions_monotonic"]
+    assert not verdict.passed and "after publishing" in verdict.detail
+
+
+def test_an_unintended_exit_fails_and_an_expected_refusal_needs_its_line(tmp_path: Path) -> None:
+    fed = clean_run(tmp_path)
+    for site in SITES:
+        fed.timeline.append({"t": 2.5, "event": "process_exit", "fault": "none",
+                             "targets": [site], "intended": False,
+                             "detail": {"returncode": 1, "last_log_line": "boom"}})  # fmt: skip
+    run = fed.finish(expect={"resume_within_s": 2.0, "refuses_start": "site-1"})
+    log = run / "federation" / "logs" / "site-1.log"
+    log.write_text("site-1: state_dir: wal.3.log: damaged frame at offset 4096 (bad checksum)\n")
+    report = check(run)
+    exits = report["no_unintended_exit"]
+    assert not exits.passed and "site-0" in exits.detail and "site-1" not in exits.detail
+    assert report["refuses_start"].passed, report["refuses_start"].detail
+    # A refusal with a traceback, or without the file and offset, is not a clear one.
+    log.write_text("Traceback (most recent call last):\n  ...\nValueError: bad frame\n")
+    assert not check(run)["refuses_start"].passed
+    # Down after its exit is no healthz failure for the node expected to refuse.
+    assert "site-1" not in check(run)["healthz"].data["failed_samples"]
+
+
+def test_training_that_does_not_resume_after_a_fault_heals_is_refuted(tmp_path: Path) -> None:
+    fed = clean_run(tmp_path)
+    end = fed.t
+    with_fault(fed, end + 0.5, end + 1.0, "region-0->root")
+    last = {s["node"]: s for s in fed.samples}
+    for k in range(1, 21):  # 10 more seconds in which nothing moves
+        for sample in last.values():
+            fed.samples.append({**sample, "t": round(end + 0.5 * k, 3)})
+    fed.steps += 1000
+    verdict = check(fed.finish())["resumed"]
+    assert not verdict.passed and "grew never" in verdict.detail
+    assert "region-0->root" in verdict.detail
+
+
+def test_a_run_that_ends_before_the_bound_is_not_a_failure(tmp_path: Path) -> None:
+    fed = clean_run(tmp_path)
+    with_fault(fed, fed.t - 0.5, fed.t, "root")  # healed as the run ends
+    verdict = check(fed.finish())["resumed"]
+    assert verdict.passed and "not observed: run ended" in verdict.detail
+
+
+def test_healthz_failures_count_only_while_expected_up(tmp_path: Path) -> None:
+    fed = clean_run(tmp_path)
+    # region-0 is killed on purpose at 2.0 s and restarted at 3.0 s: "down" is expected
+    # then, and for a start-up grace after; site-0 times out with nothing planned.
+    fed.timeline += [
+        {"t": 2.0, "event": "process_kill", "fault": "kill", "targets": ["region-0"],
+         "detail": {}, "intended": True},
+        {"t": 3.0, "event": "process_start", "fault": "kill", "targets": ["region-0"],
+         "detail": {}, "intended": True},
+    ]  # fmt: skip
+    for s in fed.samples:
+        if s["node"] == "region-0" and 2.0 <= s["t"] <= 3.5:
+            s["healthz"] = "down"
+    run = fed.finish()
+    assert check(run)["healthz"].passed
+    fed.samples.append({"t": 1.25, "node": "site-0", "healthz": "timeout", "metrics": {}})
+    fed.samples.append({"t": 0.0, "node": "site-0", "healthz": "fail", "metrics": {}})
+    run_json = json.loads((run / "run.json").read_text())
+    write_run(run, run_json, fed.timeline, sorted(fed.samples, key=lambda s: s["t"]))
+    verdict = check(run)["healthz"]
+    assert not verdict.passed and "site-0 timeout at t=1.2" in verdict.detail
+    assert verdict.data["failed_samples"] == {"site-0": 1}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda run: (run / "run.json").unlink(),
+        lambda run: (run / "run.json").write_text("{not json"),
+        lambda run: (run / "samples.jsonl").unlink(),
+        lambda run: (run / "timeline.jsonl").write_text('{"t": 1\n\x00garbage\n'),
+        lambda run: shutil.rmtree(run / "federation" / "state" / "region-0"),
+        lambda run: _corrupt_wal(run / "federation" / "state" / "root"),
+    ],
+    ids=["no-run-json", "bad-run-json", "no-samples", "garbage-timeline", "no-state", "bad-wal"],
+)
+def test_missing_or_damaged_input_is_a_failed_verdict_not_a_traceback(
+    tmp_path: Path, damage: Callable[[Path], None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = clean_run(tmp_path, steps=300).finish()
+    damage(run)
+    report = check_run(run)
+    assert not report.ok and report.exit_status == 1
+    assert all(v.detail for v in report.verdicts)
+    assert not any("checker error" in v.detail for v in report.verdicts)
+    assert "FAIL " in capsys.readouterr().out
+    assert json.loads((run / "report.json").read_text())["ok"] is False
+
+
+def _corrupt_wal(state: Path) -> None:
+    wal = max(state.glob("wal.*.log"), key=lambda p: p.stat().st_size)
+    data = bytearray(wal.read_bytes())
+    assert len(data) > 64
+    data[len(data) // 2] ^= 0xFF  # a flipped byte inside a complete frame: corruption
+    wal.write_bytes(bytes(data))
+
+
+def test_the_run_state_is_never_modified(tmp_path: Path) -> None:
+    run = clean_run(tmp_path, steps=300).finish()
+    state = run / "federation" / "state"
+    before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    check(run)
+    after = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+    assert after == before
