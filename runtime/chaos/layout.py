@@ -6,6 +6,8 @@ overridable), so ``fedloom chaos`` and ``fedloom local init`` produce the layout
 the end-to-end tests use: ``keys/``, ``roster.toml``, ``consortium.pub``, ``<node>.toml``,
 ``state/<node>/``, ``logs/<node>.log``. A star is written as a one-region hierarchy whose
 region is then taken out (its config and roster entry), the sites re-pointed at the root.
+``lay_out_gossip`` writes gossip peers on a ring, and a relay for those that do not listen,
+in the same layout.
 """
 
 from __future__ import annotations
@@ -17,22 +19,39 @@ from typing import Any
 
 import tomli_w
 
+from runtime.chaos.scenario import RELAY_ID, Shape
 from runtime.demo import (
     DEMO_PLAN,
     DEMO_TRAINING,
     ROOT_ID,
     Federation,
     NodeFiles,
+    free_port,
     site_examples,
     write_federation,
     write_roster,
 )
 from transport.identity import Identity
 
-__all__ = ["README_NAME", "lay_out", "read_config", "set_parent_url", "write_readme"]
+__all__ = [
+    "README_NAME",
+    "lay_out",
+    "lay_out_gossip",
+    "point_link",
+    "read_config",
+    "set_parent_url",
+    "write_readme",
+]
 
 README_NAME = "README.txt"
 _STAR_REGION = "region-0"
+# write_federation's link timing, for gossip peers and the relay too.
+GOSSIP_CONNECTION = {
+    "keepalive_s": 2.0,
+    "down_after_s": 10.0,
+    "backoff_base_s": 0.1,
+    "backoff_cap_s": 1.0,
+}
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -102,6 +121,90 @@ def _to_star(fed: Federation, root_aggregation: Mapping[str, Any]) -> Federation
     write_roster(fed.roster, members, consortium, examples=examples)
     nodes: dict[str, NodeFiles] = {k: v for k, v in fed.nodes.items() if k != _STAR_REGION}
     return Federation(fed.workdir, fed.roster, fed.consortium_pub, fed.plan, nodes)
+
+
+def lay_out_gossip(
+    workdir: Path,
+    shape: Shape,
+    *,
+    seed: int = 1,
+    plan: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    aggregation: Mapping[str, Any] | None = None,
+    connection: Mapping[str, Any] | None = None,
+) -> Federation:
+    """Gossip peers on ``shape``'s ring (each with its own share of the demo's data), and
+    the relay its non-listening neighbours meet through; every node with ``/metrics``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    keys = workdir / "keys"
+    (workdir / "logs").mkdir(exist_ok=True)
+    consortium = Identity.generate("consortium", "consortium")
+    consortium.save(keys, overwrite=True)
+    pub = workdir / "consortium.pub"
+    pub.write_text(consortium.public_line() + "\n", encoding="utf-8")
+    plan_table = {**DEMO_PLAN, **(plan or {}), "n_sites": len(shape.peers), "seed": seed}
+    conn = {**GOSSIP_CONNECTION, **(connection or {})}
+    ports = {n: free_port() for n in shape.nodes if shape.listening(n)}
+    identities: list[Identity] = []
+    nodes: dict[str, NodeFiles] = {}
+    for node_id in shape.nodes:
+        role = "relay" if node_id == RELAY_ID else "peer"
+        ident = Identity.generate(node_id, role)
+        ident.save(keys, overwrite=True)
+        identities.append(ident)
+        cfg: dict[str, Any] = {
+            "role": role,
+            "node_id": node_id,
+            "state_dir": str(workdir / "state" / node_id),
+            "seed": seed,
+            "identity": {"key": str(keys / f"{node_id}.key")},
+            "roster": {"path": str(workdir / "roster.toml"), "consortium_key_file": str(pub)},
+            "connection": conn,
+        }
+        if node_id in ports:
+            cfg["listen"] = {"host": "127.0.0.1", "port": ports[node_id]}
+        if role == "peer":
+            dials = {b for a, b in shape.edges if a == node_id}
+            cfg["peers"] = [
+                {"id": p, "url": f"ws://127.0.0.1:{ports[p]}/fedloom"} if p in dials else {"id": p}
+                for p in shape.neighbours(node_id)
+            ]
+            if RELAY_ID in dials:
+                cfg["relay"] = {"id": RELAY_ID, "url": f"ws://127.0.0.1:{ports[RELAY_ID]}/fedloom"}
+            index = shape.peers.index(node_id)
+            cfg["plan"] = {**plan_table, "site_index": index}
+            cfg["training"] = {**DEMO_TRAINING, **(training or {})}
+            cfg["aggregation"] = {"algorithm": "gossip", **(aggregation or {})}
+            cfg["codec"] = {"up": "fp32", "down": "fp32"}
+        metrics = free_port()
+        cfg["metrics"] = {"host": "127.0.0.1", "port": metrics}
+        path = workdir / f"{node_id}.toml"
+        _write_config(path, cfg)
+        nodes[node_id] = NodeFiles(
+            node_id,
+            role,
+            path,
+            workdir / "state" / node_id,
+            workdir / "logs" / f"{node_id}.log",
+            ports.get(node_id, 0),
+            metrics,
+        )
+    write_roster(workdir / "roster.toml", identities, consortium)
+    return Federation(workdir, workdir / "roster.toml", pub, plan_table, nodes)
+
+
+def point_link(config: Path, target: str, url: str) -> None:
+    """Make the node of ``config`` reach ``target`` (its parent, its relay or a gossip
+    neighbour) at ``url``: a fault proxy's port."""
+    cfg = read_config(config)
+    if cfg.get("parent", {}).get("id") == target:
+        cfg["parent"]["url"] = url
+    elif cfg.get("relay", {}).get("id") == target:
+        cfg["relay"]["url"] = url
+    else:
+        entry = next(p for p in cfg.get("peers", []) if p.get("id") == target)
+        entry["url"] = url
+    _write_config(config, cfg)
 
 
 def set_parent_url(config: Path, url: str, *, parent_id: str | None = None) -> None:

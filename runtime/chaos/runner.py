@@ -49,7 +49,7 @@ from runtime.chaos.faults import (
     last_log_line,
     tmpfs_support,
 )
-from runtime.chaos.layout import lay_out, set_parent_url
+from runtime.chaos.layout import lay_out, lay_out_gossip, point_link
 from runtime.chaos.proxy import FaultNetwork, Toxics
 from runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
 from runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
@@ -259,24 +259,35 @@ class ChaosRun:
         self._prepare_out()
         disks_ok = self._disk_faults_possible()
         shape = scen.shape
-        fed = lay_out(
-            self.out / "federation",
-            shape.regions,
-            star=shape.kind == "star",
-            seed=scen.seed,
-            plan=shape.plan,
-            training=shape.training,
-            root_aggregation=shape.root_aggregation,
-            region_aggregation=shape.region_aggregation,
-            connection=shape.connection,
-        )
+        if shape.gossip:
+            fed = lay_out_gossip(
+                self.out / "federation",
+                shape,
+                seed=scen.seed,
+                plan=shape.plan,
+                training=shape.training,
+                aggregation=shape.peer_aggregation,
+                connection=shape.connection,
+            )
+        else:
+            fed = lay_out(
+                self.out / "federation",
+                shape.regions,
+                star=shape.kind == "star",
+                seed=scen.seed,
+                plan=shape.plan,
+                training=shape.training,
+                root_aggregation=shape.root_aggregation,
+                region_aggregation=shape.region_aggregation,
+                connection=shape.connection,
+            )
         self.fed = fed
         self.proxy = ProxyThread(scen.seed)
         for link in shape.links:
-            child, parent = link.split("->")
-            port = self.proxy.add_link(link, ("127.0.0.1", fed.nodes[parent].listen_port))
+            dialer, target = link.split("->")
+            port = self.proxy.add_link(link, ("127.0.0.1", fed.nodes[target].listen_port))
             self.link_ports[link] = port
-            set_parent_url(fed.nodes[child].config, f"ws://127.0.0.1:{port}/fedloom")
+            point_link(fed.nodes[dialer].config, target, f"ws://127.0.0.1:{port}/fedloom")
         if disks_ok:
             for node in scen.disk_nodes():
                 self.disks.prepare(node, fed.nodes[node].state_dir, scen.run.tmpfs_mb)
@@ -495,9 +506,9 @@ class ChaosRun:
         self.started_unix = time.time()
         self.t0 = time.monotonic()
         self.timeline = Timeline(self.out / "timeline.jsonl", self.t0)
-        cluster = Cluster(
-            self.fed, args={ROOT_ID: ["--eval-interval", f"{scen.run.eval_interval_s:g}"]}
-        )
+        evaluate = ["--eval-interval", f"{scen.run.eval_interval_s:g}"]
+        evaluators = [n for n, f in self.fed.nodes.items() if f.role in ("root", "peer")]
+        cluster = Cluster(self.fed, args=dict.fromkeys(evaluators, evaluate))
         self.procs = Processes(
             cluster,
             self.timeline,
@@ -548,8 +559,16 @@ class ChaosRun:
 
     def _progress(self, now: float) -> None:
         assert self.sampler is not None and self.procs is not None and self.fed is not None
-        v = self.sampler.version(ROOT_ID)
-        parts = [f"root v{'?' if v is None else v}"]
+        parts = []
+        if self.scen.shape.gossip:  # a peer's version is the step of the model it evaluated
+            for node in self.scen.shape.peers:
+                m = self.sampler.latest.get(node, {})
+                step, acc = m.get("fedloom_eval_model_version"), m.get("fedloom_eval_accuracy")
+                shown = "?" if step is None else f"{int(step)}"
+                parts.append(f"{node} step {shown}" + (f" acc {acc:.2f}" if acc else ""))
+        else:
+            v = self.sampler.version(ROOT_ID)
+            parts.append(f"root v{'?' if v is None else v}")
         for node in self.scen.shape.region_ids:
             fwd = self.sampler.latest.get(node, {}).get("fedloom_region_forwards_total")
             parts.append(f"{node} {'?' if fwd is None else int(fwd)} forwards")

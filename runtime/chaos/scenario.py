@@ -73,8 +73,9 @@ INPUT_KINDS = ("garbage", "idle", "upgrade")
 FAULT_KINDS = (*NETWORK_KINDS, "heal", *PROCESS_KINDS, *DISK_KINDS, *INPUT_KINDS)
 DIRECTIONS = ("both", "up", "down")
 CORRUPT_WHERE = ("wal_middle", "wal_end", "wal_torn", "checkpoint")
-SHAPES = ("star", "hierarchy")
+SHAPES = ("star", "hierarchy", "gossip")
 ROOT_ID = "root"
+RELAY_ID = "relay"
 
 # Parameters each kind takes (name -> (default or None when required, lower bound, upper
 # bound)); every fault also takes name, at_s, for_s, kind and targets.
@@ -95,8 +96,10 @@ _EXPECT_BOOLS = ("exactly_once", "versions_monotonic", "no_unintended_exits", "h
 
 @dataclass(frozen=True, slots=True)
 class Shape:
-    """The federation a scenario runs: ``regions`` maps each region to its sites (a star
-    has one pseudo-entry keyed by the root: its sites are the root's children)."""
+    """The federation a scenario runs. Star and hierarchy: ``regions`` maps each region to
+    its sites (a star has one pseudo-entry keyed by the root: its sites are the root's
+    children). Gossip: ``peers`` on a ring, ``relayed`` the ones that do not listen, and
+    ``edges`` every connection as (the node that dials, the node it dials)."""
 
     kind: str
     regions: dict[str, list[str]]
@@ -105,6 +108,14 @@ class Shape:
     root_aggregation: Mapping[str, Any] = field(default_factory=dict)
     region_aggregation: Mapping[str, Any] = field(default_factory=dict)
     connection: Mapping[str, Any] = field(default_factory=dict)
+    peers: tuple[str, ...] = ()
+    relayed: tuple[str, ...] = ()
+    edges: tuple[tuple[str, str], ...] = ()
+    peer_aggregation: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def gossip(self) -> bool:
+        return self.kind == "gossip"
 
     @property
     def sites(self) -> list[str]:
@@ -116,6 +127,9 @@ class Shape:
 
     @property
     def nodes(self) -> list[str]:
+        if self.gossip:
+            relay = [RELAY_ID] if any(b == RELAY_ID for _, b in self.edges) else []
+            return [*self.peers, *relay]
         return [ROOT_ID, *self.region_ids, *self.sites]
 
     def parent(self, node: str) -> str | None:
@@ -127,17 +141,51 @@ class Shape:
         return None
 
     def children(self, node: str) -> list[str]:
+        """The nodes that dial ``node`` (its children, for an aggregator)."""
+        if self.gossip:
+            return [a for a, b in self.edges if b == node]
         if node == ROOT_ID:
             return list(self.regions.get(ROOT_ID, self.region_ids))
         return list(self.regions.get(node, []))
 
+    def neighbours(self, peer: str) -> list[str]:
+        """A gossip peer's ring neighbours (reached directly or through the relay)."""
+        i, n = self.peers.index(peer), len(self.peers)
+        around = [self.peers[(i - 1) % n], self.peers[(i + 1) % n]]
+        return [p for k, p in enumerate(around) if p != peer and p not in around[:k]]
+
     @property
     def links(self) -> list[str]:
-        """Every child->parent connection, named ``"child->parent"``."""
+        """Every connection, named ``"dialer->listener"`` (a child's to its parent)."""
+        if self.gossip:
+            return [f"{a}->{b}" for a, b in self.edges]
         return [f"{n}->{self.parent(n)}" for n in self.nodes if self.parent(n) is not None]
 
     def listening(self, node: str) -> bool:
+        if self.gossip:
+            return node == RELAY_ID or (node in self.peers and node not in self.relayed)
         return node == ROOT_ID or node in self.region_ids
+
+
+def gossip_ring(n_peers: int, n_relayed: int) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Peers on a ring, the last ``n_relayed`` of them not listening: who dials whom. Of two
+    listening neighbours the lower-numbered dials; a relayed peer dials a listening
+    neighbour; two relayed neighbours both dial the relay."""
+    peers = [f"peer-{i}" for i in range(n_peers)]
+    relayed = peers[n_peers - n_relayed :]
+    pairs = sorted({tuple(sorted((i, (i + 1) % n_peers))) for i in range(n_peers)})
+    edges: list[tuple[str, str]] = []
+    via_relay: set[str] = set()
+    for a, b in pairs:
+        pa, pb = peers[a], peers[b]
+        if pb not in relayed:
+            edges.append((pa, pb))
+        elif pa not in relayed:
+            edges.append((pb, pa))
+        else:
+            via_relay |= {pa, pb}
+    edges += [(p, RELAY_ID) for p in peers if p in via_relay]
+    return peers, relayed, edges
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +295,8 @@ def _table_dict(t: Table, key: str) -> dict[str, Any]:
 
 def _shape(t: Table) -> Shape:
     kind = t.text("shape", "hierarchy", choices=SHAPES)
+    if kind == "gossip":
+        return _gossip_shape(t)
     n_sites = t.integer("sites", 4, min=1, max=200)
     regions: dict[str, list[str]]
     if kind == "star":
@@ -279,6 +329,33 @@ def _shape(t: Table) -> Shape:
     )
     if kind == "star" and shape.region_aggregation:
         raise ConfigError("federation.region_aggregation: a star has no regions; remove it")
+    t.finish()
+    return shape
+
+
+def _gossip_shape(t: Table) -> Shape:
+    for key in ("sites", "regions", "root_aggregation", "region_aggregation"):
+        if t.has(key):
+            raise ConfigError(f"federation.{key}: a gossip federation has none; remove it")
+    n_peers = t.integer("peers", 4, min=2, max=100)
+    n_relayed = t.integer("relayed", 0, min=0)
+    if n_relayed > n_peers:
+        raise ConfigError(f"federation.relayed: {n_relayed} relayed of {n_peers} peers")
+    mode = t.text("gossip_mode", "dpsgd", choices=("dpsgd", "pushsum"))
+    interval = t.number("gossip_interval_s", 1.0, min=0.05, max=3600.0)
+    peers, relayed, edges = gossip_ring(n_peers, n_relayed)
+    aggregation = {"gossip_mode": mode, "gossip_interval_s": interval}
+    shape = Shape(
+        "gossip",
+        {},
+        plan=_table_dict(t, "plan"),
+        training=_table_dict(t, "training"),
+        connection=_table_dict(t, "connection"),
+        peers=tuple(peers),
+        relayed=tuple(relayed),
+        edges=tuple(edges),
+        peer_aggregation={**aggregation, **_table_dict(t, "peer_aggregation")},
+    )
     t.finish()
     return shape
 

@@ -152,3 +152,32 @@ def test_chaos_refuses_to_wipe_a_directory_that_is_not_a_run(tmp_path: Path, cap
     assert "not empty and not an earlier chaos run" in capsys.readouterr().err
     assert (keep / "thesis.txt").exists()
     assert os.listdir(keep) == ["thesis.txt"]
+
+
+def test_the_netem_backend_is_refused_with_the_reason(tmp_path: Path, capsys: Any) -> None:
+    scen = tmp_path / "s.toml"
+    scen.write_text('duration_s = 5\n[federation]\nshape = "star"\nsites = 1\n')
+    assert main(["chaos", str(scen), "--out", str(tmp_path / "o"), "--backend", "netem"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend netem: tc netem is" in err and "ships no netem backend" in err
+    assert not (tmp_path / "o").exists()  # refused before anything was laid out
+
+
+def test_a_gossip_layout_loads_and_the_links_point_through_the_proxy(tmp_path: Path) -> None:
+    from runtime.chaos.layout import lay_out_gossip, point_link
+
+    shape = parse_scenario(
+        {"duration_s": 5, "federation": {"shape": "gossip", "peers": 4, "relayed": 2}}
+    ).shape
+    fed = lay_out_gossip(tmp_path, shape, aggregation=shape.peer_aggregation)
+    assert set(fed.nodes) == {"peer-0", "peer-1", "peer-2", "peer-3", "relay"}
+    for link in shape.links:
+        dialer, target = link.split("->")
+        point_link(fed.nodes[dialer].config, target, "ws://127.0.0.1:9/fedloom")
+    cfgs = {n: load_config(f.config) for n, f in fed.nodes.items()}  # each passes validation
+    assert cfgs["relay"].role == "relay" and cfgs["relay"].listen is not None
+    assert cfgs["peer-3"].listen is None and cfgs["peer-3"].relay is not None
+    assert cfgs["peer-3"].relay.url == "ws://127.0.0.1:9/fedloom"
+    urls = {p.id: p.url for p in cfgs["peer-0"].peers}
+    assert urls == {"peer-3": None, "peer-1": "ws://127.0.0.1:9/fedloom"}  # peer-3 dials 0
+    assert cfgs["peer-1"].relay is None  # both its neighbours are reached directly

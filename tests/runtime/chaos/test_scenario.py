@@ -217,3 +217,57 @@ def test_overlapping_network_faults_combine_to_the_worst_of_each() -> None:
     assert up.reset_after_bytes == down.reset_after_bytes == 100
     healthy = combine_toxics([], "up")
     assert healthy.latency_ms == 0 and not healthy.blackhole and healthy.reset_after_bytes is None
+
+
+def test_a_gossip_ring_with_a_relay() -> None:
+    s = parse_scenario(
+        {
+            "duration_s": 30,
+            "federation": {"shape": "gossip", "peers": 5, "relayed": 2},
+            "fault": [
+                {"at_s": 1, "kind": "partition", "targets": ["relay"]},
+                {"at_s": 2, "kind": "latency", "latency_ms": 5, "targets": ["peer-0/*"]},
+                {"at_s": 3, "for_s": 2, "kind": "garbage", "targets": ["peer-0", "relay"]},
+            ],
+        }
+    )
+    shape = s.shape
+    assert shape.nodes == ["peer-0", "peer-1", "peer-2", "peer-3", "peer-4", "relay"]
+    # Listening neighbours: the lower number dials; a relayed peer dials a listening one;
+    # two relayed neighbours (peer-3, peer-4) meet through the relay.
+    assert shape.links == [
+        "peer-0->peer-1",
+        "peer-4->peer-0",
+        "peer-1->peer-2",
+        "peer-3->peer-2",
+        "peer-3->relay",
+        "peer-4->relay",
+    ]
+    assert shape.neighbours("peer-0") == ["peer-4", "peer-1"]
+    assert shape.parent("peer-0") is None
+    assert s.faults[0].targets == ("peer-3->relay", "peer-4->relay")
+    assert s.faults[1].targets == ("peer-4->peer-0",)  # the peers that dial peer-0
+    assert shape.peer_aggregation == {"gossip_mode": "dpsgd", "gossip_interval_s": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("federation", "needle"),
+    [
+        ({"shape": "gossip", "peers": 1}, "federation.peers: expected a number >= 2"),
+        ({"shape": "gossip", "peers": 3, "relayed": 4}, "federation.relayed: 4 relayed of 3"),
+        ({"shape": "gossip", "sites": 3}, "federation.sites: a gossip federation has none"),
+        ({"shape": "gossip", "gossip_mode": "flood"}, "federation.gossip_mode: 'flood'"),
+        ({"shape": "star", "peers": 3}, "federation.peers: unknown field"),
+    ],
+)
+def test_gossip_mistakes_name_the_field(federation: dict[str, Any], needle: str) -> None:
+    assert needle in error({"duration_s": 10, "federation": federation})
+
+
+def test_bad_input_needs_a_listening_gossip_node() -> None:
+    raw = {
+        "duration_s": 10,
+        "federation": {"shape": "gossip", "peers": 3, "relayed": 1},
+        "fault": [{"at_s": 1, "for_s": 1, "kind": "idle", "targets": ["peer-2"]}],
+    }
+    assert "'peer-2' does not listen" in error(raw)
