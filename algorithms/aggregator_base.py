@@ -118,6 +118,8 @@ MAX_HELD_REGION = 8
 # A child that applied nothing (and, a site, was given no task) for this long no longer
 # shares epochs, when the aggregator has no task_timeout_s to take instead.
 QUIET_AFTER_S = 120.0
+# A root behind its children (it lost its state) says so at most this often.
+BEHIND_LOG_S = 600.0
 
 
 class Outcome(enum.Enum):
@@ -151,6 +153,8 @@ def checkpoint_interval(checkpoint_every: int) -> int:
 
 class AggregatorBase:
     """Children, dedup ledger, task dispatch and the Persist-then-Ack discipline."""
+
+    _owns_model = False  # a root (``OwnModel``): nobody above it publishes newer models
 
     def __init__(
         self,
@@ -209,6 +213,8 @@ class AggregatorBase:
         self._now = 0.0  # the time of the event being handled
         self._quota_solicited = True  # see _within_quota (sync rounds: one task per round)
         self._norm = 0.0  # ‖Δ‖₂ of the update being decided (measured once, at intake)
+        self._behind = -1  # newest base version a child presented above a root's own
+        self._behind_logged: float | None = None
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
         self.duplicates = 0
@@ -415,6 +421,9 @@ class AggregatorBase:
             return
         version, reference = model
         reason = check_update(msg, version, reference)
+        if reason == "future_version" and self._owns_model:
+            self._from_the_future(peer, msg, version, out)
+            return
         if reason is None:
             msg, reason = self._check_claims(peer, msg, out)
         self._accept(peer, msg, reason, version, now, out)
@@ -657,6 +666,31 @@ class AggregatorBase:
         )
         self._record(peer, msg, Outcome.REJECTED, version, out, reason=reason)
 
+    def _from_the_future(self, peer: str, msg: Update, version: int, out: list[Effect]) -> None:
+        """A child's update is based on a model newer than any this root holds, so this
+        root lost (or was rolled back from) the state that published it: it would refuse
+        every forward and its children every model, for good. Neither recorded nor acked
+        (the child keeps it for the root once reseeded); one ERROR that names the fix every
+        ``BEHIND_LOG_S``, and the gauge ``root_behind_children``."""
+        self.rejected += 1
+        self._behind = max(self._behind, int(msg.base_version))
+        out.append(Metric("update_rejected", 1.0, {"reason": "future_version"}))
+        out.append(Metric("root_behind_children", float(self._behind - version)))
+        if self._behind_logged is not None and self._now < self._behind_logged + BEHIND_LOG_S:
+            return
+        self._behind_logged = self._now
+        out.append(
+            Log(
+                "error",
+                f"this root holds model version {version} but {peer} sends updates based on "
+                f"version {self._behind}: the root's state was lost or rolled back, and "
+                "training is stuck until it is reseeded. Stop this root and run `fedloom "
+                "state reseed --config ROOT.toml --from STATE_DIR` with the state directory "
+                "of a region (or a backup of the root's), then start it again",
+                {"peer": peer, "version": version, "child_version": self._behind},
+            )
+        )
+
     def _reject_unacked(self, peer: str, msg: Update, reason: str, out: list[Effect]) -> None:
         """Rejected without an ack: not from a child we answer for, or unnumbered. Nothing
         is written; the warning is logged once per peer, reason and epoch (no log flood)."""
@@ -727,6 +761,8 @@ class AggregatorBase:
 
 class OwnModel:
     """The model a root aggregator owns: its version and weights."""
+
+    _owns_model = True
 
     _version: int
     _weights: Weights

@@ -8,6 +8,7 @@
     fedloom run --config FILE.toml                                  run one daemon (systemd-ready)
     fedloom state check STATE_DIR                                   inspect a node's durable state
     fedloom state repair STATE_DIR --truncate-at N | --drop-damaged  repair a damaged log
+    fedloom state reseed --config ROOT.toml --from DIR [--skip N]   a root that lost its state
     fedloom demo                                                    a real local federation
     fedloom chaos SCENARIO.toml [--out DIR] [--backend B]           faults on real daemons
     fedloom local init DIR [--shape S] [--regions N] [--sites N]    lay out a local federation
@@ -176,6 +177,33 @@ def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "--drop-damaged",
         action="store_true",
         help="drop only the damaged byte ranges, keep every intact frame",
+    )
+    reseed = state_sub.add_parser(
+        "reseed",
+        help="give a root that lost its state the newest model it signed (stop it first)",
+        description="Write a checkpoint into the root's state directory holding the newest "
+        "model found in the --from state directories: a region's (only a model carrying "
+        "this root's signature over its weights is taken) or a backup of the root's own "
+        "(restored whole). The root then resumes at that version (plus --skip) instead of "
+        "refusing its regions' forwards for good. See runtime/reseed.py and the README.",
+    )
+    reseed.add_argument("--config", type=Path, required=True, help="the root's config file")
+    reseed.add_argument(
+        "--from",
+        dest="sources",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="STATE_DIR",
+        help="a region's state directory or a backup of the root's (repeatable: newest wins)",
+    )
+    reseed.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        metavar="N",
+        help="resume N versions past the newest found (versions the lost root may have "
+        "published beyond it; default 0)",
     )
 
 
@@ -356,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 configure_logging(args.log_level, args.log_format)
                 return run_daemon(args.config, eval_interval_s=args.eval_interval)
+        if args.command == "state" and args.state_command == "reseed":
+            from runtime.reseed import cmd_state_reseed
+
+            return cmd_state_reseed(args.config, args.sources, args.skip)
         if args.command == "state":
             from runtime.state_cli import cmd_state_check, cmd_state_repair
 
@@ -365,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return cmd_state_repair(
                     args.state_dir, truncate_at=args.truncate_at, drop_damaged=args.drop_damaged
                 )
-            parser.error("state: choose an action: check or repair")
+            parser.error("state: choose an action: check, repair or reseed")
         if args.command == "demo":
             from runtime.demo import cmd_demo
 

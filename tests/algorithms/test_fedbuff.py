@@ -133,7 +133,8 @@ def test_metric_then_persist_then_ack_for_every_new_update() -> None:
             True,
         ),
         ("s1", {"delta": {"w": np.zeros((3, 2), np.float32)}}, "names", True),
-        ("s1", {"base": 5}, "future_version", True),
+        # The child is right and this root is behind (it lost its state): kept, not acked.
+        ("s1", {"base": 5}, "future_version", False),
         ("s1", {"count": 0}, "bad_count", True),
         ("s1", {"n": -1}, "bad_n_examples", True),
         ("mallory", {}, "unknown_sender", False),
