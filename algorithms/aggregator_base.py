@@ -685,8 +685,9 @@ class AggregatorBase:
                 f"this root holds model version {version} but {peer} sends updates based on "
                 f"version {self._behind}: the root's state was lost or rolled back, and "
                 "training is stuck until it is reseeded. Stop this root and run `fedloom "
-                "state reseed --config ROOT.toml --from STATE_DIR` with the state directory "
-                "of a region (or a backup of the root's), then start it again",
+                "state reseed --config ROOT.toml --from STATE_DIR --above "
+                f"{self._behind}` with the state directory of a region (or a backup of the "
+                "root's), then start it again",
                 {"peer": peer, "version": version, "child_version": self._behind},
             )
         )

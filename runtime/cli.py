@@ -8,7 +8,7 @@
     fedloom run --config FILE.toml                                  run one daemon (systemd-ready)
     fedloom state check STATE_DIR                                   inspect a node's durable state
     fedloom state repair STATE_DIR --truncate-at N | --drop-damaged  repair a damaged log
-    fedloom state reseed --config ROOT.toml --from DIR [--skip N]   a root that lost its state
+    fedloom state reseed --config ROOT.toml --from DIR [--above N]  a root that lost its state
     fedloom demo                                                    a real local federation
     fedloom chaos SCENARIO.toml [--out DIR] [--backend B]           faults on real daemons
     fedloom local init DIR [--shape S] [--regions N] [--sites N]    lay out a local federation
@@ -184,7 +184,7 @@ def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Write a checkpoint into the root's state directory holding the newest "
         "model found in the --from state directories: a region's (only a model carrying "
         "this root's signature over its weights is taken) or a backup of the root's own "
-        "(restored whole). The root then resumes at that version (plus --skip) instead of "
+        "(restored whole). The root then resumes at that version (or above --above) instead of "
         "refusing its regions' forwards for good. See runtime/reseed.py and the README.",
     )
     reseed.add_argument("--config", type=Path, required=True, help="the root's config file")
@@ -198,12 +198,12 @@ def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="a region's state directory or a backup of the root's (repeatable: newest wins)",
     )
     reseed.add_argument(
-        "--skip",
+        "--above",
         type=int,
-        default=0,
+        default=-1,
         metavar="N",
-        help="resume N versions past the newest found (versions the lost root may have "
-        "published beyond it; default 0)",
+        help="resume at a version above N: the newest version the root's ERROR line says "
+        "its children hold (default: the version found)",
     )
 
 
@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "state" and args.state_command == "reseed":
             from runtime.reseed import cmd_state_reseed
 
-            return cmd_state_reseed(args.config, args.sources, args.skip)
+            return cmd_state_reseed(args.config, args.sources, args.above)
         if args.command == "state":
             from runtime.state_cli import cmd_state_check, cmd_state_repair
 

@@ -5,7 +5,7 @@ older version than it published: its regions refuse its models as stale, and it 
 their forwards as based on a future version (it logs one ERROR naming this command). The
 federation is stuck until the root holds a version at least as new as what they hold.
 
-    fedloom state reseed --config ROOT.toml --from DIR [--from DIR ...] [--skip N]
+    fedloom state reseed --config ROOT.toml --from DIR [--from DIR ...] [--above N]
 
 Each ``--from`` is a state directory: a region's (its checkpoint holds the newest global
 model it had made durable and the root's signature of it; read without its lock, so the
@@ -16,11 +16,13 @@ plant a model), checked with the root's identity key. The newest version found w
 
 The root's state directory (the root must be stopped: its lock is taken) is then given a
 checkpoint of a fresh root (this config's children and settings) holding that model under
-that version, plus ``--skip`` (default 0): a root that may have published versions newer
-than any source holds (a region that was cut off, a source that is a few versions behind)
-should skip past them, or a region holding one of them will refuse the new model under
-that number (``message_rejected{reason="model_conflict"}``). Refused when the root already
-holds a version at least as new. What the root took after the seed model and had acked is
+that version, or under ``N + 1`` with ``--above N`` when that is higher. A region keeps its
+newest model durable only now and then, so it may hold (in memory) a newer version than
+its state directory: the root's ERROR names the newest version its children sent updates
+on, and ``--above`` that version makes the reseeded root's first model newer than anything
+they hold (a model under a number a region holds, with other weights, would be refused as
+``model_conflict``; an older one as ``stale_model``). Refused when the root already holds a
+version at least as new. What the root took after the seed model and had acked is
 lost with its state (the regions dropped it when it was acked); forwards not acked are
 resent by the regions and taken once.
 """
@@ -133,10 +135,11 @@ def _with_model(root: Node, version: int, weights: Weights) -> None:
     root.restore(state)  # type: ignore[attr-defined]
 
 
-def reseed_root(config: Path, sources: Sequence[Path], *, skip: int = 0) -> str:
-    """Re-seed the root of ``config`` from ``sources``; return the line to print."""
-    if skip < 0:
-        raise ConfigError(f"--skip must be >= 0, got {skip}")
+def reseed_root(config: Path, sources: Sequence[Path], *, above: int = -1) -> str:
+    """Re-seed the root of ``config`` from ``sources`` (at a version > ``above``); return
+    the line to print."""
+    if above < -1:
+        raise ConfigError(f"--above must be >= 0, got {above}")
     if not sources:
         raise ConfigError("give at least one --from STATE_DIR")
     cfg = load_config(config)
@@ -162,7 +165,7 @@ def reseed_root(config: Path, sources: Sequence[Path], *, skip: int = 0) -> str:
             held = current.current_model()[0]  # type: ignore[attr-defined]
         except (StoreError, ValueError, KeyError):
             held = -1  # unreadable: what it held is lost anyway
-        version = seed.version + skip
+        version = max(seed.version, above + 1)
         if held >= version:
             raise ConfigError(
                 f"state_dir: the root already holds model version {held}, not older than "
@@ -170,7 +173,7 @@ def reseed_root(config: Path, sources: Sequence[Path], *, skip: int = 0) -> str:
             )
         if seed.root_state is not None:
             root.restore(seed.root_state)  # type: ignore[attr-defined]
-            if skip:
+            if version != seed.version:
                 _with_model(root, version, seed.weights)
         else:
             _with_model(root, version, seed.weights)
@@ -182,9 +185,9 @@ def reseed_root(config: Path, sources: Sequence[Path], *, skip: int = 0) -> str:
 
 
 def cmd_state_reseed(
-    config: Path, sources: Sequence[Path], skip: int = 0, *, out: TextIO | None = None
+    config: Path, sources: Sequence[Path], above: int = -1, *, out: TextIO | None = None
 ) -> int:
     """``fedloom state reseed``: 0 on success (user mistakes raise ``ConfigError``)."""
-    line = reseed_root(config, sources, skip=skip)
+    line = reseed_root(config, sources, above=above)
     print(line, file=out or sys.stdout)
     return 0

@@ -75,7 +75,7 @@ def test_a_root_that_lost_its_state_says_so_and_is_reseeded_from_a_region(
     assert not [e for e in out if isinstance(e, Send) and isinstance(e.msg, Ack)]  # kept
     assert not [e for e in out if isinstance(e, Persist)]
     [error] = [e for e in out if isinstance(e, Log) and e.level == "error"]
-    assert "fedloom state reseed" in error.text and "version 40" in error.text
+    assert "fedloom state reseed" in error.text and "--above 40" in error.text
     gauge = [e for e in out if isinstance(e, Metric) and e.name == "root_behind_children"]
     assert gauge and gauge[0].value == 40.0
     again = root.handle(Received(REGION, forward(root, 40)), 3.0)
@@ -115,7 +115,7 @@ def test_a_model_the_root_did_not_sign_is_refused(
     assert load_node(load_config(fed.nodes[ROOT_ID].config)).current_model()[0] == 0  # type: ignore[attr-defined]
 
 
-def test_a_backup_of_the_root_restores_it_whole_and_skip_jumps_ahead(
+def test_a_backup_of_the_root_restores_it_whole_and_resumes_above_its_children(
     fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root_cfg = load_config(fed.nodes[ROOT_ID].config)
@@ -140,7 +140,7 @@ def test_a_backup_of_the_root_restores_it_whole_and_skip_jumps_ahead(
     for f in root_cfg.state_dir.iterdir():  # the disk is lost
         f.unlink()
     argv = ["state", "reseed", "--config", str(fed.nodes[ROOT_ID].config), "--from"]
-    assert main([*argv, str(backup), "--skip", "5"]) == 0
+    assert main([*argv, str(backup), "--above", str(held + 4)]) == 0
     back = load_node(root_cfg)
     assert isinstance(back, FedBuffAggregator) and back.version == held + 5
     for k, v in weights.items():
