@@ -16,7 +16,8 @@ and an aggregate that is not finite is dropped (metric ``aggregate_nonfinite``),
 forwarded. It holds no model of its own: it relays every ``ModelBroadcast`` from the parent
 to its region children and hands the newest global (version, weights) to its sites as tasks.
 Towards its parent it behaves like a site (``Hello(role="region")`` on ``PeerUp``, its
-forwards kept in an ``Outbox`` until acked and resent in order after reconnecting); towards
+forwards kept in an ``Outbox`` until acked, sent and resent in seq order under its
+acknowledgement-paced window, never all at once after an outage); towards
 its children like the root (dedup ledger, Persist-then-Ack, rejections). Regions nest: the
 parent may itself be a region.
 
@@ -31,6 +32,16 @@ an update is refused without an ack; the site keeps it in its outbox and resends
 after its next reconnect, so nothing acknowledged is lost. (Honest sites only send updates
 for tasks, which need a model: holding is for the rare region that lost its state while
 its sites still had updates pending, so the bound is small.)
+
+Backpressure: while the parent does not acknowledge, forwards pile up in the outbox (in
+memory and in the "region/pending" log). Once they hold ``max_outbox_bytes`` (None:
+``outbox.DEFAULT_OUTBOX_UPDATES`` forwards' worth) the region dispatches no new tasks
+(metric ``dispatch_paused``) until acks drain it below that. Children's updates that
+arrive meanwhile are still taken, acked and flushed: they answer tasks handed out before
+the pause (or are resends the sites hold), so at most ``concurrency`` task answers plus
+what the sites already held arrive, a bounded overshoot of a few forwards. Refusing them
+instead, or holding a full buffer unflushed, would keep a child's acknowledged update in
+limbo or make every site resend; neither bounds more than the dispatch pause already does.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
 from algorithms.intake import ClaimBounds
 from algorithms.node_util import unexpected
 from algorithms.outbox import Outbox
-from algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
+from algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
 from algorithms.staleness import StalenessFn
 from algorithms.validation import is_int
 from algorithms.weights_math import check_compatible
@@ -88,6 +99,7 @@ class RegionalAggregator(BufferedAggregator):
         max_deferred: int = 10_000,
         max_deferred_bytes: int = DEFAULT_MAX_DEFERRED_BYTES,
         claim_bounds: ClaimBounds | None = None,
+        max_outbox_bytes: int | None = None,
     ) -> None:
         super().__init__(
             node_id,
@@ -121,7 +133,7 @@ class RegionalAggregator(BufferedAggregator):
         self.state = RegionState.NO_MODEL
         self._global: tuple[int, Weights] | None = None
         self._proof: tuple[str, int, bytes] = ("", 0, b"")  # root's (signer, parent, sig)
-        self._outbox = Outbox(PENDING_KEY)
+        self._outbox = Outbox(PENDING_KEY, max_bytes=max_outbox_bytes)
         self._deferred: list[tuple[str, Update]] = []
         self.deferred_bytes = 0  # decoded delta bytes in ``_deferred``
         self._replay_version: int | None = None
@@ -135,6 +147,30 @@ class RegionalAggregator(BufferedAggregator):
     @property
     def seq(self) -> int:
         return self._outbox.seq
+
+    @property
+    def paused(self) -> bool:
+        """Backpressure: the outbox is full, so no new tasks are dispatched."""
+        return self._outbox.full
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        out = super().handle(event, now)
+        out.extend(self._outbox.metrics(now, dispatch_paused=float(self.paused)))
+        return out
+
+    def next_deadline(self) -> float | None:
+        own, outbox = super().next_deadline(), self._outbox.next_deadline()
+        if own is None or (outbox is not None and outbox < own):
+            return outbox
+        return own
+
+    def _on_deadline(self, now: float, out: list[Effect]) -> None:
+        super()._on_deadline(now, out)
+        out.extend(self._outbox.on_deadline(now))
+
+    def _fill(self, now: float, out: list[Effect]) -> None:
+        if not self.paused:  # backpressure: no new tasks while the outbox is full
+            super()._fill(now, out)
 
     def current_model(self) -> tuple[int, Weights] | None:
         """The newest global model relayed through this region (not a model of its own)."""
@@ -151,10 +187,13 @@ class RegionalAggregator(BufferedAggregator):
 
     # -------------------------------------------------------------- parent
     def _on_other_link(self, peer: str, up: bool, now: float, out: list[Effect]) -> None:
-        if peer != self.parent or not up:
-            return  # while the parent is away forwards stay in the outbox
+        if peer != self.parent:
+            return
+        if not up:
+            self._outbox.link_down()  # while the parent is away forwards stay in the outbox
+            return
         out.append(Send(self.parent, Hello(self._id, "region")))
-        out.extend(self._outbox.resend(self.parent))
+        out.extend(self._outbox.resend(self.parent, now=now))
 
     def _on_other(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:
         if peer != self.parent:
@@ -163,7 +202,7 @@ class RegionalAggregator(BufferedAggregator):
             self._on_model(msg, now, out)
         elif isinstance(msg, Ack):
             if msg.src == self._id and is_int(msg.seq):
-                out.extend(self._outbox.ack(int(msg.seq)))
+                out.extend(self._outbox.ack(int(msg.seq), now=now))
             else:
                 out.extend(unexpected(peer, msg, "ack_for_other"))
         elif not isinstance(msg, Heartbeat):
@@ -245,7 +284,7 @@ class RegionalAggregator(BufferedAggregator):
             count=agg.count,
         )
         self.forwarded += 1
-        out.extend(self._outbox.push(self.parent, update))
+        out.extend(self._outbox.push(self.parent, update, now=self._now))
         out.append(Metric("region_forward", float(agg.count), {"region": self._id}))
         if self.checkpoint_every and update.seq % self.checkpoint_every == 0:
             out.append(Persist(CHECKPOINT_KEY, self.snapshot()))

@@ -7,7 +7,13 @@ State machine (``SiteState``): IDLE --TrainRequest--> TRAINING --TrainDone/Train
 A request that arrives while training is parked (only the newest is kept) and started when the
 current job ends. Each finished job becomes ``Update(seq)`` in an ``Outbox``: persisted, sent,
 kept until the parent's ``Ack``; on ``PeerUp(parent)`` the site says ``Hello`` and resends
-every unacknowledged update in seq order (the parent deduplicates by ``(site, seq)``).
+its unacknowledged updates in seq order (the parent deduplicates by ``(site, seq)``), under
+the outbox's acknowledgement-paced window (``algorithms.outbox``).
+
+Backpressure: while the outbox holds ``max_outbox_bytes`` (None: ``DEFAULT_OUTBOX_UPDATES``
+updates' worth) the site starts no training; the newest request is parked and started once
+acks drain the outbox below it, so a site whose parent does not acknowledge keeps a bounded
+outbox (metric ``dispatch_paused``).
 
 Compaction: each pending update is logged with its delta, so the log grows by a model's
 size per update. Whenever an ``Ack`` empties the outbox the site writes a checkpoint of
@@ -60,7 +66,13 @@ class SiteNode:
     """Sans-I/O site: ``handle(event, now) -> effects``."""
 
     def __init__(
-        self, site_id: str, parent: str, *, n_examples: int = 0, seed: int | None = None
+        self,
+        site_id: str,
+        parent: str,
+        *,
+        n_examples: int = 0,
+        seed: int | None = None,
+        max_outbox_bytes: int | None = None,
     ) -> None:
         if not site_id or not parent:
             raise ValueError("site_id and parent must be non-empty")
@@ -71,7 +83,7 @@ class SiteNode:
         self.n_examples = n_examples
         self._seed = seed
         self.state = SiteState.IDLE
-        self._outbox = Outbox(PENDING_KEY)
+        self._outbox = Outbox(PENDING_KEY, max_bytes=max_outbox_bytes)
         self._job = 0
         self._base: Weights | None = None
         self._base_version = -1
@@ -104,15 +116,28 @@ class SiteNode:
         """The newest global model this site has seen (broadcast or training request)."""
         return self._model
 
+    @property
+    def paused(self) -> bool:
+        """Backpressure: the outbox is full, so no new training starts."""
+        return self._outbox.full
+
     def next_deadline(self) -> float | None:
-        return None
+        return self._outbox.next_deadline()
 
     # ----------------------------------------------------------------- events
     def handle(self, event: Event, now: float) -> list[Effect]:
+        out = self._handle(event, now)
+        if self._parked is not None and self.state is SiteState.IDLE and not self.paused:
+            parked, self._parked = self._parked, None  # acks drained the outbox
+            out.extend(self._start(parked))
+        out.extend(self._outbox.metrics(now, dispatch_paused=float(self.paused)))
+        return out
+
+    def _handle(self, event: Event, now: float) -> list[Effect]:
         if isinstance(event, Received):
-            return self._on_received(event.peer, event)
+            return self._on_received(event.peer, event, now)
         if isinstance(event, TrainDone):
-            return self._on_done(event)
+            return self._on_done(event, now)
         if isinstance(event, TrainFailed):
             self._check_job(event.job)
             self.jobs_failed += 1
@@ -127,12 +152,16 @@ class SiteNode:
             hello: list[Effect] = [
                 Send(self.parent, Hello(self._id, "site", self.n_examples)),
             ]
-            return hello + self._outbox.resend(self.parent)
-        if isinstance(event, PeerDown | Deadline):
-            return []  # pending updates stay in the outbox until the link is back
+            return hello + self._outbox.resend(self.parent, now=now)
+        if isinstance(event, PeerDown):
+            if event.peer == self.parent:
+                self._outbox.link_down()  # pending updates stay until the link is back
+            return []
+        if isinstance(event, Deadline):
+            return self._outbox.on_deadline(now)
         raise ProtocolMisuseError(f"site cannot handle {type(event).__name__}")
 
-    def _on_received(self, peer: str, event: Received) -> list[Effect]:
+    def _on_received(self, peer: str, event: Received, now: float) -> list[Effect]:
         msg = event.msg
         if peer != self.parent:
             return unexpected(peer, msg, "not_parent")
@@ -141,7 +170,7 @@ class SiteNode:
         if isinstance(msg, Ack):
             if msg.src != self._id:
                 return unexpected(peer, msg, "ack_for_other")
-            acked = self._outbox.ack(msg.seq)
+            acked = self._outbox.ack(msg.seq, now=now)
             if acked and not len(self._outbox):
                 acked.append(Persist(CHECKPOINT_KEY, self._drained_snapshot()))
             return acked
@@ -157,8 +186,9 @@ class SiteNode:
 
     def _on_request(self, req: TrainRequest) -> list[Effect]:
         self._remember(req.version, req.weights)
-        if self.state is SiteState.TRAINING:
+        if self.state is SiteState.TRAINING or self.paused:
             # Only the newest request matters: an older one would train a staler model.
+            # A full outbox parks it too (backpressure) until acks drain it.
             self._parked = req
             return []
         return self._start(req)
@@ -179,7 +209,7 @@ class SiteNode:
         if self.state is not SiteState.TRAINING or job != self._job:
             raise ProtocolMisuseError(f"site {self._id}: no training job {job} in progress")
 
-    def _on_done(self, event: TrainDone) -> list[Effect]:
+    def _on_done(self, event: TrainDone, now: float) -> list[Effect]:
         self._check_job(event.job)
         base = self._base
         assert base is not None
@@ -202,11 +232,13 @@ class SiteNode:
             task=self._task,
             metrics=dict(result.metrics),
         )
-        return self._outbox.push(self.parent, update) + self._finish_job()
+        return self._outbox.push(self.parent, update, now=now) + self._finish_job()
 
     def _finish_job(self) -> list[Effect]:
         self.state = SiteState.IDLE
         self._base = None
+        if self.paused:
+            return []  # the parked request waits for acks (see ``handle``)
         parked, self._parked = self._parked, None
         return self._start(parked) if parked is not None else []
 
