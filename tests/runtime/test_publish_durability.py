@@ -13,7 +13,6 @@ a number already delivered differs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from algorithms.fedasync import FedAsyncAggregator
 from algorithms.fedbuff import FedBuffAggregator
 from algorithms.protocol import Metric, Persist, Received, Weights
 from runtime.daemon import restore_node
@@ -38,10 +38,18 @@ def model(value: float = 0.0) -> Weights:
     return {"w": np.full((64, 32), value, np.float32), "b": np.full((32,), value, np.float32)}
 
 
-def root() -> FedBuffAggregator:
+def fedbuff() -> FedBuffAggregator | FedAsyncAggregator:
     return FedBuffAggregator(
         "root", CHILDREN, model(), buffer_size=2, concurrency=1, checkpoint_every=3
     )
+
+
+def fedasync() -> FedBuffAggregator | FedAsyncAggregator:
+    return FedAsyncAggregator("root", CHILDREN, model(), concurrency=1, checkpoint_every=4)
+
+
+ROOTS = {"fedbuff": fedbuff, "fedasync": fedasync}
+root = fedbuff  # set per test run (see the parametrised test)
 
 
 def updates(n: int) -> list[Update]:
@@ -140,15 +148,16 @@ async def run_until_killed(
                     break
                 await asyncio.sleep(0.001)
             driver.stop()
-            killed = crashing.dead.is_set()
-            with pytest.raises(BaseExceptionGroup) if killed else contextlib.nullcontext():
+            try:
                 await task
+            except BaseExceptionGroup as group:  # the kill, and nothing else
+                assert crashing.dead.is_set() and group.subgroup(KilledError) is not None
     finally:
         store.close()
     return region.delivered, versions
 
 
-def recovered(directory: Path) -> FedBuffAggregator:
+def recovered(directory: Path) -> FedBuffAggregator | FedAsyncAggregator:
     with StateStore(directory) as store:
         node = root()
         restore_node(node, store.load())
@@ -185,9 +194,11 @@ def crash_points(tmp: Path) -> Iterator[tuple[int, bool]]:
             yield k, after
 
 
+@pytest.mark.parametrize("kind", sorted(ROOTS))
 async def test_a_killed_root_never_republishes_a_version_under_other_weights(
-    tmp_path: Path,
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setitem(globals(), "root", ROOTS[kind])
     total = 0
     for crash_at, after_write in crash_points(tmp_path):
         total += 1
