@@ -156,7 +156,10 @@ class SyncAggregator(OwnModel, AggregatorBase):
 
     def next_deadline(self) -> float | None:
         if self.state is RoundState.WAITING and self._short_since is not None:
-            return self._short_since + self._wait_bound()
+            # Only while still ahead: once passed, an event that brings idle sites starts
+            # the round (a deadline in the past would fire again and again).
+            wait = self._short_since + self._wait_bound()
+            return wait if wait > self._now else None
         return self._deadline
 
     def handle(self, event: Event, now: float) -> list[Effect]:

@@ -174,3 +174,15 @@ def test_fedavg_over_every_site_keeps_going_when_one_site_dies() -> None:
     assert now < 4 * 30.0  # one wait of round_timeout_s at most, not one per round
     assert sum("fewer sites than min_available" in w for w in seen) == 1
     assert any("outstanding tasks" in w for w in seen)
+
+
+def test_a_passed_wait_is_not_asked_for_again_while_no_cohort_is_idle() -> None:
+    agg = make(clients_per_round=3, min_cohort=2, min_available=4)
+    for s in ("s1", "s2"):
+        agg.handle(hello(s), 0.0)
+    assert agg.next_deadline() == 10.0  # 2 idle, 4 wanted: wait once
+    agg.handle(PeerDown("s2"), 1.0)  # now not even a cohort is idle
+    agg.handle(Deadline(), 10.0)
+    assert agg.state is RoundState.WAITING and agg.next_deadline() is None
+    out = agg.handle(hello("s3"), 11.0)  # a cohort again, the wait is over: start
+    assert agg.state is RoundState.COLLECTING and len(requests(out)) == 2
