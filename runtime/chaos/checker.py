@@ -58,7 +58,9 @@ __all__ = [
     "load_state",
 ]
 
-START_GRACE_S = 15.0  # after a process_start, a daemon may be unready this long
+# After a process_start a daemon may be unready this long: it reports ready once its dialled
+# links are up or after runtime.daemon.READY_WAIT_S (10 s) anyway, plus 5 s to start.
+START_GRACE_S = 15.0
 VERSION = "fedloom_model_version"
 AGGREGATORS = ("root", "region")
 OUTBOX_KEYS = {"site": "site/pending", "region": "region/pending"}
@@ -229,6 +231,10 @@ def load_run(run_dir: Path) -> RunData:
         raise ValueError(f"{path}: {describe(exc)}") from None
     if not isinstance(run, dict) or not isinstance(run.get("nodes"), dict):
         raise ValueError(f"{path}: no 'nodes' table")
+    odd = sorted(n for n, info in run["nodes"].items() if not isinstance(info, dict))
+    if odd:
+        problems.append(f"run.json: node entries that are not tables: {', '.join(odd)}")
+        run["nodes"] = {n: i for n, i in run["nodes"].items() if isinstance(i, dict)}
     timeline = _json_lines(run_dir / "timeline.jsonl", problems)
     samples = _json_lines(run_dir / "samples.jsonl", problems)
     return RunData(run_dir, run, timeline, samples, problems)
@@ -414,6 +420,7 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
         "applied_twice": doubles,
         "unreadable": unreadable,
         "root_site_updates": {r: _pair_total(p) for r, p in root_pairs.items()},
+        "site_updates": _site_accounting(data, states, root_pairs),
     }
     problems = []
     if lost:
@@ -448,6 +455,32 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
         f"none applied twice, none unknown to its child ({pending} still pending)",
         evidence,
     )
+
+
+def _site_accounting(
+    data: RunData, states: Mapping[str, NodeState | str], root_pairs: Mapping[str, AppliedLedger]
+) -> dict[str, dict[str, int]]:
+    """Where each site's acknowledged updates are at the end, as far as durable state
+    tells: incorporated at the root (its pair ledger, when the root keeps one), or in a
+    region's forward still pending. The rest were buffered in a region or decided there
+    (stale, rejected): the final state does not tell those apart, so nothing is claimed."""
+    in_forwards: Counter[str] = Counter()
+    for node in data.by_role("region"):
+        st = states.get(node)
+        if isinstance(st, NodeState):
+            for carried in st.pending_pairs.values():
+                in_forwards.update(site for site, _ in carried)
+    out = {}
+    for site in data.by_role("site"):
+        st = states.get(site)
+        if not isinstance(st, NodeState):
+            continue
+        row = {"acknowledged": len(st.acknowledged), "in_pending_forwards": in_forwards[site]}
+        for root, ledger in root_pairs.items():
+            snap = ledger.snapshot()
+            row[f"at_{root}"] = int(snap["mark"].get(site, 0)) + len(snap["above"].get(site, []))
+        out[site] = row
+    return out
 
 
 def _seq(states: Mapping[str, NodeState | str], node: str) -> int | str:
@@ -726,6 +759,8 @@ def load_states(data: RunData) -> dict[str, NodeState | str]:
     """Every node's reduced state, or the reason it could not be read."""
     out: dict[str, NodeState | str] = {}
     for node, info in sorted(data.nodes.items()):
+        if data.role(node) == "loadgen":  # no state of its own: its sites are listed
+            continue
         rel = info.get("state_dir") or f"federation/state/{node}"
         try:
             out[node] = load_state(data.run_dir / str(rel), node, data.role(node))

@@ -82,16 +82,38 @@ def _spans(data: RunData) -> list[tuple[str, float, float, str]]:
     return out
 
 
+def _down(data: RunData) -> list[tuple[str, float, float]]:
+    """(node, from, to) of each intended kill or pause until the restart or resume."""
+    since: dict[str, float] = {}
+    out = []
+    for e in data.timeline:
+        kind, t = e.get("event"), float(e["t"])
+        detail = e.get("detail")
+        if isinstance(detail, dict) and detail.get("end"):
+            continue
+        for node in e.get("targets") or []:
+            if kind in ("process_kill", "process_pause"):
+                since.setdefault(str(node), t)
+            elif kind in ("process_start", "process_resume") and node in since:
+                out.append((str(node), since.pop(str(node)), t))
+    out.extend((n, t, data.end_t) for n, t in since.items())
+    return out
+
+
 def _accuracy_series(data: RunData) -> dict[str, list[tuple[float, float]]]:
+    """Accuracy series (``*accuracy*``); without any, the other ``*eval*`` scores (not the
+    version an evaluation ran on, which the version panel shows)."""
     series: dict[str, list[tuple[float, float]]] = {}
     for s in data.samples:
         metrics = s.get("metrics")
         if not isinstance(metrics, dict):
             continue
         for name, value in metrics.items():
-            if ("accuracy" in name or "eval" in name) and isinstance(value, int | float):
+            wanted = ("accuracy" in name or "eval" in name) and "version" not in name
+            if wanted and isinstance(value, int | float):
                 series.setdefault(f"{s.get('node')} {name}", []).append((float(s["t"]), value))
-    return series
+    accuracy = {k: v for k, v in series.items() if "accuracy" in k}
+    return accuracy or series
 
 
 def plot_timeline(data: RunData, path: Path) -> None:
@@ -121,9 +143,19 @@ def plot_timeline(data: RunData, path: Path) -> None:
             alpha=0.4,
             label=fault,
         )
+    for node, start, end in _down(data):  # killed or paused on purpose: grey
+        if node in index:
+            i = index[node]
+            ax_f.fill_betweenx([i - 0.3, i + 0.3], start, end, color="grey", alpha=0.3)
     for e in data.timeline:
         marker = _MARKERS.get(str(e.get("event")))
-        if marker is None or (e.get("event") == "process_start" and e.get("fault") == "start"):
+        detail = e.get("detail")
+        final = isinstance(detail, dict) and detail.get("end")
+        if (
+            marker is None
+            or final
+            or (e.get("event") == "process_start" and e.get("fault") == "start")
+        ):
             continue
         colour = "black" if e.get("event") == "process_exit" else marker[1]
         for target in e.get("targets") or []:
@@ -134,7 +166,8 @@ def plot_timeline(data: RunData, path: Path) -> None:
     unique = dict(zip(labels, handles, strict=False))
     if unique:
         ax_f.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right")
-    ax_f.set_title(f"{data.run.get('scenario', data.run_dir.name)}: faults, kills (x), exits (v)")
+    title = data.run.get("scenario", data.run_dir.name)
+    ax_f.set_title(f"{title}: faults, kills (x, down in grey), starts (^), exits (v)")
     for node in sorted(data.nodes):
         if data.role(node) in ("root", "region"):
             series = data.versions(node)
