@@ -94,8 +94,8 @@ from algorithms.protocol import (
     Weights,
 )
 from algorithms.server_opt import ServerOptimizer
-from algorithms.validation import check_update, is_int
-from algorithms.weights_math import is_finite, l2_norm
+from algorithms.validation import check_update_norm, is_int
+from algorithms.weights_math import is_finite
 from transport.wire import Ack, Heartbeat, Hello, Message, ModelBroadcast, TrainRequest, Update
 
 __all__ = [
@@ -420,7 +420,8 @@ class AggregatorBase:
             self._defer(peer, msg, out)
             return
         version, reference = model
-        reason = check_update(msg, version, reference)
+        # The norm comes from the finiteness pass over the delta (one pass, not two).
+        reason, self._norm = check_update_norm(msg, version, reference)
         if reason == "future_version" and self._owns_model:
             self._from_the_future(peer, msg, version, out)
             return
@@ -429,7 +430,7 @@ class AggregatorBase:
         self._accept(peer, msg, reason, version, now, out)
 
     def _check_claims(self, peer: str, msg: Update, out: list[Effect]) -> tuple[Update, str | None]:
-        """Bound count and n_examples (``ClaimBounds``) and measure the delta's norm."""
+        """Bound count and n_examples (``ClaimBounds``); refuse a norm that overflows."""
         msg, reason, clamped = self._bounds.check(peer, self._children[peer], msg)
         if reason is not None:
             return msg, reason
@@ -438,8 +439,7 @@ class AggregatorBase:
             out.append(
                 Log("warning", "claim clamped", {"src": peer, "field": name, "seq": msg.seq})
             )
-        self._norm = l2_norm(msg.delta)  # finite entries can still overflow float64 here
-        if not self._norm < math.inf:
+        if not self._norm < math.inf:  # finite float64 entries can still overflow it
             return msg, "norm_overflow"
         return msg, None
 

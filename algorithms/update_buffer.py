@@ -36,6 +36,7 @@ from algorithms.weights_math import is_finite, l2_norm
 __all__ = ["ROBUST_MODES", "WEIGHTINGS", "Aggregate", "UpdateBuffer"]
 
 WEIGHTINGS = ("uniform", "examples")
+_FLUSH_SLICE = 1 << 15  # elements summed over the K deltas at a time (256 KiB of float64)
 ROBUST_MODES = ("mean", "median", "trimmed_mean")
 
 
@@ -150,12 +151,20 @@ class UpdateBuffer:
             delta = {}
             for k, shape in self._shapes.items():
                 # Accumulate in float64, in place (no stack of K upcast deltas): a sum of
-                # float32 deltas near float32's maximum must not overflow on the way.
+                # float32 deltas near float32's maximum must not overflow on the way. Slice
+                # by slice, so the accumulator stays in the CPU cache across the K deltas
+                # (same operations per element, in the same order: the same sum).
                 acc = np.zeros(shape, dtype=np.float64)
-                tmp = np.empty_like(acc)
-                for c, d in zip(coefs, self._kept, strict=True):
-                    np.multiply(d[k], c, out=tmp, casting="unsafe")
-                    acc += tmp
+                flat = acc.reshape(-1)
+                tmp = np.empty(min(flat.size, _FLUSH_SLICE), dtype=np.float64)
+                parts = [d[k].reshape(-1) for d in self._kept]
+                for start in range(0, flat.size, _FLUSH_SLICE):
+                    end = start + _FLUSH_SLICE
+                    summed = flat[start:end]
+                    scaled = tmp[: summed.size]
+                    for c, part in zip(coefs, parts, strict=True):
+                        np.multiply(part[start:end], c, out=scaled, casting="unsafe")
+                        summed += scaled
                 delta[k] = acc
         else:
             delta = {k: np.zeros(shape) for k, shape in self._shapes.items()}

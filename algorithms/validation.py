@@ -6,15 +6,16 @@ None. Nothing here raises on malformed input: peers are not trusted.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from algorithms.protocol import Weights
-from algorithms.weights_math import check_delta
+from algorithms.weights_math import check_delta, checked_norm
 from transport.wire import Update
 
-__all__ = ["check_update", "is_int"]
+__all__ = ["check_update", "check_update_norm", "is_int"]
 
 
 def is_int(x: Any) -> bool:
@@ -30,6 +31,19 @@ def check_update(msg: Update, version: int, reference: Weights) -> str | None:
 
     ``seq`` and the sender are checked by the caller (they decide dedup and who gets an ack).
     """
+    return _check_fields(msg, version) or check_delta(reference, msg.delta)
+
+
+def check_update_norm(msg: Update, version: int, reference: Weights) -> tuple[str | None, float]:
+    """``check_update``'s reason and the delta's L2 norm, measured in the same pass over the
+    data (``weights_math.checked_norm``; inf when refused, or when the norm overflows)."""
+    reason = _check_fields(msg, version)
+    if reason is not None:
+        return reason, math.inf
+    return checked_norm(reference, msg.delta)
+
+
+def _check_fields(msg: Update, version: int) -> str | None:
     if not is_int(msg.base_version) or msg.base_version < 0:
         return "bad_base_version"
     if msg.base_version > version:
@@ -38,4 +52,4 @@ def check_update(msg: Update, version: int, reference: Weights) -> str | None:
         return "bad_n_examples"
     if not is_int(msg.count) or msg.count < 1:
         return "bad_count"
-    return check_delta(reference, msg.delta)
+    return None

@@ -16,12 +16,16 @@ import numpy.typing as npt
 
 from algorithms.protocol import Weights
 
+# Elements squared at a time by ``l2_norm``: their float64 squares stay in the CPU cache.
+_NORM_CHUNK = 1 << 16
+
 __all__ = [
     "add",
     "axpy",
     "axpy_inplace",
     "check_compatible",
     "check_delta",
+    "checked_norm",
     "copy_weights",
     "is_finite",
     "l2_norm",
@@ -80,14 +84,31 @@ def weighted_sum(ws: Sequence[Weights], coeffs: Sequence[float]) -> Weights:
     return {k: v.astype(ws[0][k].dtype, copy=False) for k, v in out.items()}
 
 
-def l2_norm(w: Weights) -> float:
-    """The global L2 norm over all tensors, ‖w‖₂ (accumulated in float64)."""
+def l2_norm(w: Mapping[str, npt.NDArray[Any]]) -> float:
+    """The global L2 norm over all tensors, ‖w‖₂ (squares summed in float64).
+
+    No BLAS: numpy's ``dot`` of a long vector wakes OpenBLAS's thread pool, whose threads
+    then spin on the CPUs that the event loop, the channel's workers and the other
+    processes need (a fifth of an aggregator's CPU under ingest went there)."""
     total = 0.0
-    with np.errstate(over="ignore"):  # an overflow is reported as inf, for callers to refuse
+    # An overflow (or a NaN) is reported as inf (nan), for callers to refuse.
+    with np.errstate(over="ignore", invalid="ignore"):
         for v in w.values():
-            flat = v.ravel().astype(np.float64, copy=False)
-            total += float(flat @ flat)
+            total += _sum_squares(v.reshape(-1))
     return math.sqrt(total)
+
+
+def _sum_squares(flat: npt.NDArray[Any]) -> float:
+    if flat.size <= _NORM_CHUNK:
+        return float(np.multiply(flat, flat, dtype=np.float64).sum())
+    buf = np.empty(_NORM_CHUNK, dtype=np.float64)
+    total = 0.0
+    for start in range(0, flat.size, _NORM_CHUNK):
+        part = flat[start : start + _NORM_CHUNK]
+        squares = buf[: part.size]
+        np.multiply(part, part, out=squares, dtype=np.float64)
+        total += float(squares.sum())
+    return total
 
 
 def is_finite(w: Weights) -> bool:
@@ -131,3 +152,25 @@ def check_delta(reference: Weights, delta: Mapping[str, Any]) -> str | None:
         if not isfinite(arr).all():
             return "non_finite"
     return None
+
+
+def checked_norm(reference: Weights, delta: Mapping[str, Any]) -> tuple[str | None, float]:
+    """``check_delta``'s reason and ``l2_norm(delta)`` in one pass over the data.
+
+    The float64 sum of squares is finite exactly when every entry is, unless entries are
+    float64 themselves (their squares can overflow): so the finiteness pass runs only when
+    the sum is not finite, to tell "non_finite" from finite entries whose norm overflows
+    (then the reason is None and the norm inf, for the caller to refuse). Returns
+    ``(reason, inf)`` for a delta ``check_delta`` refuses.
+    """
+    reason = check_compatible(reference, delta)
+    if reason is not None:
+        return reason, math.inf
+    norm = l2_norm(delta)
+    if norm < math.inf:
+        return None, norm
+    isfinite = np.isfinite
+    for arr in delta.values():
+        if not isfinite(arr).all():
+            return "non_finite", math.inf
+    return None, math.inf

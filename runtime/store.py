@@ -62,7 +62,10 @@ Encoding: msgpack with extension types for tuples, sets, numpy arrays and scalar
 messages (an outbox persists ``Update`` objects). The arrays of a frame go into one payload
 through the project's tensor codec (``transport.tensors``, fp32, no lz4); dtypes that codec
 would change (float64 optimiser state, float16, ...) are stored as their raw bytes and viewed
-back, so a restore is bit-exact. Never pickle. Decoded arrays are read-only views.
+back, so a restore is bit-exact. A float32 array whose every value is a float16 (a delta
+that travelled with the fp16 codec and was decoded to float32) is stored as the codec's fp16
+entry, half the bytes to checksum, write and fsync, once the encoder has checked, bit for
+bit, that decoding it gives the array back. Never pickle. Decoded arrays are read-only.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ import numpy as np
 import numpy.typing as npt
 
 from algorithms.protocol import Persist
+from transport.half import half_to_float, to_half
 from transport.limits import Limits
 from transport.tensors import CodecSpec, decode_tensors, encode_tensor_parts
 from transport.wire import MESSAGE_TYPES
@@ -134,6 +138,12 @@ _EXT_ARRAY, _EXT_SCALAR, _EXT_TUPLE, _EXT_SET, _EXT_FROZENSET, _EXT_MESSAGE = 1,
 _MESSAGES: dict[str, type] = {cls.__name__: cls for cls in MESSAGE_TYPES}
 # (kind, itemsize) pairs the fp32 codec stores without changing the dtype.
 _CODEC_NATIVE = {("f", 4), ("i", 1), ("i", 2), ("i", 4), ("i", 8), ("u", 1), ("b", 1)}
+# float32 arrays of at least this many elements are stored as float16 when that is exact
+# (smaller ones are not worth the check); the first _HALF_PROBE values are tried first, so
+# an array that is not (a model's weights) costs next to nothing.
+_HALF_FROM = 4096
+_HALF_PROBE = 64
+_F32 = np.dtype("<f4")
 
 
 class StoreError(RuntimeError):
@@ -307,7 +317,18 @@ def encode_state(obj: Any) -> list[bytes | memoryview]:
     """
     enc = _Encoder()
     tree = enc.pack(obj)
-    entries, payload = encode_tensor_parts({str(i): a for i, a in enumerate(enc.arrays)}, _SPEC)
+    exact: dict[str, tuple[list[int], npt.NDArray[Any]]] = {}
+    rest: dict[str, npt.NDArray[Any]] = {}
+    for i, arr in enumerate(enc.arrays):
+        half = _exact_half(arr)
+        if half is None:
+            rest[str(i)] = arr
+        else:
+            exact[str(i)] = (list(arr.shape), half)
+    entries, payload = encode_tensor_parts(rest, _SPEC)
+    for name, (shape, half) in exact.items():  # after the others: their offsets stay aligned
+        entries.append({"name": name, "codec": "fp16", "shape": shape})
+        payload.append(half.data)
     manifest = {"lz4": False, "tensors": entries}
     head: bytes = msgpack.packb([manifest, tree], use_bin_type=True)
     head_len = _U32.pack(len(head))
@@ -317,6 +338,24 @@ def encode_state(obj: Any) -> list[bytes | memoryview]:
     for part in payload:
         crc = zlib.crc32(part, crc)
     return [MAGIC + length + _U32.pack(crc), head_len, head, *payload]
+
+
+def _exact_half(arr: npt.NDArray[Any]) -> npt.NDArray[Any] | None:
+    """``arr`` as float16 (one-dimensional) if decoding that gives back exactly ``arr``,
+    bit for bit (``transport.tensors`` decodes fp16 entries with ``half_to_float``, as
+    here); else None."""
+    if arr.dtype != _F32 or arr.size < _HALF_FROM:
+        return None
+    flat = arr.reshape(-1)
+    probe = flat[:_HALF_PROBE]
+    with np.errstate(over="ignore", invalid="ignore"):
+        back = probe.astype(np.float16).astype(_F32)
+    if not np.array_equal(back.view(np.uint32), probe.view(np.uint32)):
+        return None
+    half = to_half(flat)
+    if not np.array_equal(half_to_float(half).view(np.uint32), flat.view(np.uint32)):
+        return None
+    return half
 
 
 def decode_state(head: bytes, payload: bytes) -> Any:

@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from transport.errors import ProtocolError
+from transport.half import half_to_float
 from transport.identity import Identity, key_text, verify_signature
 from transport.limits import Limits, ModelLayout
 from transport.roster import Roster
@@ -145,7 +146,9 @@ def as_received(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec) -> Ten
                 out[name] = arr  # travels raw
                 continue
             half = _to_fp16(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
-            out[name] = half.astype(np.float32).reshape(arr.shape)
+            # As the receiver decodes it (``half_to_float``: vectorised; numpy's
+            # ``astype`` converts one element at a time, 10x slower).
+            out[name] = half_to_float(half).reshape(arr.shape)
         return out
     manifest, payload = encode_tensors(tensors, dataclasses.replace(spec, lz4=False))
     return decode_tensors(manifest, payload, _SENDER_LIMITS)

@@ -28,6 +28,7 @@ from algorithms.protocol import (
     TrainResult,
     Weights,
 )
+from runtime import driver as driver_module
 from runtime.driver import AsyncDriver
 from runtime.peers import EventSink, MemoryNetwork
 from transport.wire import Ack, Heartbeat, Message
@@ -164,19 +165,21 @@ async def test_persists_are_durable_before_the_messages_that_follow_are_delivere
 
     async def body() -> None:
         driver.post_nowait(Received("p", Heartbeat("p", 0)))
-        await until(lambda: sum(e[0] in ("send", "commit") for e in journal if e != "seen") == 5)
+        await until(lambda: sum(e[0] in ("send", "commit") for e in journal if e != "seen") == 4)
 
     await run_driver(driver, body)
     assert journal[0] == "seen"
     order = [e[0] if e[0] != "commit" else e for e in journal[1:] if e[0] != "queued"]
+    # The first batch is in flight while the rest of the effects are carried out, so the
+    # later Persists form one group behind it: one more write, and the second ack waits
+    # for it (its own record and the one after it).
     assert order == [
         ("commit", ["log", "model"]),
         "send",  # the first ack, delivered only once its record is on disk
-        ("commit", ["log"]),
+        ("commit", ["log", "tail"]),
         "send",
-        ("commit", ["tail"]),
     ]
-    assert driver.stats.persists == 4 and driver.stats.commits == 3
+    assert driver.stats.persists == 4 and driver.stats.commits == 2
     assert all(name.startswith("store-") for name in store.threads)  # never on the loop
 
 
@@ -222,6 +225,94 @@ async def test_a_message_is_streamed_while_its_write_is_on_the_way_to_disk() -> 
     kinds = [e[0] for e in journal]
     assert kinds.index("commit") < kinds.index("send")
     assert driver.stats.commits == 2
+
+
+async def test_events_handled_during_a_write_share_the_next_one_and_wait_for_it() -> None:
+    journal: list[Any] = []
+    store = GatedStore(journal)
+    node = ScriptNode("n", persist_then_send)
+    driver = AsyncDriver(node, peers=FakePeers(journal), store=store)
+
+    async def body() -> None:
+        driver.post_nowait(Received("p", Heartbeat("p", 0)))
+        await until(store.started.is_set)
+        for step in (1, 2, 3):  # handled while the first write is on its way to disk
+            driver.post_nowait(Received("p", Heartbeat("p", step)))
+        await until(lambda: len(node.seen) == 4)
+        assert [e[0] for e in journal] == ["queued"] * 4  # nothing delivered, nothing written
+        store.release.set()
+        await until(lambda: sum(e[0] == "send" for e in journal) == 4)
+
+    await run_driver(driver, body)
+    kinds = [e[0] if e[0] != "commit" else e for e in journal if e[0] != "queued"]
+    # One write for the first event, ONE for the three handled meanwhile (one fsync), and
+    # no ack of theirs delivered before that second write.
+    assert kinds == [
+        ("commit", ["outbox"]),
+        "send",
+        ("commit", ["outbox", "outbox", "outbox"]),
+        "send",
+        "send",
+        "send",
+    ]
+    assert driver.stats.commits == 2 and driver.stats.grouped == 3
+
+
+async def test_a_full_group_makes_the_node_wait_for_the_write_in_flight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(driver_module, "MAX_GROUP", 2)
+    journal: list[Any] = []
+    store = GatedStore(journal)
+    node = ScriptNode("n", persist_then_send)
+    driver = AsyncDriver(node, peers=FakePeers(journal), store=store)
+
+    async def body() -> None:
+        driver.post_nowait(Received("p", Heartbeat("p", 0)))
+        await until(store.started.is_set)
+        for step in (1, 2, 3):
+            driver.post_nowait(Received("p", Heartbeat("p", step)))
+        await until(lambda: len(node.seen) == 3)  # the third filled the group: it waits
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(node.seen) == 3
+        store.release.set()
+        await until(lambda: sum(e[0] == "send" for e in journal) == 4)
+
+    await run_driver(driver, body)
+    commits = [e[1] for e in journal if e[0] == "commit"]
+    assert commits == [["outbox"], ["outbox", "outbox"], ["outbox"]]
+
+
+async def test_a_failed_write_delivers_none_of_the_group_behind_it_and_never_writes_it() -> None:
+    journal: list[Any] = []
+    store = GatedStore(journal, error=OSError(5, "Input/output error"))
+    node = ScriptNode("n", persist_then_send)
+    driver = AsyncDriver(node, peers=FakePeers(journal), store=store)
+    calls: list[int] = []
+    apply_many = store.apply_many
+
+    def counted(items: Sequence[Persist]) -> None:
+        calls.append(len(items))
+        apply_many(items)
+
+    store.apply_many = counted  # type: ignore[method-assign]
+
+    async def feed() -> None:
+        driver.post_nowait(Received("p", Heartbeat("p", 0)))
+        await until(store.started.is_set)
+        driver.post_nowait(Received("p", Heartbeat("p", 1)))
+        await until(lambda: len(node.seen) == 2)
+        store.release.set()
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with asyncio.timeout(LIMIT), asyncio.TaskGroup() as tg:
+            tg.create_task(feed())
+            await driver.run()
+    assert info.group_contains(OSError, match="Input/output error")
+    assert calls == [1]  # the group behind the failed write was never handed to the store
+    assert [e[0] for e in journal] == ["queued", "queued"]  # and no ack was delivered
+    assert not driver.running
 
 
 async def test_a_failed_write_stops_the_driver_and_its_message_is_never_delivered() -> None:
