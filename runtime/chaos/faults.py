@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from runtime.chaos.layout import read_config
 from runtime.chaos.record import Timeline
 from runtime.demo import Cluster, DaemonProcess, NodeFiles, free_port
@@ -63,6 +65,14 @@ def last_log_line(path: Path, limit: int = 300) -> str:
 
 
 # =========================================================================== processes
+
+
+def _signal_group(proc: DaemonProcess, sig: int) -> None:
+    """Signal the daemon's whole process group (its own session: workers too)."""
+    if proc.pid is None or not proc.alive:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 @dataclass
@@ -146,7 +156,7 @@ class Processes:
             return
         self.timeline.event("process_pause", fault, live, {"signal": "SIGSTOP"})
         for n in live:
-            self.cluster[n]._signal_group(signal.SIGSTOP)
+            _signal_group(self.cluster[n], signal.SIGSTOP)
             self.paused.add(n)
 
     def resume(self, nodes: Sequence[str], fault: str) -> None:
@@ -159,7 +169,7 @@ class Processes:
     def _resume_quietly(self, nodes: Sequence[str]) -> None:
         for n in nodes:
             if n in self.paused:
-                self.cluster[n]._signal_group(signal.SIGCONT)
+                _signal_group(self.cluster[n], signal.SIGCONT)
                 self.paused.discard(n)
 
     def restart(self, nodes: Sequence[str], fault: str, *, graceful: bool = True) -> None:
@@ -189,8 +199,6 @@ class Processes:
             metrics_port = free_port()
             cfg["metrics"]["port"] = metrics_port
         dup_config = files.config.with_name(f"{node}.duplicate.toml")
-        import tomli_w
-
         dup_config.write_text(tomli_w.dumps(cfg), encoding="utf-8")
         dup_files = NodeFiles(
             node,
@@ -310,7 +318,19 @@ class _Mount:
     path: Path
     size_mb: int
     read_only: bool = False
+    ro_method: str = ""  # "remount" (the tmpfs) or "bind" (a read-only layer on top)
     filled: bool = False
+
+
+def _umount(path: Path) -> None:
+    """Unmount the top mount on ``path``; lazily when something still holds it open."""
+    res = subprocess.run(["umount", str(path)], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        lazy = subprocess.run(
+            ["umount", "-l", str(path)], capture_output=True, text=True, timeout=30
+        )
+        if lazy.returncode != 0:
+            raise OSError(f"umount {path}: {lazy.stderr.strip() or res.stderr.strip()}")
 
 
 @dataclass
@@ -359,10 +379,33 @@ class Disks:
         m.filled = False
 
     def set_read_only(self, node: str, on: bool) -> dict[str, Any]:
+        """Make the state directory read-only, or writable again.
+
+        The tmpfs itself is remounted read-only when nothing has a file open for writing;
+        otherwise (the kernel refuses: busy) a read-only bind mount is stacked on the
+        directory, so every file opened from then on is read-only while descriptors already
+        open keep writing (``method`` in the result says which)."""
         m = self.mounts[node]
-        _mount("-o", f"remount,{'ro' if on else 'rw'}", str(m.path))
-        m.read_only = on
-        return {"path": str(m.path), "read_only": on}
+        if not on:
+            if m.ro_method == "bind":
+                _umount(m.path)
+            elif m.ro_method == "remount":
+                _mount("-o", "remount,rw", str(m.path))
+            m.read_only, m.ro_method = False, ""
+            return {"path": str(m.path), "read_only": False}
+        try:
+            _mount("-o", "remount,ro", str(m.path))
+            m.ro_method = "remount"
+        except OSError:
+            _mount("--bind", str(m.path), str(m.path))
+            try:
+                _mount("-o", "remount,bind,ro", str(m.path))
+            except OSError:
+                _umount(m.path)
+                raise
+            m.ro_method = "bind"
+        m.read_only = True
+        return {"path": str(m.path), "read_only": True, "method": m.ro_method}
 
     def restore(self) -> list[str]:
         """Lift every disk fault and unmount every tmpfs, keeping the files (copied back onto
@@ -375,12 +418,7 @@ class Disks:
                 self.unfill(node)
                 keep = Path(tempfile.mkdtemp(prefix=f"fedloom-chaos-{node}-"))
                 shutil.copytree(m.path, keep, dirs_exist_ok=True, symlinks=True)
-                res = subprocess.run(
-                    ["umount", str(m.path)], capture_output=True, text=True, timeout=30, check=False
-                )
-                if res.returncode != 0:  # still busy (a leftover process): detach it lazily
-                    subprocess.run(["umount", "-l", str(m.path)], capture_output=True, timeout=30)
-                    problems.append(f"{m.path}: {res.stderr.strip()} (lazily unmounted)")
+                _umount(m.path)
                 shutil.copytree(keep, m.path, dirs_exist_ok=True, symlinks=True)
                 shutil.rmtree(keep, ignore_errors=True)
             except (OSError, subprocess.SubprocessError) as exc:

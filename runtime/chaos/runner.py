@@ -50,13 +50,22 @@ from runtime.chaos.faults import (
     tmpfs_support,
 )
 from runtime.chaos.layout import lay_out, lay_out_gossip, point_link
+from runtime.chaos.loadgen import attach_loadgen, use_loadgen
 from runtime.chaos.proxy import FaultNetwork, Toxics
 from runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
 from runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
-from runtime.demo import Cluster, Federation
+from runtime.demo import Cluster, Federation, NodeFiles
 from sim.config_reader import ConfigError
 
-__all__ = ["BACKENDS", "ChaosRun", "cmd_chaos", "combine_toxics", "execute", "run_checker"]
+__all__ = [
+    "BACKENDS",
+    "ChaosError",
+    "ChaosRun",
+    "cmd_chaos",
+    "combine_toxics",
+    "execute",
+    "run_checker",
+]
 
 BACKENDS = ("auto", "proxy", "netem")
 PROGRESS_EVERY_S = 10.0
@@ -64,8 +73,20 @@ TICK_S = 0.1
 T = TypeVar("T")
 
 
+class ChaosError(RuntimeError):
+    """The run could not be set up (a mount, a port): one line for the user."""
+
+
 def _say(text: str) -> None:
     print(f"chaos: {text}", file=sys.stderr, flush=True)
+
+
+def _show(targets: Iterable[str], most: int = 6) -> str:
+    """Targets for a progress line: a hundred load sites' links as a count."""
+    items = list(targets)
+    if len(items) <= most:
+        return ", ".join(items)
+    return f"{', '.join(items[:3])} and {len(items) - 3} more"
 
 
 # ============================================================================== network
@@ -208,6 +229,7 @@ class ChaosRun:
         self.floods: dict[str, list[InputFlood]] = {}
         self.active_net: dict[str, list[Fault]] = {}
         self.link_ports: dict[str, int] = {}
+        self.load_nodes: dict[str, NodeFiles] = {}  # sites the load generator runs
         self.started_unix = 0.0
         self.t0 = 0.0
         self.elapsed = 0.0
@@ -285,19 +307,29 @@ class ChaosRun:
         self.proxy = ProxyThread(scen.seed)
         for link in shape.links:
             dialer, target = link.split("->")
-            port = self.proxy.add_link(link, ("127.0.0.1", fed.nodes[target].listen_port))
+            try:
+                port = self.proxy.add_link(link, ("127.0.0.1", fed.nodes[target].listen_port))
+            except OSError as exc:
+                raise ChaosError(f"cannot open the fault proxy's link {link}: {exc}") from None
             self.link_ports[link] = port
             point_link(fed.nodes[dialer].config, target, f"ws://127.0.0.1:{port}/fedloom")
         if disks_ok:
             for node in scen.disk_nodes():
-                self.disks.prepare(node, fed.nodes[node].state_dir, scen.run.tmpfs_mb)
+                try:
+                    self.disks.prepare(node, fed.nodes[node].state_dir, scen.run.tmpfs_mb)
+                except OSError as exc:
+                    raise ChaosError(
+                        f"cannot put {node}'s state directory on a tmpfs: {exc}"
+                    ) from None
+        if shape.load_sites:  # one process for them all, their links already proxied
+            self.fed, self.load_nodes = attach_loadgen(fed, shape.load_sites, seed=scen.seed)
 
     # ------------------------------------------------------------------ run.json
     def write_run_json(self, *, final: bool) -> None:
         assert self.fed is not None
         shape = self.scen.shape
         nodes: dict[str, Any] = {}
-        for node_id, files in self.fed.nodes.items():
+        for node_id, files in {**self.fed.nodes, **self.load_nodes}.items():
             rel = self.fed.workdir.relative_to(self.out)
             base = files.metrics_url
             nodes[node_id] = {
@@ -305,7 +337,7 @@ class ChaosRun:
                 "parent": shape.parent(node_id),
                 "standby_for": None,
                 "config": str(rel / files.config.name),
-                "state_dir": str(rel / "state" / node_id),
+                "state_dir": None if files.role == "loadgen" else str(rel / "state" / node_id),
                 "log": str(rel / "logs" / files.log.name),
                 "metrics_url": f"{base}/metrics" if base else None,
                 "healthz_url": f"{base}/healthz" if base else None,
@@ -336,15 +368,25 @@ class ChaosRun:
         for f in self.scen.faults:
             if any(s.startswith(f"{f.name}:") for s in self.skipped):
                 continue
-            self._at(f.at_s, functools.partial(self._start_fault, f))
+            self._at(f.at_s, functools.partial(self._guarded, self._start_fault, f))
             if f.end_s is not None:
-                self._at(f.end_s, functools.partial(self._end_fault, f))
+                self._at(f.end_s, functools.partial(self._guarded, self._end_fault, f))
+
+    def _guarded(self, step: Callable[[Fault], None], f: Fault) -> None:
+        """A fault that cannot be injected (or lifted) is said and noted, not a crash of
+        the run: the rest of the timeline still plays and everything is still cleaned up."""
+        try:
+            step(f)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            what = "inject" if step == self._start_fault else "lift"
+            self.skipped.append(f"{f.name}: could not {what} it: {exc}")
+            _say(f"{f.name}: could not {what} it: {exc}")
 
     def _start_fault(self, f: Fault) -> None:
         assert self.procs is not None and self.timeline is not None and self.fed is not None
         tl, procs = self.timeline, self.procs
         where = f" for {f.for_s:g} s" if f.for_s is not None else ""
-        _say(f"t={tl.now():.0f}s {f.kind} {', '.join(f.targets)}{where} ({f.name})")
+        _say(f"t={tl.now():.0f}s {f.kind} {_show(f.targets)}{where} ({f.name})")
         if f.kind == "heal":
             self._heal(f)
         elif f.is_network:
@@ -389,7 +431,7 @@ class ChaosRun:
     def _end_fault(self, f: Fault) -> None:
         assert self.procs is not None and self.timeline is not None
         tl, procs = self.timeline, self.procs
-        _say(f"t={tl.now():.0f}s end of {f.kind} on {', '.join(f.targets)} ({f.name})")
+        _say(f"t={tl.now():.0f}s end of {f.kind} on {_show(f.targets)} ({f.name})")
         if f.is_network:
             ended = [link for link in f.targets if f in self.active_net.get(link, [])]
             for link in ended:
@@ -509,6 +551,7 @@ class ChaosRun:
         evaluate = ["--eval-interval", f"{scen.run.eval_interval_s:g}"]
         evaluators = [n for n, f in self.fed.nodes.items() if f.role in ("root", "peer")]
         cluster = Cluster(self.fed, args=dict.fromkeys(evaluators, evaluate))
+        use_loadgen(cluster)
         self.procs = Processes(
             cluster,
             self.timeline,
@@ -678,7 +721,11 @@ def cmd_chaos(scenario: Path, *, out: Path | None = None, backend: str = "auto")
     where = out if out is not None else Path("runs") / "chaos" / scen.name
     run = ChaosRun(scen, where, backend=backend)
     run.choose_backend()
-    if execute(run):
-        return 130
+    try:
+        if execute(run):
+            return 130
+    except ChaosError as exc:
+        print(f"fedloom chaos: {exc}", file=sys.stderr)
+        return 1
     _say(f"run finished after {run.elapsed:.1f} s; checking {run.out}")
     return run_checker(run.out)

@@ -181,3 +181,38 @@ def test_a_gossip_layout_loads_and_the_links_point_through_the_proxy(tmp_path: P
     urls = {p.id: p.url for p in cfgs["peer-0"].peers}
     assert urls == {"peer-3": None, "peer-1": "ws://127.0.0.1:9/fedloom"}  # peer-3 dials 0
     assert cfgs["peer-1"].relay is None  # both its neighbours are reached directly
+
+
+@pytest.mark.skipif(not tmpfs_support()[0], reason="needs root to mount a tmpfs")
+def test_disk_faults_fill_and_freeze_a_tmpfs_then_leave_the_files_on_disk(tmp_path: Path) -> None:
+    import errno
+
+    from runtime.chaos.faults import Disks
+
+    state = tmp_path / "state"
+    disks = Disks()
+    disks.prepare("n", state, size_mb=2)
+    try:
+        assert _mounts_under(tmp_path) == [str(state.resolve())]
+        writer = (state / "wal.1.log").open("ab")  # a daemon's open log
+        full = disks.fill("n")
+        assert full["free_bytes"] < 64 * 1024
+        with pytest.raises(OSError) as info:
+            (state / "more").write_bytes(b"x" * 200_000)
+        assert info.value.errno == errno.ENOSPC
+        disks.unfill("n")
+        ro = disks.set_read_only("n", True)
+        assert ro["method"] == "bind"  # the open writer keeps the tmpfs itself busy
+        with pytest.raises(OSError) as info:
+            (state / "checkpoint.ckpt.tmp").write_bytes(b"x")
+        assert info.value.errno == errno.EROFS
+        disks.set_read_only("n", False)
+        (state / "checkpoint.ckpt").write_bytes(b"kept")
+        writer.close()
+        assert disks.set_read_only("n", True)["method"] == "remount"  # nothing open now
+    finally:
+        problems = disks.restore()
+    assert problems == []
+    assert _mounts_under(tmp_path) == []
+    assert (state / "checkpoint.ckpt").read_bytes() == b"kept"  # copied back onto the disk
+    assert not (state / ".chaos-fill").exists()
