@@ -96,7 +96,10 @@ def seed_from(directory: Path, identity: Identity, make: Callable[[], Node]) -> 
         glob = state.get("global")
         if glob is None:
             raise ConfigError(f"--from {directory}: this region has no global model yet")
-        version, weights = int(glob[0]), dict(glob[1])
+        try:
+            version, weights = int(glob[0]), dict(glob[1])
+        except (TypeError, ValueError, IndexError):
+            raise ConfigError(f"--from {directory}: its checkpoint holds no usable model") from None
         if not _signed_by(identity, version, state.get("proof"), weights):
             raise ConfigError(
                 f"--from {directory}: its model version {version} does not carry "
