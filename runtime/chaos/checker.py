@@ -12,11 +12,14 @@ and gives one verdict per property:
   region ledger, region forwards vs root ledger. The counts through the tiers (forwards,
   site updates they carry) go into the verdict's data; what cannot be proven from the
   final state (updates a region decided stale) is not claimed.
-* ``versions_monotonic``: from the samples, no aggregator's model version decreases while
-  one incarnation runs, and the root's never decreases across a restart (a version
-  published then lost); no site's durable state holds a version above the root's final.
+* ``versions_monotonic``: from the samples, no aggregator's (or gossip peer's) model
+  version decreases while one incarnation runs, and the root's and a peer's never decrease
+  across a restart (a version published then lost; a region's, which is only the newest
+  global it was sent, is noted); no site's durable state holds a version above the root's
+  final.
 * ``resumed``: after each fault's end and each intended kill's restart (or pause's
-  resume), the root's version grows within ``resume_within_s`` (unless the run ends first).
+  resume), the root's version (in gossip: every peer's) grows within ``resume_within_s``
+  (unless the run ends first: "not observed").
 * ``no_unintended_exit``: no daemon exited by itself, except those the scenario expects
   (``expect.refuses_start``: its log must then name the file and offset, its own verdict
   ``refuses_start``; ``expect.allowed_exits``).
@@ -63,6 +66,9 @@ __all__ = [
 START_GRACE_S = 15.0
 VERSION = "fedloom_model_version"
 AGGREGATORS = ("root", "region")
+# Nodes whose model version is checked; a region's is only the newest global it holds (it
+# comes back from its checkpoint older and catches up), the others own what they publish.
+MODEL_OWNERS = ("root", "region", "peer")
 OUTBOX_KEYS = {"site": "site/pending", "region": "region/pending"}
 # Expectation keys of a scenario (``runtime.chaos.scenario``) that turn a check off.
 EXPECT_FLAG = {
@@ -355,7 +361,16 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
     off = _off(data, name)
     if off is not None:
         return off
-    unreadable = {n: s for n, s in states.items() if isinstance(s, str)}
+    refusing = data.listed("refuses_start")  # their state is expected not to load
+    tiered = {
+        n
+        for c in data.nodes
+        if data.role(c) in OUTBOX_KEYS and _parents_of(data, c)
+        for n in (c, *_parents_of(data, c))
+    }
+    bad = {n: s for n, s in states.items() if isinstance(s, str) and n in tiered}
+    unreadable = {n: s for n, s in bad.items() if n not in refusing}
+    skipped = {n: s for n, s in bad.items() if n in refusing}
     lost: dict[str, list[int]] = {}
     phantom: dict[str, dict[str, int]] = {}
     doubles: dict[str, list[Any]] = {}
@@ -419,6 +434,7 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
         "phantom": phantom,
         "applied_twice": doubles,
         "unreadable": unreadable,
+        "not_checked_refused_start": skipped,
         "root_site_updates": {r: _pair_total(p) for r, p in root_pairs.items()},
         "site_updates": _site_accounting(data, states, root_pairs),
     }
@@ -445,6 +461,8 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
     if problems:
         return Verdict(name, False, "; ".join(problems), evidence)
     if not checked:
+        if not tiered:
+            return Verdict(name, True, "not applicable: no child acknowledged by a parent")
         return Verdict(name, False, "no child with a readable outbox and parent ledger", evidence)
     total = sum(t["acknowledged"] for t in tiers.values())
     pending = sum(t["pending"] for t in tiers.values())
@@ -520,7 +538,7 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
     notes: list[str] = []
     finals: dict[str, float] = {}
     for node in sorted(data.nodes):
-        if data.role(node) not in AGGREGATORS:
+        if data.role(node) not in MODEL_OWNERS:
             continue
         series = data.versions(node)
         starts = _incarnations(data, node)
@@ -532,7 +550,7 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
                 drops.append(f"{node} {prev[1]:g} -> {v:g} at t={t:.1f} s (same incarnation)")
             if new_life and v < best:
                 text = f"{node} restarted at {v:g} after publishing {best:g} (t={t:.1f} s)"
-                (drops if data.role(node) == "root" else notes).append(text)
+                (notes if data.role(node) == "region" else drops).append(text)
             best = max(best, v)
             prev = (t, v)
         if series:
@@ -558,11 +576,11 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
         "final": finals,
         "sites_above": above,
     }
-    if not any(data.versions(n) for n in data.nodes if data.role(n) in AGGREGATORS):
-        return Verdict(name, False, f"no {VERSION} sample from any aggregator", evidence)
+    if not any(data.versions(n) for n in data.nodes if data.role(n) in MODEL_OWNERS):
+        return Verdict(name, False, f"no {VERSION} sample from any root, region or peer", evidence)
     if drops or above:
         return Verdict(name, False, "; ".join(drops + above), evidence)
-    detail = "every aggregator's version only grew; no site above the root's final version"
+    detail = "every model version only grew; no site above the root's final version"
     if notes:
         detail += f" ({len(notes)} region restart(s) came back older and caught up)"
     return Verdict(name, True, detail, evidence)
@@ -595,28 +613,39 @@ def check_resumed(data: RunData) -> Verdict:
     off = _off(data, name)
     if off is not None:
         return off
-    roots = data.by_role("root")
-    if not roots:
-        return Verdict(name, False, "run.json names no root")
-    series = sorted(p for r in roots for p in data.versions(r))
+    # Training's progress: the root's version; in a gossip federation, every peer's.
+    movers = data.by_role("root") or data.by_role("peer")
+    if not movers:
+        return Verdict(name, False, "run.json names no root and no gossip peer")
     bound, end = data.resume_within_s, data.end_t
     late: list[str] = []
     results: list[dict[str, Any]] = []
     for t, what in _heal_points(data):
-        before = [v for s, v in series if s <= t]
-        base = max(before) if before else -math.inf
-        grew = next((s for s, v in series if s > t and v > base), None)
-        if grew is not None and grew - t <= bound:
-            results.append({"t": t, "what": what, "resumed_after_s": round(grew - t, 3)})
-        elif t + bound > end and grew is None:
-            results.append({"t": t, "what": what, "resumed_after_s": None, "note": "run ended"})
+        waits: list[float] = []
+        for node in movers:
+            if _down_at(data, node, t + bound):
+                continue  # stopped on purpose (again): nothing to wait for
+            series = data.versions(node)
+            base = max((v for s, v in series if s <= t), default=-math.inf)
+            grew = next((s for s, v in series if s > t and v > base), None)
+            if grew is not None and grew - t <= bound:
+                waits.append(grew - t)
+            elif grew is None and t + bound > end:
+                continue  # not observed: the run ended first
+            else:
+                after = "never" if grew is None else f"after {grew - t:.1f} s"
+                late.append(
+                    f"{what} at t={t:.1f} s: {node}'s version grew {after} (bound {bound:g} s)"
+                )
+                waits.append(math.inf)
+        row: dict[str, Any] = {"t": t, "what": what}
+        if waits:
+            worst = max(waits)
+            row["resumed_after_s"] = round(worst, 3) if math.isfinite(worst) else None
         else:
-            after = "never" if grew is None else f"after {grew - t:.1f} s"
-            late.append(f"{what} at t={t:.1f} s: root version grew {after} (bound {bound:g} s)")
-            results.append(
-                {"t": t, "what": what, "resumed_after_s": None if grew is None else grew - t}
-            )
-    evidence = {"bound_s": bound, "points": results}
+            row["resumed_after_s"], row["note"] = None, "run ended"
+        results.append(row)
+    evidence = {"bound_s": bound, "nodes": movers, "points": results}
     if late:
         return Verdict(name, False, "; ".join(late), evidence)
     if not results:
@@ -626,6 +655,22 @@ def check_resumed(data: RunData) -> Verdict:
     if unseen:
         detail += f"; {unseen} not observed: run ended"
     return Verdict(name, True, detail, evidence)
+
+
+def _down_at(data: RunData, node: str, t: float) -> bool:
+    """Whether ``node`` is stopped on purpose (killed or paused, not yet back) at ``t``."""
+    down = False
+    for e in data.timeline:
+        if float(e["t"]) > t:
+            break
+        if node not in (e.get("targets") or []):
+            continue
+        kind = e.get("event")
+        if kind in ("process_kill", "process_pause"):
+            down = True
+        elif kind in ("process_start", "process_resume"):
+            down = False
+    return down
 
 
 def _detail(event: Mapping[str, Any]) -> dict[str, Any]:

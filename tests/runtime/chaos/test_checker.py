@@ -386,3 +386,63 @@ def test_the_run_state_is_never_modified(tmp_path: Path) -> None:
     check(run)
     after = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_an_expected_refusal_leaves_its_tier_unchecked_not_failed(tmp_path: Path) -> None:
+    fed = clean_run(tmp_path, steps=300)
+    fed.timeline.append({"t": 2.0, "event": "process_exit", "fault": "none",
+                         "targets": ["site-1"], "intended": False,
+                         "detail": {"returncode": 65, "last_log_line": "refused"}})  # fmt: skip
+    run = fed.finish(expect={"resume_within_s": 2.0, "refuses_start": ["site-1"]})
+    (run / "federation" / "logs" / "site-1.log").write_text(
+        "site-1: state_dir: federation/state/site-1/checkpoint.ckpt: damaged frame at offset 0\n"
+    )
+    _corrupt_wal(run / "federation" / "state" / "site-1")
+    report = check(run)
+    verdict = report["exactly_once"]
+    assert verdict.passed, verdict.detail
+    assert "site-1" in verdict.data["not_checked_refused_start"]
+    assert "site-1" not in verdict.data["tiers"] and "site-0" in verdict.data["tiers"]
+    # Without the expectation the same damage is a failure.
+    fed_json = json.loads((run / "run.json").read_text())
+    fed_json["expect"] = {"resume_within_s": 2.0}
+    (run / "run.json").write_text(json.dumps(fed_json))
+    verdict = check(run)["exactly_once"]
+    assert not verdict.passed and "unreadable state: site-1" in verdict.detail
+
+
+def test_a_gossip_run_checks_every_peer_and_has_no_tier(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    peers = ("peer-0", "peer-1")
+    nodes = {p: {"role": "peer", "parent": None, "standby_for": None,
+                 "state_dir": f"federation/state/{p}", "log": f"federation/logs/{p}.log"}
+             for p in peers}  # fmt: skip
+    timeline = [{"t": 0.0, "event": "process_start", "fault": "start", "targets": [p],
+                 "detail": {}, "intended": True} for p in peers]  # fmt: skip
+    timeline += [
+        {"t": 4.0, "event": "process_kill", "fault": "kill", "targets": ["peer-1"],
+         "detail": {}, "intended": True},
+        {"t": 5.0, "event": "process_start", "fault": "kill", "targets": ["peer-1"],
+         "detail": {}, "intended": True},
+    ]  # fmt: skip
+    samples = []
+    for k in range(20):
+        t = 0.5 * k
+        for p in peers:
+            if p == "peer-1" and 4.0 <= t < 5.0:
+                continue
+            # peer-1 comes back from its state one step behind what it had published
+            version = k if p == "peer-0" or t < 4.0 else k - 4
+            samples.append({"t": t, "node": p, "healthz": "ok",
+                            "metrics": {"fedloom_model_version": float(version)}})  # fmt: skip
+    run_json = {"scenario": "gossip", "duration_s": 10.0, "nodes": nodes,
+                "expect": {"resume_within_s": 3.0, "exactly_once": False}}  # fmt: skip
+    write_run(run, run_json, timeline, samples)
+    report = check(run)
+    assert report["exactly_once"].passed and "not held" in report["exactly_once"].detail
+    assert report["resumed"].passed, report["resumed"].detail
+    verdict = report["versions_monotonic"]
+    assert not verdict.passed and "peer-1 restarted at 6 after publishing 7" in verdict.detail
+    del run_json["expect"]["exactly_once"]
+    write_run(run, run_json, timeline, samples)
+    assert check(run)["exactly_once"].detail.startswith("not applicable")
