@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,10 +117,14 @@ class Processes:
         self.timeline.event("process_start", fault, [node], {"pid": proc.pid})
 
     def start_all(self) -> None:
+        """Start every daemon; ``log_started`` writes them to the timeline once all are up."""
         for node in self.nodes:
-            proc = self.cluster[node]
-            proc.start()
-            self.timeline.event("process_start", "start", [node], {"pid": proc.pid})
+            self.cluster[node].start()
+
+    def log_started(self, ready_after_s: Mapping[str, float | None]) -> None:
+        for node in self.nodes:
+            detail = {"pid": self.cluster[node].pid, "ready_after_s": ready_after_s.get(node)}
+            self.timeline.event("process_start", "start", [node], detail)
 
     def kill(self, nodes: Sequence[str], fault: str) -> None:
         """SIGKILL (a crash) of each node's process group; logged first."""

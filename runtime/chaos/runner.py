@@ -68,6 +68,7 @@ __all__ = [
 
 BACKENDS = ("auto", "proxy", "netem")
 PROGRESS_EVERY_S = 10.0
+READY_TIMEOUT_S = 120.0  # every daemon answers /healthz ok before the timeline starts
 TICK_S = 0.1
 T = TypeVar("T")
 
@@ -222,6 +223,7 @@ class ChaosRun:
         self.link_ports: dict[str, int] = {}
         self.started_unix = 0.0
         self.t0 = 0.0
+        self.startup_s = 0.0  # daemons started -> all ready (before the timeline's t = 0)
         self.elapsed = 0.0
         self._queue: list[_Due] = []
         self._seq = itertools.count()
@@ -335,6 +337,7 @@ class ChaosRun:
             "scenario_file": str(self.scen.source) if self.scen.source else None,
             "started_unix": self.started_unix,
             "duration_s": round(self.elapsed if final else self.scen.duration_s, 3),
+            "startup_s": self.startup_s,
             "resume_within_s": self.scen.resume_within_s,
             "nodes": nodes,
             "expect": dict(self.scen.expect),
@@ -533,9 +536,8 @@ class ChaosRun:
     def play(self) -> None:
         assert self.fed is not None
         scen = self.scen
-        self.started_unix = time.time()
-        self.t0 = time.monotonic()
-        self.timeline = Timeline(self.out / "timeline.jsonl", self.t0)
+        started = time.monotonic()
+        self.timeline = Timeline(self.out / "timeline.jsonl", started)
         evaluate = ["--eval-interval", f"{scen.run.eval_interval_s:g}"]
         evaluators = [n for n, f in self.fed.nodes.items() if f.role in ("root", "peer")]
         cluster = Cluster(self.fed, args=dict.fromkeys(evaluators, evaluate))
@@ -548,9 +550,16 @@ class ChaosRun:
         )
         self.write_run_json(final=False)
         self.procs.start_all()
+        ready = self._wait_ready(READY_TIMEOUT_S)
+        # The timeline starts once the federation is up: start-up time depends on the
+        # machine's load, and a fault at 10 s means 10 s into a running federation.
+        self.started_unix = time.time()
+        self.t0 = self.timeline.t0 = time.monotonic()
+        self.startup_s = round(self.t0 - started, 3)
+        self.procs.log_started(ready)
         _say(
-            f"{len(self.fed.nodes)} daemons started ({scen.shape.kind}), {len(scen.faults)} "
-            f"faults over {scen.duration_s:g} s; run directory {self.out}"
+            f"{len(self.fed.nodes)} daemons up after {self.startup_s:.1f} s ({scen.shape.kind}), "
+            f"{len(scen.faults)} faults over {scen.duration_s:g} s; run directory {self.out}"
         )
         self.sampler = Sampler(
             self.fed,
@@ -586,6 +595,26 @@ class ChaosRun:
                 self._progress(now)
             wait = TICK_S if not self._queue else min(TICK_S, self._queue[0].t - now)
             time.sleep(max(0.0, min(wait, scen.duration_s - now)))
+
+    def _wait_ready(self, timeout: float) -> dict[str, float | None]:
+        """Seconds until each daemon's ``/healthz`` said ok (None: it did not, or exited)."""
+        assert self.fed is not None and self.procs is not None
+        t0 = time.monotonic()
+        ready: dict[str, float | None] = dict.fromkeys(self.fed.nodes)
+        waiting = {n for n, f in self.fed.nodes.items() if f.metrics_url}
+        while waiting and time.monotonic() - t0 < timeout:
+            for node in sorted(waiting):
+                files = self.fed.nodes[node]
+                if not self.procs.cluster[node].alive:
+                    waiting.discard(node)  # the timeline's watch logs the exit
+                elif files.metrics_url and probe_healthz(files.metrics_url, 0.5) == "ok":
+                    ready[node] = round(time.monotonic() - t0, 3)
+                    waiting.discard(node)
+            if waiting:
+                time.sleep(0.25)
+        if waiting:
+            _say(f"not ready after {timeout:g} s: {', '.join(sorted(waiting))}; playing anyway")
+        return ready
 
     def _progress(self, now: float) -> None:
         assert self.sampler is not None and self.procs is not None and self.fed is not None
