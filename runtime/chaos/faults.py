@@ -41,7 +41,15 @@ from runtime.chaos.layout import read_config
 from runtime.chaos.record import Timeline
 from runtime.demo import Cluster, DaemonProcess, NodeFiles, free_port
 
-__all__ = ["Disks", "InputFlood", "Processes", "corrupt_state", "last_log_line", "tmpfs_support"]
+__all__ = [
+    "Disks",
+    "InputFlood",
+    "Processes",
+    "corrupt_state",
+    "last_log_line",
+    "tmpfs_support",
+    "wal_frames",
+]
 
 FILL_NAME = ".chaos-fill"
 # What deploy/systemd/*.service say in RestartPreventExitStatus=: a configuration mistake and
@@ -460,6 +468,15 @@ def _frames(path: Path) -> list[tuple[int, int]]:
         out.append((pos, end - pos))
         pos = end
     return out
+
+
+def wal_frames(state_dir: Path) -> int:
+    """Whole frames in the live write-ahead log of ``state_dir`` (0 when there is none)."""
+    wal = _live_wal(state_dir)
+    try:
+        return len(_frames(wal)) if wal is not None else 0
+    except OSError:  # rotated away between the listing and the read
+        return 0
 
 
 def _live_wal(state_dir: Path) -> Path | None:

@@ -48,6 +48,7 @@ from runtime.chaos.faults import (
     corrupt_state,
     last_log_line,
     tmpfs_support,
+    wal_frames,
 )
 from runtime.chaos.layout import lay_out, lay_out_gossip, point_link
 from runtime.chaos.proxy import FaultNetwork, Toxics
@@ -69,6 +70,11 @@ __all__ = [
 BACKENDS = ("auto", "proxy", "netem")
 PROGRESS_EVERY_S = 10.0
 READY_TIMEOUT_S = 120.0  # every daemon answers /healthz ok before the timeline starts
+# corrupt: whole frames the live log must hold first, how long to wait for them, how often
+# to crash and restart the node when a checkpoint empties its log first.
+CORRUPT_NEEDS_FRAMES = {"wal_middle": 2, "wal_end": 1, "wal_torn": 1}
+CORRUPT_WAIT_S = 15.0
+CORRUPT_ATTEMPTS = 3
 TICK_S = 0.1
 T = TypeVar("T")
 
@@ -493,13 +499,26 @@ class ChaosRun:
     def _corrupt(self, f: Fault) -> None:
         assert self.procs is not None and self.timeline is not None and self.fed is not None
         node = f.targets[0]
-        # A crash, not a clean stop: a clean stop checkpoints and leaves no log to damage.
-        self.procs.kill([node], f.name)
-        try:
-            detail = corrupt_state(self.fed.nodes[node].state_dir, f.where, self.rng)
-        except NothingToCorruptError as exc:
-            detail = {"where": f.where, "skipped": str(exc)}
-            _say(f"{f.name}: nothing corrupted: {exc}")
+        state_dir = self.fed.nodes[node].state_dir
+        need = CORRUPT_NEEDS_FRAMES.get(f.where, 0)
+        detail: dict[str, Any] = {"where": f.where}
+        for attempt in range(1, CORRUPT_ATTEMPTS + 1):
+            # A node checkpoints often and each checkpoint empties its log: wait until the
+            # log holds the frames to damage, then crash it at once (a clean stop would
+            # checkpoint and leave no log at all).
+            deadline = time.monotonic() + CORRUPT_WAIT_S
+            while wal_frames(state_dir) < need and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self.procs.kill([node], f.name)
+            try:
+                detail = corrupt_state(state_dir, f.where, self.rng)
+                break
+            except NothingToCorruptError as exc:
+                detail = {"where": f.where, "skipped": str(exc), "attempts": attempt}
+                if attempt < CORRUPT_ATTEMPTS:  # a checkpoint came first: run it and retry
+                    self.procs.start(node, f.name)
+        if "skipped" in detail:
+            _say(f"{f.name}: nothing corrupted: {detail['skipped']}")
         self.timeline.event("fault_start", f.name, [node], {"kind": f.kind, **detail})
         self.procs.start(node, f.name)
 
