@@ -169,6 +169,15 @@ class RunData:
         return max(times, default=0.0)
 
     @property
+    def start_grace_s(self) -> float:
+        """How long a started daemon may take to answer ``/healthz`` (``expect``'s, else
+        ``START_GRACE_S``): a load generator opening 100 sites takes longer."""
+        value = self.expect.get("start_grace_s")
+        if isinstance(value, int | float) and math.isfinite(value) and value > 0:
+            return float(value)
+        return START_GRACE_S
+
+    @property
     def resume_within_s(self) -> float:
         for value in (self.expect.get("resume_within_s"), self.run.get("resume_within_s")):
             if isinstance(value, int | float) and value > 0:
@@ -320,7 +329,7 @@ def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> N
             if r.get("outcome") == "applied":
                 for p in r.get("pairs") or ():
                     state.pairs.record(str(p[0]), int(p[1]))
-        state.applied = [dict(r) for r in applied]
+        state.applied = [{k: v for k, v in r.items() if k != "delta"} for r in applied]
     state.version = _durable_version(cp)
     return state
 
@@ -496,7 +505,10 @@ def _site_accounting(
         row = {"acknowledged": len(st.acknowledged), "in_pending_forwards": in_forwards[site]}
         for root, ledger in root_pairs.items():
             snap = ledger.snapshot()
-            row[f"at_{root}"] = int(snap["mark"].get(site, 0)) + len(snap["above"].get(site, []))
+            at_root = int(snap["mark"].get(site, 0)) + len(snap["above"].get(site, []))
+            row[f"at_{root}"] = at_root
+            # buffered in a region, or decided there (stale, rejected): not told apart
+            row[f"elsewhere_{root}"] = row["acknowledged"] - at_root - in_forwards[site]
         out[site] = row
     return out
 
@@ -737,7 +749,7 @@ def check_refuses_start(data: RunData) -> Verdict | None:
 def _down_spans(data: RunData, node: str) -> list[tuple[float, float]]:
     """When ``node`` is expected not to answer: not yet started, from an intended kill or
     pause to its restart or resume, after each start until it first answers ok (at most
-    ``START_GRACE_S``), after the end."""
+    ``start_grace_s``), after the end."""
     spans: list[tuple[float, float]] = []
     down_from: float | None = -math.inf
     oks = [
@@ -755,7 +767,8 @@ def _down_spans(data: RunData, node: str) -> list[tuple[float, float]]:
         elif kind in ("process_start", "process_resume"):
             up = t
             if kind == "process_start":  # until it first answers ok, at most the grace
-                up = min([t + START_GRACE_S, *(s for s in oks if t <= s <= t + START_GRACE_S)])
+                grace = data.start_grace_s
+                up = min([t + grace, *(s for s in oks if t <= s <= t + grace)])
             spans.append((down_from if down_from is not None else t, up))
             down_from = None
     if down_from is not None:
