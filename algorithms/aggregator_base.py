@@ -76,6 +76,7 @@ from typing import Any
 import numpy as np
 
 from algorithms.dispatcher import TaskDispatcher
+from algorithms.incorporation import PairLedger
 from algorithms.intake import ClaimBounds, intake_quota
 from algorithms.ledger import AppliedLedger
 from algorithms.node_util import as_generator, unexpected
@@ -96,7 +97,16 @@ from algorithms.protocol import (
 from algorithms.server_opt import ServerOptimizer
 from algorithms.validation import check_update_norm, is_int
 from algorithms.weights_math import is_finite
-from transport.wire import Ack, Heartbeat, Hello, Message, ModelBroadcast, TrainRequest, Update
+from transport.wire import (
+    Ack,
+    Heartbeat,
+    Hello,
+    Message,
+    ModelBroadcast,
+    Overlap,
+    TrainRequest,
+    Update,
+)
 
 __all__ = [
     "APPLIED_KEY",
@@ -193,6 +203,8 @@ class AggregatorBase:
         # A dict, not a set: broadcast order must not depend on string hashing.
         self._regions_up: dict[str, None] = {}
         self._ledger = AppliedLedger()
+        # Site updates taken inside declared regions' forwards (``algorithms.incorporation``).
+        self._pairs = PairLedger()
         self._log_n = 0
         self._train_config: dict[str, Any] = dict(train_config or {})
         self._log_deltas = log_deltas
@@ -301,6 +313,14 @@ class AggregatorBase:
     def set_claim_bounds(self, bounds: ClaimBounds) -> None:
         """Bound later updates' claims by ``bounds`` (a newer roster declares them)."""
         self._bounds = bounds
+
+    def set_subtrees(self, subtrees: Mapping[str, Iterable[str]]) -> None:
+        """Declare the sites under region children: their forwards' ``pairs`` are then
+        checked against them and counted once (``algorithms.incorporation``)."""
+        unknown = sorted(r for r in subtrees if self._children.get(r) != "region")
+        if unknown:
+            raise ValueError(f"subtrees: {unknown[0]!r} is not a region child of {self._id!r}")
+        self._pairs.set_subtrees(subtrees)
 
     def next_deadline(self) -> float | None:
         task = self._dispatcher.next_deadline()
@@ -412,6 +432,18 @@ class AggregatorBase:
             self.duplicates += 1
             out.append(Metric("update_duplicate", 1.0, {"src": msg.src, "seq": str(msg.seq)}))
             out.append(Send(peer, Ack(msg.src, msg.seq)))
+            self._after_duplicate(peer, msg, out)
+            return
+        pairs = self._pairs_of(peer, msg)
+        taken = self._pairs.overlap(pairs) if pairs else None
+        if taken:
+            # Delivered already by another region (a standby): refused unrecorded, so the
+            # region can rebuild this forward without them (``algorithms.incorporation``).
+            out.append(Metric("forward_overlap", float(len(taken)), {"src": peer}))
+            out.append(
+                Log("warning", "forward overlaps site updates taken", {"src": peer, "seq": msg.seq})
+            )
+            out.append(Send(peer, Overlap(msg.src, msg.seq, tuple(taken))))
             return
         if not self._within_quota(peer, msg, out):
             return
@@ -434,6 +466,11 @@ class AggregatorBase:
         msg, reason, clamped = self._bounds.check(peer, self._children[peer], msg)
         if reason is not None:
             return msg, reason
+        pairs = self._pairs_of(peer, msg)
+        if pairs:
+            problem = self._pairs.problem(peer, pairs, msg.count)
+            if problem is not None:
+                return msg, problem
         for name in clamped:
             out.append(Metric("update_claim_clamped", 1.0, {"src": peer, "field": name}))
             out.append(
@@ -615,8 +652,27 @@ class AggregatorBase:
             data["unasked"] = True
         if outcome is Outcome.APPLIED and self._log_deltas:
             data["delta"] = msg.delta
+        pairs = self._pairs_of(peer, msg)
+        if pairs and outcome is Outcome.APPLIED:
+            self._pairs.record(pairs)
+            data["pairs"] = [list(p) for p in pairs]
+            out.append(Metric("pairs_applied", float(len(pairs)), {"src": peer}))
         out.append(Persist(APPLIED_KEY, data, append=True))
         out.append(Send(peer, Ack(msg.src, msg.seq)))
+        self._after_ack(peer, msg, outcome, out)
+
+    def _pairs_of(self, peer: str, msg: Update) -> tuple[tuple[str, int], ...]:
+        """The site updates a declared region child's forward carries (else none)."""
+        if msg.pairs and self._children.get(peer) == "region" and self._pairs.declared(peer):
+            return msg.pairs
+        return ()
+
+    def _after_ack(self, peer: str, msg: Update, outcome: Outcome, out: list[Effect]) -> None:
+        """Settle what was just recorded. A root's record is final, so its ``Ack`` says
+        it all; a region tells its children once its own forward is settled."""
+
+    def _after_duplicate(self, peer: str, msg: Update, out: list[Effect]) -> None:
+        """A resend of something recorded (re-acked): a region may settle it again."""
 
     def _admit(
         self,
@@ -717,6 +773,7 @@ class AggregatorBase:
         return {
             "node_id": self._id,
             "ledger": self._ledger.snapshot(),
+            "pairs": self._pairs.snapshot(),
             "log_n": self._log_n,
             "next_task": self._dispatcher.next_task,
             # The intake quota of the epoch in progress (O(children); rebuilt by replay).
@@ -731,6 +788,7 @@ class AggregatorBase:
         if state.get("node_id") != self._id:
             raise ValueError(f"snapshot of {state.get('node_id')!r}, not {self._id!r}")
         self._ledger = AppliedLedger.from_snapshot(state["ledger"])
+        self._pairs.restore(state.get("pairs"))  # older checkpoints: none
         self._log_n = int(state["log_n"])
         self._dispatcher.next_task = max(self._dispatcher.next_task, int(state["next_task"]))
         self._uses = {str(k): int(v) for k, v in state.get("uses", {}).items()}
@@ -746,6 +804,8 @@ class AggregatorBase:
                 continue
             src = str(rec["src"])
             self._ledger.record(src, int(rec["seq"]))
+            if "pairs" in rec:
+                self._pairs.record((str(p[0]), int(p[1])) for p in rec["pairs"])
             self._log_n = n
             # The decision counted against the child's quota, as it did live.
             self._uses[src] = self._uses.get(src, 0) + 1

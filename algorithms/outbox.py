@@ -257,6 +257,22 @@ class Outbox:
         self._dirty = True
         return self._fill(now)
 
+    def replace(self, update: Update, *, now: float = 0.0) -> list[Effect]:
+        """The parent refused pending ``update.seq`` unrecorded (``Overlap``) and it was
+        rebuilt: the refused copy counts as answered, the new one takes its place (its node
+        logs how to rebuild it) and is sent when the window allows."""
+        seq = update.seq
+        if seq not in self._pending:
+            return []
+        self._answer(seq, now)
+        size = update_bytes(update)
+        self.bytes += size - self._sizes.get(seq, 0)
+        self._sizes[seq] = size
+        self._pending[seq] = update
+        self._retry_at.pop(seq, None)
+        self._dirty = True
+        return self._fill(now)
+
     def link_down(self) -> None:
         """The link is gone: nothing is in flight; nothing is sent until ``resend``."""
         self._up = False

@@ -21,6 +21,12 @@ acknowledgement-paced window, never all at once after an outage); towards
 its children like the root (dedup ledger, Persist-then-Ack, rejections). Regions nest: the
 parent may itself be a region.
 
+Failover (``algorithms.incorporation``): each forward names the site updates it carries
+(``Update.pairs``) and is kept, with its contributions, until the parent says it is settled
+(``Incorporated``); the region then tells each contributing child, which may forget its
+update. A parent that already took some of the pairs (through this region's standby)
+answers ``Overlap``: the forward is rebuilt without them under the same seq, or dropped.
+
 States (``RegionState``): NO_MODEL — nothing to hand out yet: no tasks are dispatched and
 children's updates are held until the first model arrives; ACTIVE.
 
@@ -52,16 +58,27 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, checkpoint_interval
+from algorithms.aggregator_base import CHECKPOINT_KEY, Outcome, checkpoint_interval
 from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
+from algorithms.incorporation import FORWARDS_KEY, Contribution, RegionForwards
 from algorithms.intake import ClaimBounds
 from algorithms.node_util import unexpected
 from algorithms.outbox import Outbox
 from algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
 from algorithms.staleness import StalenessFn
+from algorithms.update_buffer import UpdateBuffer
 from algorithms.validation import is_int
 from algorithms.weights_math import check_compatible
-from transport.wire import Ack, Heartbeat, Hello, Message, ModelBroadcast, Update
+from transport.wire import (
+    Ack,
+    Heartbeat,
+    Hello,
+    Incorporated,
+    Message,
+    ModelBroadcast,
+    Overlap,
+    Update,
+)
 
 __all__ = ["DEFAULT_MAX_DEFERRED_BYTES", "PENDING_KEY", "RegionState", "RegionalAggregator"]
 
@@ -100,6 +117,7 @@ class RegionalAggregator(BufferedAggregator):
         max_deferred_bytes: int = DEFAULT_MAX_DEFERRED_BYTES,
         claim_bounds: ClaimBounds | None = None,
         max_outbox_bytes: int | None = None,
+        parent_is_root: bool = True,
     ) -> None:
         super().__init__(
             node_id,
@@ -137,6 +155,9 @@ class RegionalAggregator(BufferedAggregator):
         self._deferred: list[tuple[str, Update]] = []
         self.deferred_bytes = 0  # decoded delta bytes in ``_deferred``
         self._replay_version: int | None = None
+        self._forwards = RegionForwards()  # forwards kept until settled, with their parts
+        # A root's Ack settles a forward; a parent region settles it with Incorporated.
+        self.parent_is_root = parent_is_root
         self.forwarded = 0
 
     @property
@@ -147,6 +168,10 @@ class RegionalAggregator(BufferedAggregator):
     @property
     def seq(self) -> int:
         return self._outbox.seq
+
+    def pending_forwards(self) -> list[Update]:
+        """The forwards not yet acknowledged, in seq order."""
+        return self._outbox.pending()
 
     @property
     def paused(self) -> bool:
@@ -193,6 +218,9 @@ class RegionalAggregator(BufferedAggregator):
             self._outbox.link_down()  # while the parent is away forwards stay in the outbox
             return
         out.append(Send(self.parent, Hello(self._id, "region")))
+        # Acked by a parent region but not settled (its notice lost): a resend gets it.
+        waiting = {u.seq for u in self._outbox.pending()}
+        out.extend(Send(self.parent, u) for u in self._forwards.updates() if u.seq not in waiting)
         out.extend(self._outbox.resend(self.parent, now=now))
 
     def _on_other(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:
@@ -203,10 +231,94 @@ class RegionalAggregator(BufferedAggregator):
         elif isinstance(msg, Ack):
             if msg.src == self._id and is_int(msg.seq):
                 out.extend(self._outbox.ack(int(msg.seq), now=now))
+                if self.parent_is_root:  # the root's record is final: settled
+                    self._on_settled(Incorporated(msg.src, msg.seq), now, out)
             else:
                 out.extend(unexpected(peer, msg, "ack_for_other"))
+        elif isinstance(msg, Incorporated | Overlap):
+            if msg.src == self._id and is_int(msg.seq):
+                self._on_settled(msg, now, out)
+            else:
+                out.extend(unexpected(peer, msg, "notice_for_other"))
         elif not isinstance(msg, Heartbeat):
             out.extend(unexpected(peer, msg, "unexpected_type"))
+
+    def _on_settled(self, msg: Incorporated | Overlap, now: float, out: list[Effect]) -> None:
+        """The parent settled forward ``msg.seq`` (``Incorporated``) or refused it for
+        pairs it already took (``Overlap``): tell the children whose updates are settled."""
+        seq = int(msg.seq)
+        if isinstance(msg, Incorporated):
+            out.extend(self._outbox.ack(seq, now=now))  # settled implies recorded
+            settled = self._forwards.settle(seq)
+            if settled is None:
+                return
+            out.append(Persist(FORWARDS_KEY, {"op": "settle", "seq": seq}, append=True))
+        else:
+            # Not logged: a restart restores the forward as it was, and the parent
+            # refuses it again (or dropping it wrote an ack record).
+            result = self._rebuild(seq, msg.pairs)
+            if result is None:
+                return
+            new, settled, lost = result
+            out.append(Metric("forward_rebuilt", 1.0, {"region": self._id}))
+            if lost:
+                out.append(Metric("pairs_lost", float(len(lost)), {"region": self._id}))
+                out.append(
+                    Log("error", "site updates lost with a nested aggregate", {"pairs": lost[:8]})
+                )
+            if new is None:
+                out.extend(self._outbox.ack(seq, now=now))  # nothing left to forward
+            else:
+                out.extend(self._outbox.replace(new, now=now))
+        out.extend(Send(src, Incorporated(src, s)) for src, s in settled)
+
+    def _rebuild(
+        self, seq: int, taken: Iterable[tuple[str, int]]
+    ) -> tuple[Update | None, list[tuple[str, int]], list[tuple[str, int]]] | None:
+        """Forward ``seq`` without the contributions that carry ``taken`` pairs."""
+        return self._forwards.rebuild(seq, taken, self._aggregate_parts)
+
+    def _aggregate_parts(self, parts: list[Contribution]) -> tuple[Weights, int, int] | None:
+        """The aggregate of kept contributions (already clipped and discounted once)."""
+        assert self._global is not None
+        buf = UpdateBuffer(self._global[1], **{**self._buffer_args, "clip_norm": None})
+        for c in parts:
+            if c.delta is not None:
+                buf.add(c.delta, c.s, c.n_examples, c.count)
+        if not len(buf):
+            return None
+        agg = buf.flush()
+        return (agg.delta, agg.n_examples, agg.count) if agg.finite else None
+
+    # ------------------------------------------------------------ settling
+    def _record_applied(
+        self,
+        peer: str,
+        msg: Update,
+        version: int,
+        tau: int,
+        s: float,
+        out: list[Effect],
+        **extra: Any,
+    ) -> None:
+        self._forwards.note(
+            msg.src, msg.seq, self._parts_pairs(peer, msg), msg.n_examples, msg.count
+        )
+        super()._record_applied(peer, msg, version, tau, s, out, **extra)
+
+    def _parts_pairs(self, peer: str, msg: Update) -> tuple[tuple[str, int], ...]:
+        if self._children.get(peer) == "site":
+            return ((msg.src, msg.seq),)
+        return self._pairs_of(peer, msg)
+
+    def _after_ack(self, peer: str, msg: Update, outcome: Outcome, out: list[Effect]) -> None:
+        # Applied: settled once the forward carrying it is; otherwise settled now.
+        if outcome is not Outcome.APPLIED:
+            out.append(Send(peer, Incorporated(msg.src, msg.seq)))
+
+    def _after_duplicate(self, peer: str, msg: Update, out: list[Effect]) -> None:
+        if not self._forwards.unsettled(msg.src, msg.seq):
+            out.append(Send(peer, Incorporated(msg.src, msg.seq)))
 
     def _model_problem(self, msg: ModelBroadcast) -> str | None:
         if not is_int(msg.version) or msg.version < 0:
@@ -269,11 +381,14 @@ class RegionalAggregator(BufferedAggregator):
     def _flush_full(self, out: list[Effect]) -> None:
         assert self._global is not None
         version = self._global[0] if self._replay_version is None else self._replay_version
+        parts = self._forwards.flushed(self._buffer.entries())
         agg = self._buffer.flush()
         self._end_epoch()
         if not agg.finite:
             out.append(Metric("aggregate_nonfinite", 1.0, {"region": self._id}))
             out.append(Log("error", "aggregate not finite: not forwarded", {"region": self._id}))
+            settled = self._forwards.settled_now(parts)  # never forwarded: settled for good
+            out.extend(Send(src, Incorporated(src, s)) for src, s in settled)
             return
         update = Update(
             src=self._id,
@@ -282,7 +397,9 @@ class RegionalAggregator(BufferedAggregator):
             delta=agg.delta,
             n_examples=agg.n_examples,
             count=agg.count,
+            pairs=tuple(p for c in parts for p in c.pairs),
         )
+        self._forwards.add(update, parts)
         self.forwarded += 1
         out.extend(self._outbox.push(self.parent, update, now=self._now))
         out.append(Metric("region_forward", float(agg.count), {"region": self._id}))
@@ -300,6 +417,7 @@ class RegionalAggregator(BufferedAggregator):
             "proof": self._proof,
             "buffer": self._buffer.snapshot() if self._global is not None else None,
             "outbox": self._outbox.snapshot(),
+            "forwards": self._forwards.snapshot(),
         }
 
     def restore(
@@ -307,6 +425,7 @@ class RegionalAggregator(BufferedAggregator):
         state: Mapping[str, Any],
         records: Iterable[Mapping[str, Any]] = (),
         pending_records: Iterable[Mapping[str, Any]] = (),
+        forward_records: Iterable[Mapping[str, Any]] = (),
     ) -> None:
         """Load ``snapshot()`` output, then replay the "region/pending" and "applied" records
         written after it (forwards rebuilt by the replay are resent; the parent dedups)."""
@@ -322,14 +441,30 @@ class RegionalAggregator(BufferedAggregator):
             self._make_buffer(self._global[1])
             self._buffer.restore(state["buffer"])
         self._outbox.restore(state["outbox"])
-        # Forwards rebuilt from "applied" first (same seqs as before), then the acks.
+        self._forwards.restore(state.get("forwards"))  # older checkpoints: none
+        # Forwards rebuilt from "applied" first (same seqs as before), then the acks, then
+        # the parent's settlements.
         self._replay_records(records)
         self._outbox.replay(pending_records)
+        for rec in forward_records:
+            if rec["op"] == "settle":
+                self._forwards.settle(int(rec["seq"]))
+        if self.parent_is_root:  # the root's ack settled them (its record is in the log)
+            waiting = {u.seq for u in self._outbox.pending()}
+            for update in self._forwards.updates():
+                if update.seq not in waiting:
+                    self._forwards.settle(update.seq)
 
     def _replay(self, record: Mapping[str, Any]) -> None:
         if self._global is None:
             raise ValueError("an applied record before any model cannot be replayed")
         self._replay_version = int(record["version"])
+        src, seq = str(record["src"]), int(record["seq"])
+        if self._children.get(src) == "site":
+            pairs: tuple[tuple[str, int], ...] = ((src, seq),)
+        else:
+            pairs = tuple((str(p[0]), int(p[1])) for p in record.get("pairs", ()))
+        self._forwards.note(src, seq, pairs, int(record["n_examples"]), int(record["count"]))
         try:
             super()._replay(record)
         finally:

@@ -21,15 +21,24 @@ what must survive a restart (the seq counter; nothing is pending), which superse
 deletes the log: a site daemon's disk use stays bounded however long it runs. The model
 view is left out of that checkpoint (it would cost a model-sized write per round); after
 a restart the site learns the model again from its next request.
+
+Failover (``algorithms.incorporation``; issue 13): a site given ``fallbacks`` (its region's
+standby) keeps each update after the ``Ack`` until its parent says it is settled
+(``Incorporated``), at most ``max_held`` of them (then it trains no more until some are
+settled). When its parent has been down for ``failover_after_s`` and a fallback is up, it
+switches: ``Hello`` to the new parent and every update not yet settled is resent there. It
+stays with the new parent until that one fails (the parents' ledgers and the root's pair
+ledger make any copy count once). Without fallbacks nothing changes: an ack ends it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from algorithms.aggregator_base import CHECKPOINT_KEY
+from algorithms.incorporation import DEFAULT_FAILOVER_AFTER_S, DEFAULT_MAX_HELD, HeldUpdates
 from algorithms.node_util import unexpected
 from algorithms.outbox import Outbox
 from algorithms.protocol import (
@@ -50,7 +59,7 @@ from algorithms.protocol import (
     Weights,
 )
 from algorithms.weights_math import check_compatible
-from transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
+from transport.wire import Ack, Hello, Incorporated, ModelBroadcast, TrainRequest, Update
 
 __all__ = ["SiteNode", "SiteState"]
 
@@ -73,11 +82,25 @@ class SiteNode:
         n_examples: int = 0,
         seed: int | None = None,
         max_outbox_bytes: int | None = None,
+        fallbacks: Sequence[str] = (),
+        failover_after_s: float = DEFAULT_FAILOVER_AFTER_S,
+        max_held: int = DEFAULT_MAX_HELD,
     ) -> None:
         if not site_id or not parent:
             raise ValueError("site_id and parent must be non-empty")
         if site_id == parent:
             raise ValueError("a site cannot be its own parent")
+        parents = (parent, *fallbacks)
+        if site_id in parents or len(set(parents)) != len(parents) or not all(parents):
+            raise ValueError(f"fallbacks must be distinct non-empty ids, got {fallbacks!r}")
+        if not failover_after_s > 0.0:
+            raise ValueError(f"failover_after_s must be > 0, got {failover_after_s}")
+        self._parents = parents
+        self.failover_after_s = failover_after_s
+        # Updates acked, not yet settled: kept only where there is a standby to resend to.
+        self._held = HeldUpdates(max_held) if fallbacks else None
+        self._up: set[str] = set()
+        self._down_since: float | None = None  # the current parent's, once seen down
         self._id = site_id
         self.parent = parent
         self.n_examples = n_examples
@@ -119,10 +142,19 @@ class SiteNode:
     @property
     def paused(self) -> bool:
         """Backpressure: the outbox is full, so no new training starts."""
-        return self._outbox.full
+        return self._outbox.full or (self._held is not None and self._held.full)
+
+    @property
+    def held(self) -> int:
+        """Updates acknowledged but not yet settled (kept for a failover)."""
+        return 0 if self._held is None else len(self._held)
 
     def next_deadline(self) -> float | None:
-        return self._outbox.next_deadline()
+        outbox = self._outbox.next_deadline()
+        if self._held is None or self._down_since is None:
+            return outbox
+        switch = self._down_since + self.failover_after_s
+        return switch if outbox is None else min(outbox, switch)
 
     # ----------------------------------------------------------------- events
     def handle(self, event: Event, now: float) -> list[Effect]:
@@ -134,6 +166,8 @@ class SiteNode:
         return out
 
     def _handle(self, event: Event, now: float) -> list[Effect]:
+        if self._held is not None and self._down_since is None and self.parent not in self._up:
+            self._down_since = now  # not up since we started: the failover clock runs
         if isinstance(event, Received):
             return self._on_received(event.peer, event, now)
         if isinstance(event, TrainDone):
@@ -147,22 +181,69 @@ class SiteNode:
             ]
             return out + self._finish_job()
         if isinstance(event, PeerUp):
+            self._up.add(event.peer)
             if event.peer != self.parent:
-                return []
-            hello: list[Effect] = [
-                Send(self.parent, Hello(self._id, "site", self.n_examples)),
-            ]
-            return hello + self._outbox.resend(self.parent, now=now)
+                return self._maybe_failover(now)
+            self._down_since = None
+            return self._greet(now)
         if isinstance(event, PeerDown):
+            self._up.discard(event.peer)
             if event.peer == self.parent:
                 self._outbox.link_down()  # pending updates stay until the link is back
+                if self._held is not None:
+                    self._held.link_down()
+                    self._down_since = now
             return []
         if isinstance(event, Deadline):
-            return self._outbox.on_deadline(now)
+            return self._outbox.on_deadline(now) + self._maybe_failover(now)
         raise ProtocolMisuseError(f"site cannot handle {type(event).__name__}")
+
+    def _greet(self, now: float) -> list[Effect]:
+        """Hello to the parent, then every update it has not settled, in seq order."""
+        hello: list[Effect] = [Send(self.parent, Hello(self._id, "site", self.n_examples))]
+        held = self._held.resend(self.parent) if self._held is not None else []
+        return hello + held + self._outbox.resend(self.parent, now=now)
+
+    def _maybe_failover(self, now: float) -> list[Effect]:
+        """Switch to the first parent that is up once the current one has been down for
+        ``failover_after_s``."""
+        since = self._down_since
+        if self._held is None or since is None or now < since + self.failover_after_s:
+            return []
+        candidates = [p for p in self._parents if p in self._up and p != self.parent]
+        if not candidates:
+            return []
+        old, self.parent = self.parent, candidates[0]
+        self._down_since = None
+        self._outbox.link_down()  # nothing is in flight on the new link yet
+        self._held.link_down()
+        out: list[Effect] = [
+            Log("warning", "parent down: failing over", {"from": old, "to": self.parent}),
+            Metric("parent_failover", 1.0, {"to": self.parent}),
+        ]
+        return out + self._greet(now)
+
+    def _on_settled(self, msg: Incorporated, now: float) -> list[Effect]:
+        """``msg.seq`` needs no resending any more (it also implies the ack)."""
+        if msg.src != self._id:
+            return []
+        out = self._outbox.ack(msg.seq, now=now)
+        if self._held is not None:
+            out += self._held.settle(msg.seq)
+        return out + self._maybe_compact()
+
+    def _maybe_compact(self) -> list[Effect]:
+        """Checkpoint when the outbox is empty and what is held makes it worth it."""
+        if len(self._outbox) or (self._held is not None and not self._held.compaction_due()):
+            return []
+        if self._held is not None:
+            self._held.checkpointed()
+        return [Persist(CHECKPOINT_KEY, self._drained_snapshot())]
 
     def _on_received(self, peer: str, event: Received, now: float) -> list[Effect]:
         msg = event.msg
+        if isinstance(msg, Incorporated) and peer in self._parents:
+            return self._on_settled(msg, now)  # a former parent may still settle ours
         if peer != self.parent:
             return unexpected(peer, msg, "not_parent")
         if isinstance(msg, TrainRequest):
@@ -170,9 +251,16 @@ class SiteNode:
         if isinstance(msg, Ack):
             if msg.src != self._id:
                 return unexpected(peer, msg, "ack_for_other")
+            update = None
+            if self._held is not None:  # kept until settled, for a failover
+                update = next((u for u in self._outbox.pending() if u.seq == msg.seq), None)
             acked = self._outbox.ack(msg.seq, now=now)
-            if acked and not len(self._outbox):
-                acked.append(Persist(CHECKPOINT_KEY, self._drained_snapshot()))
+            if self._held is not None:
+                if update is not None:
+                    acked += self._held.keep(update)
+                acked += self._held.answered(msg.seq)  # a resent kept one: send the next
+            if acked:
+                acked += self._maybe_compact()
             return acked
         if isinstance(msg, ModelBroadcast):
             self._remember(msg.version, msg.weights)
@@ -245,19 +333,30 @@ class SiteNode:
     # ------------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
         """Outbox and model view; in-flight training is not durable (it is simply redone)."""
-        return {
+        state: dict[str, Any] = {
             "outbox": self._outbox.snapshot(),
             "model": self._model,
             "newest_version": self._newest_version,
         }
+        if self._held is not None:
+            state["held"] = self._held.snapshot()
+        return state
 
     def _drained_snapshot(self) -> dict[str, Any]:
         """The compaction checkpoint: an empty outbox (its seq counter) and no model view."""
         return {**self.snapshot(), "model": None}
 
-    def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Load ``snapshot()`` output, then replay "site/pending" records written after it."""
+    def restore(
+        self,
+        state: Mapping[str, Any],
+        records: Iterable[Mapping[str, Any]] = (),
+        held_records: Iterable[Mapping[str, Any]] = (),
+    ) -> None:
+        """Load ``snapshot()`` output, then replay the "site/pending" and "site/held"
+        records written after it."""
         self._outbox.restore(state["outbox"], records)
+        if self._held is not None:
+            self._held.restore(state.get("held", ()), held_records)
         self._model = state.get("model")
         newest = state.get("newest_version", -1)  # older checkpoints: from the model
         model_version = self._model[0] if self._model is not None else -1

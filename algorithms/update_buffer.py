@@ -128,6 +128,11 @@ class UpdateBuffer:
         self.count += count
         return clipped
 
+    def entries(self) -> list[tuple[Weights, float]]:
+        """The buffered (delta as kept, i.e. clipped; discount s(τ)) pairs, in order: what
+        a region needs to rebuild an aggregate without some of them."""
+        return list(zip(self._kept, self._discounts, strict=True))
+
     def flush(self) -> Aggregate:
         """Return the aggregate of everything added since the last flush, and empty the buffer.
 

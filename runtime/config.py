@@ -17,6 +17,11 @@ Example (a hospital site)::
     [parent]                          # sites and regions dial their parent
     id = "region-eu"
     url = "ws://region-eu.example.org:7443/fedloom"
+    # failover_after_s = 60           # sites: switch to a fallback after the parent has
+    # max_held = 32                   #   been down this long; updates kept until settled
+    # [[parent.fallback]]             # sites: the region's standby (same children list)
+    # id = "region-eu-b"
+    # url = "ws://region-eu-b.example.org:7443/fedloom"
 
     [plan]                            # the training plan: a built-in workload ...
     dataset = "breast_cancer"
@@ -39,7 +44,11 @@ Example (a hospital site)::
     [metrics]                         # port (0 = off), host
     [executor]                        # kind = "thread" | "process", workers
 
-Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``; gossip
+Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``, and may
+declare ``[subtrees]`` (region child id = [its site ids]): that region's forwards are then
+checked against its sites and each site update is counted once, whichever region (a
+standby) delivers it (``algorithms.incorporation``); a region and its standby are both
+listed as children and given the same subtree. Gossip
 peers have ``[[peers]]`` (id, url optional, weight optional) and may listen. A peer that
 does not listen reaches the neighbours that have no url (and do not listen either)
 through ``[relay]`` (id, url): a ``role = "relay"`` daemon, which only listens. Relative paths
@@ -58,6 +67,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from algorithms.incorporation import DEFAULT_FAILOVER_AFTER_S, DEFAULT_MAX_HELD
 from sim.config_reader import ConfigError, Table
 from sim.scenario import ALGORITHMS, AlgorithmConfig, CodecConfig, TrainingConfig
 from sim.scenario import _algorithm as _read_algorithm
@@ -183,6 +193,13 @@ class DaemonConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no metrics endpoint
     source: Path | None = None
+    # Failover (sites): the parent's standbys, how long the parent may be down before the
+    # site switches, and how many acked updates it keeps until they are settled.
+    fallbacks: tuple[Endpoint, ...] = ()
+    failover_after_s: float = DEFAULT_FAILOVER_AFTER_S
+    max_held: int = DEFAULT_MAX_HELD
+    # Aggregators: region child -> the sites under it (``[subtrees]``).
+    subtrees: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def is_aggregator(self) -> bool:
@@ -248,7 +265,9 @@ def parse_config(
 
     listen = _listen(t) if t.has("listen") else None
     t.table("listen")  # mark seen even when absent
-    parent = _endpoint(t.table("parent"), url_required=True) if t.has("parent") else None
+    failover: dict[str, Any] = {}
+    parent = _parent(t.table("parent"), failover) if t.has("parent") else None
+    subtrees = _subtrees(t.table("subtrees"))
     children = tuple(_ids(t, "children"))
     peers = tuple(_peers(t, node_id))
     relay = _endpoint(t.table("relay"), url_required=True) if t.has("relay") else None
@@ -289,6 +308,8 @@ def parse_config(
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         source=source,
+        subtrees=subtrees,
+        **failover,
     )
     _check_role(cfg)
     if check_files:
@@ -380,6 +401,38 @@ def _endpoint(t: Table, *, url_required: bool) -> Endpoint:
     weight = t.number("weight", None, min=0.0, exclusive_min=True)
     t.finish()
     return Endpoint(node, url, weight)
+
+
+def _parent(t: Table, failover: dict[str, Any]) -> Endpoint:
+    """``[parent]`` and, for sites, its failover keys (written into ``failover``)."""
+    fallbacks: list[Endpoint] = []
+    for i, raw in enumerate(t.array("fallback", [])):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{t.where('fallback')}[{i}]: expected a table with id and url")
+        fallbacks.append(_endpoint(Table(raw, f"parent.fallback[{i}]"), url_required=True))
+    if fallbacks:
+        failover["fallbacks"] = tuple(fallbacks)
+    if t.has("failover_after_s"):
+        failover["failover_after_s"] = t.number("failover_after_s", min=0.0, exclusive_min=True)
+    if t.has("max_held"):
+        failover["max_held"] = t.integer("max_held", min=1, max=100_000)
+    parent = _endpoint(t, url_required=True)
+    ids = [parent.id, *(f.id for f in fallbacks)]
+    if len(set(ids)) != len(ids):
+        dup = next(v for v in ids if ids.count(v) > 1)
+        raise ConfigError(f"parent.fallback: {dup!r} is listed twice (parent and fallbacks)")
+    return parent
+
+
+def _subtrees(t: Table) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for region in list(t._data):
+        try:
+            check_node_id(region)
+        except IdentityError as exc:
+            raise ConfigError(f"{t.where(region)}: {exc}") from None
+        out[region] = tuple(_ids(t, region))
+    return out
 
 
 def _ids(t: Table, key: str) -> list[str]:
@@ -549,8 +602,23 @@ def _check_role(cfg: DaemonConfig) -> None:
             )
         if cfg.node_id in cfg.children:
             raise ConfigError("children: a node cannot be its own child")
+        unknown = [r for r in cfg.subtrees if r not in cfg.children]
+        if unknown:
+            raise ConfigError(
+                f"subtrees.{unknown[0]}: not one of children; a subtree names the sites under "
+                "a region child (list the region and its standby in children)"
+            )
     elif cfg.children:
         raise ConfigError(f"children: only aggregators have children; remove it for a {role}")
+    elif cfg.subtrees:
+        raise ConfigError(f"subtrees: only aggregators have subtrees; remove it for a {role}")
+    if role != "site" and (cfg.fallbacks or cfg.failover_after_s != DEFAULT_FAILOVER_AFTER_S):
+        raise ConfigError(
+            "parent.fallback: only sites fail over to a standby parent; remove "
+            "[[parent.fallback]] and failover_after_s"
+        )
+    if cfg.node_id in {f.id for f in cfg.fallbacks}:
+        raise ConfigError("parent.fallback: a node cannot be its own parent")
     if role == "peer":
         if not cfg.peers:
             raise ConfigError("peers: a gossip peer needs at least one [[peers]] entry")

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from algorithms import incorporation
 from algorithms import regional as regional_mod
 from algorithms import site as site_mod
 from algorithms.aggregator_base import APPLIED_KEY, AggregatorBase
@@ -203,7 +204,17 @@ def child_roles(cfg: DaemonConfig, roster: Roster) -> dict[str, str]:
 
 def check_neighbours(cfg: DaemonConfig, roster: Roster) -> None:
     if cfg.parent is not None:
-        _neighbour_role(roster, cfg.parent.id, "parent.id", ("region", "root"))
+        role = _neighbour_role(roster, cfg.parent.id, "parent.id", ("region", "root"))
+        if cfg.fallbacks and role != "region":
+            raise ConfigError(
+                f"parent.fallback: {cfg.parent.id!r} is the root; only a region has a "
+                "standby to fail over to (a root is restarted from its state instead)"
+            )
+    for i, f in enumerate(cfg.fallbacks):
+        _neighbour_role(roster, f.id, f"parent.fallback[{i}].id", ("region",))
+    for region, sites in cfg.subtrees.items():
+        for site in sites:
+            _neighbour_role(roster, site, f"subtrees.{region}", ("site",))
     for i, p in enumerate(cfg.peers):
         _neighbour_role(roster, p.id, f"peers[{i}].id", ("peer",))
     if cfg.relay is not None:
@@ -300,7 +311,14 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
     check_neighbours(cfg, roster)
     if cfg.role == "site":
         assert cfg.parent is not None
-        return SiteNode(cfg.node_id, cfg.parent.id, n_examples=_n_examples(plan))
+        return SiteNode(
+            cfg.node_id,
+            cfg.parent.id,
+            n_examples=_n_examples(plan),
+            fallbacks=[f.id for f in cfg.fallbacks],
+            failover_after_s=cfg.failover_after_s,
+            max_held=cfg.max_held,
+        )
     if cfg.role == "peer":
         assert plan is not None
         return _gossip_peer(cfg, roster, plan, rng)
@@ -316,7 +334,7 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
                 f"aggregation.algorithm: a region buffers its sites FedBuff-style; write "
                 f'algorithm = "fedbuff" (the root may run {cfg.algorithm})'
             )
-        return build_region(
+        region = build_region(
             cfg.node_id,
             cfg.parent.id,
             children,
@@ -327,13 +345,18 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
             rng=rng,
             bounds=children_claim_bounds(cfg, roster, children),
         )
+        # A root's ack settles a forward; a parent region settles it later.
+        parent = roster.lookup(cfg.parent.id)
+        region.parent_is_root = parent is not None and parent.role == "root"
+        region.set_subtrees(cfg.subtrees)
+        return region
     assert plan is not None
     if cfg.algorithm not in ROOT_ALGORITHMS:
         raise ConfigError(
             f'aggregation.algorithm: a root runs fedbuff, fedasync, fedavg or fedprox, not "'
             f'{cfg.algorithm}" (gossip needs role = "peer")'
         )
-    return build_root(
+    root = build_root(
         cfg.algorithm,
         cfg.node_id,
         children,
@@ -345,6 +368,9 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
         rng=rng,
         bounds=children_claim_bounds(cfg, roster, children),
     )
+    if isinstance(root, AggregatorBase):
+        root.set_subtrees(cfg.subtrees)
+    return root
 
 
 def _gossip_peer(
@@ -396,12 +422,14 @@ def restore_node(node: Node, recovery: Recovery) -> None:
         node.restore(
             state if state is not None else node.snapshot(),
             recovery.records(site_mod.PENDING_KEY),
+            recovery.records(incorporation.HELD_KEY),
         )
     elif isinstance(node, RegionalAggregator):
         node.restore(
             state if state is not None else node.snapshot(),
             recovery.records(APPLIED_KEY),
             recovery.records(regional_mod.PENDING_KEY),
+            recovery.records(incorporation.FORWARDS_KEY),
         )
     elif isinstance(node, FedBuffAggregator | FedAsyncAggregator | SyncAggregator):
         node.restore(state if state is not None else node.snapshot(), recovery.records(APPLIED_KEY))
@@ -669,6 +697,9 @@ def build_peers(d: Daemon) -> NetworkPeers:
     if cfg.parent is not None:
         assert cfg.parent.url is not None
         dial.append(DialTarget(cfg.parent.id, cfg.parent.url))
+        # Standbys are dialled too (no Hello until the site fails over to one), so a
+        # failover needs no connection set up after the parent is found dead.
+        dial.extend(DialTarget(f.id, f.url) for f in cfg.fallbacks if f.url is not None)
     if cfg.role == "peer":
         listening = cfg.listen is not None
         dial = gossip_dial_targets(

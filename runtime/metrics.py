@@ -173,6 +173,32 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
                 ("reason",),
             ),
         ),
+        # Regional failover (``algorithms.incorporation``).
+        "parent_failover": (
+            _Rule(count, "parent_failovers", "Switches to a standby parent, by parent.", ("to",)),
+        ),
+        "forward_overlap": (
+            _Rule(
+                total,
+                "forward_overlap_pairs",
+                "Site updates in forwards refused as already taken, by region.",
+                ("src",),
+            ),
+        ),
+        "pairs_applied": (
+            _Rule(
+                total,
+                "pairs_applied",
+                "Site updates applied inside declared regions' forwards, by region.",
+                ("src",),
+            ),
+        ),
+        "forward_rebuilt": (
+            _Rule(count, "forwards_rebuilt", "Forwards rebuilt without taken site updates."),
+        ),
+        "pairs_lost": (
+            _Rule(total, "pairs_lost", "Site updates lost with a nested aggregate dropped."),
+        ),
     }
 
 
