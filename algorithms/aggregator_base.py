@@ -445,6 +445,8 @@ class AggregatorBase:
             )
             out.append(Send(peer, Overlap(msg.src, msg.seq, tuple(taken))))
             return
+        if self._owns_model and self._ahead_of_us(peer, msg, out):
+            return  # before the quota: nothing of it may count, it is not recorded
         if not self._within_quota(peer, msg, out):
             return
         model = self._model()
@@ -454,9 +456,6 @@ class AggregatorBase:
         version, reference = model
         # The norm comes from the finiteness pass over the delta (one pass, not two).
         reason, self._norm = check_update_norm(msg, version, reference)
-        if reason == "future_version" and self._owns_model:
-            self._from_the_future(peer, msg, version, out)
-            return
         if reason is None:
             msg, reason = self._check_claims(peer, msg, out)
         self._accept(peer, msg, reason, version, now, out)
@@ -722,12 +721,19 @@ class AggregatorBase:
         )
         self._record(peer, msg, Outcome.REJECTED, version, out, reason=reason)
 
+    def _ahead_of_us(self, peer: str, msg: Update, out: list[Effect]) -> bool:
+        """Whether ``msg`` (to a root) is based on a model newer than any this root holds:
+        then this root lost (or was rolled back from) the state that published it, and
+        would refuse every forward and its children every model, for good. Neither
+        recorded nor acked (the child keeps it for the root once reseeded); one ERROR that
+        names the fix every ``BEHIND_LOG_S``, and the gauge ``root_behind_children``."""
+        model = self._model()
+        if model is None or not is_int(msg.base_version) or msg.base_version <= model[0]:
+            return False
+        self._from_the_future(peer, msg, model[0], out)
+        return True
+
     def _from_the_future(self, peer: str, msg: Update, version: int, out: list[Effect]) -> None:
-        """A child's update is based on a model newer than any this root holds, so this
-        root lost (or was rolled back from) the state that published it: it would refuse
-        every forward and its children every model, for good. Neither recorded nor acked
-        (the child keeps it for the root once reseeded); one ERROR that names the fix every
-        ``BEHIND_LOG_S``, and the gauge ``root_behind_children``."""
         self.rejected += 1
         self._behind = max(self._behind, int(msg.base_version))
         out.append(Metric("update_rejected", 1.0, {"reason": "future_version"}))
