@@ -88,6 +88,7 @@ from runtime.store import (
 from runtime.trainer import PlanTrainer, SitePlan, make_executor, plan_from_config
 from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root, claim_bounds
 from sim.config_reader import ConfigError
+from sim.executors import Trainer
 from sim.kernel import derived_seed
 from sim.network import CodecPolicy
 from transport.channel import ChannelOptions, GateLimits
@@ -980,10 +981,13 @@ async def serve(
     install_signals: bool = True,
     shutdown: asyncio.Event | None = None,
     hangup: asyncio.Event | None = None,
+    trainer: Trainer | None = None,
+    executor: cf.Executor | None = None,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT or until ``shutdown`` is set (see the module
     docstring); re-read the roster on SIGHUP or whenever ``hangup`` is set.
-    ``eval_interval_s`` None: the default for the role."""
+    ``eval_interval_s`` None: the default for the role. ``trainer`` (and the ``executor``
+    it runs in, left open here): instead of the plan's (``runtime.chaos.loadgen``)."""
     from runtime.health import start_observability
     from runtime.metrics import MetricsSink
 
@@ -1019,11 +1023,10 @@ async def serve(
     keeper.attach(peers)
     if hangup is None:
         hangup = asyncio.Event()
-    executor: cf.Executor | None = None
-    trainer = None
-    if cfg.role in ("site", "peer") and d.plan is not None:
+    own_executor: cf.Executor | None = None
+    if trainer is None and cfg.role in ("site", "peer") and d.plan is not None:
         trainer = PlanTrainer(d.plan)
-        executor = make_executor(cfg.executor.kind, cfg.executor.workers)
+        executor = own_executor = make_executor(cfg.executor.kind, cfg.executor.workers)
     driver = AsyncDriver(
         d.node,
         peers=peers,
@@ -1128,8 +1131,8 @@ async def serve(
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not a kill during the last checkpoint
         if obs is not None:
             await obs.stop()
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        if own_executor is not None:
+            own_executor.shutdown(wait=False, cancel_futures=True)
     if _has_snapshot(d.node):
         d.store.apply(Persist(CHECKPOINT_KEY, d.node.snapshot()))  # type: ignore[attr-defined]
     log.info("%s: stopped cleanly", cfg.node_id, extra={"node": cfg.node_id})

@@ -340,15 +340,18 @@ class DaemonProcess:
     def node_id(self) -> str:
         return self.files.node_id
 
+    def command(self) -> list[str]:
+        """What ``start`` runs (``runtime.chaos.loadgen`` runs another program)."""
+        cmd = [sys.executable, "-m", "runtime.cli", "run", "--config", str(self.files.config)]
+        return [*cmd, "--log-format", "json", *self.args]
+
     def start(self) -> None:
         if self.alive:
             raise RuntimeError(f"{self.node_id} is already running")
-        cmd = [sys.executable, "-m", "runtime.cli", "run", "--config", str(self.files.config)]
-        cmd += ["--log-format", "json", *self.args]
         self.files.log.parent.mkdir(parents=True, exist_ok=True)
         with self.files.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                cmd,
+                self.command(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
