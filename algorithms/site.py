@@ -230,6 +230,8 @@ class SiteNode:
         out = self._outbox.ack(msg.seq, now=now)
         if self._held is not None:
             out += self._held.settle(msg.seq)
+        if not any(isinstance(e, Persist) for e in out):
+            return out  # nothing was kept for it (a site without fallbacks): no write
         return out + self._maybe_compact()
 
     def _maybe_compact(self) -> list[Effect]:

@@ -33,7 +33,7 @@ from algorithms.regional import RegionalAggregator
 from algorithms.site import PENDING_KEY as SITE_PENDING
 from algorithms.site import SiteNode
 from tests.algorithms.alg_helpers import hello, metrics, model, recv, sends, upd
-from transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, Update
+from transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, TrainRequest, Update
 
 SITES = ("s1", "s2")
 SUBTREES = {"r0": SITES, "r0b": SITES}
@@ -215,6 +215,16 @@ class Net:
         node = self.nodes[name]
         assert isinstance(node, RegionalAggregator)
         return node
+
+
+def numbered(effects: list[Effect], kind: type) -> list[tuple[str, str, int]]:
+    """(peer, src, seq) of each ``kind`` message sent (Update, Ack, Incorporated)."""
+    out = []
+    for e in sends(effects, kind):
+        msg = e.msg
+        assert isinstance(msg, Update | Ack | Incorporated)
+        out.append((e.peer, msg.src, msg.seq))
+    return out
 
 
 def _on_link(node: str, event: Event, a: str, b: str) -> bool:
@@ -400,7 +410,7 @@ def test_a_second_delivery_of_a_site_update_is_refused_with_the_pairs_named() ->
     assert not sends(out, Ack) and root.applied == 1  # unrecorded: r0 may rebuild it
     # The rebuilt forward under the same seq is taken.
     out = root.handle(recv("r0", forward(7, (("s1", 2),), count=1)), 3.0)
-    assert [(a.msg.src, a.msg.seq) for a in sends(out, Ack)] == [("r0", 7)]
+    assert numbered(out, Ack) == [("r0", "r0", 7)]
     assert root.applied == 2
     # The ledger survives a restart.
     again = fresh_root()
@@ -423,7 +433,63 @@ def test_a_region_tells_its_sites_once_the_root_settled_their_updates() -> None:
     out = region.handle(recv("s1", upd("s1", 1)), 2.0)
     assert sends(out, Ack) and not sends(out, Incorporated)
     out = region.handle(recv("root", Ack("r0", fwd.seq)), 3.0)
-    assert sorted((e.peer, e.msg.seq) for e in sends(out, Incorporated)) == [("s1", 1), ("s2", 1)]
+    assert sorted(numbered(out, Incorporated)) == [("s1", "s1", 1), ("s2", "s2", 1)]
     # A resend after that (the notice was lost) is settled again.
     out = region.handle(recv("s1", upd("s1", 1)), 4.0)
     assert [e.peer for e in sends(out, Incorporated)] == ["s1"]
+
+
+def test_a_site_without_fallbacks_ignores_settlements_and_writes_nothing() -> None:
+    site = SiteNode("s1", "r0")
+    out = site.handle(recv("r0", Incorporated("s1", 1)), 0.0)
+    assert not [e for e in out if isinstance(e, Persist)] and site.held == 0
+
+
+def test_a_site_keeps_at_most_max_held_then_stops_training() -> None:
+    site = SiteNode("s1", "r0", fallbacks=["r0b"], max_held=2)
+    site.handle(PeerUp("r0"), 0.0)
+    for task in range(3):
+        req = TrainRequest(task, task, model(0.0))
+        trains = [e for e in site.handle(recv("r0", req), 1.0) if isinstance(e, Train)]
+        if task == 2:
+            assert not trains and site.paused  # two kept unsettled: no third job
+            break
+        [job] = trains
+        done = TrainDone(job.job, TrainResult(model(1.0), 10))
+        [(_, _, seq)] = numbered(site.handle(done, 1.0), Update)
+        site.handle(recv("r0", Ack("s1", seq)), 2.0)
+    assert site.held == 2
+    out = site.handle(recv("r0", Incorporated("s1", 1)), 3.0)
+    assert [e for e in out if isinstance(e, Train)]  # room again: the parked task starts
+    assert site.held == 1
+
+
+def test_kept_updates_are_resent_one_at_a_time_after_a_failover() -> None:
+    site = SiteNode("s1", "r0", fallbacks=["r0b"], failover_after_s=10.0)
+    site.handle(PeerUp("r0"), 0.0)
+    site.handle(PeerUp("r0b"), 0.0)
+    for task in range(3):
+        [job] = [
+            e
+            for e in site.handle(recv("r0", TrainRequest(task, 0, model())), 1.0)
+            if isinstance(e, Train)
+        ]
+        done = TrainDone(job.job, TrainResult(model(1.0), 10))
+        [(_, _, seq)] = numbered(site.handle(done, 1.0), Update)
+        site.handle(recv("r0", Ack("s1", seq)), 1.0)
+    site.handle(PeerDown("r0"), 5.0)
+    assert site.next_deadline() == 15.0
+    site.handle(Deadline(), 14.0)
+    assert site.parent == "r0"  # not down for failover_after_s yet
+    out = site.handle(Deadline(), 15.0)
+    assert site.parent == "r0b" and metrics(out, "parent_failover")
+    assert [(e.peer, type(e.msg).__name__) for e in sends(out)] == [
+        ("r0b", "Hello"),
+        ("r0b", "Update"),
+    ]
+    # Each answer (an ack, or a settlement) lets the next kept update go.
+    out = site.handle(recv("r0b", Ack("s1", 1)), 16.0)
+    assert numbered(out, Update) == [("r0b", "s1", 2)]
+    out = site.handle(recv("r0b", Incorporated("s1", 2)), 16.0)
+    assert numbered(out, Update) == [("r0b", "s1", 3)]
+    assert site.held == 2
