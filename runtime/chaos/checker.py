@@ -83,6 +83,7 @@ _REFUSAL = re.compile(
     r"(wal\.\d+\.log|\.ckpt)\b.*\boffset \d+|\boffset \d+.*(wal\.\d+\.log|\.ckpt)"
 )
 _TRACEBACK = "Traceback (most recent call last)"
+REFUSAL_CONTEXT = 30  # log lines before a refusal that belong to the refusing start
 
 
 @dataclass(frozen=True, slots=True)
@@ -733,10 +734,15 @@ def check_refuses_start(data: RunData) -> Verdict | None:
         except OSError as exc:
             problems.append(f"{node}: cannot read {path}: {describe(exc)}")
             continue
-        clear = [line for line in text.splitlines() if _REFUSAL.search(line)]
+        all_lines = text.splitlines()
+        at = [i for i, line in enumerate(all_lines) if _REFUSAL.search(line)]
+        clear = [_message(all_lines[i]) for i in at]
+        # Earlier incarnations' lines are not the refusal's business: from a few lines
+        # before the first refusal on (a traceback printed on the way out comes first).
+        window = "\n".join(all_lines[max(0, at[0] - REFUSAL_CONTEXT) :]) if at else ""
         if not clear:
             problems.append(f"{node}: no log line names the state file and offset")
-        elif _TRACEBACK in text:
+        elif _TRACEBACK in window:
             problems.append(f"{node}: refused with a traceback, not one clear line")
         else:
             lines[node] = clear[-1]
@@ -744,6 +750,16 @@ def check_refuses_start(data: RunData) -> Verdict | None:
         return Verdict(name, False, "; ".join(problems), {"lines": lines})
     shown = "; ".join(f"{n}: {line.strip()}" for n, line in lines.items())
     return Verdict(name, True, shown, {"lines": lines})
+
+
+def _message(line: str) -> str:
+    """A log line's message: the ``msg`` of a JSON line, else the line itself."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line.strip()
+    msg = record.get("msg") if isinstance(record, dict) else None
+    return msg if isinstance(msg, str) else line.strip()
 
 
 def _down_spans(data: RunData, node: str) -> list[tuple[float, float]]:

@@ -297,6 +297,12 @@ def test_an_unintended_exit_fails_and_an_expected_refusal_needs_its_line(tmp_pat
     # A refusal with a traceback, or without the file and offset, is not a clear one.
     log.write_text("Traceback (most recent call last):\n  ...\nValueError: bad frame\n")
     assert not check(run)["refuses_start"].passed
+    refusal = "site-1: state_dir: wal.3.log: damaged frame at offset 4096 (bad checksum)\n"
+    log.write_text("Traceback (most recent call last):\n  ...\nOSError: bad frame\n" + refusal)
+    assert "traceback" in check(run)["refuses_start"].detail
+    # A traceback of an earlier incarnation, long before, is not the refusal's.
+    log.write_text("Traceback (most recent call last):\n" + "ok\n" * 100 + refusal)
+    assert check(run)["refuses_start"].passed
     # Down after its exit is no healthz failure for the node expected to refuse.
     assert "site-1" not in check(run)["healthz"].data["failed_samples"]
 
