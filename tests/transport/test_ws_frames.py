@@ -766,6 +766,12 @@ def test_aiohttp_answers_otherwise_where_fedloom_differs_on_purpose(case: str) -
 _ERROR_KIND = re.compile(r"[:=\d]")  # a reason up to its first detail: the kind of error
 
 
+def _deliberately_different(close_payload: bytes) -> bool:
+    """A close body whose code is one of the DELIBERATE_DIFFERENCES (1006, above 4999)."""
+    code = int.from_bytes(close_payload[:2], "big")
+    return code == 1006 or code > 4999
+
+
 @st.composite
 def corrupt_frames(draw: st.DrawFn, max_message: int) -> bytes:
     """A frame that is often, not always, a protocol violation, but never one of the
@@ -778,7 +784,10 @@ def corrupt_frames(draw: st.DrawFn, max_message: int) -> bytes:
         first = draw(st.integers(0, 255))
         fin, opcode = bool(first & 0x80), first & 0x0F
         size = draw(st.integers(1 if opcode in (CONT, TEXT, BINARY) and not fin else 0, 130))
-        return frame(opcode, noise(size, draw(seeds)), fin=fin, rsv=first >> 4 & 7, key=key)
+        payload = noise(size, draw(seeds))
+        if opcode == CLOSE and size >= 2 and _deliberately_different(payload):
+            payload = close_body(1000, payload[2:])  # noise read as a code fedloom refuses
+        return frame(opcode, payload, fin=fin, rsv=first >> 4 & 7, key=key)
     if kind == "rsv":
         opcode = draw(st.sampled_from((TEXT, BINARY, CONT, PING, PONG, CLOSE)))
         return frame(opcode, b"r", rsv=draw(st.integers(1, 7)), key=key)
