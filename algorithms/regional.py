@@ -180,7 +180,11 @@ class RegionalAggregator(BufferedAggregator):
 
     def handle(self, event: Event, now: float) -> list[Effect]:
         out = super().handle(event, now)
-        out.extend(self._outbox.metrics(now, dispatch_paused=float(self.paused)))
+        out.extend(
+            self._outbox.metrics(
+                now, dispatch_paused=float(self.paused), forwards_kept=float(len(self._forwards))
+            )
+        )
         return out
 
     def next_deadline(self) -> float | None:

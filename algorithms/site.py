@@ -162,7 +162,10 @@ class SiteNode:
         if self._parked is not None and self.state is SiteState.IDLE and not self.paused:
             parked, self._parked = self._parked, None  # acks drained the outbox
             out.extend(self._start(parked))
-        out.extend(self._outbox.metrics(now, dispatch_paused=float(self.paused)))
+        gauges = {"dispatch_paused": float(self.paused)}
+        if self._held is not None:
+            gauges["held_updates"] = float(len(self._held))  # kept until settled
+        out.extend(self._outbox.metrics(now, **gauges))
         return out
 
     def _handle(self, event: Event, now: float) -> list[Effect]:

@@ -193,6 +193,14 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
                 ("src",),
             ),
         ),
+        "held_updates": (
+            _Rule(gauge, "held_updates", "Acked updates a site keeps until they are settled."),
+        ),
+        "forwards_kept": (
+            _Rule(
+                gauge, "forwards_kept", "Forwards a region keeps, with their parts, until settled."
+            ),
+        ),
         "forward_rebuilt": (
             _Rule(count, "forwards_rebuilt", "Forwards rebuilt without taken site updates."),
         ),
