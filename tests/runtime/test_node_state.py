@@ -1,5 +1,5 @@
 """State a restarted node keeps: the model digest its signature guard starts from, a
-gossip peer's model and mass."""
+gossip peer's model and mass, a sync root's open round (through the daemon's restore)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,24 @@ import numpy as np
 import pytest
 
 from algorithms.gossip import GossipPeer
-from algorithms.protocol import Persist, Received
+from algorithms.protocol import Persist, Received, Send
 from algorithms.regional import RegionalAggregator
+from algorithms.sync import RoundState, SyncAggregator
 from runtime.config import parse_config
-from runtime.daemon import load_node, model_floor, model_floor_digest, open_daemon
+from runtime.daemon import (
+    load_node,
+    model_floor,
+    model_floor_digest,
+    open_daemon,
+    restore_node,
+)
 from runtime.demo import Federation, write_federation, write_roster
+from runtime.store import StateStore
+from sim.aggregators import build_root
+from sim.scenario import AlgorithmConfig
 from transport.e2e import ModelConflictError, ModelVersionGuard, tensors_digest
 from transport.identity import Identity
-from transport.wire import GossipShare, ModelBroadcast
+from transport.wire import GossipShare, Hello, ModelBroadcast, TrainRequest, Update
 
 
 @pytest.fixture
@@ -85,3 +95,48 @@ def test_a_gossip_daemon_restores_its_peer_from_the_state_directory(
     assert back.mass()[0] == w == 1.5
     for k in x:
         np.testing.assert_allclose(back.mass()[1][k], x[k], rtol=0, atol=1e-6)
+
+
+def test_a_sync_root_restored_by_the_daemon_keeps_its_open_round(tmp_path: Path) -> None:
+    """The daemon's sync root (``build_root``) through a real store and ``restore_node``."""
+    sites = {f"s{i}": "site" for i in range(1, 4)}
+    p = AlgorithmConfig(clients_per_round=3, over_selection=1.0, round_timeout_s=60.0)
+
+    def make() -> SyncAggregator:
+        node = build_root(
+            "fedavg", "root", sites, weights(0.0), p, buffer_size=1, concurrency=3,
+            train_config={}, rng=np.random.default_rng(0),
+        )  # fmt: skip
+        assert isinstance(node, SyncAggregator)
+        return node
+
+    live = make()
+    by_site: dict[str, TrainRequest] = {}
+    with StateStore(tmp_path / "root") as store:
+        store.load()
+        for s in sites:
+            out = live.handle(Received(s, Hello(s, "site")), 0.0)
+            store.apply_many([e for e in out if isinstance(e, Persist)])
+            for e in out:
+                if isinstance(e, Send) and isinstance(e.msg, TrainRequest):
+                    by_site[e.peer] = e.msg
+        answered = sorted(by_site)[:2]
+        for s in answered:
+            req = by_site[s]
+            u = Update(
+                s, 1, req.version, {"w": np.full((4, 3), 0.1, np.float32)}, 10, task=req.task
+            )
+            out = live.handle(Received(s, u), 1.0)
+            store.apply_many([e for e in out if isinstance(e, Persist)])
+    with StateStore(tmp_path / "root") as store:
+        back = make()
+        restore_node(back, store.load())
+    assert back.state is RoundState.COLLECTING and back.round == 1 and back.applied == 0
+    for s in sites:
+        back.handle(Received(s, Hello(s, "site")), 5.0)
+    last = sorted(by_site)[2]
+    req = by_site[last]
+    u = Update(last, 1, req.version, {"w": np.full((4, 3), 0.4, np.float32)}, 10, task=req.task)
+    back.handle(Received(last, u), 6.0)
+    assert back.version == 1 and back.rounds_closed == 1
+    np.testing.assert_allclose(back.current_model()[1]["w"], 0.2, rtol=1e-6)  # (.1+.1+.4)/3
