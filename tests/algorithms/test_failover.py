@@ -493,3 +493,40 @@ def test_kept_updates_are_resent_one_at_a_time_after_a_failover() -> None:
     out = site.handle(recv("r0b", Incorporated("s1", 2)), 16.0)
     assert numbered(out, Update) == [("r0b", "s1", 3)]
     assert site.held == 2
+
+
+def test_settlement_travels_down_through_a_nested_region() -> None:
+    """root <- mid <- leaf <- sites: the leaf keeps its forward after mid's ack, until mid's
+    own forward is settled by the root; then the sites are told."""
+    leaf = RegionalAggregator(
+        "leaf",
+        "mid",
+        {s: "site" for s in SITES},
+        buffer_size=2,
+        concurrency=2,
+        parent_is_root=False,
+    )
+    mid = RegionalAggregator("mid", "root", {"leaf": "region"}, buffer_size=1, concurrency=1)
+    mid.set_subtrees({"leaf": SITES})
+    for node in (leaf, mid):
+        node.handle(recv(node.parent, ModelBroadcast(0, model(0.0))), 0.0)
+    for s in SITES:
+        leaf.handle(hello(s), 0.0)
+    leaf.handle(recv("s1", upd("s1", 1)), 1.0)
+    [fwd] = [e.msg for e in sends(leaf.handle(recv("s2", upd("s2", 1)), 1.0), Update)]
+    assert isinstance(fwd, Update)
+    mid.handle(hello("leaf", "region"), 1.0)
+    out = mid.handle(recv("leaf", fwd), 2.0)
+    [up] = [e.msg for e in sends(out, Update)]
+    assert isinstance(up, Update) and set(up.pairs) == {("s1", 1), ("s2", 1)}
+    assert numbered(out, Ack) == [("leaf", "leaf", 1)] and not sends(out, Incorporated)
+    out = leaf.handle(recv("mid", Ack("leaf", 1)), 2.0)
+    assert not sends(out, Incorporated) and leaf.pending == 0  # acked, kept: not settled
+    # A resend by the leaf (its notice lost) is only re-acked while mid's forward waits.
+    assert not sends(mid.handle(recv("leaf", fwd), 2.5), Incorporated)
+    out = mid.handle(recv("root", Ack("mid", up.seq)), 3.0)
+    assert numbered(out, Incorporated) == [("leaf", "leaf", 1)]
+    out = leaf.handle(recv("mid", Incorporated("leaf", 1)), 3.0)
+    assert sorted(numbered(out, Incorporated)) == [("s1", "s1", 1), ("s2", "s2", 1)]
+    # Afterwards a resend of the leaf's forward is settled at once.
+    assert numbered(mid.handle(recv("leaf", fwd), 4.0), Incorporated) == [("leaf", "leaf", 1)]
