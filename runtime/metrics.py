@@ -137,6 +137,17 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
             _Rule(gauge, "round_updates", "Updates aggregated in the last closed round."),
         ),
         "round_abandoned": (_Rule(count, "rounds_abandoned", "Rounds abandoned."),),
+        "round_degraded": (
+            _Rule(count, "rounds_degraded", "Rounds started below min_available (sites down)."),
+        ),
+        "root_behind_children": (
+            _Rule(
+                gauge,
+                "root_behind_children",
+                "Versions a child's updates are ahead of this root's model: it lost its "
+                "state (see fedloom state reseed).",
+            ),
+        ),
         "region_forward": (
             _Rule(count, "region_forwards", "Aggregates forwarded to the parent."),
             _Rule(total, "region_forwarded_updates", "Site updates inside forwarded aggregates."),

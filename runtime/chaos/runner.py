@@ -51,10 +51,11 @@ from runtime.chaos.faults import (
     wal_frames,
 )
 from runtime.chaos.layout import lay_out, lay_out_gossip, point_link
+from runtime.chaos.loadgen import attach_loadgen, use_loadgen
 from runtime.chaos.proxy import FaultNetwork, Toxics
 from runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
 from runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
-from runtime.demo import Cluster, Federation
+from runtime.demo import Cluster, Federation, NodeFiles
 from sim.config_reader import ConfigError
 
 __all__ = [
@@ -85,6 +86,14 @@ class ChaosError(RuntimeError):
 
 def _say(text: str) -> None:
     print(f"chaos: {text}", file=sys.stderr, flush=True)
+
+
+def _show(targets: Iterable[str], most: int = 6) -> str:
+    """Targets for a progress line: a hundred load sites' links as a count."""
+    items = list(targets)
+    if len(items) <= most:
+        return ", ".join(items)
+    return f"{', '.join(items[:3])} and {len(items) - 3} more"
 
 
 # ============================================================================== network
@@ -227,6 +236,7 @@ class ChaosRun:
         self.floods: dict[str, list[InputFlood]] = {}
         self.active_net: dict[str, list[Fault]] = {}
         self.link_ports: dict[str, int] = {}
+        self.load_nodes: dict[str, NodeFiles] = {}  # sites the load generator runs
         self.started_unix = 0.0
         self.t0 = 0.0
         self.startup_s = 0.0  # daemons started -> all ready (before the timeline's t = 0)
@@ -319,13 +329,15 @@ class ChaosRun:
                     raise ChaosError(
                         f"cannot put {node}'s state directory on a tmpfs: {exc}"
                     ) from None
+        if shape.load_sites:  # one process for them all, their links already proxied
+            self.fed, self.load_nodes = attach_loadgen(fed, shape.load_sites, seed=scen.seed)
 
     # ------------------------------------------------------------------ run.json
     def write_run_json(self, *, final: bool) -> None:
         assert self.fed is not None
         shape = self.scen.shape
         nodes: dict[str, Any] = {}
-        for node_id, files in self.fed.nodes.items():
+        for node_id, files in {**self.fed.nodes, **self.load_nodes}.items():
             rel = self.fed.workdir.relative_to(self.out)
             base = files.metrics_url
             nodes[node_id] = {
@@ -333,7 +345,7 @@ class ChaosRun:
                 "parent": shape.parent(node_id),
                 "standby_for": None,
                 "config": str(rel / files.config.name),
-                "state_dir": str(rel / "state" / node_id),
+                "state_dir": None if files.role == "loadgen" else str(rel / "state" / node_id),
                 "log": str(rel / "logs" / files.log.name),
                 "metrics_url": f"{base}/metrics" if base else None,
                 "healthz_url": f"{base}/healthz" if base else None,
@@ -383,7 +395,7 @@ class ChaosRun:
         assert self.procs is not None and self.timeline is not None and self.fed is not None
         tl, procs = self.timeline, self.procs
         where = f" for {f.for_s:g} s" if f.for_s is not None else ""
-        _say(f"t={tl.now():.0f}s {f.kind} {', '.join(f.targets)}{where} ({f.name})")
+        _say(f"t={tl.now():.0f}s {f.kind} {_show(f.targets)}{where} ({f.name})")
         if f.kind == "heal":
             self._heal(f)
         elif f.is_network:
@@ -428,7 +440,7 @@ class ChaosRun:
     def _end_fault(self, f: Fault) -> None:
         assert self.procs is not None and self.timeline is not None
         tl, procs = self.timeline, self.procs
-        _say(f"t={tl.now():.0f}s end of {f.kind} on {', '.join(f.targets)} ({f.name})")
+        _say(f"t={tl.now():.0f}s end of {f.kind} on {_show(f.targets)} ({f.name})")
         if f.is_network:
             ended = [link for link in f.targets if f in self.active_net.get(link, [])]
             for link in ended:
@@ -560,6 +572,7 @@ class ChaosRun:
         evaluate = ["--eval-interval", f"{scen.run.eval_interval_s:g}"]
         evaluators = [n for n, f in self.fed.nodes.items() if f.role in ("root", "peer")]
         cluster = Cluster(self.fed, args=dict.fromkeys(evaluators, evaluate))
+        use_loadgen(cluster)
         self.procs = Processes(
             cluster,
             self.timeline,

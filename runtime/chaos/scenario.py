@@ -10,6 +10,8 @@ A scenario is one TOML file (see ``scenarios/chaos/``)::
     shape = "hierarchy"                # star: root + sites; hierarchy: root -> regions -> sites
     regions = 2                        # hierarchy only
     sites = 4                          # in all, spread evenly over the regions
+    load_sites = 0                     # more sites (load-0, ...) run by one load-generator
+                                       # process (runtime.chaos.loadgen), spread likewise
     [federation.plan]                  # overrides of runtime.demo.DEMO_PLAN
     [federation.training]              # overrides of DEMO_TRAINING
     [federation.root_aggregation]      # overrides of the demo's root [aggregation]
@@ -26,6 +28,7 @@ A scenario is one TOML file (see ``scenarios/chaos/``)::
 
     [expect]                           # what the checker holds the run to
     resume_within_s = 30
+    start_grace_s = 15                 # a started daemon answers /healthz within this
     refuses_start = "site-3"
 
     [[fault]]
@@ -37,7 +40,10 @@ A scenario is one TOML file (see ``scenarios/chaos/``)::
 
 Targets: a link ``"site-0->region-0"`` (a child's connection to its parent), a node
 ``"region-0"`` (network faults: every link that touches it), a group ``"region-0/*"`` (the
-node's children: for network faults their links to it) or ``"all"``.
+node's children: for network faults their links to it) or ``"all"``. Load sites are not
+processes: kill, pause, resume and restart name the load generator, ``"loadgen"`` (a group
+or ``"all"`` that holds load sites means it); network faults on ``"loadgen"`` are on every
+load site's link. Disk, corrupt, duplicate and bad-input faults do not take load sites.
 
 Every mistake is one ``ConfigError`` naming the field (``fault[2].targets[0]: ...``); this
 module only reads and checks, the runner (``runtime.chaos.runner``) plays the timeline.
@@ -76,6 +82,8 @@ CORRUPT_WHERE = ("wal_middle", "wal_end", "wal_torn", "checkpoint")
 SHAPES = ("star", "hierarchy", "gossip")
 ROOT_ID = "root"
 RELAY_ID = "relay"
+LOADGEN_ID = "loadgen"  # the one process that runs every load site
+LOADGEN_KINDS = ("kill", "pause", "resume", "restart", "kill_all")  # faults it takes
 
 # Parameters each kind takes (name -> (default or None when required, lower bound, upper
 # bound)); every fault also takes name, at_s, for_s, kind and targets.
@@ -112,6 +120,7 @@ class Shape:
     relayed: tuple[str, ...] = ()
     edges: tuple[tuple[str, str], ...] = ()
     peer_aggregation: Mapping[str, Any] = field(default_factory=dict)
+    load_sites: tuple[str, ...] = ()  # members of ``regions`` run by the load generator
 
     @property
     def gossip(self) -> bool:
@@ -130,7 +139,13 @@ class Shape:
         if self.gossip:
             relay = [RELAY_ID] if any(b == RELAY_ID for _, b in self.edges) else []
             return [*self.peers, *relay]
-        return [ROOT_ID, *self.region_ids, *self.sites]
+        loadgen = [LOADGEN_ID] if self.load_sites else []
+        return [ROOT_ID, *self.region_ids, *self.sites, *loadgen]
+
+    @property
+    def processes(self) -> list[str]:
+        """The nodes that run as processes of their own (not the load sites)."""
+        return [n for n in self.nodes if n not in self.load_sites]
 
     def parent(self, node: str) -> str | None:
         if node in self.region_ids:
@@ -297,22 +312,26 @@ def _shape(t: Table) -> Shape:
     kind = t.text("shape", "hierarchy", choices=SHAPES)
     if kind == "gossip":
         return _gossip_shape(t)
-    n_sites = t.integer("sites", 4, min=1, max=200)
+    n_load = t.integer("load_sites", 0, min=0, max=1000)
+    n_sites = t.integer("sites", 4, min=0 if n_load else 1, max=200)
+    names = [f"site-{i}" for i in range(n_sites)] + [f"load-{i}" for i in range(n_load)]
     regions: dict[str, list[str]]
     if kind == "star":
         if t.has("regions"):
             raise ConfigError("federation.regions: a star has no regions; remove it")
-        regions = {ROOT_ID: [f"site-{i}" for i in range(n_sites)]}
+        regions = {ROOT_ID: names}
     else:
         n_regions = t.integer("regions", 2, min=1, max=50)
-        if n_regions > n_sites:
+        if n_regions > len(names):
             raise ConfigError(
-                f"federation.regions: {n_regions} regions for {n_sites} sites leaves a region "
-                "with no site; use at most as many regions as sites"
+                f"federation.regions: {n_regions} regions for {len(names)} sites leaves a "
+                "region with no site; use at most as many regions as sites"
             )
         regions = {f"region-{r}": [] for r in range(n_regions)}
         for i in range(n_sites):
             regions[f"region-{i % n_regions}"].append(f"site-{i}")
+        for i in range(n_load):
+            regions[f"region-{(n_sites + i) % n_regions}"].append(f"load-{i}")
     if t.has("standby"):
         raise ConfigError(
             "federation.standby: standby regions are not supported yet (the daemons have no "
@@ -326,6 +345,7 @@ def _shape(t: Table) -> Shape:
         root_aggregation=_table_dict(t, "root_aggregation"),
         region_aggregation=_table_dict(t, "region_aggregation"),
         connection=_table_dict(t, "connection"),
+        load_sites=tuple(f"load-{i}" for i in range(n_load)),
     )
     if kind == "star" and shape.region_aggregation:
         raise ConfigError("federation.region_aggregation: a star has no regions; remove it")
@@ -378,6 +398,8 @@ def _expect(t: Table, shape: Shape) -> dict[str, Any]:
         out["resume_within_s"] = t.number("resume_within_s", min=1.0, exclusive_min=False)
     else:
         out["resume_within_s"] = 30.0
+    if t.has("start_grace_s"):  # how long a started daemon may take to answer /healthz
+        out["start_grace_s"] = t.number("start_grace_s", min=1.0, max=600.0)
     for key in _EXPECT_BOOLS:
         if t.has(key):
             out[key] = t.flag(key)
@@ -478,7 +500,7 @@ def _targets(t: Table, where: str, kind: str, shape: Shape) -> tuple[str, ...]:
     if kind == "kill_all":
         if t.has("targets"):
             raise ConfigError(f"{where}.targets: kill_all stops every daemon; remove targets")
-        return tuple(shape.nodes)
+        return tuple(shape.processes)
     default: Any = ["all"] if kind == "heal" else None
     raw = t.array("targets", default) if default is not None else t.array("targets")
     if not raw:
@@ -490,6 +512,8 @@ def _targets(t: Table, where: str, kind: str, shape: Shape) -> tuple[str, ...]:
         if not isinstance(spec, str):
             raise ConfigError(f"{here}: expected a string, got {spec!r}")
         items = _resolve_links(spec, shape, here) if network else _resolve_nodes(spec, shape, here)
+        if not network and shape.load_sites:
+            items = _load_sites_as_loadgen(items, kind, shape, here)
         resolved += [x for x in items if x not in resolved]
     if kind in INPUT_KINDS:
         for n in resolved:
@@ -505,10 +529,31 @@ def _targets(t: Table, where: str, kind: str, shape: Shape) -> tuple[str, ...]:
     return tuple(resolved)
 
 
+def _load_sites_as_loadgen(items: list[str], kind: str, shape: Shape, here: str) -> list[str]:
+    """Process faults on load sites are on the load generator that runs them all."""
+    loaded = [x for x in items if x in shape.load_sites or x == LOADGEN_ID]
+    if not loaded:
+        return items
+    if kind not in LOADGEN_KINDS:
+        raise ConfigError(
+            f"{here}: {loaded[0]!r} runs in the load generator, which takes only "
+            f"{', '.join(LOADGEN_KINDS)}; target a daemon of its own"
+        )
+    if LOADGEN_ID not in items and len(items) == 1:  # one load site named on its own
+        raise ConfigError(
+            f"{here}: {items[0]!r} is a load site, not a process; target {LOADGEN_ID!r} "
+            "(every load site) or one of its links"
+        )
+    out = [x for x in items if x not in loaded]
+    return [*out, LOADGEN_ID]
+
+
 def _resolve_links(spec: str, shape: Shape, here: str) -> list[str]:
     links = shape.links
     if spec == "all":
         return links
+    if spec == LOADGEN_ID and shape.load_sites:
+        return [f"{s}->{shape.parent(s)}" for s in shape.load_sites]
     if "->" in spec:
         if spec not in links:
             raise ConfigError(
@@ -529,7 +574,7 @@ def _resolve_links(spec: str, shape: Shape, here: str) -> list[str]:
 
 def _resolve_nodes(spec: str, shape: Shape, here: str) -> list[str]:
     if spec == "all":
-        return shape.nodes
+        return shape.processes
     if "->" in spec:
         raise ConfigError(f"{here}: {spec!r} is a link; this fault takes nodes")
     if spec.endswith("/*"):
