@@ -35,6 +35,7 @@ from transport.identity import Identity
 
 __all__ = [
     "README_NAME",
+    "add_standbys",
     "lay_out",
     "lay_out_gossip",
     "point_link",
@@ -123,6 +124,55 @@ def _to_star(fed: Federation, root_aggregation: Mapping[str, Any]) -> Federation
     return Federation(fed.workdir, fed.roster, fed.consortium_pub, fed.plan, nodes)
 
 
+def add_standbys(fed: Federation, standbys: Mapping[str, str], failover_after_s: float) -> None:
+    """Give each region of ``standbys`` (standby id -> region) a standby region daemon: the
+    region's config under its own identity, ports and state; the root takes both as
+    children with the same ``[subtrees]``, and the region's sites list the standby as their
+    ``[[parent.fallback]]`` (``failover_after_s``)."""
+    keys = fed.workdir / "keys"
+    root = fed.nodes[ROOT_ID]
+    root_cfg = read_config(root.config)
+    subtrees: dict[str, list[str]] = {}
+    for standby, region in standbys.items():
+        Identity.generate(standby, "region").save(keys, overwrite=True)
+        cfg = read_config(fed.nodes[region].config)
+        port, metrics = free_port(), free_port()
+        cfg.update(
+            node_id=standby,
+            identity={"key": str(keys / f"{standby}.key")},
+            state_dir=str(fed.workdir / "state" / standby),
+            listen={"host": "127.0.0.1", "port": port},
+            metrics={"host": "127.0.0.1", "port": metrics},
+        )
+        path = fed.workdir / f"{standby}.toml"
+        _write_config(path, cfg)
+        fed.nodes[standby] = NodeFiles(
+            standby,
+            "region",
+            path,
+            fed.workdir / "state" / standby,
+            fed.workdir / "logs" / f"{standby}.log",
+            port,
+            metrics,
+        )
+        sites = list(cfg["children"])
+        subtrees[region] = subtrees[standby] = sites
+        for site in sites:
+            site_cfg = read_config(fed.nodes[site].config)
+            site_cfg["parent"]["failover_after_s"] = failover_after_s
+            site_cfg["parent"]["fallback"] = [
+                {"id": standby, "url": f"ws://127.0.0.1:{port}/fedloom"}
+            ]
+            _write_config(fed.nodes[site].config, site_cfg)
+    root_cfg["children"] = [*root_cfg["children"], *standbys]
+    root_cfg["subtrees"] = subtrees
+    _write_config(root.config, root_cfg)
+    consortium = Identity.load(keys / "consortium.key")
+    members = [Identity.load(keys / f"{n}.key") for n in fed.nodes]
+    sites = [n for n, f in fed.nodes.items() if f.role == "site"]
+    write_roster(fed.roster, members, consortium, examples=site_examples(fed.plan, sites))
+
+
 def lay_out_gossip(
     workdir: Path,
     shape: Shape,
@@ -194,11 +244,14 @@ def lay_out_gossip(
 
 
 def point_link(config: Path, target: str, url: str) -> None:
-    """Make the node of ``config`` reach ``target`` (its parent, its relay or a gossip
-    neighbour) at ``url``: a fault proxy's port."""
+    """Make the node of ``config`` reach ``target`` (its parent, a fallback parent, its
+    relay or a gossip neighbour) at ``url``: a fault proxy's port."""
     cfg = read_config(config)
+    fallbacks = {f.get("id"): f for f in cfg.get("parent", {}).get("fallback", [])}
     if cfg.get("parent", {}).get("id") == target:
         cfg["parent"]["url"] = url
+    elif target in fallbacks:
+        fallbacks[target]["url"] = url
     elif cfg.get("relay", {}).get("id") == target:
         cfg["relay"]["url"] = url
     else:

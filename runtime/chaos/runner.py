@@ -50,7 +50,7 @@ from runtime.chaos.faults import (
     tmpfs_support,
     wal_frames,
 )
-from runtime.chaos.layout import lay_out, lay_out_gossip, point_link
+from runtime.chaos.layout import add_standbys, lay_out, lay_out_gossip, point_link
 from runtime.chaos.loadgen import attach_loadgen, use_loadgen
 from runtime.chaos.proxy import FaultNetwork, Toxics
 from runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
@@ -311,6 +311,9 @@ class ChaosRun:
                 region_aggregation=shape.region_aggregation,
                 connection=shape.connection,
             )
+            if shape.standbys:
+                assert shape.failover_after_s is not None
+                add_standbys(fed, shape.standbys, shape.failover_after_s)
         self.fed = fed
         self.proxy = ProxyThread(scen.seed)
         for link in shape.links:
@@ -343,7 +346,7 @@ class ChaosRun:
             nodes[node_id] = {
                 "role": files.role,
                 "parent": shape.parent(node_id),
-                "standby_for": None,
+                "standby_for": shape.standbys.get(node_id),
                 "config": str(rel / files.config.name),
                 "state_dir": None if files.role == "loadgen" else str(rel / "state" / node_id),
                 "log": str(rel / "logs" / files.log.name),

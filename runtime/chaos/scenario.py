@@ -10,6 +10,10 @@ A scenario is one TOML file (see ``scenarios/chaos/``)::
     shape = "hierarchy"                # star: root + sites; hierarchy: root -> regions -> sites
     regions = 2                        # hierarchy only
     sites = 4                          # in all, spread evenly over the regions
+    standby = false                    # hierarchy: a standby region per region (region-0-
+    failover_after_s = 10              #   standby...), its sites' fallback after this long
+    # shape = "gossip": peers = 4, relayed = 0 (peers that do not listen: they meet through
+    # a relay), gossip_mode = "dpsgd" | "pushsum", gossip_interval_s = 1.0, [peer_aggregation]
     load_sites = 0                     # more sites (load-0, ...) run by one load-generator
                                        # process (runtime.chaos.loadgen), spread likewise
     [federation.plan]                  # overrides of runtime.demo.DEMO_PLAN
@@ -120,6 +124,8 @@ class Shape:
     relayed: tuple[str, ...] = ()
     edges: tuple[tuple[str, str], ...] = ()
     peer_aggregation: Mapping[str, Any] = field(default_factory=dict)
+    standbys: Mapping[str, str] = field(default_factory=dict)  # standby region -> its region
+    failover_after_s: float | None = None  # sites: parent down this long -> its standby
     load_sites: tuple[str, ...] = ()  # members of ``regions`` run by the load generator
 
     @property
@@ -132,7 +138,8 @@ class Shape:
 
     @property
     def region_ids(self) -> list[str]:
-        return [r for r in self.regions if r != ROOT_ID]
+        """Every region daemon, standbys included."""
+        return [*(r for r in self.regions if r != ROOT_ID), *self.standbys]
 
     @property
     def nodes(self) -> list[str]:
@@ -161,7 +168,8 @@ class Shape:
             return [a for a, b in self.edges if b == node]
         if node == ROOT_ID:
             return list(self.regions.get(ROOT_ID, self.region_ids))
-        return list(self.regions.get(node, []))
+        # A standby's children are its region's sites: they fall back to it.
+        return list(self.regions.get(self.standbys.get(node, node), []))
 
     def neighbours(self, peer: str) -> list[str]:
         """A gossip peer's ring neighbours (reached directly or through the relay)."""
@@ -174,7 +182,10 @@ class Shape:
         """Every connection, named ``"dialer->listener"`` (a child's to its parent)."""
         if self.gossip:
             return [f"{a}->{b}" for a, b in self.edges]
-        return [f"{n}->{self.parent(n)}" for n in self.nodes if self.parent(n) is not None]
+        links = [f"{n}->{self.parent(n)}" for n in self.nodes if self.parent(n) is not None]
+        for standby, region in self.standbys.items():  # sites dial their standby too
+            links += [f"{site}->{standby}" for site in self.regions[region]]
+        return links
 
     def listening(self, node: str) -> bool:
         if self.gossip:
@@ -332,14 +343,26 @@ def _shape(t: Table) -> Shape:
             regions[f"region-{i % n_regions}"].append(f"site-{i}")
         for i in range(n_load):
             regions[f"region-{(n_sites + i) % n_regions}"].append(f"load-{i}")
-    if t.has("standby"):
-        raise ConfigError(
-            "federation.standby: standby regions are not supported yet (the daemons have no "
-            "failover); remove it"
-        )
+    standbys: dict[str, str] = {}
+    failover_after_s = None
+    if kind == "hierarchy" and t.flag("standby", False):
+        # A second region daemon per region, which its sites fall back to (runtime.config:
+        # [[parent.fallback]]); the root counts each site update once whichever delivers it.
+        standbys = {f"{r}-standby": r for r in regions}
+        failover_after_s = t.number("failover_after_s", 10.0, min=0.1, max=3600.0)
+        if n_load:
+            raise ConfigError(
+                "federation.standby: not with load_sites (the load generator's sites are "
+                "laid out after the standbys and have no fallback); drop one of them"
+            )
+    elif t.has("standby") or t.has("failover_after_s"):
+        key = "standby" if t.has("standby") else "failover_after_s"
+        raise ConfigError(f"federation.{key}: only a hierarchy has standby regions")
     shape = Shape(
         kind,
         regions,
+        standbys=standbys,
+        failover_after_s=failover_after_s,
         plan=_table_dict(t, "plan"),
         training=_table_dict(t, "training"),
         root_aggregation=_table_dict(t, "root_aggregation"),

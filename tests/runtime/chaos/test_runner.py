@@ -216,3 +216,23 @@ def test_disk_faults_fill_and_freeze_a_tmpfs_then_leave_the_files_on_disk(tmp_pa
     assert _mounts_under(tmp_path) == []
     assert (state / "checkpoint.ckpt").read_bytes() == b"kept"  # copied back onto the disk
     assert not (state / ".chaos-fill").exists()
+
+
+def test_a_standby_layout_gives_sites_a_fallback_and_the_root_both_subtrees(
+    tmp_path: Path,
+) -> None:
+    from runtime.chaos.layout import add_standbys, lay_out
+
+    shape = parse_scenario(
+        {"duration_s": 5, "federation": {"regions": 2, "sites": 4, "standby": True}}
+    ).shape
+    fed = lay_out(tmp_path, shape.regions)
+    add_standbys(fed, shape.standbys, 7.0)
+    cfgs = {n: load_config(f.config) for n, f in fed.nodes.items()}  # each passes validation
+    assert set(cfgs) == set(shape.nodes)
+    assert cfgs["root"].children == ("region-0", "region-1", "region-0-standby", "region-1-standby")
+    assert cfgs["root"].subtrees["region-1-standby"] == cfgs["root"].subtrees["region-1"]
+    assert cfgs["region-0-standby"].children == cfgs["region-0"].children == ("site-0", "site-2")
+    site = cfgs["site-2"]
+    assert [f.id for f in site.fallbacks] == ["region-0-standby"] and site.failover_after_s == 7.0
+    assert cfgs["region-0-standby"].listen != cfgs["region-0"].listen

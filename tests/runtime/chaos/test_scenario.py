@@ -170,7 +170,10 @@ def test_defaults_and_expectations() -> None:
             "federation.regions: a star has no regions",
         ),
         (scenario(federation={"shape": "ring"}), "federation.shape: 'ring' is not one of"),
-        (scenario(federation={"standby": True}), "federation.standby: standby regions"),
+        (
+            scenario(federation={"shape": "star", "failover_after_s": 3}),
+            "federation.failover_after_s: only a hierarchy has standby regions",
+        ),
         (scenario(expect={"refuses_start": "site-7"}), "expect.refuses_start: 'site-7'"),
         (scenario(expect={"exactly_once": "yes"}), "expect.exactly_once: expected true or false"),
         (scenario(run={"tmpfs_mb": 0}), "run.tmpfs_mb: expected a number >= 1"),
@@ -271,3 +274,26 @@ def test_bad_input_needs_a_listening_gossip_node() -> None:
         "fault": [{"at_s": 1, "for_s": 1, "kind": "idle", "targets": ["peer-2"]}],
     }
     assert "'peer-2' does not listen" in error(raw)
+
+
+def test_standby_regions_are_second_parents_of_their_regions_sites() -> None:
+    s = parse_scenario(
+        scenario(
+            {"at_s": 1, "kind": "partition", "targets": ["region-0-standby/*"]},
+            federation={"regions": 2, "sites": 4, "standby": True, "failover_after_s": 3},
+        )
+    )
+    shape = s.shape
+    assert shape.standbys == {"region-0-standby": "region-0", "region-1-standby": "region-1"}
+    assert shape.failover_after_s == 3
+    assert "region-1-standby" in shape.nodes and shape.parent("region-1-standby") == "root"
+    assert shape.parent("site-0") == "region-0"  # the standby is a fallback, not the parent
+    assert shape.children("region-0-standby") == ["site-0", "site-2"]
+    assert "site-3->region-1-standby" in shape.links and "region-0-standby->root" in shape.links
+    assert s.faults[0].targets == ("site-0->region-0-standby", "site-2->region-0-standby")
+    assert "only a hierarchy has standby" in error(
+        {"duration_s": 9, "federation": {"shape": "star", "standby": True}}
+    )
+    assert "not with load_sites" in error(
+        {"duration_s": 9, "federation": {"sites": 2, "load_sites": 4, "standby": True}}
+    )
