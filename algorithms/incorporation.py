@@ -254,16 +254,21 @@ class RegionForwards:
         self._filling.append(c)
         self._hold((src, seq), 1)
 
-    def flushed(self, entries: Sequence[tuple[Weights, float]]) -> list[Contribution]:
+    def flushed(
+        self, entries: Sequence[tuple[Weights, float]], *, keep_deltas: bool = True
+    ) -> list[Contribution]:
         """The buffer was flushed: its (delta, discount) entries, in order, complete the
         noted contributions, which are returned (a restored buffer from an older
-        checkpoint has entries without notes: they carry no pairs)."""
+        checkpoint has entries without notes: they carry no pairs). Without
+        ``keep_deltas`` only who contributed is kept: the forward cannot be rebuilt."""
         filling, self._filling = self._filling, []
         n = len(entries)
         notes = filling[-n:] if n else []
         pad = [Contribution("", 0, (), None, 0.0, 0, 0)] * (n - len(notes))
         return [
-            Contribution(c.src, c.seq, c.pairs, d, s, c.n_examples, c.count)
+            Contribution(
+                c.src, c.seq, c.pairs, d if keep_deltas else None, s, c.n_examples, c.count
+            )
             for c, (d, s) in zip(pad + notes, entries, strict=True)
         ]
 
@@ -303,7 +308,8 @@ class RegionForwards:
 
         Returns ``(new update or None if nothing is left, settled child updates, site
         pairs lost)``, or None when ``seq`` is not held. The new update keeps the seq and
-        base version; its signature is made again when it is sent.
+        base version; its signature is made again when it is sent. When the rest cannot be
+        aggregated (no deltas kept, or not finite) its pairs are lost too.
         """
         fwd = self._forwards.get(seq)
         if fwd is None:
@@ -316,6 +322,8 @@ class RegionForwards:
         built = build(keep) if keep else None
         if built is None:
             del self._forwards[seq]
+            lost += [p for c in keep for p in c.pairs]
+            settled += self.settled_now(keep)
             return None, settled, lost
         delta, n_examples, count = built
         old = fwd.update

@@ -118,6 +118,7 @@ class RegionalAggregator(BufferedAggregator):
         claim_bounds: ClaimBounds | None = None,
         max_outbox_bytes: int | None = None,
         parent_is_root: bool = True,
+        keep_parts: bool = False,
     ) -> None:
         super().__init__(
             node_id,
@@ -158,6 +159,9 @@ class RegionalAggregator(BufferedAggregator):
         self._forwards = RegionForwards()  # forwards kept until settled, with their parts
         # A root's Ack settles a forward; a parent region settles it with Incorporated.
         self.parent_is_root = parent_is_root
+        # Keep each unsettled forward's deltas to rebuild it after an Overlap: needed by a
+        # region with a standby (and the standby); costs up to K deltas per forward kept.
+        self.keep_parts = keep_parts
         self.forwarded = 0
 
     @property
@@ -267,8 +271,11 @@ class RegionalAggregator(BufferedAggregator):
             out.append(Metric("forward_rebuilt", 1.0, {"region": self._id}))
             if lost:
                 out.append(Metric("pairs_lost", float(len(lost)), {"region": self._id}))
+                why = "a nested aggregate" if self.keep_parts else "no parts kept (keep_parts)"
                 out.append(
-                    Log("error", "site updates lost with a nested aggregate", {"pairs": lost[:8]})
+                    Log(
+                        "error", f"site updates lost: {why}", {"pairs": [list(p) for p in lost[:8]]}
+                    )
                 )
             if new is None:
                 out.extend(self._outbox.ack(seq, now=now))  # nothing left to forward
@@ -385,7 +392,7 @@ class RegionalAggregator(BufferedAggregator):
     def _flush_full(self, out: list[Effect]) -> None:
         assert self._global is not None
         version = self._global[0] if self._replay_version is None else self._replay_version
-        parts = self._forwards.flushed(self._buffer.entries())
+        parts = self._forwards.flushed(self._buffer.entries(), keep_deltas=self.keep_parts)
         agg = self._buffer.flush()
         self._end_epoch()
         if not agg.finite:

@@ -48,7 +48,9 @@ Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children
 declare ``[subtrees]`` (region child id = [its site ids]): that region's forwards are then
 checked against its sites and each site update is counted once, whichever region (a
 standby) delivers it (``algorithms.incorporation``); a region and its standby are both
-listed as children and given the same subtree. Gossip
+listed as children and given the same subtree, and both set ``[failover] has_standby =
+true`` (each keeps the deltas of its unsettled forwards, to rebuild one the root refuses
+for site updates the other delivered). Gossip
 peers have ``[[peers]]`` (id, url optional, weight optional) and may listen. A peer that
 does not listen reaches the neighbours that have no url (and do not listen either)
 through ``[relay]`` (id, url): a ``role = "relay"`` daemon, which only listens. Relative paths
@@ -198,6 +200,8 @@ class DaemonConfig:
     fallbacks: tuple[Endpoint, ...] = ()
     failover_after_s: float = DEFAULT_FAILOVER_AFTER_S
     max_held: int = DEFAULT_MAX_HELD
+    # Regions: ``[failover] has_standby``, keep forwards' parts for a rebuild.
+    has_standby: bool = False
     # Aggregators: region child -> the sites under it (``[subtrees]``).
     subtrees: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -268,6 +272,9 @@ def parse_config(
     failover: dict[str, Any] = {}
     parent = _parent(t.table("parent"), failover) if t.has("parent") else None
     subtrees = _subtrees(t.table("subtrees"))
+    failover_t = t.table("failover")
+    has_standby = failover_t.flag("has_standby", False)
+    failover_t.finish()
     children = tuple(_ids(t, "children"))
     peers = tuple(_peers(t, node_id))
     relay = _endpoint(t.table("relay"), url_required=True) if t.has("relay") else None
@@ -309,6 +316,7 @@ def parse_config(
         metrics_port=metrics_port,
         source=source,
         subtrees=subtrees,
+        has_standby=has_standby,
         **failover,
     )
     _check_role(cfg)
@@ -616,6 +624,10 @@ def _check_role(cfg: DaemonConfig) -> None:
         raise ConfigError(
             "parent.fallback: only sites fail over to a standby parent; remove "
             "[[parent.fallback]] and failover_after_s"
+        )
+    if cfg.has_standby and role != "region":
+        raise ConfigError(
+            f"failover.has_standby: only a region (and its standby) sets it; remove it for a {role}"
         )
     if cfg.node_id in {f.id for f in cfg.fallbacks}:
         raise ConfigError("parent.fallback: a node cannot be its own parent")

@@ -349,6 +349,7 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
         # A root's ack settles a forward; a parent region settles it later.
         parent = roster.lookup(cfg.parent.id)
         region.parent_is_root = parent is not None and parent.role == "root"
+        region.keep_parts = cfg.has_standby
         region.set_subtrees(cfg.subtrees)
         return region
     assert plan is not None

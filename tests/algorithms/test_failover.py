@@ -17,6 +17,7 @@ from algorithms.protocol import (
     Deadline,
     Effect,
     Event,
+    Log,
     Metric,
     Node,
     PeerDown,
@@ -66,7 +67,13 @@ def make_root() -> FedBuffAggregator:
 
 def make_region(name: str) -> RegionalAggregator:
     region = RegionalAggregator(
-        name, "root", {s: "site" for s in SITES}, buffer_size=2, concurrency=2, rng=0
+        name,
+        "root",
+        {s: "site" for s in SITES},
+        buffer_size=2,
+        concurrency=2,
+        rng=0,
+        keep_parts=True,
     )
     region.set_subtrees({})
     return region
@@ -530,3 +537,19 @@ def test_settlement_travels_down_through_a_nested_region() -> None:
     assert sorted(numbered(out, Incorporated)) == [("s1", "s1", 1), ("s2", "s2", 1)]
     # Afterwards a resend of the leaf's forward is settled at once.
     assert numbered(mid.handle(recv("leaf", fwd), 4.0), Incorporated) == [("leaf", "leaf", 1)]
+
+
+def test_a_region_without_parts_drops_a_refused_forward_and_says_what_is_lost() -> None:
+    region = RegionalAggregator(
+        "r0", "root", {s: "site" for s in SITES}, buffer_size=2, concurrency=2
+    )
+    region.handle(recv("root", ModelBroadcast(0, model(0.0))), 0.0)
+    for s in SITES:
+        region.handle(hello(s), 0.0)
+    region.handle(recv("s1", upd("s1", 1)), 1.0)
+    region.handle(recv("s2", upd("s2", 1)), 1.0)
+    assert region.pending == 1
+    out = region.handle(recv("root", Overlap("r0", 1, (("s1", 1),))), 2.0)
+    assert region.pending == 0 and not sends(out, Update)
+    assert [m.value for m in metrics(out, "pairs_lost")] == [1.0]  # s2's update
+    assert [e for e in out if isinstance(e, Log) and e.level == "error"]

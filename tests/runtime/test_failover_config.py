@@ -71,3 +71,17 @@ def test_only_sites_fail_over() -> None:
     }
     with pytest.raises(ConfigError, match="only sites fail over"):
         parse(raw)
+
+
+def test_a_region_and_its_standby_keep_their_forwards_parts() -> None:
+    raw = root_raw()
+    del raw["plan"]
+    raw.update(role="region", node_id="region-eu", children=["site-1"], aggregation={})
+    raw["parent"] = {"id": "root", "url": "ws://root.example.org:7443/fedloom"}
+    assert not parse(raw).has_standby
+    raw["failover"] = {"has_standby": True}
+    assert parse(raw).has_standby
+    site = site_raw()
+    site["failover"] = {"has_standby": True}
+    with pytest.raises(ConfigError, match="only a region"):
+        parse(site)

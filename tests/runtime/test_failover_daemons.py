@@ -45,6 +45,8 @@ def add_standby(fed: Federation) -> None:
     write_roster(fed.roster, [*others, standby], consortium, examples=examples)
 
     cfg = fed.config(REGION)
+    cfg["failover"] = {"has_standby": True}  # both keep their forwards' parts to rebuild
+    fed.nodes[REGION].config.write_text(tomli_w.dumps(cfg), encoding="utf-8")
     port, metrics_port = free_port(), free_port()
     cfg.update(
         node_id=STANDBY,
