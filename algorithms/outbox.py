@@ -104,6 +104,7 @@ class Outbox:
         "_retry_at",
         "_sends",
         "_sizes",
+        "_unit",
         "_up",
         "_window_bytes",
         "bytes",
@@ -139,6 +140,7 @@ class Outbox:
         self._pending: dict[int, Update] = {}  # insertion order == seq order
         self._sizes: dict[int, int] = {}  # seq -> tensor bytes (pending, and copies in flight)
         self.bytes = 0  # tensor bytes of the pending updates
+        self._unit = 0  # the largest update's bytes (one model: all the same size)
         self.seq = 0
         # The link: None/up until told otherwise, so a node that never sees PeerUp still sends.
         self._parent: str | None = None
@@ -183,18 +185,19 @@ class Outbox:
     def effective_window(self) -> int:
         """Updates the window lets fly at once for updates of the current size."""
         budget = self.window_bytes()
-        unit = max(self._sizes.values(), default=0)
+        unit = self._unit
         if budget is None or unit <= 0:
             return self.window
         return max(1, min(self.window, budget // unit))
 
     def limit_bytes(self) -> int | None:
         """The backpressure bound: ``max_bytes``, else ``DEFAULT_OUTBOX_UPDATES`` of the
-        largest pending update (None while nothing is pending)."""
+        largest update (None while nothing is pending)."""
         if self.max_bytes is not None:
             return self.max_bytes
-        unit = max((self._sizes[s] for s in self._pending), default=0)
-        return DEFAULT_OUTBOX_UPDATES * unit if unit else None
+        if not self._pending or not self._unit:
+            return None
+        return DEFAULT_OUTBOX_UPDATES * self._unit
 
     @property
     def full(self) -> bool:
@@ -217,6 +220,7 @@ class Outbox:
         self._pending[update.seq] = update
         size = update_bytes(update)
         self._sizes[update.seq] = size
+        self._unit = max(self._unit, size)
         self.bytes += size
         self._dirty = True
         if self._last_ack is None:
@@ -414,5 +418,6 @@ class Outbox:
                 self._pending.pop(seq, None)
         self._pending = dict(sorted(self._pending.items()))
         self._sizes = {s: update_bytes(u) for s, u in self._pending.items()}
+        self._unit = max(self._sizes.values(), default=0)
         self.bytes = sum(self._sizes.values())
         self._dirty = True

@@ -42,6 +42,7 @@ Example (a hospital site)::
                                       # listening: handshake_timeout_s, max_pending,
                                       # max_pending_per_address (admission before auth)
     [metrics]                         # port (0 = off), host
+    [outbox]                          # sites and regions: max_mib, the backpressure bound
     [executor]                        # kind = "thread" | "process", workers
 
 Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``, and may
@@ -127,6 +128,7 @@ class PlanConfig:
 MAX_SESSION_S = 30 * 86400.0  # a month: a revoked key must not keep a session for longer
 RELAY_MESSAGE_MIB = 256.0  # a relay's cap on one envelope unless [connection] says otherwise
 MAX_MESSAGE_MIB = 2048.0  # the decoders' own ceiling (``transport.limits.Limits``)
+MAX_OUTBOX_MIB = float(1 << 24)  # 16 TiB: any real disk; refuses inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +196,10 @@ class DaemonConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no metrics endpoint
+    # Sites and regions: updates waiting for the parent's ack, in MiB of tensors, beyond
+    # which no new task is dispatched (region) or training started (site). None:
+    # ``algorithms.outbox.DEFAULT_OUTBOX_UPDATES`` updates' worth of the model.
+    outbox_max_mib: float | None = None
     source: Path | None = None
     # Failover (sites): the parent's standbys, how long the parent may be down before the
     # site switches, and how many acked updates it keeps until they are settled.
@@ -289,6 +295,9 @@ def parse_config(
     metrics_host = metrics.text("host", "127.0.0.1")
     metrics_port = metrics.integer("port", 0, min=0, max=65535)
     metrics.finish()
+    outbox = t.table("outbox")
+    outbox_max_mib = outbox.number("max_mib", None, min=0.0, max=MAX_OUTBOX_MIB, exclusive_min=True)
+    outbox.finish()
     t.finish()
 
     cfg = DaemonConfig(
@@ -314,6 +323,7 @@ def parse_config(
         executor=executor,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        outbox_max_mib=outbox_max_mib,
         source=source,
         subtrees=subtrees,
         has_standby=has_standby,
@@ -661,6 +671,11 @@ def _check_role(cfg: DaemonConfig) -> None:
         raise ConfigError(
             "connection.max_message_mib: only a relay takes it; every other node caps "
             "what it decodes from the size of its model"
+        )
+    if cfg.outbox_max_mib is not None and role not in ("site", "region"):
+        raise ConfigError(
+            f"outbox.max_mib: only sites and regions send updates to a parent; remove "
+            f"[outbox] for a {role}"
         )
     if role in ("site", "peer", "root") and cfg.plan is None:
         what = "train" if role != "root" else "build the initial model"

@@ -304,6 +304,12 @@ def bound_claims(cfg: DaemonConfig, node: Node, roster: Roster) -> None:
         )
 
 
+def outbox_bytes(cfg: DaemonConfig) -> int | None:
+    """``[outbox] max_mib`` in bytes (None: the outbox derives it from the model)."""
+    mib = cfg.outbox_max_mib
+    return None if mib is None else max(1, int(mib * MiB))
+
+
 def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> Node:
     """A fresh state machine for ``cfg.role``, configured from the config (not restored)."""
     p = cfg.aggregation
@@ -316,6 +322,7 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
             cfg.node_id,
             cfg.parent.id,
             n_examples=_n_examples(plan),
+            max_outbox_bytes=outbox_bytes(cfg),
             fallbacks=[f.id for f in cfg.fallbacks],
             failover_after_s=cfg.failover_after_s,
             max_held=cfg.max_held,
@@ -345,6 +352,7 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
             train_config=train_config,
             rng=rng,
             bounds=children_claim_bounds(cfg, roster, children),
+            max_outbox_bytes=outbox_bytes(cfg),
         )
         # A root's ack settles a forward; a parent region settles it later.
         parent = roster.lookup(cfg.parent.id)

@@ -184,6 +184,31 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
                 ("reason",),
             ),
         ),
+        # A site's or region's outbox towards its parent (``algorithms.outbox``).
+        "outbox_updates": (_Rule(gauge, "outbox_updates", "Updates waiting for an ack."),),
+        "outbox_bytes": (_Rule(gauge, "outbox_bytes", "Tensor bytes of the updates waiting."),),
+        "outbox_in_flight": (
+            _Rule(gauge, "outbox_in_flight", "Updates sent on the parent link, not yet acked."),
+        ),
+        "outbox_window": (
+            _Rule(gauge, "outbox_window", "Updates the flow-control window lets fly at once."),
+        ),
+        "dispatch_paused": (
+            _Rule(
+                gauge,
+                "dispatch_paused",
+                "1 while a full outbox stops new tasks (a region) or training (a site).",
+            ),
+        ),
+        "parent_up": (_Rule(gauge, "parent_up", "1 while the link to the parent is up."),),
+        "parent_ack_age_seconds": (
+            _Rule(
+                gauge,
+                "parent_ack_age_seconds",
+                "Seconds since the parent last acked (or the link came up) while updates "
+                "wait; 0 when none wait.",
+            ),
+        ),
         # Regional failover (``algorithms.incorporation``).
         "parent_failover": (
             _Rule(count, "parent_failovers", "Switches to a standby parent, by parent.", ("to",)),

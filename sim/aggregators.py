@@ -146,6 +146,7 @@ def build_region(
     rng: np.random.Generator,
     log_deltas: bool = True,
     bounds: ClaimBounds | None = None,
+    max_outbox_bytes: int | None = None,
 ) -> RegionalAggregator:
     """A regional FedBuff buffer between its sites and ``parent``."""
     return RegionalAggregator(
@@ -164,4 +165,5 @@ def build_region(
         clip_norm=p.clip_norm,
         log_deltas=log_deltas,
         claim_bounds=bounds if bounds is not None else claim_bounds(p),
+        max_outbox_bytes=max_outbox_bytes,
     )
