@@ -740,9 +740,10 @@ class GossipPeer:
             raise ValueError("owed weights must be finite")
         self._clip.restore(state.get("clip", {}))
         for rec in records:
+            # Mass taken in stays mass, even from a peer no longer listed as a neighbour.
             peer = str(rec["peer"])
             taken_w = float(rec["w"])
-            if peer not in self._nbrs or not (math.isfinite(taken_w) and taken_w > 0.0):
+            if not (math.isfinite(taken_w) and taken_w > 0.0):
                 raise ValueError(f"a share record from {peer!r} of weight {taken_w!r}")
             x = x + self._vector(rec["x"], "a share record's x")
             w += taken_w

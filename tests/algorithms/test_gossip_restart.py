@@ -176,3 +176,15 @@ def test_foreign_or_damaged_state_is_refused() -> None:
     bad = {**state, "x": np.full_like(state["x"], np.nan)}
     with pytest.raises(ValueError, match="finite"):
         peer("a").restore(bad)
+
+
+def test_mass_taken_from_a_peer_no_longer_listed_is_kept() -> None:
+    net = Net()
+    for _ in range(8):
+        net.tick()
+    disk = net.disks["a"]
+    w = net.nodes["a"].mass()[0]
+    gone = {"peer": "d", "x": np.zeros_like(disk.checkpoint["x"]), "w": 0.25}
+    back = peer("a")
+    back.restore(disk.checkpoint, [*disk.records, gone])
+    assert back.mass()[0] == pytest.approx(w + 0.25, abs=1e-12)
