@@ -679,8 +679,8 @@ def _down_at(data: RunData, node: str, t: float) -> bool:
         if node not in (e.get("targets") or []):
             continue
         kind = e.get("event")
-        if kind in ("process_kill", "process_pause"):
-            down = True
+        if kind in ("process_kill", "process_pause") and not _detail(e).get("end"):
+            down = True  # the stop at the end of the run is not a fault's
         elif kind in ("process_start", "process_resume"):
             down = False
     return down

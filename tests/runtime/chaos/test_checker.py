@@ -328,6 +328,15 @@ def test_a_run_that_ends_before_the_bound_is_not_a_failure(tmp_path: Path) -> No
     assert verdict.passed and "not observed: run ended" in verdict.detail
 
 
+def test_a_heal_training_answers_before_the_run_ends_is_observed(tmp_path: Path) -> None:
+    fed = clean_run(tmp_path)
+    with_fault(fed, fed.t, fed.t + 0.1, "region-0->root")
+    fed.run_for(150)  # 1.5 s: the run ends within the bound, the root grows before that
+    verdict = check(fed.finish())["resumed"]
+    point = verdict.data["points"][-1]
+    assert verdict.passed and point["resumed_after_s"] is not None, point
+
+
 def test_healthz_failures_count_only_while_expected_up(tmp_path: Path) -> None:
     fed = clean_run(tmp_path)
     # region-0 is killed on purpose at 2.0 s and restarted at 3.0 s: "down" is expected
