@@ -155,22 +155,27 @@ class UpdateBuffer:
             coefs = [c / self._total_w for c in self._coefs]
             delta = {}
             for k, shape in self._shapes.items():
-                # Accumulate in float64, in place (no stack of K upcast deltas): a sum of
-                # float32 deltas near float32's maximum must not overflow on the way. Slice
-                # by slice, so the accumulator stays in the CPU cache across the K deltas
-                # (same operations per element, in the same order: the same sum).
-                acc = np.zeros(shape, dtype=np.float64)
-                flat = acc.reshape(-1)
-                tmp = np.empty(min(flat.size, _FLUSH_SLICE), dtype=np.float64)
+                # Accumulate in float64 (no stack of K upcast deltas): a sum of float32
+                # deltas near float32's maximum must not overflow on the way. Slice by
+                # slice: the float64 slice stays in the CPU cache across the K deltas and
+                # is cast into the result at once, so no model-sized float64 array is made
+                # (the same operations per element, in the same order: the same result).
+                result = np.empty(shape, dtype=self._dtypes[k])
+                flat = result.reshape(-1)
+                acc = np.empty(min(flat.size, _FLUSH_SLICE), dtype=np.float64)
+                tmp = np.empty_like(acc)
                 parts = [d[k].reshape(-1) for d in self._kept]
                 for start in range(0, flat.size, _FLUSH_SLICE):
                     end = start + _FLUSH_SLICE
-                    summed = flat[start:end]
+                    summed = acc[: flat[start:end].size]
                     scaled = tmp[: summed.size]
+                    summed[...] = 0.0
                     for c, part in zip(coefs, parts, strict=True):
                         np.multiply(part[start:end], c, out=scaled, casting="unsafe")
                         summed += scaled
-                delta[k] = acc
+                    with np.errstate(over="ignore"):  # inf: ``Aggregate.finite`` says so
+                        flat[start:end] = summed
+                delta[k] = result
         else:
             delta = {k: np.zeros(shape) for k, shape in self._shapes.items()}
         with np.errstate(over="ignore"):  # an overflow shows as inf: ``Aggregate.finite``
