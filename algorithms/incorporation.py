@@ -6,10 +6,11 @@ acknowledged but not yet forwarded must neither be lost nor counted twice. The m
 
 * **Keep until settled.** A child keeps each update after its parent's ``Ack`` until it
   learns the update is *settled*: in the root's model, or decided for good (stale,
-  rejected). The root says so with ``Incorporated(src, seq)`` when it records a region's
-  forward; a region passes that on to the children whose updates the forward carried.
-  A child resends what it keeps to whichever parent it has after a reconnect or a
-  failover (``HeldUpdates``, sites); a parent answers a resend it has settled with
+  rejected). The root's record is final, so its ``Ack`` of a forward settles it; a region
+  then sends ``Incorporated(src, seq)`` to each child whose update the forward carried (a
+  parent region does so for a child region once its own forward is settled). A child
+  resends what it keeps to whichever parent it has after a reconnect or a failover
+  (``HeldUpdates``, sites, one at a time); a region answers a resend it has settled with
   ``Incorporated`` again, so a lost notice costs one resend.
 * **Forwards name their site updates.** A region's forward carries the ``(site, seq)``
   pairs folded into it (``Update.pairs``; a nested region passes its children's on). A
@@ -18,14 +19,19 @@ acknowledged but not yet forwarded must neither be lost nor counted twice. The m
   ``Overlap`` naming them — a forward carrying pairs it has already taken. So the root
   counts each site update once, whichever region delivers it, including a dead region
   that comes back after a partition with an old forward.
-* **A refused region rebuilds.** A region keeps the (clipped, discounted) deltas of each
-  forward until that forward is settled (``RegionForwards``); on ``Overlap`` it rebuilds
-  the aggregate, under the same seq, from the contributions that carry none of the named
-  pairs (those were delivered by the standby), or drops it when nothing is left.
+* **A refused region rebuilds.** A region with a standby (``keep_parts``; and the standby)
+  keeps the (clipped, discounted) deltas of each forward until that forward is settled
+  (``RegionForwards``); on ``Overlap`` it rebuilds the aggregate, under the same seq, from
+  the contributions that carry none of the named pairs (those were delivered by the other
+  region), or drops it when nothing is left. Nothing else is logged for it: after a
+  restart the forward is the original again and the parent refuses it again.
 
 Limits: a contribution from a nested region is one aggregate, so it is kept or dropped
-whole; pairs of it that the parent had not taken are then lost (metric
-``pairs_lost``). Standbys are meant for regions whose children are sites.
+whole; pairs of it that the parent had not taken are then lost (metric ``pairs_lost``),
+as are those of a refused forward whose region keeps no parts. Standbys are meant for
+regions whose children are sites. The pair ledger is bounded like ``AppliedLedger`` (per
+site a watermark and ``MAX_ABOVE`` seqs above a gap; a gap left by an update a region
+never forwarded, stale or rejected, is closed when the set overflows).
 
 All of it is sans-I/O bookkeeping; the nodes persist it through ``Persist`` records
 (``HELD_KEY`` for sites, ``FORWARDS_KEY`` for regions) and their checkpoints.
