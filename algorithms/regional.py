@@ -22,10 +22,12 @@ its children like the root (dedup ledger, Persist-then-Ack, rejections). Regions
 parent may itself be a region.
 
 Failover (``algorithms.incorporation``): each forward names the site updates it carries
-(``Update.pairs``) and is kept, with its contributions, until the parent says it is settled
-(``Incorporated``); the region then tells each contributing child, which may forget its
-update. A parent that already took some of the pairs (through this region's standby)
-answers ``Overlap``: the forward is rebuilt without them under the same seq, or dropped.
+(``Update.pairs``) and is kept until it is settled (the root's ``Ack``; a parent region's
+``Incorporated``); the region then sends ``Incorporated`` to each contributing child, which
+may forget its update. A parent that already took some of the pairs (through this region's
+standby, or this region before a failover) answers ``Overlap``: with ``keep_parts`` (a
+region with a standby) the forward is rebuilt without them under the same seq, else it is
+dropped and what it held besides is counted lost (``pairs_lost``).
 
 States (``RegionState``): NO_MODEL — nothing to hand out yet: no tasks are dispatched and
 children's updates are held until the first model arrives; ACTIVE.
