@@ -82,7 +82,9 @@ LOADGEN_ID = "loadgen"  # runtime.chaos.scenario.LOADGEN_ID
 CONFIG_NAME = "loadgen.toml"
 DEFAULT_DELTA_SCALE = 1e-3
 DEFAULT_WORKERS = 2
-STALE_AFTER_S = 5.0  # /healthz: the main loop beat more recently than this
+# /healthz: the main loop beat more recently than this. It runs every site, so a burst of
+# 100 model deliveries keeps it busy for seconds on a loaded machine; a hang lasts longer.
+STALE_AFTER_S = 30.0
 
 
 # ============================================================================ config

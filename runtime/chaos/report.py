@@ -82,6 +82,15 @@ def _spans(data: RunData) -> list[tuple[str, float, float, str]]:
     return out
 
 
+def _row(data: RunData, target: str) -> str:
+    """The plot row of a node or link: a load site's is its load generator's (a hundred
+    rows would hide the rest)."""
+    child, sep, parent = target.partition("->")
+    if data.nodes.get(child, {}).get("process") == "loadgen":
+        return f"loadgen->{parent}" if sep else "loadgen"
+    return target
+
+
 def _down(data: RunData) -> list[tuple[str, float, float]]:
     """(node, from, to) of each intended kill or pause until the restart or resume."""
     since: dict[str, float] = {}
@@ -128,8 +137,8 @@ def plot_timeline(data: RunData, path: Path) -> None:
     panels = 3 if accuracy else 2
     fig, axes = plt.subplots(panels, 1, sharex=True, figsize=(11, 2.6 * panels + 1))
     ax_f, ax_v = axes[0], axes[1]
-    spans = _spans(data)
-    rows = sorted({t for t, *_ in spans} | set(data.nodes))
+    spans = [(_row(data, t), start, end, f) for t, start, end, f in _spans(data)]
+    rows = sorted({t for t, *_ in spans} | {_row(data, n) for n in data.nodes})
     index = {r: i for i, r in enumerate(rows)}
     colours = plt.get_cmap("tab10")
     faults = sorted({f for *_, f in spans})

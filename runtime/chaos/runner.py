@@ -353,6 +353,8 @@ class ChaosRun:
                 "metrics_url": f"{base}/metrics" if base else None,
                 "healthz_url": f"{base}/healthz" if base else None,
             }
+            if node_id in self.load_nodes:  # a site that runs inside the load generator
+                nodes[node_id]["process"] = "loadgen"
         doc = {
             "scenario": self.scen.name,
             "scenario_file": str(self.scen.source) if self.scen.source else None,

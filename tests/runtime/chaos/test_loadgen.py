@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,7 +139,7 @@ def _healthz(url: str) -> bool:
         return False
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 def test_ten_load_sites_drain_into_the_roots_ledger_exactly_once(tmp_path: Path) -> None:
     """10 sites in one load generator against one root daemon: every update a site's outbox
     holds as acknowledged is in the root's ledger once, and each site delivered some."""
@@ -155,7 +156,7 @@ def test_ten_load_sites_drain_into_the_roots_ledger_exactly_once(tmp_path: Path)
     try:
         root.start()
         gen.start()
-        _wait("updates from every site", lambda: _applied(root_url) >= 3 * N_SITES, 90)
+        _wait("updates from every site", lambda: _applied(root_url) >= 3 * N_SITES, 180)
         assert _healthz(gen_url), gen.log_text()[-2000:]
         key = ("fedloom_loadgen_updates_produced", ())
         _wait("its /metrics", lambda: scrape(gen_url).get(key, 0.0) >= 3 * N_SITES, 30)
@@ -214,3 +215,47 @@ def test_healthz_is_ok_while_the_main_loop_beats_and_degraded_when_it_stalls() -
         assert "fedloom_loadgen_sites 0.0" in text
     finally:
         observer.close()
+
+
+def test_the_timeline_plot_gives_load_sites_their_load_generators_row(tmp_path: Path) -> None:
+    from runtime.chaos.report import _row
+
+    nodes = {
+        "root": {"role": "root"},
+        "site-0": {"role": "site", "parent": "root"},
+        "load-7": {"role": "site", "parent": "root", "process": "loadgen"},
+    }
+    data = RunData(tmp_path, {"nodes": nodes}, [], [], [])
+    assert _row(data, "load-7->root") == "loadgen->root"
+    assert _row(data, "load-7") == "loadgen"
+    assert _row(data, "site-0->root") == "site-0->root"
+
+
+def test_a_chaos_run_puts_one_load_generator_in_place_of_its_load_sites(tmp_path: Path) -> None:
+    from runtime.chaos.layout import read_config
+    from runtime.chaos.runner import ChaosRun
+
+    scen: Any = _scenario('shape = "star"\nsites = 1\nload_sites = 3')
+    run = ChaosRun(scen, tmp_path / "run", backend="proxy")
+    try:
+        run.set_up()
+        run.write_run_json(final=False)
+    finally:
+        run.tear_down()
+    assert run.fed is not None and set(run.fed.nodes) == {"root", "site-0", LOADGEN_ID}
+    nodes = json.loads((tmp_path / "run" / "run.json").read_text())["nodes"]
+    assert nodes[LOADGEN_ID]["role"] == "loadgen" and nodes[LOADGEN_ID]["state_dir"] is None
+    for i in range(3):
+        site = nodes[f"load-{i}"]
+        assert site["role"] == "site" and site["parent"] == "root"
+        assert site["process"] == "loadgen" and site["state_dir"] == f"federation/state/load-{i}"
+        assert site["log"] == "federation/logs/loadgen.log"
+        assert site["metrics_url"] == nodes[LOADGEN_ID]["metrics_url"]
+    assert "process" not in nodes["site-0"]
+    cfg = read_loadgen_config(run.fed.nodes[LOADGEN_ID].config)
+    assert [p.stem for p in cfg.sites] == ["load-0", "load-1", "load-2"]
+    for path in cfg.sites:  # each dials its parent through its own fault-proxy link
+        site_cfg = read_config(path)
+        port = run.link_ports[f"{path.stem}->root"]
+        assert site_cfg["parent"]["url"] == f"ws://127.0.0.1:{port}/fedloom"
+        assert "metrics" not in site_cfg
