@@ -63,6 +63,7 @@ from runtime.demo import DaemonProcess, Federation, NodeFiles, free_port
 from runtime.exit_status import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from runtime.trainer import SitePlan
 from sim.config_reader import ConfigError, Table
+from transport.error_text import describe
 
 __all__ = [
     "CONFIG_NAME",
@@ -343,7 +344,7 @@ def _examples(daemons: Sequence[Any]) -> dict[str, int]:
 
 async def run_sites(cfg: LoadgenConfig, daemons: Sequence[Any], stop: asyncio.Event) -> int:
     """Serve every site until ``stop``; the exit status (see the module docstring)."""
-    from runtime.daemon import DaemonError, serve, stop_reason
+    from runtime.daemon import serve, stop_reason
 
     tasks: list[asyncio.Task[Any]] = []
     nodes = [d.node for d in daemons]
@@ -410,10 +411,9 @@ async def run_sites(cfg: LoadgenConfig, daemons: Sequence[Any], stop: asyncio.Ev
             shutdown.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for d, result in zip(daemons, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                reason = stop_reason(result)
-                if reason is None or isinstance(result, DaemonError):
-                    log.warning("%s: stopped with %r", d.cfg.node_id, result)
+            if isinstance(result, Exception):  # while stopping: said, not a traceback
+                node = d.cfg.node_id
+                log.warning("%s: stopped with %s", node, describe(result), extra={"node": node})
         executor.shutdown(wait=False, cancel_futures=True)
         if beating is not None:
             beating.cancel()

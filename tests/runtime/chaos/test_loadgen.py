@@ -4,6 +4,8 @@ scenarios name them (``load_sites``, target ``"loadgen"``)."""
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -259,3 +261,28 @@ def test_a_chaos_run_puts_one_load_generator_in_place_of_its_load_sites(tmp_path
         port = run.link_ports[f"{path.stem}->root"]
         assert site_cfg["parent"]["url"] == f"ws://127.0.0.1:{port}/fedloom"
         assert "metrics" not in site_cfg
+
+
+def test_a_load_generator_that_cannot_start_says_why_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runtime.chaos.loadgen import main
+
+    fed = lay_out(tmp_path / "fed", {"root": ["load-0"]}, star=True)
+    config = tmp_path / "loadgen.toml"
+    config.write_text(f'[loadgen]\nsites = ["{fed.nodes["root"].config}"]\n', encoding="utf-8")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    hangup = signal.getsignal(signal.SIGHUP)
+    try:  # main() sets up logging and SIGHUP for its process: put this one's back
+        assert main([str(config), "--log-format", "text"]) == 2  # a root is not a site
+        err = capsys.readouterr().err
+        assert "the load generator runs sites" in err and "Traceback" not in err
+        config.write_text('[loadgen]\nsites = ["missing.toml"]\n', encoding="utf-8")
+        assert main([str(config), "--log-format", "text"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "missing.toml" in err and "not found" in err
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        signal.signal(signal.SIGHUP, hangup)
