@@ -111,7 +111,11 @@ def test_a_dead_region_is_replaced_by_its_standby_and_nothing_counts_twice(
         cluster[ROOT_ID].signal(signal.SIGCONT)
     stale = offline(fed, REGION).pending
     before = applied(root, STANDBY)
-    wait_for("training to resume through the standby", lambda: applied(root, STANDBY) >= before + 3)
+    wait_for(
+        "training to resume through the standby",
+        lambda: applied(root, STANDBY) >= before + 3,
+        timeout=45,  # a loaded machine (the whole suite) is slow to train
+    )
     assert metric(root, "fedloom_model_version") > 0
     # The dead region comes back with its old forwards. Whichever region delivered a site
     # update second was refused (Overlap) and rebuilt its forward without it: the stale
