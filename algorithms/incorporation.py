@@ -68,6 +68,9 @@ DEFAULT_MAX_HELD = 32
 # model-sized and come on top of the outbox's window, whose bytes leave room for one more
 # under the connection's send-queue cap (``algorithms.outbox``).
 HELD_WINDOW = 1
+# A resent kept update the parent saw and neither acked nor settled (held back by its
+# intake quota, or dropped over it) is sent again after this long.
+HELD_RESEND_AFTER_S = 5.0
 
 Pair = tuple[str, int]
 
@@ -86,7 +89,7 @@ class HeldUpdates:
         # The resend pass on the current link: seqs still to send, and those sent unanswered.
         self._parent: str | None = None
         self._queue: list[int] = []
-        self._in_flight: set[int] = set()
+        self._in_flight: dict[int, float] = {}  # seq -> when it was sent
 
     def __len__(self) -> int:
         return len(self._held)
@@ -103,42 +106,61 @@ class HeldUpdates:
         self._since_checkpoint += 1
         return [Persist(HELD_KEY, {"op": "keep", "update": update}, append=True)]
 
-    def settle(self, seq: int) -> list[Effect]:
+    def settle(self, seq: int, now: float = 0.0) -> list[Effect]:
         """Forget ``seq`` (settled; a notice for anything not kept is ignored), and resend
         the next kept update if this one was being resent."""
         if self._held.pop(seq, None) is None:
-            return self.answered(seq)
+            return self.answered(seq, now)
         self._since_checkpoint += 1
         out: list[Effect] = [Persist(HELD_KEY, {"op": "settle", "seq": seq}, append=True)]
-        return out + self.answered(seq)
+        return out + self.answered(seq, now)
 
-    def resend(self, parent: str) -> list[Effect]:
+    def resend(self, parent: str, now: float = 0.0) -> list[Effect]:
         """A (new) link to ``parent``: resend every kept update, oldest first, paced by
         the parent's answers (``answered``)."""
         self._parent = parent
         self._queue = sorted(self._held, reverse=True)  # popped from the end: oldest first
         self._in_flight.clear()
-        return self._next()
+        return self._next(now)
 
-    def answered(self, seq: int) -> list[Effect]:
+    def answered(self, seq: int, now: float = 0.0) -> list[Effect]:
         """The parent answered (acked or settled) ``seq``: send the next kept update."""
-        if seq not in self._in_flight:
+        if self._in_flight.pop(seq, None) is None:
             return []
-        self._in_flight.discard(seq)
-        return self._next()
+        return self._next(now)
+
+    def next_deadline(self) -> float | None:
+        """When an unanswered resend is due again."""
+        if not self._in_flight:
+            return None
+        return min(self._in_flight.values()) + HELD_RESEND_AFTER_S
+
+    def on_deadline(self, now: float) -> list[Effect]:
+        """Send again what went unanswered for ``HELD_RESEND_AFTER_S``."""
+        if self._parent is None:
+            return []
+        out: list[Effect] = []
+        for seq, sent in list(self._in_flight.items()):
+            update = self._held.get(seq)
+            if update is None:
+                del self._in_flight[seq]
+            elif now >= sent + HELD_RESEND_AFTER_S:
+                self._in_flight[seq] = now
+                out.append(Send(self._parent, update))
+        return out + self._next(now)
 
     def link_down(self) -> None:
         self._parent = None
         self._queue.clear()
         self._in_flight.clear()
 
-    def _next(self) -> list[Effect]:
+    def _next(self, now: float) -> list[Effect]:
         out: list[Effect] = []
         while self._parent is not None and self._queue and len(self._in_flight) < HELD_WINDOW:
             seq = self._queue.pop()
             update = self._held.get(seq)
             if update is not None:
-                self._in_flight.add(seq)
+                self._in_flight[seq] = now
                 out.append(Send(self._parent, update))
         return out
 

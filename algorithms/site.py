@@ -150,11 +150,12 @@ class SiteNode:
         return 0 if self._held is None else len(self._held)
 
     def next_deadline(self) -> float | None:
-        outbox = self._outbox.next_deadline()
-        if self._held is None or self._down_since is None:
-            return outbox
-        switch = self._down_since + self.failover_after_s
-        return switch if outbox is None else min(outbox, switch)
+        times = [self._outbox.next_deadline()]
+        if self._held is not None:
+            times.append(self._held.next_deadline())
+            if self._down_since is not None:
+                times.append(self._down_since + self.failover_after_s)
+        return min((t for t in times if t is not None), default=None)
 
     # ----------------------------------------------------------------- events
     def handle(self, event: Event, now: float) -> list[Effect]:
@@ -198,13 +199,14 @@ class SiteNode:
                     self._down_since = now
             return []
         if isinstance(event, Deadline):
-            return self._outbox.on_deadline(now) + self._maybe_failover(now)
+            held = self._held.on_deadline(now) if self._held is not None else []
+            return self._outbox.on_deadline(now) + held + self._maybe_failover(now)
         raise ProtocolMisuseError(f"site cannot handle {type(event).__name__}")
 
     def _greet(self, now: float) -> list[Effect]:
         """Hello to the parent, then every update it has not settled, in seq order."""
         hello: list[Effect] = [Send(self.parent, Hello(self._id, "site", self.n_examples))]
-        held = self._held.resend(self.parent) if self._held is not None else []
+        held = self._held.resend(self.parent, now) if self._held is not None else []
         return hello + held + self._outbox.resend(self.parent, now=now)
 
     def _maybe_failover(self, now: float) -> list[Effect]:
@@ -232,7 +234,7 @@ class SiteNode:
             return []
         out = self._outbox.ack(msg.seq, now=now)
         if self._held is not None:
-            out += self._held.settle(msg.seq)
+            out += self._held.settle(msg.seq, now)
         if not any(isinstance(e, Persist) for e in out):
             return out  # nothing was kept for it (a site without fallbacks): no write
         return out + self._maybe_compact()
@@ -263,7 +265,7 @@ class SiteNode:
             if self._held is not None:
                 if update is not None:
                     acked += self._held.keep(update)
-                acked += self._held.answered(msg.seq)  # a resent kept one: send the next
+                acked += self._held.answered(msg.seq, now)  # a resent kept one: the next
             if acked:
                 acked += self._maybe_compact()
             return acked

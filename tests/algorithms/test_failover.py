@@ -553,3 +553,24 @@ def test_a_region_without_parts_drops_a_refused_forward_and_says_what_is_lost() 
     assert region.pending == 0 and not sends(out, Update)
     assert [m.value for m in metrics(out, "pairs_lost")] == [1.0]  # s2's update
     assert [e for e in out if isinstance(e, Log) and e.level == "error"]
+
+
+def test_a_kept_update_the_new_parent_leaves_unanswered_is_sent_again() -> None:
+    site = SiteNode("s1", "r0", fallbacks=["r0b"], failover_after_s=10.0)
+    site.handle(PeerUp("r0"), 0.0)
+    site.handle(PeerUp("r0b"), 0.0)
+    [job] = [
+        e for e in site.handle(recv("r0", TrainRequest(0, 0, model())), 1.0) if isinstance(e, Train)
+    ]
+    done = TrainDone(job.job, TrainResult(model(1.0), 10))
+    site.handle(done, 1.0)
+    site.handle(recv("r0", Ack("s1", 1)), 1.0)
+    site.handle(PeerDown("r0"), 2.0)
+    out = site.handle(Deadline(), 12.0)
+    assert numbered(out, Update) == [("r0b", "s1", 1)]
+    # The standby holds it back (its intake quota) and answers nothing: sent again later.
+    due = site.next_deadline()
+    assert due is not None and due > 12.0
+    assert numbered(site.handle(Deadline(), due), Update) == [("r0b", "s1", 1)]
+    site.handle(recv("r0b", Incorporated("s1", 1)), due + 1.0)
+    assert site.held == 0 and site.next_deadline() is None
