@@ -6,7 +6,10 @@ Two processes on loopback (127.0.0.1):
   fp32 model) run by the runtime's ``AsyncDriver`` behind ``NetworkPeers`` (listening,
   roster members only), with its durable ``StateStore`` on as a daemon runs it (each update
   record, delta included, is in the fsynced write-ahead log before its ack; a checkpoint
-  every 10 versions); ``--no-store`` turns it off to show what the disk costs;
+  every 10 versions). The driver commits in groups: the records of the updates handled
+  while one write is on its way to disk go into the next write (one frame, one fsync),
+  and their acks wait for it; the store keeps a delta that came as fp16 as fp16 (decoded
+  back bit for bit). ``--no-store`` turns it off to show what the disk costs;
 * the load generator: 100 sites in one process, each its own ``NetworkPeers`` connection
   (WebSocket + handshake against the roster + encrypted records) and ``AsyncDriver``. The
   site node is a light stand-in for ``SiteNode``: it says ``Hello`` and answers every
@@ -174,6 +177,8 @@ async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
         "peak_conns": peak_conns,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cpu_share": cpu_used / cpu_wall,
+        "writes": driver.stats.commits,
+        "persists": driver.stats.persists,
         "cpu_per_update": cpu_used / max(1, applied_cpu_window),
     }
 
@@ -258,7 +263,8 @@ def main() -> None:
     print(
         "durable store: "
         + (
-            "ON (WAL record with the delta + fsync before each ack; checkpoint every 10 versions)"
+            "ON (WAL record with the delta + fsync before each ack, records grouped while a "
+            "write is in flight; checkpoint every 10 versions)"
             if a.store
             else "OFF (--no-store)"
         )
@@ -274,6 +280,11 @@ def main() -> None:
         f"the end), {result['in_window']} updates applied"
     )
     print(f"aggregator peak RSS: {result['rss_mb']:.0f} MB")
+    if a.store:
+        print(
+            f"durable writes (one frame and fsync each): {result['writes']} for "
+            f"{result['persists']} records"
+        )
     per_update = result["cpu_per_update"]
     print(
         f"aggregator CPU: {result['cpu_share']:.2f} of a CPU over the window, "
