@@ -99,12 +99,15 @@ class HeldUpdates:
         return len(self._held) >= self.limit
 
     def keep(self, update: Update) -> list[Effect]:
-        """Keep an update its parent acknowledged (one append, with the update)."""
+        """Keep an update its parent acknowledged. The record names its seq only: the
+        update itself is in the sender's outbox log of the same epoch, or in the outbox of
+        the checkpoint that began it (``restore`` is given both), so it is not written
+        twice."""
         if update.seq in self._held:
             return []
         self._held[update.seq] = update
         self._since_checkpoint += 1
-        return [Persist(HELD_KEY, {"op": "keep", "update": update}, append=True)]
+        return [Persist(HELD_KEY, {"op": "keep", "seq": update.seq}, append=True)]
 
     def settle(self, seq: int, now: float = 0.0) -> list[Effect]:
         """Forget ``seq`` (settled; a notice for anything not kept is ignored), and resend
@@ -175,12 +178,22 @@ class HeldUpdates:
     def snapshot(self) -> list[Update]:
         return list(self._held.values())
 
-    def restore(self, state: Iterable[Update], records: Iterable[Mapping[str, Any]] = ()) -> None:
+    def restore(
+        self,
+        state: Iterable[Update],
+        records: Iterable[Mapping[str, Any]] = (),
+        sent: Mapping[int, Update] | None = None,
+    ) -> None:
+        """Load kept updates, then replay "keep"/"settle" records; ``sent`` maps the seqs
+        the outbox held or logged since the checkpoint to their updates."""
         self._held = {u.seq: u for u in state}
         for rec in records:
             if rec["op"] == "keep":
-                update = rec["update"]
-                self._held[int(update.seq)] = update
+                seq = int(rec["seq"])
+                update = (sent or {}).get(seq)
+                if update is None:
+                    raise ValueError(f"a kept update {seq} that the outbox never held")
+                self._held[seq] = update
             elif rec["op"] == "settle":
                 self._held.pop(int(rec["seq"]), None)
         self._held = dict(sorted(self._held.items()))

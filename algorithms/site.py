@@ -361,9 +361,13 @@ class SiteNode:
     ) -> None:
         """Load ``snapshot()`` output, then replay the "site/pending" and "site/held"
         records written after it."""
+        records = list(records)
         self._outbox.restore(state["outbox"], records)
         if self._held is not None:
-            self._held.restore(state.get("held", ()), held_records)
+            # A "keep" record names a seq; its update is in the outbox's log or snapshot.
+            sent = {u.seq: u for u in state["outbox"]["pending"]}
+            sent.update((int(r["seq"]), r["update"]) for r in records if r["op"] == "add")
+            self._held.restore(state.get("held", ()), held_records, sent)
         self._model = state.get("model")
         newest = state.get("newest_version", -1)  # older checkpoints: from the model
         model_version = self._model[0] if self._model is not None else -1
