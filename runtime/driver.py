@@ -236,8 +236,14 @@ class AsyncDriver:
         finally:
             self._tg = None
             # Whatever ends run(), the writes already decided complete: the one in flight,
-            # then the group behind it (which its completion starts, unless it failed).
-            while (pending := self._commit_pending) is not None and not pending.done():
+            # then the group behind it (which its completion starts, unless it failed; a
+            # write that is done may not have started its group yet: wait for the group).
+            while True:
+                pending = self._commit_pending
+                if pending is None or pending.done():
+                    pending = self._group_done
+                    if pending is None:
+                        break
                 with contextlib.suppress(Exception):
                     await asyncio.shield(pending)
             self._running = False

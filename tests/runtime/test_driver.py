@@ -258,6 +258,24 @@ async def test_events_handled_during_a_write_share_the_next_one_and_wait_for_it(
     assert driver.stats.commits == 2 and driver.stats.grouped == 3
 
 
+async def test_stop_writes_the_group_waiting_behind_the_write_in_flight() -> None:
+    journal: list[Any] = []
+    store = GatedStore(journal)
+    node = ScriptNode("n", persist_then_send)
+    driver = AsyncDriver(node, peers=FakePeers(journal), store=store)
+
+    async def body() -> None:
+        driver.post_nowait(Received("p", Heartbeat("p", 0)))
+        await until(store.started.is_set)
+        driver.post_nowait(Received("p", Heartbeat("p", 1)))
+        await until(lambda: len(node.seen) == 2)
+        asyncio.get_running_loop().call_later(0.05, store.release.set)
+
+    await run_driver(driver, body)  # stop() comes while the group waits
+    assert [e[1] for e in journal if e[0] == "commit"] == [["outbox"], ["outbox"]]
+    assert driver.stats.commits == 2
+
+
 async def test_a_full_group_makes_the_node_wait_for_the_write_in_flight(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
