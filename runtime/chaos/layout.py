@@ -126,7 +126,8 @@ def _to_star(fed: Federation, root_aggregation: Mapping[str, Any]) -> Federation
 
 def add_standbys(fed: Federation, standbys: Mapping[str, str], failover_after_s: float) -> None:
     """Give each region of ``standbys`` (standby id -> region) a standby region daemon: the
-    region's config under its own identity, ports and state; the root takes both as
+    region's config under its own identity, ports and state (both with ``[failover]
+    has_standby``); the root takes both as
     children with the same ``[subtrees]``, and the region's sites list the standby as their
     ``[[parent.fallback]]`` (``failover_after_s``)."""
     keys = fed.workdir / "keys"
@@ -136,6 +137,10 @@ def add_standbys(fed: Federation, standbys: Mapping[str, str], failover_after_s:
     for standby, region in standbys.items():
         Identity.generate(standby, "region").save(keys, overwrite=True)
         cfg = read_config(fed.nodes[region].config)
+        # Both keep their unsettled forwards' deltas, to rebuild one the root refuses for
+        # site updates the other delivered (``algorithms.incorporation``).
+        cfg["failover"] = {"has_standby": True}
+        _write_config(fed.nodes[region].config, cfg)
         port, metrics = free_port(), free_port()
         cfg.update(
             node_id=standby,
