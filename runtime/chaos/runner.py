@@ -188,12 +188,15 @@ class Sampler(threading.Thread):
         self.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _one(self, node: str, t: float) -> None:
+    def _one(self, node: str) -> None:
         url = self.fed.nodes[node].metrics_url
         if url is None:
             return
         timeout = max(0.2, min(1.0, self.interval * 0.8))
         health = probe_healthz(url, timeout)
+        # Stamped when the answer (or its absence) is known: a kill logged while the probe
+        # was on its way then comes before the "down" it caused, as it happened.
+        t = self.timeline.now()
         metrics = scrape_metrics(url, timeout) if health != "down" else None
         if metrics:
             self.latest[node] = metrics
@@ -204,8 +207,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         nxt = time.monotonic()
         while not self._halt.is_set():
-            t = self.timeline.now()
-            futures = [self._pool.submit(self._one, n, t) for n in self.fed.nodes]
+            futures = [self._pool.submit(self._one, n) for n in self.fed.nodes]
             concurrent.futures.wait(futures)
             nxt += self.interval
             self._halt.wait(max(0.0, nxt - time.monotonic()))
