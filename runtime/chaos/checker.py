@@ -48,6 +48,7 @@ from typing import Any
 
 from algorithms.ledger import AppliedLedger
 from algorithms.outbox import Outbox
+from runtime.exit_status import EXIT_CONFIG, EXIT_CORRUPT_STATE
 from transport.error_text import describe
 
 __all__ = [
@@ -69,6 +70,12 @@ AGGREGATORS = ("root", "region")
 # Nodes whose model version is checked; a region's is only the newest global it holds (it
 # comes back from its checkpoint older and catches up), the others own what they publish.
 MODEL_OWNERS = ("root", "region", "peer")
+# A parent's per-child counters of updates it decided: a child's progress after a heal.
+PROGRESS_COUNTERS = (
+    "fedloom_updates_applied_total",
+    "fedloom_updates_stale_total",
+    "fedloom_updates_late_total",
+)
 OUTBOX_KEYS = {"site": "site/pending", "region": "region/pending"}
 # Expectation keys of a scenario (``runtime.chaos.scenario``) that turn a check off.
 EXPECT_FLAG = {
@@ -78,12 +85,12 @@ EXPECT_FLAG = {
     "no_unintended_exit": "no_unintended_exits",
     "healthz": "healthz",
 }
-# A clear refusal to start names a state file and a byte offset in one line.
-_REFUSAL = re.compile(
-    r"(wal\.\d+\.log|\.ckpt)\b.*\boffset \d+|\boffset \d+.*(wal\.\d+\.log|\.ckpt)"
-)
+# A clear refusal to start names the damaged file and a byte offset in one ERROR line.
+_OFFSET = re.compile(r"\boffset \d+")
 _TRACEBACK = "Traceback (most recent call last)"
 REFUSAL_CONTEXT = 30  # log lines before a refusal that belong to the refusing start
+# A duplicate on a locked state directory is a configuration error.
+DUPLICATE_REFUSED_STATUS = EXIT_CONFIG
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,16 +606,20 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
     return Verdict(name, True, detail, evidence)
 
 
-def _heal_points(data: RunData) -> list[tuple[float, str]]:
-    """(t, what) after which training must resume: fault ends, restarts after an intended
-    kill, resumes after a pause."""
-    points: list[tuple[float, str]] = []
+def _heal_points(data: RunData) -> list[tuple[float, str, list[str]]]:
+    """(t, what, nodes it healed) after which training must resume: fault ends (a link's
+    two ends, or the nodes named), restarts after an intended kill, resumes after a pause."""
+    points: list[tuple[float, str, list[str]]] = []
     killed: set[str] = set()
     for e in data.timeline:
         kind, targets = e.get("event"), [str(x) for x in e.get("targets") or []]
         detail = _detail(e)
         if kind == "fault_end":
-            points.append((float(e["t"]), f"end of {e.get('fault')} on {', '.join(targets)}"))
+            healed = sorted(
+                {n for target in targets for n in target.split("->") if n in data.nodes}
+            )
+            what = f"end of {e.get('fault')} on {', '.join(targets)}"
+            points.append((float(e["t"]), what, healed))
         elif kind in ("process_kill", "process_pause") and e.get("intended", True):
             if not detail.get("end"):
                 killed.update(targets)
@@ -617,11 +628,53 @@ def _heal_points(data: RunData) -> list[tuple[float, str]]:
             if back:
                 killed.difference_update(back)
                 what = "restart" if kind == "process_start" else "resume"
-                points.append((float(e["t"]), f"{what} of {', '.join(back)}"))
+                points.append((float(e["t"]), f"{what} of {', '.join(back)}", back))
     return sorted(points)
 
 
+def _counted_at(data: RunData, parent: str, child: str) -> list[tuple[float, float]]:
+    """(t, updates of ``child`` its parent decided: applied, stale or late) per sample."""
+    keys = [f'{m}{{src="{child}"}}' for m in PROGRESS_COUNTERS]
+    out = []
+    for s in data.samples:
+        if s.get("node") != parent:
+            continue
+        values = [v for k in keys for v in [_metric(s, k)] if v is not None]
+        if values:
+            out.append((float(s["t"]), sum(values)))
+    return sorted(out)
+
+
+def _first_growth(series: list[tuple[float, float]], t: float) -> float | None:
+    """When a counter first grew after ``t``: a sample above the one before it (a restart
+    of its owner starts it from zero again, which is no growth)."""
+    prev: float | None = None
+    for s, v in series:
+        if s > t and prev is not None and v > prev:
+            return s
+        prev = v
+    return None
+
+
+def _progress_series(data: RunData, node: str) -> list[tuple[str, str, list[tuple[float, float]]]]:
+    """What shows ``node`` taking part in training again, by role, as (label, whose
+    samples, series): a site's or region's updates decided by its parent (or the parent's
+    standby); a root's or peer's version."""
+    role = data.role(node)
+    if role in ("root", "peer"):
+        return [(f"{node}'s version", node, data.versions(node))]
+    if role in ("site", "region"):
+        return [
+            (f"{node}'s updates at {p}", p, _counted_at(data, p, node))
+            for p in _parents_of(data, node)
+        ]
+    return []
+
+
 def check_resumed(data: RunData) -> Verdict:
+    """After each heal, training moves again within ``resume_within_s``: the root's version
+    (in gossip: every peer's), and at each healed node itself (a site's updates reach its
+    parent again, a region's forwards reach the root again)."""
     name = "resumed"
     off = _off(data, name)
     if off is not None:
@@ -633,7 +686,7 @@ def check_resumed(data: RunData) -> Verdict:
     bound, end = data.resume_within_s, data.end_t
     late: list[str] = []
     results: list[dict[str, Any]] = []
-    for t, what in _heal_points(data):
+    for t, what, healed in _heal_points(data):
         waits: list[float] = []
         for node in movers:
             if _down_at(data, node, t + bound):
@@ -651,7 +704,36 @@ def check_resumed(data: RunData) -> Verdict:
                     f"{what} at t={t:.1f} s: {node}'s version grew {after} (bound {bound:g} s)"
                 )
                 waits.append(math.inf)
-        row: dict[str, Any] = {"t": t, "what": what}
+        unmeasured: list[str] = []
+        for node in healed:
+            if node in movers or _down_at(data, node, t + bound):
+                continue
+            options = [
+                (label, series)
+                for label, owner, series in _progress_series(data, node)
+                if series and not _down_at(data, owner, t + bound)
+            ]
+            if not options:
+                if _progress_series(data, node):
+                    unmeasured.append(node)
+                continue
+            grown = [
+                g for _, series in options for g in [_first_growth(series, t)] if g is not None
+            ]
+            first = min(grown, default=None)
+            if first is not None and first - t <= bound:
+                waits.append(first - t)
+            elif first is None and t + bound > end:
+                continue
+            else:
+                after = "never" if first is None else f"after {first - t:.1f} s"
+                late.append(
+                    f"{what} at t={t:.1f} s: {options[0][0]} grew {after} (bound {bound:g} s)"
+                )
+                waits.append(math.inf)
+        row: dict[str, Any] = {"t": t, "what": what, "healed": healed}
+        if unmeasured:
+            row["unmeasured"] = unmeasured
         if waits:
             worst = max(waits)
             row["resumed_after_s"] = round(worst, 3) if math.isfinite(worst) else None
@@ -696,37 +778,118 @@ def _exits(data: RunData) -> list[dict[str, Any]]:
 
 
 def check_exits(data: RunData) -> Verdict:
+    """No daemon exits by itself (unless the scenario expects it), and every SIGTERM the
+    runner sends ends its daemon cleanly: status 0, without the SIGKILL after the grace
+    period (the runner's ``process_exit`` with ``intended``: a stop's outcome)."""
     name = "no_unintended_exit"
     off = _off(data, name)
     if off is not None:
         return off
-    excused = data.listed("refuses_start") | data.listed("allowed_exits")
-    bad = []
+    bad, hung = [], []
     for e in _exits(data):
         for node in e.get("targets") or []:
-            if node in excused:
+            if _excused_exit(data, node, float(e["t"])):
                 continue
             detail = _detail(e)
             bad.append(
                 f"{node} at t={float(e['t']):.1f} s (status {detail.get('returncode')}: "
                 f"{detail.get('last_log_line', '')})"
             )
-    if bad:
-        return Verdict(name, False, "exited by itself: " + "; ".join(bad), {"exits": bad})
-    return Verdict(name, True, "no daemon exited except when stopped on purpose", {})
+    for e in data.timeline:
+        detail = _detail(e)
+        if not (
+            e.get("event") == "process_exit"
+            and e.get("intended")
+            and detail.get("signal") == "SIGTERM"
+        ):
+            continue  # a SIGKILL on purpose ends a daemon however it was doing
+        for node in e.get("targets") or []:
+            if detail.get("sigkill"):
+                hung.append(f"{node} at t={float(e['t']):.1f} s needed SIGKILL after SIGTERM")
+            elif detail.get("returncode") not in (0, None):
+                hung.append(
+                    f"{node} at t={float(e['t']):.1f} s exited with status "
+                    f"{detail.get('returncode')} on SIGTERM"
+                )
+    evidence = {"exits": bad, "unclean_stops": hung}
+    if bad or hung:
+        text = "; ".join(
+            (["exited by itself: " + "; ".join(bad)] if bad else [])
+            + (["unclean stop: " + "; ".join(hung)] if hung else [])
+        )
+        return Verdict(name, False, text, evidence)
+    return Verdict(name, True, "no daemon exited except when stopped on purpose", evidence)
+
+
+def _corrupted_at(data: RunData, node: str) -> tuple[float, str] | None:
+    """When ``node``'s state was first damaged, and the file (a corrupt fault that did
+    damage something; one that found nothing to damage is not counted)."""
+    for e in data.timeline:
+        detail = _detail(e)
+        if (
+            e.get("event") == "fault_start"
+            and detail.get("kind") == "corrupt"
+            and node in (e.get("targets") or [])
+            and isinstance(detail.get("file"), str)
+        ):
+            return float(e["t"]), Path(detail["file"]).name
+    return None
+
+
+def _excused_exit(data: RunData, node: str, t: float) -> bool:
+    """Whether an exit of ``node`` at ``t`` is one the scenario expects: any of an
+    ``allowed_exits`` node's, a ``refuses_start`` node's once its state was damaged."""
+    if node in data.listed("allowed_exits"):
+        return True
+    if node not in data.listed("refuses_start"):
+        return False
+    damaged = _corrupted_at(data, node)
+    return damaged is not None and t >= damaged[0]
+
+
+def _error_level(line: str, record: Mapping[str, Any]) -> bool:
+    level = record.get("level")
+    if isinstance(level, str):
+        return level.lower() in ("error", "critical")
+    return line.lstrip().lower().startswith("fedloom: error:")
 
 
 def check_refuses_start(data: RunData) -> Verdict | None:
+    """Each ``refuses_start`` node, once its state was damaged, exits with the corrupt-state
+    status after one ERROR line naming the damaged file and an offset (no traceback); it
+    does not exit by itself before the damage."""
     nodes = sorted(data.listed("refuses_start"))
     if not nodes:
         return None
     name = "refuses_start"
     problems, lines = [], {}
-    exited = {n for e in _exits(data) for n in e.get("targets") or []}
     for node in nodes:
-        if node not in exited:
-            problems.append(f"{node} did not refuse to start (no exit recorded)")
+        damaged = _corrupted_at(data, node)
+        exits = [e for e in _exits(data) if node in (e.get("targets") or [])]
+        if damaged is None:
+            problems.append(f"{node}: no corrupt fault damaged its state")
             continue
+        t0, damaged_file = damaged
+        early = [e for e in exits if float(e["t"]) < t0]
+        if early:
+            problems.append(
+                f"{node} exited by itself at t={float(early[0]['t']):.1f} s, before its state "
+                f"was damaged at t={t0:.1f} s (status {_detail(early[0]).get('returncode')})"
+            )
+        after = [e for e in exits if float(e["t"]) >= t0]
+        if not after:
+            problems.append(f"{node} did not refuse to start (no exit after the damage)")
+            continue
+        bad_status = [
+            _detail(e).get("returncode")
+            for e in after
+            if _detail(e).get("returncode") != EXIT_CORRUPT_STATE
+        ]
+        if bad_status:
+            problems.append(
+                f"{node} exited with status {bad_status[0]}, not {EXIT_CORRUPT_STATE} "
+                "(damaged state)"
+            )
         rel = data.nodes.get(node, {}).get("log") or f"federation/logs/{node}.log"
         path = data.run_dir / str(rel)
         try:
@@ -735,13 +898,27 @@ def check_refuses_start(data: RunData) -> Verdict | None:
             problems.append(f"{node}: cannot read {path}: {describe(exc)}")
             continue
         all_lines = text.splitlines()
-        at = [i for i, line in enumerate(all_lines) if _REFUSAL.search(line)]
+        at = []
+        for i, line in enumerate(all_lines):
+            message = _message(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if (
+                damaged_file in message
+                and _OFFSET.search(message)
+                and _error_level(line, record if isinstance(record, dict) else {})
+            ):
+                at.append(i)
         clear = [_message(all_lines[i]) for i in at]
         # Earlier incarnations' lines are not the refusal's business: from a few lines
         # before the first refusal on (a traceback printed on the way out comes first).
         window = "\n".join(all_lines[max(0, at[0] - REFUSAL_CONTEXT) :]) if at else ""
         if not clear:
-            problems.append(f"{node}: no log line names the state file and offset")
+            problems.append(
+                f"{node}: no ERROR line names the damaged file ({damaged_file}) and an offset"
+            )
         elif _TRACEBACK in window:
             problems.append(f"{node}: refused with a traceback, not one clear line")
         else:
@@ -750,6 +927,110 @@ def check_refuses_start(data: RunData) -> Verdict | None:
         return Verdict(name, False, "; ".join(problems), {"lines": lines})
     shown = "; ".join(f"{n}: {line.strip()}" for n, line in lines.items())
     return Verdict(name, True, shown, {"lines": lines})
+
+
+def _log_records(data: RunData, node: str) -> list[tuple[float | None, str, dict[str, Any]]]:
+    """``node``'s log lines as (t since the run's start or None, message, JSON record)."""
+    rel = data.nodes.get(node, {}).get("log") or f"federation/logs/{node}.log"
+    try:
+        text = (data.run_dir / str(rel)).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    started = data.run.get("started_unix")
+    out: list[tuple[float | None, str, dict[str, Any]]] = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            out.append((None, line.strip(), {}))
+            continue
+        ts = record.get("ts")
+        t = (
+            float(ts) - float(started)
+            if isinstance(ts, int | float) and isinstance(started, int | float)
+            else None
+        )
+        msg = record.get("msg")
+        out.append((t, msg if isinstance(msg, str) else line.strip(), record))
+    return out
+
+
+def check_duplicates(data: RunData) -> Verdict | None:
+    """A second daemon with a live node's identity must be refused, never swapped in: with
+    the same state directory it exits by itself with the configuration status (the lock);
+    with a copy of it, its parent counts ``duplicate_identity`` for the node and never
+    replaces the original's session while the duplicate runs."""
+    starts = [
+        e
+        for e in data.timeline
+        if e.get("event") == "fault_start" and _detail(e).get("kind") == "duplicate"
+    ]
+    if not starts:
+        return None
+    name = "duplicate"
+    problems: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for e in starts:
+        t0, fault = float(e["t"]), e.get("fault")
+        node = str((e.get("targets") or ["?"])[0])
+        ends = [
+            x
+            for x in data.timeline
+            if x.get("event") == "fault_end" and x.get("fault") == fault and float(x["t"]) >= t0
+        ]
+        t1 = float(ends[0]["t"]) if ends else data.end_t
+        row: dict[str, Any] = {"node": node, "t": t0, "same_state": _detail(e).get("same_state")}
+        if _detail(e).get("same_state", True):
+            end = _detail(ends[0]) if ends else {}
+            row["returncode"] = end.get("returncode")
+            if not end.get("exited_by_itself"):
+                problems.append(f"{node}'s duplicate (same state) was not refused: it ran on")
+            elif end.get("returncode") != DUPLICATE_REFUSED_STATUS:
+                problems.append(
+                    f"{node}'s duplicate (same state) exited with status "
+                    f"{end.get('returncode')}, not {DUPLICATE_REFUSED_STATUS} (the lock)"
+                )
+        else:
+            parents = _parents_of(data, node)
+            key = f'fedloom_duplicate_identity_total{{peer="{node}"}}'
+            counted = max(
+                (
+                    v
+                    for s in data.samples
+                    if s.get("node") in parents and float(s["t"]) >= t0
+                    for v in [_metric(s, key)]
+                    if v is not None
+                ),
+                default=0.0,
+            )
+            swaps = [
+                f"{p} at t={t:.1f} s"
+                for p in parents
+                for t, msg, rec in _log_records(data, p)
+                if t is not None
+                and t0 <= t <= t1
+                and "replaced by a newer connection" in msg
+                and rec.get("peer") == node
+            ]
+            row["refused_count"], row["swaps"] = counted, swaps[:20]
+            if swaps:
+                problems.append(
+                    f"{node}'s duplicate replaced the original's session: {', '.join(swaps[:3])}"
+                    + (f" (+{len(swaps) - 3})" if len(swaps) > 3 else "")
+                )
+            if counted <= 0:
+                problems.append(f"no parent of {node} counted a duplicate identity")
+        rows.append(row)
+    if problems:
+        return Verdict(name, False, "; ".join(problems), {"duplicates": rows})
+    return Verdict(
+        name,
+        True,
+        f"{len(rows)} duplicate daemon(s) refused, none swapped in",
+        {"duplicates": rows},
+    )
 
 
 def _message(line: str) -> str:
@@ -771,13 +1052,13 @@ def _down_spans(data: RunData, node: str) -> list[tuple[float, float]]:
     oks = [
         float(s["t"]) for s in data.samples if s.get("node") == node and s.get("healthz") == "ok"
     ]
-    excused = node in data.listed("refuses_start") | data.listed("allowed_exits")
     for e in data.timeline:
         if node not in (e.get("targets") or []):
             continue
         t, kind = float(e["t"]), e.get("event")
         if down_from is None and (
-            kind in ("process_kill", "process_pause") or (kind == "process_exit" and excused)
+            kind in ("process_kill", "process_pause")
+            or (kind == "process_exit" and _excused_exit(data, node, t))
         ):
             down_from = t
         elif kind in ("process_start", "process_resume"):
@@ -871,6 +1152,7 @@ def _verdicts(data: RunData) -> Iterable[Verdict]:
         ("resumed", lambda: check_resumed(data)),
         ("no_unintended_exit", lambda: check_exits(data)),
         ("refuses_start", lambda: check_refuses_start(data)),
+        ("duplicate", lambda: check_duplicates(data)),
         ("healthz", lambda: check_healthz(data)),
     ]
     for name, check in checks:

@@ -160,7 +160,17 @@ class Processes:
         self._resume_quietly(live)
         codes = self.cluster.stop(live, timeout=self.stop_grace_s)
         self.down.update(live)
+        self._log_stops(fault, codes)
         return codes
+
+    def _log_stops(self, fault: str, codes: Mapping[str, int | None]) -> None:
+        """Each SIGTERM's outcome, for the checker: the status, and whether the daemon
+        needed the SIGKILL after the grace period (a hang on shutdown)."""
+        for node, rc in codes.items():
+            detail = {"signal": "SIGTERM", "returncode": rc, "sigkill": rc == -signal.SIGKILL}
+            if rc != 0:
+                detail["last_log_line"] = last_log_line(self.cluster[node].files.log)
+            self.timeline.event("process_exit", fault, [node], detail)
 
     def pause(self, nodes: Sequence[str], fault: str) -> None:
         live = [n for n in nodes if self.cluster[n].alive and n not in self.paused]
@@ -283,6 +293,7 @@ class Processes:
             self.timeline.event("process_kill", "end", live, {"signal": "SIGTERM", "end": True})
         codes = self.cluster.stop(live, timeout=self.stop_grace_s)
         self.down.update(live)
+        self._log_stops("end", codes)
         return codes
 
     def pids(self) -> list[int]:

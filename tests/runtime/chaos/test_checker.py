@@ -94,6 +94,12 @@ class Federation:
         for node in self.nodes:
             version = self.version(node)
             metrics = {} if version is None else {"fedloom_model_version": version}
+            ledger = getattr(self.nodes[node], "_ledger", None)
+            if ledger is not None:  # what the parent decided of each child, as counted
+                snap = ledger.snapshot()
+                for src, mark in snap["mark"].items():
+                    above = len(snap["above"].get(src, []))
+                    metrics[f'fedloom_updates_applied_total{{src="{src}"}}'] = float(mark + above)
             self.samples.append({"t": self.t, "node": node, "healthz": "ok", "metrics": metrics})
 
     def run_for(self, steps: int) -> None:
@@ -281,15 +287,30 @@ def test_a_version_that_decreases_is_refuted(tmp_path: Path) -> None:
     assert not verdict.passed and "after publishing" in verdict.detail
 
 
-def test_an_unintended_exit_fails_and_an_expected_refusal_needs_its_line(tmp_path: Path) -> None:
+def _refusing_run(tmp_path: Path, status: int = 65) -> tuple[Federation, Path]:
+    """site-1's WAL damaged at t=2.0 (a corrupt fault), site-1 exiting at 2.5 with
+    ``status``; site-0 exiting by itself at 2.5 too."""
     fed = clean_run(tmp_path)
-    for site in SITES:
+    wal = str(fed.state_dir("site-1") / "wal.0000000003.log")
+    fed.timeline.append({"t": 2.0, "event": "fault_start", "fault": "corrupt@2",
+                         "targets": ["site-1"], "intended": True,
+                         "detail": {"kind": "corrupt", "file": wal, "offset": 4096}})  # fmt: skip
+    for site, rc in (("site-0", 1), ("site-1", status)):
         fed.timeline.append({"t": 2.5, "event": "process_exit", "fault": "none",
                              "targets": [site], "intended": False,
-                             "detail": {"returncode": 1, "last_log_line": "boom"}})  # fmt: skip
-    run = fed.finish(expect={"resume_within_s": 2.0, "refuses_start": "site-1"})
+                             "detail": {"returncode": rc, "last_log_line": "boom"}})  # fmt: skip
+    return fed, fed.finish(expect={"resume_within_s": 2.0, "refuses_start": "site-1"})
+
+
+REFUSAL = (
+    "fedloom: error: state_dir: wal.0000000003.log: damaged frame at offset 4100 (bad checksum)\n"
+)
+
+
+def test_an_unintended_exit_fails_and_an_expected_refusal_needs_its_line(tmp_path: Path) -> None:
+    _, run = _refusing_run(tmp_path)
     log = run / "federation" / "logs" / "site-1.log"
-    log.write_text("site-1: state_dir: wal.3.log: damaged frame at offset 4096 (bad checksum)\n")
+    log.write_text(REFUSAL)
     report = check(run)
     exits = report["no_unintended_exit"]
     assert not exits.passed and "site-0" in exits.detail and "site-1" not in exits.detail
@@ -297,14 +318,67 @@ def test_an_unintended_exit_fails_and_an_expected_refusal_needs_its_line(tmp_pat
     # A refusal with a traceback, or without the file and offset, is not a clear one.
     log.write_text("Traceback (most recent call last):\n  ...\nValueError: bad frame\n")
     assert not check(run)["refuses_start"].passed
-    refusal = "site-1: state_dir: wal.3.log: damaged frame at offset 4096 (bad checksum)\n"
-    log.write_text("Traceback (most recent call last):\n  ...\nOSError: bad frame\n" + refusal)
+    log.write_text("Traceback (most recent call last):\n  ...\nOSError: bad frame\n" + REFUSAL)
     assert "traceback" in check(run)["refuses_start"].detail
     # A traceback of an earlier incarnation, long before, is not the refusal's.
-    log.write_text("Traceback (most recent call last):\n" + "ok\n" * 100 + refusal)
+    log.write_text("Traceback (most recent call last):\n" + "ok\n" * 100 + REFUSAL)
     assert check(run)["refuses_start"].passed
     # Down after its exit is no healthz failure for the node expected to refuse.
     assert "site-1" not in check(run)["healthz"].data["failed_samples"]
+
+
+def test_a_refusal_needs_the_damaged_file_at_error_level(tmp_path: Path) -> None:
+    _, run = _refusing_run(tmp_path)
+    log = run / "federation" / "logs" / "site-1.log"
+    # Another file and offset, or the right one at INFO, is not the refusal.
+    log.write_text("fedloom: error: state_dir: wal.0000000009.log: damaged at offset 12\n")
+    assert "no ERROR line names the damaged file" in check(run)["refuses_start"].detail
+    info = {"level": "info", "msg": "skipped a torn frame in wal.0000000003.log at offset 9"}
+    log.write_text(json.dumps(info) + "\n")
+    assert not check(run)["refuses_start"].passed
+    log.write_text(json.dumps({**info, "level": "error"}) + "\n")
+    assert check(run)["refuses_start"].passed
+
+
+def test_a_refusal_needs_the_corrupt_state_status(tmp_path: Path) -> None:
+    _, run = _refusing_run(tmp_path, status=1)
+    (run / "federation" / "logs" / "site-1.log").write_text(REFUSAL)
+    verdict = check(run)["refuses_start"]
+    assert not verdict.passed and "status 1, not 65" in verdict.detail
+
+
+def test_an_exit_before_the_damage_is_not_excused_by_refuses_start(tmp_path: Path) -> None:
+    fed, _ = _refusing_run(tmp_path)
+    fed.timeline.append({"t": 1.0, "event": "process_exit", "fault": "none",
+                         "targets": ["site-1"], "intended": False,
+                         "detail": {"returncode": 1, "last_log_line": "KeyError"}})  # fmt: skip
+    run = fed.finish(expect={"resume_within_s": 2.0, "refuses_start": "site-1"})
+    (run / "federation" / "logs" / "site-1.log").write_text(REFUSAL)
+    report = check(run)
+    assert "site-1 at t=1.0 s" in report["no_unintended_exit"].detail
+    assert "before its state was damaged" in report["refuses_start"].detail
+
+
+def test_a_daemon_that_needs_sigkill_or_fails_on_sigterm_is_refuted(tmp_path: Path) -> None:
+    fed = clean_run(tmp_path)
+    fed.timeline += [
+        {"t": 2.0, "event": "process_kill", "fault": "restart@2", "targets": ["root"],
+         "detail": {"signal": "SIGTERM"}, "intended": True},
+        {"t": 2.9, "event": "process_exit", "fault": "restart@2", "targets": ["root"],
+         "detail": {"signal": "SIGTERM", "returncode": -9, "sigkill": True}, "intended": True},
+        {"t": 3.0, "event": "process_exit", "fault": "end", "targets": ["site-0"],
+         "detail": {"signal": "SIGTERM", "returncode": 1, "sigkill": False}, "intended": True},
+        {"t": 3.0, "event": "process_exit", "fault": "end", "targets": ["site-1"],
+         "detail": {"signal": "SIGTERM", "returncode": 0, "sigkill": False}, "intended": True},
+        {"t": 3.0, "event": "process_exit", "fault": "kill@3", "targets": ["region-0"],
+         "detail": {"signal": "SIGKILL", "returncode": -9}, "intended": True},
+    ]  # fmt: skip
+    verdict = check(fed.finish())["no_unintended_exit"]
+    assert not verdict.passed
+    assert verdict.data["unclean_stops"] == [
+        "root at t=2.9 s needed SIGKILL after SIGTERM",
+        "site-0 at t=3.0 s exited with status 1 on SIGTERM",
+    ]
 
 
 def test_training_that_does_not_resume_after_a_fault_heals_is_refuted(tmp_path: Path) -> None:
@@ -461,3 +535,62 @@ def test_a_gossip_run_checks_every_peer_and_has_no_tier(tmp_path: Path) -> None:
     del run_json["expect"]["exactly_once"]
     write_run(run, run_json, timeline, samples)
     assert check(run)["exactly_once"].detail.startswith("not applicable")
+
+
+def _duplicate_run(tmp_path: Path, *, refused: bool) -> Path:
+    """site-0 duplicated on its own state dir from t=1.0; site-1 on a copy from t=1.5 to
+    the end; ``refused``: as the scenario expects, else swapped in (the old behaviour)."""
+    fed = clean_run(tmp_path)
+    end = {"kind": "duplicate", "returncode": 2 if refused else -15}
+    fed.timeline += [
+        {"t": 1.0, "event": "fault_start", "fault": "duplicate@1", "targets": ["site-0"],
+         "detail": {"kind": "duplicate", "same_state": True}, "intended": True},
+        {"t": 2.0, "event": "fault_end", "fault": "duplicate@1", "targets": ["site-0"],
+         "detail": {**end, "exited_by_itself": refused}, "intended": True},
+        {"t": 1.5, "event": "fault_start", "fault": "duplicate@1.5", "targets": ["site-1"],
+         "detail": {"kind": "duplicate", "same_state": False}, "intended": True},
+    ]  # fmt: skip
+    key = 'fedloom_duplicate_identity_total{peer="site-1"}'
+    for sample in fed.samples:
+        if sample["node"] == "region-0" and sample["t"] >= 2.0 and refused:
+            sample["metrics"][key] = 3.0
+    run = fed.finish()
+    msg = "region-0: connection to site-1 ended: replaced by a newer connection"
+    line = {"ts": 2.2, "level": "info", "peer": "site-1", "msg": msg}
+    early = {**line, "ts": 0.5}  # before the duplicate started: a reconnect, not a swap
+    lines = [early] + ([] if refused else [line])
+    log = run / "federation" / "logs" / "region-0.log"
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run
+
+
+def test_a_refused_duplicate_identity_passes(tmp_path: Path) -> None:
+    verdict = check(_duplicate_run(tmp_path, refused=True))["duplicate"]
+    assert verdict.passed, verdict.detail
+    assert [d["node"] for d in verdict.data["duplicates"]] == ["site-0", "site-1"]
+
+
+def test_a_duplicate_swapped_in_instead_of_refused_is_refuted(tmp_path: Path) -> None:
+    verdict = check(_duplicate_run(tmp_path, refused=False))["duplicate"]
+    assert not verdict.passed
+    assert "site-0's duplicate (same state) was not refused" in verdict.detail
+    assert "site-1's duplicate replaced the original's session: region-0 at t=2.2" in (
+        verdict.detail
+    )
+    assert "no parent of site-1 counted a duplicate identity" in verdict.detail
+
+
+def test_a_site_that_never_trains_again_after_its_heal_is_refuted(tmp_path: Path) -> None:
+    """The root keeps growing through site-1; site-0 swallows every event after its link's
+    fault: its parent never decides another of its updates."""
+    fed = Federation(tmp_path / "run")
+    fed.run_for(100)
+    site = fed.nodes["site-0"]
+    site.handle = lambda event, now: []
+    start = fed.t
+    fed.run_for(100)
+    with_fault(fed, start, fed.t)
+    fed.run_for(800)
+    verdict = check(fed.finish())["resumed"]
+    assert not verdict.passed
+    assert "site-0's updates at region-0 grew never" in verdict.detail
