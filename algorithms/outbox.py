@@ -33,10 +33,16 @@ resent everything again (a livelock, issue 13).
   decided late, or the second): the second keeps its slot until its own re-ack, a later
   copy's ack or ``resend_after_s``, so the count errs on the side of the send queue.
 
+Kept updates: a node may keep updates after their ack (a region's forwards until a
+parent region settles them). ``resend(parent, kept=...)`` sends those once more on the
+new link, oldest first and ahead of the pending ones, under the same window, so a long
+list of them never leaves at once either; an ack (or ``ack`` on settling) answers each.
+
 Backpressure: ``bytes`` counts the pending updates' tensors; ``full`` says they reached
 ``max_bytes`` (None: ``DEFAULT_OUTBOX_UPDATES`` updates of the size of the largest one
-pending). The outbox only reports it: its node stops making new updates (a region stops
-dispatching tasks, a site stops starting training) until acks drain it.
+pending); ``full_with(kept)`` counts the node's kept updates too. The outbox only reports
+it: its node stops making new updates (a region stops dispatching tasks, a site stops
+starting training) until acks drain it.
 """
 
 from __future__ import annotations
@@ -93,6 +99,7 @@ class Outbox:
     __slots__ = (
         "_derived_window_bytes",
         "_dirty",
+        "_extra",
         "_ghost_until",
         "_key",
         "_last_ack",
@@ -138,6 +145,8 @@ class Outbox:
         self.max_bytes = max_bytes
         self.resend_after_s = resend_after_s
         self._pending: dict[int, Update] = {}  # insertion order == seq order
+        # Acked updates the node still keeps, to send once more on this link (``resend``).
+        self._extra: dict[int, Update] = {}
         self._sizes: dict[int, int] = {}  # seq -> tensor bytes (pending, and copies in flight)
         self.bytes = 0  # tensor bytes of the pending updates
         self._unit = 0  # the largest update's bytes (one model: all the same size)
@@ -150,7 +159,10 @@ class Outbox:
         self._released: set[int] = set()  # seqs a copy of which the parent saw, unacked
         self._retry_at: dict[int, float] = {}  # seq -> when a refused update may go again
         self._ghost_until: dict[int, float] = {}  # acked seq -> when its copy stops counting
-        self._last_ack: float | None = None  # when progress was last made (ack or link up)
+        # When the parent last acked, or updates began to wait (after a restore: the first
+        # link up). A reconnect does not reset it, so a link that keeps coming up without
+        # any ack shows as a growing age.
+        self._last_ack: float | None = None
         self._metrics_at: float | None = None  # when the gauges were last reported
         self._dirty = True
 
@@ -177,6 +189,8 @@ class Outbox:
             return self._window_bytes
         if self._derived_window_bytes is None:  # one model per outbox: derived once
             newest = next(reversed(self._pending.values()), None)
+            if newest is None:
+                newest = next(iter(self._extra.values()), None)
             if newest is None:
                 return None
             self._derived_window_bytes = _window_bytes_for(newest)
@@ -205,6 +219,16 @@ class Outbox:
         limit = self.limit_bytes()
         return limit is not None and self.bytes >= limit
 
+    def full_with(self, kept: Iterable[Update]) -> bool:
+        """``full``, counting also ``kept``: updates acknowledged that the node still keeps
+        (memory and checkpoint alike), of which none is pending here."""
+        sizes = [update_bytes(u) for u in kept]
+        total = self.bytes + sum(sizes)
+        if self.max_bytes is not None:
+            return total >= self.max_bytes
+        limit = DEFAULT_OUTBOX_UPDATES * max([self._unit, *sizes])
+        return total > 0 and total >= limit
+
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
@@ -217,14 +241,14 @@ class Outbox:
         """Record ``update`` (numbered by ``next_seq``): Persist, then Send if the window
         has room (else it goes when acks make room)."""
         self._parent = parent
+        if not self._pending:
+            self._last_ack = now  # nothing waited before: the age counts from here
         self._pending[update.seq] = update
         size = update_bytes(update)
         self._sizes[update.seq] = size
         self._unit = max(self._unit, size)
         self.bytes += size
         self._dirty = True
-        if self._last_ack is None:
-            self._last_ack = now
         out: list[Effect] = [
             Persist(self._key, {"op": "add", "seq": update.seq, "update": update}, append=True)
         ]
@@ -237,6 +261,8 @@ class Outbox:
         neither pending nor in flight is ignored."""
         out: list[Effect] = []
         answered = self._answer(seq, now)
+        if self._extra.pop(seq, None) is not None:
+            self._retry_at.pop(seq, None)
         update = self._pending.pop(seq, None)
         if update is not None:
             self.bytes -= self._sizes.get(seq, 0)
@@ -251,13 +277,20 @@ class Outbox:
         out.extend(self._fill(now))
         return out
 
-    def resend(self, parent: str, *, now: float = 0.0) -> list[Effect]:
+    def resend(self, parent: str, *, now: float = 0.0, kept: Iterable[Update] = ()) -> list[Effect]:
         """The link to ``parent`` (re)started: send again from the oldest pending update,
-        in seq order, up to the window."""
+        in seq order, up to the window; ``kept`` (acked updates the node still keeps, none
+        pending) go first, once each, under the same window."""
         self._parent = parent
         self._up = True
         self._forget_link()
-        self._last_ack = now
+        for u in sorted(kept, key=lambda u: u.seq):
+            if u.seq not in self._pending:
+                self._extra[u.seq] = u
+                size = self._sizes[u.seq] = update_bytes(u)
+                self._unit = max(self._unit, size)
+        if self._last_ack is None:
+            self._last_ack = now
         self._dirty = True
         return self._fill(now)
 
@@ -338,7 +371,7 @@ class Outbox:
         for s in [s for s, n in self._out.items() if n < sent]:
             del self._out[s]
             self._ghost_until.pop(s, None)
-            if s in self._pending:
+            if s in self._pending or s in self._extra:
                 self._released.add(s)
                 self._retry_at[s] = now + self.resend_after_s
             else:
@@ -346,9 +379,10 @@ class Outbox:
         return True
 
     def _forget_link(self) -> None:
-        for s in self._out:
+        for s in [*self._out, *self._extra]:
             if s not in self._pending:
                 self._sizes.pop(s, None)
+        self._extra.clear()  # the node names them again on the next link
         self._out.clear()
         self._released.clear()
         self._retry_at.clear()
@@ -358,7 +392,7 @@ class Outbox:
         for s in [s for s, t in self._ghost_until.items() if t <= now]:
             del self._ghost_until[s]
             self._out.pop(s, None)
-            if s not in self._pending:
+            if s not in self._pending and s not in self._extra:
                 self._sizes.pop(s, None)
 
     def _fill(self, now: float) -> list[Effect]:
@@ -366,16 +400,17 @@ class Outbox:
         parent = self._parent
         if self._ghost_until:
             self._expire_ghosts(now)
-        if not self._up or parent is None or not self._pending:
+        if not self._up or parent is None or not (self._pending or self._extra):
             return []
         budget = self.window_bytes()
         count, used = self.in_flight, self.in_flight_bytes
         if count >= self.window:
             return []
-        oldest = next(iter(self._pending))
+        # Kept updates first (acked already: no ledger bound), then pending ones.
+        oldest = next(iter(self._pending), 0)
         out: list[Effect] = []
-        for seq, update in self._pending.items():
-            if seq >= oldest + self.window or count >= self.window:
+        for seq, update in [*self._extra.items(), *self._pending.items()]:
+            if count >= self.window or (seq in self._pending and seq >= oldest + self.window):
                 break
             if seq in self._out:
                 continue
@@ -407,15 +442,19 @@ class Outbox:
         self.replay(records)
 
     def replay(self, records: Iterable[Mapping[str, Any]]) -> None:
-        """Apply ``add``/``ack`` log records; adds of seqs already known are skipped."""
+        """Apply ``add``/``ack``/``floor`` log records; adds of seqs already known are skipped.
+
+        Every record raises ``seq``: an ack whose add a repair dropped (or a ``floor`` that
+        ``fedloom state repair`` wrote) names a seq the parent may have applied, and reusing
+        it would make the parent ack the next update as a duplicate without applying it."""
         for rec in records:
             seq = int(rec["seq"])
             if rec["op"] == "add":
                 if seq > self.seq:
-                    self.seq = seq
                     self._pending[seq] = rec["update"]
             elif rec["op"] == "ack":
                 self._pending.pop(seq, None)
+            self.seq = max(self.seq, seq)
         self._pending = dict(sorted(self._pending.items()))
         self._sizes = {s: update_bytes(u) for s, u in self._pending.items()}
         self._unit = max(self._sizes.values(), default=0)

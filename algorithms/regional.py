@@ -41,15 +41,24 @@ after its next reconnect, so nothing acknowledged is lost. (Honest sites only se
 for tasks, which need a model: holding is for the rare region that lost its state while
 its sites still had updates pending, so the bound is small.)
 
-Backpressure: while the parent does not acknowledge, forwards pile up in the outbox (in
-memory and in the "region/pending" log). Once they hold ``max_outbox_bytes`` (None:
-``outbox.DEFAULT_OUTBOX_UPDATES`` forwards' worth) the region dispatches no new tasks
-(metric ``dispatch_paused``) until acks drain it below that. Children's updates that
-arrive meanwhile are still taken, acked and flushed: they answer tasks handed out before
-the pause (or are resends the sites hold), so at most ``concurrency`` task answers plus
-what the sites already held arrive, a bounded overshoot of a few forwards. Refusing them
-instead, or holding a full buffer unflushed, would keep a child's acknowledged update in
-limbo or make every site resend; neither bounds more than the dispatch pause already does.
+Backpressure: while the parent does not acknowledge (or, a parent region, does not
+settle), forwards pile up: in the outbox (in memory and in the "region/pending" log) and,
+acked by a parent region but not yet settled, among the kept forwards (in memory and in
+every checkpoint). Once both together hold ``max_outbox_bytes`` (None:
+``outbox.DEFAULT_OUTBOX_UPDATES`` forwards' worth) the region is ``paused`` (metric
+``dispatch_paused``) until acks and settlements drain it below that:
+
+* it dispatches no new tasks. Site children's updates that arrive meanwhile are still
+  taken, acked and flushed: they answer tasks handed out before the pause (or are resends
+  the sites hold), so at most ``concurrency`` task answers plus what the sites already held
+  arrive, a bounded overshoot of a few forwards;
+* a region child gets no tasks, so the pause alone would not stop it: its new forwards are
+  held unacked (at most ``MAX_HELD_PAUSED`` per child, its outbox window's worth) and
+  taken once the pause ends. Its outbox then fills and it pauses in turn, so backpressure
+  reaches the leaves of a nested tree. (Duplicates are still re-acked.)
+
+After a reconnect the kept forwards are resent through the outbox's window, ahead of the
+pending ones, never all at once.
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
 from algorithms.incorporation import FORWARDS_KEY, Contribution, RegionForwards
 from algorithms.intake import ClaimBounds
 from algorithms.node_util import unexpected
-from algorithms.outbox import Outbox
+from algorithms.outbox import WINDOW, Outbox
 from algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
 from algorithms.staleness import StalenessFn
 from algorithms.update_buffer import UpdateBuffer
@@ -85,6 +94,9 @@ from transport.wire import (
 __all__ = ["DEFAULT_MAX_DEFERRED_BYTES", "PENDING_KEY", "RegionState", "RegionalAggregator"]
 
 PENDING_KEY = "region/pending"
+# Forwards of one region child held unacked while paused: its outbox window's worth (an
+# honest child has no more in flight); beyond that they are dropped unacked.
+MAX_HELD_PAUSED = WINDOW
 DEFAULT_MAX_DEFERRED_BYTES = 64 << 20  # decoded delta bytes held before the first model
 
 
@@ -181,8 +193,34 @@ class RegionalAggregator(BufferedAggregator):
 
     @property
     def paused(self) -> bool:
-        """Backpressure: the outbox is full, so no new tasks are dispatched."""
-        return self._outbox.full
+        """Backpressure: the forwards pending in the outbox and those kept until a parent
+        region settles them reach the outbox's limit: no new tasks are dispatched and
+        region children's new forwards are held."""
+        if self._outbox.full:
+            return True
+        if self.parent_is_root or not len(self._forwards):
+            return False  # a root's ack settles: every kept forward is pending
+        waiting = {u.seq for u in self._outbox.pending()}
+        return self._outbox.full_with(u for u in self._forwards.updates() if u.seq not in waiting)
+
+    def _within_quota(self, peer: str, msg: Update, out: list[Effect]) -> bool:
+        if self._children.get(peer) != "region" or not self.paused:
+            return super()._within_quota(peer, msg, out)
+        held = self._held.setdefault(peer, [])
+        if any(h.seq == msg.seq for h in held):
+            return False  # a resend of one already held
+        if len(held) < MAX_HELD_PAUSED:
+            held.append(msg)  # taken once the pause ends (``_release_paused``)
+            out.append(Metric("update_held", 1.0, {"src": peer, "reason": "paused"}))
+            return False
+        self.dropped += 1
+        out.append(Metric("update_dropped", 1.0, {"src": peer, "reason": "paused"}))
+        return False
+
+    def _release_paused(self, was_paused: bool) -> None:
+        """The pause just ended: held forwards may be taken now (``_release_held``)."""
+        if was_paused and self._held and not self.paused:
+            self._epoch_changed = True
 
     def handle(self, event: Event, now: float) -> list[Effect]:
         out = super().handle(event, now)
@@ -228,10 +266,11 @@ class RegionalAggregator(BufferedAggregator):
             self._outbox.link_down()  # while the parent is away forwards stay in the outbox
             return
         out.append(Send(self.parent, Hello(self._id, "region")))
-        # Acked by a parent region but not settled (its notice lost): a resend gets it.
+        # Acked by a parent region but not settled (its notice lost): a resend gets it,
+        # paced by the outbox's window like the pending ones.
         waiting = {u.seq for u in self._outbox.pending()}
-        out.extend(Send(self.parent, u) for u in self._forwards.updates() if u.seq not in waiting)
-        out.extend(self._outbox.resend(self.parent, now=now))
+        kept = [u for u in self._forwards.updates() if u.seq not in waiting]
+        out.extend(self._outbox.resend(self.parent, now=now, kept=kept))
 
     def _on_other(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:
         if peer != self.parent:
@@ -240,14 +279,18 @@ class RegionalAggregator(BufferedAggregator):
             self._on_model(msg, now, out)
         elif isinstance(msg, Ack):
             if msg.src == self._id and is_int(msg.seq):
+                was_paused = self.paused
                 out.extend(self._outbox.ack(int(msg.seq), now=now))
                 if self.parent_is_root:  # the root's record is final: settled
                     self._on_settled(Incorporated(msg.src, msg.seq), now, out)
+                self._release_paused(was_paused)
             else:
                 out.extend(unexpected(peer, msg, "ack_for_other"))
         elif isinstance(msg, Incorporated | Overlap):
             if msg.src == self._id and is_int(msg.seq):
+                was_paused = self.paused
                 self._on_settled(msg, now, out)
+                self._release_paused(was_paused)
             else:
                 out.extend(unexpected(peer, msg, "notice_for_other"))
         elif not isinstance(msg, Heartbeat):

@@ -205,8 +205,8 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
             _Rule(
                 gauge,
                 "parent_ack_age_seconds",
-                "Seconds since the parent last acked (or the link came up) while updates "
-                "wait; 0 when none wait.",
+                "Seconds since the parent last acked anything while updates wait (a "
+                "reconnect does not reset it); 0 when none wait.",
             ),
         ),
         # Regional failover (``algorithms.incorporation``).
