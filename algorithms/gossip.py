@@ -586,6 +586,7 @@ class GossipPeer:
         self._model_cache = None
         self._step += 1
         self._share(now, out)
+        out.append(Metric("model_version", float(self._step)))  # after the step's checkpoint
         self._begin_training_round(out)
 
     def _on_train_failed(self, reason: str, now: float, out: list[Effect]) -> None:
@@ -775,6 +776,7 @@ class GossipPeer:
                 self._clip.own_step(None)
                 self._model_cache = None
                 self._share(now, out)
+                out.append(Metric("model_version", float(self._step)))
             elif not self._job_running:
                 self._next_step = None
                 self._begin_training_round(out)

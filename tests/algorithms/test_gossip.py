@@ -532,3 +532,32 @@ def test_pushsum_mass_is_conserved_under_any_delivery_order(
         dst, ev = in_flight.pop()
         assert not any(isinstance(e, Send) for e in peers[dst].handle(ev, now))
     assert sum(p.mass()[0] for p in peers.values()) == pytest.approx(n, abs=1e-9)
+
+
+def _versions(effects: list[Effect]) -> list[float]:
+    return [e.value for e in effects if isinstance(e, Metric) and e.name == "model_version"]
+
+
+def test_every_step_reports_the_model_version_after_its_shares() -> None:
+    # Without training: each gossip interval is a step.
+    p = _single()
+    p.handle(PeerUp("b"), 0.0)
+    effects = p.handle(Deadline(), 1.0)
+    assert _versions(effects) == [float(p.current_model()[0])] == [1.0]
+    # With training: the step ends when the job is done, and the version follows its shares.
+    t = GossipPeer(
+        "a",
+        {"b": 0.5},
+        0.5,
+        {"w": np.zeros(3)},
+        train_config={"lr": 0.1},
+        rng=np.random.default_rng(0),
+    )
+    (train,) = [e for e in t.handle(PeerUp("b"), 0.0) if isinstance(e, Train)]
+    effects = t.handle(TrainDone(train.job, TrainResult({"w": np.ones(3)}, 1)), 1.0)
+    assert _versions(effects) == [1.0]
+    last_send = max(i for i, e in enumerate(effects) if isinstance(e, Send))
+    (metric_at,) = [
+        i for i, e in enumerate(effects) if isinstance(e, Metric) and e.name == "model_version"
+    ]
+    assert metric_at > last_send
