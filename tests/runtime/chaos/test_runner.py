@@ -83,10 +83,18 @@ def test_a_short_star_run_writes_the_run_directory_and_cleans_up(tmp_path: Path)
     back = kinds.index(("process_start", "kill@6", ("site-0",)))
     assert kill < back and events[back]["t"] >= events[kill]["t"] + 3
     restart = kinds.index(("process_kill", "restart@10", ("root",)))
-    assert kinds[restart + 1] == ("process_start", "restart@10", ("root",))
+    # The SIGTERM's outcome is logged: a clean exit, no SIGKILL needed.
+    assert kinds[restart + 1] == ("process_exit", "restart@10", ("root",))
+    stop = events[restart + 1]["detail"]
+    assert stop["signal"] == "SIGTERM" and stop["returncode"] == 0 and not stop["sigkill"]
+    assert kinds[restart + 2] == ("process_start", "restart@10", ("root",))
     assert ("fault_start", "latency@4", ("site-0->root", "site-1->root")) in kinds
     assert ("fault_end", "latency@4", ("site-0->root", "site-1->root")) in kinds
-    assert events[-1]["event"] == "process_kill" and events[-1]["detail"]["end"] is True
+    last_kill = max(i for i, e in enumerate(events) if e["event"] == "process_kill")
+    assert events[last_kill]["detail"]["end"] is True
+    ends = [e for e in events[last_kill + 1 :] if e["event"] == "process_exit"]
+    assert sorted(n for e in ends for n in e["targets"]) == sorted(events[last_kill]["targets"])
+    assert all(e["intended"] and e["detail"]["returncode"] == 0 for e in ends)
     if tmpfs_support()[0]:
         full = next(e for e in events if e["fault"] == "disk_full@12")
         assert full["event"] == "fault_start" and full["detail"]["free_bytes"] < 64 * 1024
