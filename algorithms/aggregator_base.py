@@ -225,7 +225,8 @@ class AggregatorBase:
         self._now = 0.0  # the time of the event being handled
         self._quota_solicited = True  # see _within_quota (sync rounds: one task per round)
         self._norm = 0.0  # ‖Δ‖₂ of the update being decided (measured once, at intake)
-        self._behind = -1  # newest base version a child presented above a root's own
+        # Region child -> newest base version it presented above a root's own (while so).
+        self._behind: dict[str, int] = {}
         self._behind_logged: float | None = None
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
@@ -398,6 +399,8 @@ class AggregatorBase:
                 self._on_task_cancelled(task)
         else:
             self._regions_up.pop(peer, None)
+            if self._behind.pop(peer, None) is not None:  # its claim goes with it
+                self._report_behind(out)
         if role is not None:
             self._held.pop(peer, None)  # unacked: the child resends them on reconnect
         self._silent.discard(peer)
@@ -726,31 +729,51 @@ class AggregatorBase:
         then this root lost (or was rolled back from) the state that published it, and
         would refuse every forward and its children every model, for good. Neither
         recorded nor acked (the child keeps it for the root once reseeded); one ERROR that
-        names the fix every ``BEHIND_LOG_S``, and the gauge ``root_behind_children``."""
+        names the fix every ``BEHIND_LOG_S``, and the gauge ``root_behind_children``.
+
+        Only a region child's forward is taken as that evidence: a region relays models
+        it was sent, so it can hold a newer one only if this root published it. A site
+        directly under the root is answered with models only through tasks, so its future
+        base version is a malformed update, rejected and recorded like any other (one
+        site cannot make a healthy root claim it lost its state). A region's claim lasts
+        while it holds: until it sends a forward this root can place, or goes down."""
         model = self._model()
-        if model is None or not is_int(msg.base_version) or msg.base_version <= model[0]:
+        if model is None or self._children.get(peer) != "region" or not is_int(msg.base_version):
+            return False
+        if msg.base_version <= model[0]:
+            if self._behind.pop(peer, None) is not None:  # no longer ahead of us
+                self._report_behind(out)
             return False
         self._from_the_future(peer, msg, model[0], out)
         return True
 
+    def _report_behind(self, out: list[Effect]) -> int:
+        """The gauge ``root_behind_children`` (0 once no region claims to be ahead); returns
+        the newest version claimed (-1: none)."""
+        newest = max(self._behind.values(), default=-1)
+        model = self._model()
+        ahead = newest - model[0] if model is not None and newest >= 0 else 0
+        out.append(Metric("root_behind_children", float(max(0, ahead))))
+        return newest
+
     def _from_the_future(self, peer: str, msg: Update, version: int, out: list[Effect]) -> None:
         self.rejected += 1
-        self._behind = max(self._behind, int(msg.base_version))
+        self._behind[peer] = max(self._behind.get(peer, -1), int(msg.base_version))
         out.append(Metric("update_rejected", 1.0, {"reason": "future_version"}))
-        out.append(Metric("root_behind_children", float(self._behind - version)))
+        newest = self._report_behind(out)
         if self._behind_logged is not None and self._now < self._behind_logged + BEHIND_LOG_S:
             return
         self._behind_logged = self._now
         out.append(
             Log(
                 "error",
-                f"this root holds model version {version} but {peer} sends updates based on "
-                f"version {self._behind}: the root's state was lost or rolled back, and "
-                "training is stuck until it is reseeded. Stop this root and run `fedloom "
-                "state reseed --config ROOT.toml --from STATE_DIR --above "
-                f"{self._behind}` with the state directory of a region (or a backup of the "
-                "root's), then start it again",
-                {"peer": peer, "version": version, "child_version": self._behind},
+                f"this root holds model version {version} but region {peer} sends forwards "
+                f"based on version {self._behind[peer]}: the root's state was lost or rolled "
+                "back, and training is stuck until it is reseeded. Stop this root and run "
+                "`fedloom state reseed --config ROOT.toml --from STATE_DIR --above "
+                f"{newest}` with the state directory of a region (or --backup with a backup "
+                "of the root's), then start it again",
+                {"peer": peer, "version": version, "child_version": newest},
             )
         )
 

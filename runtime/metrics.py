@@ -144,7 +144,8 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
             _Rule(
                 gauge,
                 "root_behind_children",
-                "Versions a child's updates are ahead of this root's model: it lost its "
+                "Versions a region child's forwards are ahead of this root's model (the "
+                "newest claim of a region that still makes it; 0: none): it lost its "
                 "state (see fedloom state reseed).",
             ),
         ),

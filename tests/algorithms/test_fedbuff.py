@@ -133,8 +133,8 @@ def test_metric_then_persist_then_ack_for_every_new_update() -> None:
             True,
         ),
         ("s1", {"delta": {"w": np.zeros((3, 2), np.float32)}}, "names", True),
-        # The child is right and this root is behind (it lost its state): kept, not acked.
-        ("s1", {"base": 5}, "future_version", False),
+        # A site holds only models it was sent as tasks: a future base is malformed.
+        ("s1", {"base": 5}, "future_version", True),
         ("s1", {"count": 0}, "bad_count", True),
         ("s1", {"n": -1}, "bad_n_examples", True),
         ("mallory", {}, "unknown_sender", False),
@@ -314,3 +314,22 @@ def test_garbage_updates_never_raise(
     applied = metrics(out, "update_applied")
     assert applied or metrics(out, "update_rejected") or metrics(out, "update_duplicate")
     assert agg.version == len(applied)
+
+
+def test_only_a_region_child_can_say_the_root_is_behind_and_only_while_it_holds() -> None:
+    agg = make(children={"s1": "site", "ra": "region", "rb": "region"})
+    for peer, role in (("s1", "site"), ("ra", "region"), ("rb", "region")):
+        agg.handle(hello(peer, role), 0.0)
+    # A site's future base version (10**15) is a plain rejection: recorded, acked, no ERROR.
+    out = agg.handle(recv("s1", upd("s1", 1, base=10**15)), 1.0)
+    assert acks(out) and not metrics(out, "root_behind_children")
+    assert not [e for e in out if getattr(e, "level", "") == "error"]
+    # A region's forward ahead of the root: kept unacked, gauge and ERROR name it.
+    out = agg.handle(recv("ra", upd("ra", 1, base=7)), 2.0)
+    assert not acks(out) and metrics(out, "root_behind_children")[0].value == 7.0
+    out = agg.handle(recv("rb", upd("rb", 1, base=3)), 3.0)
+    assert metrics(out, "root_behind_children")[0].value == 7.0  # the newest claim
+    out = agg.handle(PeerDown("ra"), 4.0)  # its claim goes with it
+    assert metrics(out, "root_behind_children")[0].value == 3.0
+    out = agg.handle(recv("rb", upd("rb", 2, base=0)), 5.0)  # rb no longer ahead
+    assert acks(out) and metrics(out, "root_behind_children")[0].value == 0.0
