@@ -492,9 +492,10 @@ def stop_reason(exc: BaseException) -> DaemonError | None:
     if isinstance(exc, DaemonError):
         return exc
     if isinstance(exc, CorruptStateError):
-        return DaemonError(
-            f"state_dir: {exc}; see `fedloom state check`", exit_code=EXIT_CORRUPT_STATE
-        )
+        text = f"state_dir: {exc}"
+        if "fedloom state check" not in text:  # the store's own text may point there already
+            text += "; see `fedloom state check`"
+        return DaemonError(text, exit_code=EXIT_CORRUPT_STATE)
     if isinstance(exc, StateIOError):
         return DaemonError(f"state_dir: {exc}", exit_code=EXIT_ENVIRONMENT)
     if isinstance(exc, StoreError) and isinstance(exc.__cause__, OSError):

@@ -252,6 +252,7 @@ def test_a_corrupt_last_frame_is_refused_checked_and_repaired(
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert f"{log}: damaged frame at offset {last}" in err and "checksum" in err
+    assert err.count("fedloom state check") == 1, err  # pointed there once, not twice
     assert log.read_bytes() == bytes(original)  # nothing was dropped
 
     # state check shows it (and changes nothing).
