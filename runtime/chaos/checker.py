@@ -48,7 +48,7 @@ from typing import Any
 
 from algorithms.ledger import AppliedLedger
 from algorithms.outbox import Outbox
-from runtime.exit_status import EXIT_CONFIG, EXIT_CORRUPT_STATE
+from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_FAILED
 from transport.error_text import describe
 
 __all__ = [
@@ -62,9 +62,11 @@ __all__ = [
     "load_state",
 ]
 
-# After a process_start a daemon may be unready this long: it reports ready once its dialled
-# links are up or after runtime.daemon.READY_WAIT_S (10 s) anyway, plus 5 s to start.
+# After a process_start a daemon may be unready this long at least: it reports ready once
+# its dialled links are up or after runtime.daemon.READY_WAIT_S (10 s) anyway, plus 5 s to
+# start; on a loaded machine, START_GRACE_FACTOR times the slowest start-up the run measured.
 START_GRACE_S = 15.0
+START_GRACE_FACTOR = 2.0
 VERSION = "fedloom_model_version"
 AGGREGATORS = ("root", "region")
 # Nodes whose model version is checked; a region's is only the newest global it holds (it
@@ -89,8 +91,9 @@ EXPECT_FLAG = {
 _OFFSET = re.compile(r"\boffset \d+")
 _TRACEBACK = "Traceback (most recent call last)"
 REFUSAL_CONTEXT = 30  # log lines before a refusal that belong to the refusing start
-# A duplicate on a locked state directory is a configuration error.
-DUPLICATE_REFUSED_STATUS = EXIT_CONFIG
+# A duplicate on a locked state directory exits with the restartable status (the lock may
+# be held by an earlier incarnation still stopping: systemd must try again).
+DUPLICATE_REFUSED_STATUS = EXIT_FAILED
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +181,23 @@ class RunData:
 
     @property
     def start_grace_s(self) -> float:
-        """How long a started daemon may take to answer ``/healthz`` (``expect``'s, else
-        ``START_GRACE_S``): a load generator opening 100 sites takes longer."""
+        """How long a started daemon may take to answer ``/healthz``: ``expect``'s, else
+        twice the slowest start-up this run measured (``run.json``'s ``startup_s``, each
+        start's ``ready_after_s``: a loaded machine starts slowly, and a restart under
+        faults is no faster), at least ``START_GRACE_S``."""
         value = self.expect.get("start_grace_s")
         if isinstance(value, int | float) and math.isfinite(value) and value > 0:
             return float(value)
-        return START_GRACE_S
+        measured = [self.run.get("startup_s")] + [
+            _detail(e).get("ready_after_s")
+            for e in self.timeline
+            if e.get("event") == "process_start"
+        ]
+        slowest = max(
+            (float(v) for v in measured if isinstance(v, int | float) and math.isfinite(v)),
+            default=0.0,
+        )
+        return max(START_GRACE_S, START_GRACE_FACTOR * slowest)
 
     @property
     def resume_within_s(self) -> float:

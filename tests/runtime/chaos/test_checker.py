@@ -435,6 +435,29 @@ def test_healthz_failures_count_only_while_expected_up(tmp_path: Path) -> None:
     assert verdict.data["failed_samples"] == {"site-0": 1}
 
 
+def test_the_start_grace_follows_the_runs_measured_start_up(tmp_path: Path) -> None:
+    """region-0 restarted at 3.0 s first answers ok 17 s later: past the 15 s floor, within
+    twice a measured 10 s start-up; a failure after its first ok is never excused."""
+    fed = clean_run(tmp_path)
+    fed.timeline += [
+        {"t": 2.0, "event": "process_kill", "fault": "kill", "targets": ["region-0"],
+         "detail": {}, "intended": True},
+        {"t": 3.0, "event": "process_start", "fault": "kill", "targets": ["region-0"],
+         "detail": {"ready_after_s": None}, "intended": True},
+    ]  # fmt: skip
+    for s in fed.samples:
+        if s["node"] == "region-0" and s["t"] >= 2.0:
+            s["healthz"] = "down"
+    for t, health in ((19.0, "fail"), (20.0, "ok"), (21.0, "fail")):
+        fed.samples.append({"t": t, "node": "region-0", "healthz": health, "metrics": {}})
+    fed.steps += 2500  # the run goes on to 31 s
+    verdict = check(fed.finish())["healthz"]
+    assert not verdict.passed and "region-0 fail at t=19.0" in verdict.detail
+    verdict = check(fed.finish(startup_s=10.0))["healthz"]
+    assert not verdict.passed and "region-0 fail at t=21.0" in verdict.detail
+    assert verdict.data["failed_samples"] == {"region-0": 1}
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -541,7 +564,7 @@ def _duplicate_run(tmp_path: Path, *, refused: bool) -> Path:
     """site-0 duplicated on its own state dir from t=1.0; site-1 on a copy from t=1.5 to
     the end; ``refused``: as the scenario expects, else swapped in (the old behaviour)."""
     fed = clean_run(tmp_path)
-    end = {"kind": "duplicate", "returncode": 2 if refused else -15}
+    end = {"kind": "duplicate", "returncode": 1 if refused else -15}  # EXIT_FAILED: the lock
     fed.timeline += [
         {"t": 1.0, "event": "fault_start", "fault": "duplicate@1", "targets": ["site-0"],
          "detail": {"kind": "duplicate", "same_state": True}, "intended": True},
