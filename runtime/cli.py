@@ -9,6 +9,7 @@
     fedloom state check STATE_DIR                                   inspect a node's durable state
     fedloom state repair STATE_DIR --truncate-at N | --drop-damaged  repair a damaged log
     fedloom state reseed --config ROOT.toml --from DIR [--above N]  a root that lost its state
+                         (or --backup DIR: a backup of the root's own state directory)
     fedloom demo                                                    a real local federation
     fedloom chaos SCENARIO.toml [--out DIR] [--backend B]           faults on real daemons
     fedloom local init DIR [--shape S] [--regions N] [--sites N]    lay out a local federation
@@ -182,10 +183,11 @@ def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "reseed",
         help="give a root that lost its state the newest model it signed (stop it first)",
         description="Write a checkpoint into the root's state directory holding the newest "
-        "model found in the --from state directories: a region's (only a model carrying "
-        "this root's signature over its weights is taken) or a backup of the root's own "
-        "(restored whole). The root then resumes at that version (or above --above) instead of "
-        "refusing its regions' forwards for good. See runtime/reseed.py and the README.",
+        "model found: in a region's state directory (--from: only a model carrying this "
+        "root's signature over its weights is taken) or in a backup of the root's own "
+        "(--backup: restored whole). The root then resumes at that version (or above "
+        "--above) instead of refusing its regions' forwards for good. See runtime/reseed.py "
+        "and the README.",
     )
     reseed.add_argument("--config", type=Path, required=True, help="the root's config file")
     reseed.add_argument(
@@ -193,9 +195,18 @@ def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         dest="sources",
         type=Path,
         action="append",
-        required=True,
+        default=[],
         metavar="STATE_DIR",
-        help="a region's state directory or a backup of the root's (repeatable: newest wins)",
+        help="a region's state directory (repeatable: newest wins)",
+    )
+    reseed.add_argument(
+        "--backup",
+        dest="backups",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="the operator's own backup copy of this root's state directory (repeatable)",
     )
     reseed.add_argument(
         "--above",
@@ -204,6 +215,12 @@ def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         metavar="N",
         help="resume at a version above N: the newest version the root's ERROR line says "
         "its children hold (default: the version found)",
+    )
+    reseed.add_argument(
+        "--force",
+        action="store_true",
+        help="allow an --above far beyond the newest model found although the root's own "
+        "state is intact (that replaces its ledger and what it applied)",
     )
 
 
@@ -387,7 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "state" and args.state_command == "reseed":
             from runtime.reseed import cmd_state_reseed
 
-            return cmd_state_reseed(args.config, args.sources, args.above)
+            return cmd_state_reseed(
+                args.config, args.sources, args.above, backups=args.backups, force=args.force
+            )
         if args.command == "state":
             from runtime.state_cli import cmd_state_check, cmd_state_repair
 

@@ -5,14 +5,18 @@ older version than it published: its regions refuse its models as stale, and it 
 their forwards as based on a future version (it logs one ERROR naming this command). The
 federation is stuck until the root holds a version at least as new as what they hold.
 
-    fedloom state reseed --config ROOT.toml --from DIR [--from DIR ...] [--above N]
+    fedloom state reseed --config ROOT.toml [--from DIR ...] [--backup DIR ...]
+                         [--above N [--force]]
 
-Each ``--from`` is a state directory: a region's (its checkpoint holds the newest global
+Each ``--from`` is a region's state directory (its checkpoint holds the newest global
 model it had made durable and the root's signature of it; read without its lock, so the
-region may keep running), or a backup copy of this root's own state directory (restored
-whole: ledger and buffer too). A region's model is used only if it carries THIS root's
-signature over exactly those weights (the root trusts nothing else: a region cannot
-plant a model), checked with the root's identity key. The newest version found wins.
+region may keep running). Its model is used only if it carries THIS root's signature over
+exactly those weights (the root trusts nothing else: a region cannot plant a model),
+checked with the root's identity key; anything else found there is refused, a checkpoint
+of a root's kind included (its node id is public: a region could write one). Each
+``--backup`` is the operator's own backup copy of this root's state directory, restored
+whole (ledger and buffer too); it is trusted as the root's own disk is. The newest version
+found wins.
 
 The root's state directory (the root must be stopped: its lock is taken) is then given a
 checkpoint of a fresh root (this config's children and settings) holding that model under
@@ -22,9 +26,13 @@ its state directory: the root's ERROR names the newest version its children sent
 on, and ``--above`` that version makes the reseeded root's first model newer than anything
 they hold (a model under a number a region holds, with other weights, would be refused as
 ``model_conflict``; an older one as ``stale_model``). Refused when the root already holds a
-version at least as new. What the root took after the seed model and had acked is
-lost with its state (the regions dropped it when it was acked); forwards not acked are
-resent by the regions and taken once.
+version at least as new, and, when the root's own state loads cleanly, an ``--above``
+``ABOVE_SLACK`` or more versions beyond the newest model found, unless ``--force``: a
+healthy root would lose its ledger and what it applied, on a claim nothing here can check.
+What the root took after the seed model and had acked is lost with its state (the
+regions dropped it when it was acked); forwards not acked are resent by the regions and
+taken once. A damaged root state directory is refused (exit status 65) with the file and
+offset: repair it (``fedloom state repair``) or move it aside first.
 """
 
 from __future__ import annotations
@@ -39,14 +47,33 @@ from algorithms.aggregator_base import OwnModel
 from algorithms.protocol import Node, Persist, Weights
 from runtime.config import load_config
 from runtime.daemon import build_node, build_plan, load_identity, load_roster, restore_node
-from runtime.store import CHECKPOINT_KEY, StateStore, StoreError, _read_single
+from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT
+from runtime.store import (
+    CHECKPOINT_KEY,
+    CorruptStateError,
+    StateIOError,
+    StateStore,
+    StoreError,
+    _read_single,
+)
 from sim.config_reader import ConfigError
 from transport.e2e import model_signed_bytes, tensors_digest
 from transport.identity import Identity, verify_signature
 
-__all__ = ["Seed", "cmd_state_reseed", "reseed_root", "seed_from"]
+__all__ = [
+    "ABOVE_SLACK",
+    "Seed",
+    "cmd_state_reseed",
+    "reseed_root",
+    "seed_from",
+    "seed_from_backup",
+]
 
 _ROOT_KINDS = ("fedbuff", "fedasync", "sync")
+# How far ``--above`` may go beyond the newest model found while the root's own state is
+# intact: a region's durable model lags the one it holds by the versions published between
+# two of its checkpoints (every ``checkpoint_every`` of its forwards), far fewer than this.
+ABOVE_SLACK = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +86,18 @@ class Seed:
     root_state: Mapping[str, Any] | None = None  # a backup of the root's own state
 
 
-def _checkpoint(directory: Path) -> Any:
+def _checkpoint(directory: Path, *, flag: str = "--from") -> Any:
     """The checkpoint value of a state directory, read without its lock: the file is only
     ever replaced atomically, so a running node's is whole."""
     path = directory / f"{CHECKPOINT_KEY}.ckpt"
     if not path.is_file():
-        raise ConfigError(f"--from {directory}: no checkpoint there (is it a state directory?)")
+        raise ConfigError(f"{flag} {directory}: no checkpoint there (is it a state directory?)")
     try:
         tree = _read_single(path)
     except (StoreError, OSError) as exc:
-        raise ConfigError(f"--from {directory}: cannot read its checkpoint: {exc}") from None
+        raise ConfigError(f"{flag} {directory}: cannot read its checkpoint: {exc}") from None
     if not isinstance(tree, Mapping) or tree.get("key") != CHECKPOINT_KEY:
-        raise ConfigError(f"--from {directory}: {path.name} is not a checkpoint")
+        raise ConfigError(f"{flag} {directory}: {path.name} is not a checkpoint")
     return tree.get("data")
 
 
@@ -88,10 +115,16 @@ def _signed_by(identity: Identity, version: int, proof: Any, weights: Weights) -
     return verify_signature(identity.public_key, data, sig)
 
 
-def seed_from(directory: Path, identity: Identity, make: Callable[[], Node]) -> Seed:
-    """The model ``directory`` offers the root ``make`` builds (module docstring)."""
+def seed_from(directory: Path, identity: Identity) -> Seed:
+    """The root-signed model a region's state ``directory`` offers (module docstring)."""
     state = _checkpoint(directory)
     kind = state.get("kind") if isinstance(state, Mapping) else None
+    if kind in _ROOT_KINDS:
+        raise ConfigError(
+            f"--from {directory}: holds a root's state, not a region's; refused (a region "
+            "could write one). A backup of this root's own state directory is given with "
+            "--backup DIR"
+        )
     if kind == "regional":
         glob = state.get("global")
         if glob is None:
@@ -106,25 +139,32 @@ def seed_from(directory: Path, identity: Identity, make: Callable[[], Node]) -> 
                 f"{identity.node_id}'s signature over those weights; refused"
             )
         return Seed(version, weights, directory)
-    if kind in _ROOT_KINDS:
-        if state.get("node_id") != identity.node_id:
-            raise ConfigError(
-                f"--from {directory}: a backup of {state.get('node_id')!r}, "
-                f"not of {identity.node_id!r}"
-            )
-        backup = make()
-        try:
-            with StateStore(directory) as store:
-                restore_node(backup, store.load(repair=False))
-        except (StoreError, OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"--from {directory}: cannot restore this backup: {exc}") from None
-        assert isinstance(backup, OwnModel)
-        version, weights = backup.current_model()
-        return Seed(version, dict(weights), directory, backup.snapshot())  # type: ignore[attr-defined]
     raise ConfigError(
         f"--from {directory}: holds a {kind!r} state; give a region's state directory "
-        "or a backup of this root's"
+        "(or a backup of this root's own with --backup DIR)"
     )
+
+
+def seed_from_backup(directory: Path, identity: Identity, make: Callable[[], Node]) -> Seed:
+    """The whole state a backup of the root's own state ``directory`` holds."""
+    state = _checkpoint(directory, flag="--backup")
+    kind = state.get("kind") if isinstance(state, Mapping) else None
+    if kind not in _ROOT_KINDS:
+        raise ConfigError(f"--backup {directory}: holds a {kind!r} state, not a root's")
+    if state.get("node_id") != identity.node_id:
+        raise ConfigError(
+            f"--backup {directory}: a backup of {state.get('node_id')!r}, "
+            f"not of {identity.node_id!r}"
+        )
+    backup = make()
+    try:
+        with StateStore(directory) as store:
+            restore_node(backup, store.load(repair=False))
+    except (StoreError, OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"--backup {directory}: cannot restore this backup: {exc}") from None
+    assert isinstance(backup, OwnModel)
+    version, weights = backup.current_model()
+    return Seed(version, dict(weights), directory, backup.snapshot())  # type: ignore[attr-defined]
 
 
 def _with_model(root: Node, version: int, weights: Weights) -> None:
@@ -138,13 +178,21 @@ def _with_model(root: Node, version: int, weights: Weights) -> None:
     root.restore(state)  # type: ignore[attr-defined]
 
 
-def reseed_root(config: Path, sources: Sequence[Path], *, above: int = -1) -> str:
-    """Re-seed the root of ``config`` from ``sources`` (at a version > ``above``); return
-    the line to print."""
+def reseed_root(
+    config: Path,
+    sources: Sequence[Path],
+    *,
+    above: int = -1,
+    backups: Sequence[Path] = (),
+    force: bool = False,
+) -> str:
+    """Re-seed the root of ``config`` from regions' ``sources`` and its own ``backups`` (at
+    a version > ``above``); return the line to print. A damaged root state directory
+    raises ``CorruptStateError`` (its message is the line to print)."""
     if above < -1:
         raise ConfigError(f"--above must be >= 0, got {above}")
-    if not sources:
-        raise ConfigError("give at least one --from STATE_DIR")
+    if not sources and not backups:
+        raise ConfigError("give at least one --from STATE_DIR (a region's) or --backup DIR")
     cfg = load_config(config)
     if cfg.role != "root":
         raise ConfigError(f"{config}: reseed is for a root; this config is a {cfg.role}")
@@ -155,7 +203,9 @@ def reseed_root(config: Path, sources: Sequence[Path], *, above: int = -1) -> st
     def make() -> Node:
         return build_node(cfg, roster, plan)
 
-    seed = max((seed_from(Path(s), identity, make) for s in sources), key=lambda s: s.version)
+    seeds = [seed_from(Path(s), identity) for s in sources]
+    seeds += [seed_from_backup(Path(b), identity, make) for b in backups]
+    seed = max(seeds, key=lambda s: s.version)
     root = make()
     try:
         store = StateStore(cfg.state_dir)
@@ -163,16 +213,38 @@ def reseed_root(config: Path, sources: Sequence[Path], *, above: int = -1) -> st
         raise ConfigError(f"state_dir: {exc}: stop the root before reseeding it") from None
     with store:
         try:
+            recovery = store.load()
+        except CorruptStateError as exc:
+            # A checkpoint cannot be repaired (it is the node's whole state); a log can.
+            fix = (
+                f"move {cfg.state_dir} aside (keep it)"
+                if exc.path is not None and exc.path.name.endswith(".ckpt")
+                else f"repair it (`fedloom state repair {cfg.state_dir} ...`) or move it aside"
+            )
+            raise CorruptStateError(
+                f"state_dir damaged: {exc}; {fix}, then reseed again",
+                path=exc.path,
+                offset=exc.offset,
+            ) from None
+        try:
             current = make()
-            restore_node(current, store.load())
+            restore_node(current, recovery)
             held = current.current_model()[0]  # type: ignore[attr-defined]
+            intact = recovery.checkpoint is not None
         except (StoreError, ValueError, KeyError):
-            held = -1  # unreadable: what it held is lost anyway
+            held, intact = -1, False  # unreadable: what it held is lost anyway
         version = max(seed.version, above + 1)
         if held >= version:
             raise ConfigError(
                 f"state_dir: the root already holds model version {held}, not older than "
                 f"version {version} from {seed.source}: nothing to reseed"
+            )
+        if intact and not force and above >= seed.version + ABOVE_SLACK:
+            raise ConfigError(
+                f"--above {above} is {above - seed.version} versions beyond the newest model "
+                f"found (version {seed.version} in {seed.source}) while the root's own state "
+                f"is intact (version {held}): a healthy root would lose its ledger and what "
+                "it applied; check which region claims that version, or add --force"
             )
         if seed.root_state is not None:
             root.restore(seed.root_state)  # type: ignore[attr-defined]
@@ -188,9 +260,24 @@ def reseed_root(config: Path, sources: Sequence[Path], *, above: int = -1) -> st
 
 
 def cmd_state_reseed(
-    config: Path, sources: Sequence[Path], above: int = -1, *, out: TextIO | None = None
+    config: Path,
+    sources: Sequence[Path],
+    above: int = -1,
+    *,
+    backups: Sequence[Path] = (),
+    force: bool = False,
+    out: TextIO | None = None,
 ) -> int:
-    """``fedloom state reseed``: 0 on success (user mistakes raise ``ConfigError``)."""
-    line = reseed_root(config, sources, above=above)
+    """``fedloom state reseed``: 0 on success; one line and 65 when the root's state
+    directory is damaged, 75 when the disk refuses it (user mistakes raise
+    ``ConfigError``)."""
+    try:
+        line = reseed_root(config, sources, above=above, backups=backups, force=force)
+    except CorruptStateError as exc:
+        print(f"fedloom: error: {exc}", file=sys.stderr)
+        return EXIT_CORRUPT_STATE
+    except StateIOError as exc:  # the disk refused: fix it and run this again
+        print(f"fedloom: error: state_dir: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     print(line, file=out or sys.stdout)
     return 0

@@ -139,8 +139,10 @@ def test_a_backup_of_the_root_restores_it_whole_and_resumes_above_its_children(
             (backup / f.name).write_bytes(f.read_bytes())
     for f in root_cfg.state_dir.iterdir():  # the disk is lost
         f.unlink()
-    argv = ["state", "reseed", "--config", str(fed.nodes[ROOT_ID].config), "--from"]
-    assert main([*argv, str(backup), "--above", str(held + 4)]) == 0
+    argv = ["state", "reseed", "--config", str(fed.nodes[ROOT_ID].config)]
+    assert main([*argv, "--from", str(backup)]) == 2  # --from takes regions only
+    assert "--backup" in capsys.readouterr().err
+    assert main([*argv, "--backup", str(backup), "--above", str(held + 4)]) == 0
     back = load_node(root_cfg)
     assert isinstance(back, FedBuffAggregator) and back.version == held + 5
     for k, v in weights.items():
@@ -149,3 +151,73 @@ def test_a_backup_of_the_root_restores_it_whole_and_resumes_above_its_children(
     assert back.duplicates == 1 and not [e for e in dup if isinstance(e, Persist)]
     with StateStore(backup) as store:  # the backup itself is left as it was
         assert store.load(repair=False).checkpoint is not None
+
+
+def healthy_root(fed: Federation, forwards: int) -> int:
+    """The root applies ``forwards`` forwards of the region, durably; its version."""
+    d = open_daemon(load_config(fed.nodes[ROOT_ID].config))
+    try:
+        assert isinstance(d.node, FedBuffAggregator)
+        d.node.handle(Received(REGION, Hello(REGION, "region")), 0.0)
+        for seq in range(1, forwards + 1):
+            u = Update(REGION, seq, d.node.version, forward(d.node, 0).delta, 20, count=1)
+            out = d.node.handle(Received(REGION, u), float(seq))
+            d.store.apply_many([e for e in out if isinstance(e, Persist)])
+        return d.node.version
+    finally:
+        d.close()
+
+
+def test_a_root_state_planted_in_a_region_directory_is_refused(
+    fed: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root_cfg = load_config(fed.nodes[ROOT_ID].config)
+    fake = load_node(root_cfg)  # a region's operator writes a "root backup" there
+    snap = dict(fake.snapshot())  # type: ignore[attr-defined]
+    snap["version"] = 500
+    snap["weights"] = {k: np.full_like(v, 1e6) for k, v in snap["weights"].items()}
+    region_dir = fed.nodes[REGION].state_dir
+    region_dir.mkdir(parents=True, exist_ok=True)
+    with StateStore(region_dir) as store:
+        store.load()
+        store.apply(Persist("checkpoint", snap))
+    argv = ["state", "reseed", "--config", str(fed.nodes[ROOT_ID].config)]
+    assert main([*argv, "--from", str(region_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a root's state" in err and len(err.splitlines()) == 1
+    assert load_node(root_cfg).current_model()[0] == 0  # type: ignore[attr-defined]
+
+
+def test_a_healthy_root_is_not_reseeded_far_above_its_signed_models_without_force(
+    fed: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    held = healthy_root(fed, 5)
+    region_holds(fed, signed_model(fed, held + 1, shift=0.25))
+    argv = ["state", "reseed", "--config", str(fed.nodes[ROOT_ID].config)]
+    argv += ["--from", str(fed.nodes[REGION].state_dir), "--above", str(10**15)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and "intact" in err and len(err.splitlines()) == 1
+    back = load_node(load_config(fed.nodes[ROOT_ID].config))
+    assert isinstance(back, FedBuffAggregator) and back.version == held
+    assert back._ledger.seen(REGION, 5)  # its ledger is still there
+    assert main([*argv, "--force"]) == 0  # the operator insists
+    back = load_node(load_config(fed.nodes[ROOT_ID].config))
+    assert back.current_model()[0] == 10**15 + 1  # type: ignore[attr-defined]
+
+
+def test_a_damaged_root_state_is_refused_in_one_line_naming_the_file(
+    fed: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    region_holds(fed, signed_model(fed, 40, shift=0.25))
+    root_cfg = load_config(fed.nodes[ROOT_ID].config)
+    healthy_root(fed, 1)
+    ckpt = root_cfg.state_dir / "checkpoint.ckpt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 16] = b"\xff" * 16
+    ckpt.write_bytes(bytes(data))
+    argv = ["state", "reseed", "--config", str(fed.nodes[ROOT_ID].config)]
+    assert main([*argv, "--from", str(fed.nodes[REGION].state_dir)]) == 65
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(ckpt) in err and "offset" in err and "aside" in err
