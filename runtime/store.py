@@ -74,6 +74,7 @@ import contextlib
 import dataclasses
 import enum
 import fcntl
+import logging
 import os
 import re
 import struct
@@ -112,6 +113,8 @@ __all__ = [
     "wal_logs",
 ]
 
+log = logging.getLogger("fedloom.runtime.store")
+
 CHECKPOINT_KEY = "checkpoint"
 
 MAGIC = b"FLs1"
@@ -122,6 +125,8 @@ _WAL_RE = re.compile(r"wal\.(\d+)\.log")
 _CKPT_SUFFIX = ".ckpt"
 _TMP_SUFFIX = ".tmp"
 _SCAN_CHUNK = 1 << 20
+# Later MAGIC offsets tried as the end of a last frame whose length field may be damaged.
+_MAX_LENGTH_GUESSES = 64
 
 # Local files, not peer bytes: no size caps worth having, and NaN in a model is the
 # node's business, not the store's.
@@ -474,23 +479,57 @@ def _all_zero(f: BinaryIO, pos: int, size: int) -> bool:
     return True
 
 
-def _torn_reason(f: BinaryIO, pos: int, size: int) -> str | None:
-    """Why the damaged last frame at ``pos`` is what a crash before fsync leaves (see the
-    module docstring), or None when no crash can explain it."""
+def _verifies_before_later_magic(f: BinaryIO, pos: int, size: int, crc: int) -> int | None:
+    """The first later MAGIC offset ``m`` such that the frame at ``pos`` verifies with the
+    body length ``m`` implies (its own length field damaged), or None. A torn last write
+    cannot be followed by another frame's start, so such a frame was acknowledged."""
+    start, tried = pos + _HEADER.size, 0
+    f.seek(start)
+    data = f.read(size - start)
+    at = data.find(MAGIC)
+    while at != -1 and tried < _MAX_LENGTH_GUESSES:
+        if at >= _U32.size:
+            body = data[:at]
+            if zlib.crc32(body, zlib.crc32(_U64.pack(len(body)))) == crc:
+                return start + at
+        tried += 1
+        at = data.find(MAGIC, at + 1)
+    return None
+
+
+def _torn_reason(f: BinaryIO, pos: int, size: int, largest_frame: int = 0) -> tuple[bool, str]:
+    """(torn, why) for the damaged last range at ``pos``: torn when it is what a crash
+    before fsync can leave (see the module docstring), else why it is corruption (empty:
+    the frame's own error says it). ``largest_frame``: the longest intact frame before it."""
     if size - pos < _HEADER.size:
-        return f"the file ends inside a frame header ({size - pos} bytes)"
+        return True, f"the file ends inside a frame header ({size - pos} bytes)"
     if _all_zero(f, pos, size):
-        return f"{size - pos} zero bytes to the end of the file (blocks never written)"
+        # Only the last write can be unwritten blocks: zeros longer than any frame the log
+        # holds would have swallowed acknowledged frames before it (a bound, not a proof:
+        # see the module docstring).
+        if largest_frame and size - pos > largest_frame:
+            return False, (
+                f"{size - pos} zero bytes to the end of the file, more than the longest "
+                f"frame of the log ({largest_frame} bytes): not one unfinished write"
+            )
+        return True, f"{size - pos} zero bytes to the end of the file (blocks never written)"
     f.seek(pos)
     magic, length, crc = _HEADER.unpack(f.read(_HEADER.size))
     if magic != MAGIC or pos + _HEADER.size + length <= size:
-        return None  # a complete frame, or a header no write of this store produced
+        return False, ""  # a complete frame, or a header no write of this store produced
+    later = _verifies_before_later_magic(f, pos, size, crc)
+    if later is not None:  # an acknowledged frame with a damaged length field, then more
+        return False, (
+            f"its length field is damaged: the frame verifies as ending at offset {later}, "
+            "where another frame starts (only the last write can be torn)"
+        )
     # The file ends inside the frame, unless the bytes up to the end ARE the frame and only
     # its length field is damaged (an acknowledged frame must not pass for a torn one).
+    f.seek(pos + _HEADER.size)
     rest = f.read(size - pos - _HEADER.size)
     if zlib.crc32(rest, zlib.crc32(_U64.pack(len(rest)))) == crc:
-        return None
-    return f"the file ends inside the frame ({size - pos} of {_HEADER.size + length} bytes)"
+        return False, "its length field is damaged: the frame verifies to the end of the file"
+    return True, f"the file ends inside the frame ({size - pos} of {_HEADER.size + length} bytes)"
 
 
 def _is_batch(tree: Any) -> bool:
@@ -513,8 +552,9 @@ def scan_log(path: Path, *, decode: bool = True) -> LogScan:
             except _DamagedFrameError as exc:
                 later = _intact_frame_after(f, pos, size)
                 if later is None:
-                    why = _torn_reason(f, pos, size)
-                    damage.append(Damage(path, pos, size, why or str(exc), torn=why is not None))
+                    largest = max((fr.end - fr.start for fr in frames), default=0)
+                    torn, why = _torn_reason(f, pos, size, largest)
+                    damage.append(Damage(path, pos, size, why or str(exc), torn=torn))
                     break
                 reason = f"{exc}; an intact frame follows at offset {later}"
                 damage.append(Damage(path, pos, later, reason, torn=False))
@@ -712,6 +752,15 @@ class StateStore:
                             path.unlink(missing_ok=True)
                     continue
                 trees, good_end, torn = _scan_log(path)
+                if torn:
+                    log.warning(
+                        "%s: dropping a torn tail of %d bytes at offset %d (a write the "
+                        "crash cut short, never acknowledged)",
+                        path,
+                        torn,
+                        good_end,
+                        extra={"path": str(path), "offset": good_end, "torn_bytes": torn},
+                    )
                 for tree in trees:
                     for key, record in tree:
                         logs.setdefault(key, []).append(record)

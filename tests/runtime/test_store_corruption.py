@@ -119,9 +119,10 @@ def test_an_empty_log_is_an_empty_log(tmp_path: Path) -> None:
     assert rec.epoch == 1 and rec.logs == {} and rec.torn_bytes == 0
 
 
-@pytest.mark.parametrize("zeros", [HEADER, 300, 4096 * 3])
+@pytest.mark.parametrize("zeros", [HEADER, 300])
 def test_a_tail_of_zeros_is_a_torn_write(tmp_path: Path, zeros: int) -> None:
-    """Blocks a power loss left unwritten behind a grown size read back as zeros."""
+    """Blocks a power loss left unwritten behind a grown size read back as zeros (no longer
+    than a frame of the log: see test_store_faults for longer ones)."""
     starts = three_frames(tmp_path)
     path = wal(tmp_path)
     end = path.stat().st_size
