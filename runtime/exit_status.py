@@ -13,6 +13,7 @@ __all__ = [
     "EXIT_CORRUPT_STATE",
     "EXIT_ENVIRONMENT",
     "EXIT_FAILED",
+    "EXIT_IN_USE",
     "EXIT_OK",
     "EXIT_STATUS_HELP",
 ]
@@ -22,10 +23,13 @@ EXIT_FAILED = 1  # anything else expected that stopped it (a port in use, ...): 
 EXIT_CONFIG = 2  # a mistake in the command line, config, identity key or roster
 EXIT_CORRUPT_STATE = 65  # EX_DATAERR: damaged state directory (see `fedloom state check`)
 EXIT_ENVIRONMENT = 75  # EX_TEMPFAIL: disk full, read-only, I/O error, permissions
+# `fedloom state check` only: a running daemon checkpointed during every read: no verdict.
+EXIT_IN_USE = 69  # EX_UNAVAILABLE
 
 EXIT_STATUS_HELP = f"""exit status:
   {EXIT_OK:<3} stopped cleanly (SIGTERM, SIGINT)
-  {EXIT_FAILED:<3} could not run, e.g. the listen port is in use (systemd restarts it)
+  {EXIT_FAILED:<3} could not run, e.g. the listen port is in use or another process holds
+      the state directory's lock (systemd restarts it)
   {EXIT_CONFIG:<3} configuration error: config file, identity key, roster, command line
       (not restarted: fix the configuration)
   {EXIT_CORRUPT_STATE:<3} corrupt state: a damaged file in the state directory, named with its

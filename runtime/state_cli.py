@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import struct
 import sys
 import time
@@ -33,14 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT, EXIT_OK
+from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT, EXIT_IN_USE, EXIT_OK
 from runtime.store import (
     CHECKPOINT_KEY,
     CorruptStateError,
     Damage,
+    Frame,
     LogScan,
     StateIOError,
     decode_state,
+    encode_state,
     read_value,
     scan_log,
     wal_logs,
@@ -54,6 +57,13 @@ _CHECKPOINT_FILE = f"{CHECKPOINT_KEY}.ckpt"  # the store's name for it (no "/" t
 _HEADER = struct.Struct("<4sQI")
 _U32 = struct.Struct("<I")
 _COPY_CHUNK = 1 << 20
+# `check` on a running daemon: reads until one sees no checkpoint happen, and the pause.
+_LIVE_TRIES = 20
+_LIVE_PAUSE_S = 0.1
+OUTBOX_KEYS = ("site/pending", "region/pending")
+# Fewer bytes than any outbox record takes in a frame (an "add" carries a whole Update):
+# a damaged range that does not decode held at most its size / this many records.
+_MIN_OUTBOX_RECORD = 32
 
 # What dropping a record of each log key means (op "add"/"ack" for outboxes).
 MEANING: dict[tuple[str, str], str] = {
@@ -64,9 +74,9 @@ MEANING: dict[tuple[str, str], str] = {
     ),
     ("site/pending", "add"): (
         "the site forgets these updates and never resends them; if its parent had not "
-        "applied them, their training work is lost (nothing acknowledged is). The site may "
-        "number new updates with these seqs again, and a parent that applied the old ones "
-        "acks the new ones as duplicates without applying them"
+        "applied them, their training work is lost (nothing acknowledged is). The repair "
+        "writes a seq floor so new updates do not reuse these seqs (a parent that applied "
+        "the old ones would ack the new ones as duplicates without applying them)"
     ),
     ("site/pending", "ack"): (
         "the site resends these updates; its parent's ledger recognises them and acks them "
@@ -79,6 +89,34 @@ MEANING: dict[tuple[str, str], str] = {
     ("region/pending", "ack"): (
         "the region resends these forwards; the root's ledger recognises them and acks them "
         "again without applying them twice"
+    ),
+    ("site/pending", "floor"): (
+        "the site may number new updates with seqs at or below this floor again (see 'add' above)"
+    ),
+    ("region/pending", "floor"): (
+        "the region may number new forwards with seqs at or below this floor again, and "
+        "the root acks them as duplicates without applying them: their site updates are LOST"
+    ),
+    ("site/held", "keep"): (
+        "the site stops keeping these acknowledged updates until they are settled: if its "
+        "region dies before forwarding them and the standby takes over, they never reach "
+        "the root (LOST). Its outbox's add records for them must survive too, or the site "
+        "refuses to start ('a kept update ... that the outbox never held')"
+    ),
+    ("site/held", "settle"): (
+        "the site keeps these already-settled updates and resends them after a reconnect "
+        "or failover; the region answers Incorporated again and the root's pair ledger "
+        "refuses a second count"
+    ),
+    ("region/forwards", "settle"): (
+        "the region treats these forwards as unsettled again: it keeps their parts and its "
+        "sites keep their updates until the parent settles them anew (a resend is re-acked, "
+        "not counted twice); nothing is lost"
+    ),
+    ("gossip_in", ""): (
+        "the push-sum shares this peer took in are LOST: the network's mass (x, w) shrinks "
+        "by them, as for a share lost on a link; the peers' average drifts slightly, "
+        "nothing else"
     ),
 }
 
@@ -123,6 +161,36 @@ def _inspect(directory: Path) -> _State:
     return _State(directory, epoch, checkpoint, values, bad, live, logs)
 
 
+def _files(directory: Path) -> tuple[Any, ...]:
+    """What a checkpoint of a running daemon changes: the checkpoint file's identity and
+    the set of logs (appends to the live log do not matter: a scan reads a prefix)."""
+    try:
+        st = (directory / _CHECKPOINT_FILE).stat()
+        ckpt: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except FileNotFoundError:
+        ckpt = None
+    return ckpt, tuple(sorted(wal_logs(directory).items()))
+
+
+def _inspect_live(directory: Path) -> _State | None:
+    """``_inspect`` a directory a daemon is writing: read until no checkpoint happened
+    during a read (one that did can pair an old checkpoint with a new log, or lose a log
+    mid-read: false verdicts); None if none of ``_LIVE_TRIES`` reads was undisturbed."""
+    for attempt in range(_LIVE_TRIES):
+        if attempt:
+            time.sleep(_LIVE_PAUSE_S)
+        before = _files(directory)
+        try:
+            state = _inspect(directory)
+        except StateIOError as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
+            continue  # a superseded log deleted under us
+        if _files(directory) == before:
+            return state
+    return None
+
+
 def _lock_held(directory: Path) -> bool:
     """Whether a process (a running daemon) holds the directory's lock; changes nothing."""
     try:
@@ -145,7 +213,12 @@ def _lock_held(directory: Path) -> bool:
 def _exclusive(directory: Path) -> Iterator[None]:
     """Hold the directory's lock (as a daemon does) or refuse: never repair under a daemon."""
     with _io(directory / "lock", "lock"):
+        existed = (directory / "lock").exists()
         fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        if not existed:  # made by root here: the service user must still open it
+            owner = os.stat(directory)
+            with contextlib.suppress(OSError):
+                os.fchown(fd, owner.st_uid, owner.st_gid)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -180,6 +253,8 @@ def _what(key: str, record: Any) -> tuple[str, str]:
     op = str(record.get("op", ""))
     if key == "applied":
         return "", f"{record.get('src')} seq {record.get('seq')} ({record.get('outcome')})"
+    if key == "gossip_in":
+        return "", f"from {record.get('peer')}"
     if "seq" in record:
         return op, f"seq {record['seq']}"
     return op, ""
@@ -254,11 +329,18 @@ def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
     """Print what the state directory holds and any damage; exit 0 if a daemon would start."""
     out = out or sys.stdout
     try:
-        state = _inspect(directory)
         held = _lock_held(directory)
+        state = _inspect(directory) if not held else _inspect_live(directory)
     except StateIOError as exc:
         print(f"fedloom: error: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT
+    if state is None:
+        out.write(
+            f"state directory: {directory}\n  in use: a running daemon holds its lock and "
+            f"replaced its checkpoint or logs during each of {_LIVE_TRIES} reads\n"
+            "verdict: NO VERDICT (in use; stop the daemon or try again)\n"
+        )
+        return EXIT_IN_USE
     out.write(f"state directory: {directory}\n")
     if held:
         out.write("  in use: a running daemon holds its lock (a tail may be mid-write)\n")
@@ -333,6 +415,8 @@ def cmd_state_repair(
     out = out or sys.stdout
     if (truncate_at is None) == (not drop_damaged):
         raise ConfigError("state repair: give exactly one of --truncate-at OFFSET, --drop-damaged")
+    if not directory.is_dir():  # as `check` says it (exit 2), before the lock file is made
+        raise ConfigError(f"{directory}: no such state directory")
     try:
         with _exclusive(directory):
             return _repair(directory, truncate_at, out)
@@ -371,11 +455,21 @@ def _repair(directory: Path, truncate_at: int | None, out: TextIO) -> int:
         out.write(f"{live.path.name}: nothing to drop\n")
         return EXIT_OK
     seemed = {d.offset: None if d.torn else _unverified(live.path, d) for d in damaged}
+    floors = _seq_floors(live, seemed, [d for d in damaged if not d.torn], dropped)
+    tail = b"".join(
+        bytes(part)
+        for part in encode_state([[key, {"op": "floor", "seq": seq}] for key, seq in floors])
+    )
     backup = live.path.with_name(
         f"{live.path.name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.bak"
     )
-    _rewrite(live.path, keep, backup)
+    _rewrite(live.path, keep, backup, tail if floors else b"")
     out.write(f"{live.path.name}: dropped {removed} bytes; the original is kept as {backup}\n")
+    for key, seq in floors:
+        out.write(
+            f"  {key!r}: the node numbers its next update above {seq} (a 'floor' record "
+            "appended to the log), so it reuses no seq its parent may have applied\n"
+        )
     for d in damaged:
         kind = "torn tail" if d.torn else "damaged frame"
         out.write(f"  {kind} at bytes {d.offset}..{d.end} ({d.reason})\n")
@@ -394,8 +488,35 @@ def _repair(directory: Path, truncate_at: int | None, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _rewrite(path: Path, keep: list[tuple[int, int]], backup: Path) -> None:
-    """Keep ``path``'s inode as ``backup`` and atomically put the kept ranges in its place."""
+def _seq_floors(
+    live: LogScan,
+    seemed: dict[int, list[Any] | None],
+    corrupt: list[Damage],
+    dropped: list[Frame],
+) -> list[tuple[str, int]]:
+    """The seq each outbox of the log must number above once ``corrupt`` ranges and
+    ``dropped`` frames are gone: the highest seq any record of its key mentions (kept,
+    dropped, or in a damaged frame that still decodes), plus, for damaged bytes that do not
+    decode, one seq per ``_MIN_OUTBOX_RECORD`` bytes (no more records than that fit). A
+    skipped seq costs the parent's ledger one out-of-order entry until it jumps the gap
+    (``algorithms.ledger``); a reused one loses the next update. Nothing dropped: none."""
+    if not corrupt and not dropped:
+        return []
+    highest: dict[str, int] = {}
+    trees = [fr.tree for fr in live.frames] + [t for t in seemed.values() if t is not None]
+    for tree in trees:
+        for key, record in tree:
+            if key in OUTBOX_KEYS and isinstance(record, dict) and "seq" in record:
+                with contextlib.suppress(TypeError, ValueError):
+                    highest[key] = max(highest.get(key, 0), int(record["seq"]))
+    unknown = sum(d.end - d.offset for d in corrupt if seemed.get(d.offset) is None)
+    margin = -(-unknown // _MIN_OUTBOX_RECORD)
+    return [(key, seq + margin) for key, seq in sorted(highest.items())]
+
+
+def _rewrite(path: Path, keep: list[tuple[int, int]], backup: Path, tail: bytes = b"") -> None:
+    """Keep ``path``'s inode as ``backup`` and atomically put the kept ranges, then
+    ``tail`` (whole frames), in its place, with the original's owner and mode."""
     tmp = path.with_name(path.name + ".repair.tmp")  # a leftover is deleted by load()
     with _io(backup, "keep a backup as"):
         os.link(path, backup)
@@ -410,7 +531,12 @@ def _rewrite(path: Path, keep: list[tuple[int, int]], backup: Path) -> None:
                     raise OSError(5, f"{path} shrank while being repaired")
                 dst.write(chunk)
                 left -= len(chunk)
+        dst.write(tail)
         dst.flush()
+        # Run as root, the repair must not leave a file the service user cannot open.
+        st = os.fstat(src.fileno())
+        os.fchown(dst.fileno(), st.st_uid, st.st_gid)
+        os.fchmod(dst.fileno(), stat.S_IMODE(st.st_mode))
         os.fsync(dst.fileno())
     with _io(path, "replace"):
         os.replace(tmp, path)
