@@ -508,7 +508,11 @@ def _open_store(cfg: DaemonConfig) -> tuple[StateStore, Recovery]:
     try:
         store = StateStore(cfg.state_dir)
     except StoreError as exc:
-        raise ConfigError(f"state_dir: {exc} (is this node already running?)") from None
+        # Not a configuration error: the holder may be an earlier incarnation still stuck
+        # in I/O or a `fedloom state check` for a moment, so systemd must restart us.
+        raise DaemonError(
+            f"state_dir: {exc} (is this node already running?)", exit_code=EXIT_FAILED
+        ) from None
     except OSError as exc:
         if exc.errno not in _CONFIG_ERRNOS:
             raise DaemonError(f"state_dir: {exc}", exit_code=EXIT_ENVIRONMENT) from None
@@ -1050,6 +1054,8 @@ async def serve(
     main = asyncio.current_task()
     outside = asyncio.all_tasks(loop)  # tasks not ours to cancel (in-process callers)
     finished = False
+    forced = False
+    forced_once: list[bool] = []  # force_stop has warned (a list: set from a callback)
 
     def force_stop() -> None:
         # A task that swallowed its cancellation (e.g. one whose link ended at the same
@@ -1061,7 +1067,8 @@ async def serve(
             for t in asyncio.all_tasks(loop)
             if t is not main and t not in outside and not t.done()
         ]
-        log.warning(
+        log.log(
+            logging.DEBUG if forced_once else logging.WARNING,  # once is enough to know
             "%s: still stopping after %.1f s; cancelling %d task(s): %s",
             cfg.node_id,
             STOP_GRACE_S,
@@ -1069,6 +1076,7 @@ async def serve(
             ", ".join(sorted(t.get_name() for t in pending))[:500],
             extra={"node": cfg.node_id},
         )
+        forced_once.append(True)
         for task in pending:
             task.cancel()
         loop.call_later(1.0, force_stop)
@@ -1128,6 +1136,12 @@ async def serve(
                 tg.create_task(_on_event(shutdown, stop, request_stop))
             try:
                 await run
+            except asyncio.CancelledError:
+                if main is None or main.cancelling():
+                    raise  # our caller's cancellation, not the stop's
+                # force_stop cancelled the driver after the grace period; it ended only
+                # once its writes were done (see AsyncDriver.run), so stopping is safe.
+                forced = True
             finally:
                 stop.set()  # the helpers end with the driver, whichever way it ended
     except* ListenError as group:
@@ -1143,9 +1157,31 @@ async def serve(
             await obs.stop()
         if own_executor is not None:
             own_executor.shutdown(wait=False, cancel_futures=True)
+    unwritten = driver.unwritten_at_forced_stop
+    if forced and unwritten is not None:
+        # The disk stalled: no final checkpoint (more slow writes); the log already holds
+        # everything acknowledged, and a restart recovers from it.
+        log.warning(
+            "%s: stopped while a state write was still in progress: waited for it, then "
+            "stopped without writing the %d record(s) behind it (never acknowledged: their "
+            "senders resend them) or a final checkpoint",
+            cfg.node_id,
+            unwritten,
+            extra={"node": cfg.node_id, "unwritten_records": unwritten},
+        )
+        return
     if _has_snapshot(d.node):
         d.store.apply(Persist(CHECKPOINT_KEY, d.node.snapshot()))  # type: ignore[attr-defined]
-    log.info("%s: stopped cleanly", cfg.node_id, extra={"node": cfg.node_id})
+    if forced:
+        log.warning(
+            "%s: stopped after %.1f s of grace: the driver had to be cancelled (its writes "
+            "completed first)",
+            cfg.node_id,
+            STOP_GRACE_S,
+            extra={"node": cfg.node_id},
+        )
+    else:
+        log.info("%s: stopped cleanly", cfg.node_id, extra={"node": cfg.node_id})
 
 
 def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -1248,6 +1284,13 @@ def run_daemon(
             runner.run(serve(d, eval_interval_s=eval_interval_s, ready_wait_s=ready_wait_s))
     except Exception as exc:
         return _stopped(cfg, exc)
+    except asyncio.CancelledError:  # a stop forced past what serve() handles: one line
+        log.error(
+            "%s: stopped by force before its shutdown completed (see `fedloom state check`)",
+            cfg.node_id,
+            extra={"node": cfg.node_id, "exit_status": EXIT_FAILED},
+        )
+        return EXIT_FAILED
     finally:
         d.close()
     return EXIT_OK

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
-import contextlib
 import functools
 import logging
 from collections import deque
@@ -176,6 +175,9 @@ class AsyncDriver:
         self._group: list[Persist] = []  # batches waiting for the write in flight
         self._group_done: asyncio.Future[None] | None = None  # their write's outcome
         self._failure: BaseException | None = None  # a failed commit: run() raises it
+        # A stop forced while a write was in flight: how many Persists were left unwritten
+        # behind it (None: no such stop). Their sends never left, so nothing acked is lost.
+        self.unwritten_at_forced_stop: int | None = None
         # Metrics waiting for the write they followed (None: no write): shown in order.
         self._held_metrics: deque[tuple[asyncio.Future[None] | None, Metric]] = deque()
         self._metrics_hook: asyncio.Future[None] | None = None  # the gate we listen to
@@ -238,19 +240,31 @@ class AsyncDriver:
             # Whatever ends run(), the writes already decided complete: the one in flight,
             # then the group behind it (which its completion starts, unless it failed; a
             # write that is done may not have started its group yet: wait for the group).
+            # A forced stop (the daemon cancels what is left after its grace period, e.g.
+            # on a stalled disk) still waits for the write in flight (the store's thread
+            # finishes it anyway; the process could not exit before), but does not start
+            # the group behind it: its sends are gated on it, so none of it was acked.
+            forced = False
             while True:
                 pending = self._commit_pending
                 if pending is None or pending.done():
                     pending = self._group_done
                     if pending is None:
                         break
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.shield(pending)
+                except asyncio.CancelledError:
+                    forced = True
+                    self._drop_group()
+                except Exception:  # the write's own failure was reported where it failed
+                    pass
             self._running = False
             self._store_pool.shutdown(wait=False)
             if self._own_executor is not None:
                 self._own_executor.shutdown(wait=False, cancel_futures=True)
                 self._own_executor = None
+            if forced:
+                raise asyncio.CancelledError  # the caller asked for it; now it is safe
 
     # ------------------------------------------------------------------- internals
 
@@ -376,6 +390,17 @@ class AsyncDriver:
             items, group = self._group, self._group_done
             self._group, self._group_done = [], None
             self._start_write(items, group)
+
+    def _drop_group(self) -> None:
+        """Forget the group behind the write in flight (a forced stop): never written, so
+        the sends it gates are never delivered."""
+        group = self._group_done
+        dropped = len(self._group) if group is not None else 0
+        self.unwritten_at_forced_stop = (self.unwritten_at_forced_stop or 0) + dropped
+        if group is not None:  # as for a failed write: the gated sends see an error
+            self._group, self._group_done = [], None
+            group.set_exception(RuntimeError(f"{self.node_id}: stopped before this write"))
+            group.exception()
 
     def _gate(self) -> asyncio.Future[None] | None:
         """The write a message sent now must not overtake (None when all are on disk)."""
