@@ -3,11 +3,14 @@
 A FedBuff root with its durable store runs in its own process behind ``NetworkPeers``;
 twelve sites in this process answer every task at once (fp16 deltas, encrypted
 WebSockets), so updates arrive while the write before them is still on its way to disk and
-the driver commits them as groups. The root's disk is made slow (each WAL frame reaches
-the OS a few milliseconds late), which widens the window in which a group sits only in
-memory: an ack sent before its group is written would then be lost with the process (a
-process kill keeps what reached the OS). After the kill, every update a site holds an
-``Ack`` for must be in the state the root recovers.
+the driver commits them as groups. The root's disk is slow (each WAL frame reaches the OS
+a few milliseconds late), and once the driver has grouped writes it stalls for good: the
+next write never reaches the OS, and the updates handled meanwhile wait in a group behind
+it. The root is killed only once such a group exists (or a bound has passed), so every
+run has acknowledgeable updates that exist only in memory: an ack that did not wait for
+its write is lost with the process, deterministically, not by the luck of the kill's
+moment. After the kill, every update a site holds an ``Ack`` for must be in the state the
+root recovers, and none of the stalled write's updates may have been acknowledged.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,8 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[2]
 SITES = [f"site-{i:02d}" for i in range(12)]
 SLOW_DISK_S = 0.005
+STALL_AFTER_GROUPS = 5  # the root's disk stalls once the driver has grouped this many
+GROUP_WAIT_S = 10.0  # bound on waiting for a group behind the stalled write (not asserted)
 
 
 def pki() -> tuple[dict[str, Identity], Roster]:
@@ -67,11 +73,17 @@ def make_root() -> FedBuffAggregator:
 
 def serve(state: str, out: str) -> None:
     """The aggregator process: serves until killed; writes its URL, then its driver's
-    counters every 20 ms, to ``out`` (replaced atomically)."""
+    counters and the updates of the write that stalled, every 20 ms, to ``out``
+    (replaced atomically)."""
     real_append = StateStore._append
+    stall = threading.Event()  # set: the next write never reaches the OS
+    stalled: list[list[Any]] = []  # (src, seq) of the "applied" records it held
 
     def slow_append(self: StateStore, batch: list[list[Any]]) -> None:
         time.sleep(SLOW_DISK_S)  # a slow disk: the frame reaches the OS late
+        if stall.is_set():
+            stalled.extend([r["src"], r["seq"]] for key, r in batch if key == "applied")
+            threading.Event().wait()  # a disk that stopped answering: never returns
         real_append(self, batch)
 
     StateStore._append = slow_append  # type: ignore[method-assign]
@@ -84,10 +96,17 @@ def serve(state: str, out: str) -> None:
         driver = AsyncDriver(make_root(), peers=peers, store=store)
         run = asyncio.ensure_future(driver.run())
         while not run.done():
+            if driver.stats.grouped >= STALL_AFTER_GROUPS:
+                stall.set()
             if peers.listen_url is not None:
                 tmp = out + ".tmp"
+                status = {
+                    "url": peers.listen_url,
+                    "grouped": driver.stats.grouped,
+                    "stalled": stalled or None,
+                }
                 with open(tmp, "w") as f:
-                    json.dump({"url": peers.listen_url, "grouped": driver.stats.grouped}, f)
+                    json.dump(status, f)
                 os.replace(tmp, out)
             await asyncio.sleep(0.02)
         await run
@@ -134,9 +153,9 @@ def read_status(path: Path) -> dict[str, Any]:
 
 async def load_until_killed(
     proc: subprocess.Popen[bytes], status: Path, acked: set[tuple[str, int]], log: Path
-) -> int:
-    """Run the sites until the root has grouped writes and acked a few dozen updates, then
-    SIGKILL it mid-ingest; returns the groups it had reported."""
+) -> tuple[int, set[tuple[str, int]]]:
+    """Run the sites until the root's disk stalled with a group waiting behind the stalled
+    write, then SIGKILL it; returns (groups reported, the stalled write's updates)."""
     deadline = time.monotonic() + 30
     while "url" not in read_status(status):
         assert proc.poll() is None, f"the aggregator exited: {log.read_text()[-2000:]}"
@@ -162,15 +181,20 @@ async def load_until_killed(
     ]
     tasks = [asyncio.ensure_future(d.run()) for d in drivers]
     try:
-        while not (len(acked) >= 60 and read_status(status).get("grouped", 0) >= 5):
+        while not read_status(status).get("stalled"):
             assert proc.poll() is None, f"the aggregator exited: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"only {len(acked)} acks before the deadline"
+            assert time.monotonic() < deadline, f"no stall after {len(acked)} acks"
             await asyncio.sleep(0.01)
-        grouped = int(read_status(status)["grouped"])
-        proc.send_signal(signal.SIGKILL)  # mid-ingest: writes in flight, groups waiting
+        at_stall = int(read_status(status)["grouped"])
+        bound = time.monotonic() + GROUP_WAIT_S  # updates in flight arrive and are grouped
+        while read_status(status)["grouped"] <= at_stall and time.monotonic() < bound:
+            assert proc.poll() is None, f"the aggregator exited: {log.read_text()[-2000:]}"
+            await asyncio.sleep(0.01)
+        last = read_status(status)
+        proc.send_signal(signal.SIGKILL)  # a write stuck before the OS, a group behind it
         proc.wait(10)
         await asyncio.sleep(0.2)  # acks already on the wire still arrive
-        return grouped
+        return int(last["grouped"]), {(str(s), int(q)) for s, q in last["stalled"]}
     finally:
         for d in drivers:
             d.stop()
@@ -189,12 +213,17 @@ def test_sigkill_mid_ingest_loses_no_acknowledged_update(tmp_path: Path) -> None
         )
     acked: set[tuple[str, int]] = set()
     try:
-        grouped = asyncio.run(asyncio.wait_for(load_until_killed(proc, status, acked, log), 45))
+        grouped, stalled = asyncio.run(
+            asyncio.wait_for(load_until_killed(proc, status, acked, log), 45)
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-    assert grouped >= 5  # the group-commit path carried the load
+    assert grouped >= STALL_AFTER_GROUPS  # the group-commit path carried the load
+    # The stalled write never reached the OS: an ack for any of its updates left too early.
+    early = sorted(acked & stalled)
+    assert stalled and not early, f"acked before their write was durable: {early}"
 
     store = StateStore(state)
     rec = store.load()
