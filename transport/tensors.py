@@ -207,6 +207,11 @@ def encode_tensor_parts(
             parts.append(raw[1].data)
             continue
         shape = list(arr.shape)
+        if spec.kind == "fp16" and arr.dtype == _F16:
+            # Already what the codec would produce (float16 -> float32 -> float16 is exact).
+            entries.append({"name": name, "codec": "fp16", "shape": shape})
+            parts.append(np.ascontiguousarray(arr).reshape(-1).data)
+            continue
         x = np.ascontiguousarray(arr, dtype=_F32).reshape(-1)
         if spec.kind == "fp16":
             entries.append({"name": name, "codec": "fp16", "shape": shape})

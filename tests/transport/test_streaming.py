@@ -360,3 +360,19 @@ def test_encoder_misuse() -> None:
     encoder.next_piece()
     with pytest.raises(ValueError, match="every piece"):
         encoder.next_piece()
+
+
+@pytest.mark.parametrize("lz4", [True, False])
+def test_fp16_arrays_go_as_they_are_and_match_their_fp32_values(lz4: bool) -> None:
+    # float16 input under the fp16 codec is sent without conversion: the bytes must be
+    # exactly those of the same values given as float32 (Inf, NaN, subnormals, a
+    # non-contiguous view included), in both encoders.
+    rng = np.random.default_rng(3)
+    half = (rng.standard_normal((64, 130)) * 1e-3).astype(np.float16)
+    half[0, :4] = [np.inf, -np.inf, np.nan, np.float16(6e-8)]
+    tensors = {"h": half, "t": half.T, "z": np.zeros(5000, np.float16)}
+    as_f32 = {k: v.astype(np.float32) for k, v in tensors.items()}
+    spec = CodecSpec(kind="fp16", lz4=lz4)
+    assert stream(tensors, spec) == stream(as_f32, spec)
+    assert encode_tensors(tensors, spec) == encode_tensors(as_f32, spec)
+    assert not TensorStreamEncoder(tensors, spec).computes_pieces
