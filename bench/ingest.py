@@ -16,6 +16,13 @@ Two processes on loopback (127.0.0.1):
   ``TrainRequest`` at once with an ``Update`` of a fixed delta, coded fp16 on the wire
   (``CodecSpec(kind="fp16")``), no training, no site store. Models go down as fp32 (the
   daemon's default ``codec.down``), one ``TrainRequest`` per task, as FedBuff does.
+  The stand-in does no more than the harness needs (``StandInSigning``): the fixed delta
+  is held as fp16 (its bytes go on the wire unconverted) and its digest is computed once,
+  so each update signs only its envelope ``{src, seq, base_version, recipient,
+  n_examples, digest}``; a received model is decrypted and decoded but its root signature
+  and digest are not checked (a real site's checks of the models it gets are not what
+  this measures). Both processes ``gc.freeze()`` what start-up built, as the daemon does.
+  None of this changes what the aggregator receives, checks or does per update.
 
 The figure is the aggregator's applied counter (``update_applied`` metrics, counted in the
 aggregator process) over the steady window: from ``--warmup`` seconds after the first
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import gc
 import multiprocessing as mp
 import os
 import resource
@@ -53,10 +62,14 @@ from algorithms.fedbuff import FedBuffAggregator  # noqa: E402
 from algorithms.protocol import Effect, Event, Metric, PeerUp, Received, Send, Weights  # noqa: E402
 from runtime.driver import AsyncDriver  # noqa: E402
 from runtime.peers import DialTarget, NetworkPeers  # noqa: E402
+from runtime.signing import EndToEnd  # noqa: E402
 from runtime.store import StateStore  # noqa: E402
 from sim.network import CodecPolicy  # noqa: E402
+from transport.e2e import digest_as_received, sign_update  # noqa: E402
+from transport.identity import Identity  # noqa: E402
+from transport.roster import Roster  # noqa: E402
 from transport.tensors import CodecSpec  # noqa: E402
-from transport.wire import Hello, TrainRequest, Update  # noqa: E402
+from transport.wire import Hello, Message, TrainRequest, Update  # noqa: E402
 
 
 def site_ids(n: int) -> list[str]:
@@ -98,6 +111,37 @@ class EchoSite:
         return []  # Acks, PeerDown: nothing to do
 
 
+class StandInSigning(EndToEnd):
+    """A stand-in site's signing: the fixed delta's digest is computed once (it is the
+    same for every update), so sealing an update signs its envelope only; received models
+    are not checked (the real site's checks are not part of what this bench measures)."""
+
+    def __init__(
+        self, identity: Identity, roster: Roster, delta: Weights, spec: CodecSpec, digest: bytes
+    ) -> None:
+        super().__init__(identity, roster)
+        self._delta, self._spec, self._delta_digest = delta, spec, digest
+
+    async def seal(self, msg: Message, peer: str, spec: CodecSpec) -> Message:
+        if type(msg) is Update and msg.delta is self._delta and spec == self._spec:
+            sig = sign_update(
+                self.identity,
+                msg.src,
+                msg.seq,
+                msg.base_version,
+                peer,
+                msg.n_examples,
+                self._delta_digest,
+            )
+            return dataclasses.replace(msg, sig=sig)
+        return await super().seal(msg, peer, spec)
+
+    async def check(self, msg: Message, peer: str) -> None:
+        if type(msg) is TrainRequest:
+            return  # a light stand-in: the model is not used, so it is not verified
+        await super().check(msg, peer)
+
+
 # ------------------------------------------------------------------ aggregator process
 
 
@@ -136,6 +180,7 @@ async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
         store.load()
     peers = NetworkPeers(ids["agg"], roster, listen=("127.0.0.1", 0), accept_from=set(sites))
     driver = AsyncDriver(node, peers=peers, store=store, metrics=sink)
+    gc.freeze()  # as the daemon does once it has started
     run = asyncio.ensure_future(driver.run())
     while peers.listen_url is None:
         await asyncio.sleep(0.01)
@@ -198,12 +243,15 @@ async def load(args: dict[str, Any], url: str) -> None:
         k: (rng.standard_normal(v.shape, dtype=np.float32) * 1e-3).astype(np.float16)
         for k, v in make_model(args["params"]).items()
     }
-    delta32 = {k: v.astype(np.float32) for k, v in delta.items()}  # exact in fp16
-    codecs = CodecPolicy(up=CodecSpec(kind="fp16"))
+    up = CodecSpec(kind="fp16")
+    codecs = CodecPolicy(up=up)
+    digest = digest_as_received(delta, up)  # once: every update carries this delta
     drivers = []
     for s in site_ids(args["sites"]):
-        peers = NetworkPeers(ids[s], roster, dial=[DialTarget("agg", url)], codecs=codecs)
-        drivers.append(AsyncDriver(EchoSite(s, delta32), peers=peers))
+        e2e = StandInSigning(ids[s], roster, delta, up, digest)
+        peers = NetworkPeers(ids[s], roster, dial=[DialTarget("agg", url)], codecs=codecs, e2e=e2e)
+        drivers.append(AsyncDriver(EchoSite(s, delta), peers=peers))
+    gc.freeze()  # start-up's objects live as long as the process: out of the collector's scans
     async with asyncio.TaskGroup() as tg:
         for d in drivers:
             tg.create_task(d.run())  # until the main process terminates this one
