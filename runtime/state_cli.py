@@ -4,7 +4,9 @@ a damaged write-ahead log by explicit operator action.
 ``check`` changes nothing: it prints the checkpoint's epoch, the values, the live log's
 records per key, and every damaged range (file, byte offsets, torn or corrupt, and what
 the damaged frame seems to hold when it still decodes). Exit 0 when ``fedloom run`` would
-start, ``EXIT_CORRUPT_STATE`` when it would refuse.
+start, ``EXIT_CORRUPT_STATE`` when it would refuse. On a directory a running daemon holds
+it reads again while a checkpoint replaced files during a read (an old checkpoint with
+the new log looks corrupt), and gives ``EXIT_IN_USE`` ("no verdict") if every read saw one.
 
 ``repair`` drops bytes from the live log, and only when no daemon holds the directory's
 lock: ``--truncate-at OFFSET`` (a frame boundary ``check`` printed) drops everything from
@@ -13,7 +15,10 @@ original file is kept next to it as ``wal.<epoch>.log.<UTC time>.bak`` (a hard l
 copy), the repaired one replaces it atomically. It prints what was dropped and what that
 means for the node (see ``MEANING``): an aggregator's dropped "applied" records were
 acknowledged updates, now lost; a site's dropped outbox records are resent or forgotten,
-and the parent's ledger turns any resend into a re-ack.
+and the parent's ledger turns any resend into a re-ack. For each outbox it dropped records
+of, it appends a "floor" record (``_seq_floors``) so the node never numbers a new update
+with a seq its parent may have applied. The repaired file keeps the original's owner and
+mode (a repair run as root must leave it readable by the service user).
 
 A damaged ``.ckpt`` is not repaired here (it holds the node's whole state): restore it
 from a backup, or move the directory aside to start the node afresh.

@@ -43,12 +43,18 @@ shrinks), so:
 * an OS crash or power loss before the fsync can also leave the grown size with blocks that
   were never written, which read back as zeros: a tail that is all zero bytes.
 Such a tail (the first frame of an empty log too: a log is created empty and its name made
-durable before its first frame) was never acknowledged: ``load`` drops it and the file is
-truncated there (at once when ``repair``, else before the next append). Everything else is
+durable before its first frame) was never acknowledged: ``load`` drops it, logs a WARNING
+naming file and offset, and the file is truncated there (at once when ``repair``, else
+before the next append). Only the last write can be torn, so everything else is
 corruption (bit rot, a bad disk, tampering, a copy gone wrong), whatever its position: a
 complete frame with a bad checksum, head length or magic, a frame that does not decode, a
-last frame that verifies once its length field alone is corrected, any damage followed by
-an intact frame, and a damaged ``.ckpt`` (replaced atomically, never torn). ``load``
+last frame that verifies once its length field alone is corrected (to the end of the file,
+or to a later MAGIC offset: an intact frame boundary after it), zeros to the end longer
+than the longest intact frame of the log (one write zeroes no more than itself), any
+damage followed by an intact frame, and a damaged ``.ckpt`` (replaced atomically, never
+torn). The zeros bound is a bound, not a proof: zeros over the last frame and smaller
+ones before it that add up to no more than the longest frame, zeros over a log with no
+intact frame, and a log cut short at a frame boundary look like a crash. ``load``
 refuses it with ``CorruptStateError`` naming the file and byte offset: the frame may hold
 acknowledged updates, which dropping it silently would lose for good (its senders never
 resend). A power loss on a file system that writes a grown file's size before its data can
