@@ -292,6 +292,9 @@ class NodeState:
     pairs: AppliedLedger | None = None  # site updates it incorporated through forwards
     applied: list[dict[str, Any]] = field(default_factory=list)  # "applied" records in the WAL
     version: int | None = None  # the model version its durable state holds
+    version_note: str = "the checkpoint's version"  # how ``version`` was found
+    # ``version`` is what a restart restores (else the checkpoint's: a lower bound only)
+    version_restored: bool = False
 
     @property
     def acknowledged(self) -> list[int]:
@@ -303,9 +306,10 @@ def _copy_state(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock"))
 
 
-def load_state(state_dir: Path, node: str, role: str) -> NodeState:
+def load_state(state_dir: Path, node: str, role: str, config: Path | None = None) -> NodeState:
     """Read ``state_dir`` on a copy (never the run's own files); raises ``ValueError`` with
-    the reason when it cannot be read."""
+    the reason when it cannot be read. With the node's ``config``, a root's or peer's
+    durable version is the one a restart restores (checkpoint plus the records after it)."""
     from runtime.store import StateStore, StoreError
 
     if not state_dir.is_dir():
@@ -324,10 +328,34 @@ def load_state(state_dir: Path, node: str, role: str) -> NodeState:
         except Exception as exc:  # a decoder bug must not end the checker
             why = f"unreadable ({type(exc).__name__}: {describe(exc)})"
             raise ValueError(f"{state_dir}: {why}") from None
+        try:
+            state = _reduce(node, role, rec.checkpoint, rec.logs)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{state_dir}: unexpected content ({describe(exc)})") from None
+        if role in ("root", "peer") and config is not None and config.is_file():
+            restored, state.version_note = _restored_version(config, copy)
+            if restored is not None:
+                state.version, state.version_restored = restored, True
+    return state
+
+
+def _restored_version(config: Path, state_dir: Path) -> tuple[int | None, str]:
+    """The model version the node restores from ``state_dir`` (a copy) under ``config``,
+    or None and why not."""
+    import dataclasses
+
+    from runtime.config import load_config
+    from runtime.daemon import load_node
+
     try:
-        return _reduce(node, role, rec.checkpoint, rec.logs)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{state_dir}: unexpected content ({describe(exc)})") from None
+        cfg = dataclasses.replace(load_config(config), state_dir=state_dir)
+        current = getattr(load_node(cfg), "current_model", None)
+        if callable(current):
+            return int(current()[0]), "restored from checkpoint and records"
+        return None, "no model to restore: the checkpoint's version"
+    except Exception as exc:  # the checker reports, never raises
+        why = f"{type(exc).__name__}: {describe(exc)}"
+        return None, f"not restored ({why}): the checkpoint's version"
 
 
 def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> NodeState:
@@ -574,7 +602,8 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
     for node in sorted(data.nodes):
         if data.role(node) not in MODEL_OWNERS:
             continue
-        series = data.versions(node)
+        # The scrapes, and between them the "model vN" lines each incarnation logged.
+        series = sorted(data.versions(node) + _logged_versions(data, node))
         starts = _incarnations(data, node)
         best = -math.inf  # across incarnations
         prev: tuple[float, float] | None = None
@@ -589,6 +618,20 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
             prev = (t, v)
         if series:
             finals[node] = series[-1][1]
+        st = states.get(node)
+        # Published, then not durable; only what a restart restores proves it (the
+        # checkpoint alone is older than the records after it).
+        lost = (
+            data.role(node) in ("root", "peer")
+            and isinstance(st, NodeState)
+            and st.version_restored
+            and st.version is not None
+            and st.version < best
+        )
+        if lost and isinstance(st, NodeState):
+            drops.append(
+                f"{node} published v{best:g} but its state holds v{st.version} ({st.version_note})"
+            )
     above: list[str] = []
     for root in data.by_role("root"):
         st = states.get(root)
@@ -618,6 +661,16 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
     if notes:
         detail += f" ({len(notes)} region restart(s) came back older and caught up)"
     return Verdict(name, True, detail, evidence)
+
+
+def _logged_versions(data: RunData, node: str) -> list[tuple[float, float]]:
+    """(t, version) of ``node``'s "model vN" log lines (JSON records with a version)."""
+    out = []
+    for t, msg, record in _log_records(data, node):
+        version = record.get("version")
+        if t is not None and isinstance(version, int) and f"model v{version}" in msg:
+            out.append((t, float(version)))
+    return out
 
 
 def _heal_points(data: RunData) -> list[tuple[float, str, list[str]]]:
@@ -1132,7 +1185,9 @@ def load_states(data: RunData) -> dict[str, NodeState | str]:
             continue
         rel = info.get("state_dir") or f"federation/state/{node}"
         try:
-            out[node] = load_state(data.run_dir / str(rel), node, data.role(node))
+            cfg = info.get("config")
+            config = data.run_dir / str(cfg) if isinstance(cfg, str) else None
+            out[node] = load_state(data.run_dir / str(rel), node, data.role(node), config)
         except ValueError as exc:
             out[node] = str(exc)
     return out

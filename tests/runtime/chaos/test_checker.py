@@ -547,7 +547,7 @@ def test_a_gossip_run_checks_every_peer_and_has_no_tier(tmp_path: Path) -> None:
             version = k if p == "peer-0" or t < 4.0 else k - 4
             samples.append({"t": t, "node": p, "healthz": "ok",
                             "metrics": {"fedloom_model_version": float(version)}})  # fmt: skip
-    run_json = {"scenario": "gossip", "duration_s": 10.0, "nodes": nodes,
+    run_json: dict[str, Any] = {"scenario": "gossip", "duration_s": 10.0, "nodes": nodes,
                 "expect": {"resume_within_s": 3.0, "exactly_once": False}}  # fmt: skip
     write_run(run, run_json, timeline, samples)
     report = check(run)
@@ -617,3 +617,62 @@ def test_a_site_that_never_trains_again_after_its_heal_is_refuted(tmp_path: Path
     verdict = check(fed.finish())["resumed"]
     assert not verdict.passed
     assert "site-0's updates at region-0 grew never" in verdict.detail
+
+
+def _root_with_records(run: Path, applied: int) -> Path:
+    """A real root's state dir under ``run`` (the run-directory layout) holding a fresh
+    checkpoint (v0) and ``applied`` applied updates after it, each one version."""
+    from runtime.config import load_config
+    from runtime.daemon import open_daemon
+    from runtime.demo import ROOT_ID, write_federation
+    from transport.wire import Update
+
+    fed = write_federation(
+        run / "federation",
+        {"region-a": ["site-1"]},
+        plan={"dataset": "synthetic", "model": "softmax"},
+        root_aggregation={"buffer_size": 1},
+    )
+    d = open_daemon(load_config(fed.nodes[ROOT_ID].config))
+    root = d.node
+    assert isinstance(root, FedBuffAggregator)
+    try:
+        root.handle(PeerUp("region-a"), 0.0)
+        for seq in range(1, applied + 1):
+            version, weights = root.current_model()
+            delta = {k: np.full_like(x, 0.01) for k, x in weights.items()}
+            msg = Update("region-a", seq, version, delta, n_examples=5, count=1)
+            for e in root.handle(Received("region-a", msg), float(seq)):
+                if isinstance(e, Persist):
+                    d.store.apply(e)
+    finally:
+        d.close()
+    return fed.nodes[ROOT_ID].config
+
+
+def test_a_roots_durable_version_is_its_checkpoint_plus_the_records_after_it(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    config = _root_with_records(run, 5)
+    root = {"role": "root", "parent": None, "config": str(config.relative_to(run))}
+    root |= {"state_dir": "federation/state/root", "log": "federation/logs/root.log"}
+    nodes = {"root": root}
+    samples = [
+        {"t": float(v), "node": "root", "healthz": "ok", "metrics": {"fedloom_model_version": v}}
+        for v in range(1, 6)
+    ]
+    start = [{"t": 0.0, "event": "process_start", "fault": "start", "targets": ["root"],
+              "detail": {}, "intended": True}]  # fmt: skip
+    write_run(run, {"nodes": nodes, "duration_s": 6.0, "started_unix": 100.0}, start, samples)
+    log = run / "federation" / "logs" / "root.log"
+    log.write_text("")
+    verdict = check(run)["versions_monotonic"]
+    # v5 published: the checkpoint says v0, its records bring it to v5: nothing lost.
+    assert verdict.passed, verdict.detail
+    # Published between two scrapes (its log line) and not durable: lost.
+    line = {"ts": 105.5, "level": "info", "msg": "root: model v7: accuracy 0.5", "version": 7}
+    log.write_text(json.dumps(line) + "\n")
+    verdict = check(run)["versions_monotonic"]
+    assert not verdict.passed
+    assert "root published v7 but its state holds v5 (restored from" in verdict.detail
