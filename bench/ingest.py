@@ -67,6 +67,7 @@ from runtime.store import StateStore  # noqa: E402
 from sim.network import CodecPolicy  # noqa: E402
 from transport.e2e import digest_as_received, sign_update  # noqa: E402
 from transport.identity import Identity  # noqa: E402
+from transport.limits import ModelLayout  # noqa: E402
 from transport.roster import Roster  # noqa: E402
 from transport.tensors import CodecSpec  # noqa: E402
 from transport.wire import Hello, Message, TrainRequest, Update  # noqa: E402
@@ -166,10 +167,11 @@ async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
         elif m.name == "update_rejected":
             rejected += 1
 
+    model = make_model(args["params"])
     node = FedBuffAggregator(
         "agg",
         {s: "site" for s in sites},
-        make_model(args["params"]),
+        model,
         buffer_size=args["buffer"],
         concurrency=len(sites),
         rng=0,
@@ -179,8 +181,10 @@ async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
         store = StateStore(Path(args["state"]) / "agg")
         store.load()
     peers = NetworkPeers(ids["agg"], roster, listen=("127.0.0.1", 0), accept_from=set(sites))
+    peers.e2e.set_layout(ModelLayout.of(model))  # as the daemon does at start
     driver = AsyncDriver(node, peers=peers, store=store, metrics=sink)
-    gc.freeze()  # as the daemon does once it has started
+    gc.collect()  # as the daemon does once it has started
+    gc.freeze()
     run = asyncio.ensure_future(driver.run())
     while peers.listen_url is None:
         await asyncio.sleep(0.01)
@@ -239,9 +243,11 @@ def load_main(args: dict[str, Any], url: str) -> None:
 async def load(args: dict[str, Any], url: str) -> None:
     ids, roster = pki(roles_of(args["seeds"]), args["seeds"])
     rng = np.random.default_rng(1)
+    model = make_model(args["params"])
+    layout = ModelLayout.of(model)  # a site daemon knows it at start, from its plan
     delta = {
         k: (rng.standard_normal(v.shape, dtype=np.float32) * 1e-3).astype(np.float16)
-        for k, v in make_model(args["params"]).items()
+        for k, v in model.items()
     }
     up = CodecSpec(kind="fp16")
     codecs = CodecPolicy(up=up)
@@ -249,9 +255,11 @@ async def load(args: dict[str, Any], url: str) -> None:
     drivers = []
     for s in site_ids(args["sites"]):
         e2e = StandInSigning(ids[s], roster, delta, up, digest)
+        e2e.set_layout(layout)
         peers = NetworkPeers(ids[s], roster, dial=[DialTarget("agg", url)], codecs=codecs, e2e=e2e)
         drivers.append(AsyncDriver(EchoSite(s, delta), peers=peers))
-    gc.freeze()  # start-up's objects live as long as the process: out of the collector's scans
+    gc.collect()  # start-up's objects live as long as the process: out of the collector's scans
+    gc.freeze()
     async with asyncio.TaskGroup() as tg:
         for d in drivers:
             tg.create_task(d.run())  # until the main process terminates this one
