@@ -460,7 +460,13 @@ def _repair(directory: Path, truncate_at: int | None, out: TextIO) -> int:
         out.write(f"{live.path.name}: nothing to drop\n")
         return EXIT_OK
     seemed = {d.offset: None if d.torn else _unverified(live.path, d) for d in damaged}
-    floors = _seq_floors(live, seemed, [d for d in damaged if not d.torn], dropped)
+    floors = _seq_floors(
+        live,
+        seemed,
+        [d for d in damaged if not d.torn],
+        dropped,
+        _checkpoint_outbox(state.checkpoint),
+    )
     tail = b"".join(
         bytes(part)
         for part in encode_state([[key, {"op": "floor", "seq": seq}] for key, seq in floors])
@@ -493,21 +499,37 @@ def _repair(directory: Path, truncate_at: int | None, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _checkpoint_outbox(checkpoint: Path | None) -> tuple[str, int] | None:
+    """(outbox key, seq counter) of a site's or region's checkpoint (None: no outbox)."""
+    if checkpoint is None:
+        return None
+    try:
+        _, data, _ = read_value(checkpoint)
+        box = data["outbox"]
+        key = "region/pending" if data.get("kind") == "regional" else "site/pending"
+        return key, int(box["seq"])
+    except (CorruptStateError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def _seq_floors(
     live: LogScan,
     seemed: dict[int, list[Any] | None],
     corrupt: list[Damage],
     dropped: list[Frame],
+    checkpoint: tuple[str, int] | None = None,
 ) -> list[tuple[str, int]]:
     """The seq each outbox of the log must number above once ``corrupt`` ranges and
     ``dropped`` frames are gone: the highest seq any record of its key mentions (kept,
     dropped, or in a damaged frame that still decodes), plus, for damaged bytes that do not
     decode, one seq per ``_MIN_OUTBOX_RECORD`` bytes (no more records than that fit). A
     skipped seq costs the parent's ledger one out-of-order entry until it jumps the gap
-    (``algorithms.ledger``); a reused one loses the next update. Nothing dropped: none."""
+    (``algorithms.ledger``); a reused one loses the next update. ``checkpoint``: the
+    checkpoint's outbox (key, seq), the floor's base when no record of the log names it.
+    Nothing dropped: none."""
     if not corrupt and not dropped:
         return []
-    highest: dict[str, int] = {}
+    highest: dict[str, int] = dict([checkpoint]) if checkpoint is not None else {}
     trees = [fr.tree for fr in live.frames] + [t for t in seemed.values() if t is not None]
     for tree in trees:
         for key, record in tree:

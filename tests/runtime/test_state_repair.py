@@ -186,3 +186,25 @@ def test_check_without_a_daemon_still_finds_corruption(tmp_path: Path) -> None:
     path = _site_log(tmp_path, [_add(1), _add(2)])
     _damage(path, 0)
     assert cmd_state_check(tmp_path, out=io.StringIO()) == EXIT_CORRUPT_STATE
+
+
+def test_a_log_whose_only_outbox_frame_does_not_decode_floors_on_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """No record left names the outbox: the checkpoint's seq counter is the floor's base."""
+    with StateStore(tmp_path) as store:
+        store.load()
+        store.apply(Persist("checkpoint", {"outbox": {"seq": 5, "pending": []}, "model": None}))
+        store.apply(Persist(KEY, _add(6), append=True))
+    (path,) = tmp_path.glob("wal.*.log")
+    start, end = _damage(path, 0, header=True)
+    out = io.StringIO()
+    assert cmd_state_repair(tmp_path, drop_damaged=True, out=out) == EXIT_OK
+    floor = 5 + -(-(end - start) // 32)
+    assert f"{KEY!r}: the node numbers its next update above {floor}" in out.getvalue()
+    with StateStore(tmp_path) as store:
+        rec = store.load()
+    assert isinstance(rec.checkpoint, dict)
+    box = Outbox(KEY)
+    box.restore(rec.checkpoint["outbox"], rec.records(KEY))
+    assert box.seq == floor > 6
