@@ -203,6 +203,9 @@ class AggregatorBase:
         # A dict, not a set: broadcast order must not depend on string hashing.
         self._regions_up: dict[str, None] = {}
         self._ledger = AppliedLedger()
+        # Per child, how many of its updates ended in each outcome: durable evidence (the
+        # log's records are compacted away) that each seq the ledger saw was decided once.
+        self._outcomes: dict[str, dict[str, int]] = {}
         # Site updates taken inside declared regions' forwards (``algorithms.incorporation``).
         self._pairs = PairLedger()
         self._log_n = 0
@@ -630,6 +633,7 @@ class AggregatorBase:
         """Ledger it, Persist the record, then Ack: the Ack never precedes its Persist."""
         d = self._dispatcher
         self._ledger.record(msg.src, msg.seq)
+        self._count_outcome(msg.src, _OUTCOME_NAMES[outcome])
         used = self._uses[msg.src] = self._uses.get(msg.src, 0) + 1
         self._silent.discard(msg.src)  # it answers after all
         if outcome is Outcome.APPLIED:
@@ -662,6 +666,10 @@ class AggregatorBase:
         out.append(Persist(APPLIED_KEY, data, append=True))
         out.append(Send(peer, Ack(msg.src, msg.seq)))
         self._after_ack(peer, msg, outcome, out)
+
+    def _count_outcome(self, src: str, outcome: str) -> None:
+        counts = self._outcomes.setdefault(src, {})
+        counts[outcome] = counts.get(outcome, 0) + 1
 
     def _pairs_of(self, peer: str, msg: Update) -> tuple[tuple[str, int], ...]:
         """The site updates a declared region child's forward carries (else none)."""
@@ -802,6 +810,7 @@ class AggregatorBase:
         return {
             "node_id": self._id,
             "ledger": self._ledger.snapshot(),
+            "outcomes": {src: dict(c) for src, c in self._outcomes.items()},
             "pairs": self._pairs.snapshot(),
             "log_n": self._log_n,
             "next_task": self._dispatcher.next_task,
@@ -817,6 +826,10 @@ class AggregatorBase:
         if state.get("node_id") != self._id:
             raise ValueError(f"snapshot of {state.get('node_id')!r}, not {self._id!r}")
         self._ledger = AppliedLedger.from_snapshot(state["ledger"])
+        self._outcomes = {  # older checkpoints: none
+            str(src): {str(k): int(v) for k, v in c.items()}
+            for src, c in (state.get("outcomes") or {}).items()
+        }
         self._pairs.restore(state.get("pairs"))  # older checkpoints: none
         self._log_n = int(state["log_n"])
         self._dispatcher.next_task = max(self._dispatcher.next_task, int(state["next_task"]))
@@ -833,6 +846,7 @@ class AggregatorBase:
                 continue
             src = str(rec["src"])
             self._ledger.record(src, int(rec["seq"]))
+            self._count_outcome(src, str(rec["outcome"]))
             if "pairs" in rec:
                 self._pairs.record((str(p[0]), int(p[1])) for p in rec["pairs"])
             self._log_n = n

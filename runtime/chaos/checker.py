@@ -291,6 +291,9 @@ class NodeState:
     ledger: AppliedLedger | None = None  # what it recorded from its children
     pairs: AppliedLedger | None = None  # site updates it incorporated through forwards
     applied: list[dict[str, Any]] = field(default_factory=list)  # "applied" records in the WAL
+    # Per child, its updates' outcomes (applied, stale, ...) as the aggregator restores
+    # them (checkpoint plus records); None: its checkpoint predates the counters.
+    outcomes: dict[str, Counter[str]] | None = None
     version: int | None = None  # the model version its durable state holds
     version_note: str = "the checkpoint's version"  # how ``version`` was found
     # ``version`` is what a restart restores (else the checkpoint's: a lower bound only)
@@ -380,6 +383,16 @@ def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> N
                 for p in r.get("pairs") or ():
                     state.pairs.record(str(p[0]), int(p[1]))
         state.applied = [{k: v for k, v in r.items() if k != "delta"} for r in applied]
+        counted = cp.get("outcomes")
+        if isinstance(counted, Mapping) or not cp:  # a fresh one: its records say it all
+            state.outcomes = {
+                str(src): Counter({str(k): int(v) for k, v in c.items()})
+                for src, c in (counted or {}).items()
+            }
+            after = int(cp.get("log_n") or 0)  # records the checkpoint already holds
+            for r in applied:
+                if int(r.get("n", after + 1)) > after:
+                    state.outcomes.setdefault(str(r["src"]), Counter())[str(r["outcome"])] += 1
     state.version = _durable_version(cp)
     return state
 
@@ -480,6 +493,7 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
         twice += [["pair", *k] for k, n in pair_count.items() if n > 1]
         if twice:
             doubles[node] = twice[:20]
+    decided = _decided_once(states)
     root_pairs = _root_pairs(data, states)
     for root, pairs in root_pairs.items():
         for site in data.by_role("site"):
@@ -492,6 +506,7 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
         "lost_counts": {k: len(v) for k, v in lost.items()},
         "phantom": phantom,
         "applied_twice": doubles,
+        "decisions_vs_seen": decided,
         "unreadable": unreadable,
         "not_checked_refused_start": skipped,
         "root_site_updates": {r: _pair_total(p) for r, p in root_pairs.items()},
@@ -513,6 +528,18 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
     if doubles:
         shown = ", ".join(f"{n}: {v[0]}" for n, v in sorted(doubles.items()))
         problems.append(f"applied twice: {shown}")
+    for node, rows in sorted(decided.items()):
+        for src, row in sorted(rows.items()):
+            if row["decided"] > row["seen"]:
+                problems.append(
+                    f"{node} decided {row['decided']} updates of {src} but saw {row['seen']} "
+                    "(one decided twice)"
+                )
+            elif row["decided"] < row["seen"]:
+                problems.append(
+                    f"{node}'s ledger counts {row['seen']} updates of {src} as seen but "
+                    f"decided {row['decided']} (seqs skipped without a decision)"
+                )
     if unreadable:
         problems.append(
             "unreadable state: " + "; ".join(f"{k}: {v}" for k, v in unreadable.items())
@@ -532,6 +559,24 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
         f"none applied twice, none unknown to its child ({pending} still pending)",
         evidence,
     )
+
+
+def _decided_once(states: Mapping[str, NodeState | str]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per aggregator and child: the seqs its ledger has seen and the outcomes it counted
+    for them (each seen seq is decided exactly once: a double apply counts one more)."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for node, st in sorted(states.items()):
+        if not isinstance(st, NodeState) or st.ledger is None or st.outcomes is None:
+            continue
+        snap = st.ledger.snapshot()
+        srcs = set(snap["mark"]) | set(snap["above"]) | set(st.outcomes)
+        rows = {}
+        for src in sorted(srcs):
+            seen = int(snap["mark"].get(src, 0)) + len(snap["above"].get(src, []))
+            counts = st.outcomes.get(src, Counter())
+            rows[src] = {"seen": seen, "decided": sum(counts.values()), **counts}
+        out[node] = rows
+    return out
 
 
 def _site_accounting(

@@ -72,6 +72,13 @@ def test_fedbuff_restore_replays_acked_buffer(crash_at: int) -> None:
         np.testing.assert_array_equal(back.current_model()[1][k], live.current_model()[1][k])
     # everything seen before the crash is a duplicate after the restore
     assert all(back._ledger.seen(m.src, m.seq) for m in base)
+    # The per-child outcome counts come back as they were (checkpoint plus replay), one
+    # decision per update seen, none for a redelivery.
+    assert back.snapshot()["outcomes"] == live.snapshot()["outcomes"]
+    counts = live.snapshot()["outcomes"]
+    assert sum(sum(c.values()) for c in counts.values()) == len(msgs)
+    feed(live, msgs[:3], [])
+    assert live.snapshot()["outcomes"] == counts
 
 
 def test_fedasync_restore_replays() -> None:

@@ -9,12 +9,13 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 
 from algorithms.fedbuff import FedBuffAggregator
+from algorithms.ledger import AppliedLedger
 from algorithms.protocol import (
     Event,
     PeerUp,
@@ -29,6 +30,7 @@ from algorithms.regional import RegionalAggregator
 from algorithms.site import SiteNode
 from runtime.chaos.checker import Report, check_run, main
 from runtime.store import StateStore
+from transport.wire import Update
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -625,7 +627,6 @@ def _root_with_records(run: Path, applied: int) -> Path:
     from runtime.config import load_config
     from runtime.daemon import open_daemon
     from runtime.demo import ROOT_ID, write_federation
-    from transport.wire import Update
 
     fed = write_federation(
         run / "federation",
@@ -676,3 +677,46 @@ def test_a_roots_durable_version_is_its_checkpoint_plus_the_records_after_it(
     verdict = check(run)["versions_monotonic"]
     assert not verdict.passed
     assert "root published v7 but its state holds v5 (restored from" in verdict.detail
+
+
+class _ForgetsOnce(AppliedLedger):
+    """A ledger whose dedup fails once for ("region-0", 1)."""
+
+    __slots__ = ()
+    forgotten: ClassVar[set[tuple[str, int]]] = set()
+
+    def seen(self, src: str, seq: int) -> bool:
+        if (src, seq) == ("region-0", 1) and (src, seq) not in self.forgotten:
+            self.forgotten.add((src, seq))
+            return False
+        return AppliedLedger.seen(self, src, seq)
+
+
+def test_an_update_decided_twice_after_its_record_was_compacted_is_refuted(
+    tmp_path: Path,
+) -> None:
+    """The root's dedup lets region-0's forward 1 through again long after checkpoints
+    compacted its "applied" record away: only the durable outcome counts show it."""
+    fed = clean_run(tmp_path)
+    root = fed.nodes["root"]
+    _ForgetsOnce.forgotten.clear()
+    root._ledger.__class__ = _ForgetsOnce  # its dedup fails once, for region-0 seq 1
+    version, weights = root.current_model()
+    delta = {k: np.full_like(v, 0.01) for k, v in weights.items()}
+    again = Update(src="region-0", seq=1, base_version=version, delta=delta, n_examples=20)
+    fed.queue.append(("root", Received("region-0", again)))
+    fed.run_for(300)
+    report = check(fed.finish())
+    verdict = report["exactly_once"]
+    assert not verdict.passed
+    assert "root decided" in verdict.detail and "of region-0" in verdict.detail
+    row = verdict.data["decisions_vs_seen"]["root"]["region-0"]
+    assert row["decided"] == row["seen"] + 1
+    assert not verdict.data["applied_twice"]  # the WAL's records no longer show it
+
+
+def test_every_seen_update_has_exactly_one_outcome_in_a_clean_run(tmp_path: Path) -> None:
+    verdict = check(clean_run(tmp_path).finish())["exactly_once"]
+    rows = verdict.data["decisions_vs_seen"]
+    assert verdict.passed and set(rows) == {"root", "region-0"}
+    assert all(r["decided"] == r["seen"] > 0 for by in rows.values() for r in by.values())
