@@ -398,6 +398,7 @@ class RegionalAggregator(BufferedAggregator):
         first = self._global is None
         self._global = (int(msg.version), msg.weights)
         self._proof = (msg.signer, msg.parent, msg.sig)
+        out.append(Metric("model_version", float(msg.version)))  # the newest global it holds
         if first:
             self._make_buffer(msg.weights)
             self.state = RegionState.ACTIVE

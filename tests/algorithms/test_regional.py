@@ -65,6 +65,15 @@ def test_model_is_relayed_and_used_for_tasks() -> None:
     assert b.msg.version == 8  # type: ignore[union-attr]
 
 
+def test_the_model_version_gauge_follows_the_newest_global() -> None:
+    r = make()
+    versions = []
+    for v in (7, 6, 9):
+        out = r.handle(recv("root", ModelBroadcast(v, model())), 1.0)
+        versions.append([m.value for m in metrics(out, "model_version")])
+    assert versions == [[7.0], [], [9.0]]  # an older broadcast changes nothing
+
+
 def test_the_roots_signature_travels_with_the_model_and_survives_a_restart() -> None:
     r = make()
     r.handle(hello("sub", "region"), 0.0)
