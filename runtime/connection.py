@@ -31,6 +31,7 @@ hold more than that for it, however large the messages routed to it (a relay's).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -95,12 +96,19 @@ def undecodable(peer: str, exc: Exception) -> ProtocolError:
     return MalformedMessage(f"undecodable message ({type(exc).__name__}: {describe(exc)})")
 
 
+# How many recent inter-frame gaps a link keeps (how long its peer stays silent between
+# frames: its keep-alive interval, which may be longer than this node's).
+RECENT_GAPS = 16
+
+
 class ProgressLink:
-    """A ``Link`` wrapper that stamps the (monotonic) time of every frame received."""
+    """A ``Link`` wrapper that stamps the (monotonic) time of every frame received, and
+    keeps the last ``RECENT_GAPS`` gaps between frames (the peer's own pace)."""
 
     def __init__(self, link: Link) -> None:
         self.link = link
         self.last_progress = time.monotonic()
+        self.gaps: collections.deque[float] = collections.deque(maxlen=RECENT_GAPS)
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -114,7 +122,9 @@ class ProgressLink:
 
     async def recv(self) -> bytes | memoryview:
         frame = await self.link.recv()
-        self.last_progress = time.monotonic()
+        now = time.monotonic()
+        self.gaps.append(now - self.last_progress)
+        self.last_progress = now
         self.bytes_in += len(frame)
         return frame
 

@@ -879,9 +879,15 @@ class NetworkPeers:
         await channel.close()
 
     def _live(self, conn: Connection) -> bool:
-        """Whether ``conn`` heard from its peer recently (see ``LIVE_WITHIN_KEEPALIVES``)."""
-        silent = time.monotonic() - conn.pipe.progress.last_progress
-        return conn.is_open() and silent < LIVE_WITHIN_KEEPALIVES * self.keepalive_s
+        """Whether ``conn`` heard from its peer recently (see ``LIVE_WITHIN_KEEPALIVES``):
+        within a few of this node's keep-alive intervals or of the peer's own largest
+        recent gap between frames (its keep-alive may be longer), never longer than
+        ``down_after_s`` (which ends a silent session anyway: the lock-out stays bounded)."""
+        progress = conn.pipe.progress
+        pace = max(self.keepalive_s, max(progress.gaps, default=0.0))
+        window = min(LIVE_WITHIN_KEEPALIVES * pace, self.down_after_s)
+        silent = time.monotonic() - progress.last_progress
+        return conn.is_open() and silent < window
 
     async def _refuse_duplicate(
         self, channel: SecureChannel, old: Connection, address: str

@@ -61,7 +61,7 @@ def peers(identity: Identity, roster: Roster, seed: int, **kwargs: Any) -> Netwo
         connect=fast_connect,
         serve=fast_serve,
         backoff=Backoff(base_s=0.05, cap_s=0.2),
-        keepalive_s=0.5,
+        keepalive_s=kwargs.pop("keepalive_s", 0.5),
         down_after_s=60.0,  # longer than any test: only liveness can end a silent session
         rng=random.Random(seed),
         **kwargs,
@@ -151,3 +151,34 @@ def test_refused_sessions_are_counted_per_peer_in_the_metrics(pki: Pki) -> None:
     agg.duplicate_identity["site-1"] += 2
     report_duplicates(agg, sink, seen)
     assert sink.value("fedloom_duplicate_identity_total", {"peer": "site-1"}) == 5
+
+
+async def test_a_child_with_a_longer_keepalive_is_not_swapped_for_its_duplicate(
+    pki: Pki,
+) -> None:
+    """The sites send a keep-alive every 1.5 s, the aggregator every 0.5 s: the first
+    session is live by its own pace (the gaps between its frames), so its duplicate is
+    refused every time instead of replacing it between two keep-alives."""
+    agg_sink, first_sink, second_sink = Sink(), Sink(), Sink()
+    agg = peers(pki.agg, pki.roster, 0, listen=("127.0.0.1", 0))
+    async with asyncio.timeout(LIMIT), asyncio.TaskGroup() as tg:
+        agg_task = tg.create_task(agg.run(agg_sink))
+        await until(lambda: agg.listen_url is not None)
+        assert agg.listen_url is not None
+        dial = [DialTarget("agg", agg.listen_url)]
+        first = peers(pki.site, pki.roster, 1, dial=dial, keepalive_s=1.5)
+        first_task = tg.create_task(first.run(first_sink))
+        await until(lambda: "site-1" in agg.connected())
+        session = agg.table.get("site-1")
+        assert session is not None
+        await until(lambda: max(session.pipe.progress.gaps, default=0.0) > 1.0)
+        second = peers(pki.site, pki.roster, 2, dial=dial, keepalive_s=1.5)
+        second_task = tg.create_task(second.run(second_sink))
+        await until(lambda: agg.duplicate_identity["site-1"] >= 1)
+        await asyncio.sleep(4.5)  # three of the first's keep-alive intervals
+        assert agg.duplicate_identity["site-1"] >= 5
+        assert agg_sink.all().count(PeerUp("site-1")) == 1  # never swapped
+        assert agg.table.get("site-1") is session and session.is_open()
+        second_task.cancel()
+        first_task.cancel()
+        agg_task.cancel()
