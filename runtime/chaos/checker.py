@@ -1104,6 +1104,12 @@ def check_duplicates(data: RunData) -> Verdict | None:
                     f"{node}'s duplicate (same state) exited with status "
                     f"{end.get('returncode')}, not {DUPLICATE_REFUSED_STATUS} (the lock)"
                 )
+            elif "state_dir" not in str(end.get("last_log_line", "")):
+                # The status is also any other failure's: its last words name the lock.
+                problems.append(
+                    f"{node}'s duplicate (same state) did not name the state directory's "
+                    f"lock: {end.get('last_log_line', '')!r}"
+                )
         else:
             parents = _parents_of(data, node)
             key = f'fedloom_duplicate_identity_total{{peer="{node}"}}'

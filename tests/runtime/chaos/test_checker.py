@@ -567,6 +567,7 @@ def _duplicate_run(tmp_path: Path, *, refused: bool) -> Path:
     the end; ``refused``: as the scenario expects, else swapped in (the old behaviour)."""
     fed = clean_run(tmp_path)
     end = {"kind": "duplicate", "returncode": 1 if refused else -15}  # EXIT_FAILED: the lock
+    end["last_log_line"] = "fedloom: error: state_dir: /x: another process has this state dir"
     fed.timeline += [
         {"t": 1.0, "event": "fault_start", "fault": "duplicate@1", "targets": ["site-0"],
          "detail": {"kind": "duplicate", "same_state": True}, "intended": True},
@@ -720,3 +721,14 @@ def test_every_seen_update_has_exactly_one_outcome_in_a_clean_run(tmp_path: Path
     rows = verdict.data["decisions_vs_seen"]
     assert verdict.passed and set(rows) == {"root", "region-0"}
     assert all(r["decided"] == r["seen"] > 0 for by in rows.values() for r in by.values())
+
+
+def test_a_duplicate_that_fails_otherwise_is_not_a_refusal(tmp_path: Path) -> None:
+    run = _duplicate_run(tmp_path, refused=True)
+    lines = [json.loads(x) for x in (run / "timeline.jsonl").read_text().splitlines()]
+    for e in lines:
+        if e["event"] == "fault_end" and e["fault"] == "duplicate@1":
+            e["detail"]["last_log_line"] = "KeyError: 'pending'"  # a crash, status 1 too
+    (run / "timeline.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    verdict = check(run)["duplicate"]
+    assert not verdict.passed and "did not name the state directory" in verdict.detail
