@@ -255,8 +255,8 @@ async def load(args: dict[str, Any], url: str) -> None:
     drivers = []
     for s in site_ids(args["sites"]):
         e2e = StandInSigning(ids[s], roster, delta, up, digest)
-        e2e.set_layout(layout)
         peers = NetworkPeers(ids[s], roster, dial=[DialTarget("agg", url)], codecs=codecs, e2e=e2e)
+        e2e.set_layout(layout)
         drivers.append(AsyncDriver(EchoSite(s, delta), peers=peers))
     gc.collect()  # start-up's objects live as long as the process: out of the collector's scans
     gc.freeze()
