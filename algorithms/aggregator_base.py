@@ -27,7 +27,11 @@
   turns quiet while anything waits, and then takes up what it held. Which children were
   active is checkpointed; after a restart they count as active for ``quiet_after_s`` from
   the first event. Unasked updates (``task`` unknown, finished or someone else's) are
-  taken only within the share. What else counts depends on what defends the aggregate:
+  taken only within the share. Only applied updates use the share (a buffer slot each);
+  stale, late and rejected decisions are counted apart, against the same share for
+  unasked updates (a flood of them would flood the log), so stale resends of updates kept
+  across a failover never hold back the task answers that fill the buffer. What else
+  counts depends on what defends the aggregate:
 
   - Robust aggregation (median, trimmed mean; ``_variety_quota``) needs a variety of
     inputs, so EVERY update counts against the share: task answers and regions' forwards
@@ -208,12 +212,16 @@ class AggregatorBase:
         self._outcomes: dict[str, dict[str, int]] = {}
         # Site updates taken inside declared regions' forwards (``algorithms.incorporation``).
         self._pairs = PairLedger()
+        self._pairs_logged: dict[str, float] = {}  # region -> when a refusal was logged
         self._log_n = 0
         self._train_config: dict[str, Any] = dict(train_config or {})
         self._log_deltas = log_deltas
         self._bounds = claim_bounds if claim_bounds is not None else ClaimBounds()
         # Intake quota bookkeeping for the current epoch (not durable: a restart starts one).
+        # ``_uses`` counts applied updates (buffer slots), ``_free`` the others (stale,
+        # late, rejected): each is bounded by the share, so neither can starve the buffer.
         self._uses: dict[str, int] = {}
+        self._free: dict[str, int] = {}
         self._held: dict[str, list[Update]] = {}
         self._warned: set[str] = set()
         self._unsolicited: set[str] = set()  # children that had an unasked update taken
@@ -434,6 +442,11 @@ class AggregatorBase:
         if not is_int(msg.seq) or msg.seq < 1:
             self._reject_unacked(peer, msg, "bad_seq", out)
             return
+        if msg.pairs and self._children[peer] == "site":
+            # Only a region's forward stands for other updates; held or deferred, a site's
+            # pairs would cost memory no bound counts.
+            self._reject_unacked(peer, msg, "site_pairs", out)
+            return
         if self._ledger.seen(msg.src, msg.seq):
             self.duplicates += 1
             out.append(Metric("update_duplicate", 1.0, {"src": msg.src, "seq": str(msg.seq)}))
@@ -441,6 +454,8 @@ class AggregatorBase:
             self._after_duplicate(peer, msg, out)
             return
         pairs = self._pairs_of(peer, msg)
+        if pairs and self._pairs_refused(peer, msg, pairs, out):
+            return
         taken = self._pairs.overlap(pairs) if pairs else None
         if taken:
             # Delivered already by another region (a standby): refused unrecorded, so the
@@ -453,9 +468,19 @@ class AggregatorBase:
             return
         if self._owns_model and self._ahead_of_us(peer, msg, out):
             return  # before the quota: nothing of it may count, it is not recorded
+        model = self._model()
+        if (
+            not self._owns_model
+            and model is not None
+            and is_int(msg.base_version)
+            and msg.base_version > model[0]
+        ):
+            # This region lags (a site failed over and back brings an update on a newer
+            # model): held unacked until that model arrives. Rejecting it would settle it.
+            self._defer(peer, msg, out)
+            return
         if not self._within_quota(peer, msg, out):
             return
-        model = self._model()
         if model is None:
             self._defer(peer, msg, out)
             return
@@ -471,11 +496,6 @@ class AggregatorBase:
         msg, reason, clamped = self._bounds.check(peer, self._children[peer], msg)
         if reason is not None:
             return msg, reason
-        pairs = self._pairs_of(peer, msg)
-        if pairs:
-            problem = self._pairs.problem(peer, pairs, msg.count)
-            if problem is not None:
-                return msg, problem
         for name in clamped:
             out.append(Metric("update_claim_clamped", 1.0, {"src": peer, "field": name}))
             out.append(
@@ -484,6 +504,35 @@ class AggregatorBase:
         if not self._norm < math.inf:  # finite float64 entries can still overflow it
             return msg, "norm_overflow"
         return msg, None
+
+    def _pairs_refused(
+        self, peer: str, msg: Update, pairs: tuple[tuple[str, int], ...], out: list[Effect]
+    ) -> bool:
+        """Refuse, unrecorded and unacked, a forward whose pairs the pair ledger cannot
+        take (``PairLedger.problem``): recording it would settle its site updates at the
+        region, which tells the sites to forget them. The region resends it, so a
+        ``[subtrees]`` fixed and the root restarted takes it; until then an ERROR names the
+        fix at most every ``BEHIND_LOG_S`` per region."""
+        problem = self._pairs.problem(peer, pairs, msg.count)
+        if problem is None:
+            return False
+        self._reject_unacked(peer, msg, problem, out)
+        if problem == "foreign_pairs":
+            sites = self._pairs.sites(peer)
+            foreign = sorted({s for s, _ in pairs if s not in sites})
+            text = (
+                f"region {peer} forwards updates of site {foreign[0]}, which [subtrees] does "
+                f"not list under {peer}: add it to [subtrees] and restart this node (the "
+                "forwards are refused unacknowledged until then; the sites keep them)"
+            )
+        else:
+            foreign = []
+            text = f"forward from region {peer} refused: {problem}"
+        last = self._pairs_logged.get(peer)
+        if last is None or self._now >= last + BEHIND_LOG_S:
+            self._pairs_logged[peer] = self._now
+            out.append(Log("error", text, {"src": peer, "seq": msg.seq, "sites": foreign[:8]}))
+        return True
 
     # --------------------------------------------------------------- quota
     def _within_quota(self, peer: str, msg: Update, out: list[Effect]) -> bool:
@@ -500,9 +549,9 @@ class AggregatorBase:
             return True
         used = self._uses.get(peer, 0)
         quota = self._quota(peer)
-        if used < quota:
-            if not solicited:
-                self._unsolicited.add(peer)
+        # Unasked updates are also bounded in decisions that take no slot (a flood of
+        # stale or malformed ones would flood the log); a task answer is bounded by tasks.
+        if used < quota and (solicited or self._free.get(peer, 0) < quota):
             return True
         held = self._held.setdefault(peer, [])
         if any(h.seq == msg.seq for h in held):
@@ -594,6 +643,7 @@ class AggregatorBase:
     def _end_epoch(self) -> None:
         """The buffer was flushed (or the round closed): every child's quota starts again."""
         self._uses.clear()
+        self._free.clear()
         self._warned.clear()
         self._unsolicited.clear()
         self._epoch_changed = True
@@ -634,12 +684,19 @@ class AggregatorBase:
         d = self._dispatcher
         self._ledger.record(msg.src, msg.seq)
         self._count_outcome(msg.src, _OUTCOME_NAMES[outcome])
-        used = self._uses[msg.src] = self._uses.get(msg.src, 0) + 1
         self._silent.discard(msg.src)  # it answers after all
         if outcome is Outcome.APPLIED:
+            # Only a buffer slot counts against the share: stale resends of updates kept
+            # across a failover must not hold back the answers that fill the buffer.
+            used = self._uses[msg.src] = self._uses.get(msg.src, 0) + 1
             self._last_applied[peer] = self._now  # it shares the epochs (again)
-        if self._variety_quota and self._children[peer] == "site" and used >= self._quota(peer):
-            d.bench(peer)  # an honest fast site waits for the next epoch
+            if self._unasked and self._children[peer] == "site":
+                self._unsolicited.add(peer)
+            site = self._children[peer] == "site"
+            if self._variety_quota and site and used >= self._quota(peer):
+                d.bench(peer)  # an honest fast site waits for the next epoch
+        else:
+            self._free[msg.src] = self._free.get(msg.src, 0) + 1
         self._log_n += 1
         data: dict[str, Any] = {
             "n": self._log_n,
@@ -816,6 +873,7 @@ class AggregatorBase:
             "next_task": self._dispatcher.next_task,
             # The intake quota of the epoch in progress (O(children); rebuilt by replay).
             "uses": dict(self._uses),
+            "free": dict(self._free),
             "unasked": sorted(self._unsolicited),
             # Who shares the epochs: after a restart they count as active for another
             # quiet_after_s from the first event (the clock itself is not durable).
@@ -834,6 +892,7 @@ class AggregatorBase:
         self._log_n = int(state["log_n"])
         self._dispatcher.next_task = max(self._dispatcher.next_task, int(state["next_task"]))
         self._uses = {str(k): int(v) for k, v in state.get("uses", {}).items()}
+        self._free = {str(k): int(v) for k, v in state.get("free", {}).items()}
         self._unsolicited = {str(c) for c in state.get("unasked", ())}
         self._last_applied = {}
         self._restored_active = {str(c) for c in state.get("active", ()) if c in self._children}
@@ -851,10 +910,12 @@ class AggregatorBase:
                 self._pairs.record((str(p[0]), int(p[1])) for p in rec["pairs"])
             self._log_n = n
             # The decision counted against the child's quota, as it did live.
-            self._uses[src] = self._uses.get(src, 0) + 1
-            if rec.get("unasked") and self._children.get(src) == "site":
-                self._unsolicited.add(src)
-            if rec["outcome"] == Outcome.APPLIED.value:
+            if rec["outcome"] != Outcome.APPLIED.value:
+                self._free[src] = self._free.get(src, 0) + 1
+            else:
+                self._uses[src] = self._uses.get(src, 0) + 1
+                if rec.get("unasked") and self._children.get(src) == "site":
+                    self._unsolicited.add(src)
                 self._restored_active.add(src)
                 if "delta" not in rec:
                     raise ValueError("an applied record without its delta cannot be replayed")

@@ -29,9 +29,12 @@ acknowledged but not yet forwarded must neither be lost nor counted twice. The m
 Limits: a contribution from a nested region is one aggregate, so it is kept or dropped
 whole; pairs of it that the parent had not taken are then lost (metric ``pairs_lost``),
 as are those of a refused forward whose region keeps no parts. Standbys are meant for
-regions whose children are sites. The pair ledger is bounded like ``AppliedLedger`` (per
-site a watermark and ``MAX_ABOVE`` seqs above a gap; a gap left by an update a region
-never forwarded, stale or rejected, is closed when the set overflows).
+regions whose children are sites. The pair ledger keeps per site a watermark and the seqs
+taken above a gap; it never lets one region's claims move the watermark far: a pair more
+than ``PAIR_AHEAD`` above it is refused (unrecorded), and a gap (an update a region decided
+stale or rejected, which no region forwards) is given up only once a pair ``PAIR_BEHIND``
+above it was taken, which an honest site reaches only after settling everything below
+(``MAX_HELD_LIMIT``). A region can thus claim at most ``PAIR_AHEAD`` seqs ahead per pair.
 
 All of it is sans-I/O bookkeeping; the nodes persist it through ``Persist`` records
 (``HELD_KEY`` for sites, ``FORWARDS_KEY`` for regions) and their checkpoints.
@@ -43,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from algorithms.ledger import AppliedLedger
+from algorithms.ledger import MAX_ABOVE
 from algorithms.protocol import Effect, Persist, Send, Weights
 from transport.wire import Update
 
@@ -52,6 +55,9 @@ __all__ = [
     "DEFAULT_MAX_HELD",
     "FORWARDS_KEY",
     "HELD_KEY",
+    "MAX_HELD_LIMIT",
+    "PAIR_AHEAD",
+    "PAIR_BEHIND",
     "Contribution",
     "HeldUpdates",
     "PairLedger",
@@ -64,6 +70,13 @@ DEFAULT_FAILOVER_AFTER_S = 60.0
 # Updates a site keeps after their ack, waiting to be settled; when full it trains no more
 # (backpressure), so its memory and disk stay bounded whatever the tree does.
 DEFAULT_MAX_HELD = 32
+# Kept plus in-flight updates must stay well inside ``PAIR_BEHIND`` (see ``PairLedger``).
+MAX_HELD_LIMIT = MAX_ABOVE // 2
+# A parent's pair ledger: a gap this far below the highest seq taken of a site is given up
+# (no honest site still holds an update that old), and a pair this far above the watermark
+# is refused (no honest site has made it yet, or sent it that far ahead of the rest).
+PAIR_BEHIND = MAX_ABOVE
+PAIR_AHEAD = 2 * MAX_ABOVE
 # Kept updates resent at once on a new link (each answer sends the next): they are
 # model-sized and come on top of the outbox's window, whose bytes leave room for one more
 # under the connection's send-queue cap (``algorithms.outbox``).
@@ -81,8 +94,8 @@ class HeldUpdates:
     __slots__ = ("_held", "_in_flight", "_parent", "_queue", "_since_checkpoint", "limit")
 
     def __init__(self, limit: int = DEFAULT_MAX_HELD) -> None:
-        if limit < 1:
-            raise ValueError(f"max_held must be >= 1, got {limit}")
+        if not 1 <= limit <= MAX_HELD_LIMIT:
+            raise ValueError(f"max_held must be 1..{MAX_HELD_LIMIT}, got {limit}")
         self.limit = limit
         self._held: dict[int, Update] = {}
         self._since_checkpoint = 0  # records logged since the last checkpoint
@@ -205,14 +218,19 @@ class PairLedger:
     """A parent's record of the site updates it took inside region children's forwards.
 
     Only region children whose subtree is declared (``set_subtrees``) are checked; for the
-    others pairs are ignored, as before forwards carried them. Bounded like
-    ``AppliedLedger`` (per site: a watermark and at most ``MAX_ABOVE`` seqs above it).
+    others pairs are ignored, as before forwards carried them. Per site: a watermark and
+    the seqs taken above it. Unlike ``AppliedLedger`` it never closes a gap because the
+    set overflows (a region could then erase a site's future updates, which another region
+    would deliver): ``problem`` refuses a pair more than ``PAIR_AHEAD`` above the watermark,
+    and ``record`` gives up a gap only ``PAIR_BEHIND`` below the highest seq taken, so the
+    set holds fewer than ``PAIR_AHEAD`` seqs per site.
     """
 
-    __slots__ = ("_ledger", "_subtrees")
+    __slots__ = ("_above", "_mark", "_subtrees")
 
     def __init__(self) -> None:
-        self._ledger = AppliedLedger()
+        self._mark: dict[str, int] = {}
+        self._above: dict[str, set[int]] = {}
         self._subtrees: dict[str, frozenset[str]] = {}
 
     def set_subtrees(self, subtrees: Mapping[str, Iterable[str]]) -> None:
@@ -221,9 +239,12 @@ class PairLedger:
     def declared(self, region: str) -> bool:
         return region in self._subtrees
 
+    def sites(self, region: str) -> frozenset[str]:
+        return self._subtrees.get(region, frozenset())
+
     def problem(self, region: str, pairs: Sequence[Pair], count: int) -> str | None:
         """Why a forward from ``region`` claiming ``pairs`` (of ``count`` site updates)
-        is malformed, or None. O(len(pairs))."""
+        must be refused, or None. The count first: then O(len(pairs)) <= O(count)."""
         if len(pairs) > count:
             return "pairs_exceed_count"
         sites = self._subtrees.get(region, frozenset())
@@ -231,21 +252,56 @@ class PairLedger:
             return "foreign_pairs"
         if len(set(pairs)) != len(pairs):
             return "duplicate_pairs"
+        if any(seq > self._mark.get(site, 0) + PAIR_AHEAD for site, seq in pairs):
+            return "pairs_far_ahead"
         return None
+
+    def seen(self, site: str, seq: int) -> bool:
+        if seq <= self._mark.get(site, 0):
+            return True
+        above = self._above.get(site)
+        return above is not None and seq in above
 
     def overlap(self, pairs: Iterable[Pair]) -> list[Pair]:
         """The pairs already taken."""
-        return [p for p in pairs if self._ledger.seen(p[0], p[1])]
+        return [p for p in pairs if self.seen(p[0], p[1])]
 
     def record(self, pairs: Iterable[Pair]) -> None:
+        touched = set()
         for site, seq in pairs:
-            self._ledger.record(site, seq)
+            if seq > self._mark.get(site, 0):
+                self._above.setdefault(site, set()).add(seq)
+                touched.add(site)
+        for site in touched:
+            self._advance(site)
+
+    def _advance(self, site: str) -> None:
+        above = self._above[site]
+        mark = max(self._mark.get(site, 0), max(above) - PAIR_BEHIND)
+        above.difference_update([s for s in above if s <= mark])
+        while mark + 1 in above:
+            mark += 1
+            above.discard(mark)
+        self._mark[site] = mark
+        if not above:
+            del self._above[site]
+
+    def watermark(self, site: str) -> int:
+        return self._mark.get(site, 0)
 
     def snapshot(self) -> dict[str, Any]:
-        return self._ledger.snapshot()
+        """``AppliedLedger``'s shape: ``{"mark": {site: seq}, "above": {site: [seq]}}``."""
+        return {
+            "mark": dict(self._mark),
+            "above": {site: sorted(seqs) for site, seqs in self._above.items()},
+        }
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
-        self._ledger = AppliedLedger.from_snapshot(state or {})
+        state = state or {}
+        self._mark = {str(k): int(v) for k, v in state.get("mark", {}).items()}
+        self._above = {}
+        for site, seqs in state.get("above", {}).items():
+            self.record((str(site), int(q)) for q in seqs)
 
 
 @dataclass(frozen=True, slots=True)

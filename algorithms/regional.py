@@ -423,12 +423,17 @@ class RegionalAggregator(BufferedAggregator):
                 self.deferred_bytes = sum(_delta_bytes(u) for _, u in kept)
 
     def _defer(self, peer: str, msg: Update, out: list[Effect]) -> None:
+        """Hold ``msg`` unacked until a (newer) model arrives: none yet, or it is based on
+        a newer one than this region holds (it lags its parent, e.g. after a failover)."""
+        if any(p == peer and u.seq == msg.seq for p, u in self._deferred):
+            return  # a resend of one already held
         size = _delta_bytes(msg)
         if (
             len(self._deferred) >= self.max_deferred
             or self.deferred_bytes + size > self.max_deferred_bytes
         ):
-            self._reject_unacked(peer, msg, "no_model", out)
+            reason = "no_model" if self._global is None else "model_behind"
+            self._reject_unacked(peer, msg, reason, out)
             return
         self._deferred.append((peer, msg))
         self.deferred_bytes += size

@@ -228,11 +228,13 @@ class SiteNode:
         ]
         return out + self._greet(now)
 
-    def _on_settled(self, msg: Incorporated, now: float) -> list[Effect]:
-        """``msg.seq`` needs no resending any more (it also implies the ack)."""
+    def _on_settled(self, peer: str, msg: Incorporated, now: float) -> list[Effect]:
+        """``msg.seq`` needs no resending any more. From the current parent it also implies
+        the ack; another parent (a former one, or a fallback) may only settle what some
+        parent acked and this site keeps: it may never have received one still pending."""
         if msg.src != self._id:
             return []
-        out = self._outbox.ack(msg.seq, now=now)
+        out = self._outbox.ack(msg.seq, now=now) if peer == self.parent else []
         if self._held is not None:
             out += self._held.settle(msg.seq, now)
         if not any(isinstance(e, Persist) for e in out):
@@ -250,7 +252,7 @@ class SiteNode:
     def _on_received(self, peer: str, event: Received, now: float) -> list[Effect]:
         msg = event.msg
         if isinstance(msg, Incorporated) and peer in self._parents:
-            return self._on_settled(msg, now)  # a former parent may still settle ours
+            return self._on_settled(peer, msg, now)  # a former parent may settle kept ones
         if peer != self.parent:
             return unexpected(peer, msg, "not_parent")
         if isinstance(msg, TrainRequest):

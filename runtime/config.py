@@ -70,7 +70,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from algorithms.incorporation import DEFAULT_FAILOVER_AFTER_S, DEFAULT_MAX_HELD
+from algorithms.incorporation import (
+    DEFAULT_FAILOVER_AFTER_S,
+    DEFAULT_MAX_HELD,
+    MAX_HELD_LIMIT,
+)
 from sim.config_reader import ConfigError, Table
 from sim.scenario import ALGORITHMS, AlgorithmConfig, CodecConfig, TrainingConfig
 from sim.scenario import _algorithm as _read_algorithm
@@ -433,7 +437,7 @@ def _parent(t: Table, failover: dict[str, Any]) -> Endpoint:
     if t.has("failover_after_s"):
         failover["failover_after_s"] = t.number("failover_after_s", min=0.0, exclusive_min=True)
     if t.has("max_held"):
-        failover["max_held"] = t.integer("max_held", min=1, max=100_000)
+        failover["max_held"] = t.integer("max_held", min=1, max=MAX_HELD_LIMIT)
     parent = _endpoint(t, url_required=True)
     ids = [parent.id, *(f.id for f in fallbacks)]
     if len(set(ids)) != len(ids):

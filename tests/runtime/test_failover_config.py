@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from algorithms.incorporation import MAX_HELD_LIMIT
 from sim.config_reader import ConfigError
 from tests.runtime.test_config import parse, root_raw, site_raw
 
@@ -39,6 +40,8 @@ def test_a_root_reads_the_subtrees_of_its_regions() -> None:
         (lambda r: r["parent"].update(fallback=["region-eu-b"]), "table"),
         (lambda r: r["parent"].update(failover_after_s=0), "failover_after_s"),
         (lambda r: r["parent"].update(max_held=0), "max_held"),
+        # More kept updates than the root's pair ledger tolerates out of order.
+        (lambda r: r["parent"].update(max_held=MAX_HELD_LIMIT + 1), "max_held"),
         (lambda r: r.update(subtrees={"region-eu": ["site-1"]}), "only aggregators"),
     ],
 )

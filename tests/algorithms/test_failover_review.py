@@ -1,0 +1,222 @@
+"""Regional failover under the faults an adversarial review found (issue 13, item 4):
+stale resends after a failover, a region that lags the sites' model, a region claiming
+far-future site updates, a root whose ``[subtrees]`` misses a site, and notices from a
+standby that never saw the update."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tests.algorithms.test_failover as tf
+from algorithms.fedbuff import FedBuffAggregator
+from algorithms.incorporation import PAIR_AHEAD, PAIR_BEHIND
+from algorithms.protocol import Log, PeerUp, Persist, Received, Train, TrainDone, TrainResult
+from algorithms.regional import RegionalAggregator
+from algorithms.site import SiteNode
+from tests.algorithms.alg_helpers import hello, metrics, model, recv, sends, upd
+from transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, TrainRequest, Update
+
+MAX_STALENESS = 5
+
+
+def lagging_region(name: str) -> RegionalAggregator:
+    """The chaos layout's region settings: K=3, concurrency 10, a staleness bound."""
+    region = RegionalAggregator(
+        name,
+        "root",
+        {s: "site" for s in tf.SITES},
+        buffer_size=3,
+        concurrency=10,
+        rng=0,
+        keep_parts=True,
+        max_staleness=MAX_STALENESS,
+        task_timeout_s=60.0,
+    )
+    region.set_subtrees({})
+    return region
+
+
+def test_stale_resends_after_a_failover_do_not_stall_the_standby(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tf, "make_region", lagging_region)
+    net = tf.federation()
+    net.advance(10.0)
+    for s in tf.SITES:
+        net.cut("r0", s)
+    # The rest of the tree moves the model past the sites' kept updates' staleness bound.
+    v0 = net.nodes["root"].version
+    for k in range(MAX_STALENESS + 5):
+        weights = {n: a + 0 for n, a in model(0.0).items()}
+        for r in ("r0", "r0b"):
+            net.feed(r, Received("root", ModelBroadcast(v0 + 1 + k, weights)))
+    net.pump()
+    net.advance(tf.FAILOVER_S + 5)
+    assert all(net.site(s).parent == "r0b" for s in tf.SITES)
+    standby = net.region("r0b")
+    assert standby.stale >= 1  # the kept updates were resent and found stale
+    forwarded = standby.forwarded
+    # Well inside the 60 s quiet deadline that used to be the only way out of the stall.
+    net.advance(20.0)
+    assert standby.forwarded >= forwarded + 3
+    assert not standby._held
+
+
+def test_stale_decisions_take_no_slot_but_unasked_ones_stay_bounded() -> None:
+    region = lagging_region("r0b")
+    region.handle(Received("root", ModelBroadcast(20, model(0.0))), 0.0)
+    for s in tf.SITES:
+        region.handle(hello(s, "site"), 0.0)
+    quota = region._quota("s1")
+    stale = [upd("s1", q, base=1) for q in range(1, 2 * quota + 2)]  # unasked resends
+    for u in stale:
+        region.handle(recv("s1", u), 1.0)
+    assert region.stale == quota  # decided (and logged) within the share ...
+    assert len(region._held["s1"]) >= 1  # ... the rest waits: a flood stays bounded
+    assert "s1" not in region._unsolicited and not region._uses.get("s1")
+    # The site's answer to its task is still taken at once.
+    d = region._dispatcher
+    task = next(t for t in d.tasks() if d.task_site(t) == "s1")
+    region.handle(recv("s1", upd("s1", 100, base=20, task=task)), 2.0)
+    assert region.applied == 1
+
+
+def test_a_lagging_region_holds_an_update_on_a_newer_model_instead_of_rejecting_it() -> None:
+    net = tf.federation()
+    net.advance(10.0)
+    net.cut("root", "r0")
+    for s in tf.SITES:
+        net.cut("r0", s)
+    net.advance(tf.FAILOVER_S + 30)  # the sites fail over to r0b and train on newer models
+    assert all(net.site(s).parent == "r0b" for s in tf.SITES)
+    net.cut("root", "r0b")  # r0b acks and forwards into its outbox only
+    net.advance(5.0)
+    kept = {s: {u.seq for u in net.site(s).snapshot()["held"]} for s in tf.SITES}
+    assert all(kept.values())
+    net.kill("r0b")
+    for s in tf.SITES:
+        net.link("r0", s)  # back to r0, whose model is older than the kept updates'
+    net.advance(tf.FAILOVER_S + 10)
+    assert not tf.metrics_seen(net, "update_rejected")
+    net.link("root", "r0")
+    net.pump()
+    net.advance(60.0)
+    pairs = net.root_pairs()
+    for s in tf.SITES:
+        still = {u.seq for u in net.site(s).snapshot()["held"]}
+        lost = [q for q in kept[s] if (s, q) not in pairs and q not in still]
+        assert not lost, (s, lost)
+    assert max(pairs.values()) == 1
+
+
+def refused_unrecorded(out: list, reason: str) -> bool:
+    return (
+        [m.labels for m in metrics(out, "update_rejected")] == [{"reason": reason}]
+        and not sends(out, Ack)
+        and not [e for e in out if isinstance(e, Persist)]
+    )
+
+
+def test_a_region_cannot_claim_a_sites_far_future_updates() -> None:
+    root = tf.fresh_root()
+    zero = {k: np.zeros_like(a) for k, a in model(0.0).items()}
+    for i in range(70):  # the review's attack: one far-future pair per forward
+        far = Update("r0", 1 + i, 0, zero, 1, count=1, pairs=(("s1", 10**9 + i),))
+        assert refused_unrecorded(root.handle(recv("r0", far), 1.0), "pairs_far_ahead")
+    many = tuple(("s1", 10**9 + i) for i in range(65))  # or many in one forward
+    out = root.handle(recv("r0", tf.forward(100, many, count=65)), 1.0)
+    assert refused_unrecorded(out, "pairs_far_ahead")
+    assert root._pairs.watermark("s1") == 0
+    # The standby's honest forward of the site's next update is taken, not refused.
+    honest = Update("r0b", 1, 0, model(0.1), 10, count=1, pairs=(("s1", 1),))
+    out = root.handle(recv("r0b", honest), 2.0)
+    assert sends(out, Ack) and root.applied == 1 and not sends(out, Overlap)
+
+
+def test_far_future_claims_do_not_erase_the_sites_updates_after_a_failover() -> None:
+    net = tf.federation()
+    net.advance(5.0)
+    root = net.nodes["root"]
+    assert isinstance(root, FedBuffAggregator)
+    zero = {k: np.zeros_like(a) for k, a in model(0.0).items()}
+    r0 = net.region("r0")
+    for i in range(65):
+        forged = Update(
+            "r0", r0.seq + 1 + i, root.version, zero, 1, count=1, pairs=(("s1", 10**9 + i),)
+        )
+        root.handle(Received("r0", forged), net.now)
+    net.kill("r0")
+    before = set(net.root_pairs())
+    net.advance(tf.FAILOVER_S + 40)
+    new = {p for p in net.root_pairs() if p[0] == "s1" and p not in before}
+    assert len(new) >= 10  # the attack left the root taking none of them
+    assert not tf.metrics_seen(net, "forward_overlap")
+
+
+def test_a_gap_no_region_fills_is_given_up_so_later_pairs_still_flow() -> None:
+    root = tf.fresh_root()
+    seqs = [q for q in range(1, 3 * PAIR_AHEAD) if q != 3]  # (s1, 3) was stale at a region
+    for n, q in enumerate(seqs, start=1):
+        out = root.handle(recv("r0", tf.forward(n, (("s1", q),), count=1)), 1.0)
+        assert sends(out, Ack), q
+    assert root._pairs.watermark("s1") == seqs[-1]
+    assert len(root._pairs.snapshot()["above"]) == 0
+    # A gap is kept while it may still be filled.
+    out = root.handle(recv("r0", tf.forward(len(seqs) + 1, (("s2", 2),), count=1)), 1.0)
+    assert root._pairs.watermark("s2") == 0 and not root._pairs.seen("s2", 1)
+    assert PAIR_BEHIND < PAIR_AHEAD
+
+
+def test_a_site_missing_from_subtrees_keeps_its_updates_and_the_root_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = tf.fresh_root()
+    out = root.handle(recv("r9", Update("r9", 1, 0, model(0.1), 10, pairs=(("s1", 1),))), 1.0)
+    assert refused_unrecorded(out, "foreign_pairs")
+    errors = [e for e in out if isinstance(e, Log) and e.level == "error"]
+    assert len(errors) == 1 and "[subtrees]" in errors[0].text and "s1" in errors[0].text
+    out = root.handle(recv("r9", Update("r9", 2, 0, model(0.1), 10, pairs=(("s1", 2),))), 2.0)
+    assert refused_unrecorded(out, "foreign_pairs")
+    assert not [e for e in out if isinstance(e, Log) and e.level == "error"]  # rate limited
+    # The whole tree: the root's [subtrees] lacks s2, so nothing moves, and nothing is lost.
+    monkeypatch.setattr(tf, "SUBTREES", {"r0": ("s1",), "r0b": ("s1",)})
+    net = tf.federation()
+    net.advance(30.0)
+    assert not net.root_pairs()
+    for s in tf.SITES:
+        assert net.site(s).seq >= 2
+        assert net.site(s).held + net.site(s).pending == net.site(s).seq  # all still kept
+
+
+def test_a_notice_from_a_fallback_settles_only_updates_kept_as_acknowledged() -> None:
+    w = {"w": np.zeros(4, np.float32)}
+    site = SiteNode("s1", "r0", fallbacks=["r0b"], failover_after_s=60)
+    site.handle(PeerUp("r0"), 0.0)
+    site.handle(PeerUp("r0b"), 0.0)
+    out = site.handle(Received("r0", TrainRequest(1, 0, w, {})), 0.0)
+    job = next(e for e in out if isinstance(e, Train)).job
+    site.handle(TrainDone(job, TrainResult({"w": w["w"] + 1}, 10)), 1.0)
+    assert site.pending == 1
+    site.handle(Received("r0b", Incorporated("s1", 1)), 2.0)  # r0b never received it
+    assert (site.pending, site.held) == (1, 0)
+    site.handle(Received("r0", Ack("s1", 1)), 3.0)
+    assert (site.pending, site.held) == (0, 1)
+    site.handle(Received("r0b", Incorporated("s1", 1)), 4.0)  # kept: any parent settles it
+    assert site.held == 0
+
+
+def test_pairs_are_checked_before_the_overlap_and_a_site_sends_none() -> None:
+    root = tf.fresh_root()
+    root.handle(recv("r0b", Update("r0b", 1, 0, model(0.1), 10, pairs=(("s1", 1),))), 1.0)
+    # A forward naming a taken pair and a foreign one: refused, and no Overlap tells the
+    # sender which other region's site updates were taken.
+    both = tf.forward(1, (("s1", 1), ("s9", 1)))
+    out = root.handle(recv("r0", both), 1.0)
+    assert refused_unrecorded(out, "foreign_pairs") and not sends(out, Overlap)
+    region = tf.make_region("r0")
+    region.handle(Received("root", ModelBroadcast(0, model(0.0))), 0.0)
+    region.handle(hello("s1"), 0.0)
+    bad = Update("s1", 1, 0, model(0.1), 10, pairs=(("s2", 1),))
+    out = region.handle(recv("s1", bad), 1.0)
+    assert refused_unrecorded(out, "site_pairs") and region.applied == 0
