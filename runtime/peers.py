@@ -601,8 +601,6 @@ class NetworkPeers:
         # (``Limits.before_model``) until the model's limits apply to every link.
         self.inbound_before_model: Limits | None = None
         self.e2e.on_layout = self._use_model_limits
-        if self.e2e.layout is not None:
-            self._use_model_limits(self.e2e.layout)
         self.keepalive_s = keepalive_s
         self.down_after_s = down_after_s
         self.backoff = backoff if backoff is not None else Backoff()
@@ -618,6 +616,8 @@ class NetworkPeers:
         self._admitted: dict[Connection, RosterEntry] = {}
         self._inbound: set[Connection] = set()
         self._answered: set[Connection] = set()  # inbound links already sent our roster
+        if self.e2e.layout is not None:  # (needs the table: it updates open connections)
+            self._use_model_limits(self.e2e.layout)
         self.gate = Gatekeeper(identity, roster, allowed_roles=allowed_roles, options=options)
         # The TCP listener keeps a reserve for the addresses the gate knows, too.
         self._serve = serve or functools.partial(_ws_serve, known=self.gate.known)

@@ -27,6 +27,7 @@ from runtime.connection import ChannelPipe, ProgressLink
 from runtime.daemon import build_peers, load_roster, open_daemon, serve
 from runtime.demo import ROOT_ID, write_federation, write_roster
 from runtime.peers import DialTarget, NetworkPeers
+from runtime.signing import EndToEnd
 from sim.config_reader import ConfigError
 from tests.runtime.test_daemon import SYNTHETIC, listening
 from tests.runtime.test_signatures import (
@@ -35,6 +36,7 @@ from tests.runtime.test_signatures import (
     OTHER,
     REGION,
     ROOT,
+    ROSTER,
     SITE,
     FakeParent,
     Hub,
@@ -419,3 +421,12 @@ def test_only_a_relay_takes_max_message_mib(fed: Any) -> None:
     path.write_text(tomli_w.dumps(raw))
     with pytest.raises(ConfigError, match="only a relay takes it"):
         load_config(path)
+
+
+def test_peers_built_with_a_layout_already_known_take_its_limits() -> None:
+    # A caller may set the layout before it builds the peer set (a harness does);
+    # __init__ applied it before its connection table existed and failed.
+    e2e = EndToEnd(ROOT, ROSTER)
+    e2e.set_layout(LAYOUT)
+    peers = node(Hub(), ROOT, e2e=e2e)
+    assert peers.limits is not None and peers.limits.max_decoded_bytes == CAP
