@@ -549,9 +549,10 @@ class AggregatorBase:
             return True
         used = self._uses.get(peer, 0)
         quota = self._quota(peer)
-        # Unasked updates are also bounded in decisions that take no slot (a flood of
-        # stale or malformed ones would flood the log); a task answer is bounded by tasks.
-        if used < quota and (solicited or self._free.get(peer, 0) < quota):
+        # Decisions that take no slot are bounded too (a flood of stale or malformed updates
+        # would flood the log), except a task answer under the mean: one per task given.
+        exempt = solicited and not self._variety_quota
+        if used < quota and (exempt or self._free.get(peer, 0) < quota):
             return True
         held = self._held.setdefault(peer, [])
         if any(h.seq == msg.seq for h in held):

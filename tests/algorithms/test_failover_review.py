@@ -11,10 +11,19 @@ import pytest
 import tests.algorithms.test_failover as tf
 from algorithms.fedbuff import FedBuffAggregator
 from algorithms.incorporation import PAIR_AHEAD, PAIR_BEHIND
-from algorithms.protocol import Log, PeerUp, Persist, Received, Train, TrainDone, TrainResult
+from algorithms.protocol import (
+    Effect,
+    Log,
+    PeerUp,
+    Persist,
+    Received,
+    Train,
+    TrainDone,
+    TrainResult,
+)
 from algorithms.regional import RegionalAggregator
 from algorithms.site import SiteNode
-from tests.algorithms.alg_helpers import hello, metrics, model, recv, sends, upd
+from tests.algorithms.alg_helpers import hello, metrics, model, recv, requests, sends, upd
 from transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, TrainRequest, Update
 
 MAX_STALENESS = 5
@@ -46,7 +55,9 @@ def test_stale_resends_after_a_failover_do_not_stall_the_standby(
     for s in tf.SITES:
         net.cut("r0", s)
     # The rest of the tree moves the model past the sites' kept updates' staleness bound.
-    v0 = net.nodes["root"].version
+    root = net.nodes["root"]
+    assert isinstance(root, FedBuffAggregator)
+    v0 = root.version
     for k in range(MAX_STALENESS + 5):
         weights = {n: a + 0 for n, a in model(0.0).items()}
         for r in ("r0", "r0b"):
@@ -110,7 +121,7 @@ def test_a_lagging_region_holds_an_update_on_a_newer_model_instead_of_rejecting_
     assert max(pairs.values()) == 1
 
 
-def refused_unrecorded(out: list, reason: str) -> bool:
+def refused_unrecorded(out: list[Effect], reason: str) -> bool:
     return (
         [m.labels for m in metrics(out, "update_rejected")] == [{"reason": reason}]
         and not sends(out, Ack)
@@ -220,3 +231,22 @@ def test_pairs_are_checked_before_the_overlap_and_a_site_sends_none() -> None:
     bad = Update("s1", 1, 0, model(0.1), 10, pairs=(("s2", 1),))
     out = region.handle(recv("s1", bad), 1.0)
     assert refused_unrecorded(out, "site_pairs") and region.applied == 0
+
+
+def test_malformed_task_answers_stay_bounded_per_epoch_under_the_median() -> None:
+    sites = {f"s{i}": "site" for i in range(5)} | {"evil": "site"}
+    agg = FedBuffAggregator(
+        "root", sites, model(0.5), buffer_size=3, concurrency=6, robust="median"
+    )
+    task: dict[str, int] = {}
+    for s in sites:
+        task.update((p, r.task) for p, r in requests(agg.handle(hello(s), 0.0)))
+    bad = {"w": np.zeros((7, 7), np.float32)}
+    out: list[Effect] = []
+    for seq in range(1, 41):  # answers every task it gets at once, each one malformed
+        t = task.pop("evil", -1)
+        step = agg.handle(recv("evil", upd("evil", seq, task=t, delta=bad)), 1.0)
+        task.update((p, r.task) for p, r in requests(step))
+        out += step
+    # Its share (⌈3/6⌉ = 1) of decisions that take no slot; the rest never touch disk.
+    assert len([e for e in out if isinstance(e, Persist)]) == 1
