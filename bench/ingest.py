@@ -21,8 +21,10 @@ Two processes on loopback (127.0.0.1):
   so each update signs only its envelope ``{src, seq, base_version, recipient,
   n_examples, digest}``; a received model is decrypted and decoded but its root signature
   and digest are not checked (a real site's checks of the models it gets are not what
-  this measures). Both processes ``gc.freeze()`` what start-up built, as the daemon does.
-  None of this changes what the aggregator receives, checks or does per update.
+  this measures). Both processes ``gc.freeze()`` what start-up built and set the model's
+  layout at start, as the daemons do (the aggregator checks each delta's layout before
+  hashing it). None of this changes what the aggregator receives, checks or does per
+  update.
 
 The figure is the aggregator's applied counter (``update_applied`` metrics, counted in the
 aggregator process) over the steady window: from ``--warmup`` seconds after the first
