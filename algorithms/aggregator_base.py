@@ -516,7 +516,8 @@ class AggregatorBase:
         problem = self._pairs.problem(peer, pairs, msg.count)
         if problem is None:
             return False
-        self._reject_unacked(peer, msg, problem, out)
+        self.rejected += 1  # metric only: the ERROR below is the one line, rate limited
+        out.append(Metric("update_rejected", 1.0, {"reason": problem}))
         if problem == "foreign_pairs":
             sites = self._pairs.sites(peer)
             foreign = sorted({s for s, _ in pairs if s not in sites})
