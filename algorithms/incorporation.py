@@ -372,6 +372,11 @@ class RegionForwards:
     def add(self, update: Update, parts: list[Contribution]) -> None:
         self._forwards[update.seq] = _Forward(update, parts)
 
+    def buffered(self, n: int) -> list[Contribution]:
+        """The noted contributions of the ``n`` entries the buffer holds now (the last
+        ``n`` notes: ``flushed`` binds the same ones)."""
+        return self._filling[-n:] if n else []
+
     def settled_now(self, parts: Iterable[Contribution]) -> list[Pair]:
         """``parts`` will never be forwarded (dropped aggregate): release them."""
         out = []

@@ -29,6 +29,11 @@ standby, or this region before a failover) answers ``Overlap``: with ``keep_part
 region with a standby) the forward is rebuilt without them under the same seq, else it is
 dropped and what it held besides is counted lost (``pairs_lost``).
 
+Accounting (``conservation``, read by the chaos checker): per child, the updates applied
+here that left the buffer in a forward or in a dropped non-finite aggregate are counted in
+the checkpoint (and by the replay after it) and named in a "flushed" record; a forward
+rebuilt after an ``Overlap`` takes nothing from the buffer and is not counted again.
+
 States (``RegionState``): NO_MODEL — nothing to hand out yet: no tasks are dispatched and
 children's updates are held until the first model arrives; ACTIVE.
 
@@ -177,6 +182,10 @@ class RegionalAggregator(BufferedAggregator):
         # region with a standby (and the standby); costs up to K deltas per forward kept.
         self.keep_parts = keep_parts
         self.forwarded = 0
+        # Per child, its applied updates that left the buffer: in a forward ("forwarded")
+        # or in a dropped aggregate ("nonfinite"). Durable (checkpoint, then replay), so the
+        # chaos checker can prove applied == forwarded + nonfinite + still buffered.
+        self._flushed: dict[str, dict[str, int]] = {}
 
     @property
     def pending(self) -> int:
@@ -446,7 +455,10 @@ class RegionalAggregator(BufferedAggregator):
         parts = self._forwards.flushed(self._buffer.entries(), keep_deltas=self.keep_parts)
         agg = self._buffer.flush()
         self._end_epoch()
+        left = "forwarded" if agg.finite else "nonfinite"
+        children = self._count_flushed(parts, left)
         if not agg.finite:
+            out.append(Persist(FORWARDS_KEY, {"op": "flushed", left: children}, append=True))
             out.append(Metric("aggregate_nonfinite", 1.0, {"region": self._id}))
             out.append(Log("error", "aggregate not finite: not forwarded", {"region": self._id}))
             settled = self._forwards.settled_now(parts)  # never forwarded: settled for good
@@ -463,11 +475,43 @@ class RegionalAggregator(BufferedAggregator):
         )
         self._forwards.add(update, parts)
         self.forwarded += 1
+        # Evidence for the checker (records after the checkpoint); a rebuild after an
+        # Overlap reuses the seq and takes nothing from the buffer: never counted again.
+        flushed = {"op": "flushed", "seq": update.seq, left: children}
+        out.append(Persist(FORWARDS_KEY, flushed, append=True))
         out.extend(self._outbox.push(self.parent, update, now=self._now))
         out.append(Metric("region_forward", float(agg.count), {"region": self._id}))
         if self.checkpoint_every and update.seq % self.checkpoint_every == 0:
             out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
             out.append(Log("debug", "region checkpoint", {"seq": update.seq}))
+
+    def _count_flushed(self, parts: Iterable[Contribution], left: str) -> dict[str, int]:
+        """Count each child's updates that just left the buffer as ``left``."""
+        children: dict[str, int] = {}
+        for c in parts:
+            if c.src:  # a restored buffer from an older checkpoint: entries unnamed
+                children[c.src] = children.get(c.src, 0) + 1
+        for src, n in children.items():
+            counts = self._flushed.setdefault(src, {})
+            counts[left] = counts.get(left, 0) + n
+        return children
+
+    def conservation(self) -> dict[str, dict[str, int]]:
+        """Per child: its updates applied here, and where they are now (forwarded, dropped
+        as a non-finite aggregate, still buffered): the first is the sum of the others."""
+        buffered: dict[str, int] = {}
+        for c in self._forwards.buffered(len(self._buffer)):
+            buffered[c.src] = buffered.get(c.src, 0) + 1
+        out = {}
+        for src in sorted(set(self._outcomes) | set(self._flushed) | set(buffered)):
+            flushed = self._flushed.get(src, {})
+            out[src] = {
+                "applied": self._outcomes.get(src, {}).get(Outcome.APPLIED.value, 0),
+                "forwarded": flushed.get("forwarded", 0),
+                "nonfinite": flushed.get("nonfinite", 0),
+                "buffered": buffered.get(src, 0),
+            }
+        return out
 
     # ---------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
@@ -480,6 +524,8 @@ class RegionalAggregator(BufferedAggregator):
             "buffer": self._buffer.snapshot() if self._global is not None else None,
             "outbox": self._outbox.snapshot(),
             "forwards": self._forwards.snapshot(),
+            "flushed": {src: dict(c) for src, c in self._flushed.items()},
+            "buffer_size": self.buffer_size,  # a fuller buffer is flushed: the checker's bound
         }
 
     def restore(
@@ -504,6 +550,10 @@ class RegionalAggregator(BufferedAggregator):
             self._buffer.restore(state["buffer"])
         self._outbox.restore(state["outbox"])
         self._forwards.restore(state.get("forwards"))  # older checkpoints: none
+        self._flushed = {  # older checkpoints: none; the replay below counts its flushes
+            str(src): {str(k): int(v) for k, v in c.items()}
+            for src, c in (state.get("flushed") or {}).items()
+        }
         # Forwards rebuilt from "applied" first (same seqs as before), then the acks, then
         # the parent's settlements.
         self._replay_records(records)

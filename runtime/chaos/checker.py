@@ -12,6 +12,13 @@ and gives one verdict per property:
   region ledger, region forwards vs root ledger. The counts through the tiers (forwards,
   site updates they carry) go into the verdict's data; what cannot be proven from the
   final state (updates a region decided stale) is not claimed.
+* ``conservation``: in each region, every update it applied is in exactly one place: in a
+  forward it built, in an aggregate it dropped as not finite, or still in its buffer
+  (per child, from the counts its checkpoint keeps apart and the records after it; the
+  buffer never holds ``buffer_size`` entries). Its other decisions (stale, rejected) are
+  ``exactly_once``'s. Where the root keeps a pair ledger, it holds no more updates of a
+  site than regions forwarded, and exactly those (less the ones still pending) when one
+  region alone, with no standby, forwarded them to a root that applied all its forwards.
 * ``versions_monotonic``: from the samples, no aggregator's (or gossip peer's) model
   version decreases while one incarnation runs, and the root's and a peer's never decrease
   across a restart (a version published then lost; a region's, which is only the newest
@@ -46,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from algorithms.incorporation import FORWARDS_KEY
 from algorithms.ledger import AppliedLedger
 from algorithms.outbox import Outbox
 from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_FAILED
@@ -79,9 +87,12 @@ PROGRESS_COUNTERS = (
     "fedloom_updates_late_total",
 )
 OUTBOX_KEYS = {"site": "site/pending", "region": "region/pending"}
+# Where a region's applied updates are: ``applied`` is the sum of the other three.
+CONSERVED = ("applied", "forwarded", "nonfinite", "buffered")
 # Expectation keys of a scenario (``runtime.chaos.scenario``) that turn a check off.
 EXPECT_FLAG = {
     "exactly_once": "exactly_once",
+    "conservation": "exactly_once",
     "versions_monotonic": "versions_monotonic",
     "resumed": "resumes",
     "no_unintended_exit": "no_unintended_exits",
@@ -294,6 +305,11 @@ class NodeState:
     # Per child, its updates' outcomes (applied, stale, ...) as the aggregator restores
     # them (checkpoint plus records); None: its checkpoint predates the counters.
     outcomes: dict[str, Counter[str]] | None = None
+    # A region's per-child account of its applied updates (``_conservation``); None: its
+    # checkpoint predates the counts. ``conserved_at_checkpoint`` holds the checkpoint's.
+    conservation: dict[str, dict[str, int]] | None = None
+    conserved_at_checkpoint: dict[str, dict[str, int]] | None = None
+    buffer_size: int | None = None
     version: int | None = None  # the model version its durable state holds
     version_note: str = "the checkpoint's version"  # how ``version`` was found
     # ``version`` is what a restart restores (else the checkpoint's: a lower bound only)
@@ -393,8 +409,55 @@ def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> N
             for r in applied:
                 if int(r.get("n", after + 1)) > after:
                     state.outcomes.setdefault(str(r["src"]), Counter())[str(r["outcome"])] += 1
+    if role == "region" and state.outcomes is not None and ("flushed" in cp or not cp):
+        _conservation(state, cp, applied, logs.get(FORWARDS_KEY, []))
     state.version = _durable_version(cp)
     return state
+
+
+def _conservation(
+    state: NodeState, cp: Mapping[str, Any], applied: list[Mapping[str, Any]], flushes: list[Any]
+) -> None:
+    """Per child of a region: applied here, forwarded, dropped as a non-finite aggregate,
+    and still buffered, at the checkpoint (three counters the region keeps apart) and at
+    the end (the records after it: each applied one enters the buffer, each "flushed"
+    record names what left it)."""
+    rows: dict[str, dict[str, int]] = {}
+
+    def row(src: str) -> dict[str, int]:
+        return rows.setdefault(src, dict.fromkeys(CONSERVED, 0))
+
+    for src, counts in (cp.get("flushed") or {}).items():
+        for k in ("forwarded", "nonfinite"):
+            row(str(src))[k] = int(counts.get(k, 0))
+    buf = cp.get("buffer")
+    n = int(buf.get("n_updates", 0)) if isinstance(buf, Mapping) else 0
+    filling = (cp.get("forwards") or {}).get("filling") or []
+    for note in filling[-n:] if n else []:
+        row(str(note["src"]))["buffered"] += 1
+    after = int(cp.get("log_n") or 0)
+    checkpointed = Counter(
+        str(r["src"])
+        for r in applied
+        if r.get("outcome") == "applied" and int(r.get("n", after + 1)) > after
+    )
+    assert state.outcomes is not None
+    for src, counts in state.outcomes.items():
+        row(src)["applied"] = counts.get("applied", 0) - checkpointed[src]
+    state.conserved_at_checkpoint = {src: dict(r) for src, r in rows.items()}
+    for src, m in checkpointed.items():
+        row(src)["applied"] += m
+        row(src)["buffered"] += m
+    for rec in flushes:
+        if not isinstance(rec, Mapping) or rec.get("op") != "flushed":
+            continue
+        for k in ("forwarded", "nonfinite"):
+            for src, m in (rec.get(k) or {}).items():
+                row(str(src))[k] += int(m)
+                row(str(src))["buffered"] -= int(m)
+    state.conservation = rows
+    size = cp.get("buffer_size")
+    state.buffer_size = int(size) if isinstance(size, int) else None
 
 
 def _durable_version(cp: Mapping[str, Any]) -> int | None:
@@ -559,6 +622,115 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
         f"none applied twice, none unknown to its child ({pending} still pending)",
         evidence,
     )
+
+
+def check_conservation(data: RunData, states: Mapping[str, NodeState | str]) -> Verdict:
+    name = "conservation"
+    off = _off(data, name)
+    if off is not None:
+        return off
+    problems: list[str] = []
+    unchecked: dict[str, str] = {}
+    regions: dict[str, dict[str, dict[str, int]]] = {}
+    for node in data.by_role("region"):
+        st = states.get(node)
+        if not isinstance(st, NodeState):
+            continue  # unreadable: exactly_once says so
+        if st.conservation is None or st.conserved_at_checkpoint is None:
+            unchecked[node] = "its checkpoint predates the counts"
+            continue
+        regions[node] = st.conservation
+        # The three counters the checkpoint keeps apart; after it, the records (each
+        # applied one enters the buffer) must leave a buffer that could exist.
+        for src, r in sorted(st.conserved_at_checkpoint.items()):
+            if r["applied"] != r["forwarded"] + r["nonfinite"] + r["buffered"]:
+                problems.append(
+                    f"{node} applied {r['applied']} updates of {src} by its checkpoint but "
+                    f"forwarded {r['forwarded']}, dropped {r['nonfinite']}, buffered "
+                    f"{r['buffered']}"
+                )
+        negative = sorted(s for s, r in st.conservation.items() if r["buffered"] < 0)
+        if negative:
+            problems.append(f"{node} forwarded updates of {', '.join(negative)} it never applied")
+        held = sum(r["buffered"] for r in st.conservation.values())
+        if st.buffer_size is not None and held >= st.buffer_size:
+            problems.append(
+                f"{node} would buffer {held} updates, a full buffer is {st.buffer_size}: "
+                "updates left its buffer without a forward"
+            )
+    root_rows = _root_conservation(data, states, regions, problems)
+    evidence = {"regions": regions, "root_pairs": root_rows, "not_checked": unchecked}
+    if problems:
+        return Verdict(name, False, "; ".join(problems), evidence)
+    if not regions:
+        why = "; ".join(f"{k}: {v}" for k, v in unchecked.items()) or "no region"
+        return Verdict(name, True, f"not applicable: {why}", evidence)
+    total = sum(r["applied"] for rows in regions.values() for r in rows.values())
+    fwd = sum(r["forwarded"] for rows in regions.values() for r in rows.values())
+    exact = sum(1 for r in root_rows.values() if r.get("exact"))
+    return Verdict(
+        name,
+        True,
+        f"{total} updates applied in {len(regions)} regions: {fwd} forwarded, the rest "
+        f"dropped as non-finite or buffered; the root's pair ledger agrees "
+        f"({exact} of {len(root_rows)} sites exactly)",
+        evidence,
+    )
+
+
+def _root_conservation(
+    data: RunData,
+    states: Mapping[str, NodeState | str],
+    regions: Mapping[str, Mapping[str, Mapping[str, int]]],
+    problems: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Per site: the updates regions forwarded vs those in the root's pair ledger. Exact
+    only when one region alone (no standby) forwarded them straight to a root that applied
+    every forward of it: else a stale forward or a failover's Overlap (``pairs_lost``,
+    announced, not durable) leaves fewer at the root, never more."""
+    out: dict[str, dict[str, Any]] = {}
+    for root, ledger in _root_pairs(data, states).items():
+        root_state = states[root]
+        assert isinstance(root_state, NodeState)
+        for site in data.by_role("site"):
+            carriers = [r for r in regions if site in regions[r]]
+            if not carriers:
+                continue
+            forwarded = sum(regions[r][site]["forwarded"] for r in carriers)
+            snap = ledger.snapshot()
+            at_root = int(snap["mark"].get(site, 0)) + len(snap["above"].get(site, []))
+            pending = 0
+            for r in carriers:
+                rs = states[r]
+                assert isinstance(rs, NodeState)
+                carried = {p for ps in rs.pending_pairs.values() for p in ps if p[0] == site}
+                pending += sum(1 for p in carried if not ledger.seen(*p))
+            region = carriers[0] if len(carriers) == 1 else None
+            decided = (root_state.outcomes or {}).get(region or "", Counter())
+            exact = (
+                region is not None
+                and data.nodes.get(region, {}).get("parent") == root
+                and not [n for n, i in data.nodes.items() if i.get("standby_for") == region]
+                and root_state.outcomes is not None
+                and set(decided) <= {"applied"}
+            )
+            out[site] = {
+                "forwarded": forwarded,
+                "at_root": at_root,
+                "pending": pending,
+                "exact": exact,
+            }
+            if at_root > forwarded:
+                problems.append(
+                    f"{root}'s pair ledger holds {at_root} updates of {site}, "
+                    f"regions forwarded {forwarded}"
+                )
+            elif exact and at_root + pending != forwarded:
+                problems.append(
+                    f"{region} forwarded {forwarded} updates of {site}: {at_root} at {root}, "
+                    f"{pending} pending, {forwarded - at_root - pending} nowhere"
+                )
+    return out
 
 
 def _decided_once(states: Mapping[str, NodeState | str]) -> dict[str, dict[str, dict[str, int]]]:
@@ -1268,6 +1440,7 @@ def _verdicts(data: RunData) -> Iterable[Verdict]:
     states = load_states(data)
     checks: list[tuple[str, Any]] = [
         ("exactly_once", lambda: check_exactly_once(data, states)),
+        ("conservation", lambda: check_conservation(data, states)),
         ("versions_monotonic", lambda: check_versions(data, states)),
         ("resumed", lambda: check_resumed(data)),
         ("no_unintended_exit", lambda: check_exits(data)),

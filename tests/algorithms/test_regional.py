@@ -108,6 +108,7 @@ def test_forwards_one_aggregate_after_k_with_staleness_vs_latest_global() -> Non
     assert kinds == [
         ("persist", "applied"),
         ("send", "Ack"),
+        ("persist", "region/forwards"),  # what left the buffer, per child (chaos checker)
         ("persist", "region/pending"),
         ("send", "Update"),
     ]

@@ -61,6 +61,7 @@ class Federation:
             ),
             **{s: SiteNode(s, "region-0", n_examples=10) for s in SITES},
         }  # fmt: skip
+        self.nodes["root"].set_subtrees({"region-0": SITES})  # its pair ledger, as a daemon's
         self.stores = {n: StateStore(self.state_dir(n)) for n in self.nodes}
         for store in self.stores.values():
             store.load()
@@ -205,16 +206,76 @@ def test_a_clean_run_passes_every_check_and_writes_its_report(
     report = check_run(fed.finish())
     assert report.ok, [v.line() for v in report.verdicts]
     assert {v.name for v in report.verdicts} == {
-        "exactly_once", "versions_monotonic", "resumed", "no_unintended_exit", "healthz",
+        "exactly_once", "conservation", "versions_monotonic", "resumed", "no_unintended_exit",
+        "healthz",
     }  # fmt: skip
     tiers = report["exactly_once"].data["tiers"]
     assert tiers["site-0"]["acknowledged"] >= 5 and tiers["region-0"]["acknowledged"] >= 5
+    kept = report["conservation"].data
+    assert all(r["forwarded"] >= 5 for r in kept["regions"]["region-0"].values())
+    assert all(r["exact"] and r["at_root"] >= 5 for r in kept["root_pairs"].values())
     out = capsys.readouterr().out.splitlines()
     assert out and all(line.startswith("PASS ") for line in out)
     saved = json.loads((fed.run / "report.json").read_text())
-    assert saved["ok"] is True and len(saved["verdicts"]) == 5
+    assert saved["ok"] is True and len(saved["verdicts"]) == 6
     assert (fed.run / "timeline.png").stat().st_size > 1000
     assert main([str(fed.run)]) == 0
+
+
+def _swallowing(fed: Federation, every: int) -> list[int]:
+    """region-0 silently discards every ``every``-th full buffer (no forward, no
+    settlement, no count): the acks it gave its sites stand. Returns the flush counter."""
+    region = fed.nodes["region-0"]
+    real = region._flush_full
+    flushes = [0]
+
+    def flush_full(out: list[Any]) -> None:
+        flushes[0] += 1
+        if flushes[0] % every:
+            real(out)
+        else:
+            region._buffer.flush()
+            region._end_epoch()
+
+    region._flush_full = flush_full
+    return flushes
+
+
+def test_a_region_that_swallows_buffers_is_refuted_by_conservation(tmp_path: Path) -> None:
+    fed = Federation(tmp_path / "run")
+    flushes = _swallowing(fed, 2)
+    fed.run_for(600)
+    assert flushes[0] >= 10
+    report = check(fed.finish())
+    verdict = report["conservation"]
+    assert not verdict.passed
+    assert "region-0 applied" in verdict.detail and "by its checkpoint" in verdict.detail
+    # The root's pair ledger is consistent with what the region did forward.
+    assert "root's pair ledger" not in verdict.detail
+
+
+def test_a_buffer_swallowed_after_the_last_checkpoint_is_refuted(tmp_path: Path) -> None:
+    """No checkpoint after the loss: the records after it would leave more in the buffer
+    than a full one holds."""
+    fed = Federation(tmp_path / "run")
+    fed.run_for(300)
+    region = fed.nodes["region-0"]
+    region.checkpoint_every = 10_000  # no checkpoint from here on
+    flushes = _swallowing(fed, 1)  # every flush from now on
+    fed.run_for(60)
+    assert flushes[0] >= 1
+    verdict = check(fed.finish())["conservation"]
+    assert not verdict.passed
+    assert "a full buffer is 2: updates left its buffer without a forward" in verdict.detail
+
+
+def test_a_root_pair_ledger_holding_more_than_was_forwarded_is_refuted(tmp_path: Path) -> None:
+    fed = clean_run(tmp_path)
+    fed.nodes["root"]._pairs.record([("site-0", 1000)])  # a pair no forward carried
+    fed.stores["root"].apply(Persist("checkpoint", fed.nodes["root"].snapshot()))
+    verdict = check(fed.finish())["conservation"]
+    assert not verdict.passed
+    assert "root's pair ledger holds" in verdict.detail and "of site-0" in verdict.detail
 
 
 def test_an_acknowledged_update_missing_from_the_parent_ledger_is_lost(tmp_path: Path) -> None:
@@ -263,7 +324,9 @@ def test_an_update_applied_twice_is_refuted(tmp_path: Path) -> None:
     run = fed.finish()
     verdict = check(run)["exactly_once"]
     assert not verdict.passed and "applied twice" in verdict.detail
-    assert verdict.data["applied_twice"]["root"] == [[again["src"], again["seq"]]]
+    # The forward, and (the root keeps a pair ledger) each site update it carried.
+    pairs = [["pair", *p] for p in again["pairs"]]
+    assert verdict.data["applied_twice"]["root"] == [[again["src"], again["seq"]], *pairs]
 
 
 def test_a_version_that_decreases_is_refuted(tmp_path: Path) -> None:
