@@ -168,6 +168,9 @@ def write_federation(
     roster declares each site's real number of training examples (a built-in workload's),
     so no site can make its parent weigh it by more.
     """
+    # Configs name their files by absolute path: a config's relative paths are read
+    # relative to the config file, not to the directory it was written from.
+    workdir = workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     keys = workdir / "keys"
     (workdir / "logs").mkdir(exist_ok=True)

@@ -773,7 +773,7 @@ def cmd_chaos(scenario: Path, *, out: Path | None = None, backend: str = "auto")
     scen = load_scenario(scenario)
     if backend not in BACKENDS:
         raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
-    where = out if out is not None else Path("runs") / "chaos" / scen.name
+    where = (out if out is not None else Path("runs") / "chaos" / scen.name).absolute()
     run = ChaosRun(scen, where, backend=backend)
     run.choose_backend()
     try:

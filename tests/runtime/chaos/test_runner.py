@@ -133,6 +133,19 @@ def test_local_init_writes_a_federation_that_loads(tmp_path: Path, capsys: Any) 
     assert not (star / "region-0.toml").exists()
 
 
+def test_a_relative_directory_gives_configs_that_load_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A config's relative paths are read relative to the config file: a layout written to
+    # a relative directory must not name its keys relative to the working directory.
+    monkeypatch.chdir(tmp_path)
+    assert main(["local", "init", "rel/fed", "--shape", "star", "--sites", "2"]) == 0
+    monkeypatch.chdir("/")
+    cfg = load_config(tmp_path / "rel" / "fed" / "site-0.toml")
+    assert cfg.identity_key == tmp_path / "rel" / "fed" / "keys" / "site-0.key"
+    assert cfg.identity_key.exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
