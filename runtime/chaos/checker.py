@@ -598,11 +598,12 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
                     f"{node} decided {row['decided']} updates of {src} but saw {row['seen']} "
                     "(one decided twice)"
                 )
-            elif row["decided"] < row["seen"]:
+            elif row["decided"] < row["seen"] and len(_parents_of(data, src)) < 2:
                 problems.append(
                     f"{node}'s ledger counts {row['seen']} updates of {src} as seen but "
                     f"decided {row['decided']} (seqs skipped without a decision)"
                 )
+    problems += _skipped_across_standbys(data, states, decided)
     if unreadable:
         problems.append(
             "unreadable state: " + "; ".join(f"{k}: {v}" for k, v in unreadable.items())
@@ -731,6 +732,41 @@ def _root_conservation(
                     f"{pending} pending, {forwarded - at_root - pending} nowhere"
                 )
     return out
+
+
+def _skipped_across_standbys(
+    data: RunData,
+    states: Mapping[str, NodeState | str],
+    decided: Mapping[str, Mapping[str, Mapping[str, int]]],
+) -> list[str]:
+    """For a child that a region and its standby both took updates from: every seq either
+    ledger counts as seen was decided by one of them. (A standby's ledger starts where the
+    child's kept updates start and gives up the gap below, which the primary decided, so one
+    ledger alone may count seqs it never decided.)"""
+    problems = []
+    for child in sorted(data.nodes):
+        parents = _parents_of(data, child)
+        if len(parents) < 2:
+            continue
+        seen: set[int] = set()
+        total = 0
+        for p in parents:
+            st = states.get(p)
+            if not isinstance(st, NodeState) or st.ledger is None or p not in decided:
+                continue
+            row = decided[p].get(child)
+            if row is None:
+                continue
+            snap = st.ledger.snapshot()
+            seen.update(range(1, int(snap["mark"].get(child, 0)) + 1))
+            seen.update(int(q) for q in snap["above"].get(child, []))
+            total += row["decided"]
+        if total < len(seen):
+            problems.append(
+                f"{' and '.join(parents)} count {len(seen)} updates of {child} as seen but "
+                f"decided {total} between them (seqs skipped without a decision)"
+            )
+    return problems
 
 
 def _decided_once(states: Mapping[str, NodeState | str]) -> dict[str, dict[str, dict[str, int]]]:
@@ -948,11 +984,23 @@ def _progress_series(data: RunData, node: str) -> list[tuple[str, str, list[tupl
     if role in ("root", "peer"):
         return [(f"{node}'s version", node, data.versions(node))]
     if role in ("site", "region"):
+        # A region and its standby stand for the same sites: whichever of them the sites
+        # use, its updates reaching the parent is the pair taking part again.
+        partners = [node, *_standby_partners(data, node)]
         return [
-            (f"{node}'s updates at {p}", p, _counted_at(data, p, node))
-            for p in _parents_of(data, node)
+            (f"{who}'s updates at {p}", p, _counted_at(data, p, who))
+            for who in partners
+            for p in _parents_of(data, who)
         ]
     return []
+
+
+def _standby_partners(data: RunData, node: str) -> list[str]:
+    """The other regions standing for the same sites as ``node`` (its standbys, or the
+    primary it stands by for and that primary's other standbys)."""
+    primary = data.nodes.get(node, {}).get("standby_for") or node
+    group = {primary} | {n for n, i in data.nodes.items() if i.get("standby_for") == primary}
+    return sorted(group - {node})
 
 
 def check_resumed(data: RunData) -> Verdict:

@@ -795,3 +795,54 @@ def test_a_duplicate_that_fails_otherwise_is_not_a_refusal(tmp_path: Path) -> No
     (run / "timeline.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     verdict = check(run)["duplicate"]
     assert not verdict.passed and "did not name the state directory" in verdict.detail
+
+
+def _standby_run(tmp_path: Path) -> Any:
+    from runtime.chaos.checker import RunData
+
+    nodes = {
+        "root": {"role": "root", "parent": None},
+        "region-0": {"role": "region", "parent": "root"},
+        "region-0-standby": {"role": "region", "parent": "root", "standby_for": "region-0"},
+        "site-0": {"role": "site", "parent": "region-0"},
+    }
+    return RunData(tmp_path, {"nodes": nodes}, [], [], [])
+
+
+def _aggregator(node: str, seqs: list[int], decided: int) -> Any:
+    from runtime.chaos.checker import NodeState
+
+    ledger = AppliedLedger.from_records(("site-0", q) for q in seqs)
+    outcomes = {"site-0": collections.Counter({"applied": decided})}
+    return NodeState(node, ledger=ledger, outcomes=outcomes)
+
+
+def test_a_standby_ledger_that_gave_up_the_primarys_gap_is_decided_between_the_two(
+    tmp_path: Path,
+) -> None:
+    from runtime.chaos.checker import _decided_once, _skipped_across_standbys
+
+    data = _standby_run(tmp_path)
+    # The primary decided 1..40; the site's kept updates 41..50 and its new ones went to
+    # the standby, whose ledger gave up the gap 1..40 when its set overflowed.
+    primary = _aggregator("region-0", list(range(1, 41)), 40)
+    standby = _aggregator("region-0-standby", list(range(1, 121)), 80)
+    states = {"region-0": primary, "region-0-standby": standby}
+    assert _skipped_across_standbys(data, states, _decided_once(states)) == []
+    # Between them they decided fewer than either saw: a seq was skipped by both.
+    standby = _aggregator("region-0-standby", list(range(1, 121)), 70)
+    states = {"region-0": primary, "region-0-standby": standby}
+    (problem,) = _skipped_across_standbys(data, states, _decided_once(states))
+    assert "120 updates of site-0" in problem and "decided 110" in problem
+
+
+def test_a_region_whose_sites_moved_to_its_standby_resumes_through_the_standby(
+    tmp_path: Path,
+) -> None:
+    from runtime.chaos.checker import _progress_series, _standby_partners
+
+    data = _standby_run(tmp_path)
+    assert _standby_partners(data, "region-0") == ["region-0-standby"]
+    assert _standby_partners(data, "region-0-standby") == ["region-0"]
+    whose = {label.split("'")[0] for label, _, _ in _progress_series(data, "region-0")}
+    assert whose == {"region-0", "region-0-standby"}
