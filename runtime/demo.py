@@ -146,6 +146,21 @@ def write_roster(
     path.write_text(sign(unsigned, consortium), encoding="utf-8")
 
 
+def new_workdir(workdir: Path) -> tuple[Path, Path, Identity, Path]:
+    """Create ``workdir`` (made absolute) with ``keys/`` and ``logs/``, and a fresh
+    consortium identity whose public line is ``consortium.pub``: (workdir, keys,
+    consortium, pub). Configs name their files by absolute path: a config's relative
+    paths are read relative to the config file, not to the directory it was written from."""
+    workdir = workdir.absolute()
+    keys = workdir / "keys"
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    consortium = Identity.generate("consortium", "consortium")
+    consortium.save(keys, overwrite=True)
+    pub = workdir / "consortium.pub"
+    pub.write_text(consortium.public_line() + "\n", encoding="utf-8")
+    return workdir, keys, consortium, pub
+
+
 def write_federation(
     workdir: Path,
     regions: Mapping[str, Sequence[str]] = DEMO_REGIONS,
@@ -168,16 +183,7 @@ def write_federation(
     roster declares each site's real number of training examples (a built-in workload's),
     so no site can make its parent weigh it by more.
     """
-    # Configs name their files by absolute path: a config's relative paths are read
-    # relative to the config file, not to the directory it was written from.
-    workdir = workdir.absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    keys = workdir / "keys"
-    (workdir / "logs").mkdir(exist_ok=True)
-    consortium = Identity.generate("consortium", "consortium")
-    consortium.save(keys, overwrite=True)
-    pub = workdir / "consortium.pub"
-    pub.write_text(consortium.public_line() + "\n", encoding="utf-8")
+    workdir, keys, consortium, pub = new_workdir(workdir)
 
     sites = [s for members in regions.values() for s in members]
     n_sites = len(sites)

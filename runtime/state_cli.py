@@ -49,6 +49,7 @@ from runtime.store import (
     StateIOError,
     decode_state,
     encode_state,
+    io_errors,
     read_value,
     scan_log,
     wal_logs,
@@ -199,7 +200,7 @@ def _inspect_live(directory: Path) -> _State | None:
 def _lock_held(directory: Path) -> bool:
     """Whether a process (a running daemon) holds the directory's lock; changes nothing."""
     try:
-        with _io(directory / "lock", "read"):
+        with io_errors("read", directory / "lock"):
             fd = os.open(directory / "lock", os.O_RDONLY)
     except StateIOError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
@@ -217,7 +218,7 @@ def _lock_held(directory: Path) -> bool:
 @contextlib.contextmanager
 def _exclusive(directory: Path) -> Iterator[None]:
     """Hold the directory's lock (as a daemon does) or refuse: never repair under a daemon."""
-    with _io(directory / "lock", "lock"):
+    with io_errors("lock", directory / "lock"):
         existed = (directory / "lock").exists()
         fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         if not existed:  # made by root here: the service user must still open it
@@ -235,16 +236,6 @@ def _exclusive(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _io(path: Path, action: str) -> Iterator[None]:
-    try:
-        yield
-    except StateIOError:
-        raise
-    except OSError as exc:
-        raise StateIOError(action, path, exc) from exc
 
 
 def _records(tree: Any) -> Counter[str]:
@@ -545,10 +536,10 @@ def _rewrite(path: Path, keep: list[tuple[int, int]], backup: Path, tail: bytes 
     """Keep ``path``'s inode as ``backup`` and atomically put the kept ranges, then
     ``tail`` (whole frames), in its place, with the original's owner and mode."""
     tmp = path.with_name(path.name + ".repair.tmp")  # a leftover is deleted by load()
-    with _io(backup, "keep a backup as"):
+    with io_errors("keep a backup as", backup):
         os.link(path, backup)
         _fsync_dir(path.parent)
-    with _io(tmp, "write"), path.open("rb") as src, tmp.open("wb") as dst:
+    with io_errors("write", tmp), path.open("rb") as src, tmp.open("wb") as dst:
         for start, end in keep:
             src.seek(start)
             left = end - start
@@ -565,7 +556,7 @@ def _rewrite(path: Path, keep: list[tuple[int, int]], backup: Path, tail: bytes 
         os.fchown(dst.fileno(), st.st_uid, st.st_gid)
         os.fchmod(dst.fileno(), stat.S_IMODE(st.st_mode))
         os.fsync(dst.fileno())
-    with _io(path, "replace"):
+    with io_errors("replace", path):
         os.replace(tmp, path)
         _fsync_dir(path.parent)
 

@@ -114,6 +114,7 @@ __all__ = [
     "StoreError",
     "decode_state",
     "encode_state",
+    "io_errors",
     "read_value",
     "scan_log",
     "wal_logs",
@@ -184,7 +185,7 @@ class StateIOError(OSError):
 
 
 @contextlib.contextmanager
-def _io_errors(action: str, path: str | os.PathLike[str]) -> Iterator[None]:
+def io_errors(action: str, path: str | os.PathLike[str]) -> Iterator[None]:
     """Re-raise an ``OSError`` as a ``StateIOError`` naming ``path`` (``os.write`` and
     ``os.fsync`` errors carry no file name)."""
     try:
@@ -549,7 +550,7 @@ def scan_log(path: Path, *, decode: bool = True) -> LogScan:
     every damaged range, each classified torn or corrupt. Raises only ``StateIOError``."""
     frames: list[Frame] = []
     damage: list[Damage] = []
-    with _io_errors("read state from", path), path.open("rb") as f:
+    with io_errors("read state from", path), path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         pos = 0
         while pos < size:
@@ -599,7 +600,7 @@ def _scan_log(path: Path) -> tuple[list[Any], int, int]:
 
 
 def _read_single(path: Path) -> Any:
-    with _io_errors("read state from", path), path.open("rb") as f:
+    with io_errors("read state from", path), path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         try:
             head, payload, end = _read_frame(f, 0, size)
@@ -620,7 +621,7 @@ def _read_single(path: Path) -> Any:
 
 def wal_logs(directory: Path) -> dict[int, Path]:
     """The write-ahead logs in ``directory`` by epoch (the live one is the checkpoint's)."""
-    with _io_errors("read state from", directory):
+    with io_errors("read state from", directory):
         names = os.listdir(directory)
     found = (_WAL_RE.fullmatch(name) for name in names)
     return {int(m.group(1)): directory / m.group(0) for m in found if m is not None}
@@ -683,7 +684,7 @@ class StateStore:
     ) -> None:
         _file_name(checkpoint_key)
         self._dir = Path(directory)
-        with _io_errors("open the state directory", self._dir):
+        with io_errors("open the state directory", self._dir):
             self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             lock_fd = os.open(self._dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._checkpoint_key = checkpoint_key
@@ -725,13 +726,13 @@ class StateStore:
             values: dict[str, Any] = {}
             epoch = 0
             wal_epochs: list[int] = []
-            with _io_errors("read state from", self._dir):
+            with io_errors("read state from", self._dir):
                 names = sorted(os.listdir(self._dir))
             for name in names:
                 path = self._dir / name
                 if name.endswith(_TMP_SUFFIX):
                     if repair:
-                        with _io_errors("remove a leftover temporary file", path):
+                        with io_errors("remove a leftover temporary file", path):
                             path.unlink(missing_ok=True)
                 elif name.endswith(_CKPT_SUFFIX):
                     key, data, ckpt_epoch = self._read_value(path)
@@ -754,7 +755,7 @@ class StateStore:
                     )
                 if e < epoch:
                     if repair:
-                        with _io_errors("remove a superseded log", path):
+                        with io_errors("remove a superseded log", path):
                             path.unlink(missing_ok=True)
                     continue
                 trees, good_end, torn = _scan_log(path)
@@ -771,7 +772,7 @@ class StateStore:
                     for key, record in tree:
                         logs.setdefault(key, []).append(record)
                 if torn and repair:
-                    with _io_errors("truncate the torn tail of", path), path.open("r+b") as f:
+                    with io_errors("truncate the torn tail of", path), path.open("r+b") as f:
                         f.truncate(good_end)
                         os.fsync(f.fileno())
             self._epoch = epoch
@@ -832,14 +833,14 @@ class StateStore:
         final = self._dir / _file_name(key)
         tmp = final.with_name(final.name + _TMP_SUFFIX)
         try:
-            with _io_errors("write state to", tmp):
+            with io_errors("write state to", tmp):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
                     _write_all(fd, parts)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            with _io_errors("replace", final):
+            with io_errors("replace", final):
                 os.replace(tmp, final)
                 _fsync_dir(self._dir)
         except BaseException as exc:
@@ -864,7 +865,7 @@ class StateStore:
 
     def _append(self, batch: list[list[Any]]) -> None:
         parts = encode_state(batch)  # before any write: a TypeError leaves the file as is
-        with _io_errors("write state to", self._wal_path(self._epoch)):
+        with io_errors("write state to", self._wal_path(self._epoch)):
             fd = self._open_wal()
             start = self._wal_end
             try:

@@ -27,6 +27,7 @@ from runtime.demo import (
     Federation,
     NodeFiles,
     free_port,
+    new_workdir,
     site_examples,
     write_federation,
     write_roster,
@@ -190,13 +191,7 @@ def lay_out_gossip(
 ) -> Federation:
     """Gossip peers on ``shape``'s ring (each with its own share of the demo's data), and
     the relay its non-listening neighbours meet through; every node with ``/metrics``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    keys = workdir / "keys"
-    (workdir / "logs").mkdir(exist_ok=True)
-    consortium = Identity.generate("consortium", "consortium")
-    consortium.save(keys, overwrite=True)
-    pub = workdir / "consortium.pub"
-    pub.write_text(consortium.public_line() + "\n", encoding="utf-8")
+    workdir, keys, consortium, pub = new_workdir(workdir)
     plan_table = {**DEMO_PLAN, **(plan or {}), "n_sites": len(shape.peers), "seed": seed}
     conn = {**GOSSIP_CONNECTION, **(connection or {})}
     ports = {n: free_port() for n in shape.nodes if shape.listening(n)}
