@@ -855,22 +855,35 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
     for node in sorted(data.nodes):
         if data.role(node) not in MODEL_OWNERS:
             continue
-        # The scrapes, and between them the "model vN" lines each incarnation logged.
-        series = sorted(data.versions(node) + _logged_versions(data, node))
+        # The scrapes, and between them the "model vN" lines each incarnation logged. A
+        # logged line is an evaluation of the model in memory when it began (possibly not
+        # yet durable, so never sent), logged when it ended: within one incarnation each
+        # series is compared only with itself, and only a scrape (the gauge moves once the
+        # version is durable) is a version the node published.
+        series = sorted(
+            [(t, v, "scrape") for t, v in data.versions(node)]
+            + [(t, v, "log") for t, v in _logged_versions(data, node)]
+        )
         starts = _incarnations(data, node)
         best = -math.inf  # across incarnations
         prev: tuple[float, float] | None = None
-        for t, v in series:
+        last: dict[str, float] = {}  # per series, in this incarnation
+        for t, v, source in series:
             new_life = prev is not None and any(prev[0] < s <= t for s in starts)
-            if prev is not None and not new_life and v < prev[1]:
-                drops.append(f"{node} {prev[1]:g} -> {v:g} at t={t:.1f} s (same incarnation)")
+            if new_life:
+                last = {}
+            before = last.get(source)
+            if before is not None and v < before:
+                drops.append(f"{node} {before:g} -> {v:g} at t={t:.1f} s (same incarnation)")
             if new_life and v < best:
                 text = f"{node} restarted at {v:g} after publishing {best:g} (t={t:.1f} s)"
                 (notes if data.role(node) == "region" else drops).append(text)
-            best = max(best, v)
+            if source == "scrape":
+                best = max(best, v)
+            last[source] = max(v, before if before is not None else v)
             prev = (t, v)
         if series:
-            finals[node] = series[-1][1]
+            finals[node] = max(v for t, v, _ in series if t >= series[-1][0] - 1e-9)
         st = states.get(node)
         # Published, then not durable; only what a restart restores proves it (the
         # checkpoint alone is older than the records after it).

@@ -735,9 +735,16 @@ def test_a_roots_durable_version_is_its_checkpoint_plus_the_records_after_it(
     verdict = check(run)["versions_monotonic"]
     # v5 published: the checkpoint says v0, its records bring it to v5: nothing lost.
     assert verdict.passed, verdict.detail
-    # Published between two scrapes (its log line) and not durable: lost.
+    # An evaluation's log line names the model in memory, which may not be durable yet
+    # (and so was never sent): not a publication.
     line = {"ts": 105.5, "level": "info", "msg": "root: model v7: accuracy 0.5", "version": 7}
     log.write_text(json.dumps(line) + "\n")
+    assert check(run)["versions_monotonic"].passed
+    # The gauge moves only once a version is durable: v7 scraped and not in the state: lost.
+    samples.append(
+        {"t": 5.8, "node": "root", "healthz": "ok", "metrics": {"fedloom_model_version": 7}}
+    )
+    write_run(run, {"nodes": nodes, "duration_s": 6.0, "started_unix": 100.0}, start, samples)
     verdict = check(run)["versions_monotonic"]
     assert not verdict.passed
     assert "root published v7 but its state holds v5 (restored from" in verdict.detail
