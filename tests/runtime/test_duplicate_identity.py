@@ -19,26 +19,17 @@ import pytest
 from algorithms.protocol import PeerDown, PeerUp, Received
 from runtime.daemon import report_duplicates
 from runtime.metrics import MetricsSink
-from runtime.peers import Backoff, DialTarget, NetworkPeers
-from transport import ws
+from runtime.peers import DialTarget, NetworkPeers
 from transport.channel import client_channel
 from transport.identity import Identity
-from transport.links import Link
-from transport.roster import Roster, RosterEntry
+from transport.roster import Roster
 from transport.wire import Update
 
-from .test_peers import Sink, until
+from . import test_peers
+from .test_peers import Pki, Sink, fast_connect, until
 
 LIMIT = 15.0
 pytestmark = pytest.mark.timeout(30)
-
-
-class Pki:
-    def __init__(self) -> None:
-        self.agg = Identity.generate("agg", "root")
-        self.site = Identity.generate("site-1", "site")
-        entries = [RosterEntry(i.node_id, i.role, i.public_key) for i in (self.agg, self.site)]
-        self.roster = Roster(1, entries)
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +37,9 @@ def pki() -> Pki:
     return Pki()
 
 
-async def fast_connect(url: str) -> Link:
-    return await ws.connect(url, close_timeout=0.5)
-
-
-async def fast_serve(host: str, port: int, on_link: Any) -> ws.WsServer:
-    return await ws.serve(host, port, on_link, close_timeout=0.5)
-
-
 def peers(identity: Identity, roster: Roster, seed: int, **kwargs: Any) -> NetworkPeers:
-    return NetworkPeers(
-        identity,
-        roster,
-        connect=fast_connect,
-        serve=fast_serve,
-        backoff=Backoff(base_s=0.05, cap_s=0.2),
-        keepalive_s=kwargs.pop("keepalive_s", 0.5),
-        down_after_s=60.0,  # longer than any test: only liveness can end a silent session
-        rng=random.Random(seed),
-        **kwargs,
-    )
+    # down_after_s longer than any test: only liveness can end a silent session.
+    return test_peers.peers(identity, roster, down_after_s=60.0, rng=random.Random(seed), **kwargs)
 
 
 def update(seq: int) -> Update:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,13 +29,13 @@ from algorithms.protocol import (
 from algorithms.regional import RegionalAggregator
 from algorithms.site import SiteNode
 from runtime.driver import AsyncDriver
-from runtime.peers import Backoff, DialTarget, NetworkPeers
+from runtime.peers import DialTarget, NetworkPeers
 from tests.conformance.async_federation import MemoryStore
-from transport import ws
 from transport.identity import Identity
-from transport.links import Link
 from transport.roster import Roster, RosterEntry
 from transport.wire import Hello, ModelBroadcast, TrainRequest, Update
+
+from . import test_peers
 
 BACKLOG = 2000  # far above the 256 messages a send queue holds
 LIMIT = 60.0  # a bound on the test, not a timing assertion
@@ -57,26 +56,8 @@ def pki() -> Pki:
     return Pki()
 
 
-async def _connect(url: str) -> Link:
-    return await ws.connect(url, close_timeout=0.5)
-
-
-async def _serve(host: str, port: int, on_link: Any) -> ws.WsServer:
-    return await ws.serve(host, port, on_link, close_timeout=0.5)
-
-
 def peers(identity: Identity, roster: Roster, **kwargs: Any) -> NetworkPeers:
-    return NetworkPeers(
-        identity,
-        roster,
-        connect=_connect,
-        serve=_serve,
-        backoff=Backoff(base_s=0.05, cap_s=0.2),
-        keepalive_s=1.0,
-        down_after_s=20.0,
-        rng=random.Random(0),
-        **kwargs,
-    )
+    return test_peers.peers(identity, roster, keepalive_s=1.0, down_after_s=20.0, **kwargs)
 
 
 class Seen:

@@ -275,17 +275,16 @@ async def fast_serve(host: str, port: int, on_link: Any) -> ws.WsServer:
 
 
 def peers(identity: Identity, roster: Roster, **kwargs: Any) -> NetworkPeers:
-    return NetworkPeers(
-        identity,
-        roster,
-        connect=fast_connect,
-        serve=fast_serve,
-        backoff=Backoff(base_s=0.05, cap_s=0.2),
-        keepalive_s=0.5,
-        down_after_s=5.0,
-        rng=random.Random(0),
-        **kwargs,
-    )
+    """Peers on real WebSockets with fast test timings; ``kwargs`` override any of them."""
+    options: dict[str, Any] = {
+        "connect": fast_connect,
+        "serve": fast_serve,
+        "backoff": Backoff(base_s=0.05, cap_s=0.2),
+        "keepalive_s": 0.5,
+        "down_after_s": 5.0,
+        "rng": random.Random(0),
+    }
+    return NetworkPeers(identity, roster, **(options | kwargs))
 
 
 def delta() -> dict[str, np.ndarray]:
