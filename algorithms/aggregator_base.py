@@ -79,12 +79,12 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.dispatcher import TaskDispatcher
-from algorithms.incorporation import PairLedger
-from algorithms.intake import ClaimBounds, intake_quota
-from algorithms.ledger import AppliedLedger
-from algorithms.node_util import as_generator, unexpected
-from algorithms.protocol import (
+from fedloom.algorithms.dispatcher import TaskDispatcher
+from fedloom.algorithms.incorporation import PairLedger
+from fedloom.algorithms.intake import ClaimBounds, intake_quota
+from fedloom.algorithms.ledger import AppliedLedger
+from fedloom.algorithms.node_util import as_generator, unexpected
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -98,10 +98,10 @@ from algorithms.protocol import (
     Send,
     Weights,
 )
-from algorithms.server_opt import ServerOptimizer
-from algorithms.validation import check_update_norm, is_int
-from algorithms.weights_math import is_finite
-from transport.wire import (
+from fedloom.algorithms.server_opt import ServerOptimizer
+from fedloom.algorithms.validation import check_update_norm, is_int
+from fedloom.algorithms.weights_math import is_finite
+from fedloom.transport.wire import (
     Ack,
     Heartbeat,
     Hello,

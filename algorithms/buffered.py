@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import AggregatorBase
-from algorithms.intake import ClaimBounds
-from algorithms.protocol import Effect, Metric, Weights
-from algorithms.staleness import StalenessFn, polynomial
-from algorithms.update_buffer import UpdateBuffer
-from transport.wire import Update
+from fedloom.algorithms.aggregator_base import AggregatorBase
+from fedloom.algorithms.intake import ClaimBounds
+from fedloom.algorithms.protocol import Effect, Metric, Weights
+from fedloom.algorithms.staleness import StalenessFn, polynomial
+from fedloom.algorithms.update_buffer import UpdateBuffer
+from fedloom.transport.wire import Update
 
 __all__ = ["FEDBUFF_STALENESS", "BufferedAggregator"]
 

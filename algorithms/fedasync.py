@@ -23,13 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, AggregatorBase, OwnModel, checkpoint_interval
-from algorithms.intake import ClaimBounds
-from algorithms.protocol import Effect, Log, Metric, Persist, Weights
-from algorithms.robust import NormClip
-from algorithms.staleness import StalenessFn, polynomial
-from algorithms.weights_math import is_finite, l2_norm
-from transport.wire import Update
+from fedloom.algorithms.aggregator_base import (
+    CHECKPOINT_KEY,
+    AggregatorBase,
+    OwnModel,
+    checkpoint_interval,
+)
+from fedloom.algorithms.intake import ClaimBounds
+from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Weights
+from fedloom.algorithms.robust import NormClip
+from fedloom.algorithms.staleness import StalenessFn, polynomial
+from fedloom.algorithms.weights_math import is_finite, l2_norm
+from fedloom.transport.wire import Update
 
 __all__ = ["FedAsyncAggregator"]
 

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, OwnModel, checkpoint_interval
-from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
-from algorithms.intake import ClaimBounds
-from algorithms.protocol import Effect, Metric, Persist, Weights
-from algorithms.server_opt import ServerOptimizer, ServerSGD
-from algorithms.staleness import StalenessFn
+from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY, OwnModel, checkpoint_interval
+from fedloom.algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
+from fedloom.algorithms.intake import ClaimBounds
+from fedloom.algorithms.protocol import Effect, Metric, Persist, Weights
+from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
+from fedloom.algorithms.staleness import StalenessFn
 
 __all__ = ["FedBuffAggregator"]
 

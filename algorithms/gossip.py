@@ -117,7 +117,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.gossip_mixing import (
+from fedloom.algorithms.gossip_mixing import (
     DistanceClip,
     FlatLayout,
     ShareRejectedError,
@@ -126,7 +126,7 @@ from algorithms.gossip_mixing import (
     clip_step,
     finite_norm,
 )
-from algorithms.protocol import (
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -143,8 +143,8 @@ from algorithms.protocol import (
     TrainFailed,
     Weights,
 )
-from algorithms.warn_limit import WarnLimiter
-from transport.wire import GossipShare, Heartbeat
+from fedloom.algorithms.warn_limit import WarnLimiter
+from fedloom.transport.wire import GossipShare, Heartbeat
 
 # Plan weights are floats read from TOML/JSON: accept rows that sum to one within this.
 _ROW_TOLERANCE = 1e-6

@@ -55,8 +55,8 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from algorithms.protocol import Weights
-from algorithms.robust import AUTO_FACTOR, AUTO_MIN_SAMPLES, parse_clip_norm
+from fedloom.algorithms.protocol import Weights
+from fedloom.algorithms.robust import AUTO_FACTOR, AUTO_MIN_SAMPLES, parse_clip_norm
 
 # Distances remembered per neighbour for the "auto" clip (a few gossip steps' worth).
 PER_PEER_WINDOW = 32

@@ -46,9 +46,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from algorithms.ledger import MAX_ABOVE
-from algorithms.protocol import Effect, Persist, Send, Weights
-from transport.wire import Update
+from fedloom.algorithms.ledger import MAX_ABOVE
+from fedloom.algorithms.protocol import Effect, Persist, Send, Weights
+from fedloom.transport.wire import Update
 
 __all__ = [
     "DEFAULT_FAILOVER_AFTER_S",

@@ -33,7 +33,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from transport.wire import Update
+from fedloom.transport.wire import Update
 
 __all__ = [
     "DEFAULT_MAX_EXAMPLES_PER_SITE",

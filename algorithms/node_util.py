@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from algorithms.protocol import Effect, Log, Metric
-from transport.wire import Message
+from fedloom.algorithms.protocol import Effect, Log, Metric
+from fedloom.transport.wire import Message
 
 __all__ = ["as_generator", "unexpected"]
 

@@ -51,10 +51,10 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from algorithms.ledger import MAX_ABOVE
-from algorithms.protocol import Effect, Metric, Persist, Send
-from transport.limits import Limits
-from transport.wire import Update
+from fedloom.algorithms.ledger import MAX_ABOVE
+from fedloom.algorithms.protocol import Effect, Metric, Persist, Send
+from fedloom.transport.limits import Limits
+from fedloom.transport.wire import Update
 
 __all__ = [
     "DEFAULT_OUTBOX_UPDATES",

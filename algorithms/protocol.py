@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from transport.wire import Message
+from fedloom.transport.wire import Message
 
 # An ordered mapping from parameter name to array. Arrays handed to or returned by
 # a node are treated as immutable: nobody writes into an array they did not create.

@@ -74,18 +74,18 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import CHECKPOINT_KEY, Outcome, checkpoint_interval
-from algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
-from algorithms.incorporation import FORWARDS_KEY, Contribution, RegionForwards
-from algorithms.intake import ClaimBounds
-from algorithms.node_util import unexpected
-from algorithms.outbox import WINDOW, Outbox
-from algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
-from algorithms.staleness import StalenessFn
-from algorithms.update_buffer import UpdateBuffer
-from algorithms.validation import is_int
-from algorithms.weights_math import check_compatible
-from transport.wire import (
+from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY, Outcome, checkpoint_interval
+from fedloom.algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
+from fedloom.algorithms.incorporation import FORWARDS_KEY, Contribution, RegionForwards
+from fedloom.algorithms.intake import ClaimBounds
+from fedloom.algorithms.node_util import unexpected
+from fedloom.algorithms.outbox import WINDOW, Outbox
+from fedloom.algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
+from fedloom.algorithms.staleness import StalenessFn
+from fedloom.algorithms.update_buffer import UpdateBuffer
+from fedloom.algorithms.validation import is_int
+from fedloom.algorithms.weights_math import check_compatible
+from fedloom.transport.wire import (
     Ack,
     Heartbeat,
     Hello,

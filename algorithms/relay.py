@@ -21,7 +21,7 @@ destination is not that same peer. Bounded work per event: O(1).
 
 from __future__ import annotations
 
-from algorithms.protocol import (
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -35,8 +35,8 @@ from algorithms.protocol import (
     TrainDone,
     TrainFailed,
 )
-from algorithms.warn_limit import WarnLimiter
-from transport.wire import Heartbeat, Relayed
+from fedloom.algorithms.warn_limit import WarnLimiter
+from fedloom.transport.wire import Heartbeat, Relayed
 
 __all__ = ["RelayNode"]
 

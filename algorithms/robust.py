@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.protocol import Weights
-from algorithms.weights_math import l2_norm
+from fedloom.algorithms.protocol import Weights
+from fedloom.algorithms.weights_math import l2_norm
 
 __all__ = [
     "AUTO_FACTOR",

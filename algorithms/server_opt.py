@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from algorithms.protocol import Weights
+from fedloom.algorithms.protocol import Weights
 
 __all__ = ["ServerAdam", "ServerOptimizer", "ServerSGD", "make_server_opt"]
 

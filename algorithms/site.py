@@ -37,11 +37,11 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from algorithms.aggregator_base import CHECKPOINT_KEY
-from algorithms.incorporation import DEFAULT_FAILOVER_AFTER_S, DEFAULT_MAX_HELD, HeldUpdates
-from algorithms.node_util import unexpected
-from algorithms.outbox import Outbox
-from algorithms.protocol import (
+from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY
+from fedloom.algorithms.incorporation import DEFAULT_FAILOVER_AFTER_S, DEFAULT_MAX_HELD, HeldUpdates
+from fedloom.algorithms.node_util import unexpected
+from fedloom.algorithms.outbox import Outbox
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -58,8 +58,8 @@ from algorithms.protocol import (
     TrainFailed,
     Weights,
 )
-from algorithms.weights_math import check_compatible
-from transport.wire import Ack, Hello, Incorporated, ModelBroadcast, TrainRequest, Update
+from fedloom.algorithms.weights_math import check_compatible
+from fedloom.transport.wire import Ack, Hello, Incorporated, ModelBroadcast, TrainRequest, Update
 
 __all__ = ["SiteNode", "SiteState"]
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import (
+from fedloom.algorithms.aggregator_base import (
     CHECKPOINT_KEY,
     QUIET_AFTER_S,
     AggregatorBase,
@@ -53,12 +53,12 @@ from algorithms.aggregator_base import (
     OwnModel,
     checkpoint_interval,
 )
-from algorithms.intake import ClaimBounds
-from algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
-from algorithms.server_opt import ServerOptimizer, ServerSGD
-from algorithms.update_buffer import UpdateBuffer
-from algorithms.validation import is_int
-from transport.wire import TrainRequest, Update
+from fedloom.algorithms.intake import ClaimBounds
+from fedloom.algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
+from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
+from fedloom.algorithms.update_buffer import UpdateBuffer
+from fedloom.algorithms.validation import is_int
+from fedloom.transport.wire import TrainRequest, Update
 
 __all__ = ["RoundState", "SyncAggregator"]
 

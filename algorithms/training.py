@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
-from algorithms.protocol import TrainResult, Weights
+from fedloom.algorithms.protocol import TrainResult, Weights
 
 DEFAULT_TRAIN_CONFIG: Final[Mapping[str, Any]] = {
     "lr": 0.05,

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.protocol import Weights
-from algorithms.robust import NormClip, coordinate_median, trimmed_mean
-from algorithms.weights_math import is_finite, l2_norm
+from fedloom.algorithms.protocol import Weights
+from fedloom.algorithms.robust import NormClip, coordinate_median, trimmed_mean
+from fedloom.algorithms.weights_math import is_finite, l2_norm
 
 __all__ = ["ROBUST_MODES", "WEIGHTINGS", "Aggregate", "UpdateBuffer"]
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.protocol import Weights
-from algorithms.weights_math import check_delta, checked_norm
-from transport.wire import Update
+from fedloom.algorithms.protocol import Weights
+from fedloom.algorithms.weights_math import check_delta, checked_norm
+from fedloom.transport.wire import Update
 
 __all__ = ["check_update", "check_update_norm", "is_int"]
 

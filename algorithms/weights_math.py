@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from algorithms.protocol import Weights
+from fedloom.algorithms.protocol import Weights
 
 # Elements squared at a time by ``l2_norm``: their float64 squares stay in the CPU cache.
 _NORM_CHUNK = 1 << 16

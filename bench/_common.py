@@ -11,9 +11,9 @@ if str(ROOT) not in sys.path:
 
 from rich.console import Console  # noqa: E402
 
-from sim.report import Report, summary_table, write_report  # noqa: E402
-from sim.runner import run_scenario  # noqa: E402
-from sim.scenario import load_scenario  # noqa: E402
+from fedloom.sim.report import Report, summary_table, write_report  # noqa: E402
+from fedloom.sim.runner import run_scenario  # noqa: E402
+from fedloom.sim.scenario import load_scenario  # noqa: E402
 
 
 def run(scenario_file: str, out: Path | None = None, **overrides: object) -> Report:

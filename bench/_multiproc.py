@@ -11,10 +11,10 @@ from typing import Any
 import nacl.signing
 import numpy as np
 
-from algorithms.protocol import Weights
-from runtime.malloc_tuning import malloc_env
-from transport.identity import Identity
-from transport.roster import Roster, RosterEntry
+from fedloom.algorithms.protocol import Weights
+from fedloom.runtime.malloc_tuning import malloc_env
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster, RosterEntry
 
 
 def daemon_malloc() -> str:

@@ -32,7 +32,7 @@ def _duration(path: Path) -> float:
 
 def run_one(path: Path, out_root: Path) -> tuple[int, float, list[str]]:
     """Exit status, wall seconds and the checker's verdict lines (stdout) of one scenario."""
-    cmd = [sys.executable, "-m", "runtime.cli", "chaos", str(path)]
+    cmd = [sys.executable, "-m", "fedloom", "chaos", str(path)]
     cmd += ["--out", str(out_root / path.stem)]
     started = time.monotonic()
     try:

@@ -51,23 +51,23 @@ import msgpack  # noqa: E402
 import nacl.signing  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transport import e2e, records, tensors, wire, ws_frames  # noqa: E402
-from transport.channel import (  # noqa: E402
+from fedloom.transport import e2e, records, tensors, wire, ws_frames  # noqa: E402
+from fedloom.transport.channel import (  # noqa: E402
     TENSOR_FIELDS,
     ChannelClosed,
     ChannelOptions,
     SecureChannel,
     _parse_stream_header,
 )
-from transport.errors import ProtocolError  # noqa: E402
-from transport.handshake import ClientHandshake, ServerHandshake, SessionKeys  # noqa: E402
-from transport.identity import Identity  # noqa: E402
-from transport.limits import Limits  # noqa: E402
-from transport.links import memory_link_pair  # noqa: E402
-from transport.records import CHUNK_SIZE  # noqa: E402
-from transport.roster import Roster, RosterEntry  # noqa: E402
-from transport.streaming import TensorStreamDecoder, TensorStreamEncoder  # noqa: E402
-from transport.tensors import CodecSpec  # noqa: E402
+from fedloom.transport.errors import ProtocolError  # noqa: E402
+from fedloom.transport.handshake import ClientHandshake, ServerHandshake, SessionKeys  # noqa: E402
+from fedloom.transport.identity import Identity  # noqa: E402
+from fedloom.transport.limits import Limits  # noqa: E402
+from fedloom.transport.links import memory_link_pair  # noqa: E402
+from fedloom.transport.records import CHUNK_SIZE  # noqa: E402
+from fedloom.transport.roster import Roster, RosterEntry  # noqa: E402
+from fedloom.transport.streaming import TensorStreamDecoder, TensorStreamEncoder  # noqa: E402
+from fedloom.transport.tensors import CodecSpec  # noqa: E402
 
 DEFAULT_INPUTS = 1_000_000
 REPRODUCERS_PER_KIND = 3  # saved per (target, exception type, place)
@@ -508,7 +508,7 @@ def relay_target(world: World) -> Target | str:
     the inputs mutate a sealed envelope; the other half are sealed properly by the
     sender's real keys around a mutated inner message (a rostered but hostile peer)."""
     try:
-        from transport import relay
+        from fedloom.transport import relay
 
         sender = _first(relay.RelaySender, (world.peer, world.roster), (world.peer,))
         _first(relay.RelayInbox, (world.site, world.roster), ("site-1", world.roster))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sim.consensus import run_consensus
+from fedloom.sim.consensus import run_consensus
 
 GRAPHS = ("ring", "smallworld", "kregular", "exponential")
 

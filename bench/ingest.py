@@ -60,19 +60,19 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from _multiproc import daemon_malloc, install_loop, model_weights, pki, stop_processes  # noqa: E402
 
-from algorithms.fedbuff import FedBuffAggregator  # noqa: E402
-from algorithms.protocol import Effect, Event, Metric, PeerUp, Received, Send, Weights  # noqa: E402
-from runtime.driver import AsyncDriver  # noqa: E402
-from runtime.peers import DialTarget, NetworkPeers  # noqa: E402
-from runtime.signing import EndToEnd  # noqa: E402
-from runtime.store import StateStore  # noqa: E402
-from sim.network import CodecPolicy  # noqa: E402
-from transport.e2e import digest_as_received, sign_update  # noqa: E402
-from transport.identity import Identity  # noqa: E402
-from transport.limits import ModelLayout  # noqa: E402
-from transport.roster import Roster  # noqa: E402
-from transport.tensors import CodecSpec  # noqa: E402
-from transport.wire import Hello, Message, TrainRequest, Update  # noqa: E402
+from fedloom.algorithms.fedbuff import FedBuffAggregator  # noqa: E402
+from fedloom.algorithms.protocol import Effect, Event, Metric, PeerUp, Received, Send, Weights  # noqa: E402
+from fedloom.federation.store import StateStore  # noqa: E402
+from fedloom.runtime.driver import AsyncDriver  # noqa: E402
+from fedloom.runtime.peers import DialTarget, NetworkPeers  # noqa: E402
+from fedloom.runtime.signing import EndToEnd  # noqa: E402
+from fedloom.transport.codec_policy import CodecPolicy  # noqa: E402
+from fedloom.transport.e2e import digest_as_received, sign_update  # noqa: E402
+from fedloom.transport.identity import Identity  # noqa: E402
+from fedloom.transport.limits import ModelLayout  # noqa: E402
+from fedloom.transport.roster import Roster  # noqa: E402
+from fedloom.transport.tensors import CodecSpec  # noqa: E402
+from fedloom.transport.wire import Hello, Message, TrainRequest, Update  # noqa: E402
 
 
 def site_ids(n: int) -> list[str]:

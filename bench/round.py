@@ -57,12 +57,12 @@ import numpy as np  # noqa: E402
 from _multiproc import daemon_malloc, install_loop, model_weights, pki, stop_processes  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from algorithms.protocol import Metric, TrainResult, Weights  # noqa: E402
-from algorithms.site import SiteNode  # noqa: E402
-from algorithms.sync import SyncAggregator  # noqa: E402
-from runtime.driver import AsyncDriver  # noqa: E402
-from runtime.peers import DialTarget, NetworkPeers  # noqa: E402
-from runtime.store import StateStore  # noqa: E402
+from fedloom.algorithms.protocol import Metric, TrainResult, Weights  # noqa: E402
+from fedloom.algorithms.site import SiteNode  # noqa: E402
+from fedloom.algorithms.sync import SyncAggregator  # noqa: E402
+from fedloom.federation.store import StateStore  # noqa: E402
+from fedloom.runtime.driver import AsyncDriver  # noqa: E402
+from fedloom.runtime.peers import DialTarget, NetworkPeers  # noqa: E402
 
 MB = 1e6
 FRAME = 1 << 20

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sim.runner import build_nodes, build_plan, build_sites, build_workload
-from sim.scenario import parse_scenario
+from fedloom.sim.runner import build_nodes, build_plan, build_sites, build_workload
+from fedloom.sim.scenario import parse_scenario
 
 ROUNDS = 5
 PER_ROUND = 100
@@ -56,9 +56,10 @@ SCENARIO = {
 
 def run_sim() -> tuple[int, float]:
     """One simulated run; returns (client updates applied, wall seconds incl. set-up)."""
-    from sim.compute import ComputeModel
-    from sim.driver import SimDriver
-    from sim.executors import InlineExecutor, WorkloadTrainer
+    from fedloom.federation.training import WorkloadTrainer
+    from fedloom.sim.compute import ComputeModel
+    from fedloom.sim.driver import SimDriver
+    from fedloom.sim.executors import InlineExecutor
 
     scenario = parse_scenario(SCENARIO)
     arm = scenario.arms[0]

@@ -59,18 +59,18 @@ import numpy as np  # noqa: E402
 from _multiproc import daemon_malloc, install_loop, model_weights, pki  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from transport import wire, ws  # noqa: E402
-from transport.channel import (  # noqa: E402
+from fedloom.transport import wire, ws  # noqa: E402
+from fedloom.transport.channel import (  # noqa: E402
     ChannelClosed,
     ChannelOptions,
     Gatekeeper,
     SecureChannel,
     client_channel,
 )
-from transport.identity import Identity  # noqa: E402
-from transport.records import CHUNK_SIZE, CIPHER_SECRETSTREAM  # noqa: E402
-from transport.roster import Roster  # noqa: E402
-from transport.tensors import CodecKind, CodecSpec, decode_tensors, encode_tensors  # noqa: E402
+from fedloom.transport.identity import Identity  # noqa: E402
+from fedloom.transport.records import CHUNK_SIZE, CIPHER_SECRETSTREAM  # noqa: E402
+from fedloom.transport.roster import Roster  # noqa: E402
+from fedloom.transport.tensors import CodecKind, CodecSpec, decode_tensors, encode_tensors  # noqa: E402
 
 MB = 1e6
 CODECS: tuple[CodecKind, ...] = ("fp32", "fp16", "int8")
@@ -321,7 +321,7 @@ async def site(
 def record_layer_cpu(nbytes: int, cipher: str) -> float:
     """CPU seconds (median of 3) to seal and open ``nbytes`` as 1 MiB records of
     ``cipher``: work the secure path must do on top of what the raw path does."""
-    from transport.records import RecordReceiver, RecordSender
+    from fedloom.transport.records import RecordReceiver, RecordSender
 
     # Pieces are views of one large buffer, as the encoder hands them over (so memory
     # traffic is what the real path pays, not a cache-hot 1 MiB buffer sealed again).

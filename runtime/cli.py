@@ -1,7 +1,5 @@
-"""The ``fedloom`` command line.
+"""The daemon side of the ``fedloom`` command line (``fedloom.cli`` dispatches here).
 
-    fedloom sim SCENARIO [--out DIR] [--seed N] [--arm NAME ...]   run a scenario in the simulator
-    fedloom plan SCENARIO [--out DIR] [--arm NAME]                  show and draw an arm's topology
     fedloom keygen --id NAME [--role ROLE] --out DIR [--force]      create a node identity
     fedloom roster sign UNSIGNED.toml --key KEY --out SIGNED.toml   sign a roster (consortium)
     fedloom roster verify SIGNED.toml --consortium PUBKEY_OR_FILE   check a signed roster
@@ -23,72 +21,21 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import textwrap
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sim.config_reader import ConfigError
-
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedloom",
-        description=(
-            "Asynchronous, hierarchical and peer-to-peer federated learning. "
-            "The simulator runs the same protocol code as the daemons on a virtual clock."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Examples:\n"
-        "  fedloom sim scenarios/hospitals.toml --out runs/hospitals\n"
-        "  fedloom plan scenarios/hierarchical-10k.toml --out runs/plan10k\n"
-        "  fedloom keygen --id site-a --role site --out /etc/fedloom\n"
-        "  fedloom run --config /etc/fedloom/site.toml\n"
-        "  fedloom demo\n",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    sim = sub.add_parser(
-        "sim",
-        help="run a scenario in the discrete-event simulator",
-        description="Run every arm of a scenario on a virtual clock and write report.json, "
-        "CSV series and PNG plots to the output directory.",
-    )
-    sim.add_argument("scenario", type=Path, help="scenario TOML file (see scenarios/)")
-    sim.add_argument("--out", type=Path, default=None, help="output directory (default runs/NAME)")
-    sim.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
-    sim.add_argument(
-        "--arm",
-        action="append",
-        default=None,
-        metavar="NAME",
-        help="run only this arm (repeatable; default: all arms)",
-    )
-    sim.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    plan = sub.add_parser(
-        "plan",
-        help="print and draw the topology an arm of a scenario would use",
-        description="Build the topology plan of a scenario arm, print its clusters, elected "
-        "sub-aggregators, degrees and spectral gap, and write plan.json and topology.png.",
-    )
-    plan.add_argument("scenario", type=Path, help="scenario TOML file")
-    plan.add_argument(
-        "--out", type=Path, default=None, help="output directory (default runs/NAME-plan)"
-    )
-    plan.add_argument(
-        "--arm", default=None, metavar="NAME", help="arm to plan (default: the first)"
-    )
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The daemon, key, state, demo and chaos commands, on ``fedloom``'s parser."""
     _add_key_commands(sub)
     _add_daemon_commands(sub)
     _add_state_commands(sub)
     _add_chaos_commands(sub)
-    return parser
 
 
 def _add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -226,7 +173,7 @@ def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from runtime.exit_status import EXIT_STATUS_HELP
+    from fedloom.runtime.exit_status import EXIT_STATUS_HELP
 
     run = sub.add_parser(
         "run",
@@ -300,7 +247,7 @@ def _add_daemon_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _add_key_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from transport.identity import ROLES
+    from fedloom.transport.identity import ROLES
 
     keygen = sub.add_parser(
         "keygen",
@@ -365,98 +312,73 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
-    try:
-        if args.command == "sim":
-            from runtime.commands import cmd_sim
+def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run the command ``args`` names (one of ``add_commands``'); errors go to ``fedloom.cli``."""
+    if args.command == "keygen":
+        from fedloom.runtime.keys_cli import cmd_keygen
 
-            return cmd_sim(
-                args.scenario, out=args.out, seed=args.seed, arms=args.arm, quiet=args.quiet
+        return cmd_keygen(args.node_id, args.role, args.out, force=args.force)
+    if args.command == "roster":
+        from fedloom.runtime.keys_cli import cmd_roster_sign, cmd_roster_verify
+
+        if args.roster_command == "sign":
+            return cmd_roster_sign(args.unsigned, key=args.key, out=args.out)
+        if args.roster_command == "verify":
+            return cmd_roster_verify(args.signed, consortium=args.consortium)
+        parser.error("roster: choose an action: sign or verify")
+    if args.command == "run":
+        # Until the daemon's own handlers are installed, SIGTERM (systemd stopping a
+        # service that is still starting) ends start-up cleanly instead of killing it.
+        with _sigterm_exits():
+            from fedloom.runtime.daemon import configure_logging, run_daemon
+
+            configure_logging(args.log_level, args.log_format)
+            return run_daemon(args.config, eval_interval_s=args.eval_interval)
+    if args.command == "state" and args.state_command == "reseed":
+        from fedloom.runtime.reseed import cmd_state_reseed
+
+        return cmd_state_reseed(
+            args.config, args.sources, args.above, backups=args.backups, force=args.force
+        )
+    if args.command == "state":
+        from fedloom.runtime.state_cli import cmd_state_check, cmd_state_repair
+
+        if args.state_command == "check":
+            return cmd_state_check(args.state_dir)
+        if args.state_command == "repair":
+            return cmd_state_repair(
+                args.state_dir, truncate_at=args.truncate_at, drop_damaged=args.drop_damaged
             )
-        if args.command == "plan":
-            from runtime.commands import cmd_plan
+        parser.error("state: choose an action: check, repair or reseed")
+    if args.command == "demo":
+        from fedloom.runtime.demo import cmd_demo
 
-            return cmd_plan(args.scenario, out=args.out, arm=args.arm)
-        if args.command == "keygen":
-            from runtime.keys_cli import cmd_keygen
+        if args.versions < 1:
+            parser.error("demo: --versions must be >= 1")
+        return cmd_demo(
+            versions=args.versions,
+            timeout_s=args.timeout,
+            seed=args.seed,
+            workdir=args.workdir,
+            quiet=args.quiet,
+        )
+    if args.command == "chaos":
+        from fedloom.runtime.chaos.runner import cmd_chaos
 
-            return cmd_keygen(args.node_id, args.role, args.out, force=args.force)
-        if args.command == "roster":
-            from runtime.keys_cli import cmd_roster_sign, cmd_roster_verify
+        return cmd_chaos(args.scenario, out=args.out, backend=args.backend)
+    if args.command == "local":
+        from fedloom.runtime.local import cmd_local_init, cmd_local_up
 
-            if args.roster_command == "sign":
-                return cmd_roster_sign(args.unsigned, key=args.key, out=args.out)
-            if args.roster_command == "verify":
-                return cmd_roster_verify(args.signed, consortium=args.consortium)
-            parser.error("roster: choose an action: sign or verify")
-        if args.command == "run":
-            # Until the daemon's own handlers are installed, SIGTERM (systemd stopping a
-            # service that is still starting) ends start-up cleanly instead of killing it.
-            with _sigterm_exits():
-                from runtime.daemon import configure_logging, run_daemon
-
-                configure_logging(args.log_level, args.log_format)
-                return run_daemon(args.config, eval_interval_s=args.eval_interval)
-        if args.command == "state" and args.state_command == "reseed":
-            from runtime.reseed import cmd_state_reseed
-
-            return cmd_state_reseed(
-                args.config, args.sources, args.above, backups=args.backups, force=args.force
-            )
-        if args.command == "state":
-            from runtime.state_cli import cmd_state_check, cmd_state_repair
-
-            if args.state_command == "check":
-                return cmd_state_check(args.state_dir)
-            if args.state_command == "repair":
-                return cmd_state_repair(
-                    args.state_dir, truncate_at=args.truncate_at, drop_damaged=args.drop_damaged
-                )
-            parser.error("state: choose an action: check, repair or reseed")
-        if args.command == "demo":
-            from runtime.demo import cmd_demo
-
-            if args.versions < 1:
-                parser.error("demo: --versions must be >= 1")
-            return cmd_demo(
-                versions=args.versions,
-                timeout_s=args.timeout,
+        if args.local_command == "init":
+            return cmd_local_init(
+                args.dir,
+                shape=args.shape,
+                regions=args.regions,
+                sites=args.sites,
                 seed=args.seed,
-                workdir=args.workdir,
-                quiet=args.quiet,
             )
-        if args.command == "chaos":
-            from runtime.chaos.runner import cmd_chaos
-
-            return cmd_chaos(args.scenario, out=args.out, backend=args.backend)
-        if args.command == "local":
-            from runtime.local import cmd_local_init, cmd_local_up
-
-            if args.local_command == "init":
-                return cmd_local_init(
-                    args.dir,
-                    shape=args.shape,
-                    regions=args.regions,
-                    sites=args.sites,
-                    seed=args.seed,
-                )
-            if args.local_command == "up":
-                return cmd_local_up(args.dir)
-            parser.error("local: choose an action: init or up")
-    except ConfigError as exc:
-        print(f"fedloom: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("fedloom: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        if args.local_command == "up":
+            return cmd_local_up(args.dir)
+        parser.error("local: choose an action: init or up")
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE  # pragma: no cover - parser.error exits
-
-
-if __name__ == "__main__":
-    sys.exit(main())

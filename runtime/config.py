@@ -70,20 +70,29 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from algorithms.incorporation import (
+from fedloom.algorithms.incorporation import (
     DEFAULT_FAILOVER_AFTER_S,
     DEFAULT_MAX_HELD,
     MAX_HELD_LIMIT,
 )
-from sim.config_reader import ConfigError, Table
-from sim.scenario import ALGORITHMS, AlgorithmConfig, CodecConfig, TrainingConfig
-from sim.scenario import _algorithm as _read_algorithm
-from sim.scenario import _codec as _read_codec
-from sim.scenario import _training as _read_training
-from sim.workloads import DATASET_NAMES
-from transport.channel import DEFAULT_GATE_HANDSHAKE_TIMEOUT_S, DEFAULT_MAX_PENDING, OFFLOAD_MODES
-from transport.identity import IdentityError, check_node_id, parse_key
-from transport.records import CIPHERS
+from fedloom.federation.config_reader import ConfigError, Table
+from fedloom.federation.params import (
+    ALGORITHMS,
+    AlgorithmConfig,
+    CodecConfig,
+    TrainingConfig,
+    read_algorithm,
+    read_codec,
+    read_training,
+)
+from fedloom.transport.channel import (
+    DEFAULT_GATE_HANDSHAKE_TIMEOUT_S,
+    DEFAULT_MAX_PENDING,
+    OFFLOAD_MODES,
+)
+from fedloom.transport.identity import IdentityError, check_node_id, parse_key
+from fedloom.transport.records import CIPHERS
+from fedloom.workloads.workload import DATASET_NAMES
 
 ROLES = ("site", "region", "root", "peer", "relay")
 AGGREGATORS = ("region", "root")
@@ -290,9 +299,9 @@ def parse_config(
     relay = _endpoint(t.table("relay"), url_required=True) if t.has("relay") else None
     t.table("relay")  # mark seen even when absent
     plan = _plan(t.table("plan")) if t.has("plan") else None
-    training = _read_training(t.table("training"))
+    training = read_training(t.table("training"))
     algorithm, aggregation = _aggregation(t.table("aggregation"))
-    codec = _read_codec(t.table("codec"))
+    codec = read_codec(t.table("codec"))
     connection = _connection(t.table("connection"))
     executor = _executor(t.table("executor"))
     metrics = t.table("metrics")
@@ -517,7 +526,7 @@ def _plan(t: Table) -> PlanConfig:
     workload = {k: t.raw(k) for k in t._data if k in _WORKLOAD_KEYS}
     t.finish()
     # The workload reader checks types, ranges and dataset-specific fields.
-    from sim.workloads import from_config
+    from fedloom.workloads.workload import from_config
 
     try:
         from_config(workload)
@@ -529,7 +538,7 @@ def _plan(t: Table) -> PlanConfig:
 def _aggregation(t: Table) -> tuple[str, AlgorithmConfig]:
     algorithm = t.text("algorithm", "fedbuff", choices=ALGORITHMS)
     params = {k: v for k, v in t._data.items() if k != "algorithm"}
-    return algorithm, _read_algorithm(Table(params, t.where("").rstrip(".")))
+    return algorithm, read_algorithm(Table(params, t.where("").rstrip(".")))
 
 
 def _connection(t: Table) -> ConnectionConfig:

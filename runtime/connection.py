@@ -38,16 +38,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from algorithms.warn_limit import WarnLimiter
-from runtime.signing import EndToEnd
-from sim.network import CodecPolicy
-from transport import wire
-from transport.channel import ChannelTruncated, SecureChannel, tensor_bytes
-from transport.error_text import describe
-from transport.errors import MalformedMessage, ProtocolError
-from transport.limits import Limits
-from transport.links import Link, LinkClosed
-from transport.wire import Heartbeat, Message, Relayed
+from fedloom.algorithms.warn_limit import WarnLimiter
+from fedloom.runtime.signing import EndToEnd
+from fedloom.transport import wire
+from fedloom.transport.channel import ChannelTruncated, SecureChannel, tensor_bytes
+from fedloom.transport.codec_policy import CodecPolicy
+from fedloom.transport.error_text import describe
+from fedloom.transport.errors import MalformedMessage, ProtocolError
+from fedloom.transport.limits import Limits
+from fedloom.transport.links import Link, LinkClosed
+from fedloom.transport.wire import Heartbeat, Message, Relayed
 
 RELAY_ROLE = "relay"  # the roster role of relays (``algorithms.relay``)
 

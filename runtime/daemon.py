@@ -55,30 +55,24 @@ from typing import Any
 
 import numpy as np
 
-from algorithms import incorporation
-from algorithms import regional as regional_mod
-from algorithms import site as site_mod
-from algorithms.aggregator_base import APPLIED_KEY, AggregatorBase
-from algorithms.fedasync import FedAsyncAggregator
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.gossip import GOSSIP_IN_KEY, GossipPeer, share_weight_bound
-from algorithms.intake import ClaimBounds
-from algorithms.protocol import Metric, ModelHolder, Node, Persist
-from algorithms.regional import RegionalAggregator
-from algorithms.relay import RelayNode
-from algorithms.site import SiteNode
-from algorithms.sync import SyncAggregator
-from algorithms.training import TrainingPlan
-from runtime import systemd
-from runtime.config import RELAY_MESSAGE_MIB, DaemonConfig, load_config
-from runtime.driver import AsyncDriver
-from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK
-from runtime.log_filters import quiet_client_disconnects
-from runtime.malloc_tuning import GLIBC_TUNABLES
-from runtime.peers import Backoff, DialTarget, ListenError, NetworkPeers, gossip_dial_targets
-from runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
-from runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
-from runtime.store import (
+from fedloom.algorithms import incorporation
+from fedloom.algorithms import regional as regional_mod
+from fedloom.algorithms import site as site_mod
+from fedloom.algorithms.aggregator_base import APPLIED_KEY, AggregatorBase
+from fedloom.algorithms.fedasync import FedAsyncAggregator
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.gossip import GOSSIP_IN_KEY, GossipPeer, share_weight_bound
+from fedloom.algorithms.intake import ClaimBounds
+from fedloom.algorithms.protocol import Metric, ModelHolder, Node, Persist
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.relay import RelayNode
+from fedloom.algorithms.site import SiteNode
+from fedloom.algorithms.sync import SyncAggregator
+from fedloom.algorithms.training import TrainingPlan
+from fedloom.federation.config_reader import ConfigError
+from fedloom.federation.factory import ROOT_ALGORITHMS, build_region, build_root, claim_bounds
+from fedloom.federation.seeds import derived_seed
+from fedloom.federation.store import (
     CHECKPOINT_KEY,
     CorruptStateError,
     Recovery,
@@ -86,18 +80,30 @@ from runtime.store import (
     StateStore,
     StoreError,
 )
-from runtime.trainer import PlanTrainer, SitePlan, make_executor, plan_from_config
-from sim.aggregators import ROOT_ALGORITHMS, build_region, build_root, claim_bounds
-from sim.config_reader import ConfigError
-from sim.executors import Trainer
-from sim.kernel import derived_seed
-from sim.network import CodecPolicy
-from transport.channel import ChannelOptions, GateLimits
-from transport.e2e import ModelVersionGuard, tensors_digest
-from transport.identity import Identity, IdentityError
-from transport.limits import Limits, MiB, ModelLayout
-from transport.roster import Roster, RosterError, read_small_text
-from transport.tensors import CodecSpec
+from fedloom.federation.training import Trainer
+from fedloom.runtime import systemd
+from fedloom.runtime.config import RELAY_MESSAGE_MIB, DaemonConfig, load_config
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_OK
+from fedloom.runtime.log_filters import quiet_client_disconnects
+from fedloom.runtime.malloc_tuning import GLIBC_TUNABLES
+from fedloom.runtime.peers import (
+    Backoff,
+    DialTarget,
+    ListenError,
+    NetworkPeers,
+    gossip_dial_targets,
+)
+from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
+from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
+from fedloom.runtime.trainer import PlanTrainer, SitePlan, make_executor, plan_from_config
+from fedloom.transport.channel import ChannelOptions, GateLimits
+from fedloom.transport.codec_policy import CodecPolicy
+from fedloom.transport.e2e import ModelVersionGuard, tensors_digest
+from fedloom.transport.identity import Identity, IdentityError
+from fedloom.transport.limits import Limits, MiB, ModelLayout
+from fedloom.transport.roster import Roster, RosterError, read_small_text
+from fedloom.transport.tensors import CodecSpec
 
 __all__ = [
     "DEFAULT_EVAL_INTERVAL_S",
@@ -1003,8 +1009,8 @@ async def serve(
     docstring); re-read the roster on SIGHUP or whenever ``hangup`` is set.
     ``eval_interval_s`` None: the default for the role. ``trainer`` (and the ``executor``
     it runs in, left open here): instead of the plan's (``runtime.chaos.loadgen``)."""
-    from runtime.health import start_observability
-    from runtime.metrics import MetricsSink
+    from fedloom.runtime.health import start_observability
+    from fedloom.runtime.metrics import MetricsSink
 
     cfg = d.cfg
     loop = asyncio.get_running_loop()

@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from runtime.malloc_tuning import malloc_env
-from transport.identity import Identity
-from transport.roster import Roster, RosterEntry, sign
+from fedloom.runtime.malloc_tuning import malloc_env
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster, RosterEntry, sign
 
 __all__ = [
     "Cluster",
@@ -290,7 +290,7 @@ def site_examples(plan: Mapping[str, Any], sites: Sequence[str]) -> dict[str, in
     order), or None for a plan this cannot size (a factory's)."""
     if "dataset" not in plan:
         return None
-    from sim.workloads import from_config
+    from fedloom.workloads.workload import from_config
 
     workload = from_config(plan)
     return {site: int(workload.n_examples(i)) for i, site in enumerate(sites)}
@@ -351,7 +351,14 @@ class DaemonProcess:
 
     def command(self) -> list[str]:
         """What ``start`` runs (``runtime.chaos.loadgen`` runs another program)."""
-        cmd = [sys.executable, "-m", "runtime.cli", "run", "--config", str(self.files.config)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedloom",
+            "run",
+            "--config",
+            str(self.files.config),
+        ]
         return [*cmd, "--log-format", "json", *self.args]
 
     def start(self) -> None:
@@ -525,9 +532,9 @@ def _train_epochs(plan: Any, weights: Any, n: int, epochs: int, seed: int) -> An
 def baselines(plan_table: Mapping[str, Any], epochs: int = 30) -> tuple[Score, list[Score]]:
     """The centrally trained model (pooled training data) and each site's local-only model,
     scored on the global test set: what federation is measured against."""
-    from sim.datasets import Split
-    from sim.models import make_model
-    from sim.workloads import from_config
+    from fedloom.workloads.datasets import Split
+    from fedloom.workloads.models import make_model
+    from fedloom.workloads.workload import from_config
 
     workload = from_config(plan_table)
     data = workload.dataset
@@ -663,9 +670,9 @@ def _run_federation(
 
 
 def _final_model(fed: Federation) -> tuple[int, dict[str, float]]:
-    from runtime.config import load_config
-    from runtime.daemon import load_node
-    from sim.workloads import from_config
+    from fedloom.runtime.config import load_config
+    from fedloom.runtime.daemon import load_node
+    from fedloom.workloads.workload import from_config
 
     node: Any = load_node(load_config(fed.nodes[ROOT_ID].config))
     version, weights = node.current_model()

@@ -53,7 +53,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from algorithms.protocol import (
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -68,10 +68,10 @@ from algorithms.protocol import (
     TrainResult,
     Weights,
 )
-from runtime.peers import PeerSet, Valid
-from sim.executors import Trainer
-from sim.kernel import derived_seed
-from transport.error_text import describe
+from fedloom.federation.seeds import derived_seed
+from fedloom.federation.training import Trainer
+from fedloom.runtime.peers import PeerSet, Valid
+from fedloom.transport.error_text import describe
 
 node_log = logging.getLogger("fedloom.node")
 log = logging.getLogger("fedloom.runtime.driver")
@@ -94,7 +94,7 @@ _LEVELS = {
 
 
 class Store(Protocol):
-    """Durable state: ``runtime.store.StateStore`` (tests may use an in-memory one)."""
+    """Durable state: ``federation.store.StateStore`` (tests may use an in-memory one)."""
 
     def apply_many(self, items: Sequence[Persist]) -> None:
         """Make every item durable, in order, before returning."""

@@ -22,7 +22,7 @@ from types import TracebackType
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
-from runtime.metrics import MetricsSink
+from fedloom.runtime.metrics import MetricsSink
 
 __all__ = ["ObservabilityServer", "make_app", "start_observability", "stop_observability"]
 

@@ -10,8 +10,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from sim.config_reader import ConfigError
-from transport.identity import (
+from fedloom.federation.config_reader import ConfigError
+from fedloom.transport.identity import (
     ROLES,
     Identity,
     IdentityError,
@@ -20,7 +20,7 @@ from transport.identity import (
     parse_public_line,
     write_atomic,
 )
-from transport.roster import Roster, RosterError, read_small_text, sign
+from fedloom.transport.roster import Roster, RosterError, read_small_text, sign
 
 EXIT_OK = 0
 EXIT_INVALID = 1

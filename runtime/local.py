@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.chaos.layout import README_NAME, lay_out, read_config, write_readme
-from runtime.demo import Cluster, Federation, NodeFiles
-from sim.config_reader import ConfigError
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime.chaos.layout import README_NAME, lay_out, read_config, write_readme
+from fedloom.runtime.demo import Cluster, Federation, NodeFiles
 
 __all__ = ["cmd_local_init", "cmd_local_up", "read_federation"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from transport.error_text import describe
+from fedloom.transport.error_text import describe
 
 __all__ = ["AIOHTTP_LOGGERS", "ClientGoneFilter", "quiet_client_disconnects"]
 

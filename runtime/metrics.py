@@ -39,7 +39,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from algorithms.protocol import Metric
+from fedloom.algorithms.protocol import Metric
 
 __all__ = [
     "LINK_RTT_BUCKETS",

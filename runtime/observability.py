@@ -26,9 +26,14 @@ import traceback
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from runtime.health import ObservabilityServer, make_app, start_observability, stop_observability
-from runtime.log_filters import quiet_client_disconnects
-from runtime.metrics import HealthSnapshot, MetricsSink
+from fedloom.runtime.health import (
+    ObservabilityServer,
+    make_app,
+    start_observability,
+    stop_observability,
+)
+from fedloom.runtime.log_filters import quiet_client_disconnects
+from fedloom.runtime.metrics import HealthSnapshot, MetricsSink
 
 __all__ = [
     "HealthSnapshot",

@@ -48,9 +48,9 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from algorithms.protocol import Event, PeerDown, PeerUp, Received
-from algorithms.warn_limit import WarnLimiter
-from runtime.connection import (
+from fedloom.algorithms.protocol import Event, PeerDown, PeerUp, Received
+from fedloom.algorithms.warn_limit import WarnLimiter
+from fedloom.runtime.connection import (
     DEFAULT_MAX_QUEUE,
     QUEUE_MESSAGES_OF_CAP,
     ChannelPipe,
@@ -62,9 +62,8 @@ from runtime.connection import (
     WirePipe,
     check_timeouts,
 )
-from runtime.signing import EndToEnd
-from sim.network import CodecPolicy
-from transport.channel import (
+from fedloom.runtime.signing import EndToEnd
+from fedloom.transport.channel import (
     DEFAULT_OPTIONS,
     ChannelOptions,
     GateBusy,
@@ -72,13 +71,14 @@ from transport.channel import (
     SecureChannel,
     client_channel,
 )
-from transport.error_text import describe
-from transport.errors import ProtocolError
-from transport.identity import Identity
-from transport.limits import Limits, ModelLayout
-from transport.links import Link, LinkClosed, memory_link_pair
-from transport.roster import Roster, RosterEntry
-from transport.wire import Message, RosterUpdate
+from fedloom.transport.codec_policy import CodecPolicy
+from fedloom.transport.error_text import describe
+from fedloom.transport.errors import ProtocolError
+from fedloom.transport.identity import Identity
+from fedloom.transport.limits import Limits, ModelLayout
+from fedloom.transport.links import Link, LinkClosed, memory_link_pair
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.wire import Message, RosterUpdate
 
 log = logging.getLogger("fedloom.runtime.peers")
 
@@ -497,7 +497,7 @@ class ListenError(OSError):
 
 
 async def _ws_connect(url: str) -> Link:
-    from transport import ws
+    from fedloom.transport import ws
 
     return await ws.connect(url)
 
@@ -505,7 +505,7 @@ async def _ws_connect(url: str) -> Link:
 async def _ws_serve(
     host: str, port: int, on_link: OnLink, known: Container[str] | None = None
 ) -> Listener:
-    from transport import ws
+    from fedloom.transport import ws
 
     return await ws.serve(host, port, on_link, known=known)
 

@@ -26,8 +26,8 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from algorithms.protocol import Persist
-from transport.channel import offload
+from fedloom.algorithms.protocol import Persist
+from fedloom.transport.channel import offload
 
 __all__ = ["RELAY_SEQ_KEY", "RESERVE_NS", "RelaySeqState"]
 
@@ -36,7 +36,7 @@ RESERVE_NS = 3600 * 10**9  # numbers a sender reserves per write (an hour of tim
 
 
 class Store(Protocol):
-    """What is written to: ``runtime.store.StateStore`` (durable when ``apply`` returns)."""
+    """What is written to: ``federation.store.StateStore`` (durable when ``apply`` returns)."""
 
     def apply(self, persist: Persist) -> None: ...
 

@@ -43,12 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from algorithms.aggregator_base import OwnModel
-from algorithms.protocol import Node, Persist, Weights
-from runtime.config import load_config
-from runtime.daemon import build_node, build_plan, load_identity, load_roster, restore_node
-from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT
-from runtime.store import (
+from fedloom.algorithms.aggregator_base import OwnModel
+from fedloom.algorithms.protocol import Node, Persist, Weights
+from fedloom.federation.config_reader import ConfigError
+from fedloom.federation.store import (
     CHECKPOINT_KEY,
     CorruptStateError,
     StateIOError,
@@ -56,9 +54,11 @@ from runtime.store import (
     StoreError,
     _read_single,
 )
-from sim.config_reader import ConfigError
-from transport.e2e import model_signed_bytes, tensors_digest
-from transport.identity import Identity, verify_signature
+from fedloom.runtime.config import load_config
+from fedloom.runtime.daemon import build_node, build_plan, load_identity, load_roster, restore_node
+from fedloom.runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT
+from fedloom.transport.e2e import model_signed_bytes, tensors_digest
+from fedloom.transport.identity import Identity, verify_signature
 
 __all__ = [
     "ABOVE_SLACK",

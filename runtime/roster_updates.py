@@ -31,12 +31,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from algorithms.protocol import Metric
-from algorithms.warn_limit import WarnLimiter
-from runtime.peers import NetworkPeers
-from transport.identity import Identity
-from transport.roster import Roster, RosterError, RosterStore, read_small_text
-from transport.wire import RosterUpdate
+from fedloom.algorithms.protocol import Metric
+from fedloom.algorithms.warn_limit import WarnLimiter
+from fedloom.runtime.peers import NetworkPeers
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster, RosterError, RosterStore, read_small_text
+from fedloom.transport.wire import RosterUpdate
 
 __all__ = ["PUSH_BURST", "PUSH_INTERVAL_S", "ROSTER_SEEN_KEY", "RosterKeeper"]
 

@@ -56,10 +56,10 @@ from typing import Any, TypeAlias, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from algorithms.protocol import Metric
-from runtime.relay_seq import RelaySeqState
-from transport.channel import offload, tensor_bytes
-from transport.e2e import (
+from fedloom.algorithms.protocol import Metric
+from fedloom.runtime.relay_seq import RelaySeqState
+from fedloom.transport.channel import offload, tensor_bytes
+from fedloom.transport.e2e import (
     MODEL_SIGNER_ROLES,
     ModelVersionGuard,
     SenderMismatchError,
@@ -72,13 +72,13 @@ from transport.e2e import (
     verify_model,
     verify_update,
 )
-from transport.errors import ProtocolError
-from transport.identity import Identity
-from transport.limits import Limits, ModelLayout
-from transport.relay import RelayInbox, RelaySender
-from transport.roster import Roster
-from transport.tensors import CodecSpec
-from transport.wire import Message, ModelBroadcast, Relayed, TrainRequest, Update
+from fedloom.transport.errors import ProtocolError
+from fedloom.transport.identity import Identity
+from fedloom.transport.limits import Limits, ModelLayout
+from fedloom.transport.relay import RelayInbox, RelaySender
+from fedloom.transport.roster import Roster
+from fedloom.transport.tensors import CodecSpec
+from fedloom.transport.wire import Message, ModelBroadcast, Relayed, TrainRequest, Update
 
 __all__ = ["KEEP_VERSIONS", "EndToEnd", "ModelProof", "Report"]
 

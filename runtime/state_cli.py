@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT, EXIT_IN_USE, EXIT_OK
-from runtime.store import (
+from fedloom.federation.config_reader import ConfigError
+from fedloom.federation.store import (
     CHECKPOINT_KEY,
     CorruptStateError,
     Damage,
@@ -54,7 +54,7 @@ from runtime.store import (
     scan_log,
     wal_logs,
 )
-from sim.config_reader import ConfigError
+from fedloom.runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT, EXIT_IN_USE, EXIT_OK
 
 __all__ = ["MEANING", "cmd_state_check", "cmd_state_repair"]
 

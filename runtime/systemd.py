@@ -20,7 +20,7 @@ import os
 import socket
 from collections.abc import Mapping
 
-from transport.error_text import describe
+from fedloom.transport.error_text import describe
 
 __all__ = [
     "extend_timeout",

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from algorithms.protocol import TrainResult, Weights
-from algorithms.training import TrainingPlan
-from sim.config_reader import ConfigError
+from fedloom.algorithms.protocol import TrainResult, Weights
+from fedloom.algorithms.training import TrainingPlan
+from fedloom.federation.config_reader import ConfigError
 
 _SCALARS = (bool, int, float, str, bytes)
 
@@ -268,7 +268,7 @@ def plan_from_config(plan: Any, *, seed: int = 0) -> TrainingPlan:
         except TypeError as exc:
             raise ConfigError(f"plan.args: calling {plan.factory} failed: {exc}") from None
         return as_plan(made, f"plan.factory {plan.factory}")
-    from sim.workloads import from_config
+    from fedloom.workloads.workload import from_config
 
     try:
         workload = from_config(plan.workload, seed=seed)

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from sim.kernel import entity_rng
-from sim.network import Partition
+from fedloom.federation.seeds import entity_rng
+from fedloom.sim.network import Partition
 
 DEFAULT_DETECTION_DELAY_S = 30.0
 

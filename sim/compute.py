@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sim.kernel import entity_rng
+from fedloom.federation.seeds import entity_rng
 
 
 class Distribution(Protocol):

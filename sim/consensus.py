@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from algorithms.gossip import GossipPeer
-from algorithms.protocol import ModelHolder, Node
-from sim.driver import SimDriver
-from topology.gossip import gossip
-from topology.specs import Site
-from topology.wan import WanModel
+from fedloom.algorithms.gossip import GossipPeer
+from fedloom.algorithms.protocol import ModelHolder, Node
+from fedloom.sim.driver import SimDriver
+from fedloom.topology.gossip import gossip
+from fedloom.topology.specs import Site
+from fedloom.topology.wan import WanModel
 
 VECTOR_LEN = 32
 

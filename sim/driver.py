@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from algorithms.protocol import (
+from fedloom.algorithms.protocol import (
     Deadline,
     Event,
     Log,
@@ -44,12 +44,15 @@ from algorithms.protocol import (
     TrainDone,
     TrainFailed,
 )
-from sim.availability import Availability
-from sim.compute import ComputeModel
-from sim.executors import Executor, InlineExecutor, Trainer
-from sim.invariants import InvariantChecker
-from sim.kernel import Handle, Kernel, SimulationError, derived_seed
-from sim.network import Codec, CodecPolicy, LinkModel, Network, Partition
+from fedloom.federation.invariants import InvariantChecker
+from fedloom.federation.seeds import derived_seed
+from fedloom.federation.training import Trainer
+from fedloom.sim.availability import Availability
+from fedloom.sim.compute import ComputeModel
+from fedloom.sim.executors import Executor, InlineExecutor
+from fedloom.sim.kernel import Handle, Kernel, SimulationError
+from fedloom.sim.network import Codec, LinkModel, Network, Partition
+from fedloom.transport.codec_policy import CodecPolicy
 
 logger = logging.getLogger("fedloom.sim")
 

@@ -12,41 +12,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Protocol
 
-from algorithms.protocol import TrainResult, Weights
-
-
-class Trainer(Protocol):
-    """Trains one job. Must be deterministic given ``config["seed"]``."""
-
-    def __call__(
-        self, node_id: str, weights: Weights, config: Mapping[str, Any]
-    ) -> TrainResult: ...
-
-
-class SitePlanSource(Protocol):
-    """Anything with per-site training plans (``sim.workloads.Workload``)."""
-
-    def site_plan(self, i: int) -> Any: ...
-
-
-class WorkloadTrainer:
-    """A picklable ``Trainer`` over a workload: node ``sites[i]`` trains ``site_plan(i)``."""
-
-    def __init__(self, workload: SitePlanSource, sites: Sequence[str]) -> None:
-        self.workload = workload
-        self.index = {site: i for i, site in enumerate(sites)}
-        if len(self.index) != len(sites):
-            raise ValueError("WorkloadTrainer: site ids must be unique")
-
-    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
-        i = self.index.get(node_id)
-        if i is None:
-            raise KeyError(f"WorkloadTrainer: {node_id!r} is not a site of this workload")
-        result: TrainResult = self.workload.site_plan(i).train(weights, config)
-        return result
+from fedloom.algorithms.protocol import TrainResult, Weights
+from fedloom.federation.training import Trainer
 
 
 class Executor(Protocol):

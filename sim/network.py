@@ -13,7 +13,7 @@ Delivery model (per directed link ``src -> dst``):
   the kernel runs ties FIFO).
 * ``size`` is ``len(codec.encode(msg, spec))`` with the real wire codec, and the receiver
   gets ``codec.decode(bytes)``: a lossy codec changes both the simulated time and what
-  arrives. The spec is chosen per message type (``CodecPolicy``).
+  arrives. The spec is chosen per message type (``transport.codec_policy.CodecPolicy``).
 * Loss: links are reliable TCP-like streams, so packet loss does not drop messages; it
   lowers throughput as in Mathis, Semke, Mahdavi & Ott, "The macroscopic behavior of the
   TCP congestion avoidance algorithm" (CCR 1997)::
@@ -54,7 +54,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from sim.kernel import Kernel, SimulationError
+from fedloom.sim.kernel import Kernel, SimulationError
+from fedloom.transport.codec_policy import CodecPolicy
 
 MSS_BYTES = 1460
 MATHIS_C = 1.22  # sqrt(3/2), periodic-loss constant of Mathis et al. 1997
@@ -136,8 +137,8 @@ class WireCodec:
     """``transport.wire`` as a ``Codec`` (imported lazily; ``limits`` passed to ``decode``)."""
 
     def __init__(self, limits: Any = None) -> None:
-        from transport import wire
-        from transport.errors import ProtocolError
+        from fedloom.transport import wire
+        from fedloom.transport.errors import ProtocolError
 
         self._encode = wire.encode
         self._decode = wire.decode
@@ -158,43 +159,6 @@ class WireCodec:
 # children or neighbours), and the name of their tensor field.
 _SHARED_TENSOR_FIELDS = {"TrainRequest": "weights", "ModelBroadcast": "weights", "GossipShare": "x"}
 _TENSOR_MEMO_SIZE = 4  # recent tensor dicts remembered (a few model versions in flight)
-
-_UPLINK_TYPES = ("Update", "GossipShare")
-_DOWNLINK_TYPES = ("ModelBroadcast", "TrainRequest")
-
-
-class CodecPolicy:
-    """Which codec spec each message type goes with.
-
-    Deltas travelling up (``Update``, ``GossipShare``) use ``up`` (the scenario's codec),
-    models travelling down (``ModelBroadcast``, ``TrainRequest``) use ``down``, everything
-    else ``control``. ``None`` means ``transport.tensors.CodecSpec()`` (fp32).
-    """
-
-    def __init__(self, up: Any = None, down: Any = None, control: Any = None) -> None:
-        default = None
-        if up is None or down is None or control is None:
-            from transport.tensors import CodecSpec
-
-            default = CodecSpec()
-        self.up = default if up is None else up
-        self.down = default if down is None else down
-        self.control = default if control is None else control
-        self._by_type: dict[type, Any] = {}
-
-    def spec_for(self, msg: Any) -> Any:
-        cls = type(msg)
-        spec = self._by_type.get(cls)
-        if spec is None:
-            name = cls.__name__
-            if name in _UPLINK_TYPES:
-                spec = self.up
-            elif name in _DOWNLINK_TYPES:
-                spec = self.down
-            else:
-                spec = self.control
-            self._by_type[cls] = spec
-        return spec
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sim.report import (
+from fedloom.sim.report import (
     Report,
     atomic_write_bytes,
     byte_unit,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from topology.plan import Plan
+from fedloom.topology.plan import Plan
 
 MAX_DRAWN_SITES = 600
 

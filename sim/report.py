@@ -475,7 +475,7 @@ def write_report(report: Report, out_dir: Path | str, *, plots: bool = True) -> 
         atomic_write_bytes(out / name, text.encode("utf-8"))
         written[key] = out / name
     if plots:
-        from sim import plots as plotting  # matplotlib only when plots are wanted
+        from fedloom.sim import plots as plotting  # matplotlib only when plots are wanted
 
         written["accuracy_plot"] = plotting.plot_accuracy(report, out / "accuracy.png")
         written["staleness_plot"] = plotting.plot_staleness(report, out / "staleness.png")

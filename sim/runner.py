@@ -17,27 +17,29 @@ from typing import Any, Literal
 
 import numpy as np
 
-from algorithms.gossip import GossipPeer, share_weight_bound
-from algorithms.protocol import ModelHolder, Node, Weights
-from algorithms.site import SiteNode
-from sim.aggregators import build_region, build_root, claim_bounds
-from sim.availability import Availability, Death
-from sim.compute import ComputeModel
-from sim.config_reader import ConfigError
-from sim.driver import SimDriver, region_nodes
-from sim.executors import Executor, InlineExecutor, PoolExecutor, WorkloadTrainer
-from sim.kernel import derived_seed, entity_rng
-from sim.network import CodecPolicy, Partition
-from sim.report import ArmResult, Report
-from sim.scenario import Arm, Scenario
-from sim.workloads import Workload
-from topology.gossip import gossip
-from topology.hierarchical import hierarchical
-from topology.plan import Plan
-from topology.specs import Site
-from topology.star import star
-from topology.wan import WanModel
-from transport.tensors import CodecSpec
+from fedloom.algorithms.gossip import GossipPeer, share_weight_bound
+from fedloom.algorithms.protocol import ModelHolder, Node, Weights
+from fedloom.algorithms.site import SiteNode
+from fedloom.federation.config_reader import ConfigError
+from fedloom.federation.factory import build_region, build_root, claim_bounds
+from fedloom.federation.seeds import derived_seed, entity_rng
+from fedloom.federation.training import WorkloadTrainer
+from fedloom.sim.availability import Availability, Death
+from fedloom.sim.compute import ComputeModel
+from fedloom.sim.driver import SimDriver, region_nodes
+from fedloom.sim.executors import Executor, InlineExecutor, PoolExecutor
+from fedloom.sim.network import Partition
+from fedloom.sim.report import ArmResult, Report
+from fedloom.sim.scenario import Arm, Scenario
+from fedloom.topology.gossip import gossip
+from fedloom.topology.hierarchical import hierarchical
+from fedloom.topology.plan import Plan
+from fedloom.topology.specs import Site
+from fedloom.topology.star import star
+from fedloom.topology.wan import WanModel
+from fedloom.transport.codec_policy import CodecPolicy
+from fedloom.transport.tensors import CodecSpec
+from fedloom.workloads.workload import Workload
 
 ProgressFn = Callable[[str, float, float], None]  # (label, virtual seconds done, total)
 LogFn = Callable[[str], None]

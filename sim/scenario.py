@@ -15,15 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sim.config_reader import ConfigError, Table
-
-ALGORITHMS = ("fedavg", "fedprox", "fedasync", "fedbuff", "gossip")
-TOPOLOGIES = ("star", "hierarchical", "gossip")
-GRAPHS = ("ring", "kregular", "exponential", "smallworld")
-CODECS = ("fp32", "fp16", "int8", "topk")
-STALENESS = ("constant", "polynomial", "hinge")
-OPTIMISERS = ("sgd", "adam")
-ROBUST = ("mean", "median", "trimmed_mean")
+from fedloom.federation.config_reader import ConfigError, Table
+from fedloom.federation.params import (
+    ALGORITHM_FIELDS,
+    ALGORITHMS,
+    TOPOLOGIES,
+    AlgorithmConfig,
+    CodecConfig,
+    TrainingConfig,
+    read_algorithm,
+    read_codec,
+    read_training,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,78 +62,6 @@ class AvailabilityConfig:
     death_fraction: float
     death_at_s: float
     partitions: tuple[Partition, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CodecConfig:
-    up: str
-    down: str
-    topk_fraction: float
-
-
-@dataclass(frozen=True, slots=True)
-class TrainingConfig:
-    lr: float
-    local_steps: int
-    batch_size: int
-    mu: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "lr": self.lr,
-            "local_steps": self.local_steps,
-            "batch_size": self.batch_size,
-            "mu": self.mu,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class AlgorithmConfig:
-    """Aggregation parameters; each algorithm reads the ones that concern it."""
-
-    buffer_size: int = 10
-    concurrency: int = 10
-    server_optimizer: str = "sgd"
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    staleness: str = "polynomial"
-    staleness_a: float = 0.5
-    staleness_b: float = 4.0
-    max_staleness: int = 100
-    alpha: float = 0.6
-    clients_per_round: int = 10
-    over_selection: float = 1.3
-    round_timeout_s: float = 600.0
-    min_cohort: int = 1
-    task_timeout_s: float = 1800.0
-    regional_buffer_size: int = 5
-    regional_concurrency: int = 10
-    root_buffer_size: int = 2
-    robust: str = "mean"
-    # "auto": a bound that follows the median norm of recent deltas (algorithms.robust);
-    # a number: a fixed bound; None ("off" in TOML): no clip.
-    clip_norm: float | str | None = "auto"
-    weighting: str = "uniform"
-    # The largest ``count`` a region child may claim (0: derived from the topology, or the
-    # children's ``regional_buffer_size`` in a daemon), and the largest ``n_examples`` a
-    # site may claim; larger claims are clamped (algorithms.intake).
-    max_region_count: int = 0
-    max_examples_per_site: int = 1_000_000
-    gossip_mode: str = "dpsgd"
-    graph: str = "ring"
-    degree: int = 4
-    gossip_interval_s: float = 60.0
-    # What a gossip neighbour can do (algorithms.gossip): "auto", a number or None ("off").
-    # gossip_clip: the ClippedGossip radius τ ("auto" follows recent honest distances).
-    # gossip_max_share_weight: the largest push-sum share weight taken, and the most weight
-    # a neighbour may push per gossip interval ("auto": the number of gossip peers in the
-    # plan or roster, the network's whole mass).
-    gossip_clip: float | str | None = "auto"
-    gossip_max_share_weight: float | str | None = "auto"
-    clustering: str = "region"
-
-
-_ALGORITHM_FIELDS = frozenset(AlgorithmConfig.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,16 +270,16 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
             raise t.fail(key, "a table", raw[key])
         t.raw(key)
     # Aggregation parameters sit directly in the arm, over the shared [algorithm] table.
-    own_params = {k: t.raw(k) for k in raw if k in _ALGORITHM_FIELDS}
-    training = _training(Table(_merged(shared, raw, "training"), f"{t.where('training')}"))
-    codec = _codec(Table(_merged(shared, raw, "codec"), f"{t.where('codec')}"))
+    own_params = {k: t.raw(k) for k in raw if k in ALGORITHM_FIELDS}
+    training = read_training(Table(_merged(shared, raw, "training"), f"{t.where('training')}"))
+    codec = read_codec(Table(_merged(shared, raw, "codec"), f"{t.where('codec')}"))
     availability = _availability(
         Table(_merged(shared, raw, "availability"), f"{t.where('availability')}"), sites
     )
     compute = _merged(shared, raw, "compute")
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
-    params = _algorithm(Table({**shared["algorithm"], **own_params}, t.where("").rstrip(".")))
+    params = read_algorithm(Table({**shared["algorithm"], **own_params}, t.where("").rstrip(".")))
     lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
     server_lr_sweep = tuple(float(x) for x in _sweep(t, "server_lr_sweep"))
     t.finish()
@@ -373,31 +304,6 @@ def _sweep(t: Table, key: str) -> list[float]:
     return list(values)
 
 
-def _training(t: Table) -> TrainingConfig:
-    cfg = TrainingConfig(
-        lr=t.number("lr", 0.05, min=0.0, exclusive_min=True),
-        local_steps=t.integer("local_steps", 5, min=1),
-        batch_size=t.integer("batch_size", 10, min=1),
-        mu=t.number("mu", 0.0, min=0.0),
-    )
-    t.finish()
-    return cfg
-
-
-def _codec(t: Table) -> CodecConfig:
-    cfg = CodecConfig(
-        up=t.text("up", "fp32", choices=CODECS),
-        down=t.text("down", "fp32", choices=CODECS),
-        topk_fraction=t.number("topk_fraction", 0.01, min=0.0, max=1.0, exclusive_min=True),
-    )
-    if cfg.down == "topk":
-        raise ConfigError(
-            f"{t.where('down')}: top-k is for deltas; models go down as fp32, fp16 or int8"
-        )
-    t.finish()
-    return cfg
-
-
 def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
     partitions: list[Partition] = []
     for i, p in enumerate(t.array("partitions", [])):
@@ -414,58 +320,6 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
         death_fraction=t.number("death_fraction", 0.0, min=0.0, max=0.99),
         death_at_s=t.number("death_at_h", 0.0, min=0.0) * 3600.0,
         partitions=tuple(partitions),
-    )
-    t.finish()
-    return cfg
-
-
-def _clip_norm(t: Table, default: float | str | None, key: str = "clip_norm") -> float | str | None:
-    """``clip_norm`` (or another ``key`` of that form): "auto", "off" or a number > 0."""
-    if not t.has(key):
-        return default
-    value = t.raw(key)
-    if isinstance(value, str):
-        choice = t.text(key, choices=("auto", "off"))
-        return None if choice == "off" else "auto"
-    clip: float = t.number(key, min=0.0, exclusive_min=True)
-    return clip
-
-
-def _algorithm(t: Table) -> AlgorithmConfig:
-    d = AlgorithmConfig()
-    cfg = AlgorithmConfig(
-        buffer_size=t.integer("buffer_size", d.buffer_size, min=1),
-        concurrency=t.integer("concurrency", d.concurrency, min=1),
-        server_optimizer=t.text("server_optimizer", d.server_optimizer, choices=OPTIMISERS),
-        server_lr=t.number("server_lr", d.server_lr, min=0.0, exclusive_min=True),
-        server_momentum=t.number("server_momentum", d.server_momentum, min=0.0, max=0.999),
-        staleness=t.text("staleness", d.staleness, choices=STALENESS),
-        staleness_a=t.number("staleness_a", d.staleness_a, min=0.0),
-        staleness_b=t.number("staleness_b", d.staleness_b, min=0.0),
-        max_staleness=t.integer("max_staleness", d.max_staleness, min=0),
-        alpha=t.number("alpha", d.alpha, min=0.0, max=1.0, exclusive_min=True),
-        clients_per_round=t.integer("clients_per_round", d.clients_per_round, min=1),
-        over_selection=t.number("over_selection", d.over_selection, min=1.0),
-        round_timeout_s=t.number("round_timeout_s", d.round_timeout_s, min=0.0, exclusive_min=True),
-        min_cohort=t.integer("min_cohort", d.min_cohort, min=1),
-        task_timeout_s=t.number("task_timeout_s", d.task_timeout_s, min=0.0, exclusive_min=True),
-        regional_buffer_size=t.integer("regional_buffer_size", d.regional_buffer_size, min=1),
-        regional_concurrency=t.integer("regional_concurrency", d.regional_concurrency, min=1),
-        root_buffer_size=t.integer("root_buffer_size", d.root_buffer_size, min=1),
-        robust=t.text("robust", d.robust, choices=ROBUST),
-        clip_norm=_clip_norm(t, d.clip_norm),
-        weighting=t.text("weighting", d.weighting, choices=("uniform", "examples")),
-        max_region_count=t.integer("max_region_count", d.max_region_count, min=0),
-        max_examples_per_site=t.integer("max_examples_per_site", d.max_examples_per_site, min=0),
-        gossip_mode=t.text("gossip_mode", d.gossip_mode, choices=("dpsgd", "pushsum")),
-        graph=t.text("graph", d.graph, choices=GRAPHS),
-        degree=t.integer("degree", d.degree, min=1),
-        gossip_interval_s=t.number(
-            "gossip_interval_s", d.gossip_interval_s, min=0.0, exclusive_min=True
-        ),
-        gossip_clip=_clip_norm(t, d.gossip_clip, "gossip_clip"),
-        gossip_max_share_weight=_clip_norm(t, d.gossip_max_share_weight, "gossip_max_share_weight"),
-        clustering=t.text("clustering", d.clustering, choices=("region", "rtt")),
     )
     t.finish()
     return cfg

@@ -1,8 +1,8 @@
 """Sites, links, clustering and gossip graphs, turned into a plain, serialisable ``Plan``."""
 
-from topology.clustering import auto_kmedoids, kmedoids
-from topology.election import Election, elect, election_scores
-from topology.gossip import (
+from fedloom.topology.clustering import auto_kmedoids, kmedoids
+from fedloom.topology.election import Election, elect, election_scores
+from fedloom.topology.gossip import (
     GRAPHS,
     gossip,
     gossip_graph,
@@ -12,12 +12,12 @@ from topology.gossip import (
     plan_from_neighbours,
     spectral_gap,
 )
-from topology.hierarchical import MAX_RTT_CLUSTER_SITES, hierarchical, region_node_id
-from topology.plan import KINDS, ROLES, NodeSpec, Plan, dc_site_id, load_plan, save_plan
-from topology.specs import Link, Site
-from topology.star import star
-from topology.summary import format_summary, summarize
-from topology.wan import (
+from fedloom.topology.hierarchical import MAX_RTT_CLUSTER_SITES, hierarchical, region_node_id
+from fedloom.topology.plan import KINDS, ROLES, NodeSpec, Plan, dc_site_id, load_plan, save_plan
+from fedloom.topology.specs import Link, Site
+from fedloom.topology.star import star
+from fedloom.topology.summary import format_summary, summarize
+from fedloom.topology.wan import (
     CITY_COORDS,
     WanModel,
     mean_rtt_within,

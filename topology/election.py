@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from topology.specs import Site
-from topology.wan import WanModel, mean_rtt_within
+from fedloom.topology.specs import Site
+from fedloom.topology.wan import WanModel, mean_rtt_within
 
 CLOSENESS_WEIGHT = 0.5
 BANDWIDTH_WEIGHT = 0.5

@@ -20,10 +20,10 @@ import networkx as nx
 import numpy as np
 import numpy.typing as npt
 
-from topology.plan import NodeSpec, Plan
-from topology.planning import check_sites
-from topology.specs import Site
-from topology.wan import WanModel
+from fedloom.topology.plan import NodeSpec, Plan
+from fedloom.topology.planning import check_sites
+from fedloom.topology.specs import Site
+from fedloom.topology.wan import WanModel
 
 GraphKind = Literal["ring", "kregular", "exponential", "smallworld"]
 GRAPHS: tuple[str, ...] = ("ring", "kregular", "exponential", "smallworld")

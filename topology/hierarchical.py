@@ -12,12 +12,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-from topology.clustering import auto_kmedoids, kmedoids
-from topology.election import elect
-from topology.plan import NodeSpec, Plan, dc_site_id
-from topology.planning import check_sites, dc_site
-from topology.specs import Site
-from topology.wan import WanModel, rtt_matrix
+from fedloom.topology.clustering import auto_kmedoids, kmedoids
+from fedloom.topology.election import elect
+from fedloom.topology.plan import NodeSpec, Plan, dc_site_id
+from fedloom.topology.planning import check_sites, dc_site
+from fedloom.topology.specs import Site
+from fedloom.topology.wan import WanModel, rtt_matrix
 
 # Clustering by RTT needs the dense n × n matrix; beyond this, cluster by region label.
 MAX_RTT_CLUSTER_SITES = 3_000

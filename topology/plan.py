@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import tomli_w
 
-from topology.specs import Link, Site
-from topology.wan import WanModel
+from fedloom.topology.specs import Link, Site
+from fedloom.topology.wan import WanModel
 
 Role = Literal["root", "region", "site", "peer"]
 Kind = Literal["star", "hierarchical", "gossip"]

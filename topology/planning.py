@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from topology.plan import dc_site_id
-from topology.specs import Site
+from fedloom.topology.plan import dc_site_id
+from fedloom.topology.specs import Site
 
 # Defaults for the machine that runs the root aggregator: a well-connected data centre.
 DC_BANDWIDTH_BPS = 10e9

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from topology.plan import NodeSpec, Plan, dc_site_id
-from topology.planning import check_sites, dc_site
-from topology.specs import Site
-from topology.wan import WanModel
+from fedloom.topology.plan import NodeSpec, Plan, dc_site_id
+from fedloom.topology.planning import check_sites, dc_site
+from fedloom.topology.specs import Site
+from fedloom.topology.wan import WanModel
 
 
 def star(

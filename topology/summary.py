@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from topology.plan import Plan
+from fedloom.topology.plan import Plan
 
 
 def summarize(plan: Plan) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from topology.specs import Site
+from fedloom.topology.specs import Site
 
 # Above this many sites a dense float64 RTT matrix (n² × 8 bytes) stops being "small".
 MAX_DENSE_SITES = 5_000

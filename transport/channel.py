@@ -50,10 +50,10 @@ from typing import Any, ClassVar, NoReturn, TypeVar, cast
 import msgpack
 import numpy as np
 
-from transport import wire
-from transport.error_text import describe
-from transport.errors import FrameTooLarge, HandshakeError, MalformedMessage, ProtocolError
-from transport.handshake import (
+from fedloom.transport import wire
+from fedloom.transport.error_text import describe
+from fedloom.transport.errors import FrameTooLarge, HandshakeError, MalformedMessage, ProtocolError
+from fedloom.transport.handshake import (
     HANDSHAKE_TIMEOUT_S,
     MAX_HANDSHAKE_MESSAGE,
     ClientHandshake,
@@ -61,9 +61,9 @@ from transport.handshake import (
     SessionKeys,
     suites_for,
 )
-from transport.identity import Identity
-from transport.limits import Limits, MiB
-from transport.links import (
+from fedloom.transport.identity import Identity
+from fedloom.transport.limits import Limits, MiB
+from fedloom.transport.links import (
     KnownAddresses,
     Link,
     LinkClosed,
@@ -71,7 +71,7 @@ from transport.links import (
     address_key,
     reserve_share,
 )
-from transport.records import (
+from fedloom.transport.records import (
     CHUNK_SIZE,
     CIPHER_AEGIS256,
     REKEY_BYTES,
@@ -81,10 +81,10 @@ from transport.records import (
     RecordReceiver,
     RecordSender,
 )
-from transport.roster import Roster
-from transport.streaming import TensorStreamDecoder, TensorStreamEncoder
-from transport.strict_msgpack import unpack_strict
-from transport.tensors import DEFAULT_SPEC, CodecSpec
+from fedloom.transport.roster import Roster
+from fedloom.transport.streaming import TensorStreamDecoder, TensorStreamEncoder
+from fedloom.transport.strict_msgpack import unpack_strict
+from fedloom.transport.tensors import DEFAULT_SPEC, CodecSpec
 
 KIND_BYTES = 0x01
 KIND_TENSORS = 0x02

@@ -31,12 +31,12 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from transport.errors import ProtocolError
-from transport.half import half_to_float
-from transport.identity import Identity, key_text, verify_signature
-from transport.limits import Limits, ModelLayout
-from transport.roster import Roster
-from transport.tensors import CodecSpec, Tensors, _to_fp16, decode_tensors, encode_tensors
+from fedloom.transport.errors import ProtocolError
+from fedloom.transport.half import half_to_float
+from fedloom.transport.identity import Identity, key_text, verify_signature
+from fedloom.transport.limits import Limits, ModelLayout
+from fedloom.transport.roster import Roster
+from fedloom.transport.tensors import CodecSpec, Tensors, _to_fp16, decode_tensors, encode_tensors
 
 HASH_BYTES = 32
 _UPDATE_LABEL = "fedloom-update-v1"

@@ -39,13 +39,13 @@ import msgpack
 import nacl.bindings
 import nacl.exceptions
 
-from transport.errors import HandshakeError as HandshakeError  # re-exported
-from transport.errors import PeerRefused as PeerRefused  # re-exported
-from transport.errors import ProtocolError, describe
-from transport.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, verify_signature
-from transport.records import CIPHERS, preferred_ciphers
-from transport.roster import Roster
-from transport.strict_msgpack import unpack_strict
+from fedloom.transport.errors import HandshakeError as HandshakeError  # re-exported
+from fedloom.transport.errors import PeerRefused as PeerRefused  # re-exported
+from fedloom.transport.errors import ProtocolError, describe
+from fedloom.transport.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, verify_signature
+from fedloom.transport.records import CIPHERS, preferred_ciphers
+from fedloom.transport.roster import Roster
+from fedloom.transport.strict_msgpack import unpack_strict
 
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_HANDSHAKE_MESSAGE = 4096

@@ -28,7 +28,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
-from transport.errors import FrameTooLarge
+from fedloom.transport.errors import FrameTooLarge
 
 DEFAULT_MAX_QUEUE = 16  # frames buffered per direction in a memory link
 

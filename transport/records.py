@@ -50,8 +50,8 @@ import nacl.exceptions
 import numpy as np
 from nacl._sodium import ffi, lib  # PyNaCl's own cffi binding of its bundled libsodium
 
-from transport.errors import RecordError as RecordError  # re-exported
-from transport.limits import GiB
+from fedloom.transport.errors import RecordError as RecordError  # re-exported
+from fedloom.transport.limits import GiB
 
 CIPHER_SECRETSTREAM = "xchacha20poly1305-secretstream"
 CIPHER_AEGIS256 = "aegis256-stream"

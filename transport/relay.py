@@ -57,13 +57,13 @@ import numpy as np
 import numpy.typing as npt
 from nacl._sodium import ffi, lib  # PyNaCl's own cffi binding: encrypt into one buffer
 
-from transport import wire
-from transport.e2e import ReplayedUpdateError, SignatureError
-from transport.errors import MalformedMessage, ProtocolError
-from transport.identity import Identity, verify_signature
-from transport.limits import Limits
-from transport.roster import Roster
-from transport.tensors import DEFAULT_SPEC, CodecSpec
+from fedloom.transport import wire
+from fedloom.transport.e2e import ReplayedUpdateError, SignatureError
+from fedloom.transport.errors import MalformedMessage, ProtocolError
+from fedloom.transport.identity import Identity, verify_signature
+from fedloom.transport.limits import Limits
+from fedloom.transport.roster import Roster
+from fedloom.transport.tensors import DEFAULT_SPEC, CodecSpec
 
 _RELAY_LABEL = "fedloom-relay-v2"  # v2: the payload is encrypted (v1 carried it in clear)
 _KDF_PERSON = b"fedloom-relay-v2"  # BLAKE2b personalisation (16 bytes) of the envelope key

@@ -45,8 +45,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from transport.errors import PeerRefused, ProtocolError
-from transport.identity import (
+from fedloom.transport.errors import PeerRefused, ProtocolError
+from fedloom.transport.identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
     Identity,

@@ -40,12 +40,12 @@ import lz4.block
 import numpy as np
 import numpy.typing as npt
 
-from transport.buffer_pool import DECODED
-from transport.errors import CodecError, DecompressionBomb, FrameTooLarge, describe
-from transport.half import half_to_float
-from transport.limits import Limits
-from transport.records import CHUNK_SIZE
-from transport.tensors import (
+from fedloom.transport.buffer_pool import DECODED
+from fedloom.transport.errors import CodecError, DecompressionBomb, FrameTooLarge, describe
+from fedloom.transport.half import half_to_float
+from fedloom.transport.limits import Limits
+from fedloom.transport.records import CHUNK_SIZE
+from fedloom.transport.tensors import (
     _F16,
     _F32,
     _F32_TINY,

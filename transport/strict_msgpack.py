@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from transport.errors import ProtocolError
+from fedloom.transport.errors import ProtocolError
 
 
 def unpack_strict(

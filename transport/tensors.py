@@ -42,15 +42,15 @@ import lz4.frame
 import numpy as np
 import numpy.typing as npt
 
-from transport.errors import (
+from fedloom.transport.errors import (
     CodecError,
     DecompressionBomb,
     DisallowedDtype,
     NonFiniteTensor,
     describe,
 )
-from transport.half import half_all_finite, half_to_float, to_half
-from transport.limits import Limits
+from fedloom.transport.half import half_all_finite, half_to_float, to_half
+from fedloom.transport.limits import Limits
 
 # Same alias as ``transport.wire.Tensors`` (not imported from there: wire imports us).
 Tensors: TypeAlias = dict[str, npt.NDArray[Any]]

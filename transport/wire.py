@@ -28,11 +28,11 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError, describe
-from transport.limits import Limits as Limits  # re-exported: callers import it from here
-from transport.strict_msgpack import unpack_strict
-from transport.tensors import DEFAULT_SPEC, decode_tensors, encode_tensors
-from transport.tensors import CodecSpec as CodecSpec  # re-exported
+from fedloom.transport.errors import FrameTooLarge, MalformedMessage, ProtocolError, describe
+from fedloom.transport.limits import Limits as Limits  # re-exported: callers import it from here
+from fedloom.transport.strict_msgpack import unpack_strict
+from fedloom.transport.tensors import DEFAULT_SPEC, decode_tensors, encode_tensors
+from fedloom.transport.tensors import CodecSpec as CodecSpec  # re-exported
 
 Tensors: TypeAlias = dict[str, npt.NDArray[Any]]
 

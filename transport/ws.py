@@ -47,10 +47,10 @@ from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import WebSocketWriter
 from aiohttp.web_protocol import RequestHandler
 
-from transport.error_text import describe
-from transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
-from transport.handshake import MAX_HANDSHAKE_MESSAGE
-from transport.links import (
+from fedloom.transport.error_text import describe
+from fedloom.transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
+from fedloom.transport.handshake import MAX_HANDSHAKE_MESSAGE
+from fedloom.transport.links import (
     KnownAddresses,
     LinkClosed,
     LinkTimeout,
@@ -58,8 +58,8 @@ from transport.links import (
     address_key,
     reserve_share,
 )
-from transport.records import MAX_RECORD_BYTES
-from transport.ws_frames import FrameParser, Opcode, masked_frame
+from fedloom.transport.records import MAX_RECORD_BYTES
+from fedloom.transport.ws_frames import FrameParser, Opcode, masked_frame
 
 log = logging.getLogger(__name__)
 

@@ -53,11 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from algorithms.incorporation import FORWARDS_KEY
-from algorithms.ledger import AppliedLedger
-from algorithms.outbox import Outbox
-from runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_FAILED
-from transport.error_text import describe
+from fedloom.algorithms.incorporation import FORWARDS_KEY
+from fedloom.algorithms.ledger import AppliedLedger
+from fedloom.algorithms.outbox import Outbox
+from fedloom.runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_FAILED
+from fedloom.transport.error_text import describe
 
 __all__ = [
     "START_GRACE_S",
@@ -329,7 +329,7 @@ def load_state(state_dir: Path, node: str, role: str, config: Path | None = None
     """Read ``state_dir`` on a copy (never the run's own files); raises ``ValueError`` with
     the reason when it cannot be read. With the node's ``config``, a root's or peer's
     durable version is the one a restart restores (checkpoint plus the records after it)."""
-    from runtime.store import StateStore, StoreError
+    from fedloom.federation.store import StateStore, StoreError
 
     if not state_dir.is_dir():
         raise ValueError(f"{state_dir}: missing")
@@ -363,8 +363,8 @@ def _restored_version(config: Path, state_dir: Path) -> tuple[int | None, str]:
     or None and why not."""
     import dataclasses
 
-    from runtime.config import load_config
-    from runtime.daemon import load_node
+    from fedloom.runtime.config import load_config
+    from fedloom.runtime.daemon import load_node
 
     try:
         cfg = dataclasses.replace(load_config(config), state_dir=state_dir)
@@ -1499,7 +1499,7 @@ def check_run(run_dir: Path, *, write: bool = True) -> Report:
     else:
         report.verdicts.extend(_verdicts(data))
     if write:
-        from runtime.chaos.report import write_report
+        from fedloom.runtime.chaos.report import write_report
 
         write_report(run_dir, report)
     return report
@@ -1529,12 +1529,12 @@ def _verdicts(data: RunData) -> Iterable[Verdict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m runtime.chaos.checker RUN_DIR``: the verdicts, exit 1 if any failed."""
+    """``python -m fedloom.runtime.chaos.checker RUN_DIR``: the verdicts, exit 1 if any failed."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m runtime.chaos.checker RUN_DIR", file=sys.stderr)
+        print("usage: python -m fedloom.runtime.chaos.checker RUN_DIR", file=sys.stderr)
         return 2
     return check_run(Path(args[0])).exit_status
 

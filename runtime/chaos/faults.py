@@ -37,9 +37,9 @@ from typing import Any
 
 import tomli_w
 
-from runtime.chaos.layout import read_config
-from runtime.chaos.record import Timeline
-from runtime.demo import Cluster, DaemonProcess, NodeFiles, free_port
+from fedloom.runtime.chaos.layout import read_config
+from fedloom.runtime.chaos.record import Timeline
+from fedloom.runtime.demo import Cluster, DaemonProcess, NodeFiles, free_port
 
 __all__ = [
     "Disks",
@@ -55,7 +55,7 @@ FILL_NAME = ".chaos-fill"
 # What deploy/systemd/*.service say in RestartPreventExitStatus=: a configuration mistake and
 # damaged state, which restarting cannot fix (runtime/exit_status.py).
 NO_RESTART_STATUS = frozenset((2, 65))
-_FRAME = struct.Struct("<4sQI")  # runtime.store's frame header: magic, body length, crc32
+_FRAME = struct.Struct("<4sQI")  # federation.store's frame header: magic, body length, crc32
 
 
 def last_log_line(path: Path, limit: int = 300) -> str:

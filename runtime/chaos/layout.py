@@ -19,8 +19,8 @@ from typing import Any
 
 import tomli_w
 
-from runtime.chaos.scenario import RELAY_ID, Shape
-from runtime.demo import (
+from fedloom.runtime.chaos.scenario import RELAY_ID, Shape
+from fedloom.runtime.demo import (
     DEMO_PLAN,
     DEMO_TRAINING,
     ROOT_ID,
@@ -32,7 +32,7 @@ from runtime.demo import (
     write_federation,
     write_roster,
 )
-from transport.identity import Identity
+from fedloom.transport.identity import Identity
 
 __all__ = [
     "README_NAME",

@@ -1,7 +1,7 @@
 """A load generator: many real site daemons in one process, to load aggregators in chaos runs.
 
 Issue 13, item 6 asks for a chaos scenario with 100 sites and faults during ingest; 100 site
-daemons do not fit a small machine, so ``python -m runtime.chaos.loadgen CONFIG`` runs N
+daemons do not fit a small machine, so ``python -m fedloom.runtime.chaos.loadgen CONFIG`` runs N
 sites in one process and one event loop. Each is what ``fedloom run`` runs for its own site
 config: ``runtime.daemon.open_daemon`` (its identity key, the signed roster, its ``SiteNode``
 restored from its own state directory, flock-ed) and ``runtime.daemon.serve`` (its own
@@ -57,13 +57,13 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from algorithms.protocol import TrainResult, Weights
-from algorithms.site import SiteNode
-from runtime.demo import DaemonProcess, Federation, NodeFiles, free_port
-from runtime.exit_status import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
-from runtime.trainer import SitePlan
-from sim.config_reader import ConfigError, Table
-from transport.error_text import describe
+from fedloom.algorithms.protocol import TrainResult, Weights
+from fedloom.algorithms.site import SiteNode
+from fedloom.federation.config_reader import ConfigError, Table
+from fedloom.runtime.demo import DaemonProcess, Federation, NodeFiles, free_port
+from fedloom.runtime.exit_status import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from fedloom.runtime.trainer import SitePlan
+from fedloom.transport.error_text import describe
 
 __all__ = [
     "CONFIG_NAME",
@@ -197,7 +197,7 @@ class Observer:
     def __init__(self, host: str, port: int, *, stale_after_s: float = STALE_AFTER_S) -> None:
         from prometheus_client import Gauge
 
-        from runtime.metrics import MetricsSink
+        from fedloom.runtime.metrics import MetricsSink
 
         self.host, self.port = host, port
         self.stale_after_s = stale_after_s
@@ -224,7 +224,7 @@ class Observer:
 
     def start(self) -> None:
         """Listen (``OSError`` if it cannot) and start judging the beats."""
-        from runtime.health import start_observability
+        from fedloom.runtime.health import start_observability
 
         self._thread.start()
         made = start_observability(self.sink, self.host, self.port)
@@ -293,7 +293,7 @@ def share_workloads() -> None:
     workload (data set, split) twice per site: 45 s for 100 digits sites on a busy machine,
     and the same result each time, since the sites of one federation share the table (only
     ``site_index`` differs, which is not part of it). Workloads are read-only to sites."""
-    import sim.workloads as workloads
+    import fedloom.workloads.workload as workloads
 
     original = workloads.from_config
     if getattr(original, "shared_by_loadgen", False):
@@ -315,8 +315,8 @@ def share_workloads() -> None:
 def _open_sites(paths: Sequence[Path]) -> list[Any]:
     """Every site opened as ``fedloom run`` opens it (config, identity, roster, state);
     on a failure the ones opened are closed and the error raised."""
-    from runtime.config import load_config
-    from runtime.daemon import open_daemon
+    from fedloom.runtime.config import load_config
+    from fedloom.runtime.daemon import open_daemon
 
     share_workloads()
     opened: list[Any] = []
@@ -344,7 +344,7 @@ def _examples(daemons: Sequence[Any]) -> dict[str, int]:
 
 async def run_sites(cfg: LoadgenConfig, daemons: Sequence[Any], stop: asyncio.Event) -> int:
     """Serve every site until ``stop``; the exit status (see the module docstring)."""
-    from runtime.daemon import serve, stop_reason
+    from fedloom.runtime.daemon import serve, stop_reason
 
     tasks: list[asyncio.Task[Any]] = []
     nodes = [d.node for d in daemons]
@@ -435,11 +435,11 @@ async def _main_async(cfg: LoadgenConfig, daemons: Sequence[Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m runtime.chaos.loadgen CONFIG``: run the sites until SIGTERM."""
-    from runtime.daemon import _new_loop_factory, configure_logging
+    """``python -m fedloom.runtime.chaos.loadgen CONFIG``: run the sites until SIGTERM."""
+    from fedloom.runtime.daemon import _new_loop_factory, configure_logging
 
     parser = argparse.ArgumentParser(
-        prog="python -m runtime.chaos.loadgen",
+        prog="python -m fedloom.runtime.chaos.loadgen",
         description="Run many fedloom sites in one process (a load generator).",
     )
     parser.add_argument("config", type=Path)
@@ -464,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _refused(exc: Exception) -> int:
     """One line and the exit status for a start that failed as a daemon's would."""
-    from runtime.daemon import stop_reason
+    from fedloom.runtime.daemon import stop_reason
 
     if isinstance(exc, ConfigError):
         print(f"fedloom loadgen: {exc}", file=sys.stderr)
@@ -484,7 +484,7 @@ class LoadgenProcess(DaemonProcess):
     a daemon)."""
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "runtime.chaos.loadgen", str(self.files.config)]
+        cmd = [sys.executable, "-m", "fedloom.runtime.chaos.loadgen", str(self.files.config)]
         return [*cmd, "--log-format", "json", *self.args]
 
 
@@ -504,7 +504,7 @@ def attach_loadgen(
     Returns the federation's processes (the load sites out, ``loadgen`` in, with a
     ``/metrics`` port and ``logs/loadgen.log``) and the load sites' files (their own
     configs and state directories; their log and metrics are the load generator's)."""
-    from runtime.chaos.layout import read_config
+    from fedloom.runtime.chaos.layout import read_config
 
     workdir = fed.workdir
     port = free_port()

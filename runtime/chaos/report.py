@@ -14,10 +14,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transport.error_text import describe
+from fedloom.transport.error_text import describe
 
 if TYPE_CHECKING:
-    from runtime.chaos.checker import Report, RunData
+    from fedloom.runtime.chaos.checker import Report, RunData
 
 __all__ = ["plot_timeline", "write_report"]
 
@@ -32,7 +32,7 @@ _MARKERS = {
 
 def write_report(run_dir: Path, report: Report, *, echo: bool = True) -> None:
     """Write ``report.json`` and ``timeline.png`` into ``run_dir``; print the verdicts."""
-    from runtime.chaos.checker import load_run
+    from fedloom.runtime.chaos.checker import load_run
 
     out = report.to_json()
     try:

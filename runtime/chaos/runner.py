@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runtime.chaos.faults import (
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime.chaos.faults import (
     Disks,
     InputFlood,
     NothingToCorruptError,
@@ -50,13 +51,12 @@ from runtime.chaos.faults import (
     tmpfs_support,
     wal_frames,
 )
-from runtime.chaos.layout import add_standbys, lay_out, lay_out_gossip, point_link
-from runtime.chaos.loadgen import attach_loadgen, use_loadgen
-from runtime.chaos.proxy import FaultNetwork, Toxics
-from runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
-from runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
-from runtime.demo import Cluster, Federation, NodeFiles
-from sim.config_reader import ConfigError
+from fedloom.runtime.chaos.layout import add_standbys, lay_out, lay_out_gossip, point_link
+from fedloom.runtime.chaos.loadgen import attach_loadgen, use_loadgen
+from fedloom.runtime.chaos.proxy import FaultNetwork, Toxics
+from fedloom.runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
+from fedloom.runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
+from fedloom.runtime.demo import Cluster, Federation, NodeFiles
 
 __all__ = [
     "BACKENDS",
@@ -248,7 +248,7 @@ class ChaosRun:
 
     # ------------------------------------------------------------------ set-up
     def choose_backend(self) -> None:
-        from runtime.chaos.netem import detect_netem
+        from fedloom.runtime.chaos.netem import detect_netem
 
         support = detect_netem()
         self.netem = "available" if support.available else support.reason
@@ -725,7 +725,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def run_checker(out: Path) -> int:
     """The checker's verdict on ``out`` as an exit status (0 when it is not installed)."""
     try:
-        checker = importlib.import_module("runtime.chaos.checker")
+        checker = importlib.import_module("fedloom.runtime.chaos.checker")
     except ImportError as exc:
         _say(f"no checker ({exc}); the run directory is {out}")
         return 0

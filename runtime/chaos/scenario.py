@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sim.config_reader import ConfigError, Table
+from fedloom.federation.config_reader import ConfigError, Table
 
 __all__ = [
     "DISK_KINDS",

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.protocol import (
+from fedloom.algorithms.protocol import (
     Effect,
     Metric,
     PeerDown,
@@ -19,7 +19,7 @@ from algorithms.protocol import (
     TrainResult,
     Weights,
 )
-from transport.wire import Ack, Hello, Message, TrainRequest, Update
+from fedloom.transport.wire import Ack, Hello, Message, TrainRequest, Update
 
 
 def model(value: float = 0.0) -> Weights:

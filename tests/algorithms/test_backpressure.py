@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from algorithms.outbox import DEFAULT_OUTBOX_UPDATES, Outbox
-from algorithms.protocol import (
+from fedloom.algorithms.outbox import DEFAULT_OUTBOX_UPDATES, Outbox
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -23,9 +23,9 @@ from algorithms.protocol import (
     TrainDone,
     TrainResult,
 )
-from algorithms.regional import RegionalAggregator
-from algorithms.site import SiteNode
-from transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import SiteNode
+from fedloom.transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
 
 N = 1000
 MODEL = {"w": np.zeros(N, dtype=np.float32)}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.robust import AUTO_FACTOR, AUTO_WINDOW, NormClip
-from algorithms.weights_math import is_finite, l2_norm, sub
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.robust import AUTO_FACTOR, AUTO_WINDOW, NormClip
+from fedloom.algorithms.weights_math import is_finite, l2_norm, sub
 from tests.algorithms.alg_helpers import acks, hello, model, recv, requests, upd
 
 HONEST = ("s0", "s1", "s2", "s3", "s4")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from algorithms.dispatcher import TaskDispatcher
+from fedloom.algorithms.dispatcher import TaskDispatcher
 
 
 def make(n: int = 5, concurrency: int = 2, timeout: float | None = 10.0) -> TaskDispatcher:

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import APPLIED_KEY, CHECKPOINT_KEY
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.incorporation import FORWARDS_KEY, HELD_KEY
-from algorithms.protocol import (
+from fedloom.algorithms.aggregator_base import APPLIED_KEY, CHECKPOINT_KEY
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.incorporation import FORWARDS_KEY, HELD_KEY
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -29,12 +29,12 @@ from algorithms.protocol import (
     TrainDone,
     TrainResult,
 )
-from algorithms.regional import PENDING_KEY as REGION_PENDING
-from algorithms.regional import RegionalAggregator
-from algorithms.site import PENDING_KEY as SITE_PENDING
-from algorithms.site import SiteNode
+from fedloom.algorithms.regional import PENDING_KEY as REGION_PENDING
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import PENDING_KEY as SITE_PENDING
+from fedloom.algorithms.site import SiteNode
+from fedloom.transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, TrainRequest, Update
 from tests.algorithms.alg_helpers import hello, metrics, model, recv, sends, upd
-from transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, TrainRequest, Update
 
 SITES = ("s1", "s2")
 SUBTREES = {"r0": SITES, "r0b": SITES}

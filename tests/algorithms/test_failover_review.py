@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import tests.algorithms.test_failover as tf
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.incorporation import PAIR_AHEAD, PAIR_BEHIND
-from algorithms.protocol import (
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.incorporation import PAIR_AHEAD, PAIR_BEHIND
+from fedloom.algorithms.protocol import (
     Effect,
     Log,
     PeerUp,
@@ -21,10 +21,10 @@ from algorithms.protocol import (
     TrainDone,
     TrainResult,
 )
-from algorithms.regional import RegionalAggregator
-from algorithms.site import SiteNode
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import SiteNode
+from fedloom.transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, TrainRequest, Update
 from tests.algorithms.alg_helpers import hello, metrics, model, recv, requests, sends, upd
-from transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, TrainRequest, Update
 
 MAX_STALENESS = 5
 

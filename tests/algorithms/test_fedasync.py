@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from algorithms.fedasync import FedAsyncAggregator
-from algorithms.protocol import ModelHolder, Node
-from algorithms.staleness import constant, polynomial
+from fedloom.algorithms.fedasync import FedAsyncAggregator
+from fedloom.algorithms.protocol import ModelHolder, Node
+from fedloom.algorithms.staleness import constant, polynomial
 from tests.algorithms.alg_helpers import acks, hello, metrics, model, persists, recv, requests, upd
 
 SITES = {"s1": "site", "s2": "site", "s3": "site"}

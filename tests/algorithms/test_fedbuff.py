@@ -3,10 +3,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Deadline, Metric, Node, PeerDown, Persist, Send
-from algorithms.server_opt import ServerSGD
-from algorithms.staleness import constant
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Deadline, Metric, Node, PeerDown, Persist, Send
+from fedloom.algorithms.server_opt import ServerSGD
+from fedloom.algorithms.staleness import constant
+from fedloom.transport.wire import Ack, ModelBroadcast, TrainRequest, Update
 from tests.algorithms.alg_helpers import (
     acks,
     hello,
@@ -19,7 +20,6 @@ from tests.algorithms.alg_helpers import (
     sends,
     upd,
 )
-from transport.wire import Ack, ModelBroadcast, TrainRequest, Update
 
 SITES = {f"s{i}": "site" for i in range(1, 7)}
 

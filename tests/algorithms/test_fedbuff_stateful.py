@@ -4,8 +4,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import (
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import (
     Deadline,
     Metric,
     Persist,
@@ -15,9 +15,9 @@ from algorithms.protocol import (
     TrainFailed,
     TrainResult,
 )
-from algorithms.site import SiteNode
+from fedloom.algorithms.site import SiteNode
+from fedloom.transport.wire import Ack, Update
 from tests.algorithms.alg_helpers import MiniNet, model
-from transport.wire import Ack, Update
 
 SITES = ("a", "b", "c")
 K = 2

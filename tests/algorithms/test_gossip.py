@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from algorithms.gossip import GossipPeer, PeerState
-from algorithms.protocol import (
+from fedloom.algorithms.gossip import GossipPeer, PeerState
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -29,7 +29,7 @@ from algorithms.protocol import (
     TrainFailed,
     TrainResult,
 )
-from transport.wire import GossipShare, Heartbeat, Update
+from fedloom.transport.wire import GossipShare, Heartbeat, Update
 
 DIM = 6  # entries of the "w" tensor; each model also has a one-entry "b" tensor
 

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms import gossip
-from algorithms.gossip import GossipPeer, share_weight_bound
-from algorithms.gossip_mixing import DistanceClip
-from algorithms.protocol import Deadline, Effect, Event, Log, Metric, Received, Send
+from fedloom.algorithms import gossip
+from fedloom.algorithms.gossip import GossipPeer, share_weight_bound
+from fedloom.algorithms.gossip_mixing import DistanceClip
+from fedloom.algorithms.protocol import Deadline, Effect, Event, Log, Metric, Received, Send
+from fedloom.transport.wire import GossipShare, Heartbeat
 from tests.algorithms.test_gossip import DIM, Loop, exponential, link_latency, metropolis
-from transport.wire import GossipShare, Heartbeat
 
 ONES = np.ones((2, 3), dtype=np.float32)
 

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.gossip import GOSSIP_IN_KEY, GossipPeer
-from algorithms.protocol import Deadline, Effect, Persist, Received, Send
-from transport.wire import GossipShare
+from fedloom.algorithms.gossip import GOSSIP_IN_KEY, GossipPeer
+from fedloom.algorithms.protocol import Deadline, Effect, Persist, Received, Send
+from fedloom.transport.wire import GossipShare
 
 PEERS = ("a", "b", "c")
 

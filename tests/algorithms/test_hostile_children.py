@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from algorithms.aggregator_base import MAX_HELD_SITE
-from algorithms.fedasync import FedAsyncAggregator
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.intake import ClaimBounds
-from algorithms.ledger import MAX_ABOVE, AppliedLedger
-from algorithms.protocol import Deadline, Effect, Metric, PeerDown, Weights
-from algorithms.regional import RegionalAggregator
-from algorithms.sync import SyncAggregator
-from algorithms.weights_math import is_finite, l2_norm, sub
+from fedloom.algorithms.aggregator_base import MAX_HELD_SITE
+from fedloom.algorithms.fedasync import FedAsyncAggregator
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.intake import ClaimBounds
+from fedloom.algorithms.ledger import MAX_ABOVE, AppliedLedger
+from fedloom.algorithms.protocol import Deadline, Effect, Metric, PeerDown, Weights
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.sync import SyncAggregator
+from fedloom.algorithms.weights_math import is_finite, l2_norm, sub
+from fedloom.transport.wire import ModelBroadcast, Update
 from tests.algorithms.alg_helpers import (
     acks,
     hello,
@@ -30,7 +31,6 @@ from tests.algorithms.alg_helpers import (
     sends,
     upd,
 )
-from transport.wire import ModelBroadcast, Update
 
 SITES = {"s1": "site", "s2": "site", "s3": "site", "evil": "site"}
 NEAR_MAX = float(np.finfo(np.float32).max) * 0.9

@@ -13,12 +13,13 @@ import math
 
 import numpy as np
 
-from algorithms.fedasync import FedAsyncAggregator
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Deadline, Effect, Metric, PeerDown
-from algorithms.regional import RegionalAggregator
-from algorithms.robust import AUTO_FACTOR, AUTO_WINDOW, NormClip
-from algorithms.weights_math import l2_norm, sub
+from fedloom.algorithms.fedasync import FedAsyncAggregator
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Deadline, Effect, Metric, PeerDown
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.robust import AUTO_FACTOR, AUTO_WINDOW, NormClip
+from fedloom.algorithms.weights_math import l2_norm, sub
+from fedloom.transport.wire import ModelBroadcast, TrainRequest
 from tests.algorithms.alg_helpers import (
     acks,
     hello,
@@ -30,7 +31,6 @@ from tests.algorithms.alg_helpers import (
     sends,
     upd,
 )
-from transport.wire import ModelBroadcast, TrainRequest
 
 HONEST = ("s0", "s1", "s2", "s3", "s4")
 SITES = {**{s: "site" for s in HONEST}, "evil": "site"}

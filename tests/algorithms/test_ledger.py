@@ -1,7 +1,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from algorithms.ledger import AppliedLedger
+from fedloom.algorithms.ledger import AppliedLedger
 
 
 def test_watermark_and_duplicates() -> None:

@@ -12,12 +12,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from algorithms.ledger import MAX_ABOVE, AppliedLedger
-from algorithms.outbox import DEFAULT_OUTBOX_UPDATES, RESEND_AFTER_S, WINDOW, Outbox
-from algorithms.protocol import Effect, Persist, Send
-from runtime.connection import DEFAULT_MAX_QUEUE, QUEUE_MESSAGES_OF_CAP
-from transport.limits import Limits
-from transport.wire import Update
+from fedloom.algorithms.ledger import MAX_ABOVE, AppliedLedger
+from fedloom.algorithms.outbox import DEFAULT_OUTBOX_UPDATES, RESEND_AFTER_S, WINDOW, Outbox
+from fedloom.algorithms.protocol import Effect, Persist, Send
+from fedloom.runtime.connection import DEFAULT_MAX_QUEUE, QUEUE_MESSAGES_OF_CAP
+from fedloom.transport.limits import Limits
+from fedloom.transport.wire import Update
 
 SMALL = {"w": np.zeros(8, dtype=np.float32)}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from algorithms.outbox import Outbox
-from transport.wire import Update
+from fedloom.algorithms.outbox import Outbox
+from fedloom.transport.wire import Update
 
 
 def _update(seq: int) -> Update:

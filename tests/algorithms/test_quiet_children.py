@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-from algorithms.aggregator_base import QUIET_AFTER_S
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Deadline, Effect
-from algorithms.regional import RegionalAggregator
+from fedloom.algorithms.aggregator_base import QUIET_AFTER_S
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Deadline, Effect
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.transport.wire import ModelBroadcast
 from tests.algorithms.alg_helpers import acks, hello, metrics, model, recv, requests, upd
-from transport.wire import ModelBroadcast
 
 ROBUST = ("mean", "median", "trimmed_mean")
 

@@ -5,13 +5,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.fedasync import FedAsyncAggregator
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Persist
-from algorithms.regional import RegionalAggregator
-from algorithms.server_opt import ServerAdam
+from fedloom.algorithms.fedasync import FedAsyncAggregator
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Persist
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.server_opt import ServerAdam
+from fedloom.transport.wire import ModelBroadcast, Update
 from tests.algorithms.alg_helpers import model, recv
-from transport.wire import ModelBroadcast, Update
 
 SITES = {f"s{i}": "site" for i in range(4)}
 

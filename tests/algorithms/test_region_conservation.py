@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.aggregator_base import APPLIED_KEY, CHECKPOINT_KEY
-from algorithms.incorporation import FORWARDS_KEY
-from algorithms.protocol import Effect, Persist, Weights
-from algorithms.regional import PENDING_KEY, RegionalAggregator
+from fedloom.algorithms.aggregator_base import APPLIED_KEY, CHECKPOINT_KEY
+from fedloom.algorithms.incorporation import FORWARDS_KEY
+from fedloom.algorithms.protocol import Effect, Persist, Weights
+from fedloom.algorithms.regional import PENDING_KEY, RegionalAggregator
+from fedloom.transport.wire import ModelBroadcast, Overlap
 from tests.algorithms.alg_helpers import hello, model, recv, upd
-from transport.wire import ModelBroadcast, Overlap
 
 SITES = ("s1", "s2")
 

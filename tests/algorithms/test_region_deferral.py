@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from algorithms.regional import DEFAULT_MAX_DEFERRED_BYTES, RegionalAggregator
+from fedloom.algorithms.regional import DEFAULT_MAX_DEFERRED_BYTES, RegionalAggregator
+from fedloom.transport.wire import ModelBroadcast, Update
 from tests.algorithms.alg_helpers import acks, metrics, model, recv, upd
-from transport.wire import ModelBroadcast, Update
 
 CHILDREN = {"s1": "site", "s2": "site", "s3": "site"}
 

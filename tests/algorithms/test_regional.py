@@ -3,11 +3,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Effect, ModelHolder, Node, PeerDown, PeerUp, Persist, Send
-from algorithms.regional import RegionalAggregator, RegionState
-from algorithms.site import SiteNode
-from algorithms.staleness import constant
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Effect, ModelHolder, Node, PeerDown, PeerUp, Persist, Send
+from fedloom.algorithms.regional import RegionalAggregator, RegionState
+from fedloom.algorithms.site import SiteNode
+from fedloom.algorithms.staleness import constant
+from fedloom.transport.wire import Ack, Hello, ModelBroadcast, Update
 from tests.algorithms.alg_helpers import (
     MiniNet,
     acks,
@@ -20,7 +21,6 @@ from tests.algorithms.alg_helpers import (
     sends,
     upd,
 )
-from transport.wire import Ack, Hello, ModelBroadcast, Update
 
 CHILDREN = {"s1": "site", "s2": "site", "s3": "site", "sub": "region"}
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from algorithms.protocol import (
+from fedloom.algorithms.protocol import (
     Deadline,
     Log,
     Metric,
@@ -19,8 +19,8 @@ from algorithms.protocol import (
     TrainDone,
     TrainResult,
 )
-from algorithms.relay import RelayNode
-from transport.wire import Ack, Heartbeat, Relayed
+from fedloom.algorithms.relay import RelayNode
+from fedloom.transport.wire import Ack, Heartbeat, Relayed
 
 
 def envelope(src: str, dst: str, seq: int = 1) -> Relayed:

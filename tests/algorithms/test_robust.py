@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from algorithms.robust import (
+from fedloom.algorithms.robust import (
     AUTO_FACTOR,
     AUTO_MIN_SAMPLES,
     NormClip,
@@ -9,7 +9,7 @@ from algorithms.robust import (
     coordinate_median,
     trimmed_mean,
 )
-from algorithms.weights_math import l2_norm
+from fedloom.algorithms.weights_math import l2_norm
 
 
 def d(*vals: float) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from algorithms.server_opt import ServerAdam, ServerSGD, make_server_opt
+from fedloom.algorithms.server_opt import ServerAdam, ServerSGD, make_server_opt
 
 
 def w(x: float) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.protocol import (
+from fedloom.algorithms.protocol import (
     Effect,
     ModelHolder,
     Node,
@@ -17,9 +17,9 @@ from algorithms.protocol import (
     TrainFailed,
     TrainResult,
 )
-from algorithms.site import SiteNode, SiteState
+from fedloom.algorithms.site import SiteNode, SiteState
+from fedloom.transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
 from tests.algorithms.alg_helpers import metrics, model, persists, recv, sends
-from transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
 
 
 def trains(out: list[Effect]) -> list[Train]:

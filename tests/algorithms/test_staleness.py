@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from algorithms.staleness import constant, hinge, make_staleness, polynomial
+from fedloom.algorithms.staleness import constant, hinge, make_staleness, polynomial
 
 
 def test_constant_is_one_for_every_staleness() -> None:

@@ -6,12 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.protocol import Deadline, Effect, Log, PeerDown, Persist
-from algorithms.sync import RoundState, SyncAggregator
-from sim.aggregators import build_root
-from sim.scenario import AlgorithmConfig
+from fedloom.algorithms.protocol import Deadline, Effect, Log, PeerDown, Persist
+from fedloom.algorithms.sync import RoundState, SyncAggregator
+from fedloom.federation.factory import build_root
+from fedloom.federation.params import AlgorithmConfig
+from fedloom.transport.wire import TrainRequest, Update
 from tests.algorithms.alg_helpers import acks, hello, metrics, model, recv, requests, upd
-from transport.wire import TrainRequest, Update
 
 SITES = {f"s{i}": "site" for i in range(1, 5)}
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from algorithms.protocol import Deadline, Effect, ModelHolder, Node, PeerDown
-from algorithms.sync import RoundState, SyncAggregator
+from fedloom.algorithms.protocol import Deadline, Effect, ModelHolder, Node, PeerDown
+from fedloom.algorithms.sync import RoundState, SyncAggregator
+from fedloom.transport.wire import TrainRequest
 from tests.algorithms.alg_helpers import acks, hello, metrics, model, persists, recv, requests, upd
-from transport.wire import TrainRequest
 
 SITES = {f"s{i}": "site" for i in range(1, 9)}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from algorithms.protocol import Weights
-from algorithms.update_buffer import UpdateBuffer
+from fedloom.algorithms.protocol import Weights
+from fedloom.algorithms.update_buffer import UpdateBuffer
 
 TEMPLATE: Weights = {
     "big": np.zeros((300, 700), np.float32),  # several slices, the last one partial

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from algorithms import weights_math as wm
+from fedloom.algorithms import weights_math as wm
 from tests.algorithms.alg_helpers import model
 
 

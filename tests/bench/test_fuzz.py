@@ -46,7 +46,7 @@ def test_an_undeclared_exception_is_counted_and_saved(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A decoder bug planted in the batch tensor decoder must show up as unexpected.
-    from transport import tensors
+    from fedloom.transport import tensors
 
     def buggy(*args: object, **kwargs: object) -> object:
         raise ValueError("planted")

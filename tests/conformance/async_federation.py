@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.protocol import Effect, Event, Node, Persist, TrainResult, Weights
-from runtime.driver import AsyncDriver, Store
-from runtime.peers import MemoryNetwork
-from runtime.store import StateStore
-from sim.executors import Trainer
+from fedloom.algorithms.protocol import Effect, Event, Node, Persist, TrainResult, Weights
+from fedloom.federation.store import StateStore
+from fedloom.federation.training import Trainer
+from fedloom.runtime.driver import AsyncDriver, Store
+from fedloom.runtime.peers import MemoryNetwork
 from tests.conformance.harness import Journal, RecordingNode
 
 

@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from algorithms.protocol import Effect, Event, Metric, Node, Weights
-from sim.availability import Availability
-from sim.compute import ComputeModel
-from sim.driver import SimDriver
-from sim.executors import Trainer
-from sim.invariants import InvariantChecker
-from sim.network import UniformLinks
+from fedloom.algorithms.protocol import Effect, Event, Metric, Node, Weights
+from fedloom.federation.invariants import InvariantChecker
+from fedloom.federation.training import Trainer
+from fedloom.sim.availability import Availability
+from fedloom.sim.compute import ComputeModel
+from fedloom.sim.driver import SimDriver
+from fedloom.sim.network import UniformLinks
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,16 +6,16 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.gossip import GossipPeer
-from algorithms.regional import RegionalAggregator
-from algorithms.site import SiteNode
-from algorithms.sync import SyncAggregator
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.gossip import GossipPeer
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import SiteNode
+from fedloom.algorithms.sync import SyncAggregator
+from fedloom.topology.gossip import gossip
+from fedloom.topology.specs import Site
+from fedloom.topology.wan import WanModel
 from tests.conformance.harness import Federation, metric_count, metrics, version_of
 from tests.conformance.toy_nodes import NoisyTrainer
-from topology.gossip import gossip
-from topology.specs import Site
-from topology.wan import WanModel
 
 
 def model() -> dict[str, np.ndarray]:

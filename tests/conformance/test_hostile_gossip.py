@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.gossip import GossipPeer, share_weight_bound
-from algorithms.protocol import Effect, Event, Send
+from fedloom.algorithms.gossip import GossipPeer, share_weight_bound
+from fedloom.algorithms.protocol import Effect, Event, Send
+from fedloom.topology.gossip import gossip
+from fedloom.topology.specs import Site
+from fedloom.topology.wan import WanModel
+from fedloom.transport.wire import GossipShare
 from tests.conformance.harness import Federation
 from tests.conformance.toy_nodes import NoisyTrainer
-from topology.gossip import gossip
-from topology.specs import Site
-from topology.wan import WanModel
-from transport.wire import GossipShare
 
 EVIL = "p0"
 TARGET = 1e6  # where a weight-inflating peer tries to set its neighbours' models

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Effect, Event, Metric, Persist, Send
-from algorithms.site import SiteNode
-from algorithms.weights_math import is_finite
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Effect, Event, Metric, Persist, Send
+from fedloom.algorithms.site import SiteNode
+from fedloom.algorithms.weights_math import is_finite
+from fedloom.transport.wire import Update
 from tests.conformance.harness import Federation, metrics, version_of
 from tests.conformance.toy_nodes import NoisyTrainer
-from transport.wire import Update
 
 HONEST = ["site-00", "site-01", "site-02"]
 EVIL = "evil"

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from fedloom.transport.errors import FrameTooLarge
+from fedloom.transport.links import Link, LinkClosed, LinkTimeout
 from tests.transport.link_pairs import LINK_KINDS, link_pair
-from transport.errors import FrameTooLarge
-from transport.links import Link, LinkClosed, LinkTimeout
 
 pytestmark = pytest.mark.parametrize("kind", LINK_KINDS)
 

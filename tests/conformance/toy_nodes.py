@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.protocol import (
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -32,7 +32,7 @@ from algorithms.protocol import (
     TrainResult,
     Weights,
 )
-from transport.wire import Ack, Heartbeat, TrainRequest, Update
+from fedloom.transport.wire import Ack, Heartbeat, TrainRequest, Update
 
 
 class Pinger:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 
-from runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.transport.channel import ChannelOptions, GateLimits
+from fedloom.transport.identity import Identity
+from fedloom.transport.links import reserve_share
+from fedloom.transport.roster import Roster, RosterEntry
 from tests.runtime.test_peers import LIMIT, Pki, Sink, peers, pki, until
 from tests.transport.test_channel import FLOOD_FROM, flood, flood_from
-from transport.channel import ChannelOptions, GateLimits
-from transport.identity import Identity
-from transport.links import reserve_share
-from transport.roster import Roster, RosterEntry
 
 __all__ = ["pki"]  # the fixture, shared with test_peers
 

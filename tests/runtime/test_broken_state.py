@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from algorithms.protocol import Persist
-from runtime.cli import main
-from runtime.config import load_config
-from runtime.daemon import open_daemon
-from runtime.demo import ROOT_ID, Federation, write_federation
-from runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
-from runtime.roster_updates import ROSTER_SEEN_KEY
-from runtime.store import CHECKPOINT_KEY, StateStore
+from fedloom.algorithms.protocol import Persist
+from fedloom.cli import main
+from fedloom.federation.store import CHECKPOINT_KEY, StateStore
+from fedloom.runtime.config import load_config
+from fedloom.runtime.daemon import open_daemon
+from fedloom.runtime.demo import ROOT_ID, Federation, write_federation
+from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
+from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import main
+from fedloom.cli import main
 
 SCENARIO = """
 name = "cli"

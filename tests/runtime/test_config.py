@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.config import DaemonConfig, Endpoint, load_config, parse_config
-from sim.config_reader import ConfigError
-from transport.identity import Identity, key_text
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime.config import DaemonConfig, Endpoint, load_config, parse_config
+from fedloom.transport.identity import Identity, key_text
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 CONSORTIUM = key_text(Identity.generate("consortium", "consortium").public_key)

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from runtime import connection as connection_mod
-from runtime.config import parse_config
-from runtime.connection import Connection, Outgoing, ProgressLink
-from sim.config_reader import ConfigError
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime import connection as connection_mod
+from fedloom.runtime.config import parse_config
+from fedloom.runtime.connection import Connection, Outgoing, ProgressLink
+from fedloom.transport.links import memory_link_pair
+from fedloom.transport.wire import Ack, Message
 from tests.runtime.test_config import site_raw
-from transport.links import memory_link_pair
-from transport.wire import Ack, Message
 
 pytestmark = pytest.mark.timeout(10)
 

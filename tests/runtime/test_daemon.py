@@ -18,16 +18,17 @@ import numpy as np
 import pytest
 import tomli_w
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.gossip import GossipPeer
-from algorithms.protocol import Metric, Persist, Received
-from algorithms.regional import RegionalAggregator
-from algorithms.site import PENDING_KEY, SiteNode
-from runtime import daemon as daemon_mod
-from runtime import systemd as systemd_mod
-from runtime.cli import main
-from runtime.config import DaemonConfig, load_config, parse_config
-from runtime.daemon import (
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.gossip import GossipPeer
+from fedloom.algorithms.protocol import Metric, Persist, Received
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import PENDING_KEY, SiteNode
+from fedloom.cli import main
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime import daemon as daemon_mod
+from fedloom.runtime import systemd as systemd_mod
+from fedloom.runtime.config import DaemonConfig, load_config, parse_config
+from fedloom.runtime.daemon import (
     Daemon,
     JsonFormatter,
     build_node,
@@ -42,15 +43,14 @@ from runtime.daemon import (
     report_refusals,
     serve,
 )
-from runtime.demo import ROOT_ID, DaemonProcess, Federation, write_federation, write_roster
-from runtime.exit_status import EXIT_FAILED
-from runtime.metrics import MetricsSink
-from sim.config_reader import ConfigError
-from transport.channel import GateLimits
-from transport.e2e import ModelVersionGuard, StaleModelError
-from transport.identity import Identity
-from transport.records import CIPHER_SECRETSTREAM
-from transport.wire import GossipShare, Update
+from fedloom.runtime.demo import ROOT_ID, DaemonProcess, Federation, write_federation, write_roster
+from fedloom.runtime.exit_status import EXIT_FAILED
+from fedloom.runtime.metrics import MetricsSink
+from fedloom.transport.channel import GateLimits
+from fedloom.transport.e2e import ModelVersionGuard, StaleModelError
+from fedloom.transport.identity import Identity
+from fedloom.transport.records import CIPHER_SECRETSTREAM
+from fedloom.transport.wire import GossipShare, Update
 
 SYNTHETIC = {"dataset": "synthetic", "model": "softmax"}
 

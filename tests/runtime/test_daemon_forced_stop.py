@@ -10,11 +10,11 @@ import logging
 
 import pytest
 
-from runtime import daemon as daemon_mod
-from runtime.config import load_config
-from runtime.daemon import open_daemon, serve
-from runtime.demo import ROOT_ID, Federation
-from runtime.driver import AsyncDriver
+from fedloom.runtime import daemon as daemon_mod
+from fedloom.runtime.config import load_config
+from fedloom.runtime.daemon import open_daemon, serve
+from fedloom.runtime.demo import ROOT_ID, Federation
+from fedloom.runtime.driver import AsyncDriver
 from tests.runtime.test_daemon import fed
 
 __all__ = ["fed"]  # the fixture, shared with test_daemon

@@ -21,22 +21,22 @@ import numpy as np
 import pytest
 import tomli_w
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.robust import NormClip
-from runtime.cli import main
-from runtime.config import load_config
-from runtime.connection import ProgressLink
-from runtime.daemon import Daemon, open_daemon
-from runtime.demo import ROOT_ID, Federation, site_examples, write_federation, write_roster
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.robust import NormClip
+from fedloom.cli import main
+from fedloom.runtime.config import load_config
+from fedloom.runtime.connection import ProgressLink
+from fedloom.runtime.daemon import Daemon, open_daemon
+from fedloom.runtime.demo import ROOT_ID, Federation, site_examples, write_federation, write_roster
+from fedloom.transport import ws
+from fedloom.transport.channel import SecureChannel, client_channel
+from fedloom.transport.e2e import digest_as_received, sign_update
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster
+from fedloom.transport.wire import Ack, Hello, TrainRequest, Update
 from tests.runtime.test_daemon import SYNTHETIC, running
 from tests.runtime.test_model_limits import next_ack
 from tests.runtime.test_signatures import FP32
-from transport import ws
-from transport.channel import SecureChannel, client_channel
-from transport.e2e import digest_as_received, sign_update
-from transport.identity import Identity
-from transport.roster import Roster
-from transport.wire import Ack, Hello, TrainRequest, Update
 
 pytestmark = pytest.mark.timeout(60)
 

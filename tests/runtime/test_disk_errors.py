@@ -22,15 +22,27 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.protocol import Persist
-from algorithms.site import PENDING_KEY, SiteNode
-from runtime.cli import main
-from runtime.config import load_config
-from runtime.daemon import DaemonError, load_node, open_daemon, stop_reason
-from runtime.demo import ROOT_ID, Cluster, DaemonProcess, Federation, scrape, write_federation
-from runtime.exit_status import EXIT_CONFIG, EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT, EXIT_FAILED
-from runtime.store import CorruptStateError, StateIOError, StateStore, StoreError
-from transport.wire import Update
+from fedloom.algorithms.protocol import Persist
+from fedloom.algorithms.site import PENDING_KEY, SiteNode
+from fedloom.cli import main
+from fedloom.federation.store import CorruptStateError, StateIOError, StateStore, StoreError
+from fedloom.runtime.config import load_config
+from fedloom.runtime.daemon import DaemonError, load_node, open_daemon, stop_reason
+from fedloom.runtime.demo import (
+    ROOT_ID,
+    Cluster,
+    DaemonProcess,
+    Federation,
+    scrape,
+    write_federation,
+)
+from fedloom.runtime.exit_status import (
+    EXIT_CONFIG,
+    EXIT_CORRUPT_STATE,
+    EXIT_ENVIRONMENT,
+    EXIT_FAILED,
+)
+from fedloom.transport.wire import Update
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -336,7 +348,7 @@ def test_listen_failures_and_disk_failures_are_told_apart() -> None:
 
 
 async def test_a_port_in_use_is_still_a_listen_failure(fed: Federation) -> None:
-    from runtime.daemon import serve
+    from fedloom.runtime.daemon import serve
 
     root = fed.nodes[ROOT_ID]
     with socket.socket() as taken:

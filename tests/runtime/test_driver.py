@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.protocol import (
+from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
@@ -28,10 +28,10 @@ from algorithms.protocol import (
     TrainResult,
     Weights,
 )
-from runtime import driver as driver_module
-from runtime.driver import AsyncDriver
-from runtime.peers import EventSink, MemoryNetwork
-from transport.wire import Ack, Heartbeat, Message
+from fedloom.runtime import driver as driver_module
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.peers import EventSink, MemoryNetwork
+from fedloom.transport.wire import Ack, Heartbeat, Message
 
 LIMIT = 10.0  # seconds any one test may take: a bound, never a timing assertion
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from algorithms.protocol import Received
-from runtime.driver import AsyncDriver
+from fedloom.algorithms.protocol import Received
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.transport.wire import Ack, Heartbeat
 from tests.runtime.test_driver import (
     LIMIT,
     FakePeers,
@@ -20,7 +21,6 @@ from tests.runtime.test_driver import (
     persist_then_send,
     until,
 )
-from transport.wire import Ack, Heartbeat
 
 
 async def test_a_forced_stop_waits_for_the_write_in_flight_and_drops_the_group() -> None:

@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.protocol import PeerDown, PeerUp, Received
-from runtime.daemon import report_duplicates
-from runtime.metrics import MetricsSink
-from runtime.peers import DialTarget, NetworkPeers
-from transport.channel import client_channel
-from transport.identity import Identity
-from transport.roster import Roster
-from transport.wire import Update
+from fedloom.algorithms.protocol import PeerDown, PeerUp, Received
+from fedloom.runtime.daemon import report_duplicates
+from fedloom.runtime.metrics import MetricsSink
+from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.transport.channel import client_channel
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster
+from fedloom.transport.wire import Update
 
 from . import test_peers
 from .test_peers import Pki, Sink, fast_connect, until

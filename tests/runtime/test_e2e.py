@@ -21,9 +21,10 @@ import psutil
 import pytest
 import tomli_w
 
-from runtime.config import load_config
-from runtime.daemon import load_node
-from runtime.demo import (
+from fedloom.federation.store import StateStore
+from fedloom.runtime.config import load_config
+from fedloom.runtime.daemon import load_node
+from fedloom.runtime.demo import (
     DEMO_REGIONS,
     REPO_ROOT,
     ROOT_ID,
@@ -38,9 +39,8 @@ from runtime.demo import (
     write_federation,
     write_roster,
 )
-from runtime.relay_seq import RELAY_SEQ_KEY
-from runtime.store import StateStore
-from transport.identity import Identity
+from fedloom.runtime.relay_seq import RELAY_SEQ_KEY
+from fedloom.transport.identity import Identity
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -147,7 +147,7 @@ def test_demo_sized_federation_converges(tmp_path: Path) -> None:
         check_clean_exit(cluster)
     version, weights = offline(fed, ROOT_ID).current_model()
     assert version >= 20
-    from sim.workloads import from_config
+    from fedloom.workloads.workload import from_config
 
     assert from_config(fed.plan).evaluate(weights)["accuracy"] >= 0.9
 
@@ -399,7 +399,7 @@ def test_firewalled_gossip_peers_reach_each_other_through_a_relay(tmp_path: Path
 def test_demo_interrupted_leaves_no_process_behind(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     demo = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "demo", "--workdir", str(workdir), "--quiet"],
+        [sys.executable, "-m", "fedloom", "demo", "--workdir", str(workdir), "--quiet"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=daemon_env(),

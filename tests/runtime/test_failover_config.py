@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from algorithms.incorporation import MAX_HELD_LIMIT
-from sim.config_reader import ConfigError
+from fedloom.algorithms.incorporation import MAX_HELD_LIMIT
+from fedloom.federation.config_reader import ConfigError
 from tests.runtime.test_config import parse, root_raw, site_raw
 
 STANDBY = {"id": "region-eu-b", "url": "ws://region-eu-b.example.org:7443/fedloom"}

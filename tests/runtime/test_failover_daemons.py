@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from runtime.demo import (
+from fedloom.runtime.demo import (
     ROOT_ID,
     Cluster,
     Federation,
@@ -24,8 +24,8 @@ from runtime.demo import (
     write_federation,
     write_roster,
 )
+from fedloom.transport.identity import Identity
 from tests.runtime.test_e2e import SYNTHETIC, applied, check_clean_exit, metric, offline, wait_for
-from transport.identity import Identity
 
 pytestmark = pytest.mark.timeout(90)
 

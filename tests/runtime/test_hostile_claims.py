@@ -14,21 +14,21 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.robust import NormClip
-from algorithms.weights_math import is_finite, l2_norm, sub
-from runtime.config import load_config
-from runtime.connection import ProgressLink
-from runtime.daemon import load_roster, open_daemon
-from runtime.demo import ROOT_ID, write_federation
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.robust import NormClip
+from fedloom.algorithms.weights_math import is_finite, l2_norm, sub
+from fedloom.runtime.config import load_config
+from fedloom.runtime.connection import ProgressLink
+from fedloom.runtime.daemon import load_roster, open_daemon
+from fedloom.runtime.demo import ROOT_ID, write_federation
+from fedloom.transport import ws
+from fedloom.transport.channel import client_channel
+from fedloom.transport.e2e import digest_as_received, sign_update
+from fedloom.transport.identity import Identity
+from fedloom.transport.wire import Ack, Update
 from tests.runtime.test_daemon import SYNTHETIC, running
 from tests.runtime.test_model_limits import next_ack
 from tests.runtime.test_signatures import FP32
-from transport import ws
-from transport.channel import client_channel
-from transport.e2e import digest_as_received, sign_update
-from transport.identity import Identity
-from transport.wire import Ack, Update
 
 NEAR_MAX = float(np.finfo(np.float32).max) * 0.9
 

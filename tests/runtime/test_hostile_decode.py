@@ -22,20 +22,20 @@ import msgpack
 import numpy as np
 import pytest
 
-from algorithms.protocol import Effect, Event, PeerDown, PeerUp, Received
-from runtime.connection import Connection, ProgressLink, WirePipe
-from runtime.driver import AsyncDriver
-from runtime.peers import Backoff, ConnectionTable, DialTarget, NetworkPeers
-from runtime.signing import EndToEnd
-from transport import channel as channel_module
-from transport import tensors, wire, ws
-from transport.channel import Gatekeeper, SecureChannel
-from transport.identity import Identity
-from transport.links import Link, LinkClosed, memory_link_pair
-from transport.roster import Roster, RosterEntry
-from transport.streaming import TensorStreamEncoder
-from transport.tensors import CodecSpec
-from transport.wire import ModelBroadcast, TrainRequest
+from fedloom.algorithms.protocol import Effect, Event, PeerDown, PeerUp, Received
+from fedloom.runtime.connection import Connection, ProgressLink, WirePipe
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.peers import Backoff, ConnectionTable, DialTarget, NetworkPeers
+from fedloom.runtime.signing import EndToEnd
+from fedloom.transport import channel as channel_module
+from fedloom.transport import tensors, wire, ws
+from fedloom.transport.channel import Gatekeeper, SecureChannel
+from fedloom.transport.identity import Identity
+from fedloom.transport.links import Link, LinkClosed, memory_link_pair
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.streaming import TensorStreamEncoder
+from fedloom.transport.tensors import CodecSpec
+from fedloom.transport.wire import ModelBroadcast, TrainRequest
 
 LIMIT = 15.0  # a bound on each test, never a timing assertion
 HOSTILE_SHAPE = [0, 2**31, 2**31]

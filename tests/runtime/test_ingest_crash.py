@@ -30,16 +30,16 @@ import nacl.signing
 import numpy as np
 import pytest
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Effect, Event, PeerUp, Received, Send, Weights
-from runtime.driver import AsyncDriver
-from runtime.peers import DialTarget, NetworkPeers
-from runtime.store import StateStore
-from sim.network import CodecPolicy
-from transport.identity import Identity
-from transport.roster import Roster, RosterEntry
-from transport.tensors import CodecSpec
-from transport.wire import Ack, Hello, TrainRequest, Update
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Effect, Event, PeerUp, Received, Send, Weights
+from fedloom.federation.store import StateStore
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.transport.codec_policy import CodecPolicy
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.tensors import CodecSpec
+from fedloom.transport.wire import Ack, Hello, TrainRequest, Update
 
 pytestmark = pytest.mark.timeout(60)
 

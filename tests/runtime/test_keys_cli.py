@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import main
-from transport.identity import Identity, parse_public_line
-from transport.roster import Roster
+from fedloom.cli import main
+from fedloom.transport.identity import Identity, parse_public_line
+from fedloom.transport.roster import Roster
 
 
 def keygen(tmp_path: Path, node_id: str, role: str, capsys: pytest.CaptureFixture[str]) -> str:

@@ -12,13 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from runtime.log_filters import AIOHTTP_LOGGERS, ClientGoneFilter, quiet_client_disconnects
-from runtime.peers import Backoff, DialTarget, NetworkPeers
-from transport import ws
-from transport.error_text import describe
-from transport.identity import Identity
-from transport.links import Link, LinkClosed
-from transport.roster import Roster, RosterEntry
+from fedloom.runtime.log_filters import AIOHTTP_LOGGERS, ClientGoneFilter, quiet_client_disconnects
+from fedloom.runtime.peers import Backoff, DialTarget, NetworkPeers
+from fedloom.transport import ws
+from fedloom.transport.error_text import describe
+from fedloom.transport.identity import Identity
+from fedloom.transport.links import Link, LinkClosed
+from fedloom.transport.roster import Roster, RosterEntry
 
 from .test_peers import Sink, until
 

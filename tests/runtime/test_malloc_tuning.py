@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from runtime.demo import daemon_env
-from runtime.malloc_tuning import GLIBC_TUNABLES, malloc_env
+from fedloom.runtime.demo import daemon_env
+from fedloom.runtime.malloc_tuning import GLIBC_TUNABLES, malloc_env
 
 
 def test_the_setting_is_added_and_an_operators_own_wins() -> None:

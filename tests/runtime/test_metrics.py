@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from algorithms.protocol import Metric
-from runtime.health import ObservabilityServer, start_observability
-from runtime.metrics import MetricsSink, sanitise_label_name, sanitise_metric_name
-from runtime.observability import configure_logging
+from fedloom.algorithms.protocol import Metric
+from fedloom.runtime.health import ObservabilityServer, start_observability
+from fedloom.runtime.metrics import MetricsSink, sanitise_label_name, sanitise_metric_name
+from fedloom.runtime.observability import configure_logging
 
 pytestmark = pytest.mark.timeout(30)
 

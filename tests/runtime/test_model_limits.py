@@ -20,15 +20,23 @@ import numpy as np
 import pytest
 import tomli_w
 
-from algorithms.protocol import PeerDown, PeerUp
-from runtime import signing as signing_mod
-from runtime.config import load_config
-from runtime.connection import ChannelPipe, ProgressLink
-from runtime.daemon import build_peers, load_roster, open_daemon, serve
-from runtime.demo import ROOT_ID, write_federation, write_roster
-from runtime.peers import DialTarget, NetworkPeers
-from runtime.signing import EndToEnd
-from sim.config_reader import ConfigError
+from fedloom.algorithms.protocol import PeerDown, PeerUp
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime import signing as signing_mod
+from fedloom.runtime.config import load_config
+from fedloom.runtime.connection import ChannelPipe, ProgressLink
+from fedloom.runtime.daemon import build_peers, load_roster, open_daemon, serve
+from fedloom.runtime.demo import ROOT_ID, write_federation, write_roster
+from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.signing import EndToEnd
+from fedloom.transport import wire, ws
+from fedloom.transport.channel import SecureChannel, client_channel
+from fedloom.transport.e2e import digest_as_received, sign_update
+from fedloom.transport.errors import ProtocolError
+from fedloom.transport.identity import Identity
+from fedloom.transport.limits import Limits, MiB, ModelLayout
+from fedloom.transport.links import LinkClosed
+from fedloom.transport.wire import Ack, Update
 from tests.runtime.test_daemon import SYNTHETIC, listening
 from tests.runtime.test_signatures import (
     FP32,
@@ -48,14 +56,6 @@ from tests.runtime.test_signatures import (
     until,
 )
 from tests.transport.test_limits import lz4_int8_bomb, topk_bomb, update_bytes
-from transport import wire, ws
-from transport.channel import SecureChannel, client_channel
-from transport.e2e import digest_as_received, sign_update
-from transport.errors import ProtocolError
-from transport.identity import Identity
-from transport.limits import Limits, MiB, ModelLayout
-from transport.links import LinkClosed
-from transport.wire import Ack, Update
 
 MODEL = {"w": np.zeros(1000, np.float32), "b": np.zeros(3, np.float32)}
 LAYOUT = ModelLayout.of(MODEL)

@@ -8,25 +8,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from algorithms.gossip import GossipPeer
-from algorithms.protocol import Persist, Received, Send
-from algorithms.regional import RegionalAggregator
-from algorithms.sync import RoundState, SyncAggregator
-from runtime.config import parse_config
-from runtime.daemon import (
+from fedloom.algorithms.gossip import GossipPeer
+from fedloom.algorithms.protocol import Persist, Received, Send
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.sync import RoundState, SyncAggregator
+from fedloom.federation.factory import build_root
+from fedloom.federation.params import AlgorithmConfig
+from fedloom.federation.store import StateStore
+from fedloom.runtime.config import parse_config
+from fedloom.runtime.daemon import (
     load_node,
     model_floor,
     model_floor_digest,
     open_daemon,
     restore_node,
 )
-from runtime.demo import Federation, write_federation, write_roster
-from runtime.store import StateStore
-from sim.aggregators import build_root
-from sim.scenario import AlgorithmConfig
-from transport.e2e import ModelConflictError, ModelVersionGuard, tensors_digest
-from transport.identity import Identity
-from transport.wire import GossipShare, Hello, ModelBroadcast, TrainRequest, Update
+from fedloom.runtime.demo import Federation, write_federation, write_roster
+from fedloom.transport.e2e import ModelConflictError, ModelVersionGuard, tensors_digest
+from fedloom.transport.identity import Identity
+from fedloom.transport.wire import GossipShare, Hello, ModelBroadcast, TrainRequest, Update
 
 
 @pytest.fixture

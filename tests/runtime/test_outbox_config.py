@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from runtime.config import DaemonConfig
-from runtime.daemon import outbox_bytes
-from sim.config_reader import ConfigError
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime.config import DaemonConfig
+from fedloom.runtime.daemon import outbox_bytes
+from fedloom.transport.limits import MiB
 from tests.runtime.test_config import parse, root_raw, site_raw
-from transport.limits import MiB
 
 
 def with_outbox(raw: dict[str, Any], value: object) -> DaemonConfig:

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import (
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import (
     Effect,
     Event,
     PeerDown,
@@ -26,14 +26,14 @@ from algorithms.protocol import (
     TrainResult,
     Weights,
 )
-from algorithms.regional import RegionalAggregator
-from algorithms.site import SiteNode
-from runtime.driver import AsyncDriver
-from runtime.peers import DialTarget, NetworkPeers
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import SiteNode
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.wire import Hello, ModelBroadcast, TrainRequest, Update
 from tests.conformance.async_federation import MemoryStore
-from transport.identity import Identity
-from transport.roster import Roster, RosterEntry
-from transport.wire import Hello, ModelBroadcast, TrainRequest, Update
 
 from . import test_peers
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from algorithms.protocol import Metric
-from runtime.metrics import MetricsSink
+from fedloom.algorithms.protocol import Metric
+from fedloom.runtime.metrics import MetricsSink
 from tests.algorithms.test_backpressure import started_region
 
 GAUGES = (

@@ -11,22 +11,28 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.protocol import Event, PeerDown, PeerUp, Received
-from runtime.connection import KEEPALIVE_STEP, ChannelPipe, Connection, ProgressLink, WirePipe
-from runtime.peers import (
+from fedloom.algorithms.protocol import Event, PeerDown, PeerUp, Received
+from fedloom.runtime.connection import (
+    KEEPALIVE_STEP,
+    ChannelPipe,
+    Connection,
+    ProgressLink,
+    WirePipe,
+)
+from fedloom.runtime.peers import (
     Backoff,
     ConnectionTable,
     DialTarget,
     NetworkPeers,
     gossip_dial_targets,
 )
-from transport import wire, ws
-from transport.channel import ChannelOptions, client_channel, server_channel
-from transport.identity import Identity
-from transport.links import Link, memory_link_pair
-from transport.records import CIPHER_AEGIS256, CIPHER_SECRETSTREAM
-from transport.roster import Roster, RosterEntry
-from transport.wire import Ack, Heartbeat, Update
+from fedloom.transport import wire, ws
+from fedloom.transport.channel import ChannelOptions, client_channel, server_channel
+from fedloom.transport.identity import Identity
+from fedloom.transport.links import Link, memory_link_pair
+from fedloom.transport.records import CIPHER_AEGIS256, CIPHER_SECRETSTREAM
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.wire import Ack, Heartbeat, Update
 
 LIMIT = 15.0
 

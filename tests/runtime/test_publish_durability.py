@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from algorithms.fedasync import FedAsyncAggregator
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Metric, Persist, Received, Weights
-from runtime.daemon import restore_node
-from runtime.driver import AsyncDriver
-from runtime.peers import EventSink
-from runtime.store import StateStore
-from transport.e2e import tensors_digest
-from transport.wire import Hello, Message, ModelBroadcast, Update
+from fedloom.algorithms.fedasync import FedAsyncAggregator
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Metric, Persist, Received, Weights
+from fedloom.federation.store import StateStore
+from fedloom.runtime.daemon import restore_node
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.peers import EventSink
+from fedloom.transport.e2e import tensors_digest
+from fedloom.transport.wire import Hello, Message, ModelBroadcast, Update
 
 LIMIT = 10.0  # seconds any one run may take: a bound, never a timing assertion
 CHILDREN = {"r1": "region", "r2": "region"}

@@ -14,18 +14,18 @@ import asyncio
 
 import numpy as np
 
-from algorithms.protocol import Received
-from algorithms.relay import RelayNode
-from runtime.connection import QUEUE_MESSAGES_OF_CAP, Connection, ProgressLink, WirePipe
-from runtime.driver import AsyncDriver
-from runtime.peers import DialTarget
+from fedloom.algorithms.protocol import Received
+from fedloom.algorithms.relay import RelayNode
+from fedloom.runtime.connection import QUEUE_MESSAGES_OF_CAP, Connection, ProgressLink, WirePipe
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.peers import DialTarget
+from fedloom.transport.channel import SecureChannel, client_channel
+from fedloom.transport.identity import Identity
+from fedloom.transport.limits import Limits
+from fedloom.transport.links import memory_link_pair
+from fedloom.transport.wire import Heartbeat, Relayed
 from tests.runtime.test_relaying import RELAY, ROSTER, A, B, C, make_peers, share
 from tests.runtime.test_signatures import LIMIT, Hub, Sink, until
-from transport.channel import SecureChannel, client_channel
-from transport.identity import Identity
-from transport.limits import Limits
-from transport.links import memory_link_pair
-from transport.wire import Heartbeat, Relayed
 
 ENVELOPE_CAP = 256 * 1024  # the relay's [connection] max_message_mib, small for the test
 QUEUE_CAP = QUEUE_MESSAGES_OF_CAP * ENVELOPE_CAP  # 1 MiB per destination

@@ -12,21 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from algorithms.gossip import GossipPeer
-from algorithms.protocol import Effect, Event, PeerUp, Received, Send
-from algorithms.relay import RelayNode
-from runtime.driver import AsyncDriver
-from runtime.peers import DialTarget, NetworkPeers
-from runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
-from runtime.signing import EndToEnd
-from runtime.store import StateStore
+from fedloom.algorithms.gossip import GossipPeer
+from fedloom.algorithms.protocol import Effect, Event, PeerUp, Received, Send
+from fedloom.algorithms.relay import RelayNode
+from fedloom.federation.store import StateStore
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
+from fedloom.runtime.signing import EndToEnd
+from fedloom.transport import wire
+from fedloom.transport.relay import PAYLOAD
+from fedloom.transport.wire import GossipShare, Relayed
 from tests.runtime.test_relaying import RELAY as RELAY_ID
 from tests.runtime.test_relaying import ROSTER, B, make_peers, peers_of, share
 from tests.runtime.test_relaying import A as PEER_A
 from tests.runtime.test_signatures import LIMIT, Hub, Sink, until
-from transport import wire
-from transport.relay import PAYLOAD
-from transport.wire import GossipShare, Relayed
 
 
 class RecordingRelay(RelayNode):

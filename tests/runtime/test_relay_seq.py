@@ -12,15 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.protocol import Persist
-from runtime.relay_seq import RELAY_SEQ_KEY, RESERVE_NS, RelaySeqState
-from runtime.signing import EndToEnd
-from runtime.store import StateStore
-from transport.e2e import ReplayedUpdateError
-from transport.identity import Identity
-from transport.roster import Roster, RosterEntry
-from transport.tensors import CodecSpec
-from transport.wire import GossipShare, Heartbeat
+from fedloom.algorithms.protocol import Persist
+from fedloom.federation.store import StateStore
+from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RESERVE_NS, RelaySeqState
+from fedloom.runtime.signing import EndToEnd
+from fedloom.transport.e2e import ReplayedUpdateError
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.tensors import CodecSpec
+from fedloom.transport.wire import GossipShare, Heartbeat
 
 A = Identity.generate("peer-a", "peer")
 B = Identity.generate("peer-b", "peer")

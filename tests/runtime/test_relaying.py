@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.protocol import Effect, Event, PeerDown, PeerUp, Received, Send
-from algorithms.relay import RelayNode
-from runtime.driver import AsyncDriver
-from runtime.peers import DialTarget, NetworkPeers
+from fedloom.algorithms.protocol import Effect, Event, PeerDown, PeerUp, Received, Send
+from fedloom.algorithms.relay import RelayNode
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.transport.identity import Identity
+from fedloom.transport.relay import PAYLOAD
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.wire import GossipShare, Heartbeat, Message, Relayed
 from tests.runtime.test_signatures import LIMIT, Hub, Sink, node, until
-from transport.identity import Identity
-from transport.relay import PAYLOAD
-from transport.roster import Roster, RosterEntry
-from transport.wire import GossipShare, Heartbeat, Message, Relayed
 
 RELAY = Identity.generate("relay", "relay")
 A = Identity.generate("peer-a", "peer")

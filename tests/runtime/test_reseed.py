@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Effect, Log, Metric, Persist, Received, Send
-from algorithms.regional import RegionalAggregator
-from runtime.cli import main
-from runtime.config import load_config
-from runtime.daemon import load_identity, load_node, model_floor_digest, open_daemon
-from runtime.demo import ROOT_ID, Federation, write_federation
-from runtime.store import StateStore
-from transport.e2e import ModelVersionGuard, sign_model, tensors_digest
-from transport.wire import Ack, Hello, ModelBroadcast, Update
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Received, Send
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.cli import main
+from fedloom.federation.store import StateStore
+from fedloom.runtime.config import load_config
+from fedloom.runtime.daemon import load_identity, load_node, model_floor_digest, open_daemon
+from fedloom.runtime.demo import ROOT_ID, Federation, write_federation
+from fedloom.transport.e2e import ModelVersionGuard, sign_model, tensors_digest
+from fedloom.transport.wire import Ack, Hello, ModelBroadcast, Update
 
 REGION = "region-a"
 

@@ -14,16 +14,16 @@ from typing import Any
 
 import pytest
 
-from runtime import roster_updates
-from runtime.peers import DialTarget
-from runtime.roster_updates import PUSH_BURST, PUSH_INTERVAL_S, RosterKeeper
+from fedloom.runtime import roster_updates
+from fedloom.runtime.peers import DialTarget
+from fedloom.runtime.roster_updates import PUSH_BURST, PUSH_INTERVAL_S, RosterKeeper
+from fedloom.transport import wire, ws
+from fedloom.transport.channel import Gatekeeper, SecureChannel
+from fedloom.transport.identity import Identity
+from fedloom.transport.links import Link
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.wire import RosterUpdate
 from tests.runtime.test_peers import LIMIT, Pki, Sink, peers, pki, until
-from transport import wire, ws
-from transport.channel import Gatekeeper, SecureChannel
-from transport.identity import Identity
-from transport.links import Link
-from transport.roster import Roster, RosterEntry
-from transport.wire import RosterUpdate
 
 __all__ = ["pki"]  # the fixture, shared with test_peers
 

@@ -19,22 +19,22 @@ from typing import Any
 
 import pytest
 
-from algorithms.protocol import Metric
-from algorithms.regional import RegionalAggregator
-from algorithms.site import SiteNode
-from runtime import metrics as metrics_mod
-from runtime.config import load_config
-from runtime.daemon import Daemon, load_node, open_daemon, serve
-from runtime.demo import Federation, write_federation, write_roster
-from runtime.peers import MAX_PUSHED_ROSTER, NetworkPeers
-from runtime.roster_updates import ROSTER_SEEN_KEY
-from runtime.store import StateStore
-from transport import wire, ws
-from transport.channel import Gatekeeper, SecureChannel, client_channel
-from transport.identity import Identity
-from transport.links import Link
-from transport.roster import Roster, RosterEntry
-from transport.wire import RosterUpdate
+from fedloom.algorithms.protocol import Metric
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import SiteNode
+from fedloom.federation.store import StateStore
+from fedloom.runtime import metrics as metrics_mod
+from fedloom.runtime.config import load_config
+from fedloom.runtime.daemon import Daemon, load_node, open_daemon, serve
+from fedloom.runtime.demo import Federation, write_federation, write_roster
+from fedloom.runtime.peers import MAX_PUSHED_ROSTER, NetworkPeers
+from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY
+from fedloom.transport import wire, ws
+from fedloom.transport.channel import Gatekeeper, SecureChannel, client_channel
+from fedloom.transport.identity import Identity
+from fedloom.transport.links import Link
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.wire import RosterUpdate
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,26 +15,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Event, Metric, PeerDown, PeerUp, Received, Send
-from runtime.connection import ProgressLink
-from runtime.peers import Backoff, DialTarget, NetworkPeers, OnLink
-from runtime.signing import EndToEnd
-from sim.network import CodecPolicy
-from transport.channel import SecureChannel, client_channel, server_channel
-from transport.e2e import (
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Event, Metric, PeerDown, PeerUp, Received, Send
+from fedloom.runtime.connection import ProgressLink
+from fedloom.runtime.peers import Backoff, DialTarget, NetworkPeers, OnLink
+from fedloom.runtime.signing import EndToEnd
+from fedloom.transport.channel import SecureChannel, client_channel, server_channel
+from fedloom.transport.codec_policy import CodecPolicy
+from fedloom.transport.e2e import (
     digest_as_received,
     model_signed_bytes,
     sign_model,
     sign_update,
     update_signed_bytes,
 )
-from transport.errors import ProtocolError
-from transport.identity import Identity
-from transport.links import Link, memory_link_pair
-from transport.roster import Roster, RosterEntry
-from transport.tensors import CodecSpec
-from transport.wire import Ack, Message, ModelBroadcast, TrainRequest, Update
+from fedloom.transport.errors import ProtocolError
+from fedloom.transport.identity import Identity
+from fedloom.transport.links import Link, memory_link_pair
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.tensors import CodecSpec
+from fedloom.transport.wire import Ack, Message, ModelBroadcast, TrainRequest, Update
 
 LIMIT = 15.0
 ROOT = Identity.generate("root", "root")

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import (
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import (
     Effect,
     Event,
     PeerUp,
@@ -25,11 +25,17 @@ from algorithms.protocol import (
     TrainDone,
     TrainResult,
 )
-from algorithms.regional import RegionalAggregator
-from algorithms.server_opt import ServerAdam
-from algorithms.site import SiteNode
-from runtime.store import CorruptStateError, Recovery, StateStore, StoreError, encode_state
-from transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.server_opt import ServerAdam
+from fedloom.algorithms.site import SiteNode
+from fedloom.federation.store import (
+    CorruptStateError,
+    Recovery,
+    StateStore,
+    StoreError,
+    encode_state,
+)
+from fedloom.transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
 
 # --------------------------------------------------------------------------- helpers
 
@@ -158,7 +164,7 @@ _trees = st.recursive(
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_trees)
 def test_any_tree_round_trips(tree: Any) -> None:
-    from runtime.store import decode_state
+    from fedloom.federation.store import decode_state
 
     header, head_len, head, *payload = encode_state(tree)
     assert len(header) == 16 and int.from_bytes(head_len, "little") == len(head)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from algorithms.protocol import Persist
-from runtime.store import CorruptStateError, Recovery, StateStore, scan_log
+from fedloom.algorithms.protocol import Persist
+from fedloom.federation.store import CorruptStateError, Recovery, StateStore, scan_log
 
 HEADER = 16  # magic, u64 length, u32 crc
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from algorithms.protocol import Persist
-from runtime.store import CorruptStateError, StateStore, scan_log
+from fedloom.algorithms.protocol import Persist
+from fedloom.federation.store import CorruptStateError, StateStore, scan_log
 
 
 def _log(directory: Path, n: int = 3) -> Path:
@@ -86,7 +86,7 @@ def test_a_dropped_torn_tail_is_a_warning_naming_file_and_offset(
     end = path.stat().st_size
     with path.open("ab") as f:
         f.write(path.read_bytes()[:30])  # a write cut short
-    with caplog.at_level(logging.WARNING, logger="fedloom.runtime.store"):
+    with caplog.at_level(logging.WARNING, logger="fedloom.federation.store"):
         assert _load(tmp_path) == [0, 1, 2]
     (rec,) = [r for r in caplog.records if "torn tail" in r.getMessage()]
     assert rec.levelno == logging.WARNING

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.protocol import Persist, Received
-from algorithms.server_opt import ServerAdam
-from runtime.store import StateStore, decode_state, encode_state
-from transport.wire import Hello, Update
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Persist, Received
+from fedloom.algorithms.server_opt import ServerAdam
+from fedloom.federation.store import StateStore, decode_state, encode_state
+from fedloom.transport.wire import Hello, Update
 
 N = 20_000  # elements: above the store's threshold for trying float16
 

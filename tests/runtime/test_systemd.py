@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import systemd
+from fedloom.runtime import systemd
 
 
 @pytest.fixture

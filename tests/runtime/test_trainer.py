@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.site import SiteNode
-from runtime.config import PlanConfig
-from runtime.driver import AsyncDriver
-from runtime.peers import MemoryNetwork
-from runtime.trainer import (
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.site import SiteNode
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime.config import PlanConfig
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.peers import MemoryNetwork
+from fedloom.runtime.trainer import (
     GlobalPlan,
     NumPyClientPlan,
     PlanTrainer,
@@ -25,8 +26,7 @@ from runtime.trainer import (
     make_executor,
     plan_from_config,
 )
-from sim.config_reader import ConfigError
-from sim.workloads import from_config
+from fedloom.workloads.workload import from_config
 
 LIMIT = 15.0
 

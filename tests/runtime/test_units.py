@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.malloc_tuning import GLIBC_TUNABLES
+from fedloom.runtime.malloc_tuning import GLIBC_TUNABLES
 
 UNITS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNITS = ["fedloom-site.service", "fedloom-aggregator.service"]
@@ -144,8 +144,8 @@ def test_every_example_is_covered() -> None:
 def test_example_config_parses_and_matches_its_unit(example: str) -> None:
     import tomllib
 
-    from runtime.config import parse_config
-    from transport.identity import Identity, key_text
+    from fedloom.runtime.config import parse_config
+    from fedloom.transport.identity import Identity, key_text
 
     raw = tomllib.loads((EXAMPLES_DIR / example).read_text())
     # The consortium key file only exists on a deployed host; the key itself is what counts.

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from sim.availability import Availability, ChurnWindow, Death
+from fedloom.sim.availability import Availability, ChurnWindow, Death
 
 SITES = [f"s{i:02d}" for i in range(20)]
 

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sim.compute import (
+from fedloom.sim.compute import (
     ComputeModel,
     Constant,
     Exponential,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sim.consensus import run_consensus
+from fedloom.sim.consensus import run_consensus
 
 N = 64
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.datasets import (
+from fedloom.workloads.datasets import (
     DirichletFederated,
     Split,
     SyntheticFederated,

@@ -5,13 +5,16 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from algorithms.protocol import Deadline, Effect, Event, Metric, Send, Train, TrainDone
-from sim.availability import Availability
-from sim.compute import ComputeModel
-from sim.driver import SimDriver, neighbours_from_plan, region_nodes, roles_from_plan
-from sim.executors import InlineExecutor, PoolExecutor
-from sim.kernel import SimulationError
-from sim.network import UniformLinks
+from fedloom.algorithms.protocol import Deadline, Effect, Event, Metric, Send, Train, TrainDone
+from fedloom.sim.availability import Availability
+from fedloom.sim.compute import ComputeModel
+from fedloom.sim.driver import SimDriver, neighbours_from_plan, region_nodes, roles_from_plan
+from fedloom.sim.executors import InlineExecutor, PoolExecutor
+from fedloom.sim.kernel import SimulationError
+from fedloom.sim.network import UniformLinks
+from fedloom.topology.specs import Site
+from fedloom.topology.star import star as star_plan
+from fedloom.transport.wire import Heartbeat
 from tests.conformance.toy_nodes import (
     NoisyTrainer,
     Pinger,
@@ -20,9 +23,6 @@ from tests.conformance.toy_nodes import (
     ToySite,
     star,
 )
-from topology.specs import Site
-from topology.star import star as star_plan
-from transport.wire import Heartbeat
 
 
 def toy_driver(
@@ -328,7 +328,7 @@ def test_training_seed_is_derived_unless_the_node_gives_one() -> None:
     d.run(until=100.0)
     seeds = dict(seen)
     assert seeds["y"] == 1234
-    from sim.kernel import derived_seed
+    from fedloom.federation.seeds import derived_seed
 
     assert seeds["x"] == derived_seed(9, "train", "x", 1)
 

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from algorithms.protocol import Effect, Event, Log, Metric, Received
-from sim.driver import SimDriver
-from sim.invariants import InvariantChecker, InvariantViolation
-from sim.network import UniformLinks
+from fedloom.algorithms.protocol import Effect, Event, Log, Metric, Received
+from fedloom.federation.invariants import InvariantChecker, InvariantViolation
+from fedloom.sim.driver import SimDriver
+from fedloom.sim.network import UniformLinks
+from fedloom.transport.wire import Ack, Update
 from tests.conformance.toy_nodes import NoisyTrainer, ToyAggregator, star
-from transport.wire import Ack, Update
 
 
 def applied(src: str, seq: int, staleness: float = 0.0) -> Metric:

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.kernel import Kernel, SimulationError, derived_seed, entity_rng, stable_key
+from fedloom.federation.seeds import derived_seed, entity_rng, stable_key
+from fedloom.sim.kernel import Kernel, SimulationError
 
 
 def test_events_run_in_time_order_and_clock_follows() -> None:

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from algorithms.protocol import Weights
-from algorithms.training import TrainConfig, TrainingPlan
-from sim.datasets import DirichletFederated, Split, SyntheticFederated
-from sim.models import (
+from fedloom.algorithms.protocol import Weights
+from fedloom.algorithms.training import TrainConfig, TrainingPlan
+from fedloom.workloads.datasets import DirichletFederated, Split, SyntheticFederated
+from fedloom.workloads.models import (
     SeededRng,
     SoftmaxRegression,
     TorchCNN,

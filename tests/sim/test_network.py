@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.kernel import Kernel, SimulationError
-from sim.network import (
+from fedloom.sim.kernel import Kernel, SimulationError
+from fedloom.sim.network import (
     CodecPolicy,
     LinkParams,
     Network,
@@ -19,8 +19,8 @@ from sim.network import (
     UniformLinks,
     mathis_bandwidth,
 )
-from transport.tensors import CodecSpec
-from transport.wire import Ack, GossipShare, Heartbeat, ModelBroadcast, TrainRequest, Update
+from fedloom.transport.tensors import CodecSpec
+from fedloom.transport.wire import Ack, GossipShare, Heartbeat, ModelBroadcast, TrainRequest, Update
 
 
 @dataclass(frozen=True)
@@ -325,7 +325,7 @@ def test_codec_choice_changes_simulated_time() -> None:
 
 
 def _wire() -> Any:
-    from sim.network import WireCodec
+    from fedloom.sim.network import WireCodec
 
     return WireCodec()
 
@@ -348,7 +348,7 @@ def _wire() -> Any:
 def test_shared_tensor_shortcut_is_exact(
     kind: str, tasks: list[int], version: int, config: dict[str, Any]
 ) -> None:
-    from transport import wire
+    from fedloom.transport import wire
 
     weights = {"w": np.linspace(-1, 1, 120, dtype=np.float32).reshape(12, 10)}
     spec = CodecSpec(kind)  # type: ignore[arg-type]
@@ -408,7 +408,7 @@ def test_bytes_the_receiver_refuses_are_dropped_on_arrival() -> None:
 
 
 def test_lossless_messages_arrive_as_sent_with_their_encoded_size() -> None:
-    from transport import wire
+    from fedloom.transport import wire
 
     k, net, rec = make(links=UniformLinks(0.1, 1e6), codec=_wire(), roles={"s": "site"})
     msg = Update(src="s", seq=1, base_version=0, delta={"w": np.ones(8, np.float32)}, n_examples=3)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.plots import (
+from fedloom.sim.plots import (
     accuracy_figure,
     bytes_figure,
     plot_accuracy,
@@ -17,7 +17,7 @@ from sim.plots import (
     staleness_figure,
     tier_colors,
 )
-from sim.report import ArmResult, Report, tier_bytes, write_report
+from fedloom.sim.report import ArmResult, Report, tier_bytes, write_report
 from tests.sim.test_report import sample_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from sim.report import (
+from fedloom.sim.report import (
     SUMMARY_COLUMNS,
     ArmResult,
     Report,

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from sim.report import report_to_dict, strip_wall, write_report
-from sim.runner import build_plan_for_arm, run_scenario
-from sim.scenario import parse_scenario
+from fedloom.sim.report import report_to_dict, strip_wall, write_report
+from fedloom.sim.runner import build_plan_for_arm, run_scenario
+from fedloom.sim.scenario import parse_scenario
 
 
 def small(arms: list[dict[str, Any]], **over: Any) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def test_plan_for_an_arm_follows_its_topology() -> None:
 
 
 def test_time_to_accuracy_first_crossing_and_sustained() -> None:
-    from sim.runner import time_to_accuracy
+    from fedloom.sim.runner import time_to_accuracy
 
     series = [(0.0, 0.1), (60.0, 0.9), (120.0, 0.2), (180.0, 0.8), (240.0, 0.8), (300.0, 0.9)]
     assert time_to_accuracy(series, 0.8, 0.0) == 60.0  # a single spike counts

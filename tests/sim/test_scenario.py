@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from sim.config_reader import ConfigError
-from sim.scenario import load_scenario, parse_scenario
+from fedloom.federation.config_reader import ConfigError
+from fedloom.sim.scenario import load_scenario, parse_scenario
 
 SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "scenarios").glob("*.toml"))
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sim.models import SoftmaxRegression
-from sim.workloads import ModelSpec, SklearnSpec, SyntheticSpec, Workload, from_config
+from fedloom.workloads.models import SoftmaxRegression
+from fedloom.workloads.workload import ModelSpec, SklearnSpec, SyntheticSpec, Workload, from_config
 
 TRAIN = {"lr": 0.05, "local_steps": 5, "batch_size": 10, "mu": 0.0, "seed": 0}
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topology.gossip import (
+from fedloom.topology.gossip import (
     gossip,
     gossip_graph,
     metropolis_hastings_matrix,
@@ -11,8 +11,8 @@ from topology.gossip import (
     plan_from_neighbours,
     spectral_gap,
 )
-from topology.specs import Site
-from topology.wan import WanModel
+from fedloom.topology.specs import Site
+from fedloom.topology.wan import WanModel
 
 
 def _sites(n: int) -> list[Site]:
@@ -89,7 +89,7 @@ def test_gossip_errors() -> None:
     with pytest.raises(ValueError, match="graph must be one of"):
         gossip(_sites(7), WanModel(), "tree")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not 'gossip'"):
-        from topology.star import star
+        from fedloom.topology.star import star
 
         mixing_matrix(star(_sites(3)))
     with pytest.raises(ValueError, match="undirected"):

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 
-from topology.election import elect
-from topology.hierarchical import MAX_RTT_CLUSTER_SITES, hierarchical
-from topology.plan import Plan
-from topology.specs import Site
-from topology.star import star
-from topology.wan import WanModel
+from fedloom.topology.election import elect
+from fedloom.topology.hierarchical import MAX_RTT_CLUSTER_SITES, hierarchical
+from fedloom.topology.plan import Plan
+from fedloom.topology.specs import Site
+from fedloom.topology.star import star
+from fedloom.topology.wan import WanModel
 
 
 def _cluster_sets(plan: Plan) -> dict[str, frozenset[str]]:

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from topology.gossip import gossip
-from topology.hierarchical import hierarchical
-from topology.plan import NodeSpec, Plan
-from topology.specs import Site
-from topology.star import star
-from topology.wan import WanModel
+from fedloom.topology.gossip import gossip
+from fedloom.topology.hierarchical import hierarchical
+from fedloom.topology.plan import NodeSpec, Plan
+from fedloom.topology.specs import Site
+from fedloom.topology.star import star
+from fedloom.topology.wan import WanModel
 
 
 def _sites() -> list[Site]:

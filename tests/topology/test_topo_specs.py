@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from topology.specs import Link, Site
-from topology.wan import (
+from fedloom.topology.specs import Link, Site
+from fedloom.topology.wan import (
     CITY_COORDS,
     WanModel,
     mean_rtt_within,

@@ -2,14 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from sim.plots_topology import draw_plan
-from topology.gossip import gossip
-from topology.hierarchical import hierarchical
-from topology.plan import Plan
-from topology.specs import Site
-from topology.star import star
-from topology.summary import format_summary, summarize
-from topology.wan import WanModel
+from fedloom.sim.plots_topology import draw_plan
+from fedloom.topology.gossip import gossip
+from fedloom.topology.hierarchical import hierarchical
+from fedloom.topology.plan import Plan
+from fedloom.topology.specs import Site
+from fedloom.topology.star import star
+from fedloom.topology.summary import format_summary, summarize
+from fedloom.topology.wan import WanModel
 
 
 def _sites(n: int) -> list[Site]:

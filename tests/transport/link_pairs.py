@@ -9,17 +9,17 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-from transport import ws
-from transport.channel import (
+from fedloom.transport import ws
+from fedloom.transport.channel import (
     DEFAULT_OPTIONS,
     ChannelOptions,
     SecureChannel,
     client_channel,
     server_channel,
 )
-from transport.identity import Identity
-from transport.links import Link, LinkClosed, memory_link_pair
-from transport.roster import Roster, RosterEntry
+from fedloom.transport.identity import Identity
+from fedloom.transport.links import Link, LinkClosed, memory_link_pair
+from fedloom.transport.roster import Roster, RosterEntry
 
 LINK_KINDS = ("memory", "ws")
 

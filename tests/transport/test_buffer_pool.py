@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transport.buffer_pool import BufferPool
-from transport.streaming import TensorStreamDecoder, TensorStreamEncoder
+from fedloom.transport.buffer_pool import BufferPool
+from fedloom.transport.streaming import TensorStreamDecoder, TensorStreamEncoder
 
 F4 = np.dtype("<f4")
 MiB = 1 << 20

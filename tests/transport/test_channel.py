@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.transport.link_pairs import LINK_KINDS, Pki, channel_pair, link_pair, make_pki
-from transport import wire, ws
-from transport.channel import (
+from fedloom.transport import wire, ws
+from fedloom.transport.channel import (
     OFFLOAD_MODES,
     STREAM_ABOVE,
     AddressBusy,
@@ -29,7 +28,7 @@ from transport.channel import (
     client_channel,
     server_channel,
 )
-from transport.errors import (
+from fedloom.transport.errors import (
     FrameTooLarge,
     HandshakeError,
     NonFiniteTensor,
@@ -37,12 +36,13 @@ from transport.errors import (
     ProtocolError,
     RecordError,
 )
-from transport.handshake import ClientHandshake
-from transport.identity import Identity
-from transport.links import Link, LinkClosed, memory_link_pair, reserve_share
-from transport.records import CIPHER_AEGIS256, CIPHERS
-from transport.streaming import TensorStreamDecoder
-from transport.tensors import CodecSpec, decode_tensors, encode_tensors
+from fedloom.transport.handshake import ClientHandshake
+from fedloom.transport.identity import Identity
+from fedloom.transport.links import Link, LinkClosed, memory_link_pair, reserve_share
+from fedloom.transport.records import CIPHER_AEGIS256, CIPHERS
+from fedloom.transport.streaming import TensorStreamDecoder
+from fedloom.transport.tensors import CodecSpec, decode_tensors, encode_tensors
+from tests.transport.link_pairs import LINK_KINDS, Pki, channel_pair, link_pair, make_pki
 
 TIMEOUT_S = 15.0
 HANDSHAKE_FRAMES = 3  # client side: c1, c2, then its stream header
@@ -424,7 +424,7 @@ async def test_oversize_frame_is_rejected(kind: str, pki: Pki) -> None:
 
 
 async def test_message_above_the_cap_closes_the_channel(pki: Pki) -> None:
-    from transport.limits import Limits
+    from fedloom.transport.limits import Limits
 
     options = ChannelOptions(limits=Limits(max_message_bytes=2 * (1 << 20)))
     async with asyncio.timeout(TIMEOUT_S), channels("memory", pki, options) as (client, server):

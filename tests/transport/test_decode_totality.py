@@ -13,13 +13,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from transport import wire
-from transport.channel import _parse_stream_header
-from transport.errors import CodecError, DecompressionBomb, NonFiniteTensor, ProtocolError
-from transport.limits import Limits
-from transport.roster import Roster, RosterError
-from transport.streaming import TensorStreamDecoder, TensorStreamEncoder
-from transport.tensors import (
+from fedloom.transport import wire
+from fedloom.transport.channel import _parse_stream_header
+from fedloom.transport.errors import CodecError, DecompressionBomb, NonFiniteTensor, ProtocolError
+from fedloom.transport.limits import Limits
+from fedloom.transport.roster import Roster, RosterError
+from fedloom.transport.streaming import TensorStreamDecoder, TensorStreamEncoder
+from fedloom.transport.tensors import (
     _MAX_INT8_SCALE,
     _SAFE_INT8_SCALE,
     CodecSpec,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.e2e import (
+from fedloom.transport.e2e import (
     ModelConflictError,
     ModelVersionGuard,
     ReplayedUpdateError,
@@ -26,10 +26,10 @@ from transport.e2e import (
     verify_model,
     verify_update,
 )
-from transport.identity import Identity
-from transport.roster import Roster, RosterEntry
-from transport.streaming import TensorStreamDecoder, TensorStreamEncoder
-from transport.tensors import CodecKind, CodecSpec, decode_tensors, encode_tensors
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.streaming import TensorStreamDecoder, TensorStreamEncoder
+from fedloom.transport.tensors import CodecKind, CodecSpec, decode_tensors, encode_tensors
 
 ROOT = Identity.generate("root", "root")
 REGION = Identity.generate("region-eu", "region")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.half import F16, F32, half_all_finite, half_to_float, to_half
+from fedloom.transport.half import F16, F32, half_all_finite, half_to_float, to_half
 
 ALL_HALVES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(F16)
 

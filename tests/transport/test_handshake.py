@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.errors import HandshakeError, PeerRefused, ProtocolError
-from transport.handshake import (
+from fedloom.transport.errors import HandshakeError, PeerRefused, ProtocolError
+from fedloom.transport.handshake import (
     _LOW_ORDER_POINTS,
     MAX_HANDSHAKE_MESSAGE,
     SUITES,
@@ -23,9 +23,9 @@ from transport.handshake import (
     keys_match,
     suites_for,
 )
-from transport.identity import Identity
-from transport.records import CIPHER_AEGIS256, CIPHER_SECRETSTREAM, preferred_ciphers
-from transport.roster import Roster, RosterEntry
+from fedloom.transport.identity import Identity
+from fedloom.transport.records import CIPHER_AEGIS256, CIPHER_SECRETSTREAM, preferred_ciphers
+from fedloom.transport.roster import Roster, RosterEntry
 
 ROOT = Identity.generate("root", "root")
 REGION = Identity.generate("region-eu", "region")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from transport.identity import (
+from fedloom.transport.identity import (
     Identity,
     IdentityError,
     parse_key,

@@ -11,12 +11,12 @@ import msgpack
 import numpy as np
 import pytest
 
+from fedloom.transport import tensors as tensors_mod
+from fedloom.transport import wire
+from fedloom.transport.errors import DecompressionBomb
+from fedloom.transport.limits import DEFAULT_MODEL_SLACK, MODEL_FACTOR, Limits, MiB, ModelLayout
+from fedloom.transport.tensors import CodecSpec
 from tests.transport.link_pairs import Pki, channel_pair, link_pair, make_pki
-from transport import tensors as tensors_mod
-from transport import wire
-from transport.errors import DecompressionBomb
-from transport.limits import DEFAULT_MODEL_SLACK, MODEL_FACTOR, Limits, MiB, ModelLayout
-from transport.tensors import CodecSpec
 
 # A model with a large tensor (streamed by channels), small and one-element ones, a
 # 4-d one and a non-float one.

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from transport.errors import FrameTooLarge
-from transport.links import (
+from fedloom.transport.errors import FrameTooLarge
+from fedloom.transport.links import (
     KnownAddresses,
     Link,
     LinkClosed,
@@ -16,7 +16,7 @@ from transport.links import (
     memory_link_pair,
     reserve_share,
 )
-from transport.ws import WebSocketLink
+from fedloom.transport.ws import WebSocketLink
 
 TIMEOUT_S = 5.0
 

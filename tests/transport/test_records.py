@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.errors import ProtocolError
-from transport.records import (
+from fedloom.transport.errors import ProtocolError
+from fedloom.transport.records import (
     CHUNK_SIZE,
     CIPHER_AEGIS256,
     CIPHER_SECRETSTREAM,

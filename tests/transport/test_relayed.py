@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport import wire
-from transport.e2e import ReplayedUpdateError, SignatureError
-from transport.errors import MalformedMessage, ProtocolError
-from transport.identity import Identity
-from transport.relay import (
+from fedloom.transport import wire
+from fedloom.transport.e2e import ReplayedUpdateError, SignatureError
+from fedloom.transport.errors import MalformedMessage, ProtocolError
+from fedloom.transport.identity import Identity
+from fedloom.transport.relay import (
     EPK_BYTES,
     PAYLOAD,
     RedirectedError,
@@ -28,8 +28,8 @@ from transport.relay import (
     relay_signed_bytes,
     x25519_public,
 )
-from transport.roster import Roster, RosterEntry
-from transport.tensors import CodecSpec
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.tensors import CodecSpec
 
 A = Identity.generate("peer-a", "peer")
 B = Identity.generate("peer-b", "peer")

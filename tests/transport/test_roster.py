@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from transport.errors import PeerRefused, ProtocolError
-from transport.identity import Identity, key_text
-from transport.roster import Roster, RosterEntry, RosterError, RosterStore, StaleRosterError, sign
+from fedloom.transport.errors import PeerRefused, ProtocolError
+from fedloom.transport.identity import Identity, key_text
+from fedloom.transport.roster import (
+    Roster,
+    RosterEntry,
+    RosterError,
+    RosterStore,
+    StaleRosterError,
+    sign,
+)
 
 CONSORTIUM = Identity.generate("consortium", "consortium")
 ROOT = Identity.generate("root", "root")

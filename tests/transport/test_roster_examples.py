@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from transport.identity import Identity, key_text, parse_key
-from transport.roster import MAX_EXAMPLES, Roster, RosterEntry, RosterError, sign
+from fedloom.transport.identity import Identity, key_text, parse_key
+from fedloom.transport.roster import MAX_EXAMPLES, Roster, RosterEntry, RosterError, sign
 
 CONSORTIUM = Identity.generate("consortium", "consortium")
 ROOT = Identity.generate("root", "root")

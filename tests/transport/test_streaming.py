@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from transport.errors import (
+from fedloom.transport.errors import (
     CodecError,
     DecompressionBomb,
     DisallowedDtype,
@@ -20,13 +20,13 @@ from transport.errors import (
     NonFiniteTensor,
     ProtocolError,
 )
-from transport.limits import Limits
-from transport.streaming import (
+from fedloom.transport.limits import Limits
+from fedloom.transport.streaming import (
     MIN_PIECE_BYTES,
     TensorStreamDecoder,
     TensorStreamEncoder,
 )
-from transport.tensors import CodecSpec, decode_tensors, encode_tensors
+from fedloom.transport.tensors import CodecSpec, decode_tensors, encode_tensors
 
 Tensors = dict[str, np.ndarray]
 CODECS = ["fp32", "fp16", "int8", "topk"]

@@ -13,15 +13,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from transport.errors import (
+from fedloom.transport.errors import (
     CodecError,
     DecompressionBomb,
     DisallowedDtype,
     NonFiniteTensor,
     ProtocolError,
 )
-from transport.limits import Limits, MiB
-from transport.tensors import CodecKind, CodecSpec, decode_tensors, encode_tensors, topk_count
+from fedloom.transport.limits import Limits, MiB
+from fedloom.transport.tensors import (
+    CodecKind,
+    CodecSpec,
+    decode_tensors,
+    encode_tensors,
+    topk_count,
+)
 
 KINDS: tuple[CodecKind, ...] = ("fp32", "fp16", "int8", "topk")
 NON_FLOAT = ("int8", "int16", "int32", "int64", "uint8", "bool")

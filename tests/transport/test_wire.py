@@ -13,17 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport import wire
-from transport.errors import (
+from fedloom.transport import wire
+from fedloom.transport.errors import (
     CodecError,
     FrameTooLarge,
     MalformedMessage,
     NonFiniteTensor,
     ProtocolError,
 )
-from transport.limits import MiB
-from transport.tensors import CodecKind, CodecSpec
-from transport.wire import (
+from fedloom.transport.limits import MiB
+from fedloom.transport.tensors import CodecKind, CodecSpec
+from fedloom.transport.wire import (
     MESSAGE_TYPES,
     Ack,
     GossipShare,

@@ -9,9 +9,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from transport import wire
-from transport.errors import MalformedMessage
-from transport.wire import Incorporated, Overlap, Update, decode, encode
+from fedloom.transport import wire
+from fedloom.transport.errors import MalformedMessage
+from fedloom.transport.wire import Incorporated, Overlap, Update, decode, encode
 
 PAIRS = (("site-1", 3), ("site-2", 1))
 

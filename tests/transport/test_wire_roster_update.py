@@ -7,8 +7,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from transport.errors import MalformedMessage
-from transport.wire import Limits, RosterUpdate, decode, encode
+from fedloom.transport.errors import MalformedMessage
+from fedloom.transport.wire import Limits, RosterUpdate, decode, encode
 
 
 def envelope(**fields: Any) -> bytes:

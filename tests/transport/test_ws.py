@@ -12,11 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from fedloom.transport import ws
+from fedloom.transport.errors import FrameTooLarge, MalformedMessage
+from fedloom.transport.handshake import MAX_HANDSHAKE_MESSAGE
+from fedloom.transport.links import KnownAddresses, LinkClosed
 from tests.transport.link_pairs import echo_server
-from transport import ws
-from transport.errors import FrameTooLarge, MalformedMessage
-from transport.handshake import MAX_HANDSHAKE_MESSAGE
-from transport.links import KnownAddresses, LinkClosed
 
 TIMEOUT_S = 10.0
 

@@ -23,10 +23,9 @@ from aiohttp.base_protocol import BaseProtocol
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from tests.transport.link_pairs import echo_server
-from transport import ws
-from transport.errors import ProtocolError
-from transport.ws_frames import (
+from fedloom.transport import ws
+from fedloom.transport.errors import ProtocolError
+from fedloom.transport.ws_frames import (
     DEFAULT_MAX_FRAGMENTS,
     VIEW_FROM_BYTES,
     CloseCode,
@@ -34,6 +33,7 @@ from transport.ws_frames import (
     Message,
     Opcode,
 )
+from tests.transport.link_pairs import echo_server
 
 TIMEOUT_S = 10.0
 KEY = b"\x37\xfa\x21\x3d"

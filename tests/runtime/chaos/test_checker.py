@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.ledger import AppliedLedger
-from algorithms.protocol import (
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.ledger import AppliedLedger
+from fedloom.algorithms.protocol import (
     Event,
     PeerUp,
     Persist,
@@ -26,11 +26,11 @@ from algorithms.protocol import (
     TrainDone,
     TrainResult,
 )
-from algorithms.regional import RegionalAggregator
-from algorithms.site import SiteNode
-from runtime.chaos.checker import Report, check_run, main
-from runtime.store import StateStore
-from transport.wire import Update
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import SiteNode
+from fedloom.federation.store import StateStore
+from fedloom.runtime.chaos.checker import Report, check_run, main
+from fedloom.transport.wire import Update
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -688,9 +688,9 @@ def test_a_site_that_never_trains_again_after_its_heal_is_refuted(tmp_path: Path
 def _root_with_records(run: Path, applied: int) -> Path:
     """A real root's state dir under ``run`` (the run-directory layout) holding a fresh
     checkpoint (v0) and ``applied`` applied updates after it, each one version."""
-    from runtime.config import load_config
-    from runtime.daemon import open_daemon
-    from runtime.demo import ROOT_ID, write_federation
+    from fedloom.runtime.config import load_config
+    from fedloom.runtime.daemon import open_daemon
+    from fedloom.runtime.demo import ROOT_ID, write_federation
 
     fed = write_federation(
         run / "federation",
@@ -805,7 +805,7 @@ def test_a_duplicate_that_fails_otherwise_is_not_a_refusal(tmp_path: Path) -> No
 
 
 def _standby_run(tmp_path: Path) -> Any:
-    from runtime.chaos.checker import RunData
+    from fedloom.runtime.chaos.checker import RunData
 
     nodes = {
         "root": {"role": "root", "parent": None},
@@ -817,7 +817,7 @@ def _standby_run(tmp_path: Path) -> Any:
 
 
 def _aggregator(node: str, seqs: list[int], decided: int) -> Any:
-    from runtime.chaos.checker import NodeState
+    from fedloom.runtime.chaos.checker import NodeState
 
     ledger = AppliedLedger.from_records(("site-0", q) for q in seqs)
     outcomes = {"site-0": collections.Counter({"applied": decided})}
@@ -827,7 +827,7 @@ def _aggregator(node: str, seqs: list[int], decided: int) -> Any:
 def test_a_standby_ledger_that_gave_up_the_primarys_gap_is_decided_between_the_two(
     tmp_path: Path,
 ) -> None:
-    from runtime.chaos.checker import _decided_once, _skipped_across_standbys
+    from fedloom.runtime.chaos.checker import _decided_once, _skipped_across_standbys
 
     data = _standby_run(tmp_path)
     # The primary decided 1..40; the site's kept updates 41..50 and its new ones went to
@@ -846,7 +846,7 @@ def test_a_standby_ledger_that_gave_up_the_primarys_gap_is_decided_between_the_t
 def test_a_region_whose_sites_moved_to_its_standby_resumes_through_the_standby(
     tmp_path: Path,
 ) -> None:
-    from runtime.chaos.checker import _progress_series, _standby_partners
+    from fedloom.runtime.chaos.checker import _progress_series, _standby_partners
 
     data = _standby_run(tmp_path)
     assert _standby_partners(data, "region-0") == ["region-0-standby"]

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.chaos.checker import RunData, check_exactly_once, load_states
-from runtime.chaos.faults import wait_gone
-from runtime.chaos.layout import lay_out
-from runtime.chaos.loadgen import (
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime.chaos.checker import RunData, check_exactly_once, load_states
+from fedloom.runtime.chaos.faults import wait_gone
+from fedloom.runtime.chaos.layout import lay_out
+from fedloom.runtime.chaos.loadgen import (
     LOADGEN_ID,
     FixedDeltaTrainer,
     LoadgenProcess,
@@ -26,9 +27,8 @@ from runtime.chaos.loadgen import (
     attach_loadgen,
     read_loadgen_config,
 )
-from runtime.chaos.scenario import parse_scenario
-from runtime.demo import DaemonProcess, scrape
-from sim.config_reader import ConfigError
+from fedloom.runtime.chaos.scenario import parse_scenario
+from fedloom.runtime.demo import DaemonProcess, scrape
 
 # ---------------------------------------------------------------------------- trainer
 
@@ -220,7 +220,7 @@ def test_healthz_is_ok_while_the_main_loop_beats_and_degraded_when_it_stalls() -
 
 
 def test_the_timeline_plot_gives_load_sites_their_load_generators_row(tmp_path: Path) -> None:
-    from runtime.chaos.report import _row
+    from fedloom.runtime.chaos.report import _row
 
     nodes = {
         "root": {"role": "root"},
@@ -234,8 +234,8 @@ def test_the_timeline_plot_gives_load_sites_their_load_generators_row(tmp_path: 
 
 
 def test_a_chaos_run_puts_one_load_generator_in_place_of_its_load_sites(tmp_path: Path) -> None:
-    from runtime.chaos.layout import read_config
-    from runtime.chaos.runner import ChaosRun
+    from fedloom.runtime.chaos.layout import read_config
+    from fedloom.runtime.chaos.runner import ChaosRun
 
     scen: Any = _scenario('shape = "star"\nsites = 1\nload_sites = 3')
     run = ChaosRun(scen, tmp_path / "run", backend="proxy")
@@ -266,7 +266,7 @@ def test_a_chaos_run_puts_one_load_generator_in_place_of_its_load_sites(tmp_path
 def test_a_load_generator_that_cannot_start_says_why_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from runtime.chaos.loadgen import main
+    from fedloom.runtime.chaos.loadgen import main
 
     fed = lay_out(tmp_path / "fed", {"root": ["load-0"]}, star=True)
     config = tmp_path / "loadgen.toml"

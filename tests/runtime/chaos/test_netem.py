@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from runtime.chaos.netem import PROBE_PREFIX, CommandResult, detect_netem, run_command
+from fedloom.runtime.chaos.netem import PROBE_PREFIX, CommandResult, detect_netem, run_command
 
 
 class FakeSystem:

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 
-from algorithms.protocol import PeerDown, PeerUp, Received
-from runtime.chaos.proxy import (
+from fedloom.algorithms.protocol import PeerDown, PeerUp, Received
+from fedloom.runtime.chaos.proxy import (
     MAX_RETRANSMITS,
     MSS,
     READ_SIZE,
@@ -24,9 +24,9 @@ from runtime.chaos.proxy import (
     _rst,
     _stall_s,
 )
-from runtime.peers import DialTarget
+from fedloom.runtime.peers import DialTarget
+from fedloom.transport.wire import Ack, Update
 from tests.runtime.test_peers import Pki, Sink, delta, peers
-from transport.wire import Ack, Update
 
 LIMIT = 5.0
 

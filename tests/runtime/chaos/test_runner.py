@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from runtime.chaos.faults import tmpfs_support, wait_gone
-from runtime.chaos.runner import ChaosRun, execute
-from runtime.chaos.scenario import parse_scenario
-from runtime.cli import main
-from runtime.config import load_config
+from fedloom.cli import main
+from fedloom.runtime.chaos.faults import tmpfs_support, wait_gone
+from fedloom.runtime.chaos.runner import ChaosRun, execute
+from fedloom.runtime.chaos.scenario import parse_scenario
+from fedloom.runtime.config import load_config
 
 EVENT_KEYS = {"t", "event", "fault", "targets", "detail", "intended"}
 NODE_KEYS = {
@@ -185,7 +185,7 @@ def test_the_netem_backend_is_refused_with_the_reason(tmp_path: Path, capsys: An
 
 
 def test_a_gossip_layout_loads_and_the_links_point_through_the_proxy(tmp_path: Path) -> None:
-    from runtime.chaos.layout import lay_out_gossip, point_link
+    from fedloom.runtime.chaos.layout import lay_out_gossip, point_link
 
     shape = parse_scenario(
         {"duration_s": 5, "federation": {"shape": "gossip", "peers": 4, "relayed": 2}}
@@ -208,7 +208,7 @@ def test_a_gossip_layout_loads_and_the_links_point_through_the_proxy(tmp_path: P
 def test_disk_faults_fill_and_freeze_a_tmpfs_then_leave_the_files_on_disk(tmp_path: Path) -> None:
     import errno
 
-    from runtime.chaos.faults import Disks
+    from fedloom.runtime.chaos.faults import Disks
 
     state = tmp_path / "state"
     disks = Disks()
@@ -242,7 +242,7 @@ def test_disk_faults_fill_and_freeze_a_tmpfs_then_leave_the_files_on_disk(tmp_pa
 def test_a_standby_layout_gives_sites_a_fallback_and_the_root_both_subtrees(
     tmp_path: Path,
 ) -> None:
-    from runtime.chaos.layout import add_standbys, lay_out
+    from fedloom.runtime.chaos.layout import add_standbys, lay_out
 
     shape = parse_scenario(
         {"duration_s": 5, "federation": {"regions": 2, "sites": 4, "standby": True}}

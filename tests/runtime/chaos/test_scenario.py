@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from runtime.chaos.runner import combine_toxics
-from runtime.chaos.scenario import load_scenario, parse_scenario
-from sim.config_reader import ConfigError
+from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime.chaos.runner import combine_toxics
+from fedloom.runtime.chaos.scenario import load_scenario, parse_scenario
 
 
 def scenario(*faults: dict[str, Any], **top: Any) -> dict[str, Any]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.chaos.faults import wait_gone
-from runtime.chaos.runner import ChaosRun, execute, run_checker
-from runtime.chaos.scenario import FAULT_KINDS, load_scenario
+from fedloom.runtime.chaos.faults import wait_gone
+from fedloom.runtime.chaos.runner import ChaosRun, execute, run_checker
+from fedloom.runtime.chaos.scenario import FAULT_KINDS, load_scenario
 
 SCENARIOS = Path(__file__).resolve().parents[3] / "scenarios" / "chaos"
 FILES = sorted(SCENARIOS.glob("*.toml"))

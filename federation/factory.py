@@ -12,15 +12,15 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.fedasync import FedAsyncAggregator
-from algorithms.fedbuff import FedBuffAggregator
-from algorithms.intake import ClaimBounds
-from algorithms.protocol import Node, Weights
-from algorithms.regional import RegionalAggregator
-from algorithms.server_opt import ServerOptimizer, make_server_opt
-from algorithms.staleness import StalenessFn, make_staleness
-from algorithms.sync import SyncAggregator
-from sim.scenario import AlgorithmConfig
+from fedloom.algorithms.fedasync import FedAsyncAggregator
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.intake import ClaimBounds
+from fedloom.algorithms.protocol import Node, Weights
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.server_opt import ServerOptimizer, make_server_opt
+from fedloom.algorithms.staleness import StalenessFn, make_staleness
+from fedloom.algorithms.sync import SyncAggregator
+from fedloom.federation.params import AlgorithmConfig
 
 ROOT_ALGORITHMS = ("fedbuff", "fedasync", "fedavg", "fedprox")
 

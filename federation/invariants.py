@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from algorithms.protocol import Metric
+from fedloom.algorithms.protocol import Metric
 
 
 class InvariantViolation(AssertionError):  # noqa: N818 - the name the project uses

@@ -1,4 +1,4 @@
-"""What the ``fedloom`` sub-commands do (argument parsing lives in ``runtime.cli``)."""
+"""What ``fedloom sim`` and ``fedloom plan`` do (argument parsing lives in ``sim.cli``)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from sim.config_reader import ConfigError
-from sim.runner import ProgressFn, build_plan_for_arm, run_scenario
-from sim.scenario import Scenario, load_scenario
+from fedloom.federation.config_reader import ConfigError
+from fedloom.sim.runner import ProgressFn, build_plan_for_arm, run_scenario
+from fedloom.sim.scenario import Scenario, load_scenario
 
 
 def _select_arms(scenario: Scenario, names: Sequence[str] | None) -> list[str] | None:
@@ -67,7 +67,7 @@ def cmd_sim(
     arms: Sequence[str] | None,
     quiet: bool,
 ) -> int:
-    from sim.report import summary_table, write_report
+    from fedloom.sim.report import summary_table, write_report
 
     scenario = load_scenario(scenario_path)
     selected = _select_arms(scenario, arms)
@@ -91,8 +91,8 @@ def cmd_sim(
 
 
 def cmd_plan(scenario_path: Path, *, out: Path | None, arm: str | None) -> int:
-    from sim.plots_topology import draw_plan
-    from topology.summary import format_summary
+    from fedloom.sim.plots_topology import draw_plan
+    from fedloom.topology.summary import format_summary
 
     scenario = load_scenario(scenario_path)
     chosen = scenario.arms[0] if arm is None else None

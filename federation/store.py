@@ -96,11 +96,11 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from algorithms.protocol import Persist
-from transport.half import half_to_float, to_half
-from transport.limits import Limits
-from transport.tensors import CodecSpec, decode_tensors, encode_tensor_parts
-from transport.wire import MESSAGE_TYPES
+from fedloom.algorithms.protocol import Persist
+from fedloom.transport.half import half_to_float, to_half
+from fedloom.transport.limits import Limits
+from fedloom.transport.tensors import CodecSpec, decode_tensors, encode_tensor_parts
+from fedloom.transport.wire import MESSAGE_TYPES
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -120,7 +120,7 @@ __all__ = [
     "wal_logs",
 ]
 
-log = logging.getLogger("fedloom.runtime.store")
+log = logging.getLogger("fedloom.federation.store")
 
 CHECKPOINT_KEY = "checkpoint"
 

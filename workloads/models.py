@@ -24,9 +24,9 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from algorithms.protocol import TrainResult, Weights
-from algorithms.training import TrainConfig, TrainingPlan
-from sim.datasets import Split
+from fedloom.algorithms.protocol import TrainResult, Weights
+from fedloom.algorithms.training import TrainConfig, TrainingPlan
+from fedloom.workloads.datasets import Split
 
 MODEL_NAMES: Final = ("softmax", "mlp", "cnn")
 

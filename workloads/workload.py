@@ -21,16 +21,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-from algorithms.protocol import Weights
-from algorithms.training import TrainingPlan
-from sim.datasets import (
+from fedloom.algorithms.protocol import Weights
+from fedloom.algorithms.training import TrainingPlan
+from fedloom.workloads.datasets import (
     SKLEARN_DATASETS,
     DirichletFederated,
     FederatedDataset,
     Split,
     SyntheticFederated,
 )
-from sim.models import MODEL_NAMES, make_model
+from fedloom.workloads.models import MODEL_NAMES, make_model
 
 DATASET_NAMES: Final = ("synthetic", *SKLEARN_DATASETS)
 # Site data kept in memory (LRU beyond this); regenerating a site costs more than a job.

@@ -1,0 +1,7 @@
+"""``python -m fedloom``: the ``fedloom`` command."""
+
+import sys
+
+from fedloom.cli import main
+
+sys.exit(main())

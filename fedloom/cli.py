@@ -1,0 +1,112 @@
+"""The ``fedloom`` command: one entry point over the daemons and the simulator.
+
+The simulator's commands (``sim``, ``plan``) live in ``fedloom.sim.cli``, everything a
+site or aggregator runs in ``fedloom.runtime.cli``. This module sits above both layers and
+loads only the side a command needs, so ``fedloom run`` never imports the simulator (nor
+matplotlib or scikit-learn), and a base install without the ``sim`` extra still runs
+daemons and says what to install when asked for the simulator.
+
+User mistakes (a missing file, a bad field) end with one clear line on stderr and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fedloom.federation.config_reader import ConfigError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+SIM_COMMANDS = ("sim", "plan")
+RUNTIME_COMMANDS = ("keygen", "roster", "run", "state", "demo", "chaos", "local")
+
+# Third-party modules that only an extra installs, and the extra that brings each.
+_EXTRA_OF = {
+    "networkx": "sim",
+    "scipy": "sim",
+    "matplotlib": "sim",
+    "sklearn": "sim",
+    "rich": "sim",
+    "psutil": "sim",
+    "torch": "torch",
+}
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command ``argv`` names (its first word that is not an option), if any."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedloom",
+        description=(
+            "Asynchronous, hierarchical and peer-to-peer federated learning. "
+            "The simulator runs the same protocol code as the daemons on a virtual clock."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n"
+        "  fedloom sim scenarios/hospitals.toml --out runs/hospitals\n"
+        "  fedloom plan scenarios/hierarchical-10k.toml --out runs/plan10k\n"
+        "  fedloom keygen --id site-a --role site --out /etc/fedloom\n"
+        "  fedloom run --config /etc/fedloom/site.toml\n"
+        "  fedloom demo\n",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the side the command needs is imported (the whole table for --help or a typo).
+    if command not in RUNTIME_COMMANDS:
+        from fedloom.sim import cli as sim_cli
+
+        sim_cli.add_commands(sub)
+    if command not in SIM_COMMANDS:
+        from fedloom.runtime import cli as runtime_cli
+
+        runtime_cli.add_commands(sub)
+    return parser
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    top = (exc.name or "").split(".")[0]
+    extra = _EXTRA_OF.get(top)
+    if extra is None:
+        return None
+    return (
+        f"this command needs {top!r}, which the {extra!r} extra installs: "
+        f"pip install 'fedloom[{extra}]'"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(words)
+    parser = _parser(command)
+    args = parser.parse_args(words)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command in SIM_COMMANDS:
+            from fedloom.sim import cli as sim_cli
+
+            return sim_cli.dispatch(args, parser)
+        from fedloom.runtime import cli as runtime_cli
+
+        return runtime_cli.dispatch(args, parser)
+    except ConfigError as exc:
+        print(f"fedloom: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        hint = _missing_extra(exc)
+        if hint is None:
+            raise
+        print(f"fedloom: error: {hint}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedloom: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

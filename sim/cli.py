@@ -1,0 +1,62 @@
+"""The simulator side of the ``fedloom`` command line (``fedloom.cli`` dispatches here).
+
+    fedloom sim SCENARIO [--out DIR] [--seed N] [--arm NAME ...]   run a scenario in the simulator
+    fedloom plan SCENARIO [--out DIR] [--arm NAME]                  show and draw an arm's topology
+
+Building the parser imports nothing heavy; the simulator itself is imported when a command
+runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+COMMANDS = ("sim", "plan")
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedloom sim`` and ``fedloom plan``, on ``fedloom``'s parser."""
+    sim = sub.add_parser(
+        "sim",
+        help="run a scenario in the discrete-event simulator",
+        description="Run every arm of a scenario on a virtual clock and write report.json, "
+        "CSV series and PNG plots to the output directory.",
+    )
+    sim.add_argument("scenario", type=Path, help="scenario TOML file (see scenarios/)")
+    sim.add_argument("--out", type=Path, default=None, help="output directory (default runs/NAME)")
+    sim.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+    sim.add_argument(
+        "--arm",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only this arm (repeatable; default: all arms)",
+    )
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    plan = sub.add_parser(
+        "plan",
+        help="print and draw the topology an arm of a scenario would use",
+        description="Build the topology plan of a scenario arm, print its clusters, elected "
+        "sub-aggregators, degrees and spectral gap, and write plan.json and topology.png.",
+    )
+    plan.add_argument("scenario", type=Path, help="scenario TOML file")
+    plan.add_argument(
+        "--out", type=Path, default=None, help="output directory (default runs/NAME-plan)"
+    )
+    plan.add_argument(
+        "--arm", default=None, metavar="NAME", help="arm to plan (default: the first)"
+    )
+
+
+def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``fedloom sim`` or ``fedloom plan``; errors go to ``fedloom.cli``."""
+    from fedloom.sim.commands import cmd_plan, cmd_sim
+
+    if args.command == "sim":
+        return cmd_sim(args.scenario, out=args.out, seed=args.seed, arms=args.arm, quiet=args.quiet)
+    if args.command == "plan":
+        return cmd_plan(args.scenario, out=args.out, arm=args.arm)
+    parser.error(f"unknown command {args.command!r}")
+    return 2  # pragma: no cover - parser.error exits
