@@ -15,10 +15,10 @@ import pytest
 
 from fedloom.algorithms.outbox import Outbox
 from fedloom.algorithms.protocol import Persist
+from fedloom.federation import store as store_mod
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.store import StateStore, scan_log
 from fedloom.runtime import state_cli
-from fedloom.runtime import store as store_mod
 from fedloom.runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_IN_USE, EXIT_OK
 from fedloom.runtime.state_cli import MEANING, cmd_state_check, cmd_state_repair
 from fedloom.transport.wire import Update
