@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedloom.federation.seeds import derived_seed, entity_rng, stable_key
+from fedloom.federation.seeds import entity_rng
 from fedloom.sim.kernel import Kernel, SimulationError
 
 
@@ -154,15 +154,3 @@ def test_entity_rngs_are_deterministic_and_independent() -> None:
     assert not np.array_equal(a1, b)
     assert not np.array_equal(a1, c)
     assert np.array_equal(Kernel(seed=7).rng("compute", "site-1").random(5), a1)
-
-
-def test_stable_keys_and_derived_seeds() -> None:
-    assert stable_key("abc") == stable_key("abc") != stable_key("abd")
-    assert stable_key(5) == 5
-    with pytest.raises(TypeError):
-        stable_key(True)
-    s = derived_seed(1, "train", "site-1", 3)
-    assert s == derived_seed(1, "train", "site-1", 3)
-    assert 0 <= s < 2**31
-    assert s != derived_seed(1, "train", "site-1", 4)
-    assert s != derived_seed(2, "train", "site-1", 3)
