@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-import networkx as nx
 import numpy as np
 import numpy.typing as npt
 
@@ -67,7 +66,10 @@ def gossip_graph(
     if graph == "exponential":
         hops = [1 << i for i in range(max(1, (n - 1).bit_length())) if (1 << i) < n]
         return _from_edges(n, ((i, (i + h) % n) for i in range(n) for h in hops))
+    # networkx (the sim extra) only for the random graphs: topology stays importable without it.
     if graph == "kregular":
+        import networkx as nx
+
         if not 1 <= k < n or (n * k) % 2:
             raise ValueError(f"gossip(kregular): need 1 <= k < n and n*k even, got k={k}, n={n}")
         for attempt in range(_REGULAR_TRIES):
@@ -80,6 +82,8 @@ def gossip_graph(
             raise ValueError(f"gossip(smallworld): need 2 <= k < n, got k={k}, n={n}")
         if not 0.0 <= rewire_p <= 1.0:
             raise ValueError(f"gossip(smallworld): rewire_p must be in [0, 1], got {rewire_p}")
+        import networkx as nx
+
         g = nx.connected_watts_strogatz_graph(n, k, rewire_p, tries=100, seed=seed)
         return _from_edges(n, g.edges())
     raise ValueError(f"gossip: graph must be one of {list(GRAPHS)}, got {graph!r}")

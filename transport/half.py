@@ -35,7 +35,7 @@ _HALF_EXPONENT = 0x7C00
 def _torch() -> ModuleType | None:
     try:
         import torch
-    except ImportError:  # pragma: no cover - torch is a declared dependency
+    except ImportError:  # torch is optional (the torch extra): numpy converts alone
         return None
     return torch
 
