@@ -18,19 +18,28 @@ finite is dropped, keeping the previous model.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from fedloom.algorithms.aggregator_base import (
+    APPLIED_KEY,
     CHECKPOINT_KEY,
     AggregatorBase,
     OwnModel,
     checkpoint_interval,
 )
 from fedloom.algorithms.intake import ClaimBounds
-from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Weights
+from fedloom.algorithms.protocol import (
+    NO_RECORDS,
+    Effect,
+    Log,
+    Metric,
+    Persist,
+    RecordSource,
+    Weights,
+)
 from fedloom.algorithms.robust import NormClip
 from fedloom.algorithms.staleness import StalenessFn, polynomial
 from fedloom.algorithms.weights_math import is_finite, l2_norm
@@ -186,8 +195,12 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
             "epoch_applied": self._applied_in_epoch,
         }
 
-    def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Load ``snapshot()`` output, then replay the "applied" records written after it."""
+    def restore(
+        self, checkpoint: Mapping[str, Any] | None, records: RecordSource = NO_RECORDS
+    ) -> None:
+        """Load ``snapshot()`` output (None: this fresh node's own), then replay the
+        "applied" records written after it (``algorithms.protocol.Restorable``)."""
+        state = self.snapshot() if checkpoint is None else checkpoint
         if state.get("kind") != "fedasync":
             raise ValueError(f"not a FedAsync snapshot: {state.get('kind')!r}")
         self._base_restore(state)
@@ -196,4 +209,4 @@ class FedAsyncAggregator(OwnModel, AggregatorBase):
         self._weights = self._history[self._version]
         self._clip.restore(state.get("clip"))  # older checkpoints: no clip history
         self._applied_in_epoch = int(state.get("epoch_applied", 0))
-        self._replay_records(records)
+        self._replay_records(records.records(APPLIED_KEY))

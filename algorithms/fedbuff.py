@@ -20,15 +20,20 @@ There is one state (always accepting), so no state enum: the buffer fill is the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY, OwnModel, checkpoint_interval
+from fedloom.algorithms.aggregator_base import (
+    APPLIED_KEY,
+    CHECKPOINT_KEY,
+    OwnModel,
+    checkpoint_interval,
+)
 from fedloom.algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
 from fedloom.algorithms.intake import ClaimBounds
-from fedloom.algorithms.protocol import Effect, Metric, Persist, Weights
+from fedloom.algorithms.protocol import NO_RECORDS, Effect, Metric, Persist, RecordSource, Weights
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedloom.algorithms.staleness import StalenessFn
 
@@ -107,11 +112,15 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
             "buffer": self._buffer.snapshot(),
         }
 
-    def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Load ``snapshot()`` output, then replay the "applied" records written after it.
+    def restore(
+        self, checkpoint: Mapping[str, Any] | None, records: RecordSource = NO_RECORDS
+    ) -> None:
+        """Load ``snapshot()`` output (None: this fresh node's own), then replay the
+        "applied" records written after it (``algorithms.protocol.Restorable``).
 
         Children are all considered down afterwards: they say Hello again on reconnect.
         """
+        state = self.snapshot() if checkpoint is None else checkpoint
         if state.get("kind") != "fedbuff":
             raise ValueError(f"not a FedBuff snapshot: {state.get('kind')!r}")
         self._base_restore(state)
@@ -120,4 +129,4 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         self._opt.restore(state["opt"])
         self._make_buffer(self._weights)
         self._buffer.restore(state["buffer"])
-        self._replay_records(records)
+        self._replay_records(records.records(APPLIED_KEY))

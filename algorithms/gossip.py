@@ -111,7 +111,7 @@ gossip interval.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -127,6 +127,7 @@ from fedloom.algorithms.gossip_mixing import (
     finite_norm,
 )
 from fedloom.algorithms.protocol import (
+    NO_RECORDS,
     Deadline,
     Effect,
     Event,
@@ -137,6 +138,7 @@ from fedloom.algorithms.protocol import (
     Persist,
     ProtocolMisuseError,
     Received,
+    RecordSource,
     Send,
     Train,
     TrainDone,
@@ -725,9 +727,14 @@ class GossipPeer:
             "clip": self._clip.snapshot(),
         }
 
-    def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Load ``snapshot()`` output, then add back the push-sum shares taken in after it
-        (``GOSSIP_IN_KEY`` records). ValueError for state this peer cannot have written."""
+    def restore(
+        self, checkpoint: Mapping[str, Any] | None, records: RecordSource = NO_RECORDS
+    ) -> None:
+        """Load ``snapshot()`` output (None: this fresh peer's own), then add back the
+        push-sum shares taken in after it (``GOSSIP_IN_KEY`` records;
+        ``algorithms.protocol.Restorable``). ValueError for state this peer cannot have
+        written."""
+        state = self.snapshot() if checkpoint is None else checkpoint
         if state.get("kind") != "gossip" or state.get("node_id") != self._id:
             raise ValueError(f"not a gossip snapshot of {self._id!r}")
         if state.get("mode") != self._mode.value:
@@ -740,7 +747,7 @@ class GossipPeer:
         if not all(math.isfinite(v) for v in owed.values()):
             raise ValueError("owed weights must be finite")
         self._clip.restore(state.get("clip", {}))
-        for rec in records:
+        for rec in records.records(GOSSIP_IN_KEY):
             # Mass taken in stays mass, even from a peer no longer listed as a neighbour.
             peer = str(rec["peer"])
             taken_w = float(rec["w"])

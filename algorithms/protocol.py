@@ -19,7 +19,7 @@ node: the node rejects it and reports why through ``Log`` and ``Metric`` effects
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
@@ -186,3 +186,46 @@ class ModelHolder(Protocol):
     def current_model(self) -> tuple[int, Weights] | None:
         """``(version, weights)`` of the model this node holds now, or ``None``."""
         ...
+
+
+# ---------------------------------------------------------------------- durability
+
+
+class RecordSource(Protocol):
+    """The log records written after a node's checkpoint, by log key, in append order
+    (``federation.store.Recovery`` is one; ``LogRecords`` another)."""
+
+    def records(self, key: str) -> Sequence[Mapping[str, Any]]:
+        """The records of log ``key`` (empty when there are none)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecords:
+    """A ``RecordSource`` over a plain mapping of log key to records (tests and tools)."""
+
+    logs: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
+
+    def records(self, key: str) -> Sequence[Mapping[str, Any]]:
+        return self.logs.get(key, ())
+
+
+NO_RECORDS = LogRecords()
+
+
+@runtime_checkable
+class Restorable(Protocol):
+    """A node whose state survives a restart: every durable role (site, region, the root
+    aggregators, gossip peers) restores the same way.
+
+    ``snapshot()`` is what a ``Persist(CHECKPOINT_KEY, ...)`` records. ``restore(checkpoint,
+    records)`` loads a checkpoint (``None``: none was ever written, so the freshly built
+    node's own state) and replays the records written after it, each node asking
+    ``records`` for the log keys it owns. ValueError for state this node cannot have written.
+    """
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def restore(
+        self, checkpoint: Mapping[str, Any] | None, records: RecordSource = NO_RECORDS
+    ) -> None: ...

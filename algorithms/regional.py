@@ -74,13 +74,28 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY, Outcome, checkpoint_interval
+from fedloom.algorithms.aggregator_base import (
+    APPLIED_KEY,
+    CHECKPOINT_KEY,
+    Outcome,
+    checkpoint_interval,
+)
 from fedloom.algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
 from fedloom.algorithms.incorporation import FORWARDS_KEY, Contribution, RegionForwards
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.node_util import unexpected
 from fedloom.algorithms.outbox import WINDOW, Outbox
-from fedloom.algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
+from fedloom.algorithms.protocol import (
+    NO_RECORDS,
+    Effect,
+    Event,
+    Log,
+    Metric,
+    Persist,
+    RecordSource,
+    Send,
+    Weights,
+)
 from fedloom.algorithms.staleness import StalenessFn
 from fedloom.algorithms.update_buffer import UpdateBuffer
 from fedloom.algorithms.validation import is_int
@@ -529,14 +544,13 @@ class RegionalAggregator(BufferedAggregator):
         }
 
     def restore(
-        self,
-        state: Mapping[str, Any],
-        records: Iterable[Mapping[str, Any]] = (),
-        pending_records: Iterable[Mapping[str, Any]] = (),
-        forward_records: Iterable[Mapping[str, Any]] = (),
+        self, checkpoint: Mapping[str, Any] | None, records: RecordSource = NO_RECORDS
     ) -> None:
-        """Load ``snapshot()`` output, then replay the "region/pending" and "applied" records
-        written after it (forwards rebuilt by the replay are resent; the parent dedups)."""
+        """Load ``snapshot()`` output (None: this fresh node's own), then replay the
+        "applied", "region/pending" and "region/forwards" records written after it
+        (``algorithms.protocol.Restorable``; forwards rebuilt by the replay are resent; the
+        parent dedups)."""
+        state = self.snapshot() if checkpoint is None else checkpoint
         if state.get("kind") != "regional":
             raise ValueError(f"not a regional snapshot: {state.get('kind')!r}")
         self._base_restore(state)
@@ -556,9 +570,9 @@ class RegionalAggregator(BufferedAggregator):
         }
         # Forwards rebuilt from "applied" first (same seqs as before), then the acks, then
         # the parent's settlements.
-        self._replay_records(records)
-        self._outbox.replay(pending_records)
-        for rec in forward_records:
+        self._replay_records(records.records(APPLIED_KEY))
+        self._outbox.replay(records.records(PENDING_KEY))
+        for rec in records.records(FORWARDS_KEY):
             if rec["op"] == "settle":
                 self._forwards.settle(int(rec["seq"]))
         if self.parent_is_root:  # the root's ack settled them (its record is in the log)

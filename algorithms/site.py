@@ -34,14 +34,20 @@ ledger make any copy count once). Without fallbacks nothing changes: an ack ends
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY
-from fedloom.algorithms.incorporation import DEFAULT_FAILOVER_AFTER_S, DEFAULT_MAX_HELD, HeldUpdates
+from fedloom.algorithms.incorporation import (
+    DEFAULT_FAILOVER_AFTER_S,
+    DEFAULT_MAX_HELD,
+    HELD_KEY,
+    HeldUpdates,
+)
 from fedloom.algorithms.node_util import unexpected
 from fedloom.algorithms.outbox import Outbox
 from fedloom.algorithms.protocol import (
+    NO_RECORDS,
     Deadline,
     Effect,
     Event,
@@ -52,6 +58,7 @@ from fedloom.algorithms.protocol import (
     Persist,
     ProtocolMisuseError,
     Received,
+    RecordSource,
     Send,
     Train,
     TrainDone,
@@ -356,19 +363,19 @@ class SiteNode:
         return {**self.snapshot(), "model": None}
 
     def restore(
-        self,
-        state: Mapping[str, Any],
-        records: Iterable[Mapping[str, Any]] = (),
-        held_records: Iterable[Mapping[str, Any]] = (),
+        self, checkpoint: Mapping[str, Any] | None, records: RecordSource = NO_RECORDS
     ) -> None:
-        """Load ``snapshot()`` output, then replay the "site/pending" and "site/held"
-        records written after it."""
-        records = list(records)
-        self._outbox.restore(state["outbox"], records)
+        """Load ``snapshot()`` output (None: this fresh node's own), then replay the
+        "site/pending" and "site/held" records written after it
+        (``algorithms.protocol.Restorable``)."""
+        state = self.snapshot() if checkpoint is None else checkpoint
+        held_records = records.records(HELD_KEY)
+        pending = list(records.records(PENDING_KEY))
+        self._outbox.restore(state["outbox"], pending)
         if self._held is not None:
             # A "keep" record names a seq; its update is in the outbox's log or snapshot.
             sent = {u.seq: u for u in state["outbox"]["pending"]}
-            sent.update((int(r["seq"]), r["update"]) for r in records if r["op"] == "add")
+            sent.update((int(r["seq"]), r["update"]) for r in pending if r["op"] == "add")
             self._held.restore(state.get("held", ()), held_records, sent)
         self._model = state.get("model")
         newest = state.get("newest_version", -1)  # older checkpoints: from the model

@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from fedloom.algorithms.aggregator_base import (
+    APPLIED_KEY,
     CHECKPOINT_KEY,
     QUIET_AFTER_S,
     AggregatorBase,
@@ -54,7 +55,17 @@ from fedloom.algorithms.aggregator_base import (
     checkpoint_interval,
 )
 from fedloom.algorithms.intake import ClaimBounds
-from fedloom.algorithms.protocol import Effect, Event, Log, Metric, Persist, Send, Weights
+from fedloom.algorithms.protocol import (
+    NO_RECORDS,
+    Effect,
+    Event,
+    Log,
+    Metric,
+    Persist,
+    RecordSource,
+    Send,
+    Weights,
+)
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedloom.algorithms.update_buffer import UpdateBuffer
 from fedloom.algorithms.validation import is_int
@@ -354,10 +365,14 @@ class SyncAggregator(OwnModel, AggregatorBase):
             "rounds_abandoned": self.rounds_abandoned,
         }
 
-    def restore(self, state: Mapping[str, Any], records: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Load ``snapshot()`` output, then replay the "applied" records written after it:
-        answers of the open round go back into its buffer (closing it at quorum), and a
-        record of a later round ends the one before as it ended live."""
+    def restore(
+        self, checkpoint: Mapping[str, Any] | None, records: RecordSource = NO_RECORDS
+    ) -> None:
+        """Load ``snapshot()`` output (None: this fresh node's own), then replay the
+        "applied" records written after it (``algorithms.protocol.Restorable``): answers of
+        the open round go back into its buffer (closing it at quorum), and a record of a
+        later round ends the one before as it ended live."""
+        state = self.snapshot() if checkpoint is None else checkpoint
         if state.get("kind") != "sync":
             raise ValueError(f"not a sync snapshot: {state.get('kind')!r}")
         self._base_restore(state)
@@ -376,7 +391,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._round_members = [(str(src), int(seq)) for src, seq in state.get("members", ())]
         self._round_lost = False
         self._tasks_known = True
-        self._replay_records(records)
+        self._replay_records(records.records(APPLIED_KEY))
         self._restart_deadline = self.state is RoundState.COLLECTING
 
     def _replay(self, record: Mapping[str, Any]) -> None:

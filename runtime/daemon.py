@@ -55,19 +55,13 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.algorithms import incorporation
-from fedloom.algorithms import regional as regional_mod
-from fedloom.algorithms import site as site_mod
-from fedloom.algorithms.aggregator_base import APPLIED_KEY, AggregatorBase
-from fedloom.algorithms.fedasync import FedAsyncAggregator
-from fedloom.algorithms.fedbuff import FedBuffAggregator
-from fedloom.algorithms.gossip import GOSSIP_IN_KEY, GossipPeer, share_weight_bound
+from fedloom.algorithms.aggregator_base import AggregatorBase
+from fedloom.algorithms.gossip import GossipPeer, share_weight_bound
 from fedloom.algorithms.intake import ClaimBounds
-from fedloom.algorithms.protocol import Metric, ModelHolder, Node, Persist
+from fedloom.algorithms.protocol import Metric, ModelHolder, Node, Persist, Restorable
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.relay import RelayNode
 from fedloom.algorithms.site import SiteNode
-from fedloom.algorithms.sync import SyncAggregator
 from fedloom.algorithms.training import TrainingPlan
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.factory import ROOT_ALGORITHMS, build_region, build_root, claim_bounds
@@ -433,29 +427,10 @@ def _gossip_peer(
 
 
 def restore_node(node: Node, recovery: Recovery) -> None:
-    """Load the checkpoint (or the fresh node's own state) and replay the log after it."""
-    state = recovery.checkpoint
-    if isinstance(node, SiteNode):
-        node.restore(
-            state if state is not None else node.snapshot(),
-            recovery.records(site_mod.PENDING_KEY),
-            recovery.records(incorporation.HELD_KEY),
-        )
-    elif isinstance(node, RegionalAggregator):
-        node.restore(
-            state if state is not None else node.snapshot(),
-            recovery.records(APPLIED_KEY),
-            recovery.records(regional_mod.PENDING_KEY),
-            recovery.records(incorporation.FORWARDS_KEY),
-        )
-    elif isinstance(node, FedBuffAggregator | FedAsyncAggregator | SyncAggregator):
-        node.restore(state if state is not None else node.snapshot(), recovery.records(APPLIED_KEY))
-    elif isinstance(node, GossipPeer):
-        # Its model, step and push-sum mass: the checkpoint of its last step plus the
-        # shares it took in since (the neighbours' models come back within an interval).
-        node.restore(
-            state if state is not None else node.snapshot(), recovery.records(GOSSIP_IN_KEY)
-        )
+    """Load the checkpoint (or the fresh node's own state) and replay the log after it:
+    every durable node restores through ``algorithms.protocol.Restorable``."""
+    if isinstance(node, Restorable):
+        node.restore(recovery.checkpoint, recovery)
 
 
 def _has_snapshot(node: Node) -> bool:

@@ -12,12 +12,12 @@ import numpy as np
 
 from fedloom.algorithms.aggregator_base import APPLIED_KEY, CHECKPOINT_KEY
 from fedloom.algorithms.fedbuff import FedBuffAggregator
-from fedloom.algorithms.incorporation import FORWARDS_KEY, HELD_KEY
 from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Event,
     Log,
+    LogRecords,
     Metric,
     Node,
     PeerDown,
@@ -29,7 +29,6 @@ from fedloom.algorithms.protocol import (
     TrainDone,
     TrainResult,
 )
-from fedloom.algorithms.regional import PENDING_KEY as REGION_PENDING
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import PENDING_KEY as SITE_PENDING
 from fedloom.algorithms.site import SiteNode
@@ -171,12 +170,7 @@ class Net:
         """A new process restores the region from what it persisted."""
         disk = self.disks[name]
         region = make_region(name)
-        region.restore(
-            disk.checkpoint if disk.checkpoint is not None else region.snapshot(),
-            disk.logs.get(APPLIED_KEY, []),
-            disk.logs.get(REGION_PENDING, []),
-            disk.logs.get(FORWARDS_KEY, []),
-        )
+        region.restore(disk.checkpoint, LogRecords(disk.logs))
         self.nodes[name] = region
         self.dead.discard(name)
         return region
@@ -184,18 +178,14 @@ class Net:
     def restart_root(self) -> FedBuffAggregator:
         disk = self.disks["root"]
         root = make_root()
-        root.restore(disk.checkpoint or root.snapshot(), disk.logs.get(APPLIED_KEY, []))
+        root.restore(disk.checkpoint, LogRecords(disk.logs))
         self.nodes["root"] = root
         return root
 
     def restart_site(self, name: str) -> SiteNode:
         disk = self.disks[name]
         site = make_site(name)
-        site.restore(
-            disk.checkpoint or site.snapshot(),
-            disk.logs.get(SITE_PENDING, []),
-            disk.logs.get(HELD_KEY, []),
-        )
+        site.restore(disk.checkpoint, LogRecords(disk.logs))
         self.nodes[name] = site
         self.dead.discard(name)
         return site

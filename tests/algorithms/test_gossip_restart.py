@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedloom.algorithms.gossip import GOSSIP_IN_KEY, GossipPeer
-from fedloom.algorithms.protocol import Deadline, Effect, Persist, Received, Send
+from fedloom.algorithms.protocol import Deadline, Effect, LogRecords, Persist, Received, Send
 from fedloom.transport.wire import GossipShare
 
 PEERS = ("a", "b", "c")
@@ -95,7 +95,7 @@ class Net:
     def restart(self, name: str) -> GossipPeer:
         fresh = peer(name, self.mode)
         disk = self.disks[name]
-        fresh.restore(disk.checkpoint, disk.records)
+        fresh.restore(disk.checkpoint, LogRecords({GOSSIP_IN_KEY: disk.records}))
         self.nodes[name] = fresh
         return fresh
 
@@ -148,7 +148,7 @@ def test_a_peer_restored_without_the_records_would_lose_mass() -> None:
     disk = net.disks["b"]
     assert disk.records
     fresh = peer("b")
-    fresh.restore(disk.checkpoint, [])
+    fresh.restore(disk.checkpoint)
     assert fresh.mass()[0] < net.nodes["b"].mass()[0] - 1e-6
 
 
@@ -186,5 +186,5 @@ def test_mass_taken_from_a_peer_no_longer_listed_is_kept() -> None:
     w = net.nodes["a"].mass()[0]
     gone = {"peer": "d", "x": np.zeros_like(disk.checkpoint["x"]), "w": 0.25}
     back = peer("a")
-    back.restore(disk.checkpoint, [*disk.records, gone])
+    back.restore(disk.checkpoint, LogRecords({GOSSIP_IN_KEY: [*disk.records, gone]}))
     assert back.mass()[0] == pytest.approx(w + 0.25, abs=1e-12)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedloom.algorithms.aggregator_base import MAX_HELD_SITE
+from fedloom.algorithms.aggregator_base import APPLIED_KEY, MAX_HELD_SITE
 from fedloom.algorithms.fedasync import FedAsyncAggregator
 from fedloom.algorithms.fedbuff import FedBuffAggregator
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.ledger import MAX_ABOVE, AppliedLedger
-from fedloom.algorithms.protocol import Deadline, Effect, Metric, PeerDown, Weights
+from fedloom.algorithms.protocol import Deadline, Effect, LogRecords, Metric, PeerDown, Weights
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.sync import SyncAggregator
 from fedloom.algorithms.weights_math import is_finite, l2_norm, sub
@@ -284,7 +284,7 @@ def test_after_a_restart_resent_unsolicited_updates_are_taken_and_acked_ones_kep
         log += [p.data for p in persists(out, "applied")]
     # Restart from the (empty) initial state plus the log: the two acked updates come back.
     back = root(buffer_size=4, checkpoint_every=1)
-    back.restore(root(buffer_size=4).snapshot(), log)
+    back.restore(root(buffer_size=4).snapshot(), LogRecords({APPLIED_KEY: log}))
     assert back.buffer_fill == 2
     for s in SITES:
         back.handle(hello(s), 2.0)

@@ -5,10 +5,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedloom.algorithms.aggregator_base import APPLIED_KEY
 from fedloom.algorithms.fedasync import FedAsyncAggregator
 from fedloom.algorithms.fedbuff import FedBuffAggregator
-from fedloom.algorithms.protocol import Persist
-from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.protocol import LogRecords, Persist
+from fedloom.algorithms.regional import PENDING_KEY, RegionalAggregator
 from fedloom.algorithms.server_opt import ServerAdam
 from fedloom.transport.wire import ModelBroadcast, Update
 from tests.algorithms.alg_helpers import model, recv
@@ -62,7 +63,7 @@ def test_fedbuff_restore_replays_acked_buffer(crash_at: int) -> None:
     feed(live, base, log)
     snap, records = split(log)
     back = fedbuff()
-    back.restore(snap, records)
+    back.restore(snap, LogRecords({APPLIED_KEY: records}))
     assert back.version == live.version and back.buffer_fill == live.buffer_fill
     rest = msgs[crash_at:]
     feed(live, rest, [])
@@ -90,7 +91,7 @@ def test_fedasync_restore_replays() -> None:
     feed(live, msgs[:10], log)
     snap, records = split(log)
     back = make()
-    back.restore(snap, records)
+    back.restore(snap, LogRecords({APPLIED_KEY: records}))
     feed(live, msgs[10:], [])
     feed(back, msgs[10:], [])
     assert back.version == live.version
@@ -113,7 +114,7 @@ def test_regional_restore_rebuilds_forwards_with_the_same_seqs() -> None:
     applied = [p.data for p in log if p.key == "applied"]
     pending = [p.data for p in log if p.key == "region/pending"]
     back = make()
-    back.restore(snap, applied, pending)
+    back.restore(snap, LogRecords({APPLIED_KEY: applied, PENDING_KEY: pending}))
     assert back.seq == live.seq == 5 and back.pending == live.pending
     assert [u.seq for u in back._outbox.pending()] == [u.seq for u in live._outbox.pending()]
     for a, b in zip(back._outbox.pending(), live._outbox.pending(), strict=True):

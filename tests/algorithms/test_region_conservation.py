@@ -10,8 +10,8 @@ import numpy as np
 
 from fedloom.algorithms.aggregator_base import APPLIED_KEY, CHECKPOINT_KEY
 from fedloom.algorithms.incorporation import FORWARDS_KEY
-from fedloom.algorithms.protocol import Effect, Persist, Weights
-from fedloom.algorithms.regional import PENDING_KEY, RegionalAggregator
+from fedloom.algorithms.protocol import Effect, LogRecords, Persist, Weights
+from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.transport.wire import ModelBroadcast, Overlap
 from tests.algorithms.alg_helpers import hello, model, recv, upd
 
@@ -50,12 +50,7 @@ def started(disk: Disk, **kw: Any) -> RegionalAggregator:
 
 def restored(disk: Disk, **kw: Any) -> RegionalAggregator:
     node = region(**kw)
-    node.restore(
-        disk.checkpoint,
-        disk.logs.get(APPLIED_KEY, []),
-        disk.logs.get(PENDING_KEY, []),
-        disk.logs.get(FORWARDS_KEY, []),
-    )
+    node.restore(disk.checkpoint, LogRecords(disk.logs))
     return node
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from fedloom.algorithms.protocol import (
     Effect,
+    LogRecords,
     ModelHolder,
     Node,
     PeerDown,
@@ -17,7 +18,7 @@ from fedloom.algorithms.protocol import (
     TrainFailed,
     TrainResult,
 )
-from fedloom.algorithms.site import SiteNode, SiteState
+from fedloom.algorithms.site import PENDING_KEY, SiteNode, SiteState
 from fedloom.transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
 from tests.algorithms.alg_helpers import metrics, model, persists, recv, sends
 
@@ -156,7 +157,7 @@ def test_restore_from_snapshot_and_log() -> None:
             log = []
     log += [p.data for p in persists(site.handle(recv("agg", Ack("s1", 2)), 2.0))]
     fresh = SiteNode("s1", "agg")
-    fresh.restore(snap, log)
+    fresh.restore(snap, LogRecords({PENDING_KEY: log}))
     assert fresh.pending == 2 and fresh.seq == 3
     assert [u.seq for u in updates(fresh.handle(PeerUp("agg"), 3.0))] == [1, 3]
 

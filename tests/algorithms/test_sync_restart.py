@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.algorithms.protocol import Deadline, Effect, Log, PeerDown, Persist
+from fedloom.algorithms.aggregator_base import APPLIED_KEY
+from fedloom.algorithms.protocol import Deadline, Effect, Log, LogRecords, PeerDown, Persist
 from fedloom.algorithms.sync import RoundState, SyncAggregator
 from fedloom.federation.factory import build_root
 from fedloom.federation.params import AlgorithmConfig
@@ -40,9 +41,7 @@ class Disk:
         return effects
 
     def restore(self, node: SyncAggregator) -> SyncAggregator:
-        node.restore(
-            self.checkpoint if self.checkpoint is not None else node.snapshot(), self.records
-        )
+        node.restore(self.checkpoint, LogRecords({APPLIED_KEY: self.records}))
         return node
 
 

@@ -229,9 +229,7 @@ def test_sigkill_mid_ingest_loses_no_acknowledged_update(tmp_path: Path) -> None
     rec = store.load()
     store.close()
     root = make_root()
-    root.restore(
-        rec.checkpoint if rec.checkpoint is not None else root.snapshot(), rec.records("applied")
-    )
+    root.restore(rec.checkpoint, rec)
     lost = sorted(a for a in acked if not root._ledger.seen(*a))
     assert not lost, f"{len(lost)} of {len(acked)} acknowledged updates lost: {lost[:5]}"
     assert root._log_n >= len(acked)  # one durable record per acknowledged update, at least

@@ -419,12 +419,11 @@ def make_root() -> FedBuffAggregator:
     )  # fmt: skip
 
 
-def recover(directory: Path, make: Callable[[], Any], *keys: str) -> Any:
+def recover(directory: Path, make: Callable[[], Any]) -> Any:
     store, rec = reopen(directory)
     store.close()
     node = make()
-    state = rec.checkpoint if rec.checkpoint is not None else node.snapshot()
-    node.restore(state, *(rec.records(k) for k in keys))
+    node.restore(rec.checkpoint, rec)
     return node
 
 
@@ -452,7 +451,7 @@ def test_recovered_fedbuff_equals_one_that_never_crashed(tmp_path: Path, crash_a
         end = wal(tmp_path).stat().st_size
         with wal(tmp_path).open("r+b") as f:
             f.truncate(size + (end - size) // (2 * records))
-    back = recover(tmp_path, make_root, "applied")
+    back = recover(tmp_path, make_root)
     same(back.snapshot(), reference.snapshot())
     # Updates held over a site's intake quota were never acked: after reconnecting, their
     # sites resend them (in their original order); the uncrashed root holds them already
@@ -496,7 +495,7 @@ def test_recovered_site_resends_exactly_its_unacked_updates(
         if i == checkpoint_at:  # the driver checkpoints sites now and then
             store.apply(Persist("checkpoint", live.snapshot()))
     store.close()
-    back = recover(tmp_path, make_site, "site/pending")
+    back = recover(tmp_path, make_site)
     assert back.seq == live.seq == 5 and back.pending == live.pending == 3
     resent = [m for p, m in sends([back.handle(PeerUp("agg"), 0.0)]) if isinstance(m, Update)]
     expected = [m for p, m in sends([live.handle(PeerUp("agg"), 0.0)]) if isinstance(m, Update)]
@@ -533,7 +532,7 @@ def test_recovered_region_equals_one_that_never_crashed(tmp_path: Path, n: int) 
     live = make_region()
     drive(live, store, events[: 5 + n])
     store.close()
-    back = recover(tmp_path, make_region, "applied", "region/pending")
+    back = recover(tmp_path, make_region)
     same(back.snapshot(), live.snapshot())
     assert back.pending == live.pending and back.seq == live.seq
 
@@ -558,5 +557,5 @@ def test_a_long_running_site_keeps_its_state_directory_small(tmp_path: Path) -> 
     assert max(sizes) < 100_000  # no delta left on disk once acknowledged
     _, recovery = reopen(tmp_path)
     restored = SiteNode("s1", "agg")
-    restored.restore(recovery.checkpoint, recovery.records("site/pending"))
+    restored.restore(recovery.checkpoint, recovery)
     assert restored.seq == 8 and restored.pending == 0

@@ -103,9 +103,7 @@ def run_and_recover(directory: Path, events: list[Received]) -> tuple[Any, Any, 
     rec = store.load()
     store.close()
     back = make_root()
-    back.restore(
-        rec.checkpoint if rec.checkpoint is not None else back.snapshot(), rec.records("applied")
-    )
+    back.restore(rec.checkpoint, rec)
     return live, back, wal_bytes
 
 
