@@ -11,8 +11,19 @@ text frame closes the link with code 1003.
 Payload bytes are handled once on each side: servers install fedloom's frame reader
 (``transport.ws_frames``) in place of aiohttp's, which unmasks each payload in the copy
 that assembles it, and clients mask each large frame in the pass that copies it into the
-frame (``_MaskingWriter``). Both hook into aiohttp internals, hence the pin on aiohttp
-3.14.x in pyproject; ``tests/transport/test_ws_frames.py`` checks that they are in use.
+frame (``_MaskingWriter``). Both hook into aiohttp internals, so both sit behind feature
+detection (``fast_path``): on first use every internal they need is checked (that it
+exists, its signature, the names aiohttp's own ``_post_start`` uses, and a probe frame
+written through the writer hook and parsed back); whatever is missing or changed is
+logged once as a WARNING and that side uses stock aiohttp (``ws.receive()``,
+``ws.send_bytes()``) with the same frame cap, time-outs and compression off. What the
+stock reader does not do (see ``fast_path``): the handshake-sized cap on a client's
+first messages is then checked on each message once aiohttp has assembled it, not from
+the frame header; unmasked client frames, close codes 1006 and >= 5000 and long
+fragment trains are accepted as aiohttp accepts them; and payloads are copied five
+times instead of once. ``tests/transport/test_ws_frames.py`` checks that the fast path
+is in use on the aiohttp this project pins; ``tests/transport/test_ws.py`` runs its
+link tests on both paths.
 
 The server side also bounds what a connection may cost before it is authenticated:
 an HTTP request must arrive within ``idle_timeout`` (connections that send nothing
@@ -24,7 +35,8 @@ so that a flood from a few addresses cannot hold them all); and a client's first
 ``handshake_messages``
 messages (its handshake flights) may be at most ``max_handshake_message`` bytes, so
 that before it could have authenticated a connection holds a few KiB, not a record
-(``transport.ws_frames``; fragments are bounded too). The cap on unauthenticated
+(``transport.ws_frames``; fragments are bounded too; on the stock reader, checked per
+message). The cap on unauthenticated
 WebSocket links, per source address too, and the handshake time-out live in the
 channel layer (``transport.channel.Gatekeeper``), which ``on_link`` is expected to
 call with ``link.remote_address``.
@@ -35,17 +47,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Container
-from typing import Any, TypeAlias, cast
+from collections.abc import Awaitable, Callable, Container, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import aiohttp
 import numpy as np
 from aiohttp import web
-from aiohttp._websocket.reader import WebSocketDataQueue
-from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import WebSocketWriter
-from aiohttp.web_protocol import RequestHandler
+
+if TYPE_CHECKING:
+    from aiohttp.web_protocol import RequestHandler
 
 from fedloom.transport.error_text import describe
 from fedloom.transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
@@ -60,6 +75,20 @@ from fedloom.transport.links import (
 )
 from fedloom.transport.records import MAX_RECORD_BYTES
 from fedloom.transport.ws_frames import FrameParser, Opcode, masked_frame
+
+
+def _optional(module: str, name: str) -> Any:
+    """``module.name``, or None where this aiohttp has no such thing (``fast_path`` then
+    reports it missing)."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+# aiohttp internals the fast reader needs (private modules: imported without failing).
+_DataQueue: Any = _optional("aiohttp._websocket.reader", "WebSocketDataQueue")
+_CHUNK_SIZE: Any = _optional("aiohttp.helpers", "DEFAULT_CHUNK_SIZE")
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +122,8 @@ class WebSocketLink:
         session: aiohttp.ClientSession | None = None,
         peer: str = "",
         remote_address: str | None = None,
+        opening_messages: int = 0,
+        max_opening_message: int = 0,
     ) -> None:
         self._ws = ws
         self._session = session  # owned by a client link, closed with it
@@ -100,6 +131,10 @@ class WebSocketLink:
         # Server side: the IP address the connection comes from (the TCP peer's, never
         # a forwarding header), for per-address admission caps.
         self.remote_address = remote_address
+        # Where aiohttp's own reader assembles messages (no fast path), the cap on the
+        # peer's first messages is checked here, once each message is whole.
+        self._opening_messages = opening_messages
+        self._max_opening_message = max_opening_message
 
     @property
     def closed(self) -> bool:
@@ -123,6 +158,14 @@ class WebSocketLink:
         kind = msg.type
         if kind is aiohttp.WSMsgType.BINARY:
             data: bytes | memoryview = msg.data  # a view for large frames (ws_frames)
+            if self._opening_messages:
+                self._opening_messages -= 1
+                if len(data) > self._max_opening_message:
+                    await self._close(aiohttp.WSCloseCode.MESSAGE_TOO_BIG, b"")
+                    raise FrameTooLarge(
+                        f"frame rejected: message of {len(data)} bytes exceeds the limit of "
+                        f"{self._max_opening_message} on a peer's first messages"
+                    )
             return data
         if kind is aiohttp.WSMsgType.TEXT:
             await self._close(aiohttp.WSCloseCode.UNSUPPORTED_DATA, b"binary frames only")
@@ -158,7 +201,7 @@ class _FrameReader:
     the messages it completes go to the response's queue, as aiohttp's own reader would
     put them there, and a framing error fails the queue with the close code to send."""
 
-    def __init__(self, queue: WebSocketDataQueue, parser: FrameParser) -> None:
+    def __init__(self, queue: Any, parser: FrameParser) -> None:
         self.queue = queue
         self._parser = parser
 
@@ -206,7 +249,7 @@ class OneCopyWebSocketResponse(web.WebSocketResponse):
         self._reset_heartbeat()
         loop = self._loop
         assert loop is not None
-        self._reader = WebSocketDataQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=loop)
+        self._reader = _DataQueue(request.protocol, _CHUNK_SIZE, loop=loop)
         parser = _FrameReader(
             self._reader,
             FrameParser(
@@ -262,6 +305,280 @@ class _WsProtocolError(ProtocolError):
     reason = "websocket"
 
 
+# ------------------------------------------------------------------ feature detection
+
+# Every name aiohttp 3.14's ``WebSocketResponse._post_start`` uses: the override in
+# ``OneCopyWebSocketResponse`` repeats all it does (with another parser). A later
+# ``_post_start`` that uses anything else does something the override would not.
+_POST_START_NAMES = frozenset(
+    {
+        "DEFAULT_CHUNK_SIZE",
+        "WebSocketDataQueue",
+        "WebSocketReader",
+        "_compress",
+        "_decode_text",
+        "_heartbeat",
+        "_loop",
+        "_max_msg_size",
+        "_on_data_received",
+        "_parser",
+        "_protocol",
+        "_reader",
+        "_reset_heartbeat",
+        "_writer",
+        "_ws_protocol",
+        "bool",
+        "keep_alive",
+        "protocol",
+        "set_parser",
+    }
+)
+# Attributes a WebSocketResponse has before ``prepare`` that ``_post_start`` reads or sets.
+_RESPONSE_ATTRIBUTES = (
+    "_heartbeat",
+    "_loop",
+    "_max_msg_size",
+    "_reader",
+    "_writer",
+    "_ws_protocol",
+)
+# Attributes of a WebSocketWriter that ``OneCopyClientWebSocketResponse`` copies or
+# ``_MaskingWriter`` uses.
+_WRITER_ATTRIBUTES = (
+    "protocol",
+    "transport",
+    "use_mask",
+    "_limit",
+    "compress",
+    "notakeover",
+    "get_random_bits",
+    "_output_size",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FastPath:
+    """Which of fedloom's one-copy WebSocket paths the installed aiohttp supports: the
+    server-side frame reader and the client-side masking writer, each with what is
+    missing or changed (empty: in use)."""
+
+    reader_missing: tuple[str, ...] = ()
+    writer_missing: tuple[str, ...] = ()
+
+    @property
+    def reader(self) -> bool:
+        return not self.reader_missing
+
+    @property
+    def writer(self) -> bool:
+        return not self.writer_missing
+
+
+_fast_path: FastPath | None = None
+
+
+def fast_path() -> FastPath:
+    """What ``detect_fast_path`` found, checked once per process (the first link), with
+    one WARNING for each path that falls back to stock aiohttp."""
+    global _fast_path
+    if _fast_path is None:
+        found = detect_fast_path()
+        for side, missing, stock in (
+            ("reader", found.reader_missing, "server links read with aiohttp's reader"),
+            ("writer", found.writer_missing, "client links write with aiohttp's writer"),
+        ):
+            if missing:
+                log.warning(
+                    "aiohttp %s: fedloom's one-copy WebSocket %s is off, %s (same limits, "
+                    "more CPU per byte); missing or changed: %s",
+                    aiohttp.__version__,
+                    side,
+                    stock,
+                    "; ".join(missing),
+                )
+        _fast_path = found
+    return _fast_path
+
+
+def detect_fast_path(
+    *,
+    response_cls: Any = web.WebSocketResponse,
+    data_queue: Any = None,
+    chunk_size: Any = None,
+    request_cls: Any = web.BaseRequest,
+    writer_cls: Any = WebSocketWriter,
+    client_cls: Any = aiohttp.ClientWebSocketResponse,
+) -> FastPath:
+    """Check every aiohttp internal the fast reader and writer use (the defaults: the
+    installed aiohttp's; ``data_queue``/``chunk_size`` None: ``WebSocketDataQueue`` and
+    ``DEFAULT_CHUNK_SIZE`` as found at import). Never raises: whatever cannot be checked
+    counts as missing."""
+    queue = _DataQueue if data_queue is None else data_queue
+    chunk = _CHUNK_SIZE if chunk_size is None else chunk_size
+    try:
+        reader = tuple(_reader_missing(response_cls, queue, chunk, request_cls))
+    except Exception as exc:  # a shape so different that checking it failed
+        reader = (f"the reader check failed: {describe(exc)}",)
+    try:
+        writer = tuple(_writer_missing(writer_cls, client_cls))
+    except Exception as exc:
+        writer = (f"the writer check failed: {describe(exc)}",)
+    return FastPath(reader, writer)
+
+
+def _parameters(fn: Any) -> list[str] | None:
+    """The parameter names of ``fn`` (None: not a callable with a signature)."""
+    if not callable(fn):
+        return None
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _needs(where: str, fn: Any, first: Iterable[str], also: Iterable[str] = ()) -> list[str]:
+    """[] where ``fn`` takes ``first`` as its first parameters and ``also`` somewhere."""
+    names = _parameters(fn)
+    if names is None:
+        return [f"{where} (not callable)"]
+    first, also = list(first), list(also)
+    if names[: len(first)] != first or not set(also) <= set(names):
+        return [f"{where}{tuple(first + also)} (has {tuple(names)})"]
+    return []
+
+
+def _reader_missing(response_cls: Any, queue: Any, chunk: Any, request_cls: Any) -> list[str]:
+    missing: list[str] = []
+    if queue is None:
+        missing.append("aiohttp._websocket.reader.WebSocketDataQueue")
+    else:
+        for method in ("feed_data", "feed_eof", "set_exception", "read"):
+            if not callable(getattr(queue, method, None)):
+                missing.append(f"WebSocketDataQueue.{method}")
+        if not missing:
+            missing += _queue_probe(queue)
+    if not isinstance(chunk, int):
+        missing.append("aiohttp.helpers.DEFAULT_CHUNK_SIZE")
+    post_start = getattr(response_cls, "_post_start", None)
+    missing += _needs(
+        "WebSocketResponse._post_start", post_start, ["self", "request", "protocol", "writer"]
+    )
+    code = getattr(post_start, "__code__", None)
+    if code is None:
+        missing.append("WebSocketResponse._post_start's code (not a Python function)")
+    else:
+        extra = sorted(set(code.co_names) - _POST_START_NAMES)
+        if extra:
+            missing.append(f"WebSocketResponse._post_start uses what fedloom's does not: {extra}")
+    for method in ("_reset_heartbeat", "_on_data_received"):
+        if not callable(getattr(response_cls, method, None)):
+            missing.append(f"WebSocketResponse.{method}")
+    response = response_cls()
+    missing += [
+        f"WebSocketResponse().{name}"
+        for name in _RESPONSE_ATTRIBUTES
+        if not hasattr(response, name)
+    ]
+    if not isinstance(getattr(request_cls, "protocol", None), property):
+        missing.append("BaseRequest.protocol")
+    handler = _optional("aiohttp.web_protocol", "RequestHandler")
+    if handler is None:
+        missing.append("aiohttp.web_protocol.RequestHandler")
+    else:
+        missing += _needs(
+            "RequestHandler.set_parser",
+            getattr(handler, "set_parser", None),
+            ["self", "parser"],
+            ["data_received_cb"],
+        )
+        missing += _needs(
+            "RequestHandler.keep_alive", getattr(handler, "keep_alive", None), ["self", "val"]
+        )
+    return missing
+
+
+class _ProbeProtocol:
+    """What a ``WebSocketDataQueue`` asks of its protocol (flow control)."""
+
+    _reading_paused = False
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+
+
+def _queue_probe(queue: Any) -> list[str]:
+    """A message fed into a queue as ``_FrameReader`` feeds it must read back (the queue
+    is compiled: its signature cannot be inspected)."""
+    loop = asyncio.new_event_loop()
+    try:
+        probe = queue(_ProbeProtocol(), 2**16, loop=loop)
+        sent = aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, b"probe", "")
+        probe.feed_data(sent, len(sent.data))
+        probe.feed_eof()
+        reading = probe.read()
+        try:
+            reading.send(None)  # the message is buffered: read() returns at once
+        except StopIteration as done:
+            if done.value == sent:
+                return []
+        else:
+            reading.close()
+        return ["WebSocketDataQueue(protocol, limit, loop=): a probe message did not read back"]
+    except Exception as exc:
+        return [f"WebSocketDataQueue(protocol, limit, loop=): {describe(exc)}"]
+    finally:
+        loop.close()
+
+
+def _writer_missing(writer_cls: Any, client_cls: Any) -> list[str]:
+    missing = _needs(
+        "WebSocketWriter",
+        writer_cls,
+        ["protocol", "transport"],
+        ["use_mask", "limit", "compress", "notakeover"],
+    )
+    hook = getattr(writer_cls, "_write_websocket_frame", None)
+    missing += _needs(
+        "WebSocketWriter._write_websocket_frame", hook, ["self", "message", "opcode", "rsv"]
+    )
+    send_code = getattr(getattr(writer_cls, "send_frame", None), "__code__", None)
+    if send_code is None or "_write_websocket_frame" not in send_code.co_names:
+        missing.append("WebSocketWriter.send_frame calling _write_websocket_frame")
+    missing += _needs("ClientWebSocketResponse", client_cls, ["reader", "writer"])
+    if missing:
+        return missing
+    # A probe: a frame written through the hook must parse back as the payload sent.
+    sink = _ProbeTransport()
+    writer = writer_cls(None, sink, use_mask=True)
+    missing += [f"WebSocketWriter().{n}" for n in _WRITER_ATTRIBUTES if not hasattr(writer, n)]
+    if missing:
+        return missing
+    payload = bytes(range(256)) * (_MASK_IN_ONE_PASS_FROM // 256 + 1)
+    _MaskingWriter._write_websocket_frame(writer, payload, Opcode.BINARY, 0)
+    messages = FrameParser(len(payload), require_mask=True).feed(b"".join(sink.written))
+    if [(m.opcode, bytes(m.data)) for m in messages] != [(Opcode.BINARY, payload)]:
+        missing.append("a probe frame through _MaskingWriter did not parse back")
+    elif writer._output_size != sum(map(len, sink.written)):
+        missing.append("WebSocketWriter._output_size (flow control) not as expected")
+    return missing
+
+
+class _ProbeTransport:
+    """Just enough of an ``asyncio.Transport`` for a writer to write a probe frame into."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+
 async def connect(
     url: str,
     *,
@@ -279,7 +596,11 @@ async def connect(
     _check_options(max_frame, heartbeat, receive_timeout)
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
-        ws_response_class=OneCopyClientWebSocketResponse,
+        ws_response_class=(
+            OneCopyClientWebSocketResponse
+            if fast_path().writer
+            else aiohttp.ClientWebSocketResponse
+        ),
     )
     try:
         async with asyncio.timeout(connect_timeout):
@@ -451,17 +772,24 @@ class WsServer:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path != self._path:
             return web.Response(status=404)
-        ws = OneCopyWebSocketResponse(
-            max_msg_size=self._max_frame + 1,  # aiohttp rejects a frame of exactly its cap
-            heartbeat=self._heartbeat,
-            receive_timeout=self._receive_timeout,
-            timeout=self._close_timeout,
-            compress=False,  # never accept permessage-deflate
-            autoping=True,
-            decode_text=False,
-            handshake_messages=self._handshake_messages,
-            max_handshake_message=self._max_handshake_message,
-        )
+        options: dict[str, Any] = {
+            "max_msg_size": self._max_frame + 1,  # aiohttp rejects a frame of exactly its cap
+            "heartbeat": self._heartbeat,
+            "receive_timeout": self._receive_timeout,
+            "timeout": self._close_timeout,
+            "compress": False,  # never accept permessage-deflate
+            "autoping": True,
+            "decode_text": False,
+        }
+        fast = fast_path().reader
+        if fast:
+            ws: web.WebSocketResponse = OneCopyWebSocketResponse(
+                **options,
+                handshake_messages=self._handshake_messages,
+                max_handshake_message=self._max_handshake_message,
+            )
+        else:  # aiohttp's reader; the link checks the opening messages' cap
+            ws = web.WebSocketResponse(**options)
         if not ws.can_prepare(request).ok:
             return web.Response(status=426, text="WebSocket upgrade required")
         try:
@@ -469,7 +797,13 @@ class WsServer:
         except ConnectionError as exc:  # the client went away before our 101 reached it
             log.debug("upgrade from %s abandoned: %s", _source(request), describe(exc))
             return ws
-        link = WebSocketLink(ws, peer=_source(request), remote_address=request.remote)
+        link = WebSocketLink(
+            ws,
+            peer=_source(request),
+            remote_address=request.remote,
+            opening_messages=0 if fast else self._handshake_messages,
+            max_opening_message=self._max_handshake_message,
+        )
         self._links.add(link)
         try:
             await self._on_link(link)

@@ -1,4 +1,8 @@
-"""WebSocket links: the hardening aiohttp does not do by default (loopback only)."""
+"""WebSocket links: the hardening aiohttp does not do by default (loopback only).
+
+Every test here runs twice: on the fast path (fedloom's one-copy frame reader and masking
+writer, which this project's aiohttp supports) and on stock aiohttp, the fallback a link
+takes where ``transport.ws.fast_path`` finds an internal missing or changed."""
 
 from __future__ import annotations
 
@@ -6,11 +10,13 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import tracemalloc
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.http import WebSocketWriter
 
 from fedloom.transport import ws
 from fedloom.transport.errors import FrameTooLarge, MalformedMessage
@@ -19,6 +25,17 @@ from fedloom.transport.links import KnownAddresses, LinkClosed
 from tests.transport.link_pairs import echo_server
 
 TIMEOUT_S = 10.0
+FORCED = ("forced by the test",)
+
+
+@pytest.fixture(autouse=True, params=["fast", "stock"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which WebSocket path the links of a test use."""
+    if request.param == "fast":
+        assert ws.fast_path() == ws.FastPath()  # this aiohttp has every internal it needs
+    else:
+        monkeypatch.setattr(ws, "_fast_path", ws.FastPath(FORCED, FORCED))
+    return str(request.param)
 
 
 async def wait_for(predicate: object, timeout: float = 5.0) -> None:
@@ -365,3 +382,164 @@ async def test_a_dialling_link_bounds_what_a_fragmenting_server_makes_it_hold(
         await server.wait_closed()
     # The fragments were sent from buffers allocated before tracemalloc started.
     assert peak <= 4 * ws.MAX_FRAME
+
+
+async def test_each_path_uses_its_own_reader_and_writer(path: str) -> None:
+    seen: list[object] = []
+    async with asyncio.timeout(TIMEOUT_S), echo_server(seen=seen) as (server, errors):
+        link = await ws.connect(server.url)
+        try:
+            payload = bytes(range(256)) * 4096  # 1 MiB: masked in one pass on the fast path
+            await link.send(payload)
+            assert bytes(await link.recv()) == payload
+        finally:
+            await link.close()
+        server_side, client_side = type(seen[0]), type(link._ws)
+        assert errors == []
+    if path == "fast":
+        assert server_side is ws.OneCopyWebSocketResponse
+        assert client_side is ws.OneCopyClientWebSocketResponse
+    else:
+        assert server_side is aiohttp.web.WebSocketResponse
+        assert client_side is aiohttp.ClientWebSocketResponse
+        assert seen[1] is bytes  # aiohttp's reader hands on bytes, never a view
+
+
+def test_detection_finds_every_internal_on_this_aiohttp() -> None:
+    assert ws.detect_fast_path() == ws.FastPath()
+
+
+class _OtherPostStart(aiohttp.web.WebSocketResponse):
+    def _post_start(self, request: Any) -> None:  # type: ignore[override]  # an older shape
+        pass
+
+
+class _PostStartDoingMore(aiohttp.web.WebSocketResponse):
+    def _post_start(self, request: Any, protocol: Any, writer: Any) -> None:
+        self._reset_heartbeat()
+        self._something_new = request.protocol.set_fresh_option()  # not repeated by fedloom
+
+
+class _NoReset(aiohttp.web.WebSocketResponse):
+    _reset_heartbeat = None  # type: ignore[assignment]
+
+
+class _QueueThatDrops:
+    """A queue of a later shape: it takes the calls and loses the message."""
+
+    def __init__(self, protocol: Any, limit: int, *, loop: Any) -> None:
+        pass
+
+    def feed_data(self, data: Any, size: int) -> None:
+        pass
+
+    def feed_eof(self) -> None:
+        pass
+
+    def set_exception(self, exc: BaseException) -> None:
+        pass
+
+    async def read(self) -> Any:
+        return None
+
+
+class _QueueWithoutRead(_QueueThatDrops):
+    read = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("changed", "names"),
+    [
+        ({"response_cls": _OtherPostStart}, "WebSocketResponse._post_start("),
+        ({"response_cls": _PostStartDoingMore}, "'_something_new'"),
+        ({"response_cls": _NoReset}, "WebSocketResponse._reset_heartbeat"),
+        ({"data_queue": _QueueThatDrops}, "a probe message did not read back"),
+        ({"data_queue": _QueueWithoutRead}, "WebSocketDataQueue.read"),
+        ({"chunk_size": "64 KiB"}, "DEFAULT_CHUNK_SIZE"),
+        ({"request_cls": object}, "BaseRequest.protocol"),
+    ],
+)
+def test_a_changed_reader_internal_turns_the_fast_reader_off(
+    changed: dict[str, Any], names: str
+) -> None:
+    found = ws.detect_fast_path(**changed)
+    assert not found.reader and found.writer
+    assert any(names in missing for missing in found.reader_missing), found.reader_missing
+
+
+class _WriterWithoutHook(WebSocketWriter):
+    _write_websocket_frame = None  # type: ignore[assignment]
+
+
+class _WriterWithOtherState(WebSocketWriter):
+    def __init__(
+        self,
+        protocol: Any,
+        transport: Any,
+        *,
+        use_mask: bool = False,
+        limit: int = 2**16,
+        compress: int = 0,
+        notakeover: bool = False,
+    ) -> None:
+        super().__init__(
+            protocol,
+            transport,
+            use_mask=use_mask,
+            limit=limit,
+            compress=compress,
+            notakeover=notakeover,
+        )
+        del self._output_size  # a later writer keeping its flow-control count elsewhere
+
+
+class _WriterNeverCallingTheHook(WebSocketWriter):
+    async def send_frame(self, message: bytes, opcode: int, compress: int | None = None) -> None:
+        self.transport.write(message)
+
+
+class _ClientOfOtherShape(aiohttp.ClientWebSocketResponse):
+    def __init__(self, response: Any, reader: Any, writer: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("changed", "names"),
+    [
+        ({"writer_cls": _WriterWithoutHook}, "_write_websocket_frame (not callable)"),
+        ({"writer_cls": _WriterWithOtherState}, "WebSocketWriter()._output_size"),
+        ({"writer_cls": _WriterNeverCallingTheHook}, "send_frame calling"),
+        ({"client_cls": _ClientOfOtherShape}, "ClientWebSocketResponse("),
+    ],
+)
+def test_a_changed_writer_internal_turns_the_masking_writer_off(
+    changed: dict[str, Any], names: str
+) -> None:
+    found = ws.detect_fast_path(**changed)
+    assert found.reader and not found.writer
+    assert any(names in missing for missing in found.writer_missing), found.writer_missing
+
+
+async def test_an_aiohttp_without_the_reader_queue_falls_back_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As if a later aiohttp had moved its private reader module: the import found nothing.
+    monkeypatch.setattr(ws, "_DataQueue", None)
+    monkeypatch.setattr(ws, "_fast_path", None)
+    seen: list[object] = []
+    with caplog.at_level(logging.WARNING, logger=ws.__name__):
+        async with asyncio.timeout(TIMEOUT_S), echo_server(seen=seen) as (server, errors):
+            for _ in range(2):
+                link = await ws.connect(server.url)
+                try:
+                    await link.send(bytes(100_000))
+                    assert bytes(await link.recv()) == bytes(100_000)
+                finally:
+                    await link.close()
+            assert errors == []
+    assert ws.fast_path() == ws.FastPath(("aiohttp._websocket.reader.WebSocketDataQueue",), ())
+    assert type(seen[0]) is aiohttp.web.WebSocketResponse  # stock reader on the server
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # once per process, not per link
+    assert "reader is off" in warnings[0]
+    assert "aiohttp._websocket.reader.WebSocketDataQueue" in warnings[0]
