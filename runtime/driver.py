@@ -1,8 +1,10 @@
 """The asyncio driver: runs one sans-I/O node on the real clock.
 
 It is the runtime's half of the two-driver design (DESIGN.md); ``sim/driver.py`` is the
-other. One task reads one inbox of events and calls ``node.handle(event, now)`` with
-``now = clock()`` (``loop.time()`` by default), then carries out the effects in order:
+other. One task reads one inbox of events and runs the shared step
+(``federation.step.NodeStep``: ``node.handle(event, now)`` with ``now = clock()``,
+``loop.time()`` by default, the note on a node's exception, the training seed, the
+stuck-deadline guard), which hands the effects in order to this driver, its sink:
 
 * ``Persist`` -> the store's ``apply_many`` in a thread. All consecutive ``Persist``
   effects are committed as one batch. A batch is durable before any message sent after
@@ -55,20 +57,18 @@ from typing import Any, Protocol
 
 from fedloom.algorithms.protocol import (
     Deadline,
-    Effect,
     Event,
     Log,
     Metric,
     Node,
     Persist,
     Send,
-    Train,
     TrainDone,
     TrainFailed,
     TrainResult,
     Weights,
 )
-from fedloom.federation.seeds import derived_seed
+from fedloom.federation.step import NodeStep
 from fedloom.federation.training import Trainer
 from fedloom.runtime.peers import PeerSet, Valid
 from fedloom.transport.error_text import describe
@@ -81,8 +81,6 @@ DEFAULT_MAX_INBOX = 1024
 # Persists waiting behind the write in flight before the node must wait for it (each may
 # hold a whole delta: this bounds what pending writes keep in memory).
 MAX_GROUP = 64
-# A node whose deadline keeps firing without moving on is stuck (a bug, not a load spike).
-_MAX_STUCK_DEADLINES = 1_000
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -166,8 +164,9 @@ class AsyncDriver:
         self._tg: asyncio.TaskGroup | None = None
         self._jobs: dict[int, asyncio.Task[None]] = {}
         self._deadline_at: float | None = None  # loop time of the node's next deadline
-        self._last_wanted: float | None = None
-        self._stuck = 0
+        # The shared step (federation.step): note wrapper, seed injection, stuck-deadline
+        # guard, effect dispatch to this driver (the sink).
+        self._step = NodeStep(node, self, seed=seed)
         self._last_now = float("-inf")
         self._running = False
         self._stopping = False
@@ -299,44 +298,34 @@ class AsyncDriver:
             now = self._last_now  # handle() sees a clock that never goes back
         self._last_now = now
         self.stats.events += 1
-        is_deadline = type(event) is Deadline
-        if is_deadline:
+        if type(event) is Deadline:
             self.stats.deadlines += 1
-        try:
-            effects = self.node.handle(event, now)
-        except Exception as exc:
-            exc.add_note(f"while {self.node_id} handled {type(event).__name__} at t={now!r}")
-            raise
-        if effects:
-            await self._carry_out(effects)
-        self._refresh_deadline(loop, now if is_deadline else None)
+        wanted = self._step(event, now)
+        # A full group behind the write in flight: wait for that write before the next
+        # event (bounds the memory pending writes hold; the sends are gated either way).
+        while len(self._group) >= MAX_GROUP and self._group_done is not None:
+            # Shielded: once started, a commit completes even if run() is being cancelled.
+            # Its completion starts the group (then empty again), or raises its failure.
+            in_flight = self._commit_pending
+            assert in_flight is not None
+            await asyncio.shield(in_flight)
+        self._set_deadline(loop, wanted)
 
-    async def _carry_out(self, effects: list[Effect]) -> None:
-        batch: list[Persist] = []
-        for effect in effects:
-            kind = type(effect)
-            if kind is Persist:
-                batch.append(effect)  # type: ignore[arg-type]
-                continue
-            if batch:
-                await self._commit(batch)
-                batch = []
-            if kind is Send:
-                self._send(effect)  # type: ignore[arg-type]
-            elif kind is Metric:
-                self._metric(effect)  # type: ignore[arg-type]
-            elif kind is Log:
-                self._log(effect)  # type: ignore[arg-type]
-            elif kind is Train:
-                self._train(effect)  # type: ignore[arg-type]
-            else:
-                raise RuntimeError(f"{self.node_id} returned an unknown effect {effect!r}")
-        if batch:
-            await self._commit(batch)
+    # ------------------------------------------- the effect sink (federation.step)
 
-    async def _commit(self, batch: list[Persist]) -> None:
-        """Start writing ``batch``, or add it to the group behind the write in flight; the
-        sends that follow are gated on the write that holds it (``_gate``)."""
+    def train(self, node_id: str, job: int, weights: Weights, config: Mapping[str, Any]) -> None:
+        """``Train``: a task of the driver's group runs the trainer in the executor."""
+        assert self._tg is not None
+        self.stats.jobs_started += 1
+        task = self._tg.create_task(
+            self._train_job(job, weights, config), name=f"train {self.node_id}#{job}"
+        )
+        self._jobs[job] = task
+        task.add_done_callback(lambda _: self._jobs.pop(job, None))
+
+    def persist(self, node_id: str, batch: list[Persist]) -> None:
+        """``Persist`` (one batch): start writing it, or add it to the group behind the
+        write in flight; the sends that follow are gated on the write that holds it."""
         self.stats.persists += len(batch)
         if self.store is None:
             self.stats.commits += 1
@@ -351,12 +340,6 @@ class AsyncDriver:
             self._group_done = asyncio.get_running_loop().create_future()
         self._group.extend(batch)
         self.stats.grouped += 1
-        while len(self._group) >= MAX_GROUP and self._group_done is not None:
-            # Shielded: once started, a commit completes even if run() is being cancelled.
-            # Its completion starts the group (then empty again), or raises its failure.
-            in_flight = self._commit_pending
-            assert in_flight is not None
-            await asyncio.shield(in_flight)
 
     def _start_write(self, items: list[Persist], done: asyncio.Future[None] | None) -> None:
         """Hand ``items`` to the store thread; ``done`` (a group's gate) gets the outcome."""
@@ -416,7 +399,8 @@ class AsyncDriver:
             self._commit_pending = pending = None  # on disk: nothing to wait for
         return pending
 
-    def _send(self, effect: Send) -> None:
+    def send(self, node_id: str, effect: Send) -> None:
+        """``Send``: queued on the peer's connection, gated on the write before it."""
         if self.peers.send(effect.peer, effect.msg, self._gate()):
             self.stats.sends += 1
         else:
@@ -429,7 +413,8 @@ class AsyncDriver:
                 extra={"node": self.node_id, "peer": effect.peer},
             )
 
-    def _metric(self, m: Metric) -> None:
+    def metric(self, node_id: str, m: Metric, now: float) -> None:
+        """``Metric``: to the metrics sink once the write before it is durable."""
         if self.metrics is None:
             return
         gate = self._gate()
@@ -461,7 +446,8 @@ class AsyncDriver:
         except Exception:  # observability must not take the node down
             log.exception("%s: metrics sink failed on %s", self.node_id, m.name)
 
-    def _log(self, entry: Log) -> None:
+    def log(self, node_id: str, entry: Log, now: float) -> None:
+        """``Log``: the ``logging`` module, structured."""
         level = _LEVELS.get(entry.level.lower(), logging.INFO)
         if not node_log.isEnabledFor(level):
             return
@@ -475,18 +461,6 @@ class AsyncDriver:
             f" ({detail})" if detail else "",
             extra={"node": self.node_id, "fields": fields},
         )
-
-    def _train(self, t: Train) -> None:
-        assert self._tg is not None
-        self.stats.jobs_started += 1
-        config: Mapping[str, Any] = t.config
-        if "seed" not in config:
-            config = {**config, "seed": derived_seed(self.seed, "train", self.node_id, t.job)}
-        task = self._tg.create_task(
-            self._train_job(t.job, t.weights, config), name=f"train {self.node_id}#{t.job}"
-        )
-        self._jobs[t.job] = task
-        task.add_done_callback(lambda _: self._jobs.pop(t.job, None))
 
     async def _train_job(self, job: int, weights: Weights, config: Mapping[str, Any]) -> None:
         if self.trainer is None:
@@ -522,22 +496,11 @@ class AsyncDriver:
         self.stats.jobs_failed += 1
         self.post_nowait(TrainFailed(job, reason))
 
-    def _refresh_deadline(
-        self, loop: asyncio.AbstractEventLoop, fired_at: float | None = None
-    ) -> None:
-        wanted = self.node.next_deadline()
+    def _refresh_deadline(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._set_deadline(loop, self.node.next_deadline())
+
+    def _set_deadline(self, loop: asyncio.AbstractEventLoop, wanted: float | None) -> None:
         if wanted is None:
             self._deadline_at = None
-            self._stuck = 0
             return
-        if fired_at is not None and wanted <= fired_at and wanted == self._last_wanted:
-            self._stuck += 1
-            if self._stuck > _MAX_STUCK_DEADLINES:
-                raise RuntimeError(
-                    f"{self.node_id} keeps asking for a deadline at t={wanted!r} "
-                    "without moving it on"
-                )
-        else:
-            self._stuck = 0
-        self._last_wanted = wanted
         self._deadline_at = loop.time() + (wanted - self.now()) / self.time_scale

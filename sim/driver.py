@@ -1,6 +1,8 @@
 """The simulation driver: runs sans-I/O nodes on the kernel's virtual clock.
 
-It is the simulator's half of the two-driver design (see DESIGN.md):
+It is the simulator's half of the two-driver design (see DESIGN.md). Each node runs the
+shared step (``federation.step.NodeStep``: note wrapper, training seed, stuck-deadline
+guard, effect dispatch), with this driver as the sink of every node's effects:
 
 * events in: ``node.handle(event, now)`` with ``now = kernel.now``;
 * ``Send``    -> ``Network.send`` (size from the real codec, FIFO links, partitions);
@@ -40,12 +42,12 @@ from fedloom.algorithms.protocol import (
     Persist,
     Received,
     Send,
-    Train,
     TrainDone,
     TrainFailed,
+    Weights,
 )
 from fedloom.federation.invariants import InvariantChecker
-from fedloom.federation.seeds import derived_seed
+from fedloom.federation.step import NodeStep
 from fedloom.federation.training import Trainer
 from fedloom.sim.availability import Availability
 from fedloom.sim.compute import ComputeModel
@@ -59,9 +61,6 @@ logger = logging.getLogger("fedloom.sim")
 PRIORITY_EVENT = 0  # messages, link notices, job ends
 PRIORITY_DEADLINE = 1  # after the messages of the same instant
 PRIORITY_OBSERVER = 2  # sees the state after everything of its instant
-
-# A node whose deadline keeps firing at one instant without moving on is stuck.
-_MAX_DEADLINES_PER_INSTANT = 1_000
 
 
 @dataclass(slots=True)
@@ -219,10 +218,14 @@ class SimDriver:
         self._stats = SimStats()
         self._dead: set[str] = set()
         self._deadlines: dict[str, tuple[float, Handle]] = {}
-        # Deadlines fired per node at the current instant (to catch a node that never
-        # moves its deadline on, which would otherwise spin forever at one time).
-        self._deadline_instant: float | None = None
-        self._deadline_counts: dict[str, int] = {}
+        # One shared step per node (federation.step): note wrapper, seed injection,
+        # stuck-deadline guard, effect dispatch to this driver (the sink).
+        self._steps: dict[str, NodeStep] = {
+            node_id: NodeStep(
+                node, self, seed=seed, observe=self.checker.observe, error=SimulationError
+            )
+            for node_id, node in self.nodes.items()
+        }
         self._observers: list[_Observer] = []
         self._metric_listeners: list[MetricListener] = []
         self._until: float = start_time
@@ -356,45 +359,24 @@ class SimDriver:
         self._arm(obs)
 
     def _dispatch(self, node_id: str, event: Event) -> None:
-        node = self.nodes[node_id]
         now = self.kernel.now
         self._stats.deliveries += 1
-        try:
-            effects = node.handle(event, now)
-        except Exception as exc:
-            exc.add_note(f"while {node_id} handled {type(event).__name__} at t={now!r}")
-            raise
-        if effects:
-            self._apply(node_id, effects, now)
-        self._refresh_deadline(node_id, node, now)
-
-    def _apply(self, node_id: str, effects: list[Any], now: float) -> None:
-        observe = self.checker.observe
-        for effect in effects:
-            observe(node_id, effect, now)
-            kind = type(effect)
-            if kind is Send:
-                if effect.peer not in self.nodes:
-                    raise SimulationError(
-                        f"{node_id} sent {type(effect.msg).__name__} to unknown node "
-                        f"{effect.peer!r}"
-                    )
-                self.network.send(node_id, effect.peer, effect.msg)
-            elif kind is Metric:
-                self._metric(node_id, effect, now)
-            elif kind is Train:
-                self._train(node_id, effect)
-            elif kind is Persist:
-                self._stats.persists += 1
-                if self.record_persist:
-                    self._persist(effect)
-            elif kind is Log:
-                self._log(node_id, effect, now)
-            else:
-                raise SimulationError(f"{node_id} returned an unknown effect {effect!r}")
+        wanted = self._steps[node_id](event, now)
         self.network.end_burst()
+        self._schedule_deadline(node_id, wanted, now)
 
-    def _metric(self, node_id: str, m: Metric, now: float) -> None:
+    # ------------------------------------------- the effect sink (federation.step)
+
+    def send(self, node_id: str, effect: Send) -> None:
+        """``Send``: onto the simulated link (size from the real codec)."""
+        if effect.peer not in self.nodes:
+            raise SimulationError(
+                f"{node_id} sent {type(effect.msg).__name__} to unknown node {effect.peer!r}"
+            )
+        self.network.send(node_id, effect.peer, effect.msg)
+
+    def metric(self, node_id: str, m: Metric, now: float) -> None:
+        """``Metric``: totals, staleness, the model-version gauge, listeners."""
         s = self._stats
         name = m.name
         s.metric_totals[name] = s.metric_totals.get(name, 0.0) + m.value
@@ -406,7 +388,14 @@ class SimDriver:
         for fn in self._metric_listeners:
             fn(node_id, now, m)
 
-    def _persist(self, p: Persist) -> None:
+    def persist(self, node_id: str, batch: list[Persist]) -> None:
+        """``Persist`` (one batch): counted, and kept in ``store`` when ``record_persist``."""
+        self._stats.persists += len(batch)
+        if self.record_persist:
+            for p in batch:
+                self._record(p)
+
+    def _record(self, p: Persist) -> None:
         if p.append:
             log = self.store.get(p.key)
             if not isinstance(log, list):
@@ -415,7 +404,8 @@ class SimDriver:
         else:
             self.store[p.key] = p.data
 
-    def _log(self, node_id: str, entry: Log, now: float) -> None:
+    def log(self, node_id: str, entry: Log, now: float) -> None:
+        """``Log``: counted by level, kept when ``keep_logs``, debug-logged."""
         levels = self._stats.logs_by_level
         levels[entry.level] = levels.get(entry.level, 0) + 1
         if self.keep_logs:
@@ -425,20 +415,18 @@ class SimDriver:
                 "t=%.6f %s [%s] %s %s", now, node_id, entry.level, entry.text, entry.fields or ""
             )
 
-    def _train(self, node_id: str, t: Train) -> None:
+    def train(self, node_id: str, job: int, weights: Weights, config: Mapping[str, Any]) -> None:
+        """``Train``: submitted now, answered after the modelled duration (or dropped)."""
         if self.executor is None:
             raise SimulationError(f"{node_id} asked to train but the driver has no trainer")
-        config = t.config
-        if "seed" not in config:
-            config = {**config, "seed": derived_seed(self.seed, "train", node_id, t.job)}
         duration = self.compute.duration(node_id)
         self._stats.jobs_started += 1
         if self.availability.job_dropped(node_id):
             self._stats.jobs_dropped += 1
-            self.kernel.schedule_in(duration, self._job_failed, node_id, t.job, "dropout")
+            self.kernel.schedule_in(duration, self._job_failed, node_id, job, "dropout")
             return
-        ticket = self.executor.submit(node_id, t.weights, config)
-        self.kernel.schedule_in(duration, self._job_done, node_id, t.job, ticket)
+        ticket = self.executor.submit(node_id, weights, config)
+        self.kernel.schedule_in(duration, self._job_done, node_id, job, ticket)
 
     def _job_done(self, node_id: str, job: int, ticket: Any) -> None:
         assert self.executor is not None
@@ -466,7 +454,9 @@ class SimDriver:
         self._dispatch(node_id, PeerUp(peer) if up else PeerDown(peer))
 
     def _refresh_deadline(self, node_id: str, node: Node, now: float) -> None:
-        wanted = node.next_deadline()
+        self._schedule_deadline(node_id, node.next_deadline(), now)
+
+    def _schedule_deadline(self, node_id: str, wanted: float | None, now: float) -> None:
         current = self._deadlines.get(node_id)
         if current is not None:
             if wanted == current[0] and current[1][3] is not None:
@@ -484,16 +474,6 @@ class SimDriver:
         self._deadlines[node_id] = (wanted, handle)
 
     def _fire_deadline(self, node_id: str) -> None:
-        now = self.kernel.now
-        if now != self._deadline_instant:
-            self._deadline_instant = now
-            self._deadline_counts.clear()
-        count = self._deadline_counts.get(node_id, 0) + 1
-        if count > _MAX_DEADLINES_PER_INSTANT:
-            raise SimulationError(
-                f"{node_id} keeps asking for a deadline at t={now!r} without moving it on"
-            )
-        self._deadline_counts[node_id] = count
         self._dispatch(node_id, Deadline())
 
 
