@@ -1,28 +1,245 @@
-"""Aggregator state machines built from an ``AlgorithmConfig``.
+"""THE node factory: every protocol node, for the simulator and the daemons alike.
 
-One factory for the simulator's scenario arms and the runtime's daemon configs, so a
-scenario and a deployment with the same parameters run the same nodes.
+``build_node`` makes a site, a region, a root of every algorithm, a gossip peer or a relay
+from the parameter types both drivers read (``AlgorithmConfig``, ``TrainingConfig``), the
+node's ``Neighbours`` (from a plan in the simulator: ``plan_neighbours``; from the config
+and the signed roster in a daemon) and ``NodeOptions`` (what a deployment decides besides
+the algorithm: durability, backpressure, failover, link liveness). The same parameters
+give nodes with the same settings whichever driver asked.
+
+A scenario's arm describes a whole federation, a daemon's config one node; ``node_params``
+turns the first into the second (a region runs the arm's ``regional_buffer_size`` and
+``regional_concurrency`` as its own ``buffer_size`` and ``concurrency``; a root above
+regions its ``root_buffer_size``), so a daemon config and the arm it was derived from
+build the same node. Settled rules, formerly drifting between the two callers:
+
+* an aggregator's concurrency is ``max(1, min(concurrency, len(children)))``: every child,
+  regions included, since a FedAsync root's epoch is ``concurrency`` steps and its regions
+  share it (the dispatcher itself never has more tasks than idle sites);
+* a gossip neighbour is suspected after ``4 x interval + down_after_s`` of silence and
+  pruned after ``8 x interval + 2 x down_after_s``, where ``down_after_s`` is the link's
+  liveness timeout (the daemon's ``[connection] down_after_s``; the simulator's links use
+  its default): past that, a live neighbour's link would have been re-established.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedloom.algorithms.fedasync import FedAsyncAggregator
 from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.gossip import GossipPeer, share_weight_bound
+from fedloom.algorithms.incorporation import DEFAULT_FAILOVER_AFTER_S, DEFAULT_MAX_HELD
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import Node, Weights
 from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.relay import RelayNode
 from fedloom.algorithms.server_opt import ServerOptimizer, make_server_opt
+from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.staleness import StalenessFn, make_staleness
 from fedloom.algorithms.sync import SyncAggregator
-from fedloom.federation.params import AlgorithmConfig
+from fedloom.federation.params import AlgorithmConfig, TrainingConfig
+from fedloom.federation.seeds import derived_seed
+
+if TYPE_CHECKING:  # not at run time: fedloom.topology's package imports networkx and scipy
+    from fedloom.topology.plan import Plan
 
 ROOT_ALGORITHMS = ("fedbuff", "fedasync", "fedavg", "fedprox")
+ROLES = ("site", "region", "root", "peer", "relay")
+# A link silent this long is down (the daemon's ``[connection] down_after_s`` default).
+DEFAULT_LINK_DOWN_AFTER_S = 45.0
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbours:
+    """Who one node talks to: from a plan (``plan_neighbours``) or a config and roster.
+
+    ``children`` maps each child to its role ("site" or "region"); ``mixing`` holds a gossip
+    peer's ``W_ij`` and ``self_weight`` its ``W_ii``; ``n_peers`` counts the gossip peers of
+    the network (its push-sum mass); ``subtrees``: region child -> the sites under it.
+    """
+
+    parent: str | None = None
+    parent_role: str | None = None
+    fallbacks: tuple[str, ...] = ()
+    children: Mapping[str, str] = field(default_factory=dict)
+    subtrees: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    mixing: Mapping[str, float] = field(default_factory=dict)
+    self_weight: float = 1.0
+    n_peers: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NodeOptions:
+    """What a deployment decides besides the algorithm.
+
+    ``durable``: aggregators log every applied delta and gossip peers checkpoint each step
+    (what a restart recovers from; the daemons always run durable). ``max_outbox_bytes``:
+    a site's or region's backpressure bound (None: derived from the model).
+    ``failover_after_s``, ``max_held``: a site with ``Neighbours.fallbacks``. ``keep_parts``:
+    a region with a standby keeps its forwards' parts. ``link_down_after_s``: see the
+    module docstring.
+    """
+
+    durable: bool = True
+    max_outbox_bytes: int | None = None
+    failover_after_s: float = DEFAULT_FAILOVER_AFTER_S
+    max_held: int = DEFAULT_MAX_HELD
+    keep_parts: bool = False
+    link_down_after_s: float = DEFAULT_LINK_DOWN_AFTER_S
+
+
+def node_params(p: AlgorithmConfig, role: str, children: Mapping[str, str]) -> AlgorithmConfig:
+    """The parameters one node of a federation described by ``p`` (a scenario arm) runs
+    with, as its own daemon config gives them: a region's ``buffer_size`` and
+    ``concurrency`` are the arm's ``regional_*``, a root above regions buffers
+    ``root_buffer_size`` updates."""
+    if role == "region":
+        return replace(p, buffer_size=p.regional_buffer_size, concurrency=p.regional_concurrency)
+    if role == "root" and any(r == "region" for r in children.values()):
+        return replace(p, buffer_size=p.root_buffer_size)
+    return p
+
+
+def aggregator_concurrency(p: AlgorithmConfig, children: Mapping[str, str]) -> int:
+    """Training tasks (and FedAsync steps per epoch) an aggregator keeps in flight."""
+    return max(1, min(p.concurrency, len(children)))
+
+
+def gossip_liveness(interval_s: float, link_down_after_s: float) -> tuple[float, float, float]:
+    """``(heartbeat, suspect, prune)`` seconds for a gossip peer (see the module docstring)."""
+    return (
+        interval_s,
+        4 * interval_s + link_down_after_s,
+        8 * interval_s + 2 * link_down_after_s,
+    )
+
+
+def node_rng(seed: int, node_id: str) -> np.random.Generator:
+    """A node's own random stream, the same for a node id in every driver."""
+    return np.random.default_rng(derived_seed(seed, "node", node_id))
+
+
+def plan_neighbours(plan: Plan, node_id: str) -> Neighbours:
+    """A plan node's neighbours (the simulator's; a deployment writes the same into its
+    configs and roster)."""
+    spec = plan.node(node_id)
+    parent_role = plan.node(spec.parent).role if spec.parent is not None else None
+    return Neighbours(
+        parent=spec.parent,
+        parent_role=parent_role,
+        children={c: plan.node(c).role for c in spec.children},
+        mixing=dict(spec.mixing),
+        self_weight=spec.self_weight,
+        n_peers=sum(1 for s in plan.nodes if s.role == "peer"),
+    )
+
+
+def build_node(
+    role: str,
+    node_id: str,
+    algorithm: str,
+    p: AlgorithmConfig,
+    training: TrainingConfig,
+    neighbours: Neighbours,
+    *,
+    seed: int,
+    weights: Weights | None = None,
+    n_examples: int = 0,
+    bounds: ClaimBounds | None = None,
+    options: NodeOptions | None = None,
+) -> Node:
+    """A fresh (not restored) node for ``role`` with ``p`` as its own parameters.
+
+    ``algorithm`` is the root's (a region always buffers FedBuff-style); ``weights`` the
+    initial model of a root or gossip peer; ``n_examples`` a site's; ``bounds`` what an
+    aggregator's children may claim (default: ``claim_bounds(p)``). ValueError for a
+    combination no node can run.
+    """
+    opts = options if options is not None else NodeOptions()
+    rng = node_rng(seed, node_id)
+    train_config = training.as_dict()
+    n = neighbours
+    if role == "site":
+        if n.parent is None:
+            raise ValueError(f"site {node_id!r} has no parent")
+        return SiteNode(
+            node_id,
+            n.parent,
+            n_examples=n_examples,
+            max_outbox_bytes=opts.max_outbox_bytes,
+            fallbacks=list(n.fallbacks),
+            failover_after_s=opts.failover_after_s,
+            max_held=opts.max_held,
+        )
+    if role == "relay":
+        return RelayNode(node_id)
+    if role == "peer":
+        if weights is None:
+            raise ValueError(f"gossip peer {node_id!r} needs its initial weights")
+        heartbeat, suspect, prune = gossip_liveness(p.gossip_interval_s, opts.link_down_after_s)
+        return GossipPeer(
+            node_id,
+            dict(n.mixing),
+            n.self_weight,
+            weights,
+            mode=p.gossip_mode,
+            train_config=train_config,
+            gossip_interval_s=p.gossip_interval_s,
+            heartbeat_interval_s=heartbeat,
+            suspect_after_s=suspect,
+            prune_after_s=prune,
+            clip=p.gossip_clip,
+            max_share_weight=share_weight_bound(p.gossip_max_share_weight, n.n_peers),
+            rng=rng,
+            durable=opts.durable,  # model, step and push-sum mass survive a restart
+        )
+    concurrency = aggregator_concurrency(p, n.children)
+    if role == "region":
+        if n.parent is None:
+            raise ValueError(f"region {node_id!r} has no parent")
+        region = build_region(
+            node_id,
+            n.parent,
+            n.children,
+            p,
+            buffer_size=p.buffer_size,
+            concurrency=concurrency,
+            train_config=train_config,
+            rng=rng,
+            log_deltas=opts.durable,
+            bounds=bounds,
+            max_outbox_bytes=opts.max_outbox_bytes,
+        )
+        # A root's ack settles a forward; a parent region settles it later.
+        region.parent_is_root = n.parent_role == "root"
+        region.keep_parts = opts.keep_parts
+        region.set_subtrees(n.subtrees)
+        return region
+    if role != "root":
+        raise ValueError(f"no node for role {role!r} ({', '.join(ROLES)})")
+    if weights is None:
+        raise ValueError(f"root {node_id!r} needs its initial weights")
+    root = build_root(
+        algorithm,
+        node_id,
+        n.children,
+        weights,
+        p,
+        buffer_size=p.buffer_size,
+        concurrency=concurrency,
+        train_config=train_config,
+        rng=rng,
+        log_deltas=opts.durable,  # with log_deltas a sync root's open round survives a restart
+        bounds=bounds,
+    )
+    root.set_subtrees(n.subtrees)
+    return root
 
 
 def staleness_fn(p: AlgorithmConfig) -> StalenessFn:
@@ -77,7 +294,7 @@ def build_root(
     rng: np.random.Generator,
     log_deltas: bool = True,
     bounds: ClaimBounds | None = None,
-) -> Node:
+) -> FedBuffAggregator | FedAsyncAggregator | SyncAggregator:
     """The top aggregator for ``algorithm`` (fedbuff, fedasync, fedavg or fedprox)."""
     common: dict[str, Any] = {
         "train_config": train_config,

@@ -17,12 +17,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedloom.algorithms.gossip import GossipPeer, share_weight_bound
 from fedloom.algorithms.protocol import ModelHolder, Node, Weights
-from fedloom.algorithms.site import SiteNode
 from fedloom.federation.config_reader import ConfigError
-from fedloom.federation.factory import build_region, build_root, claim_bounds
-from fedloom.federation.seeds import derived_seed, entity_rng
+from fedloom.federation.factory import (
+    NodeOptions,
+    build_node,
+    claim_bounds,
+    node_params,
+    plan_neighbours,
+)
+from fedloom.federation.seeds import entity_rng
 from fedloom.federation.training import WorkloadTrainer
 from fedloom.sim.availability import Availability, Death
 from fedloom.sim.compute import ComputeModel
@@ -123,18 +127,26 @@ def build_plan_for_arm(scenario: Scenario, arm: Arm, seed: int) -> Plan:
 
 
 def build_nodes(
-    plan: Plan, arm: Arm, weights: Weights, seed: int, n_examples: Mapping[str, int]
+    plan: Plan,
+    arm: Arm,
+    weights: Weights,
+    seed: int,
+    n_examples: Mapping[str, int],
+    *,
+    durable: bool = False,
 ) -> dict[str, Node]:
-    """One state machine per plan node, configured from the arm."""
-    p = arm.params
-    train_config = arm.training.as_dict()
-    nodes: dict[str, Node] = {}
-    counts = region_count_bounds(plan, p.regional_buffer_size)
+    """One state machine per plan node, built by the factory the daemons use: each node
+    runs the arm's parameters as its own daemon config would give them (``node_params``).
+    ``durable``: aggregators log their deltas and gossip peers checkpoint (what a restart
+    recovers from; the simulator restarts no node unless asked)."""
+    counts = region_count_bounds(plan, arm.params.regional_buffer_size)
     most_examples = max(n_examples.values(), default=0)
-    n_peers = sum(1 for spec in plan.nodes if spec.role == "peer")
+    options = NodeOptions(durable=durable)
+    nodes: dict[str, Node] = {}
     for spec in plan.nodes:
-        rng = np.random.default_rng(derived_seed(seed, "node", spec.id))
-        children = {c: plan.node(c).role for c in spec.children}
+        neighbours = plan_neighbours(plan, spec.id)
+        p = node_params(arm.params, spec.role, neighbours.children)
+        children = neighbours.children
         # What each child could honestly claim: from the plan and the sites' data.
         bounds = claim_bounds(
             p,
@@ -142,56 +154,19 @@ def build_nodes(
             site_examples={c: n_examples.get(c, 0) for c, r in children.items() if r == "site"},
             max_examples_per_site=most_examples,
         )
-        node: Node
-        if spec.role == "site":
-            assert spec.parent is not None
-            node = SiteNode(spec.id, spec.parent, n_examples=n_examples.get(spec.id, 0))
-        elif spec.role == "peer":
-            node = GossipPeer(
-                spec.id,
-                dict(spec.mixing),
-                spec.self_weight,
-                weights,
-                mode=p.gossip_mode,
-                train_config=train_config,
-                gossip_interval_s=p.gossip_interval_s,
-                heartbeat_interval_s=p.gossip_interval_s,
-                suspect_after_s=4 * p.gossip_interval_s + 600.0,
-                prune_after_s=8 * p.gossip_interval_s + 1200.0,
-                clip=p.gossip_clip,
-                max_share_weight=share_weight_bound(p.gossip_max_share_weight, n_peers),
-                rng=rng,
-            )
-        elif spec.role == "region":
-            assert spec.parent is not None
-            node = build_region(
-                spec.id,
-                spec.parent,
-                children,
-                p,
-                buffer_size=p.regional_buffer_size,
-                concurrency=p.regional_concurrency,
-                train_config=train_config,
-                rng=rng,
-                log_deltas=False,  # the simulator never restarts a node from its log
-                bounds=bounds,
-            )
-        else:
-            hierarchical_root = any(role == "region" for role in children.values())
-            node = build_root(
-                arm.algorithm,
-                spec.id,
-                children,
-                weights,
-                p,
-                buffer_size=p.root_buffer_size if hierarchical_root else p.buffer_size,
-                concurrency=max(1, min(p.concurrency, len(children))),
-                train_config=train_config,
-                rng=rng,
-                log_deltas=False,
-                bounds=bounds,
-            )
-        nodes[spec.id] = node
+        nodes[spec.id] = build_node(
+            spec.role,
+            spec.id,
+            arm.algorithm,
+            p,
+            arm.training,
+            neighbours,
+            seed=seed,
+            weights=weights,
+            n_examples=n_examples.get(spec.id, 0),
+            bounds=bounds,
+            options=options,
+        )
     return nodes
 
 
