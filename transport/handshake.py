@@ -43,7 +43,7 @@ from fedloom.transport.errors import HandshakeError as HandshakeError  # re-expo
 from fedloom.transport.errors import PeerRefused as PeerRefused  # re-exported
 from fedloom.transport.errors import ProtocolError, describe
 from fedloom.transport.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, verify_signature
-from fedloom.transport.records import CIPHERS, preferred_ciphers
+from fedloom.transport.records import CIPHERS, available_ciphers, preferred_ciphers, unavailable
 from fedloom.transport.roster import Roster
 from fedloom.transport.strict_msgpack import unpack_strict
 
@@ -110,14 +110,21 @@ class SessionKeys:
 
 def suites_for(ciphers: Sequence[str] | None = None) -> tuple[str, ...]:
     """Handshake suites for record ciphers in order of preference (default: the fastest
-    first on this CPU, ``transport.records.preferred_ciphers``)."""
+    first on this CPU, ``transport.records.preferred_ciphers``). A cipher this process
+    cannot use (``transport.records.available_ciphers``: AEGIS-256 where libsodium lacks
+    it) is left out, so it is neither offered nor accepted; ValueError if none is left."""
     chosen = preferred_ciphers() if ciphers is None else tuple(ciphers)
     unknown = [c for c in chosen if c not in CIPHERS]
     if unknown or not chosen or len(set(chosen)) != len(chosen):
         raise ValueError(
             f"record ciphers must be distinct names from {', '.join(CIPHERS)}; got {list(chosen)}"
         )
-    return tuple(_SUITE_PREFIX + c for c in chosen)
+    usable = available_ciphers()
+    kept = [c for c in chosen if c in usable]
+    if not kept:
+        why = "; ".join(f"{c}: {unavailable(c)}" for c in chosen)
+        raise ValueError(f"none of the record ciphers {list(chosen)} is available here ({why})")
+    return tuple(_SUITE_PREFIX + c for c in kept)
 
 
 def _cipher_of(suite: str) -> str:

@@ -34,6 +34,13 @@ Two record ciphers; the handshake picks one inside its signed transcript:
     Records are sealed from, and opened into, caller memory through libsodium's C calls
     (PyNaCl's cffi module; the GIL is released), with no intermediate copies.
 
+    PyNaCl's cffi module (``nacl._sodium``) is not its public API, and PyNaCl before 1.6
+    bundles a libsodium without AEGIS, so this cipher exists only where
+    ``aegis_available()`` finds every symbol it calls (``aegis_missing`` says which are
+    absent; one WARNING says so). Elsewhere it is never offered nor accepted in a
+    handshake (``available_ciphers``, ``preferred_ciphers``) and the handshake agrees on
+    secretstream, with any peer.
+
 Sans-I/O: bytes in, bytes out; the caller passes ``now`` (a monotonic clock reading).
 """
 
@@ -41,17 +48,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 import nacl.bindings as sodium
 import nacl.exceptions
 import numpy as np
-from nacl._sodium import ffi, lib  # PyNaCl's own cffi binding of its bundled libsodium
 
 from fedloom.transport.errors import RecordError as RecordError  # re-exported
 from fedloom.transport.limits import GiB
+
+log = logging.getLogger(__name__)
+
+try:  # PyNaCl's own cffi binding of its bundled libsodium (not its public API)
+    from nacl._sodium import ffi as ffi  # re-exported: tests hide symbols in them
+    from nacl._sodium import lib as lib
+except ImportError:  # pragma: no cover - a PyNaCl without it: secretstream only
+    ffi = lib = None
 
 CIPHER_SECRETSTREAM = "xchacha20poly1305-secretstream"
 CIPHER_AEGIS256 = "aegis256-stream"
@@ -64,7 +79,18 @@ HEADER_BYTES = 24
 KEY_BYTES = 32
 
 _SS_ABYTES: int = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
-_AEGIS_ABYTES: int = sodium.crypto_aead_aegis256_ABYTES
+# AEGIS-256's tag, key and nonce are 256 bits each (draft-irtf-cfrg-aegis-aead);
+# ``aegis_missing`` checks that libsodium says so too before the cipher is used.
+_AEGIS_ABYTES = 32
+_AEGIS_KEYBYTES = 32
+_AEGIS_NPUBBYTES = HEADER_BYTES + 8  # header || u64 counter
+# What _AegisSealer and _AegisOpener call in libsodium, and the sizes it must report.
+_AEGIS_FUNCTIONS = ("crypto_aead_aegis256_encrypt", "crypto_aead_aegis256_decrypt")
+_AEGIS_SIZES = {
+    "crypto_aead_aegis256_abytes": _AEGIS_ABYTES,
+    "crypto_aead_aegis256_keybytes": _AEGIS_KEYBYTES,
+    "crypto_aead_aegis256_npubbytes": _AEGIS_NPUBBYTES,
+}
 # Per record: the cipher's MAC (and secretstream's tag byte), plus one flags byte (always
 # for aegis256; only on REKEY records for secretstream).
 RECORD_OVERHEAD: dict[str, int] = {
@@ -91,8 +117,7 @@ _REKEY_PERSON = b"fedloom-rekey"
 
 assert sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES == HEADER_BYTES
 assert sodium.crypto_secretstream_xchacha20poly1305_KEYBYTES == KEY_BYTES
-assert sodium.crypto_aead_aegis256_KEYBYTES == KEY_BYTES
-assert sodium.crypto_aead_aegis256_NPUBBYTES == HEADER_BYTES + 8  # header || u64 counter
+assert _AEGIS_KEYBYTES == KEY_BYTES
 
 Chunk = bytes | bytearray | memoryview
 Record = bytes | bytearray | memoryview  # what seal() makes and open() returns
@@ -108,10 +133,66 @@ def _check_key(key: bytes) -> bytes:
     return key
 
 
-def _check_cipher(cipher: str) -> str:
+def _check_cipher(cipher: str | None) -> str:
+    if cipher is None:
+        return available_ciphers()[0]
     if cipher not in RECORD_OVERHEAD:
         raise ValueError(f"unknown record cipher {cipher!r}; known: {', '.join(CIPHERS)}")
+    if cipher not in available_ciphers():
+        raise ValueError(f"record cipher {cipher!r} is not available here: {unavailable(cipher)}")
     return cipher
+
+
+def aegis_missing(sodium_ffi: Any = None, sodium_lib: Any = None) -> tuple[str, ...]:
+    """What the AEGIS-256 record cipher needs and the libsodium binding lacks (default:
+    PyNaCl's cffi module as imported): the module itself, a function it calls, or a size
+    that differs from AEGIS-256's. Empty: the cipher can be used. Never raises."""
+    found_ffi = ffi if sodium_ffi is None else sodium_ffi
+    found_lib = lib if sodium_lib is None else sodium_lib
+    if found_ffi is None or found_lib is None:
+        return ("nacl._sodium (ffi, lib)",)
+    missing = [
+        f"ffi.{name}" for name in ("from_buffer", "NULL") if getattr(found_ffi, name, None) is None
+    ]
+    missing += [
+        f"lib.{name}" for name in _AEGIS_FUNCTIONS if not callable(getattr(found_lib, name, None))
+    ]
+    for name, size in _AEGIS_SIZES.items():
+        try:
+            reported = getattr(found_lib, name)()
+        except (AttributeError, TypeError) as exc:
+            missing.append(f"lib.{name} ({type(exc).__name__})")
+            continue
+        if reported != size:
+            missing.append(f"lib.{name}() == {size} (says {reported!r})")
+    return tuple(missing)
+
+
+@functools.cache
+def aegis_available() -> bool:
+    """True where libsodium (through PyNaCl's cffi module) has everything the AEGIS-256
+    record cipher calls; checked once per process, with one WARNING when it has not."""
+    missing = aegis_missing()
+    if missing:
+        log.warning(
+            "record cipher %s is off (the libsodium PyNaCl bundles lacks %s): channels use %s",
+            CIPHER_AEGIS256,
+            "; ".join(missing),
+            CIPHER_SECRETSTREAM,
+        )
+    return not missing
+
+
+def available_ciphers() -> tuple[str, ...]:
+    """The record ciphers this process can use (``CIPHERS`` order)."""
+    return tuple(c for c in CIPHERS if c != CIPHER_AEGIS256 or aegis_available())
+
+
+def unavailable(cipher: str) -> str:
+    """Why ``cipher`` cannot be used here (for error messages)."""
+    if cipher == CIPHER_AEGIS256:
+        return "the libsodium PyNaCl bundles lacks " + "; ".join(aegis_missing())
+    return "unknown cipher"
 
 
 @functools.cache
@@ -130,10 +211,15 @@ def hardware_aes() -> bool:
 
 
 def preferred_ciphers() -> tuple[str, ...]:
-    """Every record cipher, the fastest on this CPU first (what a node offers by default)."""
-    if hardware_aes():
-        return (CIPHER_AEGIS256, CIPHER_SECRETSTREAM)
-    return (CIPHER_SECRETSTREAM, CIPHER_AEGIS256)
+    """Every record cipher available here, the fastest on this CPU first (what a node
+    offers by default)."""
+    order = (
+        (CIPHER_AEGIS256, CIPHER_SECRETSTREAM)
+        if hardware_aes()
+        else (CIPHER_SECRETSTREAM, CIPHER_AEGIS256)
+    )
+    usable = available_ciphers()
+    return tuple(c for c in order if c in usable)
 
 
 def _ratchet(key: bytes) -> bytes:
@@ -300,7 +386,8 @@ def _opener(cipher: str, key: bytes) -> _Opener:
 
 
 class RecordSender:
-    """Seals chunks into records; rekeys itself every ``rekey_bytes`` or ``rekey_seconds``."""
+    """Seals chunks into records; rekeys itself every ``rekey_bytes`` or ``rekey_seconds``.
+    ``cipher`` None: the first of ``available_ciphers()`` (as ``RecordReceiver``'s)."""
 
     __slots__ = (
         "_bytes_since_rekey",
@@ -319,7 +406,7 @@ class RecordSender:
         self,
         key: bytes,
         *,
-        cipher: str = CIPHER_AEGIS256,
+        cipher: str | None = None,
         rekey_bytes: int = REKEY_BYTES,
         rekey_seconds: float = REKEY_SECONDS,
     ) -> None:
@@ -331,8 +418,8 @@ class RecordSender:
             raise ValueError(f"rekey_seconds must be > 0, got {rekey_seconds!r}")
         self._rekey_bytes = rekey_bytes
         self._rekey_seconds = float(rekey_seconds)
-        self._sealer = _sealer(cipher, key)
-        self.overhead = RECORD_OVERHEAD[cipher]
+        self._sealer = _sealer(self.cipher, key)
+        self.overhead = RECORD_OVERHEAD[self.cipher]
         self._bytes_since_rekey = 0
         self._rekey_at: float | None = None  # set by the first seal (no clock reads here)
         self._closed = False
@@ -392,7 +479,7 @@ class RecordReceiver:
     )
 
     def __init__(
-        self, key: bytes, *, cipher: str = CIPHER_AEGIS256, max_message_bytes: int = 2 * GiB
+        self, key: bytes, *, cipher: str | None = None, max_message_bytes: int = 2 * GiB
     ) -> None:
         _check_key(key)
         self.cipher = _check_cipher(cipher)
@@ -403,8 +490,8 @@ class RecordReceiver:
         ):
             raise ValueError(f"max_message_bytes must be a positive int, got {max_message_bytes!r}")
         self._max_message_bytes = max_message_bytes
-        self._opener = _opener(cipher, key)
-        self._shortest = _SHORTEST_RECORD[cipher]
+        self._opener = _opener(self.cipher, key)
+        self._shortest = _SHORTEST_RECORD[self.cipher]
         self._started = False
         self._closed = False
         self._failed = False
