@@ -1,23 +1,30 @@
 """``Federation`` on the asyncio runtime driver (``runtime.driver.AsyncDriver``).
 
 Every node gets its own ``AsyncDriver`` with a ``MemoryPeers`` on one ``MemoryNetwork``
-(real wire encoding, in-process links) and its own durable store, all in one event loop
-that runs only inside ``run_until`` / ``run_for``. Time is real but sped up: federation
-time advances ``speed`` seconds per wall second, so the suite's minutes of protocol time
-take seconds. Training jobs sleep for an exponential duration around ``train_time_s``
-(federation seconds) in a thread pool, then call the trainer.
+(real wire encoding, in-process links) and its own durable store
+(``federation.store.StateStore``), all in one event loop that runs only inside
+``run_until`` / ``run_for``. Time is real but sped up: federation time advances ``speed``
+seconds per wall second, so the suite's minutes of protocol time take seconds. Training
+jobs sleep for an exponential duration around ``train_time_s`` (federation seconds) in a
+thread pool, then call the trainer.
 
 Links are cut synchronously (partitions, kills), and messages of a cut connection that
 were not yet handled are dropped; in-flight timing is not exact (``exact_timing`` False).
+
+``AsyncFederation`` keeps the peer sets behind a few methods (``_prepare``, ``_peers``,
+``_cut``, ``_heal``, ``_down``, ``_up``, ``inject``) that ``net_federation`` replaces with
+loopback WebSockets, secure channels and end-to-end signing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,13 +35,15 @@ import numpy as np
 from fedloom.algorithms.protocol import Effect, Event, Node, Persist, TrainResult, Weights
 from fedloom.federation.store import StateStore
 from fedloom.federation.training import Trainer
-from fedloom.runtime.driver import AsyncDriver, Store
-from fedloom.runtime.peers import MemoryNetwork
-from tests.conformance.harness import Journal, RecordingNode
+from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.memory_network import MemoryNetwork
+from fedloom.runtime.peer_table import PeerSet
+from fedloom.transport.codec_policy import CodecPolicy
+from tests.conformance.harness import Journal, RecordingNode, Unsupported, reopen
 
 
 class MemoryStore:
-    """A ``Store`` that keeps checkpoints and logs in memory (``durable=False``)."""
+    """A ``Store`` that keeps checkpoints and logs in memory (tests of the driver)."""
 
     def __init__(self) -> None:
         self.data: dict[str, Any] = {}
@@ -96,21 +105,32 @@ class _PacedTrainer:
         return self.inner(node_id, weights, config)
 
 
+class _Refusals(logging.Handler):
+    """Counts the connections a node closed on bad input from a peer, by reason (the
+    daemons' only record of them is this WARNING: ``runtime.connection``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("closing the connection to"):
+            self.counts[str(getattr(record, "reason", "?"))] += 1
+
+
 class AsyncFederation:
     """``Federation`` on ``AsyncDriver`` + ``MemoryPeers`` (see the module docstring)."""
 
     name = "async"
     exact_timing = False
+    signs = False
 
-    def __init__(
-        self, *, speed: float = 20.0, train_time_s: float = 1.0, durable: bool = True
-    ) -> None:
+    def __init__(self, *, speed: float = 20.0, train_time_s: float = 1.0) -> None:
         self.speed = speed
         self.train_time_s = train_time_s
-        self.durable = durable
         self._loop = asyncio.new_event_loop()
         self._journal = Journal()
-        self._network = MemoryNetwork()
+        self._network: MemoryNetwork | None = None
         self._nodes: dict[str, Node] = {}
         self._drivers: dict[str, AsyncDriver] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -119,8 +139,11 @@ class AsyncFederation:
         self._t0 = self._loop.time()
         self._wake = asyncio.Event()
         self._heals: list[asyncio.TimerHandle] = []
-        self._tmp: Path | None = None
-        self.stores: dict[str, Store] = {}
+        self._tmp = Path(tempfile.mkdtemp(prefix="fedloom-conformance-"))
+        self._seed = 0
+        self.stores: dict[str, StateStore] = {}
+        self._refusals = _Refusals()
+        logging.getLogger("fedloom.runtime.connection").addHandler(self._refusals)
 
     # -- Federation protocol
 
@@ -146,33 +169,24 @@ class AsyncFederation:
         *,
         trainer: Trainer | None = None,
         seed: int = 0,
+        codecs: CodecPolicy | None = None,
+        relays: Mapping[tuple[str, str], str] | None = None,
+        durable: bool = False,  # always: a node's store is where its Persists go
     ) -> None:
         if self._drivers:
             raise RuntimeError("start() was already called")
         self._nodes = dict(nodes)
+        self._seed = seed
         self._trainer.inner = trainer
-        for a, b in neighbours:
-            self._network.link(a, b)
-        if self.durable:
-            self._tmp = Path(tempfile.mkdtemp(prefix="fedloom-conformance-"))
-        for node_id, node in nodes.items():
-            wrapped = _Observed(RecordingNode(node, self._journal), self._wake.set)
-            self.stores[node_id] = self._store(node_id)
-            self._drivers[node_id] = AsyncDriver(
-                wrapped,
-                peers=self._network.peers(node_id),
-                trainer=self._trainer,
-                executor=self._pool,
-                store=self.stores[node_id],
-                clock=lambda: self.now,
-                time_scale=self.speed,
-                seed=seed,
-            )
+        self._prepare(nodes, roles, list(neighbours), codecs, dict(relays or {}))
+        for node_id in nodes:
+            store = StateStore(self._tmp / node_id)
+            store.load()  # a fresh directory: nothing to recover, but the log starts here
+            self.stores[node_id] = store
+            self._drivers[node_id] = self._driver_for(node_id, nodes[node_id])
         self._t0 = self._loop.time()
-        for node_id, driver in self._drivers.items():
-            task = self._loop.create_task(driver.run(), name=f"driver {node_id}")
-            task.add_done_callback(lambda _: self._wake.set())  # surface a crash at once
-            self._tasks[node_id] = task
+        for node_id in nodes:
+            self._launch(node_id)
         self._loop.run_until_complete(asyncio.sleep(0))
 
     def run_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
@@ -184,18 +198,45 @@ class AsyncFederation:
     def kill(self, node_id: str) -> None:
         if node_id not in self._drivers:
             raise ValueError(f"kill: unknown node {node_id!r}")
-        self._network.isolate(node_id)
+        self._down(node_id, forever=True)
         self._drivers[node_id].stop()
 
     def partition(self, nodes: Iterable[str], duration_s: float) -> None:
-        pairs = self._network.partition(nodes)
-        handle = self._loop.call_later(duration_s / self.speed, self._network.heal, pairs)
+        pairs = self._cut(nodes)
+        handle = self._loop.call_later(duration_s / self.speed, self._heal, pairs)
         self._heals.append(handle)
+
+    def restart(self, node_id: str, make: Callable[[], Node], down_s: float) -> Any:
+        back = self._down(node_id, forever=False)
+        self._drivers[node_id].stop()
+        task = self._tasks.pop(node_id)
+        self._loop.run_until_complete(asyncio.wait([task], timeout=10.0))
+        if not task.done():
+            raise RuntimeError(f"the driver of {node_id} did not stop")
+        if not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"the driver of {node_id} failed") from task.exception()
+        self.run_for(down_s)
+        self.stores[node_id], node = reopen(self.stores[node_id], make)
+        self._nodes[node_id] = node
+        self._drivers[node_id] = self._driver_for(node_id, node)
+        self._launch(node_id)
+        self._up(node_id, back)
+        return node
+
+    def inject(self, src: str, dst: str, data: bytes) -> None:
+        conn = self._network_or_fail().peers(src).table.get(dst)
+        if conn is None:
+            raise RuntimeError(f"inject: {src} is not connected to {dst}")
+        self._loop.run_until_complete(conn.pipe.progress.send(data))
+
+    def input_rejections(self) -> dict[str, int]:
+        return dict(self._refusals.counts)
 
     def fail_next_jobs(self, node_id: str, count: int = 1) -> None:
         self._trainer.to_fail[node_id] = self._trainer.to_fail.get(node_id, 0) + count
 
     def close(self) -> None:
+        logging.getLogger("fedloom.runtime.connection").removeHandler(self._refusals)
         for handle in self._heals:
             handle.cancel()
         for driver in self._drivers.values():
@@ -211,21 +252,72 @@ class AsyncFederation:
         self._loop.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         for store in self.stores.values():
-            close = getattr(store, "close", None)
-            if close is not None:
-                close()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            store.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
         self._raise_failures()
+
+    # -- the peer sets (replaced by net_federation)
+
+    def _prepare(
+        self,
+        nodes: Mapping[str, Node],
+        roles: Mapping[str, str],
+        neighbours: list[tuple[str, str]],
+        codecs: CodecPolicy | None,
+        relays: dict[tuple[str, str], str],
+    ) -> None:
+        if relays:
+            raise Unsupported(
+                "in-memory peer sets have no relays: their links carry plain wire "
+                "messages, and a relayed message must be sealed end to end (NetworkPeers)"
+            )
+        self._network = MemoryNetwork(codecs=codecs)
+        for a, b in neighbours:
+            self._network.link(a, b)
+
+    def _network_or_fail(self) -> MemoryNetwork:
+        assert self._network is not None, "start() first"
+        return self._network
+
+    def _peers(self, node_id: str) -> PeerSet:
+        return self._network_or_fail().peers(node_id)
+
+    def _cut(self, nodes: Iterable[str]) -> Any:
+        return self._network_or_fail().partition(nodes)
+
+    def _heal(self, pairs: Any) -> None:
+        self._network_or_fail().heal(pairs)
+
+    def _down(self, node_id: str, *, forever: bool) -> Any:
+        """Cut ``node_id`` from everyone (for good when ``forever``); what ``_up`` takes."""
+        network = self._network_or_fail()
+        if forever:
+            network.isolate(node_id)
+            return None
+        return network.partition([node_id])
+
+    def _up(self, node_id: str, back: Any) -> None:
+        self._network_or_fail().heal(back)
 
     # -- internals
 
-    def _store(self, node_id: str) -> Store:
-        if self._tmp is not None:
-            store = StateStore(self._tmp / node_id)
-            store.load()  # a fresh directory: nothing to recover, but the log starts here
-            return store
-        return MemoryStore()
+    def _driver_for(self, node_id: str, node: Node) -> AsyncDriver:
+        wrapped = _Observed(RecordingNode(node, self._journal), self._wake.set)
+        return AsyncDriver(
+            wrapped,
+            peers=self._peers(node_id),
+            trainer=self._trainer,
+            executor=self._pool,
+            store=self.stores[node_id],
+            clock=lambda: self.now,
+            time_scale=self.speed,
+            seed=self._seed,
+        )
+
+    def _launch(self, node_id: str) -> None:
+        task = self._loop.create_task(self._drivers[node_id].run(), name=f"driver {node_id}")
+        task.add_done_callback(lambda _: self._wake.set())  # surface a crash at once
+        self._tasks[node_id] = task
 
     def _raise_failures(self) -> None:
         for node_id, task in self._tasks.items():

@@ -1,30 +1,58 @@
 """A driver-agnostic harness for the conformance suite.
 
 The suite runs the same protocol scenarios against every driver. A driver plugs in by
-implementing ``Federation`` (see ``SimFederation`` for the simulator) and registering a
-factory in ``DRIVERS`` (``conftest.py`` parametrises the ``federation`` fixture over it).
+implementing ``Federation`` and registering a factory in ``DRIVERS`` (``conftest.py``
+parametrises the ``federation`` fixture over it). Three are registered:
 
-Times are in the federation's own clock: virtual seconds for the simulator, real seconds
-for a real-time driver (which may choose small latencies and training times).
+* ``sim``: the discrete-event simulator (``SimDriver``) on its virtual clock;
+* ``async``: the asyncio driver (``AsyncDriver``) over in-memory links (``MemoryNetwork``),
+  every node with its durable store (``async_federation.py``);
+* ``net``: the asyncio driver over loopback WebSockets on 127.0.0.1 with the secure channel
+  (signed handshake, encrypted records) and end-to-end signing, as the daemons run
+  (``net_federation.py``).
+
+Times are in the federation's own clock: virtual seconds for the simulator, sped-up real
+seconds for the others (node time runs ``speed`` times faster than the wall clock).
 
 The harness wraps every node in a ``RecordingNode`` before handing it to the driver, so
-effects and metrics are observed (and the exactly-once / monotone-version invariants are
-checked) the same way whichever driver runs them.
+effects, metrics and the messages each node received are observed (and the exactly-once /
+monotone-version invariants are checked) the same way whichever driver runs them.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
-from fedloom.algorithms.protocol import Effect, Event, Metric, Node, Weights
+from fedloom.algorithms.protocol import (
+    Effect,
+    Event,
+    Metric,
+    Node,
+    Persist,
+    Received,
+    Restorable,
+    Train,
+    TrainDone,
+    TrainFailed,
+    Weights,
+)
 from fedloom.federation.invariants import InvariantChecker
+from fedloom.federation.store import CHECKPOINT_KEY, Recovery, StateStore
 from fedloom.federation.training import Trainer
 from fedloom.sim.availability import Availability
 from fedloom.sim.compute import ComputeModel
 from fedloom.sim.driver import SimDriver
-from fedloom.sim.network import UniformLinks
+from fedloom.sim.network import UniformLinks, WireCodec
+from fedloom.transport.codec_policy import CodecPolicy
+
+
+class Unsupported(Exception):  # noqa: N818 - a test outcome, not an error
+    """This driver cannot run what the case asks for (the test skips, saying why)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +67,12 @@ class MetricRecord:
 
 
 class Journal:
-    """Everything the nodes of one federation emitted, in order, plus invariant checks."""
+    """Everything the nodes of one federation emitted and received, plus invariant checks."""
 
     def __init__(self) -> None:
         self.effects: list[tuple[float, str, Effect]] = []
         self.metrics: list[MetricRecord] = []
+        self.received: list[tuple[float, str, Received]] = []
         self.counts: dict[str, int] = {}
         self.checker = InvariantChecker()
 
@@ -57,7 +86,7 @@ class Journal:
 
 
 class RecordingNode:
-    """Wraps a node: same behaviour, every effect journaled."""
+    """Wraps a node: same behaviour, every effect and received message journaled."""
 
     def __init__(self, node: Node, journal: Journal) -> None:
         self.inner = node
@@ -69,6 +98,8 @@ class RecordingNode:
         return self._id
 
     def handle(self, event: Event, now: float) -> list[Effect]:
+        if isinstance(event, Received):
+            self._journal.received.append((now, self._id, event))
         effects = self.inner.handle(event, now)
         self._journal.record(self._id, now, effects)
         return effects
@@ -86,6 +117,7 @@ class Federation(Protocol):
 
     name: str
     exact_timing: bool  # messages in flight when a link is cut are reliably lost
+    signs: bool  # end-to-end signatures are made and checked (daemons: always)
 
     def start(
         self,
@@ -95,15 +127,24 @@ class Federation(Protocol):
         *,
         trainer: Trainer | None = None,
         seed: int = 0,
+        codecs: CodecPolicy | None = None,
+        relays: Mapping[tuple[str, str], str] | None = None,
+        durable: bool = False,
     ) -> None:
-        """Start the nodes; every neighbour link comes up (PeerUp to both ends)."""
+        """Start the nodes; every neighbour link comes up (PeerUp to both ends).
+
+        ``codecs``: the tensor codec of each message type (default fp32 everywhere).
+        ``relays``: ``{(a, b): relay}`` for neighbour pairs that accept no inbound
+        connections and reach each other through the relay node (``Unsupported`` where
+        the driver has no relays). ``durable``: every node keeps its ``Persist`` effects in
+        a ``federation.store.StateStore`` (the real-time drivers always do)."""
         ...
 
     @property
     def now(self) -> float: ...
 
     def node(self, node_id: str) -> Any:
-        """The node object (unwrapped) as passed to ``start``."""
+        """The node object (unwrapped) now running as ``node_id``."""
         ...
 
     def run_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
@@ -118,6 +159,22 @@ class Federation(Protocol):
 
     def partition(self, nodes: Iterable[str], duration_s: float) -> None:
         """Cut ``nodes`` from the rest, starting now, for ``duration_s``."""
+        ...
+
+    def restart(self, node_id: str, make: Callable[[], Node], down_s: float) -> Any:
+        """Crash ``node_id`` now (its training jobs and unsent messages are lost, its
+        neighbours see it go), keep it down ``down_s``, then start ``make()`` restored
+        from ``node_id``'s store as a daemon restarts (load, ``restore``, a fresh
+        checkpoint); return the new node. Needs ``durable``."""
+        ...
+
+    def inject(self, src: str, dst: str, data: bytes) -> None:
+        """Deliver ``data`` to ``dst`` as one message from its neighbour ``src`` (raw
+        bytes where a wire message's encoding would be: a modified peer's output)."""
+        ...
+
+    def input_rejections(self) -> dict[str, int]:
+        """Peer input refused before any node saw it, by reason (decoding, signatures)."""
         ...
 
     def fail_next_jobs(self, node_id: str, count: int = 1) -> None:
@@ -146,6 +203,38 @@ def version_of(fed: Federation, node_id: str) -> int:
     return -1 if cur is None else int(cur[0])
 
 
+def received(fed: Federation, node_id: str, kind: type) -> list[tuple[float, str, Any]]:
+    """``(time, sender, message)`` of every ``kind`` message ``node_id`` received."""
+    return [
+        (t, e.peer, e.msg)
+        for t, n, e in fed.journal.received
+        if n == node_id and isinstance(e.msg, kind)
+    ]
+
+
+def restore(node: Node, recovery: Recovery) -> None:
+    """Restore ``node`` from what its store recovered: the one ``Restorable`` protocol
+    every durable role follows (its checkpoint, then the log records written after it)."""
+    if not isinstance(node, Restorable):
+        raise TypeError(f"{node.node_id} ({type(node).__name__}) keeps no state to restore")
+    node.restore(recovery.checkpoint, recovery)
+
+
+def reopen(store: StateStore, make: Callable[[], Node]) -> tuple[StateStore, Node]:
+    """Close ``store``, open its directory again and restore ``make()`` from it, then
+    write a fresh checkpoint (compaction), as a restarted daemon does."""
+    directory = store.directory
+    store.close()
+    store = StateStore(directory)
+    recovery = store.load()
+    node = make()
+    restore(node, recovery)
+    snapshot = getattr(node, "snapshot", None)
+    if snapshot is not None:
+        store.apply(Persist(CHECKPOINT_KEY, snapshot()))
+    return store, node
+
+
 # ---------------------------------------------------------------- the simulator
 
 
@@ -164,11 +253,82 @@ class _ScriptedAvailability(Availability):
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class RawFrame:
+    """Bytes put on a simulated link as they are (an injected, modified peer's output)."""
+
+    data: bytes
+
+
+class _InjectingCodec(WireCodec):
+    """The wire codec, except that a ``RawFrame`` is its own encoding."""
+
+    def encode(self, msg: Any, spec: Any) -> bytes:
+        if isinstance(msg, RawFrame):
+            return msg.data
+        return super().encode(msg, spec)
+
+
+class _SimSlot:
+    """What the simulator runs as one node: the recorded node of the current
+    incarnation, or nothing while it is down. Persists go to the node's store (when
+    durable) before the driver carries out the effects after them; training jobs get
+    federation-wide ids, so the job of a crashed incarnation never reaches the next."""
+
+    def __init__(self, node_id: str, journal: Journal, store: StateStore | None) -> None:
+        self._id = node_id
+        self.journal = journal
+        self.store = store
+        self.current: RecordingNode | None = None
+        self.jobs: dict[int, int] = {}  # driver job id -> the node's job id
+        self.next_job = 0
+
+    @property
+    def node_id(self) -> str:
+        return self._id
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        if self.current is None:
+            return []  # down: a crashed process hears nothing
+        if isinstance(event, TrainDone | TrainFailed):
+            job = self.jobs.pop(event.job, None)
+            if job is None:
+                return []  # a job of an earlier incarnation
+            event = (
+                TrainDone(job, event.result)
+                if isinstance(event, TrainDone)
+                else TrainFailed(job, event.reason)
+            )
+        out: list[Effect] = []
+        persists: list[Persist] = []
+        for e in self.current.handle(event, now):
+            if isinstance(e, Persist):
+                persists.append(e)
+            elif persists:
+                self._write(persists)  # durable before what follows it
+                persists = []
+            if isinstance(e, Train):
+                self.next_job += 1
+                self.jobs[self.next_job] = e.job
+                e = Train(self.next_job, e.weights, e.config)
+            out.append(e)
+        self._write(persists)
+        return out
+
+    def _write(self, persists: list[Persist]) -> None:
+        if persists and self.store is not None:
+            self.store.apply_many(persists)
+
+    def next_deadline(self) -> float | None:
+        return None if self.current is None else self.current.next_deadline()
+
+
 class SimFederation:
     """``Federation`` on the discrete-event simulator."""
 
     name = "sim"
     exact_timing = True
+    signs = False
 
     def __init__(
         self,
@@ -185,7 +345,9 @@ class SimFederation:
         self._journal = Journal()
         self._driver: SimDriver | None = None
         self._nodes: dict[str, Node] = {}
+        self._slots: dict[str, _SimSlot] = {}
         self._availability = _ScriptedAvailability(detection_delay_s)
+        self._tmp: Path | None = None
 
     @property
     def journal(self) -> Journal:
@@ -204,9 +366,26 @@ class SimFederation:
         *,
         trainer: Trainer | None = None,
         seed: int = 0,
+        codecs: CodecPolicy | None = None,
+        relays: Mapping[tuple[str, str], str] | None = None,
+        durable: bool = False,
     ) -> None:
+        if relays:
+            raise Unsupported(
+                "the simulator has no relays: every neighbour pair is a direct link "
+                "(relaying is done by NetworkPeers, sealed end to end)"
+            )
         self._nodes = dict(nodes)
-        wrapped = {k: RecordingNode(n, self._journal) for k, n in nodes.items()}
+        if durable:
+            self._tmp = Path(tempfile.mkdtemp(prefix="fedloom-conformance-sim-"))
+        for node_id, node in nodes.items():
+            store = None
+            if self._tmp is not None:
+                store = StateStore(self._tmp / node_id)
+                store.load()
+            slot = _SimSlot(node_id, self._journal, store)
+            slot.current = RecordingNode(node, self._journal)
+            self._slots[node_id] = slot
         # Durations vary (exponential around train_time_s) so arrivals interleave.
         compute = ComputeModel.from_config(
             {
@@ -217,7 +396,7 @@ class SimFederation:
             seed=seed,
         )
         self._driver = SimDriver(
-            wrapped,
+            dict(self._slots),
             roles,
             UniformLinks(self.latency_s, self.bandwidth_bps),
             neighbours=neighbours,
@@ -225,6 +404,8 @@ class SimFederation:
             availability=self._availability,
             trainer=trainer,
             seed=seed,
+            codecs=codecs,
+            codec=_InjectingCodec(),
         )
 
     @property
@@ -249,12 +430,40 @@ class SimFederation:
     def partition(self, nodes: Iterable[str], duration_s: float) -> None:
         self.driver.partition(nodes, self.now, self.now + duration_s)
 
+    def restart(self, node_id: str, make: Callable[[], Node], down_s: float) -> Any:
+        slot = self._slots[node_id]
+        if slot.store is None:
+            raise RuntimeError("restart needs start(durable=True)")
+        # Down now: the node hears nothing and its links are cut (messages in flight
+        # are lost, neighbours get PeerDown) until it is back.
+        slot.current = None
+        slot.jobs.clear()
+        self.driver.partition([node_id], self.now, self.now + down_s)
+        self.run_for(down_s)
+        slot.store, node = reopen(slot.store, make)
+        slot.current = RecordingNode(node, self._journal)
+        self._nodes[node_id] = node
+        return node
+
+    def inject(self, src: str, dst: str, data: bytes) -> None:
+        # Decode everything on arrival (fp32 included), as a receiver must.
+        self.driver.network.decode_lossless = True
+        self.driver.network.send(src, dst, RawFrame(data))
+
+    def input_rejections(self) -> dict[str, int]:
+        return dict(self.driver.network.rejections)
+
     def fail_next_jobs(self, node_id: str, count: int = 1) -> None:
         self._availability.to_fail[node_id] = self._availability.to_fail.get(node_id, 0) + count
 
     def close(self) -> None:
         if self._driver is not None:
             self._driver.close()
+        for slot in self._slots.values():
+            if slot.store is not None:
+                slot.store.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def _async_federation() -> Federation:
@@ -264,5 +473,15 @@ def _async_federation() -> Federation:
     return AsyncFederation()
 
 
-# name -> factory; a real-time driver adds itself here.
-DRIVERS: dict[str, Callable[[], Federation]] = {"sim": SimFederation, "async": _async_federation}
+def _net_federation() -> Federation:
+    from tests.conformance.net_federation import NetFederation
+
+    return NetFederation()
+
+
+# name -> factory
+DRIVERS: dict[str, Callable[[], Federation]] = {
+    "sim": SimFederation,
+    "async": _async_federation,
+    "net": _net_federation,
+}

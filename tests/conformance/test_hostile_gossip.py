@@ -20,7 +20,7 @@ from fedloom.algorithms.protocol import Effect, Event, Send
 from fedloom.topology.gossip import gossip
 from fedloom.topology.specs import Site
 from fedloom.topology.wan import WanModel
-from fedloom.transport.wire import GossipShare
+from fedloom.transport.wire import GossipShare, Heartbeat
 from tests.conformance.harness import Federation
 from tests.conformance.toy_nodes import NoisyTrainer
 
@@ -29,11 +29,19 @@ TARGET = 1e6  # where a weight-inflating peer tries to set its neighbours' model
 
 
 class HostilePeer:
-    """A ``GossipPeer`` whose every share is rewritten before it leaves."""
+    """A ``GossipPeer`` whose every share is rewritten before it leaves.
 
-    def __init__(self, inner: GossipPeer, attack: str) -> None:
+    It also sends a rewritten share wherever the peer would send a heartbeat: an attacker
+    does not pace itself. (The inner peer may withhold every share of its own: under
+    push-sum its neighbours, refusing what it sends, take none of its mass and so seem to
+    owe it; on the real-time drivers the shares it sent before its links were up were
+    dropped and count as owed too. Without this the attack could go unsent.)
+    """
+
+    def __init__(self, inner: GossipPeer, attack: str, mode: str) -> None:
         self.inner = inner
         self.attack = attack
+        self.mode = mode
 
     @property
     def node_id(self) -> str:
@@ -45,19 +53,25 @@ class HostilePeer:
     def current_model(self) -> Any:
         return self.inner.current_model()
 
+    def _rewrite(self, s: GossipShare) -> GossipShare:
+        if self.attack == "weight":
+            x = {k: np.full(v.shape, 1e15 * TARGET, v.dtype) for k, v in s.x.items()}
+            return dataclasses.replace(s, x=x, w=1e15)
+        # finite in float32, 1e30 from anything honest
+        return dataclasses.replace(
+            s, x={k: np.full(v.shape, 1e30, v.dtype) for k, v in s.x.items()}
+        )
+
     def handle(self, event: Event, now: float) -> list[Effect]:
         out: list[Effect] = []
         for e in self.inner.handle(event, now):
             if isinstance(e, Send) and isinstance(e.msg, GossipShare):
-                s = e.msg
-                if self.attack == "weight":
-                    x = {k: np.full(v.shape, 1e15 * TARGET, v.dtype) for k, v in s.x.items()}
-                    s = dataclasses.replace(s, x=x, w=1e15)
-                else:  # finite in float32, 1e30 from anything honest
-                    s = dataclasses.replace(
-                        s, x={k: np.full(v.shape, 1e30, v.dtype) for k, v in s.x.items()}
-                    )
-                e = Send(e.peer, s)
+                e = Send(e.peer, self._rewrite(e.msg))
+            elif isinstance(e, Send) and isinstance(e.msg, Heartbeat):
+                step, model = self.inner.current_model()
+                w = 1.0 if self.mode == "dpsgd" else 0.01
+                share = GossipShare(self.node_id, step, {k: w * v for k, v in model.items()}, w)
+                out.append(Send(e.peer, self._rewrite(share)))
             out.append(e)
         return out
 
@@ -83,7 +97,7 @@ def test_hostile_gossip_peer_neither_captures_nor_stalls_its_neighbours(
             max_share_weight=bound,
             rng=np.random.default_rng(i),
         )
-        nodes[spec.id] = HostilePeer(peer, attack) if spec.id == EVIL else peer
+        nodes[spec.id] = HostilePeer(peer, attack, mode) if spec.id == EVIL else peer
     victims = set(plan.node(EVIL).peers)
     assert victims and len(victims) < len(nodes) - 1
     roles = {n: "peer" for n in nodes}
