@@ -26,6 +26,10 @@ the reason logged and the daemon lives on:
   the decoded weights; then the node's ``ModelVersionGuard`` refuses a version older than
   the newest accepted, or a different model under that version.
 
+The decisions and the state (proofs, guard, layout, counts) are sans-I/O and shared with
+the simulator: ``federation.signing.EndToEndCore``, which ``EndToEnd`` extends with
+hashing off the event loop, the one-per-version caches of futures and relayed envelopes.
+
 Once the model's ``ModelLayout`` is known (``set_layout``: the daemon sets it at start
 from its model or plan; a node without either, a fresh region, learns it from the first
 model whose root signature verifies), an update's delta or a model's weights of other
@@ -45,33 +49,24 @@ numbers, sent and accepted, are kept durably when ``relay_seq`` has a store
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
-import logging
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from fedloom.algorithms.protocol import Metric
+from fedloom.federation.signing import (
+    KEEP_VERSIONS,
+    EndToEndCore,
+    ModelMessage,
+    ModelProof,
+    Report,
+)
 from fedloom.runtime.relay_seq import RelaySeqState
 from fedloom.transport.channel import offload, tensor_bytes
-from fedloom.transport.e2e import (
-    MODEL_SIGNER_ROLES,
-    ModelVersionGuard,
-    SenderMismatchError,
-    UnsignedError,
-    check_layout,
-    digest_as_received,
-    sign_model,
-    sign_update,
-    tensors_digest,
-    verify_model,
-    verify_update,
-)
+from fedloom.transport.e2e import digest_as_received, tensors_digest
 from fedloom.transport.errors import ProtocolError
 from fedloom.transport.identity import Identity
 from fedloom.transport.limits import Limits, ModelLayout
@@ -82,25 +77,9 @@ from fedloom.transport.wire import Message, ModelBroadcast, Relayed, TrainReques
 
 __all__ = ["KEEP_VERSIONS", "EndToEnd", "ModelProof", "Report"]
 
-log = logging.getLogger("fedloom.runtime.signing")
-
-KEEP_VERSIONS = 4  # model versions whose proofs (and signatures) are kept
 INLINE_BELOW = 64 * 1024  # tensor bytes hashed on the event loop; more go to a thread
 
-ModelMessage: TypeAlias = TrainRequest | ModelBroadcast
-Report = Callable[[Metric], None]
 _V = TypeVar("_V")
-
-
-@dataclass(frozen=True, slots=True)
-class ModelProof:
-    """The root's signature of one model version, as carried by a model message."""
-
-    signer: str
-    version: int
-    parent: int
-    sig: bytes
-    digest: bytes
 
 
 def _nbytes(tensors: Mapping[str, npt.NDArray[Any]]) -> int:
@@ -145,7 +124,7 @@ def _version_of(key: Any) -> int:
     return int(key[0]) if isinstance(key, tuple) else int(key)
 
 
-class EndToEnd:
+class EndToEnd(EndToEndCore):
     """One node's signing of what it sends and checking of what it receives (module doc).
 
     ``report`` (optional) gets a ``Metric("update_rejected" | "message_rejected",
@@ -162,48 +141,25 @@ class EndToEnd:
         report: Report | None = None,
         relay_seq: RelaySeqState | None = None,
     ) -> None:
-        if keep_versions < 1:
-            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
-        self.identity = identity
-        self.roster = roster
-        self.report = report
-        self.keep_versions = keep_versions
-        self.guard = ModelVersionGuard()
-        self.rejected: Counter[str] = Counter()
-        self.unsigned_sent = 0
+        super().__init__(identity, roster, keep_versions=keep_versions, report=report)
         self._signed = _Once(keep_versions)  # root: version -> its ModelProof
         self._relay_ok = _Once(keep_versions)  # region: (version, spec) -> digest matches
-        self._proofs: dict[int, ModelProof] = {}  # verified models, relayed by a region
-        self._warned: set[int] = set()
         self.relay_seq = relay_seq if relay_seq is not None else RelaySeqState()
         self._relay_out = RelaySender(identity, roster, last=self.relay_seq.sent)
         self._relay_in = RelayInbox(identity, roster, floors=self.relay_seq.seen)
         self.relay_seq.bind(self._relay_in.floors)
-        # The model's layout once known (``set_layout``); ``on_layout`` is told of it.
-        self.layout: ModelLayout | None = None
-        self.on_layout: Callable[[ModelLayout], None] | None = None
-
-    @property
-    def node_id(self) -> str:
-        return self.identity.node_id
 
     def use_roster(self, roster: Roster) -> None:
         """Check signatures against ``roster`` from now on (a newer one was installed)."""
-        self.roster = roster
+        super().use_roster(roster)
         self._relay_in.roster = roster
         self._relay_out.roster = roster  # envelopes are sealed to listed keys only
 
     def set_layout(self, layout: ModelLayout) -> None:
         """Check received updates and models against ``layout`` before hashing them,
         decode relayed messages under ``Limits.for_model(layout)``, tell ``on_layout``."""
-        self.layout = layout
         self._relay_in.limits = Limits.for_model(layout, base=self._relay_in.limits)
-        if self.on_layout is not None:
-            self.on_layout(layout)
-
-    @property
-    def signs_models(self) -> bool:
-        return self.identity.role in MODEL_SIGNER_ROLES
+        super().set_layout(layout)
 
     # ------------------------------------------------------------------ sending
 
@@ -215,29 +171,11 @@ class EndToEnd:
             if type(msg) is Update:
                 if msg.src != self.node_id:
                     return msg  # not ours: sent as is, and refused by a verifying peer
-                digest = await _digest(msg.delta, spec)
-                sig = sign_update(
-                    self.identity,
-                    msg.src,
-                    msg.seq,
-                    msg.base_version,
-                    peer,
-                    msg.n_examples,
-                    digest,
-                )
-                return dataclasses.replace(msg, sig=sig)
+                return self.signed_update(msg, peer, await _digest(msg.delta, spec))
             if type(msg) is TrainRequest or type(msg) is ModelBroadcast:
                 return await self._seal_model(msg, spec)
         except (ValueError, TypeError) as exc:
-            log.error(
-                "%s: cannot sign a %s for %s (%s); sending it unsigned, %s will refuse it",
-                self.node_id,
-                type(msg).__name__,
-                peer,
-                exc,
-                peer,
-                extra={"peer": peer, "reason": "unsignable"},
-            )
+            self.unsignable(msg, peer, exc)
         return msg
 
     async def _seal_model(self, msg: ModelMessage, spec: CodecSpec) -> Message:
@@ -247,11 +185,11 @@ class EndToEnd:
                 version, lambda: self._sign_model(version, msg.weights, spec)
             )
         else:
-            found = self._proofs.get(version)
+            found = self.relayed_proof(version)
             if found is None:
                 if msg.sig:  # the node carried the proof itself (a region after a restart)
                     return msg
-                self._warn_unsigned(version)
+                self.warn_unsigned(version)
                 return msg
             proof = found
             if spec.kind != "fp32":  # a lossy codec may alter the root's weights
@@ -260,45 +198,20 @@ class EndToEnd:
                 )
                 if not ok:
                     return msg  # (warned once) sent as relayed; the receiver refuses it
-        return dataclasses.replace(msg, signer=proof.signer, parent=proof.parent, sig=proof.sig)
+        return self.with_proof(msg, proof)
 
     async def _sign_model(
         self, version: int, weights: Mapping[str, npt.NDArray[Any]], spec: CodecSpec
     ) -> ModelProof:
         # The previous version this root signed (kept in the cache), 0 at first.
         parent = max((v for v in self._signed.versions() if v < version), default=0)
-        digest = await _digest(weights, spec)
-        sig = sign_model(self.identity, version, parent, digest)
-        return ModelProof(self.node_id, version, parent, sig, digest)
+        return self.new_model_proof(version, parent, await _digest(weights, spec))
 
     async def _relay_check(self, proof: ModelProof, msg: ModelMessage, spec: CodecSpec) -> bool:
         if await _digest(msg.weights, spec) == proof.digest:
             return True
-        log.warning(
-            "%s: the %s down codec changes model version %d signed by %s: children will "
-            "refuse it (relay models with fp32 or with the root's own codec)",
-            self.node_id,
-            spec.kind,
-            proof.version,
-            proof.signer,
-            extra={"version": proof.version, "reason": "codec_alters_model"},
-        )
+        self.warn_codec_alters_model(proof, spec)
         return False
-
-    def _warn_unsigned(self, version: int) -> None:
-        self.unsigned_sent += 1
-        if version in self._warned:
-            return
-        self._warned.add(version)
-        while len(self._warned) > self.keep_versions:
-            self._warned.discard(min(self._warned))
-        log.warning(
-            "%s: no root signature for model version %d (not received from the parent "
-            "yet, or too old); sending it unsigned: the receiver will refuse it",
-            self.node_id,
-            version,
-            extra={"version": version, "reason": "no_model_proof"},
-        )
 
     def keep_relay_seq(self, state: RelaySeqState) -> None:
         """Keep the relayed envelopes' numbers in ``state`` from now on (durably if it has
@@ -343,51 +256,11 @@ class EndToEnd:
         """Raise a ``ProtocolError`` subclass unless ``msg`` from ``peer`` is acceptable."""
         try:
             if type(msg) is Update:
-                await self._check_update(msg, peer)
+                self.precheck_update(msg, peer)
+                self.verify_update(msg, await _digest(msg.delta, None))
             elif type(msg) is TrainRequest or type(msg) is ModelBroadcast:
-                await self._check_model(msg, peer)
+                self.precheck_model(msg, peer)
+                self.accept_model(msg, await _digest(msg.weights, None))
         except ProtocolError as exc:
-            self.rejected[exc.reason] += 1
-            if self.report is not None:
-                name = "update_rejected" if type(msg) is Update else "message_rejected"
-                self.report(Metric(name, 1.0, {"reason": exc.reason}))
+            self.refused(msg, exc)
             raise
-
-    async def _check_update(self, msg: Update, peer: str) -> None:
-        if msg.src != peer:
-            raise SenderMismatchError(
-                f"update {msg.seq} claims to come from {msg.src!r} but {peer!r} sent it "
-                "(updates are accepted from their signer only)"
-            )
-        if not msg.sig:
-            raise UnsignedError(f"update {msg.seq} from {peer!r} is not signed")
-        if self.layout is not None:
-            check_layout(self.layout, msg.delta, f"update {msg.seq} from {peer!r}")
-        digest = await _digest(msg.delta, None)
-        verify_update(
-            self.roster,
-            msg.sig,
-            msg.src,
-            msg.seq,
-            msg.base_version,
-            self.node_id,
-            msg.n_examples,
-            digest,
-        )
-
-    async def _check_model(self, msg: ModelMessage, peer: str) -> None:
-        what = "model broadcast" if type(msg) is ModelBroadcast else "training request"
-        if not msg.sig:
-            raise UnsignedError(
-                f"{what} of model version {msg.version} from {peer!r} carries no root signature"
-            )
-        if self.layout is not None:
-            check_layout(self.layout, msg.weights, f"{what} of model version {msg.version}")
-        digest = await _digest(msg.weights, None)
-        verify_model(self.roster, msg.signer, msg.sig, msg.version, msg.parent, digest)
-        self.guard.accept(msg.version, digest)
-        if self.layout is None:  # a node with no model of its own (a region) learns it here
-            self.set_layout(ModelLayout.of(msg.weights))
-        self._proofs[msg.version] = ModelProof(msg.signer, msg.version, msg.parent, msg.sig, digest)
-        while len(self._proofs) > self.keep_versions:
-            del self._proofs[min(self._proofs)]

@@ -1,0 +1,311 @@
+"""End-to-end signatures, the sans-I/O part both drivers share.
+
+What a node signs as it sends and checks as it receives (the rules are in
+``runtime.signing``'s docstring; the envelopes and the digest in ``transport.e2e``):
+
+* an ``Update`` whose ``src`` is this node is signed for its recipient over the digest of
+  the delta as the recipient will decode it; a received one must come from its signer
+  (updates travel one hop) and verify with this node as recipient;
+* a model (``TrainRequest``/``ModelBroadcast``) of version v is signed by the root once
+  per version (``{v, parent, digest}``, parent the previous version it signed) and relayed
+  by a region with the proof it verified on receipt; a received one must verify against a
+  root of the roster, and then ``ModelVersionGuard`` refuses an older version or another
+  model under the same version;
+* once the model's layout is known, tensors of another layout are refused unhashed.
+
+``EndToEndCore`` holds that state and those decisions with the digests passed in, so
+nothing here does I/O or blocks on a large hash: ``runtime.signing.EndToEnd`` (the
+daemon's) subclasses it and computes large digests in a thread; the simulator calls
+``seal_now``/``check_now``, which hash inline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import numpy.typing as npt
+
+from fedloom.algorithms.protocol import Metric
+from fedloom.transport.e2e import (
+    MODEL_SIGNER_ROLES,
+    ModelVersionGuard,
+    SenderMismatchError,
+    UnsignedError,
+    as_received,
+    check_layout,
+    digest_as_received,
+    sign_model,
+    sign_update,
+    tensors_digest,
+    verify_model,
+    verify_update,
+)
+from fedloom.transport.errors import ProtocolError
+from fedloom.transport.identity import Identity
+from fedloom.transport.limits import ModelLayout
+from fedloom.transport.roster import Roster
+from fedloom.transport.tensors import CodecSpec
+from fedloom.transport.wire import Message, ModelBroadcast, TrainRequest, Update
+
+__all__ = ["KEEP_VERSIONS", "EndToEndCore", "ModelMessage", "ModelProof", "Report"]
+
+log = logging.getLogger("fedloom.runtime.signing")  # the name operators filter on
+
+KEEP_VERSIONS = 4  # model versions whose proofs (and signatures) are kept
+
+ModelMessage: TypeAlias = TrainRequest | ModelBroadcast
+Report = Callable[[Metric], None]
+_FP32 = CodecSpec(kind="fp32")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProof:
+    """The root's signature of one model version, as carried by a model message."""
+
+    signer: str
+    version: int
+    parent: int
+    sig: bytes
+    digest: bytes
+
+
+def held_digest(tensors: Mapping[str, npt.NDArray[Any]]) -> bytes:
+    """Digest of tensors a receiver holds after decoding: every float tensor is float32
+    once decoded (a simulator may hand over the sender's arrays for a lossless codec)."""
+    return tensors_digest(as_received(tensors, _FP32))
+
+
+class EndToEndCore:
+    """One node's end-to-end signing state and decisions (module docstring).
+
+    ``report`` (optional) gets a ``Metric("update_rejected" | "message_rejected",
+    labels={"reason": ...})`` for every refused message; ``rejected`` counts them too.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        roster: Roster,
+        *,
+        keep_versions: int = KEEP_VERSIONS,
+        report: Report | None = None,
+    ) -> None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        self.identity = identity
+        self.roster = roster
+        self.report = report
+        self.keep_versions = keep_versions
+        self.guard = ModelVersionGuard()
+        self.rejected: Counter[str] = Counter()
+        self.unsigned_sent = 0
+        self.signed = 0  # signatures made
+        self.verified = 0  # signatures checked and found good
+        self._proofs: dict[int, ModelProof] = {}  # verified models, relayed by a region
+        self._warned: set[int] = set()
+        # seal_now's caches (the daemon's async subclass keeps its own, of futures).
+        self._own_proofs: dict[int, ModelProof] = {}
+        self._relay_fits: dict[tuple[int, CodecSpec], bool] = {}
+        # The model's layout once known (``set_layout``); ``on_layout`` is told of it.
+        self.layout: ModelLayout | None = None
+        self.on_layout: Callable[[ModelLayout], None] | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    @property
+    def signs_models(self) -> bool:
+        return self.identity.role in MODEL_SIGNER_ROLES
+
+    def use_roster(self, roster: Roster) -> None:
+        """Check signatures against ``roster`` from now on (a newer one was installed)."""
+        self.roster = roster
+
+    def set_layout(self, layout: ModelLayout) -> None:
+        """Check received updates and models against ``layout`` before hashing them."""
+        self.layout = layout
+        if self.on_layout is not None:
+            self.on_layout(layout)
+
+    # ------------------------------------------------------------------ sending
+
+    def signed_update(self, msg: Update, peer: str, digest: bytes) -> Update:
+        """``msg`` (this node's own update) signed for ``peer`` over ``digest``."""
+        sig = sign_update(
+            self.identity, msg.src, msg.seq, msg.base_version, peer, msg.n_examples, digest
+        )
+        self.signed += 1
+        return dataclasses.replace(msg, sig=sig)
+
+    def new_model_proof(self, version: int, parent: int, digest: bytes) -> ModelProof:
+        """The root's proof of model ``version`` (derived from ``parent``, 0 at first)."""
+        sig = sign_model(self.identity, version, parent, digest)
+        self.signed += 1
+        return ModelProof(self.node_id, version, parent, sig, digest)
+
+    def relayed_proof(self, version: int) -> ModelProof | None:
+        """The root's proof of ``version`` this node verified on receipt, if kept."""
+        return self._proofs.get(version)
+
+    @staticmethod
+    def with_proof(msg: ModelMessage, proof: ModelProof) -> ModelMessage:
+        return dataclasses.replace(msg, signer=proof.signer, parent=proof.parent, sig=proof.sig)
+
+    def unsignable(self, msg: Message, peer: str, exc: Exception) -> None:
+        log.error(
+            "%s: cannot sign a %s for %s (%s); sending it unsigned, %s will refuse it",
+            self.node_id,
+            type(msg).__name__,
+            peer,
+            exc,
+            peer,
+            extra={"peer": peer, "reason": "unsignable"},
+        )
+
+    def warn_unsigned(self, version: int) -> None:
+        self.unsigned_sent += 1
+        if version in self._warned:
+            return
+        self._warned.add(version)
+        while len(self._warned) > self.keep_versions:
+            self._warned.discard(min(self._warned))
+        log.warning(
+            "%s: no root signature for model version %d (not received from the parent "
+            "yet, or too old); sending it unsigned: the receiver will refuse it",
+            self.node_id,
+            version,
+            extra={"version": version, "reason": "no_model_proof"},
+        )
+
+    def warn_codec_alters_model(self, proof: ModelProof, spec: CodecSpec) -> None:
+        log.warning(
+            "%s: the %s down codec changes model version %d signed by %s: children will "
+            "refuse it (relay models with fp32 or with the root's own codec)",
+            self.node_id,
+            spec.kind,
+            proof.version,
+            proof.signer,
+            extra={"version": proof.version, "reason": "codec_alters_model"},
+        )
+
+    def seal_now(self, msg: Message, peer: str, spec: CodecSpec) -> Message:
+        """``msg`` with its signature fields filled in for ``peer``, hashing inline (the
+        simulator's; the daemon's ``seal`` hashes large tensors in a thread). Never
+        raises for the content: an unsignable message goes out unsigned, logged."""
+        try:
+            if type(msg) is Update:
+                if msg.src != self.node_id:
+                    return msg  # not ours: sent as is, and refused by a verifying peer
+                return self.signed_update(msg, peer, digest_as_received(msg.delta, spec))
+            if type(msg) is TrainRequest or type(msg) is ModelBroadcast:
+                return self._seal_model_now(msg, spec)
+        except (ValueError, TypeError) as exc:
+            self.unsignable(msg, peer, exc)
+        return msg
+
+    def _seal_model_now(self, msg: ModelMessage, spec: CodecSpec) -> Message:
+        version = msg.version
+        if self.signs_models:
+            proof = self._own_proofs.get(version)
+            if proof is None:
+                parent = max((v for v in self._own_proofs if v < version), default=0)
+                digest = digest_as_received(msg.weights, spec)
+                proof = self._own_proofs[version] = self.new_model_proof(version, parent, digest)
+                while len(self._own_proofs) > self.keep_versions:
+                    del self._own_proofs[min(self._own_proofs)]
+            return self.with_proof(msg, proof)
+        found = self.relayed_proof(version)
+        if found is None:
+            if not msg.sig:
+                self.warn_unsigned(version)
+            return msg  # (or the node carried the proof itself: a region after a restart)
+        if spec.kind != "fp32":  # a lossy codec may alter the root's weights
+            key = (version, spec)
+            fits = self._relay_fits.get(key)
+            if fits is None:
+                fits = digest_as_received(msg.weights, spec) == found.digest
+                if not fits:
+                    self.warn_codec_alters_model(found, spec)
+                self._relay_fits[key] = fits
+                while len(self._relay_fits) > self.keep_versions:
+                    del self._relay_fits[min(self._relay_fits, key=lambda k: k[0])]
+            if not fits:
+                return msg  # sent as relayed; the receiver refuses it
+        return self.with_proof(msg, found)
+
+    # ---------------------------------------------------------------- receiving
+
+    def precheck_update(self, msg: Update, peer: str) -> None:
+        """What is refused before the delta is hashed (sender, signature, layout)."""
+        if msg.src != peer:
+            raise SenderMismatchError(
+                f"update {msg.seq} claims to come from {msg.src!r} but {peer!r} sent it "
+                "(updates are accepted from their signer only)"
+            )
+        if not msg.sig:
+            raise UnsignedError(f"update {msg.seq} from {peer!r} is not signed")
+        if self.layout is not None:
+            check_layout(self.layout, msg.delta, f"update {msg.seq} from {peer!r}")
+
+    def verify_update(self, msg: Update, digest: bytes) -> None:
+        """Check ``msg``'s signature, for this node, over ``digest`` of the delta held."""
+        verify_update(
+            self.roster,
+            msg.sig,
+            msg.src,
+            msg.seq,
+            msg.base_version,
+            self.node_id,
+            msg.n_examples,
+            digest,
+        )
+        self.verified += 1
+
+    def precheck_model(self, msg: ModelMessage, peer: str) -> None:
+        """What is refused before the weights are hashed (no signature, layout)."""
+        what = "model broadcast" if type(msg) is ModelBroadcast else "training request"
+        if not msg.sig:
+            raise UnsignedError(
+                f"{what} of model version {msg.version} from {peer!r} carries no root signature"
+            )
+        if self.layout is not None:
+            check_layout(self.layout, msg.weights, f"{what} of model version {msg.version}")
+
+    def accept_model(self, msg: ModelMessage, digest: bytes) -> None:
+        """Verify the root's signature over ``digest`` of the weights held, pass the
+        version guard, learn the layout (a node without a model) and keep the proof."""
+        verify_model(self.roster, msg.signer, msg.sig, msg.version, msg.parent, digest)
+        self.verified += 1
+        self.guard.accept(msg.version, digest)
+        if self.layout is None:  # a node with no model of its own (a region) learns it here
+            self.set_layout(ModelLayout.of(msg.weights))
+        self._proofs[msg.version] = ModelProof(msg.signer, msg.version, msg.parent, msg.sig, digest)
+        while len(self._proofs) > self.keep_versions:
+            del self._proofs[min(self._proofs)]
+
+    def refused(self, msg: Message, exc: ProtocolError) -> None:
+        """Count a refused message (and report it)."""
+        self.rejected[exc.reason] += 1
+        if self.report is not None:
+            name = "update_rejected" if type(msg) is Update else "message_rejected"
+            self.report(Metric(name, 1.0, {"reason": exc.reason}))
+
+    def check_now(self, msg: Message, peer: str) -> None:
+        """Raise a ``ProtocolError`` subclass unless ``msg`` from ``peer`` is acceptable,
+        hashing inline (the simulator's; the daemon's ``check`` hashes in a thread)."""
+        try:
+            if type(msg) is Update:
+                self.precheck_update(msg, peer)
+                self.verify_update(msg, held_digest(msg.delta))
+            elif type(msg) is TrainRequest or type(msg) is ModelBroadcast:
+                self.precheck_model(msg, peer)
+                self.accept_model(msg, held_digest(msg.weights))
+        except ProtocolError as exc:
+            self.refused(msg, exc)
+            raise
