@@ -17,7 +17,8 @@ from typing import Any
 
 from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.chaos.layout import README_NAME, lay_out, read_config, write_readme
-from fedloom.runtime.demo import Cluster, Federation, NodeFiles
+from fedloom.runtime.federation_files import Federation, NodeFiles
+from fedloom.runtime.harness import Cluster
 
 __all__ = ["cmd_local_init", "cmd_local_up", "read_federation"]
 

@@ -39,7 +39,8 @@ import tomli_w
 
 from fedloom.runtime.chaos.layout import read_config
 from fedloom.runtime.chaos.record import Timeline
-from fedloom.runtime.demo import Cluster, DaemonProcess, NodeFiles, free_port
+from fedloom.runtime.federation_files import NodeFiles, free_port
+from fedloom.runtime.harness import Cluster, DaemonProcess
 
 __all__ = [
     "Disks",

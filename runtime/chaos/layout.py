@@ -1,11 +1,12 @@
 """A local federation on disk: keys, a signed roster and one config per node.
 
 ``lay_out`` writes a star (root + sites) or a hierarchy (root -> regions -> sites) with
-``runtime.demo.write_federation`` (the demo's plan, training and aggregation defaults, each
-overridable), so ``fedloom chaos`` and ``fedloom local init`` produce the layout the demo and
-the end-to-end tests use: ``keys/``, ``roster.toml``, ``consortium.pub``, ``<node>.toml``,
-``state/<node>/``, ``logs/<node>.log``. A star is written as a one-region hierarchy whose
-region is then taken out (its config and roster entry), the sites re-pointed at the root.
+``runtime.federation_files.write_federation`` (the demo's plan, training and aggregation
+defaults, each overridable), so ``fedloom chaos`` and ``fedloom local init`` produce the
+layout the demo and the end-to-end tests use: ``keys/``, ``roster.toml``,
+``consortium.pub``, ``<node>.toml``, ``state/<node>/``, ``logs/<node>.log``. A star is
+written as a one-region hierarchy whose region is then taken out (its config and roster
+entry), the sites re-pointed at the root.
 ``lay_out_gossip`` writes gossip peers on a ring, and a relay for those that do not listen,
 in the same layout.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import tomli_w
 
 from fedloom.runtime.chaos.scenario import RELAY_ID, Shape
-from fedloom.runtime.demo import (
+from fedloom.runtime.federation_files import (
     DEMO_PLAN,
     DEMO_TRAINING,
     ROOT_ID,

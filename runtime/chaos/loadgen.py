@@ -60,8 +60,9 @@ import tomli_w
 from fedloom.algorithms.protocol import TrainResult, Weights
 from fedloom.algorithms.site import SiteNode
 from fedloom.federation.config_reader import ConfigError, Table
-from fedloom.runtime.demo import DaemonProcess, Federation, NodeFiles, free_port
 from fedloom.runtime.exit_status import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from fedloom.runtime.federation_files import Federation, NodeFiles, free_port
+from fedloom.runtime.harness import DaemonProcess
 from fedloom.runtime.trainer import SitePlan
 from fedloom.transport.error_text import describe
 

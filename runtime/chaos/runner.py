@@ -6,7 +6,7 @@ The run (its directory is the contract ``runtime.chaos.checker`` reads, see ``wr
    link (``runtime.chaos.proxy``) in front of every child -> parent connection and point the
    child's ``[parent] url`` at it; mount a tmpfs on the state directory of every node a disk
    fault targets (root only; otherwise those faults are skipped, with the reason);
-2. start every daemon (``runtime.demo.Cluster``: own process group, PDEATHSIG), scrape each
+2. start every daemon (``runtime.harness.Cluster``: own process group, PDEATHSIG), scrape each
    one's ``/metrics`` and ``/healthz`` every ``sample_interval_s`` into ``samples.jsonl``;
 3. play the timeline into ``timeline.jsonl`` (deliberate kills and pauses logged before they
    happen), noting every daemon that exits by itself;
@@ -56,7 +56,8 @@ from fedloom.runtime.chaos.loadgen import attach_loadgen, use_loadgen
 from fedloom.runtime.chaos.proxy import FaultNetwork, Toxics
 from fedloom.runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
 from fedloom.runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
-from fedloom.runtime.demo import Cluster, Federation, NodeFiles
+from fedloom.runtime.federation_files import Federation, NodeFiles
+from fedloom.runtime.harness import Cluster
 
 __all__ = [
     "BACKENDS",

@@ -16,7 +16,7 @@ A scenario is one TOML file (see ``scenarios/chaos/``)::
     # a relay), gossip_mode = "dpsgd" | "pushsum", gossip_interval_s = 1.0, [peer_aggregation]
     load_sites = 0                     # more sites (load-0, ...) run by one load-generator
                                        # process (runtime.chaos.loadgen), spread likewise
-    [federation.plan]                  # overrides of runtime.demo.DEMO_PLAN
+    [federation.plan]                  # overrides of runtime.federation_files.DEMO_PLAN
     [federation.training]              # overrides of DEMO_TRAINING
     [federation.root_aggregation]      # overrides of the demo's root [aggregation]
     [federation.region_aggregation]

@@ -14,7 +14,7 @@ from fedloom.cli import main
 from fedloom.federation.store import CHECKPOINT_KEY, StateStore
 from fedloom.runtime.config import load_config
 from fedloom.runtime.daemon import open_daemon
-from fedloom.runtime.demo import ROOT_ID, Federation, write_federation
+from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
 from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
 from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY
 

@@ -43,8 +43,9 @@ from fedloom.runtime.daemon import (
     report_refusals,
     serve,
 )
-from fedloom.runtime.demo import ROOT_ID, DaemonProcess, Federation, write_federation, write_roster
 from fedloom.runtime.exit_status import EXIT_FAILED
+from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation, write_roster
+from fedloom.runtime.harness import DaemonProcess
 from fedloom.runtime.metrics import MetricsSink
 from fedloom.transport.channel import GateLimits
 from fedloom.transport.e2e import ModelVersionGuard, StaleModelError

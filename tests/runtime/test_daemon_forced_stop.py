@@ -13,8 +13,8 @@ import pytest
 from fedloom.runtime import daemon as daemon_mod
 from fedloom.runtime.config import load_config
 from fedloom.runtime.daemon import open_daemon, serve
-from fedloom.runtime.demo import ROOT_ID, Federation
 from fedloom.runtime.driver import AsyncDriver
+from fedloom.runtime.federation_files import ROOT_ID, Federation
 from tests.runtime.test_daemon import fed
 
 __all__ = ["fed"]  # the fixture, shared with test_daemon

@@ -27,7 +27,13 @@ from fedloom.cli import main
 from fedloom.runtime.config import load_config
 from fedloom.runtime.connection import ProgressLink
 from fedloom.runtime.daemon import Daemon, open_daemon
-from fedloom.runtime.demo import ROOT_ID, Federation, site_examples, write_federation, write_roster
+from fedloom.runtime.federation_files import (
+    ROOT_ID,
+    Federation,
+    site_examples,
+    write_federation,
+    write_roster,
+)
 from fedloom.transport import ws
 from fedloom.transport.channel import SecureChannel, client_channel
 from fedloom.transport.e2e import digest_as_received, sign_update

@@ -28,20 +28,14 @@ from fedloom.cli import main
 from fedloom.federation.store import CorruptStateError, StateIOError, StateStore, StoreError
 from fedloom.runtime.config import load_config
 from fedloom.runtime.daemon import DaemonError, load_node, open_daemon, stop_reason
-from fedloom.runtime.demo import (
-    ROOT_ID,
-    Cluster,
-    DaemonProcess,
-    Federation,
-    scrape,
-    write_federation,
-)
 from fedloom.runtime.exit_status import (
     EXIT_CONFIG,
     EXIT_CORRUPT_STATE,
     EXIT_ENVIRONMENT,
     EXIT_FAILED,
 )
+from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
+from fedloom.runtime.harness import Cluster, DaemonProcess, scrape
 from fedloom.transport.wire import Update
 
 pytestmark = pytest.mark.timeout(120)

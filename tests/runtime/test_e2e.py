@@ -24,21 +24,16 @@ import tomli_w
 from fedloom.federation.store import StateStore
 from fedloom.runtime.config import load_config
 from fedloom.runtime.daemon import load_node
-from fedloom.runtime.demo import (
+from fedloom.runtime.federation_files import (
     DEMO_REGIONS,
-    REPO_ROOT,
     ROOT_ID,
-    Cluster,
-    DaemonProcess,
     Federation,
     NodeFiles,
-    daemon_env,
     free_port,
-    sample,
-    scrape,
     write_federation,
     write_roster,
 )
+from fedloom.runtime.harness import REPO_ROOT, Cluster, DaemonProcess, daemon_env, sample, scrape
 from fedloom.runtime.relay_seq import RELAY_SEQ_KEY
 from fedloom.transport.identity import Identity
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedloom.runtime.demo import (
+from fedloom.runtime.federation_files import (
     ROOT_ID,
-    Cluster,
     Federation,
     NodeFiles,
     free_port,
@@ -24,6 +23,7 @@ from fedloom.runtime.demo import (
     write_federation,
     write_roster,
 )
+from fedloom.runtime.harness import Cluster
 from fedloom.transport.identity import Identity
 from tests.runtime.test_e2e import SYNTHETIC, applied, check_clean_exit, metric, offline, wait_for
 

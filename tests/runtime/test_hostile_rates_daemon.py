@@ -21,7 +21,7 @@ from fedloom.algorithms.weights_math import l2_norm, sub
 from fedloom.runtime.config import load_config
 from fedloom.runtime.connection import ProgressLink
 from fedloom.runtime.daemon import load_roster, open_daemon
-from fedloom.runtime.demo import ROOT_ID, write_federation
+from fedloom.runtime.federation_files import ROOT_ID, write_federation
 from fedloom.transport import ws
 from fedloom.transport.channel import SecureChannel, client_channel
 from fedloom.transport.e2e import digest_as_received, sign_update

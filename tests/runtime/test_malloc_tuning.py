@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fedloom.runtime.demo import daemon_env
+from fedloom.runtime.harness import daemon_env
 from fedloom.runtime.malloc_tuning import GLIBC_TUNABLES, malloc_env
 
 

@@ -23,7 +23,7 @@ from fedloom.runtime.daemon import (
     open_daemon,
     restore_node,
 )
-from fedloom.runtime.demo import Federation, write_federation, write_roster
+from fedloom.runtime.federation_files import Federation, write_federation, write_roster
 from fedloom.transport.e2e import ModelConflictError, ModelVersionGuard, tensors_digest
 from fedloom.transport.identity import Identity
 from fedloom.transport.wire import GossipShare, Hello, ModelBroadcast, TrainRequest, Update

@@ -16,7 +16,7 @@ from fedloom.cli import main
 from fedloom.federation.store import StateStore
 from fedloom.runtime.config import load_config
 from fedloom.runtime.daemon import load_identity, load_node, model_floor_digest, open_daemon
-from fedloom.runtime.demo import ROOT_ID, Federation, write_federation
+from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
 from fedloom.transport.e2e import ModelVersionGuard, sign_model, tensors_digest
 from fedloom.transport.wire import Ack, Hello, ModelBroadcast, Update
 

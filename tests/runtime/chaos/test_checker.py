@@ -690,7 +690,7 @@ def _root_with_records(run: Path, applied: int) -> Path:
     checkpoint (v0) and ``applied`` applied updates after it, each one version."""
     from fedloom.runtime.config import load_config
     from fedloom.runtime.daemon import open_daemon
-    from fedloom.runtime.demo import ROOT_ID, write_federation
+    from fedloom.runtime.federation_files import ROOT_ID, write_federation
 
     fed = write_federation(
         run / "federation",

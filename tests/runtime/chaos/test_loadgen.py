@@ -28,7 +28,7 @@ from fedloom.runtime.chaos.loadgen import (
     read_loadgen_config,
 )
 from fedloom.runtime.chaos.scenario import parse_scenario
-from fedloom.runtime.demo import DaemonProcess, scrape
+from fedloom.runtime.harness import DaemonProcess, scrape
 
 # ---------------------------------------------------------------------------- trainer
 
