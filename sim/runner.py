@@ -55,11 +55,6 @@ GOSSIP_EVAL_PEERS = 16  # peers whose models are evaluated at each gossip observ
 # ------------------------------------------------------------------------ building
 
 
-def site_ids(count: int) -> list[str]:
-    width = max(3, len(str(count - 1)))
-    return [f"site-{i:0{width}d}" for i in range(count)]
-
-
 def build_workload(scenario: Scenario, seed: int) -> Workload:
     try:
         return Workload.from_config(scenario.data, n_sites=scenario.sites.count, seed=seed)
@@ -79,7 +74,8 @@ def build_wan(scenario: Scenario) -> WanModel:
 
 
 def build_sites(scenario: Scenario, workload: Workload, seed: int) -> list[Site]:
-    """Sites are spread round-robin over the regions; speeds and inbound flags are seeded."""
+    """Site i holds the workload's partition i; it sits in its ``[sites.placement]`` region,
+    else round-robin over the regions. Speeds and inbound flags are seeded."""
     cfg = scenario.sites
     rng = entity_rng(seed, "sites")
     speeds = (
@@ -91,7 +87,7 @@ def build_sites(scenario: Scenario, workload: Workload, seed: int) -> list[Site]
     return [
         Site(
             id=sid,
-            region=cfg.regions[i % len(cfg.regions)],
+            region=cfg.region_of(i),
             n_examples=workload.n_examples(i),
             compute_speed=float(speeds[i]),
             uplink_bps=cfg.uplink_mbps * 1e6,
@@ -99,7 +95,7 @@ def build_sites(scenario: Scenario, workload: Workload, seed: int) -> list[Site]
             access_latency_s=cfg.access_latency_ms / 1000.0,
             inbound=bool(inbound[i]),
         )
-        for i, sid in enumerate(site_ids(cfg.count))
+        for i, sid in enumerate(cfg.site_names())
     ]
 
 

@@ -5,6 +5,21 @@ A scenario has shared sections (``[data]``, ``[sites]``, ``[network]``, ``[compu
 algorithm/topology configuration to compare. An arm may override any shared section with
 a table of the same name (``[arms.training]`` ...). Reading is strict: unknown fields and
 wrong types are reported with the field's path, never a traceback.
+
+Sites and regions. ``[sites]`` gives ``count`` sites ``site-000``, ``site-001``, ... (or the
+ids in ``names``, site i holding the data partition i; ``count`` may then be left out) and
+spreads them round-robin over ``regions``. A ``[sites.placement]`` table places them
+explicitly instead, one list of site ids per region; every site is placed exactly once and
+every region gets at least one site (``regions``, if given, lists the same regions; else the
+table's order is the regions' order). The hierarchical planner then makes exactly one
+cluster per region, ``region-<name>``, holding exactly the sites placed there (with
+``clustering = "rtt"`` it would ignore the placement, so the two are refused together)::
+
+    [sites]
+    names = ["hospital-1", "hospital-2", "hospital-3", "hospital-4"]
+    [sites.placement]
+    north = ["hospital-1", "hospital-2"]
+    south = ["hospital-3", "hospital-4"]
 """
 
 from __future__ import annotations
@@ -38,6 +53,26 @@ class SitesConfig:
     access_latency_ms: float
     speed_spread: float  # lognormal sigma of per-site compute speed (0 = identical sites)
     inbound_fraction: float
+    # The sites' ids, site i holding the workload's partition i (default ``site_ids``).
+    names: tuple[str, ...] = ()
+    # ``[sites.placement]``: each site's region, as written (empty: round-robin over
+    # ``regions``, site i in ``regions[i % len(regions)]``).
+    placement: Mapping[str, str] = field(default_factory=dict)
+
+    def site_names(self) -> tuple[str, ...]:
+        return self.names or tuple(site_ids(self.count))
+
+    def region_of(self, index: int) -> str:
+        """The region of site ``index``: the explicit placement, else round-robin."""
+        if self.placement:
+            return self.placement[self.site_names()[index]]
+        return self.regions[index % len(self.regions)]
+
+
+def site_ids(count: int) -> list[str]:
+    """The default site ids: ``site-000``, ``site-001``, ... (at least three digits)."""
+    width = max(3, len(str(count - 1)))
+    return [f"site-{i:0{width}d}" for i in range(count)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,12 +237,19 @@ def _data(t: Table) -> dict[str, Any]:
 
 
 def _sites(t: Table) -> SitesConfig:
-    count = t.integer("count", min=1)
-    regions = t.array("regions", ["region-1"])
+    names = _site_names(t)
+    count = t.integer("count", len(names), min=1) if names else t.integer("count", min=1)
+    if names and count != len(names):
+        raise ConfigError(f"{t.where('count')}: {count} sites, but names lists {len(names)}")
+    placement_given = t.has("placement")
+    placement_table = t.table("placement")
+    regions = t.array("regions", list(placement_table._data) if placement_given else ["region-1"])
     if not regions or not all(isinstance(r, str) and r for r in regions):
         raise t.fail("regions", "a non-empty list of region names", regions)
     if len(set(regions)) != len(regions):
         raise ConfigError(f"{t.where('regions')}: region names must be unique")
+    all_names = names or site_ids(count)
+    placement = _placement(placement_table, regions, all_names) if placement_given else {}
     cfg = SitesConfig(
         count=count,
         regions=tuple(regions),
@@ -216,9 +258,64 @@ def _sites(t: Table) -> SitesConfig:
         access_latency_ms=t.number("access_latency_ms", 5.0, min=0.0),
         speed_spread=t.number("speed_spread", 0.0, min=0.0),
         inbound_fraction=t.number("inbound_fraction", 0.0, min=0.0, max=1.0),
+        names=tuple(names),
+        placement=placement,
     )
     t.finish()
     return cfg
+
+
+def _site_names(t: Table) -> list[str]:
+    """``sites.names``: unique, non-empty ids without surrounding spaces ([] if absent)."""
+    names = t.array("names", [])
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name or name != name.strip():
+            raise ConfigError(
+                f"{t.where('names')}[{i}]: expected a site id (a non-empty string without "
+                f"surrounding spaces), got {name!r}"
+            )
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ConfigError(f"{t.where('names')}[{i}]: {name!r} is listed twice")
+        seen.add(name)
+    return list(names)
+
+
+def _placement(t: Table, regions: list[str], names: list[str]) -> dict[str, str]:
+    """``[sites.placement]``: region -> its sites; every site placed exactly once."""
+    known = set(names)
+    region_of: dict[str, str] = {}
+    for region in list(t._data):
+        if region not in regions:
+            raise ConfigError(
+                f"{t.where(region)}: {region!r} is not in sites.regions ({', '.join(regions)})"
+            )
+        members = t.array(region)
+        if not members:
+            raise ConfigError(f"{t.where(region)}: a region needs at least one site")
+        for i, site in enumerate(members):
+            where = f"{t.where(region)}[{i}]"
+            if not isinstance(site, str) or site not in known:
+                shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+                raise ConfigError(f"{where}: {site!r} is not a site of this scenario ({shown})")
+            if site in region_of:
+                raise ConfigError(
+                    f"{where}: {site!r} is already placed in region {region_of[site]!r}"
+                )
+            region_of[site] = region
+    unplaced = [n for n in names if n not in region_of]
+    if unplaced:
+        shown = ", ".join(unplaced[:6]) + (", ..." if len(unplaced) > 6 else "")
+        raise ConfigError(
+            f"{t.where('').rstrip('.')}: every site needs a region; not placed: {shown}"
+        )
+    empty = [r for r in regions if r not in set(region_of.values())]
+    if empty:
+        raise ConfigError(
+            f"{t.where('').rstrip('.')}: region(s) {', '.join(empty)} of sites.regions have no site"
+        )
+    return region_of
 
 
 def _network(t: Table, sites: SitesConfig) -> NetworkConfig:
@@ -280,6 +377,11 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
     params = read_algorithm(Table({**shared["algorithm"], **own_params}, t.where("").rstrip(".")))
+    if sites.placement and topology == "hierarchical" and params.clustering == "rtt":
+        raise ConfigError(
+            f"{t.where('clustering')}: [sites.placement] places every site in its region; "
+            "clustering by RTT would ignore it (remove one of them)"
+        )
     lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
     server_lr_sweep = tuple(float(x) for x in _sweep(t, "server_lr_sweep"))
     t.finish()
@@ -325,4 +427,12 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
     return cfg
 
 
-__all__ = ["Arm", "ConfigError", "Scenario", "load_scenario", "parse_scenario"]
+__all__ = [
+    "Arm",
+    "ConfigError",
+    "Scenario",
+    "SitesConfig",
+    "load_scenario",
+    "parse_scenario",
+    "site_ids",
+]

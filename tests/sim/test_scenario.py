@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedloom.federation.config_reader import ConfigError
-from fedloom.sim.scenario import load_scenario, parse_scenario
+from fedloom.sim.scenario import load_scenario, parse_scenario, site_ids
 
 SCENARIOS = sorted((Path(__file__).resolve().parents[2] / "scenarios").glob("*.toml"))
 
@@ -120,3 +122,91 @@ def test_gossip_bounds_are_auto_by_default_and_can_be_a_number_or_off() -> None:
     assert params(gossip_clip="off", gossip_max_share_weight=4) == (None, 4.0)
     with pytest.raises(ConfigError, match="gossip_max_share_weight"):
         params(gossip_max_share_weight=-1)
+
+
+# ----------------------------------------------------------- explicit region placement
+
+
+def placed(placement: dict[str, list[str]], **sites: Any) -> dict[str, Any]:
+    arms = [{"name": "h", "algorithm": "fedbuff", "topology": "hierarchical"}]
+    return minimal(sites={**sites, "placement": placement}, arms=arms)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    regions=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+    named=st.booleans(),
+)
+def test_the_planner_uses_exactly_the_placement(regions: list[int], named: bool) -> None:
+    """Site i goes to region ``regions[i]``: the hierarchical plan has one region node per
+    placed region, holding exactly its sites, and site i holds data partition i."""
+    from fedloom.sim.runner import build_plan, build_sites, build_workload
+
+    n = len(regions)
+    names = [f"h{i}" for i in range(n)] if named else site_ids(n)
+    placement: dict[str, list[str]] = {}
+    for name, r in zip(names, regions, strict=True):
+        placement.setdefault(f"r{r}", []).append(name)
+    sites_table: dict[str, Any] = {"names": names} if named else {"count": n}
+    scenario = parse_scenario(placed(placement, **sites_table))
+    workload = build_workload(scenario, 0)
+    sites = build_sites(scenario, workload, 0)
+    assert [s.id for s in sites] == names
+    assert [s.n_examples for s in sites] == [workload.n_examples(i) for i in range(n)]
+    plan = build_plan(scenario, scenario.arms[0], sites, 0)
+    clusters = {spec.id: set(spec.children) for spec in plan.nodes if spec.role == "region"}
+    assert clusters == {f"region-{r}": set(members) for r, members in placement.items()}
+    assert plan.node("root").children == tuple(sorted(clusters))
+
+
+def test_placement_gives_the_region_order_and_defaults_to_round_robin() -> None:
+    s = parse_scenario(placed({"south": ["site-001"], "north": ["site-000", "site-002"]}, count=3))
+    assert s.sites.regions == ("south", "north")
+    assert [s.sites.region_of(i) for i in range(3)] == ["north", "south", "north"]
+    rr = parse_scenario(minimal(sites={"count": 3, "regions": ["a", "b"]}))
+    assert [rr.sites.region_of(i) for i in range(3)] == ["a", "b", "a"]
+    assert rr.sites.site_names() == ("site-000", "site-001", "site-002")
+
+
+@pytest.mark.parametrize(
+    ("sites", "message"),
+    [
+        ({"names": ["a", "a"]}, "sites.names[1]: 'a' is listed twice"),
+        ({"names": ["a", " b"]}, "sites.names[1]: expected a site id"),
+        ({"count": 3, "names": ["a", "b"]}, "sites.count: 3 sites, but names lists 2"),
+        ({"count": 2, "placement": {"x": ["site-000"]}}, "not placed: site-001"),
+        (
+            {"count": 2, "placement": {"x": ["site-000", "site-9"]}},
+            "sites.placement.x[1]: 'site-9' is not a site of this scenario",
+        ),
+        (
+            {"count": 2, "placement": {"x": ["site-000"], "y": ["site-000", "site-001"]}},
+            "sites.placement.y[0]: 'site-000' is already placed in region 'x'",
+        ),
+        ({"count": 1, "placement": {"x": "site-000"}}, "sites.placement.x: expected a list"),
+        (
+            {"count": 1, "placement": {"x": [], "y": ["site-000"]}},
+            "sites.placement.x: a region needs at least one site",
+        ),
+        (
+            {"count": 1, "regions": ["x", "y"], "placement": {"x": ["site-000"]}},
+            "sites.placement: region(s) y of sites.regions have no site",
+        ),
+        (
+            {"count": 1, "regions": ["x"], "placement": {"z": ["site-000"]}},
+            "sites.placement.z: 'z' is not in sites.regions",
+        ),
+        ({"count": 1, "placement": ["site-000"]}, "sites.placement: expected a table"),
+    ],
+)
+def test_placement_mistakes_name_their_field(sites: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(minimal(sites=sites))
+    assert message in str(err.value)
+
+
+def test_placement_and_rtt_clustering_are_refused_together() -> None:
+    raw = placed({"x": ["site-000"]}, count=1)
+    raw["arms"][0]["clustering"] = "rtt"
+    with pytest.raises(ConfigError, match=r"arms\[0\].clustering: \[sites.placement\]"):
+        parse_scenario(raw)
