@@ -30,7 +30,6 @@ _EXTRA_OF = {
     "matplotlib": "sim",
     "sklearn": "sim",
     "rich": "sim",
-    "psutil": "sim",
     "torch": "torch",
 }
 
