@@ -25,7 +25,7 @@ from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import PENDING_KEY, SiteNode
 from fedloom.cli import main
 from fedloom.federation.config_reader import ConfigError
-from fedloom.runtime import daemon as daemon_mod
+from fedloom.runtime import serve as serve_mod
 from fedloom.runtime import systemd as systemd_mod
 from fedloom.runtime.config import DaemonConfig, load_config, parse_config
 from fedloom.runtime.daemon import (
@@ -403,6 +403,6 @@ async def test_a_task_that_swallows_its_cancellation_cannot_block_shutdown(
         await asyncio.sleep(3600)
 
     monkeypatch.setattr(systemd_mod, "watchdog_loop", stubborn)
-    monkeypatch.setattr(daemon_mod, "STOP_GRACE_S", 0.1)
+    monkeypatch.setattr(serve_mod, "STOP_GRACE_S", 0.1)
     await serve_root_then_shut_down(fed)
     assert "still stopping" in caplog.text

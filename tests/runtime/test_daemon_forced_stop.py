@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from fedloom.runtime import daemon as daemon_mod
+from fedloom.runtime import serve as serve_mod
 from fedloom.runtime.config import load_config
 from fedloom.runtime.daemon import open_daemon, serve
 from fedloom.runtime.driver import AsyncDriver
@@ -35,8 +35,8 @@ class StalledDriver(AsyncDriver):
 async def test_a_stop_forced_during_a_stalled_write_is_one_line_and_a_normal_return(
     fed: Federation, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(daemon_mod, "AsyncDriver", StalledDriver)
-    monkeypatch.setattr(daemon_mod, "STOP_GRACE_S", 0.1)
+    monkeypatch.setattr(serve_mod, "AsyncDriver", StalledDriver)
+    monkeypatch.setattr(serve_mod, "STOP_GRACE_S", 0.1)
     cfg = load_config(fed.nodes[ROOT_ID].config)
     d = open_daemon(cfg)
     epoch = d.store.epoch
