@@ -52,15 +52,12 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Container, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import Any, TypeAlias, cast
 
 import aiohttp
 import numpy as np
 from aiohttp import web
 from aiohttp.http import WebSocketWriter
-
-if TYPE_CHECKING:
-    from aiohttp.web_protocol import RequestHandler
 
 from fedloom.transport.error_text import describe
 from fedloom.transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
@@ -622,13 +619,48 @@ async def connect(
     return WebSocketLink(ws, session=session, peer=url)
 
 
+class _CountedProtocol(asyncio.Protocol):
+    """One connection of a ``_CappedServer``: aiohttp's protocol for it, with every call
+    passed on, and the server told when the connection opens and closes."""
+
+    __slots__ = ("_inner", "_server")
+
+    def __init__(self, inner: asyncio.Protocol, server: _CappedServer) -> None:
+        self._inner = inner
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+        self._server.opened(self, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.closed(self)
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
 class _CappedServer(web.Server):
     """aiohttp's low-level server, refusing TCP connections beyond ``max_connections``,
     or beyond ``max_per_address`` from one source address (``address_key``); with
     ``known``, connections from addresses not in it may hold only ``max_connections``
     less a reserve (``CONNECTION_SHARE_RESERVED``) together. One known address, and one
     peer over the addresses it made known (with a ``KnownAddresses``), holds at most
-    ``reserve_share`` of the reserve; its connections beyond that count as unknown."""
+    ``reserve_share`` of the reserve; its connections beyond that count as unknown.
+
+    Connections are counted by wrapping each protocol the server makes (a ``web.Server``
+    is the protocol factory its site hands to ``loop.create_server``): no aiohttp hook
+    is overridden, so this works whatever aiohttp does inside a connection."""
 
     def __init__(
         self,
@@ -653,11 +685,13 @@ class _CappedServer(web.Server):
         self._open_unknown = 0  # connections outside the reserve for known addresses
         self._reserve = ReserveHolders()
         self._open_from: collections.Counter[str] = collections.Counter()
-        # handler -> its address_key, and the peer whose reserve share it holds (if any)
-        self._address_of: dict[RequestHandler, tuple[str, str | None]] = {}
+        # connection -> its address_key, and the peer whose reserve share it holds (if any)
+        self._address_of: dict[_CountedProtocol, tuple[str, str | None]] = {}
 
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
+    def __call__(self) -> Any:  # a protocol per accepted connection, as asyncio asks
+        return _CountedProtocol(super().__call__(), self)
+
+    def opened(self, handler: _CountedProtocol, transport: asyncio.BaseTransport) -> None:
         self.open_connections += 1
         peer = transport.get_extra_info("peername")
         key = address_key(str(peer[0]) if isinstance(peer, tuple) and peer else None)
@@ -675,9 +709,9 @@ class _CappedServer(web.Server):
             or (self._max_per_address is not None and self._open_from[key] > self._max_per_address)
         ):
             self.refused_connections += 1
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
 
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+    def closed(self, handler: _CountedProtocol) -> None:
         self.open_connections -= 1
         entry = self._address_of.pop(handler, None)
         if entry is not None:
@@ -688,7 +722,6 @@ class _CappedServer(web.Server):
             self._open_from[key] -= 1
             if not self._open_from[key]:
                 del self._open_from[key]
-        super().connection_lost(handler, exc)
 
     def _holder(self, key: str) -> str | None:
         """Whose reserve share a connection from ``key`` takes: the peer that made it
