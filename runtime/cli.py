@@ -11,6 +11,7 @@
     fedloom demo                                                    a real local federation
     fedloom chaos SCENARIO.toml [--out DIR] [--backend B]           faults on real daemons
     fedloom local init DIR [--shape S] [--regions N] [--sites N]    lay out a local federation
+                       [--dataset NAME]
     fedloom local up DIR                                            start every daemon of DIR
 
 User mistakes (a missing file, a bad field) end with one clear line on stderr and exit
@@ -74,6 +75,12 @@ def _add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     init.add_argument("--regions", type=int, default=2, metavar="N", help="hierarchy (2)")
     init.add_argument("--sites", type=int, default=4, metavar="N", help="sites in all (4)")
     init.add_argument("--seed", type=int, default=1, help="data split and model seed")
+    init.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="training data: breast_cancer (default; the sim extra's scikit-learn), another "
+        "scikit-learn set, or synthetic (numpy only: works on a base install)",
+    )
     up = local_sub.add_parser("up", help="start every daemon of DIR until Ctrl-C")
     up.add_argument("dir", type=Path, metavar="DIR", help="a directory from local init")
 
@@ -376,6 +383,7 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 regions=args.regions,
                 sites=args.sites,
                 seed=args.seed,
+                dataset=args.dataset,
             )
         if args.local_command == "up":
             return cmd_local_up(args.dir)

@@ -25,7 +25,35 @@ __all__ = ["cmd_local_init", "cmd_local_up", "read_federation"]
 SHAPES = ("star", "hierarchy")
 
 
-def cmd_local_init(directory: Path, *, shape: str, regions: int, sites: int, seed: int) -> int:
+def _dataset_plan(dataset: str | None) -> dict[str, Any] | None:
+    """Overrides of the demo's plan (breast-cancer data, which needs scikit-learn) that
+    train on ``dataset`` instead; ``synthetic`` needs only numpy (a base install)."""
+    from fedloom.workloads.workload import DATASET_NAMES
+
+    if dataset is None:
+        return None
+    if dataset not in DATASET_NAMES:
+        raise ConfigError(f"--dataset: {dataset!r} is not one of {', '.join(DATASET_NAMES)}")
+    if dataset == "synthetic":
+        # None drops the demo's scikit-learn fields; 200 examples a site keep it quick.
+        return {
+            "dataset": dataset,
+            "dirichlet_alpha": None,
+            "min_samples_per_site": None,
+            "samples_per_site": 200,
+        }
+    return {"dataset": dataset}
+
+
+def cmd_local_init(
+    directory: Path,
+    *,
+    shape: str,
+    regions: int,
+    sites: int,
+    seed: int,
+    dataset: str | None = None,
+) -> int:
     if shape not in SHAPES:
         raise ConfigError(f"--shape: {shape!r} is not one of {', '.join(SHAPES)}")
     if sites < 1:
@@ -42,7 +70,7 @@ def cmd_local_init(directory: Path, *, shape: str, regions: int, sites: int, see
         layout = {f"region-{r}": [] for r in range(regions)}
         for i in range(sites):
             layout[f"region-{i % regions}"].append(f"site-{i}")
-    fed = lay_out(directory, layout, star=shape == "star", seed=seed)
+    fed = lay_out(directory, layout, star=shape == "star", seed=seed, plan=_dataset_plan(dataset))
     readme = write_readme(fed)
     print(
         f"wrote a {shape} federation of {len(fed.nodes)} nodes to {directory}; "

@@ -66,6 +66,13 @@ def _write_config(path: Path, cfg: Mapping[str, Any]) -> None:
     path.write_text(tomli_w.dumps(dict(cfg)), encoding="utf-8")
 
 
+def _plan(plan: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The demo's plan with ``plan``'s fields over it; a field ``plan`` sets to None is left
+    out (another data set has other fields: synthetic has no ``dirichlet_alpha``)."""
+    merged = {**DEMO_PLAN, **(plan or {})}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
 def lay_out(
     workdir: Path,
     regions: Mapping[str, Sequence[str]],
@@ -90,7 +97,7 @@ def lay_out(
         workdir,
         regions,
         seed=seed,
-        plan={**DEMO_PLAN, **(plan or {})},
+        plan=_plan(plan),
         training={**DEMO_TRAINING, **(training or {})},
         root_aggregation=root_aggregation,
         region_aggregation=region_aggregation,
@@ -193,7 +200,7 @@ def lay_out_gossip(
     """Gossip peers on ``shape``'s ring (each with its own share of the demo's data), and
     the relay its non-listening neighbours meet through; every node with ``/metrics``."""
     workdir, keys, consortium, pub = new_workdir(workdir)
-    plan_table = {**DEMO_PLAN, **(plan or {}), "n_sites": len(shape.peers), "seed": seed}
+    plan_table = {**_plan(plan), "n_sites": len(shape.peers), "seed": seed}
     conn = {**GOSSIP_CONNECTION, **(connection or {})}
     ports = {n: free_port() for n in shape.nodes if shape.listening(n)}
     identities: list[Identity] = []

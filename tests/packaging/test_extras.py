@@ -74,3 +74,40 @@ def test_simulator_commands_without_the_sim_extra_name_it_in_one_line(
     assert len(lines) == 1, proc.stderr
     assert "the 'sim' extra installs: pip install 'fedloom[sim]'" in lines[0]
     assert not out.exists()
+
+
+def test_local_init_on_synthetic_data_needs_no_sim_extra(tmp_path: Path) -> None:
+    blocked = sorted(_EXTRA_OF)
+    fed = tmp_path / "fed"
+    init = ["local", "init", str(fed), "--shape", "star", "--sites", "2", "--dataset", "synthetic"]
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK.format(modules=blocked), *init],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for node in ("root", "site-0", "site-1"):
+        with (fed / f"{node}.toml").open("rb") as fh:
+            plan = tomllib.load(fh)["plan"]
+        assert plan["dataset"] == "synthetic"
+        assert "dirichlet_alpha" not in plan
+    with (fed / "roster.toml").open("rb") as fh:
+        roster = tomllib.load(fh)
+    examples = {n["id"]: n.get("examples") for n in roster["nodes"]}
+    assert examples["site-0"] == examples["site-1"] == 180  # 200 a site, 10% held out
+
+
+def test_local_init_refuses_an_unknown_dataset(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedloom", "local", "init", tmp_path / "f", "--dataset", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "fedloom: error: --dataset: 'nope' is not one of synthetic, breast_cancer, digits"
+    )

@@ -12,7 +12,8 @@
    sites, ``roster sign`` and ``roster verify``; then ``fedloom run`` for the root and both
    sites (FedBuff, a numpy softmax model on the synthetic data set) over the real encrypted
    transport on 127.0.0.1, until the root's ``/metrics`` shows ``--versions`` published model
-   versions. Every daemon is stopped by its PID (SIGTERM) and must exit 0.
+   versions. Every daemon is stopped by its PID (SIGTERM) and must exit 0. Then the same with
+   the federation ``fedloom local init --dataset synthetic`` writes.
 
 Exit status 0 when all of it holds; otherwise 1 with what failed (and the daemons' last log
 lines). Bounded in time: ``--timeout`` for the federation, fixed limits for each command.
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 import zipfile
 from collections.abc import Sequence
@@ -123,6 +125,7 @@ def build_wheel(source: Path, work: Path, env: dict[str, str]) -> Path:
     )
     if warnings:
         raise CheckError("setuptools warned while building the wheel:\n" + "\n".join(warnings))
+    shutil.rmtree(tree)
     wheels = sorted(dist.glob("fedloom-*.whl"))
     if len(wheels) != 1:
         raise CheckError(f"expected one fedloom wheel in {dist}, found {wheels}")
@@ -482,6 +485,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             [fedloom], configs, url, fed, env, versions=args.versions, timeout=args.timeout
         )
         step(f"root + {args.sites} sites: root published model v{seen:.0f}; all stopped, exit 0")
+        local = work / "local"
+        init: list[str | Path] = [fedloom, "local", "init", local, "--shape", "star"]
+        init += ["--sites", str(args.sites), "--dataset", "synthetic"]
+        _ok(_run(init, cwd=work, env=env), "fedloom local init --dataset synthetic")
+        configs = [local / "root.toml"] + [local / f"site-{i}.toml" for i in range(args.sites)]
+        with configs[0].open("rb") as fh:
+            port = tomllib.load(fh)["metrics"]["port"]
+        seen = run_federation(
+            [fedloom],
+            configs,
+            f"http://127.0.0.1:{port}/metrics",
+            local,
+            env,
+            versions=args.versions,
+            timeout=args.timeout,
+        )
+        step(f"fedloom local init --dataset synthetic: its root published v{seen:.0f}; stopped")
     except (CheckError, subprocess.TimeoutExpired) as exc:
         print("\n".join(steps), file=sys.stderr)
         print(f"wheel check FAILED: {exc}", file=sys.stderr)
