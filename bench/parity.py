@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from fedloom.runtime.federation_files import (  # noqa: E402
     site_examples,
     write_federation,
 )
-from fedloom.runtime.harness import Cluster, sample, scrape  # noqa: E402
+from fedloom.runtime.harness import Cluster, Samples, sample, scrape  # noqa: E402
 from fedloom.sim.compute import ComputeModel  # noqa: E402
 from fedloom.sim.driver import SimDriver  # noqa: E402
 from fedloom.sim.executors import InlineExecutor  # noqa: E402
@@ -152,7 +151,7 @@ def run_real(fed: Federation, versions: int, eval_interval_s: float, timeout_s: 
     cluster = Cluster(fed, args={ROOT_ID: ["--eval-interval", f"{eval_interval_s:g}"]})
     started = time.monotonic()
     note = ""
-    tiers: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    tiers: dict[str, Samples] = {}
     try:
         cluster.start()
         while True:
@@ -176,7 +175,7 @@ def run_real(fed: Federation, versions: int, eval_interval_s: float, timeout_s: 
         note += f" unclean exits {unclean}"
     series = Series(wall_s=wall, note=note.strip())
     for node_id, metrics in tiers.items():
-        series.applied[node_id], series.staleness[node_id] = _tier_counts(metrics)
+        series.applied[node_id], series.staleness[node_id] = tier_counts(metrics)
     root_version = sample(tiers.get(ROOT_ID, {}), "fedloom_model_version")
     series.through = int(root_version or 0)
     for line in root.log.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -193,9 +192,7 @@ def _aggregators(fed: Federation) -> list[Any]:
     return [n for n in fed.nodes.values() if n.role in ("root", "region") and n.metrics_url]
 
 
-def _tier_counts(
-    metrics: Mapping[tuple[str, tuple[tuple[str, str], ...]], float],
-) -> tuple[Counter[str], Counter[int]]:
+def tier_counts(metrics: Samples) -> tuple[Counter[str], Counter[int]]:
     """Updates applied per child, and per staleness (from the cumulative histogram)."""
     applied: Counter[str] = Counter()
     cumulative: dict[float, float] = {}
@@ -294,7 +291,9 @@ def compare(real: Series, sim: Series, versions: int, n_test: int) -> Comparison
         s = sim.points.get(v)
         rc = None if r is None else round(r[0] * n_test)
         sc = None if s is None else round(s[0] * n_test)
-        same_model = r is not None and s is not None and abs(r[1] - s[1]) <= SAME_MODEL_LOSS
+        same_model = (
+            r is not None and s is not None and r[0] == s[0] and abs(r[1] - s[1]) <= SAME_MODEL_LOSS
+        )
         rows.append((v, rc, sc, same_model))
     missing_real = [v for v, r, _, _ in rows if r is None]
     missing_sim = [v for v, _, s, _ in rows if s is None]

@@ -32,7 +32,9 @@ __all__ = [
     "STOP_GRACE_S",
     "Cluster",
     "DaemonProcess",
+    "Samples",
     "daemon_env",
+    "parse_metrics",
     "sample",
     "sample_sum",
     "scrape",
@@ -221,16 +223,24 @@ class Cluster:
         self.stop()
 
 
-def scrape(url: str, timeout: float = 1.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """``/metrics`` as ``{(sample name, sorted labels): value}``; empty if unreachable."""
-    from prometheus_client.parser import text_string_to_metric_families
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
+
+def scrape(url: str, timeout: float = 1.0) -> Samples:
+    """``/metrics`` as ``{(sample name, sorted labels): value}``; empty if unreachable."""
     try:
         with urllib.request.urlopen(f"{url}/metrics", timeout=timeout) as resp:
             text = resp.read().decode("utf-8")
     except (urllib.error.URLError, OSError, TimeoutError):
         return {}
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> Samples:
+    """A Prometheus text page as ``{(sample name, sorted labels): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
