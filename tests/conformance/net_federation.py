@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fedloom.algorithms.protocol import Metric, Node
+from fedloom.federation.signing import restarted_guard
 from fedloom.runtime.connection import ChannelPipe
 from fedloom.runtime.network_peers import Backoff, DialTarget, NetworkPeers
 from fedloom.runtime.peer_table import PeerSet
@@ -55,6 +56,7 @@ class NetFederation(AsyncFederation):
     name = "net"
     exact_timing = False
     signs = True
+    reconnects = True
 
     def __init__(self, *, speed: float = 20.0, train_time_s: float = 1.0) -> None:
         super().__init__(speed=speed, train_time_s=train_time_s)
@@ -138,6 +140,9 @@ class NetFederation(AsyncFederation):
         current = model() if model is not None else None
         if current is not None:  # as the daemons do where the model is known at start
             peers.e2e.set_layout(ModelLayout.of(current[1]))
+        guard = restarted_guard(self._nodes[node_id])
+        if guard is not None:  # a restored site or region: no rollback past what it held
+            peers.e2e.guard = guard
         self.peer_sets[node_id] = peers
         return peers
 

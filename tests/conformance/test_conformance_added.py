@@ -298,7 +298,7 @@ def test_malformed_peer_input_is_refused_and_counted(federation: Federation, att
         )
     start(federation, star(fedbuff_root()), ROLES, PAIRS, trainer=NoisyTrainer())
     assert federation.run_until(lambda: version_of(federation, "root") >= 3, timeout_s=300)
-    assert federation.run_until(lambda: EVIL in _up_at_root(federation), timeout_s=300)
+    assert federation.run_until(lambda: EVIL in _heard_from(federation), timeout_s=300)
     refused_before = sum(federation.input_rejections().values())
     at = federation.now
     reached = version_of(federation, "root")
@@ -313,14 +313,27 @@ def test_malformed_peer_input_is_refused_and_counted(federation: Federation, att
     assert federation.run_until(lambda: version_of(federation, "root") >= reached + 6, 300)
     _, weights = federation.node("root").current_model()
     assert 0.1 < float(np.mean(weights["w"])) < 10.0  # honest deltas only (~0.1 each)
+    # The refused peer is back: its link stayed up (simulator: the message is dropped on
+    # arrival) or it redialled (daemons: the connection closed). Not on the in-memory
+    # links: a MemoryNetwork pair whose connection ended on its own stays down until a
+    # partition heals (issue 11 finding), so site-02 is gone for good there.
+    if federation.reconnects:
+        assert federation.run_until(
+            lambda: any(
+                m.time > at
+                for m in metrics(federation, "update_applied")
+                if m.labels["src"] == EVIL
+            ),
+            timeout_s=300,
+        )
     if federation.signs and attack == "bad_signature":
         refused = [m for m in metrics(federation, "update_rejected") if m.node == "root"]
         assert [m.labels["reason"] for m in refused] == ["bad_signature"]
     assert federation.journal.checker.updates_duplicated == 0
 
 
-def _up_at_root(federation: Federation) -> set[str]:
-    """Sites the root has an outstanding task with or has heard from since."""
+def _heard_from(federation: Federation) -> set[str]:
+    """Sites the root has received an update from (so their link is up)."""
     return {src for _, src, _ in received(federation, "root", Update)}
 
 
