@@ -39,9 +39,10 @@ from fedloom.transport.errors import (
 from fedloom.transport.handshake import ClientHandshake
 from fedloom.transport.identity import Identity
 from fedloom.transport.links import Link, LinkClosed, memory_link_pair, reserve_share
-from fedloom.transport.records import CIPHER_AEGIS256, CIPHERS
+from fedloom.transport.records import CIPHER_AEGIS256
 from fedloom.transport.streaming import TensorStreamDecoder
 from fedloom.transport.tensors import CodecSpec, decode_tensors, encode_tensors
+from tests.transport.cipher_params import CIPHER_PARAMS
 from tests.transport.link_pairs import LINK_KINDS, Pki, channel_pair, link_pair, make_pki
 
 TIMEOUT_S = 15.0
@@ -114,7 +115,7 @@ async def test_twenty_megabyte_message(kind: str, pki: Pki) -> None:
         assert await server.recv_message() == b"after"
 
 
-@pytest.mark.parametrize("cipher", CIPHERS)
+@pytest.mark.parametrize("cipher", CIPHER_PARAMS)
 @pytest.mark.parametrize("kind", LINK_KINDS)
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8", "topk"])
 async def test_streamed_tensors_equal_the_batch_codec(
@@ -139,7 +140,7 @@ async def test_streamed_tensors_equal_the_batch_codec(
 
 
 @pytest.mark.parametrize("offload", OFFLOAD_MODES)
-@pytest.mark.parametrize("cipher", CIPHERS)
+@pytest.mark.parametrize("cipher", CIPHER_PARAMS)
 async def test_fp32_pieces_are_decrypted_straight_into_the_tensors(
     cipher: str, offload: str, pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,7 +220,7 @@ async def test_small_tensor_messages_are_not_streamed(pki: Pki) -> None:
         assert wire.decode(await server.recv_message()) == wire.Ack("site-1", 4)
 
 
-@pytest.mark.parametrize("cipher", CIPHERS)
+@pytest.mark.parametrize("cipher", CIPHER_PARAMS)
 async def test_rekey_in_the_middle_of_a_message(cipher: str, pki: Pki) -> None:
     options = pinned(cipher, rekey_bytes=256 * 1024)
     big = os.urandom(5 * (1 << 20))
@@ -338,7 +339,7 @@ def make_tamper(kind: str) -> Callable[[int, bytes], list[bytes]]:
     return tamper
 
 
-@pytest.mark.parametrize("cipher", CIPHERS)
+@pytest.mark.parametrize("cipher", CIPHER_PARAMS)
 @pytest.mark.parametrize(
     "tampering", ["flip_body", "flip_mac", "flip_flags", "truncate", "duplicate", "drop", "reorder"]
 )
@@ -363,7 +364,7 @@ async def test_tampered_record_closes_the_channel(tampering: str, cipher: str, p
             await client.recv_message()  # the peer hung up on us, without TAG_FINAL
 
 
-@pytest.mark.parametrize("cipher", CIPHERS)
+@pytest.mark.parametrize("cipher", CIPHER_PARAMS)
 async def test_record_tampered_inside_a_streamed_message(cipher: str, pki: Pki) -> None:
     tensors = delta(2_000_000)
     async with asyncio.timeout(TIMEOUT_S):
@@ -436,7 +437,7 @@ async def test_message_above_the_cap_closes_the_channel(pki: Pki) -> None:
         assert server.closed
 
 
-@pytest.mark.parametrize("cipher", CIPHERS)
+@pytest.mark.parametrize("cipher", CIPHER_PARAMS)
 @pytest.mark.parametrize("row", [100, 200_000])  # in the first piece, and further on
 async def test_bad_tensors_are_rejected_and_the_channel_goes_on(
     row: int, cipher: str, pki: Pki

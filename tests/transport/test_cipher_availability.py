@@ -27,6 +27,7 @@ from fedloom.transport.records import (
     RecordSender,
 )
 from fedloom.transport.roster import Roster, RosterEntry
+from tests.transport.cipher_params import needs_aegis
 from tests.transport.link_pairs import LINK_KINDS, channel_pair, link_pair, make_pki
 
 ROOT = Identity.generate("root", "root")
@@ -101,6 +102,7 @@ MESSAGE = bytes(range(256)) * 5000  # 1.2 MiB: two records
 # ------------------------------------------------------------------ the probe
 
 
+@needs_aegis
 def test_this_pynacl_has_aegis(fresh_probe: None) -> None:
     assert records.aegis_missing() == ()
     assert records.aegis_available()
@@ -141,6 +143,7 @@ def test_a_libsodium_without_aegis_is_reported_once(
 # ------------------------------------------------------------------ AEGIS present
 
 
+@needs_aegis
 def test_with_aegis_both_ends_negotiate_it_and_exchange_records(fresh_probe: None) -> None:
     client = ClientHandshake(SITE, ROSTER, ciphers=[CIPHER_AEGIS256, CIPHER_SECRETSTREAM])
     client_keys, server_keys = handshake(client, ServerHandshake(ROOT, ROSTER))
@@ -177,6 +180,7 @@ def test_without_aegis_both_ends_negotiate_secretstream_and_exchange_records() -
 
 
 @pytest.mark.parametrize("without", ["client", "server"])
+@needs_aegis
 def test_mixed_peers_agree_on_secretstream(
     without: str, monkeypatch: pytest.MonkeyPatch, fresh_probe: None
 ) -> None:
