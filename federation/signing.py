@@ -30,7 +30,9 @@ from typing import Any, TypeAlias
 
 import numpy.typing as npt
 
-from fedloom.algorithms.protocol import Metric
+from fedloom.algorithms.protocol import Metric, Node
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import SiteNode
 from fedloom.transport.e2e import (
     MODEL_SIGNER_ROLES,
     ModelVersionGuard,
@@ -52,7 +54,16 @@ from fedloom.transport.roster import Roster
 from fedloom.transport.tensors import CodecSpec
 from fedloom.transport.wire import Message, ModelBroadcast, TrainRequest, Update
 
-__all__ = ["KEEP_VERSIONS", "EndToEndCore", "ModelMessage", "ModelProof", "Report"]
+__all__ = [
+    "KEEP_VERSIONS",
+    "EndToEndCore",
+    "ModelMessage",
+    "ModelProof",
+    "Report",
+    "model_floor",
+    "model_floor_digest",
+    "restarted_guard",
+]
 
 log = logging.getLogger("fedloom.runtime.signing")  # the name operators filter on
 
@@ -78,6 +89,37 @@ def held_digest(tensors: Mapping[str, npt.NDArray[Any]]) -> bytes:
     """Digest of tensors a receiver holds after decoding: every float tensor is float32
     once decoded (a simulator may hand over the sender's arrays for a lossless codec)."""
     return tensors_digest(as_received(tensors, _FP32))
+
+
+def model_floor(node: Node) -> int | None:
+    """The newest global model version a restored site or region has held (None: none)."""
+    if isinstance(node, SiteNode):
+        return node.newest_version if node.newest_version >= 0 else None
+    if isinstance(node, RegionalAggregator):
+        model = node.current_model()
+        return None if model is None else int(model[0])
+    return None
+
+
+def model_floor_digest(node: Node, floor: int) -> bytes | None:
+    """The digest of the model a restored site or region holds at version ``floor``, so
+    that a second, different model under that number is noticed after a restart too
+    (metric ``message_rejected{reason="model_conflict"}`` and a warning); None if its
+    weights are not kept."""
+    model = node.current_model() if isinstance(node, SiteNode | RegionalAggregator) else None
+    if model is None or int(model[0]) != floor:
+        return None
+    return tensors_digest(model[1])
+
+
+def restarted_guard(node: Node) -> ModelVersionGuard | None:
+    """The version guard a node restored from its store starts with (None: a fresh one):
+    no rollback to a model older than one held before the restart, nor another model
+    under the version held."""
+    floor = model_floor(node)
+    if floor is None:
+        return None
+    return ModelVersionGuard(floor, model_floor_digest(node, floor))
 
 
 class EndToEndCore:

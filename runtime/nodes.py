@@ -14,15 +14,18 @@ from typing import Any
 from fedloom.algorithms.aggregator_base import AggregatorBase
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import ModelHolder, Node
-from fedloom.algorithms.regional import RegionalAggregator
-from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.training import TrainingPlan
 from fedloom.federation import factory
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.factory import ROOT_ALGORITHMS, Neighbours, NodeOptions, claim_bounds
+from fedloom.federation.signing import (  # re-exported: the daemon's names
+    model_floor as model_floor,
+)
+from fedloom.federation.signing import (
+    model_floor_digest as model_floor_digest,
+)
 from fedloom.runtime.config import DaemonConfig
 from fedloom.runtime.trainer import SitePlan, plan_from_config
-from fedloom.transport.e2e import tensors_digest
 from fedloom.transport.limits import MiB
 from fedloom.transport.roster import Roster
 
@@ -251,24 +254,3 @@ def model_of(node: Node) -> tuple[int, Any] | None:
     if isinstance(node, ModelHolder):
         return node.current_model()
     return None
-
-
-def model_floor(node: Node) -> int | None:
-    """The newest global model version a restored site or region has held (None: none)."""
-    if isinstance(node, SiteNode):
-        return node.newest_version if node.newest_version >= 0 else None
-    if isinstance(node, RegionalAggregator):
-        model = node.current_model()
-        return None if model is None else int(model[0])
-    return None
-
-
-def model_floor_digest(node: Node, floor: int) -> bytes | None:
-    """The digest of the model a restored site or region holds at version ``floor``, so
-    that a second, different model under that number is noticed after a restart too
-    (metric ``message_rejected{reason="model_conflict"}`` and a warning); None if its
-    weights are not kept."""
-    model = node.current_model() if isinstance(node, SiteNode | RegionalAggregator) else None
-    if model is None or int(model[0]) != floor:
-        return None
-    return tensors_digest(model[1])

@@ -9,11 +9,16 @@ guard, effect dispatch), with this driver as the sink of every node's effects:
 * ``Train``   -> duration from the ``ComputeModel``, dropout from ``Availability``; the job
   is submitted to the executor now (start snapshot) and joined when its end event fires
   (``TrainDone``), or ``TrainFailed(job, "dropout")`` is delivered at that time;
-* ``Persist`` -> counted (and kept in ``store`` when ``record_persist``);
+* ``Persist`` -> counted (and kept in ``store`` when ``record_persist``); with
+  ``state_dir``, written to the node's recovery log first (``sim.durability``);
 * ``Metric``  -> totals, staleness values, listeners, and the ``InvariantChecker``;
 * ``Log``     -> counted by level, sent to the ``fedloom.sim`` logger at debug level;
 * deadlines   -> after every ``handle`` the node's ``next_deadline()`` is (re)scheduled,
   replacing the stale entry (cancelled lazily, O(log n)).
+
+With ``signing=True`` every node signs what it sends and checks what it receives as a
+daemon does (``sim.durability.SimSigning``); ``restart``/``restart_at`` bring a node
+back from its recovery log mid-run.
 
 At the start every neighbour link (parent/child, gossip peers) is announced to both ends
 with ``PeerUp`` after the link's latency. Effects are carried out in list order, so a
@@ -26,6 +31,7 @@ the messages and job ends of their instant and observers after everything else.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +57,7 @@ from fedloom.federation.step import NodeStep
 from fedloom.federation.training import Trainer
 from fedloom.sim.availability import Availability
 from fedloom.sim.compute import ComputeModel
+from fedloom.sim.durability import SimSigning, SimStores
 from fedloom.sim.executors import Executor, InlineExecutor
 from fedloom.sim.kernel import Handle, Kernel, SimulationError
 from fedloom.sim.network import Codec, LinkModel, Network, Partition
@@ -86,6 +93,11 @@ class SimStats:
     jobs_dropped: int = 0
     jobs_abandoned: int = 0  # their node died while they ran
     persists: int = 0
+    commits: int = 0  # recovery-log writes (with state_dir): one per Persist batch
+    signed: int = 0  # signatures made (with signing)
+    verified: int = 0  # signatures checked and good
+    unverified: int = 0  # messages refused on arrival by their signature check
+    restarts: int = 0
     logs_by_level: dict[str, int] = field(default_factory=dict)
     metric_totals: dict[str, float] = field(default_factory=dict)
     metric_counts: dict[str, int] = field(default_factory=dict)
@@ -120,6 +132,11 @@ class SimStats:
             "jobs_dropped": self.jobs_dropped,
             "jobs_abandoned": self.jobs_abandoned,
             "persists": self.persists,
+            "commits": self.commits,
+            "signed": self.signed,
+            "verified": self.verified,
+            "unverified": self.unverified,
+            "restarts": self.restarts,
             "logs_by_level": dict(sorted(self.logs_by_level.items())),
             "metric_totals": dict(sorted(self.metric_totals.items())),
             "metric_counts": dict(sorted(self.metric_counts.items())),
@@ -178,6 +195,8 @@ class SimDriver:
         record_persist: bool = False,
         keep_logs: bool = False,
         checker: InvariantChecker | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        signing: bool = False,
     ) -> None:
         for key, node in nodes.items():
             if node.node_id != key:
@@ -189,13 +208,14 @@ class SimDriver:
         self.roles = dict(roles)
         self.seed = seed
         self.kernel = Kernel(seed, start_time)
+        self.codecs = codecs if codecs is not None else CodecPolicy()
         self.network = Network(
             self.kernel,
             network,
             deliver=self._on_message,
             notify=self._on_link,
             codec=codec,
-            codecs=codecs,
+            codecs=self.codecs,
             roles=self.roles,
         )
         for a, b in neighbours:
@@ -226,6 +246,12 @@ class SimDriver:
             )
             for node_id, node in self.nodes.items()
         }
+        self._incarnation: dict[str, int] = {}  # restarts per node (jobs of older ones drop)
+        self.signing: SimSigning | None = None
+        if signing:
+            self.signing = SimSigning(self.roles, report=self._report_refused)
+        # Last: it opens files, which close() releases.
+        self.stores = SimStores(state_dir, self.nodes) if state_dir is not None else None
         self._observers: list[_Observer] = []
         self._metric_listeners: list[MetricListener] = []
         self._until: float = start_time
@@ -270,6 +296,12 @@ class SimDriver:
         s.bytes_by_type = self.network.bytes_by_type
         s.updates_applied = self.checker.updates_applied
         s.updates_duplicated = self.checker.updates_duplicated
+        if self.stores is not None:
+            s.commits = self.stores.commits
+        if self.signing is not None:
+            s.signed = self.signing.signed
+            s.verified = self.signing.verified
+            s.unverified = self.signing.unverified
         return s
 
     def is_alive(self, node_id: str) -> bool:
@@ -330,9 +362,51 @@ class SimDriver:
             self.network.end_burst()
         return self.stats
 
+    def restart(self, node_id: str, make: Callable[[], Node], down_s: float = 0.0) -> None:
+        """``node_id`` crashes now and comes back ``down_s`` later as ``make()`` restored
+        from its recovery log (needs ``state_dir``). While down it hears nothing, its
+        links are cut (what is in flight is lost; neighbours get ``PeerDown``, then
+        ``PeerUp`` once it is back) and the result of a job it had started never
+        reaches the restarted node."""
+        if self.stores is None:
+            raise ValueError("restart needs a recovery log: give the driver a state_dir")
+        if node_id not in self.nodes:
+            raise ValueError(f"restart: unknown node {node_id!r}")
+        if not down_s >= 0:
+            raise ValueError(f"restart: down_s must be >= 0, got {down_s!r}")
+        if node_id in self._dead:
+            return
+        self._dead.add(node_id)
+        self._incarnation[node_id] = self._incarnation.get(node_id, 0) + 1
+        entry = self._deadlines.pop(node_id, None)
+        if entry is not None:
+            Kernel.cancel(entry[1])
+        now = self.kernel.now
+        if down_s > 0:
+            self.network.add_partition(Partition(now, now + down_s, frozenset((node_id,))))
+        self.kernel.schedule_at(now + down_s, self._come_back, node_id, make)
+
+    def restart_at(self, t: float, node_id: str, make: Callable[[], Node], down_s: float) -> None:
+        self.kernel.schedule_at(t, self.restart, node_id, make, down_s)
+
+    def _come_back(self, node_id: str, make: Callable[[], Node]) -> None:
+        assert self.stores is not None
+        node = self.stores.recover(node_id, make)
+        self.nodes[node_id] = node
+        if self.signing is not None:
+            self.signing.restarted(node)
+        self._steps[node_id] = NodeStep(
+            node, self, seed=self.seed, observe=self.checker.observe, error=SimulationError
+        )
+        self._dead.discard(node_id)
+        self._stats.restarts += 1
+        self._refresh_deadline(node_id, node, self.kernel.now)
+
     def close(self) -> None:
         if self.executor is not None:
             self.executor.close()
+        if self.stores is not None:
+            self.stores.close()
 
     # ------------------------------------------------------------------- internals
 
@@ -369,11 +443,15 @@ class SimDriver:
 
     def send(self, node_id: str, effect: Send) -> None:
         """``Send``: onto the simulated link (size from the real codec)."""
-        if effect.peer not in self.nodes:
+        peer = effect.peer
+        if peer not in self.nodes:
             raise SimulationError(
-                f"{node_id} sent {type(effect.msg).__name__} to unknown node {effect.peer!r}"
+                f"{node_id} sent {type(effect.msg).__name__} to unknown node {peer!r}"
             )
-        self.network.send(node_id, effect.peer, effect.msg)
+        msg = effect.msg
+        if self.signing is not None:
+            msg = self.signing.seal(node_id, peer, msg, self.codecs.spec_for(msg))
+        self.network.send(node_id, peer, msg)
 
     def metric(self, node_id: str, m: Metric, now: float) -> None:
         """``Metric``: totals, staleness, the model-version gauge, listeners."""
@@ -391,6 +469,8 @@ class SimDriver:
     def persist(self, node_id: str, batch: list[Persist]) -> None:
         """``Persist`` (one batch): counted, and kept in ``store`` when ``record_persist``."""
         self._stats.persists += len(batch)
+        if self.stores is not None:
+            self.stores.write(node_id, batch)
         if self.record_persist:
             for p in batch:
                 self._record(p)
@@ -423,14 +503,18 @@ class SimDriver:
         self._stats.jobs_started += 1
         if self.availability.job_dropped(node_id):
             self._stats.jobs_dropped += 1
-            self.kernel.schedule_in(duration, self._job_failed, node_id, job, "dropout")
+            incarnation = self._incarnation.get(node_id, 0)
+            self.kernel.schedule_in(
+                duration, self._job_failed, node_id, job, "dropout", incarnation
+            )
             return
         ticket = self.executor.submit(node_id, weights, config)
-        self.kernel.schedule_in(duration, self._job_done, node_id, job, ticket)
+        incarnation = self._incarnation.get(node_id, 0)
+        self.kernel.schedule_in(duration, self._job_done, node_id, job, ticket, incarnation)
 
-    def _job_done(self, node_id: str, job: int, ticket: Any) -> None:
+    def _job_done(self, node_id: str, job: int, ticket: Any, incarnation: int = 0) -> None:
         assert self.executor is not None
-        if node_id in self._dead:
+        if node_id in self._dead or incarnation != self._incarnation.get(node_id, 0):
             self._stats.jobs_abandoned += 1
             self.executor.discard(ticket)
             return
@@ -438,15 +522,20 @@ class SimDriver:
         self._stats.jobs_finished += 1
         self._dispatch(node_id, TrainDone(job, result))
 
-    def _job_failed(self, node_id: str, job: int, reason: str) -> None:
-        if node_id in self._dead:
+    def _job_failed(self, node_id: str, job: int, reason: str, incarnation: int = 0) -> None:
+        if node_id in self._dead or incarnation != self._incarnation.get(node_id, 0):
             return
         self._dispatch(node_id, TrainFailed(job, reason))
 
     def _on_message(self, src: str, dst: str, msg: Any) -> None:
         if dst in self._dead:  # the network already drops these; kept as a guard
             return
+        if self.signing is not None and not self.signing.check(src, dst, msg):
+            return  # refused by its signature check (a daemon closes the connection)
         self._dispatch(dst, Received(src, msg))
+
+    def _report_refused(self, node_id: str, m: Metric) -> None:
+        self.metric(node_id, m, self.kernel.now)
 
     def _on_link(self, node_id: str, peer: str, up: bool) -> None:
         if node_id in self._dead:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -239,11 +242,11 @@ def _evaluator(
 
         return gossip_eval
 
-    root = nodes[plan.roots[0]]
-    assert isinstance(root, ModelHolder)
     cache: dict[int, float] = {}
 
     def root_eval() -> tuple[float, float]:
+        root = nodes[plan.roots[0]]  # looked up each time: a restart replaces the node
+        assert isinstance(root, ModelHolder)
         cur = root.current_model()
         if cur is None:
             return 0.0, 0.0
@@ -254,6 +257,15 @@ def _evaluator(
         return cache[version], float(version)
 
     return root_eval
+
+
+def _state_dir(arm: Arm) -> str:
+    """A fresh directory for one run's recovery logs: inside ``durability.state_dir``
+    (kept), or a temporary one (removed after the run)."""
+    parent = arm.durability.state_dir
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"fedloom-sim-{arm.name}-", dir=parent)
 
 
 def _make_executor(scenario: Scenario, workload: Workload, ids: Sequence[str]) -> Executor:
@@ -277,7 +289,9 @@ def run_once(
     sites = build_sites(scenario, workload, seed)
     plan = build_plan(scenario, arm, sites, seed)
     init = workload.init_weights(seed)
-    nodes = build_nodes(plan, arm, init, seed, {s.id: s.n_examples for s in sites})
+    examples = {s.id: s.n_examples for s in sites}
+    durable = arm.durability
+    nodes = build_nodes(plan, arm, init, seed, examples, durable=durable.log)
     availability, partitions = build_availability(scenario, arm, plan, sites, seed)
     speeds = {s.id: s.compute_speed for s in sites}
     try:
@@ -289,6 +303,7 @@ def run_once(
         down=CodecSpec(kind=arm.codec.down),  # type: ignore[arg-type]
     )
     executor = _make_executor(scenario, workload, [s.id for s in sites])
+    state_dir = _state_dir(arm) if durable.log else None
     driver = SimDriver.from_plan(
         plan,
         nodes,
@@ -298,8 +313,19 @@ def run_once(
         seed=seed,
         codecs=codecs,
         partitions=partitions,
+        state_dir=state_dir,
+        signing=durable.signing,
     )
-    evaluate = _evaluator(plan, nodes, workload, driver.is_alive)
+    for r in durable.restarts:
+        if r.node not in nodes:
+            driver.close()
+            raise ConfigError(f"arm {arm.name!r}: durability.restarts: no node {r.node!r}")
+
+        def rebuilt(node_id: str = r.node) -> Node:
+            return build_nodes(plan, arm, init, seed, examples, durable=True)[node_id]
+
+        driver.restart_at(r.at_s, r.node, rebuilt, r.down_s)
+    evaluate = _evaluator(plan, driver.nodes, workload, driver.is_alive)
     series: list[tuple[float, float]] = []
     versions = [0.0]
 
@@ -315,6 +341,8 @@ def run_once(
         stats = driver.run(until=scenario.duration_s)
     finally:
         driver.close()
+        if state_dir is not None and durable.state_dir is None:
+            shutil.rmtree(state_dir, ignore_errors=True)
     if not series or series[-1][0] < scenario.duration_s:
         observe(scenario.duration_s)
 
@@ -343,6 +371,14 @@ def run_once(
         "job_timeouts": int(totals.get("job_timeout", 0)),
         "jobs_per_wall_s": stats.jobs_finished / max(time.perf_counter() - wall0, 1e-9),
     }
+    if durable.log or durable.signing:
+        extra |= {
+            "log_commits": stats.commits,
+            "signed": stats.signed,
+            "verified": stats.verified,
+            "unverified": stats.unverified,
+            "restarts": stats.restarts,
+        }
     if scenario.target_window_s > 0:
         extra["first_crossing_s"] = -1.0 if first_crossing is None else first_crossing
     return ArmResult(

@@ -20,6 +20,20 @@ cluster per region, ``region-<name>``, holding exactly the sites placed there (w
     [sites.placement]
     north = ["hospital-1", "hospital-2"]
     south = ["hospital-3", "hospital-4"]
+
+Durability. A ``[durability]`` table (shared, or ``[arms.durability]`` for one arm) runs
+what the daemons depend on (``sim.durability``): ``log = true`` gives every node a real
+recovery log (``federation.store.StateStore``, one directory per node under
+``state_dir``, default a temporary directory removed after the run) that each batch of
+``Persist`` effects is written to before the effects after it; ``signing = true`` signs
+every update and model end to end and checks each on arrival (refused ones are dropped
+and counted); ``restarts`` crashes nodes and brings them back from their log (needs
+``log``)::
+
+    [durability]
+    log = true
+    signing = true
+    restarts = [{ node = "region-r0", at_s = 600, down_s = 30 }]
 """
 
 from __future__ import annotations
@@ -100,6 +114,21 @@ class AvailabilityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Restart:
+    node: str
+    at_s: float
+    down_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DurabilityConfig:
+    log: bool = False  # every node writes its Persists to a recovery log (StateStore)
+    signing: bool = False  # updates and models signed end to end, checked on arrival
+    state_dir: str | None = None  # where the logs go (None: a temporary directory)
+    restarts: tuple[Restart, ...] = ()  # nodes brought back from their log mid-run
+
+
+@dataclass(frozen=True, slots=True)
 class Arm:
     name: str
     algorithm: str
@@ -111,6 +140,7 @@ class Arm:
     compute: Mapping[str, Any]
     lr_sweep: tuple[float, ...] = ()
     server_lr_sweep: tuple[float, ...] = ()
+    durability: DurabilityConfig = DurabilityConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +209,7 @@ def parse_scenario(
         "availability": dict(top.raw("availability", {}) or {}),
         "compute": dict(top.raw("compute", {}) or {}),
         "algorithm": dict(top.raw("algorithm", {}) or {}),
+        "durability": dict(top.raw("durability", {}) or {}),
     }
     for key, value in shared.items():
         if not isinstance(raw.get(key, {}), Mapping):
@@ -362,7 +393,7 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
             f"{t.where('topology')}: hierarchical arms use asynchronous regional buffers; "
             "use algorithm 'fedbuff' or 'fedasync' for the root"
         )
-    for key in ("training", "codec", "availability", "compute"):
+    for key in ("training", "codec", "availability", "compute", "durability"):
         if key in raw and not isinstance(raw[key], Mapping):
             raise t.fail(key, "a table", raw[key])
         t.raw(key)
@@ -374,6 +405,7 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         Table(_merged(shared, raw, "availability"), f"{t.where('availability')}"), sites
     )
     compute = _merged(shared, raw, "compute")
+    durability = _durability(Table(_merged(shared, raw, "durability"), t.where("durability")))
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
     params = read_algorithm(Table({**shared["algorithm"], **own_params}, t.where("").rstrip(".")))
@@ -396,7 +428,33 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         compute=compute,
         lr_sweep=lr_sweep,
         server_lr_sweep=server_lr_sweep,
+        durability=durability,
     )
+
+
+def _durability(t: Table) -> DurabilityConfig:
+    log = t.flag("log", False)
+    restarts: list[Restart] = []
+    for i, r in enumerate(t.array("restarts", [])):
+        rt = Table(r, f"{t.where('restarts')}[{i}]")
+        restarts.append(
+            Restart(
+                node=rt.text("node"),
+                at_s=float(rt.number("at_s", min=0.0)),
+                down_s=float(rt.number("down_s", 0.0, min=0.0)),
+            )
+        )
+        rt.finish()
+    if restarts and not log:
+        raise ConfigError(f"{t.where('restarts')}: a restart recovers from the log: set log = true")
+    state_dir = t.text("state_dir", None)
+    if state_dir is not None and not log:
+        raise ConfigError(f"{t.where('state_dir')}: is where the log goes: set log = true")
+    cfg = DurabilityConfig(
+        log=log, signing=t.flag("signing", False), state_dir=state_dir, restarts=tuple(restarts)
+    )
+    t.finish()
+    return cfg
 
 
 def _sweep(t: Table, key: str) -> list[float]:
@@ -430,6 +488,8 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
 __all__ = [
     "Arm",
     "ConfigError",
+    "DurabilityConfig",
+    "Restart",
     "Scenario",
     "SitesConfig",
     "load_scenario",
