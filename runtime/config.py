@@ -76,6 +76,7 @@ from fedloom.algorithms.incorporation import (
     MAX_HELD_LIMIT,
 )
 from fedloom.federation.config_reader import ConfigError, Table
+from fedloom.federation.factory import DEFAULT_LINK_DOWN_AFTER_S
 from fedloom.federation.params import (
     ALGORITHMS,
     AlgorithmConfig,
@@ -147,7 +148,7 @@ MAX_OUTBOX_MIB = float(1 << 24)  # 16 TiB: any real disk; refuses inf
 @dataclass(frozen=True, slots=True)
 class ConnectionConfig:
     keepalive_s: float = 10.0
-    down_after_s: float = 45.0
+    down_after_s: float = DEFAULT_LINK_DOWN_AFTER_S  # the simulator's links use it too
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     # Record ciphers to offer and accept, preferred first; None: all of them, the
