@@ -64,7 +64,7 @@ from fedloom.algorithms.fedbuff import FedBuffAggregator  # noqa: E402
 from fedloom.algorithms.protocol import Effect, Event, Metric, PeerUp, Received, Send, Weights  # noqa: E402
 from fedloom.federation.store import StateStore  # noqa: E402
 from fedloom.runtime.driver import AsyncDriver  # noqa: E402
-from fedloom.runtime.peers import DialTarget, NetworkPeers  # noqa: E402
+from fedloom.runtime.network_peers import DialTarget, NetworkPeers  # noqa: E402
 from fedloom.runtime.signing import EndToEnd  # noqa: E402
 from fedloom.transport.codec_policy import CodecPolicy  # noqa: E402
 from fedloom.transport.e2e import digest_as_received, sign_update  # noqa: E402

@@ -62,7 +62,7 @@ from fedloom.algorithms.site import SiteNode  # noqa: E402
 from fedloom.algorithms.sync import SyncAggregator  # noqa: E402
 from fedloom.federation.store import StateStore  # noqa: E402
 from fedloom.runtime.driver import AsyncDriver  # noqa: E402
-from fedloom.runtime.peers import DialTarget, NetworkPeers  # noqa: E402
+from fedloom.runtime.network_peers import DialTarget, NetworkPeers  # noqa: E402
 
 MB = 1e6
 FRAME = 1 << 20

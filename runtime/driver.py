@@ -70,7 +70,7 @@ from fedloom.algorithms.protocol import (
 )
 from fedloom.federation.step import NodeStep
 from fedloom.federation.training import Trainer
-from fedloom.runtime.peers import PeerSet, Valid
+from fedloom.runtime.peer_table import PeerSet, Valid
 from fedloom.transport.error_text import describe
 
 node_log = logging.getLogger("fedloom.node")

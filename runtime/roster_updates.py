@@ -1,7 +1,7 @@
 """A newer signed roster, installed into a running daemon (revocation without restarts).
 
 Two ways in: ``fedloom run`` re-reads ``roster.path`` on SIGHUP, and a parent pushes every
-roster it installs down the tree (``RosterUpdate``, handled by ``runtime.peers``). Where a
+roster it installs down the tree (``RosterUpdate``, handled by ``runtime.network_peers``). Where a
 roster comes from vouches for nothing; ``RosterKeeper.install`` accepts one only if
 
 1. it is signed by the consortium key this node was configured with;
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from fedloom.algorithms.protocol import Metric
 from fedloom.algorithms.warn_limit import WarnLimiter
-from fedloom.runtime.peers import NetworkPeers
+from fedloom.runtime.network_peers import NetworkPeers
 from fedloom.transport.identity import Identity
 from fedloom.transport.roster import Roster, RosterError, RosterStore, read_small_text
 from fedloom.transport.wire import RosterUpdate

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.network_peers import DialTarget, NetworkPeers
 from fedloom.transport.channel import ChannelOptions, GateLimits
 from fedloom.transport.identity import Identity
 from fedloom.transport.links import reserve_share

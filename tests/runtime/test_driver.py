@@ -30,7 +30,8 @@ from fedloom.algorithms.protocol import (
 )
 from fedloom.runtime import driver as driver_module
 from fedloom.runtime.driver import AsyncDriver
-from fedloom.runtime.peers import EventSink, MemoryNetwork
+from fedloom.runtime.memory_network import MemoryNetwork
+from fedloom.runtime.peer_table import EventSink
 from fedloom.transport.wire import Ack, Heartbeat, Message
 
 LIMIT = 10.0  # seconds any one test may take: a bound, never a timing assertion

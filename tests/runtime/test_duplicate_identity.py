@@ -19,7 +19,7 @@ import pytest
 from fedloom.algorithms.protocol import PeerDown, PeerUp, Received
 from fedloom.runtime.daemon import report_duplicates
 from fedloom.runtime.metrics import MetricsSink
-from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.network_peers import DialTarget, NetworkPeers
 from fedloom.transport.channel import client_channel
 from fedloom.transport.identity import Identity
 from fedloom.transport.roster import Roster

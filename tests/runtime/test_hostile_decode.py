@@ -25,7 +25,8 @@ import pytest
 from fedloom.algorithms.protocol import Effect, Event, PeerDown, PeerUp, Received
 from fedloom.runtime.connection import Connection, ProgressLink, WirePipe
 from fedloom.runtime.driver import AsyncDriver
-from fedloom.runtime.peers import Backoff, ConnectionTable, DialTarget, NetworkPeers
+from fedloom.runtime.network_peers import Backoff, DialTarget, NetworkPeers
+from fedloom.runtime.peer_table import ConnectionTable
 from fedloom.runtime.signing import EndToEnd
 from fedloom.transport import channel as channel_module
 from fedloom.transport import tensors, wire, ws

@@ -34,7 +34,7 @@ from fedloom.algorithms.fedbuff import FedBuffAggregator
 from fedloom.algorithms.protocol import Effect, Event, PeerUp, Received, Send, Weights
 from fedloom.federation.store import StateStore
 from fedloom.runtime.driver import AsyncDriver
-from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.network_peers import DialTarget, NetworkPeers
 from fedloom.transport.codec_policy import CodecPolicy
 from fedloom.transport.identity import Identity
 from fedloom.transport.roster import Roster, RosterEntry

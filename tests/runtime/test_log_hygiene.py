@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from fedloom.runtime.log_filters import AIOHTTP_LOGGERS, ClientGoneFilter, quiet_client_disconnects
-from fedloom.runtime.peers import Backoff, DialTarget, NetworkPeers
+from fedloom.runtime.network_peers import Backoff, DialTarget, NetworkPeers
 from fedloom.transport import ws
 from fedloom.transport.error_text import describe
 from fedloom.transport.identity import Identity

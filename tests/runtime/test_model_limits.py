@@ -27,7 +27,7 @@ from fedloom.runtime.config import load_config
 from fedloom.runtime.connection import ChannelPipe, ProgressLink
 from fedloom.runtime.daemon import build_peers, load_roster, open_daemon, serve
 from fedloom.runtime.federation_files import ROOT_ID, write_federation, write_roster
-from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.network_peers import DialTarget, NetworkPeers
 from fedloom.runtime.signing import EndToEnd
 from fedloom.transport import wire, ws
 from fedloom.transport.channel import SecureChannel, client_channel

@@ -29,7 +29,7 @@ from fedloom.algorithms.protocol import (
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
 from fedloom.runtime.driver import AsyncDriver
-from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.network_peers import DialTarget, NetworkPeers
 from fedloom.transport.identity import Identity
 from fedloom.transport.roster import Roster, RosterEntry
 from fedloom.transport.wire import Hello, ModelBroadcast, TrainRequest, Update

@@ -19,20 +19,16 @@ from fedloom.runtime.connection import (
     ProgressLink,
     WirePipe,
 )
-from fedloom.runtime.peers import (
-    Backoff,
-    ConnectionTable,
-    DialTarget,
-    NetworkPeers,
-    gossip_dial_targets,
-)
-from fedloom.transport import wire, ws
+from fedloom.runtime.network_peers import Backoff, DialTarget, NetworkPeers, gossip_dial_targets
+from fedloom.runtime.peer_table import ConnectionTable
+from fedloom.transport import records, wire, ws
 from fedloom.transport.channel import ChannelOptions, client_channel, server_channel
 from fedloom.transport.identity import Identity
 from fedloom.transport.links import Link, memory_link_pair
 from fedloom.transport.records import CIPHER_AEGIS256, CIPHER_SECRETSTREAM
 from fedloom.transport.roster import Roster, RosterEntry
 from fedloom.transport.wire import Ack, Heartbeat, Update
+from tests.transport.cipher_params import needs_aegis
 
 LIMIT = 15.0
 
@@ -164,7 +160,7 @@ class SlowLink:
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send(data)
 
-    async def recv(self) -> bytes:
+    async def recv(self) -> bytes | memoryview:
         frame = await self.inner.recv()
         await asyncio.sleep(self.gap)
         return frame
@@ -297,6 +293,20 @@ def delta() -> dict[str, np.ndarray]:
     return {"w": np.arange(300_000, dtype=np.float32)}  # 1.2 MB: streamed in pieces
 
 
+@pytest.fixture(params=["fast", "stock-aiohttp", "no-aegis"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The transport as this aiohttp and PyNaCl allow it (``fast``), as an aiohttp without
+    the internals of the one-copy reader and writer would (``transport.ws.fast_path``),
+    and as a PyNaCl without AEGIS-256 would (``transport.records.aegis_available``)."""
+    if request.param == "stock-aiohttp":
+        forced = ("forced by the test",)
+        monkeypatch.setattr(ws, "_fast_path", ws.FastPath(forced, forced))
+    elif request.param == "no-aegis":
+        monkeypatch.setattr(records, "aegis_available", lambda: False)
+    return str(request.param)
+
+
+@pytest.mark.usefixtures("transport")
 async def test_site_dials_the_aggregator_over_encrypted_websockets(pki: Pki) -> None:
     agg_sink, site_sink = Sink(), Sink()
     agg = peers(pki.agg, pki.roster, listen=("127.0.0.1", 0), accept_from={"site-1"})
@@ -361,6 +371,7 @@ async def test_a_roster_member_that_is_not_a_neighbour_is_refused(pki: Pki) -> N
         agg_task.cancel()
 
 
+@needs_aegis
 async def test_record_ciphers_are_negotiated_and_a_mismatch_is_refused(pki: Pki) -> None:
     only_aegis = ChannelOptions(ciphers=(CIPHER_AEGIS256,))
     agg = peers(pki.agg, pki.roster, listen=("127.0.0.1", 0), options=only_aegis)

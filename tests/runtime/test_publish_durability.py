@@ -26,7 +26,7 @@ from fedloom.algorithms.protocol import Metric, Persist, Received, Weights
 from fedloom.federation.store import StateStore
 from fedloom.runtime.daemon import restore_node
 from fedloom.runtime.driver import AsyncDriver
-from fedloom.runtime.peers import EventSink
+from fedloom.runtime.peer_table import EventSink
 from fedloom.transport.e2e import tensors_digest
 from fedloom.transport.wire import Hello, Message, ModelBroadcast, Update
 

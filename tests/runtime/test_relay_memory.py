@@ -18,7 +18,7 @@ from fedloom.algorithms.protocol import Received
 from fedloom.algorithms.relay import RelayNode
 from fedloom.runtime.connection import QUEUE_MESSAGES_OF_CAP, Connection, ProgressLink, WirePipe
 from fedloom.runtime.driver import AsyncDriver
-from fedloom.runtime.peers import DialTarget
+from fedloom.runtime.network_peers import DialTarget
 from fedloom.transport.channel import SecureChannel, client_channel
 from fedloom.transport.identity import Identity
 from fedloom.transport.limits import Limits

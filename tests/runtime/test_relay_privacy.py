@@ -17,7 +17,7 @@ from fedloom.algorithms.protocol import Effect, Event, PeerUp, Received, Send
 from fedloom.algorithms.relay import RelayNode
 from fedloom.federation.store import StateStore
 from fedloom.runtime.driver import AsyncDriver
-from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.network_peers import DialTarget, NetworkPeers
 from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
 from fedloom.runtime.signing import EndToEnd
 from fedloom.transport import wire

@@ -16,7 +16,7 @@ import pytest
 from fedloom.algorithms.protocol import Effect, Event, PeerDown, PeerUp, Received, Send
 from fedloom.algorithms.relay import RelayNode
 from fedloom.runtime.driver import AsyncDriver
-from fedloom.runtime.peers import DialTarget, NetworkPeers
+from fedloom.runtime.network_peers import DialTarget, NetworkPeers
 from fedloom.transport.identity import Identity
 from fedloom.transport.relay import PAYLOAD
 from fedloom.transport.roster import Roster, RosterEntry

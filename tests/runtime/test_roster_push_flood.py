@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from fedloom.runtime import roster_updates
-from fedloom.runtime.peers import DialTarget
+from fedloom.runtime.network_peers import DialTarget
 from fedloom.runtime.roster_updates import PUSH_BURST, PUSH_INTERVAL_S, RosterKeeper
 from fedloom.transport import wire, ws
 from fedloom.transport.channel import Gatekeeper, SecureChannel

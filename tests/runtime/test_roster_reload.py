@@ -27,7 +27,7 @@ from fedloom.runtime import metrics as metrics_mod
 from fedloom.runtime.config import load_config
 from fedloom.runtime.daemon import Daemon, load_node, open_daemon, serve
 from fedloom.runtime.federation_files import Federation, write_federation, write_roster
-from fedloom.runtime.peers import MAX_PUSHED_ROSTER, NetworkPeers
+from fedloom.runtime.network_peers import MAX_PUSHED_ROSTER, NetworkPeers
 from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY
 from fedloom.transport import wire, ws
 from fedloom.transport.channel import Gatekeeper, SecureChannel, client_channel

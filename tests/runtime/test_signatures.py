@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from fedloom.algorithms.fedbuff import FedBuffAggregator
 from fedloom.algorithms.protocol import Event, Metric, PeerDown, PeerUp, Received, Send
 from fedloom.runtime.connection import ProgressLink
-from fedloom.runtime.peers import Backoff, DialTarget, NetworkPeers, OnLink
+from fedloom.runtime.network_peers import Backoff, DialTarget, NetworkPeers, OnLink
 from fedloom.runtime.signing import EndToEnd
 from fedloom.transport.channel import SecureChannel, client_channel, server_channel
 from fedloom.transport.codec_policy import CodecPolicy

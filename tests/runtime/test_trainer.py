@@ -15,7 +15,7 @@ from fedloom.algorithms.site import SiteNode
 from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.config import PlanConfig
 from fedloom.runtime.driver import AsyncDriver
-from fedloom.runtime.peers import MemoryNetwork
+from fedloom.runtime.memory_network import MemoryNetwork
 from fedloom.runtime.trainer import (
     GlobalPlan,
     NumPyClientPlan,

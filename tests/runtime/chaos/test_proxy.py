@@ -24,7 +24,7 @@ from fedloom.runtime.chaos.proxy import (
     _rst,
     _stall_s,
 )
-from fedloom.runtime.peers import DialTarget
+from fedloom.runtime.network_peers import DialTarget
 from fedloom.transport.wire import Ack, Update
 from tests.runtime.test_peers import Pki, Sink, delta, peers
 

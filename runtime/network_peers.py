@@ -1,22 +1,9 @@
-"""Peer sets: how a driver reaches its neighbours, and how their messages reach it.
+"""Peer sets over the network, for daemons: ``NetworkPeers``.
 
-A ``PeerSet`` turns connections into driver events: ``PeerUp(peer)`` when a connection
-to ``peer`` is usable, ``Received(peer, msg)`` for each message, ``PeerDown(peer)`` when
-it ends. ``send(peer, msg)`` queues a message on the current connection (or drops it when
-there is none, which the protocols absorb: they resend after the next ``PeerUp``).
-
-Guarantees to the node: per peer, events alternate ``PeerUp`` ... ``PeerDown``; every
-``Received`` from a connection is posted with a validity check, so the driver drops the
-ones still waiting in its inbox once that connection has gone (a node never sees a
-message from a peer between its ``PeerDown`` and the next ``PeerUp``).
-
-Implementations:
-
-* ``MemoryNetwork`` / ``MemoryPeers``: in-process links (``transport.links``) between
-  drivers in one event loop, with partitions and kills (tests, the conformance suite).
-* ``NetworkPeers``: daemons. Sites dial out (WebSocket + ``SecureChannel``) and reconnect
-  with jittered exponential back-off; aggregators listen and admit roster members only.
-  Messages are wire-decoded; bad bytes close that connection, never the daemon.
+Sites dial out (WebSocket + ``SecureChannel``) and reconnect with jittered exponential
+back-off; aggregators listen and admit roster members only. Messages are wire-decoded;
+bad bytes close that connection, never the daemon. The events they post follow
+``runtime.peer_table``.
 
 Rosters are the peer set's business, not the node's: ``NetworkPeers.set_roster`` swaps a
 newer roster in (handshakes, end-to-end signatures), closes every connection of a peer it
@@ -36,20 +23,10 @@ import functools
 import logging
 import random
 import time
-from collections.abc import (
-    Awaitable,
-    Callable,
-    Collection,
-    Container,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import Awaitable, Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fedloom.algorithms.protocol import Event, PeerDown, PeerUp, Received
-from fedloom.algorithms.warn_limit import WarnLimiter
 from fedloom.runtime.connection import (
     DEFAULT_MAX_QUEUE,
     QUEUE_MESSAGES_OF_CAP,
@@ -58,10 +35,9 @@ from fedloom.runtime.connection import (
     Gate,
     MessagePipe,
     ProgressLink,
-    Via,
-    WirePipe,
     check_timeouts,
 )
+from fedloom.runtime.peer_table import ConnectionTable, EventSink, wait_forever
 from fedloom.runtime.signing import EndToEnd
 from fedloom.transport.channel import (
     DEFAULT_OPTIONS,
@@ -76,340 +52,13 @@ from fedloom.transport.error_text import describe
 from fedloom.transport.errors import ProtocolError
 from fedloom.transport.identity import Identity
 from fedloom.transport.limits import Limits, ModelLayout
-from fedloom.transport.links import Link, LinkClosed, memory_link_pair
+from fedloom.transport.links import Link, LinkClosed
 from fedloom.transport.roster import Roster, RosterEntry
 from fedloom.transport.wire import Message, RosterUpdate
 
+# Every peer set module logs under one name, as before the split (log configs and
+# ``--log-level fedloom.runtime.peers=debug`` name it).
 log = logging.getLogger("fedloom.runtime.peers")
-
-Valid = Callable[[], bool]
-
-
-class EventSink(Protocol):
-    """Where a peer set posts events (the driver's inbox)."""
-
-    def post_nowait(self, event: Event, valid: Valid | None = None) -> None:
-        """Post at once (link events, job ends): never waits, never drops."""
-        ...
-
-    async def post(self, event: Event, valid: Valid | None = None) -> None:
-        """Post, waiting while the inbox is full (back-pressure onto the links)."""
-        ...
-
-
-class PeerSet(Protocol):
-    """The driver's view of its neighbours (see the module docstring)."""
-
-    async def run(self, sink: EventSink) -> None:
-        """Connect, accept and deliver until cancelled."""
-        ...
-
-    def send(self, peer: str, msg: Message, after: Gate | None = None) -> bool:
-        """Queue ``msg`` for ``peer``; False (message dropped) when not connected.
-
-        ``after``: the message is not delivered before this future is done (see
-        ``Connection.send``)."""
-        ...
-
-    def connected(self) -> frozenset[str]:
-        """Peers with an open connection now."""
-        ...
-
-
-class ConnectionTable:
-    """The open connection per peer, shared by every peer set.
-
-    ``open`` installs a connection (posting ``PeerUp``; an older connection to the same
-    peer is dropped first, posting its ``PeerDown``), ``serve`` runs it and drops it when
-    it ends. Whoever removes a connection from the table posts its ``PeerDown``, so each
-    ``PeerUp`` is matched by exactly one ``PeerDown``.
-    """
-
-    def __init__(self, node_id: str, routes: Mapping[str, str] | None = None) -> None:
-        self.node_id = node_id
-        self.sink: EventSink | None = None
-        self._conns: dict[str, Connection] = {}
-        # Peers reached through a relay: {peer: relay}. A routed peer counts as connected
-        # while its relay is (its own liveness is the node's business: gossip heartbeats).
-        self.routes: dict[str, str] = dict(routes or {})
-        self._routed: dict[str, list[str]] = {}
-        for peer, relay in self.routes.items():
-            self._routed.setdefault(relay, []).append(peer)
-        self.sent = 0
-        self.dropped = 0  # messages for peers without a connection
-        self.dropped_relayed = 0  # relayed messages from a relay that is not the sender's
-        # Where ``RosterUpdate`` messages go (the peer set's own control traffic).
-        self.control: Callable[[Connection, RosterUpdate], Awaitable[None]] | None = None
-        # Messages refused per peer: one log line per peer and reason a minute.
-        self.warn = WarnLimiter()
-
-    def warn_due(self, peer: str, reason: str) -> str | None:
-        """None: stay quiet; else a suffix for the log line (refusals left out before)."""
-        unlogged = self.warn.due(peer, reason, time.monotonic())
-        if unlogged is None:
-            return None
-        return f" ({unlogged} more since the last line)" if unlogged else ""
-
-    def connected(self) -> frozenset[str]:
-        routed = (p for r in self._conns for p in self._routed.get(r, ()))
-        return frozenset(self._conns).union(routed)
-
-    def get(self, peer: str) -> Connection | None:
-        return self._conns.get(peer)
-
-    def send(self, peer: str, msg: Message, after: Gate | None = None) -> bool:
-        conn = self._conns.get(peer)
-        out: Message | Via = msg
-        if conn is None and peer in self.routes:
-            conn, out = self._conns.get(self.routes[peer]), Via(peer, msg)
-        if conn is None or not conn.send(out, after):
-            self.dropped += 1
-            return False
-        self.sent += 1
-        return True
-
-    def open(self, conn: Connection) -> None:
-        old = self._conns.get(conn.peer)
-        if old is not None:
-            self.drop(old, "replaced by a newer connection")
-        self._conns[conn.peer] = conn
-        log.info("%s: connected to %s", self.node_id, conn.peer, extra={"peer": conn.peer})
-        if self.sink is not None:
-            self.sink.post_nowait(PeerUp(conn.peer))
-            for peer in self._routed.get(conn.peer, ()):
-                self.sink.post_nowait(PeerUp(peer))
-
-    def drop(self, conn: Connection, reason: str) -> None:
-        conn.abort(reason)
-        if self._conns.get(conn.peer) is not conn:
-            return
-        del self._conns[conn.peer]
-        log.info(
-            "%s: connection to %s ended: %s",
-            self.node_id,
-            conn.peer,
-            conn.reason,
-            extra={"peer": conn.peer, "reason": conn.reason},
-        )
-        if self.sink is not None:
-            self.sink.post_nowait(PeerDown(conn.peer))
-            for peer in self._routed.get(conn.peer, ()):
-                self.sink.post_nowait(PeerDown(peer))
-
-    async def serve(self, conn: Connection) -> str:
-        """Run an opened connection to its end, then drop it; return why it ended."""
-        reason = "cancelled"
-        try:
-            reason = await conn.run(self._deliver)
-        except Exception as exc:  # one connection's failure never reaches the peer set
-            reason = f"unexpected {type(exc).__name__}: {describe(exc)}"
-            log.warning(
-                "%s: connection to %s failed: %s",
-                self.node_id,
-                conn.peer,
-                reason,
-                exc_info=exc,
-                extra={"peer": conn.peer, "reason": "unexpected_error"},
-            )
-        finally:
-            self.drop(conn, reason)
-        return reason
-
-    def drop_all(self, reason: str) -> None:
-        for conn in list(self._conns.values()):
-            self.drop(conn, reason)
-
-    async def _deliver(self, conn: Connection, msg: Message | Via) -> None:
-        if type(msg) is RosterUpdate:
-            if self.control is not None:
-                await self.control(conn, msg)
-            return
-        if self.sink is None:
-            return
-        if isinstance(msg, Via):
-            if type(msg.msg) is RosterUpdate:
-                return  # rosters come from a parent, never through a relay
-            if self.routes.get(msg.peer) != conn.peer:
-                self.dropped_relayed += 1
-                more = self.warn_due(conn.peer, "unexpected_relay")
-                if more is not None:
-                    log.warning(
-                        "%s: dropped a message from %s relayed by %s, which is not its relay%s",
-                        self.node_id,
-                        msg.peer,
-                        conn.peer,
-                        more,
-                        extra={"peer": msg.peer, "relay": conn.peer, "reason": "unexpected_relay"},
-                    )
-                return
-            await self.sink.post(Received(msg.peer, msg.msg), conn.is_open)
-            return
-        await self.sink.post(Received(conn.peer, msg), conn.is_open)
-
-
-async def _forever() -> None:
-    await asyncio.get_running_loop().create_future()
-
-
-# ------------------------------------------------------------------------------ memory
-
-
-class MemoryNetwork:
-    """In-process links between the peer sets of drivers sharing one event loop.
-
-    ``link(a, b)`` makes ``a`` and ``b`` neighbours: whenever both peer sets run and the
-    pair is not cut, a memory link joins them (``PeerUp`` on both ends). Messages go
-    through the real wire codec (``codecs``), so what a node sends is what a remote
-    node would decode. ``partition``/``heal`` cut and restore pairs; ``isolate`` cuts
-    a node from everyone (a kill). Cutting is synchronous: messages of the cut
-    connections that were not yet handled are dropped.
-    """
-
-    def __init__(
-        self,
-        *,
-        codecs: CodecPolicy | None = None,
-        limits: Limits | None = None,
-        keepalive_s: float | None = None,
-        down_after_s: float | None = None,
-        max_queue: int = DEFAULT_MAX_QUEUE,
-    ) -> None:
-        check_timeouts(keepalive_s, down_after_s, max_queue)
-        self.codecs = codecs if codecs is not None else CodecPolicy()
-        self.limits = limits
-        self.keepalive_s = keepalive_s
-        self.down_after_s = down_after_s
-        self.max_queue = max_queue
-        self._members: dict[str, MemoryPeers] = {}
-        self._neighbours: dict[str, set[str]] = {}
-        self._cut: set[frozenset[str]] = set()
-        self._isolated: set[str] = set()
-
-    def peers(self, node_id: str) -> MemoryPeers:
-        """The peer set of ``node_id`` (one per node)."""
-        member = self._members.get(node_id)
-        if member is None:
-            member = self._members[node_id] = MemoryPeers(self, node_id)
-            self._neighbours.setdefault(node_id, set())
-        return member
-
-    def link(self, a: str, b: str) -> None:
-        if a == b:
-            raise ValueError(f"link: a node cannot be its own neighbour ({a!r})")
-        self.peers(a)
-        self.peers(b)
-        self._neighbours[a].add(b)
-        self._neighbours[b].add(a)
-        self._maybe_connect(a, b)
-
-    def neighbours(self, node_id: str) -> frozenset[str]:
-        return frozenset(self._neighbours.get(node_id, ()))
-
-    def partition(self, group: Iterable[str]) -> list[tuple[str, str]]:
-        """Cut every neighbour pair with one end in ``group``; return the pairs cut."""
-        inside = set(group)
-        unknown = sorted(inside - set(self._members))
-        if unknown:
-            raise ValueError(f"partition: unknown node(s) {', '.join(unknown)}")
-        pairs = sorted((a, b) for a in inside for b in self._neighbours[a] if b not in inside)
-        for a, b in pairs:
-            self.cut(a, b)
-        return pairs
-
-    def heal(self, pairs: Iterable[tuple[str, str]]) -> None:
-        for a, b in pairs:
-            self.restore(a, b)
-
-    def cut(self, a: str, b: str) -> None:
-        self._cut.add(frozenset((a, b)))
-        self._disconnect(a, b, "link cut (partition)")
-
-    def restore(self, a: str, b: str) -> None:
-        self._cut.discard(frozenset((a, b)))
-        self._maybe_connect(a, b)
-
-    def isolate(self, node_id: str) -> None:
-        """Cut ``node_id`` from everyone for good (its neighbours get ``PeerDown`` now)."""
-        self.peers(node_id)
-        self._isolated.add(node_id)
-        for other in sorted(self._neighbours[node_id]):
-            self._disconnect(node_id, other, f"{node_id} is gone")
-
-    # -- internals
-
-    def _attached(self, node_id: str) -> None:
-        for other in sorted(self._neighbours[node_id]):
-            self._maybe_connect(node_id, other)
-
-    def _maybe_connect(self, a: str, b: str) -> None:
-        pa, pb = self._members[a], self._members[b]
-        if not (pa.running and pb.running) or frozenset((a, b)) in self._cut:
-            return
-        if a in self._isolated or b in self._isolated:
-            return
-        if pa.table.get(b) is not None or pb.table.get(a) is not None:
-            return
-        la, lb = memory_link_pair(max_queue=16)
-        pa.spawn(self._connection(a, b, la))
-        pb.spawn(self._connection(b, a, lb))
-
-    def _connection(self, local: str, peer: str, link: Link) -> Connection:
-        pipe: MessagePipe = WirePipe(link, codecs=self.codecs, limits=self.limits)
-        return Connection(
-            peer,
-            pipe,
-            local_id=local,
-            keepalive_s=self.keepalive_s,
-            down_after_s=self.down_after_s,
-            max_queue=self.max_queue,
-        )
-
-    def _disconnect(self, a: str, b: str, reason: str) -> None:
-        for local, peer in ((a, b), (b, a)):
-            member = self._members.get(local)
-            conn = member.table.get(peer) if member is not None else None
-            if member is not None and conn is not None:
-                member.table.drop(conn, reason)
-
-
-class MemoryPeers:
-    """One node's peer set on a ``MemoryNetwork`` (make it with ``network.peers(id)``)."""
-
-    def __init__(self, network: MemoryNetwork, node_id: str) -> None:
-        self.network = network
-        self.node_id = node_id
-        self.table = ConnectionTable(node_id)
-        self.running = False
-        self._tg: asyncio.TaskGroup | None = None
-
-    def send(self, peer: str, msg: Message, after: Gate | None = None) -> bool:
-        return self.table.send(peer, msg, after)
-
-    def connected(self) -> frozenset[str]:
-        return self.table.connected()
-
-    async def run(self, sink: EventSink) -> None:
-        if self.running:
-            raise RuntimeError(f"{self.node_id}: this peer set is already running")
-        self.table.sink = sink
-        try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                self.running = True
-                self.network._attached(self.node_id)
-                await _forever()
-        finally:
-            self.running = False
-            self._tg = None
-            self.table.drop_all("peer set stopped")
-
-    def spawn(self, conn: Connection) -> None:
-        assert self._tg is not None
-        self.table.open(conn)
-        self._tg.create_task(self.table.serve(conn), name=f"{self.node_id}->{conn.peer}")
-
-
-# ----------------------------------------------------------------------------- network
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,7 +314,7 @@ class NetworkPeers:
                 for target in self.dial:
                     tg.create_task(self._dial_loop(target), name=f"dial {target.peer}")
                 try:
-                    await _forever()
+                    await wait_forever()
                 finally:
                     self._closing = True  # before the dial loops are cancelled
         finally:
