@@ -17,13 +17,15 @@ exists, its signature, the names aiohttp's own ``_post_start`` uses, and a probe
 written through the writer hook and parsed back); whatever is missing or changed is
 logged once as a WARNING and that side uses stock aiohttp (``ws.receive()``,
 ``ws.send_bytes()``) with the same frame cap, time-outs and compression off. What the
-stock reader does not do (see ``fast_path``): the handshake-sized cap on a client's
-first messages is then checked on each message once aiohttp has assembled it, not from
+stock reader does not do: the handshake-sized cap on a client's first messages is then
+checked on each message once aiohttp has assembled it (up to the frame cap), not from
 the frame header; unmasked client frames, close codes 1006 and >= 5000 and long
 fragment trains are accepted as aiohttp accepts them; and payloads are copied five
-times instead of once. ``tests/transport/test_ws_frames.py`` checks that the fast path
-is in use on the aiohttp this project pins; ``tests/transport/test_ws.py`` runs its
-link tests on both paths.
+times instead of once. The connection caps below use no aiohttp internal (each
+connection's protocol is wrapped, ``_CountedProtocol``).
+``tests/transport/test_ws_frames.py`` checks that the fast path is in use on the
+aiohttp this project pins; ``tests/transport/test_ws.py`` runs its link tests on both
+paths.
 
 The server side also bounds what a connection may cost before it is authenticated:
 an HTTP request must arrive within ``idle_timeout`` (connections that send nothing
