@@ -292,6 +292,9 @@ def run_once(
     examples = {s.id: s.n_examples for s in sites}
     durable = arm.durability
     nodes = build_nodes(plan, arm, init, seed, examples, durable=durable.log)
+    for r in durable.restarts:
+        if r.node not in nodes:
+            raise ConfigError(f"arm {arm.name!r}: durability.restarts: no node {r.node!r}")
     availability, partitions = build_availability(scenario, arm, plan, sites, seed)
     speeds = {s.id: s.compute_speed for s in sites}
     try:
@@ -317,9 +320,6 @@ def run_once(
         signing=durable.signing,
     )
     for r in durable.restarts:
-        if r.node not in nodes:
-            driver.close()
-            raise ConfigError(f"arm {arm.name!r}: durability.restarts: no node {r.node!r}")
 
         def rebuilt(node_id: str = r.node) -> Node:
             return build_nodes(plan, arm, init, seed, examples, durable=True)[node_id]
