@@ -555,6 +555,36 @@ async def test_a_bug_in_the_node_ends_run_with_the_error() -> None:
         async with asyncio.timeout(LIMIT):
             await driver.run()
     assert info.group_contains(KeyError)
+    (error,) = info.value.exceptions
+    assert "while n handled PeerUp" in " ".join(getattr(error, "__notes__", []))
+
+
+async def test_a_node_stuck_on_a_past_deadline_ends_run_with_the_error() -> None:
+    node = ScriptNode("n", deadline=0.0)  # far in the past of loop.time()
+
+    def script(event: Event, now: float) -> list[Effect]:
+        node.deadline = 0.0  # handles the deadline, asks for the same past time again
+        return []
+
+    node.script = script
+    driver = AsyncDriver(node, peers=FakePeers([]))
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with asyncio.timeout(LIMIT):
+            await driver.run()
+    assert info.group_contains(RuntimeError, match="keeps asking for a deadline at t=0.0")
+    assert driver.stats.deadlines > 1000
+
+
+async def test_an_unknown_effect_ends_run_with_the_error() -> None:
+    def script(event: Event, now: float) -> list[Effect]:
+        return ["not an effect"]  # type: ignore[list-item]
+
+    driver = AsyncDriver(ScriptNode("n", script), peers=FakePeers([]))
+    driver.post_nowait(PeerUp("p"))
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with asyncio.timeout(LIMIT):
+            await driver.run()
+    assert info.group_contains(RuntimeError, match="unknown effect")
 
 
 async def test_inbox_back_pressure_waits_for_room() -> None:
