@@ -247,6 +247,7 @@ class SimDriver:
             for node_id, node in self.nodes.items()
         }
         self._incarnation: dict[str, int] = {}  # restarts per node (jobs of older ones drop)
+        self._restarting: set[str] = set()  # down, coming back from their log
         self.signing: SimSigning | None = None
         if signing:
             self.signing = SimSigning(self.roles, report=self._report_refused)
@@ -329,8 +330,9 @@ class SimDriver:
         """``node_id`` dies now: it gets no more events; neighbours hear after a delay."""
         if node_id not in self.nodes:
             raise ValueError(f"kill: unknown node {node_id!r}")
-        if node_id in self._dead:
+        if node_id in self._dead and node_id not in self._restarting:
             return
+        self._restarting.discard(node_id)  # killed while down: it never comes back
         delay = (
             self.availability.detection_delay_s if detection_delay_s is None else detection_delay_s
         )
@@ -362,28 +364,28 @@ class SimDriver:
             self.network.end_burst()
         return self.stats
 
-    def restart(self, node_id: str, make: Callable[[], Node], down_s: float = 0.0) -> None:
-        """``node_id`` crashes now and comes back ``down_s`` later as ``make()`` restored
-        from its recovery log (needs ``state_dir``). While down it hears nothing, its
-        links are cut (what is in flight is lost; neighbours get ``PeerDown``, then
-        ``PeerUp`` once it is back) and the result of a job it had started never
-        reaches the restarted node."""
+    def restart(self, node_id: str, make: Callable[[], Node], down_s: float) -> None:
+        """``node_id`` crashes now and comes back ``down_s`` (> 0) later as ``make()``
+        restored from its recovery log (needs ``state_dir``). While down it hears
+        nothing, its links are cut (what is in flight is lost; neighbours get
+        ``PeerDown``, then ``PeerUp`` once it is back) and the result of a job it had
+        started never reaches the restarted node. A dead node stays dead."""
         if self.stores is None:
             raise ValueError("restart needs a recovery log: give the driver a state_dir")
         if node_id not in self.nodes:
             raise ValueError(f"restart: unknown node {node_id!r}")
-        if not down_s >= 0:
-            raise ValueError(f"restart: down_s must be >= 0, got {down_s!r}")
+        if not down_s > 0:
+            raise ValueError(f"restart: down_s must be > 0, got {down_s!r}")
         if node_id in self._dead:
             return
         self._dead.add(node_id)
+        self._restarting.add(node_id)
         self._incarnation[node_id] = self._incarnation.get(node_id, 0) + 1
         entry = self._deadlines.pop(node_id, None)
         if entry is not None:
             Kernel.cancel(entry[1])
         now = self.kernel.now
-        if down_s > 0:
-            self.network.add_partition(Partition(now, now + down_s, frozenset((node_id,))))
+        self.network.add_partition(Partition(now, now + down_s, frozenset((node_id,))))
         self.kernel.schedule_at(now + down_s, self._come_back, node_id, make)
 
     def restart_at(self, t: float, node_id: str, make: Callable[[], Node], down_s: float) -> None:
@@ -391,6 +393,9 @@ class SimDriver:
 
     def _come_back(self, node_id: str, make: Callable[[], Node]) -> None:
         assert self.stores is not None
+        if node_id not in self._restarting:
+            return  # killed while it was down
+        self._restarting.discard(node_id)
         node = self.stores.recover(node_id, make)
         self.nodes[node_id] = node
         if self.signing is not None:

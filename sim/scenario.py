@@ -441,7 +441,7 @@ def _durability(t: Table) -> DurabilityConfig:
             Restart(
                 node=rt.text("node"),
                 at_s=float(rt.number("at_s", min=0.0)),
-                down_s=float(rt.number("down_s", 0.0, min=0.0)),
+                down_s=float(rt.number("down_s", 10.0, min=0.0, exclusive_min=True)),
             )
         )
         rt.finish()

@@ -222,7 +222,7 @@ def test_a_state_dir_holding_an_earlier_run_is_refused(state: Path) -> None:
 def test_restart_needs_a_log() -> None:
     run = Run(with_arms(raw_scenario(5.0), on={}))
     with pytest.raises(ValueError, match="state_dir"):
-        run.driver.restart("root", lambda: run.make()["root"])
+        run.driver.restart("root", lambda: run.make()["root"], 10.0)
     run.driver.close()
 
 
@@ -250,6 +250,29 @@ def test_a_region_restarted_from_its_log_continues_without_duplicates(state: Pat
         assert store.load().epoch >= 1
     finally:
         store.close()
+
+
+def test_a_job_started_before_a_restart_never_reaches_the_restarted_site(state: Path) -> None:
+    run = Run(with_arms(raw_scenario(10.0), on={}), state_dir=state)
+    sites = [n for n in run.driver.nodes if n.startswith("site-")]
+    for site in sites:  # every site crashes at once: those training lose their job
+        run.driver.restart_at(150.0, site, lambda s=site: run.make()[s], 5.0)
+    stats = run.run(until=600.0)
+    assert stats.restarts == len(sites)
+    assert stats.jobs_abandoned > 0
+    assert stats.jobs_finished + stats.jobs_abandoned + stats.jobs_dropped <= stats.jobs_started
+    assert stats.updates_applied > 0 and stats.updates_duplicated == 0
+
+
+def test_a_node_killed_while_down_stays_dead(state: Path) -> None:
+    run = Run(with_arms(raw_scenario(10.0), on={}), state_dir=state)
+    run.driver.restart_at(100.0, "site-001", lambda: run.make()["site-001"], 60.0)
+    run.driver.kill_at(120.0, "site-001")
+    stats = run.run(until=400.0)
+    assert stats.deaths == 1 and stats.restarts == 0
+    assert not run.driver.is_alive("site-001")
+    with pytest.raises(ValueError, match="down_s"):
+        run.driver.restart("site-002", lambda: run.make()["site-002"], 0.0)
 
 
 # ------------------------------------------------------------------------- attacks
