@@ -32,7 +32,11 @@ FORCED = ("forced by the test",)
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Which WebSocket path the links of a test use."""
     if request.param == "fast":
-        assert ws.fast_path() == ws.FastPath()  # this aiohttp has every internal it needs
+        # Where a later aiohttp turned the fast path off, these cases would repeat the
+        # stock ones; test_detection_finds_every_internal_on_this_aiohttp says what moved.
+        found = ws.fast_path()
+        if found != ws.FastPath():
+            pytest.skip(f"no fast path on this aiohttp: {found}")
     else:
         monkeypatch.setattr(ws, "_fast_path", ws.FastPath(FORCED, FORCED))
     return str(request.param)
@@ -406,6 +410,8 @@ async def test_each_path_uses_its_own_reader_and_writer(path: str) -> None:
 
 
 def test_detection_finds_every_internal_on_this_aiohttp() -> None:
+    # Fails on an aiohttp that moved an internal the one-copy reader or writer uses: links
+    # still work (on stock aiohttp), but cost more CPU until transport.ws follows it.
     assert ws.detect_fast_path() == ws.FastPath()
 
 
