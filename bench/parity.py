@@ -26,7 +26,7 @@ runs a one-region, one-hospital federation both ways (see ``CONTROL``).
 
 What it found (issue 11). The code paths agree: in the control the real and simulated
 models are the same model, bit for bit, until the first race between two message paths
-(versions 1 to 1-8 in our runs, fewer on a loaded machine), which shows that the training
+(versions 1 to 1-9 in our runs, fewer on a loaded machine), which shows that the training
 seeds (derived from run seed, node id and job number in both drivers), the data partition,
 the model, the aggregation and the codec are the same. The demo's federation is never the
 same model, at any version, because the arrival order differs, not the code:
@@ -43,9 +43,9 @@ same model, at any version, because the arrival order differs, not the code:
   root 0 or 1 about half and half; the simulator, with constant job times, runs in
   lock-step (regions 1 for 96 %, root always 0).
 
-Over 18 runs on a 2-core machine under load (load average 7-14) the figure was 1 (9
-runs), 2 (5), 3 (3) and 4 (1) test examples: within the goal in 14 of 18; the mean gap per
-version 0.05-0.9 examples.
+Over 20 runs on a 2-core machine under load (load average 7-14) the figure was 1 (10
+runs), 2 (5), 3 (4) and 4 (1) test examples: within the goal in 15 of 20; the mean gap per
+version 0.05-1.1 examples.
 
     .venv/bin/python bench/parity.py [--versions 60] [--runs 1] [--control]
                                      [--eval-interval 0.002] [--keep DIR]
