@@ -39,7 +39,7 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest
-	$(MAKE) wheel-check
+	$(MAKE) --no-print-directory wheel-check
 
 # Build the wheel, install it without extras into a new clean virtual environment
 # (build/wheel-venv, made afresh each time) and run a root and two sites there over the
