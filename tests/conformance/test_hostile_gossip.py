@@ -108,22 +108,26 @@ def test_hostile_gossip_peer_neither_captures_nor_stalls_its_neighbours(
         return min(nodes[n].current_model()[0] for n in honest)
 
     assert federation.run_until(lambda: steps() >= 20, timeout_s=600)
-    # Without an attacker every training step adds ~0.1 (NoisyTrainer.step). Clipping
-    # bounds what a 1e30 neighbour can do: under D-PSGD it moves a victim by at most W·τ
-    # per step (the mix takes p0's latest model once), under push-sum by at most
-    # τ·w_s/(w + w_s) <= τ per share it sends, τ the victim's ClippedGossip radius (a few
-    # times the honest distances; it grows as the network is dragged up, so the largest
-    # at the end bounds the run's). The bounds below take the run's own steps, shares
-    # and radii: far below capture (1e30, or the 1e6 a claimed weight was meant to set).
-    # Refusing the heavy shares leaves the mass the victims send to p0 with p0, as any
-    # peer that keeps what it is sent would: their x/w takes larger training steps (tens
-    # here), but nothing near 1e6.
-    tau = max(nodes[n].clip_radius() or 0.0 for n in honest)
-    drift = NoisyTrainer().step * max(nodes[n].current_model()[0] for n in honest)
-    pulled = {v: _pull_bound(federation, nodes[v], plan, mode, tau) for v in victims}
+    # Under D-PSGD every training step adds ~0.1 (NoisyTrainer.step) and clipping bounds
+    # what a 1e30 neighbour can do: it moves a victim by at most W·τ per step (the mix
+    # takes p0's latest model once), τ the victim's ClippedGossip radius (a few times the
+    # honest distances; it grows as the network is dragged up, so the largest at the end
+    # bounds the run's); mixing never raises the largest honest model, so the bound is
+    # the run's own drift plus the victims' pulls. Under push-sum a share moves x/w by at
+    # most τ·w_s/(w + w_s), but a training step moves x/w by its step over w, and the
+    # victims' w shrinks as they send mass to p0, which keeps what it is sent (under the
+    # weight attack p0's refused shares return none of it): their x/w takes larger
+    # training steps (tens here, up to ~7 on the network driver under load against ~2
+    # without an attacker), so only capture is ruled out there: nothing near 1e30, or
+    # the 1e6 a claimed weight was meant to set.
+    limit = 1e3
+    if mode == "dpsgd":
+        tau = max(nodes[n].clip_radius() or 0.0 for n in honest)
+        drift = NoisyTrainer().step * max(nodes[n].current_model()[0] for n in honest)
+        limit = drift + sum(
+            nodes[v].current_model()[0] * dict(plan.node(v).mixing)[EVIL] * tau for v in victims
+        )
     for n in honest:
-        # Non-victims are dragged only through the victims' mixing.
-        limit = 1e3 if attack == "weight" else drift + pulled.get(n, max(pulled.values()))
         w = np.asarray(nodes[n].current_model()[1]["w"], dtype=np.float64)
         assert np.isfinite(w).all()
         assert float(np.abs(w).max()) < limit, (n, w, limit)
@@ -136,16 +140,3 @@ def test_hostile_gossip_peer_neither_captures_nor_stalls_its_neighbours(
         # Every victim clipped p0 (honest peers it dragged may also clip each other a little).
         clipped = [m for m in seen if m.metric.name == "gossip_clipped"]
         assert {m.node for m in clipped if m.labels["peer"] == EVIL} == victims
-
-
-def _pull_bound(federation: Federation, victim: Any, plan: Any, mode: str, tau: float) -> float:
-    """How far clipping let p0 pull ``victim`` in this run (see the test)."""
-    v = victim.node_id
-    if mode == "dpsgd":
-        return float(victim.current_model()[0] * dict(plan.node(v).mixing)[EVIL] * tau)
-    shares = sum(
-        1
-        for _, n, e in federation.journal.received
-        if n == v and e.peer == EVIL and isinstance(e.msg, GossipShare)
-    )
-    return shares * tau
