@@ -19,8 +19,9 @@ stuck-deadline guard), which hands the effects in order to this driver, its sink
   the group's write. So the disk's latency no longer paces ``handle()``, and the fsyncs
   per update fall as the load rises. A group holds at most ``MAX_GROUP`` Persists (once
   an event's effects have filled it, the next ``handle()`` waits for the write in
-  flight: that bounds the memory held by pending writes), and a failed commit stops the driver with its exception (the group behind it
-  is never written and none of its sends is delivered);
+  flight: that bounds the memory held by pending writes), and a failed commit stops the
+  driver with its exception (the group behind it is never written and none of its sends
+  is delivered);
 * ``Send``    -> ``peers.send(peer, msg, after)`` (queued on the peer's connection,
   which encodes it, in a thread when large; dropped when the peer is not connected);
 * ``Train``   -> the trainer runs in ``executor``; the job posts ``TrainDone`` or, when
