@@ -175,7 +175,6 @@ class AsyncFederation:
         seed: int = 0,
         codecs: CodecPolicy | None = None,
         relays: Mapping[tuple[str, str], str] | None = None,
-        durable: bool = False,  # always: a node's store is where its Persists go
     ) -> None:
         if self._drivers:
             raise RuntimeError("start() was already called")

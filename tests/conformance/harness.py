@@ -4,9 +4,10 @@ The suite runs the same protocol scenarios against every driver. A driver plugs 
 implementing ``Federation`` and registering a factory in ``DRIVERS`` (``conftest.py``
 parametrises the ``federation`` fixture over it). Three are registered:
 
-* ``sim``: the discrete-event simulator (``SimDriver``) on its virtual clock;
+* ``sim``: the discrete-event simulator (``SimDriver``) on its virtual clock, with the
+  daemons' recovery log and end-to-end signing on (``sim.durability``);
 * ``async``: the asyncio driver (``AsyncDriver``) over in-memory links (``MemoryNetwork``),
-  every node with its durable store (``async_federation.py``);
+  every node with its durable store (``async_federation.py``; no signatures);
 * ``net``: the asyncio driver over loopback WebSockets on 127.0.0.1 with the secure channel
   (signed handshake, encrypted records) and end-to-end signing, as the daemons run
   (``net_federation.py``).
@@ -29,24 +30,25 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedloom.algorithms.protocol import (
+    NO_RECORDS,
     Effect,
     Event,
     Metric,
     Node,
     Persist,
     Received,
+    RecordSource,
     Restorable,
-    Train,
-    TrainDone,
-    TrainFailed,
     Weights,
 )
 from fedloom.federation.invariants import InvariantChecker
+from fedloom.federation.signing import restarted_guard
 from fedloom.federation.store import CHECKPOINT_KEY, Recovery, StateStore
 from fedloom.federation.training import Trainer
 from fedloom.sim.availability import Availability
 from fedloom.sim.compute import ComputeModel
 from fedloom.sim.driver import SimDriver
+from fedloom.sim.durability import SimSigning
 from fedloom.sim.network import UniformLinks, WireCodec
 from fedloom.transport.codec_policy import CodecPolicy
 
@@ -111,6 +113,17 @@ class RecordingNode:
         fn = getattr(self.inner, "current_model", None)
         return None if fn is None else fn()
 
+    # The restore protocol (``algorithms.protocol.Restorable``), for a driver that
+    # restores what it runs (the simulator's restart).
+    def snapshot(self) -> dict[str, Any]:
+        snapshot: dict[str, Any] = self.inner.snapshot()  # type: ignore[attr-defined]
+        return snapshot
+
+    def restore(
+        self, checkpoint: Mapping[str, Any] | None, records: RecordSource = NO_RECORDS
+    ) -> None:
+        self.inner.restore(checkpoint, records)  # type: ignore[attr-defined]
+
 
 class Federation(Protocol):
     """What a conformance test needs from a driver."""
@@ -130,15 +143,14 @@ class Federation(Protocol):
         seed: int = 0,
         codecs: CodecPolicy | None = None,
         relays: Mapping[tuple[str, str], str] | None = None,
-        durable: bool = False,
     ) -> None:
         """Start the nodes; every neighbour link comes up (PeerUp to both ends).
 
         ``codecs``: the tensor codec of each message type (default fp32 everywhere).
         ``relays``: ``{(a, b): relay}`` for neighbour pairs that accept no inbound
         connections and reach each other through the relay node (``Unsupported`` where
-        the driver has no relays). ``durable``: every node keeps its ``Persist`` effects in
-        a ``federation.store.StateStore`` (the real-time drivers always do)."""
+        the driver has no relays). Every node keeps its ``Persist`` effects in a
+        ``federation.store.StateStore``, as the daemons do."""
         ...
 
     @property
@@ -166,7 +178,7 @@ class Federation(Protocol):
         """Crash ``node_id`` now (its training jobs and unsent messages are lost, its
         neighbours see it go), keep it down ``down_s``, then start ``make()`` restored
         from ``node_id``'s store as a daemon restarts (load, ``restore``, a fresh
-        checkpoint); return the new node. Needs ``durable``."""
+        checkpoint); return the new node."""
         ...
 
     def inject(self, src: str, dst: str, data: bytes) -> None:
@@ -270,66 +282,15 @@ class _InjectingCodec(WireCodec):
         return super().encode(msg, spec)
 
 
-class _SimSlot:
-    """What the simulator runs as one node: the recorded node of the current
-    incarnation, or nothing while it is down. Persists go to the node's store (when
-    durable) before the driver carries out the effects after them; training jobs get
-    federation-wide ids, so the job of a crashed incarnation never reaches the next."""
-
-    def __init__(self, node_id: str, journal: Journal, store: StateStore | None) -> None:
-        self._id = node_id
-        self.journal = journal
-        self.store = store
-        self.current: RecordingNode | None = None
-        self.jobs: dict[int, int] = {}  # driver job id -> the node's job id
-        self.next_job = 0
-
-    @property
-    def node_id(self) -> str:
-        return self._id
-
-    def handle(self, event: Event, now: float) -> list[Effect]:
-        if self.current is None:
-            return []  # down: a crashed process hears nothing
-        if isinstance(event, TrainDone | TrainFailed):
-            job = self.jobs.pop(event.job, None)
-            if job is None:
-                return []  # a job of an earlier incarnation
-            event = (
-                TrainDone(job, event.result)
-                if isinstance(event, TrainDone)
-                else TrainFailed(job, event.reason)
-            )
-        out: list[Effect] = []
-        persists: list[Persist] = []
-        for e in self.current.handle(event, now):
-            if isinstance(e, Persist):
-                persists.append(e)
-            elif persists:
-                self._write(persists)  # durable before what follows it
-                persists = []
-            if isinstance(e, Train):
-                self.next_job += 1
-                self.jobs[self.next_job] = e.job
-                e = Train(self.next_job, e.weights, e.config)
-            out.append(e)
-        self._write(persists)
-        return out
-
-    def _write(self, persists: list[Persist]) -> None:
-        if persists and self.store is not None:
-            self.store.apply_many(persists)
-
-    def next_deadline(self) -> float | None:
-        return None if self.current is None else self.current.next_deadline()
-
-
 class SimFederation:
-    """``Federation`` on the discrete-event simulator."""
+    """``Federation`` on the discrete-event simulator, with the daemons' durability and
+    signing on (``SimDriver(state_dir=..., signing=True)``, ``sim.durability``): every
+    node's ``Persist`` batches go to a real ``StateStore``, restarts recover from it, and
+    every update and model is signed and checked end to end."""
 
     name = "sim"
     exact_timing = True
-    signs = False
+    signs = True
     reconnects = True  # bad input is dropped on arrival; the link stays up
 
     def __init__(
@@ -346,10 +307,8 @@ class SimFederation:
         self.detection_delay_s = detection_delay_s
         self._journal = Journal()
         self._driver: SimDriver | None = None
-        self._nodes: dict[str, Node] = {}
-        self._slots: dict[str, _SimSlot] = {}
         self._availability = _ScriptedAvailability(detection_delay_s)
-        self._tmp: Path | None = None
+        self._tmp = Path(tempfile.mkdtemp(prefix="fedloom-conformance-sim-"))
 
     @property
     def journal(self) -> Journal:
@@ -370,24 +329,12 @@ class SimFederation:
         seed: int = 0,
         codecs: CodecPolicy | None = None,
         relays: Mapping[tuple[str, str], str] | None = None,
-        durable: bool = False,
     ) -> None:
         if relays:
             raise Unsupported(
                 "the simulator has no relays: every neighbour pair is a direct link "
                 "(relaying is done by NetworkPeers, sealed end to end)"
             )
-        self._nodes = dict(nodes)
-        if durable:
-            self._tmp = Path(tempfile.mkdtemp(prefix="fedloom-conformance-sim-"))
-        for node_id, node in nodes.items():
-            store = None
-            if self._tmp is not None:
-                store = StateStore(self._tmp / node_id)
-                store.load()
-            slot = _SimSlot(node_id, self._journal, store)
-            slot.current = RecordingNode(node, self._journal)
-            self._slots[node_id] = slot
         # Durations vary (exponential around train_time_s) so arrivals interleave.
         compute = ComputeModel.from_config(
             {
@@ -398,7 +345,7 @@ class SimFederation:
             seed=seed,
         )
         self._driver = SimDriver(
-            dict(self._slots),
+            {k: RecordingNode(n, self._journal) for k, n in nodes.items()},
             roles,
             UniformLinks(self.latency_s, self.bandwidth_bps),
             neighbours=neighbours,
@@ -408,14 +355,23 @@ class SimFederation:
             seed=seed,
             codecs=codecs,
             codec=_InjectingCodec(),
+            state_dir=self._tmp,
+            signing=True,
         )
+        # Refused signatures are the receiver's metrics: journal them as the node's.
+        self._driver.signing = SimSigning(dict(roles), report=self._refused)
+
+    def _refused(self, node_id: str, metric: Metric) -> None:
+        self._journal.record(node_id, self.now, [metric])
+        self.driver.metric(node_id, metric, self.now)
 
     @property
     def now(self) -> float:
         return self.driver.now
 
     def node(self, node_id: str) -> Any:
-        return self._nodes[node_id]
+        node = self.driver.nodes[node_id]
+        return node.inner if isinstance(node, RecordingNode) else node
 
     def run_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         if predicate():
@@ -433,27 +389,29 @@ class SimFederation:
         self.driver.partition(nodes, self.now, self.now + duration_s)
 
     def restart(self, node_id: str, make: Callable[[], Node], down_s: float) -> Any:
-        slot = self._slots[node_id]
-        if slot.store is None:
-            raise RuntimeError("restart needs start(durable=True)")
-        # Down now: the node hears nothing and its links are cut (messages in flight
-        # are lost, neighbours get PeerDown) until it is back.
-        slot.current = None
-        slot.jobs.clear()
-        self.driver.partition([node_id], self.now, self.now + down_s)
+        self.driver.restart(node_id, lambda: RecordingNode(make(), self._journal), down_s)
         self.run_for(down_s)
-        slot.store, node = reopen(slot.store, make)
-        slot.current = RecordingNode(node, self._journal)
-        self._nodes[node_id] = node
+        node = self.node(node_id)
+        signing = self.driver.signing
+        guard = restarted_guard(node)
+        if signing is not None and guard is not None:
+            # The driver saw the recording wrapper: start the node's checks at the
+            # version it holds, as SimSigning.restarted does for a bare node.
+            signing.ends[node_id].guard = guard
         return node
 
     def inject(self, src: str, dst: str, data: bytes) -> None:
-        # Decode everything on arrival (fp32 included), as a receiver must.
+        # Decode everything on arrival (fp32 included), as a receiver must. Sent on the
+        # link as it is: the sender's signing never sees it.
         self.driver.network.decode_lossless = True
         self.driver.network.send(src, dst, RawFrame(data))
 
     def input_rejections(self) -> dict[str, int]:
-        return dict(self.driver.network.rejections)
+        out = dict(self.driver.network.rejections)
+        unverified = self.driver.stats.unverified
+        if unverified:
+            out["signature"] = unverified
+        return out
 
     def fail_next_jobs(self, node_id: str, count: int = 1) -> None:
         self._availability.to_fail[node_id] = self._availability.to_fail.get(node_id, 0) + count
@@ -461,11 +419,7 @@ class SimFederation:
     def close(self) -> None:
         if self._driver is not None:
             self._driver.close()
-        for slot in self._slots.values():
-            if slot.store is not None:
-                slot.store.close()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def _async_federation() -> Federation:

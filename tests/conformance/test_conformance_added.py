@@ -91,7 +91,7 @@ def versions_published(federation: Federation, node: str) -> list[int]:
 
 
 def test_root_restarted_from_its_store_counts_no_update_twice(federation: Federation) -> None:
-    start(federation, star(fedbuff_root()), ROLES, PAIRS, trainer=NoisyTrainer(), durable=True)
+    start(federation, star(fedbuff_root()), ROLES, PAIRS, trainer=NoisyTrainer())
     assert federation.run_until(lambda: version_of(federation, "root") >= 6, timeout_s=300)
     crashed_at = version_of(federation, "root")
     _, before = federation.node("root").current_model()
@@ -120,7 +120,7 @@ def test_root_restarted_from_its_store_counts_no_update_twice(federation: Federa
 
 
 def test_site_restarted_from_its_store_numbers_on(federation: Federation) -> None:
-    start(federation, star(fedbuff_root()), ROLES, PAIRS, trainer=NoisyTrainer(), durable=True)
+    start(federation, star(fedbuff_root()), ROLES, PAIRS, trainer=NoisyTrainer())
     victim = "site-01"
     assert federation.run_until(lambda: len(applied_seqs(federation, victim)) >= 2, 300)
     seq_before = federation.node(victim).seq
@@ -294,8 +294,8 @@ ATTACKS: dict[str, Callable[[], bytes]] = {
 def test_malformed_peer_input_is_refused_and_counted(federation: Federation, attack: str) -> None:
     if attack == "bad_signature" and not federation.signs:
         pytest.skip(
-            f"{federation.name}: no end-to-end signatures on this driver "
-            "(runtime.signing: only NetworkPeers sign), so a bad one is not refused"
+            f"{federation.name}: no end-to-end signatures on this driver (MemoryPeers "
+            "carry plain wire messages), so a bad one is not refused"
         )
     start(federation, star(fedbuff_root()), ROLES, PAIRS, trainer=NoisyTrainer())
     assert federation.run_until(lambda: version_of(federation, "root") >= 3, timeout_s=300)
