@@ -9,7 +9,7 @@ in-memory links and the loopback network federation (secure channel, signatures 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgpack
 import numpy as np
@@ -171,7 +171,7 @@ def test_fedasync_applies_each_update_once_as_a_version(federation: Federation) 
 
 
 def gossip_peers(
-    n: int, graph: str, mode: str, clip: object = "auto"
+    n: int, graph: Literal["ring", "exponential"], mode: str, clip: object = "auto"
 ) -> tuple[dict[str, GossipPeer], list[tuple[str, str]]]:
     """Peers of a plan's ``graph`` (peer i starts at the model ``i``), and their pairs."""
     plan = gossip([Site(f"p{i}", region="eu") for i in range(n)], WanModel(), graph=graph)
@@ -274,7 +274,8 @@ def garbage() -> bytes:
 
 def malformed() -> bytes:
     # msgpack, and shaped like an envelope, but not a message of the wire schema.
-    return msgpack.packb({"v": 1, "type": "Update", "id": 1, "src": EVIL, "seq": "one"})
+    data: bytes = msgpack.packb({"v": 1, "type": "Update", "id": 1, "src": EVIL, "seq": "one"})
+    return data
 
 
 def forged_update() -> bytes:

@@ -105,7 +105,7 @@ def test_hostile_gossip_peer_neither_captures_nor_stalls_its_neighbours(
     honest = [n for n in nodes if n != EVIL]
 
     def steps() -> int:
-        return min(nodes[n].current_model()[0] for n in honest)
+        return min(int(nodes[n].current_model()[0]) for n in honest)
 
     assert federation.run_until(lambda: steps() >= 20, timeout_s=600)
     # Under D-PSGD every training step adds ~0.1 (NoisyTrainer.step) and clipping bounds

@@ -44,7 +44,7 @@ async def test_frames_arrive_in_order_with_boundaries_kept(kind: str) -> None:
 
 
 async def test_full_duplex(kind: str) -> None:
-    async def exchange(link: Link, tag: bytes) -> list[bytes]:
+    async def exchange(link: Link, tag: bytes) -> list[bytes | memoryview]:
         async def send_all() -> None:
             for i in range(200):
                 await link.send(tag + i.to_bytes(4, "big") * 1000)
