@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedloom.algorithms.protocol import Metric, ModelHolder, Node
 from fedloom.federation.config_reader import ConfigError
@@ -262,6 +264,37 @@ def test_a_job_started_before_a_restart_never_reaches_the_restarted_site(state: 
     assert stats.jobs_abandoned > 0
     assert stats.jobs_finished + stats.jobs_abandoned + stats.jobs_dropped <= stats.jobs_started
     assert stats.updates_applied > 0 and stats.updates_duplicated == 0
+
+
+NODES = ["root", "region-north", "region-south", "site-000", "site-001", "site-003", "site-006"]
+
+
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(NODES), st.floats(30.0, 500.0), st.floats(1.0, 90.0)),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_any_restarts_keep_exactly_once_and_the_roots_versions(
+    state: Path, restarts: list[tuple[str, float, float]]
+) -> None:
+    """Whatever crashes when, from its log: no update applied twice anywhere (the strict
+    invariant checker raises), the root never publishes a version twice or backwards, and
+    the federation goes on."""
+    run_dir = Path(tempfile.mkdtemp(dir=state))
+    run = Run(with_arms(raw_scenario(10.0), on={}), state_dir=run_dir, signing=True)
+    for node, at_s, down_s in restarts:
+        run.driver.restart_at(at_s, node, lambda n=node: run.make()[n], down_s)
+    stats = run.run(until=600.0)
+    assert stats.updates_duplicated == 0
+    root = [v for _, node, v in run.versions if node == "root"]
+    assert root == sorted(root) and len(set(root)) == len(root)
+    assert stats.restarts <= len(restarts) and stats.restarts >= 1
+    assert stats.updates_applied > 0
 
 
 def test_a_node_killed_while_down_stays_dead(state: Path) -> None:
