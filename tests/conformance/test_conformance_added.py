@@ -19,6 +19,7 @@ from fedloom.algorithms.fedasync import FedAsyncAggregator
 from fedloom.algorithms.fedbuff import FedBuffAggregator
 from fedloom.algorithms.gossip import GossipPeer
 from fedloom.algorithms.protocol import Node
+from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.relay import RelayNode
 from fedloom.algorithms.site import SiteNode
 from fedloom.topology.gossip import gossip
@@ -396,3 +397,70 @@ def test_lossy_uplink_codecs_still_converge(federation: Federation, kind: str) -
     deltas = [m.delta for _, _, m in received(federation, "root", Update)]
     assert deltas and all(coded_as(kind, d) for d in deltas)
     assert federation.journal.checker.updates_duplicated == 0
+
+
+def test_region_restarted_from_its_store_counts_no_update_twice(federation: Federation) -> None:
+    from tests.conformance.test_conformance_protocols import hierarchical_fedbuff
+
+    nodes, roles, pairs = hierarchical_fedbuff()
+    template = nodes["region-a"]
+
+    def make_region() -> Node:
+        return RegionalAggregator(
+            "region-a",
+            "root",
+            dict.fromkeys(template.children, "site"),
+            buffer_size=2,
+            concurrency=3,
+            task_timeout_s=30.0,
+            train_config={"lr": 0.1},
+            rng=1,
+        )
+
+    def forwarded(after: float = -1.0) -> int:
+        return sum(
+            1
+            for m in metrics(federation, "update_applied")
+            if m.node == "root" and m.labels["src"] == "region-a" and m.time > after
+        )
+
+    start(federation, nodes, roles, pairs, trainer=NoisyTrainer())
+    assert federation.run_until(lambda: forwarded() >= 3, timeout_s=300)
+    region = federation.restart("region-a", make_region, down_s=5.0)
+    back_at = federation.now
+    # The restored region takes its sites' updates again and forwards to the root.
+    assert federation.run_until(lambda: forwarded(after=back_at) >= 2, timeout_s=300)
+    sites = [federation.node(s) for s in template.children]
+    assert federation.run_until(
+        lambda: region.pending == 0 and all(s.pending == 0 for s in sites), timeout_s=300
+    )
+    # Each site update went into region-a's buffer once; each forward into the root once.
+    for s in template.children:
+        seqs = applied_seqs(federation, s, node="region-a")
+        assert seqs == list(range(1, len(seqs) + 1)), (s, seqs)
+    forwards = applied_seqs(federation, "region-a")
+    assert forwards == list(range(1, len(forwards) + 1)), forwards  # numbered on, none lost
+    assert federation.journal.checker.updates_duplicated == 0
+    assert federation.journal.checker.version_regressions == 0
+
+
+def test_gossip_peer_restarted_from_its_store_steps_on(federation: Federation) -> None:
+    peers, pairs = gossip_peers(4, "ring", "dpsgd")
+    for p in peers.values():
+        p.durable = True  # as the daemons build them
+    start(federation, dict(peers), dict.fromkeys(peers, "peer"), pairs)
+    assert federation.run_until(lambda: peers["p1"].current_model()[0] >= 5, timeout_s=300)
+    step, model = peers["p1"].current_model()
+
+    def make() -> Node:
+        fresh, _ = gossip_peers(4, "ring", "dpsgd")
+        fresh["p1"].durable = True
+        return fresh["p1"]
+
+    again = federation.restart("p1", make, down_s=3.0)
+    # Its model and step came back from its last checkpoint (a step ends with one).
+    assert again.current_model()[0] == step
+    np.testing.assert_array_equal(again.current_model()[1]["w"], model["w"])
+    peers["p1"] = again
+    assert federation.run_until(lambda: max(values(peers)) - min(values(peers)) < 0.01, 600)
+    assert 0.5 < float(np.mean(values(peers))) < 2.5  # near the initial average 1.5
