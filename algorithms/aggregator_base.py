@@ -64,6 +64,16 @@
   records)`` loads a checkpoint and replays the records written after it (``n`` > the
   checkpoint's ``log_n``), reproducing the state the node had acknowledged.
 
+* A start quorum (``set_start_quorum``; off unless set): the first training tasks and model
+  broadcasts of each incarnation wait until ``quorum`` distinct rostered children are up
+  (said Hello and not gone down since) or ``wait_s`` seconds have passed since the node's
+  first event, whichever comes first; children that come up later join as before. Without
+  it, the child that connects first gets the model alone and, as the only active child,
+  fills the first buffers by itself. Updates are taken as always meanwhile (only what this
+  node sends out waits), nothing of it is durable, and a restart waits again: its
+  children's links are all new, so the same race repeats, and the wait is bounded. A dead,
+  hostile or flapping child therefore delays the start by ``wait_s`` at most.
+
 Every handler is O(1) or O(log n) in the number of children, apart from broadcasts, which
 are O(regions) per new model version, the share of an update (O(children up): who is
 active), and, under robust aggregation, a site coming up, going down or timing out, which
@@ -239,6 +249,11 @@ class AggregatorBase:
         # Region child -> newest base version it presented above a root's own (while so).
         self._behind: dict[str, int] = {}
         self._behind_logged: float | None = None
+        # Start quorum (``set_start_quorum``): off until set; not durable.
+        self._quorum = 0
+        self._quorum_wait_s = 0.0
+        self._quorum_since: float | None = None  # this incarnation's first event
+        self._holding = False  # the first tasks and broadcasts wait for the quorum
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
         self.duplicates = 0
@@ -292,6 +307,8 @@ class AggregatorBase:
 
     def _fill(self, now: float, out: list[Effect]) -> None:
         """Start tasks up to the concurrency target (sync rounds override this)."""
+        if self._holding:
+            return  # the start quorum is not met yet
         d = self._dispatcher
         if d.in_flight >= d.concurrency or d.idle_count == 0:
             return
@@ -334,16 +351,49 @@ class AggregatorBase:
             raise ValueError(f"subtrees: {unknown[0]!r} is not a region child of {self._id!r}")
         self._pairs.set_subtrees(subtrees)
 
+    def set_start_quorum(self, quorum: int, wait_s: float) -> None:
+        """Hold this node's first training tasks and model broadcasts until ``quorum``
+        distinct children are up, or ``wait_s`` seconds after its first event (see the
+        module docstring). A quorum above the number of children means all of them;
+        ``quorum = 0`` turns it off. Call it before the first event (the factory does, for
+        a fresh node and for one about to be restored)."""
+        if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 0:
+            raise ValueError(f"start quorum must be a whole number >= 0, got {quorum!r}")
+        if not 0.0 < wait_s < math.inf:
+            raise ValueError(f"start wait must be > 0 and finite, got {wait_s!r}")
+        self._quorum = min(quorum, len(self._children))
+        self._quorum_wait_s = float(wait_s)
+        self._quorum_since = None
+        self._holding = self._quorum > 0
+
+    @property
+    def start_quorum(self) -> tuple[int, float]:
+        """``(children, seconds)`` of the start quorum (0 children: none)."""
+        return self._quorum, self._quorum_wait_s
+
+    @property
+    def waiting_for_quorum(self) -> bool:
+        """Whether the first tasks and broadcasts still wait for the start quorum."""
+        return self._holding
+
+    def children_up(self) -> int:
+        """Distinct children up now (said Hello, not down since)."""
+        return self._dispatcher.up_count + len(self._regions_up)
+
+    def _quorum_deadline(self) -> float | None:
+        if not self._holding or self._quorum_since is None:
+            return None
+        return self._quorum_since + self._quorum_wait_s
+
     def next_deadline(self) -> float | None:
-        task = self._dispatcher.next_deadline()
-        quiet = self._next_quiet()
-        if quiet is None or (task is not None and task <= quiet):
-            return task
-        return quiet
+        times = (self._dispatcher.next_deadline(), self._next_quiet(), self._quorum_deadline())
+        return min((t for t in times if t is not None), default=None)
 
     def handle(self, event: Event, now: float) -> list[Effect]:
         out: list[Effect] = []
         self._now = now
+        if self._holding and self._quorum_since is None:
+            self._quorum_since = now  # the start wait runs from this incarnation's first event
         if self._restored_active:
             for child in self._restored_active:
                 self._last_applied.setdefault(child, now)
@@ -362,9 +412,45 @@ class AggregatorBase:
             self._on_peer_down(event.peer, now, out)
         else:
             raise ProtocolMisuseError(f"{self._id}: aggregators start no training; got {event!r}")
+        if self._holding:
+            self._check_quorum(now, out)
         self._release_held(now, out)
         self._fill(now, out)
         return out
+
+    def _check_quorum(self, now: float, out: list[Effect]) -> None:
+        """End the start wait once the quorum is up or the wait is over; then the regions
+        that said Hello meanwhile get the model (the sites their tasks, from ``_fill``)."""
+        up = self.children_up()
+        since = now if self._quorum_since is None else self._quorum_since
+        if up >= self._quorum:
+            outcome = "met"
+        elif now >= since + self._quorum_wait_s:
+            outcome = "expired"
+        else:
+            return
+        self._holding = False
+        waited = now - since
+        fields = {
+            "up": up,
+            "quorum": self._quorum,
+            "children": len(self._children),
+            "waited_s": round(waited, 3),
+        }
+        out.append(Metric("start_quorum", 1.0, {"outcome": outcome}))
+        if outcome == "met":
+            text = (
+                f"start quorum met: {up} of {len(self._children)} children up after "
+                f"{waited:.2f} s; dispatching"
+            )
+            out.append(Log("info", text, fields))
+        else:
+            text = (
+                f"start quorum not met after {waited:.2f} s ({up} of the {self._quorum} "
+                f"children waited for are up); dispatching to those up"
+            )
+            out.append(Log("warning", text, fields))
+        self._broadcast(out)
 
     # ------------------------------------------------------------ handlers
     def _on_received(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:
@@ -397,7 +483,7 @@ class AggregatorBase:
             return
         self._regions_up[peer] = None
         model = self._model()
-        if model is not None:
+        if model is not None and not self._holding:  # held: sent when the quorum is met
             out.append(Send(peer, ModelBroadcast(model[0], model[1], **self._model_proof())))
 
     def _on_peer_down(self, peer: str, now: float, out: list[Effect]) -> None:
@@ -856,7 +942,7 @@ class AggregatorBase:
 
     def _broadcast(self, out: list[Effect]) -> None:
         """Push the current model to every region child that is up."""
-        if not self._regions_up:
+        if not self._regions_up or self._holding:
             return
         model = self._model()
         if model is None:

@@ -166,6 +166,13 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self.rounds_abandoned = 0
 
     def next_deadline(self) -> float | None:
+        own = self._round_deadline()
+        start = self._quorum_deadline()  # no round opens before the start quorum
+        if start is not None and (own is None or start < own):
+            return start
+        return own
+
+    def _round_deadline(self) -> float | None:
         if self.state is RoundState.WAITING and self._short_since is not None:
             # Only while still ahead: once passed, an event that brings idle sites starts
             # the round (a deadline in the past would fire again and again).
@@ -195,7 +202,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
     def _fill(self, now: float, out: list[Effect]) -> None:
         """Start a round when none is open and enough sites are up and idle (or, after
         ``_wait_bound``, at least ``min_cohort``: sites that died must not stall it)."""
-        if self.state is RoundState.COLLECTING:
+        if self.state is RoundState.COLLECTING or self._holding:
             return
         d = self._dispatcher
         if d.in_flight > 0:

@@ -19,7 +19,10 @@ build the same node. Settled rules, formerly drifting between the two callers:
 * a gossip neighbour is suspected after ``4 x interval + down_after_s`` of silence and
   pruned after ``8 x interval + 2 x down_after_s``, where ``down_after_s`` is the link's
   liveness timeout (the daemon's ``[connection] down_after_s``; the simulator's links use
-  its default): past that, a live neighbour's link would have been re-established.
+  its default): past that, a live neighbour's link would have been re-established;
+* every aggregator (root of any algorithm, region) gets the start quorum
+  (``start_quorum``, ``start_wait_s``; ``"all"`` or a number above its children's means all
+  of its own children, so one arm's setting fits the root and each region).
 """
 
 from __future__ import annotations
@@ -109,6 +112,17 @@ def node_params(p: AlgorithmConfig, role: str, children: Mapping[str, str]) -> A
 def aggregator_concurrency(p: AlgorithmConfig, children: Mapping[str, str]) -> int:
     """Training tasks (and FedAsync steps per epoch) an aggregator keeps in flight."""
     return max(1, min(p.concurrency, len(children)))
+
+
+def start_quorum(p: AlgorithmConfig, children: Mapping[str, str]) -> int:
+    """How many of ``children`` an aggregator waits for before its first dispatch (0:
+    none): ``start_quorum``, "all" or any number above the children's meaning all."""
+    q = p.start_quorum
+    if q == "all":
+        return len(children)
+    if isinstance(q, str):
+        raise ValueError(f'start_quorum: "all" or a whole number >= 0, not {q!r}')
+    return min(q, len(children))
 
 
 def gossip_liveness(interval_s: float, link_down_after_s: float) -> tuple[float, float, float]:
@@ -220,6 +234,7 @@ def build_node(
         region.parent_is_root = n.parent_role == "root"
         region.keep_parts = opts.keep_parts
         region.set_subtrees(n.subtrees)
+        region.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
         return region
     if role != "root":
         raise ValueError(f"no node for role {role!r} ({', '.join(ROLES)})")
@@ -239,6 +254,7 @@ def build_node(
         bounds=bounds,
     )
     root.set_subtrees(n.subtrees)
+    root.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
     return root
 
 

@@ -89,6 +89,13 @@ class AlgorithmConfig:
     gossip_clip: float | str | None = "auto"
     gossip_max_share_weight: float | str | None = "auto"
     clustering: str = "region"
+    # The start quorum of an aggregator (root or region, ``AggregatorBase.set_start_quorum``):
+    # its first tasks and model broadcasts wait until ``start_quorum`` of its rostered
+    # children are up (a number, more than it has meaning all of them; "all"; 0: off, the
+    # default), or ``start_wait_s`` seconds have passed since its first event, whichever
+    # comes first. Every start waits, a restart from the log too.
+    start_quorum: int | str = 0
+    start_wait_s: float = 10.0
 
 
 ALGORITHM_FIELDS = frozenset(AlgorithmConfig.__dataclass_fields__)
@@ -121,14 +128,29 @@ def read_codec(t: Table) -> CodecConfig:
 
 def read_bound(t: Table, default: float | str | None, key: str = "clip_norm") -> float | str | None:
     """A bound such as ``clip_norm``: "auto", "off" (None) or a number > 0."""
+    value = t.raw(key)  # read even when absent: ``finish`` lists it among the known fields
     if not t.has(key):
         return default
-    value = t.raw(key)
     if isinstance(value, str):
         choice = t.text(key, choices=("auto", "off"))
         return None if choice == "off" else "auto"
     clip: float = t.number(key, min=0.0, exclusive_min=True)
     return clip
+
+
+MAX_START_WAIT_S = 3600.0
+
+
+def read_start_quorum(t: Table, default: int | str) -> int | str:
+    """``start_quorum``: "all" or a whole number of children >= 0 (0: off)."""
+    value = t.raw("start_quorum")  # read even when absent (``finish``'s known fields)
+    if not t.has("start_quorum"):
+        return default
+    if isinstance(value, str):
+        choice: str = t.text("start_quorum", choices=("all",))
+        return choice
+    quorum: int = t.integer("start_quorum", min=0)
+    return quorum
 
 
 def read_algorithm(t: Table) -> AlgorithmConfig:
@@ -166,6 +188,11 @@ def read_algorithm(t: Table) -> AlgorithmConfig:
         gossip_clip=read_bound(t, d.gossip_clip, "gossip_clip"),
         gossip_max_share_weight=read_bound(t, d.gossip_max_share_weight, "gossip_max_share_weight"),
         clustering=t.text("clustering", d.clustering, choices=("region", "rtt")),
+        start_quorum=read_start_quorum(t, d.start_quorum),
+        # Bounded: a dead or hostile child never holds an aggregator back for longer.
+        start_wait_s=t.number(
+            "start_wait_s", d.start_wait_s, min=0.0, max=MAX_START_WAIT_S, exclusive_min=True
+        ),
     )
     t.finish()
     return cfg

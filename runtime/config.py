@@ -34,6 +34,8 @@ Example (a hospital site)::
 
     [training]                        # lr, local_steps, batch_size, mu
     [aggregation]                     # aggregators: algorithm + sim.scenario AlgorithmConfig
+                                      # (start_quorum = "all", start_wait_s = 5: hold the
+                                      # first dispatch until the children are up)
     [codec]                           # up, down, topk_fraction
     [connection]                      # keepalive_s, down_after_s, backoff_base_s, backoff_cap_s,
                                       # max_session_s (a session's maximum lifetime),
