@@ -45,17 +45,18 @@ check-and-set: run it where envelopes are serialised, i.e. on the event loop).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
 from collections.abc import Mapping
-from typing import ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import msgpack
 import nacl.bindings as sodium
+import nacl.exceptions
 import numpy as np
 import numpy.typing as npt
-from nacl._sodium import ffi, lib  # PyNaCl's own cffi binding: encrypt into one buffer
 
 from fedloom.transport import wire
 from fedloom.transport.e2e import ReplayedUpdateError, SignatureError
@@ -116,6 +117,30 @@ def _envelope_key(shared: bytes, epk: bytes, recipient: bytes) -> tuple[bytes, b
     return okm[:_KEY_BYTES], okm[_KEY_BYTES:]
 
 
+@functools.cache
+def _in_place_aead() -> tuple[Any, Any] | None:
+    """PyNaCl's own cffi module, when it has what sealing in place needs (else None).
+
+    Sealing into one preallocated buffer saves a copy of every relayed envelope; it calls
+    libsodium through ``nacl._sodium``, which is not PyNaCl's public API, so it is used
+    only when every symbol is there. Otherwise the public ``nacl.bindings`` functions
+    seal and open the same bytes (one copy more).
+    """
+    try:
+        from nacl._sodium import ffi, lib
+    except ImportError:
+        return None
+    needed = (
+        "crypto_aead_xchacha20poly1305_ietf_encrypt",
+        "crypto_aead_xchacha20poly1305_ietf_decrypt",
+    )
+    if not all(callable(getattr(lib, name, None)) for name in needed) or not callable(
+        getattr(ffi, "from_buffer", None)
+    ):
+        return None
+    return ffi, lib
+
+
 def encrypt_to(recipient: bytes, plain: bytes, aad: bytes) -> npt.NDArray[np.uint8]:
     """``epk || ciphertext || tag`` for the X25519 key ``recipient``, in one buffer."""
     esk = os.urandom(32)
@@ -123,6 +148,12 @@ def encrypt_to(recipient: bytes, plain: bytes, aad: bytes) -> npt.NDArray[np.uin
     key, nonce = _envelope_key(sodium.crypto_scalarmult(esk, recipient), epk, recipient)
     out = np.empty(EPK_BYTES + len(plain) + _ABYTES, np.uint8)
     out[:EPK_BYTES] = np.frombuffer(epk, np.uint8)
+    sodium_lib = _in_place_aead()
+    if sodium_lib is None:
+        sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(plain), aad, nonce, key)
+        out[EPK_BYTES:] = np.frombuffer(sealed, np.uint8)
+        return out
+    ffi, lib = sodium_lib
     rc = lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
         ffi.from_buffer("unsigned char[]", out[EPK_BYTES:], require_writable=True),
         ffi.NULL,
@@ -149,6 +180,18 @@ def decrypt_with(secret: bytes, public: bytes, payload: memoryview, aad: bytes) 
     except Exception:  # a low-order point (all-zero secret): libsodium refuses it
         raise UndecryptableError("a relayed envelope with an invalid ephemeral key") from None
     key, nonce = _envelope_key(shared, epk, public)
+    sodium_lib = _in_place_aead()
+    if sodium_lib is None:
+        try:
+            plain: bytes = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                bytes(payload[EPK_BYTES:]), aad, nonce, key
+            )
+        except nacl.exceptions.CryptoError:
+            raise UndecryptableError(
+                "a relayed envelope does not open with this node's key"
+            ) from None
+        return memoryview(plain).cast("B")
+    ffi, lib = sodium_lib
     out = np.empty(len(payload) - OVERHEAD, np.uint8)
     rc = lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
         ffi.from_buffer("unsigned char[]", out, require_writable=True),

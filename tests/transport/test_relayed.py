@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedloom.transport import wire
+from fedloom.transport import relay, wire
 from fedloom.transport.e2e import ReplayedUpdateError, SignatureError
 from fedloom.transport.errors import MalformedMessage, ProtocolError
 from fedloom.transport.identity import Identity
@@ -35,6 +35,34 @@ A = Identity.generate("peer-a", "peer")
 B = Identity.generate("peer-b", "peer")
 C = Identity.generate("peer-c", "peer")
 ROSTER = Roster(1, [RosterEntry(i.node_id, i.role, i.public_key) for i in (A, B, C)])
+
+
+@pytest.fixture(autouse=True, params=["in_place", "public_bindings"])
+def aead_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both AEAD paths: PyNaCl's cffi module (sealing in place, when its
+    symbols are there) and the public ``nacl.bindings`` functions (the fallback)."""
+    if request.param == "public_bindings":
+        monkeypatch.setattr(relay, "_in_place_aead", lambda: None)
+    else:
+        assert relay._in_place_aead() is not None, "this PyNaCl has the in-place symbols"
+    return str(request.param)
+
+
+def test_both_aead_paths_open_each_others_envelopes(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = bytes(B.signing_key.to_curve25519_private_key())
+    public = x25519_public(B.public_key)
+    aad = relay_associated_data("peer-a", "peer-b", 7)
+    plain = wire.encode(share())
+    in_place = encrypt_to(public, plain, aad)
+    monkeypatch.setattr(relay, "_in_place_aead", lambda: None)
+    sealed_public = encrypt_to(public, plain, aad)
+    assert bytes(decrypt_with(secret, public, in_place.data.cast("B"), aad)) == plain
+    monkeypatch.undo()
+    assert bytes(decrypt_with(secret, public, sealed_public.data.cast("B"), aad)) == plain
+    tampered = sealed_public.copy()
+    tampered[-1] ^= 1
+    with pytest.raises(UndecryptableError):
+        decrypt_with(secret, public, tampered.data.cast("B"), aad)
 
 
 def share(src: str = "peer-a", step: int = 3) -> wire.GossipShare:
