@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import fedloom
 from fedloom.runtime.federation_files import Federation, NodeFiles
 from fedloom.runtime.malloc_tuning import malloc_env
 
@@ -40,7 +41,10 @@ __all__ = [
     "scrape",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# Where the ``fedloom`` package lives (a checkout's root, or site-packages when installed):
+# the daemons it starts import the very same package, and nothing else becomes a top-level
+# name (not the package's own folder, where ``runtime`` would be importable bare).
+REPO_ROOT = Path(fedloom.__file__).absolute().parent.parent
 STOP_GRACE_S = 10.0
 
 
