@@ -31,16 +31,18 @@ TARGET = 1e6  # where a weight-inflating peer tries to set its neighbours' model
 class HostilePeer:
     """A ``GossipPeer`` whose every share is rewritten before it leaves.
 
-    The weight attacker also sends a heavy share wherever the peer would send a
+    Under push-sum it also sends a rewritten share wherever the peer would send a
     heartbeat: an attacker does not pace itself. (Its inner peer may otherwise withhold
-    every share: its neighbours refuse what it sends, so they take none of its mass and
-    seem to owe it; on the real-time drivers the shares it sent before its links were up
-    were dropped and count as owed too. Without this the attack could go unsent.)
+    every share: on the real-time drivers the shares it sent before its links were up
+    were dropped and count as owed, and the weight attacker's neighbours refuse what it
+    sends, so they take none of its mass and seem to owe it more. Without this the
+    attack could go unsent.)
     """
 
-    def __init__(self, inner: GossipPeer, attack: str) -> None:
+    def __init__(self, inner: GossipPeer, attack: str, mode: str) -> None:
         self.inner = inner
         self.attack = attack
+        self.mode = mode
 
     @property
     def node_id(self) -> str:
@@ -66,10 +68,11 @@ class HostilePeer:
         for e in self.inner.handle(event, now):
             if isinstance(e, Send) and isinstance(e.msg, GossipShare):
                 e = Send(e.peer, self._rewrite(e.msg))
-            elif isinstance(e, Send) and isinstance(e.msg, Heartbeat) and self.attack == "weight":
+            elif isinstance(e, Send) and isinstance(e.msg, Heartbeat) and self.mode == "pushsum":
                 step, model = self.inner.current_model()
-                share = GossipShare(self.node_id, step, dict(model), 1.0)
-                out.append(Send(e.peer, self._rewrite(share)))
+                w = 0.01  # a light share (within the receiver's weight budget) ...
+                share = GossipShare(self.node_id, step, {k: w * v for k, v in model.items()}, w)
+                out.append(Send(e.peer, self._rewrite(share)))  # ... before rewriting
             out.append(e)
         return out
 
@@ -95,7 +98,7 @@ def test_hostile_gossip_peer_neither_captures_nor_stalls_its_neighbours(
             max_share_weight=bound,
             rng=np.random.default_rng(i),
         )
-        nodes[spec.id] = HostilePeer(peer, attack) if spec.id == EVIL else peer
+        nodes[spec.id] = HostilePeer(peer, attack, mode) if spec.id == EVIL else peer
     victims = set(plan.node(EVIL).peers)
     assert victims and len(victims) < len(nodes) - 1
     roles = {n: "peer" for n in nodes}
