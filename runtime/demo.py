@@ -29,7 +29,13 @@ from typing import Any
 
 from fedloom.runtime.baselines import baselines
 from fedloom.runtime.demo_report import print_report
-from fedloom.runtime.federation_files import DEMO_PLAN, ROOT_ID, Federation, write_federation
+from fedloom.runtime.federation_files import (
+    DEMO_PLAN,
+    DEMO_START_QUORUM,
+    ROOT_ID,
+    Federation,
+    write_federation,
+)
 from fedloom.runtime.harness import Cluster, sample, sample_sum, scrape
 
 __all__ = ["DemoError", "cmd_demo"]
@@ -183,7 +189,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def _demo(
     console: Any, workdir: Path, versions: int, timeout_s: float, seed: int, live: bool, t0: float
 ) -> int:
-    fed = write_federation(workdir, seed=seed)
+    fed = write_federation(workdir, seed=seed, start_quorum=DEMO_START_QUORUM)
     console.print(
         f"[bold]fedloom demo[/]: {len(fed.nodes)} daemons on 127.0.0.1: a root, "
         f"{len(fed.by_role('region'))} regions, {len(fed.by_role('site'))} hospitals; "

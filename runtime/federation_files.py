@@ -25,6 +25,7 @@ from fedloom.transport.roster import Roster, RosterEntry, sign
 __all__ = [
     "DEMO_PLAN",
     "DEMO_REGIONS",
+    "DEMO_START_QUORUM",
     "DEMO_TRAINING",
     "ROOT_ID",
     "Federation",
@@ -48,6 +49,10 @@ DEMO_PLAN: dict[str, Any] = {
     "min_samples_per_site": 10,
 }
 DEMO_TRAINING: dict[str, Any] = {"lr": 0.05, "local_steps": 20, "batch_size": 16, "mu": 0.0}
+# The demo starts every daemon at once, and a child that reached its parent first would get
+# the model alone and fill the first buffers by itself: each aggregator waits for all its
+# children (they come up 0.1-2 s apart), for 5 s at most (a dead child).
+DEMO_START_QUORUM: dict[str, Any] = {"start_quorum": "all", "start_wait_s": 5.0}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -148,6 +153,7 @@ def write_federation(
     connection: Mapping[str, Any] | None = None,
     site_metrics: bool = False,
     declare_examples: bool = True,
+    start_quorum: Mapping[str, Any] | None = None,
 ) -> Federation:
     """Identities, a signed roster and one config per node for root -> regions -> sites.
 
@@ -156,7 +162,10 @@ def write_federation(
     one only with ``site_metrics``. Layout: ``keys/``, ``roster.toml``, ``consortium.pub``,
     ``<node>.toml``, ``state/<node>/``, ``logs/<node>.log``. With ``declare_examples`` the
     roster declares each site's real number of training examples (a built-in workload's),
-    so no site can make its parent weigh it by more.
+    so no site can make its parent weigh it by more. ``start_quorum`` (the demo's:
+    ``DEMO_START_QUORUM``) goes into every aggregator's ``[aggregation]``; without it the
+    aggregators start as they always did (no quorum), as ``fedloom chaos`` and the tests
+    built on this want.
     """
     workdir, keys, consortium, pub = new_workdir(workdir)
 
@@ -177,6 +186,7 @@ def write_federation(
         # Hospitals hold 10 to 225 patients: weigh their deltas by it (as the pooled
         # objective does) rather than uniformly.
         "weighting": "examples",
+        **(start_quorum or {}),
     }
     region_agg = {**agg_defaults, "buffer_size": 3, "concurrency": 10, **(region_aggregation or {})}
     root_agg = {

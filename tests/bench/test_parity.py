@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from fedloom.algorithms.protocol import Metric
-from fedloom.runtime.federation_files import Federation, write_federation
+from fedloom.runtime.federation_files import DEMO_START_QUORUM, Federation, write_federation
 from fedloom.runtime.harness import parse_metrics
 from fedloom.runtime.metrics import MetricsSink
 from fedloom.sim.scenario import Scenario, load_scenario
@@ -47,7 +47,7 @@ def scenario(parity: ModuleType) -> Scenario:
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Federation:
-    return write_federation(tmp_path_factory.mktemp("demo"), seed=1)
+    return write_federation(tmp_path_factory.mktemp("demo"), seed=1, start_quorum=DEMO_START_QUORUM)
 
 
 def test_the_scenario_is_the_demo_federation(
@@ -85,8 +85,12 @@ def _arm(scenario: Scenario, **changes: Any) -> Scenario:
             lambda s, _: replace(s, data={**s.data, "dirichlet_alpha": 0.5}),
             "data: demo",
         ),
+        (
+            lambda s, _: _arm(s, params=replace(s.arms[0].params, start_quorum=0)),
+            "region-north start_quorum: demo 'all', scenario 0",
+        ),
     ],
-    ids=["seed", "lr", "region-buffer", "placement", "data"],
+    ids=["seed", "lr", "region-buffer", "placement", "data", "start-quorum"],
 )
 def test_a_different_federation_is_refused(
     parity: ModuleType, scenario: Scenario, fed: Federation, change: object, message: str
@@ -140,3 +144,16 @@ def test_the_figure_is_the_largest_gap_and_names_what_was_left_out(parity: Modul
     line = parity.figure_line(c, 4)
     assert line.startswith("parity: largest gap over versions 1-4 = 2 test examples (2.00%)")
     assert "[goal <= 2]" in line and "1 version(s) not evaluated on both sides" in line
+
+
+def test_the_runs_line_gives_the_spread_and_the_figure_stays_the_worst(
+    parity: ModuleType,
+) -> None:
+    sim = parity.Series(points={1: (0.90, 0.3), 2: (0.90, 0.3)})
+    comparisons = [
+        parity.compare(parity.Series(points={1: (0.90 + gap / 100, 0.3)}), sim, 2, 100)
+        for gap in (1, 3, 1, 2)
+    ]
+    assert [c.largest for c in comparisons] == [1, 3, 1, 2]
+    line = parity.runs_line(comparisons)
+    assert "worst 3, median 1.5, best 1 test examples; within the goal in 3 of 4" in line
