@@ -74,6 +74,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fedloom.algorithms.protocol import Metric, ModelHolder  # noqa: E402
+from fedloom.federation.params import AlgorithmConfig  # noqa: E402
 from fedloom.federation.training import WorkloadTrainer  # noqa: E402
 from fedloom.runtime.federation_files import (  # noqa: E402
     DEMO_REGIONS,
@@ -94,6 +95,7 @@ from fedloom.transport.tensors import CodecSpec  # noqa: E402
 from fedloom.workloads.workload import Workload, from_config  # noqa: E402
 
 SCENARIO = ROOT / "scenarios" / "demo-parity.toml"
+DEFAULTS = AlgorithmConfig()
 GOAL_EXAMPLES = 2
 SAME_MODEL_LOSS = 1e-9  # losses this close: the same weights, to float rounding
 
@@ -155,9 +157,14 @@ def check_equivalent(fed: Federation, scenario: Scenario) -> None:
         agg = fed.config(region.node_id)["aggregation"]
         same(f"{region.node_id} buffer_size", agg["buffer_size"], p.regional_buffer_size)
         same(f"{region.node_id} concurrency", agg["concurrency"], p.regional_concurrency)
-        for key in ("weighting", "max_staleness", "task_timeout_s", "start_quorum", "start_wait_s"):
-            same(f"{region.node_id} {key}", agg[key], getattr(p, key))
-            same(f"root {key}", root_agg[key], getattr(p, key))
+        keys = ["weighting", "max_staleness", "task_timeout_s", "start_quorum"]
+        if p.start_quorum != 0:
+            keys.append("start_wait_s")  # without a quorum nobody waits
+        for key in keys:
+            # A daemon config leaves out what it does not change from the defaults.
+            default = getattr(DEFAULTS, key)
+            same(f"{region.node_id} {key}", agg.get(key, default), getattr(p, key))
+            same(f"root {key}", root_agg.get(key, default), getattr(p, key))
     workload = build_workload(scenario, scenario.seed)
     sites = build_sites(scenario, workload, scenario.seed)
     sim_plan = build_plan(scenario, arm, sites, scenario.seed)

@@ -157,3 +157,16 @@ def test_the_runs_line_gives_the_spread_and_the_figure_stays_the_worst(
     assert [c.largest for c in comparisons] == [1, 3, 1, 2]
     line = parity.runs_line(comparisons)
     assert "worst 3, median 1.5, best 1 test examples; within the goal in 3 of 4" in line
+
+
+def test_without_the_start_quorum_both_sides_are_still_the_same_federation(
+    parity: ModuleType, scenario: Scenario, tmp_path: Path
+) -> None:
+    """``--no-start-quorum``: the demo's configs without the quorum (its wait left at the
+    default) and the scenario with ``start_quorum = 0``."""
+    fed = write_federation(tmp_path / "fed", seed=1)
+    assert "start_quorum" not in fed.config("root")["aggregation"]
+    off = _arm(scenario, params=replace(scenario.arms[0].params, start_quorum=0))
+    parity.check_equivalent(fed, off)
+    with pytest.raises(parity.NotEquivalentError, match="start_quorum: demo 0, scenario 'all'"):
+        parity.check_equivalent(fed, scenario)
