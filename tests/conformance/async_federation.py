@@ -21,13 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,7 @@ from fedloom.runtime.driver import AsyncDriver
 from fedloom.runtime.memory_network import MemoryNetwork
 from fedloom.runtime.peer_table import PeerSet
 from fedloom.transport.codec_policy import CodecPolicy
-from tests.conformance.harness import Journal, RecordingNode, Unsupported, reopen
+from tests.conformance.harness import Journal, RecordingNode, Unsupported, reopen, scratch_dir
 
 
 class MemoryStore:
@@ -143,7 +141,7 @@ class AsyncFederation:
         self._t0 = self._loop.time()
         self._wake = asyncio.Event()
         self._heals: list[asyncio.TimerHandle] = []
-        self._tmp = Path(tempfile.mkdtemp(prefix="fedloom-conformance-"))
+        self._tmp = scratch_dir("fedloom-conformance-")
         self._seed = 0
         self.stores: dict[str, StateStore] = {}
         self._refusals = _Refusals()
