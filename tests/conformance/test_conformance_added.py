@@ -27,7 +27,7 @@ from fedloom.topology.specs import Site
 from fedloom.topology.wan import WanModel
 from fedloom.transport import wire
 from fedloom.transport.codec_policy import CodecPolicy
-from fedloom.transport.tensors import CodecSpec
+from fedloom.transport.tensors import CodecSpec, int8_scale
 from fedloom.transport.wire import GossipShare, Update
 from tests.conformance import workload
 from tests.conformance.harness import (
@@ -349,13 +349,22 @@ LOSSY = {
 }
 
 
+def on_int8_grid(v: np.ndarray) -> bool:
+    """Every value is q·scale for an integer q in [-127, 127] and the tensor's one scale."""
+    amax = float(np.max(np.abs(v))) if v.size else 0.0
+    if amax == 0.0:
+        return True
+    q = v.astype(np.float64) / float(int8_scale(amax))
+    return bool(np.all(np.abs(q - np.rint(q)) < 1e-3) and np.all(np.abs(q) <= 127.5))
+
+
 def coded_as(kind: str, delta: dict[str, np.ndarray]) -> bool:
     """Whether a received delta bears the marks of codec ``kind``."""
     for v in delta.values():
         v = np.asarray(v, np.float32)
         if kind == "fp16" and not np.array_equal(v, v.astype(np.float16).astype(np.float32)):
             return False
-        if kind == "int8" and len(np.unique(v)) > 255:
+        if kind == "int8" and not on_int8_grid(v):
             return False
         if kind == "topk" and np.count_nonzero(v) > max(1, int(np.ceil(0.25 * v.size))):
             return False
@@ -464,3 +473,12 @@ def test_gossip_peer_restarted_from_its_store_steps_on(federation: Federation) -
     peers["p1"] = again
     assert federation.run_until(lambda: max(values(peers)) - min(values(peers)) < 0.01, 600)
     assert 0.5 < float(np.mean(values(peers))) < 2.5  # near the initial average 1.5
+
+
+@pytest.mark.parametrize("kind", sorted(LOSSY))
+def test_codec_marks_tell_a_coded_delta_from_a_raw_one(kind: str) -> None:
+    rng = np.random.default_rng(7)
+    raw = {"w": rng.standard_normal(16).astype(np.float32), "b": np.array([0.3], np.float32)}
+    coded = wire.decode(wire.encode(Update("s", 1, 0, raw, 1), LOSSY[kind]))
+    assert isinstance(coded, Update)
+    assert coded_as(kind, coded.delta) and not coded_as(kind, raw)
