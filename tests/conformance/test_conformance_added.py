@@ -28,7 +28,7 @@ from fedloom.topology.wan import WanModel
 from fedloom.transport import wire
 from fedloom.transport.codec_policy import CodecPolicy
 from fedloom.transport.tensors import CodecSpec, int8_scale
-from fedloom.transport.wire import GossipShare, Update
+from fedloom.transport.wire import GossipShare, TrainRequest, Update
 from tests.conformance import workload
 from tests.conformance.harness import (
     Federation,
@@ -482,3 +482,25 @@ def test_codec_marks_tell_a_coded_delta_from_a_raw_one(kind: str) -> None:
     coded = wire.decode(wire.encode(Update("s", 1, 0, raw, 1), LOSSY[kind]))
     assert isinstance(coded, Update)
     assert coded_as(kind, coded.delta) and not coded_as(kind, raw)
+
+
+# ------------------------------------------------------------- the drivers themselves
+
+
+def test_a_signing_driver_signs_and_checks_every_update_and_model(
+    federation: Federation,
+) -> None:
+    """What ``signs`` promises: updates and models travel signed and are checked (on the
+    network driver, over encrypted channels), none refused in an honest run."""
+    if not federation.signs:
+        pytest.skip(f"{federation.name}: does not sign")
+    start(federation, star(fedbuff_root()), ROLES, PAIRS, trainer=NoisyTrainer())
+    assert federation.run_until(lambda: version_of(federation, "root") >= 4, timeout_s=300)
+    updates = received(federation, "root", Update)
+    assert updates and all(m.sig for _, _, m in updates)
+    for s in SITES:
+        requests = received(federation, s, TrainRequest)
+        assert requests and all(m.sig and m.signer == "root" for _, _, m in requests)
+    assert metric_count(federation, "update_rejected") == 0
+    assert metric_count(federation, "message_rejected") == 0
+    assert not federation.input_rejections()
