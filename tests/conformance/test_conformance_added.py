@@ -504,3 +504,25 @@ def test_a_signing_driver_signs_and_checks_every_update_and_model(
     assert metric_count(federation, "update_rejected") == 0
     assert metric_count(federation, "message_rejected") == 0
     assert not federation.input_rejections()
+
+
+def test_lossy_codecs_both_ways_through_a_region_keep_signatures_valid(
+    federation: Federation,
+) -> None:
+    """int8 up and down in a hierarchy: a region decodes the root's model, re-encodes it
+    for its sites and relays the root's signature, which must still verify on what each
+    site decodes (signing drivers); nothing is refused, nothing applied twice."""
+    from tests.conformance.test_conformance_protocols import hierarchical_fedbuff
+
+    nodes, roles, pairs = hierarchical_fedbuff()
+    codecs = CodecPolicy(up=CodecSpec("int8"), down=CodecSpec("int8"))
+    start(federation, nodes, roles, pairs, trainer=NoisyTrainer(), codecs=codecs)
+    assert federation.run_until(lambda: version_of(federation, "root") >= 8, timeout_s=300)
+    assert metric_count(federation, "message_rejected") == 0
+    assert metric_count(federation, "update_rejected") == 0
+    assert not federation.input_rejections()
+    requests = received(federation, "site-00", TrainRequest)
+    assert requests and all(on_int8_grid(np.asarray(m.weights["w"])) for _, _, m in requests)
+    if federation.signs:
+        assert all(m.sig and m.signer == "root" for _, _, m in requests)
+    assert federation.journal.checker.updates_duplicated == 0
