@@ -72,7 +72,9 @@
   fills the first buffers by itself. Updates are taken as always meanwhile (only what this
   node sends out waits), nothing of it is durable, and a restart waits again: its
   children's links are all new, so the same race repeats, and the wait is bounded. A dead,
-  hostile or flapping child therefore delays the start by ``wait_s`` at most.
+  hostile or flapping child therefore delays the start by ``wait_s`` at most. A region
+  says ``Hello`` to its parent only when its own wait is over (its forwards are resent at
+  once), so a parent's quorum counts the regions that can put their sites to work.
 
 Every handler is O(1) or O(log n) in the number of children, apart from broadcasts, which
 are O(regions) per new model version, the share of an update (O(children up): who is
@@ -451,6 +453,10 @@ class AggregatorBase:
             )
             out.append(Log("warning", text, fields))
         self._broadcast(out)
+        self._on_quorum_end(out)
+
+    def _on_quorum_end(self, out: list[Effect]) -> None:
+        """The start wait just ended (a region then says Hello to its parent)."""
 
     # ------------------------------------------------------------ handlers
     def _on_received(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:

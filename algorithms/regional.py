@@ -187,6 +187,7 @@ class RegionalAggregator(BufferedAggregator):
         self._global: tuple[int, Weights] | None = None
         self._proof: tuple[str, int, bytes] = ("", 0, b"")  # root's (signer, parent, sig)
         self._outbox = Outbox(PENDING_KEY, max_bytes=max_outbox_bytes)
+        self._hello_deferred = False  # the parent's link is up; Hello waits for the quorum
         self._deferred: list[tuple[str, Update]] = []
         self.deferred_bytes = 0  # decoded delta bytes in ``_deferred``
         self._replay_version: int | None = None
@@ -288,13 +289,24 @@ class RegionalAggregator(BufferedAggregator):
             return
         if not up:
             self._outbox.link_down()  # while the parent is away forwards stay in the outbox
+            self._hello_deferred = False
             return
-        out.append(Send(self.parent, Hello(self._id, "region")))
+        if self._holding:
+            # The parent counts this region up (its own start quorum, and it sends the
+            # model) once the region can put its sites to work: after its start wait.
+            self._hello_deferred = True
+        else:
+            out.append(Send(self.parent, Hello(self._id, "region")))
         # Acked by a parent region but not settled (its notice lost): a resend gets it,
         # paced by the outbox's window like the pending ones.
         waiting = {u.seq for u in self._outbox.pending()}
         kept = [u for u in self._forwards.updates() if u.seq not in waiting]
         out.extend(self._outbox.resend(self.parent, now=now, kept=kept))
+
+    def _on_quorum_end(self, out: list[Effect]) -> None:
+        if self._hello_deferred:
+            self._hello_deferred = False
+            out.append(Send(self.parent, Hello(self._id, "region")))
 
     def _on_other(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:
         if peer != self.parent:

@@ -182,6 +182,55 @@ def test_a_region_waits_for_its_sites_before_its_first_tasks() -> None:
     assert outcome(last) == ["met"] and sorted(tasked(last)) == ["a", "b", "c"]
 
 
+def region(quorum: int | str = "all") -> RegionalAggregator:
+    node = build_node(
+        "region",
+        "north",
+        "fedbuff",
+        quorum_params(quorum),
+        TRAINING,
+        Neighbours(parent="root", parent_role="root", children=SITES),
+        seed=1,
+    )
+    assert isinstance(node, RegionalAggregator)
+    return node
+
+
+def hellos(effects: list[Effect]) -> list[str]:
+    return [s.peer for s in sends(effects, Hello)]
+
+
+def test_a_region_says_hello_to_its_parent_once_its_own_wait_is_over() -> None:
+    """A parent's quorum counts the regions that can put their sites to work: a region's
+    Hello (which brings it the model) waits for its sites, or for its start wait."""
+    node = region()
+    assert hellos(node.handle(PeerUp("root"), 0.0)) == []
+    assert hellos(up(node, "a", "site", 0.1) + up(node, "b", "site", 0.2)) == []
+    assert hellos(up(node, "c", "site", 0.3)) == ["root"]
+    # Later reconnects say Hello at once, as always.
+    node.handle(PeerDown("root"), 1.0)
+    assert hellos(node.handle(PeerUp("root"), 1.5)) == ["root"]
+
+    expired = region()
+    expired.handle(PeerUp("root"), 0.0)
+    up(expired, "a", "site", 0.1)
+    assert expired.next_deadline() == WAIT
+    assert hellos(expired.handle(Deadline(), WAIT)) == ["root"]
+
+
+def test_a_region_whose_parent_is_away_when_its_wait_ends_says_hello_on_reconnect() -> None:
+    node = region()
+    node.handle(PeerUp("root"), 0.0)
+    node.handle(PeerDown("root"), 0.5)
+    ended = up(node, "a", "site", 0.6) + up(node, "b", "site", 0.7) + up(node, "c", "site", 0.8)
+    assert outcome(ended) == ["met"] and hellos(ended) == []  # nobody to greet
+    assert hellos(node.handle(PeerUp("root"), 2.0)) == ["root"]
+
+
+def test_without_a_quorum_a_region_says_hello_at_once() -> None:
+    assert hellos(region(0).handle(PeerUp("root"), 0.0)) == ["root"]
+
+
 def test_updates_are_taken_while_waiting() -> None:
     """Only what the node sends out waits: a region's forward (after a restart, say) is
     decided and acknowledged as always; the version it publishes goes out with the quorum,
