@@ -23,20 +23,24 @@ EXIT_INTERRUPTED = 130
 SIM_COMMANDS = ("sim", "plan")
 RUNTIME_COMMANDS = ("keygen", "roster", "run", "state", "demo", "chaos", "local")
 
-# Third-party modules that only an extra installs, and the extra that brings each.
+# Third-party modules that only an extra installs, and the smallest extra that brings each
+# (``sim`` includes ``data``'s scikit-learn too).
 _EXTRA_OF = {
     "networkx": "sim",
     "scipy": "sim",
     "matplotlib": "sim",
-    "sklearn": "sim",
+    "sklearn": "data",
     "rich": "sim",
     "torch": "torch",
 }
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
-    """The sub-command ``argv`` names (its first word that is not an option), if any."""
+    """The sub-command ``argv`` names (its first word that is not an option), if any; None
+    for ``-h``/``--help`` before it (``fedloom --help run``: the whole command table)."""
     for word in argv:
+        if word in ("-h", "--help"):
+            return None
         if not word.startswith("-"):
             return word
     return None
@@ -75,9 +79,12 @@ def _missing_extra(exc: ModuleNotFoundError) -> str | None:
     extra = _EXTRA_OF.get(top)
     if extra is None:
         return None
+    # Notes added on the way up (``fedloom local init``: another data set) follow, on the
+    # same line.
+    notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
     return (
         f"this command needs {top!r}, which the {extra!r} extra installs: "
-        f"pip install 'fedloom[{extra}]'"
+        f"pip install 'fedloom[{extra}]'{notes}"
     )
 
 
@@ -109,3 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedloom: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # python -m fedloom.cli (python -m fedloom runs fedloom.__main__)
+    sys.exit(main())

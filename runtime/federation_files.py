@@ -167,11 +167,13 @@ def write_federation(
     aggregators start as they always did (no quorum), as ``fedloom chaos`` and the tests
     built on this want.
     """
-    workdir, keys, consortium, pub = new_workdir(workdir)
-
     sites = [s for members in regions.values() for s in members]
     n_sites = len(sites)
     plan_table = {**plan, "n_sites": n_sites, "seed": seed}
+    # The data set is loaded before anything is written: one whose package is missing
+    # (scikit-learn's) raises here and leaves no half-written directory behind.
+    examples = site_examples(plan_table, sites) if declare_examples else None
+    workdir, keys, consortium, pub = new_workdir(workdir)
     conn = {
         "keepalive_s": 2.0,
         "down_after_s": 10.0,
@@ -265,7 +267,6 @@ def write_federation(
             )
             add(site, 0, free_port() if site_metrics else 0, index)
             index += 1
-    examples = site_examples(plan_table, sites) if declare_examples else None
     write_roster(workdir / "roster.toml", identities, consortium, examples=examples)
     return Federation(workdir, workdir / "roster.toml", pub, plan_table, nodes)
 

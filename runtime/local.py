@@ -62,6 +62,7 @@ def cmd_local_init(
         raise ConfigError(
             f"--regions: expected 1 to {sites} (one site per region at least), got {regions}"
         )
+    directory = directory.absolute()  # the configs and the README name absolute paths
     if directory.exists() and any(directory.iterdir()):
         raise ConfigError(f"{directory}: exists and is not empty; choose a new directory")
     if shape == "star":
@@ -70,7 +71,15 @@ def cmd_local_init(
         layout = {f"region-{r}": [] for r in range(regions)}
         for i in range(sites):
             layout[f"region-{i % regions}"].append(f"site-{i}")
-    fed = lay_out(directory, layout, star=shape == "star", seed=seed, plan=_dataset_plan(dataset))
+    try:
+        # The data set is loaded (each site's examples, for the roster) before anything is
+        # written: a missing package leaves no half-written directory behind.
+        fed = lay_out(
+            directory, layout, star=shape == "star", seed=seed, plan=_dataset_plan(dataset)
+        )
+    except ModuleNotFoundError as exc:  # fedloom.cli names the extra, then this note
+        exc.add_note("or choose `--dataset synthetic` (numpy only)")
+        raise
     readme = write_readme(fed)
     print(
         f"wrote a {shape} federation of {len(fed.nodes)} nodes to {directory}; "
@@ -122,7 +131,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 def cmd_local_up(directory: Path) -> int:
     """Start every daemon of ``directory``; stop them all on Ctrl-C / SIGTERM (exit 0), or
     report the first that exits by itself (exit 1)."""
-    fed = read_federation(directory)
+    # Absolute: the daemons run in another directory (``runtime.harness``), and their
+    # configs' paths come from here.
+    fed = read_federation(directory.absolute())
     cluster = Cluster(fed)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -144,7 +144,12 @@ def model_layout(d: Daemon) -> ModelLayout | None:
     """The layout of the node's model where it is known at start: the model it holds (a
     root, a gossip peer, a restored region) or the one its plan builds (a site). Its links
     then decode under caps of the model's size, and updates and models of another shape
-    are refused before they are hashed (``runtime.signing``)."""
+    are refused before they are hashed (``runtime.signing``).
+
+    Building the template also proves, before READY, that the model can be built here: a
+    model whose package is not installed (the ``torch`` extra's) raises
+    ``ModuleNotFoundError``, which stops the daemon with one line naming the extra
+    (``fedloom.cli``, exit status 2) rather than leaving it healthy but failing every job."""
     model = model_of(d.node)
     if model is not None:
         return ModelLayout.of(model[1])
@@ -152,6 +157,8 @@ def model_layout(d: Daemon) -> ModelLayout | None:
         return None
     try:
         return ModelLayout.of(d.plan.init(d.cfg.seed))
+    except ModuleNotFoundError:
+        raise
     except Exception as exc:  # the plan's own code: without a layout the defaults apply
         log.warning(
             "%s: cannot build the model template from the plan (%s); links decode under "
