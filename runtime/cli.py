@@ -390,3 +390,14 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("local: choose an action: init or up")
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE  # pragma: no cover - parser.error exits
+
+
+if __name__ == "__main__":  # not an entry point: say so rather than exit 0 having run nothing
+    import sys
+
+    print(
+        "fedloom: error: fedloom.runtime.cli is not a command; run `python -m fedloom ...` "
+        "(or `fedloom ...`)",
+        file=sys.stderr,
+    )
+    sys.exit(EXIT_USAGE)

@@ -60,3 +60,14 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return cmd_plan(args.scenario, out=args.out, arm=args.arm)
     parser.error(f"unknown command {args.command!r}")
     return 2  # pragma: no cover - parser.error exits
+
+
+if __name__ == "__main__":  # not an entry point: say so rather than exit 0 having run nothing
+    import sys
+
+    print(
+        "fedloom: error: fedloom.sim.cli is not a command; run `python -m fedloom ...` "
+        "(or `fedloom ...`)",
+        file=sys.stderr,
+    )
+    sys.exit(2)

@@ -1533,8 +1533,15 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m fedloom.runtime.chaos.checker RUN_DIR", file=sys.stderr)
+    usage = "usage: python -m fedloom.runtime.chaos.checker RUN_DIR"
+    if args in (["-h"], ["--help"]):
+        print(
+            f"{usage}\n\nCheck a run directory of `fedloom chaos`: one verdict line per check "
+            "and report.json; exit status 1 if any check failed, 2 on a usage error."
+        )
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):
+        print(usage, file=sys.stderr)
         return 2
     return check_run(Path(args[0])).exit_status
 

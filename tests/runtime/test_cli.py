@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,49 @@ def test_user_mistakes_exit_2_with_one_line(
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "fedloom" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--help", "run"], ["-h", "sim"], ["run", "-h"]])
+def test_help_before_the_command_word_lists_every_command(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    if argv[0] == "run":  # the command's own help
+        assert "--config" in out
+        return
+    for command in ("sim", "plan", "keygen", "roster", "run", "state", "demo", "chaos", "local"):
+        assert f"    {command} " in out, command
+
+
+def _python_m(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_python_m_fedloom_cli_runs_the_command(tmp_path: Path) -> None:
+    proc = _python_m("fedloom.cli", "run", "--config", str(tmp_path / "missing.toml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("missing.toml: config file not found")
+
+
+@pytest.mark.parametrize("module", ["fedloom.runtime.cli", "fedloom.sim.cli"])
+def test_the_sides_modules_are_not_commands_and_say_so(module: str, tmp_path: Path) -> None:
+    # A supervisor running one of them must not read a clean stop from a command never run.
+    proc = _python_m(module, "run", "--config", str(tmp_path / "site.toml"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"fedloom: error: {module} is not a command; run `python -m fedloom ...` (or `fedloom ...`)"
+    )
+
+
+def test_the_chaos_checker_answers_help_and_refuses_options(tmp_path: Path) -> None:
+    proc = _python_m("fedloom.runtime.chaos.checker", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m fedloom.runtime.chaos.checker RUN_DIR")
+    proc = _python_m("fedloom.runtime.chaos.checker", "--verbose")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "usage: python -m fedloom.runtime.chaos.checker RUN_DIR"
