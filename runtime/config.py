@@ -24,8 +24,8 @@ Example (a hospital site)::
     # url = "ws://region-eu-b.example.org:7443/fedloom"
 
     [plan]                            # the training plan: a built-in workload ...
-    dataset = "breast_cancer"
-    model = "softmax"
+    dataset = "breast_cancer"         # (scikit-learn's: the data extra; "synthetic": numpy)
+    model = "softmax"                 # numpy; "mlp" and "cnn" need the torch extra
     n_sites = 6                       # ... with this node's share of the data
     site_index = 0
     seed = 1
@@ -33,7 +33,8 @@ Example (a hospital site)::
     # [plan.args]                            # keyword arguments for the factory
 
     [training]                        # lr, local_steps, batch_size, mu
-    [aggregation]                     # aggregators: algorithm + sim.scenario AlgorithmConfig
+    [aggregation]                     # aggregators: algorithm + federation.params'
+                                      # AlgorithmConfig (the simulator's arms read it too)
                                       # (start_quorum = "all", start_wait_s = 5: hold the
                                       # first dispatch until the children are up)
     [codec]                           # up, down, topk_fraction
@@ -132,7 +133,7 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class PlanConfig:
-    """The training plan: a built-in workload (``workload``: the ``sim.workloads`` table,
+    """The training plan: a built-in workload (``workload``: ``workloads.workload``'s table,
     ``site_index``: this node's share) or ``factory`` ("module:callable") with ``args``."""
 
     workload: Mapping[str, Any] | None = None

@@ -41,9 +41,12 @@ __all__ = [
     "scrape",
 ]
 
-# Where the ``fedloom`` package lives (a checkout's root, or site-packages when installed):
-# the daemons it starts import the very same package, and nothing else becomes a top-level
-# name (not the package's own folder, where ``runtime`` would be importable bare).
+# The directory that holds the ``fedloom`` package (a checkout's root, or site-packages when
+# installed), put on the daemons' PYTHONPATH so they import the very same package; never the
+# package's own folder. Installed, ``fedloom`` is the only top-level name there; in a checkout
+# the root also holds the card's folders, so a bare ``runtime`` or ``sim`` is importable in
+# the daemons too (ruff's banned-api rule keeps the code from importing them that way).
+# The daemons also run in this directory: paths handed to them must be absolute.
 REPO_ROOT = Path(fedloom.__file__).absolute().parent.parent
 STOP_GRACE_S = 10.0
 

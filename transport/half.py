@@ -4,9 +4,9 @@ numpy converts float32 to float16 (and back) one element at a time in software: 
 10 ns an element here, so the fp16 codec cost more CPU than encrypting the bytes it
 saves. PyTorch's CPU kernels convert with vector instructions (F16C/AVX-512), ~100x
 faster, and round the same way (IEEE round-to-nearest-even; checked by the tests). torch
-is a fedloom dependency, but it is imported lazily, on the first large conversion, so
-tools that never touch fp16 do not pay its import time; where it is missing, numpy does
-the work.
+is optional (the ``torch`` extra, not a base dependency): where it is installed it is
+imported lazily, on the first large conversion, so tools that never touch fp16 do not pay
+its import time; where it is missing, numpy does the work.
 
 torch refuses read-only arrays (it warns, then may write through them): such inputs are
 copied first, which is still far cheaper than numpy's conversion. Conversions go in
