@@ -193,3 +193,20 @@ def test_local_init_without_scikit_learn_writes_nothing_and_names_both_ways_out(
     assert not fed.exists()
     _init_synthetic(fed)  # the way out the line names, into the same directory
     assert (fed / "site-0.toml").exists()
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "deploy" / "examples").glob("*.toml")))
+def test_each_deploy_example_names_the_extras_its_plan_needs(example: Path) -> None:
+    from fedloom.workloads.datasets import SKLEARN_DATASETS
+
+    text = example.read_text(encoding="utf-8")
+    plan = tomllib.loads(text).get("plan", {})
+    needs = {"data"} if plan.get("dataset") in SKLEARN_DATASETS else set()
+    needs |= {"torch"} if plan.get("model") in ("mlp", "cnn") else set()
+    for extra in needs:
+        assert f"pip install 'fedloom[{extra}]'" in text, f"{example.name}: {extra}"
+    # The units say to install what the example they run needs.
+    unit = {"site": "fedloom-site", "aggregator": "fedloom-aggregator"}.get(example.stem)
+    if unit is not None and needs:
+        unit_text = (REPO / "deploy" / "systemd" / f"{unit}.service").read_text()
+        assert f"pip install 'fedloom[{','.join(sorted(needs))}]'" in unit_text
