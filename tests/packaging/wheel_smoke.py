@@ -2,7 +2,7 @@
 
 1. Builds the wheel from a copy of the source tree (no stale ``build/`` can leak into it) and
    checks it: its only top-level package is ``fedloom`` (RECORD and ``top_level.txt``), every
-   subpackage is in it, and its metadata requires none of the extras' packages unconditionally.
+   subpackage and ``py.typed`` are in it, and its metadata requires none of the extras' packages unconditionally.
    setuptools must build it without a warning.
 2. Creates a new virtual environment (``venv``, no system site-packages; removed first) and
    installs the wheel there WITHOUT extras (pip may download the base dependencies, through
@@ -13,7 +13,10 @@
    sites (FedBuff, a numpy softmax model on the synthetic data set) over the real encrypted
    transport on 127.0.0.1, until the root's ``/metrics`` shows ``--versions`` published model
    versions. Every daemon is stopped by its PID (SIGTERM) and must exit 0. Then the same with
-   the federation ``fedloom local init --dataset synthetic`` writes.
+   the federation ``fedloom local init --dataset synthetic`` writes. ``local init`` on the
+   default data set names the ``data`` extra and writes nothing; a site whose model is the
+   ``mlp`` stops at start naming the ``torch`` extra; ``fedloom local up`` with a relative
+   directory starts a root and a site (both ready) and stops them on SIGTERM.
 
 Exit status 0 when all of it holds; otherwise 1 with what failed (and the daemons' last log
 lines). Bounded in time: ``--timeout`` for the federation, fixed limits for each command.
@@ -159,7 +162,8 @@ def check_wheel(wheel: Path) -> list[str]:
         for p in SUBPACKAGES
         if f"fedloom/{p}/__init__.py" not in recorded
     ]
-    missing += [f for f in ("fedloom/cli.py", "fedloom/__main__.py") if f not in recorded]
+    shipped = ("fedloom/cli.py", "fedloom/__main__.py", "fedloom/py.typed")  # PEP 561 marker
+    missing += [f for f in shipped if f not in recorded]
     if missing:
         raise CheckError(f"{wheel.name}: missing {missing}")
     base: list[str] = []
@@ -210,8 +214,19 @@ def make_venv(python: str, venv: Path, wheel: Path, env: dict[str, str]) -> Path
 # ------------------------------------------------------------------------------ commands
 
 
+def _one_line_naming(proc: subprocess.CompletedProcess[str], what: str, needle: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode != 2 or not lines or needle not in lines[-1]:
+        raise CheckError(
+            f"{what}: exit {proc.returncode}, expected 2 and a last line with {needle!r}; "
+            f"stderr:\n{proc.stderr[-3000:]}"
+        )
+
+
 def check_cli(fedloom: Path, work: Path, env: dict[str, str]) -> None:
-    """``--help`` works without the sim extra; ``fedloom sim`` names the extra in one line."""
+    """``--help`` works without the sim extra; ``fedloom sim`` names the extra in one line;
+    ``local init`` on the default (scikit-learn) data set names the data extra and writes
+    nothing."""
     _ok(_run([fedloom, "--help"], cwd=work, env=env), "fedloom --help")
     scenario = work / "scenario.toml"
     scenario.write_text("# any scenario: the simulator is not installed\n", encoding="utf-8")
@@ -227,6 +242,69 @@ def check_cli(fedloom: Path, work: Path, env: dict[str, str]) -> None:
             f"fedloom sim without the sim extra: exit {proc.returncode}, expected 2 and one "
             f"line naming the 'sim' extra; stderr:\n{proc.stderr[-3000:]}"
         )
+    proc = _run([fedloom, "local", "init", "no-data"], cwd=work, env=env)
+    needle = "pip install 'fedloom[data]'; or choose `--dataset synthetic`"
+    _one_line_naming(proc, "fedloom local init without the data extra", needle)
+    if len(proc.stderr.strip().splitlines()) != 1 or (work / "no-data").exists():
+        raise CheckError(
+            f"fedloom local init without the data extra wrote or said more:\n{proc.stderr[-3000:]}"
+        )
+
+
+def check_local_up(fedloom: Path, work: Path, env: dict[str, str]) -> None:
+    """``local init up`` and ``local up up`` with a relative directory (the daemons run
+    elsewhere): every daemon reports ready, and SIGTERM stops them all (exit 0). Before
+    that, its site with the ``mlp`` model stops at start naming the torch extra."""
+    _ok(
+        _run(
+            [fedloom, "local", "init", "up", "--shape", "star", "--sites", "1",
+             "--dataset", "synthetic"],
+            cwd=work,
+            env=env,
+        ),
+        "fedloom local init up (a relative directory)",
+    )  # fmt: skip
+    site = (work / "up" / "site-0.toml").read_text(encoding="utf-8")
+    mlp = work / "site-mlp.toml"
+    mlp.write_text(
+        re.sub(r'(?m)^state_dir = ".*"$', f'state_dir = "{work / "mlp-state"}"', site).replace(
+            'model = "softmax"', 'model = "mlp"'
+        ),
+        encoding="utf-8",
+    )
+    proc = _run([fedloom, "run", "--config", mlp], cwd=work, env=env)
+    _one_line_naming(proc, "a site whose model needs torch", "pip install 'fedloom[torch]'")
+    logs = work / "up" / "logs"
+    up = subprocess.Popen(
+        [str(fedloom), "local", "up", "up"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        ready: set[str] = set()
+        while up.poll() is None and ready != {"root", "site-0"}:
+            if time.monotonic() > deadline:
+                raise CheckError("fedloom local up: not every daemon ready within 60 s")
+            time.sleep(0.2)
+            ready = {log.stem for log in logs.glob("*.log") if '"ready": true' in log.read_text()}
+        if up.poll() is not None:
+            raise CheckError(
+                f"fedloom local up up exited {up.returncode}:\n{up.communicate()[0][-3000:]}"
+                + "\n".join(f"--- {log.name}\n{_tail(log)}" for log in logs.glob("*.log"))
+            )
+        up.send_signal(signal.SIGTERM)
+        out = up.communicate(timeout=STOP_TIMEOUT_S * 2)[0]
+        if up.returncode != 0 or "stopped 2 daemons" not in out:
+            raise CheckError(f"fedloom local up: exit {up.returncode} on SIGTERM:\n{out[-3000:]}")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
 
 
 def _free_port() -> int:
@@ -477,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         step("installed it without extras in a clean venv (no extras' modules there)")
         fedloom = bin_dir / "fedloom"
         check_cli(fedloom, work, env)
-        step("fedloom --help works; fedloom sim names the sim extra")
+        step("fedloom --help works; fedloom sim names the sim extra, local init the data extra")
         fed = work / "federation"
         fed.mkdir()
         configs, url = write_federation([fedloom], bin_dir / "python", fed, env, args.sites)
@@ -502,6 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout,
         )
         step(f"fedloom local init --dataset synthetic: its root published v{seen:.0f}; stopped")
+        check_local_up(fedloom, work, env)
+        step("an mlp site names the torch extra; fedloom local up (relative DIR) ran, stopped")
     except (CheckError, subprocess.TimeoutExpired) as exc:
         print("\n".join(steps), file=sys.stderr)
         print(f"wheel check FAILED: {exc}", file=sys.stderr)
