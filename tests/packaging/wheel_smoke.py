@@ -2,8 +2,8 @@
 
 1. Builds the wheel from a copy of the source tree (no stale ``build/`` can leak into it) and
    checks it: its only top-level package is ``fedloom`` (RECORD and ``top_level.txt``), every
-   subpackage and ``py.typed`` are in it, and its metadata requires none of the extras' packages unconditionally.
-   setuptools must build it without a warning.
+   subpackage and ``py.typed`` are in it, and its metadata requires none of the extras'
+   packages unconditionally. setuptools must build it without a warning.
 2. Creates a new virtual environment (``venv``, no system site-packages; removed first) and
    installs the wheel there WITHOUT extras (pip may download the base dependencies, through
    its cache). Checks none of the extras' packages came with it.
