@@ -21,9 +21,15 @@ once:
   ``derived_seed(seed, "train", node_id, job)``, so a job trains identically under
   either driver;
 * the **stuck-deadline guard**: a node whose deadline keeps firing without moving on
-  (after handling ``Deadline`` at ``now`` it asks again for a time ``<= now``, the same
-  time or at the same instant) more than ``MAX_STUCK_DEADLINES`` times in a row is a
-  bug, not a load spike: the step raises instead of spinning for ever.
+  (after handling ``Deadline`` at ``now`` it asks again for a time ``<= now``: an
+  immediate re-fire) more than ``MAX_STUCK_DEADLINES`` times in a row is a bug, not a
+  load spike: the step raises instead of spinning for ever. Every such re-fire counts,
+  whatever time it asks for (on a real clock a node that asks for ``now`` asks for a new
+  time each firing). The count ends when a ``Deadline`` leaves the node wanting a later
+  time (or none), or when another event comes at a later time than the last stuck
+  firing; one at that same instant does not end it (a node that alternates ``Deadline``
+  and, say, ``PeerUp`` at one virtual instant is still stuck). A legitimate node handles
+  everything due in one firing, so it never asks for a thousand re-fires in a row.
 
 A driver supplies only what differs between them: its clock (the ``now`` it passes in),
 how it schedules the deadline the step returns, and the sink (how it sends, trains and
@@ -106,7 +112,6 @@ class NodeStep:
 
     __slots__ = (
         "_last_fired",
-        "_last_wanted",
         "_stuck",
         "error",
         "max_stuck",
@@ -135,8 +140,7 @@ class NodeStep:
         self.error = error
         self.max_stuck = max_stuck
         self._stuck = 0
-        self._last_wanted: float | None = None
-        self._last_fired: float | None = None
+        self._last_fired: float | None = None  # the time of the last stuck firing
 
     def __call__(self, event: Event, now: float) -> float | None:
         node = self.node
@@ -150,9 +154,8 @@ class NodeStep:
         wanted = node.next_deadline()
         if type(event) is Deadline:
             self._after_deadline(now, wanted)
-        else:
-            self._stuck = 0
-        self._last_wanted = wanted
+        elif self._stuck and now != self._last_fired:
+            self._stuck = 0  # time moved on since the last stuck firing
         return wanted
 
     def carry_out(self, effects: list[Effect], now: float) -> None:
@@ -190,19 +193,16 @@ class NodeStep:
             sink.persist(node_id, batch)
 
     def _after_deadline(self, fired_at: float, wanted: float | None) -> None:
-        # Stuck: asked again for a time already past, and either the same time (a real
-        # clock moves on, the node does not) or at the same instant (a virtual clock).
-        if (
-            wanted is not None
-            and wanted <= fired_at
-            and (wanted == self._last_wanted or fired_at == self._last_fired)
-        ):
+        # Stuck: asked again for a time not after the one it was just handed (an
+        # immediate re-fire). Counted whether or not the time it asks for changes.
+        if wanted is not None and wanted <= fired_at:
             self._stuck += 1
+            self._last_fired = fired_at
             if self._stuck > self.max_stuck:
                 raise self.error(
                     f"{self.node_id} keeps asking for a deadline at t={wanted!r} "
-                    "without moving it on"
+                    f"without moving it on ({self._stuck} immediate re-fires in a row, "
+                    f"last at t={fired_at!r})"
                 )
         else:
             self._stuck = 0
-        self._last_fired = fired_at

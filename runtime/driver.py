@@ -34,7 +34,10 @@ stuck-deadline guard), which hands the effects in order to this driver, its sink
   ``Log`` -> the ``logging`` module, structured;
 * deadlines   -> after every ``handle`` the node's ``next_deadline()`` becomes the one
   time-out (``asyncio.timeout_at``) on the wait for the next event; a due deadline is
-  handled before further inbox events, so a busy inbox cannot starve it.
+  handled before further inbox events, so a busy inbox cannot starve it. An overdue one
+  is handled after one pass of the loop (``asyncio.sleep(0)``), so a node that keeps
+  asking for "now" cannot freeze the loop (heartbeats, ``/metrics``, SIGTERM go on) until
+  the step's stuck-deadline guard ends ``run()`` with its error.
 
 Structured concurrency: the peer set and every training job are tasks of one
 ``TaskGroup``; ``stop()`` ends ``run()``, which cancels them (a job already running in
@@ -276,6 +279,12 @@ class AsyncDriver:
             event: Event | _Stop
             due = self._deadline_at
             if due is not None and loop.time() >= due:
+                # Already due: yield to the loop first, so a node that keeps asking for
+                # "now" cannot starve the loop's other work (heartbeats, /metrics, the
+                # SIGTERM handler) while the step's guard counts its re-fires.
+                await asyncio.sleep(0)
+                if self._stopping:
+                    break
                 event = Deadline()
             else:
                 try:

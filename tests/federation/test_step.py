@@ -175,10 +175,10 @@ def test_a_deadline_stuck_at_one_instant_is_reported() -> None:
     """Virtual clock: the node asks for a past time at every firing, at the same instant."""
     node = Scripted(deadline=-5.0)
     step = NodeStep(node, Journal(), max_stuck=10)
-    for _ in range(11):  # the first firing sets the baseline, then ten stuck ones
+    for _ in range(10):  # ten immediate re-fires are tolerated ...
         step(Deadline(), 1.0)
-    with pytest.raises(RuntimeError, match="keeps asking for a deadline"):
-        step(Deadline(), 1.0)
+    with pytest.raises(RuntimeError, match=r"keeps asking for a deadline at t=-5\.0"):
+        step(Deadline(), 1.0)  # ... the eleventh in a row is reported
 
 
 def test_a_deadline_stuck_at_one_time_is_reported_while_the_clock_moves() -> None:
@@ -190,19 +190,55 @@ def test_a_deadline_stuck_at_one_time_is_reported_while_the_clock_moves() -> Non
         for _ in range(12):
             now += 0.001
             step(Deadline(), now)
-    assert len(node.seen) == 12  # the first firing sets the baseline, ten stuck, then one
+    assert len(node.seen) == 11  # ten tolerated, the eleventh reported
 
 
-def test_a_deadline_that_moves_on_or_another_event_resets_the_guard() -> None:
+class AsksForNow(Scripted):
+    """The real-clock attack: after each event it wants a Deadline at the time it was
+    handed, a new time at every firing (neither the time nor the instant repeats)."""
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        self.deadline = now
+        return super().handle(event, now)
+
+
+@given(st.floats(0.0, 1e6), st.lists(st.floats(1e-9, 0.5), min_size=40, max_size=40))
+def test_a_node_asking_for_now_is_reported_on_a_moving_clock(
+    start: float, steps: list[float]
+) -> None:
+    node = AsksForNow()
+    step = NodeStep(node, Journal(), max_stuck=len(steps) - 1)
+    now = start
+    with pytest.raises(RuntimeError, match="keeps asking for a deadline"):
+        for dt in steps:
+            now += dt
+            step(Deadline(), now)
+    assert len(node.seen) == len(steps)
+
+
+def test_other_events_at_the_stuck_instant_do_not_reset_the_guard() -> None:
+    """Virtual clock: Deadline@5 and PeerUp@5 in turn, for ever, is still stuck."""
+    node = Scripted(deadline=5.0)
+    step = NodeStep(node, Journal(), max_stuck=MAX_STUCK_DEADLINES)
+    with pytest.raises(RuntimeError, match="1001 immediate re-fires"):
+        for _ in range(100_000):
+            step(Deadline(), 5.0)
+            step(PeerUp("p"), 5.0)
+    assert len(node.seen) == 2 * MAX_STUCK_DEADLINES + 1
+
+
+def test_a_deadline_that_moves_on_or_an_event_at_a_later_time_resets_the_guard() -> None:
     node = Scripted(deadline=0.0)
     step = NodeStep(node, Journal(), max_stuck=3)
+    now = 1.0
     for i in range(20):
         for _ in range(3):
-            step(Deadline(), 1.0)  # stuck, up to the limit ...
+            step(Deadline(), now)  # stuck, up to the limit ...
         if i % 2:
-            step(PeerUp("p"), 1.0)  # ... then another event comes
+            now += 0.5
+            step(PeerUp("p"), now)  # ... then another event comes, later
         else:
-            node.deadline = 2.0  # ... or the deadline moves on once
-            step(Deadline(), 1.0)
+            node.deadline = now + 1.0  # ... or the deadline moves on once
+            step(Deadline(), now)
             node.deadline = 0.0
-    assert len(node.seen) > MAX_STUCK_DEADLINES // 100  # never raised
+    assert len(node.seen) == 20 * 4  # never raised

@@ -575,6 +575,61 @@ async def test_a_node_stuck_on_a_past_deadline_ends_run_with_the_error() -> None
     assert driver.stats.deadlines > 1000
 
 
+async def test_a_node_asking_for_now_forever_is_stopped_and_never_freezes_the_loop() -> None:
+    """The attack: after each Deadline the node asks for the very time it was handed. On
+    the real clock that is a new time at every firing; the guard still counts it, and
+    the loop's other work (a timer, another task) runs while the node spins."""
+    node = ScriptNode("n", deadline=0.0)
+    timer_fired: list[int] = []
+
+    def script(event: Event, now: float) -> list[Effect]:
+        node.deadline = now  # "fire me again now", for ever
+        if len(node.seen) == 1:  # a callback queued while the node spins (a timer due)
+            asyncio.get_running_loop().call_soon(lambda: timer_fired.append(driver.stats.deadlines))
+        return []
+
+    node.script = script
+    driver = AsyncDriver(node, peers=FakePeers([]))
+    seen_by_others: list[int] = []  # the node's Deadline count each time other work ran
+
+    async def other_work() -> None:
+        while True:
+            seen_by_others.append(driver.stats.deadlines)
+            await asyncio.sleep(0)
+
+    ticker = asyncio.ensure_future(other_work())
+    try:
+        with pytest.raises(BaseExceptionGroup) as info:
+            async with asyncio.timeout(LIMIT):
+                await driver.run()
+    finally:
+        ticker.cancel()
+    assert info.group_contains(RuntimeError, match="keeps asking for a deadline")
+    assert info.group_contains(RuntimeError, match="1001 immediate re-fires in a row")
+    assert driver.stats.deadlines == 1001  # each firing asked for another at once
+    # Other work ran in between the node's firings, not only before or after them.
+    assert timer_fired == [1]  # ran right after the first firing, not after the error
+    during = [n for n in seen_by_others if 0 < n < driver.stats.deadlines]
+    assert len(during) > 900
+
+
+async def test_stop_ends_run_while_a_deadline_is_overdue() -> None:
+    """A stop (SIGTERM in the daemon) is honoured between two overdue firings."""
+    node = ScriptNode("n", deadline=0.0)
+    driver = AsyncDriver(node, peers=FakePeers([]))
+
+    def script(event: Event, now: float) -> list[Effect]:
+        node.deadline = now
+        if driver.stats.deadlines == 10:
+            asyncio.get_running_loop().call_soon(driver.stop)
+        return []
+
+    node.script = script
+    async with asyncio.timeout(LIMIT):
+        await driver.run()  # returns: no stuck error, the stop came first
+    assert 10 <= driver.stats.deadlines < 20
+
+
 async def test_an_unknown_effect_ends_run_with_the_error() -> None:
     def script(event: Event, now: float) -> list[Effect]:
         return ["not an effect"]  # type: ignore[list-item]
