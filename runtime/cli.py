@@ -78,7 +78,7 @@ def _add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     init.add_argument(
         "--dataset",
         metavar="NAME",
-        help="training data: breast_cancer (default; the sim extra's scikit-learn), another "
+        help="training data: breast_cancer (default; the data extra's scikit-learn), another "
         "scikit-learn set, or synthetic (numpy only: works on a base install)",
     )
     up = local_sub.add_parser("up", help="start every daemon of DIR until Ctrl-C")
