@@ -23,7 +23,8 @@ Two mixing rules, chosen by ``mode``:
   flight) are invariant and the average of ``x/w`` converges to the initial average.
   With training, SGP's step ``x ← x − γ∇F(z)`` is applied as ``x ← x + (z' − z)`` where
   ``z`` is the model handed to ``Train`` and ``z'`` the trained one. Mass carried by a
-  share is lost only if the share is lost (a lossy codec also perturbs it).
+  share is lost only if the share is lost on a link that was up (a lossy codec also
+  perturbs it); nothing is sent to a neighbour before its first ``PeerUp``.
 
 Trust nothing a neighbour sends (issue 10). A rostered neighbour can still send anything,
 so what it sends is bounded by what the receiver can check:
@@ -90,7 +91,11 @@ silence — W stays symmetric and therefore doubly stochastic), ``Metric("peer_p
 and a ``Log``. A pruned neighbour is still probed with a ``Heartbeat`` every
 ``prune_after_s`` so that a healed partition re-forms the graph, and any message from it
 re-admits it. ``PeerDown(j)`` takes ``j`` out of mixing and sending at once, until
-``PeerUp(j)`` restores it (re-admitting it if pruned; its weight returns with it).
+``PeerUp(j)`` restores it (re-admitting it if pruned; its weight returns with it). Every
+neighbour starts down, a fresh peer's and a restored one's alike: nothing is sent to it
+before the driver's first ``PeerUp(j)`` says a link exists (a real peer set drops what it
+cannot carry). Under push-sum the share a down neighbour would have had stays with the
+peer (its column still sums to one), so start-up loses no mass, as after a ``PeerDown``.
 
 Before the first event ``next_deadline()`` is ``0.0`` (start me now); the first event,
 whatever it is, starts the timers at its ``now``. The first pure-consensus step comes at
@@ -216,6 +221,7 @@ class _Neighbour:
         "outbound",
         "owed",
         "state",
+        "was_up",
         "weight",
     )
 
@@ -223,7 +229,10 @@ class _Neighbour:
         self.weight = weight
         self.inbound = inbound  # push-sum: the weight this neighbour may still push to us
         self.outbound = outbound  # push-sum: what we may send it without being refused
-        self.state = PeerState.ALIVE
+        # Down until the driver's first PeerUp: a share sent before the link exists would
+        # be dropped by a real peer set, and under push-sum its mass with it.
+        self.state = PeerState.DOWN
+        self.was_up = False  # whether a PeerUp has come yet (the first one is not news)
         self.last_seen = 0.0
         self.last_sent = 0.0
         self.model: Vector | None = None  # D-PSGD only: latest model received
@@ -553,9 +562,11 @@ class GossipPeer:
         elif n.state is PeerState.DOWN:
             n.state = PeerState.ALIVE
             n.last_seen = max(n.last_seen, now)
-            out.append(Log("info", f"gossip peer {self._id}: {peer} is up", {"peer": peer}))
+            level = "info" if n.was_up else "debug"  # the first link of a run is no news
+            out.append(Log(level, f"gossip peer {self._id}: {peer} is up", {"peer": peer}))
         else:
             n.last_seen = max(n.last_seen, now)
+        n.was_up = True
 
     def _on_peer_down(self, peer: str, out: list[Effect]) -> None:
         n = self._nbrs.get(peer)

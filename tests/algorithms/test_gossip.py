@@ -119,11 +119,23 @@ class Loop:
     seq: itertools.count[int] = field(default_factory=itertools.count)
     armed: dict[str, float | None] = field(default_factory=dict)
     effects: list[tuple[float, str, Effect]] = field(default_factory=list)
+    # When the link between two nodes comes up (PeerUp to both ends); None: all at 0.
+    # Before that a Send on it is dropped, as a real peer set drops it (not connected).
+    link_up: Callable[[str, str], float] | None = None
+    dropped: list[tuple[float, str, Send]] = field(default_factory=list)
 
     def start(self) -> None:
-        for nid in self.nodes:
+        # Every link comes up with a PeerUp, as the drivers say it (a neighbour is down
+        # until then); then the first deadline.
+        for nid, node in self.nodes.items():
+            states = getattr(node, "peer_states", None)  # a test's hostile node has none
+            for peer in states() if states is not None else ():
+                self.push(self.up_at(nid, peer), nid, PeerUp(peer))
             self.push(0.0, nid, Deadline())
             self.armed[nid] = 0.0
+
+    def up_at(self, a: str, b: str) -> float:
+        return 0.0 if self.link_up is None else self.link_up(*sorted((a, b)))
 
     def push(self, t: float, dst: str, event: Event) -> None:
         heapq.heappush(self.heap, (t, next(self.seq), dst, event))
@@ -145,7 +157,9 @@ class Loop:
         for eff in effects:
             self.effects.append((self.now, src, eff))
             if isinstance(eff, Send):
-                if src not in self.dead and eff.peer not in self.dead:
+                if self.now < self.up_at(src, eff.peer):
+                    self.dropped.append((self.now, src, eff))
+                elif src not in self.dead and eff.peer not in self.dead:
                     at = self.now + self.latency(src, eff.peer)
                     self.push(at, eff.peer, Received(src, eff.msg))
             elif isinstance(eff, Train):
@@ -273,6 +287,72 @@ def test_pushsum_converges_to_the_true_average_despite_late_reordered_messages()
         assert np.allclose(vec(p), truth, atol=1e-6)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    delays=st.lists(st.floats(0.0, 4.0), min_size=6, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_pushsum_loses_no_mass_while_its_links_come_up(delays: list[float], seed: int) -> None:
+    """The start-up race of a real peer set: each link comes up (PeerUp to both ends) at
+    its own time, up to four gossip intervals in, and a share sent on a link before that
+    is dropped (DriverStats.sends_dropped on the daemons' drivers). A peer that stepped
+    meanwhile keeps what it would have sent: nothing is dropped, the whole mass (n) is
+    there and x/w reaches the true average."""
+    n = 6
+    adj = ring(n)
+    init = initial(n, seed=seed)
+    peers = make_peers(adj, init, mode="pushsum", seed=seed, clip="off")
+    truth = np.mean([vec(p) for p in peers.values()], axis=0)
+    x0 = sum(p.mass()[1]["w"] for p in peers.values())
+    pairs = sorted({tuple(sorted((f"p{i}", f"p{j}"))) for i in adj for j in adj[i]})
+    up = dict(zip(pairs, delays, strict=True))
+    loop = Loop(peers, link_latency(seed), link_up=lambda a, b: up[(a, b)])
+    loop.start()
+    loop.run(max(delays) + 0.01)
+    # Everyone has stepped by now, most of them before some of their links were up.
+    assert all(p.current_model()[0] >= 1 for p in peers.values()) or max(delays) < 1.0
+    loop.run(120.0)
+    assert loop.dropped == []  # no share (and no heartbeat) sent on a link not yet up
+    shares = loop.in_flight_shares()
+    total_w = sum(p.mass()[0] for p in peers.values()) + sum(sh.w for sh in shares)
+    assert total_w == pytest.approx(n, abs=1e-9)
+    total_x = sum(p.mass()[1]["w"] for p in peers.values()) + sum(sh.x["w"] for sh in shares)
+    assert np.allclose(total_x, x0, atol=1e-9)
+    for p in peers.values():
+        assert np.allclose(vec(p), truth, atol=1e-6)
+
+
+def test_shares_for_a_neighbour_not_yet_up_stay_with_the_peer() -> None:
+    """One peer, one link up and one not: its step sends only on the live link and keeps
+    the rest ((x, w) minus exactly what left), then sends on both once the second is up."""
+    p = GossipPeer(
+        "a",
+        {"b": 0.25, "c": 0.25},
+        0.5,
+        {"w": np.full((2, 3), 4.0)},
+        mode="pushsum",
+        clip="off",
+        rng=np.random.default_rng(0),
+    )
+    assert p.peer_states() == {"b": PeerState.DOWN, "c": PeerState.DOWN}
+    p.handle(PeerUp("b"), 0.0)
+    t, sent = 0.0, []
+    while not sent:
+        t = p.next_deadline() or t
+        sent = [e for e in p.handle(Deadline(), t) if isinstance(e, Send)]
+    assert {e.peer for e in sent} == {"b"}
+    (share,) = [e.msg for e in sent if isinstance(e.msg, GossipShare)]
+    w, x = p.mass()
+    assert share.w == pytest.approx(0.25) and w + share.w == pytest.approx(1.0, abs=1e-15)
+    assert np.allclose(x["w"] + share.x["w"], 4.0, atol=1e-12)
+    p.handle(PeerUp("c"), t)
+    step = p.current_model()[0]
+    while p.current_model()[0] == step:
+        t = p.next_deadline() or t
+        sent = [e for e in p.handle(Deadline(), t) if isinstance(e, Send)]
+    assert {e.peer for e in sent if isinstance(e.msg, GossipShare)} == {"b", "c"}
+
+
 def test_dpsgd_with_training_moves_towards_the_average_optimum() -> None:
     n = 8
     rng = np.random.default_rng(2)
@@ -308,7 +388,8 @@ def test_dpsgd_with_training_moves_towards_the_average_optimum() -> None:
 
 
 def _single(mode: str = "dpsgd", clip: object = "auto") -> GossipPeer:
-    return GossipPeer(
+    """Peer "a" with neighbours b and c, both links up at 0."""
+    p = GossipPeer(
         "a",
         {"b": 0.25, "c": 0.25},
         0.5,
@@ -317,6 +398,9 @@ def _single(mode: str = "dpsgd", clip: object = "auto") -> GossipPeer:
         clip=clip,
         rng=np.random.default_rng(0),
     )
+    p.handle(PeerUp("b"), 0.0)
+    p.handle(PeerUp("c"), 0.0)
+    return p
 
 
 def _share(**kw: Any) -> GossipShare:

@@ -12,7 +12,16 @@ import pytest
 from fedloom.algorithms import gossip
 from fedloom.algorithms.gossip import GossipPeer, share_weight_bound
 from fedloom.algorithms.gossip_mixing import DistanceClip
-from fedloom.algorithms.protocol import Deadline, Effect, Event, Log, Metric, Received, Send
+from fedloom.algorithms.protocol import (
+    Deadline,
+    Effect,
+    Event,
+    Log,
+    Metric,
+    PeerUp,
+    Received,
+    Send,
+)
 from fedloom.transport.wire import GossipShare, Heartbeat
 from tests.algorithms.test_gossip import DIM, Loop, exponential, link_latency, metropolis
 
@@ -26,6 +35,11 @@ def _peer(mode: str, **kw: Any) -> GossipPeer:
     return GossipPeer(
         "a", {"b": 0.25, "c": 0.25}, 0.5, {"w": ONES.copy()}, rng=np.random.default_rng(0), **opts
     )
+
+
+def _links_up(p: GossipPeer, now: float = 0.0) -> list[Effect]:
+    """Every neighbour's PeerUp, as a driver says it when the links come up."""
+    return [e for peer in p.peer_states() for e in p.handle(PeerUp(peer), now)]
 
 
 def _share(x: Any, w: float = 1.0, step: int = 1, src: str = "b") -> Received:
@@ -67,6 +81,7 @@ def test_pushsum_neighbour_claiming_weight_1e15_is_refused_and_the_model_is_unch
     assert np.allclose(_model(naive), target)
 
     p = _peer("pushsum")
+    _links_up(p)
     p.handle(Deadline(), 0.0)
     w0, x0 = p.mass()
     effects = p.handle(attack, 0.5)
@@ -126,11 +141,13 @@ def test_pushsum_finite_but_huge_share_cannot_overflow_the_mass(x: np.ndarray, w
 def test_dpsgd_neighbour_sending_1e30_moves_the_model_at_most_w_tau_per_step() -> None:
     hostile = np.full((2, 3), 1e30, dtype=np.float32)  # finite in float32
     naive = _peer("dpsgd", clip="off")
+    _links_up(naive)
     naive.handle(_share(hostile), 0.0)
     _next_step(naive, 0.0)
     assert np.abs(_model(naive)).max() > 1e29  # one step without the clip
 
     p = _peer("dpsgd")
+    _links_up(p)
     now = 0.0
     start = _model(p)
     clipped = 0
@@ -299,6 +316,7 @@ def _echo_run(mode: str, attack: bool, steps: int = 200) -> float:
         rng=np.random.default_rng(0),
     )
     honest = np.ones(4, np.float32)
+    _links_up(v, 0.4 if attack else 0.5)  # with the first message
     for t in range(1, steps + 1):
         if attack:
             for k in range(3):
@@ -470,6 +488,8 @@ def _sink_run(
         )
 
     v, n1 = mk("v", {"n1": 0.3, "evil": 0.3}, 1.0), mk("n1", {"v": 0.5}, 3.0)
+    _links_up(v, 0.5)  # with evil's first heartbeat
+    _links_up(n1, 0.5)
     taken_w, taken_x, effects = 0.0, np.zeros(4), []
     sent_to_evil: list[int] = []  # the intervals in which v sent evil a share
     for t in range(1, intervals + 1):
@@ -558,7 +578,7 @@ def test_a_tiny_pushsum_self_weight_is_raised_so_the_model_survives_a_step() -> 
     p = GossipPeer(
         "v", nbrs, 1e-9, {"w": ONES.copy()}, mode="pushsum", rng=np.random.default_rng(0)
     )
-    logs = [e for e in p.handle(Deadline(), 0.0) if isinstance(e, Log)]
+    logs = [e for e in _links_up(p) if isinstance(e, Log)]
     assert logs and "self weight" in logs[0].text
     _, effects = _next_step(p, 0.0)
     shares = [e.msg for e in effects if isinstance(e, Send) and isinstance(e.msg, GossipShare)]

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from fedloom.algorithms.gossip import GOSSIP_IN_KEY, GossipPeer
-from fedloom.algorithms.protocol import Deadline, Effect, LogRecords, Persist, Received, Send
+from fedloom.algorithms.protocol import (
+    Deadline,
+    Effect,
+    LogRecords,
+    PeerUp,
+    Persist,
+    Received,
+    Send,
+)
 from fedloom.transport.wire import GossipShare
 
 PEERS = ("a", "b", "c")
@@ -61,6 +69,14 @@ class Net:
         self.queue: list[tuple[str, Send]] = []
         self.now = 0.0
         self.persists_before_sends = True
+        for name in PEERS:
+            self.links_up(name)
+
+    def links_up(self, name: str) -> None:
+        """PeerUp for every neighbour of ``name``, as a driver says it once linked."""
+        node = self.nodes[name]
+        for other in node.peer_states():
+            self.effects(name, node.handle(PeerUp(other), self.now))
 
     def effects(self, name: str, out: list[Effect]) -> None:
         sent = False
@@ -97,6 +113,7 @@ class Net:
         disk = self.disks[name]
         fresh.restore(disk.checkpoint, LogRecords({GOSSIP_IN_KEY: disk.records}))
         self.nodes[name] = fresh
+        self.links_up(name)  # a restored peer too: its neighbours are down until then
         return fresh
 
 
