@@ -15,14 +15,22 @@ frame (``_MaskingWriter``). Both hook into aiohttp internals, so both sit behind
 detection (``fast_path``): on first use every internal they need is checked (that it
 exists, its signature, the names aiohttp's own ``_post_start`` uses, and a probe frame
 written through the writer hook and parsed back); whatever is missing or changed is
-logged once as a WARNING and that side uses stock aiohttp (``ws.receive()``,
-``ws.send_bytes()``) with the same frame cap, time-outs and compression off. What the
-stock reader does not do: the handshake-sized cap on a client's first messages is then
-checked on each message once aiohttp has assembled it (up to the frame cap), not from
-the frame header; unmasked client frames, close codes 1006 and >= 5000 and long
-fragment trains are accepted as aiohttp accepts them; and payloads are copied five
-times instead of once. The connection caps below use no aiohttp internal (each
-connection's protocol is wrapped, ``_CountedProtocol``).
+logged once as a WARNING (saying what differs) and that side uses stock aiohttp
+(``ws.receive()``, ``ws.send_bytes()``) with the same frame cap, time-outs and
+compression off. The handshake-sized cap on a client's first messages holds there too,
+from the frame headers: aiohttp's reader would buffer a message up to the frame cap
+before the link sees it (and a response's ``max_msg_size`` cannot be changed once the
+handshake is over), so until those messages are whole each received chunk is shown
+first to an ``_OpeningGuard`` on the connection's wrapped protocol, which follows the
+frames with ``transport.ws_frames``' parser and refuses an oversize first message at
+its header, before aiohttp holds any of it (unauthenticated connections hold a few KiB
+each on both paths; 640 connections each announcing a 1 MiB first frame: +6 MiB of RSS
+on either path, +653 MiB on the stock path without the guard). What differs on the
+stock reader: a refusal before the upgrade was answered cuts the connection without a
+close frame; after the first messages unmasked client frames, close codes 1006 and
+>= 5000 and long fragment trains are accepted as aiohttp accepts them; and payloads are
+copied five times instead of once. The connection caps below use no aiohttp internal
+(each connection's protocol is wrapped, ``_CountedProtocol``).
 ``tests/transport/test_ws_frames.py`` checks that the fast path is in use on the
 aiohttp this project pins; ``tests/transport/test_ws.py`` runs its link tests on both
 paths.
@@ -37,8 +45,9 @@ so that a flood from a few addresses cannot hold them all); and a client's first
 ``handshake_messages``
 messages (its handshake flights) may be at most ``max_handshake_message`` bytes, so
 that before it could have authenticated a connection holds a few KiB, not a record
-(``transport.ws_frames``; fragments are bounded too; on the stock reader, checked per
-message). The cap on unauthenticated
+(``transport.ws_frames``; fragments are bounded too; on the stock reader, by the
+opening guard, from the frame headers too). A connection carries at most one request
+that is not a WebSocket upgrade (the 404 or 426 answer closes it). The cap on unauthenticated
 WebSocket links, per source address too, and the handshake time-out live in the
 channel layer (``transport.channel.Gatekeeper``), which ``on_link`` is expected to
 call with ``link.remote_address``.
@@ -73,7 +82,7 @@ from fedloom.transport.links import (
     reserve_share,
 )
 from fedloom.transport.records import MAX_RECORD_BYTES
-from fedloom.transport.ws_frames import FrameParser, Opcode, masked_frame
+from fedloom.transport.ws_frames import CloseCode, FrameParser, FramingError, Opcode, masked_frame
 
 
 def _optional(module: str, name: str) -> Any:
@@ -123,6 +132,7 @@ class WebSocketLink:
         remote_address: str | None = None,
         opening_messages: int = 0,
         max_opening_message: int = 0,
+        opening_guard: _OpeningGuard | None = None,
     ) -> None:
         self._ws = ws
         self._session = session  # owned by a client link, closed with it
@@ -134,6 +144,8 @@ class WebSocketLink:
         # peer's first messages is checked here, once each message is whole.
         self._opening_messages = opening_messages
         self._max_opening_message = max_opening_message
+        # ... and their frame headers, before aiohttp buffers them (``_OpeningGuard``).
+        self._opening_guard = opening_guard
 
     @property
     def closed(self) -> bool:
@@ -166,6 +178,15 @@ class WebSocketLink:
                         f"{self._max_opening_message} on a peer's first messages"
                     )
             return data
+        guard = self._opening_guard
+        if guard is not None and guard.error is not None:
+            await self.close()  # the guard failed the connection: say why
+            if guard.error.code == CloseCode.MESSAGE_TOO_BIG:
+                raise FrameTooLarge(
+                    f"frame rejected: {guard.error.reason} on a peer's first messages "
+                    "(refused at its frame header)"
+                )
+            raise _WsProtocolError(f"websocket protocol error: {guard.error.reason}")
         if kind is aiohttp.WSMsgType.TEXT:
             await self._close(aiohttp.WSCloseCode.UNSUPPORTED_DATA, b"binary frames only")
             raise MalformedMessage("text frame on a binary-only link")
@@ -186,6 +207,16 @@ class WebSocketLink:
 
     async def close(self) -> None:
         await self._close(aiohttp.WSCloseCode.OK, b"")
+
+    async def fail_opening(self) -> None:
+        """Close with the opening guard's code (a ``recv`` waiting returns and raises why)."""
+        guard = self._opening_guard
+        code = (
+            aiohttp.WSCloseCode.PROTOCOL_ERROR
+            if guard is None or guard.error is None
+            else guard.error.code
+        )
+        await self._close(code, b"")
 
     async def _close(self, code: int, message: bytes) -> None:
         with contextlib.suppress(Exception):
@@ -382,17 +413,34 @@ def fast_path() -> FastPath:
     global _fast_path
     if _fast_path is None:
         found = detect_fast_path()
-        for side, missing, stock in (
-            ("reader", found.reader_missing, "server links read with aiohttp's reader"),
-            ("writer", found.writer_missing, "client links write with aiohttp's writer"),
+        for side, missing, stock, differs in (
+            (
+                "reader",
+                found.reader_missing,
+                "server links read with aiohttp's reader",
+                "same frame cap; a client's first messages are still held to the handshake "
+                "size from their frame headers (by a guard on the connection; one that "
+                "breaks the cap before the upgrade is answered is cut without a close "
+                "frame); after them aiohttp's framing rules apply (unmasked frames, close "
+                "codes 1006 and >= 5000, long fragment trains accepted); each payload is "
+                "copied five times instead of once",
+            ),
+            (
+                "writer",
+                found.writer_missing,
+                "client links write with aiohttp's writer",
+                "same limits; each large payload is copied twice and masked in a pass of its "
+                "own, instead of masked as it is copied once",
+            ),
         ):
             if missing:
                 log.warning(
-                    "aiohttp %s: fedloom's one-copy WebSocket %s is off, %s (same limits, "
-                    "more CPU per byte); missing or changed: %s",
+                    "aiohttp %s: fedloom's one-copy WebSocket %s is off, %s (%s); missing or "
+                    "changed: %s",
                     aiohttp.__version__,
                     side,
                     stock,
+                    differs,
                     "; ".join(missing),
                 )
         _fast_path = found
@@ -621,17 +669,95 @@ async def connect(
     return WebSocketLink(ws, session=session, peer=url)
 
 
+class _OpeningGuard:
+    """The handshake-sized cap on a client's first messages, on the stock reader's path.
+
+    aiohttp's reader buffers a message up to the frame cap before the link sees it, and
+    a response's ``max_msg_size`` is fixed when it is made (aiohttp offers no public way
+    to raise it once the handshake is over), so on that path the connection's protocol
+    wrapper (``_CountedProtocol``) shows each chunk it receives to this guard before
+    aiohttp gets it. Past the HTTP request's head, fedloom's frame parser
+    (``transport.ws_frames``, frame headers as the fast path reads them) follows the
+    frames: a first data message announced larger than ``max_message``, or framing it
+    refuses, fails the connection at that frame's header, before aiohttp has buffered a
+    byte of its payload. Once the client's first ``messages`` data messages are whole,
+    the guard is done and the connection is aiohttp's alone.
+    """
+
+    __slots__ = (
+        "_head_end",
+        "_max_frame",
+        "_max_message",
+        "_messages",
+        "_parser",
+        "error",
+        "forwarded",
+    )
+
+    def __init__(self, messages: int, max_message: int, max_frame: int) -> None:
+        self._max_message = max_message
+        self._max_frame = max_frame
+        self._head_end = b""  # the last bytes of the request head seen (to find its end)
+        self._parser: FrameParser | None = None  # None: still reading the request head
+        self._messages = messages
+        self.error: FramingError | None = None
+        self.forwarded = 0  # WebSocket bytes passed on to aiohttp while watching
+
+    def feed(self, data: bytes) -> int:
+        """Look at the next chunk received; return how many of its first bytes aiohttp
+        may have: all of them, unless the guard refused a frame (``error`` says why):
+        then those before that frame, and the connection must fail."""
+        view = memoryview(data)
+        start = 0  # where the frames begin in this chunk
+        if self._parser is None:
+            seen = self._head_end + data
+            at = seen.find(b"\r\n\r\n")
+            if at < 0:  # still in the head (whose size aiohttp bounds)
+                self._head_end = seen[-3:]
+                return len(data)
+            self._parser = FrameParser(
+                self._max_frame,
+                require_mask=False,  # aiohttp's reader accepts unmasked frames
+                opening_messages=self._messages,
+                max_opening_message=self._max_message,
+            )
+            start = at + 4 - len(self._head_end)
+            self._head_end = b""
+        parser = self._parser
+        parser.feed(view[start:])
+        if parser.error is not None:
+            self.error = parser.error
+            self.forwarded += parser.error_at
+            return start + parser.error_at
+        self.forwarded += len(data) - start
+        return len(data)
+
+    @property
+    def done(self) -> bool:
+        """The client's first messages are whole (and were within the cap)."""
+        return self._parser is not None and self._parser.data_messages >= self._messages
+
+
 class _CountedProtocol(asyncio.Protocol):
     """One connection of a ``_CappedServer``: aiohttp's protocol for it, with every call
-    passed on, and the server told when the connection opens and closes."""
+    passed on, and the server told when the connection opens and closes. With an
+    ``opening`` guard (the stock reader's path), each chunk received is shown to it
+    first, until it is done; a chunk it refuses fails the connection (aborted: aiohttp
+    never sees that chunk, nor anything after it)."""
 
-    __slots__ = ("_inner", "_server")
+    __slots__ = ("_inner", "_server", "_transport", "_watching", "opening")
 
-    def __init__(self, inner: asyncio.Protocol, server: _CappedServer) -> None:
+    def __init__(
+        self, inner: asyncio.Protocol, server: _CappedServer, opening: _OpeningGuard | None
+    ) -> None:
         self._inner = inner
         self._server = server
+        self._transport: asyncio.BaseTransport | None = None
+        self.opening = opening  # kept for the link, which reports why it failed
+        self._watching = opening
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
         self._inner.connection_made(transport)
         self._server.opened(self, transport)
 
@@ -640,6 +766,21 @@ class _CountedProtocol(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        guard = self._watching
+        if guard is not None:
+            if guard.error is not None:
+                return  # failed (the abort is on its way): nothing more reaches aiohttp
+            accepted = guard.feed(data)
+            if guard.error is not None:
+                if accepted:  # the messages before the refused frame
+                    self._inner.data_received(data[:accepted])
+                assert self._transport is not None
+                self._server.refused_opening(self._transport)
+                return
+            if guard.done:
+                self._watching = None
+            else:  # what aiohttp holds of first messages not yet whole
+                self._server.note_opening_bytes(guard.forwarded)
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -670,9 +811,16 @@ class _CappedServer(web.Server):
         max_connections: int | None,
         max_per_address: int | None,
         known: Container[str] | None = None,
+        opening_guard: Callable[[], _OpeningGuard | None] = lambda: None,
+        on_refused_opening: Callable[[asyncio.BaseTransport], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._opening_guard = opening_guard
+        self._on_refused_opening = on_refused_opening
+        self.refused_openings = 0  # connections failed by their opening guard
+        self.max_opening_bytes = 0  # the most WebSocket bytes a guard passed on, watching
+        self._by_transport: dict[asyncio.BaseTransport, _CountedProtocol] = {}
         self._max_connections = max_connections
         self._max_per_address = max_per_address
         self._known = known
@@ -691,10 +839,29 @@ class _CappedServer(web.Server):
         self._address_of: dict[_CountedProtocol, tuple[str, str | None]] = {}
 
     def __call__(self) -> Any:  # a protocol per accepted connection, as asyncio asks
-        return _CountedProtocol(super().__call__(), self)
+        return _CountedProtocol(super().__call__(), self, self._opening_guard())
+
+    def opening_guard(self, transport: asyncio.BaseTransport | None) -> _OpeningGuard | None:
+        """The opening guard of the connection on ``transport`` (None: it has none)."""
+        handler = self._by_transport.get(transport) if transport is not None else None
+        return None if handler is None else handler.opening
+
+    def refused_opening(self, transport: asyncio.BaseTransport) -> None:
+        """A guard failed the connection on ``transport``: its link (if it has one yet)
+        is told, else the connection is aborted."""
+        self.refused_openings += 1
+        if self._on_refused_opening is not None:
+            self._on_refused_opening(transport)
+        else:
+            cast(asyncio.Transport, transport).abort()
+
+    def note_opening_bytes(self, forwarded: int) -> None:
+        if forwarded > self.max_opening_bytes:
+            self.max_opening_bytes = forwarded
 
     def opened(self, handler: _CountedProtocol, transport: asyncio.BaseTransport) -> None:
         self.open_connections += 1
+        self._by_transport[transport] = handler
         peer = transport.get_extra_info("peername")
         key = address_key(str(peer[0]) if isinstance(peer, tuple) and peer else None)
         holder = self._holder(key)
@@ -715,6 +882,8 @@ class _CappedServer(web.Server):
 
     def closed(self, handler: _CountedProtocol) -> None:
         self.open_connections -= 1
+        if handler._transport is not None:
+            self._by_transport.pop(handler._transport, None)
         entry = self._address_of.pop(handler, None)
         if entry is not None:
             key, holder = entry
@@ -761,11 +930,15 @@ class WsServer:
         self._handshake_messages = handshake_messages
         self._max_handshake_message = max_handshake_message
         self._links: set[WebSocketLink] = set()
+        self._link_on: dict[asyncio.BaseTransport, WebSocketLink] = {}
+        self._failing: set[asyncio.Task[None]] = set()  # links closed by an opening guard
         self._server = _CappedServer(
             self._handle,
             max_connections=max_connections,
             max_per_address=max_connections_per_address,
             known=known,
+            opening_guard=self._new_opening_guard,
+            on_refused_opening=self._refuse_opening,
             handler_cancellation=True,  # a dropped connection cancels its on_link
             keepalive_timeout=idle_timeout,  # also bounds a connection that never sends
             access_log=None,
@@ -792,6 +965,39 @@ class WsServer:
         """TCP connections refused so far because ``max_connections`` were open."""
         return self._server.refused_connections
 
+    @property
+    def refused_openings(self) -> int:
+        """Connections failed at a first message's frame header, before aiohttp's reader
+        buffered it (the stock reader's path only: the fast path's reader refuses those
+        itself, with close code 1009)."""
+        return self._server.refused_openings
+
+    @property
+    def max_opening_bytes(self) -> int:
+        """On the stock reader's path, the most WebSocket bytes one connection had passed
+        on to aiohttp while its first messages were not yet whole (at most those
+        handshake-sized messages' frames and the control frames between them)."""
+        return self._server.max_opening_bytes
+
+    def _refuse_opening(self, transport: asyncio.BaseTransport) -> None:
+        """An opening guard failed the connection on ``transport``: it reads no more,
+        and its link (once upgraded) closes with the guard's code, its ``recv`` raising
+        why (``FrameTooLarge`` for a first message over the cap), as on the fast path;
+        before the upgrade there is no link to tell: the connection is aborted."""
+        link = self._link_on.get(transport)
+        if link is None:
+            cast(asyncio.Transport, transport).abort()
+            return
+        cast(asyncio.Transport, transport).pause_reading()
+        task = asyncio.get_running_loop().create_task(link.fail_opening())
+        self._failing.add(task)
+        task.add_done_callback(self._failing.discard)
+
+    def _new_opening_guard(self) -> _OpeningGuard | None:
+        if not self._handshake_messages or fast_path().reader:
+            return None  # the fast path's reader caps the first messages itself
+        return _OpeningGuard(self._handshake_messages, self._max_handshake_message, self._max_frame)
+
     async def start(self, host: str, port: int) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=1024)
@@ -801,12 +1007,12 @@ class WsServer:
 
     async def close(self) -> None:
         # Concurrently: each close may wait up to close_timeout for the peer's answer.
-        await asyncio.gather(*(link.close() for link in list(self._links)))
+        await asyncio.gather(*(link.close() for link in list(self._links)), *self._failing)
         await self._runner.cleanup()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path != self._path:
-            return web.Response(status=404)
+            return _closing(web.Response(status=404))
         options: dict[str, Any] = {
             "max_msg_size": self._max_frame + 1,  # aiohttp rejects a frame of exactly its cap
             "heartbeat": self._heartbeat,
@@ -826,7 +1032,7 @@ class WsServer:
         else:  # aiohttp's reader; the link checks the opening messages' cap
             ws = web.WebSocketResponse(**options)
         if not ws.can_prepare(request).ok:
-            return web.Response(status=426, text="WebSocket upgrade required")
+            return _closing(web.Response(status=426, text="WebSocket upgrade required"))
         try:
             await ws.prepare(request)
         except ConnectionError as exc:  # the client went away before our 101 reached it
@@ -838,8 +1044,11 @@ class WsServer:
             remote_address=request.remote,
             opening_messages=0 if fast else self._handshake_messages,
             max_opening_message=self._max_handshake_message,
+            opening_guard=None if fast else self._server.opening_guard(request.transport),
         )
         self._links.add(link)
+        if request.transport is not None:
+            self._link_on[request.transport] = link
         try:
             await self._on_link(link)
         except (ProtocolError, LinkClosed) as exc:
@@ -848,8 +1057,18 @@ class WsServer:
             log.exception("link handler for %s failed", link.peer)
         finally:
             self._links.discard(link)
+            if request.transport is not None:
+                self._link_on.pop(request.transport, None)
             await link.close()
         return ws
+
+
+def _closing(response: web.Response) -> web.Response:
+    """``response``, after which the connection closes: a connection carries at most one
+    request that is not a WebSocket upgrade (the opening guard reads what follows the
+    first request's head as WebSocket frames)."""
+    response.force_close()
+    return response
 
 
 def _source(request: web.BaseRequest) -> str:

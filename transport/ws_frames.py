@@ -186,6 +186,9 @@ class FrameParser:
         self.max_opening_message = min(max_opening_message, max_message)
         self.data_messages = 0  # data messages completed so far
         self.error: FramingError | None = None
+        # Where in the failing ``feed``'s data the refused frame begins (its header, if
+        # refused there); the bytes before it parsed as valid frames.
+        self.error_at = 0
         self._head = bytearray()
         self._head_size = 2
         # The frame whose payload is being read.
@@ -228,6 +231,7 @@ class FrameParser:
                         self._end_frame(messages)
         except _FramingFailureError as failed:
             self.error = failed.error
+            self.error_at = max(0, pos - len(self._head))
             self._payload = self._message = None  # nothing more will be read into them
         return messages
 

@@ -253,6 +253,83 @@ async def test_the_first_two_messages_are_handshake_sized(size: int, index: int)
             await link.close()
 
 
+async def _raw_upgrade(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection that has done the WebSocket upgrade by hand (no client library)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(bytes(16)).decode()
+    writer.write(
+        "GET /fedloom HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    await writer.drain()
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+def _binary_head(size: int) -> bytes:
+    """A masked binary frame's header announcing ``size`` bytes (zero masking key)."""
+    return bytes([0x82, 0x80 | 127]) + size.to_bytes(8, "big") + bytes(4)
+
+
+async def test_a_flood_of_record_sized_first_frames_is_refused_at_their_headers(
+    path: str,
+) -> None:
+    # The attack: unauthenticated connections each announce a record-sized first message
+    # and send part of it. Each is refused at the frame header (close code 1009, the
+    # server's link raises FrameTooLarge) on both paths; on the stock reader's path the
+    # opening guard refuses it before aiohttp has buffered a byte of its payload.
+    count, sent = 32, 256 * 1024
+    async with asyncio.timeout(TIMEOUT_S), echo_server(handshake_messages=2) as (server, errors):
+        conns = [await _raw_upgrade(server.port) for _ in range(count)]
+        for _, writer in conns:
+            writer.write(_binary_head(ws.MAX_FRAME) + bytes(sent))
+        closes = []
+        for reader, writer in conns:
+            closes.append(await reader.read(4))  # the server's close frame
+            writer.close()
+        assert closes == [b"\x88\x02\x03\xf1"] * count  # close, code 1009
+        await wait_for(lambda: len(errors) == count)
+        assert all(isinstance(e, FrameTooLarge) for e in errors)
+        await wait_for(lambda: server.open_connections == 0)
+        if path == "stock":
+            assert server.refused_openings == count
+            assert server.max_opening_bytes == 0  # no payload byte reached aiohttp
+        else:
+            assert server.refused_openings == 0  # the fast reader refused them itself
+
+
+async def test_the_stock_path_passes_on_at_most_the_handshake_before_it_is_whole(
+    path: str,
+) -> None:
+    # Handshake-sized first messages, sent a few bytes at a time with a ping between, then
+    # a record: what aiohttp's reader could hold before the handshake was whole is the two
+    # messages' frames and the ping; the record after them is the link's business.
+    async with asyncio.timeout(TIMEOUT_S), echo_server(handshake_messages=2) as (server, errors):
+        reader, writer = await _raw_upgrade(server.port)
+        frames = [_binary_head(MAX_HANDSHAKE_MESSAGE) + bytes(MAX_HANDSHAKE_MESSAGE)]
+        frames.append(bytes([0x89, 0x80]) + bytes(4))  # an empty masked ping
+        frames.append(_binary_head(10) + bytes(10))
+        opening = b"".join(frames)
+        for at in range(0, len(opening), 1000):
+            writer.write(opening[at : at + 1000])
+            await writer.drain()
+            await asyncio.sleep(0)
+        writer.write(_binary_head(ws.MAX_FRAME) + bytes(ws.MAX_FRAME))  # after: a record
+        await writer.drain()
+        echoed = 0
+        while echoed < MAX_HANDSHAKE_MESSAGE + 10 + ws.MAX_FRAME:  # all three come back
+            chunk = await reader.read(1 << 20)
+            assert chunk
+            echoed += len(chunk)
+        writer.close()
+        await wait_for(lambda: server.open_connections == 0)
+        assert errors == []
+        if path == "stock":
+            assert server.refused_openings == 0
+            # Passed on while the two messages were not yet whole: all but the last piece.
+            assert len(opening) - 1000 <= server.max_opening_bytes < len(opening)
+
+
 async def test_a_failing_handler_does_not_stop_the_server() -> None:
     calls = 0
 
