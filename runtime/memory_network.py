@@ -1,12 +1,17 @@
 """In-process peer sets: ``MemoryNetwork`` links the ``MemoryPeers`` of drivers that
 share one event loop (tests, the conformance suite), through the real wire codec, with
-partitions, heals and kills. The events they post follow ``runtime.peer_table``.
+partitions, heals and kills. The events they post follow ``runtime.peer_table``. A pair
+whose connection ends on its own (bad bytes, a send-queue overflow, silence) is joined
+again after a jittered exponential back-off, as ``NetworkPeers`` redials.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import random
+import time
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 from fedloom.runtime.connection import (
     DEFAULT_MAX_QUEUE,
@@ -16,6 +21,7 @@ from fedloom.runtime.connection import (
     WirePipe,
     check_timeouts,
 )
+from fedloom.runtime.network_peers import Backoff
 from fedloom.runtime.peer_table import ConnectionTable, EventSink, wait_forever
 from fedloom.transport.codec_policy import CodecPolicy
 from fedloom.transport.limits import Limits
@@ -31,7 +37,11 @@ class MemoryNetwork:
     through the real wire codec (``codecs``), so what a node sends is what a remote
     node would decode. ``partition``/``heal`` cut and restore pairs; ``isolate`` cuts
     a node from everyone (a kill). Cutting is synchronous: messages of the cut
-    connections that were not yet handled are dropped.
+    connections that were not yet handled are dropped. A connection that ends otherwise
+    (its peer set stopped, or bad input, an overflowing send queue or silence ended it)
+    is redialled after ``backoff`` (its n-th wait since the pair last held a connection
+    for ``backoff.cap_s``), unless the pair is cut, a node isolated or a peer set stopped
+    by then; ``redials`` counts the joins made so.
     """
 
     def __init__(
@@ -42,8 +52,16 @@ class MemoryNetwork:
         keepalive_s: float | None = None,
         down_after_s: float | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        backoff: Backoff | None = None,
+        seed: int = 0,
     ) -> None:
         check_timeouts(keepalive_s, down_after_s, max_queue)
+        # Short by default: in-process links come back at once if nothing else is wrong.
+        self.backoff = backoff if backoff is not None else Backoff(base_s=0.05, cap_s=1.0)
+        self._rng = random.Random(seed)
+        self._attempts: dict[frozenset[str], int] = {}  # failed sessions in a row, per pair
+        self._redialling: set[frozenset[str]] = set()
+        self.redials = 0
         self.codecs = codecs if codecs is not None else CodecPolicy()
         self.limits = limits
         self.keepalive_s = keepalive_s
@@ -122,6 +140,30 @@ class MemoryNetwork:
         pa.spawn(self._connection(a, b, la))
         pb.spawn(self._connection(b, a, lb))
 
+    def _ended(self, local: str, peer: str, lasted_s: float) -> None:
+        """``local``'s connection to ``peer`` has ended: redial the pair after a back-off
+        (one redial per pair at a time; ``_maybe_connect`` then decides)."""
+        pair = frozenset((local, peer))
+        if lasted_s >= self.backoff.cap_s:
+            self._attempts.pop(pair, None)  # a session that held: start the back-off over
+        if pair in self._redialling or not self._members[local].running:
+            return
+        attempt = self._attempts.get(pair, 0)
+        self._attempts[pair] = attempt + 1
+        self._redialling.add(pair)
+        delay = self.backoff.delay(attempt, self._rng)
+        self._members[local].spawn_task(self._redial(local, peer, delay), f"redial {peer}")
+
+    async def _redial(self, local: str, peer: str, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._redialling.discard(frozenset((local, peer)))
+        before = self._members[local].table.get(peer)
+        self._maybe_connect(local, peer)
+        if before is None and self._members[local].table.get(peer) is not None:
+            self.redials += 1
+
     def _connection(self, local: str, peer: str, link: Link) -> Connection:
         pipe: MessagePipe = WirePipe(link, codecs=self.codecs, limits=self.limits)
         return Connection(
@@ -173,6 +215,14 @@ class MemoryPeers:
             self.table.drop_all("peer set stopped")
 
     def spawn(self, conn: Connection) -> None:
-        assert self._tg is not None
         self.table.open(conn)
-        self._tg.create_task(self.table.serve(conn), name=f"{self.node_id}->{conn.peer}")
+        self.spawn_task(self._serve(conn), f"{self.node_id}->{conn.peer}")
+
+    def spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        assert self._tg is not None
+        self._tg.create_task(coro, name=name)
+
+    async def _serve(self, conn: Connection) -> None:
+        opened = time.monotonic()
+        await self.table.serve(conn)
+        self.network._ended(self.node_id, conn.peer, time.monotonic() - opened)

@@ -122,10 +122,6 @@ class AsyncFederation:
     name = "async"
     exact_timing = False
     signs = False
-    # MemoryNetwork joins a pair only at start, on link() and when a cut heals: a
-    # connection that ended on its own (bad bytes, a send-queue overflow, silence) stays
-    # down, where a daemon would redial.
-    reconnects = False
 
     def __init__(self, *, speed: float = 20.0, train_time_s: float = 1.0) -> None:
         self.speed = speed

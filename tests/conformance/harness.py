@@ -132,7 +132,6 @@ class Federation(Protocol):
     name: str
     exact_timing: bool  # messages in flight when a link is cut are reliably lost
     signs: bool  # end-to-end signatures are made and checked (daemons: always)
-    reconnects: bool  # a link that ended on bad input comes back (daemons redial)
 
     def start(
         self,
@@ -301,7 +300,6 @@ class SimFederation:
     name = "sim"
     exact_timing = True
     signs = True
-    reconnects = True  # bad input is dropped on arrival; the link stays up
 
     def __init__(
         self,

@@ -56,7 +56,6 @@ class NetFederation(AsyncFederation):
     name = "net"
     exact_timing = False
     signs = True
-    reconnects = True
 
     def __init__(self, *, speed: float = 20.0, train_time_s: float = 1.0) -> None:
         super().__init__(speed=speed, train_time_s=train_time_s)
