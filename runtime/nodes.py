@@ -235,19 +235,27 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
     bounds = None
     if neighbours.children:
         bounds = children_claim_bounds(cfg, roster, neighbours.children)
-    return factory.build_node(
-        cfg.role,
-        cfg.node_id,
-        cfg.algorithm,
-        cfg.aggregation,
-        cfg.training,
-        neighbours,
-        seed=cfg.seed,
-        weights=weights,
-        n_examples=n_examples_of(plan),
-        bounds=bounds,
-        options=node_options(cfg),
-    )
+    try:
+        return factory.build_node(
+            cfg.role,
+            cfg.node_id,
+            cfg.algorithm,
+            cfg.aggregation,
+            cfg.training,
+            neighbours,
+            seed=cfg.seed,
+            weights=weights,
+            n_examples=n_examples_of(plan),
+            bounds=bounds,
+            options=node_options(cfg),
+        )
+    except ValueError as exc:
+        # The factory refuses parameters that do not fit the roster (synchronous rounds
+        # over region children, ...): a configuration mistake (exit 2, which systemd does
+        # not restart), not a crash; one line naming the file.
+        where = f"{cfg.source}: " if cfg.source is not None else ""
+        text = " ".join(str(exc).split())
+        raise ConfigError(f"{where}{text}") from None
 
 
 def model_of(node: Node) -> tuple[int, Any] | None:

@@ -230,6 +230,21 @@ def test_missing_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "config file not found" in one_line(capsys)
 
 
+def test_a_plan_the_factory_refuses_is_a_config_error_naming_the_file(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Synchronous rounds over region children: the factory's ValueError, which reached
+    # the daemon as a traceback (exit 1, so systemd restarted it for ever), is a
+    # configuration error (exit 2, one line naming the file).
+    cfg = fed.config(ROOT_ID)
+    cfg["aggregation"]["algorithm"] = "fedavg"
+    path = tmp_path / "root.toml"
+    path.write_text(tomli_w.dumps(cfg))
+    assert main(["run", "--config", str(path)]) == 2
+    err = one_line(capsys)
+    assert str(path) in err and "synchronous rounds need site children" in err
+
+
 def test_a_key_the_roster_does_not_list_is_refused_at_start(
     fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
