@@ -4,7 +4,8 @@ A ``Connection`` owns a ``MessagePipe`` (whole wire messages in and out) and run
 jobs for it in one ``TaskGroup``:
 
 * the reader: decodes what arrives and hands it to ``deliver``; bad bytes from the peer
-  (any ``ProtocolError``) end the connection with the reason logged;
+  (any ``ProtocolError``) end the connection with the reason logged and passed to
+  ``on_rejected`` (the daemon's ``fedloom_input_rejected_total{reason}``);
 * the writer: drains a per-connection send queue in order; when it has had nothing to
   send for ``keepalive_s`` it sends a keep-alive (a ``Heartbeat`` with ``step = -1``,
   swallowed by the receiving connection, never shown to the node);
@@ -330,6 +331,7 @@ class Connection:
         max_queue: int = DEFAULT_MAX_QUEUE,
         max_session_s: float | None = None,
         max_queue_bytes: int | None = None,
+        on_rejected: Callable[[str, str], None] | None = None,
     ) -> None:
         check_timeouts(keepalive_s, down_after_s, max_queue)
         if max_queue_bytes is not None and max_queue_bytes < 1:
@@ -348,6 +350,8 @@ class Connection:
         self.reason: str | None = None  # why it ended (None while open)
         self.messages_in = 0
         self.messages_out = 0
+        # Told (peer, reason) when bad bytes from the peer end the connection (a metric).
+        self.on_rejected = on_rejected
         self._queue: asyncio.Queue[tuple[Outgoing | _Expired, Gate | None, int]] = asyncio.Queue()
         self._stop = asyncio.Event()
 
@@ -441,6 +445,8 @@ class Connection:
                     exc,
                     extra={"peer": self.peer, "reason": reason},
                 )
+                if self.on_rejected is not None:
+                    self.on_rejected(self.peer, reason)
                 raise _Ended(f"bad bytes from the peer ({reason}): {describe(exc)}") from None
             except LinkClosed as exc:
                 raise _Ended(f"link closed: {describe(exc)}") from None

@@ -342,6 +342,13 @@ class MetricsSink:
             registry=reg,
         )
         self._ready_gauge = Gauge(f"{NAMESPACE}_ready", "1 once the node is ready.", registry=reg)
+        self._input_rejected = Counter(
+            f"{NAMESPACE}_input_rejected",
+            "Messages from a connected peer refused as bad bytes (undecodable, over a limit, "
+            "a bad signature...), each ending its connection, by reason.",
+            ("reason",),
+            registry=reg,
+        )
         self._build = Info(
             f"{NAMESPACE}_build", "Node identity and software version.", registry=reg
         )
@@ -451,6 +458,11 @@ class MetricsSink:
         if n < 0:
             raise ValueError(f"byte count must be >= 0, got {n}")
         self._bytes.labels(direction).inc(n)
+
+    def input_rejected(self, peer: str, reason: str) -> None:
+        """A connection refused bad bytes from ``peer`` (and closed): counted by reason
+        (the peer is in the WARNING line, not a label: one series per reason)."""
+        self._input_rejected.labels(reason or "protocol").inc()
 
     def observe_link_rtt(self, peer: str, seconds: float) -> None:
         if not (seconds >= 0 and math.isfinite(seconds)):

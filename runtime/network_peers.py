@@ -278,6 +278,8 @@ class NetworkPeers:
         self._address: dict[Connection, str] = {}  # where each inbound connection came from
         # Called with (peer, seconds) for every connection's handshake round trip.
         self.on_link_rtt: Callable[[str, float], None] | None = None
+        # Told (peer, reason) when a connection refuses bad bytes (Connection.on_rejected).
+        self.on_input_rejected: Callable[[str, str], None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._accepted: set[asyncio.Future[None]] = set()  # served inbound connections
         self._closing = False
@@ -340,6 +342,7 @@ class NetworkPeers:
             max_queue=self.max_queue,
             max_session_s=lifetime,
             max_queue_bytes=self._queue_bytes(),
+            on_rejected=self.on_input_rejected,
         )
 
     def _queue_bytes(self) -> int:

@@ -351,6 +351,7 @@ async def serve(
         # ... nor another model under the version held: its digest is checked too.
         peers.e2e.guard = ModelVersionGuard(floor, model_floor_digest(d.node, floor))
     peers.on_link_rtt = sink.observe_link_rtt  # sampled at every connection's handshake
+    peers.on_input_rejected = sink.input_rejected  # bad bytes from a connected peer
     keeper = RosterKeeper(
         d.identity,
         d.roster.consortium_key,
