@@ -742,8 +742,9 @@ class _CountedProtocol(asyncio.Protocol):
     """One connection of a ``_CappedServer``: aiohttp's protocol for it, with every call
     passed on, and the server told when the connection opens and closes. With an
     ``opening`` guard (the stock reader's path), each chunk received is shown to it
-    first, until it is done; a chunk it refuses fails the connection (aborted: aiohttp
-    never sees that chunk, nor anything after it)."""
+    first, until it is done; once it refuses a frame, aiohttp gets only the bytes before
+    that frame and nothing after, and the server fails the connection
+    (``WsServer._refuse_opening``)."""
 
     __slots__ = ("_inner", "_server", "_transport", "_watching", "opening")
 
