@@ -63,6 +63,7 @@ __all__ = [
     "model_floor",
     "model_floor_digest",
     "restarted_guard",
+    "snapshot_guard",
 ]
 
 log = logging.getLogger("fedloom.runtime.signing")  # the name operators filter on
@@ -120,6 +121,27 @@ def restarted_guard(node: Node) -> ModelVersionGuard | None:
     if floor is None:
         return None
     return ModelVersionGuard(floor, model_floor_digest(node, floor))
+
+
+def snapshot_guard(role: str, state: Mapping[str, Any]) -> ModelVersionGuard | None:
+    """``restarted_guard`` read from a restored node's state (``Restorable.snapshot()``)
+    and its roster role, so that whatever a driver runs (the node, or a wrapper that
+    restores it) gets the same guard: a site's newest version and the model it holds
+    there, a region's relayed global model; None for other roles or state without one."""
+    if role == "site":
+        newest = state.get("newest_version")
+        floor = int(newest) if isinstance(newest, int) and newest >= 0 else None
+        model = state.get("model")
+    elif role == "region":
+        model = state.get("global")
+        floor = None if model is None else int(model[0])
+    else:
+        return None
+    if floor is None:
+        return None
+    if model is None or int(model[0]) != floor:
+        return ModelVersionGuard(floor)  # the model itself is not kept: the version is
+    return ModelVersionGuard(floor, tensors_digest(model[1]))
 
 
 class EndToEndCore:

@@ -369,7 +369,10 @@ class SimDriver:
         restored from its recovery log (needs ``state_dir``). While down it hears
         nothing, its links are cut (what is in flight is lost; neighbours get
         ``PeerDown``, then ``PeerUp`` once it is back) and the result of a job it had
-        started never reaches the restarted node. A dead node stays dead."""
+        started never reaches the restarted node. With signing, its checks start afresh
+        from the version guard of its restored state (``SimSigning.restarted`` reads it
+        from ``snapshot()`` by the node's role, so a wrapper that restores the node gets
+        the node's guard). A dead node stays dead."""
         if self.stores is None:
             raise ValueError("restart needs a recovery log: give the driver a state_dir")
         if node_id not in self.nodes:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from fedloom.algorithms.protocol import Metric, Node, Persist, Restorable
-from fedloom.federation.signing import EndToEndCore, restarted_guard
+from fedloom.federation.signing import EndToEndCore, restarted_guard, snapshot_guard
 from fedloom.federation.store import CHECKPOINT_KEY, Recovery, StateStore
 from fedloom.transport.errors import ProtocolError
 from fedloom.transport.identity import Identity
@@ -119,11 +119,18 @@ class SimSigning:
 
     def restarted(self, node: Node) -> None:
         """``node`` came back from its store: its signing state is the daemon's after a
-        restart (nothing kept in memory; the version guard starts at its model)."""
-        old = self.ends[node.node_id]
+        restart (nothing kept in memory; the version guard starts at its model). The guard
+        is read from the restored state (``snapshot()``) by the node id's role, so a
+        wrapper that restores the node (a test's recorder) gets the node's guard too."""
+        node_id = node.node_id
+        old = self.ends[node_id]
         self._retired = (self._retired[0] + old.signed, self._retired[1] + old.verified)
-        end = self.ends[node.node_id] = self._end(node.node_id)
-        guard = restarted_guard(node)
+        end = self.ends[node_id] = self._end(node_id)
+        role = self.identities[node_id].role
+        if isinstance(node, Restorable):
+            guard = snapshot_guard(role, node.snapshot())
+        else:
+            guard = restarted_guard(node)
         if guard is not None:
             end.guard = guard
 

@@ -43,7 +43,6 @@ from fedloom.algorithms.protocol import (
     Weights,
 )
 from fedloom.federation.invariants import InvariantChecker
-from fedloom.federation.signing import restarted_guard
 from fedloom.federation.store import CHECKPOINT_KEY, Recovery, StateStore
 from fedloom.federation.training import Trainer
 from fedloom.sim.availability import Availability
@@ -397,16 +396,11 @@ class SimFederation:
         self.driver.partition(nodes, self.now, self.now + duration_s)
 
     def restart(self, node_id: str, make: Callable[[], Node], down_s: float) -> Any:
+        # The driver restores the recorder (it delegates Restorable) and reads the
+        # version guard from the restored state: nothing to set here.
         self.driver.restart(node_id, lambda: RecordingNode(make(), self._journal), down_s)
         self.run_for(down_s)
-        node = self.node(node_id)
-        signing = self.driver.signing
-        guard = restarted_guard(node)
-        if signing is not None and guard is not None:
-            # The driver saw the recording wrapper: start the node's checks at the
-            # version it holds, as SimSigning.restarted does for a bare node.
-            signing.ends[node_id].guard = guard
-        return node
+        return self.node(node_id)
 
     def inject(self, src: str, dst: str, data: bytes) -> None:
         # Decode everything on arrival (fp32 included), as a receiver must. Sent on the

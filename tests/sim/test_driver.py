@@ -1,11 +1,22 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pytest
 
-from fedloom.algorithms.protocol import Deadline, Effect, Event, Metric, Send, Train, TrainDone
+from fedloom.algorithms.protocol import (
+    NO_RECORDS,
+    Deadline,
+    Effect,
+    Event,
+    Metric,
+    Send,
+    Train,
+    TrainDone,
+)
+from fedloom.federation.signing import restarted_guard
 from fedloom.sim.availability import Availability
 from fedloom.sim.compute import ComputeModel
 from fedloom.sim.driver import SimDriver, neighbours_from_plan, region_nodes, roles_from_plan
@@ -414,3 +425,63 @@ def test_driver_from_a_real_plan() -> None:
     stats = d.run(until=30.0)
     assert stats.updates_applied > 10
     assert set(stats.bytes_by_tier) == {"root->site", "site->root"}
+
+
+# ------------------------------------------- a restarted node's signature version guard
+
+
+class Recorder:
+    """What a test driver may run in place of a node: it passes everything through,
+    the restore protocol included, and is no SiteNode or RegionalAggregator."""
+
+    def __init__(self, node: Any) -> None:
+        self.inner = node
+
+    @property
+    def node_id(self) -> str:
+        return cast(str, self.inner.node_id)
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        return cast(list[Effect], self.inner.handle(event, now))
+
+    def next_deadline(self) -> float | None:
+        return cast(float | None, self.inner.next_deadline())
+
+    def snapshot(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.inner.snapshot())
+
+    def restore(self, checkpoint: Any, records: Any = NO_RECORDS) -> None:
+        self.inner.restore(checkpoint, records)
+
+
+@pytest.mark.parametrize("kind", ["site", "region"])
+def test_a_wrapped_node_restarted_gets_the_guard_of_the_node_it_wraps(
+    kind: str, tmp_path: Path
+) -> None:
+    """SimDriver.restart used to look the version guard up by the node's type, so a
+    wrapper restarted with none: a rollback to an older model would have been taken."""
+    from tests.sim.test_durability import Run, raw_scenario, with_arms
+
+    guards = {}
+    for wrapped in (False, True):
+        run = Run(with_arms(raw_scenario(), on={}), state_dir=tmp_path / str(wrapped), signing=True)
+        roles = roles_from_plan(run.plan)
+        node_id = sorted(n for n in run.driver.nodes if roles[n] == kind)[0]
+
+        def make(run: Run = run, node_id: str = node_id, wrapped: bool = wrapped) -> Any:
+            node = run.make()[node_id]
+            return Recorder(node) if wrapped else node
+
+        run.driver.restart_at(500.0, node_id, make, 40.0)
+        run.run(until=540.0)  # it has just come back
+        assert run.driver.stats.restarts == 1
+        signing = run.driver.signing
+        assert signing is not None
+        node = run.driver.nodes[node_id]
+        bare = node.inner if wrapped else node
+        expected = restarted_guard(bare)  # the daemon's: read from the node itself
+        assert expected is not None and expected.current is not None
+        guard = signing.ends[node_id].guard
+        assert (guard.current, guard.digest) == (expected.current, expected.digest)
+        guards[wrapped] = (guard.current, guard.digest)
+    assert guards[True] == guards[False]  # the same run, wrapped or not
