@@ -33,10 +33,8 @@ class HostilePeer:
 
     Under push-sum it also sends a rewritten share wherever the peer would send a
     heartbeat: an attacker does not pace itself. (Its inner peer may otherwise withhold
-    every share: on the real-time drivers the shares it sent before its links were up
-    were dropped and count as owed, and the weight attacker's neighbours refuse what it
-    sends, so they take none of its mass and seem to owe it more. Without this the
-    attack could go unsent.)
+    every share: the weight attacker's neighbours refuse what it sends, so they take none
+    of its mass and seem to owe it more. Without this the attack could go unsent.)
     """
 
     def __init__(self, inner: GossipPeer, attack: str, mode: str) -> None:
