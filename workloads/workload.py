@@ -39,7 +39,7 @@ CACHE_BYTES: Final = 1 << 30
 
 @dataclass(frozen=True, slots=True)
 class SyntheticSpec:
-    """FedProx Synthetic(α, β) (see ``sim.datasets.SyntheticFederated``)."""
+    """FedProx Synthetic(α, β) (see ``fedloom.workloads.datasets.SyntheticFederated``)."""
 
     alpha: float = 1.0
     beta: float = 1.0
