@@ -5,7 +5,7 @@ TrainResult`` (the same shape the simulator uses), run in an executor. Here:
 
 * ``PlanTrainer(plan)``: a ``Trainer`` over one ``TrainingPlan`` (picklable when the plan
   is, so it also runs in a process pool);
-* ``SitePlan(workload, i)``: site ``i``'s plan of a ``fedloom.workloads.workload.Workload``, built on
+* ``SitePlan(workload, i)``: site ``i``'s plan of a ``workloads.workload.Workload``, built on
   first use in whichever process trains (it pickles to the workload's specs only);
 * ``NumPyClientPlan(client)``: any object shaped like Flower's ``NumPyClient``
   (``get_parameters(config)``, ``fit(parameters, config)``, ``evaluate(parameters,
