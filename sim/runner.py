@@ -28,6 +28,7 @@ from fedloom.federation.factory import (
     claim_bounds,
     node_params,
     plan_neighbours,
+    plan_peer_count,
 )
 from fedloom.federation.seeds import entity_rng
 from fedloom.federation.training import WorkloadTrainer
@@ -142,8 +143,9 @@ def build_nodes(
     most_examples = max(n_examples.values(), default=0)
     options = NodeOptions(durable=durable)
     nodes: dict[str, Node] = {}
+    n_peers = plan_peer_count(plan)  # once: counting per node is quadratic in the plan
     for spec in plan.nodes:
-        neighbours = plan_neighbours(plan, spec.id)
+        neighbours = plan_neighbours(plan, spec.id, n_peers=n_peers)
         p = node_params(arm.params, spec.role, neighbours.children)
         children = neighbours.children
         # What each child could honestly claim: from the plan and the sites' data.
