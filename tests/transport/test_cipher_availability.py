@@ -18,7 +18,12 @@ import pytest
 
 from fedloom.transport import records
 from fedloom.transport.channel import ChannelOptions
-from fedloom.transport.handshake import ClientHandshake, ServerHandshake, suites_for
+from fedloom.transport.handshake import (
+    ClientHandshake,
+    HandshakeError,
+    ServerHandshake,
+    suites_for,
+)
 from fedloom.transport.identity import Identity
 from fedloom.transport.records import (
     CIPHER_AEGIS256,
@@ -177,6 +182,55 @@ def test_without_aegis_both_ends_negotiate_secretstream_and_exchange_records() -
     assert client_keys.cipher == server_keys.cipher == CIPHER_SECRETSTREAM
     assert exchange(client_keys, server_keys, MESSAGE) == MESSAGE
     assert exchange(server_keys, client_keys, MESSAGE[:1000]) == MESSAGE[:1000]
+
+
+AEGIS_SUITE = "x25519-ed25519-blake2b-" + CIPHER_AEGIS256
+SECRETSTREAM_SUITE = "x25519-ed25519-blake2b-" + CIPHER_SECRETSTREAM
+
+
+def rewritten(message: bytes, **fields: Any) -> bytes:
+    """A handshake message with ``fields`` replaced: what a hostile peer sends."""
+    return msgpack.packb({**msgpack.unpackb(message, raw=False), **fields}, use_bin_type=True)
+
+
+@pytest.mark.usefixtures("no_aegis")
+@pytest.mark.parametrize(
+    "suites",
+    [[AEGIS_SUITE], ["x25519-ed25519-blake2b-rot13"], ["bogus"], [AEGIS_SUITE.upper()], []],
+    ids=["aegis-only", "unknown-cipher", "unknown-suite", "aegis-uppercase", "none"],
+)
+def test_without_aegis_a_client_offering_only_aegis_or_unknown_suites_is_refused(
+    suites: list[str],
+) -> None:
+    c1 = rewritten(ClientHandshake(SITE, ROSTER).start(), suites=suites)
+    server = ServerHandshake(ROOT, ROSTER, ciphers=[CIPHER_AEGIS256, CIPHER_SECRETSTREAM])
+    with pytest.raises(HandshakeError, match="accepts " + SECRETSTREAM_SUITE + r"\)"):
+        server.receive(c1)
+    with pytest.raises(HandshakeError):  # and it stays failed
+        server.receive(ClientHandshake(SITE, ROSTER).start())
+
+
+@pytest.mark.usefixtures("no_aegis")
+def test_without_aegis_a_client_preferring_unknown_suites_gets_secretstream() -> None:
+    c1 = rewritten(
+        ClientHandshake(SITE, ROSTER).start(),
+        suites=["bogus", AEGIS_SUITE, SECRETSTREAM_SUITE],
+    )
+    s1 = ServerHandshake(ROOT, ROSTER).receive(c1)
+    assert s1 is not None
+    assert msgpack.unpackb(s1, raw=False)["suite"] == SECRETSTREAM_SUITE
+
+
+@pytest.mark.usefixtures("no_aegis")
+@pytest.mark.parametrize("suite", [AEGIS_SUITE, "bogus"])
+def test_without_aegis_a_server_choosing_aegis_or_an_unknown_suite_is_refused(suite: str) -> None:
+    client = ClientHandshake(SITE, ROSTER, ciphers=[CIPHER_AEGIS256, CIPHER_SECRETSTREAM])
+    s1 = ServerHandshake(ROOT, ROSTER).receive(client.start())
+    assert s1 is not None
+    with pytest.raises(HandshakeError, match="which was not offered"):
+        client.receive(rewritten(s1, suite=suite))
+    with pytest.raises(HandshakeError):  # the genuine answer no longer completes it
+        client.receive(s1)
 
 
 @pytest.mark.parametrize("without", ["client", "server"])

@@ -276,6 +276,19 @@ def test_only_the_destination_can_decrypt() -> None:
         RelayInbox(B, ROSTER).open(resigned(env, payload={PAYLOAD: stray}))
 
 
+@settings(max_examples=150, deadline=None)
+@given(payload=st.binary(max_size=300), seq=st.integers(1, 2**63 - 1))
+def test_any_payload_under_a_valid_signature_raises_only_protocol_errors(
+    payload: bytes, seq: int
+) -> None:
+    """A rostered peer signs whatever it likes: a payload too short to hold the ephemeral
+    key and tag, or random bytes of any length, is refused by the AEAD on either path."""
+    data = np.frombuffer(payload, np.uint8).copy()
+    env = resigned(wire.Relayed("peer-a", "peer-b", seq, {PAYLOAD: data}, b""))
+    with pytest.raises((MalformedMessage, UndecryptableError)):
+        RelayInbox(B, ROSTER).open(env)
+
+
 def test_the_floor_survives_in_what_the_inbox_reports() -> None:
     sender = RelaySender(A, ROSTER)
     old, new = sender.seal("peer-b", share(step=1)), sender.seal("peer-b", share(step=2))
