@@ -190,7 +190,8 @@ SECRETSTREAM_SUITE = "x25519-ed25519-blake2b-" + CIPHER_SECRETSTREAM
 
 def rewritten(message: bytes, **fields: Any) -> bytes:
     """A handshake message with ``fields`` replaced: what a hostile peer sends."""
-    return msgpack.packb({**msgpack.unpackb(message, raw=False), **fields}, use_bin_type=True)
+    packed: bytes = msgpack.packb({**msgpack.unpackb(message, raw=False), **fields})
+    return packed
 
 
 @pytest.mark.usefixtures("no_aegis")
