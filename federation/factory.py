@@ -139,15 +139,9 @@ def node_rng(seed: int, node_id: str) -> np.random.Generator:
     return np.random.default_rng(derived_seed(seed, "node", node_id))
 
 
-def plan_peer_count(plan: Plan) -> int:
-    """How many gossip peers ``plan`` has (what each peer's weight bounds follow)."""
-    return sum(1 for s in plan.nodes if s.role == "peer")
-
-
-def plan_neighbours(plan: Plan, node_id: str, *, n_peers: int | None = None) -> Neighbours:
+def plan_neighbours(plan: Plan, node_id: str) -> Neighbours:
     """A plan node's neighbours (the simulator's; a deployment writes the same into its
-    configs and roster). ``n_peers``: ``plan_peer_count(plan)``, when the caller builds
-    every node of the plan and has counted once."""
+    configs and roster)."""
     spec = plan.node(node_id)
     parent_role = plan.node(spec.parent).role if spec.parent is not None else None
     return Neighbours(
@@ -156,7 +150,7 @@ def plan_neighbours(plan: Plan, node_id: str, *, n_peers: int | None = None) -> 
         children={c: plan.node(c).role for c in spec.children},
         mixing=dict(spec.mixing),
         self_weight=spec.self_weight,
-        n_peers=plan_peer_count(plan) if n_peers is None else n_peers,
+        n_peers=plan.n_peers,  # counted once, when the plan was built
     )
 
 

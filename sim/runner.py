@@ -28,7 +28,6 @@ from fedloom.federation.factory import (
     claim_bounds,
     node_params,
     plan_neighbours,
-    plan_peer_count,
 )
 from fedloom.federation.seeds import entity_rng
 from fedloom.federation.training import WorkloadTrainer
@@ -143,9 +142,8 @@ def build_nodes(
     most_examples = max(n_examples.values(), default=0)
     options = NodeOptions(durable=durable)
     nodes: dict[str, Node] = {}
-    n_peers = plan_peer_count(plan)  # once: counting per node is quadratic in the plan
     for spec in plan.nodes:
-        neighbours = plan_neighbours(plan, spec.id, n_peers=n_peers)
+        neighbours = plan_neighbours(plan, spec.id)
         p = node_params(arm.params, spec.role, neighbours.children)
         children = neighbours.children
         # What each child could honestly claim: from the plan and the sites' data.

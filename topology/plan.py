@@ -132,6 +132,7 @@ class _Index:
     sites: dict[str, Site]
     host_of: dict[str, Site]
     roots: tuple[str, ...]
+    n_peers: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,11 @@ class Plan:
     def roots(self) -> tuple[str, ...]:
         """Ids of the root nodes (empty for a gossip plan)."""
         return self._index.roots
+
+    @property
+    def n_peers(self) -> int:
+        """How many gossip peers the plan has (counted once, when the plan is built)."""
+        return self._index.n_peers
 
     def children_of(self, node_id: str) -> tuple[str, ...]:
         return self.node(node_id).children
@@ -324,7 +330,8 @@ def _validate(plan: Plan) -> _Index:
         if plan.kind == "star" and len(roots) != 1:
             raise ValueError(f"star plan must have exactly one root, found {roots}")
         _check_acyclic(nodes)
-    return _Index(nodes=nodes, sites=sites, host_of=host_of, roots=tuple(roots))
+    n_peers = sum(1 for n in plan.nodes if n.role == "peer")
+    return _Index(nodes=nodes, sites=sites, host_of=host_of, roots=tuple(roots), n_peers=n_peers)
 
 
 def _check_node(
