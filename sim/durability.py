@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from fedloom.algorithms.protocol import Metric, Node, Persist, Restorable
-from fedloom.federation.signing import EndToEndCore, restarted_guard, snapshot_guard
+from fedloom.federation.signing import EndToEndCore, snapshot_guard
 from fedloom.federation.store import CHECKPOINT_KEY, Recovery, StateStore
 from fedloom.transport.errors import ProtocolError
 from fedloom.transport.identity import Identity
@@ -126,11 +126,9 @@ class SimSigning:
         old = self.ends[node_id]
         self._retired = (self._retired[0] + old.signed, self._retired[1] + old.verified)
         end = self.ends[node_id] = self._end(node_id)
-        role = self.identities[node_id].role
-        if isinstance(node, Restorable):
-            guard = snapshot_guard(role, node.snapshot())
-        else:
-            guard = restarted_guard(node)
+        if not isinstance(node, Restorable):
+            return  # not restored (``SimStores.recover`` refuses it): a fresh guard
+        guard = snapshot_guard(self.identities[node_id].role, node.snapshot())
         if guard is not None:
             end.guard = guard
 
