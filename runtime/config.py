@@ -95,7 +95,7 @@ from fedloom.transport.channel import (
     OFFLOAD_MODES,
 )
 from fedloom.transport.identity import IdentityError, check_node_id, parse_key
-from fedloom.transport.records import CIPHERS
+from fedloom.transport.records import CIPHERS, available_ciphers, unavailable
 from fedloom.workloads.workload import DATASET_NAMES
 
 ROLES = ("site", "region", "root", "peer", "relay")
@@ -598,6 +598,9 @@ def _ciphers(t: Table) -> tuple[str, ...] | None:
             )
     if len(set(names)) != len(names):
         raise ConfigError(f"{t.where('ciphers')}: a cipher is named twice")
+    if not set(names) & set(available_ciphers()):  # else ChannelOptions raised, exit 1
+        why = "; ".join(f"{name}: {unavailable(name)}" for name in names)
+        raise ConfigError(f"{t.where('ciphers')}: none of them can be used here ({why})")
     return tuple(names)
 
 

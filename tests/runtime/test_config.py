@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.config import DaemonConfig, Endpoint, load_config, parse_config
+from fedloom.transport import records
 from fedloom.transport.identity import Identity, key_text
+from fedloom.transport.records import CIPHER_AEGIS256, CIPHER_SECRETSTREAM
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 CONSORTIUM = key_text(Identity.generate("consortium", "consortium").public_key)
@@ -77,6 +79,38 @@ def test_record_ciphers_can_be_pinned() -> None:
     raw = _set(site_raw(), "connection.ciphers", ["xchacha20poly1305-secretstream"])
     assert parse(raw).connection.ciphers == ("xchacha20poly1305-secretstream",)
     assert parse(_set(raw, "connection.offload", "pool")).connection.offload == "pool"
+
+
+class _WithoutAegis:
+    """libsodium as a PyNaCl whose bundled libsodium predates AEGIS-256 binds it."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "crypto_aead_aegis256_encrypt":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_pinning_only_a_cipher_this_libsodium_lacks_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Such a daemon stopped at start with a ValueError traceback and exit 1 (which systemd
+    # restarts for ever); a config mistake is a ConfigError: exit 2, one line.
+    monkeypatch.setattr(records, "lib", _WithoutAegis(records.lib))
+    records.aegis_available.cache_clear()
+    try:
+        assert not records.aegis_available()
+        with pytest.raises(ConfigError) as info:
+            parse(_set(site_raw(), "connection.ciphers", [CIPHER_AEGIS256]))
+        assert str(info.value).startswith("connection.ciphers: none of them can be used here")
+        assert "crypto_aead_aegis256_encrypt" in str(info.value)
+        # One usable cipher in the list is enough: the handshake offers that one.
+        both = [CIPHER_AEGIS256, CIPHER_SECRETSTREAM]
+        assert parse(_set(site_raw(), "connection.ciphers", both)).connection.ciphers == tuple(both)
+    finally:
+        records.aegis_available.cache_clear()
 
 
 def test_admission_before_authentication_is_configurable() -> None:
