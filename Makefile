@@ -42,8 +42,8 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory wheel-check
 
 # Build the wheel, install it without extras into a new clean virtual environment
-# (build/wheel-venv, made afresh each time) and run a root and two sites there over the
-# real encrypted transport with a numpy model (about a minute; pip may download the
+# (build/wheel-check/venv, made afresh each time) and run a root and two sites there over the
+# real encrypted transport with a numpy model (about 20 s with a warm pip cache; pip may download the
 # base dependencies, through its cache).
 wheel-check: $(STAMP)
 	$(BIN)/python tests/packaging/wheel_smoke.py --python $(PY) --work build/wheel-check
