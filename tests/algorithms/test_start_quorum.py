@@ -132,6 +132,50 @@ def test_only_rostered_children_count() -> None:
     assert tasked(stranger + repeated) == []
 
 
+def test_a_hello_in_another_childs_name_counts_nobody() -> None:
+    """Rostered "a" says Hello as "b" (and as a stranger): refused as a src mismatch, so
+    neither counts; "a" counts once it says Hello as itself."""
+    node = root(SITES, quorum=2)
+    node.handle(PeerUp("a"), 0.0)
+    spoofed = node.handle(Received("a", Hello("b", "site")), 0.0)
+    spoofed += node.handle(Received("a", Hello("x", "site")), 0.0)
+    assert node.waiting_for_quorum and node.children_up() == 0
+    assert tasked(spoofed) == [] and outcome(spoofed) == []
+    reasons = [(s.fields or {}).get("reason") for s in spoofed if isinstance(s, Log)]
+    assert reasons == ["src_mismatch", "src_mismatch"]
+    node.handle(Received("a", Hello("a", "site")), 0.1)
+    effects = up(node, "b", "site", 0.2)
+    assert outcome(effects) == ["met"] and sorted(tasked(effects)) == ["a", "b"]
+
+
+def test_links_that_never_say_hello_hold_the_start_for_the_wait_only() -> None:
+    """Every child's link is up but none says Hello (an authenticated peer that stays
+    silent): nobody counts, and the wait's end starts the federation anyway."""
+    node = root(SITES, quorum="all")
+    for child in SITES:
+        assert tasked(node.handle(PeerUp(child), 0.0)) == []
+    assert node.waiting_for_quorum and node.children_up() == 0
+    effects: list[Effect] = []
+    now = 0.0
+    while node.waiting_for_quorum and now <= WAIT + 1.0:
+        now = max(now, node.next_deadline() or now + 0.5)
+        effects += node.handle(Deadline(), now)
+    assert not node.waiting_for_quorum and outcome(effects) == ["expired"]
+    assert now <= WAIT + 1.0
+
+
+def test_a_childs_claimed_role_does_not_change_what_it_counts_as() -> None:
+    """Rostered regions count by their roster entry: one that says Hello as a "site"
+    still counts once, and a stranger saying "region" never does."""
+    node = root(REGIONS, quorum="all")
+    node.handle(PeerUp("x"), 0.0)
+    node.handle(Received("x", Hello("x", "region")), 0.0)
+    up(node, "north", "site", 0.1)
+    assert node.waiting_for_quorum and node.children_up() == 1
+    effects = up(node, "south", "region", 0.2)
+    assert outcome(effects) == ["met"] and sorted(broadcasts(effects)) == ["north", "south"]
+
+
 def test_off_by_default_and_for_a_quorum_of_zero() -> None:
     for params in (AlgorithmConfig(), quorum_params(0)):
         node = build_node(
