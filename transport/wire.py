@@ -180,6 +180,111 @@ class RosterUpdate:
     text: str = ""
 
 
+# ====================================================== secure aggregation (cohorts)
+#
+# The messages of cohort-sealed secure aggregation (``algorithms.secagg``): a site that
+# finished training asks to join a cohort, the aggregator seals a cohort of members, each
+# member uploads its masked vector with one boxed share bundle per member, the members
+# sign the aggregator's view of who uploaded, and reveal shares for a view carrying at
+# least ``threshold`` signatures. Sizes are capped on the wire (``MAX_COHORT`` members,
+# ``MAX_BUNDLE_BYTES`` per bundle, shares of exactly ``SHARE_BYTES``, cohort ids of
+# exactly ``COHORT_ID_BYTES``); a masked vector is at most the receiving link's
+# ``Limits.max_decoded_bytes`` (the model's fp32 size plus slack), and its exact length,
+# (d + 1) * 4, is checked by the coordinator that knows the model.
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggJoin:
+    """``src`` finished training update ``seq`` on model ``base_version`` and asks to join
+    a cohort (a secure site sends this where it would send an ``Update``)."""
+
+    src: str
+    seq: int
+    base_version: int
+    task: int = -1
+    n_examples: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggSeal:
+    """The aggregator sealed cohort ``cohort`` of ``members``: upload within ``deadline_s``
+    seconds, encoded with ``clip``/``precision_bits``/``weight_cap`` (and per-member
+    discrete Gaussian noise of ``noise_sigma``); reveals need ``threshold`` members."""
+
+    cohort: bytes
+    members: tuple[str, ...]
+    threshold: int
+    clip: float
+    precision_bits: int
+    weight_cap: int
+    deadline_s: float
+    noise_sigma: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedUpdate:
+    """Member ``src``'s masked update ``seq`` for ``cohort``: ``data`` is (d + 1) little-
+    endian uint32 field elements; ``bundles`` one boxed share bundle per other member
+    (recipient, box). ``sig`` is ``src``'s end-to-end signature where daemons sign."""
+
+    src: str
+    seq: int
+    cohort: bytes
+    base_version: int
+    n_examples: int
+    data: bytes
+    bundles: tuple[tuple[str, bytes], ...]
+    sig: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggView:
+    """The aggregator's view of cohort ``cohort``: who uploaded and who did not."""
+
+    cohort: bytes
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggViewSig:
+    """A member's signature of the view it was sent (at most one view per cohort)."""
+
+    cohort: bytes
+    sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggUnmask:
+    """Reveal for view (``survivors``, ``dropped``), proven by members' ``sigs`` (member,
+    signature); ``bundles`` are the share bundles addressed to the receiver (owner, box)."""
+
+    cohort: bytes
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    sigs: tuple[tuple[str, bytes], ...]
+    bundles: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggShares:
+    """A member's reveal: its shares of b_j for survivors j (``self_shares``: j, share)
+    and of s_ij for survivor i and dropped j (``pair_shares``: i, j, share)."""
+
+    cohort: bytes
+    self_shares: tuple[tuple[str, bytes], ...]
+    pair_shares: tuple[tuple[str, str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggAbort:
+    """Cohort ``cohort`` ends without a sum (``reason``); members that had not uploaded
+    join again, members that had uploaded drop that update."""
+
+    cohort: bytes
+    reason: str
+
+
 Message: TypeAlias = (
     Hello
     | ModelBroadcast
@@ -192,6 +297,14 @@ Message: TypeAlias = (
     | RosterUpdate
     | Incorporated
     | Overlap
+    | SecAggJoin
+    | SecAggSeal
+    | MaskedUpdate
+    | SecAggView
+    | SecAggViewSig
+    | SecAggUnmask
+    | SecAggShares
+    | SecAggAbort
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -206,6 +319,25 @@ MESSAGE_TYPES: tuple[type, ...] = (
     RosterUpdate,
     Incorporated,
     Overlap,
+    SecAggJoin,
+    SecAggSeal,
+    MaskedUpdate,
+    SecAggView,
+    SecAggViewSig,
+    SecAggUnmask,
+    SecAggShares,
+    SecAggAbort,
+)
+
+SECAGG_MESSAGE_TYPES: tuple[type, ...] = (
+    SecAggJoin,
+    SecAggSeal,
+    MaskedUpdate,
+    SecAggView,
+    SecAggViewSig,
+    SecAggUnmask,
+    SecAggShares,
+    SecAggAbort,
 )
 
 
@@ -224,6 +356,25 @@ MAX_PAIRS = 1 << 16
 
 _STR, _INT, _FLOAT, _TENSORS, _MAP, _BIN = "str", "int", "float", "tensors", "map", "bin"
 _PAIRS = "pairs"  # an array of distinct [str, int >= 1] pairs
+# Secure aggregation (the caps are documented with the messages above).
+COHORT_ID_BYTES = 16
+SHARE_BYTES = 66  # a Shamir share's y over GF(2**521 - 1), big-endian
+MAX_COHORT = 1024  # members of one cohort
+_ID_BYTES = 130  # a node id (at most 128 ASCII characters) as one msgpack str
+# A plaintext bundle holds a share of b_i and one of s_ij per other member (keyed by the
+# member's id), plus the cohort id, ids and an index; boxing adds 40 bytes.
+MAX_BUNDLE_BYTES = 1024 + (_ID_BYTES + SHARE_BYTES + 4) * MAX_COHORT
+# A reveal names at most |U| * |D| <= N**2 / 4 pairwise shares.
+MAX_PAIR_SHARES = MAX_COHORT * MAX_COHORT // 4
+_COHORT, _NAMES, _DATA = "cohort", "names", "data"
+_BUNDLES, _SIGS, _SHARES, _PAIR_SHARES = "bundles", "sigs", "shares", "pair_shares"
+# (arity, exact bin length or None, max bin length, max entries) of each named-bin kind.
+_NAMED_BINS: dict[str, tuple[int, int | None, int, int]] = {
+    _BUNDLES: (2, None, MAX_BUNDLE_BYTES, MAX_COHORT),
+    _SIGS: (2, None, MAX_BIN_BYTES, MAX_COHORT),
+    _SHARES: (2, SHARE_BYTES, SHARE_BYTES, MAX_COHORT),
+    _PAIR_SHARES: (3, SHARE_BYTES, SHARE_BYTES, MAX_PAIR_SHARES),
+}
 _SCALAR_TYPES = (str, int, float, bool)
 _TENSOR_FIELD_KEYS = frozenset(("m", "p"))
 _PACK_BUF_SIZE = 1 << 16
@@ -294,6 +445,64 @@ _SCHEMAS: dict[type, _Schema] = {
         ("sig", _BIN),
     ),
     RosterUpdate: _schema("roster_update", RosterUpdate, ("version", _INT), ("text", _STR)),
+    SecAggJoin: _schema(
+        "secagg_join",
+        SecAggJoin,
+        ("src", _STR),
+        ("seq", _INT),
+        ("base_version", _INT),
+        ("task", _INT),
+        ("n_examples", _INT),
+    ),
+    SecAggSeal: _schema(
+        "secagg_seal",
+        SecAggSeal,
+        ("cohort", _COHORT),
+        ("members", _NAMES),
+        ("threshold", _INT),
+        ("clip", _FLOAT),
+        ("precision_bits", _INT),
+        ("weight_cap", _INT),
+        ("deadline_s", _FLOAT),
+        ("noise_sigma", _FLOAT),
+    ),
+    MaskedUpdate: _schema(
+        "masked_update",
+        MaskedUpdate,
+        ("src", _STR),
+        ("seq", _INT),
+        ("cohort", _COHORT),
+        ("base_version", _INT),
+        ("n_examples", _INT),
+        ("data", _DATA),
+        ("bundles", _BUNDLES),
+        ("sig", _BIN),
+    ),
+    SecAggView: _schema(
+        "secagg_view",
+        SecAggView,
+        ("cohort", _COHORT),
+        ("survivors", _NAMES),
+        ("dropped", _NAMES),
+    ),
+    SecAggViewSig: _schema("secagg_view_sig", SecAggViewSig, ("cohort", _COHORT), ("sig", _BIN)),
+    SecAggUnmask: _schema(
+        "secagg_unmask",
+        SecAggUnmask,
+        ("cohort", _COHORT),
+        ("survivors", _NAMES),
+        ("dropped", _NAMES),
+        ("sigs", _SIGS),
+        ("bundles", _BUNDLES),
+    ),
+    SecAggShares: _schema(
+        "secagg_shares",
+        SecAggShares,
+        ("cohort", _COHORT),
+        ("self_shares", _SHARES),
+        ("pair_shares", _PAIR_SHARES),
+    ),
+    SecAggAbort: _schema("secagg_abort", SecAggAbort, ("cohort", _COHORT), ("reason", _STR)),
 }
 _SCHEMAS_BY_NAME: dict[str, _Schema] = {s.name: s for s in _SCHEMAS.values()}
 _DEFAULT_LIMITS = Limits()
@@ -339,6 +548,15 @@ def encode(msg: Message, spec: CodecSpec = DEFAULT_SPEC) -> bytes:
             env[name] = value
         elif kind == _PAIRS:
             env[name] = _plain_pairs(schema.name, name, value)
+        elif kind == _COHORT:
+            env[name] = _plain_bin(schema.name, name, value, COHORT_ID_BYTES, COHORT_ID_BYTES)
+        elif kind == _DATA:
+            env[name] = _plain_bin(schema.name, name, value, 4, None)
+            buf_size = max(buf_size, len(value) + _PACK_BUF_SIZE)
+        elif kind == _NAMES:
+            env[name] = _plain_names(schema.name, name, value)
+        elif kind in _NAMED_BINS:
+            env[name] = _plain_named_bins(schema.name, name, value, kind)
         else:
             env[name] = _plain_mapping(schema.name, name, value)
     packed: bytes = msgpack.packb(env, use_bin_type=True, buf_size=buf_size)
@@ -354,6 +572,39 @@ def _plain_pairs(msg_name: str, field_name: str, value: Any) -> list[list[Any]]:
         out.append([src, int(operator.index(seq))])
     if len(out) > MAX_PAIRS:
         raise ValueError(f"{msg_name}.{field_name}: {len(out)} pairs, limit {MAX_PAIRS}")
+    return out
+
+
+def _plain_bin(msg_name: str, field_name: str, value: Any, low: int, high: int | None) -> bytes:
+    if type(value) is not bytes:
+        raise TypeError(f"{msg_name}.{field_name} must be bytes, got {type(value).__name__}")
+    if len(value) < low or (high is not None and len(value) > high):
+        want = f"{low}" if low == high else f"at least {low}"
+        raise ValueError(f"{msg_name}.{field_name} has {len(value)} bytes, expected {want}")
+    return value
+
+
+def _plain_names(msg_name: str, field_name: str, value: Any) -> list[str]:
+    out = list(value)
+    if not all(isinstance(item, str) and item for item in out):
+        raise TypeError(f"{msg_name}.{field_name}: node ids must be non-empty str, got {out!r}")
+    if len(set(out)) != len(out) or len(out) > MAX_COHORT:
+        raise ValueError(f"{msg_name}.{field_name}: at most {MAX_COHORT} distinct ids")
+    return out
+
+
+def _plain_named_bins(msg_name: str, field_name: str, value: Any, kind: str) -> list[list[Any]]:
+    arity, exact, most, max_items = _NAMED_BINS[kind]
+    out: list[list[Any]] = []
+    for item in value:
+        item = tuple(item)
+        if len(item) != arity or not all(isinstance(x, str) and x for x in item[:-1]):
+            raise TypeError(f"{msg_name}.{field_name}: entries are ({arity - 1} ids, bytes)")
+        out.append([*item[:-1], _plain_bin(msg_name, field_name, item[-1], exact or 0, most)])
+    if len(out) > max_items:
+        raise ValueError(f"{msg_name}.{field_name}: {len(out)} entries, limit {max_items}")
+    if len({tuple(e[:-1]) for e in out}) != len(out):
+        raise ValueError(f"{msg_name}.{field_name}: an id appears twice")
     return out
 
 
@@ -436,6 +687,17 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMIT
             value = _check_float(schema.name, name, value, limits)
         elif kind == _PAIRS:
             value = _check_pairs(schema.name, name, value)
+        elif kind == _COHORT:
+            if type(value) is not bytes or len(value) != COHORT_ID_BYTES:
+                raise MalformedMessage(
+                    f"{schema.name}.{name} must be {COHORT_ID_BYTES} bytes (a msgpack bin)"
+                )
+        elif kind == _DATA:
+            _check_data(schema.name, name, value, limits)
+        elif kind == _NAMES:
+            _check_names(schema.name, name, value)
+        elif kind in _NAMED_BINS:
+            _check_named_bins(schema.name, name, value, kind)
         else:
             _check_mapping(schema.name, name, value, limits)
         kwargs[name] = value
@@ -479,6 +741,54 @@ def _check_pairs(msg_name: str, name: str, value: object) -> tuple[tuple[str, in
             raise MalformedMessage(f"{msg_name}.{name} names ({src!r}, {seq}) twice")
         seen.add(item)
     return value
+
+
+def _check_data(msg_name: str, name: str, value: object, limits: Limits) -> None:
+    """A masked vector: a bin of whole uint32 words, at least one (the weight), at most
+    the link's decoded-bytes cap (an fp32 model's size plus slack)."""
+    if type(value) is not bytes:
+        raise MalformedMessage(f"{msg_name}.{name} must be bytes (a msgpack bin)")
+    if len(value) > limits.max_decoded_bytes:
+        raise MalformedMessage(
+            f"{msg_name}.{name} has {len(value)} bytes, limit {limits.max_decoded_bytes}"
+        )
+    if len(value) < 4 or len(value) % 4:
+        raise MalformedMessage(f"{msg_name}.{name} must be whole uint32 words, got {len(value)}")
+
+
+def _check_names(msg_name: str, name: str, value: object) -> None:
+    if type(value) is not tuple:
+        raise MalformedMessage(f"{msg_name}.{name} must be an array")
+    if len(value) > MAX_COHORT:
+        raise MalformedMessage(f"{msg_name}.{name} has {len(value)} ids, limit {MAX_COHORT}")
+    for item in value:
+        if type(item) is not str or not item:
+            raise MalformedMessage(f"{msg_name}.{name} entries must be non-empty str")
+    if len(set(value)) != len(value):
+        raise MalformedMessage(f"{msg_name}.{name} names an id twice")
+
+
+def _check_named_bins(msg_name: str, name: str, value: object, kind: str) -> None:
+    """An array of distinct ``[id, ..., bin]`` entries (``_NAMED_BINS`` gives the arity and
+    the caps); ids are non-empty str, the ids of one entry differ from each other."""
+    arity, exact, most, max_items = _NAMED_BINS[kind]
+    if type(value) is not tuple:
+        raise MalformedMessage(f"{msg_name}.{name} must be an array")
+    if len(value) > max_items:
+        raise MalformedMessage(f"{msg_name}.{name} has {len(value)} entries, limit {max_items}")
+    seen: set[tuple[object, ...]] = set()
+    for item in value:
+        if type(item) is not tuple or len(item) != arity:
+            raise MalformedMessage(f"{msg_name}.{name} entries must be {arity}-element arrays")
+        ids, blob = item[:-1], item[-1]
+        if not all(type(x) is str and x for x in ids) or len(set(ids)) != len(ids):
+            raise MalformedMessage(f"{msg_name}.{name} entries must name distinct non-empty ids")
+        if type(blob) is not bytes or len(blob) > most or (exact and len(blob) != exact):
+            size = f"{exact} bytes" if exact else f"bytes of at most {most}"
+            raise MalformedMessage(f"{msg_name}.{name} entries must end with {size}")
+        if ids in seen:
+            raise MalformedMessage(f"{msg_name}.{name} names {ids!r} twice")
+        seen.add(ids)
 
 
 def _check_mapping(msg_name: str, name: str, value: object, limits: Limits) -> None:
