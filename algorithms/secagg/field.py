@@ -1,0 +1,226 @@
+"""Encoding of clipped, weighted deltas into the ring Z_{2^32}, and decoding of sums.
+
+A member's delta ``x`` is flattened in the model's tensor order (float64), L2-clipped to
+``clip``, multiplied by its weight ``w`` in [0, 1], scaled by ``2^precision_bits`` and
+stochastically rounded (unbiased: ``E[round(y)] = y``) with the member's own generator;
+an optional integer noise vector (distributed DP) is added; one trailing coordinate
+carries ``round(w * 2^f)``. Everything is stored mod 2^32 (``uint32``), so masked sums
+wrap around exactly like the masks do.
+
+Decoding lifts the sum to the centred range [-2^31, 2^31) and divides by ``2^f``. That is
+exact as long as the true integer sum stays inside that range: ``check_capacity`` bounds
+it. Per coordinate a member's encoding is at most ``max(clip, 1) * 2^f + 1`` in absolute
+value (``|x_k| <= ||x||_2 <= clip``, ``w <= 1``, rounding adds < 1; the weight coordinate
+is at most ``2^f``), and the members' summed noise stays below ``10 * sigma * sqrt(members)``
+except with probability < 1e-23, so the cohort fits when
+
+    members * (max(clip, 1) * 2^f + 1) + 10 * noise_sigma * sqrt(members) < 2^31.
+
+Rounding error: each coordinate of one encoding is off by less than ``2^-f`` (after
+decoding), so a sum of N encodings is within ``N * 2^-f`` per coordinate of the exact
+weighted sum, ``N * 2^-f * sqrt(d)`` in L2 norm (less in expectation: the errors are
+independent and zero-mean).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedloom.algorithms.protocol import Weights
+
+RING_BITS = 32
+HALF_RING = 1 << (RING_BITS - 1)  # 2^31: sums must stay in [-2^31, 2^31)
+MAX_PRECISION_BITS = 30
+WEIGHTINGS = ("uniform", "examples")
+NOISE_TAIL = 10.0  # summed noise is bounded by NOISE_TAIL * sigma * sqrt(members)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """How a cohort encodes: L2 clip ``clip``, ``precision_bits`` fractional bits, and
+    ``weight_cap`` (example weighting: ``w = min(n, weight_cap) / weight_cap``).
+
+    A spec must at least fit one member (``check_capacity(1, ...)``); whether a whole
+    cohort fits is checked against its size when it is sealed.
+    """
+
+    clip: float
+    precision_bits: int
+    weight_cap: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.clip, int | float) or isinstance(self.clip, bool):
+            raise ValueError(f"clip must be a positive number, got {self.clip!r}")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"clip must be a positive finite number, got {self.clip!r}")
+        _check_precision(self.precision_bits)
+        if (
+            isinstance(self.weight_cap, bool)
+            or not isinstance(self.weight_cap, int)
+            or self.weight_cap < 1
+        ):
+            raise ValueError(f"weight_cap must be an int >= 1, got {self.weight_cap!r}")
+        check_capacity(1, self.clip, self.precision_bits)
+
+    @property
+    def scale(self) -> float:
+        """``2^precision_bits``."""
+        return float(1 << self.precision_bits)
+
+
+def _check_precision(precision_bits: object) -> int:
+    if (
+        isinstance(precision_bits, bool)
+        or not isinstance(precision_bits, int)
+        or not 1 <= precision_bits <= MAX_PRECISION_BITS
+    ):
+        raise ValueError(
+            f"precision_bits must be an int from 1 to {MAX_PRECISION_BITS}, got {precision_bits!r}"
+        )
+    return precision_bits
+
+
+def capacity_bound(
+    members: int, clip: float, precision_bits: int, noise_sigma: float = 0.0
+) -> float:
+    """The largest absolute value a coordinate of the members' summed encodings can take
+    (noise: at ``NOISE_TAIL`` standard deviations)."""
+    scale = float(1 << precision_bits)
+    return members * (max(clip, 1.0) * scale + 1.0) + NOISE_TAIL * noise_sigma * math.sqrt(members)
+
+
+def check_capacity(
+    members: int, clip: float, precision_bits: int, noise_sigma: float = 0.0
+) -> None:
+    """``ValueError`` naming ``precision_bits`` and ``clip`` when a cohort of ``members``
+    could overflow the ring: ``members * (max(clip, 1) * 2^f + 1) + 10 * noise_sigma *
+    sqrt(members) >= 2^31`` (see the module docstring)."""
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise ValueError(f"members must be an int >= 1, got {members!r}")
+    _check_precision(precision_bits)
+    if not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be a positive finite number, got {clip!r}")
+    if not (math.isfinite(noise_sigma) and noise_sigma >= 0):
+        raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma!r}")
+    bound = capacity_bound(members, clip, precision_bits, noise_sigma)
+    if bound >= HALF_RING:
+        noise = (
+            f" + {NOISE_TAIL:g} x noise_sigma={noise_sigma:g} x sqrt({members})"
+            if noise_sigma
+            else ""
+        )
+        raise ValueError(
+            f"secure aggregation would overflow its 32-bit ring: {members} member(s) x "
+            f"(max(clip={clip:g}, 1) x 2^precision_bits={precision_bits} + 1){noise} = "
+            f"{bound:.4g} >= 2^31; lower precision_bits or clip (or the cohort size)"
+        )
+
+
+def flatten(weights: Weights) -> npt.NDArray[np.float64]:
+    """All tensors of ``weights`` in dict order, raveled into one float64 vector."""
+    if not weights:
+        return np.zeros(0, dtype=np.float64)
+    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in weights.values()])
+
+
+def template_size(template: Weights) -> int:
+    """The number of coordinates ``flatten(template)`` has."""
+    return sum(int(np.asarray(v).size) for v in template.values())
+
+
+def unflatten(vec: npt.NDArray[Any], template: Weights) -> Weights:
+    """Split ``vec`` back into ``template``'s tensors (names, order, shapes and dtypes from
+    the template); ``ValueError`` if the lengths differ."""
+    flat = np.asarray(vec)
+    if flat.ndim != 1 or flat.size != template_size(template):
+        raise ValueError(
+            f"vector of shape {flat.shape} does not match the template's "
+            f"{template_size(template)} coordinates"
+        )
+    out: Weights = {}
+    offset = 0
+    for name, tensor in template.items():
+        t = np.asarray(tensor)
+        out[name] = flat[offset : offset + t.size].reshape(t.shape).astype(t.dtype, copy=True)
+        offset += t.size
+    return out
+
+
+def encode(
+    delta: Weights,
+    weight: float,
+    spec: FieldSpec,
+    rng: np.random.Generator,
+    noise: npt.NDArray[np.int64] | None = None,
+) -> npt.NDArray[np.uint32]:
+    """``delta`` as d+1 ring elements: clipped to ``spec.clip`` (L2), times ``weight``,
+    times ``2^f``, stochastically rounded with ``rng``, plus ``noise`` (integers, length
+    d, not on the weight coordinate), and a trailing ``round(weight * 2^f)``; mod 2^32.
+
+    ``ValueError`` for a non-finite delta, a weight outside [0, 1], or noise of the wrong
+    shape or dtype (local misuse: a site encodes its own delta).
+    """
+    if not (isinstance(weight, int | float) and math.isfinite(weight) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"weight must be in [0, 1], got {weight!r}")
+    x = flatten(delta)
+    d = x.size
+    if not np.all(np.isfinite(x)):
+        raise ValueError("cannot encode a delta with NaN or infinite values")
+    norm = float(np.linalg.norm(x))
+    factor = float(weight) * spec.scale
+    if norm > spec.clip:
+        factor *= spec.clip / norm
+    x *= factor
+    # Stochastic rounding: floor(y) + [u < frac(y)], so E[result] = y exactly.
+    floor = np.floor(x)
+    x -= floor  # x is now the fractional part, in [0, 1)
+    ints = floor.astype(np.int64)
+    ints += rng.random(d) < x
+    if noise is not None:
+        noise_arr = np.asarray(noise)
+        if noise_arr.shape != (d,) or not np.issubdtype(noise_arr.dtype, np.integer):
+            raise ValueError(
+                f"noise must be an integer vector of length {d}, got dtype {noise_arr.dtype} "
+                f"and shape {noise_arr.shape}"
+            )
+        ints += noise_arr.astype(np.int64, copy=False)
+    out = np.empty(d + 1, dtype=np.uint32)
+    out[:d] = ints.astype(np.uint32)  # two's-complement wrap: value mod 2^32
+    out[d] = round(float(weight) * spec.scale)
+    return out
+
+
+def decode_sum(
+    total: npt.NDArray[np.uint32], spec: FieldSpec, template: Weights
+) -> tuple[Weights, float]:
+    """``(sum_i w_i x_i, sum_i w_i)`` from the ring sum of encodings (centred lift, then
+    divided by ``2^f``); the weighted sum is shaped like ``template``."""
+    arr = np.asarray(total)
+    if arr.dtype != np.uint32 or arr.ndim != 1 or arr.size != template_size(template) + 1:
+        raise ValueError(
+            f"sum must be a uint32 vector of {template_size(template) + 1} coordinates, got "
+            f"dtype {arr.dtype} and shape {arr.shape}"
+        )
+    # Reinterpreting as int32 is exactly the centred lift (>= 2^31 -> negative).
+    centred = arr.view(np.int32).astype(np.float64)
+    centred /= spec.scale
+    return unflatten(centred[:-1], template), float(centred[-1])
+
+
+def member_weight(n_examples: int, weighting: str, cap: int) -> float:
+    """A member's own weight: 1 for ``"uniform"``, ``min(n_examples, cap) / cap`` for
+    ``"examples"`` (the aggregator cannot scale one masked update, so the site does)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap must be an int >= 1, got {cap!r}")
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 0:
+        raise ValueError(f"n_examples must be an int >= 0, got {n_examples!r}")
+    if weighting == "uniform":
+        return 1.0
+    return min(n_examples, cap) / cap
