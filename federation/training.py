@@ -13,6 +13,11 @@ from typing import Any, Protocol
 from fedloom.algorithms.protocol import TrainResult, Weights
 
 
+class TrainingRefused(Exception):
+    """A trainer's declared refusal to train a job (e.g. ``workloads.dp_sgd``'s privacy
+    budget): both drivers answer ``TrainFailed(job, str(exc))``, without a traceback."""
+
+
 class Trainer(Protocol):
     """Trains one job. Must be deterministic given ``config["seed"]``."""
 
