@@ -117,9 +117,13 @@ from fedloom.transport.wire import (
     Ack,
     Heartbeat,
     Hello,
+    MaskedUpdate,
     Message,
     ModelBroadcast,
     Overlap,
+    SecAggJoin,
+    SecAggShares,
+    SecAggViewSig,
     TrainRequest,
     Update,
 )
@@ -137,6 +141,7 @@ __all__ = [
 
 ROLES = ("site", "region")
 APPLIED_KEY = "applied"
+SECAGG_FROM_MEMBER = (SecAggJoin, MaskedUpdate, SecAggViewSig, SecAggShares)
 CHECKPOINT_KEY = "checkpoint"
 # Updates over a child's quota kept for the next epoch (a region forwards unasked).
 MAX_HELD_SITE = 2
@@ -256,6 +261,8 @@ class AggregatorBase:
         self._quorum_wait_s = 0.0
         self._quorum_since: float | None = None  # this incarnation's first event
         self._holding = False  # the first tasks and broadcasts wait for the quorum
+        # Secure aggregation (``set_secure_aggregation``): the cohort coordinator, or None.
+        self._secagg: Any = None
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
         self.duplicates = 0
@@ -389,7 +396,8 @@ class AggregatorBase:
 
     def next_deadline(self) -> float | None:
         times = (self._dispatcher.next_deadline(), self._next_quiet(), self._quorum_deadline())
-        return min((t for t in times if t is not None), default=None)
+        secure = self._secagg.next_deadline() if self._secagg is not None else None
+        return min((t for t in (*times, secure) if t is not None), default=None)
 
     def handle(self, event: Event, now: float) -> list[Effect]:
         out: list[Effect] = []
@@ -404,6 +412,9 @@ class AggregatorBase:
             self._on_received(event.peer, event.msg, now, out)
         elif isinstance(event, Deadline):
             self._on_deadline(now, out)
+            if self._secagg is not None:
+                out.extend(self._secagg.on_deadline(now))
+                self._take_cohorts(out)
             self._on_quiet()
         elif isinstance(event, PeerUp):
             if event.peer in self._children:
@@ -464,7 +475,13 @@ class AggregatorBase:
         if role is None:
             self._on_other(peer, msg, now, out)
         elif isinstance(msg, Update):
+            if self._secagg is not None and role == "site":
+                # No downgrade: a secure aggregator takes a site's update only masked.
+                self._reject_unacked(peer, msg, "plain_update", out)
+                return
             self._on_update(peer, msg, now, out)
+        elif isinstance(msg, SECAGG_FROM_MEMBER):
+            self._on_secagg(peer, role, msg, now, out)
         elif isinstance(msg, Hello):
             self._on_hello(peer, role, msg, out)
         elif not isinstance(msg, Heartbeat):
@@ -493,6 +510,9 @@ class AggregatorBase:
             out.append(Send(peer, ModelBroadcast(model[0], model[1], **self._model_proof())))
 
     def _on_peer_down(self, peer: str, now: float, out: list[Effect]) -> None:
+        if self._secagg is not None and self._children.get(peer) == "site":
+            out.extend(self._secagg.on_peer_down(peer, now))
+            self._take_cohorts(out)
         role = self._children.get(peer)
         if role is None:
             self._on_other_link(peer, False, now, out)
@@ -757,6 +777,160 @@ class AggregatorBase:
         """An update arrived before this node has any model (only regions can be there)."""
         raise ProtocolMisuseError(f"{self._id} has no model")
 
+    # ---------------------------------------------------- secure aggregation
+    # A secure aggregator (``set_secure_aggregation``) takes its sites' updates only as
+    # cohorts (``algorithms.secagg.coordinator``): a site's ``SecAggJoin`` answers its task
+    # and, unless recorded already or too stale, waits for a cohort; a completed cohort
+    # (``CohortResult``: the survivors' sum and their (site, seq, base_version, n)) is ONE
+    # aggregation step (``_cohort_step``), recorded durably as one "cohort" record naming
+    # every survivor's (site, seq) (so the ledger dedupes resends) BEFORE each survivor is
+    # acknowledged. Region children's forwards stay plain: they are sums already.
+
+    def set_secure_aggregation(self, coordinator: Any) -> None:
+        """Run secure aggregation for the site children through ``coordinator`` (a
+        ``SecAggCoordinator``); plain updates from sites are refused from now on."""
+        self._secagg = coordinator
+        model = self._model()
+        if model is not None:
+            coordinator.set_template(model[1])
+
+    @property
+    def secure_aggregation(self) -> Any:
+        """The cohort coordinator (None: no secure aggregation)."""
+        return self._secagg
+
+    def _on_secagg(self, peer: str, role: str, msg: Message, now: float, out: list[Effect]) -> None:
+        coord = self._secagg
+        if coord is None or role != "site":
+            out.extend(unexpected(peer, msg, "secagg_not_expected"))
+            return
+        if isinstance(msg, SecAggJoin):
+            self._on_join(peer, msg, now, out)
+        elif isinstance(msg, MaskedUpdate):
+            out.extend(coord.on_masked(peer, msg, now))
+        elif isinstance(msg, SecAggViewSig):
+            out.extend(coord.on_view_sig(peer, msg, now))
+        elif isinstance(msg, SecAggShares):
+            out.extend(coord.on_shares(peer, msg, now))
+        self._take_cohorts(out)
+
+    def _on_join(self, peer: str, msg: SecAggJoin, now: float, out: list[Effect]) -> None:
+        if msg.src != peer:
+            out.extend(unexpected(peer, msg, "src_mismatch"))
+            return
+        if not is_int(msg.seq) or msg.seq < 1:
+            out.extend(unexpected(peer, msg, "bad_seq"))
+            return
+        if self._ledger.seen(msg.src, msg.seq):  # applied (or dropped) already: re-ack
+            self.duplicates += 1
+            out.append(Metric("update_duplicate", 1.0, {"src": msg.src, "seq": str(msg.seq)}))
+            out.append(Send(peer, Ack(msg.src, msg.seq)))
+            return
+        if is_int(msg.task):
+            self._dispatcher.complete(int(msg.task), peer)  # the site finished its task
+        model = self._model()
+        if model is None or not is_int(msg.base_version) or msg.base_version > model[0]:
+            out.append(Metric("update_rejected", 1.0, {"reason": "secagg_no_model"}))
+            return  # unacked: the site joins again on its next session
+        limit = getattr(self, "max_staleness", None)
+        tau = model[0] - int(msg.base_version)
+        if limit is not None and tau > limit:
+            # Too stale to enter any cohort: recorded and acked like a plain stale update
+            # (nothing of it was revealed).
+            self.stale += 1
+            out.append(Metric("update_stale", float(tau), {"src": msg.src}))
+            stand_in = Update(msg.src, msg.seq, msg.base_version, {}, msg.n_examples, 1, msg.task)
+            self._record(peer, stand_in, Outcome.STALE, model[0], out, tau=tau)
+            return
+        out.extend(self._secagg.on_join(peer, msg, now))
+
+    def _take_cohorts(self, out: list[Effect]) -> None:
+        coord = self._secagg
+        if coord is None:
+            return
+        for result in coord.take_results():
+            self._apply_cohort(result, out)
+
+    def _apply_cohort(self, result: Any, out: list[Effect]) -> None:
+        """One completed cohort: Δ̄ = s̄ · Σ w_i x_i / Σ w_i, recorded, stepped, acked.
+
+        s̄ is the MEAN staleness factor of the survivors: the aggregator cannot scale one
+        masked update, only the sum; with every τ_i equal it is FedBuff's own discount,
+        and it keeps the step's size bounded by the clip as FedBuff's does (the cost of
+        mixing τs is measured in the simulator)."""
+        model = self._model()
+        assert model is not None  # a cohort needs a model (its template)
+        version = model[0]
+        survivors = [(str(s), int(q), int(bv), int(n)) for s, q, bv, n in result.survivors]
+        taus = [max(0, version - bv) for _, _, bv, _ in survivors]
+        fn = getattr(self, "_staleness", None)
+        factors = [float(fn(t)) if fn is not None else 1.0 for t in taus]
+        s_bar = sum(factors) / len(factors)
+        weight_sum = float(result.weight_sum)
+        scale = s_bar / weight_sum if weight_sum > 0.0 else 0.0
+        delta = {
+            k: (np.asarray(v, dtype=np.float64) * scale).astype(model[1][k].dtype, copy=False)
+            for k, v in result.total.items()
+        }
+        n_examples = sum(n for *_, n in survivors)
+        pairs = [(s, q) for s, q, _, _ in survivors]
+        for (src, seq, _, _), tau in zip(survivors, taus, strict=True):
+            self.applied += 1
+            self._ledger.record(src, seq)
+            self._count_outcome(src, _OUTCOME_NAMES[Outcome.APPLIED])
+            self._last_applied[src] = self._now
+            out.append(Metric("update_applied", float(tau), {"src": src, "seq": str(seq)}))
+        self._log_n += 1
+        record = {
+            "n": self._log_n,
+            "op": "cohort",
+            "cohort": bytes(result.cohort),
+            "pairs": [list(p) for p in pairs],
+            "version": version,
+            "taus": taus,
+            "s": s_bar,
+            "n_examples": n_examples,
+            "count": len(pairs),
+            "delta": delta,
+        }
+        out.append(Persist(APPLIED_KEY, record, append=True))
+        out.append(Metric("secagg_cohort_applied", float(len(pairs)), {"node": self._id}))
+        out.append(
+            Log(
+                "info",
+                "secure cohort applied",
+                {"members": len(result.members), "survivors": len(pairs), "version": version},
+            )
+        )
+        self._cohort_step(delta, n_examples, pairs, s_bar, version, out)
+        # Acks only now: the cohort's record (and its step) came first.
+        out.extend(Send(src, Ack(src, seq)) for src, seq in pairs)
+        self._end_epoch()
+
+    def _cohort_step(
+        self,
+        delta: Weights,
+        n_examples: int,
+        pairs: list[tuple[str, int]],
+        s: float,
+        version: int,
+        out: list[Effect],
+    ) -> None:
+        """Apply one cohort's aggregate (a root: a model step; a region: a forward)."""
+        raise NotImplementedError
+
+    def _replay_cohort_record(self, rec: Mapping[str, Any]) -> None:
+        pairs = [(str(p[0]), int(p[1])) for p in rec["pairs"]]
+        for src, seq in pairs:
+            self._ledger.record(src, seq)
+            self._count_outcome(src, _OUTCOME_NAMES[Outcome.APPLIED])
+            self._restored_active.add(src)
+        self._log_n = int(rec["n"])
+        self._cohort_step(
+            rec["delta"], int(rec["n_examples"]), pairs, float(rec["s"]), int(rec["version"]), []
+        )
+        self._end_epoch()
+
     # ------------------------------------------------------------- helpers
     def _complete_task(self, peer: str, msg: Update) -> bool:
         """Free the dispatcher slot of the task this update answers, if still in flight."""
@@ -996,6 +1170,9 @@ class AggregatorBase:
         for rec in records:
             n = int(rec["n"])
             if n <= self._log_n:
+                continue
+            if rec.get("op") == "cohort":
+                self._replay_cohort_record(rec)
                 continue
             src = str(rec["src"])
             self._ledger.record(src, int(rec["seq"]))

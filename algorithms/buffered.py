@@ -79,6 +79,8 @@ class BufferedAggregator(AggregatorBase):
 
     def _make_buffer(self, template: Weights) -> None:
         self._buffer = UpdateBuffer(template, **self._buffer_args)
+        if self._secagg is not None:  # cohorts decode against the model's shapes
+            self._secagg.set_template(template)
 
     @property
     def buffer_fill(self) -> int:

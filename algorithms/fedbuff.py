@@ -99,6 +99,25 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         if self.checkpoint_every and self._version % self.checkpoint_every == 0:
             out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
 
+    def _cohort_step(
+        self,
+        delta: Weights,
+        n_examples: int,
+        pairs: list[tuple[str, int]],
+        s: float,
+        version: int,
+        out: list[Effect],
+    ) -> None:
+        """A secure cohort's Δ̄ (``AggregatorBase._apply_cohort``) is one server step: a new
+        version, exactly as a flush of the buffer."""
+        if not self._apply_step(self._opt, delta, out):
+            return
+        self._version += 1
+        out.append(Metric("model_version", float(self._version)))
+        self._broadcast(out)
+        if self.checkpoint_every and self._version % self.checkpoint_every == 0:
+            out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
+
     # ---------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimiser, buffer, ledger (arrays copied or

@@ -512,6 +512,39 @@ class RegionalAggregator(BufferedAggregator):
             out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
             out.append(Log("debug", "region checkpoint", {"seq": update.seq}))
 
+    def _cohort_step(
+        self,
+        delta: Weights,
+        n_examples: int,
+        pairs: list[tuple[str, int]],
+        s: float,
+        version: int,
+        out: list[Effect],
+    ) -> None:
+        """A secure cohort's Δ̄ (``AggregatorBase._apply_cohort``) leaves as ONE forward,
+        exactly like a flush: count = survivors, n_examples = their sum, pairs = their
+        (site, seq). Its parts carry no deltas (none is known here), so an ``Overlap`` for
+        it cannot be rebuilt: what it held besides is counted lost."""
+        parts = [Contribution(src, seq, ((src, seq),), None, s, 0, 1) for src, seq in pairs]
+        children = self._count_flushed(parts, "forwarded")
+        update = Update(
+            src=self._id,
+            seq=self._outbox.next_seq(),
+            base_version=version,
+            delta=delta,
+            n_examples=n_examples,
+            count=len(pairs),
+            pairs=tuple(pairs),
+        )
+        self._forwards.add(update, parts)
+        self.forwarded += 1
+        flushed = {"op": "flushed", "seq": update.seq, "forwarded": children}
+        out.append(Persist(FORWARDS_KEY, flushed, append=True))
+        out.extend(self._outbox.push(self.parent, update, now=self._now))
+        out.append(Metric("region_forward", float(len(pairs)), {"region": self._id}))
+        if self.checkpoint_every and update.seq % self.checkpoint_every == 0:
+            out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
+
     def _count_flushed(self, parts: Iterable[Contribution], left: str) -> dict[str, int]:
         """Count each child's updates that just left the buffer as ``left``."""
         children: dict[str, int] = {}

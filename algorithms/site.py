@@ -65,6 +65,7 @@ from fedloom.algorithms.protocol import (
     TrainFailed,
     Weights,
 )
+from fedloom.algorithms.secure_site import SECAGG_TO_SITE, UPLOADED_KEY, SiteSecAgg
 from fedloom.algorithms.weights_math import check_compatible
 from fedloom.transport.wire import Ack, Hello, Incorporated, ModelBroadcast, TrainRequest, Update
 
@@ -92,6 +93,7 @@ class SiteNode:
         fallbacks: Sequence[str] = (),
         failover_after_s: float = DEFAULT_FAILOVER_AFTER_S,
         max_held: int = DEFAULT_MAX_HELD,
+        secure: SiteSecAgg | None = None,
     ) -> None:
         if not site_id or not parent:
             raise ValueError("site_id and parent must be non-empty")
@@ -102,6 +104,11 @@ class SiteNode:
             raise ValueError(f"fallbacks must be distinct non-empty ids, got {fallbacks!r}")
         if not failover_after_s > 0.0:
             raise ValueError(f"failover_after_s must be > 0, got {failover_after_s}")
+        if secure is not None and fallbacks:
+            # A kept update resent to a standby would be a second masking of it.
+            raise ValueError("secure aggregation does not combine with fallbacks (failover)")
+        # Secure aggregation (``algorithms.secure_site``): updates leave only masked.
+        self._secure = secure
         self._parents = parents
         self.failover_after_s = failover_after_s
         # Updates acked, not yet settled: kept only where there is a standby to resend to.
@@ -156,8 +163,15 @@ class SiteNode:
         """Updates acknowledged but not yet settled (kept for a failover)."""
         return 0 if self._held is None else len(self._held)
 
+    @property
+    def secure(self) -> SiteSecAgg | None:
+        """This site's secure uplink (None: plain updates)."""
+        return self._secure
+
     def next_deadline(self) -> float | None:
         times = [self._outbox.next_deadline()]
+        if self._secure is not None:
+            times.append(self._secure.next_deadline())
         if self._held is not None:
             times.append(self._held.next_deadline())
             if self._down_since is not None:
@@ -166,10 +180,14 @@ class SiteNode:
 
     # ----------------------------------------------------------------- events
     def handle(self, event: Event, now: float) -> list[Effect]:
+        if self._secure is not None:
+            self._secure.touch(now)
         out = self._handle(event, now)
         if self._parked is not None and self.state is SiteState.IDLE and not self.paused:
             parked, self._parked = self._parked, None  # acks drained the outbox
             out.extend(self._start(parked))
+        if self._secure is not None:
+            out = self._secure.uplink(out, self.parent)  # never a plain update
         gauges = {"dispatch_paused": float(self.paused)}
         if self._held is not None:
             gauges["held_updates"] = float(len(self._held))  # kept until settled
@@ -207,6 +225,8 @@ class SiteNode:
             return []
         if isinstance(event, Deadline):
             held = self._held.on_deadline(now) if self._held is not None else []
+            if self._secure is not None:
+                held += self._consume(self._secure.expired(now), "no_outcome", now)
             return self._outbox.on_deadline(now) + held + self._maybe_failover(now)
         raise ProtocolMisuseError(f"site cannot handle {type(event).__name__}")
 
@@ -264,9 +284,15 @@ class SiteNode:
             return unexpected(peer, msg, "not_parent")
         if isinstance(msg, TrainRequest):
             return self._on_request(msg)
+        if self._secure is not None and isinstance(msg, SECAGG_TO_SITE):
+            out, consumed = self._secure.on_message(peer, msg, self._outbox.pending(), now)
+            return out + self._consume(consumed, None, now)
         if isinstance(msg, Ack):
             if msg.src != self._id:
                 return unexpected(peer, msg, "ack_for_other")
+            if self._secure is not None:
+                done = self._secure.acked(msg.seq)
+                return done + self._outbox.ack(msg.seq, now=now) + self._maybe_compact()
             update = None
             if self._held is not None:  # kept until settled, for a failover
                 update = next((u for u in self._outbox.pending() if u.seq == msg.seq), None)
@@ -282,6 +308,15 @@ class SiteNode:
             self._remember(msg.version, msg.weights)
             return []
         return unexpected(peer, msg, "unexpected_type")
+
+    def _consume(self, seqs: list[int], why: str | None, now: float) -> list[Effect]:
+        """Uploaded updates whose cohort ended without them applied: dropped for good."""
+        if not seqs or self._secure is None:
+            return []
+        out = self._secure.lose(seqs, why) if why is not None else []
+        for seq in seqs:
+            out += self._outbox.ack(seq, now=now)
+        return out + self._maybe_compact()
 
     def _remember(self, version: int, weights: Weights) -> None:
         if self._model is None or version > self._model[0]:
@@ -356,6 +391,8 @@ class SiteNode:
         }
         if self._held is not None:
             state["held"] = self._held.snapshot()
+        if self._secure is not None:
+            state["secagg"] = self._secure.snapshot()
         return state
 
     def _drained_snapshot(self) -> dict[str, Any]:
@@ -377,6 +414,8 @@ class SiteNode:
             sent = {u.seq: u for u in state["outbox"]["pending"]}
             sent.update((int(r["seq"]), r["update"]) for r in pending if r["op"] == "add")
             self._held.restore(state.get("held", ()), held_records, sent)
+        if self._secure is not None:
+            self._secure.restore(state.get("secagg"), records.records(UPLOADED_KEY))
         self._model = state.get("model")
         newest = state.get("newest_version", -1)  # older checkpoints: from the model
         model_version = self._model[0] if self._model is not None else -1

@@ -47,6 +47,7 @@ from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.staleness import StalenessFn, make_staleness
 from fedloom.algorithms.sync import SyncAggregator
 from fedloom.federation.params import AlgorithmConfig, TrainingConfig
+from fedloom.federation.secagg_params import SecureAggregationConfig, check_cohort
 from fedloom.federation.seeds import derived_seed
 
 if TYPE_CHECKING:  # not at run time: fedloom.topology's package imports networkx and scipy
@@ -167,13 +168,16 @@ def build_node(
     n_examples: int = 0,
     bounds: ClaimBounds | None = None,
     options: NodeOptions | None = None,
+    secagg: SecureAggregationConfig | None = None,
+    secagg_keys: Any = None,
 ) -> Node:
     """A fresh (not restored) node for ``role`` with ``p`` as its own parameters.
 
     ``algorithm`` is the root's (a region always buffers FedBuff-style); ``weights`` the
     initial model of a root or gossip peer; ``n_examples`` a site's; ``bounds`` what an
-    aggregator's children may claim (default: ``claim_bounds(p)``). ValueError for a
-    combination no node can run.
+    aggregator's children may claim (default: ``claim_bounds(p)``); ``secagg`` the node's
+    ``[secure_aggregation]`` with ``secagg_keys`` (a ``SecAggKeys``) when it is enabled.
+    ValueError for a combination no node can run.
     """
     opts = options if options is not None else NodeOptions()
     rng = node_rng(seed, node_id)
@@ -190,6 +194,7 @@ def build_node(
             fallbacks=list(n.fallbacks),
             failover_after_s=opts.failover_after_s,
             max_held=opts.max_held,
+            secure=secure_site(node_id, p, secagg, secagg_keys, rng),
         )
     if role == "relay":
         return RelayNode(node_id)
@@ -235,6 +240,7 @@ def build_node(
         region.keep_parts = opts.keep_parts
         region.set_subtrees(n.subtrees)
         region.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
+        secure_aggregator(region, p, secagg, secagg_keys, bounds, rng)
         return region
     if role != "root":
         raise ValueError(f"no node for role {role!r} ({', '.join(ROLES)})")
@@ -255,7 +261,77 @@ def build_node(
     )
     root.set_subtrees(n.subtrees)
     root.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
+    secure_aggregator(root, p, secagg, secagg_keys, bounds, rng)
     return root
+
+
+def secure_site(
+    node_id: str,
+    p: AlgorithmConfig,
+    secagg: SecureAggregationConfig | None,
+    keys: Any,
+    rng: np.random.Generator,
+) -> Any:
+    """A site's secure uplink (``algorithms.secure_site``), or None without one."""
+    if secagg is None or not secagg.enabled:
+        return None
+    if keys is None:
+        raise ValueError(f"site {node_id!r}: secure aggregation needs the node's keys")
+    from fedloom.algorithms.secure_site import SiteSecAgg
+
+    return SiteSecAgg(
+        node_id,
+        keys,
+        rng=rng,
+        min_cohort=secagg.min_cohort,
+        weighting=p.weighting,
+        upload_timeout_s=secagg.upload_timeout_s,
+        unmask_timeout_s=secagg.unmask_timeout_s,
+    )
+
+
+def secure_aggregator(
+    node: Any,
+    p: AlgorithmConfig,
+    secagg: SecureAggregationConfig | None,
+    keys: Any,
+    bounds: ClaimBounds | None,
+    rng: np.random.Generator,
+) -> None:
+    """Give an aggregator with site children its cohort coordinator (regions' forwards
+    stay plain: they are sums). ValueError for a cohort the numbers cannot carry."""
+    if secagg is None or not secagg.enabled:
+        return
+    if not any(r == "site" for r in node.children.values()):
+        return  # only regions below: their forwards are sums already
+    if not isinstance(node, FedBuffAggregator | RegionalAggregator):
+        raise ValueError(
+            "secure_aggregation: runs on fedbuff roots and regions (this root runs "
+            f"{type(node).__name__})"
+        )
+    if keys is None:
+        raise ValueError(f"{node.node_id!r}: secure aggregation needs the node's keys")
+    members = secagg.cohort(node.buffer_size)
+    check_cohort(secagg, members)
+    from fedloom.algorithms.secagg.coordinator import SecAggCoordinator
+
+    cap = (bounds if bounds is not None else claim_bounds(p)).max_examples_per_site
+    node.set_secure_aggregation(
+        SecAggCoordinator(
+            node.node_id,
+            keys,
+            cohort_size=members,
+            min_cohort=secagg.min_cohort,
+            clip=secagg.clip,
+            precision_bits=secagg.precision_bits,
+            weight_cap=max(1, cap),
+            noise_sigma=0.0,
+            form_wait_s=secagg.form_wait_s,
+            upload_timeout_s=secagg.upload_timeout_s,
+            unmask_timeout_s=secagg.unmask_timeout_s,
+            rng=rng,
+        )
+    )
 
 
 def staleness_fn(p: AlgorithmConfig) -> StalenessFn:

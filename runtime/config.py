@@ -47,6 +47,8 @@ Example (a hospital site)::
     [metrics]                         # port (0 = off), host
     [outbox]                          # sites and regions: max_mib, the backpressure bound
     [executor]                        # kind = "thread" | "process", workers
+    [secure_aggregation]              # enabled, min_cohort, cohort_size, clip, ... (README,
+                                      # "Secure aggregation"): sites and aggregators alike
 
 Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``, and may
 declare ``[subtrees]`` (region child id = [its site ids]): that region's forwards are then
@@ -88,6 +90,11 @@ from fedloom.federation.params import (
     read_algorithm,
     read_codec,
     read_training,
+)
+from fedloom.federation.secagg_params import (
+    SecureAggregationConfig,
+    check_codec,
+    read_secure_aggregation,
 )
 from fedloom.transport.channel import (
     DEFAULT_GATE_HANDSHAKE_TIMEOUT_S,
@@ -227,6 +234,9 @@ class DaemonConfig:
     has_standby: bool = False
     # Aggregators: region child -> the sites under it (``[subtrees]``).
     subtrees: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # ``[secure_aggregation]`` (federation.secagg_params): a site with it sends no plain
+    # update; an aggregator with it takes none from its sites.
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     @property
     def is_aggregator(self) -> bool:
@@ -315,7 +325,10 @@ def parse_config(
     outbox = t.table("outbox")
     outbox_max_mib = outbox.number("max_mib", None, min=0.0, max=MAX_OUTBOX_MIB, exclusive_min=True)
     outbox.finish()
+    secagg = read_secure_aggregation(t.table("secure_aggregation"))
     t.finish()
+    if secagg.enabled:
+        check_codec(codec)  # the cohort's size is checked with the children's roles (factory)
 
     cfg = DaemonConfig(
         role=role,
@@ -344,6 +357,7 @@ def parse_config(
         source=source,
         subtrees=subtrees,
         has_standby=has_standby,
+        secure_aggregation=secagg,
         **failover,
     )
     _check_role(cfg)

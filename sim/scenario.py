@@ -56,6 +56,11 @@ from fedloom.federation.params import (
     read_codec,
     read_training,
 )
+from fedloom.federation.secagg_params import (
+    SecureAggregationConfig,
+    check_codec,
+    read_secure_aggregation,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,7 @@ class Arm:
     lr_sweep: tuple[float, ...] = ()
     server_lr_sweep: tuple[float, ...] = ()
     durability: DurabilityConfig = DurabilityConfig()
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +167,8 @@ class Scenario:
     workers: int = 2
     source: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # ``[dp_sgd]``: every site trains with record-level DP-SGD (workloads.dp_sgd).
+    dp_sgd: DpSgdConfig | None = None
 
 
 # ------------------------------------------------------------------------------ reading
@@ -210,6 +218,7 @@ def parse_scenario(
         "compute": dict(top.raw("compute", {}) or {}),
         "algorithm": dict(top.raw("algorithm", {}) or {}),
         "durability": dict(top.raw("durability", {}) or {}),
+        "secure_aggregation": dict(top.raw("secure_aggregation", {}) or {}),
     }
     for key, value in shared.items():
         if not isinstance(raw.get(key, {}), Mapping):
@@ -226,6 +235,10 @@ def parse_scenario(
     if baseline is not None and baseline not in names:
         raise ConfigError(f"baseline: {baseline!r} is not an arm name ({', '.join(names)})")
     meta = dict(top.table("meta")._data) if top.has("meta") else {}
+    dp_sgd = None
+    if top.has("dp_sgd"):  # reproducible here: sampling and noise from the job's seed
+        dp_sgd = replace(read_dp_sgd(top.table("dp_sgd")), deterministic=True)
+        check_model(str(data.get("model", "softmax")), "dp_sgd")
     top.finish()
     return Scenario(
         name=name,
@@ -244,6 +257,7 @@ def parse_scenario(
         workers=workers,
         source=source,
         meta=meta,
+        dp_sgd=dp_sgd,
     )
 
 
@@ -393,7 +407,7 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
             f"{t.where('topology')}: hierarchical arms use asynchronous regional buffers; "
             "use algorithm 'fedbuff' or 'fedasync' for the root"
         )
-    for key in ("training", "codec", "availability", "compute", "durability"):
+    for key in ("training", "codec", "availability", "compute", "durability", "secure_aggregation"):
         if key in raw and not isinstance(raw[key], Mapping):
             raise t.fail(key, "a table", raw[key])
         t.raw(key)
@@ -406,6 +420,16 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
     )
     compute = _merged(shared, raw, "compute")
     durability = _durability(Table(_merged(shared, raw, "durability"), t.where("durability")))
+    secagg = read_secure_aggregation(
+        Table(_merged(shared, raw, "secure_aggregation"), t.where("secure_aggregation"))
+    )
+    if secagg.enabled:
+        check_codec(codec, t.where("codec"))
+        if algorithm not in ("fedbuff",):
+            raise ConfigError(
+                f"{t.where('secure_aggregation')}: secure aggregation runs on fedbuff arms "
+                f"(root and regions), not {algorithm!r}"
+            )
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
     params = read_algorithm(Table({**shared["algorithm"], **own_params}, t.where("").rstrip(".")))
@@ -429,6 +453,7 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         lr_sweep=lr_sweep,
         server_lr_sweep=server_lr_sweep,
         durability=durability,
+        secure_aggregation=secagg,
     )
 
 

@@ -1,0 +1,85 @@
+"""``[secure_aggregation]``: strict reading, the threshold/dropout and capacity checks, the
+codec refusal, and the table in a daemon config and a scenario file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedloom.federation.config_reader import ConfigError, Table
+from fedloom.federation.params import CodecConfig
+from fedloom.federation.secagg_params import (
+    SecureAggregationConfig,
+    check_codec,
+    check_cohort,
+    read_secure_aggregation,
+    threshold,
+)
+
+
+def read(data: dict[str, Any]) -> SecureAggregationConfig:
+    return read_secure_aggregation(Table(data, "secure_aggregation"))
+
+
+def test_defaults_match_the_documented_table() -> None:
+    cfg = read({})
+    assert cfg == SecureAggregationConfig()
+    assert (cfg.enabled, cfg.min_cohort, cfg.cohort_size, cfg.clip) == (False, 5, 0, 1.0)
+    assert (cfg.precision_bits, cfg.max_dropout) == (16, 0.3)
+    assert (cfg.form_wait_s, cfg.upload_timeout_s, cfg.unmask_timeout_s) == (30.0, 300.0, 60.0)
+    assert cfg.cohort(10) == 10 and read({"cohort_size": 7}).cohort(10) == 7
+
+
+def test_unknown_field_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.min_cohrt: unknown field"):
+        read({"enabled": True, "min_cohrt": 3})
+
+
+def test_threshold_that_dropouts_would_break_names_the_field() -> None:
+    # N = 5: t = max(5, 3) = 5 > 5 * 0.7
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.max_dropout"):
+        read({"enabled": True, "cohort_size": 5})
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.min_cohort"):
+        read({"enabled": True, "cohort_size": 4, "min_cohort": 5, "max_dropout": 0.0})
+    cfg = read({"enabled": True, "cohort_size": 10})
+    assert cfg.threshold(10) == 6
+
+
+def test_capacity_names_precision_and_clip() -> None:
+    with pytest.raises(ConfigError, match=r"precision_bits / secure_aggregation\.clip"):
+        read({"enabled": True, "cohort_size": 10, "precision_bits": 30, "clip": 4.0})
+
+
+def test_codec_other_than_fp32_is_refused_with_the_reason() -> None:
+    check_codec(CodecConfig("fp32", "int8", 0.01))  # down codec is unaffected
+    for up in ("fp16", "int8", "topk"):
+        with pytest.raises(ConfigError, match=f"codec.up = '{up}' cannot compose with masking"):
+            check_codec(CodecConfig(up, "fp32", 0.01))
+
+
+@given(
+    st.integers(min_value=2, max_value=64),
+    st.integers(min_value=1, max_value=200),
+    st.floats(min_value=0.0, max_value=0.49),
+)
+def test_check_cohort_accepts_exactly_the_workable_cohorts(
+    min_cohort: int, members: int, dropout: float
+) -> None:
+    cfg = SecureAggregationConfig(
+        enabled=True, min_cohort=min_cohort, max_dropout=dropout, clip=1.0, precision_bits=8
+    )
+    t = threshold(min_cohort, members)
+    workable = t <= members and t <= members * (1 - dropout) + 1e-9
+    if workable:
+        check_cohort(cfg, members)
+        assert 2 * t > members  # an honest majority signs a view
+    else:
+        with pytest.raises(ConfigError):
+            check_cohort(cfg, members)
+
+
+def test_disabled_is_never_checked() -> None:
+    check_cohort(SecureAggregationConfig(enabled=False, min_cohort=50), 3)
