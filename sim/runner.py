@@ -46,6 +46,7 @@ from fedloom.topology.star import star
 from fedloom.topology.wan import WanModel
 from fedloom.transport.codec_policy import CodecPolicy
 from fedloom.transport.tensors import CodecSpec
+from fedloom.workloads.dp_sgd import LedgerExecutor
 from fedloom.workloads.workload import Workload
 
 ProgressFn = Callable[[str, float, float], None]  # (label, virtual seconds done, total)
@@ -60,7 +61,9 @@ GOSSIP_EVAL_PEERS = 16  # peers whose models are evaluated at each gossip observ
 
 def build_workload(scenario: Scenario, seed: int) -> Workload:
     try:
-        return Workload.from_config(scenario.data, n_sites=scenario.sites.count, seed=seed)
+        return Workload.from_config(
+            scenario.data, n_sites=scenario.sites.count, seed=seed, dp_sgd=scenario.dp_sgd
+        )
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from None
 
@@ -270,9 +273,15 @@ def _state_dir(arm: Arm) -> str:
 
 def _make_executor(scenario: Scenario, workload: Workload, ids: Sequence[str]) -> Executor:
     trainer = WorkloadTrainer(workload, ids)
+    inner: Executor
     if scenario.executor == "process":
-        return PoolExecutor(trainer, workers=scenario.workers)
-    return InlineExecutor(trainer)
+        inner = PoolExecutor(trainer, workers=scenario.workers)
+    else:
+        inner = InlineExecutor(trainer)
+    if scenario.dp_sgd is None:
+        return inner
+    index = {site: i for i, site in enumerate(ids)}  # each site's privacy ledger
+    return LedgerExecutor(inner, scenario.dp_sgd, lambda site: workload.n_examples(index[site]))
 
 
 def run_once(
@@ -381,6 +390,11 @@ def run_once(
         }
     if scenario.target_window_s > 0:
         extra["first_crossing_s"] = -1.0 if first_crossing is None else first_crossing
+    if isinstance(executor, LedgerExecutor):  # record-level DP-SGD: the sites' ledgers
+        eps = executor.epsilons()
+        extra["dp_sgd_epsilon_max"] = max(eps.values(), default=0.0)
+        extra["dp_sgd_delta"] = executor.dp.delta
+        extra["dp_sgd_refused_jobs"] = sum(v.refusals for v in executor.ledgers.values())
     return ArmResult(
         name=arm.name,
         algorithm=arm.algorithm,

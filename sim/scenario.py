@@ -34,13 +34,19 @@ and counted); ``restarts`` crashes nodes and brings them back from their log (ne
     log = true
     signing = true
     restarts = [{ node = "region-r0", at_s = 600, down_s = 30 }]
+
+Record-level DP-SGD. A top-level ``[dp_sgd]`` table (``noise_multiplier``,
+``max_grad_norm``, ``delta``, ``epsilon_budget``; ``workloads.dp_sgd``) makes every site
+train its torch model with Opacus and keep a privacy ledger (in memory, one per site); a
+site stops training once its next job would spend more than ``epsilon_budget``. Sampling
+and noise are seeded from the job's seed here, so a run is reproducible.
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +67,7 @@ from fedloom.federation.secagg_params import (
     check_codec,
     read_secure_aggregation,
 )
+from fedloom.workloads.dp_sgd import DpSgdConfig, check_model, read_dp_sgd
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from fedloom.workloads.datasets import (
     Split,
     SyntheticFederated,
 )
+from fedloom.workloads.dp_sgd import DpSgdConfig, DpSgdPlan, check_model
 from fedloom.workloads.models import MODEL_NAMES, make_model
 
 DATASET_NAMES: Final = ("synthetic", *SKLEARN_DATASETS)
@@ -89,10 +90,14 @@ class Workload:
         eval_sites: int = 100,
         cache_size: int = 1_000_000,
         cache_bytes: int = CACHE_BYTES,
+        dp_sgd: DpSgdConfig | None = None,
     ) -> None:
         model = model if model is not None else ModelSpec()
         if model.name not in MODEL_NAMES:
             raise ValueError(f"model: unknown {model.name!r}; expected one of {MODEL_NAMES}")
+        if dp_sgd is not None:
+            check_model(model.name)  # ConfigError (a ValueError) naming the models that can
+        self.dp_sgd = dp_sgd  # sites train with DP-SGD (workloads.dp_sgd); evaluation does not
         if eval_sites < 1:
             raise ValueError(f"eval_sites must be >= 1, got {eval_sites}")
         if cache_size < 1:
@@ -125,6 +130,7 @@ class Workload:
             "eval_sites": self.eval_sites,
             "cache_size": self.cache_size,
             "cache_bytes": self.cache_bytes,
+            "dp_sgd": self.dp_sgd,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -136,6 +142,7 @@ class Workload:
             eval_sites=state["eval_sites"],
             cache_size=state["cache_size"],
             cache_bytes=state["cache_bytes"],
+            dp_sgd=state.get("dp_sgd"),
         )
 
     # -- sizes --------------------------------------------------------------------------
@@ -176,6 +183,8 @@ class Workload:
                 return plan
         data = self._data.site(i)  # outside the lock: generation may take a while
         plan = self._make(data.train, data.test)
+        if self.dp_sgd is not None:
+            plan = DpSgdPlan(plan, self.dp_sgd)
         size = _split_bytes(data.train) + _split_bytes(data.test)
         with self._lock:
             if i not in self._plans:
@@ -217,10 +226,15 @@ class Workload:
 
     @classmethod
     def from_config(
-        cls, d: Mapping[str, Any], *, n_sites: int | None = None, seed: int | None = None
+        cls,
+        d: Mapping[str, Any],
+        *,
+        n_sites: int | None = None,
+        seed: int | None = None,
+        dp_sgd: DpSgdConfig | None = None,
     ) -> Workload:
         """Same as the module-level ``from_config``."""
-        return from_config(d, n_sites=n_sites, seed=seed)
+        return from_config(d, n_sites=n_sites, seed=seed, dp_sgd=dp_sgd)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary for reports."""
@@ -228,6 +242,7 @@ class Workload:
         return {
             "dataset": self._data.describe(),
             "model": asdict(self.model_spec),
+            "dp_sgd": None if self.dp_sgd is None else asdict(self.dp_sgd),
             "n_sites": self.n_sites,
             "n_params": self.n_params(),
             "seed": self.seed,
@@ -268,7 +283,11 @@ _SKLEARN_KEYS: Final = ("dirichlet_alpha", "test_fraction", "min_samples_per_sit
 
 
 def from_config(
-    d: Mapping[str, Any], *, n_sites: int | None = None, seed: int | None = None
+    d: Mapping[str, Any],
+    *,
+    n_sites: int | None = None,
+    seed: int | None = None,
+    dp_sgd: DpSgdConfig | None = None,
 ) -> Workload:
     """Build a workload from a plain mapping (a TOML table), strictly.
 
@@ -279,7 +298,8 @@ def from_config(
     ``cache_size``; for synthetic ``alpha``, ``beta``, ``iid``, ``samples_per_site``,
     ``max_samples_per_site``; for the scikit-learn sets ``dirichlet_alpha``,
     ``test_fraction``, ``min_samples_per_site``. Anything else, or a wrong type or range,
-    raises ``ValueError`` naming the field.
+    raises ``ValueError`` naming the field. ``dp_sgd`` (a site's ``[dp_sgd]`` table): the
+    sites' plans train with DP-SGD; a model that cannot raises ``ConfigError``.
     """
     if not isinstance(d, Mapping):
         raise ValueError(f"workload config: expected a table, got {type(d).__name__}")
@@ -333,6 +353,7 @@ def from_config(
         seed_v,
         eval_sites=_int(d, "eval_sites", 1, default=100),
         cache_size=_int(d, "cache_size", 1, default=1_000_000),
+        dp_sgd=dp_sgd,
     )
 
 
