@@ -263,6 +263,7 @@ class AggregatorBase:
         self._holding = False  # the first tasks and broadcasts wait for the quorum
         # Secure aggregation (``set_secure_aggregation``): the cohort coordinator, or None.
         self._secagg: Any = None
+        self.secagg_keys: Any = None  # its SecAggKeys (a driver swaps in newer rosters)
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
         self.duplicates = 0
@@ -786,10 +787,12 @@ class AggregatorBase:
     # every survivor's (site, seq) (so the ledger dedupes resends) BEFORE each survivor is
     # acknowledged. Region children's forwards stay plain: they are sums already.
 
-    def set_secure_aggregation(self, coordinator: Any) -> None:
+    def set_secure_aggregation(self, coordinator: Any, keys: Any = None) -> None:
         """Run secure aggregation for the site children through ``coordinator`` (a
-        ``SecAggCoordinator``); plain updates from sites are refused from now on."""
+        ``SecAggCoordinator``, using ``keys``); plain updates from sites are refused from
+        now on."""
         self._secagg = coordinator
+        self.secagg_keys = keys
         model = self._model()
         if model is not None:
             coordinator.set_template(model[1])

@@ -330,7 +330,8 @@ def secure_aggregator(
             upload_timeout_s=secagg.upload_timeout_s,
             unmask_timeout_s=secagg.unmask_timeout_s,
             rng=rng,
-        )
+        ),
+        keys,
     )
 
 

@@ -11,7 +11,10 @@ What a node signs as it sends and checks as it receives (the rules are in
   by a region with the proof it verified on receipt; a received one must verify against a
   root of the roster, and then ``ModelVersionGuard`` refuses an older version or another
   model under the same version;
-* once the model's layout is known, tensors of another layout are refused unhashed.
+* once the model's layout is known, tensors of another layout are refused unhashed;
+* a ``MaskedUpdate`` (secure aggregation) is signed and checked like an ``Update``, its
+  payload digest being ``masked_digest`` (cohort id, masked data and share bundles), so
+  the coordinator's host only hands verified uploads to the coordinator.
 
 ``EndToEndCore`` holds that state and those decisions with the digests passed in, so
 nothing here does I/O or blocks on a large hash: ``runtime.signing.EndToEnd`` (the
@@ -22,12 +25,14 @@ daemon's) subclasses it and computes large digests in a thread; the simulator ca
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+import msgpack
 import numpy.typing as npt
 
 from fedloom.algorithms.protocol import Metric, Node
@@ -52,7 +57,7 @@ from fedloom.transport.identity import Identity
 from fedloom.transport.limits import ModelLayout
 from fedloom.transport.roster import Roster
 from fedloom.transport.tensors import CodecSpec
-from fedloom.transport.wire import Message, ModelBroadcast, TrainRequest, Update
+from fedloom.transport.wire import MaskedUpdate, Message, ModelBroadcast, TrainRequest, Update
 
 __all__ = [
     "KEEP_VERSIONS",
@@ -84,6 +89,18 @@ class ModelProof:
     parent: int
     sig: bytes
     digest: bytes
+
+
+def masked_digest(msg: MaskedUpdate) -> bytes:
+    """The payload digest a masked upload is signed over: BLAKE2b-256 of a labelled
+    msgpack of its cohort id, the digest of its data and the digest of its bundles."""
+    data = hashlib.blake2b(bytes(msg.data), digest_size=32).digest()
+    bundles = hashlib.blake2b(
+        msgpack.packb([[str(r), bytes(b)] for r, b in msg.bundles], use_bin_type=True),
+        digest_size=32,
+    ).digest()
+    packed = msgpack.packb(["fedloom/secagg/masked", bytes(msg.cohort), data, bundles])
+    return hashlib.blake2b(packed, digest_size=32).digest()
 
 
 def held_digest(tensors: Mapping[str, npt.NDArray[Any]]) -> bytes:
@@ -207,6 +224,40 @@ class EndToEndCore:
         self.signed += 1
         return dataclasses.replace(msg, sig=sig)
 
+    def signed_masked(self, msg: MaskedUpdate, peer: str) -> MaskedUpdate:
+        """``msg`` (this node's own masked upload) signed for ``peer``."""
+        sig = sign_update(
+            self.identity,
+            msg.src,
+            msg.seq,
+            msg.base_version,
+            peer,
+            msg.n_examples,
+            masked_digest(msg),
+        )
+        self.signed += 1
+        return dataclasses.replace(msg, sig=sig)
+
+    def check_masked(self, msg: MaskedUpdate, peer: str) -> None:
+        """A masked upload must come from its signer, signed for this node."""
+        if msg.src != peer:
+            raise SenderMismatchError(
+                f"masked update {msg.seq} claims to come from {msg.src!r} but {peer!r} sent it"
+            )
+        if not msg.sig:
+            raise UnsignedError(f"masked update {msg.seq} from {peer!r} is not signed")
+        verify_update(
+            self.roster,
+            msg.sig,
+            msg.src,
+            msg.seq,
+            msg.base_version,
+            self.node_id,
+            msg.n_examples,
+            masked_digest(msg),
+        )
+        self.verified += 1
+
     def new_model_proof(self, version: int, parent: int, digest: bytes) -> ModelProof:
         """The root's proof of model ``version`` (derived from ``parent``, 0 at first)."""
         sig = sign_model(self.identity, version, parent, digest)
@@ -267,6 +318,8 @@ class EndToEndCore:
                 if msg.src != self.node_id:
                     return msg  # not ours: sent as is, and refused by a verifying peer
                 return self.signed_update(msg, peer, digest_as_received(msg.delta, spec))
+            if type(msg) is MaskedUpdate:
+                return self.signed_masked(msg, peer) if msg.src == self.node_id else msg
             if type(msg) is TrainRequest or type(msg) is ModelBroadcast:
                 return self._seal_model_now(msg, spec)
         except (ValueError, TypeError) as exc:
@@ -357,7 +410,7 @@ class EndToEndCore:
         """Count a refused message (and report it)."""
         self.rejected[exc.reason] += 1
         if self.report is not None:
-            name = "update_rejected" if type(msg) is Update else "message_rejected"
+            name = "update_rejected" if type(msg) in (Update, MaskedUpdate) else "message_rejected"
             self.report(Metric(name, 1.0, {"reason": exc.reason}))
 
     def check_now(self, msg: Message, peer: str) -> None:
@@ -367,6 +420,8 @@ class EndToEndCore:
             if type(msg) is Update:
                 self.precheck_update(msg, peer)
                 self.verify_update(msg, held_digest(msg.delta))
+            elif type(msg) is MaskedUpdate:
+                self.check_masked(msg, peer)
             elif type(msg) is TrainRequest or type(msg) is ModelBroadcast:
                 self.precheck_model(msg, peer)
                 self.accept_model(msg, held_digest(msg.weights))

@@ -14,6 +14,7 @@ from typing import Any
 from fedloom.algorithms.aggregator_base import AggregatorBase
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import ModelHolder, Node
+from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.training import TrainingPlan
 from fedloom.federation import factory
 from fedloom.federation.config_reader import ConfigError
@@ -28,6 +29,7 @@ from fedloom.runtime.config import DaemonConfig
 from fedloom.runtime.trainer import SitePlan, plan_from_config
 from fedloom.transport.limits import MiB
 from fedloom.transport.roster import Roster
+from fedloom.transport.secagg_keys import RosterSecAggKeys
 
 log = logging.getLogger("fedloom.daemon")
 
@@ -112,9 +114,22 @@ def children_claim_bounds(
     )
 
 
+def secagg_keys_of(node: Node) -> Any:
+    """The node's secure-aggregation keys (None without secure aggregation)."""
+    if isinstance(node, SiteNode):
+        return None if node.secure is None else node.secure.keys
+    if isinstance(node, AggregatorBase):
+        return node.secagg_keys
+    return None
+
+
 def bound_claims(cfg: DaemonConfig, node: Node, roster: Roster) -> None:
     """Give an aggregator its children's claim bounds from ``roster`` (at the start and for
-    each newer roster); under ``weighting = "examples"``, warn of what is undeclared."""
+    each newer roster); under ``weighting = "examples"``, warn of what is undeclared. The
+    node's secure-aggregation keys take the newer roster's keys too."""
+    keys = secagg_keys_of(node)
+    if isinstance(keys, RosterSecAggKeys):
+        keys.update_roster(roster)
     if not isinstance(node, AggregatorBase):
         return
     bounds = children_claim_bounds(cfg, roster, node.children)
@@ -213,6 +228,16 @@ def node_options(cfg: DaemonConfig) -> NodeOptions:
     )
 
 
+def secagg_keys(cfg: DaemonConfig, roster: Roster) -> RosterSecAggKeys | None:
+    """``[secure_aggregation]``'s keys: the node's identity and the roster's keys (a peer
+    the roster lacks is refused by the member or coordinator when a seal names it)."""
+    if not cfg.secure_aggregation.enabled:
+        return None
+    from fedloom.runtime.identity import load_identity
+
+    return RosterSecAggKeys(cfg.node_id, load_identity(cfg), roster)
+
+
 def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> Node:
     """A fresh state machine for ``cfg.role`` (not restored), built by
     ``federation.factory.build_node`` from the config's parameters and the roster."""
@@ -248,6 +273,8 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
             n_examples=n_examples_of(plan),
             bounds=bounds,
             options=node_options(cfg),
+            secagg=cfg.secure_aggregation,
+            secagg_keys=secagg_keys(cfg, roster),
         )
     except ValueError as exc:
         # The factory refuses parameters that do not fit the roster (synchronous rounds

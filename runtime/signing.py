@@ -73,7 +73,14 @@ from fedloom.transport.limits import Limits, ModelLayout
 from fedloom.transport.relay import RelayInbox, RelaySender
 from fedloom.transport.roster import Roster
 from fedloom.transport.tensors import CodecSpec
-from fedloom.transport.wire import Message, ModelBroadcast, Relayed, TrainRequest, Update
+from fedloom.transport.wire import (
+    MaskedUpdate,
+    Message,
+    ModelBroadcast,
+    Relayed,
+    TrainRequest,
+    Update,
+)
 
 __all__ = ["KEEP_VERSIONS", "EndToEnd", "ModelProof", "Report"]
 
@@ -172,6 +179,8 @@ class EndToEnd(EndToEndCore):
                 if msg.src != self.node_id:
                     return msg  # not ours: sent as is, and refused by a verifying peer
                 return self.signed_update(msg, peer, await _digest(msg.delta, spec))
+            if type(msg) is MaskedUpdate:  # secure aggregation: signed like an update
+                return self.signed_masked(msg, peer) if msg.src == self.node_id else msg
             if type(msg) is TrainRequest or type(msg) is ModelBroadcast:
                 return await self._seal_model(msg, spec)
         except (ValueError, TypeError) as exc:
@@ -258,6 +267,8 @@ class EndToEnd(EndToEndCore):
             if type(msg) is Update:
                 self.precheck_update(msg, peer)
                 self.verify_update(msg, await _digest(msg.delta, None))
+            elif type(msg) is MaskedUpdate:
+                self.check_masked(msg, peer)
             elif type(msg) is TrainRequest or type(msg) is ModelBroadcast:
                 self.precheck_model(msg, peer)
                 self.accept_model(msg, await _digest(msg.weights, None))

@@ -29,6 +29,7 @@ from fedloom.federation.factory import (
     node_params,
     plan_neighbours,
 )
+from fedloom.federation.secagg_keys import derived_secagg_keys
 from fedloom.federation.seeds import entity_rng
 from fedloom.federation.training import WorkloadTrainer
 from fedloom.sim.availability import Availability, Death
@@ -144,6 +145,9 @@ def build_nodes(
     counts = region_count_bounds(plan, arm.params.regional_buffer_size)
     most_examples = max(n_examples.values(), default=0)
     options = NodeOptions(durable=durable)
+    secagg = arm.secure_aggregation
+    # Secure aggregation runs the real cryptography on keys derived from the seed.
+    keys = derived_secagg_keys([s.id for s in plan.nodes], seed) if secagg.enabled else {}
     nodes: dict[str, Node] = {}
     for spec in plan.nodes:
         neighbours = plan_neighbours(plan, spec.id)
@@ -168,6 +172,8 @@ def build_nodes(
             n_examples=n_examples.get(spec.id, 0),
             bounds=bounds,
             options=options,
+            secagg=secagg,
+            secagg_keys=keys.get(spec.id),
         )
     return nodes
 
