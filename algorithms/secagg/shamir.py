@@ -9,9 +9,15 @@ Lagrange interpolation; any t - 1 shares are uniformly distributed whatever the 
 The aggregator reconstructs many secrets from the same members' shares, so the
 interpolation weights are computed once per set of x's (``lagrange_at_zero``) and reused
 (``combine``: t multiplications per secret). Every parser is total: a malformed share is a
-``ShareError`` (a ``ValueError``), never another exception. A reconstruction that is not a
-256-bit number means some share was wrong (a random error lands below 2^256 with
-probability 2^-265): ``ShareError`` too.
+``ShareError`` (a ``ValueError``), never another exception.
+
+Wrong shares. A reconstruction that is not a 256-bit number means some share was wrong,
+but that catches only random errors: a member that adds a small δ to its share shifts the
+secret by λ·δ, still a valid-looking seed, and the unmasked sum becomes garbage. So
+``reconstruct`` given more than t shares also checks that every extra share lies on the
+polynomial the first t define (``ShareError`` "inconsistent" otherwise), and
+``robust_reconstruct`` finds the secret and the wrong shares (Berlekamp-Welch) when at
+most (m - t) / 2 of m shares are wrong: the caller then knows whom to blame and exclude.
 """
 
 from __future__ import annotations
@@ -95,9 +101,9 @@ def _check_x(x: object, n: int | None) -> int:
     return x
 
 
-def lagrange_at_zero(xs: Sequence[int], n: int | None = None) -> list[int]:
-    """The weights λ_k with f(0) = Σ λ_k f(x_k) for any polynomial f of degree < len(xs):
-    λ_k = Π_{j≠k} x_j / (x_j - x_k) mod p. ``xs`` must be distinct ints in 1..n
+def lagrange_at(xs: Sequence[int], at: int, n: int | None = None) -> list[int]:
+    """The weights λ_k with f(at) = Σ λ_k f(x_k) for any polynomial f of degree < len(xs):
+    λ_k = Π_{j≠k} (x_j - at) / (x_j - x_k) mod p. ``xs`` must be distinct ints in 1..n
     (``ShareError`` otherwise)."""
     checked = [_check_x(x, n) for x in xs]
     if len(set(checked)) != len(checked):
@@ -110,10 +116,26 @@ def lagrange_at_zero(xs: Sequence[int], n: int | None = None) -> list[int]:
         den = 1
         for j, xj in enumerate(checked):
             if j != k:
-                num = num * xj % PRIME
+                num = num * (xj - at) % PRIME
                 den = den * (xj - xk) % PRIME
         coeffs.append(num * pow(den, -1, PRIME) % PRIME)
     return coeffs
+
+
+def lagrange_at_zero(xs: Sequence[int], n: int | None = None) -> list[int]:
+    """The weights λ_k with f(0) = Σ λ_k f(x_k) (see ``lagrange_at``): compute them once
+    per set of x's and ``combine`` every secret shared at those x's."""
+    return lagrange_at(xs, 0, n)
+
+
+def _to_secret(value: int) -> bytes:
+    if value >= _SECRET_LIMIT:
+        raise ShareError("shares are inconsistent: the reconstruction is not a 32-byte secret")
+    return value.to_bytes(SECRET_BYTES, "big")
+
+
+def _dot(coeffs: Sequence[int], ys: Sequence[int]) -> int:
+    return sum(c * y for c, y in zip(coeffs, ys, strict=True)) % PRIME
 
 
 def combine(coeffs: Sequence[int], shares: Sequence[bytes]) -> bytes:
@@ -121,23 +143,140 @@ def combine(coeffs: Sequence[int], shares: Sequence[bytes]) -> bytes:
     order); ``ShareError`` for a malformed share or a result that is not 32 bytes."""
     if len(coeffs) != len(shares):
         raise ShareError(f"{len(shares)} share(s) for {len(coeffs)} coefficient(s)")
-    acc = 0
-    for c, share in zip(coeffs, shares, strict=True):
-        acc += c * parse_share(share)
-    secret = acc % PRIME
-    if secret >= _SECRET_LIMIT:
-        raise ShareError("shares are inconsistent: the reconstruction is not a 32-byte secret")
-    return secret.to_bytes(SECRET_BYTES, "big")
+    return _to_secret(_dot(coeffs, [parse_share(share) for share in shares]))
+
+
+class Reconstructor:
+    """Rebuilds many secrets shared at the same x's (the members that answered), with
+    every share beyond the first ``t`` checked against the polynomial the first ``t``
+    define. Weights are computed once, in the constructor."""
+
+    __slots__ = ("_check", "_zero", "t", "xs")
+
+    def __init__(self, xs: Sequence[int], t: int, n: int | None = None) -> None:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ShareError(f"threshold t must be an int >= 1, got {t!r}")
+        checked = [_check_x(x, n) for x in xs]
+        if len(set(checked)) != len(checked):
+            raise ShareError("duplicate share index x")
+        if len(checked) < t:
+            raise ShareError(f"{len(checked)} share(s), {t} needed")
+        self.t = t
+        self.xs = tuple(checked)
+        base = checked[:t]
+        self._zero = lagrange_at(base, 0)
+        self._check = [lagrange_at(base, x) for x in checked[t:]]
+
+    def __call__(self, shares: Sequence[bytes]) -> bytes:
+        """The secret from ``shares`` (one per x, in the constructor's order);
+        ``ShareError`` for a malformed share or shares that are not on one polynomial of
+        degree < t."""
+        if len(shares) != len(self.xs):
+            raise ShareError(f"{len(shares)} share(s) for {len(self.xs)} index(es)")
+        ys = [parse_share(share) for share in shares]
+        base = ys[: self.t]
+        for k, weights in enumerate(self._check):
+            if _dot(weights, base) != ys[self.t + k]:
+                raise ShareError(
+                    f"shares are inconsistent: the share for x = {self.xs[self.t + k]} is not "
+                    f"on the polynomial of the others (or one of those is wrong)"
+                )
+        return _to_secret(_dot(self._zero, base))
 
 
 def reconstruct(shares: Mapping[int, bytes], t: int, n: int | None = None) -> bytes:
-    """The secret from ``shares`` (x -> share bytes): the ``t`` shares with the smallest x
-    are used. ``ShareError`` for fewer than ``t`` shares, an x outside 1..n (``n`` defaults
-    to the largest possible), a malformed share, or an inconsistent result."""
+    """The secret from ``shares`` (x -> share bytes), using all of them: the ``t`` with the
+    smallest x interpolate, the rest must agree. ``ShareError`` for fewer than ``t``
+    shares, an x outside 1..n (``n`` defaults to the largest possible), a malformed share,
+    or inconsistent shares (``robust_reconstruct`` then finds the wrong ones)."""
+    xs = sorted(_check_x(x, n) for x in shares)
+    return Reconstructor(xs, t, n)([shares[x] for x in xs])
+
+
+def _solve(rows: list[list[int]], unknowns: int) -> list[int] | None:
+    """A solution of the augmented system ``rows`` mod p (free variables set to 0), or
+    None if it has none."""
+    m = [list(r) for r in rows]
+    pivots: list[int] = []
+    r = 0
+    for col in range(unknowns):
+        pivot = next((i for i in range(r, len(m)) if m[i][col] % PRIME), None)
+        if pivot is None:
+            continue
+        m[r], m[pivot] = m[pivot], m[r]
+        inv = pow(m[r][col], -1, PRIME)
+        m[r] = [v * inv % PRIME for v in m[r]]
+        for i in range(len(m)):
+            if i != r and m[i][col]:
+                f = m[i][col]
+                m[i] = [(a - f * b) % PRIME for a, b in zip(m[i], m[r], strict=True)]
+        pivots.append(col)
+        r += 1
+        if r == len(m):
+            break
+    if any(row[unknowns] % PRIME for row in m[r:]):
+        return None
+    solution = [0] * unknowns
+    for i, col in enumerate(pivots):
+        solution[col] = m[i][unknowns]
+    return solution
+
+
+def _poly_divide(num: list[int], den: list[int]) -> tuple[list[int], bool]:
+    """``num / den`` (coefficients constant term first; ``den`` monic): (quotient, exact)."""
+    rem = list(num)
+    quotient = [0] * max(len(num) - len(den) + 1, 1)
+    for shift in range(len(num) - len(den), -1, -1):
+        coef = rem[shift + len(den) - 1]
+        quotient[shift] = coef
+        if coef:
+            for k, d in enumerate(den):
+                rem[shift + k] = (rem[shift + k] - coef * d) % PRIME
+    return quotient, not any(rem)
+
+
+def _evaluate(poly: Sequence[int], x: int) -> int:
+    y = 0
+    for c in reversed(poly):
+        y = (y * x + c) % PRIME
+    return y
+
+
+def robust_reconstruct(
+    shares: Mapping[int, bytes], t: int, n: int | None = None
+) -> tuple[bytes, list[int]]:
+    """``(secret, wrong)``: the secret and the x's whose shares are wrong, correct when at
+    most ``(len(shares) - t) // 2`` shares are wrong (Berlekamp-Welch). ``ShareError`` for
+    malformed input, or more wrong shares than that. Costs a Gaussian elimination of
+    ~len(shares) unknowns: use it to find whom to exclude, then ``Reconstructor``."""
     if isinstance(t, bool) or not isinstance(t, int) or t < 1:
         raise ShareError(f"threshold t must be an int >= 1, got {t!r}")
     xs = sorted(_check_x(x, n) for x in shares)
     if len(xs) < t:
         raise ShareError(f"{len(xs)} share(s), {t} needed")
-    chosen = xs[:t]
-    return combine(lagrange_at_zero(chosen, n), [shares[x] for x in chosen])
+    ys = [parse_share(shares[x]) for x in xs]
+    for e in range((len(xs) - t) // 2, -1, -1):
+        # Q(x) = y E(x) at every point, E monic of degree e, deg Q < t + e: unknowns are
+        # E's e low coefficients then Q's t + e coefficients.
+        rows = []
+        for x, y in zip(xs, ys, strict=True):
+            powers = [pow(x, k, PRIME) for k in range(t + e)]
+            row = [y * powers[k] % PRIME for k in range(e)]
+            row += [(-p) % PRIME for p in powers]
+            row.append((-y * pow(x, e, PRIME)) % PRIME)
+            rows.append(row)
+        solution = _solve(rows, 2 * e + t)
+        if solution is None:
+            continue
+        error_poly = [*solution[:e], 1]
+        poly, exact = _poly_divide(solution[e:], error_poly)
+        if not exact or any(poly[t:]):
+            continue
+        wrong = [x for x, y in zip(xs, ys, strict=True) if _evaluate(poly, x) != y]
+        if len(wrong) > (len(xs) - t) // 2:
+            continue
+        return _to_secret(poly[0] if poly else 0), wrong
+    raise ShareError(
+        f"shares are inconsistent beyond repair: more than {(len(xs) - t) // 2} of "
+        f"{len(xs)} are wrong"
+    )
