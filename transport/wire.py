@@ -207,12 +207,14 @@ class SecAggJoin:
 
 @dataclass(frozen=True, slots=True)
 class SecAggSeal:
-    """The aggregator sealed cohort ``cohort`` of ``members``: upload within ``deadline_s``
+    """The aggregator sealed cohort ``cohort`` of ``members`` (with the ``seqs`` of the
+    updates they joined with; masks are bound to them): upload within ``deadline_s``
     seconds, encoded with ``clip``/``precision_bits``/``weight_cap`` (and per-member
     discrete Gaussian noise of ``noise_sigma``); reveals need ``threshold`` members."""
 
     cohort: bytes
     members: tuple[str, ...]
+    seqs: tuple[int, ...]  # the update each member joined with (members[k] -> seqs[k])
     threshold: int
     clip: float
     precision_bits: int
@@ -366,7 +368,7 @@ _ID_BYTES = 130  # a node id (at most 128 ASCII characters) as one msgpack str
 MAX_BUNDLE_BYTES = 1024 + (_ID_BYTES + SHARE_BYTES + 4) * MAX_COHORT
 # A reveal names at most |U| * |D| <= N**2 / 4 pairwise shares.
 MAX_PAIR_SHARES = MAX_COHORT * MAX_COHORT // 4
-_COHORT, _NAMES, _DATA = "cohort", "names", "data"
+_COHORT, _NAMES, _DATA, _SEQS = "cohort", "names", "data", "seqs"
 _BUNDLES, _SIGS, _SHARES, _PAIR_SHARES = "bundles", "sigs", "shares", "pair_shares"
 # (arity, exact bin length or None, max bin length, max entries) of each named-bin kind.
 _NAMED_BINS: dict[str, tuple[int, int | None, int, int]] = {
@@ -459,6 +461,7 @@ _SCHEMAS: dict[type, _Schema] = {
         SecAggSeal,
         ("cohort", _COHORT),
         ("members", _NAMES),
+        ("seqs", _SEQS),
         ("threshold", _INT),
         ("clip", _FLOAT),
         ("precision_bits", _INT),
@@ -555,6 +558,10 @@ def encode(msg: Message, spec: CodecSpec = DEFAULT_SPEC) -> bytes:
             buf_size = max(buf_size, len(value) + _PACK_BUF_SIZE)
         elif kind == _NAMES:
             env[name] = _plain_names(schema.name, name, value)
+        elif kind == _SEQS:
+            env[name] = [int(operator.index(v)) for v in value]
+            if len(env[name]) > MAX_COHORT or min(env[name], default=1) < 1:
+                raise ValueError(f"{schema.name}.{name}: at most {MAX_COHORT} ints >= 1")
         elif kind in _NAMED_BINS:
             env[name] = _plain_named_bins(schema.name, name, value, kind)
         else:
@@ -696,6 +703,13 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = _DEFAULT_LIMIT
             _check_data(schema.name, name, value, limits)
         elif kind == _NAMES:
             _check_names(schema.name, name, value)
+        elif kind == _SEQS:
+            if type(value) is not tuple or len(value) > MAX_COHORT:
+                raise MalformedMessage(
+                    f"{schema.name}.{name} must be an array of {MAX_COHORT} ints at most"
+                )
+            if not all(type(v) is int and v >= 1 for v in value):
+                raise MalformedMessage(f"{schema.name}.{name} entries must be ints >= 1")
         elif kind in _NAMED_BINS:
             _check_named_bins(schema.name, name, value, kind)
         else:

@@ -1,0 +1,105 @@
+"""What the cohort protocol's two sides (``member`` and ``coordinator``) must agree on.
+
+* ``threshold(n, min_cohort)``: t = max(min_cohort, floor(n / 2) + 1).
+* ``member_pair_context``: the context of a pair seed. The spec's ``keys.pair_context``
+  (label, aggregator, cohort id, both ids) extended with the two members' update seqs as
+  sealed (``SecAggSeal.seqs``). A site never uploads the same seq twice, so the masks of
+  two uploads can never be equal, even when an aggregator replays a cohort id long after
+  its members forgot it (their records are bounded): no difference of two updates of one
+  member can be unmasked.
+* ``view_message``: the bytes a member signs for a view (aggregator, cohort, survivors and
+  dropped, each sorted), so the signature is bound to one view of one cohort.
+* ``refused``: the Metric + Log pair every refusal emits (metric ``secagg_refused{reason}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import msgpack
+
+from fedloom.algorithms.protocol import Effect, Log, Metric
+from fedloom.algorithms.secagg.keys import pair_context
+
+VIEW_LABEL = "fedloom/secagg/view"
+MIN_COHORT_FLOOR = 2  # a cohort of one would hand its member's update to the aggregator
+
+
+def threshold(n: int, min_cohort: int) -> int:
+    """t = max(min_cohort, n // 2 + 1): a strict majority, never below ``min_cohort``."""
+    return max(min_cohort, n // 2 + 1)
+
+
+def member_pair_context(
+    aggregator: str, cohort: bytes, a: str, seq_a: int, b: str, seq_b: int
+) -> bytes:
+    """``pair_context(aggregator, cohort, a, b)`` followed by the seqs of the lower and the
+    higher id (symmetric in the two members)."""
+    lo, hi = (seq_a, seq_b) if a < b else (seq_b, seq_a)
+    tail: bytes = msgpack.packb([lo, hi])
+    return pair_context(aggregator, cohort, a, b) + tail
+
+
+def view_message(
+    aggregator: str, cohort: bytes, survivors: Iterable[str], dropped: Iterable[str]
+) -> bytes:
+    """The canonical bytes of view (``survivors``, ``dropped``) of ``aggregator``'s
+    ``cohort`` (each list sorted: the order a message uses does not matter)."""
+    packed: bytes = msgpack.packb(
+        [VIEW_LABEL, aggregator, cohort, sorted(survivors), sorted(dropped)], use_bin_type=True
+    )
+    return packed
+
+
+def check_view(
+    members: Iterable[str], t: int, survivors: Iterable[str], dropped: Iterable[str]
+) -> str | None:
+    """Why a view of a cohort of ``members`` with threshold ``t`` is unacceptable, or
+    None: survivors and dropped must be disjoint, together exactly the members, and at
+    least ``t`` members must have survived."""
+    u, d, m = list(survivors), list(dropped), set(members)
+    if len(set(u)) != len(u) or len(set(d)) != len(d):
+        return "view_repeats"
+    if set(u) & set(d):
+        return "view_overlap"
+    if set(u) | set(d) != m or len(u) + len(d) != len(m):
+        return "view_members"
+    if len(u) < t:
+        return "view_too_few"
+    return None
+
+
+def refused(reason: str, text: str, fields: Mapping[str, Any] | None = None) -> list[Effect]:
+    """Metric ``secagg_refused{reason}`` and a warning Log saying why."""
+    return [
+        Metric("secagg_refused", 1.0, {"reason": reason}),
+        Log("warning", text, {"reason": reason, **(fields or {})}),
+    ]
+
+
+def byte_stream(seed: bytes) -> Callable[[int], bytes]:
+    """``randbytes(k)`` drawing from BLAKE2b(key=seed, counter): polynomial coefficients
+    for Shamir come from a 32-byte ``SecAggKeys.fresh_secret()`` (os.urandom in daemons),
+    never from the node's statistical rng."""
+    counter = 0
+    buf = bytearray()
+
+    def randbytes(k: int) -> bytes:
+        nonlocal counter
+        while len(buf) < k:
+            buf.extend(
+                hashlib.blake2b(counter.to_bytes(8, "little"), digest_size=64, key=seed).digest()
+            )
+            counter += 1
+        out = bytes(buf[:k])
+        del buf[:k]
+        return out
+
+    return randbytes
+
+
+def digest(data: bytes) -> bytes:
+    """BLAKE2b-256 of ``data`` (what a member records of what it uploaded)."""
+    return hashlib.blake2b(data, digest_size=32).digest()

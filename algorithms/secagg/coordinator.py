@@ -1,0 +1,726 @@
+"""The aggregator side of cohort-sealed secure aggregation: ``SecAggCoordinator`` (pure).
+
+One per secure aggregator (FedBuff root or region, sync root). Its host feeds it the
+secure-aggregation messages and link events and applies what it yields:
+
+1. Formation: ``on_join`` queues ``SecAggJoin``s (at most ``MAX_JOINS_PER_SITE`` per
+   site). A cohort is sealed when ``cohort_size`` (N) distinct sites wait, or when
+   ``form_wait_s`` passed since the oldest waiting join and at least t(N) sites wait (a
+   smaller cohort, its own t = max(min_cohort, n // 2 + 1)). At most ``max_inflight``
+   cohorts are open at once (the host passes ``concurrency // N + 1``). The seal is
+   recorded (``Persist`` to ``COORDINATOR_LOG_KEY``) before any ``SecAggSeal`` is sent.
+2. Upload: each member's ``MaskedUpdate`` is checked (member, the seq it was sealed with,
+   the joined metadata, exactly (d + 1) * 4 bytes, one bundle for every other member) and
+   added into one running uint32 sum (no per-member vectors are kept). The phase ends when
+   every member uploaded or went down, or at ``upload_timeout_s``.
+3. View: U = uploaded, D = the rest; fewer than t uploads aborts. ``SecAggView`` goes to
+   every member; the first t valid signatures (``SecAggViewSig``) start the reveal.
+4. Unmask: each survivor gets ``SecAggUnmask`` (the signatures and the bundles addressed
+   to it). From ``SecAggShares`` answers the coordinator rebuilds b_j (j ∈ U) and s_ij
+   (i ∈ U, j ∈ D) from t shares each; a share set that does not rebuild a 32-byte secret
+   (a wrong share almost surely does not) is retried on other t-subsets of the answers.
+   As soon as every secret is rebuilt it strips the masks, decodes Σ w_i x_i and Σ w_i and
+   yields a ``CohortResult`` (``take_results()``). Views and reveals share one deadline,
+   ``unmask_timeout_s`` after the view.
+5. Fewer than t uploads, signatures or usable answers by a deadline (or as soon as that
+   can no longer change) -> ``SecAggAbort`` to the members, metric
+   ``secagg_cohort_aborted{reason}``, nothing yielded.
+
+Peer input never raises: malformed, duplicate, late or misaddressed messages are counted
+(``secagg_refused{reason}``, ``secagg_duplicate``, ``secagg_late``) and ignored; a member
+whose share answer is malformed is treated as not answering.
+
+Durability: nothing of a cohort's data survives a restart. The log records which cohorts
+were opened and closed; after ``restore`` every cohort still open is an orphan, and
+``on_peer_up(member)`` sends that member ``SecAggAbort(reason="restart")`` (members that
+had uploaded drop the update, the others join again).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
+from fedloom.algorithms.secagg.cohort import (
+    MIN_COHORT_FLOOR,
+    refused,
+    threshold,
+    view_message,
+)
+from fedloom.algorithms.secagg.field import FieldSpec, check_capacity, decode_sum, template_size
+from fedloom.algorithms.secagg.keys import SecAggCryptoError, SecAggKeys
+from fedloom.algorithms.secagg.masking import unmask_sum
+from fedloom.algorithms.secagg.shamir import ShareError, combine, lagrange_at_zero, parse_share
+from fedloom.transport.wire import (
+    MAX_COHORT,
+    MaskedUpdate,
+    SecAggAbort,
+    SecAggJoin,
+    SecAggSeal,
+    SecAggShares,
+    SecAggUnmask,
+    SecAggView,
+    SecAggViewSig,
+)
+
+__all__ = [
+    "COORDINATOR_LOG_KEY",
+    "MAX_JOINS_PER_SITE",
+    "CohortResult",
+    "SecAggCoordinator",
+    "Survivor",
+]
+
+COORDINATOR_LOG_KEY = "secagg/cohorts"
+MAX_JOINS_PER_SITE = 8
+COHORT_ID_BYTES = 16
+
+U32 = npt.NDArray[np.uint32]
+
+
+class Survivor(NamedTuple):
+    """A member whose update is in a cohort's sum."""
+
+    site: str
+    seq: int
+    base_version: int
+    n_examples: int
+
+
+@dataclass(frozen=True, slots=True)
+class CohortResult:
+    """A completed cohort: ``total`` = Σ_{i∈U} w_i x_i (decoded), ``weight_sum`` = Σ w_i."""
+
+    cohort: bytes
+    members: tuple[str, ...]
+    survivors: tuple[Survivor, ...]
+    total: Weights
+    weight_sum: float
+
+    @property
+    def count(self) -> int:
+        return len(self.survivors)
+
+    @property
+    def n_examples(self) -> int:
+        return sum(s.n_examples for s in self.survivors)
+
+    @property
+    def pairs(self) -> tuple[tuple[str, int], ...]:
+        return tuple((s.site, s.seq) for s in self.survivors)
+
+
+@dataclass(slots=True)
+class _Join:
+    site: str
+    seq: int
+    base_version: int
+    n_examples: int
+    task: int
+    at: float
+
+
+@dataclass(slots=True)
+class _Cohort:
+    cid: bytes
+    members: tuple[str, ...]
+    joins: dict[str, _Join]
+    t: int
+    seal: SecAggSeal
+    deadline: float
+    phase: str = "upload"  # upload -> view -> unmask
+    acc: U32 | None = None
+    uploaded: dict[str, Survivor] = field(default_factory=dict)
+    bundles: dict[str, dict[str, bytes]] = field(default_factory=dict)  # recipient -> owner
+    down: set[str] = field(default_factory=set)
+    survivors: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    view: bytes = b""
+    sigs: dict[str, bytes] = field(default_factory=dict)
+    asked: set[str] = field(default_factory=set)
+    answers: dict[str, tuple[dict[str, bytes], dict[tuple[str, str], bytes]]] = field(
+        default_factory=dict
+    )
+    bad: set[str] = field(default_factory=set)  # answered with malformed shares
+    badsig: set[str] = field(default_factory=set)  # signed with an invalid signature
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class SecAggCoordinator:
+    """The aggregator side of secure aggregation (see the module docstring)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        keys: SecAggKeys,
+        *,
+        cohort_size: int,
+        min_cohort: int = 5,
+        clip: float = 1.0,
+        precision_bits: int = 16,
+        weight_cap: int = 1,
+        noise_sigma: float = 0.0,
+        form_wait_s: float = 30.0,
+        upload_timeout_s: float = 300.0,
+        unmask_timeout_s: float = 60.0,
+        rng: np.random.Generator,
+        max_inflight: int = 1,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id must be non-empty")
+        for name, v in (("cohort_size", cohort_size), ("min_cohort", min_cohort)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an int, got {v!r}")
+        if min_cohort < MIN_COHORT_FLOOR:
+            raise ValueError(f"min_cohort must be >= {MIN_COHORT_FLOOR}, got {min_cohort}")
+        if not min_cohort <= cohort_size <= MAX_COHORT:
+            raise ValueError(
+                f"cohort_size must be from min_cohort ({min_cohort}) to {MAX_COHORT}, "
+                f"got {cohort_size}"
+            )
+        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
+            raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
+        self.spec = FieldSpec(clip, precision_bits, weight_cap)
+        check_capacity(cohort_size, clip, precision_bits, noise_sigma)
+        self.node_id = node_id
+        self._keys = keys
+        self._rng = rng
+        self.cohort_size = cohort_size
+        self.min_cohort = min_cohort
+        self.noise_sigma = float(noise_sigma)
+        self.form_wait_s = _positive("form_wait_s", form_wait_s)
+        self.upload_timeout_s = _positive("upload_timeout_s", upload_timeout_s)
+        self.unmask_timeout_s = _positive("unmask_timeout_s", unmask_timeout_s)
+        self.max_inflight = max_inflight
+        self._template: Weights | None = None
+        self._d = 0
+        self._waiting: OrderedDict[tuple[str, int], _Join] = OrderedDict()
+        self._cohorts: dict[bytes, _Cohort] = {}
+        self._in_cohort: dict[tuple[str, int], bytes] = {}
+        self._orphans: dict[bytes, set[str]] = {}
+        self._results: list[CohortResult] = []
+        self._lagrange: dict[tuple[int, ...], list[int]] = {}
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def threshold(self) -> int:
+        """t of a full cohort."""
+        return threshold(self.cohort_size, self.min_cohort)
+
+    def set_template(self, weights: Weights) -> None:
+        """The model's tensors (names, shapes, dtypes): what sums decode into."""
+        self._template = {k: np.asarray(v) for k, v in weights.items()}
+        self._d = template_size(self._template)
+
+    def take_results(self) -> list[CohortResult]:
+        """Cohorts completed since the last call (oldest first)."""
+        out, self._results = self._results, []
+        return out
+
+    def waiting(self) -> int:
+        """Joins waiting for a cohort."""
+        return len(self._waiting)
+
+    def open_cohorts(self) -> list[bytes]:
+        return list(self._cohorts)
+
+    def next_deadline(self) -> float | None:
+        times = [c.deadline for c in self._cohorts.values()]
+        if (
+            self._waiting
+            and self._template is not None
+            and len(self._cohorts) < self.max_inflight
+            and len(self._waiting_sites()) >= self.threshold
+        ):
+            times.append(next(iter(self._waiting.values())).at + self.form_wait_s)
+        return min(times, default=None)
+
+    # ---------------------------------------------------------------- formation
+
+    def _waiting_sites(self) -> list[_Join]:
+        """The oldest waiting join of each site, oldest first."""
+        seen: dict[str, _Join] = {}
+        for join in self._waiting.values():
+            seen.setdefault(join.site, join)
+        return list(seen.values())
+
+    def on_join(self, peer: str, msg: SecAggJoin, now: float) -> list[Effect]:
+        fields = {"site": peer, "seq": msg.seq}
+        if msg.src != peer:
+            return refused("src_mismatch", "secure aggregation: join under another name", fields)
+        if msg.seq < 1 or msg.n_examples < 0:
+            return refused("bad_join", "secure aggregation: join with seq < 1 or n < 0", fields)
+        key = (peer, msg.seq)
+        cid = self._in_cohort.get(key)
+        if cid is not None:
+            cohort = self._cohorts.get(cid)
+            if cohort is not None and cohort.phase == "upload" and peer not in cohort.uploaded:
+                # The site lost its seal (a reconnect): send it again.
+                cohort.down.discard(peer)
+                return [
+                    Send(peer, cohort.seal),
+                    Metric("secagg_duplicate", 1.0, {"kind": "join_resealed"}),
+                ]
+            return [Metric("secagg_duplicate", 1.0, {"kind": "join"})]
+        if key in self._waiting:
+            return [Metric("secagg_duplicate", 1.0, {"kind": "join"})]
+        if sum(1 for site, _ in self._waiting if site == peer) >= MAX_JOINS_PER_SITE:
+            return refused(
+                "too_many_joins",
+                f"secure aggregation: {MAX_JOINS_PER_SITE} joins of this site already wait",
+                fields,
+            )
+        self._waiting[key] = _Join(peer, msg.seq, msg.base_version, msg.n_examples, msg.task, now)
+        return [Metric("secagg_joined", 1.0), *self._try_seal(now)]
+
+    def _try_seal(self, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        while self._template is not None and len(self._cohorts) < self.max_inflight:
+            sites = self._waiting_sites()
+            if len(sites) >= self.cohort_size:
+                out.extend(self._seal(sites[: self.cohort_size], now))
+            elif len(sites) >= self.threshold and now >= sites[0].at + self.form_wait_s:
+                out.extend(self._seal(sites, now))
+            else:
+                break
+        return out
+
+    def _seal(self, joins: Sequence[_Join], now: float) -> list[Effect]:
+        members = tuple(j.site for j in joins)
+        n = len(members)
+        t = threshold(n, self.min_cohort)
+        cid = self._rng.bytes(COHORT_ID_BYTES)
+        while cid in self._cohorts or cid in self._orphans:
+            cid = self._rng.bytes(COHORT_ID_BYTES)
+        seal = SecAggSeal(
+            cohort=cid,
+            members=members,
+            seqs=tuple(j.seq for j in joins),
+            threshold=t,
+            clip=self.spec.clip,
+            precision_bits=self.spec.precision_bits,
+            weight_cap=self.spec.weight_cap,
+            deadline_s=self.upload_timeout_s,
+            noise_sigma=self.noise_sigma,
+        )
+        cohort = _Cohort(
+            cid=cid,
+            members=members,
+            joins={j.site: j for j in joins},
+            t=t,
+            seal=seal,
+            deadline=now + self.upload_timeout_s,
+        )
+        self._cohorts[cid] = cohort
+        for j in joins:
+            del self._waiting[(j.site, j.seq)]
+            self._in_cohort[(j.site, j.seq)] = cid
+        out: list[Effect] = [
+            Persist(
+                COORDINATOR_LOG_KEY, {"op": "open", "cohort": cid, "members": members}, append=True
+            )
+        ]
+        out.extend(Send(m, seal) for m in members)
+        out.append(Metric("secagg_cohort_sealed", 1.0, {"members": str(n)}))
+        out.append(
+            Log(
+                "info",
+                "secure aggregation: cohort sealed",
+                {"cohort": cid.hex(), "members": n, "threshold": t},
+            )
+        )
+        return out
+
+    # ------------------------------------------------------------------ upload
+
+    def _cohort(
+        self, peer: str, cid: bytes, phase: str, what: str
+    ) -> tuple[_Cohort | None, list[Effect]]:
+        cohort = self._cohorts.get(cid)
+        if cohort is None or cohort.phase != phase:
+            return None, [Metric("secagg_late", 1.0, {"kind": what})]
+        if peer not in cohort.members:
+            return None, refused(
+                "not_member",
+                f"secure aggregation: {what} from a site outside the cohort",
+                {"site": peer, "cohort": cid.hex()},
+            )
+        return cohort, []
+
+    def on_masked(self, peer: str, msg: MaskedUpdate, now: float) -> list[Effect]:
+        if msg.src != peer:
+            return refused(
+                "src_mismatch",
+                "secure aggregation: masked update under another name",
+                {"site": peer},
+            )
+        cohort, bad = self._cohort(peer, msg.cohort, "upload", "masked")
+        if cohort is None:
+            return bad
+        fields = {"site": peer, "seq": msg.seq, "cohort": msg.cohort.hex()}
+        if peer in cohort.uploaded:
+            return [Metric("secagg_duplicate", 1.0, {"kind": "masked"})]
+        join = cohort.joins[peer]
+        if msg.seq != join.seq:
+            return refused(
+                "seq_mismatch", "secure aggregation: masked update of another seq", fields
+            )
+        if msg.base_version != join.base_version or msg.n_examples != join.n_examples:
+            return refused(
+                "metadata_mismatch",
+                "secure aggregation: masked update's base_version/n_examples differ from its join",
+                fields,
+            )
+        want = (self._d + 1) * 4
+        if len(msg.data) != want:
+            return refused(
+                "bad_length",
+                f"secure aggregation: masked update of {len(msg.data)} bytes, expected {want}",
+                fields,
+            )
+        recipients = [r for r, _ in msg.bundles]
+        others = set(cohort.members) - {peer}
+        if len(recipients) != len(others) or set(recipients) != others:
+            return refused(
+                "bad_bundles",
+                "secure aggregation: masked update without exactly one bundle per other member",
+                fields,
+            )
+        vec = np.frombuffer(msg.data, dtype="<u4")
+        if cohort.acc is None:
+            cohort.acc = vec.astype(np.uint32, copy=True)
+        else:
+            np.add(cohort.acc, vec, out=cohort.acc)
+        for recipient, boxed in msg.bundles:
+            cohort.bundles.setdefault(recipient, {})[peer] = boxed
+        cohort.uploaded[peer] = Survivor(peer, msg.seq, msg.base_version, msg.n_examples)
+        cohort.down.discard(peer)
+        out: list[Effect] = [Metric("secagg_masked_received", 1.0)]
+        if len(cohort.uploaded) == len(cohort.members):
+            out.extend(self._close_upload(cohort, now))
+        return out
+
+    def _close_upload(self, cohort: _Cohort, now: float) -> list[Effect]:
+        survivors = tuple(m for m in cohort.members if m in cohort.uploaded)
+        dropped = tuple(m for m in cohort.members if m not in cohort.uploaded)
+        if len(survivors) < cohort.t:
+            return self._abort(
+                cohort, "too_few_uploads", f"{len(survivors)} uploads, {cohort.t} needed"
+            )
+        cohort.phase = "view"
+        cohort.survivors, cohort.dropped = survivors, dropped
+        cohort.view = view_message(self.node_id, cohort.cid, survivors, dropped)
+        cohort.deadline = now + self.unmask_timeout_s
+        for key in [(m, cohort.joins[m].seq) for m in dropped]:
+            self._in_cohort.pop(key, None)  # a dropped member's update may join again
+        view = SecAggView(cohort=cohort.cid, survivors=survivors, dropped=dropped)
+        out: list[Effect] = [Send(m, view) for m in cohort.members if m not in cohort.down]
+        out.append(Metric("secagg_dropped", float(len(dropped))))
+        return [*out, *self._maybe_stuck(cohort)]
+
+    # -------------------------------------------------------------------- view
+
+    def on_view_sig(self, peer: str, msg: SecAggViewSig, now: float) -> list[Effect]:
+        cohort, bad = self._cohort(peer, msg.cohort, "view", "view_sig")
+        if cohort is None:
+            return bad
+        if peer in cohort.sigs:
+            return [Metric("secagg_duplicate", 1.0, {"kind": "view_sig"})]
+        try:
+            ok = self._keys.verify(peer, cohort.view, msg.sig)
+        except SecAggCryptoError:
+            ok = False
+        if not ok:
+            cohort.badsig.add(peer)
+            return [
+                *refused(
+                    "bad_signature",
+                    "secure aggregation: a view signature does not verify",
+                    {"site": peer, "cohort": cohort.cid.hex()},
+                ),
+                *self._maybe_stuck(cohort),
+            ]
+        cohort.sigs[peer] = msg.sig
+        if len(cohort.sigs) < cohort.t:
+            return []
+        cohort.phase = "unmask"
+        sigs = tuple(cohort.sigs.items())
+        out: list[Effect] = []
+        for m in cohort.survivors:
+            if m in cohort.down:
+                continue
+            held = cohort.bundles.get(m, {})
+            bundles = tuple((o, held[o]) for o in cohort.survivors if o != m and o in held)
+            out.append(
+                Send(
+                    m,
+                    SecAggUnmask(
+                        cohort=cohort.cid,
+                        survivors=cohort.survivors,
+                        dropped=cohort.dropped,
+                        sigs=sigs,
+                        bundles=bundles,
+                    ),
+                )
+            )
+            cohort.asked.add(m)
+        return [*out, *self._maybe_stuck(cohort)]
+
+    # ------------------------------------------------------------------ shares
+
+    def on_shares(self, peer: str, msg: SecAggShares, now: float) -> list[Effect]:
+        cohort, bad = self._cohort(peer, msg.cohort, "unmask", "shares")
+        if cohort is None:
+            return bad
+        fields = {"site": peer, "cohort": cohort.cid.hex()}
+        if peer not in cohort.asked:
+            return refused("not_asked", "secure aggregation: shares from a site not asked", fields)
+        if peer in cohort.answers or peer in cohort.bad:
+            return [Metric("secagg_duplicate", 1.0, {"kind": "shares"})]
+        survivors, dropped = set(cohort.survivors), set(cohort.dropped)
+        own: dict[str, bytes] = {}
+        pair: dict[tuple[str, str], bytes] = {}
+        problem = None
+        try:
+            for owner, share in msg.self_shares:
+                if owner not in survivors:
+                    problem = "a self-mask share of a member outside the survivors"
+                    break
+                parse_share(share)
+                own[owner] = share
+            for i, j, share in msg.pair_shares:
+                if problem is not None:
+                    break
+                if i not in survivors or j not in dropped:
+                    problem = "a pair share outside survivors x dropped"
+                    break
+                parse_share(share)
+                pair[(i, j)] = share
+        except (ShareError, TypeError, ValueError) as exc:
+            problem = str(exc)
+        if problem is not None:
+            cohort.bad.add(peer)
+            return [
+                *refused("bad_share", f"secure aggregation: shares refused: {problem}", fields),
+                *self._maybe_stuck(cohort),
+            ]
+        cohort.answers[peer] = (own, pair)
+        out: list[Effect] = [Metric("secagg_shares_received", 1.0)]
+        if len(cohort.answers) >= cohort.t:
+            out.extend(self._try_finish(cohort))
+        if cohort.cid in self._cohorts:
+            out.extend(self._maybe_stuck(cohort))
+        return out
+
+    def _recover(self, shares: list[tuple[int, bytes]], t: int) -> bytes | None:
+        """The secret from ``t`` of ``shares`` ((x, share), x ascending): the first t, else
+        every other cyclic window of t (one wrong share is skipped by some window)."""
+        n = len(shares)
+        if n < t:
+            return None
+        for start in range(n if n > t else 1):
+            chosen = [shares[(start + k) % n] for k in range(t)]
+            xs = tuple(x for x, _ in chosen)
+            coeffs = self._lagrange.get(xs)
+            if coeffs is None:
+                if len(self._lagrange) > 256:
+                    self._lagrange.clear()
+                coeffs = self._lagrange[xs] = lagrange_at_zero(list(xs))
+            try:
+                return combine(coeffs, [s for _, s in chosen])
+            except ShareError:
+                continue
+        return None
+
+    def _try_finish(self, cohort: _Cohort) -> list[Effect]:
+        index = {m: k + 1 for k, m in enumerate(cohort.members)}
+        answerers = sorted(cohort.answers, key=index.__getitem__)
+        self_seeds: list[bytes] = []
+        for j in cohort.survivors:
+            shares = [
+                (index[a], cohort.answers[a][0][j]) for a in answerers if j in cohort.answers[a][0]
+            ]
+            secret = self._recover(shares, cohort.t)
+            if secret is None:
+                return []
+            self_seeds.append(secret)
+        pair_seeds: list[tuple[str, str, bytes]] = []
+        for i in cohort.survivors:
+            for j in cohort.dropped:
+                shares = [
+                    (index[a], cohort.answers[a][1][(i, j)])
+                    for a in answerers
+                    if (i, j) in cohort.answers[a][1]
+                ]
+                secret = self._recover(shares, cohort.t)
+                if secret is None:
+                    return []
+                pair_seeds.append((i, j, secret))
+        assert cohort.acc is not None and self._template is not None  # t >= 2 uploads
+        total = unmask_sum([cohort.acc], self_seeds, pair_seeds)
+        weights, weight_sum = decode_sum(total, self.spec, self._template)
+        survivors = tuple(cohort.uploaded[m] for m in cohort.survivors)
+        self._results.append(
+            CohortResult(cohort.cid, cohort.members, survivors, weights, weight_sum)
+        )
+        self._forget(cohort)
+        return [
+            Persist(COORDINATOR_LOG_KEY, {"op": "close", "cohort": cohort.cid}, append=True),
+            Metric("secagg_cohort_completed", 1.0),
+            Metric("secagg_cohort_survivors", float(len(survivors))),
+            Log(
+                "info",
+                "secure aggregation: cohort unmasked",
+                {
+                    "cohort": cohort.cid.hex(),
+                    "survivors": len(survivors),
+                    "dropped": len(cohort.dropped),
+                },
+            ),
+        ]
+
+    # --------------------------------------------------------- failure and time
+
+    def _maybe_stuck(self, cohort: _Cohort) -> list[Effect]:
+        """After the upload: abort at once when no message still possible can complete
+        the phase (members down, signatures or answers refused); in the reveal, rebuild
+        from what there is once every live member asked has answered."""
+        if cohort.phase == "view":
+            live = set(cohort.members) - cohort.down - cohort.badsig
+            possible = len(cohort.sigs) + len(live - set(cohort.sigs))
+            if possible < cohort.t:
+                return self._abort(cohort, "too_few_signatures", f"{possible} possible")
+        elif cohort.phase == "unmask":
+            live = set(cohort.members) - cohort.down - cohort.bad
+            if (cohort.asked & live) - set(cohort.answers):
+                return []  # answers may still come
+            if len(cohort.answers) < cohort.t:
+                return self._abort(
+                    cohort, "too_few_shares", f"{len(cohort.answers)} usable answers"
+                )
+            done = self._try_finish(cohort)
+            if cohort.cid not in self._cohorts:
+                return done
+            return self._abort(cohort, "shares_inconsistent", "no t shares rebuild a secret")
+        return []
+
+    def on_peer_down(self, peer: str, now: float) -> list[Effect]:
+        for key in [k for k in self._waiting if k[0] == peer]:
+            del self._waiting[key]  # the site joins again when it reconnects
+        out: list[Effect] = []
+        for cohort in list(self._cohorts.values()):
+            if peer not in cohort.members:
+                continue
+            cohort.down.add(peer)
+            if cohort.phase == "upload":
+                if all(m in cohort.uploaded or m in cohort.down for m in cohort.members):
+                    out.extend(self._close_upload(cohort, now))
+            else:
+                out.extend(self._maybe_stuck(cohort))
+        return out
+
+    def on_peer_up(self, peer: str, now: float) -> list[Effect]:
+        """A member of a cohort orphaned by a restart hears that it was aborted."""
+        out: list[Effect] = []
+        for cid, members in list(self._orphans.items()):
+            if peer in members:
+                out.append(Send(peer, SecAggAbort(cohort=cid, reason="restart")))
+                members.discard(peer)
+                if not members:
+                    del self._orphans[cid]
+                    out.append(
+                        Persist(COORDINATOR_LOG_KEY, {"op": "close", "cohort": cid}, append=True)
+                    )
+        for cohort in self._cohorts.values():
+            if peer in cohort.members and cohort.phase == "upload" and peer not in cohort.uploaded:
+                cohort.down.discard(peer)
+        return out
+
+    def on_deadline(self, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        for cohort in list(self._cohorts.values()):
+            if cohort.deadline > now:
+                continue
+            if cohort.phase == "upload":
+                out.extend(self._close_upload(cohort, now))
+            elif cohort.phase == "view":
+                out.extend(
+                    self._abort(cohort, "too_few_signatures", f"{len(cohort.sigs)} by the deadline")
+                )
+            else:
+                done = self._try_finish(cohort) if len(cohort.answers) >= cohort.t else []
+                out.extend(done)
+                if cohort.cid in self._cohorts:
+                    out.extend(
+                        self._abort(
+                            cohort, "too_few_shares", f"{len(cohort.answers)} by the deadline"
+                        )
+                    )
+        out.extend(self._try_seal(now))
+        return out
+
+    def _abort(self, cohort: _Cohort, reason: str, detail: str) -> list[Effect]:
+        self._forget(cohort)  # members that had not uploaded join again
+        msg = SecAggAbort(cohort=cohort.cid, reason=reason)
+        return [
+            Persist(COORDINATOR_LOG_KEY, {"op": "close", "cohort": cohort.cid}, append=True),
+            *(Send(m, msg) for m in cohort.members if m not in cohort.down),
+            Metric("secagg_cohort_aborted", 1.0, {"reason": reason}),
+            Log(
+                "warning",
+                f"secure aggregation: cohort aborted ({reason}: {detail})",
+                {"cohort": cohort.cid.hex(), "reason": reason, "members": len(cohort.members)},
+            ),
+        ]
+
+    def _forget(self, cohort: _Cohort) -> None:
+        self._cohorts.pop(cohort.cid, None)
+        for m in cohort.members:
+            self._in_cohort.pop((m, cohort.joins[m].seq), None)
+
+    # ------------------------------------------------------------- durability
+
+    def snapshot(self) -> dict[str, Any]:
+        """The cohorts open now or orphaned (none of their data: they cannot resume)."""
+        open_ = {cid: set(c.members) for cid, c in self._cohorts.items()}
+        for cid, members in self._orphans.items():
+            open_.setdefault(cid, set()).update(members)
+        return {"open": [[cid, sorted(members)] for cid, members in open_.items()]}
+
+    def restore(
+        self, state: Mapping[str, Any] | None, log: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        """Every cohort open at the checkpoint or opened in ``log`` and not closed becomes
+        an orphan (``on_peer_up`` aborts it with its members). ValueError for bad state."""
+        self._cohorts.clear()
+        self._waiting.clear()
+        self._in_cohort.clear()
+        orphans: dict[bytes, set[str]] = {}
+        try:
+            for cid, members in (state or {}).get("open", ()):
+                orphans[bytes(cid)] = {str(m) for m in members}
+            for entry in log:
+                if entry["op"] == "open":
+                    orphans[bytes(entry["cohort"])] = {str(m) for m in entry["members"]}
+                elif entry["op"] == "close":
+                    orphans.pop(bytes(entry["cohort"]), None)
+                else:
+                    raise ValueError(f"unknown secure-aggregation cohort record {entry['op']!r}")
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"secure-aggregation coordinator state is malformed: {exc}") from None
+        self._orphans = orphans

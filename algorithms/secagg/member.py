@@ -1,0 +1,567 @@
+"""The site side of cohort-sealed secure aggregation: ``SecAggMember`` (pure, sans-I/O).
+
+A site that finished training joins a cohort (``SecAggJoin``, sent by its host). When the
+aggregator seals a cohort (``SecAggSeal``) the member checks the seal, encodes its clipped,
+weighted delta into Z_2^32, masks it with a fresh self mask PRG(b_i) and one pairwise mask
+±PRG(s_ij) per other member, Shamir-shares b_i and every s_ij (threshold t), seals one
+share bundle to each other member, records the upload and sends ``MaskedUpdate``. Later it
+signs the aggregator's view (``SecAggView`` -> ``SecAggViewSig``) and reveals shares for a
+view that at least t members signed (``SecAggUnmask`` -> ``SecAggShares``).
+
+Security argument (honest majority among members; the aggregator may be malicious):
+
+* t = max(min_cohort, N // 2 + 1). The member refuses a seal that does not name it, has
+  fewer than 2 members, a threshold below N // 2 + 1, above N or below its own floor
+  ``min_cohort``, parameters that could overflow the ring, or a member whose key the
+  roster lacks (``unknown_key``).
+* It refuses a view with |U| < t, U ∩ D ≠ ∅ or U ∪ D ≠ members; it signs at most ONE view
+  per cohort and reveals only for that same view, carrying ≥ t valid member signatures on
+  exactly it; both are recorded (``Persist``) before the signature or the shares are sent.
+  Two different views cannot both gather t > N/2 honest signatures, so every honest
+  revealer answers the same (U, D).
+* It reveals shares of b_j only for j ∈ U and of s_ij only for i ∈ U, j ∈ D. For j ∈ D the
+  aggregator gets s_ij but never b_j: claiming a live site dropped strips its pair masks
+  and still leaves PRG(b_j). For j ∈ U it gets b_j, but y_j's pair masks cancel only in the
+  sum over U. So the aggregator learns Σ_{i∈U} v_i with |U| ≥ t ≥ min_cohort, nothing else.
+* Pair seeds come from the roster's identity keys (X25519 from Ed25519) and are bound to
+  the aggregator, the cohort id, both members and both members' sealed update seqs
+  (``cohort.member_pair_context``). Each update (seq) is masked and uploaded at most once,
+  and b_i is fresh per upload, so no two uploads ever share masks: an aggregator that
+  replays a cohort id (even after the member's bounded records forgot it) gets masks that
+  differ from the first ones.
+* An uploaded update is consumed: if its cohort aborts, or the view puts the member in D,
+  the update is dropped (outcome ``lost``, metric ``secagg_update_lost``), never re-joined.
+
+State kept: one record per cohort the member uploaded to (aggregator, seq, members, t, its
+own index, digest of what it uploaded, its own shares of b_i and s_ij, the one view it
+signed or revealed for), the last ``max_records`` cohorts (default 64; a cohort older than
+that is unknown: views, unmasks and aborts for it are refused, which is safe because no
+seal can revive it: its seq is consumed). Every change is a ``Persist`` to the log
+``MEMBER_LOG_KEY`` before any message that depends on it; ``snapshot()`` / ``restore()``
+carry the records through the host's checkpoint.
+
+What the host (the site) reads back: ``take_outcomes()`` — ``uploaded`` (seq is consumed;
+keep it until Ack), ``lost`` (drop it: its cohort aborted after the upload, or it was
+counted as dropped), ``refused`` (the seal was refused; the update was not uploaded and
+may join again, e.g. after a back-off or on reconnect).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
+from fedloom.algorithms.secagg.bundle import BundleError, pack_bundle, unpack_bundle
+from fedloom.algorithms.secagg.cohort import (
+    MIN_COHORT_FLOOR,
+    byte_stream,
+    check_view,
+    digest,
+    member_pair_context,
+    refused,
+    threshold,
+    view_message,
+)
+from fedloom.algorithms.secagg.field import (
+    FieldSpec,
+    check_capacity,
+    encode,
+    member_weight,
+    template_size,
+)
+from fedloom.algorithms.secagg.keys import SecAggCryptoError, SecAggKeys
+from fedloom.algorithms.secagg.masking import mask
+from fedloom.algorithms.secagg.shamir import split
+from fedloom.transport.wire import (
+    MAX_COHORT,
+    MaskedUpdate,
+    SecAggAbort,
+    SecAggSeal,
+    SecAggShares,
+    SecAggUnmask,
+    SecAggView,
+    SecAggViewSig,
+)
+
+__all__ = [
+    "DEFAULT_MAX_RECORDS",
+    "MEMBER_LOG_KEY",
+    "MemberOutcome",
+    "NoiseFn",
+    "PendingUpdate",
+    "SecAggMember",
+    "seal_seq",
+]
+
+MEMBER_LOG_KEY = "secagg/member"
+DEFAULT_MAX_RECORDS = 64
+
+# (sigma, n) -> n integer noise samples (discrete Gaussian, ``algorithms.dp``).
+NoiseFn = Callable[[float, int], npt.NDArray[np.int64]]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingUpdate:
+    """A finished training result waiting for a cohort."""
+
+    seq: int
+    base_version: int
+    delta: Weights
+    n_examples: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberOutcome:
+    """What became of update ``seq`` in ``cohort``: ``uploaded``, ``lost`` or ``refused``."""
+
+    kind: str
+    cohort: bytes
+    seq: int
+
+
+def seal_seq(msg: SecAggSeal, me: str) -> int | None:
+    """The seq ``msg`` seals for member ``me`` (None if ``me`` is not sealed in it): the
+    host looks up which pending update to pass to ``on_seal``."""
+    if len(msg.seqs) != len(msg.members) or me not in msg.members:
+        return None
+    return msg.seqs[msg.members.index(me)]
+
+
+def _view_key(survivors: Sequence[str], dropped: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    return (tuple(sorted(survivors)), tuple(sorted(dropped)))
+
+
+class SecAggMember:
+    """One site's member side of secure aggregation (see the module docstring)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        keys: SecAggKeys,
+        rng: np.random.Generator,
+        *,
+        min_cohort: int = MIN_COHORT_FLOOR,
+        min_noise_sigma: float = 0.0,
+        max_records: int = DEFAULT_MAX_RECORDS,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id must be non-empty")
+        if isinstance(min_cohort, bool) or not isinstance(min_cohort, int):
+            raise ValueError(f"min_cohort must be an int, got {min_cohort!r}")
+        if min_cohort < MIN_COHORT_FLOOR:
+            raise ValueError(f"min_cohort must be >= {MIN_COHORT_FLOOR}, got {min_cohort}")
+        if not (math.isfinite(min_noise_sigma) and min_noise_sigma >= 0):
+            raise ValueError(f"min_noise_sigma must be finite and >= 0, got {min_noise_sigma}")
+        if max_records < 1:
+            raise ValueError(f"max_records must be >= 1, got {max_records}")
+        self.node_id = node_id
+        self._keys = keys
+        self._rng = rng
+        self.min_cohort = min_cohort
+        self.min_noise_sigma = float(min_noise_sigma)
+        self.max_records = max_records
+        self._records: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+        self._outcomes: list[MemberOutcome] = []
+
+    # ------------------------------------------------------------------ queries
+
+    def take_outcomes(self) -> list[MemberOutcome]:
+        """Outcomes since the last call (oldest first)."""
+        out, self._outcomes = self._outcomes, []
+        return out
+
+    def consumed(self, seq: int) -> bool:
+        """Whether update ``seq`` was uploaded to some cohort this member still records."""
+        return any(r["seq"] == seq for r in self._records.values())
+
+    def cohorts(self) -> list[bytes]:
+        """The cohort ids this member records, oldest first."""
+        return list(self._records)
+
+    # -------------------------------------------------------------------- seal
+
+    def on_seal(
+        self,
+        peer: str,
+        msg: SecAggSeal,
+        update: PendingUpdate,
+        weighting: str,
+        noise_fn: NoiseFn | None = None,
+    ) -> list[Effect]:
+        """Check ``msg`` (from aggregator ``peer``) and, if it is acceptable, upload
+        ``update`` masked for it: ``[Persist(record), Send(MaskedUpdate), Metric]``."""
+        me = self.node_id
+        fields = {"aggregator": peer, "cohort": msg.cohort.hex(), "seq": update.seq}
+
+        def refuse(reason: str, text: str) -> list[Effect]:
+            self._outcomes.append(MemberOutcome("refused", msg.cohort, update.seq))
+            return refused(reason, f"secure aggregation: seal refused: {text}", fields)
+
+        members = tuple(msg.members)
+        n = len(members)
+        if me not in members:
+            return refuse("not_member", "this site is not one of its members")
+        if len(set(members)) != n or not all(isinstance(m, str) and m for m in members):
+            return refuse("members", "its member list repeats a member")
+        if len(msg.seqs) != n:
+            return refuse("seal_shape", f"{len(msg.seqs)} seqs for {n} members")
+        if not 2 <= n <= MAX_COHORT:
+            return refuse("cohort_size", f"{n} members (2 to {MAX_COHORT} allowed)")
+        t = msg.threshold
+        floor = threshold(n, self.min_cohort)
+        if isinstance(t, bool) or not isinstance(t, int) or t < floor or t > n:
+            return refuse(
+                "threshold",
+                f"threshold {t} for {n} members; this site needs {floor} <= t <= {n} "
+                f"(a strict majority and at least min_cohort = {self.min_cohort})",
+            )
+        x = members.index(me) + 1
+        if msg.seqs[x - 1] != update.seq:
+            return refuse("seq_mismatch", f"it seals seq {msg.seqs[x - 1]}, not {update.seq}")
+        record = self._records.get(msg.cohort)
+        if record is not None:
+            if record["agg"] == peer and record["seq"] == update.seq:
+                # The same seal again (a resend after a reconnect): already uploaded.
+                return [Metric("secagg_duplicate", 1.0, {"kind": "seal"})]
+            return refuse("cohort_reused", "this site already uploaded under that cohort id")
+        if self.consumed(update.seq):
+            return refuse("update_consumed", f"update {update.seq} was already uploaded")
+        try:
+            spec = FieldSpec(msg.clip, msg.precision_bits, msg.weight_cap)
+            check_capacity(n, msg.clip, msg.precision_bits, msg.noise_sigma)
+        except ValueError as exc:
+            return refuse("capacity", str(exc))
+        if msg.noise_sigma < self.min_noise_sigma:
+            return refuse(
+                "noise_too_low",
+                f"noise_sigma {msg.noise_sigma} below this site's {self.min_noise_sigma}",
+            )
+        if msg.noise_sigma > 0 and noise_fn is None:
+            return refuse("no_noise", "it asks for noise and this site has no noise source")
+        others = [m for m in members if m != me]
+        seq_of = dict(zip(members, msg.seqs, strict=True))
+        try:
+            pair_seeds = {
+                j: self._keys.pair_seed(
+                    j, member_pair_context(peer, msg.cohort, me, update.seq, j, seq_of[j])
+                )
+                for j in others
+            }
+        except SecAggCryptoError as exc:  # SecAggKeyError: a member the roster lacks
+            return refuse("unknown_key", str(exc))
+        weight = member_weight(update.n_examples, weighting, msg.weight_cap)
+        noise = None
+        if msg.noise_sigma > 0 and noise_fn is not None:
+            noise = noise_fn(msg.noise_sigma, template_size(update.delta))
+        try:
+            vec = encode(update.delta, weight, spec, self._rng, noise)
+        except ValueError as exc:
+            return refuse("bad_update", str(exc))
+        self_seed = self._keys.fresh_secret()
+        randbytes = byte_stream(self._keys.fresh_secret())
+        b_shares = split(self_seed, n, t, randbytes)
+        s_shares = {j: split(pair_seeds[j], n, t, randbytes) for j in others}
+        bundles: list[tuple[str, bytes]] = []
+        try:
+            for k, m in enumerate(members):
+                if m == me:
+                    continue
+                plain = pack_bundle(
+                    msg.cohort, me, m, k + 1, b_shares[k], {j: s_shares[j][k] for j in others}
+                )
+                bundles.append((m, self._keys.seal_to(m, plain)))
+        except SecAggCryptoError as exc:
+            return refuse("unknown_key", str(exc))
+        masked = mask(vec, self_seed, pair_seeds, me)
+        data = masked.astype("<u4", copy=False).tobytes()
+        record = {
+            "cohort": msg.cohort,
+            "agg": peer,
+            "seq": update.seq,
+            "members": members,
+            "t": t,
+            "x": x,
+            "digest": digest(data),
+            "b": b_shares[x - 1],
+            "s": {j: s_shares[j][x - 1] for j in others},
+            "view": None,
+            "signed": False,
+            "lost": False,
+        }
+        self._remember(record)
+        self._outcomes.append(MemberOutcome("uploaded", msg.cohort, update.seq))
+        return [
+            Persist(MEMBER_LOG_KEY, {"op": "upload", **record}, append=True),
+            Send(
+                peer,
+                MaskedUpdate(
+                    src=me,
+                    seq=update.seq,
+                    cohort=msg.cohort,
+                    base_version=update.base_version,
+                    n_examples=update.n_examples,
+                    data=data,
+                    bundles=tuple(bundles),
+                ),
+            ),
+            Metric("secagg_uploaded", 1.0),
+            Log("info", "secure aggregation: masked update uploaded", {**fields, "members": n}),
+        ]
+
+    # -------------------------------------------------------------------- view
+
+    def _record_for(
+        self, peer: str, cohort: bytes, what: str
+    ) -> tuple[dict[str, Any] | None, list[Effect]]:
+        record = self._records.get(cohort)
+        fields = {"aggregator": peer, "cohort": cohort.hex()}
+        if record is None:
+            return None, refused(
+                "unknown_cohort",
+                f"secure aggregation: {what} for a cohort never uploaded to",
+                fields,
+            )
+        if record["agg"] != peer:
+            return None, refused(
+                "wrong_aggregator", f"secure aggregation: {what} from another aggregator", fields
+            )
+        return record, []
+
+    def _check_view(
+        self, record: dict[str, Any], survivors: Sequence[str], dropped: Sequence[str], what: str
+    ) -> list[Effect]:
+        fields = {"aggregator": record["agg"], "cohort": record["cohort"].hex()}
+        reason = check_view(record["members"], record["t"], survivors, dropped)
+        if reason is not None:
+            return refused(
+                reason,
+                f"secure aggregation: {what} refused: survivors {len(survivors)}, dropped "
+                f"{len(dropped)}, threshold {record['t']} of {len(record['members'])}",
+                fields,
+            )
+        key = _view_key(survivors, dropped)
+        if record["view"] is not None and tuple(map(tuple, record["view"])) != key:
+            return refused(
+                "second_view",
+                f"secure aggregation: {what} refused: another view of this cohort was "
+                "already signed or revealed for",
+                fields,
+            )
+        return []
+
+    def _lost_if_dropped(self, record: dict[str, Any], dropped: Sequence[str]) -> list[Effect]:
+        if self.node_id not in dropped or record["lost"]:
+            return []
+        record["lost"] = True
+        self._outcomes.append(MemberOutcome("lost", record["cohort"], record["seq"]))
+        return [
+            Metric("secagg_update_lost", 1.0, {"reason": "dropped"}),
+            Log(
+                "warning",
+                "secure aggregation: this site's upload was counted as dropped; update lost",
+                {"cohort": record["cohort"].hex(), "seq": record["seq"]},
+            ),
+        ]
+
+    def on_view(self, peer: str, msg: SecAggView) -> list[Effect]:
+        """Sign ``msg`` if it is acceptable and no other view of its cohort was signed."""
+        record, bad = self._record_for(peer, msg.cohort, "view")
+        if record is None:
+            return bad
+        bad = self._check_view(record, msg.survivors, msg.dropped, "view")
+        if bad:
+            return bad
+        vm = view_message(peer, msg.cohort, msg.survivors, msg.dropped)
+        out: list[Effect] = []
+        if record["signed"]:
+            out.append(Metric("secagg_duplicate", 1.0, {"kind": "view"}))
+        else:
+            record["view"] = list(_view_key(msg.survivors, msg.dropped))
+            record["signed"] = True
+            out.append(
+                Persist(
+                    MEMBER_LOG_KEY,
+                    {"op": "sign", "cohort": msg.cohort, "view": record["view"]},
+                    append=True,
+                )
+            )
+        out.append(Send(peer, SecAggViewSig(cohort=msg.cohort, sig=self._keys.sign(vm))))
+        out.extend(self._lost_if_dropped(record, msg.dropped))
+        return out
+
+    # ------------------------------------------------------------------ unmask
+
+    def on_unmask(self, peer: str, msg: SecAggUnmask) -> list[Effect]:
+        """Reveal shares for ``msg``'s view if ≥ t members signed exactly it and it is the
+        one view this member signs or reveals for."""
+        record, bad = self._record_for(peer, msg.cohort, "unmask")
+        if record is None:
+            return bad
+        bad = self._check_view(record, msg.survivors, msg.dropped, "unmask")
+        if bad:
+            return bad
+        fields = {"aggregator": peer, "cohort": msg.cohort.hex()}
+        members = record["members"]
+        vm = view_message(peer, msg.cohort, msg.survivors, msg.dropped)
+        valid: set[str] = set()
+        for signer, sig in msg.sigs:
+            if signer not in members or signer in valid:
+                continue
+            try:
+                ok = self._keys.verify(signer, vm, sig)
+            except SecAggCryptoError:
+                ok = False
+            if ok:
+                valid.add(signer)
+        if len(valid) < record["t"]:
+            return refused(
+                "too_few_signatures",
+                f"secure aggregation: unmask refused: {len(valid)} valid signatures of the "
+                f"view, {record['t']} needed",
+                fields,
+            )
+        out: list[Effect] = []
+        if record["view"] is None:
+            record["view"] = list(_view_key(msg.survivors, msg.dropped))
+            out.append(
+                Persist(
+                    MEMBER_LOG_KEY,
+                    {"op": "reveal", "cohort": msg.cohort, "view": record["view"]},
+                    append=True,
+                )
+            )
+        survivors, dropped = set(msg.survivors), list(msg.dropped)
+        me, x = self.node_id, record["x"]
+        self_shares: list[tuple[str, bytes]] = []
+        pair_shares: list[tuple[str, str, bytes]] = []
+        if me in survivors:
+            self_shares.append((me, record["b"]))
+            pair_shares.extend((me, j, record["s"][j]) for j in dropped)
+        bad_bundles = 0
+        for owner, boxed in msg.bundles:
+            # Only survivors' bundles are opened: nothing of a dropped member's b_j leaves.
+            if owner == me or owner not in survivors:
+                continue
+            try:
+                bundle = unpack_bundle(
+                    self._keys.open_from(owner, boxed),
+                    cohort=msg.cohort,
+                    owner=owner,
+                    recipient=me,
+                    x=x,
+                    members=members,
+                )
+            except (SecAggCryptoError, BundleError) as exc:
+                bad_bundles += 1
+                out.extend(
+                    refused(
+                        "bad_bundle",
+                        f"secure aggregation: a share bundle does not open: {exc}",
+                        {**fields, "owner": owner},
+                    )
+                )
+                continue
+            self_shares.append((owner, bundle.self_share))
+            pair_shares.extend((owner, j, bundle.pair_shares[j]) for j in dropped)
+        out.append(
+            Send(
+                peer,
+                SecAggShares(
+                    cohort=msg.cohort,
+                    self_shares=tuple(self_shares),
+                    pair_shares=tuple(pair_shares),
+                ),
+            )
+        )
+        out.append(Metric("secagg_revealed", 1.0))
+        out.extend(self._lost_if_dropped(record, msg.dropped))
+        return out
+
+    # ------------------------------------------------------------------- abort
+
+    def on_abort(self, peer: str, msg: SecAggAbort) -> list[Effect]:
+        """The cohort ended without a sum: an uploaded update is consumed and dropped."""
+        record, bad = self._record_for(peer, msg.cohort, "abort")
+        if record is None:
+            return bad
+        if record["lost"]:
+            return [Metric("secagg_duplicate", 1.0, {"kind": "abort"})]
+        record["lost"] = True
+        self._outcomes.append(MemberOutcome("lost", msg.cohort, record["seq"]))
+        return [
+            Persist(MEMBER_LOG_KEY, {"op": "lost", "cohort": msg.cohort}, append=True),
+            Metric("secagg_update_lost", 1.0, {"reason": "aborted"}),
+            Log(
+                "warning",
+                "secure aggregation: cohort aborted after this site uploaded; update lost "
+                "(an uploaded update is never masked twice)",
+                {
+                    "aggregator": peer,
+                    "cohort": msg.cohort.hex(),
+                    "seq": record["seq"],
+                    "why": msg.reason[:200],
+                },
+            ),
+        ]
+
+    # ------------------------------------------------------------- durability
+
+    def _remember(self, record: dict[str, Any]) -> None:
+        self._records[record["cohort"]] = record
+        self._records.move_to_end(record["cohort"])
+        while len(self._records) > self.max_records:
+            self._records.popitem(last=False)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The records, oldest first (what the host's checkpoint stores)."""
+        return {"records": [dict(r) for r in self._records.values()]}
+
+    def restore(
+        self, state: Mapping[str, Any] | None, log: Sequence[Mapping[str, Any]] = ()
+    ) -> None:
+        """Load ``snapshot()``'s ``state`` (None: none), then replay the ``MEMBER_LOG_KEY``
+        records written after it. ValueError for records this member cannot have written."""
+        self._records.clear()
+        try:
+            for rec in (state or {}).get("records", ()):
+                self._remember(_plain_record(rec))
+            for entry in log:
+                op = entry["op"]
+                if op == "upload":
+                    self._remember(_plain_record({k: v for k, v in entry.items() if k != "op"}))
+                    continue
+                record = self._records.get(entry["cohort"])
+                if record is None:
+                    continue  # forgotten since (bounded records)
+                if op in ("sign", "reveal"):
+                    record["view"] = [list(v) for v in entry["view"]]
+                    record["signed"] = record["signed"] or op == "sign"
+                elif op == "lost":
+                    record["lost"] = True
+                else:
+                    raise ValueError(f"unknown secure-aggregation member record {op!r}")
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"secure-aggregation member state is malformed: {exc}") from None
+
+
+_RECORD_KEYS = frozenset(
+    ("cohort", "agg", "seq", "members", "t", "x", "digest", "b", "s", "view", "signed", "lost")
+)
+
+
+def _plain_record(rec: Mapping[str, Any]) -> dict[str, Any]:
+    if set(rec) != _RECORD_KEYS:
+        raise ValueError(f"secure-aggregation member record has keys {sorted(rec)}")
+    out = dict(rec)
+    out["members"] = tuple(rec["members"])
+    out["s"] = dict(rec["s"])
+    if rec["view"] is not None:
+        out["view"] = [list(v) for v in rec["view"]]
+    return out
