@@ -111,8 +111,9 @@ class RosterSecAggKeys:
         return key
 
     def _peer_x25519(self, peer: str) -> bytes:
+        public = self._public(peer)  # SecAggKeyError (a ValueError) before the try
         try:
-            converted: bytes = sodium.crypto_sign_ed25519_pk_to_curve25519(self._public(peer))
+            converted: bytes = sodium.crypto_sign_ed25519_pk_to_curve25519(public)
         except (nacl.exceptions.CryptoError, ValueError, TypeError, RuntimeError):
             raise SecAggCryptoError(f"{peer!r}'s roster key is not a usable public key") from None
         return converted
