@@ -165,7 +165,12 @@ def encode(
     ``ValueError`` for a non-finite delta, a weight outside [0, 1], or noise of the wrong
     shape or dtype (local misuse: a site encodes its own delta).
     """
-    if not (isinstance(weight, int | float) and math.isfinite(weight) and 0.0 <= weight <= 1.0):
+    if not (
+        isinstance(weight, int | float | np.floating)
+        and not isinstance(weight, bool)
+        and math.isfinite(weight)
+        and 0.0 <= weight <= 1.0
+    ):
         raise ValueError(f"weight must be in [0, 1], got {weight!r}")
     x = flatten(delta)
     d = x.size
@@ -195,11 +200,29 @@ def encode(
     return out
 
 
+class SumOutOfRangeError(ValueError):
+    """An unmasked sum has a coordinate no honest cohort of that size can produce: some
+    mask did not cancel (a member masked with wrong seeds, or a wrong seed was rebuilt),
+    so the vector is garbage and must not be applied."""
+
+
 def decode_sum(
-    total: npt.NDArray[np.uint32], spec: FieldSpec, template: Weights
+    total: npt.NDArray[np.uint32],
+    spec: FieldSpec,
+    template: Weights,
+    *,
+    members: int | None = None,
+    noise_sigma: float = 0.0,
 ) -> tuple[Weights, float]:
     """``(sum_i w_i x_i, sum_i w_i)`` from the ring sum of encodings (centred lift, then
-    divided by ``2^f``); the weighted sum is shaped like ``template``."""
+    divided by ``2^f``); the weighted sum is shaped like ``template``.
+
+    With ``members`` (the number of encodings summed) the sum is range-checked first:
+    every coordinate within ``capacity_bound(members, ...)`` and the weight coordinate in
+    [0, members * 2^f], else ``SumOutOfRangeError``. A mask that failed to cancel leaves
+    uniform garbage, which passes that check with probability about
+    (bound / 2^31)^(d+1), i.e. never for a real model; an honest sum always passes.
+    """
     arr = np.asarray(total)
     if arr.dtype != np.uint32 or arr.ndim != 1 or arr.size != template_size(template) + 1:
         raise ValueError(
@@ -207,7 +230,22 @@ def decode_sum(
             f"dtype {arr.dtype} and shape {arr.shape}"
         )
     # Reinterpreting as int32 is exactly the centred lift (>= 2^31 -> negative).
-    centred = arr.view(np.int32).astype(np.float64)
+    lifted = arr.view(np.int32)
+    if members is not None:
+        bound = capacity_bound(members, spec.clip, spec.precision_bits, noise_sigma)
+        weight_units = int(lifted[-1])
+        if not 0 <= weight_units <= members * (1 << spec.precision_bits):
+            raise SumOutOfRangeError(
+                f"unmasked sum's weight coordinate {weight_units} is outside "
+                f"[0, {members} x 2^{spec.precision_bits}]: the masks did not cancel"
+            )
+        largest = int(np.max(np.abs(lifted[:-1].astype(np.int64)), initial=0))
+        if largest > bound:
+            raise SumOutOfRangeError(
+                f"unmasked sum has a coordinate of {largest} > {bound:.4g}, more than "
+                f"{members} clipped member(s) can produce: the masks did not cancel"
+            )
+    centred = lifted.astype(np.float64)
     centred /= spec.scale
     return unflatten(centred[:-1], template), float(centred[-1])
 

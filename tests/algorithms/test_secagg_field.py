@@ -79,7 +79,9 @@ def test_ring_sum_of_encodings_decodes_to_the_float_sum(
     total = np.zeros(D + 1, dtype=np.uint32)
     for x, w in zip(xs, weights, strict=False):
         total += field.encode(_delta(x), w, spec, rng)  # wraps mod 2^32
-    got, wsum = field.decode_sum(total, spec, {"w": np.zeros((3, 4)), "b": np.zeros(5)})
+    got, wsum = field.decode_sum(
+        total, spec, {"w": np.zeros((3, 4)), "b": np.zeros(5)}, members=len(xs)
+    )  # an honest sum always passes the range check
     expected = sum(w * _clipped(x, 1.5) for x, w in zip(xs, weights, strict=False))
     n = len(xs)
     assert np.max(np.abs(field.flatten(got) - expected)) < n * 2.0**-16
@@ -212,3 +214,27 @@ def test_member_weight() -> None:
     for args in ((5, "median", 10), (-1, "examples", 10), (5, "examples", 0), (True, "uniform", 1)):
         with pytest.raises(ValueError):
             field.member_weight(*args)  # type: ignore[arg-type]
+
+
+def test_range_check_refuses_sums_no_honest_cohort_can_produce() -> None:
+    spec = FieldSpec(clip=1.0, precision_bits=16, weight_cap=1)
+    rng = np.random.default_rng(11)
+    total = np.zeros(D + 1, dtype=np.uint32)
+    for _ in range(5):
+        total += field.encode(_delta(rng.normal(size=D)), 1.0, spec, rng)
+    field.decode_sum(total, spec, TEMPLATE, members=5)
+    # Fewer members than were summed: the weight coordinate gives it away.
+    with pytest.raises(field.SumOutOfRangeError, match="weight"):
+        field.decode_sum(total, spec, TEMPLATE, members=4)
+    # Uniform garbage (a mask that did not cancel) in the vector part.
+    garbage = total.copy()
+    garbage[:D] = rng.integers(0, 2**32, size=D, dtype=np.uint32)
+    with pytest.raises(field.SumOutOfRangeError, match="did not cancel"):
+        field.decode_sum(garbage, spec, TEMPLATE, members=5)
+    # One coordinate just past the bound.
+    edge = total.copy()
+    edge[0] = int(field.capacity_bound(5, 1.0, 16)) + 1
+    with pytest.raises(field.SumOutOfRangeError):
+        field.decode_sum(edge, spec, TEMPLATE, members=5)
+    # Without members, no check (the caller's choice).
+    field.decode_sum(garbage, spec, TEMPLATE)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedloom.algorithms.secagg import masking
+from fedloom.algorithms.secagg import field, masking
 from fedloom.algorithms.secagg.masking import pair_sign
 from fedloom.algorithms.secagg.prg import expand
 
@@ -128,3 +128,28 @@ def test_argument_errors() -> None:
         masking.unmask_sum([], [], [])
     with pytest.raises(ValueError):
         masking.unmask_sum([v, np.zeros(5, dtype=np.uint32)], [], [])
+
+
+def test_a_member_masking_with_a_wrong_pair_seed_is_caught_by_the_range_check() -> None:
+    members = ["a", "b", "c"]
+    spec = field.FieldSpec(clip=1.0, precision_bits=16, weight_cap=1)
+    template = {"w": np.zeros(500)}
+    rng = np.random.default_rng(2)
+    encoded = {m: field.encode({"w": rng.normal(size=500) * 0.01}, 1.0, spec, rng) for m in members}
+    masked = {}
+    for m in members:
+        pairs = {j: _pair(m, j) for j in members if j != m}
+        if m == "c":
+            pairs["a"] = _seed("not the pair seed")  # misconfigured or malicious
+        masked[m] = masking.mask(encoded[m], _seed("self", m), pairs, m)
+    honest = masking.unmask_sum(
+        [masked["a"], masked["b"]],
+        [_seed("self", "a"), _seed("self", "b")],
+        [("a", "c", _pair("a", "c")), ("b", "c", _pair("b", "c"))],
+    )
+    field.decode_sum(honest, spec, template, members=2)
+    total = masking.unmask_sum(
+        [masked[m] for m in members], [_seed("self", m) for m in members], []
+    )
+    with pytest.raises(field.SumOutOfRangeError):
+        field.decode_sum(total, spec, template, members=3)
