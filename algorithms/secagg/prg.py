@@ -31,9 +31,11 @@ def _zero_bytes(nbytes: int) -> bytes:
     """``nbytes`` zero bytes, reused while the length stays the same (masks for one model
     are all the same length)."""
     global _zeros
-    if len(_zeros) != nbytes:
-        _zeros = bytes(nbytes)
-    return _zeros
+    zeros = _zeros  # one read: a driver may mask in a worker thread
+    if len(zeros) != nbytes:
+        zeros = bytes(nbytes)
+        _zeros = zeros
+    return zeros
 
 
 def expand(seed: bytes, n: int) -> npt.NDArray[np.uint32]:
