@@ -57,7 +57,12 @@ from fedloom.algorithms.secagg.cohort import (
 from fedloom.algorithms.secagg.field import FieldSpec, check_capacity, decode_sum, template_size
 from fedloom.algorithms.secagg.keys import SecAggCryptoError, SecAggKeys
 from fedloom.algorithms.secagg.masking import unmask_sum
-from fedloom.algorithms.secagg.shamir import ShareError, combine, lagrange_at_zero, parse_share
+from fedloom.algorithms.secagg.shamir import (
+    Reconstructor,
+    ShareError,
+    parse_share,
+    robust_reconstruct,
+)
 from fedloom.transport.wire import (
     MAX_COHORT,
     MaskedUpdate,
@@ -213,7 +218,7 @@ class SecAggCoordinator:
         self._in_cohort: dict[tuple[str, int], bytes] = {}
         self._orphans: dict[bytes, set[str]] = {}
         self._results: list[CohortResult] = []
-        self._lagrange: dict[tuple[int, ...], list[int]] = {}
+        self._rebuilders: dict[tuple[int, ...], Reconstructor] = {}
 
     # ------------------------------------------------------------------ queries
 
@@ -411,7 +416,7 @@ class SecAggCoordinator:
         cohort.uploaded[peer] = Survivor(peer, msg.seq, msg.base_version, msg.n_examples)
         cohort.down.discard(peer)
         out: list[Effect] = [Metric("secagg_masked_received", 1.0)]
-        if len(cohort.uploaded) == len(cohort.members):
+        if all(m in cohort.uploaded or m in cohort.down for m in cohort.members):
             out.extend(self._close_upload(cohort, now))
         return out
 
@@ -527,50 +532,80 @@ class SecAggCoordinator:
             out.extend(self._maybe_stuck(cohort))
         return out
 
-    def _recover(self, shares: list[tuple[int, bytes]], t: int) -> bytes | None:
-        """The secret from ``t`` of ``shares`` ((x, share), x ascending): the first t, else
-        every other cyclic window of t (one wrong share is skipped by some window)."""
-        n = len(shares)
-        if n < t:
-            return None
-        for start in range(n if n > t else 1):
-            chosen = [shares[(start + k) % n] for k in range(t)]
-            xs = tuple(x for x, _ in chosen)
-            coeffs = self._lagrange.get(xs)
-            if coeffs is None:
-                if len(self._lagrange) > 256:
-                    self._lagrange.clear()
-                coeffs = self._lagrange[xs] = lagrange_at_zero(list(xs))
-            try:
-                return combine(coeffs, [s for _, s in chosen])
-            except ShareError:
-                continue
-        return None
+    def _recover(self, shares: list[tuple[int, bytes]], t: int) -> tuple[bytes | None, list[int]]:
+        """``(secret, wrong x's)`` from ``shares`` ((x, share), x ascending). Every share
+        beyond the first t is checked against their polynomial (``Reconstructor``); when
+        they disagree, Berlekamp-Welch (``robust_reconstruct``) names the wrong ones if
+        there is enough redundancy. ``(None, [])``: not (yet) enough consistent shares."""
+        if len(shares) < t:
+            return None, []
+        xs = tuple(x for x, _ in shares)
+        rebuild = self._rebuilders.get(xs)
+        if rebuild is None:
+            if len(self._rebuilders) > 256:
+                self._rebuilders.clear()
+            rebuild = self._rebuilders[xs] = Reconstructor(xs, t)
+        try:
+            return rebuild([s for _, s in shares]), []
+        except ShareError:
+            pass
+        try:
+            secret, wrong = robust_reconstruct(dict(shares), t)
+        except ShareError:
+            return None, []
+        return secret, wrong
 
     def _try_finish(self, cohort: _Cohort) -> list[Effect]:
+        """Rebuild every secret from the answers so far and, when all are rebuilt, strip
+        the masks and yield the cohort's result. Answerers found with wrong shares are
+        dropped from the answers (refused, ``wrong_share``) and the rebuild starts over."""
         index = {m: k + 1 for k, m in enumerate(cohort.members)}
-        answerers = sorted(cohort.answers, key=index.__getitem__)
-        self_seeds: list[bytes] = []
-        for j in cohort.survivors:
-            shares = [
-                (index[a], cohort.answers[a][0][j]) for a in answerers if j in cohort.answers[a][0]
-            ]
-            secret = self._recover(shares, cohort.t)
-            if secret is None:
-                return []
-            self_seeds.append(secret)
-        pair_seeds: list[tuple[str, str, bytes]] = []
-        for i in cohort.survivors:
-            for j in cohort.dropped:
-                shares = [
-                    (index[a], cohort.answers[a][1][(i, j)])
-                    for a in answerers
-                    if (i, j) in cohort.answers[a][1]
-                ]
-                secret = self._recover(shares, cohort.t)
+        out: list[Effect] = []
+        while len(cohort.answers) >= cohort.t:
+            by_x = {index[a]: a for a in cohort.answers}
+            answerers = [by_x[x] for x in sorted(by_x)]
+            needed: list[tuple[str, str | None]] = [(j, None) for j in cohort.survivors]
+            needed += [(i, j) for i in cohort.survivors for j in cohort.dropped]
+            secrets: list[bytes] = []
+            wrong: set[int] = set()
+            for owner, other in needed:
+                shares = []
+                for a in answerers:
+                    own, pair = cohort.answers[a]
+                    share = own.get(owner) if other is None else pair.get((owner, other))
+                    if share is not None:
+                        shares.append((index[a], share))
+                secret, bad_x = self._recover(shares, cohort.t)
+                wrong.update(bad_x)
                 if secret is None:
-                    return []
-                pair_seeds.append((i, j, secret))
+                    break
+                secrets.append(secret)
+            if wrong:
+                for x in sorted(wrong):
+                    culprit = by_x[x]
+                    del cohort.answers[culprit]
+                    cohort.bad.add(culprit)
+                    out.extend(
+                        refused(
+                            "wrong_share",
+                            "secure aggregation: a member's shares are not on the polynomial "
+                            "of the others' (ignored)",
+                            {"site": culprit, "cohort": cohort.cid.hex()},
+                        )
+                    )
+                continue
+            if len(secrets) < len(needed):
+                return out  # wait for more answers (or the deadline)
+            break
+        else:
+            return out
+        n_self = len(cohort.survivors)
+        self_seeds = secrets[:n_self]
+        pair_seeds = [
+            (i, j, secret)
+            for (i, j), secret in zip(needed[n_self:], secrets[n_self:], strict=True)
+            if j is not None
+        ]
         assert cohort.acc is not None and self._template is not None  # t >= 2 uploads
         total = unmask_sum([cohort.acc], self_seeds, pair_seeds)
         weights, weight_sum = decode_sum(total, self.spec, self._template)
@@ -580,6 +615,7 @@ class SecAggCoordinator:
         )
         self._forget(cohort)
         return [
+            *out,
             Persist(COORDINATOR_LOG_KEY, {"op": "close", "cohort": cohort.cid}, append=True),
             Metric("secagg_cohort_completed", 1.0),
             Metric("secagg_cohort_survivors", float(len(survivors))),

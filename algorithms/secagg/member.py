@@ -169,6 +169,7 @@ class SecAggMember:
         self.max_records = max_records
         self._records: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
         self._outcomes: list[MemberOutcome] = []
+        self._refused: OrderedDict[bytes, str] = OrderedDict()  # cohort -> aggregator
 
     # ------------------------------------------------------------------ queries
 
@@ -202,6 +203,10 @@ class SecAggMember:
 
         def refuse(reason: str, text: str) -> list[Effect]:
             self._outcomes.append(MemberOutcome("refused", msg.cohort, update.seq))
+            if msg.cohort not in self._records:
+                self._refused[msg.cohort] = peer
+                while len(self._refused) > self.max_records:
+                    self._refused.popitem(last=False)
             return refused(reason, f"secure aggregation: seal refused: {text}", fields)
 
         members = tuple(msg.members)
@@ -322,6 +327,9 @@ class SecAggMember:
     ) -> tuple[dict[str, Any] | None, list[Effect]]:
         record = self._records.get(cohort)
         fields = {"aggregator": peer, "cohort": cohort.hex()}
+        if record is None and self._refused.get(cohort) == peer:
+            # This member refused the seal: it has nothing to sign, reveal or drop.
+            return None, [Metric("secagg_ignored", 1.0, {"kind": what})]
         if record is None:
             return None, refused(
                 "unknown_cohort",
