@@ -346,6 +346,11 @@ class AggregatorBase:
         return self._dispatcher.in_flight
 
     @property
+    def in_flight_target(self) -> int:
+        """Training tasks this node keeps outstanding (its concurrency)."""
+        return self._dispatcher.concurrency
+
+    @property
     def claim_bounds(self) -> ClaimBounds:
         return self._bounds
 
@@ -419,7 +424,10 @@ class AggregatorBase:
             self._on_quiet()
         elif isinstance(event, PeerUp):
             if event.peer in self._children:
-                pass  # a child counts as up once it has said Hello
+                # A child counts as up once it has said Hello; a secure site hears of the
+                # cohorts a restart orphaned (aborted: nothing of them can resume).
+                if self._secagg is not None and self._children[event.peer] == "site":
+                    out.extend(self._secagg.on_peer_up(event.peer, now))
             else:
                 self._on_other_link(event.peer, True, now, out)
         elif isinstance(event, PeerDown):
@@ -922,6 +930,16 @@ class AggregatorBase:
         """Apply one cohort's aggregate (a root: a model step; a region: a forward)."""
         raise NotImplementedError
 
+    def _secagg_snapshot(self) -> dict[str, Any]:
+        return {} if self._secagg is None else {"secagg": self._secagg.snapshot()}
+
+    def _restore_secagg(self, state: Mapping[str, Any], records: Any) -> None:
+        """The coordinator's open cohorts (orphans now: aborted as their members return)."""
+        if self._secagg is not None:
+            from fedloom.algorithms.secagg.coordinator import COORDINATOR_LOG_KEY
+
+            self._secagg.restore(state.get("secagg"), records.records(COORDINATOR_LOG_KEY))
+
     def _replay_cohort_record(self, rec: Mapping[str, Any]) -> None:
         pairs = [(str(p[0]), int(p[1])) for p in rec["pairs"]]
         for src, seq in pairs:
@@ -1149,6 +1167,7 @@ class AggregatorBase:
             # Who shares the epochs: after a restart they count as active for another
             # quiet_after_s from the first event (the clock itself is not durable).
             "active": sorted(self._recent_senders()),
+            **self._secagg_snapshot(),
         }
 
     def _base_restore(self, state: Mapping[str, Any]) -> None:

@@ -149,3 +149,4 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         self._make_buffer(self._weights)
         self._buffer.restore(state["buffer"])
         self._replay_records(records.records(APPLIED_KEY))
+        self._restore_secagg(state, records)

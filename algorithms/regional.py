@@ -617,6 +617,7 @@ class RegionalAggregator(BufferedAggregator):
         # the parent's settlements.
         self._replay_records(records.records(APPLIED_KEY))
         self._outbox.replay(records.records(PENDING_KEY))
+        self._restore_secagg(state, records)
         for rec in records.records(FORWARDS_KEY):
             if rec["op"] == "settle":
                 self._forwards.settle(int(rec["seq"]))

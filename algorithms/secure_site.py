@@ -19,23 +19,24 @@ Each update is masked and uploaded at most once (the spec's rule):
 * never uploaded (the cohort aborted before, the seal was refused, the link dropped): the
   update joins again (on the abort, and on every reconnect as the outbox resends).
 
-Durable: which seq went to which cohort is logged (``UPLOADED_KEY``) before the upload is
-sent, and the member's own records (one view signed, one reveal per cohort) ride in the
-site's snapshot and log, so a restarted site neither re-joins with an uploaded update
-nor signs a second view.
+Durable: the member logs each upload (``MEMBER_LOG_KEY``) before it is sent, and its
+records (the one view signed, the one reveal per cohort) ride in the site's snapshot and
+log; a restarted site rebuilds which pending updates were uploaded from them, so it
+neither re-joins with an uploaded update nor signs a second view.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Send
+from fedloom.algorithms.protocol import Effect, Log, Metric, Send
 from fedloom.algorithms.secagg.keys import SecAggKeys
+from fedloom.algorithms.secagg.member import MEMBER_LOG_KEY, PendingUpdate, SecAggMember, seal_seq
 from fedloom.transport.wire import (
-    MaskedUpdate,
     Message,
     SecAggAbort,
     SecAggJoin,
@@ -45,10 +46,10 @@ from fedloom.transport.wire import (
     Update,
 )
 
-__all__ = ["SECAGG_TO_SITE", "UPLOADED_KEY", "SiteSecAgg"]
+__all__ = ["MEMBER_LOG_KEY", "SECAGG_TO_SITE", "SiteSecAgg", "join_for"]
 
-UPLOADED_KEY = "site/secagg"
 SECAGG_TO_SITE = (SecAggSeal, SecAggView, SecAggUnmask, SecAggAbort)
+NoiseSource = Callable[[np.random.Generator, float, int], npt.NDArray[np.int64]]
 
 
 def join_for(update: Update) -> SecAggJoin:
@@ -75,18 +76,19 @@ class SiteSecAgg:
         weighting: str = "uniform",
         upload_timeout_s: float = 300.0,
         unmask_timeout_s: float = 60.0,
-        noise: Callable[[np.random.Generator, float, int], Any] | None = None,
+        noise: NoiseSource | None = None,
     ) -> None:
-        from fedloom.algorithms.secagg.member import SecAggMember
-
         self.site_id = site_id
         self.keys = keys
         self.weighting = weighting
-        self.lost_after_s = float(upload_timeout_s) + float(unmask_timeout_s)
+        # Uploaded, and neither acked nor aborted after this long: the cohort is gone.
+        self.lost_after_s = float(upload_timeout_s) + 2.0 * float(unmask_timeout_s)
+        self._rng = rng
         self.member = SecAggMember(site_id, keys, rng, min_cohort=min_cohort)
         self._noise = noise
-        # seq -> (cohort id, when uploaded: None until the first event after a restore)
-        self._uploaded: dict[int, tuple[bytes, float | None]] = {}
+        # Pending seqs uploaded to a cohort -> when (None until the first event after a
+        # restore: the clock is not durable).
+        self._uploaded: dict[int, float | None] = {}
         self.lost = 0
 
     # ----------------------------------------------------------------- reading
@@ -94,11 +96,17 @@ class SiteSecAgg:
         return seq in self._uploaded
 
     def next_deadline(self) -> float | None:
-        times = [t + self.lost_after_s for _, t in self._uploaded.values() if t is not None]
+        times = [t + self.lost_after_s for t in self._uploaded.values() if t is not None]
         return min(times, default=None)
 
+    def touch(self, now: float) -> None:
+        """After a restore the upload times are unknown: they count from the first event."""
+        for seq, at in self._uploaded.items():
+            if at is None:
+                self._uploaded[seq] = now
+
     # ----------------------------------------------------------------- sending
-    def uplink(self, out: Iterable[Effect], parent: str) -> list[Effect]:
+    def uplink(self, out: Iterable[Effect]) -> list[Effect]:
         """``out`` with every plain ``Update`` turned into its join (or dropped, when it
         was uploaded already: it is in a cohort, it never joins again)."""
         result: list[Effect] = []
@@ -113,36 +121,32 @@ class SiteSecAgg:
 
     # ----------------------------------------------------------------- events
     def on_message(
-        self, peer: str, msg: Message, pending: list[Update], now: float
+        self, peer: str, msg: Message, pending: Sequence[Update], now: float
     ) -> tuple[list[Effect], list[int]]:
-        """A cohort message from the parent. Returns effects and the seqs consumed (uploaded
-        to a cohort that aborted: the site drops them from its outbox)."""
+        """A cohort message from the parent. Returns effects and the seqs to drop from the
+        outbox (uploaded to a cohort that ended without them: consumed)."""
+        out: list[Effect] = []
         if isinstance(msg, SecAggSeal):
-            return self._on_seal(peer, msg, pending, now), []
-        if isinstance(msg, SecAggView):
-            return list(self.member.on_view(peer, msg)), []
-        if isinstance(msg, SecAggUnmask):
-            return list(self.member.on_unmask(peer, msg)), []
-        if isinstance(msg, SecAggAbort):
-            out = list(self.member.on_abort(peer, msg))
-            consumed = [s for s, (c, _) in self._uploaded.items() if c == msg.cohort]
-            if consumed:
-                return out + self._lose(consumed, "aborted"), consumed
-            # Not uploaded to it: every update not in a cohort joins again.
-            out += [Send(peer, join_for(u)) for u in pending if u.seq not in self._uploaded]
-            return out, []
-        return [], []
+            out = self._on_seal(peer, msg, pending)
+        elif isinstance(msg, SecAggView):
+            out = self.member.on_view(peer, msg)
+        elif isinstance(msg, SecAggUnmask):
+            out = self.member.on_unmask(peer, msg)
+        elif isinstance(msg, SecAggAbort):
+            out = self.member.on_abort(peer, msg)
+            if msg.cohort not in self.member.cohorts():
+                # It aborted before this site uploaded: every update not in a cohort
+                # joins again (the parent ignores a join it still holds).
+                out += [Send(peer, join_for(u)) for u in pending if u.seq not in self._uploaded]
+        return out, self._outcomes(now)
 
-    def _on_seal(
-        self, peer: str, msg: SecAggSeal, pending: list[Update], now: float
-    ) -> list[Effect]:
-        from fedloom.algorithms.secagg.member import PendingUpdate
-
-        update = next((u for u in pending if u.seq not in self._uploaded), None)
-        if update is None:
+    def _on_seal(self, peer: str, msg: SecAggSeal, pending: Sequence[Update]) -> list[Effect]:
+        seq = seal_seq(msg, self.site_id)
+        update = next((u for u in pending if u.seq == seq), None)
+        if update is None or seq in self._uploaded:
             return [
                 Metric("secagg_refused", 1.0, {"reason": "no_update"}),
-                Log("info", "cohort seal with no update left to upload", {"peer": peer}),
+                Log("info", "cohort seal for no update waiting here", {"peer": peer, "seq": seq}),
             ]
         pu = PendingUpdate(
             seq=int(update.seq),
@@ -150,79 +154,62 @@ class SiteSecAgg:
             delta=update.delta,
             n_examples=int(update.n_examples),
         )
-        effects = list(self.member.on_seal(peer, msg, pu, self.weighting, self._noise))
-        masked = [
-            i
-            for i, e in enumerate(effects)
-            if isinstance(e, Send) and isinstance(e.msg, MaskedUpdate)
-        ]
-        if not masked:
-            return effects  # refused (the member said why)
-        # Durable before the upload leaves: this update never joins again.
-        self._uploaded[int(update.seq)] = (msg.cohort, now)
-        record = Persist(
-            UPLOADED_KEY, {"op": "uploaded", "seq": int(update.seq), "cohort": msg.cohort}, True
-        )
-        return [*effects[: masked[0]], record, *effects[masked[0] :]]
+        return self.member.on_seal(peer, msg, pu, self.weighting, self._noise_fn())
 
-    def acked(self, seq: int) -> list[Effect]:
+    def _noise_fn(self) -> Callable[[float, int], npt.NDArray[np.int64]] | None:
+        source, rng = self._noise, self._rng
+        if source is None:
+            return None
+        return lambda sigma, n: source(rng, sigma, n)
+
+    def _outcomes(self, now: float) -> list[int]:
+        lost: list[int] = []
+        for o in self.member.take_outcomes():
+            if o.kind == "uploaded":
+                self._uploaded[o.seq] = now
+            elif o.kind == "lost" and self._uploaded.pop(o.seq, "gone") != "gone":
+                self.lost += 1
+                lost.append(o.seq)
+        return lost
+
+    def acked(self, seq: int) -> None:
         """The parent acknowledged ``seq`` (its cohort was applied)."""
-        if self._uploaded.pop(seq, None) is None:
-            return []
-        return [Persist(UPLOADED_KEY, {"op": "done", "seq": seq}, True)]
+        self._uploaded.pop(seq, None)
 
-    def touch(self, now: float) -> None:
-        """After a restore the upload times are unknown: they count from the first event."""
-        for seq, (cohort, at) in list(self._uploaded.items()):
-            if at is None:
-                self._uploaded[seq] = (cohort, now)
-
-    def expired(self, now: float) -> list[int]:
-        """Uploaded updates nothing was heard of for ``lost_after_s``: consumed."""
-        return [
+    def expired(self, now: float) -> tuple[list[Effect], list[int]]:
+        """Uploaded updates nothing was heard of for ``lost_after_s`` (the parent lost the
+        cohort, e.g. in a restart): consumed, never joined again."""
+        late = [
             s
-            for s, (_, at) in self._uploaded.items()
+            for s, at in self._uploaded.items()
             if at is not None and now >= at + self.lost_after_s
         ]
-
-    def lose(self, seqs: list[int], why: str) -> list[Effect]:
-        return self._lose(seqs, why)
-
-    def _lose(self, seqs: list[int], why: str) -> list[Effect]:
         out: list[Effect] = []
-        for seq in seqs:
-            if self._uploaded.pop(seq, None) is None:
-                continue
+        for seq in late:
+            del self._uploaded[seq]
             self.lost += 1
-            out.append(Persist(UPLOADED_KEY, {"op": "done", "seq": seq}, True))
-            out.append(Metric("secagg_update_lost", 1.0, {"reason": why}))
+            out.append(Metric("secagg_update_lost", 1.0, {"reason": "no_outcome"}))
             out.append(
                 Log(
                     "warning",
-                    "update uploaded to a cohort that was not applied: dropped (an update "
-                    "is masked at most once)",
-                    {"seq": seq, "reason": why},
+                    "secure aggregation: no outcome for an uploaded update; dropped (an "
+                    "update is masked at most once)",
+                    {"seq": seq},
                 )
             )
-        return out
+        return out, late
 
     # ------------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "uploaded": {int(s): c for s, (c, _) in self._uploaded.items()},
-            "member": self.member.snapshot(),
-        }
+        return {"member": self.member.snapshot()}
 
     def restore(
-        self, state: Mapping[str, Any] | None, records: Iterable[Mapping[str, Any]]
+        self,
+        state: Mapping[str, Any] | None,
+        records: Sequence[Mapping[str, Any]],
+        pending: Iterable[int],
     ) -> None:
-        uploaded: dict[int, bytes] = {}
-        if state is not None:
-            uploaded = {int(s): bytes(c) for s, c in state.get("uploaded", {}).items()}
-            self.member.restore(state.get("member"))
-        for rec in records:
-            if rec["op"] == "uploaded":
-                uploaded[int(rec["seq"])] = bytes(rec["cohort"])
-            elif rec["op"] == "done":
-                uploaded.pop(int(rec["seq"]), None)
-        self._uploaded = {s: (c, None) for s, c in uploaded.items()}
+        """Load the member's records, then mark which ``pending`` seqs were uploaded."""
+        self.member.restore(None if state is None else state.get("member"), records)
+        self.member.take_outcomes()
+        self._uploaded = {int(s): None for s in pending if self.member.consumed(int(s))}

@@ -65,7 +65,7 @@ from fedloom.algorithms.protocol import (
     TrainFailed,
     Weights,
 )
-from fedloom.algorithms.secure_site import SECAGG_TO_SITE, UPLOADED_KEY, SiteSecAgg
+from fedloom.algorithms.secure_site import MEMBER_LOG_KEY, SECAGG_TO_SITE, SiteSecAgg
 from fedloom.algorithms.weights_math import check_compatible
 from fedloom.transport.wire import Ack, Hello, Incorporated, ModelBroadcast, TrainRequest, Update
 
@@ -187,7 +187,7 @@ class SiteNode:
             parked, self._parked = self._parked, None  # acks drained the outbox
             out.extend(self._start(parked))
         if self._secure is not None:
-            out = self._secure.uplink(out, self.parent)  # never a plain update
+            out = self._secure.uplink(out)  # never a plain update
         gauges = {"dispatch_paused": float(self.paused)}
         if self._held is not None:
             gauges["held_updates"] = float(len(self._held))  # kept until settled
@@ -226,7 +226,8 @@ class SiteNode:
         if isinstance(event, Deadline):
             held = self._held.on_deadline(now) if self._held is not None else []
             if self._secure is not None:
-                held += self._consume(self._secure.expired(now), "no_outcome", now)
+                lost, seqs = self._secure.expired(now)
+                held += lost + self._consume(seqs, now)
             return self._outbox.on_deadline(now) + held + self._maybe_failover(now)
         raise ProtocolMisuseError(f"site cannot handle {type(event).__name__}")
 
@@ -286,13 +287,14 @@ class SiteNode:
             return self._on_request(msg)
         if self._secure is not None and isinstance(msg, SECAGG_TO_SITE):
             out, consumed = self._secure.on_message(peer, msg, self._outbox.pending(), now)
-            return out + self._consume(consumed, None, now)
+            return out + self._consume(consumed, now)
         if isinstance(msg, Ack):
             if msg.src != self._id:
                 return unexpected(peer, msg, "ack_for_other")
             if self._secure is not None:
-                done = self._secure.acked(msg.seq)
-                return done + self._outbox.ack(msg.seq, now=now) + self._maybe_compact()
+                self._secure.acked(msg.seq)
+                acked = self._outbox.ack(msg.seq, now=now)
+                return acked + (self._maybe_compact() if acked else [])
             update = None
             if self._held is not None:  # kept until settled, for a failover
                 update = next((u for u in self._outbox.pending() if u.seq == msg.seq), None)
@@ -309,11 +311,11 @@ class SiteNode:
             return []
         return unexpected(peer, msg, "unexpected_type")
 
-    def _consume(self, seqs: list[int], why: str | None, now: float) -> list[Effect]:
+    def _consume(self, seqs: list[int], now: float) -> list[Effect]:
         """Uploaded updates whose cohort ended without them applied: dropped for good."""
-        if not seqs or self._secure is None:
+        if not seqs:
             return []
-        out = self._secure.lose(seqs, why) if why is not None else []
+        out: list[Effect] = []
         for seq in seqs:
             out += self._outbox.ack(seq, now=now)
         return out + self._maybe_compact()
@@ -415,7 +417,8 @@ class SiteNode:
             sent.update((int(r["seq"]), r["update"]) for r in pending if r["op"] == "add")
             self._held.restore(state.get("held", ()), held_records, sent)
         if self._secure is not None:
-            self._secure.restore(state.get("secagg"), records.records(UPLOADED_KEY))
+            pending_seqs = [u.seq for u in self._outbox.pending()]
+            self._secure.restore(state.get("secagg"), records.records(MEMBER_LOG_KEY), pending_seqs)
         self._model = state.get("model")
         newest = state.get("newest_version", -1)  # older checkpoints: from the model
         model_version = self._model[0] if self._model is not None else -1

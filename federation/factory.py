@@ -330,6 +330,9 @@ def secure_aggregator(
             upload_timeout_s=secagg.upload_timeout_s,
             unmask_timeout_s=secagg.unmask_timeout_s,
             rng=rng,
+            # Keep ``concurrency`` tasks out as without masking: their joins may fill
+            # more than one cohort at once.
+            max_inflight=node.in_flight_target // members + 1,
         ),
         keys,
     )
