@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import numpy.typing as npt
 
-from fedloom.algorithms.secagg.prg import expand
+from fedloom.algorithms.secagg.prg import Expander
 
 U32 = npt.NDArray[np.uint32]
 
@@ -44,9 +44,9 @@ def _as_u32(v: object, what: str) -> U32:
     return arr
 
 
-def _apply(acc: U32, seed: bytes, sign: int) -> None:
+def _apply(acc: U32, prg: Expander, seed: bytes, sign: int) -> None:
     """``acc += sign · PRG(seed)`` in place (mod 2^32)."""
-    stream = expand(seed, acc.size)
+    stream = prg.expand(seed)
     if sign > 0:
         np.add(acc, stream, out=acc)
     else:
@@ -60,9 +60,10 @@ def mask(v: U32, self_seed: bytes, pair_seeds: Mapping[str, bytes], me: str) -> 
     vec = _as_u32(v, "v")
     if me in pair_seeds:
         raise ValueError(f"pair_seeds names {me!r} itself")
-    out = np.add(vec, expand(self_seed, vec.size))  # the one new array
+    prg = Expander(vec.size)  # the one scratch buffer
+    out = np.add(vec, prg.expand(self_seed))  # the one new array
     for peer, seed in pair_seeds.items():
-        _apply(out, seed, pair_sign(me, peer))
+        _apply(out, prg, seed, pair_sign(me, peer))
     return out
 
 
@@ -75,8 +76,8 @@ def unmask_sum(
     ``self_seeds`` (b_i, i ∈ U) and the triples ``(i, j, s_ij)`` for every survivor i and
     dropped member j: Σ y − Σ PRG(b_i) − Σ pair_sign(i, j) · PRG(s_ij).
 
-    One accumulator is allocated; ``ValueError`` for no vectors or vectors of different
-    lengths or types.
+    One accumulator and one PRG scratch buffer are allocated; ``ValueError`` for no
+    vectors or vectors of different lengths or types.
     """
     total: U32 | None = None
     for k, y in enumerate(masked):
@@ -89,9 +90,10 @@ def unmask_sum(
             np.add(total, arr, out=total)
     if total is None:
         raise ValueError("unmask_sum needs at least one masked vector")
+    prg = Expander(total.size)  # the one scratch buffer
     for seed in self_seeds:
-        _apply(total, seed, -1)
+        _apply(total, prg, seed, -1)
     for survivor, dropped, seed in pair_seeds:
         # y_survivor carries +pair_sign(survivor, dropped) · PRG(s): take it back out.
-        _apply(total, seed, -pair_sign(survivor, dropped))
+        _apply(total, prg, seed, -pair_sign(survivor, dropped))
     return total

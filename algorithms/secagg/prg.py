@@ -9,16 +9,32 @@ same on every platform; ``tests/algorithms/test_secagg_prg.py`` pins the first w
 A zero nonce is sound because every seed is used for exactly one expansion: self seeds
 are fresh per (cohort, upload) and pair seeds are bound to one cohort.
 
-Cost: one keystream pass plus one copy out of the library, ~4-5 ms per million words on
-one core. The zero input is cached (one buffer per length), and the returned array is a
-read-only view of the library's output (no further copy).
+Cost: ``expand`` makes one keystream pass plus pynacl's allocations and copy out, ~4-5 ms
+per million words on one core; the zero input is cached (one buffer per length) and the
+returned array is a read-only view of the library's output (no further copy). Masking
+expands hundreds of seeds per cohort, so ``Expander`` writes each keystream into ONE
+reused buffer by calling the same libsodium function through pynacl's cffi binding
+(``nacl._sodium``, the module pynacl's public wrapper calls): the same bytes, ~2.5x
+faster with the add that follows, no allocation per seed. Where that binding is missing
+``Expander`` falls back to ``expand``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import nacl.bindings as sodium
 import numpy as np
 import numpy.typing as npt
+
+try:  # pynacl's cffi binding: the C function its public wrapper calls
+    from nacl._sodium import ffi as _ffi
+    from nacl._sodium import lib as _lib
+
+    _FAST = hasattr(_lib, "crypto_aead_chacha20poly1305_ietf_encrypt")
+except ImportError:  # pragma: no cover - every pynacl wheel has it
+    _ffi = _lib = None
+    _FAST = False
 
 SEED_BYTES = 32
 _NONCE = b"\0" * 12
@@ -49,9 +65,50 @@ def expand(seed: bytes, n: int) -> npt.NDArray[np.uint32]:
         raise ValueError(f"PRG length must be an int from 0 to {MAX_WORDS}, got {n!r}")
     n = int(n)
     if n == 0:
-        return np.zeros(0, dtype=np.uint32)
+        empty = np.zeros(0, dtype=np.uint32)
+        empty.flags.writeable = False
+        return empty
     stream = sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
         _zero_bytes(4 * n), None, _NONCE, seed
     )
     # count=n drops the tag without slicing (which would copy 4n bytes).
     return np.frombuffer(stream, dtype="<u4", count=n).astype(np.uint32, copy=False)
+
+
+class Expander:
+    """Expands seeds into ``n`` words each, into one buffer reused from call to call.
+
+    ``expand(seed)`` returns a read-only view that is valid until the next call on the
+    same ``Expander`` (add it into an accumulator, do not keep it). Same words as
+    ``expand(seed, n)``. One ``Expander`` per masking or unmasking call: it is not meant
+    to be shared between threads.
+    """
+
+    __slots__ = ("_buf", "_ptr", "n")
+
+    def __init__(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 0 <= n <= MAX_WORDS:
+            raise ValueError(f"PRG length must be an int from 0 to {MAX_WORDS}, got {n!r}")
+        self.n = int(n)
+        self._ptr: Any = None
+        self._buf = np.empty(0, dtype=np.uint32)
+        if _FAST and self.n:
+            # 16 more bytes (4 words) for the AEAD tag, which is written and ignored.
+            self._buf = np.empty(self.n + 4, dtype="<u4")
+            self._ptr = _ffi.from_buffer(self._buf)
+
+    def expand(self, seed: bytes) -> npt.NDArray[np.uint32]:
+        """The first ``n`` keystream words of ``seed`` (see the class docstring)."""
+        if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+            raise ValueError(f"PRG seed must be {SEED_BYTES} bytes")
+        if self._ptr is None:
+            return expand(seed, self.n)
+        nbytes = 4 * self.n
+        rc = _lib.crypto_aead_chacha20poly1305_ietf_encrypt(
+            self._ptr, _ffi.NULL, _zero_bytes(nbytes), nbytes, _ffi.NULL, 0, _ffi.NULL, _NONCE, seed
+        )
+        if rc != 0:  # pragma: no cover - libsodium returns 0 for any valid length
+            raise RuntimeError("libsodium failed to expand a PRG seed")
+        view = self._buf[: self.n]
+        view.flags.writeable = False
+        return view.astype(np.uint32, copy=False)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedloom.algorithms.secagg import prg
 from fedloom.algorithms.secagg.prg import expand
 
 
@@ -108,3 +109,28 @@ def test_expand_refuses_bad_lengths() -> None:
     for n in (-1, 1.5, True):
         with pytest.raises(ValueError):
             expand(bytes(32), n)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_expander_gives_the_same_words_into_one_buffer(
+    fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fast:
+        monkeypatch.setattr(prg, "_FAST", False)
+    for n in (0, 1, 17, 4096):
+        ex = prg.Expander(n)
+        seeds = [bytes([k]) * 32 for k in range(3)]
+        outs = []
+        for seed in seeds:
+            words = ex.expand(seed)
+            assert words.dtype == np.uint32 and words.shape == (n,)
+            assert not words.flags.writeable
+            np.testing.assert_array_equal(words, expand(seed, n))
+            outs.append(words.copy())
+        if n and fast:
+            # The view is reused: the last call's words are what it shows now.
+            np.testing.assert_array_equal(ex.expand(seeds[0]), outs[0])
+    with pytest.raises(ValueError):
+        prg.Expander(4).expand(b"short")
+    with pytest.raises(ValueError):
+        prg.Expander(-1)
