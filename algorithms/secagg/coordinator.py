@@ -54,7 +54,13 @@ from fedloom.algorithms.secagg.cohort import (
     threshold,
     view_message,
 )
-from fedloom.algorithms.secagg.field import FieldSpec, check_capacity, decode_sum, template_size
+from fedloom.algorithms.secagg.field import (
+    FieldSpec,
+    SumOutOfRangeError,
+    check_capacity,
+    decode_sum,
+    template_size,
+)
 from fedloom.algorithms.secagg.keys import SecAggCryptoError, SecAggKeys
 from fedloom.algorithms.secagg.masking import unmask_sum
 from fedloom.algorithms.secagg.shamir import (
@@ -608,7 +614,18 @@ class SecAggCoordinator:
         ]
         assert cohort.acc is not None and self._template is not None  # t >= 2 uploads
         total = unmask_sum([cohort.acc], self_seeds, pair_seeds)
-        weights, weight_sum = decode_sum(total, self.spec, self._template)
+        try:
+            weights, weight_sum = decode_sum(
+                total,
+                self.spec,
+                self._template,
+                members=len(cohort.survivors),
+                noise_sigma=self.noise_sigma,
+            )
+        except SumOutOfRangeError as exc:
+            # Some mask did not cancel (a member masked with seeds that are not the ones
+            # it shared): the vector is garbage and is never applied.
+            return [*out, *self._abort(cohort, "sum_out_of_range", str(exc))]
         survivors = tuple(cohort.uploaded[m] for m in cohort.survivors)
         self._results.append(
             CohortResult(cohort.cid, cohort.members, survivors, weights, weight_sum)
@@ -757,6 +774,6 @@ class SecAggCoordinator:
                     orphans.pop(bytes(entry["cohort"]), None)
                 else:
                     raise ValueError(f"unknown secure-aggregation cohort record {entry['op']!r}")
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"secure-aggregation coordinator state is malformed: {exc}") from None
         self._orphans = orphans

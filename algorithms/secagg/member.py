@@ -555,7 +555,7 @@ class SecAggMember:
                     record["lost"] = True
                 else:
                     raise ValueError(f"unknown secure-aggregation member record {op!r}")
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"secure-aggregation member state is malformed: {exc}") from None
 
 

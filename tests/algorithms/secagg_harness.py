@@ -124,8 +124,11 @@ class Net:
                 self.logs[node].append(e.data)
                 persisted = True
             elif isinstance(e, Send):
-                if isinstance(e.msg, wire.MaskedUpdate | wire.SecAggSeal):
-                    assert persisted, f"{node} sent {type(e.msg).__name__} before persisting"
+                if isinstance(e.msg, wire.MaskedUpdate):
+                    assert persisted, f"{node} sent a masked update before persisting it"
+                if isinstance(e.msg, wire.SecAggSeal):
+                    opened = [r.get("cohort") for r in self.logs[node] if r.get("op") == "open"]
+                    assert e.msg.cohort in opened, "a seal was sent before its cohort was recorded"
                 self.queue.append((node, e))
             else:
                 assert isinstance(e, Metric | Log)
