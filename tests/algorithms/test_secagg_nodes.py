@@ -464,3 +464,34 @@ def test_region_forwards_one_cohort_as_one_update_and_settles_after_the_root() -
     assert sorted(a.src for a in fed.sent_by("region", Ack)) == fed.sites
     assert sorted(i.src for i in fed.sent_by("region", Incorporated)) == fed.sites
     no_plain_updates_from_sites(fed)
+
+
+def test_a_member_missing_from_a_sites_roster_is_refused_and_the_cohort_goes_on() -> None:
+    """site-0's roster lacks site-4's key: it refuses the seal naming site-4 (reason
+    ``unknown_key``) instead of crashing; the other members' sum is still applied."""
+    from fedloom.federation.secagg_keys import derived_signing_key
+    from fedloom.transport.secagg_keys import RosterSecAggKeys
+
+    fed = Fed(5, buffer_size=5, cfg=secagg(min_cohort=3, max_dropout=0.4))
+    root = fed.nodes["root"]
+    table = {n: bytes(derived_signing_key(n, 7).verify_key) for n in ["root", *fed.sites[:4]]}
+    partial = RosterSecAggKeys("site-0", derived_signing_key("site-0", 7), table)
+    fed.keys["site-0"] = partial
+    fed.nodes["site-0"] = fed.build_site("site-0")
+    fed.jobs = [(n, job) for n, job in fed.jobs if n != "site-0"]  # the old node's
+    fed.link("site-0", "root", False)
+    fed.link("site-0", "root", True)
+    fed.drain()
+    fed.train()
+    fed.drain()
+    refusals = [
+        labels.get("reason")
+        for labels in (m.labels or {} for m in fed.metric("site-0", "secagg_refused"))
+    ]
+    assert "unknown_key" in refusals
+    fed.now += fed.cfg.upload_timeout_s + 1
+    fed.feed("root", Deadline())
+    fed.drain()
+    assert root.version >= 1
+    assert close(root.current_model()[1], applied_step(fed, [(s, 1) for s in fed.sites[1:]], 0))
+    no_plain_updates_from_sites(fed)
