@@ -872,7 +872,13 @@ class AggregatorBase:
         model = self._model()
         assert model is not None  # a cohort needs a model (its template)
         version = model[0]
-        survivors = [(str(s), int(q), int(bv), int(n)) for s, q, bv, n in result.survivors]
+        b = self._bounds
+        # Each member's examples claim bounded as a plain update's is (the member's own
+        # weight is bounded by the seal's cap already).
+        survivors = [
+            (str(s), int(q), int(bv), min(int(n), b.site_examples.get(s, b.max_examples_per_site)))
+            for s, q, bv, n in result.survivors
+        ]
         taus = [max(0, version - bv) for _, _, bv, _ in survivors]
         fn = getattr(self, "_staleness", None)
         factors = [float(fn(t)) if fn is not None else 1.0 for t in taus]

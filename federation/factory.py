@@ -284,7 +284,9 @@ def secure_site(
         keys,
         rng=rng,
         min_cohort=secagg.min_cohort,
-        weighting=p.weighting,
+        # The aggregator decides: its seal's weight_cap is 1 under uniform weighting
+        # (every member weighs 1), else the most examples a site may claim.
+        weighting="examples",
         upload_timeout_s=secagg.upload_timeout_s,
         unmask_timeout_s=secagg.unmask_timeout_s,
     )
@@ -315,7 +317,16 @@ def secure_aggregator(
     check_cohort(secagg, members)
     from fedloom.algorithms.secagg.coordinator import SecAggCoordinator
 
-    cap = (bounds if bounds is not None else claim_bounds(p)).max_examples_per_site
+    if p.robust != "mean":
+        raise ValueError(
+            f'secure_aggregation: robust = "{p.robust}" needs individual updates; only the '
+            'mean composes with masking (robust = "mean")'
+        )
+    b = bounds if bounds is not None else claim_bounds(p)
+    declared = [n for n in b.site_examples.values() if n > 0]
+    # Members weigh themselves by min(n, cap) / cap: the cap is the largest site's
+    # declared examples (else the per-site bound); 1 makes every weight 1 (uniform).
+    cap = 1 if p.weighting == "uniform" else max(declared, default=b.max_examples_per_site)
     node.set_secure_aggregation(
         SecAggCoordinator(
             node.node_id,
@@ -324,7 +335,7 @@ def secure_aggregator(
             min_cohort=secagg.min_cohort,
             clip=secagg.clip,
             precision_bits=secagg.precision_bits,
-            weight_cap=max(1, cap),
+            weight_cap=max(1, int(cap)),
             noise_sigma=0.0,
             form_wait_s=secagg.form_wait_s,
             upload_timeout_s=secagg.upload_timeout_s,

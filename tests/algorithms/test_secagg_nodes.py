@@ -29,7 +29,7 @@ from fedloom.algorithms.protocol import (
 )
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
-from fedloom.federation.factory import Neighbours, build_node
+from fedloom.federation.factory import Neighbours, build_node, claim_bounds
 from fedloom.federation.params import AlgorithmConfig, TrainingConfig
 from fedloom.federation.secagg_keys import derived_secagg_keys
 from fedloom.federation.secagg_params import SecureAggregationConfig
@@ -53,6 +53,11 @@ def secagg(**kw: Any) -> SecureAggregationConfig:
     return SecureAggregationConfig(**{**base, **kw})
 
 
+def examples(site: str) -> int:
+    """site-k trains on 10 (k + 1) examples (what the roster declares for it)."""
+    return 10 * (int(site.split("-")[1]) + 1)
+
+
 def site_delta(site: str, seq: int) -> Weights:
     """Each site's own small delta (distinct per site and seq, far below the clip)."""
     k = int(site.split("-")[1])
@@ -73,6 +78,7 @@ class Fed(MiniNet):
         cfg: SecureAggregationConfig,
         region: bool = False,
         concurrency: int | None = None,
+        weighting: str = "uniform",
     ) -> None:
         self.sites = [f"site-{i}" for i in range(n_sites)]
         self.agg = "region" if region else "root"
@@ -84,6 +90,7 @@ class Fed(MiniNet):
             concurrency=concurrency or n_sites,
             clip_norm=None,
             root_buffer_size=1,
+            weighting=weighting,
         )
         nodes: dict[str, Any] = {}
         children = {s: "site" for s in self.sites}
@@ -133,6 +140,7 @@ class Fed(MiniNet):
             Neighbours(children=children),
             seed=0,
             weights=model(0.0),
+            bounds=claim_bounds(self.p, site_examples={s: examples(s) for s in children}),
             secagg=self.cfg,
             secagg_keys=self.keys["root"],
         )
@@ -146,7 +154,7 @@ class Fed(MiniNet):
             TRAINING,
             Neighbours(parent=self.agg, parent_role="root"),
             seed=0,
-            n_examples=10,
+            n_examples=examples(s),
             secagg=self.cfg,
             secagg_keys=self.keys[s],
         )
@@ -165,7 +173,7 @@ class Fed(MiniNet):
             delta = site_delta(node, site.seq + 1)
             self.trained[(node, site.seq + 1)] = delta
             trained = {k: (v + delta[k]).astype(v.dtype) for k, v in job.weights.items()}
-            self.feed(node, TrainDone(job.job, TrainResult(trained, 10)))
+            self.feed(node, TrainDone(job.job, TrainResult(trained, examples(node))))
 
     def sent_by(self, node: str, kind: type) -> list[Any]:
         return [
@@ -456,7 +464,7 @@ def test_region_forwards_one_cohort_as_one_update_and_settles_after_the_root() -
     forwards = fed.sent_by("region", Update)
     assert len(forwards) == 1
     fwd = forwards[0]
-    assert fwd.count == 5 and fwd.n_examples == 50
+    assert fwd.count == 5 and fwd.n_examples == sum(examples(s) for s in fed.sites)
     assert sorted(fwd.pairs) == sorted((s, 1) for s in fed.sites)
     assert root.version == 1
     assert close(root.current_model()[1], applied_step(fed, [(s, 1) for s in fed.sites], 0))
@@ -495,3 +503,28 @@ def test_a_member_missing_from_a_sites_roster_is_refused_and_the_cohort_goes_on(
     assert root.version >= 1
     assert close(root.current_model()[1], applied_step(fed, [(s, 1) for s in fed.sites[1:]], 0))
     no_plain_updates_from_sites(fed)
+
+
+def test_examples_weighting_is_applied_by_the_members() -> None:
+    """Under weighting = "examples" each member weighs its delta by n_i / cap (cap: the
+    largest declared examples) and the root divides by Σ w_i: the example-weighted mean."""
+    fed = Fed(5, buffer_size=5, cfg=secagg(), weighting="examples")
+    root = fed.nodes["root"]
+    fed.train()
+    fed.drain()
+    assert root.version == 1
+    n = {s: examples(s) for s in fed.sites}
+    expect = {k: np.zeros(v.shape) for k, v in model().items()}
+    for s in fed.sites:
+        for k in expect:
+            expect[k] += n[s] * fed.trained[(s, 1)][k] / sum(n.values())
+    assert close(root.current_model()[1], expect)
+    seal = fed.sent_by("root", SecAggSeal)[0]
+    assert seal.weight_cap == max(n.values())
+
+
+def test_uniform_weighting_seals_a_cap_of_one() -> None:
+    fed = Fed(5, buffer_size=5, cfg=secagg())
+    fed.train()
+    fed.drain()
+    assert fed.sent_by("root", SecAggSeal)[0].weight_cap == 1
