@@ -364,8 +364,11 @@ SHARE_BYTES = 66  # a Shamir share's y over GF(2**521 - 1), big-endian
 MAX_COHORT = 1024  # members of one cohort
 _ID_BYTES = 130  # a node id (at most 128 ASCII characters) as one msgpack str
 # A plaintext bundle holds a share of b_i and one of s_ij per other member (keyed by the
-# member's id), plus the cohort id, ids and an index; boxing adds 40 bytes.
-MAX_BUNDLE_BYTES = 1024 + (_ID_BYTES + SHARE_BYTES + 4) * MAX_COHORT
+# member's id), plus the cohort id, ids and an index (``algorithms.secagg.bundle`` caps
+# it at 2 KiB + (id + 82 bytes) per member); boxing adds 40 bytes.
+_BUNDLE_FIXED = 2048 + 64
+_BUNDLE_PER_MEMBER = _ID_BYTES + SHARE_BYTES + 16
+MAX_BUNDLE_BYTES = _BUNDLE_FIXED + _BUNDLE_PER_MEMBER * MAX_COHORT
 # A reveal names at most |U| * |D| <= N**2 / 4 pairwise shares.
 MAX_PAIR_SHARES = MAX_COHORT * MAX_COHORT // 4
 _COHORT, _NAMES, _DATA, _SEQS = "cohort", "names", "data", "seqs"
@@ -377,6 +380,24 @@ _NAMED_BINS: dict[str, tuple[int, int | None, int, int]] = {
     _SHARES: (2, SHARE_BYTES, SHARE_BYTES, MAX_COHORT),
     _PAIR_SHARES: (3, SHARE_BYTES, SHARE_BYTES, MAX_PAIR_SHARES),
 }
+
+
+def secagg_message_bound(elements: int, members: int) -> int:
+    """An upper bound on the encoded size of any secure-aggregation message of a cohort
+    of ``members`` for a model of ``elements`` coordinates: a ``MaskedUpdate`` ((d + 1)
+    uint32 words and ``members - 1`` bundles) or a ``SecAggUnmask`` (as many bundles and
+    signatures) or a ``SecAggShares`` (at most members**2 / 4 + members shares). A link
+    whose caps come from ``Limits.for_model`` holds (d + 1) * 4 bytes plus 1 MiB of slack,
+    which covers cohorts up to about 60 members; larger cohorts need that much more
+    ``max_message_bytes`` (``slack``)."""
+    if elements < 0 or not 1 <= members <= MAX_COHORT:
+        raise ValueError(f"elements >= 0 and 1 <= members <= {MAX_COHORT} required")
+    bundle = _BUNDLE_FIXED + _BUNDLE_PER_MEMBER * members
+    shares = (members * members // 4 + members) * (2 * _ID_BYTES + SHARE_BYTES + 8)
+    per_member = max(bundle, MAX_BIN_BYTES + _ID_BYTES + 8)
+    return 4 * (elements + 1) + members * per_member + shares + 4096
+
+
 _SCALAR_TYPES = (str, int, float, bool)
 _TENSOR_FIELD_KEYS = frozenset(("m", "p"))
 _PACK_BUF_SIZE = 1 << 16
