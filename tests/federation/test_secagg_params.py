@@ -83,3 +83,21 @@ def test_check_cohort_accepts_exactly_the_workable_cohorts(
 
 def test_disabled_is_never_checked() -> None:
     check_cohort(SecureAggregationConfig(enabled=False, min_cohort=50), 3)
+
+
+# ---------------------------------------------------------------- in a daemon config
+
+
+def test_daemon_config_reads_the_table_and_refuses_a_lossy_uplink() -> None:
+    from tests.runtime.test_config import parse, root_raw, site_raw
+
+    secure = {"enabled": True, "min_cohort": 3}
+    site = parse({**site_raw(), "codec": {"up": "fp32"}, "secure_aggregation": secure})
+    assert site.secure_aggregation.enabled and site.secure_aggregation.min_cohort == 3
+    assert parse(root_raw()).secure_aggregation == SecureAggregationConfig()
+    lossy = {**site_raw(), "codec": {"up": "int8"}, "secure_aggregation": {"enabled": True}}
+    with pytest.raises(ConfigError, match="cannot compose with masking"):
+        parse(lossy)
+    typo = {**root_raw(), "secure_aggregation": {"enabeld": True}}
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.enabeld: unknown field"):
+        parse(typo)
