@@ -6,7 +6,9 @@ secure-aggregation messages and link events and applies what it yields:
 1. Formation: ``on_join`` queues ``SecAggJoin``s (at most ``MAX_JOINS_PER_SITE`` per
    site). A cohort is sealed when ``cohort_size`` (N) distinct sites wait, or when
    ``form_wait_s`` passed since the oldest waiting join and at least t(N) sites wait (a
-   smaller cohort, its own t = max(min_cohort, n // 2 + 1)). At most ``max_inflight``
+   smaller cohort, its own t = max(min_cohort, n // 2 + 1)); with ``form_wait_s=None``
+   only the host's ``seal_now`` seals fewer (a sync root: at its round's deadline, or once
+   no task of the round is outstanding). At most ``max_inflight``
    cohorts are open at once (the host passes ``concurrency // N + 1``). The seal is
    recorded (``Persist`` to ``COORDINATOR_LOG_KEY``) before any ``SecAggSeal`` is sent.
 2. Upload: each member's ``MaskedUpdate`` is checked (member, the seq it was sealed with,
@@ -185,7 +187,7 @@ class SecAggCoordinator:
         precision_bits: int = 16,
         weight_cap: int = 1,
         noise_sigma: float = 0.0,
-        form_wait_s: float = 30.0,
+        form_wait_s: float | None = 30.0,
         upload_timeout_s: float = 300.0,
         unmask_timeout_s: float = 60.0,
         rng: np.random.Generator,
@@ -213,7 +215,8 @@ class SecAggCoordinator:
         self.cohort_size = cohort_size
         self.min_cohort = min_cohort
         self.noise_sigma = float(noise_sigma)
-        self.form_wait_s = _positive("form_wait_s", form_wait_s)
+        # None: no formation deadline of its own (the host calls ``seal_now``).
+        self.form_wait_s = None if form_wait_s is None else _positive("form_wait_s", form_wait_s)
         self.upload_timeout_s = _positive("upload_timeout_s", upload_timeout_s)
         self.unmask_timeout_s = _positive("unmask_timeout_s", unmask_timeout_s)
         self.max_inflight = max_inflight
@@ -254,6 +257,7 @@ class SecAggCoordinator:
         times = [c.deadline for c in self._cohorts.values()]
         if (
             self._waiting
+            and self.form_wait_s is not None
             and self._template is not None
             and len(self._cohorts) < self.max_inflight
             and len(self._waiting_sites()) >= self.threshold
@@ -305,11 +309,44 @@ class SecAggCoordinator:
             sites = self._waiting_sites()
             if len(sites) >= self.cohort_size:
                 out.extend(self._seal(sites[: self.cohort_size], now))
-            elif len(sites) >= self.threshold and now >= sites[0].at + self.form_wait_s:
+            elif (
+                self.form_wait_s is not None
+                and len(sites) >= self.threshold
+                and now >= sites[0].at + self.form_wait_s
+            ):
                 out.extend(self._seal(sites, now))
             else:
                 break
         return out
+
+    def seal_now(self, now: float) -> list[Effect]:
+        """Seal the sites waiting now (the oldest ``cohort_size`` of them) if at least the
+        threshold of a full cohort wait, whatever the formation deadline: the host's own
+        deadline decides (a sync round's). Nothing if too few wait, no template yet or
+        ``max_inflight`` cohorts are open; ``open_cohorts`` tells whether it sealed."""
+        sites = self._waiting_sites()
+        if (
+            self._template is None
+            or len(self._cohorts) >= self.max_inflight
+            or len(sites) < self.threshold
+        ):
+            return []
+        return self._seal(sites[: self.cohort_size], now)
+
+    def drop_waiting(self) -> list[SecAggJoin]:
+        """Forget every join waiting for a cohort (nothing of them was masked) and return
+        them, oldest first: the host decides what becomes of those updates (a sync root
+        whose round ends unsealed records them as late)."""
+        joins = [
+            SecAggJoin(j.site, j.seq, j.base_version, j.task, j.n_examples)
+            for j in self._waiting.values()
+        ]
+        self._waiting.clear()
+        return joins
+
+    def cohort_of(self, site: str, seq: int) -> bytes | None:
+        """The open cohort update ``seq`` of ``site`` is sealed in (None: none)."""
+        return self._in_cohort.get((site, seq))
 
     def _seal(self, joins: Sequence[_Join], now: float) -> list[Effect]:
         members = tuple(j.site for j in joins)
@@ -470,27 +507,25 @@ class SecAggCoordinator:
         if len(cohort.sigs) < cohort.t:
             return []
         cohort.phase = "unmask"
-        sigs = tuple(cohort.sigs.items())
         out: list[Effect] = []
         for m in cohort.survivors:
-            if m in cohort.down:
-                continue
-            held = cohort.bundles.get(m, {})
-            bundles = tuple((o, held[o]) for o in cohort.survivors if o != m and o in held)
-            out.append(
-                Send(
-                    m,
-                    SecAggUnmask(
-                        cohort=cohort.cid,
-                        survivors=cohort.survivors,
-                        dropped=cohort.dropped,
-                        sigs=sigs,
-                        bundles=bundles,
-                    ),
-                )
-            )
-            cohort.asked.add(m)
+            if m not in cohort.down:
+                out.append(Send(m, self._unmask_for(cohort, m)))
+                cohort.asked.add(m)
         return [*out, *self._maybe_stuck(cohort)]
+
+    @staticmethod
+    def _unmask_for(cohort: _Cohort, member: str) -> SecAggUnmask:
+        """The reveal request for ``member``: the view, its signatures, and the bundles
+        the survivors addressed to ``member``."""
+        held = cohort.bundles.get(member, {})
+        return SecAggUnmask(
+            cohort=cohort.cid,
+            survivors=cohort.survivors,
+            dropped=cohort.dropped,
+            sigs=tuple(cohort.sigs.items()),
+            bundles=tuple((o, held[o]) for o in cohort.survivors if o != member and o in held),
+        )
 
     # ------------------------------------------------------------------ shares
 
@@ -688,7 +723,8 @@ class SecAggCoordinator:
         return out
 
     def on_peer_up(self, peer: str, now: float) -> list[Effect]:
-        """A member of a cohort orphaned by a restart hears that it was aborted."""
+        """A member of a cohort orphaned by a restart hears that it was aborted; a member
+        of a live cohort gets the cohort's current request again."""
         out: list[Effect] = []
         for cid, members in list(self._orphans.items()):
             if peer in members:
@@ -699,9 +735,31 @@ class SecAggCoordinator:
                     out.append(
                         Persist(COORDINATOR_LOG_KEY, {"op": "close", "cohort": cid}, append=True)
                     )
+        # A member of a live cohort that comes back may have lost what was sent to it
+        # while it was away: send it again (members answer repeats idempotently).
         for cohort in self._cohorts.values():
-            if peer in cohort.members and cohort.phase == "upload" and peer not in cohort.uploaded:
-                cohort.down.discard(peer)
+            if peer not in cohort.members:
+                continue
+            cohort.down.discard(peer)
+            if cohort.phase == "upload" and peer not in cohort.uploaded:
+                out.append(Send(peer, cohort.seal))
+            elif cohort.phase == "view" and peer not in cohort.sigs:
+                out.append(
+                    Send(
+                        peer,
+                        SecAggView(
+                            cohort=cohort.cid, survivors=cohort.survivors, dropped=cohort.dropped
+                        ),
+                    )
+                )
+            elif (
+                cohort.phase == "unmask"
+                and peer in cohort.survivors
+                and peer not in cohort.answers
+                and peer not in cohort.bad
+            ):
+                out.append(Send(peer, self._unmask_for(cohort, peer)))
+                cohort.asked.add(peer)
         return out
 
     def on_deadline(self, now: float) -> list[Effect]:

@@ -265,3 +265,38 @@ def test_any_mix_of_dropouts_and_bad_answers_gives_the_survivors_sum_or_an_abort
     else:
         assert net.results == []
         assert metric_count(net.effects[AGG], "secagg_cohort_aborted") == 1
+
+
+def test_a_member_that_comes_back_gets_the_current_request_again() -> None:
+    net = Net(5, seed=10)  # t = 3
+    setup(net)
+    while not any(isinstance(e.msg, wire.SecAggView) for _, e in net.queue):
+        net.deliver(*net.queue.pop(0))
+    # The views to three members are lost with their links; one of them is seen down.
+    lost = {net.sites[0], net.sites[1], net.sites[2]}
+    net.queue = [(src, e) for src, e in net.queue if e.peer not in lost]
+    net.take(AGG, net.coordinator.on_peer_down(net.sites[0], net.now))
+    net.drain()  # two signatures: not enough, and the cohort waits
+    assert net.results == [] and net.coordinator.open_cohorts()
+    for site in sorted(lost):
+        out = net.coordinator.on_peer_up(site, net.now)
+        assert [type(e.msg) for e in out if isinstance(e, Send)] == [wire.SecAggView]
+        net.take(AGG, out)
+    assert net.run() == 0.0  # no deadline was needed
+    assert sum_ok(net, net.sites)
+
+
+def test_a_member_that_comes_back_during_the_reveal_is_asked_again() -> None:
+    net = Net(5, seed=11)  # t = 3
+    setup(net)
+    while not any(isinstance(e.msg, wire.SecAggUnmask) for _, e in net.queue):
+        net.deliver(*net.queue.pop(0))
+    lost = {net.sites[0], net.sites[1], net.sites[2]}
+    net.queue = [(src, e) for src, e in net.queue if e.peer not in lost]
+    net.drain()  # two answers of three needed
+    assert net.results == []
+    out = net.coordinator.on_peer_up(net.sites[1], net.now)
+    assert [type(e.msg) for e in out if isinstance(e, Send)] == [wire.SecAggUnmask]
+    net.take(AGG, out)
+    assert net.run() == 0.0
+    assert sum_ok(net, net.sites)
