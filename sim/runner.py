@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedloom.algorithms.protocol import ModelHolder, Node, Weights
+from fedloom.algorithms.protocol import Metric, ModelHolder, Node, Weights
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.factory import (
     NodeOptions,
@@ -32,7 +32,7 @@ from fedloom.federation.factory import (
 from fedloom.federation.secagg_keys import derived_secagg_keys
 from fedloom.federation.seeds import entity_rng
 from fedloom.federation.training import WorkloadTrainer
-from fedloom.sim.availability import Availability, Death
+from fedloom.sim.availability import Availability, ChurnWindow, Death
 from fedloom.sim.compute import ComputeModel
 from fedloom.sim.driver import SimDriver, region_nodes
 from fedloom.sim.executors import Executor, InlineExecutor, PoolExecutor
@@ -209,10 +209,103 @@ def build_availability(
         for idx in sorted(rng.choice(len(ids), size=n_dead, replace=False)):
             deaths.append(Death(a.death_at_s, ids[int(idx)]))
     partitions = [Partition(p.start_s, p.end_s, region_nodes(plan, p.region)) for p in a.partitions]
-    return Availability(dropout=a.dropout, deaths=deaths, seed=seed), partitions
+    churn = churn_windows(
+        [s.id for s in sites], a.offline_per_h, a.offline_s, scenario.duration_s, seed
+    )
+    return Availability(dropout=a.dropout, deaths=deaths, churn=churn, seed=seed), partitions
+
+
+def churn_windows(
+    sites: Sequence[str], per_h: float, mean_s: float, duration_s: float, seed: int
+) -> list[ChurnWindow]:
+    """Each site's offline spells: starts a Poisson process of ``per_h`` per hour (while
+    online), lengths exponential with mean ``mean_s``; from the site's own seeded stream."""
+    if per_h <= 0.0:
+        return []
+    out: list[ChurnWindow] = []
+    gap_mean_s = 3600.0 / per_h
+    for site in sites:
+        rng = entity_rng(seed, "offline", site)
+        t = float(rng.exponential(gap_mean_s))
+        while t < duration_s:
+            length = max(float(rng.exponential(mean_s)), 1e-3)
+            out.append(ChurnWindow(site, t, t + length))
+            t += length + float(rng.exponential(gap_mean_s))
+    return out
 
 
 # ------------------------------------------------------------------------- running
+
+
+class _Tally:
+    """Counters the report needs that a metric's total does not keep (labels, by role):
+    site updates applied by their aggregator, and the secure-aggregation cohorts."""
+
+    def __init__(self, roles: Mapping[str, str]) -> None:
+        self.sites = {n for n, r in roles.items() if r == "site"}
+        self.site_updates = 0  # updates whose src is a site, applied (plain or in a cohort)
+        self.sealed = 0
+        self.sealed_members = 0
+        self.completed = 0
+        self.survivors = 0
+        self.dropped = 0  # members of a cohort's view that did not upload
+        self.aborted: Counter[str] = Counter()
+        self.lost: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+
+    def __call__(self, node_id: str, now: float, m: Metric) -> None:
+        name = m.name
+        labels = m.labels or {}
+        if name == "update_applied":
+            if labels.get("src") in self.sites:
+                self.site_updates += 1
+        elif not name.startswith("secagg_"):
+            return
+        elif name == "secagg_cohort_sealed":
+            self.sealed += 1
+            self.sealed_members += int(labels.get("members", "0"))
+        elif name == "secagg_cohort_completed":
+            self.completed += 1
+        elif name == "secagg_cohort_survivors":
+            self.survivors += int(m.value)
+        elif name == "secagg_dropped":
+            self.dropped += int(m.value)
+        elif name == "secagg_cohort_aborted":
+            self.aborted[str(labels.get("reason", "?"))] += 1
+        elif name == "secagg_update_lost":
+            self.lost[str(labels.get("reason", "?"))] += int(m.value)
+        elif name == "secagg_refused":
+            self.refused[str(labels.get("reason", "?"))] += int(m.value)
+
+    def secagg_extra(self) -> dict[str, float | int | str]:
+        """``secagg_*`` fields of an arm's ``extra`` (a secure arm's cohorts)."""
+        out: dict[str, float | int | str] = {
+            "secagg_cohorts_sealed": self.sealed,
+            "secagg_cohorts_completed": self.completed,
+            "secagg_cohorts_aborted": sum(self.aborted.values()),
+            "secagg_mean_cohort_size": self.sealed_members / self.sealed if self.sealed else 0.0,
+            "secagg_mean_survivors": self.survivors / self.completed if self.completed else 0.0,
+            "secagg_members_dropped": self.dropped,
+            "secagg_updates_lost": sum(self.lost.values()),
+        }
+        out |= {f"secagg_aborted_{r}": n for r, n in sorted(self.aborted.items())}
+        out |= {f"secagg_refused_{r}": n for r, n in sorted(self.refused.items())}
+        return out
+
+
+def _site_bytes(tiers: Mapping[str, int], site_updates: int) -> dict[str, float | int]:
+    """What the sites' links carried (both directions: a secure cohort's seals, views and
+    unmask requests come down, joins, masked uploads, signatures and shares go up) per
+    site update applied."""
+    up = sum(v for k, v in tiers.items() if k.startswith("site->"))
+    down = sum(v for k, v in tiers.items() if k.endswith("->site"))
+    per = max(site_updates, 1)
+    return {
+        "site_updates_applied": site_updates,
+        "site_bytes_up_per_update": up / per,
+        "site_bytes_down_per_update": down / per,
+        "site_bytes_per_update": (up + down) / per,
+    }
 
 
 @dataclass(slots=True)
@@ -340,6 +433,8 @@ def run_once(
             return build_nodes(plan, arm, init, seed, examples, durable=True)[node_id]
 
         driver.restart_at(r.at_s, r.node, rebuilt, r.down_s)
+    tally = _Tally(driver.roles)
+    driver.on_metric(tally)
     evaluate = _evaluator(plan, driver.nodes, workload, driver.is_alive)
     series: list[tuple[float, float]] = []
     versions = [0.0]
@@ -386,6 +481,9 @@ def run_once(
         "job_timeouts": int(totals.get("job_timeout", 0)),
         "jobs_per_wall_s": stats.jobs_finished / max(time.perf_counter() - wall0, 1e-9),
     }
+    extra |= _site_bytes(tiers, tally.site_updates)
+    if arm.secure_aggregation.enabled:
+        extra |= tally.secagg_extra()
     if durable.log or durable.signing:
         extra |= {
             "log_commits": stats.commits,
@@ -522,6 +620,27 @@ def run_arm(
     return replace(best, wall_seconds=sweep_wall, extra=extra)
 
 
+def against_plain(arms: Sequence[Arm], results: Sequence[ArmResult]) -> list[ArmResult]:
+    """Each secure arm's bytes per site update against a plain arm of the same run: the
+    first arm without secure aggregation of the same algorithm and topology, else the
+    first plain arm (``secagg_plain_arm``, ``secagg_bytes_ratio``)."""
+    plain = [(a, r) for a, r in zip(arms, results, strict=True) if not a.secure_aggregation.enabled]
+    out: list[ArmResult] = []
+    for arm, result in zip(arms, results, strict=True):
+        if not arm.secure_aggregation.enabled or not plain:
+            out.append(result)
+            continue
+        same = [r for a, r in plain if (a.algorithm, a.topology) == (arm.algorithm, arm.topology)]
+        ref = same[0] if same else plain[0][1]
+        mine = float(result.extra.get("site_bytes_per_update", 0.0))
+        theirs = float(ref.extra.get("site_bytes_per_update", 0.0))
+        extra = dict(result.extra)
+        extra["secagg_plain_arm"] = ref.name
+        extra["secagg_bytes_ratio"] = mine / theirs if theirs > 0 else 0.0
+        out.append(replace(result, extra=extra))
+    return out
+
+
 def run_scenario(
     scenario: Scenario,
     *,
@@ -536,6 +655,7 @@ def run_scenario(
     wall0 = time.perf_counter()
     workload = build_workload(scenario, run_seed)
     results = [run_arm(scenario, arm, workload, run_seed, progress, log) for arm in selected]
+    results = against_plain(selected, results)
     meta: dict[str, Any] = {
         "duration_s": scenario.duration_s,
         "eval_interval_s": scenario.eval_interval_s,

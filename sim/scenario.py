@@ -123,6 +123,11 @@ class AvailabilityConfig:
     death_fraction: float
     death_at_s: float
     partitions: tuple[Partition, ...]
+    # Churn: each site goes offline at random (a Poisson process of ``offline_per_h``
+    # spells per hour), for ``offline_s`` on average (exponential): cut from the network,
+    # its links go down, what was in flight is lost (a member leaving a secure cohort).
+    offline_per_h: float = 0.0
+    offline_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +517,8 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
         death_fraction=t.number("death_fraction", 0.0, min=0.0, max=0.99),
         death_at_s=t.number("death_at_h", 0.0, min=0.0) * 3600.0,
         partitions=tuple(partitions),
+        offline_per_h=t.number("offline_per_h", 0.0, min=0.0, max=60.0),
+        offline_s=t.number("offline_s", 300.0, min=0.0, exclusive_min=True),
     )
     t.finish()
     return cfg
