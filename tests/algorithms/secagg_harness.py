@@ -21,7 +21,7 @@ from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Send, Weig
 from fedloom.algorithms.secagg.coordinator import CohortResult, SecAggCoordinator
 from fedloom.algorithms.secagg.field import flatten
 from fedloom.algorithms.secagg.keys import SecAggKeys
-from fedloom.algorithms.secagg.member import PendingUpdate, SecAggMember, seal_seq
+from fedloom.algorithms.secagg.member import NoiseFn, PendingUpdate, SecAggMember, seal_seq
 from fedloom.federation.secagg_keys import derived_secagg_keys
 from fedloom.transport import wire
 
@@ -71,6 +71,7 @@ class Net:
     clip: float = 1.0
     precision_bits: int = 16
     keys: dict[str, SecAggKeys] | None = None
+    noise_fn: NoiseFn | None = None
     coordinator_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -175,7 +176,9 @@ class Net:
                 return []
             seq = seal_seq(msg, site)
             assert seq is not None
-            return member.on_seal(sender, msg, self.updates[site][seq], self.weighting)
+            return member.on_seal(
+                sender, msg, self.updates[site][seq], self.weighting, self.noise_fn
+            )
         if site in self.after_upload:
             return []
         if isinstance(msg, wire.SecAggView):
