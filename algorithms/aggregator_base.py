@@ -853,7 +853,14 @@ class AggregatorBase:
             stand_in = Update(msg.src, msg.seq, msg.base_version, {}, msg.n_examples, 1, msg.task)
             self._record(peer, stand_in, Outcome.STALE, model[0], out, tau=tau)
             return
+        if not self._join_admitted(peer, msg, model[0], out):
+            return
         out.extend(self._secagg.on_join(peer, msg, now))
+
+    def _join_admitted(self, peer: str, msg: SecAggJoin, version: int, out: list[Effect]) -> bool:
+        """May this (new, current enough) join wait for a cohort? A sync root admits only
+        answers to its open round's tasks and records the rest as late."""
+        return True
 
     def _take_cohorts(self, out: list[Effect]) -> None:
         coord = self._secagg
@@ -909,6 +916,7 @@ class AggregatorBase:
             "n_examples": n_examples,
             "count": len(pairs),
             "delta": delta,
+            **self._cohort_record_extra(),
         }
         out.append(Persist(APPLIED_KEY, record, append=True))
         out.append(Metric("secagg_cohort_applied", float(len(pairs)), {"node": self._id}))
@@ -935,6 +943,10 @@ class AggregatorBase:
     ) -> None:
         """Apply one cohort's aggregate (a root: a model step; a region: a forward)."""
         raise NotImplementedError
+
+    def _cohort_record_extra(self) -> dict[str, Any]:
+        """More fields for a cohort's durable record (a sync root: its round)."""
+        return {}
 
     def _secagg_snapshot(self) -> dict[str, Any]:
         return {} if self._secagg is None else {"secagg": self._secagg.snapshot()}

@@ -34,6 +34,23 @@ record of a later round closes the one before as the live node did (with ≥ ``m
 answers it was aggregated, else abandoned). The clock is not durable: a restored round's
 deadline is ``round_timeout_s`` after the first event. Answers to the tasks of a round whose
 start was not checkpointed are late (only with ``checkpoint_every`` > 1).
+
+Secure aggregation (``set_secure_aggregation``, ``algorithms.secagg``): the sites' answers
+are ``SecAggJoin``s and the round is ONE cohort. A join that answers a task of the open
+round on its model waits in the coordinator; the cohort is sealed when K sites joined (the
+coordinator's ``cohort_size``), or at the round deadline / once no task of the round is
+outstanding, with the joins there are if at least t(K) = max(min_cohort, K // 2 + 1) (else
+the round is abandoned and its joins recorded late). After the seal the round waits for the
+cohort alone (its upload and unmask deadlines bound it), and its survivors' unmasked sum
+is the round's step, Δ̄ = Σ w_i x_i / Σ w_i (w_i the members' own example weights; no
+staleness: every member trained on the round's model). Joins of stragglers, of an
+unselected site or of an older round are late (recorded, acked, never masked). A cohort that
+aborts (fewer than t uploads, signatures or shares) abandons the round and a new one starts.
+So a round ends within round_timeout_s + upload_timeout_s + unmask_timeout_s. Restart: the
+round's start is checkpointed as without masking, its cohort record (``op = "cohort"``)
+carries the round; joins are not durable: a restored open round takes its sites' joins
+again as they reconnect, while a cohort sealed before the crash is an orphan, aborted as its
+members return (those that uploaded drop the update; the round goes on without them).
 """
 
 from __future__ import annotations
@@ -69,7 +86,7 @@ from fedloom.algorithms.protocol import (
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedloom.algorithms.update_buffer import UpdateBuffer
 from fedloom.algorithms.validation import is_int
-from fedloom.transport.wire import TrainRequest, Update
+from fedloom.transport.wire import SecAggJoin, TrainRequest, Update
 
 __all__ = ["RoundState", "SyncAggregator"]
 
@@ -164,13 +181,16 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._degraded = False  # rounds start below min_available (sites down)
         self.rounds_closed = 0
         self.rounds_abandoned = 0
+        # Secure aggregation: the open round's joins passed to the coordinator, and its
+        # cohort once sealed.
+        self._round_joins: dict[tuple[str, int], None] = {}
+        self._round_cohort: bytes | None = None
 
     def next_deadline(self) -> float | None:
         own = self._round_deadline()
         start = self._quorum_deadline()  # no round opens before the start quorum
-        if start is not None and (own is None or start < own):
-            return start
-        return own
+        secure = self._secagg.next_deadline() if self._secagg is not None else None
+        return min((t for t in (own, start, secure) if t is not None), default=None)
 
     def _round_deadline(self) -> float | None:
         if self.state is RoundState.WAITING and self._short_since is not None:
@@ -186,7 +206,11 @@ class SyncAggregator(OwnModel, AggregatorBase):
             if self.round_timeout_s is not None:
                 self._deadline = now + self.round_timeout_s
         out = super().handle(event, now)
-        if self.state is RoundState.COLLECTING and self._tasks_known and not self._round_tasks:
+        if self.state is RoundState.COLLECTING and self._secagg is not None:
+            if self._secure_round_over(now, out):
+                self._release_held(now, out)
+                self._fill(now, out)
+        elif self.state is RoundState.COLLECTING and self._tasks_known and not self._round_tasks:
             # No outstanding task can be answered any more: waiting out the deadline
             # would only stall the federation.
             self._end_with_survivors(out)
@@ -310,6 +334,10 @@ class SyncAggregator(OwnModel, AggregatorBase):
     def _on_deadline(self, now: float, out: list[Effect]) -> None:
         if self._deadline is None or now < self._deadline:
             return
+        if self._secagg is not None:
+            self._deadline = None  # from here the cohort's own deadlines bound the round
+            self._seal_or_abandon(now, out)
+            return
         if len(self._buffer) >= self.min_cohort:
             self._close_round("deadline", out)
             return
@@ -317,6 +345,8 @@ class SyncAggregator(OwnModel, AggregatorBase):
 
     def _abandon(self, out: list[Effect]) -> None:
         """Too few answers: discard them (they stay acked and in the ledger)."""
+        if self._secagg is not None:
+            self._discard_joins(out)
         self.rounds_abandoned += 1
         for src, seq in self._round_members:
             out.append(Metric("update_discarded", 1.0, {"src": src, "seq": str(seq)}))
@@ -349,9 +379,126 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._round_tasks = {}
         self._round_lost = False
         self._round_members = []
+        self._round_joins = {}
+        self._round_cohort = None
         self._deadline = None
         self.state = RoundState.WAITING
         self._end_epoch()
+
+    # ------------------------------------------------------ secure aggregation
+    def _secure_round_over(self, now: float, out: list[Effect]) -> bool:
+        """After an event of an open secure round: note its cohort once sealed, seal (or
+        abandon) once no task is outstanding, abandon it when its cohort aborted. True
+        when the round ended here (a new one may start)."""
+        coord = self._secagg
+        if self._round_cohort is None:
+            opened = coord.open_cohorts()
+            if opened:  # K sites joined: sealed during this event
+                self._round_cohort, self._deadline = opened[0], None
+                return False
+            if self._tasks_known and not self._round_tasks:
+                self._seal_or_abandon(now, out)  # every task joined or lost
+                return self.state is RoundState.WAITING
+            return False
+        if self._round_cohort in coord.open_cohorts():
+            return False  # in progress: its upload and unmask deadlines bound it
+        # It ended without a result (a result closes the round in ``_cohort_step``).
+        out.append(Log("warning", "round's secure cohort aborted: round abandoned", {}))
+        self._abandon(out)
+        return True
+
+    def _seal_or_abandon(self, now: float, out: list[Effect]) -> None:
+        """Seal the round's waiting joins now if they are enough, else abandon the round."""
+        coord = self._secagg
+        if coord.waiting() >= self.min_cohort:
+            out.extend(coord.seal_now(now))
+        opened = coord.open_cohorts()
+        if opened:
+            self._round_cohort, self._deadline = opened[0], None
+        else:
+            self._abandon(out)
+
+    def _join_admitted(self, peer: str, msg: SecAggJoin, version: int, out: list[Effect]) -> bool:
+        """A join answering a task of the open round on its model waits for the round's
+        cohort (until it is sealed); any other is late: recorded and acked, never masked."""
+        key = (peer, int(msg.seq))
+        task = int(msg.task) if is_int(msg.task) else None
+        collecting = self.state is RoundState.COLLECTING
+        if collecting and key in self._round_joins:
+            # A resend (reconnect, abort before upload): the coordinator answers it while
+            # the cohort is not sealed, or when it is a member of the sealed one.
+            cid = self._round_cohort
+            if cid is None or self._secagg.cohort_of(peer, key[1]) == cid:
+                return True
+        elif (
+            collecting
+            and self._round_cohort is None
+            and task is not None
+            and self._round_tasks.get(task) == peer
+            and msg.base_version == version
+        ):
+            del self._round_tasks[task]
+            self._round_joins[key] = None
+            return True
+        if collecting and task is not None and self._round_tasks.get(task) == peer:
+            del self._round_tasks[task]  # answered, but too late for the round's cohort
+            self._round_lost = True
+        self.late += 1
+        out.append(Metric("update_late", 1.0, {"src": msg.src}))
+        self._record_join(msg, Outcome.LATE, version, out)
+        return False
+
+    def _record_join(
+        self, msg: SecAggJoin, outcome: Outcome, version: int, out: list[Effect], **extra: Any
+    ) -> None:
+        """Record (and ack) an update known by its join only: nothing of it was masked."""
+        stand_in = Update(msg.src, msg.seq, msg.base_version, {}, msg.n_examples, 1, msg.task)
+        self._unasked = False
+        tau = version - int(msg.base_version)
+        self._record(msg.src, stand_in, outcome, version, out, tau=tau, **extra)
+
+    def _discard_joins(self, out: list[Effect]) -> None:
+        """The round ends unsealed: its waiting joins are recorded late (acked: the sites
+        drop them, as a plain abandoned round's answers are discarded)."""
+        for join in self._secagg.drop_waiting():
+            out.append(Metric("update_discarded", 1.0, {"src": join.src, "seq": str(join.seq)}))
+            self._record_join(join, Outcome.LATE, self._version, out, reason="round_abandoned")
+
+    def _cohort_step(
+        self,
+        delta: Weights,
+        n_examples: int,
+        pairs: list[tuple[str, int]],
+        s: float,
+        version: int,
+        out: list[Effect],
+    ) -> None:
+        """The round's cohort completed (``AggregatorBase._apply_cohort``, recorded
+        first): Δ̄ = Σ w_i x_i / Σ w_i over its survivors is the round's one server step."""
+        if self._secagg.waiting():
+            self._discard_joins(out)  # none in practice: every admitted join was sealed
+        if not self._apply_step(self._opt, delta, out):
+            self.rounds_abandoned += 1
+            self._end_round()
+            return
+        self._version += 1
+        self.rounds_closed += 1
+        out.append(Metric("round_closed", float(len(pairs)), {"reason": "cohort"}))
+        out.append(Metric("model_version", float(self._version)))
+        self._end_round()
+
+    def _cohort_record_extra(self) -> dict[str, Any]:
+        return {"round": self.round}
+
+    def _replay_cohort_record(self, rec: Mapping[str, Any]) -> None:
+        """A cohort record closes its round (``restore``); rounds before it that left no
+        record were abandoned (their joins are not durable)."""
+        r = int(rec.get("round", self.round))
+        skipped = r - self.round - (0 if self.state is RoundState.COLLECTING else 1)
+        self.rounds_abandoned += max(0, skipped)
+        self.round = r
+        self.state = RoundState.COLLECTING
+        super()._replay_cohort_record(rec)
 
     # ---------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
@@ -398,7 +545,10 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._round_members = [(str(src), int(seq)) for src, seq in state.get("members", ())]
         self._round_lost = False
         self._tasks_known = True
+        self._round_joins = {}
+        self._round_cohort = None
         self._replay_records(records.records(APPLIED_KEY))
+        self._restore_secagg(state, records)  # cohorts open at the crash: orphans
         self._restart_deadline = self.state is RoundState.COLLECTING
 
     def _replay(self, record: Mapping[str, Any]) -> None:

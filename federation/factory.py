@@ -46,6 +46,7 @@ from fedloom.algorithms.server_opt import ServerOptimizer, make_server_opt
 from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.staleness import StalenessFn, make_staleness
 from fedloom.algorithms.sync import SyncAggregator
+from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.params import AlgorithmConfig, TrainingConfig
 from fedloom.federation.secagg_params import SecureAggregationConfig, check_cohort
 from fedloom.federation.seeds import derived_seed
@@ -306,14 +307,18 @@ def secure_aggregator(
         return
     if not any(r == "site" for r in node.children.values()):
         return  # only regions below: their forwards are sums already
-    if not isinstance(node, FedBuffAggregator | RegionalAggregator):
+    sync = isinstance(node, SyncAggregator)
+    if not (sync or isinstance(node, FedBuffAggregator | RegionalAggregator)):
         raise ValueError(
-            "secure_aggregation: runs on fedbuff roots and regions (this root runs "
-            f"{type(node).__name__})"
+            "secure_aggregation: runs on fedbuff roots and regions and on fedavg/fedprox "
+            f"roots (this root runs {type(node).__name__})"
         )
     if keys is None:
         raise ValueError(f"{node.node_id!r}: secure aggregation needs the node's keys")
-    members = secagg.cohort(node.buffer_size)
+    if sync:
+        members, secagg = sync_cohort(node, secagg)
+    else:
+        members = secagg.cohort(node.buffer_size)
     check_cohort(secagg, members)
     from fedloom.algorithms.secagg.coordinator import SecAggCoordinator
 
@@ -326,7 +331,9 @@ def secure_aggregator(
     declared = [n for n in b.site_examples.values() if n > 0]
     # Members weigh themselves by min(n, cap) / cap: the cap is the largest site's
     # declared examples (else the per-site bound); 1 makes every weight 1 (uniform).
-    cap = 1 if p.weighting == "uniform" else max(declared, default=b.max_examples_per_site)
+    # A sync root weighs answers by examples (FedAvg), whatever [algorithm] weighting says.
+    uniform = p.weighting == "uniform" and not sync
+    cap = 1 if uniform else max(declared, default=b.max_examples_per_site)
     node.set_secure_aggregation(
         SecAggCoordinator(
             node.node_id,
@@ -337,16 +344,41 @@ def secure_aggregator(
             precision_bits=secagg.precision_bits,
             weight_cap=max(1, int(cap)),
             noise_sigma=0.0,
-            form_wait_s=secagg.form_wait_s,
+            # A sync round seals its one cohort itself (K joins, its deadline, or no task
+            # outstanding): no formation deadline of the coordinator's own.
+            form_wait_s=None if sync else secagg.form_wait_s,
             upload_timeout_s=secagg.upload_timeout_s,
             unmask_timeout_s=secagg.unmask_timeout_s,
             rng=rng,
             # Keep ``concurrency`` tasks out as without masking: their joins may fill
-            # more than one cohort at once.
-            max_inflight=node.in_flight_target // members + 1,
+            # more than one cohort at once (a sync round is one cohort).
+            max_inflight=1 if sync else node.in_flight_target // members + 1,
         ),
         keys,
     )
+
+
+def sync_cohort(
+    node: SyncAggregator, secagg: SecureAggregationConfig
+) -> tuple[int, SecureAggregationConfig]:
+    """A sync round is ONE cohort of its K = clients_per_round sites (at most the root's
+    site children); its threshold is also at least the round's own min_cohort. ConfigError
+    naming the field otherwise."""
+    k = node.clients_per_round
+    if secagg.cohort_size not in (0, k):
+        raise ConfigError(
+            f"secure_aggregation.cohort_size: a fedavg/fedprox round is one cohort of its "
+            f"clients_per_round sites ({k} here; at most the root's site children), not "
+            f"{secagg.cohort_size}: leave cohort_size = 0"
+        )
+    if secagg.min_cohort > k:
+        raise ConfigError(
+            f"secure_aggregation.min_cohort: {secagg.min_cohort} is more than the "
+            f"{k} sites a round selects (clients_per_round, at most the root's site "
+            "children): no round could ever be unmasked; lower min_cohort or raise "
+            "clients_per_round"
+        )
+    return k, replace(secagg, min_cohort=max(secagg.min_cohort, node.min_cohort))
 
 
 def staleness_fn(p: AlgorithmConfig) -> StalenessFn:

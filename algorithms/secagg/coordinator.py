@@ -226,6 +226,7 @@ class SecAggCoordinator:
         self._cohorts: dict[bytes, _Cohort] = {}
         self._in_cohort: dict[tuple[str, int], bytes] = {}
         self._orphans: dict[bytes, set[str]] = {}
+        self._sealed = 0  # cohorts ever sealed (durable; part of every cohort id)
         self._results: list[CohortResult] = []
         self._rebuilders: dict[tuple[int, ...], Reconstructor] = {}
 
@@ -352,9 +353,15 @@ class SecAggCoordinator:
         members = tuple(j.site for j in joins)
         n = len(members)
         t = threshold(n, self.min_cohort)
-        cid = self._rng.bytes(COHORT_ID_BYTES)
+        # Random, and unique across restarts: a restored aggregator's rng may replay the
+        # draws of its last incarnation (a seeded one does), so the count of cohorts ever
+        # sealed (durable: snapshot + "open" records) fills the last 8 bytes. Members
+        # refuse a cohort id they uploaded under, so a repeat would cost a whole cohort.
+        self._sealed += 1
+        tail = self._sealed.to_bytes(8, "big")
+        cid = self._rng.bytes(COHORT_ID_BYTES - 8) + tail
         while cid in self._cohorts or cid in self._orphans:
-            cid = self._rng.bytes(COHORT_ID_BYTES)
+            cid = self._rng.bytes(COHORT_ID_BYTES - 8) + tail
         seal = SecAggSeal(
             cohort=cid,
             members=members,
@@ -811,7 +818,10 @@ class SecAggCoordinator:
         open_ = {cid: set(c.members) for cid, c in self._cohorts.items()}
         for cid, members in self._orphans.items():
             open_.setdefault(cid, set()).update(members)
-        return {"open": [[cid, sorted(members)] for cid, members in open_.items()]}
+        return {
+            "open": [[cid, sorted(members)] for cid, members in open_.items()],
+            "sealed": self._sealed,
+        }
 
     def restore(
         self, state: Mapping[str, Any] | None, log: Sequence[Mapping[str, Any]] = ()
@@ -823,11 +833,13 @@ class SecAggCoordinator:
         self._in_cohort.clear()
         orphans: dict[bytes, set[str]] = {}
         try:
+            sealed = int((state or {}).get("sealed", 0))
             for cid, members in (state or {}).get("open", ()):
                 orphans[bytes(cid)] = {str(m) for m in members}
             for entry in log:
                 if entry["op"] == "open":
                     orphans[bytes(entry["cohort"])] = {str(m) for m in entry["members"]}
+                    sealed += 1
                 elif entry["op"] == "close":
                     orphans.pop(bytes(entry["cohort"]), None)
                 else:
@@ -835,3 +847,4 @@ class SecAggCoordinator:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"secure-aggregation coordinator state is malformed: {exc}") from None
         self._orphans = orphans
+        self._sealed = sealed

@@ -194,7 +194,7 @@ def test_restart_orphans_open_cohorts_and_aborts_them_as_members_come_back() -> 
             (s, wire.SecAggAbort(cohort=cid, reason="restart")) for s in net.sites
         ]
         assert [e.data for e in out if isinstance(e, Persist)] == [{"op": "close", "cohort": cid}]
-        assert fresh.snapshot() == {"open": []}
+        assert fresh.snapshot() == {"open": [], "sealed": 1}  # the count survives
     # The members that uploaded hear it and drop their consumed updates.
     for s in net.sites:
         effects = net.members[s].on_abort(AGG, wire.SecAggAbort(cohort=cid, reason="restart"))
