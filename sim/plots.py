@@ -175,6 +175,97 @@ def plot_accuracy(report: Report, path: Path | str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Accuracy against epsilon
+
+
+def epsilon_figure(report: Report) -> Figure:
+    """Final accuracy against ε at δ (log axis), one point per private arm (``extra``'s
+    ``dp_epsilon``: the root's central ledger, else the DP-SGD sites' largest ε); every arm
+    without DP is a dashed horizontal line at its accuracy. A square marks a private arm
+    whose noise the secure-aggregation members added."""
+    with _style():
+        fig = _new_figure(7.0, 4.6)
+        private = [
+            (i, arm, float(eps))
+            for i, arm in enumerate(report.arms)
+            if (eps := epsilon_of(arm)) is not None and math.isfinite(arm.final_accuracy)
+        ]
+        plain = [
+            (i, arm)
+            for i, arm in enumerate(report.arms)
+            if epsilon_of(arm) is None and math.isfinite(arm.final_accuracy)
+        ]
+        if not private:
+            _no_data(fig, "no arm with differential privacy")
+            fig.suptitle(f"{report.scenario}: accuracy vs epsilon")
+            return fig
+        ax = fig.add_subplot()
+        for i, arm, eps in private:
+            secure = bool(arm.extra.get("secagg_cohorts_sealed") is not None)
+            ax.plot(
+                [max(eps, 1e-3)],
+                [arm.final_accuracy],
+                ls="none",
+                marker="s" if secure else "o",
+                ms=8,
+                color=arm_color(i),
+                label=f"{arm.name} (ε = {eps:.3g})",
+                zorder=5,
+            )
+        # Arms of one algorithm and mechanism joined by a thin line, in ε order (the trend).
+        groups: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+        for _, arm, eps in private:
+            key = (arm.algorithm, arm.extra.get("secagg_cohorts_sealed") is not None)
+            groups.setdefault(key, []).append((max(eps, 1e-3), arm.final_accuracy))
+        for points in groups.values():
+            if len(points) > 1:
+                points.sort()
+                ax.plot([e for e, _ in points], [a for _, a in points], color="0.6", lw=1)
+        for i, arm in plain:
+            ax.axhline(
+                arm.final_accuracy,
+                ls="--",
+                lw=1.4,
+                color=arm_color(i),
+                label=f"{arm.name} (no DP)",
+                zorder=1,
+            )
+        ax.set_xscale("log")
+        epsilons = [max(e, 1e-3) for _, _, e in private]
+        ax.set_xlim(min(epsilons) / 2.0, max(epsilons) * 2.0)
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(max(lo, 0.0), min(hi, 1.01))
+        delta = next((a.extra.get("dp_delta") for _, a, _ in private), None)
+        at = f" at δ = {float(delta):g}" if isinstance(delta, int | float) else ""
+        ax.set_xlabel(f"ε{at} (log scale)")
+        ax.set_ylabel("final test accuracy")
+        ax.set_title(f"{report.scenario}: accuracy vs privacy")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        return fig
+
+
+def epsilon_of(arm: Any) -> float | None:
+    """An arm's ε: the central ledger's (``dp_epsilon``), else the DP-SGD sites' largest
+    (``dp_sgd_epsilon_max``); None for an arm without differential privacy."""
+    for key in ("dp_epsilon", "dp_sgd_epsilon_max"):
+        value = arm.extra.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def arms_differ_in_epsilon(report: Report) -> bool:
+    """Whether an accuracy-vs-ε plot says anything: a private arm and another ε (or none)."""
+    values = {epsilon_of(a) for a in report.arms}
+    return len(values) > 1 and any(v is not None for v in values)
+
+
+def plot_epsilon(report: Report, path: Path | str) -> Path:
+    with _style():
+        return _save(epsilon_figure(report), path)
+
+
+# ---------------------------------------------------------------------------------------------
 # Staleness
 
 

@@ -10,6 +10,8 @@ wraps them in a `Report`. `write_report` turns it into a run directory:
     bytes.csv       arm,tier,bytes
     summary.txt     the plain-text summary table (`format_summary`)
     accuracy.png, staleness.png, bytes.png   (`sim.plots`)
+    accuracy_vs_epsilon.png   when arms differ in ε (``extra["dp_epsilon"]``, the central
+                    ledger's, or ``dp_sgd_epsilon_max``, the DP-SGD sites' largest)
 
 Wall-clock numbers are the only thing that may differ between two runs with the same seed. They
 live in keys whose name has the word "wall" in it (`wall_seconds`, `meta["wall_total_s"]`, ...);
@@ -480,6 +482,8 @@ def write_report(report: Report, out_dir: Path | str, *, plots: bool = True) -> 
         written["accuracy_plot"] = plotting.plot_accuracy(report, out / "accuracy.png")
         written["staleness_plot"] = plotting.plot_staleness(report, out / "staleness.png")
         written["bytes_plot"] = plotting.plot_bytes(report, out / "bytes.png")
+        if plotting.arms_differ_in_epsilon(report):
+            written["epsilon_plot"] = plotting.plot_epsilon(report, out / "accuracy_vs_epsilon.png")
     return written
 
 
