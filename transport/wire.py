@@ -388,14 +388,14 @@ def secagg_message_bound(elements: int, members: int) -> int:
     uint32 words and ``members - 1`` bundles) or a ``SecAggUnmask`` (as many bundles and
     signatures) or a ``SecAggShares`` (at most members**2 / 4 + members shares). A link
     whose caps come from ``Limits.for_model`` holds (d + 1) * 4 bytes plus 1 MiB of slack,
-    which covers cohorts up to about 60 members; larger cohorts need that much more
-    ``max_message_bytes`` (``slack``)."""
+    which covers cohorts of up to about 60 members (even with 128-character ids); larger
+    cohorts need that much more ``max_message_bytes`` (``slack``)."""
     if elements < 0 or not 1 <= members <= MAX_COHORT:
         raise ValueError(f"elements >= 0 and 1 <= members <= {MAX_COHORT} required")
     bundle = _BUNDLE_FIXED + _BUNDLE_PER_MEMBER * members
     shares = (members * members // 4 + members) * (2 * _ID_BYTES + SHARE_BYTES + 8)
     per_member = max(bundle, MAX_BIN_BYTES + _ID_BYTES + 8)
-    return 4 * (elements + 1) + members * per_member + shares + 4096
+    return max(4 * (elements + 1) + members * per_member, shares) + 4096
 
 
 _SCALAR_TYPES = (str, int, float, bool)

@@ -356,3 +356,30 @@ def test_honest_cohort_messages_fit_the_size_bound_and_model_limits() -> None:
         assert decode(data, limits) == msg
     with pytest.raises(ValueError):
         wire.secagg_message_bound(10, MAX_COHORT + 1)
+
+
+def test_an_upload_to_60_members_with_the_longest_ids_fits_the_model_link_caps() -> None:
+    from fedloom.algorithms.secagg.member import PendingUpdate, SecAggMember
+    from fedloom.federation.secagg_keys import derived_secagg_keys
+
+    members = tuple(f"{i:03d}" + "x" * 125 for i in range(60))  # 128 characters each
+    keys = derived_secagg_keys([*members, "agg"], 0)
+    model = {"w": np.zeros(500, np.float32)}
+    seal = SecAggSeal(
+        cohort=COHORT,
+        members=members,
+        seqs=(1,) * 60,
+        threshold=31,
+        clip=1.0,
+        precision_bits=16,
+        weight_cap=1,
+        deadline_s=30.0,
+    )
+    me = SecAggMember(members[0], keys[members[0]], np.random.default_rng(0))
+    update = PendingUpdate(1, 0, {"w": np.full(500, 0.01, np.float32)}, 1)
+    (upload,) = [e.msg for e in me.on_seal("agg", seal, update, "uniform") if hasattr(e, "msg")]
+    data = encode(upload)
+    assert (
+        len(data) <= wire.secagg_message_bound(500, 60) <= Limits.for_model(model).max_message_bytes
+    )
+    assert decode(data, Limits.for_model(model)) == upload
