@@ -19,6 +19,10 @@ Each update is masked and uploaded at most once (the spec's rule):
 * never uploaded (the cohort aborted before, the seal was refused, the link dropped): the
   update joins again (on the abort, and on every reconnect as the outbox resends).
 
+An uploaded update does not join again even on a reconnect, so an ``Ack`` lost with its
+link leaves it to the no-outcome timeout: it is then counted lost although its cohort was
+applied (the metric errs that way; nothing is applied twice or masked twice).
+
 Durable: the member logs each upload (``MEMBER_LOG_KEY``) before it is sent, and its
 records (the one view signed, the one reveal per cohort) ride in the site's snapshot and
 log; a restarted site rebuilds which pending updates were uploaded from them, so it
