@@ -66,6 +66,7 @@ from fedloom.algorithms.secagg.field import (
 from fedloom.algorithms.secagg.keys import SecAggCryptoError, SecAggKeys
 from fedloom.algorithms.secagg.masking import unmask_sum
 from fedloom.algorithms.secagg.shamir import (
+    SHARE_BYTES,
     Reconstructor,
     ShareError,
     parse_share,
@@ -94,6 +95,7 @@ __all__ = [
 COORDINATOR_LOG_KEY = "secagg/cohorts"
 MAX_JOINS_PER_SITE = 8
 COHORT_ID_BYTES = 16
+BOX_OVERHEAD = 40  # crypto_box: 24-byte nonce + 16-byte tag
 
 U32 = npt.NDArray[np.uint32]
 
@@ -456,6 +458,15 @@ class SecAggCoordinator:
                 "secure aggregation: masked update without exactly one bundle per other member",
                 fields,
             )
+        # A bundle holds one share per member (the owner's b and s_ij): a shorter box
+        # cannot be honest, and would leave this member's masks unrecoverable later.
+        shortest = BOX_OVERHEAD + (SHARE_BYTES + 2) * len(cohort.members)
+        if any(len(boxed) < shortest for _, boxed in msg.bundles):
+            return refused(
+                "bad_bundles",
+                f"secure aggregation: a share bundle shorter than {shortest} bytes",
+                fields,
+            )
         vec = np.frombuffer(msg.data, dtype="<u4")
         if cohort.acc is None:
             cohort.acc = vec.astype(np.uint32, copy=True)
@@ -704,15 +715,33 @@ class SecAggCoordinator:
             live = set(cohort.members) - cohort.down - cohort.bad
             if (cohort.asked & live) - set(cohort.answers):
                 return []  # answers may still come
-            if len(cohort.answers) < cohort.t:
-                return self._abort(
-                    cohort, "too_few_shares", f"{len(cohort.answers)} usable answers"
-                )
-            done = self._try_finish(cohort)
+            done = self._try_finish(cohort) if len(cohort.answers) >= cohort.t else []
             if cohort.cid not in self._cohorts:
                 return done
-            return self._abort(cohort, "shares_inconsistent", "no t shares rebuild a secret")
+            return [*done, *self._give_up(cohort, "every member asked has answered")]
         return []
+
+    def _give_up(self, cohort: _Cohort, when: str) -> list[Effect]:
+        """Abort a reveal that cannot complete, naming why: too few answers, or survivors
+        none of whose shares the answers hold (their bundles did not open at the members:
+        a member that uploads garbage bundles makes its cohort abort, never succeed)."""
+        if len(cohort.answers) < cohort.t:
+            return self._abort(cohort, "too_few_shares", f"{len(cohort.answers)} answers, {when}")
+        held: dict[str, int] = dict.fromkeys(cohort.survivors, 0)
+        for own, _ in cohort.answers.values():
+            for owner in own:
+                held[owner] += 1
+        culprits = sorted(owner for owner, n in held.items() if n < cohort.t)
+        if culprits:
+            return [
+                *(Metric("secagg_unrecoverable_member", 1.0, {"site": c}) for c in culprits[:16]),
+                *self._abort(
+                    cohort,
+                    "unrecoverable_bundles",
+                    f"members could not open the share bundles of {', '.join(culprits[:16])}",
+                ),
+            ]
+        return self._abort(cohort, "shares_inconsistent", f"no t shares rebuild a secret, {when}")
 
     def on_peer_down(self, peer: str, now: float) -> list[Effect]:
         for key in [k for k in self._waiting if k[0] == peer]:
@@ -784,11 +813,7 @@ class SecAggCoordinator:
                 done = self._try_finish(cohort) if len(cohort.answers) >= cohort.t else []
                 out.extend(done)
                 if cohort.cid in self._cohorts:
-                    out.extend(
-                        self._abort(
-                            cohort, "too_few_shares", f"{len(cohort.answers)} by the deadline"
-                        )
-                    )
+                    out.extend(self._give_up(cohort, "by the deadline"))
         out.extend(self._try_seal(now))
         return out
 

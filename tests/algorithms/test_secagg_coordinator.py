@@ -300,3 +300,40 @@ def test_a_member_that_comes_back_during_the_reveal_is_asked_again() -> None:
     net.take(AGG, out)
     assert net.run() == 0.0
     assert sum_ok(net, net.sites)
+
+
+def replace_bundles(victim: str, size: int):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+
+    def tap(sender: str, msg: wire.Message) -> wire.Message | None:
+        if sender == victim and isinstance(msg, wire.MaskedUpdate):
+            junk = tuple((r, rng.bytes(size or len(box))) for r, box in msg.bundles)
+            return dataclasses.replace(msg, bundles=junk)
+        return msg
+
+    return tap
+
+
+def test_short_bundles_are_refused_at_upload_and_the_rest_completes() -> None:
+    net = Net(6, seed=12)
+    net.tamper = replace_bundles(net.sites[0], 100)
+    setup(net)
+    net.run()
+    assert metric_count(net.effects[AGG], "secagg_refused", reason="bad_bundles") == 1
+    assert sum_ok(net, net.sites[1:])
+
+
+def test_garbage_bundles_make_the_cohort_abort_at_once_naming_their_owner() -> None:
+    net = Net(6, seed=13)
+    culprit = net.sites[2]
+    net.tamper = replace_bundles(culprit, 0)  # as long as honest ones, but garbage
+    setup(net)
+    assert net.run() == 0.0  # every member answered: no deadline needed
+    assert net.results == []
+    effects = net.effects[AGG]
+    assert metric_count(effects, "secagg_cohort_aborted", reason="unrecoverable_bundles") == 1
+    assert metric_count(effects, "secagg_unrecoverable_member", site=culprit) == 1
+    # Each honest member saw the garbage when it tried to open it, and still revealed.
+    for s in net.sites:
+        if s != culprit:
+            assert metric_count(net.effects[s], "secagg_refused", reason="bad_bundle") == 1
