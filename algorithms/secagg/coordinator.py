@@ -26,7 +26,16 @@ secure-aggregation messages and link events and applies what it yields:
    ``unmask_timeout_s`` after the view.
 5. Fewer than t uploads, signatures or usable answers by a deadline (or as soon as that
    can no longer change) -> ``SecAggAbort`` to the members, metric
-   ``secagg_cohort_aborted{reason}``, nothing yielded.
+   ``secagg_cohort_aborted{reason}``, nothing yielded. So does a sum that fails the
+   field's range check (``sum_out_of_range``: a member masked with seeds it did not
+   share) and a survivor whose bundles no member could open (``unrecoverable_bundles``,
+   naming it): a member that uploads garbage can make its cohort abort, never make a
+   garbage sum come out.
+
+Links: ``on_peer_down`` drops a site's waiting joins and, for an open cohort, stops
+waiting for it (a phase ends as soon as every live member has answered, or aborts as
+soon as too few can); ``on_peer_up`` sends a returning member the cohort's current
+request again (seal, view or unmask; members answer repeats idempotently).
 
 Peer input never raises: malformed, duplicate, late or misaddressed messages are counted
 (``secagg_refused{reason}``, ``secagg_duplicate``, ``secagg_late``) and ignored; a member
