@@ -437,10 +437,10 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
     )
     if secagg.enabled:
         check_codec(codec, t.where("codec"))
-        if algorithm not in ("fedbuff",):
+        if algorithm not in ("fedbuff", "fedavg", "fedprox"):
             raise ConfigError(
                 f"{t.where('secure_aggregation')}: secure aggregation runs on fedbuff arms "
-                f"(root and regions), not {algorithm!r}"
+                f"(root and regions) and fedavg/fedprox roots, not {algorithm!r}"
             )
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
