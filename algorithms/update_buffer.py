@@ -88,6 +88,7 @@ class UpdateBuffer:
         self._kept: list[Weights] = []  # deltas as received (or clipped)
         self._coefs: list[float] = []  # s(τ)·w for each kept delta
         self._discounts: list[float] = []  # s(τ) for each kept delta (robust modes)
+        self._srcs: list[str | None] = []  # the sender of each kept delta (central DP)
         self._total_w = 0.0
         self.n_updates = 0
         self.n_examples = 0
@@ -122,6 +123,7 @@ class UpdateBuffer:
         self._kept.append(delta)
         self._coefs.append(s * w)
         self._discounts.append(s)
+        self._srcs.append(src)
         self._total_w += w
         self.n_updates += 1
         self.n_examples += n_examples
@@ -132,6 +134,11 @@ class UpdateBuffer:
         """The buffered (delta as kept, i.e. clipped; discount s(τ)) pairs, in order: what
         a region needs to rebuild an aggregate without some of them."""
         return list(zip(self._kept, self._discounts, strict=True))
+
+    def contributions(self) -> list[tuple[str | None, Weights, float]]:
+        """The buffered (sender, delta as kept, s(τ)), in order: central DP clips each
+        sender's total (``algorithms.dp.release``)."""
+        return list(zip(self._srcs, self._kept, self._discounts, strict=True))
 
     def flush(self) -> Aggregate:
         """Return the aggregate of everything added since the last flush, and empty the buffer.
@@ -193,6 +200,7 @@ class UpdateBuffer:
         self._kept = []
         self._coefs = []
         self._discounts = []
+        self._srcs = []
         self._total_w = 0.0
         self.n_updates = 0
         self.n_examples = 0
@@ -204,6 +212,7 @@ class UpdateBuffer:
             "kept": [dict(d) for d in self._kept],
             "coefs": list(self._coefs),
             "discounts": list(self._discounts),
+            "srcs": list(self._srcs),
             "total_w": self._total_w,
             "n_updates": self.n_updates,
             "n_examples": self.n_examples,
@@ -215,6 +224,8 @@ class UpdateBuffer:
         self._kept = [dict(d) for d in state["kept"]]
         self._coefs = [float(c) for c in state["coefs"]]
         self._discounts = [float(s) for s in state["discounts"]]
+        srcs = state.get("srcs")  # older checkpoints: senders unknown
+        self._srcs = [None if s is None else str(s) for s in srcs or [None] * len(self._kept)]
         self._total_w = float(state["total_w"])
         self.n_updates = int(state["n_updates"])
         self.n_examples = int(state["n_examples"])

@@ -32,6 +32,8 @@ _EXTRA_OF = {
     "sklearn": "data",
     "rich": "sim",
     "torch": "torch",
+    # The privacy accountant: an aggregator with [privacy], `fedloom privacy`.
+    "dp_accounting": "privacy",
 }
 
 
