@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedloom.algorithms.aggregator_base import APPLIED_KEY
 from fedloom.algorithms.protocol import (
@@ -462,6 +464,57 @@ def test_sites_lost_before_joining_end_the_round_at_once() -> None:
     assert close(fed.root.current_model()[1], fedavg_step(fed, [(s, 1) for s in busy[:3]]))
 
 
+FATES = ("ok", "no_join", "before_upload", "after_upload")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fates=st.lists(st.sampled_from(FATES), min_size=5, max_size=5))
+def test_any_mix_of_dropouts_closes_the_round_with_the_survivors_sum_or_abandons_it(
+    fates: list[str],
+) -> None:
+    """K = 5 (t = 3): each site goes down before joining, after joining (its seal lost),
+    after uploading (never signs or reveals), or not at all. The round closes with the sum
+    of exactly the uploads iff its cohort can finish (>= 3 joins, and t of the sealed
+    cohort still live to sign and reveal), else it is abandoned; in bounded time either way."""
+    fed = SyncFed(5, k=5, cfg=secagg(min_cohort=3, max_dropout=0.4))
+    root = fed.root
+    fate = dict(zip(fed.sites, fates, strict=True))
+    of = {f: [s for s in fed.sites if fate[s] == f] for f in FATES}
+    for s in of["no_join"]:
+        fed.link(s, "root", False)  # down while training: its task is lost
+    fed.train([s for s in fed.sites if fate[s] != "no_join"])
+    for s in fed.sites:
+        fed.deliver_one(s, "root")  # the joins
+    for s in of["before_upload"]:
+        fed.link(s, "root", False)  # its seal is lost: never uploads
+    for s in fed.sites:
+        fed.flush_link("root", s)  # seals -> uploads queued
+    for s in of["after_upload"]:
+        fed.flush_link(s, "root")  # the upload arrives, then the site is gone
+        fed.link(s, "root", False)
+    fed.drain()
+    for _ in range(3):  # upload, view/unmask deadlines: nothing is left waiting after them
+        fed.now += fed.cfg.upload_timeout_s + fed.cfg.unmask_timeout_s + ROUND_S
+        fed.feed("root", Deadline())
+        fed.drain()
+    joined = len(fed.sites) - len(of["no_join"])
+    uploads = [*of["ok"], *of["after_upload"]]
+    completes = joined >= 3 and len(of["ok"]) >= threshold(joined, 3)
+    assert root.rounds_closed + root.rounds_abandoned >= 1
+    if completes:
+        assert root.version == 1 and root.rounds_closed == 1
+        (record,) = fed.cohort_records()
+        assert sorted(p[0] for p in record["pairs"]) == sorted(uploads)
+        assert close(root.current_model()[1], fedavg_step(fed, [(s, 1) for s in uploads]))
+        assert sorted(a.src for a in fed.sent_by("root", Ack)) == sorted(uploads)
+    else:
+        assert root.version == 0 and root.rounds_abandoned >= 1
+        assert fed.cohort_records() == []
+        # Nothing applied: no site update was acked as applied.
+        assert fed.outcomes("applied") == []
+    no_plain_updates_from_sites(fed)
+
+
 # ------------------------------------------------------------------- restarts
 
 
@@ -505,6 +558,31 @@ def test_root_restarted_after_the_uploads_aborts_the_cohort_and_training_goes_on
     fed.drain()
     assert fresh.version == 1
     assert close(fresh.current_model()[1], fedavg_step(fed, [(s, 2) for s in fed.sites]))
+    no_plain_updates_from_sites(fed)
+
+
+def test_root_restarted_mid_cohort_closes_the_round_with_the_members_that_rejoin() -> None:
+    fed = SyncFed(5, k=5, cfg=secagg(min_cohort=3, max_dropout=0.4))
+    fed.train()
+    for s in fed.sites:
+        fed.deliver_one(s, "root")  # joins -> the cohort is sealed
+    uploaded = fed.sites[:2]
+    for s in uploaded:
+        fed.flush_link("root", s)  # these two upload (lost in the crash); three never saw it
+    fresh = fed.restart_root()
+    fed.drain()
+    # The two uploaders lost their updates; the other three joined the restored round again.
+    for s in uploaded:
+        assert fed.nodes[s].pending == 0 and fed.metric(s, "secagg_update_lost")
+    assert fresh.state is RoundState.COLLECTING and fresh.round == 1 and fresh.version == 0
+    fed.now += ROUND_S + 1  # the uploaders' tasks stay unanswered: the deadline seals
+    fed.feed("root", Deadline())
+    fed.drain()
+    rest = fed.sites[2:]
+    assert fresh.version == 1 and fresh.rounds_abandoned == 0
+    (record,) = fed.cohort_records()
+    assert record["round"] == 1 and sorted(p[0] for p in record["pairs"]) == rest
+    assert close(fresh.current_model()[1], fedavg_step(fed, [(s, 1) for s in rest]))
     no_plain_updates_from_sites(fed)
 
 
