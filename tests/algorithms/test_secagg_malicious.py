@@ -15,6 +15,8 @@ import contextlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from fedloom.algorithms.protocol import Effect, Metric, Send
 from fedloom.algorithms.secagg.bundle import unpack_bundle
@@ -405,3 +407,69 @@ def test_a_forgotten_cohort_id_replayed_gives_unrelated_masks() -> None:
     # The sum of each run is still exactly what the aggregator may learn.
     want = sum(agg.true_update(s, 3) for s in sites)
     assert np.abs(honest_sum(agg, c1, sites) - want).max() <= 4 * 2.0**-PRECISION_BITS
+
+
+# Views the aggregator picks from: everyone alive, one or two live sites claimed dropped,
+# and one with too few survivors (t = 3 of 5).
+DROPS = [(), (0,), (1,), (0, 1), (2, 3, 4)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(actions=[("view", 5, 1), ("unmask", 5, 1), ("view", 5, 0), ("unmask", 5, 0)])
+@example(actions=[("view", 5, 3), ("unmask", 5, 3), ("unmask", 5, 1), ("unmask", 5, 0)])
+@example(
+    actions=[
+        ("view", 0, 1),
+        ("view", 1, 1),
+        ("view", 2, 0),
+        ("view", 3, 0),
+        ("view", 4, 2),
+        ("unmask", 5, 0),
+        ("unmask", 5, 1),
+        ("unmask", 5, 2),
+    ]
+)
+@given(
+    actions=st.lists(
+        st.tuples(
+            st.sampled_from(["view", "unmask"]),
+            st.sampled_from([5, 5, 5, 0, 1, 2, 3, 4]),  # 5: every member
+            st.integers(0, len(DROPS) - 1),
+        ),
+        min_size=4,
+        max_size=30,
+    )
+)
+def test_no_sequence_of_views_and_unmasks_strips_every_mask_of_one_member(
+    actions: list[tuple[str, int, int]],
+) -> None:
+    """Whatever views and unmasks (with every signature it has collected) the aggregator
+    sends to whichever members, in any order: all shares honest members reveal fit ONE
+    view, and no member has both its self mask and all its pair masks rebuildable."""
+    agg = MaliciousAggregator(5)
+    sites = agg.sites
+    cid = run_upload(agg, sites)
+    for action, k, which in actions:
+        d = [sites[i] for i in DROPS[which]]
+        u = [x for x in sites if x not in d]
+        to = sites if k == 5 else [sites[k]]
+        if action == "view":
+            agg.view(to, cid, u, d)
+        else:
+            agg.unmask(to, cid, u, d)
+    revealed_self: set[str] = set()
+    revealed_pairs: set[tuple[str, str]] = set()
+    for _, answer in agg.shares.get(cid, []):
+        revealed_self.update(owner for owner, _ in answer.self_shares)
+        revealed_pairs.update((i, j) for i, j, _ in answer.pair_shares)
+    if revealed_self or revealed_pairs:
+        # One view (U, D) explains every share revealed: U ⊇ self owners, pairs in U × D.
+        survivors = revealed_self | {i for i, _ in revealed_pairs}
+        dropped = {j for _, j in revealed_pairs}
+        assert not survivors & dropped
+    b, s = agg.rebuilt(cid)
+    for member in sites:
+        pairs = {frozenset(key) for key in s if member in key}
+        assert not (member in b and len(pairs) == len(sites) - 1), member
+        if member in b or pairs:
+            agg.assert_no_update_recovered(agg.best_estimate(cid, member))
