@@ -42,8 +42,10 @@ carry the records through the host's checkpoint.
 
 What the host (the site) reads back: ``take_outcomes()`` — ``uploaded`` (seq is consumed;
 keep it until Ack), ``lost`` (drop it: its cohort aborted after the upload, or it was
-counted as dropped), ``refused`` (the seal was refused; the update was not uploaded and
-may join again, e.g. after a back-off or on reconnect).
+counted as dropped), ``refused`` (the seal was refused; the update was not uploaded),
+``rejoin`` (the cohort whose seal was refused has moved on without it — a view, unmask or
+abort of it arrived — so the update should join again now; joining again at ``refused``
+would only get the same seal back while that cohort waits for uploads).
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ class SecAggMember:
         self.max_records = max_records
         self._records: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
         self._outcomes: list[MemberOutcome] = []
-        self._refused: OrderedDict[bytes, str] = OrderedDict()  # cohort -> aggregator
+        # Cohorts whose seal this member refused: cohort -> (aggregator, seq).
+        self._refused: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
 
     # ------------------------------------------------------------------ queries
 
@@ -204,7 +207,7 @@ class SecAggMember:
         def refuse(reason: str, text: str) -> list[Effect]:
             self._outcomes.append(MemberOutcome("refused", msg.cohort, update.seq))
             if msg.cohort not in self._records:
-                self._refused[msg.cohort] = peer
+                self._refused[msg.cohort] = (peer, update.seq)
                 while len(self._refused) > self.max_records:
                     self._refused.popitem(last=False)
             return refused(reason, f"secure aggregation: seal refused: {text}", fields)
@@ -327,8 +330,12 @@ class SecAggMember:
     ) -> tuple[dict[str, Any] | None, list[Effect]]:
         record = self._records.get(cohort)
         fields = {"aggregator": peer, "cohort": cohort.hex()}
-        if record is None and self._refused.get(cohort) == peer:
-            # This member refused the seal: it has nothing to sign, reveal or drop.
+        refusal = self._refused.get(cohort)
+        if record is None and refusal is not None and refusal[0] == peer:
+            # This member refused the seal: it has nothing to sign, reveal or drop. The
+            # cohort went on without it, so its update may join again (once).
+            del self._refused[cohort]
+            self._outcomes.append(MemberOutcome("rejoin", cohort, refusal[1]))
             return None, [Metric("secagg_ignored", 1.0, {"kind": what})]
         if record is None:
             return None, refused(

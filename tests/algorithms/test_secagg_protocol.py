@@ -185,7 +185,10 @@ def test_member_whose_roster_lacks_a_peer_refuses_and_the_cohort_completes_witho
     ]
     assert [e.labels for e in refusals] == [{"reason": "unknown_key"}]
     check_result(net, sites[1:])
-    assert [o.kind for o in net.members[sites[0]].take_outcomes()] == ["refused"]
+    # The view (it is in D) tells it the cohort went on without it: its update joins again.
+    outcomes = net.members[sites[0]].take_outcomes()
+    assert [(o.kind, o.seq) for o in outcomes] == [("refused", 1), ("rejoin", 1)]
+    assert metric_count(net.effects[sites[0]], "secagg_ignored") == 1
 
 
 def test_site_unknown_to_everyone_makes_the_cohort_abort() -> None:
