@@ -37,6 +37,7 @@ import numpy.typing as npt
 
 from fedloom.algorithms.protocol import Metric, Node
 from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.secagg.cohort import digest as secagg_digest
 from fedloom.algorithms.site import SiteNode
 from fedloom.transport.e2e import (
     MODEL_SIGNER_ROLES,
@@ -94,7 +95,7 @@ class ModelProof:
 def masked_digest(msg: MaskedUpdate) -> bytes:
     """The payload digest a masked upload is signed over: BLAKE2b-256 of a labelled
     msgpack of its cohort id, the digest of its data and the digest of its bundles."""
-    data = hashlib.blake2b(bytes(msg.data), digest_size=32).digest()
+    data = secagg_digest(bytes(msg.data))  # BLAKE2b-256; the member's own digest reused
     bundles = hashlib.blake2b(
         msgpack.packb([[str(r), bytes(b)] for r, b in msg.bundles], use_bin_type=True),
         digest_size=32,

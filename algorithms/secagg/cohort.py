@@ -100,6 +100,33 @@ def byte_stream(seed: bytes) -> Callable[[int], bytes]:
     return randbytes
 
 
+_recent_digests: tuple[tuple[bytes, bytes], ...] = ()  # (data, digest) of large inputs
+_REMEMBER = 4
+_REMEMBER_FROM = 1 << 16
+_REMEMBER_BYTES = 1 << 28  # what the remembered inputs may keep alive, at most
+
+
 def digest(data: bytes) -> bytes:
-    """BLAKE2b-256 of ``data`` (what a member records of what it uploaded)."""
-    return hashlib.blake2b(data, digest_size=32).digest()
+    """BLAKE2b-256 of ``data`` (what a member records of what it uploaded).
+
+    The digests of the latest few large ``bytes`` objects are remembered by identity (the
+    objects are kept, so their ids cannot be reused): a member digests its masked upload
+    for its record and its daemon's signing digests the same object again
+    (``federation.signing.masked_digest``), so 4 MB per million coordinates is hashed
+    once, also when a process hosts several sites (at most 256 MiB of inputs kept)."""
+    global _recent_digests
+    recent = _recent_digests
+    for seen, out in recent:
+        if seen is data:
+            return out
+    out = hashlib.blake2b(data, digest_size=32).digest()
+    if type(data) is bytes and _REMEMBER_FROM <= len(data) <= _REMEMBER_BYTES:
+        kept = [(data, out)]
+        total = len(data)
+        for seen, d in recent[: _REMEMBER - 1]:
+            total += len(seen)
+            if total > _REMEMBER_BYTES:
+                break
+            kept.append((seen, d))
+        _recent_digests = tuple(kept)
+    return out

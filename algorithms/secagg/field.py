@@ -123,9 +123,13 @@ def check_capacity(
 
 def flatten(weights: Weights) -> npt.NDArray[np.float64]:
     """All tensors of ``weights`` in dict order, raveled into one float64 vector."""
-    if not weights:
-        return np.zeros(0, dtype=np.float64)
-    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in weights.values()])
+    arrays = [np.asarray(v) for v in weights.values()]
+    out = np.empty(sum(int(a.size) for a in arrays), dtype=np.float64)
+    offset = 0
+    for a in arrays:  # one pass: each tensor is converted straight into its slice
+        out[offset : offset + a.size] = a.ravel()
+        offset += a.size
+    return out
 
 
 def template_size(template: Weights) -> int:
@@ -174,18 +178,6 @@ def encode(
         raise ValueError(f"weight must be in [0, 1], got {weight!r}")
     x = flatten(delta)
     d = x.size
-    if not np.all(np.isfinite(x)):
-        raise ValueError("cannot encode a delta with NaN or infinite values")
-    norm = float(np.linalg.norm(x))
-    factor = float(weight) * spec.scale
-    if norm > spec.clip:
-        factor *= spec.clip / norm
-    x *= factor
-    # Stochastic rounding: floor(y) + [u < frac(y)], so E[result] = y exactly.
-    floor = np.floor(x)
-    x -= floor  # x is now the fractional part, in [0, 1)
-    ints = floor.astype(np.int64)
-    ints += rng.random(d) < x
     if noise is not None:
         noise_arr = np.asarray(noise)
         if noise_arr.shape != (d,) or not np.issubdtype(noise_arr.dtype, np.integer):
@@ -193,9 +185,27 @@ def encode(
                 f"noise must be an integer vector of length {d}, got dtype {noise_arr.dtype} "
                 f"and shape {noise_arr.shape}"
             )
+    # np.linalg.norm's own arithmetic (sqrt of x.dot(x)); a NaN or inf shows in the sum,
+    # so the finiteness pass runs only then (a finite sum of squares that overflows clips
+    # everything to 0, as the norm did).
+    with np.errstate(over="ignore"):
+        sq = float(x.dot(x))
+    if not math.isfinite(sq) and not np.all(np.isfinite(x)):
+        raise ValueError("cannot encode a delta with NaN or infinite values")
+    norm = math.sqrt(sq)
+    factor = float(weight) * spec.scale
+    if norm > spec.clip:
+        factor *= spec.clip / norm
+    x *= factor
+    # Stochastic rounding: floor(y) + [u < frac(y)], so E[result] = y exactly.
+    floor = np.floor(x)
+    x -= floor  # x is now the fractional part, in [0, 1)
+    floor += rng.random(d) < x  # integral floats (|y| < 2^53): the sum is exact
+    ints = floor.astype(np.int64)
+    if noise is not None:
         ints += noise_arr.astype(np.int64, copy=False)
     out = np.empty(d + 1, dtype=np.uint32)
-    out[:d] = ints.astype(np.uint32)  # two's-complement wrap: value mod 2^32
+    out[:d] = ints  # C conversion to uint32: two's-complement wrap, value mod 2^32
     out[d] = round(float(weight) * spec.scale)
     return out
 

@@ -1,0 +1,111 @@
+"""The member's hot path, made cheaper for bench/secagg.py, gives the same results:
+``encode`` equals the plain formula (float64 flatten, L2 clip, weight, stochastic rounding
+with the same draws, integer noise, mod 2^32) bit for bit, and ``digest`` remembers large
+inputs by identity without ever answering for other bytes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedloom.algorithms.secagg import cohort
+from fedloom.algorithms.secagg.field import FieldSpec, encode, flatten
+from fedloom.federation.signing import masked_digest
+from fedloom.transport.wire import MaskedUpdate
+
+
+def reference_encode(
+    delta: dict[str, np.ndarray],
+    weight: float,
+    spec: FieldSpec,
+    rng: np.random.Generator,
+    noise: np.ndarray | None,
+) -> np.ndarray:
+    x = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in delta.values()])
+    norm = float(np.linalg.norm(x))
+    factor = weight * spec.scale
+    if norm > spec.clip:
+        factor *= spec.clip / norm
+    y = x * factor
+    floor = np.floor(y)
+    ints = floor.astype(np.int64) + (rng.random(x.size) < (y - floor))
+    if noise is not None:
+        ints += noise
+    return np.append(ints.astype(np.uint32), np.uint32(round(weight * spec.scale)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+    scale=st.sampled_from([1e-4, 1e-2, 1.0, 50.0]),
+    clip=st.sampled_from([0.5, 2.0, 100.0]),
+    bits=st.integers(4, 20),
+    weight=st.floats(0.0, 1.0),
+    with_noise=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_encode_is_the_plain_formula(
+    sizes: list[int],
+    dtype: type,
+    scale: float,
+    clip: float,
+    bits: int,
+    weight: float,
+    with_noise: bool,
+    seed: int,
+) -> None:
+    gen = np.random.default_rng(seed)
+    delta = {f"t{i}": (gen.standard_normal(n) * scale).astype(dtype) for i, n in enumerate(sizes)}
+    d = sum(sizes)
+    noise = gen.integers(-5000, 5000, d) if with_noise else None
+    spec = FieldSpec(clip, bits, 1)
+    got = encode(delta, weight, spec, np.random.default_rng(seed + 1), noise)
+    want = reference_encode(delta, weight, spec, np.random.default_rng(seed + 1), noise)
+    assert got.dtype == np.uint32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(
+        flatten(delta), np.concatenate([v.astype(np.float64) for v in delta.values()])
+    )
+
+
+def test_encode_still_refuses_non_finite_and_bad_noise() -> None:
+    spec = FieldSpec(1.0, 16, 1)
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            encode({"a": np.array([1.0, bad])}, 1.0, spec, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="noise"):
+        encode({"a": np.ones(3)}, 1.0, spec, np.random.default_rng(0), np.ones(3))
+    # A finite delta whose sum of squares overflows is clipped to zero, as before.
+    huge = encode({"a": np.array([1e300, 1e300])}, 1.0, spec, np.random.default_rng(0))
+    assert huge[:2].tolist() == [0, 0]
+
+
+def test_digest_remembers_by_identity_only() -> None:
+    a = bytes(range(256)) * 1024  # 256 KiB: remembered
+    b = bytearray(a)  # equal bytes, another object: hashed on its own
+    want = hashlib.blake2b(a, digest_size=32).digest()
+    assert cohort.digest(a) == want
+    assert cohort.digest(a) == want
+    assert cohort.digest(bytes(b)) == want
+    other = bytes(len(a))
+    assert cohort.digest(other) == hashlib.blake2b(other, digest_size=32).digest()
+    for _ in range(6):  # older entries fall out; answers stay right
+        fresh = np.random.default_rng(len(cohort._recent_digests)).bytes(1 << 17)
+        assert cohort.digest(fresh) == hashlib.blake2b(fresh, digest_size=32).digest()
+    assert cohort.digest(a) == want
+    assert len(cohort._recent_digests) <= cohort._REMEMBER
+
+
+def test_masked_digest_reuses_the_members_digest() -> None:
+    data = np.random.default_rng(3).bytes(1 << 18)
+    msg = MaskedUpdate("s", 1, bytes(16), 0, 1, data, (("t", b"box"),))
+    first = masked_digest(msg)
+    assert cohort._recent_digests[0][0] is data  # remembered from the signing's call
+    assert masked_digest(msg) == first
+    changed = MaskedUpdate("s", 1, bytes(16), 0, 1, data[:-4] + b"\0\0\0\1", (("t", b"box"),))
+    assert masked_digest(changed) != first
