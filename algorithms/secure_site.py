@@ -136,13 +136,19 @@ class SiteSecAgg:
             out = self.member.on_view(peer, msg)
         elif isinstance(msg, SecAggUnmask):
             out = self.member.on_unmask(peer, msg)
-        elif isinstance(msg, SecAggAbort):
+        rejoin: list[Update] = []
+        if isinstance(msg, SecAggAbort):
             out = self.member.on_abort(peer, msg)
             if msg.cohort not in self.member.cohorts():
                 # It aborted before this site uploaded: every update not in a cohort
                 # joins again (the parent ignores a join it still holds).
-                out += [Send(peer, join_for(u)) for u in pending if u.seq not in self._uploaded]
-        return out, self._outcomes(now)
+                rejoin = [u for u in pending if u.seq not in self._uploaded]
+        lost, again = self._outcomes(now)
+        # A cohort whose seal this site refused moved on without it: that update joins again.
+        seqs = {u.seq for u in rejoin}
+        rejoin += [u for u in pending if u.seq in again and u.seq not in seqs]
+        out += [Send(peer, join_for(u)) for u in rejoin if u.seq not in self._uploaded]
+        return out, lost
 
     def _on_seal(self, peer: str, msg: SecAggSeal, pending: Sequence[Update]) -> list[Effect]:
         seq = seal_seq(msg, self.site_id)
@@ -166,15 +172,19 @@ class SiteSecAgg:
             return None
         return lambda sigma, n: source(rng, sigma, n)
 
-    def _outcomes(self, now: float) -> list[int]:
+    def _outcomes(self, now: float) -> tuple[list[int], set[int]]:
+        """(seqs lost, seqs to join again) from the member's outcomes."""
         lost: list[int] = []
+        again: set[int] = set()
         for o in self.member.take_outcomes():
             if o.kind == "uploaded":
                 self._uploaded[o.seq] = now
             elif o.kind == "lost" and self._uploaded.pop(o.seq, "gone") != "gone":
                 self.lost += 1
                 lost.append(o.seq)
-        return lost
+            elif o.kind == "rejoin":
+                again.add(o.seq)
+        return lost, again
 
     def acked(self, seq: int) -> None:
         """The parent acknowledged ``seq`` (its cohort was applied)."""
