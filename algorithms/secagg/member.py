@@ -121,7 +121,8 @@ class PendingUpdate:
 
 @dataclass(frozen=True, slots=True)
 class MemberOutcome:
-    """What became of update ``seq`` in ``cohort``: ``uploaded``, ``lost`` or ``refused``."""
+    """What became of update ``seq`` in ``cohort``: ``uploaded``, ``lost``, ``refused`` or
+    ``rejoin`` (see the module docstring)."""
 
     kind: str
     cohort: bytes
