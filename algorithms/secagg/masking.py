@@ -19,7 +19,10 @@ protocol's docstring.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +30,29 @@ import numpy.typing as npt
 from fedloom.algorithms.secagg.prg import Expander
 
 U32 = npt.NDArray[np.uint32]
+
+# Expanding seeds is most of masking's and unmasking's time, and both libsodium (through
+# cffi) and NumPy's adds release the GIL: long vectors with several seeds are split over
+# a few threads, each summing its share of the masks into its own buffer. Sums mod 2^32
+# do not depend on the order, so the result is the same words on any number of threads.
+PARALLEL_MIN_WORDS = 1 << 18
+MAX_THREADS = 4
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+_pool_lock = threading.Lock()
+
+
+def _threads() -> int:
+    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The module's thread pool (made again in a forked child: threads do not survive)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            made = ThreadPoolExecutor(_threads(), thread_name_prefix="secagg-mask")
+            _pool = (os.getpid(), made)
+        return _pool[1]
 
 
 def pair_sign(a: str, b: str) -> int:
@@ -53,6 +79,34 @@ def _apply(acc: U32, prg: Expander, seed: bytes, sign: int) -> None:
         np.subtract(acc, stream, out=acc)
 
 
+def _partial(n: int, terms: Sequence[tuple[bytes, int]]) -> U32:
+    acc = np.zeros(n, dtype=np.uint32)
+    prg = Expander(n)
+    for seed, sign in terms:
+        _apply(acc, prg, seed, sign)
+    return acc
+
+
+def _accumulate(acc: U32, terms: Sequence[tuple[bytes, int]]) -> None:
+    """``acc += Σ sign · PRG(seed)`` over ``terms`` in place (mod 2^32), over threads when
+    the vector is long and there are several seeds (see ``PARALLEL_MIN_WORDS``)."""
+    n = acc.size
+    k = min(_threads(), len(terms))
+    if k < 2 or n < PARALLEL_MIN_WORDS:
+        prg = Expander(n)
+        for seed, sign in terms:
+            _apply(acc, prg, seed, sign)
+        return
+    parts = [terms[i::k] for i in range(k)]
+    pool = _executor()
+    futures = [pool.submit(_partial, n, part) for part in parts[1:]]
+    prg = Expander(n)
+    for seed, sign in parts[0]:  # this thread's share goes straight into acc
+        _apply(acc, prg, seed, sign)
+    for f in futures:
+        np.add(acc, f.result(), out=acc)
+
+
 def mask(v: U32, self_seed: bytes, pair_seeds: Mapping[str, bytes], me: str) -> U32:
     """``v + PRG(self_seed) + Σ_j pair_sign(me, j) · PRG(pair_seeds[j])`` mod 2^32, as a new
     array (``v`` is not modified). ``pair_seeds`` maps every other member to the seed
@@ -60,10 +114,9 @@ def mask(v: U32, self_seed: bytes, pair_seeds: Mapping[str, bytes], me: str) -> 
     vec = _as_u32(v, "v")
     if me in pair_seeds:
         raise ValueError(f"pair_seeds names {me!r} itself")
-    prg = Expander(vec.size)  # the one scratch buffer
-    out = np.add(vec, prg.expand(self_seed))  # the one new array
-    for peer, seed in pair_seeds.items():
-        _apply(out, prg, seed, pair_sign(me, peer))
+    out = vec.copy()
+    terms = [(self_seed, 1), *((seed, pair_sign(me, peer)) for peer, seed in pair_seeds.items())]
+    _accumulate(out, terms)
     return out
 
 
@@ -76,8 +129,8 @@ def unmask_sum(
     ``self_seeds`` (b_i, i ∈ U) and the triples ``(i, j, s_ij)`` for every survivor i and
     dropped member j: Σ y − Σ PRG(b_i) − Σ pair_sign(i, j) · PRG(s_ij).
 
-    One accumulator and one PRG scratch buffer are allocated; ``ValueError`` for no
-    vectors or vectors of different lengths or types.
+    One accumulator and one PRG scratch buffer per thread are allocated; ``ValueError``
+    for no vectors or vectors of different lengths or types.
     """
     total: U32 | None = None
     for k, y in enumerate(masked):
@@ -90,10 +143,8 @@ def unmask_sum(
             np.add(total, arr, out=total)
     if total is None:
         raise ValueError("unmask_sum needs at least one masked vector")
-    prg = Expander(total.size)  # the one scratch buffer
-    for seed in self_seeds:
-        _apply(total, prg, seed, -1)
-    for survivor, dropped, seed in pair_seeds:
-        # y_survivor carries +pair_sign(survivor, dropped) · PRG(s): take it back out.
-        _apply(total, prg, seed, -pair_sign(survivor, dropped))
+    terms = [(seed, -1) for seed in self_seeds]
+    # y_survivor carries +pair_sign(survivor, dropped) · PRG(s): take it back out.
+    terms += [(seed, -pair_sign(i, j)) for i, j, seed in pair_seeds]
+    _accumulate(total, terms)
     return total

@@ -1,7 +1,8 @@
-"""The member's hot path, made cheaper for bench/secagg.py, gives the same results:
-``encode`` equals the plain formula (float64 flatten, L2 clip, weight, stochastic rounding
-with the same draws, integer noise, mod 2^32) bit for bit, and ``digest`` remembers large
-inputs by identity without ever answering for other bytes."""
+"""The member's and the coordinator's hot paths, made cheaper for bench/secagg.py, give the
+same results: ``encode`` equals the plain formula (float64 flatten, L2 clip, weight,
+stochastic rounding with the same draws, integer noise, mod 2^32) bit for bit, ``digest``
+remembers large inputs by identity without ever answering for other bytes, and masking or
+unmasking split over threads gives the same words as on one."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedloom.algorithms.secagg import cohort
+from fedloom.algorithms.secagg import cohort, masking
 from fedloom.algorithms.secagg.field import FieldSpec, encode, flatten
 from fedloom.federation.signing import masked_digest
 from fedloom.transport.wire import MaskedUpdate
@@ -109,3 +110,36 @@ def test_masked_digest_reuses_the_members_digest() -> None:
     assert masked_digest(msg) == first
     changed = MaskedUpdate("s", 1, bytes(16), 0, 1, data[:-4] + b"\0\0\0\1", (("t", b"box"),))
     assert masked_digest(changed) != first
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_masking_over_threads_gives_the_same_words(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = masking.PARALLEL_MIN_WORDS + 5  # long enough to be split
+    rng = np.random.default_rng(threads)
+    members = [f"m{i}" for i in range(6)]
+    vecs = {m: rng.integers(0, 2**32, n, dtype=np.uint32) for m in members}
+    seeds = {m: rng.bytes(32) for m in members}
+    pair = {frozenset((a, b)): rng.bytes(32) for a in members for b in members if a < b}
+
+    def masked(m: str) -> np.ndarray:
+        return masking.mask(
+            vecs[m], seeds[m], {j: pair[frozenset((m, j))] for j in members if j != m}, m
+        )
+
+    monkeypatch.setattr(masking, "_threads", lambda: 1)
+    serial = {m: masked(m) for m in members}
+    monkeypatch.setattr(masking, "_threads", lambda: threads)
+    for m in members:
+        np.testing.assert_array_equal(masked(m), serial[m])
+    survivors, dropped = members[:4], members[4:]
+    total = masking.unmask_sum(
+        [masked(m) for m in survivors],
+        [seeds[m] for m in survivors],
+        [(i, j, pair[frozenset((i, j))]) for i in survivors for j in dropped],
+    )
+    want = np.zeros(n, dtype=np.uint32)
+    for m in survivors:
+        want += vecs[m]
+    np.testing.assert_array_equal(total, want)  # the masks cancel, whatever the split
