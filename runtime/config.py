@@ -49,6 +49,9 @@ Example (a hospital site)::
     [executor]                        # kind = "thread" | "process", workers
     [secure_aggregation]              # enabled, min_cohort, cohort_size, clip, ... (README,
                                       # "Secure aggregation"): sites and aggregators alike
+    [dp_sgd]                          # sites with a torch plan (mlp, cnn): noise_multiplier,
+                                      # max_grad_norm, delta, epsilon_budget (README,
+                                      # "Differential privacy"; workloads.dp_sgd)
 
 Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``, and may
 declare ``[subtrees]`` (region child id = [its site ids]): that region's forwards are then
@@ -103,6 +106,7 @@ from fedloom.transport.channel import (
 )
 from fedloom.transport.identity import IdentityError, check_node_id, parse_key
 from fedloom.transport.records import CIPHERS, available_ciphers, unavailable
+from fedloom.workloads.dp_sgd import DpSgdConfig, check_model, read_dp_sgd
 from fedloom.workloads.workload import DATASET_NAMES
 
 ROLES = ("site", "region", "root", "peer", "relay")
@@ -237,6 +241,8 @@ class DaemonConfig:
     # ``[secure_aggregation]`` (federation.secagg_params): a site with it sends no plain
     # update; an aggregator with it takes none from its sites.
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    # ``[dp_sgd]`` (workloads.dp_sgd): a site trains with DP-SGD and keeps a privacy ledger.
+    dp_sgd: DpSgdConfig | None = None
 
     @property
     def is_aggregator(self) -> bool:
@@ -326,7 +332,10 @@ def parse_config(
     outbox_max_mib = outbox.number("max_mib", None, min=0.0, max=MAX_OUTBOX_MIB, exclusive_min=True)
     outbox.finish()
     secagg = read_secure_aggregation(t.table("secure_aggregation"))
+    dp_sgd = read_dp_sgd(t.table("dp_sgd")) if t.has("dp_sgd") else None
     t.finish()
+    if dp_sgd is not None:
+        _check_dp_sgd(role, plan)
     if secagg.enabled:
         check_codec(codec)  # the cohort's size is checked with the children's roles (factory)
 
@@ -358,6 +367,7 @@ def parse_config(
         subtrees=subtrees,
         has_standby=has_standby,
         secure_aggregation=secagg,
+        dp_sgd=dp_sgd,
         **failover,
     )
     _check_role(cfg)
@@ -628,6 +638,18 @@ def _executor(t: Table) -> ExecutorConfig:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def _check_dp_sgd(role: str, plan: PlanConfig | None) -> None:
+    """``[dp_sgd]`` needs a site training a built-in torch model."""
+    if role != "site":
+        raise ConfigError(f"dp_sgd: only a site trains with DP-SGD; remove [dp_sgd] for a {role}")
+    if plan is None or plan.workload is None:
+        raise ConfigError(
+            "dp_sgd: needs a built-in [plan] workload with a torch model (a plan.factory "
+            "trains itself and cannot be made private here)"
+        )
+    check_model(str(plan.workload.get("model", "softmax")), "dp_sgd")
 
 
 def _check_role(cfg: DaemonConfig) -> None:

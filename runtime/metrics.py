@@ -244,6 +244,22 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
         "pairs_lost": (
             _Rule(total, "pairs_lost", "Site updates lost with a nested aggregate dropped."),
         ),
+        # Record-level DP-SGD at a site (``workloads.dp_sgd``).
+        "site_privacy_epsilon": (
+            _Rule(
+                gauge,
+                "site_privacy_epsilon",
+                "Privacy spent by this site's DP-SGD training: epsilon at the configured "
+                "delta (Opacus RDP accountant over every job it trained).",
+            ),
+        ),
+        "privacy_budget_refused": (
+            _Rule(
+                count,
+                "privacy_budget_refusals",
+                "Training jobs refused because they would pass the site's epsilon_budget.",
+            ),
+        ),
     }
 
 

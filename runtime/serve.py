@@ -46,7 +46,13 @@ from fedloom.runtime.network_peers import (
     NetworkPeers,
     gossip_dial_targets,
 )
-from fedloom.runtime.nodes import bound_claims, model_floor, model_floor_digest, model_of
+from fedloom.runtime.nodes import (
+    bound_claims,
+    model_floor,
+    model_floor_digest,
+    model_of,
+    n_examples_of,
+)
 from fedloom.runtime.recovery import Daemon, DaemonError, recovery_summary
 from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
 from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
@@ -57,6 +63,7 @@ from fedloom.transport.e2e import ModelVersionGuard
 from fedloom.transport.limits import Limits, MiB, ModelLayout
 from fedloom.transport.roster import Roster
 from fedloom.transport.tensors import CodecSpec
+from fedloom.workloads.dp_sgd import LEDGER_KEY, LedgerTrainer, PrivacyLedger
 
 log = logging.getLogger("fedloom.daemon")
 
@@ -304,6 +311,38 @@ def _persist_roster(d: Daemon) -> Callable[[Roster, str], None]:
     return persist
 
 
+def _dp_sgd_trainer(
+    d: Daemon,
+    inner: Trainer,
+    sink: Callable[[Metric], None],
+    loop: asyncio.AbstractEventLoop,
+    pool: cf.Executor | None,
+) -> Trainer:
+    """A DP-SGD site's trainer: its privacy ledger restored from the state dir, each job
+    admitted against ``epsilon_budget`` and recorded there before its result is released
+    (``workloads.dp_sgd``); ε on ``/metrics`` (``fedloom_site_privacy_epsilon``)."""
+    cfg = d.cfg
+    assert cfg.dp_sgd is not None
+    value = d.recovery.values.get(LEDGER_KEY)
+    try:
+        history = [] if value is None else PrivacyLedger.parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"state_dir: {cfg.state_dir} holds a corrupt value: {exc}") from None
+
+    def show(m: Metric) -> None:  # from a training thread: the sink runs on the loop
+        loop.call_soon_threadsafe(sink, m)
+
+    ledger = PrivacyLedger(
+        cfg.dp_sgd,
+        history,
+        persist=lambda v: d.store.apply(Persist(LEDGER_KEY, v)),
+        on_epsilon=lambda eps: show(Metric("site_privacy_epsilon", eps)),
+        on_refused=lambda: show(Metric("privacy_budget_refused")),
+        name=cfg.node_id,
+    )
+    return LedgerTrainer(inner, ledger, n_examples_of(d.plan), pool)
+
+
 def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -365,9 +404,15 @@ async def serve(
     if hangup is None:
         hangup = asyncio.Event()
     own_executor: cf.Executor | None = None
+    own_pool: cf.Executor | None = None
     if trainer is None and cfg.role in ("site", "peer") and d.plan is not None:
         trainer = PlanTrainer(d.plan)
         executor = own_executor = make_executor(cfg.executor.kind, cfg.executor.workers)
+        if cfg.dp_sgd is not None:  # the ledger stays in this process; jobs may not
+            if cfg.executor.kind == "process":
+                own_pool, executor = executor, make_executor("thread", cfg.executor.workers)
+                own_executor = executor
+            trainer = _dp_sgd_trainer(d, trainer, sink, loop, own_pool)
     driver = AsyncDriver(
         d.node,
         peers=peers,
@@ -489,6 +534,8 @@ async def serve(
             await obs.stop()
         if own_executor is not None:
             own_executor.shutdown(wait=False, cancel_futures=True)
+        if own_pool is not None:
+            own_pool.shutdown(wait=False, cancel_futures=True)
     unwritten = driver.unwritten_at_forced_stop
     if forced and unwritten is not None:
         # The disk stalled: no final checkpoint (more slow writes); the log already holds

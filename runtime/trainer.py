@@ -254,12 +254,13 @@ def as_plan(obj: Any, where: str = "plan") -> TrainingPlan:
     )
 
 
-def plan_from_config(plan: Any, *, seed: int = 0) -> TrainingPlan:
+def plan_from_config(plan: Any, *, seed: int = 0, dp_sgd: Any = None) -> TrainingPlan:
     """The training plan of a daemon's ``runtime.config.PlanConfig``.
 
     A built-in workload gives ``SitePlan(workload, site_index)`` (or, with no site index,
     e.g. at the root, a plan whose ``init`` and ``evaluate`` use the global test set); a
-    factory is called with ``plan.args`` as keyword arguments.
+    factory is called with ``plan.args`` as keyword arguments. ``dp_sgd`` (a site's
+    ``workloads.dp_sgd.DpSgdConfig``): the site's plan trains with DP-SGD.
     """
     if plan.factory is not None:
         factory = load_factory(plan.factory)
@@ -271,7 +272,7 @@ def plan_from_config(plan: Any, *, seed: int = 0) -> TrainingPlan:
     from fedloom.workloads.workload import from_config
 
     try:
-        workload = from_config(plan.workload, seed=seed)
+        workload = from_config(plan.workload, seed=seed, dp_sgd=dp_sgd)
     except ValueError as exc:
         raise ConfigError(f"plan.{exc}") from None
     if plan.site_index is not None:

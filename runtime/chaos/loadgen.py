@@ -65,6 +65,7 @@ from fedloom.runtime.federation_files import Federation, NodeFiles, free_port
 from fedloom.runtime.harness import DaemonProcess
 from fedloom.runtime.trainer import SitePlan
 from fedloom.transport.error_text import describe
+from fedloom.workloads.dp_sgd import DpSgdConfig
 
 __all__ = [
     "CONFIG_NAME",
@@ -299,14 +300,18 @@ def share_workloads() -> None:
     original = workloads.from_config
     if getattr(original, "shared_by_loadgen", False):
         return
-    built: dict[tuple[str, int | None, int | None], Any] = {}
+    built: dict[tuple[str, int | None, int | None, Any], Any] = {}
 
     def from_config(
-        d: Mapping[str, Any], *, n_sites: int | None = None, seed: int | None = None
+        d: Mapping[str, Any],
+        *,
+        n_sites: int | None = None,
+        seed: int | None = None,
+        dp_sgd: DpSgdConfig | None = None,
     ) -> Any:
-        key = (repr(sorted(dict(d).items())), n_sites, seed)
+        key = (repr(sorted(dict(d).items())), n_sites, seed, dp_sgd)
         if key not in built:
-            built[key] = original(d, n_sites=n_sites, seed=seed)
+            built[key] = original(d, n_sites=n_sites, seed=seed, dp_sgd=dp_sgd)
         return built[key]
 
     from_config.shared_by_loadgen = True  # type: ignore[attr-defined]
