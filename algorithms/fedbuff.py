@@ -32,6 +32,7 @@ from fedloom.algorithms.aggregator_base import (
     checkpoint_interval,
 )
 from fedloom.algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
+from fedloom.algorithms.dp.release import DpRelease, restore_privacy
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import NO_RECORDS, Effect, Metric, Persist, RecordSource, Weights
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
@@ -42,6 +43,8 @@ __all__ = ["FedBuffAggregator"]
 
 class FedBuffAggregator(OwnModel, BufferedAggregator):
     """Sans-I/O FedBuff root: ``handle(event, now) -> effects``; holds the global model."""
+
+    _dp: DpRelease | None = None  # central DP (``set_privacy``)
 
     def __init__(
         self,
@@ -88,12 +91,29 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         self.checkpoint_every = checkpoint_interval(checkpoint_every)
         self._make_buffer(self._weights)
 
+    def set_privacy(self, dp: DpRelease) -> None:
+        """Central DP (``algorithms.dp.release``): every flush releases the noised mean of
+        the clipped contributions, the budget stops releases and dispatch. FedBuff claims
+        no sampling amplification (q = None). Call it before the first event or restore."""
+        self._dp = dp
+
+    def _fill(self, now: float, out: list[Effect]) -> None:
+        if self._dp is not None and self._dp.stops(out):
+            return  # the privacy budget is spent: no more tasks
+        super()._fill(now, out)
+
     def _flush_full(self, out: list[Effect]) -> None:
-        agg = self._buffer.flush()
+        dp = self._dp
+        if dp is None:
+            delta: Weights | None = self._buffer.flush().delta
+        else:
+            delta = dp.flush(self._buffer, self._weights, self._version + 1, dp.event(), out)
         self._end_epoch()
-        if not self._apply_step(self._opt, agg.delta, out):
+        if delta is None or not self._apply_step(self._opt, delta, out):
             return
         self._version += 1
+        if dp is not None:
+            dp.record(self._version, dp.event(), out)
         out.append(Metric("model_version", float(self._version)))
         self._broadcast(out)
         if self.checkpoint_every and self._version % self.checkpoint_every == 0:
@@ -129,6 +149,7 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
             "weights": self._weights,
             "opt": self._opt.snapshot(),
             "buffer": self._buffer.snapshot(),
+            **({} if self._dp is None else {"privacy": self._dp.snapshot()}),
         }
 
     def restore(
@@ -148,5 +169,7 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         self._opt.restore(state["opt"])
         self._make_buffer(self._weights)
         self._buffer.restore(state["buffer"])
+        if self._dp is not None:
+            restore_privacy(self._dp, state, self._version)
         self._replay_records(records.records(APPLIED_KEY))
         self._restore_secagg(state, records)

@@ -71,6 +71,7 @@ from fedloom.algorithms.aggregator_base import (
     OwnModel,
     checkpoint_interval,
 )
+from fedloom.algorithms.dp.release import DpRelease, restore_privacy
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import (
     NO_RECORDS,
@@ -98,6 +99,8 @@ class RoundState(enum.Enum):
 
 class SyncAggregator(OwnModel, AggregatorBase):
     """Sans-I/O FedAvg/FedProx root: ``handle(event, now) -> effects``; holds the model."""
+
+    _dp: DpRelease | None = None  # central DP (``set_privacy``)
 
     def __init__(
         self,
@@ -186,6 +189,13 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._round_joins: dict[tuple[str, int], None] = {}
         self._round_cohort: bytes | None = None
 
+    def set_privacy(self, dp: DpRelease) -> None:
+        """Central DP (``algorithms.dp.release``): each closed round releases the noised
+        mean of its clipped answers over the fixed cohort ``clients_per_round``, with the
+        sampling rate of its draw (m of the idle sites); the budget stops the rounds. Call
+        it before the first event or restore."""
+        self._dp = dp
+
     def next_deadline(self) -> float | None:
         own = self._round_deadline()
         start = self._quorum_deadline()  # no round opens before the start quorum
@@ -228,6 +238,8 @@ class SyncAggregator(OwnModel, AggregatorBase):
         ``_wait_bound``, at least ``min_cohort``: sites that died must not stall it)."""
         if self.state is RoundState.COLLECTING or self._holding:
             return
+        if self._dp is not None and self._dp.stops(out):
+            return  # the privacy budget is spent: no more rounds
         d = self._dispatcher
         if d.in_flight > 0:
             return
@@ -254,6 +266,9 @@ class SyncAggregator(OwnModel, AggregatorBase):
                     )
                 )
             out.append(Metric("round_degraded", 1.0, {"idle": str(idle)}))
+        if self._dp is not None and not self._dp.open_round(self.selected_per_round, idle):
+            self._dp.stops(out)  # this round's release would exceed the budget
+            return
         self.round += 1
         self.state = RoundState.COLLECTING
         self._round_lost = False
@@ -359,14 +374,22 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._end_round()
 
     def _close_round(self, why: str, out: list[Effect]) -> None:
-        agg = self._buffer.flush()
-        if not self._apply_step(self._opt, agg.delta, out):
+        dp = self._dp
+        n_updates = len(self._buffer)
+        if dp is None:
+            delta: Weights | None = self._buffer.flush().delta
+        else:  # the noised mean over the round's fixed cohort (``algorithms.dp.release``)
+            event = dp.event(dp.pending_q)
+            delta = dp.flush(self._buffer, self._weights, self._version + 1, event, out)
+        if delta is None or not self._apply_step(self._opt, delta, out):
             self.rounds_abandoned += 1
             self._end_round()
             return
         self._version += 1
+        if dp is not None:
+            dp.record(self._version, event, out)
         self.rounds_closed += 1
-        out.append(Metric("round_closed", float(agg.n_updates), {"reason": why}))
+        out.append(Metric("round_closed", float(n_updates), {"reason": why}))
         out.append(Metric("model_version", float(self._version)))
         self._end_round()
         # No Send of the new model here (sync roots have no region children): it leaves
@@ -517,6 +540,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
             "buffer": self._buffer.snapshot(),
             "rounds_closed": self.rounds_closed,
             "rounds_abandoned": self.rounds_abandoned,
+            **({} if self._dp is None else {"privacy": self._dp.snapshot()}),
         }
 
     def restore(
@@ -534,6 +558,8 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self.round = int(state["round"])
         self._weights = dict(state["weights"])
         self._opt.restore(state["opt"])
+        if self._dp is not None:
+            restore_privacy(self._dp, state, self._version)
         self.rounds_closed = int(state.get("rounds_closed", 0))
         self.rounds_abandoned = int(state.get("rounds_abandoned", 0))
         self._buffer = UpdateBuffer(self._weights, **self._buffer_args)

@@ -48,6 +48,7 @@ from fedloom.algorithms.staleness import StalenessFn, make_staleness
 from fedloom.algorithms.sync import SyncAggregator
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.params import AlgorithmConfig, TrainingConfig
+from fedloom.federation.privacy import PrivacyConfig, attach_privacy, central_params
 from fedloom.federation.secagg_params import SecureAggregationConfig, check_cohort
 from fedloom.federation.seeds import derived_seed
 
@@ -171,14 +172,19 @@ def build_node(
     options: NodeOptions | None = None,
     secagg: SecureAggregationConfig | None = None,
     secagg_keys: Any = None,
+    privacy: PrivacyConfig | None = None,
+    noise_key: int | None = None,
 ) -> Node:
     """A fresh (not restored) node for ``role`` with ``p`` as its own parameters.
 
     ``algorithm`` is the root's (a region always buffers FedBuff-style); ``weights`` the
     initial model of a root or gossip peer; ``n_examples`` a site's; ``bounds`` what an
     aggregator's children may claim (default: ``claim_bounds(p)``); ``secagg`` the node's
-    ``[secure_aggregation]`` with ``secagg_keys`` (a ``SecAggKeys``) when it is enabled.
-    ValueError for a combination no node can run.
+    ``[secure_aggregation]`` with ``secagg_keys`` (a ``SecAggKeys``) when it is enabled;
+    ``privacy`` a root's ``[privacy]`` (central DP, ``federation.privacy``) and
+    ``noise_key`` the secret its noise is drawn from (None: derived from ``seed``, as the
+    simulator wants; a daemon passes one from the OS). ValueError for a combination no
+    node can run.
     """
     opts = options if options is not None else NodeOptions()
     rng = node_rng(seed, node_id)
@@ -247,6 +253,7 @@ def build_node(
         raise ValueError(f"no node for role {role!r} ({', '.join(ROLES)})")
     if weights is None:
         raise ValueError(f"root {node_id!r} needs its initial weights")
+    p = central_params(privacy, algorithm, p, n.children)  # [privacy]: its clip, its checks
     root = build_root(
         algorithm,
         node_id,
@@ -263,6 +270,9 @@ def build_node(
     root.set_subtrees(n.subtrees)
     root.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
     secure_aggregator(root, p, secagg, secagg_keys, bounds, rng)
+    if noise_key is None:  # the simulator's: reproducible from the run's seed on purpose
+        noise_key = derived_seed(seed, "dp-noise", node_id)
+    attach_privacy(root, privacy, noise_key)
     return root
 
 
