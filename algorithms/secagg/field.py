@@ -155,6 +155,9 @@ def unflatten(vec: npt.NDArray[Any], template: Weights) -> Weights:
     return out
 
 
+_BLOCK = 1 << 15  # coordinates per block of encode's rounding (256 KiB of float64)
+
+
 def encode(
     delta: Weights,
     weight: float,
@@ -196,16 +199,26 @@ def encode(
     factor = float(weight) * spec.scale
     if norm > spec.clip:
         factor *= spec.clip / norm
-    x *= factor
-    # Stochastic rounding: floor(y) + [u < frac(y)], so E[result] = y exactly.
-    floor = np.floor(x)
-    x -= floor  # x is now the fractional part, in [0, 1)
-    floor += rng.random(d) < x  # integral floats (|y| < 2^53): the sum is exact
-    ints = floor.astype(np.int64)
-    if noise is not None:
-        ints += noise_arr.astype(np.int64, copy=False)
     out = np.empty(d + 1, dtype=np.uint32)
-    out[:d] = ints  # C conversion to uint32: two's-complement wrap, value mod 2^32
+    # Stochastic rounding: floor(y) + [u < frac(y)], so E[result] = y exactly. Block by
+    # block, so each block's passes stay in cache; the uniforms are drawn in order, so
+    # they are the draws of one rng.random(d).
+    step = min(d, _BLOCK) or 1
+    frac = np.empty(step, dtype=np.float64)
+    floor = np.empty(step, dtype=np.float64)
+    ints = np.empty(step, dtype=np.int64)
+    for lo in range(0, d, step):
+        hi = min(d, lo + step)
+        k = hi - lo
+        y, fl, iv = frac[:k], floor[:k], ints[:k]
+        np.multiply(x[lo:hi], factor, out=y)
+        np.floor(y, out=fl)
+        y -= fl  # the fractional part, in [0, 1)
+        fl += rng.random(k) < y  # integral floats (|y| < 2^53): the sum is exact
+        iv[...] = fl
+        if noise is not None:
+            np.add(iv, noise_arr[lo:hi], out=iv, casting="unsafe")
+        out[lo:hi] = iv  # C conversion to uint32: two's-complement wrap, value mod 2^32
     out[d] = round(float(weight) * spec.scale)
     return out
 

@@ -143,3 +143,18 @@ def test_masking_over_threads_gives_the_same_words(
     for m in survivors:
         want += vecs[m]
     np.testing.assert_array_equal(total, want)  # the masks cancel, whatever the split
+
+
+@pytest.mark.parametrize("noise_dtype", [None, np.int64, np.int32])
+def test_encode_in_blocks_draws_as_one_vector(noise_dtype: type | None) -> None:
+    from fedloom.algorithms.secagg import field
+
+    d = 3 * field._BLOCK + 7  # several blocks and a short last one
+    gen = np.random.default_rng(11)
+    delta = {"a": gen.standard_normal(d - 100).astype(np.float32), "b": gen.standard_normal(100)}
+    noise = None if noise_dtype is None else gen.integers(-(2**20), 2**20, d).astype(noise_dtype)
+    spec = FieldSpec(2.0, 16, 1)
+    got = encode(delta, 0.75, spec, np.random.default_rng(5), noise)
+    ref_noise = None if noise is None else noise.astype(np.int64)
+    want = reference_encode(delta, 0.75, spec, np.random.default_rng(5), ref_noise)
+    np.testing.assert_array_equal(got, want)
