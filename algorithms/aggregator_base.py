@@ -264,6 +264,9 @@ class AggregatorBase:
         # Secure aggregation (``set_secure_aggregation``): the cohort coordinator, or None.
         self._secagg: Any = None
         self.secagg_keys: Any = None  # its SecAggKeys (a driver swaps in newer rosters)
+        # Central DP with secure aggregation: (σ_member, clip, precision_bits, d) of the
+        # noise the members add (``algorithms.dp.release.member_noise_sigma``), or None.
+        self.secagg_noise: tuple[float, float, int, int] | None = None
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
         self.duplicates = 0

@@ -32,9 +32,18 @@ from fedloom.algorithms.aggregator_base import (
     checkpoint_interval,
 )
 from fedloom.algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
-from fedloom.algorithms.dp.release import DpRelease, restore_privacy
+from fedloom.algorithms.dp.ledger import PrivacyEvent
+from fedloom.algorithms.dp.release import DpRelease, effective_noise_multiplier, restore_privacy
 from fedloom.algorithms.intake import ClaimBounds
-from fedloom.algorithms.protocol import NO_RECORDS, Effect, Metric, Persist, RecordSource, Weights
+from fedloom.algorithms.protocol import (
+    NO_RECORDS,
+    Effect,
+    Metric,
+    Persist,
+    ProtocolMisuseError,
+    RecordSource,
+    Weights,
+)
 from fedloom.algorithms.server_opt import ServerOptimizer, ServerSGD
 from fedloom.algorithms.staleness import StalenessFn
 
@@ -129,10 +138,29 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         out: list[Effect],
     ) -> None:
         """A secure cohort's Δ̄ (``AggregatorBase._apply_cohort``) is one server step: a new
-        version, exactly as a flush of the buffer."""
+        version, exactly as a flush of the buffer. With central DP the members noised the
+        sum (σ_member each, ``secagg_noise``): the step divides by the fixed denominator
+        K instead of the survivors' count, nothing is added here, and the release is
+        recorded with the effective z of the |U| members' noise (or refused by the budget)."""
+        dp = self._dp
+        event = None
+        if dp is not None:
+            noise = getattr(self, "secagg_noise", None)
+            if noise is None:  # a factory bug, not peer input: nothing is released
+                raise ProtocolMisuseError("a secure cohort under central DP without its noise")
+            sigma, clip, bits, dim = noise
+            event = PrivacyEvent(effective_noise_multiplier(sigma, len(pairs), clip, bits, dim))
+            if not dp.check(event):
+                dp.refused += 1
+                out.append(Metric("privacy_release_refused", float(len(pairs))))
+                return
+            scale = len(pairs) / dp.denominator  # Σw = |U| (uniform): Σx / K
+            delta = {k: (v * scale).astype(v.dtype, copy=False) for k, v in delta.items()}
         if not self._apply_step(self._opt, delta, out):
             return
         self._version += 1
+        if dp is not None and event is not None:
+            dp.record(self._version, event, out)
         out.append(Metric("model_version", float(self._version)))
         self._broadcast(out)
         if self.checkpoint_every and self._version % self.checkpoint_every == 0:

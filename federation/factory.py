@@ -269,7 +269,7 @@ def build_node(
     )
     root.set_subtrees(n.subtrees)
     root.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
-    secure_aggregator(root, p, secagg, secagg_keys, bounds, rng)
+    secure_aggregator(root, p, secagg, secagg_keys, bounds, rng, privacy)
     if noise_key is None:  # the simulator's: reproducible from the run's seed on purpose
         noise_key = derived_seed(seed, "dp-noise", node_id)
     attach_privacy(root, privacy, noise_key)
@@ -288,6 +288,7 @@ def secure_site(
         return None
     if keys is None:
         raise ValueError(f"site {node_id!r}: secure aggregation needs the node's keys")
+    from fedloom.algorithms.dp.discrete_gaussian import sample as discrete_gaussian
     from fedloom.algorithms.secure_site import SiteSecAgg
 
     return SiteSecAgg(
@@ -300,6 +301,7 @@ def secure_site(
         weighting="examples",
         upload_timeout_s=secagg.upload_timeout_s,
         unmask_timeout_s=secagg.unmask_timeout_s,
+        noise=discrete_gaussian,  # used only when a seal asks for noise (central DP)
     )
 
 
@@ -310,9 +312,13 @@ def secure_aggregator(
     keys: Any,
     bounds: ClaimBounds | None,
     rng: np.random.Generator,
+    privacy: PrivacyConfig | None = None,
 ) -> None:
     """Give an aggregator with site children its cohort coordinator (regions' forwards
-    stay plain: they are sums). ValueError for a cohort the numbers cannot carry."""
+    stay plain: they are sums). With central DP (``privacy``) the members add the noise:
+    each a discrete Gaussian of σ_member = z·(C·2^f + √d)/√t_min, t_min the threshold of
+    the smallest cohort the coordinator may seal. ValueError for a cohort the numbers
+    cannot carry."""
     if secagg is None or not secagg.enabled:
         return
     if not any(r == "site" for r in node.children.values()):
@@ -344,6 +350,20 @@ def secure_aggregator(
     # A sync root weighs answers by examples (FedAvg), whatever [algorithm] weighting says.
     uniform = p.weighting == "uniform" and not sync
     cap = 1 if uniform else max(declared, default=b.max_examples_per_site)
+    sigma = 0.0
+    if privacy is not None and privacy.enabled:
+        from fedloom.algorithms.dp.release import member_noise_sigma
+        from fedloom.algorithms.secagg.field import template_size
+        from fedloom.federation.secagg_params import threshold
+
+        model = node.current_model()
+        dim = template_size(model[1])
+        # The smallest cohort: t(N) members, whose own threshold is the lowest possible.
+        t_min = threshold(secagg.min_cohort, secagg.threshold(members))
+        sigma = member_noise_sigma(
+            privacy.noise_multiplier, secagg.clip, secagg.precision_bits, dim, t_min
+        )
+        node.secagg_noise = (sigma, secagg.clip, secagg.precision_bits, dim)
     node.set_secure_aggregation(
         SecAggCoordinator(
             node.node_id,
@@ -353,7 +373,7 @@ def secure_aggregator(
             clip=secagg.clip,
             precision_bits=secagg.precision_bits,
             weight_cap=max(1, int(cap)),
-            noise_sigma=0.0,
+            noise_sigma=sigma,
             # A sync round seals its one cohort itself (K joins, its deadline, or no task
             # outstanding): no formation deadline of the coordinator's own.
             form_wait_s=None if sync else secagg.form_wait_s,

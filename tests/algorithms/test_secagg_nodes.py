@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from fedloom.algorithms.aggregator_base import APPLIED_KEY
+from fedloom.algorithms.dp.ledger import PrivacyEvent
+from fedloom.algorithms.dp.release import PrivacyConfig, effective_noise_multiplier
 from fedloom.algorithms.fedbuff import FedBuffAggregator
 from fedloom.algorithms.protocol import (
     Deadline,
@@ -79,16 +81,18 @@ class Fed(MiniNet):
         region: bool = False,
         concurrency: int | None = None,
         weighting: str = "uniform",
+        privacy: PrivacyConfig | None = None,
     ) -> None:
         self.sites = [f"site-{i}" for i in range(n_sites)]
         self.agg = "region" if region else "root"
         ids = ["root", *(["region"] if region else []), *self.sites]
         self.keys = derived_secagg_keys(ids, seed=7)
         self.cfg = cfg
+        self.privacy = privacy
         self.p = AlgorithmConfig(
             buffer_size=buffer_size,
             concurrency=concurrency or n_sites,
-            clip_norm=None,
+            clip_norm="auto" if privacy is not None else None,
             root_buffer_size=1,
             weighting=weighting,
         )
@@ -143,6 +147,7 @@ class Fed(MiniNet):
             bounds=claim_bounds(self.p, site_examples={s: examples(s) for s in children}),
             secagg=self.cfg,
             secagg_keys=self.keys["root"],
+            privacy=self.privacy,
         )
 
     def build_site(self, s: str) -> SiteNode:
@@ -502,6 +507,8 @@ def test_a_member_missing_from_a_sites_roster_is_refused_and_the_cohort_goes_on(
     fed.drain()
     assert root.version >= 1
     assert close(root.current_model()[1], applied_step(fed, [(s, 1) for s in fed.sites[1:]], 0))
+    # Once that cohort moved on without it, site-0's update joined again (never uploaded).
+    assert len([j for j in fed.sent_by("site-0", SecAggJoin) if j.seq == 1]) >= 2
     no_plain_updates_from_sites(fed)
 
 
@@ -528,3 +535,57 @@ def test_uniform_weighting_seals_a_cap_of_one() -> None:
     fed.train()
     fed.drain()
     assert fed.sent_by("root", SecAggSeal)[0].weight_cap == 1
+
+
+def test_central_dp_noise_is_added_by_the_members_and_recorded_once_per_release() -> None:
+    """With [privacy] central DP the root adds nothing: every member adds discrete Gaussian
+    noise before masking (the seal asks for it), the step divides by the fixed K, and the
+    ledger records the release with the effective z of the survivors' noise (>= z)."""
+    privacy = PrivacyConfig(mechanism="central", noise_multiplier=1.0, clip=1.0)
+    fed = Fed(5, buffer_size=5, cfg=secagg(min_cohort=3, max_dropout=0.4), privacy=privacy)
+    root = fed.nodes["root"]
+    assert root.secagg_noise is not None
+    sigma, clip, bits, dim = root.secagg_noise
+    fed.train()
+    fed.drain()
+    seal = fed.sent_by("root", SecAggSeal)[0]
+    assert seal.noise_sigma == sigma > 0
+    assert root.version == 1
+    z = effective_noise_multiplier(sigma, 5, clip, bits, dim)
+    assert z >= privacy.noise_multiplier
+    (release,) = root._dp.ledger.releases
+    assert release.version == 1 and release.event == PrivacyEvent(z)
+    # The model is the noised mean: close to the plain mean within the noise, not equal.
+    plain = applied_step(fed, [(s, 1) for s in fed.sites], 0)
+    got = root.current_model()[1]
+    err = np.concatenate([np.ravel(np.asarray(got[k], np.float64) - plain[k]) for k in plain])
+    noise_sd = np.sqrt(5) * sigma / 2.0**bits / 5  # σ_total in field units, /2^f, /K
+    assert 0.0 < np.std(err) < 5 * noise_sd
+    assert fed.metric("root", "privacy_epsilon")
+
+
+def test_region_restarted_mid_cohort_aborts_it_and_forwards_later_cohorts() -> None:
+    fed = Fed(5, buffer_size=5, cfg=secagg(min_cohort=3, max_dropout=0.4), region=True)
+    fed.train()
+    for s in fed.sites:
+        fed.deliver_one(s, "region")  # joins -> seal
+    for s in fed.sites:
+        fed.flush_link("region", s)  # every site uploads (queued to the region)
+    ckpt, records = fed.durable("region")
+    for peer in [*fed.sites, "root"]:
+        fed.link(peer, "region", False)
+    fresh = fed.build_agg({s: "site" for s in fed.sites})
+    fresh.restore(ckpt, records)
+    fed.nodes["region"] = fresh
+    for peer in ["root", *fed.sites]:
+        fed.link(peer, "region", True)
+    fed.drain()
+    assert fed.sent_by("region", Update) == []  # the orphaned cohort was never forwarded
+    for s in fed.sites:
+        assert fed.nodes[s].pending == 0 and fed.metric(s, "secagg_update_lost")
+    fed.train()
+    fed.drain()
+    assert fed.nodes["root"].version == 1
+    (fwd,) = fed.sent_by("region", Update)
+    assert sorted(fwd.pairs) == sorted((s, 2) for s in fed.sites)
+    no_plain_updates_from_sites(fed)
