@@ -21,7 +21,7 @@ from fedloom.federation.config_reader import ConfigError
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 SIM_COMMANDS = ("sim", "plan")
-RUNTIME_COMMANDS = ("keygen", "roster", "run", "state", "demo", "chaos", "local")
+RUNTIME_COMMANDS = ("keygen", "roster", "run", "state", "privacy", "demo", "chaos", "local")
 
 # Third-party modules that only an extra installs, and the smallest extra that brings each
 # (``sim`` includes ``data``'s scikit-learn too).

@@ -8,6 +8,7 @@
     fedloom state repair STATE_DIR --truncate-at N | --drop-damaged  repair a damaged log
     fedloom state reseed --config ROOT.toml --from DIR [--above N]  a root that lost its state
                          (or --backup DIR: a backup of the root's own state directory)
+    fedloom privacy STATE_DIR [--json] [--delta D]                 a root's privacy ledger, ε
     fedloom demo                                                    a real local federation
     fedloom chaos SCENARIO.toml [--out DIR] [--backend B]           faults on real daemons
     fedloom local init DIR [--shape S] [--regions N] [--sites N]    lay out a local federation
@@ -36,6 +37,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _add_key_commands(sub)
     _add_daemon_commands(sub)
     _add_state_commands(sub)
+    _add_privacy_command(sub)
     _add_chaos_commands(sub)
 
 
@@ -93,6 +95,22 @@ def _positive_seconds(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
     return value
+
+
+def _add_privacy_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    privacy = sub.add_parser(
+        "privacy",
+        help="a root's privacy ledger: releases, epsilon at delta, budget left (read only)",
+        description="Read the privacy ledger a root with [privacy] mechanism = \"central\" "
+        "keeps in its state directory (a running daemon's too) and print its releases, "
+        "epsilon at delta (the root's delta and accountant) and the budget left. Needs the "
+        "privacy extra (dp-accounting).",
+    )
+    privacy.add_argument("state_dir", type=Path, metavar="STATE_DIR")
+    privacy.add_argument("--json", action="store_true", help="one JSON object")
+    privacy.add_argument(
+        "--delta", type=float, default=None, metavar="D", help="epsilon at this delta instead"
+    )
 
 
 def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -341,6 +359,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             configure_logging(args.log_level, args.log_format)
             return run_daemon(args.config, eval_interval_s=args.eval_interval)
+    if args.command == "privacy":
+        from fedloom.runtime.privacy_cli import cmd_privacy
+
+        return cmd_privacy(args.state_dir, as_json=args.json, delta=args.delta)
     if args.command == "state" and args.state_command == "reseed":
         from fedloom.runtime.reseed import cmd_state_reseed
 

@@ -52,6 +52,9 @@ Example (a hospital site)::
     [dp_sgd]                          # sites with a torch plan (mlp, cnn): noise_multiplier,
                                       # max_grad_norm, delta, epsilon_budget (README,
                                       # "Differential privacy"; workloads.dp_sgd)
+    [privacy]                         # the root: mechanism = "central", noise_multiplier,
+                                      # clip, delta, epsilon_budget, accountant (README,
+                                      # "Differential privacy"; federation.privacy)
 
 Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``, and may
 declare ``[subtrees]`` (region child id = [its site ids]): that region's forwards are then
@@ -94,6 +97,7 @@ from fedloom.federation.params import (
     read_codec,
     read_training,
 )
+from fedloom.federation.privacy import NO_PRIVACY, PrivacyConfig, read_privacy
 from fedloom.federation.secagg_params import (
     SecureAggregationConfig,
     check_codec,
@@ -243,6 +247,8 @@ class DaemonConfig:
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     # ``[dp_sgd]`` (workloads.dp_sgd): a site trains with DP-SGD and keeps a privacy ledger.
     dp_sgd: DpSgdConfig | None = None
+    # ``[privacy]`` (federation.privacy): a root's central DP, ledger and budget.
+    privacy: PrivacyConfig = NO_PRIVACY
 
     @property
     def is_aggregator(self) -> bool:
@@ -333,7 +339,14 @@ def parse_config(
     outbox.finish()
     secagg = read_secure_aggregation(t.table("secure_aggregation"))
     dp_sgd = read_dp_sgd(t.table("dp_sgd")) if t.has("dp_sgd") else None
+    privacy = read_privacy(t.table("privacy"))
     t.finish()
+    if privacy.enabled and role != "root":
+        raise ConfigError(
+            f"privacy.mechanism: central DP is the root's (it adds the noise and keeps the "
+            f"ledger); remove [privacy] for a {role}"
+            + (" (a site's own record-level DP is [dp_sgd])" if role == "site" else "")
+        )
     if dp_sgd is not None:
         _check_dp_sgd(role, plan)
     if secagg.enabled:
@@ -368,6 +381,7 @@ def parse_config(
         has_standby=has_standby,
         secure_aggregation=secagg,
         dp_sgd=dp_sgd,
+        privacy=privacy,
         **failover,
     )
     _check_role(cfg)

@@ -260,6 +260,36 @@ def _rules() -> dict[str, tuple[_Rule, ...]]:
                 "Training jobs refused because they would pass the site's epsilon_budget.",
             ),
         ),
+        # Central (user-level) DP at a root (``algorithms.dp.release``).
+        "privacy_epsilon": (
+            _Rule(
+                gauge,
+                "privacy_epsilon",
+                "Privacy spent by this root's releases: epsilon at the configured delta "
+                "over every model version it published (its privacy ledger).",
+            ),
+        ),
+        "privacy_budget": (
+            _Rule(gauge, "privacy_budget", "The root's epsilon_budget (absent: none set)."),
+        ),
+        "privacy_budget_exhausted": (
+            _Rule(
+                gauge,
+                "privacy_budget_exhausted",
+                "1 once the root's epsilon_budget allows no further release: it releases "
+                "and dispatches nothing more.",
+            ),
+        ),
+        "privacy_release_refused": (
+            _Rule(
+                total,
+                "privacy_release_refused_updates",
+                "Buffered updates discarded because their release would pass the budget.",
+            ),
+        ),
+        "privacy_clipped": (
+            _Rule(total, "privacy_clipped", "Site contributions clipped to the privacy clip."),
+        ),
     }
 
 

@@ -8,6 +8,7 @@ model version a restored site or region held (``model_floor``, its digest).
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -275,6 +276,10 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
             options=node_options(cfg),
             secagg=cfg.secure_aggregation,
             secagg_keys=secagg_keys(cfg, roster),
+            privacy=cfg.privacy,
+            # Central DP's noise comes from a secret only this root knows (checkpointed
+            # before its first release, so a restart replays the same noise).
+            noise_key=secrets.randbits(256) if cfg.privacy.enabled else None,
         )
     except ValueError as exc:
         # The factory refuses parameters that do not fit the roster (synchronous rounds

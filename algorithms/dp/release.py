@@ -52,10 +52,11 @@ from fedloom.algorithms.dp.ledger import (
     PrivacyLedger,
     require_accountant,
 )
-from fedloom.algorithms.protocol import Effect, Log, Metric, Weights
+from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Weights
 
 __all__ = [
     "MECHANISMS",
+    "PRIVACY_LOG_KEY",
     "DpRelease",
     "PrivacyConfig",
     "effective_noise_multiplier",
@@ -64,6 +65,10 @@ __all__ = [
 ]
 
 MECHANISMS = ("central", "none")
+# The log each release is appended to as it is made (before the model leaves), so that
+# ``fedloom privacy STATE_DIR`` reads checkpoint + log without replaying the model. The
+# node itself rebuilds the same records by replaying "applied" (and ignores this log).
+PRIVACY_LOG_KEY = "privacy"
 _NOISE_DOMAIN = 0x6470  # "dp": the noise generator's spawn key, apart from other streams
 
 
@@ -140,8 +145,8 @@ class DpRelease:
             raise ValueError('DpRelease needs mechanism = "central"')
         if denominator < 1:
             raise ValueError(f"denominator must be >= 1, got {denominator}")
-        if noise_key < 0:
-            raise ValueError("noise_key must be >= 0")
+        if not 0 <= noise_key < 1 << 256:
+            raise ValueError("noise_key must be in [0, 2**256)")
         require_accountant()  # without the privacy extra: fail when the node is built
         self.config = config
         self.denominator = denominator
@@ -289,9 +294,11 @@ class DpRelease:
         return np.random.default_rng(seq)
 
     def record(self, version: int, event: PrivacyEvent, out: list[Effect]) -> None:
-        """Model ``version`` was published by ``event``: into the ledger, the gauges, and
-        (the budget) whether another such release still fits."""
-        self.ledger.record(version, event)
+        """Model ``version`` was published by ``event``: into the ledger (and its log, on
+        a live event: ``out`` is empty during a replay), the gauges, and (the budget)
+        whether another such release still fits. Call it before the model is sent."""
+        release = self.ledger.record(version, event)
+        out.append(Persist(PRIVACY_LOG_KEY, release.to_record(), append=True))
         if self._left is not None and self._left[0] == event and self._left[1] > 0:
             self._left = (event, self._left[1] - 1)
         else:
@@ -312,6 +319,13 @@ class DpRelease:
             **self.ledger.to_records(),
             "noise_key": self._noise_key.to_bytes(32, "big"),
             "exhausted": self._exhausted,
+            # The configuration in force when this was written, for ``fedloom privacy``
+            # (a restore uses the current one).
+            "delta": self.config.delta,
+            "epsilon_budget": self.config.epsilon_budget,
+            "accountant": self.config.accountant,
+            "noise_multiplier": self.config.noise_multiplier,
+            "clip": self.config.clip,
             "pending_q": self.pending_q,
         }
 

@@ -1,0 +1,165 @@
+"""``fedloom privacy STATE_DIR [--json] [--delta D]``: a root's privacy ledger and ε.
+
+Reads, and never changes, a root's state directory (a running daemon's too): the
+checkpoint's ledger (``algorithms.dp.release``: written with the model) plus the releases
+appended to the live log since (``PRIVACY_LOG_KEY``, each written before its model left),
+and prints the releases (runs of the same mechanism folded into one line), ε at δ (the
+δ and accountant the root had configured, or ``--delta``), the budget and what is left.
+Exit 0; 2 (one line) when the directory holds no privacy ledger or a damaged one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedloom.algorithms.dp.ledger import ACCOUNTANTS, LedgerError, PrivacyLedger, Release
+from fedloom.algorithms.dp.release import PRIVACY_LOG_KEY
+from fedloom.federation.config_reader import ConfigError
+from fedloom.federation.store import CorruptStateError, StateIOError, read_value
+from fedloom.runtime.exit_status import EXIT_ENVIRONMENT, EXIT_IN_USE, EXIT_OK
+from fedloom.runtime.state_cli import _inspect, _inspect_live, _lock_held
+
+__all__ = ["cmd_privacy", "read_ledger"]
+
+
+def read_ledger(directory: Path) -> tuple[PrivacyLedger, dict[str, Any], bool] | None:
+    """``(ledger, the root's privacy settings, in use)`` from ``directory``; None when a
+    running daemon checkpointed during every read. ConfigError (one line) when there is no
+    privacy ledger or it is damaged."""
+    held = _lock_held(directory)
+    state = _inspect(directory) if not held else _inspect_live(directory)
+    if state is None:
+        return None
+    if state.checkpoint is None:
+        raise ConfigError(
+            f"{directory}: no checkpoint: not the state directory of a root that has started "
+            "with [privacy]"
+        )
+    try:
+        _, data, _ = read_value(state.checkpoint)
+    except CorruptStateError as exc:
+        raise ConfigError(f"{exc}; see `fedloom state check`") from None
+    privacy = data.get("privacy") if isinstance(data, Mapping) else None
+    if not isinstance(privacy, Mapping):
+        kind = data.get("kind") if isinstance(data, Mapping) else None
+        raise ConfigError(
+            f"{directory}: no privacy ledger in its checkpoint (a {kind or 'non-aggregator'} "
+            'node\'s state without [privacy] mechanism = "central")'
+        )
+    settings = {
+        "delta": privacy.get("delta"),
+        "epsilon_budget": privacy.get("epsilon_budget"),
+        "accountant": privacy.get("accountant", "rdp"),
+        "noise_multiplier": privacy.get("noise_multiplier"),
+        "clip": privacy.get("clip"),
+        "model_version": data.get("version"),
+    }
+    accountant = settings["accountant"] if settings["accountant"] in ACCOUNTANTS else "rdp"
+    try:
+        ledger = PrivacyLedger.from_records(privacy, accountant)
+        last = ledger.last_version
+        for frame in state.live.frames if state.live is not None else ():
+            for key, rec in frame.tree or ():
+                if key != PRIVACY_LOG_KEY:
+                    continue
+                r = Release(rec["version"], rec["z"], rec["q"], rec["count"])
+                if last is not None and r.version <= last:
+                    continue  # already in the checkpoint (written before it)
+                ledger._append(r)
+                last = r.version
+    except (LedgerError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{directory}: damaged privacy ledger: {exc}") from None
+    return ledger, settings, held
+
+
+def _runs(releases: tuple[Release, ...]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for r in releases:
+        if out and (out[-1]["z"], out[-1]["q"]) == (r.z, r.q):
+            out[-1]["last_version"] = r.version
+            out[-1]["releases"] += r.count
+        else:
+            out.append(
+                {
+                    "first_version": r.version,
+                    "last_version": r.version,
+                    "z": r.z,
+                    "q": r.q,
+                    "releases": r.count,
+                }
+            )
+    return out
+
+
+def cmd_privacy(
+    directory: Path, *, as_json: bool = False, delta: float | None = None, out: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    try:
+        found = read_ledger(directory)
+    except StateIOError as exc:
+        print(f"fedloom: error: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    if found is None:
+        print(
+            f"fedloom: error: {directory}: a running daemon checkpointed during every read; "
+            "try again",
+            file=sys.stderr,
+        )
+        return EXIT_IN_USE
+    ledger, settings, held = found
+    d = delta if delta is not None else settings["delta"]
+    if not isinstance(d, float) or not 0.0 < d < 1.0:
+        raise ConfigError("--delta: the state names no delta in (0, 1); give --delta")
+    eps = ledger.epsilon(d)
+    budget = settings["epsilon_budget"]
+    report: dict[str, Any] = {
+        "state_dir": str(directory),
+        "in_use": held,
+        "accountant": ledger.accountant,
+        "delta": d,
+        "epsilon": eps,
+        "epsilon_budget": budget,
+        "releases": len(ledger),
+        "last_version": ledger.last_version,
+        "noise_multiplier": settings["noise_multiplier"],
+        "clip": settings["clip"],
+        "runs": _runs(ledger.releases),
+    }
+    if isinstance(budget, float):
+        report["budget_left"] = max(0.0, budget - eps)
+        z = settings["noise_multiplier"]
+        if isinstance(z, float) and ledger.releases:
+            nxt = ledger.releases[-1].event
+            report["releases_left"] = ledger.releases_left(nxt, d, budget)
+    if as_json:
+        json.dump(report, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    out.write(f"state directory: {directory}{' (in use)' if held else ''}\n")
+    out.write(
+        f"mechanism: central Gaussian, noise multiplier {settings['noise_multiplier']}, clip "
+        f"{settings['clip']}; accountant {ledger.accountant}\n"
+    )
+    out.write(f"releases: {len(ledger)}\n")
+    for run in report["runs"]:
+        q = "no sampling" if run["q"] is None else f"sampled at q = {run['q']:.4g}"
+        span = (
+            f"version {run['first_version']}"
+            if run["releases"] == 1
+            else f"versions {run['first_version']}..{run['last_version']}"
+        )
+        out.write(f"  {span}: {run['releases']} x Gaussian z = {run['z']:.4g}, {q}\n")
+    out.write(f"epsilon: {eps:.4f} at delta = {d:g}\n")
+    if isinstance(budget, float):
+        left = report.get("releases_left")
+        more = f", {left} more release(s) of the last kind" if left is not None else ""
+        state = "EXHAUSTED" if left == 0 else f"{budget - eps:.4f} left{more}"
+        out.write(f"budget: {budget:g} ({state})\n")
+    else:
+        out.write("budget: none (account only)\n")
+    return EXIT_OK
