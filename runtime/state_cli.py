@@ -73,6 +73,11 @@ _MIN_OUTBOX_RECORD = 32
 
 # What dropping a record of each log key means (op "add"/"ack" for outboxes).
 MEANING: dict[tuple[str, str], str] = {
+    ("privacy", ""): (
+        "nothing is lost: a root rebuilds its privacy ledger by replaying 'applied' (these "
+        "copies are for `fedloom privacy`, which shows the releases again from the next "
+        "checkpoint on)"
+    ),
     ("applied", ""): (
         "acknowledged updates this aggregator had applied are LOST: their senders were "
         "acked and will not send them again (unless the ack never reached them), and the "
