@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fedloom.algorithms.aggregator_base import APPLIED_KEY
 from fedloom.algorithms.dp.ledger import PrivacyEvent
@@ -588,4 +590,45 @@ def test_region_restarted_mid_cohort_aborts_it_and_forwards_later_cohorts() -> N
     assert fed.nodes["root"].version == 1
     (fwd,) = fed.sent_by("region", Update)
     assert sorted(fwd.pairs) == sorted((s, 2) for s in fed.sites)
+    no_plain_updates_from_sites(fed)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_dropout_pattern_applies_the_survivors_sum_or_nothing(data: st.DataObject) -> None:
+    """Sites drop before uploading (B) or after uploading, before revealing (A): the root
+    applies exactly the uploaders' mean when at least t live members remain to sign and
+    reveal, else nothing at all (aborted within the deadlines), and acks only what it
+    applied."""
+    fed = Fed(8, buffer_size=8, cfg=secagg(min_cohort=3))
+    root = fed.nodes["root"]
+    t = fed.cfg.threshold(8)
+    fate = data.draw(st.lists(st.sampled_from(["ok", "before", "after"]), min_size=8, max_size=8))
+    before = [s for s, f in zip(fed.sites, fate, strict=True) if f == "before"]
+    after = [s for s, f in zip(fed.sites, fate, strict=True) if f == "after"]
+    fed.train()
+    for s in fed.sites:
+        fed.flush_link(s, "root")  # joins: the eighth seals the cohort
+    for s in before:
+        fed.drop(s)
+    for s in fed.sites:
+        fed.flush_link("root", s)  # seals: the live sites upload
+    for s in fed.sites:
+        fed.flush_link(s, "root")  # uploads: the view goes out
+    for s in after:
+        fed.drop(s)
+    fed.drain()
+    for _ in range(2):  # the upload deadline, then the view/reveal deadline
+        fed.now += fed.cfg.upload_timeout_s + fed.cfg.unmask_timeout_s + 1
+        fed.feed("root", Deadline())
+        fed.drain()
+    uploaders = [s for s in fed.sites if s not in before]
+    acked = sorted(a.src for a in fed.sent_by("root", Ack))
+    if len(uploaders) - len(after) >= t:
+        assert root.version == 1
+        assert close(root.current_model()[1], applied_step(fed, [(s, 1) for s in uploaders], 0))
+        assert acked == sorted(uploaders)  # the sum holds every upload (A's too)
+    else:
+        assert root.version == 0 and acked == []
+        assert fed.metric("root", "secagg_cohort_aborted")
     no_plain_updates_from_sites(fed)
