@@ -33,7 +33,12 @@ from fedloom.algorithms.aggregator_base import (
 )
 from fedloom.algorithms.buffered import FEDBUFF_STALENESS, BufferedAggregator
 from fedloom.algorithms.dp.ledger import PrivacyEvent
-from fedloom.algorithms.dp.release import DpRelease, effective_noise_multiplier, restore_privacy
+from fedloom.algorithms.dp.release import (
+    DpRelease,
+    check_privacy_log,
+    effective_noise_multiplier,
+    restore_privacy,
+)
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import (
     NO_RECORDS,
@@ -200,4 +205,6 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         if self._dp is not None:
             restore_privacy(self._dp, state, self._version)
         self._replay_records(records.records(APPLIED_KEY))
+        if self._dp is not None:
+            check_privacy_log(self._dp, records)
         self._restore_secagg(state, records)

@@ -71,7 +71,7 @@ from fedloom.algorithms.aggregator_base import (
     OwnModel,
     checkpoint_interval,
 )
-from fedloom.algorithms.dp.release import DpRelease, restore_privacy
+from fedloom.algorithms.dp.release import DpRelease, check_privacy_log, restore_privacy
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import (
     NO_RECORDS,
@@ -574,6 +574,8 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._round_joins = {}
         self._round_cohort = None
         self._replay_records(records.records(APPLIED_KEY))
+        if self._dp is not None:
+            check_privacy_log(self._dp, records)
         self._restore_secagg(state, records)  # cohorts open at the crash: orphans
         self._restart_deadline = self.state is RoundState.COLLECTING
 

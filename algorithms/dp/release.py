@@ -37,6 +37,7 @@ effective z (``effective_noise_multiplier``; the members' σ from ``member_noise
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ __all__ = [
     "PRIVACY_LOG_KEY",
     "DpRelease",
     "PrivacyConfig",
+    "check_privacy_log",
     "effective_noise_multiplier",
     "member_noise_sigma",
     "restore_privacy",
@@ -285,12 +287,23 @@ class DpRelease:
         if clipped:
             out.append(Metric("privacy_clipped", float(clipped)))
         sigma = self.config.noise_multiplier * self.config.clip
-        noised = add_gaussian(total, sigma, self._noise_rng(version))
+        noised = add_gaussian(total, sigma, self._noise_rng(version, total))
         inv = 1.0 / self.denominator
         return {k: (v * inv).astype(template[k].dtype, copy=False) for k, v in noised.items()}
 
-    def _noise_rng(self, version: int) -> np.random.Generator:
-        seq = np.random.SeedSequence(self._noise_key, spawn_key=(_NOISE_DOMAIN, int(version)))
+    def _noise_rng(self, version: int, total: Weights) -> np.random.Generator:
+        """The noise generator of releasing ``total`` as ``version``: keyed by the secret,
+        the version AND a digest of the un-noised sum. A replay (same sum) draws the same
+        noise; a different sum under a version number seen before (state lost, log
+        repaired) never reuses a noise, which would reveal the difference of the sums."""
+        h = hashlib.blake2b(digest_size=16)
+        for k, v in total.items():
+            h.update(k.encode("utf-8"))
+            h.update(np.ascontiguousarray(v, dtype=np.float64).tobytes())
+        digest = int.from_bytes(h.digest(), "big")
+        seq = np.random.SeedSequence(
+            self._noise_key, spawn_key=(_NOISE_DOMAIN, int(version), digest)
+        )
         return np.random.default_rng(seq)
 
     def record(self, version: int, event: PrivacyEvent, out: list[Effect]) -> None:
@@ -364,3 +377,26 @@ def restore_privacy(dp: DpRelease, state: Mapping[str, Any], version: int) -> No
             )
         return
     dp.restore(privacy)
+
+
+def check_privacy_log(dp: DpRelease, records: Any) -> None:
+    """After a restore's replay: every release the root logged (``PRIVACY_LOG_KEY``) must be
+    in the rebuilt ledger (the log is written after the "applied" record that caused the
+    release, so a crash cannot leave one without the other). A logged release the replay
+    did not rebuild means "applied" records were lost (a repaired log): the models it
+    published are unaccounted for, so refuse (ValueError) rather than under-count ε."""
+    rebuilt = {r.version for r in dp.ledger.releases}
+    lost = sorted(
+        int(rec["version"])
+        for rec in records.records(PRIVACY_LOG_KEY)
+        if isinstance(rec, Mapping)
+        and isinstance(rec.get("version"), int)
+        and rec["version"] not in rebuilt
+    )
+    if lost:
+        raise ValueError(
+            f"the log records private releases of model versions {lost[:5]} that replaying "
+            "its 'applied' records does not rebuild (records were lost, e.g. by `fedloom "
+            "state repair`): the privacy ledger would under-count epsilon; restore the state "
+            "directory from a backup or start a new federation"
+        )

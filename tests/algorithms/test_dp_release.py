@@ -97,9 +97,12 @@ def start(root: Any, log: list[Persist]) -> list[Effect]:
 
 def restored(log: list[Persist], make: Any) -> Any:
     cps = [p.data for p in log if p.key == "checkpoint"]
-    records = [p.data for p in log if p.key == "applied"]
+    logs: dict[str, list[Any]] = {}
+    for p in log:
+        if p.append:
+            logs.setdefault(p.key, []).append(p.data)
     node = make()
-    node.restore(cps[-1], LogRecords({"applied": records}))
+    node.restore(cps[-1], LogRecords(logs))
     return node
 
 
@@ -314,3 +317,29 @@ def test_a_budget_too_small_for_one_release_dispatches_nothing() -> None:
     assert not requests(out)
     assert metrics(out, "privacy_budget_exhausted")
     assert root._dp is not None and len(root._dp.ledger) == 0
+
+
+def test_a_lost_release_is_refused_at_restore_not_under_counted() -> None:
+    root = fedbuff_root(central())
+    log: list[Persist] = []
+    answer(root, start(root, log), {}, log, limit=6)
+    assert root.version == 3
+    # A repair dropped the last applied records, but their release's log record survived.
+    applied = [p for p in log if p.key == "applied"]
+    kept = [p for p in log if p not in applied[-2:]]
+    with pytest.raises(ValueError, match="under-count epsilon"):
+        restored(kept, lambda: fedbuff_root(central()))
+    # Without the loss it restores.
+    assert restored(log, lambda: fedbuff_root(central())).version == 3
+
+
+def test_the_same_version_of_another_sum_gets_other_noise() -> None:
+    dp = DpRelease(central(), denominator=1, noise_key=4)
+    template = {"w": np.zeros(1000, dtype=np.float32)}
+    a = {"w": np.zeros(1000, dtype=np.float32)}
+    b = {"w": np.full(1000, 0.01, dtype=np.float32)}
+    out: list[Effect] = []
+    ra = dp.noised_mean([("s", a, 1.0)], template, 7, out)["w"].astype(np.float64)
+    rb = dp.noised_mean([("s", b, 1.0)], template, 7, out)["w"].astype(np.float64)
+    # Were the noise the same, rb - ra would be exactly the 0.01 difference of the sums.
+    assert not np.allclose(rb - ra, 0.01, atol=1e-3)
