@@ -158,3 +158,32 @@ def test_dp_sgd_config_errors_name_the_field(fed: Federation) -> None:
     site["plan"] = {"factory": "mypkg:make"}
     with pytest.raises(ConfigError, match="dp_sgd: needs a built-in"):
         parse_config(site)
+
+
+@pytest.mark.timeout(120)
+def test_with_a_process_pool_jobs_train_there_and_the_ledger_stays_here() -> None:
+    from fedloom.runtime.trainer import SitePlan, make_executor
+    from fedloom.workloads.dp_sgd import DpSgdConfig, PrivacyBudgetExhausted, PrivacyLedger
+    from fedloom.workloads.workload import ModelSpec, SyntheticSpec, Workload
+
+    dp = DpSgdConfig(1.0, 1.0, epsilon_budget=3.5)
+    workload = Workload(
+        SyntheticSpec(samples_per_site=60), 2, ModelSpec("mlp", hidden=4), dp_sgd=dp
+    )
+    plan = SitePlan(workload, 0)
+    saved: list[Any] = []
+    ledger = PrivacyLedger(dp, persist=saved.append)
+    pool = make_executor("process", 1)
+    try:
+        trainer = LedgerTrainer(PlanTrainer(plan), ledger, workload.n_examples(0), pool)
+        w0 = plan.init(0)
+        done = 0
+        with pytest.raises(PrivacyBudgetExhausted):
+            for seed in range(50):
+                out = trainer("site-1", w0, {**JOB, "seed": seed})
+                assert any((out.weights[k] != w0[k]).any() for k in w0)
+                done += 1
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    assert done >= 2 and len(saved) == done  # every job recorded in this process
+    assert PrivacyLedger.parse(saved[-1]) == ledger.history
