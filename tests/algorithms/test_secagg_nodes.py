@@ -40,12 +40,13 @@ from fedloom.federation.secagg_params import SecureAggregationConfig
 from fedloom.transport.wire import (
     Ack,
     Incorporated,
+    MaskedUpdate,
     SecAggAbort,
     SecAggJoin,
     SecAggSeal,
     Update,
 )
-from tests.algorithms.alg_helpers import MiniNet, model
+from tests.algorithms.alg_helpers import MiniNet, labels, model
 
 TRAINING = TrainingConfig(lr=0.1, local_steps=1, batch_size=1, mu=0.0)
 PRECISION = 16
@@ -632,3 +633,30 @@ def test_any_dropout_pattern_applies_the_survivors_sum_or_nothing(data: st.DataO
         assert root.version == 0 and acked == []
         assert fed.metric("root", "secagg_cohort_aborted")
     no_plain_updates_from_sites(fed)
+
+
+def test_an_upload_nothing_is_heard_of_is_dropped_after_the_timeouts_never_rejoined() -> None:
+    fed = Fed(5, buffer_size=5, cfg=secagg(min_cohort=3, max_dropout=0.4))
+    site = fed.nodes["site-0"]
+    fed.train()
+    for s in fed.sites:
+        fed.flush_link(s, "root")  # joins -> seal
+    fed.flush_link("root", "site-0")  # site-0 uploads; the root never hears of it again
+    assert site.secure is not None and site.secure.uploaded(1) and site.pending == 1
+    lost_at = fed.now + fed.cfg.upload_timeout_s + 2 * fed.cfg.unmask_timeout_s
+    fed.now = lost_at - 1
+    fed.feed("site-0", Deadline())
+    assert site.pending == 1  # not yet
+    deadline = site.next_deadline()
+    assert deadline is not None and deadline <= lost_at
+    fed.now = lost_at
+    mark = len(fed.effects)
+    fed.feed("site-0", Deadline())
+    assert site.pending == 0 and not site.secure.uploaded(1)
+    assert [labels(m) for m in fed.metric("site-0", "secagg_update_lost")] == [
+        {"reason": "no_outcome"}
+    ]
+    fed.link("site-0", "root", False)
+    fed.link("site-0", "root", True)  # a reconnect resends nothing of it
+    sent = [e.msg for n, e in fed.effects[mark:] if n == "site-0" and isinstance(e, Send)]
+    assert not [m for m in sent if isinstance(m, SecAggJoin | MaskedUpdate | Update)]
