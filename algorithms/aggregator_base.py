@@ -840,6 +840,7 @@ class AggregatorBase:
             out.append(Metric("update_duplicate", 1.0, {"src": msg.src, "seq": str(msg.seq)}))
             out.append(Send(peer, Ack(msg.src, msg.seq)))
             return
+        solicited = is_int(msg.task) and self._dispatcher.task_site(int(msg.task)) == peer
         if is_int(msg.task):
             self._dispatcher.complete(int(msg.task), peer)  # the site finished its task
         model = self._model()
@@ -850,7 +851,12 @@ class AggregatorBase:
         tau = model[0] - int(msg.base_version)
         if limit is not None and tau > limit:
             # Too stale to enter any cohort: recorded and acked like a plain stale update
-            # (nothing of it was revealed).
+            # (nothing of it was revealed); unasked ones within the site's share, as plain
+            # ones, so a flood of them cannot flood the log.
+            if not solicited and self._free.get(peer, 0) >= self._quota(peer):
+                self.dropped += 1
+                out.append(Metric("update_dropped", 1.0, {"src": peer, "reason": "quota"}))
+                return
             self.stale += 1
             out.append(Metric("update_stale", float(tau), {"src": msg.src}))
             stand_in = Update(msg.src, msg.seq, msg.base_version, {}, msg.n_examples, 1, msg.task)

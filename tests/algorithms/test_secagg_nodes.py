@@ -660,3 +660,19 @@ def test_an_upload_nothing_is_heard_of_is_dropped_after_the_timeouts_never_rejoi
     fed.link("site-0", "root", True)  # a reconnect resends nothing of it
     sent = [e.msg for n, e in fed.effects[mark:] if n == "site-0" and isinstance(e, Send)]
     assert not [m for m in sent if isinstance(m, SecAggJoin | MaskedUpdate | Update)]
+
+
+def test_a_flood_of_unasked_stale_joins_writes_at_most_the_sites_share() -> None:
+    fed = Fed(5, buffer_size=5, cfg=secagg(min_cohort=3, max_dropout=0.4))
+    root = fed.nodes["root"]
+    for _ in range(3):  # three versions, so that base version 0 is stale below
+        fed.train()
+        fed.drain()
+    assert root.version == 3
+    root.max_staleness = 1
+    writes = 0
+    for seq in range(100, 160):
+        out = root.handle(Received("site-0", SecAggJoin("site-0", seq, 0)), fed.now)
+        writes += sum(1 for e in out if isinstance(e, Persist))
+    assert 1 <= writes <= 5  # ⌈K / active children⌉ at most, not 60
+    assert root.dropped >= 55
