@@ -174,6 +174,7 @@ def build_nodes(
             options=options,
             secagg=secagg,
             secagg_keys=keys.get(spec.id),
+            privacy=arm.privacy if spec.role == "root" else None,
         )
     return nodes
 
@@ -252,6 +253,10 @@ class _Tally:
         self.aborted: Counter[str] = Counter()
         self.lost: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
+        self.epsilon = 0.0  # the root's last privacy_epsilon gauge (ε at δ so far)
+        self.releases = 0  # private releases (one gauge each)
+        self.exhausted = False
+        self.dp_clipped = 0  # site contributions the central release clipped
 
     def __call__(self, node_id: str, now: float, m: Metric) -> None:
         name = m.name
@@ -259,6 +264,14 @@ class _Tally:
         if name == "update_applied":
             if labels.get("src") in self.sites:
                 self.site_updates += 1
+        elif name == "privacy_epsilon":  # the root's gauge: at start, after each release
+            if m.value > self.epsilon:  # every release spends some ε; a repeat is no release
+                self.releases += 1
+            self.epsilon = max(self.epsilon, m.value)
+        elif name == "privacy_budget_exhausted":
+            self.exhausted = True
+        elif name == "privacy_clipped":
+            self.dp_clipped += int(m.value)
         elif not name.startswith("secagg_"):
             return
         elif name == "secagg_cohort_sealed":
@@ -276,6 +289,27 @@ class _Tally:
             self.lost[str(labels.get("reason", "?"))] += int(m.value)
         elif name == "secagg_refused":
             self.refused[str(labels.get("reason", "?"))] += int(m.value)
+
+    def dp_extra(self, arm: Arm) -> dict[str, float | int | str]:
+        """``dp_*`` fields of an arm with central DP: ε at δ from the root's ledger (its
+        gauge after the last release), the releases, z and clip, the budget."""
+        dp = arm.privacy
+        out: dict[str, float | int | str] = {
+            "dp_epsilon": self.epsilon,
+            "dp_delta": dp.delta,
+            "dp_noise_multiplier": dp.noise_multiplier,
+            "dp_clip": dp.clip,
+            "dp_releases": self.releases,
+            "dp_budget_exhausted": int(self.exhausted),
+            "dp_clipped": self.dp_clipped,
+        }
+        if dp.epsilon_budget is not None:
+            out["dp_epsilon_budget"] = dp.epsilon_budget
+        if arm.target_epsilon is not None:
+            out["dp_target_epsilon"] = arm.target_epsilon
+            out["dp_planned_releases"] = arm.planned_releases
+            out["dp_sampling_rate"] = arm.dp_sampling_rate or 1.0
+        return out
 
     def secagg_extra(self) -> dict[str, float | int | str]:
         """``secagg_*`` fields of an arm's ``extra`` (a secure arm's cohorts)."""
@@ -484,6 +518,8 @@ def run_once(
     extra |= _site_bytes(tiers, tally.site_updates)
     if arm.secure_aggregation.enabled:
         extra |= tally.secagg_extra()
+    if arm.privacy.enabled:
+        extra |= tally.dp_extra(arm)
     if durable.log or durable.signing:
         extra |= {
             "log_commits": stats.commits,
@@ -622,16 +658,18 @@ def run_arm(
 
 def against_plain(arms: Sequence[Arm], results: Sequence[ArmResult]) -> list[ArmResult]:
     """Each secure arm's bytes per site update against a plain arm of the same run: the
-    first arm without secure aggregation of the same algorithm and topology, else the
-    first plain arm (``secagg_plain_arm``, ``secagg_bytes_ratio``)."""
+    first arm without secure aggregation with the same parameters and training, else of
+    the same algorithm and topology, else the first plain arm (``secagg_plain_arm``,
+    ``secagg_bytes_ratio``)."""
     plain = [(a, r) for a, r in zip(arms, results, strict=True) if not a.secure_aggregation.enabled]
     out: list[ArmResult] = []
     for arm, result in zip(arms, results, strict=True):
         if not arm.secure_aggregation.enabled or not plain:
             out.append(result)
             continue
+        twin = [r for a, r in plain if (a.params, a.training) == (arm.params, arm.training)]
         same = [r for a, r in plain if (a.algorithm, a.topology) == (arm.algorithm, arm.topology)]
-        ref = same[0] if same else plain[0][1]
+        ref = (twin or same or [plain[0][1]])[0]
         mine = float(result.extra.get("site_bytes_per_update", 0.0))
         theirs = float(ref.extra.get("site_bytes_per_update", 0.0))
         extra = dict(result.extra)

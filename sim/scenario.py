@@ -44,6 +44,7 @@ and noise are seeded from the job's seed here, so a run is reproducible.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,7 @@ from fedloom.federation.params import (
     read_codec,
     read_training,
 )
+from fedloom.federation.privacy import NO_PRIVACY, PrivacyConfig, read_privacy
 from fedloom.federation.secagg_params import (
     SecureAggregationConfig,
     check_codec,
@@ -159,6 +161,12 @@ class Arm:
     server_lr_sweep: tuple[float, ...] = ()
     durability: DurabilityConfig = DurabilityConfig()
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    privacy: PrivacyConfig = NO_PRIVACY
+    # ``[privacy] target_epsilon``: the ε the noise multiplier was calibrated for, over
+    # ``releases`` planned releases at sampling rate ``dp_sampling_rate`` (None: not asked).
+    target_epsilon: float | None = None
+    planned_releases: int = 0
+    dp_sampling_rate: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +239,7 @@ def parse_scenario(
         "algorithm": dict(top.raw("algorithm", {}) or {}),
         "durability": dict(top.raw("durability", {}) or {}),
         "secure_aggregation": dict(top.raw("secure_aggregation", {}) or {}),
+        "privacy": dict(top.raw("privacy", {}) or {}),
     }
     for key, value in shared.items():
         if not isinstance(raw.get(key, {}), Mapping):
@@ -419,7 +428,8 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
             f"{t.where('topology')}: hierarchical arms use asynchronous regional buffers; "
             "use algorithm 'fedbuff' or 'fedasync' for the root"
         )
-    for key in ("training", "codec", "availability", "compute", "durability", "secure_aggregation"):
+    tables = ("training", "codec", "availability", "compute", "durability")
+    for key in (*tables, "secure_aggregation", "privacy"):
         if key in raw and not isinstance(raw[key], Mapping):
             raise t.fail(key, "a table", raw[key])
         t.raw(key)
@@ -442,6 +452,12 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
                 f"{t.where('secure_aggregation')}: secure aggregation runs on fedbuff arms "
                 f"(root and regions) and fedavg/fedprox roots, not {algorithm!r}"
             )
+    privacy, calibration = _privacy(
+        Table(_merged(shared, raw, "privacy"), t.where("privacy")),
+        algorithm,
+        {**shared["algorithm"], **own_params},
+        sites,
+    )
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
     params = read_algorithm(Table({**shared["algorithm"], **own_params}, t.where("").rstrip(".")))
@@ -466,7 +482,49 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         server_lr_sweep=server_lr_sweep,
         durability=durability,
         secure_aggregation=secagg,
+        privacy=privacy,
+        **calibration,
     )
+
+
+def _privacy(
+    t: Table, algorithm: str, params: Mapping[str, Any], sites: SitesConfig
+) -> tuple[PrivacyConfig, dict[str, Any]]:
+    """``[privacy]`` (``federation.privacy.read_privacy``) plus two fields of the
+    simulator's: ``target_epsilon`` and ``releases`` instead of ``noise_multiplier`` ask
+    for the z whose ``releases`` releases spend ``target_epsilon`` at ``delta``
+    (``sim.dp_calibration``), at the sampling rate the root claims (a FedAvg/FedProx
+    round: ceil(over_selection * clients_per_round) of the sites; FedBuff: none). The
+    budget defaults to the target, so a run that releases more stops at it."""
+    raw = dict(t._data)
+    if "target_epsilon" not in raw and "releases" not in raw:
+        return read_privacy(t), {}
+    target = t.number("target_epsilon", min=0.0, exclusive_min=True)
+    releases = t.integer("releases", min=1, max=10**7)
+    if "noise_multiplier" in raw:
+        raise ConfigError(
+            f"{t.where('noise_multiplier')}: give either noise_multiplier or target_epsilon "
+            "(with releases), not both"
+        )
+    q: float | None = None
+    if algorithm in ("fedavg", "fedprox"):
+        k = int(params.get("clients_per_round", 10))
+        over = float(params.get("over_selection", 1.0))
+        drawn = math.ceil(over * k - 1e-9)
+        q = drawn / sites.count if drawn < sites.count else None
+    delta = float(raw.get("delta", 1e-5))
+    accountant = str(raw.get("accountant", "rdp"))
+    from fedloom.sim.dp_calibration import calibrate_noise
+
+    try:
+        z = calibrate_noise(target, delta, releases, q, accountant=accountant)
+    except ValueError as exc:
+        raise ConfigError(f"{t.where('target_epsilon')}: {exc}") from None
+    rest = {k: v for k, v in raw.items() if k not in ("target_epsilon", "releases")}
+    rest["noise_multiplier"] = z
+    rest.setdefault("epsilon_budget", target)
+    cfg = read_privacy(Table(rest, t.where("").rstrip(".")))
+    return cfg, {"target_epsilon": target, "planned_releases": releases, "dp_sampling_rate": q}
 
 
 def _durability(t: Table) -> DurabilityConfig:
