@@ -171,6 +171,13 @@ def attach_privacy(
     if isinstance(root, FedBuffAggregator):
         root.set_privacy(DpRelease(privacy, denominator=root.buffer_size, noise_key=noise_key))
     elif isinstance(root, SyncAggregator):
+        if getattr(root, "_secagg", None) is not None:
+            # Its cohort step weighs members by examples and would publish unaccounted.
+            raise ConfigError(
+                "privacy.mechanism: central DP with [secure_aggregation] runs on a fedbuff "
+                "root; on a fedavg/fedprox root it is not supported yet (its rounds' cohort "
+                'sums are not accounted): disable one of them or use algorithm = "fedbuff"'
+            )
         n = sum(1 for r in root.children.values() if r == "site")
         q = min(1.0, root.selected_per_round / max(1, n))
         root.set_privacy(

@@ -343,3 +343,25 @@ def test_the_same_version_of_another_sum_gets_other_noise() -> None:
     rb = dp.noised_mean([("s", b, 1.0)], template, 7, out)["w"].astype(np.float64)
     # Were the noise the same, rb - ra would be exactly the 0.01 difference of the sums.
     assert not np.allclose(rb - ra, 0.01, atol=1e-3)
+
+
+def test_secure_sync_rounds_with_central_dp_are_refused() -> None:
+    from fedloom.federation.secagg_keys import derived_secagg_keys
+    from fedloom.federation.secagg_params import SecureAggregationConfig
+
+    children = {f"s{i}": "site" for i in range(6)}
+    keys = derived_secagg_keys(["root", *children], 0)
+    with pytest.raises(ConfigError, match="not supported yet"):
+        build_node(
+            "root",
+            "root",
+            "fedavg",
+            AlgorithmConfig(clients_per_round=6, over_selection=1.0),
+            TRAINING,
+            Neighbours(children=children),
+            seed=0,
+            weights=model(0.0),
+            secagg=SecureAggregationConfig(enabled=True, min_cohort=3, max_dropout=0.3),
+            secagg_keys=keys["root"],
+            privacy=central(),
+        )
