@@ -34,6 +34,8 @@ _EXTRA_OF = {
     "torch": "torch",
     # The privacy accountant: an aggregator with [privacy], `fedloom privacy`.
     "dp_accounting": "privacy",
+    # Record-level DP-SGD at a site ([dp_sgd]), and `fedloom privacy` on its state.
+    "opacus": "dpsgd",
 }
 
 

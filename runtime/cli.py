@@ -8,7 +8,7 @@
     fedloom state repair STATE_DIR --truncate-at N | --drop-damaged  repair a damaged log
     fedloom state reseed --config ROOT.toml --from DIR [--above N]  a root that lost its state
                          (or --backup DIR: a backup of the root's own state directory)
-    fedloom privacy STATE_DIR [--json] [--delta D]                 a root's privacy ledger, ε
+    fedloom privacy STATE_DIR [--json] [--delta D]                 a root's or DP-SGD site's ε
     fedloom demo                                                    a real local federation
     fedloom chaos SCENARIO.toml [--out DIR] [--backend B]           faults on real daemons
     fedloom local init DIR [--shape S] [--regions N] [--sites N]    lay out a local federation
@@ -100,11 +100,13 @@ def _positive_seconds(text: str) -> float:
 def _add_privacy_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     privacy = sub.add_parser(
         "privacy",
-        help="a root's privacy ledger: releases, epsilon at delta, budget left (read only)",
-        description="Read the privacy ledger a root with [privacy] mechanism = \"central\" "
+        help="a root's privacy ledger, or a DP-SGD site's: epsilon at delta, budget left "
+        "(read only)",
+        description='Read the privacy ledger a root with [privacy] mechanism = "central" '
         "keeps in its state directory (a running daemon's too) and print its releases, "
         "epsilon at delta (the root's delta and accountant) and the budget left. Needs the "
-        "privacy extra (dp-accounting).",
+        "privacy extra (dp-accounting). A site's state directory with a DP-SGD ledger "
+        "([dp_sgd]) gives its steps, epsilon at delta and budget (the dpsgd extra).",
     )
     privacy.add_argument("state_dir", type=Path, metavar="STATE_DIR")
     privacy.add_argument("--json", action="store_true", help="one JSON object")

@@ -6,6 +6,10 @@ appended to the live log since (``PRIVACY_LOG_KEY``, each written before its mod
 and prints the releases (runs of the same mechanism folded into one line), ε at δ (the
 δ and accountant the root had configured, or ``--delta``), the budget and what is left.
 Exit 0; 2 (one line) when the directory holds no privacy ledger or a damaged one.
+
+A site's state directory with a DP-SGD ledger (``workloads.dp_sgd``, the store's
+``site/privacy-ledger`` value, replaced atomically after every job) gives the site's jobs
+(steps at each sample rate and noise multiplier) and ε at δ instead.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, TextIO
 from fedloom.algorithms.dp.ledger import ACCOUNTANTS, LedgerError, PrivacyLedger, Release
 from fedloom.algorithms.dp.release import PRIVACY_LOG_KEY
 from fedloom.federation.config_reader import ConfigError
-from fedloom.federation.store import CorruptStateError, StateIOError, read_value
+from fedloom.federation.store import CorruptStateError, StateIOError, _file_name, read_value
 from fedloom.runtime.exit_status import EXIT_ENVIRONMENT, EXIT_IN_USE, EXIT_OK
 from fedloom.runtime.state_cli import _inspect, _inspect_live, _lock_held
 
@@ -95,10 +99,67 @@ def _runs(releases: tuple[Release, ...]) -> list[dict[str, Any]]:
     return out
 
 
+def _site_ledger(directory: Path, delta: float | None, as_json: bool, out: TextIO) -> bool:
+    """Print a DP-SGD site's ledger if ``directory`` holds one (True), else nothing."""
+    from fedloom.workloads.dp_sgd import LEDGER_KEY, PrivacyLedger, _epsilon
+
+    path = directory / _file_name(LEDGER_KEY)
+    if not path.is_file():
+        return False
+    try:
+        _, value, _ = read_value(path)
+        history = PrivacyLedger.parse(value)
+    except (CorruptStateError, ValueError) as exc:
+        raise ConfigError(f"{directory}: damaged DP-SGD ledger: {exc}") from None
+    d = delta if delta is not None else value.get("delta")
+    if not isinstance(d, float) or not 0.0 < d < 1.0:
+        raise ConfigError("--delta: the state names no delta in (0, 1); give --delta")
+    eps = _epsilon(history, d)
+    budget = value.get("epsilon_budget")
+    report: dict[str, Any] = {
+        "state_dir": str(directory),
+        "mechanism": "dp_sgd",
+        "accountant": "rdp",
+        "delta": d,
+        "epsilon": eps,
+        "epsilon_budget": budget,
+        "steps": sum(s for _, _, s in history),
+        "noise_multiplier": value.get("noise_multiplier"),
+        "max_grad_norm": value.get("max_grad_norm"),
+        "runs": [{"z": z, "q": q, "steps": s} for z, q, s in history],
+    }
+    if isinstance(budget, float):
+        report["budget_left"] = max(0.0, budget - eps)
+    if as_json:
+        json.dump(report, out, indent=2)
+        out.write("\n")
+        return True
+    out.write(f"state directory: {directory}\n")
+    out.write(
+        f"mechanism: record-level DP-SGD at this site, noise multiplier "
+        f"{report['noise_multiplier']}, max_grad_norm {report['max_grad_norm']}; accountant rdp\n"
+    )
+    out.write(f"steps: {report['steps']}\n")
+    for z, q, s in history:
+        out.write(f"  {s} x Gaussian z = {z:.4g}, Poisson-sampled at q = {q:.4g}\n")
+    out.write(f"epsilon: {eps:.4f} at delta = {d:g}\n")
+    if isinstance(budget, float):
+        out.write(f"budget: {budget:g} ({max(0.0, budget - eps):.4f} left)\n")
+    else:
+        out.write("budget: none (account only)\n")
+    return True
+
+
 def cmd_privacy(
     directory: Path, *, as_json: bool = False, delta: float | None = None, out: TextIO | None = None
 ) -> int:
     out = out or sys.stdout
+    try:
+        if _site_ledger(directory, delta, as_json, out):
+            return EXIT_OK
+    except StateIOError as exc:
+        print(f"fedloom: error: {exc}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     try:
         found = read_ledger(directory)
     except StateIOError as exc:

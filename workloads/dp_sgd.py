@@ -397,7 +397,7 @@ class PrivacyLedger:
         with self._lock:
             history = _merged(self.history, job)
             eps = _epsilon(history, self.dp.delta)
-            value = {"format": _LEDGER_FORMAT, "history": [list(h) for h in history]}
+            value = self._value(history)
             if self._persist is not None:
                 self._persist(value)  # raises: the job is not released
             self.history = history
@@ -408,7 +408,20 @@ class PrivacyLedger:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"format": _LEDGER_FORMAT, "history": [list(h) for h in self.history]}
+            return self._value(self.history)
+
+    def _value(self, history: list[tuple[float, float, int]]) -> dict[str, Any]:
+        """What is persisted: the history, and the settings it was kept under (for
+        ``fedloom privacy``; a restart takes δ and the budget from its config)."""
+        dp = self.dp
+        return {
+            "format": _LEDGER_FORMAT,
+            "history": [list(h) for h in history],
+            "delta": dp.delta,
+            "epsilon_budget": dp.epsilon_budget,
+            "noise_multiplier": dp.noise_multiplier,
+            "max_grad_norm": dp.max_grad_norm,
+        }
 
     @staticmethod
     def parse(value: Any) -> list[tuple[float, float, int]]:

@@ -187,3 +187,37 @@ def test_with_a_process_pool_jobs_train_there_and_the_ledger_stays_here() -> Non
         pool.shutdown(wait=True, cancel_futures=True)
     assert done >= 2 and len(saved) == done  # every job recorded in this process
     assert PrivacyLedger.parse(saved[-1]) == ledger.history
+
+
+def test_fedloom_privacy_reads_a_sites_ledger_from_its_state_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from fedloom.algorithms.protocol import Persist
+    from fedloom.cli import main
+    from fedloom.federation.store import StateStore
+    from fedloom.workloads.dp_sgd import DpJob, DpSgdConfig, PrivacyLedger
+
+    store = StateStore(tmp_path / "state")  # held open, as by a running site daemon
+    store.load()
+    try:
+        ledger = PrivacyLedger(
+            DpSgdConfig(1.0, 0.5, 1e-5, 8.0),
+            persist=lambda v: store.apply(Persist(LEDGER_KEY, v)),
+        )
+        ledger.record(DpJob(1.0, 1 / 15, 20))
+        ledger.record(DpJob(1.0, 1 / 15, 20))
+        ledger.record(DpJob(1.0, 1 / 4, 5))
+        assert main(["privacy", str(tmp_path / "state")]) == 0
+        text = capsys.readouterr().out
+        assert "record-level DP-SGD at this site" in text
+        assert "40 x Gaussian z = 1, Poisson-sampled at q = 0.06667" in text
+        assert f"epsilon: {ledger.epsilon:.4f} at delta = 1e-05" in text
+        assert f"budget: 8 ({8.0 - ledger.epsilon:.4f} left)" in text
+        assert main(["privacy", str(tmp_path / "state"), "--json", "--delta", "1e-6"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["steps"] == 45 and report["delta"] == 1e-6
+        assert report["epsilon"] > ledger.epsilon  # a smaller delta costs more epsilon
+    finally:
+        store.close()
