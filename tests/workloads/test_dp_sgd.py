@@ -138,6 +138,20 @@ def test_noise_is_calibrated_to_the_clipping_norm() -> None:
     assert 0.018 < spread < 0.032
 
 
+def test_empty_poisson_batches_are_noise_only_steps() -> None:
+    split = _toy(200)
+    plan = TorchMLP(5, 3, split, hidden=4)
+    w0 = plan.init(0)
+    dp = DpSgdConfig(1.0, 1.0, deterministic=True)
+    # q = 1/200: most of the 30 steps sample nobody (Opacus hands an empty batch): the job
+    # still runs every step and returns finite weights.
+    out = train_dp_sgd(plan, w0, {"lr": 0.1, "local_steps": 30, "batch_size": 1, "seed": 0}, dp)
+    assert out.metrics["dp_sample_rate"] == pytest.approx(1 / 200)
+    assert all(np.isfinite(v).all() for v in out.weights.values())
+    moved = {k: float(np.abs(out.weights[k] - w0[k]).max()) for k in w0}
+    assert all(m > 0 for m in moved.values())  # every tensor trained (noise and the few samples)
+
+
 def test_fedprox_step_is_applied_after_the_private_step() -> None:
     plan = TorchMLP(5, 3, _toy(8), hidden=4)
     w0 = plan.init(0)
