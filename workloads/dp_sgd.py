@@ -20,8 +20,9 @@ Only torch models (``mlp``, ``cnn``) train this way; ``softmax`` (numpy) with ``
 is a configuration error.
 
 The ledger (``PrivacyLedger``) records each job's ``(noise_multiplier, sample_rate,
-steps)`` the way Opacus's ``RDPAccountant`` keeps its history, and ε at ``delta`` is that
-accountant's, over the site's whole history. Before a job that would take ε above
+steps)`` as Opacus's ``RDPAccountant`` keeps its history (one entry per distinct (z, q):
+RDP adds up in any order), and ε at ``delta`` is that accountant's over the site's whole
+history. Before a job that would take ε above
 ``epsilon_budget``, the site refuses to train (``PrivacyBudgetExhausted``: the driver
 answers ``TrainFailed`` with reason "privacy budget exhausted: ..."). A job is recorded once
 it has trained and before its result is handed back, so a released update is always
@@ -69,9 +70,8 @@ DP_SGD_MODELS: Final = ("mlp", "cnn")
 # The site's ledger, an independent value of its StateStore (``Recovery.values``).
 LEDGER_KEY: Final = "site/privacy-ledger"
 _LEDGER_FORMAT: Final = 1
-# Jobs with one (z, q) are merged like Opacus's accountant does; distinct entries are
-# bounded anyway by how often an aggregator changes batch_size: a corrupt or hostile
-# history this long is refused on restore.
+# Jobs with one (z, q) share an entry (``_merged``), so a history is short; one this long
+# is corrupt and refused on restore.
 _MAX_HISTORY: Final = 100_000
 
 
@@ -455,14 +455,16 @@ class PrivacyLedger:
 
 
 def _merged(history: list[tuple[float, float, int]], job: DpJob) -> list[tuple[float, float, int]]:
-    """``history`` plus ``job``, merged into the last entry when z and q match (as Opacus's
-    ``RDPAccountant.step`` does)."""
+    """``history`` plus ``job``, merged into the entry with the same z and q if there is
+    one (RDP composes by addition, in any order): the history holds one entry per distinct
+    (z, q), at most one per batch count ⌈n/batch_size⌉ for each z, whatever batch sizes an
+    aggregator alternates between."""
     out = list(history)
-    if out and out[-1][0] == job.noise_multiplier and out[-1][1] == job.sample_rate:
-        z, q, s = out[-1]
-        out[-1] = (z, q, s + job.steps)
-    else:
-        out.append((job.noise_multiplier, job.sample_rate, job.steps))
+    for i, (z, q, s) in enumerate(out):
+        if z == job.noise_multiplier and q == job.sample_rate:
+            out[i] = (z, q, s + job.steps)
+            return out
+    out.append((job.noise_multiplier, job.sample_rate, job.steps))
     return out
 
 

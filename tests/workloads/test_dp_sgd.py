@@ -191,6 +191,14 @@ def test_epsilon_grows_with_every_job_and_is_the_accountants() -> None:
         assert eps == pytest.approx(_accountant_epsilon(jobs[: i + 1], dp.delta), rel=1e-12)
         seen.append(eps)
     assert ledger.history == [(1.1, 1 / 15, 60), (1.1, 1 / 4, 5)]
+    # An aggregator alternating batch sizes does not grow the history.
+    for _ in range(3):
+        ledger.record(jobs[0])
+        ledger.record(jobs[-1])
+    assert ledger.history == [(1.1, 1 / 15, 120), (1.1, 1 / 4, 20)]
+    assert ledger.epsilon == pytest.approx(
+        _accountant_epsilon(jobs + [jobs[0], jobs[-1]] * 3, dp.delta), rel=1e-12
+    )
     # An independent library (Google's dp_accounting, RDP) agrees to a few per cent.
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
