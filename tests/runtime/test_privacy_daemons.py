@@ -6,6 +6,8 @@ restarted root stays stopped with the same ε. Bounded; every process is stopped
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,3 +91,39 @@ def test_root_stops_at_its_budget_and_stays_stopped_after_a_restart(
     assert report["releases"] == RELEASES
     assert report["epsilon"] == pytest.approx(eps, rel=1e-12)
     assert report["releases_left"] == 0
+
+
+BLOCK = """\
+import sys
+sys.modules["dp_accounting"] = None  # import raises ModuleNotFoundError: a base install
+from fedloom.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_private_root_without_the_privacy_extra_stops_at_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    fed = write_federation(
+        tmp_path / "fed",
+        {"region-a": SITES},
+        plan=SYNTHETIC,
+        root_aggregation={"weighting": "uniform"},
+    )
+    root = fed.nodes[ROOT_ID]
+    edit(
+        root.config,
+        children=SITES,
+        privacy={"mechanism": "central", "noise_multiplier": 1.0, "clip": 1.0},
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK, "run", "--config", str(root.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "pip install 'fedloom[privacy]'" in lines[0]
