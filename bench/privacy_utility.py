@@ -26,10 +26,14 @@ The seeds (1, 2, 3) are run seeds: initial weights, the jobs' Poisson samples an
 The data partition stays the demo's. The test set is the 114 held-out examples (one
 example is 0.88 points).
 
-PART 2 (user-level central DP on a 1,000-site Synthetic scenario) has its slot below,
-``user_level_central``; it is another helper's. The last line stays PART 1's ε = 8 gap.
+PART 2, user-level central DP at the root (``user_level_central``): FedAvg with random
+selection on scenarios/privacy-synthetic.toml's 1,000 Synthetic sites (65 drawn, 50 kept
+per round, 8 h of the simulator's clock) and on 30 hospitals of the same generator (13
+drawn, 10 kept): no DP, then ε ∈ {1, 3, 8} with z bisected for the rounds the non-private
+arm completes. Its "jobs" column is the rounds (releases) a run made. The last line stays
+PART 1's ε = 8 gap.
 
-    .venv/bin/python bench/privacy_utility.py            # ~4 min on one core
+    .venv/bin/python bench/privacy_utility.py            # ~4 min on one core + PART 2's ~15
     .venv/bin/python bench/privacy_utility.py --quick    # CI-sized: ε = 8 and no DP, 1 seed
 """
 
@@ -154,13 +158,86 @@ def record_level(seeds: tuple[int, ...], epsilons: tuple[float, ...]) -> list[Ro
 # ------------------------------------------------------------------------- PART 2
 
 
+USER_SCENARIO = "privacy-synthetic.toml"
+HOSPITALS = 30  # "a few dozen hospitals"
+HOSPITAL_ROUND = {"clients_per_round": 10, "over_selection": 1.3, "min_cohort": 6}
+QUICK_DURATION_S = 7200.0
+
+
+def _user_raw(sites: int, quick: bool) -> dict[str, Any]:
+    """scenarios/privacy-synthetic.toml's shared sections (its arms are built here): at
+    1,000 sites as written; at ``HOSPITALS`` sites a round draws 13 of them and closes with
+    10 (q = 13/30), everything else the same."""
+    raw = tomllib.loads((ROOT / "scenarios" / USER_SCENARIO).read_text(encoding="utf-8"))
+    raw["sites"]["count"] = sites
+    raw.pop("baseline", None)  # one arm a run
+    if sites != 1000:
+        raw["algorithm"].update(HOSPITAL_ROUND)
+    if quick:
+        raw["duration_h"] = QUICK_DURATION_S / 3600.0
+    return raw
+
+
+def _user_run(raw: dict[str, Any], arm: dict[str, Any], seed: int) -> tuple[float, Any]:
+    raw = {**raw, "seed": seed, "arms": [arm]}
+    scenario = parse_scenario(raw)
+    workload = build_workload(scenario, seed)
+    result = run_once(scenario, scenario.arms[0], workload, seed, label=scenario.name)
+    return result.final_accuracy, result
+
+
 def user_level_central(
     seeds: tuple[int, ...], epsilons: tuple[float, ...], quick: bool
 ) -> list[Row]:
-    """PART 2 (another helper's): user-level central DP at the root on a 1,000-site
-    Synthetic scenario, and the same at a few dozen hospitals. Returns its rows (printed
-    in the same table); the figure line stays PART 1's."""
-    return []
+    """PART 2: user-level central DP at the root (``federation.privacy``), FedAvg with
+    random selection, on scenarios/privacy-synthetic.toml's 1,000 Synthetic sites and on
+    30 hospitals with the same data generator. For each size the non-private arm runs
+    first; the rounds it completes (median over seeds) are the planned releases, and each
+    private arm's z is bisected with the ledger's accountant for its target ε over them
+    at the round's sampling rate (``sim.dp_calibration``; budget = target, so an arm that
+    completes more rounds stops releasing there). Clip C = 0.5, server_lr = 2 for the
+    private arms (the scenario's; not tuned on the test split)."""
+    rows: list[Row] = []
+    for sites in (1000, HOSPITALS):
+        raw = _user_raw(sites, quick)
+        label = f"{sites:,} sites"
+        t0 = time.perf_counter()
+        plain_arm = {"name": "no-dp", "algorithm": "fedavg", "privacy": {"mechanism": "none"}}
+        plain = [_user_run(raw, plain_arm, s) for s in seeds]
+        rounds = int(statistics.median(r.versions for _, r in plain))
+        rows.append(
+            Row(
+                mechanism=f"none, {label}",
+                epsilon=None,
+                noise_multiplier=None,
+                accuracies=tuple(a for a, _ in plain),
+                spent=None,
+                jobs=rounds,
+                wall_s=time.perf_counter() - t0,
+            )
+        )
+        for eps in epsilons:
+            arm = {
+                "name": f"eps-{eps:g}",
+                "algorithm": "fedavg",
+                "server_lr": 2.0,
+                "privacy": {"target_epsilon": eps, "releases": rounds},
+            }
+            t0 = time.perf_counter()
+            runs = [_user_run(raw, arm, s) for s in seeds]
+            extra = runs[0][1].extra
+            rows.append(
+                Row(
+                    mechanism=f"central, {label}",
+                    epsilon=eps,
+                    noise_multiplier=float(extra["dp_noise_multiplier"]),
+                    accuracies=tuple(a for a, _ in runs),
+                    spent=max(float(r.extra["dp_epsilon"]) for _, r in runs),
+                    jobs=int(statistics.median(int(r.extra["dp_releases"]) for _, r in runs)),
+                    wall_s=time.perf_counter() - t0,
+                )
+            )
+    return rows
 
 
 # --------------------------------------------------------------------------- output
@@ -210,7 +287,7 @@ def write_results(rows: list[Row], out: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mech)
     for r in rows:
         if r.epsilon is None:
-            ax.axhline(r.median, ls="--", color="grey", label="no DP")
+            ax.axhline(r.median, ls="--", color="grey", label=f"no DP: {r.mechanism}")
     ax.set_xscale("log")
     ax.set_xlabel(f"ε (δ = {DELTA:g})")
     ax.set_ylabel("test accuracy (median of seeds)")
