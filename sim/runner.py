@@ -518,6 +518,12 @@ def run_once(
     extra |= _site_bytes(tiers, tally.site_updates)
     if arm.secure_aggregation.enabled:
         extra |= tally.secagg_extra()
+        # Where masking's bytes go: masked uploads (with their bundles), seals, views, ...
+        extra |= {
+            f"secagg_bytes_{kind}": n
+            for kind, n in sorted(stats.bytes_by_type.items())
+            if kind.startswith("SecAgg") or kind == "MaskedUpdate"
+        }
     if arm.privacy.enabled:
         extra |= tally.dp_extra(arm)
     if durable.log or durable.signing:

@@ -79,6 +79,12 @@ def test_secure_arm_reports_cohorts_and_pays_more_bytes(secure_report: dict[str,
     ratio = extra["site_bytes_per_update"] / plain["extra"]["site_bytes_per_update"]
     assert extra["secagg_bytes_ratio"] == pytest.approx(ratio, rel=1e-6)
     assert ratio > 1.5
+    # Every message of the protocol crossed a link, sized by the wire codec; a masked
+    # upload carries at least its (d + 1) uint32 words for each applied update.
+    for kind in ("Join", "Seal", "View", "ViewSig", "Unmask", "Shares"):
+        assert extra[f"secagg_bytes_SecAgg{kind}"] > 0, kind
+    d = 31 * 2  # at least: breast cancer, 30 features + a bias, 2 classes
+    assert extra["secagg_bytes_MaskedUpdate"] >= (d + 1) * 4 * secure["updates_applied"]
     assert secure["final_accuracy"] > 0.85
 
 
