@@ -95,6 +95,7 @@ PLAN_FACTORY = "bench.secagg:bench_plan"
 GOAL = 2.0
 GOAL_SITES, GOAL_DROPOUT = 10, 0.1
 SAMPLE_S = 0.02
+UNACKED_FORGET_S = 120.0  # an update unacked this long was lost: the gate forgets it
 log = logging.getLogger("fedloom.bench.secagg")
 
 
@@ -393,21 +394,31 @@ class Host:
         self.rng = {s: random.Random(f"{s}/{args['tag']}") for s in sites}
         self.dead: dict[str, bytes | None] = {}  # site -> cohort it died in (None: plain)
         self.restarts: set[asyncio.Task[Any]] = set()
-        self.executor = cf.ThreadPoolExecutor(len(self.paths) + 2, thread_name_prefix="train")
+        # Updates each site sent (plain Update or SecAggJoin) and has not had acked: the
+        # gate. (SiteNode.pending does not count a secure update once uploaded.)
+        self.unacked: dict[str, dict[int, float]] = {}
+        self.lives: dict[str, int] = {}  # deaths per site: a job of an earlier life is let go
+        self.executor = cf.ThreadPoolExecutor(2 * len(self.paths) + 2, thread_name_prefix="train")
         from fedloom.runtime.chaos.loadgen import FixedDeltaTrainer
 
         self.inner = FixedDeltaTrainer({}, scale=1e-3, seed=1)
 
     # -- the trainer gate (runs in the executor's threads)
     def train(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        life = self.lives.get(node_id, 0)
         with self.cond:
-            while not (self.stopping or self._idle(node_id)):
+            # A job of a site that died meanwhile is let go (its driver is gone): else
+            # it would hold one of the pool's threads until the site's next ack.
+            while not (self.stopping or self._idle(node_id) or self.lives.get(node_id) != life):
                 self.cond.wait(0.05)  # woken by the site's acks; re-checked anyway
         return self.inner(node_id, weights, config)
 
     def _idle(self, site: str) -> bool:
-        d = self.daemons.get(site)
-        return d is None or d.node.pending < self.args["depth"]
+        now = time.monotonic()
+        sent = self.unacked.setdefault(site, {})
+        for seq in [q for q, at in sent.items() if now - at > UNACKED_FORGET_S]:
+            del sent[seq]  # lost (its cohort aborted): no ack will come
+        return len(sent) < self.args["depth"]
 
     def wake(self) -> None:
         with self.cond:
@@ -416,7 +427,15 @@ class Host:
     # -- dropouts
     def wrap(self, site: str, node: Any) -> None:
         handle = node.handle
-        from fedloom.transport.wire import Ack, SecAggSeal, SecAggView, TrainRequest
+        from fedloom.algorithms.protocol import Send
+        from fedloom.transport.wire import (
+            Ack,
+            SecAggJoin,
+            SecAggSeal,
+            SecAggView,
+            TrainRequest,
+            Update,
+        )
 
         def wrapped(event: Event, now: float) -> list[Effect]:
             if type(event) is Received:
@@ -438,7 +457,13 @@ class Host:
                     return []  # crashed on being assigned: no update exists
             effects: list[Effect] = handle(event, now)
             if type(event) is Received and type(event.msg) is Ack:
-                self.wake()
+                with self.cond:
+                    self.unacked.setdefault(site, {}).pop(event.msg.seq, None)
+                    self.cond.notify_all()
+            for e in effects:
+                if type(e) is Send and type(e.msg) in (Update, SecAggJoin):
+                    with self.cond:  # an update on its way: unacked until its Ack
+                        self.unacked.setdefault(site, {}).setdefault(e.msg.seq, time.monotonic())
             return effects
 
         node.handle = wrapped
@@ -447,6 +472,8 @@ class Host:
         if site in self.dead:
             return
         self.dead[site] = cohort
+        self.lives[site] = self.lives.get(site, 0) + 1
+        self.wake()
         self.shutdowns[site].set()
         self._spawn_restart(site)
 
@@ -644,6 +671,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here")
     parser.add_argument("--profile", type=Path, default=None, help="cProfile stats into DIR")
     a = parser.parse_args(argv)
+    if argv is None:  # a script: SIGTERM (and SIGINT, even where a shell ignores it) stop
+        import signal  # the run through its finally blocks, which stop every process
+
+        def interrupt(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
     if a.quick:
         a.sites, a.dropouts, a.warmup, a.flushes = "10", "0,0.1", 1, 3
     cells = [
