@@ -195,8 +195,8 @@ def user_level_central(
     first; the rounds it completes (median over seeds) are the planned releases, and each
     private arm's z is bisected with the ledger's accountant for its target ε over them
     at the round's sampling rate (``sim.dp_calibration``; budget = target, so an arm that
-    completes more rounds stops releasing there). Clip C = 0.5, server_lr = 2 for the
-    private arms (the scenario's; not tuned on the test split)."""
+    completes more rounds stops releasing there). Clip C = 0.5 (the scenario's; not tuned
+    on the test split)."""
     rows: list[Row] = []
     for sites in (1000, HOSPITALS):
         raw = _user_raw(sites, quick)
@@ -220,7 +220,6 @@ def user_level_central(
             arm = {
                 "name": f"eps-{eps:g}",
                 "algorithm": "fedavg",
-                "server_lr": 2.0,
                 "privacy": {"target_epsilon": eps, "releases": rounds},
             }
             t0 = time.perf_counter()
