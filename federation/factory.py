@@ -183,8 +183,8 @@ def build_node(
     ``[secure_aggregation]`` with ``secagg_keys`` (a ``SecAggKeys``) when it is enabled;
     ``privacy`` a root's ``[privacy]`` (central DP, ``federation.privacy``) and
     ``noise_key`` the secret its noise is drawn from (None: derived from ``seed``, as the
-    simulator wants; a daemon passes one from the OS). ValueError for a combination no
-    node can run.
+    simulator wants; a daemon passes one from the OS), also a secure site's (its members'
+    discrete Gaussian noise). ValueError for a combination no node can run.
     """
     opts = options if options is not None else NodeOptions()
     rng = node_rng(seed, node_id)
@@ -201,7 +201,15 @@ def build_node(
             fallbacks=list(n.fallbacks),
             failover_after_s=opts.failover_after_s,
             max_held=opts.max_held,
-            secure=secure_site(node_id, p, secagg, secagg_keys, rng),
+            # A member's DP noise (and rounding) must be unpredictable to its aggregator:
+            # a daemon passes a secret noise_key; the simulator's stays the node's stream.
+            secure=secure_site(
+                node_id,
+                p,
+                secagg,
+                secagg_keys,
+                rng if noise_key is None else np.random.default_rng(noise_key),
+            ),
         )
     if role == "relay":
         return RelayNode(node_id)

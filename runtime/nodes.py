@@ -277,9 +277,13 @@ def build_node(cfg: DaemonConfig, roster: Roster, plan: TrainingPlan | None) -> 
             secagg=cfg.secure_aggregation,
             secagg_keys=secagg_keys(cfg, roster),
             privacy=cfg.privacy,
-            # Central DP's noise comes from a secret only this root knows (checkpointed
-            # before its first release, so a restart replays the same noise).
-            noise_key=secrets.randbits(256) if cfg.privacy.enabled else None,
+            # DP noise comes from a secret only this node knows: a root's central noise
+            # (checkpointed before its first release, so a restart replays the same
+            # noise), a secure site's distributed noise (fresh after every restart). The
+            # config's seed is no secret: noise drawn from it could be subtracted.
+            noise_key=secrets.randbits(256)
+            if cfg.privacy.enabled or (cfg.role == "site" and cfg.secure_aggregation.enabled)
+            else None,
         )
     except ValueError as exc:
         # The factory refuses parameters that do not fit the roster (synchronous rounds
