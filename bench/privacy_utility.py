@@ -288,6 +288,9 @@ def write_results(rows: list[Row], out: Path) -> None:
         if r.epsilon is None:
             ax.axhline(r.median, ls="--", color="grey", label=f"no DP: {r.mechanism}")
     ax.set_xscale("log")
+    ticks = sorted({r.epsilon for r in rows if r.epsilon is not None})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel(f"ε (δ = {DELTA:g})")
     ax.set_ylabel("test accuracy (median of seeds)")
     ax.legend()
