@@ -43,7 +43,8 @@ outstanding, with the joins there are if at least t(K) = max(min_cohort, K // 2 
 the round is abandoned and its joins recorded late). After the seal the round waits for the
 cohort alone (its upload and unmask deadlines bound it), and its survivors' unmasked sum
 is the round's step, Δ̄ = Σ w_i x_i / Σ w_i (w_i the members' own example weights; no
-staleness: every member trained on the round's model). Joins of stragglers, of an
+staleness: every member trained on the round's model; with central DP every w_i = 1, the
+members add the noise and the step is Σ x_i / K, see ``_cohort_step``). Joins of stragglers, of an
 unselected site or of an older round are late (recorded, acked, never masked). A cohort that
 aborts (fewer than t uploads, signatures or shares) abandons the round and a new one starts.
 So a round ends within round_timeout_s + upload_timeout_s + unmask_timeout_s. Restart: the
@@ -71,7 +72,13 @@ from fedloom.algorithms.aggregator_base import (
     OwnModel,
     checkpoint_interval,
 )
-from fedloom.algorithms.dp.release import DpRelease, check_privacy_log, restore_privacy
+from fedloom.algorithms.dp.ledger import PrivacyEvent
+from fedloom.algorithms.dp.release import (
+    DpRelease,
+    check_privacy_log,
+    effective_noise_multiplier,
+    restore_privacy,
+)
 from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import (
     NO_RECORDS,
@@ -80,6 +87,7 @@ from fedloom.algorithms.protocol import (
     Log,
     Metric,
     Persist,
+    ProtocolMisuseError,
     RecordSource,
     Send,
     Weights,
@@ -497,21 +505,50 @@ class SyncAggregator(OwnModel, AggregatorBase):
         out: list[Effect],
     ) -> None:
         """The round's cohort completed (``AggregatorBase._apply_cohort``, recorded
-        first): Δ̄ = Σ w_i x_i / Σ w_i over its survivors is the round's one server step."""
+        first): Δ̄ = Σ w_i x_i / Σ w_i over its survivors is the round's one server step.
+
+        With central DP (as FedBuff's ``_cohort_step``) every member weighed 1 (the seal's
+        weight_cap is 1) and added σ_member of discrete Gaussian noise before masking: the
+        step is Σ x_i / K (K = ``clients_per_round``, the fixed denominator, not |U|),
+        nothing is added here, and the release is checked against the budget first, then
+        recorded with the effective z of the |U| members' noise and the sampling rate q of
+        the round's draw (durable in the cohort's record, so a replay records the same)."""
         if self._secagg.waiting():
             self._discard_joins(out)  # none in practice: every admitted join was sealed
+        dp = self._dp
+        event = None
+        if dp is not None:
+            noise = self.secagg_noise
+            if noise is None:  # a factory bug, not peer input: nothing is released
+                raise ProtocolMisuseError("a secure cohort under central DP without its noise")
+            sigma, clip, bits, dim = noise
+            z = effective_noise_multiplier(sigma, len(pairs), clip, bits, dim)
+            event = PrivacyEvent(z, dp.pending_q)
+            if not dp.check(event):
+                dp.refused += 1
+                out.append(Metric("privacy_release_refused", float(len(pairs))))
+                self.rounds_abandoned += 1
+                self._end_round()
+                return
+            scale = len(pairs) / dp.denominator  # Σw = |U| (uniform): Σx / K
+            delta = {k: (v * scale).astype(v.dtype, copy=False) for k, v in delta.items()}
         if not self._apply_step(self._opt, delta, out):
             self.rounds_abandoned += 1
             self._end_round()
             return
         self._version += 1
+        if dp is not None and event is not None:
+            dp.record(self._version, event, out)
         self.rounds_closed += 1
         out.append(Metric("round_closed", float(len(pairs)), {"reason": "cohort"}))
         out.append(Metric("model_version", float(self._version)))
         self._end_round()
 
     def _cohort_record_extra(self) -> dict[str, Any]:
-        return {"round": self.round}
+        extra: dict[str, Any] = {"round": self.round}
+        if self._dp is not None:  # the round's sampling rate: its release's, on a replay
+            extra["q"] = self._dp.pending_q
+        return extra
 
     def _replay_cohort_record(self, rec: Mapping[str, Any]) -> None:
         """A cohort record closes its round (``restore``); rounds before it that left no
@@ -521,6 +558,9 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self.rounds_abandoned += max(0, skipped)
         self.round = r
         self.state = RoundState.COLLECTING
+        if self._dp is not None and "q" in rec:
+            q = rec["q"]
+            self._dp.pending_q = None if q is None else float(q)
         super()._replay_cohort_record(rec)
 
     # ---------------------------------------------------------- durability

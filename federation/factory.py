@@ -48,7 +48,12 @@ from fedloom.algorithms.staleness import StalenessFn, make_staleness
 from fedloom.algorithms.sync import SyncAggregator
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.params import AlgorithmConfig, TrainingConfig
-from fedloom.federation.privacy import PrivacyConfig, attach_privacy, central_params
+from fedloom.federation.privacy import (
+    PrivacyConfig,
+    attach_privacy,
+    central_params,
+    check_secagg_clip,
+)
 from fedloom.federation.secagg_params import SecureAggregationConfig, check_cohort
 from fedloom.federation.seeds import derived_seed
 
@@ -355,11 +360,15 @@ def secure_aggregator(
     declared = [n for n in b.site_examples.values() if n > 0]
     # Members weigh themselves by min(n, cap) / cap: the cap is the largest site's
     # declared examples (else the per-site bound); 1 makes every weight 1 (uniform).
-    # A sync root weighs answers by examples (FedAvg), whatever [algorithm] weighting says.
-    uniform = p.weighting == "uniform" and not sync
+    # A sync root weighs answers by examples (FedAvg), whatever [algorithm] weighting says;
+    # under central DP every member weighs 1 (the step divides by a fixed denominator, and
+    # one site's contribution must stay within the clip).
+    dp = privacy is not None and privacy.enabled
+    uniform = dp or (p.weighting == "uniform" and not sync)
     cap = 1 if uniform else max(declared, default=b.max_examples_per_site)
     sigma = 0.0
-    if privacy is not None and privacy.enabled:
+    if privacy is not None and dp:
+        check_secagg_clip(privacy, secagg)
         from fedloom.algorithms.dp.release import member_noise_sigma
         from fedloom.algorithms.secagg.field import template_size
         from fedloom.federation.secagg_params import threshold

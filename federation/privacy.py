@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from fedloom.algorithms.dp.ledger import (
     ACCOUNTANTS,
@@ -51,6 +52,7 @@ __all__ = [
     "attach_privacy",
     "central_params",
     "check_plan",
+    "check_secagg_clip",
     "read_privacy",
     "require_accountant",
 ]
@@ -142,6 +144,21 @@ def check_plan(
         )
 
 
+def check_secagg_clip(privacy: PrivacyConfig | None, secagg: Any) -> None:
+    """With central DP and ``[secure_aggregation]`` both on, one clip bounds a site's
+    contribution: the members clip to ``secure_aggregation.clip`` and the noise is
+    calibrated to it, so ``privacy.clip`` must say the same (ConfigError naming both,
+    instead of silently noising for the other one)."""
+    if privacy is None or not privacy.enabled or secagg is None or not secagg.enabled:
+        return
+    if secagg.clip != privacy.clip:
+        raise ConfigError(
+            f"privacy.clip = {privacy.clip:g} differs from secure_aggregation.clip = "
+            f"{secagg.clip:g}: with both, the members clip to the secure aggregation's clip "
+            "and the DP noise is calibrated to it; make them equal"
+        )
+
+
 def central_params(
     privacy: PrivacyConfig | None,
     algorithm: str,
@@ -171,13 +188,8 @@ def attach_privacy(
     if isinstance(root, FedBuffAggregator):
         root.set_privacy(DpRelease(privacy, denominator=root.buffer_size, noise_key=noise_key))
     elif isinstance(root, SyncAggregator):
-        if getattr(root, "_secagg", None) is not None:
-            # Its cohort step weighs members by examples and would publish unaccounted.
-            raise ConfigError(
-                "privacy.mechanism: central DP with [secure_aggregation] runs on a fedbuff "
-                "root; on a fedavg/fedprox root it is not supported yet (its rounds' cohort "
-                'sums are not accounted): disable one of them or use algorithm = "fedbuff"'
-            )
+        # With [secure_aggregation] the round's cohort step divides by the same K and
+        # records the members' effective z at this q (``SyncAggregator._cohort_step``).
         n = sum(1 for r in root.children.values() if r == "site")
         q = min(1.0, root.selected_per_round / max(1, n))
         root.set_privacy(

@@ -345,23 +345,30 @@ def test_the_same_version_of_another_sum_gets_other_noise() -> None:
     assert not np.allclose(rb - ra, 0.01, atol=1e-3)
 
 
-def test_secure_sync_rounds_with_central_dp_are_refused() -> None:
+def test_a_secure_sync_root_with_central_dp_seals_uniform_noised_cohorts() -> None:
+    """Central DP + secure aggregation on a FedAvg root (tests/algorithms/
+    test_secagg_dp_sync.py runs it): its coordinator seals weight_cap 1 and the members'
+    noise, and its release divides by clients_per_round."""
     from fedloom.federation.secagg_keys import derived_secagg_keys
     from fedloom.federation.secagg_params import SecureAggregationConfig
 
     children = {f"s{i}": "site" for i in range(6)}
     keys = derived_secagg_keys(["root", *children], 0)
-    with pytest.raises(ConfigError, match="not supported yet"):
-        build_node(
-            "root",
-            "root",
-            "fedavg",
-            AlgorithmConfig(clients_per_round=6, over_selection=1.0),
-            TRAINING,
-            Neighbours(children=children),
-            seed=0,
-            weights=model(0.0),
-            secagg=SecureAggregationConfig(enabled=True, min_cohort=3, max_dropout=0.3),
-            secagg_keys=keys["root"],
-            privacy=central(),
-        )
+    root = build_node(
+        "root",
+        "root",
+        "fedavg",
+        AlgorithmConfig(clients_per_round=6, over_selection=1.0),
+        TRAINING,
+        Neighbours(children=children),
+        seed=0,
+        weights=model(0.0),
+        secagg=SecureAggregationConfig(enabled=True, min_cohort=3, max_dropout=0.3),
+        secagg_keys=keys["root"],
+        privacy=central(),
+    )
+    assert isinstance(root, SyncAggregator)
+    coord = root.secure_aggregation
+    assert coord.spec.weight_cap == 1 and coord.noise_sigma > 0
+    assert root.secagg_noise is not None and root.secagg_noise[0] == coord.noise_sigma
+    assert root._dp is not None and root._dp.denominator == 6
