@@ -397,6 +397,7 @@ class Host:
         # Updates each site sent (plain Update or SecAggJoin) and has not had acked: the
         # gate. (SiteNode.pending does not count a secure update once uploaded.)
         self.unacked: dict[str, dict[int, float]] = {}
+        self.reserved: dict[str, int] = {}  # jobs let through whose update is not sent yet
         self.lives: dict[str, int] = {}  # deaths per site: a job of an earlier life is let go
         self.executor = cf.ThreadPoolExecutor(2 * len(self.paths) + 2, thread_name_prefix="train")
         from fedloom.runtime.chaos.loadgen import FixedDeltaTrainer
@@ -409,8 +410,11 @@ class Host:
         with self.cond:
             # A job of a site that died meanwhile is let go (its driver is gone): else
             # it would hold one of the pool's threads until the site's next ack.
-            while not (self.stopping or self._idle(node_id) or self.lives.get(node_id) != life):
+            while not (self.stopping or self._idle(node_id) or self.lives.get(node_id, 0) != life):
                 self.cond.wait(0.05)  # woken by the site's acks; re-checked anyway
+            if self.lives.get(node_id, 0) == life:
+                # This job's update counts from now (two tasks can arrive together).
+                self.reserved[node_id] = self.reserved.get(node_id, 0) + 1
         return self.inner(node_id, weights, config)
 
     def _idle(self, site: str) -> bool:
@@ -418,7 +422,7 @@ class Host:
         sent = self.unacked.setdefault(site, {})
         for seq in [q for q, at in sent.items() if now - at > UNACKED_FORGET_S]:
             del sent[seq]  # lost (its cohort aborted): no ack will come
-        return len(sent) < self.args["depth"]
+        return len(sent) + self.reserved.get(site, 0) < self.args["depth"]
 
     def wake(self) -> None:
         with self.cond:
@@ -463,7 +467,10 @@ class Host:
             for e in effects:
                 if type(e) is Send and type(e.msg) in (Update, SecAggJoin):
                     with self.cond:  # an update on its way: unacked until its Ack
-                        self.unacked.setdefault(site, {}).setdefault(e.msg.seq, time.monotonic())
+                        sent = self.unacked.setdefault(site, {})
+                        if e.msg.seq not in sent:  # not a re-join: a job's update
+                            sent[e.msg.seq] = time.monotonic()
+                            self.reserved[site] = max(0, self.reserved.get(site, 0) - 1)
             return effects
 
         node.handle = wrapped
@@ -473,6 +480,7 @@ class Host:
             return
         self.dead[site] = cohort
         self.lives[site] = self.lives.get(site, 0) + 1
+        self.reserved[site] = 0  # its jobs in training died with it
         self.wake()
         self.shutdowns[site].set()
         self._spawn_restart(site)

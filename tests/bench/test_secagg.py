@@ -1,9 +1,9 @@
 """bench/secagg.py's quickest cell, for real: a root daemon process and 6 sites in 2 site
 processes on loopback, a 20,000-parameter model, no dropouts, 1 warm-up + 2 measured
 flushes plain and then secure (about 15 s). Checks what the figures are made of: both
-federations released versions, the bytes per site per flush are the model down and a
-4-byte-per-coordinate upload up, the secure flush went through the view and unmask
-rounds, and the last line is the figure."""
+federations released versions, the bytes per site per flush are the model down and an
+update up (4 bytes per coordinate for a masked one), the secure flush went through the
+view and unmask rounds, and the last line is the figure."""
 
 from __future__ import annotations
 
@@ -55,9 +55,11 @@ def test_quickest_cell_measures_plain_and_secure_flushes(
         assert len(row["intervals"]) == 2 and all(x > 0 for x in row["intervals"])
         # Every site gets at least one fp32 model per flush and sends one update.
         assert row["down"] >= 0.9 * model_bytes
-        assert row["up"] >= 0.9 * model_bytes
-    # A masked upload is d + 1 raw uint32 words plus 5 share bundles: never less.
+        assert row["up"] > 0
+    # A masked upload is d + 1 raw uint32 words plus 5 share bundles, incompressible; a
+    # plain fp32 delta goes through lz4 and comes out smaller.
     assert secure["up"] >= 4 * (PARAMS + 1)
+    assert plain["up"] < secure["up"]
     phases = secure["phases"]
     assert 0 <= phases["first upload"] <= phases["last upload"] <= phases["release"]
     assert phases["last view sig"] > 0 and phases["last shares"] > 0
