@@ -174,7 +174,9 @@ def build_nodes(
             options=options,
             secagg=secagg,
             secagg_keys=keys.get(spec.id),
-            privacy=arm.privacy if spec.role == "root" else None,
+            # A secure region seals its cohorts with the members' DP noise and a secure
+            # site refuses less noise than [privacy] asks: both need the arm's [privacy].
+            privacy=arm.privacy if spec.role == "root" or secagg.enabled else None,
         )
     return nodes
 
@@ -662,6 +664,23 @@ def run_arm(
     return replace(best, wall_seconds=sweep_wall, extra=extra)
 
 
+def preflight(scenario: Scenario, arms: Sequence[Arm], workload: Workload, seed: int) -> None:
+    """Build every arm's plan and nodes once before any arm runs, so that a combination the
+    factory refuses (a ConfigError, or a ValueError naming it) stops the scenario at once,
+    not after the arms before it ran (about a second for 1,000 sites)."""
+    sites = build_sites(scenario, workload, seed)
+    init = workload.init_weights(seed)
+    examples = {s.id: s.n_examples for s in sites}
+    for arm in arms:
+        plan = build_plan(scenario, arm, sites, seed)
+        try:
+            build_nodes(plan, arm, init, seed, examples)
+        except ConfigError as exc:
+            raise ConfigError(f"arm {arm.name!r}: {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"arm {arm.name!r}: {exc}") from None
+
+
 def against_plain(arms: Sequence[Arm], results: Sequence[ArmResult]) -> list[ArmResult]:
     """Each secure arm's bytes per site update against a plain arm of the same run: the
     first arm without secure aggregation with the same parameters and training, else of
@@ -698,6 +717,8 @@ def run_scenario(
     selected = [a for a in scenario.arms if arms is None or a.name in arms]
     wall0 = time.perf_counter()
     workload = build_workload(scenario, run_seed)
+    if len(selected) > 1:
+        preflight(scenario, selected, workload, run_seed)
     results = [run_arm(scenario, arm, workload, run_seed, progress, log) for arm in selected]
     results = against_plain(selected, results)
     meta: dict[str, Any] = {

@@ -216,3 +216,14 @@ def test_churn_windows_are_seeded_disjoint_and_inside_the_run(
     # One site's spells do not depend on which other sites are in the run.
     alone = churn_windows(sites[:1], per_h, mean_s, duration_s, seed)
     assert alone == [w for w in windows if w.node == sites[0]]
+
+
+def test_an_arm_the_factory_refuses_stops_the_scenario_before_any_arm_runs() -> None:
+    arms = [
+        SECURE_ARMS[0],
+        {**SECURE_ARMS[1], "name": "secure-median", "robust": "median"},
+    ]
+    ran: list[str] = []
+    with pytest.raises(ConfigError, match=r"arm 'secure-median'.*robust"):
+        run_scenario(parse_scenario(scenario(arms)), progress=lambda label, *_: ran.append(label))
+    assert ran == []  # the plain arm before it never ran
