@@ -59,6 +59,7 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
     """Sans-I/O FedBuff root: ``handle(event, now) -> effects``; holds the global model."""
 
     _dp: DpRelease | None = None  # central DP (``set_privacy``)
+    _dp_forwards = False  # the DP release is of secure regions' noised forwards
 
     def __init__(
         self,
@@ -105,11 +106,17 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         self.checkpoint_every = checkpoint_interval(checkpoint_every)
         self._make_buffer(self._weights)
 
-    def set_privacy(self, dp: DpRelease) -> None:
+    def set_privacy(self, dp: DpRelease, *, forwards: bool = False) -> None:
         """Central DP (``algorithms.dp.release``): every flush releases the noised mean of
         the clipped contributions, the budget stops releases and dispatch. FedBuff claims
-        no sampling amplification (q = None). Call it before the first event or restore."""
+        no sampling amplification (q = None). Call it before the first event or restore.
+
+        ``forwards``: the children are secure regions whose forwards are their cohorts'
+        sums, already clipped and noised by the sites (``federation.privacy.
+        check_regions``): a flush (one forward, buffer_size 1) releases that sum over the
+        fixed denominator and adds nothing."""
         self._dp = dp
+        self._dp_forwards = forwards
 
     def _fill(self, now: float, out: list[Effect]) -> None:
         if self._dp is not None and self._dp.stops(out):
@@ -120,6 +127,8 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         dp = self._dp
         if dp is None:
             delta: Weights | None = self._buffer.flush().delta
+        elif self._dp_forwards:
+            delta = self._release_forward(dp, out)
         else:
             delta = dp.flush(self._buffer, self._weights, self._version + 1, dp.event(), out)
         self._end_epoch()
@@ -132,6 +141,25 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         self._broadcast(out)
         if self.checkpoint_every and self._version % self.checkpoint_every == 0:
             out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
+
+    def _release_forward(self, dp: DpRelease, out: list[Effect]) -> Weights | None:
+        """A secure region's forward as one release: it carries s·(Σ_U x_i + noise)/|U|
+        with count |U| (uniform weighting), so the buffer's mean times its count is the
+        discounted noised sum, released over the fixed denominator (the regions' cohort
+        size N). Each cohort's noise is at least z·Δ (its sites refuse seals with less), and
+        its members are distinct sites: the release is recorded at the configured z (a
+        lower bound of the noise the cohort carried; the root cannot check σ itself). None
+        when the budget refuses it."""
+        agg = self._buffer.flush()
+        if not dp.check(dp.event()):
+            dp.refused += 1
+            out.append(Metric("privacy_release_refused", float(agg.count)))
+            return None
+        scale = agg.count / dp.denominator
+        return {
+            k: (np.asarray(v, dtype=np.float64) * scale).astype(self._weights[k].dtype, copy=False)
+            for k, v in agg.delta.items()
+        }
 
     def _cohort_step(
         self,

@@ -81,6 +81,7 @@ class SiteSecAgg:
         upload_timeout_s: float = 300.0,
         unmask_timeout_s: float = 60.0,
         noise: NoiseSource | None = None,
+        min_noise_multiplier: float = 0.0,
     ) -> None:
         self.site_id = site_id
         self.keys = keys
@@ -88,7 +89,11 @@ class SiteSecAgg:
         # Uploaded, and neither acked nor aborted after this long: the cohort is gone.
         self.lost_after_s = float(upload_timeout_s) + 2.0 * float(unmask_timeout_s)
         self._rng = rng
-        self.member = SecAggMember(site_id, keys, rng, min_cohort=min_cohort)
+        # With this site's own [privacy] (central DP): the least noise it accepts in a
+        # seal, so that no aggregator can shrink the noise it calibrated (``SecAggMember``).
+        self.member = SecAggMember(
+            site_id, keys, rng, min_cohort=min_cohort, min_noise_multiplier=min_noise_multiplier
+        )
         self._noise = noise
         # Pending seqs uploaded to a cohort -> when (None until the first event after a
         # restore: the clock is not durable).

@@ -214,6 +214,7 @@ def build_node(
                 secagg,
                 secagg_keys,
                 rng if noise_key is None else np.random.default_rng(noise_key),
+                privacy,
             ),
         )
     if role == "relay":
@@ -260,13 +261,15 @@ def build_node(
         region.keep_parts = opts.keep_parts
         region.set_subtrees(n.subtrees)
         region.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
-        secure_aggregator(region, p, secagg, secagg_keys, bounds, rng)
+        member_privacy(role, privacy, secagg)
+        secure_aggregator(region, p, secagg, secagg_keys, bounds, rng, privacy)
         return region
     if role != "root":
         raise ValueError(f"no node for role {role!r} ({', '.join(ROLES)})")
     if weights is None:
         raise ValueError(f"root {node_id!r} needs its initial weights")
-    p = central_params(privacy, algorithm, p, n.children)  # [privacy]: its clip, its checks
+    # [privacy]: its clip, its checks (regions below: secure ones only, see check_plan)
+    p = central_params(privacy, algorithm, p, n.children, secagg)
     root = build_root(
         algorithm,
         node_id,
@@ -285,8 +288,26 @@ def build_node(
     secure_aggregator(root, p, secagg, secagg_keys, bounds, rng, privacy)
     if noise_key is None:  # the simulator's: reproducible from the run's seed on purpose
         noise_key = derived_seed(seed, "dp-noise", node_id)
-    attach_privacy(root, privacy, noise_key)
+    attach_privacy(root, privacy, noise_key, secagg)
     return root
+
+
+def member_privacy(
+    role: str, privacy: PrivacyConfig | None, secagg: SecureAggregationConfig | None
+) -> None:
+    """A region's or a site's ``[privacy]`` (central DP is released at the root): it only
+    means something under secure aggregation (a region seals its cohorts with the members'
+    noise; a site refuses a seal with less noise than its own z asks), so ConfigError
+    without it."""
+    if privacy is None or not privacy.enabled:
+        return
+    if secagg is None or not secagg.enabled:
+        raise ConfigError(
+            f"privacy.mechanism: central DP is released at the root; a {role}'s [privacy] "
+            "sets the noise its secure-aggregation cohorts carry, so it needs "
+            "[secure_aggregation] enabled = true (or remove [privacy] here)"
+        )
+    check_secagg_clip(privacy, secagg)
 
 
 def secure_site(
@@ -295,8 +316,11 @@ def secure_site(
     secagg: SecureAggregationConfig | None,
     keys: Any,
     rng: np.random.Generator,
+    privacy: PrivacyConfig | None = None,
 ) -> Any:
-    """A site's secure uplink (``algorithms.secure_site``), or None without one."""
+    """A site's secure uplink (``algorithms.secure_site``), or None without one. With the
+    site's own ``[privacy]`` its members refuse seals whose noise falls short of its z."""
+    member_privacy("site", privacy, secagg)
     if secagg is None or not secagg.enabled:
         return None
     if keys is None:
@@ -315,6 +339,7 @@ def secure_site(
         upload_timeout_s=secagg.upload_timeout_s,
         unmask_timeout_s=secagg.unmask_timeout_s,
         noise=discrete_gaussian,  # used only when a seal asks for noise (central DP)
+        min_noise_multiplier=privacy.noise_multiplier if privacy and privacy.enabled else 0.0,
     )
 
 
@@ -367,6 +392,7 @@ def secure_aggregator(
     uniform = dp or (p.weighting == "uniform" and not sync)
     cap = 1 if uniform else max(declared, default=b.max_examples_per_site)
     sigma = 0.0
+    noise: tuple[float, int] | None = None
     if privacy is not None and dp:
         check_secagg_clip(privacy, secagg)
         from fedloom.algorithms.dp.release import member_noise_sigma
@@ -374,13 +400,16 @@ def secure_aggregator(
         from fedloom.federation.secagg_params import threshold
 
         model = node.current_model()
-        dim = template_size(model[1])
         # The smallest cohort: t(N) members, whose own threshold is the lowest possible.
         t_min = threshold(secagg.min_cohort, secagg.threshold(members))
-        sigma = member_noise_sigma(
-            privacy.noise_multiplier, secagg.clip, secagg.precision_bits, dim, t_min
-        )
-        node.secagg_noise = (sigma, secagg.clip, secagg.precision_bits, dim)
+        if model is None:  # a region: σ follows when the model's size is known
+            noise = (privacy.noise_multiplier, t_min)
+        else:
+            dim = template_size(model[1])
+            sigma = member_noise_sigma(
+                privacy.noise_multiplier, secagg.clip, secagg.precision_bits, dim, t_min
+            )
+            node.secagg_noise = (sigma, secagg.clip, secagg.precision_bits, dim)
     node.set_secure_aggregation(
         SecAggCoordinator(
             node.node_id,
@@ -391,6 +420,7 @@ def secure_aggregator(
             precision_bits=secagg.precision_bits,
             weight_cap=max(1, int(cap)),
             noise_sigma=sigma,
+            noise_multiplier=noise,
             # A sync round seals its one cohort itself (K joins, its deadline, or no task
             # outstanding): no formation deadline of the coordinator's own.
             form_wait_s=None if sync else secagg.form_wait_s,

@@ -102,10 +102,11 @@ def check_plan(
     p: AlgorithmConfig,
     children: Mapping[str, str],
     where: str = "privacy",
+    secagg: Any = None,
 ) -> None:
     """ConfigError unless central DP can run on this root: FedBuff or FedAvg/FedProx, site
     children only, uniform weighting, the mean, and a clip_norm that is "auto" or the
-    privacy clip (the privacy clip replaces it)."""
+    privacy clip (the privacy clip replaces it). Over regions: see ``check_regions``."""
     if not privacy.enabled:
         return
     if algorithm not in DP_ALGORITHMS:
@@ -113,13 +114,9 @@ def check_plan(
             f"{where}.mechanism: central DP runs on a fedbuff, fedavg or fedprox root, not "
             f'{algorithm!r}; write mechanism = "none" or change the algorithm'
         )
-    regions = sorted(c for c, r in children.items() if r == "region")
-    if regions:
-        raise ConfigError(
-            f"{where}.mechanism: central DP on a hierarchical plan is not supported yet (the "
-            f"root's children {regions[:3]} are regions, which would have to clip each site "
-            'before summing); run it on a star plan or write mechanism = "none"'
-        )
+    if any(r == "region" for r in children.values()):
+        check_regions(privacy, algorithm, p, children, secagg, where)
+        return
     if p.weighting != "uniform":
         raise ConfigError(
             f"aggregation.weighting: central DP divides by a fixed denominator, so weighting "
@@ -144,6 +141,69 @@ def check_plan(
         )
 
 
+def hierarchical(children: Mapping[str, str]) -> bool:
+    return any(r == "region" for r in children.values())
+
+
+def check_regions(
+    privacy: PrivacyConfig,
+    algorithm: str,
+    p: AlgorithmConfig,
+    children: Mapping[str, str],
+    secagg: Any,
+    where: str = "privacy",
+) -> None:
+    """Central DP on a hierarchical plan: secure regions only. The sites clip and noise
+    inside their regions' cohorts (σ_member in the seal; each site refuses less noise than
+    its own ``[privacy]`` z asks); a region forwards its cohort's noised sum; the root
+    releases one forward per version (``buffer_size = 1``: a cohort's members are distinct
+    sites, so one site moves a version by at most one clip, whereas a version folding
+    several forwards could hold a fast site several times) over the regions' fixed cohort
+    size (``secure_aggregation.cohort_size``), and records z: the least noise every
+    cohort carries, enforced by the sites. ConfigError naming the field otherwise."""
+    regions = sorted(c for c, r in children.items() if r == "region")
+    if secagg is None or not secagg.enabled:
+        raise ConfigError(
+            f"{where}.mechanism: central DP on a hierarchical plan needs secure aggregation in "
+            f"the regions (the root's children {regions[:3]} are regions: plain ones would see "
+            "and sum un-noised site updates); turn on [secure_aggregation] enabled = true at "
+            'the root, in every region and at every site, or write mechanism = "none"'
+        )
+    if algorithm != "fedbuff":
+        raise ConfigError(
+            f"{where}.mechanism: central DP over regions runs on a fedbuff root, not {algorithm!r}"
+        )
+    sites = sorted(c for c, r in children.items() if r != "region")
+    if sites:
+        raise ConfigError(
+            f"{where}.mechanism: central DP over regions needs every child of the root to be a "
+            f"region ({sites[:3]} are not): put those sites under a secure region"
+        )
+    if p.buffer_size != 1:
+        raise ConfigError(
+            f"aggregation.buffer_size = {p.buffer_size}: with central DP over regions the root "
+            "releases one region cohort per version (buffer_size = 1): a version folding "
+            "several forwards could hold one fast site several times, beyond the clip the "
+            "noise is calibrated to"
+        )
+    if secagg.cohort_size < 1:
+        raise ConfigError(
+            "secure_aggregation.cohort_size: central DP over regions divides each release by "
+            "the regions' fixed cohort size N (never by the survivors' count, which would "
+            "leak who took part); set cohort_size = N, as in the regions"
+        )
+    if p.weighting != "uniform":
+        raise ConfigError(
+            f'aggregation.weighting: central DP needs weighting = "uniform", not {p.weighting!r}'
+        )
+    if p.robust != "mean":
+        raise ConfigError(
+            f"aggregation.robust: central DP sums the regions' noised sums; robust = "
+            f'{p.robust!r} has no such sum (write robust = "mean")'
+        )
+    check_secagg_clip(privacy, secagg)
+
+
 def check_secagg_clip(privacy: PrivacyConfig | None, secagg: Any) -> None:
     """With central DP and ``[secure_aggregation]`` both on, one clip bounds a site's
     contribution: the members clip to ``secure_aggregation.clip`` and the noise is
@@ -164,19 +224,22 @@ def central_params(
     algorithm: str,
     p: AlgorithmConfig,
     children: Mapping[str, str],
+    secagg: Any = None,
 ) -> AlgorithmConfig:
     """The root's parameters under ``privacy``: ``check_plan`` first, then the privacy
-    clip as the aggregator's ``clip_norm`` (every update is clipped to C on intake)."""
+    clip as the aggregator's ``clip_norm`` (every update is clipped to C on intake); over
+    regions no clip on intake (the sites clipped; a forward is a noised sum)."""
     if privacy is None or not privacy.enabled:
         return p
-    check_plan(privacy, algorithm, p, children)
-    return replace(p, clip_norm=privacy.clip)
+    check_plan(privacy, algorithm, p, children, secagg=secagg)
+    return replace(p, clip_norm=None if hierarchical(children) else privacy.clip)
 
 
 def attach_privacy(
     root: FedBuffAggregator | FedAsyncAggregator | SyncAggregator,
     privacy: PrivacyConfig | None,
     noise_key: int,
+    secagg: Any = None,
 ) -> None:
     """Give a root built from ``central_params``' parameters its ``DpRelease``: FedBuff
     divides by its buffer size K and claims no sampling; a FedAvg/FedProx root by its
@@ -185,7 +248,11 @@ def attach_privacy(
     daemon's from the OS; the simulator's from the seed)."""
     if privacy is None or not privacy.enabled:
         return
-    if isinstance(root, FedBuffAggregator):
+    if isinstance(root, FedBuffAggregator) and hierarchical(root.children):
+        # One region cohort per version, over the regions' fixed cohort size (check_regions).
+        dp = DpRelease(privacy, denominator=secagg.cohort_size, noise_key=noise_key)
+        root.set_privacy(dp, forwards=True)
+    elif isinstance(root, FedBuffAggregator):
         root.set_privacy(DpRelease(privacy, denominator=root.buffer_size, noise_key=noise_key))
     elif isinstance(root, SyncAggregator):
         # With [secure_aggregation] the round's cohort step divides by the same K and

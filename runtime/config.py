@@ -341,10 +341,18 @@ def parse_config(
     dp_sgd = read_dp_sgd(t.table("dp_sgd")) if t.has("dp_sgd") else None
     privacy = read_privacy(t.table("privacy"))
     t.finish()
-    if privacy.enabled and role != "root":
+    if privacy.enabled and role not in ("root", "region", "site"):
+        raise ConfigError(
+            f"privacy.mechanism: central DP is the root's (it keeps the ledger); remove "
+            f"[privacy] for a {role}"
+        )
+    if privacy.enabled and role != "root" and not secagg.enabled:
+        # Under secure aggregation a region seals its cohorts with the members' noise and
+        # a site refuses seals with less noise than its z (federation.factory).
         raise ConfigError(
             f"privacy.mechanism: central DP is the root's (it adds the noise and keeps the "
-            f"ledger); remove [privacy] for a {role}"
+            f"ledger); a {role}'s [privacy] only sets the noise its secure-aggregation "
+            "cohorts carry: enable [secure_aggregation] or remove [privacy]"
             + (" (a site's own record-level DP is [dp_sgd])" if role == "site" else "")
         )
     if dp_sgd is not None:

@@ -198,6 +198,7 @@ class SecAggCoordinator:
         precision_bits: int = 16,
         weight_cap: int = 1,
         noise_sigma: float = 0.0,
+        noise_multiplier: tuple[float, int] | None = None,
         form_wait_s: float | None = 30.0,
         upload_timeout_s: float = 300.0,
         unmask_timeout_s: float = 60.0,
@@ -226,6 +227,9 @@ class SecAggCoordinator:
         self.cohort_size = cohort_size
         self.min_cohort = min_cohort
         self.noise_sigma = float(noise_sigma)
+        # Central DP at a node that learns the model's size later (a region): (z, t_min),
+        # σ_member = z·(C·2^f + √d)/√t_min set with the template (``set_template``).
+        self._noise_multiplier = noise_multiplier
         # None: no formation deadline of its own (the host calls ``seal_now``).
         self.form_wait_s = None if form_wait_s is None else _positive("form_wait_s", form_wait_s)
         self.upload_timeout_s = _positive("upload_timeout_s", upload_timeout_s)
@@ -252,6 +256,13 @@ class SecAggCoordinator:
         """The model's tensors (names, shapes, dtypes): what sums decode into."""
         self._template = {k: np.asarray(v) for k, v in weights.items()}
         self._d = template_size(self._template)
+        if self._noise_multiplier is not None:
+            from fedloom.algorithms.dp.release import member_noise_sigma
+
+            z, t_min = self._noise_multiplier
+            sigma = member_noise_sigma(z, self.spec.clip, self.spec.precision_bits, self._d, t_min)
+            check_capacity(self.cohort_size, self.spec.clip, self.spec.precision_bits, sigma)
+            self.noise_sigma = sigma
 
     def take_results(self) -> list[CohortResult]:
         """Cohorts completed since the last call (oldest first)."""

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedloom.algorithms.dp.release import member_noise_sigma
 from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
 from fedloom.algorithms.secagg.bundle import BundleError, pack_bundle, unpack_bundle
 from fedloom.algorithms.secagg.cohort import (
@@ -152,6 +153,7 @@ class SecAggMember:
         *,
         min_cohort: int = MIN_COHORT_FLOOR,
         min_noise_sigma: float = 0.0,
+        min_noise_multiplier: float = 0.0,
         max_records: int = DEFAULT_MAX_RECORDS,
     ) -> None:
         if not node_id:
@@ -162,6 +164,10 @@ class SecAggMember:
             raise ValueError(f"min_cohort must be >= {MIN_COHORT_FLOOR}, got {min_cohort}")
         if not (math.isfinite(min_noise_sigma) and min_noise_sigma >= 0):
             raise ValueError(f"min_noise_sigma must be finite and >= 0, got {min_noise_sigma}")
+        if not (math.isfinite(min_noise_multiplier) and min_noise_multiplier >= 0):
+            raise ValueError(
+                f"min_noise_multiplier must be finite and >= 0, got {min_noise_multiplier}"
+            )
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
         self.node_id = node_id
@@ -169,6 +175,9 @@ class SecAggMember:
         self._rng = rng
         self.min_cohort = min_cohort
         self.min_noise_sigma = float(min_noise_sigma)
+        # Central DP (this site's own [privacy] z): a seal's noise must give the cohort's
+        # sum at least z·Δ of noise over its t members, whatever the aggregator says.
+        self.min_noise_multiplier = float(min_noise_multiplier)
         self.max_records = max_records
         self._records: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
         self._outcomes: list[MemberOutcome] = []
@@ -252,6 +261,25 @@ class SecAggMember:
                 "noise_too_low",
                 f"noise_sigma {msg.noise_sigma} below this site's {self.min_noise_sigma}",
             )
+        if self.min_noise_multiplier > 0:
+            # σ_member ≥ z·(C·2^f + √d)/√t with the seal's own C, f and t: the view this
+            # member signs has ≥ t survivors, each adding σ_member, so the sum carries
+            # ≥ z·Δ of noise, Δ the sensitivity of one member's encoded vector.
+            least = member_noise_sigma(
+                self.min_noise_multiplier,
+                msg.clip,
+                msg.precision_bits,
+                template_size(update.delta),
+                msg.threshold,
+            )
+            if msg.noise_sigma < least:
+                return refuse(
+                    "noise_too_low",
+                    f"noise_sigma {msg.noise_sigma:g} gives less than this site's noise "
+                    f"multiplier {self.min_noise_multiplier:g} (needs >= {least:g} for "
+                    f"clip {msg.clip:g}, precision_bits {msg.precision_bits}, threshold "
+                    f"{msg.threshold})",
+                )
         if msg.noise_sigma > 0 and noise_fn is None:
             return refuse("no_noise", "it asks for noise and this site has no noise source")
         others = [m for m in members if m != me]

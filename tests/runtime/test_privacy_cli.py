@@ -198,6 +198,9 @@ def test_daemon_config_reads_privacy_for_the_root_only(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"root's.*\[dp_sgd\]"):
         parse_config(site_cfg, base_dir=tmp_path)
+    # Under secure aggregation a site's [privacy] is the least noise it lets a seal ask.
+    secure = {**site_cfg, "secure_aggregation": {"enabled": True, "clip": 0.5}}
+    assert parse_config(secure, base_dir=tmp_path).privacy.noise_multiplier == 1.1
 
 
 @pytest.mark.parametrize(
