@@ -331,3 +331,39 @@ def test_a_region_or_site_privacy_needs_secure_aggregation(role: str) -> None:
             secagg_keys=keys["region"],
             privacy=central(1.0),
         )
+
+
+def test_a_simulated_hierarchical_arm_records_one_release_per_region_cohort() -> None:
+    """The simulator (same factory, nodes and cryptography): two secure regions of six
+    sites under a FedBuff root with [privacy]; every completed region cohort is one
+    release, and ε is the accountant's over exactly those releases at z."""
+    from fedloom.sim.dp_calibration import epsilon_after
+    from fedloom.sim.runner import run_scenario
+    from fedloom.sim.scenario import parse_scenario
+    from tests.sim.test_privacy_scenarios import scenario
+
+    arm = {
+        "name": "hier-dp",
+        "algorithm": "fedbuff",
+        "topology": "hierarchical",
+        "buffer_size": 4,
+        "root_buffer_size": 1,
+        "secure_aggregation": {
+            "enabled": True,
+            "min_cohort": 3,
+            "max_dropout": 0.25,
+            "clip": 1.0,
+            "cohort_size": 4,
+        },
+        "privacy": {"mechanism": "central", "noise_multiplier": 2.0, "clip": 1.0},
+    }
+    raw = scenario(
+        [arm],
+        sites={"count": 12, "regions": ["a", "b"]},
+        algorithm={"concurrency": 10, "weighting": "uniform"},
+        duration_h=0.5,
+    )
+    extra = run_scenario(parse_scenario(raw)).arms[0].extra
+    releases = int(extra["dp_releases"])
+    assert releases > 0 and releases == int(extra["secagg_cohorts_completed"])
+    assert float(extra["dp_epsilon"]) == pytest.approx(epsilon_after(2.0, 1e-5, releases, None))
