@@ -233,6 +233,9 @@ def epsilon_figure(report: Report) -> Figure:
         ax.set_xscale("log")
         epsilons = [max(e, 1e-3) for _, _, e in private]
         ax.set_xlim(min(epsilons) / 2.0, max(epsilons) * 2.0)
+        ticks = sorted({float(f"{e:.2g}") for e in epsilons})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xticks([], minor=True)
         lo, hi = ax.get_ylim()
         ax.set_ylim(max(lo, 0.0), min(hi, 1.01))
         delta = next((a.extra.get("dp_delta") for _, a, _ in private), None)
