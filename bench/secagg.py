@@ -56,6 +56,7 @@ import argparse
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -534,7 +535,14 @@ class Host:
             trainer=self.train,
             executor=self.executor,
         )
-        self.tasks[site] = asyncio.create_task(coro, name=f"site {site}")
+        task = asyncio.create_task(coro, name=f"site {site}")
+        task.add_done_callback(functools.partial(self._ended, site))
+        self.tasks[site] = task
+
+    def _ended(self, site: str, task: asyncio.Task[Any]) -> None:
+        """A site daemon that stops with an error says so in the site process's log."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: daemon ended", site, exc_info=task.exception())
 
     async def run(self, stop: asyncio.Event) -> None:
         for site in self.paths:
