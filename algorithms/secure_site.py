@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedloom.algorithms.protocol import Effect, Log, Metric, Send
+from fedloom.algorithms.secagg.cohort import DEFAULT_MAX_COHORT, DEFAULT_MAX_COLLUDERS
 from fedloom.algorithms.secagg.keys import SecAggKeys
 from fedloom.algorithms.secagg.member import MEMBER_LOG_KEY, PendingUpdate, SecAggMember, seal_seq
 from fedloom.transport.wire import (
@@ -82,6 +83,8 @@ class SiteSecAgg:
         unmask_timeout_s: float = 60.0,
         noise: NoiseSource | None = None,
         min_noise_multiplier: float = 0.0,
+        max_colluders: int = DEFAULT_MAX_COLLUDERS,
+        max_cohort: int = DEFAULT_MAX_COHORT,
     ) -> None:
         self.site_id = site_id
         self.keys = keys
@@ -92,7 +95,13 @@ class SiteSecAgg:
         # With this site's own [privacy] (central DP): the least noise it accepts in a
         # seal, so that no aggregator can shrink the noise it calibrated (``SecAggMember``).
         self.member = SecAggMember(
-            site_id, keys, rng, min_cohort=min_cohort, min_noise_multiplier=min_noise_multiplier
+            site_id,
+            keys,
+            rng,
+            min_cohort=min_cohort,
+            min_noise_multiplier=min_noise_multiplier,
+            max_colluders=max_colluders,
+            max_cohort=max_cohort,
         )
         self._noise = noise
         # Pending seqs uploaded to a cohort -> when (None until the first event after a

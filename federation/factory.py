@@ -333,6 +333,8 @@ def secure_site(
         keys,
         rng=rng,
         min_cohort=secagg.min_cohort,
+        max_colluders=secagg.max_colluders,
+        max_cohort=secagg.max_cohort,
         # The aggregator decides: its seal's weight_cap is 1 under uniform weighting
         # (every member weighs 1), else the most examples a site may claim.
         weighting="examples",
@@ -397,11 +399,10 @@ def secure_aggregator(
         check_secagg_clip(privacy, secagg)
         from fedloom.algorithms.dp.release import member_noise_sigma
         from fedloom.algorithms.secagg.field import template_size
-        from fedloom.federation.secagg_params import threshold
 
         model = node.current_model()
         # The smallest cohort: t(N) members, whose own threshold is the lowest possible.
-        t_min = threshold(secagg.min_cohort, secagg.threshold(members))
+        t_min = secagg.threshold(secagg.threshold(members))
         if model is None:  # a region: σ follows when the model's size is known
             noise = (privacy.noise_multiplier, t_min)
         else:
@@ -427,6 +428,7 @@ def secure_aggregator(
             upload_timeout_s=secagg.upload_timeout_s,
             unmask_timeout_s=secagg.unmask_timeout_s,
             rng=rng,
+            max_colluders=secagg.max_colluders,
             # Keep ``concurrency`` tasks out as without masking: their joins may fill
             # more than one cohort at once (a sync round is one cohort).
             max_inflight=1 if sync else node.in_flight_target // members + 1,

@@ -13,7 +13,7 @@ node's identity file and ``os.urandom``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import nacl.signing
 import numpy as np
@@ -32,16 +32,22 @@ def derived_signing_key(node_id: str, seed: int) -> nacl.signing.SigningKey:
     return nacl.signing.SigningKey(state.astype("<u4").tobytes())
 
 
-def derived_secagg_keys(node_ids: Iterable[str], seed: int) -> dict[str, SecAggKeys]:
+def derived_secagg_keys(
+    node_ids: Iterable[str], seed: int, roles: Mapping[str, str] | None = None
+) -> dict[str, SecAggKeys]:
     """One ``SecAggKeys`` per node in ``node_ids``, each knowing every other node's public
-    key; deterministic in ``seed`` (keys and fresh secrets alike)."""
+    key (and ``roles``, node id -> role, as a roster would: members then refuse seals
+    naming a non-site; None: no roles known); deterministic in ``seed`` (keys and fresh
+    secrets alike)."""
     ids = list(dict.fromkeys(node_ids))
     signing = {node: derived_signing_key(node, seed) for node in ids}
     table = {node: bytes(key.verify_key) for node, key in signing.items()}
     out: dict[str, SecAggKeys] = {}
     for node in ids:
         rng = entity_rng(seed, _SECRET_LABEL, node)
-        out[node] = RosterSecAggKeys(node, signing[node], table, fresh_secret=_secret_source(rng))
+        out[node] = RosterSecAggKeys(
+            node, signing[node], table, fresh_secret=_secret_source(rng), roles=roles
+        )
     return out
 
 

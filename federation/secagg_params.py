@@ -5,10 +5,15 @@ The numbers are checked against each other where the reader can see them, and ag
 ``check_cohort`` once the cohort size is known (``cohort_size = 0`` means the aggregator's
 buffer size K, so a daemon's ``[aggregation]`` or a scenario arm decides it):
 
-* the threshold ``t = max(min_cohort, N // 2 + 1)`` (honest majority of a cohort of N
-  members, never below ``min_cohort``) must survive the configured dropouts:
+* the threshold ``t = max(min_cohort, (N + max_colluders) // 2 + 1)`` (more than half of
+  a cohort of N members plus the c = ``max_colluders`` members that may collude with the
+  aggregator, so two views signed by t members each share c + 1 signers, one of them
+  honest; never below ``min_cohort``) must survive the configured dropouts:
   ``t <= N * (1 - max_dropout)``, else a cohort losing ``max_dropout`` of its members
-  could never be unmasked;
+  could never be unmasked (the ConfigError names max_colluders, max_dropout and
+  min_cohort);
+* a cohort may have at most ``max_cohort`` members (a site refuses bigger seals before
+  any cryptography: their cost grows as N^2);
 * the field must hold the sum: ``N * clip * 2**precision_bits < 2**31``
   (``algorithms.secagg.field.check_capacity``);
 * ``check_codec``: masked vectors are uniformly random and the field encoding IS the
@@ -20,8 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedloom.algorithms.secagg.cohort import DEFAULT_MAX_COHORT, DEFAULT_MAX_COLLUDERS
+from fedloom.algorithms.secagg.cohort import threshold as cohort_threshold
 from fedloom.algorithms.secagg.field import check_capacity
-
 from fedloom.federation.config_reader import ConfigError, Table
 from fedloom.federation.params import CodecConfig
 
@@ -51,18 +57,20 @@ class SecureAggregationConfig:
     form_wait_s: float = 30.0
     upload_timeout_s: float = 300.0
     unmask_timeout_s: float = 60.0
+    max_colluders: int = DEFAULT_MAX_COLLUDERS
+    max_cohort: int = DEFAULT_MAX_COHORT
 
     def cohort(self, buffer_size: int) -> int:
         """Members of a full cohort for an aggregator buffering ``buffer_size`` updates."""
         return self.cohort_size if self.cohort_size > 0 else buffer_size
 
     def threshold(self, members: int) -> int:
-        return threshold(self.min_cohort, members)
+        return threshold(self.min_cohort, members, self.max_colluders)
 
 
-def threshold(min_cohort: int, members: int) -> int:
-    """``t = max(min_cohort, N // 2 + 1)``: a strict majority, never below ``min_cohort``."""
-    return max(min_cohort, members // 2 + 1)
+def threshold(min_cohort: int, members: int, colluders: int = DEFAULT_MAX_COLLUDERS) -> int:
+    """``t = max(min_cohort, (N + colluders) // 2 + 1)`` (``algorithms.secagg.cohort``)."""
+    return cohort_threshold(members, min_cohort, colluders)
 
 
 def check_cohort(
@@ -75,20 +83,33 @@ def check_cohort(
         raise ConfigError(
             f"{where}.cohort_size: a cohort of {members} members; 1..{MAX_COHORT} are possible"
         )
+    if members > cfg.max_cohort:
+        raise ConfigError(
+            f"{where}.max_cohort: a cohort of {members} members (cohort_size, or the buffer "
+            f"size K when cohort_size = 0) is more than max_cohort = {cfg.max_cohort}, the "
+            "most a site accepts: raise max_cohort (on the sites too) or lower the cohort size"
+        )
     t = cfg.threshold(members)
     survivors = members * (1.0 - cfg.max_dropout)
-    if t > members:
+    if cfg.min_cohort > members:
         raise ConfigError(
             f"{where}.min_cohort: {cfg.min_cohort} is more than the cohort's {members} "
             "members (cohort_size, or the buffer size K when cohort_size = 0): lower "
             "min_cohort or raise the cohort size"
         )
+    if t > members:
+        raise ConfigError(
+            f"{where}.max_colluders: {cfg.max_colluders} colluders need t = {t} of a cohort "
+            f"of {members} ((N + max_colluders) // 2 + 1): lower max_colluders or raise the "
+            "cohort size"
+        )
     if t > survivors + 1e-9:
         raise ConfigError(
-            f"{where}.max_dropout: a cohort of {members} needs t = {t} members to unmask "
-            f"(max(min_cohort, N // 2 + 1)), but with max_dropout = {cfg.max_dropout} only "
-            f"{survivors:g} may be left: lower max_dropout or min_cohort, or raise the "
-            "cohort size"
+            f"{where}.max_dropout / {where}.max_colluders / {where}.min_cohort: a cohort of "
+            f"{members} needs t = {t} members to unmask (max(min_cohort, (N + "
+            f"max_colluders) // 2 + 1) with max_colluders = {cfg.max_colluders}), but with "
+            f"max_dropout = {cfg.max_dropout} only {survivors:g} may be left: lower "
+            "max_dropout, max_colluders or min_cohort, or raise the cohort size"
         )
     try:
         check_capacity(members, cfg.clip, cfg.precision_bits)
@@ -125,6 +146,8 @@ def read_secure_aggregation(t: Table) -> SecureAggregationConfig:
         unmask_timeout_s=t.number(
             "unmask_timeout_s", d.unmask_timeout_s, min=0.0, max=MAX_TIMEOUT_S, exclusive_min=True
         ),
+        max_colluders=t.integer("max_colluders", d.max_colluders, min=0, max=MAX_COHORT),
+        max_cohort=t.integer("max_cohort", d.max_cohort, min=2, max=MAX_COHORT),
     )
     t.finish()
     if cfg.cohort_size:

@@ -147,7 +147,11 @@ def build_nodes(
     options = NodeOptions(durable=durable)
     secagg = arm.secure_aggregation
     # Secure aggregation runs the real cryptography on keys derived from the seed.
-    keys = derived_secagg_keys([s.id for s in plan.nodes], seed) if secagg.enabled else {}
+    keys = (
+        derived_secagg_keys([s.id for s in plan.nodes], seed, {s.id: s.role for s in plan.nodes})
+        if secagg.enabled
+        else {}
+    )
     nodes: dict[str, Node] = {}
     for spec in plan.nodes:
         neighbours = plan_neighbours(plan, spec.id)

@@ -18,6 +18,8 @@ use of one key pair is sound), so no new key or trust anchor is needed:
 * ``fresh_secret``: ``os.urandom(32)`` unless a source is given (the simulator's is seeded).
 
 A peer the roster does not list raises ``SecAggKeyError`` from every method naming it.
+``role(peer)`` is the roster's role for it (None for a plain key table given no roles):
+a member accepts only sites as fellow members.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class RosterSecAggKeys:
         "_boxes",
         "_fresh",
         "_keys",
+        "_roles",
         "_secret",
         "_shared",
         "_signing",
@@ -69,6 +72,7 @@ class RosterSecAggKeys:
         roster: Roster | Mapping[str, bytes],
         *,
         fresh_secret: Callable[[], bytes] | None = None,
+        roles: Mapping[str, str] | None = None,
     ) -> None:
         if isinstance(signing_key, Identity):
             if signing_key.node_id != node_id:
@@ -85,18 +89,23 @@ class RosterSecAggKeys:
         self._keys: dict[str, bytes] = {}
         self._shared: dict[str, bytes] = {}
         self._boxes: dict[str, nacl.public.Box] = {}
-        self.update_roster(roster)
+        self._roles: dict[str, str] | None = None
+        self.update_roster(roster, roles)
 
     def __repr__(self) -> str:
         return f"RosterSecAggKeys({self.node_id!r}, {len(self._keys)} peer key(s))"
 
-    def update_roster(self, roster: Roster | Mapping[str, bytes]) -> None:
-        """Use ``roster``'s keys from now on (cached secrets of peers whose key changed or
-        who left are dropped)."""
+    def update_roster(
+        self, roster: Roster | Mapping[str, bytes], roles: Mapping[str, str] | None = None
+    ) -> None:
+        """Use ``roster``'s keys (and roles: a ``Roster``'s own, else ``roles``) from now on
+        (cached secrets of peers whose key changed or who left are dropped)."""
         if isinstance(roster, Roster):
             keys = {e.node_id: e.public_key for e in roster.entries}
+            self._roles = {e.node_id: e.role for e in roster.entries}
         else:
             keys = {str(k): bytes(v) for k, v in roster.items()}
+            self._roles = None if roles is None else {str(k): str(v) for k, v in roles.items()}
         for peer in set(self._shared) | set(self._boxes):
             if keys.get(peer) != self._keys.get(peer):
                 self._shared.pop(peer, None)
@@ -173,6 +182,12 @@ class RosterSecAggKeys:
         if not isinstance(sig, bytes) or not isinstance(message, bytes | bytearray | memoryview):
             return False
         return verify_signature(public, SIGN_PREFIX + bytes(message), sig)
+
+    def role(self, peer: str) -> str | None:
+        """``peer``'s roster role; None when this table has no roles. ``SecAggKeyError``
+        for a peer without a key."""
+        self._public(peer)
+        return None if self._roles is None else self._roles.get(peer)
 
     def fresh_secret(self) -> bytes:
         secret = self._fresh()

@@ -1,14 +1,26 @@
 """What the cohort protocol's two sides (``member`` and ``coordinator``) must agree on.
 
-* ``threshold(n, min_cohort)``: t = max(min_cohort, floor(n / 2) + 1).
+* ``threshold(n, min_cohort, colluders)``: t = max(min_cohort, floor((n + c) / 2) + 1),
+  c = ``max_colluders``: two views that each gather t signatures share at least
+  2t - n >= c + 1 signers, so with at most c members colluding with the aggregator at
+  least one honest member signed both, which it never does (it signs one view per
+  cohort). With c = 0 (a bare majority) ONE colluding member, or the aggregator's own
+  identity sealed as a member, could split the honest members into two views.
+* ``seal_digest``: BLAKE2b-256 of everything a seal asks of its members (aggregator,
+  cohort id, members, seqs, threshold, clip, precision_bits, weight_cap, noise_sigma).
 * ``member_pair_context``: the context of a pair seed. The spec's ``keys.pair_context``
   (label, aggregator, cohort id, both ids) extended with the two members' update seqs as
-  sealed (``SecAggSeal.seqs``). A site never uploads the same seq twice, so the masks of
-  two uploads can never be equal, even when an aggregator replays a cohort id long after
-  its members forgot it (their records are bounded): no difference of two updates of one
-  member can be unmasked.
-* ``view_message``: the bytes a member signs for a view (aggregator, cohort, survivors and
-  dropped, each sorted), so the signature is bound to one view of one cohort.
+  sealed (``SecAggSeal.seqs``) and the digest of the seal the member accepted. A site
+  never uploads the same seq twice, so the masks of two uploads can never be equal, even
+  when an aggregator replays a cohort id long after its members forgot it (their records
+  are bounded): no difference of two updates of one member can be unmasked. Two members
+  given different seals (an aggregator that sends each member its own weight_cap, clip,
+  precision_bits, noise or threshold to make all but one contribution vanish) derive
+  different pair seeds: their pair masks never cancel and the cohort aborts
+  (``sum_out_of_range``).
+* ``view_message``: the bytes a member signs for a view (aggregator, cohort, the seal's
+  digest, survivors and dropped, each sorted), so the signature is bound to one view of
+  one cohort under one seal: views signed under different seals never combine.
 * ``refused``: the Metric + Log pair every refusal emits (metric ``secagg_refused{reason}``).
 """
 
@@ -22,33 +34,69 @@ import msgpack
 
 from fedloom.algorithms.protocol import Effect, Log, Metric
 from fedloom.algorithms.secagg.keys import pair_context
+from fedloom.transport.wire import SecAggSeal
 
 VIEW_LABEL = "fedloom/secagg/view"
+SEAL_LABEL = "fedloom/secagg/seal"
 MIN_COHORT_FLOOR = 2  # a cohort of one would hand its member's update to the aggregator
+DEFAULT_MAX_COLLUDERS = 1  # c: members that may collude with the aggregator
+DEFAULT_MAX_COHORT = 64  # members a site accepts in one seal (what the link caps carry)
 
 
-def threshold(n: int, min_cohort: int) -> int:
-    """t = max(min_cohort, n // 2 + 1): a strict majority, never below ``min_cohort``."""
-    return max(min_cohort, n // 2 + 1)
+def threshold(n: int, min_cohort: int, colluders: int = DEFAULT_MAX_COLLUDERS) -> int:
+    """t = max(min_cohort, (n + colluders) // 2 + 1): more than half of the members plus
+    the ``colluders`` (c) the cohort must withstand, never below ``min_cohort``. Two views
+    with t signatures each share at least 2t - n >= c + 1 signers (see the module
+    docstring). May exceed ``n``: callers refuse such a cohort."""
+    return max(min_cohort, (n + colluders) // 2 + 1)
+
+
+def seal_digest(aggregator: str, seal: SecAggSeal) -> bytes:
+    """BLAKE2b-256 of what ``aggregator``'s ``seal`` asks of every member (not its
+    ``deadline_s``): each member binds its pair seeds and view signatures to the digest of
+    the seal IT was sent, so members holding different seals never cancel or co-sign."""
+    packed: bytes = msgpack.packb(
+        [
+            SEAL_LABEL,
+            str(aggregator),
+            bytes(seal.cohort),
+            [str(m) for m in seal.members],
+            [int(q) for q in seal.seqs],
+            int(seal.threshold),
+            float(seal.clip),
+            int(seal.precision_bits),
+            int(seal.weight_cap),
+            float(seal.noise_sigma),
+        ],
+        use_bin_type=True,
+    )
+    return hashlib.blake2b(packed, digest_size=32).digest()
 
 
 def member_pair_context(
-    aggregator: str, cohort: bytes, a: str, seq_a: int, b: str, seq_b: int
+    aggregator: str, cohort: bytes, a: str, seq_a: int, b: str, seq_b: int, seal: bytes
 ) -> bytes:
     """``pair_context(aggregator, cohort, a, b)`` followed by the seqs of the lower and the
-    higher id (symmetric in the two members)."""
+    higher id (symmetric in the two members) and ``seal`` (``seal_digest`` of the seal the
+    member accepted)."""
     lo, hi = (seq_a, seq_b) if a < b else (seq_b, seq_a)
-    tail: bytes = msgpack.packb([lo, hi])
+    tail: bytes = msgpack.packb([lo, hi, bytes(seal)], use_bin_type=True)
     return pair_context(aggregator, cohort, a, b) + tail
 
 
 def view_message(
-    aggregator: str, cohort: bytes, survivors: Iterable[str], dropped: Iterable[str]
+    aggregator: str,
+    cohort: bytes,
+    survivors: Iterable[str],
+    dropped: Iterable[str],
+    seal: bytes,
 ) -> bytes:
     """The canonical bytes of view (``survivors``, ``dropped``) of ``aggregator``'s
-    ``cohort`` (each list sorted: the order a message uses does not matter)."""
+    ``cohort`` under the seal whose ``seal_digest`` is ``seal`` (each list sorted: the
+    order a message uses does not matter)."""
     packed: bytes = msgpack.packb(
-        [VIEW_LABEL, aggregator, cohort, sorted(survivors), sorted(dropped)], use_bin_type=True
+        [VIEW_LABEL, aggregator, cohort, bytes(seal), sorted(survivors), sorted(dropped)],
+        use_bin_type=True,
     )
     return packed
 

@@ -60,8 +60,10 @@ import numpy.typing as npt
 
 from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
 from fedloom.algorithms.secagg.cohort import (
+    DEFAULT_MAX_COLLUDERS,
     MIN_COHORT_FLOOR,
     refused,
+    seal_digest,
     threshold,
     view_message,
 )
@@ -69,6 +71,7 @@ from fedloom.algorithms.secagg.field import (
     FieldSpec,
     SumOutOfRangeError,
     check_capacity,
+    check_cohort_sum,
     decode_sum,
     template_size,
 )
@@ -103,6 +106,7 @@ __all__ = [
 
 COORDINATOR_LOG_KEY = "secagg/cohorts"
 MAX_JOINS_PER_SITE = 8
+MAX_ORPHANS = 256  # cohorts orphaned by restarts kept until their members return
 COHORT_ID_BYTES = 16
 BOX_OVERHEAD = 40  # crypto_box: 24-byte nonce + 16-byte tag
 
@@ -158,6 +162,7 @@ class _Cohort:
     joins: dict[str, _Join]
     t: int
     seal: SecAggSeal
+    sealed: bytes  # seal_digest(aggregator, seal): what pair seeds and views are bound to
     deadline: float
     phase: str = "upload"  # upload -> view -> unmask
     acc: U32 | None = None
@@ -174,6 +179,8 @@ class _Cohort:
     )
     bad: set[str] = field(default_factory=set)  # answered with malformed shares
     badsig: set[str] = field(default_factory=set)  # signed with an invalid signature
+    # The sum did not pass its checks while answers were still owed: (reason, detail).
+    failed: tuple[str, str] | None = None
 
 
 def _positive(name: str, value: float) -> float:
@@ -204,6 +211,7 @@ class SecAggCoordinator:
         unmask_timeout_s: float = 60.0,
         rng: np.random.Generator,
         max_inflight: int = 1,
+        max_colluders: int = DEFAULT_MAX_COLLUDERS,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be non-empty")
@@ -219,6 +227,13 @@ class SecAggCoordinator:
             )
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
             raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
+        if isinstance(max_colluders, bool) or not isinstance(max_colluders, int):
+            raise ValueError(f"max_colluders must be an int, got {max_colluders!r}")
+        if max_colluders < 0 or threshold(cohort_size, min_cohort, max_colluders) > cohort_size:
+            raise ValueError(
+                f"max_colluders = {max_colluders} gives a threshold above the cohort's "
+                f"{cohort_size} members"
+            )
         self.spec = FieldSpec(clip, precision_bits, weight_cap)
         check_capacity(cohort_size, clip, precision_bits, noise_sigma)
         self.node_id = node_id
@@ -226,6 +241,7 @@ class SecAggCoordinator:
         self._rng = rng
         self.cohort_size = cohort_size
         self.min_cohort = min_cohort
+        self.max_colluders = max_colluders
         self.noise_sigma = float(noise_sigma)
         # Central DP at a node that learns the model's size later (a region): (z, t_min),
         # σ_member = z·(C·2^f + √d)/√t_min set with the template (``set_template``).
@@ -250,7 +266,7 @@ class SecAggCoordinator:
     @property
     def threshold(self) -> int:
         """t of a full cohort."""
-        return threshold(self.cohort_size, self.min_cohort)
+        return threshold(self.cohort_size, self.min_cohort, self.max_colluders)
 
     def set_template(self, weights: Weights) -> None:
         """The model's tensors (names, shapes, dtypes): what sums decode into."""
@@ -374,7 +390,7 @@ class SecAggCoordinator:
     def _seal(self, joins: Sequence[_Join], now: float) -> list[Effect]:
         members = tuple(j.site for j in joins)
         n = len(members)
-        t = threshold(n, self.min_cohort)
+        t = threshold(n, self.min_cohort, self.max_colluders)
         # Random, and unique across restarts: a restored aggregator's rng may replay the
         # draws of its last incarnation (a seeded one does), so the count of cohorts ever
         # sealed (durable: snapshot + "open" records) fills the last 8 bytes. Members
@@ -401,6 +417,7 @@ class SecAggCoordinator:
             joins={j.site: j for j in joins},
             t=t,
             seal=seal,
+            sealed=seal_digest(self.node_id, seal),
             deadline=now + self.upload_timeout_s,
         )
         self._cohorts[cid] = cohort
@@ -510,7 +527,7 @@ class SecAggCoordinator:
             )
         cohort.phase = "view"
         cohort.survivors, cohort.dropped = survivors, dropped
-        cohort.view = view_message(self.node_id, cohort.cid, survivors, dropped)
+        cohort.view = view_message(self.node_id, cohort.cid, survivors, dropped, cohort.sealed)
         cohort.deadline = now + self.unmask_timeout_s
         for key in [(m, cohort.joins[m].seq) for m in dropped]:
             self._in_cohort.pop(key, None)  # a dropped member's update may join again
@@ -637,9 +654,18 @@ class SecAggCoordinator:
     def _try_finish(self, cohort: _Cohort) -> list[Effect]:
         """Rebuild every secret from the answers so far and, when all are rebuilt, strip
         the masks and yield the cohort's result. Answerers found with wrong shares are
-        dropped from the answers (refused, ``wrong_share``) and the rebuild starts over."""
+        dropped from the answers (refused, ``wrong_share``) and the rebuild starts over.
+
+        A sum that fails its checks (``SumOutOfRangeError``: a mask did not cancel, the
+        weights or the norm are not what the survivors can produce) is not aborted while
+        members asked still owe answers: a wrong share among the first t answers leaves
+        no trace in t shares (any t points fit a polynomial, and a small change of one
+        share can still give a 32-byte secret), but with more answers the shares
+        disagree and ``robust_reconstruct`` names and drops it. The cohort aborts once
+        nothing more can come (or at the deadline) with the sum still failing."""
         index = {m: k + 1 for k, m in enumerate(cohort.members)}
         out: list[Effect] = []
+        dropped_share = False
         while len(cohort.answers) >= cohort.t:
             by_x = {index[a]: a for a in cohort.answers}
             answerers = [by_x[x] for x in sorted(by_x)]
@@ -660,6 +686,7 @@ class SecAggCoordinator:
                     break
                 secrets.append(secret)
             if wrong:
+                dropped_share = True
                 for x in sorted(wrong):
                     culprit = by_x[x]
                     del cohort.answers[culprit]
@@ -678,6 +705,9 @@ class SecAggCoordinator:
             break
         else:
             return out
+        owed = bool(self._owed(cohort))
+        if cohort.failed is not None and owed and not dropped_share:
+            return out  # the same shares failed before: wait for one that disagrees
         n_self = len(cohort.survivors)
         self_seeds = secrets[:n_self]
         pair_seeds = [
@@ -687,6 +717,7 @@ class SecAggCoordinator:
         ]
         assert cohort.acc is not None and self._template is not None  # t >= 2 uploads
         total = unmask_sum([cohort.acc], self_seeds, pair_seeds)
+        survivors = tuple(cohort.uploaded[m] for m in cohort.survivors)
         try:
             weights, weight_sum = decode_sum(
                 total,
@@ -695,11 +726,23 @@ class SecAggCoordinator:
                 members=len(cohort.survivors),
                 noise_sigma=self.noise_sigma,
             )
+            check_cohort_sum(
+                total,
+                self.spec,
+                [s.n_examples for s in survivors],
+                noise_sigma=self.noise_sigma,
+            )
         except SumOutOfRangeError as exc:
             # Some mask did not cancel (a member masked with seeds that are not the ones
-            # it shared): the vector is garbage and is never applied.
-            return [*out, *self._abort(cohort, "sum_out_of_range", str(exc))]
-        survivors = tuple(cohort.uploaded[m] for m in cohort.survivors)
+            # it shared, or a wrong share rebuilt a wrong seed), or a member encoded more
+            # than its clip or weight: never applied.
+            if owed:
+                first = cohort.failed is None
+                cohort.failed = (exc.reason, str(exc))
+                if first:
+                    out.append(Metric("secagg_unmask_retry", 1.0, {"reason": exc.reason}))
+                return out  # more answers may expose a wrong share
+            return [*out, *self._abort(cohort, exc.reason, str(exc))]
         self._results.append(
             CohortResult(cohort.cid, cohort.members, survivors, weights, weight_sum)
         )
@@ -720,6 +763,12 @@ class SecAggCoordinator:
             ),
         ]
 
+    @staticmethod
+    def _owed(cohort: _Cohort) -> set[str]:
+        """Members asked to reveal, still live, that have not answered."""
+        live = set(cohort.members) - cohort.down - cohort.bad
+        return (cohort.asked & live) - set(cohort.answers)
+
     # --------------------------------------------------------- failure and time
 
     def _maybe_stuck(self, cohort: _Cohort) -> list[Effect]:
@@ -732,8 +781,7 @@ class SecAggCoordinator:
             if possible < cohort.t:
                 return self._abort(cohort, "too_few_signatures", f"{possible} possible")
         elif cohort.phase == "unmask":
-            live = set(cohort.members) - cohort.down - cohort.bad
-            if (cohort.asked & live) - set(cohort.answers):
+            if self._owed(cohort):
                 return []  # answers may still come
             done = self._try_finish(cohort) if len(cohort.answers) >= cohort.t else []
             if cohort.cid not in self._cohorts:
@@ -745,6 +793,8 @@ class SecAggCoordinator:
         """Abort a reveal that cannot complete, naming why: too few answers, or survivors
         none of whose shares the answers hold (their bundles did not open at the members:
         a member that uploads garbage bundles makes its cohort abort, never succeed)."""
+        if cohort.failed is not None:
+            return self._abort(cohort, *cohort.failed)
         if len(cohort.answers) < cohort.t:
             return self._abort(cohort, "too_few_shares", f"{len(cohort.answers)} answers, {when}")
         held: dict[str, int] = dict.fromkeys(cohort.survivors, 0)
@@ -844,6 +894,9 @@ class SecAggCoordinator:
             Persist(COORDINATOR_LOG_KEY, {"op": "close", "cohort": cohort.cid}, append=True),
             *(Send(m, msg) for m in cohort.members if m not in cohort.down),
             Metric("secagg_cohort_aborted", 1.0, {"reason": reason}),
+            # Every survivor of a cohort aborted after its view: a member that uploads
+            # garbage is in all of them, so an operator finds it by intersection.
+            *(Metric("secagg_site_in_aborted_cohort", 1.0, {"site": m}) for m in cohort.survivors),
             Log(
                 "warning",
                 f"secure aggregation: cohort aborted ({reason}: {detail})",
@@ -891,5 +944,8 @@ class SecAggCoordinator:
                     raise ValueError(f"unknown secure-aggregation cohort record {entry['op']!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"secure-aggregation coordinator state is malformed: {exc}") from None
+        # Orphans whose members never return would pile up over restarts: keep the newest.
+        for cid in list(orphans)[: max(0, len(orphans) - MAX_ORPHANS)]:
+            del orphans[cid]
         self._orphans = orphans
         self._sealed = sealed

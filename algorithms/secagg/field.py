@@ -4,8 +4,9 @@ A member's delta ``x`` is flattened in the model's tensor order (float64), L2-cl
 ``clip``, multiplied by its weight ``w`` in [0, 1], scaled by ``2^precision_bits`` and
 stochastically rounded (unbiased: ``E[round(y)] = y``) with the member's own generator;
 an optional integer noise vector (distributed DP) is added; one trailing coordinate
-carries ``round(w * 2^f)``. Everything is stored mod 2^32 (``uint32``), so masked sums
-wrap around exactly like the masks do.
+carries ``round(w * 2^f)`` (rounded deterministically, so the aggregator can check the
+sum of the weights exactly: ``check_cohort_sum``). Everything is stored mod 2^32
+(``uint32``), so masked sums wrap around exactly like the masks do.
 
 Decoding lifts the sum to the centred range [-2^31, 2^31) and divides by ``2^f``. That is
 exact as long as the true integer sum stays inside that range: ``check_capacity`` bounds
@@ -228,6 +229,8 @@ class SumOutOfRangeError(ValueError):
     mask did not cancel (a member masked with wrong seeds, or a wrong seed was rebuilt),
     so the vector is garbage and must not be applied."""
 
+    reason = "sum_out_of_range"
+
 
 def decode_sum(
     total: npt.NDArray[np.uint32],
@@ -271,6 +274,78 @@ def decode_sum(
     centred = lifted.astype(np.float64)
     centred /= spec.scale
     return unflatten(centred[:-1], template), float(centred[-1])
+
+
+class WeightMismatchError(SumOutOfRangeError):
+    """The sum's weight coordinate is not the sum of the survivors' weights as their joins
+    declare them (``weight_units``): a member lied about its weight (reason
+    ``weight_mismatch``)."""
+
+    reason = "weight_mismatch"
+
+
+class NormOutOfRangeError(SumOutOfRangeError):
+    """The weighted sum is longer than its members' clipped deltas can make it (reason
+    ``norm_out_of_range``)."""
+
+    reason = "norm_out_of_range"
+
+
+def weight_units(n_examples: int, cap: int, precision_bits: int) -> int:
+    """The weight coordinate an honest member with ``n_examples`` encodes under the seal's
+    ``cap``: ``round(min(n, cap) / cap * 2^f)`` (deterministic rounding, as ``encode``)."""
+    return round(member_weight(n_examples, "examples", cap) * float(1 << precision_bits))
+
+
+def check_cohort_sum(
+    total: npt.NDArray[np.uint32],
+    spec: FieldSpec,
+    n_examples: list[int],
+    *,
+    noise_sigma: float = 0.0,
+) -> None:
+    """Check an unmasked cohort sum against what its survivors (their joins'
+    ``n_examples``) can honestly produce, before anything is decoded or applied:
+
+    * weight: the trailing coordinate must EQUAL Σ_i ``weight_units(n_i, cap, f)``, else
+      ``WeightMismatchError`` (a member cannot shrink Σ w to blow up Δ̄ = Σ w x / Σ w);
+    * norm: ‖Σ_i w_i x_i‖₂ (in units of 2^-f) must be at most
+      ``clip · 2^f · Σ w_i + |U| · √d + noise_sigma · √|U| · (√d + NOISE_TAIL)``, else
+      ``NormOutOfRangeError``. Each honest encoding is within ``w_i · clip · 2^f`` of zero
+      before rounding; stochastic rounding moves each coordinate by less than 1 (so at most
+      √d in L2 per member); the members' summed discrete Gaussian noise is sub-Gaussian
+      with parameter σ√|U| per coordinate, so its norm exceeds σ√|U|(√d + 10) with
+      probability below exp(-50). An honest cohort always passes.
+
+    What this cannot stop without range proofs: a malicious member may still add any
+    vector that keeps the sum within the norm bound, so one member moves a cohort's sum by
+    up to |U| · clip in norm (a plain update: clip)."""
+    arr = np.asarray(total)
+    lifted = arr.view(np.int32)
+    members = len(n_examples)
+    want = sum(weight_units(n, spec.weight_cap, spec.precision_bits) for n in n_examples)
+    got = int(lifted[-1])
+    if got != want:
+        raise WeightMismatchError(
+            f"unmasked sum's weight coordinate is {got}, the survivors' joins give {want}: "
+            "a member encoded a weight other than its own"
+        )
+    d = int(lifted.size) - 1
+    body = lifted[:-1].astype(np.float64)
+    norm = math.sqrt(float(body.dot(body)))
+    weights = sum(member_weight(n, "examples", spec.weight_cap) for n in n_examples)
+    root_d = math.sqrt(d)
+    bound = (
+        spec.clip * spec.scale * weights
+        + members * root_d
+        + noise_sigma * math.sqrt(members) * (root_d + NOISE_TAIL)
+    )
+    if norm > bound:
+        raise NormOutOfRangeError(
+            f"unmasked sum has L2 norm {norm / spec.scale:.4g}, more than {members} "
+            f"member(s) weighing {weights:.4g} with clip {spec.clip:g} can produce "
+            f"({bound / spec.scale:.4g})"
+        )
 
 
 def member_weight(n_examples: int, weighting: str, cap: int) -> float:

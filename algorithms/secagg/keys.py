@@ -63,6 +63,12 @@ class SecAggKeys(Protocol):
         """32 fresh random bytes (self-mask seeds)."""
         ...
 
+    def role(self, peer: str) -> str | None:
+        """``peer``'s role in the roster ("site", "region", "root", ...), or None when the
+        key table carries no roles (in-memory tables built without them). A member
+        refuses a seal naming a member whose role is known and is not "site"."""
+        ...
+
 
 def pair_context(aggregator: str, cohort: bytes, a: str, b: str) -> bytes:
     """The context of the pair seed of members ``a`` and ``b`` in ``aggregator``'s

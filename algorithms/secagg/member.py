@@ -63,12 +63,15 @@ from fedloom.algorithms.dp.release import member_noise_sigma
 from fedloom.algorithms.protocol import Effect, Log, Metric, Persist, Send, Weights
 from fedloom.algorithms.secagg.bundle import BundleError, pack_bundle, unpack_bundle
 from fedloom.algorithms.secagg.cohort import (
+    DEFAULT_MAX_COHORT,
+    DEFAULT_MAX_COLLUDERS,
     MIN_COHORT_FLOOR,
     byte_stream,
     check_view,
     digest,
     member_pair_context,
     refused,
+    seal_digest,
     threshold,
     view_message,
 )
@@ -155,6 +158,8 @@ class SecAggMember:
         min_noise_sigma: float = 0.0,
         min_noise_multiplier: float = 0.0,
         max_records: int = DEFAULT_MAX_RECORDS,
+        max_colluders: int = DEFAULT_MAX_COLLUDERS,
+        max_cohort: int = DEFAULT_MAX_COHORT,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be non-empty")
@@ -170,6 +175,11 @@ class SecAggMember:
             )
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
+        for name, v in (("max_colluders", max_colluders), ("max_cohort", max_cohort)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if not 2 <= max_cohort <= MAX_COHORT:
+            raise ValueError(f"max_cohort must be from 2 to {MAX_COHORT}, got {max_cohort}")
         self.node_id = node_id
         self._keys = keys
         self._rng = rng
@@ -179,6 +189,10 @@ class SecAggMember:
         # sum at least z·Δ of noise over its t members, whatever the aggregator says.
         self.min_noise_multiplier = float(min_noise_multiplier)
         self.max_records = max_records
+        # c: two views with t signatures share >= c + 1 signers (``cohort.threshold``).
+        self.max_colluders = max_colluders
+        # The most members this site accepts in one seal (refused before any crypto).
+        self.max_cohort = max_cohort
         self._records: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
         self._outcomes: list[MemberOutcome] = []
         # Cohorts whose seal this member refused: cohort -> (aggregator, seq).
@@ -224,8 +238,16 @@ class SecAggMember:
 
         members = tuple(msg.members)
         n = len(members)
+        if n > self.max_cohort:  # before anything costs more than this comparison
+            return refuse(
+                "cohort_size",
+                f"{n} members; this site accepts at most max_cohort = {self.max_cohort}",
+            )
         if me not in members:
             return refuse("not_member", "this site is not one of its members")
+        if peer in members:
+            # The aggregator's own identity as a member would sign views as a colluder.
+            return refuse("aggregator_member", f"it names its sender {peer!r} as a member")
         if len(set(members)) != n or not all(isinstance(m, str) and m for m in members):
             return refuse("members", "its member list repeats a member")
         if len(msg.seqs) != n:
@@ -233,12 +255,13 @@ class SecAggMember:
         if not 2 <= n <= MAX_COHORT:
             return refuse("cohort_size", f"{n} members (2 to {MAX_COHORT} allowed)")
         t = msg.threshold
-        floor = threshold(n, self.min_cohort)
+        floor = threshold(n, self.min_cohort, self.max_colluders)
         if isinstance(t, bool) or not isinstance(t, int) or t < floor or t > n:
             return refuse(
                 "threshold",
                 f"threshold {t} for {n} members; this site needs {floor} <= t <= {n} "
-                f"(a strict majority and at least min_cohort = {self.min_cohort})",
+                f"(more than half of the members plus max_colluders = {self.max_colluders}, "
+                f"and at least min_cohort = {self.min_cohort})",
             )
         x = members.index(me) + 1
         if msg.seqs[x - 1] != update.seq:
@@ -284,16 +307,27 @@ class SecAggMember:
             return refuse("no_noise", "it asks for noise and this site has no noise source")
         others = [m for m in members if m != me]
         seq_of = dict(zip(members, msg.seqs, strict=True))
+        sealed = seal_digest(peer, msg)
         try:
+            roles = {j: self._keys.role(j) for j in others}
+            not_sites = sorted(j for j, r in roles.items() if r is not None and r != "site")
+            if not_sites:
+                return refuse(
+                    "member_role",
+                    f"it names {', '.join(map(repr, not_sites[:8]))}, not site(s) in the roster",
+                )
             pair_seeds = {
                 j: self._keys.pair_seed(
-                    j, member_pair_context(peer, msg.cohort, me, update.seq, j, seq_of[j])
+                    j, member_pair_context(peer, msg.cohort, me, update.seq, j, seq_of[j], sealed)
                 )
                 for j in others
             }
         except SecAggCryptoError as exc:  # SecAggKeyError: a member the roster lacks
             return refuse("unknown_key", str(exc))
-        weight = member_weight(update.n_examples, weighting, msg.weight_cap)
+        # The seal's cap decides (1: every member with an example weighs 1): the
+        # coordinator checks the sum of the weights against the joins' n_examples.
+        member_weight(update.n_examples, weighting, msg.weight_cap)  # validates weighting
+        weight = member_weight(update.n_examples, "examples", msg.weight_cap)
         noise = None
         if msg.noise_sigma > 0 and noise_fn is not None:
             noise = noise_fn(msg.noise_sigma, template_size(update.delta))
@@ -326,6 +360,7 @@ class SecAggMember:
             "t": t,
             "x": x,
             "digest": digest(data),
+            "seal": sealed,
             "b": b_shares[x - 1],
             "s": {j: s_shares[j][x - 1] for j in others},
             "view": None,
@@ -422,7 +457,7 @@ class SecAggMember:
         bad = self._check_view(record, msg.survivors, msg.dropped, "view")
         if bad:
             return bad
-        vm = view_message(peer, msg.cohort, msg.survivors, msg.dropped)
+        vm = view_message(peer, msg.cohort, msg.survivors, msg.dropped, record["seal"])
         out: list[Effect] = []
         if record["signed"]:
             out.append(Metric("secagg_duplicate", 1.0, {"kind": "view"}))
@@ -453,7 +488,7 @@ class SecAggMember:
             return bad
         fields = {"aggregator": peer, "cohort": msg.cohort.hex()}
         members = record["members"]
-        vm = view_message(peer, msg.cohort, msg.survivors, msg.dropped)
+        vm = view_message(peer, msg.cohort, msg.survivors, msg.dropped, record["seal"])
         valid: set[str] = set()
         for signer, sig in msg.sigs:
             if signer not in members or signer in valid:
@@ -596,14 +631,32 @@ class SecAggMember:
 
 
 _RECORD_KEYS = frozenset(
-    ("cohort", "agg", "seq", "members", "t", "x", "digest", "b", "s", "view", "signed", "lost")
+    (
+        "cohort",
+        "agg",
+        "seq",
+        "members",
+        "t",
+        "x",
+        "digest",
+        "seal",
+        "b",
+        "s",
+        "view",
+        "signed",
+        "lost",
+    )
 )
 
 
 def _plain_record(rec: Mapping[str, Any]) -> dict[str, Any]:
-    if set(rec) != _RECORD_KEYS:
+    # A record written before seals were digested has no "seal": its views can no longer
+    # verify (the coordinator signs under the digest), so its cohort aborts; nothing leaks.
+    keys = set(rec) | {"seal"}
+    if keys != _RECORD_KEYS:
         raise ValueError(f"secure-aggregation member record has keys {sorted(rec)}")
     out = dict(rec)
+    out["seal"] = bytes(rec.get("seal", b""))
     out["members"] = tuple(rec["members"])
     out["s"] = dict(rec["s"])
     if rec["view"] is not None:

@@ -73,6 +73,9 @@ class Net:
     keys: dict[str, SecAggKeys] | None = None
     noise_fn: NoiseFn | None = None
     coordinator_kwargs: dict[str, Any] = field(default_factory=dict)
+    # c of ``cohort.threshold``: 0 keeps the bare majority these mechanics tests count on;
+    # the collusion tests (test_secagg_malicious.py) set it as a config would (default 1).
+    max_colluders: int = 0
 
     def __post_init__(self) -> None:
         self.sites = site_ids(self.n)
@@ -86,17 +89,24 @@ class Net:
             min_cohort=self.min_cohort,
             clip=self.clip,
             precision_bits=self.precision_bits,
-            weight_cap=self.weight_cap,
+            # Uniform weighting is a seal cap of 1 (what the factory seals): every member
+            # with an example weighs 1, and the coordinator checks Σw against that.
+            weight_cap=1 if self.weighting == "uniform" else self.weight_cap,
             form_wait_s=5.0,
             upload_timeout_s=30.0,
             unmask_timeout_s=20.0,
             rng=np.random.default_rng(rng.integers(2**63)),
+            max_colluders=self.max_colluders,
             **self.coordinator_kwargs,
         )
         self.coordinator.set_template(template())
         self.members = {
             s: SecAggMember(
-                s, keys[s], np.random.default_rng(rng.integers(2**63)), min_cohort=self.min_cohort
+                s,
+                keys[s],
+                np.random.default_rng(rng.integers(2**63)),
+                min_cohort=self.min_cohort,
+                max_colluders=self.max_colluders,
             )
             for s in self.sites
         }

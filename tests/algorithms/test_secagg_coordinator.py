@@ -234,7 +234,7 @@ def test_any_mix_of_dropouts_and_bad_answers_gives_the_survivors_sum_or_an_abort
     n: int, data: st.DataObject, announce: bool, seed: int
 ) -> None:
     net = Net(n, seed=seed, min_cohort=2)
-    t = threshold(n, 2)
+    t = threshold(n, 2, net.max_colluders)
     fates = data.draw(
         st.lists(st.sampled_from(["ok", "before", "after", "bad_share"]), min_size=n, max_size=n)
     )

@@ -120,7 +120,11 @@ def test_a_member_may_insist_on_noise() -> None:
     net = Net(3, seed=4)
     site = net.sites[0]
     strict = SecAggMember(
-        site, net.members[site]._keys, np.random.default_rng(0), min_noise_sigma=2.0
+        site,
+        net.members[site]._keys,
+        np.random.default_rng(0),
+        min_noise_sigma=2.0,
+        max_colluders=0,
     )
     update = PendingUpdate(1, 0, random_delta(np.random.default_rng(0)), 10)
     out = strict.on_seal(AGG, seal_for(tuple(net.sites), noise_sigma=1.0), update, "uniform")

@@ -54,7 +54,14 @@ TOL = 64 * 2.0**-PRECISION  # a few units in the last place of the fixed-point e
 
 
 def secagg(**kw: Any) -> SecureAggregationConfig:
-    base: dict[str, Any] = {"enabled": True, "min_cohort": 3, "precision_bits": PRECISION}
+    # max_colluders = 0: these tests drive dropouts at t = max(3, N // 2 + 1); the
+    # collusion bound (c >= 1) has its own tests (test_secagg_malicious.py).
+    base: dict[str, Any] = {
+        "enabled": True,
+        "min_cohort": 3,
+        "precision_bits": PRECISION,
+        "max_colluders": 0,
+    }
     return SecureAggregationConfig(**{**base, **kw})
 
 

@@ -64,21 +64,46 @@ def test_codec_other_than_fp32_is_refused_with_the_reason() -> None:
     st.integers(min_value=2, max_value=64),
     st.integers(min_value=1, max_value=200),
     st.floats(min_value=0.0, max_value=0.49),
+    st.integers(min_value=0, max_value=8),
 )
 def test_check_cohort_accepts_exactly_the_workable_cohorts(
-    min_cohort: int, members: int, dropout: float
+    min_cohort: int, members: int, dropout: float, colluders: int
 ) -> None:
     cfg = SecureAggregationConfig(
-        enabled=True, min_cohort=min_cohort, max_dropout=dropout, clip=1.0, precision_bits=8
+        enabled=True,
+        min_cohort=min_cohort,
+        max_dropout=dropout,
+        clip=1.0,
+        precision_bits=8,
+        max_colluders=colluders,
+        max_cohort=128,
     )
-    t = threshold(min_cohort, members)
-    workable = t <= members and t <= members * (1 - dropout) + 1e-9
+    t = threshold(min_cohort, members, colluders)
+    workable = members <= 128 and t <= members and t <= members * (1 - dropout) + 1e-9
     if workable:
         check_cohort(cfg, members)
-        assert 2 * t > members  # an honest majority signs a view
+        # Two views signed by t members each share c + 1 signers: one is honest.
+        assert 2 * t - members >= colluders + 1
     else:
         with pytest.raises(ConfigError):
             check_cohort(cfg, members)
+
+
+def test_colluders_raise_the_threshold_and_name_the_fields() -> None:
+    # N = 9, min_cohort 5: a bare majority (c = 0) is t = 5, so two views share 2t - N = 1
+    # signer (one colluder splits them); c = 1 gives t = 6: 3 shared signers, >= c + 1.
+    assert read({"enabled": True, "cohort_size": 9, "max_colluders": 0}).threshold(9) == 5
+    assert read({"enabled": True, "cohort_size": 9, "max_dropout": 0.2}).threshold(9) == 6
+    assert read({"enabled": True, "cohort_size": 21, "max_colluders": 3}).threshold(21) == 13
+    # N = 11, max_dropout 0.45: c = 0 needs t = 6 <= 6.05 survivors, c = 1 needs t = 7.
+    assert read({"enabled": True, "cohort_size": 11, "max_dropout": 0.45, "max_colluders": 0})
+    with pytest.raises(ConfigError, match=r"max_dropout / .*max_colluders / .*min_cohort"):
+        read({"enabled": True, "cohort_size": 11, "max_dropout": 0.45})
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.max_colluders"):
+        read({"enabled": True, "cohort_size": 6, "max_colluders": 6, "max_dropout": 0.0})
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.max_cohort"):
+        read({"enabled": True, "cohort_size": 65})
+    assert read({"enabled": True, "cohort_size": 65, "max_cohort": 65}).max_cohort == 65
 
 
 def test_disabled_is_never_checked() -> None:
