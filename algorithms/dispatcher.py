@@ -167,11 +167,16 @@ class TaskDispatcher:
             return None
         return self._release(task)
 
-    def start(self, now: float, limit: int | None = None) -> list[tuple[int, str]]:
+    def start(
+        self, now: float, limit: int | None = None, rng: np.random.Generator | None = None
+    ) -> list[tuple[int, str]]:
         """Start tasks on random idle up sites until ``concurrency`` are in flight.
 
-        ``limit`` caps how many are started by this call. Returns ``(task, site)`` pairs.
+        ``limit`` caps how many are started by this call; ``rng`` draws them instead of the
+        dispatcher's own generator (a private sync root's secret draw). Returns ``(task,
+        site)`` pairs.
         """
+        draw = self._rng if rng is None else rng
         room = self.concurrency - len(self._tasks)
         if limit is not None:
             room = min(room, limit)
@@ -179,7 +184,7 @@ class TaskDispatcher:
         deadline = math.inf if self.task_timeout_s is None else now + self.task_timeout_s
         while room > 0 and self._idle:
             # rng.random() is several times cheaper than rng.integers() per scalar draw.
-            i = min(int(self._rng.random() * len(self._idle)), len(self._idle) - 1)
+            i = min(int(draw.random() * len(self._idle)), len(self._idle) - 1)
             site = self._idle[i]
             self._drop_idle(site)
             task = self.next_task

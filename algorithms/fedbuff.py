@@ -37,6 +37,7 @@ from fedloom.algorithms.dp.release import (
     DpRelease,
     check_privacy_log,
     effective_noise_multiplier,
+    recorded_noise,
     restore_privacy,
 )
 from fedloom.algorithms.intake import ClaimBounds
@@ -60,6 +61,7 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
 
     _dp: DpRelease | None = None  # central DP (``set_privacy``)
     _dp_forwards = False  # the DP release is of secure regions' noised forwards
+    _replay_noise: tuple[float, float, int, int] | None = None  # a replayed cohort's noise
 
     def __init__(
         self,
@@ -178,7 +180,7 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         dp = self._dp
         event = None
         if dp is not None:
-            noise = getattr(self, "secagg_noise", None)
+            noise = self._replay_noise or getattr(self, "secagg_noise", None)
             if noise is None:  # a factory bug, not peer input: nothing is released
                 raise ProtocolMisuseError("a secure cohort under central DP without its noise")
             sigma, clip, bits, dim = noise
@@ -198,6 +200,19 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         self._broadcast(out)
         if self.checkpoint_every and self._version % self.checkpoint_every == 0:
             out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
+
+    def _cohort_record_extra(self) -> dict[str, Any]:
+        noise = getattr(self, "secagg_noise", None)
+        if self._dp is None or noise is None:
+            return {}
+        return {"noise": list(noise)}  # the release's noise, on a replay (``recorded_noise``)
+
+    def _replay_cohort_record(self, rec: Mapping[str, Any]) -> None:
+        self._replay_noise = recorded_noise(rec)
+        try:
+            super()._replay_cohort_record(rec)
+        finally:
+            self._replay_noise = None
 
     # ---------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
@@ -230,9 +245,7 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         self._opt.restore(state["opt"])
         self._make_buffer(self._weights)
         self._buffer.restore(state["buffer"])
-        if self._dp is not None:
-            restore_privacy(self._dp, state, self._version)
+        restore_privacy(self._dp, state, self._version, records)  # refuses a lost ledger
         self._replay_records(records.records(APPLIED_KEY))
-        if self._dp is not None:
-            check_privacy_log(self._dp, records)
+        check_privacy_log(self._dp, records)
         self._restore_secagg(state, records)

@@ -77,6 +77,7 @@ from fedloom.algorithms.dp.release import (
     DpRelease,
     check_privacy_log,
     effective_noise_multiplier,
+    recorded_noise,
     restore_privacy,
 )
 from fedloom.algorithms.intake import ClaimBounds
@@ -109,6 +110,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
     """Sans-I/O FedAvg/FedProx root: ``handle(event, now) -> effects``; holds the model."""
 
     _dp: DpRelease | None = None  # central DP (``set_privacy``)
+    _replay_noise: tuple[float, float, int, int] | None = None  # a replayed cohort's noise
 
     def __init__(
         self,
@@ -282,7 +284,9 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._round_lost = False
         self._tasks_known = True
         self._deadline = None if self.round_timeout_s is None else now + self.round_timeout_s
-        started = d.start(now, limit=self.selected_per_round)
+        # With DP the draw comes from the noise secret, not the config's seed (unpredictable).
+        rng = None if self._dp is None else self._dp.draw_rng(self.round)
+        started = d.start(now, limit=self.selected_per_round, rng=rng)
         self._round_tasks = dict(started)
         if self.checkpoint_every and self.round % self.checkpoint_every == 0:
             # Durable before any task leaves: a restart knows the round and its tasks.
@@ -518,7 +522,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         dp = self._dp
         event = None
         if dp is not None:
-            noise = self.secagg_noise
+            noise = self._replay_noise or self.secagg_noise
             if noise is None:  # a factory bug, not peer input: nothing is released
                 raise ProtocolMisuseError("a secure cohort under central DP without its noise")
             sigma, clip, bits, dim = noise
@@ -548,6 +552,8 @@ class SyncAggregator(OwnModel, AggregatorBase):
         extra: dict[str, Any] = {"round": self.round}
         if self._dp is not None:  # the round's sampling rate: its release's, on a replay
             extra["q"] = self._dp.pending_q
+            if self.secagg_noise is not None:  # and its noise (``recorded_noise``)
+                extra["noise"] = list(self.secagg_noise)
         return extra
 
     def _replay_cohort_record(self, rec: Mapping[str, Any]) -> None:
@@ -561,7 +567,11 @@ class SyncAggregator(OwnModel, AggregatorBase):
         if self._dp is not None and "q" in rec:
             q = rec["q"]
             self._dp.pending_q = None if q is None else float(q)
-        super()._replay_cohort_record(rec)
+        self._replay_noise = recorded_noise(rec)
+        try:
+            super()._replay_cohort_record(rec)
+        finally:
+            self._replay_noise = None
 
     # ---------------------------------------------------------- durability
     def snapshot(self) -> dict[str, Any]:
@@ -598,8 +608,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self.round = int(state["round"])
         self._weights = dict(state["weights"])
         self._opt.restore(state["opt"])
-        if self._dp is not None:
-            restore_privacy(self._dp, state, self._version)
+        restore_privacy(self._dp, state, self._version, records)  # refuses a lost ledger
         self.rounds_closed = int(state.get("rounds_closed", 0))
         self.rounds_abandoned = int(state.get("rounds_abandoned", 0))
         self._buffer = UpdateBuffer(self._weights, **self._buffer_args)
@@ -614,8 +623,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._round_joins = {}
         self._round_cohort = None
         self._replay_records(records.records(APPLIED_KEY))
-        if self._dp is not None:
-            check_privacy_log(self._dp, records)
+        check_privacy_log(self._dp, records)
         self._restore_secagg(state, records)  # cohorts open at the crash: orphans
         self._restart_deadline = self.state is RoundState.COLLECTING
 

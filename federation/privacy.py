@@ -28,6 +28,9 @@ from typing import Any
 
 from fedloom.algorithms.dp.ledger import (
     ACCOUNTANTS,
+    DELTA_MAX,
+    Z_MAX,
+    Z_MIN,
     LedgerError,
     PrivacyEvent,
     PrivacyLedger,
@@ -72,9 +75,11 @@ def read_privacy(t: Table) -> PrivacyConfig:
                     f'{t.where(key)}: required with mechanism = "central" (no privacy '
                     "parameter has a silent default)"
                 )
-    z = t.number("noise_multiplier", 1.0, min=0.0, exclusive_min=True)
+    # z in [Z_MIN, Z_MAX] (``algorithms.dp.ledger``: no privacy below, overflow above);
+    # δ at most DELTA_MAX (it must be far below 1 / the number of sites).
+    z = t.number("noise_multiplier", 1.0, min=Z_MIN, max=Z_MAX)
     clip = t.number("clip", 1.0, min=0.0, exclusive_min=True)
-    delta = t.number("delta", 1e-5, min=0.0, max=0.1, exclusive_min=True)
+    delta = t.number("delta", 1e-5, min=0.0, max=DELTA_MAX, exclusive_min=True)
     budget = t.number("epsilon_budget", None, min=0.0, exclusive_min=True)
     accountant = t.text("accountant", "rdp", choices=ACCOUNTANTS)
     t.finish()

@@ -25,7 +25,7 @@ from fedloom.algorithms.dp.release import PRIVACY_LOG_KEY
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.store import CorruptStateError, StateIOError, _file_name, read_value
 from fedloom.runtime.exit_status import EXIT_ENVIRONMENT, EXIT_IN_USE, EXIT_OK
-from fedloom.runtime.state_cli import _inspect, _inspect_live, _lock_held
+from fedloom.runtime.state_cli import _CHECKPOINT_FILE, _inspect, _inspect_live, _lock_held
 
 __all__ = ["cmd_privacy", "read_ledger"]
 
@@ -39,6 +39,11 @@ def read_ledger(directory: Path) -> tuple[PrivacyLedger, dict[str, Any], bool] |
     if state is None:
         return None
     if state.checkpoint is None:
+        for bad in state.bad_values:
+            if bad.path is not None and bad.path.name == _CHECKPOINT_FILE:
+                raise ConfigError(
+                    f"damaged checkpoint: {bad.path}: {_why(bad)}; see `fedloom state check`"
+                )
         raise ConfigError(
             f"{directory}: no checkpoint: not the state directory of a root that has started "
             "with [privacy]"
@@ -80,6 +85,32 @@ def read_ledger(directory: Path) -> tuple[PrivacyLedger, dict[str, Any], bool] |
     return ledger, settings, held
 
 
+def _why(exc: CorruptStateError) -> str:
+    """The reason of a CorruptStateError, without the path its message may start with."""
+    text = str(exc)
+    if exc.path is not None and text.startswith(f"{exc.path}: "):
+        text = text[len(f"{exc.path}: ") :]
+    return text
+
+
+def _delta(delta: float | None, named: Any) -> float:
+    """``--delta`` if given (it must be in (0, 1)), else the δ the state names."""
+    if delta is not None:
+        if not 0.0 < delta < 1.0:
+            raise ConfigError(f"--delta: expected a number in (0, 1), got {delta:g}")
+        return delta
+    if isinstance(named, bool) or not isinstance(named, float | int) or not 0.0 < named < 1.0:
+        raise ConfigError("--delta: the state names no delta in (0, 1); give --delta")
+    return float(named)
+
+
+def _number(value: Any) -> float | None:
+    """A budget as the state holds it (an int from a TOML table too), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 def _runs(releases: tuple[Release, ...]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for r in releases:
@@ -111,11 +142,12 @@ def _site_ledger(directory: Path, delta: float | None, as_json: bool, out: TextI
         history = PrivacyLedger.parse(value)
     except (CorruptStateError, ValueError) as exc:
         raise ConfigError(f"{directory}: damaged DP-SGD ledger: {exc}") from None
-    d = delta if delta is not None else value.get("delta")
-    if not isinstance(d, float) or not 0.0 < d < 1.0:
-        raise ConfigError("--delta: the state names no delta in (0, 1); give --delta")
-    eps = _epsilon(history, d)
-    budget = value.get("epsilon_budget")
+    d = _delta(delta, value.get("delta"))
+    try:
+        eps = _epsilon(history, d)
+    except ArithmeticError as exc:  # out-of-range numbers in a (hand-edited) ledger
+        raise ConfigError(f"{directory}: DP-SGD ledger out of range: {exc!r}") from None
+    budget = _number(value.get("epsilon_budget"))
     report: dict[str, Any] = {
         "state_dir": str(directory),
         "mechanism": "dp_sgd",
@@ -173,11 +205,12 @@ def cmd_privacy(
         )
         return EXIT_IN_USE
     ledger, settings, held = found
-    d = delta if delta is not None else settings["delta"]
-    if not isinstance(d, float) or not 0.0 < d < 1.0:
-        raise ConfigError("--delta: the state names no delta in (0, 1); give --delta")
-    eps = ledger.epsilon(d)
-    budget = settings["epsilon_budget"]
+    d = _delta(delta, settings["delta"])
+    try:
+        eps = ledger.epsilon(d)
+    except ArithmeticError as exc:  # out-of-range numbers in a (hand-edited) ledger
+        raise ConfigError(f"{directory}: privacy ledger out of range: {exc!r}") from None
+    budget = _number(settings["epsilon_budget"])
     report: dict[str, Any] = {
         "state_dir": str(directory),
         "in_use": held,
@@ -194,9 +227,12 @@ def cmd_privacy(
     if isinstance(budget, float):
         report["budget_left"] = max(0.0, budget - eps)
         z = settings["noise_multiplier"]
-        if isinstance(z, float) and ledger.releases:
+        if _number(z) is not None and ledger.releases:
             nxt = ledger.releases[-1].event
-            report["releases_left"] = ledger.releases_left(nxt, d, budget)
+            try:
+                report["releases_left"] = ledger.releases_left(nxt, d, budget)
+            except ArithmeticError as exc:
+                raise ConfigError(f"{directory}: privacy ledger out of range: {exc!r}") from None
     if as_json:
         json.dump(report, out, indent=2)
         out.write("\n")

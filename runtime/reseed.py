@@ -178,6 +178,24 @@ def _with_model(root: Node, version: int, weights: Weights) -> None:
     root.restore(state)  # type: ignore[attr-defined]
 
 
+def _refuse_unaccounted(snapshot: Any, version: int) -> None:
+    """A root with central DP publishes every version as a private release: a reseed to a
+    version its privacy ledger does not reach would publish models nobody accounted for
+    (the root refuses such a state at start). Refuse it here, before writing anything."""
+    privacy = snapshot.get("privacy") if isinstance(snapshot, dict) else None
+    if not isinstance(privacy, dict):
+        return
+    releases = privacy.get("releases") or []
+    last = releases[-1].get("version", 0) if releases else 0
+    if last < version:
+        raise ConfigError(
+            f"state_dir: this root runs with [privacy] and its privacy ledger ends at version "
+            f"{last}: reseeding it at model version {version} would publish versions no "
+            "ledger accounts for, so `fedloom state reseed` refuses on a private root; "
+            "restore its state directory from a backup, or start a new federation"
+        )
+
+
 def reseed_root(
     config: Path,
     sources: Sequence[Path],
@@ -252,7 +270,9 @@ def reseed_root(
                 _with_model(root, version, seed.weights)
         else:
             _with_model(root, version, seed.weights)
-        store.apply(Persist(CHECKPOINT_KEY, root.snapshot()))  # type: ignore[attr-defined]
+        snapshot = root.snapshot()  # type: ignore[attr-defined]
+        _refuse_unaccounted(snapshot, version)
+        store.apply(Persist(CHECKPOINT_KEY, snapshot))
     return (
         f"reseeded {cfg.node_id} at model version {version} (from version {seed.version} "
         f"in {seed.source}; it held {max(held, 0)}); start it again"

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import math
 
-from fedloom.algorithms.dp.ledger import PrivacyEvent, PrivacyLedger
+from fedloom.algorithms.dp.ledger import Z_MAX, Z_MIN, PrivacyEvent, PrivacyLedger
 
 __all__ = ["calibrate_noise", "epsilon_after"]
-
-Z_MIN = 0.05
-Z_MAX = 1e4
 
 
 def epsilon_after(

@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from fedloom.algorithms.dp.ledger import DELTA_MAX, Z_MAX, Z_MIN
 from fedloom.algorithms.protocol import TrainResult, Weights
 from fedloom.federation.config_reader import ConfigError, Table
 from fedloom.federation.training import Trainer, TrainingRefused
@@ -91,12 +92,16 @@ class DpSgdConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
+        # Any z > 0 here (tests train with negligible noise); a [dp_sgd] table and a
+        # persisted ledger take z in [Z_MIN, Z_MAX] only (``read_dp_sgd``, ``parse``).
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
             raise ValueError(f"dp_sgd.noise_multiplier: expected > 0, got {self.noise_multiplier}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"dp_sgd.max_grad_norm: expected > 0, got {self.max_grad_norm}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"dp_sgd.delta: expected a number in (0, 1), got {self.delta}")
+        if not 0 < self.delta <= DELTA_MAX:
+            raise ValueError(
+                f"dp_sgd.delta: expected a number in (0, {DELTA_MAX:g}], got {self.delta}"
+            )
         b = self.epsilon_budget
         if b is not None and not (math.isfinite(b) and b > 0):
             raise ValueError(f"dp_sgd.epsilon_budget: expected > 0, got {b}")
@@ -104,11 +109,11 @@ class DpSgdConfig:
 
 def read_dp_sgd(t: Table) -> DpSgdConfig:
     """A ``[dp_sgd]`` table, strictly (unknown keys are refused, fields are named)."""
-    z = t.number("noise_multiplier", min=0.0, exclusive_min=True)
+    z = t.number("noise_multiplier", min=Z_MIN, max=Z_MAX)
     c = t.number("max_grad_norm", min=0.0, exclusive_min=True)
-    delta = t.number("delta", 1e-5, min=0.0, max=1.0, exclusive_min=True)
-    if delta >= 1.0:
-        raise ConfigError(f"{t.where('delta')}: expected a number < 1, got {delta}")
+    # δ must be well below 1/n (n: the site's records); n is known only when a job runs
+    # (``LedgerTrainer`` refuses δ ≥ 1/n), so the table caps it at DELTA_MAX.
+    delta = t.number("delta", 1e-5, min=0.0, max=DELTA_MAX, exclusive_min=True)
     budget = t.number("epsilon_budget", None, min=0.0, exclusive_min=True)
     if budget is not None and not math.isfinite(budget):
         raise ConfigError(f"{t.where('epsilon_budget')}: expected a finite number, got {budget}")
@@ -182,7 +187,7 @@ def train_dp_sgd(
     plan: _TorchPlan, weights: Weights, config: Mapping[str, Any], dp: DpSgdConfig
 ) -> TrainResult:
     """One DP-SGD job of ``plan`` (see the module docstring). ``TrainResult.metrics`` has
-    ``train_loss`` (mean over non-empty batches) and ``dp_sample_rate``."""
+    only ``dp_sample_rate`` (no training loss: it is an un-noised function of the records)."""
     import torch
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
@@ -229,17 +234,13 @@ def train_dp_sgd(
     module.train()
     cross_entropy = torch.nn.functional.cross_entropy
     steps = 0
-    losses: list[float] = []
     try:
         while steps < cfg.local_steps:
             for xb, yb in loader:
                 optimizer.zero_grad(set_to_none=True)
-                if len(xb):
-                    loss = cross_entropy(module(xb), yb)
-                    losses.append(float(loss.detach()))
-                else:  # an empty Poisson batch: the step is noise only
-                    loss = module(xb).sum()
-                loss.backward()  # type: ignore[no-untyped-call]
+                # An empty Poisson batch: the step is noise only.
+                loss = cross_entropy(module(xb), yb) if len(xb) else module(xb).sum()
+                loss.backward()
                 optimizer.step()
                 if anchor is not None:  # FedProx, after the private step (no record)
                     with torch.no_grad():
@@ -251,10 +252,11 @@ def train_dp_sgd(
     finally:
         module._close()  # removes Opacus's hooks from the (discarded) module
     out = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
-    metrics = {"dp_sample_rate": q}
-    if losses:
-        metrics["train_loss"] = sum(losses) / len(losses)
-    return TrainResult(out, n, metrics)
+    # Only values that are functions of public quantities leave the site: q = batch / n
+    # (the record count n is public, as ``n_examples`` is; see the README). The mean
+    # training loss is NOT reported: it is computed on the raw records without noise, and
+    # one record can move it arbitrarily (the simulator evaluates the model centrally).
+    return TrainResult(out, n, {"dp_sample_rate": q})
 
 
 class DpSgdPlan:
@@ -325,7 +327,7 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     eps, _ = privacy_analysis.get_privacy_spent(
         orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
     )
-    return float(eps)
+    return max(0.0, float(eps))
 
 
 class PrivacyLedger:
@@ -439,8 +441,7 @@ class PrivacyLedger:
             ok = (
                 isinstance(z, float | int)
                 and not isinstance(z, bool)
-                and math.isfinite(z)
-                and z > 0
+                and Z_MIN <= z <= Z_MAX
                 and isinstance(q, float | int)
                 and not isinstance(q, bool)
                 and 0 < q <= 1
@@ -482,6 +483,12 @@ class LedgerTrainer:
     def __init__(
         self, inner: Trainer, ledger: PrivacyLedger, n_train: int, pool: Any = None
     ) -> None:
+        if n_train >= 1 and ledger.dp.delta >= 1.0 / n_train:
+            raise ConfigError(
+                f"dp_sgd.delta: {ledger.dp.delta:g} is not below 1/n for this site's "
+                f"{n_train} records (a delta that large allows releasing a record outright); "
+                f"use delta < {1.0 / n_train:.3g}"
+            )
         self.inner = inner
         self.ledger = ledger
         self.n_train = int(n_train)

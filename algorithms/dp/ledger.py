@@ -33,7 +33,6 @@ ledger state.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +42,11 @@ import numpy.typing as npt
 
 __all__ = [
     "ACCOUNTANTS",
+    "DELTA_MAX",
     "LEDGER_FORMAT",
     "RDP_ORDERS",
+    "Z_MAX",
+    "Z_MIN",
     "LedgerError",
     "PrivacyEvent",
     "PrivacyLedger",
@@ -60,6 +62,17 @@ RDP_ORDERS: tuple[float, ...] = (
 )  # fmt: skip
 LEDGER_FORMAT = "fedloom/privacy-ledger/1"
 _MAX_RELEASES_LEFT = 10**9
+# The noise multipliers a release may have. Below Z_MIN one release costs ε > 300 at
+# δ = 1e-5 (no privacy left to account for) and PLD's discretisation of the privacy loss
+# grows without bound (z = 0.05: a minute per ε, z = 0.001: MemoryError); above Z_MAX the
+# noise swamps any update (ε per release < 0.004) and σ = z·C·N(0, 1) heads to overflow
+# (z = 1e300: OverflowError). Readers of [privacy] and [dp_sgd] refuse z outside.
+Z_MIN = 0.1
+Z_MAX = 1e4
+# The largest δ a [privacy] or [dp_sgd] table takes: δ is the probability of a failure
+# the guarantee does not cover and must be far below 1/n (n the sites, or a site's
+# records); 1e-3 bounds it where n is not known.
+DELTA_MAX = 1e-3
 
 
 class LedgerError(ValueError):
@@ -96,8 +109,10 @@ class Release:
 
 
 def check_event(z: float, q: float | None) -> None:
-    if isinstance(z, bool) or not isinstance(z, int | float) or not (0.0 < z < math.inf):
-        raise LedgerError(f"noise multiplier z must be a number > 0, got {z!r}")
+    if isinstance(z, bool) or not isinstance(z, int | float) or not (Z_MIN <= z <= Z_MAX):
+        raise LedgerError(
+            f"noise multiplier z must be a number in [{Z_MIN:g}, {Z_MAX:g}], got {z!r}"
+        )
     if q is not None and (
         isinstance(q, bool) or not isinstance(q, int | float) or not (0.0 < q <= 1.0)
     ):
@@ -150,7 +165,7 @@ def _rdp_epsilon(total: npt.NDArray[np.float64], delta: float) -> float:
         return 0.0
     dpa = require_accountant()
     eps, _ = dpa.rdp.rdp_privacy_accountant.compute_epsilon(list(RDP_ORDERS), total, delta)
-    return float(eps)
+    return max(0.0, float(eps))  # ε ≥ 0 (a large δ can make the conversion negative)
 
 
 def _pld_epsilon(counts: Mapping[tuple[float, float | None], int], delta: float) -> float:
@@ -160,7 +175,7 @@ def _pld_epsilon(counts: Mapping[tuple[float, float | None], int], delta: float)
     acc = dpa.pld.PLDAccountant()
     for (z, q), n in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] or 1.0)):
         acc.compose(_dp_event(dpa, PrivacyEvent(z, q)), n)
-    return float(acc.get_epsilon(delta))
+    return max(0.0, float(acc.get_epsilon(delta)))
 
 
 def _check_delta(delta: float) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,9 @@ import numpy as np
 from fedloom.algorithms.dp.gaussian import add_gaussian, clip_contribution
 from fedloom.algorithms.dp.ledger import (
     ACCOUNTANTS,
+    DELTA_MAX,
+    Z_MAX,
+    Z_MIN,
     LedgerError,
     PrivacyEvent,
     PrivacyLedger,
@@ -63,6 +67,7 @@ __all__ = [
     "check_privacy_log",
     "effective_noise_multiplier",
     "member_noise_sigma",
+    "recorded_noise",
     "restore_privacy",
 ]
 
@@ -72,6 +77,7 @@ MECHANISMS = ("central", "none")
 # node itself rebuilds the same records by replaying "applied" (and ignores this log).
 PRIVACY_LOG_KEY = "privacy"
 _NOISE_DOMAIN = 0x6470  # "dp": the noise generator's spawn key, apart from other streams
+_DRAW_DOMAIN = 0x6472  # "dr": a sync root's draw of each round's sites
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +94,14 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
-        if not 0.0 < self.noise_multiplier < math.inf:
-            raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier!r}")
+        if not Z_MIN <= self.noise_multiplier <= Z_MAX:
+            raise ValueError(
+                f"noise_multiplier must be in [{Z_MIN:g}, {Z_MAX:g}], got {self.noise_multiplier!r}"
+            )
         if not 0.0 < self.clip < math.inf:
             raise ValueError(f"clip must be > 0, got {self.clip!r}")
-        if not 0.0 < self.delta < 1.0:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
+        if not 0.0 < self.delta <= DELTA_MAX:
+            raise ValueError(f"delta must be in (0, {DELTA_MAX:g}], got {self.delta!r}")
         if self.epsilon_budget is not None and not 0.0 < self.epsilon_budget < math.inf:
             raise ValueError(f"epsilon_budget must be > 0, got {self.epsilon_budget!r}")
         if self.accountant not in ACCOUNTANTS:
@@ -108,28 +116,31 @@ def member_noise_sigma(
     noise_multiplier: float, clip: float, precision_bits: int, dim: int, threshold: int
 ) -> float:
     """σ of the discrete Gaussian each secure-aggregation member adds to its encoded
-    vector: z·(C·2^f + √d)/√t. The sum of t members' noise has σ_total = √t·σ_member =
+    vector: z·(C·2^f + √d)/√(t−1). The noise of t − 1 members has σ = √(t−1)·σ_member =
     z·Δ, Δ = C·2^f + √d being the L2 sensitivity of one member's encoded vector (its clip
-    in field units plus at most 1 per coordinate of stochastic rounding)."""
-    if threshold < 1 or dim < 1 or precision_bits < 0:
-        raise ValueError("threshold and dim must be >= 1, precision_bits >= 0")
+    in field units plus at most 1 per coordinate of stochastic rounding). t − 1, not t:
+    the member whose data is at stake knows its own noise (a curious member subtracts
+    it), so only the others' noise protects it (conservative). Needs t ≥ 2."""
+    if threshold < 2 or dim < 1 or precision_bits < 0:
+        raise ValueError("threshold must be >= 2 and dim >= 1, precision_bits >= 0")
     sensitivity = clip * 2.0**precision_bits + math.sqrt(dim)
-    return noise_multiplier * sensitivity / math.sqrt(threshold)
+    return noise_multiplier * sensitivity / math.sqrt(threshold - 1)
 
 
 def effective_noise_multiplier(
     sigma_member: float, threshold: int, clip: float, precision_bits: int, dim: int
 ) -> float:
-    """The z the ledger records for a cohort sum noised by at least ``threshold`` members
-    each adding N_Z(0, sigma_member²): σ_total / (C·2^f + √d), σ_total = √t·σ_member.
+    """The z the ledger records for a cohort sum noised by ``threshold`` (|U|) members
+    each adding N_Z(0, sigma_member²): σ / (C·2^f + √d), σ = √(|U|−1)·σ_member, the noise
+    of every member but the one whose data is at stake (it knows its own; conservative).
 
     The sum of independent discrete Gaussians is not exactly one, but for σ_member ≥ 1 it
     is within a negligible distance of it (Kairouz, Liu, Steinke, ICML 2021, Thm. 1); the
-    cohort sums ≥ t members, so the noise is at least this."""
-    if threshold < 1 or dim < 1 or precision_bits < 0 or not sigma_member > 0.0:
-        raise ValueError("sigma_member must be > 0; threshold and dim >= 1")
+    cohort sums ≥ t members, so the noise is at least this. Needs |U| ≥ 2."""
+    if threshold < 2 or dim < 1 or precision_bits < 0 or not sigma_member > 0.0:
+        raise ValueError("sigma_member must be > 0; threshold >= 2 and dim >= 1")
     sensitivity = clip * 2.0**precision_bits + math.sqrt(dim)
-    return math.sqrt(threshold) * sigma_member / sensitivity
+    return math.sqrt(threshold - 1) * sigma_member / sensitivity
 
 
 class DpRelease:
@@ -161,6 +172,10 @@ class DpRelease:
         # A sync root's open round: the sampling rate its draw had (durable with the round).
         self.pending_q: float | None = sampling_rate
         self.refused = 0  # flushes whose release the budget refused
+        # During a restore's replay: the versions the log says were released live (they
+        # are rebuilt whatever the budget in force now says; ``check_privacy_log`` ends it).
+        self._replay_logged: frozenset[int] | None = None
+        self._restored_version = 0  # the checkpoint's model version (releases above: replayed)
         # A budget too small for even one release stops the root before it starts.
         self._exhausted = not self.fits(self.event(sampling_rate))
 
@@ -185,7 +200,12 @@ class DpRelease:
 
     def check(self, event: PrivacyEvent) -> bool:
         """``fits(event)``; when it does not, the budget is exhausted from now on (``stops``
-        then says so, on a live event)."""
+        then says so, on a live event). During a replay a release the log says was made
+        live passes (it happened: refusing it now, e.g. under a lowered budget, would
+        rebuild another model and ledger); the budget is rechecked after the replay."""
+        logged = self._replay_logged
+        if logged is not None and (self.ledger.last_version or 0) + 1 in logged:
+            return True
         if not self._exhausted and self.fits(event):
             return True
         self._exhausted = True
@@ -293,17 +313,29 @@ class DpRelease:
 
     def _noise_rng(self, version: int, total: Weights) -> np.random.Generator:
         """The noise generator of releasing ``total`` as ``version``: keyed by the secret,
-        the version AND a digest of the un-noised sum. A replay (same sum) draws the same
-        noise; a different sum under a version number seen before (state lost, log
-        repaired) never reuses a noise, which would reveal the difference of the sums."""
+        the version, z, C AND a digest of the un-noised sum. A replay (same sum) draws the
+        same noise; a different sum under a version number seen before (state lost, log
+        repaired) never reuses a noise, which would reveal the difference of the sums, and
+        neither does the same sum under another z or C (two releases m + (S + a·g)/K and
+        m + (S + b·g)/K of one g would give S away)."""
         h = hashlib.blake2b(digest_size=16)
         for k, v in total.items():
             h.update(k.encode("utf-8"))
             h.update(np.ascontiguousarray(v, dtype=np.float64).tobytes())
         digest = int.from_bytes(h.digest(), "big")
-        seq = np.random.SeedSequence(
-            self._noise_key, spawn_key=(_NOISE_DOMAIN, int(version), digest)
+        z_bits, c_bits = struct.unpack(
+            ">QQ", struct.pack(">dd", self.config.noise_multiplier, self.config.clip)
         )
+        seq = np.random.SeedSequence(
+            self._noise_key, spawn_key=(_NOISE_DOMAIN, int(version), digest, z_bits, c_bits)
+        )
+        return np.random.default_rng(seq)
+
+    def draw_rng(self, round_no: int) -> np.random.Generator:
+        """The generator a sync root draws round ``round_no``'s sites with: keyed by the
+        noise secret, so nobody who knows the config's seed can predict who is sampled
+        (the amplification by sampling assumes the draw is secret)."""
+        seq = np.random.SeedSequence(self._noise_key, spawn_key=(_DRAW_DOMAIN, int(round_no)))
         return np.random.default_rng(seq)
 
     def record(self, version: int, event: PrivacyEvent, out: list[Effect]) -> None:
@@ -311,7 +343,9 @@ class DpRelease:
         a live event: ``out`` is empty during a replay), the gauges, and (the budget)
         whether another such release still fits. Call it before the model is sent."""
         release = self.ledger.record(version, event)
-        out.append(Persist(PRIVACY_LOG_KEY, release.to_record(), append=True))
+        # The clip rides in the log record too: a restart checks z, q and C against it.
+        log = {**release.to_record(), "clip": self.config.clip}
+        out.append(Persist(PRIVACY_LOG_KEY, log, append=True))
         if self._left is not None and self._left[0] == event and self._left[1] > 0:
             self._left = (event, self._left[1] - 1)
         else:
@@ -354,6 +388,7 @@ class DpRelease:
         self._left = None
         self._told = False
         self._reported = False
+        self._replay_logged = None
         q = state.get("pending_q", self.sampling_rate)
         if q is not None and (isinstance(q, bool) or not isinstance(q, int | float)):
             raise LedgerError("privacy state: pending_q must be a number or None")
@@ -363,11 +398,53 @@ class DpRelease:
         self._exhausted = not self.fits(self.event(self.sampling_rate))
 
 
-def restore_privacy(dp: DpRelease, state: Mapping[str, Any], version: int) -> None:
-    """Restore ``dp`` from an aggregator checkpoint ``state`` at model ``version``. A
-    checkpoint without a privacy ledger is taken only at version 0: a root that already
-    published models without DP cannot bound ε (ValueError: start a new federation)."""
+def recorded_noise(rec: Mapping[str, Any]) -> tuple[float, float, int, int] | None:
+    """The members' noise (σ_member, C, f, d) a secure cohort's durable record carries
+    (``noise``, written by a root with central DP); None when it carries none. A replay
+    records the cohort's release with it, not with the [privacy] in force after a restart
+    (the cohort's noise was what its members added then)."""
+    raw = rec.get("noise")
+    if not isinstance(raw, list | tuple) or len(raw) != 4:
+        return None
+    sigma, clip, bits, dim = raw
+    return float(sigma), float(clip), int(bits), int(dim)
+
+
+def _logged(records: Any) -> list[Mapping[str, Any]]:
+    if records is None:
+        return []
+    return [
+        rec
+        for rec in records.records(PRIVACY_LOG_KEY)
+        if isinstance(rec, Mapping) and isinstance(rec.get("version"), int)
+    ]
+
+
+def restore_privacy(
+    dp: DpRelease | None, state: Mapping[str, Any], version: int, records: Any = None
+) -> None:
+    """Restore ``dp`` from an aggregator checkpoint ``state`` at model ``version`` (then
+    replay ``records``, then ``check_privacy_log``). ValueError (one line) when:
+
+    * ``dp`` is None (no [privacy] now) but the checkpoint holds a privacy ledger or the
+      log private releases: the root would publish un-noised models and drop the ledger;
+    * the checkpoint has no ledger and ``version`` > 0: models were published without DP;
+    * the ledger ends below ``version`` (every version of a private root is a release:
+      those above were published unaccounted for, e.g. by ``fedloom state reseed``)."""
     privacy = state.get("privacy")
+    if dp is None:
+        logged = _logged(records)
+        if privacy is not None or logged:
+            n = len(logged)
+            if isinstance(privacy, Mapping) and isinstance(privacy.get("releases"), list):
+                n = max(n, len(privacy["releases"]))
+            raise ValueError(
+                f"this root ran with [privacy] (its state records {n} private releases): "
+                "restarting it without [privacy] would publish un-noised models and drop "
+                "the privacy ledger; put the [privacy] table back (or start a new federation "
+                "in a fresh state directory)"
+            )
+        return
     if privacy is None:
         if version > 0:
             raise ValueError(
@@ -375,28 +452,71 @@ def restore_privacy(dp: DpRelease, state: Mapping[str, Any], version: int) -> No
                 "no privacy ledger can bound them; start a new federation (a fresh state "
                 "directory) to run with [privacy]"
             )
-        return
-    dp.restore(privacy)
+    else:
+        dp.restore(privacy)
+        last = dp.ledger.last_version or 0
+        if last < version:
+            raise ValueError(
+                f"the checkpoint's privacy ledger ends at version {last} but its model is at "
+                f"version {version}: versions {last + 1}..{version} were published without "
+                "being accounted for (e.g. `fedloom state reseed --above` on a private "
+                "root); restore the state directory from a backup or start a new federation"
+            )
+    dp._replay_logged = frozenset(int(r["version"]) for r in _logged(records))
+    dp._restored_version = version
 
 
-def check_privacy_log(dp: DpRelease, records: Any) -> None:
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return isinstance(a, int | float) and math.isclose(float(a), float(b), rel_tol=1e-12)
+
+
+def check_privacy_log(dp: DpRelease | None, records: Any) -> None:
     """After a restore's replay: every release the root logged (``PRIVACY_LOG_KEY``) must be
-    in the rebuilt ledger (the log is written after the "applied" record that caused the
-    release, so a crash cannot leave one without the other). A logged release the replay
-    did not rebuild means "applied" records were lost (a repaired log): the models it
-    published are unaccounted for, so refuse (ValueError) rather than under-count ε."""
-    rebuilt = {r.version for r in dp.ledger.releases}
-    lost = sorted(
-        int(rec["version"])
-        for rec in records.records(PRIVACY_LOG_KEY)
-        if isinstance(rec, Mapping)
-        and isinstance(rec.get("version"), int)
-        and rec["version"] not in rebuilt
-    )
+    in the rebuilt ledger with the same z and q, and one made after the checkpoint (so
+    rebuilt by replaying it now) with the clip in force now. The log is written after the
+    "applied" record that caused the release, so a crash cannot leave one without the
+    other. A logged release the replay did not rebuild means "applied" records were lost
+    (a repaired log); one rebuilt with another z, q or C means the configuration changed
+    across the restart (its models would be re-released with other noise and its ε
+    misrecorded): refuse (ValueError naming the field) rather than under-count ε. Ends
+    the replay: the budget in force now decides from here on."""
+    if dp is None:
+        return
+    dp._replay_logged = None
+    rebuilt = {r.version: r for r in dp.ledger.releases}
+    lost: list[int] = []
+    for rec in _logged(records):
+        v = int(rec["version"])
+        r = rebuilt.get(v)
+        if r is None:
+            lost.append(v)
+            continue
+        changed = [
+            (field, was, now)
+            for field, was, now in (
+                ("noise_multiplier (z)", rec.get("z"), r.z),
+                ("sampling rate (q)", rec.get("q"), r.q),
+                ("clip", rec.get("clip", dp.config.clip), dp.config.clip),
+            )
+            if not _same(was, now) and (field != "clip" or v > dp._restored_version)
+        ]
+        if changed:
+            field, was, now = changed[0]
+            raise ValueError(
+                f"privacy.{field.split()[0]} changed across the restart: model version {v} "
+                f"was released with {field} = {was!r}, replaying it now gives {now!r}; a "
+                "replay would re-release it with other noise (and misrecord epsilon): "
+                "restore the [privacy] values it ran with, or start a new federation"
+            )
     if lost:
         raise ValueError(
-            f"the log records private releases of model versions {lost[:5]} that replaying "
-            "its 'applied' records does not rebuild (records were lost, e.g. by `fedloom "
-            "state repair`): the privacy ledger would under-count epsilon; restore the state "
-            "directory from a backup or start a new federation"
+            f"the log records private releases of model versions {sorted(lost)[:5]} that "
+            "replaying its 'applied' records does not rebuild (records were lost, e.g. by "
+            "`fedloom state repair`): the privacy ledger would under-count epsilon; restore "
+            "the state directory from a backup or start a new federation"
         )
+    # Recomputed, not trusted: the budget in force now over the rebuilt ledger.
+    dp._left = None
+    dp._exhausted = not dp.fits(dp.event(dp.sampling_rate))

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedloom.algorithms.dp.gaussian import add_gaussian, clip_contribution
 from fedloom.algorithms.dp.ledger import PrivacyEvent, PrivacyLedger
 from fedloom.algorithms.dp.release import (
     DpRelease,
@@ -122,7 +123,7 @@ def test_noise_is_calibrated_to_z_clip_over_the_fixed_denominator() -> None:
 
 
 def test_each_sites_total_is_clipped_once_and_staleness_scales_it() -> None:
-    dp = DpRelease(central(noise_multiplier=1e-9, clip=1.0), denominator=5, noise_key=3)
+    dp = DpRelease(central(noise_multiplier=0.1, clip=1.0), denominator=5, noise_key=3)
     template = {"w": np.zeros(4, dtype=np.float32)}
     big = {"w": np.array([10.0, 0.0, 0.0, 0.0], dtype=np.float32)}
     small = {"w": np.array([0.0, 0.5, 0.0, 0.0], dtype=np.float32)}
@@ -130,7 +131,13 @@ def test_each_sites_total_is_clipped_once_and_staleness_scales_it() -> None:
     # Site a sends two big updates (a fast site filling two slots): its TOTAL is clipped
     # to 1, not each; b's small update passes whole, discounted by its staleness 0.5.
     got = dp.noised_mean([("a", big, 1.0), ("a", big, 1.0), ("b", small, 0.5)], template, 1, out)
-    assert np.allclose(got["w"], [1.0 / 5, 0.25 / 5, 0.0, 0.0], atol=1e-6)
+    # The sum that was noised: [1, 0.25, 0, 0] (computed as the release does, bit for bit),
+    # plus the noise of version 1 over that sum (the smallest z is 0.1: not negligible).
+    a_total, _ = clip_contribution({"w": big["w"].astype(np.float64) * 2.0}, 1.0)
+    total = {"w": np.zeros(4) + a_total["w"] + small["w"].astype(np.float64) * 0.5}
+    assert np.allclose(total["w"], [1.0, 0.25, 0.0, 0.0])
+    want = add_gaussian(total, 0.1 * 1.0, dp._noise_rng(1, total))["w"] / 5
+    assert np.allclose(got["w"], want.astype(np.float32), atol=1e-6)
     assert metrics(out, "privacy_clipped")[0].value == 1.0
     with pytest.raises(ValueError, match="staleness"):
         dp.noised_mean([("a", small, 1.5)], template, 1, out)
