@@ -882,9 +882,15 @@ class AggregatorBase:
         """One completed cohort: Δ̄ = s̄ · Σ w_i x_i / Σ w_i, recorded, stepped, acked.
 
         s̄ is the MEAN staleness factor of the survivors: the aggregator cannot scale one
-        masked update, only the sum; with every τ_i equal it is FedBuff's own discount,
-        and it keeps the step's size bounded by the clip as FedBuff's does (the cost of
-        mixing τs is measured in the simulator)."""
+        masked update, only the sum; with every τ_i equal it is FedBuff's own discount
+        (the cost of mixing τs is measured in the simulator). The coordinator has checked
+        the sum (``secagg.field.check_cohort_sum``): Σ w_i is exactly what the survivors'
+        joins give, and ‖Σ w_i x_i‖ ≤ Σ w_i · clip plus rounding and noise slack, so
+        ‖Δ̄‖ ≤ s̄ · clip (+ slack / Σ w_i) as for a FedBuff flush. That bounds the cohort,
+        not each member: without range proofs one malicious member can spend the whole
+        cohort's norm budget (|U| · clip on the sum, vs clip for a plain update). A sum
+        of weight 0 (every survivor declared 0 examples: the sum is 0 too) is a zero
+        step, never a division by zero; its updates are acked as applied."""
         model = self._model()
         assert model is not None  # a cohort needs a model (its template)
         version = model[0]

@@ -6,7 +6,7 @@ secure-aggregation messages and link events and applies what it yields:
 1. Formation: ``on_join`` queues ``SecAggJoin``s (at most ``MAX_JOINS_PER_SITE`` per
    site). A cohort is sealed when ``cohort_size`` (N) distinct sites wait, or when
    ``form_wait_s`` passed since the oldest waiting join and at least t(N) sites wait (a
-   smaller cohort, its own t = max(min_cohort, n // 2 + 1)); with ``form_wait_s=None``
+   smaller cohort, its own t = max(min_cohort, (n + c) // 2 + 1)); with ``form_wait_s=None``
    only the host's ``seal_now`` seals fewer (a sync root: at its round's deadline, or once
    no task of the round is outstanding). At most ``max_inflight``
    cohorts are open at once (the host passes ``concurrency // N + 1``). The seal is
@@ -17,20 +17,32 @@ secure-aggregation messages and link events and applies what it yields:
    every member uploaded or went down, or at ``upload_timeout_s``.
 3. View: U = uploaded, D = the rest; fewer than t uploads aborts. ``SecAggView`` goes to
    every member; the first t valid signatures (``SecAggViewSig``) start the reveal.
+   t = max(min_cohort, (n + max_colluders) // 2 + 1) (``cohort.threshold``); signatures
+   and pair seeds are bound to the seal's digest (``cohort.seal_digest``).
 4. Unmask: each survivor gets ``SecAggUnmask`` (the signatures and the bundles addressed
    to it). From ``SecAggShares`` answers the coordinator rebuilds b_j (j ∈ U) and s_ij
    (i ∈ U, j ∈ D) from t shares each; a share set that does not rebuild a 32-byte secret
    (a wrong share almost surely does not) is retried on other t-subsets of the answers.
-   As soon as every secret is rebuilt it strips the masks, decodes Σ w_i x_i and Σ w_i and
-   yields a ``CohortResult`` (``take_results()``). Views and reveals share one deadline,
+   As soon as every secret is rebuilt it strips the masks and checks the sum: every
+   coordinate in range (``sum_out_of_range``: a mask did not cancel), the weight
+   coordinate EQUAL to Σ round(min(n_i, cap)/cap · 2^f) over the survivors' joins
+   (``weight_mismatch``), ‖Σ w_i x_i‖ within Σ w_i · clip plus rounding and noise slack
+   (``norm_out_of_range``; ``field.check_cohort_sum``). A sum that fails while members
+   asked still owe answers is not aborted yet: a wrong share among the first t answers
+   rebuilds a wrong seed without any trace in t shares, and the later answers expose and
+   name it (``wrong_share``). It then decodes Σ w_i x_i and Σ w_i and yields a
+   ``CohortResult`` (``take_results()``). Views and reveals share one deadline,
    ``unmask_timeout_s`` after the view.
 5. Fewer than t uploads, signatures or usable answers by a deadline (or as soon as that
    can no longer change) -> ``SecAggAbort`` to the members, metric
-   ``secagg_cohort_aborted{reason}``, nothing yielded. So does a sum that fails the
-   field's range check (``sum_out_of_range``: a member masked with seeds it did not
-   share) and a survivor whose bundles no member could open (``unrecoverable_bundles``,
-   naming it): a member that uploads garbage can make its cohort abort, never make a
-   garbage sum come out.
+   ``secagg_cohort_aborted{reason}``, nothing yielded. So does a sum that still fails its
+   checks once nothing more can come, and a survivor whose bundles no member could open
+   (``unrecoverable_bundles``, naming it): a member that uploads garbage can make its
+   cohort abort, never make a garbage sum come out. Known liveness limit: without range
+   proofs nothing names that member; every survivor of a cohort aborted after its view
+   is counted in ``secagg_site_in_aborted_cohort{site}``, so an operator finds a saboteur
+   as the site common to the aborted cohorts. Within the checks a malicious member can
+   still move its cohort's sum by up to |U| · clip in norm (a plain update: clip).
 
 Links: ``on_peer_down`` drops a site's waiting joins and, for an open cohort, stops
 waiting for it (a phase ends as soon as every live member has answered, or aborts as
@@ -44,7 +56,8 @@ whose share answer is malformed is treated as not answering.
 Durability: nothing of a cohort's data survives a restart. The log records which cohorts
 were opened and closed; after ``restore`` every cohort still open is an orphan, and
 ``on_peer_up(member)`` sends that member ``SecAggAbort(reason="restart")`` (members that
-had uploaded drop the update, the others join again).
+had uploaded drop the update, the others join again). Orphans whose members never return
+are kept across restarts up to ``MAX_ORPHANS`` (the newest).
 """
 
 from __future__ import annotations

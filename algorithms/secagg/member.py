@@ -8,17 +8,28 @@ share bundle to each other member, records the upload and sends ``MaskedUpdate``
 signs the aggregator's view (``SecAggView`` -> ``SecAggViewSig``) and reveals shares for a
 view that at least t members signed (``SecAggUnmask`` -> ``SecAggShares``).
 
-Security argument (honest majority among members; the aggregator may be malicious):
+Security argument (the aggregator may be malicious, with at most c = ``max_colluders``
+colluding members; everyone else honest):
 
-* t = max(min_cohort, N // 2 + 1). The member refuses a seal that does not name it, has
-  fewer than 2 members, a threshold below N // 2 + 1, above N or below its own floor
-  ``min_cohort``, parameters that could overflow the ring, or a member whose key the
-  roster lacks (``unknown_key``).
+* t = max(min_cohort, (N + c) // 2 + 1). The member refuses a seal with more than
+  ``max_cohort`` members (checked first, before any cryptography), that does not name
+  it, names its sender (``aggregator_member``: the aggregator's own identity would sign
+  views as a colluder) or a member the roster lists as anything but a site
+  (``member_role``), has fewer than 2 members, a threshold below its own floor t (with
+  ITS ``min_cohort`` and c) or above N, parameters that could overflow the ring, or a
+  member whose key the roster lacks (``unknown_key``).
 * It refuses a view with |U| < t, U ∩ D ≠ ∅ or U ∪ D ≠ members; it signs at most ONE view
   per cohort and reveals only for that same view, carrying ≥ t valid member signatures on
   exactly it; both are recorded (``Persist``) before the signature or the shares are sent.
-  Two different views cannot both gather t > N/2 honest signatures, so every honest
-  revealer answers the same (U, D).
+  Two different views with t signatures each share 2t - N ≥ c + 1 signers, at least one
+  honest, who signs only one: so every honest revealer answers the same (U, D).
+* Everything it signs and every pair seed it derives is bound to the digest of the seal
+  IT accepted (``cohort.seal_digest``: members, seqs, threshold, clip, precision_bits,
+  weight_cap, noise_sigma). An aggregator that gives members different seals (say, a
+  weight_cap that makes every contribution but the victim's vanish) gets pair masks that
+  never cancel across the two groups and signatures that verify only within each group.
+* Inherent bound: the aggregator with t - 1 colluding members learns the victim's update
+  from a sum over t (it can always claim the others dropped).
 * It reveals shares of b_j only for j ∈ U and of s_ij only for i ∈ U, j ∈ D. For j ∈ D the
   aggregator gets s_ij but never b_j: claiming a live site dropped strips its pair masks
   and still leaves PRG(b_j). For j ∈ U it gets b_j, but y_j's pair masks cancel only in the
@@ -31,6 +42,10 @@ Security argument (honest majority among members; the aggregator may be maliciou
   differ from the first ones.
 * An uploaded update is consumed: if its cohort aborts, or the view puts the member in D,
   the update is dropped (outcome ``lost``, metric ``secagg_update_lost``), never re-joined.
+  A crash between recording the upload (``Persist``) and sending it loses that update the
+  same way: it is never uploaded twice.
+* Weight: ``min(n, weight_cap) / weight_cap`` with the seal's cap and the n it joined with
+  (the coordinator checks the sum of the weights against the joins exactly).
 
 State kept: one record per cohort the member uploaded to (aggregator, seq, members, t, its
 own index, digest of what it uploaded, its own shares of b_i and s_ij, the one view it

@@ -32,6 +32,7 @@ SECAGG = SecureAggregationConfig(
     enabled=True,
     min_cohort=3,
     max_dropout=0.4,
+    max_colluders=0,  # t = 3 of 5 (a bare majority; the collusion bound has its own tests)
     clip=4.0,
     precision_bits=16,
     form_wait_s=5.0,

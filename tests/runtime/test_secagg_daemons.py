@@ -22,6 +22,7 @@ SITES = ["site-1", "site-2", "site-3"]
 SECURE = {
     "enabled": True,
     "min_cohort": 2,  # 3 members: t = 2, one may drop
+    "max_colluders": 0,  # a bare majority (the collusion bound has its own tests)
     "clip": 2.0,
     "form_wait_s": 2.0,
     "upload_timeout_s": 10.0,

@@ -21,7 +21,8 @@ from fedloom.sim.report import dumps_report, report_to_dict, strip_wall, write_r
 from fedloom.sim.runner import churn_windows, run_scenario
 from fedloom.sim.scenario import parse_scenario
 
-SECURE = {"enabled": True, "min_cohort": 3, "max_dropout": 0.4, "clip": 5.0}
+# max_colluders = 0: t = 3 of 5 (the collusion bound has its own tests).
+SECURE = {"enabled": True, "min_cohort": 3, "max_dropout": 0.4, "clip": 5.0, "max_colluders": 0}
 
 
 def scenario(arms: list[dict[str, Any]], **over: Any) -> dict[str, Any]:
