@@ -13,7 +13,8 @@ from fedloom.sim.runner import run_scenario
 from fedloom.sim.scenario import parse_scenario
 from tests.sim.test_runner import small
 
-SECURE = {"enabled": True, "min_cohort": 2, "clip": 5.0, "form_wait_s": 60.0}
+# max_colluders = 0: t = 2 of a 3-member cohort (the collusion bound has its own tests).
+SECURE = {"enabled": True, "min_cohort": 2, "clip": 5.0, "form_wait_s": 60.0, "max_colluders": 0}
 
 
 def test_secure_arms_learn_on_cohort_sums() -> None:

@@ -13,7 +13,8 @@ from fedloom.sim.runner import run_scenario
 from fedloom.sim.scenario import parse_scenario
 from tests.sim.test_runner import small
 
-SECURE = {"enabled": True, "min_cohort": 2, "clip": 5.0}
+# max_colluders = 0: t = 2 of a small cohort (the collusion bound has its own tests).
+SECURE = {"enabled": True, "min_cohort": 2, "clip": 5.0, "max_colluders": 0}
 
 
 def test_secure_fedavg_rounds_learn_through_restarts_and_churn() -> None:
