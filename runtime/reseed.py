@@ -182,8 +182,8 @@ def _refuse_unaccounted(snapshot: Any, version: int) -> None:
     """A root with central DP publishes every version as a private release: a reseed to a
     version its privacy ledger does not reach would publish models nobody accounted for
     (the root refuses such a state at start). Refuse it here, before writing anything."""
-    privacy = snapshot.get("privacy") if isinstance(snapshot, dict) else None
-    if not isinstance(privacy, dict):
+    privacy = snapshot.get("privacy") if isinstance(snapshot, Mapping) else None
+    if not isinstance(privacy, Mapping):
         return
     releases = privacy.get("releases") or []
     last = releases[-1].get("version", 0) if releases else 0
@@ -264,15 +264,15 @@ def reseed_root(
                 f"is intact (version {held}): a healthy root would lose its ledger and what "
                 "it applied; check which region claims that version, or add --force"
             )
+        own = seed.root_state if seed.root_state is not None else root.snapshot()  # type: ignore[attr-defined]
+        _refuse_unaccounted(own, version)
         if seed.root_state is not None:
             root.restore(seed.root_state)  # type: ignore[attr-defined]
             if version != seed.version:
                 _with_model(root, version, seed.weights)
         else:
             _with_model(root, version, seed.weights)
-        snapshot = root.snapshot()  # type: ignore[attr-defined]
-        _refuse_unaccounted(snapshot, version)
-        store.apply(Persist(CHECKPOINT_KEY, snapshot))
+        store.apply(Persist(CHECKPOINT_KEY, root.snapshot()))  # type: ignore[attr-defined]
     return (
         f"reseeded {cfg.node_id} at model version {version} (from version {seed.version} "
         f"in {seed.source}; it held {max(held, 0)}); start it again"
