@@ -349,6 +349,11 @@ class PrivacyLedger:
         on_refused: Callable[[], None] | None = None,
         name: str = "site",
     ) -> None:
+        if not Z_MIN <= dp.noise_multiplier <= Z_MAX:  # what a [dp_sgd] table allows
+            raise ValueError(
+                f"dp_sgd.noise_multiplier: a ledger accounts for z in [{Z_MIN:g}, {Z_MAX:g}], "
+                f"got {dp.noise_multiplier}"
+            )
         self.dp = dp
         self.name = name
         self.history: list[tuple[float, float, int]] = list(history or [])

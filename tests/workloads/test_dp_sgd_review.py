@@ -77,6 +77,12 @@ def test_a_site_refuses_a_delta_not_below_one_over_its_records() -> None:
     LedgerTrainer(lambda *a: None, PrivacyLedger(dp), n_train=999)  # type: ignore[arg-type]
 
 
+def test_a_site_ledger_refuses_z_outside_the_bounds() -> None:
+    for z in (1e-300, 1e-9, 1e300):
+        with pytest.raises(ValueError, match="a ledger accounts for z in"):
+            PrivacyLedger(DpSgdConfig(z, 1.0, epsilon_budget=8.0))
+
+
 def test_a_persisted_ledger_with_z_out_of_bounds_is_damaged_not_a_crash() -> None:
     good = {"format": 1, "history": [[1.0, 0.05, 100]]}
     assert PrivacyLedger.parse(good) == [(1.0, 0.05, 100)]
