@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedloom.algorithms.aggregator_base import APPLIED_KEY
+from fedloom.algorithms.dp.release import PRIVACY_LOG_KEY
 from fedloom.algorithms.gossip import GOSSIP_IN_KEY
 from fedloom.algorithms.incorporation import FORWARDS_KEY, HELD_KEY
 from fedloom.algorithms.protocol import (
@@ -67,9 +68,11 @@ OWN_KEYS = {
     "site": {SITE_PENDING, HELD_KEY},
     "site+fallback": {SITE_PENDING, HELD_KEY},
     "region": {APPLIED_KEY, REGION_PENDING, FORWARDS_KEY},
-    "fedbuff": {APPLIED_KEY},
+    # A FedBuff/FedAvg root reads its privacy log even without [privacy]: a root that
+    # released privately must not restart without it (``restore_privacy``).
+    "fedbuff": {APPLIED_KEY, PRIVACY_LOG_KEY},
     "fedasync": {APPLIED_KEY},
-    "fedavg": {APPLIED_KEY},
+    "fedavg": {APPLIED_KEY, PRIVACY_LOG_KEY},
     "peer": {GOSSIP_IN_KEY},
 }
 
