@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from fedloom.algorithms.protocol import TrainResult, Weights
 
 
-class TrainingRefused(Exception):
+class TrainingRefusedError(Exception):
     """A trainer's declared refusal to train a job (e.g. ``workloads.dp_sgd``'s privacy
     budget): both drivers answer ``TrainFailed(job, str(exc))``, without a traceback."""
 

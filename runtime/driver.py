@@ -73,7 +73,7 @@ from fedloom.algorithms.protocol import (
     Weights,
 )
 from fedloom.federation.step import NodeStep
-from fedloom.federation.training import Trainer, TrainingRefused
+from fedloom.federation.training import Trainer, TrainingRefusedError
 from fedloom.runtime.peer_table import PeerSet, Valid
 from fedloom.transport.error_text import describe
 
@@ -484,7 +484,7 @@ class AsyncDriver:
             )
         except asyncio.CancelledError:
             raise
-        except TrainingRefused as exc:  # declared (a spent privacy budget): no traceback
+        except TrainingRefusedError as exc:  # declared (a spent privacy budget): no traceback
             self._job_failed(job, str(exc))
             return
         except Exception as exc:

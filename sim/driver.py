@@ -54,7 +54,7 @@ from fedloom.algorithms.protocol import (
 )
 from fedloom.federation.invariants import InvariantChecker
 from fedloom.federation.step import NodeStep
-from fedloom.federation.training import Trainer, TrainingRefused
+from fedloom.federation.training import Trainer, TrainingRefusedError
 from fedloom.sim.availability import Availability
 from fedloom.sim.compute import ComputeModel
 from fedloom.sim.durability import SimSigning, SimStores
@@ -528,7 +528,7 @@ class SimDriver:
             return
         try:
             result = self.executor.join(ticket)
-        except TrainingRefused as exc:  # e.g. a DP-SGD site's spent privacy budget
+        except TrainingRefusedError as exc:  # e.g. a DP-SGD site's spent privacy budget
             self._dispatch(node_id, TrainFailed(job, str(exc)))
             return
         self._stats.jobs_finished += 1

@@ -23,7 +23,7 @@ The ledger (``PrivacyLedger``) records each job's ``(noise_multiplier, sample_ra
 steps)`` as Opacus's ``RDPAccountant`` keeps its history (one entry per distinct (z, q):
 RDP adds up in any order), and ε at ``delta`` is that accountant's over the site's whole
 history. Before a job that would take ε above
-``epsilon_budget``, the site refuses to train (``PrivacyBudgetExhausted``: the driver
+``epsilon_budget``, the site refuses to train (``PrivacyBudgetExhaustedError``: the driver
 answers ``TrainFailed`` with reason "privacy budget exhausted: ..."). A job is recorded once
 it has trained and before its result is handed back, so a released update is always
 counted. A site daemon keeps its ledger in its state directory (a value of its
@@ -45,7 +45,7 @@ from typing import Any, Final, Protocol
 from fedloom.algorithms.dp.ledger import DELTA_MAX, Z_MAX, Z_MIN
 from fedloom.algorithms.protocol import TrainResult, Weights
 from fedloom.federation.config_reader import ConfigError, Table
-from fedloom.federation.training import Trainer, TrainingRefused
+from fedloom.federation.training import Trainer, TrainingRefusedError
 from fedloom.workloads.models import _TorchPlan, parse_config
 
 __all__ = [
@@ -56,7 +56,7 @@ __all__ = [
     "DpSgdPlan",
     "LedgerExecutor",
     "LedgerTrainer",
-    "PrivacyBudgetExhausted",
+    "PrivacyBudgetExhaustedError",
     "PrivacyLedger",
     "job_of",
     "read_dp_sgd",
@@ -289,7 +289,7 @@ class DpSgdPlan:
 # --------------------------------------------------------------------------- ledger
 
 
-class PrivacyBudgetExhausted(TrainingRefused):
+class PrivacyBudgetExhaustedError(TrainingRefusedError):
     """The job would take the site's ε above its budget: it is not trained."""
 
 
@@ -378,7 +378,7 @@ class PrivacyLedger:
             return _epsilon(_merged(self.history, job), self.dp.delta)
 
     def admit(self, job: DpJob) -> None:
-        """Raise ``PrivacyBudgetExhausted`` if ``job`` would take ε above the budget."""
+        """Raise ``PrivacyBudgetExhaustedError`` if ``job`` would take ε above the budget."""
         budget = self.dp.epsilon_budget
         if budget is None:
             return
@@ -397,7 +397,7 @@ class PrivacyLedger:
             log.warning("%s: %s; no more training", self.name, text, extra={"node": self.name})
         if self._on_refused is not None:
             self._on_refused()
-        raise PrivacyBudgetExhausted(text)
+        raise PrivacyBudgetExhaustedError(text)
 
     def record(self, job: DpJob) -> float:
         """Add ``job`` (persisted before returning); ε after it."""
@@ -522,7 +522,7 @@ class _Ticket:
     node_id: str
     job: DpJob | None
     inner: Any
-    refused: PrivacyBudgetExhausted | None = None
+    refused: PrivacyBudgetExhaustedError | None = None
 
 
 class LedgerExecutor:
@@ -550,7 +550,7 @@ class LedgerExecutor:
         job = job_of(config, self._n_train(node_id), self.dp)
         try:
             self.ledger(node_id).admit(job)
-        except PrivacyBudgetExhausted as exc:
+        except PrivacyBudgetExhaustedError as exc:
             return _Ticket(node_id, None, None, exc)
         return _Ticket(node_id, job, self.inner.submit(node_id, weights, config))
 

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-from fedloom.workloads.dp_sgd import DpJob, DpSgdConfig, PrivacyBudgetExhausted, PrivacyLedger
+from fedloom.workloads.dp_sgd import DpJob, DpSgdConfig, PrivacyBudgetExhaustedError, PrivacyLedger
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +46,7 @@ def test_the_calibrated_noise_spends_the_target_over_the_planned_jobs(
         ledger.admit(DpJob(z, q, steps))  # never refused within the plan
         ledger.record(DpJob(z, q, steps))
     assert eps * 0.98 <= ledger.epsilon <= eps
-    with pytest.raises(PrivacyBudgetExhausted, match="privacy budget exhausted"):
+    with pytest.raises(PrivacyBudgetExhaustedError, match="privacy budget exhausted"):
         ledger.admit(DpJob(z, q, steps))
 
 

@@ -163,7 +163,7 @@ def test_dp_sgd_config_errors_name_the_field(fed: Federation) -> None:
 @pytest.mark.timeout(120)
 def test_with_a_process_pool_jobs_train_there_and_the_ledger_stays_here() -> None:
     from fedloom.runtime.trainer import SitePlan, make_executor
-    from fedloom.workloads.dp_sgd import DpSgdConfig, PrivacyBudgetExhausted, PrivacyLedger
+    from fedloom.workloads.dp_sgd import DpSgdConfig, PrivacyBudgetExhaustedError, PrivacyLedger
     from fedloom.workloads.workload import ModelSpec, SyntheticSpec, Workload
 
     dp = DpSgdConfig(1.0, 1.0, epsilon_budget=3.5)
@@ -178,7 +178,7 @@ def test_with_a_process_pool_jobs_train_there_and_the_ledger_stays_here() -> Non
         trainer = LedgerTrainer(PlanTrainer(plan), ledger, workload.n_examples(0), pool)
         w0 = plan.init(0)
         done = 0
-        with pytest.raises(PrivacyBudgetExhausted):
+        with pytest.raises(PrivacyBudgetExhaustedError):
             for seed in range(50):
                 out = trainer("site-1", w0, {**JOB, "seed": seed})
                 assert any((out.weights[k] != w0[k]).any() for k in w0)

@@ -27,7 +27,7 @@ from fedloom.workloads.dp_sgd import (
     DpSgdConfig,
     DpSgdPlan,
     LedgerExecutor,
-    PrivacyBudgetExhausted,
+    PrivacyBudgetExhaustedError,
     PrivacyLedger,
     job_of,
     read_dp_sgd,
@@ -252,7 +252,7 @@ def test_the_budget_stops_training_and_survives_a_restart(
         while True:
             try:
                 ledger.admit(job)
-            except PrivacyBudgetExhausted as exc:
+            except PrivacyBudgetExhaustedError as exc:
                 assert str(exc).startswith("privacy budget exhausted")
                 break
             ledger.record(job)
@@ -260,14 +260,14 @@ def test_the_budget_stops_training_and_survives_a_restart(
         assert trained >= 1
         assert trained == 4  # ε 3.07, 3.78, 4.35, 4.86; a fifth job would reach 5.31
         assert ledger.epsilon <= 5.0 < ledger.epsilon_after(job)
-        with pytest.raises(PrivacyBudgetExhausted):
+        with pytest.raises(PrivacyBudgetExhaustedError):
             ledger.admit(job)  # still refusing; logged once
     assert len([r for r in caplog.records if "privacy budget exhausted" in r.message]) == 1
     assert len(refused) == 2 and len(saved) == trained
     # What the state dir held after the last job: a restarted site refuses at once.
     back = PrivacyLedger(dp, PrivacyLedger.parse(saved[-1]))
     assert back.epsilon == ledger.epsilon
-    with pytest.raises(PrivacyBudgetExhausted):
+    with pytest.raises(PrivacyBudgetExhaustedError):
         back.admit(job)
     # A smaller job that still fits is admitted: the budget bounds epsilon, not jobs.
     back.admit(DpJob(1.0, 1 / 15, 1))
