@@ -12,8 +12,9 @@ differentially private model release, and keeps the ledger and the budget:
   denominator would itself leak who took part. Weighting is therefore uniform;
 * one ``Release(version, z, q)`` per published version goes into the ledger, which rides
   in the aggregator's checkpoint. The noise of version v comes from a generator keyed by
-  (the node's noise key, v), and the key is in the checkpoint too: replaying the log after
-  a restart rebuilds the same models AND the same ledger, release for release. A daemon
+  (the node's noise key, v, z, C, the sum's digest), and the key is in the checkpoint
+  too: replaying the log after a restart rebuilds the same models AND the same ledger,
+  release for release. A daemon
   draws its key from the OS (``secrets``) and checkpoints it before its first release; the
   simulator derives it from the scenario seed (reproducible on purpose);
 * the budget: before a release (and before dispatching the work for the next one), the
@@ -26,7 +27,8 @@ Sampling (privacy amplification): a FedAvg root that draws m of the n idle sites
 for a round releases on a sample at rate q = m/n; the ledger records it as Poisson
 sampling at rate q, the usual approximation for fixed-size sampling without replacement
 (McMahan et al., ICLR 2018). It assumes the draw is among every site a user could be at,
-so q is taken over the sites idle when the round starts, not the roster. FedBuff claims no
+so q is taken over the sites idle when the round starts, not the roster; the draw itself
+comes from the noise key (``draw_rng``), never from the config's seed. FedBuff claims no
 amplification (q = None): its dispatcher hands tasks to whichever sites are idle, which is
 not a uniform sample an analysis could rely on.
 
