@@ -56,10 +56,8 @@ def test_quickest_cell_measures_plain_and_secure_flushes(
         # Every site gets at least one fp32 model per flush and sends one update.
         assert row["down"] >= 0.9 * model_bytes
         assert row["up"] > 0
-    # A masked upload is d + 1 raw uint32 words plus 5 share bundles, incompressible; a
-    # plain fp32 delta goes through lz4 and comes out smaller.
+    # A masked upload is d + 1 raw uint32 words plus 5 share bundles: never less.
     assert secure["up"] >= 4 * (PARAMS + 1)
-    assert plain["up"] < secure["up"]
     phases = secure["phases"]
     assert 0 <= phases["first upload"] <= phases["last upload"] <= phases["release"]
     assert phases["last view sig"] > 0 and phases["last shares"] > 0
