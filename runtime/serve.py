@@ -34,7 +34,7 @@ from fedloom.federation.store import (
     CHECKPOINT_KEY,
 )
 from fedloom.federation.training import Trainer
-from fedloom.runtime import systemd
+from fedloom.runtime import secagg_pool, systemd
 from fedloom.runtime.config import RELAY_MESSAGE_MIB
 from fedloom.runtime.driver import AsyncDriver
 from fedloom.runtime.evaluation import DEFAULT_EVAL_INTERVAL_S, evaluate_models, sleep_or_stop
@@ -496,6 +496,7 @@ async def serve(
                 GLIBC_TUNABLES,
                 extra={"node": cfg.node_id},
             )
+        secagg_pool.install()  # masking's worker threads (algorithms/ starts none)
         # What start-up built (modules, config, recovered state) lives as long as the
         # process: frozen, it stays out of every later full collection's scan. Garbage
         # is collected first, so none of it is frozen for good.

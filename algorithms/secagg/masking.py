@@ -19,10 +19,8 @@ protocol's docstring.
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -30,29 +28,39 @@ import numpy.typing as npt
 from fedloom.algorithms.secagg.prg import Expander
 
 U32 = npt.NDArray[np.uint32]
+Terms = Sequence[tuple[bytes, int]]
+# A callable like ``concurrent.futures.Executor.map``: ``fn`` over ``items``, results in order.
+ParallelMap = Callable[[Callable[[Terms], U32], Iterable[Terms]], Iterator[U32]]
 
 # Expanding seeds is most of masking's and unmasking's time, and both libsodium (through
-# cffi) and NumPy's adds release the GIL: long vectors with several seeds are split over
-# a few threads, each summing its share of the masks into its own buffer. Sums mod 2^32
-# do not depend on the order, so the result is the same words on any number of threads.
+# cffi) and NumPy's adds release the GIL: long vectors with several seeds may be split
+# over a few workers, each summing its share of the masks into its own buffer. Nodes are
+# sans-I/O and start no threads: a DRIVER injects the workers, either per call
+# (``parallel_map=``) or process-wide with ``use_parallel_map`` (the daemon installs a
+# thread pool at start, ``fedloom.runtime.secagg_pool``). Without one, masking runs on
+# the calling thread. Sums mod 2^32 do not depend on the order, so the result is the
+# same words on any number of workers.
 PARALLEL_MIN_WORDS = 1 << 18
-MAX_THREADS = 4
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
-_pool_lock = threading.Lock()
+PER_CALL_WAYS = 4  # ways a call that passes its own ``parallel_map`` is split
+_default_map: tuple[ParallelMap, int] | None = None  # (map, workers) from use_parallel_map
+
+
+def use_parallel_map(parallel_map: ParallelMap | None, workers: int = 1) -> None:
+    """Make ``parallel_map`` (with ``workers`` workers) the default of every later
+    ``mask``/``unmask_sum`` call in this process; ``None`` goes back to sequential."""
+    global _default_map
+    use = parallel_map is not None and workers >= 2
+    _default_map = (parallel_map, int(workers)) if use and parallel_map else None
 
 
 def _threads() -> int:
-    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
+    """How many ways a long masking is split: the installed map's workers, else 1."""
+    installed = _default_map
+    return installed[1] if installed is not None else 1
 
 
-def _executor() -> ThreadPoolExecutor:
-    """The module's thread pool (made again in a forked child: threads do not survive)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            made = ThreadPoolExecutor(_threads(), thread_name_prefix="secagg-mask")
-            _pool = (os.getpid(), made)
-        return _pool[1]
+def _sequential_map(fn: Callable[[Terms], U32], items: Iterable[Terms]) -> Iterator[U32]:
+    return map(fn, items)
 
 
 def pair_sign(a: str, b: str) -> int:
@@ -79,7 +87,7 @@ def _apply(acc: U32, prg: Expander, seed: bytes, sign: int) -> None:
         np.subtract(acc, stream, out=acc)
 
 
-def _partial(n: int, terms: Sequence[tuple[bytes, int]]) -> U32:
+def _partial(n: int, terms: Terms) -> U32:
     acc = np.zeros(n, dtype=np.uint32)
     prg = Expander(n)
     for seed, sign in terms:
@@ -87,36 +95,45 @@ def _partial(n: int, terms: Sequence[tuple[bytes, int]]) -> U32:
     return acc
 
 
-def _accumulate(acc: U32, terms: Sequence[tuple[bytes, int]]) -> None:
-    """``acc += Σ sign · PRG(seed)`` over ``terms`` in place (mod 2^32), over threads when
-    the vector is long and there are several seeds (see ``PARALLEL_MIN_WORDS``)."""
+def _accumulate(acc: U32, terms: Terms, parallel_map: ParallelMap | None = None) -> None:
+    """``acc += Σ sign · PRG(seed)`` over ``terms`` in place (mod 2^32); split over the
+    workers of ``parallel_map`` (else the installed default, see ``use_parallel_map``)
+    when the vector is long and there are several seeds (``PARALLEL_MIN_WORDS``)."""
     n = acc.size
-    k = min(_threads(), len(terms))
+    installed = _default_map
+    pmap = parallel_map or (installed[0] if installed is not None else _sequential_map)
+    ways = _threads() if parallel_map is None else PER_CALL_WAYS
+    k = min(ways, len(terms))
     if k < 2 or n < PARALLEL_MIN_WORDS:
         prg = Expander(n)
         for seed, sign in terms:
             _apply(acc, prg, seed, sign)
         return
     parts = [terms[i::k] for i in range(k)]
-    pool = _executor()
-    futures = [pool.submit(_partial, n, part) for part in parts[1:]]
+    others = pmap(partial(_partial, n), parts[1:])  # Executor.map submits them now
     prg = Expander(n)
     for seed, sign in parts[0]:  # this thread's share goes straight into acc
         _apply(acc, prg, seed, sign)
-    for f in futures:
-        np.add(acc, f.result(), out=acc)
+    for part in others:
+        np.add(acc, part, out=acc)
 
 
-def mask(v: U32, self_seed: bytes, pair_seeds: Mapping[str, bytes], me: str) -> U32:
+def mask(
+    v: U32,
+    self_seed: bytes,
+    pair_seeds: Mapping[str, bytes],
+    me: str,
+    parallel_map: ParallelMap | None = None,
+) -> U32:
     """``v + PRG(self_seed) + Σ_j pair_sign(me, j) · PRG(pair_seeds[j])`` mod 2^32, as a new
     array (``v`` is not modified). ``pair_seeds`` maps every other member to the seed
-    ``me`` shares with it."""
+    ``me`` shares with it. ``parallel_map``: see ``_accumulate``."""
     vec = _as_u32(v, "v")
     if me in pair_seeds:
         raise ValueError(f"pair_seeds names {me!r} itself")
     out = vec.copy()
     terms = [(self_seed, 1), *((seed, pair_sign(me, peer)) for peer, seed in pair_seeds.items())]
-    _accumulate(out, terms)
+    _accumulate(out, terms, parallel_map)
     return out
 
 
@@ -124,6 +141,7 @@ def unmask_sum(
     masked: Iterable[U32],
     self_seeds: Iterable[bytes],
     pair_seeds: Iterable[tuple[str, str, bytes]],
+    parallel_map: ParallelMap | None = None,
 ) -> U32:
     """Σ_{i∈U} v_i from the survivors' masked vectors ``masked``, their self seeds
     ``self_seeds`` (b_i, i ∈ U) and the triples ``(i, j, s_ij)`` for every survivor i and
@@ -146,5 +164,5 @@ def unmask_sum(
     terms = [(seed, -1) for seed in self_seeds]
     # y_survivor carries +pair_sign(survivor, dropped) · PRG(s): take it back out.
     terms += [(seed, -pair_sign(i, j)) for i, j, seed in pair_seeds]
-    _accumulate(total, terms)
+    _accumulate(total, terms, parallel_map)
     return total
