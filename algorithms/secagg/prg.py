@@ -17,6 +17,15 @@ reused buffer by calling the same libsodium function through pynacl's cffi bindi
 (``nacl._sodium``, the module pynacl's public wrapper calls): the same bytes, ~2.5x
 faster with the add that follows, no allocation per seed. Where that binding is missing
 ``Expander`` falls back to ``expand``.
+
+The AEAD also runs Poly1305 over the whole ciphertext, only to make a tag that is
+dropped. ``Expander`` therefore prefers libsodium's ``crypto_stream_chacha20_ietf_xor_ic``
+(XOR with the ChaCha20-IETF keystream from block counter ``ic``), called with ``ic = 1``
+over the cached zeros: exactly the bytes the AEAD encrypts with, without the MAC. pynacl's
+cffi module does not declare that function, but its extension exports it (libsodium is
+linked in), so it is bound here with cffi's ABI mode from the same shared object (the
+library pynacl already initialised). Where the symbol is missing the AEAD path above is
+used; ``tests/algorithms/test_secagg_prg.py`` checks that all paths give the same words.
 """
 
 from __future__ import annotations
@@ -35,6 +44,30 @@ try:  # pynacl's cffi binding: the C function its public wrapper calls
 except ImportError:  # pragma: no cover - every pynacl wheel has it
     _ffi = _lib = None
     _FAST = False
+
+
+def _bind_stream() -> tuple[Any, Any] | None:
+    """(ffi, lib) with ``crypto_stream_chacha20_ietf_xor_ic`` from pynacl's extension,
+    or ``None`` where it cannot be bound."""
+    try:
+        import cffi
+        import nacl._sodium as native
+
+        ffi = cffi.FFI()
+        ffi.cdef(
+            "int crypto_stream_chacha20_ietf_xor_ic(unsigned char *c, const unsigned char *m,"
+            " unsigned long long mlen, const unsigned char *n, uint32_t ic,"
+            " const unsigned char *k);"
+        )
+        lib = ffi.dlopen(native.__file__)
+        lib.crypto_stream_chacha20_ietf_xor_ic  # noqa: B018 - resolves the symbol now
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - pynacl wheels export it
+        return None
+    return ffi, lib
+
+
+_stream = _bind_stream()
+_STREAM = _stream is not None
 
 SEED_BYTES = 32
 _NONCE = b"\0" * 12
@@ -84,15 +117,21 @@ class Expander:
     to be shared between threads.
     """
 
-    __slots__ = ("_buf", "_ptr", "n")
+    __slots__ = ("_buf", "_ptr", "_stream", "n")
 
     def __init__(self, n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 0 <= n <= MAX_WORDS:
             raise ValueError(f"PRG length must be an int from 0 to {MAX_WORDS}, got {n!r}")
         self.n = int(n)
         self._ptr: Any = None
+        self._stream = False
         self._buf = np.empty(0, dtype=np.uint32)
-        if _FAST and self.n:
+        if _STREAM and _stream is not None and self.n:
+            # The bare keystream: n words, no tag, no Poly1305.
+            self._buf = np.empty(self.n, dtype="<u4")
+            self._ptr = _stream[0].from_buffer(self._buf)
+            self._stream = True
+        elif _FAST and self.n:
             # 16 more bytes (4 words) for the AEAD tag, which is written and ignored.
             self._buf = np.empty(self.n + 4, dtype="<u4")
             self._ptr = _ffi.from_buffer(self._buf)
@@ -104,6 +143,15 @@ class Expander:
         if self._ptr is None:
             return expand(seed, self.n)
         nbytes = 4 * self.n
+        if self._stream and _stream is not None:
+            rc = _stream[1].crypto_stream_chacha20_ietf_xor_ic(
+                self._ptr, _zero_bytes(nbytes), nbytes, _NONCE, 1, seed
+            )
+            if rc != 0:  # pragma: no cover - libsodium returns 0 for any valid length
+                raise RuntimeError("libsodium failed to expand a PRG seed")
+            view = self._buf.view()
+            view.flags.writeable = False
+            return view.astype(np.uint32, copy=False)
         rc = _lib.crypto_aead_chacha20poly1305_ietf_encrypt(
             self._ptr, _ffi.NULL, _zero_bytes(nbytes), nbytes, _ffi.NULL, 0, _ffi.NULL, _NONCE, seed
         )

@@ -117,6 +117,7 @@ def test_expander_gives_the_same_words_into_one_buffer(
 ) -> None:
     if not fast:
         monkeypatch.setattr(prg, "_FAST", False)
+        monkeypatch.setattr(prg, "_STREAM", False)
     for n in (0, 1, 17, 4096):
         ex = prg.Expander(n)
         seeds = [bytes([k]) * 32 for k in range(3)]
@@ -134,3 +135,42 @@ def test_expander_gives_the_same_words_into_one_buffer(
         prg.Expander(4).expand(b"short")
     with pytest.raises(ValueError):
         prg.Expander(-1)
+
+
+def _expander_words(path: str, seed: bytes, n: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``Expander(n).expand(seed)`` forced onto one path: "stream" (the bare keystream,
+    no Poly1305), "aead" (the AEAD through pynacl's cffi binding) or "public"."""
+    with monkeypatch.context() as m:
+        m.setattr(prg, "_STREAM", path == "stream")
+        m.setattr(prg, "_FAST", path == "aead")
+        ex = prg.Expander(n)
+        assert ex._stream == (path == "stream" and n > 0)
+        return [int(w) for w in ex.expand(seed)]
+
+
+def test_the_stream_path_is_bound_here() -> None:
+    # pynacl's extension exports crypto_stream_chacha20_ietf_xor_ic; if a wheel ever
+    # stops doing so the AEAD fallback is taken, and this says so.
+    assert prg._STREAM
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.binary(min_size=32, max_size=32), n=st.integers(0, 300))
+def test_stream_and_aead_paths_give_identical_words(seed: bytes, n: int) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        words = {p: _expander_words(p, seed, n, mp) for p in ("stream", "aead", "public")}
+    assert words["stream"] == words["aead"] == words["public"] == expand(seed, n).tolist()
+    reference: list[int] = []
+    counter = 1
+    while len(reference) < n:
+        reference += chacha20_block(seed, counter, bytes(12))
+        counter += 1
+    assert words["stream"] == reference[:n]
+
+
+def test_stream_and_aead_paths_agree_on_a_long_vector(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = (1 << 18) + 7  # many blocks and a partial last one
+    seed = bytes(range(32))
+    stream = _expander_words("stream", seed, n, monkeypatch)
+    assert stream == _expander_words("aead", seed, n, monkeypatch)
+    assert stream[:8] == [int(w) for w in expand(seed, 8)]
