@@ -40,7 +40,13 @@ import numpy.typing as npt
 from fedloom.algorithms.protocol import Effect, Log, Metric, Send
 from fedloom.algorithms.secagg.cohort import DEFAULT_MAX_COHORT, DEFAULT_MAX_COLLUDERS
 from fedloom.algorithms.secagg.keys import SecAggKeys
-from fedloom.algorithms.secagg.member import MEMBER_LOG_KEY, PendingUpdate, SecAggMember, seal_seq
+from fedloom.algorithms.secagg.member import (
+    MEMBER_LOG_KEY,
+    EncodeParams,
+    PendingUpdate,
+    SecAggMember,
+    seal_seq,
+)
 from fedloom.transport.wire import (
     Message,
     SecAggAbort,
@@ -64,6 +70,15 @@ def join_for(update: Update) -> SecAggJoin:
         seq=int(update.seq),
         base_version=int(update.base_version),
         task=int(update.task),
+        n_examples=int(update.n_examples),
+    )
+
+
+def _pending(update: Update) -> PendingUpdate:
+    return PendingUpdate(
+        seq=int(update.seq),
+        base_version=int(update.base_version),
+        delta=update.delta,
         n_examples=int(update.n_examples),
     )
 
@@ -108,6 +123,9 @@ class SiteSecAgg:
         # restore: the clock is not durable).
         self._uploaded: dict[int, float | None] = {}
         self.lost = 0
+        # The encoding the parent's last seal asked for: a joining update is pre-masked
+        # for it (the member's ``premask``); None until a first seal arrives.
+        self._expect: EncodeParams | None = None
 
     # ----------------------------------------------------------------- reading
     def uploaded(self, seq: int) -> bool:
@@ -133,6 +151,9 @@ class SiteSecAgg:
                 if e.msg.seq in self._uploaded:
                     continue
                 result.append(Send(e.peer, join_for(e.msg)))
+                if self._expect is not None:
+                    # Finished training, joining: do the seal-independent masking now.
+                    self.member.premask(_pending(e.msg), self._expect, self._noise_fn())
             else:
                 result.append(e)
         return result
@@ -162,9 +183,12 @@ class SiteSecAgg:
         seqs = {u.seq for u in rejoin}
         rejoin += [u for u in pending if u.seq in again and u.seq not in seqs]
         out += [Send(peer, join_for(u)) for u in rejoin if u.seq not in self._uploaded]
+        waiting = {u.seq for u in pending}
+        self.member.forget_premasked(lambda q: q in waiting and q not in self._uploaded)
         return out, lost
 
     def _on_seal(self, peer: str, msg: SecAggSeal, pending: Sequence[Update]) -> list[Effect]:
+        self._expect = EncodeParams.of(msg)  # what the parent's cohorts encode with
         seq = seal_seq(msg, self.site_id)
         update = next((u for u in pending if u.seq == seq), None)
         if update is None or seq in self._uploaded:
@@ -172,13 +196,7 @@ class SiteSecAgg:
                 Metric("secagg_refused", 1.0, {"reason": "no_update"}),
                 Log("info", "cohort seal for no update waiting here", {"peer": peer, "seq": seq}),
             ]
-        pu = PendingUpdate(
-            seq=int(update.seq),
-            base_version=int(update.base_version),
-            delta=update.delta,
-            n_examples=int(update.n_examples),
-        )
-        return self.member.on_seal(peer, msg, pu, self.weighting, self._noise_fn())
+        return self.member.on_seal(peer, msg, _pending(update), self.weighting, self._noise_fn())
 
     def _noise_fn(self) -> Callable[[float, int], npt.NDArray[np.int64]] | None:
         source, rng = self._noise, self._rng
@@ -203,6 +221,7 @@ class SiteSecAgg:
     def acked(self, seq: int) -> None:
         """The parent acknowledged ``seq`` (its cohort was applied)."""
         self._uploaded.pop(seq, None)
+        self.member.forget_premasked(lambda q: q != seq)
 
     def expired(self, now: float) -> tuple[list[Effect], list[int]]:
         """Uploaded updates nothing was heard of for ``lost_after_s`` (the parent lost the
@@ -225,6 +244,7 @@ class SiteSecAgg:
                     {"seq": seq},
                 )
             )
+        self.member.forget_premasked(lambda q: q not in late)
         return out, late
 
     # ------------------------------------------------------------- durability

@@ -137,6 +137,22 @@ def mask(
     return out
 
 
+def add_pair_masks(
+    v: U32, pair_seeds: Mapping[str, bytes], me: str, parallel_map: ParallelMap | None = None
+) -> U32:
+    """``v + Σ_j pair_sign(me, j) · PRG(pair_seeds[j])`` mod 2^32, as a new array: the
+    seal-dependent half of ``mask`` for a ``v`` that already carries ``PRG(self_seed)``
+    (``mask(v, b, pairs, me) == add_pair_masks(mask(v, b, {}, me), pairs, me)``)."""
+    vec = _as_u32(v, "v")
+    if me in pair_seeds:
+        raise ValueError(f"pair_seeds names {me!r} itself")
+    out = vec.copy()
+    _accumulate(
+        out, [(seed, pair_sign(me, peer)) for peer, seed in pair_seeds.items()], parallel_map
+    )
+    return out
+
+
 def unmask_sum(
     masked: Iterable[U32],
     self_seeds: Iterable[bytes],

@@ -98,7 +98,7 @@ from fedloom.algorithms.secagg.field import (
     template_size,
 )
 from fedloom.algorithms.secagg.keys import SecAggCryptoError, SecAggKeys
-from fedloom.algorithms.secagg.masking import mask
+from fedloom.algorithms.secagg.masking import add_pair_masks, mask
 from fedloom.algorithms.secagg.shamir import split
 from fedloom.transport.wire import (
     MAX_COHORT,
@@ -113,7 +113,9 @@ from fedloom.transport.wire import (
 
 __all__ = [
     "DEFAULT_MAX_RECORDS",
+    "MAX_PREMASKED",
     "MEMBER_LOG_KEY",
+    "EncodeParams",
     "MemberOutcome",
     "NoiseFn",
     "PendingUpdate",
@@ -123,6 +125,9 @@ __all__ = [
 
 MEMBER_LOG_KEY = "secagg/member"
 DEFAULT_MAX_RECORDS = 64
+# Pre-masked vectors kept at once (one per pending joined update; the outbox is bounded
+# too): the oldest is forgotten first, and a seal for it then masks from scratch.
+MAX_PREMASKED = 8
 
 # (sigma, n) -> n integer noise samples (discrete Gaussian, ``algorithms.dp``).
 NoiseFn = Callable[[float, int], npt.NDArray[np.int64]]
@@ -136,6 +141,31 @@ class PendingUpdate:
     base_version: int
     delta: Weights
     n_examples: int
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeParams:
+    """What a seal fixes of a member's encoding: a vector pre-masked for these is used
+    only by a seal with exactly these (``SecAggMember.premask``)."""
+
+    clip: float
+    precision_bits: int
+    weight_cap: int
+    noise_sigma: float
+
+    @classmethod
+    def of(cls, msg: SecAggSeal) -> EncodeParams:
+        return cls(msg.clip, msg.precision_bits, msg.weight_cap, msg.noise_sigma)
+
+
+@dataclass(frozen=True, slots=True)
+class _Premasked:
+    """``vec = encode(update) + PRG(self_seed)`` for ``update`` under ``params``."""
+
+    update: PendingUpdate
+    params: EncodeParams
+    self_seed: bytes
+    vec: npt.NDArray[np.uint32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +184,16 @@ def seal_seq(msg: SecAggSeal, me: str) -> int | None:
     if len(msg.seqs) != len(msg.members) or me not in msg.members:
         return None
     return msg.seqs[msg.members.index(me)]
+
+
+def _same_update(a: PendingUpdate, b: PendingUpdate) -> bool:
+    """The same update: same seq, base, count and the very same tensors (identity: a
+    pre-masked vector is used only for the arrays it was encoded from)."""
+    if (a.seq, a.base_version, a.n_examples) != (b.seq, b.base_version, b.n_examples):
+        return False
+    if a.delta is b.delta:
+        return True
+    return a.delta.keys() == b.delta.keys() and all(a.delta[k] is b.delta[k] for k in a.delta)
 
 
 def _view_key(survivors: Sequence[str], dropped: Sequence[str]) -> tuple[tuple[str, ...], ...]:
@@ -212,6 +252,8 @@ class SecAggMember:
         self._outcomes: list[MemberOutcome] = []
         # Cohorts whose seal this member refused: cohort -> (aggregator, seq).
         self._refused: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
+        # seq -> its pre-masked vector (in memory only, never persisted; see ``premask``).
+        self._premasked: OrderedDict[int, _Premasked] = OrderedDict()
 
     # ------------------------------------------------------------------ queries
 
@@ -227,6 +269,55 @@ class SecAggMember:
     def cohorts(self) -> list[bytes]:
         """The cohort ids this member records, oldest first."""
         return list(self._records)
+
+    # ----------------------------------------------------------------- pre-mask
+
+    def premask(
+        self, update: PendingUpdate, params: EncodeParams, noise_fn: NoiseFn | None = None
+    ) -> bool:
+        """Do the seal-independent half of masking ``update`` now (when it joins): encode
+        it for the expected ``params`` (clip, precision, the seal's weight cap, noise) and
+        add the self mask PRG(b_i) of a fresh b_i. A seal for ``update.seq`` with exactly
+        these params then adds only the pair masks (and shares b_i); any other seal masks
+        from scratch. Returns whether a vector is now held for ``update.seq``.
+
+        b_i stays fresh per upload: it is drawn here, held only in memory (a restart
+        forgets it; nothing persisted changes), taken out by the first seal for this seq
+        whatever that seal's outcome, and never drawn for a seq already uploaded. One
+        vector per pending update, at most ``MAX_PREMASKED``."""
+        held = self._premasked.get(update.seq)
+        if held is not None and _same_update(held.update, update) and held.params == params:
+            return True
+        self._premasked.pop(update.seq, None)
+        if self.consumed(update.seq):
+            return False
+        if params.noise_sigma > 0 and noise_fn is None:
+            return False
+        try:
+            spec = FieldSpec(params.clip, params.precision_bits, params.weight_cap)
+            weight = member_weight(update.n_examples, "examples", params.weight_cap)
+            noise = None
+            if params.noise_sigma > 0 and noise_fn is not None:
+                noise = noise_fn(params.noise_sigma, template_size(update.delta))
+            vec = encode(update.delta, weight, spec, self._rng, noise)
+        except ValueError:
+            return False  # the seal refuses it with the reason
+        self_seed = self._keys.fresh_secret()
+        self._premasked[update.seq] = _Premasked(
+            update, params, self_seed, mask(vec, self_seed, {}, self.node_id)
+        )
+        while len(self._premasked) > MAX_PREMASKED:
+            self._premasked.popitem(last=False)
+        return True
+
+    def forget_premasked(self, keep: Callable[[int], bool]) -> None:
+        """Drop every pre-masked vector whose seq ``keep`` rejects (acked, lost, gone)."""
+        for seq in [s for s in self._premasked if not keep(s)]:
+            del self._premasked[seq]
+
+    def premasked(self) -> list[int]:
+        """The seqs a pre-masked vector is held for, oldest first."""
+        return list(self._premasked)
 
     # -------------------------------------------------------------------- seal
 
@@ -342,15 +433,26 @@ class SecAggMember:
         # The seal's cap decides (1: every member with an example weighs 1): the
         # coordinator checks the sum of the weights against the joins' n_examples.
         member_weight(update.n_examples, weighting, msg.weight_cap)  # validates weighting
-        weight = member_weight(update.n_examples, "examples", msg.weight_cap)
-        noise = None
-        if msg.noise_sigma > 0 and noise_fn is not None:
-            noise = noise_fn(msg.noise_sigma, template_size(update.delta))
-        try:
-            vec = encode(update.delta, weight, spec, self._rng, noise)
-        except ValueError as exc:
-            return refuse("bad_update", str(exc))
-        self_seed = self._keys.fresh_secret()
+        # A vector pre-masked at join is taken out now whatever happens next: its b_i
+        # serves this one seal at most.
+        held = self._premasked.pop(update.seq, None)
+        if (
+            held is not None
+            and _same_update(held.update, update)
+            and held.params == EncodeParams.of(msg)
+        ):
+            self_seed, vec = held.self_seed, held.vec  # vec already carries PRG(b_i)
+        else:
+            weight = member_weight(update.n_examples, "examples", msg.weight_cap)
+            noise = None
+            if msg.noise_sigma > 0 and noise_fn is not None:
+                noise = noise_fn(msg.noise_sigma, template_size(update.delta))
+            try:
+                vec = encode(update.delta, weight, spec, self._rng, noise)
+            except ValueError as exc:
+                return refuse("bad_update", str(exc))
+            self_seed = self._keys.fresh_secret()
+            vec = mask(vec, self_seed, {}, me)
         randbytes = byte_stream(self._keys.fresh_secret())
         b_shares = split(self_seed, n, t, randbytes)
         s_shares = {j: split(pair_seeds[j], n, t, randbytes) for j in others}
@@ -365,7 +467,7 @@ class SecAggMember:
                 bundles.append((m, self._keys.seal_to(m, plain)))
         except SecAggCryptoError as exc:
             return refuse("unknown_key", str(exc))
-        masked = mask(vec, self_seed, pair_seeds, me)
+        masked = add_pair_masks(vec, pair_seeds, me)
         data = masked.astype("<u4", copy=False).tobytes()
         record = {
             "cohort": msg.cohort,
