@@ -41,6 +41,7 @@ from fedloom.algorithms.protocol import Effect, Log, Metric, Send
 from fedloom.algorithms.secagg.cohort import DEFAULT_MAX_COHORT, DEFAULT_MAX_COLLUDERS
 from fedloom.algorithms.secagg.keys import SecAggKeys
 from fedloom.algorithms.secagg.member import (
+    MAX_PREMASKED,
     MEMBER_LOG_KEY,
     EncodeParams,
     PendingUpdate,
@@ -126,6 +127,10 @@ class SiteSecAgg:
         # The encoding the parent's last seal asked for: a joining update is pre-masked
         # for it (the member's ``premask``); None until a first seal arrives.
         self._expect: EncodeParams | None = None
+        # Joined updates to pre-mask, done at the next deadline (asked for "now"), so the
+        # join leaves before the work starts; the latest event's time.
+        self._to_premask: dict[int, Update] = {}
+        self._now: float | None = None
 
     # ----------------------------------------------------------------- reading
     def uploaded(self, seq: int) -> bool:
@@ -133,10 +138,13 @@ class SiteSecAgg:
 
     def next_deadline(self) -> float | None:
         times = [t + self.lost_after_s for t in self._uploaded.values() if t is not None]
+        if self._to_premask and self._now is not None:
+            times.append(self._now)  # pre-mask the joined updates right after this step
         return min(times, default=None)
 
     def touch(self, now: float) -> None:
         """After a restore the upload times are unknown: they count from the first event."""
+        self._now = now
         for seq, at in self._uploaded.items():
             if at is None:
                 self._uploaded[seq] = now
@@ -152,8 +160,12 @@ class SiteSecAgg:
                     continue
                 result.append(Send(e.peer, join_for(e.msg)))
                 if self._expect is not None:
-                    # Finished training, joining: do the seal-independent masking now.
-                    self.member.premask(_pending(e.msg), self._expect, self._noise_fn())
+                    # Finished training, joining: the seal-independent masking is done
+                    # at the next deadline, once the join has left (``expired``).
+                    self._to_premask.pop(e.msg.seq, None)
+                    self._to_premask[e.msg.seq] = e.msg
+                    while len(self._to_premask) > MAX_PREMASKED:
+                        del self._to_premask[next(iter(self._to_premask))]
             else:
                 result.append(e)
         return result
@@ -185,11 +197,15 @@ class SiteSecAgg:
         out += [Send(peer, join_for(u)) for u in rejoin if u.seq not in self._uploaded]
         waiting = {u.seq for u in pending}
         self.member.forget_premasked(lambda q: q in waiting and q not in self._uploaded)
+        for q in [q for q in self._to_premask if q not in waiting or q in self._uploaded]:
+            del self._to_premask[q]
         return out, lost
 
     def _on_seal(self, peer: str, msg: SecAggSeal, pending: Sequence[Update]) -> list[Effect]:
         self._expect = EncodeParams.of(msg)  # what the parent's cohorts encode with
         seq = seal_seq(msg, self.site_id)
+        if seq is not None:
+            self._to_premask.pop(seq, None)  # sealed before it was pre-masked: from scratch
         update = next((u for u in pending if u.seq == seq), None)
         if update is None or seq in self._uploaded:
             return [
@@ -221,11 +237,18 @@ class SiteSecAgg:
     def acked(self, seq: int) -> None:
         """The parent acknowledged ``seq`` (its cohort was applied)."""
         self._uploaded.pop(seq, None)
+        self._to_premask.pop(seq, None)
         self.member.forget_premasked(lambda q: q != seq)
 
     def expired(self, now: float) -> tuple[list[Effect], list[int]]:
         """Uploaded updates nothing was heard of for ``lost_after_s`` (the parent lost the
-        cohort, e.g. in a restart): consumed, never joined again."""
+        cohort, e.g. in a restart): consumed, never joined again. Also pre-masks the
+        updates that joined since the last step (``premask``)."""
+        todo, self._to_premask = self._to_premask, {}
+        if self._expect is not None:
+            for update in todo.values():
+                if update.seq not in self._uploaded:
+                    self.member.premask(_pending(update), self._expect, self._noise_fn())
         late = [
             s
             for s, at in self._uploaded.items()

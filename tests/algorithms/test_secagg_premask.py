@@ -144,8 +144,13 @@ def test_site_premasks_on_join_after_a_first_seal_and_forgets_on_ack() -> None:
         deadline_s=30.0,
     )
     site.on_message("agg", seal, [update], 0.0)  # not sealed for seq 1: no upload
+    site.touch(2.0)
     site.uplink([Send("agg", update)])
+    assert site.member.premasked() == []  # not while the join is being sent
+    assert site.next_deadline() == 2.0  # asks for a step right after this one
+    assert site.expired(2.0) == ([], [])
     assert site.member.premasked() == [1]
+    assert site.next_deadline() is None
     assert site.member._premasked[1].params == EncodeParams.of(seal)
     site.acked(1)
     assert site.member.premasked() == []
