@@ -102,6 +102,7 @@ PLAN_FACTORY = "bench.secagg:bench_plan"
 GOAL = 2.0
 GOAL_SITES, GOAL_DROPOUT = 10, 0.1
 SAMPLE_S = 0.02
+LIFE_KEY = "bench_life"  # a job's config: the life of the site daemon that issued it
 UNACKED_FORGET_S = 120.0  # an update unacked this long was lost: the gate forgets it
 log = logging.getLogger("fedloom.bench.secagg")
 
@@ -413,7 +414,12 @@ class Host:
 
     # -- the trainer gate (runs in the executor's threads)
     def train(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
-        life = self.lives.get(node_id, 0)
+        # The life of the daemon that issued the job (stamped on its Train effect by
+        # ``wrap``), not the site's life when an executor thread picks the job up: a job a
+        # daemon issued just before it died can start after the death, and read then it
+        # would pass for a job of the restarted daemon, take the slot its update holds in
+        # the gate (``reserved``), and its update never comes (the dead daemon ignores it).
+        life = int(config.get(LIFE_KEY, self.lives.get(node_id, 0)))
         with self.cond:
             # A job of a site that died meanwhile is let go (its driver is gone): else
             # it would hold one of the pool's threads until the site's next ack.
@@ -422,7 +428,7 @@ class Host:
             if self.lives.get(node_id, 0) == life:
                 # This job's update counts from now (two tasks can arrive together).
                 self.reserved[node_id] = self.reserved.get(node_id, 0) + 1
-        return self.inner(node_id, weights, config)
+        return self.inner(node_id, weights, {k: v for k, v in config.items() if k != LIFE_KEY})
 
     def _idle(self, site: str) -> bool:
         now = time.monotonic()
@@ -438,7 +444,8 @@ class Host:
     # -- dropouts
     def wrap(self, site: str, node: Any) -> None:
         handle = node.handle
-        from fedloom.algorithms.protocol import Send
+        born = self.lives.get(site, 0)  # this daemon's life: it ends when the site dies
+        from fedloom.algorithms.protocol import Send, Train
         from fedloom.transport.wire import (
             Ack,
             SecAggJoin,
@@ -449,6 +456,11 @@ class Host:
         )
 
         def wrapped(event: Event, now: float) -> list[Effect]:
+            if self.lives.get(site, 0) != born:
+                # Dead: a crash stops the node at once. Its daemon's shutdown takes a while
+                # under load, and meanwhile the node must neither send (a job's update
+                # finishing there would join from the dead site) nor take acks.
+                return []
             if type(event) is Received:
                 msg = event.msg
                 if self.secure and type(msg) is SecAggSeal:
@@ -466,7 +478,10 @@ class Host:
                 ):
                     self.die(site, None)
                     return []  # crashed on being assigned: no update exists
-            effects: list[Effect] = handle(event, now)
+            effects: list[Effect] = [
+                Train(e.job, e.weights, {**e.config, LIFE_KEY: born}) if type(e) is Train else e
+                for e in handle(event, now)
+            ]
             if type(event) is Received and type(event.msg) is Ack:
                 with self.cond:
                     self.unacked.setdefault(site, {}).pop(event.msg.seq, None)

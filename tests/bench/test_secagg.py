@@ -72,3 +72,82 @@ def test_quickest_cell_measures_plain_and_secure_flushes(
     root_log = tmp_path / "6-0.0-secure" / "logs" / "root-bench.log"
     assert "secure cohort applied" in root_log.read_text()
     assert "root: stopped cleanly" in root_log.read_text()
+
+
+# ----------------------------------------------------- the dropouts' restarts (no daemons)
+
+
+class _Node:
+    """Stands in for a site node under ``Host.wrap``: answers every event with ``effects``."""
+
+    def __init__(self, effects: list[object]) -> None:
+        self.effects = effects
+
+    def handle(self, event: object, now: float) -> list[object]:
+        return list(self.effects)
+
+
+def _host(tmp_path: Path) -> secagg.Host:
+    args = {
+        "secure": True,
+        "dropouts": 1,
+        "p": 0.1,
+        "flags": str(tmp_path),
+        "layout": {"sites": {"site-00": str(tmp_path / "site-00.toml")}},
+        "tag": "test",
+        "depth": 1,
+    }
+    return secagg.Host(args, ["site-00"])
+
+
+def test_a_job_issued_before_its_site_died_never_takes_the_restarted_sites_slot(
+    tmp_path: Path,
+) -> None:
+    """The 50-site stall (issue 12): a daemon issued a job just before its site died on a
+    seal; an executor thread picked the job up only after the death. The gate read the
+    site's life then, took the dead daemon's job for one of the restarted daemon's, and
+    reserved the site's only slot for an update that never came: the restarted site
+    trained no more and every later cohort waited form_wait_s for it. The job carries the
+    life of the daemon that issued it now, so it reserves nothing."""
+    import numpy as np
+
+    from fedloom.algorithms.protocol import PeerUp, Train
+
+    host = _host(tmp_path)
+    weights = {"w": np.zeros(3, dtype=np.float32)}
+    try:
+        old = _Node([Train(1, weights, {"epochs": 1})])
+        host.wrap("site-00", old)
+        (issued,) = old.handle(PeerUp("root"), 0.0)  # the job, as the driver gets it
+        assert isinstance(issued, Train)
+        host.lives["site-00"] = 1  # the site dies before a thread starts the job
+        result = host.train("site-00", issued.weights, issued.config)
+        assert result.weights["w"].shape == (3,)
+        assert host.reserved.get("site-00", 0) == 0  # the restarted site's slot is free
+        new = _Node([Train(1, weights, {"epochs": 1})])
+        host.wrap("site-00", new)  # the restarted daemon
+        (job,) = new.handle(PeerUp("root"), 1.0)
+        assert isinstance(job, Train)
+        host.train("site-00", job.weights, job.config)
+        assert host.reserved["site-00"] == 1  # its own job takes the slot
+    finally:
+        host.executor.shutdown(wait=False)
+
+
+def test_a_dead_sites_daemon_sends_nothing_while_it_shuts_down(tmp_path: Path) -> None:
+    """A site that dies on a seal is a crash: its daemon, still shutting down, must not
+    finish a job and join with a second update (the restarted site then held two unacked
+    updates against a gate of one)."""
+    from fedloom.algorithms.protocol import PeerUp, Send
+    from fedloom.transport.wire import SecAggJoin
+
+    host = _host(tmp_path)
+    try:
+        join = Send("root", SecAggJoin("site-00", 4, 0, 7, 10))
+        node = _Node([join])
+        host.wrap("site-00", node)
+        assert node.handle(PeerUp("root"), 0.0) == [join]  # alive: the join goes out
+        host.lives["site-00"] = 1  # dead
+        assert node.handle(PeerUp("root"), 1.0) == []
+    finally:
+        host.executor.shutdown(wait=False)
