@@ -45,10 +45,12 @@ cohort's latency from its seal to its release. Bytes per site per flush: the roo
 received from / sent to its sites over the measured flushes, / N / flushes (what a site
 sends / receives; models go down as fp32, masked vectors up as 4-byte field words).
 
-Known (not understood yet): at 50 sites with dropouts a restarted member sometimes gets
-no new task after its re-joined update is applied, so the next cohort waits
-``form_wait_s`` (60 s) and seals with fewer members; not seen at 10 sites. Those cells'
-release-to-release medians include the wait, their seal-to-release latency does not.
+A death is a crash: from the moment a site dies its node handles nothing more (its
+daemon's shutdown takes a while under load; meanwhile a job finishing there would join
+from a dead site), and each job carries the life of the daemon that issued it, so a job
+an executor thread starts after its site died never takes the restarted daemon's gate
+slot. (Both races once stalled the 50-site dropout cells: a restarted site held its slot
+for an update that never came and each later cohort waited ``form_wait_s``.)
 
     .venv/bin/python bench/secagg.py [--quick] [--sites 10,50] [--dropouts 0,0.1,0.3]
 
