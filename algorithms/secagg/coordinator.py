@@ -920,7 +920,11 @@ class SecAggCoordinator:
     def _forget(self, cohort: _Cohort) -> None:
         self._cohorts.pop(cohort.cid, None)
         for m in cohort.members:
-            self._in_cohort.pop((m, cohort.joins[m].seq), None)
+            key = (m, cohort.joins[m].seq)
+            # A dropped member's update may have joined again and be sealed in a newer
+            # cohort by now (``_close_upload`` let it go): that one keeps it.
+            if self._in_cohort.get(key) == cohort.cid:
+                del self._in_cohort[key]
 
     # ------------------------------------------------------------- durability
 
