@@ -39,19 +39,20 @@ Secure aggregation (``set_secure_aggregation``, ``algorithms.secagg``): the site
 are ``SecAggJoin``s and the round is ONE cohort. A join that answers a task of the open
 round on its model waits in the coordinator; the cohort is sealed when K sites joined (the
 coordinator's ``cohort_size``), or at the round deadline / once no task of the round is
-outstanding, with the joins there are if at least t(K) = max(min_cohort, K // 2 + 1) (else
-the round is abandoned and its joins recorded late). After the seal the round waits for the
-cohort alone (its upload and unmask deadlines bound it), and its survivors' unmasked sum
-is the round's step, Δ̄ = Σ w_i x_i / Σ w_i (w_i the members' own example weights; no
-staleness: every member trained on the round's model; with central DP every w_i = 1, the
-members add the noise and the step is Σ x_i / K, see ``_cohort_step``). Joins of stragglers, of an
-unselected site or of an older round are late (recorded, acked, never masked). A cohort that
-aborts (fewer than t uploads, signatures or shares) abandons the round and a new one starts.
-So a round ends within round_timeout_s + upload_timeout_s + unmask_timeout_s. Restart: the
-round's start is checkpointed as without masking, its cohort record (``op = "cohort"``)
-carries the round; joins are not durable: a restored open round takes its sites' joins
-again as they reconnect, while a cohort sealed before the crash is an orphan, aborted as its
-members return (those that uploaded drop the update; the round goes on without them).
+outstanding, with the joins there are if at least t(K) = max(min_cohort, (K + c) // 2 + 1)
+(c = ``max_colluders``; else the round is abandoned and its joins recorded late). After the
+seal the round waits for the cohort alone (its upload and unmask deadlines bound it), and
+its survivors' unmasked sum is the round's step, Δ̄ = Σ w_i x_i / Σ w_i (w_i the members'
+own example weights; no staleness: every member trained on the round's model; with central
+DP every w_i = 1, the members add the noise and the step is Σ x_i / K, see
+``_cohort_step``). Joins of stragglers, of an unselected site or of an older round are late
+(recorded, acked, never masked). A cohort that aborts (fewer than t uploads, signatures or
+shares) abandons the round and a new one starts. So a round ends within round_timeout_s +
+upload_timeout_s + unmask_timeout_s. Restart: the round's start is checkpointed as without
+masking, its cohort record (``op = "cohort"``) carries the round; joins are not durable: a
+restored open round takes its sites' joins again as they reconnect, while a cohort sealed
+before the crash is an orphan, aborted as its members return (those that uploaded drop the
+update; the round goes on without them).
 """
 
 from __future__ import annotations
