@@ -36,12 +36,17 @@ def edit(path: Path, **changes: object) -> None:
     path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
 
 
-def test_root_and_three_secure_sites_train_on_cohort_sums(tmp_path: Path) -> None:
+def run_secure_star(
+    tmp_path: Path, root_aggregation: dict[str, object], waiting_for: str
+) -> tuple[str, dict[str, str]]:
+    """Run a root and the 3 sites, all secure, until the root published version 3; every
+    site's updates must have entered through a cohort and every process exit cleanly.
+    Returns the root's log and each site's."""
     fed = write_federation(
         tmp_path / "fed",
         {"region-a": SITES},
         plan=SYNTHETIC,
-        root_aggregation={"buffer_size": 3, "weighting": "uniform"},
+        root_aggregation=root_aggregation,
         site_metrics=True,
     )
     # A star: the sites dial the root directly; the region is not run.
@@ -54,10 +59,14 @@ def test_root_and_three_secure_sites_train_on_cohort_sums(tmp_path: Path) -> Non
             secure_aggregation=SECURE,
         )
     del fed.nodes["region-a"]
+    algorithm = root_aggregation.get("algorithm")
+    if algorithm is not None:
+        cfg = tomllib.loads(root.config.read_text(encoding="utf-8"))
+        assert cfg["aggregation"]["algorithm"] == algorithm
     with Cluster(fed) as cluster:
         cluster.start()
         wait_for(
-            "the root to publish version 3 from secure cohorts",
+            waiting_for,
             lambda: metric(root, "fedloom_model_version") >= 3,
             timeout=90,
             every=0.25,
@@ -66,10 +75,17 @@ def test_root_and_three_secure_sites_train_on_cohort_sums(tmp_path: Path) -> Non
         for s in SITES:
             assert applied(root, s) >= 1  # every site's updates entered through a cohort
         check_clean_exit(cluster)
-    log = cluster[ROOT_ID].log_text()
+    return cluster[ROOT_ID].log_text(), {s: cluster[s].log_text() for s in SITES}
+
+
+def test_root_and_three_secure_sites_train_on_cohort_sums(tmp_path: Path) -> None:
+    log, site_logs = run_secure_star(
+        tmp_path,
+        {"buffer_size": 3, "weighting": "uniform"},
+        "the root to publish version 3 from secure cohorts",
+    )
     assert log.count("secure cohort applied") >= 3
     assert "plain_update" not in log
-    for s in SITES:
-        text = cluster[s].log_text()
+    for text in site_logs.values():
         assert "masked update uploaded" in text
         assert "Traceback" not in text
