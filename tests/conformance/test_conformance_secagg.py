@@ -74,10 +74,13 @@ def secure_star() -> dict[str, Any]:
     return nodes
 
 
-def test_secure_fedbuff_converges_on_cohort_sums_only(federation: Federation) -> None:
-    nodes = secure_star()
-    root = nodes["root"]
-    assert isinstance(root, FedBuffAggregator) and root.secure_aggregation is not None
+def converge_on_cohorts(federation: Federation, nodes: dict[str, Any]) -> int:
+    """Start the secure star ``nodes`` on ``federation`` with the least-squares workload and
+    run it until the root's model is 10 times closer to the optimum than the start, within
+    40 versions (one cohort per version; plain federations get there in fewer). Checks that
+    every version came from a cohort and the root received joins and masked uploads (signed
+    where the driver signs), never a plain update, and that nothing was counted twice.
+    Returns the number of versions."""
     try:
         federation.start(
             nodes,
@@ -88,8 +91,6 @@ def test_secure_fedbuff_converges_on_cohort_sums_only(federation: Federation) ->
     except Unsupported as exc:
         pytest.skip(f"{federation.name}: {exc}")
     initial = workload.distance(workload.start())
-    # Stated tolerance: 10 times closer to the optimum than the start within 40 versions
-    # (one cohort of 5 per version; the plain federation gets there in fewer).
     assert federation.run_until(
         lambda: workload.distance(federation.node("root").current_model()[1]) < initial / 10,
         timeout_s=600,
@@ -98,20 +99,27 @@ def test_secure_fedbuff_converges_on_cohort_sums_only(federation: Federation) ->
     assert 1 <= versions <= 40
     applied = [m for m in metrics(federation, "secagg_cohort_applied") if m.node == "root"]
     assert len(applied) >= versions
-    # The root never received a plain update; what it got were joins and masked uploads.
     assert received(federation, "root", Update) == []
     assert received(federation, "root", SecAggJoin)
     masked = received(federation, "root", MaskedUpdate)
     assert masked
     if federation.signs:  # each upload arrived signed by its site, and was checked
         assert all(len(m.sig) == 64 for _, _, m in masked)
-    for s in SITES:
+    assert federation.journal.checker.updates_duplicated == 0
+    return versions
+
+
+def test_secure_fedbuff_converges_on_cohort_sums_only(federation: Federation) -> None:
+    nodes = secure_star()
+    root = nodes["root"]
+    assert isinstance(root, FedBuffAggregator) and root.secure_aggregation is not None
+    converge_on_cohorts(federation, nodes)
+    for s in SITES:  # no site ever sent a plain update
         assert not [
             e
             for _, n, e in federation.journal.effects
             if n == s and type(getattr(e, "msg", None)) is Update
         ]
-    assert federation.journal.checker.updates_duplicated == 0
 
 
 def secure_sync_star(algorithm: str) -> dict[str, Any]:
@@ -164,31 +172,6 @@ def test_secure_sync_rounds_converge_on_cohort_sums_only(
     nodes = secure_sync_star(algorithm)
     root = nodes["root"]
     assert isinstance(root, SyncAggregator) and root.secure_aggregation is not None
-    try:
-        federation.start(
-            nodes,
-            {"root": "root", **dict.fromkeys(SITES, "site")},
-            [("root", s) for s in SITES],
-            trainer=workload.LeastSquaresTrainer(),
-        )
-    except Unsupported as exc:
-        pytest.skip(f"{federation.name}: {exc}")
-    initial = workload.distance(workload.start())
-    # Same tolerance as the FedBuff case: 10 times closer within 40 rounds.
-    assert federation.run_until(
-        lambda: workload.distance(federation.node("root").current_model()[1]) < initial / 10,
-        timeout_s=600,
-    )
-    versions = version_of(federation, "root")
-    assert 1 <= versions <= 40
-    applied = [m for m in metrics(federation, "secagg_cohort_applied") if m.node == "root"]
-    assert len(applied) >= versions
+    converge_on_cohorts(federation, nodes)
     closed = [m for m in metrics(federation, "round_closed") if m.node == "root"]
     assert closed and all(m.labels == {"reason": "cohort"} for m in closed)
-    assert received(federation, "root", Update) == []
-    assert received(federation, "root", SecAggJoin)
-    masked = received(federation, "root", MaskedUpdate)
-    assert masked
-    if federation.signs:
-        assert all(len(m.sig) == 64 for _, _, m in masked)
-    assert federation.journal.checker.updates_duplicated == 0
