@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -136,6 +137,27 @@ class MiniNet:
             trained = {k: (v + bump).astype(v.dtype) for k, v in train.weights.items()}
             self.feed(node, TrainDone(train.job, TrainResult(trained, n_examples)))
         return len(jobs)
+
+    def finish_jobs_of(
+        self,
+        chosen: set[str],
+        delta_of: Callable[[str, int], Weights],
+        examples_of: Callable[[str], int],
+        trained: dict[tuple[str, int], Weights],
+    ) -> None:
+        """Complete the running jobs of the sites in ``chosen`` (the others keep running):
+        trained = base + ``delta_of(site, next seq)``, each delta recorded in ``trained``
+        under (site, seq) so a test can compare what was applied with what was trained."""
+        keep, run = [], []
+        for node, job in self.jobs:
+            (run if node in chosen else keep).append((node, job))
+        self.jobs = keep
+        for node, job in run:
+            seq = self.nodes[node].seq + 1
+            delta = delta_of(node, seq)
+            trained[(node, seq)] = delta
+            weights = {k: (v + delta[k]).astype(v.dtype) for k, v in job.weights.items()}
+            self.feed(node, TrainDone(job.job, TrainResult(weights, examples_of(node))))
 
     def link(self, a: str, b: str, up: bool) -> None:
         """Link state change seen by both ends; messages in flight are lost on a drop."""

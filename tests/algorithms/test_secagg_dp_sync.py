@@ -21,13 +21,14 @@ from fedloom.algorithms.dp.release import (
     effective_noise_multiplier,
     member_noise_sigma,
 )
-from fedloom.algorithms.protocol import Deadline, TrainDone, TrainResult, Weights
+from fedloom.algorithms.protocol import Deadline, Weights
 from fedloom.algorithms.sync import SyncAggregator
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.factory import Neighbours, build_node
 from fedloom.federation.secagg_params import SecureAggregationConfig
 from fedloom.transport.wire import SecAggSeal, TrainRequest
 from tests.algorithms.alg_helpers import model
+from tests.algorithms.test_secagg_dp_regions import uniform_delta
 from tests.algorithms.test_secagg_sync import (
     ROUND_S,
     TRAINING,
@@ -73,17 +74,7 @@ class DpSyncFed(SyncFed):
 
     def train(self, sites: Any = None) -> None:
         chosen = set(self.busy() if sites is None else sites)
-        keep, run = [], []
-        for node, job in self.jobs:
-            (run if node in chosen else keep).append((node, job))
-        self.jobs = keep
-        for node, job in run:
-            site = self.nodes[node]
-            k = int(node.split("-")[1])
-            delta = {n: np.full(v.shape, 0.3 + 0.001 * k, v.dtype) for n, v in model().items()}
-            self.trained[(node, site.seq + 1)] = delta
-            trained = {n: (v + delta[n]).astype(v.dtype) for n, v in job.weights.items()}
-            self.feed(node, TrainDone(job.job, TrainResult(trained, examples(node))))
+        self.finish_jobs_of(chosen, uniform_delta, examples, self.trained)
 
 
 def flat(w: Weights) -> np.ndarray[Any, Any]:

@@ -27,8 +27,6 @@ from fedloom.algorithms.protocol import (
     Persist,
     Received,
     Send,
-    TrainDone,
-    TrainResult,
     Weights,
 )
 from fedloom.algorithms.regional import RegionalAggregator
@@ -179,16 +177,7 @@ class Fed(MiniNet):
     def train(self, sites: Iterable[str] | None = None) -> None:
         """Finish the running jobs of ``sites`` (all) with each site's own delta."""
         chosen = set(self.sites if sites is None else sites)
-        keep, run = [], []
-        for node, job in self.jobs:
-            (run if node in chosen else keep).append((node, job))
-        self.jobs = keep
-        for node, job in run:
-            site = self.nodes[node]
-            delta = site_delta(node, site.seq + 1)
-            self.trained[(node, site.seq + 1)] = delta
-            trained = {k: (v + delta[k]).astype(v.dtype) for k, v in job.weights.items()}
-            self.feed(node, TrainDone(job.job, TrainResult(trained, examples(node))))
+        self.finish_jobs_of(chosen, site_delta, examples, self.trained)
 
     def sent_by(self, node: str, kind: type) -> list[Any]:
         return [

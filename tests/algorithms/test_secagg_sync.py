@@ -26,8 +26,6 @@ from fedloom.algorithms.protocol import (
     Persist,
     Received,
     Send,
-    TrainDone,
-    TrainResult,
     Weights,
 )
 from fedloom.algorithms.secagg.cohort import threshold
@@ -163,16 +161,7 @@ class SyncFed(MiniNet):
     def train(self, sites: Iterable[str] | None = None) -> None:
         """Finish the running jobs of ``sites`` (all) with each site's own delta."""
         chosen = set(self.busy() if sites is None else sites)
-        keep, run = [], []
-        for node, job in self.jobs:
-            (run if node in chosen else keep).append((node, job))
-        self.jobs = keep
-        for node, job in run:
-            site = self.nodes[node]
-            delta = site_delta(node, site.seq + 1)
-            self.trained[(node, site.seq + 1)] = delta
-            trained = {k: (v + delta[k]).astype(v.dtype) for k, v in job.weights.items()}
-            self.feed(node, TrainDone(job.job, TrainResult(trained, examples(node))))
+        self.finish_jobs_of(chosen, site_delta, examples, self.trained)
 
     def sent_by(self, node: str, kind: type, since: int = 0) -> list[Any]:
         return [
