@@ -46,11 +46,15 @@ def clip_contribution(
     if c == 0.0:  # not finite: nothing of it gets through (NaN * 0 would still be NaN)
         return {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in delta.items()}, True
     out = {k: np.asarray(v, dtype=np.float64) * c for k, v in delta.items()}
-    # Rounding can leave the product a hair above the bound: scale once more if so.
+    # Rounding can leave the product a hair above the bound: scale again, each time by a
+    # factor one ulp under clip/norm, until it is within (one or two rounds in practice).
     if c < 1.0:
-        again = l2_norm(out)
-        if again > clip:
-            out = {k: v * (clip / again) for k, v in out.items()}
+        for _ in range(8):
+            again = l2_norm(out)
+            if again <= clip:
+                break
+            f = float(np.nextafter(clip / again, 0.0))
+            out = {k: v * f for k, v in out.items()}
     return out, c < 1.0
 
 
