@@ -133,6 +133,19 @@ def _applied(url: str) -> float:
     return sum(v for (name, _), v in samples.items() if name == "fedloom_updates_applied_total")
 
 
+def _senders(url: str) -> set[str]:
+    """The sites the root has applied at least one update from (its labelled counter)."""
+    try:
+        samples = scrape(url)
+    except OSError:
+        return set()
+    return {
+        dict(labels).get("src", "")
+        for (name, labels), v in samples.items()
+        if name == "fedloom_updates_applied_total" and v > 0
+    }
+
+
 def _healthz(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/healthz", timeout=2) as resp:
@@ -159,6 +172,8 @@ def test_ten_load_sites_drain_into_the_roots_ledger_exactly_once(tmp_path: Path)
         root.start()
         gen.start()
         _wait("updates from every site", lambda: _applied(root_url) >= 3 * N_SITES, 180)
+        # ... and at least one from each (a site whose first job ran last may still be short).
+        _wait("one applied update from each site", lambda: _senders(root_url) >= set(sites), 120)
         assert _healthz(gen_url), gen.log_text()[-2000:]
         key = ("fedloom_loadgen_updates_produced", ())
         _wait("its /metrics", lambda: scrape(gen_url).get(key, 0.0) >= 3 * N_SITES, 30)
