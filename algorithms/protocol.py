@@ -67,10 +67,13 @@ class TrainDone:
 
 @dataclass(frozen=True, slots=True)
 class TrainFailed:
-    """A training job started by a ``Train`` effect failed or was abandoned."""
+    """A training job started by a ``Train`` effect failed or was abandoned. ``code``: why,
+    in one word ("failed": the plan raised; "dropout": abandoned, in the simulator; a
+    declared refusal's own code, e.g. "plan_not_approved")."""
 
     job: int
     reason: str
+    code: str = "failed"
 
 
 @dataclass(frozen=True, slots=True)

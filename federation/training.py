@@ -15,7 +15,16 @@ from fedloom.algorithms.protocol import TrainResult, Weights
 
 class TrainingRefusedError(Exception):
     """A trainer's declared refusal to train a job (e.g. ``workloads.dp_sgd``'s privacy
-    budget): both drivers answer ``TrainFailed(job, str(exc))``, without a traceback."""
+    budget, an unapproved plan, a revoked dataset): both drivers answer ``TrainFailed(job,
+    str(exc), code)``, without a traceback. ``code`` is a short machine-readable word
+    (``transport.wire.TrainRefused`` lists them) that travels to the aggregator."""
+
+    code = "refused"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class Trainer(Protocol):

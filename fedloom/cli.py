@@ -21,7 +21,22 @@ from fedloom.federation.config_reader import ConfigError
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 SIM_COMMANDS = ("sim", "plan")
-RUNTIME_COMMANDS = ("keygen", "roster", "run", "state", "privacy", "demo", "chaos", "local")
+RUNTIME_COMMANDS = (
+    "keygen",
+    "roster",
+    "run",
+    "state",
+    "privacy",
+    "demo",
+    "chaos",
+    "local",
+    "dataset",
+    "plans",
+    "audit",
+    "model",
+    "run-report",
+    "status",
+)
 
 # Third-party modules that only an extra installs, and the smallest extra that brings each
 # (``sim`` includes ``data``'s scikit-learn too).
@@ -36,6 +51,12 @@ _EXTRA_OF = {
     "dp_accounting": "privacy",
     # Record-level DP-SGD at a site ([dp_sgd]), and `fedloom privacy` on its state.
     "opacus": "dpsgd",
+    # A site's own CSV/Parquet tables (`fedloom dataset`, the tabular plan).
+    "pandas": "tabular",
+    "pyarrow": "tabular",
+    # `fedloom model export --format safetensors`, `fedloom run-report`.
+    "safetensors": "export",
+    "rocrate": "export",
 }
 
 

@@ -485,7 +485,7 @@ class AsyncDriver:
         except asyncio.CancelledError:
             raise
         except TrainingRefusedError as exc:  # declared (a spent privacy budget): no traceback
-            self._job_failed(job, str(exc))
+            self._job_failed(job, str(exc), exc.code)
             return
         except Exception as exc:
             log.warning(
@@ -505,9 +505,9 @@ class AsyncDriver:
         self.stats.jobs_done += 1
         self.post_nowait(TrainDone(job, result))
 
-    def _job_failed(self, job: int, reason: str) -> None:
+    def _job_failed(self, job: int, reason: str, code: str = "failed") -> None:
         self.stats.jobs_failed += 1
-        self.post_nowait(TrainFailed(job, reason))
+        self.post_nowait(TrainFailed(job, reason, code))
 
     def _refresh_deadline(self, loop: asyncio.AbstractEventLoop) -> None:
         self._set_deadline(loop, self.node.next_deadline())

@@ -529,7 +529,7 @@ class SimDriver:
         try:
             result = self.executor.join(ticket)
         except TrainingRefusedError as exc:  # e.g. a DP-SGD site's spent privacy budget
-            self._dispatch(node_id, TrainFailed(job, str(exc)))
+            self._dispatch(node_id, TrainFailed(job, str(exc), exc.code))
             return
         self._stats.jobs_finished += 1
         self._dispatch(node_id, TrainDone(job, result))

@@ -287,6 +287,57 @@ class SecAggAbort:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class TrainRefused:
+    """Site ``src`` did not train task ``task`` (model ``version``): it refused the job
+    (``code``: "plan_not_approved", "out_of_bounds", "dataset_missing", "dataset_revoked",
+    "unsigned_settings", "privacy_budget", ...) or the plan failed ("plan_failed").
+    ``reason`` is the site's one-line explanation. A region relays it to its parent
+    unchanged, so the root sees every site's refusals (``fedloom status``)."""
+
+    src: str
+    task: int
+    version: int
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class EvalReport:
+    """Site ``src``'s evaluation of global model ``version`` on its own held-out split:
+    ``metrics`` (accuracy, loss, ...) over ``n_examples`` examples. Regions relay it up; the
+    root publishes only aggregates over at least a minimum number of sites."""
+
+    src: str
+    version: int
+    n_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """The root asks for federated statistics ``query`` over the sites' registered dataset
+    tagged ``spec["tag"]`` (the other keys of ``spec`` say which columns and bins:
+    ``federation`` analytics module). Regions pass it down to their sites."""
+
+    query: str
+    spec: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReport:
+    """Site ``src``'s answer to ``query``: ``values`` (counts, sums, histogram cells, with
+    cells below the minimum size suppressed) over ``n`` rows, or a refusal (``code`` and
+    ``reason`` set, ``values`` empty). Regions relay it up."""
+
+    src: str
+    query: str
+    n: int
+    values: Mapping[str, float] = field(default_factory=dict)
+    code: str = ""
+    reason: str = ""
+
+
 Message: TypeAlias = (
     Hello
     | ModelBroadcast
@@ -307,6 +358,10 @@ Message: TypeAlias = (
     | SecAggUnmask
     | SecAggShares
     | SecAggAbort
+    | TrainRefused
+    | EvalReport
+    | StatsRequest
+    | StatsReport
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -329,6 +384,10 @@ MESSAGE_TYPES: tuple[type, ...] = (
     SecAggUnmask,
     SecAggShares,
     SecAggAbort,
+    TrainRefused,
+    EvalReport,
+    StatsRequest,
+    StatsReport,
 )
 
 SECAGG_MESSAGE_TYPES: tuple[type, ...] = (
@@ -527,6 +586,34 @@ _SCHEMAS: dict[type, _Schema] = {
         ("pair_shares", _PAIR_SHARES),
     ),
     SecAggAbort: _schema("secagg_abort", SecAggAbort, ("cohort", _COHORT), ("reason", _STR)),
+    TrainRefused: _schema(
+        "train_refused",
+        TrainRefused,
+        ("src", _STR),
+        ("task", _INT),
+        ("version", _INT),
+        ("code", _STR),
+        ("reason", _STR),
+    ),
+    EvalReport: _schema(
+        "eval_report",
+        EvalReport,
+        ("src", _STR),
+        ("version", _INT),
+        ("n_examples", _INT),
+        ("metrics", _MAP),
+    ),
+    StatsRequest: _schema("stats_request", StatsRequest, ("query", _STR), ("spec", _MAP)),
+    StatsReport: _schema(
+        "stats_report",
+        StatsReport,
+        ("src", _STR),
+        ("query", _STR),
+        ("n", _INT),
+        ("values", _MAP),
+        ("code", _STR),
+        ("reason", _STR),
+    ),
 }
 _SCHEMAS_BY_NAME: dict[str, _Schema] = {s.name: s for s in _SCHEMAS.values()}
 _DEFAULT_LIMITS = Limits()

@@ -292,6 +292,8 @@ class DpSgdPlan:
 class PrivacyBudgetExhaustedError(TrainingRefusedError):
     """The job would take the site's ε above its budget: it is not trained."""
 
+    code = "privacy_budget"
+
 
 # One step's RDP curve per (z, q): the accountant's ``compute_rdp(q, z, steps, orders)`` is
 # that curve times ``steps``, and its fractional orders cost ~0.4 s per entry to evaluate.
