@@ -39,6 +39,7 @@ from fedloom.runtime.config import RELAY_MESSAGE_MIB
 from fedloom.runtime.driver import AsyncDriver
 from fedloom.runtime.evaluation import DEFAULT_EVAL_INTERVAL_S, evaluate_models, sleep_or_stop
 from fedloom.runtime.malloc_tuning import GLIBC_TUNABLES
+from fedloom.runtime.middleware import LayeredNode, poster
 from fedloom.runtime.network_peers import (
     Backoff,
     DialTarget,
@@ -413,8 +414,11 @@ async def serve(
                 own_pool, executor = executor, make_executor("thread", cfg.executor.workers)
                 own_executor = executor
             trainer = _dp_sgd_trainer(d, trainer, sink, loop, own_pool)
+    # Daemon services layered around the node (runtime.middleware): each adds itself to
+    # ``layered`` below, once the driver it posts its own events through exists.
+    layered = LayeredNode(d.node)
     driver = AsyncDriver(
-        d.node,
+        layered,
         peers=peers,
         trainer=trainer,
         executor=executor,
@@ -422,6 +426,8 @@ async def serve(
         metrics=sink,
         seed=cfg.seed,
     )
+    post = poster(driver.post_nowait)  # for the services' own events
+    del post  # (no service is layered yet)
     stop = asyncio.Event()
     main = asyncio.current_task()
     outside = asyncio.all_tasks(loop)  # tasks not ours to cancel (in-process callers)
