@@ -12,6 +12,10 @@ from typing import Any, Protocol
 
 from fedloom.algorithms.protocol import TrainResult, Weights
 
+# Keys of a job's config that the site (its node or driver) adds itself, never the
+# aggregator: outside the root's signed settings and the approval gate's bounds.
+SITE_CONFIG_KEYS: tuple[str, ...] = ("seed", "server_round")
+
 
 class TrainingRefusedError(Exception):
     """A trainer's declared refusal to train a job (e.g. ``workloads.dp_sgd``'s privacy
