@@ -1,7 +1,8 @@
 """Evaluation: a node that holds a model and has a plan (the root, gossip peers)
 evaluates it on the plan's test set whenever it changed, at most every ``interval_s``, and
 exports ``fedloom_eval_accuracy``, ``fedloom_eval_loss`` and ``fedloom_eval_model_version``
-(and logs the figures).
+(and logs the figures); ``on_result(version, figures)``, when given, gets each result too
+(the status board's accuracy curve, ``runtime.status``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedloom.runtime.nodes import model_of
@@ -29,7 +31,13 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
-async def evaluate_models(d: Daemon, sink: Any, stop: asyncio.Event, interval_s: float) -> None:
+async def evaluate_models(
+    d: Daemon,
+    sink: Any,
+    stop: asyncio.Event,
+    interval_s: float,
+    on_result: Callable[[int, Mapping[str, float]], None] | None = None,
+) -> None:
     """Evaluate the node's model on its plan's test set whenever it has changed."""
     from prometheus_client import Gauge
 
@@ -58,6 +66,8 @@ async def evaluate_models(d: Daemon, sink: Any, stop: asyncio.Event, interval_s:
                 accuracy.set(acc)
                 loss.set(lss)
                 version_g.set(version)
+                if on_result is not None:
+                    on_result(version, {"accuracy": acc, "loss": lss})
                 log.info(
                     "%s: model v%d: accuracy %.4f, loss %.4f",
                     d.cfg.node_id,

@@ -6,6 +6,10 @@
   ``sink.set_ready(True)``; 503 with the same body and ``"status": "starting"`` before that,
   or ``"degraded"`` after a later ``set_ready(False)`` (systemd, load balancers and
   ``curl -f`` read the code, people read the body).
+* ``/status.json`` and ``/status`` — only when a ``status`` provider is given (an
+  aggregator's ``runtime.status.StatusBoard``): its document as JSON, and the same rendered
+  as a self-contained HTML page (``runtime.status_page``) under a Content-Security-Policy
+  that lets nothing be loaded. Every route is GET (and HEAD) only: other methods get 405.
 
 Binds to 127.0.0.1 by default: the metrics name peers and versions, so exposing them beyond
 the host is an explicit choice (``host="0.0.0.0"``). Port 0 picks a free port
@@ -17,7 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
@@ -28,6 +34,8 @@ __all__ = ["ObservabilityServer", "make_app", "start_observability", "stop_obser
 
 _log = logging.getLogger(__name__)
 _SINK_KEY = web.AppKey("sink", MetricsSink)
+StatusProvider = Callable[[], dict[str, Any]]
+_STATUS_KEY: web.AppKey[StatusProvider] = web.AppKey("status")
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -47,12 +55,40 @@ async def _healthz(request: web.Request) -> web.Response:
     )
 
 
-def make_app(sink: MetricsSink) -> web.Application:
-    """The aiohttp application serving ``sink`` (mountable into a larger app)."""
+async def _status_json(request: web.Request) -> web.Response:
+    doc = request.app[_STATUS_KEY]()
+    return web.Response(
+        text=json.dumps(doc, allow_nan=False),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+async def _status_page(request: web.Request) -> web.Response:
+    from fedloom.runtime.status_page import CSP, render
+
+    return web.Response(
+        text=render(request.app[_STATUS_KEY]()),
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": CSP,
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
+
+
+def make_app(sink: MetricsSink, status: StatusProvider | None = None) -> web.Application:
+    """The aiohttp application serving ``sink`` (and ``status``'s document, when given)."""
     app = web.Application()
     app[_SINK_KEY] = sink
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
+    if status is not None:
+        app[_STATUS_KEY] = status
+        app.router.add_get("/status.json", _status_json)
+        app.router.add_get("/status", _status_page)
     return app
 
 
@@ -86,14 +122,19 @@ class ObservabilityServer:
 
 
 async def start_observability(
-    sink: MetricsSink, host: str = "127.0.0.1", port: int = 0
+    sink: MetricsSink,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    status: StatusProvider | None = None,
 ) -> ObservabilityServer:
-    """Serve ``/metrics`` and ``/healthz`` for ``sink`` on ``host:port`` (0 = a free port)."""
+    """Serve ``/metrics`` and ``/healthz`` for ``sink`` on ``host:port`` (0 = a free port),
+    and ``/status.json`` and ``/status`` when a ``status`` provider is given."""
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in 0..65535, got {port}")
     # A scrape is tiny: a short shutdown grace keeps SIGTERM handling prompt.
     runner = web.AppRunner(
-        make_app(sink), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        make_app(sink, status), access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()
     try:
@@ -103,7 +144,8 @@ async def start_observability(
         await runner.cleanup()
         raise
     bound = runner.addresses[0][1] if runner.addresses else port
-    _log.info("observability endpoint on http://%s:%d (/metrics, /healthz)", host, bound)
+    routes = "/metrics, /healthz" + (", /status, /status.json" if status is not None else "")
+    _log.info("observability endpoint on http://%s:%d (%s)", host, bound, routes)
     return ObservabilityServer(runner, host, int(bound))
 
 

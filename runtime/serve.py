@@ -24,7 +24,7 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedloom.algorithms.protocol import Metric, ModelHolder, Persist, Restorable
@@ -57,6 +57,7 @@ from fedloom.runtime.nodes import (
 from fedloom.runtime.recovery import Daemon, DaemonError, recovery_summary
 from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
 from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
+from fedloom.runtime.status import StatusBoard, board_for_daemon
 from fedloom.runtime.trainer import PlanTrainer, make_executor
 from fedloom.transport.channel import ChannelOptions, GateLimits
 from fedloom.transport.codec_policy import CodecPolicy
@@ -428,6 +429,9 @@ async def serve(
     )
     post = poster(driver.post_nowait)  # for the services' own events
     del post  # (no service is layered yet)
+    board = board_for_daemon(d, layered, loop.time()) if cfg.is_aggregator else None
+    if board is not None:  # the status board (/status, fedloom status): observes only
+        layered.add(board)
     stop = asyncio.Event()
     main = asyncio.current_task()
     outside = asyncio.all_tasks(loop)  # tasks not ours to cancel (in-process callers)
@@ -482,7 +486,9 @@ async def serve(
     try:
         if cfg.metrics_port:
             try:
-                obs = await start_observability(sink, cfg.metrics_host, cfg.metrics_port)
+                obs = await start_observability(
+                    sink, cfg.metrics_host, cfg.metrics_port, status=_status_of(board, driver)
+                )
             except OSError as exc:
                 raise DaemonError(
                     f"metrics: cannot listen on {cfg.metrics_host}:{cfg.metrics_port}: {exc}"
@@ -515,7 +521,7 @@ async def serve(
             tg.create_task(_observe(d, peers, sink, stop))
             tg.create_task(_reload_on_hangup(keeper, hangup, stop))
             if evaluating:
-                tg.create_task(evaluate_models(d, sink, stop, interval))
+                tg.create_task(evaluate_models(d, sink, stop, interval, _evaluated(board, loop)))
             if shutdown is not None:
                 tg.create_task(_on_event(shutdown, stop, request_stop))
             try:
@@ -568,6 +574,20 @@ async def serve(
         )
     else:
         log.info("%s: stopped cleanly", cfg.node_id, extra={"node": cfg.node_id})
+
+
+def _status_of(
+    board: StatusBoard | None, driver: AsyncDriver
+) -> Callable[[], dict[str, Any]] | None:
+    """The status document provider of the metrics port (on the node's clock)."""
+    return None if board is None else (lambda: board.document(driver.now()))
+
+
+def _evaluated(
+    board: StatusBoard | None, loop: asyncio.AbstractEventLoop
+) -> Callable[[int, Mapping[str, float]], None] | None:
+    """The root's own evaluations into its status board's accuracy curve."""
+    return None if board is None else (lambda v, m: board.evaluated(v, m, loop.time()))
 
 
 def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
