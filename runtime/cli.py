@@ -38,6 +38,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _add_daemon_commands(sub)
     _add_state_commands(sub)
     _add_privacy_command(sub)
+    from fedloom.runtime.status_cli import add_status_command
+
+    add_status_command(sub)  # status
     _add_chaos_commands(sub)
 
 
@@ -365,6 +368,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from fedloom.runtime.privacy_cli import cmd_privacy
 
         return cmd_privacy(args.state_dir, as_json=args.json, delta=args.delta)
+    if args.command == "status":
+        from fedloom.runtime.status_cli import cmd_status
+
+        return cmd_status(args)
     if args.command == "state" and args.state_command == "reseed":
         from fedloom.runtime.reseed import cmd_state_reseed
 

@@ -1,0 +1,265 @@
+"""``fedloom status``: the federation as its root (or a region) sees it, from its metrics port.
+
+    fedloom status --config ROOT.toml      # the port from the config's [metrics]
+    fedloom status --url http://127.0.0.1:9100 [--json]
+
+Fetches ``/status.json`` (``runtime.status``) and prints the tiers with who is connected,
+the last update of every child and site, the model version, accuracy, refusals and the
+privacy budget; ``--json`` prints the document as it came. Colours with ``rich`` when it is
+installed and stdout is a terminal, plain text otherwise (a base install has no ``rich``).
+
+Exit 0; 1 with one line when the daemon cannot be reached or serves no status (its
+``[metrics] port`` is not set, it is down, it is not an aggregator); 2 (``ConfigError``)
+for a mistake on the command line or in the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedloom.federation.config_reader import ConfigError
+
+__all__ = ["add_status_command", "cmd_status", "fetch_status", "format_status"]
+
+EXIT_OK = 0
+EXIT_UNREACHABLE = 1
+MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 5.0
+
+
+class StatusUnavailableError(Exception):
+    """The status document could not be fetched (the message is the one line to print)."""
+
+
+def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = sub.add_parser(
+        "status",
+        help="print the federation as its root sees it (tiers, links, last updates, "
+        "versions, accuracy, refusals, privacy budget)",
+        description="Fetch /status.json from a running root's (or region's) metrics port\n"
+        "and print the federation: the tiers with who is connected, the last update of\n"
+        "each child and site, the model version and its history, the accuracy of the\n"
+        "root's own evaluation, refusals, federated evaluation and the privacy budget.\n"
+        "The daemon needs [metrics] port set; the same view is served as a web page on\n"
+        "http://HOST:PORT/status (no JavaScript). Exit status 1 when it cannot be reached.",
+        epilog="examples:\n"
+        "  fedloom status --config /etc/fedloom/root.toml\n"
+        "  fedloom status --url http://127.0.0.1:9100 --json | jq .model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--config", type=Path, metavar="FILE", help="the daemon's config (its [metrics] host/port)"
+    )
+    where.add_argument("--url", metavar="URL", help="its metrics endpoint, http://HOST:PORT")
+    status.add_argument("--json", action="store_true", help="print the raw status document")
+    status.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds to wait for the daemon (default {DEFAULT_TIMEOUT_S:g})",
+    )
+
+
+def _base_url(config: Path | None, url: str | None) -> str:
+    if url is not None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--url {url!r}: give the metrics endpoint as http://HOST:PORT")
+        return url.rstrip("/").removesuffix("/status.json").removesuffix("/status")
+    assert config is not None
+    from fedloom.runtime.config import load_config
+
+    cfg = load_config(config, check_files=False)
+    if not cfg.metrics_port:
+        raise StatusUnavailableError(
+            f"{config}: {cfg.node_id} has no metrics endpoint: set [metrics] port in its "
+            "config (and restart it) to serve /status.json"
+        )
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        cfg.metrics_host, cfg.metrics_host
+    )
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{cfg.metrics_port}"
+
+
+def fetch_status(base_url: str, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """The status document at ``base_url`` (``StatusUnavailableError`` with one line if not)."""
+    url = f"{base_url}/status.json"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = resp.read(MAX_DOCUMENT_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise StatusUnavailableError(
+                f"{url}: no status here (404): only aggregators (root, region) serve it"
+            ) from None
+        raise StatusUnavailableError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = getattr(exc, "reason", exc)
+        raise StatusUnavailableError(
+            f"cannot reach {base_url}: {why} (is the daemon running, with [metrics] port set?)"
+        ) from None
+    if len(body) > MAX_DOCUMENT_BYTES:
+        raise StatusUnavailableError(f"{url}: the document is over {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise StatusUnavailableError(f"{url}: not a JSON document") from None
+    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("fedloom.status/"):
+        raise StatusUnavailableError(f"{url}: not a fedloom status document")
+    return doc
+
+
+def _clean(value: object) -> str:
+    """Printable text (a peer's string may carry terminal escapes)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value))
+
+
+def _age(seconds: object) -> str:
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return "never"
+    s = float(seconds)
+    if s < 90:
+        return f"{s:.0f} s ago"
+    if s < 5400:
+        return f"{s / 60:.0f} min ago"
+    return f"{s / 3600:.1f} h ago"
+
+
+def _num(value: object, fmt: str = ".4f") -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format(value, fmt)
+    return "-"
+
+
+def _member_line(node: Mapping[str, Any], indent: str) -> str:
+    connected = node.get("connected")
+    mark = "●" if connected is True else "○" if connected is False else "·"
+    link = (
+        "connected"
+        if connected is True
+        else "DISCONNECTED"
+        if connected is False
+        else "via its region"
+    )
+    return (
+        f"{indent}{mark} {_clean(node.get('id'))} ({_clean(node.get('role'))})  {link}  "
+        f"last update {_age(node.get('last_update_age_s'))}  "
+        f"{_clean(node.get('updates', 0))} updates"
+    )
+
+
+def format_status(doc: Mapping[str, Any]) -> list[str]:
+    """The document as plain text lines."""
+    node = doc.get("node") or {}
+    model = doc.get("model") or {}
+    tiers: Sequence[Sequence[Mapping[str, Any]]] = doc.get("tiers") or [[], [], []]
+    acc = doc.get("accuracy") or []
+    last = acc[-1] if acc else None
+    lines = [
+        f"{_clean(node.get('id'))} ({_clean(node.get('role'))}), "
+        f"{_clean(node.get('algorithm') or '-')}, up {_num(node.get('uptime_s'), '.0f')} s, "
+        f"roster v{_clean(node.get('roster_version'))}, secure aggregation "
+        f"{'on' if node.get('secure_aggregation') else 'off'}",
+        f"model: version {_clean(model.get('version'))} "
+        f"(last new version {_age(model.get('version_age_s'))}, "
+        f"{_clean(model.get('versions_seen', 0))} versions seen)",
+        "accuracy: "
+        + (
+            f"{_num(last[2])} (loss {_num(last[3])}) at version {_clean(last[1])}"
+            if last
+            else "not evaluated yet"
+        ),
+    ]
+    privacy = doc.get("privacy")
+    if isinstance(privacy, Mapping):
+        budget = privacy.get("epsilon_budget")
+        text = f"privacy: epsilon = {_num(privacy.get('epsilon'), '.4g')}"
+        if budget is not None:
+            text += f" of epsilon_budget = {_num(budget, '.4g')}"
+        if privacy.get("exhausted"):
+            text += " (EXHAUSTED: no more releases)"
+        lines.append(text)
+    else:
+        lines.append("privacy: no central DP")
+    lines.append("tiers:")
+    top = tiers[0][0] if tiers and tiers[0] else node
+    lines.append(f"  {_clean(top.get('id'))} ({_clean(top.get('role'))})")
+    children = list(tiers[1]) if len(tiers) > 1 else []
+    sites = list(tiers[2]) if len(tiers) > 2 else []
+    for child in children:
+        lines.append(_member_line(child, "    "))
+        for site in sites:
+            if site.get("parent") == child.get("id"):
+                lines.append(_member_line(site, "        "))
+    known = {c.get("id") for c in children}
+    for site in sites:
+        if site.get("parent") not in known:
+            lines.append(_member_line(site, "    "))
+    refusals = doc.get("refusals")
+    if isinstance(refusals, Mapping) and refusals:
+        lines.append("refusals:")
+        for site, entry in refusals.items():
+            e = entry if isinstance(entry, Mapping) else {"reason": entry}
+            lines.append(
+                f"  {_clean(site)}: {_clean(e.get('code', '?'))} x{_clean(e.get('count', '?'))}"
+                f" (last version {_clean(e.get('last_version', '?'))}): "
+                f"{_clean(e.get('reason', ''))}"
+            )
+    else:
+        lines.append("refusals: none")
+    fed = doc.get("federated_evaluation")
+    if fed is not None:
+        lines.append(
+            "federated evaluation: "
+            + _clean(json.dumps(fed, sort_keys=True, ensure_ascii=False))[:2000]
+        )
+    versions = doc.get("versions") or []
+    if versions:
+        tail = ", ".join(f"v{_clean(v)} at {_num(t, '.0f')} s" for t, v in versions[-5:])
+        lines.append(f"recent versions: {tail}")
+    return lines
+
+
+def _print(lines: list[str], out: TextIO) -> None:
+    if out.isatty():
+        try:
+            from rich.console import Console
+            from rich.markup import escape
+        except ImportError:
+            pass
+        else:
+            console = Console(file=out, highlight=False)
+            for line in lines:
+                text = escape(line)
+                text = text.replace("●", "[green]●[/]").replace("○", "[red]○[/]")
+                text = text.replace("DISCONNECTED", "[bold red]DISCONNECTED[/]")
+                console.print(text)
+            return
+    for line in lines:
+        out.write(line + "\n")
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``fedloom status`` (see the module docstring)."""
+    stream = sys.stdout if out is None else out
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout {args.timeout}: must be a number of seconds > 0")
+    try:
+        doc = fetch_status(_base_url(args.config, args.url), args.timeout)
+    except StatusUnavailableError as exc:
+        print(f"fedloom status: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        stream.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    else:
+        _print(format_status(doc), stream)
+    return EXIT_OK
