@@ -38,6 +38,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _add_daemon_commands(sub)
     _add_state_commands(sub)
     _add_privacy_command(sub)
+    from fedloom.runtime.plans_cli import add_plans_command
+
+    add_plans_command(sub)  # plans digest|approve|list|revoke
     from fedloom.runtime.status_cli import add_status_command
 
     add_status_command(sub)  # status
@@ -368,6 +371,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from fedloom.runtime.privacy_cli import cmd_privacy
 
         return cmd_privacy(args.state_dir, as_json=args.json, delta=args.delta)
+    if args.command == "plans":
+        from fedloom.runtime.plans_cli import cmd_plans
+
+        return cmd_plans(args)
     if args.command == "status":
         from fedloom.runtime.status_cli import cmd_status
 

@@ -55,6 +55,7 @@ Example (a hospital site)::
     [privacy]                         # the root: mechanism = "central", noise_multiplier,
                                       # clip, delta, epsilon_budget, accountant (README,
                                       # "Differential privacy"; federation.privacy)
+    [governance]                      # sites: require_approval (runtime.governance)
 
 Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``, and may
 declare ``[subtrees]`` (region child id = [its site ids]): that region's forwards are then
@@ -103,6 +104,7 @@ from fedloom.federation.secagg_params import (
     check_codec,
     read_secure_aggregation,
 )
+from fedloom.runtime.governance import NO_GOVERNANCE, GovernanceConfig, read_governance
 from fedloom.transport.channel import (
     DEFAULT_GATE_HANDSHAKE_TIMEOUT_S,
     DEFAULT_MAX_PENDING,
@@ -249,6 +251,8 @@ class DaemonConfig:
     dp_sgd: DpSgdConfig | None = None
     # ``[privacy]`` (federation.privacy): a root's central DP, ledger and budget.
     privacy: PrivacyConfig = NO_PRIVACY
+    # ``[governance]`` (runtime.governance): whether a site trains only approved plans.
+    governance: GovernanceConfig = NO_GOVERNANCE
 
     @property
     def is_aggregator(self) -> bool:
@@ -340,6 +344,7 @@ def parse_config(
     secagg = read_secure_aggregation(t.table("secure_aggregation"))
     dp_sgd = read_dp_sgd(t.table("dp_sgd")) if t.has("dp_sgd") else None
     privacy = read_privacy(t.table("privacy"))
+    governance = read_governance(t.table("governance"))
     t.finish()
     if privacy.enabled and role not in ("root", "region", "site"):
         raise ConfigError(
@@ -390,6 +395,7 @@ def parse_config(
         secure_aggregation=secagg,
         dp_sgd=dp_sgd,
         privacy=privacy,
+        governance=governance,
         **failover,
     )
     _check_role(cfg)

@@ -38,6 +38,7 @@ from fedloom.runtime import secagg_pool, systemd
 from fedloom.runtime.config import RELAY_MESSAGE_MIB
 from fedloom.runtime.driver import AsyncDriver
 from fedloom.runtime.evaluation import DEFAULT_EVAL_INTERVAL_S, evaluate_models, sleep_or_stop
+from fedloom.runtime.governance import approval_required, site_gate
 from fedloom.runtime.malloc_tuning import GLIBC_TUNABLES
 from fedloom.runtime.middleware import LayeredNode, poster
 from fedloom.runtime.network_peers import (
@@ -415,6 +416,12 @@ async def serve(
                 own_pool, executor = executor, make_executor("thread", cfg.executor.workers)
                 own_executor = executor
             trainer = _dp_sgd_trainer(d, trainer, sink, loop, own_pool)
+        # [governance]: the approval gate runs in this process (jobs may not), first.
+        gate_pool: cf.Executor | None = None
+        if approval_required(cfg)[0] and cfg.executor.kind == "process" and own_pool is None:
+            own_pool = gate_pool = executor
+            executor = own_executor = make_executor("thread", cfg.executor.workers)
+        trainer = site_gate(cfg, trainer, gate_pool)
     # Daemon services layered around the node (runtime.middleware): each adds itself to
     # ``layered`` below, once the driver it posts its own events through exists.
     layered = LayeredNode(d.node)
