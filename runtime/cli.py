@@ -38,6 +38,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _add_daemon_commands(sub)
     _add_state_commands(sub)
     _add_privacy_command(sub)
+    from fedloom.runtime.export_cli import add_export_commands
+
+    add_export_commands(sub)  # model export|verify, run-report
     from fedloom.runtime.plans_cli import add_plans_command
 
     add_plans_command(sub)  # plans digest|approve|list|revoke
@@ -371,6 +374,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from fedloom.runtime.privacy_cli import cmd_privacy
 
         return cmd_privacy(args.state_dir, as_json=args.json, delta=args.delta)
+    if args.command in ("model", "run-report"):
+        from fedloom.runtime.export_cli import cmd_export
+
+        return cmd_export(args)
     if args.command == "plans":
         from fedloom.runtime.plans_cli import cmd_plans
 

@@ -1,0 +1,501 @@
+"""``fedloom run-report``: an RO-Crate (https://w3id.org/ro/crate) describing a federation.
+
+``write_report(config, out, ...)`` reads, and never changes, the root's config and state
+directory (a running root's too, as ``runtime.export`` does) and what the sites gave the
+coordinator (their state directories, or their ``fedloom audit export`` files), and writes
+``OUT/ro-crate-metadata.json`` with the ``rocrate`` library. The crate describes; it
+holds no data of any site:
+
+* ``#roster``: the roster's version and digest (the newer one the root installed while
+  running, if any) and ``#node-<id>`` for every member with its role (no keys);
+* ``#plan``: the training plan (its table from the root's config, and the plan digest
+  when ``runtime.governance`` is installed); ``#run``: the training as a CreateAction,
+  instrument the plan, objects the sites' datasets, result the model;
+* ``#dataset-<site>-<name>``: each dataset a site registered (tags, content SHA-256, row
+  count, declared columns, status), from ``runtime.datasets.DatasetRegistry(state_dir)``
+  or from the site's audit export (its dataset entries);
+* ``#model-v<N>``: the root's current model (version, digest, lineage, signature if held:
+  ``runtime.export``); with ``--model FILE`` the exported file itself is in the crate;
+* ``#metrics``: the root's published federated evaluation (JSON files its reports write
+  in its state directory), when there are any;
+* ``#privacy``: the privacy budget spent (``runtime.privacy_cli.read_ledger``: ε at the
+  root's δ, its budget) when the root has a ledger;
+* ``#audit-<node>``: the head (last seq and hash) of each audit log read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedloom.federation.config_reader import ConfigError
+from fedloom.federation.store import CorruptStateError, read_value
+from fedloom.runtime.config import DaemonConfig, load_config
+from fedloom.runtime.export import (
+    ExportInUseError,
+    RootModel,
+    fedloom_version,
+    read_export,
+    read_root_model,
+)
+from fedloom.transport.roster import Roster, RosterError, read_small_text
+
+__all__ = ["write_report"]
+
+_MAX_TEXT = 200  # strings read from a site's files are capped before they enter the crate
+# What the root's reports publish in its state directory (federated evaluation, analytics).
+_METRIC_FILES = ("evaluation.json", "reports/*.json", "analytics/*.json")
+# Properties schema.org (the RO-Crate context) has no term for: declared in the crate's
+# @context under fedloom's own namespace, so JSON-LD processors keep them.
+TERMS = {
+    term: f"urn:fedloom:terms:{term}"
+    for term in (
+        "declaredExamples",
+        "lineage",
+        "signature",
+        "signer",
+        "rows",
+        "features",
+        "label",
+        "columns",
+        "status",
+        "registered_at",
+        "revoked_at",
+        "seq",
+        "hash",
+        "releases",
+        "accountant",
+        "delta",
+        "epsilon",
+        "epsilon_budget",
+        "epsilon_note",
+    )
+}
+
+
+def _optional(module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+def _text(value: Any) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value))[:_MAX_TEXT]
+
+
+def _roster(cfg: DaemonConfig) -> Roster:
+    """The roster the root uses: its file's, or a newer one it installed while running
+    (kept in its state directory, verified again here)."""
+    key = cfg.read_consortium_key()
+    try:
+        roster = Roster.loads(read_small_text(cfg.roster_path), key)
+    except (RosterError, ValueError, OSError) as exc:
+        raise ConfigError(f"roster.path: {exc}") from None
+    from fedloom.federation.store import _file_name
+    from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY
+
+    seen = Path(cfg.state_dir) / _file_name(ROSTER_SEEN_KEY)
+    try:
+        _, value, _ = read_value(seen)
+    except (CorruptStateError, OSError):
+        return roster
+    kept = value.get("text") if isinstance(value, Mapping) else None
+    if isinstance(kept, str) and value.get("version", 0) > roster.version:
+        try:
+            return Roster.loads(kept, key)
+        except (RosterError, ValueError):
+            return roster
+    return roster
+
+
+def _audit_entries(state_dir: Path) -> list[dict[str, Any]]:
+    read_entries = _optional("fedloom.runtime.audit", "read_entries")
+    if read_entries is None or not (state_dir / "audit").exists():
+        return []
+    try:
+        return list(read_entries(state_dir))
+    except Exception as exc:
+        raise ConfigError(
+            f"{state_dir}: its audit log does not verify ({_text(exc)}); see `fedloom audit verify`"
+        ) from None
+
+
+def _jsonl_entries(path: Path) -> list[dict[str, Any]]:
+    """The entries of a site's ``fedloom audit export`` file (each chained to the one
+    before: an edited export is refused here too)."""
+    if not path.is_file():
+        raise ConfigError(f"--site-audit {path}: no such file")
+    entries: list[dict[str, Any]] = []
+    entry_hash = _optional("fedloom.runtime.audit", "entry_hash")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--site-audit {path}: cannot read ({_text(exc)})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            raise ConfigError(f"--site-audit {path}: line {n} is not JSON") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("fields"), dict):
+            raise ConfigError(f"--site-audit {path}: line {n} is not an audit entry")
+        if entry_hash is not None:
+            body = {k: v for k, v in entry.items() if k != "hash"}
+            if entry_hash(body) != entry.get("hash"):
+                raise ConfigError(f"--site-audit {path}: line {n} does not match its hash")
+        if entries and entry.get("prev") != entries[-1].get("hash"):
+            raise ConfigError(f"--site-audit {path}: line {n} does not follow line {n - 1}")
+        entries.append(entry)
+    return entries
+
+
+def _head(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    if not entries:
+        return None
+    last = entries[-1]
+    return {"seq": last.get("seq"), "hash": _text(last.get("hash"))}
+
+
+_DATASET_FIELDS = ("name", "tags", "sha256", "rows", "features", "label", "columns", "format")
+_DATASET_STATUS = ("registered_at", "revoked_at", "status")
+
+
+def _dataset_props(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What a registered dataset's record may say in the crate: never its path or data."""
+    out: dict[str, Any] = {}
+    for key in _DATASET_FIELDS + _DATASET_STATUS:
+        value = record.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list | tuple):
+            out[key] = [_text(v) for v in value][:256]
+        elif isinstance(value, Mapping):
+            out[key] = [_text(k) for k in value][:256]  # a schema's column names
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = value
+        else:
+            out[key] = _text(value)
+    return out
+
+
+def _registry_records(state_dir: Path) -> list[dict[str, Any]]:
+    registry = _optional("fedloom.runtime.datasets", "DatasetRegistry")
+    if registry is None:
+        return []
+    try:
+        records = registry(state_dir).records()
+    except Exception as exc:
+        raise ConfigError(
+            f"--site-state {state_dir}: cannot read its datasets ({_text(exc)})"
+        ) from None
+    out = []
+    for rec in records:
+        data = rec.to_json() if hasattr(rec, "to_json") else rec
+        if isinstance(data, str):
+            data = json.loads(data)
+        if isinstance(data, Mapping):
+            out.append(_dataset_props(data))
+    return out
+
+
+def _audit_datasets(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Datasets a site's audit entries name (added, then revoked: the latest state)."""
+    found: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        kind = str(entry.get("kind", ""))
+        fields = entry.get("fields")
+        if not kind.startswith("dataset") or not isinstance(fields, Mapping):
+            continue
+        name = _text(fields.get("name", fields.get("dataset", "")))
+        if not name:
+            continue
+        props = found.setdefault(name, {"name": name})
+        props.update({k: v for k, v in _dataset_props(fields).items() if k != "name"})
+        if "revoke" in kind:
+            props["status"] = "revoked"
+    return list(found.values())
+
+
+def _node_of(entries: Sequence[Mapping[str, Any]], fallback: str) -> str:
+    for entry in entries:
+        if isinstance(entry.get("node"), str) and entry["node"]:
+            return _text(entry["node"])
+    return fallback
+
+
+def _metrics(state_dir: Path) -> dict[str, Any]:
+    """The root's published figures (JSON files its report middlewares write)."""
+    out: dict[str, Any] = {}
+    for pattern in _METRIC_FILES:
+        for path in sorted(state_dir.glob(pattern)):
+            try:
+                if path.stat().st_size > 1 << 20:
+                    continue
+                out[str(path.relative_to(state_dir))] = json.loads(path.read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def _privacy(state_dir: Path) -> dict[str, Any] | None:
+    from fedloom.runtime.privacy_cli import read_ledger
+
+    try:
+        found = read_ledger(state_dir)
+    except (ConfigError, OSError):
+        return None  # no privacy ledger: a root without [privacy]
+    if found is None:
+        return None
+    ledger, settings, _ = found
+    out: dict[str, Any] = {
+        "releases": len(ledger),
+        "accountant": ledger.accountant,
+        "delta": settings["delta"],
+        "epsilon_budget": settings["epsilon_budget"],
+    }
+    delta = settings["delta"]
+    if isinstance(delta, float) and 0.0 < delta < 1.0:
+        try:
+            out["epsilon"] = ledger.epsilon(delta)
+        except (ArithmeticError, ModuleNotFoundError) as exc:
+            out["epsilon_note"] = f"not computed here: {_text(exc)}"
+    return out
+
+
+def _plan_digest(cfg: DaemonConfig) -> str | None:
+    plan_digest = _optional("fedloom.runtime.governance", "plan_digest")
+    if plan_digest is None:
+        return None
+    try:
+        return str(plan_digest(cfg))
+    except Exception:
+        return None
+
+
+def _plan_table(config: Path) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        raw = tomllib.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    plan = raw.get("plan")
+    return dict(plan) if isinstance(plan, Mapping) else {}
+
+
+def write_report(
+    config: Path,
+    out: Path,
+    *,
+    site_states: Sequence[Path] = (),
+    site_audits: Sequence[Path] = (),
+    model: Path | None = None,
+) -> Path:
+    """Write the RO-Crate (see the module docstring) into ``out``; its metadata file."""
+    from rocrate.model.contextentity import ContextEntity
+    from rocrate.rocrate import ROCrate
+
+    cfg = load_config(config)
+    if cfg.role != "root":
+        raise ConfigError(f"{config}: the config of a {cfg.role}, not a root's")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out}: exists and is not an empty directory")
+    try:
+        root_model = read_root_model(config=config)
+    except ExportInUseError as exc:
+        raise ConfigError(str(exc)) from None
+    roster = _roster(cfg)
+    exported = None
+    if model is not None:
+        tensors, meta = read_export(model)
+        exported = (tensors, meta)
+
+    crate = ROCrate()
+    crate.metadata.extra_terms.update(TERMS)
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    root = crate.root_dataset
+    root["name"] = f"fedloom run report: federation of {cfg.node_id}"
+    root["description"] = (
+        "Provenance of a federated training run (fedloom): roster, plan, the datasets "
+        "each site registered (hashes, never data), model versions, metrics, privacy "
+        "budget and audit log heads."
+    )
+    root["datePublished"] = now
+    root["license"] = "https://spdx.org/licenses/CC-BY-4.0"
+
+    def add(ident: str, props: dict[str, Any]) -> Any:
+        return crate.add(ContextEntity(crate, ident, properties=props))
+
+    software = add(
+        "#fedloom",
+        {"@type": "SoftwareApplication", "name": "fedloom", "version": fedloom_version()},
+    )
+    nodes = {
+        e.node_id: add(
+            f"#node-{e.node_id}",
+            {
+                "@type": "Organization",
+                "name": e.node_id,
+                "roleName": e.role,
+                **({"declaredExamples": e.examples} if e.examples is not None else {}),
+            },
+        )
+        for e in roster.entries
+    }
+    roster_entity = add(
+        "#roster",
+        {
+            "@type": "CreativeWork",
+            "name": "federation roster (signed by the consortium)",
+            "version": str(roster.version),
+            "identifier": "sha256:" + roster.digest.hex(),
+            "hasPart": list(nodes.values()),
+        },
+    )
+    plan_table = _plan_table(config)
+    plan_props: dict[str, Any] = {
+        "@type": "SoftwareSourceCode",
+        "name": "training plan",
+        "description": json.dumps(plan_table, sort_keys=True, default=str),
+        "identifier": _plan_digest(cfg)
+        or "sha256:"
+        + hashlib.sha256(json.dumps(plan_table, sort_keys=True, default=str).encode()).hexdigest(),
+    }
+    if _plan_digest(cfg) is None:
+        plan_props["disambiguatingDescription"] = "identifier: sha256 of the [plan] table's JSON"
+    plan = add("#plan", plan_props)
+
+    datasets: list[Any] = []
+    sites_seen: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []
+    for state_dir in site_states:
+        if not state_dir.is_dir():
+            raise ConfigError(f"--site-state {state_dir}: no such directory")
+        entries = _audit_entries(state_dir)
+        site = _node_of(entries, state_dir.name)
+        records = _registry_records(state_dir) or _audit_datasets(entries)
+        sites_seen.append((site, records, entries))
+    for path in site_audits:
+        entries = _jsonl_entries(path)
+        sites_seen.append((_node_of(entries, path.stem), _audit_datasets(entries), entries))
+    audit_heads = []
+    for site, records, entries in sites_seen:
+        for rec in records:
+            props: dict[str, Any] = {
+                "@type": "Dataset",
+                "name": f"{rec.get('name', '?')} at {site}",
+                "description": "registered at the site; its data never left it",
+            }
+            if rec.get("sha256"):
+                props["identifier"] = f"sha256:{rec['sha256']}"
+            if rec.get("tags"):
+                props["keywords"] = rec["tags"]
+            for key in ("rows", "features", "label", "columns", "status", "revoked_at"):
+                if key in rec:
+                    props[key] = rec[key]
+            if site in nodes:
+                props["provider"] = nodes[site]
+            datasets.append(add(f"#dataset-{site}-{rec.get('name', len(datasets))}", props))
+        head = _head(entries)
+        if head is not None:
+            audit_heads.append(
+                add(
+                    f"#audit-{site}",
+                    {"@type": "PropertyValue", "name": f"audit log head of {site}", **head},
+                )
+            )
+    root_head = _head(_audit_entries(Path(cfg.state_dir)))
+    if root_head is not None:
+        audit_heads.append(
+            add(
+                f"#audit-{cfg.node_id}",
+                {"@type": "PropertyValue", "name": f"audit log head of {cfg.node_id}", **root_head},
+            )
+        )
+
+    model_entities = _add_model(crate, add, root_model, model, exported, nodes.get(cfg.node_id))
+    figures = _metrics(Path(cfg.state_dir))
+    extras = []
+    if figures:
+        extras.append(
+            add(
+                "#metrics",
+                {
+                    "@type": "PropertyValue",
+                    "name": "published federated evaluation and statistics",
+                    "value": json.dumps(figures, sort_keys=True, default=str),
+                },
+            )
+        )
+    privacy = _privacy(Path(cfg.state_dir))
+    if privacy is not None:
+        extras.append(
+            add(
+                "#privacy",
+                {
+                    "@type": "PropertyValue",
+                    "name": "privacy budget spent (central DP at the root)",
+                    **{k: v for k, v in privacy.items() if v is not None},
+                },
+            )
+        )
+    add(
+        "#run",
+        {
+            "@type": "CreateAction",
+            "name": f"federated training up to model version {root_model.current_version}",
+            "endTime": now,
+            "instrument": [software, plan],
+            "object": [roster_entity, *datasets],
+            "result": [*model_entities, *extras],
+            "agent": nodes.get(cfg.node_id, software),
+        },
+    )
+    root["mentions"] = [roster_entity, plan, *audit_heads]
+    out.mkdir(parents=True, exist_ok=True)
+    crate.write(out)
+    return out / "ro-crate-metadata.json"
+
+
+def _add_model(
+    crate: Any,
+    add: Any,
+    root_model: RootModel,
+    model: Path | None,
+    exported: tuple[Any, dict[str, str]] | None,
+    root_node: Any,
+) -> list[Any]:
+    props: dict[str, Any] = {
+        "@type": "CreativeWork",
+        "name": f"global model version {root_model.version}",
+        "version": str(root_model.version),
+        "identifier": "sha256:" + root_model.digest.hex(),
+        "lineage": json.dumps(root_model.lineage, sort_keys=True),
+    }
+    if root_model.signature:
+        props["signature"] = root_model.signature.hex()
+        props["signer"] = root_model.signer
+    if root_node is not None:
+        props["creator"] = root_node
+    entity = add(f"#model-v{root_model.version}", props)
+    if model is None or exported is None:
+        return [entity]
+    meta = exported[1]
+    copied = crate.add_file(
+        str(model),
+        dest_path=model.name,
+        properties={
+            "name": f"exported model version {_text(meta.get('model_version', '?'))}",
+            "encodingFormat": "application/octet-stream",
+            "identifier": _text(meta.get("digest", "")),
+            "version": _text(meta.get("model_version", "")),
+            "exampleOfWork": entity,
+        },
+    )
+    return [entity, copied]

@@ -1,0 +1,271 @@
+"""``fedloom model export|verify``: a root's model out of a real state directory (checkpoint
+plus log, as a restart restores it), bit for bit, with its provenance; a running root's
+directory read without disturbing it; mistakes as one line and exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tomli_w
+
+from fedloom.algorithms.protocol import Persist, Received
+from fedloom.cli import main
+from fedloom.federation.store import StateStore
+from fedloom.runtime.config import load_config
+from fedloom.runtime.export import read_root_model, verify_export, write_export
+from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
+from fedloom.runtime.recovery import load_node, open_daemon
+from fedloom.transport.e2e import sign_model, tensors_digest
+from fedloom.transport.identity import Identity
+from fedloom.transport.roster import Roster
+from fedloom.transport.wire import Hello, Update
+
+SYNTHETIC = {"dataset": "synthetic", "model": "softmax"}
+
+
+def run_root(fed: Federation, updates: int) -> None:
+    """The root daemon's node opened from its config (recovery, start-up checkpoint) and
+    fed ``updates`` forwards from its region; every Persist it asks for is written to its
+    state directory, as the daemon's driver does."""
+    d = open_daemon(load_config(fed.nodes[ROOT_ID].config))
+    try:
+        node: Any = d.node
+        node.handle(Received("region-a", Hello("region-a", "region")), 0.0)
+        for seq in range(1, updates + 1):
+            version, weights = node.current_model()
+            delta = {
+                k: np.random.default_rng(seq).normal(size=a.shape).astype(a.dtype)
+                for k, a in weights.items()
+            }
+            msg = Update("region-a", seq, version, delta, 50, 1, -1, pairs=(("site-1", seq),))
+            out = node.handle(Received("region-a", msg), 1.0 + seq)
+            d.store.apply_many([e for e in out if isinstance(e, Persist)])
+    finally:
+        d.close()
+
+
+def federation(tmp_path: Path, *, privacy: dict[str, Any] | None = None) -> Federation:
+    fed = write_federation(
+        tmp_path / "fed",
+        {"region-a": ["site-1", "site-2"]},
+        plan=SYNTHETIC,
+        root_aggregation={"buffer_size": 1},
+    )
+    if privacy is not None:
+        path = fed.nodes[ROOT_ID].config
+        raw = tomllib.loads(path.read_text())
+        raw["privacy"] = privacy
+        path.write_text(tomli_w.dumps(raw))
+    return fed
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Federation:
+    fed = federation(tmp_path)
+    run_root(fed, updates=7)
+    return fed
+
+
+def root_model(fed: Federation) -> tuple[int, dict[str, np.ndarray]]:
+    node: Any = load_node(load_config(fed.nodes[ROOT_ID].config))
+    version, weights = node.current_model()
+    return int(version), dict(weights)
+
+
+def same_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return list(a) == list(b) and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes()
+        for k in a
+    )
+
+
+def test_safetensors_export_is_the_roots_model_bit_for_bit(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "model.safetensors"
+    config = fed.nodes[ROOT_ID].config
+    assert main(["model", "export", "--config", str(config), "--out", str(out)]) == 0
+    assert "exported model version 7" in capsys.readouterr().out
+    version, weights = root_model(fed)
+    assert version == 7
+    loaded = load_file(str(out))
+    with safe_open(str(out), framework="numpy") as f:
+        meta = f.metadata()
+    order = json.loads(meta["tensor_order"])
+    assert same_bits({k: loaded[k] for k in order}, weights)
+    assert meta["model_version"] == "7" and meta["current_version"] == "7"
+    assert meta["digest"] == "sha256:" + tensors_digest(weights).hex()
+    assert meta["source"] == "checkpoint+log" and meta["algorithm"] == "fedbuff"
+    assert meta["node_id"] == ROOT_ID and meta["fedloom_version"]
+    assert json.loads(meta["lineage"])[0] == {"version": 7, "parent": 6}
+    # No audit proof of version 7 here: the file says it carries the digest only.
+    assert "signature" not in meta and "in memory only" in meta["signature_note"]
+    assert main(["model", "verify", str(out), "--config", str(config)]) == 0
+    assert "digest matches, signature absent" in capsys.readouterr().out
+
+
+def test_torch_export_round_trips(fed: Federation, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    out = tmp_path / "model.pt"
+    config = fed.nodes[ROOT_ID].config
+    assert (
+        main(["model", "export", "--config", str(config), "--format", "torch", "--out", str(out)])
+        == 0
+    )
+    obj = torch.load(str(out), weights_only=True)
+    assert obj["metadata"]["model_version"] == "7"
+    _, weights = root_model(fed)
+    assert same_bits({k: v.numpy() for k, v in obj["state_dict"].items()}, weights)
+    assert verify_export(out).digest_ok
+
+
+def test_a_running_roots_state_is_read_without_disturbing_it(
+    fed: Federation, tmp_path: Path
+) -> None:
+    """The daemon's flock is held (a StateStore open on the directory, as a running root
+    has): the export still reads checkpoint + live log and changes no byte there."""
+    state = fed.nodes[ROOT_ID].state_dir
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    with StateStore(state) as held:
+        held.load(repair=False)
+        model = read_root_model(config=fed.nodes[ROOT_ID].config)
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    version, weights = root_model(fed)
+    assert model.version == version == 7 and same_bits(model.weights, weights)
+
+
+def test_state_dir_alone_gives_the_checkpoints_model_and_says_what_it_leaves_out(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.safetensors"
+    state = fed.nodes[ROOT_ID].state_dir
+    assert main(["model", "export", "--state-dir", str(state), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "7 log records after it are not in it" in err
+    found = verify_export(out)
+    assert found.version == 0 and found.digest_ok
+    assert found.metadata["source"] == "checkpoint"
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert match in err, err
+
+
+def test_mistakes_are_one_line_and_exit_2(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(fed.nodes[ROOT_ID].config)
+    out = str(tmp_path / "x")
+    one_line_error(capsys, ["model", "export", "--out", out], "give the root's --config")
+    one_line_error(
+        capsys,
+        ["model", "export", "--state-dir", str(tmp_path / "nothing"), "--out", out],
+        "no such state directory",
+    )
+    one_line_error(
+        capsys,
+        ["model", "export", "--config", str(fed.nodes["site-1"].config), "--out", out],
+        "the config of a site, not a root's",
+    )
+    one_line_error(
+        capsys,
+        ["model", "export", "--config", config, "--format", "onnx", "--out", out],
+        "'onnx' is not one of safetensors, torch",
+    )
+    one_line_error(
+        capsys,
+        ["model", "export", "--config", config, "--version", "3", "--out", out],
+        "holds only its current model (version 7) and its last checkpoint's (version 0)",
+    )
+    one_line_error(
+        capsys,
+        ["model", "export", "--config", config, "--version", "9", "--out", out],
+        "the root is at version 7",
+    )
+    one_line_error(
+        capsys,
+        ["model", "export", "--config", config, "--out", str(tmp_path / "no" / "m")],
+        "no such directory",
+    )
+    # A site's and a region's state directories are not a root's.
+    region = load_config(fed.nodes["region-a"].config)
+    open_daemon(region).close()
+    one_line_error(
+        capsys,
+        ["model", "export", "--state-dir", str(region.state_dir), "--out", out],
+        "the state of a regional node, not a root's",
+    )
+    site = fed.nodes["site-1"].state_dir
+    site.mkdir(parents=True, exist_ok=True)
+    with StateStore(site) as store:
+        store.load()
+        store.apply(Persist("site/pending", {"seq": 0}))
+    one_line_error(
+        capsys,
+        ["model", "export", "--state-dir", str(site), "--out", out],
+        "a site's state directory",
+    )
+    # A root that never ran has no state yet.
+    fresh = federation(tmp_path / "fresh")
+    one_line_error(
+        capsys,
+        ["model", "export", "--config", str(fresh.nodes[ROOT_ID].config), "--out", out],
+        "no such state directory",
+    )
+    one_line_error(capsys, ["model", "verify", str(tmp_path / "none")], "no such file")
+    (tmp_path / "junk").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    one_line_error(capsys, ["model", "verify", str(tmp_path / "junk")], "not a safetensors file")
+
+
+def test_verify_detects_altered_tensors_and_checks_the_roots_signature(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.numpy import save_file
+
+    cfg = load_config(fed.nodes[ROOT_ID].config)
+    model = read_root_model(config=fed.nodes[ROOT_ID].config)
+    roster = Roster.loads(Path(cfg.roster_path).read_text(), cfg.read_consortium_key())
+    root_key = Identity.load(cfg.identity_key)
+    sig = sign_model(root_key, model.version, 6, model.digest)
+    signed = dataclasses.replace(model, signer=ROOT_ID, signature=sig, signature_parent=6)
+    out = tmp_path / "signed.safetensors"
+    meta = write_export(signed, out, "safetensors")
+    found = verify_export(out, roster)
+    assert found.ok and found.signature == "valid"
+    assert main(["model", "verify", str(out), "--config", str(fed.nodes[ROOT_ID].config)]) == 0
+    assert "signature valid" in capsys.readouterr().out
+
+    # One weight changed, the metadata kept: the digest no longer matches.
+    tampered = {k: np.array(v) for k, v in model.weights.items()}
+    first = next(iter(tampered))
+    tampered[first].reshape(-1)[0] += 1.0
+    save_file(tampered, str(tmp_path / "t.safetensors"), metadata=meta)
+    assert not verify_export(tmp_path / "t.safetensors", roster).ok
+    assert main(["model", "verify", str(tmp_path / "t.safetensors")]) == 1
+    assert "DOES NOT MATCH" in capsys.readouterr().out
+
+    # Signed by a site's key (a member, not a root): refused.
+    site = Identity.load(load_config(fed.nodes["site-1"].config).identity_key)
+    forged = site.sign(b"x" * 8)  # any bytes: the signer is checked first
+    fake = dataclasses.replace(model, signer="site-1", signature=forged, signature_parent=6)
+    write_export(fake, tmp_path / "f.safetensors", "safetensors")
+    found = verify_export(tmp_path / "f.safetensors", roster)
+    assert (
+        not found.ok and found.signature.startswith("INVALID") and "not a root" in found.signature
+    )
+    # The root's signature over another version does not carry over.
+    moved = dataclasses.replace(signed, version=6)
+    write_export(moved, tmp_path / "m.safetensors", "safetensors")
+    assert verify_export(tmp_path / "m.safetensors", roster).signature.startswith("INVALID")
