@@ -303,7 +303,7 @@ class StatusBoard:
                 "epsilon_budget": self.privacy.get("privacy_budget"),
                 "exhausted": bool(self.privacy.get("privacy_budget_exhausted", 0.0)),
             },
-            "refusals": self._view("refusals", self._refusals),
+            "refusals": self._view("refusals", lambda: self._refusals(now)),
             "federated_evaluation": self._view("federated evaluation", self._reports),
         }
         return doc
@@ -317,9 +317,20 @@ class StatusBoard:
                 _log.exception("%s: status: reading the %s failed", self.node_id, what)
             return None
 
-    def _refusals(self) -> Any:
+    def _refusals(self, now: float) -> Any:
+        """The node's refusal book (``refusals_view()``: per site its last code, reason,
+        version and count), with the age of each site's last refusal."""
         view = getattr(self._node, "refusals_view", None)
-        return view() if callable(view) else None
+        if not callable(view):
+            return None
+        out: dict[str, Any] = {}
+        for site, entry in dict(view()).items():
+            e = dict(entry) if isinstance(entry, Mapping) else {"reason": entry}
+            last = e.get("last")
+            if isinstance(last, int | float) and math.isfinite(last):
+                e["last_age_s"] = round(max(0.0, now - float(last)), 3)
+            out[str(site)] = e
+        return out
 
     def _reports(self) -> Any:
         if self._middlewares is None:

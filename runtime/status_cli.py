@@ -211,7 +211,7 @@ def format_status(doc: Mapping[str, Any]) -> list[str]:
             e = entry if isinstance(entry, Mapping) else {"reason": entry}
             lines.append(
                 f"  {_clean(site)}: {_clean(e.get('code', '?'))} x{_clean(e.get('count', '?'))}"
-                f" (last version {_clean(e.get('last_version', '?'))}): "
+                f" (version {_clean(e.get('version', '?'))}, {_age(e.get('last_age_s'))}): "
                 f"{_clean(e.get('reason', ''))}"
             )
     else:

@@ -135,16 +135,16 @@ def _curve(element_id: str, title: str, points: Sequence[tuple[float, float]], s
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
-    if x1 - x0 < 1e-9:
-        x1 = x0 + 1.0
-    if y1 - y0 < 1e-9:
-        y0, y1 = y0 - 0.5, y1 + 0.5
+
+    def frac(v: float, lo: float, hi: float) -> float:
+        span = hi - lo
+        return (v - lo) / span if span > 0 and math.isfinite(span) else 0.5
 
     def sx(x: float) -> float:
-        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+        return pad + frac(x, x0, x1) * (width - 2 * pad)
 
     def sy(y: float) -> float:
-        return height - pad + 10 - (y - y0) / (y1 - y0) * (height - 2 * pad)
+        return height - pad + 10 - frac(y, y0, y1) * (height - 2 * pad)
 
     coords: list[str] = []
     prev: tuple[float, float] | None = None
@@ -235,12 +235,12 @@ def _refusals(view: object) -> str:
         e = entry if isinstance(entry, Mapping) else {"reason": entry}
         rows.append(
             f"<tr><td>{_e(site)}</td><td>{_e(e.get('code', ''))}</td>"
-            f"<td>{_e(e.get('count', ''))}</td><td>{_e(e.get('last_version', ''))}</td>"
-            f"<td>{_e(e.get('reason', ''))}</td></tr>"
+            f"<td>{_e(e.get('count', ''))}</td><td>{_e(e.get('version', ''))}</td>"
+            f"<td>{_e(_age(e.get('last_age_s')))}</td><td>{_e(e.get('reason', ''))}</td></tr>"
         )
     return (
         '<table id="refusals"><tr><th>site</th><th>code</th><th>count</th>'
-        f"<th>last version</th><th>reason</th></tr>{''.join(rows)}</table>"
+        f"<th>version</th><th>last</th><th>reason</th></tr>{''.join(rows)}</table>"
     )
 
 
