@@ -142,7 +142,8 @@ def plan_table(cfg: DaemonConfig) -> dict[str, Any]:
     spec = getattr(plan, "tabular", None)
     if spec is not None:
         out["kind"] = TABULAR_KIND
-        out["tabular"] = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else repr(spec)
+        is_instance = dataclasses.is_dataclass(spec) and not isinstance(spec, type)
+        out["tabular"] = dataclasses.asdict(spec) if is_instance else repr(spec)
     return out
 
 
