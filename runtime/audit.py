@@ -156,6 +156,10 @@ def parse_entry(line: bytes) -> dict[str, Any] | None:
         return None
     if not _is_hex64(entry["prev"]) or not _is_hex64(entry["hash"]):
         return None
+    try:
+        canonical(entry)  # a number out of float's range reads as inf: no writer wrote it
+    except ValueError:
+        return None
     return entry
 
 
@@ -164,6 +168,10 @@ def _valid(entry: Mapping[str, Any]) -> bool:
 
 
 # ------------------------------------------------------------------ the file
+# ``(kind, fields)`` or ``(kind, fields, unix time)``
+Item = tuple[str, Mapping[str, Any]] | tuple[str, Mapping[str, Any], float]
+
+
 def audit_dir(state_dir: str | os.PathLike[str]) -> Path:
     return Path(state_dir) / AUDIT_DIR
 
@@ -288,13 +296,16 @@ class AuditLog:
             finally:
                 os.close(fd)
 
-    def append(
-        self, items: Sequence[tuple[str, Mapping[str, Any]]], ts: float | None = None
-    ) -> list[dict[str, Any]]:
-        """Append ``(kind, fields)`` items as one batch: one write, one fsync, then the
-        signed head; returns the entries written (a ``torn_tail`` entry first when the
-        last line was torn)."""
-        prepared = [(_check_kind(kind), jsonable(dict(fields))) for kind, fields in items]
+    def append(self, items: Sequence[Item], ts: float | None = None) -> list[dict[str, Any]]:
+        """Append ``(kind, fields)`` or ``(kind, fields, ts)`` items as one batch: one
+        write, one fsync, then the signed head; returns the entries written (a
+        ``torn_tail`` entry first when the last line was torn). ``ts``: the time of the
+        items that carry none (default: now)."""
+        now = self._clock() if ts is None else ts
+        prepared: list[tuple[str, Any, float]] = []
+        for item in items:
+            when = item[2] if len(item) == 3 else now
+            prepared.append((_check_kind(item[0]), jsonable(dict(item[1])), float(when)))
         if not prepared:
             return []
         self._ensure_folder()
@@ -310,7 +321,6 @@ class AuditLog:
                 if created:
                     _fsync_dir(self.folder)
                 node = self.node or tail.node or "local"
-                now = self._clock() if ts is None else ts
                 seq, prev = tail.seq, tail.hash
                 lines: list[bytes] = []
                 head = b""
@@ -328,13 +338,14 @@ class AuditLog:
                                 "bytes": len(torn),
                                 "sha256": hashlib.sha256(torn).hexdigest(),
                             },
+                            now,
                         ),
                     )
-                for kind, fields in prepared:
+                for kind, fields, when in prepared:
                     seq += 1
                     entry: dict[str, Any] = {
                         "seq": seq,
-                        "ts": now,
+                        "ts": when,
                         "node": node,
                         "kind": kind,
                         "fields": fields,
@@ -647,7 +658,9 @@ def verify_log(state_dir: str | os.PathLike[str], public_key: bytes | None = Non
                 )
             break
         entry = line.entry
-        if not _valid(entry):
+        # Writers write the canonical form: a line that is not (a float spelled another
+        # way, spacing) was rewritten, even where its values and hash still agree.
+        if not _valid(entry) or line.raw != canonical(entry):
             verdict.problem = Problem(
                 line.number,
                 "edited",
