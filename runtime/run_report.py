@@ -29,6 +29,7 @@ import datetime
 import hashlib
 import importlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ __all__ = ["write_report"]
 
 _MAX_TEXT = 200  # strings read from a site's files are capped before they enter the crate
 # What the root's reports publish in its state directory (federated evaluation, analytics).
-_METRIC_FILES = ("evaluation.json", "reports/*.json", "analytics/*.json")
+_METRIC_FILES = ("evaluation.json", "analytics/*.json")
 # Properties schema.org (the RO-Crate context) has no term for: declared in the crate's
 # @context under fedloom's own namespace, so JSON-LD processors keep them.
 TERMS = {
@@ -62,9 +63,7 @@ TERMS = {
         "rows",
         "features",
         "label",
-        "columns",
-        "status",
-        "registered_at",
+        "added_at",
         "revoked_at",
         "seq",
         "hash",
@@ -76,6 +75,9 @@ TERMS = {
         "epsilon_note",
     )
 }
+
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _optional(module: str, name: str) -> Any:
@@ -163,25 +165,38 @@ def _head(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     return {"seq": last.get("seq"), "hash": _text(last.get("hash"))}
 
 
-_DATASET_FIELDS = ("name", "tags", "sha256", "rows", "features", "label", "columns", "format")
-_DATASET_STATUS = ("registered_at", "revoked_at", "status")
+_DATASET_FIELDS = ("name", "tags", "sha256", "rows", "size", "format", "added_at", "revoked_at")
 
 
 def _dataset_props(record: Mapping[str, Any]) -> dict[str, Any]:
-    """What a registered dataset's record may say in the crate: never its path or data."""
+    """What a registered dataset's record may say in the crate (``runtime.datasets``'
+    ``DatasetRecord.to_json()``, or an audit entry's fields): never its path, never data;
+    its declared columns as "name:type"."""
     out: dict[str, Any] = {}
-    for key in _DATASET_FIELDS + _DATASET_STATUS:
+    for key in _DATASET_FIELDS:
         value = record.get(key)
         if value is None:
             continue
         if isinstance(value, list | tuple):
             out[key] = [_text(v) for v in value][:256]
-        elif isinstance(value, Mapping):
-            out[key] = [_text(k) for k in value][:256]  # a schema's column names
         elif isinstance(value, int | float) and not isinstance(value, bool):
             out[key] = value
         else:
             out[key] = _text(value)
+    schema = record.get("schema")
+    if isinstance(schema, Mapping):
+        features = schema.get("features")
+        if isinstance(features, list):
+            out["features"] = [
+                f"{_text(f.get('name'))}:{_text(f.get('type'))}"
+                for f in features[:1024]
+                if isinstance(f, Mapping)
+            ]
+        label = schema.get("label")
+        if isinstance(label, Mapping):
+            out["label"] = f"{_text(label.get('name'))}:{_text(label.get('type'))}"
+    if "revoked_at" in record:
+        out["status"] = "active" if record.get("revoked_at") is None else "revoked"
     return out
 
 
@@ -223,11 +238,22 @@ def _audit_datasets(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     return list(found.values())
 
 
-def _node_of(entries: Sequence[Mapping[str, Any]], fallback: str) -> str:
+def _node_of(entries: Sequence[Mapping[str, Any]], fallback: str, members: set[str]) -> str:
+    """The roster member whose audit log this is: the first entry naming one (commands
+    run by hand record as "local"), else ``fallback`` (the directory's or file's name)."""
     for entry in entries:
-        if isinstance(entry.get("node"), str) and entry["node"]:
-            return _text(entry["node"])
-    return fallback
+        node = entry.get("node")
+        if isinstance(node, str) and node in members:
+            return node
+    return _text(fallback)
+
+
+def _named(arg: Path, members: set[str]) -> tuple[str | None, Path]:
+    """``SITE=PATH`` (SITE a roster member) or a plain path."""
+    name, sep, rest = str(arg).partition("=")
+    if sep and name in members:
+        return name, Path(rest)
+    return None, arg
 
 
 def _metrics(state_dir: Path) -> dict[str, Any]:
@@ -331,7 +357,12 @@ def write_report(
     root["license"] = "https://spdx.org/licenses/CC-BY-4.0"
 
     def add(ident: str, props: dict[str, Any]) -> Any:
-        return crate.add(ContextEntity(crate, ident, properties=props))
+        ident = "#" + _ID_UNSAFE.sub("_", ident.removeprefix("#"))
+        unique, n = ident, 1
+        while crate.get(unique) is not None:  # two sites' files with the same name
+            n += 1
+            unique = f"{ident}-{n}"
+        return crate.add(ContextEntity(crate, unique, properties=props))
 
     software = add(
         "#fedloom",
@@ -373,17 +404,21 @@ def write_report(
     plan = add("#plan", plan_props)
 
     datasets: list[Any] = []
+    members = set(nodes)
     sites_seen: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []
-    for state_dir in site_states:
+    for named in site_states:
+        given, state_dir = _named(named, members)
         if not state_dir.is_dir():
             raise ConfigError(f"--site-state {state_dir}: no such directory")
         entries = _audit_entries(state_dir)
-        site = _node_of(entries, state_dir.name)
+        site = given or _node_of(entries, state_dir.name, members)
         records = _registry_records(state_dir) or _audit_datasets(entries)
         sites_seen.append((site, records, entries))
-    for path in site_audits:
+    for named in site_audits:
+        given, path = _named(named, members)
         entries = _jsonl_entries(path)
-        sites_seen.append((_node_of(entries, path.stem), _audit_datasets(entries), entries))
+        site = given or _node_of(entries, path.stem, members)
+        sites_seen.append((site, _audit_datasets(entries), entries))
     audit_heads = []
     for site, records, entries in sites_seen:
         for rec in records:
@@ -396,7 +431,7 @@ def write_report(
                 props["identifier"] = f"sha256:{rec['sha256']}"
             if rec.get("tags"):
                 props["keywords"] = rec["tags"]
-            for key in ("rows", "features", "label", "columns", "status", "revoked_at"):
+            for key in ("rows", "size", "features", "label", "status", "added_at", "revoked_at"):
                 if key in rec:
                     props[key] = rec[key]
             if site in nodes:

@@ -17,43 +17,60 @@ import tomli_w
 from fedloom.algorithms.protocol import Persist, Received
 from fedloom.cli import main
 from fedloom.federation.store import StateStore
+from fedloom.runtime.chaos.layout import lay_out
 from fedloom.runtime.config import load_config
 from fedloom.runtime.export import read_root_model, verify_export, write_export
-from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
+from fedloom.runtime.federation_files import ROOT_ID, Federation
 from fedloom.runtime.recovery import load_node, open_daemon
 from fedloom.transport.e2e import sign_model, tensors_digest
 from fedloom.transport.identity import Identity
 from fedloom.transport.roster import Roster
 from fedloom.transport.wire import Hello, Update
 
-SYNTHETIC = {"dataset": "synthetic", "model": "softmax"}
+# lay_out starts from the demo's plan: None drops its scikit-learn fields.
+SYNTHETIC = {
+    "dataset": "synthetic",
+    "model": "softmax",
+    "dirichlet_alpha": None,
+    "min_samples_per_site": None,
+    "samples_per_site": 100,
+}
 
 
 def run_root(fed: Federation, updates: int) -> None:
     """The root daemon's node opened from its config (recovery, start-up checkpoint) and
-    fed ``updates`` forwards from its region; every Persist it asks for is written to its
-    state directory, as the daemon's driver does."""
+    fed ``updates`` updates from its children in turn; every Persist it asks for is
+    written to its state directory, as the daemon's driver does."""
     d = open_daemon(load_config(fed.nodes[ROOT_ID].config))
     try:
         node: Any = d.node
-        node.handle(Received("region-a", Hello("region-a", "region")), 0.0)
+        children = [c for c in fed.config(ROOT_ID)["children"]]
+        for child in children:
+            node.handle(Received(child, Hello(child, fed.nodes[child].role)), 0.0)
         for seq in range(1, updates + 1):
+            child = children[seq % len(children)]
             version, weights = node.current_model()
             delta = {
                 k: np.random.default_rng(seq).normal(size=a.shape).astype(a.dtype)
                 for k, a in weights.items()
             }
-            msg = Update("region-a", seq, version, delta, 50, 1, -1, pairs=(("site-1", seq),))
-            out = node.handle(Received("region-a", msg), 1.0 + seq)
+            pairs = ((child, seq),) if fed.nodes[child].role == "region" else ()
+            msg = Update(child, seq, version, delta, 50, 1, -1, pairs=pairs)
+            out = node.handle(Received(child, msg), 1.0 + seq)
             d.store.apply_many([e for e in out if isinstance(e, Persist)])
     finally:
         d.close()
 
 
-def federation(tmp_path: Path, *, privacy: dict[str, Any] | None = None) -> Federation:
-    fed = write_federation(
+def federation(
+    tmp_path: Path, *, privacy: dict[str, Any] | None = None, star: bool = True
+) -> Federation:
+    """A root over two sites (``star``; else over a region of two sites) on synthetic
+    data, every aggregator stepping on each update."""
+    fed = lay_out(
         tmp_path / "fed",
         {"region-a": ["site-1", "site-2"]},
+        star=star,
         plan=SYNTHETIC,
         root_aggregation={"buffer_size": 1},
     )
@@ -61,6 +78,7 @@ def federation(tmp_path: Path, *, privacy: dict[str, Any] | None = None) -> Fede
         path = fed.nodes[ROOT_ID].config
         raw = tomllib.loads(path.read_text())
         raw["privacy"] = privacy
+        raw["aggregation"]["weighting"] = "uniform"  # central DP's fixed denominator
         path.write_text(tomli_w.dumps(raw))
     return fed
 
@@ -200,7 +218,8 @@ def test_mistakes_are_one_line_and_exit_2(
         "no such directory",
     )
     # A site's and a region's state directories are not a root's.
-    region = load_config(fed.nodes["region-a"].config)
+    tree = federation(tmp_path / "tree", star=False)
+    region = load_config(tree.nodes["region-a"].config)
     open_daemon(region).close()
     one_line_error(
         capsys,
