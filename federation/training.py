@@ -21,7 +21,10 @@ class TrainingRefusedError(Exception):
     """A trainer's declared refusal to train a job (e.g. ``workloads.dp_sgd``'s privacy
     budget, an unapproved plan, a revoked dataset): both drivers answer ``TrainFailed(job,
     str(exc), code)``, without a traceback. ``code`` is a short machine-readable word
-    (``transport.wire.TrainRefused`` lists them) that travels to the aggregator."""
+    (``transport.wire.TrainRefused`` lists them) that travels to the aggregator. A site's
+    registered datasets (``runtime.datasets``, ``workloads.tabular``) also refuse with
+    "dataset_changed" (the file no longer hashes to its registered SHA-256) and
+    "dataset_mismatch" (the table does not fit the plan's columns or classes)."""
 
     code = "refused"
 

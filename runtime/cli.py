@@ -38,6 +38,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _add_daemon_commands(sub)
     _add_state_commands(sub)
     _add_privacy_command(sub)
+    from fedloom.runtime.dataset_cli import add_dataset_command
+
+    add_dataset_command(sub)  # dataset add|list|show|revoke
     from fedloom.runtime.export_cli import add_export_commands
 
     add_export_commands(sub)  # model export|verify, run-report
@@ -374,6 +377,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from fedloom.runtime.privacy_cli import cmd_privacy
 
         return cmd_privacy(args.state_dir, as_json=args.json, delta=args.delta)
+    if args.command == "dataset":
+        from fedloom.runtime.dataset_cli import cmd_dataset
+
+        return cmd_dataset(args)
     if args.command in ("model", "run-report"):
         from fedloom.runtime.export_cli import cmd_export
 

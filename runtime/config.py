@@ -151,12 +151,16 @@ class Endpoint:
 @dataclass(frozen=True, slots=True)
 class PlanConfig:
     """The training plan: a built-in workload (``workload``: ``workloads.workload``'s table,
-    ``site_index``: this node's share) or ``factory`` ("module:callable") with ``args``."""
+    ``site_index``: this node's share), ``factory`` ("module:callable") with ``args``, or
+    ``kind = "tabular"`` (``tabular``: ``workloads.tabular``; a site's registered table,
+    found through the dataset registry in ``state_dir``: None where the node has no data)."""
 
     workload: Mapping[str, Any] | None = None
     site_index: int | None = None
     factory: str | None = None
     args: Mapping[str, Any] = field(default_factory=dict)
+    tabular: Any = None  # workloads.tabular.TabularSpec
+    state_dir: Path | None = None
 
 
 MAX_SESSION_S = 30 * 86400.0  # a month: a revoked key must not keep a session for longer
@@ -328,7 +332,8 @@ def parse_config(
     peers = tuple(_peers(t, node_id))
     relay = _endpoint(t.table("relay"), url_required=True) if t.has("relay") else None
     t.table("relay")  # mark seen even when absent
-    plan = _plan(t.table("plan")) if t.has("plan") else None
+    data_dir = state_dir if role in ("site", "peer") else None  # its registered datasets
+    plan = _plan(t.table("plan"), data_dir) if t.has("plan") else None
     training = read_training(t.table("training"))
     algorithm, aggregation = _aggregation(t.table("aggregation"))
     codec = read_codec(t.table("codec"))
@@ -548,7 +553,14 @@ def _peers(t: Table, node_id: str) -> list[Endpoint]:
     return out
 
 
-def _plan(t: Table) -> PlanConfig:
+def _plan(t: Table, state_dir: Path | None = None) -> PlanConfig:
+    if t.has("kind"):
+        # A site's own registered table (``fedloom dataset add``); no Python.
+        from fedloom.workloads.tabular import read_tabular
+
+        spec = read_tabular(t)
+        t.finish()
+        return PlanConfig(tabular=spec, state_dir=state_dir)
     if t.has("factory"):
         factory = t.text("factory")
         module, sep, attr = factory.partition(":")
@@ -569,7 +581,8 @@ def _plan(t: Table) -> PlanConfig:
     if not t.has("dataset"):
         raise ConfigError(
             f"{t.where('dataset')}: required field is missing: give a built-in data set "
-            f'({", ".join(DATASET_NAMES)}) or factory = "module:callable"'
+            f'({", ".join(DATASET_NAMES)}), factory = "module:callable" or kind = "tabular" '
+            "(a registered table: fedloom dataset add)"
         )
     t.text("dataset", choices=DATASET_NAMES)
     n_sites = t.integer("n_sites", min=1)

@@ -259,9 +259,17 @@ def plan_from_config(plan: Any, *, seed: int = 0, dp_sgd: Any = None) -> Trainin
 
     A built-in workload gives ``SitePlan(workload, site_index)`` (or, with no site index,
     e.g. at the root, a plan whose ``init`` and ``evaluate`` use the global test set); a
-    factory is called with ``plan.args`` as keyword arguments. ``dp_sgd`` (a site's
+    factory is called with ``plan.args`` as keyword arguments; ``kind = "tabular"`` gives
+    ``workloads.tabular.TabularPlan`` over the node's dataset registry (no data at a root
+    or region). ``dp_sgd`` (a site's
     ``workloads.dp_sgd.DpSgdConfig``): the site's plan trains with DP-SGD.
     """
+    if getattr(plan, "tabular", None) is not None:  # a site's registered table
+        from fedloom.runtime.datasets import DatasetWatch
+        from fedloom.workloads.tabular import TabularPlan
+
+        source = DatasetWatch(plan.state_dir) if plan.state_dir is not None else None
+        return TabularPlan(plan.tabular, source)
     if plan.factory is not None:
         factory = load_factory(plan.factory)
         try:
