@@ -5,8 +5,8 @@
 
 Fetches ``/status.json`` (``runtime.status``) and prints the tiers with who is connected,
 the last update of every child and site, the model version, accuracy, refusals and the
-privacy budget; ``--json`` prints the document as it came. Colours with ``rich`` when it is
-installed and stdout is a terminal, plain text otherwise (a base install has no ``rich``).
+privacy budget; ``--json`` prints the document as it came. Plain text; on a terminal the
+link markers are coloured (not with ``NO_COLOR`` set).
 
 Exit 0; 1 with one line when the daemon cannot be reached or serves no status (its
 ``[metrics] port`` is not set, it is down, it is not an aggregator); 2 (``ConfigError``)
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -230,21 +231,13 @@ def format_status(doc: Mapping[str, Any]) -> list[str]:
 
 
 def _print(lines: list[str], out: TextIO) -> None:
-    if out.isatty():
-        try:
-            from rich.console import Console
-            from rich.markup import escape
-        except ImportError:
-            pass
-        else:
-            console = Console(file=out, highlight=False)
-            for line in lines:
-                text = escape(line)
-                text = text.replace("●", "[green]●[/]").replace("○", "[red]○[/]")
-                text = text.replace("DISCONNECTED", "[bold red]DISCONNECTED[/]")
-                console.print(text)
-            return
+    """``lines`` on ``out``; on a terminal (and without ``NO_COLOR``) the link markers are
+    coloured with ANSI escapes (the text itself was cleaned of any by ``_clean``)."""
+    colour = out.isatty() and not os.environ.get("NO_COLOR")
     for line in lines:
+        if colour:
+            line = line.replace("●", "\x1b[32m●\x1b[0m").replace("○", "\x1b[31m○\x1b[0m")
+            line = line.replace("DISCONNECTED", "\x1b[1;31mDISCONNECTED\x1b[0m")
         out.write(line + "\n")
 
 

@@ -3,6 +3,7 @@ and the metrics port's ``/status.json`` and ``/status`` routes (``runtime.health
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +20,7 @@ from fedloom.runtime.health import start_observability
 from fedloom.runtime.metrics import MetricsSink
 from fedloom.runtime.middleware import LayeredNode
 from fedloom.runtime.status import HISTORY, SCHEMA, StatusBoard
+from fedloom.runtime.status_cli import _print, format_status
 from fedloom.runtime.status_page import CSP, render
 from fedloom.transport.identity import Identity
 from fedloom.transport.roster import Roster, RosterEntry
@@ -275,3 +278,27 @@ async def test_the_metrics_port_serves_the_status_document_and_page() -> None:
         http.get(f"{server.url}/status") as resp,
     ):
         assert resp.status == 404
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_cli_text_carries_no_escape_from_a_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    node = _RefusingNode({"site-1": {"code": "failed", "reason": "x\x1b[2J\x07y", "count": 1}})
+    b = board(node=node)
+    b.observe(PeerUp("region-a"), [], 1.0)
+    doc = json.loads(json.dumps(b.document(2.0)))
+    lines = format_status(doc)
+    assert "  site-1: failed x1 (version ?, never): x?[2J?y" in lines
+    assert not any("\x1b" in line for line in lines)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    out = _Terminal()
+    _print(lines, out)
+    coloured = out.getvalue()
+    assert "\x1b[32m●\x1b[0m region-a" in coloured and "\x1b[2J" not in coloured
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = _Terminal()
+    _print(lines, out)
+    assert "\x1b" not in out.getvalue()
