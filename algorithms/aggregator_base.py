@@ -59,6 +59,11 @@
 * Claims are bounded (``intake.ClaimBounds``): a site's ``count`` must be 1, a region's is
   clamped to what its subtree could produce, ``n_examples`` to the declared examples; a
   delta whose L2 norm overflows is rejected ("norm_overflow").
+* Refusals (``TrainRefused``, ``algorithms.refusals``): a site that does not train its task
+  says so; believable only from the site for a task it holds (or relayed by a region child
+  for one of its sites, rate-limited). Counted (``site_refusals``, one WARNING per site and
+  code, ``refusals_view()``), the task's slot freed as for a site going down, the site
+  given no task for a backoff; a region passes it up. Not durable.
 * The "applied" log is also the recovery log: a record carries what is needed to replay it
   (staleness weight, counts and, for applied updates, the delta). ``restore(snapshot,
   records)`` loads a checkpoint and replays the records written after it (``n`` > the
@@ -110,8 +115,16 @@ from fedloom.algorithms.protocol import (
     Send,
     Weights,
 )
+from fedloom.algorithms.refusals import (
+    RefusalBook,
+    clean_code,
+    clean_text,
+    is_clean_id,
+    metric_code,
+)
 from fedloom.algorithms.server_opt import ServerOptimizer
 from fedloom.algorithms.validation import check_update_norm, is_int
+from fedloom.algorithms.warn_limit import WarnLimiter
 from fedloom.algorithms.weights_math import is_finite
 from fedloom.transport.wire import (
     Ack,
@@ -124,6 +137,7 @@ from fedloom.transport.wire import (
     SecAggJoin,
     SecAggShares,
     SecAggViewSig,
+    TrainRefused,
     TrainRequest,
     Update,
 )
@@ -267,6 +281,12 @@ class AggregatorBase:
         # Central DP with secure aggregation: (σ_member, clip, precision_bits, d) of the
         # noise the members add (``algorithms.dp.release.member_noise_sigma``), or None.
         self.secagg_noise: tuple[float, float, int, int] | None = None
+        # Sites' refusals of tasks (``algorithms.refusals``; in memory only): the book, one
+        # WARNING per (site, code) ever, refusals dropped as unbelievable logged rarely.
+        self._refusals = RefusalBook()
+        self._refusal_warned = WarnLimiter(interval_s=math.inf)
+        self._refusal_dropped = WarnLimiter()
+        self.refused = 0
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
         self.duplicates = 0
@@ -404,7 +424,12 @@ class AggregatorBase:
         return self._quorum_since + self._quorum_wait_s
 
     def next_deadline(self) -> float | None:
-        times = (self._dispatcher.next_deadline(), self._next_quiet(), self._quorum_deadline())
+        times = (
+            self._dispatcher.next_deadline(),
+            self._next_quiet(),
+            self._quorum_deadline(),
+            self._refusals.next_retry(),
+        )
         secure = self._secagg.next_deadline() if self._secagg is not None else None
         return min((t for t in (*times, secure) if t is not None), default=None)
 
@@ -420,6 +445,8 @@ class AggregatorBase:
         if isinstance(event, Received):
             self._on_received(event.peer, event.msg, now, out)
         elif isinstance(event, Deadline):
+            for site in self._refusals.due(now):
+                self._dispatcher.resume(site)  # its refusal's backoff is over
             self._on_deadline(now, out)
             if self._secagg is not None:
                 out.extend(self._secagg.on_deadline(now))
@@ -496,6 +523,8 @@ class AggregatorBase:
             self._on_secagg(peer, role, msg, now, out)
         elif isinstance(msg, Hello):
             self._on_hello(peer, role, msg, out)
+        elif isinstance(msg, TrainRefused):
+            self._on_refused(peer, role, msg, now, out)
         elif not isinstance(msg, Heartbeat):
             out.extend(unexpected(peer, msg, "unexpected_type"))
 
@@ -529,6 +558,7 @@ class AggregatorBase:
         if role is None:
             self._on_other_link(peer, False, now, out)
         elif role == "site":
+            self._refusals.forget_backoff(peer)  # a reconnect starts afresh
             task = self._dispatcher.mark_down(peer)
             if task is not None:
                 self._on_task_cancelled(task)
@@ -658,6 +688,83 @@ class AggregatorBase:
             self._pairs_logged[peer] = self._now
             out.append(Log("error", text, {"src": peer, "seq": msg.seq, "sites": foreign[:8]}))
         return True
+
+    # ------------------------------------------------------------ refusals
+    # A site that does not train its task says so (``TrainRefused``; ``algorithms.refusals``).
+    # Believable only from the site itself for a task of ours it still holds, or relayed by
+    # a region child for one of its sites (rate-limited). A believable one is counted
+    # (metric ``site_refusals``, one WARNING per site and code), frees the task's slot as a
+    # site going down does, and keeps the site from new tasks for a backoff; a region also
+    # relays it to its parent. Anything else is dropped: metric ``refusal_rejected``.
+
+    def refusals_view(self) -> dict[str, dict[str, object]]:
+        """Per site that refused: its last code, reason, version, time and the count
+        (``RefusalBook.view``; in memory only)."""
+        return self._refusals.view()
+
+    def _on_refused(
+        self, peer: str, role: str, msg: TrainRefused, now: float, out: list[Effect]
+    ) -> None:
+        problem = self._refusal_problem(peer, role, msg, now)
+        if problem is not None:
+            out.append(Metric("refusal_rejected", 1.0, {"reason": problem}))
+            if self._refusal_dropped.due(peer, problem, now) is not None:
+                out.append(Log("warning", "refusal ignored", {"peer": peer, "reason": problem}))
+            return
+        src, task = msg.src, int(msg.task)
+        if not self._refusals.fresh(src, task):
+            out.append(Metric("refusal_rejected", 1.0, {"reason": "duplicate"}))
+            return
+        code, reason = clean_code(msg.code), clean_text(msg.reason)
+        version = int(msg.version)
+        self.refused += 1
+        self._refusals.note(src, code, reason, version, now)
+        out.append(Metric("site_refusals", 1.0, {"code": metric_code(code), "site": src}))
+        if self._refusal_warned.due(src, code, now) is not None:
+            via = "" if role == "site" else f" (via {peer})"
+            out.append(
+                Log(
+                    "warning",
+                    f"site {src}{via} refused training ({code}): {reason}",
+                    {"site": src, "code": code, "version": version, "task": task},
+                )
+            )
+        if role == "site":
+            # Its slot is free (as if it went down) and it waits out a backoff.
+            self._dispatcher.cancel(task)
+            self._on_task_cancelled(task)
+            self._dispatcher.suspend(src)
+            self._refusals.back_off(src, now)
+        self._relay_refusal(TrainRefused(src, task, version, code, reason), out)
+
+    def _refusal_problem(self, peer: str, role: str, msg: TrainRefused, now: float) -> str | None:
+        """Why ``msg`` is not believable (None: it is)."""
+        if not is_int(msg.task) or not is_int(msg.version):
+            return "bad_fields"
+        if role == "site":
+            if msg.src != peer:
+                return "src_mismatch"
+            if self._refused_task_site(int(msg.task)) != peer:
+                return "not_outstanding"  # never ours, someone else's, or over already
+            return None
+        src = msg.src
+        if not is_clean_id(src):
+            return "bad_src"
+        if self._pairs.declared(peer):
+            if src not in self._pairs.sites(peer):
+                return "foreign_site"
+        elif src in self._children or src == self._id:
+            return "foreign_site"
+        if not self._refusals.allow(peer, now):
+            return "rate_limited"
+        return None
+
+    def _refused_task_site(self, task: int) -> str | None:
+        """The site holding ``task`` of ours, outstanding (None: no such task)."""
+        return self._dispatcher.task_site(task)
+
+    def _relay_refusal(self, msg: TrainRefused, out: list[Effect]) -> None:
+        """A believable refusal was counted here (a region passes it up)."""
 
     # --------------------------------------------------------------- quota
     def _within_quota(self, peer: str, msg: Update, out: list[Effect]) -> bool:
@@ -1007,6 +1114,7 @@ class AggregatorBase:
         self._ledger.record(msg.src, msg.seq)
         self._count_outcome(msg.src, _OUTCOME_NAMES[outcome])
         self._silent.discard(msg.src)  # it answers after all
+        self._refusals.answered(msg.src)
         if outcome is Outcome.APPLIED:
             # Only a buffer slot counts against the share: stale resends of updates kept
             # across a failover must not hold back the answers that fill the buffer.

@@ -13,6 +13,9 @@ and timeouts into ``Metric("job_timeout")``.
 * A benched site (``bench``) gets no new task until ``unbench``: an aggregator benches a
   site that has used its share of an aggregation epoch, so that an honest fast site waits
   for the next epoch rather than answering a task whose answer would have to be held.
+* A suspended site (``suspend``) gets no new task until ``resume`` or its ``mark_down``,
+  whatever ``unbench`` does: an aggregator suspends a site that refused a task for a
+  backoff (``algorithms.refusals``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class TaskDispatcher:
         self._given: dict[str, float] = {}  # site -> when its in-flight task was given
         self._heap: list[tuple[float, int]] = []
         self._benched: set[str] = set()
+        self._suspended: set[str] = set()
         self.next_task = 1
 
     # ------------------------------------------------------------------ queries
@@ -88,6 +92,8 @@ class TaskDispatcher:
 
     # ------------------------------------------------------------- idle set ops
     def _push_idle(self, site: str) -> None:
+        if site in self._suspended:
+            return
         if site not in self._idle_pos and site not in self._benched:
             self._idle_pos[site] = len(self._idle)
             self._idle.append(site)
@@ -130,6 +136,7 @@ class TaskDispatcher:
     def mark_down(self, site: str) -> int | None:
         """The site is unreachable; return the task this cancels, if any."""
         self._benched.discard(site)
+        self._suspended.discard(site)
         if site not in self._up:
             return None
         self._up.discard(site)
@@ -145,6 +152,20 @@ class TaskDispatcher:
         if site in self._sites:
             self._benched.add(site)
             self._drop_idle(site)
+
+    def suspend(self, site: str) -> None:
+        """Give ``site`` no new task until ``resume`` (or it goes down); ``unbench`` does
+        not lift it."""
+        if site in self._sites:
+            self._suspended.add(site)
+            self._drop_idle(site)
+
+    def resume(self, site: str) -> None:
+        """Lift ``suspend``: the site is eligible again if up, idle and not benched."""
+        if site in self._suspended:
+            self._suspended.discard(site)
+            if site in self._up and site not in self._task_of:
+                self._push_idle(site)
 
     def unbench(self) -> None:
         """Every benched site that is up and holds no task is eligible again."""

@@ -108,6 +108,7 @@ from fedloom.transport.wire import (
     Message,
     ModelBroadcast,
     Overlap,
+    TrainRefused,
     Update,
 )
 
@@ -302,6 +303,11 @@ class RegionalAggregator(BufferedAggregator):
         waiting = {u.seq for u in self._outbox.pending()}
         kept = [u for u in self._forwards.updates() if u.seq not in waiting]
         out.extend(self._outbox.resend(self.parent, now=now, kept=kept))
+
+    def _relay_refusal(self, msg: TrainRefused, out: list[Effect]) -> None:
+        """A site's refusal goes up unchanged (cleaned), so the root sees every site's;
+        best effort, not durable (a refusal lost with the link is not resent)."""
+        out.append(Send(self.parent, msg))
 
     def _on_quorum_end(self, out: list[Effect]) -> None:
         if self._hello_deferred:

@@ -5,10 +5,15 @@ receive model w (version v), train locally, return Δ = trained − w with base_
 
 State machine (``SiteState``): IDLE --TrainRequest--> TRAINING --TrainDone/TrainFailed--> IDLE.
 A request that arrives while training is parked (only the newest is kept) and started when the
-current job ends. Each finished job becomes ``Update(seq)`` in an ``Outbox``: persisted, sent,
-kept until the parent's ``Ack``; on ``PeerUp(parent)`` the site says ``Hello`` and resends
-its unacknowledged updates in seq order (the parent deduplicates by ``(site, seq)``), under
-the outbox's acknowledgement-paced window (``algorithms.outbox``).
+current job ends. A job that fails (``TrainFailed``: the plan raised, or refused the job
+with a code) is answered with ``TrainRefused(task, version, code, reason)`` to the parent, so
+the aggregator frees the task and counts the refusal (not for the simulator's "dropout").
+The config a job trains with gets ``server_round`` (the request's version + 1, as Flower
+clients expect) and, with a site seed, ``seed``. Each finished job becomes ``Update(seq)``
+in an ``Outbox``: persisted, sent, kept until the parent's ``Ack``; on ``PeerUp(parent)``
+the site says ``Hello`` and resends its unacknowledged updates in seq order (the parent
+deduplicates by ``(site, seq)``), under the outbox's acknowledgement-paced window
+(``algorithms.outbox``).
 
 Backpressure: while the outbox holds ``max_outbox_bytes`` (None: ``DEFAULT_OUTBOX_UPDATES``
 updates' worth) the site starts no training; the newest request is parked and started once
@@ -67,7 +72,15 @@ from fedloom.algorithms.protocol import (
 )
 from fedloom.algorithms.secure_site import MEMBER_LOG_KEY, SECAGG_TO_SITE, SiteSecAgg
 from fedloom.algorithms.weights_math import check_compatible
-from fedloom.transport.wire import Ack, Hello, Incorporated, ModelBroadcast, TrainRequest, Update
+from fedloom.transport.wire import (
+    Ack,
+    Hello,
+    Incorporated,
+    ModelBroadcast,
+    TrainRefused,
+    TrainRequest,
+    Update,
+)
 
 __all__ = ["SiteNode", "SiteState"]
 
@@ -208,6 +221,12 @@ class SiteNode:
                 Log("warning", "training failed", {"job": event.job, "reason": event.reason}),
                 Metric("train_failed"),
             ]
+            if event.code != "dropout":  # the simulator's dead site says nothing
+                # The parent frees the task's slot and counts the refusal (issue 14).
+                refusal = TrainRefused(
+                    self._id, self._task, self._base_version, event.code, event.reason[:200]
+                )
+                out.append(Send(self.parent, refusal))
             return out + self._finish_job()
         if isinstance(event, PeerUp):
             self._up.add(event.peer)
@@ -340,10 +359,12 @@ class SiteNode:
         self._base_version = req.version
         self._task = req.task
         self.state = SiteState.TRAINING
-        config: Mapping[str, Any] = req.config
+        # Flower clients read the round they train in (rounds start at 1); the approval
+        # gate ignores the keys a site adds itself (``federation.training.SITE_CONFIG_KEYS``).
+        config: Mapping[str, Any] = {**req.config, "server_round": int(req.version) + 1}
         if self._seed is not None:
             # A distinct, reproducible seed per (site, job).
-            config = {**req.config, "seed": (self._seed * 1_000_003 + self._job) % 2**31}
+            config = {**config, "seed": (self._seed * 1_000_003 + self._job) % 2**31}
         return [Train(self._job, req.weights, config)]
 
     def _check_job(self, job: int) -> None:

@@ -211,7 +211,9 @@ class SyncAggregator(OwnModel, AggregatorBase):
         own = self._round_deadline()
         start = self._quorum_deadline()  # no round opens before the start quorum
         secure = self._secagg.next_deadline() if self._secagg is not None else None
-        return min((t for t in (own, start, secure) if t is not None), default=None)
+        retry = self._refusals.next_retry()  # a refusing site's backoff ends
+        times = (own, start, secure, retry)
+        return min((t for t in times if t is not None), default=None)
 
     def _round_deadline(self) -> float | None:
         if self.state is RoundState.WAITING and self._short_since is not None:
@@ -301,6 +303,15 @@ class SyncAggregator(OwnModel, AggregatorBase):
     def _on_task_cancelled(self, task: int) -> None:
         if self._round_tasks.pop(task, None) is not None:
             self._round_lost = True
+
+    def _refused_task_site(self, task: int) -> str | None:
+        """A refusal answers a task of the open round like a dropout (the round ends with
+        the others, or is drawn again among the live sites); the round's own task list
+        counts too, as it survives a restart that the dispatcher's does not."""
+        site = super()._refused_task_site(task)
+        if site is None and self.state is RoundState.COLLECTING:
+            site = self._round_tasks.get(task)
+        return site
 
     def _end_with_survivors(self, out: list[Effect]) -> None:
         """No task of the round is outstanding (all answered, in a round that drew fewer

@@ -58,7 +58,7 @@ def test_train_then_update_with_delta_persisted_before_send() -> None:
     site = SiteNode("s1", "agg")
     out = site.handle(recv("agg", request(task=9, version=3, value=1.0)), 0.0)
     [train] = trains(out)
-    assert dict(train.config) == {"lr": 0.1}
+    assert dict(train.config) == {"lr": 0.1, "server_round": 4}  # version 3 + 1
     assert site.state == SiteState.TRAINING
     out = site.handle(done(train.job, 1.5), 1.0)
     assert isinstance(out[0], Persist) and out[0].key == "site/pending" and out[0].append
