@@ -32,6 +32,7 @@ against a roster's root key.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import importlib
@@ -249,12 +250,18 @@ def _audit_models(state_dir: Path) -> list[dict[str, Any]] | None:
 
 
 def _hex(value: Any) -> bytes:
-    if not isinstance(value, str):
+    """Bytes an audit entry or export metadata holds as hex ("sha256:" optional), or
+    base64; b"" when it holds none."""
+    if not isinstance(value, str) or not value:
         return b""
     text = value.removeprefix("sha256:")
     try:
         return bytes.fromhex(text)
     except ValueError:
+        pass
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
         return b""
 
 

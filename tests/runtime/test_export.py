@@ -288,3 +288,45 @@ def test_verify_detects_altered_tensors_and_checks_the_roots_signature(
     moved = dataclasses.replace(signed, version=6)
     write_export(moved, tmp_path / "m.safetensors", "safetensors")
     assert verify_export(tmp_path / "m.safetensors", roster).signature.startswith("INVALID")
+
+
+def test_the_roots_signature_and_lineage_come_from_its_audit_log(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The root's audit log records each model version it released with its signature:
+    the export carries the signature of the exported version (and only one over this
+    model's digest), and the lineage the log records."""
+    from fedloom.runtime.audit import record
+
+    cfg = load_config(fed.nodes[ROOT_ID].config)
+    state = fed.nodes[ROOT_ID].state_dir
+    version, weights = root_model(fed)
+    digest = tensors_digest(weights)
+    key = Identity.load(cfg.identity_key)
+    for v in range(1, version):  # earlier versions: other digests
+        other = bytes([v]) * 32
+        sig = sign_model(key, v, v - 1, other).hex()
+        record(state, "model_version", version=v, parent=v - 1, digest=other.hex(), sig=sig)
+    # A forged entry for the current version with another digest is not taken.
+    record(state, "model_version", version=version, parent=5, digest="00" * 32, sig="11" * 64)
+    sig = sign_model(key, version, version - 1, digest).hex()
+    record(
+        state,
+        "model_version",
+        version=version,
+        parent=version - 1,
+        digest="sha256:" + digest.hex(),
+        sig=sig,
+        signer=ROOT_ID,
+    )
+    out = tmp_path / "m.safetensors"
+    assert main(["model", "export", "--config", str(cfg.source), "--out", str(out)]) == 0
+    assert f"signed by {ROOT_ID}" in capsys.readouterr().out
+    found = verify_export(
+        out, Roster.loads(Path(cfg.roster_path).read_text(), cfg.read_consortium_key())
+    )
+    assert found.signature == "valid" and found.metadata["signature_parent"] == str(version - 1)
+    assert found.metadata["lineage_source"] == "audit"
+    lineage = json.loads(found.metadata["lineage"])
+    assert [e["version"] for e in lineage] == [*range(1, version), version, version]
+    assert all(e["parent"] == e["version"] - 1 for e in lineage if e["version"] < version)
