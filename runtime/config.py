@@ -55,6 +55,10 @@ Example (a hospital site)::
     [privacy]                         # the root: mechanism = "central", noise_multiplier,
                                       # clip, delta, epsilon_budget, accountant (README,
                                       # "Differential privacy"; federation.privacy)
+    [evaluation]                      # the root: every = N (sites evaluate every N-th version),
+                                      # min_sites; [[analytics]] name, dataset_tag, columns,
+                                      # bins, bounds, min_cell (README, "Federated evaluation
+                                      # and statistics"; runtime.reports)
     [governance]                      # sites: require_approval (runtime.governance)
 
 Aggregators (``region``, ``root``) have ``[listen]`` (host, port) and ``children``, and may
@@ -105,6 +109,7 @@ from fedloom.federation.secagg_params import (
     read_secure_aggregation,
 )
 from fedloom.runtime.governance import NO_GOVERNANCE, GovernanceConfig, read_governance
+from fedloom.runtime.reports import NO_REPORTS, ReportsConfig, read_reports
 from fedloom.transport.channel import (
     DEFAULT_GATE_HANDSHAKE_TIMEOUT_S,
     DEFAULT_MAX_PENDING,
@@ -255,6 +260,8 @@ class DaemonConfig:
     dp_sgd: DpSgdConfig | None = None
     # ``[privacy]`` (federation.privacy): a root's central DP, ledger and budget.
     privacy: PrivacyConfig = NO_PRIVACY
+    # ``[evaluation]``, ``[[analytics]]`` (runtime.reports): federated evaluation, statistics.
+    reports: ReportsConfig = NO_REPORTS
     # ``[governance]`` (runtime.governance): whether a site trains only approved plans.
     governance: GovernanceConfig = NO_GOVERNANCE
 
@@ -349,6 +356,7 @@ def parse_config(
     secagg = read_secure_aggregation(t.table("secure_aggregation"))
     dp_sgd = read_dp_sgd(t.table("dp_sgd")) if t.has("dp_sgd") else None
     privacy = read_privacy(t.table("privacy"))
+    reports = read_reports(t.table("evaluation"), t.array("analytics", []), role, privacy)
     governance = read_governance(t.table("governance"))
     t.finish()
     if privacy.enabled and role not in ("root", "region", "site"):
@@ -400,6 +408,7 @@ def parse_config(
         secure_aggregation=secagg,
         dp_sgd=dp_sgd,
         privacy=privacy,
+        reports=reports,
         governance=governance,
         **failover,
     )

@@ -57,6 +57,7 @@ from fedloom.runtime.nodes import (
 )
 from fedloom.runtime.recovery import Daemon, DaemonError, recovery_summary
 from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
+from fedloom.runtime.reports import add_reports
 from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
 from fedloom.runtime.status import StatusBoard, board_for_daemon
 from fedloom.runtime.trainer import PlanTrainer, make_executor
@@ -435,7 +436,7 @@ async def serve(
         seed=cfg.seed,
     )
     post = poster(driver.post_nowait)  # for the services' own events
-    del post  # (no service is layered yet)
+    add_reports(layered, d, post)  # federated evaluation and statistics (runtime.reports)
     board = board_for_daemon(d, layered, loop.time()) if cfg.is_aggregator else None
     if board is not None:  # the status board (/status, fedloom status): observes only
         layered.add(board)

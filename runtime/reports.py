@@ -1,0 +1,1095 @@
+"""Federated evaluation and federated statistics: daemon services at sites, regions, root.
+
+They are not the training protocol, so they are middlewares (``runtime.middleware``)
+layered around the node: each intercepts the messages it speaks (``EvalReport``,
+``StatsRequest``, ``StatsReport``) before the node, and observes the node's own events.
+
+Schedule. The root sends every child, each time it connects (``PeerUp``), the reserved
+``StatsRequest(query="evaluate", spec={"every": N})`` and one ``StatsRequest(name, spec)``
+per ``[[analytics]]`` query (``federation.analytics``: the flat spec); a region keeps the
+newest of each and passes them to its children (at once, and whenever one connects). This
+rides the per-connection control path, not the settings map the root signs and sites
+bound per key, so the training protocol, its signatures and the sites' approval bounds are
+untouched, and a restarted root (or a re-configured one) re-synchronises every subtree.
+
+Site (``SiteReports``). ``every = N > 0``: the site evaluates the first model version v it
+holds (from a ``TrainRequest`` or a ``ModelBroadcast`` of its parent) with ``v // N``
+greater than that of the last one it evaluated, and reports it under the bucket's start
+``(v // N) * N``: under FedBuff a site sees only some versions, so reports of nearby
+versions land in one bucket. ``plan.evaluate(weights)`` (its own held-out split) runs in a
+thread, one job at a time (a newer bucket waits; older ones are skipped), never on the
+event loop; the result goes to the current parent as ``EvalReport(src, bucket,
+n_examples, metrics)``. ``n_examples`` is the plan's own ``n_examples`` (or ``n_test``)
+figure, else the size of its evaluation split where the plan has one, else 1. A
+statistics query is computed over the site's registered dataset with the query's tag
+(``runtime.datasets``: ``DatasetRegistry.active_by_tag``, ``load_frame``), in a thread;
+the answer (or a refusal: ``dataset_missing``, ``dataset_revoked``, ``bad_spec``,
+``bad_column``, ``too_few_rows``, ``failed``) goes to the parent. Answers are kept per
+query, spec and dataset hash in ``STATE_DIR/analytics-answers.json`` and repeated, not
+recomputed: a noisy answer is released once (its privacy is spent once), even across a
+restart.
+
+Region (``RegionReports``). Reports from a child are relayed to the parent when their
+``src`` is that child (a site) or a site of its ``[subtrees]`` entry (a nested region; any
+site of the roster but this region's own children when the subtree is undeclared), at
+most ``RELAY_BURST`` at once and ``RELAY_PER_S`` per second per child, each
+``(src, version)`` / ``(src, query)`` once.
+
+Root (``RootReports``). A report is refused (``Metric report_rejected{kind, reason}``, a
+bounded log line) unless its ``src`` is a site the tree puts under the child that sent it
+(as above, the roster standing in for an undeclared subtree), its version a bucket start
+not above the root's model, its ``n_examples`` between 1 and the site's declared examples
+(the roster's ``examples``, else ``max_examples_per_site``), its metrics finite, at most
+``MAX_METRICS``, with accuracy in [0, 1]. A bucket is published (gauges
+``fedloom_node_federated_eval_accuracy_ratio``, ``..._loss_gauge``, ``..._sites_gauge``,
+``..._version``; ``view()``; ``STATE_DIR/evaluation.json``) once at least ``min_sites``
+sites reported it: example-weighted means of accuracy and loss, the number of sites and
+examples; never a site's own figures. Statistics reports are checked by
+``federation.analytics.check_values`` and aggregated by ``aggregate`` (published in
+``STATE_DIR/analytics/<name>.json`` and ``view()``). What the root holds per site (needed
+to go on aggregating after a restart) is kept in ``STATE_DIR/reports-state.json``, never
+published. Files are written atomically (tmp, fsync, rename, fsync dir) in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedloom.algorithms.protocol import (
+    Effect,
+    Event,
+    Log,
+    Metric,
+    PeerDown,
+    PeerUp,
+    Received,
+    Send,
+)
+from fedloom.federation.analytics import (
+    EVALUATE,
+    MAX_SPEC_KEYS,
+    QuerySpec,
+    SiteAnswer,
+    SpecError,
+    aggregate,
+    check_name,
+    check_values,
+    compute_site,
+    parse_wire,
+)
+from fedloom.federation.config_reader import ConfigError, Table
+from fedloom.federation.training import TrainingRefusedError
+from fedloom.runtime.middleware import LayeredNode, Poster, ServiceEvent
+from fedloom.transport.error_text import describe as describe_exc
+from fedloom.transport.errors import describe
+from fedloom.transport.wire import (
+    EvalReport,
+    ModelBroadcast,
+    StatsReport,
+    StatsRequest,
+    TrainRequest,
+)
+
+__all__ = [
+    "NO_REPORTS",
+    "EvaluationConfig",
+    "RegionReports",
+    "ReportsConfig",
+    "RootReports",
+    "SiteReports",
+    "add_reports",
+    "read_reports",
+    "root_reports",
+]
+
+log = logging.getLogger("fedloom.daemon")
+
+MAX_EVERY = 1_000_000
+MAX_METRICS = 16
+MAX_QUERIES = 32  # analytics queries a node keeps (the root's config, a region's, a site's)
+MAX_PENDING_BUCKETS = 64  # evaluation buckets the root holds per-site figures for
+MAX_PUBLISHED_BUCKETS = 256
+MAX_REASON = 200
+RELAY_BURST = 64.0
+RELAY_PER_S = 2.0
+RELAY_SEEN = 8192
+STATE_FORMAT = "fedloom/reports/1"
+ANSWERS_FORMAT = "fedloom/analytics-answers/1"
+_METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+_CODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_EVAL_SIZE_KEYS = ("n_examples", "n_test", "eval_sites")
+
+
+# ------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationConfig:
+    """``[evaluation]`` (the root's): evaluate every ``every``-th version at the sites (0:
+    off); publish a version only once ``min_sites`` sites reported it."""
+
+    every: int = 0
+    min_sites: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ReportsConfig:
+    """``[evaluation]`` and ``[[analytics]]`` of a root (empty elsewhere)."""
+
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    analytics: tuple[QuerySpec, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.evaluation.every > 0 or bool(self.analytics)
+
+
+NO_REPORTS = ReportsConfig()
+
+
+def read_reports(
+    evaluation: Table, analytics: Sequence[Any], role: str, privacy: Any = None
+) -> ReportsConfig:
+    """``[evaluation]`` and the ``[[analytics]]`` tables (the root's only). A query without
+    ``noise_multiplier`` takes the root's ``[privacy]`` one when central DP is on (and its
+    ``delta``); with noise, every column needs ``bounds``."""
+    every = evaluation.integer("every", 0, min=0, max=MAX_EVERY)
+    min_sites = evaluation.integer("min_sites", 3, min=1, max=100_000)
+    evaluation.finish()
+    if not isinstance(analytics, list):
+        raise ConfigError("analytics: expected [[analytics]] tables")
+    if (every or analytics) and role != "root":
+        what = "evaluation.every" if every else "analytics"
+        raise ConfigError(
+            f"{what}: the root schedules federated evaluation and statistics; remove it "
+            f"for a {role} (sites and regions follow the root's)"
+        )
+    if len(analytics) > MAX_QUERIES:
+        raise ConfigError(f"analytics: at most {MAX_QUERIES} queries")
+    specs = [
+        _read_query(Table(item, f"analytics[{i}]"), privacy) for i, item in enumerate(analytics)
+    ]
+    names = [s.name for s in specs]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"analytics[{i}].name: {name!r} names two queries")
+    return ReportsConfig(EvaluationConfig(every, min_sites), tuple(specs))
+
+
+def _lists(t: Table, key: str) -> dict[str, list[Any]]:
+    """``key = {column = [numbers...]}``: a table of lists of numbers."""
+    raw = t.raw(key, {})
+    if not isinstance(raw, Mapping):
+        raise t.fail(key, "a table {column = [numbers, ...]}", raw)
+    out: dict[str, list[Any]] = {}
+    for col, value in raw.items():
+        if not isinstance(value, list) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in value
+        ):
+            raise ConfigError(f"{t.where(key)}.{col}: expected a list of numbers")
+        out[str(col)] = value
+    return out
+
+
+def _read_query(t: Table, privacy: Any) -> QuerySpec:
+    name = t.text("name")
+    tag = t.text("dataset_tag")
+    columns = t.array("columns")
+    bins = _lists(t, "bins")
+    bounds = _lists(t, "bounds")
+    for col, pair in bounds.items():
+        if len(pair) != 2:
+            raise ConfigError(f"{t.where('bounds')}.{col}: expected [lo, hi]")
+    min_cell = t.integer("min_cell", 5)
+    min_sites = t.integer("min_sites", 3, min=1, max=100_000)
+    z = t.number("noise_multiplier", None, min=0.0, exclusive_min=True)
+    delta = t.number("delta", None, min=0.0, max=1e-3, exclusive_min=True)
+    t.finish()
+    central = privacy is not None and getattr(privacy, "enabled", False)
+    if z is None and central:
+        z = float(privacy.noise_multiplier)
+    if delta is None:
+        delta = float(privacy.delta) if central else 1e-5
+    try:
+        return QuerySpec(
+            name=name,
+            tag=tag,
+            columns=tuple(columns),
+            bins={c: tuple(v) for c, v in bins.items()},
+            bounds={c: (v[0], v[1]) for c, v in bounds.items()},
+            min_cell=min_cell,
+            noise_multiplier=z,
+            min_sites=min_sites,
+            delta=delta,
+        )
+    except SpecError as exc:
+        hint = " ([privacy] is on: its noise applies)" if central and "bounds" in str(exc) else ""
+        raise ConfigError(f"{t.where('name')} = {name!r}: {exc}{hint}") from None
+
+
+# ------------------------------------------------------------------------- plumbing
+
+Runner = Callable[[Callable[[], ServiceEvent | None]], None]
+
+
+def thread_runner(loop: asyncio.AbstractEventLoop, post: Poster) -> Runner:
+    """Run each job in a daemon thread (never on the event loop) and post the event it
+    returns through ``post`` on ``loop``. A job finishing after the daemon stopped (its
+    loop closed) is dropped."""
+
+    def run(job: Callable[[], ServiceEvent | None]) -> None:
+        def work() -> None:
+            event = job()
+            if event is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: we stopped
+                    loop.call_soon_threadsafe(post, event)
+
+        threading.Thread(target=work, name="fedloom-reports", daemon=True).start()
+
+    return run
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``: tmp file, fsync, ``os.replace``, fsync the dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    data = json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s); starting without it", path, describe_exc(exc))
+        return None
+
+
+class JsonFiles:
+    """Atomic JSON writes off the loop, newest value wins (a stale write is skipped)."""
+
+    def __init__(self, run: Runner) -> None:
+        self._run = run
+        self._lock = threading.Lock()
+        self._gen: dict[Path, int] = {}
+
+    def save(self, path: Path, value: Any) -> None:
+        text = json.loads(json.dumps(value, allow_nan=False))  # a copy, made on the loop
+        with self._lock:
+            gen = self._gen[path] = self._gen.get(path, 0) + 1
+
+        def job() -> None:
+            with self._lock:
+                if self._gen.get(path) != gen:
+                    return  # a newer value is queued
+                try:
+                    write_json_atomic(path, text)
+                except OSError as exc:
+                    log.warning("%s: cannot write (%s)", path, describe_exc(exc))
+
+        self._run(job)
+
+
+def _bad(
+    kind: str, reason: str, peer: str, fields: Mapping[str, Any] | None = None
+) -> list[Effect]:
+    extra = {"peer": describe(peer), "reason": reason, **(fields or {})}
+    return [
+        Metric("report_rejected", 1.0, {"kind": kind, "reason": reason}),
+        Log("warning", f"{kind} report rejected", extra),
+    ]
+
+
+# ------------------------------------------------------------------------- site
+
+
+@dataclass(frozen=True, slots=True)
+class EvalDone(ServiceEvent):
+    owner: int
+    bucket: int
+    version: int
+    n_examples: int = 0
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StatsDone(ServiceEvent):
+    owner: int
+    query: str
+    answer: SiteAnswer | None
+    code: str = ""
+    reason: str = ""
+
+
+class DatasetSource:
+    """The site's registered datasets by tag (``runtime.datasets``, imported lazily: the
+    ``tabular`` extra). ``open(tag) -> (identity, frame)``; ``SpecError`` with code
+    ``dataset_missing`` / ``dataset_revoked`` when there is no active one."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def open(self, tag: str) -> tuple[str, Any]:
+        try:
+            datasets: Any = importlib.import_module("fedloom.runtime.datasets")
+        except ImportError:
+            raise SpecError("this site has no dataset registry", "dataset_missing") from None
+        registry = datasets.DatasetRegistry(self.state_dir)
+        record = registry.active_by_tag(tag)
+        if record is None:
+            revoked = any(
+                tag in getattr(r, "tags", ()) and getattr(r, "revoked_at", None)
+                for r in registry.records()
+            )
+            code = "dataset_revoked" if revoked else "dataset_missing"
+            raise SpecError(f"no active dataset tagged {tag!r} at this site", code)
+        ident = str(getattr(record, "sha256", "") or getattr(record, "name", tag))
+        try:
+            return ident, datasets.load_frame(record)
+        except TrainingRefusedError as exc:  # the file is gone or not the registered one
+            raise SpecError(str(exc)[:MAX_REASON], exc.code) from None
+
+
+def eval_examples(plan: Any, result: Mapping[str, Any]) -> int:
+    """How many examples ``plan.evaluate`` looked at (see the module docstring)."""
+    for key in ("n_examples", "n_test"):
+        v = result.get(key)
+        if isinstance(v, int | float) and math.isfinite(v) and v >= 1:
+            return int(v)
+    inner = plan
+    with contextlib.suppress(Exception):  # a workload's site plan builds its model lazily
+        inner = plan._plan() if hasattr(plan, "_plan") else plan
+    split = getattr(inner, "_eval", None)
+    with contextlib.suppress(TypeError):
+        if split is not None and len(split) >= 1:
+            return len(split)
+    return 1
+
+
+def clean_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """At most ``MAX_METRICS`` finite numbers with plain names (accuracy, loss first)."""
+    out: dict[str, float] = {}
+    keys = sorted(result, key=lambda k: (k not in ("accuracy", "loss"), str(k)))
+    for key in keys:
+        v = result[key]
+        if key in _EVAL_SIZE_KEYS or not isinstance(key, str) or not _METRIC_NAME.match(key):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            continue
+        out[key] = float(v)
+        if len(out) == MAX_METRICS:
+            break
+    return out
+
+
+def _spec_digest(spec: Mapping[str, Any]) -> str:
+    blob = json.dumps(dict(spec), sort_keys=True, allow_nan=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class SiteReports:
+    """A site's evaluation and statistics service (see the module docstring)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        parent_of: Callable[[], str],
+        plan: Any,
+        run: Runner,
+        *,
+        datasets: Any = None,
+        answers_path: Path | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self._parent_of = parent_of
+        self._plan = plan
+        self._run = run
+        self._datasets = datasets
+        self._answers_path = answers_path
+        self.every = 0
+        self.last_bucket = -1
+        self._eval_busy = False
+        self._eval_next: tuple[int, Any] | None = None  # (version, weights) waiting
+        self._stats_busy = False
+        self._queue: deque[tuple[str, dict[str, Any]]] = deque()
+        self._lock = threading.Lock()  # the answers cache (read by jobs, written by them)
+        self._answers: dict[str, dict[str, Any]] = self._load_answers()
+
+    def _load_answers(self) -> dict[str, dict[str, Any]]:
+        if self._answers_path is None:
+            return {}
+        raw = _read_json(self._answers_path)
+        if not isinstance(raw, dict) or raw.get("format") != ANSWERS_FORMAT:
+            return {}
+        answers = raw.get("answers")
+        return dict(answers) if isinstance(answers, dict) else {}
+
+    # -- middleware
+    def intercept(self, event: Event, now: float) -> list[Effect] | None:
+        if isinstance(event, EvalDone) and event.owner == id(self):
+            return self._eval_done(event)
+        if isinstance(event, StatsDone) and event.owner == id(self):
+            return self._stats_done(event)
+        if not isinstance(event, Received):
+            return None
+        msg = event.msg
+        if isinstance(msg, StatsRequest):
+            if event.peer != self._parent_of():
+                return _bad("request", "not_parent", event.peer)
+            return self._on_request(event.peer, msg)
+        if isinstance(msg, EvalReport | StatsReport):
+            return _bad("eval" if isinstance(msg, EvalReport) else "stats", "at_site", event.peer)
+        return None
+
+    def observe(self, event: Event, effects: Sequence[Effect], now: float) -> list[Effect]:
+        if self.every <= 0 or self._plan is None or not isinstance(event, Received):
+            return []
+        msg = event.msg
+        if not isinstance(msg, TrainRequest | ModelBroadcast) or event.peer != self._parent_of():
+            return []
+        if msg.version < 0 or msg.version // self.every <= self.last_bucket:
+            return []
+        if self._eval_busy:
+            held = self._eval_next
+            if held is None or msg.version // self.every > held[0] // self.every:
+                self._eval_next = (msg.version, msg.weights)
+            return []
+        self._start_eval(msg.version, msg.weights)
+        return []
+
+    # -- evaluation
+    def _start_eval(self, version: int, weights: Any) -> None:
+        self._eval_busy = True
+        bucket = version // self.every
+        self.last_bucket = max(self.last_bucket, bucket)
+        start = bucket * self.every
+        plan, owner = self._plan, id(self)
+
+        def job() -> ServiceEvent:
+            try:
+                result = plan.evaluate(weights)
+                n = eval_examples(plan, result)
+                return EvalDone(owner, start, version, n, clean_metrics(result))
+            except Exception as exc:  # the plan's code: a failure is reported, not raised
+                return EvalDone(owner, start, version, error=describe_exc(exc)[:MAX_REASON])
+
+        self._run(job)
+
+    def _eval_done(self, done: EvalDone) -> list[Effect]:
+        self._eval_busy = False
+        out: list[Effect]
+        if done.error:
+            out = [
+                Metric("federated_eval_failed"),
+                Log(
+                    "warning",
+                    "evaluating a model failed",
+                    {"version": done.version, "reason": done.error},
+                ),
+            ]
+        else:
+            report = EvalReport(self.node_id, done.bucket, done.n_examples, dict(done.metrics))
+            out = [Send(self._parent_of(), report), Metric("federated_eval_sent")]
+        waiting, self._eval_next = self._eval_next, None
+        if waiting is not None and self.every > 0 and waiting[0] // self.every > self.last_bucket:
+            self._start_eval(*waiting)
+        return out
+
+    # -- statistics
+    def _on_request(self, peer: str, msg: StatsRequest) -> list[Effect]:
+        if msg.query == EVALUATE:
+            every = msg.spec.get("every")
+            if set(msg.spec) != {"every"} or isinstance(every, bool) or not isinstance(every, int):
+                return _bad("request", "bad_schedule", peer)
+            if not 0 <= every <= MAX_EVERY:
+                return _bad("request", "bad_schedule", peer)
+            if every != self.every:
+                self.every = every
+                self.last_bucket = -1
+            return []
+        try:
+            check_name("query", msg.query)
+        except SpecError:
+            return _bad("request", "bad_query", peer)
+        try:
+            parse_wire(msg.query, msg.spec)
+        except SpecError as exc:
+            return [Send(peer, StatsReport(self.node_id, msg.query, 0, {}, exc.code, str(exc)))]
+        if any(q == msg.query for q, _ in self._queue):
+            self._queue = deque((q, s) for q, s in self._queue if q != msg.query)
+        if len(self._queue) >= MAX_QUERIES:
+            return _bad("request", "too_many_queries", peer)
+        self._queue.append((msg.query, dict(msg.spec)))
+        return self._next_stats()
+
+    def _next_stats(self) -> list[Effect]:
+        if self._stats_busy or not self._queue:
+            return []
+        query, wire = self._queue.popleft()
+        self._stats_busy = True
+        owner, source = id(self), self._datasets
+
+        def job() -> ServiceEvent:
+            try:
+                spec = parse_wire(query, wire)
+                if source is None:
+                    raise SpecError("this site has no dataset registry", "dataset_missing")
+                ident, frame = source.open(spec.tag)
+                key = {"spec": _spec_digest(wire), "dataset": ident}
+                with self._lock:
+                    kept = self._answers.get(query)
+                if kept is not None and all(kept.get(k) == v for k, v in key.items()):
+                    answer = SiteAnswer(int(kept["n"]), dict(kept["values"]))
+                else:
+                    answer = compute_site(frame, spec)
+                    self._keep(query, {**key, "n": answer.n, "values": dict(answer.values)})
+                return StatsDone(owner, query, answer)
+            except SpecError as exc:
+                return StatsDone(owner, query, None, exc.code, str(exc)[:MAX_REASON])
+            except Exception as exc:  # reading the file, pandas missing, ...
+                return StatsDone(owner, query, None, "failed", describe_exc(exc)[:MAX_REASON])
+
+        self._run(job)
+        return []
+
+    def _keep(self, query: str, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._answers[query] = entry
+            while len(self._answers) > MAX_QUERIES:
+                del self._answers[next(iter(self._answers))]
+            snapshot = {"format": ANSWERS_FORMAT, "answers": dict(self._answers)}
+        if self._answers_path is not None:
+            try:  # in the job's thread already: write now, so the answer is kept before it leaves
+                write_json_atomic(self._answers_path, snapshot)
+            except OSError as exc:
+                log.warning("%s: cannot write (%s)", self._answers_path, describe_exc(exc))
+
+    def _stats_done(self, done: StatsDone) -> list[Effect]:
+        self._stats_busy = False
+        parent = self._parent_of()
+        if done.answer is None:
+            msg = StatsReport(self.node_id, done.query, 0, {}, done.code, done.reason)
+            out: list[Effect] = [
+                Send(parent, msg),
+                Metric("federated_stats_refused", 1.0, {"code": done.code}),
+                Log(
+                    "info",
+                    "statistics query refused",
+                    {"query": done.query, "code": done.code, "reason": done.reason},
+                ),
+            ]
+        else:
+            msg = StatsReport(self.node_id, done.query, done.answer.n, dict(done.answer.values))
+            out = [Send(parent, msg), Metric("federated_stats_sent")]
+        return out + self._next_stats()
+
+
+# ------------------------------------------------------------------------- region
+
+
+def _allowed_src(
+    src: str,
+    peer: str,
+    children: Mapping[str, str],
+    subtrees: Mapping[str, Sequence[str]],
+    roster_sites: Callable[[], frozenset[str]],
+) -> bool:
+    """Whether ``peer`` (a child) may carry reports of site ``src``."""
+    role = children.get(peer)
+    if role == "site":
+        return src == peer
+    if role != "region":
+        return False
+    if peer in subtrees:
+        return src in subtrees[peer]
+    return src in roster_sites() and src not in children
+
+
+class RegionReports:
+    """A region's relay of requests down and reports up (see the module docstring)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        parent_of: Callable[[], str],
+        children_of: Callable[[], Mapping[str, str]],
+        *,
+        subtrees: Mapping[str, Sequence[str]] | None = None,
+        roster_sites: Callable[[], frozenset[str]] = frozenset,
+    ) -> None:
+        self.node_id = node_id
+        self._parent_of = parent_of
+        self._children_of = children_of
+        self._subtrees = dict(subtrees or {})
+        self._roster_sites = roster_sites
+        self.requests: dict[str, StatsRequest] = {}
+        self._up: set[str] = set()
+        self._tokens: dict[str, tuple[float, float]] = {}
+        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+
+    def intercept(self, event: Event, now: float) -> list[Effect] | None:
+        if not isinstance(event, Received):
+            return None
+        msg, peer = event.msg, event.peer
+        if isinstance(msg, StatsRequest):
+            if peer != self._parent_of():
+                return _bad("request", "not_parent", peer)
+            return self._on_request(peer, msg)
+        if isinstance(msg, EvalReport | StatsReport):
+            return self._relay(peer, msg, now)
+        return None
+
+    def observe(self, event: Event, effects: Sequence[Effect], now: float) -> list[Effect]:
+        if isinstance(event, PeerUp) and event.peer in self._children_of():
+            self._up.add(event.peer)
+            return [Send(event.peer, r) for r in self.requests.values()]
+        if isinstance(event, PeerDown):
+            self._up.discard(event.peer)
+        return []
+
+    def _on_request(self, peer: str, msg: StatsRequest) -> list[Effect]:
+        try:
+            if msg.query == EVALUATE:
+                every = msg.spec.get("every")
+                if (
+                    set(msg.spec) != {"every"}
+                    or type(every) is not int
+                    or not 0 <= every <= MAX_EVERY
+                ):
+                    raise SpecError("bad schedule")
+            else:
+                if len(msg.spec) > MAX_SPEC_KEYS:
+                    raise SpecError("spec too large")
+                parse_wire(msg.query, msg.spec)
+        except SpecError:
+            return _bad("request", "bad_spec", peer)
+        old = self.requests.get(msg.query)
+        if old is None and len(self.requests) > MAX_QUERIES:
+            return _bad("request", "too_many_queries", peer)
+        if old is not None and old.spec != msg.spec:
+            kind = "eval" if msg.query == EVALUATE else "stats"
+            for key in [
+                k for k in self._seen if k[1] == kind and (kind == "eval" or k[2] == msg.query)
+            ]:
+                del self._seen[key]
+        self.requests[msg.query] = msg
+        children = self._children_of()
+        return [Send(c, msg) for c in sorted(self._up) if c in children]
+
+    def _relay(self, peer: str, msg: EvalReport | StatsReport, now: float) -> list[Effect]:
+        kind = "eval" if isinstance(msg, EvalReport) else "stats"
+        children = self._children_of()
+        if peer not in children:
+            return _bad(kind, "not_child", peer)
+        if not _allowed_src(msg.src, peer, children, self._subtrees, self._roster_sites):
+            return _bad(kind, "not_in_subtree", peer, {"src": describe(msg.src)})
+        key = (msg.src, kind, str(msg.version) if isinstance(msg, EvalReport) else msg.query)
+        if key in self._seen:
+            return [Metric("report_duplicate", 1.0, {"kind": kind})]
+        tokens, last = self._tokens.get(peer, (RELAY_BURST, now))
+        tokens = min(RELAY_BURST, tokens + max(0.0, now - last) * RELAY_PER_S)
+        if tokens < 1.0:
+            self._tokens[peer] = (tokens, now)
+            return _bad(kind, "rate", peer)
+        self._tokens[peer] = (tokens - 1.0, now)
+        self._seen[key] = None
+        while len(self._seen) > RELAY_SEEN:
+            self._seen.popitem(last=False)
+        return [Send(self._parent_of(), msg), Metric("report_relayed", 1.0, {"kind": kind})]
+
+
+# ------------------------------------------------------------------------- root
+
+
+class RootReports:
+    """The root's schedule, checks, aggregation and publication (module docstring).
+    ``view()`` is what the status page shows (JSON-able)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        config: ReportsConfig,
+        children_of: Callable[[], Mapping[str, str]],
+        *,
+        model_version: Callable[[], int | None],
+        declared_examples: Callable[[str], int],
+        subtrees: Mapping[str, Sequence[str]] | None = None,
+        roster_sites: Callable[[], frozenset[str]] = frozenset,
+        state_dir: Path | None = None,
+        run: Runner | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.every = config.evaluation.every
+        self.min_sites = config.evaluation.min_sites
+        self.specs = {s.name: s for s in config.analytics}
+        self._children_of = children_of
+        self._model_version = model_version
+        self._declared = declared_examples
+        self._subtrees = dict(subtrees or {})
+        self._roster_sites = roster_sites
+        self._state_dir = state_dir
+        self._files = JsonFiles(run) if run is not None and state_dir is not None else None
+        # version -> {src: (n, accuracy, loss)} of buckets; published: version -> aggregate
+        self.buckets: dict[int, dict[str, tuple[int, float | None, float | None]]] = {}
+        self.published: dict[int, dict[str, Any]] = {}
+        self.answers: dict[str, dict[str, SiteAnswer]] = {q: {} for q in self.specs}
+        self.refused: dict[str, dict[str, str]] = {q: {} for q in self.specs}
+        self.results: dict[str, dict[str, Any] | None] = {q: None for q in self.specs}
+        self.rejected: dict[str, int] = {}
+        self._requests = [StatsRequest(s.name, s.to_wire()) for s in config.analytics]
+        self._load()
+
+    # -- persistence
+    def _load(self) -> None:
+        if self._state_dir is None:
+            return
+        raw = _read_json(self._state_dir / "reports-state.json")
+        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
+            return
+        with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+            ev = raw.get("evaluation", {})
+            if ev.get("every") == self.every:
+                for v, sites in ev.get("buckets", {}).items():
+                    self.buckets[int(v)] = {s: (int(x[0]), x[1], x[2]) for s, x in sites.items()}
+                for agg in ev.get("published", []):
+                    self.published[int(agg["version"])] = dict(agg)
+            for q, entry in raw.get("analytics", {}).items():
+                spec = self.specs.get(q)
+                if spec is None or entry.get("spec") != _spec_digest(spec.to_wire()):
+                    continue  # a query that is gone or changed starts afresh
+                self.answers[q] = {
+                    s: SiteAnswer(int(a[0]), {str(k): float(v) for k, v in a[1].items()})
+                    for s, a in entry.get("answers", {}).items()
+                }
+                self.refused[q] = {str(s): str(c) for s, c in entry.get("refused", {}).items()}
+                self.results[q] = aggregate(spec, self.answers[q], self._refusal_counts(q))
+
+    def _save(self, query: str | None = None, evaluation: bool = False) -> None:
+        if self._files is None or self._state_dir is None:
+            return
+        state = {
+            "format": STATE_FORMAT,
+            "evaluation": {
+                "every": self.every,
+                "buckets": {
+                    str(v): {s: list(x) for s, x in b.items()} for v, b in self.buckets.items()
+                },
+                "published": [self.published[v] for v in sorted(self.published)],
+            },
+            "analytics": {
+                q: {
+                    "spec": _spec_digest(self.specs[q].to_wire()),
+                    "answers": {s: [a.n, dict(a.values)] for s, a in self.answers[q].items()},
+                    "refused": dict(self.refused[q]),
+                }
+                for q in self.specs
+            },
+        }
+        self._files.save(self._state_dir / "reports-state.json", state)
+        if evaluation:
+            self._files.save(self._state_dir / "evaluation.json", self.view()["evaluation"])
+        if query is not None and self.results.get(query) is not None:
+            self._files.save(self._state_dir / "analytics" / f"{query}.json", self.results[query])
+
+    # -- middleware
+    def intercept(self, event: Event, now: float) -> list[Effect] | None:
+        if not isinstance(event, Received):
+            return None
+        msg, peer = event.msg, event.peer
+        if isinstance(msg, EvalReport):
+            return self._on_eval(peer, msg)
+        if isinstance(msg, StatsReport):
+            return self._on_stats(peer, msg)
+        if isinstance(msg, StatsRequest):
+            return self._reject("request", "at_root", peer)
+        return None
+
+    def observe(self, event: Event, effects: Sequence[Effect], now: float) -> list[Effect]:
+        if not isinstance(event, PeerUp) or event.peer not in self._children_of():
+            return []
+        out: list[Effect] = [Send(event.peer, StatsRequest(EVALUATE, {"every": self.every}))]
+        return out + [Send(event.peer, r) for r in self._requests]
+
+    def _reject(
+        self, kind: str, reason: str, peer: str, fields: Mapping[str, Any] | None = None
+    ) -> list[Effect]:
+        key = f"{kind}:{reason}"
+        self.rejected[key] = self.rejected.get(key, 0) + 1
+        return _bad(kind, reason, peer, fields)
+
+    def _src_ok(self, peer: str, src: str) -> bool:
+        return _allowed_src(src, peer, self._children_of(), self._subtrees, self._roster_sites)
+
+    # -- evaluation
+    def _on_eval(self, peer: str, msg: EvalReport) -> list[Effect]:
+        if not self._src_ok(peer, msg.src):
+            return self._reject("eval", "not_in_subtree", peer, {"src": describe(msg.src)})
+        if self.every <= 0:
+            return self._reject("eval", "not_scheduled", peer)
+        current = self._model_version()
+        if msg.version < 0 or msg.version % self.every or current is None or msg.version > current:
+            return self._reject("eval", "bad_version", peer, {"version": msg.version})
+        if not 1 <= msg.n_examples <= max(1, self._declared(msg.src)):
+            return self._reject("eval", "n_examples", peer, {"n_examples": msg.n_examples})
+        metrics = msg.metrics
+        if len(metrics) > MAX_METRICS or not all(
+            isinstance(k, str) and _METRIC_NAME.match(k) for k in metrics
+        ):
+            return self._reject("eval", "metrics", peer)
+        acc, loss = metrics.get("accuracy"), metrics.get("loss")
+        for v in metrics.values():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                return self._reject("eval", "metrics", peer)
+        if (acc is None and loss is None) or (acc is not None and not 0.0 <= acc <= 1.0):
+            return self._reject("eval", "metrics", peer)
+        bucket = self.buckets.get(msg.version)
+        if bucket is None:
+            bucket = self.buckets[msg.version] = {}
+            while len(self.buckets) > MAX_PENDING_BUCKETS:
+                del self.buckets[min(self.buckets)]
+            if msg.version not in self.buckets:
+                return self._reject("eval", "too_old", peer)
+        if msg.src in bucket:
+            return [Metric("report_duplicate", 1.0, {"kind": "eval"})]
+        bucket[msg.src] = (
+            int(msg.n_examples),
+            None if acc is None else float(acc),
+            None if loss is None else float(loss),
+        )
+        out: list[Effect] = [Metric("federated_eval_received")]
+        if len(bucket) < self.min_sites:
+            self._save()
+            return out
+        agg = self._eval_aggregate(msg.version, bucket)
+        self.published[msg.version] = agg
+        while len(self.published) > MAX_PUBLISHED_BUCKETS:
+            del self.published[min(self.published)]
+        self._save(evaluation=True)
+        if msg.version == max(self.published):
+            out += [
+                Metric("federated_eval_version", float(msg.version)),
+                Metric("federated_eval_sites_gauge", float(agg["sites"])),
+            ]
+            if agg["accuracy"] is not None:
+                out.append(Metric("federated_eval_accuracy_ratio", agg["accuracy"]))
+            if agg["loss"] is not None:
+                out.append(Metric("federated_eval_loss_gauge", agg["loss"]))
+        out.append(Log("info", "federated evaluation", dict(agg)))
+        return out
+
+    @staticmethod
+    def _eval_aggregate(
+        version: int, bucket: Mapping[str, tuple[int, float | None, float | None]]
+    ) -> dict[str, Any]:
+        def mean(i: int) -> float | None:
+            have = [(x[0], v) for x in bucket.values() if (v := x[i]) is not None]
+            total = sum(n for n, _ in have)
+            return None if not total else sum(n * float(v) for n, v in have) / total
+
+        return {
+            "version": version,
+            "sites": len(bucket),
+            "n_examples": sum(x[0] for x in bucket.values()),
+            "accuracy": mean(1),
+            "loss": mean(2),
+        }
+
+    # -- statistics
+    def _refusal_counts(self, query: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for code in self.refused[query].values():
+            counts[code] = counts.get(code, 0) + 1
+        return counts
+
+    def _on_stats(self, peer: str, msg: StatsReport) -> list[Effect]:
+        if not self._src_ok(peer, msg.src):
+            return self._reject("stats", "not_in_subtree", peer, {"src": describe(msg.src)})
+        spec = self.specs.get(msg.query)
+        if spec is None:
+            return self._reject("stats", "unknown_query", peer, {"query": describe(msg.query)})
+        out: list[Effect]
+        if msg.code:
+            code = msg.code if _CODE.match(msg.code) else "other"
+            if msg.values or msg.n:
+                return self._reject("stats", "refusal_with_values", peer)
+            first = self.refused[msg.query].get(msg.src) != code
+            self.refused[msg.query][msg.src] = code
+            self.answers[msg.query].pop(msg.src, None)
+            out = [Metric("federated_stats_refused", 1.0, {"code": code})]
+            if first:
+                out.append(
+                    Log(
+                        "warning",
+                        "statistics query refused by a site",
+                        {
+                            "query": msg.query,
+                            "src": msg.src,
+                            "code": code,
+                            "reason": describe(msg.reason, MAX_REASON),
+                        },
+                    )
+                )
+        else:
+            try:
+                check_values(spec, msg.n, msg.values, max(1, self._declared(msg.src)))
+            except SpecError as exc:
+                return self._reject("stats", "values", peer, {"detail": str(exc)})
+            self.refused[msg.query].pop(msg.src, None)
+            self.answers[msg.query][msg.src] = SiteAnswer(
+                int(msg.n), {k: float(v) for k, v in msg.values.items()}
+            )
+            out = [Metric("federated_stats_received")]
+        result = aggregate(spec, self.answers[msg.query], self._refusal_counts(msg.query))
+        self.results[msg.query] = result
+        if result is not None:
+            out.append(
+                Metric("federated_stats_sites_gauge", float(result["sites"]), {"query": msg.query})
+            )
+        self._save(query=msg.query)
+        return out
+
+    # -- the status page
+    def view(self) -> dict[str, Any]:
+        """JSON-able: published evaluation buckets (newest last), how many sites each
+        unpublished bucket has (no figures), each query's published result (None until
+        ``min_sites`` sites answered) and refusal codes, and rejected reports by reason."""
+        return {
+            "evaluation": {
+                "every": self.every,
+                "min_sites": self.min_sites,
+                "published": [self.published[v] for v in sorted(self.published)],
+                "pending": {
+                    str(v): len(b)
+                    for v, b in sorted(self.buckets.items())
+                    if v not in self.published
+                },
+            },
+            "analytics": {
+                q: {
+                    "tag": self.specs[q].tag,
+                    "sites_answered": len(self.answers[q]),
+                    "refused": self._refusal_counts(q),
+                    "result": self.results[q],
+                }
+                for q in self.specs
+            },
+            "rejected": dict(sorted(self.rejected.items())),
+        }
+
+
+# ------------------------------------------------------------------------- wiring
+
+
+def _roster_sites(d: Any) -> Callable[[], frozenset[str]]:
+    def sites() -> frozenset[str]:
+        return frozenset(e.node_id for e in d.roster.entries if e.role == "site")
+
+    return sites
+
+
+def _declared(d: Any) -> Callable[[str], int]:
+    cap = int(d.cfg.aggregation.max_examples_per_site)
+
+    def declared(site: str) -> int:
+        entry = d.roster.lookup(site)
+        if entry is not None and entry.examples is not None:
+            return int(entry.examples)
+        return cap
+
+    return declared
+
+
+def add_reports(layered: LayeredNode, d: Any, post: Poster) -> None:
+    """Layer the role's service onto the daemon's node (sites, regions and the root;
+    gossip peers and relays have none). Called in ``serve`` once ``post`` exists."""
+    cfg = d.cfg
+    node = layered.inner
+    run = thread_runner(asyncio.get_running_loop(), post)
+    default_parent = cfg.parent.id if cfg.parent is not None else ""
+
+    def parent_of() -> str:
+        parent = getattr(node, "parent", None)
+        return parent if isinstance(parent, str) else default_parent
+
+    def children_of() -> Mapping[str, str]:
+        children = getattr(node, "children", None)
+        return children if isinstance(children, Mapping) else {}
+
+    if cfg.role == "site":
+        layered.add(
+            SiteReports(
+                cfg.node_id,
+                parent_of,
+                d.plan,
+                run,
+                datasets=DatasetSource(cfg.state_dir),
+                answers_path=cfg.state_dir / "analytics-answers.json",
+            )
+        )
+    elif cfg.role == "region":
+        layered.add(
+            RegionReports(
+                cfg.node_id,
+                parent_of,
+                children_of,
+                subtrees=cfg.subtrees,
+                roster_sites=_roster_sites(d),
+            )
+        )
+    elif cfg.role == "root":
+
+        def model_version() -> int | None:
+            current = getattr(node, "current_model", None)
+            model = current() if callable(current) else None
+            return None if model is None else int(model[0])
+
+        layered.add(
+            RootReports(
+                cfg.node_id,
+                getattr(cfg, "reports", NO_REPORTS),
+                children_of,
+                model_version=model_version,
+                declared_examples=_declared(d),
+                subtrees=cfg.subtrees,
+                roster_sites=_roster_sites(d),
+                state_dir=cfg.state_dir,
+                run=run,
+            )
+        )
+
+
+def root_reports(node: Any) -> RootReports | None:
+    """The ``RootReports`` layered onto ``node`` (a ``LayeredNode``), if any."""
+    for m in getattr(node, "middlewares", ()):
+        if isinstance(m, RootReports):
+            return m
+    return None
