@@ -395,7 +395,8 @@ def _same(value: Any, allowed: Any) -> bool:
 
 def within(value: Any, bound: Bound) -> bool:
     if isinstance(bound, list):
-        return _is_number(value) and math.isfinite(value) and bound[0] <= value <= bound[1]
+        finite = isinstance(value, int) or (_is_number(value) and math.isfinite(value))
+        return _is_number(value) and finite and bound[0] <= value <= bound[1]
     return any(_same(value, a) for a in bound["values"])
 
 
@@ -410,7 +411,7 @@ def clean(text: str, limit: int = 40) -> str:
 
 def _show_peer_value(value: Any) -> str:
     if isinstance(value, bool | int | float):
-        return _show_value(value)
+        return clean(_show_value(value), 24)
     if isinstance(value, str):
         return repr(clean(value, 24))
     return f"a {clean(type(value).__name__, 16)}"
@@ -737,14 +738,15 @@ class GovernedTrainer:
                 + approve_command(self.digest, _sent_keys(config)),
                 code="plan_not_approved",
             )
-        keys = sorted(k for k in config if k not in SITE_CONFIG_KEYS)
-        unbounded = [k for k in keys if k not in approval.bounds]
+        # Keys are a peer's: any type msgpack allows (bytes too), sorted by their text.
+        keys = sorted((k for k in config if k not in SITE_CONFIG_KEYS), key=str)
+        unbounded = [k for k in keys if not isinstance(k, str) or k not in approval.bounds]
         if unbounded:
-            shown = ", ".join(clean(k, 24) for k in unbounded[:5])
+            shown = ", ".join(clean(str(k), 24) for k in unbounded[:5])
             raise TrainingRefusedError(
                 f"out of bounds: the approval of plan {self.digest[:19]} has no bound for "
                 f"{shown}; the site's operator may approve again with "
-                + " ".join(f"--bound {clean(k, 24)}=..." for k in unbounded[:5])
+                + " ".join(f"--bound {clean(str(k), 24)}=..." for k in unbounded[:5])
                 + f" (`fedloom plans approve --digest {self.digest} ...`)",
                 code="out_of_bounds",
             )

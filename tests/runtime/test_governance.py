@@ -348,6 +348,7 @@ def test_a_revocation_counts_from_the_next_job_on(tmp_path: Path) -> None:
         ({"lr": math.nan}, "lr=nan is outside"),
         ({"lr": math.inf}, "lr=inf is outside"),
         ({"local_steps": True}, "local_steps=true is outside"),
+        ({"local_steps": 10**400}, "local_steps=100000000000000000000... is outside"),
         ({"lr": "0.05"}, "lr='0.05' is outside"),
         ({"lr": [0.05]}, "lr=a list is outside"),
         ({"momentum": 0.9}, "has no bound for momentum"),
@@ -382,6 +383,8 @@ def test_hostile_setting_names_and_values_are_capped_and_sanitised(tmp_path: Pat
     exc = refusal(trainer, {"lr": 0.1, "x\x1b[31m" + "A" * 5000: 1})
     text = str(exc)
     assert "\x1b" not in text and len(text) < 600 and "has no bound for x?[31mAAA" in text
+    exc = refusal(trainer, {"lr": 0.1, b"raw\xff": 1, 7: 2})  # keys of other types too
+    assert exc.code == "out_of_bounds" and "has no bound for 7, b'raw" in str(exc)
     exc = refusal(trainer, {"lr": "\n" + "B" * 5000})
     assert "\n" not in str(exc) and len(str(exc)) < 600
     # Not approved: names that are no setting are left out of the suggested command.
