@@ -217,16 +217,53 @@ def format_status(doc: Mapping[str, Any]) -> list[str]:
             )
     else:
         lines.append("refusals: none")
-    fed = doc.get("federated_evaluation")
-    if fed is not None:
-        lines.append(
-            "federated evaluation: "
-            + _clean(json.dumps(fed, sort_keys=True, ensure_ascii=False))[:2000]
-        )
+    lines.extend(_federated_lines(doc.get("federated_evaluation")))
     versions = doc.get("versions") or []
     if versions:
         tail = ", ".join(f"v{_clean(v)} at {_num(t, '.0f')} s" for t, v in versions[-5:])
         lines.append(f"recent versions: {tail}")
+    return lines
+
+
+def _federated_lines(fed: object) -> list[str]:
+    """The federated evaluation (``runtime.reports``): the newest published figures, then
+    each statistics query's state."""
+    if fed is None:
+        return []
+    if not isinstance(fed, Mapping):
+        return [f"federated evaluation: {_clean(fed)[:500]}"]
+    lines: list[str] = []
+    ev = fed.get("evaluation")
+    if isinstance(ev, Mapping):
+        published = [p for p in ev.get("published") or [] if isinstance(p, Mapping)]
+        pending = ev.get("pending") or {}
+        text = (
+            f"federated evaluation (every {_clean(ev.get('every'))} versions, at least "
+            f"{_clean(ev.get('min_sites'))} sites): "
+        )
+        if published:
+            p = published[-1]
+            text += (
+                f"accuracy {_num(p.get('accuracy'))} (loss {_num(p.get('loss'))}) at version "
+                f"{_clean(p.get('version'))} over {_clean(p.get('sites'))} sites"
+            )
+        else:
+            text += "nothing published yet"
+        if isinstance(pending, Mapping) and pending:
+            text += "; waiting: " + ", ".join(
+                f"v{_clean(v)} ({_clean(n)} sites)" for v, n in list(pending.items())[:5]
+            )
+        lines.append(text)
+    analytics = fed.get("analytics")
+    if isinstance(analytics, Mapping):
+        for name, q in list(analytics.items())[:20]:
+            if not isinstance(q, Mapping):
+                continue
+            state = "published" if q.get("result") is not None else "not published yet"
+            lines.append(
+                f"statistics {_clean(name)} (tag {_clean(q.get('tag'))}): "
+                f"{_clean(q.get('sites_answered'))} sites answered, {state}"
+            )
     return lines
 
 

@@ -122,7 +122,13 @@ def _finite(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y)]
 
 
-def _curve(element_id: str, title: str, points: Sequence[tuple[float, float]], step: bool) -> str:
+def _curve(
+    element_id: str,
+    title: str,
+    points: Sequence[tuple[float, float]],
+    step: bool,
+    x_unit: str = "{:.0f} s",
+) -> str:
     pts = _finite(points)
     width, height, pad = 520, 200, 36
     head = (
@@ -159,8 +165,9 @@ def _curve(element_id: str, title: str, points: Sequence[tuple[float, float]], s
         'stroke="#c0c6cf"/>'
         f'<text x="2" y="30" font-size="11">{y1:.4g}</text>'
         f'<text x="2" y="{height - pad + 10}" font-size="11">{y0:.4g}</text>'
-        f'<text x="{pad}" y="{height - 6}" font-size="11">{x0:.0f} s</text>'
-        f'<text x="{width - pad - 40}" y="{height - 6}" font-size="11">{x1:.0f} s</text>'
+        f'<text x="{pad}" y="{height - 6}" font-size="11">{_e(x_unit.format(x0))}</text>'
+        f'<text x="{width - pad - 40}" y="{height - 6}" font-size="11">'
+        f"{_e(x_unit.format(x1))}</text>"
     )
     line = (
         f'<polyline class="curve" fill="none" stroke="#0969da" stroke-width="2" '
@@ -175,11 +182,17 @@ def _facts(doc: Mapping[str, Any]) -> str:
     acc = doc.get("accuracy") or []
     last_acc = acc[-1][2] if acc and isinstance(acc[-1][2], int | float) else None
     privacy = doc.get("privacy")
+    federated = federated_points(doc)
     items = [
         ("role", node.get("role")),
         ("model version", model.get("version")),
         ("last new version", _age(model.get("version_age_s"))),
         ("accuracy", "—" if last_acc is None else f"{last_acc:.4f}"),
+        *(
+            [("federated accuracy", f"{federated[-1][1]:.4f} at v{federated[-1][0]:.0f}")]
+            if federated
+            else []
+        ),
         ("algorithm", node.get("algorithm") or "—"),
         ("secure aggregation", "on" if node.get("secure_aggregation") else "off"),
         ("roster version", node.get("roster_version")),
@@ -251,6 +264,21 @@ def _json_block(element_id: str, value: object) -> str:
     return f'<pre id="{element_id}">{_e(text)}</pre>'
 
 
+def federated_points(doc: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """(version, accuracy) of each published federated evaluation (``runtime.reports``)."""
+    fed = doc.get("federated_evaluation")
+    ev = fed.get("evaluation") if isinstance(fed, Mapping) else None
+    published = ev.get("published") if isinstance(ev, Mapping) else None
+    out: list[tuple[float, float]] = []
+    for entry in published if isinstance(published, list) else []:
+        if not isinstance(entry, Mapping):
+            continue
+        v, a = entry.get("version"), entry.get("accuracy")
+        if isinstance(v, int | float) and isinstance(a, int | float):
+            out.append((float(v), float(a)))
+    return out
+
+
 def render(doc: Mapping[str, Any]) -> str:
     """The HTML page of status document ``doc``."""
     node = doc.get("node") or {}
@@ -261,18 +289,24 @@ def render(doc: Mapping[str, Any]) -> str:
         for p in doc.get("accuracy") or []
         if isinstance(p[2], int | float)
     ]
-    title = f"fedloom · {node.get('id', '?')}"
+    curves = [
+        _curve("versions", "model version over time", versions, step=True),
+        _curve("accuracy", "accuracy (own evaluation) over time", accuracy, step=False),
+    ]
+    federated = federated_points(doc)
+    if federated:
+        title = "federated accuracy (the sites' held-out data) by version"
+        curves.append(_curve("federated-accuracy", title, federated, False, "v{:.0f}"))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="refresh" content="{REFRESH_S}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>"
+        f"<title>{_e('fedloom · ' + str(node.get('id', '?')))}</title>"
+        f"<style>{_STYLE}</style></head><body>"
         f'<h1 id="node">{_e(node.get("id", "?"))}</h1>'
         f"{_facts(doc)}"
         f"<h2>Topology</h2>{_topology(tiers)}"
-        "<h2>Progress</h2>"
-        f"{_curve('versions', 'model version over time', versions, step=True)} "
-        f"{_curve('accuracy', 'accuracy (own evaluation) over time', accuracy, step=False)}"
+        f"<h2>Progress</h2>{' '.join(curves)}"
         f"<h2>Members</h2>{_sites_table(tiers)}"
         f"<h2>Refusals</h2>{_refusals(doc.get('refusals'))}"
         "<h2>Federated evaluation</h2>"

@@ -302,3 +302,35 @@ def test_the_cli_text_carries_no_escape_from_a_peer(monkeypatch: pytest.MonkeyPa
     out = _Terminal()
     _print(lines, out)
     assert "\x1b" not in out.getvalue()
+
+
+def test_published_federated_evaluation_is_drawn_and_printed() -> None:
+    doc = board().document(1.0)
+    doc["federated_evaluation"] = {
+        "evaluation": {
+            "every": 5,
+            "min_sites": 3,
+            "published": [
+                {"version": 5, "sites": 3, "accuracy": 0.625, "loss": 0.9},
+                {"version": 10, "sites": 4, "accuracy": 0.8125, "loss": 0.5},
+                {"version": 15, "sites": "<i>", "accuracy": "x", "loss": None},  # malformed
+            ],
+            "pending": {"20": 2},
+        },
+        "analytics": {"ages": {"tag": "cohort", "sites_answered": 2, "result": None}},
+    }
+    html = render(doc)
+    svg = re.search(r'<svg id="federated-accuracy".*?</svg>', html)
+    assert svg is not None and svg.group(0).count(",") == 2  # two points: v5 and v10
+    assert "0.8125 at v10" in html and "<i>" not in html and "&lt;i&gt;" in html
+    lines = format_status(doc)
+    assert (
+        "federated evaluation (every 5 versions, at least 3 sites): accuracy - (loss -) at "
+        "version 15 over <i> sites; waiting: v20 (2 sites)"
+    ) in lines
+    assert "statistics ages (tag cohort): 2 sites answered, not published yet" in lines
+    del doc["federated_evaluation"]["evaluation"]["published"][-1]
+    assert format_status(doc)[-2].startswith(
+        "federated evaluation (every 5 versions, at least 3 sites): accuracy 0.8125 (loss "
+        "0.5000) at version 10 over 4 sites"
+    )
