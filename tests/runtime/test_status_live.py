@@ -114,6 +114,16 @@ async def test_fedloom_status_prints_a_live_federation(tmp_path: Path) -> None:
         assert code == 0, err
         doc = json.loads(out)
         assert doc["schema"] == SCHEMA and doc["model"]["version"] >= version
+        # A region keeps a board too: its sites are its children, linked to it.
+        region_url = fed.nodes["region-a"].metrics_url
+        assert region_url is not None
+        code, out, err = await asyncio.to_thread(run_cli, "status", "--url", region_url, "--json")
+        assert code == 0, err
+        doc = json.loads(out)
+        me, children = doc["tiers"][0][0], doc["tiers"][1]
+        assert me["id"] == "region-a" and me["parent"] == ROOT_ID and me["parent_connected"]
+        assert {c["id"]: c["connected"] for c in children} == dict.fromkeys(SITES, True)
+        assert all(c["updates"] >= 1 for c in children)
 
 
 def test_fedloom_status_says_in_one_line_why_it_sees_nothing(tmp_path: Path) -> None:
