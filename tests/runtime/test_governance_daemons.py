@@ -37,8 +37,9 @@ def edit(path: Path, **changes: object) -> None:
     path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
 
 
-def star(tmp_path: Path) -> Federation:
-    """A root and two sites dialling it directly; site-1 requires approval."""
+def star(tmp_path: Path, executor: str) -> Federation:
+    """A root and two sites dialling it directly; site-1 requires approval and trains in
+    ``executor`` (a process pool: the gate stays in the daemon's process)."""
     fed = write_federation(
         tmp_path / "fed",
         {"region-a": SITES},
@@ -50,7 +51,11 @@ def star(tmp_path: Path) -> Federation:
     url = f"ws://127.0.0.1:{root.listen_port}/fedloom"
     for s in SITES:
         edit(fed.nodes[s].config, parent={"id": ROOT_ID, "url": url})
-    edit(fed.nodes[GATED].config, governance={"require_approval": True})
+    edit(
+        fed.nodes[GATED].config,
+        governance={"require_approval": True},
+        executor={"kind": executor, "workers": 1},
+    )
     del fed.nodes["region-a"]
     return fed
 
@@ -90,8 +95,11 @@ def refusals(root: Daemon) -> dict[str, dict[str, Any]]:
     return view
 
 
-async def test_an_unapproved_plan_trains_nothing_and_the_root_sees_why(tmp_path: Path) -> None:
-    fed = star(tmp_path)
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_an_unapproved_plan_trains_nothing_and_the_root_sees_why(
+    tmp_path: Path, executor: str
+) -> None:
+    fed = star(tmp_path, executor)
     gated_cfg = load_config(fed.nodes[GATED].config)
     digest = plan_digest(gated_cfg)
     async with serving(fed) as daemons:
