@@ -139,3 +139,28 @@ def test_help_explains_with_an_example(capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     assert "fedloom dataset add /srv/data/cohort.csv --config" in out
     assert 'kind = "tabular"' in out
+
+
+def test_the_readme_commands_run_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Bringing your own data")
+    section = text[start : text.index("\n## ", start + 10)]
+    commands = [
+        " ".join(block.split("```", 1)[0].replace("\\\n", " ").split())
+        for block in section.split("```sh\n")[1:]
+    ]
+    lines = [c for block in commands for c in block.split(" fedloom ") if c]
+    data = tmp_path / "cohort.csv"
+    data.write_text(CSV)
+    state = tmp_path / "state"
+    for line in lines:
+        words = line.removeprefix("fedloom ").split()
+        words = [str(data) if w == "/srv/data/cohort.csv" else w for w in words]
+        i = words.index("--config")
+        words[i : i + 2] = ["--state-dir", str(state)]
+        rc, _, err = run(capsys, *words)
+        assert rc == 0, (words, err)
+    rec = DatasetRegistry(state).get("cohort-2026")
+    assert rec is not None and rec.revoked_at is not None

@@ -6,6 +6,7 @@ mismatched data with its code."""
 from __future__ import annotations
 
 import pickle
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -307,3 +308,27 @@ def test_daemon_config_builds_the_plan_for_site_and_root(tmp_path: Path) -> None
     bad["plan"]["n_sites"] = 3
     with pytest.raises(ConfigError, match=r"plan.n_sites: unknown field"):
         parse_config(bad)
+
+
+def readme_section() -> str:
+    text = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Bringing your own data")
+    return text[start : text.index("\n## ", start + 10)]
+
+
+def test_the_readme_plan_is_a_valid_plan() -> None:
+    section = readme_section()
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    plan = tomllib.loads(block)["plan"]
+    s = read_tabular(Table(plan, "plan"))
+    assert (s.dataset_tag, s.features, s.classes) == (
+        "heart",
+        ("age", "chol", "sex"),
+        ("well", "sick"),
+    )
+    # The commented-out declared scaling is valid too.
+    declared = "\n".join(
+        line.removeprefix("# ") for line in block.splitlines() if line.startswith("# ")
+    ).split("instead needs, for every numeric feature:\n", 1)[1]
+    scaling = tomllib.loads(declared)["plan"]["declared_scaling"]
+    read_tabular(Table({**plan, "standardize": "declared", "declared_scaling": scaling}, "plan"))
