@@ -701,6 +701,8 @@ class RegionReports:
             ]:
                 del self._seen[key]
         self.requests[msg.query] = msg
+        if old == msg:
+            return []  # the children up now have it; one that connects gets it then
         children = self._children_of()
         return [Send(c, msg) for c in sorted(self._up) if c in children]
 

@@ -281,6 +281,7 @@ def test_a_region_passes_requests_down_now_and_to_children_that_connect_later() 
     query = StatsRequest("vitals", SPEC.to_wire())
     assert sends(feed(r, Received("root", schedule))) == [Send("site-1", schedule)]
     assert sends(feed(r, Received("root", query))) == [Send("site-1", query)]
+    assert not sends(feed(r, Received("root", query)))  # the same again (a root reconnect)
     assert sends(feed(r, PeerUp("site-2"))) == [Send("site-2", schedule), Send("site-2", query)]
     feed(r, PeerDown("site-1"))
     newer = StatsRequest(EVALUATE, {"every": 5})
