@@ -17,8 +17,9 @@ Standardisation of the numeric features (``standardize``):
   OWN data's moments in them, so its delta moves the global values toward its moments; the
   aggregator's example-weighted average then makes the global values the pooled moments
   (exactly so after one FedAvg round with server lr 1 and every site; FedBuff's server lr
-  and staleness weights make it approximate, converging as the sites' moments are mixed
-  in). Until the global values exist (all zero: the initial model) a site standardises
+  and staleness weights make it approximate, and FedBuff needs ``weighting = "examples"``:
+  by default it weighs every update alike, averaging sites' moments by how often each
+  reports). Until the global values exist (all zero: the initial model) a site standardises
   with its own moments. The moments are raw units: an aggregator's norm clip
   (``clip_norm``, default "auto"), secure aggregation's or central DP's clip bound the whole
   delta, the scaler included, so features whose E[x²] is large next to the clip bound
