@@ -31,6 +31,8 @@ Example (a hospital site)::
     seed = 1
     # factory = "mypkg.train:make_client"   # ... or any TrainingPlan / NumPyClient factory
     # [plan.args]                            # keyword arguments for the factory
+    # kind = "tabular"                       # ... or the site's registered table by tag
+    #                                        #   (README, "Bringing your own data")
 
     [training]                        # lr, local_steps, batch_size, mu
     [aggregation]                     # aggregators: algorithm + federation.params'
