@@ -305,6 +305,11 @@ class AggregatorBase:
         """Signature fields sent with the model (a region relays the root's; see regional)."""
         return {}
 
+    def _task_config(self) -> Mapping[str, Any]:
+        """The training config sent with the model (tasks and broadcasts): a root's own
+        ``train_config``, which it signs with the model; a region relays the root's."""
+        return self._train_config
+
     def _accept(
         self,
         peer: str,
@@ -351,7 +356,7 @@ class AggregatorBase:
         version, weights = model
         proof = self._model_proof()
         for task, site in d.start(now):
-            req = TrainRequest(task, version, weights, self._train_config, **proof)
+            req = TrainRequest(task, version, weights, self._task_config(), **proof)
             out.append(Send(site, req))
 
     # -------------------------------------------------------------- public
@@ -548,7 +553,9 @@ class AggregatorBase:
         self._regions_up[peer] = None
         model = self._model()
         if model is not None and not self._holding:  # held: sent when the quorum is met
-            out.append(Send(peer, ModelBroadcast(model[0], model[1], **self._model_proof())))
+            config = self._task_config()
+            model_msg = ModelBroadcast(model[0], model[1], config=config, **self._model_proof())
+            out.append(Send(peer, model_msg))
 
     def _on_peer_down(self, peer: str, now: float, out: list[Effect]) -> None:
         if self._secagg is not None and self._children.get(peer) == "site":
@@ -1289,7 +1296,8 @@ class AggregatorBase:
         model = self._model()
         if model is None:
             return
-        msg = ModelBroadcast(model[0], model[1], **self._model_proof())
+        config = self._task_config()
+        msg = ModelBroadcast(model[0], model[1], config=config, **self._model_proof())
         out.extend(Send(r, msg) for r in self._regions_up)
 
     # ---------------------------------------------------------- durability

@@ -14,7 +14,10 @@ Its children's ``count`` and ``n_examples`` claims are bounded, their deltas nor
 and their updates taken at most a fair share per flush (``aggregator_base``, ``intake``),
 and an aggregate that is not finite is dropped (metric ``aggregate_nonfinite``), never
 forwarded. It holds no model of its own: it relays every ``ModelBroadcast`` from the parent
-to its region children and hands the newest global (version, weights) to its sites as tasks.
+to its region children and hands the newest global (version, weights) to its sites as tasks,
+with the root's training config that came with it (``ModelBroadcast.config``, signed by the
+root with the model) and the root's proof: its own ``train_config`` (a daemon's
+``[training]``) does not decide what its sites train with (logged once when it differs).
 Towards its parent it behaves like a site (``Hello(role="region")`` on ``PeerUp``, its
 forwards kept in an ``Outbox`` until acked, sent and resent in seq order under its
 acknowledgement-paced window, never all at once after an outage); towards
@@ -187,6 +190,10 @@ class RegionalAggregator(BufferedAggregator):
         self.state = RegionState.NO_MODEL
         self._global: tuple[int, Weights] | None = None
         self._proof: tuple[str, int, bytes] = ("", 0, b"")  # root's (signer, parent, sig)
+        # The root's training config for the global model, and the digest it signed
+        # (``transport.settings``; empty when unsigned): what the sites train with.
+        self._root_config: dict[str, Any] | None = None
+        self._settings = b""
         self._outbox = Outbox(PENDING_KEY, max_bytes=max_outbox_bytes)
         self._hello_deferred = False  # the parent's link is up; Hello waits for the quorum
         self._deferred: list[tuple[str, Update]] = []
@@ -282,7 +289,14 @@ class RegionalAggregator(BufferedAggregator):
         """The root's signature of the global model, relayed with it unchanged (and kept
         in the checkpoint with the model, so a restarted region can still prove it)."""
         signer, parent, sig = self._proof
-        return {"signer": signer, "parent": parent, "sig": sig} if sig else {}
+        if not sig:
+            return {}
+        return {"signer": signer, "parent": parent, "sig": sig, "settings": self._settings}
+
+    def _task_config(self) -> Mapping[str, Any]:
+        """The root's config sent with the global model (this region's own only before a
+        root sent one: a restored checkpoint of an older version)."""
+        return self._train_config if self._root_config is None else self._root_config
 
     # -------------------------------------------------------------- parent
     def _on_other_link(self, peer: str, up: bool, now: float, out: list[Effect]) -> None:
@@ -421,6 +435,8 @@ class RegionalAggregator(BufferedAggregator):
     def _model_problem(self, msg: ModelBroadcast) -> str | None:
         if not is_int(msg.version) or msg.version < 0:
             return "bad_version"
+        if not isinstance(msg.config, Mapping):
+            return "bad_config"
         if self._global is not None:
             return check_compatible(self._global[1], msg.weights)
         if not isinstance(msg.weights, Mapping) or not msg.weights:
@@ -440,6 +456,7 @@ class RegionalAggregator(BufferedAggregator):
         first = self._global is None
         self._global = (int(msg.version), msg.weights)
         self._proof = (msg.signer, msg.parent, msg.sig)
+        self._take_root_config(msg, out)
         out.append(Metric("model_version", float(msg.version)))  # the newest global it holds
         if first:
             self._make_buffer(msg.weights)
@@ -453,6 +470,22 @@ class RegionalAggregator(BufferedAggregator):
             self.deferred_bytes = 0
             for peer, update in held:
                 self._on_update(peer, update, now, out)
+
+    def _take_root_config(self, msg: ModelBroadcast, out: list[Effect]) -> None:
+        """Keep the root's training config (and the digest it signed) for the tasks; say
+        once per config when this region's own ``train_config`` differs from it."""
+        config = dict(msg.config)
+        changed = config != self._root_config
+        self._root_config, self._settings = config, bytes(msg.settings)
+        if changed and self._train_config and config != self._train_config:
+            out.append(
+                Log(
+                    "info",
+                    "this region's training settings differ from the root's: its sites "
+                    "train with the root's (signed with the model); its own are unused",
+                    {"region": self._id, "root": _capped(config)},
+                )
+            )
 
     def _on_peer_down(self, peer: str, now: float, out: list[Effect]) -> None:
         super()._on_peer_down(peer, now, out)
@@ -587,6 +620,7 @@ class RegionalAggregator(BufferedAggregator):
             "kind": "regional",
             "global": self._global,
             "proof": self._proof,
+            "settings": (self._root_config, self._settings),
             "buffer": self._buffer.snapshot() if self._global is not None else None,
             "outbox": self._outbox.snapshot(),
             "forwards": self._forwards.snapshot(),
@@ -609,6 +643,9 @@ class RegionalAggregator(BufferedAggregator):
         self._global = None if glob is None else (int(glob[0]), dict(glob[1]))
         signer, parent, sig = state.get("proof", ("", 0, b""))  # older checkpoints: none
         self._proof = (str(signer), int(parent), bytes(sig))
+        config, settings = state.get("settings") or (None, b"")  # older checkpoints: none
+        self._root_config = None if config is None else dict(config)
+        self._settings = bytes(settings)
         if self._global is not None:
             self.state = RegionState.ACTIVE
             self._make_buffer(self._global[1])
@@ -647,6 +684,14 @@ class RegionalAggregator(BufferedAggregator):
             super()._replay(record)
         finally:
             self._replay_version = None
+
+
+def _capped(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A log-sized view of a config from the parent: 16 keys, 32 characters each."""
+    out: dict[str, Any] = {}
+    for key, value in sorted(config.items(), key=lambda kv: str(kv[0]))[:16]:
+        out[str(key)[:32]] = value[:32] if isinstance(value, str) else value
+    return out
 
 
 def _delta_bytes(msg: Update) -> int:

@@ -71,7 +71,9 @@ from fedloom.algorithms.protocol import (
     Weights,
 )
 from fedloom.algorithms.secure_site import MEMBER_LOG_KEY, SECAGG_TO_SITE, SiteSecAgg
+from fedloom.algorithms.warn_limit import WarnLimiter
 from fedloom.algorithms.weights_math import check_compatible
+from fedloom.transport.settings import settings_problem
 from fedloom.transport.wire import (
     Ack,
     Hello,
@@ -142,6 +144,8 @@ class SiteNode:
         self._model: tuple[int, Weights] | None = None
         self._newest_version = -1  # kept through compaction: a floor against rollbacks
         self.jobs_failed = 0
+        self.settings_refused = 0  # requests whose config is not what the root signed
+        self._settings_warn = WarnLimiter()
 
     @property
     def node_id(self) -> str:
@@ -303,7 +307,8 @@ class SiteNode:
         if peer != self.parent:
             return unexpected(peer, msg, "not_parent")
         if isinstance(msg, TrainRequest):
-            return self._on_request(msg)
+            refused = self._refuse_unsigned_settings(msg, now)
+            return refused if refused else self._on_request(msg)
         if self._secure is not None and isinstance(msg, SECAGG_TO_SITE):
             out, consumed = self._secure.on_message(peer, msg, self._outbox.pending(), now)
             return out + self._consume(consumed, now)
@@ -343,6 +348,33 @@ class SiteNode:
         if self._model is None or version > self._model[0]:
             self._model = (version, weights)
         self._newest_version = max(self._newest_version, version)
+
+    def _refuse_unsigned_settings(self, req: TrainRequest, now: float) -> list[Effect]:
+        """Refuse (train nothing, keep nothing) a request whose config is not the one the
+        root signed with its model: ``req.settings`` is that digest, verified with the
+        root's signature on receipt (``federation.signing``); a relay that altered lr or
+        the steps is caught here. The parent hears ``TrainRefused("unsigned_settings")``;
+        a metric per request, a warning per minute. Unsigned requests (no e2e signing:
+        in-memory runs) carry no digest and are not checked. The site's own keys (seed,
+        server_round) are added after this check, when the job starts."""
+        if not req.settings:
+            return []
+        problem = settings_problem(req.config, req.settings)
+        if problem is None:
+            return []
+        self.settings_refused += 1
+        out: list[Effect] = [Metric("message_rejected", 1.0, {"reason": "unsigned_settings"})]
+        unlogged = self._settings_warn.due(self.parent, "unsigned_settings", now)
+        if unlogged is not None:
+            text = f"refused a training request: {problem}; not trained"
+            if unlogged:
+                text += f" ({unlogged} more refused since the last line)"
+            fields = {"peer": self.parent, "task": req.task, "version": req.version}
+            out.append(Log("warning", text, {**fields, "reason": "unsigned_settings"}))
+        reason = f"{problem}; not trained"[:200]
+        refusal = TrainRefused(self._id, req.task, req.version, "unsigned_settings", reason)
+        out.append(Send(self.parent, refusal))
+        return out
 
     def _on_request(self, req: TrainRequest) -> list[Effect]:
         self._remember(req.version, req.weights)

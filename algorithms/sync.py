@@ -296,7 +296,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
             out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
         for task, site in started:
             out.append(
-                Send(site, TrainRequest(task, self._version, self._weights, self._train_config))
+                Send(site, TrainRequest(task, self._version, self._weights, self._task_config()))
             )
         out.append(Metric("round_started", float(self.round), {"selected": str(len(started))}))
 

@@ -51,7 +51,7 @@ import msgpack  # noqa: E402
 import nacl.signing  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedloom.transport import e2e, records, tensors, wire, ws_frames  # noqa: E402
+from fedloom.transport import e2e, records, settings, tensors, wire, ws_frames  # noqa: E402
 from fedloom.transport.channel import (  # noqa: E402
     TENSOR_FIELDS,
     ChannelClosed,
@@ -466,6 +466,8 @@ def e2e_target(world: World) -> Target:
             if resigned is not msg:
                 tree = unpack(data)
                 tree["sig"] = resigned.sig  # type: ignore[union-attr]
+                if "settings" in tree:
+                    tree["settings"] = resigned.settings  # type: ignore[union-attr]
                 data = pack(tree)
         return data
 
@@ -480,7 +482,13 @@ def e2e_target(world: World) -> Target:
             e2e.ReplayGuard().check(msg.src, msg.seq)
         elif isinstance(msg, wire.ModelBroadcast | wire.TrainRequest):
             digest = e2e.tensors_digest(msg.weights)
-            e2e.verify_model(world.roster, msg.signer, msg.sig, msg.version, msg.parent, digest)
+            try:
+                signed = msg.settings or settings.settings_digest(msg.config)
+            except (TypeError, ValueError):  # a config no root could have signed
+                return
+            e2e.verify_model(
+                world.roster, msg.signer, msg.sig, msg.version, msg.parent, digest, signed
+            )
             e2e.ModelVersionGuard().check(msg.version, digest)
 
     return Target("e2e", seeds, mutate, run, weight=2)
@@ -496,8 +504,9 @@ def _sign(world: World, msg: wire.Message) -> wire.Message:
             return dataclasses.replace(msg, src="site-1", sig=sig)
         if isinstance(msg, wire.ModelBroadcast | wire.TrainRequest):
             digest = e2e.tensors_digest(msg.weights)
-            sig = e2e.sign_model(world.root, msg.version, msg.parent, digest)
-            return dataclasses.replace(msg, signer="agg", sig=sig)
+            signed = settings.settings_digest(msg.config)
+            sig = e2e.sign_model(world.root, msg.version, msg.parent, digest, signed)
+            return dataclasses.replace(msg, signer="agg", sig=sig, settings=signed)
     except ValueError:  # fields a signer refuses to sign (negative ints)
         pass
     return msg

@@ -7,10 +7,15 @@ What a node signs as it sends and checks as it receives (the rules are in
   the delta as the recipient will decode it; a received one must come from its signer
   (updates travel one hop) and verify with this node as recipient;
 * a model (``TrainRequest``/``ModelBroadcast``) of version v is signed by the root once
-  per version (``{v, parent, digest}``, parent the previous version it signed) and relayed
-  by a region with the proof it verified on receipt; a received one must verify against a
-  root of the roster, and then ``ModelVersionGuard`` refuses an older version or another
-  model under the same version;
+  per version and settings (``{v, parent, digest, settings}``, parent the previous version
+  it signed, settings the ``settings_digest`` of the message's training config, carried in
+  its ``settings`` field) and relayed by a region with the proof it verified on receipt; a
+  received one must verify against a root of the roster, and then ``ModelVersionGuard``
+  refuses an older version or another model under the same version. A broadcast whose
+  config is not the signed settings is refused (``unsigned_settings``); a training
+  request's config is checked by the site node itself, which answers a mismatch with
+  ``TrainRefused`` (``algorithms.site``). An empty ``settings`` field stands for the
+  digest of the message's own config;
 * once the model's layout is known, tensors of another layout are refused unhashed;
 * a ``MaskedUpdate`` (secure aggregation) is signed and checked like an ``Update``, its
   payload digest being ``masked_digest`` (cohort id, masked data and share bundles), so
@@ -44,6 +49,7 @@ from fedloom.transport.e2e import (
     ModelVersionGuard,
     SenderMismatchError,
     UnsignedError,
+    UnsignedSettingsError,
     as_received,
     check_layout,
     digest_as_received,
@@ -57,6 +63,7 @@ from fedloom.transport.errors import ProtocolError
 from fedloom.transport.identity import Identity
 from fedloom.transport.limits import ModelLayout
 from fedloom.transport.roster import Roster
+from fedloom.transport.settings import NO_SETTINGS, settings_digest
 from fedloom.transport.tensors import CodecSpec
 from fedloom.transport.wire import MaskedUpdate, Message, ModelBroadcast, TrainRequest, Update
 
@@ -69,6 +76,7 @@ __all__ = [
     "model_floor",
     "model_floor_digest",
     "restarted_guard",
+    "signed_settings",
     "snapshot_guard",
 ]
 
@@ -83,13 +91,21 @@ _FP32 = CodecSpec(kind="fp32")
 
 @dataclass(frozen=True, slots=True)
 class ModelProof:
-    """The root's signature of one model version, as carried by a model message."""
+    """The root's signature of one model version, as carried by a model message:
+    ``digest`` of the weights, ``settings`` the digest of the training config signed."""
 
     signer: str
     version: int
     parent: int
     sig: bytes
     digest: bytes
+    settings: bytes = NO_SETTINGS
+
+
+def signed_settings(msg: ModelMessage) -> bytes:
+    """The settings digest ``msg``'s signature covers: its ``settings`` field, or (empty)
+    the digest of its own config (``TypeError``/``ValueError`` if that cannot be hashed)."""
+    return bytes(msg.settings) if msg.settings else settings_digest(msg.config)
 
 
 def masked_digest(msg: MaskedUpdate) -> bytes:
@@ -190,8 +206,9 @@ class EndToEndCore:
         self.verified = 0  # signatures checked and found good
         self._proofs: dict[int, ModelProof] = {}  # verified models, relayed by a region
         self._warned: set[int] = set()
+        self._warned_settings: set[int] = set()
         # seal_now's caches (the daemon's async subclass keeps its own, of futures).
-        self._own_proofs: dict[int, ModelProof] = {}
+        self._own_proofs: dict[tuple[int, bytes], ModelProof] = {}
         self._relay_fits: dict[tuple[int, CodecSpec], bool] = {}
         # The model's layout once known (``set_layout``); ``on_layout`` is told of it.
         self.layout: ModelLayout | None = None
@@ -259,11 +276,14 @@ class EndToEndCore:
         )
         self.verified += 1
 
-    def new_model_proof(self, version: int, parent: int, digest: bytes) -> ModelProof:
-        """The root's proof of model ``version`` (derived from ``parent``, 0 at first)."""
-        sig = sign_model(self.identity, version, parent, digest)
+    def new_model_proof(
+        self, version: int, parent: int, digest: bytes, settings: bytes = NO_SETTINGS
+    ) -> ModelProof:
+        """The root's proof of model ``version`` (derived from ``parent``, 0 at first)
+        sent with the training config whose digest is ``settings``."""
+        sig = sign_model(self.identity, version, parent, digest, settings)
         self.signed += 1
-        return ModelProof(self.node_id, version, parent, sig, digest)
+        return ModelProof(self.node_id, version, parent, sig, digest, settings)
 
     def relayed_proof(self, version: int) -> ModelProof | None:
         """The root's proof of ``version`` this node verified on receipt, if kept."""
@@ -271,7 +291,31 @@ class EndToEndCore:
 
     @staticmethod
     def with_proof(msg: ModelMessage, proof: ModelProof) -> ModelMessage:
-        return dataclasses.replace(msg, signer=proof.signer, parent=proof.parent, sig=proof.sig)
+        return dataclasses.replace(
+            msg, signer=proof.signer, parent=proof.parent, sig=proof.sig, settings=proof.settings
+        )
+
+    def check_relayed_settings(self, msg: ModelMessage, proof: ModelProof) -> None:
+        """Warn (once per version) when this region relays the root's proof of ``msg``'s
+        version with a training config the root did not sign: its children refuse it
+        (``unsigned_settings``). The message still goes out, so the refusal is visible."""
+        try:
+            same = settings_digest(msg.config) == proof.settings
+        except (TypeError, ValueError):
+            same = False
+        if same or proof.version in self._warned_settings:
+            return
+        self._warned_settings.add(proof.version)
+        while len(self._warned_settings) > self.keep_versions:
+            self._warned_settings.discard(min(self._warned_settings))
+        log.warning(
+            "%s: the training config sent with model version %d is not the one %s signed "
+            "with it: its children will refuse the tasks (unsigned_settings)",
+            self.node_id,
+            proof.version,
+            proof.signer,
+            extra={"version": proof.version, "reason": "unsigned_settings"},
+        )
 
     def unsignable(self, msg: Message, peer: str, exc: Exception) -> None:
         log.error(
@@ -330,11 +374,13 @@ class EndToEndCore:
     def _seal_model_now(self, msg: ModelMessage, spec: CodecSpec) -> Message:
         version = msg.version
         if self.signs_models:
-            proof = self._own_proofs.get(version)
+            settings = settings_digest(msg.config)
+            proof = self._own_proofs.get((version, settings))
             if proof is None:
-                parent = max((v for v in self._own_proofs if v < version), default=0)
+                parent = max((v for v, _ in self._own_proofs if v < version), default=0)
                 digest = digest_as_received(msg.weights, spec)
-                proof = self._own_proofs[version] = self.new_model_proof(version, parent, digest)
+                proof = self.new_model_proof(version, parent, digest, settings)
+                self._own_proofs[(version, settings)] = proof
                 while len(self._own_proofs) > self.keep_versions:
                     del self._own_proofs[min(self._own_proofs)]
             return self.with_proof(msg, proof)
@@ -355,6 +401,7 @@ class EndToEndCore:
                     del self._relay_fits[min(self._relay_fits, key=lambda k: k[0])]
             if not fits:
                 return msg  # sent as relayed; the receiver refuses it
+        self.check_relayed_settings(msg, found)
         return self.with_proof(msg, found)
 
     # ---------------------------------------------------------------- receiving
@@ -396,14 +443,35 @@ class EndToEndCore:
             check_layout(self.layout, msg.weights, f"{what} of model version {msg.version}")
 
     def accept_model(self, msg: ModelMessage, digest: bytes) -> None:
-        """Verify the root's signature over ``digest`` of the weights held, pass the
-        version guard, learn the layout (a node without a model) and keep the proof."""
-        verify_model(self.roster, msg.signer, msg.sig, msg.version, msg.parent, digest)
+        """Verify the root's signature over ``digest`` of the weights held and the
+        settings digest (``signed_settings``), refuse a broadcast whose config is not
+        those settings, pass the version guard, learn the layout (a node without a model)
+        and keep the proof. (A training request's config is the site node's to check: it
+        answers the aggregator with a ``TrainRefused``.)"""
+        try:
+            settings = signed_settings(msg)
+        except (TypeError, ValueError) as exc:
+            raise UnsignedSettingsError(
+                f"model version {msg.version}: its training config cannot be hashed ({exc})"
+            ) from None
+        verify_model(self.roster, msg.signer, msg.sig, msg.version, msg.parent, digest, settings)
         self.verified += 1
+        if type(msg) is ModelBroadcast and msg.settings:
+            try:
+                same = settings_digest(msg.config) == settings
+            except (TypeError, ValueError):
+                same = False
+            if not same:
+                raise UnsignedSettingsError(
+                    f"model broadcast of version {msg.version}: its training config is not "
+                    f"the one {msg.signer!r} signed with it"
+                )
         self.guard.accept(msg.version, digest)
         if self.layout is None:  # a node with no model of its own (a region) learns it here
             self.set_layout(ModelLayout.of(msg.weights))
-        self._proofs[msg.version] = ModelProof(msg.signer, msg.version, msg.parent, msg.sig, digest)
+        self._proofs[msg.version] = ModelProof(
+            msg.signer, msg.version, msg.parent, msg.sig, digest, settings
+        )
         while len(self._proofs) > self.keep_versions:
             del self._proofs[min(self._proofs)]
 

@@ -59,6 +59,7 @@ from fedloom.runtime.daemon import build_node, build_plan, load_identity, load_r
 from fedloom.runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT
 from fedloom.transport.e2e import model_signed_bytes, tensors_digest
 from fedloom.transport.identity import Identity, verify_signature
+from fedloom.transport.settings import NO_SETTINGS
 
 __all__ = [
     "ABOVE_SLACK",
@@ -101,15 +102,21 @@ def _checkpoint(directory: Path, *, flag: str = "--from") -> Any:
     return tree.get("data")
 
 
-def _signed_by(identity: Identity, version: int, proof: Any, weights: Weights) -> bool:
-    """Whether ``proof`` is ``identity``'s signature of ``weights`` as model ``version``."""
+def _signed_by(
+    identity: Identity, version: int, proof: Any, weights: Weights, settings: Any = None
+) -> bool:
+    """Whether ``proof`` is ``identity``'s signature of ``weights`` as model ``version``
+    (sent with the settings digest of the region's ``(config, digest)``; none: empty)."""
     if not isinstance(proof, list | tuple) or len(proof) != 3:
         return False
     signer, parent, sig = proof
     if signer != identity.node_id or not isinstance(parent, int) or not isinstance(sig, bytes):
         return False
     try:
-        data = model_signed_bytes(version, parent, tensors_digest(weights))
+        signed = settings[1] if isinstance(settings, list | tuple) and len(settings) == 2 else b""
+        data = model_signed_bytes(
+            version, parent, tensors_digest(weights), bytes(signed) or NO_SETTINGS
+        )
     except (TypeError, ValueError):
         return False
     return verify_signature(identity.public_key, data, sig)
@@ -133,7 +140,7 @@ def seed_from(directory: Path, identity: Identity) -> Seed:
             version, weights = int(glob[0]), dict(glob[1])
         except (TypeError, ValueError, IndexError):
             raise ConfigError(f"--from {directory}: its checkpoint holds no usable model") from None
-        if not _signed_by(identity, version, state.get("proof"), weights):
+        if not _signed_by(identity, version, state.get("proof"), weights, state.get("settings")):
             raise ConfigError(
                 f"--from {directory}: its model version {version} does not carry "
                 f"{identity.node_id}'s signature over those weights; refused"

@@ -11,11 +11,15 @@ Sending (``seal``; the recipient is the connection's authenticated peer):
   ``{src, seq, base_version, recipient, n_examples, digest}``, the digest taken over the
   delta as the recipient will decode it (a lossy codec is applied first);
 * a ``TrainRequest``/``ModelBroadcast`` of version v from the root: the root signs
-  ``{v, parent, digest}`` once per version (cached: one model goes to many children;
-  ``parent`` is the previous version it signed, 0 at first);
+  ``{v, parent, digest, settings}`` once per version and config (cached: one model goes
+  to many children; ``parent`` is the previous version it signed, 0 at first;
+  ``settings`` the ``settings_digest`` of the message's training config, which the
+  message carries in its ``settings`` field);
 * the same from a region: it relays the root's proof for v that it verified on receipt
-  (kept for the newest few versions). Without one it sends the model unsigned and warns
-  once per version: the receiver will refuse it.
+  (kept for the newest few versions), with the root's settings digest; the region node
+  sends the root's config (``algorithms.regional``), and a config that is not it is
+  warned about once per version (its sites refuse it). Without a proof it sends the
+  model unsigned and warns once per version: the receiver will refuse it.
 
 Receiving (``check``) raises a ``ProtocolError`` subclass, so the connection ends with
 the reason logged and the daemon lives on:
@@ -23,8 +27,12 @@ the reason logged and the daemon lives on:
 * ``Update``: ``src`` must be the authenticated peer (updates travel one hop), and the
   signature must verify with this node as recipient and the digest of the decoded delta;
 * ``TrainRequest``/``ModelBroadcast``: signed by a root of the roster over the digest of
-  the decoded weights; then the node's ``ModelVersionGuard`` refuses a version older than
-  the newest accepted, or a different model under that version.
+  the decoded weights and the settings digest; a broadcast whose config is not those
+  settings is refused (``unsigned_settings``); then the node's ``ModelVersionGuard``
+  refuses a version older than the newest accepted, or a different model under that
+  version. A training request's config is checked by the site node before it trains: a
+  mismatch is answered with ``TrainRefused(code="unsigned_settings")``, the connection
+  stays up (``algorithms.site``).
 
 The decisions and the state (proofs, guard, layout, counts) are sans-I/O and shared with
 the simulator: ``federation.signing.EndToEndCore``, which ``EndToEnd`` extends with
@@ -72,6 +80,7 @@ from fedloom.transport.identity import Identity
 from fedloom.transport.limits import Limits, ModelLayout
 from fedloom.transport.relay import RelayInbox, RelaySender
 from fedloom.transport.roster import Roster
+from fedloom.transport.settings import settings_digest
 from fedloom.transport.tensors import CodecSpec
 from fedloom.transport.wire import (
     MaskedUpdate,
@@ -149,7 +158,7 @@ class EndToEnd(EndToEndCore):
         relay_seq: RelaySeqState | None = None,
     ) -> None:
         super().__init__(identity, roster, keep_versions=keep_versions, report=report)
-        self._signed = _Once(keep_versions)  # root: version -> its ModelProof
+        self._signed = _Once(keep_versions)  # root: (version, settings) -> its ModelProof
         self._relay_ok = _Once(keep_versions)  # region: (version, spec) -> digest matches
         self.relay_seq = relay_seq if relay_seq is not None else RelaySeqState()
         self._relay_out = RelaySender(identity, roster, last=self.relay_seq.sent)
@@ -190,8 +199,10 @@ class EndToEnd(EndToEndCore):
     async def _seal_model(self, msg: ModelMessage, spec: CodecSpec) -> Message:
         version = msg.version
         if self.signs_models:
+            settings = settings_digest(msg.config)
             proof = await self._signed.get(
-                version, lambda: self._sign_model(version, msg.weights, spec)
+                (version, settings),
+                lambda: self._sign_model(version, msg.weights, spec, settings),
             )
         else:
             found = self.relayed_proof(version)
@@ -207,20 +218,36 @@ class EndToEnd(EndToEndCore):
                 )
                 if not ok:
                     return msg  # (warned once) sent as relayed; the receiver refuses it
+            self.check_relayed_settings(msg, proof)
         return self.with_proof(msg, proof)
 
     async def _sign_model(
-        self, version: int, weights: Mapping[str, npt.NDArray[Any]], spec: CodecSpec
+        self,
+        version: int,
+        weights: Mapping[str, npt.NDArray[Any]],
+        spec: CodecSpec,
+        settings: bytes,
     ) -> ModelProof:
         # The previous version this root signed (kept in the cache), 0 at first.
         parent = max((v for v in self._signed.versions() if v < version), default=0)
-        return self.new_model_proof(version, parent, await _digest(weights, spec))
+        return self.new_model_proof(version, parent, await _digest(weights, spec), settings)
 
     async def _relay_check(self, proof: ModelProof, msg: ModelMessage, spec: CodecSpec) -> bool:
         if await _digest(msg.weights, spec) == proof.digest:
             return True
         self.warn_codec_alters_model(proof, spec)
         return False
+
+    def own_proof(self, version: int) -> ModelProof | None:
+        """This root's proof of model ``version`` once it has signed it (the newest few
+        versions are kept; the settings digest is ``proof.settings``), else None."""
+        for key, task in list(self._signed.tasks.items()):
+            if _version_of(key) != version or not task.done() or task.cancelled():
+                continue
+            if task.exception() is None:
+                proof: ModelProof = task.result()
+                return proof
+        return None
 
     def keep_relay_seq(self, state: RelaySeqState) -> None:
         """Keep the relayed envelopes' numbers in ``state`` from now on (durably if it has

@@ -7,6 +7,13 @@ headed by a domain label, so an update signature can never pass as a model signa
 (or a handshake one). A redirected update fails because the receiver verifies it with
 its own id as ``recipient``.
 
+The model envelope is ``{version, parent, hash, settings}`` (label ``fedloom-model-v2``):
+``settings`` is ``transport.settings.settings_digest`` of the training config the root
+sends with that version, so the hyperparameters a site trains with are the root's too (a
+relay that alters them is caught: ``algorithms.site`` refuses ``unsigned_settings``). The
+label changed with the envelope, so a signature over the old three fields (``-v1``)
+never verifies as a new one.
+
 The hash (``tensors_digest``) is SHA-256 over the *decoded* tensors, what the final
 receiver holds: the same whether the message was streamed or sent whole, and whatever
 codec carried it. A sender with a lossy codec hashes what the receiver will decode
@@ -36,11 +43,13 @@ from fedloom.transport.half import half_to_float
 from fedloom.transport.identity import Identity, key_text, verify_signature
 from fedloom.transport.limits import Limits, ModelLayout
 from fedloom.transport.roster import Roster
+from fedloom.transport.settings import NO_SETTINGS, SETTINGS_BYTES
 from fedloom.transport.tensors import CodecSpec, Tensors, _to_fp16, decode_tensors, encode_tensors
 
 HASH_BYTES = 32
 _UPDATE_LABEL = "fedloom-update-v1"
-_MODEL_LABEL = "fedloom-model-v1"
+# v2: the settings digest joined the envelope; a v1 signature never verifies as v2.
+_MODEL_LABEL = "fedloom-model-v2"
 MODEL_SIGNER_ROLES: frozenset[str] = frozenset({"root"})
 
 
@@ -78,6 +87,12 @@ class StaleModelError(ProtocolError):
     """A global model whose version is older than the newest one already accepted."""
 
     reason: ClassVar[str] = "stale_model"
+
+
+class UnsignedSettingsError(SignatureError):
+    """A model broadcast whose training config is not what the root signed with it."""
+
+    reason: ClassVar[str] = "unsigned_settings"
 
 
 class ModelConflictError(ProtocolError):
@@ -206,13 +221,21 @@ def update_signed_bytes(
     return packed
 
 
-def model_signed_bytes(version: int, parent: int, model_hash: bytes) -> bytes:
+def model_signed_bytes(
+    version: int, parent: int, model_hash: bytes, settings: bytes = NO_SETTINGS
+) -> bytes:
+    """The bytes the root signs for model ``version``: its parent version, the
+    ``tensors_digest`` of its weights and the ``settings_digest`` of the training config
+    sent with it (default: the empty config's)."""
+    if not isinstance(settings, bytes) or len(settings) != SETTINGS_BYTES:
+        raise ValueError(f"settings must be a {SETTINGS_BYTES}-byte digest")
     packed: bytes = msgpack.packb(
         [
             _MODEL_LABEL,
             _int("version", version),
             _int("parent", parent),
             _hash("model_hash", model_hash),
+            settings,
         ],
         use_bin_type=True,
     )
@@ -267,13 +290,20 @@ def verify_update(
         )
 
 
-def sign_model(identity: Identity, version: int, parent: int, model_hash: bytes) -> bytes:
-    """The root's 64-byte signature of global model ``version`` (derived from ``parent``)."""
+def sign_model(
+    identity: Identity,
+    version: int,
+    parent: int,
+    model_hash: bytes,
+    settings: bytes = NO_SETTINGS,
+) -> bytes:
+    """The root's 64-byte signature of global model ``version`` (derived from ``parent``)
+    and of the training settings sent with it (``settings_digest`` of the config)."""
     if identity.role not in MODEL_SIGNER_ROLES:
         raise ValueError(
             f"only a root signs global models, {identity.node_id!r} is {identity.role}"
         )
-    return identity.sign(model_signed_bytes(version, parent, model_hash))
+    return identity.sign(model_signed_bytes(version, parent, model_hash, settings))
 
 
 def verify_model(
@@ -283,15 +313,17 @@ def verify_model(
     version: int,
     parent: int,
     model_hash: bytes,
+    settings: bytes = NO_SETTINGS,
 ) -> None:
-    """Check a global model's signature against ``signer``, which must be a root."""
+    """Check a global model's signature (with the ``settings`` digest it was sent with)
+    against ``signer``, which must be a root."""
     entry = roster.lookup(signer)
     if entry is None:
         raise SignatureError(f"model signed by {signer!r}, which is not in the roster")
     if entry.role not in MODEL_SIGNER_ROLES:
         raise SignatureError(f"model signed by {signer!r}, a {entry.role}, not a root")
     try:
-        data = model_signed_bytes(version, parent, model_hash)
+        data = model_signed_bytes(version, parent, model_hash, settings)
     except ValueError as exc:
         raise SignatureError(f"model from {signer!r}: {exc}") from None
     if not verify_signature(entry.public_key, data, signature):

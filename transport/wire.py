@@ -50,7 +50,10 @@ class Hello:
 class ModelBroadcast:
     """A new model version, pushed from the root down the tree (relayed by regions).
 
-    ``signer``/``parent``/``sig``: the root's signature of ``{version, parent, digest}``.
+    ``signer``/``parent``/``sig``: the root's signature of ``{version, parent, digest,
+    settings}``. ``config``: the root's training settings for this version, which a region
+    hands its sites unchanged; ``settings``: the digest the root signed (of ``config``;
+    ``transport.settings``; empty when unsigned).
     """
 
     version: int
@@ -58,11 +61,17 @@ class ModelBroadcast:
     signer: str = ""
     parent: int = 0
     sig: bytes = b""
+    config: Mapping[str, Any] = field(default_factory=dict)
+    settings: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class TrainRequest:
-    """An aggregator asks a site to train ``weights`` (model ``version``) with ``config``."""
+    """An aggregator asks a site to train ``weights`` (model ``version``) with ``config``.
+
+    ``signer``/``parent``/``sig``/``settings``: the root's signature, as in
+    ``ModelBroadcast``; ``settings`` is the digest of the config the root signed, which
+    the site checks ``config`` against before training (empty when unsigned)."""
 
     task: int
     version: int
@@ -71,6 +80,7 @@ class TrainRequest:
     signer: str = ""  # the root's model signature, as in ModelBroadcast
     parent: int = 0
     sig: bytes = b""
+    settings: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +494,8 @@ _SCHEMAS: dict[type, _Schema] = {
         ("signer", _STR),
         ("parent", _INT),
         ("sig", _BIN),
+        ("config", _MAP),
+        ("settings", _BIN),
     ),
     TrainRequest: _schema(
         "train_request",
@@ -495,6 +507,7 @@ _SCHEMAS: dict[type, _Schema] = {
         ("signer", _STR),
         ("parent", _INT),
         ("sig", _BIN),
+        ("settings", _BIN),
     ),
     Update: _schema(
         "update",
