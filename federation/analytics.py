@@ -12,12 +12,12 @@ site as a ``StatsRequest`` whose ``spec`` is a flat map (the wire carries scalar
     z            = 1.1                      DP noise multiplier (absent: no noise)
 
 A site answers with a ``StatsReport`` over the rows of that dataset: ``n`` (rows), and in
-``values`` (keys by column index, never by name) ``count.<i>`` (non-missing values),
-``sum.<i>``, ``sumsq.<i>`` and ``hist.<i>.<j>`` (values in ``[e_j, e_j+1)``, the last bin
-closed). Suppression (``min_cell``, never below ``MIN_CELL_FLOOR`` whatever a root asks):
-a site with fewer rows refuses (code ``too_few_rows``); a column with fewer values sends
-only ``supp.<i> = 1``; a histogram cell with ``0 < count < min_cell`` is left out and
-flagged ``supp.<i>.<j> = 1``.
+``values`` (keys by column index, never by name) ``count.<i>`` (finite values: missing and
+infinite ones are left out), ``sum.<i>``, ``sumsq.<i>`` and ``hist.<i>.<j>`` (values in
+``[e_j, e_j+1)``, the last bin closed). Suppression (``min_cell``, never below
+``MIN_CELL_FLOOR`` whatever a root asks): a site with fewer rows refuses (code
+``too_few_rows``); a column with fewer values sends only ``supp.<i> = 1``; a histogram
+cell with ``0 < count < min_cell`` is left out and flagged ``supp.<i>.<j> = 1``.
 
 DP (``z`` set; every column then needs bounds): record-level DP for the rows of one site's
 dataset, per query. One row moves ``n`` by 1, each column's count and one histogram cell by
@@ -306,7 +306,7 @@ def compute_site(frame: Any, spec: QuerySpec, rng: np.random.Generator | None = 
         raise SpecError(f"fewer than min_cell = {spec.min_cell} rows", "too_few_rows")
     values: dict[str, float] = {}
     for i, (col, arr) in enumerate(zip(spec.columns, arrays, strict=True)):
-        x = arr[~np.isnan(arr)]
+        x = arr[np.isfinite(arr)]  # missing (NaN) and infinite values are left out
         if col in spec.bounds:
             lo, hi = spec.bounds[col]
             x = np.clip(x, lo, hi)
@@ -314,9 +314,12 @@ def compute_site(frame: Any, spec: QuerySpec, rng: np.random.Generator | None = 
         if count < spec.min_cell:
             values[f"supp.{i}"] = 1.0
             continue
+        total, squares = float(np.sum(x)), float(np.sum(x * x))
+        if not (math.isfinite(total) and math.isfinite(squares)):
+            raise SpecError(f"column {i}'s sums overflow: give it bounds", "bad_column")
         values[f"count.{i}"] = count
-        values[f"sum.{i}"] = release(f"sum.{i}", float(np.sum(x)))
-        values[f"sumsq.{i}"] = release(f"sumsq.{i}", float(np.sum(x * x)))
+        values[f"sum.{i}"] = release(f"sum.{i}", total)
+        values[f"sumsq.{i}"] = release(f"sumsq.{i}", squares)
         edges = spec.bins.get(col)
         if edges is None:
             continue

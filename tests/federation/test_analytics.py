@@ -92,7 +92,7 @@ _keys = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(query=st.text(max_size=80), spec=st.dictionaries(_keys, _scalars, max_size=30))
 def test_any_spec_parses_or_is_refused_cleanly(query: str, spec: dict[str, Any]) -> None:
     try:
@@ -262,3 +262,55 @@ def test_min_cell_floor_holds_in_the_config_constructor_too() -> None:
         QuerySpec("q", "t", ("a",), min_cell=MIN_CELL_FLOOR - 1)
     with pytest.raises(SpecError, match="reserved"):
         QuerySpec("evaluate", "t", ("a",))
+
+
+_edges = st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=2, max_size=8, unique=True).map(
+    lambda xs: tuple(sorted(xs))
+)
+
+
+@st.composite
+def valid_specs(draw: st.DrawFn) -> QuerySpec:
+    names = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=12)
+    columns = draw(st.lists(names, min_size=1, max_size=4, unique=True))
+    bins = {c: draw(_edges) for c in columns if draw(st.booleans())}
+    noisy = draw(st.booleans())
+    bounds = {}
+    for c in columns:
+        if noisy or draw(st.booleans()):
+            lo = draw(st.floats(-1e3, 1e3))
+            bounds[c] = (lo, lo + draw(st.floats(0.5, 1e3)))
+    return QuerySpec(
+        "q",
+        "t",
+        tuple(columns),
+        bins=bins,
+        bounds=bounds,
+        min_cell=draw(st.integers(MIN_CELL_FLOOR, 50)),
+        noise_multiplier=draw(st.floats(0.5, 5.0)) if noisy else None,
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(spec=valid_specs(), seed=st.integers(0, 2**32 - 1), rows=st.integers(0, 60))
+def test_any_valid_spec_round_trips_and_any_table_gives_a_report_the_root_accepts(
+    spec: QuerySpec, seed: int, rows: int
+) -> None:
+    assert parse_wire("q", spec.to_wire()) == spec
+    rng = np.random.default_rng(seed)
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, 1e6, -1e6])
+    table = pd.DataFrame(
+        {
+            c: np.where(
+                rng.random(rows) < 0.2, rng.choice(specials, rows), rng.normal(0, 100, rows)
+            )
+            for c in spec.columns
+        }
+    )
+    try:
+        answer = compute_site(table, spec, rng)
+    except SpecError as exc:
+        assert exc.code in ("too_few_rows", "bad_column")
+        return
+    assert all(math.isfinite(v) for v in answer.values.values())
+    check_values(spec, answer.n, answer.values, max_rows=rows)  # an honest site passes

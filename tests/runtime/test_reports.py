@@ -511,3 +511,24 @@ def test_config_mistakes_name_the_field(tables: Mapping[str, Any], message: str)
 def test_only_the_root_schedules() -> None:
     with pytest.raises(ConfigError, match="the root schedules"):
         parse_config(with_reports(site_raw(), evaluation={"every": 2}))
+
+
+def test_the_published_figures_are_prometheus_gauges(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from fedloom.runtime.metrics import MetricsSink
+
+    r = root()
+    sink = MetricsSink()
+    for src in ("site-1", "site-2"):
+        for e in feed(r, Received(src, ev(src, version=4, accuracy=0.75, loss=0.5))):
+            if isinstance(e, Metric):
+                sink(e)
+    for e in feed(r, Received("region-a", ev("site-3", version=4, accuracy=0.75, loss=0.5))):
+        if isinstance(e, Metric):
+            sink(e)
+    text = generate_latest(sink.registry).decode()
+    assert "# TYPE fedloom_node_federated_eval_accuracy_ratio gauge" in text
+    assert "fedloom_node_federated_eval_accuracy_ratio 0.75" in text
+    assert "fedloom_node_federated_eval_sites_gauge 3.0" in text
+    assert "fedloom_node_federated_eval_version 4.0" in text
