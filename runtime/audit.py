@@ -40,22 +40,53 @@ node).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedloom.algorithms.aggregator_base import APPLIED_KEY
+from fedloom.algorithms.protocol import (
+    Effect,
+    Event,
+    Log,
+    Metric,
+    Persist,
+    Received,
+    Send,
+    Train,
+)
 from fedloom.federation.config_reader import ConfigError
+from fedloom.federation.signing import masked_digest
+from fedloom.runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_ENVIRONMENT
+from fedloom.runtime.nodes import model_of
+from fedloom.runtime.recovery import Daemon, DaemonError
+from fedloom.transport.e2e import digest_as_received, tensors_digest
 from fedloom.transport.identity import Identity, verify_signature, write_atomic
+from fedloom.transport.tensors import CodecSpec
+from fedloom.transport.wire import (
+    Ack,
+    MaskedUpdate,
+    ModelBroadcast,
+    TrainRefused,
+    TrainRequest,
+    Update,
+)
+
+_log = logging.getLogger("fedloom.audit")
 
 __all__ = [
     "AUDIT_DIR",
@@ -700,3 +731,686 @@ def read_entries(
         return list(verdict.entries)
     wanted = frozenset(kinds)
     return [e for e in verdict.entries if e["kind"] in wanted]
+
+
+# ------------------------------------------------------------------ the daemon's writer
+MAX_QUEUE = 4096  # entries waiting for the disk; past it they are counted, then recorded
+MAX_BATCH = 512  # entries per write + fsync
+SLOW_WRITE_S = 1.0  # a batch slower than this counts in ``audit_slow_writes``
+RETRY_S = (0.1, 0.5, 2.0, 5.0)  # after a failed write: back-off before the next try
+STOP_WAIT_S = 5.0  # at stop, how long the queue may take to reach the disk
+
+FieldsOrThunk = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
+
+
+class AuditWriter:
+    """The daemon's audit writer: ``submit`` never blocks (a bounded queue; the event
+    loop calls it), a thread writes what queued up as one batch (one write, one fsync,
+    the signed head). Fields may be a callable, run in the thread (digests of tensors).
+
+    Nothing is dropped silently: a full queue (a slow or stalled disk) counts what it
+    could not take, by kind, and the next batch starts with an ``audit_gap`` entry saying
+    how many and which; the disk's pace shows in metrics (``report``, called from the
+    thread: the daemon hands a thread-safe one): ``audit_queue_size``, ``audit_dropped``,
+    ``audit_slow_writes``, ``audit_write_errors``, ``audit_entries``. A failed write is
+    retried (the batch stays queued, in order) with back-off.
+    """
+
+    def __init__(
+        self,
+        log: AuditLog,
+        report: Callable[[Metric], None] | None = None,
+        *,
+        max_queue: int = MAX_QUEUE,
+        max_batch: int = MAX_BATCH,
+        slow_s: float = SLOW_WRITE_S,
+    ) -> None:
+        self.log = log
+        self.report = report
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.slow_s = slow_s
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, FieldsOrThunk, float]] = deque()
+        self._dropped: Counter[str] = Counter()
+        self._closing = False
+        self._busy = False
+        self.written = 0
+        self.dropped_total = 0
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name="audit writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, kind: str, fields: FieldsOrThunk, ts: float | None = None) -> bool:
+        """Queue one entry; False (counted, recorded later as a gap) when the queue is full
+        or the writer stopped."""
+        when = time.time() if ts is None else ts
+        with self._cond:
+            if self._closing or len(self._queue) >= self.max_queue:
+                self._dropped[kind] += 1
+                self.dropped_total += 1
+                dropped = True
+            else:
+                self._queue.append((kind, fields, when))
+                self._cond.notify()
+                dropped = False
+        if dropped:
+            self._metric(Metric("audit_dropped", 1.0, {"kind": _label(kind)}))
+        return not dropped
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + (1 if self._busy else 0)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait (bounded) until everything queued is on disk; whether it is."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def close(self, timeout: float = STOP_WAIT_S) -> bool:
+        """Write what is queued (bounded by ``timeout``) and stop the thread; whether
+        everything reached the disk (else it says so in a log line)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        with self._cond:
+            left = len(self._queue) + (1 if self._busy else 0)
+        if left or self._thread.is_alive():
+            _log.error(
+                "audit: %d entr%s not written at stop (the disk is too slow or failing)",
+                left,
+                "y" if left == 1 else "ies",
+            )
+            return False
+        return True
+
+    def _metric(self, metric: Metric) -> None:
+        if self.report is None:
+            return
+        try:
+            self.report(metric)
+        except Exception:  # observability never takes the writer down
+            _log.debug("audit: metric report failed", exc_info=True)
+
+    def _take(self) -> tuple[list[tuple[str, FieldsOrThunk, float]], Counter[str]] | None:
+        with self._cond:
+            while not self._queue and not self._dropped and not self._closing:
+                self._cond.wait()
+            if not self._queue and not self._dropped:
+                return None  # closing, nothing left
+            n = min(len(self._queue), self.max_batch)
+            batch = [self._queue.popleft() for _ in range(n)]
+            dropped, self._dropped = self._dropped, Counter()
+            self._busy = True
+            depth = len(self._queue)
+        self._metric(Metric("audit_queue_size", float(depth)))
+        return batch, dropped
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            batch, dropped = taken
+            items: list[Item] = []
+            if dropped:
+                gap = {"dropped": sum(dropped.values()), "kinds": dict(sorted(dropped.items()))}
+                items.append(("audit_gap", gap, time.time()))
+            items.extend((kind, _resolve(kind, fields), ts) for kind, fields, ts in batch)
+            started = time.monotonic()
+            try:
+                self.log.append(items)
+            except (OSError, AuditError) as exc:
+                failures += 1
+                self.errors += 1
+                self._metric(Metric("audit_write_errors"))
+                if failures == 1 or failures % 100 == 0:
+                    _log.error("audit: cannot write %s (%s); retrying", self.log.path, exc)
+                self._requeue(batch, dropped)
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                    closing = self._closing
+                if closing and failures >= len(RETRY_S):
+                    return  # close() reports what is left
+                time.sleep(RETRY_S[min(failures, len(RETRY_S)) - 1])
+                continue
+            failures = 0
+            elapsed = time.monotonic() - started
+            self.written += len(items)
+            self._metric(Metric("audit_entries", float(len(items))))
+            if elapsed > self.slow_s:
+                self._metric(Metric("audit_slow_writes"))
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _requeue(
+        self, batch: list[tuple[str, FieldsOrThunk, float]], dropped: Counter[str]
+    ) -> None:
+        with self._cond:
+            self._queue.extendleft(reversed(batch))
+            self._dropped.update(dropped)
+            # The queue may now exceed its bound by one batch: submit() refuses until
+            # it drains, and counts.
+
+
+def _label(kind: str) -> str:
+    return kind if kind in KNOWN_KINDS else "other"
+
+
+def _resolve(kind: str, fields: FieldsOrThunk) -> Mapping[str, Any]:
+    """``fields`` (run it if callable), as JSON data of a bounded size; a failure or an
+    oversized result is recorded as such, never lost."""
+    try:
+        value = fields() if callable(fields) else fields
+        data: dict[str, Any] = jsonable(dict(value))
+        size = len(canonical(data))
+    except Exception as exc:  # a bug in a digest: the entry says so
+        _log.exception("audit: cannot compute the fields of a %s entry", kind)
+        return {"error": _clean(f"{type(exc).__name__}: {exc}")}
+    if size > MAX_ENTRY_BYTES - 1024:
+        return {"oversized": size, "sha256": hashlib.sha256(canonical(data)).hexdigest()}
+    return data
+
+
+_CLEAN_CAP = 200
+
+
+def _clean(text: object, cap: int = _CLEAN_CAP) -> str:
+    """A peer's string fit for the log: printable characters only, at most ``cap``."""
+    raw = text if isinstance(text, str) else repr(text)
+    cut = len(raw) > cap
+    shown = "".join(ch if ch.isprintable() else "?" for ch in raw[: cap - 3 if cut else cap])
+    return shown + "..." if cut else shown
+
+
+# ------------------------------------------------------------------ the middleware
+KNOWN_KINDS = frozenset(
+    {
+        "daemon_start",
+        "daemon_stop",
+        "roster_installed",
+        "update_sent",
+        "masked_update_sent",
+        "update_applied",
+        "update_recorded",
+        "secure_cohort_applied",
+        "model_version",
+        "model_signed",
+        "model_received",
+        "train_refused",
+        "refusal_received",
+        "input_rejected",
+        "rejections_summarised",
+        "dataset_used",
+        "audit_gap",
+        "torn_tail",
+    }
+)
+REJECTIONS_PER_WINDOW = 60  # input rejections recorded one by one per window ...
+REJECTION_WINDOW_S = 60.0  # ... past that, counted and recorded as one summary
+MAX_PAIRS = 64  # a forward's site updates listed in its entry (the rest counted)
+_REMEMBERED = 4096  # (src, seq) pairs remembered to record each update once
+_PENDING_PROOFS = 8  # model versions whose signature is still to be recorded
+
+
+class _Recent:
+    """A bounded set: the newest ``cap`` keys added."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._keys: OrderedDict[Any, None] = OrderedDict()
+
+    def add(self, key: Any) -> bool:
+        """Add ``key``; False when it was there already."""
+        if key in self._keys:
+            return False
+        self._keys[key] = None
+        if len(self._keys) > self.cap:
+            self._keys.popitem(last=False)
+        return True
+
+
+def dataset_of(plan: object) -> dict[str, Any]:
+    """What a site's plan trains on, for a ``dataset_used`` entry: a registered dataset's
+    name, tags and SHA-256 (the plan's ``dataset_record``; never data), else the plan's
+    kind."""
+    record = getattr(plan, "dataset_record", None)
+    if record is not None:
+        out: dict[str, Any] = {}
+        for key in ("name", "tags", "sha256", "rows"):
+            value = record.get(key) if isinstance(record, Mapping) else getattr(record, key, None)
+            if isinstance(value, (str, int)) or (
+                isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            ):
+                out[key] = list(value) if isinstance(value, (list, tuple)) else value
+        return {"dataset": out}
+    workload = getattr(plan, "workload", None)
+    name = getattr(workload, "name", None)
+    kind = type(plan).__name__ if plan is not None else "none"
+    return {"plan": kind, **({"workload": name} if isinstance(name, str) else {})}
+
+
+class AuditMiddleware:
+    """The daemon's audit log as a ``Middleware`` (observe only; module docstring): what
+    the node sent, applied, released and refused, and what the daemon did, into an
+    ``AuditWriter``. Every digest is computed in the writer's thread, never on the loop
+    (tensors in messages and models are never changed in place once made: the nodes
+    build new arrays for every delta and every version).
+
+    ``up``/``down``: the codec specs of updates going up and models going down, so a
+    site's ``update_sent`` digest is the digest its parent verifies and records
+    (``transport.e2e.digest_as_received``), and a root's model digest is the one it signs.
+    ``proof_of(version)``: the root's signature of that version once made (the driver
+    signs a model when it first sends it), recorded as ``model_signed``.
+    """
+
+    def __init__(
+        self,
+        writer: AuditWriter,
+        node_id: str,
+        role: str,
+        *,
+        up: CodecSpec | None = None,
+        down: CodecSpec | None = None,
+        plan: object = None,
+        model: Callable[[], tuple[int, Mapping[str, Any]] | None] | None = None,
+        proof_of: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.node_id = node_id
+        self.role = role
+        self.up = up if up is not None else CodecSpec()
+        self.down = down if down is not None else CodecSpec()
+        self.dataset = dataset_of(plan) if role in ("site", "peer") else None
+        self._model = model
+        self._proof_of = proof_of
+        self._sent = _Recent(_REMEMBERED)
+        self._recorded = _Recent(_REMEMBERED)
+        self._models_in = _Recent(64)
+        self._models_out = _Recent(64)
+        self._pending: OrderedDict[int, None] = OrderedDict()
+        self._window_start: float | None = None
+        self._window_n = 0
+        self._suppressed: Counter[str] = Counter()
+        self.observe_errors = 0
+
+    # -------------------------------------------------------------- Middleware
+    def intercept(self, event: Event, now: float) -> list[Effect] | None:
+        return None
+
+    def observe(self, event: Event, effects: Sequence[Effect], now: float) -> list[Effect]:
+        try:
+            self._observe(event, effects, now)
+        except Exception:  # a bug here must not stop the node; the gap is recorded
+            self.observe_errors += 1
+            if self.observe_errors == 1 or self.observe_errors % 1000 == 0:
+                _log.exception("audit: observing an event failed")
+            self.writer.submit("audit_gap", {"observe_errors": self.observe_errors})
+        return []
+
+    # -------------------------------------------------------------- the daemon
+    def started(self, **fields: Any) -> None:
+        self.writer.submit("daemon_start", {"role": self.role, **fields})
+
+    def stopped(self, **fields: Any) -> None:
+        self.writer.submit("daemon_stop", fields)
+
+    def roster_installed(self, roster: Any) -> None:
+        """``RosterKeeper``'s ``installed`` hook: a newer signed roster is in use."""
+        self.writer.submit(
+            "roster_installed",
+            {"version": int(roster.version), "digest": bytes(roster.digest).hex()},
+        )
+
+    # -------------------------------------------------------------- events
+    def _observe(self, event: Event, effects: Sequence[Effect], now: float) -> None:
+        submit = self.writer.submit
+        peer = event.peer if isinstance(event, Received) else None
+        if isinstance(event, Received):
+            self._received(event, effects)
+        for eff in effects:
+            if isinstance(eff, Send):
+                self._sending(eff)
+            elif isinstance(eff, Metric):
+                if eff.name == "model_version" and self.role in ("root", "peer"):
+                    self._released(int(eff.value))
+                elif eff.name in ("update_rejected", "message_rejected"):
+                    self._rejected(eff, peer, now)
+            elif isinstance(eff, Train) and self.dataset is not None:
+                rnd = eff.config.get("server_round") if isinstance(eff.config, Mapping) else None
+                fields: dict[str, Any] = {"job": eff.job, **self.dataset}
+                if isinstance(rnd, int) and not isinstance(rnd, bool):
+                    fields["version"] = rnd - 1
+                submit("dataset_used", fields)
+            elif isinstance(eff, Log) and eff.text == "secure cohort applied":
+                self._cohort(eff, effects)
+        if self._pending:
+            self._proofs()
+        start = self._window_start
+        if self._suppressed and start is not None and now - start >= REJECTION_WINDOW_S:
+            self._roll_window(now)
+
+    def _received(self, event: Received, effects: Sequence[Effect]) -> None:
+        msg = event.msg
+        if type(msg) is Update:
+            self._update_in(event.peer, msg, effects)
+        elif type(msg) is TrainRefused:
+            self.writer.submit(
+                "refusal_received",
+                {
+                    "from": event.peer,
+                    "src": _clean(msg.src, 128),
+                    "task": _int_or_none(msg.task),
+                    "version": _int_or_none(msg.version),
+                    "code": _clean(msg.code, 40),
+                    "reason": _clean(msg.reason),
+                },
+            )
+        elif (type(msg) is TrainRequest or type(msg) is ModelBroadcast) and self._models_in.add(
+            int(msg.version)
+        ):
+            weights = msg.weights
+
+            def received() -> dict[str, Any]:
+                return {
+                    "from": event.peer,
+                    "version": int(msg.version),
+                    "digest": tensors_digest(weights).hex(),
+                    "signer": _clean(msg.signer, 128),
+                    "parent": int(msg.parent),
+                    "sig": bytes(msg.sig).hex(),
+                    "settings": bytes(msg.settings).hex(),
+                }
+
+            self.writer.submit("model_received", received)
+
+    def _update_in(self, peer: str, msg: Update, effects: Sequence[Effect]) -> None:
+        acked = False
+        record: Mapping[str, Any] | None = None
+        for eff in effects:
+            if isinstance(eff, Metric) and eff.name == "update_duplicate":
+                return  # recorded before: re-acked only
+            if isinstance(eff, Send) and type(eff.msg) is Ack:
+                acked = acked or (eff.msg.src == msg.src and eff.msg.seq == msg.seq)
+            elif isinstance(eff, Persist) and eff.key == APPLIED_KEY:
+                data = eff.data
+                if (
+                    isinstance(data, Mapping)
+                    and data.get("src") == msg.src
+                    and data.get("seq") == msg.seq
+                ):
+                    record = data
+        if not acked or not self._recorded.add((msg.src, msg.seq)):
+            return
+        outcome = record.get("outcome") if record is not None else None
+        fields: dict[str, Any] = {
+            "src": msg.src,
+            "seq": int(msg.seq),
+            "base_version": int(msg.base_version),
+            "n_examples": int(msg.n_examples),
+            "count": int(msg.count),
+        }
+        if record is not None:
+            for key in ("version", "tau"):
+                value = record.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    fields[key] = value
+        if msg.pairs:
+            fields["pairs"] = [[s, q] for s, q in msg.pairs[:MAX_PAIRS]]
+            fields["pairs_total"] = len(msg.pairs)
+        kind = "update_applied" if outcome in (None, "applied") else "update_recorded"
+        if kind == "update_recorded":
+            fields["outcome"] = _clean(outcome, 40)
+        delta = msg.delta
+        self.writer.submit(kind, lambda: {**fields, "digest": tensors_digest(delta).hex()})
+
+    def _sending(self, eff: Send) -> None:
+        msg = eff.msg
+        if type(msg) is Update and msg.src == self.node_id:
+            if not self._sent.add(("u", msg.seq)):
+                return  # a resend of the same update
+            fields: dict[str, Any] = {
+                "to": eff.peer,
+                "seq": int(msg.seq),
+                "base_version": int(msg.base_version),
+                "n_examples": int(msg.n_examples),
+                "count": int(msg.count),
+                "task": int(msg.task),
+            }
+            if msg.pairs:
+                fields["pairs"] = [[s, q] for s, q in msg.pairs[:MAX_PAIRS]]
+                fields["pairs_total"] = len(msg.pairs)
+            delta, spec = msg.delta, self.up
+            self.writer.submit(
+                "update_sent",
+                lambda: {**fields, "digest": digest_as_received(delta, spec).hex()},
+            )
+        elif type(msg) is MaskedUpdate and msg.src == self.node_id:
+            if not self._sent.add(("m", msg.seq, bytes(msg.cohort))):
+                return
+            masked = msg
+            self.writer.submit(
+                "masked_update_sent",
+                lambda: {
+                    "to": eff.peer,
+                    "seq": int(masked.seq),
+                    "cohort": bytes(masked.cohort).hex(),
+                    "base_version": int(masked.base_version),
+                    "n_examples": int(masked.n_examples),
+                    "digest": masked_digest(masked).hex(),
+                },
+            )
+        elif type(msg) is TrainRefused and msg.src == self.node_id:
+            self.writer.submit(
+                "train_refused",
+                {
+                    "to": eff.peer,
+                    "task": int(msg.task),
+                    "version": int(msg.version),
+                    "code": _clean(msg.code, 40),
+                    "reason": _clean(msg.reason),
+                },
+            )
+
+    def _released(self, version: int) -> None:
+        """A new global model version (a root's, or a gossip peer's own)."""
+        model = self._model() if self._model is not None else None
+        if model is None or int(model[0]) != version or not self._models_out.add(version):
+            return
+        weights, spec = model[1], self.down
+
+        def released() -> dict[str, Any]:
+            return {
+                "version": version,
+                "digest": tensors_digest(weights).hex(),
+                # What the root signs: the weights as its children decode them.
+                "signed_digest": digest_as_received(weights, spec).hex(),
+            }
+
+        self.writer.submit("model_version", released)
+        if self._proof_of is not None:
+            self._pending[version] = None
+            while len(self._pending) > _PENDING_PROOFS:
+                self._pending.popitem(last=False)
+
+    def _proofs(self) -> None:
+        assert self._proof_of is not None
+        for version in list(self._pending):
+            proof = self._proof_of(version)
+            if proof is None:
+                continue
+            del self._pending[version]
+            self.writer.submit(
+                "model_signed",
+                {
+                    "version": int(proof.version),
+                    "parent": int(proof.parent),
+                    "signer": str(proof.signer),
+                    "digest": bytes(proof.digest).hex(),
+                    "settings": bytes(proof.settings).hex(),
+                    "sig": bytes(proof.sig).hex(),
+                },
+            )
+
+    def _cohort(self, eff: Log, effects: Sequence[Effect]) -> None:
+        info = dict(eff.fields or {})
+        acks = [
+            [e.msg.src, int(e.msg.seq)]
+            for e in effects
+            if isinstance(e, Send) and type(e.msg) is Ack
+        ]
+        fields: dict[str, Any] = {
+            k: info[k] for k in ("members", "survivors", "version") if isinstance(info.get(k), int)
+        }
+        fields["pairs"] = acks[:MAX_PAIRS]
+        fields["pairs_total"] = len(acks)
+        self.writer.submit("secure_cohort_applied", fields)
+
+    def _rejected(self, eff: Metric, peer: str | None, now: float) -> None:
+        reason = _clean((eff.labels or {}).get("reason", ""), 60)
+        if self._window_start is None or now - self._window_start >= REJECTION_WINDOW_S:
+            self._roll_window(now)
+        self._window_n += 1
+        if self._window_n > REJECTIONS_PER_WINDOW:
+            self._suppressed[reason] += 1
+            return
+        fields: dict[str, Any] = {"metric": eff.name, "reason": reason}
+        if peer is not None:
+            fields["peer"] = peer
+        self.writer.submit("input_rejected", fields)
+
+    def _roll_window(self, now: float) -> None:
+        if self._suppressed:
+            self.writer.submit(
+                "rejections_summarised",
+                {
+                    "window_s": REJECTION_WINDOW_S,
+                    "count": sum(self._suppressed.values()),
+                    "reasons": dict(self._suppressed.most_common(32)),
+                },
+            )
+            self._suppressed = Counter()
+        self._window_start, self._window_n = now, 0
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# ------------------------------------------------------------------ serve()'s wiring
+class DaemonAudit(AuditMiddleware):
+    """The middleware ``serve()`` layers around its node, with the daemon's hooks."""
+
+    def on_roster(self, then: Callable[[Any], None]) -> Callable[[Any], None]:
+        """A ``RosterKeeper`` ``installed`` callback: ``then(roster)``, and the entry."""
+
+        def installed(roster: Any) -> None:
+            then(roster)
+            self.roster_installed(roster)
+
+        return installed
+
+    async def close(self, clean: bool = True) -> None:
+        """Record the stop and write what is queued (bounded; off the event loop)."""
+        if self._pending:
+            self._proofs()
+        self.stopped(clean=clean)
+        await asyncio.to_thread(self.writer.close)
+
+
+def _root_proofs(e2e: object) -> Callable[[int], Any]:
+    """The root's proof (signature) of a version, once the driver has signed it: the
+    ``EndToEnd``'s one-per-version cache of signing futures (read on the event loop)."""
+
+    def proof_of(version: int) -> Any:
+        tasks = getattr(getattr(e2e, "_signed", None), "tasks", None)
+        if not isinstance(tasks, dict):
+            return None
+        for key, fut in list(tasks.items()):
+            v = key[0] if isinstance(key, tuple) else key
+            if v != version or not isinstance(fut, asyncio.Future) or not fut.done():
+                continue
+            if fut.cancelled() or fut.exception() is not None:
+                continue
+            return fut.result()
+        return None
+
+    return proof_of
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedloom")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def open_audit(d: Daemon, peers: Any, report: Callable[[Metric], None]) -> DaemonAudit:
+    """The daemon's audit middleware, its writer started and ``daemon_start`` queued.
+    ``report``: the metrics sink (called from the writer thread through the loop).
+    ``DaemonError`` (exit 65) when the log's last entry is damaged; exit 75 when the disk
+    refuses the audit directory."""
+    cfg = d.cfg
+    log = AuditLog(cfg.state_dir, cfg.node_id, d.identity)
+    try:
+        log.check()
+    except AuditError as exc:
+        raise DaemonError(str(exc), exit_code=EXIT_CORRUPT_STATE) from None
+    except OSError as exc:
+        raise DaemonError(
+            f"audit: cannot open {log.path} ({exc.strerror or exc})",
+            exit_code=EXIT_ENVIRONMENT,
+        ) from None
+    loop = asyncio.get_running_loop()
+
+    def threadsafe(metric: Metric) -> None:
+        loop.call_soon_threadsafe(report, metric)
+
+    writer = AuditWriter(log, threadsafe)
+    writer.start()
+    codecs = getattr(peers, "codecs", None)
+    audit = DaemonAudit(
+        writer,
+        cfg.node_id,
+        cfg.role,
+        up=getattr(codecs, "up", None),
+        down=getattr(codecs, "down", None),
+        plan=d.plan,
+        model=lambda: model_of(d.node),
+        proof_of=_root_proofs(peers.e2e) if cfg.role == "root" else None,
+    )
+    config_digest = None
+    if cfg.source is not None:
+        try:
+            config_digest = hashlib.sha256(Path(cfg.source).read_bytes()).hexdigest()
+        except OSError:
+            config_digest = None
+    audit.started(
+        fedloom=_package_version(),
+        config=str(cfg.source) if cfg.source is not None else None,
+        config_sha256=config_digest,
+        roster_version=d.roster.version,
+        roster_digest=d.roster.digest.hex(),
+        public_key=base64.b64encode(d.identity.public_key).decode("ascii"),
+        pid=os.getpid(),
+    )
+    held = model_of(d.node) if cfg.role in ("root", "peer") else None
+    if held is not None:  # the model it starts from: the first link of the lineage
+        audit._released(int(held[0]))
+    return audit

@@ -35,6 +35,7 @@ from fedloom.federation.store import (
 )
 from fedloom.federation.training import Trainer
 from fedloom.runtime import secagg_pool, systemd
+from fedloom.runtime.audit import open_audit
 from fedloom.runtime.config import RELAY_MESSAGE_MIB
 from fedloom.runtime.driver import AsyncDriver
 from fedloom.runtime.evaluation import DEFAULT_EVAL_INTERVAL_S, evaluate_models, sleep_or_stop
@@ -395,6 +396,7 @@ async def serve(
         peers.e2e.guard = ModelVersionGuard(floor, model_floor_digest(d.node, floor))
     peers.on_link_rtt = sink.observe_link_rtt  # sampled at every connection's handshake
     peers.on_input_rejected = sink.input_rejected  # bad bytes from a connected peer
+    audit = open_audit(d, peers, sink)  # the audit log (runtime.audit): its writer runs
     keeper = RosterKeeper(
         d.identity,
         d.roster.consortium_key,
@@ -402,7 +404,7 @@ async def serve(
         d.roster_text,
         persist=_persist_roster(d),
         path=cfg.roster_path,
-        installed=lambda roster: bound_claims(cfg, d.node, roster),
+        installed=audit.on_roster(lambda roster: bound_claims(cfg, d.node, roster)),
     )
     keeper.attach(peers)
     if hangup is None:
@@ -436,6 +438,7 @@ async def serve(
         seed=cfg.seed,
     )
     post = poster(driver.post_nowait)  # for the services' own events
+    layered.add(audit)  # observes what the node sends, applies, releases and refuses
     add_reports(layered, d, post)  # federated evaluation and statistics (runtime.reports)
     board = board_for_daemon(d, layered, loop.time()) if cfg.is_aggregator else None
     if board is not None:  # the status board (/status, fedloom status): observes only
@@ -551,6 +554,7 @@ async def serve(
         if install_signals:
             loop.remove_signal_handler(signal.SIGHUP)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not a kill during the last checkpoint
+        await audit.close(clean=not forced)  # daemon_stop, then the queue to disk
         if obs is not None:
             await obs.stop()
         if own_executor is not None:

@@ -1,0 +1,136 @@
+"""The daemons' audit logs (``runtime.audit.AuditMiddleware`` in ``serve()``): a real star
+federation (a root and 2 sites, in process, on loopback, the encrypted channel and the
+end-to-end signatures) leaves at each site ``update_sent`` entries whose digests are the
+ones the root records as ``update_applied``, and at the root ``model_version`` entries whose
+signed digest is the one the sites received, with the root's signature; every log verifies
+against its node's signed head. Bounded (``pytest.mark.timeout``); every daemon stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.runtime.audit import read_entries, verify_log
+from fedloom.runtime.config import load_config
+from fedloom.runtime.daemon import Daemon, open_daemon, serve
+from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
+from fedloom.transport.e2e import model_signed_bytes
+from fedloom.transport.identity import Identity, verify_signature
+
+pytestmark = pytest.mark.timeout(90)
+
+SITES = ["site-1", "site-2"]
+SYNTHETIC = {"dataset": "synthetic", "model": "softmax", "alpha": 0.5, "beta": 0.5}
+
+
+def edit(path: Path, **changes: object) -> None:
+    cfg = tomllib.loads(path.read_text(encoding="utf-8"))
+    cfg.update(changes)
+    path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
+
+
+def star(tmp_path: Path) -> Federation:
+    fed = write_federation(
+        tmp_path / "fed",
+        {"region-a": SITES},
+        plan=SYNTHETIC,
+        root_aggregation={"buffer_size": 2, "concurrency": 2},
+    )
+    root = fed.nodes[ROOT_ID]
+    edit(root.config, children=SITES)
+    for s in SITES:
+        url = f"ws://127.0.0.1:{root.listen_port}/fedloom"
+        edit(fed.nodes[s].config, parent={"id": ROOT_ID, "url": url})
+    del fed.nodes["region-a"]
+    return fed
+
+
+@contextlib.asynccontextmanager
+async def serving(daemons: dict[str, Daemon]) -> AsyncIterator[None]:
+    shutdown = {k: asyncio.Event() for k in daemons}
+    tasks = {
+        k: asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown[k]))
+        for k, d in daemons.items()
+    }
+    try:
+        yield
+    finally:
+        for event in shutdown.values():
+            event.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks.values()), 20)
+        finally:
+            for d in daemons.values():
+                d.close()
+
+
+def by_kind(entries: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e["fields"] for e in entries if e["kind"] == kind]
+
+
+async def test_a_star_federation_leaves_matching_audit_logs(tmp_path: Path) -> None:
+    fed = star(tmp_path)
+    daemons = {k: open_daemon(load_config(n.config)) for k, n in fed.nodes.items()}
+    root = daemons[ROOT_ID].node
+    assert isinstance(root, FedBuffAggregator)
+    async with serving(daemons):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while root.version < 3:
+            assert loop.time() < deadline, f"the root reached only version {root.version}"
+            await asyncio.sleep(0.05)
+    keys = {k: Identity.load(load_config(n.config).identity_key) for k, n in fed.nodes.items()}
+    logs: dict[str, list[dict[str, Any]]] = {}
+    for k, n in fed.nodes.items():
+        state = load_config(n.config).state_dir
+        verdict = verify_log(state, keys[k].public_key)
+        assert verdict.intact, (k, verdict.problem)
+        assert verdict.head_checked and verdict.head_seq == len(verdict.entries)
+        logs[k] = read_entries(state)
+        kinds = [e["kind"] for e in logs[k]]
+        assert kinds[0] == "daemon_start" and kinds[-1] == "daemon_stop"
+        start = logs[k][0]["fields"]
+        assert start["role"] == ("root" if k == ROOT_ID else "site")
+        assert start["public_key"] and len(start["config_sha256"]) == 64
+        assert {e["node"] for e in logs[k]} == {k}
+
+    root_log = logs[ROOT_ID]
+    applied = {(f["src"], f["seq"]): f["digest"] for f in by_kind(root_log, "update_applied")}
+    assert {src for src, _ in applied} == set(SITES)
+    for s in SITES:
+        sent = {f["seq"]: f for f in by_kind(logs[s], "update_sent")}
+        assert sent, f"{s} recorded no update sent"
+        mine = {seq: digest for (src, seq), digest in applied.items() if src == s}
+        assert mine, f"the root recorded no update from {s}"
+        for seq, digest in mine.items():
+            assert sent[seq]["digest"] == digest  # the same delta, byte for byte
+            assert sent[seq]["to"] == ROOT_ID
+        used = by_kind(logs[s], "dataset_used")
+        assert used and all(f["plan"] == "SitePlan" for f in used)
+
+    versions = {f["version"]: f for f in by_kind(root_log, "model_version")}
+    assert {0, 1, 2, 3} <= set(versions)  # the model it started with, then each release
+    signed = {f["version"]: f for f in by_kind(root_log, "model_signed")}
+    assert {0, 1, 2} <= set(signed)  # (the last release may be signed after the stop)
+    root_key = keys[ROOT_ID].public_key
+    for v, proof in signed.items():
+        assert proof["digest"] == versions[v]["signed_digest"]
+        message = model_signed_bytes(
+            v, proof["parent"], bytes.fromhex(proof["digest"]), bytes.fromhex(proof["settings"])
+        )
+        assert verify_signature(root_key, message, bytes.fromhex(proof["sig"]))
+    for s in SITES:
+        received = by_kind(logs[s], "model_received")
+        assert {0, 1} <= {f["version"] for f in received}
+        for f in received:
+            assert f["digest"] == versions[f["version"]]["signed_digest"]
+            if f["version"] in signed:
+                assert f["sig"] == signed[f["version"]]["sig"]
