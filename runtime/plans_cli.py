@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -49,17 +50,23 @@ examples:
 """
 
 
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 88)
+
+
 def add_plans_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     plans = sub.add_parser(
         "plans",
         help="approve, list and revoke the training plans (code + settings) a site may run",
-        description="A site with [governance] require_approval = true (the default for "
-        '[plan] kind = "tabular") trains only an approved plan: the digest of its code and '
-        "of its [plan] table, with a bound on every setting an aggregator may send (lr, "
-        "local_steps, batch_size, mu, ...). Other jobs are refused, and the refusal reaches "
-        "the aggregator. Approvals are kept in STATE_DIR/approvals.json and every change is "
-        "recorded in the audit log; a running site sees a change at its next job. (Not to "
-        "be confused with `fedloom plan`, the topology planner.)",
+        description=_wrap(
+            "A site with [governance] require_approval = true (the default for "
+            '[plan] kind = "tabular") trains only an approved plan: the digest of its code and '
+            "of its [plan] table, with a bound on every setting an aggregator may send (lr, "
+            "local_steps, batch_size, mu, ...). Other jobs are refused, and the refusal reaches "
+            "the aggregator. Approvals are kept in STATE_DIR/approvals.json and every change is "
+            "recorded in the audit log; a running site sees a change at its next job. (Not to "
+            "be confused with `fedloom plan`, the topology planner.)"
+        ),
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -77,9 +84,11 @@ def add_plans_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     digest = actions.add_parser(
         "digest",
         help="print the digest of a config's plan",
-        description="Print the digest of the plan SITE.toml runs: sha256 over its code (the "
-        "[plan] factory's package, or fedloom's built-in workloads and version) and its "
-        "[plan] table. Changing either changes it; comments and spacing do not.",
+        description=_wrap(
+            "Print the digest of the plan SITE.toml runs: sha256 over its code (the "
+            "[plan] factory's package, or fedloom's built-in workloads and version) and its "
+            "[plan] table. Changing either changes it; comments and spacing do not."
+        ),
         epilog="example:\n  fedloom plans digest --config /etc/fedloom/site.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -89,11 +98,13 @@ def add_plans_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     approve = actions.add_parser(
         "approve",
         help="approve a plan with bounds on its settings",
-        description="Approve the plan of --config (or the digest --digest gives, e.g. one "
-        "the consortium published) with bounds: --bound NAME=MIN:MAX (numbers, inclusive), "
-        "--bound NAME=V or NAME=V1,V2,... (allowed values: numbers, strings, true/false). "
-        "Every setting an aggregator sends needs a bound: a job with a setting that has "
-        "none is refused. Approving a digest again replaces its bounds.",
+        description=_wrap(
+            "Approve the plan of --config (or the digest --digest gives, e.g. one "
+            "the consortium published) with bounds: --bound NAME=MIN:MAX (numbers, inclusive), "
+            "--bound NAME=V or NAME=V1,V2,... (allowed values: numbers, strings, true/false). "
+            "Every setting an aggregator sends needs a bound: a job with a setting that has "
+            "none is refused. Approving a digest again replaces its bounds."
+        ),
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -114,7 +125,7 @@ def add_plans_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     lst = actions.add_parser(
         "list",
         help="the approvals, active and revoked",
-        description="List the approvals in the site's state directory.",
+        description=_wrap("List the approvals in the site's state directory."),
         epilog="example:\n  fedloom plans list --config /etc/fedloom/site.toml --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -124,8 +135,10 @@ def add_plans_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     revoke = actions.add_parser(
         "revoke",
         help="revoke an approval (the site refuses the plan from its next job on)",
-        description="Revoke the approval of DIGEST (or a unique prefix of at least 8 hex "
-        "digits). A running site refuses the plan from its next job on.",
+        description=_wrap(
+            "Revoke the approval of DIGEST (or a unique prefix of at least 8 hex "
+            "digits). A running site refuses the plan from its next job on."
+        ),
         epilog="example:\n  fedloom plans revoke sha256:3f1a9c0e --config /etc/fedloom/site.toml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
