@@ -794,6 +794,10 @@ class RootReports:
                 }
                 self.refused[q] = {str(s): str(c) for s, c in entry.get("refused", {}).items()}
                 self.results[q] = aggregate(spec, self.answers[q], self._refusal_counts(q))
+        while len(self.buckets) > MAX_PENDING_BUCKETS:
+            del self.buckets[min(self.buckets)]
+        while len(self.published) > MAX_PUBLISHED_BUCKETS:
+            del self.published[min(self.published)]
 
     def _save(self, query: str | None = None, evaluation: bool = False) -> None:
         if self._files is None or self._state_dir is None:
