@@ -77,7 +77,7 @@ def build_plan(cfg: DaemonConfig) -> TrainingPlan | None:
     """The node's training plan (``None`` for a region: it neither trains nor evaluates)."""
     if cfg.plan is None:
         return None
-    return plan_from_config(cfg.plan, seed=cfg.seed, dp_sgd=cfg.dp_sgd)
+    return plan_from_config(cfg.plan, seed=cfg.seed, dp_sgd=cfg.dp_sgd, node_id=cfg.node_id)
 
 
 def n_examples_of(plan: TrainingPlan | None) -> int:

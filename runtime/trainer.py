@@ -10,7 +10,10 @@ TrainResult`` (the same shape the simulator uses), run in an executor. Here:
 * ``NumPyClientPlan(client)``: any object shaped like Flower's ``NumPyClient``
   (``get_parameters(config)``, ``fit(parameters, config)``, ``evaluate(parameters,
   config)``) as a ``TrainingPlan``, without importing flwr. Parameters are named
-  ``"p0"``, ``"p1"``, ... in the client's order;
+  ``"p0"``, ``"p1"``, ... in the client's order; ``fit`` gets the config keys Flower
+  clients read (``server_round``, ``lr``, ``local_epochs``, ...: ``runtime.flower``), and
+  ``Client`` objects, ``client_fn(context)`` factories and ``ClientApp``s are dealt with
+  there too;
 * ``plan_from_config`` / ``load_factory``: a plan from a daemon's ``[plan]`` table;
 * ``make_executor``: the thread or process pool jobs run in.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import importlib
+import inspect
 import math
 import multiprocessing
 from collections.abc import Callable, Mapping, Sequence
@@ -30,8 +34,7 @@ import numpy.typing as npt
 from fedloom.algorithms.protocol import TrainResult, Weights
 from fedloom.algorithms.training import TrainingPlan
 from fedloom.federation.config_reader import ConfigError
-
-_SCALARS = (bool, int, float, str, bytes)
+from fedloom.runtime.flower import call_factory, fit_config, is_client_app, unwrap_client
 
 
 class PlanTrainer:
@@ -80,13 +83,17 @@ class NumPyClientPlan:
 
     The client's parameter list becomes ``{"p0": ..., "p1": ..., ...}``. Floating arrays
     keep their dtype; integer or boolean ones (e.g. a batch-norm counter) travel as
-    float32 and are handed back to the client in their own dtype. Arrays the client
+    float32 and are handed back to the client in their own dtype; 0-d ones travel with
+    shape (1,) and go back 0-d. Arrays the client
     returns are copied, so it may keep updating its own buffers. A client that returns
     the wrong number or shapes of arrays raises ``ValueError`` (the driver reports the
-    job as failed). ``config`` is passed to ``fit`` as a plain dict of scalars.
+    job as failed). ``fit`` gets ``runtime.flower.fit_config`` of the job's config (its
+    scalars and the keys Flower clients read; ``run_config``: ``[plan.args]``), with
+    ``server_round`` counting this plan's jobs when the caller gave none; ``evaluate``
+    gets the last job's (``server_round`` 0 before any).
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, run_config: Mapping[str, Any] | None = None) -> None:
         for method in ("get_parameters", "fit", "evaluate"):
             if not callable(getattr(client, method, None)):
                 raise TypeError(
@@ -94,7 +101,10 @@ class NumPyClientPlan:
                     "(expected Flower's NumPyClient shape)"
                 )
         self.client = client
+        self.run_config = dict(run_config or {})
         self._layout: list[tuple[tuple[int, ...], np.dtype[Any]]] | None = None
+        self._jobs = 0
+        self._last_config: dict[str, Any] | None = None
 
     # -- TrainingPlan
 
@@ -105,7 +115,11 @@ class NumPyClientPlan:
         return self._to_weights(params)
 
     def train(self, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
-        out = self.client.fit(self._to_params(weights), _flower_config(config))
+        self._jobs += 1
+        flower = fit_config(config, self.run_config)
+        flower.setdefault("server_round", self._jobs)
+        self._last_config = flower
+        out = self.client.fit(self._to_params(weights), dict(flower))
         if not isinstance(out, tuple | list) or len(out) != 3:
             raise ValueError(
                 f"NumPyClient.fit must return (parameters, num_examples, metrics), got {_show(out)}"
@@ -116,7 +130,8 @@ class NumPyClientPlan:
         return TrainResult(trained, n, _float_metrics(metrics, "fit"))
 
     def evaluate(self, weights: Weights) -> dict[str, float]:
-        out = self.client.evaluate(self._to_params(weights), {})
+        config = self._last_config or {**fit_config({}, self.run_config), "server_round": 0}
+        out = self.client.evaluate(self._to_params(weights), dict(config))
         if not isinstance(out, tuple | list) or len(out) != 3:
             raise ValueError(
                 f"NumPyClient.evaluate must return (loss, num_examples, metrics), got {_show(out)}"
@@ -149,6 +164,8 @@ class NumPyClientPlan:
         out: list[npt.NDArray[Any]] = []
         for name, (shape, dtype) in zip(names, layout, strict=True):
             arr = np.asarray(weights[name])
+            if shape == () and arr.shape == (1,):
+                arr = arr.reshape(())  # a scalar travels as shape (1,) (``_to_weights``)
             if arr.shape != shape:
                 raise ValueError(f"{name}: shape {arr.shape}, the client expects {shape}")
             # A copy: the client may train in place, and our arrays are shared.
@@ -178,12 +195,11 @@ class NumPyClientPlan:
     def _to_weights(self, arrays: list[npt.NDArray[Any]]) -> Weights:
         out: Weights = {}
         for i, a in enumerate(arrays):
-            out[param_name(i)] = a if a.dtype.kind == "f" else a.astype(np.float32)
+            # A 0-d parameter (a scalar bias, a batch-norm counter) travels as shape (1,):
+            # arithmetic on 0-d arrays gives numpy scalars, which are no tensors to send.
+            flat = a.reshape(1) if a.ndim == 0 else a
+            out[param_name(i)] = flat if flat.dtype.kind == "f" else flat.astype(np.float32)
         return out
-
-
-def _flower_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {str(k): v for k, v in config.items() if isinstance(v, _SCALARS)}
 
 
 def _float_metrics(metrics: Any, where: str) -> dict[str, float]:
@@ -241,25 +257,58 @@ def load_factory(path: str) -> Callable[..., Any]:
     return fn
 
 
-def as_plan(obj: Any, where: str = "plan") -> TrainingPlan:
-    """``obj`` itself if it is a ``TrainingPlan``, wrapped if it is NumPyClient-shaped."""
+def as_plan(
+    obj: Any, where: str = "plan", run_config: Mapping[str, Any] | None = None
+) -> TrainingPlan:
+    """``obj`` itself if it is a ``TrainingPlan``, wrapped if it is a Flower client: a
+    ``NumPyClient``, the ``Client`` its ``.to_client()`` makes, or any ``flwr.client.Client``
+    (``runtime.flower.unwrap_client``). A ``ClientApp``, or a Client-shaped object that
+    flwr cannot drive, is a ``ConfigError`` naming what to write instead."""
+    if is_client_app(obj):
+        raise ConfigError(
+            f"{where} returned a Flower ClientApp: return the client instead "
+            "(FlowerClient(...).to_client() or the NumPyClient itself), as client_fn does"
+        )
     if all(callable(getattr(obj, m, None)) for m in ("init", "train", "evaluate")):
         plan: TrainingPlan = obj
         return plan
+    obj = unwrap_client(obj)
     if all(callable(getattr(obj, m, None)) for m in ("get_parameters", "fit", "evaluate")):
-        return NumPyClientPlan(obj)
+        if _takes_one_argument(obj.fit):
+            raise ConfigError(
+                f"{where}: {type(obj).__name__}.fit takes one argument, like a Flower Client "
+                "(fit(ins: FitIns)), but it is no flwr.client.Client fedloom can drive: "
+                "return a NumPyClient (fit(parameters, config)), or install flwr and "
+                "subclass flwr.client.Client"
+            )
+        return NumPyClientPlan(obj, run_config)
     raise ConfigError(
         f"{where}: {type(obj).__name__} is neither a TrainingPlan (init/train/evaluate) nor "
         "a NumPyClient (get_parameters/fit/evaluate)"
     )
 
 
-def plan_from_config(plan: Any, *, seed: int = 0, dp_sgd: Any = None) -> TrainingPlan:
+def _takes_one_argument(method: Any) -> bool:
+    """Whether a bound method takes exactly one required positional argument."""
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+    return len(required) == 1 and len([p for p in params if p.kind in kinds]) == 1
+
+
+def plan_from_config(
+    plan: Any, *, seed: int = 0, dp_sgd: Any = None, node_id: str = ""
+) -> TrainingPlan:
     """The training plan of a daemon's ``runtime.config.PlanConfig``.
 
     A built-in workload gives ``SitePlan(workload, site_index)`` (or, with no site index,
     e.g. at the root, a plan whose ``init`` and ``evaluate`` use the global test set); a
-    factory is called with ``plan.args`` as keyword arguments; ``kind = "tabular"`` gives
+    factory is called with ``plan.args`` as keyword arguments, or, a Flower
+    ``client_fn(context)``, with a ``Context`` for ``node_id`` (``runtime.flower``);
+    ``kind = "tabular"`` gives
     ``workloads.tabular.TabularPlan`` over the node's dataset registry (no data at a root
     or region). ``dp_sgd`` (a site's
     ``workloads.dp_sgd.DpSgdConfig``): the site's plan trains with DP-SGD.
@@ -272,11 +321,8 @@ def plan_from_config(plan: Any, *, seed: int = 0, dp_sgd: Any = None) -> Trainin
         return TabularPlan(plan.tabular, source)
     if plan.factory is not None:
         factory = load_factory(plan.factory)
-        try:
-            made = factory(**dict(plan.args))
-        except TypeError as exc:
-            raise ConfigError(f"plan.args: calling {plan.factory} failed: {exc}") from None
-        return as_plan(made, f"plan.factory {plan.factory}")
+        made = call_factory(factory, plan.factory, plan.args, node_id)
+        return as_plan(made, f"plan.factory {plan.factory}", plan.args)
     from fedloom.workloads.workload import from_config
 
     try:

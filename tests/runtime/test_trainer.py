@@ -88,7 +88,7 @@ def test_parameters_are_named_in_order_and_integers_travel_as_floats() -> None:
     assert list(weights) == ["p0", "p1", "p2"]
     assert weights["p0"].dtype == np.float32 and weights["p0"].shape == (2, 3)
     assert weights["p1"].dtype == np.float64
-    assert weights["p2"].dtype == np.float32 and weights["p2"].shape == ()
+    assert weights["p2"].dtype == np.float32 and weights["p2"].shape == (1,)  # 0-d travels as (1,)
 
 
 def test_fit_round_trip_keeps_our_arrays_untouched() -> None:
@@ -101,10 +101,12 @@ def test_fit_round_trip_keeps_our_arrays_untouched() -> None:
         np.testing.assert_array_equal(weights[k], frozen[k])
     np.testing.assert_allclose(result.weights["p0"], np.full((2, 3), 0.5))
     np.testing.assert_allclose(result.weights["p1"], np.full(3, 0.5))
-    assert float(result.weights["p2"]) == 1.0
+    assert float(result.weights["p2"][0]) == 1.0
     assert result.n_examples == 12
     assert dict(result.metrics) == {"loss": 0.3, "ok": 1.0}
-    assert client.configs == [{"lr": 0.5, "local_steps": 3, "seed": 7}]
+    # and the keys Flower clients read (runtime.flower.fit_config)
+    flower = {"learning_rate": 0.5, "local_epochs": 1, "server_round": 1}
+    assert client.configs == [{"lr": 0.5, "local_steps": 3, "seed": 7, **flower}]
     assert client.dtypes_seen[-1] == [np.float32, np.float64, np.int64]  # its own dtypes
     client.w += 100.0  # the client keeps training its own buffers ...
     assert float(result.weights["p0"][0, 0]) == 0.5  # ... our result does not move
@@ -154,7 +156,8 @@ def test_config_values_that_flower_cannot_carry_are_left_out() -> None:
     client = FakeClient()
     plan = NumPyClientPlan(client)
     plan.train(plan.init(0), {"lr": 0.1, "nested": {"a": 1}, "items": [1, 2]})
-    assert client.configs[-1] == {"lr": 0.1}
+    flower = {"learning_rate": 0.1, "local_epochs": 1, "server_round": 1}
+    assert client.configs[-1] == {"lr": 0.1, **flower}
 
 
 async def test_a_numpy_client_drives_fedbuff_unchanged() -> None:
