@@ -50,6 +50,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     from fedloom.runtime.status_cli import add_status_command
 
     add_status_command(sub)  # status
+    from fedloom.runtime.audit_cli import add_audit_command
+
+    add_audit_command(sub)  # audit verify|export
     _add_chaos_commands(sub)
 
 
@@ -377,6 +380,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from fedloom.runtime.privacy_cli import cmd_privacy
 
         return cmd_privacy(args.state_dir, as_json=args.json, delta=args.delta)
+    if args.command == "audit":
+        from fedloom.runtime.audit_cli import cmd_audit
+
+        return cmd_audit(args)
     if args.command == "dataset":
         from fedloom.runtime.dataset_cli import cmd_dataset
 
