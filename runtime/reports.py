@@ -33,7 +33,9 @@ Region (``RegionReports``). Reports from a child are relayed to the parent when 
 ``src`` is that child (a site) or a site of its ``[subtrees]`` entry (a nested region; any
 site of the roster but this region's own children when the subtree is undeclared), at
 most ``RELAY_BURST`` at once and ``RELAY_PER_S`` per second per child, each
-``(src, version)`` / ``(src, query)`` once.
+``(src, version)`` / ``(src, query)`` once. A send to a peer that is down is dropped by the
+driver, so a site resends its last evaluation report when its parent link comes back, and
+a region whose parent link comes back asks its children for their (kept) answers again.
 
 Root (``RootReports``). A report is refused (``Metric report_rejected{kind, reason}``, a
 bounded log line) unless its ``src`` is a site the tree puts under the child that sent it
@@ -438,6 +440,7 @@ class SiteReports:
         self.last_bucket = -1
         self._eval_busy = False
         self._eval_next: tuple[int, Any] | None = None  # (version, weights) waiting
+        self._last_report: EvalReport | None = None
         self._stats_busy = False
         self._queue: deque[tuple[str, dict[str, Any]]] = deque()
         self._lock = threading.Lock()  # the answers cache (read by jobs, written by them)
@@ -470,6 +473,11 @@ class SiteReports:
         return None
 
     def observe(self, event: Event, effects: Sequence[Effect], now: float) -> list[Effect]:
+        if isinstance(event, PeerUp) and event.peer == self._parent_of():
+            # The last report may have been sent while the link was down (dropped):
+            # again; parents take each (src, version) once.
+            last = self._last_report
+            return [] if last is None else [Send(event.peer, last)]
         if self.every <= 0 or self._plan is None or not isinstance(event, Received):
             return []
         msg = event.msg
@@ -517,6 +525,7 @@ class SiteReports:
             ]
         else:
             report = EvalReport(self.node_id, done.bucket, done.n_examples, dict(done.metrics))
+            self._last_report = report
             out = [Send(self._parent_of(), report), Metric("federated_eval_sent")]
         waiting, self._eval_next = self._eval_next, None
         if waiting is not None and self.every > 0 and waiting[0] // self.every > self.last_bucket:
@@ -671,6 +680,14 @@ class RegionReports:
         if isinstance(event, PeerUp) and event.peer in self._children_of():
             self._up.add(event.peer)
             return [Send(event.peer, r) for r in self.requests.values()]
+        if isinstance(event, PeerUp) and event.peer == self._parent_of():
+            # Answers relayed while the parent link was down were dropped: forget them and
+            # ask the children again (sites repeat their kept answers; the root keeps one
+            # answer per site and query).
+            for key in [k for k in self._seen if k[1] == "stats"]:
+                del self._seen[key]
+            queries = [r for q, r in self.requests.items() if q != EVALUATE]
+            return [Send(c, r) for c in sorted(self._up) for r in queries]
         if isinstance(event, PeerDown):
             self._up.discard(event.peer)
         return []

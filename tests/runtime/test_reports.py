@@ -120,6 +120,8 @@ def test_a_site_evaluates_the_first_version_of_each_bucket_off_the_loop(plan: Si
     assert send.msg.version == 3  # type: ignore[union-attr]
     feed(s, request(3, w))  # an older bucket than the last evaluated: never again
     assert not jobs.waiting
+    # A report sent while the link was down is lost there: the parent gets it again.
+    assert sends(feed(s, PeerUp("region-a"))) == [send]
 
 
 def test_a_site_takes_its_schedule_only_from_its_parent(plan: SitePlan) -> None:
@@ -532,3 +534,16 @@ def test_the_published_figures_are_prometheus_gauges(tmp_path: Path) -> None:
     assert "fedloom_node_federated_eval_accuracy_ratio 0.75" in text
     assert "fedloom_node_federated_eval_sites_gauge 3.0" in text
     assert "fedloom_node_federated_eval_version 4.0" in text
+
+
+def test_a_region_asks_again_for_answers_it_may_have_dropped_while_its_parent_was_away() -> None:
+    r = region()
+    feed(r, PeerUp("site-1"))
+    query = StatsRequest("vitals", SPEC.to_wire())
+    feed(r, Received("root", StatsRequest(EVALUATE, {"every": 2})))
+    feed(r, Received("root", query))
+    answer = StatsReport("site-1", "vitals", 40, {})
+    assert sends(feed(r, Received("site-1", answer))) == [Send("root", answer)]  # (dropped)
+    assert not sends(feed(r, Received("site-1", answer)))  # a duplicate
+    assert sends(feed(r, PeerUp("root"))) == [Send("site-1", query)]  # the link is back
+    assert sends(feed(r, Received("site-1", answer))) == [Send("root", answer)]
