@@ -35,6 +35,10 @@ Run these as the service's user (sudo -u fedloom ...) so the daemon can read the
 """
 
 
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 88)
+
+
 def _where(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--state-dir", type=Path, metavar="DIR", help="the site's state directory")
@@ -48,10 +52,12 @@ def add_dataset_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ds = sub.add_parser(
         "dataset",
         help="register, list, show or revoke the site's own tables (CSV/Parquet)",
-        description="A site's dataset registry (STATE_DIR/datasets.json): each table's path, "
-        "SHA-256, row count, schema (feature and label columns with their types, the label's "
-        "classes) and tags; never the data. Training plans name their data by tag; revoking "
-        "a dataset stops any training on it at the next job.",
+        description=_wrap(
+            "A site's dataset registry (STATE_DIR/datasets.json): each table's path, "
+            "SHA-256, row count, schema (feature and label columns with their types, the label's "
+            "classes) and tags; never the data. Training plans name their data by tag; revoking "
+            "a dataset stops any training on it at the next job."
+        ),
         epilog=_EXAMPLE,
         formatter_class=fmt,
     )
@@ -59,10 +65,13 @@ def add_dataset_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     add = acts.add_parser(
         "add",
         help="register a CSV or Parquet file",
-        description="Read FILE (CSV or Parquet), check that the declared columns exist and "
-        "that every value fits its type (the first bad row is named), and record it. Column "
-        "types not given with --type are inferred (bool, int, float, else category). Every "
-        "row must be complete.",
+        description=_wrap(
+            "Read FILE (CSV or Parquet), check that the declared columns exist and "
+            "that every value fits its type (the first bad row is named), and record it. Column "
+            "types not given with --type are inferred (bool for true/false, int, float, else "
+            "category; declare yes/no or 0/1 columns bool). Every "
+            "row must be complete."
+        ),
         epilog=_EXAMPLE,
         formatter_class=fmt,
     )
@@ -91,7 +100,10 @@ def add_dataset_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         metavar="COL=TYPE",
         help="a column's type: int, float, category or bool (repeat for several)",
     )
-    for action, text in (("list", "list the registered datasets"), ("show", "one record")):
+    for action, text in (
+        ("list", "list the registered datasets"),
+        ("show", "show one dataset's record"),
+    ):
         p = acts.add_parser(action, help=text, epilog=_EXAMPLE, formatter_class=fmt)
         if action == "show":
             p.add_argument("name", metavar="NAME")
@@ -100,9 +112,11 @@ def add_dataset_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     rv = acts.add_parser(
         "revoke",
         help="stop all training on a dataset (the file is not touched)",
-        description="Mark NAME revoked: the next job that asks for its tag is refused "
-        "(dataset_revoked), whatever runs. The record stays, for the audit trail; the name "
-        "is never reused.",
+        description=_wrap(
+            "Mark NAME revoked: the next job that asks for its tag is refused "
+            "(dataset_revoked), whatever runs. The record stays, for the audit trail; the name "
+            "is never reused."
+        ),
         epilog=_EXAMPLE,
         formatter_class=fmt,
     )
