@@ -504,8 +504,11 @@ class SiteReports:
         def job() -> ServiceEvent:
             try:
                 result = plan.evaluate(weights)
+                metrics = clean_metrics(result)
+                if "accuracy" not in metrics and "loss" not in metrics:
+                    raise ValueError("the plan's evaluate() gave no accuracy or loss")
                 n = eval_examples(plan, result)
-                return EvalDone(owner, start, version, n, clean_metrics(result))
+                return EvalDone(owner, start, version, n, metrics)
             except Exception as exc:  # the plan's code: a failure is reported, not raised
                 return EvalDone(owner, start, version, error=describe_exc(exc)[:MAX_REASON])
 

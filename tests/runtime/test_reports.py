@@ -136,13 +136,20 @@ def test_a_site_takes_its_schedule_only_from_its_parent(plan: SitePlan) -> None:
     assert rejected(feed(s, Received("region-a", EvalReport("site-2", 0, 5, {}))))
 
 
-def test_a_failing_evaluation_is_reported_locally_and_sends_nothing() -> None:
-    class Broken:
-        def evaluate(self, weights: Any) -> dict[str, float]:
-            raise RuntimeError("no test split")
+class Broken:
+    def evaluate(self, weights: Any) -> dict[str, float]:
+        raise RuntimeError("no test split")
 
+
+class NoData:  # a tabular plan at a site without its table gives {}
+    def evaluate(self, weights: Any) -> dict[str, float]:
+        return {}
+
+
+@pytest.mark.parametrize("plan", [Broken(), NoData()])
+def test_a_failing_evaluation_is_reported_locally_and_sends_nothing(plan: Any) -> None:
     jobs = Jobs()
-    s = site(Broken(), jobs)
+    s = site(plan, jobs)
     feed(s, Received("region-a", StatsRequest(EVALUATE, {"every": 1})))
     feed(s, request(0, {}))
     (done,) = jobs.run_all()
