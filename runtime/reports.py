@@ -862,6 +862,8 @@ class RootReports:
     def observe(self, event: Event, effects: Sequence[Effect], now: float) -> list[Effect]:
         if not isinstance(event, PeerUp) or event.peer not in self._children_of():
             return []
+        if not self.config.enabled:
+            return []  # nothing configured: the children hear nothing of it
         out: list[Effect] = [Send(event.peer, StatsRequest(EVALUATE, {"every": self.every}))]
         return out + [Send(event.peer, r) for r in self._requests]
 

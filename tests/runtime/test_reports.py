@@ -344,6 +344,11 @@ def test_the_root_schedules_each_child_when_it_connects() -> None:
     ]
     assert all(s.peer == "region-a" for s in out)
     assert not feed(r, PeerUp("stranger"))
+    # A root with neither evaluation nor queries configured sends nothing.
+    assert not feed(root(every=0, specs=()), PeerUp("region-a"))
+    # Queries alone still tell the children that evaluation is off.
+    (schedule, _) = sends(feed(root(every=0), PeerUp("region-a")))
+    assert schedule.msg == StatsRequest(EVALUATE, {"every": 0})
 
 
 @pytest.mark.parametrize(
