@@ -98,8 +98,29 @@ def _add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="training data: breast_cancer (default; the data extra's scikit-learn), another "
         "scikit-learn set, or synthetic (numpy only: works on a base install)",
     )
+    init.add_argument(
+        "--plan",
+        type=Path,
+        metavar="PLAN.toml",
+        help="the consortium's plan file instead of a built-in data set: a [plan] table "
+        '(e.g. kind = "tabular": each site trains on its own registered table) and optional '
+        "[training], [aggregation], [evaluation] (root) and [governance] (sites) tables, "
+        "written into every node's config",
+    )
     up = local_sub.add_parser("up", help="start every daemon of DIR until Ctrl-C")
     up.add_argument("dir", type=Path, metavar="DIR", help="a directory from local init")
+    up.add_argument(
+        "--until-version",
+        type=int,
+        metavar="N",
+        help="stop every daemon once the root's model reaches version N (exit 0)",
+    )
+    up.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="with --until-version: give up after S seconds (exit 1)",
+    )
 
 
 def _positive_seconds(text: str) -> float:
@@ -443,9 +464,10 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 sites=args.sites,
                 seed=args.seed,
                 dataset=args.dataset,
+                plan_file=args.plan,
             )
         if args.local_command == "up":
-            return cmd_local_up(args.dir)
+            return cmd_local_up(args.dir, until_version=args.until_version, timeout_s=args.timeout)
         parser.error("local: choose an action: init or up")
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE  # pragma: no cover - parser.error exits

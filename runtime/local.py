@@ -9,11 +9,15 @@ demo use.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.chaos.layout import README_NAME, lay_out, read_config, write_readme
@@ -53,7 +57,11 @@ def cmd_local_init(
     sites: int,
     seed: int,
     dataset: str | None = None,
+    plan_file: Path | None = None,
 ) -> int:
+    if dataset is not None and plan_file is not None:
+        raise ConfigError("--plan and --dataset: give one (the plan file names its data)")
+    tables = _read_plan_file(plan_file) if plan_file is not None else None
     if shape not in SHAPES:
         raise ConfigError(f"--shape: {shape!r} is not one of {', '.join(SHAPES)}")
     if sites < 1:
@@ -75,17 +83,80 @@ def cmd_local_init(
         # The data set is loaded (each site's examples, for the roster) before anything is
         # written: a missing package leaves no half-written directory behind.
         fed = lay_out(
-            directory, layout, star=shape == "star", seed=seed, plan=_dataset_plan(dataset)
+            directory,
+            layout,
+            star=shape == "star",
+            seed=seed,
+            plan=_dataset_plan("synthetic" if tables is not None else dataset),
+            declare_examples=tables is None,  # a site's own table: its rows, not a share
         )
     except ModuleNotFoundError as exc:  # fedloom.cli names the extra, then this note
         exc.add_note("or choose `--dataset synthetic` (numpy only)")
         raise
+    if tables is not None:
+        try:
+            _apply_plan_file(fed, tables)
+        except ConfigError:  # a mistake in the plan file: leave no half-made federation
+            for child in directory.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            raise
     readme = write_readme(fed)
     print(
         f"wrote a {shape} federation of {len(fed.nodes)} nodes to {directory}; "
         f"how to start it: {readme}"
     )
     return 0
+
+
+# The tables a ``--plan`` file may hold, and the roles whose configs each goes into.
+PLAN_FILE_TABLES: dict[str, tuple[str, ...]] = {
+    "plan": ("root", "region", "site"),
+    "training": ("root", "region", "site"),
+    "aggregation": ("root", "region"),
+    "evaluation": ("root",),
+    "governance": ("site",),
+}
+
+
+def _read_plan_file(path: Path) -> dict[str, dict[str, Any]]:
+    """The consortium's plan file: a ``[plan]`` table (any kind, a site's own table's
+    ``kind = "tabular"`` too) and optionally ``[training]``, ``[aggregation]``,
+    ``[evaluation]`` and ``[governance]``, as a node config writes them."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--plan {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--plan {path}: cannot read: {exc}") from None
+    unknown = sorted(set(raw) - set(PLAN_FILE_TABLES))
+    if unknown:
+        raise ConfigError(
+            f"--plan {path}: unknown table or field {unknown[0]!r} (known: "
+            f"{', '.join(PLAN_FILE_TABLES)})"
+        )
+    if not isinstance(raw.get("plan"), dict):
+        raise ConfigError(f"--plan {path}: no [plan] table")
+    for name, value in raw.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"--plan {path}: {name} must be a table")
+    return raw
+
+
+def _apply_plan_file(fed: Federation, tables: dict[str, dict[str, Any]]) -> None:
+    """Every node's config gets the plan file's tables (see ``PLAN_FILE_TABLES``); each
+    config is then read as ``fedloom run`` will, so a mistake shows now."""
+    from fedloom.runtime.config import load_config
+
+    for node in fed.nodes.values():
+        cfg = read_config(node.config)
+        for name, roles in PLAN_FILE_TABLES.items():
+            if name in tables and node.role in roles:
+                cfg[name] = (
+                    dict(tables[name]) if name == "plan" else {**cfg.get(name, {}), **tables[name]}
+                )
+        node.config.write_text(tomli_w.dumps(cfg), encoding="utf-8")
+    for node in fed.nodes.values():
+        load_config(node.config)
 
 
 def read_federation(directory: Path) -> Federation:
@@ -128,9 +199,29 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def cmd_local_up(directory: Path) -> int:
+def _root_version(fed: Federation) -> int | None:
+    """The root's model version from its ``/metrics`` (None while it does not answer)."""
+    from fedloom.runtime.harness import sample, scrape
+
+    root = next((n for n in fed.nodes.values() if n.role == "root"), None)
+    if root is None or root.metrics_url is None:
+        return None
+    value = sample(scrape(root.metrics_url, timeout=0.5), "fedloom_model_version")
+    return int(value) if value is not None else None
+
+
+def cmd_local_up(
+    directory: Path, *, until_version: int | None = None, timeout_s: float | None = None
+) -> int:
     """Start every daemon of ``directory``; stop them all on Ctrl-C / SIGTERM (exit 0), or
-    report the first that exits by itself (exit 1)."""
+    report the first that exits by itself (exit 1). ``until_version``: stop them all once
+    the root's model reaches that version (exit 0), or after ``timeout_s`` (exit 1)."""
+    if until_version is not None and until_version < 1:
+        raise ConfigError(f"--until-version: expected at least 1, got {until_version}")
+    if timeout_s is not None and until_version is None:
+        raise ConfigError("--timeout goes with --until-version")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ConfigError(f"--timeout: expected seconds > 0, got {timeout_s:g}")
     # Absolute: the daemons run in another directory (``runtime.harness``), and their
     # configs' paths come from here.
     fed = read_federation(directory.absolute())
@@ -142,8 +233,24 @@ def cmd_local_up(directory: Path) -> int:
             where = f" metrics {node.metrics_url}/metrics" if node.metrics_url else ""
             pid = cluster[node.node_id].pid
             print(f"  {node.node_id:<12} pid {pid}  log {node.log}{where}", flush=True)
-        print("running; Ctrl-C stops every daemon", flush=True)
+        if until_version is None:
+            print("running; Ctrl-C stops every daemon", flush=True)
+        else:
+            print(f"running until the root's model reaches version {until_version}", flush=True)
+        started = time.monotonic()
         while True:
+            if until_version is not None:
+                version = _root_version(fed)
+                if version is not None and version >= until_version:
+                    print(f"the root's model reached version {version}", flush=True)
+                    return 0
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                print(
+                    f"fedloom local up: the root's model did not reach version {until_version} "
+                    f"in {timeout_s:g} s; see {directory}/logs",
+                    file=sys.stderr,
+                )
+                return 1
             dead = cluster.dead()
             if dead:
                 codes = {n: cluster[n].returncode for n in dead}

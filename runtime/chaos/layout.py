@@ -84,11 +84,13 @@ def lay_out(
     root_aggregation: Mapping[str, Any] | None = None,
     region_aggregation: Mapping[str, Any] | None = None,
     connection: Mapping[str, Any] | None = None,
+    declare_examples: bool = True,
 ) -> Federation:
     """Write the federation into ``workdir`` (every node with a ``/metrics`` port).
 
     ``regions`` maps each region to its sites; with ``star`` it holds one entry whose sites
-    become the root's children (the key is ignored).
+    become the root's children (the key is ignored). ``declare_examples``: the roster
+    declares each site's examples (a built-in workload's; not for a site's own table).
     """
     if star:
         sites = [s for members in regions.values() for s in members]
@@ -103,11 +105,14 @@ def lay_out(
         region_aggregation=region_aggregation,
         connection=connection,
         site_metrics=True,
+        declare_examples=declare_examples,
     )
-    return _to_star(fed, root_aggregation or {}) if star else fed
+    return _to_star(fed, root_aggregation or {}, declare_examples) if star else fed
 
 
-def _to_star(fed: Federation, root_aggregation: Mapping[str, Any]) -> Federation:
+def _to_star(
+    fed: Federation, root_aggregation: Mapping[str, Any], declare_examples: bool = True
+) -> Federation:
     """Take the one region out: the root aggregates the sites itself."""
     root = fed.nodes[ROOT_ID]
     region = fed.nodes[_STAR_REGION]
@@ -127,7 +132,7 @@ def _to_star(fed: Federation, root_aggregation: Mapping[str, Any]) -> Federation
         (keys / f"{_STAR_REGION}{suffix}").unlink(missing_ok=True)
     consortium = Identity.load(keys / "consortium.key")
     members = [Identity.load(keys / f"{n}.key") for n in fed.nodes if n != _STAR_REGION]
-    examples = site_examples(fed.plan, [s.node_id for s in sites])
+    examples = site_examples(fed.plan, [s.node_id for s in sites]) if declare_examples else None
     write_roster(fed.roster, members, consortium, examples=examples)
     nodes: dict[str, NodeFiles] = {k: v for k, v in fed.nodes.items() if k != _STAR_REGION}
     return Federation(fed.workdir, fed.roster, fed.consortium_pub, fed.plan, nodes)
