@@ -49,8 +49,10 @@ sites reported it: example-weighted means of accuracy and loss, the number of si
 examples; never a site's own figures. Statistics reports are checked by
 ``federation.analytics.check_values`` and aggregated by ``aggregate`` (published in
 ``STATE_DIR/analytics/<name>.json`` and ``view()``). What the root holds per site (needed
-to go on aggregating after a restart) is kept in ``STATE_DIR/reports-state.json``, never
-published. Files are written atomically (tmp, fsync, rename, fsync dir) in a thread.
+to go on aggregating after a restart) is kept in ``STATE_DIR/reports/`` (one file for the
+evaluation, one per query), never published. Files are written atomically (tmp, fsync,
+rename, fsync dir) by one writer thread at a time; a value not yet written gives way to a
+newer one.
 """
 
 from __future__ import annotations
@@ -265,11 +267,19 @@ def thread_runner(loop: asyncio.AbstractEventLoop, post: Poster) -> Runner:
     return run
 
 
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode()
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
-    """``value`` as JSON at ``path``: tmp file, fsync, ``os.replace``, fsync the dir."""
+    """``value`` as JSON at ``path`` (``write_bytes_atomic``)."""
+    write_bytes_atomic(path, _json_bytes(value))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``data`` at ``path``: tmp file, fsync, ``os.replace``, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    data = json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -295,28 +305,36 @@ def _read_json(path: Path) -> Any:
 
 
 class JsonFiles:
-    """Atomic JSON writes off the loop, newest value wins (a stale write is skipped)."""
+    """Atomic JSON writes off the loop by one writer at a time; a value not yet written is
+    replaced by a newer one for the same path (memory: one pending value per path)."""
 
     def __init__(self, run: Runner) -> None:
         self._run = run
         self._lock = threading.Lock()
-        self._gen: dict[Path, int] = {}
+        self._pending: dict[Path, bytes] = {}
+        self._writing = False
 
     def save(self, path: Path, value: Any) -> None:
-        text = json.loads(json.dumps(value, allow_nan=False))  # a copy, made on the loop
+        data = _json_bytes(value)  # made on the loop: a consistent snapshot
         with self._lock:
-            gen = self._gen[path] = self._gen.get(path, 0) + 1
+            self._pending[path] = data
+            if self._writing:
+                return
+            self._writing = True
+        self._run(self._drain)
 
-        def job() -> None:
+    def _drain(self) -> None:
+        while True:
             with self._lock:
-                if self._gen.get(path) != gen:
-                    return  # a newer value is queued
-                try:
-                    write_json_atomic(path, text)
-                except OSError as exc:
-                    log.warning("%s: cannot write (%s)", path, describe_exc(exc))
-
-        self._run(job)
+                if not self._pending:
+                    self._writing = False
+                    return
+                path = next(iter(self._pending))
+                data = self._pending.pop(path)
+            try:
+                write_bytes_atomic(path, data)
+            except OSError as exc:
+                log.warning("%s: cannot write (%s)", path, describe_exc(exc))
 
 
 def _bad(
@@ -791,59 +809,65 @@ class RootReports:
         self._load()
 
     # -- persistence
+    def _private(self, name: str) -> Path:
+        assert self._state_dir is not None
+        return self._state_dir / "reports" / name
+
     def _load(self) -> None:
         if self._state_dir is None:
             return
-        raw = _read_json(self._state_dir / "reports-state.json")
-        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
-            return
+        ev = _read_json(self._private("evaluation.json"))
         with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
-            ev = raw.get("evaluation", {})
-            if ev.get("every") == self.every:
+            if ev.get("format") == STATE_FORMAT and ev.get("every") == self.every:
                 for v, sites in ev.get("buckets", {}).items():
                     self.buckets[int(v)] = {s: (int(x[0]), x[1], x[2]) for s, x in sites.items()}
                 for agg in ev.get("published", []):
                     self.published[int(agg["version"])] = dict(agg)
-            for q, entry in raw.get("analytics", {}).items():
-                spec = self.specs.get(q)
-                if spec is None or entry.get("spec") != _spec_digest(spec.to_wire()):
-                    continue  # a query that is gone or changed starts afresh
-                self.answers[q] = {
-                    s: SiteAnswer(int(a[0]), {str(k): float(v) for k, v in a[1].items()})
-                    for s, a in entry.get("answers", {}).items()
-                }
-                self.refused[q] = {str(s): str(c) for s, c in entry.get("refused", {}).items()}
-                self.results[q] = aggregate(spec, self.answers[q], self._refusal_counts(q))
         while len(self.buckets) > MAX_PENDING_BUCKETS:
             del self.buckets[min(self.buckets)]
         while len(self.published) > MAX_PUBLISHED_BUCKETS:
             del self.published[min(self.published)]
+        for q, spec in self.specs.items():
+            entry = _read_json(self._private(f"analytics-{q}.json"))
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                if entry.get("format") != STATE_FORMAT:
+                    continue
+                if entry.get("spec") != _spec_digest(spec.to_wire()):
+                    continue  # a changed query starts afresh
+                answers = {
+                    str(s): SiteAnswer(int(a[0]), {str(k): float(v) for k, v in a[1].items()})
+                    for s, a in entry.get("answers", {}).items()
+                }
+                refused = {str(s): str(c) for s, c in entry.get("refused", {}).items()}
+                self.answers[q], self.refused[q] = answers, refused
+                self.results[q] = aggregate(spec, answers, self._refusal_counts(q))
 
-    def _save(self, query: str | None = None, evaluation: bool = False) -> None:
+    def _save_evaluation(self, published: bool) -> None:
         if self._files is None or self._state_dir is None:
             return
         state = {
             "format": STATE_FORMAT,
-            "evaluation": {
-                "every": self.every,
-                "buckets": {
-                    str(v): {s: list(x) for s, x in b.items()} for v, b in self.buckets.items()
-                },
-                "published": [self.published[v] for v in sorted(self.published)],
+            "every": self.every,
+            "buckets": {
+                str(v): {s: list(x) for s, x in b.items()} for v, b in self.buckets.items()
             },
-            "analytics": {
-                q: {
-                    "spec": _spec_digest(self.specs[q].to_wire()),
-                    "answers": {s: [a.n, dict(a.values)] for s, a in self.answers[q].items()},
-                    "refused": dict(self.refused[q]),
-                }
-                for q in self.specs
-            },
+            "published": [self.published[v] for v in sorted(self.published)],
         }
-        self._files.save(self._state_dir / "reports-state.json", state)
-        if evaluation:
+        self._files.save(self._private("evaluation.json"), state)
+        if published:
             self._files.save(self._state_dir / "evaluation.json", self.view()["evaluation"])
-        if query is not None and self.results.get(query) is not None:
+
+    def _save_query(self, query: str) -> None:
+        if self._files is None or self._state_dir is None:
+            return
+        state = {
+            "format": STATE_FORMAT,
+            "spec": _spec_digest(self.specs[query].to_wire()),
+            "answers": {s: [a.n, dict(a.values)] for s, a in self.answers[query].items()},
+            "refused": dict(self.refused[query]),
+        }
+        self._files.save(self._private(f"analytics-{query}.json"), state)
+        if self.results.get(query) is not None:
             self._files.save(self._state_dir / "analytics" / f"{query}.json", self.results[query])
 
     # -- middleware
@@ -915,13 +939,13 @@ class RootReports:
         )
         out: list[Effect] = [Metric("federated_eval_received")]
         if len(bucket) < self.min_sites:
-            self._save()
+            self._save_evaluation(published=False)
             return out
         agg = self._eval_aggregate(msg.version, bucket)
         self.published[msg.version] = agg
         while len(self.published) > MAX_PUBLISHED_BUCKETS:
             del self.published[min(self.published)]
-        self._save(evaluation=True)
+        self._save_evaluation(published=True)
         if msg.version == max(self.published):
             out += [
                 Metric("federated_eval_version", float(msg.version)),
@@ -1002,7 +1026,7 @@ class RootReports:
             out.append(
                 Metric("federated_stats_sites_gauge", float(result["sites"]), {"query": msg.query})
             )
-        self._save(query=msg.query)
+        self._save_query(msg.query)
         return out
 
     # -- the status page

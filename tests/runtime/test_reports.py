@@ -427,6 +427,7 @@ def test_the_root_publishes_statistics_from_min_sites_sites(tmp_path: Path) -> N
     assert result["columns"]["age"]["histogram"]["counts"] == [20, 40]
     assert result["refused"] == {"dataset_missing": 1}
     assert json.loads((tmp_path / "analytics" / "vitals.json").read_text()) == result
+    assert root(tmp_path).view()["analytics"] == r.view()["analytics"]  # after a restart
     # A site that stops answering (revoked its data) drops out of the next aggregate.
     feed(r, Received("site-1", StatsReport("site-1", "vitals", 0, {}, "dataset_revoked", "")))
     assert r.view()["analytics"]["vitals"]["result"] is None
@@ -559,3 +560,16 @@ def test_a_region_asks_again_for_answers_it_may_have_dropped_while_its_parent_wa
     assert not sends(feed(r, Received("site-1", answer)))  # a duplicate
     assert sends(feed(r, PeerUp("root"))) == [Send("site-1", query)]  # the link is back
     assert sends(feed(r, Received("site-1", answer))) == [Send("root", answer)]
+
+
+@pytest.mark.parametrize(
+    "text", ["", "{", "[1, 2]", '{"format": "fedloom/reports/1", "every": 2, "buckets": {"x": 1}}']
+)
+def test_a_damaged_state_file_starts_afresh_without_failing(tmp_path: Path, text: str) -> None:
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "evaluation.json").write_text(text)
+    (tmp_path / "reports" / "analytics-vitals.json").write_text(text)
+    r = root(tmp_path)
+    assert not r.published and r.results == {"vitals": None}
+    feed(r, Received("site-1", ev("site-1")))
+    assert r.view()["evaluation"]["pending"] == {"2": 1}
