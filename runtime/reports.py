@@ -34,8 +34,9 @@ Region (``RegionReports``). Reports from a child are relayed to the parent when 
 site of the roster but this region's own children when the subtree is undeclared), at
 most ``RELAY_BURST`` at once and ``RELAY_PER_S`` per second per child, each
 ``(src, version)`` / ``(src, query)`` once. A send to a peer that is down is dropped by the
-driver, so a site resends its last evaluation report when its parent link comes back, and
-a region whose parent link comes back asks its children for their (kept) answers again.
+driver, so a site resends its last evaluation report when its parent link comes back; a
+region keeps what comes while its parent link is down (at most ``RELAY_HELD``) and, once it
+is back, sends it and asks its children for their (kept) answers again.
 
 Root (``RootReports``). A report is refused (``Metric report_rejected{kind, reason}``, a
 bounded log line) unless its ``src`` is a site the tree puts under the child that sent it
@@ -131,6 +132,7 @@ MAX_REASON = 200
 RELAY_BURST = 64.0
 RELAY_PER_S = 2.0
 RELAY_SEEN = 8192
+RELAY_HELD = 512  # reports a region keeps while its parent link is down
 STATE_FORMAT = "fedloom/reports/1"
 ANSWERS_FORMAT = "fedloom/analytics-answers/1"
 _METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
@@ -684,6 +686,9 @@ class RegionReports:
         self._up: set[str] = set()
         self._tokens: dict[str, tuple[float, float]] = {}
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._parent_up = False
+        # Reports that came while the parent link was down, for when it is back.
+        self._held: OrderedDict[tuple[str, str, str], EvalReport | StatsReport] = OrderedDict()
 
     def intercept(self, event: Event, now: float) -> list[Effect] | None:
         if not isinstance(event, Received):
@@ -702,15 +707,20 @@ class RegionReports:
             self._up.add(event.peer)
             return [Send(event.peer, r) for r in self.requests.values()]
         if isinstance(event, PeerUp) and event.peer == self._parent_of():
-            # Answers relayed while the parent link was down were dropped: forget them and
-            # ask the children again (sites repeat their kept answers; the root keeps one
-            # answer per site and query).
+            # What came while the link was down goes up now. Answers relayed as it went
+            # down may have been lost in it: forget them and ask the children again
+            # (sites repeat their kept answers; the root keeps one per site and query).
+            self._parent_up = True
+            held = [Send(event.peer, m) for m in self._held.values()]
+            self._held.clear()
             for key in [k for k in self._seen if k[1] == "stats"]:
                 del self._seen[key]
             queries = [r for q, r in self.requests.items() if q != EVALUATE]
-            return [Send(c, r) for c in sorted(self._up) for r in queries]
+            return held + [Send(c, r) for c in sorted(self._up) for r in queries]
         if isinstance(event, PeerDown):
             self._up.discard(event.peer)
+            if event.peer == self._parent_of():
+                self._parent_up = False
         return []
 
     def _on_request(self, peer: str, msg: StatsRequest) -> list[Effect]:
@@ -763,6 +773,11 @@ class RegionReports:
         self._seen[key] = None
         while len(self._seen) > RELAY_SEEN:
             self._seen.popitem(last=False)
+        if not self._parent_up:
+            self._held[key] = msg
+            while len(self._held) > RELAY_HELD:
+                self._held.popitem(last=False)
+            return [Metric("report_held", 1.0, {"kind": kind})]
         return [Send(self._parent_of(), msg), Metric("report_relayed", 1.0, {"kind": kind})]
 
 

@@ -247,13 +247,15 @@ def test_a_noisy_answer_is_released_once_even_across_a_restart(tmp_path: Path) -
 
 def region(**kw: Any) -> RegionReports:
     children = {"site-1": "site", "site-2": "site", "region-b": "region"}
-    return RegionReports(
+    r = RegionReports(
         "region-a",
         lambda: "root",
         lambda: children,
         subtrees={"region-b": ("site-7",)},
         **kw,
     )
+    feed(r, PeerUp("root"))
+    return r
 
 
 def test_a_region_relays_its_subtree_only_and_each_report_once() -> None:
@@ -549,16 +551,20 @@ def test_the_published_figures_are_prometheus_gauges(tmp_path: Path) -> None:
     assert "fedloom_node_federated_eval_version 4.0" in text
 
 
-def test_a_region_asks_again_for_answers_it_may_have_dropped_while_its_parent_was_away() -> None:
+def test_a_region_holds_reports_while_its_parent_is_away_and_asks_again() -> None:
     r = region()
     feed(r, PeerUp("site-1"))
+    feed(r, PeerUp("site-2"))
     query = StatsRequest("vitals", SPEC.to_wire())
-    feed(r, Received("root", StatsRequest(EVALUATE, {"every": 2})))
     feed(r, Received("root", query))
     answer = StatsReport("site-1", "vitals", 40, {})
-    assert sends(feed(r, Received("site-1", answer))) == [Send("root", answer)]  # (dropped)
+    assert sends(feed(r, Received("site-1", answer))) == [Send("root", answer)]
+    feed(r, PeerDown("root"))  # ... and that answer may have died with the link
+    late = EvalReport("site-2", 4, 10, {"accuracy": 0.5})
+    assert not sends(feed(r, Received("site-2", late)))  # held, not sent into nothing
     assert not sends(feed(r, Received("site-1", answer)))  # a duplicate
-    assert sends(feed(r, PeerUp("root"))) == [Send("site-1", query)]  # the link is back
+    back = sends(feed(r, PeerUp("root")))
+    assert back == [Send("root", late), Send("site-1", query), Send("site-2", query)]
     assert sends(feed(r, Received("site-1", answer))) == [Send("root", answer)]
 
 
