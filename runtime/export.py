@@ -17,13 +17,16 @@ What goes with the tensors (``metadata``, str -> str; lists and maps JSON-encode
   ``tensor_order``: the hash the root signs (its signature covers ``{version, parent,
   digest}`` of the model as its children decode it, which is these tensors when the root
   sends fp32);
-* ``signer``/``signature``/``signature_parent``: the root's signature of this version,
-  from the root's audit log (``runtime.audit``'s "model_version" entries) when it holds
-  one for this version with this digest. The root keeps its model proofs in memory only
-  (``federation.signing``): without an audit entry there is no signature, and
+* ``signer``/``signature``/``signature_parent``/``signature_settings``: the root's
+  signature of this version (``{version, parent, digest, settings digest}``, the settings
+  being the training config it sent with the model), from the root's audit log
+  (``runtime.audit``'s "model_signed" entries) when it holds one for this version over
+  this digest. The root's state directory keeps no model proofs (``federation.signing``
+  holds them in memory): without such an audit entry there is no signature, and
   ``signature_note`` says so;
-* ``lineage``: the (version, parent) chain the audit log records, else what the state
-  holds (a root's version v is always one server step from v - 1);
+* ``lineage``: the versions the audit log records ("model_version": with their digests;
+  "model_signed": with the parent each proof names), else what the state holds (a
+  root's version v is always one server step from v - 1);
 * ``plan_digest`` (``runtime.governance.plan_digest`` of the config, when available).
 
 ``verify_export`` recomputes the digest of a written file and checks the signature
@@ -51,6 +54,7 @@ from fedloom.runtime.config import DaemonConfig, load_config
 from fedloom.runtime.state_cli import _CHECKPOINT_FILE, _inspect, _inspect_live, _lock_held
 from fedloom.transport.e2e import tensors_digest, verify_model
 from fedloom.transport.roster import Roster
+from fedloom.transport.settings import NO_SETTINGS
 
 __all__ = [
     "FORMATS",
@@ -69,9 +73,12 @@ FORMATS = ("safetensors", "torch")
 METADATA_FORMAT = "fedloom-model/1"
 # Checkpoint kinds of a root's node (a region's, a site's or a gossip peer's state is not).
 ROOT_KINDS = frozenset({"fedbuff", "fedasync", "sync"})
+# The root's audit entries the export reads (``runtime.audit``).
+_AUDIT_KINDS = ("model_version", "model_signed")
+MAX_LINEAGE = 1000  # versions in the metadata's lineage (the newest)
 _NO_PROOF = (
-    "the root keeps its model signatures in memory only and its audit log holds none for "
-    "this version: the digest identifies the model, nothing signs it"
+    "the root's state keeps no model signatures and its audit log holds none of this "
+    "version over this digest: the digest identifies the model, nothing signs it"
 )
 
 
@@ -97,6 +104,7 @@ class RootModel:
     signer: str = ""
     signature: bytes = b""
     signature_parent: int = 0
+    signature_settings: bytes = NO_SETTINGS
     lineage: list[dict[str, Any]] = field(default_factory=list)
     lineage_source: str = "state"
     plan_digest: str | None = None
@@ -125,6 +133,7 @@ class RootModel:
                 signer=self.signer,
                 signature=self.signature.hex(),
                 signature_parent=str(self.signature_parent),
+                signature_settings="sha256:" + self.signature_settings.hex(),
             )
         else:
             meta["signature_note"] = _NO_PROOF
@@ -227,13 +236,14 @@ def _restored(cfg: DaemonConfig, recovery: Recovery) -> tuple[int, Weights]:
     return int(version), dict(weights)
 
 
-def _audit_models(state_dir: Path) -> list[dict[str, Any]] | None:
-    """The root's audit log's "model_version" entries' fields (None: no audit log here)."""
+def _audit_models(state_dir: Path) -> list[tuple[str, dict[str, Any]]] | None:
+    """The root's audit log's "model_version" and "model_signed" entries, as (kind,
+    fields), in order (None: no audit log here)."""
     read_entries = _optional("fedloom.runtime.audit", "read_entries")
     if read_entries is None:
         return None
     try:
-        entries = read_entries(state_dir, kinds=["model_version"])
+        entries = read_entries(state_dir, kinds=list(_AUDIT_KINDS))
     except Exception as exc:  # a broken or missing log: the export goes on without it
         if (state_dir / "audit").exists():
             raise ConfigError(
@@ -243,9 +253,9 @@ def _audit_models(state_dir: Path) -> list[dict[str, Any]] | None:
         return None
     out = []
     for entry in entries:
-        fields = entry.get("fields", entry) if isinstance(entry, Mapping) else None
+        fields = entry.get("fields") if isinstance(entry, Mapping) else None
         if isinstance(fields, Mapping) and type(fields.get("version")) is int:
-            out.append(dict(fields))
+            out.append((str(entry.get("kind")), dict(fields)))
     return out
 
 
@@ -348,27 +358,44 @@ def _plan_digest(cfg: DaemonConfig | None) -> str | None:
 
 
 def _with_audit(model: RootModel, state_dir: Path) -> RootModel:
-    """``model`` with the signature and lineage its audit log records, if any."""
+    """``model`` with the lineage and the root's signature its audit log records: each
+    released version ("model_version": version, digest) and each proof the root made
+    ("model_signed": version, parent, signer, digest, settings, sig). The signature is
+    taken only from a proof of this version over this model's digest."""
     entries = _audit_models(state_dir)
     if not entries:
         return model
-    lineage = [
-        {
-            "version": e["version"],
-            **({"parent": e["parent"]} if type(e.get("parent")) is int else {}),
-            **({"digest": e["digest"]} if isinstance(e.get("digest"), str) else {}),
-        }
-        for e in entries
-        if e["version"] <= model.version
-    ]
-    found = dataclasses.replace(model, lineage=lineage, lineage_source="audit")
-    for e in reversed(entries):
-        if e["version"] != model.version or _hex(e.get("digest")) != model.digest:
+    parents: dict[int, int] = {}
+    versions: dict[int, dict[str, Any]] = {}
+    for kind, e in entries:
+        v = e["version"]
+        if v > model.version:
             continue
-        sig = _hex(e.get("sig", e.get("signature")))
+        if kind == "model_signed" and type(e.get("parent")) is int:
+            parents[v] = e["parent"]
+        item = versions.setdefault(v, {"version": v})
+        if kind == "model_version" and isinstance(e.get("digest"), str):
+            item["digest"] = "sha256:" + _hex(e["digest"]).hex()
+    for v, item in versions.items():
+        if v in parents:
+            item["parent"] = parents[v]
+    lineage = [versions[v] for v in sorted(versions)][-MAX_LINEAGE:]
+    source = "audit" if len(versions) <= MAX_LINEAGE else f"audit (last {MAX_LINEAGE})"
+    found = dataclasses.replace(model, lineage=lineage, lineage_source=source)
+    for kind, e in reversed(entries):
+        if kind != "model_signed" or e["version"] != model.version:
+            continue
+        if _hex(e.get("digest")) != model.digest:
+            continue  # a proof over other tensors (a lossy down codec): not this file's
+        sig = _hex(e.get("sig"))
+        settings = _hex(e.get("settings")) or NO_SETTINGS
         if sig and isinstance(e.get("signer"), str) and type(e.get("parent")) is int:
             return dataclasses.replace(
-                found, signer=e["signer"], signature=sig, signature_parent=e["parent"]
+                found,
+                signer=e["signer"],
+                signature=sig,
+                signature_parent=e["parent"],
+                signature_settings=settings,
             )
     return found
 
@@ -491,7 +518,8 @@ def verify_export(path: Path, roster: Roster | None = None) -> Verified:
     else:
         try:
             parent = int(meta.get("signature_parent", ""))
-            verify_model(roster, meta.get("signer", ""), sig, version, parent, digest)
+            settings = _hex(meta.get("signature_settings")) or NO_SETTINGS
+            verify_model(roster, meta.get("signer", ""), sig, version, parent, digest, settings)
             status = "valid"
         except (SignatureError, ValueError) as exc:
             status = f"INVALID: {str(exc)[:200]}"

@@ -126,7 +126,7 @@ def test_safetensors_export_is_the_roots_model_bit_for_bit(
     assert meta["node_id"] == ROOT_ID and meta["fedloom_version"]
     assert json.loads(meta["lineage"])[0] == {"version": 7, "parent": 6}
     # No audit proof of version 7 here: the file says it carries the digest only.
-    assert "signature" not in meta and "in memory only" in meta["signature_note"]
+    assert "signature" not in meta and "keeps no model signatures" in meta["signature_note"]
     assert main(["model", "verify", str(out), "--config", str(config)]) == 0
     assert "digest matches, signature absent" in capsys.readouterr().out
 
@@ -293,40 +293,50 @@ def test_verify_detects_altered_tensors_and_checks_the_roots_signature(
 def test_the_roots_signature_and_lineage_come_from_its_audit_log(
     fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The root's audit log records each model version it released with its signature:
-    the export carries the signature of the exported version (and only one over this
-    model's digest), and the lineage the log records."""
+    """The root's audit log records each model version it released ("model_version") and
+    each proof it made ("model_signed", over the settings it sent too), as
+    ``runtime.audit``'s middleware writes them: the export carries the proof of the
+    exported version over this model's digest (not a proof over another digest), and
+    ``model verify`` checks it, settings included."""
     from fedloom.runtime.audit import record
+    from fedloom.transport.settings import settings_digest
 
     cfg = load_config(fed.nodes[ROOT_ID].config)
     state = fed.nodes[ROOT_ID].state_dir
     version, weights = root_model(fed)
     digest = tensors_digest(weights)
     key = Identity.load(cfg.identity_key)
+    settings = settings_digest({"lr": 0.05, "local_steps": 20})
+
+    def signed(v: int, d: bytes, **extra: Any) -> None:
+        sig = sign_model(key, v, v - 1, d, settings).hex()
+        fields = {"version": v, "parent": v - 1, "signer": ROOT_ID, "digest": d.hex()}
+        record(state, "model_signed", **fields, settings=settings.hex(), sig=sig, **extra)
+
     for v in range(1, version):  # earlier versions: other digests
         other = bytes([v]) * 32
-        sig = sign_model(key, v, v - 1, other).hex()
-        record(state, "model_version", version=v, parent=v - 1, digest=other.hex(), sig=sig)
-    # A forged entry for the current version with another digest is not taken.
-    record(state, "model_version", version=version, parent=5, digest="00" * 32, sig="11" * 64)
-    sig = sign_model(key, version, version - 1, digest).hex()
-    record(
-        state,
-        "model_version",
-        version=version,
-        parent=version - 1,
-        digest="sha256:" + digest.hex(),
-        sig=sig,
-        signer=ROOT_ID,
-    )
+        record(state, "model_version", version=v, digest=other.hex(), signed_digest=other.hex())
+        signed(v, other)
+    record(state, "model_version", version=version, digest=digest.hex(), signed_digest=digest.hex())
+    signed(version, digest)
+    # A later proof of the same version over other tensors (a lossy codec) is not taken.
+    signed(version, b"\x00" * 32)
     out = tmp_path / "m.safetensors"
     assert main(["model", "export", "--config", str(cfg.source), "--out", str(out)]) == 0
     assert f"signed by {ROOT_ID}" in capsys.readouterr().out
-    found = verify_export(
-        out, Roster.loads(Path(cfg.roster_path).read_text(), cfg.read_consortium_key())
-    )
+    roster = Roster.loads(Path(cfg.roster_path).read_text(), cfg.read_consortium_key())
+    found = verify_export(out, roster)
     assert found.signature == "valid" and found.metadata["signature_parent"] == str(version - 1)
+    assert found.metadata["signature_settings"] == "sha256:" + settings.hex()
     assert found.metadata["lineage_source"] == "audit"
     lineage = json.loads(found.metadata["lineage"])
-    assert [e["version"] for e in lineage] == [*range(1, version), version, version]
-    assert all(e["parent"] == e["version"] - 1 for e in lineage if e["version"] < version)
+    assert [e["version"] for e in lineage] == list(range(1, version + 1))
+    assert all(e["parent"] == e["version"] - 1 for e in lineage)
+    assert lineage[-1]["digest"] == "sha256:" + digest.hex()
+    # The settings are part of what was signed: other settings do not verify.
+    meta = dict(found.metadata)
+    meta["signature_settings"] = "sha256:" + settings_digest({"lr": 9.0}).hex()
+    from safetensors.numpy import load_file, save_file
+
+    save_file(load_file(str(out)), str(tmp_path / "s.safetensors"), metadata=meta)
+    assert verify_export(tmp_path / "s.safetensors", roster).signature.startswith("INVALID")
