@@ -130,7 +130,7 @@ def test_model_messages_carry_config_and_settings_on_the_wire() -> None:
     ):
         got = decode(encode(msg))
         assert type(got) is type(msg)
-        assert dict(got.config) == CONFIG and got.settings == signed  # type: ignore[union-attr]
+        assert dict(got.config) == CONFIG and got.settings == signed
 
 
 @pytest.mark.parametrize("drop", ["config", "settings"])

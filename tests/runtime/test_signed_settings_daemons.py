@@ -1,0 +1,112 @@
+"""Real daemons (root -> region -> site, in process on loopback, the real transport and
+end-to-end signing): the site trains with the root's signed settings whatever the region's
+own ``[training]`` says, and when the region starts handing out other settings (a
+compromised region, made so while everything runs) the site trains nothing more and the
+root learns why: ``TrainRefused(code="unsigned_settings")``, relayed by the region."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import tomllib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import SiteNode
+from fedloom.runtime.config import load_config
+from fedloom.runtime.daemon import Daemon, open_daemon, serve
+from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
+
+pytestmark = pytest.mark.timeout(90)
+
+SYNTHETIC = {"dataset": "synthetic", "model": "softmax", "alpha": 0.5, "beta": 0.5}
+ROOT_TRAINING = {"lr": 0.02, "local_steps": 2, "batch_size": 10, "mu": 0.0}
+REGION_TRAINING = {"lr": 0.3, "local_steps": 7, "batch_size": 10, "mu": 0.0}
+
+
+def edit(path: Path, **changes: object) -> None:
+    cfg = tomllib.loads(path.read_text(encoding="utf-8"))
+    cfg.update(changes)
+    path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
+
+
+async def until(what: str, check: Callable[[], bool], timeout: float = 45.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def serving(fed: Federation) -> AsyncIterator[dict[str, Daemon]]:
+    daemons = {n: open_daemon(load_config(f.config)) for n, f in fed.nodes.items()}
+    shutdown = asyncio.Event()
+    tasks = [
+        asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
+        for d in daemons.values()
+    ]
+    try:
+        yield daemons
+        for t in tasks:
+            assert not t.done(), t  # no daemon ended by itself
+    finally:
+        shutdown.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        finally:
+            for d in daemons.values():
+                d.close()
+
+
+async def test_sites_train_the_roots_settings_and_refuse_a_regions_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fed = write_federation(
+        tmp_path / "fed",
+        {"region-a": ["site-1"]},
+        plan=SYNTHETIC,
+        training=ROOT_TRAINING,
+        root_aggregation={"buffer_size": 1, "concurrency": 1},
+        region_aggregation={"buffer_size": 1, "concurrency": 1},
+    )
+    edit(fed.nodes["region-a"].config, training=REGION_TRAINING)
+    caplog.set_level(logging.INFO)
+    async with serving(fed) as daemons:
+        root, region_node, site = daemons[ROOT_ID], daemons["region-a"].node, daemons["site-1"].node
+        assert isinstance(region_node, RegionalAggregator) and isinstance(site, SiteNode)
+        await until("the site to train twice", lambda: site.seq >= 2)
+        # The region hands out the root's settings, and said its own are unused.
+        assert dict(region_node._task_config()) == ROOT_TRAINING
+        assert site.settings_refused == 0
+        assert any("differ from the root's" in r.getMessage() for r in caplog.records)
+
+        # The region turns hostile: its tasks now carry another lr (its sealing layer
+        # still attaches the root's proof, as a relay does).
+        honest = region_node._task_config
+        region_node._task_config = lambda: {**honest(), "lr": 5.0}  # type: ignore[method-assign]
+        await until("the site to refuse", lambda: site.settings_refused >= 1)
+        trained = site.seq
+        view: Callable[[], dict[str, dict[str, Any]]] = root.node.refusals_view  # type: ignore[attr-defined]
+        await until("the root to learn why", lambda: "site-1" in view())
+        assert view()["site-1"]["code"] == "unsigned_settings"
+        await until("a second refusal", lambda: site.settings_refused >= 2)
+        assert site.seq == trained  # nothing more trained
+    warned = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "site-1: refused a training" in r.getMessage()
+    ]
+    assert len(warned) == 1  # the site's: one line a minute, however many requests
+    # The region (once per version) and the root (once per site and code) say so too.
+    assert any("region-a: the training config sent" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.getMessage().startswith("root:") and "unsigned_settings" in r.getMessage()
+        for r in caplog.records
+    )
