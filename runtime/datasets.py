@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
+import importlib
 import io
 import json
 import os
@@ -698,8 +698,7 @@ class DatasetWatch:
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         for module in ("pandas", "pyarrow"):  # the tabular extra: say so at start, not per job
-            if importlib.util.find_spec(module) is None:
-                raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+            importlib.import_module(module)  # ModuleNotFoundError: fedloom.cli names the extra
         self.registry = DatasetRegistry(state_dir)
         self._init_cache()
 

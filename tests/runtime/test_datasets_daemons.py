@@ -6,6 +6,8 @@ every process is stopped."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +110,33 @@ def test_revoking_a_dataset_stops_that_site_at_its_next_job(tmp_path: Path) -> N
         check_clean_exit(cluster)
     log = fed.nodes["site-1"].log.read_text()
     assert "Traceback" not in log
+
+
+BLOCK = """\
+import sys
+sys.modules["pandas"] = None  # import raises ModuleNotFoundError, as on a base install
+from fedloom.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_tabular_site_without_the_extra_stops_at_start_naming_it(tmp_path: Path) -> None:
+    fed = write_federation(
+        tmp_path / "fed", {"region-a": SITES}, plan=SYNTHETIC, declare_examples=False
+    )
+    site = fed.nodes["site-1"]
+    edit(site.config, plan=PLAN, governance={"require_approval": False})
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK, "run", "--config", str(site.config)],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "fedloom: error: this command needs 'pandas', which the 'tabular' extra installs: "
+        "pip install 'fedloom[tabular]'"
+    )
+    assert "Traceback" not in proc.stderr
