@@ -11,6 +11,7 @@ newest of each and passes them to its children (at once, and whenever one connec
 rides the per-connection control path, not the settings map the root signs and sites
 bound per key, so the training protocol, its signatures and the sites' approval bounds are
 untouched, and a restarted root (or a re-configured one) re-synchronises every subtree.
+A root with neither ``[evaluation] every`` nor ``[[analytics]]`` sends nothing.
 
 Site (``SiteReports``). ``every = N > 0``: the site evaluates the first model version v it
 holds (from a ``TrainRequest`` or a ``ModelBroadcast`` of its parent) with ``v // N``
@@ -23,8 +24,8 @@ n_examples, metrics)``. ``n_examples`` is the plan's own ``n_examples`` (or ``n_
 figure, else the size of its evaluation split where the plan has one, else 1. A
 statistics query is computed over the site's registered dataset with the query's tag
 (``runtime.datasets``: ``DatasetRegistry.active_by_tag``, ``load_frame``), in a thread;
-the answer (or a refusal: ``dataset_missing``, ``dataset_revoked``, ``bad_spec``,
-``bad_column``, ``too_few_rows``, ``failed``) goes to the parent. Answers are kept per
+the answer (or a refusal: ``dataset_missing``, ``dataset_revoked``, ``dataset_changed``,
+``bad_spec``, ``bad_column``, ``too_few_rows``, ``failed``) goes to the parent. Answers are kept per
 query, spec and dataset hash in ``STATE_DIR/analytics-answers.json`` and repeated, not
 recomputed: a noisy answer is released once (its privacy is spent once), even across a
 restart.
