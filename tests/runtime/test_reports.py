@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedloom.algorithms.protocol import Effect, Event, Log, Metric, PeerDown, PeerUp, Received, Send
 from fedloom.federation.analytics import EVALUATE, QuerySpec, compute_site
@@ -579,3 +581,46 @@ def test_a_damaged_state_file_starts_afresh_without_failing(tmp_path: Path, text
     assert not r.published and r.results == {"vitals": None}
     feed(r, Received("site-1", ev("site-1")))
     assert r.view()["evaluation"]["pending"] == {"2": 1}
+
+
+_peers = st.sampled_from(["site-1", "site-2", "region-a", "stranger"])
+_srcs = st.sampled_from(["site-1", "site-2", "site-3", "site-4", "root", ""])
+_numbers = st.one_of(st.floats(), st.integers(-(2**70), 2**70), st.booleans())
+_eval = st.builds(
+    EvalReport,
+    _srcs,
+    st.integers(-5, 20),
+    st.integers(-5, 500),
+    st.dictionaries(st.sampled_from(["accuracy", "loss", "f1", "x" * 40]), _numbers, max_size=4),
+)
+_stats = st.builds(
+    StatsReport,
+    _srcs,
+    st.sampled_from(["vitals", "other"]),
+    st.integers(-5, 500),
+    st.dictionaries(
+        st.sampled_from(["count.0", "sum.0", "sumsq.0", "hist.0.0", "hist.0.1", "supp.1", "z"]),
+        _numbers,
+        max_size=7,
+    ),
+    st.sampled_from(["", "dataset_missing", "Weird Code!"]),
+    st.text(max_size=300),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=st.lists(st.tuples(_peers, st.one_of(_eval, _stats)), max_size=40))
+def test_no_sequence_of_hostile_reports_crashes_the_root_or_publishes_below_min_sites(
+    events: list[tuple[str, EvalReport | StatsReport]],
+) -> None:
+    r = root()
+    for peer, msg in events:
+        out = feed(r, Received(peer, msg))
+        assert all(isinstance(e, Metric | Log | Send) for e in out)
+    view = r.view()
+    json.dumps(view, allow_nan=False)  # the status page's document stays valid JSON
+    for agg in view["evaluation"]["published"]:
+        assert agg["sites"] >= 3
+        assert agg["accuracy"] is None or 0.0 <= agg["accuracy"] <= 1.0
+    result = view["analytics"]["vitals"]["result"]
+    assert result is None or result["sites"] >= 3
