@@ -608,7 +608,7 @@ _stats = st.builds(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(events=st.lists(st.tuples(_peers, st.one_of(_eval, _stats)), max_size=40))
 def test_no_sequence_of_hostile_reports_crashes_the_root_or_publishes_below_min_sites(
     events: list[tuple[str, EvalReport | StatsReport]],
