@@ -94,6 +94,7 @@ def test_the_dashboard_is_a_grafana_dashboard_with_a_datasource_input() -> None:
         "fedloom_node_site_refusals_total",
         "fedloom_privacy_epsilon",
         "fedloom_eval_accuracy",
+        "fedloom_node_federated_eval_accuracy_ratio",
     ):
         assert name in text, name
 
