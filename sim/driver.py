@@ -537,7 +537,9 @@ class SimDriver:
     def _job_failed(self, node_id: str, job: int, reason: str, incarnation: int = 0) -> None:
         if node_id in self._dead or incarnation != self._incarnation.get(node_id, 0):
             return
-        self._dispatch(node_id, TrainFailed(job, reason))
+        # Code "dropout": the site is gone for this job and says nothing to its parent
+        # (a refusal would free the task at once, which a dead site cannot make happen).
+        self._dispatch(node_id, TrainFailed(job, reason, "dropout"))
 
     def _on_message(self, src: str, dst: str, msg: Any) -> None:
         if dst in self._dead:  # the network already drops these; kept as a guard
