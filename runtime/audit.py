@@ -121,6 +121,19 @@ class AuditError(ConfigError):
     """The audit log cannot be appended to or read as asked; the message says why."""
 
 
+class AuditSyncError(AuditError):
+    """A batch was written (its lines are in the file) but its ``fsync`` failed: they may
+    not survive a power loss. Not retried (rewriting them would record them twice, and
+    after a failed fsync the page cache cannot be trusted): the daemon's writer records an
+    ``audit_sync_failed`` entry naming the seqs instead."""
+
+    def __init__(self, message: str, first: int, last: int, reason: str) -> None:
+        super().__init__(message)
+        self.first = first
+        self.last = last
+        self.reason = reason
+
+
 # ------------------------------------------------------------------ entries
 def canonical(obj: Any) -> bytes:
     """The canonical JSON of ``obj``: sorted keys, no spaces, ASCII, no NaN."""
@@ -394,7 +407,17 @@ class AuditLog:
                 data = memoryview(head + b"".join(lines))
                 while data:
                     data = data[os.write(fd, data) :]
-                self._fsync(fd)
+                try:
+                    self._fsync(fd)
+                except OSError as exc:
+                    first, why = entries[0]["seq"], str(exc.strerror or exc)
+                    raise AuditSyncError(
+                        f"{self.path}: entries seq {first} to {seq} written but not made "
+                        f"durable: fsync failed ({why})",
+                        first,
+                        seq,
+                        why,
+                    ) from None
             finally:
                 os.close(fd)
             if self.identity is not None:
@@ -773,6 +796,7 @@ class AuditWriter:
         self._cond = threading.Condition()
         self._queue: deque[tuple[str, FieldsOrThunk, float]] = deque()
         self._dropped: Counter[str] = Counter()
+        self._unsynced: list[tuple[int, int, str]] = []  # batches whose fsync failed
         self._closing = False
         self._busy = False
         self.written = 0
@@ -843,32 +867,39 @@ class AuditWriter:
         except Exception:  # observability never takes the writer down
             _log.debug("audit: metric report failed", exc_info=True)
 
-    def _take(self) -> tuple[list[tuple[str, FieldsOrThunk, float]], Counter[str]] | None:
+    def _take(self) -> _Batch | None:
         with self._cond:
-            while not self._queue and not self._dropped and not self._closing:
+            while (
+                not self._queue and not self._dropped and not self._unsynced and not self._closing
+            ):
                 self._cond.wait()
-            if not self._queue and not self._dropped:
+            if not self._queue and not self._dropped and not self._unsynced:
                 return None  # closing, nothing left
             n = min(len(self._queue), self.max_batch)
-            batch = [self._queue.popleft() for _ in range(n)]
-            dropped, self._dropped = self._dropped, Counter()
+            batch = _Batch([self._queue.popleft() for _ in range(n)], self._dropped, self._unsynced)
+            self._dropped, self._unsynced = Counter(), []
             self._busy = True
             depth = len(self._queue)
         self._metric(Metric("audit_queue_size", float(depth)))
-        return batch, dropped
+        return batch
 
     def _run(self) -> None:
         failures = 0
         while True:
-            taken = self._take()
-            if taken is None:
+            batch = self._take()
+            if batch is None:
                 return
-            batch, dropped = taken
             items: list[Item] = []
-            if dropped:
-                gap = {"dropped": sum(dropped.values()), "kinds": dict(sorted(dropped.items()))}
+            if batch.dropped:
+                gap = {
+                    "dropped": sum(batch.dropped.values()),
+                    "kinds": dict(sorted(batch.dropped.items())),
+                }
                 items.append(("audit_gap", gap, time.time()))
-            items.extend((kind, _resolve(kind, fields), ts) for kind, fields, ts in batch)
+            for first, last, why in batch.unsynced:
+                note = {"from_seq": first, "to_seq": last, "error": why}
+                items.append(("audit_sync_failed", note, time.time()))
+            items.extend((kind, _resolve(kind, fields), ts) for kind, fields, ts in batch.items)
             started = time.monotonic()
             try:
                 self.log.append(items)
@@ -878,8 +909,14 @@ class AuditWriter:
                 self._metric(Metric("audit_write_errors"))
                 if failures == 1 or failures % 100 == 0:
                     _log.error("audit: cannot write %s (%s); retrying", self.log.path, exc)
-                self._requeue(batch, dropped)
                 with self._cond:
+                    if isinstance(exc, AuditSyncError):  # in the file: noted, not rewritten
+                        self._unsynced.append((exc.first, exc.last, _clean(exc.reason)))
+                        self.written += len(items)
+                    else:  # nothing (or a torn line, sealed next time) reached the file
+                        self._queue.extendleft(reversed(batch.items))
+                        self._dropped.update(batch.dropped)
+                        self._unsynced[:0] = batch.unsynced
                     self._busy = False
                     self._cond.notify_all()
                     closing = self._closing
@@ -897,14 +934,12 @@ class AuditWriter:
                 self._busy = False
                 self._cond.notify_all()
 
-    def _requeue(
-        self, batch: list[tuple[str, FieldsOrThunk, float]], dropped: Counter[str]
-    ) -> None:
-        with self._cond:
-            self._queue.extendleft(reversed(batch))
-            self._dropped.update(dropped)
-            # The queue may now exceed its bound by one batch: submit() refuses until
-            # it drains, and counts.
+
+@dataclass(slots=True)
+class _Batch:
+    items: list[tuple[str, FieldsOrThunk, float]]
+    dropped: Counter[str]
+    unsynced: list[tuple[int, int, str]]
 
 
 def _label(kind: str) -> str:
@@ -957,6 +992,7 @@ KNOWN_KINDS = frozenset(
         "rejections_summarised",
         "dataset_used",
         "audit_gap",
+        "audit_sync_failed",
         "torn_tail",
     }
 )
