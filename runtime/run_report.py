@@ -48,6 +48,7 @@ from fedloom.transport.roster import Roster, RosterError, read_small_text
 
 __all__ = ["write_report"]
 
+_MAX_AUDIT_BYTES = 512 << 20  # a site's audit export read whole (it is hashed line by line)
 _MAX_TEXT = 200  # strings read from a site's files are capped before they enter the crate
 # What the root's reports publish in its state directory (federated evaluation, analytics).
 _METRIC_FILES = ("evaluation.json", "analytics/*.json")
@@ -136,6 +137,11 @@ def _jsonl_entries(path: Path) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     entry_hash = _optional("fedloom.runtime.audit", "entry_hash")
     try:
+        if path.stat().st_size > _MAX_AUDIT_BYTES:
+            raise ConfigError(
+                f"--site-audit {path}: larger than {_MAX_AUDIT_BYTES >> 20} MiB; export "
+                "the entries since the run began (`fedloom audit export --since SEQ`)"
+            )
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--site-audit {path}: cannot read ({_text(exc)})") from None
@@ -153,7 +159,10 @@ def _jsonl_entries(path: Path) -> list[dict[str, Any]]:
             if entry_hash(body) != entry.get("hash"):
                 raise ConfigError(f"--site-audit {path}: line {n} does not match its hash")
         if entries and entry.get("prev") != entries[-1].get("hash"):
-            raise ConfigError(f"--site-audit {path}: line {n} does not follow line {n - 1}")
+            raise ConfigError(
+                f"--site-audit {path}: line {n} does not follow line {n - 1} (entries "
+                "missing or reordered; an export filtered with --kind cannot be checked)"
+            )
         entries.append(entry)
     return entries
 
