@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+import tomli_w
 
 from fedloom.cli import main
 from fedloom.runtime.config import load_config
@@ -38,7 +39,8 @@ SITES = ["site-1", "site-2"]
 async def live_federation(tmp_path: Path) -> AsyncIterator[tuple[Federation, str]]:
     """Root -> region-a -> site-1, site-2, all served in this process until the block ends;
     yields the federation and the root's metrics URL once the root holds version 3, has
-    evaluated a model and has heard of both sites."""
+    evaluated a model, has heard of both sites and has published two federated
+    evaluations."""
     fed = write_federation(
         tmp_path / "fed",
         {"region-a": SITES},
@@ -47,6 +49,9 @@ async def live_federation(tmp_path: Path) -> AsyncIterator[tuple[Federation, str
         region_aggregation={"buffer_size": 2, "concurrency": 2},
         root_aggregation={"buffer_size": 1},
     )
+    root_cfg = fed.config(ROOT_ID)
+    root_cfg["evaluation"] = {"every": 2, "min_sites": 2}  # federated evaluation too
+    fed.nodes[ROOT_ID].config.write_text(tomli_w.dumps(root_cfg), encoding="utf-8")
     daemons = [open_daemon(load_config(n.config)) for n in fed.nodes.values()]
     shutdown = asyncio.Event()
     tasks = [
@@ -66,10 +71,12 @@ async def live_federation(tmp_path: Path) -> AsyncIterator[tuple[Federation, str
                     async with http.get(f"{url}/status.json") as resp:
                         doc = await resp.json()
                 sites = {s["id"] for s in doc.get("tiers", [[], [], []])[2]}
+                federated = (doc.get("federated_evaluation") or {}).get("evaluation") or {}
                 if (
                     (doc.get("model", {}).get("version") or 0) >= 3
                     and doc.get("accuracy")
                     and sites == set(SITES)
+                    and len(federated.get("published") or []) >= 2
                 ):
                     break
                 for t in tasks:
@@ -110,6 +117,8 @@ async def test_fedloom_status_prints_a_live_federation(tmp_path: Path) -> None:
             line = next(x for x in lines if f"{site} (site)" in x)
             assert line.startswith("        · ") and "s ago" in line  # under its region
         assert "refusals: none" in lines and "privacy: no central DP" in lines
+        fed_line = next(x for x in lines if x.startswith("federated evaluation (every 2 "))
+        assert "over 2 sites" in fed_line
         code, out, err = await asyncio.to_thread(run_cli, "status", "--url", url, "--json")
         assert code == 0, err
         doc = json.loads(out)
@@ -199,7 +208,7 @@ async def test_the_status_page_in_a_real_browser(tmp_path: Path) -> None:
     version = int(seen["version"].split(":")[1])
     assert version >= 3
     assert {"root", "region-a", *SITES} <= set(seen["topology"])
-    assert set(seen["curves"]) == {"versions", "accuracy"}
+    assert set(seen["curves"]) == {"versions", "accuracy", "federated-accuracy"}
     assert len(seen["points"].split()) >= 3  # a step line through >= 2 versions
     assert seen["scripts"] == 0
     # Nothing but the page itself (and no favicon or font from anywhere else).
