@@ -11,6 +11,9 @@ holds no data of any site:
 * ``#plan``: the training plan (its table from the root's config, and the plan digest
   when ``runtime.governance`` is installed); ``#run``: the training as a CreateAction,
   instrument the plan, objects the sites' datasets, result the model;
+* ``#approval-<site>-<digest>``: each plan a site's operator approved (an
+  AuthorizeAction: digest, bounds, note, when, revoked when), from its approvals file
+  (``runtime.governance``) or its audit export (``plan_approved``/``plan_revoked``);
 * ``#dataset-<site>-<name>``: each dataset a site registered (tags, content SHA-256, row
   count, declared columns, status), from ``runtime.datasets.DatasetRegistry(state_dir)``
   or from the site's audit export (its dataset entries);
@@ -74,6 +77,7 @@ TERMS = {
         "epsilon",
         "epsilon_budget",
         "epsilon_note",
+        "bounds",
     )
 }
 
@@ -247,6 +251,87 @@ def _audit_datasets(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]
     return list(found.values())
 
 
+def _when(value: Any) -> str | None:
+    """A unix time as ISO 8601 (UTC), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(value, datetime.UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _approval(digest: Any, bounds: Any, note: Any, at: Any, revoked: Any) -> dict[str, Any] | None:
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        return None
+    out: dict[str, Any] = {"digest": digest}
+    if isinstance(bounds, Mapping):
+        out["bounds"] = {_text(k)[:40]: _bound(v) for k, v in list(bounds.items())[:64]}
+    if note:
+        out["note"] = _text(note)
+    out["approved_at"] = _when(at)
+    out["revoked_at"] = _when(revoked)
+    return out
+
+
+def _bound(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_bound(v) for v in value[:64]]
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    return _text(value)[:40]
+
+
+def _site_approvals(state_dir: Path) -> list[dict[str, Any]]:
+    """The plans the site's operator approved (``runtime.governance``'s approvals.json):
+    digest, bounds, note, when; revoked ones with when."""
+    approvals_of = _optional("fedloom.runtime.governance", "Approvals")
+    if approvals_of is None:
+        return []
+    try:
+        entries = approvals_of(state_dir).entries()
+    except ValueError as exc:  # ApprovalsError: a damaged file
+        raise ConfigError(f"--site-state {state_dir}: {_text(exc)}") from None
+    out = []
+    for e in entries:
+        j = e.to_json()
+        found = _approval(
+            j.get("digest"),
+            j.get("bounds"),
+            j.get("note"),
+            j.get("approved_at"),
+            j.get("revoked_at"),
+        )
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def _audit_approvals(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The approvals a site's audit entries record (``plan_approved``, ``plan_revoked``)."""
+    found: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        kind, fields = entry.get("kind"), entry.get("fields")
+        if not isinstance(fields, Mapping):
+            continue
+        if kind == "plan_approved":
+            a = _approval(
+                fields.get("digest"),
+                fields.get("bounds"),
+                fields.get("note"),
+                entry.get("ts"),
+                None,
+            )
+            if a is not None:
+                found[a["digest"]] = a
+        elif kind == "plan_revoked" and fields.get("digest") in found:
+            found[fields["digest"]]["revoked_at"] = _when(entry.get("ts"))
+    return list(found.values())
+
+
 def _node_of(entries: Sequence[Mapping[str, Any]], fallback: str, members: set[str]) -> str:
     """The roster member whose audit log this is: the first entry naming one (commands
     run by hand record as "local"), else ``fallback`` (the directory's or file's name)."""
@@ -414,7 +499,8 @@ def write_report(
 
     datasets: list[Any] = []
     members = set(nodes)
-    sites_seen: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []
+    Seen = tuple[str, list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
+    sites_seen: list[Seen] = []
     for named in site_states:
         given, state_dir = _named(named, members)
         if not state_dir.is_dir():
@@ -422,14 +508,34 @@ def write_report(
         entries = _audit_entries(state_dir)
         site = given or _node_of(entries, state_dir.name, members)
         records = _registry_records(state_dir) or _audit_datasets(entries)
-        sites_seen.append((site, records, entries))
+        approvals = _site_approvals(state_dir) or _audit_approvals(entries)
+        sites_seen.append((site, records, entries, approvals))
     for named in site_audits:
         given, path = _named(named, members)
         entries = _jsonl_entries(path)
         site = given or _node_of(entries, path.stem, members)
-        sites_seen.append((site, _audit_datasets(entries), entries))
+        sites_seen.append((site, _audit_datasets(entries), entries, _audit_approvals(entries)))
     audit_heads = []
-    for site, records, entries in sites_seen:
+    approvals: list[Any] = []
+    for site, records, entries, approved in sites_seen:
+        for a in approved:
+            approval: dict[str, Any] = {
+                "@type": "AuthorizeAction",
+                "name": f"{site} approved plan {a['digest'][:19]}",
+                "identifier": a["digest"],
+                "object": plan if a["digest"] == plan_props["identifier"] else a["digest"],
+                "bounds": json.dumps(a.get("bounds", {}), sort_keys=True, default=str),
+                "actionStatus": "CompletedActionStatus",
+            }
+            for key, prop in (("note", "description"), ("approved_at", "startTime")):
+                if a.get(key):
+                    approval[prop] = a[key]
+            if a.get("revoked_at"):
+                approval["endTime"] = a["revoked_at"]
+                approval["status"] = "revoked"
+            if site in nodes:
+                approval["agent"] = nodes[site]
+            approvals.append(add(f"#approval-{site}-{a['digest'][7:19]}", approval))
         for rec in records:
             props: dict[str, Any] = {
                 "@type": "Dataset",
@@ -501,7 +607,7 @@ def write_report(
             "agent": nodes.get(cfg.node_id, software),
         },
     )
-    root["mentions"] = [roster_entity, plan, *audit_heads]
+    root["mentions"] = [roster_entity, plan, *approvals, *audit_heads]
     out.mkdir(parents=True, exist_ok=True)
     crate.write(out)
     return out / "ro-crate-metadata.json"

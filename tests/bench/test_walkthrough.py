@@ -82,6 +82,11 @@ def test_csv_to_ro_crate_as_the_readme_writes_it(
         d = crate.get(f"#dataset-{site}-heart-2026")
         assert d is not None and d["identifier"] == f"sha256:{digest}"
     assert not (walk / "report" / "hospital-a.csv").exists()
+    # Both hospitals approved the very plan the root ran (the same digest).
+    plan = crate.get("#plan")
+    approvals = [e for e in crate.get_entities() if e.id.startswith("#approval-")]
+    assert {a["agent"]["@id"] for a in approvals} == {"#node-site-0", "#node-site-1"}
+    assert all(a["identifier"] == plan["identifier"] for a in approvals)
     # The sites evaluated the global model on their held-out rows; the root published it.
     metrics = json.loads(crate.get("#metrics")["value"])
     published = metrics["evaluation.json"]["published"]

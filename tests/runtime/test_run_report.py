@@ -61,8 +61,15 @@ def test_the_crate_round_trips_and_describes_the_federation(
 ) -> None:
     from rocrate.rocrate import ROCrate
 
+    from fedloom.runtime.governance import plan_digest
+
     s1 = site_with_dataset(fed, "site-1", tmp_path)
     s2 = site_with_dataset(fed, "site-2", tmp_path)
+    digest = plan_digest(load_config(fed.nodes[ROOT_ID].config))  # the consortium's plan
+    for state in (s1, s2):
+        approve = ["plans", "approve", "--state-dir", str(state), "--digest", digest]
+        approve += ["--bound", "lr=0.01:0.1", "--bound", "local_steps=1:20", "--note", "study 42"]
+        assert main(approve) == 0
     export = tmp_path / "site-2-audit.jsonl"
     shutil.copy(s2 / "audit" / "audit.jsonl", export)  # what `fedloom audit export` writes
     config = fed.nodes[ROOT_ID].config
@@ -91,9 +98,13 @@ def test_the_crate_round_trips_and_describes_the_federation(
     assert entity(crate, "#node-root")["roleName"] == "root"
 
     plan = entity(crate, "#plan")
-    from fedloom.runtime.governance import plan_digest
-
-    assert plan["identifier"] == plan_digest(cfg)
+    assert plan["identifier"] == digest == plan_digest(cfg)
+    # Each site's approval of that plan: from site-1's approvals file, site-2's audit export.
+    for site in ("site-1", "site-2"):
+        a = entity(crate, f"#approval-{site}-{digest[7:19]}")
+        assert a["@type"] == "AuthorizeAction" and a["object"] == {"@id": "#plan"}
+        assert a["agent"] == {"@id": f"#node-{site}"} and a["description"] == "study 42"
+        assert json.loads(a["bounds"])["lr"] == [0.01, 0.1] and a["startTime"]
 
     model = read_root_model(config=config)
     m = entity(crate, f"#model-v{model.version}")
