@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,23 +28,31 @@ from fedloom.runtime.daemon import open_daemon, serve
 from fedloom.runtime.federation_files import ROOT_ID, Federation, free_port, write_federation
 from fedloom.runtime.status import SCHEMA
 from fedloom.runtime.status_page import CSP
+from fedloom.runtime.trainer import GlobalPlan
+from fedloom.workloads.workload import from_config
 
 pytestmark = pytest.mark.timeout(60)
 
 CHROMIUM = "/usr/bin/chromium"
 SYNTHETIC = {"dataset": "synthetic", "model": "softmax"}
 SITES = ["site-1", "site-2"]
+REFUSING = "site-3"  # its plan fails every job: the root's refusal book shows it
+
+
+def refusing_plan(**workload: Any) -> GlobalPlan:
+    """The workload's model without local data: every job fails (a ``[plan] factory``)."""
+    return GlobalPlan(from_config(workload))
 
 
 @contextlib.asynccontextmanager
 async def live_federation(tmp_path: Path) -> AsyncIterator[tuple[Federation, str]]:
-    """Root -> region-a -> site-1, site-2, all served in this process until the block ends;
-    yields the federation and the root's metrics URL once the root holds version 3, has
-    evaluated a model, has heard of both sites and has published two federated
-    evaluations."""
+    """Root -> region-a -> site-1, site-2 and site-3 (whose plan fails every job), all
+    served in this process until the block ends; yields the federation and the root's
+    metrics URL once the root holds version 3, has evaluated a model, has heard of both
+    training sites, has site-3's refusal and has published two federated evaluations."""
     fed = write_federation(
         tmp_path / "fed",
-        {"region-a": SITES},
+        {"region-a": [*SITES, REFUSING]},
         plan=SYNTHETIC,
         training={"lr": 0.1, "local_steps": 2, "batch_size": 8, "mu": 0.0},
         region_aggregation={"buffer_size": 2, "concurrency": 2},
@@ -52,6 +61,10 @@ async def live_federation(tmp_path: Path) -> AsyncIterator[tuple[Federation, str
     root_cfg = fed.config(ROOT_ID)
     root_cfg["evaluation"] = {"every": 2, "min_sites": 2}  # federated evaluation too
     fed.nodes[ROOT_ID].config.write_text(tomli_w.dumps(root_cfg), encoding="utf-8")
+    site_cfg = fed.config(REFUSING)
+    table = {k: v for k, v in site_cfg["plan"].items() if k != "site_index"}
+    site_cfg["plan"] = {"factory": f"{__name__}:refusing_plan", "args": table}
+    fed.nodes[REFUSING].config.write_text(tomli_w.dumps(site_cfg), encoding="utf-8")
     daemons = [open_daemon(load_config(n.config)) for n in fed.nodes.values()]
     shutdown = asyncio.Event()
     tasks = [
@@ -77,6 +90,7 @@ async def live_federation(tmp_path: Path) -> AsyncIterator[tuple[Federation, str
                     and doc.get("accuracy")
                     and sites == set(SITES)
                     and len(federated.get("published") or []) >= 2
+                    and REFUSING in (doc.get("refusals") or {})
                 ):
                     break
                 for t in tasks:
@@ -116,9 +130,13 @@ async def test_fedloom_status_prints_a_live_federation(tmp_path: Path) -> None:
         for site in SITES:
             line = next(x for x in lines if f"{site} (site)" in x)
             assert line.startswith("        · ") and "s ago" in line  # under its region
-        assert "refusals: none" in lines and "privacy: no central DP" in lines
+        assert "privacy: no central DP" in lines
+        refusal = lines[lines.index("refusals:") + 1]
+        assert refusal.startswith(f"  {REFUSING}: failed x") and "no local data" in refusal
         fed_line = next(x for x in lines if x.startswith("federated evaluation (every 2 "))
-        assert "over 2 sites" in fed_line
+        assert re.search(
+            r"accuracy [01]\.\d{4} \(loss \d+\.\d{4}\) at version \d+ over \d sites", fed_line
+        )
         code, out, err = await asyncio.to_thread(run_cli, "status", "--url", url, "--json")
         assert code == 0, err
         doc = json.loads(out)
@@ -131,8 +149,11 @@ async def test_fedloom_status_prints_a_live_federation(tmp_path: Path) -> None:
         doc = json.loads(out)
         me, children = doc["tiers"][0][0], doc["tiers"][1]
         assert me["id"] == "region-a" and me["parent"] == ROOT_ID and me["parent_connected"]
-        assert {c["id"]: c["connected"] for c in children} == dict.fromkeys(SITES, True)
-        assert all(c["updates"] >= 1 for c in children)
+        assert {c["id"]: c["connected"] for c in children} == dict.fromkeys(
+            [*SITES, REFUSING], True
+        )
+        assert all(c["updates"] >= 1 for c in children if c["id"] != REFUSING)
+        assert doc["refusals"][REFUSING]["code"] == "failed"
 
 
 def test_fedloom_status_says_in_one_line_why_it_sees_nothing(tmp_path: Path) -> None:
@@ -187,6 +208,9 @@ def browse(url: str, shot: Path) -> dict[str, Any]:
                 ),
                 "points": page.get_attribute("#versions polyline.curve", "points"),
                 "scripts": page.eval_on_selector_all("script", "s => s.length"),
+                "refusals": page.eval_on_selector_all(
+                    "#refusals tr", "rs => rs.map(r => r.innerText)"
+                ),
             }
             page.screenshot(path=str(shot), full_page=False)
         finally:
@@ -211,6 +235,7 @@ async def test_the_status_page_in_a_real_browser(tmp_path: Path) -> None:
     assert set(seen["curves"]) == {"versions", "accuracy", "federated-accuracy"}
     assert len(seen["points"].split()) >= 3  # a step line through >= 2 versions
     assert seen["scripts"] == 0
+    assert any(row.startswith(f"{REFUSING}\tfailed") for row in seen["refusals"])
     # Nothing but the page itself (and no favicon or font from anywhere else).
     assert seen["requests"], "the browser made no request"
     for requested in seen["requests"]:
