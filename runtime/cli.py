@@ -9,6 +9,7 @@
     fedloom state reseed --config ROOT.toml --from DIR [--above N]  a root that lost its state
                          (or --backup DIR: a backup of the root's own state directory)
     fedloom privacy STATE_DIR [--json] [--delta D]                 a root's or DP-SGD site's ε
+    fedloom status --config ROOT.toml | --url URL [--json]          the federation, from its root
     fedloom demo                                                    a real local federation
     fedloom chaos SCENARIO.toml [--out DIR] [--backend B]           faults on real daemons
     fedloom local init DIR [--shape S] [--regions N] [--sites N]    lay out a local federation
