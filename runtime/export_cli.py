@@ -26,14 +26,20 @@ __all__ = ["add_export_commands", "cmd_export"]
 EXIT_INVALID = 1
 
 
+def _fill(text: str) -> str:
+    return textwrap.fill(text, width=88)
+
+
 def add_export_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedloom model export|verify`` and ``fedloom run-report``."""
     model = sub.add_parser(
         "model",
         help="export the root's global model (safetensors or torch), or verify an export",
-        description="export: read the root's state directory (a running root's too: "
-        "nothing is locked or changed) and write its current global model with its "
-        "provenance. verify: recompute an export's digest and check the root's signature.",
+        description=_fill(
+            "export: read the root's state directory (a running root's too: "
+            "nothing is locked or changed) and write its current global model with its "
+            "provenance. verify: recompute an export's digest and check the root's signature."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent(
             """\
@@ -48,12 +54,14 @@ def add_export_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     export = actions.add_parser(
         "export",
         help="write the root's global model and its provenance to a file",
-        description="With --config, the model the root holds now (its checkpoint plus every "
-        "update logged after it, restored as a restart would); with --state-dir alone, the "
-        "model of the last checkpoint (the file says how many later records it leaves "
-        "out). The metadata holds fedloom's version, the model version, its digest "
-        "(sha256 of transport.e2e.tensors_digest, what the root signs), the root's "
-        "signature when its audit log holds one, the lineage and the plan digest.",
+        description=_fill(
+            "With --config, the model the root holds now (its checkpoint plus every "
+            "update logged after it, restored as a restart would); with --state-dir alone, the "
+            "model of the last checkpoint (the file says how many later records it leaves "
+            "out). The metadata holds fedloom's version, the model version, its digest "
+            "(sha256 of transport.e2e.tensors_digest, what the root signs), the root's "
+            "signature when its audit log holds one, the lineage and the plan digest."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  fedloom model export --config root.toml --out model.safetensors\n",
     )
@@ -96,10 +104,12 @@ def add_export_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     report = sub.add_parser(
         "run-report",
         help="write an RO-Crate describing the federation (never data)",
-        description="Write DIR/ro-crate-metadata.json: the roster's version and members, "
-        "the plan digest, the datasets each site registered (tags, hashes, rows: from "
-        "their state directories or audit exports), the model versions and lineage, the "
-        "root's metrics, the privacy budget spent and the audit logs' heads.",
+        description=_fill(
+            "Write DIR/ro-crate-metadata.json: the roster's version and members, "
+            "the plan digest and each site's approvals of plans, the datasets each site registered (tags, hashes, rows: from "
+            "their state directories or audit exports), the model versions and lineage, the "
+            "root's metrics, the privacy budget spent and the audit logs' heads."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=textwrap.dedent(
             """\
@@ -117,7 +127,8 @@ def add_export_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         action="append",
         default=[],
         metavar="DIR",
-        help="a site's state directory (repeat for each site)",
+        help="a site's state directory: its datasets, approvals and audit log (repeat for "
+        "each site; SITE=DIR names the roster member when the directory's name is not it)",
     )
     report.add_argument(
         "--site-audit",
@@ -125,7 +136,7 @@ def add_export_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         action="append",
         default=[],
         metavar="FILE.jsonl",
-        help="a site's `fedloom audit export` (repeat for each site)",
+        help="a site's `fedloom audit export` (repeat for each site; SITE=FILE as above)",
     )
     report.add_argument(
         "--model", type=Path, default=None, metavar="FILE", help="an exported model to include"
