@@ -106,7 +106,8 @@ def add_export_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="write an RO-Crate describing the federation (never data)",
         description=_fill(
             "Write DIR/ro-crate-metadata.json: the roster's version and members, "
-            "the plan digest and each site's approvals of plans, the datasets each site registered (tags, hashes, rows: from "
+            "the plan digest and each site's approvals of plans, the datasets each site "
+            "registered (tags, hashes, rows: from "
             "their state directories or audit exports), the model versions and lineage, the "
             "root's metrics, the privacy budget spent and the audit logs' heads."
         ),
