@@ -440,8 +440,11 @@ async def serve(
     post = poster(driver.post_nowait)  # for the services' own events
     layered.add(audit)  # observes what the node sends, applies, releases and refuses
     add_reports(layered, d, post)  # federated evaluation and statistics (runtime.reports)
-    board = board_for_daemon(d, layered, loop.time()) if cfg.is_aggregator else None
-    if board is not None:  # the status board (/status, fedloom status): observes only
+    # The status board (/status, fedloom status; runtime.status): observes only, and only
+    # an aggregator with a metrics port to show it on keeps one.
+    served = cfg.is_aggregator and cfg.metrics_port
+    board = board_for_daemon(d, layered, loop.time()) if served else None
+    if board is not None:
         layered.add(board)
     stop = asyncio.Event()
     main = asyncio.current_task()
