@@ -414,15 +414,20 @@ def write_export(model: RootModel, out: Path, fmt: str) -> dict[str, str]:
     meta = model.metadata()
     arrays = {k: np.ascontiguousarray(v) for k, v in model.weights.items()}
     tmp = out.with_name(out.name + ".tmp")
-    if fmt == "safetensors":
-        from safetensors.numpy import save_file
+    try:
+        if fmt == "safetensors":
+            from safetensors.numpy import save_file
 
-        save_file(arrays, str(tmp), metadata=meta)
-    else:
-        torch = _torch()
-        tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-        torch.save({"state_dict": tensors, "metadata": meta}, str(tmp))
-    tmp.replace(out)
+            save_file(arrays, str(tmp), metadata=meta)
+        else:
+            torch = _torch()
+            tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+            torch.save({"state_dict": tensors, "metadata": meta}, str(tmp))
+        tmp.replace(out)  # a reader never sees half a file
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return meta
 
 
