@@ -762,6 +762,8 @@ MAX_BATCH = 512  # entries per write + fsync
 SLOW_WRITE_S = 1.0  # a batch slower than this counts in ``audit_slow_writes``
 RETRY_S = (0.1, 0.5, 2.0, 5.0)  # after a failed write: back-off before the next try
 STOP_WAIT_S = 5.0  # at stop, how long the queue may take to reach the disk
+MAX_THUNKS = 32  # queued entries whose digest is still to be computed (they hold tensors)
+SKIPPED = "audit writer behind"  # why an entry has no digest
 
 FieldsOrThunk = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
 
@@ -787,6 +789,7 @@ class AuditWriter:
         max_queue: int = MAX_QUEUE,
         max_batch: int = MAX_BATCH,
         slow_s: float = SLOW_WRITE_S,
+        max_thunks: int = MAX_THUNKS,
     ) -> None:
         self.log = log
         self.report = report
@@ -797,6 +800,9 @@ class AuditWriter:
         self._queue: deque[tuple[str, FieldsOrThunk, float]] = deque()
         self._dropped: Counter[str] = Counter()
         self._unsynced: list[tuple[int, int, str]] = []  # batches whose fsync failed
+        self._thunks = 0  # callables queued (each may hold a model's tensors)
+        self.max_thunks = max_thunks
+        self.digests_skipped = 0
         self._closing = False
         self._busy = False
         self.written = 0
@@ -807,9 +813,19 @@ class AuditWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, kind: str, fields: FieldsOrThunk, ts: float | None = None) -> bool:
+    def submit(
+        self,
+        kind: str,
+        fields: FieldsOrThunk,
+        ts: float | None = None,
+        *,
+        fallback: Mapping[str, Any] | None = None,
+    ) -> bool:
         """Queue one entry; False (counted, recorded later as a gap) when the queue is full
-        or the writer stopped."""
+        or the writer stopped. A callable ``fields`` holds tensors until the thread runs
+        it: past ``max_thunks`` of those queued, ``fallback`` (the same fields without
+        the digest, saying so) is queued instead, so a stalled disk cannot pin model-sized
+        arrays in memory."""
         when = time.time() if ts is None else ts
         with self._cond:
             if self._closing or len(self._queue) >= self.max_queue:
@@ -817,6 +833,12 @@ class AuditWriter:
                 self.dropped_total += 1
                 dropped = True
             else:
+                if callable(fields):
+                    if self._thunks >= self.max_thunks:
+                        fields = fallback if fallback is not None else {"digest": None}
+                        self.digests_skipped += 1
+                    else:
+                        self._thunks += 1
                 self._queue.append((kind, fields, when))
                 self._cond.notify()
                 dropped = False
@@ -878,6 +900,7 @@ class AuditWriter:
             n = min(len(self._queue), self.max_batch)
             batch = _Batch([self._queue.popleft() for _ in range(n)], self._dropped, self._unsynced)
             self._dropped, self._unsynced = Counter(), []
+            self._thunks -= sum(1 for _, fields, _ in batch.items if callable(fields))
             self._busy = True
             depth = len(self._queue)
         self._metric(Metric("audit_queue_size", float(depth)))
@@ -1172,7 +1195,10 @@ class AuditMiddleware:
                     "settings": bytes(msg.settings).hex(),
                 }
 
-            self.writer.submit("model_received", received)
+            skipped = {"from": event.peer, "version": int(msg.version), "digest": None}
+            self.writer.submit(
+                "model_received", received, fallback={**skipped, "digest_skipped": SKIPPED}
+            )
 
     def _update_in(self, peer: str, msg: Update, effects: Sequence[Effect]) -> None:
         acked = False
@@ -1206,13 +1232,17 @@ class AuditMiddleware:
                 if isinstance(value, int) and not isinstance(value, bool):
                     fields[key] = value
         if msg.pairs:
-            fields["pairs"] = [[s, q] for s, q in msg.pairs[:MAX_PAIRS]]
+            fields["pairs"] = _pairs(msg.pairs)
             fields["pairs_total"] = len(msg.pairs)
         kind = "update_applied" if outcome in (None, "applied") else "update_recorded"
         if kind == "update_recorded":
             fields["outcome"] = _clean(outcome, 40)
         delta = msg.delta
-        self.writer.submit(kind, lambda: {**fields, "digest": tensors_digest(delta).hex()})
+        self.writer.submit(
+            kind,
+            lambda: {**fields, "digest": tensors_digest(delta).hex()},
+            fallback={**fields, "digest": None, "digest_skipped": SKIPPED},
+        )
 
     def _sending(self, eff: Send) -> None:
         msg = eff.msg
@@ -1228,27 +1258,29 @@ class AuditMiddleware:
                 "task": int(msg.task),
             }
             if msg.pairs:
-                fields["pairs"] = [[s, q] for s, q in msg.pairs[:MAX_PAIRS]]
+                fields["pairs"] = _pairs(msg.pairs)
                 fields["pairs_total"] = len(msg.pairs)
             delta, spec = msg.delta, self.up
             self.writer.submit(
                 "update_sent",
                 lambda: {**fields, "digest": digest_as_received(delta, spec).hex()},
+                fallback={**fields, "digest": None, "digest_skipped": SKIPPED},
             )
         elif type(msg) is MaskedUpdate and msg.src == self.node_id:
             if not self._sent.add(("m", msg.seq, bytes(msg.cohort))):
                 return
             masked = msg
+            plain = {
+                "to": eff.peer,
+                "seq": int(masked.seq),
+                "cohort": bytes(masked.cohort).hex(),
+                "base_version": int(masked.base_version),
+                "n_examples": int(masked.n_examples),
+            }
             self.writer.submit(
                 "masked_update_sent",
-                lambda: {
-                    "to": eff.peer,
-                    "seq": int(masked.seq),
-                    "cohort": bytes(masked.cohort).hex(),
-                    "base_version": int(masked.base_version),
-                    "n_examples": int(masked.n_examples),
-                    "digest": masked_digest(masked).hex(),
-                },
+                lambda: {**plain, "digest": masked_digest(masked).hex()},
+                fallback={**plain, "digest": None, "digest_skipped": SKIPPED},
             )
         elif type(msg) is TrainRefused and msg.src == self.node_id:
             self.writer.submit(
@@ -1277,7 +1309,11 @@ class AuditMiddleware:
                 "signed_digest": digest_as_received(weights, spec).hex(),
             }
 
-        self.writer.submit("model_version", released)
+        self.writer.submit(
+            "model_version",
+            released,
+            fallback={"version": version, "digest": None, "digest_skipped": SKIPPED},
+        )
         if self._proof_of is not None:
             self._pending[version] = None
             while len(self._pending) > _PENDING_PROOFS:
@@ -1341,6 +1377,15 @@ class AuditMiddleware:
             )
             self._suppressed = Counter()
         self._window_start, self._window_n = now, 0
+
+
+def _pairs(pairs: Sequence[Any]) -> list[list[Any]]:
+    """A forward's (site, seq) pairs for an entry: the first ``MAX_PAIRS``, ids cleaned."""
+    out: list[list[Any]] = []
+    for pair in pairs[:MAX_PAIRS]:
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            out.append([_clean(pair[0], 128), _int_or_none(pair[1])])
+    return out
 
 
 def _int_or_none(value: object) -> int | None:

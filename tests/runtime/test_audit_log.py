@@ -263,7 +263,7 @@ def _append_many(state: str, who: str, n: int) -> None:
 
 def test_two_processes_appending_keep_the_chain(tmp_path: Path, ident: Identity) -> None:
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), w, 150)) for w in "ab"]
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), w, 100)) for w in "ab"]
     for p in procs:
         p.start()
     # ... and this process's signed batches at the same time.
@@ -275,12 +275,12 @@ def test_two_processes_appending_keep_the_chain(tmp_path: Path, ident: Identity)
         assert p.exitcode == 0
     verdict = verify_log(tmp_path, ident.public_key)
     assert verdict.intact, verdict.problem
-    assert len(verdict.entries) == 360
+    assert len(verdict.entries) == 260
     per_node: dict[str, list[int]] = {}
     for e in verdict.entries:
         if e["kind"] == "tick":
             per_node.setdefault(e["node"], []).append(e["fields"]["i"])
-    assert per_node == {"a": list(range(150)), "b": list(range(150))}
+    assert per_node == {"a": list(range(100)), "b": list(range(100))}
 
 
 _scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=8)
@@ -315,4 +315,6 @@ def test_any_single_byte_flip_or_cut_is_caught(
     assert not verdict.intact, f"byte {pos} flipped and the log still verifies"
     log_path(state).write_bytes(bytes(data[:pos]))
     short = verify_log(state)
-    assert short.intact is (pos == 0 or data[pos - 1 : pos] == b"\n")
+    # Intact when the cut falls between lines, or just before a newline: a whole entry
+    # lacking only its newline (writers finish such a line; a crash can leave it).
+    assert short.intact is (pos == 0 or b"\n" in (data[pos - 1 : pos], data[pos : pos + 1]))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fedloom.algorithms.protocol import (
+    Log,
     Metric,
     PeerDown,
     PeerUp,
@@ -30,6 +31,7 @@ from fedloom.runtime.audit import (
     AuditLog,
     AuditMiddleware,
     AuditWriter,
+    DaemonAudit,
     dataset_of,
     read_entries,
     verify_log,
@@ -37,7 +39,8 @@ from fedloom.runtime.audit import (
 from fedloom.runtime.middleware import LayeredNode
 from fedloom.transport.e2e import tensors_digest
 from fedloom.transport.identity import Identity
-from fedloom.transport.wire import TrainRefused, TrainRequest, Update
+from fedloom.transport.roster import Roster, RosterEntry
+from fedloom.transport.wire import Ack, TrainRefused, TrainRequest, Update
 from tests.algorithms.alg_helpers import hello, model, recv, upd
 
 pytestmark = pytest.mark.timeout(30)
@@ -243,3 +246,57 @@ def test_a_failed_fsync_is_recorded_not_rewritten(tmp_path: Path) -> None:
         ("audit_sync_failed", {"from_seq": 1, "to_seq": 5, "error": "No space left on device"}),
         ("audit_sync_failed", {"from_seq": 6, "to_seq": 6, "error": "No space left on device"}),
     ]
+
+
+def test_a_stalled_disk_does_not_pin_tensors(tmp_path: Path) -> None:
+    """Past ``max_thunks`` queued digests (each holds a model's arrays until computed),
+    entries go in without their digest and say why."""
+    gate = threading.Event()
+    in_fsync = threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        in_fsync.set()
+        gate.wait(20)
+        os.fsync(fd)
+
+    writer = AuditWriter(AuditLog(tmp_path, "s1", fsync=slow_fsync), max_thunks=2)
+    mw = AuditMiddleware(writer, "s1", "site")
+    writer.start()
+    writer.submit("daemon_start", {})
+    assert in_fsync.wait(10)
+    for seq in range(1, 5):
+        update = Update("s1", seq, 0, model(float(seq)), 10)
+        mw.observe(PeerUp("root"), [Send("root", update)], float(seq))
+    assert writer.digests_skipped == 2
+    gate.set()
+    assert writer.flush(10) and writer.close()
+    sent = fields(tmp_path, "update_sent")
+    assert [f["seq"] for f in sent] == [1, 2, 3, 4]
+    assert [f["digest"] is not None for f in sent] == [True, True, False, False]
+    assert sent[1]["digest"] == tensors_digest(model(2.0)).hex()
+    assert sent[3]["digest_skipped"] == "audit writer behind"
+
+
+def test_secure_cohorts_and_roster_installs_are_recorded(tmp_path: Path) -> None:
+    writer = AuditWriter(AuditLog(tmp_path, "root"))
+    writer.start()
+    mw = DaemonAudit(writer, "root", "root")
+    applied = Log("info", "secure cohort applied", {"members": 3, "survivors": 2, "version": 4})
+    effects = [applied, Send("s1", Ack("s1", 7)), Send("s2", Ack("s2", 9))]
+    mw.observe(PeerUp("s1"), effects, 1.0)
+    seen: list[int] = []
+    roster = Roster(3, [RosterEntry("s1", "site", Identity.generate("s1").public_key)])
+    installed = mw.on_roster(lambda r: seen.append(r.version))
+    installed(roster)
+    assert seen == [3]  # the daemon's own hook still runs, first
+    assert writer.flush(10) and writer.close()
+    assert fields(tmp_path, "secure_cohort_applied") == [
+        {
+            "members": 3,
+            "survivors": 2,
+            "version": 4,
+            "pairs": [["s1", 7], ["s2", 9]],
+            "pairs_total": 2,
+        }
+    ]
+    assert fields(tmp_path, "roster_installed") == [{"version": 3, "digest": roster.digest.hex()}]
