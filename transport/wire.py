@@ -301,7 +301,7 @@ class SecAggAbort:
 class TrainRefused:
     """Site ``src`` did not train task ``task`` (model ``version``): it refused the job
     (``code``: "plan_not_approved", "out_of_bounds", "dataset_missing", "dataset_revoked",
-    "unsigned_settings", "privacy_budget", ...) or the plan failed ("plan_failed").
+    "unsigned_settings", "privacy_budget", ...) or the plan failed ("failed").
     ``reason`` is the site's one-line explanation. A region relays it to its parent
     unchanged, so the root sees every site's refusals (``fedloom status``)."""
 
