@@ -855,7 +855,7 @@ class AuditWriter:
         """Wait (bounded) until everything queued is on disk; whether it is."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._busy:
+            while self._queue or self._busy or self._unsynced or self._dropped:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
                     return False
@@ -871,7 +871,8 @@ class AuditWriter:
         if self._thread.is_alive():
             self._thread.join(timeout)
         with self._cond:
-            left = len(self._queue) + (1 if self._busy else 0)
+            left = len(self._queue) + len(self._unsynced) + (1 if self._busy else 0)
+            left += sum(self._dropped.values())  # (a gap entry still to write)
         if left or self._thread.is_alive():
             _log.error(
                 "audit: %d entr%s not written at stop (the disk is too slow or failing)",
@@ -908,6 +909,7 @@ class AuditWriter:
 
     def _run(self) -> None:
         failures = 0
+        stop_tried = False
         while True:
             batch = self._take()
             if batch is None:
@@ -942,10 +944,13 @@ class AuditWriter:
                         self._unsynced[:0] = batch.unsynced
                     self._busy = False
                     self._cond.notify_all()
-                    closing = self._closing
-                if closing and failures >= len(RETRY_S):
-                    return  # close() reports what is left
-                time.sleep(RETRY_S[min(failures, len(RETRY_S)) - 1])
+                    if self._closing:  # a stop tries once more, then close() reports
+                        if stop_tried:
+                            return
+                        stop_tried = True
+                        continue
+                    delay = RETRY_S[min(failures, len(RETRY_S)) - 1]
+                    self._cond.wait_for(lambda: self._closing, timeout=delay)
                 continue
             failures = 0
             elapsed = time.monotonic() - started
