@@ -33,9 +33,14 @@ Writers
   tampering or a bad disk: writers refuse to append (``AuditError``) and the daemon does
   not start (exit 65, like a corrupt state directory), until an operator has looked.
 
+The daemon (``open_audit``, called by ``serve()``): ``AuditMiddleware`` observes the node
+(observe only) and queues entries for an ``AuditWriter`` thread, so the event loop never
+waits for the disk and every digest is computed off it. The queue is bounded: what it
+cannot take is counted and recorded as an ``audit_gap`` entry, never dropped silently;
+a batch whose ``fsync`` failed is named in an ``audit_sync_failed`` entry (not rewritten).
+
 ``record(state_dir, kind, **fields)`` is the commands' entry point; ``verify_log`` and
-``read_entries`` read; ``AuditMiddleware`` is the daemon's (``serve()`` layers it around the
-node).
+``read_entries`` read.
 """
 
 from __future__ import annotations
@@ -92,13 +97,20 @@ __all__ = [
     "AUDIT_DIR",
     "GENESIS",
     "HEAD_FILE",
+    "KNOWN_KINDS",
     "LOG_FILE",
     "AuditError",
     "AuditLog",
+    "AuditMiddleware",
+    "AuditSyncError",
+    "AuditWriter",
+    "DaemonAudit",
     "Problem",
     "Verdict",
     "canonical",
+    "dataset_of",
     "entry_hash",
+    "open_audit",
     "read_entries",
     "record",
     "verify_log",
@@ -268,6 +280,14 @@ def _read_tail(fd: int, path: Path) -> _Tail:
             return tail
     offset, line = _read_back(fd, end - 1)
     entry = parse_entry(line)
+    if tail.torn is not None and (entry is None or not _valid(entry)):
+        # A crash while sealing an earlier torn line: that line, the newline the seal
+        # began with, and the seal cut short. One torn region, sealed as one.
+        tail.torn = (offset, line + b"\n" + tail.torn[1])
+        if offset == 0:
+            return tail
+        offset, line = _read_back(fd, offset - 1)
+        entry = parse_entry(line)
     if entry is None or not _valid(entry):
         raise AuditError(
             f"{path}: the last complete entry (byte {offset}) is damaged, which a crash "
@@ -523,16 +543,26 @@ def _lines(data: bytes) -> list[_Line]:
     return out
 
 
-def _seals(line: _Line, nxt: _Line | None) -> bool:
-    """True when ``nxt`` is the ``torn_tail`` entry that seals the torn ``line``."""
-    if nxt is None or nxt.entry is None or nxt.entry["kind"] != "torn_tail":
-        return False
-    f = nxt.entry["fields"]
-    return bool(
-        f.get("offset") == line.offset
-        and f.get("bytes") == len(line.raw)
-        and f.get("sha256") == hashlib.sha256(line.raw).hexdigest()
-    )
+def _seal_of(lines: list[_Line], i: int, data: bytes) -> int | None:
+    """The index of the ``torn_tail`` entry that seals the torn region starting at line
+    ``i`` (that line, or two: a torn line and a seal of it cut short), else None."""
+    start = lines[i].offset
+    for j in (i + 1, i + 2):
+        if j >= len(lines) or (j == i + 2 and lines[i + 1].entry is not None):
+            return None
+        seal = lines[j].entry
+        if seal is None or seal["kind"] != "torn_tail":
+            continue
+        f = seal["fields"]
+        size = lines[j].offset - 1 - start
+        if (
+            f.get("offset") == start
+            and f.get("bytes") == size
+            and f.get("sha256") == hashlib.sha256(data[start : start + size]).hexdigest()
+        ):
+            return j
+        return None
+    return None
 
 
 def _chain_problem(lines: list[_Line], i: int, expected: int, prev: str) -> Problem:
@@ -690,12 +720,14 @@ def verify_log(state_dir: str | os.PathLike[str], public_key: bytes | None = Non
         line = lines[i]
         nxt = lines[i + 1] if i + 1 < len(lines) else None
         if line.entry is None:
-            if _seals(line, nxt):
+            seal = _seal_of(lines, i, data)
+            if seal is not None:
+                size = lines[seal].offset - 1 - line.offset
                 verdict.notes.append(
-                    f"line {line.number}: a line torn by a crash ({len(line.raw)} bytes), "
-                    f"sealed by the torn_tail entry on line {line.number + 1}"
+                    f"line {line.number}: a line torn by a crash ({size} bytes), sealed by "
+                    f"the torn_tail entry on line {lines[seal].number}"
                 )
-                i += 1
+                i = seal
                 continue
             if nxt is None and not line.terminated:
                 verdict.problem = Problem(

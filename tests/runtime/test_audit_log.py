@@ -246,6 +246,25 @@ def test_torn_tail_is_reported_then_sealed_by_the_next_append(
     ]
 
 
+def test_a_crash_while_sealing_a_torn_tail_is_sealed_too(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, "n")
+    log.append([("a", {}), ("b", {})])
+    whole = log_path(tmp_path).read_bytes()
+    torn = b'{"fields":{"x":'
+    # The first crash left a torn line; the second crashed in the write that sealed it
+    # (its newline and part of the torn_tail entry reached the disk).
+    cut_seal = b'\n{"fields":{"bytes":15,"off'
+    log_path(tmp_path).write_bytes(whole + torn + cut_seal)
+    assert verify_log(tmp_path).problem is not None
+    log.append([("c", {})])
+    verdict = verify_log(tmp_path)
+    assert verdict.intact, verdict.problem
+    assert [e["kind"] for e in verdict.entries] == ["a", "b", "torn_tail", "c"]
+    sealed = verdict.entries[2]["fields"]
+    assert sealed["offset"] == len(whole) and sealed["bytes"] == len(torn + cut_seal)
+    assert verdict.entries[2]["prev"] == verdict.entries[1]["hash"]
+
+
 def test_torn_first_line_seals_from_the_genesis(tmp_path: Path) -> None:
     (tmp_path / "audit").mkdir()
     log_path(tmp_path).write_bytes(b"\x00\x00\x00\x00")  # power loss: zeros
