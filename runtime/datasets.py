@@ -220,15 +220,29 @@ def _parse_bytes(data: bytes, fmt: str, where: str) -> Any:
     try:
         if fmt == "csv":
             sep = "\t" if where.lower().endswith(".tsv") else ","
-            return pd.read_csv(
-                io.BytesIO(data), dtype=str, keep_default_na=False, na_filter=False, sep=sep
-            )
-        return pd.read_parquet(io.BytesIO(data), engine="pyarrow")
+            opts: dict[str, Any] = {"dtype": str, "keep_default_na": False, "na_filter": False}
+            frame = pd.read_csv(io.BytesIO(data), sep=sep, **opts)
+            # pandas renames a repeated header (a, a -> a, a.1): the header row as written
+            header = pd.read_csv(io.BytesIO(data), sep=sep, header=None, nrows=1, **opts)
+            names = [str(c) for c in header.iloc[0]] if len(header) else []
+        else:
+            frame = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
+            names = [str(c) for c in frame.columns]
     except ImportError:  # pyarrow missing: fedloom.cli names the extra
         raise
     except Exception as exc:  # pandas and pyarrow raise many kinds on a bad file
         text = " ".join(str(exc).split())[:200]
         raise RegistryError(f"{where}: cannot read it as {fmt.upper()} ({text})") from None
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            shown = name if len(name) <= 40 else name[:37] + "..."
+            raise RegistryError(
+                f"{where}: the column name {shown!r} appears more than once in the header "
+                "(every column needs its own name)"
+            )
+        seen.add(name)
+    return frame
 
 
 def _row(i: int, fmt: str) -> str:
@@ -277,7 +291,11 @@ def coerce_column(series: Any, kind: str, col: str, fmt: str, where: str) -> Any
             if not ok.all():
                 i = int(np.argmin(ok))
                 raise _bad(where, col, i, fmt, values[i], "a whole number")
-            return text.astype(np.int64).to_numpy()
+            try:
+                return text.astype(np.int64).to_numpy()
+            except (OverflowError, ValueError):  # a whole number beyond 64 bits
+                i = next(j for j, t in enumerate(text) if not _I64_MIN <= int(t) <= _I64_MAX)
+                raise _bad(where, col, i, fmt, values[i], _INT64) from None
         if kind == "float":
             import pandas as pd
 
@@ -310,12 +328,23 @@ def coerce_column(series: Any, kind: str, col: str, fmt: str, where: str) -> Any
         if not ok.all():
             i = int(np.argmin(ok))
             raise _bad(where, col, i, fmt, values[i], "a whole number")
+        if values.dtype.kind == "u":  # compared as integers: no float rounding at 2**63
+            ok = values <= np.uint64(_I64_MAX)
+        elif values.dtype.kind == "f":
+            ok = (num >= -(2.0**63)) & (num < 2.0**63)
+        if not ok.all():  # astype would wrap it around silently
+            i = int(np.argmin(ok))
+            raise _bad(where, col, i, fmt, values[i], _INT64)
         return values.astype(np.int64)
     ok = (num == 0) | (num == 1)
     if not ok.all():
         i = int(np.argmin(ok))
         raise _bad(where, col, i, fmt, values[i], "true/false (or 1/0)")
     return num == 1
+
+
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+_INT64 = "a whole number within 64 bits (-2**63 to 2**63-1)"
 
 
 def _category(v: Any) -> str:
@@ -477,8 +506,9 @@ class DatasetRegistry:
             if not isinstance(doc.get("datasets"), list):
                 raise ValueError("no list of datasets")
             return tuple(DatasetRecord.from_json(d) for d in doc["datasets"])
-        except ValueError as exc:
-            raise RegistryError(f"{self.path}: damaged dataset registry: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
+            detail = str(exc)[:200]  # (an over-long integer's message quotes no digits)
+            raise RegistryError(f"{self.path}: damaged dataset registry: {detail}") from None
 
     def get(self, name: str) -> DatasetRecord | None:
         """The record named ``name`` (active or revoked), or None."""

@@ -43,13 +43,7 @@ async def evaluate_models(
 
     plan = d.plan
     assert plan is not None
-    accuracy = Gauge(
-        "fedloom_eval_accuracy", "Accuracy of the current model.", registry=sink.registry
-    )
-    loss = Gauge("fedloom_eval_loss", "Loss of the current model.", registry=sink.registry)
-    version_g = Gauge(
-        "fedloom_eval_model_version", "Model version last evaluated.", registry=sink.registry
-    )
+    gauges: list[Any] = []  # registered at the first result: a node with none shows none
     last: int | None = None
     while True:
         model = model_of(d.node)
@@ -61,11 +55,25 @@ async def evaluate_models(
                 log.exception("%s: evaluating model v%d failed", d.cfg.node_id, version)
             else:
                 last = version
+                if not result:  # a node with no data of its own (a tabular root): nothing
+                    continue
                 acc = float(result.get("accuracy", math.nan))
                 lss = float(result.get("loss", math.nan))
-                accuracy.set(acc)
-                loss.set(lss)
-                version_g.set(version)
+                if not gauges:
+                    reg = sink.registry
+                    gauges += [
+                        Gauge(
+                            "fedloom_eval_accuracy", "Accuracy of the current model.", registry=reg
+                        ),
+                        Gauge("fedloom_eval_loss", "Loss of the current model.", registry=reg),
+                        Gauge(
+                            "fedloom_eval_model_version",
+                            "Model version last evaluated.",
+                            registry=reg,
+                        ),
+                    ]
+                for gauge, value in zip(gauges, (acc, lss, float(version)), strict=True):
+                    gauge.set(value)
                 if on_result is not None:
                     on_result(version, {"accuracy": acc, "loss": lss})
                 log.info(

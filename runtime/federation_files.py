@@ -103,8 +103,20 @@ class Federation:
             return tomllib.load(fh)
 
 
+# A generated site trains on the demo's own synthetic data: no approval is needed, and
+# saying so keeps its log free of the warning that nothing decides what runs.
+DEMO_GOVERNANCE = {"require_approval": False}
+_DEMO_GOVERNANCE_NOTE = (
+    "# The demo's synthetic data: any plan may run (runtime.governance). For real data,\n"
+    "# set require_approval = true and approve plans with `fedloom plans approve`.\n"
+)
+
+
 def _write_toml(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(tomli_w.dumps(dict(data)), encoding="utf-8")
+    text = tomli_w.dumps(dict(data))
+    if data.get("governance") == DEMO_GOVERNANCE:
+        text = text.replace("\n[governance]\n", "\n" + _DEMO_GOVERNANCE_NOTE + "[governance]\n", 1)
+    path.write_text(text, encoding="utf-8")
 
 
 def write_roster(
@@ -265,6 +277,8 @@ def write_federation(
                 plan={**plan_table, "site_index": index},
                 training=dict(training),
             )
+            if plan.get("kind") != "tabular":  # a site's own table is approved by default
+                site["governance"] = dict(DEMO_GOVERNANCE)
             add(site, 0, free_port() if site_metrics else 0, index)
             index += 1
     write_roster(workdir / "roster.toml", identities, consortium, examples=examples)

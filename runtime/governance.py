@@ -5,7 +5,8 @@ and of its ``[plan]`` table, with a bound on every hyperparameter an aggregator 
 (``lr``, ``local_steps``, ``batch_size``, ``mu``, ...). With ``[governance]
 require_approval = true`` (the default for ``[plan] kind = "tabular"``, a hospital's
 registered data) the site trains a job only if the plan it runs is approved, not revoked,
-and every key of the job's config is within its bound; otherwise the job is refused with
+every key of the job's config is within its bound and every bounded key is in the job's
+config (one left out would run at the plan's default); otherwise the job is refused with
 ``TrainingRefusedError`` (code ``plan_not_approved`` or ``out_of_bounds``), which the
 driver turns into ``TrainFailed`` and the site reports to its aggregator.
 
@@ -23,7 +24,18 @@ driver turns into ``TrainFailed`` and the site reports to its aggregator.
   driver's thread pool in the daemon's process; with a process pool (``pool``) only the
   inner trainer runs there, after the check (as ``workloads.dp_sgd.LedgerTrainer`` does).
 * ``[governance]`` (``read_governance``): ``require_approval`` (unset: true for a tabular
-  plan, else false, and the daemon warns once at start that any plan and settings run).
+  plan, else false, and the daemon warns once at start that any plan and settings run);
+  ``statistics_tags`` (the dataset tags a statistics query may read; unset: the plan's
+  own ``dataset_tag``, only while the plan is approved when approval is required).
+* ``ReportsGate`` (``reports_gate``): what ``runtime.reports.SiteReports`` asks before it
+  evaluates a model on the site's data (the training gate's approval, when required:
+  ``plan_not_approved``) and before it answers a statistics query (the tag allowed:
+  ``tag_not_allowed``, or ``plan_not_approved`` for the default tag of an unapproved plan).
+* ``prepare_plan_code(cfg)``: called before the plan's code is imported
+  (``runtime.nodes.build_plan``); where approval is required the digest is computed there,
+  once, and for a ``factory`` plan Python is made to ignore the bytecode in the source
+  tree (``ignore_tree_bytecode``: ``sys.pycache_prefix`` and ``PYTHONPYCACHEPREFIX`` point
+  to ``STATE_DIR/pycache``), so what runs is the source the digest covers.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,9 +92,12 @@ TABULAR_KIND = "tabular"
 
 @dataclass(frozen=True, slots=True)
 class GovernanceConfig:
-    """``[governance]``: ``require_approval`` None (unset): decided by the plan's kind."""
+    """``[governance]``: ``require_approval`` None (unset): decided by the plan's kind.
+    ``statistics_tags`` None (unset): statistics only over the plan's own ``dataset_tag``
+    (and, when approval is required, only while the plan is approved)."""
 
     require_approval: bool | None = None
+    statistics_tags: tuple[str, ...] | None = None
 
 
 NO_GOVERNANCE = GovernanceConfig()
@@ -90,8 +106,14 @@ NO_GOVERNANCE = GovernanceConfig()
 def read_governance(t: Table) -> GovernanceConfig:
     """A ``[governance]`` table (absent or empty: the default for the plan's kind)."""
     require = t.flag("require_approval", None)
+    tags = t.array("statistics_tags", None)
+    if tags is not None:
+        bad = [v for v in tags if not isinstance(v, str) or not KEY_RE.fullmatch(v)]
+        if bad:
+            raise t.fail("statistics_tags", "a list of dataset tags", bad[0])
+        tags = tuple(dict.fromkeys(tags))
     t.finish()
-    return GovernanceConfig(require_approval=require)
+    return GovernanceConfig(require_approval=require, statistics_tags=tags)
 
 
 def approval_required(cfg: DaemonConfig) -> tuple[bool, bool]:
@@ -166,13 +188,31 @@ def canonical_json(value: Any) -> bytes:
     ).encode("ascii")
 
 
-def _skip(name: str) -> bool:
-    return name.startswith(".") or name == "__pycache__" or name.endswith((".pyc", ".pyo"))
+BYTECODE_DIR = "__pycache__"
+
+
+def _refuse_entry(path: Path, is_dir: bool) -> None:
+    """A hidden entry (not digested: refused) or sourceless bytecode (it would run)."""
+    name = path.name
+    if name.startswith("."):
+        what = "directory" if is_dir else "file"
+        raise ConfigError(
+            f"plan: {path}: a hidden {what} in the plan's package; the digest does not cover "
+            "hidden entries, so a plan that holds one cannot be approved (remove it or move "
+            "it out of the package)"
+        )
+    if not is_dir and name.endswith((".pyc", ".pyo")):
+        raise ConfigError(
+            f"plan: {path}: compiled bytecode outside {BYTECODE_DIR}/ (Python would import it "
+            "without a source file); ship the .py source instead"
+        )
 
 
 def _package_files(roots: Sequence[Path]) -> list[tuple[str, Path]]:
-    """Every file under ``roots`` but bytecode and hidden entries, by relative path (a
-    namespace package's several roots are merged, the first one's file winning)."""
+    """Every file under ``roots`` but ``__pycache__`` directories (ignored when the plan
+    runs: ``ignore_tree_bytecode``), by relative path (a namespace package's several roots
+    are merged, the first one's file winning). ``ConfigError`` naming the first hidden
+    entry or sourceless ``.pyc``/``.pyo`` file."""
     found: dict[str, Path] = {}
     seen_dirs: set[str] = set()
     for root in roots:
@@ -182,11 +222,12 @@ def _package_files(roots: Sequence[Path]) -> list[tuple[str, Path]]:
                 dirs[:] = []
                 continue
             seen_dirs.add(real)
-            dirs[:] = sorted(d for d in dirs if not _skip(d))
-            for name in files:
-                if _skip(name):
-                    continue
+            for name in dirs:
+                _refuse_entry(Path(here) / name, True)
+            dirs[:] = sorted(d for d in dirs if d != BYTECODE_DIR)
+            for name in sorted(files):
                 path = Path(here) / name
+                _refuse_entry(path, False)
                 rel = path.relative_to(root).as_posix()
                 found.setdefault(rel, path)
                 if len(found) > MAX_CODE_FILES:
@@ -498,10 +539,10 @@ def read_approvals(path: Path) -> list[Approval]:
         raise ApprovalsError(f"{path}: cannot read: {exc}") from None
     if len(data) > MAX_APPROVALS_BYTES:
         raise ApprovalsError(f"{path}: larger than {MAX_APPROVALS_BYTES >> 20} MiB")
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApprovalsError(f"{path}: not valid JSON: {exc}") from None
+    try:  # ValueError: bad UTF-8 or JSON, an integer of over 4300 digits; RecursionError:
+        doc = json.loads(data.decode("utf-8"))  # nesting too deep for the parser
+    except (ValueError, RecursionError) as exc:
+        raise ApprovalsError(f"{path}: not valid JSON: {clean(str(exc), 120)}") from None
     if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
         raise ApprovalsError(f"{path}: not an approvals file of format {FORMAT}")
     entries = doc.get("approvals")
@@ -509,7 +550,7 @@ def read_approvals(path: Path) -> list[Approval]:
         raise ApprovalsError(f"{path}: 'approvals' must be a list")
     try:
         return [Approval.from_json(e, f"{path}: approvals[{i}]") for i, e in enumerate(entries)]
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ApprovalsError(str(exc)) from None
 
 
@@ -665,8 +706,9 @@ def approve_command(digest: str, keys: Sequence[str] = ()) -> str:
 
 class GovernedTrainer:
     """A ``Trainer`` that trains a job only if ``digest`` is approved in ``state_dir``'s
-    approvals and every key of the job's config (but ``SITE_CONFIG_KEYS``) is within its
-    bound; ``TrainingRefusedError`` (``plan_not_approved`` / ``out_of_bounds``) otherwise.
+    approvals, every key of the job's config (but ``SITE_CONFIG_KEYS``) is within its
+    bound and every bounded key is in the config; ``TrainingRefusedError``
+    (``plan_not_approved`` / ``out_of_bounds``) otherwise.
 
     ``required`` False: no check at all. ``pool``: the executor ``inner`` runs in (a
     process pool: the check runs here, in the caller's process, before the job is handed
@@ -721,10 +763,11 @@ class GovernedTrainer:
                 )
             return active_approval(self._entries, self.digest)
 
-    def check(self, config: Mapping[str, Any]) -> None:
-        """Raise ``TrainingRefusedError`` unless a job with ``config`` may run."""
+    def check_approved(self, config: Mapping[str, Any] | None = None) -> Approval | None:
+        """This plan's active approval (None when none is required);
+        ``TrainingRefusedError`` (``plan_not_approved``) when it has none."""
         if not self.required:
-            return
+            return None
         approval = self.approval()
         if approval is None:
             revoked = [e for e in self._entries if e.digest == self.digest]
@@ -735,9 +778,16 @@ class GovernedTrainer:
             )
             raise TrainingRefusedError(
                 f"plan {self.digest} not approved: {what}; the site's operator may run: "
-                + approve_command(self.digest, _sent_keys(config)),
+                + approve_command(self.digest, _sent_keys(config or {})),
                 code="plan_not_approved",
             )
+        return approval
+
+    def check(self, config: Mapping[str, Any]) -> None:
+        """Raise ``TrainingRefusedError`` unless a job with ``config`` may run."""
+        approval = self.check_approved(config)
+        if approval is None:
+            return
         # Keys are a peer's: any type msgpack allows (bytes too), sorted by their text.
         keys = sorted((k for k in config if k not in SITE_CONFIG_KEYS), key=str)
         unbounded = [k for k in keys if not isinstance(k, str) or k not in approval.bounds]
@@ -748,6 +798,16 @@ class GovernedTrainer:
                 f"{shown}; the site's operator may approve again with "
                 + " ".join(f"--bound {clean(str(k), 24)}=..." for k in unbounded[:5])
                 + f" (`fedloom plans approve --digest {self.digest} ...`)",
+                code="out_of_bounds",
+            )
+        # A bounded setting the job leaves out would run at the plan's own default, which
+        # no bound covers: refused too (the aggregator sends every setting it has).
+        absent = sorted(k for k in approval.bounds if k not in config)
+        if absent:
+            raise TrainingRefusedError(
+                f"out of bounds: the job's settings leave out {', '.join(absent[:5])} "
+                f"(missing), bounded by the approval of plan {self.digest[:19]}: the plan "
+                "would run with its own default, which no bound covers",
                 code="out_of_bounds",
             )
         for k in keys:
@@ -791,7 +851,7 @@ def site_gate(cfg: DaemonConfig, inner: Trainer, pool: cf.Executor | None) -> Tr
             extra={"node": node},
         )
         return inner
-    digest = plan_digest(cfg)
+    digest = start_digest(cfg)
     gate = GovernedTrainer(inner, cfg.state_dir, digest, True, pool=pool)
     try:
         approved = gate.approval()
@@ -817,3 +877,116 @@ def site_gate(cfg: DaemonConfig, inner: Trainer, pool: cf.Executor | None) -> Tr
             extra={"node": node, "plan_digest": digest},
         )
     return gate
+
+
+# ------------------------------------------------------------------------ at start
+
+_START_DIGESTS: dict[tuple[str, str, str], str] = {}
+PYCACHE_DIR = "pycache"
+
+
+def _start_key(cfg: DaemonConfig) -> tuple[str, str, str]:
+    return cfg.node_id, str(cfg.state_dir), str(cfg.source)
+
+
+def _gated(cfg: DaemonConfig) -> bool:
+    return cfg.plan is not None and cfg.role in ("site", "peer") and approval_required(cfg)[0]
+
+
+def ignore_tree_bytecode(state_dir: Path) -> None:
+    """From now on this process (and the worker processes it spawns) reads and writes
+    bytecode under ``STATE_DIR/pycache``, never a package's own ``__pycache__``: a plan's
+    code runs from the source files its digest covers (sourceless ``.pyc`` files in its
+    package are refused by the digest). Modules already imported are not affected."""
+    prefix = str((Path(state_dir) / PYCACHE_DIR).resolve())
+    sys.pycache_prefix = prefix
+    os.environ["PYTHONPYCACHEPREFIX"] = prefix
+
+
+def prepare_plan_code(cfg: DaemonConfig) -> None:
+    """Before a site's plan code is imported (``runtime.nodes.build_plan``), where approval
+    is required: ignore bytecode in the source tree (a ``factory`` plan) and compute the
+    plan's digest, once: the daemon's gate uses this digest (``start_digest``), the one of
+    the code it imports. A change to the files after this counts from the next start."""
+    if not _gated(cfg):
+        return
+    assert cfg.plan is not None
+    if cfg.plan.factory is not None:
+        ignore_tree_bytecode(cfg.state_dir)
+    _START_DIGESTS[_start_key(cfg)] = plan_digest(cfg)
+
+
+def start_digest(cfg: DaemonConfig) -> str:
+    """The digest ``prepare_plan_code`` computed for ``cfg`` (else computed now)."""
+    digest = _START_DIGESTS.get(_start_key(cfg))
+    return digest if digest is not None else plan_digest(cfg)
+
+
+def _no_training(node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+    raise TrainingRefusedError("this gate only answers whether the plan is approved")
+
+
+def plan_dataset_tag(cfg: DaemonConfig) -> str | None:
+    """The ``dataset_tag`` of a tabular plan (None for any other plan)."""
+    plan = cfg.plan
+    tag = getattr(getattr(plan, "tabular", None), "dataset_tag", None)
+    return tag if isinstance(tag, str) else None
+
+
+class ReportsGate:
+    """What a site's evaluation and statistics service may do with the site's data.
+
+    ``approvals``: the training gate (None when approval is not required): evaluation runs
+    only while the plan is approved. ``tags``: the dataset tags a statistics query may
+    read; ``by_default``: they are the plan's own tag, not ``[governance]
+    statistics_tags``, so a query also needs the plan approved (when required). Called in
+    the service's job threads; each check re-reads ``approvals.json`` only if it changed.
+    """
+
+    def __init__(
+        self, approvals: GovernedTrainer | None, tags: frozenset[str], by_default: bool
+    ) -> None:
+        self.approvals = approvals
+        self.tags = tags
+        self.by_default = by_default
+
+    def check_evaluate(self) -> None:
+        """``TrainingRefusedError`` (``plan_not_approved``) unless evaluation may run."""
+        if self.approvals is not None:
+            self.approvals.check_approved()
+
+    def check_statistics(self, tag: str) -> None:
+        """``SpecError`` (``tag_not_allowed`` / ``plan_not_approved``) unless a statistics
+        query may read the dataset tagged ``tag``."""
+        from fedloom.federation.analytics import SpecError
+
+        if tag not in self.tags:
+            allowed = ", ".join(sorted(self.tags)) or "none"
+            raise SpecError(
+                f"statistics over the tag {clean(tag)!r} are not allowed at this site "
+                f"(allowed: {clean(allowed, 120)}; the site's [governance] statistics_tags)",
+                "tag_not_allowed",
+            )
+        if self.by_default and self.approvals is not None:
+            try:
+                self.approvals.check_approved()
+            except TrainingRefusedError as exc:
+                raise SpecError(str(exc), exc.code) from None
+
+
+def reports_gate(cfg: DaemonConfig, trainer: Trainer | None) -> ReportsGate | None:
+    """A site's ``ReportsGate`` (None for other roles): ``trainer``'s own gate when it is
+    one, else one over this config's plan digest when approval is required."""
+    if cfg.role != "site":
+        return None
+    approvals: GovernedTrainer | None = None
+    if _gated(cfg):
+        if isinstance(trainer, GovernedTrainer):
+            approvals = trainer
+        else:
+            approvals = GovernedTrainer(_no_training, cfg.state_dir, start_digest(cfg))
+    gov: GovernanceConfig = getattr(cfg, "governance", NO_GOVERNANCE)
+    if gov.statistics_tags is not None:
+        return ReportsGate(approvals, frozenset(gov.statistics_tags), False)
+    own = plan_dataset_tag(cfg)
+    return ReportsGate(approvals, frozenset({own} if own else ()), True)

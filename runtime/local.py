@@ -147,8 +147,11 @@ def _apply_plan_file(fed: Federation, tables: dict[str, dict[str, Any]]) -> None
     config is then read as ``fedloom run`` will, so a mistake shows now."""
     from fedloom.runtime.config import load_config
 
+    tabular = tables["plan"].get("kind") == "tabular"
     for node in fed.nodes.values():
         cfg = read_config(node.config)
+        if tabular or "governance" in tables:  # the demo's "no approval" is not for these
+            cfg.pop("governance", None)
         for name, roles in PLAN_FILE_TABLES.items():
             if name in tables and node.role in roles:
                 cfg[name] = (

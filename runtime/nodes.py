@@ -27,6 +27,7 @@ from fedloom.federation.signing import (
     model_floor_digest as model_floor_digest,
 )
 from fedloom.runtime.config import DaemonConfig
+from fedloom.runtime.governance import prepare_plan_code
 from fedloom.runtime.trainer import SitePlan, plan_from_config
 from fedloom.transport.limits import MiB
 from fedloom.transport.roster import Roster
@@ -77,12 +78,16 @@ def build_plan(cfg: DaemonConfig) -> TrainingPlan | None:
     """The node's training plan (``None`` for a region: it neither trains nor evaluates)."""
     if cfg.plan is None:
         return None
+    prepare_plan_code(cfg)  # [governance]: the digest of the code imported next
     return plan_from_config(cfg.plan, seed=cfg.seed, dp_sgd=cfg.dp_sgd, node_id=cfg.node_id)
 
 
 def n_examples_of(plan: TrainingPlan | None) -> int:
     if isinstance(plan, SitePlan):
         return int(plan.workload.n_examples(plan.index))
+    rows = getattr(plan, "n_training_rows", None)  # a tabular plan: its registry's record
+    if callable(rows):
+        return int(rows())
     return 0
 
 

@@ -25,7 +25,9 @@ figure, else the size of its evaluation split where the plan has one, else 1. A
 statistics query is computed over the site's registered dataset with the query's tag
 (``runtime.datasets``: ``DatasetRegistry.active_by_tag``, ``load_frame``), in a thread;
 the answer (or a refusal: ``dataset_missing``, ``dataset_revoked``, ``dataset_changed``,
-``bad_spec``, ``bad_column``, ``too_few_rows``, ``failed``) goes to the parent. Answers are kept per
+``bad_spec``, ``bad_column``, ``too_few_rows``, ``failed``; ``tag_not_allowed`` and
+``plan_not_approved`` from the site's ``[governance]``, ``runtime.governance.ReportsGate``,
+which also gates evaluation) goes to the parent. Answers are kept per
 query, spec and dataset hash in ``STATE_DIR/analytics-answers.json`` and repeated, not
 recomputed: a noisy answer is released once (its privacy is spent once), even across a
 restart.
@@ -450,8 +452,10 @@ class SiteReports:
         *,
         datasets: Any = None,
         answers_path: Path | None = None,
+        gate: Any = None,
     ) -> None:
         self.node_id = node_id
+        self._gate = gate  # runtime.governance.ReportsGate: approval and allowed tags
         self._parent_of = parent_of
         self._plan = plan
         self._run = run
@@ -520,10 +524,12 @@ class SiteReports:
         bucket = version // self.every
         self.last_bucket = max(self.last_bucket, bucket)
         start = bucket * self.every
-        plan, owner = self._plan, id(self)
+        plan, owner, gate = self._plan, id(self), self._gate
 
         def job() -> ServiceEvent:
             try:
+                if gate is not None:  # plan_not_approved: reported as a failed evaluation
+                    gate.check_evaluate()
                 result = plan.evaluate(weights)
                 metrics = clean_metrics(result)
                 if "accuracy" not in metrics and "loss" not in metrics:
@@ -588,11 +594,13 @@ class SiteReports:
             return []
         query, wire = self._queue.popleft()
         self._stats_busy = True
-        owner, source = id(self), self._datasets
+        owner, source, gate = id(self), self._datasets, self._gate
 
         def job() -> ServiceEvent:
             try:
                 spec = parse_wire(query, wire)
+                if gate is not None:  # SpecError: tag_not_allowed, plan_not_approved
+                    gate.check_statistics(spec.tag)
                 if source is None:
                     raise SpecError("this site has no dataset registry", "dataset_missing")
                 ident, frame = source.open(spec.tag)
@@ -1096,7 +1104,7 @@ def _declared(d: Any) -> Callable[[str], int]:
     return declared
 
 
-def add_reports(layered: LayeredNode, d: Any, post: Poster) -> None:
+def add_reports(layered: LayeredNode, d: Any, post: Poster, gate: Any = None) -> None:
     """Layer the role's service onto the daemon's node (sites, regions and the root;
     gossip peers and relays have none). Called in ``serve`` once ``post`` exists."""
     cfg = d.cfg
@@ -1121,6 +1129,7 @@ def add_reports(layered: LayeredNode, d: Any, post: Poster) -> None:
                 run,
                 datasets=DatasetSource(cfg.state_dir),
                 answers_path=cfg.state_dir / "analytics-answers.json",
+                gate=gate,
             )
         )
     elif cfg.role == "region":

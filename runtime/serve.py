@@ -39,7 +39,7 @@ from fedloom.runtime.audit import open_audit
 from fedloom.runtime.config import RELAY_MESSAGE_MIB
 from fedloom.runtime.driver import AsyncDriver
 from fedloom.runtime.evaluation import DEFAULT_EVAL_INTERVAL_S, evaluate_models, sleep_or_stop
-from fedloom.runtime.governance import approval_required, site_gate
+from fedloom.runtime.governance import approval_required, reports_gate, site_gate
 from fedloom.runtime.malloc_tuning import GLIBC_TUNABLES
 from fedloom.runtime.middleware import LayeredNode, poster
 from fedloom.runtime.network_peers import (
@@ -439,7 +439,8 @@ async def serve(
     )
     post = poster(driver.post_nowait)  # for the services' own events
     layered.add(audit)  # observes what the node sends, applies, releases and refuses
-    add_reports(layered, d, post)  # federated evaluation and statistics (runtime.reports)
+    # federated evaluation and statistics (runtime.reports), under [governance]
+    add_reports(layered, d, post, reports_gate(cfg, trainer))
     # The status board (/status, fedloom status; runtime.status): observes only, and only
     # an aggregator with a metrics port to show it on keeps one.
     served = cfg.is_aggregator and cfg.metrics_port

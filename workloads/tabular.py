@@ -310,6 +310,23 @@ class TabularPlan:
 
     # -- data
 
+    def n_training_rows(self) -> int:
+        """The training rows of the active table tagged ``dataset_tag`` as the site's
+        registry records them (its JSON only, no hashing: cheap; what a site's Hello
+        announces at start); 0 with no source, no such table or an unreadable registry."""
+        registry = getattr(self.source, "registry", None)
+        active_by_tag = getattr(registry, "active_by_tag", None)
+        if not callable(active_by_tag):
+            return 0
+        try:
+            record = active_by_tag(self.spec.dataset_tag)
+        except ConfigError:  # a damaged registry: the first job says so
+            return 0
+        rows = getattr(record, "rows", None)
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            return 0
+        return training_rows(rows, self.spec.test_fraction)
+
     def _current(self) -> _Data:
         assert self.source is not None
         record = self.source.current(self.spec.dataset_tag)  # refusals raise here
@@ -360,9 +377,7 @@ class TabularPlan:
             blocks.append(onehot)
         x = np.concatenate(blocks, axis=1) if blocks else np.zeros((n, 0))
         order = np.random.default_rng(s.seed).permutation(n)
-        n_test = round(n * s.test_fraction)
-        if n_test >= n:
-            n_test = n - 1
+        n_test = n - training_rows(n, s.test_fraction)
         test, train = order[:n_test], order[n_test:]
         m = len(s.numeric)
         xt = x[train, :m]
@@ -451,6 +466,13 @@ class TabularPlan:
         loss = float(np.mean(lse - zs[np.arange(len(y)), y]))
         acc = float(np.mean(z.argmax(axis=1) == y))
         return {"accuracy": acc, "loss": loss, "n_examples": float(len(y))}
+
+
+def training_rows(n: int, test_fraction: float) -> int:
+    """The rows of an ``n``-row table a plan trains on (at least one: at most ``n - 1``
+    are held out)."""
+    n_test = round(n * test_fraction)
+    return n - min(n_test, n - 1) if n > 0 else 0
 
 
 def _logits(p: Mapping[str, F64], x: F64) -> F64:

@@ -84,6 +84,11 @@ async def test_a_federation_publishes_its_evaluation_and_one_query(tmp_path: Pat
             csv, index=False
         )
         DatasetRegistry(state).add(csv, name="patients", tags=["cohort"], label="outcome")
+        # The plan is not a tabular one over "cohort": the site allows queries over it.
+        edit_toml(
+            fed.nodes[site].config,
+            governance={"require_approval": False, "statistics_tags": ["cohort"]},
+        )
 
     daemons = [open_daemon(load_config(fed.nodes[n].config)) for n in [ROOT_ID, "region-a", *SITES]]
     shutdown = asyncio.Event()
