@@ -1056,8 +1056,13 @@ KNOWN_KINDS = frozenset(
         "torn_tail",
     }
 )
-REJECTIONS_PER_WINDOW = 60  # input rejections recorded one by one per window ...
-REJECTION_WINDOW_S = 60.0  # ... past that, counted and recorded as one summary
+# Entries a peer's input causes (input rejections, refusals received): recorded one by one
+# up to REJECTIONS_PER_WINDOW per neighbour (and PEER_INPUT_PER_WINDOW in all) per window;
+# past that, counted and recorded as one summary per window: a hostile neighbour cannot
+# grow the log without bound.
+REJECTIONS_PER_WINDOW = 60
+PEER_INPUT_PER_WINDOW = 600
+REJECTION_WINDOW_S = 60.0
 MAX_PAIRS = 64  # a forward's site updates listed in its entry (the rest counted)
 _REMEMBERED = 4096  # (src, seq) pairs remembered to record each update once
 _PENDING_PROOFS = 8  # model versions whose signature is still to be recorded
@@ -1141,6 +1146,7 @@ class AuditMiddleware:
         self._pending: OrderedDict[int, None] = OrderedDict()
         self._window_start: float | None = None
         self._window_n = 0
+        self._window_by_peer: Counter[str] = Counter()
         self._suppressed: Counter[str] = Counter()
         self.observe_errors = 0
 
@@ -1177,7 +1183,7 @@ class AuditMiddleware:
         submit = self.writer.submit
         peer = event.peer if isinstance(event, Received) else None
         if isinstance(event, Received):
-            self._received(event, effects)
+            self._received(event, effects, now)
         for eff in effects:
             if isinstance(eff, Send):
                 self._sending(eff)
@@ -1200,11 +1206,13 @@ class AuditMiddleware:
         if self._suppressed and start is not None and now - start >= REJECTION_WINDOW_S:
             self._roll_window(now)
 
-    def _received(self, event: Received, effects: Sequence[Effect]) -> None:
+    def _received(self, event: Received, effects: Sequence[Effect], now: float) -> None:
         msg = event.msg
         if type(msg) is Update:
             self._update_in(event.peer, msg, effects)
         elif type(msg) is TrainRefused:
+            if not self._admit(event.peer, f"refused {_clean(msg.code, 40)}", now):
+                return
             self.writer.submit(
                 "refusal_received",
                 {
@@ -1391,16 +1399,32 @@ class AuditMiddleware:
 
     def _rejected(self, eff: Metric, peer: str | None, now: float) -> None:
         reason = _clean((eff.labels or {}).get("reason", ""), 60)
-        if self._window_start is None or now - self._window_start >= REJECTION_WINDOW_S:
-            self._roll_window(now)
-        self._window_n += 1
-        if self._window_n > REJECTIONS_PER_WINDOW:
-            self._suppressed[reason] += 1
+        if not self._admit(peer, reason, now):
             return
         fields: dict[str, Any] = {"metric": eff.name, "reason": reason}
         if peer is not None:
             fields["peer"] = peer
         self.writer.submit("input_rejected", fields)
+
+    def _admit(self, peer: str | None, reason: str, now: float) -> bool:
+        """Whether an entry caused by ``peer``'s input is recorded on its own (else it is
+        counted for the window's summary)."""
+        if self._window_start is None or now - self._window_start >= REJECTION_WINDOW_S:
+            self._roll_window(now)
+        who = peer if peer is not None else ""
+        self._window_n += 1
+        self._window_by_peer[who] += 1
+        if (
+            self._window_by_peer[who] > REJECTIONS_PER_WINDOW
+            or self._window_n > PEER_INPUT_PER_WINDOW
+        ):
+            key = f"{who}: {reason}" if who else reason
+            if key in self._suppressed or len(self._suppressed) < 256:
+                self._suppressed[key] += 1
+            else:
+                self._suppressed["other"] += 1
+            return False
+        return True
 
     def _roll_window(self, now: float) -> None:
         if self._suppressed:
@@ -1414,6 +1438,7 @@ class AuditMiddleware:
             )
             self._suppressed = Counter()
         self._window_start, self._window_n = now, 0
+        self._window_by_peer = Counter()
 
 
 def _pairs(pairs: Sequence[Any]) -> list[list[Any]]:

@@ -101,9 +101,12 @@ def test_refusals_and_rejections_are_recorded_and_summarised(tmp_path: Path) -> 
     n = REJECTIONS_PER_WINDOW + 25
     for i in range(n):
         root.handle(recv("s2", upd("s1", i + 1)), 2.0 + i * 0.01)
+    # s2's flood does not crowd out another child's entries.
+    root.handle(recv("s1", TrainRefused("s1", 2, 0, "out_of_bounds", "lr 5 > 0.1")), 3.0)
     root.handle(recv("s2", upd("s1", 999)), 100.0)  # the next window: the summary first
     assert mw.writer.flush(10)
-    (refusal,) = fields(tmp_path, "refusal_received")
+    refusal, second = fields(tmp_path, "refusal_received")
+    assert second["code"] == "out_of_bounds"
     assert refusal["code"] == "plan_not_approved" and refusal["from"] == "s1"
     assert len(refusal["reason"]) <= 200 and "\x1b" not in refusal["reason"]
     rejected = fields(tmp_path, "input_rejected")
@@ -111,7 +114,7 @@ def test_refusals_and_rejections_are_recorded_and_summarised(tmp_path: Path) -> 
     assert rejected[0] == {"metric": "update_rejected", "reason": "src_mismatch", "peer": "s2"}
     (summary,) = fields(tmp_path, "rejections_summarised")
     assert summary["count"] == n - REJECTIONS_PER_WINDOW
-    assert summary["reasons"] == {"src_mismatch": n - REJECTIONS_PER_WINDOW}
+    assert summary["reasons"] == {"s2: src_mismatch": n - REJECTIONS_PER_WINDOW}
     mw.writer.close()
 
 
