@@ -720,7 +720,7 @@ class RegionReports:
             # down may have been lost in it: forget them and ask the children again
             # (sites repeat their kept answers; the root keeps one per site and query).
             self._parent_up = True
-            held = [Send(event.peer, m) for m in self._held.values()]
+            held: list[Effect] = [Send(event.peer, m) for m in self._held.values()]
             self._held.clear()
             for key in [k for k in self._seen if k[1] == "stats"]:
                 del self._seen[key]
