@@ -18,6 +18,9 @@ to its region children and hands the newest global (version, weights) to its sit
 with the root's training config that came with it (``ModelBroadcast.config``, signed by the
 root with the model) and the root's proof: its own ``train_config`` (a daemon's
 ``[training]``) does not decide what its sites train with (logged once when it differs).
+The same model broadcast again (same version and weights: a root restarted with another
+``[training]``) brings its proof and config too; a region restored from a checkpoint that
+kept no root config hands out no tasks until it has one (logged once).
 Towards its parent it behaves like a site (``Hello(role="region")`` on ``PeerUp``, its
 forwards kept in an ``Outbox`` until acked, sent and resent in seq order under its
 acknowledgement-paced window, never all at once after an outage); towards
@@ -194,6 +197,7 @@ class RegionalAggregator(BufferedAggregator):
         # (``transport.settings``; empty when unsigned): what the sites train with.
         self._root_config: dict[str, Any] | None = None
         self._settings = b""
+        self._config_wait_logged = False  # said why no tasks go out without a root config
         self._outbox = Outbox(PENDING_KEY, max_bytes=max_outbox_bytes)
         self._hello_deferred = False  # the parent's link is up; Hello waits for the quorum
         self._deferred: list[tuple[str, Update]] = []
@@ -274,7 +278,29 @@ class RegionalAggregator(BufferedAggregator):
         super()._on_deadline(now, out)
         out.extend(self._outbox.on_deadline(now))
 
+    def _broadcast(self, out: list[Effect]) -> None:
+        if not self._awaiting_config:  # (as for tasks, below)
+            super()._broadcast(out)
+
+    @property
+    def _awaiting_config(self) -> bool:
+        return self._global is not None and self._root_config is None
+
     def _fill(self, now: float, out: list[Effect]) -> None:
+        if self._awaiting_config:
+            # Restored from a checkpoint that kept no root config: a task would carry this
+            # region's own (which the root did not sign; its sites refuse it).
+            if not self._config_wait_logged:
+                self._config_wait_logged = True
+                out.append(
+                    Log(
+                        "warning",
+                        "no tasks until the parent sends the model again with the root's "
+                        "signed training config (the restored checkpoint kept none)",
+                        {"region": self._id, "version": self._global[0]},
+                    )
+                )
+            return
         if not self.paused:  # backpressure: no new tasks while the outbox is full
             super()._fill(now, out)
 
@@ -294,8 +320,8 @@ class RegionalAggregator(BufferedAggregator):
         return {"signer": signer, "parent": parent, "sig": sig, "settings": self._settings}
 
     def _task_config(self) -> Mapping[str, Any]:
-        """The root's config sent with the global model (this region's own only before a
-        root sent one: a restored checkpoint of an older version)."""
+        """The root's config sent with the global model (this region's own only while it
+        holds no model: no task goes out then, nor while ``_awaiting_config``)."""
         return self._train_config if self._root_config is None else self._root_config
 
     # -------------------------------------------------------------- parent
@@ -452,7 +478,9 @@ class RegionalAggregator(BufferedAggregator):
             out.extend(unexpected(self.parent, msg, f"model_{problem}"))
             return
         if self._global is not None and msg.version <= self._global[0]:
-            return  # an old or repeated broadcast (e.g. after a reconnect)
+            if msg.version == self._global[0] and _same_weights(self._global[1], msg.weights):
+                self._on_same_model(msg, out)
+            return  # an old broadcast, or the same model again (e.g. after a reconnect)
         first = self._global is None
         self._global = (int(msg.version), msg.weights)
         self._proof = (msg.signer, msg.parent, msg.sig)
@@ -471,12 +499,25 @@ class RegionalAggregator(BufferedAggregator):
             for peer, update in held:
                 self._on_update(peer, update, now, out)
 
+    def _on_same_model(self, msg: ModelBroadcast, out: list[Effect]) -> None:
+        """The model this region holds, broadcast again: by a root restarted with another
+        ``[training]`` (same version, new config and proof), or to a region restored from
+        a checkpoint that kept no config. Its proof and config replace the ones held, and
+        region children get them too; the same proof and config again change nothing."""
+        proof = (msg.signer, msg.parent, msg.sig)
+        if proof == self._proof and dict(msg.config) == self._root_config:
+            return
+        self._proof = proof
+        self._take_root_config(msg, out)
+        self._broadcast(out)
+
     def _take_root_config(self, msg: ModelBroadcast, out: list[Effect]) -> None:
         """Keep the root's training config (and the digest it signed) for the tasks; say
         once per config when this region's own ``train_config`` differs from it."""
         config = dict(msg.config)
         changed = config != self._root_config
         self._root_config, self._settings = config, bytes(msg.settings)
+        self._config_wait_logged = False
         if changed and self._train_config and config != self._train_config:
             out.append(
                 Log(
@@ -692,6 +733,17 @@ def _capped(config: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in sorted(config.items(), key=lambda kv: str(kv[0]))[:16]:
         out[str(key)[:32]] = value[:32] if isinstance(value, str) else value
     return out
+
+
+def _same_weights(held: Weights, other: Mapping[str, Any]) -> bool:
+    """Whether ``other`` is the model ``held`` (same dtypes and values; ``_model_problem``
+    checked the names and shapes)."""
+    return all(
+        isinstance(arr := other.get(name), np.ndarray)
+        and arr.dtype == ref.dtype
+        and np.array_equal(arr, ref, equal_nan=True)
+        for name, ref in held.items()
+    )
 
 
 def _delta_bytes(msg: Update) -> int:
