@@ -61,9 +61,10 @@
   delta whose L2 norm overflows is rejected ("norm_overflow").
 * Refusals (``TrainRefused``, ``algorithms.refusals``): a site that does not train its task
   says so; believable only from the site for a task it holds (or relayed by a region child
-  for one of its sites, rate-limited). Counted (``site_refusals``, one WARNING per site and
-  code, ``refusals_view()``), the task's slot freed as for a site going down, the site
-  given no task for a backoff; a region passes it up. Not durable.
+  for a site it can speak for, rate-limited; one it cannot is counted under the region).
+  Counted (``site_refusals``, one WARNING per site and code, ``refusals_view()``), the
+  task's slot freed as for a site going down, the site given no task for a backoff; a
+  region passes it up. Not durable.
 * The "applied" log is also the recovery log: a record carries what is needed to replay it
   (staleness weight, counts and, for applied updates, the delta). ``restore(snapshot,
   records)`` loads a checkpoint and replays the records written after it (``n`` > the
@@ -286,6 +287,7 @@ class AggregatorBase:
         self._refusals = RefusalBook()
         self._refusal_warned = WarnLimiter(interval_s=math.inf)
         self._refusal_dropped = WarnLimiter()
+        self._refusal_labels: set[str] = set()  # site label values of ``site_refusals``
         self.refused = 0
         # Counters (also visible as metrics); handy for tests and reports.
         self.applied = 0
@@ -699,10 +701,14 @@ class AggregatorBase:
     # ------------------------------------------------------------ refusals
     # A site that does not train its task says so (``TrainRefused``; ``algorithms.refusals``).
     # Believable only from the site itself for a task of ours it still holds, or relayed by
-    # a region child for one of its sites (rate-limited). A believable one is counted
-    # (metric ``site_refusals``, one WARNING per site and code), frees the task's slot as a
-    # site going down does, and keeps the site from new tasks for a backoff; a region also
-    # relays it to its parent. Anything else is dropped: metric ``refusal_rejected``.
+    # a region child (rate-limited) for a site it can speak for: one [subtrees] lists under
+    # it, or without [subtrees] one of the roster's sites (``ClaimBounds.roster_sites``)
+    # that is not a child of this node's own. A believable one is counted (metric
+    # ``site_refusals``, one WARNING per site and code), frees the task's slot as a site
+    # going down does, and keeps the site from new tasks for a backoff; a region also
+    # relays it to its parent. A relayed one naming another site is counted under the
+    # region (its book entry; the metric's site label "other"; one WARNING per region a
+    # minute) and goes no further. Anything else is dropped: metric ``refusal_rejected``.
 
     def refusals_view(self) -> dict[str, dict[str, object]]:
         """Per site that refused: its last code, reason, version, time and the count
@@ -719,15 +725,19 @@ class AggregatorBase:
                 out.append(Log("warning", "refusal ignored", {"peer": peer, "reason": problem}))
             return
         src, task = msg.src, int(msg.task)
-        if not self._refusals.fresh(src, task):
+        if not self._refusals.fresh(src, task, via=peer):
             out.append(Metric("refusal_rejected", 1.0, {"reason": "duplicate"}))
             return
         code, reason = clean_code(msg.code), clean_text(msg.reason)
         version = int(msg.version)
         self.refused += 1
+        if role != "site" and not self._speaks_for(peer, src):
+            self._unverified_refusal(peer, src, code, reason, version, now, out)
+            return
         self._refusals.note(src, code, reason, version, now)
-        out.append(Metric("site_refusals", 1.0, {"code": metric_code(code), "site": src}))
-        if self._refusal_warned.due(src, code, now) is not None:
+        label = self._refusal_label(src)
+        out.append(Metric("site_refusals", 1.0, {"code": metric_code(code), "site": label}))
+        if self._refusal_warned.due(src, metric_code(code), now) is not None:
             via = "" if role == "site" else f" (via {peer})"
             out.append(
                 Log(
@@ -754,17 +764,63 @@ class AggregatorBase:
             if self._refused_task_site(int(msg.task)) != peer:
                 return "not_outstanding"  # never ours, someone else's, or over already
             return None
-        src = msg.src
-        if not is_clean_id(src):
+        if not is_clean_id(msg.src):
             return "bad_src"
-        if self._pairs.declared(peer):
-            if src not in self._pairs.sites(peer):
-                return "foreign_site"
-        elif src in self._children or src == self._id:
-            return "foreign_site"
         if not self._refusals.allow(peer, now):
             return "rate_limited"
         return None
+
+    def _speaks_for(self, region: str, src: str) -> bool:
+        """Whether region child ``region`` may relay a refusal in ``src``'s name."""
+        if self._pairs.declared(region):
+            return src in self._pairs.sites(region)
+        sites = self._bounds.roster_sites
+        return sites is not None and src in sites and src not in self._children and src != self._id
+
+    def _unverified_refusal(
+        self,
+        region: str,
+        src: str,
+        code: str,
+        reason: str,
+        version: int,
+        now: float,
+        out: list[Effect],
+    ) -> None:
+        """A refusal ``region`` relays in the name of a site it cannot speak for: counted
+        under the region itself, never under ``src`` (whose entry stays its own)."""
+        shown = clean_text(src, 64)
+        self._refusals.note(region, code, clean_text(f"for site {shown}: {reason}"), version, now)
+        out.append(Metric("site_refusals", 1.0, {"code": metric_code(code), "site": "other"}))
+        unlogged = self._refusal_dropped.due(region, "unverified_site", now)
+        if unlogged is not None:
+            more = f" ({unlogged} more since the last line)" if unlogged else ""
+            out.append(
+                Log(
+                    "warning",
+                    f"region {region} relays refusals in the name of sites it cannot speak "
+                    f"for (e.g. {shown!r}: not one [subtrees] lists under it, or not a "
+                    f"roster site outside this node's own children): counted under "
+                    f"{region}{more}",
+                    {"region": region, "site": shown, "code": code},
+                )
+            )
+
+    def _refusal_label(self, site: str) -> str:
+        """The ``site`` label of ``site_refusals``: the site's id for as many distinct
+        sites as the roster lists (this node's children without one), then "other"."""
+        if site in self._refusal_labels:
+            return site
+        roster = self._bounds.roster_sites
+        if roster is not None:
+            cap = len(roster)
+        else:
+            declared = (self._pairs.sites(r) for r in self._children if self._pairs.declared(r))
+            cap = len(self._children) + sum(len(d) for d in declared)
+        if len(self._refusal_labels) >= max(1, cap):
+            return "other"
+        self._refusal_labels.add(site)
+        return site
 
     def _refused_task_site(self, task: int) -> str | None:
         """The site holding ``task`` of ours, outstanding (None: no such task)."""

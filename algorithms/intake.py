@@ -18,6 +18,10 @@ numbers the aggregator can check:
 Every clamp is reported (metric ``update_claim_clamped`` and a warning) and the clamped
 values are what the aggregator records, forwards and replays.
 
+Refusals. A region relays its sites' ``TrainRefused``; without ``[subtrees]`` the site it
+names is believed only if it is one of the roster's sites (``roster_sites``) and not one of
+the aggregator's own children (see ``AggregatorBase``).
+
 Quota. ``intake_quota`` is how many updates one child may have decided per aggregation
 epoch (a buffer flush, a round, ``concurrency`` FedAsync steps): its fair share of the
 epoch among itself and the other children that are active (up and heard from lately), at
@@ -54,6 +58,9 @@ class ClaimBounds:
     max_examples_per_site: int = DEFAULT_MAX_EXAMPLES_PER_SITE
     region_counts: Mapping[str, int] = field(default_factory=dict)
     site_examples: Mapping[str, int] = field(default_factory=dict)
+    # The site ids of the signed roster (None: no roster known, as in an in-memory run): a
+    # region child's relayed refusal may name one of them only (``aggregator_base``).
+    roster_sites: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.max_region_count < 1:

@@ -14,8 +14,9 @@ wait for an answer that will not come, and keeps what it learnt here, in a ``Ref
   ``BACKOFF_S`` seconds, doubled with each refusal in a row up to ``MAX_BACKOFF_S``, and
   reset when the site answers a task again or reconnects. Without it a site whose plan
   fails at once would be handed the model again at once, in a loop as fast as the link;
-* a bounded window of the ``(site, task)`` pairs already counted (``DEDUPE_WINDOW``): a
-  resent or relayed-twice refusal counts once;
+* a bounded window of the ``(relaying child, site, task)`` triples already counted
+  (``DEDUPE_WINDOW``): a resent or relayed-twice refusal counts once, and one region's
+  refusals never make another region's look like resends;
 * a token bucket per region child (``REGION_BURST`` refusals, then ``REGION_RATE_PER_S``):
   a region relays its sites' refusals, whose believability this node can only partly
   check (the site is one of that region's), so one region cannot flood the book or log.
@@ -128,7 +129,7 @@ class RefusalBook:
             raise ValueError(f"max_sites must be >= 1, got {max_sites}")
         self._max_sites = max_sites
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest update first
-        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._buckets: dict[str, tuple[float, float]] = {}  # region -> (tokens, at)
         self._streak: dict[str, int] = {}  # direct child site -> refusals in a row
         self._retry: dict[str, float] = {}  # direct child site -> no task before this
@@ -137,9 +138,10 @@ class RefusalBook:
         return len(self._entries)
 
     # ---------------------------------------------------------------- intake
-    def fresh(self, src: str, task: int) -> bool:
-        """False when ``(src, task)`` was counted already (within the window)."""
-        key = (src, task)
+    def fresh(self, src: str, task: int, via: str | None = None) -> bool:
+        """False when ``src``'s refusal of ``task`` came from child ``via`` (default:
+        ``src`` itself) already (within the window)."""
+        key = (src if via is None else via, src, task)
         if key in self._seen:
             return False
         self._seen[key] = None

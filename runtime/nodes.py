@@ -7,6 +7,7 @@ model version a restored site or region held (``model_floor``, its digest).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import Mapping
@@ -108,16 +109,20 @@ def children_claim_bounds(
     cap becomes the largest declaration, so a region's ``n_examples`` is bounded by its
     count times an honest site's most (as in the simulator). A region's ``count`` is
     clamped to ``max_region_count`` (by default the ``regional_buffer_size``): the config
-    names the children, not their subtrees.
+    names the children, not their subtrees. The roster's site ids bound whom a region's
+    relayed refusals may name (``ClaimBounds.roster_sites``).
     """
     declared, every_site = _declared_examples(roster)
-    return claim_bounds(
+    bounds = claim_bounds(
         cfg.aggregation,
         site_examples={
             c: declared[c] for c, r in children.items() if r == "site" and c in declared
         },
         max_examples_per_site=max(declared.values()) if every_site else None,
     )
+    # The sites a region child's relayed refusals may name (without [subtrees]).
+    sites = frozenset(e.node_id for e in roster.entries if e.role == "site")
+    return dataclasses.replace(bounds, roster_sites=sites)
 
 
 def secagg_keys_of(node: Node) -> Any:

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import (
     Deadline,
     Effect,
     Log,
+    Metric,
     PeerDown,
     Send,
     Train,
@@ -27,6 +31,7 @@ from fedloom.algorithms.refusals import (
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.sync import SyncAggregator
+from fedloom.runtime.metrics import MetricsSink
 from fedloom.transport.wire import TrainRefused, TrainRequest
 from tests.algorithms.alg_helpers import (
     MiniNet,
@@ -293,7 +298,13 @@ REGION_CHILDREN = {"s1": "site", "s2": "site"}
 
 def region_tree() -> tuple[MiniNet, FedBuffAggregator, RegionalAggregator]:
     root = FedBuffAggregator(
-        "root", {"r1": "region"}, model(0.0), buffer_size=1, concurrency=0, clip_norm=None
+        "root",
+        {"r1": "region"},
+        model(0.0),
+        buffer_size=1,
+        concurrency=0,
+        clip_norm=None,
+        claim_bounds=ClaimBounds(roster_sites=frozenset(REGION_CHILDREN)),
     )
     region = RegionalAggregator(
         "r1", "root", REGION_CHILDREN, buffer_size=1, concurrency=2, clip_norm=None
@@ -328,6 +339,10 @@ def test_a_region_relays_a_refusal_and_the_root_book_shows_the_site() -> None:
     assert root.version >= 1
 
 
+def unverified(out: list[Effect]) -> list[dict[str, str]]:
+    return [labels(m) for m in metrics(out, "site_refusals") if labels(m)["site"] == "other"]
+
+
 def test_a_region_cannot_speak_for_the_roots_own_children_nor_outside_its_subtree() -> None:
     root = FedBuffAggregator(
         "root",
@@ -336,20 +351,130 @@ def test_a_region_cannot_speak_for_the_roots_own_children_nor_outside_its_subtre
         buffer_size=1,
         concurrency=1,
         clip_norm=None,
+        claim_bounds=ClaimBounds(roster_sites=frozenset({"s9", "a1", "a2", "b1"})),
     )
     root.handle(hello("r1", "region"), 0.0)
     out = root.handle(recv("r1", TrainRefused("s9", 1, 0, "failed", "x")), 1.0)
     out += root.handle(recv("r1", TrainRefused("r2", 1, 0, "failed", "x")), 1.0)
     out += root.handle(recv("r1", TrainRefused("root", 1, 0, "failed", "x")), 1.0)
+    out += root.handle(recv("r1", TrainRefused("no-such-site", 1, 0, "failed", "x")), 1.0)
     out += root.handle(recv("r1", TrainRefused("bad id\n", 1, 0, "failed", "x")), 1.0)
-    assert rejected(out) == ["foreign_site"] * 3 + ["bad_src"]
+    assert rejected(out) == ["bad_src"]
+    # Counted under r1 (label "other"), never in the named nodes' names; one line.
+    assert len(unverified(out)) == 4 and set(root.refusals_view()) == {"r1"}
+    assert root.refusals_view()["r1"]["count"] == 4
+    [line] = [e for e in out if isinstance(e, Log) and "cannot speak" in e.text]
+    assert "region r1" in line.text
+    assert refusals_sent(out) == []  # a root relays nothing; a region relays only believed
+    # A roster site outside the root's own children: believed without [subtrees].
+    out = root.handle(recv("r1", TrainRefused("b1", 1, 0, "failed", "x")), 1.5)
+    assert labels(metrics(out, "site_refusals")[0])["site"] == "b1"
     root.set_subtrees({"r1": ["a1", "a2"], "r2": ["b1"]})
-    out = root.handle(recv("r1", TrainRefused("b1", 1, 0, "failed", "x")), 2.0)
-    assert rejected(out) == ["foreign_site"]
+    out = root.handle(recv("r1", TrainRefused("b1", 2, 0, "failed", "x")), 2.0)
+    assert unverified(out) and root.refusals_view()["b1"]["count"] == 1
     out = root.handle(recv("r1", TrainRefused("a1", 1, 0, "failed", "x")), 2.0)
     assert rejected(out) == [] and root.refusals_view()["a1"]["count"] == 1
     # relayed twice (a region restarted, or its standby): counted once
     out = root.handle(recv("r1", TrainRefused("a1", 1, 0, "failed", "x")), 2.0)
+    assert rejected(out) == ["duplicate"]
+
+
+def test_without_a_roster_a_region_speaks_for_no_site() -> None:
+    """A node given no roster's sites (and no [subtrees]) cannot tell a region's site from a
+    made-up one: every relayed refusal is counted under the region."""
+    root = FedBuffAggregator(
+        "root", {"r1": "region"}, model(0.0), buffer_size=1, concurrency=1, clip_norm=None
+    )
+    out = root.handle(recv("r1", TrainRefused("hospital-b", 1, 0, "failed", "x")), 1.0)
+    assert len(unverified(out)) == 1 and set(root.refusals_view()) == {"r1"}
+
+
+def test_made_up_site_ids_mint_no_metric_series_nor_log_lines() -> None:
+    """The reviewer's attack: a region names a fresh made-up site every second for an
+    hour. One book entry (the region's), one label value, one line a minute."""
+    root = FedBuffAggregator(
+        "root",
+        {"r1": "region", "r2": "region"},
+        model(0.0),
+        buffer_size=1,
+        concurrency=1,
+        clip_norm=None,
+        claim_bounds=ClaimBounds(roster_sites=frozenset({"hospital-a", "hospital-b"})),
+    )
+    sink = MetricsSink()
+    out: list[Effect] = []
+    for i in range(3600):
+        forged = TrainRefused(f"x{i:05d}", i + 2, 0, "failed", "boom")
+        step = root.handle(recv("r1", forged), 2.0 + i)
+        for e in step:
+            if isinstance(e, Metric):
+                sink(e)
+        out += [e for e in step if isinstance(e, Log)]
+    series = [
+        line
+        for line in generate_latest(sink.registry).decode().splitlines()
+        if line.startswith("fedloom_node_site_refusals_total{")
+    ]
+    assert len(series) == 1 and 'site="other"' in series[0]
+    assert set(root.refusals_view()) == {"r1"}
+    assert 55 <= len([e for e in out if e.level == "warning"]) <= 61  # one a minute
+    assert not any("x0" in e.text for e in out if "refused training" in e.text)
+
+
+def test_site_labels_are_capped_at_the_rosters_sites() -> None:
+    """Believed sites get their own label value up to as many as the roster lists."""
+    sites = {f"s{i}": "site" for i in range(4)}
+    root = FedBuffAggregator(
+        "root",
+        {**sites, "r1": "region"},
+        model(0.0),
+        buffer_size=1,
+        concurrency=4,
+        clip_norm=None,
+        claim_bounds=ClaimBounds(roster_sites=frozenset({*sites, "far-1", "far-2"})),
+    )
+    tasks = {}
+    for s in sites:
+        tasks.update({p: r.task for p, r in requests(root.handle(hello(s), 0.0))})
+    out: list[Effect] = []
+    for s, task in tasks.items():
+        out += root.handle(recv(s, TrainRefused(s, task, 0, "failed", "x")), 1.0)
+    for far in ("far-1", "far-2"):
+        out += root.handle(recv("r1", TrainRefused(far, 1, 0, "failed", "x")), 1.0)
+    values = {labels(m)["site"] for m in metrics(out, "site_refusals")}
+    assert values == {*sites, "far-1", "far-2"}  # six roster sites: six values
+    root.set_claim_bounds(ClaimBounds(roster_sites=frozenset({*sites, "far-1", "far-2", "n"})))
+    # A seventh believed site under a roster of seven: its own; then none is left.
+    out = root.handle(recv("r1", TrainRefused("n", 1, 0, "failed", "x")), 2.0)
+    assert labels(metrics(out, "site_refusals")[0])["site"] == "n"
+    root.set_claim_bounds(ClaimBounds(roster_sites=frozenset({"m", "n"})))
+    out = root.handle(recv("r1", TrainRefused("m", 1, 0, "failed", "x")), 3.0)
+    assert labels(metrics(out, "site_refusals")[0])["site"] == "other"
+
+
+def test_one_region_cannot_make_anothers_refusals_look_like_resends() -> None:
+    """The reviewer's dedupe poisoning: r1 pre-sends refusals in r2's site's name for
+    tasks 1..60; r2's genuine refusal of task 5 still counts, under that site."""
+    root = FedBuffAggregator(
+        "root",
+        {"r1": "region", "r2": "region"},
+        model(0.0),
+        buffer_size=1,
+        concurrency=1,
+        clip_norm=None,
+    )
+    root.set_subtrees({"r1": ["hospital-a"], "r2": ["hospital-b"]})
+    for t in range(1, 61):
+        lie = TrainRefused("hospital-b", t, 0, "out_of_bounds", "lr=9 outside bounds")
+        root.handle(recv("r1", lie), 1.0)
+    out = root.handle(recv("r2", TrainRefused("hospital-b", 5, 3, "dataset_revoked", "real")), 2.0)
+    assert rejected(out) == []
+    [m] = metrics(out, "site_refusals")
+    assert labels(m) == {"code": "dataset_revoked", "site": "hospital-b"}
+    entry = root.refusals_view()["hospital-b"]
+    assert (entry["code"], entry["reason"], entry["count"]) == ("dataset_revoked", "real", 1)
+    # The same again from r2 is a resend.
+    out = root.handle(recv("r2", TrainRefused("hospital-b", 5, 3, "dataset_revoked", "real")), 3.0)
     assert rejected(out) == ["duplicate"]
 
 
@@ -361,8 +486,8 @@ def test_a_region_flooding_refusals_is_rate_limited() -> None:
     for i in range(1000):
         out += root.handle(recv("r1", TrainRefused(f"fake-{i}", i, 0, "failed", "x")), 5.0)
     assert rejected(out).count("rate_limited") == 1000 - int(REGION_BURST)
-    assert len(root.refusals_view()) == int(REGION_BURST)
-    assert len([e for e in out if isinstance(e, Log)]) <= int(REGION_BURST) + 2
+    assert root.refusals_view()["r1"]["count"] == int(REGION_BURST)
+    assert len([e for e in out if isinstance(e, Log)]) <= 3
     # the bucket refills with time
     out = root.handle(recv("r1", TrainRefused("fake-x", 1, 0, "failed", "x")), 60.0)
     assert rejected(out) == []
