@@ -501,10 +501,10 @@ def run_once(
         observe(scenario.duration_s)
 
     target = scenario.target_accuracy
-    first = sustained = None
+    time_to_target = first_crossing = None
     if target is not None:
-        first = first_crossing(series, target)
-        sustained = sustained_crossing(series, target, scenario.target_window_s)
+        time_to_target = time_to_accuracy(series, target, scenario.target_window_s)
+        first_crossing = time_to_accuracy(series, target, 0.0)
     staleness = Counter(round(s) for s in stats.staleness)
     tiers = dict(stats.bytes_by_tier)
     bytes_up = sum(v for k, v in tiers.items() if _is_uplink(k))
@@ -545,7 +545,7 @@ def run_once(
             "restarts": stats.restarts,
         }
     if scenario.target_window_s > 0:
-        extra["first_crossing_s"] = -1.0 if first is None else first  # kept for old readers
+        extra["first_crossing_s"] = -1.0 if first_crossing is None else first_crossing
     if isinstance(executor, LedgerExecutor):  # record-level DP-SGD: the sites' ledgers
         eps = executor.epsilons()
         extra["dp_sgd_epsilon_max"] = max(eps.values(), default=0.0)
@@ -556,9 +556,7 @@ def run_once(
         algorithm=arm.algorithm,
         topology=arm.topology,
         final_accuracy=final_accuracy(series, scenario.duration_s),
-        time_to_target_s=sustained,  # the sustained crossing (the first if no window)
-        first_crossing_s=first,
-        sustained_crossing_s=sustained,
+        time_to_target_s=time_to_target,
         target_accuracy=target,
         bytes_up=bytes_up,
         bytes_down=bytes_down,
@@ -581,50 +579,21 @@ def run_once(
 def time_to_accuracy(
     series: Sequence[tuple[float, float]], target: float, window_s: float
 ) -> float | None:
-    """The time to target a report gives: the sustained crossing (``window_s = 0``: the
-    first crossing)."""
-    if window_s <= 0.0:
-        return first_crossing(series, target)
-    return sustained_crossing(series, target, window_s)
-
-
-def first_crossing(series: Sequence[tuple[float, float]], target: float) -> float | None:
-    """The time of the first evaluation at or above ``target`` (None: never)."""
-    for t, acc in series:
-        if acc >= target:
-            return t
-    return None
-
-
-def sustained_crossing(
-    series: Sequence[tuple[float, float]], target: float, window_s: float
-) -> float | None:
-    """The START t of the first window ``[t, t + window_s)`` that stays at the target: the
-    evaluation at t is at or above ``target``, so is the mean of the evaluations in the
-    window, and the run went on for at least ``window_s`` after t (a window the run cut
-    short proves nothing). None: never.
+    """First time t at which the mean accuracy over the evaluations in (t - window_s, t]
+    reaches ``target``; ``window_s = 0`` means the first single evaluation that does.
 
     A window measures *sustained* accuracy: on heterogeneous data one evaluation can spike
-    past the target long before the model stays there. The window's start is reported, not
-    its end, so the window puts no floor under the time: a model at the target from minute
-    5 that stays there is at the target at minute 5, whatever the window's length. It is
-    never before the first crossing.
+    past the target long before the model stays there.
     """
-    if window_s <= 0.0:
-        return first_crossing(series, target)
     times = [t for t, _ in series]
     accs = [a for _, a in series]
-    if not times:
-        return None
-    last = times[-1]
-    hi = 0
-    for lo, t in enumerate(times):
-        if last - t < window_s:
-            return None  # this window (and every later one) is cut short by the run's end
-        hi = max(hi, lo)
-        while hi < len(times) and times[hi] < t + window_s:
-            hi += 1
-        if accs[lo] >= target and float(np.mean(accs[lo:hi])) >= target:
+    lo = 0
+    for hi, t in enumerate(times):
+        while lo < hi and times[lo] <= t - window_s:
+            lo += 1
+        if t - times[0] < window_s:
+            continue  # the window is not full yet
+        if float(np.mean(accs[lo : hi + 1])) >= target:
             return t
     return None
 
