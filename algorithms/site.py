@@ -8,6 +8,8 @@ A request that arrives while training is parked (only the newest is kept) and st
 current job ends. A job that fails (``TrainFailed``: the plan raised, or refused the job
 with a code) is answered with ``TrainRefused(task, version, code, reason)`` to the parent, so
 the aggregator frees the task and counts the refusal (not for the simulator's "dropout").
+So is a job whose result does not fit the model or is not finite (code "failed", reason
+"weights do not match the model" / "non-finite weights"): no update is sent for it.
 The config a job trains with gets ``server_round`` (the request's version + 1, as Flower
 clients expect) and, with a site seed, ``seed``. Each finished job becomes ``Update(seq)``
 in an ``Outbox``: persisted, sent, kept until the parent's ``Ack``; on ``PeerUp(parent)``
@@ -42,6 +44,8 @@ import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY
 from fedloom.algorithms.incorporation import (
     DEFAULT_FAILOVER_AFTER_S,
@@ -72,7 +76,7 @@ from fedloom.algorithms.protocol import (
 )
 from fedloom.algorithms.secure_site import MEMBER_LOG_KEY, SECAGG_TO_SITE, SiteSecAgg
 from fedloom.algorithms.warn_limit import WarnLimiter
-from fedloom.algorithms.weights_math import check_compatible
+from fedloom.algorithms.weights_math import check_compatible, is_finite
 from fedloom.transport.settings import settings_problem
 from fedloom.transport.wire import (
     Ack,
@@ -220,18 +224,7 @@ class SiteNode:
             return self._on_done(event, now)
         if isinstance(event, TrainFailed):
             self._check_job(event.job)
-            self.jobs_failed += 1
-            out: list[Effect] = [
-                Log("warning", "training failed", {"job": event.job, "reason": event.reason}),
-                Metric("train_failed"),
-            ]
-            if event.code != "dropout":  # the simulator's dead site says nothing
-                # The parent frees the task's slot and counts the refusal (issue 14).
-                refusal = TrainRefused(
-                    self._id, self._task, self._base_version, event.code, event.reason[:200]
-                )
-                out.append(Send(self.parent, refusal))
-            return out + self._finish_job()
+            return self._failed(event.job, event.reason, event.code)
         if isinstance(event, PeerUp):
             self._up.add(event.peer)
             if event.peer != self.parent:
@@ -403,19 +396,34 @@ class SiteNode:
         if self.state is not SiteState.TRAINING or job != self._job:
             raise ProtocolMisuseError(f"site {self._id}: no training job {job} in progress")
 
+    def _failed(self, job: int, reason: str, code: str) -> list[Effect]:
+        """Job ``job`` failed: the parent hears ``TrainRefused(code, reason)`` (it frees the
+        task's slot and counts the refusal, issue 14), no update is sent."""
+        self.jobs_failed += 1
+        out: list[Effect] = [
+            Log("warning", "training failed", {"job": job, "reason": reason, "code": code}),
+            Metric("train_failed"),
+        ]
+        if code != "dropout":  # the simulator's dead site says nothing
+            refusal = TrainRefused(self._id, self._task, self._base_version, code, reason[:200])
+            out.append(Send(self.parent, refusal))
+        return out + self._finish_job()
+
     def _on_done(self, event: TrainDone, now: float) -> list[Effect]:
         self._check_job(event.job)
         base = self._base
         assert base is not None
         result = event.result
+        # A result that does not fit the model, or is not finite (a diverged client), is a
+        # failed job: an update of it would be refused by the parent on every resend.
         if check_compatible(base, result.weights) is not None:
-            self.jobs_failed += 1
-            out: list[Effect] = [
-                Log("error", "training returned weights that do not match the model"),
-                Metric("train_failed"),
-            ]
-            return out + self._finish_job()
-        delta = {k: (result.weights[k] - b).astype(b.dtype, copy=False) for k, b in base.items()}
+            return self._failed(event.job, "weights do not match the model", "failed")
+        with np.errstate(over="ignore", invalid="ignore"):
+            delta = {
+                k: (result.weights[k] - b).astype(b.dtype, copy=False) for k, b in base.items()
+            }
+        if not is_finite(delta):
+            return self._failed(event.job, "non-finite weights", "failed")
         update = Update(
             src=self._id,
             seq=self._outbox.next_seq(),

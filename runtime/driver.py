@@ -487,7 +487,7 @@ class AsyncDriver:
         except TrainingRefusedError as exc:  # declared (a spent privacy budget): no traceback
             self._job_failed(job, str(exc), exc.code)
             return
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plan's sys.exit() ends its job, not the daemon
             log.warning(
                 "%s: training job %d failed: %s: %s",
                 self.node_id,
