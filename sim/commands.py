@@ -18,7 +18,7 @@ from rich.progress import (
 )
 
 from fedloom.federation.config_reader import ConfigError
-from fedloom.sim.runner import ProgressFn, build_plan_for_arm, run_scenario
+from fedloom.sim.runner import ProgressFn, build_plan_for_arm, resolve_seeds, run_scenario
 from fedloom.sim.scenario import Scenario, load_scenario
 
 
@@ -66,20 +66,26 @@ def cmd_sim(
     seed: int | None,
     arms: Sequence[str] | None,
     quiet: bool,
+    n_seeds: int | None = None,
 ) -> int:
     from fedloom.sim.report import summary_table, write_report
 
+    if n_seeds is not None and n_seeds < 1:  # before reading anything
+        raise ConfigError(f"--seeds: the number of seeds must be at least 1, got {n_seeds}")
     scenario = load_scenario(scenario_path)
     selected = _select_arms(scenario, arms)
+    seeds = resolve_seeds(scenario, seed, n_seeds)
     out_dir = out if out is not None else Path("runs") / scenario.name
     # A pipe or a log file gets a wide table rather than one squeezed to 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     if not quiet:
         console.print(f"[bold]{scenario.name}[/]: {scenario.description}")
+        if len(seeds) > 1:
+            console.print(f"{len(seeds)} seeds: {', '.join(str(s) for s in seeds)}")
     with _progress(console, enabled=not quiet and sys.stdout.isatty()) as progress:
         report = run_scenario(
             scenario,
-            seed=seed,
+            seeds=seeds,
             arms=selected,
             progress=progress,
             log=None if quiet else console.print,

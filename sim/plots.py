@@ -1,16 +1,19 @@
-"""PNG plots of a run report: accuracy over virtual time, update staleness, bytes per tier.
+"""Plots of a run report: accuracy over virtual time, update staleness, bytes per tier.
 
 matplotlib is imported inside the functions, so the simulator pays for it only when it writes
 plots, and it is used through `matplotlib.figure.Figure` directly: that renders with the Agg
 canvas and never touches pyplot's global figure state or the user's chosen backend. Each arm keeps
-one colour (Okabe-Ito, colour-blind safe) across all plots. PNGs are written atomically.
+one colour (Okabe-Ito, colour-blind safe) across all plots. Files are written atomically, as
+PNG and, with ``formats``, SVG and PDF beside it (vector, for papers; no creation date in
+them, so the same report draws the same bytes). A report over several seeds draws each
+arm's mean accuracy in a band of its 95% confidence interval (``sim.stats``).
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +26,7 @@ from fedloom.sim.report import (
     tier_bytes,
     time_axis_unit,
 )
+from fedloom.sim.stats import band
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -61,6 +65,7 @@ _STYLE: dict[Any, Any] = {  # Any keys: matplotlib types rc names as Literals
     "figure.titleweight": "bold",
     "legend.fontsize": 8.5,
     "legend.frameon": False,
+    "svg.hashsalt": "fedloom",  # stable element ids in SVG files
 }
 
 
@@ -82,11 +87,19 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _save(fig: Figure, path: Path | str) -> Path:
+# No creation dates in vector files: the same report draws the same bytes.
+_NO_DATE: dict[str, dict[str, Any]] = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}
+
+
+def _save(fig: Figure, path: Path | str, formats: Sequence[str] = ("png",)) -> Path:
+    """Write ``path`` (its format from ``formats[0]``) and, for each other format, the file
+    beside it with that suffix (``accuracy.svg``, ``accuracy.pdf``); returns ``path``."""
     path = Path(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
-    atomic_write_bytes(path, buf.getvalue())
+    for i, fmt in enumerate(formats):
+        target = path if i == 0 else path.with_suffix(f".{fmt}")
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=DPI, facecolor="white", metadata=_NO_DATE.get(fmt))
+        atomic_write_bytes(target, buf.getvalue())
     return path
 
 
@@ -102,7 +115,8 @@ def _no_data(fig: Figure, text: str) -> None:
 
 def accuracy_figure(report: Report) -> Figure:
     """Accuracy against virtual time, one line per arm; dashed target line(s); a hollow marker
-    where each arm first reached its target."""
+    where each arm reached its target (the sustained crossing). Over several seeds each line
+    is the seeds' mean, in a band of its 95% confidence interval."""
     with _style():
         fig = _new_figure(8.0, 4.8)
         series = [
@@ -120,6 +134,26 @@ def accuracy_figure(report: Report) -> Figure:
             if not pts:
                 continue
             color = arm_color(i)
+            runs = report.runs.get(arm.name, [])
+            label = arm.name
+            if len(runs) > 1:
+                spread = [
+                    (t / scale, s.ci_low, s.ci_high)
+                    for t, s in band([r.accuracy_series for r in runs])
+                    if s.ci_low is not None and s.ci_high is not None
+                ]
+                if spread:
+                    ax.fill_between(
+                        [t for t, _, _ in spread],
+                        [lo for _, lo, _ in spread],
+                        [hi for _, _, hi in spread],
+                        color=color,
+                        alpha=0.18,
+                        lw=0,
+                        label="_band",
+                        gid=f"band-{arm.name}",
+                    )
+                label = f"{arm.name} (mean of {len(runs)} seeds)"
             ax.plot(
                 [t / scale for t, _ in pts],
                 [a for _, a in pts],
@@ -127,7 +161,7 @@ def accuracy_figure(report: Report) -> Figure:
                 lw=1.8,
                 marker="o" if len(pts) <= 30 else None,
                 ms=3,
-                label=arm.name,
+                label=label,
             )
             if arm.time_to_target_s is not None and arm.target_accuracy is not None:
                 ax.plot(
@@ -161,7 +195,10 @@ def accuracy_figure(report: Report) -> Figure:
         ax.set_ylim(max(lo, 0.0), min(hi, 1.01))
         ax.set_xlabel(f"virtual time ({unit})")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"{report.scenario}: accuracy vs virtual time")
+        title = f"{report.scenario}: accuracy vs virtual time"
+        if report.runs:
+            title += f" (bands: 95% CI over {len(report.seeds)} seeds)"
+        ax.set_title(title)
         if len(report.arms) + len(targets) <= 8:
             ax.legend(loc="lower right")
         else:
@@ -169,9 +206,9 @@ def accuracy_figure(report: Report) -> Figure:
         return fig
 
 
-def plot_accuracy(report: Report, path: Path | str) -> Path:
+def plot_accuracy(report: Report, path: Path | str, *, formats: Sequence[str] = ("png",)) -> Path:
     with _style():
-        return _save(accuracy_figure(report), path)
+        return _save(accuracy_figure(report), path, formats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +300,9 @@ def arms_differ_in_epsilon(report: Report) -> bool:
     return len(values) > 1 and any(v is not None for v in values)
 
 
-def plot_epsilon(report: Report, path: Path | str) -> Path:
+def plot_epsilon(report: Report, path: Path | str, *, formats: Sequence[str] = ("png",)) -> Path:
     with _style():
-        return _save(epsilon_figure(report), path)
+        return _save(epsilon_figure(report), path, formats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,9 +385,9 @@ def staleness_figure(report: Report) -> Figure:
         return fig
 
 
-def plot_staleness(report: Report, path: Path | str) -> Path:
+def plot_staleness(report: Report, path: Path | str, *, formats: Sequence[str] = ("png",)) -> Path:
     with _style():
-        return _save(staleness_figure(report), path)
+        return _save(staleness_figure(report), path, formats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,9 +485,9 @@ def _bar_text(n: int, size: float) -> str:
     return f"{v:.2f}"
 
 
-def plot_bytes(report: Report, path: Path | str) -> Path:
+def plot_bytes(report: Report, path: Path | str, *, formats: Sequence[str] = ("png",)) -> Path:
     with _style():
-        return _save(bytes_figure(report), path)
+        return _save(bytes_figure(report), path, formats)
 
 
 __all__ = [

@@ -37,7 +37,7 @@ from fedloom.sim.compute import ComputeModel
 from fedloom.sim.driver import SimDriver, region_nodes
 from fedloom.sim.executors import Executor, InlineExecutor, PoolExecutor
 from fedloom.sim.network import Partition
-from fedloom.sim.report import ArmResult, Report
+from fedloom.sim.report import ArmResult, Report, multi_seed_report
 from fedloom.sim.scenario import Arm, Scenario
 from fedloom.topology.gossip import gossip
 from fedloom.topology.hierarchical import hierarchical
@@ -501,10 +501,10 @@ def run_once(
         observe(scenario.duration_s)
 
     target = scenario.target_accuracy
-    time_to_target = first_crossing = None
+    first = sustained = None
     if target is not None:
-        time_to_target = time_to_accuracy(series, target, scenario.target_window_s)
-        first_crossing = time_to_accuracy(series, target, 0.0)
+        first = first_crossing(series, target)
+        sustained = sustained_crossing(series, target, scenario.target_window_s)
     staleness = Counter(round(s) for s in stats.staleness)
     tiers = dict(stats.bytes_by_tier)
     bytes_up = sum(v for k, v in tiers.items() if _is_uplink(k))
@@ -545,7 +545,7 @@ def run_once(
             "restarts": stats.restarts,
         }
     if scenario.target_window_s > 0:
-        extra["first_crossing_s"] = -1.0 if first_crossing is None else first_crossing
+        extra["first_crossing_s"] = -1.0 if first is None else first  # kept for old readers
     if isinstance(executor, LedgerExecutor):  # record-level DP-SGD: the sites' ledgers
         eps = executor.epsilons()
         extra["dp_sgd_epsilon_max"] = max(eps.values(), default=0.0)
@@ -556,7 +556,9 @@ def run_once(
         algorithm=arm.algorithm,
         topology=arm.topology,
         final_accuracy=final_accuracy(series, scenario.duration_s),
-        time_to_target_s=time_to_target,
+        time_to_target_s=sustained,  # the sustained crossing (the first if no window)
+        first_crossing_s=first,
+        sustained_crossing_s=sustained,
         target_accuracy=target,
         bytes_up=bytes_up,
         bytes_down=bytes_down,
@@ -579,21 +581,50 @@ def run_once(
 def time_to_accuracy(
     series: Sequence[tuple[float, float]], target: float, window_s: float
 ) -> float | None:
-    """First time t at which the mean accuracy over the evaluations in (t - window_s, t]
-    reaches ``target``; ``window_s = 0`` means the first single evaluation that does.
+    """The time to target a report gives: the sustained crossing (``window_s = 0``: the
+    first crossing)."""
+    if window_s <= 0.0:
+        return first_crossing(series, target)
+    return sustained_crossing(series, target, window_s)
+
+
+def first_crossing(series: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The time of the first evaluation at or above ``target`` (None: never)."""
+    for t, acc in series:
+        if acc >= target:
+            return t
+    return None
+
+
+def sustained_crossing(
+    series: Sequence[tuple[float, float]], target: float, window_s: float
+) -> float | None:
+    """The START t of the first window ``[t, t + window_s)`` that stays at the target: the
+    evaluation at t is at or above ``target``, so is the mean of the evaluations in the
+    window, and the run went on for at least ``window_s`` after t (a window the run cut
+    short proves nothing). None: never.
 
     A window measures *sustained* accuracy: on heterogeneous data one evaluation can spike
-    past the target long before the model stays there.
+    past the target long before the model stays there. The window's start is reported, not
+    its end, so the window puts no floor under the time: a model at the target from minute
+    5 that stays there is at the target at minute 5, whatever the window's length. It is
+    never before the first crossing.
     """
+    if window_s <= 0.0:
+        return first_crossing(series, target)
     times = [t for t, _ in series]
     accs = [a for _, a in series]
-    lo = 0
-    for hi, t in enumerate(times):
-        while lo < hi and times[lo] <= t - window_s:
-            lo += 1
-        if t - times[0] < window_s:
-            continue  # the window is not full yet
-        if float(np.mean(accs[lo : hi + 1])) >= target:
+    if not times:
+        return None
+    last = times[-1]
+    hi = 0
+    for lo, t in enumerate(times):
+        if last - t < window_s:
+            return None  # this window (and every later one) is cut short by the run's end
+        hi = max(hi, lo)
+        while hi < len(times) and times[hi] < t + window_s:
+            hi += 1
+        if accs[lo] >= target and float(np.mean(accs[lo:hi])) >= target:
             return t
     return None
 
@@ -712,23 +743,88 @@ def against_plain(arms: Sequence[Arm], results: Sequence[ArmResult]) -> list[Arm
     return out
 
 
-def run_scenario(
+def resolve_seeds(
+    scenario: Scenario, seed: int | None = None, n_seeds: int | None = None
+) -> list[int]:
+    """The seeds a run uses. ``n_seeds`` (``--seeds N``): N consecutive seeds from ``seed``
+    (``--seed``) or else the scenario's: s_i = seed + i, so s_0 is the single-seed run's seed
+    and any seed's run is reproduced alone by ``--seed s_i``. Else ``seed`` alone, else the
+    scenario's ``seeds`` list, else its ``seed``."""
+    if n_seeds is not None:
+        if isinstance(n_seeds, bool) or n_seeds < 1:
+            raise ConfigError(f"--seeds: the number of seeds must be at least 1, got {n_seeds}")
+        base = scenario.seed if seed is None else seed
+        return [base + i for i in range(n_seeds)]
+    if seed is not None:
+        return [seed]
+    return list(scenario.seeds) or [scenario.seed]
+
+
+def _run_seed(
     scenario: Scenario,
-    *,
-    seed: int | None = None,
-    arms: Sequence[str] | None = None,
-    progress: ProgressFn | None = None,
-    log: LogFn | None = None,
-) -> Report:
-    """Run the scenario's arms (all, or the named ones) and gather the report."""
-    run_seed = scenario.seed if seed is None else seed
-    selected = [a for a in scenario.arms if arms is None or a.name in arms]
-    wall0 = time.perf_counter()
+    selected: Sequence[Arm],
+    run_seed: int,
+    progress: ProgressFn | None,
+    log: LogFn | None,
+) -> tuple[list[ArmResult], Workload]:
+    """Every selected arm on one seed."""
     workload = build_workload(scenario, run_seed)
     if len(selected) > 1:
         preflight(scenario, selected, workload, run_seed)
     results = [run_arm(scenario, arm, workload, run_seed, progress, log) for arm in selected]
-    results = against_plain(selected, results)
+    return against_plain(selected, results), workload
+
+
+def _seed_progress(progress: ProgressFn | None, seed: int) -> ProgressFn | None:
+    """Progress labelled with the seed (one bar per arm and seed)."""
+    if progress is None:
+        return None
+    outer = progress
+
+    def update(label: str, done: float, total: float) -> None:
+        outer(f"{label} · seed {seed}", done, total)
+
+    return update
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    seed: int | None = None,
+    seeds: Sequence[int] | None = None,
+    arms: Sequence[str] | None = None,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
+) -> Report:
+    """Run the scenario's arms (all, or the named ones) and gather the report.
+
+    ``seeds`` (else ``resolve_seeds(scenario, seed)``): with two or more, every arm runs
+    once per seed, one seed after the other (each seed's training jobs in the scenario's
+    executor, inline or the process pool), and the report holds each run and their means
+    and confidence intervals (``Report.runs``, ``sim.report.multi_seed_report``).
+    """
+    run_seeds = list(seeds) if seeds is not None else resolve_seeds(scenario, seed)
+    if not run_seeds or len(set(run_seeds)) != len(run_seeds):
+        raise ConfigError(f"seeds: need one or more distinct seeds, got {run_seeds}")
+    selected = [a for a in scenario.arms if arms is None or a.name in arms]
+    wall0 = time.perf_counter()
+    multi = len(run_seeds) > 1
+    per_seed: list[list[ArmResult]] = []
+    workload: Workload | None = None
+    for i, run_seed in enumerate(run_seeds):
+        seed_progress = _seed_progress(progress, run_seed) if multi else progress
+        results, built = _run_seed(scenario, selected, run_seed, seed_progress, log)
+        workload = workload or built
+        per_seed.append(results)
+        if multi and log is not None:
+            for r in results:
+                ttt = r.time_to_target_s
+                log(
+                    f"seed {run_seed} ({i + 1}/{len(run_seeds)}) {r.name}: final accuracy "
+                    f"{r.final_accuracy:.3f}, time to target "
+                    f"{'never' if ttt is None else f'{ttt / 3600:.2f} h'}"
+                )
+    assert workload is not None
     meta: dict[str, Any] = {
         "duration_s": scenario.duration_s,
         "eval_interval_s": scenario.eval_interval_s,
@@ -737,13 +833,22 @@ def run_scenario(
         "workload": workload.describe(),
         "wall_total_s": time.perf_counter() - wall0,
     }
-    baseline = scenario.baseline if scenario.baseline in {r.name for r in results} else None
+    if scenario.target_window_s > 0:
+        meta["target_window_s"] = scenario.target_window_s
+    names = {a.name for a in selected}
+    baseline = scenario.baseline if scenario.baseline in names else None
     if baseline is not None:
         meta["baseline"] = baseline
+    if multi:
+        runs = {arm.name: [results[j] for results in per_seed] for j, arm in enumerate(selected)}
+        base_seed = scenario.seed if seed is None else seed
+        return multi_seed_report(
+            scenario.name, base_seed, scenario.description, run_seeds, runs, meta
+        )
     return Report(
         scenario=scenario.name,
-        seed=run_seed,
+        seed=run_seeds[0],
         description=scenario.description,
-        arms=results,
+        arms=per_seed[0],
         meta=meta,
     )

@@ -21,6 +21,11 @@ cluster per region, ``region-<name>``, holding exactly the sites placed there (w
     north = ["hospital-1", "hospital-2"]
     south = ["hospital-3", "hospital-4"]
 
+Seeds. ``seed`` (default 0) seeds everything random in a run. ``seeds = [3, 4, 5]`` runs
+every arm once per listed seed (distinct, >= 0) and reports means and 95% confidence
+intervals (``sim.report``); ``fedloom sim --seeds N`` overrides it with N seeds from
+``seed`` on.
+
 Durability. A ``[durability]`` table (shared, or ``[arms.durability]`` for one arm) runs
 what the daemons depend on (``sim.durability``): ``log = true`` gives every node a real
 recovery log (``federation.store.StateStore``, one directory per node under
@@ -189,6 +194,8 @@ class Scenario:
     meta: Mapping[str, Any] = field(default_factory=dict)
     # ``[dp_sgd]``: every site trains with record-level DP-SGD (workloads.dp_sgd).
     dp_sgd: DpSgdConfig | None = None
+    # ``seeds = [...]``: run every arm once per seed (empty: once, with ``seed``).
+    seeds: tuple[int, ...] = ()
 
 
 # ------------------------------------------------------------------------------ reading
@@ -218,6 +225,7 @@ def parse_scenario(
     name = top.text("name", default_name)
     description = top.text("description", "")
     seed = top.integer("seed", 0, min=0)
+    seeds = _seeds(top)
     duration_s = _duration(top, "duration")
     eval_interval_s = top.number(
         "eval_interval_s", max(duration_s / 100.0, 1.0), min=0.0, exclusive_min=True
@@ -279,7 +287,25 @@ def parse_scenario(
         source=source,
         meta=meta,
         dp_sgd=dp_sgd,
+        seeds=seeds,
     )
+
+
+def _seeds(t: Table) -> tuple[int, ...]:
+    """``seeds``: a non-empty list of distinct non-negative integers ((): not given)."""
+    if not t.has("seeds"):
+        return ()
+    values = t.array("seeds")
+    if not values:
+        raise ConfigError(f"{t.where('seeds')}: must list at least one seed (or leave it out)")
+    seen: set[int] = set()
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{t.where('seeds')}[{i}]: expected a seed >= 0, got {v!r}")
+        if v in seen:
+            raise ConfigError(f"{t.where('seeds')}[{i}]: seed {v} is listed twice")
+        seen.add(v)
+    return tuple(values)
 
 
 def _duration(t: Table, stem: str) -> float:

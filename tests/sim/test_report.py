@@ -132,20 +132,24 @@ def test_round_trip_through_files(tmp_path: Path) -> None:
     assert (again / "report.json").read_bytes() == (tmp_path / "report.json").read_bytes()
 
 
-def test_json_is_deterministic_apart_from_wall_fields(tmp_path: Path) -> None:
+def test_report_json_is_byte_identical_and_wall_clock_goes_to_timing_json(
+    tmp_path: Path,
+) -> None:
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     write_report(sample_report(wall=12.5), a, plots=False)
     write_report(sample_report(wall=12.5), b, plots=False)
     write_report(sample_report(wall=99.25), c, plots=False)
-    text_a = (a / "report.json").read_text()
-    assert (b / "report.json").read_text() == text_a
-    text_c = (c / "report.json").read_text()
-    assert text_c != text_a
-    lines_a, lines_c = text_a.splitlines(), text_c.splitlines()
-    assert len(lines_a) == len(lines_c)
-    differing = [la for la, lc in zip(lines_a, lines_c, strict=True) if la != lc]
-    assert differing and all("wall" in line for line in differing)
-    assert strip_wall(json.loads(text_a)) == strip_wall(json.loads(text_c))
+    text_a = (a / "report.json").read_bytes()
+    assert (b / "report.json").read_bytes() == text_a
+    assert (c / "report.json").read_bytes() == text_a  # other wall-clock, same file
+    assert b"wall" not in text_a
+    timing_a = json.loads((a / "timing.json").read_text())
+    timing_c = json.loads((c / "timing.json").read_text())
+    assert timing_a != timing_c
+    assert timing_a["meta"]["wall_total_s"] == 37.5
+    assert [arm["wall_seconds"] for arm in timing_a["arms"]] == [12.5, 18.75, 6.25]
+    # load_report puts them back
+    assert load_report(c).arms[1].wall_seconds == 12.5 * 1.5 * 99.25 / 12.5
 
 
 def test_json_layout_and_key_order(tmp_path: Path) -> None:
@@ -165,7 +169,6 @@ def test_json_layout_and_key_order(tmp_path: Path) -> None:
         "updates_applied",
         "updates_duplicated",
         "max_staleness",
-        "wall_seconds",
         "virtual_seconds",
         "bytes_by_tier",
         "staleness_histogram",
@@ -178,6 +181,7 @@ def test_json_layout_and_key_order(tmp_path: Path) -> None:
     ):
         assert key in arm
     assert list(arm)[:3] == ["name", "algorithm", "topology"]
+    assert "wall_seconds" not in arm  # in timing.json: report.json is byte-identical per run
     # Staleness keys sort numerically, not as strings ("10" after "5").
     assert list(arm["staleness_histogram"]) == ["0", "1", "2", "3", "5", "10", "14"]
     assert doc["arms"][2]["time_to_target_s"] is None
@@ -329,7 +333,14 @@ def test_csv_series_parse(tmp_path: Path) -> None:
 def test_writes_are_atomic_and_replace_old_files(tmp_path: Path) -> None:
     (tmp_path / "report.json").write_text("old")
     paths = write_report(sample_report(), tmp_path, plots=False)
-    assert set(paths) == {"report", "accuracy_csv", "staleness_csv", "bytes_csv", "summary"}
+    assert set(paths) == {
+        "report",
+        "timing",
+        "accuracy_csv",
+        "staleness_csv",
+        "bytes_csv",
+        "summary",
+    }
     assert load_report(tmp_path).scenario == "hospitals"
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
