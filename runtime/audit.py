@@ -109,9 +109,13 @@ __all__ = [
     "Verdict",
     "canonical",
     "dataset_of",
+    "describe_os_error",
     "entry_hash",
+    "hand_to_state_owner",
+    "is_command_kind",
     "open_audit",
     "read_entries",
+    "readable_identity",
     "record",
     "verify_log",
 ]
@@ -243,6 +247,8 @@ class _Tail:
     # its newline (``newline_only``).
     torn: tuple[int, bytes] | None = None
     newline_only: bool = False
+    # ``_read_back(fd, end)`` reads the last intact entry (its line ends there).
+    end: int = 0
 
 
 def _read_back(fd: int, end: int) -> tuple[int, bytes]:
@@ -273,11 +279,12 @@ def _read_tail(fd: int, path: Path) -> _Tail:
         entry = parse_entry(line)
         if entry is not None and _valid(entry):
             # Complete but for its newline: finish the line; it is the last entry.
-            return _Tail(entry["seq"], entry["hash"], entry["node"], newline_only=True)
+            return _Tail(entry["seq"], entry["hash"], entry["node"], newline_only=True, end=size)
         tail.torn = (offset, line)
         end = offset
         if end == 0:
             return tail
+    tail.end = end - 1
     offset, line = _read_back(fd, end - 1)
     entry = parse_entry(line)
     if tail.torn is not None and (entry is None or not _valid(entry)):
@@ -286,6 +293,7 @@ def _read_tail(fd: int, path: Path) -> _Tail:
         tail.torn = (offset, line + b"\n" + tail.torn[1])
         if offset == 0:
             return tail
+        tail.end = offset - 1
         offset, line = _read_back(fd, offset - 1)
         entry = parse_entry(line)
     if entry is None or not _valid(entry):
@@ -298,13 +306,98 @@ def _read_tail(fd: int, path: Path) -> _Tail:
 
 
 @contextmanager
-def _locked(folder: Path) -> Iterator[None]:
+def _locked(folder: Path) -> Iterator[int]:
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield fd
     finally:
         os.close(fd)  # releases the lock
+
+
+# ------------------------------------------------------------------ who wrote what
+# Kinds the operator's commands write (``fedloom plans``, ``fedloom dataset``; a command
+# that finds a torn line seals it): the only entries a signer accepts from others.
+COMMAND_KIND_PREFIXES = ("plan_", "dataset_")
+_MAX_RUNS = 64  # runs of unsigned command entries the lock file remembers
+_MAX_WALK = 10_000  # unsigned entries a signer looks at before it signs
+_MAX_NAMED = 32  # seq ranges (and kinds) an ``audit_foreign_entries`` entry names
+Run = tuple[int, int, str, str]  # (first seq, last seq, prev of the first, hash of the last)
+
+
+def is_command_kind(kind: str) -> bool:
+    """Whether ``kind`` is one the operator's commands write."""
+    return kind.startswith(COMMAND_KIND_PREFIXES) or kind == "torn_tail"
+
+
+def _read_runs(fd: int) -> list[Run]:
+    """The runs of entries that writers without the key appended holding the lock since
+    the last signed head (kept in the lock file itself); [] when unreadable."""
+    try:
+        raw = os.pread(fd, 64 * 1024, 0)
+        doc = json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return []
+    runs = doc.get("runs") if isinstance(doc, dict) else None
+    out: list[Run] = []
+    for run in runs if isinstance(runs, list) else ():
+        if (
+            isinstance(run, list)
+            and len(run) == 4
+            and all(type(x) is int for x in run[:2])
+            and _is_hex64(run[2])
+            and _is_hex64(run[3])
+        ):
+            out.append((run[0], run[1], run[2], run[3]))
+    return out[-_MAX_RUNS:]
+
+
+def _write_runs(fd: int, runs: Sequence[Run], *, durable: bool) -> None:
+    data = canonical({"runs": [list(r) for r in runs[-_MAX_RUNS:]]}) if runs else b""
+    os.ftruncate(fd, 0)
+    if data:
+        os.pwrite(fd, data, 0)
+    if durable:
+        os.fsync(fd)
+
+
+def _add_run(runs: list[Run], first: int, last: int, first_prev: str, last_hash: str) -> None:
+    if runs and runs[-1][1] + 1 == first and runs[-1][3] == first_prev:
+        runs[-1] = (runs[-1][0], last, runs[-1][2], last_hash)  # nothing came in between
+    else:
+        runs.append((first, last, first_prev, last_hash))
+
+
+def _ranges(seqs: Sequence[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for s in sorted(seqs):
+        if out and out[-1][1] + 1 == s:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
+
+
+def _unsigned(fd: int, tail: _Tail, base: int) -> tuple[list[dict[str, Any]], str | None, int]:
+    """The entries after seq ``base`` (oldest first), walking back from the file's last
+    intact entry; a reason when the log under ``base`` is not what was signed (a
+    damaged line on the way), and how many entries after ``base`` were left unread
+    (past ``_MAX_WALK``)."""
+    found: list[dict[str, Any]] = []
+    pos = tail.end
+    nxt_prev: str | None = None
+    while pos > 0 and len(found) < min(tail.seq - base, _MAX_WALK):
+        offset, line = _read_back(fd, pos)
+        entry = parse_entry(line)
+        if entry is None or not _valid(entry):
+            return found[::-1], f"a damaged line at byte {offset}", 0
+        if nxt_prev is not None and entry["hash"] != nxt_prev:
+            return found[::-1], f"the chain breaks at seq {entry['seq']}", 0
+        found.append(entry)
+        nxt_prev = entry["prev"]
+        pos = offset - 1
+    unread = max(0, tail.seq - base - len(found))
+    return found[::-1], None, unread
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -342,13 +435,26 @@ class AuditLog:
         self.identity = identity
         self._fsync = fsync
         self._clock = clock
+        self._base: tuple[int, str] | None = None  # the head this writer last signed
+        self._own: list[Run] = []  # its entries no head covers yet (a failed signing)
+        self.state_dir = Path(state_dir)
 
     def _ensure_folder(self) -> None:
         try:
             self.folder.mkdir(mode=0o700, exist_ok=False)
         except FileExistsError:
             return
+        hand_to_state_owner(self.state_dir, self.folder)
         _fsync_dir(self.folder.parent)
+
+    def _hand_over(self) -> None:
+        hand_to_state_owner(
+            self.state_dir,
+            self.folder,
+            self.folder / LOCK_FILE,
+            self.path,
+            self.folder / HEAD_FILE,
+        )
 
     def check(self) -> None:
         """``AuditError`` if the log's tail is damaged (a daemon checks this at start)."""
@@ -359,6 +465,7 @@ class AuditLog:
                 _read_tail(fd, self.path)
             finally:
                 os.close(fd)
+        self._hand_over()
 
     def append(self, items: Sequence[Item], ts: float | None = None) -> list[dict[str, Any]]:
         """Append ``(kind, fields)`` or ``(kind, fields, ts)`` items as one batch: one
@@ -373,13 +480,18 @@ class AuditLog:
         if not prepared:
             return []
         self._ensure_folder()
-        with _locked(self.folder):
+        with _locked(self.folder) as lock_fd:
             created = not self.path.exists()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            runs = _read_runs(lock_fd)
             try:
                 rfd = os.open(self.path, os.O_RDONLY)
                 try:
                     tail = _read_tail(rfd, self.path)
+                    if self.identity is not None:
+                        foreign = self._foreign(rfd, tail, runs)
+                        if foreign is not None:
+                            prepared.insert(0, ("audit_foreign_entries", foreign, now))
                 finally:
                     os.close(rfd)
                 if created:
@@ -440,9 +552,89 @@ class AuditLog:
                     ) from None
             finally:
                 os.close(fd)
-            if self.identity is not None:
-                self._sign_head(seq, prev, node)
+            first = entries[0]
+            if self.identity is None:
+                _add_run(runs, first["seq"], seq, first["prev"], prev)
+                _write_runs(lock_fd, runs, durable=True)
+            else:
+                try:
+                    self._sign_head(seq, prev, node)
+                except OSError as exc:  # the entries are in the file: not written again
+                    _add_run(self._own, first["seq"], seq, first["prev"], prev)
+                    _log.error("audit: cannot sign the head: %s", describe_os_error(exc, self.path))
+                else:
+                    self._base, self._own = (seq, prev), []
+                    if runs:
+                        _write_runs(lock_fd, [], durable=False)
+        self._hand_over()
         return entries
+
+    def _signed_base(self) -> tuple[int, str]:
+        """The newest head signed with this writer's key: its own, or ``head.json`` if
+        that verifies and is newer (a command that held the key signed it)."""
+        assert self.identity is not None
+        best = self._base or (0, GENESIS)
+        head = _read_head(self.folder)
+        if isinstance(head, dict) and head["seq"] > best[0]:
+            try:
+                sig = base64.b64decode(head["sig"].encode("ascii"), validate=True)
+            except (UnicodeEncodeError, binascii.Error, ValueError):
+                sig = b""
+            message = head_message(head["seq"], head["hash"], head["node"])
+            if verify_signature(self.identity.public_key, message, sig):
+                best = (head["seq"], head["hash"])
+        return best
+
+    def _foreign(self, fd: int, tail: _Tail, runs: Sequence[Run]) -> dict[str, Any] | None:
+        """Before signing: the entries since the last signed head that this writer did
+        not write and that are not a command's (a ``plan_*``/``dataset_*`` kind appended
+        through ``record()`` holding the lock, as the lock file records), as the fields
+        of an ``audit_foreign_entries`` entry; None when there are none."""
+        if self._base is not None and (tail.seq, tail.hash) == self._base:
+            return None  # nothing since this writer's last batch
+        base_seq, base_hash = self._signed_base()
+        if (tail.seq, tail.hash) == (base_seq, base_hash):
+            return None
+        note: dict[str, Any] = {"after_signed_seq": base_seq}
+        if tail.seq < base_seq:
+            note.update(
+                rewritten=f"the log ends at seq {tail.seq}, before the signed head (seq "
+                f"{base_seq}): entries were deleted",
+                seqs=[],
+                count=0,
+            )
+            return note
+        found, damage, unread = _unsigned(fd, tail, base_seq)
+        if damage is None and not unread and found and found[0]["prev"] != base_hash:
+            damage = f"seq {base_seq} is not the entry the signed head names"
+        ok: set[int] = set()
+        by_seq = {e["seq"]: e for e in found}
+        for first, last, first_prev, last_hash in (*runs, *self._own):
+            a, b = by_seq.get(first), by_seq.get(last)
+            if a is None or b is None or a["prev"] != first_prev or b["hash"] != last_hash:
+                continue
+            own = (first, last, first_prev, last_hash) in self._own
+            ok.update(
+                s for s in range(first, last + 1) if own or is_command_kind(by_seq[s]["kind"])
+            )
+        bad = [e for e in found if e["seq"] not in ok]
+        if not bad and damage is None and not unread:
+            return None
+        kinds = Counter(_clean(e["kind"], MAX_KIND_CHARS) for e in bad)
+        seqs = [e["seq"] for e in bad]
+        ranges = _ranges(seqs)
+        if unread:
+            ranges.insert(0, [base_seq + 1, base_seq + unread])
+        note.update(
+            seqs=ranges[:_MAX_NAMED],
+            count=len(bad) + unread,
+            kinds=dict(kinds.most_common(_MAX_NAMED)),
+            why="not written by this daemon, nor a command's entry (plan_*, dataset_*) "
+            "appended through the audit lock; covered by the head signed after this entry",
+        )
+        if damage is not None:
+            note["rewritten"] = damage
+        return note
 
     def _sign_head(self, seq: int, hash_: str, node: str) -> None:
         assert self.identity is not None
@@ -485,8 +677,76 @@ def record(
         log.append([(kind, fields)])
     except OSError as exc:
         raise AuditError(
-            f"{log.path}: cannot append to the audit log ({exc.strerror or exc})"
+            f"cannot append to the audit log: {describe_os_error(exc, log.path)}"
         ) from None
+
+
+def readable_identity(cfg: Any) -> Identity | None:
+    """The node's identity (``cfg``: its ``DaemonConfig``) if this process can read its
+    key, else None: a command signs the audit log's head with it when it can."""
+    from fedloom.transport.identity import IdentityError
+
+    path = getattr(cfg, "identity_key", None)
+    if path is None:
+        return None
+    try:
+        return Identity.load(path)
+    except (IdentityError, OSError, ValueError):
+        return None
+
+
+def describe_os_error(exc: OSError, fallback: Path) -> str:
+    """``exc`` as one line naming the file; for a permission error, its owner and the
+    user this process runs as, with the command that fixes it."""
+    name = Path(exc.filename) if isinstance(exc.filename, str) else fallback
+    text = f"{name}: {exc.strerror or exc}"
+    if not isinstance(exc, PermissionError):
+        return text
+    try:
+        owner = os.stat(name).st_uid
+    except OSError:
+        try:
+            owner = os.stat(name.parent).st_uid
+            name = name.parent
+        except OSError:
+            return text
+    me = os.geteuid()
+    return (
+        f"{text} ({name} belongs to {_user(owner)}, this process runs as {_user(me)}: a "
+        f"command run as {_user(owner)} created it? run commands as the daemon's user, or "
+        f"`chown -R {_user(me)} {name.parent if name.name != AUDIT_DIR else name}`)"
+    )
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def hand_to_state_owner(state_dir: str | os.PathLike[str], *paths: Path) -> None:
+    """A command run as root leaves what it created (the audit log, the registries)
+    to the owner of the state directory, so the daemon's user can still write them:
+    each of ``paths`` that exists and belongs to root is chowned (never through a
+    symlink). Nothing to do unless this process is root and the directory is not
+    root's."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(state_dir)
+    except OSError:
+        return
+    if st.st_uid == 0:
+        return
+    for path in paths:
+        try:
+            if os.lstat(path).st_uid == 0:
+                os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+        except OSError:
+            continue
 
 
 # ------------------------------------------------------------------ reading
@@ -513,10 +773,18 @@ class Verdict:
     head_checked: bool = False
     head_seq: int | None = None
     notes: list[str] = field(default_factory=list)
+    # With a key: the intact entries after the signed head, which it does not cover
+    # (anyone who can write the file could have appended them; see ``covered``).
+    unsigned: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def intact(self) -> bool:
         return self.problem is None
+
+    @property
+    def covered(self) -> bool:
+        """Intact, the head checked, and every entry covered by the signed head."""
+        return self.problem is None and self.head_checked and not self.unsigned
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,11 +962,26 @@ def _check_head(verdict: Verdict, folder: Path, public_key: bytes) -> None:
         )
         return
     if last > head["seq"]:
-        verdict.notes.append(
-            f"entries after seq {head['seq']} ({last - head['seq']}) are chained but not yet "
-            "covered by the signed head (written by a command since the daemon's last batch, "
-            "or the daemon stopped before signing)"
-        )
+        verdict.unsigned = verdict.entries[head["seq"] :]
+
+
+def _foreign_note(entry: Mapping[str, Any]) -> str:
+    f = entry["fields"]
+    seqs = f.get("seqs") if isinstance(f.get("seqs"), list) else []
+    shown = ", ".join(
+        f"{r[0]}" if r[0] == r[1] else f"{r[0]}..{r[1]}"
+        for r in seqs[:8]
+        if isinstance(r, list) and len(r) == 2
+    )
+    text = (
+        f"seq {entry['seq']}: the signer found entries after its signed head (seq "
+        f"{_clean(f.get('after_signed_seq'))}) that it did not write and that are not a "
+        f"command's: seq {shown or '-'} ({_clean(f.get('count'))}; kinds "
+        f"{_clean(f.get('kinds'))})"
+    )
+    if f.get("rewritten"):
+        text += f"; {_clean(f.get('rewritten'))}"
+    return text
 
 
 def verify_log(state_dir: str | os.PathLike[str], public_key: bytes | None = None) -> Verdict:
@@ -759,6 +1042,8 @@ def verify_log(state_dir: str | os.PathLike[str], public_key: bytes | None = Non
             break
         verdict.entries.append(entry)
         expected, prev = expected + 1, entry["hash"]
+        if entry["kind"] == "audit_foreign_entries":
+            verdict.notes.append(_foreign_note(entry))
         i += 1
     if public_key is not None:
         _check_head(verdict, folder, public_key)
@@ -965,7 +1250,12 @@ class AuditWriter:
                 self.errors += 1
                 self._metric(Metric("audit_write_errors"))
                 if failures == 1 or failures % 100 == 0:
-                    _log.error("audit: cannot write %s (%s); retrying", self.log.path, exc)
+                    why = (
+                        describe_os_error(exc, self.log.path)
+                        if isinstance(exc, OSError)
+                        else str(exc)
+                    )
+                    _log.error("audit: cannot write the log: %s; retrying", why)
                 with self._cond:
                     if isinstance(exc, AuditSyncError):  # in the file: noted, not rewritten
                         self._unsynced.append((exc.first, exc.last, _clean(exc.reason)))
@@ -1053,6 +1343,7 @@ KNOWN_KINDS = frozenset(
         "dataset_used",
         "audit_gap",
         "audit_sync_failed",
+        "audit_foreign_entries",
         "torn_tail",
     }
 )
@@ -1476,21 +1767,12 @@ class DaemonAudit(AuditMiddleware):
 
 
 def _root_proofs(e2e: object) -> Callable[[int], Any]:
-    """The root's proof (signature) of a version, once the driver has signed it: the
-    ``EndToEnd``'s one-per-version cache of signing futures (read on the event loop)."""
+    """The root's proof (signature) of a version, once the driver has signed it
+    (``EndToEnd.own_proof``; read on the event loop)."""
+    own_proof = getattr(e2e, "own_proof", None)
 
     def proof_of(version: int) -> Any:
-        tasks = getattr(getattr(e2e, "_signed", None), "tasks", None)
-        if not isinstance(tasks, dict):
-            return None
-        for key, fut in list(tasks.items()):
-            v = key[0] if isinstance(key, tuple) else key
-            if v != version or not isinstance(fut, asyncio.Future) or not fut.done():
-                continue
-            if fut.cancelled() or fut.exception() is not None:
-                continue
-            return fut.result()
-        return None
+        return own_proof(version) if callable(own_proof) else None
 
     return proof_of
 
@@ -1517,7 +1799,7 @@ def open_audit(d: Daemon, peers: Any, report: Callable[[Metric], None]) -> Daemo
         raise DaemonError(str(exc), exit_code=EXIT_CORRUPT_STATE) from None
     except OSError as exc:
         raise DaemonError(
-            f"audit: cannot open {log.path} ({exc.strerror or exc})",
+            f"audit: cannot open the audit log: {describe_os_error(exc, log.path)}",
             exit_code=EXIT_ENVIRONMENT,
         ) from None
     loop = asyncio.get_running_loop()

@@ -6,8 +6,10 @@ the node's public key (``--public-key``, or ``--config``: the key of the node's 
 file, else the one its roster lists), the head the daemon signs after every batch, so a
 deletion of the last entries is found too. It names the first bad line and what is wrong
 with it: edited, deleted, reordered, inserted, a torn tail (a crash during a write), or
-truncated against the signed head. Exit 0 only when the log is intact (65 otherwise, as
-``fedloom state check``; 2 for a mistake on the command line).
+truncated against the signed head. Entries after the signed head are not covered by it
+(anyone who can write the file could have appended them): with a key, ``verify`` names
+them and exits 65 unless ``--allow-unsigned-tail``. Exit 0 only when the log is intact
+(65 otherwise, as ``fedloom state check``; 2 for a mistake on the command line).
 
 ``export`` writes the verified entries, optionally only from ``--since SEQ`` or of some
 ``--kind``s, one JSON object per line; it refuses a log that does not verify unless
@@ -87,6 +89,13 @@ def add_audit_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
             help="the node's Ed25519 public key: base64, a public line '<id> <role> <key>', "
             "or a .pub file holding one",
         )
+        p.add_argument(
+            "--allow-unsigned-tail",
+            action="store_true",
+            help="with a key: accept entries after the signed head (listed; they are not "
+            "covered by the signature: a command that could not read the key wrote them, "
+            "or anyone who can write the file)",
+        )
 
     verify = actions.add_parser(
         "verify",
@@ -95,8 +104,10 @@ def add_audit_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "previous hash) and, with the node's public key, that the log still reaches the head "
         "the daemon signed. The first bad line is named with what is wrong: edited, deleted, "
         "reordered, inserted, torn tail, truncated. Without a key the chain is checked and "
-        "the output says the head was not. Exit status: 0 intact, 65 not intact, 2 a "
-        "mistake on the command line.",
+        "the output says the head was not. Entries after the signed head are not covered "
+        "by it: with a key they are named and the exit status is 65, unless "
+        "--allow-unsigned-tail (then they are listed). Exit status: 0 intact, 65 not "
+        "intact (or an unsigned tail), 2 a mistake on the command line.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -109,7 +120,9 @@ def add_audit_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Write the log's verified entries, one JSON object per line (as in the "
         "log: seq, ts, node, kind, fields, prev, hash), to --out. A log that does not verify "
         "is refused unless --force, which writes the entries before the first bad line "
-        "(and still exits 65: the log is not intact).",
+        "(and still exits 65: the log is not intact); with a key, so are entries after the "
+        "signed head, unless --allow-unsigned-tail. --out may not be in the node's audit/ "
+        "directory.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -240,11 +253,41 @@ def report(verdict: Verdict, key: bytes | None, origin: str | None, out: TextIO)
             )
     for note in verdict.notes:
         print(f"note: {note}", file=out)
-    if verdict.problem is None:
+    if verdict.unsigned:
+        print(_unsigned_line(verdict), file=out)
+        for e in verdict.unsigned[:_LISTED]:
+            print(
+                f"  seq {e['seq']}  {_when(e['ts'])}  {_clean(e['node'])}  {_clean(e['kind'])}",
+                file=out,
+            )
+        if len(verdict.unsigned) > _LISTED:
+            print(f"  ... and {len(verdict.unsigned) - _LISTED} more", file=out)
+    if verdict.problem is None and verdict.unsigned:
+        print("intact chain; its last entries are not covered by the signed head", file=out)
+    elif verdict.problem is None:
         print("intact", file=out)
     else:
         where = f"line {verdict.problem.line}: " if verdict.problem.line else ""
         print(f"NOT INTACT: {where}{verdict.problem.kind}: {verdict.problem.message}", file=out)
+
+
+_LISTED = 50
+
+
+def _clean(value: object) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value))[:120]
+
+
+def _unsigned_line(verdict: Verdict) -> str:
+    first, last = verdict.unsigned[0]["seq"], verdict.unsigned[-1]["seq"]
+    span = f"seq {first}" if first == last else f"seq {first} to {last}"
+    return (
+        f"NOT COVERED: {span} ({len(verdict.unsigned)} entr"
+        f"{'y' if len(verdict.unsigned) == 1 else 'ies'}) after the signed head (seq "
+        f"{verdict.head_seq}): no signature covers them (a command that could not read the "
+        "node's key wrote them, or anyone who can write the file); the daemon checks them "
+        "before it signs over them"
+    )
 
 
 def cmd_audit(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -275,18 +318,53 @@ def cmd_audit(args: argparse.Namespace, out: TextIO | None = None) -> int:
                             "message": problem.message,
                         },
                         "notes": verdict.notes,
+                        "unsigned_tail": [e["seq"] for e in verdict.unsigned],
+                        "covered": verdict.covered,
                     }
                 ),
                 file=stream,
             )
         else:
             report(verdict, key, origin, stream)
+        if verdict.unsigned and not args.allow_unsigned_tail:
+            if not args.json:
+                print("(--allow-unsigned-tail accepts entries after the signed head)", file=stream)
+            return EXIT_CORRUPT_STATE
         return EXIT_OK if verdict.intact else EXIT_CORRUPT_STATE
-    return _export(args, verdict, stream)
+    return _export(args, state_dir, verdict, stream)
 
 
-def _export(args: argparse.Namespace, verdict: Verdict, out: TextIO) -> int:
+def _inside(target: Path, folder: Path) -> bool:
+    """Whether ``target`` (followed through symlinks) is ``folder`` or in it, or is a
+    link to one of its files."""
+    try:
+        real, base = target.resolve(), folder.resolve()
+    except (OSError, RuntimeError):
+        return True  # a symlink loop: not written
+    if real == base or base in real.parents:
+        return True
+    try:
+        return any(
+            target.exists() and f.exists() and os.path.samefile(target, f) for f in folder.iterdir()
+        )
+    except OSError:
+        return False
+
+
+def _export(args: argparse.Namespace, state_dir: Path, verdict: Verdict, out: TextIO) -> int:
+    target: Path = args.out
+    if _inside(target, audit_dir(state_dir)):
+        raise ConfigError(
+            f"--out {target}: in the node's audit directory {audit_dir(state_dir)}: the "
+            "export would replace the log (or its head or lock); write it elsewhere"
+        )
     problem = verdict.problem
+    if problem is None and verdict.unsigned and not args.allow_unsigned_tail:
+        from fedloom.runtime.audit import Problem
+
+        problem = Problem(0, "unsigned_tail", _unsigned_line(verdict))
+        verdict.problem = problem
+        verdict.entries = verdict.entries[: len(verdict.entries) - len(verdict.unsigned)]
     if problem is not None and not args.force:
         where = f"line {problem.line}: " if problem.line else ""
         print(
@@ -301,7 +379,6 @@ def _export(args: argparse.Namespace, verdict: Verdict, out: TextIO) -> int:
         for e in verdict.entries
         if e["seq"] >= args.since and (kinds is None or e["kind"] in kinds)
     ]
-    target: Path = args.out
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="ascii") as f:
@@ -320,9 +397,10 @@ def _export(args: argparse.Namespace, verdict: Verdict, out: TextIO) -> int:
     )
     if problem is not None:
         where = f"line {problem.line}: " if problem.line else ""
+        hint = "; --allow-unsigned-tail exports them" if problem.kind == "unsigned_tail" else ""
         print(
             f"WARNING: the log does not verify ({where}{problem.kind}: {problem.message}); "
-            "exported only the entries before it (--force)",
+            f"exported only the entries before it (--force{hint})",
             file=out,
         )
         return EXIT_CORRUPT_STATE

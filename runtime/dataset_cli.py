@@ -124,9 +124,12 @@ def add_dataset_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     _where(rv)
 
 
-def _state_dir(args: argparse.Namespace) -> Path:
+def _state_dir(args: argparse.Namespace) -> tuple[Path, Any]:
+    """The state directory, and the node's identity when ``--config`` names a key this
+    process can read (it signs the audit log's head after a change)."""
     if args.state_dir is not None:
-        return Path(args.state_dir)
+        return Path(args.state_dir), None
+    from fedloom.runtime.audit import readable_identity
     from fedloom.runtime.config import load_config
 
     cfg = load_config(args.config, check_files=False)
@@ -134,7 +137,16 @@ def _state_dir(args: argparse.Namespace) -> Path:
         raise ConfigError(
             f"{args.config}: a {cfg.role} holds no datasets; give a site's config or --state-dir"
         )
-    return cfg.state_dir
+    return cfg.state_dir, readable_identity(cfg)
+
+
+def _hand_over(state_dir: Path) -> None:
+    """Run as root, leave the registry files to the state directory's owner (the
+    daemon's user must still read them; ``runtime.audit.hand_to_state_owner``)."""
+    from fedloom.runtime.audit import hand_to_state_owner
+    from fedloom.runtime.datasets import LOCK_FILE, REGISTRY_FILE
+
+    hand_to_state_owner(state_dir, state_dir / REGISTRY_FILE, state_dir / LOCK_FILE)
 
 
 def _types(items: list[str]) -> dict[str, str]:
@@ -157,7 +169,8 @@ def cmd_dataset(args: argparse.Namespace, out: TextIO | None = None) -> int:
     action = args.dataset_command
     if action is None:
         raise ConfigError("dataset: choose an action: add, list, show or revoke")
-    reg = DatasetRegistry(_state_dir(args))
+    state_dir, identity = _state_dir(args)
+    reg = DatasetRegistry(state_dir, identity)
     if action == "add":
         features = None
         if args.features is not None:
@@ -170,6 +183,7 @@ def cmd_dataset(args: argparse.Namespace, out: TextIO | None = None) -> int:
             features=features,
             types=_types(args.types),
         )
+        _hand_over(state_dir)
         print(
             f"registered {rec.name}: {rec.rows} rows, {len(rec.features)} features, label "
             f"{rec.label} ({len(rec.classes)} classes), sha256 {rec.sha256[:16]}..., tags "
@@ -206,6 +220,7 @@ def cmd_dataset(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 0
     if action == "revoke":
         done = reg.revoke(args.name)
+        _hand_over(state_dir)
         print(
             f"revoked {done.name} at {done.revoked_at}: no job trains on it from now on "
             f"(tags {', '.join(done.tags)}; {done.path} is untouched)",

@@ -471,13 +471,14 @@ def load_frame(record: DatasetRecord) -> Any:
 # ---------------------------------------------------------------------------- registry
 
 
-def _audit(state_dir: Path, kind: str, done: str, **fields: Any) -> None:
+def _audit(state_dir: Path, kind: str, done: str, identity: Any = None, **fields: Any) -> None:
     """Record a registry change in the node's audit log (``runtime.audit``); ``done``
-    says what already happened, should the log refuse the entry."""
+    says what already happened, should the log refuse the entry. ``identity``: the
+    node's, when the command could read it: the log's head is signed too."""
     from fedloom.runtime.audit import record
 
     try:
-        record(state_dir, kind, **fields)
+        record(state_dir, kind, identity=identity, **fields)
     except ConfigError as exc:
         raise RegistryError(f"{done}, but the audit log refused the entry: {exc}") from None
 
@@ -485,9 +486,10 @@ def _audit(state_dir: Path, kind: str, done: str, **fields: Any) -> None:
 class DatasetRegistry:
     """``STATE_DIR/datasets.json`` (see the module docstring)."""
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], identity: Any = None) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / REGISTRY_FILE
+        self.identity = identity  # signs the audit log's head after a change (optional)
 
     # -- reading
 
@@ -643,6 +645,7 @@ class DatasetRegistry:
             self.state_dir,
             "dataset_added",
             f"dataset {name!r} is registered",
+            self.identity,
             name=name,
             path=record.path,
             sha256=record.sha256,
@@ -670,6 +673,7 @@ class DatasetRegistry:
             self.state_dir,
             "dataset_revoked",
             f"dataset {name!r} is revoked",
+            self.identity,
             name=name,
             sha256=rec.sha256,
             tags=list(rec.tags),

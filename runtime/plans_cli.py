@@ -168,10 +168,21 @@ def _load(path: Path) -> Any:
 
 def _audit(state_dir: Path, kind: str, cfg: Any, **fields: Any) -> None:
     """Record a change in the node's audit log (``runtime.audit``)."""
-    from fedloom.runtime.audit import record
+    from fedloom.runtime.audit import hand_to_state_owner, readable_identity, record
+    from fedloom.runtime.governance import APPROVALS_FILE
+    from fedloom.runtime.governance import LOCK_FILE as APPROVALS_LOCK
 
+    # A command run as root leaves the files it made to the state directory's owner.
+    hand_to_state_owner(state_dir, state_dir / APPROVALS_FILE, state_dir / APPROVALS_LOCK)
+    identity = None if cfg is None else readable_identity(cfg)  # signs the head if it can
     try:
-        record(state_dir, kind, node=None if cfg is None else cfg.node_id, **fields)
+        record(
+            state_dir,
+            kind,
+            node=None if cfg is None else cfg.node_id,
+            identity=identity,
+            **fields,
+        )
     except ConfigError as exc:  # the change is made: say that it is not in the log
         raise ConfigError(
             f"{kind} is in effect, but the audit log did not record it: {exc}"

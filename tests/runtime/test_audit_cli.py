@@ -53,10 +53,18 @@ def test_verify_an_intact_log_with_and_without_the_key(
     pub = tmp_path / "site-1.pub"
     pub.write_text(ident.public_line() + "\n")
     for key in (key_text(ident.public_key), str(pub)):
+        # The command's entry after the head is not covered by it: named, exit 65...
         code, out, _ = run(capsys, "audit", "verify", str(tmp_path), "--public-key", key)
-        assert code == EXIT_OK, out
+        assert code == EXIT_CORRUPT_STATE, out
         assert "signed head: seq 11, signature valid" in out
-        assert "not yet covered by the signed head" in out  # the command's entry
+        assert "NOT COVERED: seq 12 (1 entry) after the signed head (seq 11)" in out
+        assert "seq 12" in out and "plan_approved" in out
+        # ... unless the auditor accepts an unsigned tail: then it is listed.
+        code, out, _ = run(
+            capsys, "audit", "verify", str(tmp_path), "--public-key", key, "--allow-unsigned-tail"
+        )
+        assert code == EXIT_OK, out
+        assert "NOT COVERED: seq 12" in out and "plan_approved" in out
     code, out, _ = run(capsys, "audit", "verify", str(tmp_path), "--json")
     verdict = json.loads(out)
     assert verdict["intact"] and verdict["entries"] == 12 and verdict["problem"] is None

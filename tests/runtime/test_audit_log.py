@@ -277,7 +277,7 @@ def test_torn_first_line_seals_from_the_genesis(tmp_path: Path) -> None:
 
 def _append_many(state: str, who: str, n: int) -> None:
     for i in range(n):
-        record(state, "tick", node=who, i=i)
+        record(state, "dataset_tick", node=who, i=i)  # a command's kind, through the lock
 
 
 def test_two_processes_appending_keep_the_chain(tmp_path: Path, ident: Identity) -> None:
@@ -297,7 +297,7 @@ def test_two_processes_appending_keep_the_chain(tmp_path: Path, ident: Identity)
     assert len(verdict.entries) == 260
     per_node: dict[str, list[int]] = {}
     for e in verdict.entries:
-        if e["kind"] == "tick":
+        if e["kind"] == "dataset_tick":
             per_node.setdefault(e["node"], []).append(e["fields"]["i"])
     assert per_node == {"a": list(range(100)), "b": list(range(100))}
 
