@@ -287,7 +287,7 @@ class RegionalAggregator(BufferedAggregator):
         return self._global is not None and self._root_config is None
 
     def _fill(self, now: float, out: list[Effect]) -> None:
-        if self._awaiting_config:
+        if self._global is not None and self._root_config is None:  # _awaiting_config
             # Restored from a checkpoint that kept no root config: a task would carry this
             # region's own (which the root did not sign; its sites refuse it).
             if not self._config_wait_logged:

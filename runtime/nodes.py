@@ -28,8 +28,8 @@ from fedloom.federation.signing import (
     model_floor_digest as model_floor_digest,
 )
 from fedloom.runtime.config import DaemonConfig
-from fedloom.runtime.governance import prepare_plan_code
-from fedloom.runtime.trainer import SitePlan, plan_from_config
+from fedloom.runtime.governance import approval_required, prepare_plan_code
+from fedloom.runtime.trainer import DeferredPlan, SitePlan, plan_from_config
 from fedloom.transport.limits import MiB
 from fedloom.transport.roster import Roster
 from fedloom.transport.secagg_keys import RosterSecAggKeys
@@ -76,11 +76,16 @@ def check_neighbours(cfg: DaemonConfig, roster: Roster) -> None:
 
 
 def build_plan(cfg: DaemonConfig) -> TrainingPlan | None:
-    """The node's training plan (``None`` for a region: it neither trains nor evaluates)."""
+    """The node's training plan (``None`` for a region: it neither trains nor evaluates).
+    A site that requires approval gets a ``DeferredPlan`` for a ``factory`` plan: its code
+    is imported and called at the first job the gate lets through, never at start."""
     if cfg.plan is None:
         return None
     prepare_plan_code(cfg)  # [governance]: the digest of the code imported next
-    return plan_from_config(cfg.plan, seed=cfg.seed, dp_sgd=cfg.dp_sgd, node_id=cfg.node_id)
+    args: dict[str, Any] = {"seed": cfg.seed, "dp_sgd": cfg.dp_sgd, "node_id": cfg.node_id}
+    if cfg.role == "site" and cfg.plan.factory is not None and approval_required(cfg)[0]:
+        return DeferredPlan(cfg.plan, **args)
+    return plan_from_config(cfg.plan, **args)
 
 
 def n_examples_of(plan: TrainingPlan | None) -> int:

@@ -61,7 +61,7 @@ from fedloom.runtime.relay_seq import RELAY_SEQ_KEY, RelaySeqState
 from fedloom.runtime.reports import add_reports
 from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
 from fedloom.runtime.status import StatusBoard, board_for_daemon
-from fedloom.runtime.trainer import PlanTrainer, make_executor
+from fedloom.runtime.trainer import DeferredPlan, PlanTrainer, make_executor
 from fedloom.transport.channel import ChannelOptions, GateLimits
 from fedloom.transport.codec_policy import CodecPolicy
 from fedloom.transport.e2e import ModelVersionGuard
@@ -165,8 +165,8 @@ def model_layout(d: Daemon) -> ModelLayout | None:
     model = model_of(d.node)
     if model is not None:
         return ModelLayout.of(model[1])
-    if d.plan is None:
-        return None
+    if d.plan is None or isinstance(d.plan, DeferredPlan) and not d.plan.built:
+        return None  # a gated site's plan: its code runs at the first approved job
     try:
         return ModelLayout.of(d.plan.init(d.cfg.seed))
     except ModuleNotFoundError:

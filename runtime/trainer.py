@@ -15,6 +15,8 @@ TrainResult`` (the same shape the simulator uses), run in an executor. Here:
   ``Client`` objects, ``client_fn(context)`` factories and ``ClientApp``s are dealt with
   there too;
 * ``plan_from_config`` / ``load_factory``: a plan from a daemon's ``[plan]`` table;
+* ``DeferredPlan``: the same, built on first use (a site under ``[governance]`` approval
+  imports and calls its plan's code at the first job the gate lets through, not at start);
 * ``make_executor``: the thread or process pool jobs run in.
 """
 
@@ -25,6 +27,7 @@ import importlib
 import inspect
 import math
 import multiprocessing
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -332,6 +335,80 @@ def plan_from_config(
     if plan.site_index is not None:
         return SitePlan(workload, plan.site_index)
     return GlobalPlan(workload)
+
+
+_DEFERRED: dict[str, TrainingPlan] = {}  # deferred plans a pool's worker built
+_DEFERRED_LOCK = threading.Lock()
+
+
+class DeferredPlan:
+    """``plan_from_config(plan, ...)``, built when first used (``train``, ``evaluate``,
+    ``init``), once per process; until then no code of the plan is imported or run.
+
+    A site that requires approval trains through this: its gate (``runtime.governance``)
+    refuses a job before ``train`` is called, so an unapproved plan's module is never
+    imported nor its factory called (which typically loads the site's data). Mistakes a
+    start would report (a ``ClientApp`` as the factory, a missing context key) surface at
+    the first job that is let through, as that job's failure; a failed build is tried
+    again at the next job. Pickles to its configuration (a process pool builds its own).
+    """
+
+    def __init__(self, plan: Any, *, seed: int = 0, dp_sgd: Any = None, node_id: str = ""):
+        self.config = plan
+        self.seed = seed
+        self.dp_sgd = dp_sgd
+        self.node_id = node_id
+        self._plan: TrainingPlan | None = None
+        self._lock = threading.Lock()
+        self._copy = False  # unpickled (in a pool's worker)
+
+    @property
+    def built(self) -> bool:
+        """Whether the plan's code has been imported and its plan made (in this process)."""
+        return self._plan is not None
+
+    def plan(self) -> TrainingPlan:
+        """The plan, built now if it was not (in this process: a worker of a process
+        pool, which gets this object afresh with each job, builds it once)."""
+        with self._lock:
+            if self._plan is None and not self._copy:
+                self._plan = self._build()
+            elif self._plan is None:  # a copy sent to a worker: one build per worker
+                key = repr((self.config, self.seed, self.dp_sgd, self.node_id))
+                with _DEFERRED_LOCK:
+                    built = _DEFERRED.get(key)
+                    if built is None:
+                        built = _DEFERRED[key] = self._build()
+                self._plan = built
+            return self._plan
+
+    def _build(self) -> TrainingPlan:
+        return plan_from_config(
+            self.config, seed=self.seed, dp_sgd=self.dp_sgd, node_id=self.node_id
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "seed": self.seed,
+            "dp_sgd": self.dp_sgd,
+            "node_id": self.node_id,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._plan = None
+        self._lock = threading.Lock()
+        self._copy = True
+
+    def init(self, seed: int) -> Weights:
+        return self.plan().init(seed)
+
+    def train(self, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        return self.plan().train(weights, config)
+
+    def evaluate(self, weights: Weights) -> dict[str, float]:
+        return self.plan().evaluate(weights)
 
 
 class GlobalPlan:
