@@ -21,16 +21,19 @@ What goes with the tensors (``metadata``, str -> str; lists and maps JSON-encode
   signature of this version (``{version, parent, digest, settings digest}``, the settings
   being the training config it sent with the model), from the root's audit log
   (``runtime.audit``'s "model_signed" entries) when it holds one for this version over
-  this digest. The root's state directory keeps no model proofs (``federation.signing``
-  holds them in memory): without such an audit entry there is no signature, and
-  ``signature_note`` says so;
+  this digest AND it verifies against the root's roster (read with the root's config;
+  an audit log is a file anyone who can write the state directory can append to). The
+  root's state directory keeps no model proofs (``federation.signing`` holds them in
+  memory): without such an entry, with one that does not verify, or with the state
+  directory alone (no roster to check it against) there is no signature, and
+  ``signature_note`` says why;
 * ``lineage``: the versions the audit log records ("model_version": with their digests;
   "model_signed": with the parent each proof names), else what the state holds (a
   root's version v is always one server step from v - 1);
 * ``plan_digest`` (``runtime.governance.plan_digest`` of the config, when available).
 
 ``verify_export`` recomputes the digest of a written file and checks the signature
-against a roster's root key.
+against a roster's root key; a signature it was not given a roster to check is not ok.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ __all__ = [
     "fedloom_version",
     "read_export",
     "read_root_model",
+    "root_roster",
     "verify_export",
     "write_export",
 ]
@@ -108,6 +112,7 @@ class RootModel:
     lineage: list[dict[str, Any]] = field(default_factory=list)
     lineage_source: str = "state"
     plan_digest: str | None = None
+    signature_note: str = ""  # why there is no signature (default: _NO_PROOF)
 
     def metadata(self) -> dict[str, str]:
         """The str -> str metadata written with the tensors (see the module docstring)."""
@@ -136,7 +141,7 @@ class RootModel:
                 signature_settings="sha256:" + self.signature_settings.hex(),
             )
         else:
-            meta["signature_note"] = _NO_PROOF
+            meta["signature_note"] = self.signature_note or _NO_PROOF
         if self.plan_digest is not None:
             meta["plan_digest"] = self.plan_digest
         return meta
@@ -334,7 +339,70 @@ def read_root_model(
         lineage=_state_lineage(v, checkpoint_version),
         plan_digest=_plan_digest(cfg),
     )
-    return _with_audit(model, state_dir)
+    return _checked(_with_audit(model, state_dir), cfg)
+
+
+def root_roster(cfg: DaemonConfig) -> Roster:
+    """The roster a root uses: its file's, or a newer one it installed while running
+    (kept in its state directory, verified again with the consortium key)."""
+    from fedloom.federation.store import _file_name
+    from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY
+    from fedloom.transport.roster import RosterError, read_small_text
+
+    key = cfg.read_consortium_key()
+    try:
+        roster = Roster.loads(read_small_text(cfg.roster_path), key)
+    except (RosterError, ValueError, OSError) as exc:
+        raise ConfigError(f"roster.path: {exc}") from None
+    try:
+        _, value, _ = read_value(Path(cfg.state_dir) / _file_name(ROSTER_SEEN_KEY))
+    except (CorruptStateError, OSError):
+        return roster
+    kept = value.get("text") if isinstance(value, Mapping) else None
+    newer = value.get("version", 0) if isinstance(value, Mapping) else 0
+    if isinstance(kept, str) and isinstance(newer, int) and newer > roster.version:
+        try:
+            return Roster.loads(kept, key)
+        except (RosterError, ValueError):
+            return roster
+    return roster
+
+
+def _checked(model: RootModel, cfg: DaemonConfig | None) -> RootModel:
+    """``model`` with its signature only if it verifies against the root's roster (the
+    audit log's ``model_signed`` entry is not evidence by itself); else none, and a
+    ``signature_note`` saying why."""
+    from fedloom.transport.e2e import SignatureError
+
+    if not model.signature:
+        return model
+    unsigned = dataclasses.replace(
+        model, signer="", signature=b"", signature_parent=0, signature_settings=NO_SETTINGS
+    )
+    if cfg is None:
+        return dataclasses.replace(
+            unsigned,
+            signature_note="the audit log holds a signature of this version, but with the "
+            "state directory alone there is no roster to check it against: export with "
+            "--config ROOT.toml to include it",
+        )
+    try:
+        verify_model(
+            root_roster(cfg),
+            model.signer,
+            model.signature,
+            model.version,
+            model.signature_parent,
+            model.digest,
+            model.signature_settings,
+        )
+    except (SignatureError, ValueError) as exc:
+        return dataclasses.replace(
+            unsigned,
+            signature_note="the audit log's model_signed entry of this version does not "
+            f"verify against the root's roster ({str(exc)[:200]}): left out",
+        )
+    return model
 
 
 def _state_lineage(version: int, checkpoint_version: int) -> list[dict[str, Any]]:
@@ -500,7 +568,9 @@ class Verified:
 
     @property
     def ok(self) -> bool:
-        return self.digest_ok and not self.signature.startswith("INVALID")
+        """The digest matches and the signature, if the file carries one, was checked
+        and is valid (an unchecked signature is not ok: anyone can write one)."""
+        return self.digest_ok and self.signature in ("valid", "absent")
 
 
 def verify_export(path: Path, roster: Roster | None = None) -> Verified:

@@ -86,7 +86,8 @@ def add_export_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "verify",
         help="recompute an export's digest and check the root's signature",
         description="Exit 0 when the tensors hash to the digest in the file and the "
-        "signature, if the file carries one, is a root's of the roster; 1 otherwise.",
+        "signature, if the file carries one, is a root's of the roster; 1 otherwise (a "
+        "file that carries a signature needs --config or --roster to check it).",
         epilog="example:\n  fedloom model verify model.safetensors --config root.toml\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -181,7 +182,11 @@ def _export(args: argparse.Namespace) -> int:
         print(f"fedloom: error: {exc}", file=sys.stderr)
         return EXIT_IN_USE
     write_export(model, args.out, args.format)
-    signed = f"signed by {model.signer}" if model.signature else "unsigned (digest only)"
+    signed = (
+        f"signed by {model.signer} (checked against the roster)"
+        if model.signature
+        else "unsigned (digest only)"
+    )
     print(
         f"exported model version {model.version} of {model.node_id} ({model.algorithm}, "
         f"{len(model.weights)} tensors) to {args.out} as {args.format}: "
@@ -193,6 +198,8 @@ def _export(args: argparse.Namespace) -> int:
             "after it are not in it (give --config ROOT.toml to restore them)",
             file=sys.stderr,
         )
+    if model.signature_note:
+        print(f"note: {model.signature_note}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -202,9 +209,10 @@ def _verify(args: argparse.Namespace) -> int:
     roster = _roster(args)
     found = verify_export(args.file, roster)
     digest = "matches" if found.digest_ok else "DOES NOT MATCH the tensors"
-    print(
-        f"{args.file}: model version {found.version}, digest {digest}, signature {found.signature}"
-    )
+    signature = found.signature
+    if signature == "unchecked":
+        signature = "present but UNCHECKED (give --config ROOT.toml or --roster to check it)"
+    print(f"{args.file}: model version {found.version}, digest {digest}, signature {signature}")
     return EXIT_OK if found.ok else EXIT_INVALID
 
 

@@ -38,16 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.federation.config_reader import ConfigError
-from fedloom.federation.store import CorruptStateError, read_value
 from fedloom.runtime.config import DaemonConfig, load_config
 from fedloom.runtime.export import (
     ExportInUseError,
     RootModel,
     fedloom_version,
-    read_export,
     read_root_model,
+    root_roster,
+    verify_export,
 )
-from fedloom.transport.roster import Roster, RosterError, read_small_text
+from fedloom.transport.roster import Roster
 
 __all__ = ["write_report"]
 
@@ -99,26 +99,7 @@ def _text(value: Any) -> str:
 def _roster(cfg: DaemonConfig) -> Roster:
     """The roster the root uses: its file's, or a newer one it installed while running
     (kept in its state directory, verified again here)."""
-    key = cfg.read_consortium_key()
-    try:
-        roster = Roster.loads(read_small_text(cfg.roster_path), key)
-    except (RosterError, ValueError, OSError) as exc:
-        raise ConfigError(f"roster.path: {exc}") from None
-    from fedloom.federation.store import _file_name
-    from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY
-
-    seen = Path(cfg.state_dir) / _file_name(ROSTER_SEEN_KEY)
-    try:
-        _, value, _ = read_value(seen)
-    except (CorruptStateError, OSError):
-        return roster
-    kept = value.get("text") if isinstance(value, Mapping) else None
-    if isinstance(kept, str) and value.get("version", 0) > roster.version:
-        try:
-            return Roster.loads(kept, key)
-        except (RosterError, ValueError):
-            return roster
-    return roster
+    return root_roster(cfg)
 
 
 def _audit_entries(state_dir: Path) -> list[dict[str, Any]]:
@@ -233,17 +214,23 @@ def _registry_records(state_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+_DATASET_KINDS = ("dataset_added", "dataset_revoked")  # what `fedloom dataset` records
+
+
 def _audit_datasets(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Datasets a site's audit entries name (added, then revoked: the latest state)."""
+    """Datasets a site registered, from its audit entries: ``dataset_added``, then
+    ``dataset_revoked`` (the latest state). ``dataset_used`` (a job's) names no new
+    dataset: it is not read here."""
     found: dict[str, dict[str, Any]] = {}
     for entry in entries:
-        kind = str(entry.get("kind", ""))
+        kind = entry.get("kind")
         fields = entry.get("fields")
-        if not kind.startswith("dataset") or not isinstance(fields, Mapping):
+        if kind not in _DATASET_KINDS or not isinstance(fields, Mapping):
             continue
-        name = _text(fields.get("name", fields.get("dataset", "")))
-        if not name:
+        raw = fields.get("name")
+        if not isinstance(raw, str) or not raw:
             continue
+        name = _text(raw)
         props = found.setdefault(name, {"name": name})
         props.update({k: v for k, v in _dataset_props(fields).items() if k != "name"})
         if "revoke" in kind:
@@ -434,8 +421,15 @@ def write_report(
     roster = _roster(cfg)
     exported = None
     if model is not None:
-        tensors, meta = read_export(model)
-        exported = (tensors, meta)
+        found = verify_export(model, roster)
+        if not found.ok:
+            why = "its tensors do not hash to its digest" if not found.digest_ok else ""
+            if found.signature.startswith("INVALID"):
+                why = (why + "; " if why else "") + f"its signature is {found.signature}"
+            raise ConfigError(
+                f"--model {model}: does not verify ({why}); see `fedloom model verify`"
+            )
+        exported = (None, found.metadata)
 
     crate = ROCrate()
     crate.metadata.extra_terms.update(TERMS)
@@ -508,8 +502,8 @@ def write_report(
         entries = _audit_entries(state_dir)
         site = given or _node_of(entries, state_dir.name, members)
         records = _registry_records(state_dir) or _audit_datasets(entries)
-        approvals = _site_approvals(state_dir) or _audit_approvals(entries)
-        sites_seen.append((site, records, entries, approvals))
+        site_approvals = _site_approvals(state_dir) or _audit_approvals(entries)
+        sites_seen.append((site, records, entries, site_approvals))
     for named in site_audits:
         given, path = _named(named, members)
         entries = _jsonl_entries(path)
@@ -636,16 +630,19 @@ def _add_model(
     entity = add(f"#model-v{root_model.version}", props)
     if model is None or exported is None:
         return [entity]
-    meta = exported[1]
-    copied = crate.add_file(
-        str(model),
-        dest_path=model.name,
-        properties={
-            "name": f"exported model version {_text(meta.get('model_version', '?'))}",
-            "encodingFormat": "application/octet-stream",
-            "identifier": _text(meta.get("digest", "")),
-            "version": _text(meta.get("model_version", "")),
-            "exampleOfWork": entity,
-        },
-    )
+    meta = exported[1]  # verified: its digest is the tensors' (``verify_export``)
+    properties: dict[str, Any] = {
+        "name": f"exported model version {_text(meta.get('model_version', '?'))}",
+        "encodingFormat": "application/octet-stream",
+        "identifier": _text(meta.get("digest", "")),
+        "version": _text(meta.get("model_version", "")),
+    }
+    if meta.get("digest") == "sha256:" + root_model.digest.hex():
+        properties["exampleOfWork"] = entity  # the very model the root holds
+    else:
+        properties["description"] = (
+            "an export of another model than the root's current one (its digest differs): "
+            "not linked to it"
+        )
+    copied = crate.add_file(str(model), dest_path=model.name, properties=properties)
     return [entity, copied]
