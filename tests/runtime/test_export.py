@@ -310,7 +310,12 @@ def test_the_roots_signature_and_lineage_come_from_its_audit_log(
 
     def signed(v: int, d: bytes, **extra: Any) -> None:
         sig = sign_model(key, v, v - 1, d, settings).hex()
-        fields = {"version": v, "parent": v - 1, "signer": ROOT_ID, "digest": d.hex()}
+        fields: dict[str, Any] = {
+            "version": v,
+            "parent": v - 1,
+            "signer": ROOT_ID,
+            "digest": d.hex(),
+        }
         record(state, "model_signed", **fields, settings=settings.hex(), sig=sig, **extra)
 
     for v in range(1, version):  # earlier versions: other digests
