@@ -24,6 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 SITES = ["site-1", "site-2", "site-3"]
 QUICKSTART = "tests.runtime.test_flower:client_fn"
 BROKEN = "tests.runtime.test_flower:broken_client_fn"
+DIVERGING = "tests.runtime.test_flower_failures:diverging_client_fn"
 
 
 def edit(path: Path, **changes: object) -> None:
@@ -44,9 +45,16 @@ def refusal_warnings(log: str) -> list[dict[str, object]]:
     ]
 
 
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [(BROKEN, "num_local_epochs"), (DIVERGING, "non-finite weights")],
+    ids=["raises", "diverges"],
+)
 def test_a_site_whose_plan_always_fails_is_seen_by_the_root_which_trains_on(
-    tmp_path: Path,
+    tmp_path: Path, bad: str, why: str
 ) -> None:
+    """``diverges``: fit returns NaN weights. The site sends no update of them (which the
+    root would refuse, closing the connection, on every resend): a refusal instead."""
     fed = write_federation(
         tmp_path / "fed",
         {"region-a": SITES},
@@ -60,7 +68,7 @@ def test_a_site_whose_plan_always_fails_is_seen_by_the_root_which_trains_on(
         edit(
             fed.nodes[s].config,
             parent={"id": ROOT_ID, "url": f"ws://127.0.0.1:{root.listen_port}/fedloom"},
-            plan=flower_plan(BROKEN if s == "site-3" else QUICKSTART, i),
+            plan=flower_plan(bad if s == "site-3" else QUICKSTART, i),
         )
     del fed.nodes["region-a"]
     with Cluster(fed) as cluster:
@@ -79,7 +87,11 @@ def test_a_site_whose_plan_always_fails_is_seen_by_the_root_which_trains_on(
         assert applied(root, "site-1") >= 1 and applied(root, "site-2") >= 1
         assert applied(root, "site-3") == 0
         check_clean_exit(cluster)
-    [warning] = refusal_warnings(cluster[ROOT_ID].log_text())  # once, however many refusals
-    assert "site-3" in str(warning["msg"]) and "num_local_epochs" in str(warning["msg"])
+    root_log = cluster[ROOT_ID].log_text()
+    [warning] = refusal_warnings(root_log)  # once, however many refusals
+    assert "site-3" in str(warning["msg"]) and why in str(warning["msg"])
     site_log = cluster["site-3"].log_text()
-    assert "KeyError" in site_log and "num_local_epochs" in site_log
+    assert why in site_log
+    if bad == BROKEN:
+        assert "KeyError" in site_log
+    assert "closing the connection to site-3" not in root_log  # no update refused
