@@ -6,7 +6,8 @@ wraps them in a `Report`. `write_report` turns it into a run directory:
     report.json     every number; stable key order and fixed rounding and no wall-clock time,
                     so the same scenario and seeds give the same bytes
     timing.json     the wall-clock numbers (``wall_part``), which ``load_report`` puts back
-    accuracy.csv    arm,time_s,accuracy
+    accuracy.csv    arm,time_s,accuracy (several seeds: their mean, then std,ci95_low,ci95_high,n)
+    accuracy_by_seed.csv   arm,seed,time_s,accuracy (several seeds)
     staleness.csv   arm,staleness,count
     bytes.csv       arm,tier,bytes
     summary.txt     the plain-text summary table (`format_summary`)
@@ -740,12 +741,42 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def accuracy_csv(report: Report) -> str:
+    """arm,time_s,accuracy; over several seeds the accuracy is the seeds' mean, followed by
+    its std, 95% interval and n (what the accuracy plot's bands draw)."""
+    if report.runs:
+        acc = ACCURACY_DECIMALS
+        rows = [
+            [
+                arm.name,
+                _round(t, SECONDS_DECIMALS),
+                _round(b.mean, acc),
+                _round(b.std, acc),
+                _round(b.ci_low, acc),
+                _round(b.ci_high, acc),
+                b.n,
+            ]
+            for arm in report.arms
+            for t, b in _band([r.accuracy_series for r in report.runs[arm.name]])
+        ]
+        header = ["arm", "time_s", "accuracy", "std", "ci95_low", "ci95_high", "n"]
+        return _csv_text(header, rows)
     rows = [
         [arm.name, _round(t, SECONDS_DECIMALS), _round(a, ACCURACY_DECIMALS)]
         for arm in report.arms
         for t, a in arm.accuracy_series
     ]
     return _csv_text(["arm", "time_s", "accuracy"], rows)
+
+
+def accuracy_by_seed_csv(report: Report) -> str:
+    """arm,seed,time_s,accuracy: every seed's own series (a report over several seeds)."""
+    rows = [
+        [name, int(seed), _round(t, SECONDS_DECIMALS), _round(a, ACCURACY_DECIMALS)]
+        for name, runs in report.runs.items()
+        for seed, run in zip(report.seeds, runs, strict=True)
+        for t, a in run.accuracy_series
+    ]
+    return _csv_text(["arm", "seed", "time_s", "accuracy"], rows)
 
 
 def staleness_csv(report: Report) -> str:
@@ -772,6 +803,11 @@ def write_report(report: Report, out_dir: Path | str, *, plots: bool = True) -> 
         "report": ("report.json", _dump(strip_wall(doc)) + "\n"),
         "timing": ("timing.json", _dump(wall_part(doc)) + "\n"),
         "accuracy_csv": ("accuracy.csv", accuracy_csv(report)),
+        **(
+            {"accuracy_by_seed_csv": ("accuracy_by_seed.csv", accuracy_by_seed_csv(report))}
+            if report.runs
+            else {}
+        ),
         "staleness_csv": ("staleness.csv", staleness_csv(report)),
         "bytes_csv": ("bytes.csv", bytes_csv(report)),
         "summary": ("summary.txt", format_summary(report) + "\n"),
@@ -855,7 +891,8 @@ def _seed_rows(report: Report) -> list[list[str]]:
             return "—"
         text = show(s.mean)
         if s.ci_high is not None:
-            text += f" ± {show(s.ci_high - s.mean)}"
+            half = s.ci_high - s.mean
+            text += f" ± {show(half)}" if half > 0 else " ± 0"
         return text if s.n == n else f"{text} ({s.n}/{n})"
 
     def ratio(r: RatioSummary) -> str:

@@ -281,6 +281,25 @@ def test_which_seeds_run() -> None:
         run_scenario(scenario, seeds=[1, 1])
 
 
+def test_csv_gives_the_band_and_every_seed(three_seeds: Report, tmp_path: Path) -> None:
+    import csv
+
+    paths = write_report(three_seeds, tmp_path, plots=False)
+    with paths["accuracy_csv"].open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["arm"] == "fedbuff"]
+    with paths["accuracy_by_seed_csv"].open(newline="") as fh:
+        seeds = [r for r in csv.DictReader(fh) if r["arm"] == "fedbuff"]
+    assert {r["seed"] for r in seeds} == {"3", "4", "5"}
+    at = rows[3]  # 15 minutes
+    accs = [float(r["accuracy"]) for r in seeds if r["time_s"] == at["time_s"]]
+    assert float(at["accuracy"]) == pytest.approx(sum(accs) / 3, abs=1e-6)
+    s = summarize(accs)
+    assert (float(at["ci95_low"]), float(at["ci95_high"])) == pytest.approx(
+        (s.ci_low, s.ci_high), abs=1e-6
+    )
+    assert at["n"] == "3"
+
+
 def test_multi_seed_report_json_reads_back(three_seeds: Report, tmp_path: Path) -> None:
     write_report(three_seeds, tmp_path, plots=False)
     doc = json.loads((tmp_path / "report.json").read_text())
