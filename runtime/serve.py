@@ -165,7 +165,7 @@ def model_layout(d: Daemon) -> ModelLayout | None:
     model = model_of(d.node)
     if model is not None:
         return ModelLayout.of(model[1])
-    if d.plan is None or isinstance(d.plan, DeferredPlan) and not d.plan.built:
+    if d.plan is None or (isinstance(d.plan, DeferredPlan) and not d.plan.built):
         return None  # a gated site's plan: its code runs at the first approved job
     try:
         return ModelLayout.of(d.plan.init(d.cfg.seed))
