@@ -11,6 +11,13 @@
   as a self-contained HTML page (``runtime.status_page``) under a Content-Security-Policy
   that lets nothing be loaded. Every route is GET (and HEAD) only: other methods get 405.
 
+DNS rebinding: a web page in the operator's browser can point a name it controls at
+127.0.0.1 and read the answers as its own origin. Every route answers only requests
+whose ``Host`` header names the bound address, ``localhost``/the loopback addresses, or
+the configured host; bound to a wildcard (``0.0.0.0``, ``::``), any IP literal and this
+machine's host names too. Other names get 421 (Misdirected Request). A request without
+``Host`` (HTTP/1.0; a browser always sends one) is answered.
+
 Binds to 127.0.0.1 by default: the metrics name peers and versions, so exposing them beyond
 the host is an explicit choice (``host="0.0.0.0"``). Port 0 picks a free port
 (``server.port`` says which). Access logging is off: a scrape every few seconds would
@@ -19,9 +26,11 @@ flood the journal.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -30,12 +39,69 @@ from prometheus_client.exposition import choose_encoder
 
 from fedloom.runtime.metrics import MetricsSink
 
-__all__ = ["ObservabilityServer", "make_app", "start_observability", "stop_observability"]
+__all__ = [
+    "ObservabilityServer",
+    "allowed_hosts",
+    "make_app",
+    "start_observability",
+    "stop_observability",
+]
 
 _log = logging.getLogger(__name__)
 _SINK_KEY = web.AppKey("sink", MetricsSink)
 StatusProvider = Callable[[], dict[str, Any]]
 _STATUS_KEY: web.AppKey[StatusProvider] = web.AppKey("status")
+_HOSTS_KEY: web.AppKey[tuple[frozenset[str], bool]] = web.AppKey("hosts")
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+
+
+def _host_name(header: str) -> str:
+    """The host of a ``Host`` header: lower case, without port, brackets or final dot."""
+    text = header.strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    if text.count(":") == 1:
+        text = text.partition(":")[0]
+    return text.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def allowed_hosts(host: str) -> tuple[frozenset[str], bool]:
+    """The ``Host`` names an endpoint bound to ``host`` answers to, and whether any IP
+    literal is fine too (a wildcard bind)."""
+    names = {"localhost", "127.0.0.1", "::1", _host_name(host)}
+    wildcard = host in _WILDCARDS
+    if wildcard:
+        for name in (socket.gethostname(), socket.getfqdn()):
+            if name:
+                names.add(_host_name(name))
+    return frozenset(names - {""}), wildcard
+
+
+@web.middleware
+async def _host_check(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """421 for a ``Host`` this endpoint does not answer to (DNS rebinding)."""
+    raw = request.headers.get("Host")
+    if raw is not None:
+        names, any_ip = request.app[_HOSTS_KEY]
+        name = _host_name(raw)
+        if name not in names and not (any_ip and _is_ip(name)):
+            return web.Response(
+                status=421,
+                text="misdirected request: this endpoint answers to its own address, "
+                "localhost and its configured host only\n",
+                headers={"Cache-Control": "no-store"},
+            )
+    return await handler(request)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -79,9 +145,13 @@ async def _status_page(request: web.Request) -> web.Response:
     )
 
 
-def make_app(sink: MetricsSink, status: StatusProvider | None = None) -> web.Application:
-    """The aiohttp application serving ``sink`` (and ``status``'s document, when given)."""
-    app = web.Application()
+def make_app(
+    sink: MetricsSink, status: StatusProvider | None = None, host: str = "127.0.0.1"
+) -> web.Application:
+    """The aiohttp application serving ``sink`` (and ``status``'s document, when given)
+    to requests whose ``Host`` is one an endpoint bound to ``host`` answers to."""
+    app = web.Application(middlewares=[_host_check])
+    app[_HOSTS_KEY] = allowed_hosts(host)
     app[_SINK_KEY] = sink
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
@@ -134,7 +204,7 @@ async def start_observability(
         raise ValueError(f"port must be in 0..65535, got {port}")
     # A scrape is tiny: a short shutdown grace keeps SIGTERM handling prompt.
     runner = web.AppRunner(
-        make_app(sink, status), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        make_app(sink, status, host), access_log=None, handle_signals=False, shutdown_timeout=1.0
     )
     await runner.setup()
     try:

@@ -6,7 +6,12 @@ O(1) work per event (plus one step per site of a region's forward):
 
 * the tiers: this node, its children (from the config, their roles from the roster), and
   the sites under each region child (the config's ``[subtrees]``, else learned from the
-  ``pairs`` of the region's applied forwards, only ids the roster lists as sites);
+  ``pairs`` of the region's applied forwards, only ids the roster lists as sites). A
+  forward's pairs are the region's word, which this node cannot check: without
+  ``[subtrees]`` a site learned that way is marked ``"claimed": true`` (its parent and last
+  update are what that region says), and a site first claimed by one region is never
+  moved to another: a later claim by another region is listed in ``"disputed_by"`` and
+  does not update it;
 * who is connected now (``PeerUp``/``PeerDown`` of the node's children and parent);
 * the last update per child and per site: a child's applied update (``update_applied``)
   and, for a region's forward, each ``(site, seq)`` pair it carried;
@@ -58,6 +63,8 @@ class _Seen:
     last: float | None = None
     updates: int = 0
     via: str | None = None  # a site's region (the one that delivered it last)
+    claimed: bool = False  # learned from a region's forward, not from [subtrees]
+    disputed_by: tuple[str, ...] = ()  # other regions that named it too (no [subtrees])
 
     def hit(self, now: float, via: str | None = None) -> None:
         self.last = now
@@ -209,9 +216,17 @@ class StatusBoard:
                     continue  # a declared subtree lists all its sites; others: roster sites
                 if len(self._site_seen) >= MAX_SITES:
                     continue
-                seen = self._site_seen[site] = _Seen()
+                seen = self._site_seen[site] = _Seen(claimed=True)
             elif declared is not None and site not in declared:
                 continue
+            elif declared is None and seen.via is not None and seen.via != region:
+                # Another region's site (declared, or claimed first): one region's word
+                # does not move it, nor refresh it.
+                if region not in seen.disputed_by and len(seen.disputed_by) < 8:
+                    seen.disputed_by = (*seen.disputed_by, region)
+                continue
+            elif declared is None and seen.via is None:
+                seen.claimed = True
             seen.hit(now, via=region)
 
     def _is_site(self, node_id: str) -> bool:
@@ -255,16 +270,19 @@ class StatusBoard:
             )
         sites = []
         for site, seen in sorted(self._site_seen.items()):
-            sites.append(
-                {
-                    "id": site,
-                    "role": "site",
-                    "parent": seen.via,
-                    "connected": None,  # not linked to this node: its region knows
-                    "last_update_age_s": age(seen.last),
-                    "updates": seen.updates,
-                }
-            )
+            entry: dict[str, Any] = {
+                "id": site,
+                "role": "site",
+                "parent": seen.via,
+                "connected": None,  # not linked to this node: its region knows
+                "last_update_age_s": age(seen.last),
+                "updates": seen.updates,
+                # The parent and last update are that region's word (no [subtrees]).
+                "claimed": seen.claimed,
+            }
+            if seen.disputed_by:
+                entry["disputed_by"] = list(seen.disputed_by)
+            sites.append(entry)
         me: dict[str, Any] = {
             "id": self.node_id,
             "role": self.role,

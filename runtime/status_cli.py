@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from fedloom.federation.config_reader import ConfigError
 
-__all__ = ["add_status_command", "cmd_status", "fetch_status", "format_status"]
+__all__ = ["add_status_command", "cmd_status", "fetch_status", "format_status", "status_lines"]
 
 EXIT_OK = 0
 EXIT_UNREACHABLE = 1
@@ -114,9 +114,29 @@ def fetch_status(base_url: str, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str,
         doc = json.loads(body)
     except ValueError:
         raise StatusUnavailableError(f"{url}: not a JSON document") from None
-    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("fedloom.status/"):
+    from fedloom.runtime.status import SCHEMA
+
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        schema = doc.get("schema") if isinstance(doc, dict) else None
+        if isinstance(schema, str) and schema.startswith("fedloom.status/"):
+            raise StatusUnavailableError(
+                f"{url}: a status document of schema {_clean(schema)[:40]!r}, which this "
+                f"fedloom does not read (it reads {SCHEMA!r}): use the daemon's fedloom"
+            )
         raise StatusUnavailableError(f"{url}: not a fedloom status document")
     return doc
+
+
+def status_lines(doc: Mapping[str, Any], where: str) -> list[str]:
+    """``format_status(doc)``, or ``StatusUnavailableError`` (one line) for a document
+    that is not shaped as a board writes it."""
+    try:
+        return format_status(doc)
+    except (AttributeError, TypeError, IndexError, KeyError, ValueError) as exc:
+        raise StatusUnavailableError(
+            f"{where}: the status document is malformed ({type(exc).__name__}: "
+            f"{_clean(exc)[:120]}); --json prints it as it came"
+        ) from None
 
 
 def _clean(value: object) -> str:
@@ -151,6 +171,11 @@ def _member_line(node: Mapping[str, Any], indent: str) -> str:
         if connected is False
         else "via its region"
     )
+    if node.get("claimed"):  # the region's word, unchecked (no [subtrees])
+        link = f"claimed by {_clean(node.get('parent'))}"
+    disputed = node.get("disputed_by")
+    if isinstance(disputed, list) and disputed:
+        link += f" (ALSO CLAIMED BY {', '.join(_clean(r) for r in disputed[:8])})"
     return (
         f"{indent}{mark} {_clean(node.get('id'))} ({_clean(node.get('role'))})  {link}  "
         f"last update {_age(node.get('last_update_age_s'))}  "
@@ -284,12 +309,14 @@ def cmd_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if not args.timeout > 0:
         raise ConfigError(f"--timeout {args.timeout}: must be a number of seconds > 0")
     try:
-        doc = fetch_status(_base_url(args.config, args.url), args.timeout)
+        base = _base_url(args.config, args.url)
+        doc = fetch_status(base, args.timeout)
+        lines = None if args.json else status_lines(doc, f"{base}/status.json")
     except StatusUnavailableError as exc:
         print(f"fedloom status: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    if args.json:
+    if lines is None:
         stream.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     else:
-        _print(format_status(doc), stream)
+        _print(lines, stream)
     return EXIT_OK

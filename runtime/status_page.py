@@ -226,6 +226,12 @@ def _sites_table(tiers: Sequence[Sequence[Mapping[str, Any]]]) -> str:
                 if connected is False
                 else '<span class="muted">via its region</span>'
             )
+            if node.get("claimed"):  # the region's word, unchecked (no [subtrees])
+                state = f'<span class="muted">claimed by {_e(node.get("parent") or "?")}</span>'
+            disputed = node.get("disputed_by")
+            if isinstance(disputed, list) and disputed:
+                also = ", ".join(_e(r) for r in disputed[:8])
+                state += f' <span class="bad">also claimed by {also}</span>'
             rows.append(
                 f"<tr><td>{_e(node.get('id'))}</td><td>{_e(node.get('role'))}</td>"
                 f"<td>{_e(node.get('parent') or '')}</td><td>{state}</td>"
