@@ -17,7 +17,13 @@ infinite ones are left out), ``sum.<i>``, ``sumsq.<i>`` and ``hist.<i>.<j>`` (va
 ``[e_j, e_j+1)``, the last bin closed). Suppression (``min_cell``, never below
 ``MIN_CELL_FLOOR`` whatever a root asks): a site with fewer rows refuses (code
 ``too_few_rows``); a column with fewer values sends only ``supp.<i> = 1``; a histogram
-cell with ``0 < count < min_cell`` is left out and flagged ``supp.<i>.<j> = 1``.
+cell with ``0 < count < min_cell`` is left out and flagged ``supp.<i>.<j> = 1``, and then
+(complementary suppression, exact answers) the column's count, sum and sum of squares are
+left out too (``supp.<i> = 1`` with the other cells): ``count - released cells`` would give
+the suppressed cell back. Under noise a released figure is already DP and a difference of
+them only a noisy one, so a noisy answer keeps them. A column without bounds is treated as
+bounded by ``±MAX_ABS_VALUE``: a site refuses (``bad_column``) a column with a finite value
+beyond it, and bounds and bin edges beyond it are refused, so no sum can overflow.
 
 DP (``z`` set; every column then needs bounds): record-level DP for the rows of one site's
 dataset, per query. One row moves ``n`` by 1, each column's count and one histogram cell by
@@ -32,7 +38,15 @@ per query and spec and repeat it instead.
 
 The root (``aggregate``) publishes totals only from at least ``min_sites`` sites: rows,
 per column count, mean and (population) standard deviation, and histogram cells whose
-total is at least ``min_cell`` and that at least ``min_sites`` sites reported.
+total is at least ``min_cell`` and that at least ``min_sites`` sites reported. A figure
+that is not finite is left out (None), never published.
+
+``check_values`` bounds what one site may claim: each value in the range an honest site's
+could have, and consistent with the others (``count.i <= n``; the released cells of column
+i sum to at most ``count.i``, or ``n``; ``lo * count.i <= sum.i <= hi * count.i``;
+``0 <= sumsq.i <= max(lo², hi²) * count.i``), each widened by ``NOISE_SLACK_SIGMAS`` σ of
+the figures involved under noise. So a lying site moves a published mean only within the
+column's bounds and a histogram only within the rows it may claim.
 
 Everything a peer sends is parsed here strictly (``parse_wire``, ``check_values``):
 bounded sizes, known keys only, finite numbers; a bad spec or report is a ``SpecError``,
@@ -52,6 +66,7 @@ import numpy as np
 
 __all__ = [
     "EVALUATE",
+    "MAX_ABS_VALUE",
     "MAX_BINS",
     "MAX_COLUMNS",
     "MIN_CELL_FLOOR",
@@ -77,6 +92,9 @@ MAX_VALUE_KEYS = 4 * MAX_COLUMNS + 2 * MAX_COLUMNS * MAX_BINS
 # With noise, a value may stray from its exact range by this many σ before it is refused
 # (an honest site's noise exceeds 12 σ with probability below 1e-32).
 NOISE_SLACK_SIGMAS = 12.0
+# The magnitude any bound, bin edge or value of a column without bounds may have: sums
+# of squares over any roster stay far below float max (1e24 per row).
+MAX_ABS_VALUE = 1e12
 Z_MIN, Z_MAX = 0.1, 1e4  # as algorithms.dp.ledger's: no privacy below, overflow above
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -105,9 +123,19 @@ def check_name(what: str, value: object) -> str:
 def _finite(what: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SpecError(f"{what} must be a number")
-    x = float(value)
+    try:
+        x = float(value)
+    except OverflowError:  # an int beyond float range
+        raise SpecError(f"{what} must be finite") from None
     if not math.isfinite(x):
         raise SpecError(f"{what} must be finite")
+    return x
+
+
+def _bounded(what: str, value: object) -> float:
+    x = _finite(what, value)
+    if abs(x) > MAX_ABS_VALUE:
+        raise SpecError(f"{what} must be within ±{MAX_ABS_VALUE:g}")
     return x
 
 
@@ -142,7 +170,7 @@ class QuerySpec:
                 raise SpecError("bins name a column the query does not list")
             if not 2 <= len(edges) <= MAX_BINS + 1:
                 raise SpecError(f"a histogram has 1 to {MAX_BINS} bins (2 to {MAX_BINS + 1} edges)")
-            xs = [_finite("a bin edge", e) for e in edges]
+            xs = [_bounded("a bin edge", e) for e in edges]
             if any(b <= a for a, b in itertools.pairwise(xs)):
                 raise SpecError("bin edges must increase")
         for col, pair in self.bounds.items():
@@ -150,7 +178,7 @@ class QuerySpec:
                 raise SpecError("bounds name a column the query does not list")
             if len(pair) != 2:
                 raise SpecError("bounds are [lo, hi]")
-            lo, hi = (_finite("a bound", v) for v in pair)
+            lo, hi = (_bounded("a bound", v) for v in pair)
             if not lo < hi:
                 raise SpecError("bounds need lo < hi")
         if isinstance(self.min_cell, bool) or not isinstance(self.min_cell, int):
@@ -194,6 +222,10 @@ class QuerySpec:
         if kind == "sum":
             return max(abs(lo), abs(hi))
         return max(lo * lo, hi * hi)  # sumsq
+
+    def limits(self, i: int) -> tuple[float, float]:
+        """Column ``i``'s bounds, ``±MAX_ABS_VALUE`` when it has none."""
+        return tuple(self.bounds.get(self.columns[i], (-MAX_ABS_VALUE, MAX_ABS_VALUE)))  # type: ignore[return-value]
 
     def sigma(self, key: str) -> float:
         """The noise σ of released value ``key`` (0 without noise)."""
@@ -310,26 +342,35 @@ def compute_site(frame: Any, spec: QuerySpec, rng: np.random.Generator | None = 
         if col in spec.bounds:
             lo, hi = spec.bounds[col]
             x = np.clip(x, lo, hi)
+        elif len(x) and float(np.max(np.abs(x))) > MAX_ABS_VALUE:
+            raise SpecError(
+                f"column {i} has values beyond ±{MAX_ABS_VALUE:g}: give it bounds", "bad_column"
+            )
         count = release(f"count.{i}", len(x))
         if count < spec.min_cell:
             values[f"supp.{i}"] = 1.0
             continue
         total, squares = float(np.sum(x)), float(np.sum(x * x))
-        if not (math.isfinite(total) and math.isfinite(squares)):
-            raise SpecError(f"column {i}'s sums overflow: give it bounds", "bad_column")
-        values[f"count.{i}"] = count
-        values[f"sum.{i}"] = release(f"sum.{i}", total)
-        values[f"sumsq.{i}"] = release(f"sumsq.{i}", squares)
+        moments = {
+            f"count.{i}": count,
+            f"sum.{i}": release(f"sum.{i}", total),
+            f"sumsq.{i}": release(f"sumsq.{i}", squares),
+        }
         edges = spec.bins.get(col)
-        if edges is None:
-            continue
-        cells, _ = np.histogram(x, bins=np.asarray(edges, dtype=np.float64))
-        for j, c in enumerate(cells):
-            v = release(f"hist.{i}.{j}", float(c))
-            if v < spec.min_cell and (noisy or v > 0):
-                values[f"supp.{i}.{j}"] = 1.0
-            else:
-                values[f"hist.{i}.{j}"] = v
+        suppressed = False
+        if edges is not None:
+            cells, _ = np.histogram(x, bins=np.asarray(edges, dtype=np.float64))
+            for j, c in enumerate(cells):
+                v = release(f"hist.{i}.{j}", float(c))
+                if v < spec.min_cell and (noisy or v > 0):
+                    values[f"supp.{i}.{j}"] = 1.0
+                    suppressed = True
+                else:
+                    values[f"hist.{i}.{j}"] = v
+        if suppressed and not noisy:  # complementary suppression (the module docstring)
+            values[f"supp.{i}"] = 1.0
+        else:
+            values.update(moments)
     return SiteAnswer(max(0, round(n)), values)
 
 
@@ -338,9 +379,10 @@ def compute_site(frame: Any, spec: QuerySpec, rng: np.random.Generator | None = 
 
 def check_values(spec: QuerySpec, n: int, values: Mapping[str, Any], max_rows: int) -> None:
     """A site's report for ``spec``, checked: known keys only, finite numbers, ``n`` at
-    most ``max_rows`` (what the roster lets the site claim) and every value in the range
-    an honest site's could have (widened by ``NOISE_SLACK_SIGMAS`` σ under noise).
-    ``SpecError`` naming the first problem."""
+    most ``max_rows`` (what the roster lets the site claim), every value in the range an
+    honest site's could have and consistent with the others (the module docstring), each
+    widened by ``NOISE_SLACK_SIGMAS`` σ under noise. ``SpecError`` naming the first
+    problem."""
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= max_rows + _slack(spec, "n"):
         raise SpecError("n is out of range")
     if n < spec.min_cell:
@@ -348,6 +390,7 @@ def check_values(spec: QuerySpec, n: int, values: Mapping[str, Any], max_rows: i
     if not isinstance(values, Mapping) or len(values) > MAX_VALUE_KEYS:
         raise SpecError("too many values")
     noisy = spec.noise_multiplier is not None
+    got: dict[str, float] = {}
     for key, raw in values.items():
         m = _VALUE_KEY.match(key) if isinstance(key, str) else None
         if m is None:
@@ -362,6 +405,7 @@ def check_values(spec: QuerySpec, n: int, values: Mapping[str, Any], max_rows: i
             edges = spec.bins.get(col, ())
             if int(m.group(5)) >= len(edges) - 1:
                 raise SpecError("a histogram cell the query does not have")
+        got[key] = v
         if kind == "supp":
             if v != 1.0:
                 raise SpecError("supp.* is 1")
@@ -370,62 +414,108 @@ def check_values(spec: QuerySpec, n: int, values: Mapping[str, Any], max_rows: i
         if kind in ("count", "hist"):
             if not (noisy or v.is_integer()) or not -slack <= v <= n + slack:
                 raise SpecError(f"{kind} is out of range")
-        elif col in spec.bounds:
-            lo, hi = spec.bounds[col]
-            if kind == "sum":
-                top = max(abs(lo), abs(hi)) * n
-                ok = -top - slack <= v <= top + slack
-            else:
-                ok = -slack <= v <= max(lo * lo, hi * hi) * n + slack
-            if not ok:
-                raise SpecError(f"{kind} is out of range")
-        elif kind == "sumsq" and v < 0:
-            raise SpecError("sumsq is negative")
+            if v < spec.min_cell and (noisy or kind == "count" or v != 0):
+                raise SpecError(f"{kind} is under min_cell: the site should have suppressed it")
+        elif kind == "sum":
+            top = max(abs(x) for x in spec.limits(i)) * n
+            if not -top - slack <= v <= top + slack:
+                raise SpecError("sum is out of range")
+        elif not -slack <= v <= max(x * x for x in spec.limits(i)) * n + slack:
+            raise SpecError("sumsq is out of range")
     for i in range(len(spec.columns)):
-        have = [f"{k}.{i}" in values for k in ("count", "sum", "sumsq")]
-        if any(have) != all(have) or any(have) == (f"supp.{i}" in values):
-            raise SpecError("a column needs count, sum and sumsq, or supp alone")
+        _check_column(spec, i, n, got)
+
+
+def _check_column(spec: QuerySpec, i: int, n: int, got: Mapping[str, float]) -> None:
+    """Column ``i``'s values against each other (the module docstring)."""
+    have = [f"{k}.{i}" in got for k in ("count", "sum", "sumsq")]
+    if any(have) != all(have) or any(have) == (f"supp.{i}" in got):
+        raise SpecError("a column needs count, sum and sumsq, or supp alone")
+    noisy = spec.noise_multiplier is not None
+    edges = spec.bins.get(spec.columns[i], ())
+    cells = [got[f"hist.{i}.{j}"] for j in range(len(edges) - 1) if f"hist.{i}.{j}" in got]
+    if any(f"hist.{i}.{j}" in got and f"supp.{i}.{j}" in got for j in range(len(edges) - 1)):
+        raise SpecError("a histogram cell is both released and suppressed")
+    rounding = 1.0 if noisy else 0.0  # a noisy n is rounded
+    if all(have):
+        count, total, squares = (got[f"{k}.{i}"] for k in ("count", "sum", "sumsq"))
+        dc = _slack(spec, f"count.{i}")
+        if count > n + dc + _slack(spec, "n") + rounding:
+            raise SpecError("a column's count is above n")
+        lo, hi = spec.limits(i)
+        top = max(abs(lo), abs(hi))
+        rel = 1e-9 * (abs(count) + 1.0)  # the sums' float rounding
+        ds = _slack(spec, f"sum.{i}") + top * (dc + rel)
+        if not lo * count - ds <= total <= hi * count + ds:
+            raise SpecError("a column's sum is beyond its bounds times its count")
+        dq = _slack(spec, f"sumsq.{i}") + top * top * (dc + rel)
+        if not -dq <= squares <= top * top * count + dq:
+            raise SpecError("a column's sum of squares is beyond its bounds times its count")
+        cap = count + dc
+    else:
+        cap = n + _slack(spec, "n") + rounding
+    if cells and math.fsum(cells) > cap + (len(edges) - 1) * _slack(spec, f"hist.{i}.0"):
+        raise SpecError("a column's histogram holds more values than its count")
 
 
 def _slack(spec: QuerySpec, key: str) -> float:
     return NOISE_SLACK_SIGMAS * spec.sigma(key)
 
 
+def _total(xs: list[float]) -> float | None:
+    """The exact sum of ``xs``, None when it is not finite."""
+    try:
+        t = math.fsum(xs)
+    except (OverflowError, ValueError):
+        return None
+    return t if math.isfinite(t) else None
+
+
 def aggregate(
     spec: QuerySpec, answers: Mapping[str, SiteAnswer], refused: Mapping[str, int] | None = None
 ) -> dict[str, Any] | None:
     """The published result over the sites' ``answers`` (checked ones), or None while
-    fewer than ``spec.min_sites`` sites answered (nothing is published then)."""
+    fewer than ``spec.min_sites`` sites answered (nothing is published then). One pass over
+    the answers; a figure that is not finite is left out (None)."""
     if len(answers) < spec.min_sites:
         return None
     total_n = sum(a.n for a in answers.values())
+    by_key: dict[str, list[float]] = {}
+    for a in answers.values():
+        for key, v in a.values.items():
+            by_key.setdefault(key, []).append(v)
     columns: dict[str, Any] = {}
     for i, col in enumerate(spec.columns):
-        have = [a.values for a in answers.values() if f"count.{i}" in a.values]
-        count = sum(v[f"count.{i}"] for v in have)
-        entry: dict[str, Any] = {"sites": len(have)}
-        if len(have) < spec.min_sites or count < spec.min_cell:
+        counts = by_key.get(f"count.{i}", [])
+        sums, squares = by_key.get(f"sum.{i}", []), by_key.get(f"sumsq.{i}", [])
+        entry: dict[str, Any] = {"sites": len(counts)}
+        count = _total(counts)
+        mean = std = None
+        if (
+            count is not None
+            and len(counts) >= spec.min_sites
+            and count >= spec.min_cell
+            and len(sums) == len(squares) == len(counts)
+        ):
+            total, sq = _total(sums), _total(squares)
+            if total is not None and sq is not None:
+                mean = total / count
+                var = sq / count - mean * mean
+                std = math.sqrt(max(0.0, var)) if math.isfinite(var) else None
+        if count is None or mean is None or not math.isfinite(mean):
             entry["suppressed"] = True
         else:
-            mean = sum(v[f"sum.{i}"] for v in have) / count
-            var = sum(v[f"sumsq.{i}"] for v in have) / count - mean * mean
-            entry.update(
-                count=_rounded(count, spec),
-                mean=mean,
-                std=math.sqrt(max(0.0, var)),
-                suppressed=False,
-            )
+            entry.update(count=_rounded(count, spec), mean=mean, std=std, suppressed=False)
         edges = spec.bins.get(col)
         if edges is not None:
             cells: list[float | int | None] = []
             partial: list[int] = []
             for j in range(len(edges) - 1):
-                key = f"hist.{i}.{j}"
-                got = [a.values[key] for a in answers.values() if key in a.values]
-                partial.append(sum(1 for a in answers.values() if f"supp.{i}.{j}" in a.values))
-                cell = sum(got)
-                ok = len(got) >= spec.min_sites and cell >= spec.min_cell
-                cells.append(_rounded(cell, spec) if ok else None)
+                got = by_key.get(f"hist.{i}.{j}", [])
+                partial.append(len(by_key.get(f"supp.{i}.{j}", [])))
+                cell = _total(got)
+                ok = cell is not None and len(got) >= spec.min_sites and cell >= spec.min_cell
+                cells.append(_rounded(cell, spec) if ok and cell is not None else None)
             entry["histogram"] = {
                 "edges": list(edges),
                 "counts": cells,

@@ -26,7 +26,12 @@ driver turns into ``TrainFailed`` and the site reports to its aggregator.
 * ``[governance]`` (``read_governance``): ``require_approval`` (unset: true for a tabular
   plan, else false, and the daemon warns once at start that any plan and settings run);
   ``statistics_tags`` (the dataset tags a statistics query may read; unset: the plan's
-  own ``dataset_tag``, only while the plan is approved when approval is required).
+  own ``dataset_tag``, only while the plan is approved when approval is required);
+  ``statistics_min_noise`` (the least noise multiplier a query must ask for; default 0.0:
+  exact answers, protected by ``min_cell`` suppression only); ``statistics_epsilon_budget``
+  (optional: the ε, at δ = ``runtime.reports.STATISTICS_DELTA`` per release, the site's
+  noisy answers may spend in all, by basic composition; with it, exact answers are
+  refused).
 * ``ReportsGate`` (``reports_gate``): what ``runtime.reports.SiteReports`` asks before it
   evaluates a model on the site's data (the training gate's approval, when required:
   ``plan_not_approved``) and before it answers a statistics query (the tag allowed:
@@ -98,6 +103,8 @@ class GovernanceConfig:
 
     require_approval: bool | None = None
     statistics_tags: tuple[str, ...] | None = None
+    statistics_min_noise: float = 0.0
+    statistics_epsilon_budget: float | None = None
 
 
 NO_GOVERNANCE = GovernanceConfig()
@@ -112,8 +119,15 @@ def read_governance(t: Table) -> GovernanceConfig:
         if bad:
             raise t.fail("statistics_tags", "a list of dataset tags", bad[0])
         tags = tuple(dict.fromkeys(tags))
+    min_noise = t.number("statistics_min_noise", 0.0, min=0.0, max=1e4)
+    budget = t.number("statistics_epsilon_budget", None, min=0.0, max=1e6, exclusive_min=True)
     t.finish()
-    return GovernanceConfig(require_approval=require, statistics_tags=tags)
+    return GovernanceConfig(
+        require_approval=require,
+        statistics_tags=tags,
+        statistics_min_noise=float(min_noise),
+        statistics_epsilon_budget=None if budget is None else float(budget),
+    )
 
 
 def approval_required(cfg: DaemonConfig) -> tuple[bool, bool]:
@@ -941,14 +955,23 @@ class ReportsGate:
     read; ``by_default``: they are the plan's own tag, not ``[governance]
     statistics_tags``, so a query also needs the plan approved (when required). Called in
     the service's job threads; each check re-reads ``approvals.json`` only if it changed.
+    ``min_noise`` and ``epsilon_budget``: ``[governance] statistics_min_noise`` and
+    ``statistics_epsilon_budget``, which ``runtime.reports.SiteReports`` enforces.
     """
 
     def __init__(
-        self, approvals: GovernedTrainer | None, tags: frozenset[str], by_default: bool
+        self,
+        approvals: GovernedTrainer | None,
+        tags: frozenset[str],
+        by_default: bool,
+        min_noise: float = 0.0,
+        epsilon_budget: float | None = None,
     ) -> None:
         self.approvals = approvals
         self.tags = tags
         self.by_default = by_default
+        self.min_noise = min_noise
+        self.epsilon_budget = epsilon_budget
 
     def check_evaluate(self) -> None:
         """``TrainingRefusedError`` (``plan_not_approved``) unless evaluation may run."""
@@ -986,7 +1009,8 @@ def reports_gate(cfg: DaemonConfig, trainer: Trainer | None) -> ReportsGate | No
         else:
             approvals = GovernedTrainer(_no_training, cfg.state_dir, start_digest(cfg))
     gov: GovernanceConfig = getattr(cfg, "governance", NO_GOVERNANCE)
+    privacy = (gov.statistics_min_noise, gov.statistics_epsilon_budget)
     if gov.statistics_tags is not None:
-        return ReportsGate(approvals, frozenset(gov.statistics_tags), False)
+        return ReportsGate(approvals, frozenset(gov.statistics_tags), False, *privacy)
     own = plan_dataset_tag(cfg)
-    return ReportsGate(approvals, frozenset({own} if own else ()), True)
+    return ReportsGate(approvals, frozenset({own} if own else ()), True, *privacy)

@@ -97,6 +97,7 @@ from fedloom.federation.analytics import (
     check_name,
     check_values,
     compute_site,
+    gaussian_epsilon,
     parse_wire,
 )
 from fedloom.federation.config_reader import ConfigError, Table
@@ -105,11 +106,13 @@ from fedloom.runtime.middleware import LayeredNode, Poster, ServiceEvent
 from fedloom.transport.error_text import describe as describe_exc
 from fedloom.transport.errors import describe
 from fedloom.transport.wire import (
+    Ack,
     EvalReport,
     ModelBroadcast,
     StatsReport,
     StatsRequest,
     TrainRequest,
+    Update,
 )
 
 __all__ = [
@@ -137,7 +140,11 @@ RELAY_PER_S = 2.0
 RELAY_SEEN = 8192
 RELAY_HELD = 512  # reports a region keeps while its parent link is down
 STATE_FORMAT = "fedloom/reports/1"
-ANSWERS_FORMAT = "fedloom/analytics-answers/1"
+ANSWERS_FORMAT = "fedloom/analytics-answers/2"
+MAX_ANSWERS = 256  # distinct statistics a site keeps (noisy ones are never evicted)
+STATISTICS_DELTA = 1e-5  # δ of each noisy release a site accounts ([governance] budget)
+MAX_LOSS = 1e6  # |loss| a site may report
+MAX_BUCKETS_PER_SITE = 4  # pending evaluation buckets one site may have opened
 _METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _EVAL_SIZE_KEYS = ("n_examples", "n_test", "eval_sites")
@@ -311,22 +318,31 @@ def _read_json(path: Path) -> Any:
 
 class JsonFiles:
     """Atomic JSON writes off the loop by one writer at a time; a value not yet written is
-    replaced by a newer one for the same path (memory: one pending value per path)."""
+    replaced by a newer one for the same path (memory: one pending value per path).
+
+    ``save`` never raises: the value (a snapshot the caller never changes afterwards) is
+    encoded in the writer's thread, and one that cannot be (a non-finite number) is
+    skipped with one warning per path."""
 
     def __init__(self, run: Runner) -> None:
         self._run = run
         self._lock = threading.Lock()
-        self._pending: dict[Path, bytes] = {}
+        self._pending: dict[Path, Any] = {}
         self._writing = False
+        self._warned: set[Path] = set()
 
     def save(self, path: Path, value: Any) -> None:
-        data = _json_bytes(value)  # made on the loop: a consistent snapshot
         with self._lock:
-            self._pending[path] = data
+            self._pending[path] = value
             if self._writing:
                 return
             self._writing = True
-        self._run(self._drain)
+        try:
+            self._run(self._drain)
+        except Exception as exc:  # no thread to be had: the value waits for the next save
+            with self._lock:
+                self._writing = False
+            log.warning("%s: cannot write (%s)", path, describe_exc(exc))
 
     def _drain(self) -> None:
         while True:
@@ -335,7 +351,14 @@ class JsonFiles:
                     self._writing = False
                     return
                 path = next(iter(self._pending))
-                data = self._pending.pop(path)
+                value = self._pending.pop(path)
+            try:
+                data = json.dumps(value, sort_keys=True, allow_nan=False).encode()
+            except (TypeError, ValueError, RecursionError) as exc:
+                if path not in self._warned:
+                    self._warned.add(path)
+                    log.warning("%s: not written, a value cannot be (%s)", path, exc)
+                continue
             try:
                 write_bytes_atomic(path, data)
             except OSError as exc:
@@ -435,6 +458,42 @@ def clean_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _parse_answers(raw: Any) -> tuple[dict[str, dict[str, Any]], float]:
+    """``analytics-answers.json`` (``ValueError`` naming what does not hold)."""
+    if not isinstance(raw, dict) or raw.get("format") != ANSWERS_FORMAT:
+        raise ValueError(f"not a {ANSWERS_FORMAT} file")
+    spent = raw.get("spent_epsilon")
+    if isinstance(spent, bool) or not isinstance(spent, int | float) or not 0 <= spent < math.inf:
+        raise ValueError("spent_epsilon is not a number >= 0")
+    answers = raw.get("answers")
+    if not isinstance(answers, dict) or len(answers) > MAX_ANSWERS:
+        raise ValueError(f"answers is not a table of at most {MAX_ANSWERS}")
+    out: dict[str, dict[str, Any]] = {}
+    for key, e in answers.items():
+        ok = (
+            isinstance(key, str)
+            and re.fullmatch(r"[0-9a-f]{64}", key) is not None
+            and isinstance(e, dict)
+            and set(e) == {"dataset", "n", "values", "noisy"}
+            and isinstance(e["dataset"], str)
+            and type(e["n"]) is int
+            and e["n"] >= 0
+            and type(e["noisy"]) is bool
+            and isinstance(e["values"], dict)
+            and all(
+                isinstance(k, str)
+                and not isinstance(v, bool)
+                and isinstance(v, int | float)
+                and math.isfinite(v)
+                for k, v in e["values"].items()
+            )
+        )
+        if not ok:
+            raise ValueError("an answer is not {dataset, n, values, noisy}")
+        out[key] = e
+    return out, float(spent)
+
+
 def _spec_digest(spec: Mapping[str, Any]) -> str:
     blob = json.dumps(dict(spec), sort_keys=True, allow_nan=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -469,16 +528,27 @@ class SiteReports:
         self._stats_busy = False
         self._queue: deque[tuple[str, dict[str, Any]]] = deque()
         self._lock = threading.Lock()  # the answers cache (read by jobs, written by them)
-        self._answers: dict[str, dict[str, Any]] = self._load_answers()
+        # spec digest -> {"dataset", "n", "values", "noisy"}; the ε spent in all
+        self._answers: dict[str, dict[str, Any]] = {}
+        self._spent = 0.0
+        self._damaged = ""  # why analytics-answers.json cannot be read: every query refused
+        self._load_answers()
 
-    def _load_answers(self) -> dict[str, dict[str, Any]]:
-        if self._answers_path is None:
-            return {}
-        raw = _read_json(self._answers_path)
-        if not isinstance(raw, dict) or raw.get("format") != ANSWERS_FORMAT:
-            return {}
-        answers = raw.get("answers")
-        return dict(answers) if isinstance(answers, dict) else {}
+    def _load_answers(self) -> None:
+        path = self._answers_path
+        if path is None:
+            return
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            self._answers, self._spent = _parse_answers(raw)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, RecursionError, OverflowError) as exc:
+            self._damaged = (
+                f"{path} is damaged ({describe_exc(exc)[:80]}): this site answers no "
+                "statistics query until its operator moves the file aside"
+            )
+            log.warning("%s", self._damaged)
 
     # -- middleware
     def intercept(self, event: Event, now: float) -> list[Effect] | None:
@@ -594,25 +664,11 @@ class SiteReports:
             return []
         query, wire = self._queue.popleft()
         self._stats_busy = True
-        owner, source, gate = id(self), self._datasets, self._gate
+        owner = id(self)
 
         def job() -> ServiceEvent:
             try:
-                spec = parse_wire(query, wire)
-                if gate is not None:  # SpecError: tag_not_allowed, plan_not_approved
-                    gate.check_statistics(spec.tag)
-                if source is None:
-                    raise SpecError("this site has no dataset registry", "dataset_missing")
-                ident, frame = source.open(spec.tag)
-                key = {"spec": _spec_digest(wire), "dataset": ident}
-                with self._lock:
-                    kept = self._answers.get(query)
-                if kept is not None and all(kept.get(k) == v for k, v in key.items()):
-                    answer = SiteAnswer(int(kept["n"]), dict(kept["values"]))
-                else:
-                    answer = compute_site(frame, spec)
-                    self._keep(query, {**key, "n": answer.n, "values": dict(answer.values)})
-                return StatsDone(owner, query, answer)
+                return StatsDone(owner, query, self._answer(query, wire))
             except SpecError as exc:
                 return StatsDone(owner, query, None, exc.code, str(exc)[:MAX_REASON])
             except Exception as exc:  # reading the file, pandas missing, ...
@@ -621,17 +677,91 @@ class SiteReports:
         self._run(job)
         return []
 
-    def _keep(self, query: str, entry: dict[str, Any]) -> None:
+    def _answer(self, query: str, wire: Mapping[str, Any]) -> SiteAnswer:
+        """The answer to one query (in a job's thread): the kept one for the same statistic
+        (the canonical spec, whatever its name) over the same dataset, else a new release
+        within ``[governance]``'s noise floor and ε budget, kept before it leaves."""
+        if self._damaged:
+            raise SpecError(self._damaged, "failed")
+        spec = parse_wire(query, wire)
+        gate = self._gate
+        if gate is not None:  # SpecError: tag_not_allowed, plan_not_approved
+            gate.check_statistics(spec.tag)
+        min_noise = float(getattr(gate, "min_noise", 0.0) or 0.0)
+        budget = getattr(gate, "epsilon_budget", None)
+        z = spec.noise_multiplier
+        if (z or 0.0) < min_noise:
+            raise SpecError(
+                f"this site answers only with noise_multiplier >= {min_noise:g} "
+                "([governance] statistics_min_noise)",
+                "noise_too_low",
+            )
+        if budget is not None and z is None:
+            raise SpecError(
+                "this site has an ε budget ([governance] statistics_epsilon_budget): "
+                "it answers noisy queries only",
+                "privacy_budget",
+            )
+        if self._datasets is None:
+            raise SpecError("this site has no dataset registry", "dataset_missing")
+        ident, frame = self._datasets.open(spec.tag)
+        key = _spec_digest(spec.to_wire())  # no name: a renamed query is the same statistic
         with self._lock:
-            self._answers[query] = entry
-            while len(self._answers) > MAX_QUERIES:
-                del self._answers[next(iter(self._answers))]
-            snapshot = {"format": ANSWERS_FORMAT, "answers": dict(self._answers)}
-        if self._answers_path is not None:
-            try:  # in the job's thread already: write now, so the answer is kept before it leaves
-                write_json_atomic(self._answers_path, snapshot)
-            except OSError as exc:
-                log.warning("%s: cannot write (%s)", self._answers_path, describe_exc(exc))
+            kept = self._answers.get(key)
+            if kept is not None and kept["dataset"] == ident:
+                return SiteAnswer(int(kept["n"]), dict(kept["values"]))
+            eps = 0.0 if z is None else gaussian_epsilon(z, STATISTICS_DELTA)
+            if budget is not None and self._spent + eps > float(budget):
+                raise SpecError(
+                    f"this release would spend ε = {eps:.3g} beyond the site's budget "
+                    f"({self._spent:.3g} of {float(budget):g} spent)",
+                    "privacy_budget",
+                )
+            if kept is None and len(self._answers) >= MAX_ANSWERS:
+                exact = [k for k, e in self._answers.items() if not e["noisy"]]
+                if not exact:
+                    raise SpecError(
+                        f"this site keeps {MAX_ANSWERS} noisy answers already and releases "
+                        "no new statistic",
+                        "statistics_limit",
+                    )
+                del self._answers[exact[0]]
+        answer = compute_site(frame, spec)
+        entry = {
+            "dataset": ident,
+            "n": answer.n,
+            "values": dict(answer.values),
+            "noisy": z is not None,
+        }
+        self._keep(key, entry, eps)
+        return answer
+
+    def _keep(self, key: str, entry: dict[str, Any], eps: float) -> None:
+        """Keep a new release and what it spent, on disk before it leaves (the job's
+        thread); a noisy one that cannot be kept is not released."""
+        with self._lock:
+            self._answers.pop(key, None)
+            self._answers[key] = entry
+            self._spent += eps  # spent even if the write fails: the count errs high
+            snapshot = {
+                "format": ANSWERS_FORMAT,
+                "answers": dict(self._answers),
+                "spent_epsilon": self._spent,
+                "delta_per_release": STATISTICS_DELTA,
+            }
+        if self._answers_path is None:
+            return
+        try:
+            write_json_atomic(self._answers_path, snapshot)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: cannot write (%s)", self._answers_path, describe_exc(exc))
+            if entry["noisy"]:
+                with self._lock:
+                    self._answers.pop(key, None)
+                raise SpecError(
+                    f"{self._answers_path}: cannot keep the answer, so it is not released",
+                    "failed",
+                ) from None
 
     def _stats_done(self, done: StatsDone) -> list[Effect]:
         self._stats_busy = False
@@ -654,6 +784,23 @@ class SiteReports:
 
 
 # ------------------------------------------------------------------------- region
+
+
+class TokenBuckets:
+    """``RELAY_BURST`` reports at once and ``RELAY_PER_S`` a second per key (a child, or a
+    (child, site) pair at the root); memory: one entry per key the caller lets through."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[Any, tuple[float, float]] = {}
+
+    def take(self, key: Any, now: float) -> bool:
+        tokens, last = self._tokens.get(key, (RELAY_BURST, now))
+        tokens = min(RELAY_BURST, tokens + max(0.0, now - last) * RELAY_PER_S)
+        if tokens < 1.0:
+            self._tokens[key] = (tokens, now)
+            return False
+        self._tokens[key] = (tokens - 1.0, now)
+        return True
 
 
 def _allowed_src(
@@ -693,7 +840,7 @@ class RegionReports:
         self._roster_sites = roster_sites
         self.requests: dict[str, StatsRequest] = {}
         self._up: set[str] = set()
-        self._tokens: dict[str, tuple[float, float]] = {}
+        self._tokens = TokenBuckets()
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._parent_up = False
         # Reports that came while the parent link was down, for when it is back.
@@ -773,12 +920,8 @@ class RegionReports:
         key = (msg.src, kind, str(msg.version) if isinstance(msg, EvalReport) else msg.query)
         if key in self._seen:
             return [Metric("report_duplicate", 1.0, {"kind": kind})]
-        tokens, last = self._tokens.get(peer, (RELAY_BURST, now))
-        tokens = min(RELAY_BURST, tokens + max(0.0, now - last) * RELAY_PER_S)
-        if tokens < 1.0:
-            self._tokens[peer] = (tokens, now)
+        if not self._tokens.take(peer, now):
             return _bad(kind, "rate", peer)
-        self._tokens[peer] = (tokens - 1.0, now)
         self._seen[key] = None
         while len(self._seen) > RELAY_SEEN:
             self._seen.popitem(last=False)
@@ -818,11 +961,12 @@ class RootReports:
         self._children_of = children_of
         self._model_version = model_version
         self._declared = declared_examples
-        self._subtrees = dict(subtrees or {})
+        self._subtrees = {r: frozenset(s) for r, s in (subtrees or {}).items()}
         self._roster_sites = roster_sites
         self._state_dir = state_dir
         self._files = JsonFiles(run) if run is not None and state_dir is not None else None
-        # version -> {src: (n, accuracy, loss)} of buckets; published: version -> aggregate
+        # version -> {src: (n, accuracy, loss)} of buckets (the first src opened it);
+        # published: version -> aggregate
         self.buckets: dict[int, dict[str, tuple[int, float | None, float | None]]] = {}
         self.published: dict[int, dict[str, Any]] = {}
         self.answers: dict[str, dict[str, SiteAnswer]] = {q: {} for q in self.specs}
@@ -830,6 +974,15 @@ class RootReports:
         self.results: dict[str, dict[str, Any] | None] = {q: None for q in self.specs}
         self.rejected: dict[str, int] = {}
         self._requests = [StatsRequest(s.name, s.to_wire()) for s in config.analytics]
+        self._tokens = TokenBuckets()
+        # Which child carried each site's figures; (kind, key, src) two children
+        # contradicted each other on: refused from then on.
+        self._via: dict[tuple[str, Any, str], str] = {}
+        self._conflicts: set[tuple[str, Any, str]] = set()
+        # Without [subtrees]: the sites a region child proved to carry (pairs of its acked
+        # forwards), and reports it sent for others, kept until it does.
+        self._proven: dict[str, set[str]] = {}
+        self._unproven: dict[str, OrderedDict[tuple[str, str, str], EvalReport | StatsReport]] = {}
         self._load()
 
     # -- persistence
@@ -838,33 +991,89 @@ class RootReports:
         return self._state_dir / "reports" / name
 
     def _load(self) -> None:
+        """What ``_save_*`` wrote, through the checks a live report gets: an entry that
+        fails them is left out (one warning per file)."""
         if self._state_dir is None:
             return
         ev = _read_json(self._private("evaluation.json"))
-        with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
-            if ev.get("format") == STATE_FORMAT and ev.get("every") == self.every:
-                for v, sites in ev.get("buckets", {}).items():
-                    self.buckets[int(v)] = {s: (int(x[0]), x[1], x[2]) for s, x in sites.items()}
-                for agg in ev.get("published", []):
-                    self.published[int(agg["version"])] = dict(agg)
+        dropped = 0
+        if (
+            isinstance(ev, dict)
+            and ev.get("format") == STATE_FORMAT
+            and ev.get("every") == self.every
+        ):
+            buckets = ev.get("buckets")
+            for v, sites in (buckets if isinstance(buckets, dict) else {}).items():
+                version = _int(v)
+                if version is None or not isinstance(sites, dict) or self._version_bad(version):
+                    dropped += 1
+                    continue
+                bucket: dict[str, tuple[int, float | None, float | None]] = {}
+                for src, x in sites.items():
+                    entry = self._eval_entry(src, x)
+                    if entry is None:
+                        dropped += 1
+                    else:
+                        bucket[src] = entry
+                if bucket:
+                    self.buckets[version] = bucket
+            published = ev.get("published")
+            for agg in published if isinstance(published, list) else []:
+                clean = _published_entry(agg)
+                if clean is None:
+                    dropped += 1
+                else:
+                    self.published[clean["version"]] = clean
         while len(self.buckets) > MAX_PENDING_BUCKETS:
-            del self.buckets[min(self.buckets)]
+            self._evict_bucket(None)
         while len(self.published) > MAX_PUBLISHED_BUCKETS:
             del self.published[min(self.published)]
+        if dropped:
+            log.warning(
+                "%s: %d entries left out (not what a site could report)",
+                self._private("evaluation.json"),
+                dropped,
+            )
         for q, spec in self.specs.items():
-            entry = _read_json(self._private(f"analytics-{q}.json"))
-            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
-                if entry.get("format") != STATE_FORMAT:
-                    continue
-                if entry.get("spec") != _spec_digest(spec.to_wire()):
-                    continue  # a changed query starts afresh
-                answers = {
-                    str(s): SiteAnswer(int(a[0]), {str(k): float(v) for k, v in a[1].items()})
-                    for s, a in entry.get("answers", {}).items()
-                }
-                refused = {str(s): str(c) for s, c in entry.get("refused", {}).items()}
-                self.answers[q], self.refused[q] = answers, refused
-                self.results[q] = aggregate(spec, answers, self._refusal_counts(q))
+            self._load_query(q, spec)
+
+    def _load_query(self, q: str, spec: QuerySpec) -> None:
+        entry = _read_json(self._private(f"analytics-{q}.json"))
+        if not isinstance(entry, dict) or entry.get("format") != STATE_FORMAT:
+            return
+        if entry.get("spec") != _spec_digest(spec.to_wire()):
+            return  # a changed query starts afresh
+        answers: dict[str, SiteAnswer] = {}
+        refused: dict[str, str] = {}
+        dropped = 0
+        raw_answers, raw_refused = entry.get("answers"), entry.get("refused")
+        for src, a in (raw_answers if isinstance(raw_answers, dict) else {}).items():
+            try:
+                n, values = a
+                if not isinstance(values, dict):
+                    raise SpecError("values is not a table")
+                check_values(spec, n, values, max(1, self._declared(src)))
+            except (SpecError, TypeError, ValueError):
+                dropped += 1
+                continue
+            answers[src] = SiteAnswer(int(n), {str(k): float(v) for k, v in values.items()})
+        for src, code in (raw_refused if isinstance(raw_refused, dict) else {}).items():
+            if isinstance(code, str) and _CODE.match(code) and src not in answers:
+                refused[src] = code
+            else:
+                dropped += 1
+        if dropped:
+            log.warning(
+                "%s: %d entries left out (not what a site could report)",
+                self._private(f"analytics-{q}.json"),
+                dropped,
+            )
+        try:
+            result = aggregate(spec, answers, _counts(refused))
+        except Exception as exc:  # never expected: checked answers aggregate
+            log.warning("analytics %s: not restored (%s)", q, describe_exc(exc))
+            return
+        self.answers[q], self.refused[q], self.results[q] = answers, refused, result
 
     def _save_evaluation(self, published: bool) -> None:
         if self._files is None or self._state_dir is None:
@@ -887,7 +1096,7 @@ class RootReports:
         state = {
             "format": STATE_FORMAT,
             "spec": _spec_digest(self.specs[query].to_wire()),
-            "answers": {s: [a.n, dict(a.values)] for s, a in self.answers[query].items()},
+            "answers": {s: [a.n, a.values] for s, a in self.answers[query].items()},
             "refused": dict(self.refused[query]),
         }
         self._files.save(self._private(f"analytics-{query}.json"), state)
@@ -899,15 +1108,15 @@ class RootReports:
         if not isinstance(event, Received):
             return None
         msg, peer = event.msg, event.peer
-        if isinstance(msg, EvalReport):
-            return self._on_eval(peer, msg)
-        if isinstance(msg, StatsReport):
-            return self._on_stats(peer, msg)
+        if isinstance(msg, EvalReport | StatsReport):
+            return self._on_report(peer, msg, now)
         if isinstance(msg, StatsRequest):
             return self._reject("request", "at_root", peer)
         return None
 
     def observe(self, event: Event, effects: Sequence[Effect], now: float) -> list[Effect]:
+        if isinstance(event, Received) and isinstance(event.msg, Update):
+            return self._observe_forward(event.peer, event.msg, effects, now)
         if not isinstance(event, PeerUp) or event.peer not in self._children_of():
             return []
         if not self.config.enabled:
@@ -916,141 +1125,287 @@ class RootReports:
         return out + [Send(event.peer, r) for r in self._requests]
 
     def _reject(
-        self, kind: str, reason: str, peer: str, fields: Mapping[str, Any] | None = None
+        self,
+        kind: str,
+        reason: str,
+        peer: str,
+        fields: Mapping[str, Any] | None = None,
+        count: int = 1,
     ) -> list[Effect]:
         key = f"{kind}:{reason}"
-        self.rejected[key] = self.rejected.get(key, 0) + 1
-        return _bad(kind, reason, peer, fields)
+        self.rejected[key] = self.rejected.get(key, 0) + count
+        out = _bad(kind, reason, peer, fields)
+        if count != 1:
+            out[0] = Metric("report_rejected", float(count), {"kind": kind, "reason": reason})
+        return out
 
-    def _src_ok(self, peer: str, src: str) -> bool:
-        return _allowed_src(src, peer, self._children_of(), self._subtrees, self._roster_sites)
+    # -- who may speak for a site
+    def _src_state(self, peer: str, src: str) -> str:
+        """``ok``, ``unproven`` (a region without ``[subtrees]`` that has not yet forwarded
+        an update of ``src``: the report waits) or ``no``."""
+        children = self._children_of()
+        role = children.get(peer)
+        if role == "site":
+            return "ok" if src == peer else "no"
+        if role != "region":
+            return "no"
+        if peer in self._subtrees:
+            return "ok" if src in self._subtrees[peer] else "no"
+        if src in children or src not in self._roster_sites():
+            return "no"
+        return "ok" if src in self._proven.get(peer, ()) else "unproven"
+
+    def _observe_forward(
+        self, peer: str, msg: Update, effects: Sequence[Effect], now: float
+    ) -> list[Effect]:
+        """A region's forward the node acknowledged proves the sites of its pairs are
+        under that region (without ``[subtrees]``); reports kept for them go on now."""
+        if not msg.pairs or peer in self._subtrees or self._children_of().get(peer) != "region":
+            return []
+        acked = any(
+            isinstance(e, Send) and e.peer == peer and e.msg == Ack(msg.src, msg.seq)
+            for e in effects
+        )
+        if not acked:
+            return []
+        roster, children = self._roster_sites(), self._children_of()
+        proven = self._proven.setdefault(peer, set())
+        new = {s for s, _ in msg.pairs if s in roster and s not in children} - proven
+        if not new:
+            return []
+        proven |= new
+        held = self._unproven.get(peer)
+        if not held:
+            return []
+        out: list[Effect] = []
+        for key in [k for k in held if k[0] in new]:
+            out += self._on_report(peer, held.pop(key), now)
+        return out
+
+    def _hold(self, peer: str, msg: EvalReport | StatsReport, kind: str) -> list[Effect]:
+        key = (msg.src, kind, str(msg.version) if isinstance(msg, EvalReport) else msg.query)
+        held = self._unproven.setdefault(peer, OrderedDict())
+        held[key] = msg
+        while len(held) > RELAY_HELD:
+            held.popitem(last=False)
+        return [Metric("report_held", 1.0, {"kind": kind})]
+
+    def _on_report(self, peer: str, msg: EvalReport | StatsReport, now: float) -> list[Effect]:
+        kind = "eval" if isinstance(msg, EvalReport) else "stats"
+        state = self._src_state(peer, msg.src)
+        if state == "no":
+            return self._reject(kind, "not_in_subtree", peer, {"src": describe(msg.src)})
+        if state == "unproven":
+            return self._hold(peer, msg, kind)
+        if not self._tokens.take((peer, msg.src), now):
+            return self._reject(kind, "rate", peer)
+        if isinstance(msg, EvalReport):
+            return self._on_eval(peer, msg)
+        return self._on_stats(peer, msg)
+
+    def _conflict(self, kind: str, key: Any, src: str, peer: str) -> bool:
+        """Whether ``peer``'s report of ``src`` for ``key`` comes through another child
+        than the one its figures came through (which are then dropped, the caller says)."""
+        via = self._via.get((kind, key, src))
+        return via is not None and via != peer
 
     # -- evaluation
+    def _version_bad(self, version: int) -> bool:
+        return version < 0 or (self.every > 0 and version % self.every != 0)
+
+    def _eval_entry(self, src: Any, x: Any) -> tuple[int, float | None, float | None] | None:
+        """``(n, accuracy, loss)`` as a live report must have them, or None."""
+        if not isinstance(src, str) or not isinstance(x, list | tuple) or len(x) != 3:
+            return None
+        n, acc, loss = x
+        if type(n) is not int or not 1 <= n <= max(1, self._declared(src)):
+            return None
+        return _metrics_ok(acc, loss)
+
     def _on_eval(self, peer: str, msg: EvalReport) -> list[Effect]:
-        if not self._src_ok(peer, msg.src):
-            return self._reject("eval", "not_in_subtree", peer, {"src": describe(msg.src)})
         if self.every <= 0:
             return self._reject("eval", "not_scheduled", peer)
         current = self._model_version()
-        if msg.version < 0 or msg.version % self.every or current is None or msg.version > current:
-            return self._reject("eval", "bad_version", peer, {"version": msg.version})
-        if not 1 <= msg.n_examples <= max(1, self._declared(msg.src)):
-            return self._reject("eval", "n_examples", peer, {"n_examples": msg.n_examples})
+        if (
+            type(msg.version) is not int
+            or self._version_bad(msg.version)
+            or current is None
+            or msg.version > current
+        ):
+            return self._reject(
+                "eval", "bad_version", peer, {"version": describe(str(msg.version))}
+            )
+        if type(msg.n_examples) is not int or not 1 <= msg.n_examples <= max(
+            1, self._declared(msg.src)
+        ):
+            return self._reject("eval", "n_examples", peer)
         metrics = msg.metrics
         if len(metrics) > MAX_METRICS or not all(
             isinstance(k, str) and _METRIC_NAME.match(k) for k in metrics
         ):
             return self._reject("eval", "metrics", peer)
-        acc, loss = metrics.get("accuracy"), metrics.get("loss")
         for v in metrics.values():
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 return self._reject("eval", "metrics", peer)
-        if (acc is None and loss is None) or (acc is not None and not 0.0 <= acc <= 1.0):
+        entry = _metrics_ok(metrics.get("accuracy"), metrics.get("loss"))
+        if entry is None:
             return self._reject("eval", "metrics", peer)
+        figures = (int(msg.n_examples), entry[1], entry[2])
+        key = ("eval", msg.version, msg.src)
+        if key in self._conflicts:
+            return self._reject("eval", "conflict", peer)
         bucket = self.buckets.get(msg.version)
+        if bucket is not None and msg.src in bucket:
+            if bucket[msg.src] == figures or not self._conflict("eval", msg.version, msg.src, peer):
+                return [Metric("report_duplicate", 1.0, {"kind": "eval"})]
+            # Two children report this site's figures for this bucket differently: neither
+            # is believed.
+            del bucket[msg.src]
+            self._conflicts.add(key)
+            self._via.pop(key, None)
+            dropped = self._reject("eval", "conflict", peer, {"src": describe(msg.src)}, count=2)
+            return dropped + self._publish(msg.version, bucket, out_only=True)
         if bucket is None:
-            bucket = self.buckets[msg.version] = {}
-            while len(self.buckets) > MAX_PENDING_BUCKETS:
-                del self.buckets[min(self.buckets)]
-            if msg.version not in self.buckets:
+            if not self._open_bucket(msg.src, msg.version):
                 return self._reject("eval", "too_old", peer)
-        if msg.src in bucket:
-            return [Metric("report_duplicate", 1.0, {"kind": "eval"})]
-        bucket[msg.src] = (
-            int(msg.n_examples),
-            None if acc is None else float(acc),
-            None if loss is None else float(loss),
-        )
+            bucket = self.buckets[msg.version]
+        bucket[msg.src] = figures
+        self._via[key] = peer
         out: list[Effect] = [Metric("federated_eval_received")]
         if len(bucket) < self.min_sites:
             self._save_evaluation(published=False)
             return out
-        agg = self._eval_aggregate(msg.version, bucket)
-        self.published[msg.version] = agg
+        return out + self._publish(msg.version, bucket)
+
+    def _open_bucket(self, src: str, version: int) -> bool:
+        """A new bucket opened by ``src``: at most ``MAX_BUCKETS_PER_SITE`` pending ones per
+        site (its own with the fewest reports gives way), ``MAX_PENDING_BUCKETS`` in all
+        (the one with the fewest reports gives way, the oldest of those)."""
+        mine = [
+            v
+            for v, b in self.buckets.items()
+            if v not in self.published and b and next(iter(b)) == src
+        ]
+        if len(mine) >= MAX_BUCKETS_PER_SITE:
+            self._evict_bucket(mine)
+        elif len(self.buckets) >= MAX_PENDING_BUCKETS:
+            self._evict_bucket(None)
+        if len(self.buckets) >= MAX_PENDING_BUCKETS:
+            return False
+        if (
+            self.buckets
+            and version < min(self.buckets)
+            and len(self.buckets) >= MAX_PENDING_BUCKETS
+        ):
+            return False
+        self.buckets[version] = {}
+        return True
+
+    def _evict_bucket(self, among: Sequence[int] | None) -> None:
+        pool = list(self.buckets) if among is None else list(among)
+        if not pool:
+            return
+        victim = min(pool, key=lambda v: (len(self.buckets[v]), v))
+        for src in self.buckets.pop(victim):
+            self._via.pop(("eval", victim, src), None)
+        self._conflicts = {k for k in self._conflicts if k[0] != "eval" or k[1] != victim}
+
+    def _publish(
+        self,
+        version: int,
+        bucket: Mapping[str, tuple[int, float | None, float | None]],
+        out_only: bool = False,
+    ) -> list[Effect]:
+        """Publish (or, below ``min_sites`` after a conflict, withdraw) ``version``."""
+        out: list[Effect] = []
+        if len(bucket) < self.min_sites:
+            if version in self.published:
+                del self.published[version]
+                self._save_evaluation(published=True)
+            else:
+                self._save_evaluation(published=False)
+            return out
+        agg = _eval_aggregate(version, bucket)
+        self.published[version] = agg
         while len(self.published) > MAX_PUBLISHED_BUCKETS:
             del self.published[min(self.published)]
         self._save_evaluation(published=True)
-        if msg.version == max(self.published):
+        if version == max(self.published):
             out += [
-                Metric("federated_eval_version", float(msg.version)),
+                Metric("federated_eval_version", float(version)),
                 Metric("federated_eval_sites_gauge", float(agg["sites"])),
             ]
             if agg["accuracy"] is not None:
                 out.append(Metric("federated_eval_accuracy_ratio", agg["accuracy"]))
             if agg["loss"] is not None:
                 out.append(Metric("federated_eval_loss_gauge", agg["loss"]))
-        out.append(Log("info", "federated evaluation", dict(agg)))
+        if not out_only:
+            out.append(Log("info", "federated evaluation", dict(agg)))
         return out
-
-    @staticmethod
-    def _eval_aggregate(
-        version: int, bucket: Mapping[str, tuple[int, float | None, float | None]]
-    ) -> dict[str, Any]:
-        def mean(i: int) -> float | None:
-            have = [(x[0], v) for x in bucket.values() if (v := x[i]) is not None]
-            total = sum(n for n, _ in have)
-            return None if not total else sum(n * float(v) for n, v in have) / total
-
-        return {
-            "version": version,
-            "sites": len(bucket),
-            "n_examples": sum(x[0] for x in bucket.values()),
-            "accuracy": mean(1),
-            "loss": mean(2),
-        }
 
     # -- statistics
     def _refusal_counts(self, query: str) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for code in self.refused[query].values():
-            counts[code] = counts.get(code, 0) + 1
-        return counts
+        return _counts(self.refused[query])
 
     def _on_stats(self, peer: str, msg: StatsReport) -> list[Effect]:
-        if not self._src_ok(peer, msg.src):
-            return self._reject("stats", "not_in_subtree", peer, {"src": describe(msg.src)})
         spec = self.specs.get(msg.query)
         if spec is None:
             return self._reject("stats", "unknown_query", peer, {"query": describe(msg.query)})
+        q, src = msg.query, msg.src
+        key = ("stats", q, src)
+        if key in self._conflicts:
+            return self._reject("stats", "conflict", peer)
+        answers, refused = dict(self.answers[q]), dict(self.refused[q])
         out: list[Effect]
         if msg.code:
             code = msg.code if _CODE.match(msg.code) else "other"
             if msg.values or msg.n:
                 return self._reject("stats", "refusal_with_values", peer)
-            first = self.refused[msg.query].get(msg.src) != code
-            self.refused[msg.query][msg.src] = code
-            self.answers[msg.query].pop(msg.src, None)
+            if refused.get(src) == code and src not in answers:
+                return [Metric("report_duplicate", 1.0, {"kind": "stats"})]
+            refused[src] = code
+            answers.pop(src, None)
             out = [Metric("federated_stats_refused", 1.0, {"code": code})]
-            if first:
-                out.append(
-                    Log(
-                        "warning",
-                        "statistics query refused by a site",
-                        {
-                            "query": msg.query,
-                            "src": msg.src,
-                            "code": code,
-                            "reason": describe(msg.reason, MAX_REASON),
-                        },
-                    )
+            out.append(
+                Log(
+                    "warning",
+                    "statistics query refused by a site",
+                    {
+                        "query": q,
+                        "src": src,
+                        "code": code,
+                        "reason": describe(msg.reason, MAX_REASON),
+                    },
                 )
+            )
         else:
             try:
-                check_values(spec, msg.n, msg.values, max(1, self._declared(msg.src)))
+                check_values(spec, msg.n, msg.values, max(1, self._declared(src)))
             except SpecError as exc:
                 return self._reject("stats", "values", peer, {"detail": str(exc)})
-            self.refused[msg.query].pop(msg.src, None)
-            self.answers[msg.query][msg.src] = SiteAnswer(
-                int(msg.n), {k: float(v) for k, v in msg.values.items()}
-            )
+            answer = SiteAnswer(int(msg.n), {k: float(v) for k, v in msg.values.items()})
+            if answers.get(src) == answer:
+                return [Metric("report_duplicate", 1.0, {"kind": "stats"})]
+            refused.pop(src, None)
+            answers[src] = answer
             out = [Metric("federated_stats_received")]
-        result = aggregate(spec, self.answers[msg.query], self._refusal_counts(msg.query))
-        self.results[msg.query] = result
+        if self._conflict("stats", q, src, peer):
+            # Two children give this site's answer differently: neither is believed.
+            self._conflicts.add(key)
+            self._via.pop(key, None)
+            answers.pop(src, None)
+            refused.pop(src, None)
+            out = self._reject("stats", "conflict", peer, {"src": describe(src)}, count=2)
+        else:
+            self._via[key] = peer
+        try:
+            result = aggregate(spec, answers, _counts(refused))
+        except Exception as exc:  # never expected: checked answers aggregate
+            return self._reject("stats", "values", peer, {"detail": describe_exc(exc)[:80]})
+        self.answers[q], self.refused[q], self.results[q] = answers, refused, result
         if result is not None:
-            out.append(
-                Metric("federated_stats_sites_gauge", float(result["sites"]), {"query": msg.query})
-            )
-        self._save_query(msg.query)
+            out.append(Metric("federated_stats_sites_gauge", float(result["sites"]), {"query": q}))
+        self._save_query(q)
         return out
 
     # -- the status page
@@ -1080,6 +1435,86 @@ class RootReports:
             },
             "rejected": dict(sorted(self.rejected.items())),
         }
+
+
+def _counts(refused: Mapping[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for code in refused.values():
+        counts[code] = counts.get(code, 0) + 1
+    return counts
+
+
+def _int(text: Any) -> int | None:
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        return None
+    return v if 0 <= v <= 2**62 else None
+
+
+def _metrics_ok(acc: Any, loss: Any) -> tuple[int, float | None, float | None] | None:
+    """``(0, accuracy, loss)`` when they are what a site may report (accuracy in [0, 1],
+    ``|loss| <= MAX_LOSS``, finite, at least one of them), else None."""
+    for v in (acc, loss):
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+        ):
+            return None
+    if acc is None and loss is None:
+        return None
+    if acc is not None and not 0.0 <= acc <= 1.0:
+        return None
+    if loss is not None and not abs(loss) <= MAX_LOSS:
+        return None
+    return (0, None if acc is None else float(acc), None if loss is None else float(loss))
+
+
+def _finite_mean(pairs: Sequence[tuple[int, float]]) -> float | None:
+    """The example-weighted mean of ``pairs``, None when there is none or it is not
+    finite (``math.fsum``: no intermediate overflow)."""
+    total = sum(n for n, _ in pairs)
+    if not total:
+        return None
+    try:
+        m = math.fsum(n * v for n, v in pairs) / total
+    except (OverflowError, ValueError):
+        return None
+    return m if math.isfinite(m) else None
+
+
+def _eval_aggregate(
+    version: int, bucket: Mapping[str, tuple[int, float | None, float | None]]
+) -> dict[str, Any]:
+    def mean(i: int) -> float | None:
+        return _finite_mean([(x[0], v) for x in bucket.values() if (v := x[i]) is not None])
+
+    return {
+        "version": version,
+        "sites": len(bucket),
+        "n_examples": sum(x[0] for x in bucket.values()),
+        "accuracy": mean(1),
+        "loss": mean(2),
+    }
+
+
+def _published_entry(agg: Any) -> dict[str, Any] | None:
+    """A published evaluation as ``_eval_aggregate`` makes them, or None."""
+    if not isinstance(agg, dict) or set(agg) != {
+        "version",
+        "sites",
+        "n_examples",
+        "accuracy",
+        "loss",
+    }:
+        return None
+    if not all(type(agg[k]) is int and agg[k] >= 0 for k in ("version", "sites", "n_examples")):
+        return None
+    acc, loss = agg["accuracy"], agg["loss"]
+    if acc is None and loss is None:
+        return dict(agg)
+    if _metrics_ok(acc, loss) is None:
+        return None
+    return dict(agg)
 
 
 # ------------------------------------------------------------------------- wiring

@@ -131,7 +131,9 @@ def test_small_cells_are_suppressed_at_the_site() -> None:
     assert answer.values["hist.0.0"] == 7 and answer.values["hist.0.2"] == 6
     assert "hist.0.1" not in answer.values and answer.values["supp.0.1"] == 1.0
     assert answer.values["hist.0.3"] == 0  # an empty cell discloses nobody
-    assert answer.values["count.0"] == 15 and answer.values["sum.0"] == 7 * 5 + 2 * 25 + 6 * 45
+    # Complementary suppression: count - released cells would give the suppressed cell.
+    assert answer.values["supp.0"] == 1.0
+    assert not any(k in answer.values for k in ("count.0", "sum.0", "sumsq.0"))
     check_values(SPEC, answer.n, answer.values, max_rows=15)
 
 
@@ -224,9 +226,12 @@ def test_the_root_publishes_pooled_moments_and_safe_cells() -> None:
     pooled = np.array(a + b + c)
     col = result["columns"]["age"]
     assert result["n"] == len(pooled) and result["sites"] == 3
-    assert col["count"] == len(pooled)
-    assert col["mean"] == pytest.approx(pooled.mean())
-    assert col["std"] == pytest.approx(pooled.std())
+    # s0 and s2 suppressed a cell of age, so they left its moments out too: one site's
+    # are not published.
+    assert col["suppressed"] is True and col["sites"] == 1 and "mean" not in col
+    bmi = result["columns"]["bmi"]  # no histogram, nothing suppressed: pooled moments
+    assert bmi["count"] == len(pooled) and bmi["mean"] == pytest.approx(25.0)
+    assert bmi["std"] == pytest.approx(0.0, abs=1e-6)
     hist = col["histogram"]
     # [20, 40): 3 + 6 + 2 people, but s0's 3 and s2's 2 were suppressed at the sites; the
     # cell reported only by s1 (one site) is not published.
