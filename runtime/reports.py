@@ -545,8 +545,8 @@ class SiteReports:
             return
         except (OSError, ValueError, TypeError, RecursionError, OverflowError) as exc:
             self._damaged = (
-                f"{path} is damaged ({describe_exc(exc)[:80]}): this site answers no "
-                "statistics query until its operator moves the file aside"
+                f"no statistics until the site's operator moves {path} aside "
+                f"(damaged: {describe_exc(exc)[:60]})"
             )
             log.warning("%s", self._damaged)
 
@@ -1291,12 +1291,6 @@ class RootReports:
         elif len(self.buckets) >= MAX_PENDING_BUCKETS:
             self._evict_bucket(None)
         if len(self.buckets) >= MAX_PENDING_BUCKETS:
-            return False
-        if (
-            self.buckets
-            and version < min(self.buckets)
-            and len(self.buckets) >= MAX_PENDING_BUCKETS
-        ):
             return False
         self.buckets[version] = {}
         return True
