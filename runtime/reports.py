@@ -27,10 +27,16 @@ statistics query is computed over the site's registered dataset with the query's
 the answer (or a refusal: ``dataset_missing``, ``dataset_revoked``, ``dataset_changed``,
 ``bad_spec``, ``bad_column``, ``too_few_rows``, ``failed``; ``tag_not_allowed`` and
 ``plan_not_approved`` from the site's ``[governance]``, ``runtime.governance.ReportsGate``,
-which also gates evaluation) goes to the parent. Answers are kept per
-query, spec and dataset hash in ``STATE_DIR/analytics-answers.json`` and repeated, not
-recomputed: a noisy answer is released once (its privacy is spent once), even across a
-restart.
+which also gates evaluation; ``noise_too_low`` under ``[governance]
+statistics_min_noise``; ``privacy_budget`` past ``statistics_epsilon_budget``, or for an
+exact query while one is set; ``statistics_limit`` when ``MAX_ANSWERS`` noisy answers are
+kept already) goes to the parent. Answers are kept per statistic (the canonical spec
+without its name: a renamed query is the same statistic) and dataset hash in
+``STATE_DIR/analytics-answers.json`` with the ε spent (each noisy release
+``gaussian_epsilon(z, STATISTICS_DELTA)``, basic composition), written before the answer
+leaves, and repeated, not recomputed: a noisy answer is released once, even across a
+restart, and never evicted. A damaged file makes the site refuse every query (``failed``,
+naming the file) until its operator moves it aside.
 
 Region (``RegionReports``). Reports from a child are relayed to the parent when their
 ``src`` is that child (a site) or a site of its ``[subtrees]`` entry (a nested region; any
@@ -43,10 +49,18 @@ is back, sends it and asks its children for their (kept) answers again.
 
 Root (``RootReports``). A report is refused (``Metric report_rejected{kind, reason}``, a
 bounded log line) unless its ``src`` is a site the tree puts under the child that sent it
-(as above, the roster standing in for an undeclared subtree), its version a bucket start
+(a site itself; for a region, a site its ``[subtrees]`` entry lists, or without one a
+roster site the region forwarded an update of: a pair of a forward the root acknowledged;
+until then its reports wait, at most ``RELAY_HELD`` per region), it comes within the
+``RELAY_BURST`` / ``RELAY_PER_S`` of its (child, site), its version a bucket start
 not above the root's model, its ``n_examples`` between 1 and the site's declared examples
 (the roster's ``examples``, else ``max_examples_per_site``), its metrics finite, at most
-``MAX_METRICS``, with accuracy in [0, 1]. A bucket is published (gauges
+``MAX_METRICS``, with accuracy in [0, 1] and ``|loss| <= MAX_LOSS``. An unchanged repeat is
+a duplicate (nothing recomputed or written); two children reporting one site's figures
+differently are both dropped (``conflict``, counted twice) and that site's figures for that
+bucket or query refused from then on. A site opens at most ``MAX_BUCKETS_PER_SITE``
+pending buckets (its own with the fewest reports gives way), ``MAX_PENDING_BUCKETS`` in
+all (the one with the fewest reports gives way). A bucket is published (gauges
 ``fedloom_node_federated_eval_accuracy_ratio``, ``..._loss_gauge``, ``..._sites_gauge``,
 ``..._version``; ``view()``; ``STATE_DIR/evaluation.json``) once at least ``min_sites``
 sites reported it: example-weighted means of accuracy and loss, the number of sites and
@@ -54,9 +68,11 @@ examples; never a site's own figures. Statistics reports are checked by
 ``federation.analytics.check_values`` and aggregated by ``aggregate`` (published in
 ``STATE_DIR/analytics/<name>.json`` and ``view()``). What the root holds per site (needed
 to go on aggregating after a restart) is kept in ``STATE_DIR/reports/`` (one file for the
-evaluation, one per query), never published. Files are written atomically (tmp, fsync,
-rename, fsync dir) by one writer thread at a time; a value not yet written gives way to a
-newer one.
+evaluation, one per query), never published, and loaded through the checks a live report
+gets. Means are computed without overflow and a figure that is not finite is left out.
+Files are encoded and written atomically (tmp, fsync, rename, fsync dir) by one writer
+thread at a time, never raising on the loop (a value that cannot be written is skipped with
+one warning); a value not yet written gives way to a newer one.
 """
 
 from __future__ import annotations
