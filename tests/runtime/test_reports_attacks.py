@@ -378,3 +378,29 @@ def test_the_roster_stand_in_is_not_used_when_subtrees_are_declared() -> None:
     assert set(CHILDREN) == {"site-1", "site-2", "region-a"} and "site-3" in DECLARED
     assert "federated_eval_received" in metric_names(feed(r, Received("region-a", ev("site-3"))))
     assert rejected(feed(r, Received("region-a", ev("site-9")))) == ["not_in_subtree"]
+
+
+def test_the_site_reads_its_noise_floor_and_budget_from_governance() -> None:
+    from fedloom.federation.config_reader import ConfigError, Table
+    from fedloom.runtime.governance import read_governance
+
+    gov = read_governance(
+        Table({"statistics_min_noise": 1.5, "statistics_epsilon_budget": 8}, "governance")
+    )
+    assert gov.statistics_min_noise == 1.5 and gov.statistics_epsilon_budget == 8.0
+    default = read_governance(Table({}, "governance"))
+    assert default.statistics_min_noise == 0.0 and default.statistics_epsilon_budget is None
+    for bad in ({"statistics_min_noise": -1}, {"statistics_epsilon_budget": 0}):
+        with pytest.raises(ConfigError, match="statistics_"):
+            read_governance(Table(bad, "governance"))
+
+
+def test_a_site_config_with_a_noise_floor_refuses_an_exact_query(tmp_path: Path) -> None:
+    from tests.runtime.test_governance_scope import ask as ask_tag
+    from tests.runtime.test_governance_scope import service, tabular_site
+
+    floor = '\n[governance]\nstatistics_tags = ["other"]\nstatistics_min_noise = 0.5\n'
+    cfg = tabular_site(tmp_path, floor)
+    jobs = Jobs()
+    refused = ask_tag(service(cfg, jobs), jobs, "other")  # an exact query: no z at all
+    assert refused.code == "noise_too_low" and not refused.values
