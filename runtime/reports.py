@@ -1236,7 +1236,8 @@ class RootReports:
         n, acc, loss = x
         if type(n) is not int or not 1 <= n <= max(1, self._declared(src)):
             return None
-        return _metrics_ok(acc, loss)
+        ok = _metrics_ok(acc, loss)
+        return None if ok is None else (n, ok[1], ok[2])
 
     def _on_eval(self, peer: str, msg: EvalReport) -> list[Effect]:
         if self.every <= 0:

@@ -125,14 +125,15 @@ def _state(tmp_path: Path, name: str, text: str) -> None:
 def test_a_damaged_evaluation_state_is_checked_like_live_reports(
     tmp_path: Path, bucket: dict[str, Any]
 ) -> None:
-    state = {"format": reports.STATE_FORMAT, "every": 2, "buckets": {"2": bucket}}
+    good = {"site-4": [30, 0.1, 1.0]}  # a sound entry next to it is kept as it was
+    state = {"format": reports.STATE_FORMAT, "every": 2, "buckets": {"2": {**bucket, **good}}}
     _state(tmp_path, "evaluation.json", json.dumps({**state, "published": []}))
-    r = sync_root(tmp_path, min_sites=2)
-    assert r.buckets == {}
+    r = sync_root(tmp_path, min_sites=3)
+    assert r.buckets == {2: {"site-4": (30, 0.1, 1.0)}}
     feed(r, Received("site-2", ev("site-2", n=10, accuracy=0.5, loss=1.0)))
     feed(r, Received("site-1", ev("site-1", n=10, accuracy=0.7, loss=1.0)))
     (agg,) = r.view()["evaluation"]["published"]
-    assert agg["accuracy"] == pytest.approx(0.6) and agg["n_examples"] == 20
+    assert agg["accuracy"] == pytest.approx((5 + 7 + 3) / 50) and agg["n_examples"] == 50
 
 
 def test_a_non_finite_published_entry_is_dropped_on_load(tmp_path: Path) -> None:
