@@ -8,9 +8,7 @@ against its node's signed head. Bounded (``pytest.mark.timeout``); every daemon 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import tomllib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,57 +18,21 @@ import tomli_w
 from fedloom.algorithms.fedbuff import FedBuffAggregator
 from fedloom.runtime.audit import read_entries, verify_log
 from fedloom.runtime.config import load_config
-from fedloom.runtime.daemon import Daemon, DaemonError, open_daemon, serve
+from fedloom.runtime.daemon import DaemonError, open_daemon, serve
 from fedloom.runtime.exit_status import EXIT_CORRUPT_STATE
-from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
+from fedloom.runtime.federation_files import ROOT_ID, Federation
 from fedloom.transport.e2e import model_signed_bytes
 from fedloom.transport.identity import Identity, verify_signature
+from tests.runtime import daemon_nets
+from tests.runtime.daemon_nets import serving
 
 pytestmark = pytest.mark.timeout(90)
 
 SITES = ["site-1", "site-2"]
-SYNTHETIC = {"dataset": "synthetic", "model": "softmax", "alpha": 0.5, "beta": 0.5}
-
-
-def edit(path: Path, **changes: object) -> None:
-    cfg = tomllib.loads(path.read_text(encoding="utf-8"))
-    cfg.update(changes)
-    path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
 
 
 def star(tmp_path: Path) -> Federation:
-    fed = write_federation(
-        tmp_path / "fed",
-        {"region-a": SITES},
-        plan=SYNTHETIC,
-        root_aggregation={"buffer_size": 2, "concurrency": 2},
-    )
-    root = fed.nodes[ROOT_ID]
-    edit(root.config, children=SITES)
-    for s in SITES:
-        url = f"ws://127.0.0.1:{root.listen_port}/fedloom"
-        edit(fed.nodes[s].config, parent={"id": ROOT_ID, "url": url})
-    del fed.nodes["region-a"]
-    return fed
-
-
-@contextlib.asynccontextmanager
-async def serving(daemons: dict[str, Daemon]) -> AsyncIterator[None]:
-    shutdown = {k: asyncio.Event() for k in daemons}
-    tasks = {
-        k: asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown[k]))
-        for k, d in daemons.items()
-    }
-    try:
-        yield
-    finally:
-        for event in shutdown.values():
-            event.set()
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks.values()), 20)
-        finally:
-            for d in daemons.values():
-                d.close()
+    return daemon_nets.star(tmp_path, SITES, root_aggregation={"buffer_size": 2, "concurrency": 2})
 
 
 def by_kind(entries: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -79,10 +41,9 @@ def by_kind(entries: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 async def test_a_star_federation_leaves_matching_audit_logs(tmp_path: Path) -> None:
     fed = star(tmp_path)
-    daemons = {k: open_daemon(load_config(n.config)) for k, n in fed.nodes.items()}
-    root = daemons[ROOT_ID].node
-    assert isinstance(root, FedBuffAggregator)
-    async with serving(daemons):
+    async with serving(fed) as daemons:
+        root = daemons[ROOT_ID].node
+        assert isinstance(root, FedBuffAggregator)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
         while root.version < 3:
@@ -139,8 +100,8 @@ async def test_a_star_federation_leaves_matching_audit_logs(tmp_path: Path) -> N
 
 async def serve_root_once(fed: Federation) -> None:
     """Start the root in process, wait until it listens, stop it (bounded)."""
-    d = open_daemon(load_config(fed.nodes[ROOT_ID].config))
-    async with serving({ROOT_ID: d}):
+    async with serving({ROOT_ID: fed.nodes[ROOT_ID].config}) as daemons:
+        d = daemons[ROOT_ID]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
         while not by_kind(read_entries(d.cfg.state_dir), "daemon_start"):

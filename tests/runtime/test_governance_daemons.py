@@ -7,87 +7,36 @@ In process (root + 2 sites on loopback, the real transport), bounded in time."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import tomllib
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
 from fedloom.algorithms.site import SiteNode
 from fedloom.cli import main
 from fedloom.runtime.config import load_config
-from fedloom.runtime.daemon import Daemon, open_daemon, serve
-from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
+from fedloom.runtime.daemon import Daemon
+from fedloom.runtime.federation_files import ROOT_ID, Federation
 from fedloom.runtime.governance import Approvals, plan_digest
+from tests.runtime import daemon_nets
+from tests.runtime.daemon_nets import edit, serving, until
 
 pytestmark = pytest.mark.timeout(90)
 
-SYNTHETIC = {"dataset": "synthetic", "model": "softmax", "alpha": 0.5, "beta": 0.5}
 SITES = ["site-1", "site-2"]
 GATED = "site-1"
-
-
-def edit(path: Path, **changes: object) -> None:
-    cfg = tomllib.loads(path.read_text(encoding="utf-8"))
-    cfg.update(changes)
-    path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
 
 
 def star(tmp_path: Path, executor: str) -> Federation:
     """A root and two sites dialling it directly; site-1 requires approval and trains in
     ``executor`` (a process pool: the gate stays in the daemon's process)."""
-    fed = write_federation(
-        tmp_path / "fed",
-        {"region-a": SITES},
-        plan=SYNTHETIC,
-        root_aggregation={"buffer_size": 1, "concurrency": 2},
-    )
-    root = fed.nodes[ROOT_ID]
-    edit(root.config, children=SITES)
-    url = f"ws://127.0.0.1:{root.listen_port}/fedloom"
-    for s in SITES:
-        edit(fed.nodes[s].config, parent={"id": ROOT_ID, "url": url})
+    fed = daemon_nets.star(tmp_path, SITES, root_aggregation={"buffer_size": 1, "concurrency": 2})
     edit(
         fed.nodes[GATED].config,
         governance={"require_approval": True},
         executor={"kind": executor, "workers": 1},
     )
-    del fed.nodes["region-a"]
     return fed
-
-
-async def until(what: str, check: Callable[[], bool], timeout: float = 45.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-@contextlib.asynccontextmanager
-async def serving(fed: Federation) -> AsyncIterator[dict[str, Daemon]]:
-    """Every daemon of ``fed`` served in this process; stopped (bounded) at the end."""
-    daemons = {n: open_daemon(load_config(f.config)) for n, f in fed.nodes.items()}
-    shutdown = asyncio.Event()
-    tasks = [
-        asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
-        for d in daemons.values()
-    ]
-    try:
-        yield daemons
-        for t in tasks:
-            assert not t.done(), t  # no daemon ended by itself
-    finally:
-        shutdown.set()
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
-        finally:
-            for d in daemons.values():
-                d.close()
 
 
 def refusals(root: Daemon) -> dict[str, dict[str, Any]]:

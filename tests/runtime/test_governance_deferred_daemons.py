@@ -19,10 +19,11 @@ import pytest
 from fedloom.algorithms.site import SiteNode
 from fedloom.cli import main
 from fedloom.runtime.config import PlanConfig, load_config
-from fedloom.runtime.federation_files import ROOT_ID, write_federation
+from fedloom.runtime.federation_files import ROOT_ID
 from fedloom.runtime.nodes import build_plan
 from fedloom.runtime.trainer import DeferredPlan
-from tests.runtime.test_governance_daemons import SYNTHETIC, edit, refusals, serving, until
+from tests.runtime.daemon_nets import edit, flower_plan, serving, star, until
+from tests.runtime.test_governance_daemons import refusals
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -49,13 +50,6 @@ def client_fn(context):
 """
 
 
-def flower_plan(factory: str, partition: int) -> dict[str, object]:
-    return {
-        "factory": factory,
-        "args": {"partition-id": partition, "num-partitions": 3, "local-epochs": 1},
-    }
-
-
 def marks(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -71,21 +65,17 @@ async def test_an_unapproved_factory_plan_is_not_imported_until_approved(
     monkeypatch.setenv("FEDLOOM_TEST_MARK", str(mark))
     monkeypatch.delitem(sys.modules, MODULE, raising=False)
 
-    fed = write_federation(
-        tmp_path / "fed",
-        {"region-a": SITES},
-        plan=SYNTHETIC,
+    fed = star(
+        tmp_path,
+        SITES,
         root_aggregation={"buffer_size": 1, "concurrency": 2},
         declare_examples=False,
     )
-    root_files = fed.nodes[ROOT_ID]
-    edit(root_files.config, children=SITES, plan=flower_plan(QUICKSTART, 0))
-    url = f"ws://127.0.0.1:{root_files.listen_port}/fedloom"
+    edit(fed.nodes[ROOT_ID].config, plan=flower_plan(QUICKSTART, 0))
     for i, s in enumerate(SITES):
         factory = f"{MODULE}:client_fn" if s == GATED else QUICKSTART
-        edit(fed.nodes[s].config, parent={"id": ROOT_ID, "url": url}, plan=flower_plan(factory, i))
+        edit(fed.nodes[s].config, plan=flower_plan(factory, i))
     edit(fed.nodes[GATED].config, governance={"require_approval": True})
-    del fed.nodes["region-a"]
 
     # What the daemon builds at start: a plan deferred until a job is let through.
     assert isinstance(build_plan(load_config(fed.nodes[GATED].config)), DeferredPlan)

@@ -8,21 +8,15 @@ In process (``fedloom local init`` configs, root + 2 sites on loopback), bounded
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import tomllib
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-import tomli_w
 
 from fedloom.cli import main
 from fedloom.runtime.config import load_config
-from fedloom.runtime.daemon import open_daemon, serve
 from fedloom.runtime.datasets import DatasetRegistry
+from tests.runtime.daemon_nets import edit, read_json, serving, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,22 +26,6 @@ QUERIES = [
     {"name": "peek", "dataset_tag": "other", "columns": ["chol"], "min_sites": 2, "min_cell": 3},
     {"name": "vitals", "dataset_tag": "heart", "columns": ["chol"], "min_sites": 2, "min_cell": 3},
 ]
-
-
-async def until(what: str, check: Callable[[], Any], timeout: float = 45.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := check()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-    return value
-
-
-def read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def logged(caplog: pytest.LogCaptureFixture, msg: str, **fields: str) -> set[str]:
@@ -70,9 +48,7 @@ async def test_an_unapproved_plan_releases_no_evaluation_and_no_statistics(
         == 0
     )
     root_toml = fed / "root.toml"
-    raw = tomllib.loads(root_toml.read_text())
-    raw.update(evaluation={"every": 1, "min_sites": 2}, analytics=QUERIES)
-    root_toml.write_text(tomli_w.dumps(raw))
+    edit(root_toml, evaluation={"every": 1, "min_sites": 2}, analytics=QUERIES)
     for i, site in enumerate(SITES):
         reg = DatasetRegistry(load_config(fed / f"{site}.toml").state_dir)
         table = WALKTHROUGH / f"hospital-{'ab'[i]}.csv"
@@ -80,15 +56,9 @@ async def test_an_unapproved_plan_releases_no_evaluation_and_no_statistics(
             reg.add(
                 table, name=f"{tag}-{i}", tags=[tag], label="outcome", types={"sex": "category"}
             )
-    nodes = ["root", *SITES]
-    daemons = [open_daemon(load_config(fed / f"{n}.toml")) for n in nodes]
-    root_state = daemons[0].cfg.state_dir
-    shutdown = asyncio.Event()
-    tasks = [
-        asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown, eval_interval_s=0))
-        for d in daemons
-    ]
-    try:
+    nodes = {n: fed / f"{n}.toml" for n in ["root", *SITES]}
+    async with serving(nodes, eval_interval_s=0) as daemons:
+        root_state = daemons["root"].cfg.state_dir
         with caplog.at_level(logging.INFO):
             await until(
                 "both sites refusing to evaluate",
@@ -110,9 +80,9 @@ async def test_an_unapproved_plan_releases_no_evaluation_and_no_statistics(
         assert sum("query=peek" in m and "code=tag_not_allowed" in m for m in refused) == 2
         assert sum("query=vitals" in m and "code=plan_not_approved" in m for m in refused) == 2
         assert not (root_state / "analytics" / "peek.json").exists() or (
-            read(root_state / "analytics" / "peek.json").get("n", 0) == 0
+            read_json(root_state / "analytics" / "peek.json").get("n", 0) == 0
         )
-        evaluation = read(root_state / "evaluation.json")
+        evaluation = read_json(root_state / "evaluation.json")
         assert evaluation is None or not evaluation["published"]
         # The operators approve: the next models are evaluated and published.
         bounds = ["--bound", "lr=0.01:1", "--bound", "local_steps=1:50"]
@@ -122,12 +92,6 @@ async def test_an_unapproved_plan_releases_no_evaluation_and_no_statistics(
         capsys.readouterr()
         published = await until(
             "a published evaluation after the approval",
-            lambda: (v := read(root_state / "evaluation.json")) and v["published"],
+            lambda: (v := read_json(root_state / "evaluation.json")) and v["published"],
         )
         assert published[0]["sites"] == 2
-        assert not any(t.done() for t in tasks)
-    finally:
-        shutdown.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
-        for d in daemons:
-            d.close()

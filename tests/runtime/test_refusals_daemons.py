@@ -9,15 +9,14 @@ Bounded (``pytest.mark.timeout``); every process is stopped."""
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
-import tomli_w
 
-from fedloom.runtime.federation_files import ROOT_ID, write_federation
+from fedloom.runtime.federation_files import ROOT_ID
 from fedloom.runtime.harness import Cluster
-from tests.runtime.test_e2e import SYNTHETIC, applied, check_clean_exit, metric, wait_for
+from tests.runtime.daemon_nets import edit, flower_plan, star
+from tests.runtime.test_e2e import applied, check_clean_exit, metric, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,17 +24,6 @@ SITES = ["site-1", "site-2", "site-3"]
 QUICKSTART = "tests.runtime.test_flower:client_fn"
 BROKEN = "tests.runtime.test_flower:broken_client_fn"
 DIVERGING = "tests.runtime.test_flower_failures:diverging_client_fn"
-
-
-def edit(path: Path, **changes: object) -> None:
-    cfg = tomllib.loads(path.read_text(encoding="utf-8"))
-    cfg.update(changes)
-    path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
-
-
-def flower_plan(factory: str, partition: int) -> dict[str, object]:
-    args = {"partition-id": partition, "num-partitions": 3, "local-epochs": 1}
-    return {"factory": factory, "args": args}
 
 
 def refusal_warnings(log: str) -> list[dict[str, object]]:
@@ -55,22 +43,16 @@ def test_a_site_whose_plan_always_fails_is_seen_by_the_root_which_trains_on(
 ) -> None:
     """``diverges``: fit returns NaN weights. The site sends no update of them (which the
     root would refuse, closing the connection, on every resend): a refusal instead."""
-    fed = write_federation(
-        tmp_path / "fed",
-        {"region-a": SITES},
-        plan=SYNTHETIC,
+    fed = star(
+        tmp_path,
+        SITES,
         root_aggregation={"buffer_size": 2, "concurrency": 3},
         declare_examples=False,
     )
     root = fed.nodes[ROOT_ID]
-    edit(root.config, children=SITES, plan=flower_plan(QUICKSTART, 0))
+    edit(root.config, plan=flower_plan(QUICKSTART, 0))
     for i, s in enumerate(SITES):
-        edit(
-            fed.nodes[s].config,
-            parent={"id": ROOT_ID, "url": f"ws://127.0.0.1:{root.listen_port}/fedloom"},
-            plan=flower_plan(bad if s == "site-3" else QUICKSTART, i),
-        )
-    del fed.nodes["region-a"]
+        edit(fed.nodes[s].config, plan=flower_plan(bad if s == "site-3" else QUICKSTART, i))
     with Cluster(fed) as cluster:
         cluster.start()
         refusals = 'fedloom_node_site_refusals_total{code="failed",site="site-3"}'

@@ -6,63 +6,22 @@ root learns why: ``TrainRefused(code="unsigned_settings")``, relayed by the regi
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
-from fedloom.runtime.config import load_config
-from fedloom.runtime.daemon import Daemon, open_daemon, serve
-from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
+from fedloom.runtime.federation_files import ROOT_ID, write_federation
+from tests.runtime.daemon_nets import SYNTHETIC, edit, serving, until
 
 pytestmark = pytest.mark.timeout(90)
 
-SYNTHETIC = {"dataset": "synthetic", "model": "softmax", "alpha": 0.5, "beta": 0.5}
 ROOT_TRAINING = {"lr": 0.02, "local_steps": 2, "batch_size": 10, "mu": 0.0}
 REGION_TRAINING = {"lr": 0.3, "local_steps": 7, "batch_size": 10, "mu": 0.0}
-
-
-def edit(path: Path, **changes: object) -> None:
-    cfg = tomllib.loads(path.read_text(encoding="utf-8"))
-    cfg.update(changes)
-    path.write_text(tomli_w.dumps(cfg), encoding="utf-8")
-
-
-async def until(what: str, check: Callable[[], bool], timeout: float = 45.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def serving(fed: Federation) -> AsyncIterator[dict[str, Daemon]]:
-    daemons = {n: open_daemon(load_config(f.config)) for n, f in fed.nodes.items()}
-    shutdown = asyncio.Event()
-    tasks = [
-        asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
-        for d in daemons.values()
-    ]
-    try:
-        yield daemons
-        for t in tasks:
-            assert not t.done(), t  # no daemon ended by itself
-    finally:
-        shutdown.set()
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
-        finally:
-            for d in daemons.values():
-                d.close()
 
 
 async def test_sites_train_the_roots_settings_and_refuse_a_regions_own(
