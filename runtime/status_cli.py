@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedloom.federation.config_reader import ConfigError
+from fedloom.runtime.status_page import age_text, member_link
 
 __all__ = ["add_status_command", "cmd_status", "fetch_status", "format_status", "status_lines"]
 
@@ -144,17 +145,6 @@ def _clean(value: object) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in str(value))
 
 
-def _age(seconds: object) -> str:
-    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
-        return "never"
-    s = float(seconds)
-    if s < 90:
-        return f"{s:.0f} s ago"
-    if s < 5400:
-        return f"{s / 60:.0f} min ago"
-    return f"{s / 3600:.1f} h ago"
-
-
 def _num(value: object, fmt: str = ".4f") -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return format(value, fmt)
@@ -164,21 +154,16 @@ def _num(value: object, fmt: str = ".4f") -> str:
 def _member_line(node: Mapping[str, Any], indent: str) -> str:
     connected = node.get("connected")
     mark = "●" if connected is True else "○" if connected is False else "·"
-    link = (
-        "connected"
-        if connected is True
-        else "DISCONNECTED"
-        if connected is False
-        else "via its region"
-    )
-    if node.get("claimed"):  # the region's word, unchecked (no [subtrees])
+    link, others = member_link(node)
+    if link == "disconnected":
+        link = "DISCONNECTED"
+    elif link == "claimed":
         link = f"claimed by {_clean(node.get('parent'))}"
-    disputed = node.get("disputed_by")
-    if isinstance(disputed, list) and disputed:
-        link += f" (ALSO CLAIMED BY {', '.join(_clean(r) for r in disputed[:8])})"
+    if others:
+        link += f" (ALSO CLAIMED BY {', '.join(_clean(r) for r in others)})"
     return (
         f"{indent}{mark} {_clean(node.get('id'))} ({_clean(node.get('role'))})  {link}  "
-        f"last update {_age(node.get('last_update_age_s'))}  "
+        f"last update {age_text(node.get('last_update_age_s'))}  "
         f"{_clean(node.get('updates', 0))} updates"
     )
 
@@ -196,7 +181,7 @@ def format_status(doc: Mapping[str, Any]) -> list[str]:
         f"roster v{_clean(node.get('roster_version'))}, secure aggregation "
         f"{'on' if node.get('secure_aggregation') else 'off'}",
         f"model: version {_clean(model.get('version'))} "
-        f"(last new version {_age(model.get('version_age_s'))}, "
+        f"(last new version {age_text(model.get('version_age_s'))}, "
         f"{_clean(model.get('versions_seen', 0))} versions seen)",
         "accuracy: "
         + (
@@ -237,7 +222,7 @@ def format_status(doc: Mapping[str, Any]) -> list[str]:
             e = entry if isinstance(entry, Mapping) else {"reason": entry}
             lines.append(
                 f"  {_clean(site)}: {_clean(e.get('code', '?'))} x{_clean(e.get('count', '?'))}"
-                f" (version {_clean(e.get('version', '?'))}, {_age(e.get('last_age_s'))}): "
+                f" (version {_clean(e.get('version', '?'))}, {age_text(e.get('last_age_s'))}): "
                 f"{_clean(e.get('reason', ''))}"
             )
     else:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-__all__ = ["CSP", "REFRESH_S", "render"]
+__all__ = ["CSP", "REFRESH_S", "age_text", "member_link", "render"]
 
 REFRESH_S = 5
 CSP = (
@@ -45,7 +45,9 @@ def _e(value: object) -> str:
     return escape(str(value), quote=True)
 
 
-def _age(seconds: object) -> str:
+def age_text(seconds: object) -> str:
+    """An age in seconds as a person reads it ("40 s ago", "12 min ago", "2.5 h ago");
+    "never" for anything not a number."""
     if not isinstance(seconds, int | float) or isinstance(seconds, bool):
         return "never"
     s = float(seconds)
@@ -54,6 +56,25 @@ def _age(seconds: object) -> str:
     if s < 5400:
         return f"{s / 60:.0f} min ago"
     return f"{s / 3600:.1f} h ago"
+
+
+def member_link(node: Mapping[str, Any]) -> tuple[str, list[object]]:
+    """How a member of the document's tiers is linked: "connected", "disconnected", "via
+    its region" (a site under a region), or "claimed" (a region's word, unchecked: no
+    ``[subtrees]``; its ``parent`` names the region); and the other regions that also
+    claim it (8 at the most)."""
+    connected = node.get("connected")
+    link = (
+        "connected"
+        if connected is True
+        else "disconnected"
+        if connected is False
+        else "via its region"
+    )
+    if node.get("claimed"):
+        link = "claimed"
+    disputed = node.get("disputed_by")
+    return link, list(disputed[:8]) if isinstance(disputed, list) else []
 
 
 def _colour(node: Mapping[str, Any]) -> str:
@@ -92,7 +113,7 @@ def _topology(tiers: Sequence[Sequence[Mapping[str, Any]]]) -> str:
                 f'<circle cx="{x + 12}" cy="{y + 13}" r="5" fill="{_colour(node)}"/>'
                 f'<text x="{x + 22}" y="{y + 17}" font-size="12">{_e(nid[:24])}'
                 f'<tspan fill="#6b7380"> {_e(node.get("role", ""))}'
-                f"{'' if i == 0 else ' · ' + _e(_age(node.get('last_update_age_s')))}"
+                f"{'' if i == 0 else ' · ' + _e(age_text(node.get('last_update_age_s')))}"
                 "</tspan></text></g>"
             )
         if len(column) > MAX_DRAWN:
@@ -186,7 +207,7 @@ def _facts(doc: Mapping[str, Any]) -> str:
     items = [
         ("role", node.get("role")),
         ("model version", model.get("version")),
-        ("last new version", _age(model.get("version_age_s"))),
+        ("last new version", age_text(model.get("version_age_s"))),
         ("accuracy", "—" if last_acc is None else f"{last_acc:.4f}"),
         *(
             [("federated accuracy", f"{federated[-1][1]:.4f} at v{federated[-1][0]:.0f}")]
@@ -218,24 +239,17 @@ def _sites_table(tiers: Sequence[Sequence[Mapping[str, Any]]]) -> str:
     rows = []
     for tier in tiers[1:]:
         for node in tier:
-            connected = node.get("connected")
-            state = (
-                '<span class="ok">connected</span>'
-                if connected is True
-                else '<span class="bad">disconnected</span>'
-                if connected is False
-                else '<span class="muted">via its region</span>'
-            )
-            if node.get("claimed"):  # the region's word, unchecked (no [subtrees])
-                state = f'<span class="muted">claimed by {_e(node.get("parent") or "?")}</span>'
-            disputed = node.get("disputed_by")
-            if isinstance(disputed, list) and disputed:
-                also = ", ".join(_e(r) for r in disputed[:8])
+            link, others = member_link(node)
+            css = {"connected": "ok", "disconnected": "bad"}.get(link, "muted")
+            text = f"claimed by {node.get('parent') or '?'}" if link == "claimed" else link
+            state = f'<span class="{css}">{_e(text)}</span>'
+            if others:
+                also = ", ".join(_e(r) for r in others)
                 state += f' <span class="bad">also claimed by {also}</span>'
             rows.append(
                 f"<tr><td>{_e(node.get('id'))}</td><td>{_e(node.get('role'))}</td>"
                 f"<td>{_e(node.get('parent') or '')}</td><td>{state}</td>"
-                f"<td>{_e(_age(node.get('last_update_age_s')))}</td>"
+                f"<td>{_e(age_text(node.get('last_update_age_s')))}</td>"
                 f"<td>{_e(node.get('updates', 0))}</td></tr>"
             )
     if not rows:
@@ -255,7 +269,7 @@ def _refusals(view: object) -> str:
         rows.append(
             f"<tr><td>{_e(site)}</td><td>{_e(e.get('code', ''))}</td>"
             f"<td>{_e(e.get('count', ''))}</td><td>{_e(e.get('version', ''))}</td>"
-            f"<td>{_e(_age(e.get('last_age_s')))}</td><td>{_e(e.get('reason', ''))}</td></tr>"
+            f"<td>{_e(age_text(e.get('last_age_s')))}</td><td>{_e(e.get('reason', ''))}</td></tr>"
         )
     return (
         '<table id="refusals"><tr><th>site</th><th>code</th><th>count</th>'
