@@ -231,15 +231,7 @@ STAT_FIELDS = (
     "time_to_target_s",
     "first_crossing_s",
     "sustained_crossing_s",
-    "bytes_up",
-    "bytes_down",
-    "updates_applied",
-    "updates_duplicated",
-    "max_staleness",
-    "jobs_started",
-    "jobs_finished",
-    "jobs_dropped",
-    "versions",
+    *_COUNT_FIELDS,
 )
 # extra fields that are no figure of the run: the legacy -1 sentinel of first_crossing_s.
 _NOT_FIGURES = frozenset({"first_crossing_s"})
