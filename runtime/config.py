@@ -377,6 +377,7 @@ def parse_config(
         )
     if dp_sgd is not None:
         _check_dp_sgd(role, plan)
+    _check_federated_scaler(role, plan, aggregation, secagg.enabled, privacy.enabled)
     if secagg.enabled:
         check_codec(codec)  # the cohort's size is checked with the children's roles (factory)
 
@@ -690,6 +691,34 @@ def _executor(t: Table) -> ExecutorConfig:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def _check_federated_scaler(
+    role: str, plan: PlanConfig | None, agg: AlgorithmConfig, secagg: bool, dp: bool
+) -> None:
+    """A tabular plan's federated scaler (``workloads.tabular``) is raw-unit moments in the
+    update: anything bounding the whole delta shrinks it and the model's update with it."""
+    spec = plan.tabular if plan is not None else None
+    if spec is None or spec.standardize != "federated" or role not in ("root", "region"):
+        return
+    if agg.clip_norm is not None:
+        field_ = "aggregation.clip_norm"
+        fix = 'set clip_norm = "off" in [aggregation]'
+    elif agg.server_optimizer != "sgd" or agg.server_momentum > 0:
+        # The scaler jumps to its target in one plain step; momentum or an adaptive step
+        # overshoots it, and with stale deltas it diverges.
+        field_ = "aggregation.server_optimizer/server_momentum"
+        fix = 'use server_optimizer = "sgd" with server_momentum = 0'
+    elif secagg or dp:
+        field_ = "secure_aggregation.enabled" if secagg else "privacy.mechanism"
+        fix = "remove it"
+    else:
+        return
+    raise ConfigError(
+        f'plan.standardize: "federated" carries raw-unit feature moments in every update, '
+        f"which {field_} cannot carry (it shrinks or overshoots them): {fix}, or write "
+        'standardize = "declared" with [plan.declared_scaling] col = [mean, std]'
+    )
 
 
 def _check_dp_sgd(role: str, plan: PlanConfig | None) -> None:

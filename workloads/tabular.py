@@ -11,22 +11,28 @@ follows from the config alone, so a root or region builds it with no data.
 
 Standardisation of the numeric features (``standardize``):
 
-* ``"federated"``: the model carries two tensors nobody trains, ``scaler/mean`` (E[x]) and
-  ``scaler/sqmean`` (E[x²]) per numeric feature. In every job a site standardises with
-  the global values it received (std = sqrt(max(sqmean − mean², eps))), and returns its
-  OWN data's moments in them, so its delta moves the global values toward its moments; the
-  aggregator's example-weighted average then makes the global values the pooled moments
-  (exactly so after one FedAvg round with server lr 1 and every site; FedBuff's server lr
-  and staleness weights make it approximate, and FedBuff needs ``weighting = "examples"``:
-  by default it weighs every update alike, averaging sites' moments by how often each
-  reports). Until the global values exist (all zero: the initial model) a site standardises
-  with its own moments. The moments are raw units: an aggregator's norm clip
-  (``clip_norm``, default "auto"), secure aggregation's or central DP's clip bound the whole
-  delta, the scaler included, so features whose E[x²] is large next to the clip bound
-  (E[x²] of an age is ~2,500, of a cholesterol level ~40,000) make the scaler converge
-  slowly and shrink the model's own update: set ``clip_norm = "off"`` (or a bound above
-  the scaler's deltas) at the aggregators, or use "declared". A codec other than fp32
-  quantises them too.
+* ``"federated"``: the model carries two tensors nobody trains, ``scaler/mean`` and
+  ``scaler/var`` per numeric feature. In every job a site standardises with the global
+  values it received and returns, in their place, its OWN training rows' mean and their mean
+  square deviation from the global mean it received (its variance plus the squared
+  distance of its mean from the global one), so its delta moves the global values toward
+  them. The aggregator's average then makes ``scaler/mean`` the average of the sites'
+  means and ``scaler/var`` the average of their spreads around it: the pooled mean and
+  variance once the mean settles (example-weighted: FedAvg, or FedBuff with ``weighting =
+  "examples"``; FedBuff's default ``"uniform"`` weighs the sites alike, and its staleness
+  discount leans toward the sites that report fresher, a few % here). Every value averaged
+  into ``scaler/var`` is a sum of squares, so a convex combination of them never goes
+  negative (unlike E[x²] − E[x]², which cancels catastrophically in float32), and the std a
+  site uses is safe whatever it receives (``safe_std``): sqrt of the global variance,
+  floored at ``STD_FLOOR`` (1 %) of the site's own std and at 1e-3·(1 + |mean|); a site
+  uses its own moments while the global values are not yet known (all zero: the initial
+  model) or not finite. The moments are raw units, so whatever bounds or reshapes the
+  whole delta acts on the scaler too: ``runtime.config`` refuses a root or region with a
+  federated tabular plan and update clipping on (``clip_norm`` not "off"), a server
+  optimizer other than plain "sgd" or ``server_momentum`` > 0 (the scaler jumps to its
+  target in one step; momentum overshoots it and with FedBuff's stale deltas diverges),
+  secure aggregation, or central DP ([privacy]): use "declared" there. A server lr in
+  (0, 2) converges (1 is exact). A codec other than fp32 quantises the moments too.
 * ``"declared"``: fixed ``[plan.declared_scaling] col = [mean, std]`` for each numeric
   feature.
 * ``"none"``: raw values.
@@ -63,8 +69,9 @@ from fedloom.workloads.models import minibatch_order, parse_config, thread_rng
 
 __all__ = [
     "SCALER_MEAN",
-    "SCALER_SQMEAN",
+    "SCALER_VAR",
     "STANDARDIZE",
+    "STD_FLOOR",
     "TABULAR_MODELS",
     "TableSource",
     "TabularPlan",
@@ -75,8 +82,9 @@ __all__ = [
 TABULAR_MODELS: Final = ("logreg", "mlp")
 STANDARDIZE: Final = ("federated", "declared", "none")
 SCALER_MEAN: Final = "scaler/mean"
-SCALER_SQMEAN: Final = "scaler/sqmean"
-EPS: Final = 1e-8
+SCALER_VAR: Final = "scaler/var"
+STD_FLOOR: Final = 0.01  # the least std a site standardises with, relative to its own
+ABS_FLOOR: Final = 1e-3  # and relative to 1 + |mean|
 MAX_HIDDEN: Final = 4096
 NUMERIC_TYPES: Final = ("int", "float", "bool")
 
@@ -238,7 +246,7 @@ class _Data:
     x_test: F64
     y_test: npt.NDArray[np.int64]
     mean: F64 = field(default_factory=lambda: np.zeros(0))  # the training rows' E[x]
-    sqmean: F64 = field(default_factory=lambda: np.zeros(0))  # and E[x²], numeric features
+    var: F64 = field(default_factory=lambda: np.zeros(0))  # and variance, numeric features
 
 
 def _mismatch(text: str) -> TrainingRefusedError:
@@ -283,7 +291,7 @@ class TabularPlan:
         if s.standardize == "federated":
             m = len(s.numeric)
             shapes[SCALER_MEAN] = (m,)
-            shapes[SCALER_SQMEAN] = (m,)
+            shapes[SCALER_VAR] = (m,)
         return shapes
 
     def init(self, seed: int) -> Weights:
@@ -388,7 +396,7 @@ class TabularPlan:
             x[test],
             y[test],
             xt.mean(axis=0) if len(train) else np.zeros(m),
-            (xt * xt).mean(axis=0) if len(train) else np.zeros(m),
+            xt.var(axis=0) if len(train) else np.zeros(m),
         )
 
     def _scale(self, params: Mapping[str, F64], data: _Data) -> tuple[F64, F64]:
@@ -403,10 +411,11 @@ class TabularPlan:
                 np.array([by_col[c][0] for c in s.numeric], np.float64),
                 np.array([by_col[c][1] for c in s.numeric], np.float64),
             )
-        mean, sqmean = params[SCALER_MEAN], params[SCALER_SQMEAN]
-        if not sqmean.any() and not mean.any():  # the initial model: no global moments yet
-            mean, sqmean = data.mean, data.sqmean
-        return mean, np.sqrt(np.maximum(sqmean - mean * mean, EPS))
+        mean, var = params[SCALER_MEAN], params[SCALER_VAR]
+        unknown = not var.any() and not mean.any()  # the initial model: no global moments yet
+        if unknown or not (np.isfinite(mean).all() and np.isfinite(var).all()):
+            mean, var = data.mean, data.var
+        return mean, safe_std(var, mean, data.var)
 
     def _inputs(self, x: F64, mean: F64, std: F64) -> F64:
         m = len(mean)
@@ -446,7 +455,10 @@ class TabularPlan:
         out: Weights = {k: v.astype(np.float32) for k, v in trained.items()}
         if self.spec.standardize == "federated":
             out[SCALER_MEAN] = data.mean.astype(np.float32)
-            out[SCALER_SQMEAN] = data.sqmean.astype(np.float32)
+            # E[(x − global mean)²] over its rows: its variance plus its mean's distance
+            # from the global mean, so the average is the pooled variance once the global
+            # mean settles; a sum of squares, never negative.
+            out[SCALER_VAR] = (data.var + (data.mean - mean) ** 2).astype(np.float32)
         if not all(np.isfinite(v).all() for v in out.values()):
             raise ValueError("training diverged (non-finite weights): lower training.lr")
         return TrainResult(out, n)
@@ -466,6 +478,17 @@ class TabularPlan:
         loss = float(np.mean(lse - zs[np.arange(len(y)), y]))
         acc = float(np.mean(z.argmax(axis=1) == y))
         return {"accuracy": acc, "loss": loss, "n_examples": float(len(y))}
+
+
+def safe_std(var: F64, mean: F64, local_var: F64) -> F64:
+    """The std a site standardises with: ``sqrt(var)`` (a negative var counts as 0),
+    floored at ``STD_FLOOR`` of the site's own std and at ``ABS_FLOOR·(1 + |mean|)``, so
+    no global value a server step produced (overshoot, momentum, a zero variance) makes the
+    inputs blow up."""
+    floor = np.maximum(
+        STD_FLOOR * np.sqrt(np.maximum(local_var, 0.0)), ABS_FLOOR * (1 + np.abs(mean))
+    )
+    return np.maximum(np.sqrt(np.maximum(var, 0.0)), floor)
 
 
 def training_rows(n: int, test_fraction: float) -> int:

@@ -23,7 +23,7 @@ from fedloom.runtime.datasets import DatasetRegistry, DatasetWatch
 from fedloom.runtime.trainer import plan_from_config
 from fedloom.workloads.tabular import (
     SCALER_MEAN,
-    SCALER_SQMEAN,
+    SCALER_VAR,
     TabularPlan,
     TabularSpec,
     _descend,
@@ -104,7 +104,7 @@ def test_shapes_follow_the_config_and_a_root_needs_no_data() -> None:
         "W2": (7, 2),
         "b2": (2,),
         SCALER_MEAN: (2,),
-        SCALER_SQMEAN: (2,),
+        SCALER_VAR: (2,),
     }
     assert all(v.dtype == np.float32 for v in w.values())
     assert root.evaluate(w) == {}
@@ -121,12 +121,12 @@ def test_federated_standardisation_reaches_the_pooled_moments(tmp_path: Path) ->
     # Two hospitals on different scales; FedAvg (example-weighted mean, server lr 1).
     frames = [table(300, 1, age=40, chol=150), table(100, 2, age=75, chol=260, scale=3.0)]
     plans = [TabularPlan(spec(), site(tmp_path, f, name=f"h{i}")) for i, f in enumerate(frames)]
-    pooled_train = []
-    for p in plans:
-        data = p._current()
-        pooled_train.append(data.x_train[:, :2])
-    x = np.concatenate(pooled_train)
-    mean, sqmean = x.mean(axis=0), (x * x).mean(axis=0)
+    xs = [p._current().x_train[:, :2] for p in plans]
+    x = np.concatenate(xs)
+    mean = x.mean(axis=0)
+    # Round 0 (no global mean yet): the example-weighted average of the sites' variances;
+    # then their spreads around the global (pooled) mean average to the pooled variance.
+    within = sum(len(xi) * xi.var(axis=0) for xi in xs) / len(x)
     w = plans[0].init(0)
     for r in range(4):
         results = [
@@ -140,7 +140,8 @@ def test_federated_standardisation_reaches_the_pooled_moments(tmp_path: Path) ->
             for k in w
         }
         np.testing.assert_allclose(w[SCALER_MEAN], mean, rtol=1e-5)
-        np.testing.assert_allclose(w[SCALER_SQMEAN], sqmean, rtol=1e-5)
+        np.testing.assert_allclose(w[SCALER_VAR], x.var(axis=0) if r else within, rtol=1e-5)
+    assert (x.var(axis=0) > 1.5 * within).all()  # the sites' means are far apart
     # Each site's own moments differ a lot from the pooled ones (the test means something).
     assert abs(plans[1]._current().mean[0] - mean[0]) > 10
     # And the federated model classifies both sites' held-out rows.
@@ -153,7 +154,7 @@ def test_a_site_standardises_with_the_global_moments_it_receives(tmp_path: Path)
     w = fit(plan, plan.init(0), 20)
     shifted = dict(w)
     shifted[SCALER_MEAN] = w[SCALER_MEAN] + np.float32(1000.0)  # a global mean far away
-    shifted[SCALER_SQMEAN] = w[SCALER_SQMEAN] + np.float32(2e6)
+    shifted[SCALER_VAR] = w[SCALER_VAR] * np.float32(1e3)
     assert plan.evaluate(shifted)["accuracy"] != plan.evaluate(w)["accuracy"]
 
 
@@ -286,6 +287,7 @@ def daemon_config(role: str, tmp_path: Path) -> dict[str, Any]:
     else:
         raw["listen"] = {"port": 0}
         raw["children"] = ["site-1"]
+        raw["aggregation"] = {"clip_norm": "off"}  # federated scaling needs it (below)
     return raw
 
 
