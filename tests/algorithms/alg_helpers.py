@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from fedloom.algorithms.protocol import (
     TrainResult,
     Weights,
 )
+from fedloom.algorithms.site import SiteNode
 from fedloom.transport.wire import Ack, Hello, Message, TrainRequest, Update
 
 
@@ -166,3 +167,13 @@ class MiniNet:
             self.queues.pop((b, a), None)
         for x, y in ((a, b), (b, a)):
             self.feed(x, PeerUp(y) if up else PeerDown(y))
+
+
+def star_net(root: Any, sites: Collection[str]) -> MiniNet:
+    """``root`` (named "root") and a ``SiteNode`` under it for each of ``sites``, every link
+    up and the hellos delivered."""
+    net = MiniNet({"root": root, **{s: SiteNode(s, "root") for s in sites}})
+    for s in sites:
+        net.link("root", s, True)
+    net.drain()
+    return net

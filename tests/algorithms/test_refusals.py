@@ -42,6 +42,7 @@ from tests.algorithms.alg_helpers import (
     recv,
     requests,
     sends,
+    star_net,
 )
 
 SITES = {"s1": "site", "s2": "site", "s3": "site"}
@@ -159,27 +160,27 @@ def test_backoff_doubles_and_a_reconnect_lifts_it() -> None:
     assert peer == site and root.refusals_view()[site]["count"] == 2
 
 
-def test_a_fedbuff_root_whose_one_site_always_fails_keeps_training() -> None:
-    root = fedbuff(buffer_size=2, concurrency=3)
-    sites = {s: SiteNode(s, "root") for s in SITES}
-    net = MiniNet({"root": root, **sites})
-    for s in SITES:
-        net.link("root", s, True)
-    net.drain()
-    for step in range(60):
+def run_with_a_failing_site(net: MiniNet, bad: str, steps: int, reason: str) -> None:
+    """``steps`` seconds of ``net``: each second every job of ``bad`` fails (code "failed",
+    as when its plan raises), the others finish, and the root gets a ``Deadline``."""
+    for step in range(steps):
         net.now = float(step)
         jobs, net.jobs = net.jobs, []
-        good = []
         for node, job in jobs:
-            if node == "s3":
-                net.feed(node, TrainFailed(job.job, "KeyError: 'server_round'"))
+            if node == bad:
+                net.feed(node, TrainFailed(job.job, reason))
             else:
-                good.append((node, job))
-        net.jobs = good
+                net.jobs.append((node, job))
         net.finish_jobs()
         net.drain()
         net.feed("root", Deadline())
         net.drain()
+
+
+def test_a_fedbuff_root_whose_one_site_always_fails_keeps_training() -> None:
+    root = fedbuff(buffer_size=2, concurrency=3)
+    net = star_net(root, SITES)
+    run_with_a_failing_site(net, "s3", 60, "KeyError: 'server_round'")
     assert root.version >= 20
     view = root.refusals_view()
     assert list(view) == ["s3"] and int(view["s3"]["count"]) >= 3  # type: ignore[call-overload]
@@ -194,23 +195,8 @@ def test_a_sync_root_selecting_every_site_completes_rounds_past_one_that_refuses
     root = SyncAggregator(
         "root", SITES, model(0.0), clients_per_round=3, min_cohort=2, round_timeout_s=30.0
     )
-    sites = {s: SiteNode(s, "root") for s in SITES}
-    net = MiniNet({"root": root, **sites})
-    for s in SITES:
-        net.link("root", s, True)
-    net.drain()
-    for step in range(200):
-        net.now = float(step)
-        jobs, net.jobs = net.jobs, []
-        for node, job in jobs:
-            if node == "s2":
-                net.feed(node, TrainFailed(job.job, "plan raised", "failed"))
-            else:
-                net.jobs.append((node, job))
-        net.finish_jobs()
-        net.drain()
-        net.feed("root", Deadline())
-        net.drain()
+    net = star_net(root, SITES)
+    run_with_a_failing_site(net, "s2", 200, "plan raised")
     assert root.rounds_closed >= 5 and root.version == root.rounds_closed
     assert root.refusals_view()["s2"]["count"] >= 2  # type: ignore[operator]
 

@@ -34,7 +34,7 @@ from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.config import PlanConfig
 from fedloom.runtime.flower import ClientAsNumPy, client_fn_kind, fit_config, flower_node_id
 from fedloom.runtime.trainer import NumPyClientPlan, PlanTrainer, as_plan, plan_from_config
-from tests.algorithms.alg_helpers import MiniNet
+from tests.algorithms.alg_helpers import MiniNet, star_net
 
 # ------------------------------------------------- the quickstart, as Flower writes it
 
@@ -224,10 +224,7 @@ def test_a_client_failing_every_job_is_seen_by_the_root_and_the_others_train_on(
         clip_norm=None,
         train_config={"lr": 0.5},
     )
-    net = MiniNet({"root": root, **{s: SiteNode(s, "root") for s in sites}})
-    for s in sites:
-        net.link("root", s, True)
-    net.drain()
+    net = star_net(root, sites)
     for step in range(30):
         net.now = float(step)
         jobs, net.jobs = net.jobs, []

@@ -36,7 +36,7 @@ from fedloom.runtime.config import PlanConfig
 from fedloom.runtime.driver import AsyncDriver
 from fedloom.runtime.trainer import PlanTrainer, plan_from_config
 from fedloom.transport.wire import TrainRefused, TrainRequest, Update
-from tests.algorithms.alg_helpers import MiniNet
+from tests.algorithms.alg_helpers import MiniNet, star_net
 from tests.runtime.test_driver import FakePeers, ScriptNode, run_driver, until
 from tests.runtime.test_flower import ARGS, FlowerClient, load_data
 
@@ -120,10 +120,7 @@ def run_three_sites(bad_factory: str) -> tuple[FedBuffAggregator, MiniNet]:
         clip_norm=None,
         train_config={"lr": 0.5},
     )
-    net = MiniNet({"root": root, **{s: SiteNode(s, "root") for s in sites}})
-    for s in sites:
-        net.link("root", s, True)
-    net.drain()
+    net = star_net(root, sites)
     for step in range(20):
         net.now = float(step * 10)  # past each refusal's backoff
         jobs, net.jobs = net.jobs, []
