@@ -19,18 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from fedloom.cli import main
 from fedloom.runtime.audit import AuditLog, canonical, entry_hash, record, verify_log
 from fedloom.runtime.exit_status import EXIT_CONFIG, EXIT_CORRUPT_STATE, EXIT_OK
 from fedloom.transport.identity import Identity, key_text
-
-CSV = "age,sex,chol,outcome\n50,F,200.5,sick\n61,M,240,well\n45,F,180,well\n"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
+from tests.runtime.test_datasets_cli import CSV, run, site_config
 
 
 def forge(state: Path, kind: str = "plan_approved") -> int:
@@ -124,15 +116,7 @@ def test_a_command_that_reads_the_key_signs_the_head(
     ident.save(tmp_path)  # site-a.key
     data = tmp_path / "cohort.csv"
     data.write_text(CSV)
-    cfg = tmp_path / "site.toml"
-    cfg.write_text(
-        'role = "site"\nnode_id = "site-a"\nstate_dir = "state"\n'
-        '[identity]\nkey = "site-a.key"\n'
-        f'[roster]\npath = "roster.toml"\nconsortium_key = "{"A" * 43}="\n'
-        '[parent]\nid = "root"\nurl = "ws://127.0.0.1:7443/fedloom"\n'
-        '[plan]\nkind = "tabular"\ndataset_tag = "heart"\nfeatures = ["age", "chol"]\n'
-        'label = "outcome"\nclasses = ["well", "sick"]\n'
-    )
+    cfg = site_config(tmp_path, key="site-a.key")
     rc, _, err = run(
         capsys, "dataset", "add", str(data), "--config", str(cfg), "--name", "c", "--tag", "heart",
         "--label", "outcome",

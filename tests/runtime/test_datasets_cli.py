@@ -21,6 +21,21 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def site_config(tmp_path: Path, key: str = "site.key") -> Path:
+    """``tmp_path/site.toml``: site-a, its state in ``state``, its identity key in ``key``,
+    a tabular plan over the datasets tagged "heart"."""
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(
+        'role = "site"\nnode_id = "site-a"\nstate_dir = "state"\n'
+        f'[identity]\nkey = "{key}"\n'
+        f'[roster]\npath = "roster.toml"\nconsortium_key = "{"A" * 43}="\n'
+        '[parent]\nid = "root"\nurl = "ws://127.0.0.1:7443/fedloom"\n'
+        '[plan]\nkind = "tabular"\ndataset_tag = "heart"\nfeatures = ["age", "chol"]\n'
+        'label = "outcome"\nclasses = ["well", "sick"]\n'
+    )
+    return cfg
+
+
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     file = tmp_path / "cohort.csv"
@@ -69,15 +84,7 @@ def test_add_list_show_revoke(
 def test_config_names_the_state_dir(
     tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = tmp_path / "site.toml"
-    cfg.write_text(
-        'role = "site"\nnode_id = "site-a"\nstate_dir = "state"\n'
-        '[identity]\nkey = "site.key"\n'
-        f'[roster]\npath = "roster.toml"\nconsortium_key = "{"A" * 43}="\n'
-        '[parent]\nid = "root"\nurl = "ws://127.0.0.1:7443/fedloom"\n'
-        '[plan]\nkind = "tabular"\ndataset_tag = "heart"\nfeatures = ["age", "chol"]\n'
-        'label = "outcome"\nclasses = ["well", "sick"]\n'
-    )
+    cfg = site_config(tmp_path)
     rc, _, err = run(
         capsys, "dataset", "add", str(data), "--config", str(cfg), "--name", "c", "--tag", "heart",
         "--label", "outcome",
