@@ -104,14 +104,14 @@ class LrRegion(RegionalAggregator):
         return {**super()._task_config(), "lr": 10.0}
 
 
-def fedbuff_root() -> FedBuffAggregator:
+def fedbuff_root(train_config: dict[str, Any] = ROOT_CONFIG) -> FedBuffAggregator:
     return FedBuffAggregator(
         "root",
         {"region": "region"},
         model(),
         buffer_size=1,
         concurrency=1,
-        train_config=ROOT_CONFIG,
+        train_config=train_config,
     )
 
 

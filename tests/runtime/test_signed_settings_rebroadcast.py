@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.algorithms.fedbuff import FedBuffAggregator
 from fedloom.algorithms.protocol import Deadline, Log, PeerDown, PeerUp, Received, Send, Train
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
@@ -26,7 +25,7 @@ from tests.runtime.test_signed_settings import (
     ROOT_CONFIG,
     ROSTER,
     SignedNet,
-    model,
+    fedbuff_root,
     start_tree,
     tree,
 )
@@ -62,14 +61,7 @@ def test_a_root_restarted_with_new_training_settings_at_the_same_version() -> No
         # The root restarts (a new process: a new signing layer) with another [training]
         # and the same model version; the region is told as it reconnects.
         await net.deliver("region", net.nodes["region"].handle(PeerDown("root"), 1.0))
-        net.nodes["root"] = FedBuffAggregator(
-            "root",
-            {"region": "region"},
-            model(),
-            buffer_size=1,
-            concurrency=1,
-            train_config=NEW_CONFIG,
-        )
+        net.nodes["root"] = fedbuff_root(NEW_CONFIG)
         net.ends["root"] = EndToEnd(IDS["root"], ROSTER)
         await net.up("root", "region")
         await net.up("region", "root")
