@@ -32,6 +32,15 @@ def fill(state: Path, ident: Identity) -> None:
     record(state, "plan_approved", digest="sha256:ab")  # a command's entry, after the head
 
 
+@pytest.fixture
+def state(tmp_path: Path, ident: Identity) -> Path:
+    """``tmp_path/state`` holding the audit log ``fill`` writes."""
+    path = tmp_path / "state"
+    path.mkdir()
+    fill(path, ident)
+    return path
+
+
 def log_lines(state: Path) -> list[bytes]:
     return (state / "audit" / "audit.jsonl").read_bytes().splitlines(keepends=True)
 
@@ -142,11 +151,8 @@ def test_command_line_mistakes_are_one_line(
 
 
 def test_export_writes_the_verified_entries_and_filters(
-    tmp_path: Path, ident: Identity, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    fill(state, ident)
     out_file = tmp_path / "all.jsonl"
     code, out, _ = run(capsys, "audit", "export", str(state), "--out", str(out_file))
     assert code == EXIT_OK and "wrote 12 entries" in out
@@ -171,11 +177,8 @@ def test_export_writes_the_verified_entries_and_filters(
 
 
 def test_export_refuses_a_broken_log_unless_forced(
-    tmp_path: Path, ident: Identity, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    fill(state, ident)
     lines = log_lines(state)
     lines[6] = lines[6].replace(b'"job":3', b'"job":9')
     (state / "audit" / "audit.jsonl").write_bytes(b"".join(lines))

@@ -184,35 +184,43 @@ def test_dataset_of_names_the_plan_without_a_registered_dataset() -> None:
     assert dataset_of(mapping) == {"dataset": {"name": "a", "tags": ["t"], "sha256": "00"}}
 
 
+class StuckDisk:
+    """An fsync that blocks until ``gate`` is set (20 s at the most); ``stuck`` is set once
+    a write waits in it."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.stuck = threading.Event()
+
+    def fsync(self, fd: int) -> None:
+        self.stuck.set()
+        self.gate.wait(20)
+        os.fsync(fd)
+
+
 def test_a_slow_disk_never_blocks_the_caller_and_nothing_is_lost_silently(
     tmp_path: Path,
 ) -> None:
     """fsync blocks until the test lets it go: every submit returns meanwhile (were one to
     wait for the disk, this test would hang until its timeout); what the bounded queue
     could not take is counted by kind and recorded as an audit_gap once the disk is back."""
-    gate = threading.Event()
-    in_fsync = threading.Event()
-
-    def slow_fsync(fd: int) -> None:
-        in_fsync.set()
-        gate.wait(20)
-        os.fsync(fd)
+    disk = StuckDisk()
 
     metrics: list[Metric] = []
     ident = Identity.generate("root", "root")
-    log = AuditLog(tmp_path, "root", ident, fsync=slow_fsync)
+    log = AuditLog(tmp_path, "root", ident, fsync=disk.fsync)
     writer = AuditWriter(log, metrics.append, max_queue=10, slow_s=0.0)
     writer.start()
     assert writer.submit("daemon_start", {})
-    assert in_fsync.wait(10)  # the first batch is stuck in the disk
+    assert disk.stuck.wait(10)  # the first batch is stuck in the disk
     accepted = [writer.submit("update_applied", {"i": i}) for i in range(25)]
     accepted += [writer.submit("model_version", {"version": 1})]
-    assert accepted.count(True) == 10 and not gate.is_set()  # all returned, disk still stuck
+    assert accepted.count(True) == 10 and not disk.gate.is_set()  # all returned, disk still stuck
     assert writer.dropped_total == 16
     dropped = [m for m in metrics if m.name == "audit_dropped"]
     assert sum(m.value for m in dropped) == 16
     assert {(m.labels or {}).get("kind") for m in dropped} == {"update_applied", "model_version"}
-    gate.set()
+    disk.gate.set()
     assert writer.flush(10)
     assert writer.close()
     entries = read_entries(tmp_path, public_key=ident.public_key)
@@ -254,24 +262,18 @@ def test_a_failed_fsync_is_recorded_not_rewritten(tmp_path: Path) -> None:
 def test_a_stalled_disk_does_not_pin_tensors(tmp_path: Path) -> None:
     """Past ``max_thunks`` queued digests (each holds a model's arrays until computed),
     entries go in without their digest and say why."""
-    gate = threading.Event()
-    in_fsync = threading.Event()
+    disk = StuckDisk()
 
-    def slow_fsync(fd: int) -> None:
-        in_fsync.set()
-        gate.wait(20)
-        os.fsync(fd)
-
-    writer = AuditWriter(AuditLog(tmp_path, "s1", fsync=slow_fsync), max_thunks=2)
+    writer = AuditWriter(AuditLog(tmp_path, "s1", fsync=disk.fsync), max_thunks=2)
     mw = AuditMiddleware(writer, "s1", "site")
     writer.start()
     writer.submit("daemon_start", {})
-    assert in_fsync.wait(10)
+    assert disk.stuck.wait(10)
     for seq in range(1, 5):
         update = Update("s1", seq, 0, model(float(seq)), 10)
         mw.observe(PeerUp("root"), [Send("root", update)], float(seq))
     assert writer.digests_skipped == 2
-    gate.set()
+    disk.gate.set()
     assert writer.flush(10) and writer.close()
     sent = fields(tmp_path, "update_sent")
     assert [f["seq"] for f in sent] == [1, 2, 3, 4]
