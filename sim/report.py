@@ -862,15 +862,22 @@ def summary_rows(report: Report) -> list[list[str]]:
                 human_duration(arm.time_to_target_s),
                 human_duration(arm.first_crossing_s),
                 f"{ratio:.2f}×" if ratio is not None else "—",
-                human_bytes(arm.bytes_up),
-                human_bytes(arm.bytes_down),
-                f"{arm.updates_applied:,}",
-                f"{arm.updates_duplicated:,}",
-                f"{arm.max_staleness:,}",
-                f"{arm.wall_seconds:,.1f}",
+                *_traffic_cells(arm),
             ]
         )
     return rows
+
+
+def _traffic_cells(arm: ArmResult) -> list[str]:
+    """The summary's last cells: bytes, updates, staleness and wall-clock seconds."""
+    return [
+        human_bytes(arm.bytes_up),
+        human_bytes(arm.bytes_down),
+        f"{arm.updates_applied:,}",
+        f"{arm.updates_duplicated:,}",
+        f"{arm.max_staleness:,}",
+        f"{arm.wall_seconds:,.1f}",
+    ]
 
 
 def _seed_rows(report: Report) -> list[list[str]]:
@@ -905,12 +912,7 @@ def _seed_rows(report: Report) -> list[list[str]]:
                 pm(st["time_to_target_s"], human_duration),
                 pm(st["first_crossing_s"], human_duration),
                 ratio(speedup_summary(report, arm.name)),
-                human_bytes(arm.bytes_up),
-                human_bytes(arm.bytes_down),
-                f"{arm.updates_applied:,}",
-                f"{arm.updates_duplicated:,}",
-                f"{arm.max_staleness:,}",
-                f"{arm.wall_seconds:,.1f}",
+                *_traffic_cells(arm),
             ]
         )
     return rows

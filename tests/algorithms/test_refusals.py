@@ -325,18 +325,27 @@ def test_a_region_relays_a_refusal_and_the_root_book_shows_the_site() -> None:
     assert root.version >= 1
 
 
+def regions_root(children: dict[str, str] | None = None, **options: Any) -> FedBuffAggregator:
+    """A FedBuff root over ``children`` (default: regions r1 and r2) that releases on each
+    update; ``options`` go to ``FedBuffAggregator``."""
+    return FedBuffAggregator(
+        "root",
+        children if children is not None else {"r1": "region", "r2": "region"},
+        model(0.0),
+        buffer_size=1,
+        concurrency=1,
+        clip_norm=None,
+        **options,
+    )
+
+
 def unverified(out: list[Effect]) -> list[dict[str, str]]:
     return [labels(m) for m in metrics(out, "site_refusals") if labels(m)["site"] == "other"]
 
 
 def test_a_region_cannot_speak_for_the_roots_own_children_nor_outside_its_subtree() -> None:
-    root = FedBuffAggregator(
-        "root",
+    root = regions_root(
         {"r1": "region", "r2": "region", "s9": "site"},
-        model(0.0),
-        buffer_size=1,
-        concurrency=1,
-        clip_norm=None,
         claim_bounds=ClaimBounds(roster_sites=frozenset({"s9", "a1", "a2", "b1"})),
     )
     root.handle(hello("r1", "region"), 0.0)
@@ -378,14 +387,8 @@ def test_without_a_roster_a_region_speaks_for_no_site() -> None:
 def test_made_up_site_ids_mint_no_metric_series_nor_log_lines() -> None:
     """The reviewer's attack: a region names a fresh made-up site every second for an
     hour. One book entry (the region's), one label value, one line a minute."""
-    root = FedBuffAggregator(
-        "root",
-        {"r1": "region", "r2": "region"},
-        model(0.0),
-        buffer_size=1,
-        concurrency=1,
-        clip_norm=None,
-        claim_bounds=ClaimBounds(roster_sites=frozenset({"hospital-a", "hospital-b"})),
+    root = regions_root(
+        claim_bounds=ClaimBounds(roster_sites=frozenset({"hospital-a", "hospital-b"}))
     )
     sink = MetricsSink()
     out: list[Effect] = []
@@ -441,14 +444,7 @@ def test_site_labels_are_capped_at_the_rosters_sites() -> None:
 def test_one_region_cannot_make_anothers_refusals_look_like_resends() -> None:
     """The reviewer's dedupe poisoning: r1 pre-sends refusals in r2's site's name for
     tasks 1..60; r2's genuine refusal of task 5 still counts, under that site."""
-    root = FedBuffAggregator(
-        "root",
-        {"r1": "region", "r2": "region"},
-        model(0.0),
-        buffer_size=1,
-        concurrency=1,
-        clip_norm=None,
-    )
+    root = regions_root()
     root.set_subtrees({"r1": ["hospital-a"], "r2": ["hospital-b"]})
     for t in range(1, 61):
         lie = TrainRefused("hospital-b", t, 0, "out_of_bounds", "lr=9 outside bounds")

@@ -115,8 +115,8 @@ def fedbuff_root(train_config: dict[str, Any] = ROOT_CONFIG) -> FedBuffAggregato
     )
 
 
-def tree(region_cls: type[RegionalAggregator] = RegionalAggregator, **kw: Any) -> SignedNet:
-    region = region_cls(
+def region_node(region_cls: type[RegionalAggregator] = RegionalAggregator) -> RegionalAggregator:
+    return region_cls(
         "region",
         "root",
         {"site-1": "site"},
@@ -124,8 +124,13 @@ def tree(region_cls: type[RegionalAggregator] = RegionalAggregator, **kw: Any) -
         concurrency=1,
         train_config=REGION_CONFIG,
     )
+
+
+def tree(region_cls: type[RegionalAggregator] = RegionalAggregator, **kw: Any) -> SignedNet:
     site = SiteNode("site-1", "region", n_examples=10, seed=3)
-    return SignedNet({"root": fedbuff_root(), "region": region, "site-1": site}, **kw)
+    return SignedNet(
+        {"root": fedbuff_root(), "region": region_node(region_cls), "site-1": site}, **kw
+    )
 
 
 async def start_tree(net: SignedNet) -> None:

@@ -21,27 +21,16 @@ from fedloom.runtime.signing import EndToEnd
 from fedloom.transport.wire import Hello, ModelBroadcast, TrainRefused, TrainRequest
 from tests.runtime.test_signed_settings import (
     IDS,
-    REGION_CONFIG,
     ROOT_CONFIG,
     ROSTER,
     SignedNet,
     fedbuff_root,
+    region_node,
     start_tree,
     tree,
 )
 
 NEW_CONFIG = {**ROOT_CONFIG, "lr": 0.01, "local_steps": 7}
-
-
-def region_node() -> RegionalAggregator:
-    return RegionalAggregator(
-        "region",
-        "root",
-        {"site-1": "site"},
-        buffer_size=1,
-        concurrency=1,
-        train_config=REGION_CONFIG,
-    )
 
 
 async def reconnect_site(net: SignedNet, now: float) -> None:
