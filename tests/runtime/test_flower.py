@@ -28,7 +28,7 @@ from flwr.common import (
 )
 
 from fedloom.algorithms.fedbuff import FedBuffAggregator
-from fedloom.algorithms.protocol import Deadline, TrainFailed, TrainResult
+from fedloom.algorithms.protocol import Deadline, TrainFailed, TrainResult, Weights
 from fedloom.algorithms.site import SiteNode
 from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.config import PlanConfig
@@ -201,6 +201,20 @@ def test_a_site_gives_the_round_of_the_model_it_trains() -> None:
     assert plan.client.rounds == [1, 2, 3, 4] and root.version == 4
 
 
+def flower_root(sites: list[str], weights: Weights) -> FedBuffAggregator:
+    """A FedBuff root over ``sites``, starting from ``weights``: a release every two
+    updates, three jobs at a time, the Flower clients' lr."""
+    return FedBuffAggregator(
+        "root",
+        dict.fromkeys(sites, "site"),
+        weights,
+        buffer_size=2,
+        concurrency=3,
+        clip_norm=None,
+        train_config={"lr": 0.5},
+    )
+
+
 def _done(job: int, result: TrainResult) -> Any:
     from fedloom.algorithms.protocol import TrainDone
 
@@ -214,16 +228,7 @@ def test_a_client_failing_every_job_is_seen_by_the_root_and_the_others_train_on(
         PlanConfig(factory="tests.runtime.test_flower:broken_client_fn", args=ARGS),
         node_id="site-3",
     )
-    weights = plans["site-1"].init(0)
-    root = FedBuffAggregator(
-        "root",
-        dict.fromkeys(sites, "site"),
-        weights,
-        buffer_size=2,
-        concurrency=3,
-        clip_norm=None,
-        train_config={"lr": 0.5},
-    )
+    root = flower_root(sites, plans["site-1"].init(0))
     net = star_net(root, sites)
     for step in range(30):
         net.now = float(step)

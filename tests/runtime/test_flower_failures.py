@@ -38,7 +38,7 @@ from fedloom.runtime.trainer import PlanTrainer, plan_from_config
 from fedloom.transport.wire import TrainRefused, TrainRequest, Update
 from tests.algorithms.alg_helpers import MiniNet, star_net
 from tests.runtime.test_driver import FakePeers, ScriptNode, run_driver, until
-from tests.runtime.test_flower import ARGS, FlowerClient, load_data
+from tests.runtime.test_flower import ARGS, FlowerClient, flower_root, load_data
 
 HERE = "tests.runtime.test_flower_failures"
 
@@ -111,15 +111,7 @@ def run_three_sites(bad_factory: str) -> tuple[FedBuffAggregator, MiniNet]:
         s: plan(bad_factory if s == "site-3" else "tests.runtime.test_flower:client_fn", i, s)
         for i, s in enumerate(sites)
     }
-    root = FedBuffAggregator(
-        "root",
-        dict.fromkeys(sites, "site"),
-        plans["site-1"].init(0),
-        buffer_size=2,
-        concurrency=3,
-        clip_norm=None,
-        train_config={"lr": 0.5},
-    )
+    root = flower_root(sites, plans["site-1"].init(0))
     net = star_net(root, sites)
     for step in range(20):
         net.now = float(step * 10)  # past each refusal's backoff
