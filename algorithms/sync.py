@@ -24,7 +24,11 @@ round starts as soon as enough are (checked on every event, including Hello and 
 A site that died must not stall the federation for good: once fewer than ``min_available``
 have been idle for ``round_timeout_s`` (``QUIET_AFTER_S`` without one) and at least
 ``min_cohort`` are, rounds start with the idle sites (a WARNING once, metric
-``round_degraded`` each time) until ``min_available`` are back. COLLECTING — a round is open.
+``round_degraded`` each time) until ``min_available`` are back. Fewer live sites than
+``min_cohort`` (deaths, when a round selects every site) cannot fill a round at all: after
+the same wait, rounds are drawn among all the live idle sites and close with as many
+answers as they drew (a WARNING once per such spell, metric ``round_unfillable`` each
+round) until ``min_cohort`` sites are up again. COLLECTING — a round is open.
 
 Durability: the open round survives a restart. Its start is checkpointed (every
 ``checkpoint_every``-th round; the model, the round's tasks and the buffer) before any
@@ -193,6 +197,8 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._restart_deadline = False  # a restored open round: deadline from the next event
         self._short_since: float | None = None  # since when too few sites were idle
         self._degraded = False  # rounds start below min_available (sites down)
+        self._unfillable = False  # rounds start below min_cohort (fewer sites are up)
+        self._round_min = cohort  # answers the open round closes with (< cohort: unfillable)
         self.rounds_closed = 0
         self.rounds_abandoned = 0
         # Secure aggregation: the open round's joins passed to the coordinator, and its
@@ -257,11 +263,14 @@ class SyncAggregator(OwnModel, AggregatorBase):
         if d.in_flight > 0:
             return
         idle = d.idle_count
+        if d.up_count >= self.min_cohort:
+            self._unfillable = False
         if idle >= self.min_available:
             self._short_since = None
             self._degraded = False
         elif idle < self.min_cohort:
-            return  # not even a cohort: nothing to run (the wait keeps counting)
+            if not self._unfillable_start(now, idle, out):
+                return  # not even a cohort: nothing to run (the wait keeps counting)
         elif self._short_since is None:
             self._short_since = now
             return
@@ -291,6 +300,8 @@ class SyncAggregator(OwnModel, AggregatorBase):
         rng = None if self._dp is None else self._dp.draw_rng(self.round)
         started = d.start(now, limit=self.selected_per_round, rng=rng)
         self._round_tasks = dict(started)
+        # Below min_cohort only when too few sites are up (``_unfillable_start``).
+        self._round_min = max(1, min(self.min_cohort, len(started)))
         if self.checkpoint_every and self.round % self.checkpoint_every == 0:
             # Durable before any task leaves: a restart knows the round and its tasks.
             out.append(Persist(CHECKPOINT_KEY, self.snapshot()))
@@ -299,6 +310,31 @@ class SyncAggregator(OwnModel, AggregatorBase):
                 Send(site, TrainRequest(task, self._version, self._weights, self._task_config()))
             )
         out.append(Metric("round_started", float(self.round), {"selected": str(len(started))}))
+
+    def _unfillable_start(self, now: float, idle: int, out: list[Effect]) -> bool:
+        """Fewer than ``min_cohort`` sites are idle: True when a round should start anyway
+        among them, because fewer than ``min_cohort`` are up at all (the others died) and
+        that has lasted ``_wait_bound``: no round could ever fill, and waiting for the dead
+        would stop training for good. Says so once per spell; a metric each round."""
+        d = self._dispatcher
+        if idle < 1 or d.up_count >= self.min_cohort:
+            return False  # busy or backed-off sites will be back: wait for them
+        if self._short_since is None:
+            self._short_since = now
+        if not self._unfillable and now < self._short_since + self._wait_bound():
+            return False
+        if not self._unfillable:
+            self._unfillable = True
+            out.append(
+                Log(
+                    "warning",
+                    "fewer live sites than min_cohort: rounds cannot fill, so they run with "
+                    "the live sites and close with their answers until enough are back",
+                    {"up": d.up_count, "idle": idle, "min_cohort": self.min_cohort},
+                )
+            )
+        out.append(Metric("round_unfillable", 1.0, {"idle": str(idle)}))
+        return True
 
     def _on_task_cancelled(self, task: int) -> None:
         if self._round_tasks.pop(task, None) is not None:
@@ -326,7 +362,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
                     {"round": self.round, "answers": answers, "min_cohort": self.min_cohort},
                 )
             )
-        if answers >= self.min_cohort:
+        if answers >= self._round_min:
             self._close_round("survivors" if self._round_lost else "all_answered", out)
         else:
             self._abandon(out)
@@ -365,7 +401,11 @@ class SyncAggregator(OwnModel, AggregatorBase):
         if self._buffer.add(msg.delta, 1.0, msg.n_examples, msg.count, self._norm, msg.src):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
         self._round_members.append((msg.src, msg.seq))
-        self._record_applied(peer, msg, version, 0, 1.0, out, round=self.round, task=msg.task)
+        # A round drawn below min_cohort records its own minimum: a replay ends it alike.
+        short = {} if self._round_min >= self.min_cohort else {"cohort_min": self._round_min}
+        self._record_applied(
+            peer, msg, version, 0, 1.0, out, round=self.round, task=msg.task, **short
+        )
         out.append(Metric("buffer_fill", float(len(self._buffer))))
         if len(self._buffer) >= self.clients_per_round:
             self._close_round("quorum", out)
@@ -377,7 +417,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
             self._deadline = None  # from here the cohort's own deadlines bound the round
             self._seal_or_abandon(now, out)
             return
-        if len(self._buffer) >= self.min_cohort:
+        if len(self._buffer) >= self._round_min:
             self._close_round("deadline", out)
             return
         self._abandon(out)
@@ -429,6 +469,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self._round_joins = {}
         self._round_cohort = None
         self._deadline = None
+        self._round_min = self.min_cohort
         self.state = RoundState.WAITING
         self._end_epoch()
 
@@ -599,6 +640,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
             "open": self.state is RoundState.COLLECTING,
             "round_tasks": [[task, site] for task, site in self._round_tasks.items()],
             "members": [[src, seq] for src, seq in self._round_members],
+            "round_min": self._round_min,
             "buffer": self._buffer.snapshot(),
             "rounds_closed": self.rounds_closed,
             "rounds_abandoned": self.rounds_abandoned,
@@ -630,6 +672,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
         self.state = RoundState.COLLECTING if open_round else RoundState.WAITING
         self._round_tasks = {int(t): str(site) for t, site in state.get("round_tasks", ())}
         self._round_members = [(str(src), int(seq)) for src, seq in state.get("members", ())]
+        self._round_min = int(state.get("round_min", self.min_cohort))
         self._round_lost = False
         self._tasks_known = True
         self._round_joins = {}
@@ -647,7 +690,7 @@ class SyncAggregator(OwnModel, AggregatorBase):
                 # A later round started, so this one ended: by quorum it would have closed
                 # on its own record; otherwise by deadline or losing its tasks, which
                 # aggregate iff min_cohort answers are in.
-                if len(self._buffer) >= self.min_cohort:
+                if len(self._buffer) >= self._round_min:
                     self._close_round("deadline", [])
                 else:
                     self._abandon([])
@@ -655,6 +698,8 @@ class SyncAggregator(OwnModel, AggregatorBase):
             self.state = RoundState.COLLECTING
             self._round_tasks = {}  # its start was not checkpointed: its tasks are unknown
             self._tasks_known = False
+        if "cohort_min" in record:  # a round drawn below min_cohort (``_unfillable_start``)
+            self._round_min = int(record["cohort_min"])
         task = record.get("task")
         if isinstance(task, int):
             self._round_tasks.pop(task, None)

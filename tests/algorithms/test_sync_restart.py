@@ -180,8 +180,12 @@ def test_a_passed_wait_is_not_asked_for_again_while_no_cohort_is_idle() -> None:
     for s in ("s1", "s2"):
         agg.handle(hello(s), 0.0)
     assert agg.next_deadline() == 10.0  # 2 idle, 4 wanted: wait once
-    agg.handle(PeerDown("s2"), 1.0)  # now not even a cohort is idle
+    agg.handle(PeerDown("s1"), 1.0)
+    agg.handle(PeerDown("s2"), 1.0)  # now no site is up at all
     agg.handle(Deadline(), 10.0)
     assert agg.state is RoundState.WAITING and agg.next_deadline() is None
-    out = agg.handle(hello("s3"), 11.0)  # a cohort again, the wait is over: start
-    assert agg.state is RoundState.COLLECTING and len(requests(out)) == 2
+    # A site again, the wait is over: fewer sites are up than min_cohort, so the round
+    # starts at once with the one that is (issue 15: it cannot fill, it must not stall).
+    out = agg.handle(hello("s3"), 11.0)
+    assert agg.state is RoundState.COLLECTING and len(requests(out)) == 1
+    assert metrics(out, "round_unfillable")
