@@ -550,7 +550,7 @@ def build_root(
             **common,
         )
     if algorithm in ("fedavg", "fedprox"):
-        k = min(p.clients_per_round, len(children))
+        k = p.round_size(len(children))  # ConfigError for a written K above the sites
         return SyncAggregator(
             node_id,
             children,
@@ -558,7 +558,7 @@ def build_root(
             clients_per_round=k,
             over_selection=p.over_selection,
             round_timeout_s=p.round_timeout_s,
-            min_cohort=min(p.min_cohort, k),
+            min_cohort=p.min_cohort,
             # Over-select from the first round on: wait until enough sites are idle.
             min_available=min(len(children), math.ceil(p.over_selection * k)),
             server_opt=server_optimizer(p),

@@ -20,6 +20,7 @@ CODECS = ("fp32", "fp16", "int8", "topk")
 STALENESS = ("constant", "polynomial", "hinge")
 OPTIMISERS = ("sgd", "adam")
 ROBUST = ("mean", "median", "trimmed_mean")
+DEFAULT_CLIENTS_PER_ROUND = 10  # a sync round's K when none is written (at most every site)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,9 @@ class AlgorithmConfig:
     staleness_b: float = 4.0
     max_staleness: int = 100
     alpha: float = 0.6
-    clients_per_round: int = 10
+    # None (not written): DEFAULT_CLIENTS_PER_ROUND, or every site of a root with fewer;
+    # a written value above the root's sites is a ConfigError (``round_size``).
+    clients_per_round: int | None = None
     over_selection: float = 1.3
     round_timeout_s: float = 600.0
     min_cohort: int = 1
@@ -96,6 +99,26 @@ class AlgorithmConfig:
     # comes first. Every start waits, a restart from the log too.
     start_quorum: int | str = 0
     start_wait_s: float = 10.0
+
+    def round_size(self, sites: int) -> int:
+        """A sync root's K over its ``sites`` site children: the written clients_per_round
+        (ConfigError when it is more than ``sites``: no round could select that many), else
+        DEFAULT_CLIENTS_PER_ROUND or every site where there are fewer. ``min_cohort`` must
+        not exceed it (ConfigError naming both)."""
+        k = self.clients_per_round
+        if k is not None and k > sites:
+            raise ConfigError(
+                f"clients_per_round: {k} is more than the {sites} sites of this root; a round "
+                f"selects at most every site (write at most {sites}, or leave it out)"
+            )
+        size = min(DEFAULT_CLIENTS_PER_ROUND, sites) if k is None else k
+        if self.min_cohort > size:
+            raise ConfigError(
+                f"min_cohort: {self.min_cohort} is more than the {size} sites a round selects "
+                f"(clients_per_round{'' if k is not None else ', at most every site'}); a "
+                f"round never has more answers: write at most {size}"
+            )
+        return size
 
 
 ALGORITHM_FIELDS = frozenset(AlgorithmConfig.__dataclass_fields__)
@@ -166,7 +189,7 @@ def read_algorithm(t: Table) -> AlgorithmConfig:
         staleness_b=t.number("staleness_b", d.staleness_b, min=0.0),
         max_staleness=t.integer("max_staleness", d.max_staleness, min=0),
         alpha=t.number("alpha", d.alpha, min=0.0, max=1.0, exclusive_min=True),
-        clients_per_round=t.integer("clients_per_round", d.clients_per_round, min=1),
+        clients_per_round=t.integer("clients_per_round", None, min=1),
         over_selection=t.number("over_selection", d.over_selection, min=1.0),
         round_timeout_s=t.number("round_timeout_s", d.round_timeout_s, min=0.0, exclusive_min=True),
         min_cohort=t.integer("min_cohort", d.min_cohort, min=1),
@@ -195,4 +218,11 @@ def read_algorithm(t: Table) -> AlgorithmConfig:
         ),
     )
     t.finish()
+    k = DEFAULT_CLIENTS_PER_ROUND if cfg.clients_per_round is None else cfg.clients_per_round
+    if cfg.min_cohort > k:  # no round could ever close: an error, never a silent clamp
+        written = "" if cfg.clients_per_round is not None else " (its default)"
+        raise ConfigError(
+            f"{t.where('min_cohort')}: {cfg.min_cohort} is more than clients_per_round{written} "
+            f"{k}; a round never has more answers than the sites it selects: write at most {k}"
+        )
     return cfg

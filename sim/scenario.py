@@ -460,7 +460,9 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
             raise t.fail(key, "a table", raw[key])
         t.raw(key)
     # Aggregation parameters sit directly in the arm, over the shared [algorithm] table.
-    own_params = {k: t.raw(k) for k in raw if k in ALGORITHM_FIELDS}
+    for key in ALGORITHM_FIELDS:  # known fields of an arm: a typo's did-you-mean names them
+        t.raw(key)
+    own_params = {k: raw[k] for k in raw if k in ALGORITHM_FIELDS}
     training = read_training(Table(_merged(shared, raw, "training"), f"{t.where('training')}"))
     codec = read_codec(Table(_merged(shared, raw, "codec"), f"{t.where('codec')}"))
     availability = _availability(
@@ -492,6 +494,8 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
             f"{t.where('clustering')}: [sites.placement] places every site in its region; "
             "clustering by RTT would ignore it (remove one of them)"
         )
+    if algorithm in ("fedavg", "fedprox"):
+        _check_round_size(t, params, own_params, sites.count)
     lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
     server_lr_sweep = tuple(float(x) for x in _sweep(t, "server_lr_sweep"))
     t.finish()
@@ -511,6 +515,20 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         privacy=privacy,
         **calibration,
     )
+
+
+def _check_round_size(
+    t: Table, params: AlgorithmConfig, own: Mapping[str, Any], sites: int
+) -> None:
+    """A star FedAvg root's children are every site: a written clients_per_round above
+    them, or a min_cohort above the round's size, is an error naming the field (in the arm,
+    or the shared [algorithm] table) and the limit, never a silent clamp."""
+    try:
+        params.round_size(sites)
+    except ConfigError as exc:
+        key, rest = str(exc).split(":", 1)
+        at = t.where(key) if key in own else f"algorithm.{key}"
+        raise ConfigError(f"{at}:{rest}") from None
 
 
 def _privacy(

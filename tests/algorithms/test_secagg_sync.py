@@ -689,7 +689,7 @@ def test_the_root_never_holds_an_individual_update(dropped: int) -> None:
 
 
 def test_config_errors_name_the_field() -> None:
-    def build(k: int, cfg: SecureAggregationConfig, n: int = 5) -> Any:
+    def build(k: int | None, cfg: SecureAggregationConfig, n: int = 5) -> Any:
         sites = [f"site-{i}" for i in range(n)]
         keys = derived_secagg_keys(["root", *sites], seed=1)
         return build_node(
@@ -707,9 +707,12 @@ def test_config_errors_name_the_field() -> None:
 
     with pytest.raises(ConfigError, match=r"secure_aggregation\.min_cohort.*clients_per_round"):
         build(4, secagg(min_cohort=5))
-    # clients_per_round above the site children: the round is as big as the children.
+    # clients_per_round not written: the round is as big as the children.
     with pytest.raises(ConfigError, match=r"min_cohort: 6 is more than the 5 sites"):
-        build(10, secagg(min_cohort=6), n=5)
+        build(None, secagg(min_cohort=6), n=5)
+    # written above the site children: an error of its own, never a clamp (issue 15)
+    with pytest.raises(ConfigError, match=r"clients_per_round: 10 is more than the 5 sites"):
+        build(10, secagg(min_cohort=3), n=5)
     with pytest.raises(ConfigError, match=r"secure_aggregation\.cohort_size"):
         build(5, secagg(cohort_size=4))
     with pytest.raises(ConfigError, match=r"max_dropout"):

@@ -83,6 +83,8 @@ def aggregation_table(p: AlgorithmConfig, algorithm: str) -> dict[str, Any]:
     """``p`` as a daemon config's ``[aggregation]`` table."""
     table: dict[str, Any] = {"algorithm": algorithm}
     for key, value in asdict(p).items():
+        if key == "clients_per_round" and value is None:
+            continue  # not written: every site up to DEFAULT_CLIENTS_PER_ROUND
         table[key] = "off" if value is None else value
     return table
 
