@@ -134,3 +134,16 @@ def test_a_restart_ends_a_short_round_as_the_live_root_did() -> None:
     again = disk.restore(make(checkpoint_every=5))
     assert (again.version, again.round) == (agg.version, agg.round)
     np.testing.assert_array_equal(again.current_model()[1]["w"], agg.current_model()[1]["w"])
+
+
+def test_a_checkpointed_short_round_keeps_its_minimum_across_a_restart() -> None:
+    disk = Disk()
+    agg = make()
+    for s in ("s1", "s2", "s3"):
+        disk.take(agg.handle(hello(s), 0.0))  # s4 is dead
+    reqs = requests(disk.take(agg.handle(Deadline(), 10.0)))
+    assert len(reqs) == 3
+    # the restart comes before any answer: only the checkpoint knows the round's minimum
+    again = disk.restore(make())
+    out = answer_all(again, reqs, 11.0, seq=1)
+    assert again.version == 1 and metrics(out, "round_closed")
