@@ -152,6 +152,8 @@ def build_nodes(
         if secagg.enabled
         else {}
     )
+    # One set shared by every node (built per node it would cost O(nodes²) at 100k sites).
+    roster_sites = frozenset(s.id for s in plan.nodes if s.role == "site")
     nodes: dict[str, Node] = {}
     for spec in plan.nodes:
         neighbours = plan_neighbours(plan, spec.id)
@@ -165,9 +167,7 @@ def build_nodes(
             max_examples_per_site=most_examples,
         )
         # Whom a region's relayed refusals may name: the plan's sites (as a roster's).
-        bounds = replace(
-            bounds, roster_sites=frozenset(s.id for s in plan.nodes if s.role == "site")
-        )
+        bounds = replace(bounds, roster_sites=roster_sites)
         nodes[spec.id] = build_node(
             spec.role,
             spec.id,

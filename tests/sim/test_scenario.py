@@ -44,6 +44,19 @@ def test_required_scenarios_are_shipped() -> None:
     } <= names
 
 
+def test_hierarchical_100k_scenario_has_100000_sites_in_regions_of_1000() -> None:
+    # Only parsed here: bench/hierarchical_scale.py --scenario hierarchical-100k runs it.
+    path = next(p for p in SCENARIOS if p.stem == "hierarchical-100k")
+    s = load_scenario(path)
+    assert s.sites.count == 100_000 and len(s.sites.site_names()) == 100_000
+    assert len(s.sites.regions) == 100 and s.duration_s == 24 * 3600
+    per_region: dict[str, int] = {}
+    for i in range(s.sites.count):
+        region = s.sites.region_of(i)
+        per_region[region] = per_region.get(region, 0) + 1
+    assert set(per_region.values()) == {1000}
+
+
 def test_arm_overrides_shared_sections_and_takes_its_own_parameters() -> None:
     s = parse_scenario(
         minimal(
