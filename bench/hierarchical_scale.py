@@ -52,7 +52,7 @@ def main() -> None:
     print(f"load average at the end (1/5/15 min): {load1:.2f} {load5:.2f} {load15:.2f}")
     sites = load_scenario(ROOT / "scenarios" / f"{args.scenario}.toml").sites.count
     print(
-        f"{args.scenario}: {sites} sites, {hours:.0f} h virtual in "
+        f"{args.scenario}: {sites:,} sites, {hours:.0f} h virtual in "
         f"{wall:.0f} s wall, peak RSS {peak_gb:.1f} GB "
         f"[goals <= {wall_goal:.0f} s, <= {rss_goal:.0f} GB]"
     )
