@@ -74,7 +74,14 @@ def make_read_only(layers: list[Path]) -> None:
     path = layers[0]
     assert _run("mount", "--bind", str(path), str(path)).returncode == 0
     layers.append(path)
-    res = _run("mount", "-o", "remount,ro,bind", str(path))
+    # The remount fails with EBUSY while a file is open for writing through the new bind
+    # mount: a running daemon opens its audit log and lock for each batch it writes, so
+    # the mount can be busy for a moment. Try again until the batch is done.
+    for _ in range(100):
+        res = _run("mount", "-o", "remount,ro,bind", str(path))
+        if res.returncode == 0 or "busy" not in res.stderr:
+            break
+        time.sleep(0.05)
     assert res.returncode == 0, res.stderr
 
 
