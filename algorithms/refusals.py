@@ -32,6 +32,8 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from fedloom.algorithms.token_bucket import TokenBuckets
+
 __all__ = [
     "BACKOFF_S",
     "DEDUPE_WINDOW",
@@ -130,7 +132,7 @@ class RefusalBook:
         self._max_sites = max_sites
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest update first
         self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
-        self._buckets: dict[str, tuple[float, float]] = {}  # region -> (tokens, at)
+        self._buckets = TokenBuckets(REGION_BURST, REGION_RATE_PER_S)  # per region child
         self._streak: dict[str, int] = {}  # direct child site -> refusals in a row
         self._retry: dict[str, float] = {}  # direct child site -> no task before this
 
@@ -151,13 +153,7 @@ class RefusalBook:
 
     def allow(self, region: str, now: float) -> bool:
         """Whether ``region`` may relay one more refusal now (its token bucket)."""
-        tokens, at = self._buckets.get(region, (REGION_BURST, now))
-        tokens = min(REGION_BURST, tokens + max(0.0, now - at) * REGION_RATE_PER_S)
-        if tokens < 1.0:
-            self._buckets[region] = (tokens, now)
-            return False
-        self._buckets[region] = (tokens - 1.0, now)
-        return True
+        return self._buckets.take(region, now)
 
     def note(self, site: str, code: str, reason: str, version: int, now: float) -> None:
         """Count one believable refusal (``code`` and ``reason`` cleaned already)."""

@@ -103,6 +103,7 @@ from fedloom.algorithms.protocol import (
     Received,
     Send,
 )
+from fedloom.algorithms.token_bucket import TokenBuckets
 from fedloom.federation.analytics import (
     EVALUATE,
     MAX_SPEC_KEYS,
@@ -802,23 +803,6 @@ class SiteReports:
 # ------------------------------------------------------------------------- region
 
 
-class TokenBuckets:
-    """``RELAY_BURST`` reports at once and ``RELAY_PER_S`` a second per key (a child, or a
-    (child, site) pair at the root); memory: one entry per key the caller lets through."""
-
-    def __init__(self) -> None:
-        self._tokens: dict[Any, tuple[float, float]] = {}
-
-    def take(self, key: Any, now: float) -> bool:
-        tokens, last = self._tokens.get(key, (RELAY_BURST, now))
-        tokens = min(RELAY_BURST, tokens + max(0.0, now - last) * RELAY_PER_S)
-        if tokens < 1.0:
-            self._tokens[key] = (tokens, now)
-            return False
-        self._tokens[key] = (tokens - 1.0, now)
-        return True
-
-
 def _allowed_src(
     src: str,
     peer: str,
@@ -856,7 +840,7 @@ class RegionReports:
         self._roster_sites = roster_sites
         self.requests: dict[str, StatsRequest] = {}
         self._up: set[str] = set()
-        self._tokens = TokenBuckets()
+        self._tokens = TokenBuckets(RELAY_BURST, RELAY_PER_S)
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._parent_up = False
         # Reports that came while the parent link was down, for when it is back.
@@ -990,7 +974,7 @@ class RootReports:
         self.results: dict[str, dict[str, Any] | None] = {q: None for q in self.specs}
         self.rejected: dict[str, int] = {}
         self._requests = [StatsRequest(s.name, s.to_wire()) for s in config.analytics]
-        self._tokens = TokenBuckets()
+        self._tokens = TokenBuckets(RELAY_BURST, RELAY_PER_S)
         # Which child carried each site's figures; (kind, key, src) two children
         # contradicted each other on: refused from then on.
         self._via: dict[tuple[str, Any, str], str] = {}
