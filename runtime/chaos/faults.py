@@ -337,6 +337,21 @@ def _mount(*args: str) -> None:
         raise OSError(f"mount {' '.join(args)}: {res.stderr.strip() or res.returncode}")
 
 
+def remount_bind_read_only(path: Path, tries: int = 100) -> None:
+    """Make the bind mount on ``path`` read-only. The kernel refuses (busy) while a file is
+    open for writing through it, which a daemon does for a moment with each audit batch:
+    try again until that write is done."""
+    for _ in range(tries - 1):
+        try:
+            _mount("-o", "remount,bind,ro", str(path))
+            return
+        except OSError as exc:
+            if "busy" not in str(exc):
+                raise
+        time.sleep(0.05)
+    _mount("-o", "remount,bind,ro", str(path))
+
+
 @dataclass
 class _Mount:
     path: Path
@@ -423,7 +438,7 @@ class Disks:
         except OSError:
             _mount("--bind", str(m.path), str(m.path))
             try:
-                _mount("-o", "remount,bind,ro", str(m.path))
+                remount_bind_read_only(m.path)
             except OSError:
                 _umount(m.path)
                 raise

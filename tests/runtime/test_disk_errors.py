@@ -26,6 +26,7 @@ from fedloom.algorithms.protocol import Persist
 from fedloom.algorithms.site import PENDING_KEY, SiteNode
 from fedloom.cli import main
 from fedloom.federation.store import CorruptStateError, StateIOError, StateStore, StoreError
+from fedloom.runtime.chaos.faults import remount_bind_read_only
 from fedloom.runtime.config import load_config
 from fedloom.runtime.daemon import DaemonError, load_node, open_daemon, stop_reason
 from fedloom.runtime.exit_status import (
@@ -74,15 +75,7 @@ def make_read_only(layers: list[Path]) -> None:
     path = layers[0]
     assert _run("mount", "--bind", str(path), str(path)).returncode == 0
     layers.append(path)
-    # The remount fails with EBUSY while a file is open for writing through the new bind
-    # mount: a running daemon opens its audit log and lock for each batch it writes, so
-    # the mount can be busy for a moment. Try again until the batch is done.
-    for _ in range(100):
-        res = _run("mount", "-o", "remount,ro,bind", str(path))
-        if res.returncode == 0 or "busy" not in res.stderr:
-            break
-        time.sleep(0.05)
-    assert res.returncode == 0, res.stderr
+    remount_bind_read_only(path)  # retried while a daemon's audit write holds it busy
 
 
 def fill(directory: Path) -> Path:
