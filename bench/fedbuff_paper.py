@@ -1,0 +1,439 @@
+"""FedBuff against the paper (issue 15, item 5): time-to-accuracy speed-ups over FedAvg, with
+and without over-selection, and over FedAsync, with 95% confidence intervals.
+
+Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation" (AISTATS 2022)
+report FedBuff 3.3x more efficient than synchronous FL and up to 2.5x more than asynchronous
+FL. This bench runs ``scenarios/fedbuff-vs-fedavg.toml`` (Synthetic(1,1) over 1,000 sites,
+half-normal job times, 100 sites training at once, 10% of jobs dropped, 12 virtual hours)
+and compares five arms:
+
+- ``fedavg-plain``: FedAvg drawing 100 sites a round and waiting for all of them (no
+  over-selection); a dropped job keeps the round open until its 20-minute deadline.
+- ``fedavg``: the scenario's baseline, over-selection 1.11 (100 drawn, the first 90 kept).
+- ``fedavg-os13``: over-selection 1.3 (101 drawn, the first K = 77 answers aggregated; the
+  late ones are recorded and discarded, ``late_updates``).
+- ``fedasync`` and ``fedbuff`` (K = 10), both with polynomial staleness weights.
+
+Method. Each arm's client learning rate is chosen once, on a tuning seed (``--tune-seed``,
+default 0) that is not among the evaluation seeds: the point of its ``lr_sweep`` that
+reaches the target soonest (then the most accurate). Every arm then runs with that rate
+on each evaluation seed (``--seeds N``: the scenario's seed onward, the seeds ``fedloom
+sim --seeds N`` uses). Time to target is the sustained crossing (the scenario's 30-minute
+window; the first crossing is shown too). FedBuff's speed-up over arm X is the per-seed
+ratio t_X / t_FedBuff, summarised as its geometric mean and the Student-t 95% interval of
+the log-ratios (``sim.stats.ratio_summary``: the seeds pair the arms, sharing sites, data
+and faults). A seed where X never reached the target within the run gives no ratio; the
+table counts the seeds with one, "(k/n)", and says how many X missed (FedBuff's speed-up
+there is at least horizon / t_FedBuff).
+
+Then FedBuff's server optimiser: server learning rate x heavy-ball momentum (``--server-lrs``,
+``--momenta``; default {0.5, 1, 2} x {0, 0.9}), each point on the first ``--sweep-seeds``
+evaluation seeds (default 3, to bound the run), at FedBuff's tuned client rate, with its
+speed-ups paired against the other arms' runs of the same seeds.
+
+The multi-seed report (``report.json``, accuracy with CI bands as PNG/SVG/PDF) goes to
+``--out`` (default ``runs/bench/fedbuff-paper``), with ``fedbuff_paper.json`` (tuned rates,
+speed-ups, sweep). The last line is the figure.
+
+    nice -n 10 .venv/bin/python bench/fedbuff_paper.py                # ~10 min CPU
+    .venv/bin/python bench/fedbuff_paper.py --quick                   # a smoke run, seconds
+    .venv/bin/python bench/fedbuff_paper.py --hours 6 --seeds 5       # a shorter horizon
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import time
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from _common import ROOT
+
+from fedloom.sim.report import ArmResult, human_duration, multi_seed_report, write_report
+from fedloom.sim.runner import build_workload, resolve_seeds, run_once
+from fedloom.sim.scenario import Arm, Scenario, parse_scenario
+from fedloom.sim.stats import RatioSummary, ratio_summary, summarize
+
+SCENARIO = ROOT / "scenarios" / "fedbuff-vs-fedavg.toml"
+FEDBUFF = "fedbuff"
+# The arms FedBuff is compared with, in the table's order, and how the table names them.
+OTHERS = {
+    "fedavg-plain": "FedAvg (no over-selection)",
+    "fedavg": "FedAvg, over-selection 1.11",
+    "fedavg-os13": "FedAvg, over-selection 1.3",
+    "fedasync": "FedAsync",
+}
+ARMS = (*OTHERS, FEDBUFF)
+PAPER_SYNC = 3.3  # FedBuff over synchronous FL (Nguyen et al. 2022, abstract)
+PAPER_ASYNC = 2.5  # FedBuff over asynchronous FL ("up to")
+SERVER_LRS = (0.5, 1.0, 2.0)
+MOMENTA = (0.0, 0.9)
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------- scenario
+
+
+def load(hours: float | None = None, quick: bool = False) -> Scenario:
+    """The scenario as shipped; ``hours`` cuts its horizon; ``quick`` shrinks it to a smoke
+    run (60 sites, 10 training at once, round sizes scaled alike, 2 h, one lr per arm)."""
+    raw: dict[str, Any] = tomllib.loads(SCENARIO.read_text(encoding="utf-8"))
+    if quick:
+        scale = 10 / int(raw["algorithm"]["concurrency"])
+        raw["sites"]["count"] = 60
+        raw["algorithm"]["concurrency"] = 10
+        raw["duration_h"] = 2
+        raw["target_window_s"] = 600
+        for arm in raw["arms"]:
+            arm["lr_sweep"] = arm["lr_sweep"][-1:]
+            if "clients_per_round" in arm:
+                arm["clients_per_round"] = max(2, round(arm["clients_per_round"] * scale))
+                arm["min_cohort"] = max(1, round(arm["min_cohort"] * scale))
+    if hours is not None:
+        raw["duration_h"] = hours
+    scenario = parse_scenario(raw, default_name=SCENARIO.stem, source=str(SCENARIO))
+    missing = [a for a in ARMS if a not in {arm.name for arm in scenario.arms}]
+    if missing:
+        raise SystemExit(f"{SCENARIO}: no arm {missing}")
+    return scenario
+
+
+def arm_named(scenario: Scenario, name: str) -> Arm:
+    return next(a for a in scenario.arms if a.name == name)
+
+
+def with_rates(arm: Arm, lr: float, server_lr: float | None = None, momentum: float = 0.0) -> Arm:
+    """``arm`` at one client learning rate (no sweep), and optionally one server optimiser."""
+    params = arm.params
+    if server_lr is not None:
+        params = replace(params, server_lr=server_lr, server_momentum=momentum)
+    return replace(
+        arm, training=replace(arm.training, lr=lr), params=params, lr_sweep=(), server_lr_sweep=()
+    )
+
+
+def sooner(a: ArmResult, b: ArmResult) -> bool:
+    """Is ``a`` better than ``b``: sooner to the target (sustained), then more accurate."""
+    ta = math.inf if a.time_to_target_s is None else a.time_to_target_s
+    tb = math.inf if b.time_to_target_s is None else b.time_to_target_s
+    return ta < tb if ta != tb else a.final_accuracy > b.final_accuracy
+
+
+class Runner:
+    """Runs arms on seeds (one workload per seed, built once) and keeps the CPU time."""
+
+    def __init__(self, scenario: Scenario, log: Log) -> None:
+        self.scenario = scenario
+        self.log = log
+        self._workloads: dict[int, Any] = {}
+        self.runs = 0
+
+    def run(self, arm: Arm, seed: int, label: str) -> ArmResult:
+        workload = self._workloads.get(seed)
+        if workload is None:
+            workload = self._workloads[seed] = build_workload(self.scenario, seed)
+        cpu0 = time.process_time()
+        result = run_once(self.scenario, arm, workload, seed, label=label)
+        self.runs += 1
+        ttt = result.time_to_target_s
+        self.log(
+            f"  seed {seed} {label}: final {result.final_accuracy:.3f}, target "
+            f"{'never' if ttt is None else human_duration(ttt)}, "
+            f"{time.process_time() - cpu0:.1f} s CPU"
+        )
+        return result
+
+
+def tune(runner: Runner, arm: Arm, seed: int) -> float:
+    """The client learning rate of ``arm``'s sweep that does best on ``seed``."""
+    lrs = arm.lr_sweep or (arm.training.lr,)
+    if len(lrs) == 1:
+        return lrs[0]
+    best: tuple[float, ArmResult] | None = None
+    for lr in lrs:
+        result = runner.run(with_rates(arm, lr), seed, f"{arm.name} lr={lr:g} (tuning)")
+        if best is None or sooner(result, best[1]):
+            best = (lr, result)
+    assert best is not None
+    return best[0]
+
+
+# ---------------------------------------------------------------------------------- speed-ups
+
+
+def _time(r: ArmResult, first: bool) -> float | None:
+    return r.first_crossing_s if first else r.time_to_target_s
+
+
+def paired(
+    fedbuff: Sequence[ArmResult], other: Sequence[ArmResult], *, first: bool = False
+) -> list[float | None]:
+    """FedBuff's speed-up over ``other`` on each seed: t_other / t_fedbuff (None where
+    either never reached the target, or FedBuff at t = 0)."""
+    out: list[float | None] = []
+    for b, o in zip(fedbuff, other, strict=True):
+        tb, to = _time(b, first), _time(o, first)
+        out.append(None if tb is None or to is None or tb <= 0 else to / tb)
+    return out
+
+
+def missed(fedbuff: Sequence[ArmResult], other: Sequence[ArmResult]) -> int:
+    """Seeds where FedBuff reached the target and ``other`` never did (censored ratios)."""
+    pairs = zip(fedbuff, other, strict=True)
+    return sum(1 for b, o in pairs if b.time_to_target_s is not None and o.time_to_target_s is None)
+
+
+def show_ratio(r: RatioSummary, n: int) -> str:
+    """``2.51× [1.90–3.31]``, with ``(k/n)`` when only k seeds gave a ratio."""
+    if r.geomean is None:
+        return f"— (0/{n})"
+    text = f"{r.geomean:.2f}×"
+    if r.ci_low is not None and r.ci_high is not None:
+        text += f" [{r.ci_low:.2f}–{r.ci_high:.2f}]"
+    return text if r.n == n else f"{text} ({r.n}/{n})"
+
+
+def show_time(values: Sequence[float | None], n: int) -> str:
+    s = summarize(values)
+    if s.mean is None:
+        return f"never (0/{n})"
+    text = human_duration(s.mean)
+    if s.ci_high is not None:
+        text += f" ± {human_duration(s.ci_high - s.mean)}"
+    return text if s.n == n else f"{text} ({s.n}/{n})"
+
+
+def updates_to_target(r: ArmResult) -> float | None:
+    """Site updates applied until the target (≈: the run's applied updates pro rata of
+    time, each arm keeping its sites busy at a steady rate) — the paper's unit of
+    efficiency is client updates, ours is virtual time."""
+    t = r.time_to_target_s
+    if t is None or r.virtual_seconds <= 0:
+        return None
+    return r.updates_applied * t / r.virtual_seconds
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPoint:
+    server_lr: float
+    momentum: float
+    runs: tuple[ArmResult, ...]
+
+
+def table(
+    runs: Mapping[str, Sequence[ArmResult]], lrs: Mapping[str, float], hours: float
+) -> list[str]:
+    n = len(runs[FEDBUFF])
+    fb = runs[FEDBUFF]
+    head = (
+        f"{'arm':<30} {'lr':>5} {'time to target':>20} {'first crossing':>20} "
+        f"{'FedBuff speed-up':>26} {'(first crossing)':>26} {'~updates to target':>19} "
+        f"{'final acc':>15} {'late':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for name in ARMS:
+        rs = runs[name]
+        title = OTHERS.get(name, "FedBuff (K=10)")
+        if name == FEDBUFF:
+            sp = sp_first = "1"
+        else:
+            sp = show_ratio(ratio_summary(paired(fb, rs)), n)
+            sp_first = show_ratio(ratio_summary(paired(fb, rs, first=True)), n)
+            k = missed(fb, rs)
+            if k:
+                sp += f" +{k} never"
+        upd = summarize([updates_to_target(r) for r in rs])
+        acc = summarize([r.final_accuracy for r in rs])
+        late = summarize([float(r.extra.get("late_updates", 0)) for r in rs])
+        lines.append(
+            f"{title:<30} {lrs[name]:>5g} "
+            f"{show_time([r.time_to_target_s for r in rs], n):>20} "
+            f"{show_time([r.first_crossing_s for r in rs], n):>20} {sp:>26} {sp_first:>26} "
+            f"{'—' if upd.mean is None else f'{upd.mean:,.0f}':>19} "
+            f"{acc.mean or 0:.3f} ± {(acc.ci_high or acc.mean or 0) - (acc.mean or 0):.3f} "
+            f"{late.mean or 0:>7,.0f}"
+        )
+    lines.append(
+        f"({n} seeds, {hours:g} virtual hours; mean ± 95% CI; speed-up = t_arm / t_FedBuff "
+        "paired by seed: geometric mean [95% CI]; '+k never': the arm missed the target on k "
+        "more seeds, where FedBuff reached it; late = answers discarded by over-selection)"
+    )
+    return lines
+
+
+def sweep_table(
+    points: Sequence[SweepPoint], runs: Mapping[str, Sequence[ArmResult]], lr: float
+) -> list[str]:
+    lines = [
+        f"FedBuff server optimiser sweep (client lr {lr:g}; {len(points[0].runs)} seeds each)",
+        f"{'server lr':>9} {'momentum':>8} {'time to target':>20} {'final acc':>9} "
+        f"{'vs FedAvg':>24} {'vs FedAvg os1.3':>24} {'vs FedAsync':>24}",
+    ]
+    for p in points:
+        n = len(p.runs)
+        cells = []
+        for other in ("fedavg-plain", "fedavg-os13", "fedasync"):
+            cells.append(show_ratio(ratio_summary(paired(p.runs, runs[other][:n])), n))
+        acc = summarize([r.final_accuracy for r in p.runs])
+        lines.append(
+            f"{p.server_lr:>9g} {p.momentum:>8g} "
+            f"{show_time([r.time_to_target_s for r in p.runs], n):>20} {acc.mean or 0:>9.3f} "
+            + " ".join(f"{c:>24}" for c in cells)
+        )
+    return lines
+
+
+def figure_line(runs: Mapping[str, Sequence[ArmResult]]) -> str:
+    """The bench's last line: FedBuff's speed-ups over plain FedAvg, FedAvg with 1.3
+    over-selection and FedAsync, with their 95% intervals."""
+    fb = runs[FEDBUFF]
+    n = len(fb)
+
+    def cell(name: str) -> str:
+        text = show_ratio(ratio_summary(paired(fb, runs[name])), n)
+        k = missed(fb, runs[name])
+        return text + (f" +{k} never" if k else "")
+
+    return (
+        f"fedbuff_paper: FedBuff speed-up over FedAvg {cell('fedavg-plain')}, over "
+        f"FedAvg+overselect {cell('fedavg-os13')}, over FedAsync {cell('fedasync')} "
+        f"({n} seeds; paper {PAPER_SYNC}x / {PAPER_ASYNC}x)"
+    )
+
+
+def _ratio_json(r: RatioSummary, per_seed: list[float | None]) -> dict[str, Any]:
+    return {
+        "n": r.n,
+        "geomean": r.geomean,
+        "ci95": [r.ci_low, r.ci_high],
+        "per_seed": per_seed,
+    }
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5, help="evaluation seeds (default 5)")
+    parser.add_argument("--tune-seed", type=int, default=0, help="seed the lrs are tuned on")
+    parser.add_argument("--sweep-seeds", type=int, default=3, help="seeds per sweep point")
+    parser.add_argument("--server-lrs", type=float, nargs="+", default=list(SERVER_LRS))
+    parser.add_argument("--momenta", type=float, nargs="+", default=list(MOMENTA))
+    parser.add_argument("--no-sweep", action="store_true", help="skip the server-lr sweep")
+    parser.add_argument("--hours", type=float, default=None, help="a shorter horizon (h)")
+    parser.add_argument("--quick", action="store_true", help="60 sites, 2 h: a smoke run")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "fedbuff-paper")
+    args = parser.parse_args(argv)
+    scenario = load(args.hours, args.quick)
+    seeds = resolve_seeds(scenario, n_seeds=args.seeds)
+    if args.tune_seed in seeds:
+        raise SystemExit(f"--tune-seed {args.tune_seed} is one of the evaluation seeds {seeds}")
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    runner = Runner(scenario, print)
+    hours = scenario.duration_s / 3600
+
+    print(f"tuning the client lr of each arm on seed {args.tune_seed}")
+    lrs = {name: tune(runner, arm_named(scenario, name), args.tune_seed) for name in ARMS}
+    print("tuned lr: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items()))
+
+    runs: dict[str, list[ArmResult]] = {name: [] for name in ARMS}
+    for seed in seeds:
+        for name in ARMS:
+            arm = with_rates(arm_named(scenario, name), lrs[name])
+            runs[name].append(runner.run(arm, seed, name))
+
+    points: list[SweepPoint] = []
+    fb_arm = arm_named(scenario, FEDBUFF)
+    sweep_seeds = seeds[: max(1, min(args.sweep_seeds, len(seeds)))]
+    if not args.no_sweep:
+        for slr in args.server_lrs:
+            for mom in args.momenta:
+                if (slr, mom) == (fb_arm.params.server_lr, fb_arm.params.server_momentum):
+                    got = tuple(runs[FEDBUFF][: len(sweep_seeds)])  # the evaluation runs
+                else:
+                    variant = with_rates(fb_arm, lrs[FEDBUFF], slr, mom)
+                    label = f"fedbuff slr={slr:g} m={mom:g}"
+                    got = tuple(runner.run(variant, s, label) for s in sweep_seeds)
+                points.append(SweepPoint(slr, mom, got))
+
+    meta: dict[str, Any] = {
+        "duration_s": scenario.duration_s,
+        "eval_interval_s": scenario.eval_interval_s,
+        "sites": scenario.sites.count,
+        "target_window_s": scenario.target_window_s,
+        "baseline": "fedavg-plain",
+        "tuned_lr": lrs,
+        "tune_seed": args.tune_seed,
+    }
+    report = multi_seed_report(
+        scenario.name, seeds[0], scenario.description, seeds, dict(runs), meta
+    )
+    write_report(report, args.out, plots=not args.no_plots)
+    fb = runs[FEDBUFF]
+    doc = {
+        "seeds": seeds,
+        "tune_seed": args.tune_seed,
+        "hours": hours,
+        "tuned_lr": lrs,
+        "speedup": {
+            name: {
+                "sustained": _ratio_json(
+                    ratio_summary(paired(fb, runs[name])), paired(fb, runs[name])
+                ),
+                "first": _ratio_json(
+                    ratio_summary(paired(fb, runs[name], first=True)),
+                    paired(fb, runs[name], first=True),
+                ),
+                "missed": missed(fb, runs[name]),
+            }
+            for name in OTHERS
+        },
+        "sweep": [
+            {
+                "server_lr": p.server_lr,
+                "momentum": p.momentum,
+                "time_to_target_s": [r.time_to_target_s for r in p.runs],
+                "final_accuracy": [r.final_accuracy for r in p.runs],
+            }
+            for p in points
+        ],
+        "paper": {"sync": PAPER_SYNC, "async": PAPER_ASYNC},
+    }
+    (args.out / "fedbuff_paper.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+    print()
+    print(f"{scenario.name}: {scenario.description}")
+    for line in table(runs, lrs, hours):
+        print(line)
+    if points:
+        print()
+        for line in sweep_table(points, runs, lrs[FEDBUFF]):
+            print(line)
+    cpu = time.process_time() - cpu0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load1, load5, load15 = os.getloadavg()
+    print(
+        f"\n{runner.runs} runs: {cpu + children.ru_utime + children.ru_stime:.0f} s CPU, "
+        f"{time.perf_counter() - wall0:.0f} s wall (load average {load1:.2f} {load5:.2f} "
+        f"{load15:.2f}); report and plots in {args.out}"
+    )
+    line = figure_line(runs)
+    print(line)
+    return line
+
+
+if __name__ == "__main__":
+    main()
