@@ -155,7 +155,10 @@ _REMEMBER_BYTES = 1 << 28  # what the remembered inputs may keep alive, at most
 
 
 def digest(data: bytes) -> bytes:
-    """BLAKE2b-256 of ``data`` (what a member records of what it uploaded).
+    """SHA-256 of ``data`` (what a member records of what it uploaded, and what its
+    masked upload's signature covers). SHA-256, as ``transport.e2e.tensors_digest``: with
+    SHA-NI it hashes a 4 MB upload in ~2.2 ms here against BLAKE2b's ~4.5 ms, once at the
+    member and once at the aggregator for each upload.
 
     The digests of the latest few large ``bytes`` objects are remembered by identity (the
     objects are kept, so their ids cannot be reused): a member digests its masked upload
@@ -167,7 +170,7 @@ def digest(data: bytes) -> bytes:
     for seen, out in recent:
         if seen is data:
             return out
-    out = hashlib.blake2b(data, digest_size=32).digest()
+    out = hashlib.sha256(data).digest()
     if type(data) is bytes and _REMEMBER_FROM <= len(data) <= _REMEMBER_BYTES:
         kept = [(data, out)]
         total = len(data)
