@@ -196,6 +196,25 @@ class Availability:
         )
 
 
+def periodic_windows(
+    start_s: float, end_s: float, every_s: float | None, until_s: float
+) -> list[tuple[float, float]]:
+    """``[start_s, end_s)`` and, with ``every_s``, the same window each period after it,
+    while the window starts before ``until_s`` (``every_s`` must exceed the window)."""
+    if not 0.0 <= start_s < end_s:
+        raise ValueError(f"a window needs 0 <= start < end, got [{start_s}, {end_s})")
+    if every_s is None:
+        return [(start_s, end_s)] if start_s < until_s else []
+    if not every_s > end_s - start_s:
+        raise ValueError(f"a window repeated every {every_s} s must be shorter than that")
+    out = []
+    k = 0
+    while start_s + k * every_s < until_s:  # k * period: no drift from repeated additions
+        out.append((start_s + k * every_s, end_s + k * every_s))
+        k += 1
+    return out
+
+
 def _only(spec: Any, where: str, allowed: set[str]) -> None:
     if not isinstance(spec, Mapping):
         raise ValueError(f"availability.{where} must be a table, got {spec!r}")

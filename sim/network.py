@@ -14,13 +14,26 @@ Delivery model (per directed link ``src -> dst``):
 * ``size`` is ``len(codec.encode(msg, spec))`` with the real wire codec, and the receiver
   gets ``codec.decode(bytes)``: a lossy codec changes both the simulated time and what
   arrives. The spec is chosen per message type (``transport.codec_policy.CodecPolicy``).
-* Loss: links are reliable TCP-like streams, so packet loss does not drop messages; it
-  lowers throughput as in Mathis, Semke, Mahdavi & Ott, "The macroscopic behavior of the
-  TCP congestion avoidance algorithm" (CCR 1997)::
+* Packet loss (``LinkParams.loss``): links are reliable TCP-like streams, so packet loss
+  does not drop messages; it lowers throughput as in Mathis, Semke, Mahdavi & Ott, "The
+  macroscopic behavior of the TCP congestion avoidance algorithm" (CCR 1997)::
 
       bw_eff = min(bw, (MSS / RTT) * (1.22 / sqrt(p)))      MSS = 1460 bytes
 
   with ``RTT`` the sum of both directions' latencies.
+* Message loss (``set_message_loss``): each message on a link is lost with its own
+  probability (what a connection reset, a crashed proxy or a timed-out request does to one
+  message): it takes its time on the link as any other (its bytes are counted) but never
+  arrives, and is counted in ``messages_dropped_loss``. The draws come from one generator
+  per directed link (``entity_rng(seed, "message-loss", src, dst)``), so which messages
+  are lost depends only on the seed and the order of that link's messages. Two nodes on
+  one host (a zero-latency, unbounded loopback link) never lose a message. The protocol's
+  own time-outs and resends are what recover (none is simulated here). Two effects:
+  ``"drop"`` loses the message alone and the link stays up (a middlebox swallowing a
+  request: only time-outs notice); ``"reset"`` also breaks the connection, as a TCP
+  stream does when a segment cannot get through: everything in flight on the link, both
+  directions, is lost, both ends get ``PeerDown``, nothing is carried for ``reconnect_s``
+  and then both ends get ``PeerUp`` (so unacknowledged updates are resent).
 * Partitions: during ``[start, end)`` the nodes of a ``Partition`` are cut from every
   other node (links inside the set, and outside it, still work). A link that goes down
   loses everything in flight on it (the TCP connection is reset) and messages sent across
@@ -54,6 +67,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
+
+from fedloom.federation.seeds import entity_rng
 from fedloom.sim.kernel import Kernel, SimulationError
 from fedloom.transport.codec_policy import CodecPolicy
 
@@ -184,7 +200,20 @@ class Partition:
 class _LinkState:
     """Mutable state of one directed link."""
 
-    __slots__ = ("busy_until", "bw", "bytes", "dst", "epoch", "latency", "messages", "src", "tier")
+    __slots__ = (
+        "busy_until",
+        "bw",
+        "bytes",
+        "down_until",
+        "drop",
+        "dst",
+        "epoch",
+        "latency",
+        "messages",
+        "rng",
+        "src",
+        "tier",
+    )
 
     def __init__(self, src: str, dst: str, latency: float, bw: float, tier: str) -> None:
         self.src = src
@@ -192,6 +221,9 @@ class _LinkState:
         self.latency = latency
         self.bw = bw
         self.tier = tier
+        self.drop = 0.0  # probability that a message is lost (set_message_loss)
+        self.rng: np.random.Generator | None = None  # this link's loss draws
+        self.down_until = 0.0  # reset by a lost message: nothing carried before this
         self.busy_until = 0.0
         self.epoch = 0  # bumped whenever the link goes down: in-flight messages are lost
         self.bytes = 0  # counted here, summed per tier on demand (keeps send() cheap)
@@ -205,6 +237,8 @@ class NetworkStats:
     messages_blocked: int = 0  # sent while the link was down (partition, death)
     messages_lost: int = 0  # in flight when the link went down
     messages_rejected: int = 0  # arrived, but the receiver's decoder refused the bytes
+    messages_dropped_loss: int = 0  # sent, then lost to the link's message loss
+    connection_resets: int = 0  # links broken by a lost message (effect "reset")
     bytes_sent: int = 0
     encodings: int = 0  # real encode calls (broadcasts share one)
 
@@ -215,6 +249,8 @@ class NetworkStats:
             "messages_blocked": self.messages_blocked,
             "messages_lost": self.messages_lost,
             "messages_rejected": self.messages_rejected,
+            "messages_dropped_loss": self.messages_dropped_loss,
+            "connection_resets": self.connection_resets,
             "bytes_sent": self.bytes_sent,
             "encodings": self.encodings,
         }
@@ -270,6 +306,14 @@ class Network:
         self.decode_lossless = False  # tests: decode even lossless (fp32) encodings
         self.stats = NetworkStats()
         self._bytes_by_type: dict[type, int] = {}
+        # Message loss (set_message_loss): probability by tier ("site->region"), run seed.
+        self._message_loss: dict[str, float] = {}
+        self._default_message_loss = 0.0
+        self._loss_seed = 0
+        self._loss_resets = False  # "reset": a lost message breaks the connection
+        self._reconnect_s = 1.0
+        # Codecs by tier (set_tier_codecs): a tier not named uses ``codecs``.
+        self._tier_codecs: dict[str, CodecPolicy] = {}
 
     # --------------------------------------------------------------------- counters
 
@@ -320,10 +364,61 @@ class Network:
                 bw = mathis_bandwidth(bw, fwd.latency_s + back.latency_s, fwd.loss, self._mss)
             tier = f"{self._roles.get(src, '?')}->{self._roles.get(dst, '?')}"
             st = _LinkState(src, dst, fwd.latency_s, bw, tier)
+            self._set_drop(st)
             self._states[key] = st
             self._incident.setdefault(src, []).append(st)
             self._incident.setdefault(dst, []).append(st)
         return st
+
+    def set_message_loss(
+        self,
+        loss: float,
+        *,
+        by_tier: Mapping[str, float] | None = None,
+        seed: int = 0,
+        effect: str = "drop",
+        reconnect_s: float = 1.0,
+    ) -> None:
+        """Lose each message with probability ``loss`` (``by_tier[tier]`` on the links of
+        that tier, e.g. ``"site->region"``), drawn per directed link from ``seed``; the
+        ``effect`` of a loss is ``"drop"`` or ``"reset"`` (the module docstring). Call
+        before the run starts (links already used get the new probabilities too)."""
+        probs = {"*": loss, **(by_tier or {})}
+        for tier, p in probs.items():
+            if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+                raise ValueError(f"message loss of {tier!r} must be in [0, 1), got {p!r}")
+        if effect not in ("drop", "reset"):
+            raise ValueError(f"message loss effect must be 'drop' or 'reset', got {effect!r}")
+        if not 0.0 < reconnect_s < math.inf:
+            raise ValueError(f"reconnect_s must be > 0 and finite, got {reconnect_s!r}")
+        self._loss_resets = effect == "reset"
+        self._reconnect_s = float(reconnect_s)
+        self._default_message_loss = float(loss)
+        self._message_loss = {k: float(v) for k, v in (by_tier or {}).items()}
+        self._loss_seed = seed
+        for st in self._states.values():
+            self._set_drop(st)
+
+    def _set_drop(self, st: _LinkState) -> None:
+        loopback = st.latency == 0.0 and math.isinf(st.bw)
+        p = 0.0 if loopback else self._message_loss.get(st.tier, self._default_message_loss)
+        st.drop = p
+        if p > 0.0 and st.rng is None:
+            st.rng = entity_rng(self._loss_seed, "message-loss", st.src, st.dst)
+
+    def set_tier_codecs(self, by_tier: Mapping[str, CodecPolicy]) -> None:
+        """Encode the messages on the links of a tier (``"region->root"``) with that
+        tier's policy; other tiers keep the network's ``codecs``."""
+        self._tier_codecs = dict(by_tier)
+
+    def spec_for(self, src: str, dst: str, msg: Any) -> Any:
+        """The codec spec ``msg`` travels with on ``src -> dst``."""
+        if self._tier_codecs:
+            tier = f"{self._roles.get(src, '?')}->{self._roles.get(dst, '?')}"
+            policy = self._tier_codecs.get(tier)
+            if policy is not None:
+                return policy.spec_for(msg)
+        return self._codecs.spec_for(msg)
 
     def effective_bandwidth(self, src: str, dst: str) -> float:
         """The bandwidth (bit/s) messages on ``src -> dst`` actually get (after loss)."""
@@ -360,7 +455,7 @@ class Network:
         self._kernel.schedule_in(st.latency, self._up_notice, node, peer, st, st.epoch)
 
     def _up_notice(self, node: str, peer: str, st: _LinkState, epoch: int) -> None:
-        if st.epoch == epoch and self.connected(node, peer):
+        if st.epoch == epoch and st.down_until <= self._kernel.now and self.connected(node, peer):
             self._tell(node, peer, True)
 
     def start(self) -> None:
@@ -428,9 +523,11 @@ class Network:
 
     # -------------------------------------------------------------------- sending
 
-    def encoded(self, msg: Any) -> tuple[int, Any]:
-        """``(size in bytes, decoded copy)`` of ``msg`` with its codec (memoised per burst)."""
-        spec = self._codecs.spec_for(msg)
+    def encoded(self, msg: Any, spec: Any = None) -> tuple[int, Any]:
+        """``(size in bytes, decoded copy)`` of ``msg`` with ``spec`` (default: its type's
+        spec in ``codecs``), memoised per burst."""
+        if spec is None:
+            spec = self._codecs.spec_for(msg)
         key = (id(msg), spec)
         hit = self._memo.get(key)
         if hit is not None:
@@ -498,13 +595,23 @@ class Network:
         if (self._dead or self._partitions) and not self.connected(src, dst):
             stats.messages_blocked += 1
             return False
-        size, decoded = self.encoded(msg)
+        if st.down_until > self._kernel.now:  # reset by a lost message: reconnecting
+            stats.messages_blocked += 1
+            return False
+        tiered = self._tier_codecs.get(st.tier) if self._tier_codecs else None
+        size, decoded = self.encoded(msg, None if tiered is None else tiered.spec_for(msg))
         kernel = self._kernel
         now = kernel.now
         start = st.busy_until if st.busy_until > now else now
         finish = start + size * 8.0 / st.bw  # bw may be inf (loopback): 0 s
         st.busy_until = finish
-        kernel.schedule_at(finish + st.latency, self._arrive, st, st.epoch, decoded)
+        rng = st.rng
+        if rng is not None and st.drop > 0.0 and rng.random() < st.drop:
+            stats.messages_dropped_loss += 1  # on the link for its time, then lost
+            if self._loss_resets:
+                self._reset(st)
+        else:
+            kernel.schedule_at(finish + st.latency, self._arrive, st, st.epoch, decoded)
         st.bytes += size
         st.messages += 1
         stats.messages_sent += 1
@@ -513,6 +620,27 @@ class Network:
         cls = type(msg)
         by_type[cls] = by_type.get(cls, 0) + size
         return True
+
+    def _reset(self, st: _LinkState) -> None:
+        """A lost message broke the connection ``st.src`` - ``st.dst``: both directions
+        lose what is in flight and carry nothing for ``reconnect_s``; both ends hear
+        ``PeerDown`` now and ``PeerUp`` once it is back (``_reconnected``)."""
+        now = self._kernel.now
+        back = self._state(st.dst, st.src)
+        for link in (st, back):
+            link.epoch += 1
+            link.busy_until = now
+            link.down_until = now + self._reconnect_s
+        self.stats.connection_resets += 1
+        if st.dst in self._adj.get(st.src, ()):
+            self._tell(st.src, st.dst, False)
+            self._tell(st.dst, st.src, False)
+            self._kernel.schedule_in(self._reconnect_s, self._reconnected, st.src, st.dst)
+
+    def _reconnected(self, a: str, b: str) -> None:
+        if self.connected(a, b):
+            self._schedule_up(a, b)
+            self._schedule_up(b, a)
 
     def _arrive(self, st: _LinkState, epoch: int, msg: Any) -> None:
         if st.epoch != epoch:

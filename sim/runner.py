@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -29,16 +29,17 @@ from fedloom.federation.factory import (
     node_params,
     plan_neighbours,
 )
+from fedloom.federation.params import CodecConfig
 from fedloom.federation.secagg_keys import derived_secagg_keys
 from fedloom.federation.seeds import entity_rng
 from fedloom.federation.training import WorkloadTrainer
-from fedloom.sim.availability import Availability, ChurnWindow, Death
+from fedloom.sim.availability import Availability, ChurnWindow, Death, periodic_windows
 from fedloom.sim.compute import ComputeModel
 from fedloom.sim.driver import SimDriver, region_nodes
 from fedloom.sim.executors import Executor, InlineExecutor, PoolExecutor
-from fedloom.sim.network import Partition
+from fedloom.sim.network import Network, Partition
 from fedloom.sim.report import ArmResult, Report, multi_seed_report
-from fedloom.sim.scenario import Arm, Scenario
+from fedloom.sim.scenario import LINKS, Arm, ChurnSpec, Scenario
 from fedloom.topology.gossip import gossip
 from fedloom.topology.hierarchical import hierarchical
 from fedloom.topology.plan import Plan
@@ -76,7 +77,7 @@ def build_wan(scenario: Scenario) -> WanModel:
         region_rtt=rtts,
         default_intra_rtt_s=net.intra_region_rtt_ms / 1000.0,
         default_inter_rtt_s=net.inter_region_rtt_ms / 1000.0,
-        loss=net.loss,
+        loss=net.packet_loss,  # bytes-level: lowers TCP throughput; ``loss`` drops messages
     )
 
 
@@ -223,7 +224,32 @@ def build_availability(
     churn = churn_windows(
         [s.id for s in sites], a.offline_per_h, a.offline_s, scenario.duration_s, seed
     )
+    for i, spec in enumerate(a.churn):
+        churn += scheduled_churn(spec, sites, scenario.duration_s, entity_rng(seed, "churn", i))
     return Availability(dropout=a.dropout, deaths=deaths, churn=churn, seed=seed), partitions
+
+
+def scheduled_churn(
+    spec: ChurnSpec, sites: Sequence[Site], duration_s: float, rng: np.random.Generator
+) -> list[ChurnWindow]:
+    """One ``[[availability.churn]]`` entry's windows: its sites (the ids, the region's
+    sites, ``round(fraction * sites)`` drawn from ``rng``, or all), offline during
+    ``[start, end)`` and, with ``every_s``, each period after that until the run ends."""
+    if spec.sites:
+        chosen = list(spec.sites)
+    elif spec.region is not None:
+        chosen = [s.id for s in sites if s.region == spec.region]
+    elif spec.fraction is not None:
+        n = round(spec.fraction * len(sites))
+        picked = sorted(rng.choice(len(sites), size=n, replace=False)) if n else []
+        chosen = [sites[int(i)].id for i in picked]
+    else:
+        chosen = [s.id for s in sites]
+    return [
+        ChurnWindow(site, start, end)
+        for start, end in periodic_windows(spec.start_s, spec.end_s, spec.every_s, duration_s)
+        for site in chosen
+    ]
 
 
 def churn_windows(
@@ -405,6 +431,31 @@ def _evaluator(
     return root_eval
 
 
+def configure_links(network: Network, scenario: Scenario, arm: Arm, seed: int) -> None:
+    """The scenario's message loss (``[network] loss`` and ``[network.<link>]``) and the
+    arm's per-link codecs (``[codec.<link>]``) on the run's network."""
+    net = scenario.network
+    network.set_message_loss(
+        net.loss,
+        by_tier=net.loss_by_tier(),
+        seed=seed,
+        effect=net.loss_effect,
+        reconnect_s=net.reconnect_s,
+    )
+    if arm.link_codecs:
+        network.set_tier_codecs(
+            {tier: codec_policy(codec) for link, codec in arm.link_codecs for tier in LINKS[link]}
+        )
+
+
+def codec_policy(codec: CodecConfig) -> CodecPolicy:
+    """The wire codec policy of a ``[codec]`` table: deltas go ``up``, models ``down``."""
+    return CodecPolicy(
+        up=CodecSpec(kind=codec.up, topk_fraction=codec.topk_fraction),  # type: ignore[arg-type]
+        down=CodecSpec(kind=codec.down),  # type: ignore[arg-type]
+    )
+
+
 def _state_dir(arm: Arm) -> str:
     """A fresh directory for one run's recovery logs: inside ``durability.state_dir``
     (kept), or a temporary one (removed after the run)."""
@@ -419,6 +470,10 @@ def _make_executor(scenario: Scenario, workload: Workload, ids: Sequence[str]) -
     inner: Executor
     if scenario.executor == "process":
         inner = PoolExecutor(trainer, workers=scenario.workers)
+    elif scenario.executor == "ray":  # sim.ray_executor: the ray extra, imported there
+        from fedloom.sim.ray_executor import RayExecutor
+
+        inner = RayExecutor(trainer, address=scenario.ray_address, workers=scenario.workers)
     else:
         inner = InlineExecutor(trainer)
     if scenario.dp_sgd is None:
@@ -453,10 +508,7 @@ def run_once(
         compute = ComputeModel.from_config(arm.compute, seed=seed, speeds=speeds)
     except ValueError as exc:
         raise ConfigError(f"arm {arm.name!r}: {exc}") from None
-    codecs = CodecPolicy(
-        up=CodecSpec(kind=arm.codec.up, topk_fraction=arm.codec.topk_fraction),  # type: ignore[arg-type]
-        down=CodecSpec(kind=arm.codec.down),  # type: ignore[arg-type]
-    )
+    codecs = codec_policy(arm.codec)
     executor = _make_executor(scenario, workload, [s.id for s in sites])
     state_dir = _state_dir(arm) if durable.log else None
     driver = SimDriver.from_plan(
@@ -471,6 +523,7 @@ def run_once(
         state_dir=state_dir,
         signing=durable.signing,
     )
+    configure_links(driver.network, scenario, arm, seed)
     for r in durable.restarts:
 
         def rebuilt(node_id: str = r.node) -> Node:
@@ -506,6 +559,7 @@ def run_once(
         first = first_crossing(series, target)
         sustained = sustained_crossing(series, target, scenario.target_window_s)
     staleness = Counter(round(s) for s in stats.staleness)
+    lost_to_loss = driver.network.stats.messages_dropped_loss
     tiers = dict(stats.bytes_by_tier)
     bytes_up = sum(v for k, v in tiers.items() if _is_uplink(k))
     bytes_down = sum(v for k, v in tiers.items() if not _is_uplink(k))
@@ -515,7 +569,10 @@ def run_once(
         "server_lr": arm.params.server_lr,
         "events": stats.events,
         "messages_sent": stats.messages_sent,
-        "messages_dropped": stats.messages_dropped,
+        # Lost to the links' message loss ([network] loss) count as dropped too.
+        "messages_dropped": stats.messages_dropped + lost_to_loss,
+        "messages_dropped_loss": lost_to_loss,
+        "connection_resets": driver.network.stats.connection_resets,
         "deaths": stats.deaths,
         "updates_rejected": int(stats.metric_counts.get("update_rejected", 0)),
         "gossip_clipped": int(stats.metric_counts.get("gossip_clipped", 0)),
@@ -787,6 +844,41 @@ def _seed_progress(progress: ProgressFn | None, seed: int) -> ProgressFn | None:
     return update
 
 
+def _seed_outcomes(
+    scenario: Scenario,
+    selected: Sequence[Arm],
+    run_seeds: Sequence[int],
+    progress: ProgressFn | None,
+    log: LogFn | None,
+) -> Iterator[tuple[list[ArmResult], Workload]]:
+    """Each seed's ``(results, workload)`` in order: one run after the other, or with
+    ``executor = "ray"`` and ``parallel_runs`` all runs at once as Ray tasks
+    (``sim.ray_executor.run_seeds_on_ray``). With Ray, one connection serves every run."""
+    if scenario.executor == "ray":
+        from fedloom.sim.ray_executor import RaySession, run_seeds_on_ray
+
+        with RaySession(scenario.ray_address, scenario.workers):
+            if scenario.parallel_runs:
+                yield from run_seeds_on_ray(scenario, selected, run_seeds, progress, log)
+            else:
+                yield from _seeds_in_turn(scenario, selected, run_seeds, progress, log)
+        return
+    yield from _seeds_in_turn(scenario, selected, run_seeds, progress, log)
+
+
+def _seeds_in_turn(
+    scenario: Scenario,
+    selected: Sequence[Arm],
+    run_seeds: Sequence[int],
+    progress: ProgressFn | None,
+    log: LogFn | None,
+) -> Iterator[tuple[list[ArmResult], Workload]]:
+    multi = len(run_seeds) > 1
+    for run_seed in run_seeds:
+        seed_progress = _seed_progress(progress, run_seed) if multi else progress
+        yield _run_seed(scenario, selected, run_seed, seed_progress, log)
+
+
 def run_scenario(
     scenario: Scenario,
     *,
@@ -800,7 +892,8 @@ def run_scenario(
 
     ``seeds`` (else ``resolve_seeds(scenario, seed)``): with two or more, every arm runs
     once per seed, one seed after the other (each seed's training jobs in the scenario's
-    executor, inline or the process pool), and the report holds each run and their means
+    executor, inline or the process pool; with ``executor = "ray"`` every arm on every seed
+    at once, as Ray tasks), and the report holds each run and their means
     and confidence intervals (``Report.runs``, ``sim.report.multi_seed_report``).
     """
     run_seeds = list(seeds) if seeds is not None else resolve_seeds(scenario, seed)
@@ -811,9 +904,8 @@ def run_scenario(
     multi = len(run_seeds) > 1
     per_seed: list[list[ArmResult]] = []
     workload: Workload | None = None
-    for i, run_seed in enumerate(run_seeds):
-        seed_progress = _seed_progress(progress, run_seed) if multi else progress
-        results, built = _run_seed(scenario, selected, run_seed, seed_progress, log)
+    outcomes = _seed_outcomes(scenario, selected, run_seeds, progress, log)
+    for i, (run_seed, (results, built)) in enumerate(zip(run_seeds, outcomes, strict=True)):
         workload = workload or built
         per_seed.append(results)
         if multi and log is not None:

@@ -21,6 +21,30 @@ cluster per region, ``region-<name>``, holding exactly the sites placed there (w
     north = ["hospital-1", "hospital-2"]
     south = ["hospital-3", "hospital-4"]
 
+A region may be given a count instead (in every region of the table): ``north = 40``,
+``south = 60`` places the first 40 sites in north and the next 60 in south.
+
+Faults. ``[network] loss`` is the probability that one message on a WAN link is lost
+(``sim.network``: seeded per link; ``loss_effect = "drop"`` loses it alone, ``"reset"``
+breaks the connection for ``reconnect_s``); ``packet_loss`` is TCP's packet loss, which
+only lowers throughput. A ``[network.<link>]`` table (``site-root``, ``site-region``,
+``region-root``, ``peer-peer``) gives one link its own ``loss``; a ``[codec.<link>]``
+table gives it its own ``up``/``down``/``topk_fraction``. ``[[availability.churn]]``
+takes sites offline in a window (``start_h``, ``end_h`` or ``duration_h``, ``every_h`` to
+repeat it; ``sites``, ``region`` or ``fraction``, else every site)::
+
+    [network]
+    loss = 0.01
+    [network.region-root]
+    loss = 0.05
+    [codec.site-region]
+    up = "int8"
+    [[availability.churn]]
+    region = "north"
+    start_h = 20
+    duration_h = 2
+    every_h = 24
+
 Seeds. ``seed`` (default 0) seeds everything random in a run. ``seeds = [3, 4, 5]`` runs
 every arm once per listed seed (distinct, >= 0) and reports means and 95% confidence
 intervals (``sim.report``); ``fedloom sim --seeds N`` overrides it with N seeds from
@@ -49,6 +73,7 @@ and noise are seeded from the job's seed here, so a run is reproducible.
 
 from __future__ import annotations
 
+import difflib
 import math
 import tomllib
 from collections.abc import Mapping
@@ -74,6 +99,7 @@ from fedloom.federation.secagg_params import (
     check_codec,
     read_secure_aggregation,
 )
+from fedloom.sim.compute import distribution_from_config
 from fedloom.workloads.dp_sgd import DpSgdConfig, check_model, read_dp_sgd
 
 
@@ -108,13 +134,41 @@ def site_ids(count: int) -> list[str]:
     return [f"site-{i:0{width}d}" for i in range(count)]
 
 
+# The links of a plan, by the roles at their ends, and the directed tiers each carries
+# (``sim.network`` counts bytes and picks codecs by tier, e.g. ``"site->region"``).
+LINKS: dict[str, tuple[str, ...]] = {
+    "site-root": ("site->root", "root->site"),
+    "site-region": ("site->region", "region->site"),
+    "region-root": ("region->root", "root->region"),
+    "peer-peer": ("peer->peer",),
+}
+TOPOLOGY_LINKS: dict[str, tuple[str, ...]] = {
+    "star": ("site-root",),
+    "hierarchical": ("site-region", "region-root"),
+    "gossip": ("peer-peer",),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class NetworkConfig:
     intra_region_rtt_ms: float
     inter_region_rtt_ms: float
+    # Probability that one message is lost on a WAN link (``sim.network`` message loss).
     loss: float
     region_rtt_ms: tuple[tuple[str, str, float], ...]
     root_region: str | None
+    # TCP packet loss rate: lowers throughput (Mathis), never drops a message.
+    packet_loss: float = 0.0
+    # ``[network.<link>] loss``: the message loss of one link (over ``loss``).
+    link_loss: tuple[tuple[str, float], ...] = ()
+    # What a lost message does: "drop" (it alone) or "reset" (the connection breaks and
+    # is back after ``reconnect_s``).
+    loss_effect: str = "drop"
+    reconnect_s: float = 1.0
+
+    def loss_by_tier(self) -> dict[str, float]:
+        """The message loss of each directed tier that ``[network.<link>]`` names."""
+        return {tier: p for link, p in self.link_loss for tier in LINKS[link]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +176,21 @@ class Partition:
     region: str
     start_s: float
     end_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnSpec:
+    """Sites offline during ``[start_s, end_s)``, again every ``every_s`` if given (a
+    daily window: ``every_s = 86400``). Which sites: the ids in ``sites``, the sites of
+    ``region``, a ``fraction`` of all sites drawn with the run seed, or (none of these)
+    every site."""
+
+    start_s: float
+    end_s: float
+    every_s: float | None = None
+    sites: tuple[str, ...] = ()
+    region: str | None = None
+    fraction: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +204,8 @@ class AvailabilityConfig:
     # its links go down, what was in flight is lost (a member leaving a secure cohort).
     offline_per_h: float = 0.0
     offline_s: float = 300.0
+    # ``[[availability.churn]]``: scheduled offline windows (one-off or periodic).
+    churn: tuple[ChurnSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +243,8 @@ class Arm:
     target_epsilon: float | None = None
     planned_releases: int = 0
     dp_sampling_rate: float | None = None
+    # ``[codec.<link>]``: the codec of one link (e.g. ``region-root``) over ``codec``.
+    link_codecs: tuple[tuple[str, CodecConfig], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +263,12 @@ class Scenario:
     baseline: str | None = None
     executor: str = "inline"
     workers: int = 2
+    # ``executor = "ray"``: an existing cluster ("auto", "HOST:6379", "ray://HOST:10001");
+    # None starts a local one with ``workers`` CPUs (sim.ray_executor).
+    ray_address: str | None = None
+    # ``parallel_runs = true`` (with ``executor = "ray"``): every arm on every seed at once,
+    # one Ray task each (its jobs inline in it); else one run after another, jobs as tasks.
+    parallel_runs: bool = False
     source: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
     # ``[dp_sgd]``: every site trains with record-level DP-SGD (workloads.dp_sgd).
@@ -233,7 +312,11 @@ def parse_scenario(
     target = top.number("target_accuracy", None, min=0.0, max=1.0)
     target_window_s = top.number("target_window_s", 0.0, min=0.0)
     baseline = top.text("baseline", None)
-    executor = top.text("executor", "inline", choices=("inline", "process"))
+    executor = top.text("executor", "inline", choices=("inline", "process", "ray"))
+    ray_address = _ray_address(top, executor)
+    parallel_runs = top.flag("parallel_runs", False)
+    if parallel_runs and executor != "ray":
+        raise ConfigError(f'parallel_runs: only with executor = "ray" (got {executor!r})')
     workers = top.integer("workers", 2, min=1)
 
     data = _data(top.table("data"))
@@ -284,11 +367,27 @@ def parse_scenario(
         baseline=baseline,
         executor=executor,
         workers=workers,
+        ray_address=ray_address,
+        parallel_runs=parallel_runs,
         source=source,
         meta=meta,
         dp_sgd=dp_sgd,
         seeds=seeds,
     )
+
+
+def _ray_address(t: Table, executor: str) -> str | None:
+    """``ray_address``: the Ray cluster to run on; only with ``executor = "ray"``."""
+    address = t.text("ray_address", None)
+    if address is None:
+        return None
+    if executor != "ray":
+        raise ConfigError(
+            f'{t.where("ray_address")}: only with executor = "ray" (got {executor!r})'
+        )
+    from fedloom.sim.ray_executor import check_ray_address  # imports no ray
+
+    return check_ray_address(address, t.where("ray_address"))
 
 
 def _seeds(t: Table) -> tuple[int, ...]:
@@ -375,7 +474,12 @@ def _site_names(t: Table) -> list[str]:
 
 
 def _placement(t: Table, regions: list[str], names: list[str]) -> dict[str, str]:
-    """``[sites.placement]``: region -> its sites; every site placed exactly once."""
+    """``[sites.placement]``: region -> its sites; every site placed exactly once. A
+    region's value is its list of site ids, or (in every region) a count: that many sites,
+    the next ones in site order, region after region in the table's order."""
+    counts = {r: v for r, v in t._data.items() if isinstance(v, int) and not isinstance(v, bool)}
+    if counts:
+        return _placement_counts(t, regions, names, counts)
     known = set(names)
     region_of: dict[str, str] = {}
     for region in list(t._data):
@@ -410,6 +514,36 @@ def _placement(t: Table, regions: list[str], names: list[str]) -> dict[str, str]
     return region_of
 
 
+def _placement_counts(
+    t: Table, regions: list[str], names: list[str], counts: Mapping[str, int]
+) -> dict[str, str]:
+    """``[sites.placement]`` by counts (``north = 40``): consecutive blocks of sites."""
+    for region in list(t._data):
+        if region not in counts:
+            raise ConfigError(
+                f"{t.where(region)}: give every region a count or every region a list of "
+                f"sites (region {next(iter(counts))!r} has a count)"
+            )
+        if region not in regions:
+            raise ConfigError(
+                f"{t.where(region)}: {region!r} is not in sites.regions ({', '.join(regions)})"
+            )
+        t.integer(region, min=1)
+    total = sum(counts.values())
+    if total != len(names):
+        raise ConfigError(
+            f"{t.where('').rstrip('.')}: the counts place {total} sites, but there are "
+            f"{len(names)}: every site needs exactly one region"
+        )
+    empty = [r for r in regions if r not in counts]
+    if empty:
+        raise ConfigError(
+            f"{t.where('').rstrip('.')}: region(s) {', '.join(empty)} of sites.regions have no site"
+        )
+    blocks = [region for region in t._data for _ in range(counts[region])]  # table order
+    return dict(zip(names, blocks, strict=True))
+
+
 def _network(t: Table, sites: SitesConfig) -> NetworkConfig:
     pairs: list[tuple[str, str, float]] = []
     rtt_table = t.table("region_rtt_ms")
@@ -424,15 +558,48 @@ def _network(t: Table, sites: SitesConfig) -> NetworkConfig:
     root_region = t.text("root_region", None)
     if root_region is not None and root_region not in sites.regions:
         raise ConfigError(f"{t.where('root_region')}: {root_region!r} is not in sites.regions")
+    link_loss: list[tuple[str, float]] = []
+    for link in _link_tables(t, "network", tables=("region_rtt_ms",)):
+        lt = t.table(link)
+        p = lt.number("loss", None, min=0.0, max=MAX_MESSAGE_LOSS)
+        lt.finish()
+        if p is None:
+            raise ConfigError(f"{lt.where('loss')}: required field is missing")
+        link_loss.append((link, p))
     cfg = NetworkConfig(
         intra_region_rtt_ms=t.number("intra_region_rtt_ms", 10.0, min=0.0),
         inter_region_rtt_ms=t.number("inter_region_rtt_ms", 60.0, min=0.0),
-        loss=t.number("loss", 0.0, min=0.0, max=0.5),
+        loss=t.number("loss", 0.0, min=0.0, max=MAX_MESSAGE_LOSS),
         region_rtt_ms=tuple(pairs),
         root_region=root_region,
+        packet_loss=t.number("packet_loss", 0.0, min=0.0, max=0.5),
+        link_loss=tuple(link_loss),
+        loss_effect=t.text("loss_effect", "drop", choices=("drop", "reset")),
+        reconnect_s=t.number("reconnect_s", 1.0, min=0.0, max=3600.0, exclusive_min=True),
     )
     t.finish()
     return cfg
+
+
+MAX_MESSAGE_LOSS = 0.9  # a message lost more often than not still leaves a run to study
+
+
+def _link_tables(t: Table, section: str, tables: tuple[str, ...] = ()) -> list[str]:
+    """The keys of ``t`` that are tables, but for its own ``tables``: each must name a
+    link (``LINKS``)."""
+    links = []
+    for key, value in t._data.items():
+        if not isinstance(value, Mapping) or key in tables:
+            continue
+        if key not in LINKS:
+            hint = difflib.get_close_matches(key, list(LINKS), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(
+                f"{t.where(key)}: not a link{extra}; [{section}.<link>] tables name one of "
+                f"{', '.join(LINKS)}"
+            )
+        links.append(key)
+    return links
 
 
 def _merged(shared: Mapping[str, Any], arm: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -464,22 +631,32 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         t.raw(key)
     own_params = {k: raw[k] for k in raw if k in ALGORITHM_FIELDS}
     training = read_training(Table(_merged(shared, raw, "training"), f"{t.where('training')}"))
-    codec = read_codec(Table(_merged(shared, raw, "codec"), f"{t.where('codec')}"))
+    codec, link_codecs = _codecs(
+        Table(_merged(shared, raw, "codec"), t.where("codec")), raw.get("codec") or {}, topology
+    )
     availability = _availability(
         Table(_merged(shared, raw, "availability"), f"{t.where('availability')}"), sites
     )
-    compute = _merged(shared, raw, "compute")
+    compute = _compute(shared["compute"], raw.get("compute") or {}, t.where("compute"))
     durability = _durability(Table(_merged(shared, raw, "durability"), t.where("durability")))
     secagg = read_secure_aggregation(
         Table(_merged(shared, raw, "secure_aggregation"), t.where("secure_aggregation"))
     )
     if secagg.enabled:
         check_codec(codec, t.where("codec"))
+        for link, link_codec in link_codecs:
+            check_codec(link_codec, t.where(f"codec.{link}"))
         if algorithm not in ("fedbuff", "fedavg", "fedprox"):
             raise ConfigError(
                 f"{t.where('secure_aggregation')}: secure aggregation runs on fedbuff arms "
                 f"(root and regions) and fedavg/fedprox roots, not {algorithm!r}"
             )
+    if link_codecs and durability.signing:
+        raise ConfigError(
+            f"{t.where('codec')}: per-link codecs ([codec.{link_codecs[0][0]}]) and "
+            "durability.signing cannot run together yet (a model signed for one link's codec "
+            "is checked against another's): remove one of them"
+        )
     privacy, calibration = _privacy(
         Table(_merged(shared, raw, "privacy"), t.where("privacy")),
         algorithm,
@@ -513,8 +690,57 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         durability=durability,
         secure_aggregation=secagg,
         privacy=privacy,
+        link_codecs=link_codecs,
         **calibration,
     )
+
+
+def _codecs(
+    t: Table, own: Mapping[str, Any], topology: str
+) -> tuple[CodecConfig, tuple[tuple[str, CodecConfig], ...]]:
+    """``[codec]`` (every link) and its ``[codec.<link>]`` tables: one link's ``up``,
+    ``down`` and ``topk_fraction`` over the section's own. An arm's own link table must
+    name a link of its topology (a shared one applies to the arms that have the link)."""
+    links = _link_tables(t, "codec")
+    base = {k: v for k, v in t._data.items() if k not in links}
+    codec = read_codec(Table(base, t.where("").rstrip(".")))
+    out: list[tuple[str, CodecConfig]] = []
+    for link in links:
+        if link in own and link not in TOPOLOGY_LINKS[topology]:
+            raise ConfigError(
+                f"{t.where(link)}: a {topology} arm has no {link} link (its links: "
+                f"{', '.join(TOPOLOGY_LINKS[topology])})"
+            )
+        t.table(link)  # read: the link's own fields are checked just below
+        merged = {**base, **t._data[link]}
+        if link in TOPOLOGY_LINKS[topology]:
+            out.append((link, read_codec(Table(merged, t.where(link)))))
+        else:
+            read_codec(Table(merged, t.where(link)))  # a mistake is one in any arm
+    return codec, tuple(out)
+
+
+def _compute(shared: Mapping[str, Any], own: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The arm's ``[compute]``: its own fields over the shared table's, unless it names
+    another ``distribution``: then its table replaces the shared one (a gaussian's
+    ``sd_s`` means nothing to a constant arm). Checked here, so a mistake names its
+    field (``arms[i].compute.sd_s``)."""
+
+    def kind(table: Mapping[str, Any]) -> Any:
+        k = table.get("distribution", "constant")
+        return k.lower().replace("_", "").replace("-", "") if isinstance(k, str) else k
+
+    switched = "distribution" in own and kind(own) != kind(shared)
+    merged = dict(own) if switched else {**shared, **own}
+    try:
+        distribution_from_config(merged)
+    except ValueError as exc:
+        text = str(exc)
+        for prefix in ("compute: ", "compute."):
+            if text.startswith(prefix):
+                text = text[len(prefix) :]
+        raise ConfigError(f"{where}: {text}") from None
+    return merged
 
 
 def _check_round_size(
@@ -614,7 +840,12 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
             raise ConfigError(f"{pt.where('end_h')}: must be after start_h")
         pt.finish()
         partitions.append(Partition(region, start_s, end_s))
+    churn = tuple(
+        _churn(Table(c, f"{t.where('churn')}[{i}]"), sites)
+        for i, c in enumerate(t.array("churn", []))
+    )
     cfg = AvailabilityConfig(
+        churn=churn,
         dropout=t.number("dropout", 0.0, min=0.0, max=0.99),
         death_fraction=t.number("death_fraction", 0.0, min=0.0, max=0.99),
         death_at_s=t.number("death_at_h", 0.0, min=0.0) * 3600.0,
@@ -626,8 +857,60 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
     return cfg
 
 
+def _churn(t: Table, sites: SitesConfig) -> ChurnSpec:
+    """One ``[[availability.churn]]`` window: ``start_h``, then ``end_h`` or
+    ``duration_h``; ``every_h`` repeats it (longer than the window); at most one of
+    ``sites``, ``region`` or ``fraction`` (none: every site)."""
+    start_s = t.number("start_h", min=0.0) * 3600.0
+    if t.has("end_h") == t.has("duration_h"):
+        raise ConfigError(f"{t.where('end_h')}: give end_h or duration_h (one of them)")
+    if t.has("end_h"):
+        end_s = t.number("end_h", min=0.0) * 3600.0
+        if end_s <= start_s:
+            raise ConfigError(f"{t.where('end_h')}: must be after start_h")
+    else:
+        end_s = start_s + t.number("duration_h", min=0.0, exclusive_min=True) * 3600.0
+    every_s = t.number("every_h", None, min=0.0, exclusive_min=True)
+    if every_s is not None:
+        every_s *= 3600.0
+        if every_s <= end_s - start_s:
+            raise ConfigError(
+                f"{t.where('every_h')}: a window repeated every {every_s / 3600:g} h must be "
+                f"shorter than that (it lasts {(end_s - start_s) / 3600:g} h)"
+            )
+    chosen = [k for k in ("sites", "region", "fraction") if t.has(k)]
+    if len(chosen) > 1:
+        raise ConfigError(
+            f"{t.where(chosen[1])}: give one of sites, region or fraction (or none: every site)"
+        )
+    ids = t.array("sites", [])
+    known = set(sites.site_names())
+    seen: set[str] = set()
+    for i, site in enumerate(ids):
+        if not isinstance(site, str) or site not in known:
+            raise ConfigError(f"{t.where('sites')}[{i}]: {site!r} is not a site of this scenario")
+        if site in seen:
+            raise ConfigError(f"{t.where('sites')}[{i}]: {site!r} is listed twice")
+        seen.add(site)
+    if t.has("sites") and not ids:
+        raise ConfigError(f"{t.where('sites')}: must list at least one site (or leave it out)")
+    spec = ChurnSpec(
+        start_s=start_s,
+        end_s=end_s,
+        every_s=every_s,
+        sites=tuple(ids),
+        region=t.text("region", None, choices=sites.regions),
+        fraction=t.number("fraction", None, min=0.0, max=1.0, exclusive_min=True),
+    )
+    t.finish()
+    return spec
+
+
 __all__ = [
+    "LINKS",
+    "TOPOLOGY_LINKS",
     "Arm",
+    "ChurnSpec",
     "ConfigError",
     "DurabilityConfig",
     "Restart",

@@ -210,12 +210,25 @@ def test_placement_gives_the_region_order_and_defaults_to_round_robin() -> None:
             "sites.placement.z: 'z' is not in sites.regions",
         ),
         ({"count": 1, "placement": ["site-000"]}, "sites.placement: expected a table"),
+        ({"count": 3, "placement": {"x": 1, "y": 1}}, "the counts place 2 sites, but there are 3"),
+        ({"count": 2, "placement": {"x": 1, "y": ["site-001"]}}, "sites.placement.y: give every"),
+        ({"count": 2, "placement": {"x": 2, "y": 0}}, "sites.placement.y: expected a number >= 1"),
+        (
+            {"count": 2, "regions": ["x", "z"], "placement": {"x": 2}},
+            "sites.placement: region(s) z of sites.regions have no site",
+        ),
     ],
 )
 def test_placement_mistakes_name_their_field(sites: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_scenario(minimal(sites=sites))
     assert message in str(err.value)
+
+
+def test_placement_by_counts_gives_consecutive_blocks_in_the_tables_order() -> None:
+    s = parse_scenario(placed({"south": 2, "north": 3}, count=5))  # type: ignore[dict-item]
+    assert s.sites.regions == ("south", "north")
+    assert [s.sites.region_of(i) for i in range(5)] == ["south"] * 2 + ["north"] * 3
 
 
 def test_placement_and_rtt_clustering_are_refused_together() -> None:
