@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -470,10 +470,6 @@ def _make_executor(scenario: Scenario, workload: Workload, ids: Sequence[str]) -
     inner: Executor
     if scenario.executor == "process":
         inner = PoolExecutor(trainer, workers=scenario.workers)
-    elif scenario.executor == "ray":  # sim.ray_executor: the ray extra, imported there
-        from fedloom.sim.ray_executor import RayExecutor
-
-        inner = RayExecutor(trainer, address=scenario.ray_address, workers=scenario.workers)
     else:
         inner = InlineExecutor(trainer)
     if scenario.dp_sgd is None:
@@ -844,41 +840,6 @@ def _seed_progress(progress: ProgressFn | None, seed: int) -> ProgressFn | None:
     return update
 
 
-def _seed_outcomes(
-    scenario: Scenario,
-    selected: Sequence[Arm],
-    run_seeds: Sequence[int],
-    progress: ProgressFn | None,
-    log: LogFn | None,
-) -> Iterator[tuple[list[ArmResult], Workload]]:
-    """Each seed's ``(results, workload)`` in order: one run after the other, or with
-    ``executor = "ray"`` and ``parallel_runs`` all runs at once as Ray tasks
-    (``sim.ray_executor.run_seeds_on_ray``). With Ray, one connection serves every run."""
-    if scenario.executor == "ray":
-        from fedloom.sim.ray_executor import RaySession, run_seeds_on_ray
-
-        with RaySession(scenario.ray_address, scenario.workers):
-            if scenario.parallel_runs:
-                yield from run_seeds_on_ray(scenario, selected, run_seeds, progress, log)
-            else:
-                yield from _seeds_in_turn(scenario, selected, run_seeds, progress, log)
-        return
-    yield from _seeds_in_turn(scenario, selected, run_seeds, progress, log)
-
-
-def _seeds_in_turn(
-    scenario: Scenario,
-    selected: Sequence[Arm],
-    run_seeds: Sequence[int],
-    progress: ProgressFn | None,
-    log: LogFn | None,
-) -> Iterator[tuple[list[ArmResult], Workload]]:
-    multi = len(run_seeds) > 1
-    for run_seed in run_seeds:
-        seed_progress = _seed_progress(progress, run_seed) if multi else progress
-        yield _run_seed(scenario, selected, run_seed, seed_progress, log)
-
-
 def run_scenario(
     scenario: Scenario,
     *,
@@ -892,8 +853,7 @@ def run_scenario(
 
     ``seeds`` (else ``resolve_seeds(scenario, seed)``): with two or more, every arm runs
     once per seed, one seed after the other (each seed's training jobs in the scenario's
-    executor, inline or the process pool; with ``executor = "ray"`` every arm on every seed
-    at once, as Ray tasks), and the report holds each run and their means
+    executor, inline or the process pool), and the report holds each run and their means
     and confidence intervals (``Report.runs``, ``sim.report.multi_seed_report``).
     """
     run_seeds = list(seeds) if seeds is not None else resolve_seeds(scenario, seed)
@@ -904,8 +864,9 @@ def run_scenario(
     multi = len(run_seeds) > 1
     per_seed: list[list[ArmResult]] = []
     workload: Workload | None = None
-    outcomes = _seed_outcomes(scenario, selected, run_seeds, progress, log)
-    for i, (run_seed, (results, built)) in enumerate(zip(run_seeds, outcomes, strict=True)):
+    for i, run_seed in enumerate(run_seeds):
+        seed_progress = _seed_progress(progress, run_seed) if multi else progress
+        results, built = _run_seed(scenario, selected, run_seed, seed_progress, log)
         workload = workload or built
         per_seed.append(results)
         if multi and log is not None:

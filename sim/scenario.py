@@ -263,12 +263,6 @@ class Scenario:
     baseline: str | None = None
     executor: str = "inline"
     workers: int = 2
-    # ``executor = "ray"``: an existing cluster ("auto", "HOST:6379", "ray://HOST:10001");
-    # None starts a local one with ``workers`` CPUs (sim.ray_executor).
-    ray_address: str | None = None
-    # ``parallel_runs = true`` (with ``executor = "ray"``): every arm on every seed at once,
-    # one Ray task each (its jobs inline in it); else one run after another, jobs as tasks.
-    parallel_runs: bool = False
     source: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
     # ``[dp_sgd]``: every site trains with record-level DP-SGD (workloads.dp_sgd).
@@ -312,11 +306,7 @@ def parse_scenario(
     target = top.number("target_accuracy", None, min=0.0, max=1.0)
     target_window_s = top.number("target_window_s", 0.0, min=0.0)
     baseline = top.text("baseline", None)
-    executor = top.text("executor", "inline", choices=("inline", "process", "ray"))
-    ray_address = _ray_address(top, executor)
-    parallel_runs = top.flag("parallel_runs", False)
-    if parallel_runs and executor != "ray":
-        raise ConfigError(f'parallel_runs: only with executor = "ray" (got {executor!r})')
+    executor = top.text("executor", "inline", choices=("inline", "process"))
     workers = top.integer("workers", 2, min=1)
 
     data = _data(top.table("data"))
@@ -367,27 +357,11 @@ def parse_scenario(
         baseline=baseline,
         executor=executor,
         workers=workers,
-        ray_address=ray_address,
-        parallel_runs=parallel_runs,
         source=source,
         meta=meta,
         dp_sgd=dp_sgd,
         seeds=seeds,
     )
-
-
-def _ray_address(t: Table, executor: str) -> str | None:
-    """``ray_address``: the Ray cluster to run on; only with ``executor = "ray"``."""
-    address = t.text("ray_address", None)
-    if address is None:
-        return None
-    if executor != "ray":
-        raise ConfigError(
-            f'{t.where("ray_address")}: only with executor = "ray" (got {executor!r})'
-        )
-    from fedloom.sim.ray_executor import check_ray_address  # imports no ray
-
-    return check_ray_address(address, t.where("ray_address"))
 
 
 def _seeds(t: Table) -> tuple[int, ...]:
