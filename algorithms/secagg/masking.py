@@ -124,29 +124,38 @@ def mask(
     pair_seeds: Mapping[str, bytes],
     me: str,
     parallel_map: ParallelMap | None = None,
+    *,
+    in_place: bool = False,
 ) -> U32:
     """``v + PRG(self_seed) + Σ_j pair_sign(me, j) · PRG(pair_seeds[j])`` mod 2^32, as a new
-    array (``v`` is not modified). ``pair_seeds`` maps every other member to the seed
-    ``me`` shares with it. ``parallel_map``: see ``_accumulate``."""
+    array (``v`` is not modified), or into ``v`` itself with ``in_place`` (a vector the
+    caller owns and drops: no 4-byte-per-coordinate copy). ``pair_seeds`` maps every other
+    member to the seed ``me`` shares with it. ``parallel_map``: see ``_accumulate``."""
     vec = _as_u32(v, "v")
     if me in pair_seeds:
         raise ValueError(f"pair_seeds names {me!r} itself")
-    out = vec.copy()
+    out = vec if in_place and vec.flags.writeable else vec.copy()
     terms = [(self_seed, 1), *((seed, pair_sign(me, peer)) for peer, seed in pair_seeds.items())]
     _accumulate(out, terms, parallel_map)
     return out
 
 
 def add_pair_masks(
-    v: U32, pair_seeds: Mapping[str, bytes], me: str, parallel_map: ParallelMap | None = None
+    v: U32,
+    pair_seeds: Mapping[str, bytes],
+    me: str,
+    parallel_map: ParallelMap | None = None,
+    *,
+    in_place: bool = False,
 ) -> U32:
-    """``v + Σ_j pair_sign(me, j) · PRG(pair_seeds[j])`` mod 2^32, as a new array: the
-    seal-dependent half of ``mask`` for a ``v`` that already carries ``PRG(self_seed)``
+    """``v + Σ_j pair_sign(me, j) · PRG(pair_seeds[j])`` mod 2^32, as a new array (or into
+    ``v`` with ``in_place``, as ``mask``): the seal-dependent half of ``mask`` for a ``v``
+    that already carries ``PRG(self_seed)``
     (``mask(v, b, pairs, me) == add_pair_masks(mask(v, b, {}, me), pairs, me)``)."""
     vec = _as_u32(v, "v")
     if me in pair_seeds:
         raise ValueError(f"pair_seeds names {me!r} itself")
-    out = vec.copy()
+    out = vec if in_place and vec.flags.writeable else vec.copy()
     _accumulate(
         out, [(seed, pair_sign(me, peer)) for peer, seed in pair_seeds.items()], parallel_map
     )

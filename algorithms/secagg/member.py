@@ -304,7 +304,7 @@ class SecAggMember:
             return False  # the seal refuses it with the reason
         self_seed = self._keys.fresh_secret()
         self._premasked[update.seq] = _Premasked(
-            update, params, self_seed, mask(vec, self_seed, {}, self.node_id)
+            update, params, self_seed, mask(vec, self_seed, {}, self.node_id, in_place=True)
         )
         while len(self._premasked) > MAX_PREMASKED:
             self._premasked.popitem(last=False)
@@ -452,7 +452,7 @@ class SecAggMember:
             except ValueError as exc:
                 return refuse("bad_update", str(exc))
             self_seed = self._keys.fresh_secret()
-            vec = mask(vec, self_seed, {}, me)
+            vec = mask(vec, self_seed, {}, me, in_place=True)
         randbytes = byte_stream(self._keys.fresh_secret())
         b_shares = split(self_seed, n, t, randbytes)
         s_shares = {j: split(pair_seeds[j], n, t, randbytes) for j in others}
@@ -467,7 +467,9 @@ class SecAggMember:
                 bundles.append((m, self._keys.seal_to(m, plain)))
         except SecAggCryptoError as exc:
             return refuse("unknown_key", str(exc))
-        masked = add_pair_masks(vec, pair_seeds, me)
+        # vec is this seal's alone (a fresh encoding, or the pre-masked one taken out
+        # above), so the pair masks go into it.
+        masked = add_pair_masks(vec, pair_seeds, me, in_place=True)
         data = masked.astype("<u4", copy=False).tobytes()
         record = {
             "cohort": msg.cohort,

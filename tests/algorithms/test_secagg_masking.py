@@ -153,3 +153,30 @@ def test_a_member_masking_with_a_wrong_pair_seed_is_caught_by_the_range_check() 
     )
     with pytest.raises(field.SumOutOfRangeError):
         field.decode_sum(total, spec, template, members=3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 6), d=st.integers(1, 64), seed=st.integers(0, 2**32 - 1))
+def test_in_place_masking_writes_the_same_words_into_the_callers_vector(
+    n: int, d: int, seed: int
+) -> None:
+    members = [f"site-{k:02d}" for k in range(n)]
+    me = members[0]
+    pairs = {j: _pair(me, j) for j in members[1:]}
+    v = np.random.default_rng(seed).integers(0, 2**32, size=d, dtype=np.uint32)
+    want = masking.mask(v, _seed("self", me), pairs, me)
+    premasked = masking.mask(v, _seed("self", me), {}, me)
+    assert not np.shares_memory(want, v) and not np.shares_memory(premasked, v)
+    own = v.copy()
+    got = masking.mask(own, _seed("self", me), {}, me, in_place=True)
+    assert got is own  # no copy: the self mask went into the vector
+    np.testing.assert_array_equal(got, premasked)
+    got = masking.add_pair_masks(own, pairs, me, in_place=True)
+    assert got is own
+    np.testing.assert_array_equal(got, want)
+    # A read-only vector is never written: in_place then masks a copy.
+    frozen = v.copy()
+    frozen.flags.writeable = False
+    out = masking.mask(frozen, _seed("self", me), pairs, me, in_place=True)
+    np.testing.assert_array_equal(out, want)
+    assert out is not frozen
