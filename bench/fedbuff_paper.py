@@ -22,9 +22,11 @@ sim --seeds N`` uses). Time to target is the sustained crossing (the scenario's 
 window; the first crossing is shown too). FedBuff's speed-up over arm X is the per-seed
 ratio t_X / t_FedBuff, summarised as its geometric mean and the Student-t 95% interval of
 the log-ratios (``sim.stats.ratio_summary``: the seeds pair the arms, sharing sites, data
-and faults). A seed where X never reached the target within the run gives no ratio; the
-table counts the seeds with one, "(k/n)", and says how many X missed (FedBuff's speed-up
-there is at least horizon / t_FedBuff).
+and faults). A seed where X never reached the target within the run is right-censored: X's
+time is counted as the latest the run could have seen it (the horizon less the target
+window for the sustained crossing, the horizon for the first), so the speed-up becomes a
+lower bound, shown "≥ ... (k never)". A seed where FedBuff never reached it gives no ratio,
+"(k/n)".
 
 Then FedBuff's server optimiser: server learning rate x heavy-ball momentum (``--server-lrs``,
 ``--momenta``; default {0.5, 1, 2} x {0, 0.9}), each point on the first ``--sweep-seeds``
@@ -38,6 +40,7 @@ speed-ups, sweep). The last line is the figure.
     nice -n 10 .venv/bin/python bench/fedbuff_paper.py                # ~10 min CPU
     .venv/bin/python bench/fedbuff_paper.py --quick                   # a smoke run, seconds
     .venv/bin/python bench/fedbuff_paper.py --hours 6 --seeds 5       # a shorter horizon
+    .venv/bin/python bench/fedbuff_paper.py --from runs/bench/fedbuff-paper   # reprint
 """
 
 from __future__ import annotations
@@ -56,7 +59,13 @@ from typing import Any
 
 from _common import ROOT
 
-from fedloom.sim.report import ArmResult, human_duration, multi_seed_report, write_report
+from fedloom.sim.report import (
+    ArmResult,
+    human_duration,
+    load_report,
+    multi_seed_report,
+    write_report,
+)
 from fedloom.sim.runner import build_workload, resolve_seeds, run_once
 from fedloom.sim.scenario import Arm, Scenario, parse_scenario
 from fedloom.sim.stats import RatioSummary, ratio_summary, summarize
@@ -169,26 +178,49 @@ def tune(runner: Runner, arm: Arm, seed: int) -> float:
 # ---------------------------------------------------------------------------------- speed-ups
 
 
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """What a run that never reached the target proves: its first crossing is after
+    ``duration_s`` (every evaluation was below), its sustained crossing after
+    ``duration_s - window_s`` (a later window would be cut short by the run's end)."""
+
+    duration_s: float
+    window_s: float
+
+    def bound(self, first: bool) -> float:
+        return self.duration_s if first else max(self.duration_s - self.window_s, 0.0)
+
+
 def _time(r: ArmResult, first: bool) -> float | None:
     return r.first_crossing_s if first else r.time_to_target_s
 
 
 def paired(
-    fedbuff: Sequence[ArmResult], other: Sequence[ArmResult], *, first: bool = False
+    fedbuff: Sequence[ArmResult],
+    other: Sequence[ArmResult],
+    *,
+    first: bool = False,
+    horizon: Horizon | None = None,
 ) -> list[float | None]:
-    """FedBuff's speed-up over ``other`` on each seed: t_other / t_fedbuff (None where
-    either never reached the target, or FedBuff at t = 0)."""
+    """FedBuff's speed-up over ``other`` on each seed: t_other / t_fedbuff. None where
+    FedBuff never reached the target (or at t = 0); where only ``other`` never did, None,
+    or with ``horizon`` the lower bound horizon.bound / t_fedbuff (right-censored)."""
     out: list[float | None] = []
     for b, o in zip(fedbuff, other, strict=True):
         tb, to = _time(b, first), _time(o, first)
-        out.append(None if tb is None or to is None or tb <= 0 else to / tb)
+        if tb is None or tb <= 0:
+            out.append(None)
+        elif to is None:
+            out.append(None if horizon is None else horizon.bound(first) / tb)
+        else:
+            out.append(to / tb)
     return out
 
 
-def missed(fedbuff: Sequence[ArmResult], other: Sequence[ArmResult]) -> int:
+def missed(fedbuff: Sequence[ArmResult], other: Sequence[ArmResult], *, first: bool = False) -> int:
     """Seeds where FedBuff reached the target and ``other`` never did (censored ratios)."""
     pairs = zip(fedbuff, other, strict=True)
-    return sum(1 for b, o in pairs if b.time_to_target_s is not None and o.time_to_target_s is None)
+    return sum(1 for b, o in pairs if _time(b, first) is not None and _time(o, first) is None)
 
 
 def show_ratio(r: RatioSummary, n: int) -> str:
@@ -199,6 +231,21 @@ def show_ratio(r: RatioSummary, n: int) -> str:
     if r.ci_low is not None and r.ci_high is not None:
         text += f" [{r.ci_low:.2f}–{r.ci_high:.2f}]"
     return text if r.n == n else f"{text} ({r.n}/{n})"
+
+
+def speedup_cell(
+    fedbuff: Sequence[ArmResult],
+    other: Sequence[ArmResult],
+    horizon: Horizon,
+    *,
+    first: bool = False,
+) -> str:
+    """FedBuff's speed-up over ``other``, seeds where ``other`` never reached the target
+    counted at the horizon: then a lower bound, ``≥1.80× [..] (2 never)``."""
+    n = len(fedbuff)
+    text = show_ratio(ratio_summary(paired(fedbuff, other, first=first, horizon=horizon)), n)
+    k = missed(fedbuff, other, first=first)
+    return f"≥{text} ({k} never)" if k else text
 
 
 def show_time(values: Sequence[float | None], n: int) -> str:
@@ -232,14 +279,14 @@ class SweepPoint:
 
 
 def table(
-    runs: Mapping[str, Sequence[ArmResult]], lrs: Mapping[str, float], hours: float
+    runs: Mapping[str, Sequence[ArmResult]], lrs: Mapping[str, float], horizon: Horizon
 ) -> list[str]:
     n = len(runs[FEDBUFF])
     fb = runs[FEDBUFF]
     head = (
-        f"{'arm':<30} {'lr':>5} {'time to target':>20} {'first crossing':>20} "
-        f"{'FedBuff speed-up':>26} {'(first crossing)':>26} {'~updates to target':>19} "
-        f"{'final acc':>15} {'late':>7}"
+        f"{'arm':<28} {'lr':>5} {'time to target':>18} {'first crossing':>18} "
+        f"{'FedBuff speed-up':>32} {'(first crossings)':>32} {'~updates to target':>18} "
+        f"{'final acc':>15} {'late':>6}"
     )
     lines = [head, "-" * len(head)]
     for name in ARMS:
@@ -248,80 +295,174 @@ def table(
         if name == FEDBUFF:
             sp = sp_first = "1"
         else:
-            sp = show_ratio(ratio_summary(paired(fb, rs)), n)
-            sp_first = show_ratio(ratio_summary(paired(fb, rs, first=True)), n)
-            k = missed(fb, rs)
-            if k:
-                sp += f" +{k} never"
+            sp = speedup_cell(fb, rs, horizon)
+            sp_first = speedup_cell(fb, rs, horizon, first=True)
         upd = summarize([updates_to_target(r) for r in rs])
         acc = summarize([r.final_accuracy for r in rs])
         late = summarize([float(r.extra.get("late_updates", 0)) for r in rs])
         lines.append(
-            f"{title:<30} {lrs[name]:>5g} "
-            f"{show_time([r.time_to_target_s for r in rs], n):>20} "
-            f"{show_time([r.first_crossing_s for r in rs], n):>20} {sp:>26} {sp_first:>26} "
-            f"{'—' if upd.mean is None else f'{upd.mean:,.0f}':>19} "
+            f"{title:<28} {lrs[name]:>5g} "
+            f"{show_time([r.time_to_target_s for r in rs], n):>18} "
+            f"{show_time([r.first_crossing_s for r in rs], n):>18} {sp:>32} {sp_first:>32} "
+            f"{'—' if upd.mean is None else f'{upd.mean:,.0f}':>18} "
             f"{acc.mean or 0:.3f} ± {(acc.ci_high or acc.mean or 0) - (acc.mean or 0):.3f} "
-            f"{late.mean or 0:>7,.0f}"
+            f"{late.mean or 0:>6,.0f}"
         )
+    hours = horizon.duration_s / 3600
     lines.append(
-        f"({n} seeds, {hours:g} virtual hours; mean ± 95% CI; speed-up = t_arm / t_FedBuff "
-        "paired by seed: geometric mean [95% CI]; '+k never': the arm missed the target on k "
-        "more seeds, where FedBuff reached it; late = answers discarded by over-selection)"
+        f"({n} seeds, {hours:g} virtual hours; times: mean ± 95% CI over the seeds that reached "
+        "the target (k/n); speed-up = t_arm / t_FedBuff paired by seed: geometric mean [95% CI "
+        "of the log-ratios]; '≥ (k never)': on k seeds the arm never reached the target and "
+        f"counts at {human_duration(horizon.bound(False))} (sustained) / "
+        f"{human_duration(horizon.bound(True))} (first), a lower bound; late = answers "
+        "over-selection discarded per run)"
     )
     return lines
 
 
 def sweep_table(
-    points: Sequence[SweepPoint], runs: Mapping[str, Sequence[ArmResult]], lr: float
+    points: Sequence[SweepPoint],
+    runs: Mapping[str, Sequence[ArmResult]],
+    lr: float,
+    horizon: Horizon,
 ) -> list[str]:
     lines = [
         f"FedBuff server optimiser sweep (client lr {lr:g}; {len(points[0].runs)} seeds each)",
-        f"{'server lr':>9} {'momentum':>8} {'time to target':>20} {'final acc':>9} "
-        f"{'vs FedAvg':>24} {'vs FedAvg os1.3':>24} {'vs FedAsync':>24}",
+        f"{'server lr':>9} {'momentum':>8} {'time to target':>18} {'final acc':>9} "
+        f"{'vs FedAvg':>30} {'vs FedAvg os1.3':>30} {'vs FedAsync':>30}",
     ]
     for p in points:
         n = len(p.runs)
-        cells = []
-        for other in ("fedavg-plain", "fedavg-os13", "fedasync"):
-            cells.append(show_ratio(ratio_summary(paired(p.runs, runs[other][:n])), n))
+        cells = [
+            speedup_cell(p.runs, runs[other][:n], horizon)
+            for other in ("fedavg-plain", "fedavg-os13", "fedasync")
+        ]
         acc = summarize([r.final_accuracy for r in p.runs])
         lines.append(
             f"{p.server_lr:>9g} {p.momentum:>8g} "
-            f"{show_time([r.time_to_target_s for r in p.runs], n):>20} {acc.mean or 0:>9.3f} "
-            + " ".join(f"{c:>24}" for c in cells)
+            f"{show_time([r.time_to_target_s for r in p.runs], n):>18} {acc.mean or 0:>9.3f} "
+            + " ".join(f"{c:>30}" for c in cells)
         )
     return lines
 
 
-def figure_line(runs: Mapping[str, Sequence[ArmResult]]) -> str:
+def figure_line(runs: Mapping[str, Sequence[ArmResult]], horizon: Horizon) -> str:
     """The bench's last line: FedBuff's speed-ups over plain FedAvg, FedAvg with 1.3
     over-selection and FedAsync, with their 95% intervals."""
     fb = runs[FEDBUFF]
-    n = len(fb)
 
     def cell(name: str) -> str:
-        text = show_ratio(ratio_summary(paired(fb, runs[name])), n)
-        k = missed(fb, runs[name])
-        return text + (f" +{k} never" if k else "")
+        return speedup_cell(fb, runs[name], horizon)
 
     return (
         f"fedbuff_paper: FedBuff speed-up over FedAvg {cell('fedavg-plain')}, over "
         f"FedAvg+overselect {cell('fedavg-os13')}, over FedAsync {cell('fedasync')} "
-        f"({n} seeds; paper {PAPER_SYNC}x / {PAPER_ASYNC}x)"
+        f"({len(fb)} seeds; paper {PAPER_SYNC}x / {PAPER_ASYNC}x)"
     )
 
 
-def _ratio_json(r: RatioSummary, per_seed: list[float | None]) -> dict[str, Any]:
+def _ratio_json(values: list[float | None]) -> dict[str, Any]:
+    r = ratio_summary(values)
+    return {"n": r.n, "geomean": r.geomean, "ci95": [r.ci_low, r.ci_high], "per_seed": values}
+
+
+def results_doc(
+    runs: Mapping[str, Sequence[ArmResult]],
+    points: Sequence[SweepPoint],
+    lrs: Mapping[str, float],
+    horizon: Horizon,
+    seeds: Sequence[int],
+    tune_seed: int,
+) -> dict[str, Any]:
+    """``fedbuff_paper.json``: the tuned rates, every speed-up (per seed too), the sweep."""
+    fb = runs[FEDBUFF]
+    speedups: dict[str, Any] = {}
+    for name in OTHERS:
+        o = runs[name]
+        speedups[name] = {
+            "sustained": _ratio_json(paired(fb, o)),
+            "first": _ratio_json(paired(fb, o, first=True)),
+            "sustained_censored": _ratio_json(paired(fb, o, horizon=horizon)),
+            "first_censored": _ratio_json(paired(fb, o, first=True, horizon=horizon)),
+            "missed": missed(fb, o),
+            "missed_first": missed(fb, o, first=True),
+        }
     return {
-        "n": r.n,
-        "geomean": r.geomean,
-        "ci95": [r.ci_low, r.ci_high],
-        "per_seed": per_seed,
+        "seeds": list(seeds),
+        "tune_seed": tune_seed,
+        "duration_s": horizon.duration_s,
+        "target_window_s": horizon.window_s,
+        "tuned_lr": dict(lrs),
+        "speedup": speedups,
+        "sweep": [
+            {
+                "server_lr": p.server_lr,
+                "momentum": p.momentum,
+                "time_to_target_s": [r.time_to_target_s for r in p.runs],
+                "first_crossing_s": [r.first_crossing_s for r in p.runs],
+                "final_accuracy": [r.final_accuracy for r in p.runs],
+            }
+            for p in points
+        ],
+        "paper": {"sync": PAPER_SYNC, "async": PAPER_ASYNC},
     }
 
 
+def sweep_from_doc(doc: Mapping[str, Any]) -> list[SweepPoint]:
+    """The sweep's points as ``fedbuff_paper.json`` keeps them (times and accuracies)."""
+    points = []
+    for p in doc["sweep"]:
+        runs = tuple(
+            ArmResult(
+                name=FEDBUFF,
+                algorithm="fedbuff",
+                topology="star",
+                final_accuracy=acc,
+                time_to_target_s=t,
+                first_crossing_s=f,
+            )
+            for t, f, acc in zip(
+                p["time_to_target_s"],
+                p.get("first_crossing_s", [None] * len(p["time_to_target_s"])),
+                p["final_accuracy"],
+                strict=True,
+            )
+        )
+        points.append(SweepPoint(p["server_lr"], p["momentum"], runs))
+    return points
+
+
+def print_results(
+    title: str,
+    runs: Mapping[str, Sequence[ArmResult]],
+    points: Sequence[SweepPoint],
+    lrs: Mapping[str, float],
+    horizon: Horizon,
+) -> str:
+    """Print the tables; return the figure line (printed last by the caller)."""
+    print()
+    print(title)
+    for line in table(runs, lrs, horizon):
+        print(line)
+    if points:
+        print()
+        for line in sweep_table(points, runs, lrs[FEDBUFF], horizon):
+            print(line)
+    return figure_line(runs, horizon)
+
+
 # ---------------------------------------------------------------------------------- main
+
+
+def replay(out: Path) -> str:
+    """``--from DIR``: print a finished run's tables and figure again (no simulation)."""
+    report = load_report(out / "report.json")
+    doc = json.loads((out / "fedbuff_paper.json").read_text(encoding="utf-8"))
+    horizon = Horizon(float(report.meta["duration_s"]), float(report.meta["target_window_s"]))
+    title = f"{report.scenario}: {report.description}"
+    line = print_results(title, report.runs, sweep_from_doc(doc), doc["tuned_lr"], horizon)
+    print(line)
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -336,14 +477,23 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="60 sites, 2 h: a smoke run")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "fedbuff-paper")
+    parser.add_argument(
+        "--from",
+        dest="replay",
+        type=Path,
+        default=None,
+        help="print the tables of a finished run's directory again, without running",
+    )
     args = parser.parse_args(argv)
+    if args.replay is not None:
+        return replay(args.replay)
     scenario = load(args.hours, args.quick)
     seeds = resolve_seeds(scenario, n_seeds=args.seeds)
     if args.tune_seed in seeds:
         raise SystemExit(f"--tune-seed {args.tune_seed} is one of the evaluation seeds {seeds}")
     wall0, cpu0 = time.perf_counter(), time.process_time()
     runner = Runner(scenario, print)
-    hours = scenario.duration_s / 3600
+    horizon = Horizon(scenario.duration_s, scenario.target_window_s)
 
     print(f"tuning the client lr of each arm on seed {args.tune_seed}")
     lrs = {name: tune(runner, arm_named(scenario, name), args.tune_seed) for name in ARMS}
@@ -375,53 +525,16 @@ def main(argv: Sequence[str] | None = None) -> str:
         "sites": scenario.sites.count,
         "target_window_s": scenario.target_window_s,
         "baseline": "fedavg-plain",
-        "tuned_lr": lrs,
-        "tune_seed": args.tune_seed,
     }
     report = multi_seed_report(
         scenario.name, seeds[0], scenario.description, seeds, dict(runs), meta
     )
     write_report(report, args.out, plots=not args.no_plots)
-    fb = runs[FEDBUFF]
-    doc = {
-        "seeds": seeds,
-        "tune_seed": args.tune_seed,
-        "hours": hours,
-        "tuned_lr": lrs,
-        "speedup": {
-            name: {
-                "sustained": _ratio_json(
-                    ratio_summary(paired(fb, runs[name])), paired(fb, runs[name])
-                ),
-                "first": _ratio_json(
-                    ratio_summary(paired(fb, runs[name], first=True)),
-                    paired(fb, runs[name], first=True),
-                ),
-                "missed": missed(fb, runs[name]),
-            }
-            for name in OTHERS
-        },
-        "sweep": [
-            {
-                "server_lr": p.server_lr,
-                "momentum": p.momentum,
-                "time_to_target_s": [r.time_to_target_s for r in p.runs],
-                "final_accuracy": [r.final_accuracy for r in p.runs],
-            }
-            for p in points
-        ],
-        "paper": {"sync": PAPER_SYNC, "async": PAPER_ASYNC},
-    }
+    doc = results_doc(runs, points, lrs, horizon, seeds, args.tune_seed)
     (args.out / "fedbuff_paper.json").write_text(json.dumps(doc, indent=1) + "\n")
 
-    print()
-    print(f"{scenario.name}: {scenario.description}")
-    for line in table(runs, lrs, hours):
-        print(line)
-    if points:
-        print()
-        for line in sweep_table(points, runs, lrs[FEDBUFF]):
-            print(line)
+    title = f"{scenario.name}: {scenario.description}"
+    line = print_results(title, runs, points, lrs, horizon)
     cpu = time.process_time() - cpu0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     load1, load5, load15 = os.getloadavg()
@@ -430,7 +543,6 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"{time.perf_counter() - wall0:.0f} s wall (load average {load1:.2f} {load5:.2f} "
         f"{load15:.2f}); report and plots in {args.out}"
     )
-    line = figure_line(runs)
     print(line)
     return line
 

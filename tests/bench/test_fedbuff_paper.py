@@ -56,11 +56,19 @@ def test_speedups_are_paired_by_seed_and_a_missed_target_is_counted_not_averaged
     # First crossings are paired the same way.
     asy = [arm("fedasync", 250.0, 50.0), arm("fedasync", 500.0, 100.0)]
     assert bench.paired(fb[:2], asy, first=True) == [0.5, 0.5]
+    # Censored at the horizon: the latest time the run could have seen the crossing (a
+    # sustained one needs its window inside the run), so the speed-up is a lower bound.
+    horizon = bench.Horizon(duration_s=1000.0, window_s=200.0)
+    assert bench.paired(fb, os13, horizon=horizon) == [1.5, 4.0, 1.0]
+    assert bench.paired(fb, os13, first=True, horizon=horizon) == [1.5, 5.0, 1.0]
     runs = {"fedbuff": fb, "fedavg-plain": avg, "fedavg-os13": os13, "fedasync": avg}
-    line = bench.figure_line(runs)
+    line = bench.figure_line(runs, horizon)
     assert line.startswith("fedbuff_paper: FedBuff speed-up over FedAvg 3.30× [3.30–3.30], ")
-    assert "over FedAvg+overselect 1.22× [" in line and "(2/3) +1 never" in line
+    assert "over FedAvg+overselect ≥1.82× [" in line and "] (1 never), over FedAsync" in line
     assert line.endswith("(3 seeds; paper 3.3x / 2.5x)")
+    # FedBuff never reaching the target gives no ratio at all, censored or not.
+    never = [arm("fedbuff", None), *fb[1:]]
+    assert bench.paired(never, avg, horizon=horizon) == [None, 3.3, 3.3]
 
 
 @pytest.mark.timeout(90)
@@ -75,6 +83,7 @@ def test_quick_mode_runs_every_arm_and_its_figure_matches_its_report(
     report = load_report(out / "report.json")
     assert report.seeds == (1, 2) and set(report.runs) == set(bench.ARMS)
     doc = json.loads((out / "fedbuff_paper.json").read_text())
+    assert bench.main(["--from", str(out)]) == line  # a finished run reprints alike
     fb = report.runs["fedbuff"]
     for name in bench.OTHERS:
         want = [
