@@ -66,7 +66,13 @@ from fedloom.sim.report import (
     multi_seed_report,
     write_report,
 )
-from fedloom.sim.runner import build_workload, resolve_seeds, run_once
+from fedloom.sim.runner import (
+    build_workload,
+    first_crossing,
+    resolve_seeds,
+    run_once,
+    sustained_crossing,
+)
 from fedloom.sim.scenario import Arm, Scenario, parse_scenario
 from fedloom.sim.stats import RatioSummary, ratio_summary, summarize
 
@@ -84,6 +90,7 @@ PAPER_SYNC = 3.3  # FedBuff over synchronous FL (Nguyen et al. 2022, abstract)
 PAPER_ASYNC = 2.5  # FedBuff over asynchronous FL ("up to")
 SERVER_LRS = (0.5, 1.0, 2.0)
 MOMENTA = (0.0, 0.9)
+TARGETS = (0.30, 0.35, 0.40)  # the speed-up-by-target table (0.40: the scenario's target)
 
 Log = Callable[[str], None]
 
@@ -346,6 +353,43 @@ def sweep_table(
     return lines
 
 
+def retarget(
+    runs: Mapping[str, Sequence[ArmResult]], target: float, window_s: float
+) -> dict[str, list[ArmResult]]:
+    """The same runs judged at another target accuracy (their accuracy series kept)."""
+    out: dict[str, list[ArmResult]] = {}
+    for name, rs in runs.items():
+        out[name] = [
+            replace(
+                r,
+                time_to_target_s=sustained_crossing(r.accuracy_series, target, window_s),
+                first_crossing_s=first_crossing(r.accuracy_series, target),
+            )
+            for r in rs
+        ]
+    return out
+
+
+def target_table(
+    runs: Mapping[str, Sequence[ArmResult]], targets: Sequence[float], horizon: Horizon
+) -> list[str]:
+    """FedBuff's speed-ups (sustained crossings) as the target accuracy moves."""
+    lines = [
+        "FedBuff speed-up by target accuracy (the same runs; sustained crossings)",
+        f"{'target':>6} {'FedBuff reaches at':>20} "
+        + " ".join(f"{'vs ' + OTHERS[o]:>34}" for o in OTHERS),
+    ]
+    for target in targets:
+        at = retarget(runs, target, horizon.window_s)
+        fb = at[FEDBUFF]
+        cells = [speedup_cell(fb, at[o], horizon) for o in OTHERS]
+        lines.append(
+            f"{target:>6g} {show_time([r.time_to_target_s for r in fb], len(fb)):>20} "
+            + " ".join(f"{c:>34}" for c in cells)
+        )
+    return lines
+
+
 def figure_line(runs: Mapping[str, Sequence[ArmResult]], horizon: Horizon) -> str:
     """The bench's last line: FedBuff's speed-ups over plain FedAvg, FedAvg with 1.3
     over-selection and FedAsync, with their 95% intervals."""
@@ -438,12 +482,17 @@ def print_results(
     points: Sequence[SweepPoint],
     lrs: Mapping[str, float],
     horizon: Horizon,
+    targets: Sequence[float] = (),
 ) -> str:
     """Print the tables; return the figure line (printed last by the caller)."""
     print()
     print(title)
     for line in table(runs, lrs, horizon):
         print(line)
+    if targets:
+        print()
+        for line in target_table(runs, targets, horizon):
+            print(line)
     if points:
         print()
         for line in sweep_table(points, runs, lrs[FEDBUFF], horizon):
@@ -454,13 +503,14 @@ def print_results(
 # ---------------------------------------------------------------------------------- main
 
 
-def replay(out: Path) -> str:
+def replay(out: Path, targets: Sequence[float] = ()) -> str:
     """``--from DIR``: print a finished run's tables and figure again (no simulation)."""
     report = load_report(out / "report.json")
     doc = json.loads((out / "fedbuff_paper.json").read_text(encoding="utf-8"))
     horizon = Horizon(float(report.meta["duration_s"]), float(report.meta["target_window_s"]))
     title = f"{report.scenario}: {report.description}"
-    line = print_results(title, report.runs, sweep_from_doc(doc), doc["tuned_lr"], horizon)
+    points = sweep_from_doc(doc)
+    line = print_results(title, report.runs, points, doc["tuned_lr"], horizon, targets)
     print(line)
     return line
 
@@ -484,9 +534,16 @@ def main(argv: Sequence[str] | None = None) -> str:
         default=None,
         help="print the tables of a finished run's directory again, without running",
     )
+    parser.add_argument(
+        "--targets",
+        type=float,
+        nargs="*",
+        default=list(TARGETS),
+        help="target accuracies for the speed-up-by-target table (the same runs)",
+    )
     args = parser.parse_args(argv)
     if args.replay is not None:
-        return replay(args.replay)
+        return replay(args.replay, args.targets)
     scenario = load(args.hours, args.quick)
     seeds = resolve_seeds(scenario, n_seeds=args.seeds)
     if args.tune_seed in seeds:
@@ -534,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     (args.out / "fedbuff_paper.json").write_text(json.dumps(doc, indent=1) + "\n")
 
     title = f"{scenario.name}: {scenario.description}"
-    line = print_results(title, runs, points, lrs, horizon)
+    line = print_results(title, runs, points, lrs, horizon, args.targets)
     cpu = time.process_time() - cpu0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     load1, load5, load15 = os.getloadavg()

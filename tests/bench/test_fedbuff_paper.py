@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -98,3 +99,12 @@ def test_quick_mode_runs_every_arm_and_its_figure_matches_its_report(
     os13 = report.runs["fedavg-os13"]
     assert all(int(r.extra["late_updates"]) > 0 for r in os13)
     assert all(r.updates_applied > 0 for r in report.runs["fedavg-plain"])
+
+
+def test_retarget_judges_the_same_series_at_another_target(bench: ModuleType) -> None:
+    series = [(0.0, 0.1), (100.0, 0.36), (200.0, 0.30), (300.0, 0.41), (400.0, 0.42), (500.0, 0.4)]
+    r = replace(arm("fedbuff", 300.0), accuracy_series=series)
+    low = bench.retarget({"fedbuff": [r]}, 0.35, 200.0)["fedbuff"][0]
+    assert (low.first_crossing_s, low.time_to_target_s) == (100.0, 300.0)  # 0.33 over [100, 300)
+    high = bench.retarget({"fedbuff": [r]}, 0.45, 200.0)["fedbuff"][0]
+    assert high.first_crossing_s is None and high.time_to_target_s is None
