@@ -20,13 +20,19 @@ Processes (all started here, all stopped here by PID):
   directory, outbox, ``SiteNode``, ``SecAggMember`` and encrypted connection); this
   machine has 2 cores and 50 site processes do not fit it. The trainer is loadgen's
   ``FixedDeltaTrainer`` (the model plus a fixed seeded delta, no training) behind a gate:
-  a site starts a job only when no update it sent (``Update`` or ``SecAggJoin``) awaits
-  its ``Ack`` (one update per site in flight, as sites whose training lasts about one
-  flush). Without the gate, zero-time training lets a secure site join again and again
-  (each join answers its task and brings a 4 MB model for the next) and the bench would
-  measure that flood, not the flush. Site-side work (masking, shares, decoding models) of
-  all N sites shares this machine's cores, where real sites mask in parallel on their own
-  machines: the secure cells are pessimistic.
+  a site starts a job only while fewer than ``--depth`` (2) updates it sent (``Update``
+  or ``SecAggJoin``) await their ``Ack``. The root gives a site its next task as soon as
+  the site answers the last one (a plain ``Update``, or a secure ``SecAggJoin``: the
+  join answers the task), so with depth 2 a site trains its next update while its last
+  one is being aggregated (secure: while its cohort masks, signs views and unmasks:
+  the cohorts are pipelined, at most two open per site), as a real site does; depth 1
+  (``--depth 1``, the bench before pipelining) holds the next job until the ack, so each
+  secure flush also waited for the next updates' training and pre-masking. Plain and
+  secure run with the same gate. Without the gate, zero-time training lets a secure site
+  join again and again (each join answers its task and brings a 4 MB model for the
+  next) and the bench would measure that flood, not the flush. Site-side work (masking,
+  shares, decoding models) of all N sites shares this machine's cores, where real sites
+  mask in parallel on their own machines: the secure cells are pessimistic.
 
 Dropouts are real: a site that drops dies (its daemon stops, its connection closes, the
 root sees it go down). SECURE: d members of each cohort (picked from a hash of the cohort
@@ -41,7 +47,9 @@ per flush) and restarts at once (its update never existed, so no flush waits for
 Time per flush: the interval between consecutive releases (the root's ``model_version``
 metric), median over ``--flushes`` flushes after ``--warmup``: what a version costs when
 the sites always have an update ready, dropouts included. Also shown: the secure
-cohort's latency from its seal to its release. Bytes per site per flush: the root's bytes
+cohort's latency from its seal to its release, and the CPU seconds per flush of the
+root process and of the site processes together (from ``/proc``: what a flush costs
+whatever else the machine runs). Bytes per site per flush: the root's bytes
 received from / sent to its sites over the measured flushes, / N / flushes (what a site
 sends / receives; models go down as fp32, masked vectors up as 4-byte field words).
 
@@ -252,7 +260,9 @@ async def root_host(args: dict[str, Any]) -> dict[str, Any]:
     serve_mod.build_peers = build_peers
     totals = [0, 0]  # bytes received, sent by the root (every link, summed)
     seen: dict[int, tuple[int, int]] = {}
-    releases: list[tuple[float, int, int, int]] = []  # (time, version, bytes in, out)
+    # (time, version, bytes in, bytes out, CPU s of the root, CPU s of the site processes)
+    releases: list[tuple[float, int, int, int, float, float]] = []
+    site_pids: list[int] = []
     sealed: dict[str, float] = {}
     latency: list[float] = []
     unmasked: list[str] = []
@@ -295,7 +305,10 @@ async def root_host(args: dict[str, Any]) -> dict[str, Any]:
             if type(e) is Metric and e.name == "model_version":
                 sample()
                 t = time.perf_counter()
-                releases.append((t, int(e.value), totals[0], totals[1]))
+                if not site_pids:
+                    site_pids.extend(read_pids(Path(args["pids"])))
+                cpu = (time.process_time(), sum(map(proc_cpu, site_pids)))
+                releases.append((t, int(e.value), totals[0], totals[1], *cpu))
                 if unmasked:
                     cid = unmasked.pop(0)
                     if cid in sealed:
@@ -350,6 +363,25 @@ async def root_host(args: dict[str, Any]) -> dict[str, Any]:
             k: getattr(node, k, None) for k in ("applied", "stale", "duplicates", "rejected")
         },
     }
+
+
+def read_pids(path: Path) -> list[int]:
+    """The site processes' PIDs, which ``measure`` writes once it started them."""
+    try:
+        return [int(x) for x in path.read_text(encoding="utf-8").split()]
+    except (OSError, ValueError):
+        return []
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process ``pid`` has used so far, from
+    ``/proc/PID/stat``; NaN where that cannot be read (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def phase_times(seal: float, release: float, marks: Mapping[str, list[float]]) -> dict[str, float]:
@@ -643,6 +675,7 @@ def measure(n: int, p: float, secure: bool, a: argparse.Namespace, workdir: Path
         "depth": a.depth,
         "p": p,
         "flags": str(flags),
+        "pids": str(workdir / "site-pids"),
         "profile": a.profile,
         "tag": f"{n}-{d}-{'secure' if secure else 'plain'}",
     }
@@ -657,6 +690,7 @@ def measure(n: int, p: float, secure: bool, a: argparse.Namespace, workdir: Path
     try:
         for proc in procs:
             proc.start()
+        (workdir / "site-pids").write_text(" ".join(str(p.pid) for p in procs[1:]))
         result = wait_result(out, procs, a.timeout + 120)
     finally:
         stop_processes(procs)
@@ -688,6 +722,9 @@ def measure(n: int, p: float, secure: bool, a: argparse.Namespace, workdir: Path
         },
         "up": bytes_in / n / flushes,
         "down": bytes_out / n / flushes,
+        # CPU seconds per flush: the root process, and all site processes together.
+        "cpu_root": (window[-1][4] - window[0][4]) / flushes,
+        "cpu_sites": (window[-1][5] - window[0][5]) / flushes,
     }
 
 
@@ -706,7 +743,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--site-procs", type=int, default=10, help="processes the sites run in (at most N)"
     )
-    parser.add_argument("--depth", type=int, default=1, help="unacked updates per site")
+    parser.add_argument(
+        "--depth", type=int, default=2, help="unacked updates per site (the gate; both modes)"
+    )
     parser.add_argument("--only", choices=("plain", "secure"), default=None, help="one mode")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the runs' files here")
     parser.add_argument("--profile", type=Path, default=None, help="cProfile stats into DIR")
@@ -749,7 +788,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 print(
                     f"  {n} sites, {row['d']} dropouts, {mode}: flush {row['interval']:.3f} s "
                     f"(runs: {', '.join(f'{x:.2f}' for x in row['intervals'])}; "
-                    f"{time.perf_counter() - started:.0f} s)",
+                    f"{time.perf_counter() - started:.0f} s); CPU per flush: root "
+                    f"{1e3 * row['cpu_root']:.0f} ms, sites {1e3 * row['cpu_sites']:.0f} ms; "
+                    f"load average {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )
                 if row["phases"]:
@@ -757,6 +798,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     print(f"    secure flush, median s after the seal: {parts}")
     print_table(rows)
     return rows
+
+
+def cpu_cell(row: Mapping[str, Any]) -> str:
+    """CPU seconds per flush, root + all sites (what a flush costs whatever the load)."""
+    return f"{row['cpu_root']:.2f} + {row['cpu_sites']:.2f}"
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -774,6 +820,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         "seal->release",
         "plain up/down MB",
         "secure up/down MB",
+        "CPU s/flush plain",
+        "CPU s/flush secure",
     ):
         table.add_column(col, justify="right")
     by = {(r["n"], r["p"], r["secure"]): r for r in rows}
@@ -791,8 +839,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{sec['latency']:.3f} s",
             f"{plain['up'] / 1e6:.2f} / {plain['down'] / 1e6:.2f}",
             f"{sec['up'] / 1e6:.2f} / {sec['down'] / 1e6:.2f}",
+            cpu_cell(plain),
+            cpu_cell(sec),
         )
-    Console(width=170).print(table)
+    Console(width=210).print(table)
     # The figure: the goal's cell (10 sites, 10%), or the first cell measured in its place.
     pairs = [(n, p) for n, p, sec in by if sec and (n, p, False) in by]
     if not pairs:
