@@ -67,7 +67,7 @@ from fedloom.runtime.driver import AsyncDriver  # noqa: E402
 from fedloom.runtime.network_peers import DialTarget, NetworkPeers  # noqa: E402
 from fedloom.runtime.signing import EndToEnd  # noqa: E402
 from fedloom.transport.codec_policy import CodecPolicy  # noqa: E402
-from fedloom.transport.e2e import digest_as_received, sign_update  # noqa: E402
+from fedloom.transport.e2e import sign_update, update_digest_sent  # noqa: E402
 from fedloom.transport.identity import Identity  # noqa: E402
 from fedloom.transport.limits import ModelLayout  # noqa: E402
 from fedloom.transport.roster import Roster  # noqa: E402
@@ -253,7 +253,7 @@ async def load(args: dict[str, Any], url: str) -> None:
     }
     up = CodecSpec(kind="fp16")
     codecs = CodecPolicy(up=up)
-    digest = digest_as_received(delta, up)  # once: every update carries this delta
+    digest = update_digest_sent(delta, up)  # once: every update carries this delta
     drivers = []
     for s in site_ids(args["sites"]):
         e2e = StandInSigning(ids[s], roster, delta, up, digest)

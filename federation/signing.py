@@ -4,8 +4,10 @@ What a node signs as it sends and checks as it receives (the rules are in
 ``runtime.signing``'s docstring; the envelopes and the digest in ``transport.e2e``):
 
 * an ``Update`` whose ``src`` is this node is signed for its recipient over the digest of
-  the delta as the recipient will decode it; a received one must come from its signer
-  (updates travel one hop) and verify with this node as recipient;
+  the delta as it goes on the wire (``transport.e2e.update_digest_sent``: float16 as
+  float16), which fixes what the recipient decodes; a received one must come from its
+  signer (updates travel one hop) and verify with this node as recipient over the digest
+  of what it decoded (``update_digest``);
 * a model (``TrainRequest``/``ModelBroadcast``) of version v is signed by the root once
   per version and settings (``{v, parent, digest, settings}``, parent the previous version
   it signed, settings the ``settings_digest`` of the message's training config, carried in
@@ -56,6 +58,8 @@ from fedloom.transport.e2e import (
     sign_model,
     sign_update,
     tensors_digest,
+    update_digest,
+    update_digest_sent,
     verify_model,
     verify_update,
 )
@@ -362,7 +366,7 @@ class EndToEndCore:
             if type(msg) is Update:
                 if msg.src != self.node_id:
                     return msg  # not ours: sent as is, and refused by a verifying peer
-                return self.signed_update(msg, peer, digest_as_received(msg.delta, spec))
+                return self.signed_update(msg, peer, update_digest_sent(msg.delta, spec))
             if type(msg) is MaskedUpdate:
                 return self.signed_masked(msg, peer) if msg.src == self.node_id else msg
             if type(msg) is TrainRequest or type(msg) is ModelBroadcast:
@@ -488,7 +492,7 @@ class EndToEndCore:
         try:
             if type(msg) is Update:
                 self.precheck_update(msg, peer)
-                self.verify_update(msg, held_digest(msg.delta))
+                self.verify_update(msg, update_digest(msg.delta))
             elif type(msg) is MaskedUpdate:
                 self.check_masked(msg, peer)
             elif type(msg) is TrainRequest or type(msg) is ModelBroadcast:

@@ -97,7 +97,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedloom.algorithms.protocol import Persist
-from fedloom.transport.half import half_to_float, to_half
+from fedloom.transport.half import half_source, half_to_float, to_half
 from fedloom.transport.limits import Limits
 from fedloom.transport.tensors import CodecSpec, decode_tensors, encode_tensor_parts
 from fedloom.transport.wire import MESSAGE_TYPES
@@ -355,10 +355,19 @@ def encode_state(obj: Any) -> list[bytes | memoryview]:
 def _exact_half(arr: npt.NDArray[Any]) -> npt.NDArray[Any] | None:
     """``arr`` as float16 (one-dimensional) if decoding that gives back exactly ``arr``,
     bit for bit (``transport.tensors`` decodes fp16 entries with ``half_to_float``, as
-    here); else None."""
+    here); else None. A tensor decoded from float16 (an update's delta) comes with that
+    float16 (``transport.half.half_source``): taken once its first values agree, with no
+    conversion."""
     if arr.dtype != _F32 or arr.size < _HALF_FROM:
         return None
     flat = arr.reshape(-1)
+    source = half_source(arr)
+    if source is not None:
+        half = source.reshape(-1)
+        if np.array_equal(
+            half_to_float(half[:_HALF_PROBE]).view(np.uint32), flat[:_HALF_PROBE].view(np.uint32)
+        ):
+            return half
     probe = flat[:_HALF_PROBE]
     with np.errstate(over="ignore", invalid="ignore"):
         back = probe.astype(np.float16).astype(_F32)

@@ -9,7 +9,9 @@ Sending (``seal``; the recipient is the connection's authenticated peer):
 
 * an ``Update`` whose ``src`` is this node (a site's delta, a region's aggregate): signed
   ``{src, seq, base_version, recipient, n_examples, digest}``, the digest taken over the
-  delta as the recipient will decode it (a lossy codec is applied first);
+  delta as it goes on the wire, which fixes what the recipient decodes
+  (``transport.e2e.update_digest_sent``: float16 as float16; a lossy codec is applied
+  first);
 * a ``TrainRequest``/``ModelBroadcast`` of version v from the root: the root signs
   ``{v, parent, digest, settings}`` once per version and config (cached: one model goes
   to many children; ``parent`` is the previous version it signed, 0 at first;
@@ -25,7 +27,8 @@ Receiving (``check``) raises a ``ProtocolError`` subclass, so the connection end
 the reason logged and the daemon lives on:
 
 * ``Update``: ``src`` must be the authenticated peer (updates travel one hop), and the
-  signature must verify with this node as recipient and the digest of the decoded delta;
+  signature must verify with this node as recipient and the digest of the decoded delta
+  (``transport.e2e.update_digest``: tensors decoded from float16 hashed as that float16);
 * ``TrainRequest``/``ModelBroadcast``: signed by a root of the roster over the digest of
   the decoded weights and the settings digest; a broadcast whose config is not those
   settings is refused (``unsigned_settings``); then the node's ``ModelVersionGuard``
@@ -74,7 +77,12 @@ from fedloom.federation.signing import (
 )
 from fedloom.runtime.relay_seq import RelaySeqState
 from fedloom.transport.channel import offload, tensor_bytes
-from fedloom.transport.e2e import digest_as_received, tensors_digest
+from fedloom.transport.e2e import (
+    digest_as_received,
+    tensors_digest,
+    update_digest,
+    update_digest_sent,
+)
 from fedloom.transport.errors import ProtocolError
 from fedloom.transport.identity import Identity
 from fedloom.transport.limits import Limits, ModelLayout
@@ -111,6 +119,17 @@ async def _digest(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec | Non
     if _nbytes(tensors) < INLINE_BELOW:
         return digest_as_received(tensors, spec)
     return await offload(digest_as_received, tensors, spec)
+
+
+async def _update_digest(delta: Mapping[str, npt.NDArray[Any]], spec: CodecSpec | None) -> bytes:
+    """An update's digest: as sent with ``spec``, or (None) as received and decoded."""
+    if spec is None:
+        if _nbytes(delta) < INLINE_BELOW:
+            return update_digest(delta)
+        return await offload(update_digest, delta)
+    if _nbytes(delta) < INLINE_BELOW:
+        return update_digest_sent(delta, spec)
+    return await offload(update_digest_sent, delta, spec)
 
 
 class _Once:
@@ -187,7 +206,7 @@ class EndToEnd(EndToEndCore):
             if type(msg) is Update:
                 if msg.src != self.node_id:
                     return msg  # not ours: sent as is, and refused by a verifying peer
-                return self.signed_update(msg, peer, await _digest(msg.delta, spec))
+                return self.signed_update(msg, peer, await _update_digest(msg.delta, spec))
             if type(msg) is MaskedUpdate:  # secure aggregation: signed like an update
                 return self.signed_masked(msg, peer) if msg.src == self.node_id else msg
             if type(msg) is TrainRequest or type(msg) is ModelBroadcast:
@@ -293,7 +312,7 @@ class EndToEnd(EndToEndCore):
         try:
             if type(msg) is Update:
                 self.precheck_update(msg, peer)
-                self.verify_update(msg, await _digest(msg.delta, None))
+                self.verify_update(msg, await _update_digest(msg.delta, None))
             elif type(msg) is MaskedUpdate:
                 self.check_masked(msg, peer)
             elif type(msg) is TrainRequest or type(msg) is ModelBroadcast:

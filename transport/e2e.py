@@ -22,6 +22,15 @@ proof with it. A receiver that knows the model's ``ModelLayout`` first checks th
 received tensors against it (``check_layout``: names, shapes and dtypes, no pass over the
 data), so tensors of another shape are refused before anything is hashed.
 
+An update's hash (``update_digest``, label ``fedloom-update-v2``) is the same digest with
+one difference: a tensor that travels as float16 (the fp16 codec) is hashed as that
+float16, its header entry saying ``<f2``, not as the float32 the receiver decodes from
+it. Decoding float16 to float32 is exact and one-to-one, so the digest still fixes
+exactly the delta the receiver applies; it hashes half the bytes, and the receiver takes
+the float16 its decoder kept (``transport.half.half_source``) instead of converting
+anything. The sender hashes what it puts on the wire (``update_digest_sent``). A v1
+signature (over the float32) never verifies as v2.
+
 ``ReplayGuard`` refuses an update id a site has used before (replay);
 ``ModelVersionGuard`` refuses a model version older than the newest one accepted
 (rollback), or a second, different model under a version already accepted.
@@ -39,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedloom.transport.errors import ProtocolError
-from fedloom.transport.half import half_to_float
+from fedloom.transport.half import F16, half_source, half_to_float
 from fedloom.transport.identity import Identity, key_text, verify_signature
 from fedloom.transport.limits import Limits, ModelLayout
 from fedloom.transport.roster import Roster
@@ -47,7 +56,9 @@ from fedloom.transport.settings import NO_SETTINGS, SETTINGS_BYTES
 from fedloom.transport.tensors import CodecSpec, Tensors, _to_fp16, decode_tensors, encode_tensors
 
 HASH_BYTES = 32
-_UPDATE_LABEL = "fedloom-update-v1"
+# v2: tensors sent as float16 are hashed as float16 (``update_digest``); a v1 signature
+# never verifies as v2.
+_UPDATE_LABEL = "fedloom-update-v2"
 # v2: the settings digest joined the envelope; a v1 signature never verifies as v2.
 _MODEL_LABEL = "fedloom-model-v2"
 MODEL_SIGNER_ROLES: frozenset[str] = frozenset({"root"})
@@ -167,6 +178,46 @@ def as_received(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec) -> Ten
         return out
     manifest, payload = encode_tensors(tensors, dataclasses.replace(spec, lz4=False))
     return decode_tensors(manifest, payload, _SENDER_LIMITS)
+
+
+def as_sent(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec) -> Tensors:
+    """What an update's digest covers when ``tensors`` are sent with ``spec``: with fp16,
+    each float tensor as the float16 the codec puts on the wire (``encode_tensor_parts``:
+    a float16 array as it is, any other float cast with the codec's saturating cast);
+    with any other codec, ``as_received``."""
+    if spec.kind != "fp16":
+        return as_received(tensors, spec)
+    out: Tensors = {}
+    for name, value in tensors.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind != "f" or arr.dtype == F16:
+            out[name] = arr  # travels raw, or is already the codec's float16
+            continue
+        flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+        out[name] = _to_fp16(flat).reshape(arr.shape)
+    return out
+
+
+def update_digest_sent(tensors: Mapping[str, npt.NDArray[Any]], spec: CodecSpec) -> bytes:
+    """The digest an update's sender signs for ``tensors`` sent with ``spec`` (module doc):
+    ``tensors_digest(as_sent(tensors, spec))``. Equals ``update_digest`` of what the
+    receiver decodes."""
+    return tensors_digest(as_sent(tensors, spec))
+
+
+def update_digest(tensors: Mapping[str, npt.NDArray[Any]]) -> bytes:
+    """The digest of an update's delta as its receiver holds it (module doc): each tensor
+    decoded from float16 (``transport.half.half_source``) is hashed as that float16, the
+    others as they are (floats as float32)."""
+    held: dict[str, npt.NDArray[Any]] = {}
+    for name, value in tensors.items():
+        half = half_source(value)
+        if half is None:
+            arr = np.asarray(value)  # floats as float32, as every decoder returns them
+            held[name] = arr.astype(np.float32, copy=False) if arr.dtype.kind == "f" else arr
+        else:
+            held[name] = half
+    return tensors_digest(held)
 
 
 def check_layout(layout: ModelLayout, tensors: object, what: str) -> None:

@@ -13,11 +13,18 @@ copied first, which is still far cheaper than numpy's conversion. Conversions go
 slices of torch's parallel grain size, so they run on the calling thread: a parallel
 region would wake torch's OpenMP workers, which then spin for a while on CPUs that the
 event loop, the channel pool and training need.
+
+Decoders remember the float16 bytes each float32 tensor they decoded from float16 came
+from (``remember_half``; ``half_source`` returns them while that tensor lives). A tensor
+so decoded holds exactly ``half_to_float`` of them, so what needs its float16 form (an
+update's signed digest, ``transport.e2e.update_digest``; the store's fp16 records) takes
+them instead of converting and checking again. Only read-only tensors are remembered.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from types import ModuleType
 from typing import Any
 
@@ -81,3 +88,39 @@ def half_all_finite(h: npt.NDArray[Any]) -> bool:
     ten times faster than ``np.isfinite`` on float16."""
     bits = np.ascontiguousarray(h, dtype=F16).reshape(-1).view(np.uint16)
     return not bool(((bits & _HALF_EXPONENT) == _HALF_EXPONENT).any())
+
+
+# id(float32 tensor) -> (a weak reference to it, the float16 it was decoded from)
+_SOURCES: dict[int, tuple[weakref.ref[Any], npt.NDArray[Any]]] = {}
+
+
+def remember_half(decoded: npt.NDArray[Any], half: npt.NDArray[Any]) -> None:
+    """Remember that read-only float32 ``decoded`` is ``half_to_float(half)``, element for
+    element (same shape), for as long as ``decoded`` lives. ``half`` must not change
+    afterwards (it is made read-only here)."""
+    if (
+        decoded.dtype != F32
+        or half.dtype != F16
+        or decoded.shape != half.shape
+        or decoded.flags.writeable
+    ):
+        raise ValueError("remember_half: a read-only float32 tensor and its float16 source")
+    half.flags.writeable = False
+    key = id(decoded)
+
+    def forget(ref: weakref.ref[Any]) -> None:  # runs as ``decoded`` dies: before its id
+        found = _SOURCES.get(key)  # can be reused
+        if found is not None and found[0] is ref:
+            del _SOURCES[key]
+
+    _SOURCES[key] = (weakref.ref(decoded, forget), half)
+
+
+def half_source(arr: object) -> npt.NDArray[Any] | None:
+    """The float16 tensor ``arr`` was decoded from (``remember_half``), or None: unknown,
+    or ``arr`` has been made writable since (it may have changed)."""
+    found = _SOURCES.get(id(arr))
+    if found is None or found[0]() is not arr:
+        return None
+    assert isinstance(arr, np.ndarray)
+    return None if arr.flags.writeable else found[1]

@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from fedloom.transport.buffer_pool import DECODED
 from fedloom.transport.errors import CodecError, DecompressionBomb, FrameTooLarge, describe
-from fedloom.transport.half import half_to_float
+from fedloom.transport.half import half_to_float, remember_half
 from fedloom.transport.limits import Limits
 from fedloom.transport.records import CHUNK_SIZE
 from fedloom.transport.tensors import (
@@ -324,6 +324,11 @@ class TensorStreamDecoder:
         # Allocated only now that every size is validated (np.empty: pages are touched
         # as pieces arrive).
         self._outputs = [_allocate(entry) for entry in self._entries]
+        # The float16 bytes of the entries that travel as float16, kept as they are
+        # decoded (``transport.half.remember_half``): their signed digest covers them.
+        self._halves = [
+            np.empty(entry.size, dtype=_F16) if _is_half(entry) else None for entry in self._entries
+        ]
         self._pieces_fed = 0
         self._received = 0
         self._index = 0  # entry receiving the next byte
@@ -406,9 +411,11 @@ class TensorStreamDecoder:
                 f"{self._pieces_fed} of {self.n_pieces} pieces"
             )
         out: Tensors = {}
-        for entry, arr in zip(self._entries, self._outputs, strict=True):
+        for entry, arr, half in zip(self._entries, self._outputs, self._halves, strict=True):
             arr = arr.reshape(entry.shape)
             arr.flags.writeable = False
+            if half is not None:
+                remember_half(arr, half.reshape(entry.shape))
             out[entry.name] = arr
         return out
 
@@ -475,6 +482,7 @@ class TensorStreamDecoder:
             if entry.dtype.kind == "b" and src.view(np.uint8).max() > 1:
                 raise CodecError(f"tensor {describe(entry.name)}: bool bytes other than 0/1")
             if entry.dtype == _F16:
+                self._keep_half(src, start, count)
                 half_to_float(src, out=dst)
             else:
                 with np.errstate(over="ignore"):
@@ -484,6 +492,7 @@ class TensorStreamDecoder:
         elif entry.codec == "fp16":
             half = np.frombuffer(data, dtype=_F16, count=count)
             _check_finite(entry.name, half, limits)
+            self._keep_half(half, start, count)
             half_to_float(half, out=dst)
         else:  # int8: x ~= q * scale, in float32 as decode_tensors computes it
             q = np.frombuffer(data, dtype=np.int8, count=count)
@@ -491,6 +500,16 @@ class TensorStreamDecoder:
                 np.multiply(q, np.float32(entry.scale), out=dst)
             check_int8_finite(entry, dst, limits)
         self._element = start + count
+
+    def _keep_half(self, half: npt.NDArray[Any], start: int, count: int) -> None:
+        kept = self._halves[self._index]
+        assert kept is not None
+        kept[start : start + count] = half
+
+
+def _is_half(entry: _Entry) -> bool:
+    """Whether ``entry``'s elements travel as float16 (the fp16 codec, or raw float16)."""
+    return entry.codec == "fp16" or (entry.codec == "raw" and entry.dtype == _F16)
 
 
 def _stored_itemsize(entry: _Entry) -> int:

@@ -49,7 +49,7 @@ from fedloom.transport.errors import (
     NonFiniteTensor,
     describe,
 )
-from fedloom.transport.half import half_all_finite, half_to_float, to_half
+from fedloom.transport.half import half_all_finite, half_to_float, remember_half, to_half
 from fedloom.transport.limits import Limits
 
 # Same alias as ``transport.wire.Tensors`` (not imported from there: wire imports us).
@@ -392,6 +392,11 @@ def decode_tensors(manifest: object, payload: object, limits: Limits = DEFAULT_L
         else:
             arr = _decode_topk(buf, offset, entry, limits)
         arr.flags.writeable = False
+        if entry.codec == "fp16" or (entry.codec == "raw" and entry.dtype == _F16):
+            # The float16 it came from (``transport.half.remember_half``), copied: ``buf``
+            # may be a caller's bytearray.
+            half = np.frombuffer(buf, dtype=_F16, count=entry.size, offset=offset)
+            remember_half(arr, half.reshape(entry.shape).copy())
         out[entry.name] = arr
         offset += entry.stored
     return out
