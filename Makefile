@@ -13,14 +13,14 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-# The development environment has every extra (sim, torch, dpsgd with privacy, tabular, export, test); a hospital's daemon
+# The development environment has every extra (sim, torch, dpsgd with privacy, tabular, export, ray, test); a hospital's daemon
 # needs only the base install (`make wheel-check` proves it works alone).
 # PYTHONWARNINGS: setuptools warns that an editable install may not behave like a regular
 # one ("Editable installation" UserWarning) on every install; that one warning is noise here.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	PYTHONWARNINGS="ignore:Editable installation:UserWarning" \
-		$(BIN)/pip install --quiet -e '.[sim,torch,dpsgd,tabular,export,test]'
+		$(BIN)/pip install --quiet -e '.[sim,torch,dpsgd,tabular,export,ray,test]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -57,6 +57,8 @@ _EXTRA_OF = {
     # `fedloom model export --format safetensors`, `fedloom run-report`.
     "safetensors": "export",
     "rocrate": "export",
+    # The simulator on a Ray cluster (`executor = "ray"`, `fedloom sim --ray-address`).
+    "ray": "ray",
 }
 
 

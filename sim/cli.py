@@ -1,6 +1,7 @@
 """The simulator side of the ``fedloom`` command line (``fedloom.cli`` dispatches here).
 
     fedloom sim SCENARIO [--out DIR] [--seed N] [--seeds N] [--arm NAME ...]
+                [--executor inline|process|ray] [--ray-address ADDR] [--parallel-runs]
                                                                     run a scenario in the simulator
     fedloom plan SCENARIO [--out DIR] [--arm NAME]                  show and draw an arm's topology
 
@@ -46,6 +47,29 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="NAME",
         help="run only this arm (repeatable; default: all arms)",
     )
+    sim.add_argument(
+        "--executor",
+        choices=("inline", "process", "ray"),
+        default=None,
+        help="where training runs (overrides the scenario's executor): in this process, in "
+        "a pool of `workers` processes, or on a Ray cluster (the ray extra)",
+    )
+    sim.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="run on this existing Ray cluster (implies --executor ray): 'auto' on a node of "
+        "the cluster, or HOST:6379; without it --executor ray starts a local cluster with "
+        "`workers` CPUs. Example: fedloom sim scenarios/hospitals.toml --ray-address auto "
+        "--parallel-runs --seeds 5",
+    )
+    sim.add_argument(
+        "--parallel-runs",
+        action="store_true",
+        help="with Ray: run every arm on every seed at once, one Ray task each, instead of "
+        "one run after another with each training job a Ray task (implies --executor ray); "
+        "the report is the same",
+    )
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
 
     plan = sub.add_parser(
@@ -75,6 +99,9 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             arms=args.arm,
             quiet=args.quiet,
             n_seeds=args.seeds,
+            executor=args.executor,
+            ray_address=args.ray_address,
+            parallel_runs=args.parallel_runs,
         )
     if args.command == "plan":
         return cmd_plan(args.scenario, out=args.out, arm=args.arm)

@@ -67,12 +67,18 @@ def cmd_sim(
     arms: Sequence[str] | None,
     quiet: bool,
     n_seeds: int | None = None,
+    executor: str | None = None,
+    ray_address: str | None = None,
+    parallel_runs: bool = False,
 ) -> int:
+    from fedloom.sim.ray_executor import with_executor_flags
     from fedloom.sim.report import summary_table, write_report
 
     if n_seeds is not None and n_seeds < 1:  # before reading anything
         raise ConfigError(f"--seeds: the number of seeds must be at least 1, got {n_seeds}")
     scenario = load_scenario(scenario_path)
+    if executor is not None or ray_address is not None or parallel_runs:
+        scenario = with_executor_flags(scenario, executor, ray_address, parallel_runs)
     selected = _select_arms(scenario, arms)
     seeds = resolve_seeds(scenario, seed, n_seeds)
     out_dir = out if out is not None else Path("runs") / scenario.name

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -478,6 +478,10 @@ def _make_executor(scenario: Scenario, workload: Workload, ids: Sequence[str]) -
     return LedgerExecutor(inner, scenario.dp_sgd, lambda site: workload.n_examples(index[site]))
 
 
+    elif scenario.executor == "ray":  # sim.ray_executor: the ray extra, imported there
+        from fedloom.sim.ray_executor import RayExecutor
+
+        inner = RayExecutor(trainer, address=scenario.ray_address, workers=scenario.workers)
 def run_once(
     scenario: Scenario,
     arm: Arm,
@@ -848,12 +852,48 @@ def run_scenario(
     arms: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
     log: LogFn | None = None,
+def _seed_outcomes(
+    scenario: Scenario,
+    selected: Sequence[Arm],
+    run_seeds: Sequence[int],
+    progress: ProgressFn | None,
+    log: LogFn | None,
+) -> Iterator[tuple[list[ArmResult], Workload]]:
+    """Each seed's ``(results, workload)`` in order: one run after the other, or with
+    ``executor = "ray"`` and ``parallel_runs`` all runs at once as Ray tasks
+    (``sim.ray_executor.run_seeds_on_ray``). With Ray, one connection serves every run."""
+    if scenario.executor == "ray":
+        from fedloom.sim.ray_executor import RaySession, run_seeds_on_ray
+
+        with RaySession(scenario.ray_address, scenario.workers):
+            if scenario.parallel_runs:
+                yield from run_seeds_on_ray(scenario, selected, run_seeds, progress, log)
+            else:
+                yield from _seeds_in_turn(scenario, selected, run_seeds, progress, log)
+        return
+    yield from _seeds_in_turn(scenario, selected, run_seeds, progress, log)
+
+
+def _seeds_in_turn(
+    scenario: Scenario,
+    selected: Sequence[Arm],
+    run_seeds: Sequence[int],
+    progress: ProgressFn | None,
+    log: LogFn | None,
+) -> Iterator[tuple[list[ArmResult], Workload]]:
+    multi = len(run_seeds) > 1
+    for run_seed in run_seeds:
+        seed_progress = _seed_progress(progress, run_seed) if multi else progress
+        yield _run_seed(scenario, selected, run_seed, seed_progress, log)
+
+
 ) -> Report:
     """Run the scenario's arms (all, or the named ones) and gather the report.
 
     ``seeds`` (else ``resolve_seeds(scenario, seed)``): with two or more, every arm runs
     once per seed, one seed after the other (each seed's training jobs in the scenario's
-    executor, inline or the process pool), and the report holds each run and their means
+    executor: inline, the process pool or Ray tasks; with ``parallel_runs`` every arm on every
+    seed at once, one Ray task each), and the report holds each run and their means
     and confidence intervals (``Report.runs``, ``sim.report.multi_seed_report``).
     """
     run_seeds = list(seeds) if seeds is not None else resolve_seeds(scenario, seed)
@@ -864,9 +904,8 @@ def run_scenario(
     multi = len(run_seeds) > 1
     per_seed: list[list[ArmResult]] = []
     workload: Workload | None = None
-    for i, run_seed in enumerate(run_seeds):
-        seed_progress = _seed_progress(progress, run_seed) if multi else progress
-        results, built = _run_seed(scenario, selected, run_seed, seed_progress, log)
+    outcomes = _seed_outcomes(scenario, selected, run_seeds, progress, log)
+    for i, (run_seed, (results, built)) in enumerate(zip(run_seeds, outcomes, strict=True)):
         workload = workload or built
         per_seed.append(results)
         if multi and log is not None:

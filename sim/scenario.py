@@ -69,6 +69,11 @@ Record-level DP-SGD. A top-level ``[dp_sgd]`` table (``noise_multiplier``,
 train its torch model with Opacus and keep a privacy ledger (in memory, one per site); a
 site stops training once its next job would spend more than ``epsilon_budget``. Sampling
 and noise are seeded from the job's seed here, so a run is reproducible.
+
+Executors. ``executor`` is where training jobs run: ``"inline"`` (default), ``"process"``
+(a pool of ``workers`` processes) or ``"ray"`` (``sim.ray_executor``: a local Ray cluster of
+``workers`` CPUs, or the cluster at ``ray_address``; ``parallel_runs = true`` runs every arm
+on every seed at once, one Ray task each). The report is the same with every executor.
 """
 
 from __future__ import annotations
@@ -265,6 +270,12 @@ class Scenario:
     workers: int = 2
     source: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # ``executor = "ray"``: an existing cluster ("auto", "HOST:6379", "ray://HOST:10001");
+    # None starts a local one with ``workers`` CPUs (sim.ray_executor).
+    ray_address: str | None = None
+    # ``parallel_runs = true`` (with ``executor = "ray"``): every arm on every seed at once,
+    # one Ray task each (its jobs inline in it); else one run after another, jobs as tasks.
+    parallel_runs: bool = False
     # ``[dp_sgd]``: every site trains with record-level DP-SGD (workloads.dp_sgd).
     dp_sgd: DpSgdConfig | None = None
     # ``seeds = [...]``: run every arm once per seed (empty: once, with ``seed``).
@@ -306,7 +317,11 @@ def parse_scenario(
     target = top.number("target_accuracy", None, min=0.0, max=1.0)
     target_window_s = top.number("target_window_s", 0.0, min=0.0)
     baseline = top.text("baseline", None)
-    executor = top.text("executor", "inline", choices=("inline", "process"))
+    executor = top.text("executor", "inline", choices=("inline", "process", "ray"))
+    ray_address = _ray_address(top, executor)
+    parallel_runs = top.flag("parallel_runs", False)
+    if parallel_runs and executor != "ray":
+        raise ConfigError(f'parallel_runs: only with executor = "ray" (got {executor!r})')
     workers = top.integer("workers", 2, min=1)
 
     data = _data(top.table("data"))
@@ -360,6 +375,8 @@ def parse_scenario(
         source=source,
         meta=meta,
         dp_sgd=dp_sgd,
+        ray_address=ray_address,
+        parallel_runs=parallel_runs,
         seeds=seeds,
     )
 
@@ -367,6 +384,20 @@ def parse_scenario(
 def _seeds(t: Table) -> tuple[int, ...]:
     """``seeds``: a non-empty list of distinct non-negative integers ((): not given)."""
     if not t.has("seeds"):
+def _ray_address(t: Table, executor: str) -> str | None:
+    """``ray_address``: the Ray cluster to run on; only with ``executor = "ray"``."""
+    address = t.text("ray_address", None)
+    if address is None:
+        return None
+    if executor != "ray":
+        raise ConfigError(
+            f'{t.where("ray_address")}: only with executor = "ray" (got {executor!r})'
+        )
+    from fedloom.sim.ray_executor import check_ray_address  # imports no ray
+
+    return check_ray_address(address, t.where("ray_address"))
+
+
         return ()
     values = t.array("seeds")
     if not values:

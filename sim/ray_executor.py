@@ -1,0 +1,245 @@
+"""Ray as the simulator's engine beyond one machine (``executor = "ray"``).
+
+Runs go to a local Ray cluster started for the scenario (``workers`` CPUs, no dashboard,
+quiet logs, shut down at the end) or to an existing cluster (``ray_address = "auto"`` on a
+cluster node, or ``"HOST:6379"``). One of two levels runs as Ray tasks:
+
+* by default, every training job (``RayExecutor``): the runs (arms × seeds) go one after
+  another, and each job is submitted at its start event with its weights snapshot and
+  joined at its end event, as with the process pool. For a run whose training dominates.
+* with ``parallel_runs = true`` (``fedloom sim --parallel-runs``), every run of an arm on a
+  seed (``run_seeds_on_ray``): they are independent, so all start at once, one task and one
+  CPU each, training their own jobs inline; the driver gathers them in scenario order. For
+  many arms and seeds. (Not both at once: a run waiting on its own job tasks would hold a
+  worker process while more start, slower than either.)
+
+Results do not depend on where a job or a run executes: a job is a pure function of
+``(node_id, weights, config)`` with its randomness from ``config["seed"]``, and a run is a
+pure function of (scenario, arm, seed). report.json is byte-identical to the inline
+executor's for the same seeds (``tests/sim/test_ray_executor.py``); only the wall-clock
+numbers in timing.json differ. Workers need the same fedloom and extras as the driver (the
+code is imported there by name); data and weights travel with the tasks' arguments.
+
+Ray is an extra (``pip install 'fedloom[ray]'``) and is imported only here, inside the
+functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from fedloom.algorithms.protocol import TrainResult, Weights
+from fedloom.federation.config_reader import ConfigError
+from fedloom.federation.training import Trainer
+from fedloom.sim.scenario import Scenario
+
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+RAY_MISSING = "executor = \"ray\" needs the ray package: pip install 'fedloom[ray]'"
+
+
+def import_ray() -> Any:
+    """The ``ray`` module, or a ``ConfigError`` naming the extra that installs it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(RAY_MISSING) from None
+    return ray
+
+
+def check_ray_address(address: str, where: str) -> str:
+    """``address`` if it can name a Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT"),
+    else a ``ConfigError`` at ``where``."""
+    if (
+        not address
+        or len(address) > 255
+        or any(c.isspace() or not c.isprintable() for c in address)
+    ):
+        raise ConfigError(
+            f'{where}: expected "auto", "HOST:PORT" or "ray://HOST:PORT", got {address[:80]!r}'
+        )
+    return address
+
+
+def with_executor_flags(
+    scenario: Scenario,
+    executor: str | None = None,
+    ray_address: str | None = None,
+    parallel_runs: bool = False,
+) -> Scenario:
+    """The scenario with ``fedloom sim``'s ``--executor``, ``--ray-address`` and
+    ``--parallel-runs`` applied. The last two mean Ray: with ``--executor`` naming another
+    executor they are an error."""
+    wants_ray = ray_address is not None or parallel_runs
+    if executor is not None and executor != "ray" and wants_ray:
+        flag = "--ray-address" if ray_address is not None else "--parallel-runs"
+        raise ConfigError(f"{flag}: only with --executor ray (got --executor {executor})")
+    chosen = executor or ("ray" if wants_ray else scenario.executor)
+    if chosen != "ray":
+        return replace(scenario, executor=chosen, ray_address=None, parallel_runs=False)
+    return replace(
+        scenario,
+        executor="ray",
+        ray_address=(
+            check_ray_address(ray_address, "--ray-address")
+            if ray_address is not None
+            else scenario.ray_address
+        ),
+        parallel_runs=parallel_runs or scenario.parallel_runs,
+    )
+
+
+class RaySession:
+    """A connection to a Ray cluster for one run.
+
+    If this process is already connected (a session opened further up, or a Ray worker
+    running an arm), it is used and left alone. Otherwise ``address`` None starts a local
+    cluster with ``workers`` CPUs, and an address connects to that cluster; ``close`` then
+    disconnects (and stops the local cluster it started).
+    """
+
+    def __init__(self, address: str | None = None, workers: int = 2) -> None:
+        if isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers!r}")
+        self.ray = import_ray()
+        self.owned = False
+        self._auth_mode = os.environ.get("RAY_AUTH_MODE")
+        if self.ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report
+        quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+        # A new local cluster keeps Ray's default token authentication, without the
+        # warning Ray logs to say so at every start.
+        auth_log = logging.getLogger(_AUTH_LOGGER)
+        level = auth_log.level
+        auth_log.setLevel(logging.ERROR)
+        try:
+            if address is None:
+                self.ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, **quiet)
+            else:
+                self.ray.init(address=address, **quiet)
+        except ConnectionError as exc:
+            raise ConfigError(f"ray_address {address!r}: cannot connect: {exc}") from None
+        finally:
+            auth_log.setLevel(level)
+        self.owned = True
+
+    def close(self) -> None:
+        if self.owned and self.ray.is_initialized():
+            self.ray.shutdown()
+            # ray.init sets RAY_AUTH_MODE for this process; leave it as it was before.
+            if self._auth_mode is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
+            else:
+                os.environ["RAY_AUTH_MODE"] = self._auth_mode
+        self.owned = False
+
+    def __enter__(self) -> RaySession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _run_job(trainer: Trainer, node_id: str, weights: Weights, config: Mapping[str, Any]) -> Any:
+    """One training job in a Ray worker (the trainer arrives from the object store)."""
+    return trainer(node_id, weights, config)
+
+
+class RayExecutor:
+    """Runs each training job as a Ray task (one CPU each); the trainer is put in the object
+    store once and shared by every job."""
+
+    def __init__(self, trainer: Trainer, *, address: str | None = None, workers: int = 2) -> None:
+        self._session = RaySession(address, workers)
+        ray = self._session.ray
+        self._ray = ray
+        self._trainer = ray.put(trainer)
+        self._remote = ray.remote(num_cpus=1, max_retries=0)(_run_job)
+
+    def submit(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> Any:
+        return self._remote.remote(self._trainer, node_id, weights, dict(config))
+
+    def join(self, ticket: Any) -> TrainResult:
+        try:
+            result: TrainResult = self._ray.get(ticket)
+        except self._ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            raise cause from None  # the job's own exception, as inline and the pool give
+        return result
+
+    def discard(self, ticket: Any) -> None:
+        # Not started yet: it never runs; running or done: its result is dropped. Freeing
+        # is best effort, never fatal.
+        with contextlib.suppress(Exception):
+            self._ray.cancel(ticket)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------- arms and seeds
+
+
+def _run_arm_task(scenario: Any, arm: Any, workload: Any, seed: int) -> tuple[Any, list[str]]:
+    """One arm on one seed in a Ray worker, its training jobs inline. Returns the result and
+    the lines the arm logged (a sweep's points), for the driver to print."""
+    from fedloom.sim.runner import run_arm
+
+    lines: list[str] = []
+    result = run_arm(replace(scenario, executor="inline"), arm, workload, seed, None, lines.append)
+    return result, lines
+
+
+def run_seeds_on_ray(
+    scenario: Any,
+    selected: Sequence[Any],
+    seeds: Sequence[int],
+    progress: Callable[[str, float, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[tuple[list[Any], Any]]:
+    """Every selected arm on every seed as concurrent Ray tasks (``parallel_runs``); yields
+    each seed's ``(results, workload)`` in order, as ``runner._run_seed`` gives them.
+
+    Each seed's workload is built and every arm is preflighted here first (a bad arm stops
+    the scenario before anything runs); progress bars move when a run finishes."""
+    from fedloom.sim.runner import against_plain, build_workload, preflight
+
+    with RaySession(scenario.ray_address, scenario.workers) as session:
+        ray = session.ray
+        task = ray.remote(num_cpus=1, max_retries=0)(_run_arm_task)
+        pending: list[tuple[int, Any, list[Any]]] = []
+        for seed in seeds:
+            workload = build_workload(scenario, seed)
+            if len(selected) > 1:
+                preflight(scenario, selected, workload, seed)
+            ref = ray.put(workload)
+            refs = [task.remote(scenario, arm, ref, seed) for arm in selected]
+            pending.append((seed, workload, refs))
+        multi = len(seeds) > 1
+        for seed, workload, refs in pending:
+            results = []
+            for arm, ref in zip(selected, refs, strict=True):
+                try:
+                    result, lines = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                    raise cause from None
+                if log is not None:
+                    for line in lines:
+                        log(line)
+                if progress is not None:
+                    label = f"{arm.name} · seed {seed}" if multi else arm.name
+                    progress(label, scenario.duration_s, scenario.duration_s)
+                results.append(result)
+            yield against_plain(selected, results), workload

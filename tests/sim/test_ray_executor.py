@@ -1,0 +1,202 @@
+"""``executor = "ray"``: the same report as inline for the same seeds (training jobs as Ray
+tasks, and every run as a Ray task with ``parallel_runs``), the scenario keys and
+``fedloom sim`` flags, the one-line error without ray, and no Ray process left behind.
+
+The Ray tests share one local cluster (2 CPUs) for the module; they skip when the ray extra
+is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from fedloom.cli import main
+from fedloom.federation.config_reader import ConfigError
+from fedloom.federation.training import WorkloadTrainer
+from fedloom.sim.ray_executor import RayExecutor, RaySession, with_executor_flags
+from fedloom.sim.report import report_to_dict, seed_report, strip_wall
+from fedloom.sim.runner import build_workload, run_scenario
+from fedloom.sim.scenario import parse_scenario
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="the ray extra is not installed"
+)
+RAY_PROCESSES = ("raylet", "gcs_server", "ray::")
+
+
+def tiny(**over: Any) -> dict[str, Any]:
+    """Two arms, 6 sites, 40 virtual minutes, softmax regression: about 60 jobs a run."""
+    base: dict[str, Any] = {
+        "name": "tiny-ray",
+        "seed": 3,
+        "duration_s": 2400,
+        "eval_interval_s": 300,
+        "target_accuracy": 0.8,
+        "baseline": "fedavg",
+        "data": {"dataset": "breast_cancer", "model": "softmax"},
+        "sites": {"count": 6, "regions": ["a", "b"]},
+        "compute": {"distribution": "halfnormal", "min_s": 30, "sd_s": 60},
+        "training": {"lr": 0.1, "local_steps": 5, "batch_size": 16},
+        "algorithm": {"concurrency": 3},
+        "arms": [
+            {"name": "fedavg", "algorithm": "fedavg", "clients_per_round": 3},
+            {"name": "fedbuff", "algorithm": "fedbuff", "buffer_size": 2},
+        ],
+    }
+    base.update(over)
+    return base
+
+
+def deterministic(report: Any) -> Any:
+    """What report.json holds: everything but the wall-clock numbers."""
+    return strip_wall(report_to_dict(report))
+
+
+def ray_processes() -> list[str]:
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            text = f"{p.name()} {' '.join(p.cmdline()[:1])}"
+        except psutil.Error:  # gone while we looked
+            continue
+        if any(tag in text for tag in RAY_PROCESSES):
+            found.append(f"{p.pid} {text[:60]}")
+    return found
+
+
+# ------------------------------------------------------------------ scenario keys and flags
+
+
+def test_scenario_keys_for_ray() -> None:
+    s = parse_scenario(tiny(executor="ray", ray_address="auto", parallel_runs=True, workers=4))
+    assert (s.executor, s.ray_address, s.parallel_runs, s.workers) == ("ray", "auto", True, 4)
+    assert parse_scenario(tiny()).ray_address is None
+    with pytest.raises(ConfigError, match=r'ray_address: only with executor = "ray"'):
+        parse_scenario(tiny(executor="process", ray_address="auto"))
+    with pytest.raises(ConfigError, match=r'parallel_runs: only with executor = "ray"'):
+        parse_scenario(tiny(parallel_runs=True))
+    with pytest.raises(ConfigError, match=r"ray_address: expected \"auto\", \"HOST:PORT\""):
+        parse_scenario(tiny(executor="ray", ray_address="head node:6379"))
+    with pytest.raises(ConfigError, match=r"did you mean 'ray'"):
+        parse_scenario(tiny(executor="rey"))
+
+
+def test_sim_flags_choose_the_executor() -> None:
+    s = parse_scenario(tiny(executor="process"))
+    flagged = with_executor_flags(s, ray_address="10.0.0.5:6379")
+    assert (flagged.executor, flagged.ray_address, flagged.parallel_runs) == (
+        "ray",
+        "10.0.0.5:6379",
+        False,
+    )
+    assert with_executor_flags(s, parallel_runs=True).executor == "ray"
+    back = with_executor_flags(parse_scenario(tiny(executor="ray", ray_address="auto")), "inline")
+    assert (back.executor, back.ray_address) == ("inline", None)
+    with pytest.raises(ConfigError, match=r"--ray-address: only with --executor ray"):
+        with_executor_flags(s, executor="process", ray_address="auto")
+    with pytest.raises(ConfigError, match=r"--ray-address: expected"):
+        with_executor_flags(s, ray_address="a b")
+
+
+def test_ray_executor_without_ray_is_one_line_naming_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As on an install without the extra: ``import ray`` fails. Nothing is run or written."""
+    monkeypatch.setitem(sys.modules, "ray", None)
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text('name = "t"\nexecutor = "ray"\n' + TOML_TAIL, encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["sim", str(scenario), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "pip install 'fedloom[ray]'" in err[0]
+    assert not out.exists()
+    # The flag, on a scenario that does not name Ray, gives the same line.
+    scenario.write_text('name = "t"\n' + TOML_TAIL, encoding="utf-8")
+    assert main(["sim", str(scenario), "--out", str(out), "--ray-address", "auto"]) == 2
+    assert "pip install 'fedloom[ray]'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+TOML_TAIL = """duration_s = 600
+[data]
+dataset = "synthetic"
+[sites]
+count = 4
+[[arms]]
+name = "a"
+algorithm = "fedbuff"
+"""
+
+
+# ------------------------------------------------------------------------ on a Ray cluster
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RaySession]:
+    """One local cluster (2 CPUs) for the module, started as a run would start it; stopped
+    afterwards, and then no Ray process of ours may be left."""
+    session = RaySession(None, workers=2)
+    assert session.owned
+    try:
+        yield session
+    finally:
+        session.close()
+        left = ray_processes()
+        for _ in range(50):  # ray.shutdown signals them; give them a moment to exit
+            if not left:
+                break
+            time.sleep(0.2)
+            left = ray_processes()
+        assert not left, f"Ray processes left behind: {left}"
+        assert not session.ray.is_initialized()
+
+
+@needs_ray
+@pytest.mark.timeout(120)
+def test_ray_gives_the_inline_report_for_the_same_seeds(cluster: RaySession) -> None:
+    raw = tiny()
+    inline = run_scenario(parse_scenario(raw), seeds=[3, 4])
+    assert inline.arms[0].jobs_finished > 20  # training happened
+    # Every run (2 arms x 2 seeds) at once, one Ray task each.
+    runs = run_scenario(parse_scenario(tiny(executor="ray", parallel_runs=True)), seeds=[3, 4])
+    assert deterministic(runs) == deterministic(inline)
+    # One run after another, every training job a Ray task (one seed: about 120 jobs).
+    jobs = run_scenario(parse_scenario(tiny(executor="ray")), seeds=[3])
+    assert jobs.arms[0].jobs_finished == inline.runs["fedavg"][0].jobs_finished
+    assert deterministic(jobs)["arms"] == deterministic(seed_report(inline, 0))["arms"]
+    # The runs joined the cluster already there and left it running.
+    assert cluster.ray.is_initialized()
+
+
+@needs_ray
+@pytest.mark.timeout(60)
+def test_ray_executor_reraises_the_jobs_own_error(cluster: RaySession) -> None:
+    scenario = parse_scenario(tiny())
+    workload = build_workload(scenario, 3)
+    trainer = WorkloadTrainer(workload, ["site-000", "site-001"])
+    weights = workload.init_weights(3)
+    with RayExecutor(trainer) as ex:
+        good = ex.submit("site-000", weights, {"seed": 1, "lr": 0.1, "local_steps": 2})
+        bad = ex.submit("intruder", weights, {"seed": 1})
+        dropped = ex.submit("site-001", weights, {"seed": 2})
+        ex.discard(dropped)  # its node died: never joined, no error
+        with pytest.raises(KeyError, match="intruder"):
+            ex.join(bad)
+        result = ex.join(good)
+        here = trainer("site-000", weights, {"seed": 1, "lr": 0.1, "local_steps": 2})
+        assert result.weights.keys() == here.weights.keys() == weights.keys()
+        for name, value in here.weights.items():
+            assert np.array_equal(result.weights[name], value)
+            assert not np.array_equal(value, weights[name])  # it trained
+        assert (result.n_examples, result.metrics) == (here.n_examples, here.metrics)
+    assert cluster.ray.is_initialized()  # the executor did not own the cluster
