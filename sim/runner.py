@@ -470,6 +470,10 @@ def _make_executor(scenario: Scenario, workload: Workload, ids: Sequence[str]) -
     inner: Executor
     if scenario.executor == "process":
         inner = PoolExecutor(trainer, workers=scenario.workers)
+    elif scenario.executor == "ray":  # sim.ray_executor: the ray extra, imported there
+        from fedloom.sim.ray_executor import RayExecutor
+
+        inner = RayExecutor(trainer, address=scenario.ray_address, workers=scenario.workers)
     else:
         inner = InlineExecutor(trainer)
     if scenario.dp_sgd is None:
@@ -478,10 +482,6 @@ def _make_executor(scenario: Scenario, workload: Workload, ids: Sequence[str]) -
     return LedgerExecutor(inner, scenario.dp_sgd, lambda site: workload.n_examples(index[site]))
 
 
-    elif scenario.executor == "ray":  # sim.ray_executor: the ray extra, imported there
-        from fedloom.sim.ray_executor import RayExecutor
-
-        inner = RayExecutor(trainer, address=scenario.ray_address, workers=scenario.workers)
 def run_once(
     scenario: Scenario,
     arm: Arm,
@@ -844,14 +844,6 @@ def _seed_progress(progress: ProgressFn | None, seed: int) -> ProgressFn | None:
     return update
 
 
-def run_scenario(
-    scenario: Scenario,
-    *,
-    seed: int | None = None,
-    seeds: Sequence[int] | None = None,
-    arms: Sequence[str] | None = None,
-    progress: ProgressFn | None = None,
-    log: LogFn | None = None,
 def _seed_outcomes(
     scenario: Scenario,
     selected: Sequence[Arm],
@@ -887,6 +879,14 @@ def _seeds_in_turn(
         yield _run_seed(scenario, selected, run_seed, seed_progress, log)
 
 
+def run_scenario(
+    scenario: Scenario,
+    *,
+    seed: int | None = None,
+    seeds: Sequence[int] | None = None,
+    arms: Sequence[str] | None = None,
+    progress: ProgressFn | None = None,
+    log: LogFn | None = None,
 ) -> Report:
     """Run the scenario's arms (all, or the named ones) and gather the report.
 

@@ -268,14 +268,14 @@ class Scenario:
     baseline: str | None = None
     executor: str = "inline"
     workers: int = 2
-    source: str = ""
-    meta: Mapping[str, Any] = field(default_factory=dict)
     # ``executor = "ray"``: an existing cluster ("auto", "HOST:6379", "ray://HOST:10001");
     # None starts a local one with ``workers`` CPUs (sim.ray_executor).
     ray_address: str | None = None
     # ``parallel_runs = true`` (with ``executor = "ray"``): every arm on every seed at once,
     # one Ray task each (its jobs inline in it); else one run after another, jobs as tasks.
     parallel_runs: bool = False
+    source: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
     # ``[dp_sgd]``: every site trains with record-level DP-SGD (workloads.dp_sgd).
     dp_sgd: DpSgdConfig | None = None
     # ``seeds = [...]``: run every arm once per seed (empty: once, with ``seed``).
@@ -372,18 +372,15 @@ def parse_scenario(
         baseline=baseline,
         executor=executor,
         workers=workers,
+        ray_address=ray_address,
+        parallel_runs=parallel_runs,
         source=source,
         meta=meta,
         dp_sgd=dp_sgd,
-        ray_address=ray_address,
-        parallel_runs=parallel_runs,
         seeds=seeds,
     )
 
 
-def _seeds(t: Table) -> tuple[int, ...]:
-    """``seeds``: a non-empty list of distinct non-negative integers ((): not given)."""
-    if not t.has("seeds"):
 def _ray_address(t: Table, executor: str) -> str | None:
     """``ray_address``: the Ray cluster to run on; only with ``executor = "ray"``."""
     address = t.text("ray_address", None)
@@ -398,6 +395,9 @@ def _ray_address(t: Table, executor: str) -> str | None:
     return check_ray_address(address, t.where("ray_address"))
 
 
+def _seeds(t: Table) -> tuple[int, ...]:
+    """``seeds``: a non-empty list of distinct non-negative integers ((): not given)."""
+    if not t.has("seeds"):
         return ()
     values = t.array("seeds")
     if not values:
