@@ -99,7 +99,7 @@ from fedloom.algorithms.secagg.field import (
 )
 from fedloom.algorithms.secagg.keys import SecAggCryptoError, SecAggKeys
 from fedloom.algorithms.secagg.masking import add_pair_masks, mask
-from fedloom.algorithms.secagg.shamir import split
+from fedloom.algorithms.secagg.shamir import split_many
 from fedloom.transport.wire import (
     MAX_COHORT,
     MaskedUpdate,
@@ -454,8 +454,10 @@ class SecAggMember:
             self_seed = self._keys.fresh_secret()
             vec = mask(vec, self_seed, {}, me, in_place=True)
         randbytes = byte_stream(self._keys.fresh_secret())
-        b_shares = split(self_seed, n, t, randbytes)
-        s_shares = {j: split(pair_seeds[j], n, t, randbytes) for j in others}
+        b_shares, *pair_shares = split_many(
+            [self_seed, *(pair_seeds[j] for j in others)], n, t, randbytes
+        )
+        s_shares = dict(zip(others, pair_shares, strict=True))
         bundles: list[tuple[str, bytes]] = []
         try:
             for k, m in enumerate(members):

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedloom.algorithms.secagg import shamir
+from fedloom.algorithms.secagg.cohort import byte_stream
 from fedloom.algorithms.secagg.shamir import PRIME, SHARE_BYTES, ShareError
 
 
@@ -200,3 +201,36 @@ def test_split_argument_checks_and_rejection_sampling() -> None:
     assert int.from_bytes(shares[1], "big") == 7 + 10
     # t = 1: every share is the secret itself.
     assert shamir.split(secret, 3, 1, os.urandom) == [(7).to_bytes(SHARE_BYTES, "big")] * 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    secrets=st.lists(st.binary(min_size=32, max_size=32), min_size=0, max_size=6),
+    n=st.integers(1, 64),
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_split_many_gives_split_of_each_secret_from_the_same_stream(
+    secrets: list[bytes], n: int, data: st.DataObject, seed: int
+) -> None:
+    """The batched evaluation (all polynomials packed in one integer) is exactly the
+    one-by-one Horner evaluation, up to 64 shares of degree 63 (the largest slots)."""
+    t = data.draw(st.integers(1, n))
+    many = shamir.split_many(secrets, n, t, byte_stream(seed.to_bytes(32, "big")))
+    one = byte_stream(seed.to_bytes(32, "big"))
+    assert many == [shamir.split(s, n, t, one) for s in secrets]
+    for secret, shares in zip(secrets, many, strict=True):
+        assert shamir.reconstruct(dict(enumerate(shares[-t:], start=n - t + 1)), t) == secret
+
+
+def test_split_many_draws_the_top_coefficients_and_checks_its_arguments() -> None:
+    # Coefficients at p - 1 (the largest): every slot holds its largest value, no carry.
+    n, t = 64, 64
+    top = [PRIME - 1] * (t - 1)
+    secret = (2**256 - 1).to_bytes(32, "big")
+    (shares,) = shamir.split_many([secret], n, t, _feeder(list(top)))
+    assert shares == shamir.split(secret, n, t, _feeder(list(top)))
+    with pytest.raises(ValueError):
+        shamir.split_many([bytes(31)], 3, 2, os.urandom)
+    with pytest.raises(ValueError):
+        shamir.split_many([bytes(32)], 3, 4, os.urandom)
