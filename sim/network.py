@@ -595,13 +595,13 @@ class Network:
         if (self._dead or self._partitions) and not self.connected(src, dst):
             stats.messages_blocked += 1
             return False
-        if st.down_until > self._kernel.now:  # reset by a lost message: reconnecting
+        kernel = self._kernel
+        now = kernel.now
+        if st.down_until > now:  # reset by a lost message: reconnecting
             stats.messages_blocked += 1
             return False
         tiered = self._tier_codecs.get(st.tier) if self._tier_codecs else None
         size, decoded = self.encoded(msg, None if tiered is None else tiered.spec_for(msg))
-        kernel = self._kernel
-        now = kernel.now
         start = st.busy_until if st.busy_until > now else now
         finish = start + size * 8.0 / st.bw  # bw may be inf (loopback): 0 s
         st.busy_until = finish

@@ -39,7 +39,7 @@ from fedloom.sim.driver import SimDriver, region_nodes
 from fedloom.sim.executors import Executor, InlineExecutor, PoolExecutor
 from fedloom.sim.network import Network, Partition
 from fedloom.sim.report import ArmResult, Report, multi_seed_report
-from fedloom.sim.scenario import LINKS, Arm, ChurnSpec, Scenario
+from fedloom.sim.scenario import LINKS, Arm, ChurnSpec, NetworkConfig, Scenario
 from fedloom.topology.gossip import gossip
 from fedloom.topology.hierarchical import hierarchical
 from fedloom.topology.plan import Plan
@@ -70,8 +70,9 @@ def build_workload(scenario: Scenario, seed: int) -> Workload:
         raise ConfigError(f"data: {exc}") from None
 
 
-def build_wan(scenario: Scenario) -> WanModel:
-    net = scenario.network
+def build_wan(scenario: Scenario, arm: Arm | None = None) -> WanModel:
+    """The WAN of ``arm``'s ``[arms.network]``, else of the scenario's ``[network]``."""
+    net = network_of(scenario, arm)
     rtts = {(a, b): ms / 1000.0 for a, b, ms in net.region_rtt_ms}
     return WanModel(
         region_rtt=rtts,
@@ -79,6 +80,13 @@ def build_wan(scenario: Scenario) -> WanModel:
         default_inter_rtt_s=net.inter_region_rtt_ms / 1000.0,
         loss=net.packet_loss,  # bytes-level: lowers TCP throughput; ``loss`` drops messages
     )
+
+
+def network_of(scenario: Scenario, arm: Arm | None) -> NetworkConfig:
+    """The network an arm runs on: its own ``[arms.network]``, else the shared one."""
+    if arm is not None and arm.network is not None:
+        return arm.network
+    return scenario.network
 
 
 def build_sites(scenario: Scenario, workload: Workload, seed: int) -> list[Site]:
@@ -108,8 +116,8 @@ def build_sites(scenario: Scenario, workload: Workload, seed: int) -> list[Site]
 
 
 def build_plan(scenario: Scenario, arm: Arm, sites: Sequence[Site], seed: int) -> Plan:
-    wan = build_wan(scenario)
-    root_region = scenario.network.root_region
+    wan = build_wan(scenario, arm)
+    root_region = network_of(scenario, arm).root_region
     try:
         if arm.topology == "star":
             return star(sites, ROOT_ID, root_region, wan=wan)
@@ -224,8 +232,15 @@ def build_availability(
     churn = churn_windows(
         [s.id for s in sites], a.offline_per_h, a.offline_s, scenario.duration_s, seed
     )
+    hosted: dict[str, set[str]] = {}  # site -> the plan's nodes on its machine
+    for node in plan.nodes:
+        if node.host is not None:
+            hosted.setdefault(node.host, set()).add(node.id)
     for i, spec in enumerate(a.churn):
-        churn += scheduled_churn(spec, sites, scenario.duration_s, entity_rng(seed, "churn", i))
+        rng = entity_rng(seed, "churn", i)
+        for w in scheduled_churn(spec, sites, scenario.duration_s, rng):
+            machine = frozenset(hosted.get(w.node, set()) | {w.node})
+            partitions.append(Partition(w.start_s, w.end_s, machine))
     return Availability(dropout=a.dropout, deaths=deaths, churn=churn, seed=seed), partitions
 
 
@@ -234,7 +249,9 @@ def scheduled_churn(
 ) -> list[ChurnWindow]:
     """One ``[[availability.churn]]`` entry's windows: its sites (the ids, the region's
     sites, ``round(fraction * sites)`` drawn from ``rng``, or all), offline during
-    ``[start, end)`` and, with ``every_s``, each period after that until the run ends."""
+    ``[start, end)`` and, with ``every_s``, each period after that until the run ends.
+    ``build_availability`` takes each site's machine offline: the site and every node it
+    hosts (a regional aggregator elected there), cut together from the rest."""
     if spec.sites:
         chosen = list(spec.sites)
     elif spec.region is not None:
@@ -434,7 +451,7 @@ def _evaluator(
 def configure_links(network: Network, scenario: Scenario, arm: Arm, seed: int) -> None:
     """The scenario's message loss (``[network] loss`` and ``[network.<link>]``) and the
     arm's per-link codecs (``[codec.<link>]``) on the run's network."""
-    net = scenario.network
+    net = network_of(scenario, arm)
     network.set_message_loss(
         net.loss,
         by_tier=net.loss_by_tier(),

@@ -29,9 +29,11 @@ Faults. ``[network] loss`` is the probability that one message on a WAN link is 
 breaks the connection for ``reconnect_s``); ``packet_loss`` is TCP's packet loss, which
 only lowers throughput. A ``[network.<link>]`` table (``site-root``, ``site-region``,
 ``region-root``, ``peer-peer``) gives one link its own ``loss``; a ``[codec.<link>]``
-table gives it its own ``up``/``down``/``topk_fraction``. ``[[availability.churn]]``
-takes sites offline in a window (``start_h``, ``end_h`` or ``duration_h``, ``every_h`` to
-repeat it; ``sites``, ``region`` or ``fraction``, else every site)::
+table gives it its own ``up``/``down``/``topk_fraction``; ``[arms.network]`` gives an arm
+its own network over the shared one. ``[[availability.churn]]`` takes sites' machines
+(each site with the aggregators it hosts) offline in a window (``start_h``, ``end_h`` or
+``duration_h``, ``every_h`` to repeat it; ``sites``, ``region`` or ``fraction``, else every
+site)::
 
     [network]
     loss = 0.01
@@ -250,6 +252,8 @@ class Arm:
     dp_sampling_rate: float | None = None
     # ``[codec.<link>]``: the codec of one link (e.g. ``region-root``) over ``codec``.
     link_codecs: tuple[tuple[str, CodecConfig], ...] = ()
+    # ``[arms.network]``: the arm's own network over the shared one (None: the shared one).
+    network: NetworkConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +340,7 @@ def parse_scenario(
         "durability": dict(top.raw("durability", {}) or {}),
         "secure_aggregation": dict(top.raw("secure_aggregation", {}) or {}),
         "privacy": dict(top.raw("privacy", {}) or {}),
+        "network": dict(top.raw("network", {}) or {}),
     }
     for key, value in shared.items():
         if not isinstance(raw.get(key, {}), Mapping):
@@ -626,7 +631,7 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
             f"{t.where('topology')}: hierarchical arms use asynchronous regional buffers; "
             "use algorithm 'fedbuff' or 'fedasync' for the root"
         )
-    tables = ("training", "codec", "availability", "compute", "durability")
+    tables = ("training", "codec", "availability", "compute", "durability", "network")
     for key in (*tables, "secure_aggregation", "privacy"):
         if key in raw and not isinstance(raw[key], Mapping):
             raise t.fail(key, "a table", raw[key])
@@ -643,6 +648,9 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         Table(_merged(shared, raw, "availability"), f"{t.where('availability')}"), sites
     )
     compute = _compute(shared["compute"], raw.get("compute") or {}, t.where("compute"))
+    network = None  # an arm may compare its own loss, RTTs, ... over the shared [network]
+    if raw.get("network"):
+        network = _network(Table(_merged(shared, raw, "network"), t.where("network")), sites)
     durability = _durability(Table(_merged(shared, raw, "durability"), t.where("durability")))
     secagg = read_secure_aggregation(
         Table(_merged(shared, raw, "secure_aggregation"), t.where("secure_aggregation"))
@@ -696,6 +704,7 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         secure_aggregation=secagg,
         privacy=privacy,
         link_codecs=link_codecs,
+        network=network,
         **calibration,
     )
 
@@ -918,6 +927,7 @@ __all__ = [
     "ChurnSpec",
     "ConfigError",
     "DurabilityConfig",
+    "NetworkConfig",
     "Restart",
     "Scenario",
     "SitesConfig",

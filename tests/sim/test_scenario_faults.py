@@ -4,11 +4,16 @@ overrides that switch the distribution. Tiny scenarios: each run is well under a
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedloom.federation.config_reader import ConfigError
+from fedloom.sim.availability import periodic_windows
 from fedloom.sim.report import report_to_dict
 from fedloom.sim.runner import (
     build_availability,
@@ -66,6 +71,22 @@ def test_a_loss_that_resets_the_connection_is_recovered_by_resends() -> None:
         assert lossy[name]["final_accuracy"] > 0.85
 
 
+def test_arms_compare_their_own_loss_over_the_shared_network() -> None:
+    arms = [
+        {"name": "clean", **STAR},
+        {"name": "lossy", **STAR, "network": {"loss": 0.2, "loss_effect": "reset"}},
+    ]
+    by_name = run(arms, network={"inter_region_rtt_ms": 80}, duration_h=1)
+    assert by_name["clean"]["extra"]["messages_dropped_loss"] == 0
+    assert by_name["lossy"]["extra"]["connection_resets"] > 0
+    s = parse_scenario(small(arms, network={"inter_region_rtt_ms": 80}))
+    clean, lossy = s.arms
+    assert clean.network is None and s.network.loss == 0.0
+    assert lossy.network is not None and lossy.network.inter_region_rtt_ms == 80  # inherited
+    with pytest.raises(ConfigError, match=r"arms\[0\]\.network\.loss: expected a number <= 0\.9"):
+        parse_scenario(minimal(arms=[{"name": "x", **STAR, "network": {"loss": 2}}]))
+
+
 def test_loss_of_one_link_only() -> None:
     arms = [{"name": "hier", **HIER}]
     lossy = run(arms, network={"region-root": {"loss": 0.3}}, duration_h=1)["hier"]
@@ -89,13 +110,34 @@ def churn_sites(churn: list[dict[str, Any]], **sites: Any) -> dict[str, list[tup
     arm = scenario.arms[0]
     workload = build_workload(scenario, 0)
     sites_ = build_sites(scenario, workload, 0)
-    availability, _ = build_availability(
+    _, partitions = build_availability(
         scenario, arm, build_plan(scenario, arm, sites_, 0), sites_, 0
     )
     out: dict[str, list[tuple[float, float]]] = {}
-    for w in availability.churn:
-        out.setdefault(w.node, []).append((w.start_s, w.end_s))
+    for p in partitions:
+        (node,) = p.nodes  # a star: each machine runs its site alone
+        out.setdefault(node, []).append((p.start_s, p.end_s))
     return out
+
+
+def test_a_machine_offline_takes_the_aggregator_it_hosts_along() -> None:
+    scenario = parse_scenario(
+        minimal(
+            sites={"count": 4, "regions": ["a", "b"]},
+            arms=[
+                {"name": "h", **HIER, "availability": {"churn": [{"start_h": 0.2, "end_h": 0.5}]}}
+            ],
+        )
+    )
+    arm = scenario.arms[0]
+    sites = build_sites(scenario, build_workload(scenario, 0), 0)
+    plan = build_plan(scenario, arm, sites, 0)
+    _, partitions = build_availability(scenario, arm, plan, sites, 0)
+    groups = {p.nodes for p in partitions}
+    aggregators = {n.id: n.host for n in plan.nodes if n.role == "region"}
+    assert len(groups) == 4  # one machine each
+    for region, host in aggregators.items():
+        assert frozenset({host, region}) in groups
 
 
 def test_a_daily_window_repeats_until_the_run_ends() -> None:
@@ -126,6 +168,31 @@ def test_sites_offline_in_a_window_stop_training() -> None:
     assert 0.3 * always["versions"] < offline["versions"] < 0.7 * always["versions"]
     late = [acc for t, acc in offline["accuracy_series"] if t > 1.1 * 3600]
     assert len(set(late)) == 1  # one model, never replaced while everyone was away
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    start=st.floats(0, 100),
+    length=st.floats(0.01, 10),
+    slack=st.floats(0.01, 10),
+    until=st.floats(0, 300),
+    periodic=st.booleans(),
+)
+def test_periodic_windows_repeat_without_overlap_until_the_end(
+    start: float, length: float, slack: float, until: float, periodic: bool
+) -> None:
+    every = length + slack if periodic else None
+    windows = periodic_windows(start, start + length, every, until)
+    assert all(a < until for a, _ in windows)
+    assert all(b - a == pytest.approx(length) for a, b in windows)
+    assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(windows))
+    if every is None:
+        assert len(windows) == (1 if start < until else 0)
+    else:  # every period that starts before the end has its window, and no other
+        assert len(windows) == max(0, math.ceil((until - start) / every))
+    with pytest.raises(ValueError):
+        end = start + length
+        periodic_windows(start, end, end - start, until)  # not shorter than its period
 
 
 @pytest.mark.parametrize(
