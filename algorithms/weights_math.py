@@ -106,7 +106,10 @@ def _sum_squares(flat: npt.NDArray[Any]) -> float:
     for start in range(0, flat.size, _NORM_CHUNK):
         part = flat[start : start + _NORM_CHUNK]
         squares = buf[: part.size]
-        np.multiply(part, part, out=squares, dtype=np.float64)
+        # Cast once, then square in float64: the same squares and sums as multiplying
+        # with dtype=float64 (which casts both operands), at half the cost.
+        np.copyto(squares, part, casting="same_kind")
+        np.multiply(squares, squares, out=squares)
         total += float(squares.sum())
     return total
 

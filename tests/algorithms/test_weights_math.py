@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedloom.algorithms import weights_math as wm
 from tests.algorithms.alg_helpers import model
@@ -65,3 +67,33 @@ def test_codec_dtypes_are_compatible_but_nan_is_not() -> None:
     inf = model(1.0)
     inf["w"] = np.full((3, 2), np.inf, dtype=np.float32)
     assert wm.check_delta(model(), inf) == "non_finite"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from([np.float16, np.float32, np.float64]),
+    st.integers(0, 700),
+    st.integers(0, 2**32 - 1),
+    st.floats(1e-30, 1e30),
+)
+def test_l2_norm_squares_each_chunk_in_float64_as_a_float64_multiply_would(
+    dtype: type, n: int, seed: int, scale: float
+) -> None:
+    # The chunked path (a small chunk here) casts once and squares in float64: bit for
+    # bit the sums of multiplying with dtype=float64, chunk by chunk in the same order.
+    with np.errstate(over="ignore"):  # float16 saturates to inf: that is summed alike
+        x = (np.random.default_rng(seed).standard_normal(n) * scale).astype(dtype)
+    chunk = 64
+    want = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, n, chunk):
+            part = x[start : start + chunk]
+            want += float(np.multiply(part, part, dtype=np.float64).sum())
+    original = wm._NORM_CHUNK
+    wm._NORM_CHUNK = chunk
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            got = wm._sum_squares(x)
+    finally:
+        wm._NORM_CHUNK = original
+    assert got == want or (np.isnan(got) and np.isnan(want))
