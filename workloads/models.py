@@ -167,14 +167,25 @@ class SoftmaxRegression:
         self.init_scale = float(init_scale)
         tr = _check_split(train, d, c, "train")
         te = _check_split(test, d, c, "test")
-        self._eval = te if len(te) else tr
+        # Its own copy when it is a view (a site's test split is a slice of all its data,
+        # which would otherwise stay alive beside the rows).
+        self._eval = _owned(te if len(te) else tr)
         self._n_train = len(tr)
         # One row per example: [x, 1, onehot(y)]; a single gather per job fetches all.
-        rows = np.zeros((len(tr), d + 1 + c), np.float64)
+        # float32 features keep float32 rows (exact: the 1 and the one-hot too), half the
+        # memory of float64 ones; a job widens only the rows it gathered, so it computes
+        # on the same float64 values either way.
+        dtype = np.float32 if tr.x.dtype == np.float32 else np.float64
+        rows = np.zeros((len(tr), d + 1 + c), dtype)
         rows[:, :d] = tr.x
         rows[:, d] = 1.0
         rows[np.arange(len(tr)), d + 1 + tr.y] = 1.0
         self._rows = rows
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data this plan holds (its training rows and its evaluation split)."""
+        return int(self._rows.nbytes + self._eval.x.nbytes + self._eval.y.nbytes)
 
     @property
     def n_train(self) -> int:
@@ -218,7 +229,7 @@ class SoftmaxRegression:
             raise ValueError("SoftmaxRegression.train: this plan has no training data")
         theta = self._theta(weights)  # a fresh array: updated in place below
         order = minibatch_order(thread_rng().reset(seed), n, cfg.batch_size * cfg.local_steps)
-        rows = self._rows[order]
+        rows = self._rows[order].astype(np.float64, copy=False)
         if not self._descend(theta, rows, cfg, stable=False):
             theta = self._theta(weights)
             self._descend(theta, rows, cfg, stable=True)
@@ -303,6 +314,13 @@ class SoftmaxRegression:
         theta = self._theta(weights)
         z = ev.x.astype(np.float64) @ theta[:-1] + theta[-1]
         return _ce_metrics(z, ev.y)
+
+
+def _owned(split: Split) -> Split:
+    """``split`` itself, or a copy of it if its arrays are views of larger ones."""
+    if split.x.base is None and split.y.base is None:
+        return split
+    return Split(split.x.copy(), split.y.copy())
 
 
 def _ce_metrics(z: npt.NDArray[np.float64], y: npt.NDArray[np.integer[Any]]) -> dict[str, float]:

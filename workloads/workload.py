@@ -185,7 +185,7 @@ class Workload:
         plan = self._make(data.train, data.test)
         if self.dp_sgd is not None:
             plan = DpSgdPlan(plan, self.dp_sgd)
-        size = _split_bytes(data.train) + _split_bytes(data.test)
+        size = _plan_bytes(plan, data.train, data.test)
         with self._lock:
             if i not in self._plans:
                 self._plans[i] = plan
@@ -277,7 +277,16 @@ def _build_dataset(spec: DatasetSpec, n_sites: int, seed: int) -> FederatedDatas
 
 # --------------------------------------------------------------------------------- config
 
-_COMMON_KEYS: Final = ("dataset", "n_sites", "seed", "model", "hidden", "eval_sites", "cache_size")
+_COMMON_KEYS: Final = (
+    "dataset",
+    "n_sites",
+    "seed",
+    "model",
+    "hidden",
+    "eval_sites",
+    "cache_size",
+    "cache_mb",
+)
 _SYNTHETIC_KEYS: Final = ("alpha", "beta", "iid", "samples_per_site", "max_samples_per_site")
 _SKLEARN_KEYS: Final = ("dirichlet_alpha", "test_fraction", "min_samples_per_site")
 
@@ -295,7 +304,8 @@ def from_config(
     (required here or as the keyword; both must agree), ``seed`` (the table's wins over the
     keyword, default 0), ``model``
     ("softmax" | "mlp" | "cnn", default "softmax"), ``hidden`` (MLP width), ``eval_sites``,
-    ``cache_size``; for synthetic ``alpha``, ``beta``, ``iid``, ``samples_per_site``,
+    ``cache_size`` (site plans kept in memory) and ``cache_mb`` (their bytes, default 1024:
+    ``CACHE_BYTES``); for synthetic ``alpha``, ``beta``, ``iid``, ``samples_per_site``,
     ``max_samples_per_site``; for the scikit-learn sets ``dirichlet_alpha``,
     ``test_fraction``, ``min_samples_per_site``. Anything else, or a wrong type or range,
     raises ``ValueError`` naming the field. ``dp_sgd`` (a site's ``[dp_sgd]`` table): the
@@ -353,6 +363,7 @@ def from_config(
         seed_v,
         eval_sites=_int(d, "eval_sites", 1, default=100),
         cache_size=_int(d, "cache_size", 1, default=1_000_000),
+        cache_bytes=_int(d, "cache_mb", 1, default=CACHE_BYTES >> 20) << 20,
         dp_sgd=dp_sgd,
     )
 
@@ -400,6 +411,15 @@ def _float(
     if not ok:
         raise ValueError(f"{key}: expected a number {rng}, got {v!r}")
     return f
+
+
+def _plan_bytes(plan: object, train: Split, test: Split) -> int:
+    """What a cached plan costs: the bytes it says it holds (``nbytes``: a softmax plan's
+    training rows and evaluation split), else its data's."""
+    nbytes = getattr(plan, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    return _split_bytes(train) + _split_bytes(test)
 
 
 def _split_bytes(split: Split | None) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedloom.workloads.datasets import Split
 from fedloom.workloads.models import SoftmaxRegression
 from fedloom.workloads.workload import ModelSpec, SklearnSpec, SyntheticSpec, Workload, from_config
 
@@ -166,3 +167,50 @@ def test_from_config_needs_n_sites() -> None:
         from_config({"dataset": "digits"})
     with pytest.raises(ValueError, match="at least"):
         from_config({"dataset": "breast_cancer"}, n_sites=500)
+
+
+def test_a_cached_plan_is_counted_at_what_it_holds() -> None:
+    # The cache's byte budget must see what a plan keeps alive (its training rows and its
+    # evaluation split), not only the data it was built from: 100,000 sites thrashed a
+    # cache that counted a third of each plan.
+    wl = Workload(SyntheticSpec(samples_per_site=50), 200, seed=1)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(200):
+            wl.site_plan(i)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    counted = wl._cached_bytes
+    assert counted >= 0.8 * held  # the rest: Python objects around the arrays
+    # Budgeted in bytes: a cache of 10 plans' bytes keeps 10 plans.
+    one = wl._sizes[0]
+    small = Workload(SyntheticSpec(samples_per_site=50), 200, seed=1, cache_bytes=10 * one)
+    for i in range(30):
+        small.site_plan(i)
+    assert len(small._plans) == 10 and small._cached_bytes <= 10 * one
+
+
+def test_float32_rows_train_exactly_as_float64_rows() -> None:
+    # Plans keep float32 features in float32 (half the memory); a job widens the rows it
+    # draws, so its arithmetic and result are those of float64 rows, bit for bit.
+    site = Workload(SyntheticSpec(samples_per_site=80), 3, seed=4).dataset.site(1)
+    wide = Split(site.train.x.astype(np.float64), site.train.y)  # type: ignore[arg-type]
+    narrow = SoftmaxRegression(60, 10, train=site.train, test=site.test)
+    reference = SoftmaxRegression(60, 10, train=wide, test=site.test)
+    w = narrow.init(0)
+    w = {k: v + 0.01 for k, v in w.items()}
+    for seed in range(5):
+        config = dict(TRAIN, seed=seed, mu=0.1 * seed)
+        a, b = narrow.train(w, config).weights, reference.train(w, config).weights
+        for k in w:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert narrow.nbytes < 0.6 * reference.nbytes
+
+
+def test_cache_mb_sets_the_byte_budget() -> None:
+    wl = from_config({"dataset": "synthetic", "cache_mb": 3}, n_sites=10)
+    assert wl.cache_bytes == 3 << 20
+    with pytest.raises(ValueError, match="cache_mb"):
+        from_config({"dataset": "synthetic", "cache_mb": 0}, n_sites=10)
