@@ -16,7 +16,9 @@ once:
   ``persist``, ``metric``, ``log``. Consecutive ``Persist`` effects reach the sink as
   one batch (a store commits a batch as one frame), always before the effect after them,
   so a record is handed over before the ``Send`` of the acknowledgement that follows it.
-  An effect of any other type is a bug in the node and raises;
+  An effect of any other type is a bug in the node and raises. A driver may name metrics
+  it has no use for (``skip_metrics``: the simulator skips the live gauges a daemon
+  shows on its metrics page): those are dropped here, before the observer and the sink;
 * **training-seed injection**: a ``Train`` whose config has no ``"seed"`` gets
   ``derived_seed(seed, "train", node_id, job)``, so a job trains identically under
   either driver;
@@ -39,7 +41,7 @@ itself the sink of all of them (sink calls name the node).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from fedloom.algorithms.protocol import (
@@ -107,7 +109,8 @@ class NodeStep:
 
     ``seed`` is the run's seed (training seeds derive from it); ``observe`` (optional)
     sees every effect before it is carried out; ``error`` is the exception type raised
-    for a node bug the step detects (an unknown effect, a stuck deadline).
+    for a node bug the step detects (an unknown effect, a stuck deadline);
+    ``skip_metrics`` names metrics dropped unseen (neither observed nor handed to the sink).
     """
 
     __slots__ = (
@@ -120,6 +123,7 @@ class NodeStep:
         "observe",
         "seed",
         "sink",
+        "skip_metrics",
     )
 
     def __init__(
@@ -131,6 +135,7 @@ class NodeStep:
         observe: EffectObserver | None = None,
         error: type[Exception] = RuntimeError,
         max_stuck: int = MAX_STUCK_DEADLINES,
+        skip_metrics: Collection[str] = frozenset(),
     ) -> None:
         self.node = node
         self.node_id = node.node_id
@@ -139,6 +144,7 @@ class NodeStep:
         self.observe = observe
         self.error = error
         self.max_stuck = max_stuck
+        self.skip_metrics = frozenset(skip_metrics)
         self._stuck = 0
         self._last_fired: float | None = None  # the time of the last stuck firing
 
@@ -163,11 +169,14 @@ class NodeStep:
         sink = self.sink
         node_id = self.node_id
         observe = self.observe
+        skip = self.skip_metrics
         batch: list[Persist] | None = None
         for effect in effects:
+            kind = type(effect)
+            if skip and kind is Metric and effect.name in skip:  # type: ignore[union-attr]
+                continue
             if observe is not None:
                 observe(node_id, effect, now)
-            kind = type(effect)
             if kind is Persist:
                 if batch is None:
                     batch = [effect]  # type: ignore[list-item]

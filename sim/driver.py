@@ -11,7 +11,9 @@ guard, effect dispatch), with this driver as the sink of every node's effects:
   (``TrainDone``), or ``TrainFailed(job, "dropout")`` is delivered at that time;
 * ``Persist`` -> counted (and kept in ``store`` when ``record_persist``); with
   ``state_dir``, written to the node's recovery log first (``sim.durability``);
-* ``Metric``  -> totals, staleness values, listeners, and the ``InvariantChecker``;
+* ``Metric``  -> totals, staleness values, listeners, and the ``InvariantChecker``; the
+  live gauges a daemon shows on its metrics page (``LIVE_GAUGES``: outbox, link and
+  buffer state, a few per node per event) are skipped unless ``live_gauges=True``;
 * ``Log``     -> counted by level, sent to the ``fedloom.sim`` logger at debug level;
 * deadlines   -> after every ``handle`` the node's ``next_deadline()`` is (re)scheduled,
   replacing the stale entry (cancelled lazily, O(log n)).
@@ -68,6 +70,22 @@ logger = logging.getLogger("fedloom.sim")
 PRIORITY_EVENT = 0  # messages, link notices, job ends
 PRIORITY_DEADLINE = 1  # after the messages of the same instant
 PRIORITY_OBSERVER = 2  # sees the state after everything of its instant
+
+# Gauges of a node's live state (for a daemon's /metrics page and status): their totals
+# over a run mean nothing, and at 100,000 sites they were most of the metrics.
+LIVE_GAUGES = frozenset(
+    {
+        "outbox_updates",
+        "outbox_bytes",
+        "outbox_in_flight",
+        "outbox_window",
+        "parent_up",
+        "parent_ack_age_seconds",
+        "dispatch_paused",
+        "held_updates",
+        "buffer_fill",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -197,6 +215,7 @@ class SimDriver:
         checker: InvariantChecker | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         signing: bool = False,
+        live_gauges: bool = False,
     ) -> None:
         for key, node in nodes.items():
             if node.node_id != key:
@@ -238,13 +257,11 @@ class SimDriver:
         self._stats = SimStats()
         self._dead: set[str] = set()
         self._deadlines: dict[str, tuple[float, Handle]] = {}
+        self._skip_metrics: frozenset[str] = frozenset() if live_gauges else LIVE_GAUGES
         # One shared step per node (federation.step): note wrapper, seed injection,
         # stuck-deadline guard, effect dispatch to this driver (the sink).
         self._steps: dict[str, NodeStep] = {
-            node_id: NodeStep(
-                node, self, seed=seed, observe=self.checker.observe, error=SimulationError
-            )
-            for node_id, node in self.nodes.items()
+            node_id: self._step(node) for node_id, node in self.nodes.items()
         }
         self._incarnation: dict[str, int] = {}  # restarts per node (jobs of older ones drop)
         self._restarting: set[str] = set()  # down, coming back from their log
@@ -403,9 +420,7 @@ class SimDriver:
         self.nodes[node_id] = node
         if self.signing is not None:
             self.signing.restarted(node)
-        self._steps[node_id] = NodeStep(
-            node, self, seed=self.seed, observe=self.checker.observe, error=SimulationError
-        )
+        self._steps[node_id] = self._step(node)
         self._dead.discard(node_id)
         self._stats.restarts += 1
         self._refresh_deadline(node_id, node, self.kernel.now)
@@ -417,6 +432,16 @@ class SimDriver:
             self.stores.close()
 
     # ------------------------------------------------------------------- internals
+
+    def _step(self, node: Node) -> NodeStep:
+        return NodeStep(
+            node,
+            self,
+            seed=self.seed,
+            observe=self.checker.observe,
+            error=SimulationError,
+            skip_metrics=self._skip_metrics,
+        )
 
     def _start(self) -> None:
         self._started = True

@@ -163,6 +163,23 @@ def test_observe_sees_every_effect_before_the_sink() -> None:
     assert order == ["observe Metric n1 3.0", "sink"]
 
 
+def test_skipped_metrics_reach_neither_the_observer_nor_the_sink() -> None:
+    seen: list[str] = []
+
+    def observe(node_id: str, effect: Effect, now: float) -> None:
+        seen.append(effect.name if isinstance(effect, Metric) else type(effect).__name__)
+
+    effects: list[Effect] = [Metric("gauge", 1.0), Metric("kept", 2.0), Log("info", "x")]
+    sink = Journal()
+    NodeStep(Scripted(effects), sink, observe=observe, skip_metrics={"gauge"})(PeerUp("p"), 0.0)
+    assert seen == ["kept", "Log"]
+    assert [what for _, _, what in sink.calls] == effects[1:]
+    # Without the set every metric goes through, skipped names included.
+    sink = Journal()
+    NodeStep(Scripted(effects), sink)(PeerUp("p"), 0.0)
+    assert [what for _, _, what in sink.calls] == effects
+
+
 def test_the_step_returns_the_nodes_next_deadline() -> None:
     node = Scripted(deadline=12.0)
     step = NodeStep(node, Journal())
