@@ -81,15 +81,31 @@ def update_bytes(update: Update) -> int:
     return sum(int(getattr(arr, "nbytes", 0)) for arr in delta.values())
 
 
+# Size caps by model shape ((name, shape, dtype) of each tensor): every outbox derives its
+# window once, and a simulation builds 100,000 of them for one model.
+_CAPS: dict[tuple[Any, ...], int] = {}
+_CAPS_KEPT = 64
+
+
 def _window_bytes_for(update: Update) -> int:
     """``WINDOW_MESSAGES_OF_CAP`` messages of the size cap of ``update``'s model."""
     delta = update.delta
     if not isinstance(delta, Mapping) or not delta:
         return 1
     try:
-        cap = Limits.for_model(delta).max_message_bytes
-    except (TypeError, ValueError):  # not shaped like a model: fall back to its own size
-        cap = update_bytes(update)
+        key: tuple[Any, ...] | None = tuple(
+            (name, arr.shape, arr.dtype.str) for name, arr in delta.items()
+        )
+        cap = _CAPS.get(key)  # type: ignore[arg-type]
+    except (AttributeError, TypeError):  # not arrays, or unhashable names: no shortcut
+        key, cap = None, None
+    if cap is None:
+        try:
+            cap = Limits.for_model(delta).max_message_bytes
+        except (TypeError, ValueError):  # not shaped like a model: fall back to its own size
+            return max(1, WINDOW_MESSAGES_OF_CAP * update_bytes(update))
+        if key is not None and len(_CAPS) < _CAPS_KEPT:
+            _CAPS[key] = cap
     return max(1, WINDOW_MESSAGES_OF_CAP * cap)
 
 

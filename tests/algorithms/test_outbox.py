@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from fedloom.algorithms.ledger import MAX_ABOVE, AppliedLedger
-from fedloom.algorithms.outbox import DEFAULT_OUTBOX_UPDATES, RESEND_AFTER_S, WINDOW, Outbox
+from fedloom.algorithms.outbox import (
+    DEFAULT_OUTBOX_UPDATES,
+    RESEND_AFTER_S,
+    WINDOW,
+    WINDOW_MESSAGES_OF_CAP,
+    Outbox,
+)
 from fedloom.algorithms.protocol import Effect, Persist, Send
 from fedloom.runtime.connection import DEFAULT_MAX_QUEUE, QUEUE_MESSAGES_OF_CAP
 from fedloom.transport.limits import Limits
@@ -63,6 +69,22 @@ def test_the_window_in_bytes_fits_the_send_queue_of_any_model_size() -> None:
         assert box.in_flight_bytes <= queue_cap // 2  # the rest is for other messages
         assert len(burst) == box.effective_window()
     assert box.effective_window() == 2  # a 12 MB model: two in flight
+
+
+def test_each_model_shape_gets_the_window_of_its_own_size_cap() -> None:
+    # Caps are kept by model shape (100,000 simulated outboxes share one model): a model
+    # seen before, or another one between, gets exactly the cap derived afresh.
+    for n, dtype, names in [
+        (8, np.float32, "w"),
+        (10_000, np.float32, "w"),
+        (8, np.int32, "w"),
+        (8, np.float32, "wv"),
+        (10_000, np.float32, "w"),
+        (8, np.float32, "w"),
+    ]:
+        delta = {name: np.zeros(n, dtype) for name in names}
+        cap = Limits.for_model(delta).max_message_bytes
+        assert backlog(1, delta).window_bytes() == WINDOW_MESSAGES_OF_CAP * cap
 
 
 def test_an_update_larger_than_the_byte_budget_still_goes_alone() -> None:
