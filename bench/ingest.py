@@ -17,14 +17,16 @@ Two processes on loopback (127.0.0.1):
   (``CodecSpec(kind="fp16")``), no training, no site store. Models go down as fp32 (the
   daemon's default ``codec.down``), one ``TrainRequest`` per task, as FedBuff does.
   The stand-in does no more than the harness needs (``StandInSigning``): the fixed delta
-  is held as fp16 (its bytes go on the wire unconverted) and its digest is computed once,
-  so each update signs only its envelope ``{src, seq, base_version, recipient,
-  n_examples, digest}``; a received model is decrypted and decoded but its root signature
-  and digest are not checked (a real site's checks of the models it gets are not what
-  this measures). Both processes ``gc.freeze()`` what start-up built and set the model's
-  layout at start, as the daemons do (the aggregator checks each delta's layout before
-  hashing it). None of this changes what the aggregator receives, checks or does per
-  update.
+  is held as fp16 (its bytes go on the wire unconverted) and its digest (over that fp16,
+  ``transport.e2e.update_digest_sent``, as a real site signs it) is computed once, so each
+  update signs only its envelope ``{src, seq, base_version, recipient, n_examples,
+  digest}``; a received model is decrypted and decoded but its root signature and digest
+  are not checked (a real site's checks of the models it gets are not what this
+  measures). The aggregator verifies every update in full: SHA-256 over the fp16 its
+  decoder kept (``transport.e2e.update_digest``), then the signature. Both processes
+  ``gc.freeze()`` what start-up built and set the model's layout at start, as the daemons
+  do (the aggregator checks each delta's layout before hashing it). None of this changes
+  what the aggregator receives, checks or does per update.
 
 The figure is the aggregator's applied counter (``update_applied`` metrics, counted in the
 aggregator process) over the steady window: from ``--warmup`` seconds after the first
