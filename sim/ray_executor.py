@@ -123,7 +123,13 @@ class RaySession:
             else:
                 self.ray.init(address=address, **quiet)
         except ConnectionError as exc:
-            raise ConfigError(f"ray_address {address!r}: cannot connect: {exc}") from None
+            hint = (
+                ""
+                if os.environ.get("RAY_AUTH_MODE") == "token" or address in (None, "auto")
+                else " (a cluster with token authentication also needs RAY_AUTH_MODE=token here "
+                "and its token in ~/.ray/auth_token)"
+            )
+            raise ConfigError(f"ray_address {address!r}: cannot connect: {exc}{hint}") from None
         finally:
             auth_log.setLevel(level)
         self.owned = True
@@ -145,14 +151,34 @@ class RaySession:
         self.close()
 
 
-def _run_job(trainer: Trainer, node_id: str, weights: Weights, config: Mapping[str, Any]) -> Any:
-    """One training job in a Ray worker (the trainer arrives from the object store)."""
+# The trainers this Ray worker process has unpickled, by object id: a run puts its trainer
+# in the object store once, and a worker unpickles it once for all of that run's jobs it
+# runs (as the pool's initializer does; unpickling a workload builds its data again).
+_TRAINERS: dict[str, Trainer] = {}
+_TRAINERS_KEPT = 4
+
+
+def _run_job(
+    trainer_ref: list[Any], node_id: str, weights: Weights, config: Mapping[str, Any]
+) -> Any:
+    """One training job in a Ray worker. ``trainer_ref`` holds the trainer's object ref
+    (in a list, so that Ray passes the ref rather than a fresh copy of the trainer)."""
+    import ray
+
+    (ref,) = trainer_ref
+    key = ref.hex()
+    trainer = _TRAINERS.get(key)
+    if trainer is None:
+        trainer = ray.get(ref)
+        while len(_TRAINERS) >= _TRAINERS_KEPT:  # older runs' trainers
+            _TRAINERS.pop(next(iter(_TRAINERS)))
+        _TRAINERS[key] = trainer
     return trainer(node_id, weights, config)
 
 
 class RayExecutor:
     """Runs each training job as a Ray task (one CPU each); the trainer is put in the object
-    store once and shared by every job."""
+    store once, and each worker process unpickles it once (``_run_job``)."""
 
     def __init__(self, trainer: Trainer, *, address: str | None = None, workers: int = 2) -> None:
         self._session = RaySession(address, workers)
@@ -162,7 +188,7 @@ class RayExecutor:
         self._remote = ray.remote(num_cpus=1, max_retries=0)(_run_job)
 
     def submit(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> Any:
-        return self._remote.remote(self._trainer, node_id, weights, dict(config))
+        return self._remote.remote([self._trainer], node_id, weights, dict(config))
 
     def join(self, ticket: Any) -> TrainResult:
         try:
