@@ -494,17 +494,18 @@ def _held_while_feeding(parser: FrameParser, chunks: Iterable[bytes]) -> int:
 
 
 def test_memory_held_for_a_fragmented_message_is_bounded_by_max_message() -> None:
-    # The attack: 100,000 one-byte fragments of a message that never ends (700 kB on
-    # the wire). One array per fragment held about 100 bytes per byte of payload; one
-    # growing buffer holds at most max_message, whatever the fragment size.
-    max_message = 1 << 20
+    # The attack: 30,000 one-byte fragments of a message that never ends (210 kB on
+    # the wire). One array per fragment held about 100 bytes per byte of payload (3 MB
+    # here, 23 times the bound); one growing buffer holds at most max_message, whatever
+    # the fragment size.
+    max_message = 1 << 16
     parser = FrameParser(max_message, max_fragments=10**9)
     fragments = frame(CONT, b"x", fin=False) * 10_000
-    chunks = [frame(BINARY, b"x", fin=False), *[fragments] * 10]
+    chunks = [frame(BINARY, b"x", fin=False), *[fragments] * 3]
     assert _held_while_feeding(parser, chunks) <= max_message + 64 * 1024
     assert parser.error is None
     [message] = parser.feed(frame(CONT, b"y"))  # and the message is intact
-    assert message == Message(BINARY, memoryview(b"x" * 100_001 + b"y"))
+    assert message == Message(BINARY, memoryview(b"x" * 30_001 + b"y"))
 
 
 def test_a_stream_of_empty_fragments_is_refused_at_the_first() -> None:
