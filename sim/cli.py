@@ -59,7 +59,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=None,
         metavar="ADDR",
         help="run on this existing Ray cluster (implies --executor ray): 'auto' on a node of "
-        "the cluster, or HOST:6379; without it --executor ray starts a local cluster with "
+        "the cluster, HOST:6379, or ray://HOST:10001 (Ray Client); without it --executor ray "
+        "starts a local cluster with "
         "`workers` CPUs. Example: fedloom sim scenarios/hospitals.toml --ray-address auto "
         "--parallel-runs --seeds 5",
     )

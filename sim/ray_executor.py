@@ -31,12 +31,16 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedloom.algorithms.protocol import TrainResult, Weights
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.training import Trainer
-from fedloom.sim.scenario import Scenario
+from fedloom.sim.scenario import Arm, Scenario
+
+if TYPE_CHECKING:
+    from fedloom.sim.report import ArmResult
+    from fedloom.workloads.workload import Workload
 
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 RAY_MISSING = "executor = \"ray\" needs the ray package: pip install 'fedloom[ray]'"
@@ -217,7 +221,9 @@ class RayExecutor:
 # ------------------------------------------------------------------- arms and seeds
 
 
-def _run_arm_task(scenario: Any, arm: Any, workload: Any, seed: int) -> tuple[Any, list[str]]:
+def _run_arm_task(
+    scenario: Scenario, arm: Arm, workload: Workload, seed: int
+) -> tuple[ArmResult, list[str]]:
     """One arm on one seed in a Ray worker, its training jobs inline. Returns the result and
     the lines the arm logged (a sweep's points), for the driver to print."""
     from fedloom.sim.runner import run_arm
@@ -228,23 +234,24 @@ def _run_arm_task(scenario: Any, arm: Any, workload: Any, seed: int) -> tuple[An
 
 
 def run_seeds_on_ray(
-    scenario: Any,
-    selected: Sequence[Any],
+    scenario: Scenario,
+    selected: Sequence[Arm],
     seeds: Sequence[int],
     progress: Callable[[str, float, float], None] | None = None,
     log: Callable[[str], None] | None = None,
-) -> Iterator[tuple[list[Any], Any]]:
+) -> Iterator[tuple[list[ArmResult], Workload]]:
     """Every selected arm on every seed as concurrent Ray tasks (``parallel_runs``); yields
     each seed's ``(results, workload)`` in order, as ``runner._run_seed`` gives them.
 
-    Each seed's workload is built and every arm is preflighted here first (a bad arm stops
-    the scenario before anything runs); progress bars move when a run finishes."""
+    Each seed's workload is built and its arms preflighted here before its runs start (an
+    arm the factory refuses stops the scenario at once); the first run that fails cancels
+    the others and raises its own exception. Progress bars move when a run finishes."""
     from fedloom.sim.runner import against_plain, build_workload, preflight
 
     with RaySession(scenario.ray_address, scenario.workers) as session:
         ray = session.ray
         task = ray.remote(num_cpus=1, max_retries=0)(_run_arm_task)
-        pending: list[tuple[int, Any, list[Any]]] = []
+        pending: list[tuple[int, Workload, list[Any]]] = []
         for seed in seeds:
             workload = build_workload(scenario, seed)
             if len(selected) > 1:
@@ -254,11 +261,16 @@ def run_seeds_on_ray(
             pending.append((seed, workload, refs))
         multi = len(seeds) > 1
         for seed, workload, refs in pending:
-            results = []
+            results: list[ArmResult] = []
             for arm, ref in zip(selected, refs, strict=True):
                 try:
                     result, lines = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
+                    # One run failed (a ConfigError, say): the others are not wanted either.
+                    for _, _, others in pending:
+                        for other in others:
+                            with contextlib.suppress(Exception):
+                                ray.cancel(other)
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
                     raise cause from None
                 if log is not None:

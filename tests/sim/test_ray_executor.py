@@ -200,3 +200,16 @@ def test_ray_executor_reraises_the_jobs_own_error(cluster: RaySession) -> None:
             assert not np.array_equal(value, weights[name])  # it trained
         assert (result.n_examples, result.metrics) == (here.n_examples, here.metrics)
     assert cluster.ray.is_initialized()  # the executor did not own the cluster
+
+
+@needs_ray
+@pytest.mark.timeout(60)
+def test_a_failing_run_in_a_ray_task_is_its_own_error(cluster: RaySession) -> None:
+    """A mistake found only when the run starts (a restart of a node the plan lacks) comes
+    back from the Ray task as the ConfigError itself: one line from ``fedloom sim``."""
+    bad = {"log": True, "restarts": [{"node": "nobody", "at_s": 60, "down_s": 10}]}
+    raw = tiny(executor="ray", parallel_runs=True)
+    raw["arms"][1]["durability"] = bad
+    with pytest.raises(ConfigError, match=r"arm 'fedbuff': durability.restarts: no node 'nobody'"):
+        run_scenario(parse_scenario(raw))
+    assert cluster.ray.is_initialized()
