@@ -64,18 +64,21 @@ GOOD = {"w": np.full(1000, 0.5, np.float32), "b": np.ones(3, np.float32)}
 
 
 class Hashes:
-    """Counts digests the receiving side computes (``runtime.signing``'s hash)."""
+    """Counts digests the receiving side computes (``runtime.signing``'s hashes: a model's
+    ``tensors_digest``, an update's ``update_digest``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        real = getattr(signing_mod, "tensors_digest")  # noqa: B009 - not re-exported
+        for name in ("tensors_digest", "update_digest"):
+            monkeypatch.setattr(signing_mod, name, self._spy(getattr(signing_mod, name)))
 
+    def _spy(self, real: Any) -> Any:
         def spy(tensors: Any) -> bytes:
             self.calls += 1
             digest: bytes = real(tensors)
             return digest
 
-        monkeypatch.setattr(signing_mod, "tensors_digest", spy)
+        return spy
 
 
 @contextmanager
