@@ -34,11 +34,11 @@ RAY_PROCESSES = ("raylet", "gcs_server", "ray::")
 
 
 def tiny(**over: Any) -> dict[str, Any]:
-    """Two arms, 6 sites, 40 virtual minutes, softmax regression: about 60 jobs a run."""
+    """Two arms, 6 sites, 25 virtual minutes, softmax regression: about 60 jobs a run."""
     base: dict[str, Any] = {
         "name": "tiny-ray",
         "seed": 3,
-        "duration_s": 2400,
+        "duration_s": 1500,
         "eval_interval_s": 300,
         "target_accuracy": 0.8,
         "baseline": "fedavg",
@@ -170,7 +170,7 @@ def test_ray_gives_the_inline_report_for_the_same_seeds(cluster: RaySession) -> 
     # Every run (2 arms x 2 seeds) at once, one Ray task each.
     runs = run_scenario(parse_scenario(tiny(executor="ray", parallel_runs=True)), seeds=[3, 4])
     assert deterministic(runs) == deterministic(inline)
-    # One run after another, every training job a Ray task (one seed: about 120 jobs).
+    # One run after another, every training job a Ray task (one seed: about 130 jobs).
     jobs = run_scenario(parse_scenario(tiny(executor="ray")), seeds=[3])
     assert jobs.arms[0].jobs_finished == inline.runs["fedavg"][0].jobs_finished
     assert deterministic(jobs)["arms"] == deterministic(seed_report(inline, 0))["arms"]
