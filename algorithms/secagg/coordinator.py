@@ -9,7 +9,8 @@ secure-aggregation messages and link events and applies what it yields:
    smaller cohort, its own t = max(min_cohort, (n + c) // 2 + 1)); with ``form_wait_s=None``
    only the host's ``seal_now`` seals fewer (a sync root: at its round's deadline, or once
    no task of the round is outstanding). At most ``max_inflight``
-   cohorts are open at once (the host passes ``concurrency // N + 1``). The seal is
+   cohorts are open at once (the host passes ``concurrency // N + 1``), and a site is in
+   at most one of them (its next join waits until its update there is settled). The seal is
    recorded (``Persist`` to ``COORDINATOR_LOG_KEY``) before any ``SecAggSeal`` is sent.
 2. Upload: each member's ``MaskedUpdate`` is checked (member, the seq it was sealed with,
    the joined metadata, exactly (d + 1) * 4 bytes, one bundle for every other member) and
@@ -320,10 +321,18 @@ class SecAggCoordinator:
     # ---------------------------------------------------------------- formation
 
     def _waiting_sites(self) -> list[_Join]:
-        """The oldest waiting join of each site, oldest first."""
+        """The oldest waiting join of each site that has no update in an open cohort,
+        oldest first. A site is a member of one open cohort at a time: its next update
+        (trained while that cohort masks, signs and unmasks) waits until the site's
+        update there is settled (applied, or dropped from the view or an abort). Sealed
+        into two cohorts at once, one crash would take the site out of both, so each
+        crash would count twice against the cohorts' dropout budget (a bench with two
+        cohorts of the same ten sites open and 3 crashes per seal aborted both)."""
+        busy = {site for site, _ in self._in_cohort}
         seen: dict[str, _Join] = {}
         for join in self._waiting.values():
-            seen.setdefault(join.site, join)
+            if join.site not in busy:
+                seen.setdefault(join.site, join)
         return list(seen.values())
 
     def on_join(self, peer: str, msg: SecAggJoin, now: float) -> list[Effect]:
@@ -470,6 +479,11 @@ class SecAggCoordinator:
         return cohort, []
 
     def on_masked(self, peer: str, msg: MaskedUpdate, now: float) -> list[Effect]:
+        # A cohort that ends (or drops members from its view) frees its sites: the
+        # joins they made meanwhile may seal the next cohort now.
+        return [*self._on_masked(peer, msg, now), *self._try_seal(now)]
+
+    def _on_masked(self, peer: str, msg: MaskedUpdate, now: float) -> list[Effect]:
         if msg.src != peer:
             return refused(
                 "src_mismatch",
@@ -552,6 +566,11 @@ class SecAggCoordinator:
     # -------------------------------------------------------------------- view
 
     def on_view_sig(self, peer: str, msg: SecAggViewSig, now: float) -> list[Effect]:
+        # A cohort that ends (or drops members from its view) frees its sites: the
+        # joins they made meanwhile may seal the next cohort now.
+        return [*self._on_view_sig(peer, msg, now), *self._try_seal(now)]
+
+    def _on_view_sig(self, peer: str, msg: SecAggViewSig, now: float) -> list[Effect]:
         cohort, bad = self._cohort(peer, msg.cohort, "view", "view_sig")
         if cohort is None:
             return bad
@@ -598,6 +617,11 @@ class SecAggCoordinator:
     # ------------------------------------------------------------------ shares
 
     def on_shares(self, peer: str, msg: SecAggShares, now: float) -> list[Effect]:
+        # A cohort that ends (or drops members from its view) frees its sites: the
+        # joins they made meanwhile may seal the next cohort now.
+        return [*self._on_shares(peer, msg, now), *self._try_seal(now)]
+
+    def _on_shares(self, peer: str, msg: SecAggShares, now: float) -> list[Effect]:
         cohort, bad = self._cohort(peer, msg.cohort, "unmask", "shares")
         if cohort is None:
             return bad
@@ -827,6 +851,11 @@ class SecAggCoordinator:
         return self._abort(cohort, "shares_inconsistent", f"no t shares rebuild a secret, {when}")
 
     def on_peer_down(self, peer: str, now: float) -> list[Effect]:
+        # A cohort that ends (or drops members from its view) frees its sites: the
+        # joins they made meanwhile may seal the next cohort now.
+        return [*self._on_peer_down(peer, now), *self._try_seal(now)]
+
+    def _on_peer_down(self, peer: str, now: float) -> list[Effect]:
         for key in [k for k in self._waiting if k[0] == peer]:
             del self._waiting[key]  # the site joins again when it reconnects
         out: list[Effect] = []

@@ -48,6 +48,7 @@ def expected_model(fed: Fed) -> dict[str, object]:
 
 
 def test_the_next_task_goes_out_at_the_join_and_trains_while_the_cohort_is_open() -> None:
+    """One cohort's worth of sites: the next updates train and join while A is open."""
     fed = Fed(6, buffer_size=6, cfg=secagg(min_cohort=3))
     root = fed.nodes["root"]
     fed.train()  # every site's first update
@@ -65,10 +66,12 @@ def test_the_next_task_goes_out_at_the_join_and_trains_while_the_cohort_is_open(
     fed.train()  # the second updates are done while A has not even seen its uploads
     for s in fed.sites:
         fed.flush_link(s, "root")  # A's uploads, then the sites' second joins
-    open_now = root.secure_aggregation.open_cohorts()
-    assert len(open_now) == 2 and seal_a in open_now  # B sealed while A is open
+    # B's six joins wait: a site is a member of one open cohort at a time (one crash
+    # then never takes a site out of two cohorts), and A still holds an update of each.
+    coordinator = root.secure_aggregation
+    assert coordinator.open_cohorts() == [seal_a] and coordinator.waiting() == 6
     assert root.version == 0
-    fed.drain()
+    fed.drain()  # A completes; B, its updates trained and waiting, is sealed at once
     assert root.version == 2
     records = cohort_records(fed)
     assert [sorted(int(p[1]) for p in r["pairs"]) for r in records] == [[1] * 6, [2] * 6]
@@ -114,5 +117,34 @@ def test_a_member_lost_in_the_first_cohort_joins_the_next_with_that_update_only(
     assert {q for (src, q) in applied if src == victim} == {
         q for (src, q) in uploads if src == victim
     }
+    assert close(root.current_model()[1], expected_model(fed))
+    no_plain_updates_from_sites(fed)
+
+
+def test_two_cohorts_of_distinct_sites_are_open_at_once() -> None:
+    """Twice a cohort's worth of sites (concurrency 12, cohorts of 6: max_inflight 3): the
+    second cohort seals while the first is open, from the other six sites, and a site's
+    next update never enters a cohort while its last one is in another."""
+    fed = Fed(12, buffer_size=6, cfg=secagg(min_cohort=3), concurrency=12)
+    root = fed.nodes["root"]
+    coordinator = root.secure_aggregation
+    fed.train()
+    for s in fed.sites:
+        fed.deliver_one(s, "root")  # 12 joins: two cohorts sealed
+    seals = {m.cohort: set(m.members) for m in fed.sent_by("root", SecAggSeal)}
+    assert len(seals) == 2 and len(coordinator.open_cohorts()) == 2
+    first, second = seals.values()
+    assert not first & second and first | second == set(fed.sites)
+    for _ in range(4):  # sites train whatever they hold, the root seals as it can
+        fed.train()
+        fed.drain()
+    records = cohort_records(fed)
+    assert root.version == len(records) >= 4
+    for r in records:  # each cohort: six distinct sites, one update each
+        assert len({str(p[0]) for p in r["pairs"]}) == len(r["pairs"]) == 6  # type: ignore[attr-defined]
+    applied = Counter((str(p[0]), int(p[1])) for r in records for p in r["pairs"])  # type: ignore[attr-defined]
+    assert set(applied.values()) == {1}
+    uploads = Counter((m.src, m.seq) for s in fed.sites for m in fed.sent_by(s, MaskedUpdate))
+    assert set(uploads.values()) == {1}
     assert close(root.current_model()[1], expected_model(fed))
     no_plain_updates_from_sites(fed)
