@@ -11,38 +11,74 @@ keeps exactly as a disk does (a power cut is not something a test can perform).
 An explicit ``--basetemp`` or ``PYTEST_DEBUG_TEMPROOT`` is respected, and without a
 writable /dev/shm holding ``MIN_FREE`` the usual temporary directory is used. Each session
 gets its own fresh directory there (parallel sessions never share one), removed at the end.
+A session holds an flock on ``<directory>.lock`` while it runs, so the directory of one that
+was killed (no end hook ran) is removed by the next session, and a live one's never is.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 SHM = Path("/dev/shm")
+PREFIX = "fedloom-pytest-"
 MIN_FREE = 2 << 30  # bytes free on /dev/shm to put a session's tmp_path there
-_KEY = pytest.StashKey[Path]()
+STALE_AFTER_S = 60.0  # a lock file this old and not held belongs to a killed session
+_KEY = pytest.StashKey[tuple[Path, int]]()
 
 
-def _in_memory_basetemp() -> Path | None:
+def _sweep_killed_sessions() -> None:
+    """Remove the directories of earlier sessions that ended without their end hook."""
+    for lock in SHM.glob(f"{PREFIX}*.lock"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < STALE_AFTER_S:
+                continue  # just made: its session may not hold it yet
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError while a session runs
+            shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _in_memory_basetemp() -> tuple[Path, int] | None:
+    """A fresh directory on /dev/shm and the fd of its held lock, or None."""
     if os.environ.get("PYTEST_DEBUG_TEMPROOT") or not SHM.is_dir():
         return None
-    if not os.access(SHM, os.W_OK) or shutil.disk_usage(SHM).free < MIN_FREE:
+    if not os.access(SHM, os.W_OK):
         return None
-    return Path(tempfile.mkdtemp(prefix="fedloom-pytest-", dir=SHM))
+    _sweep_killed_sessions()
+    if shutil.disk_usage(SHM).free < MIN_FREE:
+        return None
+    fd, lock = tempfile.mkstemp(prefix=PREFIX, suffix=".lock", dir=SHM)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    base = Path(lock).with_suffix("")
+    base.mkdir(mode=0o700)
+    return base, fd
 
 
 @pytest.hookimpl(tryfirst=True)  # before the tmpdir plugin reads the option
 def pytest_configure(config: pytest.Config) -> None:
-    if config.option.basetemp is None and (base := _in_memory_basetemp()) is not None:
-        config.option.basetemp = str(base)
-        config.stash[_KEY] = base
+    if config.option.basetemp is None and (made := _in_memory_basetemp()) is not None:
+        config.option.basetemp = str(made[0])
+        config.stash[_KEY] = made
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    base = config.stash.get(_KEY, None)
-    if base is not None:
+    made = config.stash.get(_KEY, None)
+    if made is not None:
+        base, fd = made
         shutil.rmtree(base, ignore_errors=True)
+        base.with_suffix(".lock").unlink(missing_ok=True)
+        os.close(fd)
