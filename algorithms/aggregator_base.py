@@ -6,6 +6,9 @@
   a timeout. The runtime reports a new session only after the old one's ``PeerDown``, so a
   further ``Hello`` in a session changes nothing (metric ``hello_repeated``): no task is
   cancelled or re-issued and no model re-sent, and a stream of 46-byte Hellos buys nothing.
+  (A child says Hello again when nothing answered its first: the Hello, or the model sent
+  for it, may be lost on a lossy link that stays up. A region child then gets the model
+  again, at most once per ``HELLO_MODEL_RESEND_S``: a reconnect would buy as much.)
 * Intake of an ``Update``: sender must be a child speaking for itself and ``seq`` ≥ 1 (else
   rejected, not acked); an already recorded ``(src, seq)`` is a duplicate: metric + re-ack,
   never applied again; otherwise the subclass decides (applied / stale / late / rejected)
@@ -146,6 +149,8 @@ from fedloom.transport.wire import (
 __all__ = [
     "APPLIED_KEY",
     "CHECKPOINT_KEY",
+    "HELLO_MODEL_RESEND_S",
+    "HELLO_RETRY_MAX_FACTOR",
     "MAX_HELD_REGION",
     "MAX_HELD_SITE",
     "QUIET_AFTER_S",
@@ -158,6 +163,10 @@ ROLES = ("site", "region")
 APPLIED_KEY = "applied"
 SECAGG_FROM_MEMBER = (SecAggJoin, MaskedUpdate, SecAggViewSig, SecAggShares)
 CHECKPOINT_KEY = "checkpoint"
+# A child whose Hello got no answer says it again after its hello_timeout_s, the wait
+# doubling up to this many time-outs (``site``, ``regional``).
+HELLO_RETRY_MAX_FACTOR = 8.0
+HELLO_MODEL_RESEND_S = 60.0  # a region's repeated Hello gets the model again at most this often
 # Updates over a child's quota kept for the next epoch (a region forwards unasked).
 MAX_HELD_SITE = 2
 MAX_HELD_REGION = 8
@@ -237,7 +246,8 @@ class AggregatorBase:
             rng=self._rng,
         )
         # A dict, not a set: broadcast order must not depend on string hashing.
-        self._regions_up: dict[str, None] = {}
+        # Region children up, each with when a model last went to it.
+        self._regions_up: dict[str, float] = {}
         self._ledger = AppliedLedger()
         # Per child, how many of its updates ended in each outcome: durable evidence (the
         # log's records are compacted away) that each seq the ledger saw was decided once.
@@ -549,12 +559,18 @@ class AggregatorBase:
             elif self._variety_quota:
                 self._rebench()  # one more site up: the share may have shrunk
             return
-        if peer in self._regions_up:  # same session: it has every model already
+        resend = peer in self._regions_up
+        if resend:  # same session: the model was sent, maybe lost
             out.append(Metric("hello_repeated", 1.0, {"peer": peer}))
-            return
-        self._regions_up[peer] = None
+            if self._now < self._regions_up[peer] + HELLO_MODEL_RESEND_S:
+                return
+        else:
+            self._regions_up[peer] = -math.inf
         model = self._model()
         if model is not None and not self._holding:  # held: sent when the quorum is met
+            self._regions_up[peer] = self._now  # when a model last went to it
+            if resend:
+                out.append(Metric("model_resent", 1.0, {"peer": peer}))
             config = self._task_config()
             model_msg = ModelBroadcast(model[0], model[1], config=config, **self._model_proof())
             out.append(Send(peer, model_msg))
@@ -1354,7 +1370,10 @@ class AggregatorBase:
             return
         config = self._task_config()
         msg = ModelBroadcast(model[0], model[1], config=config, **self._model_proof())
-        out.extend(Send(r, msg) for r in self._regions_up)
+        regions = self._regions_up
+        for r in regions:
+            regions[r] = self._now  # a repeated Hello soon after gets no copy (_on_hello)
+            out.append(Send(r, msg))
 
     # ---------------------------------------------------------- durability
     def _base_snapshot(self) -> dict[str, Any]:

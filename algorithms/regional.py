@@ -25,7 +25,12 @@ Towards its parent it behaves like a site (``Hello(role="region")`` on ``PeerUp`
 forwards kept in an ``Outbox`` until acked, sent and resent in seq order under its
 acknowledgement-paced window, never all at once after an outage); towards
 its children like the root (dedup ledger, Persist-then-Ack, rejections). Regions nest: the
-parent may itself be a region.
+parent may itself be a region. With ``hello_timeout_s`` set, a region whose ``Hello`` no
+``ModelBroadcast`` has answered that long (the Hello or the model may be lost on a link
+that stays up) says ``Hello`` again (metric ``hello_resent``), waiting twice as long each
+time up to ``HELLO_RETRY_MAX_FACTOR`` time-outs; its parent answers a repeated Hello
+from a region with the model again, at most once per ``HELLO_MODEL_RESEND_S``
+(``aggregator_base``).
 
 Failover (``algorithms.incorporation``): each forward names the site updates it carries
 (``Update.pairs``) and is kept until it is settled (the root's ``Ack``; a parent region's
@@ -83,6 +88,7 @@ import numpy as np
 from fedloom.algorithms.aggregator_base import (
     APPLIED_KEY,
     CHECKPOINT_KEY,
+    HELLO_RETRY_MAX_FACTOR,
     Outcome,
     checkpoint_interval,
 )
@@ -160,6 +166,7 @@ class RegionalAggregator(BufferedAggregator):
         max_outbox_bytes: int | None = None,
         parent_is_root: bool = True,
         keep_parts: bool = False,
+        hello_timeout_s: float | None = None,
     ) -> None:
         super().__init__(
             node_id,
@@ -184,6 +191,11 @@ class RegionalAggregator(BufferedAggregator):
             raise ValueError(f"{parent!r} cannot be both parent and child of {node_id!r}")
         if max_deferred < 0:
             raise ValueError(f"max_deferred must be >= 0, got {max_deferred}")
+        if hello_timeout_s is not None and not 0.0 < hello_timeout_s < float("inf"):
+            raise ValueError(f"hello_timeout_s must be > 0 and finite, got {hello_timeout_s}")
+        self.hello_timeout_s = hello_timeout_s
+        self._hello_at: float | None = None  # a Hello no model has answered yet
+        self._hello_wait = 0.0
         if max_deferred_bytes < 0:
             raise ValueError(f"max_deferred_bytes must be >= 0, got {max_deferred_bytes}")
         self.parent = parent
@@ -271,12 +283,28 @@ class RegionalAggregator(BufferedAggregator):
     def next_deadline(self) -> float | None:
         own, outbox = super().next_deadline(), self._outbox.next_deadline()
         if own is None or (outbox is not None and outbox < own):
-            return outbox
+            own = outbox
+        if self._hello_at is not None:
+            again = self._hello_at + self._hello_wait
+            if own is None or again < own:
+                return again
         return own
 
     def _on_deadline(self, now: float, out: list[Effect]) -> None:
         super()._on_deadline(now, out)
         out.extend(self._outbox.on_deadline(now))
+        at, timeout = self._hello_at, self.hello_timeout_s
+        if at is not None and timeout is not None and now >= at + self._hello_wait:
+            # No model since the Hello: it, or the model, may be lost. Ask again.
+            self._hello_at = now
+            self._hello_wait = min(2.0 * self._hello_wait, HELLO_RETRY_MAX_FACTOR * timeout)
+            out.append(Send(self.parent, Hello(self._id, "region")))
+            out.append(Metric("hello_resent", 1.0, {"parent": self.parent}))
+
+    def _say_hello(self, out: list[Effect]) -> None:
+        out.append(Send(self.parent, Hello(self._id, "region")))
+        if self.hello_timeout_s is not None:
+            self._hello_at, self._hello_wait = self._now, self.hello_timeout_s
 
     def _broadcast(self, out: list[Effect]) -> None:
         if not self._awaiting_config:  # (as for tasks, below)
@@ -331,13 +359,14 @@ class RegionalAggregator(BufferedAggregator):
         if not up:
             self._outbox.link_down()  # while the parent is away forwards stay in the outbox
             self._hello_deferred = False
+            self._hello_at = None
             return
         if self._holding:
             # The parent counts this region up (its own start quorum, and it sends the
             # model) once the region can put its sites to work: after its start wait.
             self._hello_deferred = True
         else:
-            out.append(Send(self.parent, Hello(self._id, "region")))
+            self._say_hello(out)
         # Acked by a parent region but not settled (its notice lost): a resend gets it,
         # paced by the outbox's window like the pending ones.
         waiting = {u.seq for u in self._outbox.pending()}
@@ -352,12 +381,13 @@ class RegionalAggregator(BufferedAggregator):
     def _on_quorum_end(self, out: list[Effect]) -> None:
         if self._hello_deferred:
             self._hello_deferred = False
-            out.append(Send(self.parent, Hello(self._id, "region")))
+            self._say_hello(out)
 
     def _on_other(self, peer: str, msg: Message, now: float, out: list[Effect]) -> None:
         if peer != self.parent:
             super()._on_other(peer, msg, now, out)
         elif isinstance(msg, ModelBroadcast):
+            self._hello_at = None  # the parent knows this region: its Hello got through
             self._on_model(msg, now, out)
         elif isinstance(msg, Ack):
             if msg.src == self._id and is_int(msg.seq):

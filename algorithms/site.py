@@ -36,6 +36,15 @@ settled). When its parent has been down for ``failover_after_s`` and a fallback 
 switches: ``Hello`` to the new parent and every update not yet settled is resent there. It
 stays with the new parent until that one fails (the parents' ledgers and the root's pair
 ledger make any copy count once). Without fallbacks nothing changes: an ack ends it.
+
+Hello retries: a link may lose a message without going down (the simulator's
+``loss_effect = "drop"``), and a parent that never heard a site's ``Hello`` never gives it
+a task. With ``hello_timeout_s`` set, a site that has heard no ``TrainRequest`` (nor a
+model or a secure-aggregation message) from its parent that long after its ``Hello`` says
+``Hello`` again (metric ``hello_resent``), waiting twice as long each time, at most
+``aggregator_base.HELLO_RETRY_MAX_FACTOR`` times the time-out; the first such message, or
+``PeerDown``, ends it. A parent takes a repeated ``Hello`` as the same session's
+(``aggregator_base``): harmless, it buys nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY
+from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY, HELLO_RETRY_MAX_FACTOR
 from fedloom.algorithms.incorporation import (
     DEFAULT_FAILOVER_AFTER_S,
     DEFAULT_MAX_HELD,
@@ -113,6 +122,7 @@ class SiteNode:
         failover_after_s: float = DEFAULT_FAILOVER_AFTER_S,
         max_held: int = DEFAULT_MAX_HELD,
         secure: SiteSecAgg | None = None,
+        hello_timeout_s: float | None = None,
     ) -> None:
         if not site_id or not parent:
             raise ValueError("site_id and parent must be non-empty")
@@ -123,6 +133,11 @@ class SiteNode:
             raise ValueError(f"fallbacks must be distinct non-empty ids, got {fallbacks!r}")
         if not failover_after_s > 0.0:
             raise ValueError(f"failover_after_s must be > 0, got {failover_after_s}")
+        if hello_timeout_s is not None and not 0.0 < hello_timeout_s < float("inf"):
+            raise ValueError(f"hello_timeout_s must be > 0 and finite, got {hello_timeout_s}")
+        self.hello_timeout_s = hello_timeout_s
+        self._hello_at: float | None = None  # a Hello no task or model has answered yet
+        self._hello_wait = 0.0
         if secure is not None and fallbacks:
             # A kept update resent to a standby would be a second masking of it.
             raise ValueError("secure aggregation does not combine with fallbacks (failover)")
@@ -197,6 +212,8 @@ class SiteNode:
             times.append(self._held.next_deadline())
             if self._down_since is not None:
                 times.append(self._down_since + self.failover_after_s)
+        if self._hello_at is not None:
+            times.append(self._hello_at + self._hello_wait)
         return min((t for t in times if t is not None), default=None)
 
     # ----------------------------------------------------------------- events
@@ -234,6 +251,7 @@ class SiteNode:
         if isinstance(event, PeerDown):
             self._up.discard(event.peer)
             if event.peer == self.parent:
+                self._hello_at = None  # the next PeerUp greets afresh
                 self._outbox.link_down()  # pending updates stay until the link is back
                 if self._held is not None:
                     self._held.link_down()
@@ -244,14 +262,32 @@ class SiteNode:
             if self._secure is not None:
                 lost, seqs = self._secure.expired(now)
                 held += lost + self._consume(seqs, now)
+            held += self._hello_again(now)
             return self._outbox.on_deadline(now) + held + self._maybe_failover(now)
         raise ProtocolMisuseError(f"site cannot handle {type(event).__name__}")
 
     def _greet(self, now: float) -> list[Effect]:
         """Hello to the parent, then every update it has not settled, in seq order."""
         hello: list[Effect] = [Send(self.parent, Hello(self._id, "site", self.n_examples))]
+        if self.hello_timeout_s is not None:
+            self._hello_at, self._hello_wait = now, self.hello_timeout_s
         held = self._held.resend(self.parent, now) if self._held is not None else []
         return hello + held + self._outbox.resend(self.parent, now=now)
+
+    def _hello_again(self, now: float) -> list[Effect]:
+        """Say Hello again if the last one is unanswered after its wait (it may be lost)."""
+        at, timeout = self._hello_at, self.hello_timeout_s
+        if at is None or timeout is None or now < at + self._hello_wait:
+            return []
+        if self.parent not in self._up:
+            self._hello_at = None  # the next PeerUp greets
+            return []
+        self._hello_at = now
+        self._hello_wait = min(2.0 * self._hello_wait, HELLO_RETRY_MAX_FACTOR * timeout)
+        return [
+            Send(self.parent, Hello(self._id, "site", self.n_examples)),
+            Metric("hello_resent", 1.0, {"parent": self.parent}),
+        ]
 
     def _maybe_failover(self, now: float) -> list[Effect]:
         """Switch to the first parent that is up once the current one has been down for
@@ -299,6 +335,10 @@ class SiteNode:
             return self._on_settled(peer, msg, now)  # a former parent may settle kept ones
         if peer != self.parent:
             return unexpected(peer, msg, "not_parent")
+        if isinstance(msg, TrainRequest | ModelBroadcast) or (
+            self._secure is not None and isinstance(msg, SECAGG_TO_SITE)
+        ):
+            self._hello_at = None  # the parent knows this site: its Hello got through
         if isinstance(msg, TrainRequest):
             refused = self._refuse_unsigned_settings(msg, now)
             return refused if refused else self._on_request(msg)

@@ -162,6 +162,13 @@ def plan_neighbours(plan: Plan, node_id: str) -> Neighbours:
     )
 
 
+def hello_timeout(p: AlgorithmConfig) -> float:
+    """How long a site or region waits for an answer to its Hello (a task, a model) before
+    it says Hello again: the shorter of the task and round time-outs, the time a parent
+    that heard it would take at most to notice a task or round gone unanswered."""
+    return min(p.task_timeout_s, p.round_timeout_s)
+
+
 def build_node(
     role: str,
     node_id: str,
@@ -206,6 +213,7 @@ def build_node(
             fallbacks=list(n.fallbacks),
             failover_after_s=opts.failover_after_s,
             max_held=opts.max_held,
+            hello_timeout_s=hello_timeout(p),
             # A member's DP noise (and rounding) must be unpredictable to its aggregator:
             # a daemon passes a secret noise_key; the simulator's stays the node's stream.
             secure=secure_site(
@@ -601,4 +609,5 @@ def build_region(
         log_deltas=log_deltas,
         claim_bounds=bounds if bounds is not None else claim_bounds(p),
         max_outbox_bytes=max_outbox_bytes,
+        hello_timeout_s=hello_timeout(p),
     )

@@ -297,6 +297,8 @@ class _Tally:
 
     def __init__(self, roles: Mapping[str, str]) -> None:
         self.sites = {n for n, r in roles.items() if r == "site"}
+        self.regions = {n for n, r in roles.items() if r == "region"}
+        self.contributed: set[str] = set()  # sites and regions with an update applied
         self.site_updates = 0  # updates whose src is a site, applied (plain or in a cohort)
         self.sealed = 0
         self.sealed_members = 0
@@ -315,8 +317,12 @@ class _Tally:
         name = m.name
         labels = m.labels or {}
         if name == "update_applied":
-            if labels.get("src") in self.sites:
+            src = labels.get("src")
+            if src in self.sites:
                 self.site_updates += 1
+                self.contributed.add(src)
+            elif src in self.regions:
+                self.contributed.add(src)
         elif name == "privacy_epsilon":  # the root's gauge: at start, after each release
             if m.value > self.epsilon:  # every release spends some ε; a repeat is no release
                 self.releases += 1
@@ -378,6 +384,25 @@ class _Tally:
         out |= {f"secagg_aborted_{r}": n for r, n in sorted(self.aborted.items())}
         out |= {f"secagg_refused_{r}": n for r, n in sorted(self.refused.items())}
         return out
+
+    def silent_extra(self) -> dict[str, int | str]:
+        """The sites (and regions) not one of whose updates was applied all run, counted
+        and named (the first ``SILENT_IDS_LISTED``), so an exclusion is never silent: a
+        site offline throughout, one whose parent never heard it, a region with no model."""
+        out: dict[str, int | str] = {}
+        for role, ids in (("sites", self.sites), ("regions", self.regions)):
+            if not ids:
+                continue
+            silent = sorted(ids - self.contributed)
+            named = " ".join(silent[:SILENT_IDS_LISTED])
+            if len(silent) > SILENT_IDS_LISTED:
+                named += f" (+{len(silent) - SILENT_IDS_LISTED} more)"
+            out[f"{role}_without_updates"] = len(silent)
+            out[f"{role}_without_updates_ids"] = named
+        return out
+
+
+SILENT_IDS_LISTED = 20  # a report names at most this many sites that never contributed
 
 
 def _site_bytes(tiers: Mapping[str, int], site_updates: int) -> dict[str, float | int]:
@@ -600,6 +625,7 @@ def run_once(
         "jobs_per_wall_s": stats.jobs_finished / max(time.perf_counter() - wall0, 1e-9),
     }
     extra |= _site_bytes(tiers, tally.site_updates)
+    extra |= tally.silent_extra()
     if arm.secure_aggregation.enabled:
         extra |= tally.secagg_extra()
         # Where masking's bytes go: masked uploads (with their bundles), seals, views, ...
