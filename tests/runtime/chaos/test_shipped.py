@@ -1,11 +1,13 @@
 """The shipped chaos scenarios: every file reads, together they cover every fault kind, each
 says in a comment header what it injects and expects, and the short ``smoke-*`` ones run
 end to end against real daemons and pass the checker (deselect with ``-m "not chaos_run"``;
-about 30 s each plus start-up and checking)."""
+played side by side, each with its own daemons, ports, proxy and run directory: about
+35 s plus start-up and checking, where one after the other took the sum)."""
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -48,18 +50,28 @@ def test_the_smoke_subset_is_short() -> None:
     assert sum(load_scenario(p).duration_s for p in SMOKE) <= 120
 
 
+def play(path: Path, out: Path) -> bool:
+    """Run the scenario at ``path`` into ``out``; whether it was interrupted."""
+    return execute(ChaosRun(load_scenario(path), out, backend="proxy"))
+
+
 @pytest.mark.chaos_run
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("path", SMOKE, ids=[p.stem for p in SMOKE])
-def test_a_smoke_scenario_passes_the_checker(path: Path, tmp_path: Path) -> None:
-    out = tmp_path / path.stem
-    run = ChaosRun(load_scenario(path), out, backend="proxy")
-    assert execute(run) is False
-    status = run_checker(out)
-    report = out / "report.json"
-    verdicts = json.loads(report.read_text())["verdicts"] if report.exists() else []
-    failed = [f"{v['name']}: {v['detail']}" for v in verdicts if not v["passed"]]
-    assert status == 0, failed
-    events = [json.loads(line) for line in (out / "timeline.jsonl").read_text().splitlines()]
-    pids = [e["detail"]["pid"] for e in events if e["event"] == "process_start"]
-    assert wait_gone(pids, timeout=5.0) == []
+def test_every_smoke_scenario_passes_the_checker(tmp_path: Path) -> None:
+    # Played side by side: a run mostly waits for its timeline, so together they take
+    # about as long as the longest (each has its own daemons, ports, proxy and directory).
+    # Checked one after the other, here: the checker draws with pyplot, not thread-safe.
+    outs = [tmp_path / p.stem for p in SMOKE]
+    with ThreadPoolExecutor(len(SMOKE)) as pool:
+        interrupted = list(pool.map(play, SMOKE, outs))
+    for path, out, stopped in zip(SMOKE, outs, interrupted, strict=True):
+        assert stopped is False, path.stem
+        status = run_checker(out)
+        report = out / "report.json"
+        verdicts = json.loads(report.read_text())["verdicts"] if report.exists() else []
+        failed = [f"{v['name']}: {v['detail']}" for v in verdicts if not v["passed"]]
+        assert status == 0, (path.stem, failed)
+        lines = (out / "timeline.jsonl").read_text().splitlines()
+        pids = [e["detail"]["pid"] for e in map(json.loads, lines) if e["event"] == "process_start"]
+        assert pids, path.stem
+        assert wait_gone(pids, timeout=5.0) == [], path.stem
