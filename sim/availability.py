@@ -207,8 +207,12 @@ def periodic_windows(
         return [(start_s, end_s)] if start_s < until_s else []
     if not every_s > end_s - start_s:
         raise ValueError(f"a window repeated every {every_s} s must be shorter than that")
-    out = []
-    k = 0
+    if not math.isfinite(every_s) or not math.isfinite(end_s):
+        raise ValueError(
+            f"a window repeats every finite period, got [{start_s}, {end_s}) every {every_s}"
+        )
+    out = [(start_s, end_s)] if start_s < until_s else []  # k = 0 apart: 0 * period
+    k = 1
     while start_s + k * every_s < until_s:  # k * period: no drift from repeated additions
         out.append((start_s + k * every_s, end_s + k * every_s))
         k += 1

@@ -349,7 +349,7 @@ def parse_scenario(
     arms_raw = top.array("arms")
     if not arms_raw:
         raise ConfigError("arms: a scenario needs at least one [[arms]] entry")
-    arms = tuple(_arm(a, i, shared, sites) for i, a in enumerate(arms_raw))
+    arms = tuple(_arm(a, i, shared, sites, duration_s) for i, a in enumerate(arms_raw))
     names = [a.name for a in arms]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -426,7 +426,8 @@ def _duration(t: Table, stem: str) -> float:
             f"{t.where(stem + '_h')}: required field is missing (or {stem}_s / {stem}_min)"
         )
     scale = {"_s": 1.0, "_min": 60.0, "_h": 3600.0}[given[0][len(stem) :]]
-    return float(t.number(given[0], min=0.0, exclusive_min=True)) * scale
+    most = MAX_WINDOW_H * 3600.0 / scale  # finite: a run that ends
+    return float(t.number(given[0], min=0.0, max=most, exclusive_min=True)) * scale
 
 
 def _data(t: Table) -> dict[str, Any]:
@@ -616,7 +617,9 @@ def _merged(shared: Mapping[str, Any], arm: Mapping[str, Any], key: str) -> dict
     return {**shared.get(key, {}), **(arm.get(key) or {})}
 
 
-def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) -> Arm:
+def _arm(
+    raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig, duration_s: float
+) -> Arm:
     t = Table(raw, f"arms[{index}]")
     name = t.text("name", f"arm-{index}")
     algorithm = t.text("algorithm", choices=ALGORITHMS)
@@ -645,7 +648,9 @@ def _arm(raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig) ->
         Table(_merged(shared, raw, "codec"), t.where("codec")), raw.get("codec") or {}, topology
     )
     availability = _availability(
-        Table(_merged(shared, raw, "availability"), f"{t.where('availability')}"), sites
+        Table(_merged(shared, raw, "availability"), f"{t.where('availability')}"),
+        sites,
+        duration_s,
     )
     compute = _compute(shared["compute"], raw.get("compute") or {}, t.where("compute"))
     network = None  # an arm may compare its own loss, RTTs, ... over the shared [network]
@@ -843,26 +848,39 @@ def _sweep(t: Table, key: str) -> list[float]:
     return list(values)
 
 
-def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
+# Times of windows (start_h, end_h, duration_h, every_h) are at most this many hours
+# (about 114 years): finite, and far beyond any run; inf or 1e306 is an error naming them.
+MAX_WINDOW_H = 1e6
+# One [[availability.churn]] entry makes one offline window per site per period: at most
+# this many in a run (each is a partition held in memory for the run).
+MAX_CHURN_WINDOWS = 1_000_000
+
+
+def _hours(t: Table, key: str, *, positive: bool = False) -> float:
+    """``key`` in hours, as seconds: >= 0 (> 0 if ``positive``) and finite."""
+    return float(t.number(key, min=0.0, max=MAX_WINDOW_H, exclusive_min=positive)) * 3600.0
+
+
+def _availability(t: Table, sites: SitesConfig, duration_s: float) -> AvailabilityConfig:
     partitions: list[Partition] = []
     for i, p in enumerate(t.array("partitions", [])):
         pt = Table(p, f"{t.where('partitions')}[{i}]")
         region = pt.text("region", choices=sites.regions)
-        start_s = pt.number("start_h", min=0.0) * 3600.0
-        end_s = pt.number("end_h", min=0.0) * 3600.0
+        start_s = _hours(pt, "start_h")
+        end_s = _hours(pt, "end_h")
         if end_s <= start_s:
             raise ConfigError(f"{pt.where('end_h')}: must be after start_h")
         pt.finish()
         partitions.append(Partition(region, start_s, end_s))
     churn = tuple(
-        _churn(Table(c, f"{t.where('churn')}[{i}]"), sites)
+        _churn(Table(c, f"{t.where('churn')}[{i}]"), sites, duration_s)
         for i, c in enumerate(t.array("churn", []))
     )
     cfg = AvailabilityConfig(
         churn=churn,
         dropout=t.number("dropout", 0.0, min=0.0, max=0.99),
         death_fraction=t.number("death_fraction", 0.0, min=0.0, max=0.99),
-        death_at_s=t.number("death_at_h", 0.0, min=0.0) * 3600.0,
+        death_at_s=t.number("death_at_h", 0.0, min=0.0, max=MAX_WINDOW_H) * 3600.0,
         partitions=tuple(partitions),
         offline_per_h=t.number("offline_per_h", 0.0, min=0.0, max=60.0),
         offline_s=t.number("offline_s", 300.0, min=0.0, exclusive_min=True),
@@ -871,27 +889,29 @@ def _availability(t: Table, sites: SitesConfig) -> AvailabilityConfig:
     return cfg
 
 
-def _churn(t: Table, sites: SitesConfig) -> ChurnSpec:
+def _churn(t: Table, sites: SitesConfig, duration_s: float) -> ChurnSpec:
     """One ``[[availability.churn]]`` window: ``start_h``, then ``end_h`` or
     ``duration_h``; ``every_h`` repeats it (longer than the window); at most one of
-    ``sites``, ``region`` or ``fraction`` (none: every site)."""
-    start_s = t.number("start_h", min=0.0) * 3600.0
+    ``sites``, ``region`` or ``fraction`` (none: every site). Times are finite (at most
+    ``MAX_WINDOW_H``), a fraction picks at least one site, and the run holds at most
+    ``MAX_CHURN_WINDOWS`` of the entry's site windows."""
+    start_s = _hours(t, "start_h")
     if t.has("end_h") == t.has("duration_h"):
         raise ConfigError(f"{t.where('end_h')}: give end_h or duration_h (one of them)")
     if t.has("end_h"):
-        end_s = t.number("end_h", min=0.0) * 3600.0
+        end_s = _hours(t, "end_h")
         if end_s <= start_s:
             raise ConfigError(f"{t.where('end_h')}: must be after start_h")
     else:
-        end_s = start_s + t.number("duration_h", min=0.0, exclusive_min=True) * 3600.0
-    every_s = t.number("every_h", None, min=0.0, exclusive_min=True)
-    if every_s is not None:
-        every_s *= 3600.0
-        if every_s <= end_s - start_s:
-            raise ConfigError(
-                f"{t.where('every_h')}: a window repeated every {every_s / 3600:g} h must be "
-                f"shorter than that (it lasts {(end_s - start_s) / 3600:g} h)"
-            )
+        end_s = start_s + _hours(t, "duration_h", positive=True)
+        if end_s <= start_s:  # a duration too short to move start_h (rounding)
+            raise ConfigError(f"{t.where('duration_h')}: too short to end after start_h")
+    every_s = _hours(t, "every_h", positive=True) if t.has("every_h") else None
+    if every_s is not None and every_s <= end_s - start_s:
+        raise ConfigError(
+            f"{t.where('every_h')}: a window repeated every {every_s / 3600:g} h must be "
+            f"shorter than that (it lasts {(end_s - start_s) / 3600:g} h)"
+        )
     chosen = [k for k in ("sites", "region", "fraction") if t.has(k)]
     if len(chosen) > 1:
         raise ConfigError(
@@ -908,13 +928,42 @@ def _churn(t: Table, sites: SitesConfig) -> ChurnSpec:
         seen.add(site)
     if t.has("sites") and not ids:
         raise ConfigError(f"{t.where('sites')}: must list at least one site (or leave it out)")
+    region = t.text("region", None, choices=sites.regions)
+    fraction = t.number("fraction", None, min=0.0, max=1.0, exclusive_min=True)
+    if fraction is not None and round(fraction * sites.count) == 0:
+        raise ConfigError(
+            f"{t.where('fraction')}: {fraction:g} of {sites.count} sites is no site "
+            f"(round({fraction * sites.count:g}) = 0); give at least {1 / sites.count:.3g}"
+        )
+    if ids:
+        n_sites = len(ids)
+    elif region is not None:
+        placed = sites.placement
+        n_sites = sum(
+            1
+            for i, name in enumerate(sites.site_names())
+            if (placed[name] if placed else sites.regions[i % len(sites.regions)]) == region
+        )
+    elif fraction is not None:
+        n_sites = round(fraction * sites.count)
+    else:
+        n_sites = sites.count
+    periods = 1
+    if every_s is not None and start_s < duration_s:
+        periods = math.ceil((duration_s - start_s) / every_s)
+    if periods > 1 and periods * n_sites > MAX_CHURN_WINDOWS:
+        raise ConfigError(
+            f"{t.where('every_h')}: {periods:,} windows of {n_sites:,} sites in the run is "
+            f"{periods * n_sites:,} site windows, over the {MAX_CHURN_WINDOWS:,} allowed; "
+            "repeat it less often (a larger every_h)"
+        )
     spec = ChurnSpec(
         start_s=start_s,
         end_s=end_s,
         every_s=every_s,
         sites=tuple(ids),
-        region=t.text("region", None, choices=sites.regions),
-        fraction=t.number("fraction", None, min=0.0, max=1.0, exclusive_min=True),
+        region=region,
+        fraction=fraction,
     )
     t.finish()
     return spec

@@ -5,9 +5,16 @@ Tiny scenarios: each run is well under a second."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from tests.sim.test_scenario_faults import HIER, STAR, run
+import pytest
+
+from fedloom.federation.config_reader import ConfigError
+from fedloom.sim.availability import periodic_windows
+from fedloom.sim.scenario import parse_scenario
+from tests.sim.test_runner import small
+from tests.sim.test_scenario_faults import HIER, STAR, churn_sites, run
 
 
 def silent(arm: dict[str, Any]) -> dict[str, Any]:
@@ -49,3 +56,70 @@ def test_the_report_names_sites_that_never_contributed() -> None:
         "sites_without_updates": 2,
         "sites_without_updates_ids": "site-001 site-004",
     }
+
+
+# ------------------------------------- findings 2, 3, 4, 7: churn and window values
+
+
+def churn_error(churn: dict[str, Any], **over: Any) -> str:
+    scenario = small([{"name": "a", **STAR}], availability={"churn": [churn]}, **over)
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(scenario)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("value", [math.inf, 1e306, 1e7])
+@pytest.mark.parametrize(
+    ("churn", "key"),
+    [
+        ({"duration_h": 1}, "start_h"),
+        ({"start_h": 0.5}, "duration_h"),
+        ({"start_h": 0.5}, "end_h"),
+        ({"start_h": 0, "duration_h": 1}, "every_h"),
+    ],
+)
+def test_window_times_must_be_finite_and_name_the_field(
+    churn: dict[str, Any], key: str, value: float
+) -> None:
+    message = churn_error({**churn, key: value})
+    assert message.startswith(f"arms[0].availability.churn[0].{key}: expected a number <= ")
+
+
+def test_partition_and_run_times_must_be_finite() -> None:
+    part = {"partitions": [{"region": "a", "start_h": 0, "end_h": math.inf}]}
+    with pytest.raises(ConfigError, match=r"availability\.partitions\[0\]\.end_h: expected"):
+        parse_scenario(small([{"name": "a", **STAR}], availability=part))
+    with pytest.raises(ConfigError, match=r"^duration_h: expected a number <="):
+        parse_scenario(small([{"name": "a", **STAR}], duration_h=math.inf))
+
+
+def test_a_churn_period_too_short_for_the_run_is_an_error_naming_every_h() -> None:
+    # It hung, building 10 million windows of 8 sites eagerly (2 GB and growing).
+    message = churn_error({"start_h": 0, "duration_h": 1e-7, "every_h": 2e-7})
+    assert message.startswith(
+        "arms[0].availability.churn[0].every_h: 10,000,000 windows of 8 sites in the run"
+    )
+    # A region's sites only are counted: 200,000 windows of its 4 sites are allowed.
+    ok = {"start_h": 0, "duration_h": 1e-6, "every_h": 1e-5, "region": "a"}
+    parse_scenario(small([{"name": "a", **STAR}], availability={"churn": [ok]}))
+    assert "every_h: 400,000 windows of 4 sites" in churn_error({**ok, "every_h": 5e-6})
+
+
+def test_a_long_period_keeps_the_first_window() -> None:
+    hour = 3600.0
+    assert periodic_windows(0.0, 1.9 * hour, 100 * hour, 2 * hour) == [(0.0, 1.9 * hour)]
+    with pytest.raises(ValueError, match="finite period"):
+        periodic_windows(0.0, 1.9 * hour, math.inf, 2 * hour)  # 0 * inf was NaN: no window
+    windows = churn_sites(
+        [{"sites": ["site-001"], "start_h": 0, "duration_h": 1.9, "every_h": 1e5}]
+    )
+    assert windows == {"site-001": [(0.0, 1.9 * hour)]}
+
+
+def test_a_fraction_that_picks_no_site_is_an_error() -> None:
+    message = churn_error({"start_h": 0, "end_h": 1, "fraction": 0.05})
+    assert message.startswith("arms[0].availability.churn[0].fraction: 0.05 of 8 sites is no site")
+    assert "give at least 0.125" in message
+    assert (
+        len(churn_sites([{"start_h": 0, "end_h": 1, "fraction": 0.1}])) == 1
+    )  # 0.6 of a site: one
