@@ -474,7 +474,7 @@ def e2e_target(world: World) -> Target:
     def run(data: bytes) -> None:
         msg = wire.decode(data, LIMITS)
         if isinstance(msg, wire.Update):
-            digest = e2e.tensors_digest(msg.delta)
+            digest = e2e.update_digest(msg.delta)
             e2e.verify_update(
                 world.roster, msg.sig, msg.src, msg.seq, msg.base_version, "agg",
                 msg.n_examples, digest,
@@ -497,7 +497,7 @@ def e2e_target(world: World) -> Target:
 def _sign(world: World, msg: wire.Message) -> wire.Message:
     try:
         if isinstance(msg, wire.Update):
-            digest = e2e.tensors_digest(msg.delta)
+            digest = e2e.update_digest(msg.delta)
             sig = e2e.sign_update(
                 world.site, "site-1", msg.seq, msg.base_version, "agg", msg.n_examples, digest
             )
