@@ -607,9 +607,10 @@ class Network:
         st.busy_until = finish
         rng = st.rng
         if rng is not None and st.drop > 0.0 and rng.random() < st.drop:
-            stats.messages_dropped_loss += 1  # on the link for its time, then lost
-            if self._loss_resets:
-                self._reset(st)
+            if self._loss_resets:  # on the link for its time; the connection breaks then
+                kernel.schedule_at(finish, self._lost_reset, st, st.epoch)
+            else:
+                stats.messages_dropped_loss += 1  # on the link for its time, then lost
         else:
             kernel.schedule_at(finish + st.latency, self._arrive, st, st.epoch, decoded)
         st.bytes += size
@@ -621,10 +622,21 @@ class Network:
         by_type[cls] = by_type.get(cls, 0) + size
         return True
 
+    def _lost_reset(self, st: _LinkState, epoch: int) -> None:
+        """A message lost under ``loss_effect = "reset"`` has taken its time on the link:
+        the connection breaks now, unless it already broke under it (then the message was
+        lost with that break, not to loss)."""
+        if st.epoch != epoch:
+            self.stats.messages_lost += 1
+            return
+        self.stats.messages_dropped_loss += 1
+        self._reset(st)
+
     def _reset(self, st: _LinkState) -> None:
-        """A lost message broke the connection ``st.src`` - ``st.dst``: both directions
-        lose what is in flight and carry nothing for ``reconnect_s``; both ends hear
-        ``PeerDown`` now and ``PeerUp`` once it is back (``_reconnected``)."""
+        """A lost message broke the connection ``st.src`` - ``st.dst`` (at the end of its
+        time on the link): both directions lose what is in flight (messages queued behind
+        it included) and carry nothing for ``reconnect_s``; both ends hear ``PeerDown`` now
+        and ``PeerUp`` once it is back (``_reconnected``)."""
         now = self._kernel.now
         back = self._state(st.dst, st.src)
         for link in (st, back):

@@ -12,7 +12,9 @@ import pytest
 
 from fedloom.federation.config_reader import ConfigError
 from fedloom.sim.availability import periodic_windows
+from fedloom.sim.network import UniformLinks
 from fedloom.sim.scenario import parse_scenario
+from tests.sim.test_network import Blob, make
 from tests.sim.test_runner import small
 from tests.sim.test_scenario_faults import HIER, STAR, churn_sites, run
 
@@ -123,3 +125,35 @@ def test_a_fraction_that_picks_no_site_is_an_error() -> None:
     assert (
         len(churn_sites([{"start_h": 0, "end_h": 1, "fraction": 0.1}])) == 1
     )  # 0.6 of a site: one
+
+
+# ------------------------------------------ finding 5: a reset takes the message's time
+
+
+def test_a_message_lost_to_a_reset_takes_its_time_on_the_link_before_the_break() -> None:
+    # 50 kB at 1000 B/s: 50 s on the link. The connection used to break at once (both ends
+    # heard PeerDown at the send, and the link was free again), making resets nearly free.
+    for seed in range(40):  # the first seed whose draw loses the message (p = 0.5)
+        k, net, rec = make(
+            links=UniformLinks(latency_s=0.01, bandwidth_bps=8000.0),
+            roles={"s": "site", "r": "root"},
+            neighbours=[("s", "r")],
+        )
+        net.set_message_loss(0.5, seed=seed, effect="reset", reconnect_s=1.0)
+        net.start()
+        k.run()
+        t0 = k.now
+        net.send("s", "r", Blob("big", 50_000))
+        net.send("s", "r", Blob("behind", 100))  # queued behind it: lost with the break
+        k.run()
+        if net.stats.connection_resets:
+            break
+    assert net.stats.connection_resets == 1 and net.stats.messages_dropped_loss == 1
+    assert rec.delivered == [] and net.stats.messages_lost == 1  # "behind" went with it
+    notices = [(round(t - t0, 6), node, up) for t, node, _, up in rec.notices if t > t0]
+    assert notices == [
+        (50.0, "s", False),
+        (50.0, "r", False),
+        (51.01, "s", True),
+        (51.01, "r", True),
+    ]
