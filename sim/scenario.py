@@ -655,6 +655,16 @@ def _arm(
     compute = _compute(shared["compute"], raw.get("compute") or {}, t.where("compute"))
     network = None  # an arm may compare its own loss, RTTs, ... over the shared [network]
     if raw.get("network"):
+        for link, value in raw["network"].items():  # an arm's own link table: one it has
+            if (
+                isinstance(value, Mapping)
+                and link in LINKS
+                and link not in TOPOLOGY_LINKS[topology]
+            ):
+                raise ConfigError(
+                    f"{t.where('network')}.{link}: a {topology} arm has no {link} link (its "
+                    f"links: {', '.join(TOPOLOGY_LINKS[topology])})"
+                )
         network = _network(Table(_merged(shared, raw, "network"), t.where("network")), sites)
     durability = _durability(Table(_merged(shared, raw, "durability"), t.where("durability")))
     secagg = read_secure_aggregation(

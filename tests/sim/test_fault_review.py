@@ -157,3 +157,17 @@ def test_a_message_lost_to_a_reset_takes_its_time_on_the_link_before_the_break()
         (51.01, "s", True),
         (51.01, "r", True),
     ]
+
+
+# ------------------------------------- finding 6: an arm's link table names a link it has
+
+
+def test_an_arms_own_network_link_table_must_be_a_link_of_its_topology() -> None:
+    arms = [{"name": "x", **STAR, "network": {"peer-peer": {"loss": 0.5}}}]
+    with pytest.raises(ConfigError, match=r"^arms\[0\]\.network\.peer-peer: a star arm has no"):
+        parse_scenario(small(arms))
+    hier = [{"name": "h", **HIER, "network": {"region-root": {"loss": 0.5}}}]
+    (arm,) = parse_scenario(small(hier)).arms
+    assert arm.network is not None and arm.network.link_loss == (("region-root", 0.5),)
+    # A shared table applies to the arms that have the link (none here: accepted).
+    parse_scenario(small([{"name": "x", **STAR}], network={"region-root": {"loss": 0.5}}))
