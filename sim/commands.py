@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -88,6 +89,8 @@ def cmd_sim(
         console.print(f"[bold]{scenario.name}[/]: {scenario.description}")
         if len(seeds) > 1:
             console.print(f"{len(seeds)} seeds: {', '.join(str(s) for s in seeds)}")
+    for note in scenario.notes:  # settings no arm uses: not errors, but worth a look
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     with _progress(console, enabled=not quiet and sys.stdout.isatty()) as progress:
         report = run_scenario(
             scenario,

@@ -284,6 +284,8 @@ class Scenario:
     dp_sgd: DpSgdConfig | None = None
     # ``seeds = [...]``: run every arm once per seed (empty: once, with ``seed``).
     seeds: tuple[int, ...] = ()
+    # What the file sets that no arm uses (``unused_settings``): ``fedloom sim`` prints them.
+    notes: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------ reading
@@ -356,6 +358,7 @@ def parse_scenario(
         raise ConfigError(f"arms: arm names must be unique, repeated: {', '.join(sorted(dupes))}")
     if baseline is not None and baseline not in names:
         raise ConfigError(f"baseline: {baseline!r} is not an arm name ({', '.join(names)})")
+    notes = unused_settings(shared, arms_raw, arms, duration_s)
     meta = dict(top.table("meta")._data) if top.has("meta") else {}
     dp_sgd = None
     if top.has("dp_sgd"):  # reproducible here: sampling and noise from the job's seed
@@ -383,6 +386,7 @@ def parse_scenario(
         meta=meta,
         dp_sgd=dp_sgd,
         seeds=seeds,
+        notes=notes,
     )
 
 
@@ -415,6 +419,34 @@ def _seeds(t: Table) -> tuple[int, ...]:
             raise ConfigError(f"{t.where('seeds')}[{i}]: seed {v} is listed twice")
         seen.add(v)
     return tuple(values)
+
+
+def unused_settings(
+    shared: Mapping[str, Any], arms_raw: list[Any], arms: tuple[Arm, ...], duration_s: float
+) -> tuple[str, ...]:
+    """Notes (not errors) on settings no arm uses: a shared ``[network.<link>]`` or
+    ``[codec.<link>]`` table whose link no arm's topology has, and a churn window that
+    starts after the run ends."""
+    notes: dict[str, None] = {}
+    have = {link for a in arms for link in TOPOLOGY_LINKS[a.topology]}
+    for section in ("network", "codec"):
+        for link, value in shared.get(section, {}).items():
+            if isinstance(value, Mapping) and link in LINKS and link not in have:
+                topologies = ", ".join(sorted({a.topology for a in arms}))
+                notes[
+                    f"{section}.{link}: no arm has a {link} link (the arms are {topologies}); "
+                    "it applies to none"
+                ] = None
+    for i, (raw, arm) in enumerate(zip(arms_raw, arms, strict=True)):
+        own = isinstance(raw.get("availability"), Mapping) and "churn" in raw["availability"]
+        where = f"arms[{i}].availability" if own else "availability"
+        for j, spec in enumerate(arm.availability.churn):
+            if spec.start_s >= duration_s:
+                notes[
+                    f"{where}.churn[{j}]: starts at {spec.start_s / 3600:g} h, when the run "
+                    f"({duration_s / 3600:g} h) is over; it takes nothing offline"
+                ] = None
+    return tuple(notes)
 
 
 def _duration(t: Table, stem: str) -> float:

@@ -171,3 +171,44 @@ def test_an_arms_own_network_link_table_must_be_a_link_of_its_topology() -> None
     assert arm.network is not None and arm.network.link_loss == (("region-root", 0.5),)
     # A shared table applies to the arms that have the link (none here: accepted).
     parse_scenario(small([{"name": "x", **STAR}], network={"region-root": {"loss": 0.5}}))
+
+
+# ------------------------------ suspicions: settings no arm uses are noted, not errors
+
+
+def test_settings_no_arm_uses_are_noted() -> None:
+    churn = {"churn": [{"start_h": 30, "end_h": 31}, {"start_h": 1, "end_h": 1.5}]}
+    scenario = parse_scenario(
+        small(
+            [{"name": "x", **STAR}],
+            network={"region-root": {"loss": 0.5}},
+            codec={"peer-peer": {"up": "fp16"}},
+            availability=churn,
+        )
+    )
+    assert scenario.notes == (
+        "network.region-root: no arm has a region-root link (the arms are star); it applies "
+        "to none",
+        "codec.peer-peer: no arm has a peer-peer link (the arms are star); it applies to none",
+        "availability.churn[0]: starts at 30 h, when the run (2 h) is over; it takes nothing "
+        "offline",
+    )
+    assert (
+        parse_scenario(small([{"name": "h", **HIER}], network={"region-root": {"loss": 0.5}})).notes
+        == ()
+    )
+
+
+def test_the_cli_prints_the_notes(tmp_path: Any, capsys: Any) -> None:
+    from fedloom.sim.commands import cmd_sim
+
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'name = "n"\nduration_min = 20\neval_interval_s = 600\n'
+        '[data]\ndataset = "breast_cancer"\nmodel = "softmax"\n'
+        '[sites]\ncount = 3\nregions = ["a"]\n[network.peer-peer]\nloss = 0.1\n'
+        '[[arms]]\nname = "x"\nalgorithm = "fedbuff"\n',
+        encoding="utf-8",
+    )
+    assert cmd_sim(path, out=tmp_path / "out", seed=None, arms=None, quiet=False) == 0
+    assert "note: network.peer-peer: no arm has a peer-peer link" in capsys.readouterr().out
