@@ -94,7 +94,9 @@ class NodeOptions:
     a site's or region's backpressure bound (None: derived from the model).
     ``failover_after_s``, ``max_held``: a site with ``Neighbours.fallbacks``. ``keep_parts``:
     a region with a standby keeps its forwards' parts. ``link_down_after_s``: see the
-    module docstring.
+    module docstring. ``hello_retries``: a site or region says Hello again when nothing
+    answers it (``hello_timeout``); the simulator turns it off where no link can lose a
+    message without going down (a lost Hello there is impossible; the retries only cost).
     """
 
     durable: bool = True
@@ -103,6 +105,7 @@ class NodeOptions:
     max_held: int = DEFAULT_MAX_HELD
     keep_parts: bool = False
     link_down_after_s: float = DEFAULT_LINK_DOWN_AFTER_S
+    hello_retries: bool = True
 
 
 def node_params(p: AlgorithmConfig, role: str, children: Mapping[str, str]) -> AlgorithmConfig:
@@ -213,7 +216,7 @@ def build_node(
             fallbacks=list(n.fallbacks),
             failover_after_s=opts.failover_after_s,
             max_held=opts.max_held,
-            hello_timeout_s=hello_timeout(p),
+            hello_timeout_s=hello_timeout(p) if opts.hello_retries else None,
             # A member's DP noise (and rounding) must be unpredictable to its aggregator:
             # a daemon passes a secret noise_key; the simulator's stays the node's stream.
             secure=secure_site(
@@ -267,6 +270,8 @@ def build_node(
         # A root's ack settles a forward; a parent region settles it later.
         region.parent_is_root = n.parent_role == "root"
         region.keep_parts = opts.keep_parts
+        if not opts.hello_retries:
+            region.hello_timeout_s = None
         region.set_subtrees(n.subtrees)
         region.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
         member_privacy(role, privacy, secagg)

@@ -89,6 +89,13 @@ def network_of(scenario: Scenario, arm: Arm | None) -> NetworkConfig:
     return scenario.network
 
 
+def drops_messages(net: NetworkConfig) -> bool:
+    """Whether a link may lose a message and stay up (``loss_effect = "drop"``): only then
+    can a Hello go unanswered without the link going down (which greets again)."""
+    lossy = net.loss > 0.0 or any(p > 0.0 for _, p in net.link_loss)
+    return lossy and net.loss_effect == "drop"
+
+
 def build_sites(scenario: Scenario, workload: Workload, seed: int) -> list[Site]:
     """Site i holds the workload's partition i; it sits in its ``[sites.placement]`` region,
     else round-robin over the regions. Speeds and inbound flags are seeded."""
@@ -146,14 +153,17 @@ def build_nodes(
     n_examples: Mapping[str, int],
     *,
     durable: bool = False,
+    hello_retries: bool = True,
 ) -> dict[str, Node]:
     """One state machine per plan node, built by the factory the daemons use: each node
     runs the arm's parameters as its own daemon config would give them (``node_params``).
     ``durable``: aggregators log their deltas and gossip peers checkpoint (what a restart
-    recovers from; the simulator restarts no node unless asked)."""
+    recovers from; the simulator restarts no node unless asked). ``hello_retries``: sites
+    and regions say Hello again when unanswered (``drops_messages``: needed only where a
+    link loses messages and stays up)."""
     counts = region_count_bounds(plan, arm.params.regional_buffer_size)
     most_examples = max(n_examples.values(), default=0)
-    options = NodeOptions(durable=durable)
+    options = NodeOptions(durable=durable, hello_retries=hello_retries)
     secagg = arm.secure_aggregation
     # Secure aggregation runs the real cryptography on keys derived from the seed.
     keys = (
@@ -540,7 +550,8 @@ def run_once(
     init = workload.init_weights(seed)
     examples = {s.id: s.n_examples for s in sites}
     durable = arm.durability
-    nodes = build_nodes(plan, arm, init, seed, examples, durable=durable.log)
+    retries = drops_messages(network_of(scenario, arm))
+    nodes = build_nodes(plan, arm, init, seed, examples, durable=durable.log, hello_retries=retries)
     for r in durable.restarts:
         if r.node not in nodes:
             raise ConfigError(f"arm {arm.name!r}: durability.restarts: no node {r.node!r}")
@@ -569,7 +580,10 @@ def run_once(
     for r in durable.restarts:
 
         def rebuilt(node_id: str = r.node) -> Node:
-            return build_nodes(plan, arm, init, seed, examples, durable=True)[node_id]
+            fresh = build_nodes(
+                plan, arm, init, seed, examples, durable=True, hello_retries=retries
+            )
+            return fresh[node_id]
 
         driver.restart_at(r.at_s, r.node, rebuilt, r.down_s)
     tally = _Tally(driver.roles)

@@ -10,9 +10,18 @@ from typing import Any
 
 import pytest
 
+from fedloom.algorithms.site import SiteNode
 from fedloom.federation.config_reader import ConfigError
 from fedloom.sim.availability import periodic_windows
 from fedloom.sim.network import UniformLinks
+from fedloom.sim.runner import (
+    build_nodes,
+    build_plan,
+    build_sites,
+    build_workload,
+    drops_messages,
+    network_of,
+)
 from fedloom.sim.scenario import parse_scenario
 from tests.sim.test_network import Blob, make
 from tests.sim.test_runner import small
@@ -212,3 +221,27 @@ def test_the_cli_prints_the_notes(tmp_path: Any, capsys: Any) -> None:
     )
     assert cmd_sim(path, out=tmp_path / "out", seed=None, arms=None, quiet=False) == 0
     assert "note: network.peer-peer: no arm has a peer-peer link" in capsys.readouterr().out
+
+
+def test_hello_retries_only_where_a_link_drops_messages() -> None:
+    # Without message loss (or with resets, which re-greet) no Hello can go unanswered:
+    # the simulator leaves the retries off there, so lossless runs are as before.
+    lossless = parse_scenario(small([{"name": "a", **STAR}]))
+    assert not drops_messages(network_of(lossless, lossless.arms[0]))
+    for network, expected in [
+        ({"loss": 0.1}, True),
+        ({"region-root": {"loss": 0.1}}, True),
+        ({"loss": 0.1, "loss_effect": "reset"}, False),
+    ]:
+        s = parse_scenario(small([{"name": "a", **STAR}], network=network))
+        assert drops_messages(network_of(s, s.arms[0])) is expected
+    workload = build_workload(lossless, 0)
+    sites = build_sites(lossless, workload, 0)
+    arm = lossless.arms[0]
+    plan = build_plan(lossless, arm, sites, 0)
+    examples = {s.id: s.n_examples for s in sites}
+    init = workload.init_weights(0)
+    for retries, timeout in [(True, 600.0), (False, None)]:
+        nodes = build_nodes(plan, arm, init, 0, examples, hello_retries=retries)
+        site = nodes["site-000"]
+        assert isinstance(site, SiteNode) and site.hello_timeout_s == timeout
