@@ -8,6 +8,7 @@ from fedloom.algorithms.fedbuff import FedBuffAggregator
 from fedloom.algorithms.protocol import Deadline, Effect, PeerDown, PeerUp
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
+from fedloom.algorithms.sync import RoundState, SyncAggregator
 from fedloom.transport.wire import Hello, ModelBroadcast, TrainRequest
 from tests.algorithms.alg_helpers import hello, metrics, model, recv, requests, sends
 
@@ -101,3 +102,17 @@ def test_a_repeated_region_hello_gets_the_model_again_at_most_once_per_interval(
     # A new session (PeerDown, Hello) gets the model at once, as before.
     root.handle(PeerDown("r1"), 100.0)
     assert len(sends(root.handle(hello("r1", "region"), 100.0), ModelBroadcast)) == 1
+
+
+def test_a_sync_round_waits_for_distinct_sites_however_often_one_says_hello() -> None:
+    sites = {"s1": "site", "s2": "site", "s3": "site"}
+    agg = SyncAggregator(
+        "root", sites, model(0.0), clients_per_round=2, min_available=2, round_timeout_s=1e3
+    )
+    for t in (0.0, 100.0, 300.0):  # s1's retries do not make it two sites
+        out = agg.handle(hello("s1"), t)
+        assert requests(out) == [] and agg.state is RoundState.WAITING
+    reqs = requests(agg.handle(hello("s2"), 400.0))
+    assert sorted(p for p, _ in reqs) == ["s1", "s2"]
+    out = agg.handle(hello("s1"), 401.0)  # a retry in the round: no second task for s1
+    assert requests(out) == [] and agg.state is RoundState.COLLECTING
