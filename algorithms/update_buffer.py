@@ -167,19 +167,25 @@ class UpdateBuffer:
                 # slice: the float64 slice stays in the CPU cache across the K deltas and
                 # is cast into the result at once, so no model-sized float64 array is made
                 # (the same operations per element, in the same order: the same result).
+                # Each term c·Δ is formed in the delta's own dtype (the loop numpy picks
+                # for an array times a Python float) into a scratch slice of that dtype,
+                # and added to the float64 sum, which widens it exactly: the same values
+                # as writing the product into a float64 slice first, without the extra
+                # float64 pass (tests/algorithms/test_update_buffer_slices.py).
                 result = np.empty(shape, dtype=self._dtypes[k])
                 flat = result.reshape(-1)
                 acc = np.empty(min(flat.size, _FLUSH_SLICE), dtype=np.float64)
-                tmp = np.empty_like(acc)
                 parts = [d[k].reshape(-1) for d in self._kept]
+                scratch = {p.dtype: np.empty(acc.size, dtype=p.dtype) for p in parts}
                 for start in range(0, flat.size, _FLUSH_SLICE):
                     end = start + _FLUSH_SLICE
                     summed = acc[: flat[start:end].size]
-                    scaled = tmp[: summed.size]
                     summed[...] = 0.0
                     for c, part in zip(coefs, parts, strict=True):
-                        np.multiply(part[start:end], c, out=scaled, casting="unsafe")
-                        summed += scaled
+                        piece = part[start:end]
+                        scaled = scratch[piece.dtype][: summed.size]
+                        np.multiply(piece, c, out=scaled)
+                        np.add(summed, scaled, out=summed)
                     with np.errstate(over="ignore"):  # inf: ``Aggregate.finite`` says so
                         flat[start:end] = summed
                 delta[k] = result
