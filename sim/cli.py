@@ -12,6 +12,7 @@ runs.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 COMMANDS = ("sim", "plan")
@@ -91,19 +92,24 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``fedloom sim`` or ``fedloom plan``; errors go to ``fedloom.cli``."""
     from fedloom.sim.commands import cmd_plan, cmd_sim
+    from fedloom.sim.ray_executor import RayClusterError  # imports no ray
 
     if args.command == "sim":
-        return cmd_sim(
-            args.scenario,
-            out=args.out,
-            seed=args.seed,
-            arms=args.arm,
-            quiet=args.quiet,
-            n_seeds=args.seeds,
-            executor=args.executor,
-            ray_address=args.ray_address,
-            parallel_runs=args.parallel_runs,
-        )
+        try:
+            return cmd_sim(
+                args.scenario,
+                out=args.out,
+                seed=args.seed,
+                arms=args.arm,
+                quiet=args.quiet,
+                n_seeds=args.seeds,
+                executor=args.executor,
+                ray_address=args.ray_address,
+                parallel_runs=args.parallel_runs,
+            )
+        except RayClusterError as exc:  # not a mistake in the scenario: exit status 1
+            print(f"fedloom: error: {exc}", file=sys.stderr)
+            return 1
     if args.command == "plan":
         return cmd_plan(args.scenario, out=args.out, arm=args.arm)
     parser.error(f"unknown command {args.command!r}")

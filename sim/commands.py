@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +62,28 @@ def _progress(console: Console, enabled: bool) -> Iterator[ProgressFn | None]:
         yield update
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a SIGTERM
+
+
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit(143)`` in the main thread while the block runs, so that
+    the run unwinds: the process pool and a Ray cluster the run started are shut down (by
+    default a SIGTERM ends the process at once, and Ray's threads abort with a core dump)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(EXIT_TERMINATED)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def cmd_sim(
     scenario_path: Path,
     *,
@@ -91,7 +115,10 @@ def cmd_sim(
             console.print(f"{len(seeds)} seeds: {', '.join(str(s) for s in seeds)}")
     for note in scenario.notes:  # settings no arm uses: not errors, but worth a look
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-    with _progress(console, enabled=not quiet and sys.stdout.isatty()) as progress:
+    with (
+        exit_on_sigterm(),
+        _progress(console, enabled=not quiet and sys.stdout.isatty()) as progress,
+    ):
         report = run_scenario(
             scenario,
             seeds=seeds,

@@ -28,7 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import socket
+import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -44,6 +48,22 @@ if TYPE_CHECKING:
 
 _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 RAY_MISSING = "executor = \"ray\" needs the ray package: pip install 'fedloom[ray]'"
+ADDRESS_FORMS = '"auto", "HOST:PORT" or "ray://HOST:PORT" (PORT 1 to 65535)'
+# How long a cluster's address may take to accept a TCP connection before ray.init is tried
+# (an unreachable GCS address makes ray.init retry for minutes).
+PROBE_TIMEOUT_S = 5.0
+
+
+class RayClusterError(RuntimeError):
+    """The Ray cluster failed a run (a worker or node died, an object was lost): not a
+    mistake in the scenario. ``fedloom sim`` prints it as one line, exit status 1."""
+
+
+def ray_failure(exc: BaseException) -> RayClusterError:
+    """A Ray system error (``ray.exceptions.RayError`` other than a task's own exception) as
+    one line."""
+    text = " ".join(str(exc).split())[:300]
+    return RayClusterError(f"the Ray cluster failed the run: {type(exc).__name__}: {text}")
 
 
 def import_ray() -> Any:
@@ -55,18 +75,71 @@ def import_ray() -> Any:
     return ray
 
 
+def host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of "HOST:PORT" or "ray://HOST:PORT" (an IPv6 host in brackets), or
+    None if ``address`` has neither form."""
+    rest = address.removeprefix("ray://")
+    if rest.startswith("["):
+        host, sep, port = rest[1:].partition("]:")
+        if not sep or not host or any(c not in "0123456789abcdefABCDEF:." for c in host):
+            return None
+    else:
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host or any(c in host for c in ":/@?#[]\\"):
+            return None
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        return None
+    return host, int(port)
+
+
 def check_ray_address(address: str, where: str) -> str:
     """``address`` if it can name a Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT"),
     else a ``ConfigError`` at ``where``."""
     if (
-        not address
-        or len(address) > 255
+        len(address) > 255
         or any(c.isspace() or not c.isprintable() for c in address)
+        or (address != "auto" and host_port(address) is None)
     ):
-        raise ConfigError(
-            f'{where}: expected "auto", "HOST:PORT" or "ray://HOST:PORT", got {address[:80]!r}'
-        )
+        raise ConfigError(f"{where}: expected {ADDRESS_FORMS}, got {address[:80]!r}")
     return address
+
+
+def _dial_address(address: str) -> str | None:
+    """The address ``ray.init(address=...)`` dials: a Ray Client address as it is; else the
+    GCS address Ray makes of it ("auto": RAY_ADDRESS, or the cluster ``ray start`` recorded
+    on this node; localhost as this node's IP), a ``ConfigError`` where there is none. None
+    for "auto" if this Ray lacks its private helper (ray.init then looks for itself)."""
+    if address.startswith("ray://"):
+        return address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return None if address == "auto" else address
+    try:
+        found: str | None = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError, OSError) as exc:
+        raise ConfigError(f"ray_address {address!r}: {' '.join(str(exc).split())[:300]}") from None
+    return found
+
+
+def probe_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """A ``ConfigError`` unless the cluster's ``address`` ("auto" resolved first) accepts a
+    TCP connection within ``timeout_s``: one line within seconds, where ``ray.init`` would
+    retry for minutes."""
+    target = _dial_address(address)
+    parsed = host_port(target) if target is not None else None
+    if parsed is None:
+        return
+    host, port = parsed
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        shown = f" ({target})" if target != address else ""
+        raise ConfigError(
+            f"ray_address {address!r}{shown}: cannot connect to {host}:{port}: {why}"
+        ) from None
 
 
 def with_executor_flags(
@@ -114,6 +187,8 @@ class RaySession:
         self._auth_mode = os.environ.get("RAY_AUTH_MODE")
         if self.ray.is_initialized():
             return
+        if address is not None:
+            probe_address(address)  # seconds, where ray.init retries for minutes
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report
         quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         # A new local cluster keeps Ray's default token authentication, without the
@@ -122,10 +197,24 @@ class RaySession:
         level = auth_log.level
         auth_log.setLevel(logging.ERROR)
         try:
-            if address is None:
-                self.ray.init(num_cpus=workers, num_gpus=0, include_dashboard=False, **quiet)
-            else:
-                self.ray.init(address=address, **quiet)
+            # Ray Client warns (UserWarning) before it gives up; the error says it all.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if address is None:
+                    # "local": a new cluster even where RAY_ADDRESS or a `ray start` head
+                    # node on this machine names one (ray.init() would join that).
+                    self.ray.init(
+                        address="local",
+                        num_cpus=workers,
+                        num_gpus=0,
+                        include_dashboard=False,
+                        **quiet,
+                    )
+                else:
+                    self.ray.init(address=address, **quiet)
+        except ValueError as exc:  # ray.init refusing the address or the settings
+            text = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"ray_address {address!r}: {text}") from None
         except ConnectionError as exc:
             hint = (
                 ""
@@ -177,7 +266,14 @@ def _run_job(
         while len(_TRAINERS) >= _TRAINERS_KEPT:  # older runs' trainers
             _TRAINERS.pop(next(iter(_TRAINERS)))
         _TRAINERS[key] = trainer
-    return trainer(node_id, weights, config)
+    try:
+        return trainer(node_id, weights, config)
+    except BaseException:
+        # Failed or interrupted (a discarded job is cancelled with KeyboardInterrupt): its
+        # lazy state (a torch plan's module and tensors) may be half-built, so the next job
+        # unpickles the trainer afresh.
+        _TRAINERS.pop(key, None)
+        raise
 
 
 class RayExecutor:
@@ -190,25 +286,37 @@ class RayExecutor:
         self._ray = ray
         self._trainer = ray.put(trainer)
         self._remote = ray.remote(num_cpus=1, max_retries=0)(_run_job)
+        self._open: set[Any] = set()  # submitted, neither joined nor discarded
 
     def submit(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> Any:
-        return self._remote.remote([self._trainer], node_id, weights, dict(config))
+        ticket = self._remote.remote([self._trainer], node_id, weights, dict(config))
+        self._open.add(ticket)
+        return ticket
 
     def join(self, ticket: Any) -> TrainResult:
+        self._open.discard(ticket)
+        errors = self._ray.exceptions
         try:
             result: TrainResult = self._ray.get(ticket)
-        except self._ray.exceptions.RayTaskError as exc:
+        except errors.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
             raise cause from None  # the job's own exception, as inline and the pool give
+        except errors.RayError as exc:  # a worker or node died, an object was lost
+            raise ray_failure(exc) from None
         return result
 
     def discard(self, ticket: Any) -> None:
         # Not started yet: it never runs; running or done: its result is dropped. Freeing
         # is best effort, never fatal.
+        self._open.discard(ticket)
         with contextlib.suppress(Exception):
             self._ray.cancel(ticket)
 
     def close(self) -> None:
+        # A run that ends early (an error) leaves jobs in flight: on a cluster that outlives
+        # the run they would go on using its CPUs.
+        while self._open:
+            self.discard(next(iter(self._open)))
         self._session.close()
 
     def __enter__(self) -> RayExecutor:
@@ -233,6 +341,25 @@ def _run_arm_task(
     return result, lines
 
 
+def seeds_in_flight(cpus: float, arms: int) -> int:
+    """How many seeds' runs ``run_seeds_on_ray`` keeps submitted at once: enough runs to
+    keep every CPU of the cluster busy, and one seed more to wait on, so that the driver
+    holds a few seeds' workloads rather than every seed's."""
+    return max(1, math.ceil(max(cpus, 1.0) / max(arms, 1))) + 1
+
+
+def _absolute_state_dirs(arms: Sequence[Arm]) -> list[Arm]:
+    """The arms with a relative ``durability.state_dir`` made absolute here, at the driver
+    (a Ray worker's working directory is not the driver's)."""
+    out = []
+    for arm in arms:
+        where = arm.durability.state_dir
+        if where is not None and not os.path.isabs(where):
+            arm = replace(arm, durability=replace(arm.durability, state_dir=os.path.abspath(where)))
+        out.append(arm)
+    return out
+
+
 def run_seeds_on_ray(
     scenario: Scenario,
     selected: Sequence[Arm],
@@ -243,41 +370,56 @@ def run_seeds_on_ray(
     """Every selected arm on every seed as concurrent Ray tasks (``parallel_runs``); yields
     each seed's ``(results, workload)`` in order, as ``runner._run_seed`` gives them.
 
-    Each seed's workload is built and its arms preflighted here before its runs start (an
-    arm the factory refuses stops the scenario at once); the first run that fails cancels
-    the others and raises its own exception. Progress bars move when a run finishes."""
+    Runs are submitted a few seeds ahead (``seeds_in_flight``: enough to fill the cluster's
+    CPUs), not all at once, so that the driver holds only those seeds' workloads. Each
+    seed's workload is built and its arms preflighted here before its runs start (an arm
+    the factory refuses stops the scenario); the first run that fails cancels the others and
+    raises its own exception (a ``RayClusterError`` where a worker or node died). Progress
+    bars move when a run finishes."""
     from fedloom.sim.runner import against_plain, build_workload, preflight
 
     with RaySession(scenario.ray_address, scenario.workers) as session:
         ray = session.ray
         task = ray.remote(num_cpus=1, max_retries=0)(_run_arm_task)
-        pending: list[tuple[int, Workload, list[Any]]] = []
-        for seed in seeds:
-            workload = build_workload(scenario, seed)
-            if len(selected) > 1:
-                preflight(scenario, selected, workload, seed)
-            ref = ray.put(workload)
-            refs = [task.remote(scenario, arm, ref, seed) for arm in selected]
-            pending.append((seed, workload, refs))
+        arms = _absolute_state_dirs(selected)
+        window = seeds_in_flight(float(ray.cluster_resources().get("CPU", 1)), len(arms))
+        todo = iter(seeds)
+        pending: deque[tuple[int, Workload, list[Any]]] = deque()
         multi = len(seeds) > 1
-        for seed, workload, refs in pending:
-            results: list[ArmResult] = []
-            for arm, ref in zip(selected, refs, strict=True):
-                try:
-                    result, lines = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
-                    # One run failed (a ConfigError, say): the others are not wanted either.
-                    for _, _, others in pending:
-                        for other in others:
-                            with contextlib.suppress(Exception):
-                                ray.cancel(other)
-                    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                    raise cause from None
-                if log is not None:
-                    for line in lines:
-                        log(line)
-                if progress is not None:
-                    label = f"{arm.name} · seed {seed}" if multi else arm.name
-                    progress(label, scenario.duration_s, scenario.duration_s)
-                results.append(result)
-            yield against_plain(selected, results), workload
+        try:
+            while True:
+                while len(pending) < window and (seed := next(todo, None)) is not None:
+                    workload = build_workload(scenario, seed)
+                    if len(arms) > 1:
+                        preflight(scenario, arms, workload, seed)
+                    ref = ray.put(workload)
+                    pending.append(
+                        (seed, workload, [task.remote(scenario, a, ref, seed) for a in arms])
+                    )
+                if not pending:
+                    return
+                seed, workload, refs = pending[0]
+                results: list[ArmResult] = []
+                for arm, ref in zip(arms, refs, strict=True):
+                    try:
+                        result, lines = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:
+                        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                        raise cause from None  # one run failed (a ConfigError, say)
+                    except ray.exceptions.RayError as exc:  # a worker or node died
+                        raise ray_failure(exc) from None
+                    if log is not None:
+                        for line in lines:
+                            log(line)
+                    if progress is not None:
+                        label = f"{arm.name} · seed {seed}" if multi else arm.name
+                        progress(label, scenario.duration_s, scenario.duration_s)
+                    results.append(result)
+                pending.popleft()
+                yield against_plain(selected, results), workload
+        finally:
+            # Failed, interrupted or abandoned: the runs still in flight are not wanted.
+            for _, _, refs in pending:
+                for other in refs:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(other)

@@ -9,10 +9,14 @@ is not installed.
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,7 +26,16 @@ import pytest
 from fedloom.cli import main
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.training import WorkloadTrainer
-from fedloom.sim.ray_executor import RayExecutor, RaySession, with_executor_flags
+from fedloom.sim import ray_executor
+from fedloom.sim.commands import exit_on_sigterm
+from fedloom.sim.ray_executor import (
+    RayClusterError,
+    RayExecutor,
+    RaySession,
+    check_ray_address,
+    seeds_in_flight,
+    with_executor_flags,
+)
 from fedloom.sim.report import report_to_dict, seed_report, strip_wall
 from fedloom.sim.runner import build_workload, run_scenario
 from fedloom.sim.scenario import parse_scenario
@@ -127,6 +140,159 @@ def test_ray_executor_without_ray_is_one_line_naming_the_extra(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "address",
+    ["auto", "10.0.0.5:6379", "head.example:6379", "ray://head:10001", "[::1]:6379", "h:65535"],
+)
+def test_cluster_addresses_of_each_form_are_accepted(address: str) -> None:
+    assert check_ray_address(address, "ray_address") == address
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "garbage",  # no port (ray.init: "Invalid address format")
+        "127.0.0.1:notaport",
+        "http://127.0.0.1:1",  # Ray's dashboard/API address, not the GCS
+        "ray://",
+        "localhost:0",
+        "h:65536",
+        "h:+80",
+        "h:\u00b9\u00b2",  # digits, but not ASCII ones
+        "local",  # ray.init would start a cluster on every CPU, ignoring workers
+        "",
+        ":6379",
+        "a:b:6379",
+        "[::1:6379",
+    ],
+)
+def test_malformed_cluster_addresses_are_config_errors(address: str) -> None:
+    with pytest.raises(ConfigError, match=r'^ray_address: expected "auto", "HOST:PORT"'):
+        check_ray_address(address, "ray_address")
+    with pytest.raises(ConfigError, match=r'^--ray-address: expected "auto"'):
+        with_executor_flags(parse_scenario(tiny()), ray_address=address)
+
+
+class FakeRay:
+    """Stands in for the ``ray`` module (``sys.modules["ray"]``) where a test needs no
+    cluster: records ``init``'s arguments and raises what ``init_error`` says."""
+
+    def __init__(self, init_error: BaseException | None = None) -> None:
+        self.init_error = init_error
+        self.inits: list[dict[str, Any]] = []
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs: Any) -> None:
+        self.inits.append(kwargs)
+        if self.init_error is not None:
+            raise self.init_error
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_new_local_cluster_is_asked_for_as_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an address, ``ray.init(address="local", ...)``: plain ``ray.init()`` joins the
+    cluster RAY_ADDRESS or a ``ray start --head`` on this machine names, and then refuses
+    ``num_cpus`` (ValueError, a traceback before). A ValueError from init is one line."""
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    RaySession(None, workers=3).close()
+    assert fake.inits[0]["address"] == "local"
+    assert fake.inits[0]["num_cpus"] == 3
+    fake.init_error = ValueError("When connecting to an existing cluster, num_cpus ...\n  more")
+    with pytest.raises(ConfigError, match=r"^ray_address None: When connecting .* more$"):
+        RaySession(None, workers=2)
+
+
+def test_an_unreachable_cluster_is_one_line_within_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A port nothing listens on: refused by the TCP probe before ray.init (which retried
+    for minutes), for a GCS address and a Ray Client address alike."""
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)  # so also no ray._private: no resolving
+    with socket.socket() as s:  # a loopback port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConfigError, match=rf"cannot connect to 127.0.0.1:{port}"):
+            RaySession(address, workers=2)
+    assert fake.inits == []  # never got as far as ray.init
+    with socket.socket() as listening:  # something answers: ray.init is tried
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        RaySession(f"127.0.0.1:{listening.getsockname()[1]}", workers=2).close()
+    assert len(fake.inits) == 1
+
+
+class _Ref:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def hex(self) -> str:
+        return self.name
+
+
+class HalfBuilt:
+    """A trainer with two steps of lazy state (as ``_TorchPlan._net``: module, then
+    tensors); ``interrupt`` raises between them, as ``ray.cancel`` does in a running job."""
+
+    def __init__(self) -> None:
+        self.module: str | None = None
+        self.tensors: tuple[int, int] | None = None
+        self.interrupt = False
+
+    def __call__(self, node_id: str, weights: Any, config: Any) -> int:
+        if self.module is None:
+            self.module = "net"
+            if self.interrupt:
+                raise KeyboardInterrupt
+            self.tensors = (1, 2)
+        x, y = self.tensors  # type: ignore[misc]  # TypeError if half-built
+        return x + y
+
+
+def test_an_interrupted_job_does_not_leave_its_trainer_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[HalfBuilt] = []
+
+    def get(ref: _Ref) -> HalfBuilt:  # unpickling the trainer: a fresh one each time
+        trainer = HalfBuilt()
+        trainer.interrupt = not built
+        built.append(trainer)
+        return trainer
+
+    monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(get=get))
+    monkeypatch.setattr(ray_executor, "_TRAINERS", {})
+    with pytest.raises(KeyboardInterrupt):
+        ray_executor._run_job([_Ref("run-1")], "site-000", {}, {})
+    assert "run-1" not in ray_executor._TRAINERS
+    assert ray_executor._run_job([_Ref("run-1")], "site-000", {}, {}) == 3  # built afresh
+    assert ray_executor._run_job([_Ref("run-1")], "site-000", {}, {}) == 3
+    assert len(built) == 2  # and then kept
+
+
+def test_few_seeds_are_in_flight_at_once() -> None:
+    assert seeds_in_flight(cpus=2, arms=2) == 2  # both seeds of the module's test at once
+    assert seeds_in_flight(cpus=64, arms=3) == 23
+    assert seeds_in_flight(cpus=4, arms=10) == 2
+    assert seeds_in_flight(cpus=0, arms=0) == 2
+
+
+def test_sigterm_unwinds_a_sim_run_with_exit_143() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, exit_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs at the next bytecode boundary
+            time.sleep(0.01)
+    assert stopped.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 TOML_TAIL = """duration_s = 600
 [data]
 dataset = "synthetic"
@@ -200,6 +366,31 @@ def test_ray_executor_reraises_the_jobs_own_error(cluster: RaySession) -> None:
             assert not np.array_equal(value, weights[name])  # it trained
         assert (result.n_examples, result.metrics) == (here.n_examples, here.metrics)
     assert cluster.ray.is_initialized()  # the executor did not own the cluster
+
+
+@needs_ray
+@pytest.mark.timeout(60)
+def test_a_dead_worker_is_one_line_and_the_other_jobs_are_cancelled(
+    cluster: RaySession,
+) -> None:
+    """A worker process that dies under its job (here it exits; a kill -9 or the OOM killer
+    alike) is a RayClusterError, printed as one line with exit status 1; close cancels the
+    jobs still in flight, so none keeps running on a cluster that outlives the run."""
+
+    def dies(node_id: str, weights: Any, config: Any) -> Any:  # pickled by value
+        if node_id == "doomed":
+            os._exit(1)
+        for _ in range(600):  # cancelling raises KeyboardInterrupt between bytecodes
+            time.sleep(0.1)
+
+    ray = cluster.ray
+    with RayExecutor(dies) as ex:  # type: ignore[arg-type]
+        doomed = ex.submit("doomed", {}, {})
+        waiting = ex.submit("site-000", {}, {})
+        with pytest.raises(RayClusterError, match=r"^the Ray cluster failed the run: \w+Error"):
+            ex.join(doomed)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(waiting, timeout=20)
 
 
 @needs_ray
