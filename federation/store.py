@@ -79,6 +79,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import errno
 import fcntl
 import logging
 import os
@@ -134,6 +135,8 @@ _TMP_SUFFIX = ".tmp"
 _SCAN_CHUNK = 1 << 20
 # Later MAGIC offsets tried as the end of a last frame whose length field may be damaged.
 _MAX_LENGTH_GUESSES = 64
+# Buffers handed to one ``os.writev`` at most (IOV_MAX: 1024 on Linux and macOS).
+_IOV_MAX = 1024
 
 # Local files, not peer bytes: no size caps worth having, and NaN in a model is the
 # node's business, not the store's.
@@ -653,13 +656,23 @@ def read_value(path: Path, checkpoint_key: str = CHECKPOINT_KEY) -> tuple[str, A
 
 
 def _write_all(fd: int, parts: Iterable[bytes | memoryview]) -> int:
+    """Write ``parts`` one after the other with ``os.writev`` (one system call for a whole
+    frame, its parts still not joined), going on after a short write; the byte count."""
+    views = [v.cast("B") for v in map(memoryview, parts) if v.nbytes]
     total = 0
-    for part in parts:
-        view = memoryview(part)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-            total += n
+    first = 0
+    while first < len(views):
+        n = os.writev(fd, views[first : first + _IOV_MAX])
+        if n <= 0:  # a regular file takes something of a non-empty request, or fails
+            raise OSError(errno.EIO, "write made no progress")
+        total += n
+        while n:  # skip what the call wrote (byte views: slices count bytes)
+            head = views[first]
+            if n < head.nbytes:
+                views[first] = head[n:]
+                break
+            n -= head.nbytes
+            first += 1
     return total
 
 
