@@ -64,6 +64,7 @@ from fedloom.transport.e2e import (
     verify_update,
 )
 from fedloom.transport.errors import ProtocolError
+from fedloom.transport.half import forget_halves
 from fedloom.transport.identity import Identity
 from fedloom.transport.limits import ModelLayout
 from fedloom.transport.roster import Roster
@@ -433,6 +434,7 @@ class EndToEndCore:
             self.node_id,
             msg.n_examples,
             digest,
+            v1_hash=lambda: held_digest(msg.delta),  # only to name a v1 peer's refusal
         )
         self.verified += 1
 
@@ -460,6 +462,7 @@ class EndToEndCore:
             ) from None
         verify_model(self.roster, msg.signer, msg.sig, msg.version, msg.parent, digest, settings)
         self.verified += 1
+        forget_halves(msg.weights)  # hashed as float32: its float16 is not needed
         if type(msg) is ModelBroadcast and msg.settings:
             try:
                 same = settings_digest(msg.config) == settings

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import msgpack
@@ -59,6 +59,7 @@ HASH_BYTES = 32
 # v2: tensors sent as float16 are hashed as float16 (``update_digest``); a v1 signature
 # never verifies as v2.
 _UPDATE_LABEL = "fedloom-update-v2"
+_UPDATE_LABEL_V1 = "fedloom-update-v1"  # only to name an old peer's refusal (verify_update)
 # v2: the settings digest joined the envelope; a v1 signature never verifies as v2.
 _MODEL_LABEL = "fedloom-model-v2"
 MODEL_SIGNER_ROLES: frozenset[str] = frozenset({"root"})
@@ -68,6 +69,13 @@ class SignatureError(ProtocolError):
     """An update or model signature does not match its claimed signer."""
 
     reason: ClassVar[str] = "bad_signature"
+
+
+class OldUpdateVersionError(SignatureError):
+    """An update signed under ``fedloom-update-v1`` (a peer of an older fedloom): still
+    refused, but named as such rather than as a forgery."""
+
+    reason: ClassVar[str] = "old_update_version"
 
 
 class ReplayedUpdateError(ProtocolError):
@@ -256,10 +264,11 @@ def update_signed_bytes(
     recipient: str,
     n_examples: int,
     payload_hash: bytes,
+    label: str = _UPDATE_LABEL,
 ) -> bytes:
     packed: bytes = msgpack.packb(
         [
-            _UPDATE_LABEL,
+            label,
             str(site),
             _int("update_id", update_id),
             _int("base_version", base_version),
@@ -318,11 +327,16 @@ def verify_update(
     recipient: str,
     n_examples: int,
     payload_hash: bytes,
+    v1_hash: Callable[[], bytes] | None = None,
 ) -> None:
     """Check an update envelope against ``site``'s roster key (``SignatureError`` if not).
 
     The receiver passes its *own* id as ``recipient`` (so a redirected update fails) and
-    the ``tensors_digest`` it computed itself over the delta it decoded.
+    the ``update_digest`` it computed itself over the delta it decoded. Only where the
+    signature fails, the ``fedloom-update-v1`` envelope is tried too, over
+    ``payload_hash`` and over ``v1_hash()`` (v1's digest: every float tensor as float32,
+    computed only then): one that verifies raises ``OldUpdateVersionError`` (still
+    refused, but named: the peer must be upgraded) instead of a forgery.
     """
     entry = roster.lookup(site)
     if entry is None:
@@ -334,6 +348,16 @@ def verify_update(
     except ValueError as exc:
         raise SignatureError(f"update from {site!r}: {exc}") from None
     if not verify_signature(entry.public_key, data, signature):
+        hashes = [payload_hash] if v1_hash is None else [payload_hash, v1_hash()]
+        for h in hashes:
+            old = update_signed_bytes(
+                site, update_id, base_version, recipient, n_examples, h, _UPDATE_LABEL_V1
+            )
+            if verify_signature(entry.public_key, old, signature):
+                raise OldUpdateVersionError(
+                    f"update {update_id} from {site!r}: {site!r} signs {_UPDATE_LABEL_V1}, "
+                    f"this node verifies {_UPDATE_LABEL}; upgrade it (refused)"
+                )
         raise SignatureError(
             f"update {update_id} claimed to be from {site!r} for {recipient!r}: signature "
             f"does not match {site!r}'s key {key_text(entry.public_key)} (forged, altered "

@@ -18,13 +18,20 @@ Decoders remember the float16 bytes each float32 tensor they decoded from float1
 from (``remember_half``; ``half_source`` returns them while that tensor lives). A tensor
 so decoded holds exactly ``half_to_float`` of them, so what needs its float16 form (an
 update's signed digest, ``transport.e2e.update_digest``; the store's fp16 records) takes
-them instead of converting and checking again. Only read-only tensors are remembered.
+them instead of converting and checking again. The decoder hands out the tensor
+``remember_half`` returns: a view of read-only memory (a read-only ``memoryview``), which
+numpy refuses to make writable, and whose ``base`` chain holds nothing writable either,
+so it keeps equal to ``half_to_float`` of its source for its whole life. Once its float16
+is no longer needed, ``forget_half`` drops it: the store does once it has written an
+update's float16 (``federation.store``), the end-to-end check once it has verified a
+model (whose digest covers its float32), so only updates not yet persisted carry it.
 """
 
 from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -94,31 +101,60 @@ def half_all_finite(h: npt.NDArray[Any]) -> bool:
 _SOURCES: dict[int, tuple[weakref.ref[Any], npt.NDArray[Any]]] = {}
 
 
-def remember_half(decoded: npt.NDArray[Any], half: npt.NDArray[Any]) -> None:
-    """Remember that read-only float32 ``decoded`` is ``half_to_float(half)``, element for
-    element (same shape), for as long as ``decoded`` lives. ``half`` must not change
-    afterwards (it is made read-only here)."""
+def frozen(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """A view of contiguous ``arr``'s memory through a read-only ``memoryview``: numpy
+    refuses to make it (or its base) writable, so nothing written through it or through
+    an ordinary numpy path changes it (``arr`` itself is made read-only too)."""
+    flat = arr.reshape(-1)
+    flat.flags.writeable = False
+    view = np.frombuffer(flat.data.toreadonly(), dtype=arr.dtype)
+    return view.reshape(arr.shape)
+
+
+def remember_half(decoded: npt.NDArray[Any], half: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Remember that float32 ``decoded`` is ``half_to_float(half)``, element for element
+    (same shape, both C-contiguous), and return the tensor to hand out in its place: a
+    ``frozen`` view of ``decoded``, remembered for as long as it lives. Neither may be
+    changed through the caller's own references afterwards (both are made read-only
+    here, and the returned view and ``half_source``'s answer cannot be made writable)."""
     if (
         decoded.dtype != F32
         or half.dtype != F16
         or decoded.shape != half.shape
-        or decoded.flags.writeable
+        or not decoded.flags.c_contiguous
+        or not half.flags.c_contiguous
     ):
-        raise ValueError("remember_half: a read-only float32 tensor and its float16 source")
-    half.flags.writeable = False
-    key = id(decoded)
+        raise ValueError("remember_half: a float32 tensor and its float16 source, same shape")
+    out = frozen(decoded)
+    key = id(out)
 
-    def forget(ref: weakref.ref[Any]) -> None:  # runs as ``decoded`` dies: before its id
+    def forget(ref: weakref.ref[Any]) -> None:  # runs as ``out`` dies: before its id
         found = _SOURCES.get(key)  # can be reused
         if found is not None and found[0] is ref:
             del _SOURCES[key]
 
-    _SOURCES[key] = (weakref.ref(decoded, forget), half)
+    _SOURCES[key] = (weakref.ref(out, forget), frozen(half))
+    return out
+
+
+def forget_half(arr: object) -> None:
+    """Drop ``arr``'s float16 source (``remember_half``), if it has one: once an update
+    has been checked and persisted nothing needs it, and it holds half the float32's
+    bytes for as long as the tensor lives (in an update buffer, say)."""
+    found = _SOURCES.get(id(arr))
+    if found is not None and found[0]() is arr:
+        del _SOURCES[id(arr)]
+
+
+def forget_halves(tensors: Mapping[str, object]) -> None:
+    """``forget_half`` for each of ``tensors``."""
+    for value in tensors.values():
+        forget_half(value)
 
 
 def half_source(arr: object) -> npt.NDArray[Any] | None:
-    """The float16 tensor ``arr`` was decoded from (``remember_half``), or None: unknown,
-    or ``arr`` has been made writable since (it may have changed)."""
+    """The float16 tensor ``arr`` was decoded from (``remember_half``; read-only, and
+    numpy refuses to make it writable), or None: unknown, or forgotten."""
     found = _SOURCES.get(id(arr))
     if found is None or found[0]() is not arr:
         return None

@@ -25,6 +25,11 @@ MiB = 1 << 20
 # the first two; per-tensor manifest bytes and ``DEFAULT_MODEL_SLACK`` the rest (envelope
 # fields, metrics, a roster text: nothing in them is model-sized).
 MODEL_FACTOR = 1.125
+# What decoding an honest message of a model holds, over the model as decoded: a tensor
+# that travels as float16 decodes to float32 (4 bytes an element) and keeps its float16
+# (2 more, ``transport.half.remember_half``), all counted against ``max_decoded_bytes``
+# (``transport.tensors.decoded_bytes``).
+DECODED_FACTOR = 1.5
 DEFAULT_MODEL_SLACK = 1 * MiB
 # What a node that has no model yet (a fresh region) takes from the peers that dial it:
 # control messages (hello, heartbeats, roster versions) fit, tensors of any real model
@@ -87,8 +92,9 @@ class Limits:
         base: Limits | None = None,
     ) -> Limits:
         """``base`` (default ``Limits()``) with its size caps set from ``model`` (a layout,
-        or the weights themselves): decoded bytes and message bytes at most
-        ``MODEL_FACTOR`` times the model as decoded plus its manifest and ``slack``; as
+        or the weights themselves): message bytes at most ``MODEL_FACTOR`` times the
+        model as decoded plus its manifest and ``slack``, decoded bytes (float16 kept
+        included) at most ``DECODED_FACTOR`` times plus the same; as
         many tensors and dimensions as the model has. An honest update, model, gossip
         share or relayed envelope of that model always fits (any codec, see
         ``MODEL_FACTOR``); a message that claims more is refused before decoding."""
@@ -100,10 +106,11 @@ class Limits:
             for name, shape, _ in layout.tensors
         )
         cap = math.ceil(MODEL_FACTOR * layout.decoded_bytes) + manifest + slack
+        decoded = math.ceil(DECODED_FACTOR * layout.decoded_bytes) + manifest + slack
         return dataclasses.replace(
             base if base is not None else cls(),
             max_message_bytes=cap,
-            max_decoded_bytes=cap,
+            max_decoded_bytes=max(cap, decoded),
             max_tensors=max(1, len(layout.tensors)),
             max_ndim=max(1, max((len(shape) for _, shape, _ in layout.tensors), default=1)),
         )

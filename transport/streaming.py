@@ -22,11 +22,13 @@ sender compresses per piece, tries a sample first, and keeps compression only wh
 shrinks the piece: fp32 weights do not compress, and then a piece goes out as a view of
 the tensor's own memory, with no copy on this side.
 
-Memory on the receiving side: the decoded arrays (checked against ``max_decoded_bytes``
-before anything is allocated; large ones reuse the memory of earlier decoded tensors that
-are no longer referenced, ``transport.buffer_pool``), plus, for top-k tensors only, their
-stored bytes (small by design). Nothing is buffered beyond what the validated manifest
-declares.
+Memory on the receiving side: the decoded arrays and the float16 kept for each tensor
+that travels as float16 (``transport.half.remember_half``), together checked against
+``max_decoded_bytes`` before anything is allocated (``tensors.decoded_bytes``: 4 bytes per
+float element, 2 more where its float16 is kept); large decoded arrays reuse the memory of
+earlier decoded tensors that are no longer referenced (``transport.buffer_pool``); plus,
+for top-k tensors only, their stored bytes (small by design). Nothing is buffered beyond
+what the validated manifest declares.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ from fedloom.transport.tensors import (
     _to_fp16,
     _to_topk,
     check_int8_finite,
+    decoded_bytes,
     int8_scale,
+    keeps_half,
     raw_entry,
     topk_count,
 )
@@ -308,7 +312,7 @@ class TensorStreamDecoder:
             names.add(entry.name)
             self._entries.append(entry)
             stored_total += entry.stored
-            decoded_total += entry.size * (entry.dtype.itemsize if entry.codec == "raw" else 4)
+            decoded_total += decoded_bytes(entry)
             if decoded_total > limits.max_decoded_bytes or stored_total > limits.max_decoded_bytes:
                 raise DecompressionBomb(
                     "tensors would decode to more than "
@@ -327,7 +331,8 @@ class TensorStreamDecoder:
         # The float16 bytes of the entries that travel as float16, kept as they are
         # decoded (``transport.half.remember_half``): their signed digest covers them.
         self._halves = [
-            np.empty(entry.size, dtype=_F16) if _is_half(entry) else None for entry in self._entries
+            np.empty(entry.size, dtype=_F16) if keeps_half(entry) else None
+            for entry in self._entries
         ]
         self._pieces_fed = 0
         self._received = 0
@@ -414,8 +419,8 @@ class TensorStreamDecoder:
         for entry, arr, half in zip(self._entries, self._outputs, self._halves, strict=True):
             arr = arr.reshape(entry.shape)
             arr.flags.writeable = False
-            if half is not None:
-                remember_half(arr, half.reshape(entry.shape))
+            if half is not None:  # handed out frozen: it must stay equal to its float16
+                arr = remember_half(arr, half.reshape(entry.shape))
             out[entry.name] = arr
         return out
 
@@ -505,11 +510,6 @@ class TensorStreamDecoder:
         kept = self._halves[self._index]
         assert kept is not None
         kept[start : start + count] = half
-
-
-def _is_half(entry: _Entry) -> bool:
-    """Whether ``entry``'s elements travel as float16 (the fp16 codec, or raw float16)."""
-    return entry.codec == "fp16" or (entry.codec == "raw" and entry.dtype == _F16)
 
 
 def _stored_itemsize(entry: _Entry) -> int:

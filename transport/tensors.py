@@ -362,7 +362,7 @@ def decode_tensors(manifest: object, payload: object, limits: Limits = DEFAULT_L
         entries.append(entry)
         all_f32 = all_f32 and entry.codec == "raw" and entry.dtype == _F32
         stored_total += entry.stored
-        decoded_total += entry.size * (entry.dtype.itemsize if entry.codec == "raw" else 4)
+        decoded_total += decoded_bytes(entry)
         if decoded_total > limits.max_decoded_bytes or stored_total > limits.max_decoded_bytes:
             raise DecompressionBomb(
                 f"tensors would decode to more than max_decoded_bytes={limits.max_decoded_bytes}"
@@ -392,14 +392,28 @@ def decode_tensors(manifest: object, payload: object, limits: Limits = DEFAULT_L
         else:
             arr = _decode_topk(buf, offset, entry, limits)
         arr.flags.writeable = False
-        if entry.codec == "fp16" or (entry.codec == "raw" and entry.dtype == _F16):
+        if keeps_half(entry):
             # The float16 it came from (``transport.half.remember_half``), copied: ``buf``
-            # may be a caller's bytearray.
+            # may be a caller's bytearray. Handed out frozen: it must stay equal to it.
             half = np.frombuffer(buf, dtype=_F16, count=entry.size, offset=offset)
-            remember_half(arr, half.reshape(entry.shape).copy())
+            arr = remember_half(arr, half.reshape(entry.shape).copy())
         out[entry.name] = arr
         offset += entry.stored
     return out
+
+
+def keeps_half(entry: _Entry) -> bool:
+    """Whether ``entry`` travels as float16 (the fp16 codec, or raw float16): the decoders
+    keep its float16 beside the float32 they decode (``transport.half.remember_half``)."""
+    return entry.codec == "fp16" or (entry.codec == "raw" and entry.dtype == _F16)
+
+
+def decoded_bytes(entry: _Entry) -> int:
+    """Bytes ``entry`` holds once decoded, counted against ``Limits.max_decoded_bytes``:
+    a float tensor decodes to float32 (4 bytes an element, whatever its wire dtype), plus
+    2 an element for the float16 kept where it travels as float16; other dtypes raw."""
+    itemsize = 4 if entry.codec != "raw" or entry.dtype.kind == "f" else entry.dtype.itemsize
+    return entry.size * (itemsize + (2 if keeps_half(entry) else 0))
 
 
 def _parse_entry(i: int, entry: object, limits: Limits) -> _Entry:

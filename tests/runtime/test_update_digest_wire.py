@@ -9,18 +9,26 @@ import dataclasses
 import logging
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
 from fedloom.algorithms.protocol import Metric, PeerDown, Persist
+from fedloom.federation.signing import EndToEndCore
 from fedloom.federation.store import StateStore
 from fedloom.runtime.signing import EndToEnd
 from fedloom.transport.channel import STREAM_ABOVE
-from fedloom.transport.e2e import as_received, sign_update, update_digest_sent
+from fedloom.transport.e2e import (
+    OldUpdateVersionError,
+    as_received,
+    digest_as_received,
+    sign_update,
+    update_digest_sent,
+)
 from fedloom.transport.half import half_source, remember_half
 from fedloom.transport.identity import Identity
-from fedloom.transport.tensors import CodecSpec
-from fedloom.transport.wire import Update
+from fedloom.transport.tensors import CodecSpec, decode_tensors, encode_tensors
+from fedloom.transport.wire import ModelBroadcast, Update
 from tests.runtime.test_signatures import LIMIT, ROOT, ROSTER, SITE, Hub, Sink, dial, node, until
 
 FP16 = CodecSpec("fp16")
@@ -71,7 +79,7 @@ async def test_fp16_update_verifies_transcoded_one_is_refused_and_the_store_keep
         running.cancel()
     hub.close()
     # Its delta carries the float16 it came from; the store writes that float16 and
-    # reads back exactly the float32 that was applied.
+    # reads back exactly the float32 that was applied, then lets the float16 go.
     w = got.delta["w"]
     half = half_source(w)
     assert half is not None and np.array_equal(half, honest.delta["w"].astype(np.float16))
@@ -79,6 +87,7 @@ async def test_fp16_update_verifies_transcoded_one_is_refused_and_the_store_keep
     store.load()
     store.apply(Persist("log", {"delta": dict(got.delta)}, append=True))
     store.close()
+    assert half_source(w) is None  # written: no longer held beside the update
     again_store = StateStore(tmp_path / "agg")
     (record,) = again_store.load().logs["log"]
     again_store.close()
@@ -87,12 +96,12 @@ async def test_fp16_update_verifies_transcoded_one_is_refused_and_the_store_keep
 
 
 def test_the_store_does_not_take_a_float16_source_that_disagrees(tmp_path: Path) -> None:
-    # Defence in depth: a source whose first values are not the tensor's is not written.
+    # Defence in depth against a decoder bug: a source whose first values are not the
+    # tensor's is not written.
     arr = np.linspace(-1, 1, 8192, dtype=np.float32)
-    arr.flags.writeable = False
     wrong = arr.astype(np.float16)
     wrong[0] = 7.0
-    remember_half(arr, wrong)
+    arr = remember_half(arr, wrong)
     store = StateStore(tmp_path / "s")
     store.load()
     store.apply(Persist("log", {"x": arr}, append=True))
@@ -101,3 +110,54 @@ def test_the_store_does_not_take_a_float16_source_that_disagrees(tmp_path: Path)
     (record,) = again.load().logs["log"]
     again.close()
     assert np.array_equal(record["x"].view(np.uint32), arr.view(np.uint32))
+
+
+@pytest.mark.parametrize("route", ["flag", "base"])
+def test_a_decoded_delta_changed_past_the_probe_cannot_be_logged_stale(
+    tmp_path: Path, route: str
+) -> None:
+    # Review finding: writing element 5000 (past the store's 64-value probe) of a decoded
+    # fp16 delta, by making it writable or through its base, left the float16 behind:
+    # the store logged it and a restart replayed another delta than was applied. Decoded
+    # tensors are now views of read-only memory: both writes are refused, and what the
+    # store replays is what was applied.
+    d = {"w": np.linspace(-1, 1, 8192, dtype=np.float32)}
+    arr = decode_tensors(*encode_tensors(d, CodecSpec("fp16", lz4=False)))["w"]
+    applied = arr.copy()
+    with pytest.raises(ValueError):
+        if route == "flag":
+            arr.flags.writeable = True
+        else:
+            arr.base[5000] = 123.0
+        arr[5000] = 123.0
+    store = StateStore(tmp_path / "s")
+    store.load()
+    store.apply(Persist("log", {"x": arr}, append=True))
+    store.close()
+    again = StateStore(tmp_path / "s")
+    (record,) = again.load().logs["log"]
+    again.close()
+    assert np.array_equal(record["x"].view(np.uint32), arr.view(np.uint32))
+    assert np.array_equal(arr.view(np.uint32), applied.view(np.uint32))
+
+
+def test_a_v1_peer_is_refused_as_one_and_a_model_keeps_no_float16() -> None:
+    # A site of an older fedloom signs fedloom-update-v1 over the decoded float32 of its
+    # fp16 delta: refused (counted as old_update_version), naming the version.
+    receiver = EndToEndCore(ROOT, ROSTER)
+    d = delta(5)
+    got = decode_tensors(*encode_tensors(d, FP16))  # what the root decodes, float16 kept
+    assert half_source(got["w"]) is not None
+    envelope = ["fedloom-update-v1", "site-1", 1, 0, "root", 10, digest_as_received(d, FP16)]
+    sig = SITE.sign(msgpack.packb(envelope, use_bin_type=True))
+    with pytest.raises(OldUpdateVersionError, match=r"site-1.*fedloom-update-v1.*upgrade"):
+        receiver.check_now(Update("site-1", 1, 0, got, 10, sig=sig), "site-1")
+    assert receiver.rejected == {"old_update_version": 1}
+    # A verified model is hashed as float32: its float16 sources are dropped there.
+    root, site = EndToEndCore(ROOT, ROSTER), EndToEndCore(SITE, ROSTER)
+    sealed = root.seal_now(ModelBroadcast(1, d), "site-1", FP16)
+    assert isinstance(sealed, ModelBroadcast)
+    weights = decode_tensors(*encode_tensors(sealed.weights, FP16))
+    assert half_source(weights["w"]) is not None
+    site.check_now(dataclasses.replace(sealed, weights=weights), "root")
+    assert half_source(weights["w"]) is None and site.verified == 1

@@ -14,7 +14,14 @@ import pytest
 from fedloom.transport import tensors as tensors_mod
 from fedloom.transport import wire
 from fedloom.transport.errors import DecompressionBomb
-from fedloom.transport.limits import DEFAULT_MODEL_SLACK, MODEL_FACTOR, Limits, MiB, ModelLayout
+from fedloom.transport.limits import (
+    DECODED_FACTOR,
+    DEFAULT_MODEL_SLACK,
+    MODEL_FACTOR,
+    Limits,
+    MiB,
+    ModelLayout,
+)
 from fedloom.transport.tensors import CodecSpec
 from tests.transport.link_pairs import Pki, channel_pair, link_pair, make_pki
 
@@ -59,8 +66,10 @@ def pki() -> Pki:
 def test_limits_follow_the_model() -> None:
     decoded = 4 * (16 * 3 * 5 * 5 + 600 * 500 + 500 + 1) + 8 * 3  # floats decode as fp32
     assert LAYOUT.decoded_bytes == decoded
-    assert decoded < LIMITS.max_decoded_bytes <= MODEL_FACTOR * decoded + DEFAULT_MODEL_SLACK + 1024
-    assert LIMITS.max_message_bytes == LIMITS.max_decoded_bytes
+    slack = DEFAULT_MODEL_SLACK + 1024
+    assert decoded < LIMITS.max_message_bytes <= MODEL_FACTOR * decoded + slack
+    # Decoding an fp16 message holds the float32 and the float16 it came from.
+    assert DECODED_FACTOR * decoded < LIMITS.max_decoded_bytes <= DECODED_FACTOR * decoded + slack
     assert LIMITS.max_tensors == 5 and LIMITS.max_ndim == 4
     assert LIMITS.max_decoded_bytes < Limits().max_decoded_bytes // 500  # was 2 GiB
     # Caps derived from the layout or from the weights are the same; other fields

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import gc
+import tracemalloc
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedloom.transport.e2e import (
+    OldUpdateVersionError,
     SignatureError,
     as_received,
     digest_as_received,
@@ -21,8 +24,17 @@ from fedloom.transport.e2e import (
     update_digest_sent,
     verify_update,
 )
-from fedloom.transport.half import half_source, half_to_float, remember_half
-from fedloom.transport.tensors import CodecKind, CodecSpec, decode_tensors, encode_tensors
+from fedloom.transport.errors import DecompressionBomb
+from fedloom.transport.half import forget_halves, half_source, half_to_float, remember_half
+from fedloom.transport.limits import Limits
+from fedloom.transport.streaming import TensorStreamDecoder, TensorStreamEncoder
+from fedloom.transport.tensors import (
+    DEFAULT_LIMITS,
+    CodecKind,
+    CodecSpec,
+    decode_tensors,
+    encode_tensors,
+)
 from tests.transport.test_e2e import ROSTER, SITE_A, mixed_tensors, streamed
 
 KINDS: tuple[CodecKind, ...] = ("fp32", "fp16", "int8", "topk")
@@ -96,11 +108,44 @@ def test_an_fp16_signature_does_not_verify_the_same_delta_sent_as_fp32() -> None
     verify_update(ROSTER, sig, "site-a", 1, 0, "root", 10, update_digest(whole(delta, FP16)))
 
 
-def test_a_signature_over_the_decoded_float32_v1_is_refused() -> None:
+def v1_signature(digest: bytes) -> bytes:
+    """What a peer of an older fedloom signs: the ``fedloom-update-v1`` envelope, built
+    here byte for byte as it was (its digest covers every float tensor as float32)."""
+    envelope = ["fedloom-update-v1", "site-a", 1, 0, "root", 10, digest]
+    return SITE_A.sign(msgpack.packb(envelope, use_bin_type=True))
+
+
+def test_a_v1_signature_is_refused_and_named_as_one() -> None:
     delta = {"w": np.random.default_rng(4).standard_normal(5000).astype(np.float32)}
-    old = sign_update(SITE_A, "site-a", 1, 0, "root", 10, digest_as_received(delta, FP16))
-    with pytest.raises(SignatureError):
-        verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(whole(delta, FP16)))
+    # A v1 peer sending fp32: its digest is the v2 one, only the label differs.
+    got = whole(delta, CodecSpec("fp32"))
+    old = v1_signature(digest_as_received(delta, CodecSpec("fp32")))
+    with pytest.raises(OldUpdateVersionError, match=r"signs fedloom-update-v1.*upgrade it"):
+        verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got))
+    # A v1 peer sending fp16 signed the decoded float32: named only where the verifier
+    # offers v1's digest (``v1_hash``, computed on this failure path only).
+    got = whole(delta, FP16)
+    old = v1_signature(digest_as_received(delta, FP16))
+    with pytest.raises(SignatureError) as plain:
+        verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got))
+    assert type(plain.value) is SignatureError
+    asked: list[int] = []
+
+    def v1_hash() -> bytes:
+        asked.append(1)
+        return tensors_digest(dict(got))
+
+    with pytest.raises(OldUpdateVersionError) as named:
+        verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got), v1_hash)
+    assert named.value.reason == "old_update_version" and asked == [1]
+    # An honest v2 signature never asks for it; a forgery still reads as one.
+    sig = sign_update(SITE_A, "site-a", 1, 0, "root", 10, update_digest_sent(delta, FP16))
+    verify_update(ROSTER, sig, "site-a", 1, 0, "root", 10, update_digest(got), v1_hash)
+    assert asked == [1]
+    forged = bytes(64)
+    with pytest.raises(SignatureError, match="forged, altered or redirected") as bad:
+        verify_update(ROSTER, forged, "site-a", 1, 0, "root", 10, update_digest(got), v1_hash)
+    assert type(bad.value) is SignatureError
 
 
 def test_one_flipped_float16_bit_changes_the_digest() -> None:
@@ -112,7 +157,7 @@ def test_one_flipped_float16_bit_changes_the_digest() -> None:
     assert update_digest(decode_tensors(manifest, bad)) != good
 
 
-def test_a_float16_source_is_forgotten_when_its_tensor_dies_or_becomes_writable() -> None:
+def test_a_float16_source_is_forgotten_when_its_tensor_dies_or_is_let_go() -> None:
     got = whole({"w": np.linspace(-1, 1, 9000, dtype=np.float32)}, FP16)
     arr = got["w"]
     assert half_source(arr) is not None
@@ -121,14 +166,112 @@ def test_a_float16_source_is_forgotten_when_its_tensor_dies_or_becomes_writable(
     copy = arr.copy()
     copy.flags.writeable = False
     assert half_source(copy) is None
-    writable = whole({"w": np.ones(5000, np.float32)}, FP16)["w"]
-    writable.flags.writeable = True  # its memory could now change
-    assert half_source(writable) is None
-    with pytest.raises(ValueError, match="read-only float32"):
-        remember_half(np.ones(3, np.float32), np.ones(3, np.float16))  # writable
+    other = whole({"w": np.ones(5000, np.float32)}, FP16)
+    forget_halves(other)
+    assert half_source(other["w"]) is None
+    assert np.array_equal(other["w"], np.ones(5000, np.float32))  # the tensor itself stays
+    with pytest.raises(ValueError, match="same shape"):
+        remember_half(np.ones(3, np.float32), np.ones(4, np.float16))
     from fedloom.transport import half as half_module
 
     before = len(half_module._SOURCES)
-    del got, arr, writable
+    del got, arr
     gc.collect()
     assert len(half_module._SOURCES) < before
+
+
+def writes(arr: np.ndarray) -> list[str]:
+    """The ways ordinary numpy code could change ``arr``'s values that worked (review
+    finding: each left a stale float16 behind a signature that still verified)."""
+    worked = []
+    try:
+        arr.flags.writeable = True
+        arr.reshape(-1)[5000] = 9.0
+        worked.append("flag toggle")
+    except ValueError:
+        pass
+    base = arr.base
+    while isinstance(base, np.ndarray):
+        try:
+            base.reshape(-1)[0] = 9.0
+            worked.append("write through base")
+        except ValueError:
+            pass
+        try:
+            base.flags.writeable = True
+            worked.append("base flag toggle")
+        except ValueError:
+            pass
+        base = base.base
+    assert isinstance(base, memoryview) and base.readonly
+    return worked
+
+
+def raw_half(h: np.ndarray, decode: str, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
+    """``h`` (float16) decoded from a message that carries it raw, as float16: a peer's
+    choice (our encoders send floats as float32 or with the fp16 codec)."""
+    entry = {"name": "w", "codec": "raw", "dtype": "float16", "shape": list(h.shape)}
+    data = h.tobytes()
+    if decode == "whole":
+        return decode_tensors({"lz4": False, "tensors": [entry]}, data, limits)
+    piece = 1 << 16
+    manifest = {"tensors": [entry], "stored": len(data), "piece": piece}
+    decoder = TensorStreamDecoder(manifest, limits)
+    for i in range(0, len(data), piece):
+        decoder.feed_piece(data[i : i + piece])
+    return decoder.finish()
+
+
+@pytest.mark.parametrize("decode", ["whole", "streamed"])
+@pytest.mark.parametrize("codec", ["fp16", "raw16"])
+def test_a_tensor_decoded_from_float16_cannot_change_under_its_signature(
+    decode: str, codec: str
+) -> None:
+    delta = {"w": np.linspace(-1, 1, 8192, dtype=np.float32).reshape(64, 128)}
+    signed = update_digest_sent(delta, FP16)
+    if codec == "raw16":
+        got = raw_half(delta["w"].astype(np.float16), decode)
+    else:
+        got = (whole if decode == "whole" else streamed)(delta, FP16)
+    before = got["w"].copy()
+    assert writes(got["w"]) == []
+    half = half_source(got["w"])
+    assert half is not None and writes(half) == []
+    assert np.array_equal(got["w"].view(np.uint32), before.view(np.uint32))
+    assert update_digest(got) == signed
+
+
+@pytest.mark.parametrize("decode", ["whole", "streamed"])
+@pytest.mark.parametrize("codec", ["fp16", "raw16"])
+def test_max_decoded_bytes_counts_the_float32_and_the_float16_kept(decode: str, codec: str) -> None:
+    n = 300_000
+    tensors = {"w": np.full(n, 0.5, np.float32)}
+    spec = CodecSpec("fp16", lz4=False)
+    held = 6 * n  # float32 (4 bytes an element) and the float16 kept (2)
+
+    def run(cap: int) -> dict[str, np.ndarray]:
+        limits = Limits(max_decoded_bytes=cap)
+        if codec == "raw16":  # counted at 2 bytes an element before: 3x the cap held
+            return raw_half(tensors["w"].astype(np.float16), decode, limits)
+        if decode == "whole":
+            manifest, payload = encode_tensors(tensors, spec)
+            return decode_tensors(manifest, payload, limits)
+        encoder = TensorStreamEncoder(tensors, spec, piece=1 << 16)
+        decoder = TensorStreamDecoder(encoder.manifest, limits)
+        pieces = []
+        while not encoder.done:
+            pieces.append(bytes(encoder.next_piece()))
+        for piece in pieces:
+            decoder.feed_piece(piece)
+        return decoder.finish()
+
+    with pytest.raises(DecompressionBomb, match="max_decoded_bytes"):
+        run(held - 1)
+    tracemalloc.start()
+    try:
+        got = run(held)
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert half_source(got["w"]) is not None
+    assert held <= kept <= held + 64 * 1024  # what it holds is what the cap counted
