@@ -72,7 +72,14 @@ def to_half(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 
 def half_to_float(h: npt.NDArray[Any], out: npt.NDArray[Any] | None = None) -> npt.NDArray[Any]:
-    """``h`` as float32, one-dimensional, written into ``out`` when given."""
+    """``h`` as float32, one-dimensional, written into ``out`` when given.
+
+    Finite values and infinities convert identically either way; a NaN's payload bits
+    may not (numpy and torch may quiet a signalling NaN differently), and which one runs
+    depends on the size converted, so a streamed decode (piece by piece) could then differ
+    from a whole one in a NaN's bits. Harmless while ``Limits.reject_nonfinite`` is on (the
+    default: a NaN is refused before it is converted); the signed digest covers the
+    float16 on the wire either way."""
     flat = h.reshape(-1)
     if out is None:
         out = np.empty(flat.size, dtype=F32)
