@@ -78,7 +78,7 @@ def half_to_float(h: npt.NDArray[Any], out: npt.NDArray[Any] | None = None) -> n
     may not (numpy and torch may quiet a signalling NaN differently), and which one runs
     depends on the size converted, so a streamed decode (piece by piece) could then differ
     from a whole one in a NaN's bits. Harmless while ``Limits.reject_nonfinite`` is on (the
-    default: a NaN is refused before it is converted); the signed digest covers the
+    default: a message carrying a NaN is refused); the signed digest covers the
     float16 on the wire either way."""
     flat = h.reshape(-1)
     if out is None:
