@@ -29,7 +29,8 @@ it. Decoding float16 to float32 is exact and one-to-one, so the digest still fix
 exactly the delta the receiver applies; it hashes half the bytes, and the receiver takes
 the float16 its decoder kept (``transport.half.half_source``) instead of converting
 anything. The sender hashes what it puts on the wire (``update_digest_sent``). A v1
-signature (over the float32) never verifies as v2.
+signature (over the float32) never verifies as v2; ``verify_update`` names it
+(``OldUpdateVersionError``: still refused, the peer must be upgraded).
 
 ``ReplayGuard`` refuses an update id a site has used before (replay);
 ``ModelVersionGuard`` refuses a model version older than the newest one accepted
