@@ -9,8 +9,16 @@ secure-aggregation messages and link events and applies what it yields:
    smaller cohort, its own t = max(min_cohort, (n + c) // 2 + 1)); with ``form_wait_s=None``
    only the host's ``seal_now`` seals fewer (a sync root: at its round's deadline, or once
    no task of the round is outstanding). At most ``max_inflight``
-   cohorts are open at once (the host passes ``concurrency // N + 1``), and a site is in
-   at most one of them (its next join waits until its update there is settled). The seal is
+   cohorts are open at once (the host passes ``concurrency // N + 1``). A site an open
+   cohort A still needs (its update there is not settled and it has not answered A's
+   reveal) is sealed into a new cohort only while A is past its upload and A's slack
+   (live survivors, or answers plus answers owed, minus t) covers the crashes the new
+   cohort can bring it: min(A's sites in it, the most members any of the last
+   ``DROP_HISTORY`` cohorts lost; every member after an abort, and before any history).
+   One crash counts against every open cohort that holds the site, so this bound keeps
+   the next cohort's crashes from aborting A (two cohorts of the same ten sites, 3 crashes
+   on each seal, t = 6, aborted both); with few crashes the next cohort masks while the
+   last one signs and unmasks. The seal is
    recorded (``Persist`` to ``COORDINATOR_LOG_KEY``) before any ``SecAggSeal`` is sent.
 2. Upload: each member's ``MaskedUpdate`` is checked (member, the seq it was sealed with,
    the joined metadata, exactly (d + 1) * 4 bytes, one bundle for every other member) and
@@ -64,7 +72,7 @@ are kept across restarts up to ``MAX_ORPHANS`` (the newest).
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -120,6 +128,7 @@ __all__ = [
 
 COORDINATOR_LOG_KEY = "secagg/cohorts"
 MAX_JOINS_PER_SITE = 8
+DROP_HISTORY = 8  # cohorts whose losses bound the crashes a new cohort may bring
 MAX_ORPHANS = 256  # cohorts orphaned by restarts kept until their members return
 COHORT_ID_BYTES = 16
 BOX_OVERHEAD = 40  # crypto_box: 24-byte nonce + 16-byte tag
@@ -274,6 +283,8 @@ class SecAggCoordinator:
         self._sealed = 0  # cohorts ever sealed (durable; part of every cohort id)
         self._results: list[CohortResult] = []
         self._rebuilders: dict[tuple[int, ...], Reconstructor] = {}
+        # Members each of the last DROP_HISTORY cohorts lost (``_crash_bound``).
+        self._lost: deque[int] = deque(maxlen=DROP_HISTORY)
 
     # ------------------------------------------------------------------ queries
 
@@ -321,19 +332,58 @@ class SecAggCoordinator:
     # ---------------------------------------------------------------- formation
 
     def _waiting_sites(self) -> list[_Join]:
-        """The oldest waiting join of each site that has no update in an open cohort,
-        oldest first. A site is a member of one open cohort at a time: its next update
-        (trained while that cohort masks, signs and unmasks) waits until the site's
-        update there is settled (applied, or dropped from the view or an abort). Sealed
-        into two cohorts at once, one crash would take the site out of both, so each
-        crash would count twice against the cohorts' dropout budget (a bench with two
-        cohorts of the same ten sites open and 3 crashes per seal aborted both)."""
-        busy = {site for site, _ in self._in_cohort}
+        """The oldest waiting join of each site that may be sealed now, oldest first.
+
+        A site's next update (trained while its last cohort masks, signs and unmasks)
+        may wait while an open cohort A still needs the site (``_needs``). A site in two
+        cohorts takes itself out of both with one crash, so the crash counts against both
+        dropout budgets: bench/secagg.py at 30 % (two cohorts of the same ten sites, 3
+        crashes on each seal, t = 6) left 4 live members in each and aborted both. Such a
+        site is taken only while A is past its upload (its members' seal-time crashes are
+        known) and min(A's sites taken, ``_crash_bound``) stays within A's slack: the
+        crashes the new cohort brings cannot take A below t. A site that has answered A's
+        reveal costs A nothing when it crashes (its shares are held here)."""
+        bound = self._crash_bound()
+        holding: dict[str, list[bytes]] = {}
+        for (site, _), cid in self._in_cohort.items():
+            if self._needs(cid, site):
+                holding.setdefault(site, []).append(cid)
+        taken: dict[bytes, int] = {}
         seen: dict[str, _Join] = {}
         for join in self._waiting.values():
-            if join.site not in busy:
-                seen.setdefault(join.site, join)
+            if join.site in seen:
+                continue
+            needed_by = holding.get(join.site, ())
+            if any(
+                min(taken.get(cid, 0) + 1, bound) > self._slack(self._cohorts[cid])
+                for cid in needed_by
+            ):
+                continue
+            for cid in needed_by:
+                taken[cid] = taken.get(cid, 0) + 1
+            seen[join.site] = join
         return list(seen.values())
+
+    def _needs(self, cid: bytes, site: str) -> bool:
+        """Whether open cohort ``cid`` may still need a message from ``site``."""
+        cohort = self._cohorts.get(cid)
+        return cohort is not None and not (cohort.phase == "unmask" and site in cohort.answers)
+
+    def _crash_bound(self) -> int:
+        """Crashes a new cohort may bring: the most members any recent cohort lost (its
+        dropped members, or all of them if it aborted), at least 1 (one crash is always
+        possible); with no history, a whole cohort."""
+        return max(1, max(self._lost, default=self.cohort_size))
+
+    def _slack(self, cohort: _Cohort) -> int:
+        """How many more of ``cohort``'s needed members may crash with the cohort still
+        able to reach t (-1 in the upload phase: nothing is known of its crashes yet)."""
+        if cohort.phase == "upload":
+            return -1
+        if cohort.phase == "view":
+            live = set(cohort.survivors) - cohort.down - cohort.badsig - cohort.bad
+            return len(live) - cohort.t
+        return len(cohort.answers) + len(self._owed(cohort)) - cohort.t
 
     def on_join(self, peer: str, msg: SecAggJoin, now: float) -> list[Effect]:
         fields = {"site": peer, "seq": msg.seq}
@@ -554,6 +604,7 @@ class SecAggCoordinator:
             )
         cohort.phase = "view"
         cohort.survivors, cohort.dropped = survivors, dropped
+        self._lost.append(len(dropped))
         cohort.view = view_message(self.node_id, cohort.cid, survivors, dropped, cohort.sealed)
         cohort.deadline = now + self.unmask_timeout_s
         for key in [(m, cohort.joins[m].seq) for m in dropped]:
@@ -931,6 +982,7 @@ class SecAggCoordinator:
 
     def _abort(self, cohort: _Cohort, reason: str, detail: str) -> list[Effect]:
         self._forget(cohort)  # members that had not uploaded join again
+        self._lost.append(len(cohort.members))  # no overlap until cohorts complete again
         msg = SecAggAbort(cohort=cohort.cid, reason=reason)
         return [
             Persist(COORDINATOR_LOG_KEY, {"op": "close", "cohort": cohort.cid}, append=True),

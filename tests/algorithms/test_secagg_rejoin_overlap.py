@@ -15,8 +15,8 @@ from tests.algorithms.secagg_harness import AGG, Net, random_delta
 
 
 def test_a_rejoin_sealed_while_its_dropped_cohort_finishes_stays_in_its_new_cohort() -> None:
-    # Nine sites, cohorts of five: A = sites 0-4; the second cohort is the victim and the
-    # four sites A does not hold (a site with an update in an open cohort waits).
+    # Nine sites, cohorts of five: A = sites 0-4; the second cohort is the victim and
+    # A's four others (sealed while A signs its view: A can spare one of them).
     net = Net(
         9, min_cohort=3, cohort_size=5, weighting="uniform", coordinator_kwargs={"max_inflight": 2}
     )
@@ -36,19 +36,20 @@ def test_a_rejoin_sealed_while_its_dropped_cohort_finishes_stays_in_its_new_coho
     net.take(AGG, co.on_peer_down(victim, net.now))
     assert all(isinstance(send.msg, wire.SecAggView) for _, send in net.queue)
     held, net.queue = net.queue, []
-    # The victim restarts and re-joins its update; A's four others join their next ones
-    # (they wait: A holds their first) and four more sites join: a second cohort is
-    # sealed while the first is still in its view round.
+    # The victim restarts and re-joins its update, and A's four others join their next
+    # ones: a second cohort is sealed while the first is still in its view round. (A, one
+    # drop among five, t = 3, has slack 1: a crash of one of its four in the second cohort
+    # leaves it 3 of 4, so the coordinator may take them; four more sites wait.)
     net.before_upload = set()
     net.take(AGG, co.on_peer_up(victim, net.now))
     net.queue = [q for q in net.queue if not isinstance(q[1].msg, wire.SecAggView)]
+    net.join(victim, 1)
+    assert co.open_cohorts() == [first]
     for s in first_five[1:]:
         net.add_update(s, 2, random_delta(rng))
         net.join(s, 2)
-    assert co.open_cohorts() == [first]
     for s in rest:
         net.join(s, 1)
-    net.join(victim, 1)
     second = next(c for c in co.open_cohorts() if c != first)
     assert co.cohort_of(victim, 1) == second
     # The first cohort completes (its messages only; the second one's wait).
@@ -64,7 +65,7 @@ def test_a_rejoin_sealed_while_its_dropped_cohort_finishes_stays_in_its_new_coho
     )
     seals = [e.msg for e in again if isinstance(e, Send) and isinstance(e.msg, wire.SecAggSeal)]
     assert [s.cohort for s in seals] == [second]
-    assert co.waiting() == 4  # A's four others' second updates: the next cohort's
+    assert co.waiting() == 4  # the four other sites' first updates: the next cohort's
     # And the second cohort completes with all five.
     net.queue = later
     net.drain()
