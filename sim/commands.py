@@ -69,17 +69,28 @@ EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a SIGTERM
 def exit_on_sigterm() -> Iterator[None]:
     """SIGTERM raises ``SystemExit(143)`` in the main thread while the block runs, so that
     the run unwinds: the process pool and a Ray cluster the run started are shut down (by
-    default a SIGTERM ends the process at once, and Ray's threads abort with a core dump)."""
+    default a SIGTERM ends the process at once, and Ray's threads abort with a core dump).
+
+    The handler raises KeyboardInterrupt, as Ctrl-C does: Ray's waits turn any exception
+    from a signal handler into a plain KeyboardInterrupt, so a flag says which it was."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    terminated = False
 
     def stop(signum: int, frame: object) -> None:
-        raise SystemExit(EXIT_TERMINATED)
+        nonlocal terminated
+        terminated = True
+        raise KeyboardInterrupt
 
     before = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    except KeyboardInterrupt:
+        if terminated:
+            print("fedloom: terminated", file=sys.stderr)
+            raise SystemExit(EXIT_TERMINATED) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, before)
 

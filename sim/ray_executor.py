@@ -30,7 +30,9 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -196,6 +198,7 @@ class RaySession:
         auth_log = logging.getLogger(_AUTH_LOGGER)
         level = auth_log.level
         auth_log.setLevel(logging.ERROR)
+        on_term = signal.getsignal(signal.SIGTERM)
         try:
             # Ray Client warns (UserWarning) before it gives up; the error says it all.
             with warnings.catch_warnings():
@@ -225,6 +228,10 @@ class RaySession:
             raise ConfigError(f"ray_address {address!r}: cannot connect: {exc}{hint}") from None
         finally:
             auth_log.setLevel(level)
+            # ray.init puts its own SIGTERM handler in place (a stack dump, then exit):
+            # keep the Python one it replaced (``fedloom sim``'s, which unwinds the run).
+            if callable(on_term) and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, on_term)
         self.owned = True
 
     def close(self) -> None:

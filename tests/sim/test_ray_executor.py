@@ -293,6 +293,24 @@ def test_sigterm_unwinds_a_sim_run_with_exit_143() -> None:
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_ray_init_does_not_take_sigterm_from_sim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init installs its own SIGTERM handler (a stack dump); the session puts back the
+    one ``fedloom sim`` had, so a SIGTERM still unwinds the run and stops the cluster."""
+
+    class TakesSigterm(FakeRay):
+        def init(self, **kwargs: Any) -> None:
+            super().init(**kwargs)
+            signal.signal(signal.SIGTERM, lambda *_: None)  # as Ray's C++ handler replaces it
+
+    monkeypatch.setitem(sys.modules, "ray", TakesSigterm())
+    with pytest.raises(SystemExit) as stopped, exit_on_sigterm():
+        RaySession(None, workers=2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):
+            time.sleep(0.01)
+    assert stopped.value.code == 143
+
+
 TOML_TAIL = """duration_s = 600
 [data]
 dataset = "synthetic"
