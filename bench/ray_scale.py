@@ -10,8 +10,10 @@ training job a Ray task). The three report.json texts must be identical (checked
 An update is a finished training job. Each figure is jobs / wall seconds of the whole run,
 start-up included (the pool's spawn and the workers' imports of torch; Ray's workers start
 in the run too), except the Ray cluster's own start, which is timed and printed apart (a
-cluster outlives one run). Also printed: this process's CPU seconds per run and the load
-average, since the machine may be shared.
+cluster outlives one run). Also printed: the CPU seconds each run took, of this process,
+the pool's workers and the Ray cluster's processes (raylet, GCS and the workers under them:
+they are not this process's waited-for children, so ``RUSAGE_CHILDREN`` misses them), and the
+load average, since the machine may be shared.
 
     .venv/bin/python bench/ray_scale.py [--workers 2] [--quick]
 """
@@ -26,6 +28,8 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,7 +56,8 @@ def scenario(hours: float) -> Scenario:
 
 
 def cpu_s() -> float:
-    """CPU seconds of this process and its waited-for children (the pool's workers)."""
+    """CPU seconds of this process and its waited-for children (the pool's workers, once
+    the pool has ended)."""
     me, kids = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
@@ -60,11 +65,27 @@ def cpu_s() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def live_cpu() -> dict[int, float]:
+    """CPU seconds so far of each live descendant of this process (a local Ray cluster's
+    raylet, GCS server and worker processes), with the children each has waited for."""
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # ended while we looked
+            continue
+        found[proc.pid] = t.user + t.system + t.children_user + t.children_system
+    return found
+
+
 def timed(s: Scenario) -> tuple[int, float, float, str]:
-    """(jobs finished, wall seconds, CPU seconds here, report.json content) of one run."""
-    cpu0, wall0 = cpu_s(), time.perf_counter()
+    """(jobs finished, wall seconds, CPU seconds, report.json content) of one run. The CPU
+    seconds are this process's, its ended children's and what its live descendants used
+    during the run (a Ray cluster started before it: the part of the run)."""
+    cpu0, live0, wall0 = cpu_s(), live_cpu(), time.perf_counter()
     report = run_scenario(s)
-    wall, cpu = time.perf_counter() - wall0, cpu_s() - cpu0
+    wall = time.perf_counter() - wall0
+    cpu = cpu_s() - cpu0 + sum(t - live0.get(pid, 0.0) for pid, t in live_cpu().items())
     text = json.dumps(strip_wall(report_to_dict(report)), sort_keys=True)  # report.json's
     return report.arms[0].jobs_finished, wall, cpu, text
 
@@ -92,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         rates[name] = jobs / wall
         print(
             f"{name:>7}: {jobs} jobs in {wall:.1f} s wall ({rates[name]:.1f}/s), "
-            f"{cpu:.1f} s CPU here"
+            f"{cpu:.1f} s CPU (this process, the pool's or Ray's processes)"
         )
 
     record("inline", timed(base))
