@@ -98,7 +98,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedloom.algorithms.protocol import Persist
-from fedloom.transport.half import half_source, half_to_float, to_half
+from fedloom.transport.half import forget_half, half_source, half_to_float, to_half
 from fedloom.transport.limits import Limits
 from fedloom.transport.tensors import CodecSpec, decode_tensors, encode_tensor_parts
 from fedloom.transport.wire import MESSAGE_TYPES
@@ -359,8 +359,12 @@ def _exact_half(arr: npt.NDArray[Any]) -> npt.NDArray[Any] | None:
     """``arr`` as float16 (one-dimensional) if decoding that gives back exactly ``arr``,
     bit for bit (``transport.tensors`` decodes fp16 entries with ``half_to_float``, as
     here); else None. A tensor decoded from float16 (an update's delta) comes with that
-    float16 (``transport.half.half_source``): taken once its first values agree, with no
-    conversion."""
+    float16 (``transport.half.half_source``), taken with no conversion: the decoders hand
+    such a tensor out frozen (a view of read-only memory that numpy refuses to make
+    writable), so it equals ``half_to_float`` of that float16 for its whole life. Its
+    first values are compared too: a cheap guard against a decoder bug, not the proof.
+    Once taken, the source is forgotten (``forget_half``): it lived only to be hashed and
+    written, and would otherwise add half the tensor's bytes for as long as it is held."""
     if arr.dtype != _F32 or arr.size < _HALF_FROM:
         return None
     flat = arr.reshape(-1)
@@ -370,6 +374,7 @@ def _exact_half(arr: npt.NDArray[Any]) -> npt.NDArray[Any] | None:
         if np.array_equal(
             half_to_float(half[:_HALF_PROBE]).view(np.uint32), flat[:_HALF_PROBE].view(np.uint32)
         ):
+            forget_half(arr)  # written: nothing else needs it (``transport.half``)
             return half
     probe = flat[:_HALF_PROBE]
     with np.errstate(over="ignore", invalid="ignore"):
