@@ -18,7 +18,11 @@ secure-aggregation messages and link events and applies what it yields:
    One crash counts against every open cohort that holds the site, so this bound keeps
    the next cohort's crashes from aborting A (two cohorts of the same ten sites, 3 crashes
    on each seal, t = 6, aborted both); with few crashes the next cohort masks while the
-   last one signs and unmasks. The seal is
+   last one signs and unmasks. The new cohort's own slack, N - t - that bound, must also
+   cover the crashes an open cohort still uploading may bring it through shared sites.
+   A smaller cohort is sealed without ``form_wait_s`` when every live member of the open
+   cohorts already waits (the rest are down) and it can lose that bound and keep t. The
+   seal is
    recorded (``Persist`` to ``COORDINATOR_LOG_KEY``) before any ``SecAggSeal`` is sent.
 2. Upload: each member's ``MaskedUpdate`` is checked (member, the seq it was sealed with,
    the joined metadata, exactly (d + 1) * 4 bytes, one bundle for every other member) and
@@ -349,18 +353,25 @@ class SecAggCoordinator:
             if self._needs(cid, site):
                 holding.setdefault(site, []).append(cid)
         taken: dict[bytes, int] = {}
+        # The new cohort's own slack (a full one's): its own crashes plus those the open
+        # cohorts still to crash bring it through the sites it shares with them.
+        room = self.cohort_size - self.threshold - bound
         seen: dict[str, _Join] = {}
         for join in self._waiting.values():
             if join.site in seen:
                 continue
             needed_by = holding.get(join.site, ())
-            if any(
-                min(taken.get(cid, 0) + 1, bound) > self._slack(self._cohorts[cid])
-                for cid in needed_by
-            ):
+            after = {cid: taken.get(cid, 0) + 1 for cid in needed_by}
+            if any(min(k, bound) > self._slack(self._cohorts[c]) for c, k in after.items()):
                 continue
-            for cid in needed_by:
-                taken[cid] = taken.get(cid, 0) + 1
+            brought = sum(
+                min(after.get(c, k), self._own_left(self._cohorts[c])) for c, k in taken.items()
+            ) + sum(
+                min(k, self._own_left(self._cohorts[c])) for c, k in after.items() if c not in taken
+            )
+            if brought > max(0, room):  # sharing no one's crashes is always fine
+                continue
+            taken.update(after)
             seen[join.site] = join
         return list(seen.values())
 
@@ -375,11 +386,20 @@ class SecAggCoordinator:
         possible); with no history, a whole cohort."""
         return max(1, max(self._lost, default=self.cohort_size))
 
+    def _own_left(self, cohort: _Cohort) -> int:
+        """Crashes ``cohort`` may still see of its own: in its upload, ``_crash_bound``
+        less the members it lost so far; none once its view is out."""
+        if cohort.phase != "upload":
+            return 0
+        lost = len(cohort.down - set(cohort.uploaded))
+        return max(0, self._crash_bound() - lost)
+
     def _slack(self, cohort: _Cohort) -> int:
         """How many more of ``cohort``'s needed members may crash with the cohort still
-        able to reach t (-1 in the upload phase: nothing is known of its crashes yet)."""
+        able to reach t, beyond the crashes it may still see of its own (``_own_left``)."""
         if cohort.phase == "upload":
-            return -1
+            lost = len(cohort.down - set(cohort.uploaded))
+            return len(cohort.members) - lost - cohort.t - self._own_left(cohort)
         if cohort.phase == "view":
             live = set(cohort.survivors) - cohort.down - cohort.badsig - cohort.bad
             return len(live) - cohort.t
@@ -424,11 +444,27 @@ class SecAggCoordinator:
                 self.form_wait_s is not None
                 and len(sites) >= self.threshold
                 and now >= sites[0].at + self.form_wait_s
-            ):
+            ) or self._all_live_wait(sites):
                 out.extend(self._seal(sites, now))
             else:
                 break
         return out
+
+    def _all_live_wait(self, sites: Sequence[_Join]) -> bool:
+        """A smaller cohort need not wait for ``form_wait_s`` when every live member of
+        the open cohorts already waits in ``sites`` (the missing ones are down: nothing
+        more is coming soon) and it can lose ``_crash_bound`` members and still reach t."""
+        if not self._cohorts or self.form_wait_s is None:
+            return False
+        live: set[str] = set()
+        for cohort in self._cohorts.values():
+            live.update(set(cohort.members) - cohort.down)
+        n = len(sites)
+        waiting = {j.site for j in sites}
+        return (
+            live <= waiting
+            and n - threshold(n, self.min_cohort, self.max_colluders) >= self._crash_bound()
+        )
 
     def seal_now(self, now: float) -> list[Effect]:
         """Seal the sites waiting now (the oldest ``cohort_size`` of them) if at least the

@@ -2,11 +2,12 @@
 t = 6, two cohorts open at once). A crash takes a site out of every open cohort that holds
 it, so the coordinator seals a site an open cohort A still needs into the next cohort only
 while A's slack covers the crashes that cohort can bring (the most members a recent cohort
-lost). With one crash per seal (10 %) the next cohort is sealed while A signs its view and
-a crash of a site in both costs each one member; with three per seal (30 %) it waits for A
-(sealed from the same ten sites during A's view, its three crashes would leave A 4 < 6 live
-members: both aborted, which is what the bench hit). Every cohort completes with its
-survivors' exact sum, each update is uploaded at most once, and nothing aborts."""
+lost). With one crash per seal (10 %) the next cohort (A's nine live sites: the tenth is
+down) is sealed while A signs its view, and a crash of a site in both costs each one
+member; with three per seal (30 %) it waits for A (sealed from the same ten sites during
+A's view, its three crashes would leave A 4 < 6 live members: both aborted, which is what
+the bench hit). Every cohort completes with its survivors' exact sum, each update is
+uploaded at most once, and nothing aborts."""
 
 from __future__ import annotations
 
@@ -123,11 +124,14 @@ def start(d: int) -> tuple[Net, Crashes, bytes]:
 def test_one_crash_per_seal_the_next_cohort_overlaps_and_a_crash_in_both_costs_each_one() -> None:
     net, crashes, a = start(d=1)
     co = net.coordinator
-    # A's nine uploads close it (view); its dead site restarts and re-joins: B (ten sites,
-    # nine of them still needed by A, whose slack is 9 - 6 = 3) is sealed during A's view.
+    # A's nine uploads close it (view): B, A's nine live sites (A still needs them all;
+    # its slack is 9 - 6 = 3, one crash per seal seen; the tenth is down, so B does not
+    # wait for it), is sealed during A's view.
     crashes.drain(until=lambda: len(co.open_cohorts()) == 2)
     (b,) = set(co.open_cohorts()) - {a}
     assert net.results == []
+    seal_b = next(q[1].msg for q in net.queue if isinstance(q[1].msg, wire.SecAggSeal))
+    assert isinstance(seal_b, wire.SecAggSeal) and seal_b.members == tuple(net.sites[1:])
     # B's doomed site is one A still needs (it uploaded to A, has not revealed): it dies on
     # B's seal, out of both at once.
     victim = net.sites[5]
@@ -139,7 +143,7 @@ def test_one_crash_per_seal_the_next_cohort_overlaps_and_a_crash_in_both_costs_e
     assert aborted(net) == 0
     first, second = net.results
     assert victim in {s.site for s in first.survivors}  # uploaded to A: its b_j is rebuilt
-    assert len(first.survivors) == 9 and len(second.survivors) == 9
+    assert len(first.survivors) == 9 and len(second.survivors) == 8
     assert victim not in {s.site for s in second.survivors}
     check_sums(net)
 
