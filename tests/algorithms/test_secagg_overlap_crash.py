@@ -16,7 +16,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fedloom.algorithms.protocol import Metric
+from fedloom.algorithms.protocol import Metric, Persist, Send
+from fedloom.algorithms.secagg.coordinator import COORDINATOR_LOG_KEY, SecAggCoordinator
 from fedloom.transport import wire
 from tests.algorithms.secagg_harness import AGG, Net, random_delta
 
@@ -174,3 +175,37 @@ def test_three_crashes_per_seal_the_next_cohort_waits_for_the_one_it_would_sink(
     assert aborted(net) == 0
     assert [len(r.survivors) for r in net.results] == [7, 7]
     check_sums(net)
+
+
+def test_a_restart_with_two_overlapping_cohorts_aborts_both_and_no_update_joins_again() -> None:
+    """The aggregator restarts with A (revealing) and B (uploading) open over the same
+    sites: a site that returns hears both aborted; the updates it uploaded are lost
+    (consumed: never joined or uploaded again)."""
+    net, crashes, a = start(d=1)
+    co = net.coordinator
+    crashes.drain(until=lambda: len(co.open_cohorts()) == 2)
+    (b,) = set(co.open_cohorts()) - {a}
+    # B's seal reaches the sites: they upload to B too (held: the aggregator is gone).
+    while any(isinstance(q[1].msg, wire.SecAggSeal) for q in net.queue):
+        crashes.step()
+    site = net.sites[5]
+    assert net.members[site].consumed(1) and net.members[site].consumed(2)
+    log = [
+        e.data for e in net.effects[AGG] if isinstance(e, Persist) and e.key == COORDINATOR_LOG_KEY
+    ]
+    assert net.keys is not None
+    fresh = SecAggCoordinator(
+        AGG, net.keys[AGG], cohort_size=10, min_cohort=5, rng=np.random.default_rng(1)
+    )
+    fresh.restore(co.snapshot(), log)
+    out = fresh.on_peer_up(site, 0.0)
+    aborts = [e.msg for e in out if isinstance(e, Send)]
+    assert sorted(m.cohort for m in aborts) == sorted([a, b])
+    member = net.members[site]
+    member.take_outcomes()
+    for m in aborts:
+        member.on_abort(AGG, m)
+    lost = {(o.cohort, o.seq) for o in member.take_outcomes() if o.kind == "lost"}
+    assert lost == {(a, 1), (b, 2)}
+    # Both stay consumed: a seal naming either is refused (update_consumed).
+    assert member.consumed(1) and member.consumed(2)
