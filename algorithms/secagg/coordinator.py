@@ -352,26 +352,27 @@ class SecAggCoordinator:
         for (site, _), cid in self._in_cohort.items():
             if self._needs(cid, site):
                 holding.setdefault(site, []).append(cid)
+        held = {cid for cids in holding.values() for cid in cids}
+        slack = {cid: self._slack(self._cohorts[cid]) for cid in held}
+        own_left = {cid: self._own_left(self._cohorts[cid]) for cid in held}
         taken: dict[bytes, int] = {}
         # The new cohort's own slack (a full one's): its own crashes plus those the open
         # cohorts still to crash bring it through the sites it shares with them.
-        room = self.cohort_size - self.threshold - bound
+        room = max(0, self.cohort_size - self.threshold - bound)
         seen: dict[str, _Join] = {}
         for join in self._waiting.values():
             if join.site in seen:
                 continue
             needed_by = holding.get(join.site, ())
-            after = {cid: taken.get(cid, 0) + 1 for cid in needed_by}
-            if any(min(k, bound) > self._slack(self._cohorts[c]) for c, k in after.items()):
+            if not needed_by:
+                seen[join.site] = join
                 continue
-            brought = sum(
-                min(after.get(c, k), self._own_left(self._cohorts[c])) for c, k in taken.items()
-            ) + sum(
-                min(k, self._own_left(self._cohorts[c])) for c, k in after.items() if c not in taken
-            )
-            if brought > max(0, room):  # sharing no one's crashes is always fine
+            after = {**taken, **{cid: taken.get(cid, 0) + 1 for cid in needed_by}}
+            if any(min(after[c], bound) > slack[c] for c in needed_by):
                 continue
-            taken.update(after)
+            if sum(min(k, own_left[c]) for c, k in after.items()) > room:
+                continue  # the new cohort could not lose them and keep t
+            taken = after
             seen[join.site] = join
         return list(seen.values())
 
