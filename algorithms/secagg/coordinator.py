@@ -289,6 +289,8 @@ class SecAggCoordinator:
         self._rebuilders: dict[tuple[int, ...], Reconstructor] = {}
         # Members each of the last DROP_HISTORY cohorts lost (``_crash_bound``).
         self._lost: deque[int] = deque(maxlen=DROP_HISTORY)
+        self._last_members: tuple[str, ...] = ()  # of the cohort that ended last
+        self._down: set[str] = set()  # sites whose link is down now (PeerDown, no PeerUp)
 
     # ------------------------------------------------------------------ queries
 
@@ -432,6 +434,7 @@ class SecAggCoordinator:
                 f"secure aggregation: {MAX_JOINS_PER_SITE} joins of this site already wait",
                 fields,
             )
+        self._down.discard(peer)  # a join proves the link is up
         self._waiting[key] = _Join(peer, msg.seq, msg.base_version, msg.n_examples, msg.task, now)
         return [Metric("secagg_joined", 1.0), *self._try_seal(now)]
 
@@ -453,13 +456,16 @@ class SecAggCoordinator:
 
     def _all_live_wait(self, sites: Sequence[_Join]) -> bool:
         """A smaller cohort need not wait for ``form_wait_s`` when every live member of
-        the open cohorts already waits in ``sites`` (the missing ones are down: nothing
-        more is coming soon) and it can lose ``_crash_bound`` members and still reach t."""
-        if not self._cohorts or self.form_wait_s is None:
+        the open cohorts (none open: of the cohort that ended last) already waits in
+        ``sites`` (the missing ones are down: nothing more is coming soon) and it can lose
+        ``_crash_bound`` members and still reach t."""
+        if self.form_wait_s is None or not (self._cohorts or self._last_members):
             return False
         live: set[str] = set()
         for cohort in self._cohorts.values():
             live.update(set(cohort.members) - cohort.down)
+        if not self._cohorts:  # none open: the last cohort's members that are not down
+            live = set(self._last_members) - self._down
         n = len(sites)
         waiting = {j.site for j in sites}
         return (
@@ -944,6 +950,8 @@ class SecAggCoordinator:
         return [*self._on_peer_down(peer, now), *self._try_seal(now)]
 
     def _on_peer_down(self, peer: str, now: float) -> list[Effect]:
+        if len(self._down) < 4 * MAX_COHORT:
+            self._down.add(peer)
         for key in [k for k in self._waiting if k[0] == peer]:
             del self._waiting[key]  # the site joins again when it reconnects
         out: list[Effect] = []
@@ -961,6 +969,7 @@ class SecAggCoordinator:
     def on_peer_up(self, peer: str, now: float) -> list[Effect]:
         """A member of a cohort orphaned by a restart hears that it was aborted; a member
         of a live cohort gets the cohort's current request again."""
+        self._down.discard(peer)
         out: list[Effect] = []
         for cid, members in list(self._orphans.items()):
             if peer in members:
@@ -1037,6 +1046,7 @@ class SecAggCoordinator:
 
     def _forget(self, cohort: _Cohort) -> None:
         self._cohorts.pop(cohort.cid, None)
+        self._last_members = cohort.members
         for m in cohort.members:
             key = (m, cohort.joins[m].seq)
             # A dropped member's update may have joined again and be sealed in a newer

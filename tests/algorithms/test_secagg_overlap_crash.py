@@ -209,3 +209,34 @@ def test_a_restart_with_two_overlapping_cohorts_aborts_both_and_no_update_joins_
     assert lost == {(a, 1), (b, 2)}
     # Both stay consumed: a seal naming either is refused (update_consumed).
     assert member.consumed(1) and member.consumed(2)
+
+
+@pytest.mark.parametrize("back", [False, True])
+def test_with_no_cohort_open_the_next_does_not_wait_for_a_site_that_is_down(back: bool) -> None:
+    """A ended with one member down: once its other five wait, the next cohort is sealed
+    at once (no ``form_wait_s``) from them; a site whose link is back is waited for."""
+    net = Net(6, min_cohort=3, weighting="uniform")
+    co = net.coordinator
+    rng = np.random.default_rng(5)
+    for s in net.sites:
+        net.add_update(s, 1, random_delta(rng))
+        net.add_update(s, 2, random_delta(rng))
+        net.join(s, 1)
+    gone = net.sites[0]
+    net.before_upload = {gone}
+    net.take(AGG, co.on_peer_down(gone, net.now))
+    net.drain()
+    assert [len(r.survivors) for r in net.results] == [5] and co.open_cohorts() == []
+    if back:
+        net.take(AGG, co.on_peer_up(gone, net.now))
+    for s in net.sites[1:]:
+        net.join(s, 2)
+    if back:
+        assert co.open_cohorts() == [] and co.waiting() == 5
+        net.before_upload = set()
+        net.join(gone, 1)  # its update never masked
+    (b,) = co.open_cohorts()
+    net.drain()
+    assert [len(r.survivors) for r in net.results] == [5, 6 if back else 5]
+    assert net.results[1].cohort == b and net.now == 0.0
+    check_sums(net)
