@@ -115,13 +115,15 @@ def signed_settings(msg: ModelMessage) -> bytes:
 
 def masked_digest(msg: MaskedUpdate) -> bytes:
     """The payload digest a masked upload is signed over: BLAKE2b-256 of a labelled
-    msgpack of its cohort id, the digest of its data and the digest of its bundles."""
-    data = secagg_digest(bytes(msg.data))  # BLAKE2b-256; the member's own digest reused
+    msgpack of its cohort id, the SHA-256 of its data and the BLAKE2b-256 of its bundles.
+    The label's ``-v2`` marks the data digest's change from BLAKE2b to SHA-256: a member
+    on older code signs another payload, which never verifies here."""
+    data = secagg_digest(bytes(msg.data))  # SHA-256; the member's own digest reused
     bundles = hashlib.blake2b(
         msgpack.packb([[str(r), bytes(b)] for r, b in msg.bundles], use_bin_type=True),
         digest_size=32,
     ).digest()
-    packed = msgpack.packb(["fedloom/secagg/masked", bytes(msg.cohort), data, bundles])
+    packed = msgpack.packb(["fedloom/secagg/masked-v2", bytes(msg.cohort), data, bundles])
     return hashlib.blake2b(packed, digest_size=32).digest()
 
 

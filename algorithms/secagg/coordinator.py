@@ -330,9 +330,13 @@ class SecAggCoordinator:
             and self.form_wait_s is not None
             and self._template is not None
             and len(self._cohorts) < self.max_inflight
-            and len(self._waiting_sites()) >= self.threshold
         ):
-            times.append(next(iter(self._waiting.values())).at + self.form_wait_s)
+            # The same joins ``_try_seal`` would seal: a site an open cohort still holds
+            # waits out of turn, so its (older) join must not set a deadline that has
+            # already passed and that no seal would answer.
+            sites = self._waiting_sites()
+            if len(sites) >= self.threshold:
+                times.append(sites[0].at + self.form_wait_s)
         return min(times, default=None)
 
     # ---------------------------------------------------------------- formation

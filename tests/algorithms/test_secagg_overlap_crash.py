@@ -240,3 +240,39 @@ def test_with_no_cohort_open_the_next_does_not_wait_for_a_site_that_is_down(back
     assert [len(r.survivors) for r in net.results] == [5, 6 if back else 5]
     assert net.results[1].cohort == b and net.now == 0.0
     check_sums(net)
+
+
+def test_the_formation_deadline_is_the_one_a_seal_answers() -> None:
+    """A site an open cohort still holds waits out of turn; its older join must not set the
+    formation deadline. Otherwise the deadline lies in the past, ``on_deadline`` seals
+    nothing, and a host that sleeps until ``next_deadline()`` fires it again at once
+    forever (the step's guard then stops the node)."""
+    net = Net(6, seed=1, min_cohort=2, cohort_size=3, coordinator_kwargs={"max_inflight": 2})
+    co = net.coordinator
+    rng = np.random.default_rng(0)
+
+    def join(site: str, seq: int, at: float) -> None:
+        net.now = at
+        net.add_update(site, seq, random_delta(rng), n_examples=50)
+        net.join(site, seq)
+
+    first, second, third, fourth, fifth, _ = net.sites
+    for site in (first, second, third):
+        join(site, 1, 0.0)  # a full cohort of 3: sealed, and it holds these sites
+    assert len(co.open_cohorts()) == 1
+    join(first, 2, 1.0)  # held by the open cohort: waits out of turn
+    join(fourth, 1, 2.0)
+    join(fifth, 1, 2.0)  # t free sites wait, fewer than a cohort
+
+    deadline = co.next_deadline()
+    assert deadline is not None
+    assert deadline == 2.0 + co.form_wait_s  # the free sites' oldest join, not 1.0's
+    now = deadline
+    for _ in range(3):
+        net.take(AGG, co.on_deadline(now))
+        if len(co.open_cohorts()) > 1:
+            break
+        following = co.next_deadline()
+        assert following is not None and following > now, "a deadline no seal answers"
+        now = following
+    assert len(co.open_cohorts()) == 2  # the free sites were sealed at their deadline
