@@ -82,6 +82,10 @@ class CoordinatorMachine(RuleBasedStateMachine):
         if when is not None:
             self.net.now = max(self.net.now, when)
         self.net.take(AGG, co.on_deadline(self.net.now))
+        # A deadline that was just answered never comes back unmoved: a host sleeping
+        # until next_deadline() would otherwise fire it again at once, forever.
+        after = co.next_deadline()
+        assert after is None or after > self.net.now, f"stale deadline {after} <= {self.net.now}"
         self._step()
 
     @rule(
