@@ -92,6 +92,7 @@ from fedloom.federation.config_reader import ConfigError, Table
 from fedloom.federation.params import (
     ALGORITHM_FIELDS,
     ALGORITHMS,
+    DEFAULT_CLIENTS_PER_ROUND,
     TOPOLOGIES,
     AlgorithmConfig,
     CodecConfig,
@@ -839,8 +840,11 @@ def _privacy(
         )
     q: float | None = None
     if algorithm in ("fedavg", "fedprox"):
-        k = int(params.get("clients_per_round", 10))
-        over = float(params.get("over_selection", 1.0))
+        # The K and over-selection the root itself will use (AlgorithmConfig's defaults
+        # where the scenario writes none), so the root's accountant sees the same q.
+        written = params.get("clients_per_round")
+        k = min(DEFAULT_CLIENTS_PER_ROUND, sites.count) if written is None else int(written)
+        over = float(params.get("over_selection", AlgorithmConfig().over_selection))
         drawn = math.ceil(over * k - 1e-9)
         q = drawn / sites.count if drawn < sites.count else None
     delta = float(raw.get("delta", 1e-5))
