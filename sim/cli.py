@@ -68,9 +68,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sim.add_argument(
         "--parallel-runs",
         action="store_true",
-        help="with Ray: run every arm on every seed at once, one Ray task each, instead of "
-        "one run after another with each training job a Ray task (implies --executor ray); "
-        "the report is the same",
+        help="with Ray: run the arms and seeds side by side, one Ray task each (a few seeds "
+        "ahead, enough to fill the cluster's CPUs), instead of one run after another with "
+        "each training job a Ray task (implies --executor ray); the report is the same",
     )
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -74,8 +74,9 @@ and noise are seeded from the job's seed here, so a run is reproducible.
 
 Executors. ``executor`` is where training jobs run: ``"inline"`` (default), ``"process"``
 (a pool of ``workers`` processes) or ``"ray"`` (``sim.ray_executor``: a local Ray cluster of
-``workers`` CPUs, or the cluster at ``ray_address``; ``parallel_runs = true`` runs every arm
-on every seed at once, one Ray task each). The report is the same with every executor.
+``workers`` CPUs, or the cluster at ``ray_address``; ``parallel_runs = true`` runs the arms
+and seeds side by side, one Ray task each, a few seeds ahead). The report is the same with
+every executor.
 """
 
 from __future__ import annotations
@@ -276,8 +277,9 @@ class Scenario:
     # ``executor = "ray"``: an existing cluster ("auto", "HOST:6379", "ray://HOST:10001");
     # None starts a local one with ``workers`` CPUs (sim.ray_executor).
     ray_address: str | None = None
-    # ``parallel_runs = true`` (with ``executor = "ray"``): every arm on every seed at once,
-    # one Ray task each (its jobs inline in it); else one run after another, jobs as tasks.
+    # ``parallel_runs = true`` (with ``executor = "ray"``): the arms and seeds side by side,
+    # one Ray task each (its jobs inline in it; a few seeds ahead, enough to fill the
+    # cluster's CPUs); else one run after another, jobs as tasks.
     parallel_runs: bool = False
     source: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
