@@ -59,8 +59,11 @@ def test_quickest_cell_measures_plain_and_secure_flushes(
         # model still rules out a downlink that was compressed or never sent.
         assert row["down"] >= 0.5 * model_bytes
         assert row["up"] > 0
-    # A masked upload is d + 1 raw uint32 words plus 5 share bundles: never less.
-    assert secure["up"] >= 4 * (PARAMS + 1)
+    # A masked upload is d + 1 raw uint32 words plus 5 share bundles. With two updates in
+    # flight a site's next upload often lands after the last sampled release, so over 2
+    # flushes a site's share of the window can be short of one upload (0.53 and 0.96 of
+    # one were seen under load); 0.4 of one still rules out an int8 or sparse upload.
+    assert secure["up"] >= 0.4 * 4 * (PARAMS + 1)
     phases = secure["phases"]
     assert 0 <= phases["first upload"] <= phases["last upload"] <= phases["release"]
     assert phases["last view sig"] > 0 and phases["last shares"] > 0
