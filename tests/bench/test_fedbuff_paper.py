@@ -3,9 +3,7 @@ the real scenario's arms (60 sites, 1 h, 2 seeds) whose figure line matches its 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -13,23 +11,12 @@ from types import ModuleType
 import pytest
 
 from fedloom.sim.report import ArmResult, load_report
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        path = ROOT / "bench" / "fedbuff_paper.py"
-        spec = importlib.util.spec_from_file_location("fedloom_bench_fedbuff_paper", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    return load_bench("fedbuff_paper")
 
 
 def arm(name: str, ttt: float | None, first: float | None = None) -> ArmResult:

@@ -3,23 +3,16 @@ declared protocol errors comes out, and its last line is the campaign's verdict.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.loader import load_bench
 
 
 def load_fuzz() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fedloom_bench_fuzz", ROOT / "bench" / "fuzz.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("fuzz")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ staleness read from a daemon's /metrics page, and the figure line."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -20,18 +18,11 @@ from fedloom.runtime.federation_files import DEMO_START_QUORUM, Federation, writ
 from fedloom.runtime.harness import parse_metrics
 from fedloom.runtime.metrics import MetricsSink
 from fedloom.sim.scenario import Scenario, load_scenario
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.loader import load_bench
 
 
 def load_parity() -> ModuleType:
-    path = ROOT / "bench" / "parity.py"
-    spec = importlib.util.spec_from_file_location("fedloom_bench_parity", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("parity")
 
 
 @pytest.fixture(scope="module")

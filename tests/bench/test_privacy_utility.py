@@ -4,33 +4,19 @@ figure line."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from fedloom.workloads.dp_sgd import DpJob, DpSgdConfig, PrivacyBudgetExhaustedError, PrivacyLedger
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.loader import load_bench
 
 pytest.importorskip("opacus")
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        path = ROOT / "bench" / "privacy_utility.py"
-        spec = importlib.util.spec_from_file_location("fedloom_bench_privacy_utility", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    return load_bench("privacy_utility")
 
 
 @pytest.mark.parametrize("eps", [1.0, 8.0])

@@ -6,28 +6,21 @@ exported and verified, the RO-Crate written; then what it produced is checked.""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.bench.loader import load_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "deploy" / "examples" / "walkthrough"
 
 
 def load_walkthrough() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "fedloom_bench_walkthrough", ROOT / "bench" / "walkthrough.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("walkthrough")
 
 
 @pytest.fixture(scope="module")
