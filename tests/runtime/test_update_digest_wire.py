@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -39,6 +40,18 @@ N = STREAM_ABOVE // 2 + 4096  # float16 bytes above STREAM_ABOVE: the update is 
 def delta(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"w": rng.standard_normal(N).astype(np.float32) * 1e-2, "b": np.ones(3, np.float32)}
+
+
+def logged_and_read_back(state: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` appended to a fresh store's log, and what a reopened store reads back."""
+    store = StateStore(state)
+    store.load()
+    store.apply(Persist("log", record, append=True))
+    store.close()
+    again = StateStore(state)
+    (back,) = again.load().logs["log"]
+    again.close()
+    return back
 
 
 def signed(identity: Identity, seq: int, d: dict[str, np.ndarray], spec: CodecSpec) -> Update:
@@ -83,14 +96,8 @@ async def test_fp16_update_verifies_transcoded_one_is_refused_and_the_store_keep
     w = got.delta["w"]
     half = half_source(w)
     assert half is not None and np.array_equal(half, honest.delta["w"].astype(np.float16))
-    store = StateStore(tmp_path / "agg")
-    store.load()
-    store.apply(Persist("log", {"delta": dict(got.delta)}, append=True))
-    store.close()
+    record = logged_and_read_back(tmp_path / "agg", {"delta": dict(got.delta)})
     assert half_source(w) is None  # written: no longer held beside the update
-    again_store = StateStore(tmp_path / "agg")
-    (record,) = again_store.load().logs["log"]
-    again_store.close()
     for name, arr in got.delta.items():
         assert np.array_equal(record["delta"][name].view(np.uint8), arr.view(np.uint8))
 
@@ -102,13 +109,7 @@ def test_the_store_does_not_take_a_float16_source_that_disagrees(tmp_path: Path)
     wrong = arr.astype(np.float16)
     wrong[0] = 7.0
     arr = remember_half(arr, wrong)
-    store = StateStore(tmp_path / "s")
-    store.load()
-    store.apply(Persist("log", {"x": arr}, append=True))
-    store.close()
-    again = StateStore(tmp_path / "s")
-    (record,) = again.load().logs["log"]
-    again.close()
+    record = logged_and_read_back(tmp_path / "s", {"x": arr})
     assert np.array_equal(record["x"].view(np.uint32), arr.view(np.uint32))
 
 
@@ -130,13 +131,7 @@ def test_a_decoded_delta_changed_past_the_probe_cannot_be_logged_stale(
         else:
             arr.base[5000] = 123.0
         arr[5000] = 123.0
-    store = StateStore(tmp_path / "s")
-    store.load()
-    store.apply(Persist("log", {"x": arr}, append=True))
-    store.close()
-    again = StateStore(tmp_path / "s")
-    (record,) = again.load().logs["log"]
-    again.close()
+    record = logged_and_read_back(tmp_path / "s", {"x": arr})
     assert np.array_equal(record["x"].view(np.uint32), arr.view(np.uint32))
     assert np.array_equal(arr.view(np.uint32), applied.view(np.uint32))
 
