@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -179,3 +180,26 @@ def test_encode_in_blocks_draws_as_one_vector(noise_dtype: type | None) -> None:
     ref_noise = None if noise is None else noise.astype(np.int64)
     want = reference_encode(delta, 0.75, spec, np.random.default_rng(5), ref_noise)
     np.testing.assert_array_equal(got, want)
+
+
+def test_an_older_members_masked_payload_is_not_this_versions() -> None:
+    # A member on code before the SHA-256 data digest signed the old label over a BLAKE2b
+    # data digest: that payload digest must differ from this version's (so its signature
+    # never verifies here) even for the same upload.
+    data = np.random.default_rng(4).bytes(4096)
+    msg = MaskedUpdate("s", 1, bytes(16), 0, 1, data, (("t", b"box"),))
+    bundles = hashlib.blake2b(
+        msgpack.packb([["t", b"box"]], use_bin_type=True), digest_size=32
+    ).digest()
+    old_data = hashlib.blake2b(data, digest_size=32).digest()
+    for label, digest in (
+        ("fedloom/secagg/masked", old_data),  # what an older member signs
+        ("fedloom/secagg/masked", hashlib.sha256(data).digest()),  # old label, new digest
+    ):
+        packed = msgpack.packb([label, bytes(16), digest, bundles])
+        assert hashlib.blake2b(packed, digest_size=32).digest() != masked_digest(msg)
+    # This version's payload is the v2 label over SHA-256 of the data.
+    packed = msgpack.packb(
+        ["fedloom/secagg/masked-v2", bytes(16), hashlib.sha256(data).digest(), bundles]
+    )
+    assert hashlib.blake2b(packed, digest_size=32).digest() == masked_digest(msg)
