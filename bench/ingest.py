@@ -37,11 +37,14 @@ load generator's work (decoding 4 MB models, encoding deltas) competes with the 
     .venv/bin/python bench/ingest.py [--sites 100] [--seconds 20] [--buffer 10] [--no-store]
 
 Prints ``ingest: N updates/s (aggregator M ms CPU per applied update: C updates/s of one
-CPU)`` last: C = 1000 / M is the aggregator's single-core capacity, what the figure
-measures when the machine is not otherwise busy. With the load generator's CPU per update
-L (about 4.5 ms), two CPUs sustain at most 2000 / (M + L) updates/s. On a busy machine the
-rate can fall well below that while the aggregator uses under half a CPU: each write's
-fsync then takes long (compare "durable writes" with the rate), and sites wait for acks.
+CPU; load generator L ms)`` last: C = 1000 / M is the aggregator's single-core capacity,
+what the figure measures when the machine is not otherwise busy. L is the load generator's
+CPU per applied update over the same window (it publishes its CPU time to the aggregator
+through shared memory every 50 ms); both processes share the CPUs, so two CPUs sustain at
+most 2000 / (M + L) updates/s, a bound that, unlike the rate, holds on a busy machine too.
+On a busy machine the rate can fall well below that while the aggregator uses under half a
+CPU: each write's fsync then takes long (compare "durable writes" with the rate), and sites
+wait for acks.
 """
 
 from __future__ import annotations
@@ -155,12 +158,12 @@ class StandInSigning(EndToEnd):
 # ------------------------------------------------------------------ aggregator process
 
 
-def aggregator_main(args: dict[str, Any], urls: Any, out: Any) -> None:
+def aggregator_main(args: dict[str, Any], urls: Any, out: Any, load_cpu: Any) -> None:
     install_loop()
-    out.put(asyncio.run(aggregator(args, urls)))
+    out.put(asyncio.run(aggregator(args, urls, load_cpu)))
 
 
-async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
+async def aggregator(args: dict[str, Any], urls: Any, load_cpu: Any) -> dict[str, Any]:
     ids, roster = pki(roles_of(args["seeds"]), args["seeds"])
     sites = site_ids(args["sites"])
     applied: list[float] = []
@@ -207,17 +210,19 @@ async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
     peak_conns = 0
     per_second: list[int] = []
     window_start = first + args["warmup"]
-    cpu_start: tuple[float, float] | None = None  # (wall, CPU) where the window starts
+    # (wall, own CPU, the load generator's CPU) where the window starts
+    cpu_start: tuple[float, float, float] | None = None
     while time.perf_counter() < first + args["seconds"]:
         before = len(applied)
         await asyncio.sleep(1.0)
         per_second.append(len(applied) - before)
         peak_conns = max(peak_conns, len(peers.connected()))
         if cpu_start is None and time.perf_counter() >= window_start:
-            cpu_start = (time.perf_counter(), time.process_time())
+            cpu_start = (time.perf_counter(), time.process_time(), load_cpu.value)
     end = time.perf_counter()
     assert cpu_start is not None
     cpu_wall, cpu_used = end - cpu_start[0], time.process_time() - cpu_start[1]
+    load_used = load_cpu.value - cpu_start[2]
     applied_cpu_window = sum(1 for t in applied if cpu_start[0] <= t <= end)
     driver.stop()
     await run
@@ -238,18 +243,28 @@ async def aggregator(args: dict[str, Any], urls: Any) -> dict[str, Any]:
         "writes": driver.stats.commits,
         "persists": driver.stats.persists,
         "cpu_per_update": cpu_used / max(1, applied_cpu_window),
+        "load_cpu_share": load_used / cpu_wall,
+        "load_cpu_per_update": load_used / max(1, applied_cpu_window),
     }
 
 
 # ------------------------------------------------------------------ load generator
 
 
-def load_main(args: dict[str, Any], url: str) -> None:
+def load_main(args: dict[str, Any], url: str, load_cpu: Any) -> None:
     install_loop()
-    asyncio.run(load(args, url))
+    asyncio.run(load(args, url, load_cpu))
 
 
-async def load(args: dict[str, Any], url: str) -> None:
+async def publish_cpu(load_cpu: Any) -> None:
+    """Keep this process's CPU time (s) in ``load_cpu`` (shared memory), fresh to 50 ms:
+    the aggregator reads it where its window starts and ends."""
+    while True:
+        load_cpu.value = time.process_time()
+        await asyncio.sleep(0.05)
+
+
+async def load(args: dict[str, Any], url: str, load_cpu: Any) -> None:
     ids, roster = pki(roles_of(args["seeds"]), args["seeds"])
     rng = np.random.default_rng(1)
     model = make_model(args["params"])
@@ -270,6 +285,7 @@ async def load(args: dict[str, Any], url: str) -> None:
     gc.collect()  # start-up's objects live as long as the process: out of the collector's scans
     gc.freeze()
     async with asyncio.TaskGroup() as tg:
+        tg.create_task(publish_cpu(load_cpu))
         for d in drivers:
             tg.create_task(d.run())  # until the main process terminates this one
 
@@ -294,6 +310,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     urls: Any = ctx.Queue()
     results: Any = ctx.Queue()
+    load_cpu: Any = ctx.Value("d", 0.0)  # the load generator's CPU seconds (publish_cpu)
     procs: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="fedloom-ingest-") as state:
         args = {
@@ -307,11 +324,13 @@ def main() -> None:
             "state": state,
         }
         try:
-            agg = ctx.Process(target=aggregator_main, args=(args, urls, results), daemon=True)
+            agg = ctx.Process(
+                target=aggregator_main, args=(args, urls, results, load_cpu), daemon=True
+            )
             agg.start()
             procs.append(agg)
             url = urls.get(timeout=120)
-            gen = ctx.Process(target=load_main, args=(args, url), daemon=True)
+            gen = ctx.Process(target=load_main, args=(args, url, load_cpu), daemon=True)
             gen.start()
             procs.append(gen)
             result = results.get(timeout=a.seconds + 240)
@@ -356,12 +375,20 @@ def main() -> None:
         f"{1000 * per_update:.1f} ms per applied update (it shares {os.cpu_count()} CPUs with "
         f"the load generator; alone on one CPU that is <= {1 / per_update:.0f} updates/s)"
     )
+    load_per_update = result["load_cpu_per_update"]
+    print(
+        f"load generator CPU: {result['load_cpu_share']:.2f} of a CPU over the window, "
+        f"{1000 * load_per_update:.1f} ms per applied update; both processes "
+        f"{1000 * (per_update + load_per_update):.1f} ms: {os.cpu_count()} CPUs sustain at most "
+        f"{(os.cpu_count() or 1) / (per_update + load_per_update):.0f} updates/s"
+    )
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     # The aggregator's own CPU per update beside the figure: that is the capacity this
     # measures (on a loaded machine the rate can be held down by fsync latency instead).
     print(
         f"ingest: {result['rate']:.0f} updates/s (aggregator {1000 * per_update:.1f} ms CPU "
-        f"per applied update: {1 / per_update:.0f} updates/s of one CPU)"
+        f"per applied update: {1 / per_update:.0f} updates/s of one CPU; load generator "
+        f"{1000 * load_per_update:.1f} ms)"
     )
 
 
