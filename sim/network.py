@@ -47,7 +47,12 @@ Delivery model (per directed link ``src -> dst``):
   (``messages_rejected``), as a real receiver would refuse them. Encoding errors are
   local bugs and propagate.
 
-Encoding cost: a broadcast (one message object sent to many peers) is encoded once per
+Encoding cost: with the real wire codec, a message under a lossless (``fp32``) spec is not
+encoded at all: ``sim.wire_size`` computes the encoder's exact length from its structure
+(the tensors still go through the tensor codec and LZ4, whose output size depends on the
+data), and the receiver gets the message itself (``decode_lossless`` turns this off;
+``verify_encoding`` checks each size against a full encode). Lossy specs are encoded and
+decoded, as follows. A broadcast (one message object sent to many peers) is encoded once per
 burst. Models are also sent as many *different* messages carrying the *same* tensors (one
 ``TrainRequest`` per site, each with its own task id): for those the tensor part is encoded
 and decoded once and reused. That is exact, not an estimate: a wire envelope is a msgpack
@@ -71,6 +76,7 @@ import numpy as np
 
 from fedloom.federation.seeds import entity_rng
 from fedloom.sim.kernel import Kernel, SimulationError
+from fedloom.sim.wire_size import WireSizer
 from fedloom.transport.codec_policy import CodecPolicy
 
 MSS_BYTES = 1460
@@ -283,6 +289,8 @@ class Network:
         self._deliver = deliver
         self._notify = notify
         self._codec: Codec = codec if codec is not None else WireCodec()
+        # The real wire codec: lossless (fp32) messages are sized without encoding them.
+        self._sizer = WireSizer() if isinstance(self._codec, WireCodec) else None
         self._rejects: tuple[type[Exception], ...] = tuple(getattr(self._codec, "rejects", ()))
         self.rejections: dict[str, int] = {}  # reason -> count
         self._codecs = codecs if codecs is not None else CodecPolicy()
@@ -532,6 +540,15 @@ class Network:
         hit = self._memo.get(key)
         if hit is not None:
             return hit[1], hit[2]
+        sizer = self._sizer
+        if sizer is not None and spec.kind == "fp32" and not self.decode_lossless:
+            # Lossless: the receiver gets what was sent, so only the size is needed, and
+            # wire_size gives the encoder's exact length without encoding.
+            size = sizer.size(msg, spec)
+            if self.verify_encoding:
+                self._verify(msg, spec, size)
+            self._memo[key] = (msg, size, msg)
+            return size, msg
         field = _SHARED_TENSOR_FIELDS.get(type(msg).__name__)
         if field is None:
             size, decoded = self._encode_decode(msg, spec)
@@ -539,6 +556,11 @@ class Network:
             size, decoded = self._encode_shared(msg, spec, field)
         self._memo[key] = (msg, size, decoded)
         return size, decoded
+
+    def _verify(self, msg: Any, spec: Any, size: int) -> None:
+        full = len(self._codec.encode(msg, spec))
+        if full != size:
+            raise SimulationError(f"wire_size is wrong for {type(msg).__name__}: {size} != {full}")
 
     def _encode_decode(self, msg: Any, spec: Any) -> tuple[int, Any]:
         data = self._codec.encode(msg, spec)

@@ -376,18 +376,27 @@ def test_shared_tensor_shortcut_is_exact(
                 else:
                     assert got == want
             net.end_burst()
-    encodings_full = 3 * len(tasks) * 2  # bare + full on a miss, bare + verify on a hit
+    # Lossy: bare + full on a miss, bare + verify on a hit; fp32 is sized, never encoded.
+    encodings_full = 0 if kind == "fp32" else 3 * len(tasks) * 2
     assert net.stats.encodings == encodings_full
 
 
-def test_model_requests_share_one_tensor_encoding() -> None:
+@pytest.mark.parametrize(("kind", "encodings"), [("fp16", 11), ("fp32", 0)])
+def test_model_requests_share_one_tensor_encoding(kind: str, encodings: int) -> None:
+    from fedloom.transport import wire
+
     weights = {"w": np.ones((30, 30), dtype=np.float32)}
-    k, net, rec = make(links=UniformLinks(0.0, 1e9), codec=_wire())
+    spec = CodecSpec(kind)  # type: ignore[arg-type]
+    codecs = CodecPolicy(down=spec)
+    k, net, rec = make(links=UniformLinks(0.0, 1e9), codec=_wire(), codecs=codecs)
     for task in range(10):
         net.send("root", f"s{task}", TrainRequest(task, 1, weights, {"lr": 0.1}))
         net.end_burst()
     k.run()
-    assert net.stats.encodings == 11  # 1 full encode + 10 tensor-less envelopes
+    # fp16: 1 full encode + 10 tensor-less envelopes; fp32 (lossless): sized, not encoded.
+    assert net.stats.encodings == encodings
+    sent = [TrainRequest(task, 1, weights, {"lr": 0.1}) for task in range(10)]
+    assert net.stats.bytes_sent == sum(len(wire.encode(m, spec)) for m in sent)
     got = [m for *_, m in rec.delivered]
     assert [m.task for m in got] == list(range(10))
     assert all(np.array_equal(m.weights["w"], weights["w"]) for m in got)

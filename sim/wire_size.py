@@ -1,0 +1,219 @@
+"""The size of a wire message without encoding it: exactly ``len(transport.wire.encode(msg,
+spec))``, for the simulator's links (``sim.network``).
+
+An envelope is one msgpack map ``{"v": 1, "type": <name>, <every field>}`` and msgpack
+writes each key and value on its own, so the size is the sum of its parts: a per-type
+constant (map header, ``v``, ``type`` and the field names), plus each value's size by the
+msgpack rules (the smallest int format, a float as a 9-byte double, a str or bin with its
+length header, a map or array with its count header). A tensor field is
+``{"m": manifest, "p": payload}`` from ``transport.tensors.encode_tensors`` itself, so
+codecs and LZ4 (whose output size depends on the data) are exactly what the encoder does:
+the manifest's msgpack size plus the payload's length.
+
+Only message types whose fields are all plain (int, float, str, bytes, tensors, a str ->
+scalar mapping, ``(site, seq)`` pairs) are sized here; secure-aggregation messages, and
+any field value the encoder would refuse (wrong type, a signature over its cap), make
+``wire_size`` call ``wire.encode`` instead, so the sizes and the errors stay the
+encoder's own. ``tests/sim/test_wire_size.py`` checks the equality for every message
+type and codec under Hypothesis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from fedloom.transport import wire
+from fedloom.transport.tensors import DEFAULT_SPEC, CodecSpec, encode_tensors
+
+_INT, _FLOAT, _STR, _BIN, _TENSORS, _MAP, _PAIRS = range(7)
+# Field annotations (``transport.wire``'s dataclasses) -> how the encoder writes them.
+_KINDS = {
+    "int": _INT,
+    "float": _FLOAT,
+    "str": _STR,
+    "bytes": _BIN,
+    "Tensors": _TENSORS,
+    "Mapping[str, Any]": _MAP,
+    "Mapping[str, float]": _MAP,
+    "tuple[tuple[str, int], ...]": _PAIRS,
+}
+
+
+class _UnsizedError(Exception):
+    """A value this module does not size (the encoder decides: a size or its error)."""
+
+
+def _int_size(v: int) -> int:
+    """Bytes of a msgpack int (msgpack-python picks the smallest format)."""
+    if v >= 0:
+        if v < 2**32:
+            return 1 if v < 0x80 else 2 if v < 0x100 else 3 if v < 0x10000 else 5
+        if v < 2**64:
+            return 9
+    elif v >= -(2**63):
+        return (
+            1 if v >= -32 else 2 if v >= -128 else 3 if v >= -(2**15) else 5 if v >= -(2**31) else 9
+        )
+    raise _UnsizedError  # msgpack cannot write it: the encoder raises
+
+
+def _str_size(s: str) -> int:
+    """Bytes of a msgpack str (UTF-8, fixstr / str8 / str16 / str32 header)."""
+    n = len(s) if s.isascii() else len(s.encode("utf-8"))
+    return n + (1 if n < 32 else 2 if n < 0x100 else 3 if n < 0x10000 else 5)
+
+
+def _bin_size(n: int) -> int:
+    """Bytes of a msgpack bin of ``n`` bytes."""
+    return n + (2 if n < 0x100 else 3 if n < 0x10000 else 5)
+
+
+def _count_header(n: int) -> int:
+    """Bytes of a msgpack map or array header of ``n`` entries."""
+    return 1 if n < 16 else 3 if n < 0x10000 else 5
+
+
+def _tensors_size(tensors: Mapping[str, Any], spec: CodecSpec) -> int:
+    """Bytes of a tensor field ``{"m": manifest, "p": payload}`` as the wire encodes it."""
+    manifest, payload = encode_tensors(tensors, spec)
+    # fixmap(2) + "m" + manifest + "p" + bin(payload)
+    return 1 + 2 + len(msgpack.packb(manifest, use_bin_type=True)) + 2 + _bin_size(len(payload))
+
+
+def _scalar_size(v: Any) -> int:
+    if isinstance(v, np.generic):
+        v = v.item()
+    t = type(v)
+    if t is bool:
+        return 1
+    if t is int:
+        return _int_size(v)
+    if t is float:
+        return 9
+    if t is str:
+        return _str_size(v)
+    raise _UnsizedError
+
+
+def _map_size(value: Any) -> int:
+    if not isinstance(value, Mapping):
+        raise _UnsizedError
+    n = _count_header(len(value))
+    for key, item in value.items():
+        if type(key) is not str:
+            raise _UnsizedError
+        n += _str_size(key) + _scalar_size(item)
+    return n
+
+
+def _pairs_size(value: Any) -> int:
+    items = tuple(value)
+    if len(items) > wire.MAX_PAIRS:
+        raise _UnsizedError
+    n = _count_header(len(items))
+    for item in items:
+        src, seq = item
+        if type(src) is not str:
+            raise _UnsizedError
+        n += 1 + _str_size(src) + _int_size(operator.index(seq))  # fixarray(2) + src + seq
+    return n
+
+
+_Plan = tuple[int, tuple[tuple[str, int], ...], bool]
+# Messages whose tensors are often the same object in many messages (a model sent to many
+# sites or peers): their tensor field sizes are remembered.
+_SHARED_TENSORS = (wire.TrainRequest, wire.ModelBroadcast, wire.GossipShare)
+
+
+def _plan(cls: type) -> _Plan | None:
+    """(constant bytes, ((field, kind), ...), shared tensors) of a message type, or None
+    where it is not sized here."""
+    if cls in wire.SECAGG_MESSAGE_TYPES:
+        return None
+    fields = []
+    for f in dataclasses.fields(cls):
+        kind = _KINDS.get(str(f.type))
+        if kind is None:
+            return None
+        fields.append((f.name, kind))
+    fixed = _count_header(len(fields) + 2)
+    fixed += _str_size("v") + _int_size(wire.WIRE_VERSION)
+    fixed += _str_size("type") + _str_size(wire.message_type_name(cls))
+    fixed += sum(_str_size(name) for name, _ in fields)
+    return fixed, tuple(fields), cls in _SHARED_TENSORS
+
+
+_PLANS: dict[type, _Plan | None] = {cls: _plan(cls) for cls in wire.MESSAGE_TYPES}
+# A value that is not bytes fails type(...) is bytes below, so the encoder reports it.
+_MAX_BIN = wire.MAX_BIN_BYTES
+
+
+def wire_size(msg: Any, spec: CodecSpec = DEFAULT_SPEC) -> int:
+    """``len(wire.encode(msg, spec))``, without encoding ``msg`` where it can."""
+    return WireSizer(memo_size=0).size(msg, spec)
+
+
+class WireSizer:
+    """``size(msg, spec) == len(wire.encode(msg, spec))``; a tensor dict sent again (the
+    same object: a model sent to many sites) reuses its tensor field's size."""
+
+    __slots__ = ("_memo", "memo_size")
+
+    def __init__(self, memo_size: int = 4) -> None:
+        # (id(tensors), spec) -> (tensors, bytes), most recent last; holding the tensors
+        # keeps their id from being reused while the entry lives.
+        self._memo: dict[tuple[int, CodecSpec], tuple[Any, int]] = {}
+        self.memo_size = memo_size
+
+    def size(self, msg: Any, spec: CodecSpec) -> int:
+        plan = _PLANS.get(type(msg))
+        if plan is not None:
+            try:
+                return self._sized(msg, spec, plan)
+            except (_UnsizedError, TypeError, ValueError):
+                pass  # the encoder below gives the size, or raises its own error
+        return len(wire.encode(msg, spec))
+
+    def _sized(self, msg: Any, spec: CodecSpec, plan: _Plan) -> int:
+        n, fields, shared = plan
+        for name, kind in fields:
+            value = getattr(msg, name)
+            if kind == _INT:
+                n += _int_size(operator.index(value))
+            elif kind == _STR:
+                if type(value) is not str:
+                    raise _UnsizedError
+                n += _str_size(value)
+            elif kind == _TENSORS:
+                n += self._tensors(value, spec) if shared else _tensors_size(value, spec)
+            elif kind == _BIN:
+                if type(value) is not bytes or len(value) > _MAX_BIN:
+                    raise _UnsizedError
+                n += _bin_size(len(value))
+            elif kind == _MAP:
+                n += _map_size(value)
+            elif kind == _FLOAT:
+                float(value)  # what the encoder does (TypeError for a non-number)
+                n += 9
+            else:
+                n += _pairs_size(value)
+        return n
+
+    def _tensors(self, tensors: Any, spec: CodecSpec) -> int:
+        key = (id(tensors), spec)
+        memo = self._memo
+        hit = memo.get(key)
+        if hit is not None:
+            memo[key] = memo.pop(key)  # most recently used last
+            return hit[1]
+        size = _tensors_size(tensors, spec)
+        memo[key] = (tensors, size)
+        if len(memo) > self.memo_size:
+            del memo[next(iter(memo))]
+        return size
