@@ -251,6 +251,8 @@ class AggregatorBase:
         self._ledger = AppliedLedger()
         # Per child, how many of its updates ended in each outcome: durable evidence (the
         # log's records are compacted away) that each seq the ledger saw was decided once.
+        # Copy on write: a child's counts are replaced, never changed in place, so a
+        # snapshot copies only the outer dict (checkpoints may share the inner ones).
         self._outcomes: dict[str, dict[str, int]] = {}
         # Site updates taken inside declared regions' forwards (``algorithms.incorporation``).
         self._pairs = PairLedger()
@@ -1234,8 +1236,10 @@ class AggregatorBase:
         self._after_ack(peer, msg, outcome, out)
 
     def _count_outcome(self, src: str, outcome: str) -> None:
-        counts = self._outcomes.setdefault(src, {})
+        old = self._outcomes.get(src)
+        counts = {} if old is None else old.copy()  # copy on write (see __init__)
         counts[outcome] = counts.get(outcome, 0) + 1
+        self._outcomes[src] = counts
 
     def _pairs_of(self, peer: str, msg: Update) -> tuple[tuple[str, int], ...]:
         """The site updates a declared region child's forward carries (else none)."""
@@ -1380,7 +1384,7 @@ class AggregatorBase:
         return {
             "node_id": self._id,
             "ledger": self._ledger.snapshot(),
-            "outcomes": {src: dict(c) for src, c in self._outcomes.items()},
+            "outcomes": dict(self._outcomes),  # its inner dicts are never changed
             "pairs": self._pairs.snapshot(),
             "log_n": self._log_n,
             "next_task": self._dispatcher.next_task,

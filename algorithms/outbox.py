@@ -334,39 +334,51 @@ class Outbox:
 
     def next_deadline(self) -> float | None:
         """When a refused update may be sent again, or the gauges refreshed."""
-        times = list(self._ghost_until.values())
-        if self._up and self._retry_at:
-            times.append(min(self._retry_at.values()))
+        ghosts, retry = self._ghost_until, self._retry_at
+        best = min(ghosts.values()) if ghosts else None
+        if self._up and retry:
+            t = min(retry.values())
+            if best is None or t < best:
+                best = t
         if self._pending and self._metrics_at is not None:
-            times.append(self._metrics_at + METRICS_EVERY_S)
-        return min(times, default=None)
+            t = self._metrics_at + METRICS_EVERY_S
+            if best is None or t < best:
+                best = t
+        return best
 
     def on_deadline(self, now: float) -> list[Effect]:
         """Send what the window now allows (refused updates whose wait is over)."""
         return self._fill(now)
 
+    def metrics_due(self, now: float) -> bool:
+        """Whether ``metrics(now)`` reports anything: something changed since the last
+        report, or the gauges are due again (a node asks before gathering its ``extra``)."""
+        if self._dirty:
+            return True
+        at = self._metrics_at
+        return at is None or (bool(self._pending) and now >= at + METRICS_EVERY_S)
+
     def metrics(self, now: float, **extra: float) -> list[Effect]:
         """The outbox and link gauges, when something changed or they are due again
         (``extra``: more gauges of the node's, e.g. ``dispatch_paused``)."""
-        due = self._metrics_at is None or (
-            bool(self._pending) and now >= self._metrics_at + METRICS_EVERY_S
-        )
-        if not (self._dirty or due):
+        if not self.metrics_due(now):
             return []
         self._dirty = False
         self._metrics_at = now
-        waiting = bool(self._pending) and self._last_ack is not None
-        age = max(0.0, now - self._last_ack) if waiting and self._last_ack is not None else 0.0
-        gauges = {
-            "outbox_updates": float(len(self._pending)),
-            "outbox_bytes": float(self.bytes),
-            "outbox_in_flight": float(self.in_flight),
-            "outbox_window": float(self.effective_window()),
-            "parent_up": 1.0 if self._up else 0.0,
-            "parent_ack_age_seconds": age,
-            **extra,
-        }
-        return [Metric(name, value) for name, value in gauges.items()]
+        pending = self._pending
+        last_ack = self._last_ack
+        age = max(0.0, now - last_ack) if pending and last_ack is not None else 0.0
+        out: list[Effect] = [
+            Metric("outbox_updates", float(len(pending))),
+            Metric("outbox_bytes", float(self.bytes)),
+            Metric("outbox_in_flight", float(len(self._out))),
+            Metric("outbox_window", float(self.effective_window())),
+            Metric("parent_up", 1.0 if self._up else 0.0),
+            Metric("parent_ack_age_seconds", age),
+        ]
+        for name, value in extra.items():
+            out.append(Metric(name, value))
+        return out
 
     # ------------------------------------------------------------- window
     def _answer(self, seq: int, now: float) -> bool:

@@ -225,6 +225,7 @@ class RegionalAggregator(BufferedAggregator):
         # Per child, its applied updates that left the buffer: in a forward ("forwarded")
         # or in a dropped aggregate ("nonfinite"). Durable (checkpoint, then replay), so the
         # chaos checker can prove applied == forwarded + nonfinite + still buffered.
+        # Copy on write, like ``_outcomes``: a snapshot copies only the outer dict.
         self._flushed: dict[str, dict[str, int]] = {}
 
     @property
@@ -273,11 +274,10 @@ class RegionalAggregator(BufferedAggregator):
 
     def handle(self, event: Event, now: float) -> list[Effect]:
         out = super().handle(event, now)
-        out.extend(
-            self._outbox.metrics(
-                now, dispatch_paused=float(self.paused), forwards_kept=float(len(self._forwards))
-            )
-        )
+        outbox = self._outbox
+        if outbox.metrics_due(now):
+            paused, kept = float(self.paused), float(len(self._forwards))
+            out.extend(outbox.metrics(now, dispatch_paused=paused, forwards_kept=kept))
         return out
 
     def next_deadline(self) -> float | None:
@@ -661,9 +661,12 @@ class RegionalAggregator(BufferedAggregator):
         for c in parts:
             if c.src:  # a restored buffer from an older checkpoint: entries unnamed
                 children[c.src] = children.get(c.src, 0) + 1
+        flushed = self._flushed
         for src, n in children.items():
-            counts = self._flushed.setdefault(src, {})
+            old = flushed.get(src)
+            counts = {} if old is None else old.copy()  # copy on write (see __init__)
             counts[left] = counts.get(left, 0) + n
+            flushed[src] = counts
         return children
 
     def conservation(self) -> dict[str, dict[str, int]]:
@@ -695,7 +698,7 @@ class RegionalAggregator(BufferedAggregator):
             "buffer": self._buffer.snapshot() if self._global is not None else None,
             "outbox": self._outbox.snapshot(),
             "forwards": self._forwards.snapshot(),
-            "flushed": {src: dict(c) for src, c in self._flushed.items()},
+            "flushed": dict(self._flushed),  # its inner dicts are never changed
             "buffer_size": self.buffer_size,  # a fuller buffer is flushed: the checker's bound
         }
 

@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import math
-import statistics
+from bisect import bisect_left, insort
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,7 +72,7 @@ class NormClip:
     sender of its own. Each update costs O(``AUTO_WINDOW``).
     """
 
-    __slots__ = ("_anon", "_initial", "_latest", "setting")
+    __slots__ = ("_anon", "_initial", "_latest", "_sorted", "setting")
 
     def __init__(self, setting: object, reference: Weights) -> None:
         self.setting = parse_clip_norm(setting)
@@ -82,6 +82,9 @@ class NormClip:
         # sender -> its latest clipped norm, least recently heard first; an int key is an
         # unattributed norm (never equal to a sender's name).
         self._latest: dict[str | int, float] = {}
+        # The same norms, ascending: the lower median of the others is read off it by
+        # index instead of copying and sorting the window on every update.
+        self._sorted: list[float] = []
         self._anon = 0
 
     def bound(self, src: str | None = None) -> float | None:
@@ -90,11 +93,19 @@ class NormClip:
             return None
         if isinstance(self.setting, float):
             return self.setting
-        others = [n for s, n in self._latest.items() if s != src]
-        if len(others) < AUTO_MIN_SAMPLES:
+        norms = self._sorted
+        own = None if src is None else self._latest.get(src)
+        m = len(norms) if own is None else len(norms) - 1  # the others' norms
+        if m < AUTO_MIN_SAMPLES:
             return self._initial
-        # The lower median: with up to half the others hostile it is still an honest norm.
-        median = statistics.median_low(others)
+        # The lower median (statistics.median_low) of the others: with up to half of them
+        # hostile it is still an honest norm. Index k of the others' sorted norms is index
+        # k of all of them below src's own entry, k + 1 from it on (any equal copy of it
+        # may stand for it: the values are the same).
+        k = (m - 1) // 2
+        if own is not None and k >= bisect_left(norms, own):
+            k += 1
+        median = norms[k]
         return AUTO_FACTOR * median if median > 0.0 else self._initial
 
     def apply(self, delta: Weights, norm: float, src: str | None = None) -> tuple[Weights, bool]:
@@ -116,10 +127,14 @@ class NormClip:
             key = self._anon
         else:
             key = src
-        latest.pop(key, None)  # re-inserted last: the most recently heard
+        norms = self._sorted
+        old = latest.pop(key, None)  # re-inserted last: the most recently heard
+        if old is not None:
+            del norms[bisect_left(norms, old)]
         latest[key] = norm
+        insort(norms, norm)
         if len(latest) > AUTO_WINDOW:
-            del latest[next(iter(latest))]
+            del norms[bisect_left(norms, latest.pop(next(iter(latest))))]
 
     def snapshot(self) -> dict[str, Any]:
         # The starting bound too: it still applies to a sender whose others are few, and a
@@ -141,6 +156,7 @@ class NormClip:
         if initial > 0.0:
             self._initial = initial
         self._latest = {}
+        self._sorted = []
         self._anon = 0
         recent = state.get("recent", ())
         if not isinstance(recent, list | tuple):

@@ -205,7 +205,10 @@ class SiteNode:
         return self._secure
 
     def next_deadline(self) -> float | None:
-        times = [self._outbox.next_deadline()]
+        first = self._outbox.next_deadline()
+        if self._secure is None and self._held is None and self._hello_at is None:
+            return first  # the common case: the outbox's alone
+        times = [first]
         if self._secure is not None:
             times.append(self._secure.next_deadline())
         if self._held is not None:
@@ -226,10 +229,11 @@ class SiteNode:
             out.extend(self._start(parked))
         if self._secure is not None:
             out = self._secure.uplink(out)  # never a plain update
-        gauges = {"dispatch_paused": float(self.paused)}
-        if self._held is not None:
-            gauges["held_updates"] = float(len(self._held))  # kept until settled
-        out.extend(self._outbox.metrics(now, **gauges))
+        if self._outbox.metrics_due(now):
+            gauges = {"dispatch_paused": float(self.paused)}
+            if self._held is not None:
+                gauges["held_updates"] = float(len(self._held))  # kept until settled
+            out.extend(self._outbox.metrics(now, **gauges))
         return out
 
     def _handle(self, event: Event, now: float) -> list[Effect]:

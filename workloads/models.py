@@ -89,8 +89,24 @@ def minibatch_order(rng: np.random.Generator, n: int, total: int) -> npt.NDArray
         if n <= _SMALL_N:
             return rng.random(n).argsort()[:total]
         return rng.choice(n, total, replace=False)
+    # rng.permutation(n) is arange(n) shuffled: shuffle each epoch's slice of one copy of
+    # the tiled aranges in place (the same draws, no per-epoch arrays to concatenate).
     epochs = -(-total // n)
-    return np.concatenate([rng.permutation(n) for _ in range(epochs)])[:total]
+    key = (n, epochs)
+    tiled = _TILED.get(key)
+    if tiled is None:
+        tiled = np.tile(np.arange(n), epochs)
+        if len(_TILED) < 64:
+            _TILED[key] = tiled
+    order = tiled.copy()
+    shuffle = rng.shuffle
+    for lo in range(0, epochs * n, n):
+        shuffle(order[lo : lo + n])
+    return order[:total]
+
+
+# (n, epochs) -> arange(n) repeated epochs times (read-only use: copied before shuffling).
+_TILED: dict[tuple[int, int], npt.NDArray[np.intp]] = {}
 
 
 # Parsed configs by (lr, local_steps, batch_size, mu): parsing and validating a config
@@ -229,7 +245,7 @@ class SoftmaxRegression:
             raise ValueError("SoftmaxRegression.train: this plan has no training data")
         theta = self._theta(weights)  # a fresh array: updated in place below
         order = minibatch_order(thread_rng().reset(seed), n, cfg.batch_size * cfg.local_steps)
-        rows = self._rows[order].astype(np.float64, copy=False)
+        rows = self._rows.take(order, axis=0).astype(np.float64, copy=False)  # take: no fancy
         if not self._descend(theta, rows, cfg, stable=False):
             theta = self._theta(weights)
             self._descend(theta, rows, cfg, stable=True)
@@ -245,8 +261,11 @@ class SoftmaxRegression:
     ) -> bool:
         """``local_steps`` SGD steps on ``theta`` in place; False if the result is not finite."""
         bs, d1 = cfg.batch_size, self.n_features + 1
-        xb = rows[:, :d1]
-        yb = rows[:, d1:]
+        # One (batch, ...) slab per step: iterating the leading axis yields each step's
+        # views (the same strides as slices of the 2-D rows) without slicing per step.
+        steps = rows.reshape(cfg.local_steps, bs, rows.shape[1])
+        xb = steps[:, :, :d1]
+        yb = steps[:, :, d1:]
         xbk = xb * (cfg.lr / bs)  # folds the step size and the 1/batch mean into x
         c = self.n_classes
         probs = np.empty((bs, c), np.float64)
@@ -257,16 +276,15 @@ class SoftmaxRegression:
             shrink = 1.0 - cfg.lr * cfg.mu
             pull = theta * (cfg.lr * cfg.mu)
         matmul, exp, divide, row_sum = np.matmul, np.exp, np.divide, np.add.reduce
-        for lo in range(0, bs * cfg.local_steps, bs):
-            hi = lo + bs
-            matmul(xb[lo:hi], theta, out=probs)
+        for x, y, xk in zip(xb, yb, xbk, strict=True):
+            matmul(x, theta, out=probs)
             if stable:
                 probs -= np.maximum.reduce(probs, axis=1, keepdims=True)
             exp(probs, out=probs)
             row_sum(probs, axis=1, keepdims=True, out=denom)
             divide(probs, denom, out=probs)
-            probs -= yb[lo:hi]
-            matmul(xbk[lo:hi].T, probs, out=grad)  # lr * minibatch gradient, at the old theta
+            probs -= y
+            matmul(xk.T, probs, out=grad)  # lr * minibatch gradient, at the old theta
             if prox:
                 theta *= shrink
                 theta += pull

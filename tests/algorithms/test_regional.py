@@ -217,3 +217,26 @@ def test_bad_arguments() -> None:
         RegionalAggregator("r", "r", {}, buffer_size=1, concurrency=1)
     with pytest.raises(ValueError):
         RegionalAggregator("r", "p", {"p": "site"}, buffer_size=1, concurrency=1)
+
+
+def test_a_checkpoint_keeps_the_counts_it_was_taken_with() -> None:
+    """Checkpoints share the per-child counts they were taken with (copy on write): later
+    updates and flushes change the node's counts, never an earlier checkpoint's."""
+    r = make(buffer_size=2)
+    r.handle(recv("root", ModelBroadcast(0, model(0.0))), 0.0)
+    r.handle(recv("s1", upd("s1", 1)), 1.0)
+    r.handle(recv("s1", upd("s1", 2)), 2.0)  # a full buffer: flushed, forwarded
+    before = r.snapshot()
+    assert before["outcomes"] == {"s1": {"applied": 2}}
+    assert before["flushed"] == {"s1": {"forwarded": 2}}
+    for seq in (3, 4):
+        r.handle(recv("s1", upd("s1", seq)), float(seq))
+    r.handle(recv("s2", upd("s2", 1)), 5.0)
+    assert before["outcomes"] == {"s1": {"applied": 2}}
+    assert before["flushed"] == {"s1": {"forwarded": 2}}
+    after = r.snapshot()
+    assert after["outcomes"] == {"s1": {"applied": 4}, "s2": {"applied": 1}}
+    assert after["flushed"] == {"s1": {"forwarded": 4}}
+    restored = make(buffer_size=2)
+    restored.restore(before)
+    assert restored.snapshot()["outcomes"] == before["outcomes"]

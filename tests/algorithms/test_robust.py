@@ -1,9 +1,14 @@
+import statistics
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedloom.algorithms.robust import (
     AUTO_FACTOR,
     AUTO_MIN_SAMPLES,
+    AUTO_WINDOW,
     NormClip,
     clip_by_norm,
     coordinate_median,
@@ -75,3 +80,49 @@ def test_clip_settings() -> None:
         NormClip(-1.0, {})
     with pytest.raises(ValueError):
         NormClip("sometimes", {})
+
+
+_START = 7.0  # the model's norm: the starting bound
+
+
+def _reference_bound(latest: dict[str | int, float], src: str | None) -> float:
+    """The auto bound by its definition: AUTO_FACTOR x the lower median of the others."""
+    others = [n for s, n in latest.items() if s != src]
+    if len(others) < AUTO_MIN_SAMPLES:
+        return _START
+    median = statistics.median_low(others)
+    return AUTO_FACTOR * median if median > 0.0 else _START
+
+
+_SENDERS = st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "h", None])
+_NORMS = st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.5, 9.0]) | st.floats(0.0, 50.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_SENDERS, _NORMS), max_size=80), _SENDERS)
+def test_auto_bound_is_the_lower_median_of_the_other_senders(
+    steps: list[tuple[str | None, float]], asker: str | None
+) -> None:
+    """Whatever the order of senders, repeats, ties and evictions from the window, the bound
+    met by each update (and by a restored copy) is the definition's, exactly."""
+    clip = NormClip("auto", {"w": np.array([_START, 0.0], dtype=np.float32)})
+    latest: dict[str | int, float] = {}
+    anon = 0
+    for src, norm in steps:
+        c = clip.bound(src)
+        assert c == _reference_bound(latest, src)
+        clip.apply(_delta(norm), norm, src)
+        key: str | int
+        if src is None:
+            anon += 1
+            key = anon
+        else:
+            key = src
+        latest.pop(key, None)
+        latest[key] = norm if c is None else min(norm, c)
+        if len(latest) > AUTO_WINDOW:
+            del latest[next(iter(latest))]
+    restored = NormClip("auto", {"w": np.ones(2, dtype=np.float32)})
+    restored.restore(clip.snapshot())
+    for probe in (clip, restored):
+        assert probe.bound(asker) == _reference_bound(latest, asker)

@@ -17,3 +17,6 @@ def test_stable_keys_and_derived_seeds() -> None:
     assert 0 <= s < 2**31
     assert s != derived_seed(1, "train", "site-1", 4)
     assert s != derived_seed(2, "train", "site-1", 3)
+    # Pinned: every run's training seeds (hence its results) depend on these exact values.
+    assert s == 1155322572
+    assert derived_seed(5, "train", "r00-s0001", 12) == 1275226853
