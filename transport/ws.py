@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import importlib
 import inspect
 import logging
@@ -329,6 +330,33 @@ class OneCopyClientWebSocketResponse(aiohttp.ClientWebSocketResponse):
         super().__init__(reader, masking, *args, **kwargs)
 
 
+class OneCopyReadingClientWebSocketResponse(OneCopyClientWebSocketResponse):
+    """``OneCopyClientWebSocketResponse`` that also reads with fedloom's frame reader
+    (``transport.ws_frames``): each payload byte the server sends is copied once, from
+    the socket read into its frame's buffer, where aiohttp's reader slices every read and
+    joins the slices (two copies; the client of a 4 MB model pays them per model).
+
+    ``ClientSession._ws_connect`` assigns its ``WebSocketReader`` to ``_parser`` and, in
+    the same step, hands ``_parser`` to the connection (``set_parser``): the assignment
+    here keeps a ``_FrameReader`` over the same queue in its place, so no byte of the
+    connection is parsed by the other reader. Frames may be at most ``max_message``
+    bytes (a subclass per cap: ``_reading_client_class``); unmasked or masked, as
+    aiohttp's client reader accepts both."""
+
+    max_message = MAX_FRAME
+
+    @property
+    def _parser(self) -> Any:
+        return self._fedloom_parser
+
+    @_parser.setter
+    def _parser(self, parser: Any) -> None:
+        queue = getattr(self, "_reader", None)
+        if parser is not None and queue is not None:
+            parser = _FrameReader(queue, FrameParser(self.max_message, require_mask=False))
+        self._fedloom_parser = parser
+
+
 class _WsProtocolError(ProtocolError):
     """The peer broke the WebSocket framing rules (bad opcode, bad UTF-8 close reason...)."""
 
@@ -389,11 +417,12 @@ _WRITER_ATTRIBUTES = (
 @dataclass(frozen=True, slots=True)
 class FastPath:
     """Which of fedloom's one-copy WebSocket paths the installed aiohttp supports: the
-    server-side frame reader and the client-side masking writer, each with what is
-    missing or changed (empty: in use)."""
+    server-side frame reader, the client-side masking writer and the client-side frame
+    reader (used with the writer), each with what is missing or changed (empty: in use)."""
 
     reader_missing: tuple[str, ...] = ()
     writer_missing: tuple[str, ...] = ()
+    client_reader_missing: tuple[str, ...] = ()
 
     @property
     def reader(self) -> bool:
@@ -402,6 +431,10 @@ class FastPath:
     @property
     def writer(self) -> bool:
         return not self.writer_missing
+
+    @property
+    def client_reader(self) -> bool:
+        return not self.client_reader_missing
 
 
 _fast_path: FastPath | None = None
@@ -432,6 +465,12 @@ def fast_path() -> FastPath:
                 "same limits; each large payload is copied twice and masked in a pass of its "
                 "own, instead of masked as it is copied once",
             ),
+            (
+                "client reader",
+                found.client_reader_missing,
+                "client links read with aiohttp's reader",
+                "same frame cap; each payload is copied twice instead of once",
+            ),
         ):
             if missing:
                 log.warning(
@@ -455,6 +494,7 @@ def detect_fast_path(
     request_cls: Any = web.BaseRequest,
     writer_cls: Any = WebSocketWriter,
     client_cls: Any = aiohttp.ClientWebSocketResponse,
+    session_cls: Any = aiohttp.ClientSession,
 ) -> FastPath:
     """Check every aiohttp internal the fast reader and writer use (the defaults: the
     installed aiohttp's; ``data_queue``/``chunk_size`` None: ``WebSocketDataQueue`` and
@@ -470,7 +510,11 @@ def detect_fast_path(
         writer = tuple(_writer_missing(writer_cls, client_cls))
     except Exception as exc:
         writer = (f"the writer check failed: {describe(exc)}",)
-    return FastPath(reader, writer)
+    try:
+        client_reader = tuple(_client_reader_missing(session_cls, client_cls, queue))
+    except Exception as exc:
+        client_reader = (f"the client reader check failed: {describe(exc)}",)
+    return FastPath(reader, writer, client_reader)
 
 
 def _parameters(fn: Any) -> list[str] | None:
@@ -613,6 +657,27 @@ def _writer_missing(writer_cls: Any, client_cls: Any) -> list[str]:
     return missing
 
 
+def _client_reader_missing(session_cls: Any, client_cls: Any, queue: Any) -> list[str]:
+    """What ``OneCopyReadingClientWebSocketResponse`` relies on: ``_ws_connect`` makes a
+    ``WebSocketReader``, assigns it to the response's ``_parser`` and passes ``_parser`` to
+    ``set_parser`` (its code names all three), the response keeps its queue in ``_reader``,
+    and the queue takes messages as ``_FrameReader`` feeds them."""
+    if queue is None:
+        return ["aiohttp._websocket.reader.WebSocketDataQueue"]
+    code = getattr(getattr(session_cls, "_ws_connect", None), "__code__", None)
+    if code is None:
+        return ["ClientSession._ws_connect's code (not a Python function)"]
+    missing = [
+        f"ClientSession._ws_connect using {name}"
+        for name in ("WebSocketReader", "_parser", "set_parser")
+        if name not in code.co_names
+    ]
+    init_code = getattr(getattr(client_cls, "__init__", None), "__code__", None)
+    if init_code is None or "_reader" not in init_code.co_names:
+        missing.append("ClientWebSocketResponse keeping its queue in _reader")
+    return missing + _queue_probe(queue)
+
+
 class _ProbeTransport:
     """Just enough of an ``asyncio.Transport`` for a writer to write a probe frame into."""
 
@@ -643,11 +708,7 @@ async def connect(
     _check_options(max_frame, heartbeat, receive_timeout)
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
-        ws_response_class=(
-            OneCopyClientWebSocketResponse
-            if fast_path().writer
-            else aiohttp.ClientWebSocketResponse
-        ),
+        ws_response_class=_client_class(max_frame),
     )
     try:
         async with asyncio.timeout(connect_timeout):
@@ -667,6 +728,28 @@ async def connect(
         await session.close()
         raise
     return WebSocketLink(ws, session=session, peer=url)
+
+
+def _client_class(max_frame: int) -> type[aiohttp.ClientWebSocketResponse]:
+    """The response class a client link uses: one-copy writing and reading where this
+    aiohttp allows them (``fast_path``), reading frames of at most ``max_frame`` bytes."""
+    found = fast_path()
+    if not found.writer:
+        return aiohttp.ClientWebSocketResponse
+    if not found.client_reader:
+        return OneCopyClientWebSocketResponse
+    return _reading_client_class(max_frame)
+
+
+@functools.cache
+def _reading_client_class(max_frame: int) -> type[OneCopyReadingClientWebSocketResponse]:
+    if max_frame == OneCopyReadingClientWebSocketResponse.max_message:
+        return OneCopyReadingClientWebSocketResponse
+    return type(
+        "OneCopyReadingClientWebSocketResponse",
+        (OneCopyReadingClientWebSocketResponse,),
+        {"max_message": max_frame},
+    )
 
 
 class _OpeningGuard:

@@ -19,7 +19,7 @@ import pytest
 from aiohttp.http import WebSocketWriter
 
 from fedloom.transport import ws
-from fedloom.transport.errors import FrameTooLarge, MalformedMessage
+from fedloom.transport.errors import FrameTooLarge, MalformedMessage, ProtocolError
 from fedloom.transport.handshake import MAX_HANDSHAKE_MESSAGE
 from fedloom.transport.links import KnownAddresses, LinkClosed
 from tests.transport.link_pairs import echo_server
@@ -433,12 +433,18 @@ def _server_frame(opcode: int, payload: bytes, *, fin: bool) -> bytes:
     ],
 )
 async def test_a_dialling_link_bounds_what_a_fragmenting_server_makes_it_hold(
-    fragment: bytes, count: int, expect: object
+    fragment: bytes, count: int, expect: object, path: str
 ) -> None:
     # The attack, on the client side: the server a site dials (a parent or an impostor,
     # before or after the handshake) cuts one message into a million fragments. The
-    # client's reader (aiohttp's) gathers fragments into one buffer capped by the link's
-    # max_frame, so it holds at most about a record, never a copy per fragment.
+    # client's reader gathers fragments into one buffer capped by the link's max_frame,
+    # so it holds at most about a record, never a copy per fragment. aiohttp's reader
+    # (stock) takes any number of fragments; fedloom's (fast, ``ws_frames``) refuses,
+    # as its server side does, more than its fragment cap and any empty non-final frame
+    # (no fedloom peer fragments), so the flood ends after a thousand frames.
+    if path == "fast":
+        why = "More than 1024 fragments" if fragment else "Empty non-final data frame"
+        expect = (ProtocolError, why)
     body = _server_frame(0x0, fragment, fin=False) * 10_000
     frames = [_server_frame(0x2, fragment, fin=False)]
     frames += [body] * ((count - 1) // 10_000)
@@ -452,6 +458,9 @@ async def test_a_dialling_link_bounds_what_a_fragmenting_server_makes_it_hold(
             try:
                 if isinstance(expect, bytes):
                     assert await link.recv() == expect
+                elif isinstance(expect, tuple):
+                    with pytest.raises(expect[0], match=expect[1]):
+                        await link.recv()
                 else:
                     with pytest.raises(FrameTooLarge):
                         await link.recv()
@@ -473,14 +482,16 @@ async def test_each_path_uses_its_own_reader_and_writer(path: str) -> None:
         try:
             payload = bytes(range(256)) * 4096  # 1 MiB: masked in one pass on the fast path
             await link.send(payload)
-            assert bytes(await link.recv()) == payload
+            received = await link.recv()
+            assert bytes(received) == payload
         finally:
             await link.close()
         server_side, client_side = type(seen[0]), type(link._ws)
         assert errors == []
     if path == "fast":
         assert server_side is ws.OneCopyWebSocketResponse
-        assert client_side is ws.OneCopyClientWebSocketResponse
+        assert client_side is ws.OneCopyReadingClientWebSocketResponse
+        assert type(received) is memoryview  # the client's frame reader: no copy to bytes
     else:
         assert server_side is aiohttp.web.WebSocketResponse
         assert client_side is aiohttp.ClientWebSocketResponse
@@ -604,6 +615,60 @@ def test_a_changed_writer_internal_turns_the_masking_writer_off(
     assert any(names in missing for missing in found.writer_missing), found.writer_missing
 
 
+class _SessionOfOtherShape:
+    async def _ws_connect(self, url: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError  # a later shape: no WebSocketReader handed to set_parser
+
+
+class _ClientKeepingNoQueue(aiohttp.ClientWebSocketResponse):
+    def __init__(self, reader: Any, writer: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(None, writer, *args, **kwargs)  # type: ignore[arg-type]
+        self._queue = reader
+
+
+@pytest.mark.parametrize(
+    ("changed", "names"),
+    [
+        ({"session_cls": _SessionOfOtherShape}, "ClientSession._ws_connect using"),
+        ({"session_cls": object}, "ClientSession._ws_connect's code"),
+        ({"data_queue": _QueueThatDrops}, "a probe message did not read back"),
+    ],
+)
+def test_a_changed_client_internal_turns_the_client_reader_off(
+    changed: dict[str, Any], names: str
+) -> None:
+    found = ws.detect_fast_path(**changed)
+    assert found.writer and not found.client_reader
+    missing = found.client_reader_missing
+    assert any(names in m for m in missing), missing
+
+
+def test_a_client_whose_queue_moved_turns_the_client_reader_off() -> None:
+    # _ClientKeepingNoQueue's __init__ never names _reader itself: the check looks at the
+    # class's own __init__, so a subclass that moved it is refused.
+    found = ws.detect_fast_path(client_cls=_ClientKeepingNoQueue)
+    assert "ClientWebSocketResponse keeping its queue in _reader" in found.client_reader_missing
+
+
+async def test_a_client_without_its_reader_still_masks_in_one_copy(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    if path != "fast":
+        pytest.skip("the client's writer is stock on this path")
+    monkeypatch.setattr(ws, "_fast_path", ws.FastPath((), (), FORCED))
+    async with asyncio.timeout(TIMEOUT_S), echo_server() as (server, errors):
+        link = await ws.connect(server.url)
+        try:
+            await link.send(bytes(range(256)) * 4096)
+            received = await link.recv()
+            assert received == bytes(range(256)) * 4096
+            assert type(received) is bytes  # aiohttp's reader
+        finally:
+            await link.close()
+        assert type(link._ws) is ws.OneCopyClientWebSocketResponse
+        assert errors == []
+
+
 async def test_an_aiohttp_without_the_reader_queue_falls_back_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -621,9 +686,12 @@ async def test_an_aiohttp_without_the_reader_queue_falls_back_with_one_warning(
                 finally:
                     await link.close()
             assert errors == []
-    assert ws.fast_path() == ws.FastPath(("aiohttp._websocket.reader.WebSocketDataQueue",), ())
+    queue = ("aiohttp._websocket.reader.WebSocketDataQueue",)
+    assert ws.fast_path() == ws.FastPath(queue, (), queue)
     assert type(seen[0]) is aiohttp.web.WebSocketResponse  # stock reader on the server
+    assert type(link._ws) is ws.OneCopyClientWebSocketResponse  # and on the client
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1, warnings  # once per process, not per link
-    assert "reader is off" in warnings[0]
-    assert "aiohttp._websocket.reader.WebSocketDataQueue" in warnings[0]
+    assert len(warnings) == 2, warnings  # once per process and path, not per link
+    assert "WebSocket reader is off" in warnings[0]
+    assert "WebSocket client reader is off" in warnings[1]
+    assert all(queue[0] in warning for warning in warnings)
