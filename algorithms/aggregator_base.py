@@ -443,14 +443,16 @@ class AggregatorBase:
         return self._quorum_since + self._quorum_wait_s
 
     def next_deadline(self) -> float | None:
-        times = (
-            self._dispatcher.next_deadline(),
+        best = self._dispatcher.next_deadline()
+        for t in (
             self._next_quiet(),
             self._quorum_deadline(),
             self._refusals.next_retry(),
-        )
-        secure = self._secagg.next_deadline() if self._secagg is not None else None
-        return min((t for t in (*times, secure) if t is not None), default=None)
+            self._secagg.next_deadline() if self._secagg is not None else None,
+        ):
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
 
     def handle(self, event: Event, now: float) -> list[Effect]:
         out: list[Effect] = []

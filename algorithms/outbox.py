@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from fedloom.algorithms.ledger import MAX_ABOVE
 from fedloom.algorithms.protocol import Effect, Metric, Persist, Send
@@ -107,6 +107,25 @@ def _window_bytes_for(update: Update) -> int:
         if key is not None and len(_CAPS) < _CAPS_KEPT:
             _CAPS[key] = cap
     return max(1, WINDOW_MESSAGES_OF_CAP * cap)
+
+
+# Gauge effects by (name, value), shared by every outbox: a Metric is immutable, and the
+# same few values (counts, 0/1 flags) recur on every event of every node.
+_GAUGES: dict[tuple[str, float], Metric] = {}
+_GAUGES_KEPT: Final = 4096
+
+
+def _gauge(name: str, value: float) -> Metric:
+    """``Metric(name, value)``, the one made before for these if there is one."""
+    if type(value) is not float or (value == 0.0 and math.copysign(1.0, value) < 0.0):
+        return Metric(name, value)  # only exact keys: 1 == 1.0 and -0.0 == 0.0 as keys
+    key = (name, value)
+    metric = _GAUGES.get(key)
+    if metric is None:
+        metric = Metric(name, value)
+        if len(_GAUGES) < _GAUGES_KEPT:
+            _GAUGES[key] = metric
+    return metric
 
 
 class Outbox:
@@ -369,15 +388,15 @@ class Outbox:
         last_ack = self._last_ack
         age = max(0.0, now - last_ack) if pending and last_ack is not None else 0.0
         out: list[Effect] = [
-            Metric("outbox_updates", float(len(pending))),
-            Metric("outbox_bytes", float(self.bytes)),
-            Metric("outbox_in_flight", float(len(self._out))),
-            Metric("outbox_window", float(self.effective_window())),
-            Metric("parent_up", 1.0 if self._up else 0.0),
-            Metric("parent_ack_age_seconds", age),
+            _gauge("outbox_updates", float(len(pending))),
+            _gauge("outbox_bytes", float(self.bytes)),
+            _gauge("outbox_in_flight", float(len(self._out))),
+            _gauge("outbox_window", float(self.effective_window())),
+            _gauge("parent_up", 1.0 if self._up else 0.0),
+            Metric("parent_ack_age_seconds", age),  # a clock reading: seldom the same twice
         ]
         for name, value in extra.items():
-            out.append(Metric(name, value))
+            out.append(_gauge(name, value))
         return out
 
     # ------------------------------------------------------------- window

@@ -193,7 +193,8 @@ class RefusalBook:
 
     def next_retry(self) -> float | None:
         """When the next backoff ends (None: none runs)."""
-        return min(self._retry.values(), default=None)
+        retry = self._retry
+        return min(retry.values()) if retry else None
 
     def backing_off(self, site: str) -> bool:
         return site in self._retry

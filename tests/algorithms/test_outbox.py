@@ -4,6 +4,7 @@ duplicates, drops, holds and reconnects against a real ``AppliedLedger``."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -15,12 +16,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from fedloom.algorithms.ledger import MAX_ABOVE, AppliedLedger
 from fedloom.algorithms.outbox import (
     DEFAULT_OUTBOX_UPDATES,
+    METRICS_EVERY_S,
     RESEND_AFTER_S,
     WINDOW,
     WINDOW_MESSAGES_OF_CAP,
     Outbox,
 )
-from fedloom.algorithms.protocol import Effect, Persist, Send
+from fedloom.algorithms.protocol import Effect, Metric, Persist, Send
 from fedloom.runtime.connection import DEFAULT_MAX_QUEUE, QUEUE_MESSAGES_OF_CAP
 from fedloom.transport.limits import Limits
 from fedloom.transport.wire import Update
@@ -300,3 +302,39 @@ class WindowMachine(RuleBasedStateMachine):
 
 TestWindowMachine = WindowMachine.TestCase
 TestWindowMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+def test_gauges_are_reported_when_due_with_the_values_of_the_moment() -> None:
+    """``metrics`` reports every gauge (equal to a freshly made Metric) when something
+    changed or the gauges are due again, nothing in between; ``metrics_due`` says which.
+    Recurring values may come back as one shared (immutable) effect, but a value is never
+    taken for an equal one of another type or sign."""
+    box = Outbox("k")
+    assert box.metrics_due(0.0)
+    first = box.metrics(0.0, dispatch_paused=0.0, held=0.0, kept=3.0)
+    assert first == [
+        Metric("outbox_updates", 0.0),
+        Metric("outbox_bytes", 0.0),
+        Metric("outbox_in_flight", 0.0),
+        Metric("outbox_window", float(WINDOW)),
+        Metric("parent_up", 1.0),
+        Metric("parent_ack_age_seconds", 0.0),
+        Metric("dispatch_paused", 0.0),
+        Metric("held", 0.0),
+        Metric("kept", 3.0),
+    ]
+    assert not box.metrics_due(1.0) and box.metrics(1.0, dispatch_paused=0.0) == []
+    box.push("p", update(1), now=2.0)
+    assert box.metrics_due(2.0)
+    odd = {"held": -0.0, "kept": 3}  # equal to the values above, not the same
+    again = {m.name: m for m in box.metrics(2.0, **odd)}  # type: ignore[arg-type, union-attr]
+    held, kept = again["held"].value, again["kept"].value
+    assert math.copysign(1.0, held) < 0.0 and type(kept) is int
+    assert again["outbox_updates"] == Metric("outbox_updates", 1.0)
+    assert again["outbox_in_flight"] == Metric("outbox_in_flight", 1.0)
+    assert again["parent_up"] == first[4]
+    assert not box.metrics_due(3.0)
+    due = 2.0 + METRICS_EVERY_S  # pending updates: the gauges are refreshed
+    assert box.next_deadline() == due and box.metrics_due(due)
+    [age] = [m for m in box.metrics(due) if m.name == "parent_ack_age_seconds"]  # type: ignore[union-attr]
+    assert age == Metric("parent_ack_age_seconds", METRICS_EVERY_S)
