@@ -916,7 +916,15 @@ class AggregatorBase:
         """Children an update of which entered the aggregation within their
         ``_quiet_after``."""
         now = self._now
-        recent = {c for c, t in self._last_applied.items() if t > now - self._quiet_after(c)}
+        # _quiet_after per kind of child, computed once (O(children) per call).
+        site_since = now - self.quiet_after_s
+        region_since = now - min(self.quiet_after_s, QUIET_AFTER_S)
+        kind = self._children.get
+        recent = {
+            c
+            for c, t in self._last_applied.items()
+            if t > (region_since if kind(c) == "region" else site_since)
+        }
         return recent | self._restored_active
 
     def _is_up(self, child: str) -> bool:
