@@ -93,8 +93,10 @@ def half_to_float(h: npt.NDArray[Any], out: npt.NDArray[Any] | None = None) -> n
 
 def _copy(torch: Any, dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None:
     d, s = torch.from_numpy(dst), torch.from_numpy(src)
-    for i in range(0, src.size, _SLICE):
-        d[i : i + _SLICE].copy_(s[i : i + _SLICE])
+    # The slices as views made in one call each (``split``), not one Python indexing
+    # per slice: for a 4 MB tensor that indexing cost a third of the conversion.
+    for to, part in zip(torch.split(d, _SLICE), torch.split(s, _SLICE), strict=True):
+        to.copy_(part)
 
 
 def half_all_finite(h: npt.NDArray[Any]) -> bool:
