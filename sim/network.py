@@ -445,7 +445,8 @@ class Network:
         dead = self._dead
         if dead and (a in dead or b in dead):
             return False
-        return all((a in g) == (b in g) for g in self._partitions)
+        partitions = self._partitions
+        return not partitions or all((a in g) == (b in g) for g in partitions)
 
     def _tell(self, node: str, peer: str, up: bool) -> None:
         """Notify ``node`` about ``peer`` if that is a change for it (and it is alive)."""

@@ -7,6 +7,7 @@ the same scenario and seed give the same report apart from wall-clock fields.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import shutil
@@ -14,12 +15,14 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from fedloom.algorithms.intake import ClaimBounds
 from fedloom.algorithms.protocol import Metric, ModelHolder, Node, Weights
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.factory import (
@@ -174,19 +177,26 @@ def build_nodes(
     # One set shared by every node (built per node it would cost O(nodes²) at 100k sites).
     roster_sites = frozenset(s.id for s in plan.nodes if s.role == "site")
     nodes: dict[str, Node] = {}
+    leaf_bounds: ClaimBounds | None = None  # one for every childless node on the arm's params
     for spec in plan.nodes:
         neighbours = plan_neighbours(plan, spec.id)
         p = node_params(arm.params, spec.role, neighbours.children)
         children = neighbours.children
-        # What each child could honestly claim: from the plan and the sites' data.
-        bounds = claim_bounds(
-            p,
-            region_counts={c: counts[c] for c, r in children.items() if r == "region"},
-            site_examples={c: n_examples.get(c, 0) for c, r in children.items() if r == "site"},
-            max_examples_per_site=most_examples,
-        )
-        # Whom a region's relayed refusals may name: the plan's sites (as a roster's).
-        bounds = replace(bounds, roster_sites=roster_sites)
+        shared = not children and p is arm.params
+        if shared and leaf_bounds is not None:
+            bounds = leaf_bounds
+        else:
+            # What each child could honestly claim: from the plan and the sites' data.
+            bounds = claim_bounds(
+                p,
+                region_counts={c: counts[c] for c, r in children.items() if r == "region"},
+                site_examples={c: n_examples.get(c, 0) for c, r in children.items() if r == "site"},
+                max_examples_per_site=most_examples,
+            )
+            # Whom a region's relayed refusals may name: the plan's sites (as a roster's).
+            bounds = replace(bounds, roster_sites=roster_sites)
+            if shared:
+                leaf_bounds = bounds
         nodes[spec.id] = build_node(
             spec.role,
             spec.id,
@@ -544,6 +554,47 @@ def run_once(
     progress: ProgressFn | None = None,
 ) -> ArmResult:
     """Simulate one arm with its own parameters (no sweep)."""
+    with collector_paused_while_building() as running:
+        return _run_once(scenario, arm, workload, seed, label, progress, running)
+
+
+@contextmanager
+def collector_paused_while_building() -> Iterator[Callable[[], None]]:
+    """Python's cyclic garbage collector around one run: paused while the run is built
+    (at 100,000 sites that is millions of long-lived objects and no garbage, so each
+    collection would only walk them), then what was built is frozen (``gc.freeze``: later
+    collections skip it) and collection resumes, when the body calls the callable it is
+    given, just before the run. Unfrozen at the end, so collections may free it again.
+    Where the caller has frozen objects itself, nothing is frozen here (``gc.unfreeze``
+    would release the caller's too); the caller's disabled collector stays disabled."""
+    enabled = gc.isenabled()
+    freeze = gc.get_freeze_count() == 0
+    gc.disable()
+
+    def running() -> None:
+        if freeze:
+            gc.freeze()
+        if enabled:
+            gc.enable()
+
+    try:
+        yield running
+    finally:
+        if freeze:
+            gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+def _run_once(
+    scenario: Scenario,
+    arm: Arm,
+    workload: Workload,
+    seed: int,
+    label: str,
+    progress: ProgressFn | None,
+    running: Callable[[], None],
+) -> ArmResult:
     wall0 = time.perf_counter()
     sites = build_sites(scenario, workload, seed)
     plan = build_plan(scenario, arm, sites, seed)
@@ -600,6 +651,7 @@ def run_once(
             progress(label, now, scenario.duration_s)
 
     driver.observe(scenario.eval_interval_s, observe)
+    running()
     try:
         stats = driver.run(until=scenario.duration_s)
     finally:

@@ -126,6 +126,9 @@ class NodeSpec:
         )
 
 
+_LOOPBACK = Link(latency_s=0.0, bandwidth_bps=math.inf, loss=0.0)
+
+
 @dataclass(frozen=True, slots=True)
 class _Index:
     nodes: dict[str, NodeSpec]
@@ -133,6 +136,9 @@ class _Index:
     host_of: dict[str, Site]
     roots: tuple[str, ...]
     n_peers: int
+    # Links by what they depend on (both hosts' regions, access latencies and bandwidths):
+    # sites configured alike share one (``Plan.link``).
+    links: dict[tuple[Any, ...], Link] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,12 +216,24 @@ class Plan:
         a = self.host_site(src)
         b = self.host_site(dst)
         if a.id == b.id:
-            return Link(latency_s=0.0, bandwidth_bps=math.inf, loss=0.0)
-        return Link(
-            latency_s=self.wan.rtt(a, b) / 2.0,
-            bandwidth_bps=min(a.uplink_bps, b.downlink_bps),
-            loss=self.wan.loss,
+            return _LOOPBACK
+        key = (
+            a.region,
+            a.access_latency_s,
+            a.uplink_bps,
+            b.region,
+            b.access_latency_s,
+            b.downlink_bps,
         )
+        links = self._index.links
+        link = links.get(key)
+        if link is None:
+            link = links[key] = Link(
+                latency_s=self.wan.rtt(a, b) / 2.0,
+                bandwidth_bps=min(a.uplink_bps, b.downlink_bps),
+                loss=self.wan.loss,
+            )
+        return link
 
     # ------------------------------------------------------------------ serialisation
 
@@ -313,8 +331,10 @@ def _validate(plan: Plan) -> _Index:
     allowed = _ROLES_BY_KIND[plan.kind]
     host_of: dict[str, Site] = {}
     roots: list[str] = []
+    # Each node's children as a set: a site's parent lists it among up to thousands.
+    child_sets = {n.id: frozenset(n.children) for n in plan.nodes if n.children}
     for n in plan.nodes:
-        _check_node(plan.kind, allowed, n, nodes, sites)
+        _check_node(plan.kind, allowed, n, nodes, sites, child_sets)
         if n.host is not None:
             host_of[n.id] = sites[n.host]
         if n.role == "root":
@@ -340,6 +360,7 @@ def _check_node(
     n: NodeSpec,
     nodes: Mapping[str, NodeSpec],
     sites: Mapping[str, Site],
+    child_sets: Mapping[str, frozenset[str]],
 ) -> None:
     where = f"node {n.id!r} ({n.role})"
     if n.role not in allowed:
@@ -367,7 +388,7 @@ def _check_node(
             raise ValueError(
                 f"role mismatch: {where} has parent {parent.id!r} with role {parent.role!r}"
             )
-        if n.id not in parent.children:
+        if n.id not in child_sets.get(parent.id, ()):
             raise ValueError(f"{where}: parent {parent.id!r} does not list it as a child")
     elif n.role in ("region", "site"):
         raise ValueError(f"{where}: has no parent")

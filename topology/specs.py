@@ -12,6 +12,10 @@ from typing import Any
 
 
 def _number(owner: str, name: str, value: object) -> float:
+    if type(value) is float:  # the common case, checked first (specs are built by the 100,000)
+        if math.isnan(value):
+            raise ValueError(f"{owner}.{name} must not be NaN")
+        return value
     # bool is an int subclass: refuse it so `uplink_bps=True` is not silently 1 bit/s.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{owner}.{name} must be a number, got {value!r}")

@@ -149,3 +149,26 @@ def test_role_mismatch_for_kind_and_bad_mixing() -> None:
         Plan.from_dict({**_plan_dict(_tree()), "extra": 1})
     with pytest.raises(ValueError, match="unsupported extension"):
         star(_sites()).save("plan.yaml")
+
+
+def test_links_are_the_wan_formula_for_every_pair_of_nodes() -> None:
+    # Links are remembered by what they depend on (both hosts' regions, access latencies
+    # and bandwidths): sites alike share one; every pair still gets its own hosts' values.
+    sites = [
+        *_sites(),
+        Site("h5", "eu", access_latency_s=0.002),  # h2's twin
+        Site("h6", "eu", access_latency_s=0.002, uplink_bps=5e6, downlink_bps=7e6),
+        Site("h7", "us", access_latency_s=0.002),  # h2's but for the region
+        Site("h8", "eu", access_latency_s=0.003),  # h2's but for the access latency
+    ]
+    plan = hierarchical(sites, WAN)
+    for src in plan.node_ids():
+        for dst in plan.node_ids():
+            a, b = plan.host_site(src), plan.host_site(dst)
+            link = plan.link(src, dst)
+            if a.id == b.id:
+                assert (link.latency_s, link.bandwidth_bps, link.loss) == (0.0, math.inf, 0.0)
+                continue
+            assert link.latency_s == WAN.rtt(a, b) / 2.0
+            assert link.bandwidth_bps == min(a.uplink_bps, b.downlink_bps)
+            assert link.loss == WAN.loss

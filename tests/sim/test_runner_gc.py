@@ -1,0 +1,42 @@
+"""``sim.runner.collector_paused_while_building``: the cyclic collector around one run."""
+
+from __future__ import annotations
+
+import gc
+
+from fedloom.sim.runner import collector_paused_while_building
+
+
+def test_paused_while_building_then_frozen_for_the_run_and_released_after() -> None:
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with collector_paused_while_building() as running:
+        assert not gc.isenabled()
+        built = [[i] for i in range(1000)]  # long-lived containers the run keeps
+        running()
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= len(built)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_leaves_a_callers_disabled_collector_and_frozen_objects_alone() -> None:
+    gc.disable()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    try:
+        with collector_paused_while_building() as running:
+            running()
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_an_error_while_building_restores_the_collector() -> None:
+    try:
+        with collector_paused_while_building():
+            raise RuntimeError("bad scenario")
+    except RuntimeError:
+        pass
+    assert gc.isenabled() and gc.get_freeze_count() == 0
