@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import numpy as np
 
@@ -27,6 +27,8 @@ from fedloom.federation.seeds import entity_rng
 Handle: TypeAlias = list[Any]
 
 _T, _PRIO, _SEQ, _FN, _ARGS = range(5)
+_INF = math.inf
+_push = heapq.heappush
 
 
 class SimulationError(RuntimeError):
@@ -79,16 +81,11 @@ class Kernel:
         self, t: float, fn: Callable[..., Any], *args: Any, priority: int = 0
     ) -> Handle:
         """Run ``fn(*args)`` at time ``t`` (>= now). Returns a handle for ``cancel``."""
-        if not t >= self._now:  # also catches NaN
-            raise SimulationError(
-                f"cannot schedule {getattr(fn, '__qualname__', fn)!r} at t={t!r}: "
-                f"it is before now={self._now!r}"
-            )
-        if t == math.inf:
-            raise SimulationError("cannot schedule an event at t=inf")
-        self._seq += 1
-        entry: Handle = [t, priority, self._seq, fn, args]
-        heapq.heappush(self._heap, entry)
+        if not self._now <= t < _INF:  # also catches NaN
+            self._refuse(t, fn)
+        seq = self._seq = self._seq + 1
+        entry: Handle = [t, priority, seq, fn, args]
+        _push(self._heap, entry)
         return entry
 
     def schedule_in(
@@ -97,7 +94,21 @@ class Kernel:
         """Run ``fn(*args)`` after ``delay`` (>= 0) seconds of virtual time."""
         if not delay >= 0.0:
             raise SimulationError(f"delay must be >= 0, got {delay!r}")
-        return self.schedule_at(self._now + delay, fn, *args, priority=priority)
+        t = self._now + delay
+        if not t < _INF:  # schedule_at's checks (a finite delay cannot land before now)
+            self._refuse(t, fn)
+        seq = self._seq = self._seq + 1
+        entry: Handle = [t, priority, seq, fn, args]
+        _push(self._heap, entry)
+        return entry
+
+    def _refuse(self, t: float, fn: Callable[..., Any]) -> NoReturn:
+        if not t >= self._now:
+            raise SimulationError(
+                f"cannot schedule {getattr(fn, '__qualname__', fn)!r} at t={t!r}: "
+                f"it is before now={self._now!r}"
+            )
+        raise SimulationError("cannot schedule an event at t=inf")
 
     @staticmethod
     def cancel(handle: Handle) -> None:
@@ -152,20 +163,22 @@ class Kernel:
         pop = heapq.heappop
         limit = math.inf if until is None else until
         done = 0
+        # Entries are [time, priority, sequence, callback, args] (_T, _PRIO, _SEQ, _FN,
+        # _ARGS), indexed by literals here: the loop runs once per event.
         try:
             while heap:
-                entry = heap[0]
-                fn = entry[_FN]
+                entry = pop(heap)
+                fn = entry[3]
                 if fn is None:
-                    pop(heap)
-                    continue
-                if entry[_T] > limit:
+                    continue  # cancelled
+                t = entry[0]
+                if t > limit:
+                    _push(heap, entry)  # not this run's: back where it was in the order
                     break
-                pop(heap)
-                self._now = entry[_T]
-                entry[_FN] = None
+                self._now = t
+                entry[3] = None
                 done += 1
-                fn(*entry[_ARGS])
+                fn(*entry[4])
                 if stop is not None and stop():
                     return done
         finally:

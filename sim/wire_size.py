@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 
 from fedloom.transport import wire
-from fedloom.transport.tensors import DEFAULT_SPEC, CodecSpec, encode_tensors
+from fedloom.transport.tensors import DEFAULT_SPEC, CodecSpec, _lz4_if_smaller, encode_tensors
 
 _INT, _FLOAT, _STR, _BIN, _TENSORS, _MAP, _PAIRS = range(7)
 # Field annotations (``transport.wire``'s dataclasses) -> how the encoder writes them.
@@ -81,9 +81,46 @@ def _count_header(n: int) -> int:
 
 def _tensors_size(tensors: Mapping[str, Any], spec: CodecSpec) -> int:
     """Bytes of a tensor field ``{"m": manifest, "p": payload}`` as the wire encodes it."""
+    if spec.kind == "fp32":
+        size = _float32_tensors_size(tensors, spec.lz4)
+        if size is not None:
+            return size
     manifest, payload = encode_tensors(tensors, spec)
-    # fixmap(2) + "m" + manifest + "p" + bin(payload)
-    return 1 + 2 + len(msgpack.packb(manifest, use_bin_type=True)) + 2 + _bin_size(len(payload))
+    return _TENSOR_FIELD + len(msgpack.packb(manifest, use_bin_type=True)) + _bin_size(len(payload))
+
+
+_TENSOR_FIELD = 1 + 2 + 2  # fixmap(2), "m", "p"
+_F32 = np.dtype("<f4")  # numpy's own float32 descriptor (other equal ones: the slow path)
+_RAW = CodecSpec("fp32", lz4=False)
+# Manifest bytes by layout ((name, shape), ...) of float32 tensors sent raw (fp32): a
+# federation sends a few layouts (its model's) many times.
+_MANIFESTS: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}
+_MAX_MANIFESTS = 256
+
+
+def _float32_tensors_size(tensors: Mapping[str, Any], lz4: bool) -> int | None:
+    """The tensor field's size where every tensor is a C-contiguous little-endian float32
+    array (the payload is then their bytes as they are), else None. The manifest's size
+    is the encoder's for the layout (remembered); LZ4 is the encoder's own function."""
+    layout = []
+    for name, value in tensors.items():
+        if type(value) is not np.ndarray or value.dtype is not _F32 or not value.flags.c_contiguous:
+            return None
+        layout.append((name, value.shape))
+    key = tuple(layout)
+    manifest = _MANIFESTS.get(key)
+    if manifest is None:
+        if len(_MANIFESTS) >= _MAX_MANIFESTS:
+            _MANIFESTS.clear()
+        raw, _ = encode_tensors(tensors, _RAW)  # its "lz4" flag is one byte either way
+        manifest = _MANIFESTS[key] = len(msgpack.packb(raw, use_bin_type=True))
+    payload = b"".join([value.data for value in tensors.values()])  # as the encoder joins
+    n = len(payload)
+    if lz4:
+        packed = _lz4_if_smaller(payload)
+        if packed is not None:
+            n = len(packed)
+    return _TENSOR_FIELD + manifest + _bin_size(n)
 
 
 def _scalar_size(v: Any) -> int:
