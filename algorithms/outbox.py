@@ -456,7 +456,11 @@ class Outbox:
         # Kept updates first (acked already: no ledger bound), then pending ones.
         oldest = next(iter(self._pending), 0)
         out: list[Effect] = []
-        for seq, update in [*self._extra.items(), *self._pending.items()]:
+        pending = self._pending  # not changed below: iterated as it is when nothing is kept
+        items: Iterable[tuple[int, Update]] = (
+            [*self._extra.items(), *pending.items()] if self._extra else pending.items()
+        )
+        for seq, update in items:
             if count >= self.window or (seq in self._pending and seq >= oldest + self.window):
                 break
             if seq in self._out:

@@ -83,6 +83,19 @@ def test_minibatch_order_walks_permutations() -> None:
     assert not np.array_equal(minibatch_order(rng.reset(6), 30, 30), idx)
 
 
+@pytest.mark.parametrize(("n", "total"), [(40, 50), (7, 50), (10, 30), (1, 3), (3, 4)])
+def test_minibatch_order_over_epochs_is_the_successive_permutations(n: int, total: int) -> None:
+    """Past one epoch the order is exactly ``rng.permutation(n)`` drawn epoch after epoch
+    (the stream every seeded run's results depend on), cut at ``total``."""
+    rng = SeededRng()
+    for seed in range(20):
+        gen = rng.reset(seed)
+        expected = np.concatenate([gen.permutation(n) for _ in range(-(-total // n))])[:total]
+        got = minibatch_order(rng.reset(seed), n, total)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_seeded_rng_streams_are_distinct_for_adjacent_seeds() -> None:
     rng = SeededRng()
     draws = [rng.reset(s).random(4).tolist() for s in (0, 1, 2, 2**64 + 1)]
