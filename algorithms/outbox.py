@@ -237,7 +237,8 @@ class Outbox:
         unit = self._unit
         if budget is None or unit <= 0:
             return self.window
-        return max(1, min(self.window, budget // unit))
+        fits = budget // unit  # max(1, min(window, fits)), without the builtins' calls
+        return self.window if fits >= self.window else fits if fits >= 1 else 1
 
     def limit_bytes(self) -> int | None:
         """The backpressure bound: ``max_bytes``, else ``DEFAULT_OUTBOX_UPDATES`` of the

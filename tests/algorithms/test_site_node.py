@@ -1,3 +1,4 @@
+import warnings
 from typing import Any
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 
 from fedloom.algorithms.protocol import (
     Effect,
+    Log,
     LogRecords,
     ModelHolder,
     Node,
@@ -120,6 +122,22 @@ def test_incompatible_training_result_is_a_failure_not_an_update() -> None:
     [t] = trains(site.handle(recv("agg", request()), 0.0))
     out = site.handle(TrainDone(t.job, TrainResult({"w": np.zeros(1, np.float32)}, 1)), 1.0)
     assert not updates(out) and metrics(out, "train_failed")
+
+
+def test_a_delta_that_overflows_is_a_failed_job_without_a_warning() -> None:
+    """Finite weights whose difference from the model overflows float32 (a diverged
+    client): the job fails as non-finite, no update is made, no RuntimeWarning escapes."""
+    site = SiteNode("s1", "agg")
+    big = np.float32(3e38)
+    req = TrainRequest(1, 0, model(-big), {"lr": 0.1})
+    [t] = trains(site.handle(recv("agg", req), 0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = site.handle(done(t.job, big), 1.0)
+    assert not updates(out) and metrics(out, "train_failed")
+    logs = [e for e in out if isinstance(e, Log)]
+    assert [(e.fields or {}).get("reason") for e in logs] == ["non-finite weights"]
+    assert site.state is SiteState.IDLE
 
 
 def test_messages_from_strangers_are_ignored_with_a_metric() -> None:
