@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedloom.algorithms import weights_math as wm
+from fedloom.transport.half import half_source, half_to_float, remember_half
 from tests.algorithms.alg_helpers import model
 
 
@@ -97,3 +98,34 @@ def test_l2_norm_squares_each_chunk_in_float64_as_a_float64_multiply_would(
     finally:
         wm._NORM_CHUNK = original
     assert got == want or (np.isnan(got) and np.isnan(want))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(wm._NORM_CHUNK + 1, 3 * wm._NORM_CHUNK + 100),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["normal", "all_bits", "inf", "nan"]),
+)
+def test_l2_norm_of_a_tensor_decoded_from_float16_is_bit_for_bit_the_float32_one(
+    n: int, seed: int, kind: str
+) -> None:
+    # Squares in float32 (exact for float16 values) summed in float64 chunk by chunk:
+    # the same norm, bit for bit, as the float64 squares of the same float32 values.
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        half = (rng.standard_normal(n) * 0.01).astype(np.float16)
+    else:  # every finite float16 bit pattern, subnormals and 65504 included
+        bits = rng.integers(0, 0x7C00, n, dtype=np.uint16) | (
+            rng.integers(0, 2, n, dtype=np.uint16) << 15
+        )
+        half = bits.view(np.float16)
+        if kind != "all_bits":
+            half[int(rng.integers(0, n))] = np.inf if kind == "inf" else np.nan
+    decoded = remember_half(half_to_float(half), half)
+    assert half_source(decoded) is not None  # the float16 path is the one measured
+    plain = np.array(decoded, dtype=np.float32, copy=True)
+    got, want = wm.l2_norm({"d": decoded}), wm.l2_norm({"d": plain})
+    assert got == want or (np.isnan(got) and np.isnan(want))
+    if kind == "inf":
+        assert got == np.inf
+    assert np.getbufsize() == 8192  # the chunk-sized ufunc buffer did not leak out
