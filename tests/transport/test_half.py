@@ -32,6 +32,18 @@ def test_every_half_is_judged_finite_as_numpy_judges_it() -> None:
     assert half_all_finite(np.zeros(0, F16))
 
 
+def test_one_nan_or_inf_anywhere_among_finite_halves_is_found() -> None:
+    finite = ALL_HALVES[np.isfinite(ALL_HALVES)]
+    assert half_all_finite(finite)
+    for bits in (0x7C00, 0xFC00, 0x7C01, 0x7E00, 0x7FFF, 0xFFFF):
+        for where in (0, 1000, finite.size - 1):
+            bad = finite.copy()
+            bad.view(np.uint16)[where] = bits
+            assert not half_all_finite(bad)
+            assert not half_all_finite(bad[where : where + 1])
+            assert half_all_finite(np.delete(bad, where))
+
+
 def test_float_to_half_rounds_like_numpy_at_the_edges() -> None:
     edges = np.array(
         [
