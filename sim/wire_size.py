@@ -8,7 +8,10 @@ msgpack rules (the smallest int format, a float as a 9-byte double, a str or bin
 length header, a map or array with its count header). A tensor field is
 ``{"m": manifest, "p": payload}`` from ``transport.tensors.encode_tensors`` itself, so
 codecs and LZ4 (whose output size depends on the data) are exactly what the encoder does:
-the manifest's msgpack size plus the payload's length.
+the manifest's msgpack size plus the payload's length. Where the codec sends the tensors
+as they are (``fp32``, C-contiguous float32 arrays: a model's weights and deltas), the
+manifest's size is remembered per layout (names and shapes) and the payload is the arrays'
+bytes, put through the encoder's own LZ4 step.
 
 Only message types whose fields are all plain (int, float, str, bytes, tensors, a str ->
 scalar mapping, ``(site, seq)`` pairs) are sized here; secure-aggregation messages, and
