@@ -731,7 +731,9 @@ class SecureChannel:
             if failure:
                 _, end = await self._recv_record()
             else:
-                _, end = await self._recv_record(feed, decoder.direct_target)
+                _, end = await self._recv_record(
+                    feed, decoder.direct_target, decoder.direct_decodes
+                )
         if failure:
             raise failure[0]
         return _with_tensors(msg, field, decoder.finish())
@@ -764,12 +766,14 @@ class SecureChannel:
         self,
         process: Callable[[Record, bool], None] | None = None,
         target: Callable[[], memoryview | None] | None = None,
+        decodes: Callable[[], bool] | None = None,
     ) -> tuple[Record, bool]:
         """Read and open the next record: ``(chunk, end_of_message)``; ``process`` gets
         the chunk in the same worker call (one thread hop per record: on two cores, more
         stages cost more in hand-offs than they gain), with True if it was decrypted
         straight into the memory ``target()`` named. Cheap records (AEGIS-256 into
-        ``target()``, or without ``process``) are opened on the loop thread."""
+        ``target()``, or without ``process``) are opened on the loop thread, unless
+        ``decodes()`` says that what goes into ``target()`` is still to be converted."""
         if self._failure is not None:
             raise ChannelClosed(f"channel broken earlier: {self._failure}")
         if self._peer_closed:
@@ -787,7 +791,8 @@ class SecureChannel:
         self._records_taken += 1
         into = None if target is None else target()
         heavy = len(frame) >= INLINE_BELOW and (
-            not self._cheap_records or (process is not None and into is None)
+            not self._cheap_records
+            or (process is not None and (into is None or (decodes is not None and decodes())))
         )
         try:
             if heavy:

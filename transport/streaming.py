@@ -375,32 +375,50 @@ class TensorStreamDecoder:
     def direct_target(self) -> memoryview | None:
         """Where the next piece may be written as it arrives, or None.
 
-        That is the destination of its bytes inside a float32 tensor, when the whole
-        piece falls inside one such tensor sent raw (the fp32 codec): the record layer
-        then decrypts straight into the tensor. If the piece turns out to be compressed
-        it will not fit exactly, so use ``feed_piece``; if it was written here, call
-        ``feed_direct`` (which validates it) instead."""
+        That is the destination of its bytes, when the whole piece falls inside one
+        tensor sent raw as float32 (the fp32 codec: inside the tensor) or sent as float16
+        (the fp16 codec or raw float16: inside the float16 kept for it), so the record
+        layer decrypts straight there: no buffer per record, no copy of it. If the piece
+        turns out to be compressed it will not fit exactly, so use ``feed_piece``; if it
+        was written here, call ``feed_direct`` (which validates it, and converts float16)
+        instead."""
         if self.done or self._carry or self._index >= len(self._entries):
             return None
         entry = self._entries[self._index]
         expected = self.expected_piece()
-        if (
-            entry.codec != "raw"
-            or entry.dtype != _F32
-            or expected > entry.stored - self._entry_bytes
-            or expected % 4
-        ):
+        if expected > entry.stored - self._entry_bytes:
             return None
-        flat = self._outputs[self._index].view(np.uint8)
+        half = self._halves[self._index]
+        if half is not None:
+            if expected % 2:
+                return None
+            flat = half.view(np.uint8)
+        elif entry.codec == "raw" and entry.dtype == _F32 and not expected % 4:
+            flat = self._outputs[self._index].view(np.uint8)
+        else:
+            return None
         return flat.data[self._entry_bytes : self._entry_bytes + expected]
+
+    def direct_decodes(self) -> bool:
+        """Whether a piece written to ``direct_target()`` is float16 that ``feed_direct``
+        converts to float32 (work for a worker thread), not float32 it only checks."""
+        return self._index < len(self._entries) and self._halves[self._index] is not None
 
     def feed_direct(self) -> None:
         """The next piece is already in ``direct_target()``'s memory: check and take it."""
         expected = self.expected_piece()
         entry = self._entries[self._index]
-        count = expected // 4
         start = self._element
-        _check_finite(entry.name, self._outputs[self._index][start : start + count], self._limits)
+        half = self._halves[self._index]
+        if half is None:
+            count = expected // 4
+            dst = self._outputs[self._index][start : start + count]
+            _check_finite(entry.name, dst, self._limits)
+        else:  # checked as float16 (finite exactly when its float32 is), then converted
+            count = expected // 2
+            part = half[start : start + count]
+            _check_finite(entry.name, part, self._limits)
+            half_to_float(part, out=self._outputs[self._index][start : start + count])
         self._pieces_fed += 1
         self._received += expected
         self._element = start + count

@@ -36,6 +36,7 @@ from fedloom.transport.errors import (
     ProtocolError,
     RecordError,
 )
+from fedloom.transport.half import half_source
 from fedloom.transport.handshake import ClientHandshake
 from fedloom.transport.identity import Identity
 from fedloom.transport.links import Link, LinkClosed, memory_link_pair, reserve_share
@@ -173,6 +174,52 @@ async def test_fp32_pieces_are_decrypted_straight_into_the_tensors(
         assert counts["direct"] >= 6 and counts["copied"] >= 4
     else:  # PyNaCl's secretstream returns fresh bytes: every piece is copied
         assert counts["direct"] == 0 and counts["copied"] >= 12
+
+
+@pytest.mark.parametrize("cipher", CIPHER_PARAMS)
+async def test_fp16_pieces_are_decrypted_straight_into_the_kept_float16(
+    cipher: str, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AEGIS-256 records holding fp16 pieces open into the float16 the decoder keeps (no
+    # buffer per record, no copy), in a worker thread (they are converted there too).
+    seen: list[tuple[bool, bool]] = []  # (direct, on the loop thread) per piece fed
+    feed_direct, feed_piece = TensorStreamDecoder.feed_direct, TensorStreamDecoder.feed_piece
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    def counting_direct(self: TensorStreamDecoder) -> None:
+        seen.append((True, on_loop()))
+        feed_direct(self)
+
+    def counting_piece(self: TensorStreamDecoder, piece: bytes | bytearray | memoryview) -> None:
+        seen.append((False, on_loop()))
+        feed_piece(self, piece)
+
+    monkeypatch.setattr(TensorStreamDecoder, "feed_direct", counting_direct)
+    monkeypatch.setattr(TensorStreamDecoder, "feed_piece", counting_piece)
+    tensors = delta(2_000_000)  # 4 MB as fp16: 4 pieces
+    spec = CodecSpec(kind="fp16", lz4=False)
+    async with asyncio.timeout(TIMEOUT_S), channels("memory", pki, pinned(cipher)) as (c, s):
+        sending = asyncio.create_task(c.send_tensors(update(tensors), spec))
+        got = await s.recv_tensors()
+        await sending
+    assert isinstance(got, wire.Update)
+    want = decode_tensors(*encode_tensors(tensors, spec))
+    for name, arr in want.items():
+        assert np.array_equal(got.delta[name], arr)
+        if arr.dtype.kind == "f":  # floats travel as float16, remembered as received
+            kept = half_source(got.delta[name])
+            assert kept is not None and np.array_equal(kept, tensors[name].astype(np.float16))
+    if cipher == CIPHER_AEGIS256:
+        # the last piece holds the end of conv.weight and the small tensors: copied
+        assert sum(direct for direct, _ in seen) == 3 and not any(loop for _, loop in seen)
+    else:  # PyNaCl's secretstream returns fresh bytes: every piece is copied
+        assert seen and not any(direct for direct, _ in seen)
 
 
 @pytest.mark.parametrize("size", [400, 1_500_000])  # one record, and streamed

@@ -20,6 +20,7 @@ from fedloom.transport.errors import (
     NonFiniteTensor,
     ProtocolError,
 )
+from fedloom.transport.half import half_source
 from fedloom.transport.limits import Limits
 from fedloom.transport.streaming import (
     MIN_PIECE_BYTES,
@@ -125,6 +126,57 @@ def test_direct_targets_are_whole_fp32_pieces_inside_one_tensor() -> None:
     # piece 0 holds "b" and the start of "w"; then "w" only, until the piece that
     # straddles "w" and "h"; int16 pieces are never written directly.
     assert kinds[0] is False and all(kinds[1:9]) and not any(kinds[9:])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_direct_targets_of_float16_pieces_are_the_float16_kept_for_the_tensor(
+    dtype: type,
+) -> None:
+    # Sent as fp16: a whole piece inside one tensor goes straight into the float16 the
+    # decoder keeps for it, is checked there and converted; what it hands out is the
+    # batch codec's result, remembering that float16.
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(10_000).astype(np.float32)
+    tensors = {"b": np.ones(3, np.float32), "w": w.astype(dtype)}
+    spec = CodecSpec(kind="fp16", lz4=False)
+    manifest, pieces = stream(tensors, spec, MIN_PIECE_BYTES)
+    decoder = TensorStreamDecoder(manifest)
+    kinds = []
+    for piece in pieces:
+        target = decoder.direct_target()
+        kinds.append(target is not None)
+        if target is not None:
+            assert target.nbytes == len(piece) and not target.readonly
+            assert decoder.direct_decodes()
+            target[:] = piece
+            decoder.feed_direct()
+        else:
+            decoder.feed_piece(piece)
+    got = decoder.finish()
+    assert_same(got, decode_tensors(*encode_tensors(tensors, spec)))
+    # piece 0 holds "b" and the start of "w"; the rest is "w" alone, the last one short
+    assert kinds[0] is False and all(kinds[1:])
+    kept = half_source(got["w"])
+    assert kept is not None
+    assert np.array_equal(kept.view(np.uint16), w.astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_non_finite_float16_written_directly_is_refused(bad: float) -> None:
+    tensors = {"w": np.zeros(10_000, np.float16)}
+    manifest, pieces = stream(tensors, CodecSpec(kind="fp16", lz4=False), MIN_PIECE_BYTES)
+    decoder = TensorStreamDecoder(manifest)
+    for i, piece in enumerate(pieces):
+        target = decoder.direct_target()
+        assert target is not None
+        target[:] = piece
+        if i == 2:
+            np.frombuffer(target, dtype=np.float16)[7] = bad  # as a hostile peer sent it
+            with pytest.raises(NonFiniteTensor):
+                decoder.feed_direct()
+            return
+        decoder.feed_direct()
+    raise AssertionError("the bad piece was never fed")
 
 
 def test_compressible_pieces_shrink_and_random_ones_do_not() -> None:
