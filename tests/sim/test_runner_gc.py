@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import gc
 
-from fedloom.sim.runner import collector_paused_while_building
+from fedloom.sim.runner import RUN_GC_THRESHOLD, collector_paused_while_building
 
 
 def test_paused_while_building_then_frozen_for_the_run_and_released_after() -> None:
     assert gc.isenabled() and gc.get_freeze_count() == 0
+    thresholds = gc.get_threshold()
     with collector_paused_while_building() as running:
         assert not gc.isenabled()
         built = [[i] for i in range(1000)]  # long-lived containers the run keeps
         running()
         assert gc.isenabled()
         assert gc.get_freeze_count() >= len(built)
+        assert gc.get_threshold()[0] == max(thresholds[0], RUN_GC_THRESHOLD)
     assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.get_threshold() == thresholds
 
 
 def test_leaves_a_callers_disabled_collector_and_frozen_objects_alone() -> None:
