@@ -96,7 +96,7 @@ def l2_norm(w: Mapping[str, npt.NDArray[Any]]) -> float:
     with np.errstate(over="ignore", invalid="ignore"):
         for v in w.values():
             flat = v.reshape(-1)
-            if flat.size > _NORM_CHUNK and half_source(v) is not None:
+            if _HALF_PATH and flat.size > _NORM_CHUNK and half_source(v) is not None:
                 total += _sum_half_squares(flat)
             else:
                 total += _sum_squares(flat)
@@ -119,6 +119,12 @@ def _sum_squares(flat: npt.NDArray[Any]) -> float:
     return total
 
 
+# numpy 2 reduces a buffered chunk with one pairwise sum and restores the buffer size on
+# leaving ``errstate``; numpy 1.26 sums the cast chunk otherwise (a different last bit) and
+# keeps the size, so there the exact float64 path stays (tests/algorithms/test_weights_math.py).
+_HALF_PATH = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+
+
 def _sum_half_squares(flat: npt.NDArray[Any]) -> float:
     """``_sum_squares`` of float32 values decoded from float16 (``transport.half``), bit
     for bit, cheaper: a float16's significand has 11 bits, so its square (22 bits) is
@@ -126,17 +132,20 @@ def _sum_half_squares(flat: npt.NDArray[Any]) -> float:
     in float64 with the ufunc's buffer as large as the chunk, so numpy's pairwise sum
     runs over the same 65,536 values in the same order as ``_sum_squares``'s (with the
     default 8,192-element buffer it would sum each 8,192 and add those in turn). Only
-    called inside ``l2_norm``'s ``errstate``, which restores the buffer size."""
-    np.setbufsize(_NORM_CHUNK)
-    buf = np.empty(_NORM_CHUNK, dtype=np.float32)
-    add_reduce, multiply, f64 = np.add.reduce, np.multiply, np.float64
-    total = 0.0
-    for start in range(0, flat.size, _NORM_CHUNK):
-        part = flat[start : start + _NORM_CHUNK]
-        squares = buf[: part.size]
-        multiply(part, part, out=squares)
-        total += float(add_reduce(squares, dtype=f64))
-    return total
+    restores the buffer size it had (whatever ``errstate`` does with it)."""
+    old = np.setbufsize(_NORM_CHUNK)
+    try:
+        buf = np.empty(_NORM_CHUNK, dtype=np.float32)
+        add_reduce, multiply, f64 = np.add.reduce, np.multiply, np.float64
+        total = 0.0
+        for start in range(0, flat.size, _NORM_CHUNK):
+            part = flat[start : start + _NORM_CHUNK]
+            squares = buf[: part.size]
+            multiply(part, part, out=squares)
+            total += float(add_reduce(squares, dtype=f64))
+        return total
+    finally:
+        np.setbufsize(old)
 
 
 def is_finite(w: Weights) -> bool:

@@ -98,7 +98,7 @@ import numpy.typing as npt
 
 try:  # zlib-ng's CRC-32: the same values as zlib's, with SIMD (~18x faster on a 2 MB frame)
     from zlib_ng.zlib_ng import crc32 as crc32
-except ImportError:  # pragma: no cover - exercised by tests/federation/test_store_crc.py
+except ImportError:  # pragma: no cover - exercised by tests/runtime/test_store_crc.py
     from zlib import crc32 as crc32
 
 from fedloom.algorithms.protocol import Persist

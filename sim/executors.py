@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import pickle
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -92,8 +93,18 @@ def _run_batch(
         try:
             out.append((True, _run_job(*job)))
         except Exception as exc:  # re-raised by join, for this job only
-            out.append((False, exc))
+            out.append((False, _picklable(exc)))
     return out, time.process_time() - started
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc``, or a RuntimeError naming it where it cannot travel back (one job's
+    unpicklable exception must not fail the other jobs of its batch)."""
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        return RuntimeError(f"training job failed: {exc!r} (its exception cannot be pickled)")
+    return exc
 
 
 class _Batch:

@@ -129,3 +129,14 @@ def test_l2_norm_of_a_tensor_decoded_from_float16_is_bit_for_bit_the_float32_one
     if kind == "inf":
         assert got == np.inf
     assert np.getbufsize() == 8192  # the chunk-sized ufunc buffer did not leak out
+
+
+def test_l2_norm_gives_back_the_callers_ufunc_buffer_size() -> None:
+    half = (np.random.default_rng(1).standard_normal(3 * wm._NORM_CHUNK) * 0.01).astype(np.float16)
+    decoded = remember_half(half_to_float(half), half)
+    before = np.setbufsize(16384)
+    try:
+        wm.l2_norm({"d": decoded})
+        assert np.getbufsize() == 16384
+    finally:
+        np.setbufsize(before)

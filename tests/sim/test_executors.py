@@ -83,3 +83,27 @@ def test_a_failing_job_fails_its_own_join_only_and_discards_are_skipped() -> Non
 def test_bad_settings_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         PoolExecutor(NoisyTrainer(), **bad)
+
+
+class FailsUnpicklably(NoisyTrainer):
+    """Job 2 raises an exception that holds a lock (it cannot be pickled back)."""
+
+    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        if config["seed"] == 2:
+            import threading
+
+            raise ValueError("job 2 fails", threading.Lock())
+        return super().__call__(node_id, weights, config)
+
+
+def test_an_unpicklable_exception_fails_only_its_own_job() -> None:
+    jobs = _jobs(5)
+    with PoolExecutor(FailsUnpicklably(), workers=1, batch_seconds=10.0) as pool:
+        pool.join(pool.submit(*jobs[0]))
+        tickets = [pool.submit(*job) for job in jobs[1:]]
+        for i, t in enumerate(tickets, start=1):
+            if i == 2:
+                with pytest.raises(RuntimeError, match="cannot be pickled"):
+                    pool.join(t)
+            else:
+                assert pool.join(t).n_examples == 10

@@ -695,3 +695,36 @@ async def test_an_aiohttp_without_the_reader_queue_falls_back_with_one_warning(
     assert "WebSocket reader is off" in warnings[0]
     assert "WebSocket client reader is off" in warnings[1]
     assert all(queue[0] in warning for warning in warnings)
+
+
+async def test_a_ping_then_a_reset_ends_recv_as_a_closed_link() -> None:
+    """The pong answering a ping meets a reset connection: recv says the link closed
+    (LinkClosed), never aiohttp's own ClientConnectionResetError."""
+    guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        [key] = [
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key")
+        ]
+        accept = base64.b64encode(hashlib.sha1(key + guid).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + b"\x89\x00"  # an empty PING
+        )
+        await writer.drain()
+        writer.transport.abort()  # RST right after the ping
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        link = await ws.connect(f"ws://127.0.0.1:{port}/fedloom")
+        await asyncio.sleep(0.2)  # the ping and the reset have arrived
+        with pytest.raises((LinkClosed, ProtocolError)):
+            async with asyncio.timeout(TIMEOUT_S):
+                await link.recv()
+        await link.close()
+    finally:
+        server.close()
