@@ -167,10 +167,10 @@ class WebSocketLink:
         except TimeoutError:
             await self.close()
             raise LinkTimeout("receive time-out: nothing arrived, not even a pong") from None
-        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as failure:
             # e.g. the pong that answers a ping meets a reset connection: the link ended
             await self.close()
-            raise LinkClosed(f"receive failed: {describe(exc)}") from None
+            raise LinkClosed(f"receive failed: {describe(failure)}") from None
         kind = msg.type
         if kind is aiohttp.WSMsgType.BINARY:
             data: bytes | memoryview = msg.data  # a view for large frames (ws_frames)
