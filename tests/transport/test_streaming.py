@@ -102,6 +102,26 @@ def test_matches_the_batch_codec(codec: str, lz4: bool, piece: int, decoder: Any
     assert_same(decoder(manifest, pieces), decode_tensors(*encode_tensors(tensors, spec)))
 
 
+def feed_direct_where_offered(
+    decoder: TensorStreamDecoder, pieces: list[bytes], *, decodes: bool
+) -> list[bool]:
+    """Feed every piece, writing it into ``direct_target()`` where one is offered (as the
+    channel decrypts into it); which pieces went direct. ``decodes``: what
+    ``direct_decodes()`` must say of each direct piece."""
+    kinds = []
+    for piece in pieces:
+        target = decoder.direct_target()
+        kinds.append(target is not None)
+        if target is not None:
+            assert target.nbytes == len(piece) and not target.readonly
+            assert decoder.direct_decodes() is decodes
+            target[:] = piece
+            decoder.feed_direct()
+        else:
+            decoder.feed_piece(piece)
+    return kinds
+
+
 def test_direct_targets_are_whole_fp32_pieces_inside_one_tensor() -> None:
     rng = np.random.default_rng(2)
     tensors = {
@@ -111,16 +131,7 @@ def test_direct_targets_are_whole_fp32_pieces_inside_one_tensor() -> None:
     }
     manifest, pieces = stream(tensors, CodecSpec(lz4=False), MIN_PIECE_BYTES)
     decoder = TensorStreamDecoder(manifest)
-    kinds = []
-    for piece in pieces:
-        target = decoder.direct_target()
-        kinds.append(target is not None)
-        if target is not None:
-            assert target.nbytes == len(piece) and not target.readonly
-            target[:] = piece
-            decoder.feed_direct()
-        else:
-            decoder.feed_piece(piece)
+    kinds = feed_direct_where_offered(decoder, pieces, decodes=False)
     spec = CodecSpec(lz4=False)
     assert_same(decoder.finish(), decode_tensors(*encode_tensors(tensors, spec)))
     # piece 0 holds "b" and the start of "w"; then "w" only, until the piece that
@@ -141,17 +152,7 @@ def test_direct_targets_of_float16_pieces_are_the_float16_kept_for_the_tensor(
     spec = CodecSpec(kind="fp16", lz4=False)
     manifest, pieces = stream(tensors, spec, MIN_PIECE_BYTES)
     decoder = TensorStreamDecoder(manifest)
-    kinds = []
-    for piece in pieces:
-        target = decoder.direct_target()
-        kinds.append(target is not None)
-        if target is not None:
-            assert target.nbytes == len(piece) and not target.readonly
-            assert decoder.direct_decodes()
-            target[:] = piece
-            decoder.feed_direct()
-        else:
-            decoder.feed_piece(piece)
+    kinds = feed_direct_where_offered(decoder, pieces, decodes=True)
     got = decoder.finish()
     assert_same(got, decode_tensors(*encode_tensors(tensors, spec)))
     # piece 0 holds "b" and the start of "w"; the rest is "w" alone, the last one short
