@@ -231,6 +231,13 @@ class WebSocketLink:
             await session.close()
 
 
+# Pings and pongs one socket read may carry before the link is failed (1008). A peer sends
+# one ping per heartbeat; a thousand in one read only come from a flood (or a backlog of
+# hours, which the heartbeat time-out ends first).
+MAX_CONTROLS_PER_READ = 1024
+_CONTROL = (Opcode.PING, Opcode.PONG)
+
+
 class _FrameReader:
     """aiohttp's payload-parser interface (``feed_data``/``feed_eof``) over ``FrameParser``:
     the messages it completes go to the response's queue, as aiohttp's own reader would
@@ -239,17 +246,30 @@ class _FrameReader:
     def __init__(self, queue: Any, parser: FrameParser) -> None:
         self.queue = queue
         self._parser = parser
+        self._flooded = False
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         parser = self._parser
-        if parser.error is not None:
+        if parser.error is not None or self._flooded:
             return True, b""
+        controls = 0
         for message in parser.feed(data):
             if message.opcode is Opcode.CLOSE:
                 self.queue.feed_data(
                     aiohttp.WSMessage(aiohttp.WSMsgType.CLOSE, message.close_code, message.reason),
                     0,
                 )
+            elif message.opcode in _CONTROL and (controls := controls + 1) > MAX_CONTROLS_PER_READ:
+                # A peer pings every 15 s: this many in one read is a flood, each would sit
+                # in the queue as a message object (~140 bytes for 2 bytes on the wire).
+                self._flooded = True
+                self.queue.set_exception(
+                    aiohttp.WebSocketError(
+                        CloseCode.POLICY_VIOLATION,
+                        f"more than {MAX_CONTROLS_PER_READ} pings/pongs in one read",
+                    )
+                )
+                return True, b""
             else:
                 kind = aiohttp.WSMsgType(message.opcode)
                 self.queue.feed_data(aiohttp.WSMessage(kind, message.data, ""), len(message.data))
