@@ -8,6 +8,9 @@ from fedloom.sim.runner import RUN_GC_THRESHOLD, collector_paused_while_building
 
 
 def test_paused_while_building_then_frozen_for_the_run_and_released_after() -> None:
+    # An earlier test in this process (a daemon's or a bench's start-up) may have frozen
+    # what it built: start from nothing frozen, as `fedloom sim` does.
+    gc.unfreeze()
     assert gc.isenabled() and gc.get_freeze_count() == 0
     thresholds = gc.get_threshold()
     with collector_paused_while_building() as running:
