@@ -188,7 +188,9 @@ def test_a_read_only_state_dir_stops_the_region_with_one_line(fed: Federation) -
     """Remounted read-only under a running region: its next checkpoint (a new file)
     is refused; a restart on the read-only disk cannot even take the directory's lock."""
     region = fed.nodes["region-a"]
-    with mounted_tmpfs(region.state_dir) as layers, Cluster(fed) as cluster:
+    # Room to spare: the open log stays writable after the remount, and a 256 KB disk
+    # could fill (ENOSPC) before the read-only refusal this test is about.
+    with mounted_tmpfs(region.state_dir, size="16m") as layers, Cluster(fed) as cluster:
         cluster.start()
         wait_for("region-a to apply updates", lambda: applied(fed, "region-a") >= 1)
         make_read_only(layers)
