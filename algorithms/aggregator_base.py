@@ -309,6 +309,12 @@ class AggregatorBase:
         self.late = 0
         self.timeouts = 0
         self.dropped = 0
+        self._omit: frozenset[str] = frozenset()  # gauges its driver drops (omit_metrics)
+
+    def omit_metrics(self, names: Iterable[str]) -> None:
+        """Its driver drops the metrics ``names`` unread (``federation.step``): build none
+        of those gauges."""
+        self._omit = frozenset(names)
 
     # --------------------------------------------------------------- hooks
     def _model(self) -> tuple[int, Weights] | None:

@@ -110,7 +110,8 @@ class BufferedAggregator(AggregatorBase):
         if self._buffer.add(msg.delta, s, msg.n_examples, msg.count, self._norm, msg.src):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
         self._record_applied(peer, msg, version, tau, s, out)
-        out.append(Metric("buffer_fill", float(len(self._buffer))))
+        if "buffer_fill" not in self._omit:
+            out.append(Metric("buffer_fill", float(len(self._buffer))))
         if len(self._buffer) >= self.buffer_size:
             self._flush_full(out)
 

@@ -58,6 +58,7 @@ from fedloom.transport.wire import Update
 
 __all__ = [
     "DEFAULT_OUTBOX_UPDATES",
+    "OUTBOX_GAUGES",
     "RESEND_AFTER_S",
     "WINDOW",
     "WINDOW_MESSAGES_OF_CAP",
@@ -109,6 +110,18 @@ def _window_bytes_for(update: Update) -> int:
     return max(1, WINDOW_MESSAGES_OF_CAP * cap)
 
 
+# The gauges ``Outbox.metrics`` reports itself (before its node's ``extra`` ones).
+OUTBOX_GAUGES: Final = frozenset(
+    {
+        "outbox_updates",
+        "outbox_bytes",
+        "outbox_in_flight",
+        "outbox_window",
+        "parent_up",
+        "parent_ack_age_seconds",
+    }
+)
+
 # Gauge effects by (name, value), shared by every outbox: a Metric is immutable, and the
 # same few values (counts, 0/1 flags) recur on every event of every node.
 _GAUGES: dict[tuple[str, float], Metric] = {}
@@ -139,9 +152,11 @@ class Outbox:
         "_key",
         "_last_ack",
         "_metrics_at",
+        "_omit",
         "_out",
         "_parent",
         "_pending",
+        "_quiet",
         "_released",
         "_retry_at",
         "_sends",
@@ -174,6 +189,8 @@ class Outbox:
         if not 0.0 < resend_after_s < math.inf:
             raise ValueError(f"resend_after_s must be > 0 and finite, got {resend_after_s}")
         self._key = key
+        self._omit: frozenset[str] = frozenset()  # gauges nobody reads (``omit_gauges``)
+        self._quiet = False  # all of this outbox's own gauges are omitted
         self.window = window
         self._window_bytes = window_bytes  # None: derived from the updates' model
         self._derived_window_bytes: int | None = None  # the model's, once an update shows it
@@ -378,13 +395,30 @@ class Outbox:
         at = self._metrics_at
         return at is None or (bool(self._pending) and now >= at + METRICS_EVERY_S)
 
+    def omit_gauges(self, names: Iterable[str]) -> None:
+        """Leave the gauges ``names`` out of ``metrics`` (its node's driver drops them
+        unread: the simulator's live gauges, ``federation.step``); when and whether gauges
+        are due is unchanged."""
+        self._omit = frozenset(names)
+        self._quiet = self._omit.issuperset(OUTBOX_GAUGES)
+
+    def wants(self, gauge: str) -> bool:
+        """Whether ``gauge`` is reported (not omitted): a node computes an ``extra`` gauge
+        for ``metrics`` only then."""
+        return gauge not in self._omit
+
     def metrics(self, now: float, **extra: float) -> list[Effect]:
         """The outbox and link gauges, when something changed or they are due again
-        (``extra``: more gauges of the node's, e.g. ``dispatch_paused``)."""
+        (``extra``: more gauges of the node's, e.g. ``dispatch_paused``), less those
+        omitted (``omit_gauges``)."""
         if not self.metrics_due(now):
             return []
         self._dirty = False
         self._metrics_at = now
+        omit = self._omit
+        if self._quiet:
+            self.window_bytes()  # derived (and kept) here as the outbox_window gauge would
+            return [_gauge(name, value) for name, value in extra.items() if name not in omit]
         pending = self._pending
         last_ack = self._last_ack
         age = max(0.0, now - last_ack) if pending and last_ack is not None else 0.0
@@ -398,6 +432,8 @@ class Outbox:
         ]
         for name, value in extra.items():
             out.append(_gauge(name, value))
+        if omit:
+            out = [m for m in out if m.name not in omit]  # type: ignore[union-attr]
         return out
 
     # ------------------------------------------------------------- window

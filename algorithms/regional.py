@@ -276,9 +276,15 @@ class RegionalAggregator(BufferedAggregator):
         out = super().handle(event, now)
         outbox = self._outbox
         if outbox.metrics_due(now):
-            paused, kept = float(self.paused), float(len(self._forwards))
-            out.extend(outbox.metrics(now, dispatch_paused=paused, forwards_kept=kept))
+            gauges = {"forwards_kept": float(len(self._forwards))}
+            if outbox.wants("dispatch_paused"):
+                gauges = {"dispatch_paused": float(self.paused), **gauges}
+            out.extend(outbox.metrics(now, **gauges))
         return out
+
+    def omit_metrics(self, names: Iterable[str]) -> None:
+        super().omit_metrics(names)
+        self._outbox.omit_gauges(self._omit)
 
     def next_deadline(self) -> float | None:
         own, outbox = super().next_deadline(), self._outbox.next_deadline()

@@ -50,7 +50,7 @@ model or a secure-aggregation message) from its parent that long after its ``Hel
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -189,6 +189,11 @@ class SiteNode:
         """The newest global model this site has seen (broadcast or training request)."""
         return self._model
 
+    def omit_metrics(self, names: Iterable[str]) -> None:
+        """Its driver drops the metrics ``names`` unread (``federation.step``): build none
+        of those gauges."""
+        self._outbox.omit_gauges(names)
+
     @property
     def paused(self) -> bool:
         """Backpressure: the outbox is full, so no new training starts."""
@@ -229,11 +234,14 @@ class SiteNode:
             out.extend(self._start(parked))
         if self._secure is not None:
             out = self._secure.uplink(out)  # never a plain update
-        if self._outbox.metrics_due(now):
-            gauges = {"dispatch_paused": float(self.paused)}
-            if self._held is not None:
+        outbox = self._outbox
+        if outbox.metrics_due(now):
+            gauges = {}
+            if outbox.wants("dispatch_paused"):
+                gauges["dispatch_paused"] = float(self.paused)
+            if self._held is not None and outbox.wants("held_updates"):
                 gauges["held_updates"] = float(len(self._held))  # kept until settled
-            out.extend(self._outbox.metrics(now, **gauges))
+            out.extend(outbox.metrics(now, **gauges))
         return out
 
     def _handle(self, event: Event, now: float) -> list[Effect]:

@@ -91,21 +91,29 @@ def l2_norm(w: Mapping[str, npt.NDArray[Any]]) -> float:
     No BLAS: numpy's ``dot`` of a long vector wakes OpenBLAS's thread pool, whose threads
     then spin on the CPUs that the event loop, the channel's workers and the other
     processes need (a fifth of an aggregator's CPU under ingest went there)."""
+    return math.sqrt(_sum_all_squares(w))
+
+
+# An overflow (or a NaN) is reported as inf (nan), for callers to refuse. The decorator
+# form: it costs half of building an errstate for a ``with`` per call (a norm per update).
+@np.errstate(over="ignore", invalid="ignore")
+def _sum_all_squares(w: Mapping[str, npt.NDArray[Any]]) -> float:
     total = 0.0
-    # An overflow (or a NaN) is reported as inf (nan), for callers to refuse.
-    with np.errstate(over="ignore", invalid="ignore"):
-        for v in w.values():
-            flat = v.reshape(-1)
-            if _HALF_PATH and flat.size > _NORM_CHUNK and half_source(v) is not None:
-                total += _sum_half_squares(flat)
-            else:
-                total += _sum_squares(flat)
-    return math.sqrt(total)
+    for v in w.values():
+        flat = v.reshape(-1)
+        if _HALF_PATH and flat.size > _NORM_CHUNK and half_source(v) is not None:
+            total += _sum_half_squares(flat)
+        else:
+            total += _sum_squares(flat)
+    return total
+
+
+_add_reduce = np.add.reduce  # what ndarray.sum() calls, without its Python wrapper
 
 
 def _sum_squares(flat: npt.NDArray[Any]) -> float:
     if flat.size <= _NORM_CHUNK:
-        return float(np.multiply(flat, flat, dtype=np.float64).sum())
+        return float(_add_reduce(np.multiply(flat, flat, dtype=np.float64)))
     buf = np.empty(_NORM_CHUNK, dtype=np.float64)
     total = 0.0
     for start in range(0, flat.size, _NORM_CHUNK):
@@ -115,7 +123,7 @@ def _sum_squares(flat: npt.NDArray[Any]) -> float:
         # with dtype=float64 (which casts both operands), at half the cost.
         np.copyto(squares, part, casting="same_kind")
         np.multiply(squares, squares, out=squares)
-        total += float(squares.sum())
+        total += float(_add_reduce(squares))
     return total
 
 
@@ -150,7 +158,14 @@ def _sum_half_squares(flat: npt.NDArray[Any]) -> float:
 
 def is_finite(w: Weights) -> bool:
     """True when no tensor holds a NaN or an infinity."""
-    return all(bool(np.isfinite(v).all()) for v in w.values())
+    for v in w.values():  # noqa: SIM110 - a loop: all() of a generator costs more
+        # np.isfinite(v).all(), without the Python wrapper of ndarray.all()
+        if not _and_reduce(_isfinite(v), axis=None):
+            return False
+    return True
+
+
+_isfinite, _and_reduce = np.isfinite, np.logical_and.reduce
 
 
 def check_compatible(reference: Weights, other: Mapping[str, Any]) -> str | None:

@@ -25,14 +25,67 @@ def stable_key(key: int | str) -> int:
     return int.from_bytes(digest, "little")
 
 
+def _words(key: int, out: list[int]) -> None:
+    """Append ``key``'s 32-bit words, least significant first (``[0]`` for 0): how
+    ``SeedSequence`` reads an int of its entropy list."""
+    if key == 0:
+        out.append(0)
+    while key:
+        out.append(key & 0xFFFF_FFFF)
+        key >>= 32
+
+
+def _seed_sequence(words: list[int]) -> np.random.SeedSequence:
+    # The entropy as the uint32 words SeedSequence would make of the keys: the same pool
+    # and streams as ``SeedSequence([k0, k1, ...])``, without its per-int conversions.
+    return np.random.SeedSequence(np.array(words, dtype=np.uint32))
+
+
+def seed_sequence(*keys: int) -> np.random.SeedSequence:
+    """``SeedSequence([k0, k1, ...])`` of non-negative ints (the same pool and streams),
+    built without its per-int conversions: a data set's per-site streams use it."""
+    words: list[int] = []
+    for k in keys:
+        if k < 0:
+            raise ValueError(f"seed_sequence: keys must be non-negative, got {k}")
+        _words(int(k), words)
+    return _seed_sequence(words)
+
+
 def entity_seed(seed: int, *keys: int | str) -> np.random.SeedSequence:
-    """The seed sequence of the entity named by ``keys`` within run ``seed``."""
-    return np.random.SeedSequence([stable_key(seed), *(stable_key(k) for k in keys)])
+    """The seed sequence of the entity named by ``keys`` within run ``seed``: that of
+    ``SeedSequence([stable_key(seed), *map(stable_key, keys)])``."""
+    words: list[int] = []
+    _words(stable_key(seed), words)
+    for k in keys:
+        _words(stable_key(k), words)
+    return _seed_sequence(words)
 
 
 def entity_rng(seed: int, *keys: int | str) -> np.random.Generator:
     """An independent generator for one entity (e.g. ``entity_rng(seed, "compute", site)``)."""
     return np.random.default_rng(entity_seed(seed, *keys))
+
+
+class EntityRngs:
+    """``entity_rng(seed, *prefix, *keys)`` for many entities under one prefix (a site's
+    compute or dropout stream: ``EntityRngs(seed, "compute").rng(site)``), with the
+    prefix's keys hashed once."""
+
+    __slots__ = ("_prefix",)
+
+    def __init__(self, seed: int, *prefix: int | str) -> None:
+        words: list[int] = []
+        _words(stable_key(seed), words)
+        for k in prefix:
+            _words(stable_key(k), words)
+        self._prefix = tuple(words)
+
+    def rng(self, *keys: int | str) -> np.random.Generator:
+        words = list(self._prefix)
+        for k in keys:
+            _words(stable_key(k), words)
+        return np.random.default_rng(_seed_sequence(words))
 
 
 def derived_seed(seed: int, *keys: int | str) -> int:

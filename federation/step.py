@@ -18,7 +18,8 @@ once:
   so a record is handed over before the ``Send`` of the acknowledgement that follows it.
   An effect of any other type is a bug in the node and raises. A driver may name metrics
   it has no use for (``skip_metrics``: the simulator skips the live gauges a daemon
-  shows on its metrics page): those are dropped here, before the observer and the sink;
+  shows on its metrics page): those are dropped here, before the observer and the sink,
+  and a node with an ``omit_metrics(names)`` method is told, so it can leave them out;
 * **training-seed injection**: a ``Train`` whose config has no ``"seed"`` gets
   ``derived_seed(seed, "train", node_id, job)``, so a job trains identically under
   either driver;
@@ -145,6 +146,11 @@ class NodeStep:
         self.error = error
         self.max_stuck = max_stuck
         self.skip_metrics = frozenset(skip_metrics)
+        if self.skip_metrics:
+            # A node that offers it need not build what is dropped here unseen anyway.
+            omit = getattr(node, "omit_metrics", None)
+            if omit is not None:
+                omit(self.skip_metrics)
         self._stuck = 0
         self._last_fired: float | None = None  # the time of the last stuck firing
 

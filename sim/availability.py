@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.federation.seeds import entity_rng
+from fedloom.federation.seeds import EntityRngs, entity_rng
 from fedloom.sim.network import Partition
 
 DEFAULT_DETECTION_DELAY_S = 30.0
@@ -87,6 +87,7 @@ class Availability:
         self.detection_delay_s = _number("detection_delay_s", detection_delay_s)
         self.seed = seed
         self._rngs: dict[str, np.random.Generator] = {}
+        self._dropout_streams = EntityRngs(seed, "dropout")  # entity_rng(seed, "dropout", site)
 
     @property
     def any_dropout(self) -> bool:
@@ -102,7 +103,7 @@ class Availability:
             return False
         rng = self._rngs.get(site)
         if rng is None:
-            rng = self._rngs[site] = entity_rng(self.seed, "dropout", site)
+            rng = self._rngs[site] = self._dropout_streams.rng(site)
         return bool(rng.random() < p)
 
     def partitions(self) -> list[Partition]:

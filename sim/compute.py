@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedloom.federation.seeds import entity_rng
+from fedloom.federation.seeds import EntityRngs
 
 
 class Distribution(Protocol):
@@ -226,6 +226,7 @@ class ComputeModel:
             _check(f"speed of {site!r}", speed, positive=True)
         self._default_speed = float(default_speed)
         self._rngs: dict[str, np.random.Generator] = {}
+        self._streams = EntityRngs(seed, "compute")  # entity_rng(seed, "compute", site)
 
     @classmethod
     def constant(cls, duration_s: float, **kwargs: Any) -> ComputeModel:
@@ -249,5 +250,5 @@ class ComputeModel:
         """Draw the duration of ``site``'s next job (advances that site's stream only)."""
         rng = self._rngs.get(site)
         if rng is None:
-            rng = self._rngs[site] = entity_rng(self.seed, "compute", site)
+            rng = self._rngs[site] = self._streams.rng(site)
         return self.distribution.draw(rng) / self._speeds.get(site, self._default_speed)

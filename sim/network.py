@@ -304,9 +304,10 @@ class Network:
         self._partitions: list[frozenset[str]] = []
         self._dead: set[str] = set()
         self._notified: dict[tuple[str, str], bool] = {}
-        # Broadcast memo: (id(msg), spec) -> (msg, size, decoded). Holding msg keeps its
-        # id from being reused while the entry lives; cleared by end_burst().
-        self._memo: dict[tuple[int, Any], tuple[Any, int, Any]] = {}
+        # Broadcast memo: (id(msg), id(spec)) -> (msg, spec, size, decoded). Holding msg
+        # and spec keeps their ids from being reused while the entry lives (ids: hashing a
+        # spec dataclass costs more than the lookup); cleared by end_burst().
+        self._memo: dict[tuple[int, int], tuple[Any, Any, int, Any]] = {}
         # Shared tensors: (type, id(tensors), spec) -> (tensors, extra bytes, decoded
         # tensors), most recent last; holding the tensors keeps their id from being reused.
         self._tensor_memo: dict[tuple[type, int, Any], tuple[Any, int, Any]] = {}
@@ -537,10 +538,11 @@ class Network:
         spec in ``codecs``), memoised per burst."""
         if spec is None:
             spec = self._codecs.spec_for(msg)
-        key = (id(msg), spec)
-        hit = self._memo.get(key)
+        key = (id(msg), id(spec))
+        memo = self._memo
+        hit = memo.get(key)
         if hit is not None:
-            return hit[1], hit[2]
+            return hit[2], hit[3]
         sizer = self._sizer
         if sizer is not None and spec.kind == "fp32" and not self.decode_lossless:
             # Lossless: the receiver gets what was sent, so only the size is needed, and
@@ -548,14 +550,14 @@ class Network:
             size = sizer.size(msg, spec)
             if self.verify_encoding:
                 self._verify(msg, spec, size)
-            self._memo[key] = (msg, size, msg)
+            memo[key] = (msg, spec, size, msg)
             return size, msg
         field = _SHARED_TENSOR_FIELDS.get(type(msg).__name__)
         if field is None:
             size, decoded = self._encode_decode(msg, spec)
         else:
             size, decoded = self._encode_shared(msg, spec, field)
-        self._memo[key] = (msg, size, decoded)
+        memo[key] = (msg, spec, size, decoded)
         return size, decoded
 
     def _verify(self, msg: Any, spec: Any, size: int) -> None:

@@ -95,9 +95,9 @@ def _tensors_size(tensors: Mapping[str, Any], spec: CodecSpec) -> int:
 _TENSOR_FIELD = 1 + 2 + 2  # fixmap(2), "m", "p"
 _F32 = np.dtype("<f4")  # numpy's own float32 descriptor (other equal ones: the slow path)
 _RAW = CodecSpec("fp32", lz4=False)
-# Manifest bytes by layout ((name, shape), ...) of float32 tensors sent raw (fp32): a
+# Manifest bytes by layout (names..., shapes...) of float32 tensors sent raw (fp32): a
 # federation sends a few layouts (its model's) many times.
-_MANIFESTS: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}
+_MANIFESTS: dict[tuple[Any, ...], int] = {}
 _MAX_MANIFESTS = 256
 
 
@@ -105,19 +105,18 @@ def _float32_tensors_size(tensors: Mapping[str, Any], lz4: bool) -> int | None:
     """The tensor field's size where every tensor is a C-contiguous little-endian float32
     array (the payload is then their bytes as they are), else None. The manifest's size
     is the encoder's for the layout (remembered); LZ4 is the encoder's own function."""
-    layout = []
-    for name, value in tensors.items():
+    arrays = list(tensors.values())
+    for value in arrays:
         if type(value) is not np.ndarray or value.dtype is not _F32 or not value.flags.c_contiguous:
             return None
-        layout.append((name, value.shape))
-    key = tuple(layout)
+    key = (*tensors, *[value.shape for value in arrays])  # names, then shapes
     manifest = _MANIFESTS.get(key)
     if manifest is None:
         if len(_MANIFESTS) >= _MAX_MANIFESTS:
             _MANIFESTS.clear()
         raw, _ = encode_tensors(tensors, _RAW)  # its "lz4" flag is one byte either way
         manifest = _MANIFESTS[key] = len(msgpack.packb(raw, use_bin_type=True))
-    payload = b"".join([value.data for value in tensors.values()])  # as the encoder joins
+    payload = b"".join(arrays)  # their bytes in order, as the encoder joins them
     n = len(payload)
     if lz4:
         packed = _lz4_if_smaller(payload)
@@ -142,13 +141,17 @@ def _scalar_size(v: Any) -> int:
 
 
 def _map_size(value: Any) -> int:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise _UnsizedError
     n = _count_header(len(value))
     for key, item in value.items():
         if type(key) is not str:
             raise _UnsizedError
-        n += _str_size(key) + _scalar_size(item)
+        # _str_size(key) + _scalar_size(item), with the common cases (ASCII keys, float
+        # values) inline: a message's metrics or config map is sized on every send.
+        k = len(key) if key.isascii() else len(key.encode("utf-8"))
+        n += k + (1 if k < 32 else 2 if k < 0x100 else 3 if k < 0x10000 else 5)
+        n += 9 if type(item) is float else _scalar_size(item)
     return n
 
 
@@ -206,9 +209,9 @@ class WireSizer:
     __slots__ = ("_memo", "memo_size")
 
     def __init__(self, memo_size: int = 4) -> None:
-        # (id(tensors), spec) -> (tensors, bytes), most recent last; holding the tensors
-        # keeps their id from being reused while the entry lives.
-        self._memo: dict[tuple[int, CodecSpec], tuple[Any, int]] = {}
+        # (id(tensors), id(spec)) -> (tensors, spec, bytes), most recent last; holding the
+        # tensors and the spec keeps their ids from being reused while the entry lives.
+        self._memo: dict[tuple[int, int], tuple[Any, CodecSpec, int]] = {}
         self.memo_size = memo_size
 
     def size(self, msg: Any, spec: CodecSpec) -> int:
@@ -225,17 +228,23 @@ class WireSizer:
         for name, kind in fields:
             value = getattr(msg, name)
             if kind == _INT:
-                n += _int_size(operator.index(value))
+                # _int_size(operator.index(value)), inline for a plain int below 2**16
+                if type(value) is int and 0 <= value < 0x10000:
+                    n += 1 if value < 0x80 else 2 if value < 0x100 else 3
+                else:
+                    n += _int_size(operator.index(value))
             elif kind == _STR:
                 if type(value) is not str:
                     raise _UnsizedError
-                n += _str_size(value)
-            elif kind == _TENSORS:
-                n += self._tensors(value, spec) if shared else _tensors_size(value, spec)
+                k = len(value) if value.isascii() else len(value.encode("utf-8"))
+                n += k + (1 if k < 32 else 2 if k < 0x100 else 3 if k < 0x10000 else 5)
             elif kind == _BIN:
                 if type(value) is not bytes or len(value) > _MAX_BIN:
                     raise _UnsizedError
-                n += _bin_size(len(value))
+                k = len(value)
+                n += k + (2 if k < 0x100 else 3 if k < 0x10000 else 5)
+            elif kind == _TENSORS:
+                n += self._tensors(value, spec) if shared else _tensors_size(value, spec)
             elif kind == _MAP:
                 n += _map_size(value)
             elif kind == _FLOAT:
@@ -246,14 +255,15 @@ class WireSizer:
         return n
 
     def _tensors(self, tensors: Any, spec: CodecSpec) -> int:
-        key = (id(tensors), spec)
+        key = (id(tensors), id(spec))
         memo = self._memo
         hit = memo.get(key)
         if hit is not None:
-            memo[key] = memo.pop(key)  # most recently used last
-            return hit[1]
+            if len(memo) > 1:
+                memo[key] = memo.pop(key)  # most recently used last
+            return hit[2]
         size = _tensors_size(tensors, spec)
-        memo[key] = (tensors, size)
+        memo[key] = (tensors, spec, size)
         if len(memo) > self.memo_size:
             del memo[next(iter(memo))]
         return size

@@ -22,6 +22,8 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from fedloom.federation.seeds import seed_sequence
+
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
@@ -180,6 +182,7 @@ class SyntheticFederated:
         )
         self._n_total: dict[int, int] = {}  # memo for n_examples (ints only: tiny)
         self._iid_model: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None
+        self._iid32: tuple[F32, F32, F32] | None = None  # _iid_float32
 
     @property
     def n_sites(self) -> int:
@@ -195,7 +198,7 @@ class SyntheticFederated:
 
     # -- per-site streams ------------------------------------------------------------
     def _site_rng(self, i: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence([self.seed, i]))
+        return np.random.default_rng(seed_sequence(self.seed, i))  # SeedSequence([seed, i])
 
     def _draw_n_total(self, rng: np.random.Generator) -> int:
         n = int(rng.lognormal(4.0, 2.0)) + 50  # int() truncates: floor for positives
@@ -260,16 +263,37 @@ class SyntheticFederated:
         """Generate site ``i``'s data (deterministic; nothing is cached here)."""
         _check_site(i, self._n_sites)
         rng = self._site_rng(i)
-        p = self._parameters(rng)
-        x = rng.standard_normal((p.n_total, self._d), dtype=np.float32)
+        d, c = self._d, self._c
+        if self.iid:
+            # _parameters' draws (the stream's layout), of which the IID variant keeps only
+            # n_total: its v is zeros and its W, b the global model's (float32 copies kept).
+            n_total = self._draw_n_total(rng)
+            rng.standard_normal(2 + d + d * c + c)
+            v32, W32, b32 = self._iid_float32()
+        else:
+            p = self._parameters(rng)
+            n_total = p.n_total
+            v32, W32, b32 = p.v.astype(np.float32), p.W.astype(np.float32), p.b.astype(np.float32)
+        x = rng.standard_normal((n_total, d), dtype=np.float32)
         x *= self._sqrt_cov32
-        x += p.v.astype(np.float32)
+        x += v32
         # argmax of softmax(z) is argmax of z; labels come from the stored float32 features
-        logits = x @ p.W.astype(np.float32)
-        logits += p.b.astype(np.float32)
+        logits = x @ W32
+        logits += b32
         y = logits.argmax(axis=1).astype(np.int64)
-        k = self._n_train(p.n_total)
+        k = self._n_train(n_total)
         return SiteData(train=Split(x[:k], y[:k]), test=Split(x[k:], y[k:]))
+
+    def _iid_float32(self) -> tuple[F32, F32, F32]:
+        """The IID variant's v (zeros), W and b as float32 (the global model's, cast once)."""
+        if self._iid32 is None:
+            W, b = self._global_model()
+            self._iid32 = (
+                np.zeros(self._d, np.float32),
+                W.astype(np.float32),
+                b.astype(np.float32),
+            )
+        return self._iid32
 
     # -- evaluation -------------------------------------------------------------------
     def eval_site_indices(self, eval_sites: int) -> npt.NDArray[np.int64]:

@@ -118,6 +118,26 @@ def test_iid_variant_shares_one_model_and_zero_means() -> None:
     assert abs(x.mean()) < 0.05
 
 
+@pytest.mark.parametrize("iid", [True, False])
+def test_site_data_is_drawn_from_the_sites_stream_after_its_parameters(iid: bool) -> None:
+    """The recipe of the class docstring, drawn here step by step from the site's own
+    ``SeedSequence([seed, k])``: the IID variant draws (and drops) the per-site parameters
+    too, so its examples are these bit for bit."""
+    ds = SyntheticFederated(50, 0.5, 0.5, iid=iid, seed=4, samples_per_site=30)
+    for k in (0, 7, 49):
+        rng = np.random.default_rng(np.random.SeedSequence([4, k]))
+        p = ds._parameters(rng)
+        x = rng.standard_normal((30, 60), dtype=np.float32)
+        x *= np.power(np.arange(1, 61, dtype=np.float64), -0.6).astype(np.float32)
+        x += p.v.astype(np.float32)
+        logits = x @ p.W.astype(np.float32) + p.b.astype(np.float32)
+        site = ds.site(k)
+        np.testing.assert_array_equal(np.concatenate([site.train.x, site.test.x]), x)
+        np.testing.assert_array_equal(
+            np.concatenate([site.train.y, site.test.y]), logits.argmax(axis=1)
+        )
+
+
 def test_synthetic_eval_set_pools_a_deterministic_sample_of_sites() -> None:
     ds = SyntheticFederated(500, seed=1, samples_per_site=60)
     idx = ds.eval_site_indices(25)
