@@ -541,7 +541,7 @@ class SimDriver:
                 duration, self._job_failed, node_id, job, "dropout", incarnation
             )
             return
-        ticket = self.executor.submit(node_id, weights, config)
+        ticket = self.executor.submit(node_id, weights, config, due=self.kernel.now + duration)
         incarnation = self._incarnation.get(node_id, 0)
         self.kernel.schedule_in(duration, self._job_done, node_id, job, ticket, incarnation)
 

@@ -295,7 +295,14 @@ class RayExecutor:
         self._remote = ray.remote(num_cpus=1, max_retries=0)(_run_job)
         self._open: set[Any] = set()  # submitted, neither joined nor discarded
 
-    def submit(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> Any:
+    def submit(
+        self,
+        node_id: str,
+        weights: Weights,
+        config: Mapping[str, Any],
+        *,
+        due: float | None = None,
+    ) -> Any:
         ticket = self._remote.remote([self._trainer], node_id, weights, dict(config))
         self._open.add(ticket)
         return ticket

@@ -513,7 +513,14 @@ class LedgerTrainer:
 
 
 class _SimExecutor(Protocol):
-    def submit(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> Any: ...
+    def submit(
+        self,
+        node_id: str,
+        weights: Weights,
+        config: Mapping[str, Any],
+        *,
+        due: float | None = None,
+    ) -> Any: ...
     def join(self, ticket: Any) -> TrainResult: ...
     def discard(self, ticket: Any) -> None: ...
     def close(self) -> None: ...
@@ -548,13 +555,20 @@ class LedgerExecutor:
             led = self.ledgers[node_id] = PrivacyLedger(self.dp, name=node_id)
         return led
 
-    def submit(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> _Ticket:
+    def submit(
+        self,
+        node_id: str,
+        weights: Weights,
+        config: Mapping[str, Any],
+        *,
+        due: float | None = None,
+    ) -> _Ticket:
         job = job_of(config, self._n_train(node_id), self.dp)
         try:
             self.ledger(node_id).admit(job)
         except PrivacyBudgetExhaustedError as exc:
             return _Ticket(node_id, None, None, exc)
-        return _Ticket(node_id, job, self.inner.submit(node_id, weights, config))
+        return _Ticket(node_id, job, self.inner.submit(node_id, weights, config, due=due))
 
     def join(self, ticket: _Ticket) -> TrainResult:
         if ticket.refused is not None:

@@ -1,10 +1,15 @@
-"""The process pool sends small jobs in batches: every job's result is the one the inline
-executor gives, whatever the batching, joining order or discards; a failing job fails only
-its own join."""
+"""The process pool trains jobs ahead of time and the driver takes back what no worker has
+started: every job is trained exactly once, by whichever side, and its result is the one the
+inline executor gives; workers train in due order; a claimed job is waited for; a failing
+job fails only its own join; a dead worker is a clear error."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,13 +20,57 @@ from fedloom.sim.executors import InlineExecutor, PoolExecutor
 from tests.conformance.toy_nodes import NoisyTrainer
 
 
-class FailsOnSeven(NoisyTrainer):
-    """Raises for the job whose seed is 7 (picklable: a module-level class)."""
+class Marking(NoisyTrainer):
+    """Creates ``<dir>/<seed>`` holding its pid when it trains a job (a second training of
+    the same job fails: the file exists) and appends the seed to ``<dir>/order``. The job
+    whose seed is ``hold`` waits for ``<dir>/go`` first (at most 30 s)."""
+
+    def __init__(self, directory: Path, hold: int = -1) -> None:
+        super().__init__()
+        self.dir = directory
+        self.hold = hold
 
     def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        seed = int(config["seed"])
+        with open(self.dir / str(seed), "x") as f:
+            f.write(str(os.getpid()))
+        with open(self.dir / "order", "a") as f:
+            f.write(f"{seed}\n")
+        if seed == self.hold:
+            _wait_for(lambda: (self.dir / "go").exists())
+        return super().__call__(node_id, weights, config)
+
+
+class FailsOnSeven(Marking):
+    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        result = super().__call__(node_id, weights, config)
         if config["seed"] == 7:
             raise ValueError("job 7 fails")
-        return super().__call__(node_id, weights, config)
+        if config["seed"] == 8:  # an exception that holds a lock cannot be pickled back
+            raise ValueError("job 8 fails", threading.Lock())
+        return result
+
+
+class DiesOnThree(Marking):
+    """Job 3 ends a worker process (never the test's own)."""
+
+    def __init__(self, directory: Path, parent: int) -> None:
+        super().__init__(directory)
+        self.parent = parent
+
+    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        result = super().__call__(node_id, weights, config)
+        if config["seed"] == 3 and os.getpid() != self.parent:
+            os._exit(3)
+        return result
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.005)
 
 
 def _jobs(n: int) -> list[tuple[str, Weights, dict[str, Any]]]:
@@ -38,72 +87,110 @@ def _same(a: TrainResult, b: TrainResult) -> bool:
     )
 
 
-def test_batched_results_are_the_inline_ones_in_any_join_order() -> None:
+def _trained_by(directory: Path, seed: int) -> int:
+    return int((directory / str(seed)).read_text())
+
+
+def _order(directory: Path) -> list[int]:
+    return [int(line) for line in (directory / "order").read_text().split()]
+
+
+def test_each_job_is_trained_once_by_either_side_with_the_inline_result(tmp_path: Path) -> None:
     jobs = _jobs(300)
     inline = InlineExecutor(NoisyTrainer())
     expected = [inline.join(inline.submit(*job)) for job in jobs]
-    with PoolExecutor(NoisyTrainer(), workers=2, batch_seconds=1.0) as pool:
-        first = pool.submit(*jobs[0])
-        assert _same(pool.join(first), expected[0])  # teaches the pool a job's cost
-        tickets = [pool.submit(*job) for job in jobs[1:]]
-        order = np.random.default_rng(0).permutation(len(tickets))
-        for i in order:
-            assert _same(pool.join(tickets[i]), expected[i + 1])
-        # 299 tiny jobs travelled in far fewer messages than jobs
-        assert 1 < pool.batches_sent < 50
+    dues = np.random.default_rng(0).permutation(len(jobs)).astype(float)
+    with PoolExecutor(Marking(tmp_path), workers=2, batch_seconds=0.05) as pool:
+        tickets = [pool.submit(*job, due=dues[i]) for i, job in enumerate(jobs[:10])]
+        _wait_for(lambda: len(list(tmp_path.iterdir())) > 10)  # each alone until one came back
+        for i in range(10):
+            assert _same(pool.join(tickets[i]), expected[i])  # teaches the pool a job's cost
+        tickets += [pool.submit(*job, due=dues[i]) for i, job in enumerate(jobs) if i >= 10]
+        for i in range(50, 300, 50):  # joined at once: mostly trained by the driver
+            assert _same(pool.join(tickets[i]), expected[i])
+        _wait_for(lambda: len(list(tmp_path.iterdir())) > 250)  # the workers caught up
+        discarded = {i for i in range(5, 300, 37)}
+        for i in discarded:
+            pool.discard(tickets[i])
+        for i in np.random.default_rng(1).permutation(len(jobs)):  # any join order
+            if i >= 10 and i % 50 and i not in discarded:
+                assert _same(pool.join(tickets[i]), expected[i])  # trained once: else raises
+        assert 0 < pool.jobs_sent <= 300
+        assert pool.batches_sent < pool.jobs_sent  # small jobs share messages
+    pids = {_trained_by(tmp_path, i) for i in range(300) if i not in discarded}
+    assert os.getpid() in pids and len(pids) >= 2  # the driver and a worker both trained
 
 
-def test_a_job_that_takes_the_batch_budget_goes_alone() -> None:
-    with PoolExecutor(NoisyTrainer(), workers=1, batch_seconds=0.0) as pool:
-        tickets = [pool.submit(*job) for job in _jobs(6)]
-        for t in tickets:
-            pool.join(t)
-        assert pool.batches_sent == 6
-
-
-def test_a_failing_job_fails_its_own_join_only_and_discards_are_skipped() -> None:
-    jobs = _jobs(20)
+def test_workers_train_in_due_order_and_a_claimed_job_is_waited_for(tmp_path: Path) -> None:
+    jobs = _jobs(6)
     inline = InlineExecutor(NoisyTrainer())
-    with PoolExecutor(FailsOnSeven(), workers=1, batch_seconds=10.0) as pool:
-        pool.join(pool.submit(*jobs[0]))  # learn: the next 19 share one batch
-        tickets = [pool.submit(*job) for job in jobs[1:]]
-        pool.discard(tickets[2])  # job 3: never sent, never run
-        for i, t in enumerate(tickets, start=1):
-            if i == 3:
-                continue
+    with PoolExecutor(Marking(tmp_path, hold=0), workers=1) as pool:
+        first = pool.submit(*jobs[0], due=0.0)
+        _wait_for(lambda: (tmp_path / "0").exists())  # claimed: the worker holds it
+        dues = [5.0, 3.0, 1.0, 4.0, 2.0]
+        tickets = [pool.submit(*job, due=d) for job, d in zip(jobs[1:], dues, strict=True)]
+        threading.Timer(0.2, (tmp_path / "go").touch).start()
+        assert _same(pool.join(first), inline.join(inline.submit(*jobs[0])))
+        assert pool.waits == 1  # it waited for the worker instead of training it again
+        _wait_for(lambda: len(_order(tmp_path)) == 6)
+        assert _order(tmp_path) == [0, 3, 5, 2, 4, 1]  # by due time, not by submission
+        for job, t in zip(jobs[1:], tickets, strict=True):
+            assert _same(pool.join(t), inline.join(inline.submit(*job)))
+        assert pool.jobs_taken_back == 0
+    assert {_trained_by(tmp_path, i) for i in range(6)} != {os.getpid()}
+
+
+def test_the_driver_takes_back_what_no_worker_started_and_discards_never_run(
+    tmp_path: Path,
+) -> None:
+    jobs = _jobs(4)
+    inline = InlineExecutor(NoisyTrainer())
+    with PoolExecutor(Marking(tmp_path, hold=0), workers=1) as pool:
+        held = pool.submit(*jobs[0], due=0.0)
+        _wait_for(lambda: (tmp_path / "0").exists())
+        waiting, dropped, last = (pool.submit(*job, due=i + 1.0) for i, job in enumerate(jobs[1:]))
+        assert _same(pool.join(waiting), inline.join(inline.submit(*jobs[1])))
+        assert pool.jobs_taken_back == 1 and _trained_by(tmp_path, 1) == os.getpid()
+        pool.discard(dropped)
+        (tmp_path / "go").touch()
+        pool.join(held)
+        _wait_for(lambda: (tmp_path / "3").exists())  # due after the dropped one
+        assert _same(pool.join(last), inline.join(inline.submit(*jobs[3])))
+    assert _order(tmp_path) == [0, 1, 3]  # job 2 never ran: job 3, due later, did
+
+
+@pytest.mark.parametrize("where", ["worker", "driver"])
+def test_a_failing_job_fails_its_own_join_only(tmp_path: Path, where: str) -> None:
+    jobs = _jobs(10)
+    inline = InlineExecutor(NoisyTrainer())
+    with PoolExecutor(FailsOnSeven(tmp_path), workers=1) as pool:
+        tickets = [pool.submit(*job, due=float(i)) for i, job in enumerate(jobs)]
+        if where == "worker":
+            _wait_for(
+                lambda: len(_order(tmp_path)) == 10 if (tmp_path / "order").exists() else False
+            )
+        for i, t in enumerate(tickets):
             if i == 7:
                 with pytest.raises(ValueError, match="job 7 fails"):
                     pool.join(t)
+            elif i == 8:  # from a worker it comes back as a RuntimeError naming it
+                with pytest.raises((ValueError, RuntimeError), match="job 8 fails"):
+                    pool.join(t)
             else:
                 assert _same(pool.join(t), inline.join(inline.submit(*jobs[i])))
-        assert pool.batches_sent == 2
+
+
+def test_a_dead_worker_is_a_clear_error(tmp_path: Path) -> None:
+    jobs = _jobs(5)
+    with PoolExecutor(DiesOnThree(tmp_path, os.getpid()), workers=1) as pool:
+        tickets = [pool.submit(*job, due=float(i)) for i, job in enumerate(jobs)]
+        _wait_for(lambda: not pool._workers[0].process.is_alive())
+        with pytest.raises(RuntimeError, match=r"fedloom-train-0 died \(exit code 3\)"):
+            for t in tickets:  # at the latest at job 3's: its worker never answers
+                pool.join(t)
 
 
 @pytest.mark.parametrize("bad", [{"batch_seconds": -1.0}, {"max_batch": 0}, {"workers": 0}])
 def test_bad_settings_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         PoolExecutor(NoisyTrainer(), **bad)
-
-
-class FailsUnpicklably(NoisyTrainer):
-    """Job 2 raises an exception that holds a lock (it cannot be pickled back)."""
-
-    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
-        if config["seed"] == 2:
-            import threading
-
-            raise ValueError("job 2 fails", threading.Lock())
-        return super().__call__(node_id, weights, config)
-
-
-def test_an_unpicklable_exception_fails_only_its_own_job() -> None:
-    jobs = _jobs(5)
-    with PoolExecutor(FailsUnpicklably(), workers=1, batch_seconds=10.0) as pool:
-        pool.join(pool.submit(*jobs[0]))
-        tickets = [pool.submit(*job) for job in jobs[1:]]
-        for i, t in enumerate(tickets, start=1):
-            if i == 2:
-                with pytest.raises(RuntimeError, match="cannot be pickled"):
-                    pool.join(t)
-            else:
-                assert pool.join(t).n_examples == 10
