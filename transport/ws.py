@@ -11,7 +11,11 @@ text frame closes the link with code 1003.
 Payload bytes are handled once on each side: servers install fedloom's frame reader
 (``transport.ws_frames``) in place of aiohttp's, which unmasks each payload in the copy
 that assembles it, and clients mask each large frame in the pass that copies it into the
-frame (``_MaskingWriter``). Both hook into aiohttp internals, so both sit behind feature
+frame (``_MaskingWriter``); once fedloom's parser reads a connection (either side), its
+socket is read straight into the payload buffer of the frame being read
+(``_DirectReads``, an ``asyncio.BufferedProtocol`` in front of aiohttp's protocol), so a
+large payload is not copied on the way in at all (a transport that cannot switch
+protocols is read as before). These hook into aiohttp internals, so they sit behind feature
 detection (``fast_path``): on first use every internal they need is checked (that it
 exists, its signature, the names aiohttp's own ``_post_start`` uses, and a probe frame
 written through the writer hook and parsed back); whatever is missing or changed is
@@ -248,6 +252,10 @@ class _FrameReader:
         self._parser = parser
         self._flooded = False
 
+    @property
+    def parser(self) -> FrameParser:
+        return self._parser
+
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         parser = self._parser
         if parser.error is not None or self._flooded:
@@ -282,6 +290,82 @@ class _FrameReader:
         self.queue.feed_eof()
 
 
+# A socket read goes straight into the payload buffer of the frame being read while at
+# least this many of its bytes are still to come; shorter remainders, frame headers and
+# small messages are read into the connection's read buffer (of this size, reused) and
+# copied from there, as the event loop's own reads would be.
+DIRECT_READ_FROM = 64 * 1024
+READ_BUFFER_BYTES = 64 * 1024
+
+
+class _DirectReads(asyncio.BufferedProtocol):
+    """A connection's protocol once fedloom's frame parser reads it (both fast paths):
+    the event loop reads the socket straight into the payload buffer of the frame being
+    read (``FrameParser.read_into``) where at least ``DIRECT_READ_FROM`` of it is still to
+    come, else into a reused read buffer. Either way the bytes read go on, as a view, to
+    the connection's protocol (aiohttp's, or the server's counting wrapper around it),
+    exactly where ``data_received`` would have taken them, so every check, time-out and
+    heartbeat there still sees every byte; the parser finds payload bytes already in
+    place and unmasks them there. What this saves is the event loop's copy of each read
+    into a new ``bytes`` and the parser's copy of it into the frame: about 4 MB of copies
+    per model a site receives. The other protocol events are passed on unchanged."""
+
+    __slots__ = ("_buffer", "_given", "_parser", "_protocol", "direct_bytes")
+
+    def __init__(self, protocol: asyncio.BaseProtocol, parser: FrameParser) -> None:
+        self._protocol = cast(asyncio.Protocol, protocol)
+        self._parser = parser
+        self._buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+        self._given = self._buffer  # what the last get_buffer handed out
+        self.direct_bytes = 0  # bytes received straight into a frame's payload
+
+    @property
+    def protocol(self) -> asyncio.BaseProtocol:
+        """The protocol the bytes go on to."""
+        return self._protocol
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        into = self._parser.read_into()
+        self._given = into if into is not None and len(into) >= DIRECT_READ_FROM else self._buffer
+        return self._given
+
+    def buffer_updated(self, nbytes: int) -> None:
+        given = self._given
+        if given is not self._buffer:
+            self.direct_bytes += nbytes
+        # aiohttp's protocols take any bytes-like object (their annotation says bytes).
+        self._protocol.data_received(cast(bytes, given[:nbytes]))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._protocol.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._protocol.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self._protocol.eof_received()
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+
+def read_directly(transport: Any, parser: FrameParser) -> _DirectReads | None:
+    """Make ``transport`` read through ``_DirectReads`` into ``parser``'s frames, around
+    the protocol it has; None (nothing changed) where the transport cannot switch
+    protocols or is closing. Call it between two reads, once ``parser`` is the only
+    reader of the connection's bytes (the parser's state tells where each read goes)."""
+    set_protocol = getattr(transport, "set_protocol", None)
+    get_protocol = getattr(transport, "get_protocol", None)
+    if set_protocol is None or get_protocol is None or transport.is_closing():
+        return None
+    reads = _DirectReads(get_protocol(), parser)
+    set_protocol(reads)
+    return reads
+
+
 class OneCopyWebSocketResponse(web.WebSocketResponse):
     """aiohttp's server-side WebSocket with fedloom's frame reader (``transport.ws_frames``:
     one copy of each payload instead of five). Everything else (the upgrade, heartbeat,
@@ -295,6 +379,7 @@ class OneCopyWebSocketResponse(web.WebSocketResponse):
         super().__init__(*args, **kwargs)
         self._handshake_messages = handshake_messages
         self._max_handshake_message = max_handshake_message
+        self.direct_reads: _DirectReads | None = None  # once started, where it could
 
     def _post_start(
         self, request: web.BaseRequest, protocol: str | None, writer: WebSocketWriter
@@ -317,6 +402,7 @@ class OneCopyWebSocketResponse(web.WebSocketResponse):
         callback = None if self._heartbeat is None else self._on_data_received
         request.protocol.set_parser(parser, data_received_cb=callback)  # type: ignore[arg-type]
         request.protocol.keep_alive(False)
+        self.direct_reads = read_directly(request.transport, parser.parser)
 
 
 class _MaskingWriter(WebSocketWriter):
@@ -368,6 +454,14 @@ class OneCopyReadingClientWebSocketResponse(OneCopyClientWebSocketResponse):
     aiohttp's client reader accepts both."""
 
     max_message = MAX_FRAME
+    direct_reads: _DirectReads | None = None  # ``read_directly`` switched it on
+
+    def read_directly(self) -> None:
+        """Read the connection's socket straight into frames (``_DirectReads``); called
+        once ``ClientSession._ws_connect`` has handed our frame reader to the connection."""
+        reader = self._parser
+        if isinstance(reader, _FrameReader) and self.direct_reads is None:
+            self.direct_reads = read_directly(self._writer.transport, reader.parser)
 
     @property
     def _parser(self) -> Any:
@@ -751,6 +845,8 @@ async def connect(
     except BaseException:
         await session.close()
         raise
+    if isinstance(ws, OneCopyReadingClientWebSocketResponse):
+        ws.read_directly()  # no read has run since ws_connect handed the frames to it
     return WebSocketLink(ws, session=session, peer=url)
 
 

@@ -197,12 +197,32 @@ class FrameParser:
         self._payload: np.ndarray | None = None
         self._filled = 0
         self._mask_pattern: np.ndarray | None = None  # the masking key, repeated
+        # The payload offset ``read_into`` last handed out (-1: none since the last feed).
+        self._into = -1
         # A fragmented data message in progress (opcode CONTINUATION: none): its bytes
         # so far are _message[:_message_size], from _fragments non-final frames.
         self._message_opcode = Opcode.CONTINUATION
         self._message: np.ndarray | None = None
         self._message_size = 0
         self._fragments = 0
+
+    def read_into(self) -> memoryview | None:
+        """Where the next bytes received belong when they are a payload's: a writable
+        view of the rest of the current frame's payload buffer (None between payloads,
+        where a header comes next, and after an error).
+
+        A connection may receive straight into it (``asyncio.BufferedProtocol``), then
+        pass the bytes it received to ``feed`` as a view of that buffer: ``feed`` finds
+        them already in place and only unmasks them there, instead of copying them from
+        a read buffer. The view never reaches past this frame (whose size passed the
+        caps at its header), and anything else given to ``feed`` is parsed as always.
+        """
+        payload = self._payload
+        if payload is None or self.error is not None:
+            self._into = -1
+            return None
+        self._into = self._filled
+        return payload[self._filled :].data
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Parse ``data`` (the next bytes received) and return the messages it completed.
@@ -212,6 +232,12 @@ class FrameParser:
         """
         if self.error is not None:
             return []
+        try:
+            return self._feed(data)
+        finally:
+            self._into = -1
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         messages: list[Message] = []
         view = memoryview(data).cast("B")
         pos, end = 0, len(view)
@@ -337,7 +363,11 @@ class FrameParser:
         at, size = self._filled, len(piece)
         target = self._payload[at : at + size]
         source = np.frombuffer(piece, dtype=np.uint8)
-        if self._mask_pattern is None:
+        if at == self._into and source.ctypes.data == target.ctypes.data:
+            # Received straight into place (``read_into``): only the mask is left to undo.
+            if self._mask_pattern is not None:
+                apply_mask(target, self._mask_pattern, at, target)
+        elif self._mask_pattern is None:
             target[:] = source
         else:
             apply_mask(source, self._mask_pattern, at, target)
