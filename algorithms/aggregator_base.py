@@ -450,12 +450,21 @@ class AggregatorBase:
 
     def next_deadline(self) -> float | None:
         best = self._dispatcher.next_deadline()
-        for t in (
-            self._next_quiet(),
-            self._quorum_deadline(),
-            self._refusals.next_retry(),
-            self._secagg.next_deadline() if self._secagg is not None else None,
-        ):
+        # The earliest of these (each None when it waits for nothing), in this order; the
+        # cheap tests first, so the usual event pays for no call that has nothing to say.
+        if self._held or (self._variety_quota and self._uses):
+            t = self._next_quiet()
+            if t is not None and (best is None or t < best):
+                best = t
+        if self._holding:
+            t = self._quorum_deadline()
+            if t is not None and (best is None or t < best):
+                best = t
+        t = self._refusals.next_retry()
+        if t is not None and (best is None or t < best):
+            best = t
+        if self._secagg is not None:
+            t = self._secagg.next_deadline()
             if t is not None and (best is None or t < best):
                 best = t
         return best

@@ -96,6 +96,8 @@ class ClaimBounds:
             return msg, "bad_count", []
         count = min(msg.count, self.count_bound(child, role))
         n_examples = min(msg.n_examples, self.examples_bound(child, role))
+        if count == msg.count and n_examples == msg.n_examples:
+            return msg, None, []  # the usual case, without building the list below
         clamped = [
             name
             for name, changed in (

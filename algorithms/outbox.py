@@ -77,9 +77,12 @@ def update_bytes(update: Update) -> int:
     """Tensor bytes of ``update``'s delta (what it costs to hold, and what a send queue
     counts against its byte cap)."""
     delta = update.delta
-    if not isinstance(delta, Mapping):
+    if type(delta) is not dict and not isinstance(delta, Mapping):  # dict: no ABC check
         return 0
-    return sum(int(getattr(arr, "nbytes", 0)) for arr in delta.values())
+    total = 0
+    for arr in delta.values():  # a loop, not sum() of a generator: once per update
+        total += int(getattr(arr, "nbytes", 0))
+    return total
 
 
 # Size caps by model shape ((name, shape, dtype) of each tensor): every outbox derives its

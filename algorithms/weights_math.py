@@ -176,7 +176,7 @@ def check_compatible(reference: Weights, other: Mapping[str, Any]) -> str | None
     (fp16 or fp64 from a codec are fine for an fp32 model; ints and complex are not).
     Reasons: "not_a_mapping", "names", "not_array", "shape", "dtype".
     """
-    if not isinstance(other, Mapping):
+    if type(other) is not dict and not isinstance(other, Mapping):  # dict: no ABC check
         return "not_a_mapping"
     if len(other) != len(reference):
         return "names"
