@@ -1218,7 +1218,8 @@ class AggregatorBase:
         """Ledger it, Persist the record, then Ack: the Ack never precedes its Persist."""
         d = self._dispatcher
         self._ledger.record(msg.src, msg.seq)
-        self._count_outcome(msg.src, _OUTCOME_NAMES[outcome])
+        outcome_name = _OUTCOME_NAMES[outcome]  # once: hashing an Enum runs Python code
+        self._count_outcome(msg.src, outcome_name)
         self._silent.discard(msg.src)  # it answers after all
         self._refusals.answered(msg.src)
         if outcome is Outcome.APPLIED:
@@ -1238,7 +1239,7 @@ class AggregatorBase:
             "n": self._log_n,
             "src": msg.src,
             "seq": msg.seq,
-            "outcome": _OUTCOME_NAMES[outcome],
+            "outcome": outcome_name,
             "version": version,
             "base_version": msg.base_version,
             "tau": tau,

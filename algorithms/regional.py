@@ -598,9 +598,10 @@ class RegionalAggregator(BufferedAggregator):
         parts = self._forwards.flushed(self._buffer.entries(), keep_deltas=self.keep_parts)
         agg = self._buffer.flush()
         self._end_epoch()
-        left = "forwarded" if agg.finite else "nonfinite"
+        finite = agg.finite  # a pass over the aggregate: once
+        left = "forwarded" if finite else "nonfinite"
         children = self._count_flushed(parts, left)
-        if not agg.finite:
+        if not finite:
             out.append(Persist(FORWARDS_KEY, {"op": "flushed", left: children}, append=True))
             out.append(Metric("aggregate_nonfinite", 1.0, {"region": self._id}))
             out.append(Log("error", "aggregate not finite: not forwarded", {"region": self._id}))
