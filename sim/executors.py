@@ -258,7 +258,7 @@ class PoolExecutor:
         workers: int | None = None,
         *,
         mp_context: str = "spawn",
-        batch_seconds: float = 0.01,
+        batch_seconds: float = 0.02,
         max_batch: int = 256,
     ) -> None:
         if workers is not None and (isinstance(workers, bool) or workers < 1):
@@ -467,11 +467,20 @@ class PoolExecutor:
         self._results.pop(t.seq, None)
 
     def close(self) -> None:
+        """Stop the workers: each ends after its current job. Results still on their way
+        are read and dropped meanwhile (a worker's sender blocked on a full pipe would
+        otherwise hold it up), and a worker that does not end in 10 s is terminated."""
         for worker in self._workers:
             with contextlib.suppress(OSError, ValueError):
                 worker.jobs.send(None)
+        deadline = time.monotonic() + 10.0
         for worker in self._workers:
-            worker.process.join(timeout=5.0)
+            while worker.process.is_alive() and time.monotonic() < deadline:
+                try:
+                    if worker.results.poll(0.05):
+                        worker.results.recv()
+                except (EOFError, OSError):  # its sender is done: it is exiting
+                    worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.terminate()
                 worker.process.join(timeout=5.0)

@@ -194,3 +194,14 @@ def test_a_dead_worker_is_a_clear_error(tmp_path: Path) -> None:
 def test_bad_settings_are_refused(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         PoolExecutor(NoisyTrainer(), **bad)
+
+
+def test_close_ends_workers_whose_results_were_never_read(tmp_path: Path) -> None:
+    """A run that ends with jobs in flight: more results than a pipe holds are on their
+    way, and the workers still end by themselves (exit code 0, not terminated)."""
+    with PoolExecutor(Marking(tmp_path), workers=1) as pool:
+        for i, job in enumerate(_jobs(1200)):
+            pool.submit(*job, due=float(i))
+        _wait_for(lambda: len(list(tmp_path.iterdir())) > 1000)
+        processes = [w.process for w in pool._workers]
+    assert [p.exitcode for p in processes] == [0]
