@@ -8,7 +8,6 @@ intact on both event loops, with the bulk of a large message read into place."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 import numpy as np
 import numpy.typing as npt
@@ -81,32 +80,40 @@ def test_bytes_received_in_place_parse_as_bytes_copied(data: st.DataObject) -> N
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_a_link_reads_large_messages_into_place_on_both_sides(loop: str) -> None:
-    async def run() -> tuple[int, int]:
+def test_links_read_large_messages_into_place_on_both_sides(loop: str) -> None:
+    """Three links at once, both ends on one loop: the read buffer they share (one per
+    thread, no connection holds its own) never mixes their bytes."""
+
+    async def exchange(link: ws.WebSocketLink, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for size in [3 * ws.MAX_FRAME // 4, 1, ws.MAX_FRAME - 1, 70_000, 0, 5]:
+            payload = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+            await link.send(payload)
+            assert bytes(await link.recv()) == payload
+
+    async def run() -> list[ws._DirectReads]:
         seen: list[object] = []
         async with asyncio.timeout(TIMEOUT_S), echo_server(seen=seen) as (server, errors):
-            link = await ws.connect(server.url)
+            links = [await ws.connect(server.url) for _ in range(3)]
             try:
-                sizes = [3 * ws.MAX_FRAME // 4, 1, ws.MAX_FRAME - 1, 70_000, 0, 5]
-                for size in sizes:
-                    payload = os.urandom(size)
-                    await link.send(payload)
-                    assert bytes(await link.recv()) == payload
+                await asyncio.gather(*(exchange(link, i) for i, link in enumerate(links)))
             finally:
-                await link.close()
+                for link in links:
+                    await link.close()
             assert errors == []
-        client = link._ws.direct_reads  # type: ignore[attr-defined]
-        server_side = seen[0].direct_reads  # type: ignore[attr-defined]
-        assert client is not None and server_side is not None
-        return client.direct_bytes, server_side.direct_bytes
+        clients = [link._ws.direct_reads for link in links]  # type: ignore[attr-defined]
+        servers = [r.direct_reads for r in seen if isinstance(r, ws.OneCopyWebSocketResponse)]
+        return [r for r in clients + servers if r is not None]
 
     if ws.fast_path() != ws.FastPath():
         pytest.skip("no fast path on this aiohttp: its readers copy every read")
     if loop == "uvloop":
         uvloop = pytest.importorskip("uvloop")
-        client, server = uvloop.run(run())
+        reads = uvloop.run(run())
     else:
-        client, server = asyncio.run(run())
+        reads = asyncio.run(run())
+    assert len(reads) == 6
+    assert len({id(r._buffer) for r in reads}) == 1
     # Most of the ~1.8 MiB each way went straight into frames (reads into the read
     # buffer carry frame headers and the first bytes after them).
-    assert client > ws.MAX_FRAME and server > ws.MAX_FRAME
+    assert all(r.direct_bytes > ws.MAX_FRAME for r in reads)
