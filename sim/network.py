@@ -297,6 +297,7 @@ class Network:
         self._roles = dict(roles or {})
         self._mss = mss_bytes
         self._states: dict[tuple[str, str], _LinkState] = {}
+        self._tiers: dict[tuple[str, str], str] = {}  # (src role, dst role) -> tier name
         self._incident: dict[str, list[_LinkState]] = {}
         self._adj: dict[str, set[str]] = {}
         for a, b in neighbours:
@@ -371,7 +372,10 @@ class Network:
             if fwd.loss > 0.0:  # the reverse direction only matters for the RTT
                 back = link_params(self._links.link(dst, src))
                 bw = mathis_bandwidth(bw, fwd.latency_s + back.latency_s, fwd.loss, self._mss)
-            tier = f"{self._roles.get(src, '?')}->{self._roles.get(dst, '?')}"
+            roles = (self._roles.get(src, "?"), self._roles.get(dst, "?"))
+            tier = self._tiers.get(roles)
+            if tier is None:  # one string per tier, not one per link (200,000 at 100k sites)
+                tier = self._tiers[roles] = f"{roles[0]}->{roles[1]}"
             st = _LinkState(src, dst, fwd.latency_s, bw, tier)
             self._set_drop(st)
             self._states[key] = st
