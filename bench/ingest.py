@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import faulthandler
 import gc
 import multiprocessing as mp
 import os
@@ -158,7 +159,15 @@ class StandInSigning(EndToEnd):
 # ------------------------------------------------------------------ aggregator process
 
 
+# The main process gives up on the aggregator's result this long after --seconds (the
+# first update may take up to 120 s); a child still running STACKS_AFTER_S after its
+# --seconds prints every thread's stack first, so a run that never returns says where.
+RESULT_GRACE_S = 240.0
+STACKS_AFTER_S = 200.0
+
+
 def aggregator_main(args: dict[str, Any], urls: Any, out: Any, load_cpu: Any) -> None:
+    faulthandler.dump_traceback_later(args["seconds"] + STACKS_AFTER_S)
     install_loop()
     out.put(asyncio.run(aggregator(args, urls, load_cpu)))
 
@@ -252,6 +261,7 @@ async def aggregator(args: dict[str, Any], urls: Any, load_cpu: Any) -> dict[str
 
 
 def load_main(args: dict[str, Any], url: str, load_cpu: Any) -> None:
+    faulthandler.dump_traceback_later(args["seconds"] + STACKS_AFTER_S)
     install_loop()
     asyncio.run(load(args, url, load_cpu))
 
@@ -333,7 +343,7 @@ def main() -> None:
             gen = ctx.Process(target=load_main, args=(args, url, load_cpu), daemon=True)
             gen.start()
             procs.append(gen)
-            result = results.get(timeout=a.seconds + 240)
+            result = results.get(timeout=a.seconds + RESULT_GRACE_S)
         finally:
             stop_processes(procs)
 
