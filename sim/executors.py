@@ -258,7 +258,7 @@ class PoolExecutor:
         workers: int | None = None,
         *,
         mp_context: str = "spawn",
-        batch_seconds: float = 0.02,
+        batch_seconds: float = 0.01,
         max_batch: int = 256,
     ) -> None:
         if workers is not None and (isinstance(workers, bool) or workers < 1):
