@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
 from fedloom.algorithms.protocol import TrainResult, Weights
@@ -83,16 +84,30 @@ class InlineExecutor:
 
 def _picklable(exc: Exception) -> Exception:
     """``exc``, or a RuntimeError naming it where it cannot travel back (one job's
-    unpicklable exception must not fail the other jobs of its message)."""
+    exception must not fail the other jobs of its message): it must survive the round
+    trip, since one that pickles but cannot be rebuilt would fail the whole message."""
     try:
-        pickle.dumps(exc)
+        pickle.loads(pickle.dumps(exc))
     except Exception:
         return RuntimeError(f"training job failed: {exc!r} (its exception cannot be pickled)")
     return exc
 
 
+def _sendable(done: list[_Result]) -> list[_Result]:
+    """``done`` with each result that cannot make the round trip replaced by its job's
+    failure (a trainer that returns, say, a lambda among its metrics)."""
+    out: list[_Result] = []
+    for seq, how, value in done:
+        try:
+            pickle.loads(pickle.dumps(value))
+            out.append((seq, how, value))
+        except Exception as exc:
+            out.append((seq, _FAILED, RuntimeError(f"training result cannot be pickled: {exc!r}")))
+    return out
+
+
 # Job slots the driver and its workers share (a job's sequence number and state, indexed
-# by seq mod _RING). A job whose slot is still held by a job _RING older stays in the
+# by seq mod _RING). A job whose slot still belongs to a live older job stays in the
 # driver (it is trained there when joined): a pool never loses a job to a full ring.
 _RING = 1 << 16
 _QUEUED, _CLAIMED, _STOLEN = 0, 1, 2
@@ -122,12 +137,22 @@ def _worker_main(
 ) -> None:
     """A pool worker: keeps the jobs it was sent in a heap by virtual due time and trains
     the earliest one the driver has not taken back, claiming its slot under the shared
-    lock first. Results go back in messages of about ``flush_seconds`` of work, or at
-    once when the driver waits; a thread sends them, so that a full result pipe never
-    stops this loop from reading new jobs (the driver may be blocked writing them: two
-    blocked writers would deadlock)."""
+    lock first. Results go back in messages of about ``flush_seconds`` of work, at once
+    after a job that long, and at once when the driver waits. Two threads move the
+    messages, so that neither pipe ever stays full while this loop trains: the driver
+    never blocks writing jobs, and a full result pipe never stops jobs from being read
+    (two blocked writers would deadlock)."""
     seqs, states, lock, waiting = shared
+    inbox: queue.SimpleQueue[_Message | None] = queue.SimpleQueue()
     outbox: queue.SimpleQueue[tuple[list[_Result], float] | None] = queue.SimpleQueue()
+
+    def read_jobs() -> None:
+        try:
+            while (message := jobs_in.recv()) is not None:
+                inbox.put(message)
+        except (EOFError, OSError):  # the driver went away
+            pass
+        inbox.put(None)
 
     def send_results() -> None:
         while (item := outbox.get()) is not None:
@@ -135,9 +160,18 @@ def _worker_main(
                 results_out.send(item)
             except OSError:  # the driver closed the pool
                 return
+            except Exception:  # a result that cannot be pickled fails its own job only
+                try:
+                    results_out.send((_sendable(item[0]), item[1]))
+                except OSError:
+                    return
 
-    sender = threading.Thread(target=send_results, name="pool results", daemon=True)
-    sender.start()
+    threads = [
+        threading.Thread(target=read_jobs, name="pool jobs", daemon=True),
+        threading.Thread(target=send_results, name="pool results", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
     heap: list[tuple[float, int, int, str, Weights, Mapping[str, Any]]] = []
     snapshots: dict[int, Weights] = {}
     done: list[_Result] = []
@@ -151,27 +185,30 @@ def _worker_main(
         snapshots.update(new)
         for due, seq, slot, node_id, token, config in jobs:
             heapq.heappush(heap, (due, seq, slot, node_id, snapshots[token], config))
-        for token in forget:
-            del snapshots[token]
+        for token in forget:  # one the worker never got (its message failed) is absent
+            snapshots.pop(token, None)
         return True
 
     try:
         while True:
-            if not heap:
-                if done:
-                    outbox.put((done, cpu))
-                    done, cpu = [], 0.0
-                if not take(jobs_in.recv()):
-                    return
-            while jobs_in.poll():
-                if not take(jobs_in.recv()):
+            if done and (not heap or waiting[index]):
+                outbox.put((done, cpu))
+                done, cpu, last_sent = [], 0.0, time.perf_counter()
+            if not heap and not take(inbox.get()):
+                return
+            while True:
+                try:
+                    message = inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if not take(message):
                     return
             _, seq, slot, node_id, weights, config = heapq.heappop(heap)
             with lock:
                 if seqs[slot] != seq or states[slot] != _QUEUED:
                     continue  # taken back by the driver, discarded, or its slot reused
                 states[slot] = _CLAIMED
-            started = time.process_time()
+            started = time.thread_time()  # this thread's: not the pickling threads'
             try:
                 result = trainer(node_id, weights, config)
                 if type(result) is TrainResult:  # its fields: cheaper to unpickle
@@ -180,16 +217,23 @@ def _worker_main(
                     done.append((seq, _OBJECT, result))
             except Exception as exc:  # re-raised by join, for this job only
                 done.append((seq, _FAILED, _picklable(exc)))
-            cpu += time.process_time() - started
+            took = time.thread_time() - started
+            cpu += took
             now = time.perf_counter()
-            if not heap or waiting[index] or now - last_sent >= flush_seconds:
+            if (
+                not heap
+                or waiting[index]
+                or took >= flush_seconds
+                or (now - last_sent >= flush_seconds)
+            ):
                 outbox.put((done, cpu))
                 done, cpu, last_sent = [], 0.0, now
-    except (EOFError, OSError, KeyboardInterrupt):  # the driver went away
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the driver stops us
         return
     finally:
         outbox.put(None)
-        sender.join(timeout=5.0)
+        for thread in threads[1:]:
+            thread.join(timeout=5.0)
 
 
 def _nbytes(weights: Weights) -> int:
@@ -296,6 +340,7 @@ class PoolExecutor:
             self.close()
             raise
         self._seq = 0
+        self._owner = [-1] * _RING  # the seq each slot was last given to
         self._tokens = 0
         self._live: dict[int, _Ticket] = {}  # submitted, neither joined nor discarded
         self._results: dict[int, tuple[int, Any]] = {}
@@ -329,9 +374,11 @@ class PoolExecutor:
         self._seq += 1
         ticket = _Ticket(seq, node_id, weights, dict(config), float(seq) if due is None else due)
         self._live[seq] = ticket
-        if seq - _RING in self._live:  # its slot is still another job's
+        slot = seq % _RING
+        if self._owner[slot] in self._live:  # its slot is still another job's
             ticket.state = _LOCAL
             return ticket
+        self._owner[slot] = seq
         buffer = self._buffer
         buffer.append(ticket)
         if len(buffer) == 1:
@@ -373,9 +420,18 @@ class PoolExecutor:
                     worker.forget.append(token)
                     worker.kept_bytes -= _nbytes(old)
             jobs.append((t.due, t.seq, t.seq % _RING, t.node_id, kept[0], t.config))
-        forget, worker.forget = worker.forget, []
         try:
-            worker.jobs.send((new, forget, jobs))
+            message = ForkingPickler.dumps((new, worker.forget, jobs))
+        except Exception:  # something in a job cannot be pickled: the driver trains them
+            for _token, weights in new:
+                if worker.kept.pop(id(weights), None) is not None:  # not evicted meanwhile
+                    worker.kept_bytes -= _nbytes(weights)
+            for t in tickets:
+                t.state = _LOCAL
+            return
+        worker.forget = []
+        try:
+            worker.jobs.send_bytes(message)
         except OSError as exc:  # BrokenPipeError: the worker is gone
             raise self._died(worker) from exc
         worker.outstanding += len(jobs)
@@ -394,6 +450,11 @@ class PoolExecutor:
             done, cpu = worker.results.recv()
         except (EOFError, OSError) as exc:
             raise self._died(worker) from exc
+        except Exception as exc:  # its jobs' results are lost with it: end the run clearly
+            raise RuntimeError(
+                f"a result message from training worker {worker.process.name} could not "
+                f"be read: {exc!r}"
+            ) from exc
         if not done:
             return
         worker.outstanding -= len(done)
@@ -481,6 +542,8 @@ class PoolExecutor:
                         worker.results.recv()
                 except (EOFError, OSError):  # its sender is done: it is exiting
                     worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+                except Exception:  # an unreadable message: dropped like the others
+                    continue
             if worker.process.is_alive():
                 worker.process.terminate()
                 worker.process.join(timeout=5.0)

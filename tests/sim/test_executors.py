@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fedloom.algorithms.protocol import TrainResult, Weights
+from fedloom.sim import executors
 from fedloom.sim.executors import InlineExecutor, PoolExecutor
 from tests.conformance.toy_nodes import NoisyTrainer
 
@@ -48,6 +49,31 @@ class FailsOnSeven(Marking):
             raise ValueError("job 7 fails")
         if config["seed"] == 8:  # an exception that holds a lock cannot be pickled back
             raise ValueError("job 8 fails", threading.Lock())
+        return result
+
+
+class ReturnsALambda(Marking):
+    """Job 4's result cannot be pickled (a lambda among its metrics)."""
+
+    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        result = super().__call__(node_id, weights, config)
+        if config["seed"] == 4:
+            return TrainResult(result.weights, result.n_examples, {"f": lambda: 0})  # type: ignore[dict-item]
+        return result
+
+
+class UnbuildableError(Exception):
+    """Pickles, but cannot be rebuilt (its constructor wants two arguments)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a} {b}")
+
+
+class RaisesUnbuildable(Marking):
+    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        result = super().__call__(node_id, weights, config)
+        if config["seed"] == 2:
+            raise UnbuildableError("job 2", "fails")
         return result
 
 
@@ -205,3 +231,58 @@ def test_close_ends_workers_whose_results_were_never_read(tmp_path: Path) -> Non
         _wait_for(lambda: len(list(tmp_path.iterdir())) > 1000)
         processes = [w.process for w in pool._workers]
     assert [p.exitcode for p in processes] == [0]
+
+
+@pytest.mark.timeout(60)
+def test_a_slot_is_not_reused_while_its_job_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 4 slots, a job still queued at a busy worker keeps its slot while later jobs
+    (seq + 4, seq + 8) come and go: they stay in the driver, and the queued job is then
+    trained and joined (an overwritten slot made the worker skip it and the join wait)."""
+    monkeypatch.setattr(executors, "_RING", 4)
+    jobs = _jobs(12)
+    inline = InlineExecutor(NoisyTrainer())
+    with PoolExecutor(Marking(tmp_path, hold=0), workers=1) as pool:
+        held = pool.submit(*jobs[0], due=0.0)
+        _wait_for(lambda: (tmp_path / "0").exists())
+        far = pool.submit(*jobs[1], due=1000.0)  # queued behind the held job
+        for k in range(2, 12):
+            assert _same(
+                pool.join(pool.submit(*jobs[k], due=float(k))), inline.join(inline.submit(*jobs[k]))
+            )
+        (tmp_path / "go").touch()
+        pool.join(held)
+        assert _same(pool.join(far), inline.join(inline.submit(*jobs[1])))
+    assert _trained_by(tmp_path, 1) != os.getpid()  # the worker trained it, once
+
+
+def test_more_snapshots_than_a_worker_keeps_all_train_from_the_right_one(tmp_path: Path) -> None:
+    models = [{"w": np.full((4, 3), float(i), np.float32)} for i in range(100)]
+    jobs = [(f"site-{i}", models[i], {"seed": i}) for i in range(100)]
+    inline = InlineExecutor(NoisyTrainer())
+    with PoolExecutor(Marking(tmp_path), workers=1) as pool:
+        tickets = [pool.submit(*job, due=float(i)) for i, job in enumerate(jobs)]
+        _wait_for(lambda: len(list(tmp_path.iterdir())) == 101)  # 100 markers and "order"
+        assert len(pool._workers[0].kept) == 64  # the worker was told to forget 36
+        for job, t in zip(jobs, tickets, strict=True):
+            assert _same(pool.join(t), inline.join(inline.submit(*job)))
+        assert pool.jobs_taken_back == 0
+
+
+@pytest.mark.parametrize(
+    ("trainer", "bad", "error"),
+    [(ReturnsALambda, 4, "result cannot be pickled"), (RaisesUnbuildable, 2, "job 2 fails")],
+)
+def test_a_result_or_exception_that_cannot_travel_fails_its_own_job(
+    tmp_path: Path, trainer: type[Marking], bad: int, error: str
+) -> None:
+    with PoolExecutor(trainer(tmp_path), workers=1) as pool:
+        tickets = [pool.submit(*job, due=float(i)) for i, job in enumerate(_jobs(6))]
+        _wait_for(lambda: len(list(tmp_path.iterdir())) == 7)  # all trained by the worker
+        for i, t in enumerate(tickets):
+            if i == bad:
+                with pytest.raises(RuntimeError, match=error):
+                    pool.join(t)
+            else:
+                assert pool.join(t).n_examples == 10
