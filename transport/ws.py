@@ -346,8 +346,17 @@ class _DirectReads(asyncio.BufferedProtocol):
         given = self._given
         if given is not self._buffer:
             self.direct_bytes += nbytes
-        # aiohttp's protocols take any bytes-like object (their annotation says bytes).
-        self._protocol.data_received(cast(bytes, given[:nbytes]))
+            # A view of the frame's own payload buffer, which nothing else reuses; aiohttp's
+            # protocols take any bytes-like object (their annotation says bytes).
+            self._protocol.data_received(cast(bytes, given[:nbytes]))
+        else:
+            # The shared read buffer is overwritten by the next read of any connection:
+            # what goes on must not depend on the protocol copying it before it keeps it.
+            self._protocol.data_received(bytes(given[:nbytes]))
+
+    def data_received(self, data: bytes) -> None:
+        """A transport that does not read into buffers hands over bytes: passed on."""
+        self._protocol.data_received(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._protocol.connection_made(transport)

@@ -117,3 +117,33 @@ def test_links_read_large_messages_into_place_on_both_sides(loop: str) -> None:
     # Most of the ~1.8 MiB each way went straight into frames (reads into the read
     # buffer carry frame headers and the first bytes after them).
     assert all(r.direct_bytes > ws.MAX_FRAME for r in reads)
+
+
+class _Keeps(asyncio.Protocol):
+    """A protocol that keeps what it is handed without copying it (as a buffering one may)."""
+
+    def __init__(self) -> None:
+        self.kept: list[object] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.kept.append(data)
+
+
+def test_reads_into_the_shared_buffer_go_on_as_their_own_bytes() -> None:
+    """The shared read buffer is overwritten by the next read (of any connection): what a
+    protocol kept from an earlier read must not change with it."""
+    inner = _Keeps()
+    reads = ws._DirectReads(inner, FrameParser(4000))
+    first = reads.get_buffer(-1)  # between frames: the shared buffer
+    first[:5] = b"hello"
+    reads.buffer_updated(5)
+    second = reads.get_buffer(-1)
+    second[:5] = b"xxxxx"
+    reads.buffer_updated(5)
+    assert [bytes(k) for k in inner.kept] == [b"hello", b"xxxxx"]  # type: ignore[call-overload]
+
+
+def test_a_transport_that_hands_over_bytes_reaches_the_protocol() -> None:
+    inner = _Keeps()
+    ws._DirectReads(inner, FrameParser(4000)).data_received(b"plain")
+    assert inner.kept == [b"plain"]
