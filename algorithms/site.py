@@ -53,8 +53,6 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY, HELLO_RETRY_MAX_FACTOR
 from fedloom.algorithms.incorporation import (
     DEFAULT_FAILOVER_AFTER_S,
@@ -85,7 +83,7 @@ from fedloom.algorithms.protocol import (
 )
 from fedloom.algorithms.secure_site import MEMBER_LOG_KEY, SECAGG_TO_SITE, SiteSecAgg
 from fedloom.algorithms.warn_limit import WarnLimiter
-from fedloom.algorithms.weights_math import check_compatible, is_finite
+from fedloom.algorithms.weights_math import check_compatible, is_finite, quiet_overflow
 from fedloom.transport.settings import settings_problem
 from fedloom.transport.wire import (
     Ack,
@@ -535,9 +533,7 @@ class SiteNode:
         self._newest_version = max(int(newest), int(model_version))
 
 
-# The decorator form: it sets the error state per call without building an errstate
-# object each job (the context-manager form builds one, a few µs).
-@np.errstate(over="ignore", invalid="ignore")
+@quiet_overflow  # numpy 2: no errstate object built per job (a few µs each)
 def _delta(weights: Weights, base: Weights) -> Weights:
     """``weights - base`` per tensor, in the base's dtype; an overflow shows as inf (the
     caller refuses a non-finite delta), without a warning."""

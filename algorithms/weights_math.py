@@ -7,9 +7,10 @@ an accumulator the caller created itself. Results keep the dtype of the first op
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -94,9 +95,29 @@ def l2_norm(w: Mapping[str, npt.NDArray[Any]]) -> float:
     return math.sqrt(_sum_all_squares(w))
 
 
-# An overflow (or a NaN) is reported as inf (nan), for callers to refuse. The decorator
-# form: it costs half of building an errstate for a ``with`` per call (a norm per update).
-@np.errstate(over="ignore", invalid="ignore")
+F = TypeVar("F", bound=Callable[..., Any])
+_NUMPY_2 = int(np.__version__.split(".", 1)[0]) >= 2
+
+
+def quiet_overflow(fn: F) -> F:
+    """``fn`` with numpy's overflow and invalid-value warnings off while it runs (callers
+    see inf or nan and refuse them). numpy 2's ``errstate`` decorator: half the cost of a
+    ``with errstate`` per call. numpy 1's errstate keeps the state it restores on the one
+    shared instance, which threads running ``fn`` at once would overwrite: a fresh one per
+    call there."""
+    if _NUMPY_2:
+        return np.errstate(over="ignore", invalid="ignore")(fn)
+
+    @functools.wraps(fn)
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return fn(*args, **kwargs)
+
+    return cast(F, quiet)
+
+
+# An overflow (or a NaN) is reported as inf (nan), for callers to refuse.
+@quiet_overflow
 def _sum_all_squares(w: Mapping[str, npt.NDArray[Any]]) -> float:
     total = 0.0
     for v in w.values():

@@ -18,6 +18,7 @@ import pickle
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
@@ -152,6 +153,9 @@ def _worker_main(
                 inbox.put(message)
         except (EOFError, OSError):  # the driver went away
             pass
+        except Exception:  # a message this process cannot rebuild (an import, a __reduce__)
+            traceback.print_exc()
+            os._exit(1)  # the driver then says which worker died, and how
         inbox.put(None)
 
     def send_results() -> None:

@@ -140,3 +140,44 @@ def test_l2_norm_gives_back_the_callers_ufunc_buffer_size() -> None:
         assert np.getbufsize() == 16384
     finally:
         np.setbufsize(before)
+
+
+@pytest.mark.parametrize("numpy_2", [True, False])
+def test_quiet_overflow_is_silent_and_leaves_each_threads_error_state(
+    numpy_2: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Either form (numpy 2's shared decorator, numpy 1's errstate per call) silences an
+    overflow inside the function only, with threads running it at once."""
+    import threading
+    import warnings
+
+    from fedloom.algorithms import weights_math
+
+    monkeypatch.setattr(weights_math, "_NUMPY_2", numpy_2)
+
+    @weights_math.quiet_overflow
+    def overflow() -> float:
+        return float(np.float32(3e38) * np.float32(10))
+
+    states: list[dict[str, str]] = []
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a warning would raise here
+                for _ in range(300):
+                    assert overflow() == float("inf")
+            states.append(np.geterr())
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert all(s["over"] == np.geterr()["over"] == "warn" for s in states)
+    with pytest.warns(RuntimeWarning):  # outside the function: warnings as before
+        np.float32(3e38) * np.float32(10)

@@ -77,6 +77,17 @@ class RaisesUnbuildable(Marking):
         return result
 
 
+def _explode() -> None:
+    raise ValueError("this job cannot be rebuilt")
+
+
+class Bomb:
+    """Pickles, and fails when a worker unpickles it."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_explode, ())
+
+
 class DiesOnThree(Marking):
     """Job 3 ends a worker process (never the test's own)."""
 
@@ -286,3 +297,11 @@ def test_a_result_or_exception_that_cannot_travel_fails_its_own_job(
                     pool.join(t)
             else:
                 assert pool.join(t).n_examples == 10
+
+
+def test_a_job_a_worker_cannot_read_ends_the_worker_and_the_join_says_so() -> None:
+    with PoolExecutor(NoisyTrainer(), workers=1) as pool:
+        ticket = pool.submit("site-0", {"w": np.zeros(3, np.float32)}, {"seed": 1, "x": Bomb()})
+        _wait_for(lambda: not pool._workers[0].process.is_alive())
+        with pytest.raises(RuntimeError, match=r"fedloom-train-0 died \(exit code 1\)"):
+            pool.join(ticket)
