@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedloom.algorithms.outbox import OUTBOX_GAUGES
 from fedloom.algorithms.protocol import (
     Deadline,
     Event,
@@ -73,19 +74,7 @@ PRIORITY_OBSERVER = 2  # sees the state after everything of its instant
 
 # Gauges of a node's live state (for a daemon's /metrics page and status): their totals
 # over a run mean nothing, and at 100,000 sites they were most of the metrics.
-LIVE_GAUGES = frozenset(
-    {
-        "outbox_updates",
-        "outbox_bytes",
-        "outbox_in_flight",
-        "outbox_window",
-        "parent_up",
-        "parent_ack_age_seconds",
-        "dispatch_paused",
-        "held_updates",
-        "buffer_fill",
-    }
-)
+LIVE_GAUGES = OUTBOX_GAUGES | frozenset({"dispatch_paused", "held_updates", "buffer_fill"})
 
 
 @dataclass(slots=True)
