@@ -92,7 +92,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run ``fedloom sim`` or ``fedloom plan``; errors go to ``fedloom.cli``."""
     from fedloom.sim.commands import cmd_plan, cmd_sim
-    from fedloom.sim.ray_executor import RayClusterError  # imports no ray
+    from fedloom.sim.executors import ExecutorError
 
     if args.command == "sim":
         try:
@@ -107,7 +107,7 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 ray_address=args.ray_address,
                 parallel_runs=args.parallel_runs,
             )
-        except RayClusterError as exc:  # not a mistake in the scenario: exit status 1
+        except ExecutorError as exc:  # a dead pool worker or Ray node: exit status 1
             print(f"fedloom: error: {exc}", file=sys.stderr)
             return 1
     if args.command == "plan":

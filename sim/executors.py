@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -25,6 +26,12 @@ from typing import Any, Protocol
 
 from fedloom.algorithms.protocol import TrainResult, Weights
 from fedloom.federation.training import Trainer
+
+
+class ExecutorError(RuntimeError):
+    """What trains the jobs failed the run (a pool worker or a Ray node died, a result
+    could not be read back): not a mistake in the scenario. ``fedloom sim`` prints it as
+    one line, exit status 1."""
 
 
 class Executor(Protocol):
@@ -443,11 +450,16 @@ class PoolExecutor:
         self.jobs_sent += len(jobs)
 
     @staticmethod
-    def _died(worker: _Worker) -> RuntimeError:
+    def _died(worker: _Worker) -> ExecutorError:
         worker.process.join(timeout=1.0)
-        return RuntimeError(
-            f"training worker {worker.process.name} died (exit code {worker.process.exitcode})"
-        )
+        code = worker.process.exitcode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:  # a number this platform does not name
+                how = f"killed by signal {-code}"
+        return ExecutorError(f"training worker {worker.process.name} died ({how})")
 
     def _receive(self, worker: _Worker) -> None:
         try:
@@ -455,7 +467,7 @@ class PoolExecutor:
         except (EOFError, OSError) as exc:
             raise self._died(worker) from exc
         except Exception as exc:  # its jobs' results are lost with it: end the run clearly
-            raise RuntimeError(
+            raise ExecutorError(
                 f"a result message from training worker {worker.process.name} could not "
                 f"be read: {exc!r}"
             ) from exc

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from fedloom.algorithms.protocol import TrainResult, Weights
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.training import Trainer
+from fedloom.sim.executors import ExecutorError
 from fedloom.sim.scenario import Arm, Scenario
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ ADDRESS_FORMS = '"auto", "HOST:PORT" or "ray://HOST:PORT" (PORT 1 to 65535)'
 PROBE_TIMEOUT_S = 5.0
 
 
-class RayClusterError(RuntimeError):
+class RayClusterError(ExecutorError):
     """The Ray cluster failed a run (a worker or node died, an object was lost): not a
     mistake in the scenario. ``fedloom sim`` prints it as one line, exit status 1."""
 

@@ -6,6 +6,7 @@ job fails only its own join; a dead worker is a clear error."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -305,3 +306,40 @@ def test_a_job_a_worker_cannot_read_ends_the_worker_and_the_join_says_so() -> No
         _wait_for(lambda: not pool._workers[0].process.is_alive())
         with pytest.raises(RuntimeError, match=r"fedloom-train-0 died \(exit code 1\)"):
             pool.join(ticket)
+
+
+def test_fedloom_sim_prints_a_dead_worker_as_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The error a dead worker raises reaches the user as one line, exit status 1."""
+    from fedloom import cli
+    from fedloom.sim import commands
+
+    with PoolExecutor(DiesOnThree(tmp_path, os.getpid()), workers=1) as pool:
+        ticket = pool.submit(*_jobs(4)[3], due=0.0)
+        _wait_for(lambda: not pool._workers[0].process.is_alive())
+        with pytest.raises(executors.ExecutorError) as died:
+            pool.join(ticket)
+
+    def run_fails(*args: object, **kwargs: object) -> int:
+        raise died.value
+
+    monkeypatch.setattr(commands, "cmd_sim", run_fails)
+    assert cli.main(["sim", str(tmp_path / "any.toml")]) == 1
+    err = capsys.readouterr().err
+    assert err == "fedloom: error: training worker fedloom-train-0 died (exit code 3)\n"
+
+
+def test_a_killed_worker_is_named_with_its_signal() -> None:
+    with PoolExecutor(NoisyTrainer(), workers=1, batch_seconds=0.0) as pool:  # each job alone
+        ticket = pool.submit(*_jobs(1)[0], due=0.0)
+        pool.join(ticket)  # the worker is up
+        process = pool._workers[0].process
+        assert process.pid is not None
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(timeout=30)
+        with pytest.raises(
+            executors.ExecutorError, match=r"fedloom-train-0 died \(killed by SIGKILL\)"
+        ):
+            for job in _jobs(3):  # a job sent to it, or a read of its pipe, finds it gone
+                pool.join(pool.submit(*job, due=1.0))
