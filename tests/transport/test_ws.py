@@ -392,17 +392,7 @@ async def _hostile_server(
     server does) and waits: a malicious parent as a dialling site meets it."""
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await reader.readuntil(b"\r\n\r\n")
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in request.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key:")
-        )
-        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
+        await _upgrade(reader, writer)
         with contextlib.suppress(ConnectionError):
             for chunk in frames:
                 writer.write(chunk)
@@ -416,6 +406,24 @@ async def _hostile_server(
 
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+async def _upgrade(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, then: bytes = b""
+) -> None:
+    """Answer a raw WebSocket upgrade request (RFC 6455 §4.2.2), with ``then`` right
+    after the response in the same write."""
+    request = await reader.readuntil(b"\r\n\r\n")
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in request.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n" + then
+    )
 
 
 def _server_frame(opcode: int, payload: bytes, *, fin: bool) -> bytes:
@@ -700,20 +708,9 @@ async def test_an_aiohttp_without_the_reader_queue_falls_back_with_one_warning(
 async def test_a_ping_then_a_reset_ends_recv_as_a_closed_link() -> None:
     """The pong answering a ping meets a reset connection: recv says the link closed
     (LinkClosed), never aiohttp's own ClientConnectionResetError."""
-    guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        [key] = [
-            line.split(b":", 1)[1].strip()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key")
-        ]
-        accept = base64.b64encode(hashlib.sha1(key + guid).digest())
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + b"\x89\x00"  # an empty PING
-        )
+        await _upgrade(reader, writer, then=b"\x89\x00")  # an empty PING
         await writer.drain()
         writer.transport.abort()  # RST right after the ping
 
