@@ -90,15 +90,22 @@ class InlineExecutor:
         self.close()
 
 
+def _round_trip_error(value: object) -> Exception | None:
+    """Why ``value`` cannot cross to the driver (pickled, then rebuilt there), or None."""
+    try:
+        pickle.loads(pickle.dumps(value))
+    except Exception as exc:
+        return exc
+    return None
+
+
 def _picklable(exc: Exception) -> Exception:
     """``exc``, or a RuntimeError naming it where it cannot travel back (one job's
     exception must not fail the other jobs of its message): it must survive the round
     trip, since one that pickles but cannot be rebuilt would fail the whole message."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return RuntimeError(f"training job failed: {exc!r} (its exception cannot be pickled)")
-    return exc
+    if _round_trip_error(exc) is None:
+        return exc
+    return RuntimeError(f"training job failed: {exc!r} (its exception cannot be pickled)")
 
 
 def _sendable(done: list[_Result]) -> list[_Result]:
@@ -106,11 +113,13 @@ def _sendable(done: list[_Result]) -> list[_Result]:
     failure (a trainer that returns, say, a lambda among its metrics)."""
     out: list[_Result] = []
     for seq, how, value in done:
-        try:
-            pickle.loads(pickle.dumps(value))
+        error = _round_trip_error(value)
+        if error is None:
             out.append((seq, how, value))
-        except Exception as exc:
-            out.append((seq, _FAILED, RuntimeError(f"training result cannot be pickled: {exc!r}")))
+        else:
+            out.append(
+                (seq, _FAILED, RuntimeError(f"training result cannot be pickled: {error!r}"))
+            )
     return out
 
 
