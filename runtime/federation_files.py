@@ -10,6 +10,7 @@ the end-to-end tests start their daemons from such a directory (``runtime.harnes
 
 from __future__ import annotations
 
+import random
 import socket
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -55,11 +56,54 @@ DEMO_TRAINING: dict[str, Any] = {"lr": 0.05, "local_steps": 20, "batch_size": 16
 DEMO_START_QUORUM: dict[str, Any] = {"start_quorum": "all", "start_wait_s": 5.0}
 
 
+# Ports handed out by ``free_port`` in this process: never handed out twice.
+_HANDED_OUT: set[int] = set()
+_PICKS = random.Random()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections and ``bind(port 0)`` (Linux's default
+    where it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now (the kernel's choice), for a daemon to bind next."""
+    """A TCP port free right now, for a daemon to bind next, and distinct from every other
+    port this process handed out.
+
+    Picked at random below the kernel's ephemeral range: a port the kernel chose for
+    ``bind(0)`` is released here and can come back from the next ``bind(0)`` (two daemons,
+    or a daemon's listener and its metrics port, then collide), and until the daemon binds
+    it an outgoing connection may take it as its local port. Falls back to the kernel's
+    choice when no port below the range is free.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = _PICKS.randrange(max(1025, low - 12000), max(1026, low))
+        if port not in _HANDED_OUT and _bindable(host, port):
+            _HANDED_OUT.add(port)
+            return port
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError(f"no free TCP port on {host}")
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

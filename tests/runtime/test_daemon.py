@@ -355,12 +355,19 @@ def test_systemd_notify_ready_watchdog_and_stopping(fed: Federation, tmp_path: P
 # ------------------------------------------------------------------------ in process
 
 
-async def listening(port: int, timeout: float = 10.0) -> None:
+async def listening(
+    port: int, timeout: float = 10.0, serving: asyncio.Task[None] | None = None
+) -> None:
+    """Wait until ``port`` accepts; if ``serving`` (the daemon's task) ends first, its own
+    error (or its early return) is the failure, not a refused connection later."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
         except OSError:
+            if serving is not None and serving.done():
+                serving.result()  # raises the daemon's error
+                raise AssertionError(f"the daemon stopped before listening on {port}") from None
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
@@ -380,7 +387,7 @@ async def running(
         task = asyncio.create_task(
             serve(d, install_signals=False, shutdown=shutdown, hangup=hangup)
         )
-        await listening(port)
+        await listening(port, serving=task)
         yield task
         shutdown.set()
         await asyncio.wait_for(task, 15)
@@ -395,7 +402,7 @@ async def serve_root_then_shut_down(fed: Federation) -> DaemonConfig:
     shutdown = asyncio.Event()
     try:
         task = asyncio.create_task(serve(d, install_signals=False, shutdown=shutdown))
-        await listening(fed.nodes[ROOT_ID].listen_port)
+        await listening(fed.nodes[ROOT_ID].listen_port, serving=task)
         shutdown.set()
         await asyncio.wait_for(task, 10)
     finally:
