@@ -22,7 +22,7 @@ Two processes on loopback (127.0.0.1):
   update signs only its envelope ``{src, seq, base_version, recipient, n_examples,
   digest}``; a received model is decrypted and decoded but its root signature and digest
   are not checked (a real site's checks of the models it gets are not what this
-  measures). The aggregator verifies every update in full: SHA-256 over the fp16 its
+  measures). The aggregator verifies every update in full: BLAKE3 over the fp16 its
   decoder kept (``transport.e2e.update_digest``), then the signature. Both processes
   ``gc.freeze()`` what start-up built and set the model's layout at start, as the daemons
   do (the aggregator checks each delta's layout before hashing it). None of this changes

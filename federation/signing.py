@@ -4,10 +4,11 @@ What a node signs as it sends and checks as it receives (the rules are in
 ``runtime.signing``'s docstring; the envelopes and the digest in ``transport.e2e``):
 
 * an ``Update`` whose ``src`` is this node is signed for its recipient over the digest of
-  the delta as it goes on the wire (``transport.e2e.update_digest_sent``: float16 as
-  float16), which fixes what the recipient decodes; a received one must come from its
+  the delta as it goes on the wire (``transport.e2e.update_digest_sent``: BLAKE3, float16
+  as float16), which fixes what the recipient decodes; a received one must come from its
   signer (updates travel one hop) and verify with this node as recipient over the digest
-  of what it decoded (``update_digest``);
+  of what it decoded (``update_digest``); one signed by an older fedloom is refused as
+  ``old_update_version``;
 * a model (``TrainRequest``/``ModelBroadcast``) of version v is signed by the root once
   per version and settings (``{v, parent, digest, settings}``, parent the previous version
   it signed, settings the ``settings_digest`` of the message's training config, carried in
@@ -55,6 +56,7 @@ from fedloom.transport.e2e import (
     as_received,
     check_layout,
     digest_as_received,
+    previous_update_digests,
     sign_model,
     sign_update,
     tensors_digest,
@@ -436,7 +438,8 @@ class EndToEndCore:
             self.node_id,
             msg.n_examples,
             digest,
-            v1_hash=lambda: held_digest(msg.delta),  # only to name a v1 peer's refusal
+            # only to name an old peer's refusal (computed once the signature failed)
+            old_hashes=lambda: previous_update_digests(msg.delta),
         )
         self.verified += 1
 

@@ -1406,8 +1406,8 @@ class AuditMiddleware:
     ``up``/``down``: the codec specs of updates going up and models going down, so a
     site's ``update_sent`` digest is the one its parent records in ``update_applied``: the
     delta as the parent decodes it, every float tensor as float32
-    (``transport.e2e.digest_as_received``). It is not the update's signed digest
-    (``fedloom-update-v2`` hashes tensors sent as float16 as that float16,
+    (``transport.e2e.digest_as_received``, SHA-256). It is not the update's signed digest
+    (``fedloom-update-v3``: BLAKE3, tensors sent as float16 hashed as that float16,
     ``transport.e2e.update_digest``), so the audit hashes each update once more, in the
     writer's thread. A root's model digest is the one it signs.
     ``proof_of(version)``: the root's signature of that version once made (the driver

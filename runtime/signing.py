@@ -10,8 +10,8 @@ Sending (``seal``; the recipient is the connection's authenticated peer):
 * an ``Update`` whose ``src`` is this node (a site's delta, a region's aggregate): signed
   ``{src, seq, base_version, recipient, n_examples, digest}``, the digest taken over the
   delta as it goes on the wire, which fixes what the recipient decodes
-  (``transport.e2e.update_digest_sent``: float16 as float16; a lossy codec is applied
-  first);
+  (``transport.e2e.update_digest_sent``: BLAKE3, float16 as float16; a lossy codec is
+  applied first);
 * a ``TrainRequest``/``ModelBroadcast`` of version v from the root: the root signs
   ``{v, parent, digest, settings}`` once per version and config (cached: one model goes
   to many children; ``parent`` is the previous version it signed, 0 at first;
@@ -28,7 +28,8 @@ the reason logged and the daemon lives on:
 
 * ``Update``: ``src`` must be the authenticated peer (updates travel one hop), and the
   signature must verify with this node as recipient and the digest of the decoded delta
-  (``transport.e2e.update_digest``: tensors decoded from float16 hashed as that float16);
+  (``transport.e2e.update_digest``: BLAKE3, tensors decoded from float16 hashed as that
+  float16); one signed by an older fedloom is refused as ``old_update_version``;
 * ``TrainRequest``/``ModelBroadcast``: signed by a root of the roster over the digest of
   the decoded weights and the settings digest; a broadcast whose config is not those
   settings is refused (``unsigned_settings``); then the node's ``ModelVersionGuard``

@@ -36,7 +36,7 @@ from fedloom.runtime.federation_files import (
 )
 from fedloom.transport import ws
 from fedloom.transport.channel import SecureChannel, client_channel
-from fedloom.transport.e2e import digest_as_received, sign_update
+from fedloom.transport.e2e import sign_update, update_digest_sent
 from fedloom.transport.identity import Identity
 from fedloom.transport.roster import Roster
 from fedloom.transport.wire import Ack, Hello, TrainRequest, Update
@@ -93,7 +93,7 @@ async def site_link(fed: Federation, site: str) -> tuple[SecureChannel, TrainReq
 def answer(
     fed: Federation, site: str, task: TrainRequest, delta: Mapping[str, np.ndarray], n: int
 ) -> Update:
-    digest = digest_as_received(dict(delta), FP32)
+    digest = update_digest_sent(dict(delta), FP32)
     sig = sign_update(key(fed, site), site, 1, task.version, ROOT_ID, n, digest)
     return Update(site, 1, task.version, dict(delta), n, count=1, task=task.task, sig=sig)
 

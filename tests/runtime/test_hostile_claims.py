@@ -23,7 +23,7 @@ from fedloom.runtime.daemon import load_roster, open_daemon
 from fedloom.runtime.federation_files import ROOT_ID, write_federation
 from fedloom.transport import ws
 from fedloom.transport.channel import client_channel
-from fedloom.transport.e2e import digest_as_received, sign_update
+from fedloom.transport.e2e import sign_update, update_digest_sent
 from fedloom.transport.identity import Identity
 from fedloom.transport.wire import Ack, Update
 from tests.runtime.test_daemon import SYNTHETIC, running
@@ -56,7 +56,7 @@ async def test_a_running_root_bounds_inflated_counts_and_overflowing_deltas(fed:
     small = {k: np.full(v.shape, 0.01, np.float32) for k, v in start.items()}
 
     def update(seq: int, base: int, tensors: dict[str, np.ndarray], count: int) -> Update:
-        digest = digest_as_received(tensors, FP32)
+        digest = update_digest_sent(tensors, FP32)
         sig = sign_update(me, "region-a", seq, base, ROOT_ID, 10, digest)
         return Update("region-a", seq, base, tensors, 10, count=count, sig=sig)
 

@@ -24,7 +24,7 @@ from fedloom.runtime.daemon import load_roster, open_daemon
 from fedloom.runtime.federation_files import ROOT_ID, write_federation
 from fedloom.transport import ws
 from fedloom.transport.channel import SecureChannel, client_channel
-from fedloom.transport.e2e import digest_as_received, sign_update
+from fedloom.transport.e2e import sign_update, update_digest_sent
 from fedloom.transport.identity import Identity
 from fedloom.transport.wire import Ack, Heartbeat, Hello, ModelBroadcast, Update
 from tests.runtime.test_daemon import SYNTHETIC, running
@@ -60,7 +60,7 @@ class Region:
         return self.channel
 
     def update(self, seq: int, base: int, tensors: dict[str, np.ndarray]) -> Update:
-        digest = digest_as_received(tensors, FP32)
+        digest = update_digest_sent(tensors, FP32)
         sig = sign_update(self.me, self.name, seq, base, ROOT_ID, 10, digest)
         return Update(self.name, seq, base, tensors, 10, count=1, sig=sig)
 

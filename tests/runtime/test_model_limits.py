@@ -31,7 +31,7 @@ from fedloom.runtime.network_peers import DialTarget, NetworkPeers
 from fedloom.runtime.signing import EndToEnd
 from fedloom.transport import wire, ws
 from fedloom.transport.channel import SecureChannel, client_channel
-from fedloom.transport.e2e import digest_as_received, sign_update
+from fedloom.transport.e2e import sign_update, update_digest_sent
 from fedloom.transport.errors import ProtocolError
 from fedloom.transport.identity import Identity
 from fedloom.transport.limits import Limits, MiB, ModelLayout
@@ -349,7 +349,7 @@ async def test_a_running_root_refuses_bombs_and_acks_what_follows(
         return await client_channel(link, me, roster, ROOT_ID)
 
     def update(seq: int, tensors: dict[str, np.ndarray]) -> Update:
-        digest = digest_as_received(tensors, FP32)
+        digest = update_digest_sent(tensors, FP32)
         sig = sign_update(me, "region-a", seq, 0, ROOT_ID, 10, digest)
         return Update("region-a", seq, 0, tensors, 10, sig=sig)
 

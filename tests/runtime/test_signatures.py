@@ -27,6 +27,7 @@ from fedloom.transport.e2e import (
     model_signed_bytes,
     sign_model,
     sign_update,
+    update_digest_sent,
     update_signed_bytes,
 )
 from fedloom.transport.errors import ProtocolError
@@ -135,7 +136,7 @@ async def dial(hub: Hub, url: str, identity: Identity, peer: str) -> SecureChann
 def signed_update(
     identity: Identity, recipient: str, seq: int, delta: dict[str, np.ndarray], **kw: Any
 ) -> Update:
-    digest = digest_as_received(delta, FP32)
+    digest = update_digest_sent(delta, FP32)
     sig = sign_update(identity, identity.node_id, seq, 0, recipient, 10, digest)
     return Update(identity.node_id, seq, 0, delta, 10, sig=sig, **kw)
 
@@ -152,7 +153,7 @@ DELTA = weights(1)
 
 def forged() -> Update:
     # site-2's key signs an envelope that claims to come from site-1.
-    data = update_signed_bytes("site-1", 1, 0, "root", 10, digest_as_received(DELTA, FP32))
+    data = update_signed_bytes("site-1", 1, 0, "root", 10, update_digest_sent(DELTA, FP32))
     return Update("site-1", 1, 0, DELTA, 10, sig=OTHER.sign(data))
 
 

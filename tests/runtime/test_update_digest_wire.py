@@ -22,8 +22,10 @@ from fedloom.transport.channel import STREAM_ABOVE
 from fedloom.transport.e2e import (
     OldUpdateVersionError,
     as_received,
+    as_sent,
     digest_as_received,
     sign_update,
+    tensors_digest,
     update_digest_sent,
 )
 from fedloom.transport.half import half_source, remember_half
@@ -136,9 +138,10 @@ def test_a_decoded_delta_changed_past_the_probe_cannot_be_logged_stale(
     assert np.array_equal(arr.view(np.uint32), applied.view(np.uint32))
 
 
-def test_a_v1_peer_is_refused_as_one_and_a_model_keeps_no_float16() -> None:
+def test_old_peers_are_refused_as_such_and_a_model_keeps_no_float16() -> None:
     # A site of an older fedloom signs fedloom-update-v1 over the decoded float32 of its
-    # fp16 delta: refused (counted as old_update_version), naming the version.
+    # fp16 delta, or fedloom-update-v2 over the SHA-256 of its float16: refused (counted
+    # as old_update_version), naming the version.
     receiver = EndToEndCore(ROOT, ROSTER)
     d = delta(5)
     got = decode_tensors(*encode_tensors(d, FP16))  # what the root decodes, float16 kept
@@ -148,6 +151,11 @@ def test_a_v1_peer_is_refused_as_one_and_a_model_keeps_no_float16() -> None:
     with pytest.raises(OldUpdateVersionError, match=r"site-1.*fedloom-update-v1.*upgrade"):
         receiver.check_now(Update("site-1", 1, 0, got, 10, sig=sig), "site-1")
     assert receiver.rejected == {"old_update_version": 1}
+    v2 = ["fedloom-update-v2", "site-1", 2, 0, "root", 10, tensors_digest(as_sent(d, FP16))]
+    sig = SITE.sign(msgpack.packb(v2, use_bin_type=True))
+    with pytest.raises(OldUpdateVersionError, match=r"site-1.*fedloom-update-v2.*upgrade"):
+        receiver.check_now(Update("site-1", 2, 0, got, 10, sig=sig), "site-1")
+    assert receiver.rejected == {"old_update_version": 2} and receiver.verified == 0
     # A verified model is hashed as float32: its float16 sources are dropped there.
     root, site = EndToEndCore(ROOT, ROSTER), EndToEndCore(SITE, ROSTER)
     sealed = root.seal_now(ModelBroadcast(1, d), "site-1", FP16)

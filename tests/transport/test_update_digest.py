@@ -1,11 +1,16 @@
 """An update's signed digest covers its delta as it travels: float16 as float16
-(``transport.e2e.update_digest``), and still fixes exactly the delta the receiver applies."""
+(``transport.e2e.update_digest``), and still fixes exactly the delta the receiver applies.
+It is BLAKE3 after the update label (``fedloom-update-v3``), never a model's SHA-256
+``tensors_digest``; signatures of the older SHA-256 envelopes are refused, and named."""
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import tracemalloc
+from collections.abc import Callable
 
+import blake3
 import msgpack
 import numpy as np
 import pytest
@@ -18,6 +23,7 @@ from fedloom.transport.e2e import (
     SignatureError,
     as_received,
     digest_as_received,
+    previous_update_digests,
     sign_update,
     tensors_digest,
     update_digest,
@@ -45,6 +51,79 @@ def whole(tensors: dict[str, np.ndarray], spec: CodecSpec) -> dict[str, np.ndarr
     return decode_tensors(*encode_tensors(tensors, spec))
 
 
+def layout_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    """The bytes both digests cover (module doc of ``transport.e2e``), written out here:
+    ``msgpack([[name, dtype.str, shape], ...])`` (little-endian dtypes), then each
+    array's C-order little-endian bytes."""
+    header = []
+    data = b""
+    for name, arr in tensors.items():
+        le = arr.astype(arr.dtype.newbyteorder("<"))
+        header.append([name, le.dtype.str, list(arr.shape)])
+        data += le.tobytes(order="C")
+    packed: bytes = msgpack.packb(header, use_bin_type=True)
+    return packed + data
+
+
+def blake3_update(tensors: dict[str, np.ndarray]) -> bytes:
+    """An update digest computed without ``transport.e2e``: BLAKE3 of the msgpack str
+    ``fedloom-update-v3``, then ``layout_bytes``."""
+    prefix = msgpack.packb("fedloom-update-v3", use_bin_type=True)
+    assert prefix == b"\xb1fedloom-update-v3"
+    return blake3.blake3(prefix + layout_bytes(tensors)).digest()
+
+
+def test_an_update_digest_is_blake3_of_the_documented_bytes() -> None:
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    n = np.arange(5, dtype=np.int64)
+    b = np.array([True, False])
+    want = blake3_update({"w": w, "n": n, "b": b})
+    assert len(want) == 32
+    assert update_digest({"w": w, "n": n, "b": b}) == want
+    assert update_digest_sent({"w": w, "n": n, "b": b}, CodecSpec("fp32")) == want
+    # Layout, byte order and contiguity do not matter; names, order, shapes and dtypes do.
+    assert update_digest({"w": np.asfortranarray(w), "n": n.astype(">i8"), "b": b}) == want
+    others: list[dict[str, np.ndarray]] = [
+        {"n": n, "w": w, "b": b},
+        {"v": w, "n": n, "b": b},
+        {"w": w.reshape(3, 2), "n": n, "b": b},
+        {"w": w, "n": n, "b": b.astype(np.uint8)},
+        {"w": w + 1, "n": n, "b": b},
+    ]
+    for other in others:
+        assert update_digest(other) != want
+    assert update_digest({}) == blake3_update({})
+    # A float tensor not decoded from float16 is held (and hashed) as the float32 every
+    # decoder returns.
+    assert update_digest({"w": w.astype(np.float64)}) == blake3_update({"w": w})
+    assert update_digest({"w": w.astype(np.float16)}) == blake3_update({"w": w})
+    # The fp16 codec's wire form: float16 (``<f2``) in the header and the bytes.
+    x = {"x": np.random.default_rng(7).standard_normal(3000).astype(np.float32)}
+    on_wire = {"x": x["x"].astype(np.float16)}
+    assert update_digest_sent(x, FP16) == blake3_update(on_wire)
+    assert update_digest(whole(x, FP16)) == blake3_update(on_wire)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_update_digest_is_never_the_model_digest_of_the_same_tensors(
+    kind: CodecKind,
+) -> None:
+    # Domain separation: BLAKE3 after the update label. Neither SHA-256 of the same bytes
+    # (a model's ``tensors_digest``) nor BLAKE3 of them without the label.
+    got = whole(mixed_tensors(), CodecSpec(kind, topk_fraction=0.05))
+    held: dict[str, np.ndarray] = {}  # what the update digest covers: float16 as float16
+    for name, arr in got.items():
+        half = half_source(arr)
+        held[name] = arr if half is None else half
+    digest = update_digest(got)
+    assert digest == blake3_update(held)
+    assert tensors_digest(held) == hashlib.sha256(layout_bytes(held)).digest()
+    assert digest != tensors_digest(held)
+    assert digest != tensors_digest(got)
+    assert digest != blake3.blake3(layout_bytes(held)).digest()
+    assert update_digest({}) != tensors_digest({})
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("lz4", [True, False])
 def test_the_senders_digest_is_the_receivers_streamed_or_whole(kind: CodecKind, lz4: bool) -> None:
@@ -53,8 +132,8 @@ def test_the_senders_digest_is_the_receivers_streamed_or_whole(kind: CodecKind, 
     sent = update_digest_sent(tensors, spec)
     assert update_digest(whole(tensors, spec)) == sent
     assert update_digest(streamed(tensors, spec)) == sent
-    if kind != "fp16":  # the digest of the decoded tensors, as before
-        assert sent == digest_as_received(tensors, spec)
+    if kind != "fp16":  # the decoded tensors are what is hashed
+        assert sent == blake3_update(as_received(tensors, spec))
 
 
 def test_fp16_tensors_are_hashed_as_the_float16_on_the_wire() -> None:
@@ -64,9 +143,13 @@ def test_fp16_tensors_are_hashed_as_the_float16_on_the_wire() -> None:
         name: (np.asarray(v).astype(np.float32).astype(np.float16) if v.dtype.kind == "f" else v)
         for name, v in tensors.items()
     }
-    assert update_digest(got) == tensors_digest(wire)
-    # Not the digest of the float32 the receiver decoded (v1's), though it decodes alike.
-    assert update_digest(got) != tensors_digest(got)
+    assert update_digest(got) == blake3_update(wire)
+    # Not the digest of the float32 the receiver decoded, though it decodes alike.
+    assert update_digest(got) != blake3_update(got)
+    # What older fedloom signed: v2 SHA-256 of the same float16, v1 that of the float32.
+    assert previous_update_digests(got) == (tensors_digest(wire), tensors_digest(got))
+    fp32 = whole(tensors, CodecSpec("fp32"))
+    assert previous_update_digests(fp32) == (tensors_digest(fp32),)  # v1's is v2's
     for name, arr in got.items():
         half = half_source(arr)
         if tensors[name].dtype.kind == "f":
@@ -108,44 +191,94 @@ def test_an_fp16_signature_does_not_verify_the_same_delta_sent_as_fp32() -> None
     verify_update(ROSTER, sig, "site-a", 1, 0, "root", 10, update_digest(whole(delta, FP16)))
 
 
-def v1_signature(digest: bytes) -> bytes:
-    """What a peer of an older fedloom signs: the ``fedloom-update-v1`` envelope, built
-    here byte for byte as it was (its digest covers every float tensor as float32)."""
-    envelope = ["fedloom-update-v1", "site-a", 1, 0, "root", 10, digest]
+def old_signature(label: str, digest: bytes) -> bytes:
+    """What a peer of an older fedloom signs: the ``fedloom-update-v2`` or ``-v1``
+    envelope, built here byte for byte as it was (v2's digest: SHA-256
+    ``tensors_digest``, float16 as float16; v1's: that of every float tensor as float32)."""
+    envelope = [label, "site-a", 1, 0, "root", 10, digest]
     return SITE_A.sign(msgpack.packb(envelope, use_bin_type=True))
+
+
+def previous(got: dict[str, np.ndarray], asked: list[str]) -> Callable[[], tuple[bytes, ...]]:
+    def old_hashes() -> tuple[bytes, ...]:
+        asked.append("old")
+        return previous_update_digests(got)
+
+    return old_hashes
+
+
+@pytest.mark.parametrize("codec", ["fp16", "fp32"])
+def test_a_v2_sha256_signature_no_longer_verifies_and_is_named(codec: str) -> None:
+    # A v2 peer signed the SHA-256 update digest (float16 as float16) under
+    # ``fedloom-update-v2``: against the BLAKE3 digest it is a clear refusal, a
+    # SignatureError, never a crash; named as an old peer's where the verifier offers
+    # the old digests (computed on this failure path only).
+    spec = CodecSpec(codec)  # type: ignore[arg-type]
+    delta = {"w": np.random.default_rng(4).standard_normal(5000).astype(np.float32)}
+    got = whole(delta, spec)
+    v2_digest = tensors_digest(as_sent_held(delta, spec))
+    assert v2_digest == previous_update_digests(got)[0]
+    old = old_signature("fedloom-update-v2", v2_digest)
+    with pytest.raises(SignatureError, match="forged, altered or redirected") as plain:
+        verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got))
+    assert type(plain.value) is SignatureError and plain.value.reason == "bad_signature"
+    asked: list[str] = []
+    with pytest.raises(OldUpdateVersionError, match=r"signs fedloom-update-v2.*v3; upgrade it"):
+        verify_update(
+            ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got), previous(got, asked)
+        )
+    assert asked == ["old"]
+    # The SHA-256 digest under the v3 label is no update digest either: a plain refusal.
+    mixed = sign_update(SITE_A, "site-a", 1, 0, "root", 10, v2_digest)
+    with pytest.raises(SignatureError, match="forged, altered or redirected") as bad:
+        verify_update(
+            ROSTER, mixed, "site-a", 1, 0, "root", 10, update_digest(got), previous(got, asked)
+        )
+    assert type(bad.value) is SignatureError
+    # The same site upgraded: verifies, and never asks for the old digests.
+    sig = sign_update(SITE_A, "site-a", 1, 0, "root", 10, update_digest_sent(delta, spec))
+    verify_update(ROSTER, sig, "site-a", 1, 0, "root", 10, update_digest(got), previous(got, asked))
+    assert asked == ["old", "old"]
+
+
+def as_sent_held(delta: dict[str, np.ndarray], spec: CodecSpec) -> dict[str, np.ndarray]:
+    """What v2 hashed: each float tensor as float16 with fp16, as float32 otherwise."""
+    dtype = np.float16 if spec.kind == "fp16" else np.float32
+    return {k: v.astype(np.float32).astype(dtype) for k, v in delta.items()}
 
 
 def test_a_v1_signature_is_refused_and_named_as_one() -> None:
     delta = {"w": np.random.default_rng(4).standard_normal(5000).astype(np.float32)}
-    # A v1 peer sending fp32: its digest is the v2 one, only the label differs.
-    got = whole(delta, CodecSpec("fp32"))
-    old = v1_signature(digest_as_received(delta, CodecSpec("fp32")))
-    with pytest.raises(OldUpdateVersionError, match=r"signs fedloom-update-v1.*upgrade it"):
-        verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got))
-    # A v1 peer sending fp16 signed the decoded float32: named only where the verifier
-    # offers v1's digest (``v1_hash``, computed on this failure path only).
-    got = whole(delta, FP16)
-    old = v1_signature(digest_as_received(delta, FP16))
-    with pytest.raises(SignatureError) as plain:
-        verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got))
-    assert type(plain.value) is SignatureError
-    asked: list[int] = []
-
-    def v1_hash() -> bytes:
-        asked.append(1)
-        return tensors_digest(dict(got))
-
-    with pytest.raises(OldUpdateVersionError) as named:
-        verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got), v1_hash)
-    assert named.value.reason == "old_update_version" and asked == [1]
-    # An honest v2 signature never asks for it; a forgery still reads as one.
-    sig = sign_update(SITE_A, "site-a", 1, 0, "root", 10, update_digest_sent(delta, FP16))
-    verify_update(ROSTER, sig, "site-a", 1, 0, "root", 10, update_digest(got), v1_hash)
-    assert asked == [1]
+    # A v1 peer signed the SHA-256 of the float32 it sent (fp32) or the receiver decoded
+    # (fp16): named only where the verifier offers the old digests.
+    for spec in (CodecSpec("fp32"), FP16):
+        got = whole(delta, spec)
+        old = old_signature("fedloom-update-v1", digest_as_received(delta, spec))
+        with pytest.raises(SignatureError) as plain:
+            verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got))
+        assert type(plain.value) is SignatureError
+        asked: list[str] = []
+        with pytest.raises(OldUpdateVersionError, match=r"signs fedloom-update-v1.*upgrade it"):
+            verify_update(
+                ROSTER, old, "site-a", 1, 0, "root", 10, update_digest(got), previous(got, asked)
+            )
+        assert asked == ["old"]
+    # A forgery still reads as one, old digests offered or not.
     forged = bytes(64)
     with pytest.raises(SignatureError, match="forged, altered or redirected") as bad:
-        verify_update(ROSTER, forged, "site-a", 1, 0, "root", 10, update_digest(got), v1_hash)
+        verify_update(
+            ROSTER, forged, "site-a", 1, 0, "root", 10, update_digest(got), previous(got, [])
+        )
     assert type(bad.value) is SignatureError
+
+
+def test_a_masked_upload_of_an_older_peer_is_named_by_its_unchanged_digest() -> None:
+    # A masked upload's payload digest did not change (``masked_digest``); only the
+    # envelope's label did: one signed under v2 is named from ``payload_hash`` alone.
+    payload = bytes(range(32))
+    old = old_signature("fedloom-update-v2", payload)
+    with pytest.raises(OldUpdateVersionError, match="fedloom-update-v2"):
+        verify_update(ROSTER, old, "site-a", 1, 0, "root", 10, payload)
 
 
 def test_one_flipped_float16_bit_changes_the_digest() -> None:
