@@ -15,6 +15,13 @@ Durability
   order whatever their keys, so a crash leaves a prefix of whole batches, never a later record
   without an earlier one (separate per-key files, each fsynced once, could not promise that).
   Creating a log file fsyncs the directory before the first frame is acknowledged.
+* Large frames (>= 256 KiB: updates with their deltas) go past the page cache with direct
+  I/O (O_DIRECT) where the file system takes it (not tmpfs): copied once into an aligned
+  buffer, the disk reads them from there. They are padded to end on a 4 KiB block with a
+  zero tensor no record refers to (older readers skip it too), and a write that starts
+  inside a block writes that block's acknowledged bytes again, unchanged, from the file.
+  Measured here (ext4, 24 MB frames of 2 MB updates): 0.45 instead of 2.2 ms of CPU per
+  update for the write and its fsync. Small frames stay buffered and unpadded.
 * A failed write or fsync leaves the store broken (every later call raises): after a failed
   fsync the page cache cannot be trusted, so the daemon must restart and recover.
 
@@ -36,8 +43,9 @@ Frames (``.ckpt`` files hold exactly one)::
 Torn tails and corruption (``scan_log`` tells them apart; ``fedloom state check`` shows it)
 A frame is acknowledged only once its fsync returned, so a crash can damage only the last
 frame of the live log, and only in ways a write that stopped early leaves. The store never
-preallocates or extends a file except by ``os.write`` at its end (``ftruncate`` only
-shrinks), so:
+preallocates or extends a file except by writing at its end (``ftruncate`` only shrinks; a
+direct write may also write the last block's acknowledged bytes again, the same bytes, so
+tearing it leaves them as they were), so:
 * a process crash (kill -9, OOM) keeps every byte written so far: the file ends inside the
   frame, i.e. a short header or a declared body length that runs past the end of the file;
 * an OS crash or power loss before the fsync can also leave the grown size with blocks that
@@ -82,6 +90,7 @@ import enum
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import re
 import struct
@@ -141,6 +150,14 @@ _SCAN_CHUNK = 1 << 20
 _MAX_LENGTH_GUESSES = 64
 # Buffers handed to one ``os.writev`` at most (IOV_MAX: 1024 on Linux and macOS).
 _IOV_MAX = 1024
+# Direct I/O (``StateStore._write_direct``): frames of at least _DIRECT_FROM bytes go from a
+# _BLOCK-aligned buffer straight to the disk, past the page cache. _BLOCK is a multiple of
+# every logical block size in use (512 or 4096), as O_DIRECT requires of offsets and sizes.
+_BLOCK = 4096
+_DIRECT_FROM = 256 << 10
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # Linux (and FreeBSD); 0 where there is none
+_PAD = "pad"  # the padding tensor's name: never a record's array (those are numbered)
+_PAD_MIN = 256  # (msgpack's uint16 from 256 to 65535)
 
 # Local files, not peer bytes: no size caps worth having, and NaN in a model is the
 # node's business, not the store's.
@@ -327,11 +344,17 @@ class _Decoder:
         return out
 
 
-def encode_state(obj: Any) -> list[bytes | memoryview]:
+def encode_state(
+    obj: Any, *, end_on_block_from: int | None = None, pad_from: int = 0
+) -> list[bytes | memoryview]:
     """``obj`` as one frame (header first), in parts to write one after the other.
 
     The tensor payload is not joined: its parts are views of the state's own arrays,
     written straight from there (a 100 MB checkpoint is not copied once more first).
+    With ``end_on_block_from``, a frame of at least ``pad_from`` bytes is padded (a zero
+    tensor named ``_PAD`` that no record refers to, so every reader skips it) to end on a
+    ``_BLOCK`` boundary when it is written at that offset: what direct I/O needs
+    (``StateStore._write_direct``).
     Raises ``TypeError`` for something the store cannot represent (local misuse).
     """
     enc = _Encoder()
@@ -348,8 +371,34 @@ def encode_state(obj: Any) -> list[bytes | memoryview]:
     for name, (shape, half) in exact.items():  # after the others: their offsets stay aligned
         entries.append({"name": name, "codec": "fp16", "shape": shape})
         payload.append(half.data)
-    manifest = {"lz4": False, "tensors": entries}
-    head: bytes = msgpack.packb([manifest, tree], use_bin_type=True)
+    size = sum(part.nbytes for part in payload)
+    head = _head(entries, tree)
+    if end_on_block_from is not None and _frame_length(head, size) >= pad_from:
+        # Pad with a zero tensor no record refers to (readers need not know it) so that the
+        # frame, written at ``end_on_block_from``, ends on a block boundary. With at least
+        # _PAD_MIN bytes of padding, msgpack writes its length in 3 bytes whatever it is,
+        # so the head's length does not depend on how much padding there is.
+        head = _head([*entries, _pad_entry(_PAD_MIN)], tree)
+        gap = -(end_on_block_from + _frame_length(head, size + _PAD_MIN)) % _BLOCK
+        head = _head([*entries, _pad_entry(_PAD_MIN + gap)], tree)
+        payload.append(memoryview(_zeros(_PAD_MIN + gap)))
+    return _frame_parts(head, payload)
+
+
+def _pad_entry(size: int) -> dict[str, Any]:
+    return {"name": _PAD, "codec": "raw", "dtype": "uint8", "shape": [size]}
+
+
+def _head(entries: list[dict[str, Any]], tree: bytes) -> bytes:
+    packed: bytes = msgpack.packb([{"lz4": False, "tensors": entries}, tree], use_bin_type=True)
+    return packed
+
+
+def _frame_length(head: bytes, payload_size: int) -> int:
+    return _HEADER.size + _U32.size + len(head) + payload_size
+
+
+def _frame_parts(head: bytes, payload: list[memoryview]) -> list[bytes | memoryview]:
     head_len = _U32.pack(len(head))
     size = sum(part.nbytes for part in payload)
     length = _U64.pack(len(head_len) + len(head) + size)
@@ -357,6 +406,13 @@ def encode_state(obj: Any) -> list[bytes | memoryview]:
     for part in payload:
         crc = crc32(part, crc)
     return [MAGIC + length + _U32.pack(crc), head_len, head, *payload]
+
+
+_ZEROS = bytes(2 * _BLOCK)
+
+
+def _zeros(n: int) -> bytes:
+    return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
 
 
 def _exact_half(arr: npt.NDArray[Any]) -> npt.NDArray[Any] | None:
@@ -737,6 +793,10 @@ class StateStore:
         self._epoch = 0
         self._wal_fd: int | None = None
         self._wal_end = 0  # end of the last acknowledged frame of the live log
+        # The live log opened again with O_DIRECT, where the file system takes it (not
+        # tmpfs), for large frames (``_write_direct``), and the aligned buffer they go from.
+        self._direct_fd: int | None = None
+        self._direct_buffer: mmap.mmap | None = None
         self._broken: BaseException | None = None
 
     # ---------------------------------------------------------------- public
@@ -844,6 +904,10 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._close_wal()
+            if self._direct_buffer is not None:
+                with contextlib.suppress(BufferError):  # a view still held: freed with it
+                    self._direct_buffer.close()
+                self._direct_buffer = None
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
@@ -899,12 +963,20 @@ class StateStore:
                 (self._dir / name).unlink(missing_ok=True)
 
     def _append(self, batch: list[list[Any]]) -> None:
-        parts = encode_state(batch)  # before any write: a TypeError leaves the file as is
         with io_errors("write state to", self._wal_path(self._epoch)):
             fd = self._open_wal()
             start = self._wal_end
+            direct = self._direct_fd is not None
+            # Before any write: a TypeError leaves the file as it is.
+            parts = encode_state(
+                batch, end_on_block_from=start if direct else None, pad_from=_DIRECT_FROM
+            )
+            size = sum(memoryview(part).nbytes for part in parts)
             try:
-                written = _write_all(fd, parts)
+                if direct and size >= _DIRECT_FROM:
+                    written = self._write_direct(parts, start, size)
+                else:
+                    written = _write_all(fd, parts)
                 os.fsync(fd)
             except BaseException as exc:
                 self._broken = exc
@@ -917,10 +989,10 @@ class StateStore:
         if self._wal_fd is not None:
             return self._wal_fd
         path = self._wal_path(self._epoch)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:  # read and write: a direct write reads back the bytes it must write again
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            fd = os.open(path, os.O_WRONLY)
+            fd = os.open(path, os.O_RDWR)
             if os.fstat(fd).st_size != self._wal_end:
                 os.ftruncate(fd, self._wal_end)  # a torn tail load() did not repair
                 os.fsync(fd)
@@ -929,9 +1001,81 @@ class StateStore:
             _fsync_dir(self._dir)  # the new name must be durable before what is in it
         os.lseek(fd, self._wal_end, os.SEEK_SET)
         self._wal_fd = fd
+        if _O_DIRECT:
+            try:
+                self._direct_fd = os.open(path, os.O_WRONLY | _O_DIRECT)
+            except OSError:  # EINVAL: this file system has no direct I/O (tmpfs)
+                self._direct_fd = None
         return fd
+
+    def _write_direct(self, parts: list[bytes | memoryview], start: int, size: int) -> int:
+        """Write the frame ``parts`` (``size`` bytes, padded to end on a block boundary) at
+        ``start`` through the O_DIRECT descriptor: one copy into an aligned buffer, then
+        the disk reads it from there. A buffered write copies the frame into the page
+        cache and the fsync walks those pages again: 2.2 against 0.45 ms of CPU for each
+        2 MB update here (ext4, frames of 24 MB).
+
+        The write starts at the block the frame starts in: the acknowledged bytes of that
+        block before ``start`` are read back and written again unchanged, so a write cut
+        short leaves them as they were, whatever it tore. Falls back to a buffered write
+        (for this frame and every later one) where the kernel refuses direct I/O."""
+        fd, direct_fd = self._wal_fd, self._direct_fd
+        assert fd is not None and direct_fd is not None
+        block_start = start - start % _BLOCK
+        prefix = start - block_start
+        length = prefix + size
+        if length % _BLOCK:  # not padded (cannot happen: encode_state pads it)
+            return self._write_buffered_instead(parts, start)
+        with memoryview(self._aligned_buffer(length)) as view:
+            if prefix and os.preadv(fd, [view[:prefix]], block_start) != prefix:
+                raise OSError(errno.EIO, "the log's last block reads back short")
+            at = prefix
+            for part in parts:
+                flat = memoryview(part).cast("B")
+                view[at : at + flat.nbytes] = flat
+                at += flat.nbytes
+            done = 0
+            while done < length:
+                try:
+                    n = os.pwrite(direct_fd, view[done:length], block_start + done)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or done:
+                        raise
+                    return self._write_buffered_instead(parts, start)
+                if n <= 0:
+                    raise OSError(errno.EIO, "write made no progress")
+                done += n
+                while done % _BLOCK and done < length:  # short, off a block: buffered rest
+                    n = os.pwrite(fd, view[done:length], block_start + done)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "write made no progress")
+                    done += n
+        os.lseek(fd, start + size, os.SEEK_SET)  # where the next buffered frame goes
+        return size
+
+    def _write_buffered_instead(self, parts: list[bytes | memoryview], start: int) -> int:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+        assert self._wal_fd is not None
+        os.lseek(self._wal_fd, start, os.SEEK_SET)
+        return _write_all(self._wal_fd, parts)
+
+    def _aligned_buffer(self, length: int) -> mmap.mmap:
+        """A page-aligned buffer of at least ``length`` bytes, kept for the next frame."""
+        buffer = self._direct_buffer
+        if buffer is None or len(buffer) < length:
+            size = max(length, 2 * len(buffer) if buffer is not None else 0)
+            if buffer is not None:
+                with contextlib.suppress(BufferError):  # a view still held: freed with it
+                    buffer.close()
+            buffer = self._direct_buffer = mmap.mmap(-1, -(-size // _BLOCK) * _BLOCK)
+        return buffer
 
     def _close_wal(self) -> None:
         if self._wal_fd is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
