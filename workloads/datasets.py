@@ -14,9 +14,13 @@ Features are float32 of shape ``(n, n_features)``, labels int64 in ``[0, n_class
 
 from __future__ import annotations
 
+import csv
+import gzip
+import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -332,17 +336,112 @@ class SyntheticFederated:
 SKLEARN_DATASETS: Final = ("breast_cancer", "digits")
 
 
+def _sklearn_data_file(file_name: str) -> Path | None:
+    """A data file scikit-learn ships (``sklearn/datasets/data/``), found without importing
+    scikit-learn: its import loads scipy and pandas, seconds of every daemon's start-up on
+    a small machine, where reading the file takes milliseconds. Raises the
+    ModuleNotFoundError (name "sklearn") of a missing ``data`` extra; None when scikit-learn
+    is installed in some other way (then its own loader reads the data)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+    for base in spec.submodule_search_locations or ():
+        path = Path(base) / "datasets" / "data" / file_name
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_breast_cancer(path: Path) -> tuple[npt.NDArray[np.float64], I64]:
+    """``sklearn.datasets.load_breast_cancer(return_X_y=True)``, read as scikit-learn
+    reads it (``load_csv_data``: a header of counts and names, then rows of features and a
+    label), so the arrays are the very same."""
+    with path.open("r", encoding="utf-8") as fh:
+        rows = csv.reader(fh)
+        head = next(rows)
+        data = np.empty((int(head[0]), int(head[1])))
+        target = np.empty((int(head[0]),), dtype=int)
+        for i, row in enumerate(rows):
+            data[i] = np.asarray(row[:-1], dtype=np.float64)
+            target[i] = np.asarray(row[-1], dtype=int)
+    return data, target
+
+
+def _read_digits(path: Path) -> tuple[npt.NDArray[np.float64], I64]:
+    """``sklearn.datasets.load_digits(return_X_y=True)`` (all ten classes), read as
+    scikit-learn reads it: ``np.loadtxt`` of the gzipped CSV, the label last."""
+    with path.open("rb") as raw, gzip.open(raw, mode="rt", encoding="utf-8") as fh:
+        data = np.loadtxt(fh, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int, copy=False)
+
+
 def load_sklearn(name: str) -> tuple[npt.NDArray[np.float64], I64]:
     """Features and labels of a data set bundled with scikit-learn (no download)."""
-    from sklearn import datasets  # imported here: only these data sets need it
-
-    if name == "breast_cancer":
-        x, y = datasets.load_breast_cancer(return_X_y=True)
-    elif name == "digits":
-        x, y = datasets.load_digits(return_X_y=True)
-    else:
+    if name not in SKLEARN_DATASETS:
         raise ValueError(f"unknown data set {name!r}; expected one of {SKLEARN_DATASETS}")
+    file_name = "breast_cancer.csv" if name == "breast_cancer" else "digits.csv.gz"
+    path = _sklearn_data_file(file_name)
+    if path is not None:
+        read = _read_breast_cancer if name == "breast_cancer" else _read_digits
+        x, y = read(path)
+    else:
+        from sklearn import datasets  # scikit-learn installed without its files on disk
+
+        if name == "breast_cancer":
+            x, y = datasets.load_breast_cancer(return_X_y=True)
+        else:
+            x, y = datasets.load_digits(return_X_y=True)
     return np.asarray(x, np.float64), np.asarray(y, np.int64)
+
+
+def _approximate_mode(class_counts: I64, n_draws: int, rng: np.random.RandomState) -> I64:
+    """scikit-learn's ``utils.extmath._approximate_mode``: how many of ``n_draws`` come
+    from each class (floored shares, the rest to the largest remainders, ties by ``rng``)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            inds = rng.choice(inds, size=add_now, replace=False)
+            floored[inds] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    mode: I64 = floored.astype(np.int64)
+    return mode
+
+
+def stratified_split(y: I64, test_fraction: float, seed: int) -> tuple[I64, I64]:
+    """Train and test indices of ``y``, exactly those of scikit-learn's
+    ``train_test_split(..., test_size=test_fraction, stratify=y, random_state=seed)``
+    (its ``StratifiedShuffleSplit``, one split), computed without importing scikit-learn
+    (``tests/workloads/test_datasets.py`` compares the two)."""
+    n = int(y.shape[0])
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    if np.min(class_counts) < 2:
+        raise ValueError("every class needs at least 2 examples for a stratified split")
+    if min(n_train, n_test) < classes.shape[0]:
+        raise ValueError(
+            f"a stratified split of {n} examples into {n_train} and {n_test} cannot hold "
+            f"each of {classes.shape[0]} classes on both sides"
+        )
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[Any] = []
+    test: list[Any] = []
+    for i in range(classes.shape[0]):
+        permutation = rng.permutation(class_counts[i])
+        perm_indices_class_i = class_indices[i].take(permutation, mode="clip")
+        train.extend(perm_indices_class_i[: n_i[i]])
+        test.extend(perm_indices_class_i[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
 
 
 def dirichlet_partition(
@@ -426,8 +525,6 @@ class DirichletFederated:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        from sklearn.model_selection import train_test_split
-
         self.name = name
         self.alpha = float(alpha)
         self.seed = int(seed)
@@ -435,9 +532,8 @@ class DirichletFederated:
         self.min_samples_per_site = int(min_samples_per_site)
         x, y = load_sklearn(name)
         split_seed = int(_named_rng(seed, _STREAM_TEST_SPLIT).integers(2**31 - 1))
-        x_tr, x_te, y_tr, y_te = train_test_split(
-            x, y, test_size=test_fraction, stratify=y, random_state=split_seed
-        )
+        train, test = stratified_split(y, test_fraction, split_seed)
+        x_tr, x_te, y_tr, y_te = x[train], x[test], y[train], y[test]
         mean = x_tr.mean(axis=0)
         std = x_tr.std(axis=0)
         std[std == 0] = 1.0

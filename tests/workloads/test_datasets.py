@@ -10,6 +10,8 @@ from fedloom.workloads.datasets import (
     Split,
     SyntheticFederated,
     dirichlet_partition,
+    load_sklearn,
+    stratified_split,
 )
 
 # ------------------------------------------------------------------------------ synthetic
@@ -234,6 +236,29 @@ def test_digits_split_is_deterministic_and_skewed() -> None:
 def test_unknown_sklearn_dataset() -> None:
     with pytest.raises(ValueError, match="unknown data set"):
         DirichletFederated("iris", 3)
+
+
+@pytest.mark.parametrize("name", ["breast_cancer", "digits"])
+def test_the_data_and_split_are_scikit_learns_without_importing_it(name: str) -> None:
+    """``load_sklearn`` reads scikit-learn's files and ``stratified_split`` splits as its
+    ``train_test_split(stratify=y)`` does, so a daemon need not import scikit-learn (and
+    scipy, pandas) to build its data: the arrays are scikit-learn's own, bit for bit."""
+    from sklearn import datasets
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_sklearn(name)
+    load = datasets.load_breast_cancer if name == "breast_cancer" else datasets.load_digits
+    ref_x, ref_y = load(return_X_y=True)
+    assert x.dtype == np.float64 and y.dtype == np.int64
+    assert x.tobytes() == np.asarray(ref_x, np.float64).tobytes()
+    assert y.tobytes() == np.asarray(ref_y, np.int64).tobytes()
+    for seed in (0, 1, 7, 123456789, 2**31 - 2):
+        for fraction in (0.2, 0.1, 0.33, 0.9):
+            ref = train_test_split(x, y, test_size=fraction, stratify=y, random_state=seed)
+            train, test = stratified_split(y, fraction, seed)
+            for ours, theirs in zip((x[train], x[test], y[train], y[test]), ref, strict=True):
+                assert ours.dtype == theirs.dtype
+                np.testing.assert_array_equal(ours, theirs)
 
 
 def test_split_validates_shapes() -> None:
