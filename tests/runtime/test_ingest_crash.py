@@ -73,8 +73,8 @@ def make_root() -> FedBuffAggregator:
 
 def serve(state: str, out: str) -> None:
     """The aggregator process: serves until killed; writes its URL, then its driver's
-    counters and the updates of the write that stalled, every 20 ms, to ``out``
-    (replaced atomically)."""
+    counters, the updates of the write that stalled and whether a group waits behind the
+    write in flight, every 20 ms, to ``out`` (replaced atomically)."""
     real_append = StateStore._append
     stall = threading.Event()  # set: the next write never reaches the OS
     stalled: list[list[Any]] = []  # (src, seq) of the "applied" records it held
@@ -104,6 +104,7 @@ def serve(state: str, out: str) -> None:
                     "url": peers.listen_url,
                     "grouped": driver.stats.grouped,
                     "stalled": stalled or None,
+                    "behind": driver._group_done is not None,  # a group waits for a write
                 }
                 with open(tmp, "w") as f:
                     json.dump(status, f)
@@ -185,9 +186,10 @@ async def load_until_killed(
             assert proc.poll() is None, f"the aggregator exited: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"no stall after {len(acked)} acks"
             await asyncio.sleep(0.01)
-        at_stall = int(read_status(status)["grouped"])
+        # Once the write stalled, the write in flight is the stalled one: a group behind
+        # it holds updates handled (and to be acknowledged) only in memory.
         bound = time.monotonic() + GROUP_WAIT_S  # updates in flight arrive and are grouped
-        while read_status(status)["grouped"] <= at_stall and time.monotonic() < bound:
+        while not read_status(status)["behind"] and time.monotonic() < bound:
             assert proc.poll() is None, f"the aggregator exited: {log.read_text()[-2000:]}"
             await asyncio.sleep(0.01)
         last = read_status(status)
