@@ -11,6 +11,7 @@ checkout (a disk), and skip, saying so, only where that refuses O_DIRECT too.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import tempfile
@@ -47,11 +48,15 @@ def disk_dir() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix="store-direct-", dir=base))
     try:
         probe = directory / "probe"
-        try:
+        try:  # open, and one aligned write: some file systems open but refuse the I/O
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | store_mod._O_DIRECT, 0o600)
+            try:
+                with mmap.mmap(-1, BLOCK) as block:
+                    os.pwrite(fd, block, 0)
+            finally:
+                os.close(fd)
         except OSError as exc:
             pytest.skip(f"{base} does not take O_DIRECT ({exc.strerror}): nothing to test here")
-        os.close(fd)
         probe.unlink()
         yield directory
     finally:
