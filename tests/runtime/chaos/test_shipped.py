@@ -2,7 +2,7 @@
 says in a comment header what it injects and expects, and the short ``smoke-*`` ones run
 end to end against real daemons and pass the checker (deselect with ``-m "not chaos_run"``;
 played side by side, each with its own daemons, ports, proxy and run directory: about
-30 s plus start-up and checking, where one after the other took the sum)."""
+25 s plus start-up and checking, where one after the other took the sum)."""
 
 from __future__ import annotations
 
