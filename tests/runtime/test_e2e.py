@@ -400,6 +400,9 @@ def test_demo_interrupted_leaves_no_process_behind(tmp_path: Path) -> None:
         env=daemon_env(),
         cwd=REPO_ROOT,
         start_new_session=True,
+        # Ctrl-C as at a terminal, even where pytest itself runs with SIGINT ignored (a
+        # background job of a non-interactive shell): an ignored signal is inherited.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert demo.stdout is not None
     try:
