@@ -264,3 +264,18 @@ def test_the_data_and_split_are_scikit_learns_without_importing_it(name: str) ->
 def test_split_validates_shapes() -> None:
     with pytest.raises(ValueError):
         Split(np.zeros((3, 2), np.float32), np.zeros(4, np.int64))
+
+
+@pytest.mark.parametrize("name", ["breast_cancer", "digits"])
+def test_without_its_files_on_disk_scikit_learns_own_loader_reads_the_data(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where scikit-learn is installed without its data files where we look for them (a
+    zipped or vendored install), ``load_sklearn`` falls back to scikit-learn's loaders."""
+    from fedloom.workloads import datasets as datasets_mod
+
+    read_from_files = load_sklearn(name)
+    monkeypatch.setattr(datasets_mod, "_sklearn_data_file", lambda file_name: None)
+    x, y = load_sklearn(name)
+    assert x.tobytes() == read_from_files[0].tobytes()
+    assert y.tobytes() == read_from_files[1].tobytes()
