@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.packaging.wheel_smoke import SUBPACKAGES
+
 SHM = Path("/dev/shm")
 PREFIX = "fedloom-pytest-"
 MIN_FREE = 2 << 30  # bytes free on /dev/shm to put a session's tmp_path there
@@ -81,17 +83,7 @@ def _in_memory_basetemp() -> tuple[Path, int] | None:
 REPO = Path(__file__).resolve().parents[1]
 # The checkout's packages (``fedloom/`` links to the others) and the test modules daemons
 # import (plans, servers written in tests).
-SOURCES = (
-    "fedloom",
-    "algorithms",
-    "federation",
-    "runtime",
-    "sim",
-    "topology",
-    "transport",
-    "workloads",
-    "tests",
-)
+SOURCES = ("fedloom", *SUBPACKAGES, "tests")
 
 
 def _compile_checkout() -> None:
