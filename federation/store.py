@@ -20,7 +20,7 @@ Durability
   buffer, the disk reads them from there. They are padded to end on a 4 KiB block with a
   zero tensor no record refers to (older readers skip it too), and a write that starts
   inside a block writes that block's acknowledged bytes again, unchanged, from the file.
-  Measured here (ext4, 24 MB frames of 2 MB updates): 0.45 instead of 2.2 ms of CPU per
+  Measured here (ext4, 24 MB frames of 2 MB updates): 0.45 instead of 0.8-3.6 ms of CPU per
   update for the write and its fsync. Small frames stay buffered and unpadded.
 * A failed write or fsync leaves the store broken (every later call raises): after a failed
   fsync the page cache cannot be trusted, so the daemon must restart and recover.
@@ -1012,7 +1012,7 @@ class StateStore:
         """Write the frame ``parts`` (``size`` bytes, padded to end on a block boundary) at
         ``start`` through the O_DIRECT descriptor: one copy into an aligned buffer, then
         the disk reads it from there. A buffered write copies the frame into the page
-        cache and the fsync walks those pages again: 2.2 against 0.45 ms of CPU for each
+        cache and the fsync walks those pages again: 0.8-3.6 against 0.45 ms of CPU for each
         2 MB update here (ext4, frames of 24 MB).
 
         The write starts at the block the frame starts in: the acknowledged bytes of that
