@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import faulthandler
 import gc
@@ -62,6 +63,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +165,29 @@ class StandInSigning(EndToEnd):
 # first update may take up to 120 s); a child still running STACKS_AFTER_S after its
 # --seconds prints every thread's stack first, so a run that never returns says where.
 RESULT_GRACE_S = 240.0
+START_TIMEOUT_S = 120.0
 STACKS_AFTER_S = 200.0
+
+
+def wait_for(queue: Any, timeout: float, procs: list[Any], what: str) -> Any:
+    """The next item of ``queue``; a clear ``SystemExit`` (not ``queue.Empty`` after the
+    whole time-out) when one of ``procs`` has ended first or nothing came in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return queue.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        except Empty:
+            pass
+        for p in procs:
+            if not p.is_alive():
+                with contextlib.suppress(Empty):  # what it sent just before it ended
+                    return queue.get(timeout=1.0)
+                raise SystemExit(
+                    f"ingest bench: the {p.name} process ended (exit code {p.exitcode}) "
+                    f"before sending {what}; its error is above"
+                )
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"ingest bench: {what} did not come within {timeout:g} s")
 
 
 def aggregator_main(args: dict[str, Any], urls: Any, out: Any, load_cpu: Any) -> None:
@@ -335,15 +359,20 @@ def main() -> None:
         }
         try:
             agg = ctx.Process(
-                target=aggregator_main, args=(args, urls, results, load_cpu), daemon=True
+                target=aggregator_main,
+                args=(args, urls, results, load_cpu),
+                name="aggregator",
+                daemon=True,
             )
             agg.start()
             procs.append(agg)
-            url = urls.get(timeout=120)
-            gen = ctx.Process(target=load_main, args=(args, url, load_cpu), daemon=True)
+            url = wait_for(urls, START_TIMEOUT_S, procs, "the aggregator's address")
+            gen = ctx.Process(
+                target=load_main, args=(args, url, load_cpu), name="load generator", daemon=True
+            )
             gen.start()
             procs.append(gen)
-            result = results.get(timeout=a.seconds + RESULT_GRACE_S)
+            result = wait_for(results, a.seconds + RESULT_GRACE_S, procs, "the results")
         finally:
             stop_processes(procs)
 
