@@ -66,7 +66,8 @@
   says so; believable only from the site for a task it holds (or relayed by a region child
   for a site it can speak for, rate-limited; one it cannot is counted under the region).
   Counted (``site_refusals``, one WARNING per site and code, ``refusals_view()``), the
-  task's slot freed as for a site going down, the site given no task for a backoff; a
+  task's slot freed as for a site going down, the site given no task for a backoff
+  (``set_refusal_backoff``: the first one's length, ``refusals.BACKOFF_S`` unless set); a
   region passes it up. Not durable.
 * The "applied" log is also the recovery log: a record carries what is needed to replay it
   (staleness weight, counts and, for applied updates, the delta). ``restore(snapshot,
@@ -433,6 +434,17 @@ class AggregatorBase:
     def start_quorum(self) -> tuple[int, float]:
         """``(children, seconds)`` of the start quorum (0 children: none)."""
         return self._quorum, self._quorum_wait_s
+
+    def set_refusal_backoff(self, backoff_s: float) -> None:
+        """How long a direct child site that refused a task gets no new one, after its first
+        refusal in a row (doubled with each next one, up to ``refusals.MAX_BACKOFF_S``):
+        > 0 and at most ``MAX_BACKOFF_S`` seconds (``refusals.BACKOFF_S`` unless set)."""
+        self._refusals.set_backoff(backoff_s)
+
+    @property
+    def refusal_backoff_s(self) -> float:
+        """The backoff after a site's first refusal in a row (``set_refusal_backoff``)."""
+        return self._refusals.backoff_s
 
     @property
     def waiting_for_quorum(self) -> bool:

@@ -11,7 +11,8 @@ wait for an answer that will not come, and keeps what it learnt here, in a ``Ref
   goes), codes and reasons cut to ``MAX_CODE`` / ``MAX_REASON`` characters and made
   printable (``clean_code``, ``clean_text``): a refusal's strings come from a peer;
 * a backoff per direct child site: a site that refused gets no new task for
-  ``BACKOFF_S`` seconds, doubled with each refusal in a row up to ``MAX_BACKOFF_S``, and
+  ``backoff_s`` seconds (``BACKOFF_S`` unless set: the aggregator's ``refusal_backoff_s``),
+  doubled with each refusal in a row up to ``MAX_BACKOFF_S``, and
   reset when the site answers a task again or reconnects. Without it a site whose plan
   fails at once would be handed the model again at once, in a loop as fast as the link;
 * a bounded window of the ``(relaying child, site, task)`` triples already counted
@@ -124,12 +125,22 @@ class _Entry:
 class RefusalBook:
     """What an aggregator knows of its sites' refusals (see the module docstring)."""
 
-    __slots__ = ("_buckets", "_entries", "_max_sites", "_retry", "_seen", "_streak")
+    __slots__ = (
+        "_backoff_s",
+        "_buckets",
+        "_entries",
+        "_max_sites",
+        "_retry",
+        "_seen",
+        "_streak",
+    )
 
-    def __init__(self, max_sites: int = MAX_SITES) -> None:
+    def __init__(self, max_sites: int = MAX_SITES, backoff_s: float = BACKOFF_S) -> None:
         if max_sites < 1:
             raise ValueError(f"max_sites must be >= 1, got {max_sites}")
         self._max_sites = max_sites
+        self._backoff_s = BACKOFF_S
+        self.set_backoff(backoff_s)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest update first
         self._seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
         self._buckets = TokenBuckets(REGION_BURST, REGION_RATE_PER_S)  # per region child
@@ -167,10 +178,24 @@ class RefusalBook:
         self._entries[site] = entry
 
     # --------------------------------------------------------------- backoff
+    @property
+    def backoff_s(self) -> float:
+        """The backoff after a first refusal in a row (doubled with each next one)."""
+        return self._backoff_s
+
+    def set_backoff(self, backoff_s: float) -> None:
+        """The backoff after a first refusal: > 0 and at most ``MAX_BACKOFF_S`` seconds.
+        Backoffs running already keep their end."""
+        if not 0.0 < backoff_s <= MAX_BACKOFF_S:  # NaN fails too
+            raise ValueError(
+                f"backoff_s must be > 0 and at most {MAX_BACKOFF_S:g} s, got {backoff_s}"
+            )
+        self._backoff_s = float(backoff_s)
+
     def back_off(self, site: str, now: float) -> float:
         """``site`` (a direct child) refused: until when it gets no new task."""
         streak = self._streak[site] = self._streak.get(site, 0) + 1
-        wait = min(MAX_BACKOFF_S, BACKOFF_S * 2.0 ** min(streak - 1, 30))
+        wait = min(MAX_BACKOFF_S, self._backoff_s * 2.0 ** min(streak - 1, 30))
         until = self._retry[site] = now + wait
         return until
 

@@ -22,7 +22,8 @@ build the same node. Settled rules, formerly drifting between the two callers:
   its default): past that, a live neighbour's link would have been re-established;
 * every aggregator (root of any algorithm, region) gets the start quorum
   (``start_quorum``, ``start_wait_s``; ``"all"`` or a number above its children's means all
-  of its own children, so one arm's setting fits the root and each region).
+  of its own children, so one arm's setting fits the root and each region) and the backoff
+  after a site's refusal (``refusal_backoff_s``).
 """
 
 from __future__ import annotations
@@ -274,6 +275,7 @@ def build_node(
             region.hello_timeout_s = None
         region.set_subtrees(n.subtrees)
         region.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
+        region.set_refusal_backoff(p.refusal_backoff_s)
         member_privacy(role, privacy, secagg)
         secure_aggregator(region, p, secagg, secagg_keys, bounds, rng, privacy)
         return region
@@ -298,6 +300,7 @@ def build_node(
     )
     root.set_subtrees(n.subtrees)
     root.set_start_quorum(start_quorum(p, n.children), p.start_wait_s)
+    root.set_refusal_backoff(p.refusal_backoff_s)
     secure_aggregator(root, p, secagg, secagg_keys, bounds, rng, privacy)
     if noise_key is None:  # the simulator's: reproducible from the run's seed on purpose
         noise_key = derived_seed(seed, "dp-noise", node_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedloom.algorithms.refusals import BACKOFF_S, MAX_BACKOFF_S
 from fedloom.federation.config_reader import ConfigError, Table
 
 ALGORITHMS = ("fedavg", "fedprox", "fedasync", "fedbuff", "gossip")
@@ -99,6 +100,10 @@ class AlgorithmConfig:
     # comes first. Every start waits, a restart from the log too.
     start_quorum: int | str = 0
     start_wait_s: float = 10.0
+    # An aggregator gives a direct child site that refused a task (``TrainRefused``) no new
+    # task for this long, doubled with each refusal in a row up to ``MAX_BACKOFF_S``
+    # (``algorithms.refusals``); a site that answers again, or reconnects, starts afresh.
+    refusal_backoff_s: float = BACKOFF_S
 
     def round_size(self, sites: int) -> int:
         """A sync root's K over its ``sites`` site children: the written clients_per_round
@@ -215,6 +220,10 @@ def read_algorithm(t: Table) -> AlgorithmConfig:
         # Bounded: a dead or hostile child never holds an aggregator back for longer.
         start_wait_s=t.number(
             "start_wait_s", d.start_wait_s, min=0.0, max=MAX_START_WAIT_S, exclusive_min=True
+        ),
+        # At most the backoff's cap: past it, doubling would change nothing.
+        refusal_backoff_s=t.number(
+            "refusal_backoff_s", d.refusal_backoff_s, min=0.0, max=MAX_BACKOFF_S, exclusive_min=True
         ),
     )
     t.finish()

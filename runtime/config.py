@@ -38,7 +38,9 @@ Example (a hospital site)::
     [aggregation]                     # aggregators: algorithm + federation.params'
                                       # AlgorithmConfig (the simulator's arms read it too)
                                       # (start_quorum = "all", start_wait_s = 5: hold the
-                                      # first dispatch until the children are up)
+                                      # first dispatch until the children are up;
+                                      # refusal_backoff_s = 5: no task for a site that
+                                      # refused one, doubled per refusal in a row)
     [codec]                           # up, down, topk_fraction
     [connection]                      # keepalive_s, down_after_s, backoff_base_s, backoff_cap_s,
                                       # max_session_s (a session's maximum lifetime),

@@ -6,7 +6,7 @@ approve`` while everything runs lets each train from its next job on, no restart
 In process (root + 3 sites on loopback, the real transport), bounded in time. One gated
 site trains in a thread pool, the other in a process pool (where the gate stays in the
 daemon's process): both in one federation, since each waits out the root's refusal
-backoff (seconds) once."""
+backoff once (shortened here: ``[aggregation] refusal_backoff_s``)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def star(tmp_path: Path) -> Federation:
     train in the executor ``GATED`` names (a process pool: the gate stays in the daemon's
     process)."""
     fed = daemon_nets.star(
-        tmp_path, SITES, root_aggregation={"buffer_size": 1, "concurrency": len(SITES)}
+        tmp_path,
+        SITES,
+        root_aggregation={"buffer_size": 1, "concurrency": len(SITES), "refusal_backoff_s": 0.5},
     )
     for site, executor in GATED.items():
         edit(
@@ -87,9 +89,10 @@ async def test_an_unapproved_plan_trains_nothing_and_the_root_sees_why(tmp_path:
         )
 
         # A revocation stops each at its next job: nothing more leaves the site.
-        failed = {}
+        failed, counted = {}, {}
         for site, cfg in configs.items():
             failed[site] = gated[site].jobs_failed
+            counted[site] = refusals(root)[site]["count"]  # refusals from before approval
             Approvals(cfg.state_dir).revoke(digests[site])
         await until(
             "the next jobs to be refused",
@@ -98,7 +101,10 @@ async def test_an_unapproved_plan_trains_nothing_and_the_root_sees_why(tmp_path:
         sent = {site: node.seq for site, node in gated.items()}
         await until(
             "the root to see the new refusals",
-            lambda: all(refusals(root)[s]["count"] >= 2 for s in GATED),
+            lambda: all(
+                refusals(root)[s]["count"] >= 2 and refusals(root)[s]["count"] > counted[s]
+                for s in GATED
+            ),
         )
         for site, node in gated.items():
             assert node.seq == sent[site], site

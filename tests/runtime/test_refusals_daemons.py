@@ -26,8 +26,11 @@ QUICKSTART = "tests.runtime.test_flower:client_fn"
 BROKEN = "tests.runtime.test_flower:broken_client_fn"
 DIVERGING = "tests.runtime.test_flower_failures:diverging_client_fn"
 # The failing sites: their plan, and what their refusals say. Both fail in one federation
-# (each refusal is followed by a backoff of several seconds: one run waits it out once).
+# (each refusal is followed by a backoff: one run waits it out once).
 BAD = {"site-3": (BROKEN, "num_local_epochs"), "site-4": (DIVERGING, "non-finite weights")}
+# The root's backoff after a refusal (``[aggregation] refusal_backoff_s``, 5 s unless
+# written): short, so that each failing site is handed a task again within the test.
+BACKOFF_S = 0.5
 
 
 def refusal_warnings(log: str) -> list[dict[str, object]]:
@@ -46,7 +49,11 @@ def test_sites_whose_plan_always_fails_are_seen_by_the_root_which_trains_on(
     fed = star(
         tmp_path,
         SITES,
-        root_aggregation={"buffer_size": 2, "concurrency": len(SITES)},
+        root_aggregation={
+            "buffer_size": 2,
+            "concurrency": len(SITES),
+            "refusal_backoff_s": BACKOFF_S,
+        },
         declare_examples=False,
     )
     root = fed.nodes[ROOT_ID]
