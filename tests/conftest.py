@@ -21,6 +21,16 @@ first brings the checkout's own bytecode up to date (``compileall``: the ``__pyc
 folders a plain ``python`` writes, git-ignored; only files older than their source are
 compiled), as a first import would have where bytecode is written; what imports it reads
 is unchanged, and installed packages are left alone.
+
+The test modules themselves are imported through pytest's assertion rewriting, which caches
+each rewritten module as a ``.pyc`` beside the others (``<name>.<tag>-pytest-<version>.pyc``,
+checked against the source's hash on every read) only where Python writes bytecode, and
+otherwise rewrites all of them again in every session (about 15 s of collection here). So
+the session lets Python write bytecode while it collects (``pytest_collection``): pytest
+reads the same rewritten code from the cache from the next session on, the asserts are
+rewritten by pytest's own code as before, and nothing else is written there (the checkout's
+bytecode is current already and pip compiled the installed packages'). Bytecode writing is
+off again before the first test runs.
 """
 
 from __future__ import annotations
@@ -102,6 +112,17 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.basetemp is None and (made := _in_memory_basetemp()) is not None:
         config.option.basetemp = str(made[0])
         config.stash[_KEY] = made
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> object:
+    """Collect with bytecode writing on, so pytest caches the rewritten test modules."""
+    off = sys.dont_write_bytecode
+    sys.dont_write_bytecode = False
+    try:
+        return (yield)
+    finally:
+        sys.dont_write_bytecode = off
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
