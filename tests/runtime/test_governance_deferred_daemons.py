@@ -68,7 +68,8 @@ async def test_an_unapproved_factory_plan_is_not_imported_until_approved(
     fed = star(
         tmp_path,
         SITES,
-        root_aggregation={"buffer_size": 1, "concurrency": 2},
+        # A short backoff after each refusal: the approved site gets its next job soon.
+        root_aggregation={"buffer_size": 1, "concurrency": 2, "refusal_backoff_s": 0.5},
         declare_examples=False,
     )
     edit(fed.nodes[ROOT_ID].config, plan=flower_plan(QUICKSTART, 0))

@@ -9,6 +9,7 @@ In process (``fedloom local init`` configs, root + 2 sites on loopback), bounded
 from __future__ import annotations
 
 import logging
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,14 @@ async def test_an_unapproved_plan_releases_no_evaluation_and_no_statistics(
         == 0
     )
     root_toml = fed / "root.toml"
-    edit(root_toml, evaluation={"every": 1, "min_sites": 2}, analytics=QUERIES)
+    # A short backoff after each refusal: once approved, the sites get their next job soon.
+    aggregation = tomllib.loads(root_toml.read_text(encoding="utf-8"))["aggregation"]
+    edit(
+        root_toml,
+        evaluation={"every": 1, "min_sites": 2},
+        analytics=QUERIES,
+        aggregation={**aggregation, "refusal_backoff_s": 0.5},
+    )
     for i, site in enumerate(SITES):
         reg = DatasetRegistry(load_config(fed / f"{site}.toml").state_dir)
         table = WALKTHROUGH / f"hospital-{'ab'[i]}.csv"

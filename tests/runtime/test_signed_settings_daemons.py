@@ -33,7 +33,8 @@ async def test_sites_train_the_roots_settings_and_refuse_a_regions_own(
         plan=SYNTHETIC,
         training=ROOT_TRAINING,
         root_aggregation={"buffer_size": 1, "concurrency": 1},
-        region_aggregation={"buffer_size": 1, "concurrency": 1},
+        # The region's backoff after the site's refusal: short, for the second refusal.
+        region_aggregation={"buffer_size": 1, "concurrency": 1, "refusal_backoff_s": 0.5},
     )
     edit(fed.nodes["region-a"].config, training=REGION_TRAINING)
     caplog.set_level(logging.INFO)
