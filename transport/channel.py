@@ -82,7 +82,11 @@ from fedloom.transport.records import (
     RecordSender,
 )
 from fedloom.transport.roster import Roster
-from fedloom.transport.streaming import TensorStreamDecoder, TensorStreamEncoder
+from fedloom.transport.streaming import (
+    TensorStreamDecoder,
+    TensorStreamEncoder,
+    encodes_in_place,
+)
 from fedloom.transport.strict_msgpack import unpack_strict
 from fedloom.transport.tensors import DEFAULT_SPEC, CodecSpec
 
@@ -586,7 +590,11 @@ class SecureChannel:
                 await asyncio.shield(after)  # not cancelled by us: others wait on it too
             await self.send_message(encoded)
             return
-        encoder = await _offload(TensorStreamEncoder, getattr(msg, field), spec)
+        tensors = getattr(msg, field)
+        if encodes_in_place(tensors, spec):
+            encoder = TensorStreamEncoder(tensors, spec)  # slices memory only: no thread hop
+        else:
+            encoder = await _offload(TensorStreamEncoder, tensors, spec)
         envelope = wire.encode(_with_tensors(msg, field, {}), spec)
         header: bytes = msgpack.packb(
             {"envelope": envelope, "stream": encoder.manifest}, use_bin_type=True

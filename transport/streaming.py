@@ -90,6 +90,21 @@ def n_pieces(stored: int, piece: int) -> int:
 # ---------------------------------------------------------------------------- encoder
 
 
+def encodes_in_place(tensors: Mapping[str, object], spec: CodecSpec) -> bool:
+    """Whether ``TensorStreamEncoder(tensors, spec)`` makes no pass over the values: each
+    is a C-contiguous array already in the dtype ``spec`` sends (float32 under ``fp32``,
+    float16 under ``fp16``), so the encoder only slices its memory. A channel builds such
+    an encoder on the event loop: a worker thread would cost more in hand-offs than it
+    saves."""
+    for value in tensors.values():
+        if not isinstance(value, np.ndarray) or not value.flags.c_contiguous:
+            return False
+        dtype = value.dtype
+        if not ((dtype == _F32 and spec.kind == "fp32") or (dtype == _F16 and spec.kind == "fp16")):
+            return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class _Source:
     """Where one entry's stored bytes come from: ``convert(i0, i1)`` encodes elements."""

@@ -41,7 +41,7 @@ from fedloom.transport.handshake import ClientHandshake
 from fedloom.transport.identity import Identity
 from fedloom.transport.links import Link, LinkClosed, memory_link_pair, reserve_share
 from fedloom.transport.records import CIPHER_AEGIS256
-from fedloom.transport.streaming import TensorStreamDecoder
+from fedloom.transport.streaming import TensorStreamDecoder, TensorStreamEncoder
 from fedloom.transport.tensors import CodecSpec, decode_tensors, encode_tensors
 from tests.transport.cipher_params import CIPHER_PARAMS
 from tests.transport.link_pairs import LINK_KINDS, Pki, channel_pair, link_pair, make_pki
@@ -220,6 +220,44 @@ async def test_fp16_pieces_are_decrypted_straight_into_the_kept_float16(
         assert sum(direct for direct, _ in seen) == 3 and not any(loop for _, loop in seen)
     else:  # PyNaCl's secretstream returns fresh bytes: every piece is copied
         assert seen and not any(direct for direct, _ in seen)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "codec", "on_loop_thread"),
+    [
+        (np.float32, "fp32", True),  # the model going down: pieces are slices of it
+        (np.float16, "fp16", True),  # a site's delta kept as float16: slices too
+        (np.float32, "fp16", False),  # converted piece by piece: a worker builds it
+        (np.float64, "fp32", False),  # cast to float32 first
+    ],
+)
+async def test_an_encoder_that_only_slices_memory_is_built_on_the_loop_thread(
+    dtype: type, codec: str, on_loop_thread: bool, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[bool] = []  # per encoder: built on the event loop's thread
+    init = TensorStreamEncoder.__init__
+
+    def noting_init(self: TensorStreamEncoder, *args: Any, **kwargs: Any) -> None:
+        try:
+            asyncio.get_running_loop()
+            built.append(True)
+        except RuntimeError:
+            built.append(False)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TensorStreamEncoder, "__init__", noting_init)
+    tensors: dict[str, np.ndarray] = {
+        "w": np.random.default_rng(1).standard_normal(600_000).astype(dtype)
+    }
+    spec = CodecSpec(kind=codec)  # type: ignore[arg-type]
+    async with asyncio.timeout(TIMEOUT_S), channels("memory", pki) as (client, server):
+        sending = asyncio.create_task(client.send_tensors(update(tensors), spec))
+        got = await server.recv_tensors()
+        await sending
+    assert built == [on_loop_thread]
+    assert isinstance(got, wire.Update)
+    want = decode_tensors(*encode_tensors(tensors, spec))
+    assert np.array_equal(got.delta["w"], want["w"])
 
 
 @pytest.mark.parametrize("size", [400, 1_500_000])  # one record, and streamed

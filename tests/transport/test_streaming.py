@@ -26,6 +26,7 @@ from fedloom.transport.streaming import (
     MIN_PIECE_BYTES,
     TensorStreamDecoder,
     TensorStreamEncoder,
+    encodes_in_place,
 )
 from fedloom.transport.tensors import CodecSpec, decode_tensors, encode_tensors
 
@@ -429,3 +430,39 @@ def test_fp16_arrays_go_as_they_are_and_match_their_fp32_values(lz4: bool) -> No
     assert stream(tensors, spec) == stream(as_f32, spec)
     assert encode_tensors(tensors, spec) == encode_tensors(as_f32, spec)
     assert not TensorStreamEncoder(tensors, spec).computes_pieces
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([np.float16, np.float32, np.float64, np.int64, np.bool_]),
+    codec=st.sampled_from(CODECS),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_in_place_encoders_only_slice_the_tensors_memory(
+    dtype: type, codec: str, strided: bool, seed: int
+) -> None:
+    # encodes_in_place says True exactly where the pieces are the tensor's own bytes (no
+    # conversion, no copy); test_matches_the_batch_codec_property covers what they decode to.
+    raw = np.random.default_rng(seed).standard_normal(2 * 20_000)  # noise: lz4 cannot shrink it
+    base: np.ndarray = raw.astype(dtype)
+    arr = base[::2] if strided else base[: raw.size // 2]
+    spec = CodecSpec(kind=codec, lz4=False)  # type: ignore[arg-type]
+    in_place = encodes_in_place({"w": arr}, spec)
+    want_in_place = not strided and (
+        (dtype is np.float32 and codec == "fp32") or (dtype is np.float16 and codec == "fp16")
+    )
+    assert in_place == want_in_place
+    encoder = TensorStreamEncoder({"w": arr}, spec, piece=MIN_PIECE_BYTES)
+    first = np.frombuffer(encoder.next_piece(), dtype=np.uint8)
+    if in_place:
+        assert np.shares_memory(first, arr)
+
+
+def test_in_place_needs_every_tensor_in_place() -> None:
+    spec = CodecSpec(kind="fp32")
+    ok = np.zeros(10, np.float32)
+    assert encodes_in_place({"a": ok, "b": ok}, spec)
+    assert not encodes_in_place({"a": ok, "b": np.zeros(10, np.float64)}, spec)
+    assert not encodes_in_place({"a": ok, "b": [0.0] * 10}, spec)  # not an array
+    assert encodes_in_place({}, spec)
