@@ -80,9 +80,8 @@ async def ws_pair(**options: Any) -> AsyncIterator[tuple[ws.WebSocketLink, ws.We
         yield client, await accepted.get()
     finally:
         release.set()
-        if client is not None:
-            await client.close()
-        await server.close()
+        # The client and the server's end at once: each answers the other's close frame.
+        await asyncio.gather(*([] if client is None else [client.close()]), server.close())
 
 
 @contextlib.asynccontextmanager

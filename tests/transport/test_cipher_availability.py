@@ -275,5 +275,4 @@ async def test_without_aegis_secure_channels_carry_messages(kind: str) -> None:
             await server.send_message(b"ok")
             assert bytes(await client.recv_message()) == b"ok"
         finally:
-            await client.close()
-            await server.close()
+            await asyncio.gather(client.close(), server.close())  # each answers the other
