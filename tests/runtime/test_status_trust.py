@@ -8,6 +8,7 @@ rebinding)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.server
 import json
 import threading
@@ -107,7 +108,9 @@ def serve_doc() -> Iterator[Any]:
                 pass
 
         srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        # A short poll: ``shutdown`` at the end waits for the loop to look (0.5 s by default).
+        serve = functools.partial(srv.serve_forever, poll_interval=0.02)
+        threading.Thread(target=serve, daemon=True).start()
         servers.append(srv)
         return f"http://127.0.0.1:{srv.server_port}"
 
