@@ -492,7 +492,7 @@ def run_federation(
             seen = _scrape_version(url)
             if seen is not None and seen >= versions:
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             raise CheckError(
                 f"the root published model version {seen} in {timeout:.0f} s, expected >= "

@@ -7,7 +7,6 @@ reads its ledger. Bounded; every process is stopped."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -74,7 +73,14 @@ def test_sites_stop_at_their_budget_and_stay_stopped_after_a_restart(
             every=0.25,
         )
         assert metric(site, "fedloom_site_privacy_epsilon") == pytest.approx(spent["site-1"])
-        time.sleep(2.0)
+        # The root hands the reconnected site a task at once: it refuses it (a counter of
+        # the new process) and its ε stays where it was.
+        wait_for(
+            "the restarted site to refuse a job",
+            lambda: metric(site, "fedloom_privacy_budget_refusals_total") >= 1,
+            timeout=30,
+            every=0.1,
+        )
         assert metric(site, "fedloom_site_privacy_epsilon") == pytest.approx(spent["site-1"])
         check_clean_exit(cluster)
     for s in SITES:
