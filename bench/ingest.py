@@ -175,13 +175,13 @@ def wait_for(queue: Any, timeout: float, procs: list[Any], what: str) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return queue.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            return queue.get(timeout=min(0.25, max(0.0, deadline - time.monotonic())))
         except Empty:
             pass
         for p in procs:
             if not p.is_alive():
                 with contextlib.suppress(Empty):  # what it sent just before it ended
-                    return queue.get(timeout=1.0)
+                    return queue.get(timeout=0.5)
                 raise SystemExit(
                     f"ingest bench: the {p.name} process ended (exit code {p.exitcode}) "
                     f"before sending {what}; its error is above"
