@@ -455,10 +455,18 @@ class SimDriver:
         self._arm(obs)
 
     def _dispatch(self, node_id: str, event: Event) -> None:
-        now = self.kernel.now
+        now = self.kernel._now
         self._stats.deliveries += 1
         wanted = self._steps[node_id](event, now)
         self.network.end_burst()
+        # _schedule_deadline's common cases first, inline (this runs for every event): no
+        # deadline wanted nor scheduled, or the one wanted is scheduled already.
+        current = self._deadlines.get(node_id)
+        if current is None:
+            if wanted is None:
+                return
+        elif wanted == current[0] and current[1][3] is not None:
+            return
         self._schedule_deadline(node_id, wanted, now)
 
     # ------------------------------------------- the effect sink (federation.step)
@@ -530,9 +538,10 @@ class SimDriver:
                 duration, self._job_failed, node_id, job, "dropout", incarnation
             )
             return
-        ticket = self.executor.submit(node_id, weights, config, due=self.kernel.now + duration)
+        kernel = self.kernel
+        ticket = self.executor.submit(node_id, weights, config, due=kernel._now + duration)
         incarnation = self._incarnation.get(node_id, 0)
-        self.kernel.schedule_in(duration, self._job_done, node_id, job, ticket, incarnation)
+        kernel.schedule_in(duration, self._job_done, node_id, job, ticket, incarnation)
 
     def _job_done(self, node_id: str, job: int, ticket: Any, incarnation: int = 0) -> None:
         assert self.executor is not None

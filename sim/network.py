@@ -67,6 +67,7 @@ never gets two ``PeerDown`` for the same peer in a row.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ from fedloom.federation.seeds import entity_rng
 from fedloom.sim.kernel import Kernel, SimulationError
 from fedloom.sim.wire_size import WireSizer
 from fedloom.transport.codec_policy import CodecPolicy
+
+_INF = math.inf
+_push = heapq.heappush
 
 MSS_BYTES = 1460
 MATHIS_C = 1.22  # sqrt(3/2), periodic-loss constant of Mathis et al. 1997
@@ -309,12 +313,20 @@ class Network:
         # and spec keeps their ids from being reused while the entry lives (ids: hashing a
         # spec dataclass costs more than the lookup); cleared by end_burst().
         self._memo: dict[tuple[int, int], tuple[Any, Any, int, Any]] = {}
+        # The last message sized under a lossless spec, with its spec and size: a broadcast
+        # sends one message to many peers in a row, each other message is sized once (a
+        # size is a function of the message's content, so a miss only costs time). Held
+        # objects keep their ids; cleared by end_burst() as the memo is.
+        self._last_msg: Any = None
+        self._last_spec: Any = None
+        self._last_size = 0
         # Shared tensors: (type, id(tensors), spec) -> (tensors, extra bytes, decoded
         # tensors), most recent last; holding the tensors keeps their id from being reused.
         self._tensor_memo: dict[tuple[type, int, Any], tuple[Any, int, Any]] = {}
         self.verify_encoding = False  # tests: check every shortcut against a full encode
         self.decode_lossless = False  # tests: decode even lossless (fp32) encodings
         self.stats = NetworkStats()
+        self._deliver_cb = self._arrive  # bound once: send() schedules it for every message
         self._bytes_by_type: dict[type, int] = {}
         # Message loss (set_message_loss): probability by tier ("site->region"), run seed.
         self._message_loss: dict[str, float] = {}
@@ -539,23 +551,26 @@ class Network:
 
     def encoded(self, msg: Any, spec: Any = None) -> tuple[int, Any]:
         """``(size in bytes, decoded copy)`` of ``msg`` with ``spec`` (default: its type's
-        spec in ``codecs``), memoised per burst."""
+        spec in ``codecs``), memoised per burst (under a lossless spec: the last message
+        sized, which is what a broadcast sends again)."""
         if spec is None:
             spec = self._codecs.spec_for(msg)
+        sizer = self._sizer
+        if sizer is not None and spec.kind == "fp32" and not self.decode_lossless:
+            # Lossless: the receiver gets what was sent, so only the size is needed, and
+            # wire_size gives the encoder's exact length without encoding.
+            if msg is self._last_msg and spec is self._last_spec:
+                return self._last_size, msg
+            size = sizer.size(msg, spec)
+            if self.verify_encoding:
+                self._verify(msg, spec, size)
+            self._last_msg, self._last_spec, self._last_size = msg, spec, size
+            return size, msg
         key = (id(msg), id(spec))
         memo = self._memo
         hit = memo.get(key)
         if hit is not None:
             return hit[2], hit[3]
-        sizer = self._sizer
-        if sizer is not None and spec.kind == "fp32" and not self.decode_lossless:
-            # Lossless: the receiver gets what was sent, so only the size is needed, and
-            # wire_size gives the encoder's exact length without encoding.
-            size = sizer.size(msg, spec)
-            if self.verify_encoding:
-                self._verify(msg, spec, size)
-            memo[key] = (msg, spec, size, msg)
-            return size, msg
         field = _SHARED_TENSOR_FIELDS.get(type(msg).__name__)
         if field is None:
             size, decoded = self._encode_decode(msg, spec)
@@ -614,6 +629,7 @@ class Network:
         """Forget the encodings of the current burst (call after each node's effects)."""
         if self._memo:
             self._memo.clear()
+        self._last_msg = self._last_spec = None
 
     def send(self, src: str, dst: str, msg: Any) -> bool:
         """Put ``msg`` on the link ``src -> dst``. Returns False if it was lost at once."""
@@ -625,7 +641,7 @@ class Network:
             stats.messages_blocked += 1
             return False
         kernel = self._kernel
-        now = kernel.now
+        now = kernel._now
         if st.down_until > now:  # reset by a lost message: reconnecting
             stats.messages_blocked += 1
             return False
@@ -641,7 +657,13 @@ class Network:
             else:
                 stats.messages_dropped_loss += 1  # on the link for its time, then lost
         else:
-            kernel.schedule_at(finish + st.latency, self._arrive, st, st.epoch, decoded)
+            # kernel.schedule_at(t, self._arrive, st, st.epoch, decoded), inline: a call
+            # for every message sent (the entry's layout is the kernel's, priority 0).
+            t = finish + st.latency
+            if not now <= t < _INF:
+                kernel._refuse(t, self._arrive)
+            seq = kernel._seq = kernel._seq + 1
+            _push(kernel._heap, [t, 0, seq, self._deliver_cb, (st, st.epoch, decoded)])
         st.bytes += size
         st.messages += 1
         stats.messages_sent += 1

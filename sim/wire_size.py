@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -196,6 +196,72 @@ _PLANS: dict[type, _Plan | None] = {cls: _plan(cls) for cls in wire.MESSAGE_TYPE
 # A value that is not bytes fails type(...) is bytes below, so the encoder reports it.
 _MAX_BIN = wire.MAX_BIN_BYTES
 
+# How each kind of field adds its bytes to ``n`` (``v`` is the field's value), as the
+# lines of a function compiled per message type (``_compile``): a loop over a plan's
+# fields, fetching each by name and branching on its kind, cost more than the sizing
+# itself (every message sent in a simulation is sized). A value this module does not size
+# raises _UnsizedError, TypeError or ValueError: the encoder then decides.
+_KIND_CODE = {
+    # _int_size(operator.index(v)), inline for a plain int below 2**16
+    _INT: (
+        "if type(v) is int and 0 <= v < 0x10000:",
+        "    n += 1 if v < 0x80 else 2 if v < 0x100 else 3",
+        "else:",
+        "    n += _int_size(_index(v))",
+    ),
+    _STR: (
+        "if type(v) is not str:",
+        "    raise _UnsizedError",
+        "k = len(v) if v.isascii() else len(v.encode('utf-8'))",
+        "n += k + (1 if k < 32 else 2 if k < 0x100 else 3 if k < 0x10000 else 5)",
+    ),
+    _BIN: (
+        "if type(v) is not bytes or len(v) > _MAX_BIN:",
+        "    raise _UnsizedError",
+        "k = len(v)",
+        "n += k + (2 if k < 0x100 else 3 if k < 0x10000 else 5)",
+    ),
+    _MAP: ("n += _map_size(v)",),
+    # float(v): what the encoder does (TypeError for a non-number)
+    _FLOAT: ("float(v)", "n += 9"),
+    # _pairs_size(v), whose answer for no pairs (an empty tuple) is one count byte
+    _PAIRS: ("n += 1 if type(v) is tuple and not v else _pairs_size(v)",),
+}
+_SHARED_CODE = ("n += self._tensors(v, spec)",)  # a model sent to many: remembered
+_TENSORS_CODE = ("n += _tensors_size(v, spec)",)
+
+_Sizer = Callable[["WireSizer", Any, CodecSpec], int]
+
+
+def _compile(cls: type, plan: _Plan) -> _Sizer:
+    """``size(sizer, msg, spec)`` for messages of type ``cls`` laid out by ``plan``."""
+    fixed, fields, shared = plan
+    lines = ["def size(self, msg, spec):", f"    n = {fixed}"]
+    for name, kind in fields:
+        if not name.isidentifier():  # dataclass fields are; never code from elsewhere
+            raise ValueError(f"{cls.__name__}: field name {name!r}")
+        code = _KIND_CODE.get(kind) or (_SHARED_CODE if shared else _TENSORS_CODE)
+        lines.append(f"    v = msg.{name}")
+        lines.extend(f"    {line}" for line in code)
+    lines.append("    return n")
+    scope: dict[str, Any] = {
+        "_UnsizedError": _UnsizedError,
+        "_int_size": _int_size,
+        "_index": operator.index,
+        "_MAX_BIN": _MAX_BIN,
+        "_map_size": _map_size,
+        "_pairs_size": _pairs_size,
+        "_tensors_size": _tensors_size,
+    }
+    exec(compile("\n".join(lines), f"<wire size of {cls.__name__}>", "exec"), scope)
+    fn: _Sizer = scope["size"]
+    return fn
+
+
+_SIZERS: dict[type, _Sizer] = {
+    cls: _compile(cls, plan) for cls, plan in _PLANS.items() if plan is not None
+}
+
 
 def wire_size(msg: Any, spec: CodecSpec = DEFAULT_SPEC) -> int:
     """``len(wire.encode(msg, spec))``, without encoding ``msg`` where it can."""
@@ -215,44 +281,13 @@ class WireSizer:
         self.memo_size = memo_size
 
     def size(self, msg: Any, spec: CodecSpec) -> int:
-        plan = _PLANS.get(type(msg))
-        if plan is not None:
+        sizer = _SIZERS.get(type(msg))
+        if sizer is not None:
             try:
-                return self._sized(msg, spec, plan)
+                return sizer(self, msg, spec)
             except (_UnsizedError, TypeError, ValueError):
                 pass  # the encoder below gives the size, or raises its own error
         return len(wire.encode(msg, spec))
-
-    def _sized(self, msg: Any, spec: CodecSpec, plan: _Plan) -> int:
-        n, fields, shared = plan
-        for name, kind in fields:
-            value = getattr(msg, name)
-            if kind == _INT:
-                # _int_size(operator.index(value)), inline for a plain int below 2**16
-                if type(value) is int and 0 <= value < 0x10000:
-                    n += 1 if value < 0x80 else 2 if value < 0x100 else 3
-                else:
-                    n += _int_size(operator.index(value))
-            elif kind == _STR:
-                if type(value) is not str:
-                    raise _UnsizedError
-                k = len(value) if value.isascii() else len(value.encode("utf-8"))
-                n += k + (1 if k < 32 else 2 if k < 0x100 else 3 if k < 0x10000 else 5)
-            elif kind == _BIN:
-                if type(value) is not bytes or len(value) > _MAX_BIN:
-                    raise _UnsizedError
-                k = len(value)
-                n += k + (2 if k < 0x100 else 3 if k < 0x10000 else 5)
-            elif kind == _TENSORS:
-                n += self._tensors(value, spec) if shared else _tensors_size(value, spec)
-            elif kind == _MAP:
-                n += _map_size(value)
-            elif kind == _FLOAT:
-                float(value)  # what the encoder does (TypeError for a non-number)
-                n += 9
-            else:
-                n += _pairs_size(value)
-        return n
 
     def _tensors(self, tensors: Any, spec: CodecSpec) -> int:
         key = (id(tensors), id(spec))
