@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fedloom.algorithms.frozen import slot_init
 from fedloom.algorithms.ledger import MAX_ABOVE
 from fedloom.algorithms.protocol import Effect, Persist, Send, Weights
 from fedloom.transport.wire import Update
@@ -315,6 +316,9 @@ class Contribution:
     s: float
     n_examples: int
     count: int
+
+
+slot_init(Contribution)  # one per update a region applies (``algorithms.frozen``)
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from fedloom.algorithms.frozen import slot_init
 from fedloom.transport.wire import Message
 
 # An ordered mapping from parameter name to array. Arrays handed to or returned by
@@ -158,6 +159,14 @@ class Log:
     level: str
     text: str
     fields: Mapping[str, Any] | None = None
+
+
+# Built on every event a node handles (several per message in a simulation): each sets
+# its slots directly (``algorithms.frozen``), the same objects as the generated __init__.
+_FAST: tuple[type, ...] = (Received, TrainResult, TrainDone, TrainFailed, PeerUp, PeerDown)
+for _cls in (*_FAST, Send, Train, Persist, Metric, Log):
+    slot_init(_cls)
+del _cls, _FAST
 
 
 Effect: TypeAlias = Send | Train | Persist | Metric | Log

@@ -55,6 +55,38 @@ class Aggregate:
         return is_finite(self.delta)
 
 
+def _small_mean(
+    arrays: list[Any], coefs: list[float], shape: tuple[int, ...], dtype: np.dtype[Any]
+) -> Any:
+    """``flush``'s mean of one tensor, in a few numpy calls instead of a few per delta, for
+    a tensor of at most ``_FLUSH_SLICE`` elements whose K deltas share its shape and one
+    dtype (a small model's; None otherwise: the slice loop). The same operations per
+    element in the same order, so the same bits: each term c·Δ formed in the deltas' dtype
+    (the coefficients, Python floats, cast to it as numpy casts a Python float that
+    multiplies such an array), widened to float64 exactly, added to a float64 sum that
+    starts at 0.0 (not at the first term: -0.0 + 0.0 is 0.0) one delta after the other,
+    and cast once (tests/algorithms/test_update_buffer_slices.py)."""
+    first = arrays[0]
+    kind = first.dtype
+    if first.size > _FLUSH_SLICE:
+        return None
+    for c in coefs:
+        if type(c) is not float:  # a numpy scalar is not cast to the deltas' dtype
+            return None
+    for a in arrays:
+        if type(a) is not np.ndarray or a.shape != shape or a.dtype != kind:
+            return None
+    count = len(arrays)
+    weights = np.array(coefs, dtype=kind).reshape(count, 1)
+    terms = np.multiply(np.stack(arrays).reshape(count, -1), weights).astype(np.float64)
+    acc = np.zeros(terms.shape[1], dtype=np.float64)
+    add = np.add
+    for row in terms:
+        add(acc, row, out=acc)
+    with np.errstate(over="ignore"):  # inf: ``Aggregate.finite`` says so
+        return acc.astype(dtype).reshape(shape)
+
+
 class UpdateBuffer:
     """Holds up to K discounted deltas until ``flush``.
 
@@ -162,6 +194,10 @@ class UpdateBuffer:
             coefs = [c / self._total_w for c in self._coefs]
             delta = {}
             for k, shape in self._shapes.items():
+                small = _small_mean([d[k] for d in self._kept], coefs, shape, self._dtypes[k])
+                if small is not None:
+                    delta[k] = small
+                    continue
                 # Accumulate in float64 (no stack of K upcast deltas): a sum of float32
                 # deltas near float32's maximum must not overflow on the way. Slice by
                 # slice: the float64 slice stays in the CPU cache across the K deltas and

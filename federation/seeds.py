@@ -104,5 +104,34 @@ def derived_seed(seed: int, *keys: int | str) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+class DerivedSeeds:
+    """``derived_seed(seed, *prefix, key)`` for many keys under one prefix (a node's
+    training jobs: ``DerivedSeeds(seed, "train", node_id).seed(job)``), the same seeds
+    with the prefix's text written once: the text hashed is the ``repr`` of the tuple of
+    keys, whose head is the same for every key."""
+
+    __slots__ = ("_head", "key")
+
+    def __init__(self, seed: int, *prefix: int | str) -> None:
+        for k in prefix:
+            _check_key(k)
+        self.key = (seed, *prefix)
+        # repr((seed, *prefix, key)) is this head, repr(key) and ")".
+        self._head = "(" + "".join(f"{k!r}, " for k in (int(seed), *prefix))
+
+    def seed(self, key: int | str) -> int:
+        t = type(key)
+        if t is not str and t is not int:
+            _check_key(key)
+        h = _SEED_HASH.copy()
+        h.update((self._head + repr(key) + ")").encode("utf-8"))
+        return int.from_bytes(h.digest(), "little") >> 1
+
+
+def _check_key(k: object) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | str):
+        raise TypeError(f"derived_seed: keys are ints or strings, got {k!r}")
+
+
 # An empty keyed-by-personalisation hash: ``derived_seed`` copies it and feeds the text.
 _SEED_HASH: Final = hashlib.blake2b(digest_size=4, person=b"fedloom-seed")

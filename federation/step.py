@@ -57,7 +57,7 @@ from fedloom.algorithms.protocol import (
     Train,
     Weights,
 )
-from fedloom.federation.seeds import derived_seed
+from fedloom.federation.seeds import DerivedSeeds, derived_seed
 
 __all__ = [
     "MAX_STUCK_DEADLINES",
@@ -116,6 +116,7 @@ class NodeStep:
 
     __slots__ = (
         "_last_fired",
+        "_seeds",
         "_stuck",
         "error",
         "max_stuck",
@@ -153,6 +154,7 @@ class NodeStep:
                 omit(self.skip_metrics)
         self._stuck = 0
         self._last_fired: float | None = None  # the time of the last stuck firing
+        self._seeds: DerivedSeeds | None = None  # this node's training seeds, once needed
 
     def __call__(self, event: Event, now: float) -> float | None:
         node = self.node
@@ -198,7 +200,9 @@ class NodeStep:
                 sink.metric(node_id, effect, now)  # type: ignore[arg-type]
             elif kind is Train:
                 job = effect.job  # type: ignore[union-attr]
-                config = training_config(effect.config, self.seed, node_id, job)  # type: ignore[union-attr]
+                config = effect.config  # type: ignore[union-attr]
+                if "seed" not in config:  # training_config(config, self.seed, node_id, job)
+                    config = {**config, "seed": self._train_seeds().seed(job)}
                 sink.train(node_id, job, effect.weights, config)  # type: ignore[union-attr]
             elif kind is Log:
                 sink.log(node_id, effect, now)  # type: ignore[arg-type]
@@ -206,6 +210,14 @@ class NodeStep:
                 raise self.error(f"{node_id} returned an unknown effect {effect!r}")
         if batch is not None:
             sink.persist(node_id, batch)
+
+    def _train_seeds(self) -> DerivedSeeds:
+        """``derived_seed(self.seed, "train", self.node_id, job)`` for each job, as
+        ``training_config`` gives it, with the text of the fixed keys written once."""
+        seeds = self._seeds
+        if seeds is None or seeds.key != (self.seed, "train", self.node_id):
+            seeds = self._seeds = DerivedSeeds(self.seed, "train", self.node_id)
+        return seeds
 
     def _after_deadline(self, fired_at: float, wanted: float | None) -> None:
         # Stuck: asked again for a time not after the one it was just handed (an

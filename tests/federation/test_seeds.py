@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedloom.federation.seeds import (
+    DerivedSeeds,
     EntityRngs,
     derived_seed,
     entity_rng,
@@ -33,6 +34,22 @@ def test_stable_keys_and_derived_seeds() -> None:
 
 
 KEYS = st.one_of(st.integers(0, 2**64 - 1), st.integers(-(2**70), -1), st.text(max_size=12))
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(-(2**70), 2**70), prefix=st.lists(KEYS, max_size=3), key=KEYS)
+def test_derived_seeds_under_a_prefix_are_derived_seed(
+    seed: int, prefix: list[int | str], key: int | str
+) -> None:
+    assert DerivedSeeds(seed, *prefix).seed(key) == derived_seed(seed, *prefix, key)
+
+
+def test_derived_seeds_refuse_what_derived_seed_refuses() -> None:
+    for bad in (True, 1.5, None, b"x"):
+        with pytest.raises(TypeError):
+            DerivedSeeds(1, bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            DerivedSeeds(1, "train").seed(bad)  # type: ignore[arg-type]
 
 
 @settings(max_examples=150, deadline=None)
