@@ -318,7 +318,14 @@ class AsyncDriver:
             # Its completion starts the group (then empty again), or raises its failure.
             in_flight = self._commit_pending
             assert in_flight is not None
-            await asyncio.shield(in_flight)
+            if in_flight.done():
+                # Written, but its done-callback (``_commit_done``, which starts the group)
+                # is only scheduled: awaiting a done future does not yield, so yield once
+                # and let it run (awaiting it again here spun the loop for good).
+                in_flight.result()  # a failed write raises here, as awaiting it would
+                await asyncio.sleep(0)
+            else:
+                await asyncio.shield(in_flight)
         self._set_deadline(loop, wanted)
 
     # ------------------------------------------- the effect sink (federation.step)

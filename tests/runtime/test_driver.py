@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -301,6 +303,40 @@ async def test_a_full_group_makes_the_node_wait_for_the_write_in_flight(
     await run_driver(driver, body)
     commits = [e[1] for e in journal if e[0] == "commit"]
     assert commits == [["outbox"], ["outbox", "outbox"], ["outbox"]]
+
+
+async def test_a_full_group_whose_write_has_just_finished_is_written_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The write in flight is done, but its done-callback (which starts the group behind
+    # it) is still only scheduled when an event fills that group: the driver must yield
+    # to let it run. It used to await the done future again and again, which never
+    # yields: the event loop spun for good (an aggregator under ingest load hung so).
+    monkeypatch.setattr(driver_module, "MAX_GROUP", 2)
+    journal: list[Any] = []
+    store = GatedStore(journal)
+    store.release.set()
+    node = ScriptNode("n", persist_then_send)
+    driver = AsyncDriver(node, peers=FakePeers(journal), store=store)
+    loop = asyncio.get_running_loop()
+    written = loop.create_future()  # the write in flight, as _start_write leaves it
+    written.add_done_callback(functools.partial(driver._commit_done, None))
+    driver._commit_pending = written
+    driver._group, driver._group_done = [Persist("outbox", 0, append=True)], loop.create_future()
+    written.set_result(None)  # on disk; _commit_done is scheduled, not run yet
+
+    def spinning(signum: int, frame: Any) -> None:
+        raise TimeoutError("the driver never yielded to the event loop")
+
+    previous = signal.signal(signal.SIGALRM, spinning)  # a spin never reaches a timeout
+    signal.setitimer(signal.ITIMER_REAL, LIMIT)
+    try:
+        await driver._dispatch(Received("p", Heartbeat("p", 1)), loop)  # the group's 2nd
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert driver._group == [] and driver._group_done is None  # the group went to disk
+    await until(lambda: ("commit", ["outbox", "outbox"]) in journal)
 
 
 async def test_a_failed_write_delivers_none_of_the_group_behind_it_and_never_writes_it() -> None:
