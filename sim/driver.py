@@ -465,7 +465,7 @@ class SimDriver:
         if current is None:
             if wanted is None:
                 return
-        elif wanted == current[0] and current[1][3] is not None:
+        elif wanted == current[0] and current[1][0] is not None:
             return
         self._schedule_deadline(node_id, wanted, now)
 
@@ -585,7 +585,7 @@ class SimDriver:
     def _schedule_deadline(self, node_id: str, wanted: float | None, now: float) -> None:
         current = self._deadlines.get(node_id)
         if current is not None:
-            if wanted == current[0] and current[1][3] is not None:
+            if wanted == current[0] and current[1][0] is not None:
                 return  # already scheduled for that time
             Kernel.cancel(current[1])
             if wanted is None:

@@ -663,7 +663,7 @@ class Network:
             if not now <= t < _INF:
                 kernel._refuse(t, self._arrive)
             seq = kernel._seq = kernel._seq + 1
-            _push(kernel._heap, [t, 0, seq, self._deliver_cb, (st, st.epoch, decoded)])
+            _push(kernel._heap, (t, 0, seq, [self._deliver_cb, (st, st.epoch, decoded), t]))
         st.bytes += size
         st.messages += 1
         stats.messages_sent += 1
