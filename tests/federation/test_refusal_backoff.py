@@ -7,7 +7,6 @@ row up to ``MAX_BACKOFF_S``."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,16 +15,15 @@ from fedloom.algorithms.aggregator_base import AggregatorBase
 from fedloom.algorithms.fedbuff import FedBuffAggregator
 from fedloom.algorithms.protocol import Deadline
 from fedloom.algorithms.refusals import BACKOFF_S, MAX_BACKOFF_S, RefusalBook
-from fedloom.federation.config_reader import ConfigError, Table
+from fedloom.federation.config_reader import Table
 from fedloom.federation.params import AlgorithmConfig, read_algorithm
-from fedloom.runtime.config import parse_config
-from fedloom.sim.scenario import parse_scenario
 from fedloom.topology.hierarchical import hierarchical
 from fedloom.topology.star import star
 from fedloom.topology.wan import WanModel
 from fedloom.transport.wire import TrainRefused
 from tests.algorithms.alg_helpers import hello, model, recv, requests
-from tests.federation.test_factory import CONSORTIUM, PARAMS, arm, both_paths, sites
+from tests.federation.aggregation_tables import daemon_config_error, scenario_error
+from tests.federation.test_factory import PARAMS, arm, both_paths, sites
 
 
 def backoffs(nodes: dict[str, Any]) -> dict[str, float]:
@@ -108,34 +106,11 @@ BAD = [
 def test_a_scenario_with_a_bad_backoff_is_refused_with_the_field_path(
     table: dict[str, Any], message: str
 ) -> None:
-    raw = {
-        "name": "q",
-        "duration_s": 10,
-        "data": {"dataset": "synthetic"},
-        "sites": {"count": 4},
-        "algorithm": table,
-        "arms": [{"name": "a", "algorithm": "fedbuff", "topology": "star"}],
-    }
-    with pytest.raises(ConfigError) as err:
-        parse_scenario(raw)
-    assert f"arms[0].{message}" in str(err.value)
+    assert f"arms[0].{message}" in scenario_error(table)
 
 
 @pytest.mark.parametrize(("table", "message"), BAD)
 def test_a_daemon_config_with_a_bad_backoff_is_refused_with_the_field_path(
     table: dict[str, Any], message: str
 ) -> None:
-    raw = {
-        "role": "root",
-        "node_id": "root",
-        "state_dir": "state",
-        "identity": {"key": "keys/root.key"},
-        "roster": {"path": "roster.toml", "consortium_key": CONSORTIUM},
-        "children": ["a", "b"],
-        "listen": {"port": 7443},
-        "plan": {"dataset": "synthetic", "model": "softmax", "n_sites": 2},
-        "aggregation": {"algorithm": "fedbuff", **table},
-    }
-    with pytest.raises(ConfigError) as err:
-        parse_config(raw, base_dir=Path("/etc/fedloom"))
-    assert f"aggregation.{message}" in str(err.value)
+    assert f"aggregation.{message}" in daemon_config_error(table)
