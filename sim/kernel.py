@@ -30,6 +30,9 @@ Entry: TypeAlias = tuple[float, int, int, Handle]
 _FN, _ARGS, _TIME = range(3)
 _INF = math.inf
 _push = heapq.heappush
+# Events due within this many seconds of virtual time go on the near heap, later ones on
+# the far heap (see ``Kernel``).
+NEAR_S = 1.0
 
 
 class SimulationError(RuntimeError):
@@ -42,9 +45,16 @@ class Kernel:
     ``schedule_at(t, fn, *args, priority=0)`` runs ``fn(*args)`` when the clock reaches
     ``t``; ``run(until=...)`` pops events in order. Callbacks may schedule more events,
     at the current time or later, never earlier.
+
+    Two heaps: events due within ``NEAR_S`` of the time they are scheduled (messages in
+    flight) on a small near heap, later ones (training jobs ending, time-outs) on the far
+    one; the next event is the smaller of the two heads, by the same (time, priority,
+    sequence) key, so the order is that of one heap. Most events are near, and a pop from
+    a heap of tens of entries walks a few levels that stay in the CPU cache, where one heap
+    of every job in flight (5,000 at 100,000 sites) walks thirteen scattered ones.
     """
 
-    __slots__ = ("_heap", "_now", "_processed", "_seq", "seed")
+    __slots__ = ("_far", "_heap", "_now", "_processed", "_seq", "seed")
 
     def __init__(self, seed: int = 0, start_time: float = 0.0) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -53,7 +63,8 @@ class Kernel:
             raise ValueError(f"Kernel start_time must be finite, got {start_time!r}")
         self.seed = seed
         self._now = float(start_time)
-        self._heap: list[Entry] = []
+        self._heap: list[Entry] = []  # the near heap
+        self._far: list[Entry] = []
         self._seq = 0
         self._processed = 0
 
@@ -69,8 +80,8 @@ class Kernel:
         return self._processed
 
     def __len__(self) -> int:
-        """Entries in the heap, including cancelled ones not yet popped."""
-        return len(self._heap)
+        """Entries in the heaps, including cancelled ones not yet popped."""
+        return len(self._heap) + len(self._far)
 
     def rng(self, *keys: int | str) -> np.random.Generator:
         """An independent generator for the entity ``keys`` of this run."""
@@ -82,11 +93,12 @@ class Kernel:
         self, t: float, fn: Callable[..., Any], *args: Any, priority: int = 0
     ) -> Handle:
         """Run ``fn(*args)`` at time ``t`` (>= now). Returns a handle for ``cancel``."""
-        if not self._now <= t < _INF:  # also catches NaN
+        now = self._now
+        if not now <= t < _INF:  # also catches NaN
             self._refuse(t, fn)
         seq = self._seq = self._seq + 1
         cell: Handle = [fn, args, t]
-        _push(self._heap, (t, priority, seq, cell))
+        _push(self._heap if t - now <= NEAR_S else self._far, (t, priority, seq, cell))
         return cell
 
     def schedule_in(
@@ -100,7 +112,7 @@ class Kernel:
             self._refuse(t, fn)
         seq = self._seq = self._seq + 1
         cell: Handle = [fn, args, t]
-        _push(self._heap, (t, priority, seq, cell))
+        _push(self._heap if delay <= NEAR_S else self._far, (t, priority, seq, cell))
         return cell
 
     def _refuse(self, t: float, fn: Callable[..., Any]) -> NoReturn:
@@ -127,20 +139,27 @@ class Kernel:
         t: float = handle[_TIME]
         return t
 
+    def _next(self) -> list[Entry] | None:
+        """The heap whose head is the next entry (None: both are empty)."""
+        heap, far = self._heap, self._far
+        if far:
+            return heap if heap and heap[0] < far[0] else far
+        return heap if heap else None
+
     def peek(self) -> float | None:
         """The time of the next live event, or ``None`` when nothing is pending."""
-        heap = self._heap
-        while heap and heap[0][3][_FN] is None:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        while (source := self._next()) is not None:
+            if source[0][3][_FN] is not None:
+                return source[0][0]
+            heapq.heappop(source)
+        return None
 
     # ----------------------------------------------------------------------- running
 
     def step(self) -> bool:
         """Run the next live event. Returns ``False`` when there was none."""
-        heap = self._heap
-        while heap:
-            t, _, _, cell = heapq.heappop(heap)
+        while (source := self._next()) is not None:
+            t, _, _, cell = heapq.heappop(source)
             fn = cell[_FN]
             if fn is None:
                 continue
@@ -160,22 +179,28 @@ class Kernel:
         """
         if until is not None and not until >= self._now:
             raise SimulationError(f"run(until={until!r}) is before now={self._now!r}")
-        heap = self._heap
+        heap, far = self._heap, self._far
         pop = heapq.heappop
         limit = math.inf if until is None else until
         done = 0
         # Entries are (time, priority, sequence, [callback, args, time]), indexed by
-        # literals here: the loop runs once per event.
+        # literals here: the loop runs once per event (``_next`` inline).
         try:
-            while heap:
-                entry = pop(heap)
+            while True:
+                if far:
+                    source = heap if heap and heap[0] < far[0] else far
+                elif heap:
+                    source = heap
+                else:
+                    break
+                entry = pop(source)
                 cell = entry[3]
                 fn = cell[0]
                 if fn is None:
                     continue  # cancelled
                 t = entry[0]
                 if t > limit:
-                    _push(heap, entry)  # not this run's: back where it was in the order
+                    _push(source, entry)  # not this run's: back where it was in the order
                     break
                 self._now = t
                 cell[0] = None
