@@ -110,7 +110,9 @@ def _quiet_state() -> tuple[Callable[[], Any], Any] | None:
     if not _NUMPY_2:
         return None
     try:
-        from numpy._core._ufunc_config import _extobj_contextvar as state
+        from numpy._core._ufunc_config import (  # type: ignore[attr-defined]
+            _extobj_contextvar as state,
+        )
     except ImportError:
         return None
     made: dict[Any, Any] = {}  # current state -> quiet state (holding both: ids stay theirs)
