@@ -514,7 +514,10 @@ class AggregatorBase:
             raise ProtocolMisuseError(f"{self._id}: aggregators start no training; got {event!r}")
         if self._holding:
             self._check_quorum(now, out)
-        self._release_held(now, out)
+        if self._held:
+            self._release_held(now, out)
+        else:
+            self._epoch_changed = False  # what _release_held does with nothing held
         self._fill(now, out)
         return out
 

@@ -490,7 +490,9 @@ class Outbox:
         if not self._up or parent is None or not (self._pending or self._extra):
             return []
         budget = self.window_bytes()
-        count, used = self.in_flight, self.in_flight_bytes
+        in_flight = self._out
+        count = len(in_flight)  # self.in_flight, self.in_flight_bytes
+        used = sum(self._sizes.get(s, 0) for s in in_flight) if count else 0
         if count >= self.window:
             return []
         # Kept updates first (acked already: no ledger bound), then pending ones.

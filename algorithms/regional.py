@@ -335,6 +335,9 @@ class RegionalAggregator(BufferedAggregator):
                     )
                 )
             return
+        d = self._dispatcher
+        if d.in_flight >= d.concurrency or d.idle_count == 0 or self._holding:
+            return  # nothing to start (AggregatorBase._fill's own checks, before paused's)
         if not self.paused:  # backpressure: no new tasks while the outbox is full
             super()._fill(now, out)
 
@@ -497,7 +500,8 @@ class RegionalAggregator(BufferedAggregator):
     def _model_problem(self, msg: ModelBroadcast) -> str | None:
         if not is_int(msg.version) or msg.version < 0:
             return "bad_version"
-        if not isinstance(msg.config, Mapping):
+        config = msg.config
+        if type(config) is not dict and not isinstance(config, Mapping):  # dict: no ABC
             return "bad_config"
         if self._global is not None:
             return check_compatible(self._global[1], msg.weights)

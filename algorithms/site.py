@@ -537,4 +537,10 @@ class SiteNode:
 def _delta(weights: Weights, base: Weights) -> Weights:
     """``weights - base`` per tensor, in the base's dtype; an overflow shows as inf (the
     caller refuses a non-finite delta), without a warning."""
-    return {k: (weights[k] - b).astype(b.dtype, copy=False) for k, b in base.items()}
+    out: Weights = {}
+    for k, b in base.items():
+        d = weights[k] - b
+        kind = b.dtype
+        # d.astype(kind, copy=False), which returns d itself when it has that dtype
+        out[k] = d if d.dtype is kind else d.astype(kind, copy=False)
+    return out

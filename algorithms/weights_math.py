@@ -256,14 +256,22 @@ def check_compatible(reference: Weights, other: Mapping[str, Any]) -> str | None
         arr = other.get(name)
         if arr is None:
             return "names"
-        if not isinstance(arr, np.ndarray):
+        if type(arr) is not _ndarray and not isinstance(arr, np.ndarray):
             return "not_array"
         if arr.shape != ref.shape:
             return "shape"
-        dt = arr.dtype
-        if dt != ref.dtype and (dt.kind != "f" or not np.can_cast(dt, ref.dtype, "same_kind")):
+        dt, want = arr.dtype, ref.dtype
+        # dt is want: the same dtype object (a model's own arrays), no comparison needed
+        if (
+            dt is not want
+            and dt != want
+            and (dt.kind != "f" or not np.can_cast(dt, want, "same_kind"))
+        ):
             return "dtype"
     return None
+
+
+_ndarray = np.ndarray
 
 
 def check_delta(reference: Weights, delta: Mapping[str, Any]) -> str | None:
