@@ -109,7 +109,9 @@ class NodeStep:
     through ``sink`` and returns the node's next deadline (None: none wanted).
 
     ``seed`` is the run's seed (training seeds derive from it); ``observe`` (optional)
-    sees every effect before it is carried out; ``error`` is the exception type raised
+    sees every effect before it is carried out (only those of the types in
+    ``observe_kinds``, when given: an observer that ignores the others need not be
+    called for them); ``error`` is the exception type raised
     for a node bug the step detects (an unknown effect, a stuck deadline);
     ``skip_metrics`` names metrics dropped unseen (neither observed nor handed to the sink).
     """
@@ -123,6 +125,7 @@ class NodeStep:
         "node",
         "node_id",
         "observe",
+        "observe_kinds",
         "seed",
         "sink",
         "skip_metrics",
@@ -138,12 +141,14 @@ class NodeStep:
         error: type[Exception] = RuntimeError,
         max_stuck: int = MAX_STUCK_DEADLINES,
         skip_metrics: Collection[str] = frozenset(),
+        observe_kinds: Collection[type] | None = None,
     ) -> None:
         self.node = node
         self.node_id = node.node_id
         self.sink = sink
         self.seed = seed
         self.observe = observe
+        self.observe_kinds = None if observe_kinds is None else frozenset(observe_kinds)
         self.error = error
         self.max_stuck = max_stuck
         self.skip_metrics = frozenset(skip_metrics)
@@ -172,18 +177,23 @@ class NodeStep:
             self._stuck = 0  # time moved on since the last stuck firing
         return wanted
 
+    # ``step.handle(event, now)`` is ``step(event, now)``: a driver calling it for every
+    # event saves the indirection of calling an instance (its __call__ slot).
+    handle = __call__
+
     def carry_out(self, effects: list[Effect], now: float) -> None:
         """Hand ``effects`` to the sink in list order (consecutive Persists as one batch)."""
         sink = self.sink
         node_id = self.node_id
         observe = self.observe
+        kinds = self.observe_kinds
         skip = self.skip_metrics
         batch: list[Persist] | None = None
         for effect in effects:
             kind = type(effect)
             if skip and kind is Metric and effect.name in skip:  # type: ignore[union-attr]
                 continue
-            if observe is not None:
+            if observe is not None and (kinds is None or kind in kinds):
                 observe(node_id, effect, now)
             if kind is Persist:
                 if batch is None:

@@ -259,3 +259,15 @@ def test_a_deadline_that_moves_on_or_an_event_at_a_later_time_resets_the_guard()
             step(Deadline(), now)
             node.deadline = 0.0
     assert len(node.seen) == 20 * 4  # never raised
+
+
+def test_observe_kinds_limits_what_the_observer_sees() -> None:
+    seen: list[str] = []
+
+    def observe(node_id: str, effect: Effect, now: float) -> None:
+        seen.append(effect.name if isinstance(effect, Metric) else type(effect).__name__)
+
+    effects: list[Effect] = [Send("p", Heartbeat("n1")), Metric("m"), Persist("k", 1), Metric("x")]
+    step = NodeStep(Scripted(effects), Journal(), observe=observe, observe_kinds=(Metric,))
+    step.handle(PeerUp("p"), 1.0)  # the same as step(PeerUp("p"), 1.0)
+    assert seen == ["m", "x"]
