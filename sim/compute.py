@@ -225,7 +225,8 @@ class ComputeModel:
         for site, speed in self._speeds.items():
             _check(f"speed of {site!r}", speed, positive=True)
         self._default_speed = float(default_speed)
-        self._rngs: dict[str, np.random.Generator] = {}
+        # site -> (its generator, its speed): one lookup per job at 100,000 sites
+        self._sites: dict[str, tuple[np.random.Generator, float]] = {}
         self._streams = EntityRngs(seed, "compute")  # entity_rng(seed, "compute", site)
 
     @classmethod
@@ -248,7 +249,9 @@ class ComputeModel:
 
     def duration(self, site: str) -> float:
         """Draw the duration of ``site``'s next job (advances that site's stream only)."""
-        rng = self._rngs.get(site)
-        if rng is None:
-            rng = self._rngs[site] = self._streams.rng(site)
-        return self.distribution.draw(rng) / self._speeds.get(site, self._default_speed)
+        entry = self._sites.get(site)
+        if entry is None:
+            speed = self._speeds.get(site, self._default_speed)
+            entry = self._sites[site] = (self._streams.rng(site), speed)
+        rng, speed = entry
+        return self.distribution.draw(rng) / speed
