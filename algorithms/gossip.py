@@ -148,6 +148,7 @@ from fedloom.algorithms.protocol import (
     Train,
     TrainDone,
     TrainFailed,
+    TrainResult,
     Weights,
 )
 from fedloom.algorithms.warn_limit import WarnLimiter
@@ -387,7 +388,10 @@ class GossipPeer:
             self._on_received(event.peer, event, now, out)
         elif isinstance(event, TrainDone):
             self._check_job(event.job)
-            self._on_train_done(event.result.weights, now, out)
+            result = event.result
+            if not isinstance(result, TrainResult):  # a TrainedDelta: only for a site
+                raise ProtocolMisuseError(f"GossipPeer needs a TrainResult, got {result!r:.80}")
+            self._on_train_done(result.weights, now, out)
         elif isinstance(event, TrainFailed):
             self._check_job(event.job)
             self._on_train_failed(event.reason, now, out)

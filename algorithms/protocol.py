@@ -59,11 +59,25 @@ class TrainResult:
 
 
 @dataclass(frozen=True, slots=True)
+class TrainedDelta:
+    """A site's training result as its update: the trained weights minus the weights the
+    job was given, computed and checked where the job trained (``algorithms.site.
+    trained_delta``: the model's names, shapes and dtypes, every value finite), so the
+    node does not do it again. A driver delivers one only to a node that says it takes
+    them (``accepts_trained_delta``); a simulator's worker process makes them, off the
+    driver's core."""
+
+    delta: Weights
+    n_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class TrainDone:
     """A training job started by a ``Train`` effect finished."""
 
     job: int
-    result: TrainResult
+    result: TrainResult | TrainedDelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +177,15 @@ class Log:
 
 # Built on every event a node handles (several per message in a simulation): each sets
 # its slots directly (``algorithms.frozen``), the same objects as the generated __init__.
-_FAST: tuple[type, ...] = (Received, TrainResult, TrainDone, TrainFailed, PeerUp, PeerDown)
+_FAST: tuple[type, ...] = (
+    Received,
+    TrainResult,
+    TrainedDelta,
+    TrainDone,
+    TrainFailed,
+    PeerUp,
+    PeerDown,
+)
 for _cls in (*_FAST, Send, Train, Persist, Metric, Log):
     slot_init(_cls)
 del _cls, _FAST

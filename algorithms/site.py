@@ -78,7 +78,9 @@ from fedloom.algorithms.protocol import (
     Send,
     Train,
     TrainDone,
+    TrainedDelta,
     TrainFailed,
+    TrainResult,
     Weights,
 )
 from fedloom.algorithms.secure_site import MEMBER_LOG_KEY, SECAGG_TO_SITE, SiteSecAgg
@@ -95,7 +97,7 @@ from fedloom.transport.wire import (
     Update,
 )
 
-__all__ = ["SiteNode", "SiteState"]
+__all__ = ["SiteNode", "SiteState", "trained_delta"]
 
 PENDING_KEY = "site/pending"
 
@@ -107,6 +109,9 @@ class SiteState(enum.Enum):
 
 class SiteNode:
     """Sans-I/O site: ``handle(event, now) -> effects``."""
+
+    # A TrainDone may carry a TrainedDelta (see trained_delta) instead of a TrainResult.
+    accepts_trained_delta = True
 
     def __init__(
         self,
@@ -464,19 +469,17 @@ class SiteNode:
         base = self._base
         assert base is not None
         result = event.result
-        # A result that does not fit the model, or is not finite (a diverged client), is a
-        # failed job: an update of it would be refused by the parent on every resend.
-        if check_compatible(base, result.weights) is not None:
-            return self._failed(event.job, "weights do not match the model", "failed")
-        delta = _delta(result.weights, base)
-        if not is_finite(delta):
-            return self._failed(event.job, "non-finite weights", "failed")
+        if not isinstance(result, TrainedDelta):  # else computed and checked where it trained
+            checked = trained_delta(result, base)
+            if isinstance(checked, str):
+                return self._failed(event.job, checked, "failed")
+            result = checked
         update = Update(
             src=self._id,
             seq=self._outbox.next_seq(),
             base_version=self._base_version,
-            delta=delta,
-            n_examples=int(result.n_examples),
+            delta=result.delta,
+            n_examples=result.n_examples,
             count=1,
             task=self._task,
             metrics=dict(result.metrics),
@@ -531,6 +534,20 @@ class SiteNode:
         newest = state.get("newest_version", -1)  # older checkpoints: from the model
         model_version = self._model[0] if self._model is not None else -1
         self._newest_version = max(int(newest), int(model_version))
+
+
+def trained_delta(result: TrainResult, base: Weights) -> TrainedDelta | str:
+    """A job's update: ``result.weights - base``, or why there is none. A result that does
+    not fit the model, or is not finite (a diverged client), is a failed job: an update of
+    it would be refused by the parent on every resend. ``base`` is the weights the job was
+    given. A site calls it on a ``TrainResult``; an executor may call it where the job
+    trained and deliver the ``TrainedDelta`` (the same values, bit for bit)."""
+    if check_compatible(base, result.weights) is not None:
+        return "weights do not match the model"
+    delta = _delta(result.weights, base)
+    if not is_finite(delta):
+        return "non-finite weights"
+    return TrainedDelta(delta, int(result.n_examples), result.metrics)
 
 
 @quiet_overflow  # numpy 2: no errstate object built per job (a few µs each)

@@ -252,6 +252,15 @@ class SimDriver:
         self._steps: dict[str, NodeStep] = {
             node_id: self._step(node) for node_id, node in self.nodes.items()
         }
+        # The sites whose results the executor may hand over as a TrainedDelta, made where
+        # the job trained (sim.executors.PoolExecutor.submit): those of a node that takes
+        # them, with an executor that makes them.
+        self._delta_nodes: set[str] = set()
+        self._submit_delta: Callable[..., Any] = _no_submit
+        if getattr(self.executor, "makes_trained_deltas", False):
+            assert self.executor is not None
+            self._submit_delta = self.executor.submit
+            self._delta_nodes = {k for k, n in self.nodes.items() if _takes_deltas(n)}
         self._incarnation: dict[str, int] = {}  # restarts per node (jobs of older ones drop)
         self._restarting: set[str] = set()  # down, coming back from their log
         self.signing: SimSigning | None = None
@@ -407,6 +416,9 @@ class SimDriver:
         self._restarting.discard(node_id)
         node = self.stores.recover(node_id, make)
         self.nodes[node_id] = node
+        self._delta_nodes.discard(node_id)
+        if getattr(self.executor, "makes_trained_deltas", False) and _takes_deltas(node):
+            self._delta_nodes.add(node_id)
         if self.signing is not None:
             self.signing.restarted(node)
         self._steps[node_id] = self._step(node)
@@ -543,7 +555,11 @@ class SimDriver:
             )
             return
         kernel = self.kernel
-        ticket = self.executor.submit(node_id, weights, config, due=kernel._now + duration)
+        due = kernel._now + duration
+        if node_id in self._delta_nodes:
+            ticket = self._submit_delta(node_id, weights, config, due=due, delta=True)
+        else:
+            ticket = self.executor.submit(node_id, weights, config, due=due)
         incarnation = self._incarnation.get(node_id, 0)
         kernel.schedule_in(duration, self._job_done, node_id, job, ticket, incarnation)
 
@@ -605,6 +621,14 @@ class SimDriver:
 
     def _fire_deadline(self, node_id: str) -> None:
         self._dispatch(node_id, Deadline())
+
+
+def _takes_deltas(node: Node) -> bool:
+    return getattr(node, "accepts_trained_delta", False) is True
+
+
+def _no_submit(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("no executor makes trained deltas here")
 
 
 # ------------------------------------------------------------------ plan adapters

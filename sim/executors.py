@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
-from fedloom.algorithms.protocol import TrainResult, Weights
+from fedloom.algorithms.protocol import TrainedDelta, TrainResult, Weights
+from fedloom.algorithms.site import trained_delta
 from fedloom.federation.training import Trainer
 
 
@@ -47,8 +48,10 @@ class Executor(Protocol):
         will be joined at (an executor may train jobs in that order)."""
         ...
 
-    def join(self, ticket: Any) -> TrainResult:
-        """Wait for the job and return its result (re-raising its exception)."""
+    def join(self, ticket: Any) -> TrainResult | TrainedDelta:
+        """Wait for the job and return its result (re-raising its exception): the
+        trainer's, or a ``TrainedDelta`` where it was submitted with ``delta=True`` to an
+        executor whose ``makes_trained_deltas`` is true."""
         ...
 
     def discard(self, ticket: Any) -> None:
@@ -130,16 +133,17 @@ _RING = 1 << 16
 _QUEUED, _CLAIMED, _STOLEN = 0, 1, 2
 # Where a ticket is, on the driver's side.
 _BUFFERED, _SENT, _LOCAL, _DONE = 0, 1, 2, 3
-# How a result travels back: an exception, a TrainResult's fields, any other object.
-_FAILED, _FIELDS, _OBJECT = 0, 1, 2
+# How a result travels back: an exception, a TrainResult's fields, any other object, a
+# TrainedDelta's fields.
+_FAILED, _FIELDS, _OBJECT, _DELTA = 0, 1, 2, 3
 # Model snapshots a worker keeps by token: the jobs of one version share one snapshot,
 # which then crosses the pipe once instead of with every job.
 _KEPT_SNAPSHOTS = 64
 _KEPT_BYTES = 64 << 20  # per worker, counting the arrays of its snapshots
 
 # A job message: (new snapshots [(token, weights)], tokens to forget, jobs), each job
-# (due, seq, slot, node_id, token, config).
-_Job = tuple[float, int, int, str, int, Mapping[str, Any]]
+# (due, seq, slot, node_id, token, config, delta).
+_Job = tuple[float, int, int, str, int, Mapping[str, Any], bool]
 _Message = tuple[list[tuple[int, Weights]], list[int], list[_Job]]
 _Result = tuple[int, int, Any]  # (seq, how, value)
 
@@ -192,7 +196,7 @@ def _worker_main(
     ]
     for thread in threads:
         thread.start()
-    heap: list[tuple[float, int, int, str, Weights, Mapping[str, Any]]] = []
+    heap: list[tuple[float, int, int, str, Weights, Mapping[str, Any], bool]] = []
     snapshots: dict[int, Weights] = {}
     done: list[_Result] = []
     cpu = 0.0
@@ -203,8 +207,8 @@ def _worker_main(
             return False
         new, forget, jobs = message
         snapshots.update(new)
-        for due, seq, slot, node_id, token, config in jobs:
-            heapq.heappush(heap, (due, seq, slot, node_id, snapshots[token], config))
+        for due, seq, slot, node_id, token, config, delta in jobs:
+            heapq.heappush(heap, (due, seq, slot, node_id, snapshots[token], config, delta))
         for token in forget:  # one the worker never got (its message failed) is absent
             snapshots.pop(token, None)
         return True
@@ -223,7 +227,7 @@ def _worker_main(
                     break
                 if not take(message):
                     return
-            _, seq, slot, node_id, weights, config = heapq.heappop(heap)
+            _, seq, slot, node_id, weights, config, delta = heapq.heappop(heap)
             with lock:
                 if seqs[slot] != seq or states[slot] != _QUEUED:
                     continue  # taken back by the driver, discarded, or its slot reused
@@ -232,7 +236,15 @@ def _worker_main(
             try:
                 result = trainer(node_id, weights, config)
                 if type(result) is TrainResult:  # its fields: cheaper to unpickle
-                    done.append((seq, _FIELDS, (result.weights, result.n_examples, result.metrics)))
+                    checked = trained_delta(result, weights) if delta else None
+                    if type(checked) is TrainedDelta:  # the site's work, on this core
+                        done.append(
+                            (seq, _DELTA, (checked.delta, checked.n_examples, checked.metrics))
+                        )
+                    else:  # the site finds the same fault and fails the job
+                        done.append(
+                            (seq, _FIELDS, (result.weights, result.n_examples, result.metrics))
+                        )
                 else:
                     done.append((seq, _OBJECT, result))
             except Exception as exc:  # re-raised by join, for this job only
@@ -263,16 +275,23 @@ def _nbytes(weights: Weights) -> int:
 class _Ticket:
     """One submitted job, as the driver tracks it."""
 
-    __slots__ = ("config", "due", "node_id", "seq", "state", "weights", "worker")
+    __slots__ = ("config", "delta", "due", "node_id", "seq", "state", "weights", "worker")
 
     def __init__(
-        self, seq: int, node_id: str, weights: Weights, config: Mapping[str, Any], due: float
+        self,
+        seq: int,
+        node_id: str,
+        weights: Weights,
+        config: Mapping[str, Any],
+        due: float,
+        delta: bool,
     ) -> None:
         self.seq = seq
         self.node_id = node_id
         self.weights = weights
         self.config = config
         self.due = due
+        self.delta = delta  # a worker returns the site's TrainedDelta (see submit)
         self.state = _BUFFERED
         self.worker = -1
 
@@ -315,6 +334,8 @@ class PoolExecutor:
     ``mp_context`` defaults to "spawn": forking a process that has started torch or BLAS
     threads can deadlock.
     """
+
+    makes_trained_deltas = True  # submit(..., delta=True): see submit
 
     def __init__(
         self,
@@ -389,10 +410,17 @@ class PoolExecutor:
         config: Mapping[str, Any],
         *,
         due: float | None = None,
+        delta: bool = False,
     ) -> _Ticket:
+        """Start a job (see ``Executor.submit``). ``delta``: the job is a site's
+        (``accepts_trained_delta``), and a worker that trains it returns the site's
+        update, ``trained_delta(result, weights)``, where the checks pass: the same values,
+        computed on the worker's core instead of the driver's. A job the driver trains
+        itself, or whose result fails the checks, comes back as the trainer's result."""
         seq = self._seq
         self._seq += 1
-        ticket = _Ticket(seq, node_id, weights, dict(config), float(seq) if due is None else due)
+        due = float(seq) if due is None else due
+        ticket = _Ticket(seq, node_id, weights, dict(config), due, delta)
         self._live[seq] = ticket
         slot = seq % _RING
         if self._owner[slot] in self._live:  # its slot is still another job's
@@ -439,7 +467,7 @@ class PoolExecutor:
                     token, old = worker.kept.pop(next(iter(worker.kept)))
                     worker.forget.append(token)
                     worker.kept_bytes -= _nbytes(old)
-            jobs.append((t.due, t.seq, t.seq % _RING, t.node_id, kept[0], t.config))
+            jobs.append((t.due, t.seq, t.seq % _RING, t.node_id, kept[0], t.config, t.delta))
         try:
             message = ForkingPickler.dumps((new, worker.forget, jobs))
         except Exception:  # something in a job cannot be pickled: the driver trains them
@@ -515,7 +543,7 @@ class PoolExecutor:
             self._waiting[t.worker] = 0
         return result
 
-    def join(self, ticket: _Ticket) -> TrainResult:
+    def join(self, ticket: _Ticket) -> TrainResult | TrainedDelta:
         t = ticket
         result = self._results.pop(t.seq, None)
         if result is None and t.state == _SENT:
@@ -537,6 +565,8 @@ class PoolExecutor:
             mine: TrainResult = self._trainer(t.node_id, t.weights, t.config)
             return mine
         how, value = result
+        if how == _DELTA:
+            return TrainedDelta(*value)
         if how == _FIELDS:
             return TrainResult(*value)
         if how == _FAILED:

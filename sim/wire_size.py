@@ -93,7 +93,7 @@ def _tensors_size(tensors: Mapping[str, Any], spec: CodecSpec) -> int:
 
 
 _TENSOR_FIELD = 1 + 2 + 2  # fixmap(2), "m", "p"
-_F32 = np.dtype("<f4")  # numpy's own float32 descriptor (other equal ones: the slow path)
+_F32 = np.dtype("<f4")  # numpy's own float32 descriptor
 _RAW = CodecSpec("fp32", lz4=False)
 # Manifest bytes by layout (names..., shapes...) of float32 tensors sent raw (fp32): a
 # federation sends a few layouts (its model's) many times.
@@ -107,7 +107,12 @@ def _float32_tensors_size(tensors: Mapping[str, Any], lz4: bool) -> int | None:
     is the encoder's for the layout (remembered); LZ4 is the encoder's own function."""
     arrays = list(tensors.values())
     for value in arrays:
-        if type(value) is not np.ndarray or value.dtype is not _F32 or not value.flags.c_contiguous:
+        if type(value) is not np.ndarray or not value.flags.c_contiguous:
+            return None
+        dtype = value.dtype
+        # An array unpickled (a process pool's result) has an equal float32 descriptor
+        # that is not numpy's own object: compared only then.
+        if dtype is not _F32 and dtype != _F32:
             return None
     key = (*tensors, *[value.shape for value in arrays])  # names, then shapes
     manifest = _MANIFESTS.get(key)

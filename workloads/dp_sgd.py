@@ -33,6 +33,7 @@ keeps one per site in memory (``LedgerExecutor``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from fedloom.algorithms.dp.ledger import DELTA_MAX, Z_MAX, Z_MIN
-from fedloom.algorithms.protocol import TrainResult, Weights
+from fedloom.algorithms.protocol import TrainedDelta, TrainResult, Weights
 from fedloom.federation.config_reader import ConfigError, Table
 from fedloom.federation.training import Trainer, TrainingRefusedError
 from fedloom.workloads.models import _TorchPlan, parse_config
@@ -521,7 +522,7 @@ class _SimExecutor(Protocol):
         *,
         due: float | None = None,
     ) -> Any: ...
-    def join(self, ticket: Any) -> TrainResult: ...
+    def join(self, ticket: Any) -> TrainResult | TrainedDelta: ...
     def discard(self, ticket: Any) -> None: ...
     def close(self) -> None: ...
 
@@ -570,13 +571,13 @@ class LedgerExecutor:
             return _Ticket(node_id, None, None, exc)
         return _Ticket(node_id, job, self.inner.submit(node_id, weights, config, due=due))
 
-    def join(self, ticket: _Ticket) -> TrainResult:
+    def join(self, ticket: _Ticket) -> TrainResult | TrainedDelta:
         if ticket.refused is not None:
             raise ticket.refused
         result = self.inner.join(ticket.inner)
         assert ticket.job is not None
         eps = self.ledger(ticket.node_id).record(ticket.job)
-        return TrainResult(result.weights, result.n_examples, {**result.metrics, "dp_epsilon": eps})
+        return dataclasses.replace(result, metrics={**result.metrics, "dp_epsilon": eps})
 
     def discard(self, ticket: _Ticket) -> None:
         if ticket.refused is None:

@@ -22,10 +22,12 @@ from fedloom.algorithms.protocol import (
     Metric,
     PeerDown,
     PeerUp,
+    ProtocolMisuseError,
     Received,
     Send,
     Train,
     TrainDone,
+    TrainedDelta,
     TrainFailed,
     TrainResult,
 )
@@ -645,3 +647,20 @@ def test_every_step_reports_the_model_version_after_its_shares() -> None:
         i for i, e in enumerate(effects) if isinstance(e, Metric) and e.name == "model_version"
     ]
     assert metric_at > last_send
+
+
+def test_a_trained_delta_is_a_driver_mistake_for_a_gossip_peer() -> None:
+    # A peer adopts the trained weights: a site's delta (TrainedDelta) is not for it, and
+    # the driver is told, not the model silently replaced by a delta.
+    p = GossipPeer(
+        "a",
+        {"b": 0.5},
+        0.5,
+        {"w": np.zeros(3)},
+        train_config={"lr": 0.1, "seed": 7},
+        rng=np.random.default_rng(0),
+    )
+    (train,) = [e for e in p.handle(PeerUp("b"), 0.0) if isinstance(e, Train)]
+    with pytest.raises(ProtocolMisuseError, match="needs a TrainResult"):
+        p.handle(TrainDone(train.job, TrainedDelta({"w": np.ones(3)}, 1)), 1.0)
+    assert np.array_equal(p.current_model()[1]["w"], np.zeros(3))

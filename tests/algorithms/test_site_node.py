@@ -17,10 +17,11 @@ from fedloom.algorithms.protocol import (
     Send,
     Train,
     TrainDone,
+    TrainedDelta,
     TrainFailed,
     TrainResult,
 )
-from fedloom.algorithms.site import PENDING_KEY, SiteNode, SiteState
+from fedloom.algorithms.site import PENDING_KEY, SiteNode, SiteState, trained_delta
 from fedloom.transport.wire import Ack, Hello, ModelBroadcast, TrainRequest, Update
 from tests.algorithms.alg_helpers import metrics, model, persists, recv, sends
 
@@ -39,6 +40,54 @@ def request(task: int = 1, version: int = 0, value: float = 0.0) -> TrainRequest
 
 def done(job: int, value: float, n: int = 7) -> TrainDone:
     return TrainDone(job, TrainResult(model(value), n, {"loss": 0.5}))
+
+
+def test_a_trained_delta_gives_the_update_its_training_result_gives() -> None:
+    # An executor may hand over the site's delta, made and checked where the job trained
+    # (trained_delta): the site sends exactly the update it would have made itself.
+    sent = []
+    for made_there in (False, True):
+        site = SiteNode("s1", "agg")
+        [train] = trains(site.handle(recv("agg", request(task=9, version=3, value=1.0)), 0.0))
+        trained = {
+            "w": np.array([[1.5, -2.25], [1e-8, 3.0], [0.0, -1.0]], np.float32),
+            "b": np.array([0.5, 7.0], np.float32),
+        }
+        result = TrainResult(trained, 7, {"loss": 0.5})
+        event = TrainDone(train.job, result)
+        if made_there:
+            checked = trained_delta(result, train.weights)
+            assert isinstance(checked, TrainedDelta)
+            event = TrainDone(train.job, checked)
+        [u] = updates(site.handle(event, 1.0))
+        sent.append(u)
+        assert site.state == SiteState.IDLE
+    mine, theirs = sent
+    assert list(mine.delta) == list(theirs.delta) == ["w", "b"]
+    for k in mine.delta:
+        assert mine.delta[k].tobytes() == theirs.delta[k].tobytes()
+        assert mine.delta[k].dtype == theirs.delta[k].dtype == np.float32
+    assert (mine.src, mine.seq, mine.base_version, mine.task, mine.n_examples, mine.metrics) == (
+        theirs.src,
+        theirs.seq,
+        theirs.base_version,
+        theirs.task,
+        theirs.n_examples,
+        theirs.metrics,
+    )
+
+
+@pytest.mark.parametrize(
+    ("weights", "reason"),
+    [
+        ({"w": np.array([np.inf, 0, 0], np.float32)}, "non-finite weights"),
+        ({"w": np.zeros(2, np.float32)}, "weights do not match the model"),
+        ({"v": np.zeros(3, np.float32)}, "weights do not match the model"),
+    ],
+)
+def test_trained_delta_refuses_what_the_site_would_fail(weights: Any, reason: str) -> None:
+    base = {"w": np.ones(3, np.float32)}
+    assert trained_delta(TrainResult(weights, 1), base) == reason
 
 
 def test_protocols() -> None:

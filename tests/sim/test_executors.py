@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedloom.algorithms.protocol import TrainResult, Weights
+from fedloom.algorithms.protocol import TrainedDelta, TrainResult, Weights
+from fedloom.algorithms.site import trained_delta
 from fedloom.sim import executors
 from fedloom.sim.executors import InlineExecutor, PoolExecutor
 from tests.conformance.toy_nodes import NoisyTrainer
@@ -146,6 +147,9 @@ def test_each_job_is_trained_once_by_either_side_with_the_inline_result(tmp_path
         tickets += [pool.submit(*job, due=dues[i]) for i, job in enumerate(jobs) if i >= 10]
         for i in range(50, 300, 50):  # joined at once: mostly trained by the driver
             assert _same(pool.join(tickets[i]), expected[i])
+        # Jobs wait in the driver for a full message, or batch_seconds counted at its next
+        # submit or join (a batch may be most of them): send them as that would.
+        pool._send()
         _wait_for(lambda: len(list(tmp_path.iterdir())) > 250)  # the workers caught up
         discarded = {i for i in range(5, 300, 37)}
         for i in discarded:
@@ -343,3 +347,43 @@ def test_a_killed_worker_is_named_with_its_signal() -> None:
         ):
             for job in _jobs(3):  # a job sent to it, or a read of its pipe, finds it gone
                 pool.join(pool.submit(*job, due=1.0))
+
+
+class NonFiniteOnFive(Marking):
+    """Job 5 diverges: its weights hold an infinity."""
+
+    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        result = super().__call__(node_id, weights, config)
+        if config["seed"] == 5:
+            return TrainResult({k: v + np.inf for k, v in result.weights.items()}, 1)
+        return result
+
+
+def test_a_site_job_trained_by_a_worker_comes_back_as_its_checked_delta(tmp_path: Path) -> None:
+    # What the site would make of the trainer's result, made on the worker's core instead:
+    # the same delta bit for bit; a job whose weights fail the site's checks, and a job
+    # not submitted as a site's, come back as the trainer's result.
+    base = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)}
+    jobs = [(f"site-{i}", base, {"seed": i}) for i in range(8)]
+    trainer = NonFiniteOnFive(tmp_path / "inline")
+    (tmp_path / "inline").mkdir()
+    expected = [trainer(*job) for job in jobs]
+    (tmp_path / "pool").mkdir()
+    with PoolExecutor(NonFiniteOnFive(tmp_path / "pool"), workers=1) as pool:
+        tickets = [pool.submit(*job, due=float(i), delta=i != 6) for i, job in enumerate(jobs)]
+        order = tmp_path / "pool" / "order"
+        _wait_for(lambda: order.exists() and len(_order(tmp_path / "pool")) == 8)
+        results = [pool.join(t) for t in tickets]
+        assert pool.jobs_taken_back == 0  # every one trained by the worker
+    for i, (result, want) in enumerate(zip(results, expected, strict=True)):
+        if i in (5, 6):
+            assert type(result) is TrainResult and _same(result, want)
+            continue
+        assert type(result) is TrainedDelta
+        made = trained_delta(want, base)
+        assert type(made) is TrainedDelta
+        assert result.delta.keys() == made.delta.keys() == {"w"}
+        assert result.delta["w"].dtype == np.float32
+        assert result.delta["w"].tobytes() == made.delta["w"].tobytes()
+        assert (result.n_examples, result.metrics) == (made.n_examples, made.metrics)
+    assert trained_delta(expected[5], base) == "non-finite weights"

@@ -132,3 +132,32 @@ def test_the_network_sizes_lossless_messages_exactly_without_encoding() -> None:
     assert net.stats.encodings == 0
     assert [m for *_, m in rec.delivered] == msgs
     assert net.stats.bytes_sent == sum(len(wire.encode(m)) for m in msgs)
+
+
+def test_float32_arrays_from_another_process_are_sized_without_encoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A process pool's results are unpickled: their float32 descriptor equals numpy's own
+    # but is another object. They take the fast path, and the size is still exact.
+    from multiprocessing.reduction import ForkingPickler
+
+    from fedloom.sim import wire_size as ws
+
+    rng = np.random.default_rng(3)
+    delta = {"w": rng.standard_normal((40, 30)).astype(np.float32), "b": np.zeros(30, np.float32)}
+    unpickled = ForkingPickler.loads(ForkingPickler.dumps(delta))
+    assert unpickled["w"].dtype is not np.dtype("<f4")  # what the fast path must accept
+    big_endian = {k: v.astype(">f4") for k, v in delta.items()}  # equal values, other bytes
+
+    def no_encoding(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("encoded to learn a size")
+
+    for spec in (CodecSpec("fp32"), CodecSpec("fp32", lz4=False)):
+        msg = wire.Update("s1", 7, 3, unpickled, 12, 1)
+        want = len(wire.encode(msg, spec))
+        wire_size(wire.Update("s1", 7, 3, delta, 12, 1), spec)  # the layout's manifest, once
+        with monkeypatch.context() as m:
+            m.setattr(ws, "encode_tensors", no_encoding)
+            assert wire_size(msg, spec) == want
+        slow = wire.Update("s1", 7, 3, big_endian, 12, 1)
+        assert wire_size(slow, spec) == len(wire.encode(slow, spec))
