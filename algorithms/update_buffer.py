@@ -31,7 +31,7 @@ import numpy as np
 
 from fedloom.algorithms.protocol import Weights
 from fedloom.algorithms.robust import NormClip, coordinate_median, trimmed_mean
-from fedloom.algorithms.weights_math import is_finite, l2_norm
+from fedloom.algorithms.weights_math import is_finite, l2_norm, quiet_overflow
 
 __all__ = ["ROBUST_MODES", "WEIGHTINGS", "Aggregate", "UpdateBuffer"]
 
@@ -78,13 +78,26 @@ def _small_mean(
             return None
     count = len(arrays)
     weights = np.array(coefs, dtype=kind).reshape(count, 1)
-    terms = np.multiply(np.stack(arrays).reshape(count, -1), weights).astype(np.float64)
+    # np.array of same-shaped arrays: np.stack's copy, without its Python-level checks.
+    terms = np.multiply(np.array(arrays).reshape(count, -1), weights).astype(np.float64)
     acc = np.zeros(terms.shape[1], dtype=np.float64)
     add = np.add
     for row in terms:
         add(acc, row, out=acc)
-    with np.errstate(over="ignore"):  # inf: ``Aggregate.finite`` says so
-        return acc.astype(dtype).reshape(shape)
+    return _quiet_cast(acc, dtype).reshape(shape)
+
+
+@quiet_overflow  # an overflow shows as inf: ``Aggregate.finite`` says so
+def _quiet_cast(values: Any, dtype: np.dtype[Any]) -> Any:
+    """``values.astype(dtype)`` without overflow warnings (``quiet_overflow``: no
+    ``errstate`` object built per call)."""
+    return values.astype(dtype)
+
+
+@quiet_overflow  # an overflow shows as inf: ``Aggregate.finite`` says so
+def _quiet_cast_all(delta: Weights, dtypes: Mapping[str, np.dtype[Any]]) -> Weights:
+    """Each tensor of ``delta`` cast to its dtype in ``dtypes`` (no copy when it has it)."""
+    return {k: v.astype(dtypes[k], copy=False) for k, v in delta.items()}
 
 
 class UpdateBuffer:
@@ -227,10 +240,8 @@ class UpdateBuffer:
                 delta[k] = result
         else:
             delta = {k: np.zeros(shape) for k, shape in self._shapes.items()}
-        with np.errstate(over="ignore"):  # an overflow shows as inf: ``Aggregate.finite``
-            cast = {k: v.astype(self._dtypes[k], copy=False) for k, v in delta.items()}
         out = Aggregate(
-            delta=cast,
+            delta=_quiet_cast_all(delta, self._dtypes),
             n_updates=self.n_updates,
             n_examples=self.n_examples,
             count=self.count,
