@@ -238,6 +238,9 @@ class AggregatorBase:
             raise ValueError(f"quiet_after_s must be > 0 and finite, got {quiet_after_s}")
         self._id = node_id
         self._children = dict(children)
+        roles = set(self._children.values())
+        # The role every child has, when they all have one (None: mixed, or no children).
+        self._only_role: str | None = roles.pop() if len(roles) == 1 else None
         self.quiet_after_s = quiet_after_s
         self._rng = as_generator(rng)
         self._dispatcher = TaskDispatcher(
@@ -666,7 +669,7 @@ class AggregatorBase:
             out.append(Send(peer, Ack(msg.src, msg.seq)))
             self._after_duplicate(peer, msg, out)
             return
-        pairs = self._pairs_of(peer, msg)
+        pairs = self._pairs_of(peer, msg) if msg.pairs else ()  # a site's names none
         if pairs and self._pairs_refused(peer, msg, pairs, out):
             return
         taken = self._pairs.overlap(pairs) if pairs else None
@@ -949,12 +952,17 @@ class AggregatorBase:
         # _quiet_after per kind of child, computed once (O(children) per call).
         site_since = now - self.quiet_after_s
         region_since = now - min(self.quiet_after_s, QUIET_AFTER_S)
-        kind = self._children.get
-        recent = {
-            c
-            for c, t in self._last_applied.items()
-            if t > (region_since if kind(c) == "region" else site_since)
-        }
+        only = self._only_role
+        if only is not None:  # all children of one role: one threshold, no lookup each
+            since = region_since if only == "region" else site_since
+            recent = {c for c, t in self._last_applied.items() if t > since}
+        else:
+            kind = self._children.get
+            recent = {
+                c
+                for c, t in self._last_applied.items()
+                if t > (region_since if kind(c) == "region" else site_since)
+            }
         return recent | self._restored_active
 
     def _is_up(self, child: str) -> bool:
@@ -1231,22 +1239,27 @@ class AggregatorBase:
         **extra: Any,
     ) -> None:
         """Ledger it, Persist the record, then Ack: the Ack never precedes its Persist."""
-        d = self._dispatcher
-        self._ledger.record(msg.src, msg.seq)
+        src = msg.src
+        self._ledger.record(src, msg.seq)
         outcome_name = _OUTCOME_NAMES[outcome]  # once: hashing an Enum runs Python code
-        self._count_outcome(msg.src, outcome_name)
-        self._silent.discard(msg.src)  # it answers after all
-        self._refusals.answered(msg.src)
-        if outcome is Outcome.APPLIED:
+        # _count_outcome(src, outcome_name), inline: once per update
+        old = self._outcomes.get(src)
+        counts = {} if old is None else old.copy()  # copy on write (see __init__)
+        counts[outcome_name] = counts.get(outcome_name, 0) + 1
+        self._outcomes[src] = counts
+        self._silent.discard(src)  # it answers after all
+        self._refusals.answered(src)
+        applied = outcome is Outcome.APPLIED
+        if applied:
             # Only a buffer slot counts against the share: stale resends of updates kept
             # across a failover must not hold back the answers that fill the buffer.
-            used = self._uses[msg.src] = self._uses.get(msg.src, 0) + 1
+            used = self._uses[src] = self._uses.get(src, 0) + 1
             self._last_applied[peer] = self._now  # it shares the epochs (again)
-            if self._unasked and self._children[peer] == "site":
-                self._unsolicited.add(peer)
             site = self._children[peer] == "site"
+            if self._unasked and site:
+                self._unsolicited.add(peer)
             if self._variety_quota and site and used >= self._quota(peer):
-                d.bench(peer)  # an honest fast site waits for the next epoch
+                self._dispatcher.bench(peer)  # an honest fast site waits for the next epoch
         else:
             self._free[msg.src] = self._free.get(msg.src, 0) + 1
         self._log_n += 1
@@ -1265,10 +1278,10 @@ class AggregatorBase:
         }
         if self._unasked:
             data["unasked"] = True
-        if outcome is Outcome.APPLIED and self._log_deltas:
+        if applied and self._log_deltas:
             data["delta"] = msg.delta
-        pairs = self._pairs_of(peer, msg)
-        if pairs and outcome is Outcome.APPLIED:
+        pairs = self._pairs_of(peer, msg) if msg.pairs else ()  # a site's names none
+        if pairs and applied:
             self._pairs.record(pairs)
             data["pairs"] = [list(p) for p in pairs]
             out.append(Metric("pairs_applied", float(len(pairs)), {"src": peer}))
@@ -1307,7 +1320,9 @@ class AggregatorBase:
         """The common first steps of an asynchronous aggregator taking an update: free its
         task slot, reject it if malformed, drop it if too stale. Returns its staleness when
         it is to be applied, None when it has been dealt with here."""
-        self._complete_task(peer, msg)
+        task = msg.task
+        if is_int(task):  # _complete_task(peer, msg), inline: once per update
+            self._dispatcher.complete(int(task), peer)
         if reason is not None:
             self._reject(peer, msg, reason, version, out)
             return None

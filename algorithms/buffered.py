@@ -110,9 +110,10 @@ class BufferedAggregator(AggregatorBase):
         if self._buffer.add(msg.delta, s, msg.n_examples, msg.count, self._norm, msg.src):
             out.append(Metric("update_clipped", 1.0, {"src": msg.src}))
         self._record_applied(peer, msg, version, tau, s, out)
+        fill = self._buffer.n_updates  # len(self._buffer), without __len__'s call
         if "buffer_fill" not in self._omit:
-            out.append(Metric("buffer_fill", float(len(self._buffer))))
-        if len(self._buffer) >= self.buffer_size:
+            out.append(Metric("buffer_fill", float(fill)))
+        if fill >= self.buffer_size:
             self._flush_full(out)
 
     def _replay(self, record: Mapping[str, Any]) -> None:

@@ -478,9 +478,11 @@ class RegionalAggregator(BufferedAggregator):
         out: list[Effect],
         **extra: Any,
     ) -> None:
-        self._forwards.note(
-            msg.src, msg.seq, self._parts_pairs(peer, msg), msg.n_examples, msg.count
-        )
+        if self._children.get(peer) == "site":  # _parts_pairs(peer, msg), inline
+            pairs: tuple[tuple[str, int], ...] = ((msg.src, msg.seq),)
+        else:
+            pairs = self._pairs_of(peer, msg)
+        self._forwards.note(msg.src, msg.seq, pairs, msg.n_examples, msg.count)
         super()._record_applied(peer, msg, version, tau, s, out, **extra)
 
     def _parts_pairs(self, peer: str, msg: Update) -> tuple[tuple[str, int], ...]:

@@ -126,6 +126,7 @@ class UpdateBuffer:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
         self._clip = NormClip(clip_norm, template)
         self.weighting = weighting
+        self._uniform = weighting == "uniform"  # read per update
         self.robust = robust
         self.trim_fraction = trim_fraction
         self._dtypes = {k: v.dtype for k, v in template.items()}
@@ -164,7 +165,7 @@ class UpdateBuffer:
         """
         measured = l2_norm(delta) if norm is None else norm
         delta, clipped = self._clip.apply(delta, measured, src)
-        w = float(count if self.weighting == "uniform" else n_examples)
+        w = float(count if self._uniform else n_examples)
         self._kept.append(delta)
         self._coefs.append(s * w)
         self._discounts.append(s)

@@ -298,7 +298,7 @@ def checked_norm(reference: Weights, delta: Mapping[str, Any]) -> tuple[str | No
     reason = check_compatible(reference, delta)
     if reason is not None:
         return reason, math.inf
-    norm = l2_norm(delta)
+    norm = math.sqrt(_sum_all_squares(delta))  # l2_norm(delta), one call fewer
     if norm < math.inf:
         return None, norm
     isfinite = np.isfinite
