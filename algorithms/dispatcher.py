@@ -202,18 +202,28 @@ class TaskDispatcher:
         if limit is not None:
             room = min(room, limit)
         started: list[tuple[int, str]] = []
-        deadline = math.inf if self.task_timeout_s is None else now + self.task_timeout_s
-        while room > 0 and self._idle:
+        timeout = self.task_timeout_s
+        deadline = math.inf if timeout is None else now + timeout
+        idle, idle_pos = self._idle, self._idle_pos
+        while room > 0 and idle:
             # rng.random() is several times cheaper than rng.integers() per scalar draw.
-            i = min(int(draw.random() * len(self._idle)), len(self._idle) - 1)
-            site = self._idle[i]
-            self._drop_idle(site)
+            n = len(idle)
+            i = int(draw.random() * n)
+            if i >= n:  # min(i, n - 1), without the builtin's call
+                i = n - 1
+            site = idle[i]
+            # self._drop_idle(site), inline (once per task): swap-remove from the idle list
+            pos = idle_pos.pop(site)
+            last = idle.pop()
+            if last != site:
+                idle[pos] = last
+                idle_pos[last] = pos
             task = self.next_task
-            self.next_task += 1
+            self.next_task = task + 1
             self._tasks[task] = (site, deadline)
             self._task_of[site] = task
             self._given[site] = now
-            if self.task_timeout_s is not None:
+            if timeout is not None:
                 heapq.heappush(self._heap, (deadline, task))
             started.append((task, site))
             room -= 1

@@ -139,7 +139,12 @@ class RegionState(enum.Enum):
 
 
 class RegionalAggregator(BufferedAggregator):
-    """Sans-I/O regional aggregator: ``handle(event, now) -> effects``."""
+    """Sans-I/O regional aggregator: ``handle(event, now) -> effects``.
+
+    The methods run for every event or update call the base class's by name
+    (``BufferedAggregator.handle(self, ...)``), not through ``super()``: the same method
+    (single inheritance), without a ``super`` object built per call.
+    """
 
     def __init__(
         self,
@@ -255,7 +260,7 @@ class RegionalAggregator(BufferedAggregator):
 
     def _within_quota(self, peer: str, msg: Update, out: list[Effect]) -> bool:
         if self._children.get(peer) != "region" or not self.paused:
-            return super()._within_quota(peer, msg, out)
+            return BufferedAggregator._within_quota(self, peer, msg, out)
         held = self._held.setdefault(peer, [])
         if any(h.seq == msg.seq for h in held):
             return False  # a resend of one already held
@@ -273,7 +278,7 @@ class RegionalAggregator(BufferedAggregator):
             self._epoch_changed = True
 
     def handle(self, event: Event, now: float) -> list[Effect]:
-        out = super().handle(event, now)
+        out = BufferedAggregator.handle(self, event, now)
         outbox = self._outbox
         if outbox.metrics_due(now):
             gauges = {"forwards_kept": float(len(self._forwards))}
@@ -287,7 +292,7 @@ class RegionalAggregator(BufferedAggregator):
         self._outbox.omit_gauges(self._omit)
 
     def next_deadline(self) -> float | None:
-        own, outbox = super().next_deadline(), self._outbox.next_deadline()
+        own, outbox = BufferedAggregator.next_deadline(self), self._outbox.next_deadline()
         if own is None or (outbox is not None and outbox < own):
             own = outbox
         if self._hello_at is not None:
@@ -313,8 +318,8 @@ class RegionalAggregator(BufferedAggregator):
             self._hello_at, self._hello_wait = self._now, self.hello_timeout_s
 
     def _broadcast(self, out: list[Effect]) -> None:
-        if not self._awaiting_config:  # (as for tasks, below)
-            super()._broadcast(out)
+        if self._global is None or self._root_config is not None:  # not _awaiting_config
+            BufferedAggregator._broadcast(self, out)
 
     @property
     def _awaiting_config(self) -> bool:
@@ -339,7 +344,7 @@ class RegionalAggregator(BufferedAggregator):
         if d.in_flight >= d.concurrency or d.idle_count == 0 or self._holding:
             return  # nothing to start (AggregatorBase._fill's own checks, before paused's)
         if not self.paused:  # backpressure: no new tasks while the outbox is full
-            super()._fill(now, out)
+            BufferedAggregator._fill(self, now, out)
 
     def current_model(self) -> tuple[int, Weights] | None:
         """The newest global model relayed through this region (not a model of its own)."""
@@ -483,7 +488,7 @@ class RegionalAggregator(BufferedAggregator):
         else:
             pairs = self._pairs_of(peer, msg)
         self._forwards.note(msg.src, msg.seq, pairs, msg.n_examples, msg.count)
-        super()._record_applied(peer, msg, version, tau, s, out, **extra)
+        BufferedAggregator._record_applied(self, peer, msg, version, tau, s, out, **extra)
 
     def _parts_pairs(self, peer: str, msg: Update) -> tuple[tuple[str, int], ...]:
         if self._children.get(peer) == "site":

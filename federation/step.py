@@ -212,7 +212,10 @@ class NodeStep:
                 job = effect.job  # type: ignore[union-attr]
                 config = effect.config  # type: ignore[union-attr]
                 if "seed" not in config:  # training_config(config, self.seed, node_id, job)
-                    config = {**config, "seed": self._train_seeds().seed(job)}
+                    seeds = self._seeds  # _train_seeds()'s check, inline: once per job
+                    if seeds is None or seeds.key != (self.seed, "train", node_id):
+                        seeds = self._train_seeds()
+                    config = {**config, "seed": seeds.seed(job)}
                 sink.train(node_id, job, effect.weights, config)  # type: ignore[union-attr]
             elif kind is Log:
                 sink.log(node_id, effect, now)  # type: ignore[arg-type]
