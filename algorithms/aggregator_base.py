@@ -655,7 +655,8 @@ class AggregatorBase:
         if msg.src != peer:
             self._reject_unacked(peer, msg, "src_mismatch", out)
             return
-        if not is_int(msg.seq) or msg.seq < 1:
+        seq = msg.seq
+        if not (type(seq) is int or is_int(seq)) or seq < 1:  # a plain int: no call
             self._reject_unacked(peer, msg, "bad_seq", out)
             return
         if msg.pairs and self._children[peer] == "site":
@@ -885,7 +886,12 @@ class AggregatorBase:
     # --------------------------------------------------------------- quota
     def _within_quota(self, peer: str, msg: Update, out: list[Effect]) -> bool:
         """May ``msg`` be decided now? Otherwise it is held or dropped, unacked."""
-        solicited = is_int(msg.task) and self._dispatcher.task_site(int(msg.task)) == peer
+        task = msg.task
+        # is_int(task) and task_site(int(task)), without the calls for a plain int
+        if type(task) is int:
+            solicited = self._dispatcher.task_site(task) == peer
+        else:
+            solicited = is_int(task) and self._dispatcher.task_site(int(task)) == peer
         self._unasked = not solicited  # for the record: replay rebuilds the quota from it
         answer_free = not self._quota_solicited or peer not in self._unsolicited
         if solicited and answer_free and not self._variety_quota:
@@ -1320,8 +1326,10 @@ class AggregatorBase:
         """The common first steps of an asynchronous aggregator taking an update: free its
         task slot, reject it if malformed, drop it if too stale. Returns its staleness when
         it is to be applied, None when it has been dealt with here."""
-        task = msg.task
-        if is_int(task):  # _complete_task(peer, msg), inline: once per update
+        task = msg.task  # _complete_task(peer, msg), inline: once per update
+        if type(task) is int:
+            self._dispatcher.complete(task, peer)
+        elif is_int(task):
             self._dispatcher.complete(int(task), peer)
         if reason is not None:
             self._reject(peer, msg, reason, version, out)
@@ -1431,9 +1439,10 @@ class AggregatorBase:
         config = self._task_config()
         msg = ModelBroadcast(model[0], model[1], config=config, **self._model_proof())
         regions = self._regions_up
+        now, append = self._now, out.append  # hoisted: a root has many regions
         for r in regions:
-            regions[r] = self._now  # a repeated Hello soon after gets no copy (_on_hello)
-            out.append(Send(r, msg))
+            regions[r] = now  # a repeated Hello soon after gets no copy (_on_hello)
+            append(Send(r, msg))
 
     # ---------------------------------------------------------- durability
     def _base_snapshot(self) -> dict[str, Any]:

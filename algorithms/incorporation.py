@@ -353,7 +353,9 @@ class RegionForwards:
     def note(self, src: str, seq: int, pairs: Sequence[Pair], n_examples: int, count: int) -> None:
         c = Contribution(src, seq, tuple(pairs), None, 0.0, n_examples, count)
         self._filling.append(c)
-        self._hold((src, seq), 1)
+        unsettled = self._unsettled  # _hold((src, seq), 1), inline: once per update
+        key = (src, seq)
+        unsettled[key] = unsettled.get(key, 0) + 1
 
     def flushed(
         self, entries: Sequence[tuple[Weights, float]], *, keep_deltas: bool = True
@@ -384,10 +386,16 @@ class RegionForwards:
     def settled_now(self, parts: Iterable[Contribution]) -> list[Pair]:
         """``parts`` will never be forwarded (dropped aggregate): release them."""
         out = []
+        unsettled = self._unsettled
         for c in parts:
             if c.src:
-                self._hold((c.src, c.seq), -1)
-                out.append((c.src, c.seq))
+                key = (c.src, c.seq)
+                n = unsettled.get(key, 0) - 1  # _hold(key, -1), inline: once per update
+                if n > 0:
+                    unsettled[key] = n
+                else:
+                    unsettled.pop(key, None)
+                out.append(key)
         return out
 
     def unsettled(self, src: str, seq: int) -> bool:

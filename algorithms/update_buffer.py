@@ -83,7 +83,7 @@ def _small_mean(
     acc = np.zeros(terms.shape[1], dtype=np.float64)
     add = np.add
     for row in terms:
-        add(acc, row, out=acc)
+        add(acc, row, acc)  # out=acc, passed by position: no keyword to parse
     return _quiet_cast(acc, dtype).reshape(shape)
 
 

@@ -171,7 +171,10 @@ def _sum_all_squares(w: Mapping[str, npt.NDArray[Any]]) -> float:
     for v in w.values():
         flat = v.reshape(-1)
         if flat.size <= _NORM_CHUNK:  # _sum_squares(flat), inline: the usual tensor
-            total += float(_add_reduce(_multiply(flat, flat, dtype=_F64)))
+            # Cast (a copy), then square in place: the same squares and pairwise sum as
+            # multiplying with dtype=float64, without the ufunc's casting buffers.
+            squares = flat.astype(_F64)
+            total += float(_add_reduce(_multiply(squares, squares, out=squares)))
         elif _HALF_PATH and half_source(v) is not None:
             total += _sum_half_squares(flat)
         else:
