@@ -93,6 +93,10 @@ class NormClip:
             return None
         if isinstance(self.setting, float):
             return self.setting
+        return self._auto_bound(src)
+
+    def _auto_bound(self, src: str | None) -> float:
+        """``bound(src)`` under "auto"."""
         norms = self._sorted
         own = None if src is None else self._latest.get(src)
         m = len(norms) if own is None else len(norms) - 1  # the others' norms
@@ -111,9 +115,13 @@ class NormClip:
     def apply(self, delta: Weights, norm: float, src: str | None = None) -> tuple[Weights, bool]:
         """Clip ``delta`` from ``src`` (whose finite L2 norm the caller measured) and learn
         its clipped norm."""
-        c = self.bound(src)
-        if self.setting == "auto":
-            self._learn(src, norm if c is None else min(norm, c))
+        c: float | None
+        if self.setting == "auto":  # the default: bound(src)'s checks skipped
+            auto = self._auto_bound(src)
+            self._learn(src, auto if auto < norm else norm)  # min(norm, auto), no call
+            c = auto
+        else:
+            c = self.bound(src)
         if c is None or norm <= c:
             return delta, False
         factor = c / norm
