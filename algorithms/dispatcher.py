@@ -179,7 +179,13 @@ class TaskDispatcher:
         entry = self._tasks.get(task)
         if entry is None or entry[0] != site:
             return False
-        self._release(task)
+        # self._release(task), inline: once per update
+        del self._tasks[task]
+        if self._task_of.get(site) == task:
+            del self._task_of[site]
+            self._given.pop(site, None)
+            if site in self._up:
+                self._push_idle(site)
         return True
 
     def cancel(self, task: int) -> str | None:

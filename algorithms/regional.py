@@ -318,8 +318,9 @@ class RegionalAggregator(BufferedAggregator):
             self._hello_at, self._hello_wait = self._now, self.hello_timeout_s
 
     def _broadcast(self, out: list[Effect]) -> None:
-        if self._global is None or self._root_config is not None:  # not _awaiting_config
-            BufferedAggregator._broadcast(self, out)
+        # No region child up (a region of sites): nothing to send, no call made.
+        if self._regions_up and (self._global is None or self._root_config is not None):
+            BufferedAggregator._broadcast(self, out)  # not _awaiting_config: as for tasks
 
     @property
     def _awaiting_config(self) -> bool:
