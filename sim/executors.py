@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
+import numpy as np
+
 from fedloom.algorithms.protocol import TrainedDelta, TrainResult, Weights
 from fedloom.algorithms.site import trained_delta
 from fedloom.federation.training import Trainer
@@ -236,7 +238,14 @@ def _worker_main(
             try:
                 result = trainer(node_id, weights, config)
                 if type(result) is TrainResult:  # its fields: cheaper to unpickle
-                    checked = trained_delta(result, weights) if delta else None
+                    checked = None
+                    if delta:
+                        # Under numpy's default error state, as the site computes it in
+                        # the driver (a trainer may have changed this process's).
+                        with np.errstate(
+                            divide="warn", over="warn", under="ignore", invalid="warn"
+                        ):
+                            checked = trained_delta(result, weights)
                     if type(checked) is TrainedDelta:  # the site's work, on this core
                         done.append(
                             (seq, _DELTA, (checked.delta, checked.n_examples, checked.metrics))
@@ -266,6 +275,16 @@ def _worker_main(
         outbox.put(None)
         for thread in threads[1:]:
             thread.join(timeout=5.0)
+
+
+def _native(weights: Weights) -> bool:
+    """Every tensor in this machine's byte order: a pickled array may come back in it
+    whatever it was, so a delta made from a worker's copy of another would not be the
+    site's bit for bit."""
+    return all(getattr(value, "dtype", _NATIVE_F32).isnative for value in weights.values())
+
+
+_NATIVE_F32 = np.dtype("=f4")
 
 
 def _nbytes(weights: Weights) -> int:
@@ -415,11 +434,14 @@ class PoolExecutor:
         """Start a job (see ``Executor.submit``). ``delta``: the job is a site's
         (``accepts_trained_delta``), and a worker that trains it returns the site's
         update, ``trained_delta(result, weights)``, where the checks pass: the same values,
-        computed on the worker's core instead of the driver's. A job the driver trains
-        itself, or whose result fails the checks, comes back as the trainer's result."""
+        computed on the worker's core instead of the driver's, under numpy's default
+        error state whatever the trainer left. A job the driver trains itself, one whose
+        model is not in this machine's byte order, or one whose result fails the checks
+        comes back as the trainer's result (the site then does that work itself)."""
         seq = self._seq
         self._seq += 1
         due = float(seq) if due is None else due
+        delta = delta and _native(weights)
         ticket = _Ticket(seq, node_id, weights, dict(config), due, delta)
         self._live[seq] = ticket
         slot = seq % _RING

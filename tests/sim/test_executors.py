@@ -387,3 +387,144 @@ def test_a_site_job_trained_by_a_worker_comes_back_as_its_checked_delta(tmp_path
         assert result.delta["w"].tobytes() == made.delta["w"].tobytes()
         assert (result.n_examples, result.metrics) == (made.n_examples, made.metrics)
     assert trained_delta(expected[5], base) == "non-finite weights"
+
+
+class RaisesOnNumpyErrors(Marking):
+    """Leaves numpy raising on every floating-point error in the process that trained
+    (as a trainer may), and returns float32 weights whose delta underflows in float16."""
+
+    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        super().__call__(node_id, weights, config)
+        np.seterr(all="raise")
+        return TrainResult({"w": np.full(3, 1e-6, np.float32)}, 1)
+
+
+def test_a_workers_delta_does_not_depend_on_what_its_trainer_did_to_numpy(
+    tmp_path: Path,
+) -> None:
+    base = {"w": np.zeros(3, np.float16)}
+    with np.errstate():  # whatever happens, this process's error state is restored
+        want = trained_delta(TrainResult({"w": np.full(3, 1e-6, np.float32)}, 1), base)
+        assert type(want) is TrainedDelta  # underflow: a subnormal float16, no error
+        with PoolExecutor(RaisesOnNumpyErrors(tmp_path), workers=1) as pool:
+            tickets = [
+                pool.submit(f"s{i}", base, {"seed": i}, due=float(i), delta=True) for i in (1, 2)
+            ]
+            _wait_for(lambda: (tmp_path / "order").exists() and len(_order(tmp_path)) == 2)
+            results = [pool.join(t) for t in tickets]
+            assert pool.jobs_taken_back == 0
+    for result in results:  # the second job trained under the first's np.seterr
+        assert type(result) is TrainedDelta
+        assert result.delta["w"].dtype == np.float16
+        assert result.delta["w"].tobytes() == want.delta["w"].tobytes()
+
+
+def test_a_model_in_the_other_byte_order_comes_back_as_the_trainers_result(
+    tmp_path: Path,
+) -> None:
+    # A pickled array may cross in this machine's byte order: a delta made from the
+    # worker's copy would differ from the site's in its bytes, so the site makes it.
+    base = {"w": np.arange(1, 13, dtype=">f4").reshape(4, 3)}
+    with PoolExecutor(Marking(tmp_path), workers=1) as pool:
+        ticket = pool.submit("s1", base, {"seed": 1}, due=0.0, delta=True)
+        _wait_for(lambda: (tmp_path / "1").exists())
+        result = pool.join(ticket)
+    assert type(result) is TrainResult
+
+
+class DeltaInline(InlineExecutor):
+    """An inline executor that makes the sites' deltas itself, as a pool's worker does,
+    and records which jobs were submitted as a site's."""
+
+    makes_trained_deltas = True
+
+    def __init__(self, trainer: Any) -> None:
+        super().__init__(trainer)
+        self.flags: list[tuple[str, bool]] = []
+
+    def submit(  # type: ignore[override]
+        self,
+        node_id: str,
+        weights: Weights,
+        config: Mapping[str, Any],
+        *,
+        due: Any = None,
+        delta: bool = False,
+    ) -> Any:
+        self.flags.append((node_id, delta))
+        return (node_id, weights, config, delta)
+
+    def join(self, ticket: Any) -> Any:
+        node_id, weights, config, delta = ticket
+        result = self.trainer(node_id, weights, config)
+        made = trained_delta(result, weights) if delta else result
+        return made if type(made) is TrainedDelta else result
+
+
+POOLED: dict[str, Any] = {
+    "name": "pooled-deltas",
+    "seed": 3,
+    "duration_s": 1500,
+    "eval_interval_s": 300,
+    "target_accuracy": 0.8,
+    "data": {"dataset": "breast_cancer", "model": "softmax"},
+    "sites": {"count": 30, "regions": ["a", "b"]},
+    "compute": {"distribution": "halfnormal", "min_s": 30, "sd_s": 60},
+    "training": {"lr": 0.1, "local_steps": 5, "batch_size": 16},
+    "arms": [
+        {"name": "fedbuff", "algorithm": "fedbuff", "buffer_size": 2, "topology": "hierarchical"}
+    ],
+}
+
+
+def _site_results(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from fedloom.algorithms.site import SiteNode
+
+    kinds: list[str] = []
+    on_done = SiteNode._on_done
+
+    def spy(self: SiteNode, event: Any, now: float) -> Any:
+        kinds.append(type(event.result).__name__)
+        return on_done(self, event, now)
+
+    monkeypatch.setattr(SiteNode, "_on_done", spy)
+    return kinds
+
+
+def test_the_driver_asks_for_the_sites_deltas_and_the_report_is_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedloom.sim import runner
+    from fedloom.sim.report import report_to_dict, strip_wall
+    from fedloom.sim.scenario import parse_scenario
+
+    kinds = _site_results(monkeypatch)
+    inline = strip_wall(report_to_dict(runner.run_scenario(parse_scenario(POOLED))))
+    assert set(kinds) == {"TrainResult"} and len(kinds) > 100
+    kinds.clear()
+    made: list[DeltaInline] = []
+
+    def deltas_made_here(scenario: Any, workload: Any, ids: Any) -> DeltaInline:
+        made.append(DeltaInline(runner.WorkloadTrainer(workload, ids)))
+        return made[-1]
+
+    monkeypatch.setattr(runner, "_make_executor", deltas_made_here)
+    theirs = strip_wall(report_to_dict(runner.run_scenario(parse_scenario(POOLED))))
+    assert set(kinds) == {"TrainedDelta"} and len(kinds) > 100  # every site's job
+    assert made and all(delta for _, delta in made[0].flags)  # submitted as a site's
+    assert {node for node, _ in made[0].flags} <= {f"site-{i:03d}" for i in range(30)}
+    assert theirs == inline
+
+
+def test_a_pooled_run_gives_the_inline_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    # How many jobs a worker trains ahead depends on timing (the driver takes back the
+    # rest); whichever side made each delta, the report is the inline one.
+    from fedloom.sim.report import report_to_dict, strip_wall
+    from fedloom.sim.runner import run_scenario
+    from fedloom.sim.scenario import parse_scenario
+
+    kinds = _site_results(monkeypatch)
+    inline = strip_wall(report_to_dict(run_scenario(parse_scenario(POOLED))))
+    pooled = run_scenario(parse_scenario({**POOLED, "executor": "process", "workers": 1}))
+    assert strip_wall(report_to_dict(pooled)) == inline
+    assert len(kinds) > 200

@@ -159,5 +159,6 @@ def test_float32_arrays_from_another_process_are_sized_without_encoding(
         with monkeypatch.context() as m:
             m.setattr(ws, "encode_tensors", no_encoding)
             assert wire_size(msg, spec) == want
+        assert ws._float32_tensors_size(big_endian, spec.lz4) is None  # not its bytes as is
         slow = wire.Update("s1", 7, 3, big_endian, 12, 1)
         assert wire_size(slow, spec) == len(wire.encode(slow, spec))
