@@ -513,8 +513,9 @@ def test_pruned_peer_is_readmitted_by_its_next_message() -> None:
     assert p.peer_states() == {"b": PeerState.ALIVE, "c": PeerState.ALIVE}
 
 
-def test_training_failure_is_retried_after_an_interval() -> None:
-    p = GossipPeer(
+def _training_peer() -> GossipPeer:
+    """Peer "a" with one neighbour "b", a 3-entry model and training on."""
+    return GossipPeer(
         "a",
         {"b": 0.5},
         0.5,
@@ -522,6 +523,10 @@ def test_training_failure_is_retried_after_an_interval() -> None:
         train_config={"lr": 0.1, "seed": 7},
         rng=np.random.default_rng(0),
     )
+
+
+def test_training_failure_is_retried_after_an_interval() -> None:
+    p = _training_peer()
     (train,) = [e for e in p.handle(PeerUp("b"), 0.0) if isinstance(e, Train)]
     assert train.config == {"lr": 0.1, "seed": 8}
     p.handle(TrainFailed(train.job, "oom"), 2.0)
@@ -652,14 +657,7 @@ def test_every_step_reports_the_model_version_after_its_shares() -> None:
 def test_a_trained_delta_is_a_driver_mistake_for_a_gossip_peer() -> None:
     # A peer adopts the trained weights: a site's delta (TrainedDelta) is not for it, and
     # the driver is told, not the model silently replaced by a delta.
-    p = GossipPeer(
-        "a",
-        {"b": 0.5},
-        0.5,
-        {"w": np.zeros(3)},
-        train_config={"lr": 0.1, "seed": 7},
-        rng=np.random.default_rng(0),
-    )
+    p = _training_peer()
     (train,) = [e for e in p.handle(PeerUp("b"), 0.0) if isinstance(e, Train)]
     with pytest.raises(ProtocolMisuseError, match="needs a TrainResult"):
         p.handle(TrainDone(train.job, TrainedDelta({"w": np.ones(3)}, 1)), 1.0)

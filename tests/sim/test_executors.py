@@ -21,6 +21,7 @@ from fedloom.algorithms.site import trained_delta
 from fedloom.sim import executors
 from fedloom.sim.executors import InlineExecutor, PoolExecutor
 from tests.conformance.toy_nodes import NoisyTrainer
+from tests.sim.test_runner import small
 
 
 class Marking(NoisyTrainer):
@@ -461,20 +462,12 @@ class DeltaInline(InlineExecutor):
         return made if type(made) is TrainedDelta else result
 
 
-POOLED: dict[str, Any] = {
-    "name": "pooled-deltas",
-    "seed": 3,
-    "duration_s": 1500,
-    "eval_interval_s": 300,
-    "target_accuracy": 0.8,
-    "data": {"dataset": "breast_cancer", "model": "softmax"},
-    "sites": {"count": 30, "regions": ["a", "b"]},
-    "compute": {"distribution": "halfnormal", "min_s": 30, "sd_s": 60},
-    "training": {"lr": 0.1, "local_steps": 5, "batch_size": 16},
-    "arms": [
-        {"name": "fedbuff", "algorithm": "fedbuff", "buffer_size": 2, "topology": "hierarchical"}
-    ],
-}
+# 30 sites for half a virtual hour (about 400 jobs), regional FedBuff.
+POOLED = small(
+    [{"name": "fedbuff", "algorithm": "fedbuff", "buffer_size": 2, "topology": "hierarchical"}],
+    duration_h=0.5,
+    sites={"count": 30, "regions": ["a", "b"]},
+)
 
 
 def _site_results(monkeypatch: pytest.MonkeyPatch) -> list[str]:
