@@ -260,7 +260,7 @@ class SimDriver:
         if getattr(self.executor, "makes_trained_deltas", False):
             assert self.executor is not None
             self._submit_delta = self.executor.submit
-            self._delta_nodes = {k for k, n in self.nodes.items() if _takes_deltas(n)}
+            self._delta_nodes = {k for k, n in self.nodes.items() if self._takes_deltas(n)}
         self._incarnation: dict[str, int] = {}  # restarts per node (jobs of older ones drop)
         self._restarting: set[str] = set()  # down, coming back from their log
         self.signing: SimSigning | None = None
@@ -417,7 +417,7 @@ class SimDriver:
         node = self.stores.recover(node_id, make)
         self.nodes[node_id] = node
         self._delta_nodes.discard(node_id)
-        if getattr(self.executor, "makes_trained_deltas", False) and _takes_deltas(node):
+        if self._takes_deltas(node):
             self._delta_nodes.add(node_id)
         if self.signing is not None:
             self.signing.restarted(node)
@@ -433,6 +433,12 @@ class SimDriver:
             self.stores.close()
 
     # ------------------------------------------------------------------- internals
+
+    def _takes_deltas(self, node: Node) -> bool:
+        """The executor makes TrainedDeltas and ``node`` takes them."""
+        return self._submit_delta is not _no_submit and (
+            getattr(node, "accepts_trained_delta", False) is True
+        )
 
     def _step(self, node: Node) -> NodeStep:
         # The invariant checker looks at metrics only: it is not called for the other
@@ -621,10 +627,6 @@ class SimDriver:
 
     def _fire_deadline(self, node_id: str) -> None:
         self._dispatch(node_id, Deadline())
-
-
-def _takes_deltas(node: Node) -> bool:
-    return getattr(node, "accepts_trained_delta", False) is True
 
 
 def _no_submit(*args: Any, **kwargs: Any) -> Any:
