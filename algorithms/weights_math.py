@@ -17,11 +17,13 @@ import numpy.typing as npt
 
 from fedloom.algorithms.protocol import Weights
 from fedloom.transport.half import half_source
+from fedloom.transport.tensors import fp32_lz4_payload_size
 
 # Elements squared at a time by ``l2_norm``: their float64 squares stay in the CPU cache.
 _NORM_CHUNK = 1 << 16
 
 __all__ = [
+    "MeasuredDelta",
     "add",
     "axpy",
     "axpy_inplace",
@@ -31,6 +33,7 @@ __all__ = [
     "copy_weights",
     "is_finite",
     "l2_norm",
+    "measure_delta",
     "scale",
     "sub",
     "weighted_sum",
@@ -93,6 +96,59 @@ def l2_norm(w: Mapping[str, npt.NDArray[Any]]) -> float:
     then spin on the CPUs that the event loop, the channel's workers and the other
     processes need (a fifth of an aggregator's CPU under ingest went there)."""
     return math.sqrt(_sum_all_squares(w))
+
+
+class MeasuredDelta(dict[str, Any]):
+    """A delta with two facts about it measured where it was made (a simulator's training
+    worker, on its own core), so that the process running the protocol does not measure
+    them again: ``sum_squares``, what ``l2_norm`` squares and sums (its norm is the square
+    root, bit for bit; inf or nan where that overflows), and ``lz4_payload``, the length
+    of its tensors' payload as the fp32 codec with LZ4 sends it
+    (``transport.tensors.fp32_lz4_payload_size``), or None where the tensors are not all
+    C-contiguous little-endian float32 arrays.
+
+    Read-only, its arrays included, so the facts stay true of what they describe: an
+    in-place change raises instead of leaving a stale norm behind. Only in-process code
+    builds one (``measure_delta``); the wire's decoder builds plain dicts, so a peer
+    cannot bring facts of its own. Copy it (``dict(delta)``) to get a plain, writable
+    mapping of the same arrays.
+    """
+
+    __slots__ = ("lz4_payload", "sum_squares")
+
+    lz4_payload: int | None
+    sum_squares: float
+
+    def __init__(
+        self, delta: Mapping[str, npt.NDArray[Any]], sum_squares: float, lz4_payload: int | None
+    ) -> None:
+        dict.update(self, delta)
+        for value in self.values():
+            value.flags.writeable = False
+        object.__setattr__(self, "sum_squares", sum_squares)
+        object.__setattr__(self, "lz4_payload", lz4_payload)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled by its items and facts
+        return (MeasuredDelta, (dict(self), self.sum_squares, self.lz4_payload))
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a MeasuredDelta is read-only: copy it with dict(delta) to change it")
+
+    __setattr__ = __delattr__ = _read_only
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only
+
+
+def measure_delta(delta: Mapping[str, npt.NDArray[Any]]) -> MeasuredDelta:
+    """``delta`` (its arrays, not copies) with its facts measured (``MeasuredDelta``)."""
+    arrays: list[Any] = list(delta.values())
+    payload: int | None = None
+    if all(type(a) is np.ndarray and a.flags.c_contiguous and a.dtype == _F32_LE for a in arrays):
+        payload = fp32_lz4_payload_size(b"".join(arrays))
+    return MeasuredDelta(delta, _sum_all_squares(delta), payload)
+
+
+_F32_LE = np.dtype("<f4")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -301,7 +357,9 @@ def checked_norm(reference: Weights, delta: Mapping[str, Any]) -> tuple[str | No
     reason = check_compatible(reference, delta)
     if reason is not None:
         return reason, math.inf
-    norm = math.sqrt(_sum_all_squares(delta))  # l2_norm(delta), one call fewer
+    # l2_norm(delta), one call fewer; or the sum a training worker measured
+    total = delta.sum_squares if type(delta) is MeasuredDelta else _sum_all_squares(delta)
+    norm = math.sqrt(total)
     if norm < math.inf:
         return None, norm
     isfinite = np.isfinite

@@ -28,6 +28,7 @@ import numpy as np
 
 from fedloom.algorithms.protocol import TrainedDelta, TrainResult, Weights
 from fedloom.algorithms.site import trained_delta
+from fedloom.algorithms.weights_math import measure_delta
 from fedloom.federation.training import Trainer
 
 
@@ -246,10 +247,12 @@ def _worker_main(
                             divide="warn", over="warn", under="ignore", invalid="warn"
                         ):
                             checked = trained_delta(result, weights)
+                            if type(checked) is TrainedDelta:
+                                # Its norm and wire size too, which the driver's
+                                # protocol would measure next (MeasuredDelta).
+                                measured = measure_delta(checked.delta)
                     if type(checked) is TrainedDelta:  # the site's work, on this core
-                        done.append(
-                            (seq, _DELTA, (checked.delta, checked.n_examples, checked.metrics))
-                        )
+                        done.append((seq, _DELTA, (measured, checked.n_examples, checked.metrics)))
                     else:  # the site finds the same fault and fails the job
                         done.append(
                             (seq, _FIELDS, (result.weights, result.n_examples, result.metrics))
@@ -435,9 +438,11 @@ class PoolExecutor:
         (``accepts_trained_delta``), and a worker that trains it returns the site's
         update, ``trained_delta(result, weights)``, where the checks pass: the same values,
         computed on the worker's core instead of the driver's, under numpy's default
-        error state whatever the trainer left. A job the driver trains itself, one whose
-        model is not in this machine's byte order, or one whose result fails the checks
-        comes back as the trainer's result (the site then does that work itself)."""
+        error state whatever the trainer left, as a ``MeasuredDelta`` (its norm and wire
+        size measured there too, for the parent's checks and the link). A job the driver
+        trains itself, one whose model is not in this machine's byte order, or one whose
+        result fails the checks comes back as the trainer's result (the site then does
+        that work itself)."""
         seq = self._seq
         self._seq += 1
         due = float(seq) if due is None else due

@@ -31,8 +31,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from fedloom.algorithms.weights_math import MeasuredDelta
 from fedloom.transport import wire
-from fedloom.transport.tensors import DEFAULT_SPEC, CodecSpec, _lz4_if_smaller, encode_tensors
+from fedloom.transport.tensors import DEFAULT_SPEC, CodecSpec, encode_tensors, fp32_lz4_payload_size
 
 _INT, _FLOAT, _STR, _BIN, _TENSORS, _MAP, _PAIRS = range(7)
 # Field annotations (``transport.wire``'s dataclasses) -> how the encoder writes them.
@@ -121,12 +122,12 @@ def _float32_tensors_size(tensors: Mapping[str, Any], lz4: bool) -> int | None:
             _MANIFESTS.clear()
         raw, _ = encode_tensors(tensors, _RAW)  # its "lz4" flag is one byte either way
         manifest = _MANIFESTS[key] = len(msgpack.packb(raw, use_bin_type=True))
-    payload = b"".join(arrays)  # their bytes in order, as the encoder joins them
-    n = len(payload)
-    if lz4:
-        packed = _lz4_if_smaller(payload)
-        if packed is not None:
-            n = len(packed)
+    if not lz4:
+        n = sum(value.nbytes for value in arrays)
+    elif type(tensors) is MeasuredDelta and tensors.lz4_payload is not None:
+        n = tensors.lz4_payload  # measured where it was made, by the same function
+    else:  # their bytes in order, as the encoder joins them
+        n = fp32_lz4_payload_size(b"".join(arrays))
     return _TENSOR_FIELD + manifest + _bin_size(n)
 
 

@@ -256,6 +256,13 @@ def _lz4_if_smaller(payload: bytes) -> bytes | None:
     return packed if len(packed) < size else None
 
 
+def fp32_lz4_payload_size(payload: bytes) -> int:
+    """Bytes of a tensor field's payload as the fp32 codec with LZ4 sends it, given the
+    tensors' raw bytes joined in order: their LZ4 frame where that is smaller."""
+    packed = _lz4_if_smaller(payload)
+    return len(payload) if packed is None else len(packed)
+
+
 def _to_fp16(x: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
     h = to_half(x)
     if not half_all_finite(h):

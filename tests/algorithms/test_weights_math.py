@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -188,3 +190,64 @@ def test_quiet_overflow_is_silent_and_leaves_each_threads_error_state(
     assert all(s["over"] == np.geterr()["over"] == "warn" for s in states)
     with pytest.warns(RuntimeWarning):  # outside the function: warnings as before
         np.float32(3e38) * np.float32(10)
+
+
+def _measured() -> tuple[dict[str, np.ndarray], wm.MeasuredDelta]:
+    rng = np.random.default_rng(7)
+    plain = {"w": rng.standard_normal((5, 4)).astype(np.float32), "b": np.ones(4, np.float32)}
+    return plain, wm.measure_delta({k: v.copy() for k, v in plain.items()})
+
+
+def test_a_measured_delta_gives_the_norm_and_checks_of_the_plain_one() -> None:
+    plain, measured = _measured()
+    reference = {k: np.zeros_like(v) for k, v in plain.items()}
+    assert wm.checked_norm(reference, measured) == wm.checked_norm(reference, plain)
+    assert math.sqrt(measured.sum_squares) == wm.l2_norm(plain)
+    # Its facts do not stand in for the layout check.
+    assert wm.checked_norm({"w": reference["w"]}, measured) == ("names", math.inf)
+    overflowing = wm.measure_delta({"x": np.full(4, 1e300)})
+    assert wm.checked_norm({"x": np.zeros(4)}, overflowing) == (None, math.inf)
+    assert overflowing.lz4_payload is None  # not float32: sized by the encoder
+
+
+def test_the_norm_of_a_measured_delta_is_the_one_measured() -> None:
+    # What makes the measurement pay: the region does not sum the squares again.
+    plain, _ = _measured()
+    planted = wm.MeasuredDelta(plain, 16.0, None)
+    assert wm.checked_norm({k: np.zeros_like(v) for k, v in plain.items()}, planted) == (None, 4.0)
+
+
+def test_a_measured_delta_is_read_only_and_pickles_with_its_facts() -> None:
+    import pickle
+
+    plain, measured = _measured()
+    for change in (
+        lambda d: d.__setitem__("w", plain["w"]),
+        lambda d: d.__delitem__("w"),
+        lambda d: d.update(plain),
+        lambda d: d.pop("w"),
+        lambda d: d.popitem(),
+        lambda d: d.setdefault("z", plain["w"]),
+        lambda d: d.clear(),
+        lambda d: setattr(d, "sum_squares", 0.0),
+    ):
+        with pytest.raises(TypeError, match="read-only"):
+            change(measured)
+    with pytest.raises(ValueError, match="read-only"):
+        measured["w"][0, 0] = 1.0  # the arrays too: the facts stay true of them
+    copy = pickle.loads(pickle.dumps(measured))
+    assert type(copy) is wm.MeasuredDelta
+    assert (copy.sum_squares, copy.lz4_payload) == (measured.sum_squares, measured.lz4_payload)
+    assert not copy["w"].flags.writeable
+    assert all(np.array_equal(copy[k], plain[k]) for k in plain)
+    writable = dict(measured)  # a plain mapping of the same arrays
+    assert type(writable) is dict and writable.keys() == plain.keys()
+
+
+def test_a_decoded_update_never_carries_a_peers_measurements() -> None:
+    # Facts are trusted only where this process measured them: the wire builds plain dicts.
+    from fedloom.transport import wire
+
+    _, measured = _measured()
+    decoded = wire.decode(wire.encode(wire.Update("s1", 1, 0, measured, 3, 1)))
+    assert type(decoded.delta) is dict

@@ -5,6 +5,7 @@ job fails only its own join; a dead worker is a clear error."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -18,8 +19,10 @@ import pytest
 
 from fedloom.algorithms.protocol import TrainedDelta, TrainResult, Weights
 from fedloom.algorithms.site import trained_delta
+from fedloom.algorithms.weights_math import MeasuredDelta, l2_norm
 from fedloom.sim import executors
 from fedloom.sim.executors import InlineExecutor, PoolExecutor
+from fedloom.transport.tensors import fp32_lz4_payload_size
 from tests.conformance.toy_nodes import NoisyTrainer
 from tests.sim.test_runner import small
 
@@ -387,6 +390,10 @@ def test_a_site_job_trained_by_a_worker_comes_back_as_its_checked_delta(tmp_path
         assert result.delta["w"].dtype == np.float32
         assert result.delta["w"].tobytes() == made.delta["w"].tobytes()
         assert (result.n_examples, result.metrics) == (made.n_examples, made.metrics)
+        # Measured there too: the norm and wire payload the driver would compute next.
+        assert type(result.delta) is MeasuredDelta
+        assert math.sqrt(result.delta.sum_squares) == l2_norm(made.delta)
+        assert result.delta.lz4_payload == fp32_lz4_payload_size(made.delta["w"].tobytes())
     assert trained_delta(expected[5], base) == "non-finite weights"
 
 

@@ -162,3 +162,35 @@ def test_float32_arrays_from_another_process_are_sized_without_encoding(
         assert ws._float32_tensors_size(big_endian, spec.lz4) is None  # not its bytes as is
         slow = wire.Update("s1", 7, 3, big_endian, 12, 1)
         assert wire_size(slow, spec) == len(wire.encode(slow, spec))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(delta=tensors(), spec=SPECS)
+def test_a_measured_delta_is_sized_by_its_measured_payload_exactly(
+    delta: dict[str, np.ndarray], spec: CodecSpec
+) -> None:
+    # A training worker measures the payload (algorithms.weights_math.MeasuredDelta); the
+    # size taken from it is the encoder's, for every codec and layout, float32 or not.
+    from fedloom.algorithms.weights_math import measure_delta
+
+    measured = measure_delta(delta)
+    msg = wire.Update("s1", 7, 3, measured, 12, 1)
+    assert wire_size(msg, spec) == len(wire.encode(msg, spec))
+
+
+def test_a_measured_payload_is_used_instead_of_compressing_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedloom.algorithms.weights_math import measure_delta
+    from fedloom.sim import wire_size as ws
+
+    delta = {"w": np.zeros((64, 64), np.float32), "b": np.ones(64, np.float32)}
+    measured = measure_delta(delta)
+    want = len(wire.encode(wire.Update("s1", 7, 3, delta, 12, 1)))
+    assert measured.lz4_payload is not None and measured.lz4_payload < 64 * 65 * 4  # LZ4 won
+
+    def no_compression(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("compressed again to learn a size")
+
+    monkeypatch.setattr(ws, "fp32_lz4_payload_size", no_compression)
+    assert wire_size(wire.Update("s1", 7, 3, measured, 12, 1)) == want
