@@ -53,6 +53,8 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from fedloom.algorithms.aggregator_base import CHECKPOINT_KEY, HELLO_RETRY_MAX_FACTOR
 from fedloom.algorithms.incorporation import (
     DEFAULT_FAILOVER_AFTER_S,
@@ -557,6 +559,8 @@ def _delta(weights: Weights, base: Weights) -> Weights:
     out: Weights = {}
     for k, b in base.items():
         d = weights[k] - b
+        if type(d) is not np.ndarray:  # a 0-d tensor's difference is a numpy scalar
+            d = np.asarray(d)
         kind = b.dtype
         # d.astype(kind, copy=False), which returns d itself when it has that dtype
         out[k] = d if d.dtype is kind else d.astype(kind, copy=False)

@@ -105,13 +105,14 @@ class MeasuredDelta(dict[str, Any]):
     root, bit for bit; inf or nan where that overflows), and ``lz4_payload``, the length
     of its tensors' payload as the fp32 codec with LZ4 sends it
     (``transport.tensors.fp32_lz4_payload_size``), or None where the tensors are not all
-    C-contiguous little-endian float32 arrays.
+    C-contiguous little-endian float32 arrays (then the link's encoder sizes it).
 
-    Read-only, its arrays included, so the facts stay true of what they describe: an
-    in-place change raises instead of leaving a stale norm behind. Only in-process code
-    builds one (``measure_delta``); the wire's decoder builds plain dicts, so a peer
-    cannot bring facts of its own. Copy it (``dict(delta)``) to get a plain, writable
-    mapping of the same arrays.
+    The constructor measures the facts itself; only unpickling (a worker's result, this
+    process's own pipe) hands them over as they were measured. The wire's decoder builds
+    plain dicts, so no peer brings facts of its own. Read-only, its arrays flagged
+    read-only too, so an in-place change raises instead of leaving a stale norm behind
+    (nothing in fedloom turns the flag back). Copy it (``dict(delta)``) to get a plain,
+    writable mapping of the same arrays.
     """
 
     __slots__ = ("lz4_payload", "sum_squares")
@@ -119,17 +120,18 @@ class MeasuredDelta(dict[str, Any]):
     lz4_payload: int | None
     sum_squares: float
 
-    def __init__(
-        self, delta: Mapping[str, npt.NDArray[Any]], sum_squares: float, lz4_payload: int | None
-    ) -> None:
-        dict.update(self, delta)
-        for value in self.values():
-            value.flags.writeable = False
-        object.__setattr__(self, "sum_squares", sum_squares)
-        object.__setattr__(self, "lz4_payload", lz4_payload)
+    def __init__(self, delta: Mapping[str, npt.NDArray[Any]]) -> None:
+        arrays: list[Any] = list(delta.values())
+        for value in arrays:
+            if type(value) is not np.ndarray:
+                raise TypeError(f"a MeasuredDelta holds arrays, got {type(value).__name__}")
+        payload: int | None = None
+        if all(a.flags.c_contiguous and a.dtype == _F32_LE for a in arrays):
+            payload = fp32_lz4_payload_size(b"".join(arrays))
+        _fill(self, delta, _sum_all_squares(delta), payload)
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled by its items and facts
-        return (MeasuredDelta, (dict(self), self.sum_squares, self.lz4_payload))
+        return (_measured, (dict(self), self.sum_squares, self.lz4_payload))
 
     def _read_only(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("a MeasuredDelta is read-only: copy it with dict(delta) to change it")
@@ -139,13 +141,35 @@ class MeasuredDelta(dict[str, Any]):
     clear = pop = popitem = setdefault = update = _read_only
 
 
-def measure_delta(delta: Mapping[str, npt.NDArray[Any]]) -> MeasuredDelta:
-    """``delta`` (its arrays, not copies) with its facts measured (``MeasuredDelta``)."""
-    arrays: list[Any] = list(delta.values())
-    payload: int | None = None
-    if all(type(a) is np.ndarray and a.flags.c_contiguous and a.dtype == _F32_LE for a in arrays):
-        payload = fp32_lz4_payload_size(b"".join(arrays))
-    return MeasuredDelta(delta, _sum_all_squares(delta), payload)
+def _fill(
+    measured: MeasuredDelta,
+    delta: Mapping[str, npt.NDArray[Any]],
+    sum_squares: float,
+    lz4_payload: int | None,
+) -> None:
+    dict.update(measured, delta)
+    for value in measured.values():
+        value.flags.writeable = False
+    object.__setattr__(measured, "sum_squares", sum_squares)
+    object.__setattr__(measured, "lz4_payload", lz4_payload)
+
+
+def _measured(
+    delta: Mapping[str, npt.NDArray[Any]], sum_squares: float, lz4_payload: int | None
+) -> MeasuredDelta:
+    """A ``MeasuredDelta`` unpickled: its facts as they were measured where it was made."""
+    measured = MeasuredDelta.__new__(MeasuredDelta)
+    _fill(measured, delta, sum_squares, lz4_payload)
+    return measured
+
+
+def measure_delta(delta: Weights) -> Weights:
+    """``delta`` (its arrays, not copies) with its facts measured (``MeasuredDelta``), or
+    ``delta`` itself where a value is not an array (the parent's checks then say so)."""
+    for value in delta.values():
+        if type(value) is not np.ndarray:
+            return delta
+    return MeasuredDelta(delta)
 
 
 _F32_LE = np.dtype("<f4")

@@ -213,7 +213,7 @@ def test_a_measured_delta_gives_the_norm_and_checks_of_the_plain_one() -> None:
 def test_the_norm_of_a_measured_delta_is_the_one_measured() -> None:
     # What makes the measurement pay: the region does not sum the squares again.
     plain, _ = _measured()
-    planted = wm.MeasuredDelta(plain, 16.0, None)
+    planted = wm._measured(plain, 16.0, None)  # as unpickled from a worker that measured 16
     assert wm.checked_norm({k: np.zeros_like(v) for k, v in plain.items()}, planted) == (None, 4.0)
 
 
@@ -242,6 +242,17 @@ def test_a_measured_delta_is_read_only_and_pickles_with_its_facts() -> None:
     assert all(np.array_equal(copy[k], plain[k]) for k in plain)
     writable = dict(measured)  # a plain mapping of the same arrays
     assert type(writable) is dict and writable.keys() == plain.keys()
+
+
+def test_only_arrays_are_measured_and_the_constructor_measures_them_itself() -> None:
+    plain, _ = _measured()
+    assert math.sqrt(wm.MeasuredDelta(plain).sum_squares) == wm.l2_norm(plain)
+    with pytest.raises(TypeError):
+        wm.MeasuredDelta(plain, 1.0, None)  # type: ignore[call-arg]  # no facts from outside
+    scalar = {"w": plain["w"], "t": np.float32(0.5)}  # not an array: left to the checks
+    assert wm.measure_delta(scalar) is scalar
+    with pytest.raises(TypeError, match="holds arrays"):
+        wm.MeasuredDelta(scalar)
 
 
 def test_a_decoded_update_never_carries_a_peers_measurements() -> None:

@@ -397,6 +397,35 @@ def test_a_site_job_trained_by_a_worker_comes_back_as_its_checked_delta(tmp_path
     assert trained_delta(expected[5], base) == "non-finite weights"
 
 
+class PlusOneMarking(Marking):
+    """Adds one to every weight, keeping each tensor an array (a 0-d one too)."""
+
+    def __call__(self, node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        super().__call__(node_id, weights, config)  # marks the job as trained here
+        return TrainResult({k: np.asarray(v + 1, dtype=v.dtype) for k, v in weights.items()}, 3)
+
+
+def test_a_model_with_a_0d_tensor_gives_the_same_delta_from_a_worker(tmp_path: Path) -> None:
+    # A 0-d tensor's difference is a numpy scalar: the site keeps it an array (the parent
+    # refuses anything else), and the worker measures it as any other.
+    base = {"w": np.ones(4, np.float32), "temp": np.array(0.5, np.float32)}
+    (tmp_path / "inline").mkdir()
+    made = trained_delta(PlusOneMarking(tmp_path / "inline")("s1", base, {"seed": 0}), base)
+    assert type(made) is TrainedDelta
+    assert type(made.delta["temp"]) is np.ndarray and made.delta["temp"].shape == ()
+    (tmp_path / "pool").mkdir()
+    with PoolExecutor(PlusOneMarking(tmp_path / "pool"), workers=1) as pool:
+        ticket = pool.submit("s1", base, {"seed": 0}, due=0.0, delta=True)
+        order = tmp_path / "pool" / "order"
+        _wait_for(lambda: order.exists() and len(_order(tmp_path / "pool")) == 1)
+        result = pool.join(ticket)
+    assert type(result) is TrainedDelta and type(result.delta) is MeasuredDelta
+    assert {k: v.tobytes() for k, v in result.delta.items()} == {
+        k: v.tobytes() for k, v in made.delta.items()
+    }
+    assert math.sqrt(result.delta.sum_squares) == l2_norm(made.delta)
+
+
 class RaisesOnNumpyErrors(Marking):
     """Leaves numpy raising on every floating-point error in the process that trained
     (as a trainer may), and returns float32 weights whose delta underflows in float16."""
