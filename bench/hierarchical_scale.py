@@ -8,9 +8,7 @@ jobs simulated per wall-second, the CPU time (user + sys: the figure to compare 
 machine other work shares, where wall time is inflated) and the load average. Where the
 scenario trains in a process pool (``executor = "process"``), the workers' CPU time and
 peak RSS are printed too, and the memory figure is the driver's peak plus every worker's
-(the largest worker's peak each: an upper bound on what they held at once), and how fast
-this machine ran a reference Python loop just before and after the run (a shared
-machine's speed drifts; wall times compare only beside it). Targets on a
+(the largest worker's peak each: an upper bound on what they held at once). Targets on a
 2-core machine: 10k at most 120 s wall and 4 GB peak RSS; 100k at most 300 s and 4 GB.
 
     .venv/bin/python bench/hierarchical_scale.py
@@ -22,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import time
 
 from _common import ROOT, run
@@ -43,11 +40,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     wall_goal, rss_goal = GOALS[args.scenario]
-    speed_before = reference_loop_ns()
     t0 = time.perf_counter()
     report = run(f"{args.scenario}.toml")
     wall = time.perf_counter() - t0
-    speed_after = reference_loop_ns()
     arm = report.arms[0]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     # A process pool's workers (the scenario's executor) have ended and been waited for:
@@ -75,32 +70,13 @@ def main() -> None:
     )
     print(f"jobs per wall-second: {arm.jobs_finished / wall:.0f}")
     print(f"load average at the end (1/5/15 min): {load1:.2f} {load5:.2f} {load15:.2f}")
-    print(
-        f"this machine's speed: {speed_before:.1f} ns per step of a reference Python loop "
-        f"before the run, {speed_after:.1f} after (lower is faster)"
-    )
     sites = scenario.sites.count
     pool = f" + {kids_cpu:.0f} s in {n_workers} training worker(s)" if n_workers else ""
     print(
         f"{args.scenario}: {sites:,} sites, {hours:.0f} h virtual in "
         f"{wall:.0f} s wall ({cpu:.0f} s CPU{pool}), peak RSS {total_gb:.1f} GB "
-        f"[goals <= {wall_goal:.0f} s, <= {rss_goal:.0f} GB]; reference loop "
-        f"{speed_before:.0f}/{speed_after:.0f} ns per step"
+        f"[goals <= {wall_goal:.0f} s, <= {rss_goal:.0f} GB]"
     )
-
-
-def reference_loop_ns(steps: int = 2_000_000, rounds: int = 5) -> float:
-    """The median time per step of an empty Python loop, in ns: how fast this machine runs
-    interpreter-bound code at the moment. A shared virtual machine's speed drifts by tens
-    of per cent within an hour, and the simulator's driver is interpreter-bound, so wall
-    times taken at different moments compare only beside this (about a second to take)."""
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(steps):
-            pass
-        times.append((time.perf_counter() - start) / steps * 1e9)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":
