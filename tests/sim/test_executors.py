@@ -193,7 +193,8 @@ def test_the_driver_takes_back_what_no_worker_started_and_discards_never_run(
     inline = InlineExecutor(NoisyTrainer())
     with PoolExecutor(Marking(tmp_path, hold=0), workers=1) as pool:
         held = pool.submit(*jobs[0], due=0.0)
-        _wait_for(lambda: (tmp_path / "0").exists())
+        # In the order file, not only begun: else the driver's job 1 may be written first.
+        _wait_for(lambda: (tmp_path / "order").exists() and _order(tmp_path) == [0])
         waiting, dropped, last = (pool.submit(*job, due=i + 1.0) for i, job in enumerate(jobs[1:]))
         assert _same(pool.join(waiting), inline.join(inline.submit(*jobs[1])))
         assert pool.jobs_taken_back == 1 and _trained_by(tmp_path, 1) == os.getpid()
