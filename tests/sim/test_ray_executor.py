@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,7 +31,6 @@ from fedloom.federation.training import WorkloadTrainer
 from fedloom.sim import ray_executor
 from fedloom.sim.commands import exit_on_sigterm
 from fedloom.sim.ray_executor import (
-    RayClusterError,
     RayExecutor,
     RaySession,
     check_ray_address,
@@ -386,29 +387,62 @@ def test_ray_executor_reraises_the_jobs_own_error(cluster: RaySession) -> None:
     assert cluster.ray.is_initialized()  # the executor did not own the cluster
 
 
-@needs_ray
-@pytest.mark.timeout(60)
-def test_a_dead_worker_is_one_line_and_the_other_jobs_are_cancelled(
-    cluster: RaySession,
-) -> None:
-    """A worker process that dies under its job (here it exits; a kill -9 or the OOM killer
-    alike) is a RayClusterError, printed as one line with exit status 1; close cancels the
-    jobs still in flight, so none keeps running on a cluster that outlives the run."""
+# The dead-worker case, run in a child process with its own local cluster: Ray 2.60 can
+# abort the driver process when a cancel races the cancelled task's own reply ("Check
+# failed: it != submissible_tasks_.end()"; ray-project/ray#54798 fixed the retry side of
+# that race), and in this test's process that abort ended the whole test run.
+_DEAD_WORKER_RUN = """
+import os, sys, time
+from fedloom.sim.ray_executor import RayClusterError, RayExecutor, RaySession
 
-    def dies(node_id: str, weights: Any, config: Any) -> Any:  # pickled by value
-        if node_id == "doomed":
-            os._exit(1)
-        for _ in range(600):  # cancelling raises KeyboardInterrupt between bytecodes
-            time.sleep(0.1)
+def dies(node_id, weights, config):  # pickled by value (it is __main__'s)
+    if node_id == "doomed":
+        os._exit(1)
+    for _ in range(600):  # cancelling raises KeyboardInterrupt between bytecodes
+        time.sleep(0.1)
 
+cluster = RaySession(None, workers=2)
+try:
     ray = cluster.ray
-    with RayExecutor(dies) as ex:  # type: ignore[arg-type]
+    with RayExecutor(dies) as ex:
         doomed = ex.submit("doomed", {}, {})
         waiting = ex.submit("site-000", {}, {})
-        with pytest.raises(RayClusterError, match=r"^the Ray cluster failed the run: \w+Error"):
+        try:
             ex.join(doomed)
-    with pytest.raises(ray.exceptions.TaskCancelledError):
+        except RayClusterError as exc:
+            print("joined:", exc)
+    try:
         ray.get(waiting, timeout=20)
+    except ray.exceptions.TaskCancelledError:
+        print("cancelled")
+finally:
+    cluster.close()
+"""
+_RAY_CANCEL_RACE = "submissible_tasks_.end()"
+
+
+@needs_ray
+@pytest.mark.timeout(240)
+def test_a_dead_worker_is_one_line_and_the_other_jobs_are_cancelled() -> None:
+    """A worker process that dies under its job (here it exits; a kill -9 or the OOM killer
+    alike) is a RayClusterError, printed as one line with exit status 1; close cancels the
+    jobs still in flight, so none keeps running on a cluster that outlives the run. Run
+    again once where Ray itself aborted on its known cancel race (above)."""
+    for _ in range(2):
+        child = subprocess.run(
+            [sys.executable, "-c", _DEAD_WORKER_RUN],
+            capture_output=True,
+            text=True,
+            timeout=200,
+            check=False,
+        )
+        if child.returncode == 0 or _RAY_CANCEL_RACE not in child.stderr:
+            break
+    assert child.returncode == 0, child.stderr[-3000:]
+    # Ray's own log lines (from its raylet) come on the same stdout.
+    ours = [line for line in child.stdout.splitlines() if line.startswith(("joined:", "cancel"))]
+    assert len(ours) == 2 and ours[1] == "cancelled", child.stdout[-3000:]
+    assert re.match(r"^joined: the Ray cluster failed the run: \w+Error", ours[0]), ours
 
 
 @needs_ray
