@@ -187,6 +187,7 @@ class RaySession:
             raise ValueError(f"workers must be >= 1, got {workers!r}")
         self.ray = import_ray()
         self.owned = False
+        self.stops_cluster = False  # close() stops a local cluster this session started
         self._auth_mode = os.environ.get("RAY_AUTH_MODE")
         if self.ray.is_initialized():
             return
@@ -234,6 +235,7 @@ class RaySession:
             if callable(on_term) and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, on_term)
         self.owned = True
+        self.stops_cluster = address is None
 
     def close(self) -> None:
         if self.owned and self.ray.is_initialized():
@@ -243,7 +245,7 @@ class RaySession:
                 os.environ.pop("RAY_AUTH_MODE", None)
             else:
                 os.environ["RAY_AUTH_MODE"] = self._auth_mode
-        self.owned = False
+        self.owned = self.stops_cluster = False
 
     def __enter__(self) -> RaySession:
         return self
@@ -328,8 +330,13 @@ class RayExecutor:
             self._ray.cancel(ticket)
 
     def close(self) -> None:
-        # A run that ends early (an error) leaves jobs in flight: on a cluster that outlives
-        # the run they would go on using its CPUs.
+        # A run that ends (early on an error, or on time) leaves jobs in flight: on a
+        # cluster that outlives the run they would go on using its CPUs, so they are
+        # cancelled. A local cluster this run started stops with it, its workers and their
+        # jobs too: no cancels there, which also keeps clear of Ray's race between a
+        # cancel and the job's own reply (Ray 2.60 can abort the driver on it; README).
+        if self._session.stops_cluster:
+            self._open.clear()
         while self._open:
             self.discard(next(iter(self._open)))
         self._session.close()

@@ -194,6 +194,55 @@ class FakeRay:
         pass
 
 
+class RecordingRay(FakeRay):
+    """A ``FakeRay`` that takes jobs (never running them) and records cancels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = False
+        self.cancelled: list[Any] = []
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def init(self, **kwargs: Any) -> None:
+        super().init(**kwargs)
+        self.up = True
+
+    def shutdown(self) -> None:
+        self.up = False
+
+    def put(self, value: Any) -> Any:
+        return value
+
+    def remote(self, **options: Any) -> Any:
+        return lambda fn: SimpleNamespace(remote=lambda *args: object())
+
+    def cancel(self, ref: Any) -> None:
+        self.cancelled.append(ref)
+
+
+def test_close_cancels_jobs_in_flight_only_on_a_cluster_that_outlives_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = RecordingRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    local = RayExecutor(WorkloadTrainer)  # type: ignore[arg-type]  # never called here
+    local.submit("site-000", {}, {})
+    local.close()  # its own local cluster stops, and the job with it
+    assert fake.cancelled == [] and not fake.up
+    with socket.socket() as listener:  # a cluster's address that accepts connections
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        remote = RayExecutor(WorkloadTrainer, address=f"127.0.0.1:{port}")  # type: ignore[arg-type]
+        dropped = remote.submit("site-000", {}, {})
+        in_flight = remote.submit("site-001", {}, {})
+        remote.discard(dropped)  # a discarded job is cancelled either way
+        remote.close()
+    assert fake.cancelled == [dropped, in_flight]  # that cluster outlives the run
+
+
 def test_a_new_local_cluster_is_asked_for_as_local(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without an address, ``ray.init(address="local", ...)``: plain ``ray.init()`` joins the
     cluster RAY_ADDRESS or a ``ray start --head`` on this machine names, and then refuses
