@@ -249,7 +249,9 @@ def _worker_main(
                             checked = trained_delta(result, weights)
                             if type(checked) is TrainedDelta:
                                 # Its norm and wire size too, which the driver's
-                                # protocol would measure next (MeasuredDelta).
+                                # protocol would measure next (MeasuredDelta), in this
+                                # error state: squares may underflow where a trainer left
+                                # numpy raising on it.
                                 measured = measure_delta(checked.delta)
                     if type(checked) is TrainedDelta:  # the site's work, on this core
                         done.append((seq, _DELTA, (measured, checked.n_examples, checked.metrics)))
