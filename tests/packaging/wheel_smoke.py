@@ -482,6 +482,9 @@ def run_federation(
             log.close()
         deadline = time.monotonic() + timeout
         seen: float | None = None
+        unlinked = list(procs)[1:]
+        # Both conditions are awaited together: one fast site can carry the root to the
+        # target version before a slower one has connected (buffer_size is small).
         while time.monotonic() < deadline:
             for node, proc in procs.items():
                 if proc.poll() is not None:
@@ -490,19 +493,22 @@ def run_federation(
                         + _tail(logs / f"{node}.log")
                     )
             seen = _scrape_version(url)
-            if seen is not None and seen >= versions:
+            root_log = (logs / f"{configs[0].stem}.log").read_text(
+                encoding="utf-8", errors="replace"
+            )
+            unlinked = [n for n in list(procs)[1:] if f"connected to {n}" not in root_log]
+            if seen is not None and seen >= versions and not unlinked:
                 break
             time.sleep(0.1)
         else:
+            if unlinked:
+                raise CheckError(
+                    f"the root never logged a link to {unlinked} in {timeout:.0f} s:\n"
+                    + "\n".join(f"--- {n}\n{_tail(logs / f'{n}.log')}" for n in procs)
+                )
             raise CheckError(
                 f"the root published model version {seen} in {timeout:.0f} s, expected >= "
                 f"{versions}:\n" + "\n".join(f"--- {n}\n{_tail(logs / f'{n}.log')}" for n in procs)
-            )
-        root_log = (logs / f"{configs[0].stem}.log").read_text(encoding="utf-8", errors="replace")
-        unlinked = [n for n in list(procs)[1:] if f"connected to {n}" not in root_log]
-        if unlinked:
-            raise CheckError(
-                f"the root never logged a link to {unlinked}:\n{_tail(logs / 'root.log')}"
             )
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
