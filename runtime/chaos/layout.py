@@ -91,6 +91,7 @@ def lay_out(
     ``regions`` maps each region to its sites; with ``star`` it holds one entry whose sites
     become the root's children (the key is ignored). ``declare_examples``: the roster
     declares each site's examples (a built-in workload's; not for a site's own table).
+    A hierarchy's root declares each region's sites (``[subtrees]``).
     """
     if star:
         sites = [s for members in regions.values() for s in members]
@@ -107,7 +108,16 @@ def lay_out(
         site_metrics=True,
         declare_examples=declare_examples,
     )
-    return _to_star(fed, root_aggregation or {}, declare_examples) if star else fed
+    if star:
+        return _to_star(fed, root_aggregation or {}, declare_examples)
+    # The root checks each region's forwards against the sites under it and counts every
+    # site update once (``algorithms.incorporation``): a region cannot speak for sites it
+    # does not have, and the checker's conservation reaches the root.
+    root = fed.nodes[ROOT_ID]
+    root_cfg = read_config(root.config)
+    root_cfg["subtrees"] = {r: list(members) for r, members in regions.items()}
+    _write_config(root.config, root_cfg)
+    return fed
 
 
 def _to_star(
@@ -147,7 +157,7 @@ def add_standbys(fed: Federation, standbys: Mapping[str, str], failover_after_s:
     keys = fed.workdir / "keys"
     root = fed.nodes[ROOT_ID]
     root_cfg = read_config(root.config)
-    subtrees: dict[str, list[str]] = {}
+    subtrees: dict[str, list[str]] = dict(root_cfg.get("subtrees") or {})
     for standby, region in standbys.items():
         Identity.generate(standby, "region").save(keys, overwrite=True)
         cfg = read_config(fed.nodes[region].config)

@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
+from fedloom.algorithms.aggregator_base import APPLIED_KEY
 from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.incorporation import FORWARDS_KEY
 from fedloom.algorithms.ledger import AppliedLedger
 from fedloom.algorithms.protocol import (
     Event,
@@ -111,16 +113,19 @@ class Federation:
                 break
             self.steps += 1
             node, event = self.queue.popleft()
-            for e in self.nodes[node].handle(event, self.t):
-                if isinstance(e, Persist):
-                    self.stores[node].apply(e)
-                elif isinstance(e, Send):
-                    self.queue.append((e.peer, Received(node, e.msg)))
-                elif isinstance(e, Train):
-                    trained = {k: v + 0.01 for k, v in e.weights.items()}
-                    self.queue.append((node, TrainDone(e.job, TrainResult(trained, 10))))
+            self.carry_out(node, self.nodes[node].handle(event, self.t))
             if self.steps % SAMPLE_EVERY == 0:
                 self.sample()
+
+    def carry_out(self, node: str, effects: list[Any]) -> None:
+        for e in effects:
+            if isinstance(e, Persist):
+                self.stores[node].apply(e)
+            elif isinstance(e, Send):
+                self.queue.append((e.peer, Received(node, e.msg)))
+            elif isinstance(e, Train):
+                trained = {k: v + 0.01 for k, v in e.weights.items()}
+                self.queue.append((node, TrainDone(e.job, TrainResult(trained, 10))))
 
     def snapshot_state(self, node: str, to: Path) -> None:
         """A copy of ``node``'s state directory as it is now (for a rollback)."""
@@ -239,6 +244,95 @@ def _swallowing(fed: Federation, every: int) -> list[int]:
 
     region._flush_full = flush_full
     return flushes
+
+
+def _killed_between_an_update_and_its_forward(
+    fed: Federation,
+) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Run until region-0 handles the update that fills its buffer, write only that step's
+    first group (up to its Ack: the "applied" record) and stop there, as a SIGKILL between
+    the driver's two group writes leaves it. Returns the site updates the buffer held and
+    that last "applied" record."""
+    region = fed.nodes["region-0"]
+    while fed.queue:
+        fed.steps += 1
+        node, event = fed.queue.popleft()
+        held = [(c.src, c.seq) for c in region._forwards._filling] if node == "region-0" else []
+        effects = fed.nodes[node].handle(event, fed.t)
+        flushed = [
+            i
+            for i, e in enumerate(effects)
+            if isinstance(e, Persist) and e.key == FORWARDS_KEY and e.data.get("op") == "flushed"
+        ]
+        if node != "region-0" or not flushed:
+            fed.carry_out(node, effects)
+            continue
+        ack = next(i for i, e in enumerate(effects) if isinstance(e, Send))
+        assert ack < flushed[0]  # the Ack ends the first group; the forward is in the next
+        assert isinstance(event, Received) and isinstance(event.msg, Update)
+        first = [e for e in effects[:ack] if isinstance(e, Persist)]
+        assert [e.key for e in first] == [APPLIED_KEY]
+        fed.carry_out(node, first)
+        return [*held, (event.msg.src, event.msg.seq)], dict(first[0].data)
+    raise AssertionError("region-0 never flushed")
+
+
+def test_a_region_killed_between_the_update_that_fills_its_buffer_and_the_forward_passes(
+    tmp_path: Path,
+) -> None:
+    """The full buffer is durable, its forward not: the verdict stands, and a restart's
+    replay rebuilds that forward (the state the checker excuses is one it recovers from)."""
+    fed = Federation(tmp_path / "run")
+    fed.run_for(200)
+    held, _ = _killed_between_an_update_and_its_forward(fed)
+    report = check(fed.finish())
+    verdict = report["conservation"]
+    assert verdict.passed, verdict.detail
+    rows = verdict.data["regions"]["region-0"]
+    assert sum(r["buffered"] for r in rows.values()) == len(held) == 2
+    assert report["exactly_once"].passed
+    restarted = RegionalAggregator(
+        "region-0", "root", dict.fromkeys(SITES, "site"), buffer_size=2, concurrency=2,
+        checkpoint_every=3,
+    )  # fmt: skip
+    with StateStore(fed.state_dir("region-0")) as store:
+        found = store.load()
+    restarted.restore(found.checkpoint, found)
+    rebuilt = [u for u in restarted.snapshot()["outbox"]["pending"] if set(u.pairs) == set(held)]
+    assert len(rebuilt) == 1
+
+
+def test_a_full_buffer_behind_a_later_record_is_refuted(tmp_path: Path) -> None:
+    """After the update that fills the buffer, any later record is written after its
+    forward: a full buffer then lost its forward."""
+    fed = Federation(tmp_path / "run")
+    fed.run_for(200)
+    _, last = _killed_between_an_update_and_its_forward(fed)
+    later = {**last, "n": last["n"] + 1, "seq": last["seq"] + 1, "outcome": "stale"}
+    later.pop("delta", None)
+    fed.stores["region-0"].apply(Persist(APPLIED_KEY, later, append=True))
+    verdict = check(fed.finish())["conservation"]
+    assert not verdict.passed
+    assert "a full buffer is 2: updates left its buffer without a forward" in verdict.detail
+
+
+def test_conservation_says_so_when_the_root_counts_no_site_updates(tmp_path: Path) -> None:
+    """A root without [subtrees] keeps no pair ledger: the verdict must not claim that an
+    empty ledger "agrees"."""
+    fed = Federation(tmp_path / "run")
+    fed.nodes["root"].set_subtrees({})
+    fed.run_for(300)
+    verdict = check(fed.finish())["conservation"]
+    assert verdict.passed
+    assert "not checked at the root" in verdict.detail and "agrees" not in verdict.detail
+    assert verdict.data["root_pairs"] == {}
+
+
+def test_conservation_at_the_root_names_how_many_sites_matched(tmp_path: Path) -> None:
+    verdict = check(clean_run(tmp_path).finish())["conservation"]
+    assert verdict.passed and "the root's pair ledger agrees (2 of 2 sites exactly)" in (
+        verdict.detail
+    )
 
 
 def test_a_region_that_swallows_buffers_is_refuted_by_conservation(tmp_path: Path) -> None:

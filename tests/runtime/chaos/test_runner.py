@@ -259,3 +259,34 @@ def test_a_standby_layout_gives_sites_a_fallback_and_the_root_both_subtrees(
     site = cfgs["site-2"]
     assert [f.id for f in site.fallbacks] == ["region-0-standby"] and site.failover_after_s == 7.0
     assert cfgs["region-0-standby"].listen != cfgs["region-0"].listen
+
+
+def test_a_hierarchy_layout_declares_every_region_s_sites_at_the_root(tmp_path: Path) -> None:
+    """The root checks each region's forwards against its sites and counts site updates
+    once (``[subtrees]``); a star has no region, so no subtree."""
+    from fedloom.runtime.chaos.layout import lay_out
+
+    shape = parse_scenario({"duration_s": 5, "federation": {"regions": 2, "sites": 5}}).shape
+    fed = lay_out(tmp_path / "hier", shape.regions)
+    cfgs = {n: load_config(f.config) for n, f in fed.nodes.items()}
+    assert cfgs["root"].subtrees == {r: tuple(s) for r, s in shape.regions.items()}
+    assert {s for sites in cfgs["root"].subtrees.values() for s in sites} == {
+        n for n, c in cfgs.items() if c.role == "site"
+    }
+    star = lay_out(tmp_path / "star", shape.regions, star=True)
+    assert load_config(star.nodes["root"].config).subtrees == {}
+
+
+def test_a_standby_layout_keeps_the_subtrees_of_regions_without_a_standby(
+    tmp_path: Path,
+) -> None:
+    from fedloom.runtime.chaos.layout import add_standbys, lay_out
+
+    fed = lay_out(tmp_path, {"region-0": ["site-0", "site-2"], "region-1": ["site-1"]})
+    add_standbys(fed, {"region-0-standby": "region-0"}, 5.0)
+    root = load_config(fed.nodes["root"].config)
+    assert root.subtrees == {
+        "region-0": ("site-0", "site-2"),
+        "region-1": ("site-1",),
+        "region-0-standby": ("site-0", "site-2"),
+    }
