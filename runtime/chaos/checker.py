@@ -310,9 +310,10 @@ class NodeState:
     conservation: dict[str, dict[str, int]] | None = None
     conserved_at_checkpoint: dict[str, dict[str, int]] | None = None
     buffer_size: int | None = None
-    # A region's last "applied" record applied an update (not stale, rejected...): the
-    # buffer it filled may be full, its forward written in the next group (``_conservation``).
-    ends_with_applied: bool = False
+    # A region's last "applied" record applied an update (not stale, rejected...) that no
+    # forward built since the checkpoint carries: the buffer it filled may be full, its
+    # forward written in the next group, which a kill can cut off (``_conservation``).
+    ends_unforwarded: bool = False
     version: int | None = None  # the model version its durable state holds
     version_note: str = "the checkpoint's version"  # how ``version`` was found
     # ``version`` is what a restart restores (else the checkpoint's: a lower bound only)
@@ -414,6 +415,7 @@ def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> N
                     state.outcomes.setdefault(str(r["src"]), Counter())[str(r["outcome"])] += 1
     if role == "region" and state.outcomes is not None and ("flushed" in cp or not cp):
         _conservation(state, cp, applied, logs.get(FORWARDS_KEY, []))
+        state.ends_unforwarded = _ends_unforwarded(applied, logs.get(OUTBOX_KEYS[role], []))
     state.version = _durable_version(cp)
     return state
 
@@ -459,10 +461,25 @@ def _conservation(
                 row(str(src))[k] += int(m)
                 row(str(src))["buffered"] -= int(m)
     state.conservation = rows
-    last = max(applied, key=lambda r: int(r.get("n", 0)), default=None)
-    state.ends_with_applied = last is not None and last.get("outcome") == "applied"
     size = cp.get("buffer_size")
     state.buffer_size = int(size) if isinstance(size, int) else None
+
+
+def _ends_unforwarded(applied: list[Mapping[str, Any]], outbox: list[Any]) -> bool:
+    """Whether a region's last "applied" record (after its checkpoint) applied an update
+    that no forward added to its outbox since then carries (its site pairs, or its own
+    ``(src, seq)`` for a site child)."""
+    last = max(applied, key=lambda r: int(r.get("n", 0)), default=None)
+    if last is None or last.get("outcome") != "applied":
+        return False
+    mine = {(str(p[0]), int(p[1])) for p in last.get("pairs") or ()}
+    mine.add((str(last["src"]), int(last["seq"])))
+    for rec in outbox:
+        update = rec.get("update") if isinstance(rec, Mapping) and rec.get("op") == "add" else None
+        pairs = getattr(update, "pairs", None) or ()
+        if mine & {(str(p[0]), int(p[1])) for p in pairs}:
+            return False
+    return True
 
 
 def _durable_version(cp: Mapping[str, Any]) -> int | None:
@@ -662,9 +679,10 @@ def check_conservation(data: RunData, states: Mapping[str, NodeState | str]) -> 
         # Exactly full is a state a kill can leave: the update that filled the buffer is
         # written in one group, the forward its flush built in the next (the driver's group
         # commit keeps their order); a restart's replay fills the buffer and rebuilds that
-        # forward. Only when that update is the last record: any later one is written after
-        # the forward, so a full buffer behind it lost its forward.
-        full_ok = held == st.buffer_size and st.ends_with_applied
+        # forward. Only when that update is the last record and no forward carries it: any
+        # later record is written after the forward, so a full buffer behind it, or behind
+        # a forward that did carry it, lost a forward.
+        full_ok = held == st.buffer_size and st.ends_unforwarded
         if st.buffer_size is not None and held >= st.buffer_size and not full_ok:
             problems.append(
                 f"{node} would buffer {held} updates, a full buffer is {st.buffer_size}: "
@@ -683,7 +701,8 @@ def check_conservation(data: RunData, states: Mapping[str, NodeState | str]) -> 
     at_root = (
         f"the root's pair ledger agrees ({exact} of {len(root_rows)} sites exactly)"
         if root_rows
-        else "not checked at the root: it counts no site updates (no [subtrees] declared)"
+        else "not checked at the root: its state holds no site updates (no [subtrees] "
+        "declared, none incorporated yet, or its state unreadable: see exactly_once)"
     )
     return Verdict(
         name,

@@ -28,7 +28,7 @@ from fedloom.algorithms.protocol import (
     TrainDone,
     TrainResult,
 )
-from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.regional import PENDING_KEY, RegionalAggregator
 from fedloom.algorithms.site import SiteNode
 from fedloom.federation.store import StateStore
 from fedloom.runtime.chaos.checker import Report, check_run, main
@@ -227,16 +227,17 @@ def test_a_clean_run_passes_every_check_and_writes_its_report(
     assert main([str(fed.run)]) == 0
 
 
-def _swallowing(fed: Federation, every: int) -> list[int]:
-    """region-0 silently discards every ``every``-th full buffer (no forward, no
-    settlement, no count): the acks it gave its sites stand. Returns the flush counter."""
+def _swallowing(fed: Federation, every: int, *, only_first: bool = False) -> list[int]:
+    """region-0 silently discards every ``every``-th full buffer (``only_first``: the first
+    such only; no forward, no settlement, no count): the acks it gave its sites stand.
+    Returns the flush counter."""
     region = fed.nodes["region-0"]
     real = region._flush_full
     flushes = [0]
 
     def flush_full(out: list[Any]) -> None:
         flushes[0] += 1
-        if flushes[0] % every:
+        if flushes[0] % every or (only_first and flushes[0] > every):
             real(out)
         else:
             region._buffer.flush()
@@ -273,7 +274,12 @@ def _killed_between_an_update_and_its_forward(
         first = [e for e in effects[:ack] if isinstance(e, Persist)]
         assert [e.key for e in first] == [APPLIED_KEY]
         fed.carry_out(node, first)
-        return [*held, (event.msg.src, event.msg.seq)], dict(first[0].data)
+        lost = [e for e in effects if isinstance(e, Persist) and e.key == PENDING_KEY]
+        assert [e.data["op"] for e in lost] == ["add"]
+        return [*held, (event.msg.src, event.msg.seq)], {
+            **first[0].data,
+            "forward_seq": lost[0].data["seq"],
+        }
     raise AssertionError("region-0 never flushed")
 
 
@@ -284,7 +290,7 @@ def test_a_region_killed_between_the_update_that_fills_its_buffer_and_the_forwar
     replay rebuilds that forward (the state the checker excuses is one it recovers from)."""
     fed = Federation(tmp_path / "run")
     fed.run_for(200)
-    held, _ = _killed_between_an_update_and_its_forward(fed)
+    held, last = _killed_between_an_update_and_its_forward(fed)
     report = check(fed.finish())
     verdict = report["conservation"]
     assert verdict.passed, verdict.detail
@@ -299,7 +305,16 @@ def test_a_region_killed_between_the_update_that_fills_its_buffer_and_the_forwar
         found = store.load()
     restarted.restore(found.checkpoint, found)
     rebuilt = [u for u in restarted.snapshot()["outbox"]["pending"] if set(u.pairs) == set(held)]
-    assert len(rebuilt) == 1
+    assert [u.seq for u in rebuilt] == [last["forward_seq"]]  # the forward the kill cut off
+    # The restarted region's first checkpoint (a daemon writes one at start): nothing
+    # buffered, the forward pending, and every check still holds.
+    with StateStore(fed.state_dir("region-0")) as store:
+        store.load()
+        store.apply(Persist("checkpoint", restarted.snapshot()))
+    after = check(fed.run)
+    assert after["conservation"].passed and after["exactly_once"].passed
+    rows = after["conservation"].data["regions"]["region-0"]
+    assert sum(r["buffered"] for r in rows.values()) == 0
 
 
 def test_a_full_buffer_behind_a_later_record_is_refuted(tmp_path: Path) -> None:
@@ -311,6 +326,22 @@ def test_a_full_buffer_behind_a_later_record_is_refuted(tmp_path: Path) -> None:
     later = {**last, "n": last["n"] + 1, "seq": last["seq"] + 1, "outcome": "stale"}
     later.pop("delta", None)
     fed.stores["region-0"].apply(Persist(APPLIED_KEY, later, append=True))
+    verdict = check(fed.finish())["conservation"]
+    assert not verdict.passed
+    assert "a full buffer is 2: updates left its buffer without a forward" in verdict.detail
+
+
+def test_a_buffer_swallowed_before_a_later_complete_flush_is_refuted(tmp_path: Path) -> None:
+    """One full buffer swallowed, the next flushed and forwarded: the buffer holds a full
+    buffer's worth and the last record applied an update, but a forward carries that
+    update, so the held ones lost theirs."""
+    fed = Federation(tmp_path / "run")
+    fed.run_for(200)
+    fed.nodes["region-0"].checkpoint_every = 10_000  # no checkpoint from here on
+    flushes = _swallowing(fed, 1, only_first=True)
+    while flushes[0] < 2 and fed.queue:
+        fed.run_for(1)
+    assert flushes[0] == 2
     verdict = check(fed.finish())["conservation"]
     assert not verdict.passed
     assert "a full buffer is 2: updates left its buffer without a forward" in verdict.detail
