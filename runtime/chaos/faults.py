@@ -518,7 +518,8 @@ def corrupt_state(state_dir: Path, where: str, rng: random.Random) -> dict[str, 
 
     ``wal_middle``: one byte of a frame's body with an intact frame after it;
     ``wal_end``: one byte of the last frame's body (its length intact: not a torn write);
-    ``wal_torn``: the last frame cut short (what a crash mid-write leaves; not corruption);
+    ``wal_torn``: a frame cut short after the last one (what a crash mid-write leaves: the
+    write in flight, which nothing acted on; not corruption);
     ``checkpoint``: one byte in the middle of the checkpoint's body.
     """
     if where == "checkpoint":
@@ -544,12 +545,22 @@ def corrupt_state(state_dir: Path, where: str, rng: random.Random) -> dict[str, 
             raise NothingToCorruptError(f"{wal}: no whole frame")
         start, length = frames[-1]
     if where == "wal_torn":
-        cut = start + max(_FRAME.size + 1, length // 2)
+        # A crash tears only the write in flight, whose acks and sends wait for it: a new
+        # frame (here the last one's bytes again) cut short at the end of the log. Cutting
+        # a frame already there would take away a write the daemon had acted on (sent its
+        # acks and forwards), which no crash does and the checker rightly refutes.
+        with wal.open("rb") as fh:
+            fh.seek(start)
+            frame = fh.read(length)
+        cut = max(_FRAME.size + 1, length // 2)
+        end = start + length  # past a tail the kill itself tore, if any: it goes
         with wal.open("r+b") as fh:
-            fh.truncate(cut)
+            fh.truncate(end)
+            fh.seek(end)
+            fh.write(frame[:cut])
             fh.flush()
             os.fsync(fh.fileno())
-        return {"file": str(wal), "offset": start, "where": where, "truncated_to": cut}
+        return {"file": str(wal), "offset": end, "where": where, "torn_bytes": cut}
     body = length - _FRAME.size
     offset = start + _FRAME.size + (rng.randrange(body) if body > 0 else 0)
     return _flip(path=wal, offset=offset, where=where) | {"frame_offset": start}

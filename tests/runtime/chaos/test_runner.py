@@ -290,3 +290,30 @@ def test_a_standby_layout_keeps_the_subtrees_of_regions_without_a_standby(
         "region-1": ("site-1",),
         "region-0-standby": ("site-0", "site-2"),
     }
+
+
+def test_a_torn_tail_is_a_write_nothing_acted_on_every_record_before_it_stays(
+    tmp_path: Path,
+) -> None:
+    """``wal_torn`` leaves what a crash mid-write leaves: a frame cut short after the last
+    complete one, which the next start drops; every record the daemon had written (and
+    may have acted on) is still there."""
+    import random
+
+    from fedloom.algorithms.protocol import Persist
+    from fedloom.federation.store import StateStore
+    from fedloom.runtime.chaos.faults import corrupt_state
+
+    state = tmp_path / "state"
+    with StateStore(state) as store:
+        store.load()
+        for i in range(5):
+            store.apply(Persist("log", {"i": i, "pad": "x" * 100}, append=True))
+    wal = next(state.glob("wal.*.log"))
+    size = wal.stat().st_size
+    done = corrupt_state(state, "wal_torn", random.Random(1))
+    assert done["offset"] == size and wal.stat().st_size == size + done["torn_bytes"]
+    with StateStore(state) as store:
+        found = store.load()
+    assert [r["i"] for r in found.records("log")] == [0, 1, 2, 3, 4]
+    assert found.torn_bytes == done["torn_bytes"]
