@@ -393,7 +393,7 @@ def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> N
             state.pending.add(int(u.seq))
             pairs = getattr(u, "pairs", None) or ()
             state.pending_pairs[int(u.seq)] = [(str(p[0]), int(p[1])) for p in pairs]
-    applied = [r for r in logs.get("applied", []) if isinstance(r, Mapping)]
+    applied = _per_update([r for r in logs.get("applied", []) if isinstance(r, Mapping)])
     if role in AGGREGATORS or "ledger" in cp or applied:
         state.ledger = AppliedLedger.from_snapshot(cp.get("ledger") or {})
         state.pairs = AppliedLedger.from_snapshot(cp.get("pairs") or {})
@@ -418,6 +418,23 @@ def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> N
         state.ends_unforwarded = _ends_unforwarded(applied, logs.get(OUTBOX_KEYS[role], []))
     state.version = _durable_version(cp)
     return state
+
+
+def _per_update(records: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The "applied" records with each secure-aggregation cohort record (``"op": "cohort"``:
+    the survivors' updates, applied together) read as one applied record per update it
+    holds, as the aggregator's own replay does (``_replay_cohort_record``)."""
+    out: list[Mapping[str, Any]] = []
+    for r in records:
+        if r.get("op") != "cohort":
+            out.append(r)
+            continue
+        for src, seq in r.get("pairs") or ():
+            out.append(
+                {"n": r.get("n"), "src": str(src), "seq": int(seq), "outcome": "applied",
+                 "version": r.get("version"), "count": 1, "n_examples": 0, "cohort": True}
+            )  # fmt: skip
+    return out
 
 
 def _conservation(

@@ -978,3 +978,23 @@ def test_a_region_whose_sites_moved_to_its_standby_resumes_through_the_standby(
     assert _standby_partners(data, "region-0-standby") == ["region-0"]
     whose = {label.split("'")[0] for label, _, _ in _progress_series(data, "region-0")}
     assert whose == {"region-0", "region-0-standby"}
+
+
+def test_a_secure_cohort_record_counts_as_one_applied_update_per_survivor() -> None:
+    """A secure-aggregation region logs a cohort as one "cohort" record (no "src"): read as
+    its survivors' updates, each applied once, not as unreadable state."""
+    from fedloom.runtime.chaos.checker import _reduce
+
+    cohort = {
+        "n": 1, "op": "cohort", "cohort": b"\x01", "pairs": [["site-0", 1], ["site-1", 1]],
+        "version": 3, "taus": [0, 0], "s": 1.0, "n_examples": 20, "count": 2,
+    }  # fmt: skip
+    flushed = {"op": "flushed", "seq": 1, "forwarded": {"site-0": 1, "site-1": 1}}
+    state = _reduce("region-0", "region", None, {"applied": [cohort], FORWARDS_KEY: [flushed]})
+    assert state.ledger is not None
+    assert state.ledger.snapshot()["mark"] == {"site-0": 1, "site-1": 1}
+    assert state.outcomes == {"site-0": {"applied": 1}, "site-1": {"applied": 1}}
+    assert state.conservation == {
+        s: {"applied": 1, "forwarded": 1, "nonfinite": 0, "buffered": 0}
+        for s in ("site-0", "site-1")
+    }
