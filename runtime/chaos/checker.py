@@ -432,7 +432,7 @@ def _per_update(records: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         for src, seq in r.get("pairs") or ():
             out.append(
                 {"n": r.get("n"), "src": str(src), "seq": int(seq), "outcome": "applied",
-                 "version": r.get("version"), "count": 1, "n_examples": 0, "cohort": True}
+                 "version": r.get("version"), "cohort": True}
             )  # fmt: skip
     return out
 
