@@ -283,6 +283,10 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ConfigError(f"{p}: no such scenario file") from None
     except IsADirectoryError:
         raise ConfigError(f"{p}: is a directory, expected a scenario .toml file") from None
+    except OSError as exc:  # unreadable (permissions, an I/O error)
+        raise ConfigError(f"{p}: cannot read the scenario file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (a scenario is UTF-8 TOML)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     try:
