@@ -264,16 +264,21 @@ class ChaosRun:
 
     def _prepare_out(self) -> None:
         out = self.out
-        if out.exists():
-            if not out.is_dir():
-                raise ConfigError(f"--out {out}: exists and is not a directory")
-            if any(out.iterdir()) and not (out / "run.json").exists():
-                raise ConfigError(
-                    f"--out {out}: not empty and not an earlier chaos run; choose another"
-                )
-            _unmount_under(out)
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        try:
+            if out.exists():
+                if not out.is_dir():
+                    raise ConfigError(f"--out {out}: exists and is not a directory")
+                if any(out.iterdir()) and not (out / "run.json").exists():
+                    raise ConfigError(
+                        f"--out {out}: not empty and not an earlier chaos run; choose another"
+                    )
+                _unmount_under(out)
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+        except OSError as exc:  # a file on the way, no permission, a read-only file system
+            raise ConfigError(
+                f"--out {out}: cannot make the run directory: {exc.strerror or exc}"
+            ) from None
 
     def _disk_faults_possible(self) -> bool:
         """Whether tmpfs disk faults can run; if not, they are skipped with the reason."""

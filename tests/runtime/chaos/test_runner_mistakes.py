@@ -1,0 +1,36 @@
+"""``fedloom chaos`` mistakes the scenario reader cannot see, refused before any daemon
+starts: a run directory that cannot be made, and [federation] overrides (plan, training,
+aggregation, connection) that the daemons would refuse. One line, exit status 2, and no
+half-made run directory left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedloom.cli import main
+
+STAR = '[federation]\nshape = "star"\nsites = 1\n'
+
+
+def refused(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def chaos(tmp_path: Path, text: str, out: Path | None = None) -> list[str]:
+    scen = tmp_path / "s.toml"
+    scen.write_text(text)
+    run = out if out is not None else tmp_path / "out"
+    return ["chaos", str(scen), "--out", str(run), "--backend", "proxy"]
+
+
+def test_an_out_directory_under_a_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "run"
+    argv = chaos(tmp_path, "duration_s = 5\n" + STAR, out)
+    refused(capsys, argv, f"--out {out}: cannot make the run directory: Not a directory")
