@@ -297,31 +297,12 @@ class ChaosRun:
         self._prepare_out()
         disks_ok = self._disk_faults_possible()
         shape = scen.shape
-        if shape.gossip:
-            fed = lay_out_gossip(
-                self.out / "federation",
-                shape,
-                seed=scen.seed,
-                plan=shape.plan,
-                training=shape.training,
-                aggregation=shape.peer_aggregation,
-                connection=shape.connection,
-            )
-        else:
-            fed = lay_out(
-                self.out / "federation",
-                shape.regions,
-                star=shape.kind == "star",
-                seed=scen.seed,
-                plan=shape.plan,
-                training=shape.training,
-                root_aggregation=shape.root_aggregation,
-                region_aggregation=shape.region_aggregation,
-                connection=shape.connection,
-            )
-            if shape.standbys:
-                assert shape.failover_after_s is not None
-                add_standbys(fed, shape.standbys, shape.failover_after_s)
+        try:
+            fed = self._lay_out()
+            self._check_configs(fed)
+        except ConfigError:  # nothing ran yet: leave no half-made run directory behind
+            shutil.rmtree(self.out, ignore_errors=True)
+            raise
         self.fed = fed
         self.proxy = ProxyThread(scen.seed)
         for link in shape.links:
@@ -342,6 +323,64 @@ class ChaosRun:
                     ) from None
         if shape.load_sites:  # one process for them all, their links already proxied
             self.fed, self.load_nodes = attach_loadgen(fed, shape.load_sites, seed=scen.seed)
+
+    def _lay_out(self) -> Federation:
+        """The scenario's federation in ``OUT/federation`` (a mistake in its [federation]
+        overrides is a ``ConfigError``)."""
+        scen, shape = self.scen, self.scen.shape
+        try:
+            if shape.gossip:
+                fed = lay_out_gossip(
+                    self.out / "federation",
+                    shape,
+                    seed=scen.seed,
+                    plan=shape.plan,
+                    training=shape.training,
+                    aggregation=shape.peer_aggregation,
+                    connection=shape.connection,
+                )
+            else:
+                fed = lay_out(
+                    self.out / "federation",
+                    shape.regions,
+                    star=shape.kind == "star",
+                    seed=scen.seed,
+                    plan=shape.plan,
+                    training=shape.training,
+                    root_aggregation=shape.root_aggregation,
+                    region_aggregation=shape.region_aggregation,
+                    connection=shape.connection,
+                )
+                if shape.standbys:
+                    assert shape.failover_after_s is not None
+                    add_standbys(fed, shape.standbys, shape.failover_after_s)
+        except ValueError as exc:  # the [federation] tables' overrides (plan, training...)
+            raise ConfigError(f"{self._scenario_file()}: federation: {exc}") from None
+        return fed
+
+    def _scenario_file(self) -> str:
+        return str(self.scen.source) if self.scen.source is not None else self.scen.name
+
+    def _check_configs(self, fed: Federation) -> None:
+        """Read every node's config as its daemon will, before any starts: a mistake in the
+        scenario's [federation] overrides is one error naming its field, not daemons that
+        exit at start and a run that fails every check."""
+        from fedloom.runtime.chaos.layout import read_config
+        from fedloom.runtime.config import parse_config
+
+        # Regions before the root: the root's config holds values derived from theirs
+        # (regional_buffer_size), and the region's own field is the one the user wrote.
+        first = {"site": 0, "peer": 0, "region": 1}
+        for node in sorted(fed.nodes.values(), key=lambda n: first.get(n.role, 2)):
+            try:
+                parse_config(
+                    read_config(node.config), base_dir=node.config.parent, check_files=True
+                )
+            except ConfigError as exc:
+                field = _override_field(str(exc), node.role)
+                raise ConfigError(
+                    f"{self._scenario_file()}: {field} (in {node.node_id}'s config)"
+                ) from None
 
     # ------------------------------------------------------------------ run.json
     def write_run_json(self, *, final: bool) -> None:
@@ -709,6 +748,24 @@ class ChaosRun:
         for p in problems:
             _say(p)
         return problems
+
+
+# A node config's table -> the scenario's [federation] table that fills it (by role).
+_OVERRIDES = {"plan": "plan", "training": "training", "connection": "connection"}
+_AGGREGATION = {
+    "root": "root_aggregation",
+    "region": "region_aggregation",
+    "peer": "peer_aggregation",
+}
+
+
+def _override_field(message: str, role: str) -> str:
+    """``training.lr: ...`` (a daemon config's field) as ``federation.training.lr: ...``."""
+    table = message.split(":", 1)[0].split(".", 1)[0].split("[", 1)[0]
+    scenario_table = _OVERRIDES.get(table)
+    if table == "aggregation":
+        scenario_table = _AGGREGATION.get(role)
+    return f"federation.{scenario_table}{message[len(table) :]}" if scenario_table else message
 
 
 def _unmount_under(path: Path) -> None:

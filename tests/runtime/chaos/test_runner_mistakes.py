@@ -34,3 +34,42 @@ def test_an_out_directory_under_a_file_is_one_line(
     out = tmp_path / "afile" / "run"
     argv = chaos(tmp_path, "duration_s = 5\n" + STAR, out)
     refused(capsys, argv, f"--out {out}: cannot make the run directory: Not a directory")
+
+
+@pytest.mark.parametrize(
+    ("tables", "needle"),
+    [
+        (
+            '[federation.training]\nlr = "fast"\n',
+            "s.toml: federation.training.lr: expected a number, got 'fast' (in ",
+        ),
+        ("[federation.plan]\nbogus = 1\n", "s.toml: federation: bogus: unknown workload field"),
+        ("[federation.connection]\nbogus = 1\n", "s.toml: federation.connection.bogus: unknown"),
+        (
+            '[federation.root_aggregation]\nalgorithm = "nope"\n',
+            "s.toml: federation.root_aggregation.algorithm: 'nope' is not one of",
+        ),
+    ],
+)
+def test_federation_overrides_the_daemons_refuse_are_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tables: str, needle: str
+) -> None:
+    refused(capsys, chaos(tmp_path, "duration_s = 5\n" + STAR + tables), needle)
+    assert not (tmp_path / "out").exists()  # nothing half-made: the same --out works next
+
+
+def test_a_region_override_names_the_region_table_not_the_root_s(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (
+        "duration_s = 5\n[federation]\nsites = 2\n"
+        "[federation.region_aggregation]\nbuffer_size = -1\n"
+    )
+    refused(capsys, chaos(tmp_path, text), "federation.region_aggregation.buffer_size:")
+
+
+def test_more_sites_than_the_data_set_can_split_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = 'duration_s = 5\n[federation]\nshape = "star"\nsites = 100\n'
+    refused(capsys, chaos(tmp_path, text), "s.toml: federation: 455 examples cannot give 100")
