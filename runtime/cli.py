@@ -89,8 +89,15 @@ def _add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     local_sub = local.add_subparsers(dest="local_command", metavar="ACTION")
     init = local_sub.add_parser("init", help="write a local federation into DIR")
     init.add_argument("dir", type=Path, metavar="DIR", help="a new (or empty) directory")
-    init.add_argument("--shape", choices=("star", "hierarchy"), default="hierarchy")
-    init.add_argument("--regions", type=int, default=2, metavar="N", help="hierarchy (2)")
+    init.add_argument(
+        "--shape",
+        choices=("star", "hierarchy"),
+        default="hierarchy",
+        help="star: a root and its sites; hierarchy (default): root -> regions -> sites",
+    )
+    init.add_argument(
+        "--regions", type=int, metavar="N", help="hierarchy only (2, or 1 for a single site)"
+    )
     init.add_argument("--sites", type=int, default=4, metavar="N", help="sites in all (4)")
     init.add_argument("--seed", type=int, default=1, help="data split and model seed")
     init.add_argument(

@@ -9,6 +9,7 @@ demo use.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -53,7 +54,7 @@ def cmd_local_init(
     directory: Path,
     *,
     shape: str,
-    regions: int,
+    regions: int | None,
     sites: int,
     seed: int,
     dataset: str | None = None,
@@ -66,13 +67,22 @@ def cmd_local_init(
         raise ConfigError(f"--shape: {shape!r} is not one of {', '.join(SHAPES)}")
     if sites < 1:
         raise ConfigError(f"--sites: expected at least 1, got {sites}")
+    if seed < 0:
+        raise ConfigError(f"--seed: expected a whole number >= 0, got {seed}")
+    if shape == "star" and regions is not None:
+        raise ConfigError("--regions: a star has no regions; drop it or use --shape hierarchy")
+    if regions is None:  # not given: two, or one region per site when there are fewer
+        regions = min(2, sites)
     if shape == "hierarchy" and not 1 <= regions <= sites:
         raise ConfigError(
             f"--regions: expected 1 to {sites} (one site per region at least), got {regions}"
         )
     directory = directory.absolute()  # the configs and the README name absolute paths
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory}: exists and is not a directory; choose a new directory")
     if directory.exists() and any(directory.iterdir()):
         raise ConfigError(f"{directory}: exists and is not empty; choose a new directory")
+    _check_writable(directory)
     if shape == "star":
         layout = {"root": [f"site-{i}" for i in range(sites)]}
     else:
@@ -93,6 +103,12 @@ def cmd_local_init(
     except ModuleNotFoundError as exc:  # fedloom.cli names the extra, then this note
         exc.add_note("or choose `--dataset synthetic` (numpy only)")
         raise
+    except ConfigError:
+        raise
+    except ValueError as exc:  # the data set cannot give every site its share
+        raise ConfigError(f"--sites {sites}: {exc}") from None
+    except OSError as exc:  # the directory cannot be written after all
+        raise ConfigError(f"{directory}: cannot write the federation: {exc}") from None
     if tables is not None:
         try:
             _apply_plan_file(fed, tables)
@@ -106,6 +122,18 @@ def cmd_local_init(
         f"how to start it: {readme}"
     )
     return 0
+
+
+def _check_writable(directory: Path) -> None:
+    """Refuse, before anything is loaded or written, a directory that cannot be made:
+    a file on its way, or a parent this user may not write."""
+    parent = directory
+    while not parent.exists():
+        parent = parent.parent
+    if parent != directory and not parent.is_dir():
+        raise ConfigError(f"{directory}: cannot make it: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{directory}: cannot make it: {parent} is not writable by this user")
 
 
 # The tables a ``--plan`` file may hold, and the roles whose configs each goes into.

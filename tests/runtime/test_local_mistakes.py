@@ -1,0 +1,64 @@
+"""``fedloom local init`` mistakes that once ended in a traceback or a misleading line:
+each is one line on stderr, exit status 2, and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedloom.cli import main
+
+
+def refused(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+SYNTHETIC = ["--dataset", "synthetic"]
+
+
+def test_init_into_a_file_or_under_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    refused(capsys, ["local", "init", str(afile), *SYNTHETIC], "exists and is not a directory")
+    under = afile / "sub" / "fed"
+    refused(capsys, ["local", "init", str(under), *SYNTHETIC], f"{afile} is a file")
+    assert afile.read_text() == "keep"
+
+
+def test_init_where_this_user_may_not_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fedloom.runtime.local.os.access", lambda *a, **k: False)
+    fed = tmp_path / "ro" / "fed"
+    refused(capsys, ["local", "init", str(fed), *SYNTHETIC], f"{tmp_path} is not writable")
+    assert not (tmp_path / "ro").exists()
+
+
+def test_a_negative_seed_names_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = tmp_path / "fed"
+    refused(capsys, ["local", "init", str(fed), "--seed", "-1", *SYNTHETIC], "--seed: expected")
+    assert not fed.exists()
+
+
+def test_more_sites_than_the_data_set_splits_names_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = tmp_path / "fed"
+    refused(capsys, ["local", "init", str(fed), "--sites", "1000"], "--sites 1000: ")
+    assert not fed.exists()
+
+
+def test_regions_are_for_a_hierarchy_and_default_to_what_the_sites_allow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    star = ["local", "init", str(tmp_path / "s"), "--shape", "star", "--regions", "3"]
+    refused(capsys, [*star, *SYNTHETIC], "--regions: a star has no regions")
+    # One site and no --regions: one region, not "--regions: ... got 2" for a flag not given.
+    one = tmp_path / "one"
+    assert main(["local", "init", str(one), "--sites", "1", *SYNTHETIC]) == 0
+    assert (one / "region-0.toml").exists() and not (one / "region-1.toml").exists()
