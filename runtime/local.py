@@ -192,6 +192,8 @@ def _apply_plan_file(fed: Federation, tables: dict[str, dict[str, Any]]) -> None
 
 def read_federation(directory: Path) -> Federation:
     """The federation ``init`` wrote into ``directory`` (from its configs)."""
+    from fedloom.runtime.config import parse_config
+
     if not (directory / README_NAME).exists() or not (directory / "roster.toml").exists():
         raise ConfigError(f"{directory}: not a directory written by `fedloom local init`")
     nodes: dict[str, NodeFiles] = {}
@@ -206,6 +208,10 @@ def read_federation(directory: Path) -> Federation:
         node_id, role = cfg.get("node_id"), cfg.get("role")
         if not isinstance(node_id, str) or not isinstance(role, str):
             continue
+        try:  # as its daemon will read it: a hand-made mistake shows now, in one line
+            parse_config(cfg, base_dir=path.parent, check_files=True)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         listen = int(cfg.get("listen", {}).get("port", 0))
         metrics = int(cfg.get("metrics", {}).get("port", 0))
         nodes[node_id] = NodeFiles(

@@ -62,3 +62,17 @@ def test_regions_are_for_a_hierarchy_and_default_to_what_the_sites_allow(
     one = tmp_path / "one"
     assert main(["local", "init", str(one), "--sites", "1", *SYNTHETIC]) == 0
     assert (one / "region-0.toml").exists() and not (one / "region-1.toml").exists()
+
+
+def test_up_on_a_hand_edited_config_names_the_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fed = tmp_path / "fed"
+    assert main(["local", "init", str(fed), "--shape", "star", "--sites", "1", *SYNTHETIC]) == 0
+    capsys.readouterr()
+    root = fed / "root.toml"
+    text = root.read_text()
+    port = text.split("[listen]", 1)[1].split("port = ", 1)[1].split("\n", 1)[0]
+    root.write_text(text.replace(f"port = {port}\n", 'port = "x"\n', 1))
+    # Was a ValueError traceback from int('x'); now refused before any daemon starts.
+    refused(capsys, ["local", "up", str(fed)], f"{root}: listen.port: expected a whole number")
