@@ -43,7 +43,11 @@ class Table:
         if key in self._data:
             return self._data[key]
         if default is _MISSING:
-            raise ConfigError(f"{self.where(key)}: required field is missing")
+            # ``target = [...]`` for ``targets``: say so, not just that ``targets`` is missing.
+            unread = [k for k in self._data if k not in self._seen]
+            hint = difflib.get_close_matches(key, unread, n=1)
+            extra = f" (is {hint[0]!r} a misspelling of it?)" if hint else ""
+            raise ConfigError(f"{self.where(key)}: required field is missing{extra}")
         return default
 
     def fail(self, key: str, expected: str, got: Any) -> ConfigError:
