@@ -299,8 +299,19 @@ def parse_scenario(
     raw: Mapping[str, Any], *, name: str = "scenario", source: Path | None = None
 ) -> Scenario:
     t = Table(raw, "")
+    if isinstance(raw.get("fault"), Mapping):
+        raise ConfigError("fault: a single [fault] table; write each fault as [[fault]]")
+    for key in ("federation", "run", "expect"):
+        value = raw.get(key)
+        if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            raise ConfigError(f"{key}: [[{key}]] is a list of tables; write [{key}] (one table)")
     scen_name = t.text("name", name)
-    if not scen_name or any(c in scen_name for c in "/\\") or scen_name.startswith("."):
+    if (
+        not scen_name
+        or any(c in scen_name for c in "/\\")
+        or scen_name.startswith(".")
+        or not scen_name.isprintable()
+    ):
         raise ConfigError(f"name: {scen_name!r} cannot name a run directory")
     description = t.text("description", "")
     duration = t.number("duration_s", min=1.0, max=24 * 3600.0)
@@ -420,30 +431,36 @@ def _run(t: Table) -> RunSettings:
 
 
 def _expect(t: Table, shape: Shape) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if t.has("resume_within_s"):
-        out["resume_within_s"] = t.number("resume_within_s", min=1.0, exclusive_min=False)
-    else:
-        out["resume_within_s"] = 30.0
-    if t.has("start_grace_s"):  # how long a started daemon may take to answer /healthz
-        out["start_grace_s"] = t.number("start_grace_s", min=1.0, max=600.0)
+    # Every field is read (None when absent) so that a misspelt one is reported with the
+    # fields [expect] knows, not "known fields: none".
+    out: dict[str, Any] = {
+        "resume_within_s": t.number("resume_within_s", 30.0, min=1.0, max=24 * 3600.0)
+    }
+    # How long a started daemon may take to answer /healthz.
+    start_grace_s = t.number("start_grace_s", None, min=1.0, max=600.0)
+    if start_grace_s is not None:
+        out["start_grace_s"] = start_grace_s
     for key in _EXPECT_BOOLS:
-        if t.has(key):
-            out[key] = t.flag(key)
+        flag = t.flag(key, None)
+        if flag is not None:
+            out[key] = flag
     for key in ("refuses_start", "allowed_exits"):
-        if t.has(key):
-            value = t.raw(key)
-            ids = [value] if isinstance(value, str) else value
-            if not isinstance(ids, list) or not all(isinstance(v, str) for v in ids):
-                raise t.fail(key, "a node id or a list of node ids", value)
-            for v in ids:
-                if v not in shape.nodes:
-                    raise ConfigError(f"expect.{key}: {v!r} is not a node ({_show_nodes(shape)})")
-            out[key] = value
-    if t.has("min_version"):
-        out["min_version"] = t.integer("min_version", min=0)
-    if t.has("min_accuracy"):
-        out["min_accuracy"] = t.number("min_accuracy", min=0.0, max=1.0)
+        value = t.raw(key)
+        if value is None:
+            continue
+        ids = [value] if isinstance(value, str) else value
+        if not isinstance(ids, list) or not all(isinstance(v, str) for v in ids):
+            raise t.fail(key, "a node id or a list of node ids", value)
+        for v in ids:
+            if v not in shape.nodes:
+                raise ConfigError(f"expect.{key}: {v!r} is not a node ({_show_nodes(shape)})")
+        out[key] = value
+    min_version = t.integer("min_version", None, min=0)
+    if min_version is not None:
+        out["min_version"] = min_version
+    min_accuracy = t.number("min_accuracy", None, min=0.0, max=1.0)
+    if min_accuracy is not None:
+        out["min_accuracy"] = min_accuracy
     t.finish()
     return out
 
@@ -464,8 +481,29 @@ def _faults(items: Sequence[Any], shape: Shape, duration: float) -> tuple[Fault,
             raise ConfigError(f"{where}.name: {f.name!r} names an earlier fault too")
         names.add(f.name)
         out.append(f)
-    out.sort(key=lambda f: f.at_s)
-    return tuple(out)
+    order = sorted(range(len(out)), key=lambda i: out[i].at_s)
+    _check_resumes([(i, out[i]) for i in order])
+    return tuple(out[i] for i in order)
+
+
+def _check_resumes(timeline: Sequence[tuple[int, Fault]]) -> None:
+    """A resume ends a pause: one with none of its targets paused then does nothing, and
+    is a mistake (a misspelt target, the pause's for_s already over, a pause after it)."""
+    paused: dict[str, float | None] = {}  # node -> when its pause ends (None: a resume)
+    for i, f in timeline:
+        paused = {n: end for n, end in paused.items() if end is None or end > f.at_s}
+        if f.kind == "pause":
+            paused.update((n, f.end_s) for n in f.targets)
+        elif f.kind in ("kill", "kill_all", "restart"):  # a killed process is not paused
+            paused = {n: end for n, end in paused.items() if n not in f.targets}
+        elif f.kind == "resume":
+            if not any(n in paused for n in f.targets):
+                raise ConfigError(
+                    f"fault[{i}]: a resume at {f.at_s:g} s, but none of its targets "
+                    f"({', '.join(f.targets[:4])}) is paused then; a resume ends an earlier "
+                    "pause that has no for_s"
+                )
+            paused = {n: end for n, end in paused.items() if n not in f.targets}
 
 
 def _fault(t: Table, where: str, shape: Shape, duration: float) -> Fault:
@@ -484,6 +522,8 @@ def _fault(t: Table, where: str, shape: Shape, duration: float) -> Fault:
     if kind in INPUT_KINDS and for_s is None:
         raise ConfigError(f"{where}.for_s: required for {kind} (how long the connections last)")
     name = t.text("name", f"{kind}@{at_s:g}")
+    if not name.strip() or not name.isprintable():
+        raise ConfigError(f"{where}.name: {name!r} cannot name a fault on the timeline")
     direction = "both"
     if kind in NETWORK_KINDS:
         direction = t.text("direction", "both", choices=DIRECTIONS)

@@ -40,3 +40,69 @@ def test_an_unreadable_scenario_file_is_one_error(
     monkeypatch.setattr(Path, "open", denied)
     with pytest.raises(ConfigError, match=r"s\.toml: cannot read the scenario file: Permission"):
         load_scenario(scen)
+
+
+def _error(text: str, tmp_path: Path) -> str:
+    scen = tmp_path / "s.toml"
+    scen.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_scenario(scen)
+    return str(info.value)
+
+
+KILL = '[[fault]]\nat_s = 1\nkind = "kill"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        # Was "expect.resume_within: unknown field; known fields: none".
+        (
+            "duration_s = 9\n[expect]\nresume_within = 5\n",
+            "expect.resume_within: unknown field (did you mean 'resume_within_s'?); known "
+            "fields: allowed_exits,",
+        ),
+        # Was accepted: no run could check that, and report.json got "Infinity".
+        (
+            "duration_s = 9\n[expect]\nresume_within_s = inf\n",
+            "expect.resume_within_s: expected a number <= 86400",
+        ),
+        # Was "fault[0].targets: required field is missing", silent about 'target'.
+        (
+            KILL + 'target = ["root"]\n',
+            "fault[0].targets: required field is missing (is 'target' a misspelling of it?)",
+        ),
+        # Was "fault: expected a list, got {...}".
+        ("duration_s = 9\n[fault]\nat_s = 1\n", "write each fault as [[fault]]"),
+        ("duration_s = 9\n[[federation]]\nsites = 2\n", "write [federation] (one table)"),
+        # Were accepted: a run directory and a timeline entry no one can name.
+        ('duration_s = 9\nname = "a\\nb"\n', "name: 'a\\nb' cannot name a run directory"),
+        (
+            'duration_s = 9\n[[fault]]\nat_s = 1\nkind = "kill"\nname = " "\ntargets = ["root"]\n',
+            "fault[0].name: ' ' cannot name a fault",
+        ),
+        # Were accepted: a resume that resumes nothing (never paused, or already over).
+        (
+            'duration_s = 9\n[[fault]]\nat_s = 1\nkind = "resume"\ntargets = ["site-0"]\n',
+            "fault[0]: a resume at 1 s, but none of its targets (site-0) is paused then",
+        ),
+        (
+            'duration_s = 9\n[[fault]]\nat_s = 5\nkind = "resume"\ntargets = ["site-0"]\n'
+            '[[fault]]\nat_s = 1\nfor_s = 2\nkind = "pause"\ntargets = ["site-0"]\n',
+            "fault[0]: a resume at 5 s, but none of its targets (site-0) is paused then",
+        ),
+    ],
+)
+def test_mistakes_once_accepted_or_misreported(tmp_path: Path, text: str, needle: str) -> None:
+    text = text if text.startswith("duration_s") else "duration_s = 9\n" + text
+    err = _error(text, tmp_path)
+    assert err.startswith(f"{tmp_path / 's.toml'}: ") and needle in err, err
+
+
+def test_a_resume_after_its_pause_is_fine(tmp_path: Path) -> None:
+    scen = tmp_path / "s.toml"
+    scen.write_text(
+        'duration_s = 9\n[[fault]]\nat_s = 5\nkind = "resume"\ntargets = ["all"]\n'
+        '[[fault]]\nat_s = 1\nkind = "pause"\ntargets = ["region-0/*"]\n'
+    )
+    assert [f.kind for f in load_scenario(scen).faults] == ["pause", "resume"]
