@@ -222,9 +222,18 @@ class Sampler(threading.Thread):
 class ChaosRun:
     """One scenario played once into ``out`` (see the module docstring)."""
 
-    def __init__(self, scenario: Scenario, out: Path, *, backend: str = "auto") -> None:
+    def __init__(
+        self, scenario: Scenario, out: Path, *, backend: str = "auto", out_given: bool = True
+    ) -> None:
         self.scen = scenario
         self.out = out
+        # How a mistake names the run directory: the user's --out, or the default they
+        # did not choose (and may not know about).
+        self.out_label = (
+            f"--out {out}"
+            if out_given
+            else f"run directory {out} (the default; --out names another)"
+        )
         self.backend_asked = backend
         self.backend = "proxy"
         self.netem = "not probed"
@@ -267,17 +276,17 @@ class ChaosRun:
         try:
             if out.exists():
                 if not out.is_dir():
-                    raise ConfigError(f"--out {out}: exists and is not a directory")
+                    raise ConfigError(f"{self.out_label}: exists and is not a directory")
                 if any(out.iterdir()) and not (out / "run.json").exists():
                     raise ConfigError(
-                        f"--out {out}: not empty and not an earlier chaos run; choose another"
+                        f"{self.out_label}: not empty and not an earlier chaos run; choose another"
                     )
                 _unmount_under(out)
                 shutil.rmtree(out)
             out.mkdir(parents=True)
         except OSError as exc:  # a file on the way, no permission, a read-only file system
             raise ConfigError(
-                f"--out {out}: cannot make the run directory: {exc.strerror or exc}"
+                f"{self.out_label}: cannot make the run directory: {exc.strerror or exc}"
             ) from None
 
     def _disk_faults_possible(self) -> bool:
@@ -837,7 +846,7 @@ def cmd_chaos(scenario: Path, *, out: Path | None = None, backend: str = "auto")
     if backend not in BACKENDS:
         raise ConfigError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     where = (out if out is not None else Path("runs") / "chaos" / scen.name).absolute()
-    run = ChaosRun(scen, where, backend=backend)
+    run = ChaosRun(scen, where, backend=backend, out_given=out is not None)
     run.choose_backend()
     try:
         if execute(run):

@@ -73,3 +73,22 @@ def test_more_sites_than_the_data_set_can_split_is_one_line(
 ) -> None:
     text = 'duration_s = 5\n[federation]\nshape = "star"\nsites = 100\n'
     refused(capsys, chaos(tmp_path, text), "s.toml: federation: 455 examples cannot give 100")
+
+
+def test_the_default_run_directory_is_not_called_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without --out the run goes to runs/chaos/NAME; a mistake there said "--out ...",
+    # a flag the user never gave.
+    monkeypatch.chdir(tmp_path)
+    taken = tmp_path / "runs" / "chaos" / "s"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("mine")
+    scen = tmp_path / "s.toml"
+    scen.write_text("duration_s = 5\n" + STAR)
+    refused(
+        capsys,
+        ["chaos", str(scen), "--backend", "proxy"],
+        f"run directory {taken} (the default; --out names another): not empty",
+    )
+    assert (taken / "notes.txt").read_text() == "mine"
