@@ -517,7 +517,7 @@ def _fault(t: Table, where: str, shape: Shape, duration: float) -> Fault:
             f"{where}.for_s: the fault would end at {at_s + for_s:g} s, after duration_s = "
             f"{duration:g}; shorten it or leave it out (until healed)"
         )
-    if kind in ("resume", "heal") and for_s is not None:
+    if kind in ("resume", "heal", "corrupt") and for_s is not None:
         raise ConfigError(f"{where}.for_s: a {kind} is instantaneous; remove for_s")
     if kind in INPUT_KINDS and for_s is None:
         raise ConfigError(f"{where}.for_s: required for {kind} (how long the connections last)")

@@ -81,6 +81,12 @@ KILL = '[[fault]]\nat_s = 1\nkind = "kill"\n'
             'duration_s = 9\n[[fault]]\nat_s = 1\nkind = "kill"\nname = " "\ntargets = ["root"]\n',
             "fault[0].name: ' ' cannot name a fault",
         ),
+        # Was accepted and ignored: a corruption is a crash, the damage and a restart at once.
+        (
+            'duration_s = 9\n[[fault]]\nat_s = 1\nfor_s = 3\nkind = "corrupt"\n'
+            'targets = ["site-0"]\n',
+            "fault[0].for_s: a corrupt is instantaneous; remove for_s",
+        ),
         # Were accepted: a resume that resumes nothing (never paused, or already over).
         (
             'duration_s = 9\n[[fault]]\nat_s = 1\nkind = "resume"\ntargets = ["site-0"]\n',
