@@ -459,11 +459,12 @@ try:
         try:
             ex.join(doomed)
         except RayClusterError as exc:
-            print("joined:", exc)
+            # One write: Ray's log thread prints on this stdout too, between print's parts.
+            sys.stdout.write(f"joined: {exc}\\n")
     try:
         ray.get(waiting, timeout=20)
     except ray.exceptions.TaskCancelledError:
-        print("cancelled")
+        sys.stdout.write("cancelled\\n")
 finally:
     cluster.close()
 """
