@@ -98,7 +98,13 @@ def _add_chaos_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     init.add_argument(
         "--regions", type=int, metavar="N", help="hierarchy only (2, or 1 for a single site)"
     )
-    init.add_argument("--sites", type=int, default=4, metavar="N", help="sites in all (4)")
+    init.add_argument(
+        "--sites",
+        type=int,
+        default=4,
+        metavar="N",
+        help="sites in all (4; at most 200: each is a daemon process)",
+    )
     init.add_argument("--seed", type=int, default=1, help="data split and model seed")
     init.add_argument(
         "--dataset",

@@ -28,6 +28,8 @@ from fedloom.runtime.harness import Cluster
 __all__ = ["cmd_local_init", "cmd_local_up", "read_federation"]
 
 SHAPES = ("star", "hierarchy")
+# Every site is a daemon process here: what a chaos scenario allows too.
+MAX_SITES = 200
 
 
 def _dataset_plan(dataset: str | None) -> dict[str, Any] | None:
@@ -65,8 +67,11 @@ def cmd_local_init(
     tables = _read_plan_file(plan_file) if plan_file is not None else None
     if shape not in SHAPES:
         raise ConfigError(f"--shape: {shape!r} is not one of {', '.join(SHAPES)}")
-    if sites < 1:
-        raise ConfigError(f"--sites: expected at least 1, got {sites}")
+    if not 1 <= sites <= MAX_SITES:
+        raise ConfigError(
+            f"--sites: expected 1 to {MAX_SITES} (each site is a daemon process on this "
+            f"machine), got {sites}"
+        )
     if seed < 0:
         raise ConfigError(f"--seed: expected a whole number >= 0, got {seed}")
     if shape == "star" and regions is not None:

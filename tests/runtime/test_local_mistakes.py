@@ -49,7 +49,20 @@ def test_more_sites_than_the_data_set_splits_names_the_option(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fed = tmp_path / "fed"
-    refused(capsys, ["local", "init", str(fed), "--sites", "1000"], "--sites 1000: ")
+    refused(capsys, ["local", "init", str(fed), "--sites", "150"], "--sites 150: ")
+    assert not fed.exists()
+
+
+@pytest.mark.parametrize("sites", ["0", "201", "100000"])
+def test_sites_are_bounded_by_what_one_machine_runs_as_daemons(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sites: str
+) -> None:
+    fed = tmp_path / "fed"
+    refused(
+        capsys,
+        ["local", "init", str(fed), "--sites", sites, *SYNTHETIC],
+        "--sites: expected 1 to 200",
+    )
     assert not fed.exists()
 
 
