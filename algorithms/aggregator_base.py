@@ -729,8 +729,17 @@ class AggregatorBase:
         take (``PairLedger.problem``): recording it would settle its site updates at the
         region, which tells the sites to forget them. The region resends it, so a
         ``[subtrees]`` fixed and the root restarted takes it; until then an ERROR names the
-        fix at most every ``BEHIND_LOG_S`` per region."""
-        problem = self._pairs.problem(peer, pairs, msg.count)
+        fix at most every ``BEHIND_LOG_S`` per region.
+
+        The pairs are bounded by the count this node believes (``ClaimBounds``: what the
+        region's subtree can produce in one flush), not by the one the region wrote: the
+        written one is clamped to that, and a forward of clamped weight must not settle
+        more site updates than it could carry (the standby's forwards of them would be
+        refused as overlaps)."""
+        count = msg.count
+        if is_int(count):
+            count = min(int(count), self._bounds.count_bound(peer, self._children[peer]))
+        problem = self._pairs.problem(peer, pairs, count)
         if problem is None:
             return False
         self.rejected += 1  # metric only: the ERROR below is the one line, rate limited
@@ -746,6 +755,11 @@ class AggregatorBase:
         else:
             foreign = []
             text = f"forward from region {peer} refused: {problem}"
+            if problem == "pairs_exceed_count" and count != msg.count:
+                text += (
+                    f" ({len(pairs)} site updates, more than the {count} a forward of it "
+                    "may carry: max_region_count, by default the regional_buffer_size)"
+                )
         last = self._pairs_logged.get(peer)
         if last is None or self._now >= last + BEHIND_LOG_S:
             self._pairs_logged[peer] = self._now
