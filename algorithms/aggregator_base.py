@@ -303,6 +303,9 @@ class AggregatorBase:
         self._refusals = RefusalBook()
         self._refusal_warned = WarnLimiter(interval_s=math.inf)
         self._refusal_dropped = WarnLimiter()
+        # Messages ignored (of a type or sender the node does not act on): one log line per
+        # peer and reason a minute, whatever a peer sends (``node_util.unexpected``).
+        self._ignored = WarnLimiter()
         self._refusal_labels: set[str] = set()  # site label values of ``site_refusals``
         self.refused = 0
         # Counters (also visible as metrics); handy for tests and reports.
@@ -355,7 +358,7 @@ class AggregatorBase:
         if isinstance(msg, Update):
             self._reject_unacked(peer, msg, "unknown_sender", out)
         else:
-            out.extend(unexpected(peer, msg, "unknown_sender"))
+            out.extend(unexpected(peer, msg, "unknown_sender", self._ignored, self._now))
 
     def _on_other_link(self, peer: str, up: bool, now: float, out: list[Effect]) -> None:
         """PeerUp/PeerDown for a non-child."""
@@ -580,16 +583,19 @@ class AggregatorBase:
         elif isinstance(msg, TrainRefused):
             self._on_refused(peer, role, msg, now, out)
         elif not isinstance(msg, Heartbeat):
-            out.extend(unexpected(peer, msg, "unexpected_type"))
+            out.extend(unexpected(peer, msg, "unexpected_type", self._ignored, self._now))
 
     def _on_hello(self, peer: str, role: str, msg: Hello, out: list[Effect]) -> None:
         if msg.src != peer:
-            out.extend(unexpected(peer, msg, "src_mismatch"))
+            out.extend(unexpected(peer, msg, "src_mismatch", self._ignored, self._now))
             return
         if msg.role != role:
-            out.append(
-                Log("warning", "child announced another role", {"peer": peer, "role": msg.role})
-            )
+            # One line per child a minute (a stream of Hellos is no stream of log lines),
+            # its role shortened (the peer chose it).
+            unlogged = self._ignored.due(peer, "role_mismatch", self._now)
+            if unlogged is not None:
+                fields = {"peer": peer, "role": msg.role[:64], "unlogged_before": unlogged}
+                out.append(Log("warning", "child announced another role", fields))
         if role == "site":
             if not self._dispatcher.mark_up(peer):
                 out.append(Metric("hello_repeated", 1.0, {"peer": peer}))
@@ -1072,7 +1078,7 @@ class AggregatorBase:
     def _on_secagg(self, peer: str, role: str, msg: Message, now: float, out: list[Effect]) -> None:
         coord = self._secagg
         if coord is None or role != "site":
-            out.extend(unexpected(peer, msg, "secagg_not_expected"))
+            out.extend(unexpected(peer, msg, "secagg_not_expected", self._ignored, self._now))
             return
         if isinstance(msg, SecAggJoin):
             self._on_join(peer, msg, now, out)
@@ -1086,10 +1092,10 @@ class AggregatorBase:
 
     def _on_join(self, peer: str, msg: SecAggJoin, now: float, out: list[Effect]) -> None:
         if msg.src != peer:
-            out.extend(unexpected(peer, msg, "src_mismatch"))
+            out.extend(unexpected(peer, msg, "src_mismatch", self._ignored, self._now))
             return
         if not is_int(msg.seq) or msg.seq < 1:
-            out.extend(unexpected(peer, msg, "bad_seq"))
+            out.extend(unexpected(peer, msg, "bad_seq", self._ignored, self._now))
             return
         if self._ledger.seen(msg.src, msg.seq):  # applied (or dropped) already: re-ack
             self.duplicates += 1

@@ -412,16 +412,16 @@ class RegionalAggregator(BufferedAggregator):
                     self._on_settled(Incorporated(msg.src, msg.seq), now, out)
                 self._release_paused(was_paused)
             else:
-                out.extend(unexpected(peer, msg, "ack_for_other"))
+                out.extend(unexpected(peer, msg, "ack_for_other", self._ignored, now))
         elif isinstance(msg, Incorporated | Overlap):
             if msg.src == self._id and is_int(msg.seq):
                 was_paused = self.paused
                 self._on_settled(msg, now, out)
                 self._release_paused(was_paused)
             else:
-                out.extend(unexpected(peer, msg, "notice_for_other"))
+                out.extend(unexpected(peer, msg, "notice_for_other", self._ignored, now))
         elif not isinstance(msg, Heartbeat):
-            out.extend(unexpected(peer, msg, "unexpected_type"))
+            out.extend(unexpected(peer, msg, "unexpected_type", self._ignored, now))
 
     def _on_settled(self, msg: Incorporated | Overlap, now: float, out: list[Effect]) -> None:
         """The parent settled forward ``msg.seq`` (``Incorporated``) or refused it for
@@ -523,7 +523,7 @@ class RegionalAggregator(BufferedAggregator):
     def _on_model(self, msg: ModelBroadcast, now: float, out: list[Effect]) -> None:
         problem = self._model_problem(msg)
         if problem is not None:
-            out.extend(unexpected(self.parent, msg, f"model_{problem}"))
+            out.extend(unexpected(self.parent, msg, f"model_{problem}", self._ignored, now))
             return
         if self._global is not None and msg.version <= self._global[0]:
             if msg.version == self._global[0] and _same_weights(self._global[1], msg.weights):

@@ -170,6 +170,7 @@ class SiteNode:
         self.jobs_failed = 0
         self.settings_refused = 0  # requests whose config is not what the root signed
         self._settings_warn = WarnLimiter()
+        self._ignored = WarnLimiter()  # messages ignored: one line per peer and reason a minute
 
     @property
     def node_id(self) -> str:
@@ -351,7 +352,7 @@ class SiteNode:
         if isinstance(msg, Incorporated) and peer in self._parents:
             return self._on_settled(peer, msg, now)  # a former parent may settle kept ones
         if peer != self.parent:
-            return unexpected(peer, msg, "not_parent")
+            return unexpected(peer, msg, "not_parent", self._ignored, now)
         if isinstance(msg, TrainRequest | ModelBroadcast) or (
             self._secure is not None and isinstance(msg, SECAGG_TO_SITE)
         ):
@@ -364,7 +365,7 @@ class SiteNode:
             return out + self._consume(consumed, now)
         if isinstance(msg, Ack):
             if msg.src != self._id:
-                return unexpected(peer, msg, "ack_for_other")
+                return unexpected(peer, msg, "ack_for_other", self._ignored, now)
             if self._secure is not None:
                 self._secure.acked(msg.seq)
                 acked = self._outbox.ack(msg.seq, now=now)
@@ -383,7 +384,7 @@ class SiteNode:
         if isinstance(msg, ModelBroadcast):
             self._remember(msg.version, msg.weights)
             return []
-        return unexpected(peer, msg, "unexpected_type")
+        return unexpected(peer, msg, "unexpected_type", self._ignored, now)
 
     def _consume(self, seqs: list[int], now: float) -> list[Effect]:
         """Uploaded updates whose cohort ended without them applied: dropped for good."""

@@ -141,8 +141,12 @@ def test_a_hello_in_another_childs_name_counts_nobody() -> None:
     spoofed += node.handle(Received("a", Hello("x", "site")), 0.0)
     assert node.waiting_for_quorum and node.children_up() == 0
     assert tasked(spoofed) == [] and outcome(spoofed) == []
+    # Each counted; one log line per child and reason a minute (no log flood).
+    assert [labels(m) for m in metrics(spoofed, "message_rejected")] == [
+        {"reason": "src_mismatch"}
+    ] * 2
     reasons = [(s.fields or {}).get("reason") for s in spoofed if isinstance(s, Log)]
-    assert reasons == ["src_mismatch", "src_mismatch"]
+    assert reasons == ["src_mismatch"]
     node.handle(Received("a", Hello("a", "site")), 0.1)
     effects = up(node, "b", "site", 0.2)
     assert outcome(effects) == ["met"] and sorted(tasked(effects)) == ["a", "b"]

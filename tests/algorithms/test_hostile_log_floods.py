@@ -1,0 +1,69 @@
+"""A stream of small messages a node ignores must not become a stream of log lines.
+
+An ignored message (a Hello under another role or name, an Ack sent to an aggregator, a
+notice for another node, a message from a non-parent) costs the node nothing but the
+line it logs, so a peer sending thousands a second would otherwise write thousands of
+WARNING lines a second to the daemon's log. Each is still counted (metric
+``message_rejected``); the log gets one line per peer and reason a minute
+(``warn_limit.WarnLimiter``), carrying how many went unlogged.
+"""
+
+from __future__ import annotations
+
+from fedloom.algorithms.fedbuff import FedBuffAggregator
+from fedloom.algorithms.protocol import Effect, Log, Received
+from fedloom.algorithms.regional import RegionalAggregator
+from fedloom.algorithms.site import SiteNode
+from fedloom.algorithms.warn_limit import WARN_INTERVAL_S
+from fedloom.transport.wire import Ack, Hello, Incorporated, Message, SecAggViewSig
+from tests.algorithms.alg_helpers import hello, metrics, model
+
+FLOOD = 2_000
+
+
+def logs(effects: list[Effect]) -> list[Log]:
+    return [e for e in effects if isinstance(e, Log)]
+
+
+def flood(node: object, peer: str, msg: Message, start: float = 1.0) -> list[Effect]:
+    out: list[Effect] = []
+    for i in range(FLOOD):  # 2,000 messages within two seconds
+        out += node.handle(Received(peer, msg), start + i * 0.001)  # type: ignore[attr-defined]
+    return out
+
+
+def root() -> FedBuffAggregator:
+    agg = FedBuffAggregator(
+        "root", {"evil": "site", "s1": "site"}, model(0.0), buffer_size=2, concurrency=2
+    )
+    agg.handle(hello("evil"), 0.0)
+    return agg
+
+
+def test_a_site_flooding_its_aggregator_with_ignored_messages_costs_one_line_each() -> None:
+    for msg in (
+        Hello("evil", "region" * 100),  # another role (its Hello still counts it up)
+        Hello("s1", "site"),  # another child's name
+        Ack("evil", 1),  # a type an aggregator takes from nobody
+        SecAggViewSig(b"c" * 16, b""),  # secure aggregation, which this one does not run
+    ):
+        agg = root()
+        out = flood(agg, "evil", msg)
+        assert len(logs(out)) == 1, (msg, len(logs(out)))
+        if not isinstance(msg, Hello) or msg.src != "evil":
+            assert len(metrics(out, "message_rejected")) == FLOOD  # each still counted
+        # A minute later the next one is logged again, saying how many were not.
+        [line] = logs(agg.handle(Received("evil", msg), 1.0 + WARN_INTERVAL_S + 5.0))
+        assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
+
+
+def test_a_parent_flooding_a_region_or_a_site_costs_one_line_per_reason() -> None:
+    region = RegionalAggregator("r1", "root", {"s1": "site"}, buffer_size=2, concurrency=2)
+    out = flood(region, "root", Ack("other", 1))
+    out += flood(region, "root", Incorporated("other", 1))
+    out += flood(region, "root", Hello("root", "region"))
+    assert len(logs(out)) == 3
+    site = SiteNode("s1", "r1")
+    out = flood(site, "r1", Hello("r1", "region"))
+    out += flood(site, "stranger", Ack("s1", 1))
+    assert len(logs(out)) == 2
