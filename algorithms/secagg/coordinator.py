@@ -110,6 +110,7 @@ from fedloom.algorithms.secagg.shamir import (
     parse_share,
     robust_reconstruct,
 )
+from fedloom.algorithms.warn_limit import WarnLimiter
 from fedloom.transport.wire import (
     MAX_COHORT,
     MaskedUpdate,
@@ -291,6 +292,8 @@ class SecAggCoordinator:
         self._lost: deque[int] = deque(maxlen=DROP_HISTORY)
         self._last_members: tuple[str, ...] = ()  # of the cohort that ended last
         self._down: set[str] = set()  # sites whose link is down now (PeerDown, no PeerUp)
+        # Refusals logged: one line per site and reason a minute (``_quiet``).
+        self._warn = WarnLimiter()
 
     # ------------------------------------------------------------------ queries
 
@@ -412,7 +415,34 @@ class SecAggCoordinator:
             return len(live) - cohort.t
         return len(cohort.answers) + len(self._owed(cohort)) - cohort.t
 
+    def _quiet(self, peer: str, effects: list[Effect], now: float) -> list[Effect]:
+        """``effects`` with each refusal's warning (``cohort.refused``: the metric, then
+        its Log) logged once per site and reason a minute, saying how many went unlogged
+        (``warn_limit``): a member repeating a refused message (a wrong seq, another's
+        name, a join of n < 0, shares unasked) costs a metric each, not a log line each."""
+        if not any(isinstance(e, Metric) and e.name == "secagg_refused" for e in effects):
+            return effects
+        out: list[Effect] = []
+        reason: str | None = None
+        for e in effects:
+            if reason is not None and isinstance(e, Log):
+                fields = dict(e.fields or {})
+                site = fields.get("site")
+                unlogged = self._warn.due(site if isinstance(site, str) else peer, reason, now)
+                if unlogged is not None:
+                    out.append(Log(e.level, e.text, {**fields, "unlogged_before": unlogged}))
+                reason = None
+                continue
+            reason = None
+            if isinstance(e, Metric) and e.name == "secagg_refused":
+                reason = str((e.labels or {}).get("reason", ""))
+            out.append(e)
+        return out
+
     def on_join(self, peer: str, msg: SecAggJoin, now: float) -> list[Effect]:
+        return self._quiet(peer, self._on_join(peer, msg, now), now)
+
+    def _on_join(self, peer: str, msg: SecAggJoin, now: float) -> list[Effect]:
         fields = {"site": peer, "seq": msg.seq}
         if msg.src != peer:
             return refused("src_mismatch", "secure aggregation: join under another name", fields)
@@ -578,7 +608,7 @@ class SecAggCoordinator:
     def on_masked(self, peer: str, msg: MaskedUpdate, now: float) -> list[Effect]:
         # A cohort that ends (or drops members from its view) frees its sites: the
         # joins they made meanwhile may seal the next cohort now.
-        return [*self._on_masked(peer, msg, now), *self._try_seal(now)]
+        return self._quiet(peer, [*self._on_masked(peer, msg, now), *self._try_seal(now)], now)
 
     def _on_masked(self, peer: str, msg: MaskedUpdate, now: float) -> list[Effect]:
         if msg.src != peer:
@@ -666,7 +696,8 @@ class SecAggCoordinator:
     def on_view_sig(self, peer: str, msg: SecAggViewSig, now: float) -> list[Effect]:
         # A cohort that ends (or drops members from its view) frees its sites: the
         # joins they made meanwhile may seal the next cohort now.
-        return [*self._on_view_sig(peer, msg, now), *self._try_seal(now)]
+        effects = [*self._on_view_sig(peer, msg, now), *self._try_seal(now)]
+        return self._quiet(peer, effects, now)
 
     def _on_view_sig(self, peer: str, msg: SecAggViewSig, now: float) -> list[Effect]:
         cohort, bad = self._cohort(peer, msg.cohort, "view", "view_sig")
@@ -717,7 +748,7 @@ class SecAggCoordinator:
     def on_shares(self, peer: str, msg: SecAggShares, now: float) -> list[Effect]:
         # A cohort that ends (or drops members from its view) frees its sites: the
         # joins they made meanwhile may seal the next cohort now.
-        return [*self._on_shares(peer, msg, now), *self._try_seal(now)]
+        return self._quiet(peer, [*self._on_shares(peer, msg, now), *self._try_seal(now)], now)
 
     def _on_shares(self, peer: str, msg: SecAggShares, now: float) -> list[Effect]:
         cohort, bad = self._cohort(peer, msg.cohort, "unmask", "shares")

@@ -15,8 +15,17 @@ from fedloom.algorithms.protocol import Effect, Log, Received
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.warn_limit import WARN_INTERVAL_S
-from fedloom.transport.wire import Ack, Hello, Incorporated, Message, SecAggViewSig
+from fedloom.transport.wire import (
+    Ack,
+    Hello,
+    Incorporated,
+    MaskedUpdate,
+    Message,
+    SecAggJoin,
+    SecAggViewSig,
+)
 from tests.algorithms.alg_helpers import hello, metrics, model
+from tests.algorithms.secagg_harness import Net, metric_count
 
 FLOOD = 2_000
 
@@ -67,3 +76,23 @@ def test_a_parent_flooding_a_region_or_a_site_costs_one_line_per_reason() -> Non
     out = flood(site, "r1", Hello("r1", "region"))
     out += flood(site, "stranger", Ack("s1", 1))
     assert len(logs(out)) == 2
+
+
+def test_a_member_repeating_refused_secure_aggregation_messages_costs_one_line_each() -> None:
+    """The coordinator's refusals (``secagg_refused``): a masked upload under another
+    member's name, a join claiming n < 0, repeated, through the coordinator a secure
+    aggregator hands them to."""
+    net = Net(3)
+    coord, (evil, other, _) = net.coordinator, net.sites
+    out: list[Effect] = []
+    for i in range(FLOOD):
+        now = 1.0 + i * 0.001
+        forged = MaskedUpdate(other, 1, b"c" * 16, 0, 1, b"\0" * 4, ())
+        out += coord.on_masked(evil, forged, now)
+        out += coord.on_join(evil, SecAggJoin(evil, 1, 0, n_examples=-1), now)
+    assert metric_count(out, "secagg_refused", reason="src_mismatch") == FLOOD
+    assert metric_count(out, "secagg_refused", reason="bad_join") == FLOOD
+    assert len(logs(out)) == 2
+    later = coord.on_join(evil, SecAggJoin(evil, 1, 0, n_examples=-1), 1.0 + WARN_INTERVAL_S + 5)
+    [line] = logs(later)
+    assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
