@@ -218,6 +218,10 @@ class RegionalAggregator(BufferedAggregator):
         self._outbox = Outbox(PENDING_KEY, max_bytes=max_outbox_bytes)
         self._hello_deferred = False  # the parent's link is up; Hello waits for the quorum
         self._deferred: list[tuple[str, Update]] = []
+        # (child, seq) of each update in ``_deferred``: a resend is found in O(1) (a scan
+        # of the list per update made a flood of deferrals, and each model taking them up
+        # again, quadratic: 10,000 cost seconds of the event loop per model version).
+        self._deferred_keys: set[tuple[str, int]] = set()
         self.deferred_bytes = 0  # decoded delta bytes in ``_deferred``
         self._replay_version: int | None = None
         self._forwards = RegionForwards()  # forwards kept until settled, with their parts
@@ -543,6 +547,7 @@ class RegionalAggregator(BufferedAggregator):
         self._broadcast(out)
         if self._deferred:
             held, self._deferred = self._deferred, []
+            self._deferred_keys = set()
             self.deferred_bytes = 0
             for peer, update in held:
                 self._on_update(peer, update, now, out)
@@ -584,12 +589,14 @@ class RegionalAggregator(BufferedAggregator):
             kept = [(p, u) for p, u in self._deferred if p != peer]
             if len(kept) != len(self._deferred):
                 self._deferred = kept
+                self._deferred_keys = {(p, u.seq) for p, u in kept}
                 self.deferred_bytes = sum(_delta_bytes(u) for _, u in kept)
 
     def _defer(self, peer: str, msg: Update, out: list[Effect]) -> None:
         """Hold ``msg`` unacked until a (newer) model arrives: none yet, or it is based on
         a newer one than this region holds (it lags its parent, e.g. after a failover)."""
-        if any(p == peer and u.seq == msg.seq for p, u in self._deferred):
+        key = (peer, msg.seq)
+        if key in self._deferred_keys:
             return  # a resend of one already held
         size = _delta_bytes(msg)
         if (
@@ -600,6 +607,7 @@ class RegionalAggregator(BufferedAggregator):
             self._reject_unacked(peer, msg, reason, out)
             return
         self._deferred.append((peer, msg))
+        self._deferred_keys.add(key)
         self.deferred_bytes += size
         out.append(Metric("update_deferred", 1.0, {"src": msg.src}))
 
