@@ -49,13 +49,15 @@ States (``RegionState``): NO_MODEL — nothing to hand out yet: no tasks are dis
 children's updates are held until the first model arrives; ACTIVE.
 
 Updates held without a model cannot be checked against one, so what they may hold is
-bounded: ``max_deferred`` updates and ``max_deferred_bytes`` of decoded deltas, and a
-child's held updates are dropped when it goes down (``PeerDown``: they were never acked, so
-it resends them on its next session, and a revoked child leaves none behind). Beyond that
-an update is refused without an ack; the site keeps it in its outbox and resends it
-after its next reconnect, so nothing acknowledged is lost. (Honest sites only send updates
-for tasks, which need a model: holding is for the rare region that lost its state while
-its sites still had updates pending, so the bound is small.)
+bounded: ``max_deferred`` updates and ``max_deferred_bytes`` of decoded deltas in all,
+``MAX_DEFERRED_PER_CHILD`` updates per child (its outbox window: one child cannot take the
+others' room), and a child's held updates are dropped when it goes down (``PeerDown``:
+they were never acked, so it resends them on its next session, and a revoked child leaves
+none behind). Beyond that an update is refused without an ack; the site keeps it in its
+outbox and resends it after its next reconnect, so nothing acknowledged is lost. (Honest
+sites only send updates for tasks, which need a model: holding is for the rare region that
+lost its state while its sites still had updates pending, or lags a site that failed over
+and back, so the bound is small.)
 
 Backpressure: while the parent does not acknowledge (or, a parent region, does not
 settle), forwards pile up: in the outbox (in memory and in the "region/pending" log) and,
@@ -130,6 +132,10 @@ PENDING_KEY = "region/pending"
 # Forwards of one region child held unacked while paused: its outbox window's worth (an
 # honest child has no more in flight); beyond that they are dropped unacked.
 MAX_HELD_PAUSED = WINDOW
+# Updates of one child deferred until a model arrives: its outbox window's worth (an
+# honest child has no more in flight on its link), so one child cannot take the room the
+# others' deferrals need (``max_deferred``, ``max_deferred_bytes``).
+MAX_DEFERRED_PER_CHILD = WINDOW
 DEFAULT_MAX_DEFERRED_BYTES = 64 << 20  # decoded delta bytes held before the first model
 
 
@@ -222,6 +228,7 @@ class RegionalAggregator(BufferedAggregator):
         # of the list per update made a flood of deferrals, and each model taking them up
         # again, quadratic: 10,000 cost seconds of the event loop per model version).
         self._deferred_keys: set[tuple[str, int]] = set()
+        self._deferred_per: dict[str, int] = {}  # child -> its updates in ``_deferred``
         self.deferred_bytes = 0  # decoded delta bytes in ``_deferred``
         self._replay_version: int | None = None
         self._forwards = RegionForwards()  # forwards kept until settled, with their parts
@@ -548,6 +555,7 @@ class RegionalAggregator(BufferedAggregator):
         if self._deferred:
             held, self._deferred = self._deferred, []
             self._deferred_keys = set()
+            self._deferred_per = {}
             self.deferred_bytes = 0
             for peer, update in held:
                 self._on_update(peer, update, now, out)
@@ -590,6 +598,7 @@ class RegionalAggregator(BufferedAggregator):
             if len(kept) != len(self._deferred):
                 self._deferred = kept
                 self._deferred_keys = {(p, u.seq) for p, u in kept}
+                self._deferred_per.pop(peer, None)
                 self.deferred_bytes = sum(_delta_bytes(u) for _, u in kept)
 
     def _defer(self, peer: str, msg: Update, out: list[Effect]) -> None:
@@ -599,15 +608,18 @@ class RegionalAggregator(BufferedAggregator):
         if key in self._deferred_keys:
             return  # a resend of one already held
         size = _delta_bytes(msg)
+        mine = self._deferred_per.get(peer, 0)
         if (
             len(self._deferred) >= self.max_deferred
             or self.deferred_bytes + size > self.max_deferred_bytes
+            or mine >= MAX_DEFERRED_PER_CHILD
         ):
             reason = "no_model" if self._global is None else "model_behind"
             self._reject_unacked(peer, msg, reason, out)
             return
         self._deferred.append((peer, msg))
         self._deferred_keys.add(key)
+        self._deferred_per[peer] = mine + 1
         self.deferred_bytes += size
         out.append(Metric("update_deferred", 1.0, {"src": msg.src}))
 

@@ -51,13 +51,14 @@ def test_a_flood_before_the_model_holds_at_most_the_default_bound() -> None:
     r = region()
     delta = {"w": np.zeros(100_000, np.float32)}  # 400 kB decoded each
     refused = 0
-    for seq in range(1, 10_001):
-        out = r.handle(recv("s1", Update("s1", seq, 0, delta, 10)), 0.0)
-        assert not acks(out)
-        refused += len(metrics(out, "update_rejected"))
+    for seq in range(1, 3_334):  # from every child (one holds its window's worth at most)
+        for s in CHILDREN:
+            out = r.handle(recv(s, Update(s, seq, 0, delta, 10)), 0.0)
+            assert not acks(out)
+            refused += len(metrics(out, "update_rejected"))
     assert r.deferred_bytes <= DEFAULT_MAX_DEFERRED_BYTES
     held = DEFAULT_MAX_DEFERRED_BYTES // 400_000
-    assert r.deferred_bytes == held * 400_000 and refused == 10_000 - held
+    assert r.deferred_bytes == held * 400_000 and refused == 3 * 3_333 - held
 
 
 def test_max_deferred_bytes_is_checked() -> None:
