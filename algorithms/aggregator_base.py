@@ -1108,6 +1108,9 @@ class AggregatorBase:
         model = self._model()
         if model is None or not is_int(msg.base_version) or msg.base_version > model[0]:
             out.append(Metric("update_rejected", 1.0, {"reason": "secagg_no_model"}))
+            if solicited:  # its task ended in a join that cannot be: as a refusal
+                self._dispatcher.suspend(peer)
+                self._refusals.back_off(peer, now)
             return  # unacked: the site joins again on its next session
         limit = getattr(self, "max_staleness", None)
         tau = model[0] - int(msg.base_version)
@@ -1274,7 +1277,14 @@ class AggregatorBase:
         counts[outcome_name] = counts.get(outcome_name, 0) + 1
         self._outcomes[src] = counts
         self._silent.discard(src)  # it answers after all
-        self._refusals.answered(src)
+        if outcome is Outcome.REJECTED and not self._unasked and self._children[peer] == "site":
+            # A task of ours answered by a malformed update is a failed task: the site
+            # waits out a refusal's backoff (else a 60-byte update that cannot be applied
+            # buys a new task, the whole model, and a durable record, as fast as the link).
+            self._dispatcher.suspend(src)
+            self._refusals.back_off(src, self._now)
+        else:
+            self._refusals.answered(src)
         applied = outcome is Outcome.APPLIED
         if applied:
             # Only a buffer slot counts against the share: stale resends of updates kept
