@@ -1106,8 +1106,10 @@ class AggregatorBase:
         if is_int(msg.task):
             self._dispatcher.complete(int(msg.task), peer)  # the site finished its task
         model = self._model()
-        if model is None or not is_int(msg.base_version) or msg.base_version > model[0]:
-            out.append(Metric("update_rejected", 1.0, {"reason": "secagg_no_model"}))
+        bad_base = is_int(msg.base_version) and msg.base_version < 0  # as a plain update's
+        if bad_base or model is None or not is_int(msg.base_version) or msg.base_version > model[0]:
+            reason = "bad_base_version" if bad_base else "secagg_no_model"
+            out.append(Metric("update_rejected", 1.0, {"reason": reason}))
             if solicited:  # its task ended in a join that cannot be: as a refusal
                 self._dispatcher.suspend(peer)
                 self._refusals.back_off(peer, now)

@@ -99,3 +99,15 @@ def test_a_secure_site_answering_every_task_with_an_impossible_join_waits_too() 
     assert len(tasks_to(out, "evil")) <= 1  # it was 1,000 models
     later = agg.handle(Deadline(), 1.0 + FLOOD * 0.001 + BACKOFF_S + 0.1)
     assert len(tasks_to(later, "evil")) == 1
+
+
+def test_a_secure_join_on_a_negative_base_version_is_refused_as_a_plain_update_is() -> None:
+    """A plain update with base_version < 0 is rejected (bad_base_version); a join with
+    one waited for a cohort, and its staleness max(0, v - base) ~ 2**63 would have cut the
+    whole cohort's mean discount s̄ by one member's share."""
+    agg = secure_root()
+    task = start(agg)
+    join = SecAggJoin("evil", 1, -(2**63), task=task["evil"], n_examples=1)
+    out = agg.handle(recv("evil", join), 1.0)
+    assert [m.labels for m in metrics(out, "update_rejected")] == [{"reason": "bad_base_version"}]
+    assert agg.secure_aggregation.waiting() == 0 and not acks(out)
