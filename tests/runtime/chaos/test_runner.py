@@ -152,7 +152,7 @@ def test_a_relative_directory_gives_configs_that_load_from_anywhere(
     ("argv", "needle"),
     [
         (["local", "init", "{tmp}/x", "--regions", "5", "--sites", "2"], "--regions: expected 1"),
-        (["local", "init", "{tmp}/x", "--sites", "0"], "--sites: expected at least 1"),
+        (["local", "init", "{tmp}/x", "--sites", "0"], "--sites: expected 1 to 200"),
         (["local", "up", "{tmp}"], "not a directory written by `fedloom local init`"),
         (["chaos", "{tmp}/missing.toml"], "no such scenario file"),
     ],
