@@ -83,6 +83,8 @@ class Table:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(key, "a number", value)
         self._check_range(key, float(value), min, max, exclusive_min)
+        if float(value) in (float("inf"), float("-inf")):  # no field means "unbounded" by inf
+            raise ConfigError(f"{self.where(key)}: expected a finite number, got {value}")
         return float(value)
 
     def integer(

@@ -1,0 +1,50 @@
+"""A researcher's mistakes in a scenario or on ``fedloom sim``/``fedloom plan``'s command
+line: each is an error naming the field (and the arm) and what is allowed, exit status 2,
+no traceback, never a silent clamp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedloom.cli import main
+from fedloom.federation.config_reader import ConfigError
+from fedloom.sim.scenario import parse_scenario
+from tests.sim.test_scenario import minimal
+
+INF = float("inf")
+
+
+def refused(message: str, **change: Any) -> str:
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(minimal(**change))
+    assert message in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sites": {"count": 4, "uplink_mbps": INF}}, "sites.uplink_mbps: expected a finite"),
+        ({"sites": {"count": 4, "access_latency_ms": INF}}, "sites.access_latency_ms: expected"),
+        ({"network": {"intra_region_rtt_ms": INF}}, "network.intra_region_rtt_ms: expected a fin"),
+        ({"network": {"region_rtt_ms": {"a--b": INF}}}, "network.region_rtt_ms.a--b: expected"),
+        ({"target_window_s": INF}, "target_window_s: expected a finite number, got inf"),
+        ({"availability": {"offline_per_h": 1, "offline_s": INF}}, ".offline_s: expected a fin"),
+        ({"training": {"lr": INF}}, ".training.lr: expected a finite number, got inf"),
+        ({"training": {"mu": INF}}, ".training.mu: expected a finite number, got inf"),
+        ({"algorithm": {"server_lr": INF}}, ".server_lr: expected a finite number, got inf"),
+        ({"algorithm": {"round_timeout_s": INF}}, ".round_timeout_s: expected a finite"),
+        (
+            {"durability": {"log": True, "restarts": [{"node": "root", "at_s": INF}]}},
+            "durability.restarts[0].at_s: expected a finite number, got inf",
+        ),
+    ],
+)
+def test_an_infinite_number_is_an_error_naming_its_field(
+    change: dict[str, Any], message: str
+) -> None:
+    # Each was a traceback from the simulator (or a run with a diverged model) before.
+    refused(message, **change)
