@@ -30,6 +30,11 @@ class Distribution(Protocol):
     def mean(self) -> float: ...
 
 
+# A duration parameter (``mean_s``, ``sd_s``, ``min_s``, ``median_s``) at most this (10^6 h,
+# as a scenario's windows): a draw from it, divided by the slowest speed, stays finite.
+MAX_DURATION_S = 3.6e9
+
+
 def _check(name: str, value: float, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"compute: {name} must be a number, got {value!r}")
@@ -37,6 +42,10 @@ def _check(name: str, value: float, *, positive: bool = False) -> float:
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
         need = "a positive" if positive else "a non-negative"
         raise ValueError(f"compute: {name} must be {need} finite number, got {value!r}")
+    if name.endswith("_s") and v > MAX_DURATION_S:
+        raise ValueError(
+            f"compute: {name} must be at most {MAX_DURATION_S:g} s (10^6 h), got {value!r}"
+        )
     return v
 
 
@@ -124,6 +133,22 @@ class Exponential:
         return self.mean_s
 
 
+# A lognormal's sigma (and ``[sites] speed_spread``, the sigma of per-site speeds) at most
+# this: exp(sigma * z) and the mean's exp(sigma**2 / 2) stay far inside float range (a sigma
+# of 10 already makes a 3-sd straggler e^30 times slower than the median).
+MAX_LOGNORMAL_SIGMA = 10.0
+
+
+def _check_sigma(name: str, value: float) -> float:
+    v = _check(name, value)
+    if v > MAX_LOGNORMAL_SIGMA:
+        raise ValueError(
+            f"compute: {name} must be at most {MAX_LOGNORMAL_SIGMA:g} (a lognormal's sigma), "
+            f"got {value!r}"
+        )
+    return v
+
+
 @dataclass(frozen=True, slots=True)
 class LogNormal:
     """``min_s + median_s * exp(sigma * N(0, 1))`` (heavy right tail of stragglers)."""
@@ -134,7 +159,7 @@ class LogNormal:
 
     def __post_init__(self) -> None:
         _check("median_s", self.median_s, positive=True)
-        _check("sigma", self.sigma)
+        _check_sigma("sigma", self.sigma)
         _check("min_s", self.min_s)
 
     def draw(self, rng: np.random.Generator) -> float:
@@ -197,7 +222,7 @@ def distribution_from_config(cfg: Mapping[str, Any]) -> Distribution:
         has_median, has_mean = "median_s" in params, "mean_s" in params
         if has_median == has_mean:
             raise ValueError("compute: lognormal needs exactly one of median_s or mean_s")
-        sigma = float(params["sigma"])
+        sigma = _check_sigma("sigma", params["sigma"])
         median = (
             float(params["median_s"])
             if has_median

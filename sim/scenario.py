@@ -108,7 +108,7 @@ from fedloom.federation.secagg_params import (
     check_codec,
     read_secure_aggregation,
 )
-from fedloom.sim.compute import distribution_from_config
+from fedloom.sim.compute import MAX_LOGNORMAL_SIGMA, distribution_from_config
 from fedloom.workloads.dp_sgd import DpSgdConfig, check_model, read_dp_sgd
 
 
@@ -493,7 +493,7 @@ def _sites(t: Table) -> SitesConfig:
         uplink_mbps=t.number("uplink_mbps", 50.0, min=0.0, exclusive_min=True),
         downlink_mbps=t.number("downlink_mbps", 200.0, min=0.0, exclusive_min=True),
         access_latency_ms=t.number("access_latency_ms", 5.0, min=0.0),
-        speed_spread=t.number("speed_spread", 0.0, min=0.0),
+        speed_spread=t.number("speed_spread", 0.0, min=0.0, max=MAX_LOGNORMAL_SIGMA),
         inbound_fraction=t.number("inbound_fraction", 0.0, min=0.0, max=1.0),
         names=tuple(names),
         placement=placement,

@@ -48,3 +48,24 @@ def test_an_infinite_number_is_an_error_naming_its_field(
 ) -> None:
     # Each was a traceback from the simulator (or a run with a diverged model) before.
     refused(message, **change)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sites": {"count": 4, "speed_spread": 1e6}}, "sites.speed_spread: expected a number <= 10"),
+        (
+            {"compute": {"distribution": "lognormal", "mean_s": 3, "sigma": 1e6}},
+            "compute: sigma must be at most 10",
+        ),
+        (
+            {"compute": {"distribution": "halfnormal", "min_s": 1.7e308, "sd_s": 1.0}},
+            "compute: min_s must be at most 3.6e+09 s",
+        ),
+    ],
+)
+def test_a_spread_or_duration_that_overflows_is_an_error(
+    change: dict[str, Any], message: str
+) -> None:
+    # Each overflowed to inf: a traceback (OverflowError, "cannot schedule an event at t=inf").
+    refused(message, **change)
