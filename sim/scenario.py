@@ -600,7 +600,14 @@ def _network(t: Table, sites: SitesConfig) -> NetworkConfig:
                 f"{rtt_table.where(key)}: keys are 'regionA--regionB' with regions from "
                 f"sites.regions ({', '.join(sites.regions)})"
             )
-        pairs.append((parts[0], parts[1], rtt_table.number(key, min=0.0)))
+        rtt = rtt_table.number(key, min=0.0)
+        for a, b, other in pairs:  # one RTT a pair: "a--b" and "b--a" are the same link
+            if {a, b} == set(parts) and other != rtt:
+                raise ConfigError(
+                    f"{rtt_table.where(key)}: {rtt:g} ms, but {a}--{b} gives this pair "
+                    f"{other:g} ms (an RTT is the same both ways: give the pair once)"
+                )
+        pairs.append((parts[0], parts[1], rtt))
     root_region = t.text("root_region", None)
     if root_region is not None and root_region not in sites.regions:
         raise ConfigError(f"{t.where('root_region')}: {root_region!r} is not in sites.regions")

@@ -53,7 +53,10 @@ def test_an_infinite_number_is_an_error_naming_its_field(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"sites": {"count": 4, "speed_spread": 1e6}}, "sites.speed_spread: expected a number <= 10"),
+        (
+            {"sites": {"count": 4, "speed_spread": 1e6}},
+            "sites.speed_spread: expected a number <= 10",
+        ),
         (
             {"compute": {"distribution": "lognormal", "mean_s": 3, "sigma": 1e6}},
             "compute: sigma must be at most 10",
@@ -69,3 +72,16 @@ def test_a_spread_or_duration_that_overflows_is_an_error(
 ) -> None:
     # Each overflowed to inf: a traceback (OverflowError, "cannot schedule an event at t=inf").
     refused(message, **change)
+
+
+def test_a_region_pair_given_two_rtts_is_an_error_naming_the_key() -> None:
+    # It was a traceback from topology.wan (ValueError: ... two different RTTs).
+    rtts = {"a--b": 5, "b--a": 7}
+    refused(
+        "network.region_rtt_ms.b--a: 7 ms, but a--b gives this pair 5 ms",
+        network={"region_rtt_ms": rtts},
+    )
+    same = parse_scenario(minimal(network={"region_rtt_ms": {"a--b": 5, "b--a": 5}}))
+    assert len(same.network.region_rtt_ms) == 2
+    own = {"network": {"region_rtt_ms": rtts}}
+    refused("arms[0].network.region_rtt_ms.b--a: 7 ms", arms=[{"algorithm": "fedbuff", **own}])
