@@ -37,6 +37,20 @@ def _select_arms(scenario: Scenario, names: Sequence[str] | None) -> list[str] |
     return list(names)
 
 
+def _output_dir(out: Path | None, default: Path) -> Path:
+    """The run's output directory, made now: a path that is a file, or one that cannot be
+    made, is an error naming ``--out`` before anything runs (not a traceback after it)."""
+    path = default if out is None else out
+    what = "--out" if out is not None else "the output directory (--out)"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}: {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot make the directory {path}: {exc.strerror}") from None
+    return path
+
+
 @contextmanager
 def _progress(console: Console, enabled: bool) -> Iterator[ProgressFn | None]:
     if not enabled:
@@ -117,7 +131,7 @@ def cmd_sim(
         scenario = with_executor_flags(scenario, executor, ray_address, parallel_runs)
     selected = _select_arms(scenario, arms)
     seeds = resolve_seeds(scenario, seed, n_seeds)
-    out_dir = out if out is not None else Path("runs") / scenario.name
+    out_dir = _output_dir(out, Path("runs") / scenario.name)
     # A pipe or a log file gets a wide table rather than one squeezed to 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     if not quiet:
@@ -157,8 +171,7 @@ def cmd_plan(scenario_path: Path, *, out: Path | None, arm: str | None) -> int:
         chosen = matches[0]
     assert chosen is not None
     plan = build_plan_for_arm(scenario, chosen, seed=scenario.seed)
-    out_dir = out if out is not None else Path("runs") / f"{scenario.name}-plan"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _output_dir(out, Path("runs") / f"{scenario.name}-plan")
     print(f"{scenario.name} / arm {chosen.name}")
     print(format_summary(plan))
     plan.save(out_dir / "plan.json")

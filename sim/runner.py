@@ -522,9 +522,15 @@ def _state_dir(arm: Arm) -> str:
     """A fresh directory for one run's recovery logs: inside ``durability.state_dir``
     (kept), or a temporary one (removed after the run)."""
     parent = arm.durability.state_dir
-    if parent is not None:
-        Path(parent).mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f"fedloom-sim-{arm.name}-", dir=parent)
+    try:
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"fedloom-sim-{arm.name}-", dir=parent)
+    except OSError as exc:  # a mistake in the scenario's path, not a crash
+        raise ConfigError(
+            f"arm {arm.name!r}: durability.state_dir: cannot make a log directory in "
+            f"{parent}: {exc.strerror}"
+        ) from None
 
 
 def _make_executor(scenario: Scenario, workload: Workload, ids: Sequence[str]) -> Executor:

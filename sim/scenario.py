@@ -299,12 +299,16 @@ def load_scenario(path: str | Path) -> Scenario:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: scenario file not found")
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory, not a scenario file")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the scenario: {exc.strerror}") from None
     try:
         return parse_scenario(raw, default_name=p.stem, source=str(p))
     except ConfigError as exc:
@@ -889,6 +893,8 @@ def _durability(t: Table) -> DurabilityConfig:
     state_dir = t.text("state_dir", None)
     if state_dir is not None and not log:
         raise ConfigError(f"{t.where('state_dir')}: is where the log goes: set log = true")
+    if state_dir is not None and Path(state_dir).exists() and not Path(state_dir).is_dir():
+        raise ConfigError(f"{t.where('state_dir')}: {state_dir} is a file, not a directory")
     cfg = DurabilityConfig(
         log=log, signing=t.flag("signing", False), state_dir=state_dir, restarts=tuple(restarts)
     )

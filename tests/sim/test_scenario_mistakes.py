@@ -85,3 +85,60 @@ def test_a_region_pair_given_two_rtts_is_an_error_naming_the_key() -> None:
     assert len(same.network.region_rtt_ms) == 2
     own = {"network": {"region_rtt_ms": rtts}}
     refused("arms[0].network.region_rtt_ms.b--a: 7 ms", arms=[{"algorithm": "fedbuff", **own}])
+
+
+TINY = """
+name = "tiny"
+duration_min = 5
+[data]
+dataset = "breast_cancer"
+model = "softmax"
+[sites]
+count = 4
+regions = ["a", "b"]
+[compute]
+distribution = "constant"
+mean_s = 30
+[[arms]]
+name = "fb"
+algorithm = "fedbuff"
+"""
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """``fedloom ARGV``'s exit status and its last line on stderr (no traceback: a crash
+    would raise here)."""
+    rc = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return rc, err.splitlines()[-1] if err else ""
+
+
+@pytest.mark.parametrize("command", ["sim", "plan"])
+def test_out_at_a_file_is_an_error_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # Both were a FileExistsError traceback (sim's only after the whole run).
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    a_file = tmp_path / "report"
+    a_file.write_text("")
+    rc, err = cli(capsys, command, str(scenario), "--out", str(a_file))
+    assert rc == 2 and err == f"fedloom: error: --out: {a_file} is a file, not a directory"
+    rc, err = cli(capsys, command, str(scenario), "--out", str(a_file / "sub"))
+    assert rc == 2 and err.startswith(
+        f"fedloom: error: --out: cannot make the directory {a_file / 'sub'}"
+    )
+
+
+def test_a_directory_for_the_scenario_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, err = cli(capsys, "plan", str(tmp_path))  # was IsADirectoryError
+    assert rc == 2 and err == f"fedloom: error: {tmp_path}: is a directory, not a scenario file"
+
+
+def test_a_state_dir_at_a_file_is_an_error_naming_the_field(tmp_path: Path) -> None:
+    a_file = tmp_path / "state"
+    a_file.write_text("")
+    durability = {"log": True, "state_dir": str(a_file)}  # was FileExistsError mid-run
+    refused(f"durability.state_dir: {a_file} is a file, not a directory", durability=durability)
