@@ -21,7 +21,13 @@ from rich.progress import (
 )
 
 from fedloom.federation.config_reader import ConfigError
-from fedloom.sim.runner import ProgressFn, build_plan_for_arm, resolve_seeds, run_scenario
+from fedloom.sim.runner import (
+    ProgressFn,
+    build_plan_for_arm,
+    check_seed_flags,
+    resolve_seeds,
+    run_scenario,
+)
 from fedloom.sim.scenario import Scenario, load_scenario
 
 
@@ -124,8 +130,7 @@ def cmd_sim(
     from fedloom.sim.ray_executor import with_executor_flags
     from fedloom.sim.report import summary_table, write_report
 
-    if n_seeds is not None and n_seeds < 1:  # before reading anything
-        raise ConfigError(f"--seeds: the number of seeds must be at least 1, got {n_seeds}")
+    check_seed_flags(seed, n_seeds)  # before reading anything
     scenario = load_scenario(scenario_path)
     if executor is not None or ray_address is not None or parallel_runs:
         scenario = with_executor_flags(scenario, executor, ray_address, parallel_runs)

@@ -931,6 +931,20 @@ def against_plain(arms: Sequence[Arm], results: Sequence[ArmResult]) -> list[Arm
     return out
 
 
+# ``--seeds N`` at most this: every arm runs N times, one after the other.
+MAX_SEEDS = 10_000
+
+
+def check_seed_flags(seed: int | None, n_seeds: int | None) -> None:
+    """``--seed`` is a seed (>= 0, as the scenario's), ``--seeds`` 1 to ``MAX_SEEDS``."""
+    if seed is not None and (isinstance(seed, bool) or seed < 0):
+        raise ConfigError(f"--seed: expected a seed >= 0, got {seed}")
+    if n_seeds is not None and (isinstance(n_seeds, bool) or not 1 <= n_seeds <= MAX_SEEDS):
+        raise ConfigError(
+            f"--seeds: the number of seeds must be 1 to {MAX_SEEDS:,}, got {n_seeds}"
+        )
+
+
 def resolve_seeds(
     scenario: Scenario, seed: int | None = None, n_seeds: int | None = None
 ) -> list[int]:
@@ -938,9 +952,8 @@ def resolve_seeds(
     (``--seed``) or else the scenario's: s_i = seed + i, so s_0 is the single-seed run's seed
     and any seed's run is reproduced alone by ``--seed s_i``. Else ``seed`` alone, else the
     scenario's ``seeds`` list, else its ``seed``."""
+    check_seed_flags(seed, n_seeds)
     if n_seeds is not None:
-        if isinstance(n_seeds, bool) or n_seeds < 1:
-            raise ConfigError(f"--seeds: the number of seeds must be at least 1, got {n_seeds}")
         base = scenario.seed if seed is None else seed
         return [base + i for i in range(n_seeds)]
     if seed is not None:

@@ -142,3 +142,22 @@ def test_a_state_dir_at_a_file_is_an_error_naming_the_field(tmp_path: Path) -> N
     a_file.write_text("")
     durability = {"log": True, "state_dir": str(a_file)}  # was FileExistsError mid-run
     refused(f"durability.state_dir: {a_file} is a file, not a directory", durability=durability)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # was "data: seed: expected an integer >= 0" (a field the user never wrote)
+        (["--seed", "-1"], "--seed: expected a seed >= 0, got -1"),
+        # was a hang building a list of 10^11 seeds
+        (["--seeds", "100000000000"], "--seeds: the number of seeds must be 1 to 10,000, got"),
+        (["--seeds", "0"], "--seeds: the number of seeds must be 1 to 10,000, got 0"),
+    ],
+)
+def test_bad_seed_flags_name_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    rc, err = cli(capsys, "sim", str(scenario), "--out", str(tmp_path / "o"), "--quiet", *flags)
+    assert rc == 2 and err.startswith(f"fedloom: error: {message}")
