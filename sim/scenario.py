@@ -327,8 +327,14 @@ def parse_scenario(
     eval_interval_s = top.number(
         "eval_interval_s", max(duration_s / 100.0, 1.0), min=0.0, exclusive_min=True
     )
-    target = top.number("target_accuracy", None, min=0.0, max=1.0)
+    target = top.number("target_accuracy", None, min=0.0, max=1.0, exclusive_min=True)
     target_window_s = top.number("target_window_s", 0.0, min=0.0)
+    if target_window_s > duration_s:  # never held: every arm's target "never reached"
+        raise ConfigError(
+            f"{top.where('target_window_s')}: a window of {target_window_s:g} s is longer than "
+            f"the run ({duration_s:g} s), so no arm could hold the target for it; give at "
+            f"most {duration_s:g}"
+        )
     baseline = top.text("baseline", None)
     executor = top.text("executor", "inline", choices=("inline", "process", "ray"))
     ray_address = _ray_address(top, executor)

@@ -161,3 +161,14 @@ def test_bad_seed_flags_name_the_flag(
     scenario.write_text(TINY)
     rc, err = cli(capsys, "sim", str(scenario), "--out", str(tmp_path / "o"), "--quiet", *flags)
     assert rc == 2 and err.startswith(f"fedloom: error: {message}")
+
+
+def test_a_target_of_zero_or_a_window_longer_than_the_run_is_an_error() -> None:
+    # Both ran: 0 was "reached" at the first evaluation, the window was never held.
+    refused("target_accuracy: expected a number > 0.0, got 0.0", target_accuracy=0)
+    assert parse_scenario(minimal(target_accuracy=1)).target_accuracy == 1.0
+    refused(
+        "target_window_s: a window of 3601 s is longer than the run (3600 s)",
+        target_window_s=3601,
+    )
+    assert parse_scenario(minimal(target_window_s=3600)).target_window_s == 3600
