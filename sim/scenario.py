@@ -497,6 +497,12 @@ def _sites(t: Table) -> SitesConfig:
         raise ConfigError(f"{t.where('regions')}: region names must be unique")
     all_names = names or site_ids(count)
     placement = _placement(placement_table, regions, all_names) if placement_given else {}
+    if not placement_given and len(regions) > count:  # round-robin leaves the last ones empty
+        raise ConfigError(
+            f"{t.where('regions')}: {len(regions)} regions for {count} sites leaves "
+            f"{', '.join(regions[count:])} without a site (sites go round-robin over the "
+            f"regions); list at most {count} regions"
+        )
     cfg = SitesConfig(
         count=count,
         regions=tuple(regions),

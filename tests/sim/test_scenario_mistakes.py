@@ -172,3 +172,9 @@ def test_a_target_of_zero_or_a_window_longer_than_the_run_is_an_error() -> None:
         target_window_s=3601,
     )
     assert parse_scenario(minimal(target_window_s=3600)).target_window_s == 3600
+
+
+def test_more_regions_than_sites_is_an_error_not_empty_regions() -> None:
+    # The last two regions silently got no site (and no regional aggregator).
+    sites = {"count": 4, "regions": ["a", "b", "c", "d", "e", "f"]}
+    refused("sites.regions: 6 regions for 4 sites leaves e, f without a site", sites=sites)
