@@ -671,8 +671,36 @@ def _link_tables(t: Table, section: str, tables: tuple[str, ...] = ()) -> list[s
     return links
 
 
-def _merged(shared: Mapping[str, Any], arm: Mapping[str, Any], key: str) -> dict[str, Any]:
-    return {**shared.get(key, {}), **(arm.get(key) or {})}
+class _Merged(Table):
+    """A shared table with an arm's own fields over it (``{**shared, **own}``). A field's
+    path is where it was written: ``arms[i].training.lr`` for the arm's own field,
+    ``training.lr`` for the shared table's (a mistake in a shared table is not the first
+    arm's)."""
+
+    def __init__(
+        self, shared: Mapping[str, Any], own: Mapping[str, Any], own_path: str, shared_path: str
+    ) -> None:
+        super().__init__({**shared, **own}, own_path)
+        self._own = own
+        self._shared_path = shared_path
+
+    def where(self, key: str) -> str:
+        if key in self._own or (not key and self._own):
+            return super().where(key)
+        return f"{self._shared_path}.{key}"
+
+    def over(self, data: Mapping[str, Any]) -> Table:
+        """The same paths over other fields (a subset of these, e.g. ``[codec]`` without
+        its link tables)."""
+        own = {k: v for k, v in self._own.items() if k in data}
+        return _Merged(
+            {k: v for k, v in data.items() if k not in own}, own, self._path, self._shared_path
+        )
+
+
+def _section(shared: Mapping[str, Any], arm: Table, raw: Mapping[str, Any], key: str) -> _Merged:
+    """The arm's ``key`` section: its own table over the shared one (``_Merged``)."""
+    return _Merged(shared.get(key, {}), raw.get(key) or {}, arm.where(key), key)
 
 
 def _arm(
@@ -701,16 +729,19 @@ def _arm(
     for key in ALGORITHM_FIELDS:  # known fields of an arm: a typo's did-you-mean names them
         t.raw(key)
     own_params = {k: raw[k] for k in raw if k in ALGORITHM_FIELDS}
-    training = read_training(Table(_merged(shared, raw, "training"), f"{t.where('training')}"))
+    training = read_training(_section(shared, t, raw, "training"))
     codec, link_codecs = _codecs(
-        Table(_merged(shared, raw, "codec"), t.where("codec")), raw.get("codec") or {}, topology
+        _section(shared, t, raw, "codec"), raw.get("codec") or {}, topology
     )
     availability = _availability(
-        Table(_merged(shared, raw, "availability"), f"{t.where('availability')}"),
+        _section(shared, t, raw, "availability"),
         sites,
         duration_s,
     )
-    compute = _compute(shared["compute"], raw.get("compute") or {}, t.where("compute"))
+    own_compute = raw.get("compute") or {}
+    compute = _compute(
+        shared["compute"], own_compute, t.where("compute") if own_compute else "compute"
+    )
     network = None  # an arm may compare its own loss, RTTs, ... over the shared [network]
     if raw.get("network"):
         for link, value in raw["network"].items():  # an arm's own link table: one it has
@@ -723,11 +754,9 @@ def _arm(
                     f"{t.where('network')}.{link}: a {topology} arm has no {link} link (its "
                     f"links: {', '.join(TOPOLOGY_LINKS[topology])})"
                 )
-        network = _network(Table(_merged(shared, raw, "network"), t.where("network")), sites)
-    durability = _durability(Table(_merged(shared, raw, "durability"), t.where("durability")))
-    secagg = read_secure_aggregation(
-        Table(_merged(shared, raw, "secure_aggregation"), t.where("secure_aggregation"))
-    )
+        network = _network(_section(shared, t, raw, "network"), sites)
+    durability = _durability(_section(shared, t, raw, "durability"))
+    secagg = read_secure_aggregation(_section(shared, t, raw, "secure_aggregation"))
     if secagg.enabled:
         check_codec(codec, t.where("codec"))
         for link, link_codec in link_codecs:
@@ -744,17 +773,20 @@ def _arm(
             "is checked against another's): remove one of them"
         )
     privacy, calibration = _privacy(
-        Table(_merged(shared, raw, "privacy"), t.where("privacy")),
+        _section(shared, t, raw, "privacy"),
         algorithm,
         {**shared["algorithm"], **own_params},
         sites,
     )
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
-    params = read_algorithm(Table({**shared["algorithm"], **own_params}, t.where("").rstrip(".")))
+    params = read_algorithm(
+        _Merged(shared["algorithm"], own_params, t.where("").rstrip("."), "algorithm")
+    )
     if sites.placement and topology == "hierarchical" and params.clustering == "rtt":
+        at = t.where("clustering") if "clustering" in own_params else "algorithm.clustering"
         raise ConfigError(
-            f"{t.where('clustering')}: [sites.placement] places every site in its region; "
+            f"{at}: [sites.placement] places every site in its region; "
             "clustering by RTT would ignore it (remove one of them)"
         )
     if algorithm in ("fedavg", "fedprox"):
@@ -783,14 +815,14 @@ def _arm(
 
 
 def _codecs(
-    t: Table, own: Mapping[str, Any], topology: str
+    t: _Merged, own: Mapping[str, Any], topology: str
 ) -> tuple[CodecConfig, tuple[tuple[str, CodecConfig], ...]]:
     """``[codec]`` (every link) and its ``[codec.<link>]`` tables: one link's ``up``,
     ``down`` and ``topk_fraction`` over the section's own. An arm's own link table must
     name a link of its topology (a shared one applies to the arms that have the link)."""
     links = _link_tables(t, "codec")
     base = {k: v for k, v in t._data.items() if k not in links}
-    codec = read_codec(Table(base, t.where("").rstrip(".")))
+    codec = read_codec(t.over(base))
     out: list[tuple[str, CodecConfig]] = []
     for link in links:
         if link in own and link not in TOPOLOGY_LINKS[topology]:

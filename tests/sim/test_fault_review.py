@@ -93,7 +93,7 @@ def test_window_times_must_be_finite_and_name_the_field(
     churn: dict[str, Any], key: str, value: float
 ) -> None:
     message = churn_error({**churn, key: value})
-    assert message.startswith(f"arms[0].availability.churn[0].{key}: expected a number <= ")
+    assert message.startswith(f"availability.churn[0].{key}: expected a number <= ")
 
 
 def test_partition_and_run_times_must_be_finite() -> None:
@@ -108,7 +108,7 @@ def test_a_churn_period_too_short_for_the_run_is_an_error_naming_every_h() -> No
     # It hung, building 10 million windows of 8 sites eagerly (2 GB and growing).
     message = churn_error({"start_h": 0, "duration_h": 1e-7, "every_h": 2e-7})
     assert message.startswith(
-        "arms[0].availability.churn[0].every_h: 10,000,000 windows of 8 sites in the run"
+        "availability.churn[0].every_h: 10,000,000 windows of 8 sites in the run"
     )
     # A region's sites only are counted: 200,000 windows of its 4 sites are allowed.
     ok = {"start_h": 0, "duration_h": 1e-6, "every_h": 1e-5, "region": "a"}
@@ -129,7 +129,7 @@ def test_a_long_period_keeps_the_first_window() -> None:
 
 def test_a_fraction_that_picks_no_site_is_an_error() -> None:
     message = churn_error({"start_h": 0, "end_h": 1, "fraction": 0.05})
-    assert message.startswith("arms[0].availability.churn[0].fraction: 0.05 of 8 sites is no site")
+    assert message.startswith("availability.churn[0].fraction: 0.05 of 8 sites is no site")
     assert "give at least 0.125" in message
     assert (
         len(churn_sites([{"start_h": 0, "end_h": 1, "fraction": 0.1}])) == 1

@@ -33,8 +33,8 @@ def refused(message: str, **change: Any) -> str:
         ({"network": {"region_rtt_ms": {"a--b": INF}}}, "network.region_rtt_ms.a--b: expected"),
         ({"target_window_s": INF}, "target_window_s: expected a finite number, got inf"),
         ({"availability": {"offline_per_h": 1, "offline_s": INF}}, ".offline_s: expected a fin"),
-        ({"training": {"lr": INF}}, ".training.lr: expected a finite number, got inf"),
-        ({"training": {"mu": INF}}, ".training.mu: expected a finite number, got inf"),
+        ({"training": {"lr": INF}}, "training.lr: expected a finite number, got inf"),
+        ({"training": {"mu": INF}}, "training.mu: expected a finite number, got inf"),
         ({"algorithm": {"server_lr": INF}}, ".server_lr: expected a finite number, got inf"),
         ({"algorithm": {"round_timeout_s": INF}}, ".round_timeout_s: expected a finite"),
         (
@@ -178,3 +178,40 @@ def test_more_regions_than_sites_is_an_error_not_empty_regions() -> None:
     # The last two regions silently got no site (and no regional aggregator).
     sites = {"count": 4, "regions": ["a", "b", "c", "d", "e", "f"]}
     refused("sites.regions: 6 regions for 4 sites leaves e, f without a site", sites=sites)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Each was reported as the first arm's (arms[0].training.lr, ...), a table the
+        # researcher never wrote.
+        ({"training": {"lr": -1}}, "training.lr: expected a number > 0.0, got -1.0"),
+        ({"algorithm": {"server_lr": 0}}, "algorithm.server_lr: expected a number > 0.0"),
+        ({"codec": {"up": "int9"}}, "codec.up: 'int9' is not one of"),
+        ({"availability": {"dropuot": 0.1}}, "availability.dropuot: unknown field"),
+        ({"compute": {"distribution": "gausian"}}, "compute: distribution: unknown 'gausian'"),
+        # an arm's own table over a shared one: each field where it was written
+        (
+            {
+                "training": {"lr": -1},
+                "arms": [{"name": "x", "algorithm": "fedbuff", "training": {"local_steps": 2}}],
+            },
+            "training.lr: expected a number > 0.0",
+        ),
+        (
+            {
+                "training": {"lr": 0.1},
+                "arms": [{"name": "x", "algorithm": "fedbuff", "training": {"lr": -1}}],
+            },
+            "arms[0].training.lr: expected a number > 0.0",
+        ),
+        (
+            {"arms": [{"name": "x", "algorithm": "fedbuff"}, {"algorithm": "fedbuff", "alpha": 2}]},
+            "arms[1].alpha: expected a number <= 1.0",
+        ),
+    ],
+)
+def test_a_mistake_in_a_shared_table_names_that_table_not_an_arm(
+    change: dict[str, Any], message: str
+) -> None:
+    assert refused(message, **change).startswith(message)
