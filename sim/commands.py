@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -44,16 +45,18 @@ def _select_arms(scenario: Scenario, names: Sequence[str] | None) -> list[str] |
 
 
 def _output_dir(out: Path | None, default: Path) -> Path:
-    """The run's output directory, made now: a path that is a file, or one that cannot be
-    made, is an error naming ``--out`` before anything runs (not a traceback after it)."""
+    """The output directory, checked before anything runs (and made only by the writer, so
+    a run that fails leaves none): a file there, or under a file or a directory this
+    process cannot write in, is an error naming ``--out`` (not a traceback after the run)."""
     path = default if out is None else out
     what = "--out" if out is not None else "the output directory (--out)"
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what}: {path} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot make the directory {path}: {exc.strerror}") from None
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"{what}: cannot make the directory {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: cannot make or write {path}: {existing} is not writable")
     return path
 
 
@@ -156,7 +159,10 @@ def cmd_sim(
             progress=progress,
             log=None if quiet else console.print,
         )
-    paths = write_report(report, out_dir)
+    try:
+        paths = write_report(report, out_dir)
+    except OSError as exc:  # a path _output_dir could not foresee (/proc, a full disk)
+        raise ConfigError(f"--out: cannot write to {out_dir}: {exc.strerror}") from None
     console.print(summary_table(report))
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
@@ -179,7 +185,11 @@ def cmd_plan(scenario_path: Path, *, out: Path | None, arm: str | None) -> int:
     out_dir = _output_dir(out, Path("runs") / f"{scenario.name}-plan")
     print(f"{scenario.name} / arm {chosen.name}")
     print(format_summary(plan))
-    plan.save(out_dir / "plan.json")
-    draw_plan(plan, out_dir / "topology.png")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan.save(out_dir / "plan.json")
+        draw_plan(plan, out_dir / "topology.png")
+    except OSError as exc:  # a path _output_dir could not foresee (/proc, a full disk)
+        raise ConfigError(f"--out: cannot write to {out_dir}: {exc.strerror}") from None
     print(f"wrote {out_dir / 'plan.json'}, {out_dir / 'topology.png'}")
     return 0

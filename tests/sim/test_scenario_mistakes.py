@@ -126,7 +126,7 @@ def test_out_at_a_file_is_an_error_before_anything_runs(
     assert rc == 2 and err == f"fedloom: error: --out: {a_file} is a file, not a directory"
     rc, err = cli(capsys, command, str(scenario), "--out", str(a_file / "sub"))
     assert rc == 2 and err.startswith(
-        f"fedloom: error: --out: cannot make the directory {a_file / 'sub'}"
+        f"fedloom: error: --out: cannot make the directory {a_file / 'sub'}: {a_file} is a file"
     )
 
 
@@ -215,3 +215,21 @@ def test_a_mistake_in_a_shared_table_names_that_table_not_an_arm(
     change: dict[str, Any], message: str
 ) -> None:
     assert refused(message, **change).startswith(message)
+
+
+def test_a_report_that_cannot_be_written_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedloom.sim.report as report
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", full)
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    rc, err = cli(capsys, "sim", str(scenario), "--out", str(tmp_path / "o"), "--quiet")
+    assert rc == 2
+    assert (
+        err == f"fedloom: error: --out: cannot write to {tmp_path / 'o'}: No space left on device"
+    )
