@@ -407,8 +407,9 @@ def _float(
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ValueError(f"{key}: expected a number {rng}, got {v!r}")
     f = float(v)
-    ok = math.isfinite(f) and (f > low if strict else f >= low) and (high is None or f < high)
-    if not ok:
+    if not math.isfinite(f):  # inf is > low: "expected a number > 0.0, got inf" misled
+        raise ValueError(f"{key}: expected a finite number {rng}, got {v!r}")
+    if not ((f > low if strict else f >= low) and (high is None or f < high)):
         raise ValueError(f"{key}: expected a number {rng}, got {v!r}")
     return f
 

@@ -233,3 +233,16 @@ def test_a_report_that_cannot_be_written_is_one_line_not_a_traceback(
     assert (
         err == f"fedloom: error: --out: cannot write to {tmp_path / 'o'}: No space left on device"
     )
+
+
+def test_an_infinite_data_parameter_says_finite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It read "dirichlet_alpha: expected a number > 0.0, got inf" (inf is > 0).
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        TINY.replace('model = "softmax"', 'model = "softmax"\ndirichlet_alpha = inf')
+    )
+    rc, err = cli(capsys, "sim", str(scenario), "--out", str(tmp_path / "o"), "--quiet")
+    assert rc == 2
+    assert err == "fedloom: error: data: dirichlet_alpha: expected a finite number > 0.0, got inf"
