@@ -341,7 +341,7 @@ def parse_scenario(
     parallel_runs = top.flag("parallel_runs", False)
     if parallel_runs and executor != "ray":
         raise ConfigError(f'parallel_runs: only with executor = "ray" (got {executor!r})')
-    workers = top.integer("workers", 2, min=1)
+    workers = top.integer("workers", 2, min=1, max=MAX_WORKERS)
 
     data = _data(top.table("data"))
     sites = _sites(top.table("sites"))
@@ -401,6 +401,11 @@ def parse_scenario(
         seeds=seeds,
         notes=notes,
     )
+
+
+# ``workers`` at most this: a pool of processes (or a local Ray cluster's CPUs) on one
+# machine; 100,000 hung the run starting processes.
+MAX_WORKERS = 1024
 
 
 def _ray_address(t: Table, executor: str) -> str | None:

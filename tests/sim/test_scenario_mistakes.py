@@ -246,3 +246,9 @@ def test_an_infinite_data_parameter_says_finite(
     rc, err = cli(capsys, "sim", str(scenario), "--out", str(tmp_path / "o"), "--quiet")
     assert rc == 2
     assert err == "fedloom: error: data: dirichlet_alpha: expected a finite number > 0.0, got inf"
+
+
+def test_a_pool_of_a_hundred_thousand_workers_is_an_error() -> None:
+    # executor = "process" with workers = 100000 hung starting processes.
+    refused("workers: expected a number <= 1024, got 100000", executor="process", workers=100_000)
+    assert parse_scenario(minimal(executor="process", workers=1024)).workers == 1024
