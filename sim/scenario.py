@@ -952,9 +952,15 @@ def _durability(t: Table) -> DurabilityConfig:
 
 
 def _sweep(t: Table, key: str) -> list[float]:
+    """``lr_sweep``/``server_lr_sweep``: distinct finite numbers > 0 ([]: not given)."""
     values = t.array(key, [])
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values):
-        raise t.fail(key, "a list of positive numbers", values)
+    if t.has(key) and not values:
+        raise ConfigError(f"{t.where(key)}: must list at least one value (or leave it out)")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf:
+            raise ConfigError(f"{t.where(key)}[{i}]: expected a finite number > 0, got {v!r}")
+        if v in values[:i]:
+            raise ConfigError(f"{t.where(key)}[{i}]: {v!r} is listed twice")
     return list(values)
 
 

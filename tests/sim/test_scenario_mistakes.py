@@ -252,3 +252,19 @@ def test_a_pool_of_a_hundred_thousand_workers_is_an_error() -> None:
     # executor = "process" with workers = 100000 hung starting processes.
     refused("workers: expected a number <= 1024, got 100000", executor="process", workers=100_000)
     assert parse_scenario(minimal(executor="process", workers=1024)).workers == 1024
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        # inf ran (a diverged model); a repeat ran the point twice; [] was no sweep at all
+        ([0.1, INF], "arms[0].lr_sweep[1]: expected a finite number > 0, got inf"),
+        ([0.1, 0.1], "arms[0].lr_sweep[1]: 0.1 is listed twice"),
+        ([], "arms[0].lr_sweep: must list at least one value (or leave it out)"),
+        ([0.1, -1], "arms[0].lr_sweep[1]: expected a finite number > 0, got -1"),
+    ],
+)
+def test_a_bad_lr_sweep_names_the_entry(sweep: list[float], message: str) -> None:
+    refused(message, arms=[{"name": "x", "algorithm": "fedbuff", "lr_sweep": sweep}])
+    server = [{"name": "x", "algorithm": "fedbuff", "server_lr_sweep": sweep}]
+    refused(message.replace("lr_sweep", "server_lr_sweep"), arms=server)
