@@ -663,6 +663,8 @@ def _link_tables(t: Table, section: str, tables: tuple[str, ...] = ()) -> list[s
     link (``LINKS``)."""
     links = []
     for key, value in t._data.items():
+        if key in LINKS and not isinstance(value, Mapping):  # was "unknown field"
+            raise t.fail(key, f"a table ([{section}.{key}])", value)
         if not isinstance(value, Mapping) or key in tables:
             continue
         if key not in LINKS:

@@ -268,3 +268,15 @@ def test_a_bad_lr_sweep_names_the_entry(sweep: list[float], message: str) -> Non
     refused(message, arms=[{"name": "x", "algorithm": "fedbuff", "lr_sweep": sweep}])
     server = [{"name": "x", "algorithm": "fedbuff", "server_lr_sweep": sweep}]
     refused(message.replace("lr_sweep", "server_lr_sweep"), arms=server)
+
+
+def test_a_link_given_a_value_instead_of_a_table_says_so() -> None:
+    # It read "codec.site-region: unknown field; known fields: down, topk_fraction, up".
+    refused(
+        "codec.site-region: expected a table ([codec.site-region]), got 'int8'",
+        codec={"site-region": "int8"},
+    )
+    refused(
+        "network.region-root: expected a table ([network.region-root]), got 0.1",
+        network={"region-root": 0.1},
+    )
