@@ -89,6 +89,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fedloom.algorithms.dp.ledger import DELTA_MAX
 from fedloom.federation.config_reader import ConfigError, Table
 from fedloom.federation.params import (
     ALGORITHM_FIELDS,
@@ -102,7 +103,7 @@ from fedloom.federation.params import (
     read_codec,
     read_training,
 )
-from fedloom.federation.privacy import NO_PRIVACY, PrivacyConfig, read_privacy
+from fedloom.federation.privacy import ACCOUNTANTS, NO_PRIVACY, PrivacyConfig, read_privacy
 from fedloom.federation.secagg_params import (
     SecureAggregationConfig,
     check_codec,
@@ -911,8 +912,10 @@ def _privacy(
         over = float(params.get("over_selection", AlgorithmConfig().over_selection))
         drawn = math.ceil(over * k - 1e-9)
         q = drawn / sites.count if drawn < sites.count else None
-    delta = float(raw.get("delta", 1e-5))
-    accountant = str(raw.get("accountant", "rdp"))
+    # Read here with their own paths (read_privacy reads them again below): the calibration
+    # needs them first, and float("x") was a traceback, a bad accountant "target_epsilon: ...".
+    delta = t.number("delta", 1e-5, min=0.0, max=DELTA_MAX, exclusive_min=True)
+    accountant = t.text("accountant", "rdp", choices=ACCOUNTANTS)
     from fedloom.sim.dp_calibration import calibrate_noise
 
     try:

@@ -280,3 +280,18 @@ def test_a_link_given_a_value_instead_of_a_table_says_so() -> None:
         "network.region-root: expected a table ([network.region-root]), got 0.1",
         network={"region-root": 0.1},
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ({"delta": "x"}, "privacy.delta: expected a number, got 'x'"),  # was a traceback
+        ({"delta": 1}, "privacy.delta: expected a number <= "),  # was "target_epsilon: delta"
+        ({"accountant": "rdpp"}, "privacy.accountant: 'rdpp' is not one of rdp, pld"),
+    ],
+)
+def test_a_calibrated_privacy_table_names_its_delta_and_accountant(
+    field: dict[str, Any], message: str
+) -> None:
+    privacy = {"mechanism": "central", "target_epsilon": 1, "releases": 10, **field}
+    refused(message, privacy=privacy)
