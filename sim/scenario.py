@@ -711,6 +711,41 @@ def _section(shared: Mapping[str, Any], arm: Table, raw: Mapping[str, Any], key:
     return _Merged(shared.get(key, {}), raw.get(key) or {}, arm.where(key), key)
 
 
+# Fields of the sections an arm may override, by section: written in the arm itself, each is
+# an error saying where it goes (``lr = 0.1`` in an arm means ``training = { lr = 0.1 }``).
+_SECTION_OF: dict[str, str] = {
+    **dict.fromkeys(("lr", "local_steps", "batch_size", "mu"), "training"),
+    **dict.fromkeys(("up", "down", "topk_fraction"), "codec"),
+    **dict.fromkeys(("distribution", "mean_s", "sd_s", "min_s", "median_s", "sigma"), "compute"),
+    **dict.fromkeys(
+        (
+            "dropout",
+            "death_fraction",
+            "death_at_h",
+            "partitions",
+            "offline_per_h",
+            "offline_s",
+            "churn",
+        ),
+        "availability",
+    ),
+    **dict.fromkeys(
+        (
+            "loss",
+            "loss_effect",
+            "packet_loss",
+            "reconnect_s",
+            "intra_region_rtt_ms",
+            "inter_region_rtt_ms",
+            "region_rtt_ms",
+            "root_region",
+        ),
+        "network",
+    ),
+    **dict.fromkeys(("log", "signing", "state_dir", "restarts"), "durability"),
+}
+
+
 def _arm(
     raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig, duration_s: float
 ) -> Arm:
@@ -801,6 +836,13 @@ def _arm(
         _check_round_size(t, params, own_params, sites.count)
     lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
     server_lr_sweep = tuple(float(x) for x in _sweep(t, "server_lr_sweep"))
+    for key in raw:  # a section's field written in the arm itself ("unknown field" misled)
+        if key in _SECTION_OF and key not in ALGORITHM_FIELDS:
+            section = _SECTION_OF[key]
+            raise ConfigError(
+                f"{t.where(key)}: {key} is a [{section}] field, not an arm's: give the arm "
+                f"its own {section} = {{ {key} = ... }} (or an [arms.{section}] table)"
+            )
     t.finish()
     return Arm(
         name=name,

@@ -295,3 +295,21 @@ def test_a_calibrated_privacy_table_names_its_delta_and_accountant(
 ) -> None:
     privacy = {"mechanism": "central", "target_epsilon": 1, "releases": 10, **field}
     refused(message, privacy=privacy)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "section"),
+    [
+        ("lr", 0.1, "training"),
+        ("up", "int8", "codec"),
+        ("loss", 0.1, "network"),
+        ("dropout", 0.1, "availability"),
+        ("mean_s", 3, "compute"),
+    ],
+)
+def test_a_section_field_written_in_the_arm_says_where_it_goes(
+    key: str, value: Any, section: str
+) -> None:
+    # It read "arms[0].lr: unknown field; known fields: algorithm, alpha, ..." (no lr).
+    message = f"arms[0].{key}: {key} is a [{section}] field, not an arm's: give the arm its own"
+    refused(message, arms=[{"name": "x", "algorithm": "fedbuff", key: value}])
