@@ -751,6 +751,8 @@ def _arm(
 ) -> Arm:
     t = Table(raw, f"arms[{index}]")
     name = t.text("name", f"arm-{index}")
+    if not name.strip():  # an empty column in the report, and no --arm could select it
+        raise ConfigError(f"{t.where('name')}: expected an arm name, got {name!r}")
     algorithm = t.text("algorithm", choices=ALGORITHMS)
     default_topology = "gossip" if algorithm == "gossip" else "star"
     topology = t.text("topology", default_topology, choices=TOPOLOGIES)

@@ -313,3 +313,10 @@ def test_a_section_field_written_in_the_arm_says_where_it_goes(
     # It read "arms[0].lr: unknown field; known fields: algorithm, alpha, ..." (no lr).
     message = f"arms[0].{key}: {key} is a [{section}] field, not an arm's: give the arm its own"
     refused(message, arms=[{"name": "x", "algorithm": "fedbuff", key: value}])
+
+
+def test_an_empty_arm_name_is_an_error() -> None:
+    # It ran, as an empty column in the report that no --arm could select.
+    refused(
+        "arms[0].name: expected an arm name, got ''", arms=[{"name": "", "algorithm": "fedbuff"}]
+    )
