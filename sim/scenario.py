@@ -836,6 +836,8 @@ def _arm(
         )
     if algorithm in ("fedavg", "fedprox"):
         _check_round_size(t, params, own_params, sites.count)
+    if topology == "gossip":
+        _check_degree(t, params, own_params, sites.count)
     lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
     server_lr_sweep = tuple(float(x) for x in _sweep(t, "server_lr_sweep"))
     for key in raw:  # a section's field written in the arm itself ("unknown field" misled)
@@ -926,6 +928,21 @@ def _check_round_size(
         key, rest = str(exc).split(":", 1)
         at = t.where(key) if key in own else f"algorithm.{key}"
         raise ConfigError(f"{at}:{rest}") from None
+
+
+def _check_degree(t: Table, params: AlgorithmConfig, own: Mapping[str, Any], sites: int) -> None:
+    """A random gossip graph's degree fits the sites (``topology.gossip``): a kregular
+    graph needs 1 <= degree < sites and sites * degree even, a smallworld one 2 <= degree <
+    sites. Checked here, so the error names the field (ring and exponential take none)."""
+    k, graph = params.degree, params.graph
+    if graph == "kregular" and not (k < sites and (sites * k) % 2 == 0):
+        need = f"less than the {sites} sites, and sites * degree even"
+    elif graph == "smallworld" and not 2 <= k < sites:
+        need = f"at least 2 and less than the {sites} sites"
+    else:
+        return
+    at = t.where("degree") if "degree" in own else "algorithm.degree"
+    raise ConfigError(f"{at}: a {graph} graph's degree must be {need}, got {k}")
 
 
 def _privacy(

@@ -320,3 +320,32 @@ def test_an_empty_arm_name_is_an_error() -> None:
     refused(
         "arms[0].name: expected an arm name, got ''", arms=[{"name": "", "algorithm": "fedbuff"}]
     )
+
+
+@pytest.mark.parametrize(
+    ("arm", "message"),
+    [
+        # was "arm 'g': cannot build the gossip topology: gossip(kregular): need 1 <= k < n ..."
+        ({"graph": "kregular", "degree": 10}, "arms[0].degree: a kregular graph's degree must be"),
+        ({"graph": "kregular", "degree": 3}, "sites * degree even, got 3"),  # 5 sites
+        ({"graph": "smallworld", "degree": 1}, "arms[0].degree: a smallworld graph's degree"),
+    ],
+)
+def test_a_gossip_degree_that_cannot_fit_the_sites_names_the_field(
+    arm: dict[str, Any], message: str
+) -> None:
+    arms = [{"name": "g", "algorithm": "gossip", **arm}]
+    refused(message, sites={"count": 5, "regions": ["a"]}, arms=arms)
+    shared = {"graph": arm["graph"], "degree": arm["degree"]}
+    refused(
+        message.replace("arms[0].", "algorithm."),
+        sites={"count": 5, "regions": ["a"]},
+        algorithm=shared,
+        arms=[{"name": "g", "algorithm": "gossip"}],
+    )
+    ok = {**arm, "degree": 2}
+    parse_scenario(
+        minimal(
+            sites={"count": 5, "regions": ["a"]}, arms=[{"name": "g", "algorithm": "gossip", **ok}]
+        )
+    )
