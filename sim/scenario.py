@@ -473,8 +473,11 @@ def _duration(t: Table, stem: str) -> float:
     if len(given) > 1:
         raise ConfigError(f"{t.where(given[1])}: give the {stem} once (found {', '.join(given)})")
     if not given:
+        names = (f"{stem}_s", f"{stem}_min", f"{stem}_h")
+        near = [k for k in t._data if k.startswith(stem) or difflib.get_close_matches(k, names)]
+        found = f"; found {near[0]!r}, not one of these" if near else ""  # a misspelling
         raise ConfigError(
-            f"{t.where(stem + '_h')}: required field is missing (or {stem}_s / {stem}_min)"
+            f"{t.where(stem + '_h')}: required field is missing (or {stem}_s / {stem}_min){found}"
         )
     scale = {"_s": 1.0, "_min": 60.0, "_h": 3600.0}[given[0][len(stem) :]]
     most = MAX_WINDOW_H * 3600.0 / scale  # finite: a run that ends

@@ -349,3 +349,15 @@ def test_a_gossip_degree_that_cannot_fit_the_sites_names_the_field(
             sites={"count": 5, "regions": ["a"]}, arms=[{"name": "g", "algorithm": "gossip", **ok}]
         )
     )
+
+
+def test_a_misspelled_duration_is_named() -> None:
+    # It read only "duration_h: required field is missing (or duration_s / duration_min)".
+    raw = minimal()
+    del raw["duration_h"]
+    raw["duration_hours"] = 1
+    with pytest.raises(ConfigError, match="found 'duration_hours', not one of these"):
+        parse_scenario(raw)
+    raw["durration_h"] = raw.pop("duration_hours")
+    with pytest.raises(ConfigError, match="found 'durration_h', not one of these"):
+        parse_scenario(raw)
