@@ -444,8 +444,8 @@ def unused_settings(
     shared: Mapping[str, Any], arms_raw: list[Any], arms: tuple[Arm, ...], duration_s: float
 ) -> tuple[str, ...]:
     """Notes (not errors) on settings no arm uses: a shared ``[network.<link>]`` or
-    ``[codec.<link>]`` table whose link no arm's topology has, and a churn window that
-    starts after the run ends."""
+    ``[codec.<link>]`` table whose link no arm's topology has, and a churn window, a
+    partition, deaths or a restart that start after the run ends."""
     notes: dict[str, None] = {}
     have = {link for a in arms for link in TOPOLOGY_LINKS[a.topology]}
     for section in ("network", "codec"):
@@ -465,7 +465,35 @@ def unused_settings(
                     f"{where}.churn[{j}]: starts at {spec.start_s / 3600:g} h, when the run "
                     f"({duration_s / 3600:g} h) is over; it takes nothing offline"
                 ] = None
+        # Partitions, deaths and restarts after the run's end likewise do nothing.
+        avail = arm.availability
+        for j, part in enumerate(avail.partitions):
+            if part.start_s >= duration_s:
+                at = _own_or_shared(raw, i, "availability", "partitions")
+                notes[
+                    f"{at}[{j}]: starts at {part.start_s / 3600:g} h, when the run "
+                    f"({duration_s / 3600:g} h) is over; it cuts nothing off"
+                ] = None
+        if avail.death_fraction > 0 and avail.death_at_s >= duration_s:
+            at = _own_or_shared(raw, i, "availability", "death_at_h")
+            notes[
+                f"{at}: {avail.death_at_s / 3600:g} h, when the run ({duration_s / 3600:g} h) "
+                "is over; no site dies"
+            ] = None
+        for j, restart in enumerate(arm.durability.restarts):
+            if restart.at_s >= duration_s:
+                at = _own_or_shared(raw, i, "durability", "restarts")
+                notes[
+                    f"{at}[{j}]: at {restart.at_s:g} s, when the run ({duration_s:g} s) is "
+                    f"over; {restart.node} is not restarted"
+                ] = None
     return tuple(notes)
+
+
+def _own_or_shared(raw: Mapping[str, Any], index: int, section: str, key: str) -> str:
+    """The path of ``section.key`` as arm ``index`` has it: its own table's, else shared."""
+    own = isinstance(raw.get(section), Mapping) and key in raw[section]
+    return f"arms[{index}].{section}.{key}" if own else f"{section}.{key}"
 
 
 def _duration(t: Table, stem: str) -> float:

@@ -361,3 +361,34 @@ def test_a_misspelled_duration_is_named() -> None:
     raw["durration_h"] = raw.pop("duration_hours")
     with pytest.raises(ConfigError, match="found 'durration_h', not one of these"):
         parse_scenario(raw)
+
+
+def test_faults_after_the_run_ends_are_notes() -> None:
+    # Each did nothing, silently (a churn window after the end was already a note).
+    s = parse_scenario(
+        minimal(
+            availability={
+                "partitions": [{"region": "a", "start_h": 2, "end_h": 3}],
+                "death_fraction": 0.5,
+                "death_at_h": 1,
+            },
+            durability={"log": True, "restarts": [{"node": "root", "at_s": 7200}]},
+        )
+    )
+    assert s.notes == (
+        "availability.partitions[0]: starts at 2 h, when the run (1 h) is over; it cuts "
+        "nothing off",
+        "availability.death_at_h: 1 h, when the run (1 h) is over; no site dies",
+        "durability.restarts[0]: at 7200 s, when the run (3600 s) is over; root is not restarted",
+    )
+    own = {
+        "name": "x",
+        "algorithm": "fedbuff",
+        "availability": {"death_fraction": 0.5, "death_at_h": 5},
+    }
+    assert parse_scenario(minimal(arms=[own])).notes == (
+        "arms[0].availability.death_at_h: 5 h, when the run (1 h) is over; no site dies",
+    )
+    assert (
+        parse_scenario(minimal(availability={"death_at_h": 0.5, "death_fraction": 0.5})).notes == ()
+    )
