@@ -522,7 +522,10 @@ def _data(t: Table) -> dict[str, Any]:
 
 def _sites(t: Table) -> SitesConfig:
     names = _site_names(t)
-    count = t.integer("count", len(names), min=1) if names else t.integer("count", min=1)
+    if names:
+        count = t.integer("count", len(names), min=1, max=MAX_SITES)
+    else:
+        count = t.integer("count", min=1, max=MAX_SITES)
     if names and count != len(names):
         raise ConfigError(f"{t.where('count')}: {count} sites, but names lists {len(names)}")
     placement_given = t.has("placement")
@@ -553,6 +556,11 @@ def _sites(t: Table) -> SitesConfig:
     )
     t.finish()
     return cfg
+
+
+# ``[sites] count`` at most this (ten times the largest shipped scenario): a billion sites
+# hung the reading, building their ids.
+MAX_SITES = 1_000_000
 
 
 def _site_names(t: Table) -> list[str]:

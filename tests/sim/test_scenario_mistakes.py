@@ -392,3 +392,8 @@ def test_faults_after_the_run_ends_are_notes() -> None:
     assert (
         parse_scenario(minimal(availability={"death_at_h": 0.5, "death_fraction": 0.5})).notes == ()
     )
+
+
+def test_a_billion_sites_is_an_error_naming_the_limit() -> None:
+    # It hung (building a billion site ids) instead of saying what the simulator takes.
+    refused("sites.count: expected a number <= 1000000, got 1000000000", sites={"count": 10**9})
