@@ -167,6 +167,9 @@ def read_bound(t: Table, default: float | str | None, key: str = "clip_norm") ->
 
 
 MAX_START_WAIT_S = 3600.0
+# A gossip round at least this often (10^6 h): the peers' liveness times are multiples of
+# it (``factory.gossip_liveness``), and 1e308 overflowed them to inf.
+MAX_GOSSIP_INTERVAL_S = 3.6e9
 
 
 def read_start_quorum(t: Table, default: int | str) -> int | str:
@@ -211,7 +214,11 @@ def read_algorithm(t: Table) -> AlgorithmConfig:
         graph=t.text("graph", d.graph, choices=GRAPHS),
         degree=t.integer("degree", d.degree, min=1),
         gossip_interval_s=t.number(
-            "gossip_interval_s", d.gossip_interval_s, min=0.0, exclusive_min=True
+            "gossip_interval_s",
+            d.gossip_interval_s,
+            min=0.0,
+            max=MAX_GOSSIP_INTERVAL_S,
+            exclusive_min=True,
         ),
         gossip_clip=read_bound(t, d.gossip_clip, "gossip_clip"),
         gossip_max_share_weight=read_bound(t, d.gossip_max_share_weight, "gossip_max_share_weight"),

@@ -397,3 +397,9 @@ def test_faults_after_the_run_ends_are_notes() -> None:
 def test_a_billion_sites_is_an_error_naming_the_limit() -> None:
     # It hung (building a billion site ids) instead of saying what the simulator takes.
     refused("sites.count: expected a number <= 1000000, got 1000000000", sites={"count": 10**9})
+
+
+def test_a_gossip_interval_that_overflows_the_liveness_times_is_an_error() -> None:
+    # 1e308 was a traceback: "suspect_after_s must be finite and > 0, not inf".
+    arms = [{"name": "g", "algorithm": "gossip", "gossip_interval_s": 1e308}]
+    refused("arms[0].gossip_interval_s: expected a number <= 3600000000.0, got 1e+308", arms=arms)
