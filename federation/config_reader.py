@@ -43,12 +43,15 @@ class Table:
         if key in self._data:
             return self._data[key]
         if default is _MISSING:
-            # ``target = [...]`` for ``targets``: say so, not just that ``targets`` is missing.
-            unread = [k for k in self._data if k not in self._seen]
-            hint = difflib.get_close_matches(key, unread, n=1)
-            extra = f" (is {hint[0]!r} a misspelling of it?)" if hint else ""
-            raise ConfigError(f"{self.where(key)}: required field is missing{extra}")
+            raise self.missing(key)
         return default
+
+    def missing(self, key: str, what: str = "required field is missing") -> ConfigError:
+        """``key`` is absent: a key written instead that is close to it is named (a typo
+        read as "missing" alone sends the reader looking for a field that is there)."""
+        near = difflib.get_close_matches(key, [k for k in self._data if k != key], n=1)
+        hint = f" (found {near[0]!r}: did you mean {key!r}?)" if near else ""
+        return ConfigError(f"{self.where(key)}: {what}{hint}")
 
     def fail(self, key: str, expected: str, got: Any) -> ConfigError:
         return ConfigError(f"{self.where(key)}: expected {expected}, got {_show(got)}")

@@ -71,9 +71,10 @@ def read_privacy(t: Table) -> PrivacyConfig:
     if central:
         for key in ("noise_multiplier", "clip"):
             if not t.has(key):
-                raise ConfigError(
-                    f'{t.where(key)}: required with mechanism = "central" (no privacy '
-                    "parameter has a silent default)"
+                raise t.missing(
+                    key,
+                    'required with mechanism = "central" (no privacy parameter has a silent '
+                    "default)",
                 )
     # z in [Z_MIN, Z_MAX] (``algorithms.dp.ledger``: no privacy below, overflow above);
     # δ at most DELTA_MAX (it must be far below 1 / the number of sites).

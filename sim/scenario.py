@@ -516,7 +516,7 @@ def _data(t: Table) -> dict[str, Any]:
     # The workload validates its own fields; here we only check the table's shape.
     out = {k: t.raw(k) for k in list(t._data)}
     if "dataset" not in out:
-        raise ConfigError(f"{t.where('dataset')}: required field is missing")
+        raise t.missing("dataset")
     return out
 
 

@@ -14,7 +14,7 @@ def test_a_missing_required_field_names_its_misspelling() -> None:
     with pytest.raises(ConfigError) as info:
         t.array("targets")
     assert str(info.value) == (
-        "fault[0].targets: required field is missing (is 'target' a misspelling of it?)"
+        "fault[0].targets: required field is missing (found 'target': did you mean 'targets'?)"
     )
 
 

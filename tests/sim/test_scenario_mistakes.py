@@ -403,3 +403,28 @@ def test_a_gossip_interval_that_overflows_the_liveness_times_is_an_error() -> No
     # 1e308 was a traceback: "suspect_after_s must be finite and > 0, not inf".
     arms = [{"name": "g", "algorithm": "gossip", "gossip_interval_s": 1e308}]
     refused("arms[0].gossip_interval_s: expected a number <= 3600000000.0, got 1e+308", arms=arms)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Each read "... required ... is missing" alone, for a field the researcher wrote.
+        (
+            {"privacy": {"mechanism": "central", "noise_multplier": 1.0, "clip": 1.0}},
+            'privacy.noise_multiplier: required with mechanism = "central" (no privacy '
+            "parameter has a silent default) (found 'noise_multplier': did you mean "
+            "'noise_multiplier'?)",
+        ),
+        (
+            {"arms": [{"name": "x", "algorthm": "fedbuff"}]},
+            "arms[0].algorithm: required field is missing (found 'algorthm': did you mean "
+            "'algorithm'?)",
+        ),
+        (
+            {"data": {"datset": "digits"}},
+            "data.dataset: required field is missing (found 'datset'",
+        ),
+    ],
+)
+def test_a_misspelled_required_field_is_named(change: dict[str, Any], message: str) -> None:
+    refused(message, **change)

@@ -70,7 +70,7 @@ KILL = '[[fault]]\nat_s = 1\nkind = "kill"\n'
         # Was "fault[0].targets: required field is missing", silent about 'target'.
         (
             KILL + 'target = ["root"]\n',
-            "fault[0].targets: required field is missing (is 'target' a misspelling of it?)",
+            "fault[0].targets: required field is missing (found 'target': did you mean 'targets'?)",
         ),
         # Was "fault: expected a list, got {...}".
         ("duration_s = 9\n[fault]\nat_s = 1\n", "write each fault as [[fault]]"),
