@@ -321,6 +321,12 @@ def parse_scenario(
 ) -> Scenario:
     top = Table(raw, "")
     name = top.text("name", default_name)
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        # It names the default output directory, runs/NAME: "/abs" wrote to /abs-plan.
+        raise ConfigError(
+            f"{top.where('name')}: expected a scenario name without '/' (fedloom sim writes "
+            f"to runs/NAME by default), got {name!r}"
+        )
     description = top.text("description", "")
     seed = top.integer("seed", 0, min=0)
     seeds = _seeds(top)

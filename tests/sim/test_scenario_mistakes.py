@@ -428,3 +428,10 @@ def test_a_gossip_interval_that_overflows_the_liveness_times_is_an_error() -> No
 )
 def test_a_misspelled_required_field_is_named(change: dict[str, Any], message: str) -> None:
     refused(message, **change)
+
+
+@pytest.mark.parametrize("name", ["", "/abs", "../escape", "a/b", ".."])
+def test_a_scenario_name_that_is_not_a_directory_name_is_an_error(name: str) -> None:
+    # The default output is runs/NAME (runs/NAME-plan): "/abs" wrote /abs-plan, "../x"
+    # escaped runs/, "" wrote runs/-plan.
+    refused("name: expected a scenario name without '/'", name=name)
