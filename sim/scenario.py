@@ -493,7 +493,29 @@ def unused_settings(
                     f"{at}[{j}]: at {restart.at_s:g} s, when the run ({duration_s:g} s) is "
                     f"over; {restart.node} is not restarted"
                 ] = None
+        # A parameter of something the arm does not do (its switch is off) does nothing.
+        written = {**shared.get("availability", {}), **(raw.get("availability") or {})}
+        if "death_at_h" in written and avail.death_fraction == 0:
+            at = _own_or_shared(raw, i, "availability", "death_at_h")
+            notes[f"{at}: no site dies (death_fraction is 0); it applies to none"] = None
+        if "offline_s" in written and avail.offline_per_h == 0:
+            at = _own_or_shared(raw, i, "availability", "offline_s")
+            notes[f"{at}: no site goes offline (offline_per_h is 0); it applies to none"] = None
+        own_codec = raw.get("codec") or {}
+        if "topk_fraction" in own_codec and not _sends_topk(arm):
+            notes[
+                f"arms[{i}].codec.topk_fraction: the arm sends no top-k updates (up = "
+                f"{arm.codec.up!r}); it applies to none"
+            ] = None
+    if "topk_fraction" in shared.get("codec", {}) and not any(_sends_topk(a) for a in arms):
+        notes[
+            'codec.topk_fraction: no arm sends top-k updates (up = "topk"); it applies to none'
+        ] = None
     return tuple(notes)
+
+
+def _sends_topk(arm: Arm) -> bool:
+    return arm.codec.up == "topk" or any(c.up == "topk" for _, c in arm.link_codecs)
 
 
 def _own_or_shared(raw: Mapping[str, Any], index: int, section: str, key: str) -> str:

@@ -435,3 +435,25 @@ def test_a_scenario_name_that_is_not_a_directory_name_is_an_error(name: str) -> 
     # The default output is runs/NAME (runs/NAME-plan): "/abs" wrote /abs-plan, "../x"
     # escaped runs/, "" wrote runs/-plan.
     refused("name: expected a scenario name without '/'", name=name)
+
+
+def test_a_parameter_whose_switch_is_off_is_a_note() -> None:
+    # Each was silently ignored.
+    s = parse_scenario(
+        minimal(availability={"death_at_h": 0.5, "offline_s": 60}, codec={"topk_fraction": 0.1})
+    )
+    assert s.notes == (
+        "availability.death_at_h: no site dies (death_fraction is 0); it applies to none",
+        "availability.offline_s: no site goes offline (offline_per_h is 0); it applies to none",
+        'codec.topk_fraction: no arm sends top-k updates (up = "topk"); it applies to none',
+    )
+    arms = [
+        {"name": "a", "algorithm": "fedbuff", "codec": {"up": "topk"}},
+        {"name": "b", "algorithm": "fedbuff", "codec": {"up": "int8", "topk_fraction": 0.2}},
+    ]
+    assert parse_scenario(minimal(codec={"topk_fraction": 0.1}, arms=arms)).notes == (
+        "arms[1].codec.topk_fraction: the arm sends no top-k updates (up = 'int8'); it applies "
+        "to none",
+    )
+    on = {"death_at_h": 0.5, "death_fraction": 0.2, "offline_s": 60, "offline_per_h": 1}
+    assert parse_scenario(minimal(availability=on)).notes == ()
