@@ -66,6 +66,11 @@ class SklearnSpec:
 DatasetSpec = SyntheticSpec | SklearnSpec
 
 
+# The MLP's width at most this: hidden = 10^8 (billions of weights per model copy) was
+# killed for memory instead of refused.
+MAX_HIDDEN = 65_536
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     """``name`` in ``MODEL_NAMES``; ``hidden`` is the MLP width (ignored by other models)."""
@@ -335,7 +340,7 @@ def from_config(
     model_name = d.get("model", "softmax")
     if model_name not in MODEL_NAMES:
         raise ValueError(f"model: expected one of {MODEL_NAMES}, got {model_name!r}")
-    model = ModelSpec(model_name, hidden=_int(d, "hidden", 1, default=32))
+    model = ModelSpec(model_name, hidden=_int(d, "hidden", 1, default=32, high=MAX_HIDDEN))
 
     spec: DatasetSpec
     if name == "synthetic":
@@ -375,7 +380,13 @@ def _merge(key: str, in_table: Any, given: Any) -> Any:
 
 
 def _int(
-    d: Mapping[str, Any], key: str, low: int, *, default: int | None = None, value: Any = None
+    d: Mapping[str, Any],
+    key: str,
+    low: int,
+    *,
+    default: int | None = None,
+    value: Any = None,
+    high: int | None = None,
 ) -> int:
     v = value if value is not None else d.get(key, default)
     if isinstance(v, bool):
@@ -386,6 +397,8 @@ def _int(
         raise ValueError(f"{key}: expected an integer >= {low}, got {v!r}") from None
     if out < low:
         raise ValueError(f"{key}: expected an integer >= {low}, got {out}")
+    if high is not None and out > high:
+        raise ValueError(f"{key}: expected an integer <= {high}, got {out}")
     return out
 
 

@@ -457,3 +457,14 @@ def test_a_parameter_whose_switch_is_off_is_a_note() -> None:
     )
     on = {"death_at_h": 0.5, "death_fraction": 0.2, "offline_s": 60, "offline_per_h": 1}
     assert parse_scenario(minimal(availability=on)).notes == ()
+
+
+def test_an_mlp_too_wide_for_memory_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # hidden = 100000000 was killed for memory (exit -9), no message at all.
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY.replace('model = "softmax"', 'model = "mlp"\nhidden = 100000000'))
+    rc, err = cli(capsys, "sim", str(scenario), "--out", str(tmp_path / "o"), "--quiet")
+    assert rc == 2
+    assert err == "fedloom: error: data: hidden: expected an integer <= 65536, got 100000000"
