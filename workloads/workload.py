@@ -66,6 +66,9 @@ class SklearnSpec:
 DatasetSpec = SyntheticSpec | SklearnSpec
 
 
+# A synthetic site's written sample count at most this: 10^9 asked numpy for 224 GiB
+# (a MemoryError traceback, or the process killed).
+MAX_SAMPLES_PER_SITE = 1_000_000
 # The MLP's width at most this: hidden = 10^8 (billions of weights per model copy) was
 # killed for memory instead of refused.
 MAX_HIDDEN = 65_536
@@ -351,7 +354,7 @@ def from_config(
             alpha=_float(d, "alpha", 1.0, low=0.0),
             beta=_float(d, "beta", 1.0, low=0.0),
             iid=iid,
-            samples_per_site=_opt_int(d, "samples_per_site", 2),
+            samples_per_site=_opt_int(d, "samples_per_site", 2, MAX_SAMPLES_PER_SITE),
             max_samples_per_site=_opt_int(d, "max_samples_per_site", 2),
         )
     else:
@@ -402,8 +405,8 @@ def _int(
     return out
 
 
-def _opt_int(d: Mapping[str, Any], key: str, low: int) -> int | None:
-    return None if d.get(key) is None else _int(d, key, low)
+def _opt_int(d: Mapping[str, Any], key: str, low: int, high: int | None = None) -> int | None:
+    return None if d.get(key) is None else _int(d, key, low, high=high)
 
 
 def _float(

@@ -468,3 +468,19 @@ def test_an_mlp_too_wide_for_memory_is_an_error(
     rc, err = cli(capsys, "sim", str(scenario), "--out", str(tmp_path / "o"), "--quiet")
     assert rc == 2
     assert err == "fedloom: error: data: hidden: expected an integer <= 65536, got 100000000"
+
+
+def test_a_synthetic_site_too_large_for_memory_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # samples_per_site = 10^9 was a MemoryError traceback (224 GiB for one site).
+    data = '[data]\ndataset = "synthetic"\nsamples_per_site = 1000000000\n'
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        TINY.replace('[data]\ndataset = "breast_cancer"\nmodel = "softmax"\n', data)
+    )
+    rc, err = cli(capsys, "sim", str(scenario), "--out", str(tmp_path / "o"), "--quiet")
+    assert rc == 2
+    assert err == (
+        "fedloom: error: data: samples_per_site: expected an integer <= 1000000, got 1000000000"
+    )
