@@ -49,7 +49,7 @@ def _output_dir(out: Path | None, default: Path) -> Path:
     a run that fails leaves none): a file there, or under a file or a directory this
     process cannot write in, is an error naming ``--out`` (not a traceback after the run)."""
     path = default if out is None else out
-    what = "--out" if out is not None else "the output directory (--out)"
+    what = _out_flag(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what}: {path} is a file, not a directory")
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
@@ -58,6 +58,10 @@ def _output_dir(out: Path | None, default: Path) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what}: cannot make or write {path}: {existing} is not writable")
     return path
+
+
+def _out_flag(out: Path | None) -> str:
+    return "--out" if out is not None else "the output directory (--out)"
 
 
 @contextmanager
@@ -162,7 +166,7 @@ def cmd_sim(
     try:
         paths = write_report(report, out_dir)
     except OSError as exc:  # a path _output_dir could not foresee (/proc, a full disk)
-        raise ConfigError(f"--out: cannot write to {out_dir}: {exc.strerror}") from None
+        raise ConfigError(f"{_out_flag(out)}: cannot write to {out_dir}: {exc.strerror}") from None
     console.print(summary_table(report))
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
@@ -190,6 +194,6 @@ def cmd_plan(scenario_path: Path, *, out: Path | None, arm: str | None) -> int:
         plan.save(out_dir / "plan.json")
         draw_plan(plan, out_dir / "topology.png")
     except OSError as exc:  # a path _output_dir could not foresee (/proc, a full disk)
-        raise ConfigError(f"--out: cannot write to {out_dir}: {exc.strerror}") from None
+        raise ConfigError(f"{_out_flag(out)}: cannot write to {out_dir}: {exc.strerror}") from None
     print(f"wrote {out_dir / 'plan.json'}, {out_dir / 'topology.png'}")
     return 0
