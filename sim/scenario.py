@@ -813,6 +813,25 @@ _SECTION_OF: dict[str, str] = {
 }
 
 
+# Aggregation parameters only some algorithms read (``federation.factory``): written in
+# the arm of another, each is an error (a shared [algorithm] table serves every arm).
+_USED_ONLY_BY: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("clients_per_round", "over_selection", "min_cohort"), ("fedavg", "fedprox")),
+    "alpha": ("fedasync",),
+    **dict.fromkeys(
+        (
+            "gossip_mode",
+            "graph",
+            "degree",
+            "gossip_interval_s",
+            "gossip_clip",
+            "gossip_max_share_weight",
+        ),
+        ("gossip",),
+    ),
+}
+
+
 def _arm(
     raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig, duration_s: float
 ) -> Arm:
@@ -841,6 +860,14 @@ def _arm(
     for key in ALGORITHM_FIELDS:  # known fields of an arm: a typo's did-you-mean names them
         t.raw(key)
     own_params = {k: raw[k] for k in raw if k in ALGORITHM_FIELDS}
+    for key in own_params:  # written in this arm, but for another algorithm: it did nothing
+        users = _USED_ONLY_BY.get(key)
+        if users is not None and algorithm not in users:
+            raise ConfigError(
+                f"{t.where(key)}: a {algorithm} arm does not use {key} (only "
+                f"{'/'.join(users)} arms do); remove it (the shared [algorithm] table may hold "
+                "it for the arms that do)"
+            )
     training = read_training(_section(shared, t, raw, "training"))
     codec, link_codecs = _codecs(
         _section(shared, t, raw, "codec"), raw.get("codec") or {}, topology

@@ -206,7 +206,12 @@ def test_more_regions_than_sites_is_an_error_not_empty_regions() -> None:
             "arms[0].training.lr: expected a number > 0.0",
         ),
         (
-            {"arms": [{"name": "x", "algorithm": "fedbuff"}, {"algorithm": "fedbuff", "alpha": 2}]},
+            {
+                "arms": [
+                    {"name": "x", "algorithm": "fedbuff"},
+                    {"algorithm": "fedasync", "alpha": 2},
+                ]
+            },
             "arms[1].alpha: expected a number <= 1.0",
         ),
     ],
@@ -484,3 +489,26 @@ def test_a_synthetic_site_too_large_for_memory_is_an_error(
     assert err == (
         "fedloom: error: data: samples_per_site: expected an integer <= 1000000, got 1000000000"
     )
+
+
+@pytest.mark.parametrize(
+    ("arm", "message"),
+    [
+        # Each ran, the field silently unused.
+        (
+            {"algorithm": "fedbuff", "clients_per_round": 100},
+            "arms[0].clients_per_round: a fedbuff arm does not use clients_per_round (only "
+            "fedavg/fedprox arms do)",
+        ),
+        ({"algorithm": "fedbuff", "min_cohort": 5}, "arms[0].min_cohort: a fedbuff arm"),
+        ({"algorithm": "fedavg", "alpha": 0.5}, "arms[0].alpha: a fedavg arm does not use alpha"),
+        ({"algorithm": "fedbuff", "degree": 3}, "arms[0].degree: a fedbuff arm does not use"),
+    ],
+)
+def test_an_arm_parameter_of_another_algorithm_is_an_error(
+    arm: dict[str, Any], message: str
+) -> None:
+    refused(message, arms=[{"name": "x", **arm}])
+    # the shared [algorithm] table serves every arm: there it is no mistake
+    key = next(k for k in arm if k != "algorithm")
+    parse_scenario(minimal(algorithm={key: arm[key]}, arms=[{"name": "x", "algorithm": "fedbuff"}]))
