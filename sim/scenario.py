@@ -931,7 +931,7 @@ def _arm(
     if algorithm in ("fedavg", "fedprox"):
         _check_round_size(t, params, own_params, sites.count)
     if topology == "gossip":
-        _check_degree(t, params, own_params, sites.count)
+        _check_degree(t, params, own_params, sites.count, written="degree" in shared["algorithm"])
     lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
     server_lr_sweep = tuple(float(x) for x in _sweep(t, "server_lr_sweep"))
     for key in raw:  # a section's field written in the arm itself ("unknown field" misled)
@@ -1024,7 +1024,9 @@ def _check_round_size(
         raise ConfigError(f"{at}:{rest}") from None
 
 
-def _check_degree(t: Table, params: AlgorithmConfig, own: Mapping[str, Any], sites: int) -> None:
+def _check_degree(
+    t: Table, params: AlgorithmConfig, own: Mapping[str, Any], sites: int, *, written: bool
+) -> None:
     """A random gossip graph's degree fits the sites (``topology.gossip``): a kregular
     graph needs 1 <= degree < sites and sites * degree even, a smallworld one 2 <= degree <
     sites. Checked here, so the error names the field (ring and exponential take none)."""
@@ -1035,8 +1037,9 @@ def _check_degree(t: Table, params: AlgorithmConfig, own: Mapping[str, Any], sit
         need = f"at least 2 and less than the {sites} sites"
     else:
         return
-    at = t.where("degree") if "degree" in own else "algorithm.degree"
-    raise ConfigError(f"{at}: a {graph} graph's degree must be {need}, got {k}")
+    at = "algorithm.degree" if written and "degree" not in own else t.where("degree")
+    default = "" if written or "degree" in own else " (the default: write one)"
+    raise ConfigError(f"{at}: a {graph} graph's degree must be {need}, got {k}{default}")
 
 
 def _privacy(

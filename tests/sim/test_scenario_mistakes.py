@@ -512,3 +512,13 @@ def test_an_arm_parameter_of_another_algorithm_is_an_error(
     # the shared [algorithm] table serves every arm: there it is no mistake
     key = next(k for k in arm if k != "algorithm")
     parse_scenario(minimal(algorithm={key: arm[key]}, arms=[{"name": "x", "algorithm": "fedbuff"}]))
+
+
+def test_a_default_degree_too_large_for_the_sites_says_it_is_the_default() -> None:
+    arms = [{"name": "g", "algorithm": "gossip", "graph": "kregular"}]
+    refused(
+        "arms[0].degree: a kregular graph's degree must be less than the 4 sites, and sites * "
+        "degree even, got 4 (the default: write one)",
+        sites={"count": 4, "regions": ["a"]},
+        arms=arms,
+    )
