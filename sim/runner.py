@@ -940,9 +940,7 @@ def check_seed_flags(seed: int | None, n_seeds: int | None) -> None:
     if seed is not None and (isinstance(seed, bool) or seed < 0):
         raise ConfigError(f"--seed: expected a seed >= 0, got {seed}")
     if n_seeds is not None and (isinstance(n_seeds, bool) or not 1 <= n_seeds <= MAX_SEEDS):
-        raise ConfigError(
-            f"--seeds: the number of seeds must be 1 to {MAX_SEEDS:,}, got {n_seeds}"
-        )
+        raise ConfigError(f"--seeds: the number of seeds must be 1 to {MAX_SEEDS:,}, got {n_seeds}")
 
 
 def resolve_seeds(
