@@ -85,7 +85,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--out", type=Path, default=None, help="output directory (default runs/NAME-plan)"
     )
     plan.add_argument(
-        "--arm", default=None, metavar="NAME", help="arm to plan (default: the first)"
+        "--arm",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="the one arm to plan (default: the first)",
     )
 
 
@@ -111,7 +115,12 @@ def dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"fedloom: error: {exc}", file=sys.stderr)
             return 1
     if args.command == "plan":
-        return cmd_plan(args.scenario, out=args.out, arm=args.arm)
+        arms = args.arm or [None]
+        if len(arms) > 1:  # argparse would keep the last one without a word
+            from fedloom.federation.config_reader import ConfigError
+
+            raise ConfigError(f"--arm: plan draws one arm, got {len(arms)} ({', '.join(arms)})")
+        return cmd_plan(args.scenario, out=args.out, arm=arms[0])
     parser.error(f"unknown command {args.command!r}")
     return 2  # pragma: no cover - parser.error exits
 

@@ -62,6 +62,7 @@ def test_plan_prints_clusters_and_draws(tmp_path: Path, capsys: pytest.CaptureFi
         (["sim", "missing.toml"], "scenario file not found"),
         (["sim", "{scenario}", "--arm", "nope"], "--arm 'nope': no such arm"),
         (["plan", "{bad}"], "sites.count: expected a whole number"),
+        (["plan", "{scenario}", "--arm", "a", "--arm", "b"], "--arm: plan draws one arm, got 2"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(
