@@ -258,6 +258,9 @@ class RaySession:
 # in the object store once, and a worker unpickles it once for all of that run's jobs it
 # runs (as the pool's initializer does; unpickling a workload builds its data again).
 _TRAINERS: dict[str, Trainer] = {}
+
+# How long a closing executor waits for jobs in flight before cancelling the rest.
+CLOSE_GRACE_S = 5.0
 _TRAINERS_KEPT = 4
 
 
@@ -335,8 +338,18 @@ class RayExecutor:
         # cancelled. A local cluster this run started stops with it, its workers and their
         # jobs too: no cancels there, which also keeps clear of Ray's race between a
         # cancel and the job's own reply (Ray 2.60 can abort the driver on it; README).
+        # Jobs that finish within CLOSE_GRACE_S are let finish, not cancelled: at a run's
+        # end the jobs in flight are usually seconds from done, and a cancel that meets
+        # its job's reply is that race (it aborted this project's test run, in-process).
         if self._session.stops_cluster:
             self._open.clear()
+        if self._open:
+            with contextlib.suppress(Exception):
+                open_jobs = list(self._open)
+                done, _ = self._ray.wait(  # results stay where they are: never read
+                    open_jobs, num_returns=len(open_jobs), timeout=CLOSE_GRACE_S, fetch_local=False
+                )
+                self._open.difference_update(done)  # finished: nothing to cancel
         while self._open:
             self.discard(next(iter(self._open)))
         self._session.close()

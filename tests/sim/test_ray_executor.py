@@ -201,6 +201,8 @@ class RecordingRay(FakeRay):
         super().__init__()
         self.up = False
         self.cancelled: list[Any] = []
+        self.finished: list[Any] = []
+        self.waits: list[tuple[int, int, float]] = []
 
     def is_initialized(self) -> bool:
         return self.up
@@ -220,6 +222,13 @@ class RecordingRay(FakeRay):
 
     def cancel(self, ref: Any) -> None:
         self.cancelled.append(ref)
+
+    def wait(self, refs: list[Any], *, num_returns: int, timeout: float, fetch_local: bool) -> Any:
+        """The jobs in ``finished`` are done; the others still run when the wait ends."""
+        self.waits.append((len(refs), num_returns, timeout))
+        assert not fetch_local  # close never reads the results
+        done = [r for r in refs if r in self.finished]
+        return done, [r for r in refs if r not in self.finished]
 
 
 def test_close_cancels_jobs_in_flight_only_on_a_cluster_that_outlives_the_run(
@@ -241,6 +250,25 @@ def test_close_cancels_jobs_in_flight_only_on_a_cluster_that_outlives_the_run(
         remote.discard(dropped)  # a discarded job is cancelled either way
         remote.close()
     assert fake.cancelled == [dropped, in_flight]  # that cluster outlives the run
+
+
+def test_close_lets_jobs_that_finish_within_the_grace_finish(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the jobs still running after ``CLOSE_GRACE_S`` are cancelled: a cancel that
+    meets its job's own reply is the race that aborts Ray's driver (README)."""
+    fake = RecordingRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with socket.socket() as listener:  # a cluster's address that accepts connections
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        remote = RayExecutor(WorkloadTrainer, address=f"127.0.0.1:{listener.getsockname()[1]}")  # type: ignore[arg-type]
+        quick = remote.submit("site-000", {}, {})
+        slow = remote.submit("site-001", {}, {})
+        fake.finished.append(quick)
+        remote.close()
+    assert fake.waits == [(2, 2, ray_executor.CLOSE_GRACE_S)]
+    assert fake.cancelled == [slow]
 
 
 def test_a_new_local_cluster_is_asked_for_as_local(monkeypatch: pytest.MonkeyPatch) -> None:
