@@ -22,6 +22,10 @@ STALENESS = ("constant", "polynomial", "hinge")
 OPTIMISERS = ("sgd", "adam")
 ROBUST = ("mean", "median", "trimmed_mean")
 DEFAULT_CLIENTS_PER_ROUND = 10  # a sync round's K when none is written (at most every site)
+# A learning rate (the sites' ``lr``, the server's ``server_lr``) at most this: ten times the
+# top of the usual tuning grids (10^-3 .. 10^1, Reddi et al., ICLR 2021). Past it a step
+# diverges at once (lr = 1e300 ran, every model inf or nan); a value this large is a typo.
+MAX_LR = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +135,23 @@ ALGORITHM_FIELDS = frozenset(AlgorithmConfig.__dataclass_fields__)
 
 def read_training(t: Table) -> TrainingConfig:
     cfg = TrainingConfig(
-        lr=t.number("lr", 0.05, min=0.0, exclusive_min=True),
+        lr=read_lr(t, "lr", 0.05),
         local_steps=t.integer("local_steps", 5, min=1),
         batch_size=t.integer("batch_size", 10, min=1),
         mu=t.number("mu", 0.0, min=0.0),
     )
     t.finish()
     return cfg
+
+
+def read_lr(t: Table, key: str, default: float) -> float:
+    """A learning rate: a finite number > 0 and at most ``MAX_LR``."""
+    lr: float = t.number(key, default, min=0.0, exclusive_min=True)
+    if lr > MAX_LR:
+        raise ConfigError(
+            f"{t.where(key)}: expected a learning rate > 0 and <= {MAX_LR:g}, got {lr:g}"
+        )
+    return lr
 
 
 def read_codec(t: Table) -> CodecConfig:
@@ -190,7 +204,7 @@ def read_algorithm(t: Table) -> AlgorithmConfig:
         buffer_size=t.integer("buffer_size", d.buffer_size, min=1),
         concurrency=t.integer("concurrency", d.concurrency, min=1),
         server_optimizer=t.text("server_optimizer", d.server_optimizer, choices=OPTIMISERS),
-        server_lr=t.number("server_lr", d.server_lr, min=0.0, exclusive_min=True),
+        server_lr=read_lr(t, "server_lr", d.server_lr),
         server_momentum=t.number("server_momentum", d.server_momentum, min=0.0, max=0.999),
         staleness=t.text("staleness", d.staleness, choices=STALENESS),
         staleness_a=t.number("staleness_a", d.staleness_a, min=0.0),

@@ -95,6 +95,7 @@ from fedloom.federation.params import (
     ALGORITHM_FIELDS,
     ALGORITHMS,
     DEFAULT_CLIENTS_PER_ROUND,
+    MAX_LR,
     TOPOLOGIES,
     AlgorithmConfig,
     CodecConfig,
@@ -1115,13 +1116,18 @@ def _durability(t: Table) -> DurabilityConfig:
 
 
 def _sweep(t: Table, key: str) -> list[float]:
-    """``lr_sweep``/``server_lr_sweep``: distinct finite numbers > 0 ([]: not given)."""
+    """``lr_sweep``/``server_lr_sweep``: distinct numbers > 0 and <= ``MAX_LR`` ([]: not
+    given)."""
     values = t.array(key, [])
     if t.has(key) and not values:
         raise ConfigError(f"{t.where(key)}: must list at least one value (or leave it out)")
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf:
             raise ConfigError(f"{t.where(key)}[{i}]: expected a finite number > 0, got {v!r}")
+        if v > MAX_LR:  # each point runs the arm with it, as training.lr / server_lr
+            raise ConfigError(
+                f"{t.where(key)}[{i}]: expected a learning rate > 0 and <= {MAX_LR:g}, got {v:g}"
+            )
         if v in values[:i]:
             raise ConfigError(f"{t.where(key)}[{i}]: {v!r} is listed twice")
     return list(values)

@@ -267,6 +267,7 @@ def test_a_pool_of_a_hundred_thousand_workers_is_an_error() -> None:
         ([0.1, 0.1], "arms[0].lr_sweep[1]: 0.1 is listed twice"),
         ([], "arms[0].lr_sweep: must list at least one value (or leave it out)"),
         ([0.1, -1], "arms[0].lr_sweep[1]: expected a finite number > 0, got -1"),
+        ([0.1, 1e300], "arms[0].lr_sweep[1]: expected a learning rate > 0 and <= 100, got 1e+300"),
     ],
 )
 def test_a_bad_lr_sweep_names_the_entry(sweep: list[float], message: str) -> None:
@@ -522,3 +523,32 @@ def test_a_default_degree_too_large_for_the_sites_says_it_is_the_default() -> No
         sites={"count": 4, "regions": ["a"]},
         arms=arms,
     )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Each ran: every model inf or nan from the first step on.
+        ({"training": {"lr": 1e300}}, "training.lr: expected a learning rate > 0 and <= 100, "),
+        (
+            {"arms": [{"name": "x", "algorithm": "fedbuff", "training": {"lr": 101}}]},
+            "arms[0].training.lr: expected a learning rate > 0 and <= 100, got 101",
+        ),
+        ({"algorithm": {"server_lr": 1e300}}, "algorithm.server_lr: expected a learning rate > 0"),
+        (
+            {"arms": [{"name": "x", "algorithm": "fedbuff", "server_lr": 1e3}]},
+            "arms[0].server_lr: expected a learning rate > 0 and <= 100, got 1000",
+        ),
+    ],
+)
+def test_an_absurd_learning_rate_is_an_error_saying_the_range(
+    change: dict[str, Any], message: str
+) -> None:
+    assert refused(message, **change).startswith(message)
+
+
+def test_a_learning_rate_at_the_cap_is_accepted() -> None:
+    s = parse_scenario(minimal(training={"lr": 100}, algorithm={"server_lr": 100}))
+    assert s.arms[0].training.lr == 100 and s.arms[0].params.server_lr == 100
+    arms = [{"name": "x", "algorithm": "fedbuff", "lr_sweep": [0.01, 100]}]
+    assert parse_scenario(minimal(arms=arms)).arms[0].lr_sweep == (0.01, 100)
