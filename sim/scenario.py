@@ -930,7 +930,7 @@ def _arm(
             "clustering by RTT would ignore it (remove one of them)"
         )
     if algorithm in ("fedavg", "fedprox"):
-        _check_round_size(t, params, own_params, sites.count)
+        _check_round_size(t, params, own_params, sites.count, shared["algorithm"])
     if topology == "gossip":
         _check_degree(t, params, own_params, sites.count, written="degree" in shared["algorithm"])
     lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
@@ -1012,17 +1012,39 @@ def _compute(shared: Mapping[str, Any], own: Mapping[str, Any], where: str) -> d
 
 
 def _check_round_size(
-    t: Table, params: AlgorithmConfig, own: Mapping[str, Any], sites: int
+    t: Table,
+    params: AlgorithmConfig,
+    own: Mapping[str, Any],
+    sites: int,
+    shared: Mapping[str, Any],
 ) -> None:
     """A star FedAvg root's children are every site: a written clients_per_round above
-    them, or a min_cohort above the round's size, is an error naming the field (in the arm,
-    or the shared [algorithm] table) and the limit, never a silent clamp."""
+    them, a min_cohort above the round's size, or a written over_selection that draws more
+    than there are (ceil(over_selection * K) > sites: the root drew every site instead) is
+    an error naming the field (in the arm, or the shared [algorithm] table) and the limit,
+    never a silent clamp. The default over_selection (not written) draws at most every site."""
     try:
-        params.round_size(sites)
+        k = params.round_size(sites)
     except ConfigError as exc:
         key, rest = str(exc).split(":", 1)
         at = t.where(key) if key in own else f"algorithm.{key}"
         raise ConfigError(f"{at}:{rest}") from None
+    over = params.over_selection
+    drawn = math.ceil(over * k - 1e-9)  # as algorithms.sync draws a round
+    if drawn <= sites or ("over_selection" not in own and "over_selection" not in shared):
+        return
+    at = t.where("over_selection") if "over_selection" in own else "algorithm.over_selection"
+    written = "clients_per_round" in own or "clients_per_round" in shared
+    fix = (
+        "write 1 (a round of every site draws them all)"
+        if k == sites
+        else f"write at most {math.floor(sites / k * 1000) / 1000:g}"  # rounded down: allowed
+    )
+    raise ConfigError(
+        f"{at}: a round draws ceil({over:g} * {k}) = {drawn} sites ({k}: clients_per_round"
+        f"{'' if written else ', its default'}), more than the {sites} sites of this "
+        f"scenario; {fix} or lower clients_per_round"
+    )
 
 
 def _check_degree(

@@ -552,3 +552,56 @@ def test_a_learning_rate_at_the_cap_is_accepted() -> None:
     assert s.arms[0].training.lr == 100 and s.arms[0].params.server_lr == 100
     arms = [{"name": "x", "algorithm": "fedbuff", "lr_sweep": [0.01, 100]}]
     assert parse_scenario(minimal(arms=arms)).arms[0].lr_sweep == (0.01, 100)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # Each ran, the root drawing every site: the over-selection asked for never happened.
+        (
+            {
+                "arms": [
+                    {
+                        "name": "x",
+                        "algorithm": "fedavg",
+                        "clients_per_round": 3,
+                        "over_selection": 1.5,
+                    }
+                ]
+            },
+            "arms[0].over_selection: a round draws ceil(1.5 * 3) = 5 sites (3: "
+            "clients_per_round), more than the 4 sites of this scenario; write at most 1.333 "
+            "or lower clients_per_round",
+        ),
+        (
+            {
+                "algorithm": {"over_selection": 2},
+                "arms": [{"name": "x", "algorithm": "fedprox", "training": {"mu": 0.1}}],
+            },
+            "algorithm.over_selection: a round draws ceil(2 * 4) = 8 sites (4: "
+            "clients_per_round, its default), more than the 4 sites of this scenario; write 1 "
+            "(a round of every site draws them all) or lower clients_per_round",
+        ),
+        (
+            {
+                "algorithm": {"clients_per_round": 2},
+                "arms": [{"name": "x", "algorithm": "fedavg", "over_selection": 1e6}],
+            },
+            "arms[0].over_selection: a round draws ceil(1e+06 * 2) = 2000000 sites",
+        ),
+    ],
+)
+def test_an_over_selection_drawing_more_than_the_sites_is_an_error(
+    change: dict[str, Any], message: str
+) -> None:
+    assert refused(message, **change).startswith(message)
+
+
+def test_an_over_selection_that_fits_the_sites_is_accepted() -> None:
+    fits = [{"name": "x", "algorithm": "fedavg", "clients_per_round": 3, "over_selection": 4 / 3}]
+    assert parse_scenario(minimal(arms=fits)).arms[0].params.over_selection == 4 / 3
+    # the default (1.3, not written) draws at most every site: no mistake of the researcher's
+    assert parse_scenario(minimal(arms=[{"name": "x", "algorithm": "fedavg"}])).arms
+    # a shared over_selection only FedBuff arms do not read is not checked against the sites
+    fedbuff = [{"name": "x", "algorithm": "fedbuff"}]
+    assert parse_scenario(minimal(algorithm={"over_selection": 2}, arms=fedbuff)).arms
