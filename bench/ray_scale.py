@@ -44,7 +44,7 @@ def scenario(hours: float) -> Scenario:
             "name": "ray-scale",
             "seed": 1,
             "duration_h": hours,
-            "eval_interval_s": 3600,
+            "eval_interval_s": min(3600.0, hours * 3600.0),  # at most the run (--quick: 0.5 h)
             "data": {"dataset": "digits", "model": "cnn", "dirichlet_alpha": 1.0},
             "sites": {"count": 40},
             "compute": {"distribution": "halfnormal", "min_s": 60, "sd_s": 60},

@@ -335,6 +335,12 @@ def parse_scenario(
     eval_interval_s = top.number(
         "eval_interval_s", max(duration_s / 100.0, 1.0), min=0.0, exclusive_min=True
     )
+    if top.has("eval_interval_s") and eval_interval_s > duration_s:  # a unit mistake, surely
+        raise ConfigError(
+            f"{top.where('eval_interval_s')}: {eval_interval_s:g} s is longer than the run "
+            f"({duration_s:g} s), so no evaluation would fall inside it (only the one at the "
+            f"start and the one at the end); give at most {duration_s:g}"
+        )
     target = top.number("target_accuracy", None, min=0.0, max=1.0, exclusive_min=True)
     target_window_s = top.number("target_window_s", 0.0, min=0.0)
     if target_window_s > duration_s:  # never held: every arm's target "never reached"

@@ -605,3 +605,19 @@ def test_an_over_selection_that_fits_the_sites_is_accepted() -> None:
     # a shared over_selection only FedBuff arms do not read is not checked against the sites
     fedbuff = [{"name": "x", "algorithm": "fedbuff"}]
     assert parse_scenario(minimal(algorithm={"over_selection": 2}, arms=fedbuff)).arms
+
+
+def test_an_eval_interval_longer_than_the_run_is_an_error() -> None:
+    # It ran with no evaluation inside the run: a curve of two points (start and end) and a
+    # time to target that could only be the run's end.
+    message = (
+        "eval_interval_s: 7200 s is longer than the run (3600 s), so no evaluation would fall "
+        "inside it (only the one at the start and the one at the end); give at most 3600"
+    )
+    assert refused(message, eval_interval_s=7200) == message
+    assert parse_scenario(minimal(eval_interval_s=3600)).eval_interval_s == 3600
+    assert parse_scenario(minimal(eval_interval_s=60)).eval_interval_s == 60
+    # the default for a run under a second (1 s) is no mistake of the researcher's
+    short = minimal(duration_s=0.5)
+    del short["duration_h"]
+    assert parse_scenario(short).eval_interval_s == 1.0
