@@ -198,7 +198,10 @@ def read_start_quorum(t: Table, default: int | str) -> int | str:
     return quorum
 
 
-def read_algorithm(t: Table) -> AlgorithmConfig:
+def read_algorithm(t: Table, algorithm: str | None = None) -> AlgorithmConfig:
+    """The aggregation parameters of ``t``. ``algorithm``: the one that reads them (None:
+    unknown, any): min_cohort is checked against clients_per_round only where a FedAvg or
+    FedProx root reads both (a shared scenario table also serves the arms of others)."""
     d = AlgorithmConfig()
     cfg = AlgorithmConfig(
         buffer_size=t.integer("buffer_size", d.buffer_size, min=1),
@@ -248,6 +251,8 @@ def read_algorithm(t: Table) -> AlgorithmConfig:
         ),
     )
     t.finish()
+    if algorithm is not None and algorithm not in ("fedavg", "fedprox"):
+        return cfg  # no round: min_cohort and clients_per_round do nothing here
     k = DEFAULT_CLIENTS_PER_ROUND if cfg.clients_per_round is None else cfg.clients_per_round
     if cfg.min_cohort > k:  # no round could ever close: an error, never a silent clamp
         written = "" if cfg.clients_per_round is not None else " (its default)"

@@ -457,7 +457,8 @@ def unused_settings(
     shared: Mapping[str, Any], arms_raw: list[Any], arms: tuple[Arm, ...], duration_s: float
 ) -> tuple[str, ...]:
     """Notes (not errors) on settings no arm uses: a shared ``[network.<link>]`` or
-    ``[codec.<link>]`` table whose link no arm's topology has, and a churn window, a
+    ``[codec.<link>]`` table whose link no arm's topology has, a shared ``[algorithm]``
+    parameter that only the algorithms of no arm read (``_USED_ONLY_BY``), and a churn window, a
     partition, deaths or a restart that start after the run ends."""
     notes: dict[str, None] = {}
     have = {link for a in arms for link in TOPOLOGY_LINKS[a.topology]}
@@ -513,6 +514,16 @@ def unused_settings(
             notes[
                 f"arms[{i}].codec.topk_fraction: the arm sends no top-k updates (up = "
                 f"{arm.codec.up!r}); it applies to none"
+            ] = None
+    # A shared [algorithm] parameter that only other algorithms read (an arm's own is an
+    # error): FedBuff arms and a shared min_cohort, say.
+    algorithms = sorted({a.algorithm for a in arms})
+    for key in shared.get("algorithm", {}):
+        users = _USED_ONLY_BY.get(key)
+        if users is not None and not any(a in users for a in algorithms):
+            notes[
+                f"algorithm.{key}: only {'/'.join(users)} arms read it (the arms are "
+                f"{', '.join(algorithms)}); it applies to none"
             ] = None
     if "topk_fraction" in shared.get("codec", {}) and not any(_sends_topk(a) for a in arms):
         notes[
@@ -927,7 +938,7 @@ def _arm(
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
     params = read_algorithm(
-        _Merged(shared["algorithm"], own_params, t.where("").rstrip("."), "algorithm")
+        _Merged(shared["algorithm"], own_params, t.where("").rstrip("."), "algorithm"), algorithm
     )
     if sites.placement and topology == "hierarchical" and params.clustering == "rtt":
         at = t.where("clustering") if "clustering" in own_params else "algorithm.clustering"

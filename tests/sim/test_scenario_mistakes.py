@@ -604,7 +604,10 @@ def test_an_over_selection_that_fits_the_sites_is_accepted() -> None:
     assert parse_scenario(minimal(arms=[{"name": "x", "algorithm": "fedavg"}])).arms
     # a shared over_selection only FedBuff arms do not read is not checked against the sites
     fedbuff = [{"name": "x", "algorithm": "fedbuff"}]
-    assert parse_scenario(minimal(algorithm={"over_selection": 2}, arms=fedbuff)).arms
+    assert parse_scenario(minimal(algorithm={"over_selection": 2}, arms=fedbuff)).notes == (
+        "algorithm.over_selection: only fedavg/fedprox arms read it (the arms are fedbuff); it "
+        "applies to none",
+    )
 
 
 def test_an_eval_interval_longer_than_the_run_is_an_error() -> None:
@@ -621,3 +624,31 @@ def test_an_eval_interval_longer_than_the_run_is_an_error() -> None:
     short = minimal(duration_s=0.5)
     del short["duration_h"]
     assert parse_scenario(short).eval_interval_s == 1.0
+
+
+def test_a_shared_min_cohort_no_arm_reads_is_a_note_not_the_round_check() -> None:
+    # With FedBuff arms only it read "algorithm.min_cohort: 20 is more than
+    # clients_per_round (its default) 10": a check of a round no arm has.
+    sites = {"count": 40, "regions": ["a"]}
+    fedbuff = [{"name": "b", "algorithm": "fedbuff"}, {"name": "a", "algorithm": "fedasync"}]
+    for value in (20, 3):
+        s = parse_scenario(minimal(algorithm={"min_cohort": value}, sites=sites, arms=fedbuff))
+        assert s.notes == (
+            "algorithm.min_cohort: only fedavg/fedprox arms read it (the arms are fedasync, "
+            "fedbuff); it applies to none",
+        )
+    # the other shared parameters of one algorithm likewise (notes for settings that do nothing)
+    s = parse_scenario(minimal(algorithm={"alpha": 0.5, "degree": 2}, sites=sites, arms=fedbuff))
+    assert s.notes == (
+        "algorithm.degree: only gossip arms read it (the arms are fedasync, fedbuff); it "
+        "applies to none",
+    )
+    # a FedAvg arm reads it: the round check stands, and nothing is a note
+    mixed = [*fedbuff, {"name": "s", "algorithm": "fedavg"}]
+    refused(
+        "algorithm.min_cohort: 20 is more than clients_per_round (its default) 10",
+        algorithm={"min_cohort": 20},
+        sites=sites,
+        arms=mixed,
+    )
+    assert parse_scenario(minimal(algorithm={"min_cohort": 3}, sites=sites, arms=mixed)).notes == ()
