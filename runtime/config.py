@@ -621,7 +621,7 @@ def _plan(t: Table, state_dir: Path | None = None) -> PlanConfig:
 def _aggregation(t: Table) -> tuple[str, AlgorithmConfig]:
     algorithm = t.text("algorithm", "fedbuff", choices=ALGORITHMS)
     params = {k: v for k, v in t._data.items() if k != "algorithm"}
-    return algorithm, read_algorithm(Table(params, t.where("").rstrip(".")))
+    return algorithm, read_algorithm(Table(params, t.where("").rstrip(".")), algorithm)
 
 
 def _connection(t: Table) -> ConnectionConfig:

@@ -386,3 +386,12 @@ def test_valid_connection_settings_round_trip(
 def test_examples_are_valid_toml_with_known_roles() -> None:
     roles = {tomllib.loads(p.read_text())["role"] for p in EXAMPLES.glob("*.toml")}
     assert roles <= {"site", "region", "root", "peer", "relay"}
+
+
+def test_min_cohort_is_checked_against_the_round_only_for_a_root_with_rounds() -> None:
+    """A FedBuff root has no rounds: min_cohort above the default round size does nothing
+    there and is not refused; a FedAvg root with it could never close a round."""
+    fedbuff = parse(_set(root_raw(), "aggregation", {"algorithm": "fedbuff", "min_cohort": 12}))
+    assert fedbuff.algorithm == "fedbuff" and fedbuff.aggregation.min_cohort == 12
+    with pytest.raises(ConfigError, match="min_cohort"):
+        parse(_set(root_raw(), "aggregation", {"algorithm": "fedavg", "min_cohort": 12}))

@@ -68,6 +68,7 @@ def test_signature_covers_content_not_layout() -> None:
         ("agg.example.org", "evil.example.org"),
         (key_text(SITE_A.public_key), key_text(OUTSIDER.public_key)),
     ],
+    ids=["version", "role", "endpoint", "public_key"],  # stable: the keys are random
 )
 def test_modified_roster_is_refused(old: str, new: str) -> None:
     signed = sign(unsigned(3), CONSORTIUM)
