@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedloom.transport import half
 from fedloom.transport.half import F16, F32, half_all_finite, half_to_float, to_half
 
 ALL_HALVES = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(F16)
@@ -102,3 +103,56 @@ def test_shapes_are_flattened() -> None:
     x = np.ones((300, 40), F32)
     assert to_half(x).shape == (12_000,)
     assert half_to_float(to_half(x)).shape == (12_000,)
+
+
+class _NoForeach:
+    """torch as a version without ``_foreach_copy_`` sees it (every other name passes)."""
+
+    def __init__(self, torch: object) -> None:
+        self._torch = torch
+
+    def __getattr__(self, name: str) -> object:
+        if name == "_foreach_copy_":
+            raise AttributeError(name)
+        return getattr(self._torch, name)
+
+
+class _RefusingForeach(_NoForeach):
+    """torch whose ``_foreach_copy_`` refuses (as one that cannot mix dtypes would)."""
+
+    def __getattr__(self, name: str) -> object:
+        if name == "_foreach_copy_":
+
+            def refuse(*_: object) -> None:
+                raise RuntimeError("foreach: mixed dtypes")
+
+            return refuse
+        return getattr(self._torch, name)
+
+
+@pytest.mark.parametrize("stand_in", [_NoForeach, _RefusingForeach])
+def test_without_torchs_foreach_copy_the_slices_are_converted_one_by_one(
+    monkeypatch: pytest.MonkeyPatch, stand_in: type[_NoForeach]
+) -> None:
+    """``_foreach_copy_`` is torch's private name: a torch without it, or one that refuses
+    the copy, converts slice by slice, with the same bits (both directions)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(half, "_torch", lambda: stand_in(torch))
+    monkeypatch.setattr(half, "_FOREACH_REFUSED", [])
+    half._foreach_copy.cache_clear()
+    try:
+        got = half_to_float(ALL_HALVES)
+        assert same_bits_or_both_nan(got, ALL_HALVES.astype(F32))
+        x = np.linspace(-60_000, 60_000, 100_003, dtype=F32)
+        assert np.array_equal(to_half(x).view(np.uint16), x.astype(F16).view(np.uint16))
+        assert bool(half._FOREACH_REFUSED) == (stand_in is _RefusingForeach)
+    finally:
+        half._foreach_copy.cache_clear()
+
+
+def test_torchs_foreach_copy_is_used_where_it_exists() -> None:
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, "_foreach_copy_"):
+        pytest.skip("this torch has no _foreach_copy_")
+    half._foreach_copy.cache_clear()
+    assert half._foreach_copy(torch) is torch._foreach_copy_
