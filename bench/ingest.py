@@ -79,6 +79,7 @@ from fedloom.federation.store import StateStore  # noqa: E402
 from fedloom.runtime.driver import AsyncDriver  # noqa: E402
 from fedloom.runtime.network_peers import DialTarget, NetworkPeers  # noqa: E402
 from fedloom.runtime.signing import EndToEnd  # noqa: E402
+from fedloom.transport import half  # noqa: E402
 from fedloom.transport.codec_policy import CodecPolicy  # noqa: E402
 from fedloom.transport.e2e import sign_update, update_digest_sent  # noqa: E402
 from fedloom.transport.identity import Identity  # noqa: E402
@@ -227,6 +228,7 @@ async def aggregator(args: dict[str, Any], urls: Any, load_cpu: Any) -> dict[str
         store.load()
     peers = NetworkPeers(ids["agg"], roster, listen=("127.0.0.1", 0), accept_from=set(sites))
     peers.e2e.set_layout(ModelLayout.of(model))  # as the daemon does at start
+    half.one_thread()  # as an aggregator daemon does at start (runtime.serve)
     driver = AsyncDriver(node, peers=peers, store=store, metrics=sink)
     gc.collect()  # as the daemon does once it has started
     gc.freeze()

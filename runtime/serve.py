@@ -62,6 +62,7 @@ from fedloom.runtime.reports import add_reports
 from fedloom.runtime.roster_updates import ROSTER_SEEN_KEY, RosterKeeper
 from fedloom.runtime.status import StatusBoard, board_for_daemon
 from fedloom.runtime.trainer import DeferredPlan, PlanTrainer, make_executor
+from fedloom.transport import half
 from fedloom.transport.channel import ChannelOptions, GateLimits
 from fedloom.transport.codec_policy import CodecPolicy
 from fedloom.transport.e2e import ModelVersionGuard
@@ -524,6 +525,8 @@ async def serve(
                 extra={"node": cfg.node_id},
             )
         secagg_pool.install()  # masking's worker threads (algorithms/ starts none)
+        if cfg.is_aggregator:
+            half.one_thread()  # it trains nothing: fp16 conversions in one call each
         # What start-up built (modules, config, recovered state) lives as long as the
         # process: frozen, it stays out of every later full collection's scan. Garbage
         # is collected first, so none of it is frozen for good.

@@ -31,6 +31,7 @@ model (whose digest covers its float32), so only updates not yet persisted carry
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Mapping
 from types import ModuleType
@@ -52,7 +53,26 @@ def _torch() -> ModuleType | None:
         import torch
     except ImportError:  # torch is optional (the torch extra): numpy converts alone
         return None
+    if _ONE_THREAD:
+        torch.set_num_threads(1)
     return torch
+
+
+_ONE_THREAD = False  # ``one_thread`` was called
+
+
+def one_thread() -> None:
+    """For a process that trains nothing (an aggregator daemon): torch, once imported for
+    a conversion (now, if it already is), runs on one intra-op thread, so a conversion
+    is one call on the calling thread, with no slices: each slice's view released the GIL
+    as it was made and freed, hand-offs with the event loop that cost CPU. fedloom's torch
+    workloads set one thread for their jobs anyway (``workloads.models``); a thread that
+    used torch before this call keeps its count and its conversions go in slices."""
+    global _ONE_THREAD
+    _ONE_THREAD = True
+    if "torch" in sys.modules:
+        _torch.cache_clear()
+        _torch()
 
 
 def _writable(arr: npt.NDArray[Any], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
@@ -94,6 +114,9 @@ def half_to_float(h: npt.NDArray[Any], out: npt.NDArray[Any] | None = None) -> n
 
 def _copy(torch: Any, dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None:
     d, s = torch.from_numpy(dst), torch.from_numpy(src)
+    if torch.get_num_threads() == 1:  # this thread's count: no parallel region to avoid
+        d.copy_(s)
+        return
     # The slices as views made in one call each (``split``), not one Python indexing
     # per slice: for a 4 MB tensor that indexing cost a third of the conversion.
     dsts, srcs = torch.split(d, _SLICE), torch.split(s, _SLICE)

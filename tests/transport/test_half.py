@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -156,3 +158,28 @@ def test_torchs_foreach_copy_is_used_where_it_exists() -> None:
         pytest.skip("this torch has no _foreach_copy_")
     half._foreach_copy.cache_clear()
     assert half._foreach_copy(torch) is torch._foreach_copy_
+
+
+def test_one_thread_makes_each_conversion_one_call_with_the_same_bits() -> None:
+    """An aggregator daemon calls ``one_thread`` at start: torch, imported afterwards for a
+    conversion, runs on one intra-op thread (so no slices are needed), and converts exactly
+    as before; a fresh process, since the setting is process-wide."""
+    pytest.importorskip("torch")
+    code = (
+        "import sys, numpy as np\n"
+        "from fedloom.transport import half\n"
+        "assert 'torch' not in sys.modules\n"
+        "half.one_thread()\n"
+        "h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)\n"
+        "got = half.half_to_float(np.concatenate([h, h]))\n"
+        "import torch\n"
+        "assert torch.get_num_threads() == 1, torch.get_num_threads()\n"
+        "want = np.concatenate([h, h]).astype(np.float32)\n"
+        "nan = np.isnan(want)\n"
+        "assert np.array_equal(np.isnan(got), nan) and np.array_equal(got[~nan], want[~nan])\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
