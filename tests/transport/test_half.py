@@ -118,6 +118,10 @@ class _NoForeach:
             raise AttributeError(name)
         return getattr(self._torch, name)
 
+    @staticmethod
+    def get_num_threads() -> int:
+        return 2  # the sliced path, whatever an earlier test set this process's count to
+
 
 class _RefusingForeach(_NoForeach):
     """torch whose ``_foreach_copy_`` refuses (as one that cannot mix dtypes would)."""
