@@ -33,12 +33,16 @@ demo: $(STAMP)
 sim-demo: $(STAMP)
 	$(BIN)/fedloom sim scenarios/hospitals.toml --out runs/demo
 
+# The suite runs in parallel (pytest-xdist), one worker per core up to 4: most of its time is
+# daemons and simulator runs waiting on each other. Each worker picks daemon ports from its
+# own range (tests/conftest.py); `make test PYTEST_WORKERS=0` runs it in one process.
+PYTEST_WORKERS ?= auto
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --maxprocesses 4
 	$(MAKE) --no-print-directory wheel-check
 
 # Build the wheel, install it without extras into a new clean virtual environment

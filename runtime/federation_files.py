@@ -10,6 +10,7 @@ the end-to-end tests start their daemons from such a directory (``runtime.harnes
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import tomllib
@@ -75,15 +76,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free right now, for a daemon to bind next, and distinct from every other
     port this process handed out.
 
-    Picked at random below the kernel's ephemeral range: a port the kernel chose for
+    Picked at random below the kernel's ephemeral range (or in ``$FEDLOOM_PORT_RANGE``,
+    ``_pick_range``): a port the kernel chose for
     ``bind(0)`` is released here and can come back from the next ``bind(0)`` (two daemons,
     or a daemon's listener and its metrics port, then collide), and until the daemon binds
     it an outgoing connection may take it as its local port. Falls back to the kernel's
     choice when no port below the range is free.
     """
-    low, _ = _ephemeral_range()
+    first, last = _pick_range()
     for _ in range(200):
-        port = _PICKS.randrange(max(1025, low - 12000), max(1026, low))
+        port = _PICKS.randint(first, last)
         if port not in _HANDED_OUT and _bindable(host, port):
             _HANDED_OUT.add(port)
             return port
@@ -95,6 +97,32 @@ def free_port(host: str = "127.0.0.1") -> int:
             _HANDED_OUT.add(port)
             return port
     raise OSError(f"no free TCP port on {host}")
+
+
+PORT_RANGE_ENV = "FEDLOOM_PORT_RANGE"
+
+
+def _pick_range() -> tuple[int, int]:
+    """The ports ``free_port`` picks from, both included: ``$FEDLOOM_PORT_RANGE``
+    ("LOW-HIGH") where set, so that processes which share a machine without sharing their
+    picks (parallel test workers, two local federations) can be given ranges that do not
+    overlap; else the 12,000 ports below the kernel's ephemeral range. OSError naming the
+    variable when it is not a range of ports above 1024."""
+    text = os.environ.get(PORT_RANGE_ENV, "").strip()
+    if not text:
+        low, _ = _ephemeral_range()
+        return max(1025, low - 12000), max(1025, low - 1)
+    first_text, sep, last_text = text.partition("-")
+    try:
+        first, last = int(first_text), int(last_text)
+    except ValueError:
+        first, last = 0, -1
+    if not sep or not 1024 < first <= last <= 65535:
+        raise OSError(
+            f"{PORT_RANGE_ENV}={text!r}: expected LOW-HIGH, two ports with "
+            "1024 < LOW <= HIGH <= 65535 (for example 20000-21999)"
+        )
+    return first, last
 
 
 def _bindable(host: str, port: int) -> bool:

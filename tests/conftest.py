@@ -46,6 +46,7 @@ from pathlib import Path
 
 import pytest
 
+from fedloom.runtime.federation_files import PORT_RANGE_ENV, _pick_range
 from tests.packaging.wheel_smoke import SUBPACKAGES
 
 SHM = Path("/dev/shm")
@@ -106,8 +107,27 @@ def _compile_checkout() -> None:
             compileall.compile_dir(folder, quiet=2, workers=1)
 
 
+def _own_port_range() -> None:
+    """Under pytest-xdist, each worker hands out daemon ports from its own slice of the
+    range ``free_port`` picks from (``$FEDLOOM_PORT_RANGE``, inherited by the daemons and
+    CLIs its tests start): ``free_port`` keeps one process's picks distinct, not two
+    processes', and two workers' daemons on one port fail to start."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not worker.startswith("gw") or not count.isdigit():
+        return
+    index, n = int(worker.removeprefix("gw")), int(count)
+    first, last = _pick_range()
+    size = (last - first + 1) // max(1, n)
+    if not 0 <= index < n or size < 100:
+        return
+    low = first + index * size
+    os.environ[PORT_RANGE_ENV] = f"{low}-{low + size - 1}"
+
+
 @pytest.hookimpl(tryfirst=True)  # before the tmpdir plugin reads the option
 def pytest_configure(config: pytest.Config) -> None:
+    _own_port_range()
     _compile_checkout()
     if config.option.basetemp is None and (made := _in_memory_basetemp()) is not None:
         config.option.basetemp = str(made[0])

@@ -43,7 +43,7 @@ SYNTHETIC = {"dataset": "synthetic", "model": "softmax", "alpha": 0.5, "beta": 0
 SMALL = {"region-a": ["site-1", "site-2"]}
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, every: float = 0.1) -> Any:
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.1) -> Any:
     """Poll ``check`` until it returns something truthy; fail naming ``what`` on time-out."""
     deadline = time.monotonic() + timeout
     while True:

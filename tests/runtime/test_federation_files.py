@@ -54,3 +54,22 @@ def test_a_written_federation_uses_each_port_once(tmp_path: Path) -> None:
     fed = write_federation(tmp_path / "fed", {"region-a": ["site-1"], "region-b": ["site-2"]})
     ports = [p for n in fed.nodes.values() for p in (n.listen_port, n.metrics_port) if p]
     assert len(ports) == len(set(ports)) >= 6
+
+
+def test_free_ports_come_from_the_range_the_environment_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Processes that share a machine (parallel test workers, two local federations) are
+    kept apart by giving each its own range."""
+    monkeypatch.setenv(federation_files.PORT_RANGE_ENV, "23100-23149")
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == 20 and all(23100 <= p <= 23149 for p in ports)
+
+
+@pytest.mark.parametrize("value", ["23100", "23149-23100", "80-90", "a-b", "23100-70000"])
+def test_a_bad_port_range_is_one_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv(federation_files.PORT_RANGE_ENV, value)
+    with pytest.raises(OSError, match=r"FEDLOOM_PORT_RANGE=.*expected LOW-HIGH"):
+        free_port()
