@@ -116,6 +116,16 @@ class BufferedAggregator(AggregatorBase):
         if fill >= self.buffer_size:
             self._flush_full(out)
 
+    def _flush_restored(self) -> None:
+        """A checkpoint's buffer holding ``buffer_size`` updates or more (it was written
+        under a larger ``buffer_size``) is flushed as the restore loads it, before the
+        records after it are replayed: as ``_replay`` flushes the buffer a record fills,
+        and with its effects dropped the same way (a region's forward is in its outbox,
+        resent once the parent is up). Otherwise it stayed over-full until the next update
+        came, however long that took."""
+        if len(self._buffer) >= self.buffer_size:
+            self._flush_full([])
+
     def _replay(self, record: Mapping[str, Any]) -> None:
         self._buffer.add(
             record["delta"],

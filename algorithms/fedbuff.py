@@ -246,6 +246,7 @@ class FedBuffAggregator(OwnModel, BufferedAggregator):
         self._make_buffer(self._weights)
         self._buffer.restore(state["buffer"])
         restore_privacy(self._dp, state, self._version, records)  # refuses a lost ledger
+        self._flush_restored()
         self._replay_records(records.records(APPLIED_KEY))
         check_privacy_log(self._dp, records)
         self._restore_secagg(state, records)

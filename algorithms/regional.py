@@ -769,6 +769,8 @@ class RegionalAggregator(BufferedAggregator):
             str(src): {str(k): int(v) for k, v in c.items()}
             for src, c in (state.get("flushed") or {}).items()
         }
+        if self._global is not None:
+            self._flush_restored()  # needs the outbox and forwards restored above
         # Forwards rebuilt from "applied" first (same seqs as before), then the acks, then
         # the parent's settlements.
         self._replay_records(records.records(APPLIED_KEY))

@@ -119,3 +119,45 @@ def test_regional_restore_rebuilds_forwards_with_the_same_seqs() -> None:
     assert [u.seq for u in back._outbox.pending()] == [u.seq for u in live._outbox.pending()]
     for a, b in zip(back._outbox.pending(), live._outbox.pending(), strict=True):
         np.testing.assert_array_equal(a.delta["w"], b.delta["w"])
+
+
+def test_a_region_restarted_with_a_smaller_buffer_forwards_its_overfull_buffer_at_once() -> None:
+    """A checkpoint written with buffer_size 4 and 3 updates buffered, restored with
+    buffer_size 2: the 3 leave in one forward as the restore loads them (the buffer never
+    holds a full buffer's worth, the chaos checker's bound), and the replayed records after
+    the checkpoint fill the next buffer as they did."""
+
+    def make(size: int) -> RegionalAggregator:
+        return RegionalAggregator("r", "root", SITES, buffer_size=size, concurrency=0)
+
+    msgs = [Update(m.src, m.seq, 0, m.delta, m.n_examples) for m in stream(5, seed=3)]
+    live, log = make(4), list[Persist]()
+    for e in live.handle(recv("root", ModelBroadcast(0, model(0.0))), 0.0):
+        if isinstance(e, Persist):
+            log.append(e)
+    feed(live, msgs[:3], [])
+    snap = live.snapshot()
+    assert live.buffer_fill == 3 and live.seq == 0
+    later: list[Persist] = []
+    feed(live, msgs[3:4], later)  # one more update after the checkpoint: in the log
+    applied = [p.data for p in later if p.key == APPLIED_KEY]
+    back = make(2)
+    back.restore(snap, LogRecords({APPLIED_KEY: applied}))
+    assert back.seq == 1 and back.buffer_fill == 1  # 3 forwarded, then the logged one
+    (forward,) = back._outbox.pending()
+    assert forward.count == 3
+    assert sorted(forward.pairs) == sorted((m.src, m.seq) for m in msgs[:3])
+
+
+def test_a_fedbuff_root_restarted_with_a_smaller_buffer_steps_at_once() -> None:
+    def make(size: int) -> FedBuffAggregator:
+        return FedBuffAggregator("root", SITES, model(0.0), buffer_size=size, concurrency=0)
+
+    msgs = stream(3, seed=4)
+    live = make(5)
+    feed(live, msgs, [])
+    assert live.version == 0 and live.buffer_fill == 3
+    back = make(3)
+    back.restore(live.snapshot())
+    assert back.version == 1 and back.buffer_fill == 0
+    assert not np.array_equal(back.current_model()[1]["w"], live.current_model()[1]["w"])
