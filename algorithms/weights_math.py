@@ -294,18 +294,22 @@ def _sum_half_squares(flat: npt.NDArray[Any]) -> float:
     exact in float32 and equals the float64 square; the squares of each chunk are summed
     in float64 with the ufunc's buffer as large as the chunk, so numpy's pairwise sum
     runs over the same 65,536 values in the same order as ``_sum_squares``'s (with the
-    default 8,192-element buffer it would sum each 8,192 and add those in turn). Only
-    restores the buffer size it had (whatever ``errstate`` does with it)."""
+    default 8,192-element buffer it would sum each 8,192 and add those in turn), and the
+    chunks' sums are added in order. All squares in one call and all whole chunks summed
+    in one call (one row each): each call releases the GIL, and one per chunk handed it
+    back and forth with the channel threads. Only restores the buffer size it had
+    (whatever ``errstate`` does with it)."""
     old = np.setbufsize(_NORM_CHUNK)
     try:
-        buf = np.empty(_NORM_CHUNK, dtype=np.float32)
-        add_reduce, multiply, f64 = np.add.reduce, np.multiply, np.float64
+        squares = np.multiply(flat, flat, dtype=np.float32)
+        whole = flat.size - flat.size % _NORM_CHUNK
         total = 0.0
-        for start in range(0, flat.size, _NORM_CHUNK):
-            part = flat[start : start + _NORM_CHUNK]
-            squares = buf[: part.size]
-            multiply(part, part, out=squares)
-            total += float(add_reduce(squares, dtype=f64))
+        if whole:
+            rows = squares[:whole].reshape(-1, _NORM_CHUNK)
+            for chunk_sum in np.add.reduce(rows, axis=1, dtype=np.float64).tolist():
+                total += chunk_sum
+        if whole < flat.size:
+            total += float(np.add.reduce(squares[whole:], dtype=np.float64))
         return total
     finally:
         np.setbufsize(old)
