@@ -86,7 +86,7 @@ from fedloom.algorithms.protocol import (
     Weights,
 )
 from fedloom.algorithms.secure_site import MEMBER_LOG_KEY, SECAGG_TO_SITE, SiteSecAgg
-from fedloom.algorithms.warn_limit import WarnLimiter
+from fedloom.algorithms.warn_limit import WarnLimiter, quiet_refusals
 from fedloom.algorithms.weights_math import check_compatible, is_finite, quiet_overflow
 from fedloom.transport.settings import settings_problem
 from fedloom.transport.wire import (
@@ -362,6 +362,9 @@ class SiteNode:
             return refused if refused else self._on_request(msg)
         if self._secure is not None and isinstance(msg, SECAGG_TO_SITE):
             out, consumed = self._secure.on_message(peer, msg, self._outbox.pending(), now)
+            # A parent repeating a message the member refuses (a view for a cohort never
+            # uploaded to, a seal it cannot accept) costs a metric each, a line a minute.
+            out = quiet_refusals(self._ignored, peer, out, now, "secagg_refused")
             return out + self._consume(consumed, now)
         if isinstance(msg, Ack):
             if msg.src != self._id:

@@ -8,10 +8,12 @@ reasons, and past ``MAX_KEYS`` the oldest entry goes first.
 
 from __future__ import annotations
 
+from fedloom.algorithms.protocol import Effect, Log, Metric
+
 WARN_INTERVAL_S = 60.0
 MAX_KEYS = 1024
 
-__all__ = ["MAX_KEYS", "WARN_INTERVAL_S", "WarnLimiter"]
+__all__ = ["MAX_KEYS", "WARN_INTERVAL_S", "WarnLimiter", "quiet_refusals"]
 
 
 class WarnLimiter:
@@ -38,3 +40,31 @@ class WarnLimiter:
             self._last.pop(key, None)  # re-insert: the dict stays ordered by last line
         self._last[key] = (now, 0)
         return 0 if entry is None else entry[1]
+
+
+def quiet_refusals(
+    limiter: WarnLimiter, peer: str, effects: list[Effect], now: float, metric: str
+) -> list[Effect]:
+    """``effects`` with the warning each refusal logs (a ``Metric`` named ``metric`` with a
+    ``reason`` label, then its ``Log``: ``secagg.cohort.refused``) kept once per peer and
+    reason per interval, saying how many went unlogged (``unlogged_before``); the metrics
+    all stay. The peer is the Log's ``site`` field where it names one (a coordinator
+    refusing a member's shares), else ``peer``."""
+    if not any(isinstance(e, Metric) and e.name == metric for e in effects):
+        return effects
+    out: list[Effect] = []
+    reason: str | None = None
+    for e in effects:
+        if reason is not None and isinstance(e, Log):
+            fields = dict(e.fields or {})
+            site = fields.get("site")
+            unlogged = limiter.due(site if isinstance(site, str) else peer, reason, now)
+            if unlogged is not None:
+                out.append(Log(e.level, e.text, {**fields, "unlogged_before": unlogged}))
+            reason = None
+            continue
+        reason = None
+        if isinstance(e, Metric) and e.name == metric:
+            reason = str((e.labels or {}).get("reason", ""))
+        out.append(e)
+    return out

@@ -110,7 +110,7 @@ from fedloom.algorithms.secagg.shamir import (
     parse_share,
     robust_reconstruct,
 )
-from fedloom.algorithms.warn_limit import WarnLimiter
+from fedloom.algorithms.warn_limit import WarnLimiter, quiet_refusals
 from fedloom.transport.wire import (
     MAX_COHORT,
     MaskedUpdate,
@@ -416,28 +416,11 @@ class SecAggCoordinator:
         return len(cohort.answers) + len(self._owed(cohort)) - cohort.t
 
     def _quiet(self, peer: str, effects: list[Effect], now: float) -> list[Effect]:
-        """``effects`` with each refusal's warning (``cohort.refused``: the metric, then
-        its Log) logged once per site and reason a minute, saying how many went unlogged
-        (``warn_limit``): a member repeating a refused message (a wrong seq, another's
-        name, a join of n < 0, shares unasked) costs a metric each, not a log line each."""
-        if not any(isinstance(e, Metric) and e.name == "secagg_refused" for e in effects):
-            return effects
-        out: list[Effect] = []
-        reason: str | None = None
-        for e in effects:
-            if reason is not None and isinstance(e, Log):
-                fields = dict(e.fields or {})
-                site = fields.get("site")
-                unlogged = self._warn.due(site if isinstance(site, str) else peer, reason, now)
-                if unlogged is not None:
-                    out.append(Log(e.level, e.text, {**fields, "unlogged_before": unlogged}))
-                reason = None
-                continue
-            reason = None
-            if isinstance(e, Metric) and e.name == "secagg_refused":
-                reason = str((e.labels or {}).get("reason", ""))
-            out.append(e)
-        return out
+        """``effects`` with each refusal's warning logged once per site and reason a
+        minute (``warn_limit.quiet_refusals``): a member repeating a refused message (a
+        wrong seq, another's name, a join of n < 0, shares unasked) costs a metric each,
+        not a log line each."""
+        return quiet_refusals(self._warn, peer, effects, now, "secagg_refused")
 
     def on_join(self, peer: str, msg: SecAggJoin, now: float) -> list[Effect]:
         return self._quiet(peer, self._on_join(peer, msg, now), now)

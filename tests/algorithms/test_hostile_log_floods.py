@@ -15,6 +15,10 @@ from fedloom.algorithms.protocol import Effect, Log, Received
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.warn_limit import WARN_INTERVAL_S
+from fedloom.federation.factory import Neighbours, build_node
+from fedloom.federation.params import AlgorithmConfig, TrainingConfig
+from fedloom.federation.secagg_keys import derived_secagg_keys
+from fedloom.federation.secagg_params import SecureAggregationConfig
 from fedloom.transport.wire import (
     Ack,
     Hello,
@@ -22,6 +26,7 @@ from fedloom.transport.wire import (
     MaskedUpdate,
     Message,
     SecAggJoin,
+    SecAggView,
     SecAggViewSig,
 )
 from tests.algorithms.alg_helpers import hello, metrics, model
@@ -95,4 +100,29 @@ def test_a_member_repeating_refused_secure_aggregation_messages_costs_one_line_e
     assert len(logs(out)) == 2
     later = coord.on_join(evil, SecAggJoin(evil, 1, 0, n_examples=-1), 1.0 + WARN_INTERVAL_S + 5)
     [line] = logs(later)
+    assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
+
+
+def test_a_parent_repeating_a_refused_secure_aggregation_message_costs_a_site_one_line() -> None:
+    """The member's refusals (``secagg_refused``): a parent sending a view for a cohort
+    this site never uploaded to, again and again, is counted each time and logged once
+    a minute."""
+    keys = derived_secagg_keys(["root", "s1", "s2", "s3"], seed=7)
+    site = build_node(
+        "site",
+        "s1",
+        "fedbuff",
+        AlgorithmConfig(buffer_size=3, concurrency=3, clip_norm=None),
+        TrainingConfig(lr=0.1, local_steps=1, batch_size=1, mu=0.0),
+        Neighbours(parent="root", parent_role="root"),
+        seed=0,
+        n_examples=10,
+        secagg=SecureAggregationConfig(enabled=True, min_cohort=3, max_dropout=0.3),
+        secagg_keys=keys["s1"],
+    )
+    view = SecAggView(cohort=b"c" * 16, survivors=("s1", "s2", "s3"), dropped=())
+    out = flood(site, "root", view)
+    assert metric_count(out, "secagg_refused", reason="unknown_cohort") == FLOOD
+    assert len(logs(out)) == 1
+    [line] = logs(site.handle(Received("root", view), 1.0 + WARN_INTERVAL_S + 5.0))
     assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
