@@ -35,14 +35,15 @@ sim-demo: $(STAMP)
 
 # The suite runs in parallel (pytest-xdist), one worker per core up to 4: most of its time is
 # daemons and simulator runs waiting on each other. Each worker picks daemon ports from its
-# own range (tests/conftest.py); `make test PYTEST_WORKERS=0` runs it in one process.
+# own range (tests/conftest.py); tests marked xdist_group (the Ray cluster's) share one worker.
+# `make test PYTEST_WORKERS=0` runs it in one process.
 PYTEST_WORKERS ?= auto
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --maxprocesses 4
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadgroup
 	$(MAKE) --no-print-directory wheel-check
 
 # Build the wheel, install it without extras into a new clean virtual environment

@@ -75,6 +75,12 @@ def deterministic(report: Any) -> Any:
     return strip_wall(report_to_dict(report))
 
 
+# Under pytest-xdist (``make test``) the module's tests stay on one worker
+# (``--dist loadgroup``): one local cluster for them all, as in one process, not one per
+# worker on the same CPUs.
+pytestmark = pytest.mark.xdist_group("ray")
+
+
 def ray_processes() -> list[str]:
     found = []
     for p in psutil.Process().children(recursive=True):
