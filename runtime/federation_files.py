@@ -76,12 +76,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free right now, for a daemon to bind next, and distinct from every other
     port this process handed out.
 
-    Picked at random below the kernel's ephemeral range (or in ``$FEDLOOM_PORT_RANGE``,
-    ``_pick_range``): a port the kernel chose for
-    ``bind(0)`` is released here and can come back from the next ``bind(0)`` (two daemons,
-    or a daemon's listener and its metrics port, then collide), and until the daemon binds
-    it an outgoing connection may take it as its local port. Falls back to the kernel's
-    choice when no port below the range is free.
+    Picked at random below the kernel's ephemeral range, or in ``$FEDLOOM_PORT_RANGE``
+    (``_pick_range``): a port the kernel chose for ``bind(0)`` is released here and can
+    come back from the next ``bind(0)`` (two daemons, or a daemon's listener and its
+    metrics port, then collide), and until the daemon binds it an outgoing connection may
+    take it as its local port. Falls back to the kernel's choice when no port in that
+    range is free.
     """
     first, last = _pick_range()
     for _ in range(200):
