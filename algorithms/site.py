@@ -170,7 +170,8 @@ class SiteNode:
         self.jobs_failed = 0
         self.settings_refused = 0  # requests whose config is not what the root signed
         self._settings_warn = WarnLimiter()
-        self._ignored = WarnLimiter()  # messages ignored: one line per peer and reason a minute
+        # Messages ignored or refused (secure aggregation): a line per peer and reason a minute.
+        self._ignored = WarnLimiter()
 
     @property
     def node_id(self) -> str:

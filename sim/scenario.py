@@ -471,12 +471,11 @@ def unused_settings(
                     "it applies to none"
                 ] = None
     for i, (raw, arm) in enumerate(zip(arms_raw, arms, strict=True)):
-        own = isinstance(raw.get("availability"), Mapping) and "churn" in raw["availability"]
-        where = f"arms[{i}].availability" if own else "availability"
+        where = _own_or_shared(raw, i, "availability", "churn")
         for j, spec in enumerate(arm.availability.churn):
             if spec.start_s >= duration_s:
                 notes[
-                    f"{where}.churn[{j}]: starts at {spec.start_s / 3600:g} h, when the run "
+                    f"{where}[{j}]: starts at {spec.start_s / 3600:g} h, when the run "
                     f"({duration_s / 3600:g} h) is over; it takes nothing offline"
                 ] = None
         # Partitions, deaths and restarts after the run's end likewise do nothing.

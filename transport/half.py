@@ -129,23 +129,20 @@ def _copy(torch: Any, dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None:
             foreach(list(dsts), list(srcs))
             return
         except (RuntimeError, TypeError):  # a torch whose foreach refuses these: loop
-            _foreach_copy.cache_clear()
-            _FOREACH_REFUSED.append(True)
+            global _foreach_refused
+            _foreach_refused = True
     for to, part in zip(dsts, srcs, strict=True):
         to.copy_(part)
 
 
-_FOREACH_REFUSED: list[bool] = []  # non-empty once ``_foreach_copy_`` has refused a copy
+_foreach_refused = False  # ``_foreach_copy_`` refused a copy: slice by slice from then on
 
 
-@functools.cache
 def _foreach_copy(torch: Any) -> Any:
     """``torch._foreach_copy_`` (torch >= 2.1; what ``torch.optim`` uses to update many
     tensors in one call), or None: a private name, so the per-slice loop stays the
     fallback, for a torch without it or one whose foreach refused a copy."""
-    if _FOREACH_REFUSED:
-        return None
-    return getattr(torch, "_foreach_copy_", None)
+    return None if _foreach_refused else getattr(torch, "_foreach_copy_", None)
 
 
 def half_all_finite(h: npt.NDArray[Any]) -> bool:
