@@ -17,7 +17,7 @@ from fedloom.transport.identity import Identity
 from fedloom.transport.links import reserve_share
 from fedloom.transport.roster import Roster, RosterEntry
 from tests.runtime.test_peers import LIMIT, Pki, Sink, peers, pki, until
-from tests.transport.test_channel import FLOOD_FROM, flood, flood_from
+from tests.transport.test_channel import FLOOD_FROM, HANDSHAKE_S, flood, flood_from
 
 __all__ = ["pki"]  # the fixture, shared with test_peers
 
@@ -26,7 +26,7 @@ async def test_a_flood_of_idle_upgrades_does_not_keep_a_site_from_its_aggregator
     pki: Pki,
 ) -> None:
     agg = peers(pki.agg, pki.roster, listen=("127.0.0.1", 0), accept_from={"site-1"})
-    agg.gate.limits = GateLimits(max_pending=16, handshake_timeout=0.5)  # 2 per address
+    agg.gate.limits = GateLimits(max_pending=16, handshake_timeout=HANDSHAKE_S)  # 2 per address
     opened = [0]
     async with asyncio.timeout(LIMIT), asyncio.TaskGroup() as tg:
         agg_task = tg.create_task(agg.run(Sink()))
@@ -69,7 +69,7 @@ async def test_a_flood_from_many_addresses_does_not_keep_a_returning_site_out(pk
         keepalive_s=0.5,
         options=ChannelOptions(close_timeout=0.5),
     )
-    agg.gate.limits = GateLimits(max_pending=16, handshake_timeout=0.5)
+    agg.gate.limits = GateLimits(max_pending=16, handshake_timeout=HANDSHAKE_S)
     limits = agg.gate.limits
     assert (limits.per_address, limits.reserved) == (2, 4)  # 8 x 2 > the 12 unknown slots
     opened = [0]
@@ -122,7 +122,7 @@ async def test_a_rostered_insider_cannot_keep_a_returning_site_out(pki: Pki) -> 
         keepalive_s=0.5,
         options=ChannelOptions(close_timeout=0.5),
     )
-    agg.gate.limits = GateLimits(max_pending=64, handshake_timeout=0.5)
+    agg.gate.limits = GateLimits(max_pending=64, handshake_timeout=HANDSHAKE_S)
     limits = agg.gate.limits
     assert (limits.per_address, limits.reserved, reserve_share(limits.reserved)) == (8, 16, 2)
     opened = [0]
