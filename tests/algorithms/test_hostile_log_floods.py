@@ -11,7 +11,7 @@ WARNING lines a second to the daemon's log. Each is still counted (metric
 from __future__ import annotations
 
 from fedloom.algorithms.fedbuff import FedBuffAggregator
-from fedloom.algorithms.protocol import Effect, Log, Received
+from fedloom.algorithms.protocol import Effect, Log, Received, Send, Train, TrainFailed
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.warn_limit import WARN_INTERVAL_S
@@ -28,6 +28,8 @@ from fedloom.transport.wire import (
     SecAggJoin,
     SecAggView,
     SecAggViewSig,
+    TrainRefused,
+    TrainRequest,
 )
 from tests.algorithms.alg_helpers import hello, metrics, model
 from tests.algorithms.secagg_harness import Net, metric_count
@@ -125,4 +127,30 @@ def test_a_parent_repeating_a_refused_secure_aggregation_message_costs_a_site_on
     assert metric_count(out, "secagg_refused", reason="unknown_cohort") == FLOOD
     assert len(logs(out)) == 1
     [line] = logs(site.handle(Received("root", view), 1.0 + WARN_INTERVAL_S + 5.0))
+    assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
+
+
+def test_a_parent_repeating_a_request_the_site_refuses_to_train_costs_one_line() -> None:
+    # A region re-sends the root's (signed) model as fast as the link goes, ignoring the
+    # backoff an honest parent keeps: the site's trainer refuses each job at once (its
+    # plan not approved, its privacy budget spent, its dataset revoked).
+    site = SiteNode("s1", "r0")
+    out: list[Effect] = []
+    for i in range(FLOOD):
+        now = 1.0 + i * 0.001
+        train = site.handle(Received("r0", TrainRequest(i, 3, model(0.0), {})), now)
+        (job,) = [e.job for e in train if isinstance(e, Train)]
+        out += site.handle(TrainFailed(job, "plan not approved", "plan_not_approved"), now)
+    # Each job still counts and is refused to the parent; the log gets a line a minute.
+    assert len(metrics(out, "train_failed")) == FLOOD
+    assert sum(isinstance(e, Send) and isinstance(e.msg, TrainRefused) for e in out) == FLOOD
+    assert len(logs(out)) == 1
+    later = site.handle(
+        Received("r0", TrainRequest(FLOOD, 3, model(0.0), {})), 1.0 + WARN_INTERVAL_S
+    )
+    (job,) = [e.job for e in later if isinstance(e, Train)]
+    more = site.handle(
+        TrainFailed(job, "plan not approved", "plan_not_approved"), 2.0 + WARN_INTERVAL_S
+    )
+    (line,) = logs(more)
     assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
