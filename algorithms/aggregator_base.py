@@ -684,9 +684,12 @@ class AggregatorBase:
             # Delivered already by another region (a standby): refused unrecorded, so the
             # region can rebuild this forward without them (``algorithms.incorporation``).
             out.append(Metric("forward_overlap", float(len(taken)), {"src": peer}))
-            out.append(
-                Log("warning", "forward overlaps site updates taken", {"src": peer, "seq": msg.seq})
-            )
+            # Nothing is written for it, so a region may send it again at once: a line per
+            # region a minute, not one per message.
+            unlogged = self._ignored.due(peer, "forward_overlap", self._now)
+            if unlogged is not None:
+                fields = {"src": peer, "seq": msg.seq, "unlogged_before": unlogged}
+                out.append(Log("warning", "forward overlaps site updates taken", fields))
             out.append(Send(peer, Overlap(msg.src, msg.seq, tuple(taken))))
             return
         if self._owns_model and self._ahead_of_us(peer, msg, out):

@@ -25,11 +25,13 @@ from fedloom.transport.wire import (
     Incorporated,
     MaskedUpdate,
     Message,
+    Overlap,
     SecAggJoin,
     SecAggView,
     SecAggViewSig,
     TrainRefused,
     TrainRequest,
+    Update,
 )
 from tests.algorithms.alg_helpers import hello, metrics, model
 from tests.algorithms.secagg_harness import Net, metric_count
@@ -153,4 +155,20 @@ def test_a_parent_repeating_a_request_the_site_refuses_to_train_costs_one_line()
         TrainFailed(job, "plan not approved", "plan_not_approved"), 2.0 + WARN_INTERVAL_S
     )
     (line,) = logs(more)
+    assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
+
+
+def test_a_region_resending_a_forward_of_pairs_taken_already_costs_one_line() -> None:
+    # The root refuses it unrecorded (an Overlap naming the pairs, so an honest region
+    # rebuilds it): nothing of it is written, so a region can send it again at once.
+    agg = FedBuffAggregator("root", {"r0": "region"}, model(0.0), buffer_size=4, concurrency=1)
+    agg.set_subtrees({"r0": ("s1",)})
+    first = Update("r0", 1, 0, model(0.1), 10, count=1, pairs=(("s1", 1),))
+    agg.handle(Received("r0", first), 0.5)
+    again = Update("r0", 2, 0, model(0.1), 10, count=1, pairs=(("s1", 1),))
+    out = flood(agg, "r0", again)
+    assert len(metrics(out, "forward_overlap")) == FLOOD
+    assert sum(isinstance(e, Send) and isinstance(e.msg, Overlap) for e in out) == FLOOD
+    assert len(logs(out)) == 1
+    [line] = logs(agg.handle(Received("r0", again), 1.0 + WARN_INTERVAL_S + 5.0))
     assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
