@@ -10,8 +10,10 @@ from dataclasses import replace
 import tests.algorithms.test_failover as tf
 from fedloom.algorithms.incorporation import PAIR_AHEAD
 from fedloom.algorithms.protocol import Effect, Event, Received, Send
+from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
-from fedloom.transport.wire import Ack, Incorporated, Overlap, Update
+from fedloom.transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, Update
+from tests.algorithms.alg_helpers import hello, metrics, model, recv, sends, upd
 
 JUMP = 10 * PAIR_AHEAD
 
@@ -66,3 +68,21 @@ def test_the_root_names_only_the_far_ahead_pairs_and_records_nothing() -> None:
     assert not [e for e in out if isinstance(e, Send) and isinstance(e.msg, Ack)]
     assert root.applied == 0 and not root._pairs.seen("s2", 1)
     assert root._pairs.watermark("s1") == 0
+
+
+def test_a_region_keeping_no_parts_drops_the_forward_and_counts_the_rest_lost() -> None:
+    region = RegionalAggregator(
+        "r0", "root", {s: "site" for s in tf.SITES}, buffer_size=2, concurrency=2, rng=0
+    )
+    region.handle(Received("root", ModelBroadcast(0, model(0.0))), 0.0)
+    for s in tf.SITES:
+        region.handle(hello(s, "site"), 0.0)
+    out = region.handle(recv("s1", upd("s1", JUMP)), 1.0)
+    out += region.handle(recv("s2", upd("s2", 1)), 1.0)
+    (fwd,) = [e.msg for e in sends(out, Update) if isinstance(e.msg, Update)]
+    assert set(fwd.pairs) == {("s1", JUMP), ("s2", 1)}
+    out = region.handle(Received("root", Overlap("r0", fwd.seq, (("s1", JUMP),))), 2.0)
+    assert region.pending == 0 and not sends(out, Update)  # nothing left to resend
+    assert [m.value for m in metrics(out, "pairs_lost")] == [1.0]
+    settled = {(e.peer, e.msg.seq) for e in sends(out) if isinstance(e.msg, Incorporated)}
+    assert settled == {("s1", JUMP), ("s2", 1)}
