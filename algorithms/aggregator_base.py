@@ -684,9 +684,12 @@ class AggregatorBase:
             # Delivered already by another region (a standby): refused unrecorded, so the
             # region can rebuild this forward without them (``algorithms.incorporation``).
             out.append(Metric("forward_overlap", float(len(taken)), {"src": peer}))
-            out.append(
-                Log("warning", "forward overlaps site updates taken", {"src": peer, "seq": msg.seq})
-            )
+            # Nothing is written for it, so a region may send it again at once: a line per
+            # region a minute, not one per message.
+            unlogged = self._ignored.due(peer, "forward_overlap", self._now)
+            if unlogged is not None:
+                fields = {"src": peer, "seq": msg.seq, "unlogged_before": unlogged}
+                out.append(Log("warning", "forward overlaps site updates taken", fields))
             out.append(Send(peer, Overlap(msg.src, msg.seq, tuple(taken))))
             return
         if self._owns_model and self._ahead_of_us(peer, msg, out):
@@ -735,7 +738,8 @@ class AggregatorBase:
         take (``PairLedger.problem``): recording it would settle its site updates at the
         region, which tells the sites to forget them. The region resends it, so a
         ``[subtrees]`` fixed and the root restarted takes it; until then an ERROR names the
-        fix at most every ``BEHIND_LOG_S`` per region.
+        fix at most every ``BEHIND_LOG_S`` per region. Pairs far ahead are also named in
+        an ``Overlap``, so the region drops just their contributions.
 
         The pairs are bounded by the count this node believes (``ClaimBounds``: what the
         region's subtree can produce in one flush), not by the one the region wrote: the
@@ -770,6 +774,13 @@ class AggregatorBase:
         if last is None or self._now >= last + BEHIND_LOG_S:
             self._pairs_logged[peer] = self._now
             out.append(Log("error", text, {"src": peer, "seq": msg.seq, "sites": foreign[:8]}))
+        if problem == "pairs_far_ahead":
+            # A site can number its updates so (its seq is its own word): refused alone,
+            # the forward would come back for ever with its honest updates, and once the
+            # region's outbox filled, stall the region. Named like pairs taken already,
+            # the region forwards the rest without them (or, keeping no parts, drops it).
+            far = self._pairs.far_ahead(pairs)
+            out.append(Send(peer, Overlap(msg.src, msg.seq, tuple(far))))
         return True
 
     # ------------------------------------------------------------ refusals

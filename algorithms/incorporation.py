@@ -35,6 +35,9 @@ than ``PAIR_AHEAD`` above it is refused (unrecorded), and a gap (an update a reg
 stale or rejected, which no region forwards) is given up only once a pair ``PAIR_BEHIND``
 above it was taken, which an honest site reaches only after settling everything below
 (``MAX_HELD_LIMIT``). A region can thus claim at most ``PAIR_AHEAD`` seqs ahead per pair.
+A refused far pair is also named back in an ``Overlap``: a site numbers its own updates,
+so one that numbers them far ahead must not wedge its region's forwards (the region
+drops just that contribution; without parts kept, the forward).
 
 All of it is sans-I/O bookkeeping; the nodes persist it through ``Persist`` records
 (``HELD_KEY`` for sites, ``FORWARDS_KEY`` for regions) and their checkpoints.
@@ -256,6 +259,11 @@ class PairLedger:
         if any(seq > self._mark.get(site, 0) + PAIR_AHEAD for site, seq in pairs):
             return "pairs_far_ahead"
         return None
+
+    def far_ahead(self, pairs: Iterable[Pair]) -> list[Pair]:
+        """The pairs more than ``PAIR_AHEAD`` above their site's watermark."""
+        mark = self._mark
+        return [p for p in pairs if p[1] > mark.get(p[0], 0) + PAIR_AHEAD]
 
     def seen(self, site: str, seq: int) -> bool:
         if seq <= self._mark.get(site, 0):

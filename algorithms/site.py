@@ -260,7 +260,7 @@ class SiteNode:
             return self._on_done(event, now)
         if isinstance(event, TrainFailed):
             self._check_job(event.job)
-            return self._failed(event.job, event.reason, event.code)
+            return self._failed(event.job, event.reason, event.code, now)
         if isinstance(event, PeerUp):
             self._up.add(event.peer)
             if event.peer != self.parent:
@@ -458,14 +458,18 @@ class SiteNode:
         if self.state is not SiteState.TRAINING or job != self._job:
             raise ProtocolMisuseError(f"site {self._id}: no training job {job} in progress")
 
-    def _failed(self, job: int, reason: str, code: str) -> list[Effect]:
+    def _failed(self, job: int, reason: str, code: str, now: float) -> list[Effect]:
         """Job ``job`` failed: the parent hears ``TrainRefused(code, reason)`` (it frees the
-        task's slot and counts the refusal, issue 14), no update is sent."""
+        task's slot and counts the refusal, issue 14), no update is sent. A metric per job,
+        a line per code a minute: a parent that ignores the refusal's backoff and sends the
+        request again at once (a plan this site refuses, a spent budget) gets a refusal
+        each time, not a log line each."""
         self.jobs_failed += 1
-        out: list[Effect] = [
-            Log("warning", "training failed", {"job": job, "reason": reason, "code": code}),
-            Metric("train_failed"),
-        ]
+        out: list[Effect] = [Metric("train_failed")]
+        unlogged = self._ignored.due("training", f"failed_{code}", now)
+        if unlogged is not None:
+            fields = {"job": job, "reason": reason, "code": code, "unlogged_before": unlogged}
+            out.insert(0, Log("warning", "training failed", fields))
         if code != "dropout":  # the simulator's dead site says nothing
             refusal = TrainRefused(self._id, self._task, self._base_version, code, reason[:200])
             out.append(Send(self.parent, refusal))
@@ -479,7 +483,7 @@ class SiteNode:
         if not isinstance(result, TrainedDelta):  # else computed and checked where it trained
             checked = trained_delta(result, base)
             if isinstance(checked, str):
-                return self._failed(event.job, checked, "failed")
+                return self._failed(event.job, checked, "failed", now)
             result = checked
         update = Update(
             src=self._id,

@@ -531,6 +531,13 @@ class SyncAggregator(OwnModel, AggregatorBase):
         if collecting and task is not None and self._round_tasks.get(task) == peer:
             del self._round_tasks[task]  # answered, but too late for the round's cohort
             self._round_lost = True
+        elif self._free.get(peer, 0) >= self._quota(peer):
+            # Answers no task of the round: within the site's share of it, as a plain late
+            # update (``_within_quota``), else a flood of joins is a durable write each.
+            # Unacked: the site joins again later.
+            self.dropped += 1
+            out.append(Metric("update_dropped", 1.0, {"src": peer, "reason": "quota"}))
+            return False
         self.late += 1
         out.append(Metric("update_late", 1.0, {"src": msg.src}))
         self._record_join(msg, Outcome.LATE, version, out)

@@ -11,7 +11,7 @@ WARNING lines a second to the daemon's log. Each is still counted (metric
 from __future__ import annotations
 
 from fedloom.algorithms.fedbuff import FedBuffAggregator
-from fedloom.algorithms.protocol import Effect, Log, Received
+from fedloom.algorithms.protocol import Effect, Log, Received, Send, Train, TrainFailed
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
 from fedloom.algorithms.warn_limit import WARN_INTERVAL_S
@@ -25,9 +25,13 @@ from fedloom.transport.wire import (
     Incorporated,
     MaskedUpdate,
     Message,
+    Overlap,
     SecAggJoin,
     SecAggView,
     SecAggViewSig,
+    TrainRefused,
+    TrainRequest,
+    Update,
 )
 from tests.algorithms.alg_helpers import hello, metrics, model
 from tests.algorithms.secagg_harness import Net, metric_count
@@ -125,4 +129,46 @@ def test_a_parent_repeating_a_refused_secure_aggregation_message_costs_a_site_on
     assert metric_count(out, "secagg_refused", reason="unknown_cohort") == FLOOD
     assert len(logs(out)) == 1
     [line] = logs(site.handle(Received("root", view), 1.0 + WARN_INTERVAL_S + 5.0))
+    assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
+
+
+def test_a_parent_repeating_a_request_the_site_refuses_to_train_costs_one_line() -> None:
+    # A region re-sends the root's (signed) model as fast as the link goes, ignoring the
+    # backoff an honest parent keeps: the site's trainer refuses each job at once (its
+    # plan not approved, its privacy budget spent, its dataset revoked).
+    site = SiteNode("s1", "r0")
+    out: list[Effect] = []
+    for i in range(FLOOD):
+        now = 1.0 + i * 0.001
+        train = site.handle(Received("r0", TrainRequest(i, 3, model(0.0), {})), now)
+        (job,) = [e.job for e in train if isinstance(e, Train)]
+        out += site.handle(TrainFailed(job, "plan not approved", "plan_not_approved"), now)
+    # Each job still counts and is refused to the parent; the log gets a line a minute.
+    assert len(metrics(out, "train_failed")) == FLOOD
+    assert sum(isinstance(e, Send) and isinstance(e.msg, TrainRefused) for e in out) == FLOOD
+    assert len(logs(out)) == 1
+    later = site.handle(
+        Received("r0", TrainRequest(FLOOD, 3, model(0.0), {})), 1.0 + WARN_INTERVAL_S
+    )
+    (job,) = [e.job for e in later if isinstance(e, Train)]
+    more = site.handle(
+        TrainFailed(job, "plan not approved", "plan_not_approved"), 2.0 + WARN_INTERVAL_S
+    )
+    (line,) = logs(more)
+    assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
+
+
+def test_a_region_resending_a_forward_of_pairs_taken_already_costs_one_line() -> None:
+    # The root refuses it unrecorded (an Overlap naming the pairs, so an honest region
+    # rebuilds it): nothing of it is written, so a region can send it again at once.
+    agg = FedBuffAggregator("root", {"r0": "region"}, model(0.0), buffer_size=4, concurrency=1)
+    agg.set_subtrees({"r0": ("s1",)})
+    first = Update("r0", 1, 0, model(0.1), 10, count=1, pairs=(("s1", 1),))
+    agg.handle(Received("r0", first), 0.5)
+    again = Update("r0", 2, 0, model(0.1), 10, count=1, pairs=(("s1", 1),))
+    out = flood(agg, "r0", again)
+    assert len(metrics(out, "forward_overlap")) == FLOOD
+    assert sum(isinstance(e, Send) and isinstance(e.msg, Overlap) for e in out) == FLOOD
+    assert len(logs(out)) == 1
+    [line] = logs(agg.handle(Received("r0", again), 1.0 + WARN_INTERVAL_S + 5.0))
     assert line.fields is not None and line.fields["unlogged_before"] == FLOOD - 1
