@@ -1506,6 +1506,13 @@ class AggregatorBase:
             **self._secagg_snapshot(),
         }
 
+    def relearn_site_pairs(self) -> None:
+        """This node's record of the site updates it took is gone or old (a reseeded
+        root): each site's next pair taken sets where its numbers stand
+        (``PairLedger.relearn``), so sites far past that record are not refused as far
+        ahead for ever. Persisted with the next checkpoint."""
+        self._pairs.relearn()
+
     def _base_restore(self, state: Mapping[str, Any]) -> None:
         if state.get("node_id") != self._id:
             raise ValueError(f"snapshot of {state.get('node_id')!r}, not {self._id!r}")

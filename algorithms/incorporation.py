@@ -38,6 +38,11 @@ above it was taken, which an honest site reaches only after settling everything 
 A refused far pair is also named back in an ``Overlap``: a site numbers its own updates,
 so one that numbers them far ahead must not wedge its region's forwards (the region
 drops just that contribution; without parts kept, the forward).
+A root reseeded after losing its state (``fedloom state reseed``) no longer knows where
+its sites' numbers stand: its ledger relearns them (``relearn``), each site's first pair
+taken after the reseed setting its watermark whatever its distance, the bound applying
+again from there. An honest site's unsettled updates lie within ``PAIR_BEHIND`` of each
+other, so none of them falls below the watermark its first pair sets.
 
 All of it is sans-I/O bookkeeping; the nodes persist it through ``Persist`` records
 (``HELD_KEY`` for sites, ``FORWARDS_KEY`` for regions) and their checkpoints.
@@ -230,12 +235,22 @@ class PairLedger:
     set holds fewer than ``PAIR_AHEAD`` seqs per site.
     """
 
-    __slots__ = ("_above", "_mark", "_subtrees")
+    __slots__ = ("_above", "_mark", "_relearned", "_subtrees")
 
     def __init__(self) -> None:
         self._mark: dict[str, int] = {}
         self._above: dict[str, set[int]] = {}
         self._subtrees: dict[str, frozenset[str]] = {}
+        # None, or since a reseed (``relearn``) the sites whose first pair was taken since.
+        self._relearned: set[str] | None = None
+
+    def relearn(self) -> None:
+        """Forget where the sites' numbers stand (a reseeded root lost what it took): each
+        site's next pair taken is not held to ``PAIR_AHEAD`` and sets its watermark."""
+        self._relearned = set()
+
+    def _bounded(self, site: str) -> bool:
+        return self._relearned is None or site in self._relearned
 
     def set_subtrees(self, subtrees: Mapping[str, Iterable[str]]) -> None:
         self._subtrees = {r: frozenset(s) for r, s in subtrees.items()}
@@ -256,14 +271,15 @@ class PairLedger:
             return "foreign_pairs"
         if len(set(pairs)) != len(pairs):
             return "duplicate_pairs"
-        if any(seq > self._mark.get(site, 0) + PAIR_AHEAD for site, seq in pairs):
+        if self.far_ahead(pairs):
             return "pairs_far_ahead"
         return None
 
     def far_ahead(self, pairs: Iterable[Pair]) -> list[Pair]:
-        """The pairs more than ``PAIR_AHEAD`` above their site's watermark."""
+        """The pairs more than ``PAIR_AHEAD`` above their site's watermark (of a site being
+        relearned, none)."""
         mark = self._mark
-        return [p for p in pairs if p[1] > mark.get(p[0], 0) + PAIR_AHEAD]
+        return [p for p in pairs if p[1] > mark.get(p[0], 0) + PAIR_AHEAD and self._bounded(p[0])]
 
     def seen(self, site: str, seq: int) -> bool:
         if seq <= self._mark.get(site, 0):
@@ -277,7 +293,12 @@ class PairLedger:
 
     def record(self, pairs: Iterable[Pair]) -> None:
         touched = set()
+        relearned = self._relearned
         for site, seq in pairs:
+            if relearned is not None and site not in relearned:
+                # Its first pair since the reseed: the gap below it is given up as any
+                # gap PAIR_BEHIND below the highest seq taken (``_advance``).
+                relearned.add(site)
             if seq > self._mark.get(site, 0):
                 self._above.setdefault(site, set()).add(seq)
                 touched.add(site)
@@ -299,18 +320,25 @@ class PairLedger:
         return self._mark.get(site, 0)
 
     def snapshot(self) -> dict[str, Any]:
-        """``AppliedLedger``'s shape: ``{"mark": {site: seq}, "above": {site: [seq]}}``."""
-        return {
+        """``AppliedLedger``'s shape: ``{"mark": {site: seq}, "above": {site: [seq]}}``,
+        and ``"relearned": [site]`` since a reseed."""
+        snap: dict[str, Any] = {
             "mark": dict(self._mark),
             "above": {site: sorted(seqs) for site, seqs in self._above.items()},
         }
+        if self._relearned is not None:
+            snap["relearned"] = sorted(self._relearned)
+        return snap
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
         state = state or {}
         self._mark = {str(k): int(v) for k, v in state.get("mark", {}).items()}
         self._above = {}
+        self._relearned = None
         for site, seqs in state.get("above", {}).items():
             self.record((str(site), int(q)) for q in seqs)
+        if "relearned" in state:
+            self._relearned = {str(site) for site in state["relearned"]}
 
 
 @dataclass(frozen=True, slots=True)

@@ -279,6 +279,11 @@ def reseed_root(
                 _with_model(root, version, seed.weights)
         else:
             _with_model(root, version, seed.weights)
+        # Its record of the site updates it took is empty (--from) or old (--backup):
+        # the sites' numbers have moved on, so it relearns them.
+        relearn = getattr(root, "relearn_site_pairs", None)
+        if relearn is not None:
+            relearn()
         store.apply(Persist(CHECKPOINT_KEY, root.snapshot()))  # type: ignore[attr-defined]
     return (
         f"reseeded {cfg.node_id} at model version {version} (from version {seed.version} "

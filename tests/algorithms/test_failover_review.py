@@ -5,6 +5,8 @@ standby that never saw the update."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -143,6 +145,34 @@ def test_a_region_cannot_claim_a_sites_far_future_updates() -> None:
     honest = Update("r0b", 1, 0, model(0.1), 10, count=1, pairs=(("s1", 1),))
     out = root.handle(recv("r0b", honest), 2.0)
     assert sends(out, Ack) and root.applied == 1 and not sends(out, Overlap)
+
+
+def test_a_reseeded_root_relearns_where_its_sites_numbers_stand() -> None:
+    """A root reseeded after losing its state (``fedloom state reseed``) has an empty
+    record of the site updates it took, while its sites are long past ``PAIR_AHEAD``:
+    without relearning, every forward's pairs were far ahead, named back in an
+    ``Overlap`` and dropped by the regions, for ever."""
+    stale = tf.fresh_root()
+    far = tf.forward(1, (("s1", 1000), ("s2", 700)))
+    assert refused_unrecorded(stale.handle(recv("r0", far), 1.0), "pairs_far_ahead")
+    root = tf.fresh_root()
+    root.relearn_site_pairs()
+    out = root.handle(recv("r0", far), 1.0)
+    assert sends(out, Ack) and not sends(out, Overlap) and root.applied == 1
+    assert root._pairs.watermark("s1") == 1000 - PAIR_BEHIND
+    # From a site's first pair on the bound holds again, across a restart too.
+    back = tf.fresh_root()
+    back.restore(root.snapshot())
+    claim = tf.forward(2, (("s1", 1001 + PAIR_AHEAD),), count=1)
+    assert refused_unrecorded(back.handle(recv("r0", claim), 2.0), "pairs_far_ahead")
+    out = back.handle(recv("r0", tf.forward(3, (("s1", 1001), ("s2", 701)))), 2.0)
+    assert sends(out, Ack) and back.applied == 1  # counted since the restart
+    # A site not heard of since the reseed is still relearned after the restart.
+    from_r9 = dataclasses.replace(tf.forward(1, (("s9", 5000),), count=1), src="r9")
+    out = back.handle(recv("r9", from_r9), 3.0)
+    assert sends(out, Ack) and back._pairs.watermark("s9") == 5000 - PAIR_BEHIND
+    # A root never reseeded writes the ledger as before (no "relearned").
+    assert "relearned" not in tf.fresh_root().snapshot()["pairs"]
 
 
 def test_far_future_claims_do_not_erase_the_sites_updates_after_a_failover() -> None:

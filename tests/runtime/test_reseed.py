@@ -92,6 +92,9 @@ def test_a_root_that_lost_its_state_says_so_and_is_reseeded_from_a_region(
     out = offer(back, forward(back, 40))
     assert [e.msg for e in out if isinstance(e, Send) and isinstance(e.msg, Ack)]
     assert back.applied == 1
+    # It lost its record of the site updates it took: it relearns where each site stands
+    # (tests/algorithms/test_failover_review.py), and the reseed wrote that down.
+    assert back.snapshot()["pairs"]["relearned"] == []
     # The region accepts the reseeded root's model under v40: the very model it holds.
     region = load_node(load_config(fed.nodes[REGION].config))
     assert isinstance(region, RegionalAggregator)
@@ -149,6 +152,7 @@ def test_a_backup_of_the_root_restores_it_whole_and_resumes_above_its_children(
         np.testing.assert_array_equal(back.current_model()[1][k], v)
     dup = back.handle(Received(REGION, Update(REGION, 1, 0, forward(back, 0).delta, 20)), 9.0)
     assert back.duplicates == 1 and not [e for e in dup if isinstance(e, Persist)]
+    assert back.snapshot()["pairs"]["relearned"] == []  # the backup's record is old
     with StateStore(backup) as store:  # the backup itself is left as it was
         assert store.load(repair=False).checkpoint is not None
 
