@@ -1330,10 +1330,14 @@ class AggregatorBase:
         if applied and self._log_deltas:
             data["delta"] = msg.delta
         pairs = self._pairs_of(peer, msg) if msg.pairs else ()  # a site's names none
-        if pairs and applied:
+        if pairs:
+            # Decided, applied or not (a stale forward's site updates are settled too):
+            # recorded, so a site whose updates went stale for a while (a region cut off
+            # from its root) is not left far behind its next ones (``PairLedger``).
             self._pairs.record(pairs)
             data["pairs"] = [list(p) for p in pairs]
-            out.append(Metric("pairs_applied", float(len(pairs)), {"src": peer}))
+            if applied:
+                out.append(Metric("pairs_applied", float(len(pairs)), {"src": peer}))
         out.append(Persist(APPLIED_KEY, data, append=True))
         out.append(Send(peer, Ack(msg.src, msg.seq)))
         self._after_ack(peer, msg, outcome, out)

@@ -35,6 +35,9 @@ than ``PAIR_AHEAD`` above it is refused (unrecorded), and a gap (an update a reg
 stale or rejected, which no region forwards) is given up only once a pair ``PAIR_BEHIND``
 above it was taken, which an honest site reaches only after settling everything below
 (``MAX_HELD_LIMIT``). A region can thus claim at most ``PAIR_AHEAD`` seqs ahead per pair.
+A forward the parent decides without applying (stale) has its pairs recorded all the
+same: they are settled, and a site whose updates went stale for a while (its region cut
+off from the root while the others went on) must not end up far ahead of the ledger.
 A refused far pair is also named back in an ``Overlap``: a site numbers its own updates,
 so one that numbers them far ahead must not wedge its region's forwards (the region
 drops just that contribution; without parts kept, the forward).

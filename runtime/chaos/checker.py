@@ -399,9 +399,8 @@ def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> N
         state.pairs = AppliedLedger.from_snapshot(cp.get("pairs") or {})
         for r in applied:
             state.ledger.record(str(r["src"]), int(r["seq"]))
-            if r.get("outcome") == "applied":
-                for p in r.get("pairs") or ():
-                    state.pairs.record(str(p[0]), int(p[1]))
+            for p in r.get("pairs") or ():  # a decided forward's, applied or not, as live
+                state.pairs.record(str(p[0]), int(p[1]))
         state.applied = [{k: v for k, v in r.items() if k != "delta"} for r in applied]
         counted = cp.get("outcomes")
         if isinstance(counted, Mapping) or not cp:  # a fresh one: its records say it all

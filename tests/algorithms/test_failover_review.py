@@ -175,6 +175,39 @@ def test_a_reseeded_root_relearns_where_its_sites_numbers_stand() -> None:
     assert "relearned" not in tf.fresh_root().snapshot()["pairs"]
 
 
+def test_a_sites_updates_decided_stale_at_the_root_do_not_leave_it_far_behind() -> None:
+    """A region cut off from its root while the others go on: its backlog of forwards
+    arrives stale, more than ``PAIR_AHEAD`` of one site's updates among them. Their pairs
+    are recorded as decided, so the site's next update is not refused as far ahead (it
+    was, named back in an ``Overlap``, and dropped by the region: every later one too)."""
+    root = FedBuffAggregator(
+        "root",
+        {"r0": "region", "r9": "region"},
+        model(0.0),
+        buffer_size=1,
+        concurrency=1,
+        max_staleness=0,
+    )
+    root.set_subtrees({"r0": tf.SITES, "r9": ("s9",)})
+    for r in ("r0", "r9"):
+        root.handle(hello(r, "region"), 0.0)
+    # r9 moves the root on; every forward of r0 is then on an old model.
+    lead = dataclasses.replace(tf.forward(1, (("s9", 1),), count=1), src="r9")
+    assert sends(root.handle(recv("r9", lead), 1.0), Ack) and root.version == 1
+    backlog = 2 * PAIR_AHEAD
+    for q in range(1, backlog + 1):
+        out = root.handle(recv("r0", tf.forward(q, (("s1", q),), count=1)), 2.0)
+        assert sends(out, Ack) and not metrics(out, "update_applied"), q  # stale
+    assert root._pairs.watermark("s1") == backlog
+    fresh = dataclasses.replace(tf.forward(backlog + 1, (("s1", backlog + 1),), count=1))
+    fresh = dataclasses.replace(fresh, base_version=root.version)
+    out = root.handle(recv("r0", fresh), 3.0)
+    assert sends(out, Ack) and metrics(out, "update_applied") and not sends(out, Overlap)
+    # The stale pairs are in the log too, so a restart replays the same ledger.
+    replayed = [e.data for e in out if isinstance(e, Persist) and e.append]
+    assert replayed and replayed[0]["pairs"] == [["s1", backlog + 1]]
+
+
 def test_far_future_claims_do_not_erase_the_sites_updates_after_a_failover() -> None:
     net = tf.federation()
     net.advance(5.0)
