@@ -738,8 +738,8 @@ class AggregatorBase:
         take (``PairLedger.problem``): recording it would settle its site updates at the
         region, which tells the sites to forget them. The region resends it, so a
         ``[subtrees]`` fixed and the root restarted takes it; until then an ERROR names the
-        fix at most every ``BEHIND_LOG_S`` per region. Pairs far ahead are also named in
-        an ``Overlap``, so the region drops just their contributions.
+        fix at most every ``BEHIND_LOG_S`` per region. (Pairs far ahead do not refuse a
+        forward: ``_record``.)
 
         The pairs are bounded by the count this node believes (``ClaimBounds``: what the
         region's subtree can produce in one flush), not by the one the region wrote: the
@@ -774,13 +774,6 @@ class AggregatorBase:
         if last is None or self._now >= last + BEHIND_LOG_S:
             self._pairs_logged[peer] = self._now
             out.append(Log("error", text, {"src": peer, "seq": msg.seq, "sites": foreign[:8]}))
-        if problem == "pairs_far_ahead":
-            # A site can number its updates so (its seq is its own word): refused alone,
-            # the forward would come back for ever with its honest updates, and once the
-            # region's outbox filled, stall the region. Named like pairs taken already,
-            # the region forwards the rest without them (or, keeping no parts, drops it).
-            far = self._pairs.far_ahead(pairs)
-            out.append(Send(peer, Overlap(msg.src, msg.seq, tuple(far))))
         return True
 
     # ------------------------------------------------------------ refusals
@@ -1334,13 +1327,35 @@ class AggregatorBase:
             # Decided, applied or not (a stale forward's site updates are settled too):
             # recorded, so a site whose updates went stale for a while (a region cut off
             # from its root) is not left far behind its next ones (``PairLedger``).
-            self._pairs.record(pairs)
-            data["pairs"] = [list(p) for p in pairs]
+            far = self._pairs.take(pairs)
+            data["pairs"] = [list(p) for p in pairs if p not in far]
+            if far:
+                self._far_pairs(peer, msg, far, data, out)
             if applied:
                 out.append(Metric("pairs_applied", float(len(pairs)), {"src": peer}))
         out.append(Persist(APPLIED_KEY, data, append=True))
         out.append(Send(peer, Ack(msg.src, msg.seq)))
         self._after_ack(peer, msg, outcome, out)
+
+    def _far_pairs(
+        self,
+        peer: str,
+        msg: Update,
+        far: list[tuple[str, int]],
+        data: dict[str, Any],
+        out: list[Effect],
+    ) -> None:
+        """Site updates numbered far ahead of what this node took from their sites, in a
+        forward it took: not recorded (``PairLedger.take``: a region could erase a site's
+        future updates), kept in the record for the audit (``far_pairs``), counted, and
+        said in a line per region a minute."""
+        data["far_pairs"] = [list(p) for p in far]
+        out.append(Metric("pairs_far_ahead", float(len(far)), {"src": peer}))
+        unlogged = self._ignored.due(peer, "pairs_far_ahead", self._now)
+        if unlogged is not None:
+            sites = sorted({s for s, _ in far})[:8]
+            fields = {"src": peer, "seq": msg.seq, "sites": sites, "unlogged_before": unlogged}
+            out.append(Log("warning", "forward carries site updates numbered far ahead", fields))
 
     def _count_outcome(self, src: str, outcome: str) -> None:
         old = self._outcomes.get(src)

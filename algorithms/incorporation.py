@@ -31,16 +31,20 @@ whole; pairs of it that the parent had not taken are then lost (metric ``pairs_l
 as are those of a refused forward whose region keeps no parts. Standbys are meant for
 regions whose children are sites. The pair ledger keeps per site a watermark and the seqs
 taken above a gap; it never lets one region's claims move the watermark far: a pair more
-than ``PAIR_AHEAD`` above it is refused (unrecorded), and a gap (an update a region decided
+than ``PAIR_AHEAD`` above it is not recorded, and a gap (an update a region decided
 stale or rejected, which no region forwards) is given up only once a pair ``PAIR_BEHIND``
 above it was taken, which an honest site reaches only after settling everything below
 (``MAX_HELD_LIMIT``). A region can thus claim at most ``PAIR_AHEAD`` seqs ahead per pair.
 A forward the parent decides without applying (stale) has its pairs recorded all the
 same: they are settled, and a site whose updates went stale for a while (its region cut
 off from the root while the others went on) must not end up far ahead of the ledger.
-A refused far pair is also named back in an ``Overlap``: a site numbers its own updates,
-so one that numbers them far ahead must not wedge its region's forwards (the region
-drops just that contribution; without parts kept, the forward).
+A far pair does not refuse its forward, though: a site numbers its own updates (a
+hostile one can number them far ahead; an honest straggler's run of more than
+``PAIR_AHEAD`` updates decided stale at its region leaves a gap no forward fills), and
+refusing would hold every honest update of the forward, and the region behind it, for
+ever. The forward is taken and its far pairs are not recorded (``take``): the watermark
+does not move for them, so they erase nothing, and such a site's updates are applied
+without the ledger's protection against a second delivery through a standby.
 A root reseeded after losing its state (``fedloom state reseed``) no longer knows where
 its sites' numbers stand: its ledger relearns them (``relearn``), each site's first pair
 taken after the reseed setting its watermark whatever its distance, the bound applying
@@ -274,9 +278,14 @@ class PairLedger:
             return "foreign_pairs"
         if len(set(pairs)) != len(pairs):
             return "duplicate_pairs"
-        if self.far_ahead(pairs):
-            return "pairs_far_ahead"
         return None
+
+    def take(self, pairs: Sequence[Pair]) -> list[Pair]:
+        """Record the site updates of a forward taken, except those more than
+        ``PAIR_AHEAD`` ahead (``far_ahead``), which are returned, not recorded."""
+        far = self.far_ahead(pairs)
+        self.record([p for p in pairs if p not in far] if far else pairs)
+        return far
 
     def far_ahead(self, pairs: Iterable[Pair]) -> list[Pair]:
         """The pairs more than ``PAIR_AHEAD`` above their site's watermark (of a site being

@@ -131,20 +131,33 @@ def refused_unrecorded(out: list[Effect], reason: str) -> bool:
     )
 
 
+def taken_unrecorded(out: list[Effect], far: int) -> bool:
+    """Acked, with ``far`` pairs counted far ahead and written down as such only."""
+    [record] = [e.data for e in out if isinstance(e, Persist) and e.append]
+    return (
+        bool(sends(out, Ack))
+        and [m.value for m in metrics(out, "pairs_far_ahead")] == [float(far)]
+        and len(record["far_pairs"]) == far
+        and not any(tuple(p) in map(tuple, record["far_pairs"]) for p in record["pairs"])
+    )
+
+
 def test_a_region_cannot_claim_a_sites_far_future_updates() -> None:
     root = tf.fresh_root()
     zero = {k: np.zeros_like(a) for k, a in model(0.0).items()}
     for i in range(70):  # the review's attack: one far-future pair per forward
         far = Update("r0", 1 + i, 0, zero, 1, count=1, pairs=(("s1", 10**9 + i),))
-        assert refused_unrecorded(root.handle(recv("r0", far), 1.0), "pairs_far_ahead")
+        # Taken (a far pair must not hold a forward's honest updates), not recorded.
+        assert taken_unrecorded(root.handle(recv("r0", far), 1.0), 1)
     many = tuple(("s1", 10**9 + i) for i in range(65))  # or many in one forward
     out = root.handle(recv("r0", tf.forward(100, many, count=65)), 1.0)
-    assert refused_unrecorded(out, "pairs_far_ahead")
-    assert root._pairs.watermark("s1") == 0
+    assert taken_unrecorded(out, 65)
+    assert root._pairs.watermark("s1") == 0 and not root._pairs.snapshot()["above"]
     # The standby's honest forward of the site's next update is taken, not refused.
     honest = Update("r0b", 1, 0, model(0.1), 10, count=1, pairs=(("s1", 1),))
     out = root.handle(recv("r0b", honest), 2.0)
-    assert sends(out, Ack) and root.applied == 1 and not sends(out, Overlap)
+    assert sends(out, Ack) and metrics(out, "pairs_applied") and not sends(out, Overlap)
+    assert root._pairs.seen("s1", 1)
 
 
 def test_a_reseeded_root_relearns_where_its_sites_numbers_stand() -> None:
@@ -154,7 +167,8 @@ def test_a_reseeded_root_relearns_where_its_sites_numbers_stand() -> None:
     ``Overlap`` and dropped by the regions, for ever."""
     stale = tf.fresh_root()
     far = tf.forward(1, (("s1", 1000), ("s2", 700)))
-    assert refused_unrecorded(stale.handle(recv("r0", far), 1.0), "pairs_far_ahead")
+    assert taken_unrecorded(stale.handle(recv("r0", far), 1.0), 2)
+    assert not stale._pairs.seen("s1", 1000) and stale._pairs.watermark("s1") == 0
     root = tf.fresh_root()
     root.relearn_site_pairs()
     out = root.handle(recv("r0", far), 1.0)
@@ -164,9 +178,10 @@ def test_a_reseeded_root_relearns_where_its_sites_numbers_stand() -> None:
     back = tf.fresh_root()
     back.restore(root.snapshot())
     claim = tf.forward(2, (("s1", 1001 + PAIR_AHEAD),), count=1)
-    assert refused_unrecorded(back.handle(recv("r0", claim), 2.0), "pairs_far_ahead")
+    assert taken_unrecorded(back.handle(recv("r0", claim), 2.0), 1)
+    assert back._pairs.watermark("s1") == 1000 - PAIR_BEHIND
     out = back.handle(recv("r0", tf.forward(3, (("s1", 1001), ("s2", 701)))), 2.0)
-    assert sends(out, Ack) and back.applied == 1  # counted since the restart
+    assert sends(out, Ack) and back.applied == 2  # counted since the restart
     # A site not heard of since the reseed is still relearned after the restart.
     from_r9 = dataclasses.replace(tf.forward(1, (("s9", 5000),), count=1), src="r9")
     out = back.handle(recv("r9", from_r9), 3.0)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import tests.algorithms.test_failover as tf
 from fedloom.algorithms.incorporation import PAIR_AHEAD
-from fedloom.algorithms.protocol import Effect, Event, Received, Send
+from fedloom.algorithms.protocol import Effect, Event, Persist, Received, Send
 from fedloom.algorithms.regional import RegionalAggregator
 from fedloom.algorithms.site import SiteNode
 from fedloom.transport.wire import Ack, Incorporated, ModelBroadcast, Overlap, Update
@@ -56,18 +56,23 @@ def test_a_site_numbering_far_ahead_cannot_wedge_its_regions_forwards() -> None:
     assert not r0.paused and r0.pending <= 2
     # The far-ahead numbers were never recorded (no site's future is erased).
     assert all(q < JUMP for s, q in pairs if s == "s1")
-    assert tf.metrics_seen(net, "update_rejected")
+    assert tf.metrics_seen(net, "pairs_far_ahead")
 
 
-def test_the_root_names_only_the_far_ahead_pairs_and_records_nothing() -> None:
+def test_the_root_takes_the_forward_and_records_only_the_pairs_in_bound() -> None:
     root = tf.fresh_root()
     fwd = tf.forward(1, (("s2", 1), ("s1", JUMP)), count=2)
     out = root.handle(Received("r0", fwd), 1.0)
-    overlaps = [e.msg for e in out if isinstance(e, Send) and isinstance(e.msg, Overlap)]
-    assert [o.pairs for o in overlaps] == [(("s1", JUMP),)]
-    assert not [e for e in out if isinstance(e, Send) and isinstance(e.msg, Ack)]
-    assert root.applied == 0 and not root._pairs.seen("s2", 1)
-    assert root._pairs.watermark("s1") == 0
+    assert [e.msg for e in out if isinstance(e, Send) and isinstance(e.msg, Ack)]
+    assert not [e for e in out if isinstance(e, Send) and isinstance(e.msg, Overlap)]
+    assert root.applied == 1 and root._pairs.seen("s2", 1)
+    assert root._pairs.watermark("s1") == 0 and not root._pairs.seen("s1", JUMP)
+    [record] = [e.data for e in out if isinstance(e, Persist) and e.append]
+    assert record["pairs"] == [["s2", 1]] and record["far_pairs"] == [["s1", JUMP]]
+    # A restart replays the same ledger: the far pair is still not in it.
+    back = tf.fresh_root()
+    back.restore(root.snapshot())
+    assert back._pairs.snapshot() == root._pairs.snapshot()
 
 
 def test_a_region_keeping_no_parts_drops_the_forward_and_counts_the_rest_lost() -> None:
