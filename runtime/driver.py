@@ -25,7 +25,8 @@ stuck-deadline guard), which hands the effects in order to this driver, its sink
 * ``Send``    -> ``peers.send(peer, msg, after)`` (queued on the peer's connection,
   which encodes it, in a thread when large; dropped when the peer is not connected);
 * ``Train``   -> the trainer runs in ``executor``; the job posts ``TrainDone`` or, when
-  it raises, ``TrainFailed(job, reason)`` (logged with the traceback);
+  it raises, ``TrainFailed(job, reason)`` (logged with the traceback, per exception type
+  at most once a minute);
 * ``Metric``  -> the ``metrics`` sink, gated like a message: a metric handed out while a
   write is on its way to disk reaches the sink once that write is durable, in order, so
   ``/metrics`` never shows a model version (or an applied update) that a crash can take
@@ -127,6 +128,9 @@ class _Stop:
 _STOP = _Stop()
 
 
+JOB_TRACEBACK_EVERY_S = 60.0  # a failed job's traceback, per exception type, at most this often
+
+
 class AsyncDriver:
     """Runs ``node`` on an asyncio loop (see the module docstring)."""
 
@@ -167,6 +171,9 @@ class AsyncDriver:
         self._room.set()
         self._tg: asyncio.TaskGroup | None = None
         self._jobs: dict[int, asyncio.Task[None]] = {}
+        # When a failed job's traceback was last logged, per exception type: a parent that
+        # re-sends a request the trainer fails on at once would log one per request.
+        self._job_traceback_at: dict[str, float] = {}
         self._deadline_at: float | None = None  # loop time of the node's next deadline
         # The shared step (federation.step): note wrapper, seed injection, stuck-deadline
         # guard, effect dispatch to this driver (the sink).
@@ -495,16 +502,23 @@ class AsyncDriver:
             self._job_failed(job, str(exc), exc.code)
             return
         except (Exception, SystemExit) as exc:  # a plan's sys.exit() ends its job, not the daemon
-            log.warning(
-                "%s: training job %d failed: %s: %s",
-                self.node_id,
-                job,
-                type(exc).__name__,
-                describe(exc),
-                exc_info=True,
-                extra={"node": self.node_id, "job": job},
-            )
-            self._job_failed(job, f"{type(exc).__name__}: {describe(exc)}")
+            # The node logs each failure's reason (a line per code a minute); the traceback,
+            # many lines, at most once per exception type per JOB_TRACEBACK_EVERY_S.
+            kind = type(exc).__name__
+            last = self._job_traceback_at.get(kind)
+            at = loop.time()
+            if last is None or at >= last + JOB_TRACEBACK_EVERY_S:
+                self._job_traceback_at[kind] = at
+                log.warning(
+                    "%s: training job %d failed: %s: %s",
+                    self.node_id,
+                    job,
+                    kind,
+                    describe(exc),
+                    exc_info=True,
+                    extra={"node": self.node_id, "job": job},
+                )
+            self._job_failed(job, f"{kind}: {describe(exc)}")
             return
         if not isinstance(result, TrainResult):
             self._job_failed(job, f"the trainer returned {type(result).__name__}, not TrainResult")

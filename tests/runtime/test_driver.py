@@ -431,6 +431,40 @@ async def test_training_results_and_failures_come_back_as_events() -> None:
     assert driver.stats.jobs_done == 1 and driver.stats.jobs_failed == 1
 
 
+async def test_a_parent_repeating_a_request_the_trainer_fails_on_costs_one_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The attack: a parent re-sends, ignoring the refusal's backoff, a request the site's
+    trainer raises on. Each job still fails and is refused; the traceback (many lines) is
+    logged once per exception type a minute, not once per request."""
+    weights = {"w": np.zeros(3, dtype=np.float32)}
+    jobs = 50
+
+    def script(event: Event, now: float) -> list[Effect]:
+        if isinstance(event, PeerUp):
+            return [Train(j, weights, {"fail": j % 2}) for j in range(1, jobs + 1)]
+        return []
+
+    def trainer(node_id: str, weights: Weights, config: Mapping[str, Any]) -> TrainResult:
+        raise (ValueError if config["fail"] else KeyError)("bad request")
+
+    node = ScriptNode("n", script)
+    driver = AsyncDriver(node, peers=FakePeers([]), trainer=trainer)
+
+    async def body() -> None:
+        driver.post_nowait(PeerUp("p"))
+        await until(lambda: len(node.events(TrainFailed)) == jobs)
+
+    with caplog.at_level("WARNING", logger="fedloom"):
+        await run_driver(driver, body)
+    assert driver.stats.jobs_failed == jobs
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert sorted(r.exc_info[0].__name__ for r in tracebacks if r.exc_info) == [
+        "KeyError",
+        "ValueError",
+    ]
+
+
 async def test_a_trainer_returning_garbage_fails_the_job() -> None:
     def script(event: Event, now: float) -> list[Effect]:
         return [Train(5, {}, {})] if isinstance(event, PeerUp) else []
