@@ -585,11 +585,14 @@ def check_exactly_once(data: RunData, states: Mapping[str, NodeState | str]) -> 
             (str(r["src"]), int(r["seq"])) for r in st.applied if r.get("outcome") == "applied"
         )
         twice = [list(k) for k, n in once.items() if n > 1]
+        # A root records the site updates numbered far ahead of its pair ledger apart
+        # (``far_pairs``): applied all the same, so counted here too.
         pair_count = Counter(
             (str(p[0]), int(p[1]))
             for r in st.applied
             if r.get("outcome") == "applied"
-            for p in r.get("pairs") or ()
+            for key in ("pairs", "far_pairs")
+            for p in r.get(key) or ()
         )
         twice += [["pair", *k] for k, n in pair_count.items() if n > 1]
         if twice:
