@@ -1346,9 +1346,9 @@ class AggregatorBase:
         out: list[Effect],
     ) -> None:
         """Site updates numbered far ahead of what this node took from their sites, in a
-        forward it took: not recorded (``PairLedger.take``: a region could erase a site's
-        future updates), kept in the record for the audit (``far_pairs``), counted, and
-        said in a line per region a minute."""
+        forward it took: kept apart from the watermark (``PairLedger.take``: a region
+        could erase a site's future updates), written as ``far_pairs``, counted, and said
+        in a line per region a minute."""
         data["far_pairs"] = [list(p) for p in far]
         out.append(Metric("pairs_far_ahead", float(len(far)), {"src": peer}))
         unlogged = self._ignored.due(peer, "pairs_far_ahead", self._now)
@@ -1563,6 +1563,8 @@ class AggregatorBase:
             self._count_outcome(src, str(rec["outcome"]))
             if "pairs" in rec:
                 self._pairs.record((str(p[0]), int(p[1])) for p in rec["pairs"])
+            if "far_pairs" in rec:  # after its pairs, as live (``PairLedger.take``)
+                self._pairs.keep_far((str(p[0]), int(p[1])) for p in rec["far_pairs"])
             self._log_n = n
             # The decision counted against the child's quota, as it did live.
             if rec["outcome"] != Outcome.APPLIED.value:

@@ -42,9 +42,9 @@ A far pair does not refuse its forward, though: a site numbers its own updates (
 hostile one can number them far ahead; an honest straggler's run of more than
 ``PAIR_AHEAD`` updates decided stale at its region leaves a gap no forward fills), and
 refusing would hold every honest update of the forward, and the region behind it, for
-ever. The forward is taken and its far pairs are not recorded (``take``): the watermark
-does not move for them, so they erase nothing, and such a site's updates are applied
-without the ledger's protection against a second delivery through a standby.
+ever. The forward is taken and its far pairs are kept apart (``take``): the watermark
+does not move for them, so they erase nothing, and the latest ``FAR_KEPT`` of each site
+are still named taken when a standby delivers one again.
 A root reseeded after losing its state (``fedloom state reseed``) no longer knows where
 its sites' numbers stand: its ledger relearns them (``relearn``), each site's first pair
 taken after the reseed setting its watermark whatever its distance, the bound applying
@@ -69,6 +69,7 @@ from fedloom.transport.wire import Update
 __all__ = [
     "DEFAULT_FAILOVER_AFTER_S",
     "DEFAULT_MAX_HELD",
+    "FAR_KEPT",
     "FORWARDS_KEY",
     "HELD_KEY",
     "MAX_HELD_LIMIT",
@@ -93,6 +94,7 @@ MAX_HELD_LIMIT = MAX_ABOVE // 2
 # is refused (no honest site has made it yet, or sent it that far ahead of the rest).
 PAIR_BEHIND = MAX_ABOVE
 PAIR_AHEAD = 2 * MAX_ABOVE
+FAR_KEPT = PAIR_AHEAD  # far pairs remembered per site (``PairLedger.keep_far``)
 # Kept updates resent at once on a new link (each answer sends the next): they are
 # model-sized and come on top of the outbox's window, whose bytes leave room for one more
 # under the connection's send-queue cap (``algorithms.outbox``).
@@ -242,7 +244,7 @@ class PairLedger:
     set holds fewer than ``PAIR_AHEAD`` seqs per site.
     """
 
-    __slots__ = ("_above", "_mark", "_relearned", "_subtrees")
+    __slots__ = ("_above", "_far", "_mark", "_relearned", "_subtrees")
 
     def __init__(self) -> None:
         self._mark: dict[str, int] = {}
@@ -250,6 +252,9 @@ class PairLedger:
         self._subtrees: dict[str, frozenset[str]] = {}
         # None, or since a reseed (``relearn``) the sites whose first pair was taken since.
         self._relearned: set[str] | None = None
+        # Far pairs taken (``take``): for duplicate checks only, never the watermark; the
+        # FAR_KEPT highest per site.
+        self._far: dict[str, set[int]] = {}
 
     def relearn(self) -> None:
         """Forget where the sites' numbers stand (a reseeded root lost what it took): each
@@ -282,10 +287,24 @@ class PairLedger:
 
     def take(self, pairs: Sequence[Pair]) -> list[Pair]:
         """Record the site updates of a forward taken, except those more than
-        ``PAIR_AHEAD`` ahead (``far_ahead``), which are returned, not recorded."""
+        ``PAIR_AHEAD`` ahead (``far_ahead``): returned, and kept apart (``keep_far``)."""
         far = self.far_ahead(pairs)
         self.record([p for p in pairs if p not in far] if far else pairs)
+        if far:
+            self.keep_far(far)
         return far
+
+    def keep_far(self, far: Iterable[Pair]) -> None:
+        """Remember far pairs taken, so that a second delivery of one (a standby's, after a
+        failover) is named taken, without moving any watermark: a site whose updates are
+        all far (an honest straggler whose region decided a long run of them stale) keeps
+        that protection for its latest ``FAR_KEPT``, which covers every update it may
+        still hold (``MAX_HELD_LIMIT``)."""
+        for site, seq in far:
+            kept = self._far.setdefault(site, set())
+            kept.add(seq)
+            if len(kept) > FAR_KEPT:
+                kept.discard(min(kept))
 
     def far_ahead(self, pairs: Iterable[Pair]) -> list[Pair]:
         """The pairs more than ``PAIR_AHEAD`` above their site's watermark (of a site being
@@ -297,7 +316,10 @@ class PairLedger:
         if seq <= self._mark.get(site, 0):
             return True
         above = self._above.get(site)
-        return above is not None and seq in above
+        if above is not None and seq in above:
+            return True
+        far = self._far.get(site)
+        return far is not None and seq in far
 
     def overlap(self, pairs: Iterable[Pair]) -> list[Pair]:
         """The pairs already taken."""
@@ -340,6 +362,8 @@ class PairLedger:
         }
         if self._relearned is not None:
             snap["relearned"] = sorted(self._relearned)
+        if self._far:
+            snap["far"] = {site: sorted(seqs) for site, seqs in self._far.items()}
         return snap
 
     def restore(self, state: Mapping[str, Any] | None) -> None:
@@ -351,6 +375,9 @@ class PairLedger:
             self.record((str(site), int(q)) for q in seqs)
         if "relearned" in state:
             self._relearned = {str(site) for site in state["relearned"]}
+        self._far = {}
+        for site, seqs in state.get("far", {}).items():
+            self.keep_far((str(site), int(q)) for q in seqs)
 
 
 @dataclass(frozen=True, slots=True)

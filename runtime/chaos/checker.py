@@ -301,6 +301,9 @@ class NodeState:
     pending_pairs: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
     ledger: AppliedLedger | None = None  # what it recorded from its children
     pairs: AppliedLedger | None = None  # site updates it incorporated through forwards
+    # Whether it took site updates numbered far ahead of that ledger (kept apart from it:
+    # ``far_pairs`` records, the checkpoint's ``pairs.far``), which the ledger's counts miss.
+    far_pairs: bool = False
     applied: list[dict[str, Any]] = field(default_factory=list)  # "applied" records in the WAL
     # Per child, its updates' outcomes (applied, stale, ...) as the aggregator restores
     # them (checkpoint plus records); None: its checkpoint predates the counters.
@@ -402,6 +405,10 @@ def _reduce(node: str, role: str, ckpt: Any, logs: Mapping[str, list[Any]]) -> N
             for p in r.get("pairs") or ():  # a decided forward's, applied or not, as live
                 state.pairs.record(str(p[0]), int(p[1]))
         state.applied = [{k: v for k, v in r.items() if k != "delta"} for r in applied]
+        cp_pairs = cp.get("pairs")
+        state.far_pairs = bool(isinstance(cp_pairs, Mapping) and cp_pairs.get("far")) or any(
+            r.get("far_pairs") for r in applied
+        )
         counted = cp.get("outcomes")
         if isinstance(counted, Mapping) or not cp:  # a fresh one: its records say it all
             state.outcomes = {
@@ -776,6 +783,7 @@ def _root_conservation(
                 and not [n for n, i in data.nodes.items() if i.get("standby_for") == region]
                 and root_state.outcomes is not None
                 and set(decided) <= {"applied"}
+                and not root_state.far_pairs  # counted apart from the ledger's watermark
             )
             out[site] = {
                 "forwarded": forwarded,

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 import tests.algorithms.test_failover as tf
 from fedloom.algorithms.incorporation import PAIR_AHEAD, PAIR_BEHIND
 from fedloom.transport.wire import Ack, Overlap
 from tests.algorithms.alg_helpers import metrics, recv, sends
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a far pair never moves the watermark, so a site whose region decided more than "
-    "PAIR_AHEAD of its updates stale (a gap no forward fills) has every later update "
-    "taken outside the ledger, for good: a standby's second delivery is applied again",
-)
 def test_an_honest_straggler_is_not_left_outside_the_ledger_for_good() -> None:
+    """Its region decided more than ``PAIR_AHEAD`` of its updates stale (a gap no forward
+    fills), so its later pairs are all far: taken, kept apart from the watermark, and a
+    standby's second delivery of one is still named taken."""
     root = tf.fresh_root()
     assert sends(root.handle(recv("r0", tf.forward(1, (("s1", 1),), count=1)), 1.0), Ack)
     # r0 decided s1's updates 2 .. PAIR_AHEAD + 2 stale: no forward carries them. The

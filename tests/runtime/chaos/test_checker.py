@@ -403,6 +403,25 @@ def test_a_root_pair_ledger_holding_more_than_was_forwarded_is_refuted(tmp_path:
     assert "root's pair ledger holds" in verdict.detail and "of site-0" in verdict.detail
 
 
+def test_site_updates_the_root_took_as_far_ahead_make_its_count_inexact(tmp_path: Path) -> None:
+    """Site updates numbered far ahead of the root's pair ledger are kept apart from its
+    watermark, so the ledger's count misses them: the exact comparison with what the
+    region forwarded would call them "nowhere" (review finding), so it is not made."""
+    fed = clean_run(tmp_path)
+    root = fed.nodes["root"]
+    # What the root keeps of a site update taken far ahead (``PairLedger.take``), with the
+    # watermark where it stood: one fewer counted than the region forwarded.
+    mark = root._pairs.watermark("site-0")
+    snap = root._pairs.snapshot()
+    snap["mark"]["site-0"] = mark - 1
+    snap["far"] = {"site-0": [mark + 10_000]}
+    root._pairs.restore(snap)
+    fed.stores["root"].apply(Persist("checkpoint", root.snapshot()))
+    verdict = check(fed.finish())["conservation"]
+    assert verdict.passed, verdict.detail
+    assert verdict.data["root_pairs"]["site-0"]["exact"] is False
+
+
 def test_an_acknowledged_update_missing_from_the_parent_ledger_is_lost(tmp_path: Path) -> None:
     fed = Federation(tmp_path / "run")
     fed.run_for(200)
