@@ -825,8 +825,12 @@ def execute(run: ChaosRun) -> bool:
             interrupted = True
             _say("interrupted; stopping every daemon")
         finally:
-            # A second Ctrl-C while stopping must not leave daemons or mounts behind.
+            # A second Ctrl-C or SIGTERM while stopping must not leave daemons or mounts
+            # behind (a paused daemon never resumed stays stopped for good: its PDEATHSIG
+            # waits for a SIGCONT).
             previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            if main:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             try:
                 run.tear_down()
                 if run.fed is not None:

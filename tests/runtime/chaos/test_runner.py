@@ -317,3 +317,38 @@ def test_a_torn_tail_is_a_write_nothing_acted_on_every_record_before_it_stays(
         found = store.load()
     assert [r["i"] for r in found.records("log")] == [0, 1, 2, 3, 4]
     assert found.torn_bytes == done["torn_bytes"]
+
+
+class _InterruptedRun:
+    """What ``execute`` drives, with no daemons: interrupted while playing, then sent
+    another SIGTERM (a second ``kill``, or systemd's) halfway through the teardown."""
+
+    fed = None
+
+    def __init__(self) -> None:
+        self.torn_down = False
+
+    def set_up(self) -> None:
+        pass
+
+    def play(self) -> None:
+        raise KeyboardInterrupt
+
+    def tear_down(self) -> list[str]:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        self.torn_down = True  # what follows the signal: resuming and stopping the daemons
+        return []
+
+
+def test_a_second_sigterm_does_not_cut_the_teardown_short() -> None:
+    """A paused daemon the teardown never resumed stays stopped after the runner exits:
+    its PDEATHSIG SIGTERM waits for a SIGCONT that never comes."""
+    import signal
+
+    run = _InterruptedRun()
+    before = signal.getsignal(signal.SIGTERM)
+    assert execute(run) is True  # type: ignore[arg-type]
+    assert run.torn_down
+    assert signal.getsignal(signal.SIGTERM) == before
