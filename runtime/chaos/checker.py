@@ -1559,6 +1559,9 @@ def check_run(run_dir: Path, *, write: bool = True) -> Report:
 def _verdicts(data: RunData) -> Iterable[Verdict]:
     if data.problems:
         yield Verdict("run_dir", False, "; ".join(data.problems))
+    unfinished = _unfinished(data)
+    if unfinished:
+        yield Verdict("run_dir", False, unfinished)
     states = load_states(data)
     checks: list[tuple[str, Any]] = [
         ("exactly_once", lambda: check_exactly_once(data, states)),
@@ -1577,6 +1580,22 @@ def _verdicts(data: RunData) -> Iterable[Verdict]:
             verdict = Verdict(name, False, f"checker error: {type(exc).__name__}: {describe(exc)}")
         if verdict is not None:
             yield verdict
+
+
+def _unfinished(data: RunData) -> str:
+    """Why the run is partial ("" when it ran to its end, or ``run.json`` does not say):
+    its checks hold on a part in which faults may never have healed nor pauses ended."""
+    if data.run.get("interrupted") is True:
+        return (
+            f"the run was interrupted after {data.end_t:.1f} s (Ctrl-C or SIGTERM): a partial "
+            "run, whose verdicts cover only that part"
+        )
+    if data.run.get("finished") is False:
+        return (
+            "the run did not finish (run.json: finished = false: its runner stopped before "
+            "the end): a partial run, whose verdicts cover only that part"
+        )
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -253,6 +253,7 @@ class ChaosRun:
         self.t0 = 0.0
         self.startup_s = 0.0  # daemons started -> all ready (before the timeline's t = 0)
         self.elapsed = 0.0
+        self.interrupted = False  # Ctrl-C or SIGTERM before duration_s: a partial run
         self._queue: list[_Due] = []
         self._seq = itertools.count()
 
@@ -424,7 +425,10 @@ class ChaosRun:
             "netem": self.netem,
             "links": dict(self.link_ports),
             "skipped": list(self.skipped),
-            "finished": final,
+            # The checker fails a run that did not finish: its faults may never have
+            # healed, nor its pauses ended.
+            "finished": final and not self.interrupted,
+            "interrupted": self.interrupted,
         }
         tmp = self.out / "run.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
@@ -822,7 +826,7 @@ def execute(run: ChaosRun) -> bool:
             run.set_up()
             run.play()
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted = run.interrupted = True
             _say("interrupted; stopping every daemon")
         finally:
             # A second Ctrl-C or SIGTERM while stopping must not leave daemons or mounts

@@ -998,3 +998,25 @@ def test_a_secure_cohort_record_counts_as_one_applied_update_per_survivor() -> N
         s: {"applied": 1, "forwarded": 1, "nonfinite": 0, "buffered": 0}
         for s in ("site-0", "site-1")
     }
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"finished": False, "interrupted": True}, "interrupted after"),
+        ({"finished": False}, "did not finish"),
+    ],
+)
+def test_a_run_that_did_not_finish_is_not_passed(
+    tmp_path: Path, extra: dict[str, Any], needle: str
+) -> None:
+    """Every check holds on the part of a run that Ctrl-C (or a crash of the runner) cut
+    short: a fault never healed, a pause never resumed. The report must say it is partial."""
+    report = check(clean_run(tmp_path, steps=300).finish(**extra))
+    assert not report.ok and failed(report) == {"run_dir"}, [v.line() for v in report.verdicts]
+    assert needle in report["run_dir"].detail
+    assert {v.name for v in report.verdicts} >= {"exactly_once", "healthz"}  # still checked
+
+
+def test_a_finished_run_is_checked_as_before(tmp_path: Path) -> None:
+    assert check(clean_run(tmp_path, steps=300).finish(finished=True, interrupted=False)).ok

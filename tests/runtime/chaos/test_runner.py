@@ -352,3 +352,18 @@ def test_a_second_sigterm_does_not_cut_the_teardown_short() -> None:
     assert execute(run) is True  # type: ignore[arg-type]
     assert run.torn_down
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_interrupted_run_is_marked_unfinished_in_run_json(tmp_path: Path) -> None:
+    """The checker (``python -m fedloom.runtime.chaos.checker``) must not take the part of
+    a run that Ctrl-C cut short for the whole run."""
+
+    class Interrupted(ChaosRun):
+        def play(self) -> None:
+            raise KeyboardInterrupt
+
+    raw = {"duration_s": 30, "federation": {"shape": "star", "sites": 1}}
+    run = Interrupted(parse_scenario(raw), tmp_path / "run", backend="proxy")
+    assert execute(run) is True
+    doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert doc["finished"] is False and doc["interrupted"] is True
