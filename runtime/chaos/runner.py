@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import functools
 import heapq
 import importlib
 import itertools
 import json
+import os
 import random
 import shutil
 import signal
@@ -38,7 +40,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.chaos.faults import (
@@ -78,6 +80,7 @@ CORRUPT_NEEDS_FRAMES = {"wal_middle": 2, "wal_end": 1, "wal_torn": 1}
 CORRUPT_WAIT_S = 15.0
 CORRUPT_ATTEMPTS = 3
 TICK_S = 0.1
+LOCK_FILE = "chaos.lock"
 T = TypeVar("T")
 
 
@@ -254,6 +257,7 @@ class ChaosRun:
         self.startup_s = 0.0  # daemons started -> all ready (before the timeline's t = 0)
         self.elapsed = 0.0
         self.interrupted = False  # Ctrl-C or SIGTERM before duration_s: a partial run
+        self._lock: IO[str] | None = None  # OUT/chaos.lock, held while this run uses OUT
         self._queue: list[_Due] = []
         self._seq = itertools.count()
 
@@ -278,17 +282,47 @@ class ChaosRun:
             if out.exists():
                 if not out.is_dir():
                     raise ConfigError(f"{self.out_label}: exists and is not a directory")
-                if any(out.iterdir()) and not (out / "run.json").exists():
+                self._refuse_if_in_use()
+                earlier = (out / "run.json").exists() or (out / LOCK_FILE).exists()
+                if any(out.iterdir()) and not earlier:
                     raise ConfigError(
                         f"{self.out_label}: not empty and not an earlier chaos run; choose another"
                     )
                 _unmount_under(out)
                 shutil.rmtree(out)
             out.mkdir(parents=True)
+            # Held until this process exits (not inherited by the daemons): another run
+            # into the same directory must not wipe this one's federation under it.
+            self._lock = (out / LOCK_FILE).open("a+", encoding="utf-8")
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock.write(f"{os.getpid()}\n")
+            self._lock.flush()
         except OSError as exc:  # a file on the way, no permission, a read-only file system
             raise ConfigError(
                 f"{self.out_label}: cannot make the run directory: {exc.strerror or exc}"
             ) from None
+
+    def release(self) -> None:
+        """Let another run have ``out`` (once this one's checker is done with it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _refuse_if_in_use(self) -> None:
+        """A ``ConfigError`` when another run holds ``out``'s lock (it is still running)."""
+        try:
+            fh = (self.out / LOCK_FILE).open("r", encoding="utf-8")
+        except FileNotFoundError:
+            return
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = fh.read().strip() or "?"
+                raise ConfigError(
+                    f"{self.out_label}: in use by another fedloom chaos run (pid {pid}); "
+                    "wait for it to end or choose another"
+                ) from None
 
     def _disk_faults_possible(self) -> bool:
         """Whether tmpfs disk faults can run; if not, they are skipped with the reason."""
@@ -859,8 +893,10 @@ def cmd_chaos(scenario: Path, *, out: Path | None = None, backend: str = "auto")
     try:
         if execute(run):
             return 130
+        _say(f"run finished after {run.elapsed:.1f} s; checking {run.out}")
+        return run_checker(run.out)
     except ChaosError as exc:
         print(f"fedloom chaos: {exc}", file=sys.stderr)
         return 1
-    _say(f"run finished after {run.elapsed:.1f} s; checking {run.out}")
-    return run_checker(run.out)
+    finally:
+        run.release()

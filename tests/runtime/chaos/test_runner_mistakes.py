@@ -92,3 +92,23 @@ def test_the_default_run_directory_is_not_called_out(
         f"run directory {taken} (the default; --out names another): not empty",
     )
     assert (taken / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_directory_in_use_by_another_run_is_not_wiped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs into one --out: the second wiped the first's federation under its live
+    daemons (a restarted site found no roster) and then failed with "Directory not empty"."""
+    import fcntl
+
+    live = tmp_path / "out"
+    (live / "federation").mkdir(parents=True)
+    (live / "run.json").write_text("{}")
+    with (live / "chaos.lock").open("a+") as held:  # as the live run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused(
+            capsys,
+            chaos(tmp_path, "duration_s = 5\n" + STAR, live),
+            f"--out {live}: in use by another fedloom chaos run",
+        )
+    assert sorted(p.name for p in live.iterdir()) == ["chaos.lock", "federation", "run.json"]
