@@ -482,20 +482,68 @@ def _faults(items: Sequence[Any], shape: Shape, duration: float) -> tuple[Fault,
         names.add(f.name)
         out.append(f)
     order = sorted(range(len(out)), key=lambda i: out[i].at_s)
-    _check_resumes([(i, out[i]) for i in order])
+    _check_timeline([(i, out[i]) for i in order])
     return tuple(out[i] for i in order)
 
 
-def _check_resumes(timeline: Sequence[tuple[int, Fault]]) -> None:
-    """A resume ends a pause: one with none of its targets paused then does nothing, and
-    is a mistake (a misspelt target, the pause's for_s already over, a pause after it)."""
-    paused: dict[str, float | None] = {}  # node -> when its pause ends (None: a resume)
+def _check_timeline(timeline: Sequence[tuple[int, Fault]]) -> None:
+    """Faults that would do nothing are mistakes (a misspelt target, an at_s misplaced, a
+    for_s already over): a resume with none of its targets paused, a heal with no network
+    fault standing on its links. So are a kill or pause of a process another fault holds
+    down or paused: it does nothing, and its end restarts (resumes) the process before the
+    other fault's end."""
+    # node -> (when it is back: None = until started or resumed, the fault's index, kind)
+    down: dict[str, tuple[float | None, int, str]] = {}
+    paused: dict[str, tuple[float | None, int, str]] = {}
+    standing: dict[str, list[float | None]] = {}  # link -> when each network fault ends
     for i, f in timeline:
-        paused = {n: end for n, end in paused.items() if end is None or end > f.at_s}
-        if f.kind == "pause":
-            paused.update((n, f.end_s) for n in f.targets)
-        elif f.kind in ("kill", "kill_all", "restart"):  # a killed process is not paused
-            paused = {n: end for n, end in paused.items() if n not in f.targets}
+        for held in (down, paused):
+            for n, (end, _, _) in list(held.items()):
+                if end is not None and end <= f.at_s:
+                    del held[n]
+        for link, ends in list(standing.items()):
+            standing[link] = [end for end in ends if end is None or end > f.at_s]
+        if f.kind == "heal":
+            if not any(standing.get(link) for link in f.targets):
+                raise ConfigError(
+                    f"fault[{i}]: a heal at {f.at_s:g} s, but no network fault stands on "
+                    f"{_show_targets(f.targets)} then; a heal ends an earlier network fault "
+                    "that has no for_s"
+                )
+            for link in f.targets:
+                standing.pop(link, None)
+        elif f.is_network:
+            for link in f.targets:
+                standing.setdefault(link, []).append(f.end_s)
+        elif f.kind in ("kill", "pause"):
+            held = down if f.kind == "kill" else paused
+            idle = [n for n in f.targets if n in down or n in held]
+            # A kill (pause) whose end would restart (resume) a node another fault holds.
+            clash = [n for n in f.targets if n in held] if f.for_s is not None else []
+            if len(idle) == len(f.targets) or clash:
+                n = clash[0] if clash else idle[0]
+                end, j, kind = down.get(n) or held[n]
+                until = "resumed" if kind == "pause" else "restarted"
+                shown = f"{end:g} s" if end is not None else until
+                state = "down" if n in down else "paused"
+                why = (
+                    f"its end would {'restart' if f.kind == 'kill' else 'resume'} {n} early"
+                    if clash
+                    else "it would do nothing"
+                )
+                raise ConfigError(
+                    f"fault[{i}]: a {f.kind} of {n} at {f.at_s:g} s, but {n} is still {state} "
+                    f"then (fault[{j}], a {kind} until {shown}): {why}; one such fault at a "
+                    "time per process"
+                )
+            held.update((n, (f.end_s, i, f.kind)) for n in f.targets if n not in down)
+            if f.kind == "kill":  # a killed process is not paused
+                paused = {n: v for n, v in paused.items() if n not in f.targets}
+        elif f.kind in ("kill_all", "restart"):  # whoever is down comes back at its end
+            paused = {n: v for n, v in paused.items() if n not in f.targets}
+            down = {n: v for n, v in down.items() if n not in f.targets}
+            if f.for_s is not None:
+                down.update((n, (f.end_s, i, f.kind)) for n in f.targets)
         elif f.kind == "resume":
             if not any(n in paused for n in f.targets):
                 raise ConfigError(
@@ -503,7 +551,11 @@ def _check_resumes(timeline: Sequence[tuple[int, Fault]]) -> None:
                     f"({', '.join(f.targets[:4])}) is paused then; a resume ends an earlier "
                     "pause that has no for_s"
                 )
-            paused = {n: end for n, end in paused.items() if n not in f.targets}
+            paused = {n: v for n, v in paused.items() if n not in f.targets}
+
+
+def _show_targets(targets: Sequence[str]) -> str:
+    return ", ".join(targets[:3]) + (f" and {len(targets) - 3} more" if len(targets) > 3 else "")
 
 
 def _fault(t: Table, where: str, shape: Shape, duration: float) -> Fault:
