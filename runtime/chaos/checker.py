@@ -672,10 +672,17 @@ def check_conservation(data: RunData, states: Mapping[str, NodeState | str]) -> 
     problems: list[str] = []
     unchecked: dict[str, str] = {}
     regions: dict[str, dict[str, dict[str, int]]] = {}
+    refusing = data.listed("refuses_start")
     for node in data.by_role("region"):
         st = states.get(node)
         if not isinstance(st, NodeState):
-            continue  # unreadable: exactly_once says so
+            # Not checked is not conserved: only a region expected to refuse its start
+            # (its state damaged on purpose) is let off, and named.
+            if node in refusing:
+                unchecked[node] = "its state is unreadable, as expected (refuses_start)"
+            else:
+                problems.append(f"{node} not checked: its state is unreadable (see exactly_once)")
+            continue
         if st.conservation is None or st.conserved_at_checkpoint is None:
             unchecked[node] = "its checkpoint predates the counts"
             continue
@@ -721,11 +728,12 @@ def check_conservation(data: RunData, states: Mapping[str, NodeState | str]) -> 
         else "not checked at the root: its state holds no site updates (no [subtrees] "
         "declared, none incorporated yet, or its state unreadable: see exactly_once)"
     )
+    skipped = "".join(f"; {k} not checked: {v}" for k, v in unchecked.items())
     return Verdict(
         name,
         True,
         f"{total} updates applied in {len(regions)} regions: {fwd} forwarded, the rest "
-        f"dropped as non-finite or buffered; {at_root}",
+        f"dropped as non-finite or buffered; {at_root}{skipped}",
         evidence,
     )
 

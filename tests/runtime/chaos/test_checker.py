@@ -1020,3 +1020,23 @@ def test_a_run_that_did_not_finish_is_not_passed(
 
 def test_a_finished_run_is_checked_as_before(tmp_path: Path) -> None:
     assert check(clean_run(tmp_path, steps=300).finish(finished=True, interrupted=False)).ok
+
+
+def test_conservation_does_not_pass_a_region_whose_state_it_could_not_read(
+    tmp_path: Path,
+) -> None:
+    """It said "not applicable: no region" (PASS) of a hierarchy whose one region's log was
+    corrupt: nothing was checked, and the region was there."""
+    run = clean_run(tmp_path, steps=300).finish()
+    _corrupt_wal(run / "federation" / "state" / "region-0")
+    verdict = check(run)["conservation"]
+    assert not verdict.passed, verdict.detail
+    assert "region-0" in verdict.detail and "unreadable" in verdict.detail
+    assert "no region" not in verdict.detail
+    # Expected to refuse its start: not checked, and said so, not failed.
+    doc = json.loads((run / "run.json").read_text())
+    doc["expect"]["refuses_start"] = ["region-0"]
+    (run / "run.json").write_text(json.dumps(doc))
+    verdict = check(run)["conservation"]
+    assert verdict.passed and "region-0" in verdict.detail, verdict.detail
+    assert "no region" not in verdict.detail
