@@ -1102,8 +1102,10 @@ def check_resumed(data: RunData) -> Verdict:
     results: list[dict[str, Any]] = []
     for t, what, healed in _heal_points(data):
         waits: list[float] = []
+        again = False  # a node to wait for was stopped on purpose (again) by then
         for node in movers:
             if _down_at(data, node, t + bound):
+                again = True
                 continue  # stopped on purpose (again): nothing to wait for
             series = data.versions(node)
             base = max((v for s, v in series if s <= t), default=-math.inf)
@@ -1120,7 +1122,10 @@ def check_resumed(data: RunData) -> Verdict:
                 waits.append(math.inf)
         unmeasured: list[str] = []
         for node in healed:
-            if node in movers or _down_at(data, node, t + bound):
+            if node in movers:
+                continue
+            if _down_at(data, node, t + bound):
+                again = True
                 continue
             options = [
                 (label, series)
@@ -1152,17 +1157,20 @@ def check_resumed(data: RunData) -> Verdict:
             worst = max(waits)
             row["resumed_after_s"] = round(worst, 3) if math.isfinite(worst) else None
         else:
-            row["resumed_after_s"], row["note"] = None, "run ended"
+            note = "stopped again on purpose" if again else "run ended"
+            row["resumed_after_s"], row["note"] = None, note
         results.append(row)
     evidence = {"bound_s": bound, "nodes": movers, "points": results}
     if late:
         return Verdict(name, False, "; ".join(late), evidence)
     if not results:
         return Verdict(name, True, "no fault healed during the run", evidence)
-    unseen = sum(1 for r in results if r.get("note"))
-    detail = f"training resumed within {bound:g} s after {len(results) - unseen} heal(s)"
-    if unseen:
-        detail += f"; {unseen} not observed: run ended"
+    notes = Counter(str(r["note"]) for r in results if r.get("note"))
+    seen = len(results) - sum(notes.values())
+    unseen = [f"{n} not observed: {note}" for note, n in sorted(notes.items())]
+    # Nothing observed is said as such, not as training that resumed.
+    parts = [f"training resumed within {bound:g} s after {seen} heal(s)"] if seen else []
+    detail = "; ".join(parts + unseen) if seen else "nothing to check: " + "; ".join(unseen)
     return Verdict(name, True, detail, evidence)
 
 

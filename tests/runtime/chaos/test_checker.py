@@ -1040,3 +1040,25 @@ def test_conservation_does_not_pass_a_region_whose_state_it_could_not_read(
     verdict = check(run)["conservation"]
     assert verdict.passed and "region-0" in verdict.detail, verdict.detail
     assert "no region" not in verdict.detail
+
+
+def test_a_heal_followed_by_a_stop_on_purpose_is_not_called_resumed(tmp_path: Path) -> None:
+    """A restart, then every daemon killed for good 1 s later: nothing could resume. The
+    verdict said "training resumed within 2 s after 0 heal(s); 1 not observed: run ended"
+    (the run went on for seconds: it did not end)."""
+    fed = Federation(tmp_path / "run")  # no other fault
+    fed.run_for(600)
+    t = fed.t
+    fed.run_for(300)  # 3 s more: the run does not end within the bound
+    kill = {"fault": "kill", "targets": ["site-0"], "intended": True, "detail": {}}
+    fed.timeline += [
+        {**kill, "t": t - 1.0, "event": "process_kill"},
+        {**kill, "t": t - 0.5, "event": "process_start"},
+        {**kill, "t": t, "event": "process_kill", "fault": "kill_all",
+         "targets": list(fed.nodes)},
+    ]  # fmt: skip
+    verdict = check(fed.finish())["resumed"]
+    assert verdict.passed, verdict.detail
+    assert verdict.detail.startswith("nothing to check: "), verdict.detail
+    assert "not observed: stopped again on purpose" in verdict.detail
+    assert "run ended" not in verdict.detail and "resumed within" not in verdict.detail
