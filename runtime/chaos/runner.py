@@ -399,7 +399,11 @@ class ChaosRun:
                     assert shape.failover_after_s is not None
                     add_standbys(fed, shape.standbys, shape.failover_after_s)
         except ValueError as exc:  # the [federation] tables' overrides (plan, training...)
-            raise ConfigError(f"{self._scenario_file()}: federation: {exc}") from None
+            # The workload names a plan field it refuses bare ("bogus: unknown ..."): name
+            # it where the scenario wrote it.
+            text, key = str(exc), str(exc).split(":", 1)[0]
+            table = "federation.plan." if key in shape.plan else "federation: "
+            raise ConfigError(f"{self._scenario_file()}: {table}{text}") from None
         return fed
 
     def _scenario_file(self) -> str:

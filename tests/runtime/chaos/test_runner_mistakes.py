@@ -43,7 +43,12 @@ def test_an_out_directory_under_a_file_is_one_line(
             '[federation.training]\nlr = "fast"\n',
             "s.toml: federation.training.lr: expected a number, got 'fast' (in ",
         ),
-        ("[federation.plan]\nbogus = 1\n", "s.toml: federation: bogus: unknown workload field"),
+        # Was "federation: bogus: ...": the table the field is in went unnamed.
+        ("[federation.plan]\nbogus = 1\n", "s.toml: federation.plan.bogus: unknown workload"),
+        (
+            '[federation.plan]\ndirichlet_alpha = "x"\n',
+            "s.toml: federation.plan.dirichlet_alpha: ",
+        ),
         ("[federation.connection]\nbogus = 1\n", "s.toml: federation.connection.bogus: unknown"),
         (
             '[federation.root_aggregation]\nalgorithm = "nope"\n',
