@@ -9,6 +9,7 @@ demo use.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -252,6 +253,19 @@ def _root_version(fed: Federation) -> int | None:
     return int(value) if value is not None else None
 
 
+def _last_words(log: Path) -> str:
+    """What a daemon said last (a JSON log line's message): why it exited, in most cases."""
+    from fedloom.runtime.chaos.faults import last_log_line
+
+    line = last_log_line(log, limit=8192)  # whole: a cut JSON line does not parse
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    msg = record.get("msg") if isinstance(record, dict) else None
+    return (str(msg) if msg else line or "(its log is empty)")[:300]
+
+
 def cmd_local_up(
     directory: Path, *, until_version: int | None = None, timeout_s: float | None = None
 ) -> int:
@@ -295,9 +309,11 @@ def cmd_local_up(
                 return 1
             dead = cluster.dead()
             if dead:
-                codes = {n: cluster[n].returncode for n in dead}
+                first, others = dead[0], [f"{n} ({cluster[n].returncode})" for n in dead[1:]]
+                also = f"; also exited: {', '.join(others)}" if others else ""
                 print(
-                    f"fedloom local up: {', '.join(dead)} exited ({codes}); see {directory}/logs",
+                    f"fedloom local up: {first} exited with status {cluster[first].returncode}: "
+                    f"{_last_words(fed.nodes[first].log)}{also}; see {directory}/logs",
                     file=sys.stderr,
                 )
                 return 1

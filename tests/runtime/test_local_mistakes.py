@@ -89,3 +89,23 @@ def test_up_on_a_hand_edited_config_names_the_file_and_field(
     root.write_text(text.replace(f"port = {port}\n", 'port = "x"\n', 1))
     # Was a ValueError traceback from int('x'); now refused before any daemon starts.
     refused(capsys, ["local", "up", str(fed)], f"{root}: listen.port: expected a whole number")
+
+
+@pytest.mark.timeout(120)
+def test_up_says_why_a_daemon_exited(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "site-0 exited ({'site-0': 1}); see DIR/logs": the reason was in the log
+    only (here: the federation already runs, the state directory is locked)."""
+    import fcntl
+
+    fed = tmp_path / "fed"
+    assert main(["local", "init", str(fed), "--shape", "star", "--sites", "1", *SYNTHETIC]) == 0
+    capsys.readouterr()
+    state = fed / "state" / "site-0"
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "lock").open("a+") as held:  # as a daemon of an earlier `local up` holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["local", "up", str(fed)]) == 1
+    err = capsys.readouterr().err
+    assert "site-0 exited with status 1: " in err, err
+    assert "another process has this state directory open" in err, err
+    assert err.count("\n") == 1, err
