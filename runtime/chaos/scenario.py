@@ -321,6 +321,13 @@ def parse_scenario(
     faults_raw = t.array("fault", [])
     faults = _faults(faults_raw, shape, duration)
     expect = _expect(t.table("expect"), shape)
+    refusing = expect.get("refuses_start", [])
+    for node in [refusing] if isinstance(refusing, str) else refusing:
+        # Only a corrupt fault gives a node a reason to refuse its start.
+        if not any(f.kind == "corrupt" and node in f.targets for f in faults):
+            raise ConfigError(
+                f"expect.refuses_start: no corrupt fault damages {node!r}; add one, or remove it"
+            )
     t.finish()
     return Scenario(
         scen_name, source, duration, seed, shape, run, expect, faults, description=description

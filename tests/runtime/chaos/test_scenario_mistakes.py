@@ -186,3 +186,16 @@ def test_process_and_heal_faults_that_act_are_fine(tmp_path: Path, faults: str) 
     scen = tmp_path / "s.toml"
     scen.write_text("duration_s = 9\n" + faults)
     assert load_scenario(scen).faults
+
+
+def test_a_refusal_expected_of_a_node_no_corrupt_fault_damages_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Was accepted, and failed only after the whole run: "no corrupt fault damaged its
+    state"."""
+    text = 'duration_s = 9\n[expect]\nrefuses_start = "site-1"\n' + _fault(1, "corrupt")
+    err = _error(text, tmp_path)
+    assert "expect.refuses_start: no corrupt fault damages 'site-1'" in err, err
+    scen = tmp_path / "s.toml"
+    scen.write_text(text.replace('"site-1"', '"site-0"'))
+    assert load_scenario(scen).expect["refuses_start"] == "site-0"
