@@ -30,6 +30,9 @@ and gives one verdict per property:
 * ``no_unintended_exit``: no daemon exited by itself, except those the scenario expects
   (``expect.refuses_start``: its log must then name the file and offset, its own verdict
   ``refuses_start``; ``expect.allowed_exits``).
+* ``progress`` (only when ``expect.min_version`` or ``expect.min_accuracy`` is set): the
+  root's (in gossip: every peer's) highest sampled model version and last evaluated
+  accuracy reach them.
 * ``healthz``: every daemon answered ``/healthz`` ok in every sample, except while
   expected down (an intended kill or pause until its restart or resume) and for a
   start-up grace after each start.
@@ -76,6 +79,7 @@ __all__ = [
 START_GRACE_S = 15.0
 START_GRACE_FACTOR = 2.0
 VERSION = "fedloom_model_version"
+ACCURACY = "fedloom_eval_accuracy"
 AGGREGATORS = ("root", "region")
 # Nodes whose model version is checked; a region's is only the newest global it holds (it
 # comes back from its checkpoint older and catches up), the others own what they publish.
@@ -1174,6 +1178,56 @@ def check_resumed(data: RunData) -> Verdict:
     return Verdict(name, True, detail, evidence)
 
 
+def check_progress(data: RunData) -> Verdict | None:
+    """``expect.min_version`` and ``expect.min_accuracy``: the root's (in gossip: every
+    peer's) highest sampled model version and last evaluated accuracy reach them. None when
+    the scenario asks for neither."""
+    min_version, min_accuracy = data.expect.get("min_version"), data.expect.get("min_accuracy")
+    if min_version is None and min_accuracy is None:
+        return None
+    name = "progress"
+    movers = data.by_role("root") or data.by_role("peer")
+    if not movers:
+        return Verdict(name, False, "run.json names no root and no gossip peer")
+    problems: list[str] = []
+    reached: dict[str, dict[str, float | None]] = {}
+    for node in movers:
+        top = max((v for _, v in data.versions(node)), default=None)
+        accuracies = sorted(
+            (float(s["t"]), a)
+            for s in data.samples
+            if s.get("node") == node
+            for a in [_metric(s, ACCURACY)]
+            if a is not None
+        )
+        last = accuracies[-1][1] if accuracies else None
+        reached[node] = {"version": top, "accuracy": last}
+        if min_version is not None:
+            if top is None:
+                problems.append(f"no {VERSION} sample from {node}")
+            elif top < min_version:
+                problems.append(
+                    f"{node}'s model reached version {int(top)}, expected at least {min_version}"
+                )
+        if min_accuracy is not None:
+            if last is None:
+                problems.append(f"no {ACCURACY} sample from {node}")
+            elif last < min_accuracy:
+                problems.append(
+                    f"{node}'s last evaluated accuracy {last:g}, expected at least {min_accuracy:g}"
+                )
+    evidence = {"min_version": min_version, "min_accuracy": min_accuracy, "reached": reached}
+    if problems:
+        return Verdict(name, False, "; ".join(problems), evidence)
+    shown = ", ".join(
+        node
+        + (f" version {int(r['version'])}" if r["version"] is not None else "")
+        + (f" accuracy {r['accuracy']:g}" if r["accuracy"] is not None else "")
+        for node, r in reached.items()
+    )
+    return Verdict(name, True, f"reached what the scenario expects: {shown}", evidence)
+
+
 def _down_at(data: RunData, node: str, t: float) -> bool:
     """Whether ``node`` is stopped on purpose (killed or paused, not yet back) at ``t``."""
     down = False
@@ -1588,6 +1642,7 @@ def _verdicts(data: RunData) -> Iterable[Verdict]:
         ("refuses_start", lambda: check_refuses_start(data)),
         ("duplicate", lambda: check_duplicates(data)),
         ("healthz", lambda: check_healthz(data)),
+        ("progress", lambda: check_progress(data)),
     ]
     for name, check in checks:
         try:

@@ -34,6 +34,8 @@ A scenario is one TOML file (see ``scenarios/chaos/``)::
     resume_within_s = 30
     start_grace_s = 15                 # a started daemon answers /healthz within this
     refuses_start = "site-3"
+    min_version = 20                   # the checker's progress: the root's model reaches
+    min_accuracy = 0.8                 #   this version, its last evaluation this accuracy
 
     [[fault]]
     at_s = 20                          # seconds after the daemons started

@@ -1062,3 +1062,36 @@ def test_a_heal_followed_by_a_stop_on_purpose_is_not_called_resumed(tmp_path: Pa
     assert verdict.detail.startswith("nothing to check: "), verdict.detail
     assert "not observed: stopped again on purpose" in verdict.detail
     assert "run ended" not in verdict.detail and "resumed within" not in verdict.detail
+
+
+def test_min_version_and_min_accuracy_are_checked_not_ignored(tmp_path: Path) -> None:
+    """The scenario reader took expect.min_version and expect.min_accuracy, and no check
+    read them: a run that never reached either passed."""
+    fed = clean_run(tmp_path, steps=300)
+    top = max(s["metrics"]["fedloom_model_version"] for s in fed.samples if s["node"] == "root")
+    fed.samples.append({"t": fed.t, "node": "root", "healthz": "ok",
+                        "metrics": {"fedloom_model_version": top,
+                                    "fedloom_eval_accuracy": 0.75}})  # fmt: skip
+    expect = {"resume_within_s": 2.0, "min_version": int(top) + 1, "min_accuracy": 0.9}
+    run = fed.finish(expect=expect)
+    verdict = check(run)["progress"]
+    assert not verdict.passed, verdict.detail
+    assert f"root's model reached version {int(top)}, expected at least {int(top) + 1}" in (
+        verdict.detail
+    )
+    assert "root's last evaluated accuracy 0.75, expected at least 0.9" in verdict.detail
+    doc = json.loads((run / "run.json").read_text())
+    doc["expect"] |= {"min_version": int(top), "min_accuracy": 0.75}
+    (run / "run.json").write_text(json.dumps(doc))
+    report = check(run)
+    assert report["progress"].passed and report.ok, report["progress"].detail
+    # Not asked for: no such verdict.
+    doc["expect"] = {"resume_within_s": 2.0}
+    (run / "run.json").write_text(json.dumps(doc))
+    assert "progress" not in {v.name for v in check(run).verdicts}
+
+
+def test_min_accuracy_without_any_evaluation_fails(tmp_path: Path) -> None:
+    run = clean_run(tmp_path, steps=300).finish(expect={"min_accuracy": 0.5})
+    verdict = check(run)["progress"]
+    assert not verdict.passed and "no fedloom_eval_accuracy sample" in verdict.detail
