@@ -505,8 +505,9 @@ def _check_timeline(timeline: Sequence[tuple[int, Fault]]) -> None:
     down: dict[str, tuple[float | None, int, str]] = {}
     paused: dict[str, tuple[float | None, int, str]] = {}
     standing: dict[str, list[float | None]] = {}  # link -> when each network fault ends
+    disks: dict[str, tuple[float | None, int, str]] = {}  # node -> its disk fault
     for i, f in timeline:
-        for held in (down, paused):
+        for held in (down, paused, disks):
             for n, (end, _, _) in list(held.items()):
                 if end is not None and end <= f.at_s:
                     del held[n]
@@ -548,6 +549,18 @@ def _check_timeline(timeline: Sequence[tuple[int, Fault]]) -> None:
             held.update((n, (f.end_s, i, f.kind)) for n in f.targets if n not in down)
             if f.kind == "kill":  # a killed process is not paused
                 paused = {n: v for n, v in paused.items() if n not in f.targets}
+        elif f.kind in ("disk_full", "read_only"):
+            # One at a time: neither fills nor empties a tmpfs the other made read-only.
+            for n in f.targets:
+                if n in disks:
+                    end, j, kind = disks[n]
+                    shown = f"{end:g} s" if end is not None else "the end of the run"
+                    raise ConfigError(
+                        f"fault[{i}]: a {f.kind} of {n} at {f.at_s:g} s, but {n}'s disk is "
+                        f"still {kind} then (fault[{j}], until {shown}); one disk fault at a "
+                        "time per node"
+                    )
+            disks.update((n, (f.end_s, i, f.kind)) for n in f.targets)
         elif f.kind in ("kill_all", "restart"):  # whoever is down comes back at its end
             paused = {n: v for n, v in paused.items() if n not in f.targets}
             down = {n: v for n, v in down.items() if n not in f.targets}

@@ -156,6 +156,18 @@ def _fault(at: float, kind: str, target: str | None = "site-0", for_s: float | N
             _fault(1, "kill", for_s=6) + _fault(2, "pause", for_s=1),
             "fault[1]: a pause of site-0 at 2 s, but site-0 is still down then",
         ),
+        # A full disk made read-only (or the reverse): the second fault writes or removes
+        # nothing on a read-only tmpfs ("could not lift it: Read-only file system").
+        (
+            _fault(1, "read_only", "root", 4) + _fault(2, "disk_full", "root", 1),
+            "fault[1]: a disk_full of root at 2 s, but root's disk is still read_only then "
+            "(fault[0], until 5 s)",
+        ),
+        (
+            _fault(1, "disk_full", "root") + _fault(3, "read_only", "root", 1),
+            "fault[1]: a read_only of root at 3 s, but root's disk is still disk_full then "
+            "(fault[0], until the end of the run)",
+        ),
         # One target of a group held by another fault: the group's end frees it early.
         (
             _fault(1, "kill", for_s=6) + _fault(2, "kill", "region-0/*", 1),
@@ -180,6 +192,7 @@ def test_faults_that_do_nothing_or_cut_another_short_are_refused(
         _fault(1, "pause") + _fault(2, "kill", for_s=1),  # a paused process can be killed
         _fault(1, "kill", for_s=2) + _fault(2, "kill_all", None, 1),  # kill_all: whoever is up
         _fault(1, "kill") + _fault(2, "pause", "all"),  # a group: whoever is up
+        _fault(1, "read_only", "root", 2) + _fault(3, "disk_full", "root", 1),  # one after
     ],
 )
 def test_process_and_heal_faults_that_act_are_fine(tmp_path: Path, faults: str) -> None:
