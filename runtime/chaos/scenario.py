@@ -525,29 +525,34 @@ def _check_timeline(timeline: Sequence[tuple[int, Fault]]) -> None:
         elif f.is_network:
             for link in f.targets:
                 standing.setdefault(link, []).append(f.end_s)
-        elif f.kind in ("kill", "pause"):
-            held = down if f.kind == "kill" else paused
+        elif f.kind in ("kill", "pause", "duplicate", "corrupt"):
+            # A duplicate of a process that is down runs alone; a corrupt restarts it early.
+            held = paused if f.kind == "pause" else down
             idle = [n for n in f.targets if n in down or n in held]
             # A kill (pause) whose end would restart (resume) a node another fault holds.
-            clash = [n for n in f.targets if n in held] if f.for_s is not None else []
+            timed = f.kind in ("kill", "pause") and f.for_s is not None
+            clash = [n for n in f.targets if n in held] if timed else []
             if len(idle) == len(f.targets) or clash:
                 n = clash[0] if clash else idle[0]
                 end, j, kind = down.get(n) or held[n]
                 until = "resumed" if kind == "pause" else "restarted"
                 shown = f"{end:g} s" if end is not None else until
                 state = "down" if n in down else "paused"
-                why = (
-                    f"its end would {'restart' if f.kind == 'kill' else 'resume'} {n} early"
-                    if clash
-                    else "it would do nothing"
-                )
+                why = "it would do nothing"
+                if clash:
+                    why = f"its end would {'restart' if f.kind == 'kill' else 'resume'} {n} early"
+                elif f.kind == "duplicate":
+                    why = "the duplicate would run alone"
+                elif f.kind == "corrupt":
+                    why = f"it would restart {n} early"
                 raise ConfigError(
                     f"fault[{i}]: a {f.kind} of {n} at {f.at_s:g} s, but {n} is still {state} "
                     f"then (fault[{j}], a {kind} until {shown}): {why}; one such fault at a "
                     "time per process"
                 )
-            held.update((n, (f.end_s, i, f.kind)) for n in f.targets if n not in down)
-            if f.kind == "kill":  # a killed process is not paused
+            if f.kind in ("kill", "pause"):
+                held.update((n, (f.end_s, i, f.kind)) for n in f.targets if n not in down)
+            if f.kind in ("kill", "corrupt"):  # a killed process is not paused
                 paused = {n: v for n, v in paused.items() if n not in f.targets}
         elif f.kind in ("disk_full", "read_only"):
             # One at a time: neither fills nor empties a tmpfs the other made read-only.

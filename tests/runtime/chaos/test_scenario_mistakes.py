@@ -168,6 +168,17 @@ def _fault(at: float, kind: str, target: str | None = "site-0", for_s: float | N
             "fault[1]: a read_only of root at 3 s, but root's disk is still disk_full then "
             "(fault[0], until the end of the run)",
         ),
+        # A duplicate of a process that is down is no duplicate (it runs alone); a corrupt
+        # restarts it at once, before the kill's end.
+        (
+            _fault(1, "kill", for_s=5) + _fault(2, "duplicate", for_s=1),
+            "fault[1]: a duplicate of site-0 at 2 s, but site-0 is still down then (fault[0], "
+            "a kill until 6 s)",
+        ),
+        (
+            _fault(1, "kill") + _fault(2, "corrupt"),
+            "fault[1]: a corrupt of site-0 at 2 s, but site-0 is still down then",
+        ),
         # One target of a group held by another fault: the group's end frees it early.
         (
             _fault(1, "kill", for_s=6) + _fault(2, "kill", "region-0/*", 1),
