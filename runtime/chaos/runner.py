@@ -257,6 +257,7 @@ class ChaosRun:
         self.startup_s = 0.0  # daemons started -> all ready (before the timeline's t = 0)
         self.elapsed = 0.0
         self.interrupted = False  # Ctrl-C or SIGTERM before duration_s: a partial run
+        self._taken_down: dict[str, list[str]] = {}  # fault -> nodes its end restarts
         self._lock: IO[str] | None = None  # OUT/chaos.lock, held while this run uses OUT
         self._queue: list[_Due] = []
         self._seq = itertools.count()
@@ -508,8 +509,10 @@ class ChaosRun:
             detail = {"kind": f.kind, "direction": f.direction, **f.params}
             tl.event("fault_start", f.name, f.targets, detail)
         elif f.kind == "kill":
+            self._note_taken_down(f, f.targets)
             procs.kill(f.targets, f.name)
         elif f.kind == "kill_all":
+            self._note_taken_down(f, procs.nodes)
             procs.kill(procs.nodes, f.name)
         elif f.kind == "pause":
             procs.pause(f.targets, f.name)
@@ -518,7 +521,9 @@ class ChaosRun:
         elif f.kind == "restart":
             if f.for_s is None:
                 procs.restart(f.targets, f.name, graceful=f.graceful)
-            elif f.graceful:
+                return
+            self._note_taken_down(f, f.targets)
+            if f.graceful:
                 procs.terminate(f.targets, f.name)
             else:
                 procs.kill(f.targets, f.name)
@@ -540,6 +545,12 @@ class ChaosRun:
         else:  # pragma: no cover - the scenario reader refuses other kinds
             raise AssertionError(f.kind)
 
+    def _note_taken_down(self, f: Fault, nodes: Iterable[str]) -> None:
+        """The nodes ``f`` stops (those running): its end restarts these only, not one that
+        another fault holds down or that exited by itself."""
+        assert self.procs is not None
+        self._taken_down[f.name] = [n for n in nodes if self.procs.cluster[n].alive]
+
     def _end_fault(self, f: Fault) -> None:
         assert self.procs is not None and self.timeline is not None
         tl, procs = self.timeline, self.procs
@@ -551,12 +562,8 @@ class ChaosRun:
             if ended:
                 self._reapply(ended)
                 tl.event("fault_end", f.name, ended, {"kind": f.kind})
-        elif f.kind in ("kill", "restart"):
-            for node in f.targets:
-                if not procs.cluster[node].alive:
-                    procs.start(node, f.name)
-        elif f.kind == "kill_all":
-            for node in procs.nodes:
+        elif f.kind in ("kill", "restart", "kill_all"):
+            for node in self._taken_down.pop(f.name, []):
                 if not procs.cluster[node].alive:
                     procs.start(node, f.name)
         elif f.kind == "pause":

@@ -367,3 +367,24 @@ def test_an_interrupted_run_is_marked_unfinished_in_run_json(tmp_path: Path) -> 
     assert execute(run) is True
     doc = json.loads((tmp_path / "run" / "run.json").read_text())
     assert doc["finished"] is False and doc["interrupted"] is True
+
+
+@pytest.mark.timeout(120)
+def test_the_end_of_a_kill_all_restarts_only_what_it_killed(tmp_path: Path) -> None:
+    """kill_all's end restarted every daemon not running, site-0 too, which an earlier
+    kill (no for_s: until the end) was holding down."""
+    raw = {
+        "duration_s": 6,
+        "federation": {"shape": "star", "sites": 1},
+        "run": {"stop_grace_s": 5},
+        "fault": [
+            {"at_s": 1, "kind": "kill", "targets": ["site-0"]},
+            {"at_s": 2, "for_s": 1, "kind": "kill_all"},
+        ],
+    }
+    out = tmp_path / "run"
+    assert execute(ChaosRun(parse_scenario(raw), out, backend="proxy")) is False
+    events = _lines(out / "timeline.jsonl")
+    starts = [(e["fault"], e["targets"]) for e in events if e["event"] == "process_start"]
+    assert ("kill_all@2", ["root"]) in starts
+    assert not [t for f, t in starts if f != "start" and "site-0" in t], starts
