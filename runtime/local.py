@@ -156,6 +156,9 @@ def _read_plan_file(path: Path) -> dict[str, dict[str, Any]]:
     """The consortium's plan file: a ``[plan]`` table (any kind, a site's own table's
     ``kind = "tabular"`` too) and optionally ``[training]``, ``[aggregation]``,
     ``[evaluation]`` and ``[governance]``, as a node config writes them."""
+    # A pipe would block the read for good, a device (/dev/zero) never end it.
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ConfigError(f"--plan {path}: not a regular file (a pipe or a device)")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -278,6 +278,9 @@ class Scenario:
 def load_scenario(path: str | Path) -> Scenario:
     """Read and check a scenario file; every problem is one ``ConfigError``."""
     p = Path(path)
+    # A pipe would block the read for good, a device (/dev/zero) never end it.
+    if p.exists() and not p.is_dir() and not p.is_file():
+        raise ConfigError(f"{p}: not a regular file (a pipe or a device); a scenario is a file")
     try:
         with p.open("rb") as fh:
             raw = tomllib.load(fh)

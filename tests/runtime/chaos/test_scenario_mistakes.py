@@ -223,3 +223,18 @@ def test_a_refusal_expected_of_a_node_no_corrupt_fault_damages_is_refused(
     scen = tmp_path / "s.toml"
     scen.write_text(text.replace('"site-1"', '"site-0"'))
     assert load_scenario(scen).expect["refuses_start"] == "site-0"
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_scenario_path_that_is_no_regular_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """A named pipe blocked the command for good; /dev/zero read until memory ran out."""
+    import os
+
+    path = Path("/dev/zero")
+    if kind == "fifo":
+        path = tmp_path / "s.toml"
+        os.mkfifo(path)
+    refused(capsys, ["chaos", str(path)], f"{path}: not a regular file")
