@@ -23,7 +23,7 @@ import tomli_w
 
 from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.chaos.layout import README_NAME, lay_out, read_config, write_readme
-from fedloom.runtime.federation_files import Federation, NodeFiles
+from fedloom.runtime.federation_files import Federation, NodeFiles, check_port_range
 from fedloom.runtime.harness import Cluster
 
 __all__ = ["cmd_local_init", "cmd_local_up", "read_federation"]
@@ -95,6 +95,10 @@ def cmd_local_init(
         layout = {f"region-{r}": [] for r in range(regions)}
         for i in range(sites):
             layout[f"region-{i % regions}"].append(f"site-{i}")
+    try:
+        check_port_range()  # the environment's mistake, before the keys are written
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         # The data set is loaded (each site's examples, for the roster) before anything is
         # written: a missing package leaves no half-written directory behind.

@@ -58,7 +58,7 @@ from fedloom.runtime.chaos.loadgen import attach_loadgen, use_loadgen
 from fedloom.runtime.chaos.proxy import FaultNetwork, Toxics
 from fedloom.runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
 from fedloom.runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
-from fedloom.runtime.federation_files import Federation, NodeFiles
+from fedloom.runtime.federation_files import Federation, NodeFiles, check_port_range
 from fedloom.runtime.harness import Cluster
 
 __all__ = [
@@ -339,6 +339,10 @@ class ChaosRun:
 
     def set_up(self) -> None:
         scen = self.scen
+        try:
+            check_port_range()  # the environment's mistake, before the run directory
+        except OSError as exc:
+            raise ConfigError(str(exc)) from None
         self._prepare_out()
         disks_ok = self._disk_faults_possible()
         shape = scen.shape

@@ -109,3 +109,18 @@ def test_up_says_why_a_daemon_exited(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "site-0 exited with status 1: " in err, err
     assert "another process has this state directory open" in err, err
     assert err.count("\n") == 1, err
+
+
+def test_a_bad_port_range_in_the_environment_names_it_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was "DIR: cannot write the federation: FEDLOOM_PORT_RANGE=..." with the keys
+    already written."""
+    monkeypatch.setenv("FEDLOOM_PORT_RANGE", "40000")
+    fed = tmp_path / "fed"
+    argv = ["local", "init", str(fed), "--shape", "star", "--sites", "1", *SYNTHETIC]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedloom: error: FEDLOOM_PORT_RANGE='40000': expected LOW-HIGH"), err
+    assert err.count("\n") == 1
+    assert not fed.exists() or not any(fed.iterdir())

@@ -117,3 +117,16 @@ def test_a_run_directory_in_use_by_another_run_is_not_wiped(
             f"--out {live}: in use by another fedloom chaos run",
         )
     assert sorted(p.name for p in live.iterdir()) == ["chaos.lock", "federation", "run.json"]
+
+
+def test_a_bad_port_range_in_the_environment_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was an OSError traceback from the layout, and a half-made run directory."""
+    monkeypatch.setenv("FEDLOOM_PORT_RANGE", "abc")
+    refused(
+        capsys,
+        chaos(tmp_path, "duration_s = 5\n" + STAR),
+        "FEDLOOM_PORT_RANGE='abc': expected LOW-HIGH",
+    )
+    assert not (tmp_path / "out").exists()
