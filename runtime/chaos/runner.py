@@ -352,6 +352,9 @@ class ChaosRun:
         except ConfigError:  # nothing ran yet: leave no half-made run directory behind
             shutil.rmtree(self.out, ignore_errors=True)
             raise
+        except OSError as exc:  # a full disk, a quota
+            shutil.rmtree(self.out, ignore_errors=True)
+            raise ChaosError(f"cannot lay out the federation in {self.out}: {exc}") from None
         self.fed = fed
         self.proxy = ProxyThread(scen.seed)
         for link in shape.links:

@@ -130,3 +130,20 @@ def test_a_bad_port_range_in_the_environment_is_one_line(
         "FEDLOOM_PORT_RANGE='abc': expected LOW-HIGH",
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_directory_that_cannot_be_written_midway_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or a quota) while the federation is laid out was an OSError traceback."""
+    from fedloom.runtime.chaos import runner
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "lay_out", full)
+    assert main(chaos(tmp_path, "duration_s = 5\n" + STAR)) == 1
+    err = capsys.readouterr().err
+    assert "cannot lay out the federation" in err and "No space left on device" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
