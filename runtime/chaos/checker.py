@@ -972,6 +972,7 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
                 f"{node} published v{best:g} but its state holds v{st.version} ({st.version_note})"
             )
     above: list[str] = []
+    compared = []  # roots whose final version the sites were held to
     for root in data.by_role("root"):
         st = states.get(root)
         final = max(
@@ -982,6 +983,7 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
         )
         if not math.isfinite(final):
             continue
+        compared.append(root)
         for site in data.by_role("site"):
             ss = states.get(site)
             if isinstance(ss, NodeState) and ss.version is not None and ss.version > final:
@@ -996,7 +998,13 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
         return Verdict(name, False, f"no {VERSION} sample from any root, region or peer", evidence)
     if drops or above:
         return Verdict(name, False, "; ".join(drops + above), evidence)
-    detail = "every model version only grew; no site above the root's final version"
+    # Only a comparison made is claimed (a gossip run has no root; a root may leave no
+    # version to compare with).
+    detail = "every model version only grew"
+    if compared:
+        detail += "; no site above the root's final version"
+    elif data.by_role("root"):
+        detail += "; sites not compared with the root: its final version is unknown"
     if notes:
         detail += f" ({len(notes)} region restart(s) came back older and caught up)"
     return Verdict(name, True, detail, evidence)

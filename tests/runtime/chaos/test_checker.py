@@ -1095,3 +1095,23 @@ def test_min_accuracy_without_any_evaluation_fails(tmp_path: Path) -> None:
     run = clean_run(tmp_path, steps=300).finish(expect={"min_accuracy": 0.5})
     verdict = check(run)["progress"]
     assert not verdict.passed and "no fedloom_eval_accuracy sample" in verdict.detail
+
+
+def test_versions_monotonic_names_no_root_a_gossip_run_does_not_have(tmp_path: Path) -> None:
+    """It said "no site above the root's final version" of a gossip run (no root, no
+    site): a comparison it never made."""
+    run = tmp_path / "run"
+    peers = ("peer-0", "peer-1")
+    nodes = {p: {"role": "peer", "parent": None, "standby_for": None,
+                 "state_dir": f"federation/state/{p}", "log": f"federation/logs/{p}.log"}
+             for p in peers}  # fmt: skip
+    timeline = [{"t": 0.0, "event": "process_start", "fault": "start", "targets": [p],
+                 "detail": {}, "intended": True} for p in peers]  # fmt: skip
+    samples = [{"t": 0.5 * k, "node": p, "healthz": "ok",
+                "metrics": {"fedloom_model_version": float(k)}}
+               for k in range(10) for p in peers]  # fmt: skip
+    run_json = {"scenario": "gossip", "duration_s": 5.0, "nodes": nodes, "expect": {}}
+    write_run(run, run_json, timeline, samples)
+    verdict = check(run)["versions_monotonic"]
+    assert verdict.passed, verdict.detail
+    assert "root" not in verdict.detail and "site" not in verdict.detail, verdict.detail
