@@ -1584,11 +1584,17 @@ def check_healthz(data: RunData) -> Verdict:
             continue
         failures[str(node)] += 1
         first.setdefault(str(node), f"{node} {health} at t={t:.1f} s")
-    evidence = {"failed_samples": dict(failures), "first": first}
-    if failures:
-        return Verdict(
-            name, False, "not ok while expected up: " + "; ".join(first.values()), evidence
-        )
+    # A daemon with a /healthz and no sample at all was not checked: not a pass.
+    sampled = {s.get("node") for s in data.samples}
+    unsampled = sorted(
+        n for n, info in data.nodes.items() if info.get("healthz_url") and n not in sampled
+    )
+    evidence = {"failed_samples": dict(failures), "first": first, "never_sampled": unsampled}
+    if failures or unsampled:
+        parts = ["not ok while expected up: " + "; ".join(first.values())] if failures else []
+        if unsampled:
+            parts.append(f"never sampled: {', '.join(unsampled)}")
+        return Verdict(name, False, "; ".join(parts), evidence)
     return Verdict(
         name,
         True,

@@ -1115,3 +1115,20 @@ def test_versions_monotonic_names_no_root_a_gossip_run_does_not_have(tmp_path: P
     verdict = check(run)["versions_monotonic"]
     assert verdict.passed, verdict.detail
     assert "root" not in verdict.detail and "site" not in verdict.detail, verdict.detail
+
+
+def test_healthz_does_not_pass_a_daemon_it_never_sampled(tmp_path: Path) -> None:
+    """It said "every daemon answered ok" when samples.jsonl held none of site-1's: a
+    daemon with a /healthz the sampler never reached was not checked at all."""
+    run = clean_run(tmp_path, steps=300).finish()
+    doc = json.loads((run / "run.json").read_text())
+    for node, info in doc["nodes"].items():
+        info["healthz_url"] = f"http://127.0.0.1:1/{node}/healthz"
+    (run / "run.json").write_text(json.dumps(doc))
+    assert check(run)["healthz"].passed
+    samples = (run / "samples.jsonl").read_text().splitlines()
+    kept = [line for line in samples if json.loads(line)["node"] != "site-1"]
+    (run / "samples.jsonl").write_text("\n".join(kept) + "\n")
+    verdict = check(run)["healthz"]
+    assert not verdict.passed and "site-1" in verdict.detail, verdict.detail
+    assert "never sampled" in verdict.detail
