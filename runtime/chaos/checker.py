@@ -1584,10 +1584,13 @@ def check_healthz(data: RunData) -> Verdict:
             continue
         failures[str(node)] += 1
         first.setdefault(str(node), f"{node} {health} at t={t:.1f} s")
-    # A daemon with a /healthz and no sample at all was not checked: not a pass.
+    # A daemon with a /healthz and no sample at all was not checked: not a pass (a load
+    # site is sampled as its process, the load generator).
     sampled = {s.get("node") for s in data.samples}
     unsampled = sorted(
-        n for n, info in data.nodes.items() if info.get("healthz_url") and n not in sampled
+        n
+        for n, info in data.nodes.items()
+        if info.get("healthz_url") and not info.get("process") and n not in sampled
     )
     evidence = {"failed_samples": dict(failures), "first": first, "never_sampled": unsampled}
     if failures or unsampled:

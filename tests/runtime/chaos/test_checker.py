@@ -1124,8 +1124,10 @@ def test_healthz_does_not_pass_a_daemon_it_never_sampled(tmp_path: Path) -> None
     doc = json.loads((run / "run.json").read_text())
     for node, info in doc["nodes"].items():
         info["healthz_url"] = f"http://127.0.0.1:1/{node}/healthz"
+    # A load site: its process (the load generator) is sampled, not the site.
+    doc["nodes"]["load-0"] = {**doc["nodes"]["site-1"], "process": "loadgen"}
     (run / "run.json").write_text(json.dumps(doc))
-    assert check(run)["healthz"].passed
+    assert check(run)["healthz"].passed, check(run)["healthz"].detail
     samples = (run / "samples.jsonl").read_text().splitlines()
     kept = [line for line in samples if json.loads(line)["node"] != "site-1"]
     (run / "samples.jsonl").write_text("\n".join(kept) + "\n")
