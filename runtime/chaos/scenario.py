@@ -553,21 +553,14 @@ def _check_timeline(timeline: Sequence[tuple[int, Fault]]) -> None:
                     f"then (fault[{j}], a {kind} until {shown}): {why}; one such fault at a "
                     "time per process"
                 )
+            if f.kind == "corrupt":  # it writes there, and would fail with its node killed
+                _check_disk(i, f, disks)
             if f.kind in ("kill", "pause"):
                 held.update((n, (f.end_s, i, f.kind)) for n in f.targets if n not in down)
             if f.kind in ("kill", "corrupt"):  # a killed process is not paused
                 paused = {n: v for n, v in paused.items() if n not in f.targets}
         elif f.kind in ("disk_full", "read_only"):
-            # One at a time: neither fills nor empties a tmpfs the other made read-only.
-            for n in f.targets:
-                if n in disks:
-                    end, j, kind = disks[n]
-                    shown = f"{end:g} s" if end is not None else "the end of the run"
-                    raise ConfigError(
-                        f"fault[{i}]: a {f.kind} of {n} at {f.at_s:g} s, but {n}'s disk is "
-                        f"still {kind} then (fault[{j}], until {shown}); one disk fault at a "
-                        "time per node"
-                    )
+            _check_disk(i, f, disks)
             disks.update((n, (f.end_s, i, f.kind)) for n in f.targets)
         elif f.kind in ("kill_all", "restart"):  # whoever is down comes back at its end
             paused = {n: v for n, v in paused.items() if n not in f.targets}
@@ -582,6 +575,19 @@ def _check_timeline(timeline: Sequence[tuple[int, Fault]]) -> None:
                     "pause that has no for_s"
                 )
             paused = {n: v for n, v in paused.items() if n not in f.targets}
+
+
+def _check_disk(i: int, f: Fault, disks: Mapping[str, tuple[float | None, int, str]]) -> None:
+    """One disk fault at a time per node: neither fills nor empties a tmpfs the other made
+    read-only, nor can a corrupt write on one."""
+    for n in f.targets:
+        if n in disks:
+            end, j, kind = disks[n]
+            shown = f"{end:g} s" if end is not None else "the end of the run"
+            raise ConfigError(
+                f"fault[{i}]: a {f.kind} of {n} at {f.at_s:g} s, but {n}'s disk is still "
+                f"{kind} then (fault[{j}], until {shown}); one disk fault at a time per node"
+            )
 
 
 def _show_targets(targets: Sequence[str]) -> str:

@@ -179,6 +179,13 @@ def _fault(at: float, kind: str, target: str | None = "site-0", for_s: float | N
             _fault(1, "kill") + _fault(2, "corrupt"),
             "fault[1]: a corrupt of site-0 at 2 s, but site-0 is still down then",
         ),
+        # A corrupt writes into the state directory: on a read-only (or full) tmpfs it
+        # failed after killing the node, which then stayed down.
+        (
+            _fault(1, "read_only", "root", 5) + _fault(2, "corrupt", "root"),
+            "fault[1]: a corrupt of root at 2 s, but root's disk is still read_only then "
+            "(fault[0], until 6 s)",
+        ),
         # One target of a group held by another fault: the group's end frees it early.
         (
             _fault(1, "kill", for_s=6) + _fault(2, "kill", "region-0/*", 1),
