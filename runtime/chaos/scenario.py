@@ -562,11 +562,12 @@ def _check_timeline(timeline: Sequence[tuple[int, Fault]]) -> None:
         elif f.kind in ("disk_full", "read_only"):
             _check_disk(i, f, disks)
             disks.update((n, (f.end_s, i, f.kind)) for n in f.targets)
-        elif f.kind in ("kill_all", "restart"):  # whoever is down comes back at its end
+        elif f.kind in ("kill_all", "restart"):
             paused = {n: v for n, v in paused.items() if n not in f.targets}
-            down = {n: v for n, v in down.items() if n not in f.targets}
-            if f.for_s is not None:
-                down.update((n, (f.end_s, i, f.kind)) for n in f.targets)
+            if f.kind == "restart" and f.for_s is None:  # starts its targets, down or not
+                down = {n: v for n, v in down.items() if n not in f.targets}
+            else:  # its end restarts only what it stopped: the others keep their own end
+                down.update((n, (f.end_s, i, f.kind)) for n in f.targets if n not in down)
         elif f.kind == "resume":
             if not any(n in paused for n in f.targets):
                 raise ConfigError(

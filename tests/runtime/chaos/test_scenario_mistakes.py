@@ -186,6 +186,12 @@ def _fault(at: float, kind: str, target: str | None = "site-0", for_s: float | N
             "fault[1]: a corrupt of root at 2 s, but root's disk is still read_only then "
             "(fault[0], until 6 s)",
         ),
+        # kill_all's end restarts only what it stopped: site-0 stays down after it.
+        (
+            _fault(1, "kill") + _fault(2, "kill_all", None, 1) + _fault(4, "kill"),
+            "fault[2]: a kill of site-0 at 4 s, but site-0 is still down then (fault[0], a "
+            "kill until restarted)",
+        ),
         # One target of a group held by another fault: the group's end frees it early.
         (
             _fault(1, "kill", for_s=6) + _fault(2, "kill", "region-0/*", 1),
