@@ -563,6 +563,12 @@ def _check_timeline(timeline: Sequence[tuple[int, Fault]]) -> None:
             _check_disk(i, f, disks)
             disks.update((n, (f.end_s, i, f.kind)) for n in f.targets)
         elif f.kind in ("kill_all", "restart"):
+            if f.kind == "kill_all" and all(n in down for n in f.targets):
+                end, j, kind = down[f.targets[0]]
+                raise ConfigError(
+                    f"fault[{i}]: a kill_all at {f.at_s:g} s, but every daemon is still down "
+                    f"then (fault[{j}], a {kind}): it would do nothing"
+                )
             paused = {n: v for n, v in paused.items() if n not in f.targets}
             if f.kind == "restart" and f.for_s is None:  # starts its targets, down or not
                 down = {n: v for n, v in down.items() if n not in f.targets}

@@ -192,6 +192,11 @@ def _fault(at: float, kind: str, target: str | None = "site-0", for_s: float | N
             "fault[2]: a kill of site-0 at 4 s, but site-0 is still down then (fault[0], a "
             "kill until restarted)",
         ),
+        (
+            _fault(1, "kill_all", None, 3) + _fault(2, "kill_all", None),
+            "fault[1]: a kill_all at 2 s, but every daemon is still down then (fault[0], a "
+            "kill_all): it would do nothing",
+        ),
         # One target of a group held by another fault: the group's end frees it early.
         (
             _fault(1, "kill", for_s=6) + _fault(2, "kill", "region-0/*", 1),
