@@ -646,6 +646,9 @@ class ChaosRun:
                 detail = {"where": f.where, "skipped": str(exc), "attempts": attempt}
                 if attempt < CORRUPT_ATTEMPTS:  # a checkpoint came first: run it and retry
                     self.procs.start(node, f.name)
+            except Exception:  # not damaged after all: the node must not stay down
+                self.procs.start(node, f.name)
+                raise
         if "skipped" in detail:
             _say(f"{f.name}: nothing corrupted: {detail['skipped']}")
         self.timeline.event("fault_start", f.name, [node], {"kind": f.kind, **detail})

@@ -388,3 +388,31 @@ def test_the_end_of_a_kill_all_restarts_only_what_it_killed(tmp_path: Path) -> N
     starts = [(e["fault"], e["targets"]) for e in events if e["event"] == "process_start"]
     assert ("kill_all@2", ["root"]) in starts
     assert not [t for f, t in starts if f != "start" and "site-0" in t], starts
+
+
+@pytest.mark.timeout(120)
+def test_a_corrupt_that_fails_still_restarts_its_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The corrupt kills its node first; when the damage itself failed (an I/O error) the
+    node was never started again and stayed down for the rest of the run."""
+    from fedloom.runtime.chaos import runner
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(runner, "corrupt_state", failing)
+    raw = {
+        "duration_s": 5,
+        "federation": {"shape": "star", "sites": 1},
+        "run": {"stop_grace_s": 5},
+        "fault": [{"at_s": 1, "kind": "corrupt", "targets": ["site-0"]}],
+    }
+    out = tmp_path / "run"
+    run = ChaosRun(parse_scenario(raw), out, backend="proxy")
+    assert execute(run) is False
+    events = _lines(out / "timeline.jsonl")
+    kinds = [(e["event"], e["fault"]) for e in events if e["targets"] == ["site-0"]]
+    assert ("process_kill", "corrupt@1") in kinds
+    assert kinds.index(("process_start", "corrupt@1")) > kinds.index(("process_kill", "corrupt@1"))
+    assert any("corrupt@1: could not inject it" in s for s in run.skipped), run.skipped
