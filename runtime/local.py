@@ -328,7 +328,9 @@ def cmd_local_up(
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the stop short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             codes = cluster.stop()
             print(f"stopped {len(codes)} daemons", flush=True)

@@ -124,3 +124,36 @@ def test_a_bad_port_range_in_the_environment_names_it_and_writes_nothing(
     assert err.startswith("fedloom: error: FEDLOOM_PORT_RANGE='40000': expected LOW-HIGH"), err
     assert err.count("\n") == 1
     assert not fed.exists() or not any(fed.iterdir())
+
+
+def test_a_second_sigterm_does_not_cut_up_s_stop_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C ignored while every daemon is stopped, SIGTERM was not: a second one (a
+    second `kill`, systemd's) cut the stop short and left the rest to PDEATHSIG."""
+    import os
+    import signal
+
+    from fedloom.runtime import local
+
+    fed = tmp_path / "fed"
+    assert main(["local", "init", str(fed), "--shape", "star", "--sites", "1", *SYNTHETIC]) == 0
+    stopped: list[bool] = []
+
+    class Interrupted:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def start(self) -> None:
+            raise KeyboardInterrupt  # the first Ctrl-C or SIGTERM, while starting
+
+        def stop(self) -> dict[str, int]:
+            os.kill(os.getpid(), signal.SIGTERM)
+            stopped.append(True)  # what follows the signal: the rest of the stop
+            return {}
+
+    monkeypatch.setattr(local, "Cluster", Interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["local", "up", str(fed)]) == 0
+    assert stopped == [True]
+    assert signal.getsignal(signal.SIGTERM) == before
