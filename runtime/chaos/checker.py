@@ -26,7 +26,8 @@ and gives one verdict per property:
   final.
 * ``resumed``: after each fault's end and each intended kill's restart (or pause's
   resume), the root's version (in gossip: every peer's) grows within ``resume_within_s``
-  (unless the run ends first: "not observed").
+  (unless the run ends first, or the nodes are stopped on purpose again: "not observed";
+  none observed is "nothing to check", still a pass).
 * ``no_unintended_exit``: no daemon exited by itself, except those the scenario expects
   (``expect.refuses_start``: its log must then name the file and offset, its own verdict
   ``refuses_start``; ``expect.allowed_exits``).
