@@ -284,6 +284,12 @@ class ChaosRun:
                 if not out.is_dir():
                     raise ConfigError(f"{self.out_label}: exists and is not a directory")
                 self._refuse_if_in_use()
+                source = self.scen.source
+                if source is not None and source.absolute().is_relative_to(out.absolute()):
+                    # Replacing the directory would delete the scenario with it.
+                    raise ConfigError(
+                        f"{self.out_label}: holds the scenario file {source}; choose another"
+                    )
                 earlier = (out / "run.json").exists() or (out / LOCK_FILE).exists()
                 if any(out.iterdir()) and not earlier:
                     raise ConfigError(

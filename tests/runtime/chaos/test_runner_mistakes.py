@@ -147,3 +147,20 @@ def test_a_run_directory_that_cannot_be_written_midway_is_one_line(
     assert "cannot lay out the federation" in err and "No space left on device" in err, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_directory_that_holds_the_scenario_file_is_not_wiped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An earlier run's directory is replaced as a whole: the scenario file kept in it
+    (written next to that run's report) was deleted with it."""
+    earlier = tmp_path / "runs" / "s"
+    earlier.mkdir(parents=True)
+    (earlier / "run.json").write_text("{}")
+    scen = earlier / "s.toml"
+    scen.write_text("duration_s = 5\n" + STAR)
+    argv = ["chaos", str(scen), "--out", str(tmp_path / "runs"), "--backend", "proxy"]
+    (tmp_path / "runs" / "run.json").write_text("{}")
+    refused(capsys, argv, f"--out {tmp_path / 'runs'}: holds the scenario file {scen}")
+    refused(capsys, [*argv[:3], str(earlier), *argv[4:]], f"holds the scenario file {scen}")
+    assert scen.exists()
