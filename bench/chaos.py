@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE_S = 180.0  # start-up, the stop grace, unmounting and the checker, beyond duration_s
+STOP_GRACE_S = 150.0  # a run past its time: its teardown after SIGTERM, then SIGKILL
 
 
 def _duration(path: Path) -> float:
@@ -30,27 +31,41 @@ def _duration(path: Path) -> float:
         return 120.0  # fedloom chaos itself reports what is wrong with the file
 
 
+def run_bounded(
+    cmd: list[str], timeout: float, grace: float = STOP_GRACE_S
+) -> tuple[int, str, str]:
+    """``cmd``'s exit status, stdout and stderr; 124 (and what it printed) when it ran past
+    ``timeout``. It is sent SIGTERM first, so that `fedloom chaos` stops its daemons (a
+    SIGKILLed runner leaves a paused one stopped for good: its PDEATHSIG SIGTERM waits
+    for a SIGCONT); SIGKILL only after ``grace``."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return 124, out or "", err or ""
+    return proc.returncode, out or "", err or ""
+
+
 def run_one(path: Path, out_root: Path) -> tuple[int, float, list[str]]:
     """Exit status, wall seconds and the checker's verdict lines (stdout) of one scenario."""
     cmd = [sys.executable, "-m", "fedloom", "chaos", str(path)]
     cmd += ["--out", str(out_root / path.stem)]
     started = time.monotonic()
-    try:
-        res = subprocess.run(
-            cmd,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=_duration(path) + GRACE_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return 124, time.monotonic() - started, [*out.splitlines(), "timed out"]
-    lines = res.stdout.splitlines()
-    if res.returncode != 0:  # the runner's own last words say why (a bad file, a crash)
-        lines += [f"stderr: {ln}" for ln in res.stderr.splitlines()[-3:]]
-    return res.returncode, time.monotonic() - started, lines
+    status, out, err = run_bounded(cmd, _duration(path) + GRACE_S)
+    lines = out.splitlines()
+    if status == 124:
+        lines.append("timed out")
+    elif status != 0:  # the runner's own last words say why (a bad file, a crash)
+        lines += [f"stderr: {ln}" for ln in err.splitlines()[-3:]]
+    return status, time.monotonic() - started, lines
 
 
 def main(argv: list[str] | None = None) -> int:

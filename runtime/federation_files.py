@@ -32,6 +32,7 @@ __all__ = [
     "ROOT_ID",
     "Federation",
     "NodeFiles",
+    "check_port_range",
     "free_port",
     "new_workdir",
     "site_examples",
@@ -100,6 +101,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 PORT_RANGE_ENV = "FEDLOOM_PORT_RANGE"
+
+
+def check_port_range() -> None:
+    """Raise the OSError ``free_port`` would, naming ``$FEDLOOM_PORT_RANGE`` when it is not
+    a range of ports: for a command to check before it writes anything."""
+    _pick_range()
 
 
 def _pick_range() -> tuple[int, int]:

@@ -9,6 +9,7 @@ demo use.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import tomli_w
 
 from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.chaos.layout import README_NAME, lay_out, read_config, write_readme
-from fedloom.runtime.federation_files import Federation, NodeFiles
+from fedloom.runtime.federation_files import Federation, NodeFiles, check_port_range
 from fedloom.runtime.harness import Cluster
 
 __all__ = ["cmd_local_init", "cmd_local_up", "read_federation"]
@@ -95,6 +96,10 @@ def cmd_local_init(
         for i in range(sites):
             layout[f"region-{i % regions}"].append(f"site-{i}")
     try:
+        check_port_range()  # the environment's mistake, before the keys are written
+    except OSError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
         # The data set is loaded (each site's examples, for the roster) before anything is
         # written: a missing package leaves no half-written directory behind.
         fed = lay_out(
@@ -155,6 +160,9 @@ def _read_plan_file(path: Path) -> dict[str, dict[str, Any]]:
     """The consortium's plan file: a ``[plan]`` table (any kind, a site's own table's
     ``kind = "tabular"`` too) and optionally ``[training]``, ``[aggregation]``,
     ``[evaluation]`` and ``[governance]``, as a node config writes them."""
+    # A pipe would block the read for good, a device (/dev/zero) never end it.
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ConfigError(f"--plan {path}: not a regular file (a pipe or a device)")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -252,6 +260,19 @@ def _root_version(fed: Federation) -> int | None:
     return int(value) if value is not None else None
 
 
+def _last_words(log: Path) -> str:
+    """What a daemon said last (a JSON log line's message): why it exited, in most cases."""
+    from fedloom.runtime.chaos.faults import last_log_line
+
+    line = last_log_line(log, limit=8192)  # whole: a cut JSON line does not parse
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    msg = record.get("msg") if isinstance(record, dict) else None
+    return (str(msg) if msg else line or "(its log is empty)")[:300]
+
+
 def cmd_local_up(
     directory: Path, *, until_version: int | None = None, timeout_s: float | None = None
 ) -> int:
@@ -295,9 +316,11 @@ def cmd_local_up(
                 return 1
             dead = cluster.dead()
             if dead:
-                codes = {n: cluster[n].returncode for n in dead}
+                first, others = dead[0], [f"{n} ({cluster[n].returncode})" for n in dead[1:]]
+                also = f"; also exited: {', '.join(others)}" if others else ""
                 print(
-                    f"fedloom local up: {', '.join(dead)} exited ({codes}); see {directory}/logs",
+                    f"fedloom local up: {first} exited with status {cluster[first].returncode}: "
+                    f"{_last_words(fed.nodes[first].log)}{also}; see {directory}/logs",
                     file=sys.stderr,
                 )
                 return 1
@@ -305,7 +328,9 @@ def cmd_local_up(
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the stop short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             codes = cluster.stop()
             print(f"stopped {len(codes)} daemons", flush=True)

@@ -26,10 +26,14 @@ and gives one verdict per property:
   final.
 * ``resumed``: after each fault's end and each intended kill's restart (or pause's
   resume), the root's version (in gossip: every peer's) grows within ``resume_within_s``
-  (unless the run ends first: "not observed").
+  (unless the run ends first, or the nodes are stopped on purpose again: "not observed";
+  none observed is "nothing to check", still a pass).
 * ``no_unintended_exit``: no daemon exited by itself, except those the scenario expects
   (``expect.refuses_start``: its log must then name the file and offset, its own verdict
   ``refuses_start``; ``expect.allowed_exits``).
+* ``progress`` (only when ``expect.min_version`` or ``expect.min_accuracy`` is set): the
+  root's (in gossip: every peer's) highest sampled model version and last evaluated
+  accuracy reach them.
 * ``healthz``: every daemon answered ``/healthz`` ok in every sample, except while
   expected down (an intended kill or pause until its restart or resume) and for a
   start-up grace after each start.
@@ -76,6 +80,7 @@ __all__ = [
 START_GRACE_S = 15.0
 START_GRACE_FACTOR = 2.0
 VERSION = "fedloom_model_version"
+ACCURACY = "fedloom_eval_accuracy"
 AGGREGATORS = ("root", "region")
 # Nodes whose model version is checked; a region's is only the newest global it holds (it
 # comes back from its checkpoint older and catches up), the others own what they publish.
@@ -681,10 +686,17 @@ def check_conservation(data: RunData, states: Mapping[str, NodeState | str]) -> 
     problems: list[str] = []
     unchecked: dict[str, str] = {}
     regions: dict[str, dict[str, dict[str, int]]] = {}
+    refusing = data.listed("refuses_start")
     for node in data.by_role("region"):
         st = states.get(node)
         if not isinstance(st, NodeState):
-            continue  # unreadable: exactly_once says so
+            # Not checked is not conserved: only a region expected to refuse its start
+            # (its state damaged on purpose) is let off, and named.
+            if node in refusing:
+                unchecked[node] = "its state is unreadable, as expected (refuses_start)"
+            else:
+                problems.append(f"{node} not checked: its state is unreadable (see exactly_once)")
+            continue
         if st.conservation is None or st.conserved_at_checkpoint is None:
             unchecked[node] = "its checkpoint predates the counts"
             continue
@@ -730,11 +742,12 @@ def check_conservation(data: RunData, states: Mapping[str, NodeState | str]) -> 
         else "not checked at the root: its state holds no site updates (no [subtrees] "
         "declared, none incorporated yet, or its state unreadable: see exactly_once)"
     )
+    skipped = "".join(f"; {k} not checked: {v}" for k, v in unchecked.items())
     return Verdict(
         name,
         True,
         f"{total} updates applied in {len(regions)} regions: {fwd} forwarded, the rest "
-        f"dropped as non-finite or buffered; {at_root}",
+        f"dropped as non-finite or buffered; {at_root}{skipped}",
         evidence,
     )
 
@@ -970,6 +983,7 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
                 f"{node} published v{best:g} but its state holds v{st.version} ({st.version_note})"
             )
     above: list[str] = []
+    compared = []  # roots whose final version the sites were held to
     for root in data.by_role("root"):
         st = states.get(root)
         final = max(
@@ -980,6 +994,7 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
         )
         if not math.isfinite(final):
             continue
+        compared.append(root)
         for site in data.by_role("site"):
             ss = states.get(site)
             if isinstance(ss, NodeState) and ss.version is not None and ss.version > final:
@@ -994,7 +1009,13 @@ def check_versions(data: RunData, states: Mapping[str, NodeState | str]) -> Verd
         return Verdict(name, False, f"no {VERSION} sample from any root, region or peer", evidence)
     if drops or above:
         return Verdict(name, False, "; ".join(drops + above), evidence)
-    detail = "every model version only grew; no site above the root's final version"
+    # Only a comparison made is claimed (a gossip run has no root; a root may leave no
+    # version to compare with).
+    detail = "every model version only grew"
+    if compared:
+        detail += "; no site above the root's final version"
+    elif data.by_role("root"):
+        detail += "; sites not compared with the root: its final version is unknown"
     if notes:
         detail += f" ({len(notes)} region restart(s) came back older and caught up)"
     return Verdict(name, True, detail, evidence)
@@ -1104,8 +1125,10 @@ def check_resumed(data: RunData) -> Verdict:
     results: list[dict[str, Any]] = []
     for t, what, healed in _heal_points(data):
         waits: list[float] = []
+        again = False  # a node to wait for was stopped on purpose (again) by then
         for node in movers:
             if _down_at(data, node, t + bound):
+                again = True
                 continue  # stopped on purpose (again): nothing to wait for
             series = data.versions(node)
             base = max((v for s, v in series if s <= t), default=-math.inf)
@@ -1122,7 +1145,10 @@ def check_resumed(data: RunData) -> Verdict:
                 waits.append(math.inf)
         unmeasured: list[str] = []
         for node in healed:
-            if node in movers or _down_at(data, node, t + bound):
+            if node in movers:
+                continue
+            if _down_at(data, node, t + bound):
+                again = True
                 continue
             options = [
                 (label, series)
@@ -1154,18 +1180,71 @@ def check_resumed(data: RunData) -> Verdict:
             worst = max(waits)
             row["resumed_after_s"] = round(worst, 3) if math.isfinite(worst) else None
         else:
-            row["resumed_after_s"], row["note"] = None, "run ended"
+            note = "stopped again on purpose" if again else "run ended"
+            row["resumed_after_s"], row["note"] = None, note
         results.append(row)
     evidence = {"bound_s": bound, "nodes": movers, "points": results}
     if late:
         return Verdict(name, False, "; ".join(late), evidence)
     if not results:
         return Verdict(name, True, "no fault healed during the run", evidence)
-    unseen = sum(1 for r in results if r.get("note"))
-    detail = f"training resumed within {bound:g} s after {len(results) - unseen} heal(s)"
-    if unseen:
-        detail += f"; {unseen} not observed: run ended"
+    notes = Counter(str(r["note"]) for r in results if r.get("note"))
+    seen = len(results) - sum(notes.values())
+    unseen = [f"{n} not observed: {note}" for note, n in sorted(notes.items())]
+    # Nothing observed is said as such, not as training that resumed.
+    parts = [f"training resumed within {bound:g} s after {seen} heal(s)"] if seen else []
+    detail = "; ".join(parts + unseen) if seen else "nothing to check: " + "; ".join(unseen)
     return Verdict(name, True, detail, evidence)
+
+
+def check_progress(data: RunData) -> Verdict | None:
+    """``expect.min_version`` and ``expect.min_accuracy``: the root's (in gossip: every
+    peer's) highest sampled model version and last evaluated accuracy reach them. None when
+    the scenario asks for neither."""
+    min_version, min_accuracy = data.expect.get("min_version"), data.expect.get("min_accuracy")
+    if min_version is None and min_accuracy is None:
+        return None
+    name = "progress"
+    movers = data.by_role("root") or data.by_role("peer")
+    if not movers:
+        return Verdict(name, False, "run.json names no root and no gossip peer")
+    problems: list[str] = []
+    reached: dict[str, dict[str, float | None]] = {}
+    for node in movers:
+        top = max((v for _, v in data.versions(node)), default=None)
+        accuracies = sorted(
+            (float(s["t"]), a)
+            for s in data.samples
+            if s.get("node") == node
+            for a in [_metric(s, ACCURACY)]
+            if a is not None
+        )
+        last = accuracies[-1][1] if accuracies else None
+        reached[node] = {"version": top, "accuracy": last}
+        if min_version is not None:
+            if top is None:
+                problems.append(f"no {VERSION} sample from {node}")
+            elif top < min_version:
+                problems.append(
+                    f"{node}'s model reached version {int(top)}, expected at least {min_version}"
+                )
+        if min_accuracy is not None:
+            if last is None:
+                problems.append(f"no {ACCURACY} sample from {node}")
+            elif last < min_accuracy:
+                problems.append(
+                    f"{node}'s last evaluated accuracy {last:g}, expected at least {min_accuracy:g}"
+                )
+    evidence = {"min_version": min_version, "min_accuracy": min_accuracy, "reached": reached}
+    if problems:
+        return Verdict(name, False, "; ".join(problems), evidence)
+    shown = ", ".join(
+        node
+        + (f" version {int(r['version'])}" if r["version"] is not None else "")
+        + (f" accuracy {r['accuracy']:g}" if r["accuracy"] is not None else "")
+        for node, r in reached.items()
+    )
+    return Verdict(name, True, f"reached what the scenario expects: {shown}", evidence)
 
 
 def _down_at(data: RunData, node: str, t: float) -> bool:
@@ -1516,11 +1595,20 @@ def check_healthz(data: RunData) -> Verdict:
             continue
         failures[str(node)] += 1
         first.setdefault(str(node), f"{node} {health} at t={t:.1f} s")
-    evidence = {"failed_samples": dict(failures), "first": first}
-    if failures:
-        return Verdict(
-            name, False, "not ok while expected up: " + "; ".join(first.values()), evidence
-        )
+    # A daemon with a /healthz and no sample at all was not checked: not a pass (a load
+    # site is sampled as its process, the load generator).
+    sampled = {s.get("node") for s in data.samples}
+    unsampled = sorted(
+        n
+        for n, info in data.nodes.items()
+        if info.get("healthz_url") and not info.get("process") and n not in sampled
+    )
+    evidence = {"failed_samples": dict(failures), "first": first, "never_sampled": unsampled}
+    if failures or unsampled:
+        parts = ["not ok while expected up: " + "; ".join(first.values())] if failures else []
+        if unsampled:
+            parts.append(f"never sampled: {', '.join(unsampled)}")
+        return Verdict(name, False, "; ".join(parts), evidence)
     return Verdict(
         name,
         True,
@@ -1569,6 +1657,9 @@ def check_run(run_dir: Path, *, write: bool = True) -> Report:
 def _verdicts(data: RunData) -> Iterable[Verdict]:
     if data.problems:
         yield Verdict("run_dir", False, "; ".join(data.problems))
+    unfinished = _unfinished(data)
+    if unfinished:
+        yield Verdict("run_dir", False, unfinished)
     states = load_states(data)
     checks: list[tuple[str, Any]] = [
         ("exactly_once", lambda: check_exactly_once(data, states)),
@@ -1579,6 +1670,7 @@ def _verdicts(data: RunData) -> Iterable[Verdict]:
         ("refuses_start", lambda: check_refuses_start(data)),
         ("duplicate", lambda: check_duplicates(data)),
         ("healthz", lambda: check_healthz(data)),
+        ("progress", lambda: check_progress(data)),
     ]
     for name, check in checks:
         try:
@@ -1587,6 +1679,22 @@ def _verdicts(data: RunData) -> Iterable[Verdict]:
             verdict = Verdict(name, False, f"checker error: {type(exc).__name__}: {describe(exc)}")
         if verdict is not None:
             yield verdict
+
+
+def _unfinished(data: RunData) -> str:
+    """Why the run is partial ("" when it ran to its end, or ``run.json`` does not say):
+    its checks hold on a part in which faults may never have healed nor pauses ended."""
+    if data.run.get("interrupted") is True:
+        return (
+            f"the run was interrupted after {data.end_t:.1f} s (Ctrl-C or SIGTERM): a partial "
+            "run, whose verdicts cover only that part"
+        )
+    if data.run.get("finished") is False:
+        return (
+            "the run did not finish (run.json: finished = false: its runner stopped before "
+            "the end): a partial run, whose verdicts cover only that part"
+        )
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

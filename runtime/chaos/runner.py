@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import functools
 import heapq
 import importlib
 import itertools
 import json
+import os
 import random
 import shutil
 import signal
@@ -38,7 +40,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from fedloom.federation.config_reader import ConfigError
 from fedloom.runtime.chaos.faults import (
@@ -56,7 +58,7 @@ from fedloom.runtime.chaos.loadgen import attach_loadgen, use_loadgen
 from fedloom.runtime.chaos.proxy import FaultNetwork, Toxics
 from fedloom.runtime.chaos.record import JsonLines, Timeline, probe_healthz, scrape_metrics
 from fedloom.runtime.chaos.scenario import ROOT_ID, Fault, Scenario, load_scenario
-from fedloom.runtime.federation_files import Federation, NodeFiles
+from fedloom.runtime.federation_files import Federation, NodeFiles, check_port_range
 from fedloom.runtime.harness import Cluster
 
 __all__ = [
@@ -78,6 +80,7 @@ CORRUPT_NEEDS_FRAMES = {"wal_middle": 2, "wal_end": 1, "wal_torn": 1}
 CORRUPT_WAIT_S = 15.0
 CORRUPT_ATTEMPTS = 3
 TICK_S = 0.1
+LOCK_FILE = "chaos.lock"
 T = TypeVar("T")
 
 
@@ -253,6 +256,9 @@ class ChaosRun:
         self.t0 = 0.0
         self.startup_s = 0.0  # daemons started -> all ready (before the timeline's t = 0)
         self.elapsed = 0.0
+        self.interrupted = False  # Ctrl-C or SIGTERM before duration_s: a partial run
+        self._taken_down: dict[str, list[str]] = {}  # fault -> nodes its end restarts
+        self._lock: IO[str] | None = None  # OUT/chaos.lock, held while this run uses OUT
         self._queue: list[_Due] = []
         self._seq = itertools.count()
 
@@ -277,17 +283,53 @@ class ChaosRun:
             if out.exists():
                 if not out.is_dir():
                     raise ConfigError(f"{self.out_label}: exists and is not a directory")
-                if any(out.iterdir()) and not (out / "run.json").exists():
+                self._refuse_if_in_use()
+                source = self.scen.source
+                if source is not None and source.absolute().is_relative_to(out.absolute()):
+                    # Replacing the directory would delete the scenario with it.
+                    raise ConfigError(
+                        f"{self.out_label}: holds the scenario file {source}; choose another"
+                    )
+                earlier = (out / "run.json").exists() or (out / LOCK_FILE).exists()
+                if any(out.iterdir()) and not earlier:
                     raise ConfigError(
                         f"{self.out_label}: not empty and not an earlier chaos run; choose another"
                     )
                 _unmount_under(out)
                 shutil.rmtree(out)
             out.mkdir(parents=True)
+            # Held until this process exits (not inherited by the daemons): another run
+            # into the same directory must not wipe this one's federation under it.
+            self._lock = (out / LOCK_FILE).open("a+", encoding="utf-8")
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock.write(f"{os.getpid()}\n")
+            self._lock.flush()
         except OSError as exc:  # a file on the way, no permission, a read-only file system
             raise ConfigError(
                 f"{self.out_label}: cannot make the run directory: {exc.strerror or exc}"
             ) from None
+
+    def release(self) -> None:
+        """Let another run have ``out`` (once this one's checker is done with it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _refuse_if_in_use(self) -> None:
+        """A ``ConfigError`` when another run holds ``out``'s lock (it is still running)."""
+        try:
+            fh = (self.out / LOCK_FILE).open("r", encoding="utf-8")
+        except FileNotFoundError:
+            return
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = fh.read().strip() or "?"
+                raise ConfigError(
+                    f"{self.out_label}: in use by another fedloom chaos run (pid {pid}); "
+                    "wait for it to end or choose another"
+                ) from None
 
     def _disk_faults_possible(self) -> bool:
         """Whether tmpfs disk faults can run; if not, they are skipped with the reason."""
@@ -303,6 +345,10 @@ class ChaosRun:
 
     def set_up(self) -> None:
         scen = self.scen
+        try:
+            check_port_range()  # the environment's mistake, before the run directory
+        except OSError as exc:
+            raise ConfigError(str(exc)) from None
         self._prepare_out()
         disks_ok = self._disk_faults_possible()
         shape = scen.shape
@@ -312,6 +358,9 @@ class ChaosRun:
         except ConfigError:  # nothing ran yet: leave no half-made run directory behind
             shutil.rmtree(self.out, ignore_errors=True)
             raise
+        except OSError as exc:  # a full disk, a quota
+            shutil.rmtree(self.out, ignore_errors=True)
+            raise ChaosError(f"cannot lay out the federation in {self.out}: {exc}") from None
         self.fed = fed
         self.proxy = ProxyThread(scen.seed)
         for link in shape.links:
@@ -364,7 +413,11 @@ class ChaosRun:
                     assert shape.failover_after_s is not None
                     add_standbys(fed, shape.standbys, shape.failover_after_s)
         except ValueError as exc:  # the [federation] tables' overrides (plan, training...)
-            raise ConfigError(f"{self._scenario_file()}: federation: {exc}") from None
+            # The workload names a plan field it refuses bare ("bogus: unknown ..."): name
+            # it where the scenario wrote it.
+            text, key = str(exc), str(exc).split(":", 1)[0]
+            table = "federation.plan." if key in shape.plan else "federation: "
+            raise ConfigError(f"{self._scenario_file()}: {table}{text}") from None
         return fed
 
     def _scenario_file(self) -> str:
@@ -424,7 +477,10 @@ class ChaosRun:
             "netem": self.netem,
             "links": dict(self.link_ports),
             "skipped": list(self.skipped),
-            "finished": final,
+            # The checker fails a run that did not finish: its faults may never have
+            # healed, nor its pauses ended.
+            "finished": final and not self.interrupted,
+            "interrupted": self.interrupted,
         }
         tmp = self.out / "run.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
@@ -466,8 +522,10 @@ class ChaosRun:
             detail = {"kind": f.kind, "direction": f.direction, **f.params}
             tl.event("fault_start", f.name, f.targets, detail)
         elif f.kind == "kill":
+            self._note_taken_down(f, f.targets)
             procs.kill(f.targets, f.name)
         elif f.kind == "kill_all":
+            self._note_taken_down(f, procs.nodes)
             procs.kill(procs.nodes, f.name)
         elif f.kind == "pause":
             procs.pause(f.targets, f.name)
@@ -476,7 +534,9 @@ class ChaosRun:
         elif f.kind == "restart":
             if f.for_s is None:
                 procs.restart(f.targets, f.name, graceful=f.graceful)
-            elif f.graceful:
+                return
+            self._note_taken_down(f, f.targets)
+            if f.graceful:
                 procs.terminate(f.targets, f.name)
             else:
                 procs.kill(f.targets, f.name)
@@ -498,6 +558,12 @@ class ChaosRun:
         else:  # pragma: no cover - the scenario reader refuses other kinds
             raise AssertionError(f.kind)
 
+    def _note_taken_down(self, f: Fault, nodes: Iterable[str]) -> None:
+        """The nodes ``f`` stops (those running): its end restarts these only, not one that
+        another fault holds down or that exited by itself."""
+        assert self.procs is not None
+        self._taken_down[f.name] = [n for n in nodes if self.procs.cluster[n].alive]
+
     def _end_fault(self, f: Fault) -> None:
         assert self.procs is not None and self.timeline is not None
         tl, procs = self.timeline, self.procs
@@ -509,12 +575,8 @@ class ChaosRun:
             if ended:
                 self._reapply(ended)
                 tl.event("fault_end", f.name, ended, {"kind": f.kind})
-        elif f.kind in ("kill", "restart"):
-            for node in f.targets:
-                if not procs.cluster[node].alive:
-                    procs.start(node, f.name)
-        elif f.kind == "kill_all":
-            for node in procs.nodes:
+        elif f.kind in ("kill", "restart", "kill_all"):
+            for node in self._taken_down.pop(f.name, []):
                 if not procs.cluster[node].alive:
                     procs.start(node, f.name)
         elif f.kind == "pause":
@@ -590,6 +652,9 @@ class ChaosRun:
                 detail = {"where": f.where, "skipped": str(exc), "attempts": attempt}
                 if attempt < CORRUPT_ATTEMPTS:  # a checkpoint came first: run it and retry
                     self.procs.start(node, f.name)
+            except Exception:  # not damaged after all: the node must not stay down
+                self.procs.start(node, f.name)
+                raise
         if "skipped" in detail:
             _say(f"{f.name}: nothing corrupted: {detail['skipped']}")
         self.timeline.event("fault_start", f.name, [node], {"kind": f.kind, **detail})
@@ -822,11 +887,15 @@ def execute(run: ChaosRun) -> bool:
             run.set_up()
             run.play()
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted = run.interrupted = True
             _say("interrupted; stopping every daemon")
         finally:
-            # A second Ctrl-C while stopping must not leave daemons or mounts behind.
+            # A second Ctrl-C or SIGTERM while stopping must not leave daemons or mounts
+            # behind (a paused daemon never resumed stays stopped for good: its PDEATHSIG
+            # waits for a SIGCONT).
             previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            if main:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             try:
                 run.tear_down()
                 if run.fed is not None:
@@ -851,8 +920,10 @@ def cmd_chaos(scenario: Path, *, out: Path | None = None, backend: str = "auto")
     try:
         if execute(run):
             return 130
+        _say(f"run finished after {run.elapsed:.1f} s; checking {run.out}")
+        return run_checker(run.out)
     except ChaosError as exc:
         print(f"fedloom chaos: {exc}", file=sys.stderr)
         return 1
-    _say(f"run finished after {run.elapsed:.1f} s; checking {run.out}")
-    return run_checker(run.out)
+    finally:
+        run.release()

@@ -34,6 +34,8 @@ A scenario is one TOML file (see ``scenarios/chaos/``)::
     resume_within_s = 30
     start_grace_s = 15                 # a started daemon answers /healthz within this
     refuses_start = "site-3"
+    min_version = 20                   # the checker's progress: the root's model reaches
+    min_accuracy = 0.8                 #   this version, its last evaluation this accuracy
 
     [[fault]]
     at_s = 20                          # seconds after the daemons started
@@ -276,6 +278,9 @@ class Scenario:
 def load_scenario(path: str | Path) -> Scenario:
     """Read and check a scenario file; every problem is one ``ConfigError``."""
     p = Path(path)
+    # A pipe would block the read for good, a device (/dev/zero) never end it.
+    if p.exists() and not p.is_dir() and not p.is_file():
+        raise ConfigError(f"{p}: not a regular file (a pipe or a device); a scenario is a file")
     try:
         with p.open("rb") as fh:
             raw = tomllib.load(fh)
@@ -321,6 +326,13 @@ def parse_scenario(
     faults_raw = t.array("fault", [])
     faults = _faults(faults_raw, shape, duration)
     expect = _expect(t.table("expect"), shape)
+    refusing = expect.get("refuses_start", [])
+    for node in [refusing] if isinstance(refusing, str) else refusing:
+        # Only a corrupt fault gives a node a reason to refuse its start.
+        if not any(f.kind == "corrupt" and node in f.targets for f in faults):
+            raise ConfigError(
+                f"expect.refuses_start: no corrupt fault damages {node!r}; add one, or remove it"
+            )
     t.finish()
     return Scenario(
         scen_name, source, duration, seed, shape, run, expect, faults, description=description
@@ -482,20 +494,86 @@ def _faults(items: Sequence[Any], shape: Shape, duration: float) -> tuple[Fault,
         names.add(f.name)
         out.append(f)
     order = sorted(range(len(out)), key=lambda i: out[i].at_s)
-    _check_resumes([(i, out[i]) for i in order])
+    _check_timeline([(i, out[i]) for i in order])
     return tuple(out[i] for i in order)
 
 
-def _check_resumes(timeline: Sequence[tuple[int, Fault]]) -> None:
-    """A resume ends a pause: one with none of its targets paused then does nothing, and
-    is a mistake (a misspelt target, the pause's for_s already over, a pause after it)."""
-    paused: dict[str, float | None] = {}  # node -> when its pause ends (None: a resume)
+def _check_timeline(timeline: Sequence[tuple[int, Fault]]) -> None:
+    """Faults that would do nothing are mistakes (a misspelt target, an at_s misplaced, a
+    for_s already over): a resume with none of its targets paused, a heal with no network
+    fault standing on its links. So are a kill or pause of a process another fault holds
+    down or paused: it does nothing, and its end restarts (resumes) the process before the
+    other fault's end."""
+    # node -> (when it is back: None = until started or resumed, the fault's index, kind)
+    down: dict[str, tuple[float | None, int, str]] = {}
+    paused: dict[str, tuple[float | None, int, str]] = {}
+    standing: dict[str, list[float | None]] = {}  # link -> when each network fault ends
+    disks: dict[str, tuple[float | None, int, str]] = {}  # node -> its disk fault
     for i, f in timeline:
-        paused = {n: end for n, end in paused.items() if end is None or end > f.at_s}
-        if f.kind == "pause":
-            paused.update((n, f.end_s) for n in f.targets)
-        elif f.kind in ("kill", "kill_all", "restart"):  # a killed process is not paused
-            paused = {n: end for n, end in paused.items() if n not in f.targets}
+        for held in (down, paused, disks):
+            for n, (end, _, _) in list(held.items()):
+                if end is not None and end <= f.at_s:
+                    del held[n]
+        for link, ends in list(standing.items()):
+            standing[link] = [end for end in ends if end is None or end > f.at_s]
+        if f.kind == "heal":
+            if not any(standing.get(link) for link in f.targets):
+                raise ConfigError(
+                    f"fault[{i}]: a heal at {f.at_s:g} s, but no network fault stands on "
+                    f"{_show_targets(f.targets)} then; a heal ends an earlier network fault "
+                    "that has no for_s"
+                )
+            for link in f.targets:
+                standing.pop(link, None)
+        elif f.is_network:
+            for link in f.targets:
+                standing.setdefault(link, []).append(f.end_s)
+        elif f.kind in ("kill", "pause", "duplicate", "corrupt"):
+            # A duplicate of a process that is down runs alone; a corrupt restarts it early.
+            held = paused if f.kind == "pause" else down
+            idle = [n for n in f.targets if n in down or n in held]
+            # A kill (pause) whose end would restart (resume) a node another fault holds.
+            timed = f.kind in ("kill", "pause") and f.for_s is not None
+            clash = [n for n in f.targets if n in held] if timed else []
+            if len(idle) == len(f.targets) or clash:
+                n = clash[0] if clash else idle[0]
+                end, j, kind = down.get(n) or held[n]
+                until = "resumed" if kind == "pause" else "restarted"
+                shown = f"{end:g} s" if end is not None else until
+                state = "down" if n in down else "paused"
+                why = "it would do nothing"
+                if clash:
+                    why = f"its end would {'restart' if f.kind == 'kill' else 'resume'} {n} early"
+                elif f.kind == "duplicate":
+                    why = "the duplicate would run alone"
+                elif f.kind == "corrupt":
+                    why = f"it would restart {n} early"
+                raise ConfigError(
+                    f"fault[{i}]: a {f.kind} of {n} at {f.at_s:g} s, but {n} is still {state} "
+                    f"then (fault[{j}], a {kind} until {shown}): {why}; one such fault at a "
+                    "time per process"
+                )
+            if f.kind == "corrupt":  # it writes there, and would fail with its node killed
+                _check_disk(i, f, disks)
+            if f.kind in ("kill", "pause"):
+                held.update((n, (f.end_s, i, f.kind)) for n in f.targets if n not in down)
+            if f.kind in ("kill", "corrupt"):  # a killed process is not paused
+                paused = {n: v for n, v in paused.items() if n not in f.targets}
+        elif f.kind in ("disk_full", "read_only"):
+            _check_disk(i, f, disks)
+            disks.update((n, (f.end_s, i, f.kind)) for n in f.targets)
+        elif f.kind in ("kill_all", "restart"):
+            if f.kind == "kill_all" and all(n in down for n in f.targets):
+                end, j, kind = down[f.targets[0]]
+                raise ConfigError(
+                    f"fault[{i}]: a kill_all at {f.at_s:g} s, but every daemon is still down "
+                    f"then (fault[{j}], a {kind}): it would do nothing"
+                )
+            paused = {n: v for n, v in paused.items() if n not in f.targets}
+            if f.kind == "restart" and f.for_s is None:  # starts its targets, down or not
+                down = {n: v for n, v in down.items() if n not in f.targets}
+            else:  # its end restarts only what it stopped: the others keep their own end
+                down.update((n, (f.end_s, i, f.kind)) for n in f.targets if n not in down)
         elif f.kind == "resume":
             if not any(n in paused for n in f.targets):
                 raise ConfigError(
@@ -503,7 +581,24 @@ def _check_resumes(timeline: Sequence[tuple[int, Fault]]) -> None:
                     f"({', '.join(f.targets[:4])}) is paused then; a resume ends an earlier "
                     "pause that has no for_s"
                 )
-            paused = {n: end for n, end in paused.items() if n not in f.targets}
+            paused = {n: v for n, v in paused.items() if n not in f.targets}
+
+
+def _check_disk(i: int, f: Fault, disks: Mapping[str, tuple[float | None, int, str]]) -> None:
+    """One disk fault at a time per node: neither fills nor empties a tmpfs the other made
+    read-only, nor can a corrupt write on one."""
+    for n in f.targets:
+        if n in disks:
+            end, j, kind = disks[n]
+            shown = f"{end:g} s" if end is not None else "the end of the run"
+            raise ConfigError(
+                f"fault[{i}]: a {f.kind} of {n} at {f.at_s:g} s, but {n}'s disk is still "
+                f"{kind} then (fault[{j}], until {shown}); one disk fault at a time per node"
+            )
+
+
+def _show_targets(targets: Sequence[str]) -> str:
+    return ", ".join(targets[:3]) + (f" and {len(targets) - 3} more" if len(targets) > 3 else "")
 
 
 def _fault(t: Table, where: str, shape: Shape, duration: float) -> Fault:

@@ -72,3 +72,17 @@ def test_up_argument_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     refused(capsys, ["local", "up", str(fed), "--until-version", "0"], "at least 1")
     refused(capsys, ["local", "up", str(fed), "--timeout", "5"], "--timeout goes with")
     refused(capsys, ["local", "up", str(fed), "--until-version", "3", "--timeout", "0"], "> 0")
+
+
+@pytest.mark.timeout(20)
+def test_a_plan_path_that_is_no_regular_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A named pipe blocked `local init` for good; /dev/zero read until memory ran out."""
+    import os
+
+    fifo = tmp_path / "plan.toml"
+    os.mkfifo(fifo)
+    init = ["local", "init", str(tmp_path / "fed"), "--shape", "star", "--sites", "2"]
+    for path in (fifo, Path("/dev/zero")):
+        refused(capsys, [*init, "--plan", str(path)], f"--plan {path}: not a regular file")

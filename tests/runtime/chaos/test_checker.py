@@ -1017,3 +1017,139 @@ def test_a_secure_cohort_record_counts_as_one_applied_update_per_survivor() -> N
         s: {"applied": 1, "forwarded": 1, "nonfinite": 0, "buffered": 0}
         for s in ("site-0", "site-1")
     }
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"finished": False, "interrupted": True}, "interrupted after"),
+        ({"finished": False}, "did not finish"),
+    ],
+)
+def test_a_run_that_did_not_finish_is_not_passed(
+    tmp_path: Path, extra: dict[str, Any], needle: str
+) -> None:
+    """Every check holds on the part of a run that Ctrl-C (or a crash of the runner) cut
+    short: a fault never healed, a pause never resumed. The report must say it is partial."""
+    report = check(clean_run(tmp_path, steps=300).finish(**extra))
+    assert not report.ok and failed(report) == {"run_dir"}, [v.line() for v in report.verdicts]
+    assert needle in report["run_dir"].detail
+    assert {v.name for v in report.verdicts} >= {"exactly_once", "healthz"}  # still checked
+
+
+def test_a_finished_run_is_checked_as_before(tmp_path: Path) -> None:
+    assert check(clean_run(tmp_path, steps=300).finish(finished=True, interrupted=False)).ok
+
+
+def test_conservation_does_not_pass_a_region_whose_state_it_could_not_read(
+    tmp_path: Path,
+) -> None:
+    """It said "not applicable: no region" (PASS) of a hierarchy whose one region's log was
+    corrupt: nothing was checked, and the region was there."""
+    run = clean_run(tmp_path, steps=300).finish()
+    _corrupt_wal(run / "federation" / "state" / "region-0")
+    verdict = check(run)["conservation"]
+    assert not verdict.passed, verdict.detail
+    assert "region-0" in verdict.detail and "unreadable" in verdict.detail
+    assert "no region" not in verdict.detail
+    # Expected to refuse its start: not checked, and said so, not failed.
+    doc = json.loads((run / "run.json").read_text())
+    doc["expect"]["refuses_start"] = ["region-0"]
+    (run / "run.json").write_text(json.dumps(doc))
+    verdict = check(run)["conservation"]
+    assert verdict.passed and "region-0" in verdict.detail, verdict.detail
+    assert "no region" not in verdict.detail
+
+
+def test_a_heal_followed_by_a_stop_on_purpose_is_not_called_resumed(tmp_path: Path) -> None:
+    """A restart, then every daemon killed for good 1 s later: nothing could resume. The
+    verdict said "training resumed within 2 s after 0 heal(s); 1 not observed: run ended"
+    (the run went on for seconds: it did not end)."""
+    fed = Federation(tmp_path / "run")  # no other fault
+    fed.run_for(600)
+    t = fed.t
+    fed.run_for(300)  # 3 s more: the run does not end within the bound
+    kill = {"fault": "kill", "targets": ["site-0"], "intended": True, "detail": {}}
+    fed.timeline += [
+        {**kill, "t": t - 1.0, "event": "process_kill"},
+        {**kill, "t": t - 0.5, "event": "process_start"},
+        {**kill, "t": t, "event": "process_kill", "fault": "kill_all",
+         "targets": list(fed.nodes)},
+    ]  # fmt: skip
+    verdict = check(fed.finish())["resumed"]
+    assert verdict.passed, verdict.detail
+    assert verdict.detail.startswith("nothing to check: "), verdict.detail
+    assert "not observed: stopped again on purpose" in verdict.detail
+    assert "run ended" not in verdict.detail and "resumed within" not in verdict.detail
+
+
+def test_min_version_and_min_accuracy_are_checked_not_ignored(tmp_path: Path) -> None:
+    """The scenario reader took expect.min_version and expect.min_accuracy, and no check
+    read them: a run that never reached either passed."""
+    fed = clean_run(tmp_path, steps=300)
+    top = max(s["metrics"]["fedloom_model_version"] for s in fed.samples if s["node"] == "root")
+    fed.samples.append({"t": fed.t, "node": "root", "healthz": "ok",
+                        "metrics": {"fedloom_model_version": top,
+                                    "fedloom_eval_accuracy": 0.75}})  # fmt: skip
+    expect = {"resume_within_s": 2.0, "min_version": int(top) + 1, "min_accuracy": 0.9}
+    run = fed.finish(expect=expect)
+    verdict = check(run)["progress"]
+    assert not verdict.passed, verdict.detail
+    assert f"root's model reached version {int(top)}, expected at least {int(top) + 1}" in (
+        verdict.detail
+    )
+    assert "root's last evaluated accuracy 0.75, expected at least 0.9" in verdict.detail
+    doc = json.loads((run / "run.json").read_text())
+    doc["expect"] |= {"min_version": int(top), "min_accuracy": 0.75}
+    (run / "run.json").write_text(json.dumps(doc))
+    report = check(run)
+    assert report["progress"].passed and report.ok, report["progress"].detail
+    # Not asked for: no such verdict.
+    doc["expect"] = {"resume_within_s": 2.0}
+    (run / "run.json").write_text(json.dumps(doc))
+    assert "progress" not in {v.name for v in check(run).verdicts}
+
+
+def test_min_accuracy_without_any_evaluation_fails(tmp_path: Path) -> None:
+    run = clean_run(tmp_path, steps=300).finish(expect={"min_accuracy": 0.5})
+    verdict = check(run)["progress"]
+    assert not verdict.passed and "no fedloom_eval_accuracy sample" in verdict.detail
+
+
+def test_versions_monotonic_names_no_root_a_gossip_run_does_not_have(tmp_path: Path) -> None:
+    """It said "no site above the root's final version" of a gossip run (no root, no
+    site): a comparison it never made."""
+    run = tmp_path / "run"
+    peers = ("peer-0", "peer-1")
+    nodes = {p: {"role": "peer", "parent": None, "standby_for": None,
+                 "state_dir": f"federation/state/{p}", "log": f"federation/logs/{p}.log"}
+             for p in peers}  # fmt: skip
+    timeline = [{"t": 0.0, "event": "process_start", "fault": "start", "targets": [p],
+                 "detail": {}, "intended": True} for p in peers]  # fmt: skip
+    samples = [{"t": 0.5 * k, "node": p, "healthz": "ok",
+                "metrics": {"fedloom_model_version": float(k)}}
+               for k in range(10) for p in peers]  # fmt: skip
+    run_json = {"scenario": "gossip", "duration_s": 5.0, "nodes": nodes, "expect": {}}
+    write_run(run, run_json, timeline, samples)
+    verdict = check(run)["versions_monotonic"]
+    assert verdict.passed, verdict.detail
+    assert "root" not in verdict.detail and "site" not in verdict.detail, verdict.detail
+
+
+def test_healthz_does_not_pass_a_daemon_it_never_sampled(tmp_path: Path) -> None:
+    """It said "every daemon answered ok" when samples.jsonl held none of site-1's: a
+    daemon with a /healthz the sampler never reached was not checked at all."""
+    run = clean_run(tmp_path, steps=300).finish()
+    doc = json.loads((run / "run.json").read_text())
+    for node, info in doc["nodes"].items():
+        info["healthz_url"] = f"http://127.0.0.1:1/{node}/healthz"
+    # A load site: its process (the load generator) is sampled, not the site.
+    doc["nodes"]["load-0"] = {**doc["nodes"]["site-1"], "process": "loadgen"}
+    (run / "run.json").write_text(json.dumps(doc))
+    assert check(run)["healthz"].passed, check(run)["healthz"].detail
+    samples = (run / "samples.jsonl").read_text().splitlines()
+    kept = [line for line in samples if json.loads(line)["node"] != "site-1"]
+    (run / "samples.jsonl").write_text("\n".join(kept) + "\n")
+    verdict = check(run)["healthz"]
+    assert not verdict.passed and "site-1" in verdict.detail, verdict.detail
+    assert "never sampled" in verdict.detail

@@ -317,3 +317,102 @@ def test_a_torn_tail_is_a_write_nothing_acted_on_every_record_before_it_stays(
         found = store.load()
     assert [r["i"] for r in found.records("log")] == [0, 1, 2, 3, 4]
     assert found.torn_bytes == done["torn_bytes"]
+
+
+class _InterruptedRun:
+    """What ``execute`` drives, with no daemons: interrupted while playing, then sent
+    another SIGTERM (a second ``kill``, or systemd's) halfway through the teardown."""
+
+    fed = None
+
+    def __init__(self) -> None:
+        self.torn_down = False
+
+    def set_up(self) -> None:
+        pass
+
+    def play(self) -> None:
+        raise KeyboardInterrupt
+
+    def tear_down(self) -> list[str]:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        self.torn_down = True  # what follows the signal: resuming and stopping the daemons
+        return []
+
+
+def test_a_second_sigterm_does_not_cut_the_teardown_short() -> None:
+    """A paused daemon the teardown never resumed stays stopped after the runner exits:
+    its PDEATHSIG SIGTERM waits for a SIGCONT that never comes."""
+    import signal
+
+    run = _InterruptedRun()
+    before = signal.getsignal(signal.SIGTERM)
+    assert execute(run) is True  # type: ignore[arg-type]
+    assert run.torn_down
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_interrupted_run_is_marked_unfinished_in_run_json(tmp_path: Path) -> None:
+    """The checker (``python -m fedloom.runtime.chaos.checker``) must not take the part of
+    a run that Ctrl-C cut short for the whole run."""
+
+    class Interrupted(ChaosRun):
+        def play(self) -> None:
+            raise KeyboardInterrupt
+
+    raw = {"duration_s": 30, "federation": {"shape": "star", "sites": 1}}
+    run = Interrupted(parse_scenario(raw), tmp_path / "run", backend="proxy")
+    assert execute(run) is True
+    doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert doc["finished"] is False and doc["interrupted"] is True
+
+
+@pytest.mark.timeout(120)
+def test_the_end_of_a_kill_all_restarts_only_what_it_killed(tmp_path: Path) -> None:
+    """kill_all's end restarted every daemon not running, site-0 too, which an earlier
+    kill (no for_s: until the end) was holding down."""
+    raw = {
+        "duration_s": 6,
+        "federation": {"shape": "star", "sites": 1},
+        "run": {"stop_grace_s": 5},
+        "fault": [
+            {"at_s": 1, "kind": "kill", "targets": ["site-0"]},
+            {"at_s": 2, "for_s": 1, "kind": "kill_all"},
+        ],
+    }
+    out = tmp_path / "run"
+    assert execute(ChaosRun(parse_scenario(raw), out, backend="proxy")) is False
+    events = _lines(out / "timeline.jsonl")
+    starts = [(e["fault"], e["targets"]) for e in events if e["event"] == "process_start"]
+    assert ("kill_all@2", ["root"]) in starts
+    assert not [t for f, t in starts if f != "start" and "site-0" in t], starts
+
+
+@pytest.mark.timeout(120)
+def test_a_corrupt_that_fails_still_restarts_its_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The corrupt kills its node first; when the damage itself failed (an I/O error) the
+    node was never started again and stayed down for the rest of the run."""
+    from fedloom.runtime.chaos import runner
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(runner, "corrupt_state", failing)
+    raw = {
+        "duration_s": 5,
+        "federation": {"shape": "star", "sites": 1},
+        "run": {"stop_grace_s": 5},
+        "fault": [{"at_s": 1, "kind": "corrupt", "targets": ["site-0"]}],
+    }
+    out = tmp_path / "run"
+    run = ChaosRun(parse_scenario(raw), out, backend="proxy")
+    assert execute(run) is False
+    events = _lines(out / "timeline.jsonl")
+    kinds = [(e["event"], e["fault"]) for e in events if e["targets"] == ["site-0"]]
+    assert ("process_kill", "corrupt@1") in kinds
+    assert kinds.index(("process_start", "corrupt@1")) > kinds.index(("process_kill", "corrupt@1"))
+    assert any("corrupt@1: could not inject it" in s for s in run.skipped), run.skipped

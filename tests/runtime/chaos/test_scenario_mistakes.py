@@ -112,3 +112,147 @@ def test_a_resume_after_its_pause_is_fine(tmp_path: Path) -> None:
         '[[fault]]\nat_s = 1\nkind = "pause"\ntargets = ["region-0/*"]\n'
     )
     assert [f.kind for f in load_scenario(scen).faults] == ["pause", "resume"]
+
+
+def _fault(at: float, kind: str, target: str | None = "site-0", for_s: float | None = None) -> str:
+    text = f'[[fault]]\nat_s = {at:g}\nkind = "{kind}"\n'
+    text += f"for_s = {for_s:g}\n" if for_s is not None else ""
+    return text + (f'targets = ["{target}"]\n' if target is not None else "")
+
+
+@pytest.mark.parametrize(
+    ("faults", "needle"),
+    [
+        # A heal with no network fault standing on its links heals nothing: its fault came
+        # later (a misplaced at_s), was already over, or was on other links.
+        (_fault(1, "heal", None), "fault[0]: a heal at 1 s, but no network fault stands on"),
+        (
+            _fault(1, "latency", "site-0->region-0", 2).replace("kind", "latency_ms = 5\nkind")
+            + _fault(4, "heal", "site-0->region-0"),
+            "fault[1]: a heal at 4 s, but no network fault stands on",
+        ),
+        (
+            _fault(5, "blackhole", "site-1") + _fault(6, "heal", "site-0"),
+            "fault[1]: a heal at 6 s, but no network fault stands on",
+        ),
+        # A kill or pause of a process another fault holds down does nothing, and its end
+        # restarts (resumes) the process before the other fault's end.
+        (
+            _fault(1, "kill", for_s=6) + _fault(2, "kill", for_s=1),
+            "fault[1]: a kill of site-0 at 2 s, but site-0 is still down then (fault[0], a "
+            "kill until 7 s)",
+        ),
+        (
+            _fault(1, "kill") + _fault(3, "kill"),
+            "fault[1]: a kill of site-0 at 3 s, but site-0 is still down then (fault[0], a "
+            "kill until restarted)",
+        ),
+        (
+            _fault(1, "pause", for_s=6) + _fault(2, "pause", for_s=1),
+            "fault[1]: a pause of site-0 at 2 s, but site-0 is still paused then (fault[0], a "
+            "pause until 7 s)",
+        ),
+        (
+            _fault(1, "kill", for_s=6) + _fault(2, "pause", for_s=1),
+            "fault[1]: a pause of site-0 at 2 s, but site-0 is still down then",
+        ),
+        # A full disk made read-only (or the reverse): the second fault writes or removes
+        # nothing on a read-only tmpfs ("could not lift it: Read-only file system").
+        (
+            _fault(1, "read_only", "root", 4) + _fault(2, "disk_full", "root", 1),
+            "fault[1]: a disk_full of root at 2 s, but root's disk is still read_only then "
+            "(fault[0], until 5 s)",
+        ),
+        (
+            _fault(1, "disk_full", "root") + _fault(3, "read_only", "root", 1),
+            "fault[1]: a read_only of root at 3 s, but root's disk is still disk_full then "
+            "(fault[0], until the end of the run)",
+        ),
+        # A duplicate of a process that is down is no duplicate (it runs alone); a corrupt
+        # restarts it at once, before the kill's end.
+        (
+            _fault(1, "kill", for_s=5) + _fault(2, "duplicate", for_s=1),
+            "fault[1]: a duplicate of site-0 at 2 s, but site-0 is still down then (fault[0], "
+            "a kill until 6 s)",
+        ),
+        (
+            _fault(1, "kill") + _fault(2, "corrupt"),
+            "fault[1]: a corrupt of site-0 at 2 s, but site-0 is still down then",
+        ),
+        # A corrupt writes into the state directory: on a read-only (or full) tmpfs it
+        # failed after killing the node, which then stayed down.
+        (
+            _fault(1, "read_only", "root", 5) + _fault(2, "corrupt", "root"),
+            "fault[1]: a corrupt of root at 2 s, but root's disk is still read_only then "
+            "(fault[0], until 6 s)",
+        ),
+        # kill_all's end restarts only what it stopped: site-0 stays down after it.
+        (
+            _fault(1, "kill") + _fault(2, "kill_all", None, 1) + _fault(4, "kill"),
+            "fault[2]: a kill of site-0 at 4 s, but site-0 is still down then (fault[0], a "
+            "kill until restarted)",
+        ),
+        (
+            _fault(1, "kill_all", None, 3) + _fault(2, "kill_all", None),
+            "fault[1]: a kill_all at 2 s, but every daemon is still down then (fault[0], a "
+            "kill_all): it would do nothing",
+        ),
+        # One target of a group held by another fault: the group's end frees it early.
+        (
+            _fault(1, "kill", for_s=6) + _fault(2, "kill", "region-0/*", 1),
+            "fault[1]: a kill of site-0 at 2 s, but site-0 is still down then (fault[0], a "
+            "kill until 7 s): its end would restart site-0 early",
+        ),
+    ],
+)
+def test_faults_that_do_nothing_or_cut_another_short_are_refused(
+    tmp_path: Path, faults: str, needle: str
+) -> None:
+    err = _error("duration_s = 9\n" + faults, tmp_path)
+    assert err.startswith(f"{tmp_path / 's.toml'}: ") and needle in err, err
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        _fault(1, "partition", "site-0") + _fault(3, "heal", None),  # heals what stands
+        _fault(1, "kill", for_s=2) + _fault(3, "kill", for_s=2),  # back at 3 s: killed again
+        _fault(1, "kill") + _fault(3, "restart") + _fault(5, "kill"),  # restart brings it back
+        _fault(1, "pause") + _fault(2, "kill", for_s=1),  # a paused process can be killed
+        _fault(1, "kill", for_s=2) + _fault(2, "kill_all", None, 1),  # kill_all: whoever is up
+        _fault(1, "kill") + _fault(2, "pause", "all"),  # a group: whoever is up
+        _fault(1, "read_only", "root", 2) + _fault(3, "disk_full", "root", 1),  # one after
+    ],
+)
+def test_process_and_heal_faults_that_act_are_fine(tmp_path: Path, faults: str) -> None:
+    scen = tmp_path / "s.toml"
+    scen.write_text("duration_s = 9\n" + faults)
+    assert load_scenario(scen).faults
+
+
+def test_a_refusal_expected_of_a_node_no_corrupt_fault_damages_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Was accepted, and failed only after the whole run: "no corrupt fault damaged its
+    state"."""
+    text = 'duration_s = 9\n[expect]\nrefuses_start = "site-1"\n' + _fault(1, "corrupt")
+    err = _error(text, tmp_path)
+    assert "expect.refuses_start: no corrupt fault damages 'site-1'" in err, err
+    scen = tmp_path / "s.toml"
+    scen.write_text(text.replace('"site-1"', '"site-0"'))
+    assert load_scenario(scen).expect["refuses_start"] == "site-0"
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_scenario_path_that_is_no_regular_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """A named pipe blocked the command for good; /dev/zero read until memory ran out."""
+    import os
+
+    path = Path("/dev/zero")
+    if kind == "fifo":
+        path = tmp_path / "s.toml"
+        os.mkfifo(path)
+    refused(capsys, ["chaos", str(path)], f"{path}: not a regular file")
