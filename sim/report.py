@@ -787,9 +787,13 @@ def bytes_csv(report: Report) -> str:
 
 def write_report(report: Report, out_dir: Path | str, *, plots: bool = True) -> dict[str, Path]:
     """Write the run directory; returns {kind: path}. Data files go first, so a plotting
-    failure never costs the numbers."""
+    failure never costs the numbers. The files an earlier run wrote there go first of all:
+    a one-seed run kept a multi-seed run's accuracy_by_seed.csv beside its report, and a
+    run stopped while plotting would have left the earlier run's plots beside its numbers."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
     doc = report_to_dict(report)
     texts = {
         "report": ("report.json", _dump(strip_wall(doc)) + "\n"),
@@ -827,6 +831,21 @@ def write_report(report: Report, out_dir: Path | str, *, plots: bool = True) -> 
 
 # Every plot is written as PNG (to look at), SVG and PDF (vector, for papers).
 PLOT_FORMATS = ("png", "svg", "pdf")
+# Every file write_report may write (others in the directory are left alone).
+RUN_FILES = (
+    "report.json",
+    "timing.json",
+    "accuracy.csv",
+    "accuracy_by_seed.csv",
+    "staleness.csv",
+    "bytes.csv",
+    "summary.txt",
+    *(
+        f"{stem}.{fmt}"
+        for stem in ("accuracy", "staleness", "bytes", "accuracy_vs_epsilon")
+        for fmt in PLOT_FORMATS
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------------

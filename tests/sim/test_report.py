@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from fedloom.sim.report import (
+    PLOT_FORMATS,
     SUMMARY_COLUMNS,
     ArmResult,
     Report,
@@ -345,6 +346,24 @@ def test_writes_are_atomic_and_replace_old_files(tmp_path: Path) -> None:
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
     assert (tmp_path / "summary.txt").read_text().startswith("hospitals")
+
+
+def test_a_rerun_into_the_same_directory_leaves_no_file_of_the_earlier_run(
+    tmp_path: Path,
+) -> None:
+    # A one-seed run written where a multi-seed private run had been kept that run's
+    # accuracy_by_seed.csv and accuracy-vs-epsilon plots beside the new report.json.
+    earlier = [
+        "accuracy_by_seed.csv",
+        *(f"{stem}.{fmt}" for stem in ("accuracy", "accuracy_vs_epsilon") for fmt in PLOT_FORMATS),
+    ]
+    for name in earlier:
+        (tmp_path / name).write_text("earlier run")
+    (tmp_path / "notes.md").write_text("the user's own")
+    paths = write_report(sample_report(), tmp_path, plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*(p.name for p in paths.values()), "notes.md"]
+    )
 
 
 def test_report_validation() -> None:
