@@ -341,6 +341,12 @@ def parse_scenario(
             f"({duration_s:g} s), so no evaluation would fall inside it (only the one at the "
             f"start and the one at the end); give at most {duration_s:g}"
         )
+    if duration_s / eval_interval_s > MAX_EVALUATIONS:  # 1e-9 s: a run that never ended
+        raise ConfigError(
+            f"{top.where('eval_interval_s')}: {eval_interval_s:g} s evaluates the model "
+            f"{duration_s / eval_interval_s:,.0f} times in the run ({duration_s:g} s); at most "
+            f"{MAX_EVALUATIONS:,} evaluations: give at least {duration_s / MAX_EVALUATIONS:g}"
+        )
     target = top.number("target_accuracy", None, min=0.0, max=1.0, exclusive_min=True)
     target_window_s = top.number("target_window_s", 0.0, min=0.0)
     if target_window_s > duration_s:  # never held: every arm's target "never reached"
@@ -416,6 +422,10 @@ def parse_scenario(
         notes=notes,
     )
 
+
+# A run evaluates its model at most this often (duration_s / eval_interval_s): each
+# evaluation is a pass over the test set and a point of every seed's curve in report.json.
+MAX_EVALUATIONS = 10_000
 
 # ``workers`` at most this: a pool of processes (or a local Ray cluster's CPUs) on one
 # machine; 100,000 hung the run starting processes.

@@ -626,6 +626,17 @@ def test_an_eval_interval_longer_than_the_run_is_an_error() -> None:
     assert parse_scenario(short).eval_interval_s == 1.0
 
 
+def test_an_eval_interval_giving_more_evaluations_than_a_curve_can_use_is_an_error() -> None:
+    # eval_interval_s = 1e-9 was accepted: 3.6e12 evaluations of the model, a run that never
+    # ended (each evaluation a pass over the test set, each a point of report.json).
+    message = (
+        "eval_interval_s: 1e-09 s evaluates the model 3,600,000,000,000 times in the run (3600 "
+        "s); at most 10,000 evaluations: give at least 0.36"
+    )
+    assert refused(message, eval_interval_s=1e-9) == message
+    assert parse_scenario(minimal(eval_interval_s=0.36)).eval_interval_s == 0.36
+
+
 def test_a_shared_min_cohort_no_arm_reads_is_a_note_not_the_round_check() -> None:
     # With FedBuff arms only it read "algorithm.min_cohort: 20 is more than
     # clients_per_round (its default) 10": a check of a round no arm has.
