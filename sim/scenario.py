@@ -427,6 +427,11 @@ def parse_scenario(
 # evaluation is a pass over the test set and a point of every seed's curve in report.json.
 MAX_EVALUATIONS = 10_000
 
+# A training job's examples (local_steps x batch_size) at most this: the simulated models
+# draw a job's minibatches at once, about 1 GB at this many (10^11 steps was a MemoryError
+# traceback once the run had started).
+MAX_EXAMPLES_PER_JOB = 1_000_000
+
 # ``workers`` at most this: a pool of processes (or a local Ray cluster's CPUs) on one
 # machine; 100,000 hung the run starting processes.
 MAX_WORKERS = 1024
@@ -895,7 +900,16 @@ def _arm(
                 f"{'/'.join(users)} arms do); remove it (the shared [algorithm] table may hold "
                 "it for the arms that do)"
             )
-    training = read_training(_section(shared, t, raw, "training"))
+    training_table = _section(shared, t, raw, "training")
+    training = read_training(training_table)
+    examples = training.local_steps * training.batch_size
+    if examples > MAX_EXAMPLES_PER_JOB:  # a job's minibatches are drawn at once
+        key = "local_steps" if training.local_steps >= training.batch_size else "batch_size"
+        raise ConfigError(
+            f"{training_table.where(key)}: {training.local_steps} steps of batch_size "
+            f"{training.batch_size} are {examples:,} examples a job; at most "
+            f"{MAX_EXAMPLES_PER_JOB:,}"
+        )
     codec, link_codecs = _codecs(
         _section(shared, t, raw, "codec"), raw.get("codec") or {}, topology
     )

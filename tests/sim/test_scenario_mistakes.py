@@ -637,6 +637,33 @@ def test_an_eval_interval_giving_more_evaluations_than_a_curve_can_use_is_an_err
     assert parse_scenario(minimal(eval_interval_s=0.36)).eval_interval_s == 0.36
 
 
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        (
+            {"local_steps": 10**11},
+            "training.local_steps: 100000000000 steps of batch_size 10 are "
+            "1,000,000,000,000 examples a job; at most 1,000,000",
+        ),
+        (
+            {"batch_size": 10**11, "local_steps": 5},
+            "training.batch_size: 5 steps of batch_size 100000000000 are 500,000,000,000 "
+            "examples a job; at most 1,000,000",
+        ),
+    ],
+)
+def test_a_job_too_large_for_memory_is_an_error_naming_the_field(
+    training: dict[str, int], message: str
+) -> None:
+    # Each was a MemoryError traceback after the run had started (a job's minibatches are
+    # drawn at once: 7.28 TiB); 10^6 examples a job already take about 1 GB.
+    assert refused(message, training=training).endswith(message)
+    arm = [{"name": "x", "algorithm": "fedbuff", "training": {"local_steps": 10**6}}]
+    refused("arms[0].training.local_steps: 1000000 steps of batch_size 10", arms=arm)
+    fits = parse_scenario(minimal(training={"local_steps": 1000, "batch_size": 1000}))
+    assert fits.arms[0].training.local_steps == 1000
+
+
 def test_a_shared_min_cohort_no_arm_reads_is_a_note_not_the_round_check() -> None:
     # With FedBuff arms only it read "algorithm.min_cohort: 20 is more than
     # clients_per_round (its default) 10": a check of a round no arm has.
