@@ -1069,6 +1069,8 @@ def run_scenario(
     }
     if scenario.target_window_s > 0:
         meta["target_window_s"] = scenario.target_window_s
+    if scenario.meta:  # the scenario's own [meta] table, as written
+        meta["scenario_meta"] = dict(scenario.meta)
     names = {a.name for a in selected}
     baseline = scenario.baseline if scenario.baseline in names else None
     if baseline is not None:

@@ -111,6 +111,7 @@ from fedloom.federation.secagg_params import (
     read_secure_aggregation,
 )
 from fedloom.sim.compute import MAX_LOGNORMAL_SIGMA, distribution_from_config
+from fedloom.sim.report import _plain
 from fedloom.workloads.dp_sgd import DpSgdConfig, check_model, read_dp_sgd
 
 
@@ -392,7 +393,7 @@ def parse_scenario(
     if baseline is not None and baseline not in names:
         raise ConfigError(f"baseline: {baseline!r} is not an arm name ({', '.join(names)})")
     notes = unused_settings(shared, arms_raw, arms, duration_s)
-    meta = dict(top.table("meta")._data) if top.has("meta") else {}
+    meta = _meta(top)
     dp_sgd = None
     if top.has("dp_sgd"):  # reproducible here: sampling and noise from the job's seed
         dp_sgd = replace(read_dp_sgd(top.table("dp_sgd")), deterministic=True)
@@ -435,6 +436,18 @@ MAX_EXAMPLES_PER_JOB = 1_000_000
 # ``workers`` at most this: a pool of processes (or a local Ray cluster's CPUs) on one
 # machine; 100,000 hung the run starting processes.
 MAX_WORKERS = 1024
+
+
+def _meta(t: Table) -> dict[str, Any]:
+    """``[meta]``: the study's own labels, carried into report.json's ``meta`` as
+    ``scenario_meta``; checked here, not when the report is written after the run."""
+    if not t.has("meta"):
+        return {}
+    raw = dict(t.table("meta")._data)
+    try:
+        return dict(_plain(raw, t.where("meta")))
+    except TypeError as exc:  # a TOML date or time
+        raise ConfigError(str(exc)) from None
 
 
 def _ray_address(t: Table, executor: str) -> str | None:

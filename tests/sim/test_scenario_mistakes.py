@@ -4,6 +4,7 @@ no traceback, never a silent clamp."""
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
@@ -662,6 +663,13 @@ def test_a_job_too_large_for_memory_is_an_error_naming_the_field(
     refused("arms[0].training.local_steps: 1000000 steps of batch_size 10", arms=arm)
     fits = parse_scenario(minimal(training={"local_steps": 1000, "batch_size": 1000}))
     assert fits.arms[0].training.local_steps == 1000
+
+
+def test_a_meta_value_report_json_cannot_store_is_an_error_naming_it() -> None:
+    # [meta] goes into report.json: a TOML date there would fail only once the run ended.
+    when = datetime.date(2026, 12, 7)
+    message = "meta.labels.when: a date cannot be stored in report.json"
+    assert refused(message, meta={"labels": {"when": when}}) == message
 
 
 def test_a_shared_min_cohort_no_arm_reads_is_a_note_not_the_round_check() -> None:
