@@ -50,14 +50,29 @@ def _output_dir(out: Path | None, default: Path) -> Path:
     process cannot write in, is an error naming ``--out`` (not a traceback after the run)."""
     path = default if out is None else out
     what = _out_flag(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what}: {path} is a file, not a directory")
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    # Path.exists raises on a name the file system cannot hold (ENAMETOOLONG): a traceback,
+    # or with a long scenario name (runs/NAME) an error only once the run was over.
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ConfigError(
+                f"{what}: cannot make the directory {path}: the name {part!r} is longer than "
+                f"the file system allows ({NAME_MAX} bytes)"
+            )
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{what}: {path} is a file, not a directory")
+        existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    except OSError as exc:  # the whole path too long (PATH_MAX), say
+        raise ConfigError(f"{what}: cannot make the directory {path}: {exc.strerror}") from None
     if not existing.is_dir():
         raise ConfigError(f"{what}: cannot make the directory {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what}: cannot make or write {path}: {existing} is not writable")
     return path
+
+
+# The longest name of one path component on Linux's and macOS's usual file systems.
+NAME_MAX = 255
 
 
 def _out_flag(out: Path | None) -> str:

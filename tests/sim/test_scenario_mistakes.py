@@ -131,6 +131,23 @@ def test_out_at_a_file_is_an_error_before_anything_runs(
     )
 
 
+@pytest.mark.parametrize("command", ["sim", "plan"])
+def test_an_out_name_too_long_for_the_file_system_is_an_error_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # A 300-character scenario name (runs/NAME) or --out ran the whole study, then failed
+    # to make the directory (ENAMETOOLONG).
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    long = tmp_path / ("x" * 300) / "sub"
+    rc, err = cli(capsys, command, str(scenario), "--out", str(long))
+    assert rc == 2 and err == (
+        f"fedloom: error: --out: cannot make the directory {long}: the name {'x' * 300!r} "
+        "is longer than the file system allows (255 bytes)"
+    )
+    assert capsys.readouterr().out == ""  # nothing ran
+
+
 def test_a_directory_for_the_scenario_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
