@@ -42,7 +42,7 @@ from fedloom.sim.driver import SimDriver, region_nodes
 from fedloom.sim.executors import Executor, InlineExecutor, PoolExecutor
 from fedloom.sim.network import Network, Partition
 from fedloom.sim.report import ArmResult, Report, multi_seed_report
-from fedloom.sim.scenario import LINKS, Arm, ChurnSpec, NetworkConfig, Scenario
+from fedloom.sim.scenario import LINKS, MAX_SEEDS, Arm, ChurnSpec, NetworkConfig, Scenario
 from fedloom.topology.gossip import gossip
 from fedloom.topology.hierarchical import hierarchical
 from fedloom.topology.plan import Plan
@@ -929,10 +929,6 @@ def against_plain(arms: Sequence[Arm], results: Sequence[ArmResult]) -> list[Arm
         extra["secagg_bytes_ratio"] = mine / theirs if theirs > 0 else 0.0
         out.append(replace(result, extra=extra))
     return out
-
-
-# ``--seeds N`` at most this: every arm runs N times, one after the other.
-MAX_SEEDS = 10_000
 
 
 def check_seed_flags(seed: int | None, n_seeds: int | None) -> None:

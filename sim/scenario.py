@@ -424,6 +424,9 @@ def parse_scenario(
     )
 
 
+# ``--seeds N`` or a ``seeds`` list at most this: every arm runs N times, one after the other.
+MAX_SEEDS = 10_000
+
 # A run evaluates its model at most this often (duration_s / eval_interval_s): each
 # evaluation is a pass over the test set and a point of every seed's curve in report.json.
 MAX_EVALUATIONS = 10_000
@@ -471,6 +474,8 @@ def _seeds(t: Table) -> tuple[int, ...]:
     values = t.array("seeds")
     if not values:
         raise ConfigError(f"{t.where('seeds')}: must list at least one seed (or leave it out)")
+    if len(values) > MAX_SEEDS:  # as --seeds
+        raise ConfigError(f"{t.where('seeds')}: at most {MAX_SEEDS:,} seeds, got {len(values):,}")
     seen: set[int] = set()
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
