@@ -557,6 +557,13 @@ def unused_settings(
                 f"algorithm.{key}: only {'/'.join(users)} arms read it (the arms are "
                 f"{', '.join(algorithms)}); it applies to none"
             ] = None
+    arm_topologies = sorted({a.topology for a in arms})
+    for key in shared.get("algorithm", {}):
+        if key in _REGIONS_ONLY and "hierarchical" not in arm_topologies:
+            notes[
+                f"algorithm.{key}: only hierarchical arms use it (the arms are "
+                f"{', '.join(arm_topologies)}); it applies to none"
+            ] = None
     if "topk_fraction" in shared.get("codec", {}) and not any(_sends_topk(a) for a in arms):
         notes[
             'codec.topk_fraction: no arm sends top-k updates (up = "topk"); it applies to none'
@@ -881,6 +888,9 @@ _USED_ONLY_BY: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Parameters of the regions and of a root above them: a star or gossip arm has neither.
+_REGIONS_ONLY = frozenset({"regional_buffer_size", "regional_concurrency", "root_buffer_size"})
+
 
 def _arm(
     raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig, duration_s: float
@@ -917,6 +927,12 @@ def _arm(
                 f"{t.where(key)}: a {algorithm} arm does not use {key} (only "
                 f"{'/'.join(users)} arms do); remove it (the shared [algorithm] table may hold "
                 "it for the arms that do)"
+            )
+        if key in _REGIONS_ONLY and topology != "hierarchical":
+            raise ConfigError(
+                f"{t.where(key)}: a {topology} arm has no regions (only hierarchical arms use "
+                f"{key}); remove it (the shared [algorithm] table may hold it for the arms "
+                "that do)"
             )
     training_table = _section(shared, t, raw, "training")
     training = read_training(training_table)

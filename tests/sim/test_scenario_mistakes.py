@@ -533,6 +533,25 @@ def test_an_arm_parameter_of_another_algorithm_is_an_error(
     parse_scenario(minimal(algorithm={key: arm[key]}, arms=[{"name": "x", "algorithm": "fedbuff"}]))
 
 
+@pytest.mark.parametrize(
+    "key", ["root_buffer_size", "regional_buffer_size", "regional_concurrency"]
+)
+def test_an_arm_parameter_of_regions_on_a_star_arm_is_an_error(key: str) -> None:
+    # Each ran, the field silently unused: a star root has no regions under it.
+    message = (
+        f"arms[0].{key}: a star arm has no regions (only hierarchical arms use {key}); "
+        "remove it (the shared [algorithm] table may hold it for the arms that do)"
+    )
+    assert refused(message, arms=[{"name": "x", "algorithm": "fedbuff", key: 3}]).endswith(message)
+    hier = {"name": "x", "algorithm": "fedbuff", "topology": "hierarchical", key: 3}
+    parse_scenario(minimal(arms=[hier]))
+    # shared, with no hierarchical arm: a note, as a parameter no arm's algorithm reads
+    star = [{"name": "x", "algorithm": "fedbuff"}]
+    assert parse_scenario(minimal(algorithm={key: 3}, arms=star)).notes == (
+        f"algorithm.{key}: only hierarchical arms use it (the arms are star); it applies to none",
+    )
+
+
 def test_a_default_degree_too_large_for_the_sites_says_it_is_the_default() -> None:
     arms = [{"name": "g", "algorithm": "gossip", "graph": "kregular"}]
     refused(
