@@ -342,7 +342,7 @@ def parse_scenario(
             f"({duration_s:g} s), so no evaluation would fall inside it (only the one at the "
             f"start and the one at the end); give at most {duration_s:g}"
         )
-    if duration_s / eval_interval_s > MAX_EVALUATIONS:  # 1e-9 s: a run that never ended
+    if _more_than(duration_s / eval_interval_s, MAX_EVALUATIONS):  # 1e-9 s: never ended
         raise ConfigError(
             f"{top.where('eval_interval_s')}: {eval_interval_s:g} s evaluates the model "
             f"{duration_s / eval_interval_s:,.0f} times in the run ({duration_s:g} s); at most "
@@ -439,6 +439,11 @@ MAX_EXAMPLES_PER_JOB = 1_000_000
 # ``workers`` at most this: a pool of processes (or a local Ray cluster's CPUs) on one
 # machine; 100,000 hung the run starting processes.
 MAX_WORKERS = 1024
+
+
+def _more_than(count: float, most: int) -> bool:
+    """``count > most`` but for float error (3600 / 0.036 is 100000.00000000001)."""
+    return count > most * (1.0 + 1e-9)
 
 
 def _meta(t: Table) -> dict[str, Any]:
@@ -888,6 +893,15 @@ _USED_ONLY_BY: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# A period an arm's algorithm keeps (its time-outs, a gossip peer's interval) comes round
+# at most this often in a run, as the evaluations do (MAX_EVALUATIONS).
+MAX_PERIODS = 100_000
+_PERIODS: dict[str, tuple[str, ...]] = {
+    "task_timeout_s": ("fedavg", "fedprox", "fedasync", "fedbuff"),
+    "round_timeout_s": ("fedavg", "fedprox"),
+    "gossip_interval_s": ("gossip",),
+}
+
 # Parameters of the regions and of a root above them: a star or gossip arm has neither.
 _REGIONS_ONLY = frozenset({"regional_buffer_size", "regional_concurrency", "root_buffer_size"})
 
@@ -994,9 +1008,17 @@ def _arm(
     )
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
-    params = read_algorithm(
-        _Merged(shared["algorithm"], own_params, t.where("").rstrip("."), "algorithm"), algorithm
-    )
+    merged = _Merged(shared["algorithm"], own_params, t.where("").rstrip("."), "algorithm")
+    params = read_algorithm(merged, algorithm)
+    for key, users in _PERIODS.items():  # 1e-9 s: an event every nanosecond, a run unending
+        period = getattr(params, key)
+        written = key in own_params or key in shared["algorithm"]
+        if written and algorithm in users and _more_than(duration_s / period, MAX_PERIODS):
+            raise ConfigError(
+                f"{merged.where(key)}: {period:g} s comes round {duration_s / period:,.0f} "
+                f"times in the run ({duration_s:g} s); at most {MAX_PERIODS:,}: give at "
+                f"least {duration_s / MAX_PERIODS:g}"
+            )
     if sites.placement and topology == "hierarchical" and params.clustering == "rtt":
         at = t.where("clustering") if "clustering" in own_params else "algorithm.clustering"
         raise ConfigError(

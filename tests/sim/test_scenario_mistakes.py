@@ -552,6 +552,27 @@ def test_an_arm_parameter_of_regions_on_a_star_arm_is_an_error(key: str) -> None
     )
 
 
+@pytest.mark.parametrize(
+    ("arm", "key"),
+    [
+        ({"algorithm": "fedbuff"}, "task_timeout_s"),
+        ({"algorithm": "fedavg", "clients_per_round": 2}, "round_timeout_s"),
+        ({"algorithm": "gossip"}, "gossip_interval_s"),
+    ],
+)
+def test_a_period_that_comes_round_without_end_is_an_error(arm: dict[str, Any], key: str) -> None:
+    # 1e-9 s ran and never ended (a task timing out, a round closing or a peer gossiping
+    # every nanosecond: 3.6e12 times an hour).
+    message = (
+        f"{key}: 1e-09 s comes round 3,600,000,000,000 times in the run (3600 s); at most "
+        "100,000: give at least 0.036"
+    )
+    assert refused(message, arms=[{"name": "x", **arm, key: 1e-9}]) == f"arms[0].{message}"
+    shared = refused(message, algorithm={key: 1e-9}, arms=[{"name": "x", **arm}])
+    assert shared == f"algorithm.{message}"
+    parse_scenario(minimal(arms=[{"name": "x", **arm, key: 0.036}]))
+
+
 def test_a_default_degree_too_large_for_the_sites_says_it_is_the_default() -> None:
     arms = [{"name": "g", "algorithm": "gossip", "graph": "kregular"}]
     refused(
