@@ -115,6 +115,25 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("command", ["sim", "plan"])
+def test_an_empty_out_is_an_error_not_the_current_directory(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    # --out "$OUT" with OUT unset wrote the run into the current directory.
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(scenario), "--out", ""])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"fedloom {command}: error: argument --out: an empty path; give a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
+@pytest.mark.parametrize("command", ["sim", "plan"])
 def test_out_at_a_file_is_an_error_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
