@@ -922,9 +922,14 @@ def _arm(
     algorithm = t.text("algorithm", choices=ALGORITHMS)
     default_topology = "gossip" if algorithm == "gossip" else "star"
     topology = t.text("topology", default_topology, choices=TOPOLOGIES)
-    if (algorithm == "gossip") != (topology == "gossip"):
+    if algorithm == "gossip" and topology != "gossip":
         raise ConfigError(
             f"{t.where('topology')}: algorithm 'gossip' goes with topology 'gossip' only"
+        )
+    if topology == "gossip" and algorithm != "gossip":  # the other way round: say so
+        raise ConfigError(
+            f"{t.where('topology')}: a gossip topology runs algorithm 'gossip' only, not "
+            f"{algorithm!r}"
         )
     if topology == "hierarchical" and algorithm in ("fedavg", "fedprox"):
         raise ConfigError(

@@ -85,6 +85,11 @@ def test_arm_overrides_shared_sections_and_takes_its_own_parameters() -> None:
         ({"arms": [{"algorithm": "fedbuff", "training": {"lr": "fast"}}]}, "arms[0].training.lr"),
         ({"arms": [{"algorithm": "fedbuff", "bufer_size": 3}]}, "arms[0].bufer_size: unknown"),
         ({"arms": [{"algorithm": "gossip", "topology": "star"}]}, "goes with topology 'gossip'"),
+        # it said "algorithm 'gossip' goes with ..." of a fedbuff arm
+        (
+            {"arms": [{"algorithm": "fedbuff", "topology": "gossip"}]},
+            "arms[0].topology: a gossip topology runs algorithm 'gossip' only, not 'fedbuff'",
+        ),
         ({"arms": [{"algorithm": "fedprox"}]}, "needs a proximal term"),
         ({"arms": []}, "at least one [[arms]]"),
         ({"baseline": "nope"}, "baseline: 'nope' is not an arm name"),
