@@ -96,7 +96,8 @@ def _progress(console: Console, enabled: bool) -> Iterator[ProgressFn | None]:
 
         def update(label: str, done_s: float, total_s: float) -> None:
             if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total_s, virtual="0 h")
+                # the label holds an arm's name: markup in it is the researcher's text
+                tasks[label] = bar.add_task(escape(label), total=total_s, virtual="0 h")
             bar.update(
                 tasks[label], completed=min(done_s, total_s), virtual=f"{done_s / 3600:.1f} h"
             )
@@ -162,7 +163,8 @@ def cmd_sim(
     # A pipe or a log file gets a wide table rather than one squeezed to 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     if not quiet:
-        console.print(f"[bold]{scenario.name}[/]: {scenario.description}")
+        # Names and paths are the researcher's text, not markup ("[/]a" raised MarkupError).
+        console.print(f"[bold]{escape(scenario.name)}[/]: {escape(scenario.description)}")
         if len(seeds) > 1:
             console.print(f"{len(seeds)} seeds: {', '.join(str(s) for s in seeds)}")
     for note in scenario.notes:  # settings no arm uses: not errors, but worth a look
@@ -176,14 +178,14 @@ def cmd_sim(
             seeds=seeds,
             arms=selected,
             progress=progress,
-            log=None if quiet else console.print,
+            log=None if quiet else lambda line: console.print(line, markup=False),
         )
     try:
         paths = write_report(report, out_dir)
     except OSError as exc:  # a path _output_dir could not foresee (/proc, a full disk)
         raise ConfigError(f"{_out_flag(out)}: cannot write to {out_dir}: {exc.strerror}") from None
     console.print(summary_table(report))
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
     return 0
 
 

@@ -953,13 +953,15 @@ def _summary_caption(report: Report) -> str:
 
 def summary_table(report: Report) -> Table:
     """The summary as a rich Table (for the CLI)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{report.scenario}", caption=_summary_caption(report))
+    # Names are the researcher's text, not markup: "[red]b" lost its brackets, "[/]a" raised.
+    table = Table(title=escape(report.scenario), caption=escape(_summary_caption(report)))
     for i, col in enumerate(SUMMARY_COLUMNS):
         table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in summary_rows(report):
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     return table
 
 

@@ -114,6 +114,25 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return rc, err.splitlines()[-1] if err else ""
 
 
+def test_square_brackets_in_names_are_printed_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Rich read them as markup: an arm "[/]fb" was a MarkupError traceback (after the run,
+    # or in the middle of a multi-seed one), "[red]b" was printed as "b".
+    text = TINY.replace('name = "fb"', 'name = "[/]fb"').replace(
+        'name = "tiny"', 'name = "tiny"\ndescription = "[bold]x[/] [/]"'
+    )
+    text += '[[arms]]\nname = "[red]b"\nalgorithm = "fedbuff"\n'
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(text)
+    out = tmp_path / "[/]o"
+    assert main(["sim", str(scenario), "--out", str(out), "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "[bold]x[/] [/]" in printed and "[red]b" in printed
+    assert "seed 0 (1/2) [/]fb: final accuracy" in printed  # a run's line
+    assert "│ [/]fb " in printed and f"{out / 'report.json'}" in printed
+
+
 @pytest.mark.parametrize("command", ["sim", "plan"])
 def test_an_empty_out_is_an_error_not_the_current_directory(
     tmp_path: Path,
