@@ -1042,6 +1042,17 @@ def _arm(
         _check_degree(t, params, own_params, sites.count, written="degree" in shared["algorithm"])
     lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
     server_lr_sweep = tuple(float(x) for x in _sweep(t, "server_lr_sweep"))
+    # The arm's own rate beside its sweep would not run (a shared one is what it replaces).
+    own_lr = isinstance(raw.get("training"), Mapping) and "lr" in raw["training"]
+    for sweep, written, key, value in (
+        ("lr_sweep", own_lr, "training.lr", training.lr),
+        ("server_lr_sweep", "server_lr" in own_params, "server_lr", params.server_lr),
+    ):
+        if written and t.has(sweep):
+            raise ConfigError(
+                f"{t.where(key)}: the arm's {sweep} sets its learning rates ({value:g} would "
+                "not run); give one of them"
+            )
     for key in raw:  # a section's field written in the arm itself ("unknown field" misled)
         if key in _SECTION_OF and key not in ALGORITHM_FIELDS:
             section = _SECTION_OF[key]

@@ -332,6 +332,30 @@ def test_a_bad_lr_sweep_names_the_entry(sweep: list[float], message: str) -> Non
     refused(message.replace("lr_sweep", "server_lr_sweep"), arms=server)
 
 
+@pytest.mark.parametrize(
+    ("arm", "message"),
+    [
+        (
+            {"lr_sweep": [0.1, 0.3], "training": {"lr": 0.2}},
+            "arms[0].training.lr: the arm's lr_sweep sets its learning rates (0.2 would not "
+            "run); give one of them",
+        ),
+        (
+            {"server_lr_sweep": [0.5, 1.0], "server_lr": 0.7},
+            "arms[0].server_lr: the arm's server_lr_sweep sets its learning rates (0.7 would "
+            "not run); give one of them",
+        ),
+    ],
+)
+def test_an_arms_own_lr_beside_its_sweep_is_an_error(arm: dict[str, Any], message: str) -> None:
+    # The sweep won: the arm's own lr was silently not run.
+    assert refused(message, arms=[{"name": "x", "algorithm": "fedbuff", **arm}]).endswith(message)
+    # a shared one is the default the sweep replaces: no mistake
+    sweep = {k: v for k, v in arm.items() if k.endswith("_sweep")}
+    shared = {"training": {"lr": 0.2}, "algorithm": {"server_lr": 0.7}}
+    parse_scenario(minimal(**shared, arms=[{"name": "x", "algorithm": "fedbuff", **sweep}]))
+
+
 def test_a_link_given_a_value_instead_of_a_table_says_so() -> None:
     # It read "codec.site-region: unknown field; known fields: down, topk_fraction, up".
     refused(
