@@ -305,7 +305,7 @@ def load_scenario(path: str | Path) -> Scenario:
     if p.is_dir():
         raise ConfigError(f"{p}: is a directory, not a scenario file")
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     except UnicodeDecodeError:

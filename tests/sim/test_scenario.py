@@ -115,6 +115,14 @@ def test_load_reports_missing_file_and_bad_toml(tmp_path: Path) -> None:
         load_scenario(bad)
 
 
+def test_a_scenario_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    # Editors on Windows save UTF-8 with a BOM: it read "not valid TOML: Invalid statement
+    # (at line 1, column 1)" of a file that looked right.
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + SCENARIOS[0].read_bytes())
+    assert load_scenario(path).name == load_scenario(SCENARIOS[0]).name
+
+
 def test_clip_norm_is_auto_by_default_and_can_be_a_number_or_off() -> None:
     def clip(**arm: Any) -> object:
         scenario = parse_scenario(minimal(arms=[{"name": "x", "algorithm": "fedbuff", **arm}]))
