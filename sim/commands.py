@@ -106,6 +106,7 @@ def _progress(console: Console, enabled: bool) -> Iterator[ProgressFn | None]:
 
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as fedloom.cli's Ctrl-C
 
 
 @contextmanager
@@ -184,6 +185,9 @@ def cmd_sim(
         paths = write_report(report, out_dir)
     except OSError as exc:  # a path _output_dir could not foresee (/proc, a full disk)
         raise ConfigError(f"{_out_flag(out)}: cannot write to {out_dir}: {exc.strerror}") from None
+    except KeyboardInterrupt:  # say so: the directory looks like a finished run's
+        print(f"fedloom: interrupted while writing {out_dir}: it is incomplete", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     console.print(summary_table(report))
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
     return 0

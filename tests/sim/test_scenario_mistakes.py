@@ -133,6 +133,27 @@ def test_square_brackets_in_names_are_printed_as_written(
     assert "│ [/]fb " in printed and f"{out / 'report.json'}" in printed
 
 
+def test_ctrl_c_while_the_run_is_written_says_the_directory_is_incomplete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It said "fedloom: interrupted" of a directory with the numbers and some of the plots,
+    # nothing telling it from a finished run.
+    from fedloom.sim import plots
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_staleness", interrupted)
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exit_:
+        main(["sim", str(scenario), "--out", str(out), "--quiet"])
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fedloom: interrupted while writing {out}: it is incomplete"]
+
+
 @pytest.mark.parametrize("command", ["sim", "plan"])
 def test_an_empty_out_is_an_error_not_the_current_directory(
     tmp_path: Path,
