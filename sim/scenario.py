@@ -453,9 +453,23 @@ def _meta(t: Table) -> dict[str, Any]:
         return {}
     raw = dict(t.table("meta")._data)
     try:
-        return dict(_plain(raw, t.where("meta")))
+        plain = dict(_plain(raw, t.where("meta")))
     except TypeError as exc:  # a TOML date or time
         raise ConfigError(str(exc)) from None
+    _check_finite(raw, t.where("meta"))
+    return plain
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """No nan or inf in ``value``: report.json is strict JSON (it would hold null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} cannot be stored in report.json (strict JSON)")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]")
 
 
 def _ray_address(t: Table, executor: str) -> str | None:

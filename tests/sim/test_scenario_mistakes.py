@@ -5,6 +5,7 @@ no traceback, never a silent clamp."""
 from __future__ import annotations
 
 import datetime
+import math
 from pathlib import Path
 from typing import Any
 
@@ -810,6 +811,9 @@ def test_a_meta_value_report_json_cannot_store_is_an_error_naming_it() -> None:
     when = datetime.date(2026, 12, 7)
     message = "meta.labels.when: a date cannot be stored in report.json"
     assert refused(message, meta={"labels": {"when": when}}) == message
+    # nor a nan, which would have become null
+    message = "meta.runs[1]: nan cannot be stored in report.json (strict JSON)"
+    assert refused(message, meta={"runs": [1.0, math.nan]}) == message
 
 
 def test_a_data_seed_is_an_error_since_the_runs_seed_draws_the_data() -> None:
