@@ -939,7 +939,7 @@ def _seed_rows(report: Report) -> list[list[str]]:
 
 def _summary_caption(report: Report) -> str:
     targets = sorted({a.target_accuracy for a in report.arms if a.target_accuracy is not None})
-    parts = [f"seed {report.seed}"]
+    parts = [f"seed {report.seed} (one seed: no confidence intervals, see --seeds)"]
     if report.runs:
         shown = ", ".join(str(s) for s in report.seeds)
         parts = [f"{len(report.seeds)} seeds ({shown}): mean ± 95% CI"]

@@ -432,6 +432,8 @@ def test_format_summary_plain_text() -> None:
     text = format_summary(sample_report())
     lines = text.splitlines()
     assert lines[0].startswith("hospitals — seed 7")
+    # One seed gives no interval: say so (nothing said it; --seeds 1 looked like a study).
+    assert "seed 7 (one seed: no confidence intervals, see --seeds)" in lines[0]
     assert "target accuracy 0.9" in lines[0]
     assert "speed-up vs fedavg-star" in lines[0]
     header = next(line for line in lines if line.startswith("arm"))
