@@ -18,6 +18,13 @@ from pathlib import Path
 COMMANDS = ("sim", "plan")
 
 
+def _out_dir(text: str) -> Path:
+    """``--out``: a directory; an empty one (``--out "$OUT"``, OUT unset) would be ``.``."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a directory")
+    return Path(text)
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedloom sim`` and ``fedloom plan``, on ``fedloom``'s parser."""
     sim = sub.add_parser(
@@ -31,7 +38,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "scenarios/fedbuff-vs-fedavg.toml --seeds 5 --out runs/fedbuff-5",
     )
     sim.add_argument("scenario", type=Path, help="scenario TOML file (see scenarios/)")
-    sim.add_argument("--out", type=Path, default=None, help="output directory (default runs/NAME)")
+    sim.add_argument(
+        "--out", type=_out_dir, default=None, help="output directory (default runs/NAME)"
+    )
     sim.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
     sim.add_argument(
         "--seeds",
@@ -82,7 +91,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     plan.add_argument("scenario", type=Path, help="scenario TOML file")
     plan.add_argument(
-        "--out", type=Path, default=None, help="output directory (default runs/NAME-plan)"
+        "--out", type=_out_dir, default=None, help="output directory (default runs/NAME-plan)"
     )
     plan.add_argument(
         "--arm",

@@ -50,14 +50,29 @@ def _output_dir(out: Path | None, default: Path) -> Path:
     process cannot write in, is an error naming ``--out`` (not a traceback after the run)."""
     path = default if out is None else out
     what = _out_flag(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what}: {path} is a file, not a directory")
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    # Path.exists raises on a name the file system cannot hold (ENAMETOOLONG): a traceback,
+    # or with a long scenario name (runs/NAME) an error only once the run was over.
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ConfigError(
+                f"{what}: cannot make the directory {path}: the name {part!r} is longer than "
+                f"the file system allows ({NAME_MAX} bytes)"
+            )
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{what}: {path} is a file, not a directory")
+        existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    except OSError as exc:  # the whole path too long (PATH_MAX), say
+        raise ConfigError(f"{what}: cannot make the directory {path}: {exc.strerror}") from None
     if not existing.is_dir():
         raise ConfigError(f"{what}: cannot make the directory {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what}: cannot make or write {path}: {existing} is not writable")
     return path
+
+
+# The longest name of one path component on Linux's and macOS's usual file systems.
+NAME_MAX = 255
 
 
 def _out_flag(out: Path | None) -> str:
@@ -81,7 +96,8 @@ def _progress(console: Console, enabled: bool) -> Iterator[ProgressFn | None]:
 
         def update(label: str, done_s: float, total_s: float) -> None:
             if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total_s, virtual="0 h")
+                # the label holds an arm's name: markup in it is the researcher's text
+                tasks[label] = bar.add_task(escape(label), total=total_s, virtual="0 h")
             bar.update(
                 tasks[label], completed=min(done_s, total_s), virtual=f"{done_s / 3600:.1f} h"
             )
@@ -90,6 +106,7 @@ def _progress(console: Console, enabled: bool) -> Iterator[ProgressFn | None]:
 
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as fedloom.cli's Ctrl-C
 
 
 @contextmanager
@@ -147,7 +164,8 @@ def cmd_sim(
     # A pipe or a log file gets a wide table rather than one squeezed to 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     if not quiet:
-        console.print(f"[bold]{scenario.name}[/]: {scenario.description}")
+        # Names and paths are the researcher's text, not markup ("[/]a" raised MarkupError).
+        console.print(f"[bold]{escape(scenario.name)}[/]: {escape(scenario.description)}")
         if len(seeds) > 1:
             console.print(f"{len(seeds)} seeds: {', '.join(str(s) for s in seeds)}")
     for note in scenario.notes:  # settings no arm uses: not errors, but worth a look
@@ -161,14 +179,17 @@ def cmd_sim(
             seeds=seeds,
             arms=selected,
             progress=progress,
-            log=None if quiet else console.print,
+            log=None if quiet else lambda line: console.print(line, markup=False),
         )
     try:
         paths = write_report(report, out_dir)
     except OSError as exc:  # a path _output_dir could not foresee (/proc, a full disk)
         raise ConfigError(f"{_out_flag(out)}: cannot write to {out_dir}: {exc.strerror}") from None
+    except KeyboardInterrupt:  # say so: the directory looks like a finished run's
+        print(f"fedloom: interrupted while writing {out_dir}: it is incomplete", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     console.print(summary_table(report))
-    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}", markup=False)
     return 0
 
 

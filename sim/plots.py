@@ -66,6 +66,9 @@ _STYLE: dict[Any, Any] = {  # Any keys: matplotlib types rc names as Literals
     "legend.fontsize": 8.5,
     "legend.frameon": False,
     "svg.hashsalt": "fedloom",  # stable element ids in SVG files
+    # Scenario and arm names are drawn as written: "$...$" in one was read as mathtext (a
+    # ParseFatalException for "$\undefinedcmd$", math for "$x$").
+    "text.parse_math": False,
 }
 
 

@@ -787,9 +787,13 @@ def bytes_csv(report: Report) -> str:
 
 def write_report(report: Report, out_dir: Path | str, *, plots: bool = True) -> dict[str, Path]:
     """Write the run directory; returns {kind: path}. Data files go first, so a plotting
-    failure never costs the numbers."""
+    failure never costs the numbers. The files an earlier run wrote there go first of all:
+    a one-seed run kept a multi-seed run's accuracy_by_seed.csv beside its report, and a
+    run stopped while plotting would have left the earlier run's plots beside its numbers."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
     doc = report_to_dict(report)
     texts = {
         "report": ("report.json", _dump(strip_wall(doc)) + "\n"),
@@ -827,6 +831,21 @@ def write_report(report: Report, out_dir: Path | str, *, plots: bool = True) -> 
 
 # Every plot is written as PNG (to look at), SVG and PDF (vector, for papers).
 PLOT_FORMATS = ("png", "svg", "pdf")
+# Every file write_report may write (others in the directory are left alone).
+RUN_FILES = (
+    "report.json",
+    "timing.json",
+    "accuracy.csv",
+    "accuracy_by_seed.csv",
+    "staleness.csv",
+    "bytes.csv",
+    "summary.txt",
+    *(
+        f"{stem}.{fmt}"
+        for stem in ("accuracy", "staleness", "bytes", "accuracy_vs_epsilon")
+        for fmt in PLOT_FORMATS
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -920,7 +939,7 @@ def _seed_rows(report: Report) -> list[list[str]]:
 
 def _summary_caption(report: Report) -> str:
     targets = sorted({a.target_accuracy for a in report.arms if a.target_accuracy is not None})
-    parts = [f"seed {report.seed}"]
+    parts = [f"seed {report.seed} (one seed: no confidence intervals, see --seeds)"]
     if report.runs:
         shown = ", ".join(str(s) for s in report.seeds)
         parts = [f"{len(report.seeds)} seeds ({shown}): mean ± 95% CI"]
@@ -934,13 +953,15 @@ def _summary_caption(report: Report) -> str:
 
 def summary_table(report: Report) -> Table:
     """The summary as a rich Table (for the CLI)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{report.scenario}", caption=_summary_caption(report))
+    # Names are the researcher's text, not markup: "[red]b" lost its brackets, "[/]a" raised.
+    table = Table(title=escape(report.scenario), caption=escape(_summary_caption(report)))
     for i, col in enumerate(SUMMARY_COLUMNS):
         table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in summary_rows(report):
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     return table
 
 

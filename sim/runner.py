@@ -42,7 +42,7 @@ from fedloom.sim.driver import SimDriver, region_nodes
 from fedloom.sim.executors import Executor, InlineExecutor, PoolExecutor
 from fedloom.sim.network import Network, Partition
 from fedloom.sim.report import ArmResult, Report, multi_seed_report
-from fedloom.sim.scenario import LINKS, Arm, ChurnSpec, NetworkConfig, Scenario
+from fedloom.sim.scenario import LINKS, MAX_SEEDS, Arm, ChurnSpec, NetworkConfig, Scenario
 from fedloom.topology.gossip import gossip
 from fedloom.topology.hierarchical import hierarchical
 from fedloom.topology.plan import Plan
@@ -931,10 +931,6 @@ def against_plain(arms: Sequence[Arm], results: Sequence[ArmResult]) -> list[Arm
     return out
 
 
-# ``--seeds N`` at most this: every arm runs N times, one after the other.
-MAX_SEEDS = 10_000
-
-
 def check_seed_flags(seed: int | None, n_seeds: int | None) -> None:
     """``--seed`` is a seed (>= 0, as the scenario's), ``--seeds`` 1 to ``MAX_SEEDS``."""
     if seed is not None and (isinstance(seed, bool) or seed < 0):
@@ -1069,6 +1065,8 @@ def run_scenario(
     }
     if scenario.target_window_s > 0:
         meta["target_window_s"] = scenario.target_window_s
+    if scenario.meta:  # the scenario's own [meta] table, as written
+        meta["scenario_meta"] = dict(scenario.meta)
     names = {a.name for a in selected}
     baseline = scenario.baseline if scenario.baseline in names else None
     if baseline is not None:

@@ -111,6 +111,7 @@ from fedloom.federation.secagg_params import (
     read_secure_aggregation,
 )
 from fedloom.sim.compute import MAX_LOGNORMAL_SIGMA, distribution_from_config
+from fedloom.sim.report import _plain
 from fedloom.workloads.dp_sgd import DpSgdConfig, check_model, read_dp_sgd
 
 
@@ -304,7 +305,7 @@ def load_scenario(path: str | Path) -> Scenario:
     if p.is_dir():
         raise ConfigError(f"{p}: is a directory, not a scenario file")
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM (Windows editors)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     except UnicodeDecodeError:
@@ -340,6 +341,12 @@ def parse_scenario(
             f"{top.where('eval_interval_s')}: {eval_interval_s:g} s is longer than the run "
             f"({duration_s:g} s), so no evaluation would fall inside it (only the one at the "
             f"start and the one at the end); give at most {duration_s:g}"
+        )
+    if _more_than(duration_s / eval_interval_s, MAX_EVALUATIONS):  # 1e-9 s: never ended
+        raise ConfigError(
+            f"{top.where('eval_interval_s')}: {eval_interval_s:g} s evaluates the model "
+            f"{duration_s / eval_interval_s:,.0f} times in the run ({duration_s:g} s); at most "
+            f"{MAX_EVALUATIONS:,} evaluations: give at least {duration_s / MAX_EVALUATIONS:g}"
         )
     target = top.number("target_accuracy", None, min=0.0, max=1.0, exclusive_min=True)
     target_window_s = top.number("target_window_s", 0.0, min=0.0)
@@ -386,7 +393,7 @@ def parse_scenario(
     if baseline is not None and baseline not in names:
         raise ConfigError(f"baseline: {baseline!r} is not an arm name ({', '.join(names)})")
     notes = unused_settings(shared, arms_raw, arms, duration_s)
-    meta = dict(top.table("meta")._data) if top.has("meta") else {}
+    meta = _meta(top)
     dp_sgd = None
     if top.has("dp_sgd"):  # reproducible here: sampling and noise from the job's seed
         dp_sgd = replace(read_dp_sgd(top.table("dp_sgd")), deterministic=True)
@@ -417,9 +424,52 @@ def parse_scenario(
     )
 
 
+# ``--seeds N`` or a ``seeds`` list at most this: every arm runs N times, one after the other.
+MAX_SEEDS = 10_000
+
+# A run evaluates its model at most this often (duration_s / eval_interval_s): each
+# evaluation is a pass over the test set and a point of every seed's curve in report.json.
+MAX_EVALUATIONS = 10_000
+
+# A training job's examples (local_steps x batch_size) at most this: the simulated models
+# draw a job's minibatches at once, about 1 GB at this many (10^11 steps was a MemoryError
+# traceback once the run had started).
+MAX_EXAMPLES_PER_JOB = 1_000_000
+
 # ``workers`` at most this: a pool of processes (or a local Ray cluster's CPUs) on one
 # machine; 100,000 hung the run starting processes.
 MAX_WORKERS = 1024
+
+
+def _more_than(count: float, most: int) -> bool:
+    """``count > most`` but for float error (3600 / 0.036 is 100000.00000000001)."""
+    return count > most * (1.0 + 1e-9)
+
+
+def _meta(t: Table) -> dict[str, Any]:
+    """``[meta]``: the study's own labels, carried into report.json's ``meta`` as
+    ``scenario_meta``; checked here, not when the report is written after the run."""
+    if not t.has("meta"):
+        return {}
+    raw = dict(t.table("meta")._data)
+    try:
+        plain = dict(_plain(raw, t.where("meta")))
+    except TypeError as exc:  # a TOML date or time
+        raise ConfigError(str(exc)) from None
+    _check_finite(raw, t.where("meta"))
+    return plain
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """No nan or inf in ``value``: report.json is strict JSON (it would hold null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} cannot be stored in report.json (strict JSON)")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{where}[{i}]")
 
 
 def _ray_address(t: Table, executor: str) -> str | None:
@@ -443,6 +493,8 @@ def _seeds(t: Table) -> tuple[int, ...]:
     values = t.array("seeds")
     if not values:
         raise ConfigError(f"{t.where('seeds')}: must list at least one seed (or leave it out)")
+    if len(values) > MAX_SEEDS:  # as --seeds
+        raise ConfigError(f"{t.where('seeds')}: at most {MAX_SEEDS:,} seeds, got {len(values):,}")
     seen: set[int] = set()
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -524,6 +576,13 @@ def unused_settings(
                 f"algorithm.{key}: only {'/'.join(users)} arms read it (the arms are "
                 f"{', '.join(algorithms)}); it applies to none"
             ] = None
+    arm_topologies = sorted({a.topology for a in arms})
+    for key in shared.get("algorithm", {}):
+        if key in _REGIONS_ONLY and "hierarchical" not in arm_topologies:
+            notes[
+                f"algorithm.{key}: only hierarchical arms use it (the arms are "
+                f"{', '.join(arm_topologies)}); it applies to none"
+            ] = None
     if "topk_fraction" in shared.get("codec", {}) and not any(_sends_topk(a) for a in arms):
         notes[
             'codec.topk_fraction: no arm sends top-k updates (up = "topk"); it applies to none'
@@ -562,6 +621,12 @@ def _data(t: Table) -> dict[str, Any]:
     out = {k: t.raw(k) for k in list(t._data)}
     if "dataset" not in out:
         raise t.missing("dataset")
+    if "seed" in out:  # the workload's own seed would win over every run's
+        raise ConfigError(
+            f"{t.where('seed')}: the run's seed draws the data split and the initial model "
+            "(seed, seeds, --seed, --seeds); a seed here would give every seed's run the same "
+            "ones and intervals too narrow: remove it"
+        )
     return out
 
 
@@ -848,6 +913,18 @@ _USED_ONLY_BY: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# A period an arm's algorithm keeps (its time-outs, a gossip peer's interval) comes round
+# at most this often in a run, as the evaluations do (MAX_EVALUATIONS).
+MAX_PERIODS = 100_000
+_PERIODS: dict[str, tuple[str, ...]] = {
+    "task_timeout_s": ("fedavg", "fedprox", "fedasync", "fedbuff"),
+    "round_timeout_s": ("fedavg", "fedprox"),
+    "gossip_interval_s": ("gossip",),
+}
+
+# Parameters of the regions and of a root above them: a star or gossip arm has neither.
+_REGIONS_ONLY = frozenset({"regional_buffer_size", "regional_concurrency", "root_buffer_size"})
+
 
 def _arm(
     raw: Any, index: int, shared: Mapping[str, Any], sites: SitesConfig, duration_s: float
@@ -859,9 +936,14 @@ def _arm(
     algorithm = t.text("algorithm", choices=ALGORITHMS)
     default_topology = "gossip" if algorithm == "gossip" else "star"
     topology = t.text("topology", default_topology, choices=TOPOLOGIES)
-    if (algorithm == "gossip") != (topology == "gossip"):
+    if algorithm == "gossip" and topology != "gossip":
         raise ConfigError(
             f"{t.where('topology')}: algorithm 'gossip' goes with topology 'gossip' only"
+        )
+    if topology == "gossip" and algorithm != "gossip":  # the other way round: say so
+        raise ConfigError(
+            f"{t.where('topology')}: a gossip topology runs algorithm 'gossip' only, not "
+            f"{algorithm!r}"
         )
     if topology == "hierarchical" and algorithm in ("fedavg", "fedprox"):
         raise ConfigError(
@@ -885,7 +967,22 @@ def _arm(
                 f"{'/'.join(users)} arms do); remove it (the shared [algorithm] table may hold "
                 "it for the arms that do)"
             )
-    training = read_training(_section(shared, t, raw, "training"))
+        if key in _REGIONS_ONLY and topology != "hierarchical":
+            raise ConfigError(
+                f"{t.where(key)}: a {topology} arm has no regions (only hierarchical arms use "
+                f"{key}); remove it (the shared [algorithm] table may hold it for the arms "
+                "that do)"
+            )
+    training_table = _section(shared, t, raw, "training")
+    training = read_training(training_table)
+    examples = training.local_steps * training.batch_size
+    if examples > MAX_EXAMPLES_PER_JOB:  # a job's minibatches are drawn at once
+        key = "local_steps" if training.local_steps >= training.batch_size else "batch_size"
+        raise ConfigError(
+            f"{training_table.where(key)}: {training.local_steps} steps of batch_size "
+            f"{training.batch_size} are {examples:,} examples a job; at most "
+            f"{MAX_EXAMPLES_PER_JOB:,}"
+        )
     codec, link_codecs = _codecs(
         _section(shared, t, raw, "codec"), raw.get("codec") or {}, topology
     )
@@ -936,9 +1033,17 @@ def _arm(
     )
     if algorithm == "fedprox" and training.mu == 0.0:
         raise ConfigError(f"{t.where('training')}.mu: fedprox needs a proximal term mu > 0")
-    params = read_algorithm(
-        _Merged(shared["algorithm"], own_params, t.where("").rstrip("."), "algorithm"), algorithm
-    )
+    merged = _Merged(shared["algorithm"], own_params, t.where("").rstrip("."), "algorithm")
+    params = read_algorithm(merged, algorithm)
+    for key, users in _PERIODS.items():  # 1e-9 s: an event every nanosecond, a run unending
+        period = getattr(params, key)
+        written = key in own_params or key in shared["algorithm"]
+        if written and algorithm in users and _more_than(duration_s / period, MAX_PERIODS):
+            raise ConfigError(
+                f"{merged.where(key)}: {period:g} s comes round {duration_s / period:,.0f} "
+                f"times in the run ({duration_s:g} s); at most {MAX_PERIODS:,}: give at "
+                f"least {duration_s / MAX_PERIODS:g}"
+            )
     if sites.placement and topology == "hierarchical" and params.clustering == "rtt":
         at = t.where("clustering") if "clustering" in own_params else "algorithm.clustering"
         raise ConfigError(
@@ -951,6 +1056,17 @@ def _arm(
         _check_degree(t, params, own_params, sites.count, written="degree" in shared["algorithm"])
     lr_sweep = tuple(float(x) for x in _sweep(t, "lr_sweep"))
     server_lr_sweep = tuple(float(x) for x in _sweep(t, "server_lr_sweep"))
+    # The arm's own rate beside its sweep would not run (a shared one is what it replaces).
+    own_lr = isinstance(raw.get("training"), Mapping) and "lr" in raw["training"]
+    for sweep, written, key, value in (
+        ("lr_sweep", own_lr, "training.lr", training.lr),
+        ("server_lr_sweep", "server_lr" in own_params, "server_lr", params.server_lr),
+    ):
+        if written and t.has(sweep):
+            raise ConfigError(
+                f"{t.where(key)}: the arm's {sweep} sets its learning rates ({value:g} would "
+                "not run); give one of them"
+            )
     for key in raw:  # a section's field written in the arm itself ("unknown field" misled)
         if key in _SECTION_OF and key not in ALGORITHM_FIELDS:
             section = _SECTION_OF[key]

@@ -201,6 +201,11 @@ def test_settings_no_arm_uses_are_noted() -> None:
         "codec.peer-peer: no arm has a peer-peer link (the arms are star); it applies to none",
         "availability.churn[0]: starts at 30 h, when the run (2 h) is over; it takes nothing "
         "offline",
+        # small()'s shared [algorithm] table sets the regions' parameters: no region here
+        "algorithm.regional_concurrency: only hierarchical arms use it (the arms are star); it "
+        "applies to none",
+        "algorithm.regional_buffer_size: only hierarchical arms use it (the arms are star); it "
+        "applies to none",
     )
     assert (
         parse_scenario(small([{"name": "h", **HIER}], network={"region-root": {"loss": 0.5}})).notes

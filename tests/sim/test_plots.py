@@ -116,3 +116,13 @@ def test_many_arms_still_render(tmp_path: Path, n_arms: int) -> None:
     report = Report("many", 1, "", arms)
     for plot in (plot_accuracy, plot_staleness, plot_bytes):
         png_size(plot(report, tmp_path / f"{plot.__name__}.png"))
+
+
+def test_dollar_signs_in_names_are_drawn_as_written(tmp_path: Path) -> None:
+    # Matplotlib read "$...$" as mathtext: an arm named "$\undefinedcmd$" was a
+    # ParseFatalException traceback once the run was over (no plots), "$x$" drawn as math.
+    base = sample_report().arms[1]
+    arms = [dataclasses.replace(base, name=name) for name in ("$\\undefinedcmd$", "$x$")]
+    report = Report("cost $\\bad$ study", 1, "", arms)
+    for plot in (plot_accuracy, plot_staleness, plot_bytes):
+        png_size(plot(report, tmp_path / f"{plot.__name__}.png"))

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from fedloom.sim.report import (
+    PLOT_FORMATS,
     SUMMARY_COLUMNS,
     ArmResult,
     Report,
@@ -347,6 +348,24 @@ def test_writes_are_atomic_and_replace_old_files(tmp_path: Path) -> None:
     assert (tmp_path / "summary.txt").read_text().startswith("hospitals")
 
 
+def test_a_rerun_into_the_same_directory_leaves_no_file_of_the_earlier_run(
+    tmp_path: Path,
+) -> None:
+    # A one-seed run written where a multi-seed private run had been kept that run's
+    # accuracy_by_seed.csv and accuracy-vs-epsilon plots beside the new report.json.
+    earlier = [
+        "accuracy_by_seed.csv",
+        *(f"{stem}.{fmt}" for stem in ("accuracy", "accuracy_vs_epsilon") for fmt in PLOT_FORMATS),
+    ]
+    for name in earlier:
+        (tmp_path / name).write_text("earlier run")
+    (tmp_path / "notes.md").write_text("the user's own")
+    paths = write_report(sample_report(), tmp_path, plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*(p.name for p in paths.values()), "notes.md"]
+    )
+
+
 def test_report_validation() -> None:
     arm = sample_report().arms[0]
     with pytest.raises(ValueError, match="unique"):
@@ -413,6 +432,8 @@ def test_format_summary_plain_text() -> None:
     text = format_summary(sample_report())
     lines = text.splitlines()
     assert lines[0].startswith("hospitals — seed 7")
+    # One seed gives no interval: say so (nothing said it; --seeds 1 looked like a study).
+    assert "seed 7 (one seed: no confidence intervals, see --seeds)" in lines[0]
     assert "target accuracy 0.9" in lines[0]
     assert "speed-up vs fedavg-star" in lines[0]
     header = next(line for line in lines if line.startswith("arm"))

@@ -64,6 +64,17 @@ def test_same_seed_gives_the_same_report_apart_from_wall_clock(
     assert strip_wall(on_disk) == strip_wall(json.loads(json.dumps(report_dict)))
 
 
+def test_the_scenarios_meta_table_is_carried_into_report_json(tmp_path: Path) -> None:
+    # A scenario's [meta] table was read, checked to be a table and then dropped: a study's
+    # own labels (its name, a grant, a git tag) never reached report.json.
+    labels = {"study": "hospitals-rerun", "grant": 42, "tags": ["a", "b"]}
+    raw = small(ARMS[:1], duration_h=0.25, eval_interval_s=300, meta=labels)
+    paths = write_report(run_scenario(parse_scenario(raw)), tmp_path, plots=False)
+    assert json.loads(paths["report"].read_text())["meta"]["scenario_meta"] == labels
+    plain = report_to_dict(run_scenario(parse_scenario(small(ARMS[:1], duration_h=0.25))))
+    assert "scenario_meta" not in plain["meta"]  # a scenario without one: the same report
+
+
 def test_another_seed_gives_another_run(report_dict: dict[str, Any]) -> None:
     other = report_to_dict(run_scenario(parse_scenario(small(ARMS[:1], seed=4))))
     assert strip_wall(other["arms"][0]) != strip_wall(report_dict["arms"][0])

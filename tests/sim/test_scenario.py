@@ -85,6 +85,11 @@ def test_arm_overrides_shared_sections_and_takes_its_own_parameters() -> None:
         ({"arms": [{"algorithm": "fedbuff", "training": {"lr": "fast"}}]}, "arms[0].training.lr"),
         ({"arms": [{"algorithm": "fedbuff", "bufer_size": 3}]}, "arms[0].bufer_size: unknown"),
         ({"arms": [{"algorithm": "gossip", "topology": "star"}]}, "goes with topology 'gossip'"),
+        # it said "algorithm 'gossip' goes with ..." of a fedbuff arm
+        (
+            {"arms": [{"algorithm": "fedbuff", "topology": "gossip"}]},
+            "arms[0].topology: a gossip topology runs algorithm 'gossip' only, not 'fedbuff'",
+        ),
         ({"arms": [{"algorithm": "fedprox"}]}, "needs a proximal term"),
         ({"arms": []}, "at least one [[arms]]"),
         ({"baseline": "nope"}, "baseline: 'nope' is not an arm name"),
@@ -108,6 +113,14 @@ def test_load_reports_missing_file_and_bad_toml(tmp_path: Path) -> None:
     bad.write_text("name = [unclosed\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_scenario(bad)
+
+
+def test_a_scenario_saved_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    # Editors on Windows save UTF-8 with a BOM: it read "not valid TOML: Invalid statement
+    # (at line 1, column 1)" of a file that looked right.
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + SCENARIOS[0].read_bytes())
+    assert load_scenario(path).name == load_scenario(SCENARIOS[0]).name
 
 
 def test_clip_norm_is_auto_by_default_and_can_be_a_number_or_off() -> None:

@@ -4,6 +4,8 @@ no traceback, never a silent clamp."""
 
 from __future__ import annotations
 
+import datetime
+import math
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,65 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return rc, err.splitlines()[-1] if err else ""
 
 
+def test_square_brackets_in_names_are_printed_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Rich read them as markup: an arm "[/]fb" was a MarkupError traceback (after the run,
+    # or in the middle of a multi-seed one), "[red]b" was printed as "b".
+    text = TINY.replace('name = "fb"', 'name = "[/]fb"').replace(
+        'name = "tiny"', 'name = "tiny"\ndescription = "[bold]x[/] [/]"'
+    )
+    text += '[[arms]]\nname = "[red]b"\nalgorithm = "fedbuff"\n'
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(text)
+    out = tmp_path / "[/]o"
+    assert main(["sim", str(scenario), "--out", str(out), "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "[bold]x[/] [/]" in printed and "[red]b" in printed
+    assert "seed 0 (1/2) [/]fb: final accuracy" in printed  # a run's line
+    assert "│ [/]fb " in printed and f"{out / 'report.json'}" in printed
+
+
+def test_ctrl_c_while_the_run_is_written_says_the_directory_is_incomplete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It said "fedloom: interrupted" of a directory with the numbers and some of the plots,
+    # nothing telling it from a finished run.
+    from fedloom.sim import plots
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_staleness", interrupted)
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exit_:
+        main(["sim", str(scenario), "--out", str(out), "--quiet"])
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fedloom: interrupted while writing {out}: it is incomplete"]
+
+
+@pytest.mark.parametrize("command", ["sim", "plan"])
+def test_an_empty_out_is_an_error_not_the_current_directory(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    # --out "$OUT" with OUT unset wrote the run into the current directory.
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(scenario), "--out", ""])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"fedloom {command}: error: argument --out: an empty path; give a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]
+
+
 @pytest.mark.parametrize("command", ["sim", "plan"])
 def test_out_at_a_file_is_an_error_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
@@ -128,6 +189,23 @@ def test_out_at_a_file_is_an_error_before_anything_runs(
     assert rc == 2 and err.startswith(
         f"fedloom: error: --out: cannot make the directory {a_file / 'sub'}: {a_file} is a file"
     )
+
+
+@pytest.mark.parametrize("command", ["sim", "plan"])
+def test_an_out_name_too_long_for_the_file_system_is_an_error_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # A 300-character scenario name (runs/NAME) or --out ran the whole study, then failed
+    # to make the directory (ENAMETOOLONG).
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(TINY)
+    long = tmp_path / ("x" * 300) / "sub"
+    rc, err = cli(capsys, command, str(scenario), "--out", str(long))
+    assert rc == 2 and err == (
+        f"fedloom: error: --out: cannot make the directory {long}: the name {'x' * 300!r} "
+        "is longer than the file system allows (255 bytes)"
+    )
+    assert capsys.readouterr().out == ""  # nothing ran
 
 
 def test_a_directory_for_the_scenario_is_an_error(
@@ -274,6 +352,30 @@ def test_a_bad_lr_sweep_names_the_entry(sweep: list[float], message: str) -> Non
     refused(message, arms=[{"name": "x", "algorithm": "fedbuff", "lr_sweep": sweep}])
     server = [{"name": "x", "algorithm": "fedbuff", "server_lr_sweep": sweep}]
     refused(message.replace("lr_sweep", "server_lr_sweep"), arms=server)
+
+
+@pytest.mark.parametrize(
+    ("arm", "message"),
+    [
+        (
+            {"lr_sweep": [0.1, 0.3], "training": {"lr": 0.2}},
+            "arms[0].training.lr: the arm's lr_sweep sets its learning rates (0.2 would not "
+            "run); give one of them",
+        ),
+        (
+            {"server_lr_sweep": [0.5, 1.0], "server_lr": 0.7},
+            "arms[0].server_lr: the arm's server_lr_sweep sets its learning rates (0.7 would "
+            "not run); give one of them",
+        ),
+    ],
+)
+def test_an_arms_own_lr_beside_its_sweep_is_an_error(arm: dict[str, Any], message: str) -> None:
+    # The sweep won: the arm's own lr was silently not run.
+    assert refused(message, arms=[{"name": "x", "algorithm": "fedbuff", **arm}]).endswith(message)
+    # a shared one is the default the sweep replaces: no mistake
+    sweep = {k: v for k, v in arm.items() if k.endswith("_sweep")}
+    shared = {"training": {"lr": 0.2}, "algorithm": {"server_lr": 0.7}}
+    parse_scenario(minimal(**shared, arms=[{"name": "x", "algorithm": "fedbuff", **sweep}]))
 
 
 def test_a_link_given_a_value_instead_of_a_table_says_so() -> None:
@@ -515,6 +617,46 @@ def test_an_arm_parameter_of_another_algorithm_is_an_error(
     parse_scenario(minimal(algorithm={key: arm[key]}, arms=[{"name": "x", "algorithm": "fedbuff"}]))
 
 
+@pytest.mark.parametrize(
+    "key", ["root_buffer_size", "regional_buffer_size", "regional_concurrency"]
+)
+def test_an_arm_parameter_of_regions_on_a_star_arm_is_an_error(key: str) -> None:
+    # Each ran, the field silently unused: a star root has no regions under it.
+    message = (
+        f"arms[0].{key}: a star arm has no regions (only hierarchical arms use {key}); "
+        "remove it (the shared [algorithm] table may hold it for the arms that do)"
+    )
+    assert refused(message, arms=[{"name": "x", "algorithm": "fedbuff", key: 3}]).endswith(message)
+    hier = {"name": "x", "algorithm": "fedbuff", "topology": "hierarchical", key: 3}
+    parse_scenario(minimal(arms=[hier]))
+    # shared, with no hierarchical arm: a note, as a parameter no arm's algorithm reads
+    star = [{"name": "x", "algorithm": "fedbuff"}]
+    assert parse_scenario(minimal(algorithm={key: 3}, arms=star)).notes == (
+        f"algorithm.{key}: only hierarchical arms use it (the arms are star); it applies to none",
+    )
+
+
+@pytest.mark.parametrize(
+    ("arm", "key"),
+    [
+        ({"algorithm": "fedbuff"}, "task_timeout_s"),
+        ({"algorithm": "fedavg", "clients_per_round": 2}, "round_timeout_s"),
+        ({"algorithm": "gossip"}, "gossip_interval_s"),
+    ],
+)
+def test_a_period_that_comes_round_without_end_is_an_error(arm: dict[str, Any], key: str) -> None:
+    # 1e-9 s ran and never ended (a task timing out, a round closing or a peer gossiping
+    # every nanosecond: 3.6e12 times an hour).
+    message = (
+        f"{key}: 1e-09 s comes round 3,600,000,000,000 times in the run (3600 s); at most "
+        "100,000: give at least 0.036"
+    )
+    assert refused(message, arms=[{"name": "x", **arm, key: 1e-9}]) == f"arms[0].{message}"
+    shared = refused(message, algorithm={key: 1e-9}, arms=[{"name": "x", **arm}])
+    assert shared == f"algorithm.{message}"
+    parse_scenario(minimal(arms=[{"name": "x", **arm, key: 0.036}]))
+
+
 def test_a_default_degree_too_large_for_the_sites_says_it_is_the_default() -> None:
     arms = [{"name": "g", "algorithm": "gossip", "graph": "kregular"}]
     refused(
@@ -624,6 +766,65 @@ def test_an_eval_interval_longer_than_the_run_is_an_error() -> None:
     short = minimal(duration_s=0.5)
     del short["duration_h"]
     assert parse_scenario(short).eval_interval_s == 1.0
+
+
+def test_an_eval_interval_giving_more_evaluations_than_a_curve_can_use_is_an_error() -> None:
+    # eval_interval_s = 1e-9 was accepted: 3.6e12 evaluations of the model, a run that never
+    # ended (each evaluation a pass over the test set, each a point of report.json).
+    message = (
+        "eval_interval_s: 1e-09 s evaluates the model 3,600,000,000,000 times in the run (3600 "
+        "s); at most 10,000 evaluations: give at least 0.36"
+    )
+    assert refused(message, eval_interval_s=1e-9) == message
+    assert parse_scenario(minimal(eval_interval_s=0.36)).eval_interval_s == 0.36
+
+
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        (
+            {"local_steps": 10**11},
+            "training.local_steps: 100000000000 steps of batch_size 10 are "
+            "1,000,000,000,000 examples a job; at most 1,000,000",
+        ),
+        (
+            {"batch_size": 10**11, "local_steps": 5},
+            "training.batch_size: 5 steps of batch_size 100000000000 are 500,000,000,000 "
+            "examples a job; at most 1,000,000",
+        ),
+    ],
+)
+def test_a_job_too_large_for_memory_is_an_error_naming_the_field(
+    training: dict[str, int], message: str
+) -> None:
+    # Each was a MemoryError traceback after the run had started (a job's minibatches are
+    # drawn at once: 7.28 TiB); 10^6 examples a job already take about 1 GB.
+    assert refused(message, training=training).endswith(message)
+    arm = [{"name": "x", "algorithm": "fedbuff", "training": {"local_steps": 10**6}}]
+    refused("arms[0].training.local_steps: 1000000 steps of batch_size 10", arms=arm)
+    fits = parse_scenario(minimal(training={"local_steps": 1000, "batch_size": 1000}))
+    assert fits.arms[0].training.local_steps == 1000
+
+
+def test_a_meta_value_report_json_cannot_store_is_an_error_naming_it() -> None:
+    # [meta] goes into report.json: a TOML date there would fail only once the run ended.
+    when = datetime.date(2026, 12, 7)
+    message = "meta.labels.when: a date cannot be stored in report.json"
+    assert refused(message, meta={"labels": {"when": when}}) == message
+    # nor a nan, which would have become null
+    message = "meta.runs[1]: nan cannot be stored in report.json (strict JSON)"
+    assert refused(message, meta={"runs": [1.0, math.nan]}) == message
+
+
+def test_a_data_seed_is_an_error_since_the_runs_seed_draws_the_data() -> None:
+    # [data] seed = 5 won over every run's seed: with --seeds 2 both runs had the same data
+    # split and initial model, and an arm's interval came out [0.925, 0.925].
+    message = (
+        "data.seed: the run's seed draws the data split and the initial model (seed, seeds, "
+        "--seed, --seeds); a seed here would give every seed's run the same ones and "
+        "intervals too narrow: remove it"
+    )
+    assert refused(message, data={"dataset": "breast_cancer", "seed": 5}) == message
 
 
 def test_a_shared_min_cohort_no_arm_reads_is_a_note_not_the_round_check() -> None:

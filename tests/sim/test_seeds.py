@@ -257,6 +257,8 @@ def test_seeds_below_one_is_one_clear_line(
         ("seeds = [1, -1]", "seeds[1]: expected a seed >= 0"),
         ("seeds = [true]", "seeds[0]"),
         ('seeds = "3"', "seeds"),
+        # 10,001 was accepted (--seeds stops at 10,000): every arm run 10,001 times.
+        (f"seeds = {list(range(10_001))}", "seeds: at most 10,000 seeds, got 10,001"),
     ],
 )
 def test_bad_seeds_in_a_scenario_name_the_field(
