@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedloom.runtime.reports import write_bytes_atomic
 from fedloom.transport.error_text import describe
 
 if TYPE_CHECKING:
@@ -48,9 +49,9 @@ def write_report(run_dir: Path, report: Report, *, echo: bool = True) -> None:
         except Exception as exc:  # the plot is a courtesy: never lose the verdicts over it
             out["plot"] = f"not drawn: {type(exc).__name__}: {describe(exc)}"
     try:
-        (run_dir / "report.json").write_text(
-            json.dumps(out, indent=2, default=_plain, allow_nan=False) + "\n", encoding="utf-8"
-        )
+        # Whole or not at all: a crash mid-write must not leave half a report behind.
+        text = json.dumps(out, indent=2, default=_plain, allow_nan=False) + "\n"
+        write_bytes_atomic(run_dir / "report.json", text.encode("utf-8"))
     except (OSError, ValueError) as exc:
         print(f"cannot write {run_dir / 'report.json'}: {describe(exc)}")
     if echo:

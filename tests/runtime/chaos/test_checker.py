@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -345,6 +346,29 @@ def test_a_buffer_swallowed_before_a_later_complete_flush_is_refuted(tmp_path: P
     verdict = check(fed.finish())["conservation"]
     assert not verdict.passed
     assert "a full buffer is 2: updates left its buffer without a forward" in verdict.detail
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_last_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """report.json is written whole or not at all: a write that fails midway (a full disk)
+    leaves the previous report as it was, and no temporary file behind."""
+    fed = clean_run(tmp_path)
+    run = fed.finish()
+    check_run(run)
+    before = (run / "report.json").read_bytes()
+    json.loads(before)
+
+    def full_disk(fd: int, data: bytes) -> int:
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    real_write = os.write
+    monkeypatch.setattr("fedloom.runtime.reports.os.write", full_disk)
+    check_run(run)
+    assert "cannot write" in capsys.readouterr().out
+    assert (run / "report.json").read_bytes() == before
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_conservation_says_so_when_the_root_counts_no_site_updates(tmp_path: Path) -> None:
