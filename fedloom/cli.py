@@ -13,8 +13,10 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any, TextIO
 
 from fedloom.federation.config_reader import ConfigError
 
@@ -101,6 +103,15 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _has_fd(stream: object) -> bool:
+    """Whether ``stream`` writes to a file descriptor (not a test's capture buffer)."""
+    try:
+        stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
 def _missing_extra(exc: ModuleNotFoundError) -> str | None:
     top = (exc.name or "").split(".")[0]
     extra = _EXTRA_OF.get(top)
@@ -115,7 +126,42 @@ def _missing_extra(exc: ModuleNotFoundError) -> str | None:
     )
 
 
+class _OutputMayGoAway:
+    """``sys.stdout`` for a command line: when whoever reads it goes away (``| head``, a
+    closed terminal or ssh session), the command goes on and its output goes to
+    /dev/null, where Python would raise ``BrokenPipeError`` at the next write and end a
+    long run (a simulation, a daemon) with nothing written."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())  # what is still buffered goes there too
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if not isinstance(sys.stdout, _OutputMayGoAway) and _has_fd(sys.stdout):
+        sys.stdout = _OutputMayGoAway(sys.stdout)
     words = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(words)
     parser = _parser(command)
