@@ -756,14 +756,20 @@ def test_an_expected_refusal_leaves_its_tier_unchecked_not_failed(tmp_path: Path
     assert not verdict.passed and "unreadable state: site-1" in verdict.detail
 
 
-def test_a_gossip_run_checks_every_peer_and_has_no_tier(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    peers = ("peer-0", "peer-1")
+def gossip_peers(peers: tuple[str, ...]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A gossip run's ``nodes`` (no root, no sites) and the timeline of their starts."""
     nodes = {p: {"role": "peer", "parent": None, "standby_for": None,
                  "state_dir": f"federation/state/{p}", "log": f"federation/logs/{p}.log"}
              for p in peers}  # fmt: skip
     timeline = [{"t": 0.0, "event": "process_start", "fault": "start", "targets": [p],
                  "detail": {}, "intended": True} for p in peers]  # fmt: skip
+    return nodes, timeline
+
+
+def test_a_gossip_run_checks_every_peer_and_has_no_tier(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    peers = ("peer-0", "peer-1")
+    nodes, timeline = gossip_peers(peers)
     timeline += [
         {"t": 4.0, "event": "process_kill", "fault": "kill", "targets": ["peer-1"],
          "detail": {}, "intended": True},
@@ -1145,11 +1151,7 @@ def test_versions_monotonic_names_no_root_a_gossip_run_does_not_have(tmp_path: P
     site): a comparison it never made."""
     run = tmp_path / "run"
     peers = ("peer-0", "peer-1")
-    nodes = {p: {"role": "peer", "parent": None, "standby_for": None,
-                 "state_dir": f"federation/state/{p}", "log": f"federation/logs/{p}.log"}
-             for p in peers}  # fmt: skip
-    timeline = [{"t": 0.0, "event": "process_start", "fault": "start", "targets": [p],
-                 "detail": {}, "intended": True} for p in peers]  # fmt: skip
+    nodes, timeline = gossip_peers(peers)
     samples = [{"t": 0.5 * k, "node": p, "healthz": "ok",
                 "metrics": {"fedloom_model_version": float(k)}}
                for k in range(10) for p in peers]  # fmt: skip
