@@ -1,7 +1,8 @@
 """A site that numbers its updates far ahead of what it made, so that the forward of its
-region carrying one names a pair the root refuses as far ahead (``PairLedger``): the
-forward must not stay refused for ever, wedging every honest update in it and, once the
-region's outbox fills, the whole region."""
+region carrying one names a pair far ahead of the root's pair ledger (``PairLedger``):
+refused, the forward stayed refused for ever, wedging every honest update in it and, once
+the region's outbox filled, the whole region. The root takes it, the far pair kept apart
+from the ledger's watermark."""
 
 from __future__ import annotations
 
@@ -76,6 +77,9 @@ def test_the_root_takes_the_forward_and_records_only_the_pairs_in_bound() -> Non
 
 
 def test_a_region_keeping_no_parts_drops_the_forward_and_counts_the_rest_lost() -> None:
+    """A region without ``has_standby`` keeps no parts to rebuild a forward from: one that
+    its root answers with an ``Overlap`` (site updates another region delivered) is
+    dropped whole, its other site updates counted lost and settled."""
     region = RegionalAggregator(
         "r0", "root", {s: "site" for s in tf.SITES}, buffer_size=2, concurrency=2, rng=0
     )
