@@ -586,8 +586,11 @@ def verify_export(path: Path, roster: Roster | None = None) -> Verified:
         raise ConfigError(f"{path}: metadata without a model_version") from None
     digest_ok = meta.get("digest") == "sha256:" + digest.hex()
     sig = _hex(meta.get("signature"))
-    if not sig:
+    claimed = any(key in meta for key in ("signer", "signature", "signature_parent"))
+    if not sig and not claimed:
         status = "absent"
+    elif not sig:  # a claim of a signature with none readable: not "absent", which is ok
+        status = "INVALID: the file names a signature but holds none readable (hex)"
     elif roster is None:
         status = "unchecked"
     else:
