@@ -526,7 +526,15 @@ def read_export(path: Path) -> tuple[Weights, dict[str, str]]:
         if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
             raise ConfigError(f"{path}: not a fedloom export (no state_dict)")
         meta = obj.get("metadata")
-        tensors = {str(k): v.numpy() for k, v in obj["state_dict"].items()}
+        tensors = {}
+        for k, v in obj["state_dict"].items():
+            try:  # a non-tensor or a dtype numpy lacks (bfloat16): not one of our exports
+                tensors[str(k)] = v.numpy()
+            except (AttributeError, TypeError) as exc:
+                raise ConfigError(
+                    f"{path}: tensor {str(k)!r} is not a numpy-convertible tensor "
+                    f"({str(exc)[:200]}); not a fedloom export"
+                ) from None
     else:
         from safetensors import SafetensorError
         from safetensors.numpy import load_file

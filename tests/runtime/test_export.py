@@ -369,3 +369,14 @@ def test_a_signature_field_that_cannot_be_read_is_invalid_not_absent(
         assert not found.ok and found.signature.startswith("INVALID"), (name, found.signature)
         assert main(["model", "verify", str(path), "--config", str(cfg.source)]) == 1
         assert "signature absent" not in capsys.readouterr().out
+
+
+def test_a_torch_file_with_other_values_than_tensors_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch = pytest.importorskip("torch")
+    meta = {"format": "fedloom-model/1", "tensor_order": '["a"]', "model_version": "1"}
+    for name, value in (("int", 1), ("bf16", torch.zeros(2, dtype=torch.bfloat16))):
+        path = tmp_path / f"{name}.pt"
+        torch.save({"state_dict": {"a": value}, "metadata": meta}, str(path))
+        one_line_error(capsys, ["model", "verify", str(path)], f"{path}: tensor 'a'")
