@@ -32,7 +32,10 @@ import datetime
 import hashlib
 import importlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -602,9 +605,27 @@ def write_report(
         },
     )
     root["mentions"] = [roster_entity, plan, *approvals, *audit_heads]
-    out.mkdir(parents=True, exist_ok=True)
-    crate.write(out)
+    _write_whole(crate, out)
     return out / "ro-crate-metadata.json"
+
+
+def _write_whole(crate: Any, out: Path) -> None:
+    """Write ``crate`` into ``out`` whole or not at all: into a new directory beside it,
+    renamed onto ``out`` (absent or empty) once complete, so that a full disk or a failed
+    copy of the model leaves no half crate behind."""
+    tmp: Path | None = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        crate.write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # as mkdir would have made it (mkdtemp's is 0700)
+        os.replace(tmp, out)  # replaces an empty directory; anything else: refused above
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
 
 
 def _add_model(

@@ -204,3 +204,27 @@ def test_mistakes_are_one_line_and_exit_2(
         ["run-report", "--config", config, "--out", str(tmp_path / "full")],
         "not an empty directory",
     )
+
+
+def test_an_unwritable_out_is_one_line_and_leaves_nothing_half_written(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    from rocrate.rocrate import ROCrate
+
+    config = str(fed.nodes[ROOT_ID].config)
+    (tmp_path / "afile").write_text("")
+    assert main(["run-report", "--config", config, "--out", str(tmp_path / "afile" / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and "Traceback" not in err, err
+
+    def fails(self: Any, base: Any) -> None:  # the disk fills after the first file
+        Path(base).mkdir(parents=True, exist_ok=True)
+        (Path(base) / "ro-crate-metadata.json").write_text("{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ROCrate, "write", fails)
+    out = tmp_path / "r"
+    assert main(["run-report", "--config", config, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err, err
+    assert not out.exists() and list(tmp_path.glob("*r*tmp*")) == []
