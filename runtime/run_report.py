@@ -354,15 +354,25 @@ def _metrics(state_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _privacy(state_dir: Path) -> dict[str, Any] | None:
-    from fedloom.runtime.privacy_cli import read_ledger
+def _privacy(state_dir: Path, enabled: bool) -> dict[str, Any] | None:
+    """The root's central DP ledger, None for a root without ``[privacy]``. With it, a
+    ledger that cannot be read is refused: a crate without ``#privacy`` says no budget
+    was spent."""
+    from fedloom.runtime import privacy_cli
 
     try:
-        found = read_ledger(state_dir)
-    except (ConfigError, OSError):
-        return None  # no privacy ledger: a root without [privacy]
+        found = privacy_cli.read_ledger(state_dir)
+    except (ConfigError, OSError) as exc:
+        if not enabled:
+            return None  # no privacy ledger: a root without [privacy]
+        raise ConfigError(f"the root's privacy ledger: {_text(exc)}") from None
     if found is None:
-        return None
+        if not enabled:
+            return None
+        raise ConfigError(
+            f"{state_dir}: the running daemon checkpointed during every read of its "
+            "privacy ledger; try again"
+        )
     ledger, settings, _ = found
     out: dict[str, Any] = {
         "releases": len(ledger),
@@ -580,7 +590,7 @@ def write_report(
                 },
             )
         )
-    privacy = _privacy(Path(cfg.state_dir))
+    privacy = _privacy(Path(cfg.state_dir), cfg.privacy.enabled)
     if privacy is not None:
         extras.append(
             add(

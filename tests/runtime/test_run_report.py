@@ -228,3 +228,26 @@ def test_an_unwritable_out_is_one_line_and_leaves_nothing_half_written(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err, err
     assert not out.exists() and list(tmp_path.glob("*r*tmp*")) == []
+
+
+def test_a_root_with_central_dp_whose_ledger_cannot_be_read_is_refused(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """A crate without ``#privacy`` says no central DP budget was spent: for a root with
+    ``[privacy]`` whose ledger is damaged (or was never read: the daemon checkpointed
+    during every try), that would be a false account, so the report is refused."""
+    import fedloom.runtime.privacy_cli as privacy_cli
+    from fedloom.federation.config_reader import ConfigError
+
+    config = str(fed.nodes[ROOT_ID].config)
+
+    def damaged(directory: Path) -> None:
+        raise ConfigError(f"{directory}: damaged privacy ledger: bad release")
+
+    for reader, match in ((damaged, "damaged privacy ledger"), (lambda d: None, "try again")):
+        monkeypatch.setattr(privacy_cli, "read_ledger", reader)
+        out = tmp_path / f"r-{match[:3]}"
+        assert main(["run-report", "--config", config, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err, err
+        assert not out.exists()
