@@ -181,6 +181,13 @@ class NumPyClientPlan:
                 f"NumPyClient.{where} must return a list of arrays, got {_show(params)}"
             )
         arrays = [np.array(p, copy=True) for p in params]
+        if not arrays and where == "get_parameters":
+            # Flower's own NumPyClient.get_parameters returns []: a model of no tensors
+            # would train nothing (a ConfigError: one line at the root's start).
+            raise ConfigError(
+                "NumPyClient.get_parameters() returned no parameters: define it to return "
+                "the model's arrays (Flower's default returns [])"
+            )
         for i, a in enumerate(arrays):
             if a.dtype.kind not in "fiub":
                 raise ValueError(f"NumPyClient.{where}: parameter {i} has dtype {a.dtype}")
