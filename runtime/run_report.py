@@ -337,6 +337,12 @@ def _named(arg: Path, members: set[str]) -> tuple[str | None, Path]:
     name, sep, rest = str(arg).partition("=")
     if sep and name in members:
         return name, Path(rest)
+    if sep and not arg.exists() and Path(rest).exists():  # SITE=PATH, SITE a typo
+        shown = sorted(members)[:10]
+        more = ", ..." if len(members) > len(shown) else ""
+        raise ConfigError(
+            f"{arg}: {name!r} is not a member of the roster ({', '.join(shown)}{more})"
+        )
     return None, arg
 
 

@@ -251,3 +251,18 @@ def test_a_root_with_central_dp_whose_ledger_cannot_be_read_is_refused(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and match in err, err
         assert not out.exists()
+
+
+def test_a_site_name_not_in_the_roster_is_named_as_such(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``SITE=PATH`` with a SITE the roster does not list: the line says so, not that a
+    directory called ``SITE=PATH`` does not exist."""
+    config = str(fed.nodes[ROOT_ID].config)
+    site = fed.nodes["site-1"].state_dir
+    site.mkdir(parents=True, exist_ok=True)
+    for flag in ("--site-state", "--site-audit"):
+        argv = ["run-report", "--config", config, "--out", str(tmp_path / "r")]
+        assert main([*argv, flag, f"hospital-x={site}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "'hospital-x' is not a member of the roster" in err, err
