@@ -544,6 +544,11 @@ def read_export(path: Path) -> tuple[Weights, dict[str, str]]:
             meta = _safetensors_metadata(path)
         except (SafetensorError, ValueError, OSError) as exc:
             raise ConfigError(f"{path}: not a safetensors file ({str(exc)[:200]})") from None
+        except TypeError as exc:  # bfloat16 and others numpy has no dtype for
+            raise ConfigError(
+                f"{path}: a tensor of a dtype numpy cannot load ({str(exc)[:200]}); "
+                "not a fedloom export"
+            ) from None
     if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
         raise ConfigError(f"{path}: no fedloom export metadata (format {METADATA_FORMAT})")
     try:

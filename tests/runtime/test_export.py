@@ -380,3 +380,16 @@ def test_a_torch_file_with_other_values_than_tensors_is_one_line(
         path = tmp_path / f"{name}.pt"
         torch.save({"state_dict": {"a": value}, "metadata": meta}, str(path))
         one_line_error(capsys, ["model", "verify", str(path)], f"{path}: tensor 'a'")
+
+
+def test_a_safetensors_file_of_a_dtype_numpy_lacks_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bfloat16 (a torch model's usual dtype) loads in safetensors but not in numpy."""
+    meta = {"format": "fedloom-model/1", "tensor_order": '["a"]', "model_version": "1"}
+    header = json.dumps(
+        {"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}, "__metadata__": meta}
+    ).encode()
+    path = tmp_path / "bf16.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 4)
+    one_line_error(capsys, ["model", "verify", str(path)], "a dtype numpy cannot load")
