@@ -224,9 +224,19 @@ def _float_metrics(metrics: Any, where: str) -> dict[str, float]:
     return out
 
 
+MAX_EXAMPLES = 2**62  # beyond, the wire's 64-bit ints cannot carry an update's count
+
+
 def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise ValueError(f"NumPyClient.{where}: num_examples must be an int >= 0, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | np.integer)
+        or not 0 <= value <= MAX_EXAMPLES
+    ):
+        raise ValueError(
+            f"NumPyClient.{where}: num_examples must be an int >= 0 (at most 2**62), "
+            f"got {_show(value)}"
+        )
     return int(value)
 
 

@@ -151,6 +151,15 @@ def test_a_client_without_parameters_is_refused_naming_get_parameters() -> None:
         plan.train({"p0": np.zeros(1, np.float32)}, {})
 
 
+def test_a_num_examples_the_wire_cannot_carry_fails_the_job() -> None:
+    """An int beyond 64 bits is no count of examples: the update carrying it could not be
+    encoded (OverflowError where the site sends it); the job fails with the reason."""
+    plan = NumPyClientPlan(FakeClient(n_examples=10**30))
+    with pytest.raises(ValueError, match="num_examples must be an int >= 0"):
+        plan.train(plan.init(0), {})
+    assert NumPyClientPlan(FakeClient(n_examples=2**62)).train(plan.init(0), {}).n_examples
+
+
 def test_weights_that_do_not_match_the_client_are_refused() -> None:
     plan = NumPyClientPlan(FakeClient())
     weights = plan.init(0)
