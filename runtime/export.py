@@ -553,7 +553,7 @@ def read_export(path: Path) -> tuple[Weights, dict[str, str]]:
         raise ConfigError(f"{path}: no fedloom export metadata (format {METADATA_FORMAT})")
     try:
         order = json.loads(meta["tensor_order"])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):  # TypeError: a torch file's list, not JSON text
         raise ConfigError(f"{path}: metadata without a valid tensor_order") from None
     if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors):
         raise ConfigError(f"{path}: tensor_order does not name the file's tensors")

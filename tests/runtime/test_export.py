@@ -393,3 +393,13 @@ def test_a_safetensors_file_of_a_dtype_numpy_lacks_is_one_line(
     path = tmp_path / "bf16.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 4)
     one_line_error(capsys, ["model", "verify", str(path)], "a dtype numpy cannot load")
+
+
+def test_a_torch_file_whose_tensor_order_is_not_text_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch = pytest.importorskip("torch")
+    meta = {"format": "fedloom-model/1", "tensor_order": ["a"], "model_version": "1"}
+    path = tmp_path / "list.pt"
+    torch.save({"state_dict": {"a": torch.zeros(2)}, "metadata": meta}, str(path))
+    one_line_error(capsys, ["model", "verify", str(path)], "without a valid tensor_order")
