@@ -630,6 +630,8 @@ def _write_whole(crate: Any, out: Path) -> None:
     renamed onto ``out`` (absent or empty) once complete, so that a full disk or a failed
     copy of the model leaves no half crate behind."""
     tmp: Path | None = None
+    if out.is_symlink():  # a link to an empty directory: the crate goes there, as before
+        out = out.resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -266,3 +266,14 @@ def test_a_site_name_not_in_the_roster_is_named_as_such(
         assert main([*argv, flag, f"hospital-x={site}"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "'hospital-x' is not a member of the roster" in err, err
+
+
+def test_an_out_that_links_to_an_empty_directory_gets_the_crate_there(
+    fed: Federation, tmp_path: Path
+) -> None:
+    target = tmp_path / "shared" / "study"
+    target.mkdir(parents=True)
+    link = tmp_path / "report"
+    link.symlink_to(target)
+    assert main(["run-report", "--config", str(fed.nodes[ROOT_ID].config), "--out", str(link)]) == 0
+    assert link.is_symlink() and (target / "ro-crate-metadata.json").is_file()
