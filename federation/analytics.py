@@ -20,10 +20,12 @@ infinite ones are left out), ``sum.<i>``, ``sumsq.<i>`` and ``hist.<i>.<j>`` (va
 cell with ``0 < count < min_cell`` is left out and flagged ``supp.<i>.<j> = 1``, and then
 (complementary suppression, exact answers) the column's count, sum and sum of squares are
 left out too (``supp.<i> = 1`` with the other cells): ``count - released cells`` would give
-the suppressed cell back. Under noise a released figure is already DP and a difference of
-them only a noisy one, so a noisy answer keeps them. A column without bounds is treated as
-bounded by ``±MAX_ABS_VALUE``: a site refuses (``bad_column``) a column with a finite value
-beyond it, and bounds and bin edges beyond it are refused, so no sum can overflow.
+the suppressed cell back. The values in no bin count as such a cell (``0 < outside <
+min_cell`` withholds the moments too). Under noise a released figure is already DP and a
+difference of them only a noisy one, so a noisy answer keeps them. A column without
+bounds is treated as bounded by ``±MAX_ABS_VALUE``: a site refuses (``bad_column``) a
+column with a finite value beyond it, and bounds and bin edges beyond it are refused, so
+no sum can overflow.
 
 DP (``z`` set; every column then needs bounds): record-level DP for the rows of one site's
 dataset, per query. One row moves ``n`` by 1, each column's count and one histogram cell by
@@ -367,6 +369,10 @@ def compute_site(frame: Any, spec: QuerySpec, rng: np.random.Generator | None = 
                     suppressed = True
                 else:
                     values[f"hist.{i}.{j}"] = v
+            # The values in no bin (bins narrower than the bounds or the data) are a cell
+            # too: an exact count minus the released cells would give them away.
+            outside = len(x) - int(cells.sum())
+            suppressed = suppressed or 0 < outside < spec.min_cell
         if suppressed and not noisy:  # complementary suppression (the module docstring)
             values[f"supp.{i}"] = 1.0
         else:

@@ -526,7 +526,15 @@ def read_export(path: Path) -> tuple[Weights, dict[str, str]]:
         if not isinstance(obj, dict) or not isinstance(obj.get("state_dict"), dict):
             raise ConfigError(f"{path}: not a fedloom export (no state_dict)")
         meta = obj.get("metadata")
-        tensors = {str(k): v.numpy() for k, v in obj["state_dict"].items()}
+        tensors = {}
+        for k, v in obj["state_dict"].items():
+            try:  # a non-tensor or a dtype numpy lacks (bfloat16): not one of our exports
+                tensors[str(k)] = v.numpy()
+            except (AttributeError, TypeError) as exc:
+                raise ConfigError(
+                    f"{path}: tensor {str(k)!r} is not a numpy-convertible tensor "
+                    f"({str(exc)[:200]}); not a fedloom export"
+                ) from None
     else:
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
@@ -536,11 +544,16 @@ def read_export(path: Path) -> tuple[Weights, dict[str, str]]:
             meta = _safetensors_metadata(path)
         except (SafetensorError, ValueError, OSError) as exc:
             raise ConfigError(f"{path}: not a safetensors file ({str(exc)[:200]})") from None
+        except TypeError as exc:  # bfloat16 and others numpy has no dtype for
+            raise ConfigError(
+                f"{path}: a tensor of a dtype numpy cannot load ({str(exc)[:200]}); "
+                "not a fedloom export"
+            ) from None
     if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
         raise ConfigError(f"{path}: no fedloom export metadata (format {METADATA_FORMAT})")
     try:
         order = json.loads(meta["tensor_order"])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):  # TypeError: a torch file's list, not JSON text
         raise ConfigError(f"{path}: metadata without a valid tensor_order") from None
     if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors):
         raise ConfigError(f"{path}: tensor_order does not name the file's tensors")
@@ -586,8 +599,11 @@ def verify_export(path: Path, roster: Roster | None = None) -> Verified:
         raise ConfigError(f"{path}: metadata without a model_version") from None
     digest_ok = meta.get("digest") == "sha256:" + digest.hex()
     sig = _hex(meta.get("signature"))
-    if not sig:
+    claimed = any(key in meta for key in ("signer", "signature", "signature_parent"))
+    if not sig and not claimed:
         status = "absent"
+    elif not sig:  # a claim of a signature with none readable: not "absent", which is ok
+        status = "INVALID: the file names a signature but holds none readable (hex)"
     elif roster is None:
         status = "unchecked"
     else:

@@ -32,7 +32,10 @@ import datetime
 import hashlib
 import importlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -334,6 +337,12 @@ def _named(arg: Path, members: set[str]) -> tuple[str | None, Path]:
     name, sep, rest = str(arg).partition("=")
     if sep and name in members:
         return name, Path(rest)
+    if sep and not arg.exists() and Path(rest).exists():  # SITE=PATH, SITE a typo
+        shown = sorted(members)[:10]
+        more = ", ..." if len(members) > len(shown) else ""
+        raise ConfigError(
+            f"{arg}: {name!r} is not a member of the roster ({', '.join(shown)}{more})"
+        )
     return None, arg
 
 
@@ -351,15 +360,25 @@ def _metrics(state_dir: Path) -> dict[str, Any]:
     return out
 
 
-def _privacy(state_dir: Path) -> dict[str, Any] | None:
-    from fedloom.runtime.privacy_cli import read_ledger
+def _privacy(state_dir: Path, enabled: bool) -> dict[str, Any] | None:
+    """The root's central DP ledger, None for a root without ``[privacy]``. With it, a
+    ledger that cannot be read is refused: a crate without ``#privacy`` says no budget
+    was spent."""
+    from fedloom.runtime import privacy_cli
 
     try:
-        found = read_ledger(state_dir)
-    except (ConfigError, OSError):
-        return None  # no privacy ledger: a root without [privacy]
+        found = privacy_cli.read_ledger(state_dir)
+    except (ConfigError, OSError) as exc:
+        if not enabled:
+            return None  # no privacy ledger: a root without [privacy]
+        raise ConfigError(f"the root's privacy ledger: {_text(exc)}") from None
     if found is None:
-        return None
+        if not enabled:
+            return None
+        raise ConfigError(
+            f"{state_dir}: the running daemon checkpointed during every read of its "
+            "privacy ledger; try again"
+        )
     ledger, settings, _ = found
     out: dict[str, Any] = {
         "releases": len(ledger),
@@ -577,7 +596,7 @@ def write_report(
                 },
             )
         )
-    privacy = _privacy(Path(cfg.state_dir))
+    privacy = _privacy(Path(cfg.state_dir), cfg.privacy.enabled)
     if privacy is not None:
         extras.append(
             add(
@@ -602,9 +621,29 @@ def write_report(
         },
     )
     root["mentions"] = [roster_entity, plan, *approvals, *audit_heads]
-    out.mkdir(parents=True, exist_ok=True)
-    crate.write(out)
+    _write_whole(crate, out)
     return out / "ro-crate-metadata.json"
+
+
+def _write_whole(crate: Any, out: Path) -> None:
+    """Write ``crate`` into ``out`` whole or not at all: into a new directory beside it,
+    renamed onto ``out`` (absent or empty) once complete, so that a full disk or a failed
+    copy of the model leaves no half crate behind."""
+    tmp: Path | None = None
+    if out.is_symlink():  # a link to an empty directory: the crate goes there, as before
+        out = out.resolve()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        crate.write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # as mkdir would have made it (mkdtemp's is 0700)
+        os.replace(tmp, out)  # replaces an empty directory; anything else: refused above
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
 
 
 def _add_model(

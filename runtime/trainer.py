@@ -181,6 +181,13 @@ class NumPyClientPlan:
                 f"NumPyClient.{where} must return a list of arrays, got {_show(params)}"
             )
         arrays = [np.array(p, copy=True) for p in params]
+        if not arrays and where == "get_parameters":
+            # Flower's own NumPyClient.get_parameters returns []: a model of no tensors
+            # would train nothing (a ConfigError: one line at the root's start).
+            raise ConfigError(
+                "NumPyClient.get_parameters() returned no parameters: define it to return "
+                "the model's arrays (Flower's default returns [])"
+            )
         for i, a in enumerate(arrays):
             if a.dtype.kind not in "fiub":
                 raise ValueError(f"NumPyClient.{where}: parameter {i} has dtype {a.dtype}")
@@ -217,9 +224,19 @@ def _float_metrics(metrics: Any, where: str) -> dict[str, float]:
     return out
 
 
+MAX_EXAMPLES = 2**62  # beyond, the wire's 64-bit ints cannot carry an update's count
+
+
 def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise ValueError(f"NumPyClient.{where}: num_examples must be an int >= 0, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | np.integer)
+        or not 0 <= value <= MAX_EXAMPLES
+    ):
+        raise ValueError(
+            f"NumPyClient.{where}: num_examples must be an int >= 0 (at most 2**62), "
+            f"got {_show(value)}"
+        )
     return int(value)
 
 

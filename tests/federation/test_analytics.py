@@ -137,6 +137,23 @@ def test_small_cells_are_suppressed_at_the_site() -> None:
     check_values(SPEC, answer.n, answer.values, max_rows=15)
 
 
+def test_values_outside_the_bins_are_a_cell_too() -> None:
+    """SPEC's bins end at 80, its bounds at 100: one patient of 90 falls in no bin. An
+    exact answer that released the count and every cell would give that patient away
+    (count - cells = 1): the values outside the bins are a cell, suppressed as any."""
+    ages = [5.0] * 7 + [45.0] * 6 + [90.0]
+    answer = compute_site(frame(ages), SPEC)
+    released = sum(v for k, v in answer.values.items() if k.startswith("hist.0."))
+    if "count.0" in answer.values:
+        outside = answer.values["count.0"] - released
+        assert outside == 0 or outside >= SPEC.min_cell, answer.values
+    assert answer.values["supp.0"] == 1.0
+    check_values(SPEC, answer.n, answer.values, max_rows=14)
+    # As many outside as min_cell: nobody is singled out, the moments are released.
+    answer = compute_site(frame([5.0] * 7 + [45.0] * 6 + [90.0] * 5), SPEC)
+    assert answer.values["count.0"] == 18 and "supp.0" not in answer.values
+
+
 def test_a_column_with_too_few_values_sends_only_its_flag() -> None:
     answer = compute_site(frame([30.0] * 10, [20.0, 21.0] + [math.nan] * 8), SPEC)
     assert answer.values["supp.1"] == 1.0

@@ -345,3 +345,61 @@ def test_the_roots_signature_and_lineage_come_from_its_audit_log(
 
     save_file(load_file(str(out)), str(tmp_path / "s.safetensors"), metadata=meta)
     assert verify_export(tmp_path / "s.safetensors", roster).signature.startswith("INVALID")
+
+
+def test_a_signature_field_that_cannot_be_read_is_invalid_not_absent(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file whose signature field is garbage, empty, or that names a signer without a
+    signature carries a claim nobody checked: verify must not call it absent and say OK."""
+    from safetensors.numpy import save_file
+
+    cfg = load_config(fed.nodes[ROOT_ID].config)
+    roster = Roster.loads(Path(cfg.roster_path).read_text(), cfg.read_consortium_key())
+    model = read_root_model(config=fed.nodes[ROOT_ID].config)
+    meta = write_export(model, tmp_path / "base.safetensors", "safetensors")
+    for name, extra in (
+        ("garbage", {"signer": ROOT_ID, "signature": "zz", "signature_parent": "6"}),
+        ("empty", {"signer": ROOT_ID, "signature": "", "signature_parent": "6"}),
+        ("signer-only", {"signer": ROOT_ID}),
+    ):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(dict(model.weights), str(path), metadata={**meta, **extra})
+        found = verify_export(path, roster)
+        assert not found.ok and found.signature.startswith("INVALID"), (name, found.signature)
+        assert main(["model", "verify", str(path), "--config", str(cfg.source)]) == 1
+        assert "signature absent" not in capsys.readouterr().out
+
+
+def test_a_torch_file_with_other_values_than_tensors_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch = pytest.importorskip("torch")
+    meta = {"format": "fedloom-model/1", "tensor_order": '["a"]', "model_version": "1"}
+    for name, value in (("int", 1), ("bf16", torch.zeros(2, dtype=torch.bfloat16))):
+        path = tmp_path / f"{name}.pt"
+        torch.save({"state_dict": {"a": value}, "metadata": meta}, str(path))
+        one_line_error(capsys, ["model", "verify", str(path)], f"{path}: tensor 'a'")
+
+
+def test_a_safetensors_file_of_a_dtype_numpy_lacks_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bfloat16 (a torch model's usual dtype) loads in safetensors but not in numpy."""
+    meta = {"format": "fedloom-model/1", "tensor_order": '["a"]', "model_version": "1"}
+    header = json.dumps(
+        {"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}, "__metadata__": meta}
+    ).encode()
+    path = tmp_path / "bf16.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 4)
+    one_line_error(capsys, ["model", "verify", str(path)], "a dtype numpy cannot load")
+
+
+def test_a_torch_file_whose_tensor_order_is_not_text_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch = pytest.importorskip("torch")
+    meta = {"format": "fedloom-model/1", "tensor_order": ["a"], "model_version": "1"}
+    path = tmp_path / "list.pt"
+    torch.save({"state_dict": {"a": torch.zeros(2)}, "metadata": meta}, str(path))
+    one_line_error(capsys, ["model", "verify", str(path)], "without a valid tensor_order")

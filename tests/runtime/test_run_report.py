@@ -204,3 +204,76 @@ def test_mistakes_are_one_line_and_exit_2(
         ["run-report", "--config", config, "--out", str(tmp_path / "full")],
         "not an empty directory",
     )
+
+
+def test_an_unwritable_out_is_one_line_and_leaves_nothing_half_written(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    from rocrate.rocrate import ROCrate
+
+    config = str(fed.nodes[ROOT_ID].config)
+    (tmp_path / "afile").write_text("")
+    assert main(["run-report", "--config", config, "--out", str(tmp_path / "afile" / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and "Traceback" not in err, err
+
+    def fails(self: Any, base: Any) -> None:  # the disk fills after the first file
+        Path(base).mkdir(parents=True, exist_ok=True)
+        (Path(base) / "ro-crate-metadata.json").write_text("{")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ROCrate, "write", fails)
+    out = tmp_path / "r"
+    assert main(["run-report", "--config", config, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err, err
+    assert not out.exists() and list(tmp_path.glob("*r*tmp*")) == []
+
+
+def test_a_root_with_central_dp_whose_ledger_cannot_be_read_is_refused(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """A crate without ``#privacy`` says no central DP budget was spent: for a root with
+    ``[privacy]`` whose ledger is damaged (or was never read: the daemon checkpointed
+    during every try), that would be a false account, so the report is refused."""
+    import fedloom.runtime.privacy_cli as privacy_cli
+    from fedloom.federation.config_reader import ConfigError
+
+    config = str(fed.nodes[ROOT_ID].config)
+
+    def damaged(directory: Path) -> None:
+        raise ConfigError(f"{directory}: damaged privacy ledger: bad release")
+
+    for reader, match in ((damaged, "damaged privacy ledger"), (lambda d: None, "try again")):
+        monkeypatch.setattr(privacy_cli, "read_ledger", reader)
+        out = tmp_path / f"r-{match[:3]}"
+        assert main(["run-report", "--config", config, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err, err
+        assert not out.exists()
+
+
+def test_a_site_name_not_in_the_roster_is_named_as_such(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``SITE=PATH`` with a SITE the roster does not list: the line says so, not that a
+    directory called ``SITE=PATH`` does not exist."""
+    config = str(fed.nodes[ROOT_ID].config)
+    site = fed.nodes["site-1"].state_dir
+    site.mkdir(parents=True, exist_ok=True)
+    for flag in ("--site-state", "--site-audit"):
+        argv = ["run-report", "--config", config, "--out", str(tmp_path / "r")]
+        assert main([*argv, flag, f"hospital-x={site}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "'hospital-x' is not a member of the roster" in err, err
+
+
+def test_an_out_that_links_to_an_empty_directory_gets_the_crate_there(
+    fed: Federation, tmp_path: Path
+) -> None:
+    target = tmp_path / "shared" / "study"
+    target.mkdir(parents=True)
+    link = tmp_path / "report"
+    link.symlink_to(target)
+    assert main(["run-report", "--config", str(fed.nodes[ROOT_ID].config), "--out", str(link)]) == 0
+    assert link.is_symlink() and (target / "ro-crate-metadata.json").is_file()

@@ -136,6 +136,30 @@ def test_a_client_returning_the_wrong_arrays_fails_clearly(bad: str, message: st
         plan.train(plan.init(0), {})
 
 
+def test_a_client_without_parameters_is_refused_naming_get_parameters() -> None:
+    """Flower's NumPyClient.get_parameters returns [] unless the client defines it: a
+    model of no tensors would train nothing, each job failing on an unclear count."""
+
+    class NoParameters(FakeClient):
+        def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+            return []
+
+    plan = NumPyClientPlan(NoParameters())
+    with pytest.raises(ConfigError, match=r"get_parameters\(\) returned no parameters"):
+        plan.init(0)
+    with pytest.raises(ConfigError, match=r"get_parameters\(\) returned no parameters"):
+        plan.train({"p0": np.zeros(1, np.float32)}, {})
+
+
+def test_a_num_examples_the_wire_cannot_carry_fails_the_job() -> None:
+    """An int beyond 64 bits is no count of examples: the update carrying it could not be
+    encoded (OverflowError where the site sends it); the job fails with the reason."""
+    plan = NumPyClientPlan(FakeClient(n_examples=10**30))
+    with pytest.raises(ValueError, match="num_examples must be an int >= 0"):
+        plan.train(plan.init(0), {})
+    assert NumPyClientPlan(FakeClient(n_examples=2**62)).train(plan.init(0), {}).n_examples
+
+
 def test_weights_that_do_not_match_the_client_are_refused() -> None:
     plan = NumPyClientPlan(FakeClient())
     weights = plan.init(0)
