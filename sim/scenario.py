@@ -621,12 +621,6 @@ def _data(t: Table) -> dict[str, Any]:
     out = {k: t.raw(k) for k in list(t._data)}
     if "dataset" not in out:
         raise t.missing("dataset")
-    if "seed" in out:  # the workload's own seed would win over every run's
-        raise ConfigError(
-            f"{t.where('seed')}: the run's seed draws the data split and the initial model "
-            "(seed, seeds, --seed, --seeds); a seed here would give every seed's run the same "
-            "ones and intervals too narrow: remove it"
-        )
     return out
 
 

@@ -816,17 +816,6 @@ def test_a_meta_value_report_json_cannot_store_is_an_error_naming_it() -> None:
     assert refused(message, meta={"runs": [1.0, math.nan]}) == message
 
 
-def test_a_data_seed_is_an_error_since_the_runs_seed_draws_the_data() -> None:
-    # [data] seed = 5 won over every run's seed: with --seeds 2 both runs had the same data
-    # split and initial model, and an arm's interval came out [0.925, 0.925].
-    message = (
-        "data.seed: the run's seed draws the data split and the initial model (seed, seeds, "
-        "--seed, --seeds); a seed here would give every seed's run the same ones and "
-        "intervals too narrow: remove it"
-    )
-    assert refused(message, data={"dataset": "breast_cancer", "seed": 5}) == message
-
-
 def test_a_shared_min_cohort_no_arm_reads_is_a_note_not_the_round_check() -> None:
     # With FedBuff arms only it read "algorithm.min_cohort: 20 is more than
     # clients_per_round (its default) 10": a check of a round no arm has.
