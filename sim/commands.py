@@ -168,7 +168,13 @@ def cmd_sim(
         console.print(f"[bold]{escape(scenario.name)}[/]: {escape(scenario.description)}")
         if len(seeds) > 1:
             console.print(f"{len(seeds)} seeds: {', '.join(str(s) for s in seeds)}")
-    for note in scenario.notes:  # settings no arm uses: not errors, but worth a look
+    notes = list(scenario.notes)  # settings no arm uses: not errors, but worth a look
+    if len(seeds) > 1 and "seed" in scenario.data:
+        notes.append(
+            f"[data] seed = {scenario.data['seed']!r} gives every seed the same data split and "
+            "initial model: the intervals cover the rest of the randomness only"
+        )
+    for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     with (
         exit_on_sigterm(),

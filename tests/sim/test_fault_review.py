@@ -228,6 +228,26 @@ def test_the_cli_prints_the_notes(tmp_path: Any, capsys: Any) -> None:
     assert "note: network.peer-peer: no arm has a peer-peer link" in capsys.readouterr().out
 
 
+def test_a_data_seed_over_several_seeds_is_noted(tmp_path: Any, capsys: Any) -> None:
+    """``[data] seed`` pins the data split and the initial model across the seeds (as
+    ``bench/fedbuff_paper.py --data-seed`` does, on purpose): with several seeds the run
+    says that its intervals then leave that randomness out; with one it has nothing to say."""
+    from fedloom.sim.commands import cmd_sim
+
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'name = "n"\nduration_min = 20\neval_interval_s = 600\n'
+        '[data]\ndataset = "breast_cancer"\nmodel = "softmax"\nseed = 4\n'
+        '[sites]\ncount = 3\n[[arms]]\nname = "x"\nalgorithm = "fedbuff"\n',
+        encoding="utf-8",
+    )
+    args = {"out": tmp_path / "out", "seed": None, "arms": None, "quiet": False}
+    assert cmd_sim(path, n_seeds=2, **args) == 0
+    assert "note: [data] seed = 4 gives every seed the same data split" in capsys.readouterr().out
+    assert cmd_sim(path, **args) == 0
+    assert "[data] seed" not in capsys.readouterr().out
+
+
 def test_hello_retries_only_where_a_link_drops_messages() -> None:
     # Without message loss (or with resets, which re-greet) no Hello can go unanswered:
     # the simulator leaves the retries off there, so lossless runs are as before.
