@@ -395,3 +395,32 @@ def test_min_cohort_is_checked_against_the_round_only_for_a_root_with_rounds() -
     assert fedbuff.algorithm == "fedbuff" and fedbuff.aggregation.min_cohort == 12
     with pytest.raises(ConfigError, match="min_cohort"):
         parse(_set(root_raw(), "aggregation", {"algorithm": "fedavg", "min_cohort": 12}))
+
+
+@pytest.mark.parametrize(
+    ("section", "table", "match"),
+    [
+        (
+            "privacy",
+            {"noise_multiplier": 1.1, "clip": 0.5},
+            r'privacy\.noise_multiplier: .*mechanism = "central"',
+        ),
+        ("privacy", {"delta": 1e-6}, r'privacy\.delta: .*mechanism = "central"'),
+        (
+            "secure_aggregation",
+            {"min_cohort": 3, "clip": 0.5},
+            r"secure_aggregation\.min_cohort: .*enabled = true",
+        ),
+    ],
+)
+def test_privacy_tables_without_their_switch_are_refused(
+    section: str, table: dict[str, Any], match: str
+) -> None:
+    # mechanism defaults to "none" and enabled to false: a table that sets a noise
+    # multiplier or a cohort but forgot its switch was silently ignored, so a site its
+    # operator believed private sent plain updates and accepted any seal's noise.
+    with pytest.raises(ConfigError, match=match):
+        parse({**site_raw(), "codec": {"up": "fp32"}, section: table})
+    # Written out, the switch may turn it off.
+    off = {"privacy": {"mechanism": "none"}, "secure_aggregation": {"enabled": False}}
+    assert parse({**site_raw(), "codec": {"up": "fp32"}, section: {**table, **off[section]}})
