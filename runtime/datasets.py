@@ -242,8 +242,13 @@ def _parse_bytes(data: bytes, fmt: str, where: str) -> Any:
             header = pd.read_csv(io.BytesIO(data), sep=sep, header=None, nrows=1, **opts)
             names = [str(c) for c in header.iloc[0]] if len(header) else []
         else:
-            frame = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
-            names = [str(c) for c in frame.columns]
+            import pyarrow.parquet as pq
+
+            # The schema's names first: pyarrow cannot read a repeated name (refused below).
+            names = [str(c) for c in pq.read_schema(io.BytesIO(data)).names]
+            if len(set(names)) == len(names):
+                frame = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
+                names = [str(c) for c in frame.columns]
     except ImportError:  # pyarrow missing: fedloom.cli names the extra
         raise
     except Exception as exc:  # pandas and pyarrow raise many kinds on a bad file
