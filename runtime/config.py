@@ -400,6 +400,13 @@ def parse_config(
             "cohorts carry: enable [secure_aggregation] or remove [privacy]"
             + (" (a site's own record-level DP is [dp_sgd])" if role == "site" else "")
         )
+    if t.has("governance") and role not in ("site", "peer"):
+        # Only a node that trains on its own data enforces it: elsewhere it was read and
+        # ignored, while its operator believed it bound the sites below.
+        raise ConfigError(
+            f"governance: a {role} holds no data and enforces no approval or noise floor "
+            "for the sites below it; put [governance] in each site's config"
+        )
     if dp_sgd is not None:
         _check_dp_sgd(role, plan)
     _check_federated_scaler(role, plan, aggregation, secagg.enabled, privacy.enabled)

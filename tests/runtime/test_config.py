@@ -424,3 +424,12 @@ def test_privacy_tables_without_their_switch_are_refused(
     # Written out, the switch may turn it off.
     off = {"privacy": {"mechanism": "none"}, "secure_aggregation": {"enabled": False}}
     assert parse({**site_raw(), "codec": {"up": "fp32"}, section: {**table, **off[section]}})
+
+
+@pytest.mark.parametrize("table", [{"require_approval": True}, {"statistics_min_noise": 2.0}])
+def test_governance_outside_a_site_is_refused(table: dict[str, Any]) -> None:
+    # A root's or region's [governance] was read and never used: an operator who put
+    # require_approval or a noise floor there believed it enforced for the sites below.
+    with pytest.raises(ConfigError, match=r"governance: .*root.*each site's config"):
+        parse({**root_raw(), "governance": table})
+    assert parse({**site_raw(), "governance": table}).governance is not None
