@@ -395,6 +395,16 @@ def secure_aggregator(
     else:
         members = secagg.cohort(node.buffer_size)
     check_cohort(secagg, members)
+    # A cohort's members are distinct sites: with fewer site children than its threshold
+    # no cohort ever seals, and the federation would stall without a word.
+    t, n_sites = secagg.threshold(members), sum(r == "site" for r in node.children.values())
+    if t > n_sites:
+        raise ConfigError(
+            f"secure_aggregation.min_cohort / cohort_size: a cohort of {members} needs "
+            f"{t} sites to unmask (max(min_cohort, (N + max_colluders) // 2 + 1)), but "
+            f"{node.node_id!r} has only {n_sites} site children: lower min_cohort, or "
+            "cohort_size (or the buffer size K when cohort_size = 0)"
+        )
     from fedloom.algorithms.secagg.coordinator import SecAggCoordinator
 
     if p.robust != "mean":

@@ -29,6 +29,7 @@ from typing import Any
 from fedloom.algorithms.dp.ledger import (
     ACCOUNTANTS,
     DELTA_MAX,
+    SIGMA_MAX,
     Z_MAX,
     Z_MIN,
     LedgerError,
@@ -87,6 +88,11 @@ def read_privacy(t: Table) -> PrivacyConfig:
     for key, value in (("noise_multiplier", z), ("clip", clip), ("epsilon_budget", budget)):
         if value is not None and value == float("inf"):
             raise ConfigError(f"{t.where(key)}: expected a finite number, got inf")
+    if central and z * clip > SIGMA_MAX:  # every release would overflow and be dropped
+        raise ConfigError(
+            f"{t.where('clip')}: σ = noise_multiplier · clip = {z * clip:g} is beyond what "
+            f"float32 models hold (at most {SIGMA_MAX:g}): lower clip"
+        )
     if not central and t.has("epsilon_budget"):
         raise ConfigError(
             f'{t.where("epsilon_budget")}: a budget needs mechanism = "central" (with "none" '

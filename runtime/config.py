@@ -85,7 +85,7 @@ import dataclasses
 import difflib
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -298,6 +298,16 @@ def load_config(path: str | Path, *, check_files: bool = True) -> DaemonConfig:
     return parse_config(raw, base_dir=p.parent, check_files=check_files, source=p)
 
 
+def _require_switch(t: Table, switch: str, settings: list[str], fix: str) -> None:
+    """A ``[privacy]`` or ``[secure_aggregation]`` table with settings but no switch: its
+    default (off) would ignore them, so a node its operator believed private would send
+    plain updates or accept any seal's noise. (A scenario arm may inherit a shared table
+    without a switch; a daemon config is its own.)"""
+    if not t.has(switch):
+        for key in (k for k in settings if t.has(k)):
+            raise ConfigError(f"{t.where(key)}: written without {switch}, so ignored: write {fix}")
+
+
 def parse_config(
     raw: Mapping[str, Any],
     *,
@@ -357,9 +367,22 @@ def parse_config(
     outbox = t.table("outbox")
     outbox_max_mib = outbox.number("max_mib", None, min=0.0, max=MAX_OUTBOX_MIB, exclusive_min=True)
     outbox.finish()
-    secagg = read_secure_aggregation(t.table("secure_aggregation"))
+    secagg_t, privacy_t = t.table("secure_aggregation"), t.table("privacy")
+    _require_switch(
+        secagg_t,
+        "enabled",
+        [f.name for f in fields(SecureAggregationConfig)],
+        "enabled = true to mask updates (or enabled = false)",
+    )
+    _require_switch(
+        privacy_t,
+        "mechanism",
+        ["noise_multiplier", "clip", "delta", "accountant"],
+        'mechanism = "central" (or mechanism = "none")',
+    )
+    secagg = read_secure_aggregation(secagg_t)
     dp_sgd = read_dp_sgd(t.table("dp_sgd")) if t.has("dp_sgd") else None
-    privacy = read_privacy(t.table("privacy"))
+    privacy = read_privacy(privacy_t)
     reports = read_reports(t.table("evaluation"), t.array("analytics", []), role, privacy)
     governance = read_governance(t.table("governance"))
     t.finish()
@@ -376,6 +399,13 @@ def parse_config(
             f"ledger); a {role}'s [privacy] only sets the noise its secure-aggregation "
             "cohorts carry: enable [secure_aggregation] or remove [privacy]"
             + (" (a site's own record-level DP is [dp_sgd])" if role == "site" else "")
+        )
+    if t.has("governance") and role not in ("site", "peer"):
+        # Only a node that trains on its own data enforces it: elsewhere it was read and
+        # ignored, while its operator believed it bound the sites below.
+        raise ConfigError(
+            f"governance: a {role} holds no data and enforces no approval or noise floor "
+            "for the sites below it; put [governance] in each site's config"
         )
     if dp_sgd is not None:
         _check_dp_sgd(role, plan)

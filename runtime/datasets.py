@@ -32,6 +32,7 @@ Public API (kept stable: federated statistics and the run report use it):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib
@@ -39,6 +40,7 @@ import io
 import json
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -193,11 +195,25 @@ _RECORD_KEYS = frozenset(
 # ------------------------------------------------------------------------------ tables
 
 
+def _open_regular(path: str | os.PathLike[str]) -> io.BufferedReader:
+    """``path`` opened for reading, if it is a regular file; else ``OSError`` "not a
+    regular file". Opened non-blocking: a FIFO's open() would wait for a writer forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file: a directory, FIFO or device")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def file_sha256(path: str | os.PathLike[str]) -> tuple[str, int]:
     """``(hex SHA-256 of the file's bytes, its size)``, read in chunks."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
             size += len(chunk)
@@ -226,8 +242,13 @@ def _parse_bytes(data: bytes, fmt: str, where: str) -> Any:
             header = pd.read_csv(io.BytesIO(data), sep=sep, header=None, nrows=1, **opts)
             names = [str(c) for c in header.iloc[0]] if len(header) else []
         else:
-            frame = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
-            names = [str(c) for c in frame.columns]
+            import pyarrow.parquet as pq
+
+            # The schema's names first: pyarrow cannot read a repeated name (refused below).
+            names = [str(c) for c in pq.read_schema(io.BytesIO(data)).names]
+            if len(set(names)) == len(names):
+                frame = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
+                names = [str(c) for c in frame.columns]
     except ImportError:  # pyarrow missing: fedloom.cli names the extra
         raise
     except Exception as exc:  # pandas and pyarrow raise many kinds on a bad file
@@ -407,7 +428,8 @@ def _read_bytes(path: Path, fmt: str, expect_sha256: str | None) -> tuple[Any, s
     "dataset_changed"; "dataset_missing" when it is gone)."""
     where = str(path)
     try:
-        data = path.read_bytes()
+        with _open_regular(path) as f:
+            data = f.read()
     except OSError as exc:
         gone = isinstance(exc, FileNotFoundError)
         if expect_sha256 is not None:
@@ -585,7 +607,7 @@ class DatasetRegistry:
             check_name(t, "tag")
         tags = tuple(dict.fromkeys(tags))
         path = Path(file).expanduser().absolute()
-        if not path.is_file():
+        if not path.exists():
             raise RegistryError(f"{path}: file not found")
         fmt = format_of(path)
         types = dict(types or {})

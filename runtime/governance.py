@@ -82,6 +82,7 @@ DIGEST_FORMAT = "fedloom-plan-digest/1"  # bumped if the canonical encoding ever
 MAX_CODE_FILES = 20_000
 MAX_CODE_BYTES = 512 * 1024 * 1024
 MAX_APPROVALS_BYTES = 16 * 1024 * 1024
+MAX_INT_DIGITS = 300  # an integer bound a float can still hold (it is compared with floats)
 MAX_NAME = 80
 MAX_NOTE = 500
 KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
@@ -356,6 +357,15 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _finite(v: Any) -> bool:
+    """A finite number a float can hold (a hand-edited integer of hundreds of digits
+    overflows it)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _scalar(text: str) -> Any:
     """A bound's value as the operator wrote it: a bool, an int, a float or a string."""
     low = text.strip().lower()
@@ -363,6 +373,9 @@ def _scalar(text: str) -> Any:
         return low == "true"
     t = text.strip()
     if re.fullmatch(r"[+-]?\d+", t):
+        # Beyond a float's range a bound cannot be compared or stored (OverflowError).
+        if len(t.lstrip("+-")) > MAX_INT_DIGITS:
+            raise ValueError(f"{clean(t, 24)} is out of range (at most {MAX_INT_DIGITS} digits)")
         return int(t)
     try:
         f = float(t)
@@ -411,7 +424,7 @@ def check_bounds(bounds: Any, where: str) -> dict[str, Bound]:
         if not isinstance(key, str) or not KEY_RE.fullmatch(key):
             raise ValueError(f"{where}: bad setting name {key!r}")
         if isinstance(b, list) and len(b) == 2 and all(_is_number(v) for v in b):
-            if not all(math.isfinite(v) for v in b) or b[0] > b[1]:
+            if not all(_finite(v) for v in b) or b[0] > b[1]:
                 raise ValueError(f"{where}: {key}: bad range {b!r}")
             out[key] = [b[0], b[1]]
         elif (
@@ -420,6 +433,7 @@ def check_bounds(bounds: Any, where: str) -> dict[str, Bound]:
             and isinstance(b["values"], list)
             and b["values"]
             and all(isinstance(v, bool | int | float | str) for v in b["values"])
+            and all(_finite(v) for v in b["values"] if _is_number(v))
         ):
             out[key] = {"values": list(b["values"])}
         else:
@@ -513,9 +527,9 @@ class Approval:
         if not all(isinstance(v, str) for v in texts.values()):
             raise ValueError(f"{where}: name, note and approved_by must be strings")
         at, revoked = raw.get("approved_at"), raw.get("revoked_at")
-        if not isinstance(at, int | float) or isinstance(at, bool):
+        if not isinstance(at, int | float) or isinstance(at, bool) or not _finite(at):
             raise ValueError(f"{where}: approved_at must be a time")
-        if not (revoked is None or _is_number(revoked)):
+        if not (revoked is None or (_is_number(revoked) and _finite(revoked))):
             raise ValueError(f"{where}: revoked_at must be a time or null")
         by = raw.get("revoked_by")
         return cls(

@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from fedloom.algorithms.dp.ledger import DELTA_MAX, Z_MAX, Z_MIN
+from fedloom.algorithms.dp.ledger import DELTA_MAX, SIGMA_MAX, Z_MAX, Z_MIN
 from fedloom.algorithms.protocol import TrainedDelta, TrainResult, Weights
 from fedloom.federation.config_reader import ConfigError, Table
 from fedloom.federation.training import Trainer, TrainingRefusedError
@@ -121,6 +121,11 @@ def read_dp_sgd(t: Table) -> DpSgdConfig:
     if not math.isfinite(z) or not math.isfinite(c):
         key = "noise_multiplier" if not math.isfinite(z) else "max_grad_norm"
         raise ConfigError(f"{t.where(key)}: expected a finite number")
+    if z * c > SIGMA_MAX:  # the noise would overflow the float32 model to inf
+        raise ConfigError(
+            f"{t.where('max_grad_norm')}: σ = noise_multiplier · max_grad_norm = {z * c:g} is "
+            f"beyond what float32 models hold (at most {SIGMA_MAX:g}): lower max_grad_norm"
+        )
     t.finish()
     return DpSgdConfig(float(z), float(c), float(delta), None if budget is None else float(budget))
 

@@ -45,6 +45,7 @@ __all__ = [
     "DELTA_MAX",
     "LEDGER_FORMAT",
     "RDP_ORDERS",
+    "SIGMA_MAX",
     "Z_MAX",
     "Z_MIN",
     "LedgerError",
@@ -73,6 +74,11 @@ Z_MAX = 1e4
 # the guarantee does not cover and must be far below 1/n (n the sites, or a site's
 # records); 1e-3 bounds it where n is not known.
 DELTA_MAX = 1e-3
+# The largest σ = z·C a [privacy] or [dp_sgd] table takes: models are float32 (at most
+# 3.4e38) and a draw reaches several σ; beyond it every release overflowed to inf and was
+# dropped as non-finite, so the federation never moved (with C < 1e26 at Z_MAX, any sane
+# clip passes).
+SIGMA_MAX = 1e30
 
 
 class LedgerError(ValueError):

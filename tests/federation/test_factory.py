@@ -403,3 +403,40 @@ def test_every_role_is_built_and_nonsense_is_refused() -> None:
     kids = Neighbours(children={"s": "site"})
     assert not make("root", kids, weights=w, options=NodeOptions(durable=False))._log_deltas  # type: ignore[attr-defined]
     assert make("root", kids, weights=w)._log_deltas  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("role", "algorithm"), [("root", "fedbuff"), ("region", "fedbuff")])
+def test_a_secure_cohort_needing_more_sites_than_the_aggregator_has_is_refused(
+    role: str, algorithm: str
+) -> None:
+    from fedloom.federation.config_reader import ConfigError
+    from fedloom.federation.secagg_keys import derived_secagg_keys
+    from fedloom.federation.secagg_params import SecureAggregationConfig
+    from tests.algorithms.alg_helpers import model
+
+    # A cohort is of distinct sites: over 3 sites a FedBuff cohort of K = 5 (t = 5) never
+    # sealed, and the federation stalled without a word.
+    sites = [f"site-{i}" for i in range(3)]
+    keys = derived_secagg_keys([role, *sites], seed=1)
+
+    def build(buffer_size: int, min_cohort: int) -> Any:
+        return build_node(
+            role,
+            role,
+            algorithm,
+            AlgorithmConfig(buffer_size=buffer_size, clip_norm=None),
+            TRAINING,
+            Neighbours(
+                children=dict.fromkeys(sites, "site"), parent="root" if role == "region" else None
+            ),
+            seed=0,
+            weights=model(0.0) if role == "root" else None,
+            secagg=SecureAggregationConfig(enabled=True, min_cohort=min_cohort, max_dropout=0.0),
+            secagg_keys=keys[role],
+        )
+
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.min_cohort.*5 sites.*only 3"):
+        build(5, 5)
+    with pytest.raises(ConfigError, match=r"4 sites.*only 3"):
+        build(5, 3)  # t = max(3, (5 + 1) // 2 + 1) = 4
+    assert build(3, 3).secure_aggregation.threshold == 3

@@ -52,6 +52,8 @@ def test_a_full_table() -> None:
         ({"mechanism": "central", "noise_multiplier": 1, "clip": 1, "epsilon_budget": 0}, "budget"),
         ({"mechanism": "central", "noise_multiplier": "1", "clip": 1}, "number"),
         ({"mechanism": "central", "noise_multiplier": 1, "clip": 1, "nois": 1}, "unknown"),
+        # σ = z·C beyond float32: every release overflowed and was dropped, silently stuck
+        ({"mechanism": "central", "noise_multiplier": 100, "clip": 1e29}, "clip: .*float32"),
     ],
 )
 def test_mistakes_name_their_field(table: dict[str, Any], match: str) -> None:

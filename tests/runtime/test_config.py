@@ -395,3 +395,41 @@ def test_min_cohort_is_checked_against_the_round_only_for_a_root_with_rounds() -
     assert fedbuff.algorithm == "fedbuff" and fedbuff.aggregation.min_cohort == 12
     with pytest.raises(ConfigError, match="min_cohort"):
         parse(_set(root_raw(), "aggregation", {"algorithm": "fedavg", "min_cohort": 12}))
+
+
+@pytest.mark.parametrize(
+    ("section", "table", "match"),
+    [
+        (
+            "privacy",
+            {"noise_multiplier": 1.1, "clip": 0.5},
+            r'privacy\.noise_multiplier: .*mechanism = "central"',
+        ),
+        ("privacy", {"delta": 1e-6}, r'privacy\.delta: .*mechanism = "central"'),
+        (
+            "secure_aggregation",
+            {"min_cohort": 3, "clip": 0.5},
+            r"secure_aggregation\.min_cohort: .*enabled = true",
+        ),
+    ],
+)
+def test_privacy_tables_without_their_switch_are_refused(
+    section: str, table: dict[str, Any], match: str
+) -> None:
+    # mechanism defaults to "none" and enabled to false: a table that sets a noise
+    # multiplier or a cohort but forgot its switch was silently ignored, so a site its
+    # operator believed private sent plain updates and accepted any seal's noise.
+    with pytest.raises(ConfigError, match=match):
+        parse({**site_raw(), "codec": {"up": "fp32"}, section: table})
+    # Written out, the switch may turn it off.
+    off = {"privacy": {"mechanism": "none"}, "secure_aggregation": {"enabled": False}}
+    assert parse({**site_raw(), "codec": {"up": "fp32"}, section: {**table, **off[section]}})
+
+
+@pytest.mark.parametrize("table", [{"require_approval": True}, {"statistics_min_noise": 2.0}])
+def test_governance_outside_a_site_is_refused(table: dict[str, Any]) -> None:
+    # A root's or region's [governance] was read and never used: an operator who put
+    # require_approval or a noise floor there believed it enforced for the sites below.
+    with pytest.raises(ConfigError, match=r"governance: .*root.*each site's config"):
+        parse({**root_raw(), "governance": table})
+    assert parse({**site_raw(), "governance": table}).governance is not None

@@ -280,6 +280,27 @@ def test_watch_refuses_a_swapped_or_deleted_file(tmp_path: Path) -> None:
     assert refusal(watch) == "dataset_missing"
 
 
+@pytest.mark.timeout(60)
+def test_a_directory_or_fifo_is_refused_never_read(tmp_path: Path) -> None:
+    # A directory read "file not found"; a FIFO swapped in for a registered file hung the
+    # site's job in open() (no writer ever comes) instead of refusing it.
+    reg = DatasetRegistry(tmp_path / "state")
+    (tmp_path / "d.csv").mkdir()
+    os.mkfifo(tmp_path / "f.csv")
+    for name in ("d.csv", "f.csv"):
+        with pytest.raises(RegistryError, match=rf"{name}: cannot read it \(not a regular file"):
+            reg.add(tmp_path / name, name="x", tags=["x"], label="outcome")
+    file = write_csv(tmp_path / "c.csv")
+    rec = add(reg, file)
+    watch = DatasetWatch(tmp_path / "state")
+    watch.current("heart")
+    os.replace(tmp_path / "f.csv", file)
+    assert refusal(watch) == "dataset_missing"
+    with pytest.raises(TrainingRefusedError) as info:
+        load_frame(rec)
+    assert info.value.code == "dataset_missing"
+
+
 def test_load_frame_refuses_changed_bytes(tmp_path: Path) -> None:
     file = write_csv(tmp_path / "c.csv")
     rec = add(DatasetRegistry(tmp_path / "s"), file)

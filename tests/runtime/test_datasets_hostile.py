@@ -91,6 +91,16 @@ def test_a_repeated_csv_header_is_refused(
     err = one_line_error(capsys)
     assert "'a' appears more than once in the header" in err
     assert not (tmp_path / "state" / REGISTRY_FILE).exists()
+    # A Parquet schema may name a column twice too: refused the same way (pyarrow's own
+    # "Multiple matches for FieldRef.Name(a) ..." named neither the problem nor the fix).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pqt = tmp_path / "dup.parquet"
+    pq.write_table(pa.table([[1, 2], [5, 6], [0, 1]], names=["a", "a", "y"]), pqt)
+    assert cli_add(pqt, tmp_path / "state") == 2
+    assert "dup.parquet: the column name 'a' appears more than once" in one_line_error(capsys)
+    assert not (tmp_path / "state" / REGISTRY_FILE).exists()
     # A header that merely looks like pandas' renaming is its own name: accepted.
     fine = tmp_path / "fine.csv"
     fine.write_text("a,a.1,y\n1,5,0\n2,6,1\n")

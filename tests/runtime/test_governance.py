@@ -193,6 +193,11 @@ def test_bounds_parse_numbers_ranges_and_value_sets() -> None:
         ("seed=1:5", "set by the site itself"),
         ("9lives=1:2", "not a valid setting name"),
         ("opt=sgd,,adam", "an empty value"),
+        # An integer beyond a float's range was an OverflowError traceback at approve
+        # (and one of 4,300+ digits Python's own int() message).
+        ("local_steps=1:" + "9" * 400, "out of range"),
+        ("local_steps=1:" + "9" * 5000, "out of range"),
+        ("batch_size=" + "9" * 400, "out of range"),
     ]:
         with pytest.raises(ValueError, match=why):
             parse_bound(bad)
@@ -285,6 +290,17 @@ def test_a_damaged_approvals_file_is_an_error_not_an_empty_list(tmp_path: Path) 
         Approvals(tmp_path).entries()
     (tmp_path / APPROVALS_FILE).write_text("{not json")
     with pytest.raises(ApprovalsError, match="not valid JSON"):
+        Approvals(tmp_path).entries()
+    # A hand-edited integer of hundreds of digits parses as JSON but overflows a float:
+    # an OverflowError traceback (plans list; the gate) rather than a damaged file.
+    huge = "9" * 400
+    entry = f'"digest": "{DIGEST}", "approved_at": 1, "bounds": {{"local_steps": [1, {huge}]}}'
+    (tmp_path / APPROVALS_FILE).write_text(f'{{"format": 1, "approvals": [{{{entry}}}]}}')
+    with pytest.raises(ApprovalsError, match="bad range"):
+        Approvals(tmp_path).entries()
+    entry = f'"digest": "{DIGEST}", "approved_at": {huge}, "bounds": {{}}'
+    (tmp_path / APPROVALS_FILE).write_text(f'{{"format": 1, "approvals": [{{{entry}}}]}}')
+    with pytest.raises(ApprovalsError, match="approved_at"):
         Approvals(tmp_path).entries()
 
 

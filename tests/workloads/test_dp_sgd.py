@@ -326,6 +326,7 @@ def test_read_dp_sgd_is_strict_and_names_the_field() -> None:
         ({"noise_multiplier": 1.0, "max_grad_norm": 1.0, "epsilon": 8}, "unknown field"),
         ({"noise_multiplier": "high", "max_grad_norm": 1.0}, "noise_multiplier"),
         ({"noise_multiplier": float("inf"), "max_grad_norm": 1.0}, "noise_multiplier"),
+        ({"noise_multiplier": 100, "max_grad_norm": 1e29}, "max_grad_norm: .*float32"),
     ]:
         with pytest.raises(ConfigError, match=match):
             read_dp_sgd(Table(raw, "dp_sgd"))
