@@ -107,6 +107,8 @@ def _open_store(cfg: DaemonConfig) -> tuple[StateStore, Recovery]:
     except OSError as exc:
         if exc.errno not in _CONFIG_ERRNOS:
             raise DaemonError(f"state_dir: {exc}", exit_code=EXIT_ENVIRONMENT) from None
+        if exc.errno == errno.EEXIST:  # mkdir's word for "a file is in the way"
+            raise ConfigError(f"state_dir: {cfg.state_dir} is not a directory") from None
         raise ConfigError(f"state_dir: cannot open {cfg.state_dir}: {exc.strerror}") from None
     try:
         return store, store.load()

@@ -225,6 +225,22 @@ def test_a_restart_on_a_full_disk_is_one_line_in_process(
         assert "No space left on device" in err
 
 
+def test_a_state_dir_that_names_a_file_is_a_config_error_saying_so(
+    fed: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """state_dir pointing at a file: the OS says "File exists" (mkdir), which reads as if
+    the directory were fine; the line must say it is not a directory."""
+    site = fed.nodes["site-1"]
+    site.state_dir.parent.mkdir(parents=True, exist_ok=True)
+    site.state_dir.write_text("not a directory\n")
+    status = main(["run", "--config", str(site.config), "--log-format", "text"])
+    err = capsys.readouterr().err
+    assert status == EXIT_CONFIG, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"state_dir: {site.state_dir} is not a directory" in err
+    assert "File exists" not in err
+
+
 # ------------------------------------------------------------------- corrupt last frame
 
 
