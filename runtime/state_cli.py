@@ -148,9 +148,17 @@ class _State:
 # ------------------------------------------------------------------------ reading
 
 
+def _require_dir(directory: Path) -> None:
+    """A missing STATE_DIR, or a file given as one, is a mistake on the command line."""
+    if directory.is_dir():
+        return
+    if directory.exists():
+        raise ConfigError(f"{directory}: not a directory (give the node's state_dir)")
+    raise ConfigError(f"{directory}: no such state directory")
+
+
 def _inspect(directory: Path) -> _State:
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: no such state directory")
+    _require_dir(directory)
     epoch, checkpoint = 0, None
     values: list[str] = []
     bad: list[CorruptStateError] = []
@@ -329,6 +337,7 @@ def _print_damage(state: _State, out: TextIO) -> None:
 def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
     """Print what the state directory holds and any damage; exit 0 if a daemon would start."""
     out = out or sys.stdout
+    _require_dir(directory)  # before the lock file is opened: a file there is no disk fault
     try:
         held = _lock_held(directory)
         state = _inspect(directory) if not held else _inspect_live(directory)
@@ -416,8 +425,7 @@ def cmd_state_repair(
     out = out or sys.stdout
     if (truncate_at is None) == (not drop_damaged):
         raise ConfigError("state repair: give exactly one of --truncate-at OFFSET, --drop-damaged")
-    if not directory.is_dir():  # as `check` says it (exit 2), before the lock file is made
-        raise ConfigError(f"{directory}: no such state directory")
+    _require_dir(directory)  # as `check` says it (exit 2), before the lock file is made
     try:
         with _exclusive(directory):
             return _repair(directory, truncate_at, out)

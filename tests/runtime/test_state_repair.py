@@ -131,6 +131,17 @@ def test_a_missing_directory_is_a_usage_error_for_check_and_repair(tmp_path: Pat
     assert not missing.exists()
 
 
+def test_a_file_is_a_usage_error_for_check_and_repair(tmp_path: Path) -> None:
+    """A file given as STATE_DIR (a config, a log) is a mistake on the command line (exit
+    2), not a disk that cannot be read (75): the line says it is not a directory."""
+    path = tmp_path / "site.toml"
+    path.write_text("role = 'site'\n")
+    with pytest.raises(ConfigError, match=r"site\.toml: not a directory"):
+        cmd_state_check(path, out=io.StringIO())
+    with pytest.raises(ConfigError, match=r"site\.toml: not a directory"):
+        cmd_state_repair(path, drop_damaged=True, out=io.StringIO())
+
+
 @pytest.mark.parametrize(
     ("key", "op"),
     [
