@@ -426,6 +426,12 @@ def cmd_state_repair(
     if (truncate_at is None) == (not drop_damaged):
         raise ConfigError("state repair: give exactly one of --truncate-at OFFSET, --drop-damaged")
     _require_dir(directory)  # as `check` says it (exit 2), before the lock file is made
+    if not any(directory.glob("wal.*.log")) and not any(directory.glob("*.ckpt")):
+        # A mistyped STATE_DIR: refuse before the lock file would be left behind in it.
+        raise ConfigError(
+            f"{directory}: not a state directory (no checkpoint, no write-ahead log): "
+            "nothing to repair"
+        )
     try:
         with _exclusive(directory):
             return _repair(directory, truncate_at, out)

@@ -142,6 +142,15 @@ def test_a_file_is_a_usage_error_for_check_and_repair(tmp_path: Path) -> None:
         cmd_state_repair(path, drop_damaged=True, out=io.StringIO())
 
 
+def test_repair_of_a_directory_without_state_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A mistyped STATE_DIR (the config directory) is refused before a lock file is made
+    there: the refused repair changes nothing."""
+    (tmp_path / "site.toml").write_text("role = 'site'\n")
+    with pytest.raises(ConfigError, match="not a state directory"):
+        cmd_state_repair(tmp_path, drop_damaged=True, out=io.StringIO())
+    assert [p.name for p in tmp_path.iterdir()] == ["site.toml"]
+
+
 @pytest.mark.parametrize(
     ("key", "op"),
     [
