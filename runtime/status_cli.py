@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,8 +74,14 @@ def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def _base_url(config: Path | None, url: str | None) -> str:
     if url is not None:
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"--url {url!r}: give the metrics endpoint as http://HOST:PORT")
+        usage = f"--url {url!r}: give the metrics endpoint as http://HOST:PORT"
+        try:  # a typo'd host or port is the command line's fault, not an unreachable daemon
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
+        except ValueError:
+            raise ConfigError(usage) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(usage)
         return url.rstrip("/").removesuffix("/status.json").removesuffix("/status")
     assert config is not None
     from fedloom.runtime.config import load_config
