@@ -149,15 +149,18 @@ def public_key_of(text: str) -> bytes:
     """A public key from base64, a public line, or a file holding either."""
     value = text.strip()
     path = Path(value)
+    # Name what was given: a mistyped .pub path (or a directory) is read as base64.
+    what = f"{value!r} (not a file)"
     if len(value) < 512 and path.is_file():
         try:
             value = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--public-key: cannot read {path} ({exc})") from None
+        what = str(path)
     try:
         if len(value.split()) == 3:
             return parse_public_line(value).public_key
-        return parse_key(value, "--public-key")
+        return parse_key(value, what)
     except IdentityError as exc:
         raise ConfigError(f"--public-key: {exc}") from None
 

@@ -146,6 +146,11 @@ def test_command_line_mistakes_are_one_line(
     fill(tmp_path, ident)
     code, _, err = run(capsys, "audit", "verify", str(tmp_path), "--public-key", "not-a-key")
     assert code == EXIT_CONFIG and "--public-key" in err and "Traceback" not in err
+    # The line names the value and says it is no file (a mistyped .pub path or a
+    # directory), with the option named once.
+    assert err.count("--public-key") == 1 and "'not-a-key' (not a file)" in err, err
+    code, _, err = run(capsys, "audit", "verify", str(tmp_path), "--public-key", str(tmp_path))
+    assert code == EXIT_CONFIG and f"{str(tmp_path)!r} (not a file)" in err, err
     code, _, err = run(capsys, "audit", "verify")
     assert code == EXIT_CONFIG and "STATE_DIR" in err
 
