@@ -836,6 +836,16 @@ def _check_role(cfg: DaemonConfig) -> None:
 
 
 def _check_files(cfg: DaemonConfig) -> None:
+    # A directory is there: "not found" would send the operator looking for it.
+    if cfg.identity_key.is_dir():
+        raise ConfigError(
+            f"identity.key: {cfg.identity_key} is a directory; point it at the key file "
+            f"(e.g. {cfg.identity_key / cfg.node_id}.key, which `fedloom keygen` writes)"
+        )
+    if cfg.roster_path.is_dir():
+        raise ConfigError(
+            f"roster.path: {cfg.roster_path} is a directory; point it at the signed roster file"
+        )
     if not cfg.identity_key.is_file():
         raise ConfigError(
             f"identity.key: {cfg.identity_key} not found (create it with `fedloom keygen "

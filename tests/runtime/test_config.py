@@ -317,6 +317,43 @@ def test_files_are_checked_with_a_hint(tmp_path: Path) -> None:
     assert raw["node_id"] == cfg.node_id
 
 
+def test_a_directory_named_as_a_file_is_said_to_be_one(tmp_path: Path) -> None:
+    """keygen's --out DIR given as identity.key (or a directory as roster.path) exists:
+    "not found" sent the operator looking for a file that is there."""
+    Identity.generate("hospital-a", "site").save(tmp_path / "keys")
+    (tmp_path / "roster.toml").write_text("version = 1\n")
+    lines = [
+        'role = "site"',
+        'node_id = "hospital-a"',
+        'state_dir = "state"',
+        "[identity]",
+        'key = "keys"',
+        "[roster]",
+        'path = "roster.toml"',
+        f'consortium_key = "{CONSORTIUM}"',
+        "[parent]",
+        'id = "agg"',
+        'url = "ws://127.0.0.1:7443/fedloom"',
+        "[plan]",
+        'dataset = "synthetic"',
+        "n_sites = 2",
+        "site_index = 1",
+    ]
+    path = tmp_path / "site.toml"
+    path.write_text("\n".join(lines))
+    with pytest.raises(ConfigError, match=r"identity\.key: .*/keys is a directory") as err:
+        load_config(path)
+    assert "not found" not in str(err.value) and "keys/hospital-a.key" in str(err.value)
+    path.write_text(
+        "\n".join(lines)
+        .replace('"keys"', '"keys/hospital-a.key"')
+        .replace('path = "roster.toml"', 'path = "keys"')
+    )
+    with pytest.raises(ConfigError, match=r"roster\.path: .*/keys is a directory") as err:
+        load_config(path)
+    assert "not found" not in str(err.value)
+
+
 def test_consortium_key_from_a_public_key_file(tmp_path: Path) -> None:
     consortium = Identity.generate("consortium", "consortium")
     _, public = consortium.save(tmp_path)
