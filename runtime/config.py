@@ -354,6 +354,14 @@ def parse_config(
     metrics_host = metrics.text("host", "127.0.0.1")
     metrics_port = metrics.integer("port", 0, min=0, max=65535)
     metrics.finish()
+    if listen is not None and metrics_port and metrics_port == listen[1]:
+        # Two sockets on one port fail to bind at every restart (exit 1): say it here.
+        wildcard = {"0.0.0.0", "::", ""}
+        if metrics_host == listen[0] or metrics_host in wildcard or listen[0] in wildcard:
+            raise ConfigError(
+                f"metrics.port: {metrics_port} is listen.port too; give the metrics endpoint "
+                "a port of its own"
+            )
     outbox = t.table("outbox")
     outbox_max_mib = outbox.number("max_mib", None, min=0.0, max=MAX_OUTBOX_MIB, exclusive_min=True)
     outbox.finish()

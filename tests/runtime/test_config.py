@@ -224,6 +224,8 @@ ROOT_MISTAKES: list[tuple[str, Any, str]] = [
     ("plan", _DELETE, "plan: a root needs a training plan to build the initial model"),
     ("listen.port", -1, "listen.port: expected a number >= 0"),
     ("aggregation.alpha", 2.0, "aggregation.alpha: expected a number <= 1.0"),
+    # the daemon would fail to bind its second port at every restart (exit 1 each time)
+    ("metrics.port", 7443, "metrics.port: 7443 is listen.port too"),
 ]
 
 
