@@ -299,6 +299,8 @@ def cmd_audit(args: argparse.Namespace, out: TextIO | None = None) -> int:
     action = getattr(args, "audit_command", None)
     if action not in ("verify", "export"):
         raise ConfigError("fedloom audit: name an action: verify or export (see --help)")
+    if action == "export":
+        _check_kinds(args.kind or [])
     state_dir, key, origin = _resolve(args)
     verdict = _verify(state_dir, key)
     if action == "verify":
@@ -335,6 +337,18 @@ def cmd_audit(args: argparse.Namespace, out: TextIO | None = None) -> int:
             return EXIT_CORRUPT_STATE
         return EXIT_OK if verdict.intact else EXIT_CORRUPT_STATE
     return _export(args, state_dir, verdict, stream)
+
+
+def _check_kinds(kinds: list[str]) -> None:
+    """A mistyped --kind would export nothing and exit 0, read as "it never happened"."""
+    from fedloom.runtime.audit import KNOWN_KINDS, is_command_kind
+
+    for kind in kinds:
+        if kind not in KNOWN_KINDS and not is_command_kind(kind):
+            raise ConfigError(
+                f"--kind {kind!r}: no entry has this kind; the daemons write "
+                f"{', '.join(sorted(KNOWN_KINDS))}, the commands plan_* and dataset_*"
+            )
 
 
 def _inside(target: Path, folder: Path) -> bool:

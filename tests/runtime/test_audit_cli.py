@@ -181,6 +181,21 @@ def test_export_writes_the_verified_entries_and_filters(
     assert all(e["kind"] == "update_sent" and e["seq"] >= 4 for e in entries)
 
 
+def test_export_refuses_a_kind_no_entry_can_have(
+    tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --kind wrote an empty export and exited 0: an auditor reads that as
+    "no such event happened". It is a command-line mistake naming the kinds."""
+    out_file = tmp_path / "x.jsonl"
+    argv = ["audit", "export", str(state), "--out", str(out_file), "--kind", "update_aplied"]
+    code, _, err = run(capsys, *argv)
+    assert code == EXIT_CONFIG and "--kind 'update_aplied'" in err and "update_applied" in err
+    assert not out_file.exists()
+    argv[-1] = "plan_approved"  # a command's kind is one
+    code, out, _ = run(capsys, *argv)
+    assert code == EXIT_OK and "wrote 1 entry" in out
+
+
 def test_export_refuses_a_broken_log_unless_forced(
     tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
