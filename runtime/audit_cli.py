@@ -206,6 +206,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, bytes | None, str | None]:
         key, origin = public_key_of(args.public_key), "--public-key"
     if state_dir is None:
         raise ConfigError("name the state directory (STATE_DIR) or give --config")
+    if not state_dir.exists():
+        raise ConfigError(f"{state_dir}: no such state directory")
     if not state_dir.is_dir():
         raise ConfigError(f"{state_dir}: not a directory")
     if not (audit_dir(state_dir) / LOG_FILE).exists():

@@ -153,6 +153,9 @@ def test_command_line_mistakes_are_one_line(
     assert code == EXIT_CONFIG and f"{str(tmp_path)!r} (not a file)" in err, err
     code, _, err = run(capsys, "audit", "verify")
     assert code == EXIT_CONFIG and "STATE_DIR" in err
+    # A missing directory (a node that never ran, a typo) is not called "not a directory".
+    code, _, err = run(capsys, "audit", "verify", str(tmp_path / "nope"))
+    assert code == EXIT_CONFIG and "nope: no such state directory" in err, err
 
 
 def test_export_writes_the_verified_entries_and_filters(
