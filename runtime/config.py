@@ -295,6 +295,13 @@ def load_config(path: str | Path, *, check_files: bool = True) -> DaemonConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    # Another fedloom file given as --config (they sit side by side): say so, rather than
+    # "role: required field is missing" about a file the operator did not mean to give.
+    other = "a node identity" if "private_key" in raw else None
+    if "role" not in raw and "nodes" in raw:
+        other = "a roster"
+    if other is not None:
+        raise ConfigError(f"{p}: {other}, not a daemon config (give the node's own config file)")
     return parse_config(raw, base_dir=p.parent, check_files=check_files, source=p)
 
 

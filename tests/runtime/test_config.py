@@ -369,6 +369,18 @@ def test_consortium_key_from_a_public_key_file(tmp_path: Path) -> None:
         parse(raw).read_consortium_key()
 
 
+def test_a_roster_or_key_file_given_as_the_config_is_named_as_such(tmp_path: Path) -> None:
+    """roster.toml sits next to site.toml: given to --config, "role: required field is
+    missing" did not say that the wrong file was given."""
+    roster = tmp_path / "roster.toml"
+    roster.write_text('version = 1\n[[nodes]]\nid = "a"\nrole = "site"\npublic_key = "x"\n')
+    with pytest.raises(ConfigError, match=r"roster\.toml: a roster, not a daemon config"):
+        load_config(roster)
+    Identity.generate("hospital-a", "site").save(tmp_path)
+    with pytest.raises(ConfigError, match=r"hospital-a\.key: a node identity, not a daemon"):
+        load_config(tmp_path / "hospital-a.key")
+
+
 def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml")
