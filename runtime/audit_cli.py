@@ -372,6 +372,8 @@ def _inside(target: Path, folder: Path) -> bool:
 
 def _export(args: argparse.Namespace, state_dir: Path, verdict: Verdict, out: TextIO) -> int:
     target: Path = args.out
+    if str(target) == "-":  # by habit stdout; the export is a file, written whole or not at all
+        raise ConfigError("--out -: name a file to write the export to (FILE.jsonl)")
     if _inside(target, audit_dir(state_dir)):
         raise ConfigError(
             f"--out {target}: in the node's audit directory {audit_dir(state_dir)}: the "

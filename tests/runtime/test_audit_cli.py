@@ -199,6 +199,16 @@ def test_export_refuses_a_kind_no_entry_can_have(
     assert code == EXIT_OK and "wrote 1 entry" in out
 
 
+def test_export_to_dash_is_refused_not_a_file_named_dash(
+    tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out -` (stdout, by habit) wrote a file named '-' in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "audit", "export", str(state), "--out", "-")
+    assert code == EXIT_CONFIG and "--out -" in err and "a file" in err, err
+    assert not (tmp_path / "-").exists()
+
+
 def test_export_refuses_a_broken_log_unless_forced(
     tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
