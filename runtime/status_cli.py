@@ -51,7 +51,8 @@ def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "each child and site, the model version and its history, the accuracy of the\n"
         "root's own evaluation, refusals, federated evaluation and the privacy budget.\n"
         "The daemon needs [metrics] port set; the same view is served as a web page on\n"
-        "http://HOST:PORT/status (no JavaScript). Exit status 1 when it cannot be reached.",
+        "http://HOST:PORT/status (no JavaScript). Exit status 1 when it cannot be reached,\n"
+        "2 for a mistake on the command line or in the config (a malformed --url).",
         epilog="examples:\n"
         "  fedloom status --config /etc/fedloom/root.toml\n"
         "  fedloom status --url http://127.0.0.1:9100 --json | jq .model",
