@@ -108,6 +108,7 @@ __all__ = [
     "Problem",
     "Verdict",
     "canonical",
+    "check_tail",
     "dataset_of",
     "describe_os_error",
     "entry_hash",
@@ -303,6 +304,20 @@ def _read_tail(fd: int, path: Path) -> _Tail:
         )
     tail.seq, tail.hash, tail.node = entry["seq"], entry["hash"], entry["node"]
     return tail
+
+
+def check_tail(state_dir: str | os.PathLike[str]) -> None:
+    """``AuditError`` if ``state_dir``'s audit log has the damaged tail a daemon refuses
+    to start on (``AuditLog.check``); read only, no lock: ``fedloom state check``."""
+    path = audit_dir(state_dir) / LOG_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # a node that never ran, or ran before it kept an audit log
+    try:
+        _read_tail(fd, path)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

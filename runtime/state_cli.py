@@ -341,6 +341,7 @@ def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
     try:
         held = _lock_held(directory)
         state = _inspect(directory) if not held else _inspect_live(directory)
+        audit_damage = _audit_damage(directory)
     except StateIOError as exc:
         print(f"fedloom: error: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT
@@ -390,6 +391,9 @@ def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
                 f"  CORRUPT: {path.name} is newer than the checkpoint (epoch {state.epoch}): "
                 "the checkpoint file is missing or older than its log\n"
             )
+    if audit_damage is not None:
+        corrupt = True
+        out.write(f"  CORRUPT audit log: {audit_damage} (then move the log aside)\n")
     if corrupt:
         out.write(
             "verdict: CORRUPT: `fedloom run` refuses to start; see `fedloom state repair "
@@ -403,6 +407,18 @@ def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
         + "\n"
     )
     return EXIT_OK
+
+
+def _audit_damage(directory: Path) -> str | None:
+    """Why `run` would refuse the audit log (its damaged last entry, exit 65), or None."""
+    from fedloom.runtime.audit import AuditError, audit_dir, check_tail
+
+    try:
+        with io_errors("read", audit_dir(directory)):
+            check_tail(directory)
+    except AuditError as exc:
+        return str(exc)
+    return None
 
 
 def _short(offsets: list[int]) -> str:
