@@ -73,6 +73,9 @@ def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
 
 
+MAX_TIMEOUT_S = 86400.0
+
+
 def _base_url(config: Path | None, url: str | None) -> str:
     if url is not None:
         usage = f"--url {url!r}: give the metrics endpoint as http://HOST:PORT"
@@ -299,8 +302,11 @@ def _print(lines: list[str], out: TextIO) -> None:
 def cmd_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``fedloom status`` (see the module docstring)."""
     stream = sys.stdout if out is None else out
-    if not args.timeout > 0:
-        raise ConfigError(f"--timeout {args.timeout}: must be a number of seconds > 0")
+    # A socket takes no infinite (or time_t-overflowing) time-out: a day is plenty.
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:
+        raise ConfigError(
+            f"--timeout {args.timeout}: must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}"
+        )
     try:
         base = _base_url(args.config, args.url)
         doc = fetch_status(base, args.timeout)

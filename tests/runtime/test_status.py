@@ -349,3 +349,15 @@ def test_a_malformed_url_is_a_usage_error_not_an_unreachable_daemon(
     assert main(["status", "--url", url, "--timeout", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "http://HOST:PORT" in err and "cannot reach" not in err
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e300", "nan", "0"])
+def test_a_timeout_sockets_cannot_take_is_a_usage_error(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--timeout inf (or 1e300) ended in OverflowError's traceback from settimeout."""
+    from fedloom.cli import main
+
+    assert main(["status", "--url", "http://127.0.0.1:9", "--timeout", timeout]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--timeout {float(timeout)}" in err, err
