@@ -306,16 +306,20 @@ def _read_tail(fd: int, path: Path) -> _Tail:
     return tail
 
 
-def check_tail(state_dir: str | os.PathLike[str]) -> None:
-    """``AuditError`` if ``state_dir``'s audit log has the damaged tail a daemon refuses
-    to start on (``AuditLog.check``); read only, no lock: ``fedloom state check``."""
+UNKNOWN_NODE = "local"  # a command's entry in a fresh log, given no --config
+
+
+def check_tail(state_dir: str | os.PathLike[str]) -> str | None:
+    """The node id of the last intact entry of ``state_dir``'s audit log (None: no
+    entry); ``AuditError`` if the log has the damaged tail a daemon refuses to start on
+    (``AuditLog.check``). Read only, no lock: ``fedloom state check``, a daemon's start."""
     path = audit_dir(state_dir) / LOG_FILE
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return  # a node that never ran, or ran before it kept an audit log
+        return None  # a node that never ran, or ran before it kept an audit log
     try:
-        _read_tail(fd, path)
+        return _read_tail(fd, path).node
     finally:
         os.close(fd)
 
@@ -511,7 +515,7 @@ class AuditLog:
                     os.close(rfd)
                 if created:
                     _fsync_dir(self.folder)
-                node = self.node or tail.node or "local"
+                node = self.node or tail.node or UNKNOWN_NODE
                 seq, prev = tail.seq, tail.hash
                 lines: list[bytes] = []
                 head = b""
