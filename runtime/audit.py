@@ -108,6 +108,7 @@ __all__ = [
     "Problem",
     "Verdict",
     "canonical",
+    "check_tail",
     "dataset_of",
     "describe_os_error",
     "entry_hash",
@@ -305,6 +306,24 @@ def _read_tail(fd: int, path: Path) -> _Tail:
     return tail
 
 
+UNKNOWN_NODE = "local"  # a command's entry in a fresh log, given no --config
+
+
+def check_tail(state_dir: str | os.PathLike[str]) -> str | None:
+    """The node id of the last intact entry of ``state_dir``'s audit log (None: no
+    entry); ``AuditError`` if the log has the damaged tail a daemon refuses to start on
+    (``AuditLog.check``). Read only, no lock: ``fedloom state check``, a daemon's start."""
+    path = audit_dir(state_dir) / LOG_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None  # a node that never ran, or ran before it kept an audit log
+    try:
+        return _read_tail(fd, path).node
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def _locked(folder: Path) -> Iterator[int]:
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
@@ -496,7 +515,7 @@ class AuditLog:
                     os.close(rfd)
                 if created:
                     _fsync_dir(self.folder)
-                node = self.node or tail.node or "local"
+                node = self.node or tail.node or UNKNOWN_NODE
                 seq, prev = tail.seq, tail.hash
                 lines: list[bytes] = []
                 head = b""

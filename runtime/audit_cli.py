@@ -149,15 +149,18 @@ def public_key_of(text: str) -> bytes:
     """A public key from base64, a public line, or a file holding either."""
     value = text.strip()
     path = Path(value)
+    # Name what was given: a mistyped .pub path (or a directory) is read as base64.
+    what = f"{value!r} (not a file)"
     if len(value) < 512 and path.is_file():
         try:
             value = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--public-key: cannot read {path} ({exc})") from None
+        what = str(path)
     try:
         if len(value.split()) == 3:
             return parse_public_line(value).public_key
-        return parse_key(value, "--public-key")
+        return parse_key(value, what)
     except IdentityError as exc:
         raise ConfigError(f"--public-key: {exc}") from None
 
@@ -203,6 +206,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, bytes | None, str | None]:
         key, origin = public_key_of(args.public_key), "--public-key"
     if state_dir is None:
         raise ConfigError("name the state directory (STATE_DIR) or give --config")
+    if not state_dir.exists():
+        raise ConfigError(f"{state_dir}: no such state directory")
     if not state_dir.is_dir():
         raise ConfigError(f"{state_dir}: not a directory")
     if not (audit_dir(state_dir) / LOG_FILE).exists():
@@ -296,6 +301,8 @@ def cmd_audit(args: argparse.Namespace, out: TextIO | None = None) -> int:
     action = getattr(args, "audit_command", None)
     if action not in ("verify", "export"):
         raise ConfigError("fedloom audit: name an action: verify or export (see --help)")
+    if action == "export":
+        _check_kinds(args.kind or [])
     state_dir, key, origin = _resolve(args)
     verdict = _verify(state_dir, key)
     if action == "verify":
@@ -334,6 +341,18 @@ def cmd_audit(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return _export(args, state_dir, verdict, stream)
 
 
+def _check_kinds(kinds: list[str]) -> None:
+    """A mistyped --kind would export nothing and exit 0, read as "it never happened"."""
+    from fedloom.runtime.audit import KNOWN_KINDS, is_command_kind
+
+    for kind in kinds:
+        if kind not in KNOWN_KINDS and not is_command_kind(kind):
+            raise ConfigError(
+                f"--kind {kind!r}: no entry has this kind; the daemons write "
+                f"{', '.join(sorted(KNOWN_KINDS))}, the commands plan_* and dataset_*"
+            )
+
+
 def _inside(target: Path, folder: Path) -> bool:
     """Whether ``target`` (followed through symlinks) is ``folder`` or in it, or is a
     link to one of its files."""
@@ -353,6 +372,8 @@ def _inside(target: Path, folder: Path) -> bool:
 
 def _export(args: argparse.Namespace, state_dir: Path, verdict: Verdict, out: TextIO) -> int:
     target: Path = args.out
+    if str(target) == "-":  # by habit stdout; the export is a file, written whole or not at all
+        raise ConfigError("--out -: name a file to write the export to (FILE.jsonl)")
     if _inside(target, audit_dir(state_dir)):
         raise ConfigError(
             f"--out {target}: in the node's audit directory {audit_dir(state_dir)}: the "

@@ -180,7 +180,8 @@ def _add_state_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="show what a state directory holds and any damage (read only)",
         description="Exit 0 when `fedloom run` would start from it, 65 when it would refuse "
         "(corrupt state), 75 when the directory cannot be read, 69 when a running daemon "
-        "checkpointed during every read (in use: no verdict).",
+        "checkpointed during every read (in use: no verdict), 2 when STATE_DIR does not "
+        "exist or is not a directory.",
     )
     check.add_argument("state_dir", type=Path, metavar="STATE_DIR")
     repair = state_sub.add_parser(

@@ -295,6 +295,13 @@ def load_config(path: str | Path, *, check_files: bool = True) -> DaemonConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    # Another fedloom file given as --config (they sit side by side): say so, rather than
+    # "role: required field is missing" about a file the operator did not mean to give.
+    other = "a node identity" if "private_key" in raw else None
+    if "role" not in raw and "nodes" in raw:
+        other = "a roster"
+    if other is not None:
+        raise ConfigError(f"{p}: {other}, not a daemon config (give the node's own config file)")
     return parse_config(raw, base_dir=p.parent, check_files=check_files, source=p)
 
 
@@ -364,6 +371,14 @@ def parse_config(
     metrics_host = metrics.text("host", "127.0.0.1")
     metrics_port = metrics.integer("port", 0, min=0, max=65535)
     metrics.finish()
+    if listen is not None and metrics_port and metrics_port == listen[1]:
+        # Two sockets on one port fail to bind at every restart (exit 1): say it here.
+        wildcard = {"0.0.0.0", "::", ""}
+        if metrics_host == listen[0] or metrics_host in wildcard or listen[0] in wildcard:
+            raise ConfigError(
+                f"metrics.port: {metrics_port} is listen.port too; give the metrics endpoint "
+                "a port of its own"
+            )
     outbox = t.table("outbox")
     outbox_max_mib = outbox.number("max_mib", None, min=0.0, max=MAX_OUTBOX_MIB, exclusive_min=True)
     outbox.finish()
@@ -866,6 +881,16 @@ def _check_role(cfg: DaemonConfig) -> None:
 
 
 def _check_files(cfg: DaemonConfig) -> None:
+    # A directory is there: "not found" would send the operator looking for it.
+    if cfg.identity_key.is_dir():
+        raise ConfigError(
+            f"identity.key: {cfg.identity_key} is a directory; point it at the key file "
+            f"(e.g. {cfg.identity_key / cfg.node_id}.key, which `fedloom keygen` writes)"
+        )
+    if cfg.roster_path.is_dir():
+        raise ConfigError(
+            f"roster.path: {cfg.roster_path} is a directory; point it at the signed roster file"
+        )
     if not cfg.identity_key.is_file():
         raise ConfigError(
             f"identity.key: {cfg.identity_key} not found (create it with `fedloom keygen "

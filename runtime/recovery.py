@@ -95,7 +95,24 @@ def stop_reason(exc: BaseException) -> DaemonError | None:
     return None
 
 
+def _check_owner(cfg: DaemonConfig) -> None:
+    """Refuse another node's state directory (a config copied from that node's, state_dir
+    left as it was), before anything is written there: its audit log names its node."""
+    from fedloom.runtime.audit import UNKNOWN_NODE, AuditError, check_tail
+
+    try:
+        owner = check_tail(cfg.state_dir)
+    except (AuditError, OSError):
+        return  # a damaged log or an unreadable disk: the store and open_audit say so
+    if owner not in (None, UNKNOWN_NODE, cfg.node_id):
+        raise ConfigError(
+            f"state_dir: {cfg.state_dir} holds the state of node {owner!r} (its audit log "
+            f"says so), not of {cfg.node_id!r}; give each node its own state_dir"
+        )
+
+
 def _open_store(cfg: DaemonConfig) -> tuple[StateStore, Recovery]:
+    _check_owner(cfg)
     try:
         store = StateStore(cfg.state_dir)
     except StoreError as exc:
@@ -107,6 +124,8 @@ def _open_store(cfg: DaemonConfig) -> tuple[StateStore, Recovery]:
     except OSError as exc:
         if exc.errno not in _CONFIG_ERRNOS:
             raise DaemonError(f"state_dir: {exc}", exit_code=EXIT_ENVIRONMENT) from None
+        if exc.errno == errno.EEXIST:  # mkdir's word for "a file is in the way"
+            raise ConfigError(f"state_dir: {cfg.state_dir} is not a directory") from None
         raise ConfigError(f"state_dir: cannot open {cfg.state_dir}: {exc.strerror}") from None
     try:
         return store, store.load()

@@ -148,9 +148,17 @@ class _State:
 # ------------------------------------------------------------------------ reading
 
 
+def _require_dir(directory: Path) -> None:
+    """A missing STATE_DIR, or a file given as one, is a mistake on the command line."""
+    if directory.is_dir():
+        return
+    if directory.exists():
+        raise ConfigError(f"{directory}: not a directory (give the node's state_dir)")
+    raise ConfigError(f"{directory}: no such state directory")
+
+
 def _inspect(directory: Path) -> _State:
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: no such state directory")
+    _require_dir(directory)
     epoch, checkpoint = 0, None
     values: list[str] = []
     bad: list[CorruptStateError] = []
@@ -329,9 +337,11 @@ def _print_damage(state: _State, out: TextIO) -> None:
 def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
     """Print what the state directory holds and any damage; exit 0 if a daemon would start."""
     out = out or sys.stdout
+    _require_dir(directory)  # before the lock file is opened: a file there is no disk fault
     try:
         held = _lock_held(directory)
         state = _inspect(directory) if not held else _inspect_live(directory)
+        audit_damage = _audit_damage(directory)
     except StateIOError as exc:
         print(f"fedloom: error: {exc}", file=sys.stderr)
         return EXIT_ENVIRONMENT
@@ -381,6 +391,9 @@ def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
                 f"  CORRUPT: {path.name} is newer than the checkpoint (epoch {state.epoch}): "
                 "the checkpoint file is missing or older than its log\n"
             )
+    if audit_damage is not None:
+        corrupt = True
+        out.write(f"  CORRUPT audit log: {audit_damage} (then move the log aside)\n")
     if corrupt:
         out.write(
             "verdict: CORRUPT: `fedloom run` refuses to start; see `fedloom state repair "
@@ -394,6 +407,18 @@ def cmd_state_check(directory: Path, *, out: TextIO | None = None) -> int:
         + "\n"
     )
     return EXIT_OK
+
+
+def _audit_damage(directory: Path) -> str | None:
+    """Why `run` would refuse the audit log (its damaged last entry, exit 65), or None."""
+    from fedloom.runtime.audit import AuditError, audit_dir, check_tail
+
+    try:
+        with io_errors("read", audit_dir(directory)):
+            check_tail(directory)
+    except AuditError as exc:
+        return str(exc)
+    return None
 
 
 def _short(offsets: list[int]) -> str:
@@ -416,8 +441,13 @@ def cmd_state_repair(
     out = out or sys.stdout
     if (truncate_at is None) == (not drop_damaged):
         raise ConfigError("state repair: give exactly one of --truncate-at OFFSET, --drop-damaged")
-    if not directory.is_dir():  # as `check` says it (exit 2), before the lock file is made
-        raise ConfigError(f"{directory}: no such state directory")
+    _require_dir(directory)  # as `check` says it (exit 2), before the lock file is made
+    if not any(directory.glob("wal.*.log")) and not any(directory.glob("*.ckpt")):
+        # A mistyped STATE_DIR: refuse before the lock file would be left behind in it.
+        raise ConfigError(
+            f"{directory}: not a state directory (no checkpoint, no write-ahead log): "
+            "nothing to repair"
+        )
     try:
         with _exclusive(directory):
             return _repair(directory, truncate_at, out)

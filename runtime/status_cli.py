@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,7 +51,8 @@ def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "each child and site, the model version and its history, the accuracy of the\n"
         "root's own evaluation, refusals, federated evaluation and the privacy budget.\n"
         "The daemon needs [metrics] port set; the same view is served as a web page on\n"
-        "http://HOST:PORT/status (no JavaScript). Exit status 1 when it cannot be reached.",
+        "http://HOST:PORT/status (no JavaScript). Exit status 1 when it cannot be reached,\n"
+        "2 for a mistake on the command line or in the config (a malformed --url).",
         epilog="examples:\n"
         "  fedloom status --config /etc/fedloom/root.toml\n"
         "  fedloom status --url http://127.0.0.1:9100 --json | jq .model",
@@ -71,10 +73,19 @@ def add_status_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
 
 
+MAX_TIMEOUT_S = 86400.0
+
+
 def _base_url(config: Path | None, url: str | None) -> str:
     if url is not None:
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"--url {url!r}: give the metrics endpoint as http://HOST:PORT")
+        usage = f"--url {url!r}: give the metrics endpoint as http://HOST:PORT"
+        try:  # a typo'd host or port is the command line's fault, not an unreachable daemon
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
+        except ValueError:
+            raise ConfigError(usage) from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(usage)
         return url.rstrip("/").removesuffix("/status.json").removesuffix("/status")
     assert config is not None
     from fedloom.runtime.config import load_config
@@ -291,8 +302,11 @@ def _print(lines: list[str], out: TextIO) -> None:
 def cmd_status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``fedloom status`` (see the module docstring)."""
     stream = sys.stdout if out is None else out
-    if not args.timeout > 0:
-        raise ConfigError(f"--timeout {args.timeout}: must be a number of seconds > 0")
+    # A socket takes no infinite (or time_t-overflowing) time-out: a day is plenty.
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:
+        raise ConfigError(
+            f"--timeout {args.timeout}: must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}"
+        )
     try:
         base = _base_url(args.config, args.url)
         doc = fetch_status(base, args.timeout)

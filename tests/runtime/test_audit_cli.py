@@ -146,8 +146,16 @@ def test_command_line_mistakes_are_one_line(
     fill(tmp_path, ident)
     code, _, err = run(capsys, "audit", "verify", str(tmp_path), "--public-key", "not-a-key")
     assert code == EXIT_CONFIG and "--public-key" in err and "Traceback" not in err
+    # The line names the value and says it is no file (a mistyped .pub path or a
+    # directory), with the option named once.
+    assert err.count("--public-key") == 1 and "'not-a-key' (not a file)" in err, err
+    code, _, err = run(capsys, "audit", "verify", str(tmp_path), "--public-key", str(tmp_path))
+    assert code == EXIT_CONFIG and f"{str(tmp_path)!r} (not a file)" in err, err
     code, _, err = run(capsys, "audit", "verify")
     assert code == EXIT_CONFIG and "STATE_DIR" in err
+    # A missing directory (a node that never ran, a typo) is not called "not a directory".
+    code, _, err = run(capsys, "audit", "verify", str(tmp_path / "nope"))
+    assert code == EXIT_CONFIG and "nope: no such state directory" in err, err
 
 
 def test_export_writes_the_verified_entries_and_filters(
@@ -174,6 +182,31 @@ def test_export_writes_the_verified_entries_and_filters(
     entries = [json.loads(line) for line in some.read_text().splitlines()]
     assert [e["fields"]["seq"] for e in entries] == [2, 3, 4, 5]
     assert all(e["kind"] == "update_sent" and e["seq"] >= 4 for e in entries)
+
+
+def test_export_refuses_a_kind_no_entry_can_have(
+    tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --kind wrote an empty export and exited 0: an auditor reads that as
+    "no such event happened". It is a command-line mistake naming the kinds."""
+    out_file = tmp_path / "x.jsonl"
+    argv = ["audit", "export", str(state), "--out", str(out_file), "--kind", "update_aplied"]
+    code, _, err = run(capsys, *argv)
+    assert code == EXIT_CONFIG and "--kind 'update_aplied'" in err and "update_applied" in err
+    assert not out_file.exists()
+    argv[-1] = "plan_approved"  # a command's kind is one
+    code, out, _ = run(capsys, *argv)
+    assert code == EXIT_OK and "wrote 1 entry" in out
+
+
+def test_export_to_dash_is_refused_not_a_file_named_dash(
+    tmp_path: Path, state: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--out -` (stdout, by habit) wrote a file named '-' in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "audit", "export", str(state), "--out", "-")
+    assert code == EXIT_CONFIG and "--out -" in err and "a file" in err, err
+    assert not (tmp_path / "-").exists()
 
 
 def test_export_refuses_a_broken_log_unless_forced(

@@ -224,6 +224,8 @@ ROOT_MISTAKES: list[tuple[str, Any, str]] = [
     ("plan", _DELETE, "plan: a root needs a training plan to build the initial model"),
     ("listen.port", -1, "listen.port: expected a number >= 0"),
     ("aggregation.alpha", 2.0, "aggregation.alpha: expected a number <= 1.0"),
+    # the daemon would fail to bind its second port at every restart (exit 1 each time)
+    ("metrics.port", 7443, "metrics.port: 7443 is listen.port too"),
 ]
 
 
@@ -317,6 +319,43 @@ def test_files_are_checked_with_a_hint(tmp_path: Path) -> None:
     assert raw["node_id"] == cfg.node_id
 
 
+def test_a_directory_named_as_a_file_is_said_to_be_one(tmp_path: Path) -> None:
+    """keygen's --out DIR given as identity.key (or a directory as roster.path) exists:
+    "not found" sent the operator looking for a file that is there."""
+    Identity.generate("hospital-a", "site").save(tmp_path / "keys")
+    (tmp_path / "roster.toml").write_text("version = 1\n")
+    lines = [
+        'role = "site"',
+        'node_id = "hospital-a"',
+        'state_dir = "state"',
+        "[identity]",
+        'key = "keys"',
+        "[roster]",
+        'path = "roster.toml"',
+        f'consortium_key = "{CONSORTIUM}"',
+        "[parent]",
+        'id = "agg"',
+        'url = "ws://127.0.0.1:7443/fedloom"',
+        "[plan]",
+        'dataset = "synthetic"',
+        "n_sites = 2",
+        "site_index = 1",
+    ]
+    path = tmp_path / "site.toml"
+    path.write_text("\n".join(lines))
+    with pytest.raises(ConfigError, match=r"identity\.key: .*/keys is a directory") as err:
+        load_config(path)
+    assert "not found" not in str(err.value) and "keys/hospital-a.key" in str(err.value)
+    path.write_text(
+        "\n".join(lines)
+        .replace('"keys"', '"keys/hospital-a.key"')
+        .replace('path = "roster.toml"', 'path = "keys"')
+    )
+    with pytest.raises(ConfigError, match=r"roster\.path: .*/keys is a directory") as err:
+        load_config(path)
+    assert "not found" not in str(err.value)
+
+
 def test_consortium_key_from_a_public_key_file(tmp_path: Path) -> None:
     consortium = Identity.generate("consortium", "consortium")
     _, public = consortium.save(tmp_path)
@@ -328,6 +367,18 @@ def test_consortium_key_from_a_public_key_file(tmp_path: Path) -> None:
     raw["roster"]["consortium_key_file"] = str(tmp_path / "missing.pub")
     with pytest.raises(ConfigError, match="cannot read"):
         parse(raw).read_consortium_key()
+
+
+def test_a_roster_or_key_file_given_as_the_config_is_named_as_such(tmp_path: Path) -> None:
+    """roster.toml sits next to site.toml: given to --config, "role: required field is
+    missing" did not say that the wrong file was given."""
+    roster = tmp_path / "roster.toml"
+    roster.write_text('version = 1\n[[nodes]]\nid = "a"\nrole = "site"\npublic_key = "x"\n')
+    with pytest.raises(ConfigError, match=r"roster\.toml: a roster, not a daemon config"):
+        load_config(roster)
+    Identity.generate("hospital-a", "site").save(tmp_path)
+    with pytest.raises(ConfigError, match=r"hospital-a\.key: a node identity, not a daemon"):
+        load_config(tmp_path / "hospital-a.key")
 
 
 def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ Every daemon process is stopped (by PID) before its mount is taken away.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import socket
@@ -26,6 +27,7 @@ from fedloom.algorithms.protocol import Persist
 from fedloom.algorithms.site import PENDING_KEY, SiteNode
 from fedloom.cli import main
 from fedloom.federation.store import CorruptStateError, StateIOError, StateStore, StoreError
+from fedloom.runtime.audit import AuditLog, record
 from fedloom.runtime.chaos.faults import remount_bind_read_only
 from fedloom.runtime.config import load_config
 from fedloom.runtime.daemon import DaemonError, load_node, open_daemon, stop_reason
@@ -37,6 +39,7 @@ from fedloom.runtime.exit_status import (
 )
 from fedloom.runtime.federation_files import ROOT_ID, Federation, write_federation
 from fedloom.runtime.harness import Cluster, DaemonProcess, scrape
+from fedloom.runtime.recovery import _check_owner
 from fedloom.transport.wire import Update
 
 pytestmark = pytest.mark.timeout(120)
@@ -223,6 +226,49 @@ def test_a_restart_on_a_full_disk_is_one_line_in_process(
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert f"cannot write state to {site.state_dir}/" in err
         assert "No space left on device" in err
+
+
+def test_a_state_dir_that_names_a_file_is_a_config_error_saying_so(
+    fed: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """state_dir pointing at a file: the OS says "File exists" (mkdir), which reads as if
+    the directory were fine; the line must say it is not a directory."""
+    site = fed.nodes["site-1"]
+    site.state_dir.parent.mkdir(parents=True, exist_ok=True)
+    site.state_dir.write_text("not a directory\n")
+    status = main(["run", "--config", str(site.config), "--log-format", "text"])
+    err = capsys.readouterr().err
+    assert status == EXIT_CONFIG, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"state_dir: {site.state_dir} is not a directory" in err
+    assert "File exists" not in err
+
+
+def test_another_nodes_state_dir_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config copied from another node's, state_dir left as it was: the daemon started
+    on that node's state (its outbox, its model) and appended to and signed its audit log
+    as itself. It is a configuration error naming both nodes."""
+    two = write_federation(tmp_path / "fed", {"region-a": ["site-1", "site-2"]}, plan=SYNTHETIC)
+    one, other = two.nodes["site-1"], two.nodes["site-2"]
+    open_daemon(load_config(one.config)).close()
+    AuditLog(one.state_dir, "site-1", None).append([("daemon_start", {"role": "site"})])
+    before = {p: p.read_bytes() for p in one.state_dir.rglob("*") if p.is_file()}
+    text = other.config.read_text().replace(str(other.state_dir), str(one.state_dir))
+    other.config.write_text(text)
+    status = main(["run", "--config", str(other.config), "--log-format", "text"])
+    err = capsys.readouterr().err
+    assert status == EXIT_CONFIG, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "'site-1'" in err and "'site-2'" in err and "state_dir" in err
+    after = {p: p.read_bytes() for p in one.state_dir.rglob("*") if p.is_file()}
+    assert after == before
+    # A command given --state-dir alone on a fresh log names no node: no owner yet.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    record(fresh, "plan_approved", digest="sha256:ab")
+    _check_owner(dataclasses.replace(load_config(other.config), state_dir=fresh))  # no raise
 
 
 # ------------------------------------------------------------------- corrupt last frame

@@ -19,8 +19,10 @@ from fedloom.federation import store as store_mod
 from fedloom.federation.config_reader import ConfigError
 from fedloom.federation.store import StateStore, scan_log
 from fedloom.runtime import state_cli
+from fedloom.runtime.audit import AuditLog
 from fedloom.runtime.exit_status import EXIT_CORRUPT_STATE, EXIT_IN_USE, EXIT_OK
 from fedloom.runtime.state_cli import MEANING, cmd_state_check, cmd_state_repair
+from fedloom.transport.identity import Identity
 from fedloom.transport.wire import Update
 
 KEY = "site/pending"
@@ -129,6 +131,44 @@ def test_a_missing_directory_is_a_usage_error_for_check_and_repair(tmp_path: Pat
     with pytest.raises(ConfigError, match="no such state directory"):
         cmd_state_repair(missing, drop_damaged=True, out=io.StringIO())
     assert not missing.exists()
+
+
+def test_a_file_is_a_usage_error_for_check_and_repair(tmp_path: Path) -> None:
+    """A file given as STATE_DIR (a config, a log) is a mistake on the command line (exit
+    2), not a disk that cannot be read (75): the line says it is not a directory."""
+    path = tmp_path / "site.toml"
+    path.write_text("role = 'site'\n")
+    with pytest.raises(ConfigError, match=r"site\.toml: not a directory"):
+        cmd_state_check(path, out=io.StringIO())
+    with pytest.raises(ConfigError, match=r"site\.toml: not a directory"):
+        cmd_state_repair(path, drop_damaged=True, out=io.StringIO())
+
+
+def test_repair_of_a_directory_without_state_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A mistyped STATE_DIR (the config directory) is refused before a lock file is made
+    there: the refused repair changes nothing."""
+    (tmp_path / "site.toml").write_text("role = 'site'\n")
+    with pytest.raises(ConfigError, match="not a state directory"):
+        cmd_state_repair(tmp_path, drop_damaged=True, out=io.StringIO())
+    assert [p.name for p in tmp_path.iterdir()] == ["site.toml"]
+
+
+def test_check_refuses_what_run_refuses_a_damaged_audit_log(tmp_path: Path) -> None:
+    """`run` stops with exit 65 on an audit log whose last complete line is not an entry
+    (a crash cannot leave one); `check` said "verdict: OK" (exit 0) about the same
+    directory, though it is documented to exit 65 whenever `run` would refuse."""
+    _site_log(tmp_path, [_add(1)])
+    AuditLog(tmp_path, "site-1", Identity.generate("site-1", "site")).append(
+        [("daemon_start", {"role": "site"})]
+    )
+    out = io.StringIO()
+    assert cmd_state_check(tmp_path, out=out) == EXIT_OK, out.getvalue()
+    with (tmp_path / "audit" / "audit.jsonl").open("ab") as f:
+        f.write(b'{"seq": 2, "edited": true}\n')
+    out = io.StringIO()
+    assert cmd_state_check(tmp_path, out=out) == EXIT_CORRUPT_STATE, out.getvalue()
+    assert "audit.jsonl: the last complete entry" in out.getvalue()
+    assert "fedloom audit verify" in out.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -334,3 +334,30 @@ def test_published_federated_evaluation_is_drawn_and_printed() -> None:
         "federated evaluation (every 5 versions, at least 3 sites): accuracy 0.8125 (loss "
         "0.5000) at version 10 over 4 sites"
     )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:99999", "http://[::1", "http://:9100", "http://127.0.0.1:x"]
+)
+def test_a_malformed_url_is_a_usage_error_not_an_unreachable_daemon(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in --url (port out of range, no host, a broken IPv6 literal) is a mistake on
+    the command line (exit 2), said before any connection, not 'cannot reach' (exit 1)."""
+    from fedloom.cli import main
+
+    assert main(["status", "--url", url, "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "http://HOST:PORT" in err and "cannot reach" not in err
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e300", "nan", "0"])
+def test_a_timeout_sockets_cannot_take_is_a_usage_error(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--timeout inf (or 1e300) ended in OverflowError's traceback from settimeout."""
+    from fedloom.cli import main
+
+    assert main(["status", "--url", "http://127.0.0.1:9", "--timeout", timeout]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--timeout {float(timeout)}" in err, err
