@@ -284,27 +284,30 @@ def test_relay_mistakes() -> None:
         parse(site)
 
 
+def site_lines(key: str, dataset: str) -> list[str]:
+    """A site config's lines, as written in a file, with its key file and data set."""
+    return [
+        'role = "site"',
+        'node_id = "hospital-a"',
+        'state_dir = "state"',
+        "[identity]",
+        f'key = "{key}"',
+        "[roster]",
+        'path = "roster.toml"',
+        f'consortium_key = "{CONSORTIUM}"',
+        "[parent]",
+        'id = "agg"',
+        'url = "ws://127.0.0.1:7443/fedloom"',
+        "[plan]",
+        f'dataset = "{dataset}"',
+        "n_sites = 2",
+        "site_index = 1",
+    ]
+
+
 def test_files_are_checked_with_a_hint(tmp_path: Path) -> None:
     raw = site_raw()
-    text = "\n".join(
-        [
-            'role = "site"',
-            'node_id = "hospital-a"',
-            'state_dir = "state"',
-            "[identity]",
-            'key = "hospital-a.key"',
-            "[roster]",
-            'path = "roster.toml"',
-            f'consortium_key = "{CONSORTIUM}"',
-            "[parent]",
-            'id = "agg"',
-            'url = "ws://127.0.0.1:7443/fedloom"',
-            "[plan]",
-            'dataset = "breast_cancer"',
-            "n_sites = 2",
-            "site_index = 1",
-        ]
-    )
+    text = "\n".join(site_lines("hospital-a.key", "breast_cancer"))
     path = tmp_path / "site.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match="fedloom keygen --id hospital-a"):
@@ -324,23 +327,7 @@ def test_a_directory_named_as_a_file_is_said_to_be_one(tmp_path: Path) -> None:
     "not found" sent the operator looking for a file that is there."""
     Identity.generate("hospital-a", "site").save(tmp_path / "keys")
     (tmp_path / "roster.toml").write_text("version = 1\n")
-    lines = [
-        'role = "site"',
-        'node_id = "hospital-a"',
-        'state_dir = "state"',
-        "[identity]",
-        'key = "keys"',
-        "[roster]",
-        'path = "roster.toml"',
-        f'consortium_key = "{CONSORTIUM}"',
-        "[parent]",
-        'id = "agg"',
-        'url = "ws://127.0.0.1:7443/fedloom"',
-        "[plan]",
-        'dataset = "synthetic"',
-        "n_sites = 2",
-        "site_index = 1",
-    ]
+    lines = site_lines("keys", "synthetic")
     path = tmp_path / "site.toml"
     path.write_text("\n".join(lines))
     with pytest.raises(ConfigError, match=r"identity\.key: .*/keys is a directory") as err:
