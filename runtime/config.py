@@ -329,6 +329,12 @@ def parse_config(
     node_id = _node_id(t)
     seed = t.integer("seed", 0, min=0)
     state_dir = _path(t, "state_dir", base)
+    if state_dir.resolve() == Path(state_dir.anchor or "/").resolve():
+        # A daemon writes its lock, checkpoints, logs and audit log into it.
+        raise ConfigError(
+            f"{t.where('state_dir')}: {state_dir} is the file system's root; give the node a "
+            "directory of its own (e.g. /var/lib/fedloom)"
+        )
 
     ident = t.table("identity")
     if not t.has("identity"):

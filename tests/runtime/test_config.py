@@ -305,6 +305,16 @@ def site_lines(key: str, dataset: str) -> list[str]:
     ]
 
 
+def test_a_state_dir_at_the_file_systems_root_is_refused() -> None:
+    """``state_dir = "/"`` was accepted: the daemon wrote its lock, checkpoints and audit
+    log into the root directory."""
+    for root in ("/", "/..", "//"):
+        raw = site_raw()
+        raw["state_dir"] = root
+        with pytest.raises(ConfigError, match=r"state_dir: .* is the file system's root"):
+            parse(raw)
+
+
 def test_files_are_checked_with_a_hint(tmp_path: Path) -> None:
     raw = site_raw()
     text = "\n".join(site_lines("hospital-a.key", "breast_cancer"))
