@@ -1327,8 +1327,8 @@ class AggregatorBase:
             # Decided, applied or not (a stale forward's site updates are settled too):
             # recorded, so a site whose updates went stale for a while (a region cut off
             # from its root) is not left far behind its next ones (``PairLedger``).
-            far = self._pairs.take(pairs)
-            data["pairs"] = [list(p) for p in pairs if p not in far]
+            near, far = self._pairs.take(pairs)
+            data["pairs"] = [list(p) for p in near]
             if far:
                 self._far_pairs(peer, msg, far, data, out)
             if applied:

@@ -285,14 +285,18 @@ class PairLedger:
             return "duplicate_pairs"
         return None
 
-    def take(self, pairs: Sequence[Pair]) -> list[Pair]:
+    def take(self, pairs: Sequence[Pair]) -> tuple[Sequence[Pair], list[Pair]]:
         """Record the site updates of a forward taken, except those more than
-        ``PAIR_AHEAD`` ahead (``far_ahead``): returned, and kept apart (``keep_far``)."""
+        ``PAIR_AHEAD`` ahead (``far_ahead``), kept apart (``keep_far``). Returns the pairs
+        recorded and the far ones."""
         far = self.far_ahead(pairs)
-        self.record([p for p in pairs if p not in far] if far else pairs)
-        if far:
-            self.keep_far(far)
-        return far
+        if not far:
+            self.record(pairs)
+            return pairs, far
+        near = [p for p in pairs if p not in far]
+        self.record(near)
+        self.keep_far(far)
+        return near, far
 
     def keep_far(self, far: Iterable[Pair]) -> None:
         """Remember far pairs taken, so that a second delivery of one (a standby's, after a
