@@ -226,6 +226,34 @@ def test_a_sites_updates_decided_stale_at_the_root_do_not_leave_it_far_behind() 
     assert replayed and replayed[0]["pairs"] == [["s1", backlog + 1]]
 
 
+def test_a_stale_forward_is_held_to_the_same_pair_checks() -> None:
+    """The hostile side of recording a stale forward's pairs: a region whose forwards the
+    root decides stale claims another region's site, or a site's far future. The foreign
+    claim is refused unrecorded, as for a fresh forward; the far one is kept apart and
+    moves no watermark, so neither erases a site update another region delivers."""
+    root = FedBuffAggregator(
+        "root",
+        {"r0": "region", "r9": "region"},
+        model(0.0),
+        buffer_size=1,
+        concurrency=1,
+        max_staleness=0,
+    )
+    root.set_subtrees({"r0": tf.SITES, "r9": ("s9",)})
+    for r in ("r0", "r9"):
+        root.handle(hello(r, "region"), 0.0)
+    lead = dataclasses.replace(tf.forward(1, (("s9", 1),), count=1), src="r9")
+    assert sends(root.handle(recv("r9", lead), 1.0), Ack) and root.version == 1
+    foreign = tf.forward(1, (("s9", 2),), count=1)  # stale (base 0), and s9 is r9's
+    assert refused_unrecorded(root.handle(recv("r0", foreign), 2.0), "foreign_pairs")
+    far = tf.forward(2, (("s1", 10**9),), count=1)
+    out = root.handle(recv("r0", far), 2.0)
+    assert sends(out, Ack) and not metrics(out, "update_applied")  # decided stale
+    assert root._pairs.watermark("s1") == 0 and not root._pairs.seen("s1", 1)
+    honest = dataclasses.replace(tf.forward(2, (("s9", 2),), count=1), src="r9", base_version=1)
+    assert metrics(root.handle(recv("r9", honest), 3.0), "update_applied")
+
+
 def test_far_future_claims_do_not_erase_the_sites_updates_after_a_failover() -> None:
     net = tf.federation()
     net.advance(5.0)
