@@ -73,6 +73,7 @@ from fedloom.algorithms.protocol import (
     TrainResult,
     Weights,
 )
+from fedloom.algorithms.warn_limit import WarnLimiter
 from fedloom.federation.step import NodeStep
 from fedloom.federation.training import Trainer, TrainingRefusedError
 from fedloom.runtime.peer_table import PeerSet, Valid
@@ -171,9 +172,9 @@ class AsyncDriver:
         self._room.set()
         self._tg: asyncio.TaskGroup | None = None
         self._jobs: dict[int, asyncio.Task[None]] = {}
-        # When a failed job's traceback was last logged, per exception type: a parent that
-        # re-sends a request the trainer fails on at once would log one per request.
-        self._job_traceback_at: dict[str, float] = {}
+        # A failed job's traceback, per exception type, at most every JOB_TRACEBACK_EVERY_S:
+        # a parent that re-sends a request the trainer fails on would log one per request.
+        self._job_tracebacks = WarnLimiter(JOB_TRACEBACK_EVERY_S)
         self._deadline_at: float | None = None  # loop time of the node's next deadline
         # The shared step (federation.step): note wrapper, seed injection, stuck-deadline
         # guard, effect dispatch to this driver (the sink).
@@ -505,10 +506,7 @@ class AsyncDriver:
             # The node logs each failure's reason (a line per code a minute); the traceback,
             # many lines, at most once per exception type per JOB_TRACEBACK_EVERY_S.
             kind = type(exc).__name__
-            last = self._job_traceback_at.get(kind)
-            at = loop.time()
-            if last is None or at >= last + JOB_TRACEBACK_EVERY_S:
-                self._job_traceback_at[kind] = at
+            if self._job_tracebacks.due("job", kind, loop.time()) is not None:
                 log.warning(
                     "%s: training job %d failed: %s: %s",
                     self.node_id,

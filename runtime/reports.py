@@ -84,7 +84,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import re
 import threading
 from collections import OrderedDict, deque
@@ -122,6 +121,7 @@ from fedloom.federation.training import TrainingRefusedError
 from fedloom.runtime.middleware import LayeredNode, Poster, ServiceEvent
 from fedloom.transport.error_text import describe as describe_exc
 from fedloom.transport.errors import describe
+from fedloom.transport.identity import write_atomic
 from fedloom.transport.wire import (
     Ack,
     EvalReport,
@@ -305,28 +305,10 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_bytes_atomic(path, _json_bytes(value))
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """``data`` at ``path``: tmp file, fsync, ``os.replace``, fsync the directory."""
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """``data`` at ``path``, whole or not at all (``transport.identity.write_atomic``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves the old file and nothing else
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, data, mode=mode)
 
 
 def _read_json(path: Path) -> Any:

@@ -51,7 +51,7 @@ def write_report(run_dir: Path, report: Report, *, echo: bool = True) -> None:
     try:
         # Whole or not at all: a crash mid-write must not leave half a report behind.
         text = json.dumps(out, indent=2, default=_plain, allow_nan=False) + "\n"
-        write_bytes_atomic(run_dir / "report.json", text.encode("utf-8"))
+        write_bytes_atomic(run_dir / "report.json", text.encode("utf-8"), mode=0o644)
     except (OSError, ValueError) as exc:
         print(f"cannot write {run_dir / 'report.json'}: {describe(exc)}")
     if echo:
